@@ -1,0 +1,165 @@
+"""What the core asks its binding to do, and what the processing engine tells the core.
+
+Commands come out of the core as an ordered list.  The binding carries them out in order before
+it sends the reply of the exchange that produced them (design.md, "The core's contract").  All are
+small frozen slotted dataclasses, validated at construction where a wrong value is a caller bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import FilterState, FilterStateReason, Job
+
+
+# --- Job-store commands -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateJob:
+    """Persist a new job record."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateJob:
+    """Persist the new state of an existing job (status, filters, documents, history)."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class BeginDocument:
+    """Open a new, not yet visible document of a job (a temporary file in the spool)."""
+
+    token: str
+    document_id: int
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppendDocument:
+    """Append image bytes to the open document.  Chunks arrive as the request body does."""
+
+    token: str
+    document_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FinishDocument:
+    """Make the document durable (flush, fsync, rename into place).  Only after this succeeds is
+    the SendImage acknowledged (R4 step 9)."""
+
+    token: str
+    document_id: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbortDocument:
+    """Forget an open document: the upload failed or was refused.  Leaves no debris."""
+
+    token: str
+    document_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardDocuments:
+    """Delete every stored document of a job (R6: a timed-out job's images are discarded)."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class DropJob:
+    """Remove a completed job that fell out of the history (R6 retention)."""
+
+    token: str
+
+
+# --- Processing-engine commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartProcessing:
+    """The job is Pending: run its filters and report with the inputs below."""
+
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class StopProcessing:
+    """The job was canceled or aborted: stop its running filters (best effort, R6)."""
+
+    token: str
+
+
+# --- Delivery commands ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """POST this one-way SOAP message to ``address`` (R7).  Report the outcome with
+    :meth:`ScanServer.delivery_result` so that repeated failures end the subscription."""
+
+    subscription_id: str
+    address: str
+    body: bytes
+    content_type: str = "application/soap+xml; charset=utf-8"
+    #: True for a SubscriptionEnd: the result needs no report.
+    final: bool = False
+
+
+StoreCommand = (CreateJob | UpdateJob | BeginDocument | AppendDocument | FinishDocument
+                | AbortDocument | DiscardDocuments | DropJob)
+EngineCommand = StartProcessing | StopProcessing
+Command = StoreCommand | EngineCommand | Deliver
+
+
+# --- Inputs from the processing engine --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingStarted:
+    """The engine took the job: Pending -> Started (R6)."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class FilterStarted:
+    """Filter ``index`` (position in the job's filter list) began: the job is Processing."""
+
+    token: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class FilterFinished:
+    """Filter ``index`` ended.  ``state`` is CompletedSuccessfully, CompletedWithWarnings,
+    CompletedWithErrors or Canceled; failures carry the R9 reasons."""
+
+    token: str
+    index: int
+    state: FilterState
+    reasons: tuple[FilterStateReason, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.state.is_final:
+            raise ValueError(f"FilterFinished needs a final state, not {self.state.value}")
+
+    @property
+    def failed(self) -> bool:
+        return self.state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingFinished:
+    """The engine is done with the job.  Filters it never finished count as failed."""
+
+    token: str
+
+
+ProcessingEvent = ProcessingStarted | FilterStarted | FilterFinished | ProcessingFinished

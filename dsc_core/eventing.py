@@ -1,0 +1,277 @@
+"""WS-Eventing 2004/08 as profiled by DPWS 2006/02 (R7): subscriptions and notifications.
+
+Push delivery only; the DPWS Action filter dialect (space-separated action URIs, exact match);
+no filter means every event of that hosted service.  Expires is a duration or a dateTime, absent
+means the default, the grant is capped.  The subscription manager is addressed by the
+``wse:Identifier`` reference parameter.  Expired subscriptions are dropped without
+SubscriptionEnd; repeated delivery failures end a subscription with DeliveryFailure.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Callable, Iterable
+
+from lxml import etree
+
+from . import faults, names, soap
+from .commands import Deliver
+from .config import ServerConfig
+from .xmlread import Element, children, split, trimmed
+
+A = names.Action
+
+DSP_EVENTS = frozenset({A.DSP_JOB_STATUS_EVENT, A.DSP_JOB_END_STATE_EVENT})
+DSC_EVENTS = frozenset({A.DSC_ELEMENTS_CHANGE_EVENT, A.DSC_STATUS_SUMMARY_EVENT,
+                        A.DSC_JOB_STATUS_EVENT, A.DSC_JOB_END_STATE_EVENT})
+ALL_EVENTS = DSP_EVENTS | DSC_EVENTS
+
+SHUTTING_DOWN = names.WSE + "/SourceShuttingDown"
+DELIVERY_FAILURE = names.WSE + "/DeliveryFailure"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointReference:
+    address: str
+    #: Reference parameters, serialized, copied as SOAP headers into messages sent to it.
+    parameters: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    identifier: str
+    notify_to: EndpointReference
+    end_to: EndpointReference | None
+    actions: frozenset[str]
+    expires: datetime
+    wsa_ns: str = names.WSA
+    failures: int = 0
+
+
+@dataclass
+class Subscriptions:
+    config: ServerConfig
+    new_id: Callable[[], str]
+    by_id: dict[str, Subscription] = field(default_factory=dict)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def subscribe(self, env: soap.Envelope, payload: Element, service_hint: str | None,
+                  now: datetime) -> tuple[Subscription, Element]:
+        if len(self.by_id) >= self.config.limits.max_subscriptions:
+            raise faults.eventing("EventSourceUnableToProcess")
+        end_to: EndpointReference | None = None
+        notify_to: EndpointReference | None = None
+        expires_el: Element | None = None
+        filter_el: Element | None = None
+        for child in children(payload):
+            ns, local = split(child.tag)
+            if ns != names.WSE:
+                continue
+            if local == "EndTo":
+                end_to = _read_epr(child)
+            elif local == "Delivery":
+                mode = trimmed(child.get("Mode")) or names.PUSH_MODE
+                if names.canonical_uri(mode) != names.PUSH_MODE:
+                    raise faults.eventing("DeliveryModeRequestedUnavailable")
+                for item in children(child):
+                    if split(item.tag) == (names.WSE, "NotifyTo"):
+                        notify_to = _read_epr(item)
+            elif local == "Expires":
+                expires_el = child
+            elif local == "Filter":
+                filter_el = child
+        if notify_to is None:
+            raise faults.eventing("InvalidMessage", faults.Detail("wse:NotifyTo"))
+        expires = self._grant(expires_el, now)
+        actions = self._filter(filter_el, service_hint)
+        identifier = f"urn:uuid:{self.new_id()}"
+        sub = Subscription(identifier, notify_to, end_to, actions, expires,
+                           env.addressing.wsa_ns)
+        self.by_id[identifier] = sub
+        response = etree.Element(f"{{{names.WSE}}}SubscribeResponse")
+        manager = etree.SubElement(response, f"{{{names.WSE}}}SubscriptionManager")
+        wsa = env.addressing.wsa_ns
+        etree.SubElement(manager, f"{{{wsa}}}Address").text = self._manager_address(actions)
+        params = etree.SubElement(manager, f"{{{wsa}}}ReferenceParameters")
+        etree.SubElement(params, f"{{{names.WSE}}}Identifier").text = identifier
+        etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
+        return sub, response
+
+    def renew(self, env: soap.Envelope, payload: Element, now: datetime) -> Element:
+        sub = self._find(env, "UnableToRenew", now)
+        expires_el = next((c for c in children(payload)
+                           if split(c.tag) == (names.WSE, "Expires")), None)
+        expires = self._grant(expires_el, now)
+        self.by_id[sub.identifier] = replace(sub, expires=expires)
+        response = etree.Element(f"{{{names.WSE}}}RenewResponse")
+        etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
+        return response
+
+    def get_status(self, env: soap.Envelope, now: datetime) -> Element:
+        sub = self._find(env, "InvalidMessage", now)
+        response = etree.Element(f"{{{names.WSE}}}GetStatusResponse")
+        etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(sub.expires - now)
+        return response
+
+    def unsubscribe(self, env: soap.Envelope, now: datetime) -> Element:
+        sub = self._find(env, "InvalidMessage", now)
+        del self.by_id[sub.identifier]
+        return etree.Element(f"{{{names.WSE}}}UnsubscribeResponse")
+
+    def _find(self, env: soap.Envelope, fault: str, now: datetime) -> Subscription:
+        ident = env.addressing.identifier
+        sub = self.by_id.get(ident or "")
+        if sub is None or sub.expires <= now:
+            raise faults.eventing(fault, faults.Detail("wse:Identifier"))
+        return sub
+
+    def _grant(self, expires_el: Element | None, now: datetime) -> datetime:
+        default = timedelta(seconds=self.config.subscription_default_seconds)
+        cap = timedelta(seconds=self.config.subscription_max_seconds)
+        if expires_el is None:
+            return now + min(default, cap)
+        text = trimmed(expires_el.text)
+        try:
+            if text.startswith(("P", "-P")):
+                wanted = parse_duration(text)
+            else:
+                wanted = datetime.fromisoformat(text.replace("Z", "+00:00")) - now
+        except (ValueError, TypeError):
+            raise faults.eventing("InvalidExpirationTime") from None
+        if wanted <= timedelta(0):
+            raise faults.eventing("InvalidExpirationTime")
+        return now + min(wanted, cap)
+
+    def _filter(self, filter_el: Element | None, service_hint: str | None) -> frozenset[str]:
+        offered = {"dsp": DSP_EVENTS, "dsc": DSC_EVENTS}.get(service_hint or "", ALL_EVENTS)
+        if filter_el is None:
+            return offered
+        dialect = names.canonical_uri(trimmed(filter_el.get("Dialect"))
+                                      or names.DEVPROF_ACTION_DIALECT)
+        if dialect != names.DEVPROF_ACTION_DIALECT:
+            raise faults.eventing("FilteringRequestedUnavailable")
+        wanted = frozenset(names.canonical_uri(a) for a in (filter_el.text or "").split())
+        if not wanted:
+            raise faults.eventing("InvalidMessage", faults.Detail("wse:Filter"))
+        for action in sorted(wanted):
+            if action not in offered:
+                raise faults.filter_action_not_supported(action)
+        return wanted
+
+    def _manager_address(self, actions: frozenset[str]) -> str:
+        if actions <= DSP_EVENTS:
+            return self.config.dsp_url
+        return self.config.dsc_url
+
+    # --- time and delivery ------------------------------------------------------------------
+
+    def expire(self, now: datetime) -> None:
+        for ident in [i for i, s in self.by_id.items() if s.expires <= now]:
+            del self.by_id[ident]
+
+    def next_expiry(self) -> datetime | None:
+        return min((s.expires for s in self.by_id.values()), default=None)
+
+    def notify(self, action: str, body: Element, now: datetime) -> list[Deliver]:
+        out = []
+        for sub in self.by_id.values():
+            if action in sub.actions and sub.expires > now:
+                envelope = self._message(sub.notify_to, sub.wsa_ns, action, body)
+                out.append(Deliver(sub.identifier, sub.notify_to.address, envelope))
+        return out
+
+    def delivery_result(self, identifier: str, ok: bool) -> list[Deliver]:
+        sub = self.by_id.get(identifier)
+        if sub is None:
+            return []
+        if ok:
+            self.by_id[identifier] = replace(sub, failures=0)
+            return []
+        sub = replace(sub, failures=sub.failures + 1)
+        if sub.failures < self.config.delivery_failures_before_end:
+            self.by_id[identifier] = sub
+            return []
+        del self.by_id[identifier]
+        return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
+
+    def end_all(self) -> list[Deliver]:
+        subs = list(self.by_id.values())
+        self.by_id.clear()
+        return self._end(subs, SHUTTING_DOWN, "The scan server is shutting down.")
+
+    def _end(self, subs: Iterable[Subscription], status: str, reason: str) -> list[Deliver]:
+        out = []
+        for sub in subs:
+            if sub.end_to is None:
+                continue
+            body = etree.Element(f"{{{names.WSE}}}SubscriptionEnd")
+            manager = etree.SubElement(body, f"{{{names.WSE}}}SubscriptionManager")
+            etree.SubElement(manager, f"{{{sub.wsa_ns}}}Address").text = \
+                self._manager_address(sub.actions)
+            params = etree.SubElement(manager, f"{{{sub.wsa_ns}}}ReferenceParameters")
+            etree.SubElement(params, f"{{{names.WSE}}}Identifier").text = sub.identifier
+            etree.SubElement(body, f"{{{names.WSE}}}Status").text = status
+            text = etree.SubElement(body, f"{{{names.WSE}}}Reason")
+            text.set(f"{{{names.XML}}}lang", "en")
+            text.text = reason
+            envelope = self._message(sub.end_to, sub.wsa_ns, names.Action.SUBSCRIPTION_END, body)
+            out.append(Deliver(sub.identifier, sub.end_to.address, envelope, final=True))
+        return out
+
+    def _message(self, to: EndpointReference, wsa_ns: str, action: str, body: Element) -> bytes:
+        """A one-way message: To, Action, fresh MessageID, and the EPR's reference parameters
+        as header blocks (dsm-and-stack §4, §6 "Notifications")."""
+        root, header, body_el = soap.new_envelope(wsa_ns, {"wse": names.WSE, "dsc": names.DSC,
+                                                           "dsp": names.DSP})
+        etree.SubElement(header, f"{{{wsa_ns}}}To").text = to.address
+        etree.SubElement(header, f"{{{wsa_ns}}}Action").text = action
+        etree.SubElement(header, f"{{{wsa_ns}}}MessageID").text = f"urn:uuid:{self.new_id()}"
+        for param in to.parameters:
+            header.append(etree.fromstring(param))
+        body_el.append(_copy(body))
+        return soap.serialize(root)
+
+
+def _copy(el: Element) -> Element:
+    return etree.fromstring(etree.tostring(el))
+
+
+def _read_epr(el: Element) -> EndpointReference:
+    address = None
+    params: list[bytes] = []
+    for child in children(el):
+        ns, local = split(child.tag)
+        if ns not in (names.WSA, names.WSA10):
+            continue
+        if local == "Address":
+            address = trimmed(child.text)
+        elif local in ("ReferenceParameters", "ReferenceProperties"):
+            params.extend(etree.tostring(p) for p in children(child))
+    if not address:
+        raise faults.eventing("InvalidMessage", faults.Detail("wsa:Address"))
+    return EndpointReference(address, tuple(params))
+
+
+_DURATION = re.compile(
+    r"^(-)?P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """xs:duration; a year counts 365 days and a month 30 (only used to grant an expiry)."""
+    match = _DURATION.match(text)
+    if match is None or text.endswith(("P", "T")):
+        raise ValueError(f"not an xs:duration: {text!r}")
+    sign, years, months, days, hours, minutes, seconds = match.groups()
+    total = timedelta(days=int(years or 0) * 365 + int(months or 0) * 30 + int(days or 0),
+                      hours=int(hours or 0), minutes=int(minutes or 0),
+                      seconds=float(seconds or 0))
+    return -total if sign else total
+
+
+def duration(delta: timedelta) -> str:
+    """A granted expiry as xs:duration (WSDBIT expects durations in responses)."""
+    seconds = max(0, int(delta.total_seconds()))
+    return f"PT{seconds}S"

@@ -1,0 +1,67 @@
+"""The job table shared by both protocols (R1): active jobs, the history, uploads in flight."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from .model import Job, JobState
+
+
+class JobTable:
+    def __init__(self, history_size: int) -> None:
+        self.history_size = history_size
+        self._active: dict[str, Job] = {}
+        #: Completed jobs, oldest first; read newest first (R6).
+        self._history: dict[str, Job] = {}
+        #: (token, document_id) of SendImage uploads in progress: reserved ids (R6 duplicates).
+        self.uploads: set[tuple[str, int]] = set()
+
+    def get(self, token: str) -> Job | None:
+        return self._active.get(token) or self._history.get(token)
+
+    def put(self, job: Job) -> list[str]:
+        """Store the new record of a job; returns tokens that fell out of the history."""
+        if job.is_active:
+            self._history.pop(job.token, None)
+            self._active[job.token] = job
+            return []
+        self._active.pop(job.token, None)
+        self._history.pop(job.token, None)
+        self._history[job.token] = job
+        dropped = []
+        while len(self._history) > self.history_size:
+            oldest = next(iter(self._history))
+            del self._history[oldest]
+            dropped.append(oldest)
+        return dropped
+
+    def remove(self, token: str) -> None:
+        self._active.pop(token, None)
+        self._history.pop(token, None)
+
+    def active(self) -> list[Job]:
+        """Active jobs in creation order."""
+        return list(self._active.values())
+
+    def history(self) -> list[Job]:
+        """Completed jobs, newest first (R6)."""
+        return list(reversed(self._history.values()))
+
+    def uploading(self, token: str) -> bool:
+        return any(t == token for t, _ in self.uploads)
+
+    def processing_count(self) -> int:
+        return sum(1 for j in self._active.values()
+                   if j.state in (JobState.STARTED, JobState.PROCESSING))
+
+    def timed_out(self, now: datetime, timeout: float) -> list[Job]:
+        """Creating jobs idle for ``timeout`` seconds, not counting ones receiving an image."""
+        limit = timedelta(seconds=timeout)
+        return [j for j in self._active.values()
+                if j.state is JobState.CREATING and now - j.last_activity >= limit
+                and not self.uploading(j.token)]
+
+    def next_timeout(self, timeout: float) -> datetime | None:
+        times = [j.last_activity + timedelta(seconds=timeout) for j in self._active.values()
+                 if j.state is JobState.CREATING]
+        return min(times) if times else None

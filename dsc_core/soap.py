@@ -1,0 +1,221 @@
+"""SOAP 1.2 envelopes with WS-Addressing: reading requests (R4 steps 1-4) and writing replies.
+
+WS-Addressing 2004/08 is the default; a request in WS-Addressing 1.0 is answered in 1.0 (R2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from lxml import etree
+
+from . import faults, names
+from .xmlread import Element, children, split, trimmed
+
+_TRUE = ("true", "1")
+_OUR_ROLES = (None, names.SOAP + "/role/next", names.SOAP + "/role/ultimateReceiver")
+_UNDERSTOOD_WSA = frozenset({"To", "Action", "MessageID", "ReplyTo", "FaultTo", "From",
+                             "RelatesTo"})
+
+
+@dataclass(frozen=True, slots=True)
+class Addressing:
+    """The message information headers of a request."""
+
+    wsa_ns: str = names.WSA
+    action: str | None = None
+    message_id: str | None = None
+    to: str | None = None
+    #: wse:Identifier reference parameter (R7: addresses the subscription manager).
+    identifier: str | None = None
+
+    @property
+    def anonymous(self) -> str:
+        return names.ANONYMOUS10 if self.wsa_ns == names.WSA10 else names.ANONYMOUS
+
+    @property
+    def fault_action(self) -> str:
+        return names.FAULT_ACTION10 if self.wsa_ns == names.WSA10 else names.FAULT_ACTION
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    root: Element
+    body: Element
+    addressing: Addressing
+    headers: tuple[Element, ...] = field(default=())
+
+    @property
+    def payload(self) -> Element | None:
+        """The first element of the Body (the operation's request element)."""
+        return next(children(self.body), None)
+
+
+def read_envelope(root: Element) -> Envelope:
+    """Check the envelope in R4 order and read its addressing headers."""
+    ns, local = split(root.tag)
+    if local != "Envelope":
+        raise faults.malformed("The message is not a SOAP Envelope.")
+    if ns != names.SOAP:
+        raise faults.version_mismatch()  # step 2: another (or no) envelope namespace
+    header: Element | None = None
+    body: Element | None = None
+    for child in children(root):
+        cns, clocal = split(child.tag)
+        if cns == names.SOAP and clocal == "Header" and header is None and body is None:
+            header = child
+        elif cns == names.SOAP and clocal == "Body" and body is None:
+            body = child
+        else:
+            raise faults.malformed("The SOAP Envelope holds an unexpected element.")
+    if body is None:
+        raise faults.malformed("The SOAP Envelope has no Body.")
+    headers = tuple(children(header)) if header is not None else ()
+    _check_must_understand(headers)
+    return Envelope(root, body, _read_addressing(headers), headers)
+
+
+def _understood(el: Element) -> bool:
+    ns, local = split(el.tag)
+    if ns in (names.WSA, names.WSA10):
+        return local in _UNDERSTOOD_WSA
+    return ns == names.WSE and local == "Identifier"
+
+
+def _check_must_understand(headers: Iterable[Element]) -> None:
+    missing: list[tuple[str, str]] = []
+    for el in headers:
+        flag = trimmed(el.get(f"{{{names.SOAP}}}mustUnderstand"))
+        role = el.get(f"{{{names.SOAP}}}role")
+        role = trimmed(role) if role is not None else None
+        if flag in _TRUE and role in _OUR_ROLES and not _understood(el):
+            ns, local = split(el.tag)
+            missing.append((ns or "", local))
+    if missing:
+        raise faults.must_understand(tuple(missing))
+
+
+def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
+    wsa_ns = names.WSA
+    if any(split(el.tag)[0] == names.WSA10 for el in headers):
+        wsa_ns = names.WSA10
+    values: dict[str, str] = {}
+    identifier = None
+    for el in headers:
+        ns, local = split(el.tag)
+        if ns == wsa_ns and local in ("Action", "MessageID", "To") and local not in values:
+            values[local] = trimmed(el.text)
+        elif ns == names.WSE and local == "Identifier" and identifier is None:
+            identifier = trimmed(el.text)
+    action = values.get("Action")
+    return Addressing(
+        wsa_ns=wsa_ns,
+        action=names.canonical_uri(action) if action else None,
+        message_id=values.get("MessageID") or None,
+        to=values.get("To") or None,
+        identifier=identifier,
+    )
+
+
+# --- Writing ---------------------------------------------------------------------------------
+
+
+def soap_el(local: str) -> Element:
+    return etree.Element(f"{{{names.SOAP}}}{local}")
+
+
+def serialize(root: Element) -> bytes:
+    return etree.tostring(root, xml_declaration=True, encoding="utf-8")
+
+
+def new_envelope(wsa_ns: str, nsmap: dict[str, str] | None = None) -> tuple[Element, Element,
+                                                                             Element]:
+    """An empty envelope: (root, header, body).  ``nsmap`` declares extra prefixes at the root
+    so that QName values written in the body can use them (R3)."""
+    full: dict[str, str] = {"soap": names.SOAP, "wsa": wsa_ns}
+    for prefix, uri in (nsmap or {}).items():
+        full.setdefault(prefix, uri)
+    root = etree.Element(f"{{{names.SOAP}}}Envelope", nsmap=full)
+    header = etree.SubElement(root, f"{{{names.SOAP}}}Header")
+    body = etree.SubElement(root, f"{{{names.SOAP}}}Body")
+    return root, header, body
+
+
+def add_reply_headers(header: Element, addressing: Addressing, action: str,
+                      message_id: str) -> None:
+    """R4: To anonymous, Action, a fresh MessageID and RelatesTo the request's MessageID."""
+    wsa = addressing.wsa_ns
+    etree.SubElement(header, f"{{{wsa}}}To").text = addressing.anonymous
+    etree.SubElement(header, f"{{{wsa}}}Action").text = action
+    etree.SubElement(header, f"{{{wsa}}}MessageID").text = message_id
+    if addressing.message_id:
+        etree.SubElement(header, f"{{{wsa}}}RelatesTo").text = addressing.message_id
+
+
+def reply_envelope(addressing: Addressing, action: str, message_id: str, payload: Element,
+                   nsmap: dict[str, str] | None = None) -> bytes:
+    root, header, body = new_envelope(addressing.wsa_ns, nsmap)
+    add_reply_headers(header, addressing, action, message_id)
+    body.append(payload)
+    return serialize(root)
+
+
+def fault_envelope(fault: faults.SoapFault, addressing: Addressing, message_id: str) -> bytes:
+    nsmap: dict[str, str] = {}
+    if fault.subcode is not None:
+        nsmap[_prefix_for(fault.subcode[0])] = fault.subcode[0]
+    if fault.detail is not None:
+        if fault.detail.element is not None:
+            nsmap[_prefix_for(fault.detail.element[0])] = fault.detail.element[0]
+        prefix, sep, _ = fault.detail.text.partition(":")
+        if sep and prefix in names.PREFIXES and "/" not in prefix:
+            nsmap.setdefault(prefix, names.PREFIXES[prefix] if prefix != "wsa"
+                             else addressing.wsa_ns)
+    for i, (ns, _local) in enumerate(fault.not_understood):
+        nsmap.setdefault(f"nu{i}", ns)
+    root, header, body = new_envelope(addressing.wsa_ns, nsmap)
+    add_reply_headers(header, addressing, addressing.fault_action, message_id)
+    if fault.code == faults.VERSION_MISMATCH:
+        # SOAP 1.2 part 1 §5.4.7: the Upgrade header lists the envelope versions we support.
+        upgrade = etree.SubElement(header, f"{{{names.SOAP}}}Upgrade")
+        supported = etree.SubElement(upgrade, f"{{{names.SOAP}}}SupportedEnvelope")
+        supported.set("qname", "soap:Envelope")
+    for i, (ns, local) in enumerate(fault.not_understood):
+        nu = etree.SubElement(header, f"{{{names.SOAP}}}NotUnderstood")
+        nu.set("qname", f"{_find_prefix(root, ns, f'nu{i}')}:{local}")
+    fault_el = etree.SubElement(body, f"{{{names.SOAP}}}Fault")
+    code = etree.SubElement(fault_el, f"{{{names.SOAP}}}Code")
+    etree.SubElement(code, f"{{{names.SOAP}}}Value").text = f"soap:{fault.code}"
+    if fault.subcode is not None:
+        sub = etree.SubElement(code, f"{{{names.SOAP}}}Subcode")
+        prefix = _find_prefix(root, fault.subcode[0], _prefix_for(fault.subcode[0]))
+        etree.SubElement(sub, f"{{{names.SOAP}}}Value").text = f"{prefix}:{fault.subcode[1]}"
+    reason = etree.SubElement(fault_el, f"{{{names.SOAP}}}Reason")
+    text = etree.SubElement(reason, f"{{{names.SOAP}}}Text")
+    text.set(f"{{{names.XML}}}lang", "en")
+    text.text = fault.reason
+    if fault.detail is not None:
+        detail = etree.SubElement(fault_el, f"{{{names.SOAP}}}Detail")
+        if fault.detail.element is not None:
+            ns, local = fault.detail.element
+            etree.SubElement(detail, f"{{{ns}}}{local}").text = fault.detail.text
+        else:
+            detail.text = fault.detail.text
+    return serialize(root)
+
+
+def _prefix_for(ns: str) -> str:
+    for prefix, uri in names.PREFIXES.items():
+        if uri == ns:
+            return prefix
+    if ns == names.WSA10:
+        return "wsa"
+    return "ns"
+
+
+def _find_prefix(root: Element, ns: str, default: str) -> str:
+    for prefix, uri in root.nsmap.items():
+        if uri == ns and prefix:
+            return prefix
+    return default
