@@ -1,0 +1,67 @@
+"""A small blocking HTTP(S) client for the ``dsc`` client commands: one POST, body streamed."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlsplit
+
+
+class ConnectionFailed(Exception):
+    """The server could not be reached; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    content_type: str
+    body: bytes
+
+
+def client_ssl_context(ca: Path | None = None, cert: Path | None = None,
+                       key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
+
+
+def post(url: str, body: bytes | Iterable[bytes], *, content_type: str,
+         length: int | None = None, ssl_context: ssl.SSLContext | None = None,
+         timeout: float = 60.0) -> HttpReply:
+    """POST ``body`` (bytes, or chunks with a known ``length``) and read the whole reply."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConnectionFailed(f"not an http(s) URL: {url!r} (example: http://127.0.0.1:5362)")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout,
+                                           context=ssl_context or ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
+    path = parts.path or "/"
+    headers = {"Content-Type": content_type, "User-Agent": "dsc-client"}
+    try:
+        if isinstance(body, bytes):
+            conn.request("POST", path, body=body, headers=headers)
+        else:
+            if length is not None:
+                headers["Content-Length"] = str(length)
+            conn.request("POST", path, body=iter(body), headers=headers,
+                         encode_chunked=length is None)
+        response = conn.getresponse()
+        data = response.read()
+        return HttpReply(response.status, response.getheader("Content-Type", ""), data)
+    except ssl.SSLError as exc:
+        raise ConnectionFailed(f"TLS with {parts.netloc} failed: {exc.reason or exc}; check "
+                               "--ca (the server's CA) and --cert/--key (your certificate)") \
+            from exc
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise ConnectionFailed(f"cannot reach the scan server at {parts.scheme}://{parts.netloc}: "
+                               f"{exc.strerror or exc}; is `dsc serve` running there?") from exc
+    finally:
+        conn.close()

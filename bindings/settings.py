@@ -1,0 +1,227 @@
+"""The server's TOML configuration file, turned into the core's ServerConfig, the filters'
+FilterSettings and the listener options.  Unknown keys are errors: a typo must not silently
+leave a limit at its default.
+
+Example (every section optional)::
+
+    [server]
+    host = "0.0.0.0"
+    port = 5362
+    data = "/var/lib/dsc"
+    binding = "async"                 # or "blocking"
+    public_url = "https://scan.contoso.com:5362"
+
+    [tls]
+    cert = "/etc/dsc/server.pem"
+    key = "/etc/dsc/server.key"
+    client_ca = "/etc/dsc/clients-ca.pem"   # require client certificates (R10)
+
+    [limits]                          # any field of dsc_core.Limits
+    max_image_bytes = 536870912
+
+    [jobs]
+    timeout_seconds = 600
+    history_size = 1000
+
+    [users]
+    scan_admins = ["admin@contoso.com"]
+    [users.directory]                 # SID -> name@domain (R10)
+    "S-1-5-21-1-2-3-500" = "admin@contoso.com"
+    [users.email]                     # name@domain -> e-mail address (R9 SendToScanUser)
+    "admin@contoso.com" = "it@contoso.com"
+
+    [processes]                       # PSP_Identifier -> PSP_DisplayName
+    "C4F199C7-6876-4549-A86E-A85035952448" = "Scan to share"
+
+    [shares]                          # UNC prefix -> local folder (R9); default: DATA/shares
+    '\\\\contoso\\scans' = "/srv/scans"
+
+    [smtp]
+    host = "mail.contoso.com"
+    port = 587
+    starttls = true
+    username = "scanner"
+    password = "secret"
+    from = "scans@contoso.com"
+
+    [sharepoint]
+    username = "svc-scan"
+    password = "secret"
+    ca_file = "/etc/ssl/certs/ca.pem"
+
+    [eventing]
+    default_seconds = 3600
+    max_seconds = 86400
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsc_core import Limits, ServerConfig
+
+from .filters.settings import FilterSettings
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    host: str = "127.0.0.1"
+    port: int = 5362
+    binding: str = "async"
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    listen: ListenOptions
+    server: ServerConfig
+    filters: FilterSettings
+    source: Path | None = None
+
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for the listener; with a client CA, client certificates are required (R10)."""
+        if not self.listen.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(self.listen.cert), str(self.listen.key or self.listen.cert))
+            if self.listen.client_ca:
+                context.load_verify_locations(str(self.listen.client_ca))
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate files: {exc}") from exc
+        return context
+
+
+_SECTIONS = {"server", "tls", "limits", "jobs", "users", "processes", "shares", "smtp",
+             "sharepoint", "eventing"}
+
+
+def _take(table: dict[str, Any], section: str, allowed: set[str]) -> dict[str, Any]:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    return table
+
+
+def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
+                  host: str | None = None, port: int | None = None,
+                  binding: str | None = None, cert: Path | None = None,
+                  key: Path | None = None, client_ca: Path | None = None) -> Settings:
+    """The file (if any), then command-line overrides, over the embedded defaults."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") \
+                from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = set(raw) - _SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(_SECTIONS))}")
+    srv = _take(raw.get("server", {}), "server",
+                {"host", "port", "data", "binding", "public_url", "friendly_name"})
+    tls = _take(raw.get("tls", {}), "tls", {"cert", "key", "client_ca"})
+    limits_raw = _take(raw.get("limits", {}), "limits",
+                       {f.name for f in dataclasses.fields(Limits)})
+    jobs = _take(raw.get("jobs", {}), "jobs", {"timeout_seconds", "history_size"})
+    users = _take(raw.get("users", {}), "users", {"scan_admins", "directory", "email"})
+    smtp = _take(raw.get("smtp", {}), "smtp",
+                 {"host", "port", "starttls", "username", "password", "from", "timeout"})
+    sharepoint = _take(raw.get("sharepoint", {}), "sharepoint",
+                       {"username", "password", "timeout", "ca_file"})
+    eventing = _take(raw.get("eventing", {}), "eventing", {"default_seconds", "max_seconds"})
+
+    base = path.parent if path is not None else Path.cwd()
+
+    def resolve(value: object) -> Path | None:
+        if value is None:
+            return None
+        candidate = Path(str(value)).expanduser()
+        return candidate if candidate.is_absolute() else base / candidate
+
+    data = data_dir or resolve(srv.get("data")) or Path("var")
+    listen = ListenOptions(
+        host=host or srv.get("host", "127.0.0.1"),
+        port=port if port is not None else int(srv.get("port", 5362)),
+        binding=binding or srv.get("binding", "async"),
+        cert=cert or resolve(tls.get("cert")),
+        key=key or resolve(tls.get("key")),
+        client_ca=client_ca or resolve(tls.get("client_ca")),
+    )
+    if listen.binding not in ("async", "blocking"):
+        raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
+    if listen.client_ca and not listen.cert:
+        raise ConfigError("client certificates (client_ca) need TLS: give a server "
+                          "certificate with --tls-cert/--tls-key")
+    try:
+        limits = Limits(**limits_raw)
+    except TypeError as exc:
+        raise ConfigError(f"[limits]: {exc}") from exc
+    public = srv.get("public_url") or \
+        f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}" \
+        f":{listen.port}"
+    server = ServerConfig(
+        limits=limits,
+        base_url=str(public).rstrip("/"),
+        friendly_name=srv.get("friendly_name", ServerConfig.friendly_name),
+        job_timeout_seconds=float(jobs.get("timeout_seconds", 600.0)),
+        history_size=int(jobs.get("history_size", 1000)),
+        require_client_certificates=listen.client_ca is not None,
+        scan_admins=frozenset(users.get("scan_admins", ())),
+        user_directory=dict(users.get("directory", {})),
+        user_email=dict(users.get("email", {})),
+        process_names=dict(raw.get("processes", {})),
+        subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
+        subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
+    )
+    sharepoint_context = None
+    if sharepoint.get("ca_file"):
+        sharepoint_context = ssl.create_default_context(cafile=str(resolve(sharepoint["ca_file"])))
+    roots = tuple((unc, resolve(local) or Path(local))
+                  for unc, local in raw.get("shares", {}).items())
+    filter_kw: dict[str, Any] = {
+        "smtp_host": smtp.get("host", "localhost"),
+        "smtp_port": int(smtp.get("port", 25)),
+        "smtp_starttls": bool(smtp.get("starttls", False)),
+        "smtp_username": smtp.get("username"),
+        "smtp_password": smtp.get("password"),
+        "smtp_timeout": float(smtp.get("timeout", 30.0)),
+        "mail_from": smtp.get("from", "scan-server@localhost"),
+        "user_email": dict(users.get("email", {})),
+        "sharepoint_username": sharepoint.get("username"),
+        "sharepoint_password": sharepoint.get("password"),
+        "sharepoint_timeout": float(sharepoint.get("timeout", 60.0)),
+        "sharepoint_ssl_context": sharepoint_context,
+    }
+    try:
+        filters = (FilterSettings(share_roots=roots, **filter_kw) if roots
+                   else FilterSettings.embedded_default(data, **filter_kw))
+    except ValueError as exc:
+        raise ConfigError(f"[shares]: {exc}") from exc
+    return Settings(data, listen, server, filters, path)
