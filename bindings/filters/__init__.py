@@ -1,0 +1,15 @@
+"""PostScan filters (R9) and the processing engine that runs them (R6).
+
+Each filter is a synchronous function ``run(job, filter_index, documents, settings, cancelled)
+-> FilterOutcome`` that never raises; :class:`ProcessingEngine` runs a job's filters in worker
+threads and reports ProcessingStarted / FilterStarted / FilterFinished / ProcessingFinished.
+"""
+
+from .common import FilterOutcome, FilterRun, content_type_for, document_file_name, sanitize_name
+from .engine import DEFAULT_RUNNERS, ProcessingEngine
+from .settings import FilterSettings, parse_unc
+
+__all__ = [
+    "DEFAULT_RUNNERS", "FilterOutcome", "FilterRun", "FilterSettings", "ProcessingEngine",
+    "content_type_for", "document_file_name", "parse_unc", "sanitize_name",
+]

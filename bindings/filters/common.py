@@ -1,0 +1,162 @@
+"""Pieces shared by the three PostScan filters (R9): the outcome record, name sanitizing, file
+names, content types and the "never raise" guard."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
+
+from .settings import FilterSettings
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True, slots=True)
+class FilterOutcome:
+    """How one filter run ended: what the engine reports in FilterFinished."""
+
+    state: FilterState
+    reasons: tuple[FilterStateReason, ...] = ()
+
+    @classmethod
+    def success(cls) -> "FilterOutcome":
+        return cls(FilterState.COMPLETED_SUCCESSFULLY)
+
+    @classmethod
+    def canceled(cls, *reasons: FilterStateReason) -> "FilterOutcome":
+        return cls(FilterState.CANCELED, tuple(reasons))
+
+    @classmethod
+    def errors(cls, *reasons: FilterStateReason) -> "FilterOutcome":
+        return cls(FilterState.COMPLETED_WITH_ERRORS, _unique(reasons))
+
+    @classmethod
+    def warnings(cls, *reasons: FilterStateReason) -> "FilterOutcome":
+        return cls(FilterState.COMPLETED_WITH_WARNINGS, _unique(reasons))
+
+    @property
+    def failed(self) -> bool:
+        # Same rule as commands.FilterFinished.failed: these stop a job without ContinueOnError.
+        return self.state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
+
+
+def _unique(reasons: tuple[FilterStateReason, ...]) -> tuple[FilterStateReason, ...]:
+    return tuple(dict.fromkeys(reasons))
+
+
+class FilterRun(Protocol):
+    """The signature every filter implements."""
+
+    def __call__(self, job: Job, filter_index: int, documents: list[tuple[Document, Path]],
+                 settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome: ...
+
+
+class Cancelled(Exception):
+    """Raised inside a filter when the job's cancel event is seen (between documents/chunks)."""
+
+
+class SourceError(Exception):
+    """A stored document could not be read: our fault, not the destination's (UnknownError)."""
+
+
+def check_cancel(cancelled: threading.Event) -> None:
+    if cancelled.is_set():
+        raise Cancelled()
+
+
+def never_raises(run: Callable[..., FilterOutcome]) -> Callable[..., FilterOutcome]:
+    """A filter never raises: anything unexpected is CompletedWithErrors + UnknownError, so one
+    bad document or bug cannot take the engine's worker down (R9 failure mapping)."""
+
+    @functools.wraps(run)
+    def guarded(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
+                settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+        try:
+            return run(job, filter_index, documents, settings, cancelled)
+        except Cancelled:
+            return FilterOutcome.canceled()
+        except Exception:
+            log.exception("filter %s of job %s failed unexpectedly", filter_index, job.token)
+            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+
+    return guarded
+
+
+# --- Names (R9: "no path separators, no `..`, no device names") ------------------------------
+
+_DEVICE_NAMES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
+)
+# Characters Windows refuses in a name (the share may be served to Windows clients by Samba).
+_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+#: Most file systems limit a name to 255 bytes; keep room for "_0001.tif" and similar.
+MAX_NAME_BYTES = 200
+
+
+def sanitize_name(text: str, fallback: str = "Scan", max_bytes: int = MAX_NAME_BYTES) -> str:
+    """Make ``text`` safe as one path component on both POSIX and Windows."""
+    # C1 controls and other format characters are not printable either.
+    name = "".join("_" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+                   for c in unicodedata.normalize("NFC", text))
+    name = _FORBIDDEN.sub("_", name)
+    name = re.sub(r"\.{2,}", ".", name)  # no ".." anywhere, not even inside a name
+    name = name.lstrip(". ").rstrip(". ")  # no hidden files; Windows drops trailing dots/spaces
+    if len(name.encode("utf-8")) > max_bytes:
+        name = name.encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip(". ")
+    base = name.split(".", 1)[0].rstrip(" ").upper()
+    if base in _DEVICE_NAMES:
+        name = "_" + name  # "CON" and "con.txt" are devices on Windows whatever the extension
+    return name or fallback
+
+
+def document_file_name(root: str, counter: int, fmt: str) -> str:
+    """``<sanitized DocumentRootName>_<counter, 4 digits>.<extension>`` (R9)."""
+    return f"{sanitize_name(root)}_{counter:04d}.{extension_for(fmt)}"
+
+
+# --- Content types (e-mail attachments, SharePoint uploads) ----------------------------------
+
+_CONTENT_TYPES: dict[str, str] = {
+    "dib": "image/bmp",
+    "exif": "image/jpeg",
+    "jfif": "image/jpeg",
+    "jbig": "application/octet-stream",  # no registered type for JBIG1
+    "jpeg2k": "image/jp2",
+    "pdf-a": "application/pdf",
+    "png": "image/png",
+    "xps": "application/vnd.ms-xpsdocument",
+}
+
+
+def content_type_for(fmt: str) -> str:
+    if fmt.startswith("tiff-"):
+        return "image/tiff"
+    return _CONTENT_TYPES.get(fmt, "application/octet-stream")
+
+
+def read_full(f: "BinaryReader", size: int) -> bytes:
+    """Read up to ``size`` bytes, fewer only at end of file (pipes return short reads)."""
+    parts: list[bytes] = []
+    want = size
+    while want > 0:
+        try:
+            data = f.read(want)
+        except OSError as exc:
+            raise SourceError(str(exc)) from exc
+        if not data:
+            break
+        parts.append(data)
+        want -= len(data)
+    return b"".join(parts)
+
+
+class BinaryReader(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...

@@ -1,0 +1,170 @@
+"""The processing engine: runs a job's PostScan filters outside the core, in worker threads,
+and reports progress as the core's processing inputs (R6)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Mapping
+
+from dsc_core.commands import (FilterFinished, FilterStarted, ProcessingEvent, ProcessingFinished,
+                               ProcessingStarted)
+from dsc_core.model import (Document, EmailInstructions, FileShareInstructions, FilterState,
+                            FilterStateReason, Job, SharePointInstructions)
+
+from . import fileshare, mail, sharepoint
+from .common import FilterOutcome, FilterRun
+from .settings import FilterSettings
+
+log = logging.getLogger(__name__)
+
+#: Which filter runs which parsed instructions (the dialect was resolved by the core).
+DEFAULT_RUNNERS: Mapping[type, FilterRun] = {
+    FileShareInstructions: fileshare.run,
+    EmailInstructions: mail.run,
+    SharePointInstructions: sharepoint.run,
+}
+
+DocumentsOf = Callable[[Job], list[tuple[Document, Path]]]
+Report = Callable[[ProcessingEvent], None]
+
+
+class ProcessingEngine:
+    """Runs at most ``max_jobs`` jobs at once; further jobs wait in order of :meth:`start`.
+
+    Each started job gets exactly one ProcessingFinished, also when it was stopped while still
+    queued (then it is the only event), so the core can rely on hearing the end of every job.
+    """
+
+    def __init__(self, settings: FilterSettings, documents_of: DocumentsOf, report: Report, *,
+                 max_jobs: int = 2, runners: Mapping[type, FilterRun] | None = None) -> None:
+        if max_jobs < 1:
+            raise ValueError("max_jobs must be at least 1")
+        self._settings = settings
+        self._documents_of = documents_of
+        self._report = report
+        self._max_jobs = max_jobs
+        self._runners = dict(DEFAULT_RUNNERS if runners is None else runners)
+        self._lock = threading.Lock()
+        self._queue: deque[Job] = deque()
+        self._cancel: dict[str, threading.Event] = {}
+        self._workers: set[threading.Thread] = set()
+        self._closed = False
+
+    # --- API used by the binding that executes the core's commands ---------------------------
+
+    def start(self, job: Job) -> None:
+        """StartProcessing: queue the job; a worker picks it up as soon as one is free."""
+        with self._lock:
+            if self._closed:
+                log.warning("engine closed: job %s not started", job.token)
+                return
+            if job.token in self._cancel:
+                log.warning("job %s is already queued or running", job.token)
+                return
+            self._cancel[job.token] = threading.Event()
+            self._queue.append(job)
+            if len(self._workers) < self._max_jobs:
+                worker = threading.Thread(target=self._work, name="dsc-filters", daemon=True)
+                self._workers.add(worker)
+                worker.start()
+
+    def stop(self, token: str) -> None:
+        """StopProcessing (R6 cancel, best effort): the job's filters stop at the next chunk or
+        document; what they already delivered stays delivered."""
+        with self._lock:
+            event = self._cancel.get(token)
+        if event is not None:
+            event.set()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel every job and wait up to ``timeout`` seconds for the workers to finish."""
+        with self._lock:
+            self._closed = True
+            for event in self._cancel.values():
+                event.set()
+            workers = list(self._workers)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in workers:
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        still = [w for w in workers if w.is_alive()]
+        if still:
+            log.warning("%d filter worker(s) still busy after close()", len(still))
+
+    # --- Workers ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._workers.discard(me)  # under the lock: start() spawns a new one if needed
+                    return
+                job = self._queue.popleft()
+                cancelled = self._cancel[job.token]
+            try:
+                self._run(job, cancelled)
+            except Exception:  # a bug here must not kill the worker or leave jobs queued
+                log.exception("job %s: processing failed", job.token)
+            finally:
+                with self._lock:
+                    self._cancel.pop(job.token, None)
+
+    def _run(self, job: Job, cancelled: threading.Event) -> None:
+        token = job.token
+        if cancelled.is_set():  # stopped while queued: nothing ran
+            self._emit(ProcessingFinished(token))
+            return
+        self._emit(ProcessingStarted(token))
+        documents: list[tuple[Document, Path]] | None
+        try:
+            documents = list(self._documents_of(job))
+        except Exception:
+            log.exception("job %s: cannot list its documents", token)
+            documents = None
+        for index, status in enumerate(job.filters):
+            # Filters the core already settled (unknown dialect, bad instructions) are skipped.
+            if status.state is not FilterState.PENDING or status.instructions is None:
+                continue
+            if cancelled.is_set():
+                break
+            self._emit(FilterStarted(token, index))
+            outcome = self._run_filter(job, index, documents, cancelled)
+            self._emit(FilterFinished(token, index, outcome.state, outcome.reasons))
+            if cancelled.is_set():
+                break
+            # R6: without ContinueOnError the first failure ends the run; the core cancels the
+            # filters not yet run when it sees ProcessingFinished.
+            if outcome.failed and not job.continue_on_error:
+                break
+        self._emit(ProcessingFinished(token))
+
+    def _run_filter(self, job: Job, index: int, documents: list[tuple[Document, Path]] | None,
+                    cancelled: threading.Event) -> FilterOutcome:
+        instructions = job.filters[index].instructions
+        runner = self._runners.get(type(instructions))
+        if runner is None:
+            log.error("job %s: no filter runs %s", job.token, type(instructions).__name__)
+            return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
+        if documents is None:
+            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        try:
+            outcome = runner(job, index, documents, self._settings, cancelled)
+        except Exception:  # runners never raise; a third-party one might
+            log.exception("job %s: filter %d raised", job.token, index)
+            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        if not outcome.state.is_final:
+            log.error("job %s: filter %d returned %s", job.token, index, outcome.state.value)
+            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        return outcome
+
+    def _emit(self, event: ProcessingEvent) -> None:
+        try:
+            self._report(event)
+        except Exception:
+            # The report goes to the core (through the binding); if that fails, keep going:
+            # the remaining events still tell it how the job ended.
+            log.exception("reporting %r failed", event)

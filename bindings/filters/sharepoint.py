@@ -1,0 +1,177 @@
+"""The SharePoint filter (R9): each document is uploaded with HTTP PUT to
+``<SaveToSharePointSiteURL>/<file name>``, the body streamed from disk."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from dsc_core.model import Document, FilterStateReason, Job, SharePointInstructions
+
+from .common import (FilterOutcome, SourceError, check_cancel, content_type_for,
+                     document_file_name, never_raises, read_full, BinaryReader)
+from .settings import FilterSettings
+
+log = logging.getLogger(__name__)
+
+#: How much of an error response body we read (only to log it), never the whole of it.
+_MAX_RESPONSE_BODY = 64 * 1024
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+
+
+@dataclass(frozen=True, slots=True)
+class _Site:
+    https: bool
+    host: str
+    port: int | None
+    path: str  # percent-encoded, without a trailing slash
+
+
+class _Failed(Exception):
+    def __init__(self, reason: FilterStateReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@never_raises
+def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
+        settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+    instructions = job.filters[filter_index].instructions
+    if not isinstance(instructions, SharePointInstructions):
+        return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
+    if instructions.save_to_my_site:
+        # "My Site" needs the user's SharePoint profile, which this server does not know.
+        if not instructions.site_urls:
+            log.warning("job %s: SaveToMySite is not supported", job.token)
+            return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
+        log.info("job %s: SaveToMySite ignored, uploading to the site URLs", job.token)
+    if not instructions.site_urls:
+        return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
+
+    reasons: list[FilterStateReason] = []
+    for url in instructions.site_urls:
+        site = _parse_site(url)
+        if site is None:
+            log.warning("job %s: unusable SharePoint site URL %r", job.token, url)
+            reasons.append(FilterStateReason.INVALID_ARGS)
+            continue
+        try:
+            for number, (document, source) in enumerate(documents, start=1):
+                check_cancel(cancelled)
+                name = document_file_name(job.document_root_name, number, document.format)
+                _put(site, name, source, document.format, settings, cancelled)
+        except _Failed as exc:
+            # The rest of this site would most likely fail the same way; try the next site.
+            log.warning("job %s: upload to %s failed (%s): %s",
+                        job.token, url, exc.reason.value, exc)
+            reasons.append(exc.reason)
+        except SourceError as exc:
+            log.error("job %s: cannot read a stored document: %s", job.token, exc)
+            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+    return FilterOutcome.errors(*reasons) if reasons else FilterOutcome.success()
+
+
+def _parse_site(url: str) -> _Site | None:
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.query or parts.fragment:
+        return None  # "<site>/<file name>" has no place for them
+    path = quote(parts.path, safe=_PATH_SAFE).rstrip("/")
+    return _Site(parts.scheme.lower() == "https", parts.hostname, port, path)
+
+
+def _status_reason(status: int) -> FilterStateReason | None:
+    if 200 <= status < 300:
+        return None
+    if status in (401, 403):
+        return FilterStateReason.SHAREPOINT_ACCESS_DENIED
+    if status in (413, 507):  # too large / insufficient storage
+        return FilterStateReason.SHAREPOINT_OUT_OF_DISK_SPACE
+    return FilterStateReason.UNKNOWN_ERROR
+
+
+def _connect(site: _Site, settings: FilterSettings) -> http.client.HTTPConnection:
+    if site.https:
+        context = settings.sharepoint_ssl_context or ssl.create_default_context()
+        return http.client.HTTPSConnection(site.host, site.port,
+                                           timeout=settings.sharepoint_timeout, context=context)
+    return http.client.HTTPConnection(site.host, site.port, timeout=settings.sharepoint_timeout)
+
+
+def _put(site: _Site, name: str, source: Path, fmt: str, settings: FilterSettings,
+         cancelled: threading.Event) -> None:
+    try:
+        f = open(source, "rb", buffering=0)
+    except OSError as exc:
+        raise SourceError(f"{source}: {exc}") from exc
+    conn = _connect(site, settings)
+    try:
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                conn.putrequest("PUT", f"{site.path}/{quote(name, safe='')}",
+                                skip_accept_encoding=True)
+                conn.putheader("Content-Type", content_type_for(fmt))
+                conn.putheader("Content-Length", str(size))
+                if settings.sharepoint_username is not None:
+                    token = f"{settings.sharepoint_username}:{settings.sharepoint_password or ''}"
+                    conn.putheader("Authorization",
+                                   "Basic " + base64.b64encode(token.encode()).decode("ascii"))
+                conn.endheaders()
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Failed(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
+            try:
+                _send_body(conn, f, size, settings.chunk_size, cancelled)
+            except (OSError, http.client.HTTPException) as exc:
+                # The server may have answered early (a 403 or 413 before reading the body)
+                # and closed: its status says more than the broken pipe.
+                status = _early_status(conn)
+                reason = _status_reason(status) if status else None
+                raise _Failed(reason or FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
+            try:
+                response = conn.getresponse()
+                detail = response.read(_MAX_RESPONSE_BODY)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Failed(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
+            reason = _status_reason(response.status)
+            if reason is not None:
+                raise _Failed(reason, f"HTTP {response.status} {response.reason}: "
+                                      f"{detail[:200]!r}")
+    finally:
+        # On cancel this drops the connection before Content-Length bytes were sent, so the
+        # server sees an incomplete upload and keeps nothing.
+        conn.close()
+
+
+def _send_body(conn: http.client.HTTPConnection, f: BinaryReader, size: int, chunk_size: int,
+               cancelled: threading.Event) -> None:
+    remaining = size
+    while remaining > 0:
+        check_cancel(cancelled)
+        data = read_full(f, min(chunk_size, remaining))
+        if not data:
+            raise SourceError("document shrank while being uploaded")
+        conn.send(data)
+        remaining -= len(data)
+
+
+def _early_status(conn: http.client.HTTPConnection) -> int | None:
+    try:
+        return conn.getresponse().status
+    except Exception:
+        return None
+
+
+__all__ = ["run"]

@@ -1,0 +1,235 @@
+"""The processing engine (R6): event order, ContinueOnError, cancel, queueing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
+from dsc_core.commands import (FilterFinished, FilterStarted, ProcessingEvent, ProcessingFinished,
+                               ProcessingStarted)
+from dsc_core.model import (Document, FileShareInstructions, FilterState, FilterStateReason,
+                            FilterStatus, Job, SharePointInstructions)
+from test_filters_support import UploadServer, make_documents, make_job, random_bytes
+
+BAD = FileShareInstructions((r"\\h\s\..\..\etc",))   # refused (R9): Canceled, denied
+GOOD = FileShareInstructions((r"\\h\s",))
+
+
+class Recorder:
+    def __init__(self, fail_on: type | None = None) -> None:
+        self.events: list[ProcessingEvent] = []
+        self.changed = threading.Condition()
+        self.fail_on = fail_on
+
+    def __call__(self, event: ProcessingEvent) -> None:
+        with self.changed:
+            self.events.append(event)
+            self.changed.notify_all()
+        if self.fail_on is not None and isinstance(event, self.fail_on):
+            raise RuntimeError("the core is unhappy")
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), self.events
+
+    def wait_finished(self, *tokens: str) -> None:
+        self.wait(lambda: all(ProcessingFinished(t) in self.events for t in tokens))
+
+    def of(self, token: str) -> list[ProcessingEvent]:
+        return [e for e in self.events if e.token == token]
+
+
+def _engine(tmp_path: Path, recorder: Recorder,
+            documents_of: Callable[[Job], list[tuple[Document, Path]]] | None = None,
+            **kw: Any) -> ProcessingEngine:
+    docs = make_documents(tmp_path / "spool", ("png", b"image one"), ("pdf-a", b"%PDF two"))
+    settings = FilterSettings.embedded_default(tmp_path / "data", sharepoint_timeout=5,
+                                               chunk_size=64 * 1024)
+    return ProcessingEngine(settings, documents_of or (lambda job: docs), recorder, **kw)
+
+
+def _delivered(tmp_path: Path) -> list[str]:
+    folder = tmp_path / "data/shares/h/s/alice@corp.example"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_successful_job_reports_in_order(tmp_path: Path) -> None:
+    recorder = Recorder()
+    engine = _engine(tmp_path, recorder)
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    t = job.token
+    assert recorder.events == [
+        ProcessingStarted(t), FilterStarted(t, 0),
+        FilterFinished(t, 0, FilterState.COMPLETED_SUCCESSFULLY), ProcessingFinished(t)]
+    assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
+
+
+def test_failure_without_continue_on_error_stops(tmp_path: Path) -> None:
+    recorder = Recorder()
+    engine = _engine(tmp_path, recorder)
+    job = make_job(BAD, GOOD, continue_on_error=False)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    t = job.token
+    assert recorder.events == [
+        ProcessingStarted(t), FilterStarted(t, 0),
+        FilterFinished(t, 0, FilterState.CANCELED, (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)),
+        ProcessingFinished(t)]
+    assert _delivered(tmp_path) == []
+
+
+def test_failure_with_continue_on_error_goes_on(tmp_path: Path) -> None:
+    recorder = Recorder()
+    engine = _engine(tmp_path, recorder)
+    job = make_job(BAD, GOOD, continue_on_error=True)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    t = job.token
+    assert recorder.events == [
+        ProcessingStarted(t), FilterStarted(t, 0),
+        FilterFinished(t, 0, FilterState.CANCELED, (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)),
+        FilterStarted(t, 1), FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY),
+        ProcessingFinished(t)]
+    assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
+
+
+def test_settled_filters_are_skipped(tmp_path: Path) -> None:
+    recorder = Recorder()
+    engine = _engine(tmp_path, recorder)
+    job = make_job(GOOD, GOOD)
+    # The core already canceled filter 0 (say, its instructions did not parse).
+    job = job.evolve(filters=(FilterStatus(job.filters[0].dialect, FilterState.CANCELED,
+                                           (FilterStateReason.INVALID_ARGS,), None),
+                              job.filters[1]))
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    t = job.token
+    assert recorder.events == [
+        ProcessingStarted(t), FilterStarted(t, 1),
+        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY), ProcessingFinished(t)]
+
+
+def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
+    """A slow SharePoint server keeps the first filter busy; stop() ends it at the next chunk,
+    the later file share filter never starts, and the server keeps no partial upload."""
+    recorder = Recorder()
+    big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(16 * 1024 * 1024)))
+    engine = _engine(tmp_path, recorder, documents_of=lambda job: big)
+    with UploadServer(slow_receive_buffer=True) as server:
+        job = make_job(SharePointInstructions(False, (server.url("/slow/site"),)), GOOD,
+                       continue_on_error=True)
+        engine.start(job)
+        path = "/slow/site/Scan_0001.pdf"
+        assert server.wait(lambda: server.received.get(path, 0) >= 256 * 1024)
+        stopped_at = time.monotonic()
+        engine.stop(job.token)
+        recorder.wait_finished(job.token)
+        assert time.monotonic() - stopped_at < 2  # prompt: seen at the next chunk
+        assert server.wait(lambda: path in server.incomplete)
+    engine.close(5)
+    t = job.token
+    assert recorder.events == [
+        ProcessingStarted(t), FilterStarted(t, 0), FilterFinished(t, 0, FilterState.CANCELED),
+        ProcessingFinished(t)]
+    assert server.stored == {}
+    assert _delivered(tmp_path) == []
+
+
+def test_jobs_beyond_the_limit_wait_their_turn(tmp_path: Path) -> None:
+    recorder = Recorder()
+    engine = _engine(tmp_path, recorder, max_jobs=1)
+    jobs = [make_job(GOOD) for _ in range(3)]
+    for job in jobs:
+        engine.start(job)
+    recorder.wait_finished(*(j.token for j in jobs))
+    engine.close(5)
+    # One at a time, in order: each job's events form one uninterrupted block.
+    assert [e.token for e in recorder.events] == [j.token for j in jobs for _ in range(4)]
+    assert len(_delivered(tmp_path)) == 6
+
+
+def test_stop_while_queued_reports_only_the_end(tmp_path: Path) -> None:
+    recorder = Recorder()
+    gate = threading.Event()
+    docs = make_documents(tmp_path / "spool", ("png", b"x"))
+
+    def documents_of(job: Job) -> list[tuple[Document, Path]]:
+        gate.wait(5)  # holds the only worker on the first job
+        return docs
+
+    engine = _engine(tmp_path, recorder, documents_of=documents_of, max_jobs=1)
+    first, second = make_job(GOOD), make_job(GOOD)
+    engine.start(first)
+    engine.start(second)
+    engine.stop(second.token)
+    gate.set()
+    recorder.wait_finished(first.token, second.token)
+    engine.close(5)
+    assert recorder.of(second.token) == [ProcessingFinished(second.token)]
+    assert len(recorder.of(first.token)) == 4
+
+
+def test_failing_report_does_not_stop_the_worker(tmp_path: Path) -> None:
+    recorder = Recorder(fail_on=FilterStarted)
+    engine = _engine(tmp_path, recorder)
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert len(recorder.events) == 4
+    assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
+
+
+def test_missing_documents_fail_the_filters(tmp_path: Path) -> None:
+    recorder = Recorder()
+
+    def documents_of(job: Job) -> list[tuple[Document, Path]]:
+        raise FileNotFoundError("spool gone")
+
+    engine = _engine(tmp_path, recorder, documents_of=documents_of)
+    job = make_job(GOOD, GOOD, continue_on_error=True)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    finished = [e for e in recorder.events if isinstance(e, FilterFinished)]
+    assert [(e.index, e.state, e.reasons) for e in finished] == [
+        (0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)),
+        (1, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,))]
+
+
+def test_raising_runner_is_contained(tmp_path: Path) -> None:
+    recorder = Recorder()
+
+    def broken(*args: Any) -> FilterOutcome:
+        raise ValueError("bug")
+
+    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: broken})
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert FilterFinished(job.token, 0, FilterState.COMPLETED_WITH_ERRORS,
+                          (FilterStateReason.UNKNOWN_ERROR,)) in recorder.events
+
+
+def test_close_cancels_running_jobs(tmp_path: Path) -> None:
+    recorder = Recorder()
+    big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(16 * 1024 * 1024)))
+    engine = _engine(tmp_path, recorder, documents_of=lambda job: big)
+    with UploadServer(slow_receive_buffer=True) as server:
+        job = make_job(SharePointInstructions(False, (server.url("/slow/site"),)))
+        engine.start(job)
+        assert server.wait(lambda: server.received.get("/slow/site/Scan_0001.pdf", 0) > 0)
+        engine.close(5)
+        assert ProcessingFinished(job.token) in recorder.events
+        engine.start(make_job(GOOD))  # ignored after close
+    assert len(recorder.events) == 4

@@ -1,0 +1,215 @@
+"""File share filter (R9): mapping, sub-folder per user, names, no overwrite, cancel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dsc_bindings.filters import (FilterOutcome, FilterSettings, document_file_name, parse_unc,
+                                  sanitize_name)
+from dsc_bindings.filters import fileshare
+from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
+from test_filters_support import make_documents, make_job, random_bytes
+
+
+def run(job: Job, documents: list[tuple[Document, Path]], settings: FilterSettings,
+        cancelled: threading.Event | None = None) -> FilterOutcome:
+    return fileshare.run(job, 0, documents, settings, cancelled or threading.Event())
+
+
+def test_default_mapping_writes_under_user_folder(tmp_path: Path) -> None:
+    settings = FilterSettings.embedded_default(tmp_path / "data")
+    big = random_bytes(700_000)
+    docs = make_documents(tmp_path / "spool", ("pdf-a", big), ("tiff-single-g4", b"II*\0tiny"))
+    job = make_job(FileShareInstructions((r"\\FileSrv\Scans\Finance",)))
+
+    outcome = run(job, docs, settings)
+
+    assert outcome.state is FilterState.COMPLETED_SUCCESSFULLY and outcome.reasons == ()
+    folder = tmp_path / "data/shares/filesrv/scans/Finance/alice@corp.example"
+    assert sorted(p.name for p in folder.iterdir()) == ["Scan_0001.pdf", "Scan_0002.tif"]
+    assert (folder / "Scan_0001.pdf").read_bytes() == big
+    assert (folder / "Scan_0002.tif").read_bytes() == b"II*\0tiny"
+
+
+def test_configured_root_and_several_shares(tmp_path: Path) -> None:
+    settings = FilterSettings(share_roots=((r"\\srv\scans", tmp_path / "a"),
+                                           (r"\\SRV\Archive", tmp_path / "b")))
+    docs = make_documents(tmp_path / "spool", ("png", b"\x89PNG1"))
+    job = make_job(FileShareInstructions((r"\\Srv\Scans", r"\\srv\archive\2024\\")),
+                   document_root_name="Invoice")
+
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert (tmp_path / "a/alice@corp.example/Invoice_0001.png").read_bytes() == b"\x89PNG1"
+    assert (tmp_path / "b/2024/alice@corp.example/Invoice_0001.png").read_bytes() == b"\x89PNG1"
+
+
+@pytest.mark.parametrize("unc", [
+    r"\\other\scans\x",          # under no root
+    r"\\srv\scans\..\..\etc",    # climbing out
+    r"\\srv\scans\\x",           # empty component
+    r"C:\scans",                 # drive letter
+    r"\\srv\scans\C:\x",
+    r"\\?\C:\scans",             # device namespace
+    r"\\srv",                    # no share
+    "/etc/passwd",
+])
+def test_path_outside_roots_is_refused(tmp_path: Path, unc: str) -> None:
+    settings = FilterSettings(share_roots=((r"\\srv\scans", tmp_path / "root"),))
+    docs = make_documents(tmp_path / "spool", ("png", b"x"))
+    # The refused path comes second: nothing may be written to the good first one either.
+    job = make_job(FileShareInstructions((r"\\srv\scans\ok", unc)))
+
+    outcome = run(job, docs, settings)
+
+    assert outcome.state is FilterState.CANCELED
+    assert outcome.reasons == (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)
+    assert not (tmp_path / "root").exists()
+
+
+def test_parse_unc() -> None:
+    assert parse_unc(r"\\h\s\p") == ("h", "s", "p")
+    assert parse_unc("//h/s/") == ("h", "s")
+    assert parse_unc("\\\\") == ()
+    assert parse_unc(r"\\h\s\...") is None
+    assert parse_unc("\\\\h\\s\\a\x01b") is None
+
+
+@pytest.mark.parametrize("root, expected", [
+    ("..\\..\\etc", "_._etc_0001.pdf"),
+    ("CON", "_CON_0001.pdf"),
+    ("con.backup", "_con.backup_0001.pdf"),
+    ("a/b", "a_b_0001.pdf"),
+    (" .hidden. ", "hidden_0001.pdf"),
+    ("", "Scan_0001.pdf"),
+    ("tab\there", "tab_here_0001.pdf"),
+])
+def test_names_are_sanitized(tmp_path: Path, root: str, expected: str) -> None:
+    settings = FilterSettings.embedded_default(tmp_path)
+    docs = make_documents(tmp_path / "spool", ("pdf-a", b"%PDF"))
+    job = make_job(FileShareInstructions((r"\\h\s",)), document_root_name=root,
+                   user_name="..\\..\\evil/user")
+
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    share = tmp_path / "shares/h/s"
+    [user_dir] = list(share.iterdir())
+    assert user_dir.name == "_._evil_user"
+    assert [p.name for p in user_dir.iterdir()] == [expected]
+
+
+def test_sanitize_caps_length_and_device_names() -> None:
+    assert len(sanitize_name("é" * 500).encode()) <= 200
+    for device in ("NUL", "aux", "COM1", "lpt9.txt", "PRN "):
+        assert sanitize_name(device).startswith("_")
+    assert sanitize_name("COM10") == "COM10"
+    assert document_file_name("Scan", 12, "jfif") == "Scan_0012.jpg"
+
+
+def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
+    settings = FilterSettings.embedded_default(tmp_path)
+    folder = tmp_path / "shares/h/s/alice@corp.example"
+    folder.mkdir(parents=True)
+    (folder / "Scan_0001.pdf").write_bytes(b"old one")
+    (folder / "Scan_0003.pdf").write_bytes(b"old three")
+    docs = make_documents(tmp_path / "spool", ("pdf-a", b"new A"), ("pdf-a", b"new B"))
+
+    assert run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state \
+        is FilterState.COMPLETED_SUCCESSFULLY
+
+    assert (folder / "Scan_0001.pdf").read_bytes() == b"old one"
+    assert (folder / "Scan_0002.pdf").read_bytes() == b"new A"
+    assert (folder / "Scan_0003.pdf").read_bytes() == b"old three"
+    assert (folder / "Scan_0004.pdf").read_bytes() == b"new B"
+
+
+def test_symlink_in_the_way_is_skipped_not_followed(tmp_path: Path) -> None:
+    settings = FilterSettings.embedded_default(tmp_path)
+    folder = tmp_path / "shares/h/s/alice@corp.example"
+    folder.mkdir(parents=True)
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    (folder / "Scan_0001.png").symlink_to(target)
+    docs = make_documents(tmp_path / "spool", ("png", b"scan"))
+
+    assert run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state \
+        is FilterState.COMPLETED_SUCCESSFULLY
+    assert target.read_bytes() == b"precious"
+    assert (folder / "Scan_0002.png").read_bytes() == b"scan"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_share_is_access_denied(tmp_path: Path) -> None:
+    settings = FilterSettings(share_roots=((r"\\h\s", tmp_path / "ro"),))
+    (tmp_path / "ro").mkdir(mode=0o555)
+    docs = make_documents(tmp_path / "spool", ("png", b"x"))
+    outcome = run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings)
+    assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
+    assert outcome.reasons == (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)
+
+
+def test_errno_mapping() -> None:
+    reason = fileshare._reason_for
+    assert reason(OSError(errno.ENOSPC, "full")) is FilterStateReason.FILE_SHARE_OUT_OF_DISK_SPACE
+    assert reason(OSError(errno.EDQUOT, "quota")) is FilterStateReason.FILE_SHARE_OUT_OF_DISK_SPACE
+    assert reason(OSError(errno.EACCES, "no")) is FilterStateReason.FILE_SHARE_ACCESS_DENIED
+    assert reason(OSError(errno.EPERM, "no")) is FilterStateReason.FILE_SHARE_ACCESS_DENIED
+    assert reason(OSError(errno.EIO, "io")) is FilterStateReason.UNKNOWN_ERROR
+
+
+def test_share_directory_blocked_by_a_file_is_an_error(tmp_path: Path) -> None:
+    settings = FilterSettings.embedded_default(tmp_path)
+    (tmp_path / "shares/h").mkdir(parents=True)
+    (tmp_path / "shares/h/s").write_bytes(b"a file, not a directory")
+    docs = make_documents(tmp_path / "spool", ("png", b"x"))
+    outcome = run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings)
+    assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
+    assert outcome.reasons == (FilterStateReason.UNKNOWN_ERROR,)
+
+
+def test_missing_stored_document_is_unknown_error(tmp_path: Path) -> None:
+    settings = FilterSettings.embedded_default(tmp_path)
+    docs = [(Document(1, "png", 3), tmp_path / "missing.bin")]
+    outcome = run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings)
+    assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
+    assert outcome.reasons == (FilterStateReason.UNKNOWN_ERROR,)
+    assert list((tmp_path / "shares/h/s/alice@corp.example").iterdir()) == []
+
+
+def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
+    """The second document is a FIFO fed by the test, so the copy is provably in the middle of
+    a file when the cancel comes; the finished first document stays (R6)."""
+    settings = FilterSettings(share_roots=((r"\\h\s", tmp_path / "out"),), chunk_size=16 * 1024)
+    docs = make_documents(tmp_path / "spool", ("png", b"first, complete"))
+    fifo = tmp_path / "spool/doc2.bin"
+    os.mkfifo(fifo)
+    docs.append((Document(2, "png"), fifo))
+    cancelled = threading.Event()
+    result: list[FilterOutcome] = []
+    worker = threading.Thread(
+        target=lambda: result.append(run(make_job(FileShareInstructions((r"\\h\s",))), docs,
+                                         settings, cancelled)))
+    worker.start()
+    folder = tmp_path / "out/alice@corp.example"
+    partial = folder / "Scan_0002.png"
+    with open(fifo, "wb", buffering=0) as feed:
+        feed.write(b"A" * 40_000)
+        deadline = time.monotonic() + 5
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert time.monotonic() < deadline, "the copy never started"
+            time.sleep(0.005)
+        cancelled.set()
+        try:
+            feed.write(b"B" * 1000)  # wakes the reader, which then sees the cancel
+        except BrokenPipeError:
+            pass
+        worker.join(5)
+    assert not worker.is_alive()
+    [outcome] = result
+    assert outcome.state is FilterState.CANCELED and outcome.reasons == ()
+    assert [p.name for p in folder.iterdir()] == ["Scan_0001.png"]
+    assert (folder / "Scan_0001.png").read_bytes() == b"first, complete"
