@@ -99,17 +99,14 @@ class InProcessTransport:
             chunks = body
         exchange = self.server.open_exchange(RequestInfo(
             now=self.clock, content_type=content_type, identity=identity, path=path))
-        failed = False
         for chunk in chunks:
             try:
                 self._run(exchange.feed(chunk))
             except MemoryStoreError as exc:
-                if not failed:
-                    failed = True
-                    outcome = exchange.store_failed(temporary=exc.temporary)
-                    self._run(outcome.commands)
-        if failed:
-            return outcome.reply
+                # The exchange is over: the rest of the body is not read (R4 step 9).
+                outcome = exchange.store_failed(temporary=exc.temporary)
+                self._run(outcome.commands)
+                return outcome.reply
         outcome = exchange.end()
         try:
             self._run(outcome.commands)

@@ -1,0 +1,257 @@
+"""The async HTTP/1.1 binding: h11 over anyio (trio by default; asyncio programs can host it).
+
+Every HTTP rule is in :mod:`.http_common` (shared with the blocking binding); this module only
+moves bytes, runs the service's blocking calls in worker threads (the store writes to disk), and
+applies the R12 timeouts with cancel scopes.
+
+Usage::
+
+    async with anyio.create_task_group() as tg:           # or a trio nursery
+        port = await tg.start(functools.partial(serve, service, host="0.0.0.0", port=5362,
+                                                limits=config.limits))
+        ...
+        tg.cancel_scope.cancel()   # stops accepting; in-flight requests get `grace` seconds
+
+TLS: pass an ``ssl.SSLContext`` (server side).  When it requires client certificates, the
+identity given to the service is taken from the verified peer certificate (R10; mapping in
+:func:`~dsc_bindings.http_common.identity_from_certificate`: subject commonName, else the first
+subjectAltName email, else DNS).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Callable
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSAttribute, TLSStream
+
+from dsc_core import Limits
+
+from .http_common import (MAX_REJECTING, READ_SIZE, LINGER_BYTES, LINGER_SECONDS, Call, Close,
+                          HttpConnection, Receive, Send, ServiceLike,
+                          identity_from_certificate)
+
+__all__ = ["serve", "DEFAULT_GRACE"]
+
+log = logging.getLogger("dsc.http")
+
+#: Seconds in-flight requests get to finish once serving is cancelled.
+DEFAULT_GRACE = 10.0
+
+_STREAM_ERRORS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                  ssl.SSLError, OSError)
+
+
+class _Connection:
+    """Book-keeping for one connection, so that shutdown can reach it."""
+
+    __slots__ = ("scope", "protocol", "receive_scope")
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        self.protocol: HttpConnection | None = None
+        #: The cancel scope of a Receive in progress on an idle connection (shutdown cancels it).
+        self.receive_scope: anyio.CancelScope | None = None
+
+    def drain(self) -> None:
+        if self.protocol is None:
+            self.scope.cancel()  # still in the TLS handshake: nothing to finish
+            return
+        self.protocol.drain()
+        if self.protocol.idle and self.receive_scope is not None:
+            self.receive_scope.cancel()
+
+
+class _Server:
+    def __init__(self, service: ServiceLike, limits: Limits,
+                 ssl_context: ssl.SSLContext | None) -> None:
+        self.service = service
+        self.limits = limits
+        self.ssl_context = ssl_context
+        self.connections: set[_Connection] = set()
+        self.rejecting = 0
+        self.draining = False
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        # Shielded: cancelling serve() must not cut a request in the middle; drain() decides
+        # when this connection ends (at once if idle, after its answer, or after the grace).
+        with anyio.CancelScope(shield=True) as scope:
+            over = len(self.connections) >= self.limits.max_connections
+            if self.draining or (over and self.rejecting >= MAX_REJECTING):
+                await anyio.aclose_forcefully(stream)
+                return
+            connection = _Connection(scope)
+            if over:
+                self.rejecting += 1
+            else:
+                self.connections.add(connection)
+            try:
+                await self._serve_connection(connection, stream, over)
+            except Exception:  # a bug: log it, close this connection, keep serving the others
+                log.exception("connection handler failed")
+            finally:
+                if over:
+                    self.rejecting -= 1
+                else:
+                    self.connections.discard(connection)
+                await anyio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, connection: _Connection,
+                                stream: anyio.abc.ByteStream, over: bool) -> None:
+        peer = _peer_name(stream)
+        identity: str | None = None
+        if self.ssl_context is not None:
+            try:
+                with anyio.fail_after(self.limits.head_timeout):
+                    stream = await TLSStream.wrap(stream, server_side=True,
+                                                  ssl_context=self.ssl_context,
+                                                  standard_compatible=False)
+            except (TimeoutError, *_STREAM_ERRORS) as exc:
+                log.info("%s: TLS handshake failed: %r", peer, exc)
+                return
+            identity = identity_from_certificate(
+                stream.extra(TLSAttribute.peer_certificate, None))
+        protocol = HttpConnection(self.service, self.limits, identity=identity, peer=peer,
+                                  over_capacity=over)
+        connection.protocol = protocol
+        if self.draining:
+            protocol.drain()
+        try:
+            while True:
+                action = protocol.next_action()
+                if isinstance(action, Receive):
+                    await self._receive(connection, protocol, stream, action)
+                elif isinstance(action, Send):
+                    try:
+                        with anyio.fail_after(action.timeout):
+                            await stream.send(action.data)
+                    except (TimeoutError, *_STREAM_ERRORS):
+                        protocol.send_failed()
+                elif isinstance(action, Call):
+                    try:
+                        result = await anyio.to_thread.run_sync(action.function)
+                    except Exception as exc:
+                        protocol.call_failed(exc)
+                    else:
+                        protocol.call_done(result)
+                elif isinstance(action, Close):
+                    if action.linger:
+                        await _linger(stream)
+                    return
+        finally:
+            cleanup = protocol.cleanup()
+            if cleanup is not None:
+                # Also when cancelled after the grace: the exchange must be aborted so that no
+                # upload debris remains (R12).
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await anyio.to_thread.run_sync(cleanup)
+                    except Exception:
+                        log.exception("%s: aborting the exchange failed", peer)
+
+    async def _receive(self, connection: _Connection, protocol: HttpConnection,
+                       stream: anyio.abc.ByteStream, action: Receive) -> None:
+        data = b""
+        with anyio.move_on_after(action.timeout) as scope:
+            connection.receive_scope = scope if protocol.idle else None
+            try:
+                data = await stream.receive(READ_SIZE)
+            except _STREAM_ERRORS:
+                data = b""  # EOF, reset or TLS failure: the peer is gone
+        connection.receive_scope = None
+        if scope.cancelled_caught:
+            protocol.timed_out()
+        else:
+            protocol.receive_data(data)
+
+    async def drain(self, grace: float) -> None:
+        """Stop: idle connections close now, in-flight requests get ``grace`` seconds."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
+        with anyio.move_on_after(grace):
+            while self.connections or self.rejecting:
+                await anyio.sleep(0.02)
+        if self.connections:
+            log.warning("%d connection(s) still busy after %.1f s: cancelling them",
+                        len(self.connections), grace)
+        for connection in list(self.connections):
+            connection.scope.cancel()
+
+
+async def _linger(stream: anyio.abc.ByteStream) -> None:
+    """Half-close and drop what the client still sends, briefly (see LINGER_SECONDS)."""
+    try:
+        await stream.send_eof()
+    except (NotImplementedError, *_STREAM_ERRORS):
+        pass  # TLS cannot half-close; reading until the client closes is enough
+    received = 0
+    with anyio.move_on_after(LINGER_SECONDS):
+        try:
+            while received < LINGER_BYTES:
+                received += len(await stream.receive(READ_SIZE))
+        except _STREAM_ERRORS:
+            pass
+
+
+def _peer_name(stream: anyio.abc.ByteStream) -> str:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except Exception:
+        return "?"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+async def serve(service: ServiceLike, *, host: str = "127.0.0.1", port: int = 5362,
+                ssl_context: ssl.SSLContext | None = None, limits: Limits = Limits(),
+                grace: float = DEFAULT_GRACE,
+                task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+                ready: Callable[[int], object] | None = None) -> None:
+    """Serve HTTP(S) until cancelled.
+
+    ``port`` 0 picks a free port; the bound port is reported through ``task_status`` (so
+    ``await tg.start(serve, ...)`` returns it) and to ``ready`` if given.  Cancelling stops
+    accepting at once, closes idle keep-alive connections, and lets requests in progress finish
+    for up to ``grace`` seconds (then they are cancelled and their exchanges aborted).
+    """
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+    server = _Server(service, limits, ssl_context)
+    log.info("listening on %s port %d (%s), up to %d connections", host, bound,
+             "https" if ssl_context is not None else "http", limits.max_connections)
+    accept_scope = anyio.CancelScope()
+    accept_done = anyio.Event()
+
+    async def accept(task_group: anyio.abc.TaskGroup) -> None:
+        try:
+            with accept_scope:
+                await listener.serve(server.handle, task_group)
+        finally:
+            accept_done.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept, tg)
+            task_status.started(bound)
+            if ready is not None:
+                ready(bound)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    # Stop accepting first, then close the listener (closing it under a
+                    # pending accept() would raise in the accept task instead).
+                    server.draining = True
+                    accept_scope.cancel()
+                    await accept_done.wait()
+                    await listener.aclose()
+                    await server.drain(grace)
+                    log.info("stopped listening on port %d", bound)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await listener.aclose()

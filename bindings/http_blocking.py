@@ -1,0 +1,290 @@
+"""The blocking HTTP/1.1 binding: plain sockets, one thread per connection, h11.
+
+Same behaviour as :mod:`.http_async` (every HTTP rule lives in :mod:`.http_common`); here the
+R12 timeouts are socket timeouts and at most ``limits.max_connections`` connection threads run.
+Connections beyond that are answered 503 by at most ``MAX_REJECTING`` short-lived threads (and
+closed at once beyond those), so the thread count stays bounded.
+
+Usage::
+
+    server = BlockingServer(service, "0.0.0.0", 5362, None, config.limits)
+    port = server.start()          # binds, serves in a background thread
+    ...
+    server.shutdown()              # stop accepting; in-flight requests get `grace` seconds
+
+or ``server.serve_forever()`` in the calling thread (``shutdown()`` from another one ends it).
+TLS and the R10 identity mapping as in :mod:`.http_async`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+from dsc_core import Limits
+
+from .http_common import (LINGER_BYTES, LINGER_SECONDS, MAX_REJECTING, READ_SIZE, Call, Close,
+                          HttpConnection, Receive, Send, ServiceLike,
+                          identity_from_certificate)
+
+__all__ = ["BlockingServer", "DEFAULT_GRACE"]
+
+log = logging.getLogger("dsc.http")
+
+DEFAULT_GRACE = 10.0
+#: How often the accept loop looks at the stop flag.
+_ACCEPT_POLL = 0.2
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    peer: str
+    over: bool
+    protocol: HttpConnection | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+def _shutdown_socket(sock: socket.socket, how: int) -> None:
+    """Wake a thread blocked on ``sock``.  The base-class call also works for an SSLSocket
+    without dropping its TLS state under the other thread's feet."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+class BlockingServer:
+    """HTTP(S) over blocking sockets and threads (module docstring)."""
+
+    def __init__(self, service: ServiceLike, host: str = "127.0.0.1", port: int = 5362,
+                 ssl_context: ssl.SSLContext | None = None, limits: Limits = Limits(), *,
+                 grace: float = DEFAULT_GRACE) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.limits = limits
+        self.grace = grace
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._rejecting: set[_Connection] = set()
+        self._stopping = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+        self._accept_done = threading.Event()
+        self._serving = False
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def bind(self) -> int:
+        """Create the listening socket (port 0 picks a free port); returns the bound port."""
+        if self._listener is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self.host, self.port))
+                listener.listen(min(socket.SOMAXCONN, 1024))
+                listener.settimeout(_ACCEPT_POLL)
+            except BaseException:
+                listener.close()
+                raise
+            self._listener = listener
+            self.port = int(listener.getsockname()[1])
+            log.info("listening on %s port %d (%s), up to %d connections", self.host,
+                     self.port, "https" if self.ssl_context is not None else "http",
+                     self.limits.max_connections)
+        return self.port
+
+    def start(self) -> int:
+        """Bind and serve in a background thread; returns the bound port."""
+        port = self.bind()
+        self._accept_thread = threading.Thread(target=self.serve_forever,
+                                               name="dsc-http-accept", daemon=True)
+        self._accept_thread.start()
+        return port
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`shutdown` (binds first if needed)."""
+        self.bind()
+        listener = self._listener
+        assert listener is not None
+        self._serving = True
+        try:
+            while not self._stopping.is_set():
+                try:
+                    sock, address = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    if self._stopping.is_set():
+                        break
+                    # EMFILE and friends: keep serving the open connections, retry shortly.
+                    log.error("accept failed: %s", exc)
+                    time.sleep(_ACCEPT_POLL)
+                    continue
+                self._dispatch(sock, address)
+        finally:
+            self._accept_done.set()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, close idle connections, give in-flight requests ``grace`` seconds
+        (default: the constructor's), then cut what is left (their exchanges are aborted)."""
+        grace = self.grace if grace is None else grace
+        self._stopping.set()
+        if self._serving:
+            self._accept_done.wait(_ACCEPT_POLL * 5)  # the accept loop sees the flag
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            connections = list(self._connections | self._rejecting)
+        for connection in connections:
+            self._drain(connection)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._connections and not self._rejecting:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            left = list(self._connections | self._rejecting)
+        if left:
+            log.warning("%d connection(s) still busy after %.1f s: closing them", len(left),
+                        grace)
+        for connection in left:
+            _shutdown_socket(connection.sock, socket.SHUT_RDWR)
+        for connection in left:
+            if connection.thread is not None:
+                connection.thread.join(2.0)
+        log.info("stopped listening on port %d", self.port)
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _dispatch(self, sock: socket.socket, address: object) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        with self._lock:
+            over = len(self._connections) >= self.limits.max_connections
+            if over and len(self._rejecting) >= MAX_REJECTING:
+                log.warning("%s: over the connection limit and %d rejections running: "
+                            "closed", peer, MAX_REJECTING)
+                sock.close()
+                return
+            connection = _Connection(sock, peer, over)
+            (self._rejecting if over else self._connections).add(connection)
+        thread = threading.Thread(target=self._serve_connection, args=(connection,),
+                                  name="dsc-http-conn", daemon=True)
+        connection.thread = thread
+        try:
+            thread.start()
+        except RuntimeError as exc:  # cannot start a thread: refuse this one connection
+            log.error("%s: cannot start a connection thread: %s", peer, exc)
+            self._forget(connection)
+            sock.close()
+
+    def _forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+            self._rejecting.discard(connection)
+
+    def _drain(self, connection: _Connection) -> None:
+        protocol = connection.protocol
+        if protocol is None:  # still in the TLS handshake: nothing to finish
+            _shutdown_socket(connection.sock, socket.SHUT_RDWR)
+            return
+        protocol.drain()
+        if protocol.idle:
+            _shutdown_socket(connection.sock, socket.SHUT_RD)  # wakes its recv() with EOF
+
+    def _serve_connection(self, connection: _Connection) -> None:
+        sock = connection.sock
+        try:
+            identity: str | None = None
+            if self.ssl_context is not None:
+                try:
+                    sock.settimeout(self.limits.head_timeout)
+                    tls = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                       do_handshake_on_connect=False)
+                    connection.sock = sock = tls
+                    tls.do_handshake()
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    log.info("%s: TLS handshake failed: %r", connection.peer, exc)
+                    return
+                identity = identity_from_certificate(tls.getpeercert())
+            protocol = HttpConnection(self.service, self.limits, identity=identity,
+                                      peer=connection.peer, over_capacity=connection.over)
+            connection.protocol = protocol
+            if self._stopping.is_set():
+                protocol.drain()
+            self._run(protocol, sock)
+        except Exception:  # a bug: log it and close this connection only
+            log.exception("%s: connection handler failed", connection.peer)
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self._forget(connection)
+
+    def _run(self, protocol: HttpConnection, sock: socket.socket) -> None:
+        try:
+            while True:
+                action = protocol.next_action()
+                if isinstance(action, Receive):
+                    try:
+                        sock.settimeout(action.timeout)
+                        data = sock.recv(READ_SIZE)
+                    except TimeoutError:
+                        protocol.timed_out()
+                        continue
+                    except (OSError, ssl.SSLError):
+                        data = b""  # reset or TLS failure: the peer is gone
+                    protocol.receive_data(data)
+                elif isinstance(action, Send):
+                    try:
+                        sock.settimeout(action.timeout)
+                        sock.sendall(action.data)
+                    except (OSError, ssl.SSLError):
+                        protocol.send_failed()
+                elif isinstance(action, Call):
+                    try:
+                        result = action.function()
+                    except Exception as exc:
+                        protocol.call_failed(exc)
+                    else:
+                        protocol.call_done(result)
+                elif isinstance(action, Close):
+                    if action.linger:
+                        _linger(sock)
+                    return
+        finally:
+            cleanup = protocol.cleanup()
+            if cleanup is not None:
+                try:
+                    cleanup()  # abort the exchange: no upload debris (R12)
+                except Exception:
+                    log.exception("aborting the exchange failed")
+
+
+def _linger(sock: socket.socket) -> None:
+    """Half-close and drop what the client still sends, briefly (see LINGER_SECONDS)."""
+    if not isinstance(sock, ssl.SSLSocket):  # TLS cannot half-close without ending TLS
+        _shutdown_socket(sock, socket.SHUT_WR)
+    deadline = time.monotonic() + LINGER_SECONDS
+    received = 0
+    try:
+        while received < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            data = sock.recv(READ_SIZE)
+            if not data:
+                return
+            received += len(data)
+    except (OSError, ssl.SSLError):
+        return

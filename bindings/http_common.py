@@ -1,0 +1,509 @@
+"""What both HTTP bindings share: every HTTP rule, written once.
+
+:class:`HttpConnection` is a sans-IO driver of one server connection over h11.  It decides
+everything (request-head checks, the R12 limit answers 413/431/400/405/503, ``Expect:
+100-continue``, keep-alive, which timeout applies, when to close, aborting an unfinished
+exchange) and asks its binding, one :data:`Action` at a time, to do the I/O::
+
+    conn = HttpConnection(service, limits, identity=..., peer=...)
+    try:
+        while True:
+            action = conn.next_action()
+            if isinstance(action, Receive):   # read <= READ_SIZE bytes within action.timeout
+                conn.receive_data(data)       # b"" = EOF; or conn.timed_out()
+            elif isinstance(action, Send):    # write all of action.data (conn.send_failed())
+            elif isinstance(action, Call):    # run a blocking service call (a worker thread in
+                conn.call_done(result)        # async code); conn.call_failed(exc) if it raised
+            elif isinstance(action, Close):   # linger (drain, so the client reads our last
+                break                         # answer instead of a TCP reset) and close
+    finally:
+        cleanup = conn.cleanup()              # a blocking call, or None
+        if cleanup: cleanup()                 # aborts a started exchange: no upload debris
+
+The bindings keep only sockets, threads/tasks and their timeouts.  No SOAP or job rule lives
+here either: request bodies go to :class:`~dsc_bindings.service.ScanService` untouched.
+
+Identity (R10): see :func:`identity_from_certificate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Callable, Literal, Mapping, Protocol
+
+import h11
+
+from dsc_core import Limits, Reply
+
+__all__ = [
+    "Action", "Call", "Close", "HttpConnection", "Receive", "Send", "ServiceLike",
+    "RequestLike", "SERVER_NAME", "READ_SIZE", "MAX_REJECTING", "REJECT_HEAD_TIMEOUT",
+    "LINGER_SECONDS", "LINGER_BYTES", "identity_from_certificate", "check_request_head",
+    "error_reply", "Rejection", "max_request_bytes",
+]
+
+log = logging.getLogger("dsc.http")
+
+SERVER_NAME = "dsc-server"
+#: Bytes per socket read: large enough for upload throughput, small enough to stay flat (R8).
+READ_SIZE = 256 * 1024
+#: Connections over limits.max_connections are answered 503 by at most this many handlers at
+#: once (each reads the request head first, so the client gets a real HTTP answer); beyond that
+#: they are closed at once, so the rejection path itself stays bounded (R12).
+MAX_REJECTING = 16
+#: An over-capacity connection gets at most this long to send its request head.
+REJECT_HEAD_TIMEOUT = 5.0
+#: After a final answer we half-close and read (and drop) what the client still sends, for at
+#: most this long / this many bytes: closing with unread data makes the kernel send a reset,
+#: and the client may then lose the answer (413 before the body, 503, errors).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1024 * 1024
+
+
+# --- what a binding serves ---------------------------------------------------------------------
+
+
+class RequestLike(Protocol):
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> Reply: ...
+    def abort(self) -> None: ...
+
+
+class ServiceLike(Protocol):
+    def open_request(self, content_type: str | None, identity: str | None,
+                     path: str) -> RequestLike: ...
+
+
+# --- actions a binding carries out ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Read up to READ_SIZE bytes; give up after ``timeout`` seconds (then ``timed_out()``)."""
+
+    timeout: float
+    #: "head" (R12: 30 s to receive a request head), "body" (60 s without progress) or
+    #: "idle" (120 s keep-alive).  Informational: the timeout is already computed.
+    phase: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write all of ``data``; give up after ``timeout`` seconds (then ``send_failed()``)."""
+
+    data: bytes
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run a blocking service call (it writes to disk); report with ``call_done``."""
+
+    function: Callable[[], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection.  ``linger``: half-close and drain first (see LINGER_SECONDS)."""
+
+    linger: bool
+
+
+Action = Receive | Send | Call | Close
+
+
+# --- request-head rules -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An HTTP-level refusal of a request head, answered before any body is read."""
+
+    status: int
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def max_request_bytes(limits: Limits) -> int:
+    """The largest acceptable body: one image plus its envelope (R12), plus the MIME framing
+    around them (a preamble, two part-header blocks, boundaries), so that an image the core
+    would accept is never refused here first."""
+    return limits.max_image_bytes + limits.max_envelope_bytes + 3 * limits.max_part_header_bytes \
+        + 1024
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:  # h11 lower-cases header names
+            return bytes(value)
+    return None
+
+
+def request_has_body(request: h11.Request) -> bool:
+    if _header(request, b"transfer-encoding") is not None:
+        return True
+    length = _header(request, b"content-length")
+    return length is not None and length.strip() not in (b"", b"0")
+
+
+def check_request_head(request: h11.Request, limits: Limits) -> Rejection | None:
+    """405 for anything but POST (every SOAP operation is a POST, R1); 413 when the declared
+    Content-Length exceeds max_image_bytes + max_envelope_bytes (R12), before the body is read
+    (and before any 100 Continue)."""
+    if request.method != b"POST":
+        return Rejection(405, f"Method {request.method.decode('ascii', 'replace')} is not "
+                              "allowed; this server only answers POST.",
+                         (("Allow", "POST"),))
+    length = _header(request, b"content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:  # h11 already validated it; stay defensive
+            return Rejection(400, "The Content-Length header is not a number.")
+        if declared > max_request_bytes(limits):
+            return Rejection(413, f"The request body of {declared} bytes exceeds the limit of "
+                                  f"{max_request_bytes(limits)} bytes.")
+    return None
+
+
+def error_reply(status: int, message: str) -> Reply:
+    """The plain-text body of an HTTP-level error (not SOAP: no exchange was opened)."""
+    phrase = _phrase(status)
+    return Reply(status, "text/plain; charset=utf-8",
+                 f"{status} {phrase}: {message}\n".encode("utf-8"))
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+# --- identity (R10) -------------------------------------------------------------------------------
+
+
+def identity_from_certificate(certificate: Mapping[str, Any] | None) -> str | None:
+    """The R10 identity of a verified TLS client certificate (``ssl.SSLSocket.getpeercert()``
+    form), or None without one.
+
+    Mapping: the subject's commonName (the last one, the most specific, if there are several);
+    without a commonName, the first subjectAltName of type email (rfc822Name), else the first
+    of type DNS.  The identity is compared as is (case-sensitive) with ``scan_admins``.
+    """
+    if not certificate:
+        return None
+    common_names = [value for rdn in certificate.get("subject", ())
+                    for key, value in rdn if key == "commonName" and value]
+    if common_names:
+        return str(common_names[-1])
+    alt_names = list(certificate.get("subjectAltName", ()))
+    for wanted in ("email", "DNS"):
+        for kind, value in alt_names:
+            if kind == wanted and value:
+                return str(value)
+    return None
+
+
+# --- the connection driver ------------------------------------------------------------------------
+
+Phase = Literal["head", "idle", "body", "respond", "closed"]
+
+
+class HttpConnection:
+    """One server connection: h11 plus the project's HTTP rules, without I/O (module doc)."""
+
+    def __init__(self, service: ServiceLike, limits: Limits, *, identity: str | None = None,
+                 peer: str = "?", over_capacity: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._service = service
+        self._limits = limits
+        self._identity = identity
+        self._peer = peer
+        self._over_capacity = over_capacity
+        self._clock = clock
+        self._h11 = h11.Connection(h11.SERVER,
+                                   max_incomplete_event_size=limits.max_http_header_bytes)
+        self._pending: deque[Action] = deque()
+        self._request: RequestLike | None = None
+        #: What the Call in flight is for: the result of "open" is the service request,
+        #: of "finish" the reply; "feed" returns nothing.
+        self._calling: str | None = None
+        self._phase: Phase = "head"
+        head_timeout = limits.head_timeout
+        if over_capacity:
+            head_timeout = min(head_timeout, REJECT_HEAD_TIMEOUT)
+        self._head_timeout = head_timeout
+        self._head_deadline = clock() + head_timeout
+        self._draining = False
+        #: Received bytes not yet given to h11 (see _feed: h11's own header limit only holds
+        #: for heads that arrive in pieces, so a head is fed to it in bounded slices).
+        self._backlog = bytearray()
+        self._eof = False
+        self._eof_fed = False
+        self._requests = 0
+
+    # --- state a binding may look at ---------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Between requests (or before the first) with nothing of the next one received: the
+        connection may be closed at once when the server stops."""
+        if self._backlog:
+            return False
+        return self._phase == "idle" or (self._phase == "head" and self._requests == 0
+                                          and not self._h11.trailing_data[0])
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def next_action(self) -> Action:
+        while not self._pending:
+            if self._calling is not None:
+                raise RuntimeError("next_action() while a Call is running (call_done first)")
+            self._step()
+        return self._pending.popleft()
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes read from the socket; ``b""`` is EOF."""
+        if self._phase == "closed" or self._eof:
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._phase == "idle":
+            # The next request begins: R12 head timeout from its first byte.
+            self._phase = "head"
+            self._head_deadline = self._clock() + self._head_timeout
+        if not self._backlog and self._h11.their_state is not h11.IDLE:
+            self._h11.receive_data(data)  # body bytes: straight through, no copy
+        else:
+            self._backlog += data
+
+    def timed_out(self) -> None:
+        if self._draining and self.idle:
+            log.debug("%s: closing an idle connection at shutdown", self._peer)
+        elif self._phase == "idle":
+            log.info("%s: idle keep-alive timeout (%.1f s): closing", self._peer,
+                     self._limits.idle_timeout)
+        elif self._phase == "body":
+            log.warning("%s: no body progress for %.1f s: closing (exchange aborted)",
+                        self._peer, self._limits.body_timeout)
+        else:
+            log.warning("%s: request head not received within %.1f s: closing", self._peer,
+                        self._head_timeout)
+        self._close(False)
+
+    def send_failed(self) -> None:
+        log.info("%s: sending failed (client gone or too slow): closing", self._peer)
+        self._h11.send_failed()
+        self._close(False)
+
+    def call_done(self, result: object) -> None:
+        calling, self._calling = self._calling, None
+        if calling == "open":
+            self._request = result  # type: ignore[assignment]
+        elif calling == "finish":
+            assert isinstance(result, Reply)
+            self._request = None
+            self._respond(result)
+
+    def call_failed(self, exc: BaseException) -> None:
+        """A service call raised (a bug: the service answers faults, never raises)."""
+        calling, self._calling = self._calling, None
+        log.error("%s: service %s call failed: %r", self._peer, calling, exc, exc_info=exc)
+        self._respond(error_reply(500, "The server failed to process the request."),
+                      close=True)
+
+    def drain(self) -> None:
+        """The server stops: finish the request in progress, then close; close at once if idle
+        (the binding interrupts an idle Receive and reports ``timed_out``)."""
+        self._draining = True
+
+    def cleanup(self) -> Callable[[], None] | None:
+        """Call when the connection is closed, however that happened.  Returns a blocking call
+        that aborts a started exchange (R12: a lost or timed-out upload leaves no debris), or
+        None.  Idempotent."""
+        self._phase = "closed"
+        request, self._request = self._request, None
+        if request is None:
+            return None
+        log.debug("%s: aborting an unfinished exchange", self._peer)
+        return request.abort
+
+    # --- the engine ---------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        if self._phase == "closed":
+            self._pending.append(Close(False))
+            return
+        if self._phase in ("idle", "head") and self._draining and self.idle:
+            self._close(False)
+            return
+        if self._phase == "head" and self._clock() >= self._head_deadline:
+            self.timed_out()
+            return
+        self._feed()
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if event is h11.NEED_DATA:
+            if self._backlog or (self._eof and not self._eof_fed):
+                return  # more of what was received goes to h11 at the next step
+            if self._eof_fed:  # h11 raises for EOF mid-event; this is EOF between events
+                self._close(False)
+            elif self._phase == "body" and self._request is not None \
+                    and self._h11.they_are_waiting_for_100_continue:
+                # Only reached for an accepted head with an open exchange (R12 checks first).
+                self._send(h11.InformationalResponse(status_code=100, headers=self._headers(),
+                                                     reason=b"Continue"))
+            else:
+                self._pending.append(self._receive())
+        elif event is h11.PAUSED:
+            self._after_cycle()
+        elif isinstance(event, h11.Request):
+            self._on_request(event)
+        elif isinstance(event, h11.Data):
+            if self._request is not None:
+                data = bytes(event.data)
+                request = self._request
+                self._calling = "feed"
+                self._pending.append(Call(lambda: request.feed(data)))
+            # else: the body of a refused request we chose to read to keep the connection
+        elif isinstance(event, h11.EndOfMessage):
+            if self._request is not None:
+                self._phase = "respond"
+                self._calling = "finish"
+                self._pending.append(Call(self._request.finish))
+            else:
+                self._after_cycle()
+        elif isinstance(event, h11.ConnectionClosed):
+            self._close(False)
+        else:  # pragma: no cover - h11 has no other server-side events
+            self._close(False)
+
+    def _feed(self) -> None:
+        """Give h11 what was received.  While it waits for a request head, at most enough to
+        fill its buffer to max_http_header_bytes + 1: h11 parses a complete head of any size
+        that arrives in one piece, and raises its 431 only for an incomplete one, so feeding
+        in bounded slices makes the R12 limit hold however the bytes arrive."""
+        if self._backlog:
+            if self._h11.their_state is h11.IDLE:
+                buffered = len(self._h11.trailing_data[0])
+                room = max(1, self._limits.max_http_header_bytes + 1 - buffered)
+                chunk = bytes(self._backlog[:room])
+                del self._backlog[:room]
+            else:
+                chunk = bytes(self._backlog)
+                self._backlog.clear()
+            self._h11.receive_data(chunk)
+        elif self._eof and not self._eof_fed:
+            self._eof_fed = True
+            self._h11.receive_data(b"")
+
+    def _receive(self) -> Receive:
+        if self._phase == "body":
+            return Receive(self._limits.body_timeout, "body")
+        if self._phase == "idle":
+            return Receive(self._limits.idle_timeout, "idle")
+        return Receive(max(0.001, self._head_deadline - self._clock()), "head")
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._requests += 1
+        self._phase = "body"
+        target = request.target.decode("ascii", "replace")
+        if self._over_capacity:
+            log.warning("%s: over the limit of %d open connections: 503", self._peer,
+                        self._limits.max_connections)
+            self._respond(error_reply(503, "Too many open connections; retry later."),
+                          close=True, extra=(("Retry-After", "1"),))
+            return
+        rejection = check_request_head(request, self._limits)
+        if rejection is not None:
+            log.warning("%s: %s %s refused with %d: %s", self._peer,
+                        request.method.decode("ascii", "replace"), target, rejection.status,
+                        rejection.message)
+            # A refused body is not read: close after the answer, unless there is none.
+            self._respond(error_reply(rejection.status, rejection.message),
+                          close=request_has_body(request), extra=rejection.headers)
+            return
+        content_type = _header(request, b"content-type")
+        ctype = content_type.decode("latin-1") if content_type is not None else None
+        identity, service = self._identity, self._service
+        self._calling = "open"
+        self._pending.append(Call(lambda: service.open_request(ctype, identity, target)))
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint or 400
+        if self._eof_fed:
+            # The client closed in the middle of a request: nobody is left to answer.
+            log.info("%s: connection closed mid-request", self._peer)
+            self._close(False)
+            return
+        if status == 431:
+            message = (f"The request head exceeds the limit of "
+                       f"{self._limits.max_http_header_bytes} bytes.")
+        else:
+            message = f"Malformed HTTP request: {exc}"
+        log.warning("%s: %d: %s", self._peer, status, message)
+        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._respond(error_reply(status, message), close=True)
+        else:
+            self._close(False)
+
+    def _headers(self, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+        return [("Server", SERVER_NAME), *extra]
+
+    def _respond(self, reply: Reply, *, close: bool = False,
+                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self._close(False)
+            return
+        headers = self._headers(extra) + [("Content-Type", reply.content_type),
+                                          ("Content-Length", str(len(reply.body)))]
+        if close or self._draining:
+            headers.append(("Connection", "close"))
+        try:
+            data = self._h11.send(h11.Response(status_code=reply.status, headers=headers,
+                                               reason=_phrase(reply.status).encode("ascii")))
+            data = (data or b"") + (self._h11.send(h11.Data(data=reply.body)) or b"")
+            data += self._h11.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError as exc:  # pragma: no cover - a bug here
+            log.error("%s: cannot send the answer: %s", self._peer, exc)
+            self._close(False)
+            return
+        self._pending.append(Send(data, self._limits.body_timeout))
+        self._after_cycle()
+
+    def _send(self, event: h11.InformationalResponse) -> None:
+        data = self._h11.send(event)
+        if data:
+            self._pending.append(Send(data, self._limits.body_timeout))
+
+    def _after_cycle(self) -> None:
+        """After our answer (or the end of a refused request): keep alive or close."""
+        ours, theirs = self._h11.our_state, self._h11.their_state
+        if ours is h11.MUST_CLOSE or ours is h11.CLOSED or theirs in (h11.MUST_CLOSE,
+                                                                        h11.CLOSED, h11.ERROR):
+            self._close(True)
+        elif ours is h11.DONE and theirs is h11.DONE:
+            self._h11.start_next_cycle()
+            self._phase = "head" if self._h11.trailing_data[0] else "idle"
+            self._head_deadline = self._clock() + self._head_timeout
+        elif ours is h11.DONE:
+            # We answered early (a refused head without a body): read the request's end.
+            self._phase = "body"
+        # else: still waiting for our answer (cannot happen: we answer in one piece)
+
+    def _close(self, linger: bool) -> None:
+        self._phase = "closed"
+        self._pending.append(Close(linger))
