@@ -1,0 +1,118 @@
+"""The two HTTP servers the benchmark compares, each run in its own process by ``bench/run.py``.
+
+- ``floor``: a bare h11 server on trio that answers every request with a fixed 200 and a fixed
+  body (the same bytes the core would answer, given with ``--body-file``), doing no SOAP work at
+  all.  It is the cost of HTTP/1.1 keep-alive with h11 on trio: the floor under our binding.
+- ``core``: the project's async binding (``dsc_bindings.http_async.serve``) in front of a real
+  ``dsc_bindings.service.ScanService`` (SQLite job store in a temporary directory).
+
+Both print ``port N`` on the first stdout line and stop when their stdin is closed, so the
+benchmark needs no signals to end them.  Usage::
+
+    python bench/http_servers.py floor --port 0 --body-file reply.xml
+    python bench/http_servers.py core --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import h11
+import trio
+
+
+async def _stop_on_stdin_eof(cancel_scope: trio.CancelScope) -> None:
+    """Stop when the benchmark closes our stdin (no signals, works the same everywhere)."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stdin:
+        while await stdin.receive_some(4096):
+            pass
+    cancel_scope.cancel()
+
+
+# --- the floor ---------------------------------------------------------------------------------
+
+
+async def _floor_connection(stream: trio.SocketStream, body: bytes) -> None:
+    """Keep-alive loop with h11: read a request (body dropped), send the fixed reply, repeat."""
+    conn = h11.Connection(h11.SERVER)
+    headers = [("Content-Type", "application/soap+xml; charset=utf-8"),
+               ("Content-Length", str(len(body)))]
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(64 * 1024)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                out = conn.send(h11.Response(status_code=200, headers=headers))
+                out += conn.send(h11.Data(data=body))
+                out += conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+            # h11.Request and h11.Data: nothing to do until the end of the message.
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        await stream.aclose()
+
+
+async def run_floor(port: int, body: bytes) -> None:
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    print(f"port {listeners[0].socket.getsockname()[1]}", flush=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_stdin_eof, nursery.cancel_scope)
+        await trio.serve_listeners(functools.partial(_floor_connection, body=body), listeners)
+
+
+# --- the core behind the async binding ---------------------------------------------------------
+
+
+async def run_core(port: int) -> None:
+    from dsc_bindings.filters.settings import FilterSettings
+    from dsc_bindings.http_async import serve
+    from dsc_bindings.service import ScanService
+    from dsc_core import ServerConfig
+
+    config = ServerConfig()
+    with tempfile.TemporaryDirectory(prefix="dsc-bench-") as tmp:
+        service = ScanService(config, Path(tmp), FilterSettings.embedded_default(tmp))
+        service.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(functools.partial(
+                    serve, service, host="127.0.0.1", port=port, limits=config.limits,
+                    grace=1.0))
+                print(f"port {bound}", flush=True)
+                await _stop_on_stdin_eof(nursery.cancel_scope)
+        finally:
+            service.shutdown(timeout=2.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="HTTP servers for bench/run.py")
+    parser.add_argument("kind", choices=("floor", "core"))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--body-file", type=Path, help="floor: the fixed reply body")
+    args = parser.parse_args(argv)
+    if args.kind == "floor":
+        body = args.body_file.read_bytes() if args.body_file else b"<ok/>"
+        trio.run(run_floor, args.port, body)
+    else:
+        trio.run(run_core, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
