@@ -11,7 +11,13 @@ import signal
 import threading
 from types import FrameType
 
+from typing import TYPE_CHECKING
+
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .discovery import UdpDiscovery
+    from .service import ScanService
 
 log = logging.getLogger("dsc.serve")
 GRACE_SECONDS = 10.0
@@ -60,12 +66,28 @@ def run_server(settings: Settings, *, log_level: str = "INFO") -> int:
     except Exception as exc:  # the store is locked, unreadable, ...: say what to do
         log.error("cannot start: %s (is another `dsc serve` using %s?)", exc, settings.data_dir)
         return 1
+    discovery = _start_discovery(settings, service)
     try:
         if settings.listen.binding == "blocking":
             return _run_blocking(settings, service, ssl_context)
         return _run_async(settings, service, ssl_context)
     finally:
+        if discovery is not None:
+            discovery.close()
         service.shutdown()
+
+
+def _start_discovery(settings: Settings, service: "ScanService") -> "UdpDiscovery | None":
+    """UDP port 5362 answers directed Probes (bdsrr 3.2.3, R11); failing to bind it is not
+    fatal: scanners that probe over HTTP still work."""
+    from .discovery import UdpDiscovery
+    try:
+        discovery = UdpDiscovery(service, settings.listen.host, settings.listen.port)
+    except OSError as exc:
+        log.warning("no UDP discovery on port %d: %s", settings.listen.port, exc.strerror)
+        return None
+    discovery.start()
+    return discovery
 
 
 def _run_blocking(settings: Settings, service: object, ssl_context: object) -> int:

@@ -303,6 +303,13 @@ class ScanService:
                 now=self.clock(), content_type=content_type, identity=identity, path=path))
         return ServiceRequest(self, exchange)
 
+    def answer_datagram(self, data: bytes,
+                        answer: Callable[[ScanServer, bytes, datetime], bytes | None]
+                        ) -> bytes | None:
+        """Run a UDP discovery datagram through the core (dsc_core.discovery), under the lock."""
+        with self._lock:
+            return answer(self.server, data, self.clock())
+
     def handle(self, body: bytes, *, content_type: str | None = None,
                identity: str | None = None, path: str = "/") -> Reply:
         """A whole request in one call (tools and tests)."""

@@ -1,0 +1,65 @@
+"""Directed Probe over UDP (R11): the core answers only Probes; the binding replies by datagram."""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from helpers import parse, text, xp
+from lxml import etree
+
+from dsc_bindings.discovery import UdpDiscovery
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.service import ScanService
+from dsc_core import ScanServer, ServerConfig, names
+from dsc_core import client as dc
+from dsc_core.discovery import answer_datagram
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+
+
+def probe(types: str = "wsdp:Device") -> bytes:
+    body = etree.Element(f"{{{names.WSD}}}Probe", nsmap={"wsd": names.WSD, "wsdp": names.WSDP})
+    if types:
+        etree.SubElement(body, f"{{{names.WSD}}}Types").text = types
+    return dc.envelope(names.Action.PROBE, body, message_id="urn:uuid:1234")
+
+
+def server() -> ScanServer:
+    return ScanServer(ServerConfig(base_url="https://scan.example:5362"), new_id=lambda: "x")
+
+
+def test_probe_datagram_gets_probe_matches() -> None:
+    answer = answer_datagram(server(), probe(), NOW)
+    assert answer is not None
+    reply = parse(answer)
+    assert text(reply, "//wsa:Action") == names.Action.PROBE_MATCHES
+    assert text(reply, "//wsa:RelatesTo") == "urn:uuid:1234"
+    assert text(reply, "//wsd:ProbeMatch/wsd:XAddrs") == "https://scan.example:5362/ScanServer"
+
+
+def test_other_datagrams_are_not_answered() -> None:
+    srv = server()
+    assert answer_datagram(srv, b"garbage", NOW) is None
+    assert answer_datagram(srv, probe("wsdp:Printer"), NOW) is None  # no match, no answer
+    create = dc.envelope(names.Action.DSP_CREATE, dc.create_post_scan_job(
+        user_identifier="S-1", psp_identifier="P", instructions=[]), message_id="urn:uuid:9")
+    assert answer_datagram(srv, create, NOW) is None
+    assert not srv.jobs.active() and not srv.jobs.history()  # no job via UDP
+
+
+def test_udp_listener_answers_a_real_datagram(tmp_path: Path) -> None:
+    service = ScanService(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+    service.start()
+    discovery = UdpDiscovery(service, "127.0.0.1", 0)
+    port = discovery.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(probe(), ("127.0.0.1", port))
+            data, _ = sock.recvfrom(65535)
+        assert xp(parse(data), "//wsd:ProbeMatch")
+    finally:
+        discovery.close()
+        service.shutdown()
