@@ -60,6 +60,17 @@ def post(url: str, body: bytes | Iterable[bytes], *, content_type: str,
         raise ConnectionFailed(f"TLS with {parts.netloc} failed: {exc.reason or exc}; check "
                                "--ca (the server's CA) and --cert/--key (your certificate)") \
             from exc
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        if parts.scheme != "https":
+            raise ConnectionFailed(f"cannot reach the scan server at {parts.scheme}://"
+                                   f"{parts.netloc}: {exc.strerror or exc}; is `dsc serve` "
+                                   "running there?") from exc
+        # A server that requires client certificates may drop a client without one right
+        # after the TLS 1.3 handshake, without an alert: say what is most likely wrong.
+        raise ConnectionFailed(f"TLS with {parts.netloc} failed: the server closed the "
+                               f"connection without an answer ({exc.strerror or exc}); if it "
+                               "requires client certificates, give --cert/--key (and --ca)") \
+            from exc
     except (ConnectionError, TimeoutError, OSError) as exc:
         raise ConnectionFailed(f"cannot reach the scan server at {parts.scheme}://{parts.netloc}: "
                                f"{exc.strerror or exc}; is `dsc serve` running there?") from exc

@@ -189,7 +189,6 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
     server = ServerConfig(
         limits=limits,
         base_url=str(public).rstrip("/"),
-        friendly_name=srv.get("friendly_name", ServerConfig.friendly_name),
         job_timeout_seconds=float(jobs.get("timeout_seconds", 600.0)),
         history_size=int(jobs.get("history_size", 1000)),
         require_client_certificates=listen.client_ca is not None,
@@ -199,6 +198,9 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
         process_names=dict(raw.get("processes", {})),
         subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
         subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
+        # Only when given: ServerConfig is a slots dataclass, so ServerConfig.friendly_name is a
+        # member descriptor, not the default string (it broke WS-Transfer Get with a 500).
+        **({"friendly_name": str(srv["friendly_name"])} if "friendly_name" in srv else {}),
     )
     sharepoint_context = None
     if sharepoint.get("ca_file"):

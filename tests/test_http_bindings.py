@@ -33,6 +33,7 @@ from dsc_bindings.filters import document_file_name
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http_async import serve
 from dsc_bindings.http_blocking import BlockingServer
+from dsc_bindings.http_common import max_request_bytes
 from dsc_bindings.service import ScanService
 from dsc_bindings.store import StoreError
 from dsc_core import Limits, ServerConfig, names
@@ -357,16 +358,17 @@ def test_expect_100_continue(binding: str, tmp_path: Path) -> None:
 
 def test_413_for_over_limit_content_length(binding: str, tmp_path: Path) -> None:
     config = small_limits(max_image_bytes=1000, max_envelope_bytes=1000)
+    limit = max_request_bytes(config.limits)  # image + envelope + MIME framing slack
     with running(binding, tmp_path, config) as srv:
         # With Expect: the answer comes instead of 100 Continue, before any body byte.
         client = Raw(srv.port)
         client.send(client.head(headers=[("Content-Type", C.SOAP_XML),
-                                         ("Content-Length", "2001"),
+                                         ("Content-Length", str(limit + 1)),
                                          ("Expect", "100-continue")]))
         reply = client.read_response()
         assert reply.status == 413
         assert reply.headers["connection"] == "close"
-        assert b"2000" in reply.body
+        assert str(limit).encode() in reply.body
         assert client.closed_by_server(5)
         client.close()
         # Without Expect, the client is already sending its body: it still reads the 413.
@@ -377,7 +379,7 @@ def test_413_for_over_limit_content_length(binding: str, tmp_path: Path) -> None
         client.close()
         # At the limit is fine (the core then judges the bytes).
         client = Raw(srv.port)
-        reply = client.post(b"<x/>" + b" " * 1996)
+        reply = client.post(b"<x/>" + b" " * (limit - 4))
         assert reply.status == 400  # a SOAP fault from the core (R4 step 1), not HTTP's 413
         assert reply.headers["content-type"].startswith("application/soap+xml")
         client.close()
