@@ -141,6 +141,11 @@ class Subscriptions:
                 wanted = datetime.fromisoformat(text.replace("Z", "+00:00")) - now
         except (ValueError, TypeError):
             raise faults.eventing("InvalidExpirationTime") from None
+        except OverflowError:
+            # Beyond what timedelta holds: a valid but huge duration gets the cap.
+            if text.startswith("-"):
+                raise faults.eventing("InvalidExpirationTime") from None
+            wanted = cap
         if wanted <= timedelta(0):
             raise faults.eventing("InvalidExpirationTime")
         return now + min(wanted, cap)

@@ -54,6 +54,9 @@ class MultipartError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        #: Events completed in the failing feed() before the error, so that the caller sees the
+        #: same events whatever the chunk sizes were.
+        self.events: list[PartEvent] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +185,7 @@ class MultipartReader:
         except MultipartError as exc:
             self._error = exc
             self._buf.clear()
+            exc.events = events
             raise
         return events
 

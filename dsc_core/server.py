@@ -6,7 +6,7 @@ Usage (the whole contract; see README "Embedding the core")::
     exchange = server.open_exchange(RequestInfo(now=now, content_type=ctype))
     for chunk in body_chunks:
         run(exchange.feed(chunk))          # image chunks leave as store commands
-    outcome = exchange.end()
+    outcome = exchange.end(now)            # now: when the body ended (optional)
     try:
         run(outcome.commands)              # in order, before sending the reply
         send(outcome.reply)
@@ -40,7 +40,7 @@ from .jobxml import end_state, job_status
 from .mime import MultipartError, MultipartReader, PartData, PartEnd, PartStart
 from .model import (FilterState, FilterStateReason, FilterStatus, Job, JobState,
                     JobStateReason, RepositoryState)
-from .xmlread import Element, parse_document
+from .xmlread import Element, check_tree, parse_xml
 
 SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
 
@@ -354,6 +354,8 @@ class Exchange:
         self._ended = False
         self._result: OpResult | None = None
         self._envelope: soap.Envelope | None = None
+        #: Addressing headers of an envelope refused before it was read (RelatesTo, R4).
+        self._salvaged: soap.Addressing | None = None
         self._reply_id = ""
         self._multipart: MultipartReader | None = None
         self._part = 0  # index of the current MIME part (1 = root)
@@ -365,9 +367,12 @@ class Exchange:
             if not boundary:
                 self._fault = faults.malformed("The multipart request has no boundary.")
             else:
-                self._multipart = MultipartReader(
-                    boundary, max_header_bytes=self._limits.max_part_header_bytes,
-                    max_preamble_bytes=self._limits.max_part_header_bytes)
+                try:
+                    self._multipart = MultipartReader(
+                        boundary, max_header_bytes=self._limits.max_part_header_bytes,
+                        max_preamble_bytes=self._limits.max_part_header_bytes)
+                except MultipartError as exc:  # a boundary the reader refuses (R4 step 1)
+                    self._fault = faults.malformed(f"The MIME body is malformed: {exc.reason}")
 
     # --- feeding ------------------------------------------------------------------------------
 
@@ -385,7 +390,10 @@ class Exchange:
         try:
             events = self._multipart.feed(data)
         except MultipartError as exc:
-            return self._fail(faults.malformed(f"The MIME body is malformed: {exc.reason}"))
+            # Parts completed before the error count, as they would with smaller chunks.
+            commands = self._on_parts(exc.events)
+            return commands + self._fail(
+                faults.malformed(f"The MIME body is malformed: {exc.reason}"))
         return self._on_parts(events)
 
     def _keep(self, data: bytes) -> None:
@@ -433,7 +441,9 @@ class Exchange:
         attachment straight to the store (R8)."""
         try:
             self._envelope = self._read()
-            if self._envelope.addressing.action == names.Action.DSP_SEND_IMAGE:
+            # While Stopped nothing is streamed: _dispatch refuses the request (R4 step 8).
+            if self._envelope.addressing.action == names.Action.DSP_SEND_IMAGE \
+                    and not self.server.stopped:
                 from .dsp import prepare_send_image
                 self._attachment = prepare_send_image(
                     Call(self.server, self._envelope, self.info))
@@ -447,7 +457,8 @@ class Exchange:
             self._fault = fault
         att = self._attachment
         if att is not None:
-            if att.begun and not att.complete:
+            # Received completely or not, a refused image was never finished: drop it.
+            if att.begun:
                 commands.append(AbortDocument(att.token, att.document_id))
             self.server.jobs.uploads.discard((att.token, att.document_id))
             self._attachment = None
@@ -456,9 +467,14 @@ class Exchange:
 
     # --- ending ---------------------------------------------------------------------------------
 
-    def end(self) -> Outcome:
+    def end(self, now: datetime | None = None) -> Outcome:
+        """The body is complete.  ``now`` is when (default: ``RequestInfo.now``, the start): the
+        operation takes effect then, so that an image that took long to arrive is activity at
+        its end, not at its start (R6 timeout)."""
         if self._ended:
             raise UsageError("end() called twice")
+        if now is not None:
+            self.info = replace(self.info, now=now)  # RequestInfo refuses a naive time
         self._ended = True
         self._reply_id = self.server.message_id()
         early: list[Command] = []
@@ -486,9 +502,14 @@ class Exchange:
         if self._overflow:
             raise faults.malformed(
                 f"The SOAP envelope exceeds the limit of {self._limits.max_envelope_bytes} bytes.")
-        root = parse_document(bytes(self._buffer), self._limits)
+        root = parse_xml(bytes(self._buffer), self._limits)
         self._buffer.clear()
-        return soap.read_envelope(root)
+        try:
+            check_tree(root, self._limits)
+            return soap.read_envelope(root)
+        except faults.SoapFault:
+            self._salvaged = soap.salvage_addressing(root)
+            raise
 
     def _dispatch(self, envelope: soap.Envelope) -> OpResult:
         action = envelope.addressing.action
@@ -503,7 +524,8 @@ class Exchange:
         return handler(Call(self.server, envelope, self.info, self._attachment))
 
     def _fault_outcome(self, fault: faults.SoapFault, commands: list[Command]) -> Outcome:
-        addressing = self._envelope.addressing if self._envelope else soap.Addressing()
+        addressing = (self._envelope.addressing if self._envelope
+                      else self._salvaged or soap.Addressing())
         body = soap.fault_envelope(fault, addressing, self._reply_id)
         return Outcome(Reply(fault.http_status, SOAP_CONTENT_TYPE, body), tuple(commands))
 

@@ -76,6 +76,19 @@ def read_envelope(root: Element) -> Envelope:
     return Envelope(root, body, _read_addressing(headers), headers)
 
 
+def salvage_addressing(root: Element) -> Addressing | None:
+    """The addressing headers of an envelope refused at R4 steps 1-3 after it parsed (a limit,
+    a processing instruction, no Body, another SOAP version, mustUnderstand), so that the fault
+    still carries ``wsa:RelatesTo`` (R4: every fault answering a request with a MessageID)."""
+    ns, local = split(root.tag)
+    if local != "Envelope":  # of any SOAP version: a VersionMismatch relates to it too
+        return None
+    first = next(children(root), None)
+    if first is None or split(first.tag) != (ns, "Header"):
+        return None
+    return _read_addressing(tuple(children(first)))
+
+
 def _understood(el: Element) -> bool:
     ns, local = split(el.tag)
     if ns in (names.WSA, names.WSA10):

@@ -30,6 +30,14 @@ def _parser() -> etree.XMLParser:
 
 def parse_document(data: bytes, limits: Limits) -> Element:
     """Parse one envelope; any problem is an ``env:Sender`` fault without subcode (R4 step 1)."""
+    root = parse_xml(data, limits)
+    check_tree(root, limits)
+    return root
+
+
+def parse_xml(data: bytes, limits: Limits) -> Element:
+    """The well-formedness half of :func:`parse_document`: size, DTD, syntax.  The tree is not
+    yet checked for processing instructions, entities, depth or size (:func:`check_tree`)."""
     if len(data) > limits.max_envelope_bytes:
         raise faults.malformed(
             f"The SOAP envelope exceeds the limit of {limits.max_envelope_bytes} bytes.")
@@ -44,11 +52,13 @@ def parse_document(data: bytes, limits: Limits) -> Element:
         raise faults.malformed("The message is not well-formed XML.") from exc
     if root is None:
         raise faults.malformed("The message is not well-formed XML.")
-    _check_tree(root, limits)
+    if root.getroottree().docinfo.internalDTD is not None:
+        # The byte check above misses a DTD in another encoding (UTF-16, UTF-32).
+        raise faults.malformed("A DTD or entity declaration is not allowed.")
     return root
 
 
-def _check_tree(root: Element, limits: Limits) -> None:
+def check_tree(root: Element, limits: Limits) -> None:
     count = 0
     # Iterative walk with explicit depth so that a deep tree cannot exhaust the Python stack.
     stack: list[tuple[Element, int]] = [(root, 1)]
