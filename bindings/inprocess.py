@@ -53,7 +53,9 @@ class MemoryStore:
             assert len(data) == command.size, "FinishDocument size mismatch"
             self.documents[(command.token, command.document_id)] = bytes(data)
         elif isinstance(command, AbortDocument):
+            # Like the real store: an unacknowledged document goes, finished or not.
             self.open_documents.pop((command.token, command.document_id), None)
+            self.documents.pop((command.token, command.document_id), None)
         elif isinstance(command, DiscardDocuments):
             for key in [k for k in self.documents if k[0] == command.token]:
                 del self.documents[key]

@@ -120,7 +120,7 @@ class ServiceRequest:
         service = self._service
         with service._lock:
             self._done = True
-            outcome = self._exchange.end()
+            outcome = self._exchange.end(self._service.clock())
             try:
                 service._carry_out(outcome.commands, strict=True)
                 reply = outcome.reply

@@ -412,6 +412,11 @@ class JobStore:
             self._drop_open(doc)
         else:  # already cleaned up by a failed Append/Finish, or never begun: idempotent
             (folder / f".{document_id}{PART_SUFFIX}").unlink(missing_ok=True)
+        # A document finished on disk but whose job record then failed to persist was never
+        # acknowledged (R4 step 9): remove it too.  The core never aborts an acknowledged
+        # DocumentId (a second upload of one is refused before BeginDocument), so this cannot
+        # delete a document a scanner was told is safe.
+        (folder / str(document_id)).unlink(missing_ok=True)
 
     @staticmethod
     def _drop_open(doc: _OpenDocument) -> None:

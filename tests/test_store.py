@@ -510,3 +510,17 @@ def test_crash_during_document_loop(tmp_path: Path, delay: float) -> None:
 def _job(n: int) -> Job:
     job = make_job("crash", n)
     return job.evolve(filters=(FilterStatus("urn:fs", instructions=FileShareInstructions(("s",))),))
+
+
+def test_abort_after_finish_removes_the_unacknowledged_document(tmp_path: Path) -> None:
+    """SendImage whose UpdateJob failed after FinishDocument: the core answers the R4 step 9
+    fault and sends AbortDocument, which must not leave the finished file behind."""
+    from dsc_core import AbortDocument, AppendDocument, BeginDocument, FinishDocument
+
+    with JobStore.open(tmp_path) as store:
+        store.apply(BeginDocument("tok-1", 3, "png"))
+        store.apply(AppendDocument("tok-1", 3, b"abc"))
+        store.apply(FinishDocument("tok-1", 3, 3))
+        assert store.document_path("tok-1", 3).read_bytes() == b"abc"
+        store.apply(AbortDocument("tok-1", 3))
+        assert not store.document_path("tok-1", 3).exists()
