@@ -2,7 +2,7 @@
 
 Usage (the whole contract; see README "Embedding the core")::
 
-    server = ScanServer(ServerConfig(), new_id=lambda: str(uuid.uuid4()))
+    server = ScanServer(ServerConfig(), new_id=new_guid)  # the binding supplies ids
     exchange = server.open_exchange(RequestInfo(now=now, content_type=ctype))
     for chunk in body_chunks:
         run(exchange.feed(chunk))          # image chunks leave as store commands

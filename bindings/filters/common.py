@@ -160,3 +160,11 @@ def read_full(f: "BinaryReader", size: int) -> bytes:
 
 class BinaryReader(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
+
+
+class FilterFailure(Exception):
+    """A peer (relay, SharePoint site) refused: the R9 filter state reason to report."""
+
+    def __init__(self, reason: FilterStateReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason

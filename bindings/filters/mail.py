@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 from dsc_core.model import Document, EmailInstructions, FilterStateReason, Job
 
-from .common import (FilterOutcome, SourceError, check_cancel, content_type_for,
+from .common import (FilterFailure, FilterOutcome, SourceError, check_cancel, content_type_for,
                      document_file_name, never_raises, read_full)
 from .settings import FilterSettings
 
@@ -39,12 +39,6 @@ _FLUSH_AT = 64 * 1024
 _TEXT_POLICY = SMTP_POLICY.clone(cte_type="7bit")
 
 
-class _Refused(Exception):
-    """The relay said no: the reason to report."""
-
-    def __init__(self, reason: FilterStateReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @never_raises
@@ -61,7 +55,7 @@ def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
     check_cancel(cancelled)
     try:
         rejected = _send(job, recipients, documents, settings, cancelled)
-    except _Refused as exc:
+    except FilterFailure as exc:
         log.warning("job %s: e-mail not sent (%s): %s", job.token, exc.reason.value, exc)
         return FilterOutcome.errors(exc.reason)
     except SourceError as exc:
@@ -116,7 +110,7 @@ def _send(job: Job, recipients: list[str], documents: list[tuple[Document, Path]
     except (OSError, smtplib.SMTPException) as exc:  # refused, DNS, timeout, TLS, greeting
         if smtp is not None:
             smtp.close()
-        raise _Refused(FilterStateReason.INVALID_SMTP_SERVER, repr(exc)) from exc
+        raise FilterFailure(FilterStateReason.INVALID_SMTP_SERVER, repr(exc)) from exc
 
     assert smtp is not None
     finished = False
@@ -128,26 +122,26 @@ def _send(job: Job, recipients: list[str], documents: list[tuple[Document, Path]
                 smtp.login(settings.smtp_username, settings.smtp_password or "")
             code, reply = smtp.mail(settings.mail_from)
             if code != 250:
-                raise _Refused(unable, f"MAIL FROM: {code} {reply!r}")
+                raise FilterFailure(unable, f"MAIL FROM: {code} {reply!r}")
             rejected = []
             for address in recipients:
                 code, reply = smtp.rcpt(address)
                 if code not in (250, 251):
                     rejected.append(address)
             if len(rejected) == len(recipients):
-                raise _Refused(unable, f"every recipient refused, last: {code} {reply!r}")
+                raise FilterFailure(unable, f"every recipient refused, last: {code} {reply!r}")
             code, reply = smtp.docmd("DATA")
             if code != 354:
-                raise _Refused(unable, f"DATA: {code} {reply!r}")
+                raise FilterFailure(unable, f"DATA: {code} {reply!r}")
             writer = _DataWriter(smtp.send)
             _write_message(writer, job, recipients, documents, settings, cancelled)
             writer.end()
             code, reply = smtp.getreply()
             if code != 250:
-                raise _Refused(unable, f"end of data: {code} {reply!r}")
+                raise FilterFailure(unable, f"end of data: {code} {reply!r}")
             finished = True
         except (OSError, smtplib.SMTPException) as exc:  # auth, refusals, drops mid-message
-            raise _Refused(unable, repr(exc)) from exc
+            raise FilterFailure(unable, repr(exc)) from exc
         return rejected
     finally:
         if finished:

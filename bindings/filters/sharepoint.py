@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit
 
 from dsc_core.model import Document, FilterStateReason, Job, SharePointInstructions
 
-from .common import (FilterOutcome, SourceError, check_cancel, content_type_for,
+from .common import (FilterFailure, FilterOutcome, SourceError, check_cancel, content_type_for,
                      document_file_name, never_raises, read_full, BinaryReader)
 from .settings import FilterSettings
 
@@ -34,10 +34,6 @@ class _Site:
     path: str  # percent-encoded, without a trailing slash
 
 
-class _Failed(Exception):
-    def __init__(self, reason: FilterStateReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @never_raises
@@ -67,7 +63,7 @@ def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
                 check_cancel(cancelled)
                 name = document_file_name(job.document_root_name, number, document.format)
                 _put(site, name, source, document.format, settings, cancelled)
-        except _Failed as exc:
+        except FilterFailure as exc:
             # The rest of this site would most likely fail the same way; try the next site.
             log.warning("job %s: upload to %s failed (%s): %s",
                         job.token, url, exc.reason.value, exc)
@@ -131,7 +127,7 @@ def _put(site: _Site, name: str, source: Path, fmt: str, settings: FilterSetting
                                    "Basic " + base64.b64encode(token.encode()).decode("ascii"))
                 conn.endheaders()
             except (OSError, http.client.HTTPException) as exc:
-                raise _Failed(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
+                raise FilterFailure(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
             try:
                 _send_body(conn, f, size, settings.chunk_size, cancelled)
             except (OSError, http.client.HTTPException) as exc:
@@ -139,15 +135,15 @@ def _put(site: _Site, name: str, source: Path, fmt: str, settings: FilterSetting
                 # and closed: its status says more than the broken pipe.
                 status = _early_status(conn)
                 reason = _status_reason(status) if status else None
-                raise _Failed(reason or FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
+                raise FilterFailure(reason or FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
             try:
                 response = conn.getresponse()
                 detail = response.read(_MAX_RESPONSE_BODY)
             except (OSError, http.client.HTTPException) as exc:
-                raise _Failed(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
+                raise FilterFailure(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
             reason = _status_reason(response.status)
             if reason is not None:
-                raise _Failed(reason, f"HTTP {response.status} {response.reason}: "
+                raise FilterFailure(reason, f"HTTP {response.status} {response.reason}: "
                                       f"{detail[:200]!r}")
     finally:
         # On cancel this drops the connection before Content-Length bytes were sent, so the
