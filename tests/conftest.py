@@ -40,3 +40,46 @@ def bdsrr_schema(spec: Path, tmp_path_factory: pytest.TempPathFactory) -> etree.
     xsd.write_text(xsd.read_text(encoding="utf-8").replace("SendImangeFailed", "SendImageFailed"),
                    encoding="utf-8")
     return etree.XMLSchema(etree.parse(str(xsd)))
+
+
+#: Response elements of the MS-BDSRR schema (global elements of bdsrr.xsd).
+_SCHEMA_RESPONSES = {"GetRepositoryElementsResponse", "CancelPostScanJobResponse",
+                     "GetPostScanJobElementsResponse", "GetActiveJobsResponse",
+                     "GetJobHistoryResponse"}
+
+
+@pytest.fixture(autouse=True)
+def every_response_validates(request: pytest.FixtureRequest,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 2: every MS-BDSRR response produced in the suite validates against bdsrr.xsd, and
+    WS-DSP GetPostScanJobElements responses do once their namespace is mapped to dsc.  Every
+    reply that passes through the in-process transport is checked, in every test."""
+    if spec_dir() is None:
+        return
+    schema: etree.XMLSchema = request.getfixturevalue("bdsrr_schema")
+    from dsc_bindings.inprocess import InProcessTransport
+    from dsc_core import names
+
+    original = InProcessTransport.post
+    dsc_ns, dsp_ns = names.DSC.encode(), names.DSP.encode()
+
+    def post(self: InProcessTransport, *args: object, **kwargs: object) -> object:
+        reply = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        if reply.status == 200 and reply.body.lstrip().startswith(b"<"):
+            envelope = etree.fromstring(reply.body)
+            body = envelope.find(f"{{{names.SOAP}}}Body")
+            payload = body[0] if body is not None and len(body) else None
+            if payload is not None:
+                qname = etree.QName(payload)
+                mapped: etree._Element | None = None
+                if qname.namespace == names.DSC and qname.localname in _SCHEMA_RESPONSES:
+                    mapped = payload
+                elif qname.namespace == names.DSP and \
+                        qname.localname == "GetPostScanJobElementsResponse":
+                    mapped = etree.fromstring(etree.tostring(payload).replace(dsp_ns, dsc_ns))
+                if mapped is not None:
+                    doc = etree.fromstring(etree.tostring(mapped))
+                    assert schema.validate(doc), f"{qname.localname}: {schema.error_log}"
+        return reply
+
+    monkeypatch.setattr(InProcessTransport, "post", post)

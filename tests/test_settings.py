@@ -1,0 +1,133 @@
+"""The TOML configuration: defaults, every section, overrides, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsc_bindings.settings import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dsc.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert (settings.listen.host, settings.listen.port, settings.listen.binding) == \
+        ("127.0.0.1", 5362, "async")
+    assert settings.data_dir == Path("var")
+    assert not settings.listen.tls and settings.server_ssl_context() is None
+    assert not settings.server.require_client_certificates
+    assert settings.server.base_url == "http://127.0.0.1:5362"
+    assert settings.filters.map_unc(r"\\Host\Share\a\b") == \
+        Path("var") / "shares" / "host" / "share" / "a" / "b"
+
+
+def test_every_section(tmp_path: Path) -> None:
+    path = write(tmp_path, r'''
+[server]
+host = "0.0.0.0"
+port = 6000
+data = "state"
+binding = "blocking"
+public_url = "https://scan.contoso.com:6000/"
+friendly_name = "Floor 3 scans"
+[limits]
+max_image_bytes = 1024
+head_timeout = 5.0
+[jobs]
+timeout_seconds = 30
+history_size = 7
+[users]
+scan_admins = ["admin@contoso.com"]
+[users.directory]
+"S-1-5-21-1" = "alice@contoso.com"
+[users.email]
+"alice@contoso.com" = "alice.smith@contoso.com"
+[processes]
+"P-1" = "Scan to share"
+[shares]
+'\\contoso\scans' = "/srv/scans"
+[smtp]
+host = "mail.contoso.com"
+port = 587
+starttls = true
+from = "scans@contoso.com"
+[sharepoint]
+username = "svc"
+password = "pw"
+[eventing]
+default_seconds = 60
+max_seconds = 120
+''')
+    s = load_settings(path)
+    assert (s.listen.host, s.listen.port, s.listen.binding) == ("0.0.0.0", 6000, "blocking")
+    assert s.data_dir == tmp_path / "state"  # relative to the file
+    cfg = s.server
+    assert cfg.base_url == "https://scan.contoso.com:6000"
+    assert cfg.friendly_name == "Floor 3 scans"
+    assert cfg.limits.max_image_bytes == 1024 and cfg.limits.head_timeout == 5.0
+    assert cfg.limits.max_envelope_bytes == 64 * 1024  # untouched limits keep R12 defaults
+    assert (cfg.job_timeout_seconds, cfg.history_size) == (30.0, 7)
+    assert cfg.scan_admins == frozenset({"admin@contoso.com"})
+    assert cfg.user_directory["S-1-5-21-1"] == "alice@contoso.com"
+    assert cfg.process_names["P-1"] == "Scan to share"
+    assert (cfg.subscription_default_seconds, cfg.subscription_max_seconds) == (60.0, 120.0)
+    f = s.filters
+    assert f.map_unc(r"\\contoso\scans\x") == Path("/srv/scans/x")
+    assert f.map_unc(r"\\other\share") is None  # outside the configured roots (R9)
+    assert (f.smtp_host, f.smtp_port, f.smtp_starttls, f.mail_from) == \
+        ("mail.contoso.com", 587, True, "scans@contoso.com")
+    assert f.address_of("alice@contoso.com") == "alice.smith@contoso.com"
+    assert (f.sharepoint_username, f.sharepoint_password) == ("svc", "pw")
+
+
+def test_command_line_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nport = 6000\nhost = "0.0.0.0"\n')
+    s = load_settings(path, port=7000, data_dir=tmp_path / "d", binding="blocking")
+    assert (s.listen.host, s.listen.port, s.listen.binding) == ("0.0.0.0", 7000, "blocking")
+    assert s.data_dir == tmp_path / "d"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[serverr]\n", "unknown section(s): serverr"),
+    ("[limits]\nmax_image_byte = 5\n", "unknown key(s) in [limits]: max_image_byte"),
+    ("[server]\nbinding = \"fast\"\n", "binding must be 'async' or 'blocking'"),
+    ("[server\n", "is not valid TOML"),
+    ("[shares]\n'not-unc' = \"/x\"\n", "[shares]"),
+])
+def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_client_ca_needs_tls(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="client certificates"):
+        load_settings(client_ca=tmp_path / "ca.pem")
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the configuration file"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_tls_with_client_certificates_requires_them(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    s = load_settings(cert=tmp_path / "server.pem", client_ca=tmp_path / "ca.pem")
+    assert s.server.require_client_certificates
+    assert s.server.base_url.startswith("https://")
+    context = s.server_ssl_context()
+    assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
