@@ -292,9 +292,9 @@ def cmd_job(args: argparse.Namespace) -> int:
     docs = []
     for data in dc.all_of(dc.find_path(response.payload, names.DSC, "JobElements"), names.DSC,
                           "ElementData"):
-        for d in dc.all_of(dc.find_path(data, names.DSC, "Documents"), names.DSC, "Document"):
-            docs.append({"id": dc.text_of(d, names.DSC, "DocumentDescription", "DocumentId"),
-                         "format": dc.text_of(d, names.DSC, "DocumentDescription", "Format")})
+        for doc in dc.all_of(dc.find_path(data, names.DSC, "Documents"), names.DSC, "Document"):
+            docs.append({"id": dc.text_of(doc, names.DSC, "DocumentDescription", "DocumentId"),
+                         "format": dc.text_of(doc, names.DSC, "DocumentDescription", "Format")})
     if args.json:
         print(json.dumps({**view.as_dict(), "documents": docs}, indent=2))
     else:
@@ -348,15 +348,20 @@ def table(rows: Sequence[Sequence[str]], *, header: bool = True) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run_server
-    from .settings import ConfigError, load_settings
-    try:
-        settings = load_settings(
+    from .settings import ConfigError, Settings, load_settings
+
+    def load() -> Settings:
+        return load_settings(
             args.config, data_dir=args.data, host=args.host, port=args.port,
             binding=args.binding, cert=args.tls_cert, key=args.tls_key,
             client_ca=args.client_ca)
+
+    try:
+        settings = load()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-    return run_server(settings, log_level=args.log_level)
+    return run_server(settings, log_level=args.log_level,
+                      reload=load if args.config else None)
 
 
 # --- argument parsing -------------------------------------------------------------------------

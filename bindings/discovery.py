@@ -23,7 +23,7 @@ class UdpDiscovery:
                                   socket.SOCK_DGRAM)
         self.sock.bind((host, port))
         self.sock.settimeout(0.5)
-        self.port = self.sock.getsockname()[1]
+        self.port: int = int(self.sock.getsockname()[1])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsc-udp-discovery", daemon=True)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from types import FrameType
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .settings import Settings
 
@@ -23,9 +24,9 @@ log = logging.getLogger("dsc.serve")
 GRACE_SECONDS = 10.0
 
 
-def _log_start(settings: Settings, port: int) -> None:
+def _log_start(settings: Settings, port: int, service: "ScanService") -> None:
     listen = settings.listen
-    server = settings.server
+    server = service.config
     base = f"{listen.scheme}://{listen.host}:{port}"
     log.info("dsc-server listening on %s (%s binding)", base, listen.binding)
     log.info("  device (metadata, Probe):   %s/ScanServer", base)
@@ -45,7 +46,34 @@ def _log_start(settings: Settings, port: int) -> None:
         log.info("security: HTTPS with server certificate %s", listen.cert)
 
 
-def run_server(settings: Settings, *, log_level: str = "INFO") -> int:
+def _bound(settings: Settings, service: "ScanService", port: int) -> None:
+    """With --port 0 the advertised address (metadata, ProbeMatches) needs the real port."""
+    if settings.listen.port == 0 and settings.server.base_url.endswith(":0"):
+        base = settings.server.base_url[:-2] + f":{port}"
+        service.reconfigure(settings.server.replace(base_url=base))
+
+
+def _reload(reload: "Callable[[], Settings] | None", current: Settings,
+            service: "ScanService") -> None:
+    """SIGHUP: read the configuration again and apply what can change without a restart."""
+    if reload is None:
+        log.warning("SIGHUP: nothing to reload (no --config file)")
+        return
+    try:
+        fresh = reload()
+    except Exception as exc:  # a broken file keeps the running configuration
+        log.error("SIGHUP: configuration not reloaded: %s", exc)
+        return
+    if fresh.listen != current.listen or fresh.data_dir != current.data_dir:
+        log.warning("SIGHUP: listener, TLS and data directory changes need a restart")
+    server = fresh.server
+    if current.listen.port == 0:  # keep the address actually bound
+        server = server.replace(base_url=service.config.base_url)
+    service.reconfigure(server, fresh.filters)
+
+
+def run_server(settings: Settings, *, log_level: str = "INFO",
+               reload: "Callable[[], Settings] | None" = None) -> int:
     from dsc_core import ServerConfig
 
     from .service import ScanService
@@ -69,8 +97,8 @@ def run_server(settings: Settings, *, log_level: str = "INFO") -> int:
     discovery = _start_discovery(settings, service)
     try:
         if settings.listen.binding == "blocking":
-            return _run_blocking(settings, service, ssl_context)
-        return _run_async(settings, service, ssl_context)
+            return _run_blocking(settings, service, ssl_context, reload)
+        return _run_async(settings, service, ssl_context, reload)
     finally:
         if discovery is not None:
             discovery.close()
@@ -90,10 +118,11 @@ def _start_discovery(settings: Settings, service: "ScanService") -> "UdpDiscover
     return discovery
 
 
-def _run_blocking(settings: Settings, service: object, ssl_context: object) -> int:
+def _run_blocking(settings: Settings, service: "ScanService", ssl_context: ssl.SSLContext | None,
+                  reload: "Callable[[], Settings] | None") -> int:
     from .http_blocking import BlockingServer
 
-    server = BlockingServer(service, settings.listen.host, settings.listen.port,  # type: ignore
+    server = BlockingServer(service, settings.listen.host, settings.listen.port,
                             ssl_context, settings.server.limits, grace=GRACE_SECONDS)
     try:
         port = server.start()
@@ -101,16 +130,25 @@ def _run_blocking(settings: Settings, service: object, ssl_context: object) -> i
         log.error("cannot listen on %s:%d: %s", settings.listen.host, settings.listen.port,
                   exc.strerror)
         return 1
-    _log_start(settings, port)
+    _bound(settings, service, port)
+    _log_start(settings, port, service)
     stop = threading.Event()
+    hangup = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            hangup.set()
+            return
         log.info("signal %s: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        stop.wait()
+        while not stop.wait(0.2):
+            if hangup.is_set():
+                hangup.clear()
+                _reload(reload, settings, service)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -118,7 +156,8 @@ def _run_blocking(settings: Settings, service: object, ssl_context: object) -> i
     return 0
 
 
-def _run_async(settings: Settings, service: object, ssl_context: object) -> int:
+def _run_async(settings: Settings, service: "ScanService", ssl_context: ssl.SSLContext | None,
+               reload: "Callable[[], Settings] | None") -> int:
     import trio
 
     from .http_async import serve
@@ -127,16 +166,21 @@ def _run_async(settings: Settings, service: object, ssl_context: object) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve(
-                    service, host=settings.listen.host, port=settings.listen.port,  # type: ignore
+                    service, host=settings.listen.host, port=settings.listen.port,
                     ssl_context=ssl_context, limits=settings.server.limits,
                     grace=GRACE_SECONDS, task_status=task_status))
             except OSError as exc:
                 log.error("cannot listen on %s:%d: %s", settings.listen.host,
                           settings.listen.port, exc.strerror)
                 return 1
-            _log_start(settings, port)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            _bound(settings, service, port)
+            _log_start(settings, port, service)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                           signal.SIGHUP) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await trio.to_thread.run_sync(_reload, reload, settings, service)
+                        continue
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     break
             nursery.cancel_scope.cancel()

@@ -303,6 +303,20 @@ class ScanService:
                 now=self.clock(), content_type=content_type, identity=identity, path=path))
         return ServiceRequest(self, exchange)
 
+    def reconfigure(self, config: ServerConfig,
+                    filter_settings: FilterSettings | None = None) -> None:
+        """Apply a reloaded configuration (SIGHUP): the core's settings and its
+        RepositoryElementsChangeEvent (R7), and the filters' settings for jobs started next."""
+        with self._lock:
+            self.config = config
+            commands = self.server.reconfigure(config, self.clock())
+            if filter_settings is not None:
+                self.filter_settings = filter_settings
+                if self._engine is not None:
+                    self._engine.set_settings(filter_settings)
+            self._carry_out(commands, strict=False)
+        log.info("configuration reloaded")
+
     def answer_datagram(self, data: bytes,
                         answer: Callable[[ScanServer, bytes, datetime], bytes | None]
                         ) -> bytes | None:

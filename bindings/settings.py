@@ -198,10 +198,11 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
         process_names=dict(raw.get("processes", {})),
         subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
         subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
+    )
+    if "friendly_name" in srv:
         # Only when given: ServerConfig is a slots dataclass, so ServerConfig.friendly_name is a
         # member descriptor, not the default string (it broke WS-Transfer Get with a 500).
-        **({"friendly_name": str(srv["friendly_name"])} if "friendly_name" in srv else {}),
-    )
+        server = server.replace(friendly_name=str(srv["friendly_name"]))
     sharepoint_context = None
     if sharepoint.get("ca_file"):
         sharepoint_context = ssl.create_default_context(cafile=str(resolve(sharepoint["ca_file"])))

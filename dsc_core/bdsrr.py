@@ -6,6 +6,7 @@ from lxml import etree
 
 from . import names
 from .args import Item
+from .config import ServerConfig
 from .dsp import job_elements
 from .jobstate import JobInput
 from .jobxml import job_summary
@@ -24,6 +25,18 @@ def _sub(parent: etree._Element, local: str, text: str | None = None) -> etree._
     return el
 
 
+def repository_configuration(parent: etree._Element, config: ServerConfig) -> etree._Element:
+    """dsc:RepositoryConfiguration: the filters offered (bdsrr 3.2.1).  The ``ftr`` prefix must
+    be bound by the document it goes into (FilterType/Dialect is an xs:QName; example 02)."""
+    configuration = _sub(parent, "RepositoryConfiguration")
+    filters = _sub(configuration, "Filters")
+    for local in config.filters:
+        filter_el = _sub(filters, "Filter")
+        _sub(filter_el, "Dialect", f"ftr:{local}")
+        _sub(filter_el, "FilterConfig")
+    return configuration
+
+
 def get_repository_elements(call: Call) -> OpResult:
     require_scan_admin(call)
     payload, args = request_element(call, NS, "GetRepositoryElementsRequest")
@@ -36,13 +49,7 @@ def get_repository_elements(call: Call) -> OpResult:
         known = qname[0] == NS and qname[1] in ("RepositoryConfiguration", "RepositoryStatus")
         data = element_data(container, NS, qname, known, nsmap)
         if known and qname[1] == "RepositoryConfiguration":
-            configuration = _sub(data, "RepositoryConfiguration")
-            filters = _sub(configuration, "Filters")
-            for local in call.config.filters:
-                filter_el = _sub(filters, "Filter")
-                # FilterType/Dialect is an xs:QName (bdsrr §3; example 02 writes ftr:fileshare).
-                _sub(filter_el, "Dialect", f"ftr:{local}")
-                _sub(filter_el, "FilterConfig")
+            repository_configuration(data, call.config)
         elif known:
             status = _sub(data, "RepositoryStatus")
             _sub(status, "RepositoryState", call.server.repository_state.value)

@@ -28,6 +28,10 @@ class JobTable:
         self._active.pop(job.token, None)
         self._history.pop(job.token, None)
         self._history[job.token] = job
+        return self.trim()
+
+    def trim(self) -> list[str]:
+        """Drop the oldest completed jobs beyond ``history_size``; returns their tokens."""
         dropped = []
         while len(self._history) > self.history_size:
             oldest = next(iter(self._history))

@@ -305,6 +305,23 @@ class ScanServer:
         commands += self._repository_events(now)
         return commands
 
+    def reconfigure(self, config: ServerConfig, now: datetime) -> list[Command]:
+        """Apply a reloaded configuration.  Limits, users, timeouts and eventing take effect for
+        the next request; a smaller history drops its oldest jobs; subscribers get a
+        RepositoryElementsChangeEvent with the repository configuration (R7, bdsrr 3.2.4.6)."""
+        from .bdsrr import repository_configuration
+
+        self.config = config
+        self.subscriptions.config = config
+        self.jobs.history_size = config.history_size
+        commands: list[Command] = [DropJob(token) for token in self.jobs.trim()]
+        body = etree.Element(f"{{{names.DSC}}}RepositoryElementsChangeEvent",
+                             nsmap={"dsc": names.DSC, "ftr": names.FILTER})
+        repository_configuration(etree.SubElement(body, f"{{{names.DSC}}}ElementChanges"),
+                                 config)
+        commands += self.subscriptions.notify(names.Action.DSC_ELEMENTS_CHANGE_EVENT, body, now)
+        return commands
+
     def shutdown(self, now: datetime) -> list[Command]:
         """The server is stopping: repository Stopped, SubscriptionEnd SourceShuttingDown."""
         self.stopped = True

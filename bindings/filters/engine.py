@@ -72,6 +72,11 @@ class ProcessingEngine:
                 self._workers.add(worker)
                 worker.start()
 
+    def set_settings(self, settings: FilterSettings) -> None:
+        """A configuration reload: jobs started from now on use ``settings``; running ones keep
+        the settings they started with."""
+        self._settings = settings
+
     def stop(self, token: str) -> None:
         """StopProcessing (R6 cancel, best effort): the job's filters stop at the next chunk or
         document; what they already delivered stays delivered."""
@@ -119,6 +124,7 @@ class ProcessingEngine:
             self._emit(ProcessingFinished(token))
             return
         self._emit(ProcessingStarted(token))
+        settings = self._settings  # a reload during the run does not change this job's peers
         documents: list[tuple[Document, Path]] | None
         try:
             documents = list(self._documents_of(job))
@@ -132,7 +138,7 @@ class ProcessingEngine:
             if cancelled.is_set():
                 break
             self._emit(FilterStarted(token, index))
-            outcome = self._run_filter(job, index, documents, cancelled)
+            outcome = self._run_filter(job, index, documents, settings, cancelled)
             self._emit(FilterFinished(token, index, outcome.state, outcome.reasons))
             if cancelled.is_set():
                 break
@@ -143,7 +149,7 @@ class ProcessingEngine:
         self._emit(ProcessingFinished(token))
 
     def _run_filter(self, job: Job, index: int, documents: list[tuple[Document, Path]] | None,
-                    cancelled: threading.Event) -> FilterOutcome:
+                    settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
         instructions = job.filters[index].instructions
         runner = self._runners.get(type(instructions))
         if runner is None:
@@ -152,7 +158,7 @@ class ProcessingEngine:
         if documents is None:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         try:
-            outcome = runner(job, index, documents, self._settings, cancelled)
+            outcome = runner(job, index, documents, settings, cancelled)
         except Exception:  # runners never raise; a third-party one might
             log.exception("job %s: filter %d raised", job.token, index)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
