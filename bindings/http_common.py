@@ -23,6 +23,15 @@ exchange) and asks its binding, one :data:`Action` at a time, to do the I/O::
 The bindings keep only sockets, threads/tasks and their timeouts.  No SOAP or job rule lives
 here either: request bodies go to :class:`~dsc_bindings.service.ScanService` untouched.
 
+Calls are coalesced, because each one costs a worker-thread hop in the async binding: the
+exchange is opened by the first Call a request needs, not at its head; body pieces are held
+while the exchange is not yet open and they total at most ``limits.max_envelope_bytes`` (a
+small SOAP request: open, feed and finish then run as ONE Call at the end of the body); beyond
+that, one Call opens the exchange and feeds what is held, and from then on what was received is
+fed before the next read (the pieces of one read in one Call, together with ``finish`` when the
+body ends in it).  The service sees the same ``feed`` pieces in the same order as without
+coalescing; no more than ``max_envelope_bytes`` is ever held while waiting for the network.
+
 Identity (R10): see :func:`identity_from_certificate`.
 """
 
@@ -104,6 +113,37 @@ class Call:
     """Run a blocking service call (it writes to disk); report with ``call_done``."""
 
     function: Callable[[], object]
+
+
+class _Work:
+    """The service work of one Call for the current request (run in a worker thread): open
+    the exchange unless it is open, feed the held body pieces in order, then finish it if the
+    body is complete (returning the Reply)."""
+
+    __slots__ = ("opener", "request", "chunks", "finish", "what")
+
+    def __init__(self, opener: Callable[[], RequestLike] | None, request: RequestLike | None,
+                 chunks: list[bytes], finish: bool) -> None:
+        self.opener = opener
+        #: The service request; set as soon as this Call opened it, so that it is aborted even
+        #: if a later step of the same Call raises.
+        self.request = request
+        self.chunks = chunks
+        self.finish = finish
+        #: For the log: the service calls this Call makes ("open+feed+finish", ...).
+        self.what = "+".join(step for step, used in (("open", request is None), ("feed", chunks),
+                                                     ("finish", finish)) if used)
+
+    def __call__(self) -> Reply | None:
+        request = self.request
+        if request is None:
+            assert self.opener is not None
+            request = self.request = self.opener()
+        chunks, self.chunks = self.chunks, []
+        for chunk in chunks:
+            request.feed(chunk)
+        del chunks
+        return request.finish() if self.finish else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +269,15 @@ class HttpConnection:
         self._h11 = h11.Connection(h11.SERVER,
                                    max_incomplete_event_size=limits.max_http_header_bytes)
         self._pending: deque[Action] = deque()
+        #: The open service request of the current exchange.
         self._request: RequestLike | None = None
-        #: What the Call in flight is for: the result of "open" is the service request,
-        #: of "finish" the reply; "feed" returns nothing.
-        self._calling: str | None = None
+        #: Opens it: set for an accepted request head until the first Call (see module doc).
+        self._opener: Callable[[], RequestLike] | None = None
+        #: Body pieces received and not yet given to the service, and their total size.
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        #: The Call in flight (its result is the Reply when it finishes the request).
+        self._calling: _Work | None = None
         self._phase: Phase = "head"
         head_timeout = limits.head_timeout
         if over_capacity:
@@ -307,18 +352,23 @@ class HttpConnection:
         self._close(False)
 
     def call_done(self, result: object) -> None:
-        calling, self._calling = self._calling, None
-        if calling == "open":
-            self._request = result  # type: ignore[assignment]
-        elif calling == "finish":
+        work, self._calling = self._calling, None
+        if work is None:
+            return
+        self._request = work.request
+        if work.finish:
             assert isinstance(result, Reply)
             self._request = None
             self._respond(result)
 
     def call_failed(self, exc: BaseException) -> None:
         """A service call raised (a bug: the service answers faults, never raises)."""
-        calling, self._calling = self._calling, None
-        log.error("%s: service %s call failed: %r", self._peer, calling, exc, exc_info=exc)
+        work, self._calling = self._calling, None
+        what = "?"
+        if work is not None:
+            what = work.what
+            self._request = work.request  # opened (even by this Call): cleanup aborts it
+        log.error("%s: service %s call failed: %r", self._peer, what, exc, exc_info=exc)
         self._respond(error_reply(500, "The server failed to process the request."),
                       close=True)
 
@@ -333,6 +383,11 @@ class HttpConnection:
         None.  Idempotent."""
         self._phase = "closed"
         request, self._request = self._request, None
+        if request is None and self._calling is not None:
+            request = self._calling.request  # a Call whose outcome was never reported
+        self._calling = None
+        self._opener = None
+        self._held, self._held_bytes = [], 0
         if request is None:
             return None
         log.debug("%s: aborting an unfinished exchange", self._peer)
@@ -359,11 +414,17 @@ class HttpConnection:
         if event is h11.NEED_DATA:
             if self._backlog or (self._eof and not self._eof_fed):
                 return  # more of what was received goes to h11 at the next step
-            if self._eof_fed:  # h11 raises for EOF mid-event; this is EOF between events
+            if self._held and (self._request is not None
+                               or self._held_bytes > self._limits.max_envelope_bytes):
+                # What was received goes to the service before we wait for more (R8), in one
+                # Call (which opens the exchange first if needed).
+                self._call(finish=False)
+            elif self._eof_fed:  # h11 raises for EOF mid-event; this is EOF between events
                 self._close(False)
-            elif self._phase == "body" and self._request is not None \
+            elif self._phase == "body" and self._exchange_pending \
                     and self._h11.they_are_waiting_for_100_continue:
-                # Only reached for an accepted head with an open exchange (R12 checks first).
+                # Only reached for an accepted head (R12 checks first); the exchange itself
+                # opens with the first Call.
                 self._send(h11.InformationalResponse(status_code=100, headers=self._headers(),
                                                      reason=b"Continue"))
             else:
@@ -373,23 +434,35 @@ class HttpConnection:
         elif isinstance(event, h11.Request):
             self._on_request(event)
         elif isinstance(event, h11.Data):
-            if self._request is not None:
+            if self._exchange_pending:
                 data = bytes(event.data)
-                request = self._request
-                self._calling = "feed"
-                self._pending.append(Call(lambda: request.feed(data)))
+                if data:
+                    self._held.append(data)  # given to the service at the latest before the
+                    self._held_bytes += len(data)  # next read, unless small (module doc)
             # else: the body of a refused request we chose to read to keep the connection
         elif isinstance(event, h11.EndOfMessage):
-            if self._request is not None:
+            if self._exchange_pending:
                 self._phase = "respond"
-                self._calling = "finish"
-                self._pending.append(Call(self._request.finish))
+                self._call(finish=True)
             else:
                 self._after_cycle()
         elif isinstance(event, h11.ConnectionClosed):
             self._close(False)
         else:  # pragma: no cover - h11 has no other server-side events
             self._close(False)
+
+    @property
+    def _exchange_pending(self) -> bool:
+        """An accepted request is being received: its exchange is open or yet to open."""
+        return self._request is not None or self._opener is not None
+
+    def _call(self, *, finish: bool) -> None:
+        """One Call for everything the current request needs now (see module doc)."""
+        work = _Work(self._opener, self._request, self._held, finish)
+        self._opener = None
+        self._held, self._held_bytes = [], 0
+        self._calling = work
+        self._pending.append(Call(work))
 
     def _feed(self) -> None:
         """Give h11 what was received.  While it waits for a request head, at most enough to
@@ -420,6 +493,7 @@ class HttpConnection:
     def _on_request(self, request: h11.Request) -> None:
         self._requests += 1
         self._phase = "body"
+        self._opener, self._held, self._held_bytes = None, [], 0
         target = request.target.decode("ascii", "replace")
         if self._over_capacity:
             log.warning("%s: over the limit of %d open connections: 503", self._peer,
@@ -439,8 +513,8 @@ class HttpConnection:
         content_type = _header(request, b"content-type")
         ctype = content_type.decode("latin-1") if content_type is not None else None
         identity, service = self._identity, self._service
-        self._calling = "open"
-        self._pending.append(Call(lambda: service.open_request(ctype, identity, target)))
+        # Opened by the first Call this request needs (coalescing: module doc).
+        self._opener = lambda: service.open_request(ctype, identity, target)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400

@@ -33,10 +33,11 @@ from dsc_bindings.filters import document_file_name
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http_async import serve
 from dsc_bindings.http_blocking import BlockingServer
-from dsc_bindings.http_common import max_request_bytes
+from dsc_bindings.http_common import (Call, Close, HttpConnection, Receive, Send,
+                                      max_request_bytes)
 from dsc_bindings.service import ScanService
 from dsc_bindings.store import StoreError
-from dsc_core import Limits, ServerConfig, names
+from dsc_core import Limits, Reply, ServerConfig, names
 from dsc_core import client as C
 from dsc_core.model import FileShareInstructions
 
@@ -558,6 +559,293 @@ def test_stop_lets_the_request_in_flight_finish(binding: str, tmp_path: Path) ->
             socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
         idle.close()
         busy.close()
+
+
+# --- coalesced service calls (http_common: one worker-thread hop per small request) ------------
+#
+# Sans-IO first: HttpConnection driven by hand with a recording service, so that the Calls it
+# asks for (and what is held between reads) are visible; then the same paths over sockets.
+
+
+class _RecordingService:
+    """Logs every service call; ``fail_feed`` makes feed raise (a bug in the service)."""
+
+    def __init__(self, *, fail_feed: bool = False) -> None:
+        self.log: list[tuple[str, bytes]] = []
+        self.fail_feed = fail_feed
+
+    def open_request(self, content_type: str | None, identity: str | None,
+                     path: str) -> "_RecordingRequest":
+        self.log.append(("open", (content_type or "").encode()))
+        return _RecordingRequest(self)
+
+    def fed(self) -> bytes:
+        return b"".join(data for what, data in self.log if what == "feed")
+
+    def calls(self) -> list[str]:
+        return [what for what, _ in self.log]
+
+
+class _RecordingRequest:
+    def __init__(self, service: _RecordingService) -> None:
+        self.service = service
+
+    def feed(self, data: bytes) -> None:
+        self.service.log.append(("feed", data))
+        if self.service.fail_feed:
+            raise RuntimeError("feed failed (injected)")
+
+    def finish(self) -> Reply:
+        self.service.log.append(("finish", b""))
+        return Reply(200, C.SOAP_XML, b"<ok/>")
+
+    def abort(self) -> None:
+        self.service.log.append(("abort", b""))
+
+
+def _drive(conn: HttpConnection, service: _RecordingService, reads: list[bytes], *,
+           head_bytes: int, bound: int) -> list[str]:
+    """Run ``conn`` over ``reads`` (one per Receive; the first ``head_bytes`` bytes are the
+    request head), Calls inline, until it wants to read with nothing left to give, or closes.
+    Checks at every Receive that at most ``bound`` received body bytes are held back from the
+    service, and none once the exchange is open.  Returns the actions taken."""
+    trace: list[str] = []
+    received = 0
+    reads = list(reads)
+    start = len(service.log)
+    while True:
+        action = conn.next_action()
+        if isinstance(action, Receive):
+            body_received = max(0, received - head_bytes)
+            held = body_received - sum(len(data) for what, data in service.log[start:]
+                                       if what == "feed")
+            assert 0 <= held <= bound, (held, bound)
+            if "open" in service.calls()[start:]:
+                assert held == 0, held
+            if not reads:
+                return trace
+            trace.append("receive")
+            data = reads.pop(0)
+            received += len(data)
+            conn.receive_data(data)
+        elif isinstance(action, Call):
+            before = len(service.log)
+            try:
+                result = action.function()
+            except Exception as exc:
+                trace.append("call:" + "+".join(service.calls()[before:]) + ":raised")
+                conn.call_failed(exc)
+            else:
+                trace.append("call:" + "+".join(service.calls()[before:]))
+                conn.call_done(result)
+        elif isinstance(action, Send):
+            trace.append("send:" + action.data.split(b" ", 2)[1].decode())
+        else:
+            assert isinstance(action, Close)
+            trace.append("close")
+            return trace
+
+
+def _head(length: int, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    return Raw.head(headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(length)),
+                             *extra])
+
+
+def test_sansio_small_body_is_one_call() -> None:
+    """Open, every feed and finish of a body within max_envelope_bytes: ONE Call, at its end,
+    with the pieces fed as they were received."""
+    limits = Limits()
+    body = repository_request()
+    head = _head(len(body))
+    service = _RecordingService()
+    conn = HttpConnection(service, limits)
+    reads = [head + body[:100], body[100:500], body[500:]]
+    trace = _drive(conn, service, reads, head_bytes=len(head), bound=limits.max_envelope_bytes)
+    assert trace == ["receive", "receive", "receive", "call:open+feed+feed+feed+finish",
+                     "send:200"]
+    assert service.fed() == body
+    # Keep-alive: the next request (and an empty body) is one Call as well.
+    trace = _drive(conn, service, [_head(0)], head_bytes=len(_head(0)),
+                   bound=limits.max_envelope_bytes)
+    assert trace == ["receive", "call:open+finish", "send:200"]
+    assert conn.cleanup() is None
+
+
+@pytest.mark.parametrize("size", ["at", "over"])
+def test_sansio_coalescing_bound(size: str) -> None:
+    """A body of exactly max_envelope_bytes arriving in pieces is held and handled in one Call;
+    one byte more, and the Call that crosses the bound opens and feeds what was held, after
+    which every read is fed before the next (the last one together with finish)."""
+    limits = Limits(max_envelope_bytes=1000)
+    bound = limits.max_envelope_bytes
+    length = bound + (size == "over")
+    body = bytes(range(256)) * 4 + b"tail"
+    body = body[:length] + b"x" * 300  # 300 more bytes arrive in two reads after the bound
+    head = _head(len(body))
+    service = _RecordingService()
+    conn = HttpConnection(service, limits)
+    reads = [head, body[:400], body[400:length], body[length:length + 150],
+             body[length + 150:]]
+    trace = _drive(conn, service, reads, head_bytes=len(head), bound=bound)
+    if size == "at":
+        # The first 1000 bytes are held; the 150 after them cross the bound.
+        assert trace == ["receive"] * 4 + ["call:open+feed+feed+feed", "receive",
+                                           "call:feed+finish", "send:200"]
+    else:
+        assert trace == ["receive"] * 3 + ["call:open+feed+feed", "receive", "call:feed",
+                                           "receive", "call:feed+finish", "send:200"]
+    assert service.fed() == body
+    assert service.calls().count("open") == 1
+
+
+def test_sansio_expect_100_before_the_exchange_opens() -> None:
+    limits = Limits()
+    body = repository_request()
+    service = _RecordingService()
+    conn = HttpConnection(service, limits)
+    head = _head(len(body), [("Expect", "100-continue")])
+    trace = _drive(conn, service, [head], head_bytes=len(head), bound=limits.max_envelope_bytes)
+    assert trace == ["receive", "send:100"] and service.log == []
+    trace = _drive(conn, service, [body], head_bytes=0, bound=limits.max_envelope_bytes)
+    assert trace == ["receive", "call:open+feed+finish", "send:200"]
+    # A refused head gets its refusal instead of 100 Continue, and no exchange.
+    service = _RecordingService()
+    conn = HttpConnection(service, limits)
+    head = _head(max_request_bytes(limits) + 1, [("Expect", "100-continue")])
+    trace = _drive(conn, service, [head], head_bytes=len(head), bound=limits.max_envelope_bytes)
+    assert trace == ["receive", "send:413", "close"] and service.log == []
+
+
+def test_sansio_lost_connection_aborts_only_an_opened_exchange() -> None:
+    limits = Limits(max_envelope_bytes=1000)
+    body = b"x" * 5000
+    head = _head(len(body))
+    # Lost while the first bytes are held: no exchange was ever opened, nothing to abort.
+    service = _RecordingService()
+    conn = HttpConnection(service, limits)
+    _drive(conn, service, [head + body[:800]], head_bytes=len(head), bound=1000)
+    assert conn.cleanup() is None and service.log == []
+    # Lost after the bound was crossed: the opened exchange is aborted (no .part debris).
+    service = _RecordingService()
+    conn = HttpConnection(service, limits)
+    _drive(conn, service, [head + body[:800], body[800:1500]], head_bytes=len(head),
+           bound=1000)
+    cleanup = conn.cleanup()
+    assert cleanup is not None
+    cleanup()
+    assert service.calls() == ["open", "feed", "feed", "abort"]
+    assert conn.cleanup() is None  # idempotent
+
+
+def test_sansio_call_failing_after_it_opened_still_aborts() -> None:
+    """A service bug in the feed of a coalesced Call: 500 and close, and the exchange that
+    Call opened is aborted by cleanup."""
+    limits = Limits()
+    body = repository_request()
+    service = _RecordingService(fail_feed=True)
+    conn = HttpConnection(service, limits)
+    head = _head(len(body))
+    trace = _drive(conn, service, [head + body], head_bytes=len(head),
+                   bound=limits.max_envelope_bytes)
+    assert trace == ["receive", "call:open+feed:raised", "send:500", "close"]
+    cleanup = conn.cleanup()
+    assert cleanup is not None
+    cleanup()
+    assert service.calls() == ["open", "feed", "abort"]
+
+
+def _trickle(client: Raw, data: bytes, pieces: int) -> None:
+    step = -(-len(data) // pieces)
+    for i in range(0, len(data), step):
+        client.send(data[i:i + step])
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_envelope_at_and_over_the_coalescing_bound(binding: str, tmp_path: Path,
+                                                   chunked: bool) -> None:
+    """Bodies just within max_envelope_bytes (held, one Call) and just over it (flushed and
+    streamed) get the core's answers: 200, and the envelope-too-large fault."""
+    with running(binding, tmp_path) as srv:
+        bound = srv.config.limits.max_envelope_bytes
+        client = Raw(srv.port)
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = repository_request()
+        for size in (bound, bound + 1, bound - 1, bound + 40_000):
+            body = request + b" " * (size - len(request))
+            if chunked:
+                framed = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n"
+                                  for p in (body[i:i + 20_000]
+                                            for i in range(0, len(body), 20_000))) \
+                    + b"0\r\n\r\n"
+                head = client.head(headers=[("Content-Type", C.SOAP_XML),
+                                            ("Transfer-Encoding", "chunked")])
+            else:
+                framed = body
+                head = client.head(headers=[("Content-Type", C.SOAP_XML),
+                                            ("Content-Length", str(len(body)))])
+            _trickle(client, head + framed, 4)
+            reply = client.read_response()
+            if size <= bound:
+                assert reply.status == 200, (size, reply.body[-300:])
+                parsed = C.parse_response(reply.body, reply.status)
+                assert parsed.action == A.DSC_GET_REPOSITORY_ELEMENTS + "Response"
+            else:
+                assert reply.status == 400, size
+                assert f"exceeds the limit of {bound} bytes".encode() in reply.body
+        client.close()
+
+
+@pytest.mark.parametrize("where,failing", [("flush", "AppendDocument"),
+                                           ("single", "AppendDocument"),
+                                           ("single", "FinishDocument")])
+def test_store_failure_in_a_coalesced_call(binding: str, tmp_path: Path, where: str,
+                                           failing: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """R4 step 9 when the failing store command runs in the Call that opens the exchange:
+    the one that crosses the coalescing bound ("flush", the rest of the body then arrives), or
+    the only Call of a small SendImage ("single")."""
+    with running(binding, tmp_path) as srv:
+        bound = srv.config.limits.max_envelope_bytes
+        client = Raw(srv.port)
+        token = create_job(client)
+        store = srv.service._store
+        assert store is not None
+        real_apply = store.apply
+        failures: list[object] = []
+
+        def apply(command: object) -> None:
+            if type(command).__name__ == failing and not failures:
+                failures.append(command)
+                raise StoreError("disk full (injected)", temporary=True)
+            real_apply(command)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "apply", apply)
+        image = os.urandom(3 * bound if where == "flush" else bound // 4)
+        mtom = send_image_body(token, 1, "pdf-a", image)
+        length = mtom.length(len(image))
+        upload = Raw(srv.port)
+        upload.send(upload.head(headers=[("Content-Type", mtom.content_type),
+                                         ("Content-Length", str(length))]))
+        if where == "flush":
+            first = bound + 1 - len(mtom.head)
+            upload.send(mtom.head + image[:first])  # just over the bound: the flush Call
+            wait_for(lambda: bool(failures), what="the flush Call to fail in the store")
+            upload.send(image[first:] + mtom.tail)
+        else:
+            upload.send(mtom.head + image + mtom.tail)
+        reply = upload.read_response()
+        assert reply.status == 500 and failures
+        with pytest.raises(C.ClientFault) as fault:
+            C.parse_response(reply.body, reply.status)
+        assert (fault.value.subcode or "").endswith("ServerErrorTemporaryError")
+        assert part_files(srv.data_dir) == []
+        # Nothing was acknowledged: the device sends the image again, on the same connection.
+        reply = upload.post(mtom.chunks(), mtom.content_type, length=length)
+        assert reply.status == 200, reply.body
+        assert (srv.data_dir / "spool" / token / "1").read_bytes() == image
+        upload.close()
+        client.close()
 
 
 # --- TLS and identity (R10) -----------------------------------------------------------------
