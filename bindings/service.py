@@ -121,6 +121,10 @@ class ServiceRequest:
         with service._lock:
             self._done = True
             outcome = self._exchange.end(self._service.clock())
+            if outcome.fault is not None:
+                # R12: every limit exceeded (and every other refusal) is logged.
+                log.info("request to %s answered with HTTP %d, %s",
+                         self._exchange.info.path, outcome.reply.status, outcome.fault)
             try:
                 service._carry_out(outcome.commands, strict=True)
                 reply = outcome.reply

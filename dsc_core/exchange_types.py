@@ -44,3 +44,6 @@ class Outcome:
 
     reply: Reply
     commands: tuple[Command, ...] = ()
+    #: For a fault reply, one readable line (code/subcode: reason) for the binding's log: R12
+    #: wants every limit exceeded to be logged, and the core itself never logs.
+    fault: str | None = None

@@ -119,7 +119,7 @@ class ScanServer:
         exchange = self.open_exchange(info)
         early = exchange.feed(body)
         outcome = exchange.end()
-        return Outcome(outcome.reply, tuple(early) + outcome.commands)
+        return replace(outcome, commands=tuple(early) + outcome.commands)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -544,7 +544,9 @@ class Exchange:
         addressing = (self._envelope.addressing if self._envelope
                       else self._salvaged or soap.Addressing())
         body = soap.fault_envelope(fault, addressing, self._reply_id)
-        return Outcome(Reply(fault.http_status, SOAP_CONTENT_TYPE, body), tuple(commands))
+        subcode = fault.subcode[1] if fault.subcode else "-"
+        return Outcome(Reply(fault.http_status, SOAP_CONTENT_TYPE, body), tuple(commands),
+                       f"{fault.code}/{subcode}: {fault.reason}")
 
     def store_failed(self, *, temporary: bool) -> Outcome:
         """A command of this exchange failed: undo its change and answer with the fault of

@@ -886,3 +886,15 @@ def test_detail_prefix_is_bound_in_the_fault() -> None:
     root = etree.fromstring(reply.body)
     detail = xp(root, "//s:Detail")[0]
     assert resolve(detail, detail.text or "") == (DSP, "JobToken")
+
+
+def test_fault_outcome_carries_a_log_line_for_the_binding() -> None:
+    """R12: a limit exceeded is logged; the core gives the binding one readable line."""
+    from datetime import datetime, timezone
+
+    from dsc_core import Limits, RequestInfo, ScanServer, ServerConfig
+
+    server = ScanServer(ServerConfig(limits=Limits(max_envelope_bytes=100)), new_id=lambda: "1")
+    outcome = server.handle(b"<a>" + b" " * 200 + b"</a>",
+                            RequestInfo(now=datetime.now(timezone.utc)))
+    assert outcome.fault == "Sender/-: The SOAP envelope exceeds the limit of 100 bytes."
