@@ -161,11 +161,15 @@ def test_multi_page_scan(start_server: StartServer, tmp_path: Path, binding: str
     pages = [write(tmp_path / "in" / f"page{n}.png", os.urandom(600_000 + n * 1234))
              for n in (1, 2, 3)]
     scan = dsc("scan", "--server", server.url, "--quiet", "--json", "--root-name", "multi",
+               "--user", "S-1-5-21-42", "--process-name", "Scan to share",
                *map(str, pages))
     assert scan.code == 0, scan
     view = scan.json()
     assert view["state"] == "Completed" and view["images_received"] == 3, view
-    folder = user_folder(server.data)
+    # --user is the UserIdentifier SID (unmapped: the SID itself, R10); --process-name is the
+    # PSP_DisplayName carried by our ext:ProcessName extension.
+    assert (view["user_name"], view["psp_display_name"]) == ("S-1-5-21-42", "Scan to share")
+    folder = user_folder(server.data, "S-1-5-21-42")
     assert files_under(folder) == {"multi_0001.png", "multi_0002.png", "multi_0003.png"}
     for n, page in enumerate(pages, start=1):
         assert (folder / f"multi_{n:04d}.png").read_bytes() == page.read_bytes()
