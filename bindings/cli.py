@@ -217,7 +217,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     while True:
         view = dc.read_job_elements(client.call(A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(
             names.DSP, token, ["JobStatus", "JobDescription"])).payload, names.DSP)
-        if view.state in ("Completed", "Aborted", "Canceled"):
+        if view.ended:
             break
         if time.monotonic() > deadline:
             raise CliError(f"job {token} still {view.state} after {args.wait:.0f} s")
@@ -226,9 +226,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(json.dumps(view.as_dict(), indent=2))
     else:
         _print_job(view)
-    ok = view.state == "Completed" and not (
-        set(view.reasons) & {"PostScanJobCompletedWithErrors"})
-    return EXIT_OK if ok else EXIT_FAILED
+    return EXIT_OK if view.succeeded else EXIT_FAILED
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

@@ -297,6 +297,17 @@ class JobView:
     created: str = ""
     completed: str = ""
 
+    @property
+    def ended(self) -> bool:
+        """In a completed state (R6: Completed, Aborted or Canceled)."""
+        return self.state in ("Completed", "Aborted", "Canceled")
+
+    @property
+    def succeeded(self) -> bool:
+        """Completed, successfully or with warnings (R6); errors or an abort are failures."""
+        return self.state == "Completed" and \
+            "PostScanJobCompletedWithErrors" not in self.reasons
+
     def as_dict(self) -> dict[str, object]:
         return {
             "token": self.token, "state": self.state, "reasons": list(self.reasons),

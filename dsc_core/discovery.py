@@ -9,6 +9,7 @@ from datetime import datetime
 
 from . import faults, names, soap
 from .exchange_types import RequestInfo
+from .metadata import probe_matches
 from .server import ScanServer
 from .xmlread import parse_document
 
@@ -19,10 +20,8 @@ def answer_datagram(server: ScanServer, data: bytes, now: datetime) -> bytes | N
         envelope = soap.read_envelope(parse_document(data, server.config.limits))
     except faults.SoapFault:
         return None
-    if envelope.addressing.action != names.Action.PROBE:
-        return None
+    if envelope.addressing.action != names.Action.PROBE or \
+            not probe_matches(envelope.payload):
+        return None  # not a Probe, or no match: WS-Discovery sends no answer
     outcome = server.handle(data, RequestInfo(now=now, content_type="application/soap+xml"))
-    if outcome.reply.status != 200 or b"ProbeMatch>" not in outcome.reply.body \
-            and b"ProbeMatch " not in outcome.reply.body:
-        return None  # WS-Discovery: no match, no answer
-    return outcome.reply.body
+    return outcome.reply.body if outcome.reply.status == 200 else None

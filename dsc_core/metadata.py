@@ -57,21 +57,29 @@ def transfer_get(call: Call) -> OpResult:
     return OpResult(A.TRANSFER_GET_RESPONSE, metadata, nsmap)
 
 
+_OUR_TYPES = frozenset({(names.WSDP, "Device"),
+                        (names.DSP, "DistributedScanProcessingServiceType"),
+                        (names.DSC, "RepositoryConfigurationServiceType")})
+
+
+def probe_matches(payload: etree._Element | None) -> bool:
+    """Whether a wsd:Probe matches this device: its Types (QNames, compared by namespace, R3)
+    are empty or all ours (wsdp:Device or one of our service types)."""
+    if payload is None or split(payload.tag) != (names.WSD, "Probe"):
+        return True  # an empty Probe body asks for every device
+    for child in children(payload):
+        if split(child.tag) == (names.WSD, "Types"):
+            for text in trimmed(child.text).split():
+                prefix, _, local = text.rpartition(":")
+                if (child.nsmap.get(prefix or None, "") or "", local) not in _OUR_TYPES:
+                    return False
+    return True
+
+
 def probe(call: Call) -> OpResult:
-    """A directed Probe (HTTP POST to the device address): one ProbeMatch when its Types are
-    empty or name wsdp:Device (or one of our service types)."""
-    payload = call.envelope.payload
-    wanted: list[tuple[str, str]] = []
-    if payload is not None and split(payload.tag) == (names.WSD, "Probe"):
-        for child in children(payload):
-            if split(child.tag) == (names.WSD, "Types"):
-                for text in trimmed(child.text).split():
-                    prefix, _, local = text.rpartition(":")
-                    wanted.append((child.nsmap.get(prefix or None, "") or "", local))
-    ours = {(names.WSDP, "Device"), (names.DSP, "DistributedScanProcessingServiceType"),
-            (names.DSC, "RepositoryConfigurationServiceType")}
+    """A directed Probe (HTTP POST to the device address): one ProbeMatch when it matches."""
     matches = etree.Element(f"{{{names.WSD}}}ProbeMatches")
-    if all(t in ours for t in wanted):
+    if probe_matches(call.envelope.payload):
         wsa = call.envelope.addressing.wsa_ns
         match = _sub(matches, names.WSD, "ProbeMatch")
         _sub(_sub(match, wsa, "EndpointReference"), wsa, "Address", call.config.device_address)

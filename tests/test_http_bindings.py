@@ -20,7 +20,7 @@ import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import anyio
 import anyio.from_thread
@@ -191,6 +191,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 
 def part_files(data_dir: Path) -> list[Path]:
     return list((data_dir / "spool").glob("*/.*.part"))
+
+
+def assert_temporary_store_fault(reply: Any, data_dir: Path) -> None:
+    """R4 step 9 over HTTP: 500 with ServerErrorTemporaryError, and no upload debris left."""
+    assert reply.status == 500
+    with pytest.raises(C.ClientFault) as fault:
+        C.parse_response(reply.body, reply.status)
+    assert (fault.value.subcode or "").endswith("ServerErrorTemporaryError")
+    assert part_files(data_dir) == []
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -525,11 +534,8 @@ def test_store_failure_answers_r4_step_9(binding: str, tmp_path: Path, failing: 
         image = os.urandom(600_000)
         mtom = send_image_body(token, 1, "pdf-a", image)
         reply = client.post(mtom.chunks(), mtom.content_type, chunked=True)
-        assert reply.status == 500 and failures
-        with pytest.raises(C.ClientFault) as fault:
-            C.parse_response(reply.body, reply.status)
-        assert (fault.value.subcode or "").endswith("ServerErrorTemporaryError")
-        assert part_files(srv.data_dir) == []
+        assert failures
+        assert_temporary_store_fault(reply, srv.data_dir)
         # Nothing was acknowledged, so the device sends the image again, and it is kept.
         reply = client.post(mtom.chunks(), mtom.content_type, chunked=True)
         assert reply.status == 200, reply.body
@@ -835,11 +841,8 @@ def test_store_failure_in_a_coalesced_call(binding: str, tmp_path: Path, where: 
         else:
             upload.send(mtom.head + image + mtom.tail)
         reply = upload.read_response()
-        assert reply.status == 500 and failures
-        with pytest.raises(C.ClientFault) as fault:
-            C.parse_response(reply.body, reply.status)
-        assert (fault.value.subcode or "").endswith("ServerErrorTemporaryError")
-        assert part_files(srv.data_dir) == []
+        assert failures
+        assert_temporary_store_fault(reply, srv.data_dir)
         # Nothing was acknowledged: the device sends the image again, on the same connection.
         reply = upload.post(mtom.chunks(), mtom.content_type, length=length)
         assert reply.status == 200, reply.body
