@@ -20,8 +20,8 @@ import functools
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h11
 import trio
@@ -42,8 +42,10 @@ async def _stop_on_stdin_eof(cancel_scope: trio.CancelScope) -> None:
 async def _floor_connection(stream: trio.SocketStream, body: bytes) -> None:
     """Keep-alive loop with h11: read a request (body dropped), send the fixed reply, repeat."""
     conn = h11.Connection(h11.SERVER)
-    headers = [("Content-Type", "application/soap+xml; charset=utf-8"),
-               ("Content-Length", str(len(body)))]
+    headers = [
+        ("Content-Type", "application/soap+xml; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+    ]
     try:
         while True:
             event = conn.next_event()
@@ -91,9 +93,11 @@ async def run_core(port: int) -> None:
         service.start()
         try:
             async with trio.open_nursery() as nursery:
-                bound = await nursery.start(functools.partial(
-                    serve, service, host="127.0.0.1", port=port, limits=config.limits,
-                    grace=1.0))
+                bound = await nursery.start(
+                    functools.partial(
+                        serve, service, host="127.0.0.1", port=port, limits=config.limits, grace=1.0
+                    )
+                )
                 print(f"port {bound}", flush=True)
                 await _stop_on_stdin_eof(nursery.cancel_scope)
         finally:

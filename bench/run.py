@@ -35,26 +35,48 @@ import threading
 import time
 import tracemalloc
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from lxml import etree
 
-from dsc_core import (AbortDocument, AppendDocument, BeginDocument, Command, CreateJob,
-                      DiscardDocuments, DropJob, FinishDocument, Limits, Outcome, RequestInfo, ScanServer,
-                      ServerConfig, UpdateJob, names)
-from dsc_core import client
+from dsc_core import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    Command,
+    CreateJob,
+    DiscardDocuments,
+    DropJob,
+    FinishDocument,
+    Limits,
+    Outcome,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    UpdateJob,
+    client,
+    names,
+)
 from dsc_core.model import FileShareInstructions
 
 A = names.Action
 HERE = Path(__file__).resolve().parent
-NOW = datetime(2026, 11, 21, 9, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
-STORE_COMMANDS = (CreateJob, UpdateJob, BeginDocument, AppendDocument, FinishDocument,
-                  AbortDocument, DiscardDocuments, DropJob)
+STORE_COMMANDS = (
+    CreateJob,
+    UpdateJob,
+    BeginDocument,
+    AppendDocument,
+    FinishDocument,
+    AbortDocument,
+    DiscardDocuments,
+    DropJob,
+)
 #: Room for every job the timing loops create (the default limit is 1000 active jobs).
 CONFIG = ServerConfig(limits=Limits(max_active_jobs=10**9))
 
@@ -63,8 +85,8 @@ CONFIG = ServerConfig(limits=Limits(max_active_jobs=10**9))
 class Settings:
     """How long to measure.  ``--quick`` keeps the whole run to a few seconds (smoke test)."""
 
-    min_time: float          # seconds per timing sample of a micro benchmark
-    repeats: int             # interleaved samples per side; the best one counts
+    min_time: float  # seconds per timing sample of a micro benchmark
+    repeats: int  # interleaved samples per side; the best one counts
     upload_mib: int
     upload_repeats: int
     memory_sizes_mib: tuple[int, ...]
@@ -86,19 +108,25 @@ def ids() -> Callable[[], str]:
 
 
 def env(action: str, payload: etree._Element) -> bytes:
-    return client.envelope(action, payload,
-                           message_id=f"urn:uuid:{uuid.uuid4()}")
+    return client.envelope(action, payload, message_id=f"urn:uuid:{uuid.uuid4()}")
 
 
 def create_body() -> bytes:
-    return env(A.DSP_CREATE, client.create_post_scan_job(
-        user_identifier="S-1-5-21-0-0-0-1000", psp_identifier="scan-to-folder",
-        instructions=[FileShareInstructions(("\\\\localhost\\scans",))]))
+    return env(
+        A.DSP_CREATE,
+        client.create_post_scan_job(
+            user_identifier="S-1-5-21-0-0-0-1000",
+            psp_identifier="scan-to-folder",
+            instructions=[FileShareInstructions(("\\\\localhost\\scans",))],
+        ),
+    )
 
 
 def repository_body() -> bytes:
-    return env(A.DSC_GET_REPOSITORY_ELEMENTS, client.repository_elements_request(
-        ["RepositoryConfiguration"]))
+    return env(
+        A.DSC_GET_REPOSITORY_ELEMENTS,
+        client.repository_elements_request(["RepositoryConfiguration"]),
+    )
 
 
 def info(content_type: str = client.SOAP_XML) -> RequestInfo:
@@ -118,8 +146,9 @@ def per_call(fn: Callable[[], object], min_time: float) -> float:
         n = max(n * 2, int(n * min_time / max(elapsed, 1e-9) * 1.1))
 
 
-def side_by_side(a: Callable[[], float], b: Callable[[], float],
-                 repeats: int) -> tuple[float, float]:
+def side_by_side(
+    a: Callable[[], float], b: Callable[[], float], repeats: int
+) -> tuple[float, float]:
     """Best of ``repeats`` samples of each, taken alternately so both see the same machine."""
     best_a = best_b = float("inf")
     for _ in range(repeats):
@@ -172,11 +201,15 @@ def core_case(name: str) -> tuple[bytes, Callable[[], Outcome]]:
 
 def bench_core_vs_floor(s: Settings) -> None:
     header("core vs floor: one request through the core / lxml parse+serialize of its bytes")
-    print("(the floor is what any SOAP server pays for the request; the last two columns add "
-          "parse+serialize of the\n reply bytes to it, a fairer floor for replies much larger "
-          "than their requests)")
-    print(f"{'request':<32}{'core us':>9}{'floor us':>10}{'core/floor':>12}"
-          f"{'+reply us':>11}{'core/both':>11}")
+    print(
+        "(the floor is what any SOAP server pays for the request; the last two columns add "
+        "parse+serialize of the\n reply bytes to it, a fairer floor for replies much larger "
+        "than their requests)"
+    )
+    print(
+        f"{'request':<32}{'core us':>9}{'floor us':>10}{'core/floor':>12}"
+        f"{'+reply us':>11}{'core/both':>11}"
+    )
     for name in ("GetRepositoryElements", "GetActiveJobs (50 active jobs)", "CreatePostScanJob"):
         body, handle = core_case(name)
         outcome = handle()
@@ -196,8 +229,11 @@ def bench_core_vs_floor(s: Settings) -> None:
             for i, fn in enumerate(candidates):
                 best[i] = min(best[i], per_call(fn, s.min_time))
         core_t, floor_t, both_t = best
-        print(f"{name:<32}{core_t * 1e6:>9.1f}{floor_t * 1e6:>10.1f}{core_t / floor_t:>11.1f}x"
-              f"{both_t * 1e6:>11.1f}{core_t / both_t:>10.1f}x", flush=True)
+        print(
+            f"{name:<32}{core_t * 1e6:>9.1f}{floor_t * 1e6:>10.1f}{core_t / floor_t:>11.1f}x"
+            f"{both_t * 1e6:>11.1f}{core_t / both_t:>10.1f}x",
+            flush=True,
+        )
 
 
 # --- 2. image upload through core + JobStore vs a plain file ---------------------------------
@@ -206,15 +242,13 @@ def bench_core_vs_floor(s: Settings) -> None:
 def image_chunks(size: int, chunk: bytes) -> Iterator[bytes]:
     """``size`` bytes as repeats of one chunk object: the generator itself holds no image."""
     for offset in range(0, size, len(chunk)):
-        yield chunk if offset + len(chunk) <= size else chunk[:size - offset]
+        yield chunk if offset + len(chunk) <= size else chunk[: size - offset]
 
 
-def send_image_body(token: str, document_id: int, size: int,
-                    chunk: bytes) -> client.Mtom:
+def send_image_body(token: str, document_id: int, size: int, chunk: bytes) -> client.Mtom:
     cid = f"image{document_id}@bench"
     root = env(A.DSP_SEND_IMAGE, client.send_image_request(token, document_id, "png", cid))
-    return client.mtom(root, cid, image_chunks(size, chunk),
-                       boundary=f"bench-{uuid.uuid4().hex}")
+    return client.mtom(root, cid, image_chunks(size, chunk), boundary=f"bench-{uuid.uuid4().hex}")
 
 
 def upload_through_core(folder: Path, size: int, chunk: bytes) -> float:
@@ -231,8 +265,9 @@ def upload_through_core(folder: Path, size: int, chunk: bytes) -> float:
 
         created = server.handle(create_body(), info())
         run(created.commands)
-        token = client.text_of(client.parse_response(created.reply.body).payload, names.DSP,
-                               "JobToken")
+        token = client.text_of(
+            client.parse_response(created.reply.body).payload, names.DSP, "JobToken"
+        )
         body = send_image_body(token, 1, size, chunk)
         start = time.perf_counter()
         exchange = server.open_exchange(info(body.content_type))
@@ -255,7 +290,7 @@ def write_file(folder: Path, size: int, chunk: bytes) -> float:
         for piece in image_chunks(size, chunk):
             view = memoryview(piece)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -273,11 +308,14 @@ def _settle() -> None:
 
 def bench_upload(s: Settings) -> None:
     size = s.upload_mib * MiB
-    header(f"image upload: SendImage of {s.upload_mib} MiB in 64 KiB chunks, core + JobStore / "
-           "write+fsync of the same bytes")
+    header(
+        f"image upload: SendImage of {s.upload_mib} MiB in 64 KiB chunks, core + JobStore / "
+        "write+fsync of the same bytes"
+    )
     chunk = os.urandom(CHUNK)
-    with tempfile.TemporaryDirectory(prefix="dsc-bench-", dir=os.environ.get("DSC_BENCH_DIR")) \
-            as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="dsc-bench-", dir=os.environ.get("DSC_BENCH_DIR")
+    ) as tmp:
         counter = itertools.count()
 
         def core() -> float:
@@ -296,8 +334,11 @@ def bench_upload(s: Settings) -> None:
     print(f"{'path':<34}{'seconds':>10}{'MiB/s':>10}")
     print(f"{'core + JobStore':<34}{core_t:>10.3f}{size / MiB / core_t:>10.1f}")
     print(f"{'write + fsync (floor)':<34}{floor_t:>10.3f}{size / MiB / floor_t:>10.1f}")
-    print(f"time ratio core/floor: {core_t / floor_t:.2f}x  "
-          f"(throughput {floor_t / core_t:.0%} of the floor)", flush=True)
+    print(
+        f"time ratio core/floor: {core_t / floor_t:.2f}x  "
+        f"(throughput {floor_t / core_t:.0%} of the floor)",
+        flush=True,
+    )
 
 
 # --- 3. memory vs image size --------------------------------------------------------------------
@@ -307,8 +348,7 @@ def peak_memory(size: int, chunk: bytes) -> int:
     """Peak bytes traced while the core alone streams one SendImage of ``size`` bytes."""
     server = ScanServer(CONFIG, new_id=ids())
     created = server.handle(create_body(), info())
-    token = client.text_of(client.parse_response(created.reply.body).payload, names.DSP,
-                           "JobToken")
+    token = client.text_of(client.parse_response(created.reply.body).payload, names.DSP, "JobToken")
     body = send_image_body(token, 1, size, chunk)
     gc.collect()
     tracemalloc.start()
@@ -327,16 +367,21 @@ def peak_memory(size: int, chunk: bytes) -> int:
 
 
 def bench_memory(s: Settings) -> None:
-    header("memory vs image size: peak traced memory of the core streaming one SendImage "
-           "(64 KiB chunks)")
+    header(
+        "memory vs image size: peak traced memory of the core streaming one SendImage "
+        "(64 KiB chunks)"
+    )
     chunk = os.urandom(CHUNK)
     peaks = {mib: peak_memory(mib * MiB, chunk) for mib in s.memory_sizes_mib}
     print(f"{'image MiB':<34}{'peak KiB':>10}")
     for mib, peak in peaks.items():
         print(f"{mib:<34}{peak / 1024:>10.1f}")
     smallest, largest = min(s.memory_sizes_mib), max(s.memory_sizes_mib)
-    print(f"peak ratio {largest} MiB / {smallest} MiB: {peaks[largest] / peaks[smallest]:.2f}x "
-          f"for an image {largest // smallest}x larger (flat is ~1)", flush=True)
+    print(
+        f"peak ratio {largest} MiB / {smallest} MiB: {peaks[largest] / peaks[smallest]:.2f}x "
+        f"for an image {largest // smallest}x larger (flat is ~1)",
+        flush=True,
+    )
 
 
 # --- 4. HTTP: async binding vs a bare h11 server ---------------------------------------------
@@ -349,14 +394,19 @@ class ServerProcess:
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "http_servers.py"), *args, "--port", "0"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("port "):
             self.stop()
             self.log.seek(0)
-            raise RuntimeError(f"{args[0]} server did not start: {line!r} "
-                               f"{self.log.read()[-2000:]}")
+            raise RuntimeError(
+                f"{args[0]} server did not start: {line!r} {self.log.read()[-2000:]}"
+            )
         self.port = int(line.split()[1])
 
     def stop(self) -> None:
@@ -415,7 +465,7 @@ def load(port: int, request: bytes, seconds: float, connections: int) -> float:
                     if status != 200:
                         raise RuntimeError(f"HTTP {status}")
                     counts[i] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
             try:
                 barrier.abort()
@@ -440,16 +490,19 @@ def load(port: int, request: bytes, seconds: float, connections: int) -> float:
 
 
 def http_request(body: bytes) -> bytes:
-    return (b"POST /ScanServer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/soap+xml; charset=utf-8\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return (
+        b"POST /ScanServer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/soap+xml; charset=utf-8\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
 
 
 def http_bindings_available() -> str | None:
     """None when the async binding and the service can be used, else why not."""
     try:
         from dsc_bindings import http_async, service
-    except Exception as exc:  # noqa: BLE001 - any import trouble means "not ready"
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     if not callable(getattr(http_async, "serve", None)):
         return "dsc_bindings.http_async has no serve()"
@@ -459,8 +512,10 @@ def http_bindings_available() -> str | None:
 
 
 def bench_http(s: Settings) -> None:
-    header("HTTP: GetRepositoryElements over keep-alive, async binding + ScanService / "
-           "bare h11 on trio answering the same bytes")
+    header(
+        "HTTP: GetRepositoryElements over keep-alive, async binding + ScanService / "
+        "bare h11 on trio answering the same bytes"
+    )
     why = http_bindings_available()
     if why is not None:
         print(f"skipped: HTTP bindings not available ({why})")
@@ -482,7 +537,8 @@ def bench_http(s: Settings) -> None:
             core_rps, floor_rps = side_by_side(
                 lambda: -load(core.port, request, s.http_seconds, s.http_connections),
                 lambda: -load(floor.port, request, s.http_seconds, s.http_connections),
-                s.http_repeats)
+                s.http_repeats,
+            )
         except (RuntimeError, OSError) as exc:
             print(f"skipped: HTTP bindings not available (they failed: {exc})")
             return
@@ -494,9 +550,12 @@ def bench_http(s: Settings) -> None:
     print(f"{'server':<34}{'req/s':>10}{'us/req':>10}")
     print(f"{'async binding + core':<34}{core_rps:>10.0f}{1e6 / core_rps:>10.1f}")
     print(f"{'bare h11 on trio (floor)':<34}{floor_rps:>10.0f}{1e6 / floor_rps:>10.1f}")
-    print(f"throughput ratio binding/floor: {core_rps / floor_rps:.2f}  "
-          f"(time per request {floor_rps / core_rps:.1f}x the floor; "
-          f"{s.http_connections} connections, {len(reply.body)}-byte replies)", flush=True)
+    print(
+        f"throughput ratio binding/floor: {core_rps / floor_rps:.2f}  "
+        f"(time per request {floor_rps / core_rps:.1f}x the floor; "
+        f"{s.http_connections} connections, {len(reply.body)}-byte replies)",
+        flush=True,
+    )
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -504,13 +563,17 @@ def bench_http(s: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmarks: ratios measured side by side.")
-    parser.add_argument("--quick", action="store_true",
-                        help="a few seconds in all (the smoke test uses it)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few seconds in all (the smoke test uses it)"
+    )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
-    print(f"dsc-server benchmarks ({'quick' if args.quick else 'full'}); Python "
-          f"{sys.version.split()[0]}, lxml {'.'.join(map(str, etree.LXML_VERSION))}; "
-          "ratios are measured side by side in this run", flush=True)
+    print(
+        f"dsc-server benchmarks ({'quick' if args.quick else 'full'}); Python "
+        f"{sys.version.split()[0]}, lxml {'.'.join(map(str, etree.LXML_VERSION))}; "
+        "ratios are measured side by side in this run",
+        flush=True,
+    )
     started = time.perf_counter()
     bench_core_vs_floor(s)
     bench_upload(s)

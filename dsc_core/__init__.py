@@ -3,21 +3,71 @@
 Feed it request bytes, get reply bytes and ordered commands.  No sockets, files, clocks or threads.
 """
 
-from .commands import (AbortDocument, AppendDocument, BeginDocument, Command, CreateJob, Deliver,
-                       DiscardDocuments, DropJob, FilterFinished, FilterStarted, FinishDocument,
-                       ProcessingEvent, ProcessingFinished, ProcessingStarted, StartProcessing,
-                       StopProcessing, UpdateJob)
+from .commands import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    Command,
+    CreateJob,
+    Deliver,
+    DiscardDocuments,
+    DropJob,
+    FilterFinished,
+    FilterStarted,
+    FinishDocument,
+    ProcessingEvent,
+    ProcessingFinished,
+    ProcessingStarted,
+    StartProcessing,
+    StopProcessing,
+    UpdateJob,
+)
 from .config import Limits, ServerConfig
 from .exchange_types import Outcome, Reply, RequestInfo, UsageError
-from .model import (Document, FilterState, FilterStateReason, FilterStatus, Job, JobState,
-                    JobStateReason, RepositoryState)
+from .model import (
+    Document,
+    FilterState,
+    FilterStateReason,
+    FilterStatus,
+    Job,
+    JobState,
+    JobStateReason,
+    RepositoryState,
+)
 from .server import Exchange, ScanServer
 
 __all__ = [
-    "AbortDocument", "AppendDocument", "BeginDocument", "Command", "CreateJob", "Deliver",
-    "DiscardDocuments", "Document", "DropJob", "Exchange", "FilterFinished", "FilterStarted",
-    "FilterState", "FilterStateReason", "FilterStatus", "FinishDocument", "Job", "JobState",
-    "JobStateReason", "Limits", "Outcome", "ProcessingEvent", "ProcessingFinished",
-    "ProcessingStarted", "Reply", "RequestInfo", "RepositoryState", "ScanServer", "ServerConfig",
-    "StartProcessing", "StopProcessing", "UpdateJob", "UsageError",
+    "AbortDocument",
+    "AppendDocument",
+    "BeginDocument",
+    "Command",
+    "CreateJob",
+    "Deliver",
+    "DiscardDocuments",
+    "Document",
+    "DropJob",
+    "Exchange",
+    "FilterFinished",
+    "FilterStarted",
+    "FilterState",
+    "FilterStateReason",
+    "FilterStatus",
+    "FinishDocument",
+    "Job",
+    "JobState",
+    "JobStateReason",
+    "Limits",
+    "Outcome",
+    "ProcessingEvent",
+    "ProcessingFinished",
+    "ProcessingStarted",
+    "Reply",
+    "RepositoryState",
+    "RequestInfo",
+    "ScanServer",
+    "ServerConfig",
+    "StartProcessing",
+    "StopProcessing",
+    "UpdateJob",
+    "UsageError",
 ]

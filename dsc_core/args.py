@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import faults, names
-from .xmlread import (Element, children, parse_bool, parse_int, resolve_qname, simple_text,
-                      split)
+from .xmlread import Element, children, parse_bool, parse_int, resolve_qname, simple_text, split
 
 _PREFIX_OF = {ns: prefix for prefix, ns in names.PREFIXES.items()}
 _PREFIX_OF.update({names.FSF: "fsf", names.EMLF: "emlf", names.SPF: "spf", names.XOP: "xop"})
@@ -42,8 +41,9 @@ class Args:
     def invalid(self, ns: str | None, local: str) -> faults.SoapFault:
         return faults.invalid_args(self.fault_ns, label(ns, local))
 
-    def sequence(self, parent: Element, ns: str, items: tuple[Item, ...],
-                 *, allow_other: bool) -> dict[str, list[Element]]:
+    def sequence(
+        self, parent: Element, ns: str, items: tuple[Item, ...], *, allow_other: bool
+    ) -> dict[str, list[Element]]:
         """Match the children of ``parent`` to ``items`` (all in namespace ``ns``).
 
         ``allow_other`` is the trailing ``xs:any namespace="##other"`` of most types: elements

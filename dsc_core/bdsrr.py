@@ -10,8 +10,15 @@ from .config import ServerConfig
 from .dsp import job_elements
 from .jobstate import JobInput
 from .jobxml import job_summary
-from .operations import (change, element_data, find_job, request_element, require_scan_admin,
-                         requested_names, result)
+from .operations import (
+    change,
+    element_data,
+    find_job,
+    request_element,
+    requested_names,
+    require_scan_admin,
+    result,
+)
 from .server import Call, Handler, OpResult
 
 NS = names.DSC
@@ -64,8 +71,13 @@ def cancel_post_scan_job(call: Call) -> OpResult:
     token = args.token(found["JobToken"][0])
     job = find_job(call, NS, token, own_only=False)
     _, commands, undo = change(call, NS, job, JobInput.CANCEL)
-    return result(A.DSC_CANCEL + "Response", etree.Element(f"{{{NS}}}CancelPostScanJobResponse"),
-                  {"dsc": NS}, commands, undo)
+    return result(
+        A.DSC_CANCEL + "Response",
+        etree.Element(f"{{{NS}}}CancelPostScanJobResponse"),
+        {"dsc": NS},
+        commands,
+        undo,
+    )
 
 
 def get_post_scan_job_elements(call: Call) -> OpResult:

@@ -4,15 +4,14 @@ response/fault parsers.  Used by the ``dsc`` client commands, the tests and the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 from lxml import etree
 
 from . import names
 from .config import Limits
-from .model import (EmailInstructions, FileShareInstructions, Instructions,
-                    SharePointInstructions)
+from .model import EmailInstructions, FileShareInstructions, Instructions
 from .xmlread import Element, children, parse_document, split, trimmed
 
 A = names.Action
@@ -27,12 +26,20 @@ def _sub(parent: Element, ns: str, local: str, text: str | None = None) -> Eleme
     return el
 
 
-def envelope(action: str, payload: Element, *, message_id: str, to: str = "",
-             headers: Sequence[Element] = ()) -> bytes:
+def envelope(
+    action: str, payload: Element, *, message_id: str, to: str = "", headers: Sequence[Element] = ()
+) -> bytes:
     """A request: To, Action, MessageID and an anonymous ReplyTo (dsm-and-stack §1.5)."""
-    root = etree.Element(f"{{{names.SOAP}}}Envelope",
-                         nsmap={"soap": names.SOAP, "wsa": names.WSA, "dsp": names.DSP,
-                                "dsc": names.DSC, "psp": names.PSP})
+    root = etree.Element(
+        f"{{{names.SOAP}}}Envelope",
+        nsmap={
+            "soap": names.SOAP,
+            "wsa": names.WSA,
+            "dsp": names.DSP,
+            "dsc": names.DSC,
+            "psp": names.PSP,
+        },
+    )
     header = _sub(root, names.SOAP, "Header")
     _sub(header, names.WSA, "To", to or names.ANONYMOUS)
     _sub(header, names.WSA, "Action", action)
@@ -47,10 +54,15 @@ def envelope(action: str, payload: Element, *, message_id: str, to: str = "",
 # --- WS-DSP (the scanner's side) ------------------------------------------------------------
 
 
-def create_post_scan_job(*, user_identifier: str, psp_identifier: str,
-                         instructions: Iterable[Instructions], document_root_name: str = "Scan",
-                         continue_on_error: bool | None = None,
-                         process_name: str | None = None) -> Element:
+def create_post_scan_job(
+    *,
+    user_identifier: str,
+    psp_identifier: str,
+    instructions: Iterable[Instructions],
+    document_root_name: str = "Scan",
+    continue_on_error: bool | None = None,
+    process_name: str | None = None,
+) -> Element:
     req = etree.Element(f"{{{names.DSP}}}CreatePostScanJobRequest")
     _sub(req, names.DSP, "UserIdentifier", user_identifier)
     _sub(req, names.DSP, "PSP_Identifier", psp_identifier)
@@ -82,8 +94,9 @@ def filter_instructions(item: Instructions) -> tuple[str, Element]:
         _sub(config, names.EMLF, "SendToScanUser", "true" if item.send_to_scan_user else "false")
         if item.addresses:
             box = _sub(config, names.EMLF, "SendToAddresses")
-            box.set(f"{{{names.EMLF}}}CanAddAddresses",
-                    "true" if item.can_add_addresses else "false")
+            box.set(
+                f"{{{names.EMLF}}}CanAddAddresses", "true" if item.can_add_addresses else "false"
+            )
             for address in item.addresses:
                 _sub(box, names.EMLF, "EmailAddress", address)
         return names.EMLF, config
@@ -160,20 +173,30 @@ class Mtom:
         return len(self.head) + image_size + len(self.tail)
 
 
-def mtom(root_envelope: bytes, content_id: str, image_chunks: Iterable[bytes], *,
-         boundary: str) -> Mtom:
+def mtom(
+    root_envelope: bytes, content_id: str, image_chunks: Iterable[bytes], *, boundary: str
+) -> Mtom:
     """multipart/related; type="application/xop+xml", root part first (R8, DPWS R0039)."""
     start = "<root@dsc-server>"
-    ctype = (f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; '
-             f'start="{start}"; start-info="application/soap+xml"')
-    head = (f"--{boundary}\r\n"
-            "Content-Type: application/xop+xml; charset=utf-8; type=\"application/soap+xml\"\r\n"
+    ctype = (
+        f'multipart/related; boundary="{boundary}"; type="application/xop+xml"; '
+        f'start="{start}"; start-info="application/soap+xml"'
+    )
+    head = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Type: application/xop+xml; charset=utf-8; type="application/soap+xml"\r\n'
             "Content-Transfer-Encoding: binary\r\n"
-            f"Content-ID: {start}\r\n\r\n").encode() + root_envelope + (
-        f"\r\n--{boundary}\r\n"
-        "Content-Type: application/octet-stream\r\n"
-        "Content-Transfer-Encoding: binary\r\n"
-        f"Content-ID: <{content_id}>\r\n\r\n").encode()
+            f"Content-ID: {start}\r\n\r\n"
+        ).encode()
+        + root_envelope
+        + (
+            f"\r\n--{boundary}\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            "Content-Transfer-Encoding: binary\r\n"
+            f"Content-ID: <{content_id}>\r\n\r\n"
+        ).encode()
+    )
     tail = f"\r\n--{boundary}--\r\n".encode()
     return Mtom(ctype, head, tail, image_chunks)
 
@@ -184,8 +207,9 @@ def mtom(root_envelope: bytes, content_id: str, image_chunks: Iterable[bytes], *
 class ClientFault(Exception):
     """A SOAP fault answer, readable in one line: ``subcode: reason``."""
 
-    def __init__(self, code: str, subcode: str | None, reason: str, detail: str,
-                 status: int) -> None:
+    def __init__(
+        self, code: str, subcode: str | None, reason: str, detail: str, status: int
+    ) -> None:
         self.code = code
         self.subcode = subcode
         self.reason = reason
@@ -211,8 +235,7 @@ def parse_response(body: bytes, status: int = 200) -> Response:
     try:
         root = parse_document(body, _CLIENT_LIMITS)
     except Exception as exc:  # the core's fault type: the reply is not SOAP at all
-        raise ValueError(f"the server answered HTTP {status} with a body that is not SOAP") \
-            from exc
+        raise ValueError(f"the server answered HTTP {status} with a body that is not SOAP") from exc
     if split(root.tag) != (names.SOAP, "Envelope"):
         raise ValueError("the reply is not a SOAP 1.2 envelope")
     action = relates = None
@@ -305,17 +328,23 @@ class JobView:
     @property
     def succeeded(self) -> bool:
         """Completed, successfully or with warnings (R6); errors or an abort are failures."""
-        return self.state == "Completed" and \
-            "PostScanJobCompletedWithErrors" not in self.reasons
+        return self.state == "Completed" and "PostScanJobCompletedWithErrors" not in self.reasons
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "token": self.token, "state": self.state, "reasons": list(self.reasons),
-            "filters": [{"dialect": f.dialect, "state": f.state, "reasons": list(f.reasons)}
-                        for f in self.filters],
-            "images_received": self.images_received, "psp_identifier": self.psp_identifier,
-            "psp_display_name": self.psp_display_name, "user_name": self.user_name,
-            "created": self.created, "completed": self.completed,
+            "token": self.token,
+            "state": self.state,
+            "reasons": list(self.reasons),
+            "filters": [
+                {"dialect": f.dialect, "state": f.state, "reasons": list(f.reasons)}
+                for f in self.filters
+            ],
+            "images_received": self.images_received,
+            "psp_identifier": self.psp_identifier,
+            "psp_display_name": self.psp_display_name,
+            "user_name": self.user_name,
+            "created": self.created,
+            "completed": self.completed,
         }
 
 
@@ -330,10 +359,16 @@ def read_job(el: Element, ns: str) -> JobView:
     reasons_el = _either(el, ns, "JobStateReasons", "JobCompletedStateReasons")
     filters_el = _either(el, ns, "FilterStatuses", "FilterCompletedStatuses")
     filters = tuple(
-        FilterView(text_of(f, ns, "Dialect"), text_of(f, ns, "FilterState"),
-                   tuple(trimmed(r.text) for r in all_of(find_path(f, ns, "FilterStateReasons"),
-                                                         ns, "FilterStateReason")))
-        for f in all_of(filters_el, ns, "FilterStatus"))
+        FilterView(
+            text_of(f, ns, "Dialect"),
+            text_of(f, ns, "FilterState"),
+            tuple(
+                trimmed(r.text)
+                for r in all_of(find_path(f, ns, "FilterStateReasons"), ns, "FilterStateReason")
+            ),
+        )
+        for f in all_of(filters_el, ns, "FilterStatus")
+    )
     images = text_of(el, ns, "ImagesReceived")
     return JobView(
         token=text_of(el, ns, "JobToken"),
@@ -361,14 +396,23 @@ def read_job_elements(payload: Element | None, ns: str) -> JobView:
         raise ValueError("the reply has no JobStatus")
     view = read_job(status, ns)
     if description is not None:
-        view = JobView(view.token, view.state, view.reasons, view.filters,
-                       view.images_received, text_of(description, ns, "PSP_Identifier"),
-                       text_of(description, ns, "PSP_DisplayName"),
-                       text_of(description, ns, "JobOriginatingUserName"),
-                       view.created, view.completed)
+        view = JobView(
+            view.token,
+            view.state,
+            view.reasons,
+            view.filters,
+            view.images_received,
+            text_of(description, ns, "PSP_Identifier"),
+            text_of(description, ns, "PSP_DisplayName"),
+            text_of(description, ns, "JobOriginatingUserName"),
+            view.created,
+            view.completed,
+        )
     return view
 
 
 def read_summaries(payload: Element | None, container: str) -> list[JobView]:
-    return [read_job(s, names.DSC)
-            for s in all_of(find_path(payload, names.DSC, container), names.DSC, "JobSummary")]
+    return [
+        read_job(s, names.DSC)
+        for s in all_of(find_path(payload, names.DSC, container), names.DSC, "JobSummary")
+    ]

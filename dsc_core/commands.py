@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .model import FilterState, FilterStateReason, Job
 
-
 # --- Job-store commands -----------------------------------------------------------------------
 
 
@@ -112,8 +111,16 @@ class Deliver:
     final: bool = False
 
 
-StoreCommand = (CreateJob | UpdateJob | BeginDocument | AppendDocument | FinishDocument
-                | AbortDocument | DiscardDocuments | DropJob)
+StoreCommand = (
+    CreateJob
+    | UpdateJob
+    | BeginDocument
+    | AppendDocument
+    | FinishDocument
+    | AbortDocument
+    | DiscardDocuments
+    | DropJob
+)
 EngineCommand = StartProcessing | StopProcessing
 Command = StoreCommand | EngineCommand | Deliver
 

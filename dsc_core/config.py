@@ -7,8 +7,8 @@ place and a test can shrink any of them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from . import names
 
@@ -80,7 +80,7 @@ class ServerConfig:
     subscription_max_seconds: float = 86400.0
     delivery_failures_before_end: int = 3
 
-    def replace(self, **changes: object) -> "ServerConfig":
+    def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @property

@@ -11,9 +11,9 @@ never raises: whatever cannot be understood is skipped, and a value without a re
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Optional
 
 __all__ = ["ContentType", "parse_content_type"]
 
@@ -37,7 +37,7 @@ class ContentType:
     media_type: str
     params: Mapping[str, str] = field(default_factory=_empty_params)
 
-    def param(self, name: str) -> Optional[str]:
+    def param(self, name: str) -> str | None:
         """The value of parameter ``name`` (matched case-insensitively), or None."""
         return self.params.get(name.lower())
 

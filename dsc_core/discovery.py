@@ -20,8 +20,7 @@ def answer_datagram(server: ScanServer, data: bytes, now: datetime) -> bytes | N
         envelope = soap.read_envelope(parse_document(data, server.config.limits))
     except faults.SoapFault:
         return None
-    if envelope.addressing.action != names.Action.PROBE or \
-            not probe_matches(envelope.payload):
+    if envelope.addressing.action != names.Action.PROBE or not probe_matches(envelope.payload):
         return None  # not a Probe, or no match: WS-Discovery sends no answer
     outcome = server.handle(data, RequestInfo(now=now, content_type="application/soap+xml"))
     return outcome.reply.body if outcome.reply.status == 200 else None

@@ -10,9 +10,9 @@ SubscriptionEnd; repeated delivery failures end a subscription with DeliveryFail
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
 
 from lxml import etree
 
@@ -24,8 +24,14 @@ from .xmlread import Element, children, split, trimmed
 A = names.Action
 
 DSP_EVENTS = frozenset({A.DSP_JOB_STATUS_EVENT, A.DSP_JOB_END_STATE_EVENT})
-DSC_EVENTS = frozenset({A.DSC_ELEMENTS_CHANGE_EVENT, A.DSC_STATUS_SUMMARY_EVENT,
-                        A.DSC_JOB_STATUS_EVENT, A.DSC_JOB_END_STATE_EVENT})
+DSC_EVENTS = frozenset(
+    {
+        A.DSC_ELEMENTS_CHANGE_EVENT,
+        A.DSC_STATUS_SUMMARY_EVENT,
+        A.DSC_JOB_STATUS_EVENT,
+        A.DSC_JOB_END_STATE_EVENT,
+    }
+)
 ALL_EVENTS = DSP_EVENTS | DSC_EVENTS
 
 SHUTTING_DOWN = names.WSE + "/SourceShuttingDown"
@@ -58,8 +64,9 @@ class Subscriptions:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def subscribe(self, env: soap.Envelope, payload: Element, service_hint: str | None,
-                  now: datetime) -> tuple[Subscription, Element]:
+    def subscribe(
+        self, env: soap.Envelope, payload: Element, service_hint: str | None, now: datetime
+    ) -> tuple[Subscription, Element]:
         if len(self.by_id) >= self.config.limits.max_subscriptions:
             raise faults.eventing("EventSourceUnableToProcess")
         end_to: EndpointReference | None = None
@@ -88,8 +95,7 @@ class Subscriptions:
         expires = self._grant(expires_el, now)
         actions = self._filter(filter_el, service_hint)
         identifier = f"urn:uuid:{self.new_id()}"
-        sub = Subscription(identifier, notify_to, end_to, actions, expires,
-                           env.addressing.wsa_ns)
+        sub = Subscription(identifier, notify_to, end_to, actions, expires, env.addressing.wsa_ns)
         self.by_id[identifier] = sub
         response = etree.Element(f"{{{names.WSE}}}SubscribeResponse")
         manager = etree.SubElement(response, f"{{{names.WSE}}}SubscriptionManager")
@@ -102,8 +108,9 @@ class Subscriptions:
 
     def renew(self, env: soap.Envelope, payload: Element, now: datetime) -> Element:
         sub = self._find(env, "UnableToRenew", now)
-        expires_el = next((c for c in children(payload)
-                           if split(c.tag) == (names.WSE, "Expires")), None)
+        expires_el = next(
+            (c for c in children(payload) if split(c.tag) == (names.WSE, "Expires")), None
+        )
         expires = self._grant(expires_el, now)
         self.by_id[sub.identifier] = replace(sub, expires=expires)
         response = etree.Element(f"{{{names.WSE}}}RenewResponse")
@@ -154,8 +161,9 @@ class Subscriptions:
         offered = {"dsp": DSP_EVENTS, "dsc": DSC_EVENTS}.get(service_hint or "", ALL_EVENTS)
         if filter_el is None:
             return offered
-        dialect = names.canonical_uri(trimmed(filter_el.get("Dialect"))
-                                      or names.DEVPROF_ACTION_DIALECT)
+        dialect = names.canonical_uri(
+            trimmed(filter_el.get("Dialect")) or names.DEVPROF_ACTION_DIALECT
+        )
         if dialect != names.DEVPROF_ACTION_DIALECT:
             raise faults.eventing("FilteringRequestedUnavailable")
         wanted = frozenset(names.canonical_uri(a) for a in (filter_el.text or "").split())
@@ -214,8 +222,9 @@ class Subscriptions:
                 continue
             body = etree.Element(f"{{{names.WSE}}}SubscriptionEnd")
             manager = etree.SubElement(body, f"{{{names.WSE}}}SubscriptionManager")
-            etree.SubElement(manager, f"{{{sub.wsa_ns}}}Address").text = \
-                self._manager_address(sub.actions)
+            etree.SubElement(manager, f"{{{sub.wsa_ns}}}Address").text = self._manager_address(
+                sub.actions
+            )
             params = etree.SubElement(manager, f"{{{sub.wsa_ns}}}ReferenceParameters")
             etree.SubElement(params, f"{{{names.WSE}}}Identifier").text = sub.identifier
             etree.SubElement(body, f"{{{names.WSE}}}Status").text = status
@@ -229,8 +238,9 @@ class Subscriptions:
     def _message(self, to: EndpointReference, wsa_ns: str, action: str, body: Element) -> bytes:
         """A one-way message: To, Action, fresh MessageID, and the EPR's reference parameters
         as header blocks (dsm-and-stack §4, §6 "Notifications")."""
-        root, header, body_el = soap.new_envelope(wsa_ns, {"wse": names.WSE, "dsc": names.DSC,
-                                                           "dsp": names.DSP})
+        root, header, body_el = soap.new_envelope(
+            wsa_ns, {"wse": names.WSE, "dsc": names.DSC, "dsp": names.DSP}
+        )
         etree.SubElement(header, f"{{{wsa_ns}}}To").text = to.address
         etree.SubElement(header, f"{{{wsa_ns}}}Action").text = action
         etree.SubElement(header, f"{{{wsa_ns}}}MessageID").text = f"urn:uuid:{self.new_id()}"
@@ -261,7 +271,8 @@ def _read_epr(el: Element) -> EndpointReference:
 
 
 _DURATION = re.compile(
-    r"^(-)?P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+    r"^(-)?P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
+)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -270,9 +281,12 @@ def parse_duration(text: str) -> timedelta:
     if match is None or text.endswith(("P", "T")):
         raise ValueError(f"not an xs:duration: {text!r}")
     sign, years, months, days, hours, minutes, seconds = match.groups()
-    total = timedelta(days=int(years or 0) * 365 + int(months or 0) * 30 + int(days or 0),
-                      hours=int(hours or 0), minutes=int(minutes or 0),
-                      seconds=float(seconds or 0))
+    total = timedelta(
+        days=int(years or 0) * 365 + int(months or 0) * 30 + int(days or 0),
+        hours=int(hours or 0),
+        minutes=int(minutes or 0),
+        seconds=float(seconds or 0),
+    )
     return -total if sign else total
 
 

@@ -30,9 +30,16 @@ class Detail:
 class SoapFault(Exception):
     """A fault answer.  ``subcode`` is (namespace, local name) or None (R4 step 1 has none)."""
 
-    def __init__(self, code: str, subcode: tuple[str, str] | None, reason: str,
-                 detail: Detail | None = None, *, http_status: int | None = None,
-                 not_understood: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        code: str,
+        subcode: tuple[str, str] | None,
+        reason: str,
+        detail: Detail | None = None,
+        *,
+        http_status: int | None = None,
+        not_understood: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(reason)
         self.code = code
         self.subcode = subcode
@@ -51,41 +58,60 @@ class SoapFault(Exception):
 
 # --- R4 step 1: not well-formed, DTD, PI, limits, no Envelope/Body ---------------------------
 
+
 def malformed(reason: str, *, http_status: int = 400) -> SoapFault:
     return SoapFault(SENDER, None, reason, http_status=http_status)
 
 
 # --- Steps 2 and 3 ----------------------------------------------------------------------------
 
+
 def version_mismatch() -> SoapFault:
-    return SoapFault(VERSION_MISMATCH, None, "The SOAP envelope version is not supported; "
-                     "this server speaks SOAP 1.2.")
+    return SoapFault(
+        VERSION_MISMATCH,
+        None,
+        "The SOAP envelope version is not supported; this server speaks SOAP 1.2.",
+    )
 
 
 def must_understand(headers: tuple[tuple[str, str], ...]) -> SoapFault:
-    return SoapFault(MUST_UNDERSTAND, None,
-                     "One or more mandatory SOAP header blocks not understood.",
-                     not_understood=headers)
+    return SoapFault(
+        MUST_UNDERSTAND,
+        None,
+        "One or more mandatory SOAP header blocks not understood.",
+        not_understood=headers,
+    )
 
 
 # --- Step 4: WS-Addressing (dsm-and-stack §4 table) -----------------------------------------
 
+
 def action_required(wsa_ns: str) -> SoapFault:
-    return SoapFault(SENDER, (wsa_ns, "MessageInformationHeaderRequired"),
-                     "A required message information header, To, MessageID, or Action, "
-                     "is not present.", Detail("wsa:Action"))
+    return SoapFault(
+        SENDER,
+        (wsa_ns, "MessageInformationHeaderRequired"),
+        "A required message information header, To, MessageID, or Action, is not present.",
+        Detail("wsa:Action"),
+    )
 
 
 def action_not_supported(wsa_ns: str, action: str) -> SoapFault:
     # bdsrr 3.1.4.1.1 reason, exactly (no final period).
-    return SoapFault(SENDER, (wsa_ns, "ActionNotSupported"),
-                     "The [action] cannot be processed at the receiver", Detail(action))
+    return SoapFault(
+        SENDER,
+        (wsa_ns, "ActionNotSupported"),
+        "The [action] cannot be processed at the receiver",
+        Detail(action),
+    )
 
 
 def invalid_header(wsa_ns: str, header: str) -> SoapFault:
-    return SoapFault(SENDER, (wsa_ns, "InvalidMessageInformationHeader"),
-                     "A message information header is not valid and the message cannot be "
-                     "processed.", Detail(header))
+    return SoapFault(
+        SENDER,
+        (wsa_ns, "InvalidMessageInformationHeader"),
+        "A message information header is not valid and the message cannot be processed.",
+        Detail(header),
+    )
 
 
 # --- Steps 5-9: the protocol faults, per hosted-service namespace ----------------------------
@@ -96,11 +122,9 @@ _REASONS = {
         "OperationFailed": "Scan repository service cannot perform the requested operation",
         "ServerErrorTemporaryError": "The service had an unexpected error",
         "ServerErrorInternalError": "The service had an unexpected error",
-        "ClientErrorJobTokenNotFound":
-            "A PostScan job identified by the specified dsc:JobToken argument could not be found.",
+        "ClientErrorJobTokenNotFound": "A PostScan job identified by the specified dsc:JobToken argument could not be found.",
         # Not described by the spec (bdsrr open question 6); our wording, see README rulings.
-        "ClientErrorCurrentUserNotScanAdmin":
-            "The current user is not a scan administrator",
+        "ClientErrorCurrentUserNotScanAdmin": "The current user is not a scan administrator",
     },
     names.DSP: {
         "InvalidArgs": "At least one input argument is invalid.",
@@ -108,8 +132,7 @@ _REASONS = {
         "ServerErrorTemporaryError": "The service had an unexpected error.",
         "ServerErrorInternalError": "The service had an unexpected error.",
         # Vendor extension allowed by the hardware docs (R4 step 7).
-        "ClientErrorJobTokenNotFound":
-            "A PostScan job identified by the specified dsp:JobToken argument could not be found.",
+        "ClientErrorJobTokenNotFound": "A PostScan job identified by the specified dsp:JobToken argument could not be found.",
     },
 }
 
@@ -123,10 +146,12 @@ _CODES = {
 }
 
 
-def protocol(ns: str, subcode: str, detail: Detail | None = None,
-             *, http_status: int | None = None) -> SoapFault:
-    return SoapFault(_CODES[subcode], (ns, subcode), _REASONS[ns][subcode], detail,
-                     http_status=http_status)
+def protocol(
+    ns: str, subcode: str, detail: Detail | None = None, *, http_status: int | None = None
+) -> SoapFault:
+    return SoapFault(
+        _CODES[subcode], (ns, subcode), _REASONS[ns][subcode], detail, http_status=http_status
+    )
 
 
 def invalid_args(ns: str, argument: str) -> SoapFault:
@@ -168,6 +193,9 @@ def eventing(subcode: str, detail: Detail | None = None) -> SoapFault:
 
 
 def filter_action_not_supported(action: str) -> SoapFault:
-    return SoapFault(SENDER, (names.WSDP, "FilterActionNotSupported"),
-                     "An action in the filter is not supported by this event source.",
-                     Detail(action))
+    return SoapFault(
+        SENDER,
+        (names.WSDP, "FilterActionNotSupported"),
+        "An action in the filter is not supported by this event source.",
+        Detail(action),
+    )

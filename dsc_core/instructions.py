@@ -13,8 +13,15 @@ from dataclasses import dataclass
 
 from . import names
 from .args import Args, Item
-from .model import (EmailInstructions, FileShareInstructions, FilterState, FilterStateReason,
-                    FilterStatus, Instructions, SharePointInstructions)
+from .model import (
+    EmailInstructions,
+    FileShareInstructions,
+    FilterState,
+    FilterStateReason,
+    FilterStatus,
+    Instructions,
+    SharePointInstructions,
+)
 from .xmlread import Element, children, parse_bool, simple_text, split
 
 
@@ -29,21 +36,32 @@ class PostScanInstructions:
         return any(f.state is FilterState.PENDING for f in self.filters)
 
 
-def read_post_scan_instructions(el: Element, args: Args,
-                                offered: tuple[str, ...]) -> PostScanInstructions:
-    found = args.sequence(el, names.PSP, (
-        Item("ContinueOnError", 0), Item("DocumentRootName"), Item("FiltersToProcess"),
-    ), allow_other=True)
-    continue_on_error = (args.boolean(found["ContinueOnError"][0])
-                         if found["ContinueOnError"] else False)
+def read_post_scan_instructions(
+    el: Element, args: Args, offered: tuple[str, ...]
+) -> PostScanInstructions:
+    found = args.sequence(
+        el,
+        names.PSP,
+        (
+            Item("ContinueOnError", 0),
+            Item("DocumentRootName"),
+            Item("FiltersToProcess"),
+        ),
+        allow_other=True,
+    )
+    continue_on_error = (
+        args.boolean(found["ContinueOnError"][0]) if found["ContinueOnError"] else False
+    )
     # String255 with whiteSpace="preserve"; R3 trims only non-string simple values.
     root_name = args.text(found["DocumentRootName"][0], trim=False)
-    filter_list = args.sequence(found["FiltersToProcess"][0], names.PSP, (
-        Item("Filter", 1, 2**31),), allow_other=True)["Filter"]
+    filter_list = args.sequence(
+        found["FiltersToProcess"][0], names.PSP, (Item("Filter", 1, 2**31),), allow_other=True
+    )["Filter"]
     filters = []
     for filter_el in filter_list:
-        parts = args.sequence(filter_el, names.PSP, (Item("Dialect"), Item("Instructions")),
-                              allow_other=True)
+        parts = args.sequence(
+            filter_el, names.PSP, (Item("Dialect"), Item("Instructions")), allow_other=True
+        )
         dialect = names.canonical_uri(args.text(parts["Dialect"][0], max_length=2048))
         if not dialect:
             raise args.invalid(names.PSP, "Dialect")
@@ -51,8 +69,9 @@ def read_post_scan_instructions(el: Element, args: Args,
     return PostScanInstructions(continue_on_error, root_name.strip() or "Scan", tuple(filters))
 
 
-def _filter_status(dialect: str, instructions_el: Element,
-                   offered: tuple[str, ...]) -> FilterStatus:
+def _filter_status(
+    dialect: str, instructions_el: Element, offered: tuple[str, ...]
+) -> FilterStatus:
     parsed: Instructions | None = None
     if dialect in offered:
         try:
@@ -91,8 +110,12 @@ def parse_filter_instructions(dialect: str, instructions_el: Element) -> Instruc
     if dialect == names.SPF and (ns, local) == (names.SPF, "SharePointConfig"):
         my_site_el = _child(config, names.SPF, "SaveToMySite")
         my_site = parse_bool(simple_text(my_site_el)) if my_site_el is not None else False
-        urls = _texts(_child(config, names.SPF, "SaveToSharePointSites"), names.SPF,
-                      "SaveToSharePointSiteURL", 2048)
+        urls = _texts(
+            _child(config, names.SPF, "SaveToSharePointSites"),
+            names.SPF,
+            "SaveToSharePointSiteURL",
+            2048,
+        )
         if not urls and not my_site:
             raise ValueError("no SharePoint site")
         return SharePointInstructions(my_site, tuple(urls))

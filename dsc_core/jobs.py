@@ -55,17 +55,25 @@ class JobTable:
         return any(t == token for t, _ in self.uploads)
 
     def processing_count(self) -> int:
-        return sum(1 for j in self._active.values()
-                   if j.state in (JobState.STARTED, JobState.PROCESSING))
+        return sum(
+            1 for j in self._active.values() if j.state in (JobState.STARTED, JobState.PROCESSING)
+        )
 
     def timed_out(self, now: datetime, timeout: float) -> list[Job]:
         """Creating jobs idle for ``timeout`` seconds, not counting ones receiving an image."""
         limit = timedelta(seconds=timeout)
-        return [j for j in self._active.values()
-                if j.state is JobState.CREATING and now - j.last_activity >= limit
-                and not self.uploading(j.token)]
+        return [
+            j
+            for j in self._active.values()
+            if j.state is JobState.CREATING
+            and now - j.last_activity >= limit
+            and not self.uploading(j.token)
+        ]
 
     def next_timeout(self, timeout: float) -> datetime | None:
-        times = [j.last_activity + timedelta(seconds=timeout) for j in self._active.values()
-                 if j.state is JobState.CREATING]
+        times = [
+            j.last_activity + timedelta(seconds=timeout)
+            for j in self._active.values()
+            if j.state is JobState.CREATING
+        ]
         return min(times) if times else None

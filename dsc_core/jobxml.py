@@ -27,15 +27,15 @@ def _sub(parent: Element, ns: str, local: str, text: str | None = None) -> Eleme
     return el
 
 
-def _reasons(parent: Element, ns: str, container: str,
-             reasons: tuple[JobStateReason, ...]) -> None:
+def _reasons(parent: Element, ns: str, container: str, reasons: tuple[JobStateReason, ...]) -> None:
     box = _sub(parent, ns, container)
     for reason in reasons or (JobStateReason.NONE,):
         _sub(box, ns, "JobStateReason", reason.value)
 
 
-def _filter_statuses(parent: Element, ns: str, container: str,
-                     filters: tuple[FilterStatus, ...]) -> None:
+def _filter_statuses(
+    parent: Element, ns: str, container: str, filters: tuple[FilterStatus, ...]
+) -> None:
     box = _sub(parent, ns, container)
     for status in filters:
         el = _sub(box, ns, "FilterStatus")

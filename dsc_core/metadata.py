@@ -28,15 +28,13 @@ def transfer_get(call: Call) -> OpResult:
     section = _sub(metadata, names.MEX, "MetadataSection")
     section.set("Dialect", _DIALECT + "ThisDevice")
     device = _sub(section, names.WSDP, "ThisDevice")
-    _sub(device, names.WSDP, "FriendlyName", config.friendly_name).set(
-        f"{{{names.XML}}}lang", "en")
+    _sub(device, names.WSDP, "FriendlyName", config.friendly_name).set(f"{{{names.XML}}}lang", "en")
     _sub(device, names.WSDP, "FirmwareVersion", config.firmware_version)
     _sub(device, names.WSDP, "SerialNumber", config.serial_number)
     section = _sub(metadata, names.MEX, "MetadataSection")
     section.set("Dialect", _DIALECT + "ThisModel")
     model = _sub(section, names.WSDP, "ThisModel")
-    _sub(model, names.WSDP, "Manufacturer", config.manufacturer).set(
-        f"{{{names.XML}}}lang", "en")
+    _sub(model, names.WSDP, "Manufacturer", config.manufacturer).set(f"{{{names.XML}}}lang", "en")
     _sub(model, names.WSDP, "ModelName", config.model_name).set(f"{{{names.XML}}}lang", "en")
     section = _sub(metadata, names.MEX, "MetadataSection")
     section.set("Dialect", _DIALECT + "Relationship")
@@ -47,8 +45,9 @@ def transfer_get(call: Call) -> OpResult:
     _sub(host, names.WSDP, "Types", "wsdp:Device")
     _sub(host, names.WSDP, "ServiceId", config.device_address)
     for url, service_type, uuid in (
-            (config.dsp_url, "dsp:DistributedScanProcessingServiceType", config.dsp_service_uuid),
-            (config.dsc_url, "dsc:RepositoryConfigurationServiceType", config.dsc_service_uuid)):
+        (config.dsp_url, "dsp:DistributedScanProcessingServiceType", config.dsp_service_uuid),
+        (config.dsc_url, "dsc:RepositoryConfigurationServiceType", config.dsc_service_uuid),
+    ):
         hosted = _sub(relationship, names.WSDP, "Hosted")
         _sub(_sub(hosted, wsa, "EndpointReference"), wsa, "Address", url)
         _sub(hosted, names.WSDP, "Types", service_type)
@@ -57,9 +56,13 @@ def transfer_get(call: Call) -> OpResult:
     return OpResult(A.TRANSFER_GET_RESPONSE, metadata, nsmap)
 
 
-_OUR_TYPES = frozenset({(names.WSDP, "Device"),
-                        (names.DSP, "DistributedScanProcessingServiceType"),
-                        (names.DSC, "RepositoryConfigurationServiceType")})
+_OUR_TYPES = frozenset(
+    {
+        (names.WSDP, "Device"),
+        (names.DSP, "DistributedScanProcessingServiceType"),
+        (names.DSC, "RepositoryConfigurationServiceType"),
+    }
+)
 
 
 def probe_matches(payload: etree._Element | None) -> bool:
@@ -103,8 +106,9 @@ def subscribe(call: Call) -> OpResult:
     payload = call.envelope.payload
     if payload is None or split(payload.tag) != (names.WSE, "Subscribe"):
         raise faults.eventing("InvalidMessage", faults.Detail("wse:Subscribe"))
-    _, response = call.server.subscriptions.subscribe(call.envelope, payload, _service_hint(call),
-                                                      call.now)
+    _, response = call.server.subscriptions.subscribe(
+        call.envelope, payload, _service_hint(call), call.now
+    )
     return OpResult(A.SUBSCRIBE_RESPONSE, response, {"wse": names.WSE})
 
 

@@ -23,9 +23,9 @@ Grammar (RFC 2046 section 5.1.1, made tolerant as R8 asks):
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Optional
 
 from .content_type import ContentType, parse_content_type
 
@@ -66,7 +66,7 @@ class PartStart:
     headers: Mapping[str, str]
 
     @property
-    def content_id(self) -> Optional[str]:
+    def content_id(self) -> str | None:
         """The Content-ID without the surrounding ``<>`` and white space, or None.
 
         XOP references it as ``cid:`` + this value (percent-encoded, RFC 2392), which the
@@ -84,7 +84,7 @@ class PartStart:
         return value or None
 
     @property
-    def content_type(self) -> Optional[ContentType]:
+    def content_type(self) -> ContentType | None:
         """The part's parsed Content-Type, or None when the part has no such header."""
         raw = self.headers.get("content-type")
         return None if raw is None else parse_content_type(raw)
@@ -155,9 +155,9 @@ class MultipartReader:
         self._padding_bytes = 0
         self._header_bytes = 0
         self._headers: dict[str, str] = {}
-        self._last_header: Optional[str] = None
+        self._last_header: str | None = None
         self._closed = False
-        self._error: Optional[MultipartError] = None
+        self._error: MultipartError | None = None
 
     @property
     def finished(self) -> bool:
@@ -220,7 +220,7 @@ class MultipartReader:
         self._buf.clear()  # epilogue: dropped
         return False
 
-    def _find_delimiter(self) -> Optional[tuple[int, int]]:
+    def _find_delimiter(self) -> tuple[int, int] | None:
         """(end of content, end of delimiter) of the first delimiter in the buffer, or None."""
         buf = self._buf
         if self._at_line_start:

@@ -47,7 +47,7 @@ class JobStateReason(str, enum.Enum):
     COMPLETED_WITH_WARNINGS = "PostScanJobCompletedWithWarnings"
 
     @classmethod
-    def parse(cls, text: str) -> "JobStateReason":
+    def parse(cls, text: str) -> JobStateReason:
         # R3: the schema's misspelling is accepted on input.
         if text == "SendImangeFailed":
             return cls.SEND_IMAGE_FAILED
@@ -92,16 +92,37 @@ class RepositoryState(str, enum.Enum):
     STOPPED = "Stopped"
 
 
-DOCUMENT_FORMATS = frozenset({
-    "dib", "exif", "jbig", "jfif", "jpeg2k", "pdf-a", "png", "tiff-single-uncompressed",
-    "tiff-single-g4", "tiff-single-g3mh", "tiff-single-jpeg-tn2", "tiff-multi-uncompressed",
-    "tiff-multi-g4", "tiff-multi-g3mh", "tiff-multi-jpeg-tn2", "xps",
-})
+DOCUMENT_FORMATS = frozenset(
+    {
+        "dib",
+        "exif",
+        "jbig",
+        "jfif",
+        "jpeg2k",
+        "pdf-a",
+        "png",
+        "tiff-single-uncompressed",
+        "tiff-single-g4",
+        "tiff-single-g3mh",
+        "tiff-single-jpeg-tn2",
+        "tiff-multi-uncompressed",
+        "tiff-multi-g4",
+        "tiff-multi-g3mh",
+        "tiff-multi-jpeg-tn2",
+        "xps",
+    }
+)
 
 #: File name extension per document format (R9 file names).
 FORMAT_EXTENSIONS: dict[str, str] = {
-    "dib": "bmp", "exif": "jpg", "jbig": "jbg", "jfif": "jpg", "jpeg2k": "jp2", "pdf-a": "pdf",
-    "png": "png", "xps": "xps",
+    "dib": "bmp",
+    "exif": "jpg",
+    "jbig": "jbg",
+    "jfif": "jpg",
+    "jpeg2k": "jp2",
+    "pdf-a": "pdf",
+    "png": "png",
+    "xps": "xps",
 }
 
 
@@ -190,7 +211,7 @@ class Job:
     def is_active(self) -> bool:
         return self.state.is_active
 
-    def evolve(self, **changes: object) -> "Job":
+    def evolve(self, **changes: object) -> Job:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 

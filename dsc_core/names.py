@@ -54,10 +54,28 @@ PREFIXES: Final[dict[str, str]] = {
     "ftr": FILTER,
 }
 
-_KNOWN = (SOAP, SOAP11, WSA, WSA10, WSE, WSDP, WSD, WXF, MEX, XOP, DSP, DSC, PSP, WSCN, FILTER,
-          FSF, EMLF, SPF)
+_KNOWN = (
+    SOAP,
+    SOAP11,
+    WSA,
+    WSA10,
+    WSE,
+    WSDP,
+    WSD,
+    WXF,
+    MEX,
+    XOP,
+    DSP,
+    DSC,
+    PSP,
+    WSCN,
+    FILTER,
+    FSF,
+    EMLF,
+    SPF,
+)
 _HTTPS_SPELLINGS: Final[dict[str, str]] = {
-    "https://" + ns[len("http://"):]: ns for ns in _KNOWN if ns.startswith("http://")
+    "https://" + ns[len("http://") :]: ns for ns in _KNOWN if ns.startswith("http://")
 }
 
 
@@ -71,7 +89,7 @@ def canonical_ns(uri: str | None) -> str | None:
 def canonical_uri(uri: str) -> str:
     """Like :func:`canonical_ns` for URIs built on a known namespace (actions, dialects)."""
     if uri.startswith("https://schemas."):
-        candidate = "http://" + uri[len("https://"):]
+        candidate = "http://" + uri[len("https://") :]
         for ns in _KNOWN:
             if candidate.startswith(ns):
                 return candidate

@@ -3,7 +3,7 @@ job lookup, requested element names (R5) and undo on store failure."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lxml import etree
 
@@ -51,8 +51,10 @@ def user_name(call: Call, user_identifier: str) -> str:
 def require_scan_admin(call: Call) -> None:
     """R4 step 5: MS-BDSRR needs a scan administrator when client certificates are required;
     without them every client is one (said in the log at start)."""
-    if call.config.require_client_certificates and \
-            (call.info.identity or "") not in call.config.scan_admins:
+    if (
+        call.config.require_client_certificates
+        and (call.info.identity or "") not in call.config.scan_admins
+    ):
         raise faults.not_scan_admin()
 
 
@@ -64,8 +66,9 @@ def find_job(call: Call, ns: str, token: str, *, own_only: bool) -> Job:
     return job
 
 
-def change(call: Call, ns: str, job: Job, job_input: JobInput,
-           **changes: object) -> tuple[Job, list[Command], Callable[[], list[Command]]]:
+def change(
+    call: Call, ns: str, job: Job, job_input: JobInput, **changes: object
+) -> tuple[Job, list[Command], Callable[[], list[Command]]]:
     """Apply an input from a request; a refusal becomes the fault REFUSALS names."""
     try:
         new, commands = call.server.apply(job, job_input, call.now, **changes)
@@ -90,8 +93,9 @@ def requested_names(call: Call, args: Args, el: Element, ns: str) -> list[tuple[
     return [args.qname(n) for n in names_]
 
 
-def element_data(parent: Element, ns: str, qname: tuple[str, str], valid: bool,
-                 nsmap: dict[str, str]) -> Element:
+def element_data(
+    parent: Element, ns: str, qname: tuple[str, str], valid: bool, nsmap: dict[str, str]
+) -> Element:
     """One ``ElementData`` echoing the requested QName with a prefix the response binds (R3)."""
     el = etree.SubElement(parent, f"{{{ns}}}ElementData")
     el.set(f"{{{ns}}}Name", qname_text(qname, nsmap))
@@ -115,7 +119,11 @@ def qname_text(qname: tuple[str, str], nsmap: dict[str, str]) -> str:
     return f"{prefix}:{local}"
 
 
-def result(action: str, payload: Element, nsmap: dict[str, str],
-           commands: list[Command] | None = None,
-           undo: Callable[[], list[Command]] | None = None) -> OpResult:
+def result(
+    action: str,
+    payload: Element,
+    nsmap: dict[str, str],
+    commands: list[Command] | None = None,
+    undo: Callable[[], list[Command]] | None = None,
+) -> OpResult:
     return OpResult(action, payload, nsmap, commands or [], undo)

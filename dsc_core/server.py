@@ -19,17 +19,30 @@ No I/O happens here: time comes in as ``now``, identifiers from ``new_id``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Callable, Iterable
 
 from lxml import etree
 
 from . import faults, names, soap
-from .commands import (AbortDocument, AppendDocument, BeginDocument, Command, CreateJob,
-                       DiscardDocuments, DropJob, FilterFinished, FilterStarted,
-                       ProcessingEvent, ProcessingFinished, ProcessingStarted, StartProcessing,
-                       StopProcessing, UpdateJob)
+from .commands import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    Command,
+    CreateJob,
+    DiscardDocuments,
+    DropJob,
+    FilterFinished,
+    FilterStarted,
+    ProcessingEvent,
+    ProcessingFinished,
+    ProcessingStarted,
+    StartProcessing,
+    StopProcessing,
+    UpdateJob,
+)
 from .config import ServerConfig
 from .content_type import parse_content_type
 from .eventing import Subscriptions
@@ -38,8 +51,15 @@ from .jobs import JobTable
 from .jobstate import JobInput, Refused, transition
 from .jobxml import end_state, job_status
 from .mime import MultipartError, MultipartReader, PartData, PartEnd, PartStart
-from .model import (FilterState, FilterStateReason, FilterStatus, Job, JobState,
-                    JobStateReason, RepositoryState)
+from .model import (
+    FilterState,
+    FilterStateReason,
+    FilterStatus,
+    Job,
+    JobState,
+    JobStateReason,
+    RepositoryState,
+)
 from .xmlread import Element, check_tree, parse_xml
 
 SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
@@ -61,11 +81,11 @@ class OpResult:
 class Call:
     """One request being handled: what operations see."""
 
-    server: "ScanServer"
+    server: ScanServer
     envelope: soap.Envelope
     info: RequestInfo
     #: For SendImage: the attachment as received (None when there was none).
-    attachment: "Attachment | None" = None
+    attachment: Attachment | None = None
 
     @property
     def now(self) -> datetime:
@@ -95,8 +115,7 @@ Handler = Callable[[Call], OpResult]
 class ScanServer:
     """Configuration, job table, subscriptions and repository state of one scan server."""
 
-    def __init__(self, config: ServerConfig | None = None, *,
-                 new_id: Callable[[], str]) -> None:
+    def __init__(self, config: ServerConfig | None = None, *, new_id: Callable[[], str]) -> None:
         from . import bdsrr, dsp, metadata  # operation tables, imported here to avoid cycles
 
         self.config = config or ServerConfig()
@@ -111,7 +130,7 @@ class ScanServer:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def open_exchange(self, info: RequestInfo) -> "Exchange":
+    def open_exchange(self, info: RequestInfo) -> Exchange:
         return Exchange(self, info)
 
     def handle(self, body: bytes, info: RequestInfo) -> Outcome:
@@ -134,8 +153,9 @@ class ScanServer:
     def message_id(self) -> str:
         return f"urn:uuid:{self.new_id()}"
 
-    def apply(self, job: Job, job_input: JobInput, now: datetime,
-              **changes: object) -> tuple[Job, list[Command]]:
+    def apply(
+        self, job: Job, job_input: JobInput, now: datetime, **changes: object
+    ) -> tuple[Job, list[Command]]:
         """Move ``job`` through the transition table, update the table, and return the new
         record with the commands it causes.  Raises :class:`Refused`."""
         new_state, reason = transition(job.state, job_input)
@@ -145,8 +165,7 @@ class ScanServer:
             updates["reasons"] = (reason,)
         if not new_state.is_active:
             updates["completed"] = now
-            updates["filters"] = _cancel_unfinished(
-                updates.get("filters", job.filters))  # type: ignore[arg-type]
+            updates["filters"] = _cancel_unfinished(updates.get("filters", job.filters))  # type: ignore[arg-type]
         new = job.evolve(**updates)
         return new, self.record(job, new, now)
 
@@ -157,8 +176,11 @@ class ScanServer:
         if old is not None and old.state is not new.state:
             if new.state is JobState.PENDING:
                 commands.append(StartProcessing(new))
-            if old.state in (JobState.STARTED, JobState.PROCESSING) and not new.is_active \
-                    and new.state is not JobState.COMPLETED:
+            if (
+                old.state in (JobState.STARTED, JobState.PROCESSING)
+                and not new.is_active
+                and new.state is not JobState.COMPLETED
+            ):
                 commands.append(StopProcessing(new.token))
             if new.reasons == (JobStateReason.TIMED_OUT,):
                 commands.append(DiscardDocuments(new.token))  # R6: its images are discarded
@@ -171,14 +193,18 @@ class ScanServer:
         if old is not None and _status_view(old) == _status_view(new):
             return []
         out: list[Command] = []
-        for ns, action in ((names.DSP, names.Action.DSP_JOB_STATUS_EVENT),
-                           (names.DSC, names.Action.DSC_JOB_STATUS_EVENT)):
+        for ns, action in (
+            (names.DSP, names.Action.DSP_JOB_STATUS_EVENT),
+            (names.DSC, names.Action.DSC_JOB_STATUS_EVENT),
+        ):
             body = etree.Element(f"{{{ns}}}PostScanJobStatusEvent")
             job_status(body, ns, new)
             out.extend(self.subscriptions.notify(action, body, now))
         if not new.is_active and (old is None or old.is_active):
-            for ns, action in ((names.DSP, names.Action.DSP_JOB_END_STATE_EVENT),
-                               (names.DSC, names.Action.DSC_JOB_END_STATE_EVENT)):
+            for ns, action in (
+                (names.DSP, names.Action.DSP_JOB_END_STATE_EVENT),
+                (names.DSC, names.Action.DSC_JOB_END_STATE_EVENT),
+            ):
                 body = etree.Element(f"{{{ns}}}PostScanJobEndStateEvent")
                 end_state(body, ns, new)
                 out.extend(self.subscriptions.notify(action, body, now))
@@ -244,13 +270,18 @@ class ScanServer:
 
     def _finish(self, job: Job, now: datetime) -> list[Command]:
         # Filters the engine never finished count as failed (UnknownError).
-        filters = tuple(f if f.state.is_final else
-                        _replace_filter(f, FilterState.COMPLETED_WITH_ERRORS,
-                                        (FilterStateReason.UNKNOWN_ERROR,))
-                        for f in job.filters)
-        ran = [f for f, o in zip(filters, job.filters) if o.instructions is not None]
-        failed = any(f.state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
-                     for f in ran)
+        filters = tuple(
+            f
+            if f.state.is_final
+            else _replace_filter(
+                f, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+            )
+            for f in job.filters
+        )
+        ran = [f for f, o in zip(filters, job.filters, strict=False) if o.instructions is not None]
+        failed = any(
+            f.state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED) for f in ran
+        )
         if failed and not job.continue_on_error:
             outcome = JobInput.FAIL
         elif failed or any(f.state is FilterState.CANCELED for f in filters):
@@ -273,8 +304,14 @@ class ScanServer:
 
     def next_deadline(self) -> datetime | None:
         """When :meth:`tick` next has something to do (aioquic's ``get_timer``)."""
-        times = [t for t in (self.jobs.next_timeout(self.config.job_timeout_seconds),
-                             self.subscriptions.next_expiry()) if t is not None]
+        times = [
+            t
+            for t in (
+                self.jobs.next_timeout(self.config.job_timeout_seconds),
+                self.subscriptions.next_expiry(),
+            )
+            if t is not None
+        ]
         return min(times) if times else None
 
     # --- deliveries, start and stop ----------------------------------------------------------
@@ -296,9 +333,13 @@ class ScanServer:
         for job in self.jobs.active():
             if job.state in (JobState.STARTED, JobState.PROCESSING):
                 filters = tuple(
-                    _replace_filter(f, FilterState.COMPLETED_WITH_ERRORS,
-                                    (FilterStateReason.UNKNOWN_ERROR,))
-                    if f.state is FilterState.PROCESSING else f for f in job.filters)
+                    _replace_filter(
+                        f, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+                    )
+                    if f.state is FilterState.PROCESSING
+                    else f
+                    for f in job.filters
+                )
                 commands += self.apply(job, JobInput.INTERRUPTED, now, filters=filters)[1]
             elif job.state is JobState.PENDING:
                 commands.append(StartProcessing(job))
@@ -315,10 +356,11 @@ class ScanServer:
         self.subscriptions.config = config
         self.jobs.history_size = config.history_size
         commands: list[Command] = [DropJob(token) for token in self.jobs.trim()]
-        body = etree.Element(f"{{{names.DSC}}}RepositoryElementsChangeEvent",
-                             nsmap={"dsc": names.DSC, "ftr": names.FILTER})
-        repository_configuration(etree.SubElement(body, f"{{{names.DSC}}}ElementChanges"),
-                                 config)
+        body = etree.Element(
+            f"{{{names.DSC}}}RepositoryElementsChangeEvent",
+            nsmap={"dsc": names.DSC, "ftr": names.FILTER},
+        )
+        repository_configuration(etree.SubElement(body, f"{{{names.DSC}}}ElementChanges"), config)
         commands += self.subscriptions.notify(names.Action.DSC_ELEMENTS_CHANGE_EVENT, body, now)
         return commands
 
@@ -334,13 +376,15 @@ def _status_view(job: Job) -> tuple[object, ...]:
     return (job.state, job.reasons, job.filters, job.images_received)
 
 
-def _replace_filter(f: FilterStatus, state: FilterState,
-                    reasons: tuple[FilterStateReason, ...]) -> FilterStatus:
+def _replace_filter(
+    f: FilterStatus, state: FilterState, reasons: tuple[FilterStateReason, ...]
+) -> FilterStatus:
     return replace(f, state=state, reasons=reasons)
 
 
-def _set_filter(job: Job, index: int, state: FilterState,
-                reasons: tuple[FilterStateReason, ...]) -> tuple[FilterStatus, ...]:
+def _set_filter(
+    job: Job, index: int, state: FilterState, reasons: tuple[FilterStateReason, ...]
+) -> tuple[FilterStatus, ...]:
     if not 0 <= index < len(job.filters):
         raise IndexError(index)
     filters = list(job.filters)
@@ -351,8 +395,9 @@ def _set_filter(job: Job, index: int, state: FilterState,
 def _cancel_unfinished(filters: tuple[FilterStatus, ...]) -> tuple[FilterStatus, ...]:
     """R6: when a job ends, Pending filters become Canceled (running ones are told to stop
     and end Canceled too)."""
-    return tuple(f if f.state.is_final else _replace_filter(f, FilterState.CANCELED, ())
-                 for f in filters)
+    return tuple(
+        f if f.state.is_final else _replace_filter(f, FilterState.CANCELED, ()) for f in filters
+    )
 
 
 class Exchange:
@@ -386,8 +431,10 @@ class Exchange:
             else:
                 try:
                     self._multipart = MultipartReader(
-                        boundary, max_header_bytes=self._limits.max_part_header_bytes,
-                        max_preamble_bytes=self._limits.max_part_header_bytes)
+                        boundary,
+                        max_header_bytes=self._limits.max_part_header_bytes,
+                        max_preamble_bytes=self._limits.max_part_header_bytes,
+                    )
                 except MultipartError as exc:  # a boundary the reader refuses (R4 step 1)
                     self._fault = faults.malformed(f"The MIME body is malformed: {exc.reason}")
 
@@ -410,7 +457,8 @@ class Exchange:
             # Parts completed before the error count, as they would with smaller chunks.
             commands = self._on_parts(exc.events)
             return commands + self._fail(
-                faults.malformed(f"The MIME body is malformed: {exc.reason}"))
+                faults.malformed(f"The MIME body is malformed: {exc.reason}")
+            )
         return self._on_parts(events)
 
     def _keep(self, data: bytes) -> None:
@@ -429,8 +477,12 @@ class Exchange:
             if isinstance(event, PartStart):
                 self._part += 1
                 att = self._attachment
-                if self._part > 1 and att is not None and not att.begun \
-                        and event.content_id == att.href:
+                if (
+                    self._part > 1
+                    and att is not None
+                    and not att.begun
+                    and event.content_id == att.href
+                ):
                     att.begun = True
                     self._in_attachment = True
                     commands.append(BeginDocument(att.token, att.document_id, att.format))
@@ -441,9 +493,13 @@ class Exchange:
                     att = self._attachment
                     att.size += len(event.data)
                     if att.size > self._limits.max_image_bytes:
-                        return commands + self._fail(faults.malformed(
-                            f"The image exceeds the limit of {self._limits.max_image_bytes} "
-                            "bytes.", http_status=413))
+                        return commands + self._fail(
+                            faults.malformed(
+                                f"The image exceeds the limit of {self._limits.max_image_bytes} "
+                                "bytes.",
+                                http_status=413,
+                            )
+                        )
                     commands.append(AppendDocument(att.token, att.document_id, event.data))
             elif isinstance(event, PartEnd):
                 if self._part == 1:
@@ -459,11 +515,13 @@ class Exchange:
         try:
             self._envelope = self._read()
             # While Stopped nothing is streamed: _dispatch refuses the request (R4 step 8).
-            if self._envelope.addressing.action == names.Action.DSP_SEND_IMAGE \
-                    and not self.server.stopped:
+            if (
+                self._envelope.addressing.action == names.Action.DSP_SEND_IMAGE
+                and not self.server.stopped
+            ):
                 from .dsp import prepare_send_image
-                self._attachment = prepare_send_image(
-                    Call(self.server, self._envelope, self.info))
+
+                self._attachment = prepare_send_image(Call(self.server, self._envelope, self.info))
         except faults.SoapFault as fault:
             self._fault = fault
 
@@ -511,14 +569,16 @@ class Exchange:
         except faults.SoapFault as fault:
             return self._fault_outcome(fault, early + self._fail(fault))
         self._result = result
-        body = soap.reply_envelope(envelope.addressing, result.action, self._reply_id,
-                                   result.payload, result.nsmap)
+        body = soap.reply_envelope(
+            envelope.addressing, result.action, self._reply_id, result.payload, result.nsmap
+        )
         return Outcome(Reply(200, SOAP_CONTENT_TYPE, body), tuple(early + result.commands))
 
     def _read(self) -> soap.Envelope:
         if self._overflow:
             raise faults.malformed(
-                f"The SOAP envelope exceeds the limit of {self._limits.max_envelope_bytes} bytes.")
+                f"The SOAP envelope exceeds the limit of {self._limits.max_envelope_bytes} bytes."
+            )
         root = parse_xml(bytes(self._buffer), self._limits)
         self._buffer.clear()
         try:
@@ -541,12 +601,16 @@ class Exchange:
         return handler(Call(self.server, envelope, self.info, self._attachment))
 
     def _fault_outcome(self, fault: faults.SoapFault, commands: list[Command]) -> Outcome:
-        addressing = (self._envelope.addressing if self._envelope
-                      else self._salvaged or soap.Addressing())
+        addressing = (
+            self._envelope.addressing if self._envelope else self._salvaged or soap.Addressing()
+        )
         body = soap.fault_envelope(fault, addressing, self._reply_id)
         subcode = fault.subcode[1] if fault.subcode else "-"
-        return Outcome(Reply(fault.http_status, SOAP_CONTENT_TYPE, body), tuple(commands),
-                       f"{fault.code}/{subcode}: {fault.reason}")
+        return Outcome(
+            Reply(fault.http_status, SOAP_CONTENT_TYPE, body),
+            tuple(commands),
+            f"{fault.code}/{subcode}: {fault.reason}",
+        )
 
     def store_failed(self, *, temporary: bool) -> Outcome:
         """A command of this exchange failed: undo its change and answer with the fault of
@@ -565,8 +629,11 @@ class Exchange:
         if att is not None and att.begun:
             commands.append(AbortDocument(att.token, att.document_id))
             self.server.jobs.uploads.discard((att.token, att.document_id))
-        entry = self.server.handlers.get(self._envelope.addressing.action or "") \
-            if self._envelope else None
+        entry = (
+            self.server.handlers.get(self._envelope.addressing.action or "")
+            if self._envelope
+            else None
+        )
         ns = entry[0] if entry and entry[0] in (names.DSP, names.DSC) else names.DSC
         return self._fault_outcome(faults.store_failed(ns, temporary=temporary), commands)
 

@@ -5,8 +5,8 @@ WS-Addressing 2004/08 is the default; a request in WS-Addressing 1.0 is answered
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from lxml import etree
 
@@ -15,8 +15,9 @@ from .xmlread import Element, children, split, trimmed
 
 _TRUE = ("true", "1")
 _OUR_ROLES = (None, names.SOAP + "/role/next", names.SOAP + "/role/ultimateReceiver")
-_UNDERSTOOD_WSA = frozenset({"To", "Action", "MessageID", "ReplyTo", "FaultTo", "From",
-                             "RelatesTo"})
+_UNDERSTOOD_WSA = frozenset(
+    {"To", "Action", "MessageID", "ReplyTo", "FaultTo", "From", "RelatesTo"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +143,9 @@ def serialize(root: Element) -> bytes:
     return etree.tostring(root, xml_declaration=True, encoding="utf-8")
 
 
-def new_envelope(wsa_ns: str, nsmap: dict[str, str] | None = None) -> tuple[Element, Element,
-                                                                             Element]:
+def new_envelope(
+    wsa_ns: str, nsmap: dict[str, str] | None = None
+) -> tuple[Element, Element, Element]:
     """An empty envelope: (root, header, body).  ``nsmap`` declares extra prefixes at the root
     so that QName values written in the body can use them (R3)."""
     full: dict[str, str] = {"soap": names.SOAP, "wsa": wsa_ns}
@@ -155,8 +157,9 @@ def new_envelope(wsa_ns: str, nsmap: dict[str, str] | None = None) -> tuple[Elem
     return root, header, body
 
 
-def add_reply_headers(header: Element, addressing: Addressing, action: str,
-                      message_id: str) -> None:
+def add_reply_headers(
+    header: Element, addressing: Addressing, action: str, message_id: str
+) -> None:
     """R4: To anonymous, Action, a fresh MessageID and RelatesTo the request's MessageID."""
     wsa = addressing.wsa_ns
     etree.SubElement(header, f"{{{wsa}}}To").text = addressing.anonymous
@@ -166,8 +169,13 @@ def add_reply_headers(header: Element, addressing: Addressing, action: str,
         etree.SubElement(header, f"{{{wsa}}}RelatesTo").text = addressing.message_id
 
 
-def reply_envelope(addressing: Addressing, action: str, message_id: str, payload: Element,
-                   nsmap: dict[str, str] | None = None) -> bytes:
+def reply_envelope(
+    addressing: Addressing,
+    action: str,
+    message_id: str,
+    payload: Element,
+    nsmap: dict[str, str] | None = None,
+) -> bytes:
     root, header, body = new_envelope(addressing.wsa_ns, nsmap)
     add_reply_headers(header, addressing, action, message_id)
     body.append(payload)
@@ -183,8 +191,9 @@ def fault_envelope(fault: faults.SoapFault, addressing: Addressing, message_id: 
             nsmap[_prefix_for(fault.detail.element[0])] = fault.detail.element[0]
         prefix, sep, _ = fault.detail.text.partition(":")
         if sep and prefix in names.PREFIXES and "/" not in prefix:
-            nsmap.setdefault(prefix, names.PREFIXES[prefix] if prefix != "wsa"
-                             else addressing.wsa_ns)
+            nsmap.setdefault(
+                prefix, names.PREFIXES[prefix] if prefix != "wsa" else addressing.wsa_ns
+            )
     for i, (ns, _local) in enumerate(fault.not_understood):
         nsmap.setdefault(f"nu{i}", ns)
     root, header, body = new_envelope(addressing.wsa_ns, nsmap)

@@ -9,7 +9,7 @@ larger than the limits (R12).
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from lxml import etree
 
@@ -23,8 +23,14 @@ _XML_WS = " \t\r\n"
 
 def _parser() -> etree.XMLParser:
     return etree.XMLParser(
-        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
-        huge_tree=False, remove_blank_text=False, remove_comments=True, collect_ids=False,
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_blank_text=False,
+        remove_comments=True,
+        collect_ids=False,
     )
 
 
@@ -40,7 +46,8 @@ def parse_xml(data: bytes, limits: Limits) -> Element:
     yet checked for processing instructions, entities, depth or size (:func:`check_tree`)."""
     if len(data) > limits.max_envelope_bytes:
         raise faults.malformed(
-            f"The SOAP envelope exceeds the limit of {limits.max_envelope_bytes} bytes.")
+            f"The SOAP envelope exceeds the limit of {limits.max_envelope_bytes} bytes."
+        )
     if not data.strip():
         raise faults.malformed("The request has no SOAP envelope.")
     # A DTD is refused before parsing: even an unused internal subset may declare entities.
@@ -76,11 +83,11 @@ def check_tree(root: Element, limits: Limits) -> None:
             continue
         count += 1
         if count > limits.max_xml_elements:
-            raise faults.malformed(
-                f"The message has more than {limits.max_xml_elements} elements.")
+            raise faults.malformed(f"The message has more than {limits.max_xml_elements} elements.")
         if depth > limits.max_xml_depth:
             raise faults.malformed(
-                f"The message is nested deeper than {limits.max_xml_depth} levels.")
+                f"The message is nested deeper than {limits.max_xml_depth} levels."
+            )
         for child in node:
             stack.append((child, depth + 1))
 

@@ -26,22 +26,44 @@ import argparse
 import asyncio
 import sys
 import uuid
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Coroutine, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import h11
 
-from dsc_core import (AbortDocument, AppendDocument, BeginDocument, Command, CreateJob, Deliver,
-                      DiscardDocuments, DropJob, Exchange, FilterFinished, FilterStarted,
-                      FilterState, FinishDocument, Job, Outcome, ProcessingFinished,
-                      ProcessingStarted, Reply, RequestInfo, ScanServer, ServerConfig,
-                      StartProcessing, StopProcessing, UpdateJob)
+from dsc_core import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    Command,
+    CreateJob,
+    Deliver,
+    DiscardDocuments,
+    DropJob,
+    Exchange,
+    FilterFinished,
+    FilterStarted,
+    FilterState,
+    FinishDocument,
+    Job,
+    Outcome,
+    ProcessingFinished,
+    ProcessingStarted,
+    Reply,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    StartProcessing,
+    StopProcessing,
+    UpdateJob,
+)
 
 
 def utcnow() -> datetime:
     """The only clock of the program: the core never reads one, it is given ``now``."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class StoreFailure(Exception):
@@ -134,8 +156,11 @@ class App:
                 continue  # an unusable filter: the core keeps it Canceled
             self.carry_out(self.server.processing(FilterStarted(job.token, index), utcnow()))
             await asyncio.sleep(0)
-            self.carry_out(self.server.processing(
-                FilterFinished(job.token, index, FilterState.COMPLETED_SUCCESSFULLY), utcnow()))
+            self.carry_out(
+                self.server.processing(
+                    FilterFinished(job.token, index, FilterState.COMPLETED_SUCCESSFULLY), utcnow()
+                )
+            )
         self.carry_out(self.server.processing(ProcessingFinished(job.token), utcnow()))
 
     async def clock(self) -> None:
@@ -146,7 +171,7 @@ class App:
             self.deadline_moved.clear()
             try:
                 await asyncio.wait_for(self.deadline_moved.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.carry_out(self.server.tick(utcnow()))
 
     # --- one request --------------------------------------------------------------------------
@@ -178,8 +203,7 @@ class App:
         return False
 
 
-async def read_event(conn: h11.Connection, reader: asyncio.StreamReader,
-                     timeout: float) -> object:
+async def read_event(conn: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> object:
     """The next h11 event (or h11.PAUSED), reading from the socket as needed, with a timeout
     per read so that a silent client cannot hold the connection forever."""
     while True:
@@ -191,23 +215,27 @@ async def read_event(conn: h11.Connection, reader: asyncio.StreamReader,
 
 
 async def send(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply) -> None:
-    headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
-               ("Server", "dsc-asyncio-example")]
+    headers = [
+        ("Content-Type", reply.content_type),
+        ("Content-Length", str(len(reply.body))),
+        ("Server", "dsc-asyncio-example"),
+    ]
     writer.write(conn.send(h11.Response(status_code=reply.status, headers=headers)) or b"")
     writer.write(conn.send(h11.Data(data=reply.body)) or b"")
     writer.write(conn.send(h11.EndOfMessage()) or b"")
     await writer.drain()
 
 
-async def serve_connection(app: App, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+async def serve_connection(
+    app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     limits = app.config.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
     try:
         while True:
             try:
                 event = await read_event(conn, reader, limits.idle_timeout)
-            except (h11.RemoteProtocolError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
                 await _refuse(conn, writer, exc)
                 return
             if not isinstance(event, h11.Request):
@@ -225,8 +253,13 @@ async def serve_connection(app: App, reader: asyncio.StreamReader,
             pass
 
 
-async def handle_request(app: App, conn: h11.Connection, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter, request: h11.Request) -> bool:
+async def handle_request(
+    app: App,
+    conn: h11.Connection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: h11.Request,
+) -> bool:
     """Stream one request body through one exchange and send the reply.  False when the
     connection is unusable afterwards."""
     limits = app.config.limits
@@ -234,15 +267,16 @@ async def handle_request(app: App, conn: h11.Connection, reader: asyncio.StreamR
     for name, value in request.headers:
         if name == b"content-type":
             content_type = value.decode("latin-1")
-    exchange = app.server.open_exchange(RequestInfo(
-        now=utcnow(), content_type=content_type, path=request.target.decode("latin-1")))
+    exchange = app.server.open_exchange(
+        RequestInfo(now=utcnow(), content_type=content_type, path=request.target.decode("latin-1"))
+    )
     if conn.they_are_waiting_for_100_continue:
         writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
     failure: StoreFailure | None = None
     while True:
         try:
             event = await read_event(conn, reader, limits.body_timeout)
-        except (h11.RemoteProtocolError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
             app.carry_out(exchange.abort())  # drop a half-received upload: no debris
             await _refuse(conn, writer, exc)
             return False
@@ -269,12 +303,24 @@ async def _refuse(conn: h11.Connection, writer: asyncio.StreamWriter, exc: Excep
     """Answer a broken request with a bare HTTP error when h11 still allows a response."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
-    status = getattr(exc, "error_status_hint", 408 if isinstance(exc, asyncio.TimeoutError) else 400)
+    status = getattr(
+        exc, "error_status_hint", 408 if isinstance(exc, asyncio.TimeoutError) else 400
+    )
     body = f"{status} {type(exc).__name__}\n".encode()
     try:
-        writer.write(conn.send(h11.Response(status_code=status, headers=[
-            ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
-            ("Connection", "close")])) or b"")
+        writer.write(
+            conn.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        ("Content-Type", "text/plain"),
+                        ("Content-Length", str(len(body))),
+                        ("Connection", "close"),
+                    ],
+                )
+            )
+            or b""
+        )
         writer.write(conn.send(h11.Data(data=body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()
@@ -284,8 +330,7 @@ async def _refuse(conn: h11.Connection, writer: asyncio.StreamWriter, exc: Excep
 
 async def run(host: str, port: int, requests: int | None) -> int:
     app = App(ServerConfig(), requests)
-    listener = await asyncio.start_server(
-        lambda r, w: serve_connection(app, r, w), host, port)
+    listener = await asyncio.start_server(lambda r, w: serve_connection(app, r, w), host, port)
     bound = listener.sockets[0].getsockname()[1]
     print(f"listening on http://{host}:{bound}/ScanServer port {bound}", flush=True)
     clock = asyncio.ensure_future(app.clock())
@@ -306,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5362, help="0 picks a free port")
-    parser.add_argument("--requests", type=int, default=None,
-                        help="exit after answering this many requests")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="exit after answering this many requests"
+    )
     args = parser.parse_args(argv)
     try:
         return asyncio.run(run(args.host, args.port, args.requests))

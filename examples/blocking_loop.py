@@ -31,16 +31,26 @@ import re
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from lxml import etree
 
-from dsc_core import (Command, FilterFinished, FilterStarted, FilterState, ProcessingFinished,
-                      ProcessingStarted, RequestInfo, ScanServer, ServerConfig,
-                      StartProcessing, names)
-from dsc_core import client
+from dsc_core import (
+    Command,
+    FilterFinished,
+    FilterStarted,
+    FilterState,
+    ProcessingFinished,
+    ProcessingStarted,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    StartProcessing,
+    client,
+    names,
+)
 from dsc_core.model import FileShareInstructions
 
 A = names.Action
@@ -112,7 +122,8 @@ class Loop:
             if status.instructions is not None:
                 out += self.server.processing(FilterStarted(token, index), self.now)
                 out += self.server.processing(
-                    FilterFinished(token, index, FilterState.COMPLETED_SUCCESSFULLY), self.now)
+                    FilterFinished(token, index, FilterState.COMPLETED_SUCCESSFULLY), self.now
+                )
         out += self.server.processing(ProcessingFinished(token), self.now)
         return out
 
@@ -122,8 +133,10 @@ class Loop:
         while deadline is not None and deadline <= self.now:
             commands = self.server.tick(self.now)
             names_ = self.run_commands(commands)
-            print(f"{self.now:%H:%M:%S} tick                         "
-                  f"commands: {', '.join(names_) or '-'}")
+            print(
+                f"{self.now:%H:%M:%S} tick                         "
+                f"commands: {', '.join(names_) or '-'}"
+            )
             later = self.server.next_deadline()
             if later == deadline:
                 break  # nothing changed: do not spin (would be a core bug)
@@ -135,7 +148,7 @@ class Loop:
         exchange = self.server.open_exchange(RequestInfo(now=self.now, content_type=content_type))
         commands: list[Command] = []
         for i in range(0, len(body), 4096):  # chunks, as a socket would deliver them
-            commands += exchange.feed(body[i:i + 4096])
+            commands += exchange.feed(body[i : i + 4096])
         outcome = exchange.end()
         commands += outcome.commands
         done = self.run_commands(commands)
@@ -143,25 +156,33 @@ class Loop:
         what = _describe_reply(reply.body, reply.status)
         if what.startswith("CreatePostScanJobResponse "):
             self.token = what.split()[-1]
-        print(f"{self.now:%H:%M:%S} {path.name:<28} {reply.status} {what}"
-              f"  commands: {', '.join(done) or '-'}")
+        print(
+            f"{self.now:%H:%M:%S} {path.name:<28} {reply.status} {what}"
+            f"  commands: {', '.join(done) or '-'}"
+        )
         self.now += self.step
         return reply.status
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
         deadline = self.server.next_deadline()
-        print(f"clock +{seconds:g}s; next deadline "
-              f"{'none' if deadline is None else f'{deadline:%H:%M:%S}'}")
+        print(
+            f"clock +{seconds:g}s; next deadline "
+            f"{'none' if deadline is None else f'{deadline:%H:%M:%S}'}"
+        )
         self.tick_if_due()
 
     def summary(self) -> None:
         for job in self.server.jobs.active() + self.server.jobs.history():
-            print(f"job {job.token}  {job.state.value:<10} "
-                  f"{','.join(r.value for r in job.reasons):<34} images {job.images_received}")
+            print(
+                f"job {job.token}  {job.state.value:<10} "
+                f"{','.join(r.value for r in job.reasons):<34} images {job.images_received}"
+            )
         deadline = self.server.next_deadline()
-        print(f"stored {self.stored_bytes} image bytes; next deadline: "
-              f"{'none' if deadline is None else deadline.isoformat()}")
+        print(
+            f"stored {self.stored_bytes} image bytes; next deadline: "
+            f"{'none' if deadline is None else deadline.isoformat()}"
+        )
 
 
 def _describe_reply(body: bytes, status: int) -> str:
@@ -189,26 +210,38 @@ def write_demo(folder: Path) -> list[Path]:
     n = itertools.count(1)
 
     def env(action: str, payload: etree._Element) -> bytes:
-        return client.envelope(action, payload,
-                               message_id=f"urn:uuid:{uuid.UUID(int=1000 + next(n))}")
+        return client.envelope(
+            action, payload, message_id=f"urn:uuid:{uuid.UUID(int=1000 + next(n))}"
+        )
 
-    create = env(A.DSP_CREATE, client.create_post_scan_job(
-        user_identifier="S-1-5-21-0-0-0-1000", psp_identifier="scan-to-folder",
-        instructions=[FileShareInstructions(("\\\\localhost\\scans",))]))
+    create = env(
+        A.DSP_CREATE,
+        client.create_post_scan_job(
+            user_identifier="S-1-5-21-0-0-0-1000",
+            psp_identifier="scan-to-folder",
+            instructions=[FileShareInstructions(("\\\\localhost\\scans",))],
+        ),
+    )
     files = {"01-create.xml": create}
     for doc in (1, 2):
-        root = env(A.DSP_SEND_IMAGE, client.send_image_request(
-            "$JOB_TOKEN", doc, "png", f"image{doc}@demo"))
+        root = env(
+            A.DSP_SEND_IMAGE,
+            client.send_image_request("$JOB_TOKEN", doc, "png", f"image{doc}@demo"),
+        )
         m = client.mtom(root, f"image{doc}@demo", [bytes([doc]) * 10_000], boundary="demo-b")
         files[f"0{1 + doc}-send-image-{doc}.mime"] = (
-            f"Content-Type: {m.content_type}\r\n\r\n".encode() + b"".join(m.chunks()))
-    files["04-end.xml"] = env(A.DSP_END, client.token_request(
-        names.DSP, "EndPostScanJobRequest", "$JOB_TOKEN"))
-    files["05-status.xml"] = env(A.DSP_GET_JOB_ELEMENTS, client.job_elements_request(
-        names.DSP, "$JOB_TOKEN", ["JobStatus"]))
+            f"Content-Type: {m.content_type}\r\n\r\n".encode() + b"".join(m.chunks())
+        )
+    files["04-end.xml"] = env(
+        A.DSP_END, client.token_request(names.DSP, "EndPostScanJobRequest", "$JOB_TOKEN")
+    )
+    files["05-status.xml"] = env(
+        A.DSP_GET_JOB_ELEMENTS, client.job_elements_request(names.DSP, "$JOB_TOKEN", ["JobStatus"])
+    )
     files["06-create-abandoned.xml"] = create.replace(b"urn:uuid:", b"urn:uuid:9", 1)
-    files["07-unknown-token.xml"] = env(A.DSP_END, client.token_request(
-        names.DSP, "EndPostScanJobRequest", str(uuid.UUID(int=999))))
+    files["07-unknown-token.xml"] = env(
+        A.DSP_END, client.token_request(names.DSP, "EndPostScanJobRequest", str(uuid.UUID(int=999)))
+    )
     written = []
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -219,19 +252,28 @@ def write_demo(folder: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run request files through one ScanServer.")
     parser.add_argument("paths", nargs="*", type=Path, help="request files or directories")
-    parser.add_argument("--step", type=float, default=1.0,
-                        help="virtual seconds between requests (default 1)")
-    parser.add_argument("--advance", type=float, default=None,
-                        help="at the end, advance the clock this many seconds and tick "
-                             "(default: past the job timeout when running the demo)")
-    parser.add_argument("--write-demo", type=Path, metavar="DIR",
-                        help="write the demonstration requests into DIR and exit")
+    parser.add_argument(
+        "--step", type=float, default=1.0, help="virtual seconds between requests (default 1)"
+    )
+    parser.add_argument(
+        "--advance",
+        type=float,
+        default=None,
+        help="at the end, advance the clock this many seconds and tick "
+        "(default: past the job timeout when running the demo)",
+    )
+    parser.add_argument(
+        "--write-demo",
+        type=Path,
+        metavar="DIR",
+        help="write the demonstration requests into DIR and exit",
+    )
     args = parser.parse_args(argv)
     if args.write_demo:
         for path in write_demo(args.write_demo):
             print(path)
         return 0
-    loop = Loop(datetime(2026, 11, 21, 9, 0, tzinfo=timezone.utc), args.step)
+    loop = Loop(datetime(2026, 11, 21, 9, 0, tzinfo=UTC), args.step)
     with tempfile.TemporaryDirectory() as tmp:
         paths = args.paths
         advance = args.advance

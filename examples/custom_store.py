@@ -35,19 +35,39 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from lxml import etree
 
-from dsc_core import (AbortDocument, AppendDocument, BeginDocument, Command, CreateJob, Deliver,
-                      DiscardDocuments, DropJob, FilterFinished, FilterStarted, FilterState,
-                      FinishDocument, Job, ProcessingFinished, ProcessingStarted, Reply,
-                      RequestInfo, ScanServer, ServerConfig, StartProcessing, StopProcessing,
-                      UpdateJob, names)
-from dsc_core import client
+from dsc_core import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    Command,
+    CreateJob,
+    Deliver,
+    DiscardDocuments,
+    DropJob,
+    FilterFinished,
+    FilterStarted,
+    FilterState,
+    FinishDocument,
+    Job,
+    ProcessingFinished,
+    ProcessingStarted,
+    Reply,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    StartProcessing,
+    StopProcessing,
+    UpdateJob,
+    client,
+    names,
+)
 from dsc_core.model import FileShareInstructions, extension_for
 
 A = names.Action
@@ -82,11 +102,19 @@ def manifest_of(job: Job) -> dict[str, object]:
         "user_name": job.user_name,
         "created": job.created.isoformat(),
         "completed": job.completed.isoformat() if job.completed else None,
-        "filters": [{"dialect": f.dialect, "state": f.state.value,
-                     "reasons": [r.value for r in f.reasons]} for f in job.filters],
-        "documents": [{"id": d.document_id, "format": d.format, "size": d.size,
-                       "file": f"{d.document_id}.{extension_for(d.format)}"}
-                      for d in job.documents],
+        "filters": [
+            {"dialect": f.dialect, "state": f.state.value, "reasons": [r.value for r in f.reasons]}
+            for f in job.filters
+        ],
+        "documents": [
+            {
+                "id": d.document_id,
+                "format": d.format,
+                "size": d.size,
+                "file": f"{d.document_id}.{extension_for(d.format)}",
+            }
+            for d in job.documents
+        ],
     }
 
 
@@ -141,8 +169,9 @@ class DirectoryStore:
             try:
                 os.fsync(doc.fd)
                 if doc.written != command.size:
-                    raise StoreFailure(f"{doc.written} bytes written, {command.size} expected",
-                                       temporary=False)
+                    raise StoreFailure(
+                        f"{doc.written} bytes written, {command.size} expected", temporary=False
+                    )
             finally:
                 os.close(doc.fd)
             os.replace(doc.part, doc.final)
@@ -170,7 +199,7 @@ class DirectoryStore:
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
             view = memoryview(command.data)
             while view:
-                view = view[os.write(doc.fd, view):]
+                view = view[os.write(doc.fd, view) :]
             doc.written += len(command.data)
         except OSError:
             # The upload is lost: remove it now, so a later AbortDocument finds nothing.
@@ -209,7 +238,7 @@ class Binding:
         ids = itertools.count(1)
         self.server = ScanServer(ServerConfig(), new_id=lambda: str(uuid.UUID(int=next(ids))))
         self.store = store
-        self.now = datetime(2026, 11, 21, 9, 0, tzinfo=timezone.utc)
+        self.now = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
         self.pending: list[Job] = []  # StartProcessing commands for the engine
         self._messages = itertools.count(1)
 
@@ -241,8 +270,9 @@ class Binding:
         return outcome.reply
 
     def envelope(self, action: str, payload: etree._Element) -> bytes:
-        return client.envelope(action, payload,
-                               message_id=f"urn:uuid:{uuid.UUID(int=2**64 + next(self._messages))}")
+        return client.envelope(
+            action, payload, message_id=f"urn:uuid:{uuid.UUID(int=2**64 + next(self._messages))}"
+        )
 
     def call(self, action: str, payload: etree._Element) -> client.Response:
         reply = self.post([self.envelope(action, payload)], client.SOAP_XML)
@@ -250,8 +280,14 @@ class Binding:
 
     def send_image(self, token: str, document_id: int, image: Iterable[bytes]) -> Reply:
         cid = f"image{document_id}@custom-store"
-        body = client.mtom(self.envelope(A.DSP_SEND_IMAGE, client.send_image_request(
-            token, document_id, "png", cid)), cid, image, boundary="custom-store-boundary")
+        body = client.mtom(
+            self.envelope(
+                A.DSP_SEND_IMAGE, client.send_image_request(token, document_id, "png", cid)
+            ),
+            cid,
+            image,
+            boundary="custom-store-boundary",
+        )
         return self.post(body.chunks(), body.content_type)
 
     def play_engine(self, delivered: Path) -> None:
@@ -267,9 +303,12 @@ class Binding:
                 target.mkdir(parents=True, exist_ok=True)
                 for path in self.store.documents(job.token):
                     shutil.copyfile(path, target / path.name)
-                self.run(self.server.processing(
-                    FilterFinished(job.token, index, FilterState.COMPLETED_SUCCESSFULLY),
-                    self.now))
+                self.run(
+                    self.server.processing(
+                        FilterFinished(job.token, index, FilterState.COMPLETED_SUCCESSFULLY),
+                        self.now,
+                    )
+                )
             self.run(self.server.processing(ProcessingFinished(job.token), self.now))
 
 
@@ -277,7 +316,7 @@ def image_chunks(seed: int, size: int, chunk: int = 16 * 1024) -> Iterator[bytes
     """A fake image, produced chunk by chunk as a scanner would send it."""
     block = bytes((seed * 31 + i) % 251 for i in range(chunk))
     for offset in range(0, size, chunk):
-        yield block[:min(chunk, size - offset)]
+        yield block[: min(chunk, size - offset)]
 
 
 def fault_line(reply: Reply) -> str:
@@ -292,9 +331,14 @@ def run_demo(root: Path) -> int:
     image_size = 100_000
     store = DirectoryStore(root / "jobs")
     b = Binding(store)
-    created = b.call(A.DSP_CREATE, client.create_post_scan_job(
-        user_identifier="S-1-5-21-0-0-0-1000", psp_identifier="scan-to-folder",
-        instructions=[FileShareInstructions(("\\\\localhost\\scans",))]))
+    created = b.call(
+        A.DSP_CREATE,
+        client.create_post_scan_job(
+            user_identifier="S-1-5-21-0-0-0-1000",
+            psp_identifier="scan-to-folder",
+            instructions=[FileShareInstructions(("\\\\localhost\\scans",))],
+        ),
+    )
     token = client.text_of(created.payload, names.DSP, "JobToken")
     print(f"created job {token}")
 
@@ -303,7 +347,9 @@ def run_demo(root: Path) -> int:
     store.fail_append_after = 50_000  # the disk fills up half way through image 2
     reply = b.send_image(token, 2, image_chunks(2, image_size))
     leftovers = sorted(p.name for p in store.folder(token).iterdir() if p.suffix == ".part")
-    print(f"image 2: HTTP {reply.status} {fault_line(reply)}; .part files left: {leftovers or 'none'}")
+    print(
+        f"image 2: HTTP {reply.status} {fault_line(reply)}; .part files left: {leftovers or 'none'}"
+    )
     reply = b.send_image(token, 2, image_chunks(2, image_size))
     print(f"image 2 again: HTTP {reply.status}")
 
@@ -311,26 +357,36 @@ def run_demo(root: Path) -> int:
     print(f"ended; engine has {len(b.pending)} job(s) to process")
     b.play_engine(root / "delivered")
 
-    status = b.call(A.DSP_GET_JOB_ELEMENTS, client.job_elements_request(
-        names.DSP, token, ["JobStatus"]))
+    status = b.call(
+        A.DSP_GET_JOB_ELEMENTS, client.job_elements_request(names.DSP, token, ["JobStatus"])
+    )
     view = client.read_job_elements(status.payload, names.DSP)
-    print(f"final state: {view.state} {','.join(view.reasons)}, images {view.images_received}, "
-          f"filters {[f.state for f in view.filters]}")
+    print(
+        f"final state: {view.state} {','.join(view.reasons)}, images {view.images_received}, "
+        f"filters {[f.state for f in view.filters]}"
+    )
     manifest = json.loads((store.folder(token) / "manifest.json").read_text(encoding="utf-8"))
     print("manifest.json:", json.dumps({k: manifest[k] for k in ("state", "reasons", "documents")}))
     files = sorted(p.name for p in store.folder(token).iterdir())
     delivered = sorted(p.name for p in (root / "delivered" / token).iterdir())
     print(f"job folder: {files}; delivered: {delivered}")
-    ok = (view.state == "Completed" and view.images_received == 2 and not leftovers
-          and all((root / "delivered" / token / f).stat().st_size == image_size
-                  for f in delivered))
+    ok = (
+        view.state == "Completed"
+        and view.images_received == 2
+        and not leftovers
+        and all((root / "delivered" / token / f).stat().st_size == image_size for f in delivered)
+    )
     return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A whole job through a directory job store.")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where to keep the jobs (default: a temporary directory)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to keep the jobs (default: a temporary directory)",
+    )
     args = parser.parse_args(argv)
     if args.dir is not None:
         return run_demo(args.dir)

@@ -37,26 +37,37 @@ import itertools
 import random
 import sys
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Sequence
 
 from lxml import etree
 
-from dsc_core import (AbortDocument, AppendDocument, Command, Limits, Outcome, RequestInfo, ScanServer,
-                      ServerConfig, names)
-from dsc_core import client
+from dsc_core import (
+    AbortDocument,
+    AppendDocument,
+    Command,
+    Limits,
+    Outcome,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    client,
+    names,
+)
 from dsc_core.model import FileShareInstructions
 
 A = names.Action
-NOW = datetime(2026, 11, 21, 9, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 ALLOWED_STATUSES = frozenset({200, 400, 413, 500})
 CONFIG = ServerConfig(limits=Limits(max_image_bytes=4096))
 #: The job every fresh server holds: id 1 goes to the reply's MessageID, id 2 to the token.
 JOB_TOKEN = str(uuid.UUID(int=2))
 BOUNDARY = "fuzz-boundary"
-MTOM_TYPE = (f'multipart/related; boundary="{BOUNDARY}"; type="application/xop+xml"; '
-             'start="<root@dsc-server>"; start-info="application/soap+xml"')
+MTOM_TYPE = (
+    f'multipart/related; boundary="{BOUNDARY}"; type="application/xop+xml"; '
+    'start="<root@dsc-server>"; start-info="application/soap+xml"'
+)
 CONTENT_TYPES: tuple[str | None, ...] = (
     "application/soap+xml; charset=utf-8",
     MTOM_TYPE,
@@ -81,10 +92,15 @@ def new_server() -> ScanServer:
     """A fresh server with deterministic ids and one Creating job (token :data:`JOB_TOKEN`)."""
     ids = itertools.count(1)
     server = ScanServer(CONFIG, new_id=lambda: str(uuid.UUID(int=next(ids))))
-    body = client.envelope(A.DSP_CREATE, client.create_post_scan_job(
-        user_identifier="S-1-5-21-0-0-0-1000", psp_identifier="fuzz",
-        instructions=[FileShareInstructions(("\\\\localhost\\scans",))]),
-        message_id="urn:uuid:00000000-0000-0000-0000-00000000f022")
+    body = client.envelope(
+        A.DSP_CREATE,
+        client.create_post_scan_job(
+            user_identifier="S-1-5-21-0-0-0-1000",
+            psp_identifier="fuzz",
+            instructions=[FileShareInstructions(("\\\\localhost\\scans",))],
+        ),
+        message_id="urn:uuid:00000000-0000-0000-0000-00000000f022",
+    )
     outcome = server.handle(body, RequestInfo(now=NOW, content_type=client.SOAP_XML))
     token = client.parse_response(outcome.reply.body).payload
     assert token is not None and token[0].text == JOB_TOKEN, "seed job not created as expected"
@@ -157,18 +173,22 @@ def check(body: bytes, content_type: str | None, chunk_size: int) -> Outcome:
         exchange = other.open_exchange(info)
         commands: list[Command] = []
         for i in range(0, len(body), size):
-            commands += exchange.feed(body[i:i + size])
+            commands += exchange.feed(body[i : i + size])
         chunked = exchange.end()
     except Exception as exc:
         raise InvariantBroken(f"chunked feeding raised {type(exc).__name__}: {exc}") from exc
     commands += chunked.commands
     if chunked.reply != whole.reply:
-        raise InvariantBroken(f"chunks of {size} gave another reply:\n"
-                              f"whole:   {whole.reply!r}\nchunked: {chunked.reply!r}")
+        raise InvariantBroken(
+            f"chunks of {size} gave another reply:\n"
+            f"whole:   {whole.reply!r}\nchunked: {chunked.reply!r}"
+        )
     if normalized(commands) != normalized(whole.commands):
-        raise InvariantBroken(f"chunks of {size} gave other commands:\n"
-                              f"whole:   {summary(whole.commands)}\n"
-                              f"chunked: {summary(commands)}")
+        raise InvariantBroken(
+            f"chunks of {size} gave other commands:\n"
+            f"whole:   {summary(whole.commands)}\n"
+            f"chunked: {summary(commands)}"
+        )
     return whole
 
 
@@ -211,27 +231,54 @@ def seeds() -> list[tuple[str | None, bytes]]:
     n = itertools.count(1)
 
     def env(action: str, payload: etree._Element) -> bytes:
-        return client.envelope(action, payload,
-                               message_id=f"urn:uuid:{uuid.UUID(int=2**64 + next(n))}")
+        return client.envelope(
+            action, payload, message_id=f"urn:uuid:{uuid.UUID(int=2**64 + next(n))}"
+        )
 
     soap = client.SOAP_XML
-    image = client.mtom(env(A.DSP_SEND_IMAGE, client.send_image_request(
-        JOB_TOKEN, 1, "png", "img@fuzz")), "img@fuzz", [b"\x89PNG\r\n" + bytes(range(256)) * 4],
-        boundary=BOUNDARY)
-    big = client.mtom(env(A.DSP_SEND_IMAGE, client.send_image_request(
-        JOB_TOKEN, 2, "jfif", "big@fuzz")), "big@fuzz", [b"\xff\xd8" + bytes(4095)],
-        boundary=BOUNDARY)
+    image = client.mtom(
+        env(A.DSP_SEND_IMAGE, client.send_image_request(JOB_TOKEN, 1, "png", "img@fuzz")),
+        "img@fuzz",
+        [b"\x89PNG\r\n" + bytes(range(256)) * 4],
+        boundary=BOUNDARY,
+    )
+    big = client.mtom(
+        env(A.DSP_SEND_IMAGE, client.send_image_request(JOB_TOKEN, 2, "jfif", "big@fuzz")),
+        "big@fuzz",
+        [b"\xff\xd8" + bytes(4095)],
+        boundary=BOUNDARY,
+    )
     return [
-        (soap, env(A.DSC_GET_REPOSITORY_ELEMENTS, client.repository_elements_request(
-            ["RepositoryConfiguration", "RepositoryStatusSummary"]))),
+        (
+            soap,
+            env(
+                A.DSC_GET_REPOSITORY_ELEMENTS,
+                client.repository_elements_request(
+                    ["RepositoryConfiguration", "RepositoryStatusSummary"]
+                ),
+            ),
+        ),
         (soap, env(A.DSC_GET_ACTIVE_JOBS, client.empty_request("GetActiveJobsRequest"))),
-        (soap, env(A.DSP_CREATE, client.create_post_scan_job(
-            user_identifier="S-1-5-21-1", psp_identifier="p", continue_on_error=True,
-            instructions=[FileShareInstructions(("\\\\h\\s",))]))),
-        (soap, env(A.DSP_END, client.token_request(names.DSP, "EndPostScanJobRequest",
-                                                   JOB_TOKEN))),
-        (soap, env(A.DSP_GET_JOB_ELEMENTS, client.job_elements_request(
-            names.DSP, JOB_TOKEN, ["JobStatus", "Documents"]))),
+        (
+            soap,
+            env(
+                A.DSP_CREATE,
+                client.create_post_scan_job(
+                    user_identifier="S-1-5-21-1",
+                    psp_identifier="p",
+                    continue_on_error=True,
+                    instructions=[FileShareInstructions(("\\\\h\\s",))],
+                ),
+            ),
+        ),
+        (soap, env(A.DSP_END, client.token_request(names.DSP, "EndPostScanJobRequest", JOB_TOKEN))),
+        (
+            soap,
+            env(
+                A.DSP_GET_JOB_ELEMENTS,
+                client.job_elements_request(names.DSP, JOB_TOKEN, ["JobStatus", "Documents"]),
+            ),
+        ),
         (image.content_type, b"".join(image.chunks())),
         (big.content_type, b"".join(big.chunks())),  # just over the 4 KiB limit: 413
         (soap, b""),
@@ -249,9 +296,9 @@ def mutate(rng: random.Random, body: bytes, pool: Sequence[bytes]) -> bytes:
         if op == 0 and data:
             data[min(pos, len(data) - 1)] ^= 1 << rng.randrange(8)
         elif op == 1:
-            del data[pos:pos + rng.randint(1, 64)]
+            del data[pos : pos + rng.randint(1, 64)]
         elif op == 2:
-            data[pos:pos] = data[pos:pos + rng.randint(1, 64)] * rng.randint(1, 8)
+            data[pos:pos] = data[pos : pos + rng.randint(1, 64)] * rng.randint(1, 8)
         elif op == 3:
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
         elif op == 4:
@@ -261,14 +308,25 @@ def mutate(rng: random.Random, body: bytes, pool: Sequence[bytes]) -> bytes:
             start = rng.randint(0, len(other))
             data[pos:] = other[start:]
         else:
-            data[pos:pos] = rng.choice([b"<", b">", b"&", b"\r\n--" + BOUNDARY.encode(),
-                                        b"<!DOCTYPE x [<!ENTITY a 'b'>]>", b"\x00", b"\xff\xfe",
-                                        b"]]>", b"xmlns:soap='urn:x'"])
+            data[pos:pos] = rng.choice(
+                [
+                    b"<",
+                    b">",
+                    b"&",
+                    b"\r\n--" + BOUNDARY.encode(),
+                    b"<!DOCTYPE x [<!ENTITY a 'b'>]>",
+                    b"\x00",
+                    b"\xff\xfe",
+                    b"]]>",
+                    b"xmlns:soap='urn:x'",
+                ]
+            )
     return bytes(data)
 
 
-def run_random(iterations: int, seed: int, crash_dir: Path | None,
-               report: Callable[[str], None] = print) -> int:
+def run_random(
+    iterations: int, seed: int, crash_dir: Path | None, report: Callable[[str], None] = print
+) -> int:
     rng = random.Random(seed)
     corpus = seeds()
     pool = [body for _, body in corpus]
@@ -317,15 +375,25 @@ def run_atheris(argv: Sequence[str]) -> int:  # pragma: no cover - needs atheris
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fuzz the core's bytes boundary.")
-    parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto",
-                        help="auto: atheris when installed, else random (default)")
-    parser.add_argument("--iterations", type=int, default=2000,
-                        help="random engine: inputs to try (default 2000)")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "atheris", "random"),
+        default="auto",
+        help="auto: atheris when installed, else random (default)",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=2000, help="random engine: inputs to try (default 2000)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random engine: RNG seed")
-    parser.add_argument("--crash-dir", type=Path, default=None,
-                        help="random engine: save a failing input here")
-    parser.add_argument("--write-corpus", type=Path, metavar="DIR",
-                        help="write the seed inputs (atheris format) into DIR and exit")
+    parser.add_argument(
+        "--crash-dir", type=Path, default=None, help="random engine: save a failing input here"
+    )
+    parser.add_argument(
+        "--write-corpus",
+        type=Path,
+        metavar="DIR",
+        help="write the seed inputs (atheris format) into DIR and exit",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.write_corpus:
         for path in write_corpus(args.write_corpus):

@@ -21,18 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 try:
     atheris = importlib.import_module("atheris")  # optional; typed as Any
 except ImportError:  # pragma: no cover - atheris is optional
-    sys.exit("atheris is not installed: pip install atheris "
-             "(or run: python examples/fuzz_harness.py --engine random)")
+    sys.exit(
+        "atheris is not installed: pip install atheris "
+        "(or run: python examples/fuzz_harness.py --engine random)"
+    )
 
 with atheris.instrument_imports(include=["dsc_core"]):
     # Instrumented before the harness imports them; the operation tables are imported lazily
     # by ScanServer, so name them here or their coverage is invisible to the fuzzer.
-    import dsc_core  # noqa: F401
-    import dsc_core.bdsrr  # noqa: F401
-    import dsc_core.dsp  # noqa: F401
+    import dsc_core
+    import dsc_core.bdsrr
+    import dsc_core.dsp
     import dsc_core.metadata  # noqa: F401
 
-import fuzz_harness  # noqa: E402
+import fuzz_harness
 
 
 def main() -> None:

@@ -25,8 +25,10 @@ def spec_dir() -> Path | None:
 def spec() -> Path:
     found = spec_dir()
     if found is None:
-        pytest.skip("specification folder not found: set DSC_SPEC_DIR or place shared/spec "
-                    "beside the project")
+        pytest.skip(
+            "specification folder not found: set DSC_SPEC_DIR or place shared/spec "
+            "beside the project"
+        )
     return found
 
 
@@ -37,20 +39,27 @@ def bdsrr_schema(spec: Path, tmp_path_factory: pytest.TempPathFactory) -> etree.
     for name in ("bdsrr.xsd", "PostScan.xsd", "WDPScan.xsd"):
         shutil.copy(spec / name, folder / name)
     xsd = folder / "bdsrr.xsd"
-    xsd.write_text(xsd.read_text(encoding="utf-8").replace("SendImangeFailed", "SendImageFailed"),
-                   encoding="utf-8")
+    xsd.write_text(
+        xsd.read_text(encoding="utf-8").replace("SendImangeFailed", "SendImageFailed"),
+        encoding="utf-8",
+    )
     return etree.XMLSchema(etree.parse(str(xsd)))
 
 
 #: Response elements of the MS-BDSRR schema (global elements of bdsrr.xsd).
-_SCHEMA_RESPONSES = {"GetRepositoryElementsResponse", "CancelPostScanJobResponse",
-                     "GetPostScanJobElementsResponse", "GetActiveJobsResponse",
-                     "GetJobHistoryResponse"}
+_SCHEMA_RESPONSES = {
+    "GetRepositoryElementsResponse",
+    "CancelPostScanJobResponse",
+    "GetPostScanJobElementsResponse",
+    "GetActiveJobsResponse",
+    "GetJobHistoryResponse",
+}
 
 
 @pytest.fixture(autouse=True)
-def every_response_validates(request: pytest.FixtureRequest,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def every_response_validates(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 2: every MS-BDSRR response produced in the suite validates against bdsrr.xsd, and
     WS-DSP GetPostScanJobElements responses do once their namespace is mapped to dsc.  Every
     reply that passes through the in-process transport is checked, in every test."""
@@ -74,8 +83,10 @@ def every_response_validates(request: pytest.FixtureRequest,
                 mapped: etree._Element | None = None
                 if qname.namespace == names.DSC and qname.localname in _SCHEMA_RESPONSES:
                     mapped = payload
-                elif qname.namespace == names.DSP and \
-                        qname.localname == "GetPostScanJobElementsResponse":
+                elif (
+                    qname.namespace == names.DSP
+                    and qname.localname == "GetPostScanJobElementsResponse"
+                ):
                     mapped = etree.fromstring(etree.tostring(payload).replace(dsp_ns, dsc_ns))
                 if mapped is not None:
                     doc = etree.fromstring(etree.tostring(mapped))

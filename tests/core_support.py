@@ -8,16 +8,22 @@ from ``dsc_core`` constants, so that a wrong constant in the core makes a test f
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from lxml import etree
 
 from dsc_bindings.inprocess import InProcessTransport
 from dsc_core import client
 from dsc_core.exchange_types import Reply
-from dsc_core.model import (EmailInstructions, FileShareInstructions, Instructions, Job,
-                            SharePointInstructions)
+from dsc_core.model import (
+    EmailInstructions,
+    FileShareInstructions,
+    Instructions,
+    Job,
+    SharePointInstructions,
+)
 
 # --- spec strings ------------------------------------------------------------------------------
 
@@ -48,21 +54,23 @@ REASONS = {
         "OperationFailed": "Scan repository service cannot perform the requested operation",
         "ServerErrorTemporaryError": "The service had an unexpected error",
         "ServerErrorInternalError": "The service had an unexpected error",
-        "ClientErrorJobTokenNotFound":
-            "A PostScan job identified by the specified dsc:JobToken argument could not be found.",
+        "ClientErrorJobTokenNotFound": "A PostScan job identified by the specified dsc:JobToken argument could not be found.",
     },
     DSP: {
         "InvalidArgs": "At least one input argument is invalid.",
         "OperationFailed": "The service cannot perform the requested operation.",
         "ServerErrorTemporaryError": "The service had an unexpected error.",
         "ServerErrorInternalError": "The service had an unexpected error.",
-        "ClientErrorJobTokenNotFound":
-            "A PostScan job identified by the specified dsp:JobToken argument could not be found.",
+        "ClientErrorJobTokenNotFound": "A PostScan job identified by the specified dsp:JobToken argument could not be found.",
     },
 }
-CODES = {"InvalidArgs": "Sender", "OperationFailed": "Receiver",
-         "ServerErrorTemporaryError": "Receiver", "ServerErrorInternalError": "Receiver",
-         "ClientErrorJobTokenNotFound": "Sender"}
+CODES = {
+    "InvalidArgs": "Sender",
+    "OperationFailed": "Receiver",
+    "ServerErrorTemporaryError": "Receiver",
+    "ServerErrorInternalError": "Receiver",
+    "ClientErrorJobTokenNotFound": "Sender",
+}
 
 REQUEST_ID = "urn:uuid:11111111-2222-3333-4444-555555555555"
 
@@ -97,16 +105,32 @@ FS = FileShareInstructions((r"\\files.example\scans",))
 SP = SharePointInstructions(False, ("http://sharepoint.example/site/scans",))
 MAIL = EmailInstructions(False, ("user@example.com",))
 
-NSMAP = {"s": SOAP, "a": WSA, "a10": WSA10, "dsc": DSC, "dsp": DSP, "wse": WSE, "wsdp": WSDP,
-         "wsx": "http://schemas.xmlsoap.org/ws/2004/09/mex"}
+NSMAP = {
+    "s": SOAP,
+    "a": WSA,
+    "a10": WSA10,
+    "dsc": DSC,
+    "dsp": DSP,
+    "wse": WSE,
+    "wsdp": WSDP,
+    "wsx": "http://schemas.xmlsoap.org/ws/2004/09/mex",
+}
 
 
 # --- building requests ---------------------------------------------------------------------------
 
 
-def soap(body: str, action: str | None, *, message_id: str | None = REQUEST_ID,
-         headers: str = "", wsa: str = WSA, envelope_ns: str = SOAP, to: str | None = None,
-         declarations: str = "") -> bytes:
+def soap(
+    body: str,
+    action: str | None,
+    *,
+    message_id: str | None = REQUEST_ID,
+    headers: str = "",
+    wsa: str = WSA,
+    envelope_ns: str = SOAP,
+    to: str | None = None,
+    declarations: str = "",
+) -> bytes:
     """A request written by hand.  Prefixes: s (envelope), a (addressing), dsc, dsp, psp, xop,
     wse."""
     parts = []
@@ -117,37 +141,51 @@ def soap(body: str, action: str | None, *, message_id: str | None = REQUEST_ID,
     if message_id is not None:
         parts.append(f"<a:MessageID>{message_id}</a:MessageID>")
     parts.append(headers)
-    return (f'<?xml version="1.0" encoding="utf-8"?>\n'
-            f'<s:Envelope xmlns:s="{envelope_ns}" xmlns:a="{wsa}" xmlns:dsc="{DSC}" '
-            f'xmlns:dsp="{DSP}" xmlns:psp="{PSP}" xmlns:xop="{XOP}" xmlns:wse="{WSE}"'
-            f'{declarations}>'
-            f'<s:Header>{"".join(parts)}</s:Header><s:Body>{body}</s:Body></s:Envelope>'
-            ).encode("utf-8")
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<s:Envelope xmlns:s="{envelope_ns}" xmlns:a="{wsa}" xmlns:dsc="{DSC}" '
+        f'xmlns:dsp="{DSP}" xmlns:psp="{PSP}" xmlns:xop="{XOP}" xmlns:wse="{WSE}"'
+        f"{declarations}>"
+        f"<s:Header>{''.join(parts)}</s:Header><s:Body>{body}</s:Body></s:Envelope>"
+    ).encode()
 
 
 def token_body(ns_prefix: str, local: str, token: str) -> str:
-    return f"<{ns_prefix}:{local}><{ns_prefix}:JobToken>{token}</{ns_prefix}:JobToken>" \
-           f"</{ns_prefix}:{local}>"
+    return (
+        f"<{ns_prefix}:{local}><{ns_prefix}:JobToken>{token}</{ns_prefix}:JobToken>"
+        f"</{ns_prefix}:{local}>"
+    )
 
 
 def elements_body(ns_prefix: str, token: str, *requested: str) -> str:
     items = "".join(f"<{ns_prefix}:Name>{n}</{ns_prefix}:Name>" for n in requested)
-    return (f"<{ns_prefix}:GetPostScanJobElementsRequest><{ns_prefix}:JobToken>{token}"
-            f"</{ns_prefix}:JobToken><{ns_prefix}:RequestedElements>{items}"
-            f"</{ns_prefix}:RequestedElements></{ns_prefix}:GetPostScanJobElementsRequest>")
+    return (
+        f"<{ns_prefix}:GetPostScanJobElementsRequest><{ns_prefix}:JobToken>{token}"
+        f"</{ns_prefix}:JobToken><{ns_prefix}:RequestedElements>{items}"
+        f"</{ns_prefix}:RequestedElements></{ns_prefix}:GetPostScanJobElementsRequest>"
+    )
 
 
 def repository_body(*requested: str) -> str:
     items = "".join(f"<dsc:Name>{n}</dsc:Name>" for n in requested)
-    return (f"<dsc:GetRepositoryElementsRequest><dsc:RequestedElements>{items}"
-            f"</dsc:RequestedElements></dsc:GetRepositoryElementsRequest>")
+    return (
+        f"<dsc:GetRepositoryElementsRequest><dsc:RequestedElements>{items}"
+        f"</dsc:RequestedElements></dsc:GetRepositoryElementsRequest>"
+    )
 
 
-def create_request(*instructions: Instructions, continue_on_error: bool | None = None,
-                   user: str = "S-1-5-21-1000", psp_identifier: str = "PSP-1") -> etree._Element:
-    return client.create_post_scan_job(user_identifier=user, psp_identifier=psp_identifier,
-                                       instructions=instructions or (FS,),
-                                       continue_on_error=continue_on_error)
+def create_request(
+    *instructions: Instructions,
+    continue_on_error: bool | None = None,
+    user: str = "S-1-5-21-1000",
+    psp_identifier: str = "PSP-1",
+) -> etree._Element:
+    return client.create_post_scan_job(
+        user_identifier=user,
+        psp_identifier=psp_identifier,
+        instructions=instructions or (FS,),
+        continue_on_error=continue_on_error,
+    )
 
 
 def envelope(action: str, payload: etree._Element, message_id: str = REQUEST_ID) -> bytes:
@@ -155,37 +193,63 @@ def envelope(action: str, payload: etree._Element, message_id: str = REQUEST_ID)
     return client.envelope(action, payload, message_id=message_id)
 
 
-def create_job(t: InProcessTransport, *instructions: Instructions,
-               continue_on_error: bool | None = None, identity: str | None = None,
-               user: str = "S-1-5-21-1000", psp_identifier: str = "PSP-1") -> str:
+def create_job(
+    t: InProcessTransport,
+    *instructions: Instructions,
+    continue_on_error: bool | None = None,
+    identity: str | None = None,
+    user: str = "S-1-5-21-1000",
+    psp_identifier: str = "PSP-1",
+) -> str:
     """CreatePostScanJob over WS-DSP; returns the token (the reply must be a success)."""
-    reply = t.post(envelope(Act.DSP_CREATE, create_request(
-        *instructions, continue_on_error=continue_on_error, user=user,
-        psp_identifier=psp_identifier)), identity=identity)
+    reply = t.post(
+        envelope(
+            Act.DSP_CREATE,
+            create_request(
+                *instructions,
+                continue_on_error=continue_on_error,
+                user=user,
+                psp_identifier=psp_identifier,
+            ),
+        ),
+        identity=identity,
+    )
     assert reply.status == 200, reply.body.decode()
     return text_of(payload_of(reply), "dsp:JobToken")
 
 
-def mtom_body(envelope: bytes, content_id: str, data: bytes,
-              boundary: str = "MIME_boundary_dsc-test") -> tuple[str, bytes]:
+def mtom_body(
+    envelope: bytes, content_id: str, data: bytes, boundary: str = "MIME_boundary_dsc-test"
+) -> tuple[str, bytes]:
     m = client.mtom(envelope, content_id, [data], boundary=boundary)
     return m.content_type, b"".join(m.chunks())
 
 
-def send_image(t: InProcessTransport, token: str, document_id: int = 1, data: bytes = b"IMG",
-               *, fmt: str = "png", chunk_size: int | None = None, identity: str | None = None,
-               content_id: str = "image-1@dsc-test", href: str | None = None) -> Reply:
+def send_image(
+    t: InProcessTransport,
+    token: str,
+    document_id: int = 1,
+    data: bytes = b"IMG",
+    *,
+    fmt: str = "png",
+    chunk_size: int | None = None,
+    identity: str | None = None,
+    content_id: str = "image-1@dsc-test",
+    href: str | None = None,
+) -> Reply:
     """SendImage as MTOM; ``href`` overrides the xop:Include reference."""
-    root = envelope(Act.DSP_SEND_IMAGE,
-                    client.send_image_request(token, document_id, fmt, content_id))
+    root = envelope(
+        Act.DSP_SEND_IMAGE, client.send_image_request(token, document_id, fmt, content_id)
+    )
     if href is not None:
         root = root.replace(f'href="cid:{content_id}"'.encode(), f'href="{href}"'.encode())
     ctype, body = mtom_body(root, content_id, data)
     return t.post(body, content_type=ctype, chunk_size=chunk_size, identity=identity)
 
 
-def post_token(t: InProcessTransport, ns: str, local: str, token: str,
-               identity: str | None = None) -> Reply:
+def post_token(
+    t: InProcessTransport, ns: str, local: str, token: str, identity: str | None = None
+) -> Reply:
     action = (DSP if ns == DSP else DSC) + "/" + local.removesuffix("Request")
     return t.post(envelope(action, client.token_request(ns, local, token)), identity=identity)
 
@@ -216,24 +280,31 @@ def ok(reply: Reply) -> etree._Element:
 
 def summaries(t: InProcessTransport, which: str) -> list[client.JobView]:
     """GetActiveJobs ("ActiveJobs") or GetJobHistory ("JobHistory") as job views."""
-    action, request = ((Act.DSC_ACTIVE, "GetActiveJobsRequest") if which == "ActiveJobs"
-                       else (Act.DSC_HISTORY, "GetJobHistoryRequest"))
+    action, request = (
+        (Act.DSC_ACTIVE, "GetActiveJobsRequest")
+        if which == "ActiveJobs"
+        else (Act.DSC_HISTORY, "GetJobHistoryRequest")
+    )
     body = ok(t.post(envelope(action, client.empty_request(request))))
     return client.read_summaries(body, which)
 
 
 def job_view(t: InProcessTransport, token: str, ns: str = DSC) -> client.JobView:
     prefix = "dsp" if ns == DSP else "dsc"
-    reply = t.post(soap(elements_body(prefix, token, f"{prefix}:JobStatus",
-                                      f"{prefix}:JobDescription"),
-                        (DSP if ns == DSP else DSC) + "/GetPostScanJobElements"))
+    reply = t.post(
+        soap(
+            elements_body(prefix, token, f"{prefix}:JobStatus", f"{prefix}:JobDescription"),
+            (DSP if ns == DSP else DSC) + "/GetPostScanJobElements",
+        )
+    )
     return client.read_job_elements(ok(reply), ns)
 
 
 def repository_state(t: InProcessTransport) -> str:
     body = ok(t.post(soap(repository_body("dsc:RepositoryStatus"), Act.DSC_REPOSITORY)))
-    return text_of(body, "dsc:RepositoryElements/dsc:ElementData/dsc:RepositoryStatus/"
-                         "dsc:RepositoryState")
+    return text_of(
+        body, "dsc:RepositoryElements/dsc:ElementData/dsc:RepositoryStatus/dsc:RepositoryState"
+    )
 
 
 # --- reading replies ------------------------------------------------------------------------------
@@ -293,15 +364,21 @@ def reply_headers(body: bytes) -> Headers:
             assert q.localname not in found, f"duplicate wsa:{q.localname}"
             found[q.localname] = (child.text or "").strip()
             wsa_ns = q.namespace
-    return Headers(found.get("To"), found.get("Action"), found.get("MessageID"),
-                   found.get("RelatesTo"), wsa_ns or "")
+    return Headers(
+        found.get("To"),
+        found.get("Action"),
+        found.get("MessageID"),
+        found.get("RelatesTo"),
+        wsa_ns or "",
+    )
 
 
 _SEEN_IDS: set[str] = set()
 
 
-def check_reply_headers(reply: Reply, *, action: str, relates_to: str | None,
-                        wsa: str = WSA) -> Headers:
+def check_reply_headers(
+    reply: Reply, *, action: str, relates_to: str | None, wsa: str = WSA
+) -> Headers:
     """R4: To anonymous, the action, a fresh urn:uuid MessageID, RelatesTo the request's."""
     h = reply_headers(reply.body)
     assert h.wsa == wsa
@@ -309,8 +386,9 @@ def check_reply_headers(reply: Reply, *, action: str, relates_to: str | None,
     assert h.action == action
     assert h.relates_to == relates_to
     assert h.message_id is not None
-    assert re.fullmatch(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
-                        h.message_id), h.message_id
+    assert re.fullmatch(
+        r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", h.message_id
+    ), h.message_id
     assert h.message_id != relates_to
     return h
 
@@ -345,14 +423,27 @@ def read_fault(reply: Reply) -> Fault:
     assert len(texts) == 1
     assert texts[0].get(f"{{{XML_NS}}}lang") == "en"
     details = xp(fault, "s:Detail")
-    return Fault(reply.status, code, subcode, texts[0].text or "",
-                 details[0] if details else None, reply_headers(reply.body),
-                 xp(root, "/s:Envelope/s:Header")[0])
+    return Fault(
+        reply.status,
+        code,
+        subcode,
+        texts[0].text or "",
+        details[0] if details else None,
+        reply_headers(reply.body),
+        xp(root, "/s:Envelope/s:Header")[0],
+    )
 
 
-def check_fault(reply: Reply, *, status: int, code: str, subcode: tuple[str, str] | None,
-                reason: str | None = None, relates_to: str | None = REQUEST_ID,
-                wsa: str = WSA) -> Fault:
+def check_fault(
+    reply: Reply,
+    *,
+    status: int,
+    code: str,
+    subcode: tuple[str, str] | None,
+    reason: str | None = None,
+    relates_to: str | None = REQUEST_ID,
+    wsa: str = WSA,
+) -> Fault:
     """Every field of R4: HTTP status, Code, Subcode, exact Reason, headers of the fault."""
     f = read_fault(reply)
     assert f.status == status
@@ -362,17 +453,27 @@ def check_fault(reply: Reply, *, status: int, code: str, subcode: tuple[str, str
         assert f.reason == reason
     else:
         assert f.reason.strip()
-    check_reply_headers(reply, action=FAULT_ACTION10 if wsa == WSA10 else FAULT_ACTION,
-                        relates_to=relates_to, wsa=wsa)
+    check_reply_headers(
+        reply,
+        action=FAULT_ACTION10 if wsa == WSA10 else FAULT_ACTION,
+        relates_to=relates_to,
+        wsa=wsa,
+    )
     return f
 
 
-def check_protocol_fault(reply: Reply, ns: str, subcode: str, *,
-                         relates_to: str | None = REQUEST_ID) -> Fault:
+def check_protocol_fault(
+    reply: Reply, ns: str, subcode: str, *, relates_to: str | None = REQUEST_ID
+) -> Fault:
     """A dsc:/dsp: fault of the tables, every field (the Detail is the caller's)."""
-    return check_fault(reply, status=400 if CODES[subcode] == "Sender" else 500,
-                       code=CODES[subcode], subcode=(ns, subcode), reason=REASONS[ns][subcode],
-                       relates_to=relates_to)
+    return check_fault(
+        reply,
+        status=400 if CODES[subcode] == "Sender" else 500,
+        code=CODES[subcode],
+        subcode=(ns, subcode),
+        reason=REASONS[ns][subcode],
+        relates_to=relates_to,
+    )
 
 
 def detail_qname(f: Fault) -> tuple[str, str]:
@@ -404,8 +505,12 @@ def structure(el: etree._Element) -> tuple[object, ...]:
         return v
 
     attrs = tuple(sorted((k, value(v)) for k, v in el.attrib.items()))
-    return (etree.QName(el).text, attrs, value(el.text or ""),
-            tuple(structure(c) for c in el if isinstance(c.tag, str)))
+    return (
+        etree.QName(el).text,
+        attrs,
+        value(el.text or ""),
+        tuple(structure(c) for c in el if isinstance(c.tag, str)),
+    )
 
 
 def tags(el: etree._Element) -> list[str]:
@@ -422,19 +527,32 @@ def deliveries_of(t: InProcessTransport, action: str) -> list[etree._Element]:
     return out
 
 
-def subscribe_body(notify_to: str = "http://sink.example/notify", *,
-                   end_to: str | None = "http://sink.example/end",
-                   expires: str | None = None, actions: Iterable[str] | None = None,
-                   notify_params: str = '<x:Ref xmlns:x="urn:test:sink">N-1</x:Ref>',
-                   end_params: str = '<x:Ref xmlns:x="urn:test:sink">E-1</x:Ref>') -> str:
-    end = (f"<wse:EndTo><a:Address>{end_to}</a:Address><a:ReferenceParameters>{end_params}"
-           f"</a:ReferenceParameters></wse:EndTo>" if end_to else "")
+def subscribe_body(
+    notify_to: str = "http://sink.example/notify",
+    *,
+    end_to: str | None = "http://sink.example/end",
+    expires: str | None = None,
+    actions: Iterable[str] | None = None,
+    notify_params: str = '<x:Ref xmlns:x="urn:test:sink">N-1</x:Ref>',
+    end_params: str = '<x:Ref xmlns:x="urn:test:sink">E-1</x:Ref>',
+) -> str:
+    end = (
+        f"<wse:EndTo><a:Address>{end_to}</a:Address><a:ReferenceParameters>{end_params}"
+        f"</a:ReferenceParameters></wse:EndTo>"
+        if end_to
+        else ""
+    )
     exp = f"<wse:Expires>{expires}</wse:Expires>" if expires is not None else ""
-    filt = (f'<wse:Filter Dialect="{ACTION_DIALECT}">{" ".join(actions)}</wse:Filter>'
-            if actions is not None else "")
-    return (f"<wse:Subscribe>{end}<wse:Delivery><wse:NotifyTo><a:Address>{notify_to}"
-            f"</a:Address><a:ReferenceParameters>{notify_params}</a:ReferenceParameters>"
-            f"</wse:NotifyTo></wse:Delivery>{exp}{filt}</wse:Subscribe>")
+    filt = (
+        f'<wse:Filter Dialect="{ACTION_DIALECT}">{" ".join(actions)}</wse:Filter>'
+        if actions is not None
+        else ""
+    )
+    return (
+        f"<wse:Subscribe>{end}<wse:Delivery><wse:NotifyTo><a:Address>{notify_to}"
+        f"</a:Address><a:ReferenceParameters>{notify_params}</a:ReferenceParameters>"
+        f"</wse:NotifyTo></wse:Delivery>{exp}{filt}</wse:Subscribe>"
+    )
 
 
 def subscribe(t: InProcessTransport, service_url: str, **kw: Any) -> tuple[str, str]:
@@ -447,5 +565,4 @@ def subscribe(t: InProcessTransport, service_url: str, **kw: Any) -> tuple[str, 
 
 
 def manager_request(t: InProcessTransport, action: str, identifier: str, body: str) -> Reply:
-    return t.post(soap(body, action,
-                       headers=f"<wse:Identifier>{identifier}</wse:Identifier>"))
+    return t.post(soap(body, action, headers=f"<wse:Identifier>{identifier}</wse:Identifier>"))

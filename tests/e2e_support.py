@@ -22,9 +22,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from dsc_core import client as dc
 from dsc_core import names
@@ -46,8 +47,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
-             interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "", interval: float = 0.05
+) -> Any:
     """Poll until ``predicate()`` is truthy; return its value, or fail saying what we waited for."""
     deadline = time.monotonic() + timeout
     while True:
@@ -62,7 +64,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = ""
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DSC_SERVER", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "bindings"), env.get("PYTHONPATH")) if p
+    )
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -73,9 +77,16 @@ def child_env() -> dict[str, str]:
 class ServerProcess:
     """One ``python -m dsc_bindings.cli serve`` child, its log in a file."""
 
-    def __init__(self, data: Path, *, binding: str = "async", config: Path | None = None,
-                 tls: tuple[Path, Path] | None = None, client_ca: Path | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        data: Path,
+        *,
+        binding: str = "async",
+        config: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.data = data
         self.binding = binding
         self.config = config
@@ -88,11 +99,19 @@ class ServerProcess:
 
     # - life cycle -
 
-    def start(self, timeout: float = 20.0) -> "ServerProcess":
+    def start(self, timeout: float = 20.0) -> ServerProcess:
         for _ in range(5):  # a free port may be taken by someone else in between: retry
             self.port = free_port()
-            args = [sys.executable, "-m", "dsc_bindings.cli", "serve", "--port", str(self.port),
-                    "--data", str(self.data)]
+            args = [
+                sys.executable,
+                "-m",
+                "dsc_bindings.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data",
+                str(self.data),
+            ]
             if self.binding:
                 args += ["--binding", self.binding]
             if self.config is not None:
@@ -103,9 +122,14 @@ class ServerProcess:
                 args += ["--client-ca", str(self.client_ca)]
             self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with self.log_path.open("ab") as log_file:
-                self.proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=child_env(),
-                                             cwd=str(self.data.parent))
+                self.proc = subprocess.Popen(
+                    args,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=child_env(),
+                    cwd=str(self.data.parent),
+                )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 log = self.log
@@ -154,10 +178,12 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 self.proc.kill()
                 self.proc.wait(5)
-                raise AssertionError(f"dsc serve ignored SIGTERM for {timeout} s:\n{self.log}")
+                raise AssertionError(
+                    f"dsc serve ignored SIGTERM for {timeout} s:\n{self.log}"
+                ) from exc
         self.returncode = self.proc.returncode
         return self.returncode
 
@@ -212,11 +238,18 @@ class Run:
 
 
 def dsc(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> Run:
-    done = subprocess.run([sys.executable, "-m", "dsc_bindings.cli", *args],
-                          capture_output=True, timeout=timeout, env=child_env(),
-                          cwd=str(cwd) if cwd else None)
-    return Run(done.returncode, done.stdout.decode("utf-8", "replace"),
-               done.stderr.decode("utf-8", "replace"))
+    done = subprocess.run(
+        [sys.executable, "-m", "dsc_bindings.cli", *args],
+        capture_output=True,
+        timeout=timeout,
+        env=child_env(),
+        cwd=str(cwd) if cwd else None,
+    )
+    return Run(
+        done.returncode,
+        done.stdout.decode("utf-8", "replace"),
+        done.stderr.decode("utf-8", "replace"),
+    )
 
 
 # --- a SOAP client over real sockets ---------------------------------------------------------
@@ -225,8 +258,9 @@ def dsc(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> Run:
 class Soap:
     """Both protocols against one server URL; a fresh connection per request."""
 
-    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0
+    ) -> None:
         self.url = url
         self.ssl_context = ssl_context
         self.timeout = timeout
@@ -237,12 +271,17 @@ class Soap:
 
     def connection(self) -> http.client.HTTPConnection:
         if self.ssl_context is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=self.ssl_context)
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self.ssl_context
+            )
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
-    def post(self, body: bytes | Iterable[bytes], content_type: str = dc.SOAP_XML,
-             length: int | None = None) -> tuple[int, str, bytes]:
+    def post(
+        self,
+        body: bytes | Iterable[bytes],
+        content_type: str = dc.SOAP_XML,
+        length: int | None = None,
+    ) -> tuple[int, str, bytes]:
         conn = self.connection()
         try:
             headers = {"Content-Type": content_type}
@@ -264,32 +303,50 @@ class Soap:
 
     # - WS-DSP (scanner) -
 
-    def create(self, instructions: Sequence[Any], *, user: str = DEFAULT_SID,
-               root_name: str = "scan", continue_on_error: bool | None = None) -> str:
-        response = self.call(A.DSP_CREATE, dc.create_post_scan_job(
-            user_identifier=user, psp_identifier=str(uuid.uuid4()).upper(),
-            instructions=instructions, document_root_name=root_name,
-            continue_on_error=continue_on_error))
+    def create(
+        self,
+        instructions: Sequence[Any],
+        *,
+        user: str = DEFAULT_SID,
+        root_name: str = "scan",
+        continue_on_error: bool | None = None,
+    ) -> str:
+        response = self.call(
+            A.DSP_CREATE,
+            dc.create_post_scan_job(
+                user_identifier=user,
+                psp_identifier=str(uuid.uuid4()).upper(),
+                instructions=instructions,
+                document_root_name=root_name,
+                continue_on_error=continue_on_error,
+            ),
+        )
         token = dc.text_of(response.payload, names.DSP, "JobToken")
         assert token, "CreatePostScanJobResponse without a JobToken"
         return token
 
-    def image_body(self, token: str, document_id: int, fmt: str,
-                   chunks: Iterable[bytes]) -> dc.Mtom:
+    def image_body(
+        self, token: str, document_id: int, fmt: str, chunks: Iterable[bytes]
+    ) -> dc.Mtom:
         cid = f"image{document_id}-{uuid.uuid4().hex}@e2e"
-        root = self.envelope(A.DSP_SEND_IMAGE, dc.send_image_request(token, document_id, fmt,
-                                                                       cid))
+        root = self.envelope(A.DSP_SEND_IMAGE, dc.send_image_request(token, document_id, fmt, cid))
         return dc.mtom(root, cid, chunks, boundary=f"e2e-{uuid.uuid4().hex}")
 
-    def send_image(self, token: str, document_id: int, data: bytes | Iterable[bytes],
-                   size: int | None = None, fmt: str = "png") -> dc.Response:
+    def send_image(
+        self,
+        token: str,
+        document_id: int,
+        data: bytes | Iterable[bytes],
+        size: int | None = None,
+        fmt: str = "png",
+    ) -> dc.Response:
         if isinstance(data, bytes):
             size, chunks = len(data), [data]
         else:
             assert size is not None
             chunks = data  # type: ignore[assignment]
         body = self.image_body(token, document_id, fmt, chunks)
-        status, ctype, reply = self.post(body.chunks(), body.content_type, body.length(size))
+        status, _ctype, reply = self.post(body.chunks(), body.content_type, body.length(size))
         return dc.parse_response(reply, status)
 
     def end(self, token: str) -> None:
@@ -299,20 +356,29 @@ class Soap:
         self.call(A.DSP_CANCEL, dc.token_request(names.DSP, "CancelPostScanJobRequest", token))
 
     def dsp_job(self, token: str) -> dc.JobView:
-        return dc.read_job_elements(self.call(A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(
-            names.DSP, token, ["JobStatus", "JobDescription"])).payload, names.DSP)
+        return dc.read_job_elements(
+            self.call(
+                A.DSP_GET_JOB_ELEMENTS,
+                dc.job_elements_request(names.DSP, token, ["JobStatus", "JobDescription"]),
+            ).payload,
+            names.DSP,
+        )
 
     def dsp_documents(self, token: str) -> list[tuple[int, str]]:
-        payload = self.call(A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(
-            names.DSP, token, ["Documents"])).payload
+        payload = self.call(
+            A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(names.DSP, token, ["Documents"])
+        ).payload
         found = []
-        for data in dc.all_of(dc.find_path(payload, names.DSP, "JobElements"), names.DSP,
-                              "ElementData"):
-            for d in dc.all_of(dc.find_path(data, names.DSP, "Documents"), names.DSP,
-                               "Document"):
-                found.append((int(dc.text_of(d, names.DSP, "DocumentDescription",
-                                             "DocumentId")),
-                              dc.text_of(d, names.DSP, "DocumentDescription", "Format")))
+        for data in dc.all_of(
+            dc.find_path(payload, names.DSP, "JobElements"), names.DSP, "ElementData"
+        ):
+            for d in dc.all_of(dc.find_path(data, names.DSP, "Documents"), names.DSP, "Document"):
+                found.append(
+                    (
+                        int(dc.text_of(d, names.DSP, "DocumentDescription", "DocumentId")),
+                        dc.text_of(d, names.DSP, "DocumentDescription", "Format"),
+                    )
+                )
         return found
 
     # - MS-BDSRR (management) -
@@ -321,19 +387,22 @@ class Soap:
         self.call(A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", token))
 
     def active(self) -> list[dc.JobView]:
-        return dc.read_summaries(self.call(A.DSC_GET_ACTIVE_JOBS, dc.empty_request(
-            "GetActiveJobsRequest")).payload, "ActiveJobs")
+        return dc.read_summaries(
+            self.call(A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest")).payload,
+            "ActiveJobs",
+        )
 
     def history(self) -> list[dc.JobView]:
-        return dc.read_summaries(self.call(A.DSC_GET_JOB_HISTORY, dc.empty_request(
-            "GetJobHistoryRequest")).payload, "JobHistory")
+        return dc.read_summaries(
+            self.call(A.DSC_GET_JOB_HISTORY, dc.empty_request("GetJobHistoryRequest")).payload,
+            "JobHistory",
+        )
 
     def in_history(self, token: str) -> dc.JobView | None:
         return next((j for j in self.history() if j.token == token), None)
 
     def wait_ended(self, token: str, timeout: float = 20.0) -> dc.JobView:
-        view = wait_for(lambda: self.in_history(token), timeout,
-                        f"job {token} in the history")
+        view = wait_for(lambda: self.in_history(token), timeout, f"job {token} in the history")
         assert isinstance(view, dc.JobView)
         return view
 
@@ -341,6 +410,7 @@ class Soap:
         def check() -> dc.JobView | None:
             view = self.dsp_job(token)
             return view if view.state == state else None
+
         view = wait_for(check, timeout, f"job {token} in state {state}")
         assert isinstance(view, dc.JobView)
         return view
@@ -429,14 +499,18 @@ class SharePointSite:
                 pass
 
             def do_PUT(self) -> None:
-                upload = Upload(self.path, int(self.headers.get("Content-Length", "0")),
-                                self.headers.get("Authorization"))
+                upload = Upload(
+                    self.path,
+                    int(self.headers.get("Content-Length", "0")),
+                    self.headers.get("Authorization"),
+                )
                 site.uploads.append(upload)
                 site.started.set()
                 try:
                     while upload.received < upload.length:
-                        data = self.rfile.read1(min(site.read_size,
-                                                    upload.length - upload.received))
+                        data = self.rfile.read1(
+                            min(site.read_size, upload.length - upload.received)
+                        )
                         if not data:
                             return  # the client went away before the end of the body
                         upload.body += data
@@ -478,19 +552,26 @@ class Relay:
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], bytes]] = []
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
         if address.lower().startswith("reject"):
             return "550 5.1.1 mailbox unavailable"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
-                              bytes(envelope.original_content or envelope.content)))
+        self.messages.append(
+            (
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                bytes(envelope.original_content or envelope.content),
+            )
+        )
         return "250 Message accepted for delivery"
 
     def attachments(self, index: int = -1) -> list[tuple[str, bytes]]:
         message = email.message_from_bytes(self.messages[index][2], policy=email.policy.default)
-        return [(part.get_filename() or "", part.get_content())
-                for part in message.iter_attachments()]
+        return [
+            (part.get_filename() or "", part.get_content()) for part in message.iter_attachments()
+        ]

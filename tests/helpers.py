@@ -9,8 +9,16 @@ from lxml import etree
 
 from dsc_core import names
 
-NSMAP = {"soap": names.SOAP, "wsa": names.WSA, "dsc": names.DSC, "dsp": names.DSP,
-         "wse": names.WSE, "wsdp": names.WSDP, "wsx": names.MEX, "wsd": names.WSD}
+NSMAP = {
+    "soap": names.SOAP,
+    "wsa": names.WSA,
+    "dsc": names.DSC,
+    "dsp": names.DSP,
+    "wse": names.WSE,
+    "wsdp": names.WSDP,
+    "wsx": names.MEX,
+    "wsd": names.WSD,
+}
 
 
 def parse(body: bytes) -> etree._Element:

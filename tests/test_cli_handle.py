@@ -6,15 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import hardware_examples, payload, text, xp
 from lxml import etree
 
 from dsc_bindings.cli import main, split_mime_head
+from helpers import hardware_examples, payload, text, xp
 
 
 def run(args: list[str], stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-    proc = subprocess.run([sys.executable, "-m", "dsc_bindings.cli", *args], input=stdin,
-                          capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsc_bindings.cli", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -32,8 +36,10 @@ def test_handle_published_example_file(spec: Path) -> None:
     assert ctype == "Content-Type: application/soap+xml; charset=utf-8"
     data = payload(body)
     assert etree.QName(data).localname == "GetRepositoryElementsResponse"
-    assert text(etree.fromstring(body), "//wsa:RelatesTo") == \
-        "urn:uuid:5e00a5c1-29e7-4361-a42e-1f00013e973c"
+    assert (
+        text(etree.fromstring(body), "//wsa:RelatesTo")
+        == "urn:uuid:5e00a5c1-29e7-4361-a42e-1f00013e973c"
+    )
 
 
 def test_handle_reads_stdin_and_reports_faults_with_exit_status(spec: Path) -> None:
@@ -47,11 +53,10 @@ def test_handle_reads_stdin_and_reports_faults_with_exit_status(spec: Path) -> N
     assert not xp(fault, "//soap:Subcode")
 
 
-def test_handle_takes_content_type_from_the_files_own_mime_head(spec: Path,
-                                                                 tmp_path: Path) -> None:
+def test_handle_takes_content_type_from_the_files_own_mime_head(spec: Path, tmp_path: Path) -> None:
     example = tmp_path / "send-image.txt"
     example.write_text(hardware_examples(spec)["SendImageRequest"], encoding="utf-8")
-    code, out, err = run(["handle", str(example), "--commands"])
+    code, out, _err = run(["handle", str(example), "--commands"])
     status, _, reply = split_reply(out)
     # A fresh core has no job 264a19bf-...: the MTOM body was parsed and the token looked up.
     assert status == "HTTP/1.1 400 Bad Request", reply
@@ -64,8 +69,16 @@ def test_handle_takes_content_type_from_the_files_own_mime_head(spec: Path,
 def test_handle_explicit_content_type_and_commands(spec: Path, tmp_path: Path) -> None:
     create = tmp_path / "create.xml"
     create.write_text(hardware_examples(spec)["CreatePostScanJobRequest"], encoding="utf-8")
-    code, out, err = run(["handle", str(create), "--content-type",
-                          "application/soap+xml; charset=utf-8", "--commands", "--pretty"])
+    code, out, err = run(
+        [
+            "handle",
+            str(create),
+            "--content-type",
+            "application/soap+xml; charset=utf-8",
+            "--commands",
+            "--pretty",
+        ]
+    )
     assert code == 0
     status, _, reply = split_reply(out)
     assert status == "HTTP/1.1 200 OK"

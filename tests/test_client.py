@@ -11,14 +11,17 @@ def view(state: str, *reasons: str) -> JobView:
     return JobView("t", state, reasons, (), 1)
 
 
-@pytest.mark.parametrize("job, ended, succeeded", [
-    (view("Completed", "PostScanJobCompletedSuccessfully"), True, True),
-    (view("Completed", "PostScanJobCompletedWithWarnings"), True, True),
-    (view("Completed", "PostScanJobCompletedWithErrors"), True, False),
-    (view("Aborted", "PostScanJobProcessingFailed"), True, False),
-    (view("Canceled", "PostScanJobCanceled"), True, False),
-    (view("Processing", "None"), False, False),
-    (view("Creating", "None"), False, False),
-])
+@pytest.mark.parametrize(
+    "job, ended, succeeded",
+    [
+        (view("Completed", "PostScanJobCompletedSuccessfully"), True, True),
+        (view("Completed", "PostScanJobCompletedWithWarnings"), True, True),
+        (view("Completed", "PostScanJobCompletedWithErrors"), True, False),
+        (view("Aborted", "PostScanJobProcessingFailed"), True, False),
+        (view("Canceled", "PostScanJobCanceled"), True, False),
+        (view("Processing", "None"), False, False),
+        (view("Creating", "None"), False, False),
+    ],
+)
 def test_outcome(job: JobView, ended: bool, succeeded: bool) -> None:
     assert (job.ended, job.succeeded) == (ended, succeeded)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from helpers import parse, text, xp
 from lxml import etree
 
 from dsc_bindings.discovery import UdpDiscovery
@@ -15,8 +14,9 @@ from dsc_bindings.service import ScanService
 from dsc_core import ScanServer, ServerConfig, names
 from dsc_core import client as dc
 from dsc_core.discovery import answer_datagram
+from helpers import parse, text, xp
 
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
 def probe(types: str = "wsdp:Device") -> bytes:
@@ -43,8 +43,11 @@ def test_other_datagrams_are_not_answered() -> None:
     srv = server()
     assert answer_datagram(srv, b"garbage", NOW) is None
     assert answer_datagram(srv, probe("wsdp:Printer"), NOW) is None  # no match, no answer
-    create = dc.envelope(names.Action.DSP_CREATE, dc.create_post_scan_job(
-        user_identifier="S-1", psp_identifier="P", instructions=[]), message_id="urn:uuid:9")
+    create = dc.envelope(
+        names.Action.DSP_CREATE,
+        dc.create_post_scan_job(user_identifier="S-1", psp_identifier="P", instructions=[]),
+        message_id="urn:uuid:9",
+    )
     assert answer_datagram(srv, create, NOW) is None
     assert not srv.jobs.active() and not srv.jobs.history()  # no job via UDP
 

@@ -17,8 +17,9 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import trustme
@@ -28,9 +29,21 @@ from lxml import etree
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions, SharePointInstructions
-
-from e2e_support import (DEFAULT_SID, STOPPED, Relay, Run, ServerProcess, SharePointSite, Soap,
-                         Stream, debris, dsc, file_sha256, free_port, wait_for)
+from e2e_support import (
+    DEFAULT_SID,
+    STOPPED,
+    Relay,
+    Run,
+    ServerProcess,
+    SharePointSite,
+    Soap,
+    Stream,
+    debris,
+    dsc,
+    file_sha256,
+    free_port,
+    wait_for,
+)
 
 A = names.Action
 BINDINGS = ["async", "blocking"]
@@ -47,10 +60,10 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     running is stopped with SIGTERM and must exit 0 saying it stopped."""
     started: list[ServerProcess] = []
 
-    def start(binding: str | None = "async", *, data: Path | None = None,
-              **kwargs: object) -> ServerProcess:
-        server = ServerProcess(data or tmp_path / "data", binding=binding or "async",
-                               **kwargs)  # type: ignore[arg-type]
+    def start(
+        binding: str | None = "async", *, data: Path | None = None, **kwargs: object
+    ) -> ServerProcess:
+        server = ServerProcess(data or tmp_path / "data", binding=binding or "async", **kwargs)  # type: ignore[arg-type]
         if binding is None:
             server.binding = ""  # no --binding flag at all: the default
         started.append(server.start())
@@ -116,8 +129,9 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
     assert entry["reasons"] == ["PostScanJobCompletedSuccessfully"]
     assert entry["images_received"] == 2
     assert entry["user_name"] == DEFAULT_SID
-    assert [(f["dialect"].rsplit("/", 1)[-1], f["state"]) for f in entry["filters"]] == \
-        [("fileshare", "CompletedSuccessfully")]
+    assert [(f["dialect"].rsplit("/", 1)[-1], f["state"]) for f in entry["filters"]] == [
+        ("fileshare", "CompletedSuccessfully")
+    ]
 
     job = dsc("job", token, "--server", server.url, "--json")
     assert job.code == 0, job
@@ -131,8 +145,11 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
     assert repo.code == 0, repo
     assert repo.json()["state"] == "Idle"
     # dsc:Filter/dsc:Dialect is an xs:QName (ftr:fileshare, ...).
-    assert {f.split(":")[-1] for f in repo.json()["filters"]} == \
-        {"fileshare", "email", "sharepoint"}
+    assert {f.split(":")[-1] for f in repo.json()["filters"]} == {
+        "fileshare",
+        "email",
+        "sharepoint",
+    }
 
     for unknown in (str(uuid.uuid4()), token):  # never existed / already completed
         cancel = dsc("cancel", unknown, "--server", server.url)
@@ -158,11 +175,23 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
 def test_multi_page_scan(start_server: StartServer, tmp_path: Path, binding: str) -> None:
     server = start_server(binding)
     assert f"({binding} binding)" in server.log
-    pages = [write(tmp_path / "in" / f"page{n}.png", os.urandom(600_000 + n * 1234))
-             for n in (1, 2, 3)]
-    scan = dsc("scan", "--server", server.url, "--quiet", "--json", "--root-name", "multi",
-               "--user", "S-1-5-21-42", "--process-name", "Scan to share",
-               *map(str, pages))
+    pages = [
+        write(tmp_path / "in" / f"page{n}.png", os.urandom(600_000 + n * 1234)) for n in (1, 2, 3)
+    ]
+    scan = dsc(
+        "scan",
+        "--server",
+        server.url,
+        "--quiet",
+        "--json",
+        "--root-name",
+        "multi",
+        "--user",
+        "S-1-5-21-42",
+        "--process-name",
+        "Scan to share",
+        *map(str, pages),
+    )
     assert scan.code == 0, scan
     view = scan.json()
     assert view["state"] == "Completed" and view["images_received"] == 3, view
@@ -192,8 +221,11 @@ def test_cancel_while_processing(start_server: StartServer) -> None:
         image = Stream(16 * MiB, seed=3)
         client.send_image(token, 1, image, image.size)
         client.end(token)
-        wait_for(lambda: site.uploads and site.uploads[0].received > 256 * 1024, 10,
-                 "the upload to start")
+        wait_for(
+            lambda: site.uploads and site.uploads[0].received > 256 * 1024,
+            10,
+            "the upload to start",
+        )
         assert client.dsp_job(token).state == "Processing"
         upload = site.uploads[0]
 
@@ -253,8 +285,14 @@ def test_job_timeout(start_server: StartServer, tmp_path: Path) -> None:
 
 
 class FilterEnv:
-    def __init__(self, server: ServerProcess, relay: Relay, site: SharePointSite,
-                 denied: SharePointSite, files: Path) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        relay: Relay,
+        site: SharePointSite,
+        denied: SharePointSite,
+        files: Path,
+    ) -> None:
         self.server = server
         self.relay = relay
         self.site = site
@@ -277,11 +315,15 @@ def filter_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilterEnv]:
     smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
     smtp.start()
     site, denied = SharePointSite(), SharePointSite(status=403)
-    config = write(root / "dsc.toml", (
-        "[smtp]\n"
-        f'host = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@example.test"\ntimeout = 10\n'
-        "[sharepoint]\n"
-        f'username = "{SP_USER}"\npassword = "{SP_PASSWORD}"\n').encode())
+    config = write(
+        root / "dsc.toml",
+        (
+            "[smtp]\n"
+            f'host = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@example.test"\ntimeout = 10\n'
+            "[sharepoint]\n"
+            f'username = "{SP_USER}"\npassword = "{SP_PASSWORD}"\n'
+        ).encode(),
+    )
     server = ServerProcess(root / "data", config=config).start()
     files = root / "in"
     write(files / "a.png", os.urandom(200_000))
@@ -300,8 +342,9 @@ def filter_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilterEnv]:
 def test_filter_fileshare_success(filter_env: FilterEnv) -> None:
     env = filter_env
     a = env.files / "a.png"
-    code, view = env.scan("--share", r"\\LocalHost\Scans\Team\2024", "--root-name", "report",
-                          str(a))
+    code, view = env.scan(
+        "--share", r"\\LocalHost\Scans\Team\2024", "--root-name", "report", str(a)
+    )
     assert code == 0 and view["state"] == "Completed", view
     target = env.server.data / "shares" / "localhost" / "scans" / "Team" / "2024" / DEFAULT_SID
     assert files_under(target) == {"report_0001.png"}
@@ -330,8 +373,10 @@ def test_filter_email_success(filter_env: FilterEnv) -> None:
     assert len(env.relay.messages) == count + 1
     mail_from, rcpts, _ = env.relay.messages[-1]
     assert (mail_from, rcpts) == ("scans@example.test", ["team@example.test"])
-    assert env.relay.attachments() == [("a_0001.png", a.read_bytes()),
-                                       ("a_0002.pdf", b.read_bytes())]
+    assert env.relay.attachments() == [
+        ("a_0001.png", a.read_bytes()),
+        ("a_0002.pdf", b.read_bytes()),
+    ]
 
 
 def test_filter_email_recipient_refused(filter_env: FilterEnv) -> None:
@@ -349,12 +394,15 @@ def test_filter_sharepoint_success(filter_env: FilterEnv) -> None:
     env = filter_env
     a, b = env.files / "a.png", env.files / "b.pdf"
     count = len(env.site.uploads)
-    code, view = env.scan("--sharepoint", env.site.url("/sites/team/Shared Documents"),
-                          str(a), str(b))
+    code, view = env.scan(
+        "--sharepoint", env.site.url("/sites/team/Shared Documents"), str(a), str(b)
+    )
     assert code == 0 and view["state"] == "Completed", view
     uploads = env.site.uploads[count:]
-    assert [u.path for u in uploads] == ["/sites/team/Shared%20Documents/a_0001.png",
-                                         "/sites/team/Shared%20Documents/a_0002.pdf"]
+    assert [u.path for u in uploads] == [
+        "/sites/team/Shared%20Documents/a_0001.png",
+        "/sites/team/Shared%20Documents/a_0002.pdf",
+    ]
     assert [bytes(u.body) for u in uploads] == [a.read_bytes(), b.read_bytes()]
     assert all(u.complete for u in uploads)
     basic = "Basic " + base64.b64encode(f"{SP_USER}:{SP_PASSWORD}".encode()).decode()
@@ -373,21 +421,34 @@ def test_filter_sharepoint_access_denied(filter_env: FilterEnv) -> None:
 
 def test_filter_email_relay_unreachable(start_server: StartServer, tmp_path: Path) -> None:
     dead = free_port()  # nobody listens here
-    config = write(tmp_path / "dsc.toml",
-                   f'[smtp]\nhost = "127.0.0.1"\nport = {dead}\ntimeout = 5\n'.encode())
+    config = write(
+        tmp_path / "dsc.toml", f'[smtp]\nhost = "127.0.0.1"\nport = {dead}\ntimeout = 5\n'.encode()
+    )
     server = start_server("blocking", config=config)
     a = write(tmp_path / "in" / "a.png", os.urandom(10_000))
-    run = dsc("scan", "--server", server.url, "--quiet", "--json", "--email",
-              "team@example.test", "--share", LOCAL_SHARE, "--continue-on-error", str(a))
+    run = dsc(
+        "scan",
+        "--server",
+        server.url,
+        "--quiet",
+        "--json",
+        "--email",
+        "team@example.test",
+        "--share",
+        LOCAL_SHARE,
+        "--continue-on-error",
+        str(a),
+    )
     assert run.code == 1, run
     view = run.json()
     # ContinueOnError: the file share still ran; the job completed with errors.
     assert view["state"] == "Completed", view
     assert view["reasons"] == ["PostScanJobCompletedWithErrors"], view
-    states = {f["dialect"].rsplit("/", 1)[-1]: (f["state"], f["reasons"])
-              for f in view["filters"]}
-    assert states == {"fileshare": ("CompletedSuccessfully", []),
-                      "email": ("CompletedWithErrors", ["InvalidSMTPServer"])}, states
+    states = {f["dialect"].rsplit("/", 1)[-1]: (f["state"], f["reasons"]) for f in view["filters"]}
+    assert states == {
+        "fileshare": ("CompletedSuccessfully", []),
+        "email": ("CompletedWithErrors", ["InvalidSMTPServer"]),
+    }, states
     assert (user_folder(server.data) / "a_0001.png").read_bytes() == a.read_bytes()
     server.stop_cleanly()
 
@@ -395,15 +456,18 @@ def test_filter_email_relay_unreachable(start_server: StartServer, tmp_path: Pat
 # --- 6. crash consistency (SIGKILL) -----------------------------------------------------------
 
 
-def _partial_upload(client: Soap, token: str, document_id: int, stream: Stream,
-                    send_bytes: int) -> socket.socket:
+def _partial_upload(
+    client: Soap, token: str, document_id: int, stream: Stream, send_bytes: int
+) -> socket.socket:
     """Start a SendImage of ``stream.size`` image bytes over a raw socket and send only the
     first ``send_bytes`` of the image; the socket stays open (the body is unfinished)."""
     body = client.image_body(token, document_id, "png", ())
     sock = socket.create_connection(("127.0.0.1", client.port), timeout=30)
-    head = (f"POST {client.path} HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\n"
-            f"Content-Type: {body.content_type}\r\n"
-            f"Content-Length: {body.length(stream.size)}\r\n\r\n").encode()
+    head = (
+        f"POST {client.path} HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\n"
+        f"Content-Type: {body.content_type}\r\n"
+        f"Content-Length: {body.length(stream.size)}\r\n\r\n"
+    ).encode()
     sock.sendall(head + body.head)  # the HTTP head, the MIME head and the root part
     for chunk in stream.take(send_bytes):
         sock.sendall(chunk)  # the rest of the image and the closing boundary never come
@@ -423,8 +487,11 @@ def test_crash_during_upload(start_server: StartServer, binding: str) -> None:
     part = spool / ".2.part"
     sock = _partial_upload(client, token, 2, big, 8 * MiB)
     try:
-        wait_for(lambda: part.exists() and part.stat().st_size >= 4 * MiB, 10,
-                 "the server to write the second image")
+        wait_for(
+            lambda: part.exists() and part.stat().st_size >= 4 * MiB,
+            10,
+            "the server to write the second image",
+        )
         server.kill9()
         assert server.returncode == -9
         assert part.exists(), "the interrupted upload left no .part file: nothing was tested"
@@ -467,8 +534,11 @@ def test_crash_during_processing(start_server: StartServer, binding: str) -> Non
         image = Stream(16 * MiB, seed=7)
         client.send_image(token, 1, image, image.size)
         client.end(token)
-        wait_for(lambda: site.uploads and site.uploads[0].received > 128 * 1024, 10,
-                 "the upload to start")
+        wait_for(
+            lambda: site.uploads and site.uploads[0].received > 128 * 1024,
+            10,
+            "the upload to start",
+        )
         assert client.dsp_job(token).state == "Processing"
         server.kill9()
         site.delay = 0  # drain what the kernel still buffers for the dead server
@@ -483,8 +553,9 @@ def test_crash_during_processing(start_server: StartServer, binding: str) -> Non
         assert ended is not None
         # dsc_core/server.py ScanServer.restore: re-running the filter could deliver twice.
         assert ended.state == "Aborted" and ended.reasons == ("PostScanJobProcessingFailed",)
-        assert [(f.state, f.reasons) for f in ended.filters] == \
-            [("CompletedWithErrors", ("UnknownError",))], ended
+        assert [(f.state, f.reasons) for f in ended.filters] == [
+            ("CompletedWithErrors", ("UnknownError",))
+        ], ended
         assert client.dsp_job(token).state == "Aborted"
         time.sleep(0.3)
         assert len(site.uploads) == 1, "the filter ran again after the restart"
@@ -551,14 +622,14 @@ class Pki:
 def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, binding: str) -> None:
     pki = Pki(tmp_path / "pki")
     config = write(tmp_path / "dsc.toml", b'[users]\nscan_admins = ["admin"]\n')
-    server = start_server(binding, config=config, tls=(pki.server_cert, pki.server_key),
-                          client_ca=pki.ca_pem)
+    server = start_server(
+        binding, config=config, tls=(pki.server_cert, pki.server_key), client_ca=pki.ca_pem
+    )
     url = server.url
     assert url.startswith("https://")
 
     def as_user(user: str, *args: str) -> Run:
-        return dsc(*args, "--server", url, "--ca", str(pki.ca_pem), "--cert",
-                   str(pki.users[user]))
+        return dsc(*args, "--server", url, "--ca", str(pki.ca_pem), "--cert", str(pki.users[user]))
 
     jobs = as_user("admin", "jobs", "--json")
     assert jobs.code == 0, jobs
@@ -603,15 +674,16 @@ def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, bind
     scan = as_user("alice", "scan", "--quiet", "--json", str(page))
     assert scan.code == 0, scan
     assert scan.json()["user_name"] == "alice"
-    assert (user_folder(server.data, "alice") / "page_0001.png").read_bytes() == \
-        page.read_bytes()
+    assert (user_folder(server.data, "alice") / "page_0001.png").read_bytes() == page.read_bytes()
 
     # Without a client certificate: refused in the TLS handshake, never an HTTP answer.
     no_cert = pki.context(None)
     no_cert.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2: the handshake itself fails
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            no_cert.wrap_socket(raw, server_hostname="127.0.0.1")
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError)),
+    ):
+        no_cert.wrap_socket(raw, server_hostname="127.0.0.1")
     no_cert13 = pki.context(None)  # TLS 1.3: the server's alert arrives with the first read
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         try:
@@ -624,8 +696,11 @@ def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, bind
     down = dsc("jobs", "--server", url, "--ca", str(pki.ca_pem))
     assert down.code == 1, down
     assert one_line(down.err).startswith("dsc: TLS with 127.0.0.1"), down.err
-    wait_for(lambda: server.log.count("TLS handshake failed") >= 3, 5,
-             "the server to log the refused handshakes")
+    wait_for(
+        lambda: server.log.count("TLS handshake failed") >= 3,
+        5,
+        "the server to log the refused handshakes",
+    )
 
     log = server.log
     assert f"dsc-server listening on https://127.0.0.1:{server.port}" in log
@@ -640,18 +715,23 @@ def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, bind
 
 def _metadata_services(client: Soap) -> set[str]:
     """The hosted-service addresses the device metadata advertises (WS-Transfer Get)."""
-    body = (f'<?xml version="1.0" encoding="utf-8"?>'
-            f'<s:Envelope xmlns:s="{names.SOAP}" xmlns:a="{names.WSA}"><s:Header>'
-            f"<a:To>{client.url}</a:To><a:Action>{A.TRANSFER_GET}</a:Action>"
-            f"<a:MessageID>urn:uuid:{uuid.uuid4()}</a:MessageID>"
-            f"<a:ReplyTo><a:Address>{names.ANONYMOUS}</a:Address></a:ReplyTo>"
-            "</s:Header><s:Body/></s:Envelope>").encode()
+    body = (
+        f'<?xml version="1.0" encoding="utf-8"?>'
+        f'<s:Envelope xmlns:s="{names.SOAP}" xmlns:a="{names.WSA}"><s:Header>'
+        f"<a:To>{client.url}</a:To><a:Action>{A.TRANSFER_GET}</a:Action>"
+        f"<a:MessageID>urn:uuid:{uuid.uuid4()}</a:MessageID>"
+        f"<a:ReplyTo><a:Address>{names.ANONYMOUS}</a:Address></a:ReplyTo>"
+        "</s:Header><s:Body/></s:Envelope>"
+    ).encode()
     status, _, reply = client.post(body)
     assert status == 200, reply[:500]
     root = etree.fromstring(reply)
     hosted = root.iter(f"{{{names.WSDP}}}Hosted")
-    return {(address.text or "").strip() for h in hosted
-            for address in h.iter(f"{{{names.WSA}}}Address")}
+    return {
+        (address.text or "").strip()
+        for h in hosted
+        for address in h.iter(f"{{{names.WSA}}}Address")
+    }
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
@@ -662,8 +742,7 @@ def test_startup_log(start_server: StartServer, binding: str) -> None:
     assert f"dsc-server listening on {base} ({binding} binding)" in log, log
     assert re.search(rf"device \(metadata, Probe\):\s+{re.escape(base)}/ScanServer\n", log), log
     dsp = re.search(rf"WS-DSP \(scanners\):\s+({re.escape(base)}/ScanServer/{UUID_RE})", log)
-    dsc_ = re.search(rf"MS-BDSRR \(management\):\s+({re.escape(base)}/ScanServer/{UUID_RE})",
-                     log)
+    dsc_ = re.search(rf"MS-BDSRR \(management\):\s+({re.escape(base)}/ScanServer/{UUID_RE})", log)
     assert dsp and dsc_, log
     assert dsp.group(1) != dsc_.group(1)
     # The logged paths are the ones the device metadata advertises.

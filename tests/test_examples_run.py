@@ -16,8 +16,7 @@ from types import ModuleType
 import pytest
 
 from conftest import ROOT
-from dsc_core import names
-from dsc_core import client
+from dsc_core import client, names
 from dsc_core.model import FileShareInstructions
 
 EXAMPLES = ROOT / "examples"
@@ -36,8 +35,9 @@ def load(name: str) -> ModuleType:
 
 
 def run_example(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_every_example_has_a_docstring_and_a_test() -> None:
@@ -45,8 +45,9 @@ def test_every_example_has_a_docstring_and_a_test() -> None:
     for path in sorted(EXAMPLES.glob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert text.startswith('"""'), f"{path.name} lacks a module docstring saying what it shows"
-        assert f"{path.stem}.py" in source or f'load("{path.stem}")' in source, \
+        assert f"{path.stem}.py" in source or f'load("{path.stem}")' in source, (
             f"{path.name} is not run by {Path(__file__).name}"
+        )
 
 
 # --- asyncio_server ----------------------------------------------------------------------------
@@ -59,9 +60,13 @@ def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
 
 
 def test_asyncio_server_answers_over_http() -> None:
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "asyncio_server.py"), "--port", "0",
-                             "--requests", "2"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "asyncio_server.py"), "--port", "0", "--requests", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
@@ -70,23 +75,33 @@ def test_asyncio_server_answers_over_http() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=10)
 
         # Two requests on one keep-alive connection.
-        status, body = _post(conn, client.envelope(
-            names.Action.DSC_GET_REPOSITORY_ELEMENTS,
-            client.repository_elements_request(["RepositoryConfiguration"]),
-            message_id=f"urn:uuid:{uuid.uuid4()}"))
+        status, body = _post(
+            conn,
+            client.envelope(
+                names.Action.DSC_GET_REPOSITORY_ELEMENTS,
+                client.repository_elements_request(["RepositoryConfiguration"]),
+                message_id=f"urn:uuid:{uuid.uuid4()}",
+            ),
+        )
         assert status == 200
         response = client.parse_response(body, status)
         assert response.action == names.Action.DSC_GET_REPOSITORY_ELEMENTS + "Response"
         assert b"ftr:fileshare" in body
 
-        status, body = _post(conn, client.envelope(
-            names.Action.DSP_CREATE, client.create_post_scan_job(
-                user_identifier="S-1-5-21-0-0-0-1000", psp_identifier="scan-to-folder",
-                instructions=[FileShareInstructions(("\\\\localhost\\scans",))]),
-            message_id=f"urn:uuid:{uuid.uuid4()}"))
+        status, body = _post(
+            conn,
+            client.envelope(
+                names.Action.DSP_CREATE,
+                client.create_post_scan_job(
+                    user_identifier="S-1-5-21-0-0-0-1000",
+                    psp_identifier="scan-to-folder",
+                    instructions=[FileShareInstructions(("\\\\localhost\\scans",))],
+                ),
+                message_id=f"urn:uuid:{uuid.uuid4()}",
+            ),
+        )
         assert status == 200
-        token = client.text_of(client.parse_response(body, status).payload, names.DSP,
-                               "JobToken")
+        token = client.text_of(client.parse_response(body, status).payload, names.DSP, "JobToken")
         uuid.UUID(token)
         conn.close()
 
@@ -106,8 +121,9 @@ def test_blocking_loop_demo_shares_state_and_ticks() -> None:
     result = run_example(str(EXAMPLES / "blocking_loop.py"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any("01-create.xml" in line and " 200 CreatePostScanJobResponse" in line
-               for line in lines)
+    assert any(
+        "01-create.xml" in line and " 200 CreatePostScanJobResponse" in line for line in lines
+    )
     # The SendImages found the job the first request created ($JOB_TOKEN) in the same server.
     assert sum(" 200 SendImageResponse" in line for line in lines) == 2
     assert any("05-status.xml" in line and "Completed images=2" in line for line in lines)
@@ -118,8 +134,9 @@ def test_blocking_loop_demo_shares_state_and_ticks() -> None:
     assert lines[-1].endswith("next deadline: none")
 
 
-def test_blocking_loop_reads_a_directory(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_blocking_loop_reads_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     example = load("blocking_loop")
     assert example.main(["--write-demo", str(tmp_path)]) == 0
     capsys.readouterr()
@@ -141,8 +158,9 @@ def test_fuzz_harness_random_run() -> None:
 
 
 def test_fuzz_harness_as_a_program_and_its_corpus(tmp_path: Path) -> None:
-    result = run_example(str(EXAMPLES / "fuzz_harness.py"), "--engine", "random",
-                         "--iterations", "50", "--seed", "7")
+    result = run_example(
+        str(EXAMPLES / "fuzz_harness.py"), "--engine", "random", "--iterations", "50", "--seed", "7"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "invariant held" in result.stdout
     example = load("fuzz_harness")
@@ -158,6 +176,7 @@ def test_fuzz_harness_catches_a_broken_invariant() -> None:
     """The harness is not vacuous: a reply that is no SOAP envelope is reported."""
     example = load("fuzz_harness")
     from dsc_core import Outcome, Reply
+
     with pytest.raises(example.InvariantBroken):
         example.check_reply(Outcome(Reply(200, "application/soap+xml", b"<html/>")))
     with pytest.raises(example.InvariantBroken):
@@ -170,8 +189,10 @@ def test_fuzz_regression_mime_error_after_root_part() -> None:
     BeginDocument) depended on the chunk sizes."""
     example = load("fuzz_harness")
     content_type = 'multipart/related; boundary="b"; type="application/xop+xml"'
-    body = (b"--b\r\nContent-Type: application/xop+xml\r\n\r\n<not-xml\r\n"
-            b"--b\r\nthis is no header line\r\n\r\nx\r\n--b--\r\n")
+    body = (
+        b"--b\r\nContent-Type: application/xop+xml\r\n\r\n<not-xml\r\n"
+        b"--b\r\nthis is no header line\r\n\r\nx\r\n--b--\r\n"
+    )
     for chunk in (1, 2, 7, len(body)):
         example.check(body, content_type, chunk)
 

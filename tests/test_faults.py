@@ -6,29 +6,76 @@ spellings), and the image limits of R8/R12."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from datetime import UTC
+from typing import Any
 
 import pytest
 from lxml import etree
 
-from core_support import (DSC, DSP, FAULT_ACTION10, FS, PSP, REQUEST_ID, SOAP, SOAP11, WSA,
-                          WSA10, WSE, Act, cancel_job, check_fault, check_protocol_fault,
-                          check_reply_headers, create_job, deliveries_of, detail_qname,
-                          detail_token,
-                          elements_body, end_job, envelope, job_of, manager_request, ok,
-                          post_token,
-                          repository_body, repository_state, resolve, send_image, soap,
-                          subscribe, subscribe_body, summaries, text_of, token_body, xp)
+from core_support import (
+    DSC,
+    DSP,
+    FAULT_ACTION10,
+    FS,
+    PSP,
+    REQUEST_ID,
+    SOAP,
+    SOAP11,
+    WSA,
+    WSA10,
+    WSE,
+    Act,
+    cancel_job,
+    check_fault,
+    check_protocol_fault,
+    check_reply_headers,
+    create_job,
+    deliveries_of,
+    detail_qname,
+    detail_token,
+    elements_body,
+    end_job,
+    envelope,
+    job_of,
+    manager_request,
+    ok,
+    post_token,
+    repository_body,
+    repository_state,
+    resolve,
+    send_image,
+    soap,
+    subscribe,
+    subscribe_body,
+    summaries,
+    text_of,
+    token_body,
+    xp,
+)
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import (AppendDocument, BeginDocument, CreateJob, FilterStarted, FinishDocument,
-                      Limits, ProcessingStarted, RequestInfo, ServerConfig, UpdateJob, client)
+from dsc_core import (
+    AppendDocument,
+    BeginDocument,
+    CreateJob,
+    FilterStarted,
+    FinishDocument,
+    Limits,
+    ProcessingStarted,
+    RequestInfo,
+    ServerConfig,
+    UpdateJob,
+    client,
+)
 from dsc_core.exchange_types import Reply
 from dsc_core.model import FilterState, JobState
 
 GET_ACTIVE = "<dsc:GetActiveJobsRequest/>"
-INVALID_ARGS = {DSC: "At least one input argument is invalid",
-                DSP: "At least one input argument is invalid."}
+INVALID_ARGS = {
+    DSC: "At least one input argument is invalid",
+    DSP: "At least one input argument is invalid.",
+}
 
 
 def active_jobs_request(**kw: Any) -> bytes:
@@ -41,7 +88,7 @@ def active_jobs_request(**kw: Any) -> bytes:
 @dataclass
 class Malformed:
     data: bytes
-    words: str              # the Reason names the cause
+    words: str  # the Reason names the cause
     relates_to: str | None  # the request's MessageID when the message could be read
     limits: Limits = Limits()
 
@@ -52,46 +99,85 @@ def deep(levels: int) -> str:
 
 STEP1 = {
     "not well-formed": Malformed(active_jobs_request()[:-20], "well-formed", None),
-    "not well-formed, bad byte": Malformed(active_jobs_request().replace(b"<s:Body>",
-                                                                         b"<s:Body>\xff\xfe"),
-                                           "well-formed", None),
+    "not well-formed, bad byte": Malformed(
+        active_jobs_request().replace(b"<s:Body>", b"<s:Body>\xff\xfe"), "well-formed", None
+    ),
     "empty body": Malformed(b"", "no SOAP envelope", None),
-    "DTD": Malformed(b'<?xml version="1.0"?>\n<!DOCTYPE s:Envelope>\n'
-                     + active_jobs_request().split(b"\n", 1)[1], "DTD", None),
+    "DTD": Malformed(
+        b'<?xml version="1.0"?>\n<!DOCTYPE s:Envelope>\n'
+        + active_jobs_request().split(b"\n", 1)[1],
+        "DTD",
+        None,
+    ),
     "DTD in UTF-16": Malformed(
-        ('<?xml version="1.0" encoding="UTF-16"?>\n<!DOCTYPE s:Envelope>\n'
-         + active_jobs_request().decode().split("\n", 1)[1]).encode("utf-16"), "DTD", None),
+        (
+            '<?xml version="1.0" encoding="UTF-16"?>\n<!DOCTYPE s:Envelope>\n'
+            + active_jobs_request().decode().split("\n", 1)[1]
+        ).encode("utf-16"),
+        "DTD",
+        None,
+    ),
     "entity declaration": Malformed(
         b'<?xml version="1.0"?>\n<!DOCTYPE s:Envelope [<!ENTITY x "y">]>\n'
-        + soap("<dsc:GetActiveJobsRequest><o:e xmlns:o='urn:o'>&x;</o:e>"
-               "</dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE).split(b"\n", 1)[1],
-        "entity", None),
+        + soap(
+            "<dsc:GetActiveJobsRequest><o:e xmlns:o='urn:o'>&x;</o:e></dsc:GetActiveJobsRequest>",
+            Act.DSC_ACTIVE,
+        ).split(b"\n", 1)[1],
+        "entity",
+        None,
+    ),
     "processing instruction in the Body": Malformed(
-        soap("<?php echo 1; ?>" + GET_ACTIVE, Act.DSC_ACTIVE), "processing instruction",
-        REQUEST_ID),
+        soap("<?php echo 1; ?>" + GET_ACTIVE, Act.DSC_ACTIVE), "processing instruction", REQUEST_ID
+    ),
     "processing instruction before the Envelope": Malformed(
         active_jobs_request().replace(b"?>\n", b"?>\n<?xml-stylesheet href='x'?>", 1),
-        "processing instruction", REQUEST_ID),
+        "processing instruction",
+        REQUEST_ID,
+    ),
     "envelope over limit": Malformed(
-        soap("<dsc:GetActiveJobsRequest><o:p xmlns:o='urn:o'>" + "x" * 600
-             + "</o:p></dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE), "1024 bytes", None,
-        Limits(max_envelope_bytes=1024)),
+        soap(
+            "<dsc:GetActiveJobsRequest><o:p xmlns:o='urn:o'>"
+            + "x" * 600
+            + "</o:p></dsc:GetActiveJobsRequest>",
+            Act.DSC_ACTIVE,
+        ),
+        "1024 bytes",
+        None,
+        Limits(max_envelope_bytes=1024),
+    ),
     "depth limit": Malformed(
-        soap("<dsc:GetActiveJobsRequest>" + deep(8) + "</dsc:GetActiveJobsRequest>",
-             Act.DSC_ACTIVE), "deeper than 10", REQUEST_ID,
-        Limits(max_xml_depth=10)),
+        soap(
+            "<dsc:GetActiveJobsRequest>" + deep(8) + "</dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE
+        ),
+        "deeper than 10",
+        REQUEST_ID,
+        Limits(max_xml_depth=10),
+    ),
     "element-count limit": Malformed(  # 6 elements of the envelope + 15 = 21
-        soap("<dsc:GetActiveJobsRequest>" + "<o:e xmlns:o='urn:o'/>" * 15
-             + "</dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE), "more than 20 elements",
-        REQUEST_ID, Limits(max_xml_elements=20)),
-    "no Body": Malformed(soap("", Act.DSC_ACTIVE).replace(b"<s:Body></s:Body>", b""), "no Body",
-                         REQUEST_ID),
-    "two Bodies": Malformed(soap(GET_ACTIVE, Act.DSC_ACTIVE).replace(
-        b"</s:Envelope>", b"<s:Body/></s:Envelope>"), "unexpected element", REQUEST_ID),
+        soap(
+            "<dsc:GetActiveJobsRequest>"
+            + "<o:e xmlns:o='urn:o'/>" * 15
+            + "</dsc:GetActiveJobsRequest>",
+            Act.DSC_ACTIVE,
+        ),
+        "more than 20 elements",
+        REQUEST_ID,
+        Limits(max_xml_elements=20),
+    ),
+    "no Body": Malformed(
+        soap("", Act.DSC_ACTIVE).replace(b"<s:Body></s:Body>", b""), "no Body", REQUEST_ID
+    ),
+    "two Bodies": Malformed(
+        soap(GET_ACTIVE, Act.DSC_ACTIVE).replace(b"</s:Envelope>", b"<s:Body/></s:Envelope>"),
+        "unexpected element",
+        REQUEST_ID,
+    ),
     "not an Envelope": Malformed(
         f'<s:Letter xmlns:s="{SOAP}" xmlns:dsc="{DSC}"><s:Body>{GET_ACTIVE}</s:Body>'
-        '</s:Letter>'.encode(),
-        "not a SOAP Envelope", None),
+        "</s:Letter>".encode(),
+        "not a SOAP Envelope",
+        None,
+    ),
     "not XML at all": Malformed(b"GET / HTTP/1.1\r\n\r\n", "well-formed", None),
 }
 
@@ -123,12 +209,26 @@ def test_step1_envelope_limit_is_exact(chunk_size: int | None) -> None:
 def test_step1_depth_and_count_limits_are_exact() -> None:
     # Envelope(1) Body(2) GetActiveJobsRequest(3) + 7 levels = 10.
     t = InProcessTransport(ServerConfig(limits=Limits(max_xml_depth=10)))
-    ok(t.post(soap("<dsc:GetActiveJobsRequest>" + deep(7) + "</dsc:GetActiveJobsRequest>",
-                   Act.DSC_ACTIVE)))
+    ok(
+        t.post(
+            soap(
+                "<dsc:GetActiveJobsRequest>" + deep(7) + "</dsc:GetActiveJobsRequest>",
+                Act.DSC_ACTIVE,
+            )
+        )
+    )
     # Envelope, Header, Action, MessageID, Body, request = 6 elements + 14 = 20.
     t = InProcessTransport(ServerConfig(limits=Limits(max_xml_elements=20)))
-    ok(t.post(soap("<dsc:GetActiveJobsRequest>" + "<o:e xmlns:o='urn:o'/>" * 14
-                   + "</dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE)))
+    ok(
+        t.post(
+            soap(
+                "<dsc:GetActiveJobsRequest>"
+                + "<o:e xmlns:o='urn:o'/>" * 14
+                + "</dsc:GetActiveJobsRequest>",
+                Act.DSC_ACTIVE,
+            )
+        )
+    )
 
 
 def test_step1_mtom_root_part_over_limit() -> None:
@@ -148,8 +248,7 @@ def test_step1_mtom_root_part_over_limit() -> None:
 def test_step2_version_mismatch(envelope_ns: str) -> None:
     t = InProcessTransport()
     reply = t.post(soap(GET_ACTIVE, Act.DSC_ACTIVE, envelope_ns=envelope_ns))
-    f = check_fault(reply, status=500, code="VersionMismatch", subcode=None,
-                    relates_to=REQUEST_ID)
+    f = check_fault(reply, status=500, code="VersionMismatch", subcode=None, relates_to=REQUEST_ID)
     assert f.detail is None
     # SOAP 1.2 part 1, 5.4.7: the Upgrade header lists SOAP 1.2.
     (supported,) = xp(f.header, "s:Upgrade/s:SupportedEnvelope")
@@ -158,31 +257,46 @@ def test_step2_version_mismatch(envelope_ns: str) -> None:
 
 
 def test_step2_comes_before_must_understand() -> None:
-    reply = InProcessTransport().post(soap(
-        GET_ACTIVE, Act.DSC_ACTIVE, envelope_ns=SOAP11,
-        headers='<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="1"/>'))
+    reply = InProcessTransport().post(
+        soap(
+            GET_ACTIVE,
+            Act.DSC_ACTIVE,
+            envelope_ns=SOAP11,
+            headers='<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="1"/>',
+        )
+    )
     check_fault(reply, status=500, code="VersionMismatch", subcode=None)
 
 
 @pytest.mark.parametrize("flag", ["true", "1", " true "])
 def test_step3_must_understand(flag: str) -> None:
     t = InProcessTransport()
-    reply = t.post(soap(GET_ACTIVE, Act.DSC_ACTIVE,
-                        headers=f'<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="{flag}"/>'
-                                '<y:Other xmlns:y="urn:test:y" s:mustUnderstand="true"/>'))
+    reply = t.post(
+        soap(
+            GET_ACTIVE,
+            Act.DSC_ACTIVE,
+            headers=f'<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="{flag}"/>'
+            '<y:Other xmlns:y="urn:test:y" s:mustUnderstand="true"/>',
+        )
+    )
     f = check_fault(reply, status=500, code="MustUnderstand", subcode=None)
     not_understood = xp(f.header, "s:NotUnderstood")
     assert sorted(resolve(n, n.get("qname", "")) for n in not_understood) == [
-        ("urn:test:x", "Mystery"), ("urn:test:y", "Other")]
+        ("urn:test:x", "Mystery"),
+        ("urn:test:y", "Other"),
+    ]
     assert t.commands == []
 
 
-@pytest.mark.parametrize("header", [
-    '<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="false"/>',
-    '<x:Mystery xmlns:x="urn:test:x"/>',
-    '<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="true" s:role="urn:test:someone-else"/>',
-    f'<a:ReplyTo s:mustUnderstand="true"><a:Address>{WSA}/role/anonymous</a:Address></a:ReplyTo>',
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        '<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="false"/>',
+        '<x:Mystery xmlns:x="urn:test:x"/>',
+        '<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="true" s:role="urn:test:someone-else"/>',
+        f'<a:ReplyTo s:mustUnderstand="true"><a:Address>{WSA}/role/anonymous</a:Address></a:ReplyTo>',
+    ],
+)
 def test_step3_headers_we_need_not_understand(header: str) -> None:
     ok(InProcessTransport().post(soap(GET_ACTIVE, Act.DSC_ACTIVE, headers=header)))
 
@@ -190,15 +304,20 @@ def test_step3_headers_we_need_not_understand(header: str) -> None:
 def test_step3_identifier_header_with_must_understand_is_understood() -> None:
     t = InProcessTransport()
     ident, _ = subscribe(t, t.server.config.dsc_url)
-    reply = t.post(soap("<wse:GetStatus/>", Act.GET_STATUS,
-                        headers=f'<wse:Identifier s:mustUnderstand="true">{ident}'
-                                '</wse:Identifier>'))
+    reply = t.post(
+        soap(
+            "<wse:GetStatus/>",
+            Act.GET_STATUS,
+            headers=f'<wse:Identifier s:mustUnderstand="true">{ident}</wse:Identifier>',
+        )
+    )
     ok(reply)
 
 
 def test_step3_action_header_with_must_understand_is_understood() -> None:
-    data = soap(GET_ACTIVE, None, headers=f'<a:Action s:mustUnderstand="true">{Act.DSC_ACTIVE}'
-                                          '</a:Action>')
+    data = soap(
+        GET_ACTIVE, None, headers=f'<a:Action s:mustUnderstand="true">{Act.DSC_ACTIVE}</a:Action>'
+    )
     ok(InProcessTransport().post(data))
 
 
@@ -209,10 +328,14 @@ def test_step3_action_header_with_must_understand_is_understood() -> None:
 def test_step4_action_missing(wsa: str) -> None:
     t = InProcessTransport()
     reply = t.post(soap(GET_ACTIVE, None, wsa=wsa))
-    f = check_fault(reply, status=400, code="Sender",
-                    subcode=(wsa, "MessageInformationHeaderRequired"),
-                    reason="A required message information header, To, MessageID, or Action, "
-                           "is not present.", wsa=wsa)
+    f = check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(wsa, "MessageInformationHeaderRequired"),
+        reason="A required message information header, To, MessageID, or Action, is not present.",
+        wsa=wsa,
+    )
     assert detail_qname(f) == (wsa, "Action")
     assert t.commands == []
 
@@ -222,8 +345,14 @@ def test_step4_action_not_supported(wsa: str) -> None:
     action = DSC + "/DeleteEverything"
     t = InProcessTransport()
     reply = t.post(soap(GET_ACTIVE, action, wsa=wsa))
-    f = check_fault(reply, status=400, code="Sender", subcode=(wsa, "ActionNotSupported"),
-                    reason="The [action] cannot be processed at the receiver", wsa=wsa)
+    f = check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(wsa, "ActionNotSupported"),
+        reason="The [action] cannot be processed at the receiver",
+        wsa=wsa,
+    )
     assert f.detail is not None and len(f.detail) == 0
     assert f.detail.text == action
 
@@ -231,36 +360,47 @@ def test_step4_action_not_supported(wsa: str) -> None:
 def test_step4_comes_before_arguments_and_after_must_understand() -> None:
     t = InProcessTransport()
     reply = t.post(soap("<dsc:Nonsense/>", DSC + "/Nope"))
-    check_fault(reply, status=400, code="Sender", subcode=(WSA, "ActionNotSupported"),
-                reason="The [action] cannot be processed at the receiver")
-    reply = t.post(soap("<dsc:Nonsense/>", None,
-                        headers='<x:M xmlns:x="urn:x" s:mustUnderstand="1"/>'))
+    check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(WSA, "ActionNotSupported"),
+        reason="The [action] cannot be processed at the receiver",
+    )
+    reply = t.post(
+        soap("<dsc:Nonsense/>", None, headers='<x:M xmlns:x="urn:x" s:mustUnderstand="1"/>')
+    )
     check_fault(reply, status=500, code="MustUnderstand", subcode=None)
 
 
 def test_fault_without_message_id_has_no_relates_to() -> None:
     reply = InProcessTransport().post(soap(GET_ACTIVE, DSC + "/Nope", message_id=None))
-    check_fault(reply, status=400, code="Sender", subcode=(WSA, "ActionNotSupported"),
-                relates_to=None)
+    check_fault(
+        reply, status=400, code="Sender", subcode=(WSA, "ActionNotSupported"), relates_to=None
+    )
 
 
 def test_every_fault_message_id_is_fresh() -> None:
     t = InProcessTransport()
     seen = set()
     for _ in range(5):
-        f = check_fault(t.post(soap(GET_ACTIVE, DSC + "/Nope")), status=400, code="Sender",
-                        subcode=(WSA, "ActionNotSupported"))
+        f = check_fault(
+            t.post(soap(GET_ACTIVE, DSC + "/Nope")),
+            status=400,
+            code="Sender",
+            subcode=(WSA, "ActionNotSupported"),
+        )
         seen.add(f.headers.message_id)
     assert len(seen) == 5
 
 
 # --- R4 step 5: authorization (R10) -------------------------------------------------------------
 
-SECURE = ServerConfig(require_client_certificates=True,
-                      scan_admins=frozenset({"admin@corp.example"}))
+SECURE = ServerConfig(
+    require_client_certificates=True, scan_admins=frozenset({"admin@corp.example"})
+)
 DSC_REQUESTS = {
-    "GetRepositoryElements": (repository_body("dsc:RepositoryConfiguration"),
-                              Act.DSC_REPOSITORY),
+    "GetRepositoryElements": (repository_body("dsc:RepositoryConfiguration"), Act.DSC_REPOSITORY),
     "GetActiveJobs": (GET_ACTIVE, Act.DSC_ACTIVE),
     "GetJobHistory": ("<dsc:GetJobHistoryRequest/>", Act.DSC_HISTORY),
     "GetPostScanJobElements": (elements_body("dsc", "TOKEN", "dsc:JobStatus"), Act.DSC_ELEMENTS),
@@ -275,11 +415,16 @@ def test_step5_bdsrr_needs_a_scan_admin(operation: str, identity: str | None) ->
     token = create_job(t, identity="alice@corp.example")
     body, action = DSC_REQUESTS[operation]
     # Even an invalid or unknown token: authorization comes first (R4 step 5 before 6, 7).
-    reply = t.post(soap(body.replace("TOKEN", token if identity else "a" * 300), action),
-                   identity=identity)
-    check_fault(reply, status=400, code="Sender",
-                subcode=(DSC, "ClientErrorCurrentUserNotScanAdmin"),
-                reason="The current user is not a scan administrator")
+    reply = t.post(
+        soap(body.replace("TOKEN", token if identity else "a" * 300), action), identity=identity
+    )
+    check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(DSC, "ClientErrorCurrentUserNotScanAdmin"),
+        reason="The current user is not a scan administrator",
+    )
     assert job_of(t, token).state is JobState.CREATING
 
 
@@ -294,8 +439,12 @@ def test_step5_scan_admin_is_served(operation: str) -> None:
 def test_without_client_certificates_everyone_is_an_admin() -> None:
     t = InProcessTransport(ServerConfig(scan_admins=frozenset({"admin@corp.example"})))
     token = create_job(t, identity="alice@corp.example")
-    ok(t.post(soap(token_body("dsc", "CancelPostScanJobRequest", token), Act.DSC_CANCEL),
-              identity="mallory@corp.example"))
+    ok(
+        t.post(
+            soap(token_body("dsc", "CancelPostScanJobRequest", token), Act.DSC_CANCEL),
+            identity="mallory@corp.example",
+        )
+    )
 
 
 # --- R4 step 6: InvalidArgs ----------------------------------------------------------------------
@@ -311,94 +460,147 @@ class Bad:
 LONG = "t" * 256
 INVALID = {
     # missing
-    "dsc missing JobToken": Bad("<dsc:CancelPostScanJobRequest/>", Act.DSC_CANCEL,
-                                (DSC, "JobToken")),
+    "dsc missing JobToken": Bad(
+        "<dsc:CancelPostScanJobRequest/>", Act.DSC_CANCEL, (DSC, "JobToken")
+    ),
     "dsp missing JobToken": Bad("<dsp:EndPostScanJobRequest/>", Act.DSP_END, (DSP, "JobToken")),
     "dsc missing RequestedElements": Bad(
         "<dsc:GetPostScanJobElementsRequest><dsc:JobToken>x</dsc:JobToken>"
-        "</dsc:GetPostScanJobElementsRequest>", Act.DSC_ELEMENTS, (DSC, "RequestedElements")),
+        "</dsc:GetPostScanJobElementsRequest>",
+        Act.DSC_ELEMENTS,
+        (DSC, "RequestedElements"),
+    ),
     "dsp missing PSP_Identifier": Bad(
         "<dsp:CreatePostScanJobRequest><dsp:UserIdentifier>S-1</dsp:UserIdentifier>"
-        "<dsp:PostScanInstructions/></dsp:CreatePostScanJobRequest>", Act.DSP_CREATE,
-        (DSP, "PSP_Identifier")),
+        "<dsp:PostScanInstructions/></dsp:CreatePostScanJobRequest>",
+        Act.DSP_CREATE,
+        (DSP, "PSP_Identifier"),
+    ),
     "dsc missing request element": Bad("", Act.DSC_HISTORY, (DSC, "GetJobHistoryRequest")),
     "dsp missing request element": Bad("", Act.DSP_CANCEL, (DSP, "CancelPostScanJobRequest")),
-    "dsc missing Name": Bad("<dsc:GetRepositoryElementsRequest><dsc:RequestedElements/>"
-                            "</dsc:GetRepositoryElementsRequest>", Act.DSC_REPOSITORY,
-                            (DSC, "Name")),
+    "dsc missing Name": Bad(
+        "<dsc:GetRepositoryElementsRequest><dsc:RequestedElements/>"
+        "</dsc:GetRepositoryElementsRequest>",
+        Act.DSC_REPOSITORY,
+        (DSC, "Name"),
+    ),
     # extra
-    "dsc extra element": Bad("<dsc:CancelPostScanJobRequest><dsc:JobToken>x</dsc:JobToken>"
-                             "<dsc:Force>true</dsc:Force></dsc:CancelPostScanJobRequest>",
-                             Act.DSC_CANCEL, (DSC, "Force")),
-    "dsc second JobToken": Bad("<dsc:CancelPostScanJobRequest><dsc:JobToken>x</dsc:JobToken>"
-                               "<dsc:JobToken>y</dsc:JobToken></dsc:CancelPostScanJobRequest>",
-                               Act.DSC_CANCEL, (DSC, "JobToken")),
-    "dsp extra element": Bad("<dsp:CancelPostScanJobRequest><dsp:JobToken>x</dsp:JobToken>"
-                             "<dsp:Force>true</dsp:Force></dsp:CancelPostScanJobRequest>",
-                             Act.DSP_CANCEL, (DSP, "Force")),
-    "dsc extra in empty request": Bad("<dsc:GetActiveJobsRequest><dsc:All/>"
-                                      "</dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE,
-                                      (DSC, "All")),
-    "dsc second body element": Bad(GET_ACTIVE + "<dsc:GetJobHistoryRequest/>", Act.DSC_ACTIVE,
-                                   (DSC, "GetJobHistoryRequest")),
-    "dsp wrong request element": Bad("<dsp:EndPostScanJobRequest><dsp:JobToken>x</dsp:JobToken>"
-                                     "</dsp:EndPostScanJobRequest>", Act.DSP_CANCEL,
-                                     (DSP, "EndPostScanJobRequest")),
-    "dsc request in dsp namespace": Bad("<dsp:GetActiveJobsRequest/>", Act.DSC_ACTIVE,
-                                        (DSP, "GetActiveJobsRequest")),
+    "dsc extra element": Bad(
+        "<dsc:CancelPostScanJobRequest><dsc:JobToken>x</dsc:JobToken>"
+        "<dsc:Force>true</dsc:Force></dsc:CancelPostScanJobRequest>",
+        Act.DSC_CANCEL,
+        (DSC, "Force"),
+    ),
+    "dsc second JobToken": Bad(
+        "<dsc:CancelPostScanJobRequest><dsc:JobToken>x</dsc:JobToken>"
+        "<dsc:JobToken>y</dsc:JobToken></dsc:CancelPostScanJobRequest>",
+        Act.DSC_CANCEL,
+        (DSC, "JobToken"),
+    ),
+    "dsp extra element": Bad(
+        "<dsp:CancelPostScanJobRequest><dsp:JobToken>x</dsp:JobToken>"
+        "<dsp:Force>true</dsp:Force></dsp:CancelPostScanJobRequest>",
+        Act.DSP_CANCEL,
+        (DSP, "Force"),
+    ),
+    "dsc extra in empty request": Bad(
+        "<dsc:GetActiveJobsRequest><dsc:All/></dsc:GetActiveJobsRequest>",
+        Act.DSC_ACTIVE,
+        (DSC, "All"),
+    ),
+    "dsc second body element": Bad(
+        GET_ACTIVE + "<dsc:GetJobHistoryRequest/>", Act.DSC_ACTIVE, (DSC, "GetJobHistoryRequest")
+    ),
+    "dsp wrong request element": Bad(
+        "<dsp:EndPostScanJobRequest><dsp:JobToken>x</dsp:JobToken></dsp:EndPostScanJobRequest>",
+        Act.DSP_CANCEL,
+        (DSP, "EndPostScanJobRequest"),
+    ),
+    "dsc request in dsp namespace": Bad(
+        "<dsp:GetActiveJobsRequest/>", Act.DSC_ACTIVE, (DSP, "GetActiveJobsRequest")
+    ),
     # wrong type
     "dsp DocumentId not an int": Bad(
         "<dsp:SendImageRequest><dsp:JobToken>x</dsp:JobToken><dsp:DocumentDescription>"
         "<dsp:DocumentId>nine</dsp:DocumentId><dsp:Format>png</dsp:Format>"
         "</dsp:DocumentDescription><dsp:ImageData><xop:Include href='cid:a'/></dsp:ImageData>"
-        "</dsp:SendImageRequest>", Act.DSP_SEND_IMAGE, (DSP, "DocumentId")),
+        "</dsp:SendImageRequest>",
+        Act.DSP_SEND_IMAGE,
+        (DSP, "DocumentId"),
+    ),
     "dsp DocumentId zero": Bad(
         "<dsp:SendImageRequest><dsp:JobToken>x</dsp:JobToken><dsp:DocumentDescription>"
         "<dsp:DocumentId>0</dsp:DocumentId><dsp:Format>png</dsp:Format>"
         "</dsp:DocumentDescription><dsp:ImageData><xop:Include href='cid:a'/></dsp:ImageData>"
-        "</dsp:SendImageRequest>", Act.DSP_SEND_IMAGE, (DSP, "DocumentId")),
+        "</dsp:SendImageRequest>",
+        Act.DSP_SEND_IMAGE,
+        (DSP, "DocumentId"),
+    ),
     "dsp Format not a format": Bad(
         "<dsp:SendImageRequest><dsp:JobToken>x</dsp:JobToken><dsp:DocumentDescription>"
         "<dsp:DocumentId>1</dsp:DocumentId><dsp:Format>a b</dsp:Format>"
         "</dsp:DocumentDescription><dsp:ImageData><xop:Include href='cid:a'/></dsp:ImageData>"
-        "</dsp:SendImageRequest>", Act.DSP_SEND_IMAGE, (DSP, "Format")),
+        "</dsp:SendImageRequest>",
+        Act.DSP_SEND_IMAGE,
+        (DSP, "Format"),
+    ),
     "dsp ContinueOnError not a boolean": Bad(
         "<dsp:CreatePostScanJobRequest><dsp:UserIdentifier>S-1</dsp:UserIdentifier>"
         "<dsp:PSP_Identifier>P</dsp:PSP_Identifier><dsp:PostScanInstructions>"
         "<psp:ContinueOnError>maybe</psp:ContinueOnError>"
         "<psp:DocumentRootName>Scan</psp:DocumentRootName><psp:FiltersToProcess/>"
-        "</dsp:PostScanInstructions></dsp:CreatePostScanJobRequest>", Act.DSP_CREATE,
-        (PSP, "ContinueOnError")),
+        "</dsp:PostScanInstructions></dsp:CreatePostScanJobRequest>",
+        Act.DSP_CREATE,
+        (PSP, "ContinueOnError"),
+    ),
     "dsc JobToken with element content": Bad(
         "<dsc:CancelPostScanJobRequest><dsc:JobToken><dsc:X/></dsc:JobToken>"
-        "</dsc:CancelPostScanJobRequest>", Act.DSC_CANCEL, (DSC, "JobToken")),
-    "dsc Name not a QName": Bad(elements_body("dsc", "x", "not a qname"), Act.DSC_ELEMENTS,
-                                (DSC, "Name")),
-    "dsp empty JobToken": Bad(token_body("dsp", "CancelPostScanJobRequest", "  "),
-                              Act.DSP_CANCEL, (DSP, "JobToken")),
+        "</dsc:CancelPostScanJobRequest>",
+        Act.DSC_CANCEL,
+        (DSC, "JobToken"),
+    ),
+    "dsc Name not a QName": Bad(
+        elements_body("dsc", "x", "not a qname"), Act.DSC_ELEMENTS, (DSC, "Name")
+    ),
+    "dsp empty JobToken": Bad(
+        token_body("dsp", "CancelPostScanJobRequest", "  "), Act.DSP_CANCEL, (DSP, "JobToken")
+    ),
     # out of order
     "dsc out of order": Bad(
         "<dsc:GetPostScanJobElementsRequest><dsc:RequestedElements><dsc:Name>dsc:JobStatus"
         "</dsc:Name></dsc:RequestedElements><dsc:JobToken>x</dsc:JobToken>"
-        "</dsc:GetPostScanJobElementsRequest>", Act.DSC_ELEMENTS, (DSC, "JobToken")),
+        "</dsc:GetPostScanJobElementsRequest>",
+        Act.DSC_ELEMENTS,
+        (DSC, "JobToken"),
+    ),
     "dsp out of order": Bad(
         "<dsp:GetPostScanJobElementsRequest><dsp:RequestedElements><dsp:Name>dsp:JobStatus"
         "</dsp:Name></dsp:RequestedElements><dsp:JobToken>x</dsp:JobToken>"
-        "</dsp:GetPostScanJobElementsRequest>", Act.DSP_ELEMENTS, (DSP, "JobToken")),
+        "</dsp:GetPostScanJobElementsRequest>",
+        Act.DSP_ELEMENTS,
+        (DSP, "JobToken"),
+    ),
     # over 255 characters
-    "dsc JobToken over 255": Bad(token_body("dsc", "CancelPostScanJobRequest", LONG),
-                                 Act.DSC_CANCEL, (DSC, "JobToken")),
-    "dsp JobToken over 255": Bad(token_body("dsp", "EndPostScanJobRequest", LONG), Act.DSP_END,
-                                 (DSP, "JobToken")),
+    "dsc JobToken over 255": Bad(
+        token_body("dsc", "CancelPostScanJobRequest", LONG), Act.DSC_CANCEL, (DSC, "JobToken")
+    ),
+    "dsp JobToken over 255": Bad(
+        token_body("dsp", "EndPostScanJobRequest", LONG), Act.DSP_END, (DSP, "JobToken")
+    ),
     "dsp PSP_Identifier over 255": Bad(
         "<dsp:CreatePostScanJobRequest><dsp:UserIdentifier>S-1</dsp:UserIdentifier>"
         f"<dsp:PSP_Identifier>{LONG}</dsp:PSP_Identifier><dsp:PostScanInstructions/>"
-        "</dsp:CreatePostScanJobRequest>", Act.DSP_CREATE, (DSP, "PSP_Identifier")),
+        "</dsp:CreatePostScanJobRequest>",
+        Act.DSP_CREATE,
+        (DSP, "PSP_Identifier"),
+    ),
     # unbound QName prefix
-    "dsc unbound prefix": Bad(repository_body("zz:RepositoryConfiguration"), Act.DSC_REPOSITORY,
-                              (DSC, "Name")),
-    "dsp unbound prefix": Bad(elements_body("dsp", "x", "zz:JobStatus"), Act.DSP_ELEMENTS,
-                              (DSP, "Name")),
+    "dsc unbound prefix": Bad(
+        repository_body("zz:RepositoryConfiguration"), Act.DSC_REPOSITORY, (DSC, "Name")
+    ),
+    "dsp unbound prefix": Bad(
+        elements_body("dsp", "x", "zz:JobStatus"), Act.DSP_ELEMENTS, (DSP, "Name")
+    ),
 }
 
 
@@ -408,16 +610,18 @@ def test_step6_invalid_args(case: str) -> None:
     ns = DSP if bad.action.startswith(DSP) else DSC
     t = InProcessTransport()
     reply = t.post(soap(bad.body, bad.action))
-    f = check_fault(reply, status=400, code="Sender", subcode=(ns, "InvalidArgs"),
-                    reason=INVALID_ARGS[ns])
+    f = check_fault(
+        reply, status=400, code="Sender", subcode=(ns, "InvalidArgs"), reason=INVALID_ARGS[ns]
+    )
     assert detail_qname(f) == bad.argument
     assert t.commands == []
 
 
 def test_step6_comes_before_step7() -> None:
     """An unknown token in a request with another invalid argument: InvalidArgs."""
-    reply = InProcessTransport().post(soap(elements_body("dsc", "no-such-job", "zz:JobStatus"),
-                                           Act.DSC_ELEMENTS))
+    reply = InProcessTransport().post(
+        soap(elements_body("dsc", "no-such-job", "zz:JobStatus"), Act.DSC_ELEMENTS)
+    )
     check_fault(reply, status=400, code="Sender", subcode=(DSC, "InvalidArgs"))
 
 
@@ -425,10 +629,8 @@ def test_255_characters_are_a_valid_token() -> None:
     """The over-length boundary: 255 characters is an argument of the right type, so the answer
     is "not found", not InvalidArgs."""
     t = InProcessTransport()
-    reply = t.post(soap(token_body("dsc", "CancelPostScanJobRequest", "t" * 255),
-                        Act.DSC_CANCEL))
-    f = check_fault(reply, status=400, code="Sender",
-                    subcode=(DSC, "ClientErrorJobTokenNotFound"))
+    reply = t.post(soap(token_body("dsc", "CancelPostScanJobRequest", "t" * 255), Act.DSC_CANCEL))
+    f = check_fault(reply, status=400, code="Sender", subcode=(DSC, "ClientErrorJobTokenNotFound"))
     assert detail_token(f, DSC) == "t" * 255
 
 
@@ -436,8 +638,9 @@ def test_too_many_requested_names() -> None:
     limit = Limits().max_requested_names
     t = InProcessTransport()
     ok(t.post(soap(repository_body(*["dsc:RepositoryStatus"] * limit), Act.DSC_REPOSITORY)))
-    reply = t.post(soap(repository_body(*["dsc:RepositoryStatus"] * (limit + 1)),
-                        Act.DSC_REPOSITORY))
+    reply = t.post(
+        soap(repository_body(*["dsc:RepositoryStatus"] * (limit + 1)), Act.DSC_REPOSITORY)
+    )
     f = check_fault(reply, status=400, code="Sender", subcode=(DSC, "InvalidArgs"))
     assert detail_qname(f) == (DSC, "Name")
 
@@ -462,9 +665,14 @@ def test_step7_unknown_token(case: str) -> None:
     # R3: the token is trimmed; the Detail holds the trimmed value.
     reply = t.post(soap(body.replace("TOKEN", f"\n   {token}\n "), action))
     prefix = "dsp" if ns == DSP else "dsc"
-    f = check_fault(reply, status=400, code="Sender", subcode=(ns, "ClientErrorJobTokenNotFound"),
-                    reason=f"A PostScan job identified by the specified {prefix}:JobToken "
-                           "argument could not be found.")
+    f = check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(ns, "ClientErrorJobTokenNotFound"),
+        reason=f"A PostScan job identified by the specified {prefix}:JobToken "
+        "argument could not be found.",
+    )
     assert detail_token(f, ns) == token
 
 
@@ -490,8 +698,10 @@ def test_step7_another_users_job_over_wsdsp_is_not_found(operation: str) -> None
             return end_job(t, token, identity)
         if operation == "send":
             return send_image(t, token, 1, b"IMG", identity=identity)
-        return t.post(envelope(Act.DSP_ELEMENTS, client.job_elements_request(
-            DSP, token, ["JobStatus"])), identity=identity)
+        return t.post(
+            envelope(Act.DSP_ELEMENTS, client.job_elements_request(DSP, token, ["JobStatus"])),
+            identity=identity,
+        )
 
     for intruder in ("bob@corp.example", None, "admin@corp.example"):
         f = check_protocol_fault(run(intruder), DSP, "ClientErrorJobTokenNotFound")
@@ -554,25 +764,42 @@ def test_step8_send_image_to_a_canceled_job_during_upload() -> None:
 
 
 SHUTDOWN_REQUESTS: dict[str, tuple[str, Callable[[InProcessTransport, str], Reply]]] = {
-    "dsp create": (DSP, lambda t, token: t.post(envelope(
-        Act.DSP_CREATE, client.create_post_scan_job(
-            user_identifier="S-1", psp_identifier="P", instructions=[
-                FS])))),
+    "dsp create": (
+        DSP,
+        lambda t, token: t.post(
+            envelope(
+                Act.DSP_CREATE,
+                client.create_post_scan_job(
+                    user_identifier="S-1", psp_identifier="P", instructions=[FS]
+                ),
+            )
+        ),
+    ),
     "dsp send": (DSP, lambda t, token: send_image(t, token, 1, b"IMG")),
     "dsp end": (DSP, lambda t, token: end_job(t, token)),
     "dsp cancel": (DSP, lambda t, token: cancel_job(t, DSP, token)),
-    "dsp elements": (DSP, lambda t, token: t.post(soap(elements_body("dsp", token,
-                                                                     "dsp:JobStatus"),
-                                                       Act.DSP_ELEMENTS))),
-    "dsc repository": (DSC, lambda t, token: t.post(soap(repository_body("dsc:RepositoryStatus"),
-                                                         Act.DSC_REPOSITORY))),
+    "dsp elements": (
+        DSP,
+        lambda t, token: t.post(
+            soap(elements_body("dsp", token, "dsp:JobStatus"), Act.DSP_ELEMENTS)
+        ),
+    ),
+    "dsc repository": (
+        DSC,
+        lambda t, token: t.post(soap(repository_body("dsc:RepositoryStatus"), Act.DSC_REPOSITORY)),
+    ),
     "dsc active": (DSC, lambda t, token: t.post(active_jobs_request())),
-    "dsc history": (DSC, lambda t, token: t.post(soap("<dsc:GetJobHistoryRequest/>",
-                                                      Act.DSC_HISTORY))),
+    "dsc history": (
+        DSC,
+        lambda t, token: t.post(soap("<dsc:GetJobHistoryRequest/>", Act.DSC_HISTORY)),
+    ),
     "dsc cancel": (DSC, lambda t, token: cancel_job(t, DSC, token)),
-    "dsc elements": (DSC, lambda t, token: t.post(soap(elements_body("dsc", token,
-                                                                     "dsc:JobStatus"),
-                                                       Act.DSC_ELEMENTS))),
+    "dsc elements": (
+        DSC,
+        lambda t, token: t.post(
+            soap(elements_body("dsc", token, "dsc:JobStatus"), Act.DSC_ELEMENTS)
+        ),
+    ),
 }
 
 
@@ -592,14 +819,21 @@ def test_step8_any_request_while_shut_down(case: str) -> None:
 # --- R4 step 9: the store failed ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temporary,subcode", [(True, "ServerErrorTemporaryError"),
-                                               (False, "ServerErrorInternalError")])
+@pytest.mark.parametrize(
+    "temporary,subcode", [(True, "ServerErrorTemporaryError"), (False, "ServerErrorInternalError")]
+)
 def test_step9_create_fails(temporary: bool, subcode: str) -> None:
     t = InProcessTransport()
     subscribe(t, t.server.config.dsc_url)
     t.store.fail_on, t.store.fail_temporary = CreateJob, temporary
-    reply = t.post(envelope(Act.DSP_CREATE, client.create_post_scan_job(
-        user_identifier="S-1", psp_identifier="P", instructions=[FS])))
+    reply = t.post(
+        envelope(
+            Act.DSP_CREATE,
+            client.create_post_scan_job(
+                user_identifier="S-1", psp_identifier="P", instructions=[FS]
+            ),
+        )
+    )
     f = check_protocol_fault(reply, DSP, subcode)
     assert f.detail is None
     assert t.server.jobs.active() == [] and t.server.jobs.history() == []
@@ -608,8 +842,9 @@ def test_step9_create_fails(temporary: bool, subcode: str) -> None:
     create_job(t)  # the next attempt works
 
 
-@pytest.mark.parametrize("temporary,subcode", [(True, "ServerErrorTemporaryError"),
-                                               (False, "ServerErrorInternalError")])
+@pytest.mark.parametrize(
+    "temporary,subcode", [(True, "ServerErrorTemporaryError"), (False, "ServerErrorInternalError")]
+)
 def test_step9_end_fails(temporary: bool, subcode: str) -> None:
     t = InProcessTransport()
     token = create_job(t)
@@ -625,16 +860,17 @@ def test_step9_end_fails(temporary: bool, subcode: str) -> None:
 
 @pytest.mark.parametrize("chunk_size", [None, 50])
 @pytest.mark.parametrize("failing", [BeginDocument, AppendDocument, FinishDocument, UpdateJob])
-@pytest.mark.parametrize("temporary,subcode", [(True, "ServerErrorTemporaryError"),
-                                               (False, "ServerErrorInternalError")])
-def test_step9_send_image_fails(failing: type, temporary: bool, subcode: str,
-                                chunk_size: int | None) -> None:
+@pytest.mark.parametrize(
+    "temporary,subcode", [(True, "ServerErrorTemporaryError"), (False, "ServerErrorInternalError")]
+)
+def test_step9_send_image_fails(
+    failing: type, temporary: bool, subcode: str, chunk_size: int | None
+) -> None:
     t = InProcessTransport()
     token = create_job(t)
     ok(send_image(t, token, 1, b"one"))
     t.store.fail_on, t.store.fail_temporary = failing, temporary
-    check_protocol_fault(send_image(t, token, 2, b"two" * 100, chunk_size=chunk_size), DSP,
-                         subcode)
+    check_protocol_fault(send_image(t, token, 2, b"two" * 100, chunk_size=chunk_size), DSP, subcode)
     job = t.server.jobs.get(token)
     assert job is not None and job.state is JobState.CREATING
     assert [d.document_id for d in job.documents] == [1]
@@ -667,8 +903,9 @@ def test_step9_cancel_fails_and_the_job_keeps_processing() -> None:
     assert t.stopped == [token]
     assert repository_state(t) == "Idle"
     # The repository's announced state was rolled back too: no event was lost or doubled.
-    assert [text_of(e, "//dsc:RepositoryState")
-            for e in deliveries_of(t, Act.DSC_SUMMARY_EVENT)] == ["Processing", "Idle"]
+    assert [
+        text_of(e, "//dsc:RepositoryState") for e in deliveries_of(t, Act.DSC_SUMMARY_EVENT)
+    ] == ["Processing", "Idle"]
 
 
 # --- R2, R3: what is accepted instead of faulted ----------------------------------------------
@@ -677,16 +914,19 @@ def test_step9_cancel_fails_and_the_job_keeps_processing() -> None:
 def test_ws_addressing_10_request_is_answered_in_10() -> None:
     reply = InProcessTransport().post(soap(GET_ACTIVE, Act.DSC_ACTIVE, wsa=WSA10))
     ok(reply)
-    check_reply_headers(reply, action=DSC + "/GetActiveJobsResponse", relates_to=REQUEST_ID,
-                        wsa=WSA10)
+    check_reply_headers(
+        reply, action=DSC + "/GetActiveJobsResponse", relates_to=REQUEST_ID, wsa=WSA10
+    )
     assert WSA.encode() not in reply.body
 
 
 def test_ws_addressing_10_fault_uses_the_10_fault_action() -> None:
-    reply = InProcessTransport().post(soap(token_body("dsc", "CancelPostScanJobRequest", "x"),
-                                           Act.DSC_CANCEL, wsa=WSA10))
-    f = check_fault(reply, status=400, code="Sender", subcode=(DSC, "ClientErrorJobTokenNotFound"),
-                    wsa=WSA10)
+    reply = InProcessTransport().post(
+        soap(token_body("dsc", "CancelPostScanJobRequest", "x"), Act.DSC_CANCEL, wsa=WSA10)
+    )
+    f = check_fault(
+        reply, status=400, code="Sender", subcode=(DSC, "ClientErrorJobTokenNotFound"), wsa=WSA10
+    )
     assert f.headers.action == FAULT_ACTION10
 
 
@@ -703,8 +943,9 @@ def test_https_spellings_of_namespaces_and_actions_are_accepted() -> None:
         assert f'"{ns}"'.encode() not in data
     reply = t.post(data)
     body = ok(reply)
-    check_reply_headers(reply, action=DSC + "/GetPostScanJobElementsResponse",
-                        relates_to=REQUEST_ID)
+    check_reply_headers(
+        reply, action=DSC + "/GetPostScanJobElementsResponse", relates_to=REQUEST_ID
+    )
     (data_el,) = xp(body, "dsc:JobElements/dsc:ElementData")
     # The https-spelled QName is the dsc one; the reply uses the real namespace.
     assert resolve(data_el, data_el.get(f"{{{DSC}}}Name", "")) == (DSC, "JobStatus")
@@ -739,8 +980,9 @@ def test_include_that_references_no_part(href: str) -> None:
 def test_send_image_without_mtom() -> None:
     t = InProcessTransport()
     token = create_job(t)
-    reply = t.post(envelope(Act.DSP_SEND_IMAGE,
-                              client.send_image_request(token, 1, "png", "img@x")))
+    reply = t.post(
+        envelope(Act.DSP_SEND_IMAGE, client.send_image_request(token, 1, "png", "img@x"))
+    )
     f = check_protocol_fault(reply, DSP, "InvalidArgs")
     assert detail_qname(f) == (DSP, "ImageData")
     ok(send_image(t, token, 1, b"IMG"))
@@ -777,9 +1019,10 @@ def test_malformed_multipart_after_the_image_leaves_no_debris() -> None:
     m = client.mtom(root, "i@x", [b"IMAGE"], boundary="bnd")
     body = b"".join(m.chunks())
     # The image part ends, then the body stops inside a new part's headers.
-    truncated = body[:-len(b"--\r\n")] + b"\r\nContent-Type: text/plain\r\n"
-    f = check_fault(t.post(truncated, content_type=m.content_type), status=400, code="Sender",
-                    subcode=None)
+    truncated = body[: -len(b"--\r\n")] + b"\r\nContent-Type: text/plain\r\n"
+    f = check_fault(
+        t.post(truncated, content_type=m.content_type), status=400, code="Sender", subcode=None
+    )
     assert "MIME" in f.reason
     assert t.store.open_documents == {} and t.store.documents == {}
     assert t.server.jobs.uploads == set()
@@ -787,8 +1030,9 @@ def test_malformed_multipart_after_the_image_leaves_no_debris() -> None:
 
 @pytest.mark.parametrize("token_known", [True, False])
 @pytest.mark.parametrize("chunk_size", [None, 1, 50])
-def test_mime_error_in_the_same_chunk_as_the_root_part(token_known: bool,
-                                                        chunk_size: int | None) -> None:
+def test_mime_error_in_the_same_chunk_as_the_root_part(
+    token_known: bool, chunk_size: int | None
+) -> None:
     """The root part completes and the MIME body breaks within one feed: the root part still
     counts, so the answer is the one smaller chunks give (RelatesTo; the token fault first)."""
     t = InProcessTransport()
@@ -806,13 +1050,23 @@ def test_mime_error_in_the_same_chunk_as_the_root_part(token_known: bool,
     assert t.server.jobs.uploads == set()
 
 
-@pytest.mark.parametrize("content_type", [
-    "multipart/related", "multipart/related; boundary=" + "b" * 300,
-    'multipart/related; boundary="a\r\nb"'])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "multipart/related",
+        "multipart/related; boundary=" + "b" * 300,
+        'multipart/related; boundary="a\r\nb"',
+    ],
+)
 def test_unusable_multipart_boundary(content_type: str) -> None:
     t = InProcessTransport()
-    f = check_fault(t.post(b"--x\r\n\r\n", content_type=content_type), status=400,
-                    code="Sender", subcode=None, relates_to=None)
+    f = check_fault(
+        t.post(b"--x\r\n\r\n", content_type=content_type),
+        status=400,
+        code="Sender",
+        subcode=None,
+        relates_to=None,
+    )
     assert "boundary" in f.reason
     assert t.commands == []
 
@@ -823,11 +1077,15 @@ def test_unusable_multipart_boundary(content_type: str) -> None:
 def test_unknown_filter_action() -> None:
     t = InProcessTransport()
     action = DSP + "/PostScanJobEndStateEvent"
-    reply = t.post(soap(subscribe_body(actions=[action]), Act.SUBSCRIBE,
-                        to=t.server.config.dsc_url))
-    f = check_fault(reply, status=400, code="Sender",
-                    subcode=("http://schemas.xmlsoap.org/ws/2006/02/devprof",
-                             "FilterActionNotSupported"))
+    reply = t.post(
+        soap(subscribe_body(actions=[action]), Act.SUBSCRIBE, to=t.server.config.dsc_url)
+    )
+    f = check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=("http://schemas.xmlsoap.org/ws/2006/02/devprof", "FilterActionNotSupported"),
+    )
     assert f.detail is not None and (f.detail.text or "").strip() == action
     assert t.server.subscriptions.by_id == {}
 
@@ -835,10 +1093,16 @@ def test_unknown_filter_action() -> None:
 def test_unknown_filter_dialect() -> None:
     t = InProcessTransport()
     body = subscribe_body(actions=[Act.DSC_END_EVENT]).replace(
-        "http://schemas.xmlsoap.org/ws/2006/02/devprof/Action", "urn:test:xpath")
+        "http://schemas.xmlsoap.org/ws/2006/02/devprof/Action", "urn:test:xpath"
+    )
     reply = t.post(soap(body, Act.SUBSCRIBE, to=t.server.config.dsc_url))
-    check_fault(reply, status=400, code="Sender", subcode=(WSE, "FilteringRequestedUnavailable"),
-                reason="The requested filter dialect is not supported.")
+    check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(WSE, "FilteringRequestedUnavailable"),
+        reason="The requested filter dialect is not supported.",
+    )
     assert t.server.subscriptions.by_id == {}
 
 
@@ -846,8 +1110,13 @@ def test_unknown_filter_dialect() -> None:
 def test_invalid_expiration(expires: str) -> None:
     t = InProcessTransport()
     reply = t.post(soap(subscribe_body(expires=expires), Act.SUBSCRIBE))
-    check_fault(reply, status=400, code="Sender", subcode=(WSE, "InvalidExpirationTime"),
-                reason="The expiration time requested is invalid.")
+    check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(WSE, "InvalidExpirationTime"),
+        reason="The expiration time requested is invalid.",
+    )
     assert t.server.subscriptions.by_id == {}
 
 
@@ -863,10 +1132,16 @@ def test_unknown_subscription_identifier() -> None:
     t = InProcessTransport()
     reply = manager_request(t, Act.RENEW, "urn:uuid:nobody", "<wse:Renew/>")
     check_fault(reply, status=500, code="Receiver", subcode=(WSE, "UnableToRenew"))
-    for action, body in ((Act.GET_STATUS, "<wse:GetStatus/>"),
-                         (Act.UNSUBSCRIBE, "<wse:Unsubscribe/>")):
-        check_fault(manager_request(t, action, "urn:uuid:nobody", body), status=400,
-                    code="Sender", subcode=(WSE, "InvalidMessage"))
+    for action, body in (
+        (Act.GET_STATUS, "<wse:GetStatus/>"),
+        (Act.UNSUBSCRIBE, "<wse:Unsubscribe/>"),
+    ):
+        check_fault(
+            manager_request(t, action, "urn:uuid:nobody", body),
+            status=400,
+            code="Sender",
+            subcode=(WSE, "InvalidMessage"),
+        )
 
 
 def test_post_token_helper_names_the_right_actions() -> None:
@@ -881,8 +1156,9 @@ def test_post_token_helper_names_the_right_actions() -> None:
 
 def test_detail_prefix_is_bound_in_the_fault() -> None:
     """The Detail QName prefixes used by faults are bound in the fault envelope itself."""
-    reply = InProcessTransport().post(soap(token_body("dsp", "CancelPostScanJobRequest", ""),
-                                           Act.DSP_CANCEL))
+    reply = InProcessTransport().post(
+        soap(token_body("dsp", "CancelPostScanJobRequest", ""), Act.DSP_CANCEL)
+    )
     root = etree.fromstring(reply.body)
     detail = xp(root, "//s:Detail")[0]
     assert resolve(detail, detail.text or "") == (DSP, "JobToken")
@@ -890,11 +1166,10 @@ def test_detail_prefix_is_bound_in_the_fault() -> None:
 
 def test_fault_outcome_carries_a_log_line_for_the_binding() -> None:
     """R12: a limit exceeded is logged; the core gives the binding one readable line."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from dsc_core import Limits, RequestInfo, ScanServer, ServerConfig
 
     server = ScanServer(ServerConfig(limits=Limits(max_envelope_bytes=100)), new_id=lambda: "1")
-    outcome = server.handle(b"<a>" + b" " * 200 + b"</a>",
-                            RequestInfo(now=datetime.now(timezone.utc)))
+    outcome = server.handle(b"<a>" + b" " * 200 + b"</a>", RequestInfo(now=datetime.now(UTC)))
     assert outcome.fault == "Sender/-: The SOAP envelope exceeds the limit of 100 bytes."

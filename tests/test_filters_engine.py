@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
-from dsc_core.commands import (FilterFinished, FilterStarted, ProcessingEvent, ProcessingFinished,
-                               ProcessingStarted)
-from dsc_core.model import (Document, FileShareInstructions, FilterState, FilterStateReason,
-                            FilterStatus, Job, SharePointInstructions)
+from dsc_core.commands import (
+    FilterFinished,
+    FilterStarted,
+    ProcessingEvent,
+    ProcessingFinished,
+    ProcessingStarted,
+)
+from dsc_core.model import (
+    Document,
+    FileShareInstructions,
+    FilterState,
+    FilterStateReason,
+    FilterStatus,
+    Job,
+    SharePointInstructions,
+)
 from test_filters_support import UploadServer, make_documents, make_job, random_bytes
 
-BAD = FileShareInstructions((r"\\h\s\..\..\etc",))   # refused (R9): Canceled, denied
+BAD = FileShareInstructions((r"\\h\s\..\..\etc",))  # refused (R9): Canceled, denied
 GOOD = FileShareInstructions((r"\\h\s",))
 
 
@@ -42,12 +55,16 @@ class Recorder:
         return [e for e in self.events if e.token == token]
 
 
-def _engine(tmp_path: Path, recorder: Recorder,
-            documents_of: Callable[[Job], list[tuple[Document, Path]]] | None = None,
-            **kw: Any) -> ProcessingEngine:
+def _engine(
+    tmp_path: Path,
+    recorder: Recorder,
+    documents_of: Callable[[Job], list[tuple[Document, Path]]] | None = None,
+    **kw: Any,
+) -> ProcessingEngine:
     docs = make_documents(tmp_path / "spool", ("png", b"image one"), ("pdf-a", b"%PDF two"))
-    settings = FilterSettings.embedded_default(tmp_path / "data", sharepoint_timeout=5,
-                                               chunk_size=64 * 1024)
+    settings = FilterSettings.embedded_default(
+        tmp_path / "data", sharepoint_timeout=5, chunk_size=64 * 1024
+    )
     return ProcessingEngine(settings, documents_of or (lambda job: docs), recorder, **kw)
 
 
@@ -65,8 +82,11 @@ def test_successful_job_reports_in_order(tmp_path: Path) -> None:
     engine.close(5)
     t = job.token
     assert recorder.events == [
-        ProcessingStarted(t), FilterStarted(t, 0),
-        FilterFinished(t, 0, FilterState.COMPLETED_SUCCESSFULLY), ProcessingFinished(t)]
+        ProcessingStarted(t),
+        FilterStarted(t, 0),
+        FilterFinished(t, 0, FilterState.COMPLETED_SUCCESSFULLY),
+        ProcessingFinished(t),
+    ]
     assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
 
 
@@ -79,9 +99,11 @@ def test_failure_without_continue_on_error_stops(tmp_path: Path) -> None:
     engine.close(5)
     t = job.token
     assert recorder.events == [
-        ProcessingStarted(t), FilterStarted(t, 0),
+        ProcessingStarted(t),
+        FilterStarted(t, 0),
         FilterFinished(t, 0, FilterState.CANCELED, (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)),
-        ProcessingFinished(t)]
+        ProcessingFinished(t),
+    ]
     assert _delivered(tmp_path) == []
 
 
@@ -94,10 +116,13 @@ def test_failure_with_continue_on_error_goes_on(tmp_path: Path) -> None:
     engine.close(5)
     t = job.token
     assert recorder.events == [
-        ProcessingStarted(t), FilterStarted(t, 0),
+        ProcessingStarted(t),
+        FilterStarted(t, 0),
         FilterFinished(t, 0, FilterState.CANCELED, (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)),
-        FilterStarted(t, 1), FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY),
-        ProcessingFinished(t)]
+        FilterStarted(t, 1),
+        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY),
+        ProcessingFinished(t),
+    ]
     assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
 
 
@@ -106,16 +131,27 @@ def test_settled_filters_are_skipped(tmp_path: Path) -> None:
     engine = _engine(tmp_path, recorder)
     job = make_job(GOOD, GOOD)
     # The core already canceled filter 0 (say, its instructions did not parse).
-    job = job.evolve(filters=(FilterStatus(job.filters[0].dialect, FilterState.CANCELED,
-                                           (FilterStateReason.INVALID_ARGS,), None),
-                              job.filters[1]))
+    job = job.evolve(
+        filters=(
+            FilterStatus(
+                job.filters[0].dialect,
+                FilterState.CANCELED,
+                (FilterStateReason.INVALID_ARGS,),
+                None,
+            ),
+            job.filters[1],
+        )
+    )
     engine.start(job)
     recorder.wait_finished(job.token)
     engine.close(5)
     t = job.token
     assert recorder.events == [
-        ProcessingStarted(t), FilterStarted(t, 1),
-        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY), ProcessingFinished(t)]
+        ProcessingStarted(t),
+        FilterStarted(t, 1),
+        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY),
+        ProcessingFinished(t),
+    ]
 
 
 def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
@@ -125,8 +161,9 @@ def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
     big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(16 * 1024 * 1024)))
     engine = _engine(tmp_path, recorder, documents_of=lambda job: big)
     with UploadServer(slow_receive_buffer=True) as server:
-        job = make_job(SharePointInstructions(False, (server.url("/slow/site"),)), GOOD,
-                       continue_on_error=True)
+        job = make_job(
+            SharePointInstructions(False, (server.url("/slow/site"),)), GOOD, continue_on_error=True
+        )
         engine.start(job)
         path = "/slow/site/Scan_0001.pdf"
         assert server.wait(lambda: server.received.get(path, 0) >= 256 * 1024)
@@ -138,8 +175,11 @@ def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
     engine.close(5)
     t = job.token
     assert recorder.events == [
-        ProcessingStarted(t), FilterStarted(t, 0), FilterFinished(t, 0, FilterState.CANCELED),
-        ProcessingFinished(t)]
+        ProcessingStarted(t),
+        FilterStarted(t, 0),
+        FilterFinished(t, 0, FilterState.CANCELED),
+        ProcessingFinished(t),
+    ]
     assert server.stored == {}
     assert _delivered(tmp_path) == []
 
@@ -203,7 +243,8 @@ def test_missing_documents_fail_the_filters(tmp_path: Path) -> None:
     finished = [e for e in recorder.events if isinstance(e, FilterFinished)]
     assert [(e.index, e.state, e.reasons) for e in finished] == [
         (0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)),
-        (1, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,))]
+        (1, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)),
+    ]
 
 
 def test_raising_runner_is_contained(tmp_path: Path) -> None:
@@ -217,8 +258,12 @@ def test_raising_runner_is_contained(tmp_path: Path) -> None:
     engine.start(job)
     recorder.wait_finished(job.token)
     engine.close(5)
-    assert FilterFinished(job.token, 0, FilterState.COMPLETED_WITH_ERRORS,
-                          (FilterStateReason.UNKNOWN_ERROR,)) in recorder.events
+    assert (
+        FilterFinished(
+            job.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+        )
+        in recorder.events
+    )
 
 
 def test_close_cancels_running_jobs(tmp_path: Path) -> None:

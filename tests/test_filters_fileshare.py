@@ -10,15 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from dsc_bindings.filters import (FilterOutcome, FilterSettings, document_file_name, parse_unc,
-                                  sanitize_name)
-from dsc_bindings.filters import fileshare
+from dsc_bindings.filters import (
+    FilterOutcome,
+    FilterSettings,
+    document_file_name,
+    fileshare,
+    parse_unc,
+    sanitize_name,
+)
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
 from test_filters_support import make_documents, make_job, random_bytes
 
 
-def run(job: Job, documents: list[tuple[Document, Path]], settings: FilterSettings,
-        cancelled: threading.Event | None = None) -> FilterOutcome:
+def run(
+    job: Job,
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event | None = None,
+) -> FilterOutcome:
     return fileshare.run(job, 0, documents, settings, cancelled or threading.Event())
 
 
@@ -38,27 +47,33 @@ def test_default_mapping_writes_under_user_folder(tmp_path: Path) -> None:
 
 
 def test_configured_root_and_several_shares(tmp_path: Path) -> None:
-    settings = FilterSettings(share_roots=((r"\\srv\scans", tmp_path / "a"),
-                                           (r"\\SRV\Archive", tmp_path / "b")))
+    settings = FilterSettings(
+        share_roots=((r"\\srv\scans", tmp_path / "a"), (r"\\SRV\Archive", tmp_path / "b"))
+    )
     docs = make_documents(tmp_path / "spool", ("png", b"\x89PNG1"))
-    job = make_job(FileShareInstructions((r"\\Srv\Scans", r"\\srv\archive\2024\\")),
-                   document_root_name="Invoice")
+    job = make_job(
+        FileShareInstructions((r"\\Srv\Scans", r"\\srv\archive\2024\\")),
+        document_root_name="Invoice",
+    )
 
     assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
     assert (tmp_path / "a/alice@corp.example/Invoice_0001.png").read_bytes() == b"\x89PNG1"
     assert (tmp_path / "b/2024/alice@corp.example/Invoice_0001.png").read_bytes() == b"\x89PNG1"
 
 
-@pytest.mark.parametrize("unc", [
-    r"\\other\scans\x",          # under no root
-    r"\\srv\scans\..\..\etc",    # climbing out
-    r"\\srv\scans\\x",           # empty component
-    r"C:\scans",                 # drive letter
-    r"\\srv\scans\C:\x",
-    r"\\?\C:\scans",             # device namespace
-    r"\\srv",                    # no share
-    "/etc/passwd",
-])
+@pytest.mark.parametrize(
+    "unc",
+    [
+        r"\\other\scans\x",  # under no root
+        r"\\srv\scans\..\..\etc",  # climbing out
+        r"\\srv\scans\\x",  # empty component
+        r"C:\scans",  # drive letter
+        r"\\srv\scans\C:\x",
+        r"\\?\C:\scans",  # device namespace
+        r"\\srv",  # no share
+        "/etc/passwd",
+    ],
+)
 def test_path_outside_roots_is_refused(tmp_path: Path, unc: str) -> None:
     settings = FilterSettings(share_roots=((r"\\srv\scans", tmp_path / "root"),))
     docs = make_documents(tmp_path / "spool", ("png", b"x"))
@@ -80,20 +95,24 @@ def test_parse_unc() -> None:
     assert parse_unc("\\\\h\\s\\a\x01b") is None
 
 
-@pytest.mark.parametrize("root, expected", [
-    ("..\\..\\etc", "_._etc_0001.pdf"),
-    ("CON", "_CON_0001.pdf"),
-    ("con.backup", "_con.backup_0001.pdf"),
-    ("a/b", "a_b_0001.pdf"),
-    (" .hidden. ", "hidden_0001.pdf"),
-    ("", "Scan_0001.pdf"),
-    ("tab\there", "tab_here_0001.pdf"),
-])
+@pytest.mark.parametrize(
+    "root, expected",
+    [
+        ("..\\..\\etc", "_._etc_0001.pdf"),
+        ("CON", "_CON_0001.pdf"),
+        ("con.backup", "_con.backup_0001.pdf"),
+        ("a/b", "a_b_0001.pdf"),
+        (" .hidden. ", "hidden_0001.pdf"),
+        ("", "Scan_0001.pdf"),
+        ("tab\there", "tab_here_0001.pdf"),
+    ],
+)
 def test_names_are_sanitized(tmp_path: Path, root: str, expected: str) -> None:
     settings = FilterSettings.embedded_default(tmp_path)
     docs = make_documents(tmp_path / "spool", ("pdf-a", b"%PDF"))
-    job = make_job(FileShareInstructions((r"\\h\s",)), document_root_name=root,
-                   user_name="..\\..\\evil/user")
+    job = make_job(
+        FileShareInstructions((r"\\h\s",)), document_root_name=root, user_name="..\\..\\evil/user"
+    )
 
     assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
     share = tmp_path / "shares/h/s"
@@ -118,8 +137,10 @@ def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
     (folder / "Scan_0003.pdf").write_bytes(b"old three")
     docs = make_documents(tmp_path / "spool", ("pdf-a", b"new A"), ("pdf-a", b"new B"))
 
-    assert run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state \
+    assert (
+        run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state
         is FilterState.COMPLETED_SUCCESSFULLY
+    )
 
     assert (folder / "Scan_0001.pdf").read_bytes() == b"old one"
     assert (folder / "Scan_0002.pdf").read_bytes() == b"new A"
@@ -136,8 +157,10 @@ def test_symlink_in_the_way_is_skipped_not_followed(tmp_path: Path) -> None:
     (folder / "Scan_0001.png").symlink_to(target)
     docs = make_documents(tmp_path / "spool", ("png", b"scan"))
 
-    assert run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state \
+    assert (
+        run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state
         is FilterState.COMPLETED_SUCCESSFULLY
+    )
     assert target.read_bytes() == b"precious"
     assert (folder / "Scan_0002.png").read_bytes() == b"scan"
 
@@ -191,8 +214,10 @@ def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
     cancelled = threading.Event()
     result: list[FilterOutcome] = []
     worker = threading.Thread(
-        target=lambda: result.append(run(make_job(FileShareInstructions((r"\\h\s",))), docs,
-                                         settings, cancelled)))
+        target=lambda: result.append(
+            run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings, cancelled)
+        )
+    )
     worker.start()
     folder = tmp_path / "out/alice@corp.example"
     partial = folder / "Scan_0002.png"

@@ -9,8 +9,9 @@ import ssl
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -26,8 +27,9 @@ class Inbox:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.reject_rcpt = reject_rcpt or set()
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
         if address in self.reject_rcpt or "*" in self.reject_rcpt:
             return "550 5.1.1 no such user"
         envelope.rcpt_tos.append(address)
@@ -55,8 +57,13 @@ def inbox() -> Iterator[tuple[Inbox, int]]:
 
 
 def _settings(port: int, **kw: Any) -> FilterSettings:
-    return FilterSettings(smtp_host="127.0.0.1", smtp_port=port, smtp_timeout=5,
-                          mail_from="scanner@corp.example", **kw)
+    return FilterSettings(
+        smtp_host="127.0.0.1",
+        smtp_port=port,
+        smtp_timeout=5,
+        mail_from="scanner@corp.example",
+        **kw,
+    )
 
 
 def _run(job: Any, docs: Any, settings: FilterSettings) -> Any:
@@ -68,8 +75,11 @@ def test_one_message_with_all_documents(tmp_path: Path, inbox: tuple[Inbox, int]
     pdf = random_bytes(300_001)  # not a multiple of 57: the last base64 line is short
     png = b"\x89PNG\r\n\x1a\n" + random_bytes(57 * 100)
     docs = make_documents(tmp_path, ("pdf-a", pdf), ("png", png))
-    job = make_job(EmailInstructions(True, ("bob@corp.example", "BOB@corp.example")),
-                   psp_display_name=".", document_root_name="Rapport é")
+    job = make_job(
+        EmailInstructions(True, ("bob@corp.example", "BOB@corp.example")),
+        psp_display_name=".",
+        document_root_name="Rapport é",
+    )
     settings = _settings(port, user_email={"Alice@Corp.Example": "alice.smith@corp.example"})
 
     outcome = _run(job, docs, settings)
@@ -85,7 +95,9 @@ def test_one_message_with_all_documents(tmp_path: Path, inbox: tuple[Inbox, int]
     # The display name "." is a line of its own: without dot-stuffing it would have ended DATA.
     assert "\n.\n" in text.get_content().replace("\r\n", "\n")
     assert [(a.get_content_type(), a.get_filename()) for a in attachments] == [
-        ("application/pdf", "Rapport é_0001.pdf"), ("image/png", "Rapport é_0002.png")]
+        ("application/pdf", "Rapport é_0001.pdf"),
+        ("image/png", "Rapport é_0002.png"),
+    ]
     assert attachments[0].get_content() == pdf
     assert attachments[1].get_content() == png
     assert all(len(line) <= 78 for line in raw.split(b"\r\n"))
@@ -93,8 +105,9 @@ def test_one_message_with_all_documents(tmp_path: Path, inbox: tuple[Inbox, int]
 
 def test_refused_port_is_invalid_smtp_server(tmp_path: Path) -> None:
     docs = make_documents(tmp_path, ("png", b"x"))
-    outcome = _run(make_job(EmailInstructions(False, ("bob@corp.example",))), docs,
-                   _settings(refused_port()))
+    outcome = _run(
+        make_job(EmailInstructions(False, ("bob@corp.example",))), docs, _settings(refused_port())
+    )
     assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
     assert outcome.reasons == (FilterStateReason.INVALID_SMTP_SERVER,)
 
@@ -111,8 +124,11 @@ def test_rejected_recipient_is_unable_to_send(tmp_path: Path) -> None:
     controller = _controller(handler)
     try:
         docs = make_documents(tmp_path, ("png", b"x"))
-        outcome = _run(make_job(EmailInstructions(False, ("bob@corp.example",))), docs,
-                       _settings(controller.port))
+        outcome = _run(
+            make_job(EmailInstructions(False, ("bob@corp.example",))),
+            docs,
+            _settings(controller.port),
+        )
     finally:
         controller.stop()
     assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
@@ -125,9 +141,11 @@ def test_partly_rejected_recipients_still_get_the_message(tmp_path: Path) -> Non
     controller = _controller(handler)
     try:
         docs = make_documents(tmp_path, ("png", b"x"))
-        outcome = _run(make_job(EmailInstructions(False, ("gone@corp.example",
-                                                          "bob@corp.example"))),
-                       docs, _settings(controller.port))
+        outcome = _run(
+            make_job(EmailInstructions(False, ("gone@corp.example", "bob@corp.example"))),
+            docs,
+            _settings(controller.port),
+        )
     finally:
         controller.stop()
     assert outcome.reasons == (FilterStateReason.UNABLE_TO_SEND_EMAIL,)
@@ -138,16 +156,17 @@ def test_no_recipients_is_invalid_args(tmp_path: Path, inbox: tuple[Inbox, int])
     handler, port = inbox
     docs = make_documents(tmp_path, ("png", b"x"))
     # A SID user has no address; an address with a line break is refused, not sent.
-    job = make_job(EmailInstructions(True, ("bob@corp.example\r\nRCPT TO:<x@y>",)),
-                   user_name="S-1-5-21-1-2-3-1001")
+    job = make_job(
+        EmailInstructions(True, ("bob@corp.example\r\nRCPT TO:<x@y>",)),
+        user_name="S-1-5-21-1-2-3-1001",
+    )
     outcome = _run(job, docs, _settings(port))
     assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
     assert outcome.reasons == (FilterStateReason.INVALID_ARGS,)
     assert handler.messages == []
 
 
-def test_unknown_scan_user_address_is_a_warning(tmp_path: Path,
-                                                inbox: tuple[Inbox, int]) -> None:
+def test_unknown_scan_user_address_is_a_warning(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
     handler, port = inbox
     docs = make_documents(tmp_path, ("png", b"x"))
     job = make_job(EmailInstructions(True, ("bob@corp.example",)), user_name="S-1-5-21-9")
@@ -165,14 +184,20 @@ def test_starttls_and_login(tmp_path: Path) -> None:
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
 
-    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
-                      auth_data: Any) -> AuthResult:
+    def authenticator(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         ok = isinstance(auth_data, LoginPassword) and auth_data.password == b"s3cret"
         return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd sends the 535
 
     handler = Inbox()
-    controller = _controller(handler, tls_context=server_ctx, require_starttls=True,
-                             authenticator=authenticator, auth_require_tls=True)
+    controller = _controller(
+        handler,
+        tls_context=server_ctx,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    )
     try:
         docs = make_documents(tmp_path, ("jfif", b"\xff\xd8jpeg"))
         job = make_job(EmailInstructions(False, ("bob@corp.example",)))
@@ -180,25 +205,35 @@ def test_starttls_and_login(tmp_path: Path) -> None:
         good = _run(job, docs, _settings(controller.port, smtp_password="s3cret", **common))
         bad = _run(job, docs, _settings(controller.port, smtp_password="wrong", **common))
         # A client that does not trust the server's certificate: a TLS failure.
-        untrusting = _run(job, docs, _settings(controller.port, smtp_starttls=True,
-                                               smtp_ssl_context=ssl.create_default_context()))
+        untrusting = _run(
+            job,
+            docs,
+            _settings(
+                controller.port, smtp_starttls=True, smtp_ssl_context=ssl.create_default_context()
+            ),
+        )
     finally:
         controller.stop()
     assert good.state is FilterState.COMPLETED_SUCCESSFULLY, good
     assert bad.reasons == (FilterStateReason.UNABLE_TO_SEND_EMAIL,)
     assert untrusting.reasons == (FilterStateReason.INVALID_SMTP_SERVER,)
     [(_, _, raw)] = handler.messages
-    [attachment] = list(email.message_from_bytes(raw, policy=email.policy.default)
-                        .iter_attachments())
+    [attachment] = list(
+        email.message_from_bytes(raw, policy=email.policy.default).iter_attachments()
+    )
     assert attachment.get_content() == b"\xff\xd8jpeg"
 
 
 def test_starttls_without_server_support_is_invalid_smtp_server(
-        tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
+    tmp_path: Path, inbox: tuple[Inbox, int]
+) -> None:
     _, port = inbox
     docs = make_documents(tmp_path, ("png", b"x"))
-    outcome = _run(make_job(EmailInstructions(False, ("bob@corp.example",))), docs,
-                   _settings(port, smtp_starttls=True))
+    outcome = _run(
+        make_job(EmailInstructions(False, ("bob@corp.example",))),
+        docs,
+        _settings(port, smtp_starttls=True),
+    )
     assert outcome.reasons == (FilterStateReason.INVALID_SMTP_SERVER,)
 
 
@@ -210,6 +245,7 @@ def test_message_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
         for _ in range(size // (1 << 20)):
             f.write(random_bytes(1 << 20))
     from dsc_core.model import Document
+
     sent = [0]
 
     def sink(data: bytes) -> None:
@@ -219,8 +255,14 @@ def test_message_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
     job = make_job(EmailInstructions(False, ("bob@corp.example",)))
     tracemalloc.start()
     try:
-        mail._write_message(writer, job, ["bob@corp.example"], [(Document(1, "pdf-a"), source)],
-                            FilterSettings(), threading.Event())
+        mail._write_message(
+            writer,
+            job,
+            ["bob@corp.example"],
+            [(Document(1, "pdf-a"), source)],
+            FilterSettings(),
+            threading.Event(),
+        )
         writer.end()
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -242,8 +284,13 @@ def test_cancel_before_sending_sends_nothing(tmp_path: Path, inbox: tuple[Inbox,
     docs = make_documents(tmp_path, ("png", b"x"))
     cancelled = threading.Event()
     cancelled.set()
-    outcome = mail.run(make_job(EmailInstructions(False, ("bob@corp.example",))), 0, docs,
-                       _settings(port), cancelled)
+    outcome = mail.run(
+        make_job(EmailInstructions(False, ("bob@corp.example",))),
+        0,
+        docs,
+        _settings(port),
+        cancelled,
+    )
     assert outcome.state is FilterState.CANCELED and outcome.reasons == ()
     time.sleep(0.05)
     assert handler.messages == []
@@ -253,6 +300,7 @@ def test_cancel_mid_data_delivers_nothing(tmp_path: Path, inbox: tuple[Inbox, in
     """The attachment is a FIFO fed by the test: once the filter opens it, DATA has begun.
     On cancel the connection is dropped without the final ".", so the relay keeps nothing."""
     from dsc_core.model import Document
+
     handler, port = inbox
     fifo = tmp_path / "doc.fifo"
     os.mkfifo(fifo)
@@ -260,8 +308,11 @@ def test_cancel_mid_data_delivers_nothing(tmp_path: Path, inbox: tuple[Inbox, in
     result: list[Any] = []
     job = make_job(EmailInstructions(False, ("bob@corp.example",)))
     settings = _settings(port, chunk_size=16 * 1024)
-    worker = threading.Thread(target=lambda: result.append(
-        mail.run(job, 0, [(Document(1, "png"), fifo)], settings, cancelled)))
+    worker = threading.Thread(
+        target=lambda: result.append(
+            mail.run(job, 0, [(Document(1, "png"), fifo)], settings, cancelled)
+        )
+    )
     worker.start()
     with open(fifo, "wb", buffering=0) as feed:  # returns once the filter reads: mid-DATA
         feed.write(random_bytes(40_000))

@@ -12,39 +12,58 @@ import pytest
 
 from dsc_bindings.filters import FilterSettings, sharepoint
 from dsc_core.model import FilterState, FilterStateReason, SharePointInstructions
-from test_filters_support import (UploadServer, make_documents, make_job, random_bytes,
-                                  refused_port)
+from test_filters_support import UploadServer, make_documents, make_job, random_bytes, refused_port
 
 
-def _run(job: Any, docs: Any, settings: FilterSettings | None = None,
-         cancelled: threading.Event | None = None) -> Any:
-    return sharepoint.run(job, 0, docs, settings or FilterSettings(sharepoint_timeout=5),
-                          cancelled or threading.Event())
+def _run(
+    job: Any,
+    docs: Any,
+    settings: FilterSettings | None = None,
+    cancelled: threading.Event | None = None,
+) -> Any:
+    return sharepoint.run(
+        job,
+        0,
+        docs,
+        settings or FilterSettings(sharepoint_timeout=5),
+        cancelled or threading.Event(),
+    )
 
 
 def test_documents_are_put_byte_identical(tmp_path: Path) -> None:
     pdf, tif = random_bytes(1_500_000), random_bytes(10)
     docs = make_documents(tmp_path, ("pdf-a", pdf), ("tiff-multi-g4", tif))
-    settings = FilterSettings(sharepoint_timeout=5, sharepoint_username="scan",
-                              sharepoint_password="pw", chunk_size=64 * 1024)
+    settings = FilterSettings(
+        sharepoint_timeout=5,
+        sharepoint_username="scan",
+        sharepoint_password="pw",
+        chunk_size=64 * 1024,
+    )
     with UploadServer() as server:
-        job = make_job(SharePointInstructions(False, (server.url("/sites/Scans/Shared Docs/"),)),
-                       document_root_name="Q1 report")
+        job = make_job(
+            SharePointInstructions(False, (server.url("/sites/Scans/Shared Docs/"),)),
+            document_root_name="Q1 report",
+        )
         outcome = _run(job, docs, settings)
 
     assert outcome.state is FilterState.COMPLETED_SUCCESSFULLY, outcome
-    assert server.stored == {"/sites/Scans/Shared%20Docs/Q1%20report_0001.pdf": pdf,
-                             "/sites/Scans/Shared%20Docs/Q1%20report_0002.tif": tif}
+    assert server.stored == {
+        "/sites/Scans/Shared%20Docs/Q1%20report_0001.pdf": pdf,
+        "/sites/Scans/Shared%20Docs/Q1%20report_0002.tif": tif,
+    }
     headers = server.headers["/sites/Scans/Shared%20Docs/Q1%20report_0001.pdf"]
     assert headers["Content-Type"] == "application/pdf"
     assert headers["Content-Length"] == str(len(pdf))
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"scan:pw").decode()
 
 
-@pytest.mark.parametrize("path, reason", [
-    ("/denied/site", FilterStateReason.SHAREPOINT_ACCESS_DENIED),
-    ("/full/site", FilterStateReason.SHAREPOINT_OUT_OF_DISK_SPACE),
-])
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("/denied/site", FilterStateReason.SHAREPOINT_ACCESS_DENIED),
+        ("/full/site", FilterStateReason.SHAREPOINT_OUT_OF_DISK_SPACE),
+    ],
+)
 def test_refusals_map_to_reasons(tmp_path: Path, path: str, reason: FilterStateReason) -> None:
     docs = make_documents(tmp_path, ("png", b"png bytes"), ("png", b"more"))
     with UploadServer() as server:
@@ -64,8 +83,9 @@ def test_connection_refused_is_unknown_error(tmp_path: Path) -> None:
     assert outcome.reasons == (FilterStateReason.UNKNOWN_ERROR,)
 
 
-@pytest.mark.parametrize("url", ["ftp://host/site", "http:///nohost", "http://h/s?x=1",
-                                 "http://h:99999/s"])
+@pytest.mark.parametrize(
+    "url", ["ftp://host/site", "http:///nohost", "http://h/s?x=1", "http://h:99999/s"]
+)
 def test_unusable_url_is_invalid_args(tmp_path: Path, url: str) -> None:
     docs = make_documents(tmp_path, ("png", b"x"))
     outcome = _run(make_job(SharePointInstructions(False, (url,))), docs)
@@ -95,12 +115,14 @@ def test_https_upload(tmp_path: Path) -> None:
     docs = make_documents(tmp_path, ("xps", data))
     with UploadServer(tls=server_ctx) as server:
         job = make_job(SharePointInstructions(False, (server.url("/secure"),)))
-        outcome = _run(job, docs, FilterSettings(sharepoint_timeout=5,
-                                                 sharepoint_ssl_context=client_ctx))
+        outcome = _run(
+            job, docs, FilterSettings(sharepoint_timeout=5, sharepoint_ssl_context=client_ctx)
+        )
     assert outcome.state is FilterState.COMPLETED_SUCCESSFULLY, outcome
     assert server.stored == {"/secure/Scan_0001.xps": data}
-    assert server.headers["/secure/Scan_0001.xps"]["Content-Type"] == \
-        "application/vnd.ms-xpsdocument"
+    assert (
+        server.headers["/secure/Scan_0001.xps"]["Content-Type"] == "application/vnd.ms-xpsdocument"
+    )
 
 
 def test_cancel_mid_upload_leaves_nothing_on_the_server(tmp_path: Path) -> None:
@@ -111,8 +133,9 @@ def test_cancel_mid_upload_leaves_nothing_on_the_server(tmp_path: Path) -> None:
     with UploadServer(slow_receive_buffer=True) as server:
         job = make_job(SharePointInstructions(False, (server.url("/slow/site"),)))
         result: list[Any] = []
-        worker = threading.Thread(target=lambda: result.append(_run(job, docs, settings,
-                                                                    cancelled)))
+        worker = threading.Thread(
+            target=lambda: result.append(_run(job, docs, settings, cancelled))
+        )
         worker.start()
         path = "/slow/site/Scan_0001.pdf"
         assert server.wait(lambda: server.received.get(path, 0) >= 256 * 1024)

@@ -9,29 +9,52 @@ import ssl
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from dsc_core import names
-from dsc_core.model import (Document, FilterStatus, Instructions, Job, JobState, JobStateReason,
-                            EmailInstructions, FileShareInstructions, SharePointInstructions)
+from dsc_core.model import (
+    Document,
+    EmailInstructions,
+    FileShareInstructions,
+    FilterStatus,
+    Instructions,
+    Job,
+    JobState,
+    JobStateReason,
+    SharePointInstructions,
+)
 
-_DIALECTS = {FileShareInstructions: names.FSF, EmailInstructions: names.EMLF,
-             SharePointInstructions: names.SPF}
+_DIALECTS = {
+    FileShareInstructions: names.FSF,
+    EmailInstructions: names.EMLF,
+    SharePointInstructions: names.SPF,
+}
 
 
-def make_job(*instructions: Instructions | None, documents: tuple[Document, ...] = (),
-             **changes: Any) -> Job:
-    now = datetime.now(timezone.utc)
+def make_job(
+    *instructions: Instructions | None, documents: tuple[Document, ...] = (), **changes: Any
+) -> Job:
+    now = datetime.now(UTC)
     filters = tuple(
         FilterStatus(dialect=_DIALECTS.get(type(i), names.FSF), instructions=i)
-        for i in instructions)
-    job = Job(token=str(uuid.uuid4()), state=JobState.PENDING, reasons=(JobStateReason.NONE,),
-              filters=filters, psp_identifier=str(uuid.uuid4()), psp_display_name="Invoices",
-              user_name="alice@corp.example", owner="alice@corp.example", created=now,
-              last_activity=now, documents=documents)
+        for i in instructions
+    )
+    job = Job(
+        token=str(uuid.uuid4()),
+        state=JobState.PENDING,
+        reasons=(JobStateReason.NONE,),
+        filters=filters,
+        psp_identifier=str(uuid.uuid4()),
+        psp_display_name="Invoices",
+        user_name="alice@corp.example",
+        owner="alice@corp.example",
+        created=now,
+        last_activity=now,
+        documents=documents,
+    )
     return job.evolve(**changes) if changes else job
 
 
@@ -81,8 +104,7 @@ class UploadServer:
                 slow = self.path.startswith("/slow/")
                 body = bytearray()
                 while len(body) < length and not outer.stopping.is_set():
-                    data = self.rfile.read(min(32 * 1024 if slow else 1 << 20,
-                                               length - len(body)))
+                    data = self.rfile.read(min(32 * 1024 if slow else 1 << 20, length - len(body)))
                     if not data:
                         break
                     body += data
@@ -127,8 +149,7 @@ class UploadServer:
         self.server = Server(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
         self.scheme = "https" if tls else "http"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}{path}"
@@ -137,7 +158,7 @@ class UploadServer:
         with self.changed:
             return bool(self.changed.wait_for(predicate, timeout))
 
-    def __enter__(self) -> "UploadServer":
+    def __enter__(self) -> UploadServer:
         self.thread.start()
         return self
 

@@ -8,17 +8,31 @@ The heavier variant runs only with DSC_LONG_TESTS=1 (it is marked slow)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from core_support import (DSC, FS, SOAP, SOAP_CONTENT_TYPE, WSA, WSA10, Act,
-                          create_request, elements_body, envelope, mtom_body, repository_body,
-                          soap, subscribe_body, token_body)
+from core_support import (
+    DSC,
+    FS,
+    SOAP,
+    SOAP_CONTENT_TYPE,
+    WSA,
+    WSA10,
+    Act,
+    create_request,
+    elements_body,
+    envelope,
+    mtom_body,
+    repository_body,
+    soap,
+    subscribe_body,
+    token_body,
+)
 from dsc_bindings.inprocess import InProcessTransport
 from dsc_core import RequestInfo, client
 from dsc_core.exchange_types import Reply
@@ -49,40 +63,78 @@ def corpus() -> list[tuple[bytes, str]]:
     items = [
         (soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE), SOAP_CONTENT_TYPE),
         (soap("<dsc:GetJobHistoryRequest/>", Act.DSC_HISTORY, wsa=WSA10), SOAP_CONTENT_TYPE),
-        (soap(repository_body("dsc:RepositoryConfiguration", "dsc:RepositoryStatus",
-                              "o:Other"), Act.DSC_REPOSITORY,
-              declarations=' xmlns:o="urn:other"'), SOAP_CONTENT_TYPE),
-        (soap(elements_body("dsc", TOKEN, "dsc:JobStatus", "dsc:JobDescription",
-                            "dsc:Documents"), Act.DSC_ELEMENTS), SOAP_CONTENT_TYPE),
-        (soap(token_body("dsc", "CancelPostScanJobRequest", TOKEN), Act.DSC_CANCEL),
-         SOAP_CONTENT_TYPE),
-        (soap(token_body("dsp", "EndPostScanJobRequest", TOKEN), DSC.replace(
-            "configuration", "processing") + "/EndPostScanJob"), SOAP_CONTENT_TYPE),
+        (
+            soap(
+                repository_body("dsc:RepositoryConfiguration", "dsc:RepositoryStatus", "o:Other"),
+                Act.DSC_REPOSITORY,
+                declarations=' xmlns:o="urn:other"',
+            ),
+            SOAP_CONTENT_TYPE,
+        ),
+        (
+            soap(
+                elements_body("dsc", TOKEN, "dsc:JobStatus", "dsc:JobDescription", "dsc:Documents"),
+                Act.DSC_ELEMENTS,
+            ),
+            SOAP_CONTENT_TYPE,
+        ),
+        (
+            soap(token_body("dsc", "CancelPostScanJobRequest", TOKEN), Act.DSC_CANCEL),
+            SOAP_CONTENT_TYPE,
+        ),
+        (
+            soap(
+                token_body("dsp", "EndPostScanJobRequest", TOKEN),
+                DSC.replace("configuration", "processing") + "/EndPostScanJob",
+            ),
+            SOAP_CONTENT_TYPE,
+        ),
         (envelope(Act.DSP_CREATE, create_request(FS, continue_on_error=True)), "text/xml"),
-        (soap(subscribe_body(expires="PT1H", actions=[Act.DSC_SUMMARY_EVENT]), Act.SUBSCRIBE),
-         SOAP_CONTENT_TYPE),
+        (
+            soap(subscribe_body(expires="PT1H", actions=[Act.DSC_SUMMARY_EVENT]), Act.SUBSCRIBE),
+            SOAP_CONTENT_TYPE,
+        ),
         (soap("", "http://schemas.xmlsoap.org/ws/2004/09/transfer/Get"), SOAP_CONTENT_TYPE),
         _send_image(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "bound-ary_1"),
         # Near misses of the delimiter inside the image (the reader must hold them back).
         _send_image(b"\r\n--boun\r\n--bounX\n-bound\r\n\r--bound" * 20 + b"\r", "bound"),
     ]
-    spec = Path(os.environ.get("DSC_SPEC_DIR") or Path(__file__).resolve().parents[2]
-                / "shared" / "spec")
+    spec = Path(
+        os.environ.get("DSC_SPEC_DIR") or Path(__file__).resolve().parents[2] / "shared" / "spec"
+    )
     if (spec / "examples").is_dir():
-        for name in ("01-GetRepositoryElements-request.xml",
-                     "wellformed/03-GetActiveJobs-request.xml",
-                     "wellformed/05-GetJobHistory-request.xml"):
+        for name in (
+            "01-GetRepositoryElements-request.xml",
+            "wellformed/03-GetActiveJobs-request.xml",
+            "wellformed/05-GetJobHistory-request.xml",
+        ):
             items.append(((spec / "examples" / name).read_bytes(), SOAP_CONTENT_TYPE))
     return items
 
 
 CORPUS = corpus()
 
-INSERTS = [b"<!DOCTYPE s:Envelope [<!ENTITY x 'y'>]>", b"&x;", b"&#0;", b"<?pi x?>",
-           b"<![CDATA[", b"]]>", b"<a>" * 80, b"</s:Body>", b"<s:Body>", b"\x00", b"\xff\xfe",
-           b'xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"', b"\r\n--bound-ary_1\r\n",
-           b"\r\n--bound-ary_1--\r\n", b"\r\n\r\n", b"s:mustUnderstand='1'", b"cid:",
-           "\u00e9\U0001f600".encode(), b"<dsc:Name>zz:x</dsc:Name>"]
+INSERTS = [
+    b"<!DOCTYPE s:Envelope [<!ENTITY x 'y'>]>",
+    b"&x;",
+    b"&#0;",
+    b"<?pi x?>",
+    b"<![CDATA[",
+    b"]]>",
+    b"<a>" * 80,
+    b"</s:Body>",
+    b"<s:Body>",
+    b"\x00",
+    b"\xff\xfe",
+    b'xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"',
+    b"\r\n--bound-ary_1\r\n",
+    b"\r\n--bound-ary_1--\r\n",
+    b"\r\n\r\n",
+    b"s:mustUnderstand='1'",
+    b"cid:",
+    "\u00e9\U0001f600".encode(),
+    b"<dsc:Name>zz:x</dsc:Name>",
+]
 
 
 @st.composite
@@ -100,22 +152,73 @@ def mutated(draw: st.DrawFn) -> tuple[bytes, str]:
         elif op == "insert":
             data[at:at] = draw(st.one_of(st.sampled_from(INSERTS), st.binary(max_size=30)))
         elif op == "delete":
-            del data[at:at + draw(st.integers(1, 64))]
+            del data[at : at + draw(st.integers(1, 64))]
         elif op == "duplicate":
-            data[at:at] = data[at:at + draw(st.integers(1, 200))]
+            data[at:at] = data[at : at + draw(st.integers(1, 200))]
     return bytes(data), ctype
 
 
-VALUES = ["", " ", "\n\t", "0", "1", "-1", "2147483648", "9", "true", "false", "maybe",
-          "dsc:JobStatus", "dsp:JobDescription", "dsc:RepositoryStatus", "zz:x", ":", "a:b:c",
-          "png", "tiff-multi-g4", "vendor:fmt", "x" * 300, "urn:uuid:nope",
-          "http://schemas.xmlsoap.org/ws/2006/02/devprof/Action", "PT1S", "P1D", "-PT5M",
-          "2026-11-21T09:30:00Z", "cid:pic@x", Act.DSC_CANCEL, Act.DSC_STATUS_EVENT]
-LOCALS = ["JobToken", "Name", "RequestedElements", "DocumentId", "Format", "ImageData",
-          "Include", "Action", "MessageID", "Body", "Header", "Filter", "Expires", "Dialect",
-          "ContinueOnError", "FiltersToProcess", "Identifier", "NotifyTo"]
-NAMESPACES = [DSC, DSC.replace("configuration", "processing"), WSA, WSA10, SOAP,
-              "http://www.w3.org/2004/08/xop/include", "urn:vendor"]
+VALUES = [
+    "",
+    " ",
+    "\n\t",
+    "0",
+    "1",
+    "-1",
+    "2147483648",
+    "9",
+    "true",
+    "false",
+    "maybe",
+    "dsc:JobStatus",
+    "dsp:JobDescription",
+    "dsc:RepositoryStatus",
+    "zz:x",
+    ":",
+    "a:b:c",
+    "png",
+    "tiff-multi-g4",
+    "vendor:fmt",
+    "x" * 300,
+    "urn:uuid:nope",
+    "http://schemas.xmlsoap.org/ws/2006/02/devprof/Action",
+    "PT1S",
+    "P1D",
+    "-PT5M",
+    "2026-11-21T09:30:00Z",
+    "cid:pic@x",
+    Act.DSC_CANCEL,
+    Act.DSC_STATUS_EVENT,
+]
+LOCALS = [
+    "JobToken",
+    "Name",
+    "RequestedElements",
+    "DocumentId",
+    "Format",
+    "ImageData",
+    "Include",
+    "Action",
+    "MessageID",
+    "Body",
+    "Header",
+    "Filter",
+    "Expires",
+    "Dialect",
+    "ContinueOnError",
+    "FiltersToProcess",
+    "Identifier",
+    "NotifyTo",
+]
+NAMESPACES = [
+    DSC,
+    DSC.replace("configuration", "processing"),
+    WSA,
+    WSA10,
+    SOAP,
+    "http://www.w3.org/2004/08/xop/include",
+    "urn:vendor",
+]
 
 
 @st.composite
@@ -130,8 +233,20 @@ def structural(draw: st.DrawFn) -> tuple[bytes, str]:
     for _ in range(draw(st.integers(1, 3))):
         elements = list(root.iter(etree.Element))
         el = draw(st.sampled_from(elements))
-        op = draw(st.sampled_from(["delete", "duplicate", "text", "rename", "namespace",
-                                   "must-understand", "attribute", "move"]))
+        op = draw(
+            st.sampled_from(
+                [
+                    "delete",
+                    "duplicate",
+                    "text",
+                    "rename",
+                    "namespace",
+                    "must-understand",
+                    "attribute",
+                    "move",
+                ]
+            )
+        )
         parent = el.getparent()
         try:
             if op == "delete" and parent is not None:
@@ -147,8 +262,10 @@ def structural(draw: st.DrawFn) -> tuple[bytes, str]:
             elif op == "must-understand":
                 el.set(f"{{{SOAP}}}mustUnderstand", draw(st.sampled_from(["1", "true", "0"])))
             elif op == "attribute":
-                el.set(draw(st.sampled_from(["href", "Dialect", "Mode", f"{{{DSC}}}Name"])),
-                       draw(st.sampled_from(VALUES)))
+                el.set(
+                    draw(st.sampled_from(["href", "Dialect", "Mode", f"{{{DSC}}}Name"])),
+                    draw(st.sampled_from(VALUES)),
+                )
             elif op == "move" and parent is not None:
                 target = draw(st.sampled_from(elements))
                 if el not in target.iterancestors() and el is not target:
@@ -164,18 +281,32 @@ def structural(draw: st.DrawFn) -> tuple[bytes, str]:
 
 
 def deep_nesting(levels: int) -> bytes:
-    return soap("<dsc:GetActiveJobsRequest>" + "<o:n xmlns:o='urn:o'>" * levels
-                + "</o:n>" * levels + "</dsc:GetActiveJobsRequest>", Act.DSC_ACTIVE)
+    return soap(
+        "<dsc:GetActiveJobsRequest>"
+        + "<o:n xmlns:o='urn:o'>" * levels
+        + "</o:n>" * levels
+        + "</dsc:GetActiveJobsRequest>",
+        Act.DSC_ACTIVE,
+    )
 
 
 content_types = st.one_of(
-    st.sampled_from([SOAP_CONTENT_TYPE, "application/soap+xml", "text/xml; charset=utf-16",
-                     "", "multipart/related", "multipart/related; boundary=",
-                     'multipart/related; boundary="bound-ary_1"; type="application/xop+xml"',
-                     "Multipart/Related;\r\n boundary=bound;\r\n type=application/xop+xml",
-                     "multipart/related; boundary=\"unterminated"]),
-    st.text(max_size=60).map(lambda b: f'multipart/related; boundary="{b}"; '
-                                       'type="application/xop+xml"'),
+    st.sampled_from(
+        [
+            SOAP_CONTENT_TYPE,
+            "application/soap+xml",
+            "text/xml; charset=utf-16",
+            "",
+            "multipart/related",
+            "multipart/related; boundary=",
+            'multipart/related; boundary="bound-ary_1"; type="application/xop+xml"',
+            "Multipart/Related;\r\n boundary=bound;\r\n type=application/xop+xml",
+            'multipart/related; boundary="unterminated',
+        ]
+    ),
+    st.text(max_size=60).map(
+        lambda b: f'multipart/related; boundary="{b}"; type="application/xop+xml"'
+    ),
     st.text(max_size=80),
 )
 
@@ -184,7 +315,9 @@ requests = st.one_of(
     mutated(),
     st.tuples(mutated().map(lambda m: m[0]), st.one_of(content_types, st.none())),
     st.integers(60, 200).map(lambda n: (deep_nesting(n), SOAP_CONTENT_TYPE)),
-    structural(), structural(), structural(),
+    structural(),
+    structural(),
+    structural(),
 )
 
 
@@ -205,7 +338,11 @@ def check_reply(reply: Reply) -> etree._Element:
     if is_fault:
         value = payload.find(f"{{{SOAP}}}Code/{{{SOAP}}}Value")
         assert value is not None and value.text in (
-            "soap:Sender", "soap:Receiver", "soap:VersionMismatch", "soap:MustUnderstand")
+            "soap:Sender",
+            "soap:Receiver",
+            "soap:VersionMismatch",
+            "soap:MustUnderstand",
+        )
         assert (reply.status == 413) <= (value.text == "soap:Sender")
         text = payload.find(f"{{{SOAP}}}Reason/{{{SOAP}}}Text")
         assert text is not None and text.text
@@ -235,7 +372,7 @@ def post_chunked(body: bytes, ctype: str | None, sizes: list[int]) -> None:
     for size in sizes:
         if at >= len(body):
             break
-        pieces.append(body[at:at + size])
+        pieces.append(body[at : at + size])
         at += size
     pieces.append(body[at:])
     got = chunked.post(pieces, content_type=ctype)  # type: ignore[arg-type]
@@ -256,10 +393,16 @@ def abort_midway(body: bytes, ctype: str | None, cut: int) -> None:
     check_store(t)
 
 
-FAST = settings(max_examples=200, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-HEAVY = settings(max_examples=5000, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FAST = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+HEAVY = settings(
+    max_examples=5000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 chunk_sizes = st.lists(st.integers(1, 300), max_size=30)
 
 
@@ -271,8 +414,9 @@ def test_handle_never_raises(request: tuple[bytes, str | None]) -> None:
 
 @FAST
 @given(request=requests, sizes=chunk_sizes)
-def test_chunked_feeding_answers_like_whole(request: tuple[bytes, str | None],
-                                            sizes: list[int]) -> None:
+def test_chunked_feeding_answers_like_whole(
+    request: tuple[bytes, str | None], sizes: list[int]
+) -> None:
     post_chunked(request[0], request[1], sizes)
 
 
@@ -321,15 +465,24 @@ def test_long_abort(request: tuple[bytes, str], cut: int) -> None:
 RUNNERS: dict[str, Callable[..., None]] = {"handle": handle_directly, "chunked": post_chunked}
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\x00" * 100, b"<", b"<?xml version='1.0'?>", b"\xef\xbb\xbf", "\ufeff<a/>".encode(),
-    deep_nesting(5000),
-    soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE).replace(b"utf-8", b"latin-1"),
-    soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE).replace(b"utf-8", b"ebcdic-nonsense"),
-    soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE, message_id="&lt;&amp;&gt;"),
-    soap("<dsc:GetActiveJobsRequest/>", "\u00e9\u00e8" * 40, message_id="\u00e9"),
-    soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE, message_id="x" * 40000),
-], ids=lambda d: repr(d[:20]))
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00" * 100,
+        b"<",
+        b"<?xml version='1.0'?>",
+        b"\xef\xbb\xbf",
+        "\ufeff<a/>".encode(),
+        deep_nesting(5000),
+        soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE).replace(b"utf-8", b"latin-1"),
+        soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE).replace(b"utf-8", b"ebcdic-nonsense"),
+        soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE, message_id="&lt;&amp;&gt;"),
+        soap("<dsc:GetActiveJobsRequest/>", "\u00e9\u00e8" * 40, message_id="\u00e9"),
+        soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE, message_id="x" * 40000),
+    ],
+    ids=lambda d: repr(d[:20]),
+)
 @pytest.mark.parametrize("how", list(RUNNERS))
 def test_awkward_inputs(data: bytes, how: str) -> None:
     if how == "handle":
@@ -341,7 +494,8 @@ def test_awkward_inputs(data: bytes, how: str) -> None:
 def test_reply_echoes_odd_message_ids_safely() -> None:
     """RelatesTo carries the request's MessageID as text: markup in it stays text."""
     t, _ = fresh()
-    reply = t.post(soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE,
-                        message_id="&lt;x/&gt;&amp;"))
+    reply = t.post(
+        soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE, message_id="&lt;x/&gt;&amp;")
+    )
     root = check_reply(reply)
     assert root.findtext(f".//{{{WSA}}}RelatesTo") == "<x/>&"

@@ -17,10 +17,11 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -33,8 +34,7 @@ from dsc_bindings.filters import document_file_name
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http_async import serve
 from dsc_bindings.http_blocking import BlockingServer
-from dsc_bindings.http_common import (Call, Close, HttpConnection, Receive, Send,
-                                      max_request_bytes)
+from dsc_bindings.http_common import Call, Close, HttpConnection, Receive, Send, max_request_bytes
 from dsc_bindings.service import ScanService
 from dsc_bindings.store import StoreError
 from dsc_core import Limits, Reply, ServerConfig, names
@@ -61,8 +61,9 @@ class Response:
 class Raw:
     """A tiny HTTP/1.1 client on one socket: exactly the bytes we choose."""
 
-    def __init__(self, port: int, *, ssl_context: ssl.SSLContext | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, port: int, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0
+    ) -> None:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_hostname="127.0.0.1")
@@ -73,15 +74,22 @@ class Raw:
         self.sock.sendall(data)
 
     @staticmethod
-    def head(method: str = "POST", path: str = "/ScanServer",
-             headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    def head(
+        method: str = "POST", path: str = "/ScanServer", headers: Iterable[tuple[str, str]] = ()
+    ) -> bytes:
         lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
         lines += [f"{k}: {v}" for k, v in headers]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def post(self, body: bytes | Iterable[bytes], content_type: str = C.SOAP_XML, *,
-             chunked: bool = False, length: int | None = None,
-             extra: Iterable[tuple[str, str]] = ()) -> Response:
+    def post(
+        self,
+        body: bytes | Iterable[bytes],
+        content_type: str = C.SOAP_XML,
+        *,
+        chunked: bool = False,
+        length: int | None = None,
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> Response:
         chunks = [body] if isinstance(body, bytes) else body
         headers = [("Content-Type", content_type), *extra]
         if chunked:
@@ -153,30 +161,40 @@ def call(client: Raw, action: str, payload: etree._Element, to: str = "") -> C.R
 
 
 def repository_request() -> bytes:
-    return soap(A.DSC_GET_REPOSITORY_ELEMENTS,
-                C.repository_elements_request(["RepositoryStatus", "RepositoryConfiguration"]))
+    return soap(
+        A.DSC_GET_REPOSITORY_ELEMENTS,
+        C.repository_elements_request(["RepositoryStatus", "RepositoryConfiguration"]),
+    )
 
 
 def create_job(client: Raw) -> str:
-    response = call(client, A.DSP_CREATE, C.create_post_scan_job(
-        user_identifier=SID, psp_identifier="psp-finance",
-        instructions=[FileShareInstructions((SHARE,))]))
+    response = call(
+        client,
+        A.DSP_CREATE,
+        C.create_post_scan_job(
+            user_identifier=SID,
+            psp_identifier="psp-finance",
+            instructions=[FileShareInstructions((SHARE,))],
+        ),
+    )
     token = C.text_of(response.payload, names.DSP, "JobToken")
     assert token
     return token
 
 
-def send_image_body(token: str, document_id: int, fmt: str, image: bytes,
-                    piece: int = 64 * 1024) -> C.Mtom:
+def send_image_body(
+    token: str, document_id: int, fmt: str, image: bytes, piece: int = 64 * 1024
+) -> C.Mtom:
     cid = f"image{document_id}@scanner"
     root = soap(A.DSP_SEND_IMAGE, C.send_image_request(token, document_id, fmt, cid))
-    pieces = [image[i:i + piece] for i in range(0, len(image), piece)]
+    pieces = [image[i : i + piece] for i in range(0, len(image), piece)]
     return C.mtom(root, cid, pieces, boundary=f"MIMEBoundary{uuid.uuid4().hex}")
 
 
 def job_state(client: Raw, token: str) -> str:
-    response = call(client, A.DSP_GET_JOB_ELEMENTS,
-                    C.job_elements_request(names.DSP, token, ["JobStatus"]))
+    response = call(
+        client, A.DSP_GET_JOB_ELEMENTS, C.job_elements_request(names.DSP, token, ["JobStatus"])
+    )
     return C.read_job_elements(response.payload, names.DSP).state
 
 
@@ -215,9 +233,14 @@ class Running:
 
 
 @contextmanager
-def running(binding: str, tmp_path: Path, config: ServerConfig | None = None, *,
-            ssl_context: ssl.SSLContext | None = None,
-            backend: str = "trio") -> Iterator[Running]:
+def running(
+    binding: str,
+    tmp_path: Path,
+    config: ServerConfig | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    backend: str = "trio",
+) -> Iterator[Running]:
     config = config or ServerConfig(user_directory={SID: USER})
     data_dir = tmp_path / "data"
     service = ScanService(config, data_dir, FilterSettings.embedded_default(data_dir))
@@ -225,15 +248,22 @@ def running(binding: str, tmp_path: Path, config: ServerConfig | None = None, *,
     with ExitStack() as stack:
         stack.callback(service.shutdown, 5.0)
         if binding == "blocking":
-            server = BlockingServer(service, "127.0.0.1", 0, ssl_context, config.limits,
-                                    grace=2.0)
+            server = BlockingServer(service, "127.0.0.1", 0, ssl_context, config.limits, grace=2.0)
             port = server.start()
             stop: Callable[[], None] = functools.partial(server.shutdown)
         else:
             portal = stack.enter_context(anyio.from_thread.start_blocking_portal(backend))
-            future, port = portal.start_task(functools.partial(
-                serve, service, host="127.0.0.1", port=0, ssl_context=ssl_context,
-                limits=config.limits, grace=2.0))
+            future, port = portal.start_task(
+                functools.partial(
+                    serve,
+                    service,
+                    host="127.0.0.1",
+                    port=0,
+                    ssl_context=ssl_context,
+                    limits=config.limits,
+                    grace=2.0,
+                )
+            )
 
             def stop() -> None:
                 future.cancel()
@@ -241,6 +271,7 @@ def running(binding: str, tmp_path: Path, config: ServerConfig | None = None, *,
                     future.exception(timeout=10)
                 except BaseException:
                     pass  # cancelled, as asked
+
         stopped = False
 
         def stop_once() -> None:
@@ -268,8 +299,9 @@ def small_limits(**changes: object) -> ServerConfig:
 def test_repository_elements_round_trip(binding: str, tmp_path: Path) -> None:
     with running(binding, tmp_path) as srv:
         connection = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-        connection.request("POST", "/ScanServer", repository_request(),
-                           {"Content-Type": C.SOAP_XML})
+        connection.request(
+            "POST", "/ScanServer", repository_request(), {"Content-Type": C.SOAP_XML}
+        )
         reply = connection.getresponse()
         body = reply.read()
         assert reply.status == 200
@@ -292,9 +324,11 @@ def test_async_binding_under_asyncio(tmp_path: Path) -> None:
 
 
 def test_scan_job_with_mtom_uploads_chunked_and_sized(binding: str, tmp_path: Path) -> None:
-    images = [(1, "pdf-a", os.urandom(700_000), True),
-              (2, "jfif", os.urandom(300_001), False),
-              (3, "png", b"\x89PNG tiny", True)]
+    images = [
+        (1, "pdf-a", os.urandom(700_000), True),
+        (2, "jfif", os.urandom(300_001), False),
+        (3, "png", b"\x89PNG tiny", True),
+    ]
     with running(binding, tmp_path) as srv:
         client = Raw(srv.port)
         token = create_job(client)
@@ -303,8 +337,9 @@ def test_scan_job_with_mtom_uploads_chunked_and_sized(binding: str, tmp_path: Pa
             if chunked:
                 reply = client.post(mtom.chunks(), mtom.content_type, chunked=True)
             else:
-                reply = client.post(mtom.chunks(), mtom.content_type,
-                                    length=mtom.length(len(image)))
+                reply = client.post(
+                    mtom.chunks(), mtom.content_type, length=mtom.length(len(image))
+                )
             assert reply.status == 200, reply.body
             assert C.parse_response(reply.body).action == A.DSP_SEND_IMAGE + "Response"
         call(client, A.DSP_END, C.token_request(names.DSP, "EndPostScanJobRequest", token))
@@ -344,8 +379,10 @@ def test_keep_alive_and_pipelining(binding: str, tmp_path: Path) -> None:
         assert client.post(repository_request()).status == 200
         # Two requests in one write: two answers, in order, on the same connection.
         body = repository_request()
-        one = client.head(headers=[("Content-Type", C.SOAP_XML),
-                                   ("Content-Length", str(len(body)))]) + body
+        one = (
+            client.head(headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(len(body)))])
+            + body
+        )
         client.send(one + one)
         assert [client.read_response().status for _ in range(2)] == [200, 200]
         client.close()
@@ -355,9 +392,15 @@ def test_expect_100_continue(binding: str, tmp_path: Path) -> None:
     with running(binding, tmp_path) as srv:
         client = Raw(srv.port)
         body = repository_request()
-        client.send(client.head(headers=[("Content-Type", C.SOAP_XML),
-                                         ("Content-Length", str(len(body))),
-                                         ("Expect", "100-continue")]))
+        client.send(
+            client.head(
+                headers=[
+                    ("Content-Type", C.SOAP_XML),
+                    ("Content-Length", str(len(body))),
+                    ("Expect", "100-continue"),
+                ]
+            )
+        )
         interim = client.read_response()
         assert interim.status == 100
         client.send(body)
@@ -372,9 +415,15 @@ def test_413_for_over_limit_content_length(binding: str, tmp_path: Path) -> None
     with running(binding, tmp_path, config) as srv:
         # With Expect: the answer comes instead of 100 Continue, before any body byte.
         client = Raw(srv.port)
-        client.send(client.head(headers=[("Content-Type", C.SOAP_XML),
-                                         ("Content-Length", str(limit + 1)),
-                                         ("Expect", "100-continue")]))
+        client.send(
+            client.head(
+                headers=[
+                    ("Content-Type", C.SOAP_XML),
+                    ("Content-Length", str(limit + 1)),
+                    ("Expect", "100-continue"),
+                ]
+            )
+        )
         reply = client.read_response()
         assert reply.status == 413
         assert reply.headers["connection"] == "close"
@@ -383,9 +432,12 @@ def test_413_for_over_limit_content_length(binding: str, tmp_path: Path) -> None
         client.close()
         # Without Expect, the client is already sending its body: it still reads the 413.
         client = Raw(srv.port)
-        client.send(client.head(headers=[("Content-Type", C.SOAP_XML),
-                                         ("Content-Length", str(limit + 30000))])
-                    + b"x" * 20000)
+        client.send(
+            client.head(
+                headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(limit + 30000))]
+            )
+            + b"x" * 20000
+        )
         assert client.read_response().status == 413
         client.close()
         # At the limit is fine (the core then judges the bytes).
@@ -408,16 +460,23 @@ def test_431_for_huge_headers(binding: str, tmp_path: Path) -> None:
         client = Raw(srv.port)
         data = client.head(headers=big)
         for i in range(0, 6000, 1000):
-            client.send(data[i:i + 1000])
+            client.send(data[i : i + 1000])
             time.sleep(0.01)
         assert client.read_response().status == 431
         client.close()
         # Under the limit is fine.
         client = Raw(srv.port)
         body = repository_request()
-        client.send(client.head(headers=[("X-Filler", "b" * 3000),
-                                         ("Content-Type", C.SOAP_XML),
-                                         ("Content-Length", str(len(body)))]) + body)
+        client.send(
+            client.head(
+                headers=[
+                    ("X-Filler", "b" * 3000),
+                    ("Content-Type", C.SOAP_XML),
+                    ("Content-Length", str(len(body))),
+                ]
+            )
+            + body
+        )
         assert client.read_response().status == 200
         client.close()
 
@@ -478,8 +537,9 @@ def test_timeouts_close_the_connection(binding: str, tmp_path: Path) -> None:
         head.close()
 
         body = Raw(srv.port)
-        body.send(body.head(headers=[("Content-Type", C.SOAP_XML),
-                                     ("Content-Length", "100")]) + b"<soap")
+        body.send(
+            body.head(headers=[("Content-Type", C.SOAP_XML), ("Content-Length", "100")]) + b"<soap"
+        )
         assert body.closed_by_server(5)
         body.close()
 
@@ -493,14 +553,21 @@ def test_interrupted_upload_leaves_no_debris(binding: str, tmp_path: Path, how: 
         image = os.urandom(1_000_000)
         mtom = send_image_body(token, 1, "pdf-a", image)
         upload = Raw(srv.port)
-        upload.send(upload.head(headers=[("Content-Type", mtom.content_type),
-                                         ("Content-Length", str(mtom.length(len(image))))]))
+        upload.send(
+            upload.head(
+                headers=[
+                    ("Content-Type", mtom.content_type),
+                    ("Content-Length", str(mtom.length(len(image)))),
+                ]
+            )
+        )
         upload.send(mtom.head + image[:400_000])
         wait_for(lambda: bool(part_files(srv.data_dir)), what="the upload to begin")
         if how == "disconnect":
             # Reset, like a scanner losing power.
-            upload.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                   b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            upload.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             upload.close()
         else:
             assert upload.closed_by_server(5)  # body timeout: closed without an answer
@@ -514,8 +581,9 @@ def test_interrupted_upload_leaves_no_debris(binding: str, tmp_path: Path, how: 
 
 
 @pytest.mark.parametrize("failing", ["AppendDocument", "FinishDocument"])
-def test_store_failure_answers_r4_step_9(binding: str, tmp_path: Path, failing: str,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_failure_answers_r4_step_9(
+    binding: str, tmp_path: Path, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with running(binding, tmp_path) as srv:
         client = Raw(srv.port)
         token = create_job(client)
@@ -549,9 +617,15 @@ def test_stop_lets_the_request_in_flight_finish(binding: str, tmp_path: Path) ->
         assert idle.post(repository_request()).status == 200
         busy = Raw(srv.port)
         body = repository_request()
-        busy.send(busy.head(headers=[("Content-Type", C.SOAP_XML),
-                                     ("Content-Length", str(len(body))),
-                                     ("Expect", "100-continue")]))
+        busy.send(
+            busy.head(
+                headers=[
+                    ("Content-Type", C.SOAP_XML),
+                    ("Content-Length", str(len(body))),
+                    ("Expect", "100-continue"),
+                ]
+            )
+        )
         assert busy.read_response().status == 100  # the exchange is open
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
@@ -580,8 +654,9 @@ class _RecordingService:
         self.log: list[tuple[str, bytes]] = []
         self.fail_feed = fail_feed
 
-    def open_request(self, content_type: str | None, identity: str | None,
-                     path: str) -> "_RecordingRequest":
+    def open_request(
+        self, content_type: str | None, identity: str | None, path: str
+    ) -> _RecordingRequest:
         self.log.append(("open", (content_type or "").encode()))
         return _RecordingRequest(self)
 
@@ -609,8 +684,14 @@ class _RecordingRequest:
         self.service.log.append(("abort", b""))
 
 
-def _drive(conn: HttpConnection, service: _RecordingService, reads: list[bytes], *,
-           head_bytes: int, bound: int) -> list[str]:
+def _drive(
+    conn: HttpConnection,
+    service: _RecordingService,
+    reads: list[bytes],
+    *,
+    head_bytes: int,
+    bound: int,
+) -> list[str]:
     """Run ``conn`` over ``reads`` (one per Receive; the first ``head_bytes`` bytes are the
     request head), Calls inline, until it wants to read with nothing left to give, or closes.
     Checks at every Receive that at most ``bound`` received body bytes are held back from the
@@ -623,8 +704,9 @@ def _drive(conn: HttpConnection, service: _RecordingService, reads: list[bytes],
         action = conn.next_action()
         if isinstance(action, Receive):
             body_received = max(0, received - head_bytes)
-            held = body_received - sum(len(data) for what, data in service.log[start:]
-                                       if what == "feed")
+            held = body_received - sum(
+                len(data) for what, data in service.log[start:] if what == "feed"
+            )
             assert 0 <= held <= bound, (held, bound)
             if "open" in service.calls()[start:]:
                 assert held == 0, held
@@ -653,8 +735,7 @@ def _drive(conn: HttpConnection, service: _RecordingService, reads: list[bytes],
 
 
 def _head(length: int, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-    return Raw.head(headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(length)),
-                             *extra])
+    return Raw.head(headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(length)), *extra])
 
 
 def test_sansio_small_body_is_one_call() -> None:
@@ -667,12 +748,12 @@ def test_sansio_small_body_is_one_call() -> None:
     conn = HttpConnection(service, limits)
     reads = [head + body[:100], body[100:500], body[500:]]
     trace = _drive(conn, service, reads, head_bytes=len(head), bound=limits.max_envelope_bytes)
-    assert trace == ["receive", "receive", "receive", "call:open+feed+feed+feed+finish",
-                     "send:200"]
+    assert trace == ["receive", "receive", "receive", "call:open+feed+feed+feed+finish", "send:200"]
     assert service.fed() == body
     # Keep-alive: the next request (and an empty body) is one Call as well.
-    trace = _drive(conn, service, [_head(0)], head_bytes=len(_head(0)),
-                   bound=limits.max_envelope_bytes)
+    trace = _drive(
+        conn, service, [_head(0)], head_bytes=len(_head(0)), bound=limits.max_envelope_bytes
+    )
     assert trace == ["receive", "call:open+finish", "send:200"]
     assert conn.cleanup() is None
 
@@ -690,16 +771,25 @@ def test_sansio_coalescing_bound(size: str) -> None:
     head = _head(len(body))
     service = _RecordingService()
     conn = HttpConnection(service, limits)
-    reads = [head, body[:400], body[400:length], body[length:length + 150],
-             body[length + 150:]]
+    reads = [head, body[:400], body[400:length], body[length : length + 150], body[length + 150 :]]
     trace = _drive(conn, service, reads, head_bytes=len(head), bound=bound)
     if size == "at":
         # The first 1000 bytes are held; the 150 after them cross the bound.
-        assert trace == ["receive"] * 4 + ["call:open+feed+feed+feed", "receive",
-                                           "call:feed+finish", "send:200"]
+        assert trace == ["receive"] * 4 + [
+            "call:open+feed+feed+feed",
+            "receive",
+            "call:feed+finish",
+            "send:200",
+        ]
     else:
-        assert trace == ["receive"] * 3 + ["call:open+feed+feed", "receive", "call:feed",
-                                           "receive", "call:feed+finish", "send:200"]
+        assert trace == ["receive"] * 3 + [
+            "call:open+feed+feed",
+            "receive",
+            "call:feed",
+            "receive",
+            "call:feed+finish",
+            "send:200",
+        ]
     assert service.fed() == body
     assert service.calls().count("open") == 1
 
@@ -734,8 +824,7 @@ def test_sansio_lost_connection_aborts_only_an_opened_exchange() -> None:
     # Lost after the bound was crossed: the opened exchange is aborted (no .part debris).
     service = _RecordingService()
     conn = HttpConnection(service, limits)
-    _drive(conn, service, [head + body[:800], body[800:1500]], head_bytes=len(head),
-           bound=1000)
+    _drive(conn, service, [head + body[:800], body[800:1500]], head_bytes=len(head), bound=1000)
     cleanup = conn.cleanup()
     assert cleanup is not None
     cleanup()
@@ -751,8 +840,9 @@ def test_sansio_call_failing_after_it_opened_still_aborts() -> None:
     service = _RecordingService(fail_feed=True)
     conn = HttpConnection(service, limits)
     head = _head(len(body))
-    trace = _drive(conn, service, [head + body], head_bytes=len(head),
-                   bound=limits.max_envelope_bytes)
+    trace = _drive(
+        conn, service, [head + body], head_bytes=len(head), bound=limits.max_envelope_bytes
+    )
     assert trace == ["receive", "call:open+feed:raised", "send:500", "close"]
     cleanup = conn.cleanup()
     assert cleanup is not None
@@ -763,13 +853,14 @@ def test_sansio_call_failing_after_it_opened_still_aborts() -> None:
 def _trickle(client: Raw, data: bytes, pieces: int) -> None:
     step = -(-len(data) // pieces)
     for i in range(0, len(data), step):
-        client.send(data[i:i + step])
+        client.send(data[i : i + step])
         time.sleep(0.02)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_envelope_at_and_over_the_coalescing_bound(binding: str, tmp_path: Path,
-                                                   chunked: bool) -> None:
+def test_envelope_at_and_over_the_coalescing_bound(
+    binding: str, tmp_path: Path, chunked: bool
+) -> None:
     """Bodies just within max_envelope_bytes (held, one Call) and just over it (flushed and
     streamed) get the core's answers: 200, and the envelope-too-large fault."""
     with running(binding, tmp_path) as srv:
@@ -780,16 +871,21 @@ def test_envelope_at_and_over_the_coalescing_bound(binding: str, tmp_path: Path,
         for size in (bound, bound + 1, bound - 1, bound + 40_000):
             body = request + b" " * (size - len(request))
             if chunked:
-                framed = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n"
-                                  for p in (body[i:i + 20_000]
-                                            for i in range(0, len(body), 20_000))) \
+                framed = (
+                    b"".join(
+                        f"{len(p):x}\r\n".encode() + p + b"\r\n"
+                        for p in (body[i : i + 20_000] for i in range(0, len(body), 20_000))
+                    )
                     + b"0\r\n\r\n"
-                head = client.head(headers=[("Content-Type", C.SOAP_XML),
-                                            ("Transfer-Encoding", "chunked")])
+                )
+                head = client.head(
+                    headers=[("Content-Type", C.SOAP_XML), ("Transfer-Encoding", "chunked")]
+                )
             else:
                 framed = body
-                head = client.head(headers=[("Content-Type", C.SOAP_XML),
-                                            ("Content-Length", str(len(body)))])
+                head = client.head(
+                    headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(len(body)))]
+                )
             _trickle(client, head + framed, 4)
             reply = client.read_response()
             if size <= bound:
@@ -802,12 +898,13 @@ def test_envelope_at_and_over_the_coalescing_bound(binding: str, tmp_path: Path,
         client.close()
 
 
-@pytest.mark.parametrize("where,failing", [("flush", "AppendDocument"),
-                                           ("single", "AppendDocument"),
-                                           ("single", "FinishDocument")])
-def test_store_failure_in_a_coalesced_call(binding: str, tmp_path: Path, where: str,
-                                           failing: str,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "where,failing",
+    [("flush", "AppendDocument"), ("single", "AppendDocument"), ("single", "FinishDocument")],
+)
+def test_store_failure_in_a_coalesced_call(
+    binding: str, tmp_path: Path, where: str, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """R4 step 9 when the failing store command runs in the Call that opens the exchange:
     the one that crosses the coalescing bound ("flush", the rest of the body then arrives), or
     the only Call of a small SendImage ("single")."""
@@ -831,8 +928,11 @@ def test_store_failure_in_a_coalesced_call(binding: str, tmp_path: Path, where: 
         mtom = send_image_body(token, 1, "pdf-a", image)
         length = mtom.length(len(image))
         upload = Raw(srv.port)
-        upload.send(upload.head(headers=[("Content-Type", mtom.content_type),
-                                         ("Content-Length", str(length))]))
+        upload.send(
+            upload.head(
+                headers=[("Content-Type", mtom.content_type), ("Content-Length", str(length))]
+            )
+        )
         if where == "flush":
             first = bound + 1 - len(mtom.head)
             upload.send(mtom.head + image[:first])  # just over the bound: the flush Call
@@ -870,12 +970,17 @@ def pki() -> dict[str, object]:
             ca.issue_cert(f"{name}.clients.example", common_name=name).configure_cert(context)
         return context
 
-    return {"server": server, "admin": client("admin"), "bob": client("bob"),
-            "anonymous": client(None)}
+    return {
+        "server": server,
+        "admin": client("admin"),
+        "bob": client("bob"),
+        "anonymous": client(None),
+    }
 
 
-def test_tls_client_certificate_identity(binding: str, tmp_path: Path,
-                                         pki: dict[str, ssl.SSLContext]) -> None:
+def test_tls_client_certificate_identity(
+    binding: str, tmp_path: Path, pki: dict[str, ssl.SSLContext]
+) -> None:
     config = ServerConfig(require_client_certificates=True, scan_admins=frozenset({"admin"}))
     with running(binding, tmp_path, config, ssl_context=pki["server"]) as srv:
         admin = Raw(srv.port, ssl_context=pki["admin"])
@@ -904,10 +1009,11 @@ def test_tls_client_certificate_identity(binding: str, tmp_path: Path,
 class _Subscriber(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, str, bytes]]
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.received.append(  # type: ignore[attr-defined]
-            (self.path, self.headers["Content-Type"], body))
+            (self.path, self.headers["Content-Type"], body)
+        )
         self.send_response(202)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -923,8 +1029,7 @@ def subscriber() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", \
-            server.received  # type: ignore[attr-defined]
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.received  # type: ignore[attr-defined]
     finally:
         server.shutdown()
         server.server_close()
@@ -946,18 +1051,20 @@ def test_event_delivery_to_a_subscriber(binding: str, tmp_path: Path) -> None:
         response = call(client, A.SUBSCRIBE, subscribe_request(base), to=srv.config.dsp_url)
         assert response.action == A.SUBSCRIBE_RESPONSE
         token = create_job(client)
-        wait_for(lambda: any(A.DSP_JOB_STATUS_EVENT.encode() in body
-                             for _, _, body in received), what="a PostScanJobStatusEvent")
-        path, content_type, body = next(item for item in received
-                                        if A.DSP_JOB_STATUS_EVENT.encode() in item[2])
+        wait_for(
+            lambda: any(A.DSP_JOB_STATUS_EVENT.encode() in body for _, _, body in received),
+            what="a PostScanJobStatusEvent",
+        )
+        path, content_type, body = next(
+            item for item in received if A.DSP_JOB_STATUS_EVENT.encode() in item[2]
+        )
         assert path == "/events" and content_type.startswith("application/soap+xml")
         assert token.encode() in body
         client.close()
         # Shutdown ends the subscription with SourceShuttingDown at its EndTo (R7).
         srv.stop()
         srv.service.shutdown(5.0)
-        assert any(path == "/end" and b"SourceShuttingDown" in body
-                   for path, _, body in received)
+        assert any(path == "/end" and b"SourceShuttingDown" in body for path, _, body in received)
 
 
 # --- native trio: nursery.start and graceful cancellation ---------------------------------------
@@ -977,9 +1084,15 @@ async def test_trio_nursery_start_and_graceful_cancel(tmp_path: Path) -> None:
         def slow_client(port: int) -> None:
             client = Raw(port)
             try:
-                client.send(client.head(headers=[("Content-Type", C.SOAP_XML),
-                                                 ("Content-Length", str(len(body))),
-                                                 ("Expect", "100-continue")]))
+                client.send(
+                    client.head(
+                        headers=[
+                            ("Content-Type", C.SOAP_XML),
+                            ("Content-Length", str(len(body))),
+                            ("Expect", "100-continue"),
+                        ]
+                    )
+                )
                 outcome["interim"] = client.read_response().status
                 headed.set()
                 go.wait(10)
@@ -993,8 +1106,11 @@ async def test_trio_nursery_start_and_graceful_cancel(tmp_path: Path) -> None:
                 client.close()
 
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(functools.partial(
-                serve, service, host="127.0.0.1", port=0, limits=config.limits, grace=5.0))
+            port = await nursery.start(
+                functools.partial(
+                    serve, service, host="127.0.0.1", port=0, limits=config.limits, grace=5.0
+                )
+            )
             idle = Raw(port)  # an idle keep-alive connection: closed at once on cancel
             thread = threading.Thread(target=slow_client, args=(port,))
             thread.start()

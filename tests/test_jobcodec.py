@@ -36,19 +36,30 @@ def full_job() -> Job:
         state=JobState.COMPLETED,
         reasons=(JobStateReason.COMPLETED_WITH_ERRORS, JobStateReason.SEND_IMAGE_FAILED),
         filters=(
-            FilterStatus(FS, FilterState.COMPLETED_SUCCESSFULLY, (),
-                         FileShareInstructions(("\\\\srv\\scans", "\\\\srv\\ärchiv"))),
-            FilterStatus("urn:email", FilterState.COMPLETED_WITH_ERRORS,
-                         (FilterStateReason.INVALID_SMTP_SERVER,
-                          FilterStateReason.UNABLE_TO_SEND_EMAIL),
-                         EmailInstructions(True, ("a@example.com", "b@example.com"), True)),
-            FilterStatus("urn:sp", FilterState.CANCELED, (FilterStateReason.INVALID_ARGS,),
-                         SharePointInstructions(False, ("https://sp.example.com/docs",))),
-            FilterStatus("urn:unknown", FilterState.CANCELED,
-                         (FilterStateReason.INVALID_ARGS,), None),
+            FilterStatus(
+                FS,
+                FilterState.COMPLETED_SUCCESSFULLY,
+                (),
+                FileShareInstructions(("\\\\srv\\scans", "\\\\srv\\ärchiv")),
+            ),
+            FilterStatus(
+                "urn:email",
+                FilterState.COMPLETED_WITH_ERRORS,
+                (FilterStateReason.INVALID_SMTP_SERVER, FilterStateReason.UNABLE_TO_SEND_EMAIL),
+                EmailInstructions(True, ("a@example.com", "b@example.com"), True),
+            ),
+            FilterStatus(
+                "urn:sp",
+                FilterState.CANCELED,
+                (FilterStateReason.INVALID_ARGS,),
+                SharePointInstructions(False, ("https://sp.example.com/docs",)),
+            ),
+            FilterStatus(
+                "urn:unknown", FilterState.CANCELED, (FilterStateReason.INVALID_ARGS,), None
+            ),
         ),
         psp_identifier="{PSP-1}",
-        psp_display_name="Scan to share \"quoted\" \u2603",
+        psp_display_name='Scan to share "quoted" \u2603',
         user_name="alice@example.com",
         owner="S-1-5-21-1",
         created=datetime(2024, 3, 31, 1, 59, 59, 123000, tzinfo=plus2),
@@ -74,9 +85,18 @@ def test_round_trip_every_field() -> None:
 
 
 def test_defaults_and_naive_time_round_trip() -> None:
-    job = Job(token="t", state=JobState.CREATING, reasons=(JobStateReason.NONE,), filters=(),
-              psp_identifier="", psp_display_name="", user_name="", owner="",
-              created=datetime(2024, 1, 1), last_activity=datetime(2024, 1, 1))
+    job = Job(
+        token="t",
+        state=JobState.CREATING,
+        reasons=(JobStateReason.NONE,),
+        filters=(),
+        psp_identifier="",
+        psp_display_name="",
+        user_name="",
+        owner="",
+        created=datetime(2024, 1, 1),
+        last_activity=datetime(2024, 1, 1),
+    )
     back = decode_job(encode_job(job))
     assert back == job and back.completed is None and back.created.tzinfo is None
 
@@ -91,19 +111,22 @@ def test_equal_jobs_encode_equal() -> None:
     assert encode_job(full_job()) == encode_job(full_job())
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda r: r.pop("owner"),
-    lambda r: r.update(v=2),
-    lambda r: r.update(state="Sleeping"),
-    lambda r: r.update(continue_on_error=1),
-    lambda r: r.update(created=12),
-    lambda r: r["documents"][0].update(size=True),
-    lambda r: r["documents"][0].update(size="3"),
-    lambda r: r["filters"][0].update(instructions={"kind": "ftp"}),
-    lambda r: r["filters"][0].pop("instructions"),
-    lambda r: r["filters"][1]["instructions"].update(addresses="a@example.com"),
-    lambda r: r.update(reasons=[3]),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r.pop("owner"),
+        lambda r: r.update(v=2),
+        lambda r: r.update(state="Sleeping"),
+        lambda r: r.update(continue_on_error=1),
+        lambda r: r.update(created=12),
+        lambda r: r["documents"][0].update(size=True),
+        lambda r: r["documents"][0].update(size="3"),
+        lambda r: r["filters"][0].update(instructions={"kind": "ftp"}),
+        lambda r: r["filters"][0].pop("instructions"),
+        lambda r: r["filters"][1]["instructions"].update(addresses="a@example.com"),
+        lambda r: r.update(reasons=[3]),
+    ],
+)
 def test_decode_is_strict(mutate: object) -> None:
     record = json.loads(encode_job(full_job()))
     mutate(record)  # type: ignore[operator]
@@ -125,29 +148,47 @@ offsets = st.one_of(
     st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m))),
     # Whole seconds (historic LMT offsets have them): Python 3.11's fromisoformat misreads
     # sub-second offsets such as "+00:00:00.000001", which no real time zone has.
-    st.integers(-23 * 3600, 23 * 3600).map(lambda s: timezone(timedelta(seconds=s))))
-times = st.builds(lambda dt, tz: dt.replace(tzinfo=tz),
-                  st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
-                  offsets)
+    st.integers(-23 * 3600, 23 * 3600).map(lambda s: timezone(timedelta(seconds=s))),
+)
+times = st.builds(
+    lambda dt, tz: dt.replace(tzinfo=tz),
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    offsets,
+)
 instructions = st.one_of(
     st.none(),
     st.builds(FileShareInstructions, st.tuples(texts) | st.tuples()),
-    st.builds(EmailInstructions, st.booleans(), st.lists(texts, max_size=3).map(tuple),
-              st.booleans()),
+    st.builds(
+        EmailInstructions, st.booleans(), st.lists(texts, max_size=3).map(tuple), st.booleans()
+    ),
     st.builds(SharePointInstructions, st.booleans(), st.lists(texts, max_size=3).map(tuple)),
 )
-filters = st.builds(FilterStatus, texts, st.sampled_from(FilterState),
-                    st.lists(st.sampled_from(FilterStateReason), max_size=3).map(tuple),
-                    instructions)
+filters = st.builds(
+    FilterStatus,
+    texts,
+    st.sampled_from(FilterState),
+    st.lists(st.sampled_from(FilterStateReason), max_size=3).map(tuple),
+    instructions,
+)
 jobs = st.builds(
-    Job, token=texts, state=st.sampled_from(JobState),
+    Job,
+    token=texts,
+    state=st.sampled_from(JobState),
     reasons=st.lists(st.sampled_from(JobStateReason), max_size=3).map(tuple),
     filters=st.lists(filters, max_size=3).map(tuple),
-    psp_identifier=texts, psp_display_name=texts, user_name=texts, owner=texts,
-    created=times, last_activity=times,
-    documents=st.lists(st.builds(Document, st.integers(-2**63, 2**63), texts,
-                                 st.integers(0, 2**40)), max_size=3).map(tuple),
-    completed=st.none() | times, continue_on_error=st.booleans(), document_root_name=texts)
+    psp_identifier=texts,
+    psp_display_name=texts,
+    user_name=texts,
+    owner=texts,
+    created=times,
+    last_activity=times,
+    documents=st.lists(
+        st.builds(Document, st.integers(-(2**63), 2**63), texts, st.integers(0, 2**40)), max_size=3
+    ).map(tuple),
+    completed=st.none() | times,
+    continue_on_error=st.booleans(),
+    document_root_name=texts,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -156,5 +197,7 @@ def test_any_job_round_trips(job: Job) -> None:
     back = decode_job(encode_job(job))
     assert back == job
     for name in ("created", "last_activity", "completed"):
-        assert getattr(back, name) is None or \
-            getattr(back, name).utcoffset() == getattr(job, name).utcoffset()
+        assert (
+            getattr(back, name) is None
+            or getattr(back, name).utcoffset() == getattr(job, name).utcoffset()
+        )

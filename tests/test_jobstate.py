@@ -14,15 +14,48 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from core_support import (DSC, DSP, FS, MAIL, SP, Act, cancel_job, check_protocol_fault,
-                          create_job, deliveries_of, elements_body, end_job, ok, repository_state,
-                          send_image, soap, subscribe, summaries, text_of, xp)
+from core_support import (
+    DSC,
+    DSP,
+    FS,
+    MAIL,
+    SP,
+    Act,
+    cancel_job,
+    check_protocol_fault,
+    create_job,
+    deliveries_of,
+    elements_body,
+    end_job,
+    ok,
+    repository_state,
+    send_image,
+    soap,
+    subscribe,
+    summaries,
+    text_of,
+    xp,
+)
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import (FilterFinished, FilterStarted, ProcessingFinished, ProcessingStarted,
-                      ServerConfig, UpdateJob)
+from dsc_core import (
+    FilterFinished,
+    FilterStarted,
+    ProcessingFinished,
+    ProcessingStarted,
+    ServerConfig,
+    UpdateJob,
+)
 from dsc_core.jobstate import REFUSALS, TRANSITIONS, JobInput, Refused, transition
-from dsc_core.model import (COMPLETED_STATES, EmailInstructions, FilterState, FilterStateReason,
-                            FilterStatus, Job, JobState, JobStateReason)
+from dsc_core.model import (
+    COMPLETED_STATES,
+    EmailInstructions,
+    FilterState,
+    FilterStateReason,
+    FilterStatus,
+    Job,
+    JobState,
+    JobStateReason,
+)
 
 S, I, R = JobState, JobInput, JobStateReason
 ACTIVE = [s for s in JobState if s not in COMPLETED_STATES]
@@ -72,10 +105,11 @@ def test_timeout_only_while_creating() -> None:
 
 
 def test_entering_a_completed_state_always_names_a_fitting_reason() -> None:
-    fitting = {S.COMPLETED: {R.COMPLETED_SUCCESSFULLY, R.COMPLETED_WITH_WARNINGS,
-                             R.COMPLETED_WITH_ERRORS},
-               S.ABORTED: {R.TIMED_OUT, R.PROCESSING_FAILED},
-               S.CANCELED: {R.CANCELED}}
+    fitting = {
+        S.COMPLETED: {R.COMPLETED_SUCCESSFULLY, R.COMPLETED_WITH_WARNINGS, R.COMPLETED_WITH_ERRORS},
+        S.ABORTED: {R.TIMED_OUT, R.PROCESSING_FAILED},
+        S.CANCELED: {R.CANCELED},
+    }
     for (state, job_input), (new, reason) in TRANSITIONS.items():
         if new in fitting:
             assert reason in fitting[new], (state, job_input)
@@ -90,8 +124,16 @@ def test_engine_path_is_pending_started_processing() -> None:
         assert TRANSITIONS[(state, I.COMPLETE_SUCCESSFULLY)][0] is S.COMPLETED
         assert TRANSITIONS[(state, I.FAIL)] == (S.ABORTED, R.PROCESSING_FAILED)
         assert TRANSITIONS[(state, I.INTERRUPTED)] == (S.ABORTED, R.PROCESSING_FAILED)
-    engine = [I.ENGINE_STARTED, I.FILTER_STARTED, I.FILTER_FINISHED, I.COMPLETE_SUCCESSFULLY,
-              I.COMPLETE_WITH_WARNINGS, I.COMPLETE_WITH_ERRORS, I.FAIL, I.INTERRUPTED]
+    engine = [
+        I.ENGINE_STARTED,
+        I.FILTER_STARTED,
+        I.FILTER_FINISHED,
+        I.COMPLETE_SUCCESSFULLY,
+        I.COMPLETE_WITH_WARNINGS,
+        I.COMPLETE_WITH_ERRORS,
+        I.FAIL,
+        I.INTERRUPTED,
+    ]
     assert {s for (s, i) in TRANSITIONS if i in engine} == {S.PENDING, S.STARTED, S.PROCESSING}
 
 
@@ -109,21 +151,33 @@ T0 = datetime.fromisoformat("2026-11-21T09:00:00+01:00")
 
 
 def synthetic_job(state: JobState, token: str = "job-1") -> Job:
-    filters = (FilterStatus(FS_DIALECT, FilterState.COMPLETED_SUCCESSFULLY, (), FS),
-               FilterStatus(FS_DIALECT, FilterState.PROCESSING, (), FS),
-               FilterStatus(FS_DIALECT, FilterState.PENDING, (), FS),
-               FilterStatus(FS_DIALECT, FilterState.CANCELED, (FilterStateReason.INVALID_ARGS,)))
-    return Job(token=token, state=state, reasons=(R.NONE,), filters=filters,
-               psp_identifier="PSP", psp_display_name="PSP", user_name="u", owner="",
-               created=T0, last_activity=T0,
-               completed=None if state.is_active else T0)
+    filters = (
+        FilterStatus(FS_DIALECT, FilterState.COMPLETED_SUCCESSFULLY, (), FS),
+        FilterStatus(FS_DIALECT, FilterState.PROCESSING, (), FS),
+        FilterStatus(FS_DIALECT, FilterState.PENDING, (), FS),
+        FilterStatus(FS_DIALECT, FilterState.CANCELED, (FilterStateReason.INVALID_ARGS,)),
+    )
+    return Job(
+        token=token,
+        state=state,
+        reasons=(R.NONE,),
+        filters=filters,
+        psp_identifier="PSP",
+        psp_display_name="PSP",
+        user_name="u",
+        owner="",
+        created=T0,
+        last_activity=T0,
+        completed=None if state.is_active else T0,
+    )
 
 
 FS_DIALECT = "http://schemas.microsoft.com/windows/2007/10/imaging/postscan/filter/fileshare"
 
 
-@pytest.mark.parametrize("state,job_input", ALL_PAIRS,
-                         ids=[f"{s.value}-{i.value}" for s, i in ALL_PAIRS])
+@pytest.mark.parametrize(
+    "state,job_input", ALL_PAIRS, ids=[f"{s.value}-{i.value}" for s, i in ALL_PAIRS]
+)
 def test_transition_function_on_every_pair(state: JobState, job_input: JobInput) -> None:
     if (state, job_input) in TRANSITIONS:
         assert transition(state, job_input) == TRANSITIONS[(state, job_input)]
@@ -135,8 +189,9 @@ def test_transition_function_on_every_pair(state: JobState, job_input: JobInput)
     assert refused.value.fault == (REFUSALS[job_input] if job_input.from_request else None)
 
 
-@pytest.mark.parametrize("state,job_input", ALL_PAIRS,
-                         ids=[f"{s.value}-{i.value}" for s, i in ALL_PAIRS])
+@pytest.mark.parametrize(
+    "state,job_input", ALL_PAIRS, ids=[f"{s.value}-{i.value}" for s, i in ALL_PAIRS]
+)
 def test_server_apply_on_every_pair(state: JobState, job_input: JobInput) -> None:
     t = InProcessTransport()
     job = synthetic_job(state)
@@ -159,31 +214,40 @@ def test_server_apply_on_every_pair(state: JobState, job_input: JobInput) -> Non
     else:
         # R6: completion time set; unfinished filters end Canceled; finished ones keep theirs.
         assert new.completed == later
-        assert [f.state for f in new.filters] == [FilterState.COMPLETED_SUCCESSFULLY,
-                                                 FilterState.CANCELED, FilterState.CANCELED,
-                                                 FilterState.CANCELED]
+        assert [f.state for f in new.filters] == [
+            FilterState.COMPLETED_SUCCESSFULLY,
+            FilterState.CANCELED,
+            FilterState.CANCELED,
+            FilterState.CANCELED,
+        ]
         assert new.filters[3].reasons == (FilterStateReason.INVALID_ARGS,)
         assert t.server.jobs.history() == [new] and t.server.jobs.active() == []
     names = [type(c).__name__ for c in commands]
     assert ("StartProcessing" in names) == (new_state is S.PENDING)
-    assert ("StopProcessing" in names) == (state in (S.STARTED, S.PROCESSING)
-                                           and new_state in (S.ABORTED, S.CANCELED))
+    assert ("StopProcessing" in names) == (
+        state in (S.STARTED, S.PROCESSING) and new_state in (S.ABORTED, S.CANCELED)
+    )
     assert ("DiscardDocuments" in names) == (reason is R.TIMED_OUT)
 
 
 REQUEST_CASES = [(s, r) for s in JobState for r in ("image", "end", "dsp-cancel", "dsc-cancel")]
 
 
-@pytest.mark.parametrize("state,request_kind", REQUEST_CASES,
-                         ids=[f"{s.value}-{r}" for s, r in REQUEST_CASES])
+@pytest.mark.parametrize(
+    "state,request_kind", REQUEST_CASES, ids=[f"{s.value}-{r}" for s, r in REQUEST_CASES]
+)
 def test_every_request_in_every_state(state: JobState, request_kind: str) -> None:
     """Through the transport: the table's answer, or the fault REFUSALS names, in the protocol
     of the request."""
     t = InProcessTransport()
     job = synthetic_job(state)
     t.server.jobs.put(job)
-    job_input, ns = {"image": (I.IMAGE, DSP), "end": (I.END, DSP),
-                     "dsp-cancel": (I.CANCEL, DSP), "dsc-cancel": (I.CANCEL, DSC)}[request_kind]
+    job_input, ns = {
+        "image": (I.IMAGE, DSP),
+        "end": (I.END, DSP),
+        "dsp-cancel": (I.CANCEL, DSP),
+        "dsc-cancel": (I.CANCEL, DSC),
+    }[request_kind]
     if job_input is I.IMAGE:
         reply = send_image(t, job.token, 1, b"IMG")
     elif job_input is I.END:
@@ -204,8 +268,12 @@ def test_every_request_in_every_state(state: JobState, request_kind: str) -> Non
 # --- random sequences -----------------------------------------------------------------------------
 
 TIMEOUT = 600.0
-FINAL_FILTER_STATES = [FilterState.COMPLETED_SUCCESSFULLY, FilterState.COMPLETED_WITH_WARNINGS,
-                       FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED]
+FINAL_FILTER_STATES = [
+    FilterState.COMPLETED_SUCCESSFULLY,
+    FilterState.COMPLETED_WITH_WARNINGS,
+    FilterState.COMPLETED_WITH_ERRORS,
+    FilterState.CANCELED,
+]
 UNUSABLE = EmailInstructions(False, ())  # no recipient: the filter is Canceled/InvalidArgs
 USABLE = [FS, SP, MAIL]
 
@@ -235,17 +303,23 @@ class Model:
             self.reasons = (reason,)
         if not self.state.is_active:
             self.completed = now
-            self.filters = [f if f[0] not in (FilterState.PENDING, FilterState.PROCESSING)
-                            else (FilterState.CANCELED, ()) for f in self.filters]
+            self.filters = [
+                f
+                if f[0] not in (FilterState.PENDING, FilterState.PROCESSING)
+                else (FilterState.CANCELED, ())
+                for f in self.filters
+            ]
         return True
 
     def finish(self, now: datetime) -> None:
-        self.filters = [f if f[0] not in (FilterState.PENDING, FilterState.PROCESSING)
-                        else (FilterState.COMPLETED_WITH_ERRORS,
-                              (FilterStateReason.UNKNOWN_ERROR,)) for f in self.filters]
-        ran = [f for f, usable in zip(self.filters, self.usable) if usable]
-        failed = any(f[0] in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
-                     for f in ran)
+        self.filters = [
+            f
+            if f[0] not in (FilterState.PENDING, FilterState.PROCESSING)
+            else (FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,))
+            for f in self.filters
+        ]
+        ran = [f for f, usable in zip(self.filters, self.usable, strict=False) if usable]
+        failed = any(f[0] in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED) for f in ran)
         if failed and not self.coe:
             outcome = I.FAIL
         elif failed or any(f[0] is FilterState.CANCELED for f in self.filters):
@@ -258,9 +332,13 @@ class Model:
 
 
 job_specs = st.lists(
-    st.tuples(st.lists(st.sampled_from([True, True, True, False]), min_size=1, max_size=3),
-              st.sampled_from([None, False, True])),             # usable filters; ContinueOnError
-    min_size=1, max_size=3)
+    st.tuples(
+        st.lists(st.sampled_from([True, True, True, False]), min_size=1, max_size=3),
+        st.sampled_from([None, False, True]),
+    ),  # usable filters; ContinueOnError
+    min_size=1,
+    max_size=3,
+)
 
 _job = st.sampled_from([0, 0, 0, 1, 2])
 _send = st.tuples(st.just("send"), _job, st.integers(1, 3))
@@ -268,20 +346,37 @@ _end = st.tuples(st.just("end"), _job)
 _cancel = st.tuples(st.just("cancel"), _job, st.sampled_from([DSP, DSC]))
 _started = st.tuples(st.just("started"), _job)
 _filter_started = st.tuples(st.just("filter_started"), _job, st.integers(0, 3))
-_filter_finished = st.tuples(st.just("filter_finished"), _job, st.integers(0, 3),
-                             st.sampled_from(FINAL_FILTER_STATES))
+_filter_finished = st.tuples(
+    st.just("filter_finished"), _job, st.integers(0, 3), st.sampled_from(FINAL_FILTER_STATES)
+)
 _finished = st.tuples(st.just("finished"), _job)
 _advance = st.tuples(st.just("advance"), st.sampled_from([30, 300, 599, 600, 601]))
 # "next": the job's natural next input (see natural_step), so that runs get deep.
-_next = st.tuples(st.just("next"), _job, st.sampled_from(
-    [FilterState.COMPLETED_SUCCESSFULLY] * 3 + FINAL_FILTER_STATES))
+_next = st.tuples(
+    st.just("next"),
+    _job,
+    st.sampled_from([FilterState.COMPLETED_SUCCESSFULLY] * 3 + FINAL_FILTER_STATES),
+)
 # one_of picks a branch uniformly: repeating a branch weights it.
-steps = st.lists(st.one_of(*[_next] * 8, _send, _send, _end, _started, _filter_started,
-                           _filter_finished, _finished, _cancel, _advance),
-                 min_size=12, max_size=50)  # hypothesis averages about 2 * min_size
+steps = st.lists(
+    st.one_of(
+        *[_next] * 8,
+        _send,
+        _send,
+        _end,
+        _started,
+        _filter_started,
+        _filter_finished,
+        _finished,
+        _cancel,
+        _advance,
+    ),
+    min_size=12,
+    max_size=50,
+)  # hypothesis averages about 2 * min_size
 
 
-def natural_step(m: "Model", job: object, filter_state: object) -> tuple[Any, ...]:
+def natural_step(m: Model, job: object, filter_state: object) -> tuple[Any, ...]:
     if m.state is S.CREATING:
         return ("end", job)
     if m.state is S.PENDING:
@@ -299,21 +394,37 @@ def natural_step(m: "Model", job: object, filter_state: object) -> tuple[Any, ..
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=job_specs, script=steps)
 def test_random_sequences_follow_the_table(
-        specs: list[tuple[list[bool], bool | None]],
-        script: list[tuple[Any, ...]]) -> None:
+    specs: list[tuple[list[bool], bool | None]], script: list[tuple[Any, ...]]
+) -> None:
     t = InProcessTransport(ServerConfig(job_timeout_seconds=TIMEOUT))
     subscribe(t, t.server.config.dsc_url, expires="P1D")
     models: list[Model] = []
     for usable, coe in specs:
-        token = create_job(t, *[USABLE[i % 3] if u else UNUSABLE for i, u in enumerate(usable)],
-                           continue_on_error=coe)
-        model = Model(token, bool(coe), tuple(usable), S.CREATING, (R.NONE,),
-                      [(FilterState.PENDING, ()) if u else
-                       (FilterState.CANCELED, (FilterStateReason.INVALID_ARGS,))
-                       for u in usable], t.clock)
+        token = create_job(
+            t,
+            *[USABLE[i % 3] if u else UNUSABLE for i, u in enumerate(usable)],
+            continue_on_error=coe,
+        )
+        model = Model(
+            token,
+            bool(coe),
+            tuple(usable),
+            S.CREATING,
+            (R.NONE,),
+            [
+                (FilterState.PENDING, ())
+                if u
+                else (FilterState.CANCELED, (FilterStateReason.INVALID_ARGS,))
+                for u in usable
+            ],
+            t.clock,
+        )
         if not any(usable):  # R6: no filter left: Aborted at once, the token still given
-            model.state, model.reasons, model.completed = \
-                S.ABORTED, (R.NO_VALID_INSTRUCTIONS,), t.clock
+            model.state, model.reasons, model.completed = (
+                S.ABORTED,
+                (R.NO_VALID_INSTRUCTIONS,),
+                t.clock,
+            )
         models.append(model)
     order = itertools.count()
     for m in models:
@@ -327,8 +438,9 @@ def test_random_sequences_follow_the_table(
         if kind == "advance":
             t.advance(float(step[1]))
             for m in models:
-                if m.state is S.CREATING and \
-                        t.clock - m.last_activity >= timedelta(seconds=TIMEOUT):
+                if m.state is S.CREATING and t.clock - m.last_activity >= timedelta(
+                    seconds=TIMEOUT
+                ):
                     assert m.apply(I.TIMEOUT, t.clock)
                     m.completed_order = next(order)
             check_all(t, models, frozen)
@@ -374,15 +486,19 @@ def run_step(t: InProcessTransport, m: Model, step: tuple[Any, ...]) -> None:
     elif kind == "filter_started":
         index = int(step[2])
         t.engine(FilterStarted(m.token, index))
-        if m.state.is_active and index < len(m.filters) and \
-                (m.state, I.FILTER_STARTED) in TRANSITIONS:
+        if (
+            m.state.is_active
+            and index < len(m.filters)
+            and (m.state, I.FILTER_STARTED) in TRANSITIONS
+        ):
             m.filters[index] = (FilterState.PROCESSING, ())
             m.apply(I.FILTER_STARTED, now)
     elif kind == "filter_finished":
         index, state = int(step[2]), step[3]
         assert isinstance(state, FilterState)
-        reasons = (FilterStateReason.UNKNOWN_ERROR,) if state is FilterState.COMPLETED_WITH_ERRORS \
-            else ()
+        reasons = (
+            (FilterStateReason.UNKNOWN_ERROR,) if state is FilterState.COMPLETED_WITH_ERRORS else ()
+        )
         t.engine(FilterFinished(m.token, index, state, reasons))
         if not m.state.is_active or index >= len(m.filters):
             return
@@ -439,8 +555,12 @@ def check_all(t: InProcessTransport, models: list[Model], frozen: dict[str, Job]
         assert view.images_received == len(m.documents)
     assert all(by_token[v.token].state.is_active for v in active)
     assert [v.token for v in active] == [m.token for m in models if m.state.is_active]
-    assert [v.token for v in history] == [m.token for m in sorted(
-        (m for m in models if not m.state.is_active), key=lambda m: -m.completed_order)]
+    assert [v.token for v in history] == [
+        m.token
+        for m in sorted(
+            (m for m in models if not m.state.is_active), key=lambda m: -m.completed_order
+        )
+    ]
 
 
 def test_model_agrees_on_a_known_sequence() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -181,7 +181,7 @@ def test_crlf_body_with_preamble_padding_and_epilogue() -> None:
     body = (
         b"This is the preamble.\r\nIt is ignored.\r\n"
         b"--" + B + b" \t\r\n"
-        b"Content-Type: application/xop+xml; charset=UTF-8; type=\"application/soap+xml\"\r\n"
+        b'Content-Type: application/xop+xml; charset=UTF-8; type="application/soap+xml"\r\n'
         b"Content-ID: <root@example.org>\r\n"
         b"\r\n"
         b"<env/>\r\n"
@@ -345,7 +345,7 @@ def test_preamble_limit() -> None:
     "body",
     [
         b"--" + B + b"\r\nno colon here\r\n\r\n",
-        b"--" + B + b"\r\n<?xml version=\"1.0\"?>\r\n",
+        b"--" + B + b'\r\n<?xml version="1.0"?>\r\n',
         b"--" + B + b"\r\n: empty name\r\n\r\n",
         b"--" + B + b"\r\nBad Name: x\r\n\r\n",
         b"--" + B + b"\r\n continuation first\r\n\r\n",
@@ -439,9 +439,9 @@ def fragments(boundary: bytes) -> st.SearchStrategy[bytes]:
     """Body bytes rich in CR, LF, dashes and pieces of the boundary."""
     pieces = [b"\r", b"\n", b"-", b"--", b"\r\n--", b"\n--", b" ", b"x", b"\x00", b"\xff"]
     pieces += [boundary[:k] for k in range(1, len(boundary) + 1)]
-    return st.lists(
-        st.one_of(st.sampled_from(pieces), st.binary(max_size=8)), max_size=20
-    ).map(b"".join)
+    return st.lists(st.one_of(st.sampled_from(pieces), st.binary(max_size=8)), max_size=20).map(
+        b"".join
+    )
 
 
 @st.composite

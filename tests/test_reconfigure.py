@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from core_support import cancel_job, create_job, subscribe
-from helpers import parse, text, validate, xp
 from lxml import etree
 
+from core_support import cancel_job, create_job, subscribe
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import DropJob, ServerConfig, names
+from dsc_core import DropJob, names
 from dsc_core.model import EmailInstructions, FileShareInstructions
+from helpers import parse, text, validate, xp
 
 SHARE = FileShareInstructions((r"\\h\s",))
 
@@ -41,8 +41,7 @@ def test_reload_applies_new_settings_and_trims_the_history() -> None:
         token = create_job(t, SHARE)
         assert cancel_job(t, names.DSC, token).status == 200
         tokens.append(token)
-    config = t.server.config.replace(history_size=2, job_timeout_seconds=5.0,
-                                     filters=("email",))
+    config = t.server.config.replace(history_size=2, job_timeout_seconds=5.0, filters=("email",))
     commands = t.server.reconfigure(config, t.clock)
     assert [c.token for c in commands if isinstance(c, DropJob)] == tokens[:2]
     assert [j.token for j in t.server.jobs.history()] == tokens[:1:-1]

@@ -10,22 +10,71 @@ from datetime import timedelta
 import pytest
 from lxml import etree
 
-from core_support import (ANONYMOUS, DSC, DSP, FILTER, FS, MAIL, REQUEST_ID, SOAP, SP, WSA,
-                          WSA10, WSDP, WSE, Act, cancel_job, check_fault, check_protocol_fault,
-                          check_reply_headers, create_job, deliveries_of, detail_token,
-                          elements_body, end_job, envelope, job_view, manager_request,
-                          mtom_body, ok, payload_of,
-                          repository_body, repository_state, reply_headers, resolve, send_image,
-                          soap, subscribe, subscribe_body, summaries, tags, text_of, xp)
+from core_support import (
+    ANONYMOUS,
+    DSC,
+    DSP,
+    FILTER,
+    FS,
+    MAIL,
+    REQUEST_ID,
+    SOAP,
+    SP,
+    WSA,
+    WSA10,
+    WSDP,
+    WSE,
+    Act,
+    cancel_job,
+    check_fault,
+    check_protocol_fault,
+    check_reply_headers,
+    create_job,
+    deliveries_of,
+    detail_token,
+    elements_body,
+    end_job,
+    envelope,
+    job_view,
+    manager_request,
+    mtom_body,
+    ok,
+    payload_of,
+    reply_headers,
+    repository_body,
+    repository_state,
+    resolve,
+    send_image,
+    soap,
+    subscribe,
+    subscribe_body,
+    summaries,
+    tags,
+    text_of,
+    xp,
+)
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import (DiscardDocuments, DropJob, FilterFinished, FilterStarted, ProcessingFinished,
-                      ProcessingStarted, RequestInfo, ServerConfig, StopProcessing, UsageError,
-                      client)
+from dsc_core import (
+    DiscardDocuments,
+    DropJob,
+    FilterFinished,
+    FilterStarted,
+    ProcessingFinished,
+    ProcessingStarted,
+    RequestInfo,
+    ServerConfig,
+    StopProcessing,
+    UsageError,
+    client,
+)
 from dsc_core.model import FilterState, FilterStateReason, JobState
 from helpers import dsp_as_dsc, validate
 
-CS, CWE, CWW = (FilterState.COMPLETED_SUCCESSFULLY, FilterState.COMPLETED_WITH_ERRORS,
-                FilterState.COMPLETED_WITH_WARNINGS)
+CS, CWE, CWW = (
+    FilterState.COMPLETED_SUCCESSFULLY,
+    FilterState.COMPLETED_WITH_ERRORS,
+    FilterState.COMPLETED_WITH_WARNINGS,
+)
 DATETIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
 GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -47,20 +96,32 @@ def test_multi_page_scan_to_completion(bdsrr_schema: etree.XMLSchema) -> None:
     t = InProcessTransport()
     token = create_job(t, FS, MAIL)
     assert GUID.match(token)
-    pages = [(1, b"%PDF-1.4 page one " + bytes(range(256)) * 40, "pdf-a", 1),
-             (2, b"\x89PNG\r\n\x1a\n" + b"\r\n--" * 500, "png", 7),
-             (3, bytes(reversed(range(256))) * 100, "tiff-multi-g4", None)]
+    pages = [
+        (1, b"%PDF-1.4 page one " + bytes(range(256)) * 40, "pdf-a", 1),
+        (2, b"\x89PNG\r\n\x1a\n" + b"\r\n--" * 500, "png", 7),
+        (3, bytes(reversed(range(256))) * 100, "tiff-multi-g4", None),
+    ]
     for document_id, data, fmt, chunk in pages:
-        ok(send_image(t, token, document_id, data, fmt=fmt, chunk_size=chunk,
-                      content_id=f"page{document_id}@scanner"))
+        ok(
+            send_image(
+                t,
+                token,
+                document_id,
+                data,
+                fmt=fmt,
+                chunk_size=chunk,
+                content_id=f"page{document_id}@scanner",
+            )
+        )
     assert t.store.documents == {(token, n): data for n, data, _, _ in pages}
     assert t.store.open_documents == {}
     body = elements(t, DSC, token, "dsc:JobStatus", "dsc:Documents", "dsc:JobDescription")
     validate(bdsrr_schema, body)
     assert text_of(body, "//dsc:JobStatus/dsc:ImagesReceived") == "3"
-    assert [(text_of(d, "dsc:DocumentId"), text_of(d, "dsc:Format")) for d in
-            xp(body, "//dsc:Documents/dsc:Document/dsc:DocumentDescription")] == \
-        [("1", "pdf-a"), ("2", "png"), ("3", "tiff-multi-g4")]
+    assert [
+        (text_of(d, "dsc:DocumentId"), text_of(d, "dsc:Format"))
+        for d in xp(body, "//dsc:Documents/dsc:Document/dsc:DocumentDescription")
+    ] == [("1", "pdf-a"), ("2", "png"), ("3", "tiff-multi-g4")]
     assert DATETIME.match(text_of(body, "//dsc:JobStatus/dsc:JobCreatedTime"))
     assert not xp(body, "//dsc:JobCompletedTime")
 
@@ -76,11 +137,15 @@ def test_multi_page_scan_to_completion(bdsrr_schema: etree.XMLSchema) -> None:
     history = history_body(t)
     validate(bdsrr_schema, history)
     (view,) = summaries(t, "JobHistory")
-    assert (view.token, view.state, view.reasons) == \
-        (token, "Completed", ("PostScanJobCompletedSuccessfully",))
+    assert (view.token, view.state, view.reasons) == (
+        token,
+        "Completed",
+        ("PostScanJobCompletedSuccessfully",),
+    )
     assert [(f.dialect, f.state) for f in view.filters] == [
         (FILTER + "/fileshare", "CompletedSuccessfully"),
-        (FILTER + "/email", "CompletedSuccessfully")]
+        (FILTER + "/email", "CompletedSuccessfully"),
+    ]
     assert view.images_received == 3
     body = elements(t, DSC, token, "dsc:JobStatus")
     validate(bdsrr_schema, body)
@@ -91,27 +156,50 @@ def test_multi_page_scan_to_completion(bdsrr_schema: etree.XMLSchema) -> None:
 
 def test_job_description_names(bdsrr_schema: etree.XMLSchema) -> None:
     """R10: the SID mapped by the user directory; the process name from the configuration."""
-    config = ServerConfig(user_directory={"S-1-5-21-7": "alice@corp.example"},
-                          process_names={"PSP-7": "Invoices"})
+    config = ServerConfig(
+        user_directory={"S-1-5-21-7": "alice@corp.example"}, process_names={"PSP-7": "Invoices"}
+    )
     t = InProcessTransport(config)
     token = create_job(t, FS, user="S-1-5-21-7", psp_identifier="PSP-7")
     view = job_view(t, token)
-    assert (view.user_name, view.psp_identifier, view.psp_display_name) == \
-        ("alice@corp.example", "PSP-7", "Invoices")
+    assert (view.user_name, view.psp_identifier, view.psp_display_name) == (
+        "alice@corp.example",
+        "PSP-7",
+        "Invoices",
+    )
     validate(bdsrr_schema, elements(t, DSC, token, "dsc:JobDescription"))
 
 
-@pytest.mark.parametrize("outcomes,state,reason,filter_states", [
-    ([(CS, ()), (CWE, (FilterStateReason.UNABLE_TO_SEND_EMAIL,))], "Completed",
-     "PostScanJobCompletedWithErrors", ["CompletedSuccessfully", "CompletedWithErrors"]),
-    ([(CWW, ()), (CS, ())], "Completed", "PostScanJobCompletedWithWarnings",
-     ["CompletedWithWarnings", "CompletedSuccessfully"]),
-    ([(FilterState.CANCELED, ()), (CS, ())], "Completed", "PostScanJobCompletedWithErrors",
-     ["Canceled", "CompletedSuccessfully"]),
-])
-def test_continue_on_error_true(bdsrr_schema: etree.XMLSchema,
-                                outcomes: list[tuple[FilterState, tuple[FilterStateReason, ...]]],
-                                state: str, reason: str, filter_states: list[str]) -> None:
+@pytest.mark.parametrize(
+    "outcomes,state,reason,filter_states",
+    [
+        (
+            [(CS, ()), (CWE, (FilterStateReason.UNABLE_TO_SEND_EMAIL,))],
+            "Completed",
+            "PostScanJobCompletedWithErrors",
+            ["CompletedSuccessfully", "CompletedWithErrors"],
+        ),
+        (
+            [(CWW, ()), (CS, ())],
+            "Completed",
+            "PostScanJobCompletedWithWarnings",
+            ["CompletedWithWarnings", "CompletedSuccessfully"],
+        ),
+        (
+            [(FilterState.CANCELED, ()), (CS, ())],
+            "Completed",
+            "PostScanJobCompletedWithErrors",
+            ["Canceled", "CompletedSuccessfully"],
+        ),
+    ],
+)
+def test_continue_on_error_true(
+    bdsrr_schema: etree.XMLSchema,
+    outcomes: list[tuple[FilterState, tuple[FilterStateReason, ...]]],
+    state: str,
+    reason: str,
+    filter_states: list[str],
+) -> None:
     t = InProcessTransport()
     token = create_job(t, FS, MAIL, continue_on_error=True)
     ok(end_job(t, token))
@@ -124,8 +212,9 @@ def test_continue_on_error_true(bdsrr_schema: etree.XMLSchema,
 
 
 @pytest.mark.parametrize("continue_on_error", [False, None])
-def test_continue_on_error_false_aborts(bdsrr_schema: etree.XMLSchema,
-                                        continue_on_error: bool | None) -> None:
+def test_continue_on_error_false_aborts(
+    bdsrr_schema: etree.XMLSchema, continue_on_error: bool | None
+) -> None:
     """R6: a failed filter with ContinueOnError false or absent: Aborted, the filters not yet
     run Canceled."""
     t = InProcessTransport()
@@ -137,7 +226,10 @@ def test_continue_on_error_false_aborts(bdsrr_schema: etree.XMLSchema,
     (view,) = summaries(t, "JobHistory")
     assert (view.state, view.reasons) == ("Aborted", ("PostScanJobProcessingFailed",))
     assert [(f.state, f.reasons) for f in view.filters] == [
-        ("CompletedWithErrors", ("FileShareAccessDenied",)), ("Canceled", ()), ("Canceled", ())]
+        ("CompletedWithErrors", ("FileShareAccessDenied",)),
+        ("Canceled", ()),
+        ("Canceled", ()),
+    ]
     validate(bdsrr_schema, history_body(t))
     assert t.stopped == [token]
     # The engine's late report changes nothing.
@@ -159,7 +251,9 @@ def test_engine_that_never_finishes_a_filter() -> None:
     (view,) = summaries(t, "JobHistory")
     assert (view.state, view.reasons) == ("Completed", ("PostScanJobCompletedWithErrors",))
     assert [(f.state, f.reasons) for f in view.filters] == [
-        ("CompletedSuccessfully", ()), ("CompletedWithErrors", ("UnknownError",))]
+        ("CompletedSuccessfully", ()),
+        ("CompletedWithErrors", ("UnknownError",)),
+    ]
 
 
 # --- cancel ---------------------------------------------------------------------------------------
@@ -206,8 +300,10 @@ def test_cancel_while_creating_and_pending(ns: str) -> None:
     ok(end_job(t, pending))
     for token in (creating, pending):
         ok(cancel_job(t, ns, token))
-    assert {(v.token, v.state) for v in summaries(t, "JobHistory")} == \
-        {(creating, "Canceled"), (pending, "Canceled")}
+    assert {(v.token, v.state) for v in summaries(t, "JobHistory")} == {
+        (creating, "Canceled"),
+        (pending, "Canceled"),
+    }
     assert t.stopped == []  # nothing was running
     # A canceled Pending job that the engine then picks up stays canceled.
     t.engine(ProcessingStarted(pending))
@@ -230,37 +326,55 @@ def test_cancel_of_a_completed_job_is_not_found(ns: str) -> None:
 
 
 def raw_create(filters: str, continue_on_error: str = "") -> bytes:
-    return soap(f"<dsp:CreatePostScanJobRequest><dsp:UserIdentifier>S-1-5-21-9"
-                f"</dsp:UserIdentifier><dsp:PSP_Identifier>PSP-9</dsp:PSP_Identifier>"
-                f"<dsp:PostScanInstructions>{continue_on_error}"
-                f"<psp:DocumentRootName>Scan</psp:DocumentRootName><psp:FiltersToProcess>"
-                f"{filters}</psp:FiltersToProcess></dsp:PostScanInstructions>"
-                f"</dsp:CreatePostScanJobRequest>", Act.DSP_CREATE)
+    return soap(
+        f"<dsp:CreatePostScanJobRequest><dsp:UserIdentifier>S-1-5-21-9"
+        f"</dsp:UserIdentifier><dsp:PSP_Identifier>PSP-9</dsp:PSP_Identifier>"
+        f"<dsp:PostScanInstructions>{continue_on_error}"
+        f"<psp:DocumentRootName>Scan</psp:DocumentRootName><psp:FiltersToProcess>"
+        f"{filters}</psp:FiltersToProcess></dsp:PostScanInstructions>"
+        f"</dsp:CreatePostScanJobRequest>",
+        Act.DSP_CREATE,
+    )
 
 
 def filter_xml(dialect: str, instructions: str) -> str:
-    return (f"<psp:Filter><psp:Dialect>{dialect}</psp:Dialect><psp:Instructions>"
-            f"{instructions}</psp:Instructions></psp:Filter>")
+    return (
+        f"<psp:Filter><psp:Dialect>{dialect}</psp:Dialect><psp:Instructions>"
+        f"{instructions}</psp:Instructions></psp:Filter>"
+    )
 
 
-FILESHARE = (f'<f:FileShareConfig xmlns:f="{FILTER}/fileshare"><f:FileShares>'
-             r'<f:ShareUNC>\\files\scans</f:ShareUNC></f:FileShares></f:FileShareConfig>')
-EMAIL = (f'<e:EmailConfig xmlns:e="{FILTER}/email"><e:SendToScanUser>true</e:SendToScanUser>'
-         f'</e:EmailConfig>')
+FILESHARE = (
+    f'<f:FileShareConfig xmlns:f="{FILTER}/fileshare"><f:FileShares>'
+    r"<f:ShareUNC>\\files\scans</f:ShareUNC></f:FileShares></f:FileShareConfig>"
+)
+EMAIL = (
+    f'<e:EmailConfig xmlns:e="{FILTER}/email"><e:SendToScanUser>true</e:SendToScanUser>'
+    f"</e:EmailConfig>"
+)
 
 
-@pytest.mark.parametrize("bad", [
-    filter_xml(FILTER + "/fax", FILESHARE),                  # a dialect nobody offers
-    filter_xml(FILTER + "/fileshare", EMAIL),                # instructions of another dialect
-    filter_xml(FILTER + "/email", "<e:EmailConfig xmlns:e='urn:wrong'/>"),
-    filter_xml(FILTER + "/fileshare", FILESHARE + FILESHARE),  # two configurations
-    filter_xml(FILTER + "/fileshare", f'<f:FileShareConfig xmlns:f="{FILTER}/fileshare">'
-                                      '<f:FileShares/></f:FileShareConfig>'),  # no share
-    filter_xml(FILTER + "/email", f'<e:EmailConfig xmlns:e="{FILTER}/email">'
-                                  '<e:SendToScanUser>perhaps</e:SendToScanUser></e:EmailConfig>'),
-])
-def test_unusable_filter_is_canceled_with_invalid_args(bdsrr_schema: etree.XMLSchema,
-                                                       bad: str) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        filter_xml(FILTER + "/fax", FILESHARE),  # a dialect nobody offers
+        filter_xml(FILTER + "/fileshare", EMAIL),  # instructions of another dialect
+        filter_xml(FILTER + "/email", "<e:EmailConfig xmlns:e='urn:wrong'/>"),
+        filter_xml(FILTER + "/fileshare", FILESHARE + FILESHARE),  # two configurations
+        filter_xml(
+            FILTER + "/fileshare",
+            f'<f:FileShareConfig xmlns:f="{FILTER}/fileshare"><f:FileShares/></f:FileShareConfig>',
+        ),  # no share
+        filter_xml(
+            FILTER + "/email",
+            f'<e:EmailConfig xmlns:e="{FILTER}/email">'
+            "<e:SendToScanUser>perhaps</e:SendToScanUser></e:EmailConfig>",
+        ),
+    ],
+)
+def test_unusable_filter_is_canceled_with_invalid_args(
+    bdsrr_schema: etree.XMLSchema, bad: str
+) -> None:
     t = InProcessTransport()
     body = ok(t.post(raw_create(bad + filter_xml(FILTER + "/fileshare", FILESHARE))))
     token = text_of(body, "dsp:JobToken")
@@ -269,7 +383,9 @@ def test_unusable_filter_is_canceled_with_invalid_args(bdsrr_schema: etree.XMLSc
     view = job_view(t, token)
     assert view.state == "Creating"
     assert [(f.state, f.reasons) for f in view.filters] == [
-        ("Canceled", ("InvalidArgs",)), ("Pending", ())]
+        ("Canceled", ("InvalidArgs",)),
+        ("Pending", ()),
+    ]
 
 
 def test_dialect_the_repository_does_not_offer() -> None:
@@ -278,19 +394,26 @@ def test_dialect_the_repository_does_not_offer() -> None:
     view = job_view(t, token)
     assert [(f.dialect, f.state, f.reasons) for f in view.filters] == [
         (FILTER + "/sharepoint", "Canceled", ("InvalidArgs",)),
-        (FILTER + "/fileshare", "Pending", ())]
+        (FILTER + "/fileshare", "Pending", ()),
+    ]
 
 
 def test_no_usable_filter(bdsrr_schema: etree.XMLSchema) -> None:
     t = InProcessTransport()
     subscribe(t, t.server.config.dsc_url)
-    reply = t.post(raw_create(filter_xml(FILTER + "/fax", FILESHARE)
-                              + filter_xml(FILTER + "/email", FILESHARE)))
+    reply = t.post(
+        raw_create(
+            filter_xml(FILTER + "/fax", FILESHARE) + filter_xml(FILTER + "/email", FILESHARE)
+        )
+    )
     token = text_of(ok(reply), "dsp:JobToken")  # the response still carries the token
     assert GUID.match(token)
     (view,) = summaries(t, "JobHistory")
-    assert (view.token, view.state, view.reasons) == \
-        (token, "Aborted", ("NoValidPostScanInstructionsFound",))
+    assert (view.token, view.state, view.reasons) == (
+        token,
+        "Aborted",
+        ("NoValidPostScanInstructionsFound",),
+    )
     assert [f.state for f in view.filters] == ["Canceled", "Canceled"]
     assert summaries(t, "ActiveJobs") == [] and t.started == []
     validate(bdsrr_schema, history_body(t))
@@ -312,8 +435,10 @@ def test_timeout_ten_minutes_after_creation(bdsrr_schema: etree.XMLSchema) -> No
     (end,) = deliveries_of(t, Act.DSP_END_EVENT)
     body = payload_of(etree.tostring(end))
     validate(bdsrr_schema, dsp_as_dsc(body))
-    assert text_of(body, "dsp:PostScanJobEndState/dsp:JobCompletedStateReasons/"
-                         "dsp:JobStateReason") == "PostScanJobTimedOut"
+    assert (
+        text_of(body, "dsp:PostScanJobEndState/dsp:JobCompletedStateReasons/dsp:JobStateReason")
+        == "PostScanJobTimedOut"
+    )
 
 
 def test_timeout_aborts_and_discards(bdsrr_schema: etree.XMLSchema) -> None:
@@ -331,8 +456,11 @@ def test_timeout_aborts_and_discards(bdsrr_schema: etree.XMLSchema) -> None:
     assert t.store.documents
     t.advance(1)
     view = job_view(t, token)
-    assert (view.state, view.reasons, view.images_received) == \
-        ("Aborted", ("PostScanJobTimedOut",), 2)
+    assert (view.state, view.reasons, view.images_received) == (
+        "Aborted",
+        ("PostScanJobTimedOut",),
+        2,
+    )
     assert [f.state for f in view.filters] == ["Canceled"]
     assert t.store.documents == {}
     assert DiscardDocuments(token) in t.commands
@@ -345,9 +473,11 @@ def test_no_timeout_while_an_image_is_arriving() -> None:
     """A slow upload is activity: the job does not time out under it."""
     t = InProcessTransport()
     token = create_job(t)
-    ctype, body = mtom_body(envelope(Act.DSP_SEND_IMAGE,
-                                     client.send_image_request(token, 1, "png", "p@x")),
-                            "p@x", b"slow image " * 100)
+    ctype, body = mtom_body(
+        envelope(Act.DSP_SEND_IMAGE, client.send_image_request(token, 1, "png", "p@x")),
+        "p@x",
+        b"slow image " * 100,
+    )
     exchange = t.server.open_exchange(RequestInfo(now=t.clock, content_type=ctype))
     t._run(exchange.feed(body[:-200]))
     t.advance(700)
@@ -392,14 +522,18 @@ def test_history_keeps_the_newest(bdsrr_schema: etree.XMLSchema) -> None:
         tokens.append(token)
     assert [v.token for v in summaries(t, "JobHistory")] == tokens[:1:-1]  # newest first
     validate(bdsrr_schema, history_body(t))
-    assert [c for c in t.commands if isinstance(c, DropJob)] == [DropJob(tokens[0]),
-                                                                  DropJob(tokens[1])]
+    assert [c for c in t.commands if isinstance(c, DropJob)] == [
+        DropJob(tokens[0]),
+        DropJob(tokens[1]),
+    ]
     assert set(t.store.jobs) == set(tokens[2:])
     assert {k[0] for k in t.store.documents} == set(tokens[2:])
     for dropped in tokens[:2]:
-        f = check_protocol_fault(t.post(soap(elements_body("dsc", dropped, "dsc:JobStatus"),
-                                             Act.DSC_ELEMENTS)), DSC,
-                                 "ClientErrorJobTokenNotFound")
+        f = check_protocol_fault(
+            t.post(soap(elements_body("dsc", dropped, "dsc:JobStatus"), Act.DSC_ELEMENTS)),
+            DSC,
+            "ClientErrorJobTokenNotFound",
+        )
         assert detail_token(f, DSC) == dropped
 
 
@@ -442,8 +576,9 @@ def notification_check(t: InProcessTransport, address: str, *, wsa: str = WSA) -
         assert h.message_id and h.message_id not in ids
         ids.add(h.message_id)
         root = etree.fromstring(d.body)
-        (ref,) = root.xpath("/s:Envelope/s:Header/x:Ref",
-                            namespaces={"s": SOAP, "x": "urn:test:sink"})
+        (ref,) = root.xpath(
+            "/s:Envelope/s:Header/x:Ref", namespaces={"s": SOAP, "x": "urn:test:sink"}
+        )
         assert ref.text == "N-1"
 
 
@@ -462,16 +597,26 @@ def test_bdsrr_events_of_a_job(bdsrr_schema: etree.XMLSchema) -> None:
     statuses = deliveries_of(t, Act.DSC_STATUS_EVENT)
     seen = [(text_of(e, "//dsc:JobState"), text_of(e, "//dsc:ImagesReceived")) for e in statuses]
     # Every change of state, reasons, a filter or ImagesReceived raises one (R6).
-    assert seen == [("Creating", "0"), ("Creating", "1"), ("Pending", "1"),
-                    ("Started", "1"), ("Processing", "1"), ("Processing", "1"),
-                    ("Processing", "1"), ("Processing", "1"), ("Completed", "1")]
+    assert seen == [
+        ("Creating", "0"),
+        ("Creating", "1"),
+        ("Pending", "1"),
+        ("Started", "1"),
+        ("Processing", "1"),
+        ("Processing", "1"),
+        ("Processing", "1"),
+        ("Processing", "1"),
+        ("Completed", "1"),
+    ]
     for e in statuses:
         validate(bdsrr_schema, payload_of(etree.tostring(e)))
     (end,) = deliveries_of(t, Act.DSC_END_EVENT)
     validate(bdsrr_schema, payload_of(etree.tostring(end)))
     assert text_of(end, "//dsc:PostScanJobEndState/dsc:JobToken") == token
-    assert text_of(end, "//dsc:JobCompletedStateReasons/dsc:JobStateReason") == \
-        "PostScanJobCompletedWithWarnings"
+    assert (
+        text_of(end, "//dsc:JobCompletedStateReasons/dsc:JobStateReason")
+        == "PostScanJobCompletedWithWarnings"
+    )
     assert DATETIME.match(text_of(end, "//dsc:PostScanJobEndState/dsc:JobCompletedTime"))
     assert actions.index(Act.DSC_END_EVENT) > actions.index(Act.DSC_STATUS_EVENT)
 
@@ -479,8 +624,12 @@ def test_bdsrr_events_of_a_job(bdsrr_schema: etree.XMLSchema) -> None:
 def test_wsdsp_events_with_an_action_filter(bdsrr_schema: etree.XMLSchema) -> None:
     """A device subscribes at the WS-DSP service for the end state only."""
     t = InProcessTransport()
-    ident, _ = subscribe(t, t.server.config.dsp_url, actions=[Act.DSP_END_EVENT],
-                         notify_to="http://device.example/events")
+    ident, _ = subscribe(
+        t,
+        t.server.config.dsp_url,
+        actions=[Act.DSP_END_EVENT],
+        notify_to="http://device.example/events",
+    )
     token = create_job(t)
     ok(end_job(t, token))
     assert t.deliveries == []
@@ -494,8 +643,7 @@ def test_wsdsp_events_with_an_action_filter(bdsrr_schema: etree.XMLSchema) -> No
     validate(bdsrr_schema, dsp_as_dsc(body))
 
 
-def test_unfiltered_wsdsp_subscription_gets_both_dsp_events(
-        bdsrr_schema: etree.XMLSchema) -> None:
+def test_unfiltered_wsdsp_subscription_gets_both_dsp_events(bdsrr_schema: etree.XMLSchema) -> None:
     t = InProcessTransport()
     subscribe(t, t.server.config.dsp_url)
     token = create_job(t)
@@ -516,8 +664,13 @@ def test_subscription_at_the_device_address_gets_every_event() -> None:
     ok(end_job(t, token))
     t.process(token)
     actions = {reply_headers(d.body).action for d in t.deliveries}
-    assert actions == {Act.DSP_STATUS_EVENT, Act.DSP_END_EVENT, Act.DSC_STATUS_EVENT,
-                       Act.DSC_END_EVENT, Act.DSC_SUMMARY_EVENT}
+    assert actions == {
+        Act.DSP_STATUS_EVENT,
+        Act.DSP_END_EVENT,
+        Act.DSC_STATUS_EVENT,
+        Act.DSC_END_EVENT,
+        Act.DSC_SUMMARY_EVENT,
+    }
 
 
 def test_filter_with_several_actions_and_https_spelling() -> None:
@@ -528,23 +681,38 @@ def test_filter_with_several_actions_and_https_spelling() -> None:
     ok(end_job(t, token))
     t.process(token)
     assert [reply_headers(d.body).action for d in t.deliveries] == [
-        Act.DSC_SUMMARY_EVENT, Act.DSC_END_EVENT, Act.DSC_SUMMARY_EVENT]
+        Act.DSC_SUMMARY_EVENT,
+        Act.DSC_END_EVENT,
+        Act.DSC_SUMMARY_EVENT,
+    ]
 
 
 def test_unknown_filter_action_is_refused() -> None:
     t = InProcessTransport()
-    reply = t.post(soap(subscribe_body(actions=[Act.DSC_END_EVENT, DSC + "/CoffeeReadyEvent"]),
-                        Act.SUBSCRIBE, to=t.server.config.dsc_url))
-    f = check_fault(reply, status=400, code="Sender",
-                    subcode=(WSDP, "FilterActionNotSupported"))
+    reply = t.post(
+        soap(
+            subscribe_body(actions=[Act.DSC_END_EVENT, DSC + "/CoffeeReadyEvent"]),
+            Act.SUBSCRIBE,
+            to=t.server.config.dsc_url,
+        )
+    )
+    f = check_fault(reply, status=400, code="Sender", subcode=(WSDP, "FilterActionNotSupported"))
     assert f.detail is not None and (f.detail.text or "").strip() == DSC + "/CoffeeReadyEvent"
     assert t.server.subscriptions.by_id == {}
 
 
-@pytest.mark.parametrize("expires,granted", [
-    ("PT10M", "PT600S"), ("P1DT2H", "PT86400S"), ("PT1H30M", "PT5400S"),
-    ("2026-11-21T09:30:00+01:00", "PT1800S"), ("2026-11-21T08:15:00Z", "PT900S"),
-    ("  PT5S\n", "PT5S"), ("P3D", "PT86400S")])
+@pytest.mark.parametrize(
+    "expires,granted",
+    [
+        ("PT10M", "PT600S"),
+        ("P1DT2H", "PT86400S"),
+        ("PT1H30M", "PT5400S"),
+        ("2026-11-21T09:30:00+01:00", "PT1800S"),
+        ("2026-11-21T08:15:00Z", "PT900S"),
+        ("  PT5S\n", "PT5S"),
+        ("P3D", "PT86400S"),
+    ],
+)
 def test_subscribe_expires(expires: str, granted: str) -> None:
     t = InProcessTransport()  # the clock starts at 2026-11-21T09:00+01:00
     _, got = subscribe(t, t.server.config.dsc_url, expires=expires)
@@ -564,8 +732,9 @@ def test_subscribe_response_names_the_manager() -> None:
 def test_renew_get_status_unsubscribe() -> None:
     t = InProcessTransport()
     ident, _ = subscribe(t, t.server.config.dsc_url, expires="PT10M")
-    reply = manager_request(t, Act.RENEW, ident, "<wse:Renew><wse:Expires>PT2H</wse:Expires>"
-                                                 "</wse:Renew>")
+    reply = manager_request(
+        t, Act.RENEW, ident, "<wse:Renew><wse:Expires>PT2H</wse:Expires></wse:Renew>"
+    )
     body = ok(reply)
     check_reply_headers(reply, action=WSE + "/RenewResponse", relates_to=REQUEST_ID)
     assert text_of(body, "wse:Expires") == "PT7200S"
@@ -582,8 +751,12 @@ def test_renew_get_status_unsubscribe() -> None:
     assert etree.QName(ok(reply)).text == f"{{{WSE}}}UnsubscribeResponse"
     create_job(t)
     assert len(t.deliveries) == 1
-    check_fault(manager_request(t, Act.GET_STATUS, ident, "<wse:GetStatus/>"), status=400,
-                code="Sender", subcode=(WSE, "InvalidMessage"))
+    check_fault(
+        manager_request(t, Act.GET_STATUS, ident, "<wse:GetStatus/>"),
+        status=400,
+        code="Sender",
+        subcode=(WSE, "InvalidMessage"),
+    )
     assert not any(d.final for d in t.deliveries)  # Unsubscribe sends no SubscriptionEnd
 
 
@@ -597,8 +770,12 @@ def test_expired_subscription_is_dropped_silently() -> None:
     assert t.server.subscriptions.by_id == {}
     create_job(t)
     assert len(t.deliveries) == 1  # no SubscriptionEnd, no notification
-    check_fault(manager_request(t, Act.RENEW, ident, "<wse:Renew/>"), status=500,
-                code="Receiver", subcode=(WSE, "UnableToRenew"))
+    check_fault(
+        manager_request(t, Act.RENEW, ident, "<wse:Renew/>"),
+        status=500,
+        code="Receiver",
+        subcode=(WSE, "UnableToRenew"),
+    )
 
 
 def test_expired_but_not_yet_ticked_subscription_gets_nothing() -> None:
@@ -611,8 +788,12 @@ def test_expired_but_not_yet_ticked_subscription_gets_nothing() -> None:
 
 def test_delivery_failures_end_the_subscription() -> None:
     t = InProcessTransport()
-    ident, _ = subscribe(t, t.server.config.dsc_url, notify_to="http://sink.example/notify",
-                         end_to="http://sink.example/ended")
+    ident, _ = subscribe(
+        t,
+        t.server.config.dsc_url,
+        notify_to="http://sink.example/notify",
+        end_to="http://sink.example/ended",
+    )
     create_job(t)
     # Two failures, then a success: the count starts again.
     assert t.server.delivery_result(ident, False) == []
@@ -626,10 +807,12 @@ def test_delivery_failures_end_the_subscription() -> None:
     assert end.subscription_id == ident
     root = etree.fromstring(end.body)
     h = reply_headers(end.body)
-    assert (h.to, h.action, h.relates_to) == ("http://sink.example/ended", Act.SUBSCRIPTION_END,
-                                              None)
-    (ref,) = root.xpath("/s:Envelope/s:Header/x:Ref", namespaces={"s": SOAP,
-                                                                  "x": "urn:test:sink"})
+    assert (h.to, h.action, h.relates_to) == (
+        "http://sink.example/ended",
+        Act.SUBSCRIPTION_END,
+        None,
+    )
+    (ref,) = root.xpath("/s:Envelope/s:Header/x:Ref", namespaces={"s": SOAP, "x": "urn:test:sink"})
     assert ref.text == "E-1"
     body = payload_of(end.body)
     assert text_of(body, "wse:Status") == WSE + "/DeliveryFailure"
@@ -651,19 +834,27 @@ def test_shutdown_ends_subscriptions_and_stops_the_repository() -> None:
     summary_events = deliveries_of(t, Act.DSC_SUMMARY_EVENT)
     assert [text_of(e, "//dsc:RepositoryState") for e in summary_events] == ["Stopped"] * 2
     ends = [d for d in t.deliveries if d.final]
-    assert [(d.subscription_id, d.address) for d in ends] == [(with_end,
-                                                               "http://sink.example/ended")]
+    assert [(d.subscription_id, d.address) for d in ends] == [
+        (with_end, "http://sink.example/ended")
+    ]
     assert text_of(payload_of(ends[0].body), "wse:Status") == WSE + "/SourceShuttingDown"
-    assert t.deliveries.index(ends[0]) > max(t.deliveries.index(d) for d in t.deliveries
-                                             if not d.final)
+    assert t.deliveries.index(ends[0]) > max(
+        t.deliveries.index(d) for d in t.deliveries if not d.final
+    )
     assert t.server.subscriptions.by_id == {}
     assert t.server.repository_state.value == "Stopped"
 
 
 def test_notifications_in_ws_addressing_10() -> None:
     t = InProcessTransport()
-    reply = t.post(soap(subscribe_body(notify_to="http://sink.example/n"), Act.SUBSCRIBE,
-                        wsa=WSA10, to=t.server.config.dsc_url))
+    reply = t.post(
+        soap(
+            subscribe_body(notify_to="http://sink.example/n"),
+            Act.SUBSCRIBE,
+            wsa=WSA10,
+            to=t.server.config.dsc_url,
+        )
+    )
     body = ok(reply)
     assert xp(body, "wse:SubscriptionManager/a10:ReferenceParameters/wse:Identifier")
     create_job(t)
@@ -677,50 +868,71 @@ def test_notifications_in_ws_addressing_10() -> None:
 def test_transfer_get_metadata() -> None:
     t = InProcessTransport()
     config = t.server.config
-    reply = t.post(soap("", "http://schemas.xmlsoap.org/ws/2004/09/transfer/Get",
-                        to=config.device_address))
+    reply = t.post(
+        soap("", "http://schemas.xmlsoap.org/ws/2004/09/transfer/Get", to=config.device_address)
+    )
     body = ok(reply)
-    check_reply_headers(reply, action="http://schemas.xmlsoap.org/ws/2004/09/transfer/"
-                                      "GetResponse", relates_to=REQUEST_ID)
+    check_reply_headers(
+        reply,
+        action="http://schemas.xmlsoap.org/ws/2004/09/transfer/GetResponse",
+        relates_to=REQUEST_ID,
+    )
     assert etree.QName(body).text == "{http://schemas.xmlsoap.org/ws/2004/09/mex}Metadata"
     dialects = [s.get("Dialect") for s in xp(body, "wsx:MetadataSection")]
     assert dialects == [WSDP + "/ThisDevice", WSDP + "/ThisModel", WSDP + "/Relationship"]
-    assert text_of(body, "wsx:MetadataSection/wsdp:ThisDevice/wsdp:FriendlyName") == \
-        config.friendly_name
-    assert text_of(body, "wsx:MetadataSection/wsdp:ThisModel/wsdp:Manufacturer") == \
-        config.manufacturer
+    assert (
+        text_of(body, "wsx:MetadataSection/wsdp:ThisDevice/wsdp:FriendlyName")
+        == config.friendly_name
+    )
+    assert (
+        text_of(body, "wsx:MetadataSection/wsdp:ThisModel/wsdp:Manufacturer") == config.manufacturer
+    )
     (relationship,) = xp(body, "wsx:MetadataSection/wsdp:Relationship")
     assert relationship.get("Type") == WSDP + "/host"
-    assert text_of(relationship, "wsdp:Host/a:EndpointReference/a:Address") == \
-        config.device_address
+    assert text_of(relationship, "wsdp:Host/a:EndpointReference/a:Address") == config.device_address
     hosted = xp(relationship, "wsdp:Hosted")
     found = {}
     for h in hosted:
         types = xp(h, "wsdp:Types")[0]
         found[resolve(types, types.text or "")] = (
-            text_of(h, "a:EndpointReference/a:Address"), text_of(h, "wsdp:ServiceId"))
+            text_of(h, "a:EndpointReference/a:Address"),
+            text_of(h, "wsdp:ServiceId"),
+        )
     assert found == {
-        (DSP, "DistributedScanProcessingServiceType"):
-            (config.dsp_url, f"urn:uuid:{config.dsp_service_uuid}"),
-        (DSC, "RepositoryConfigurationServiceType"):
-            (config.dsc_url, f"urn:uuid:{config.dsc_service_uuid}")}
+        (DSP, "DistributedScanProcessingServiceType"): (
+            config.dsp_url,
+            f"urn:uuid:{config.dsp_service_uuid}",
+        ),
+        (DSC, "RepositoryConfigurationServiceType"): (
+            config.dsc_url,
+            f"urn:uuid:{config.dsc_service_uuid}",
+        ),
+    }
     assert config.dsp_url.endswith(f"/ScanServer/{config.dsp_service_uuid}")
 
 
 WSD = "http://schemas.xmlsoap.org/ws/2005/04/discovery"
 
 
-@pytest.mark.parametrize("types,matches", [
-    ("", True), ("wsdp:Device", True), ("dsc:RepositoryConfigurationServiceType", True),
-    ("wsdp:Device dsp:DistributedScanProcessingServiceType", True),
-    ("wscn:ScannerServiceType", False)])
+@pytest.mark.parametrize(
+    "types,matches",
+    [
+        ("", True),
+        ("wsdp:Device", True),
+        ("dsc:RepositoryConfigurationServiceType", True),
+        ("wsdp:Device dsp:DistributedScanProcessingServiceType", True),
+        ("wscn:ScannerServiceType", False),
+    ],
+)
 def test_directed_probe(types: str, matches: bool) -> None:
     t = InProcessTransport()
     config = t.server.config
     types_el = f"<d:Types>{types}</d:Types>" if types else ""
-    body = (f'<d:Probe xmlns:d="{WSD}" xmlns:wsdp="{WSDP}" '
-            f'xmlns:wscn="http://schemas.microsoft.com/windows/2006/08/wdp/scan">{types_el}'
-            f'</d:Probe>')
+    body = (
+        f'<d:Probe xmlns:d="{WSD}" xmlns:wsdp="{WSDP}" '
+        f'xmlns:wscn="http://schemas.microsoft.com/windows/2006/08/wdp/scan">{types_el}'
+        f"</d:Probe>"
+    )
     reply = t.post(soap(body, WSD + "/Probe", to="urn:schemas-xmlsoap-org:ws:2005:04:discovery"))
     payload = ok(reply)
     check_reply_headers(reply, action=WSD + "/ProbeMatches", relates_to=REQUEST_ID)
@@ -730,8 +942,9 @@ def test_directed_probe(types: str, matches: bool) -> None:
     if matches:
         (match,) = found
         assert match.findtext(f"{{{WSD}}}XAddrs") == config.device_url
-        assert match.findtext(f"{{{WSA}}}EndpointReference/{{{WSA}}}Address") == \
-            config.device_address
+        assert (
+            match.findtext(f"{{{WSA}}}EndpointReference/{{{WSA}}}Address") == config.device_address
+        )
         types_el_ = match.find(f"{{{WSD}}}Types")
         assert types_el_ is not None
         assert resolve(types_el_, types_el_.text or "") == (WSDP, "Device")
@@ -739,8 +952,9 @@ def test_directed_probe(types: str, matches: bool) -> None:
 
 def test_get_metadata_is_not_supported() -> None:
     action = "http://schemas.xmlsoap.org/ws/2004/09/mex/GetMetadata/Request"
-    reply = InProcessTransport().post(soap("<x:GetMetadata xmlns:x='http://schemas.xmlsoap.org/"
-                                           "ws/2004/09/mex'/>", action))
+    reply = InProcessTransport().post(
+        soap("<x:GetMetadata xmlns:x='http://schemas.xmlsoap.org/ws/2004/09/mex'/>", action)
+    )
     f = check_fault(reply, status=400, code="Sender", subcode=(WSA, "ActionNotSupported"))
     assert f.detail is not None and f.detail.text == action
 
@@ -751,21 +965,40 @@ ODD_PREFIXES = f' xmlns:Q="{DSC}" xmlns:P="{DSP}" xmlns:o="urn:vendor:other"'
 
 
 def test_repository_elements_unknown_names_order_and_duplicates(
-        bdsrr_schema: etree.XMLSchema) -> None:
+    bdsrr_schema: etree.XMLSchema,
+) -> None:
     t = InProcessTransport()
-    requested = ["Q:RepositoryStatus", "o:Toner", "Q:Nope", "Q:RepositoryConfiguration",
-                 "P:RepositoryStatus", "Q:RepositoryStatus", "Unprefixed"]
-    reply = t.post(soap(repository_body(*requested), Act.DSC_REPOSITORY,
-                        declarations=ODD_PREFIXES))
+    requested = [
+        "Q:RepositoryStatus",
+        "o:Toner",
+        "Q:Nope",
+        "Q:RepositoryConfiguration",
+        "P:RepositoryStatus",
+        "Q:RepositoryStatus",
+        "Unprefixed",
+    ]
+    reply = t.post(soap(repository_body(*requested), Act.DSC_REPOSITORY, declarations=ODD_PREFIXES))
     body = ok(reply)
     validate(bdsrr_schema, body)
     data = xp(body, "dsc:RepositoryElements/dsc:ElementData")
     assert [resolve(d, d.get(f"{{{DSC}}}Name", "")) for d in data] == [
-        (DSC, "RepositoryStatus"), ("urn:vendor:other", "Toner"), (DSC, "Nope"),
-        (DSC, "RepositoryConfiguration"), (DSP, "RepositoryStatus"), (DSC, "RepositoryStatus"),
-        ("", "Unprefixed")]
-    assert [d.get(f"{{{DSC}}}Valid") for d in data] == \
-        ["true", "false", "false", "true", "false", "true", "false"]
+        (DSC, "RepositoryStatus"),
+        ("urn:vendor:other", "Toner"),
+        (DSC, "Nope"),
+        (DSC, "RepositoryConfiguration"),
+        (DSP, "RepositoryStatus"),
+        (DSC, "RepositoryStatus"),
+        ("", "Unprefixed"),
+    ]
+    assert [d.get(f"{{{DSC}}}Valid") for d in data] == [
+        "true",
+        "false",
+        "false",
+        "true",
+        "false",
+        "true",
+        "false",
+    ]
     for d in data:
         if d.get(f"{{{DSC}}}Valid") == "false":
             assert len(d) == 0 and not (d.text or "").strip()
@@ -774,29 +1007,57 @@ def test_repository_elements_unknown_names_order_and_duplicates(
 
 
 @pytest.mark.parametrize("ns", [DSC, DSP])
-def test_job_elements_unknown_names_order_and_duplicates(bdsrr_schema: etree.XMLSchema,
-                                                         ns: str) -> None:
+def test_job_elements_unknown_names_order_and_duplicates(
+    bdsrr_schema: etree.XMLSchema, ns: str
+) -> None:
     t = InProcessTransport()
     token = create_job(t)
     ok(send_image(t, token, 4, b"page", fmt="jfif"))
     own, other = ("Q", "P") if ns == DSC else ("P", "Q")
     prefix = "dsc" if ns == DSC else "dsp"
-    requested = [f"{own}:Documents", f"{other}:JobStatus", "o:JobStatus", f"{own}:JobStatus",
-                 f"{own}:Bogus", f"{own}:Documents", f"{own}:JobDescription"]
+    requested = [
+        f"{own}:Documents",
+        f"{other}:JobStatus",
+        "o:JobStatus",
+        f"{own}:JobStatus",
+        f"{own}:Bogus",
+        f"{own}:Documents",
+        f"{own}:JobDescription",
+    ]
     action = (DSC if ns == DSC else DSP) + "/GetPostScanJobElements"
-    body = ok(t.post(soap(elements_body(prefix, token, *requested), action,
-                          declarations=ODD_PREFIXES)))
+    body = ok(
+        t.post(soap(elements_body(prefix, token, *requested), action, declarations=ODD_PREFIXES))
+    )
     validate(bdsrr_schema, body if ns == DSC else dsp_as_dsc(body))
     data = body.findall(f"{{{ns}}}JobElements/{{{ns}}}ElementData")
     other_ns = DSP if ns == DSC else DSC
     assert [resolve(d, d.get(f"{{{ns}}}Name", "")) for d in data] == [
-        (ns, "Documents"), (other_ns, "JobStatus"), ("urn:vendor:other", "JobStatus"),
-        (ns, "JobStatus"), (ns, "Bogus"), (ns, "Documents"), (ns, "JobDescription")]
-    assert [d.get(f"{{{ns}}}Valid") for d in data] == \
-        ["true", "false", "false", "true", "false", "true", "true"]
+        (ns, "Documents"),
+        (other_ns, "JobStatus"),
+        ("urn:vendor:other", "JobStatus"),
+        (ns, "JobStatus"),
+        (ns, "Bogus"),
+        (ns, "Documents"),
+        (ns, "JobDescription"),
+    ]
+    assert [d.get(f"{{{ns}}}Valid") for d in data] == [
+        "true",
+        "false",
+        "false",
+        "true",
+        "false",
+        "true",
+        "true",
+    ]
     assert [tags(d) for d in data] == [
-        [f"{{{ns}}}Documents"], [], [], [f"{{{ns}}}JobStatus"], [], [f"{{{ns}}}Documents"],
-        [f"{{{ns}}}JobDescription"]]
+        [f"{{{ns}}}Documents"],
+        [],
+        [],
+        [f"{{{ns}}}JobStatus"],
+        [],
+        [f"{{{ns}}}Documents"],
+        [f"{{{ns}}}JobDescription"],
+    ]
     document = data[0].find(f"{{{ns}}}Documents/{{{ns}}}Document/{{{ns}}}DocumentDescription")
     assert document is not None
     assert [(c.text or "") for c in document] == ["4", "jfif"]
@@ -805,9 +1066,11 @@ def test_job_elements_unknown_names_order_and_duplicates(bdsrr_schema: etree.XML
 def test_default_namespace_qnames_resolve() -> None:
     """An unprefixed QName takes the default namespace in scope (XML Schema QName rules)."""
     t = InProcessTransport()
-    body = (f'<dsc:GetRepositoryElementsRequest><dsc:RequestedElements>'
-            f'<Name xmlns="{DSC}">RepositoryStatus</Name></dsc:RequestedElements>'
-            f'</dsc:GetRepositoryElementsRequest>')
+    body = (
+        f"<dsc:GetRepositoryElementsRequest><dsc:RequestedElements>"
+        f'<Name xmlns="{DSC}">RepositoryStatus</Name></dsc:RequestedElements>'
+        f"</dsc:GetRepositoryElementsRequest>"
+    )
     reply = ok(t.post(soap(body, Act.DSC_REPOSITORY)))
     (data,) = xp(reply, "dsc:RepositoryElements/dsc:ElementData")
     assert data.get(f"{{{DSC}}}Valid") == "true"
@@ -843,8 +1106,14 @@ def test_exchange_misuse_raises_usage_error() -> None:
 def test_end_time_is_when_the_operation_takes_effect() -> None:
     t = InProcessTransport()
     exchange = t.server.open_exchange(RequestInfo(now=t.clock, content_type=None))
-    exchange.feed(envelope(Act.DSP_CREATE, client.create_post_scan_job(
-        user_identifier="S-1", psp_identifier="P", instructions=[FS])))
+    exchange.feed(
+        envelope(
+            Act.DSP_CREATE,
+            client.create_post_scan_job(
+                user_identifier="S-1", psp_identifier="P", instructions=[FS]
+            ),
+        )
+    )
     later = t.clock + timedelta(seconds=42)
     token = text_of(ok(exchange.end(later).reply), "dsp:JobToken")
     job = t.server.jobs.get(token)

@@ -7,11 +7,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from e2e_support import ServerProcess, Soap, wait_for
 from lxml import etree
 
-from dsc_core import names
 from dsc_core import client as dc
+from dsc_core import names
+from e2e_support import ServerProcess, Soap, wait_for
 
 
 def friendly_name(soap: Soap) -> str:

@@ -18,18 +18,25 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
-    assert (settings.listen.host, settings.listen.port, settings.listen.binding) == \
-        ("127.0.0.1", 5362, "async")
+    assert (settings.listen.host, settings.listen.port, settings.listen.binding) == (
+        "127.0.0.1",
+        5362,
+        "async",
+    )
     assert settings.data_dir == Path("var")
     assert not settings.listen.tls and settings.server_ssl_context() is None
     assert not settings.server.require_client_certificates
     assert settings.server.base_url == "http://127.0.0.1:5362"
-    assert settings.filters.map_unc(r"\\Host\Share\a\b") == \
-        Path("var") / "shares" / "host" / "share" / "a" / "b"
+    assert (
+        settings.filters.map_unc(r"\\Host\Share\a\b")
+        == Path("var") / "shares" / "host" / "share" / "a" / "b"
+    )
 
 
 def test_every_section(tmp_path: Path) -> None:
-    path = write(tmp_path, r'''
+    path = write(
+        tmp_path,
+        r"""
 [server]
 host = "0.0.0.0"
 port = 6000
@@ -64,7 +71,8 @@ password = "pw"
 [eventing]
 default_seconds = 60
 max_seconds = 120
-''')
+""",
+    )
     s = load_settings(path)
     assert (s.listen.host, s.listen.port, s.listen.binding) == ("0.0.0.0", 6000, "blocking")
     assert s.data_dir == tmp_path / "state"  # relative to the file
@@ -81,8 +89,12 @@ max_seconds = 120
     f = s.filters
     assert f.map_unc(r"\\contoso\scans\x") == Path("/srv/scans/x")
     assert f.map_unc(r"\\other\share") is None  # outside the configured roots (R9)
-    assert (f.smtp_host, f.smtp_port, f.smtp_starttls, f.mail_from) == \
-        ("mail.contoso.com", 587, True, "scans@contoso.com")
+    assert (f.smtp_host, f.smtp_port, f.smtp_starttls, f.mail_from) == (
+        "mail.contoso.com",
+        587,
+        True,
+        "scans@contoso.com",
+    )
     assert f.address_of("alice@contoso.com") == "alice.smith@contoso.com"
     assert (f.sharepoint_username, f.sharepoint_password) == ("svc", "pw")
 
@@ -94,13 +106,16 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
     assert s.data_dir == tmp_path / "d"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[serverr]\n", "unknown section(s): serverr"),
-    ("[limits]\nmax_image_byte = 5\n", "unknown key(s) in [limits]: max_image_byte"),
-    ("[server]\nbinding = \"fast\"\n", "binding must be 'async' or 'blocking'"),
-    ("[server\n", "is not valid TOML"),
-    ("[shares]\n'not-unc' = \"/x\"\n", "[shares]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[serverr]\n", "unknown section(s): serverr"),
+        ("[limits]\nmax_image_byte = 5\n", "unknown key(s) in [limits]: max_image_byte"),
+        ('[server]\nbinding = "fast"\n', "binding must be 'async' or 'blocking'"),
+        ("[server\n", "is not valid TOML"),
+        ("[shares]\n'not-unc' = \"/x\"\n", "[shares]"),
+    ],
+)
 def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text))

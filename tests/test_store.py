@@ -13,9 +13,9 @@ import textwrap
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -45,10 +45,18 @@ T0 = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=timezone(timedelta(hours=2)))
 
 
 def make_job(token: str, n: int = 0, **changes: object) -> Job:
-    job = Job(token=token, state=JobState.CREATING, reasons=(JobStateReason.NONE,),
-              filters=(FilterStatus("urn:fs", instructions=FileShareInstructions(("\\\\s\\x",))),),
-              psp_identifier="psp", psp_display_name="PSP", user_name="alice@example.com",
-              owner="alice", created=T0, last_activity=T0 + timedelta(seconds=n))
+    job = Job(
+        token=token,
+        state=JobState.CREATING,
+        reasons=(JobStateReason.NONE,),
+        filters=(FilterStatus("urn:fs", instructions=FileShareInstructions(("\\\\s\\x",))),),
+        psp_identifier="psp",
+        psp_display_name="PSP",
+        user_name="alice@example.com",
+        owner="alice",
+        created=T0,
+        last_activity=T0 + timedelta(seconds=n),
+    )
     return job.evolve(**changes) if changes else job
 
 
@@ -70,7 +78,7 @@ def files(root: Path) -> list[str]:
 def put_document(store: JobStore, token: str, doc_id: int, data: bytes, chunk: int = 7000) -> None:
     store.apply(BeginDocument(token, doc_id, "pdf-a"))
     for i in range(0, len(data), chunk):
-        store.apply(AppendDocument(token, doc_id, data[i:i + chunk]))
+        store.apply(AppendDocument(token, doc_id, data[i : i + chunk]))
     store.apply(FinishDocument(token, doc_id, len(data)))
 
 
@@ -94,14 +102,22 @@ def test_create_update_load_oldest_first_and_reopen(tmp_path: Path) -> None:
     with JobStore.open(data) as s:
         for token in ("b", "a", "c"):
             s.apply(CreateJob(make_job(token)))
-        done = make_job("b", 5, state=JobState.COMPLETED, completed=T0 + timedelta(minutes=1),
-                        reasons=(JobStateReason.COMPLETED_SUCCESSFULLY,),
-                        documents=(Document(1, "pdf-a", 10),))
+        done = make_job(
+            "b",
+            5,
+            state=JobState.COMPLETED,
+            completed=T0 + timedelta(minutes=1),
+            reasons=(JobStateReason.COMPLETED_SUCCESSFULLY,),
+            documents=(Document(1, "pdf-a", 10),),
+        )
         s.apply(UpdateJob(done))  # an update keeps the job's place
         s.apply(UpdateJob(make_job("d")))  # UpdateJob of an unknown token inserts (upsert)
         assert s.load_jobs() == [done, make_job("a"), make_job("c"), make_job("d")]
-        row = s._db().execute(
-            "SELECT state, active, created, completed FROM jobs WHERE token='b'").fetchone()
+        row = (
+            s._db()
+            .execute("SELECT state, active, created, completed FROM jobs WHERE token='b'")
+            .fetchone()
+        )
         assert row == ("Completed", 0, T0.isoformat(), (T0 + timedelta(minutes=1)).isoformat())
     with JobStore.open(data) as s:
         assert s.load_jobs() == [done, make_job("a"), make_job("c"), make_job("d")]
@@ -131,9 +147,8 @@ def test_corrupt_row_is_reported_not_skipped(tmp_path: Path) -> None:
 
 
 def test_one_store_per_directory(tmp_path: Path) -> None:
-    with JobStore.open(tmp_path / "data"):
-        with pytest.raises(StoreError, match="in use"):
-            JobStore.open(tmp_path / "data")
+    with JobStore.open(tmp_path / "data"), pytest.raises(StoreError, match="in use"):
+        JobStore.open(tmp_path / "data")
     JobStore.open(tmp_path / "data").close()  # released by close()
 
 
@@ -142,7 +157,7 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
     s.close()
     s.close()  # idempotent
     for command in (CreateJob(make_job("t")), BeginDocument("t", 1, "png"), DropJob("t")):
-        with pytest.raises(StoreError, match="closed|not open"):
+        with pytest.raises(StoreError, match=r"closed|not open"):
             s.apply(command)
     with pytest.raises(StoreError, match="closed"):
         s.load_jobs()
@@ -243,12 +258,19 @@ def test_open_removes_debris_but_keeps_documents(tmp_path: Path) -> None:
 # --- errors: R4 step 9 ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, temporary", [
-    (errno.ENOSPC, True), (errno.EDQUOT, True), (errno.ENOMEM, True),
-    (errno.EIO, False), (errno.EACCES, False),
-])
+@pytest.mark.parametrize(
+    "code, temporary",
+    [
+        (errno.ENOSPC, True),
+        (errno.EDQUOT, True),
+        (errno.ENOMEM, True),
+        (errno.EIO, False),
+        (errno.EACCES, False),
+    ],
+)
 def test_write_error_is_store_error_and_abort_cleans_up(
-        store: JobStore, monkeypatch: pytest.MonkeyPatch, code: int, temporary: bool) -> None:
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, code: int, temporary: bool
+) -> None:
     store.apply(BeginDocument("t", 1, "png"))
     store.apply(AppendDocument("t", 1, b"first chunk"))
 
@@ -275,8 +297,9 @@ def test_short_writes_are_completed(store: JobStore, monkeypatch: pytest.MonkeyP
     assert store.document_path("t", 1).read_bytes() == b"0123456789" * 10
 
 
-def test_fsync_failure_at_finish_leaves_nothing(store: JobStore,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fsync_failure_at_finish_leaves_nothing(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store.apply(BeginDocument("t", 1, "png"))
     store.apply(AppendDocument("t", 1, b"abc"))
 
@@ -434,8 +457,12 @@ CHILD = textwrap.dedent("""
 
 def run_and_kill(data: Path, scenario: str, after_lines: int, extra_delay: float) -> list[str]:
     """Start the child, read ``after_lines`` acknowledgements, wait a little, SIGKILL it."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data), scenario],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(data), scenario],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     try:
         while len(lines) < after_lines:

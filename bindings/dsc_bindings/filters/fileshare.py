@@ -11,8 +11,14 @@ from pathlib import Path
 
 from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
 
-from .common import (Cancelled, FilterOutcome, SourceError, check_cancel, document_file_name,
-                     never_raises, sanitize_name)
+from .common import (
+    FilterOutcome,
+    SourceError,
+    check_cancel,
+    document_file_name,
+    never_raises,
+    sanitize_name,
+)
 from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
@@ -24,8 +30,13 @@ _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @never_raises
-def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
-        settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+def run(
+    job: Job,
+    filter_index: int,
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> FilterOutcome:
     instructions = job.filters[filter_index].instructions
     if not isinstance(instructions, FileShareInstructions) or not instructions.shares:
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
@@ -66,19 +77,41 @@ def _reason_for(exc: OSError) -> FilterStateReason:
     return FilterStateReason.UNKNOWN_ERROR
 
 
-def _deliver(directory: Path, root_name: str, documents: list[tuple[Document, Path]],
-             settings: FilterSettings, cancelled: threading.Event) -> None:
+def _deliver(
+    directory: Path,
+    root_name: str,
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     counter = 1
     for document, source in documents:
         check_cancel(cancelled)
-        counter = _copy_one(source, directory, root_name, document.format, counter,
-                            settings.chunk_size, cancelled) + 1
+        counter = (
+            _copy_one(
+                source,
+                directory,
+                root_name,
+                document.format,
+                counter,
+                settings.chunk_size,
+                cancelled,
+            )
+            + 1
+        )
     _fsync_dir(directory)  # the new names survive a crash, not only the contents
 
 
-def _copy_one(source: Path, directory: Path, root_name: str, fmt: str, counter: int,
-              chunk_size: int, cancelled: threading.Event) -> int:
+def _copy_one(
+    source: Path,
+    directory: Path,
+    root_name: str,
+    fmt: str,
+    counter: int,
+    chunk_size: int,
+    cancelled: threading.Event,
+) -> int:
     """Copy one document to the first free ``<root>_<NNNN>.<ext>``; return the counter used."""
     try:
         src = open(source, "rb", buffering=0)
@@ -110,8 +143,9 @@ def _copy_one(source: Path, directory: Path, root_name: str, fmt: str, counter: 
     return counter
 
 
-def _create_exclusive(directory: Path, root_name: str, fmt: str,
-                      counter: int) -> tuple[int, Path, int]:
+def _create_exclusive(
+    directory: Path, root_name: str, fmt: str, counter: int
+) -> tuple[int, Path, int]:
     # O_EXCL: never overwrite (R9); it also refuses a symlink planted under the name.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for n in range(counter, MAX_COUNTER + 1):

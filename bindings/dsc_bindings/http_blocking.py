@@ -27,11 +27,21 @@ from dataclasses import dataclass, field
 
 from dsc_core import Limits
 
-from .http_common import (LINGER_BYTES, LINGER_SECONDS, MAX_REJECTING, READ_SIZE, Call, Close,
-                          HttpConnection, Receive, Send, ServiceLike,
-                          identity_from_certificate)
+from .http_common import (
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    MAX_REJECTING,
+    READ_SIZE,
+    Call,
+    Close,
+    HttpConnection,
+    Receive,
+    Send,
+    ServiceLike,
+    identity_from_certificate,
+)
 
-__all__ = ["BlockingServer", "DEFAULT_GRACE"]
+__all__ = ["DEFAULT_GRACE", "BlockingServer"]
 
 log = logging.getLogger("dsc.http")
 
@@ -61,9 +71,16 @@ def _shutdown_socket(sock: socket.socket, how: int) -> None:
 class BlockingServer:
     """HTTP(S) over blocking sockets and threads (module docstring)."""
 
-    def __init__(self, service: ServiceLike, host: str = "127.0.0.1", port: int = 5362,
-                 ssl_context: ssl.SSLContext | None = None, limits: Limits = Limits(), *,
-                 grace: float = DEFAULT_GRACE) -> None:
+    def __init__(
+        self,
+        service: ServiceLike,
+        host: str = "127.0.0.1",
+        port: int = 5362,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits = Limits(),
+        *,
+        grace: float = DEFAULT_GRACE,
+    ) -> None:
         self.service = service
         self.host = host
         self.port = port
@@ -96,16 +113,21 @@ class BlockingServer:
                 raise
             self._listener = listener
             self.port = int(listener.getsockname()[1])
-            log.info("listening on %s port %d (%s), up to %d connections", self.host,
-                     self.port, "https" if self.ssl_context is not None else "http",
-                     self.limits.max_connections)
+            log.info(
+                "listening on %s port %d (%s), up to %d connections",
+                self.host,
+                self.port,
+                "https" if self.ssl_context is not None else "http",
+                self.limits.max_connections,
+            )
         return self.port
 
     def start(self) -> int:
         """Bind and serve in a background thread; returns the bound port."""
         port = self.bind()
-        self._accept_thread = threading.Thread(target=self.serve_forever,
-                                               name="dsc-http-accept", daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self.serve_forever, name="dsc-http-accept", daemon=True
+        )
         self._accept_thread.start()
         return port
 
@@ -154,8 +176,7 @@ class BlockingServer:
         with self._lock:
             left = list(self._connections | self._rejecting)
         if left:
-            log.warning("%d connection(s) still busy after %.1f s: closing them", len(left),
-                        grace)
+            log.warning("%d connection(s) still busy after %.1f s: closing them", len(left), grace)
         for connection in left:
             _shutdown_socket(connection.sock, socket.SHUT_RDWR)
         for connection in left:
@@ -170,14 +191,18 @@ class BlockingServer:
         with self._lock:
             over = len(self._connections) >= self.limits.max_connections
             if over and len(self._rejecting) >= MAX_REJECTING:
-                log.warning("%s: over the connection limit and %d rejections running: "
-                            "closed", peer, MAX_REJECTING)
+                log.warning(
+                    "%s: over the connection limit and %d rejections running: closed",
+                    peer,
+                    MAX_REJECTING,
+                )
                 sock.close()
                 return
             connection = _Connection(sock, peer, over)
             (self._rejecting if over else self._connections).add(connection)
-        thread = threading.Thread(target=self._serve_connection, args=(connection,),
-                                  name="dsc-http-conn", daemon=True)
+        thread = threading.Thread(
+            target=self._serve_connection, args=(connection,), name="dsc-http-conn", daemon=True
+        )
         connection.thread = thread
         try:
             thread.start()
@@ -207,16 +232,22 @@ class BlockingServer:
             if self.ssl_context is not None:
                 try:
                     sock.settimeout(self.limits.head_timeout)
-                    tls = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                       do_handshake_on_connect=False)
+                    tls = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
                     connection.sock = sock = tls
                     tls.do_handshake()
                 except (OSError, ssl.SSLError, ValueError) as exc:
                     log.info("%s: TLS handshake failed: %r", connection.peer, exc)
                     return
                 identity = identity_from_certificate(tls.getpeercert())
-            protocol = HttpConnection(self.service, self.limits, identity=identity,
-                                      peer=connection.peer, over_capacity=connection.over)
+            protocol = HttpConnection(
+                self.service,
+                self.limits,
+                identity=identity,
+                peer=connection.peer,
+                over_capacity=connection.over,
+            )
             connection.protocol = protocol
             if self._stopping.is_set():
                 protocol.drain()

@@ -114,47 +114,75 @@ class Settings:
         return context
 
 
-_SECTIONS = {"server", "tls", "limits", "jobs", "users", "processes", "shares", "smtp",
-             "sharepoint", "eventing"}
+_SECTIONS = {
+    "server",
+    "tls",
+    "limits",
+    "jobs",
+    "users",
+    "processes",
+    "shares",
+    "smtp",
+    "sharepoint",
+    "eventing",
+}
 
 
 def _take(table: dict[str, Any], section: str, allowed: set[str]) -> dict[str, Any]:
     unknown = set(table) - allowed
     if unknown:
-        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
     return table
 
 
-def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
-                  host: str | None = None, port: int | None = None,
-                  binding: str | None = None, cert: Path | None = None,
-                  key: Path | None = None, client_ca: Path | None = None) -> Settings:
+def load_settings(
+    path: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    binding: str | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    client_ca: Path | None = None,
+) -> Settings:
     """The file (if any), then command-line overrides, over the embedded defaults."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") \
-                from exc
+            raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     unknown = set(raw) - _SECTIONS
     if unknown:
-        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}; "
-                          f"allowed: {', '.join(sorted(_SECTIONS))}")
-    srv = _take(raw.get("server", {}), "server",
-                {"host", "port", "data", "binding", "public_url", "friendly_name"})
+        raise ConfigError(
+            f"unknown section(s): {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(_SECTIONS))}"
+        )
+    srv = _take(
+        raw.get("server", {}),
+        "server",
+        {"host", "port", "data", "binding", "public_url", "friendly_name"},
+    )
     tls = _take(raw.get("tls", {}), "tls", {"cert", "key", "client_ca"})
-    limits_raw = _take(raw.get("limits", {}), "limits",
-                       {f.name for f in dataclasses.fields(Limits)})
+    limits_raw = _take(
+        raw.get("limits", {}), "limits", {f.name for f in dataclasses.fields(Limits)}
+    )
     jobs = _take(raw.get("jobs", {}), "jobs", {"timeout_seconds", "history_size"})
     users = _take(raw.get("users", {}), "users", {"scan_admins", "directory", "email"})
-    smtp = _take(raw.get("smtp", {}), "smtp",
-                 {"host", "port", "starttls", "username", "password", "from", "timeout"})
-    sharepoint = _take(raw.get("sharepoint", {}), "sharepoint",
-                       {"username", "password", "timeout", "ca_file"})
+    smtp = _take(
+        raw.get("smtp", {}),
+        "smtp",
+        {"host", "port", "starttls", "username", "password", "from", "timeout"},
+    )
+    sharepoint = _take(
+        raw.get("sharepoint", {}), "sharepoint", {"username", "password", "timeout", "ca_file"}
+    )
     eventing = _take(raw.get("eventing", {}), "eventing", {"default_seconds", "max_seconds"})
 
     base = path.parent if path is not None else Path.cwd()
@@ -177,15 +205,19 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
     if listen.binding not in ("async", "blocking"):
         raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
     if listen.client_ca and not listen.cert:
-        raise ConfigError("client certificates (client_ca) need TLS: give a server "
-                          "certificate with --tls-cert/--tls-key")
+        raise ConfigError(
+            "client certificates (client_ca) need TLS: give a server "
+            "certificate with --tls-cert/--tls-key"
+        )
     try:
         limits = Limits(**limits_raw)
     except TypeError as exc:
         raise ConfigError(f"[limits]: {exc}") from exc
-    public = srv.get("public_url") or \
-        f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}" \
+    public = (
+        srv.get("public_url")
+        or f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}"
         f":{listen.port}"
+    )
     server = ServerConfig(
         limits=limits,
         base_url=str(public).rstrip("/"),
@@ -206,8 +238,9 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
     sharepoint_context = None
     if sharepoint.get("ca_file"):
         sharepoint_context = ssl.create_default_context(cafile=str(resolve(sharepoint["ca_file"])))
-    roots = tuple((unc, resolve(local) or Path(local))
-                  for unc, local in raw.get("shares", {}).items())
+    roots = tuple(
+        (unc, resolve(local) or Path(local)) for unc, local in raw.get("shares", {}).items()
+    )
     filter_kw: dict[str, Any] = {
         "smtp_host": smtp.get("host", "localhost"),
         "smtp_port": int(smtp.get("port", 25)),
@@ -223,8 +256,11 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None,
         "sharepoint_ssl_context": sharepoint_context,
     }
     try:
-        filters = (FilterSettings(share_roots=roots, **filter_kw) if roots
-                   else FilterSettings.embedded_default(data, **filter_kw))
+        filters = (
+            FilterSettings(share_roots=roots, **filter_kw)
+            if roots
+            else FilterSettings.embedded_default(data, **filter_kw)
+        )
     except ValueError as exc:
         raise ConfigError(f"[shares]: {exc}") from exc
     return Settings(data, listen, server, filters, path)

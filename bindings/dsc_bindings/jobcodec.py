@@ -18,8 +18,9 @@ does not decode is corruption to report, not something to guess around.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from dsc_core.model import (
     Document,
@@ -35,7 +36,7 @@ from dsc_core.model import (
     SharePointInstructions,
 )
 
-__all__ = ["CODEC_VERSION", "encode_job", "decode_job"]
+__all__ = ["CODEC_VERSION", "decode_job", "encode_job"]
 
 #: Stored as ``"v"`` in every record; bump it (and keep reading the old one) on a format change.
 CODEC_VERSION = 1
@@ -57,19 +58,28 @@ def _instructions(value: Instructions | None) -> dict[str, Any] | None:
         case FileShareInstructions(shares=shares):
             return {"kind": "fileshare", "shares": list(shares)}
         case EmailInstructions():
-            return {"kind": "email", "send_to_scan_user": value.send_to_scan_user,
-                    "addresses": list(value.addresses),
-                    "can_add_addresses": value.can_add_addresses}
+            return {
+                "kind": "email",
+                "send_to_scan_user": value.send_to_scan_user,
+                "addresses": list(value.addresses),
+                "can_add_addresses": value.can_add_addresses,
+            }
         case SharePointInstructions():
-            return {"kind": "sharepoint", "save_to_my_site": value.save_to_my_site,
-                    "site_urls": list(value.site_urls)}
+            return {
+                "kind": "sharepoint",
+                "save_to_my_site": value.save_to_my_site,
+                "site_urls": list(value.site_urls),
+            }
     raise TypeError(f"not a filter instructions record: {value!r}")
 
 
 def _filter(value: FilterStatus) -> dict[str, Any]:
-    return {"dialect": value.dialect, "state": value.state.value,
-            "reasons": [r.value for r in value.reasons],
-            "instructions": _instructions(value.instructions)}
+    return {
+        "dialect": value.dialect,
+        "state": value.state.value,
+        "reasons": [r.value for r in value.reasons],
+        "instructions": _instructions(value.instructions),
+    }
 
 
 def encode_job(job: Job) -> str:
@@ -86,8 +96,10 @@ def encode_job(job: Job) -> str:
         "owner": job.owner,
         "created": _time(job.created),
         "last_activity": _time(job.last_activity),
-        "documents": [{"document_id": d.document_id, "format": d.format, "size": d.size}
-                      for d in job.documents],
+        "documents": [
+            {"document_id": d.document_id, "format": d.format, "size": d.size}
+            for d in job.documents
+        ],
         "completed": _time(job.completed),
         "continue_on_error": job.continue_on_error,
         "document_root_name": job.document_root_name,
@@ -137,12 +149,16 @@ def _decode_instructions(record: dict[str, Any]) -> Instructions | None:
     if kind == "fileshare":
         return FileShareInstructions(shares=_strings(value, "shares"))
     if kind == "email":
-        return EmailInstructions(send_to_scan_user=_get(value, "send_to_scan_user", bool),
-                                 addresses=_strings(value, "addresses"),
-                                 can_add_addresses=_get(value, "can_add_addresses", bool))
+        return EmailInstructions(
+            send_to_scan_user=_get(value, "send_to_scan_user", bool),
+            addresses=_strings(value, "addresses"),
+            can_add_addresses=_get(value, "can_add_addresses", bool),
+        )
     if kind == "sharepoint":
-        return SharePointInstructions(save_to_my_site=_get(value, "save_to_my_site", bool),
-                                      site_urls=_strings(value, "site_urls"))
+        return SharePointInstructions(
+            save_to_my_site=_get(value, "save_to_my_site", bool),
+            site_urls=_strings(value, "site_urls"),
+        )
     raise ValueError(f"job record: unknown instructions kind {kind!r}")
 
 
@@ -169,11 +185,14 @@ def decode_job(text: str) -> Job:
         state=JobState(_get(record, "state", str)),
         reasons=_enums(record, "reasons", JobStateReason),
         filters=tuple(
-            FilterStatus(dialect=_get(f, "dialect", str),
-                         state=FilterState(_get(f, "state", str)),
-                         reasons=_enums(f, "reasons", FilterStateReason),
-                         instructions=_decode_instructions(f))
-            for f in _objects(record, "filters")),
+            FilterStatus(
+                dialect=_get(f, "dialect", str),
+                state=FilterState(_get(f, "state", str)),
+                reasons=_enums(f, "reasons", FilterStateReason),
+                instructions=_decode_instructions(f),
+            )
+            for f in _objects(record, "filters")
+        ),
         psp_identifier=_get(record, "psp_identifier", str),
         psp_display_name=_get(record, "psp_display_name", str),
         user_name=_get(record, "user_name", str),
@@ -181,9 +200,13 @@ def decode_job(text: str) -> Job:
         created=created,
         last_activity=last_activity,
         documents=tuple(
-            Document(document_id=_get(d, "document_id", int), format=_get(d, "format", str),
-                     size=_get(d, "size", int))
-            for d in _objects(record, "documents")),
+            Document(
+                document_id=_get(d, "document_id", int),
+                format=_get(d, "format", str),
+                size=_get(d, "size", int),
+            )
+            for d in _objects(record, "documents")
+        ),
         completed=_decode_time(record, "completed", optional=True),
         continue_on_error=_get(record, "continue_on_error", bool),
         document_root_name=_get(record, "document_root_name", str),

@@ -7,13 +7,25 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
-from dsc_core.commands import (FilterFinished, FilterStarted, ProcessingEvent, ProcessingFinished,
-                               ProcessingStarted)
-from dsc_core.model import (Document, EmailInstructions, FileShareInstructions, FilterState,
-                            FilterStateReason, Job, SharePointInstructions)
+from dsc_core.commands import (
+    FilterFinished,
+    FilterStarted,
+    ProcessingEvent,
+    ProcessingFinished,
+    ProcessingStarted,
+)
+from dsc_core.model import (
+    Document,
+    EmailInstructions,
+    FileShareInstructions,
+    FilterState,
+    FilterStateReason,
+    Job,
+    SharePointInstructions,
+)
 
 from . import fileshare, mail, sharepoint
 from .common import FilterOutcome, FilterRun
@@ -39,8 +51,15 @@ class ProcessingEngine:
     queued (then it is the only event), so the core can rely on hearing the end of every job.
     """
 
-    def __init__(self, settings: FilterSettings, documents_of: DocumentsOf, report: Report, *,
-                 max_jobs: int = 2, runners: Mapping[type, FilterRun] | None = None) -> None:
+    def __init__(
+        self,
+        settings: FilterSettings,
+        documents_of: DocumentsOf,
+        report: Report,
+        *,
+        max_jobs: int = 2,
+        runners: Mapping[type, FilterRun] | None = None,
+    ) -> None:
         if max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
         self._settings = settings
@@ -148,8 +167,14 @@ class ProcessingEngine:
                 break
         self._emit(ProcessingFinished(token))
 
-    def _run_filter(self, job: Job, index: int, documents: list[tuple[Document, Path]] | None,
-                    settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+    def _run_filter(
+        self,
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]] | None,
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome:
         instructions = job.filters[index].instructions
         runner = self._runners.get(type(instructions))
         if runner is None:

@@ -40,19 +40,35 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable, Literal, Mapping, Protocol
+from typing import Any, Literal, Protocol
 
 import h11
 
 from dsc_core import Limits, Reply
 
 __all__ = [
-    "Action", "Call", "Close", "HttpConnection", "Receive", "Send", "ServiceLike",
-    "RequestLike", "SERVER_NAME", "READ_SIZE", "MAX_REJECTING", "REJECT_HEAD_TIMEOUT",
-    "LINGER_SECONDS", "LINGER_BYTES", "identity_from_certificate", "check_request_head",
-    "error_reply", "Rejection", "max_request_bytes",
+    "LINGER_BYTES",
+    "LINGER_SECONDS",
+    "MAX_REJECTING",
+    "READ_SIZE",
+    "REJECT_HEAD_TIMEOUT",
+    "SERVER_NAME",
+    "Action",
+    "Call",
+    "Close",
+    "HttpConnection",
+    "Receive",
+    "Rejection",
+    "RequestLike",
+    "Send",
+    "ServiceLike",
+    "check_request_head",
+    "error_reply",
+    "identity_from_certificate",
+    "max_request_bytes",
 ]
 
 log = logging.getLogger("dsc.http")
@@ -83,8 +99,9 @@ class RequestLike(Protocol):
 
 
 class ServiceLike(Protocol):
-    def open_request(self, content_type: str | None, identity: str | None,
-                     path: str) -> RequestLike: ...
+    def open_request(
+        self, content_type: str | None, identity: str | None, path: str
+    ) -> RequestLike: ...
 
 
 # --- actions a binding carries out ------------------------------------------------------------
@@ -120,10 +137,15 @@ class _Work:
     the exchange unless it is open, feed the held body pieces in order, then finish it if the
     body is complete (returning the Reply)."""
 
-    __slots__ = ("opener", "request", "chunks", "finish", "what")
+    __slots__ = ("chunks", "finish", "opener", "request", "what")
 
-    def __init__(self, opener: Callable[[], RequestLike] | None, request: RequestLike | None,
-                 chunks: list[bytes], finish: bool) -> None:
+    def __init__(
+        self,
+        opener: Callable[[], RequestLike] | None,
+        request: RequestLike | None,
+        chunks: list[bytes],
+        finish: bool,
+    ) -> None:
         self.opener = opener
         #: The service request; set as soon as this Call opened it, so that it is aborted even
         #: if a later step of the same Call raises.
@@ -131,8 +153,11 @@ class _Work:
         self.chunks = chunks
         self.finish = finish
         #: For the log: the service calls this Call makes ("open+feed+finish", ...).
-        self.what = "+".join(step for step, used in (("open", request is None), ("feed", chunks),
-                                                     ("finish", finish)) if used)
+        self.what = "+".join(
+            step
+            for step, used in (("open", request is None), ("feed", chunks), ("finish", finish))
+            if used
+        )
 
     def __call__(self) -> Reply | None:
         request = self.request
@@ -172,8 +197,9 @@ def max_request_bytes(limits: Limits) -> int:
     """The largest acceptable body: one image plus its envelope (R12), plus the MIME framing
     around them (a preamble, two part-header blocks, boundaries), so that an image the core
     would accept is never refused here first."""
-    return limits.max_image_bytes + limits.max_envelope_bytes + 3 * limits.max_part_header_bytes \
-        + 1024
+    return (
+        limits.max_image_bytes + limits.max_envelope_bytes + 3 * limits.max_part_header_bytes + 1024
+    )
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -195,9 +221,12 @@ def check_request_head(request: h11.Request, limits: Limits) -> Rejection | None
     Content-Length exceeds max_image_bytes + max_envelope_bytes (R12), before the body is read
     (and before any 100 Continue)."""
     if request.method != b"POST":
-        return Rejection(405, f"Method {request.method.decode('ascii', 'replace')} is not "
-                              "allowed; this server only answers POST.",
-                         (("Allow", "POST"),))
+        return Rejection(
+            405,
+            f"Method {request.method.decode('ascii', 'replace')} is not "
+            "allowed; this server only answers POST.",
+            (("Allow", "POST"),),
+        )
     length = _header(request, b"content-length")
     if length is not None:
         try:
@@ -205,16 +234,18 @@ def check_request_head(request: h11.Request, limits: Limits) -> Rejection | None
         except ValueError:  # h11 already validated it; stay defensive
             return Rejection(400, "The Content-Length header is not a number.")
         if declared > max_request_bytes(limits):
-            return Rejection(413, f"The request body of {declared} bytes exceeds the limit of "
-                                  f"{max_request_bytes(limits)} bytes.")
+            return Rejection(
+                413,
+                f"The request body of {declared} bytes exceeds the limit of "
+                f"{max_request_bytes(limits)} bytes.",
+            )
     return None
 
 
 def error_reply(status: int, message: str) -> Reply:
     """The plain-text body of an HTTP-level error (not SOAP: no exchange was opened)."""
     phrase = _phrase(status)
-    return Reply(status, "text/plain; charset=utf-8",
-                 f"{status} {phrase}: {message}\n".encode("utf-8"))
+    return Reply(status, "text/plain; charset=utf-8", f"{status} {phrase}: {message}\n".encode())
 
 
 def _phrase(status: int) -> str:
@@ -237,8 +268,12 @@ def identity_from_certificate(certificate: Mapping[str, Any] | None) -> str | No
     """
     if not certificate:
         return None
-    common_names = [value for rdn in certificate.get("subject", ())
-                    for key, value in rdn if key == "commonName" and value]
+    common_names = [
+        value
+        for rdn in certificate.get("subject", ())
+        for key, value in rdn
+        if key == "commonName" and value
+    ]
     if common_names:
         return str(common_names[-1])
     alt_names = list(certificate.get("subjectAltName", ()))
@@ -257,17 +292,25 @@ Phase = Literal["head", "idle", "body", "respond", "closed"]
 class HttpConnection:
     """One server connection: h11 plus the project's HTTP rules, without I/O (module doc)."""
 
-    def __init__(self, service: ServiceLike, limits: Limits, *, identity: str | None = None,
-                 peer: str = "?", over_capacity: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        service: ServiceLike,
+        limits: Limits,
+        *,
+        identity: str | None = None,
+        peer: str = "?",
+        over_capacity: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._service = service
         self._limits = limits
         self._identity = identity
         self._peer = peer
         self._over_capacity = over_capacity
         self._clock = clock
-        self._h11 = h11.Connection(h11.SERVER,
-                                   max_incomplete_event_size=limits.max_http_header_bytes)
+        self._h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes
+        )
         self._pending: deque[Action] = deque()
         #: The open service request of the current exchange.
         self._request: RequestLike | None = None
@@ -300,8 +343,9 @@ class HttpConnection:
         connection may be closed at once when the server stops."""
         if self._backlog:
             return False
-        return self._phase == "idle" or (self._phase == "head" and self._requests == 0
-                                          and not self._h11.trailing_data[0])
+        return self._phase == "idle" or (
+            self._phase == "head" and self._requests == 0 and not self._h11.trailing_data[0]
+        )
 
     @property
     def draining(self) -> bool:
@@ -336,14 +380,23 @@ class HttpConnection:
         if self._draining and self.idle:
             log.debug("%s: closing an idle connection at shutdown", self._peer)
         elif self._phase == "idle":
-            log.info("%s: idle keep-alive timeout (%.1f s): closing", self._peer,
-                     self._limits.idle_timeout)
+            log.info(
+                "%s: idle keep-alive timeout (%.1f s): closing",
+                self._peer,
+                self._limits.idle_timeout,
+            )
         elif self._phase == "body":
-            log.warning("%s: no body progress for %.1f s: closing (exchange aborted)",
-                        self._peer, self._limits.body_timeout)
+            log.warning(
+                "%s: no body progress for %.1f s: closing (exchange aborted)",
+                self._peer,
+                self._limits.body_timeout,
+            )
         else:
-            log.warning("%s: request head not received within %.1f s: closing", self._peer,
-                        self._head_timeout)
+            log.warning(
+                "%s: request head not received within %.1f s: closing",
+                self._peer,
+                self._head_timeout,
+            )
         self._close(False)
 
     def send_failed(self) -> None:
@@ -369,8 +422,7 @@ class HttpConnection:
             what = work.what
             self._request = work.request  # opened (even by this Call): cleanup aborts it
         log.error("%s: service %s call failed: %r", self._peer, what, exc, exc_info=exc)
-        self._respond(error_reply(500, "The server failed to process the request."),
-                      close=True)
+        self._respond(error_reply(500, "The server failed to process the request."), close=True)
 
     def drain(self) -> None:
         """The server stops: finish the request in progress, then close; close at once if idle
@@ -414,19 +466,26 @@ class HttpConnection:
         if event is h11.NEED_DATA:
             if self._backlog or (self._eof and not self._eof_fed):
                 return  # more of what was received goes to h11 at the next step
-            if self._held and (self._request is not None
-                               or self._held_bytes > self._limits.max_envelope_bytes):
+            if self._held and (
+                self._request is not None or self._held_bytes > self._limits.max_envelope_bytes
+            ):
                 # What was received goes to the service before we wait for more (R8), in one
                 # Call (which opens the exchange first if needed).
                 self._call(finish=False)
             elif self._eof_fed:  # h11 raises for EOF mid-event; this is EOF between events
                 self._close(False)
-            elif self._phase == "body" and self._exchange_pending \
-                    and self._h11.they_are_waiting_for_100_continue:
+            elif (
+                self._phase == "body"
+                and self._exchange_pending
+                and self._h11.they_are_waiting_for_100_continue
+            ):
                 # Only reached for an accepted head (R12 checks first); the exchange itself
                 # opens with the first Call.
-                self._send(h11.InformationalResponse(status_code=100, headers=self._headers(),
-                                                     reason=b"Continue"))
+                self._send(
+                    h11.InformationalResponse(
+                        status_code=100, headers=self._headers(), reason=b"Continue"
+                    )
+                )
             else:
                 self._pending.append(self._receive())
         elif event is h11.PAUSED:
@@ -496,19 +555,33 @@ class HttpConnection:
         self._opener, self._held, self._held_bytes = None, [], 0
         target = request.target.decode("ascii", "replace")
         if self._over_capacity:
-            log.warning("%s: over the limit of %d open connections: 503", self._peer,
-                        self._limits.max_connections)
-            self._respond(error_reply(503, "Too many open connections; retry later."),
-                          close=True, extra=(("Retry-After", "1"),))
+            log.warning(
+                "%s: over the limit of %d open connections: 503",
+                self._peer,
+                self._limits.max_connections,
+            )
+            self._respond(
+                error_reply(503, "Too many open connections; retry later."),
+                close=True,
+                extra=(("Retry-After", "1"),),
+            )
             return
         rejection = check_request_head(request, self._limits)
         if rejection is not None:
-            log.warning("%s: %s %s refused with %d: %s", self._peer,
-                        request.method.decode("ascii", "replace"), target, rejection.status,
-                        rejection.message)
+            log.warning(
+                "%s: %s %s refused with %d: %s",
+                self._peer,
+                request.method.decode("ascii", "replace"),
+                target,
+                rejection.status,
+                rejection.message,
+            )
             # A refused body is not read: close after the answer, unless there is none.
-            self._respond(error_reply(rejection.status, rejection.message),
-                          close=request_has_body(request), extra=rejection.headers)
+            self._respond(
+                error_reply(rejection.status, rejection.message),
+                close=request_has_body(request),
+                extra=rejection.headers,
+            )
             return
         content_type = _header(request, b"content-type")
         ctype = content_type.decode("latin-1") if content_type is not None else None
@@ -524,8 +597,9 @@ class HttpConnection:
             self._close(False)
             return
         if status == 431:
-            message = (f"The request head exceeds the limit of "
-                       f"{self._limits.max_http_header_bytes} bytes.")
+            message = (
+                f"The request head exceeds the limit of {self._limits.max_http_header_bytes} bytes."
+            )
         else:
             message = f"Malformed HTTP request: {exc}"
         log.warning("%s: %d: %s", self._peer, status, message)
@@ -537,18 +611,26 @@ class HttpConnection:
     def _headers(self, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
         return [("Server", SERVER_NAME), *extra]
 
-    def _respond(self, reply: Reply, *, close: bool = False,
-                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+    def _respond(
+        self, reply: Reply, *, close: bool = False, extra: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self._close(False)
             return
-        headers = self._headers(extra) + [("Content-Type", reply.content_type),
-                                          ("Content-Length", str(len(reply.body)))]
+        headers = self._headers(extra) + [
+            ("Content-Type", reply.content_type),
+            ("Content-Length", str(len(reply.body))),
+        ]
         if close or self._draining:
             headers.append(("Connection", "close"))
         try:
-            data = self._h11.send(h11.Response(status_code=reply.status, headers=headers,
-                                               reason=_phrase(reply.status).encode("ascii")))
+            data = self._h11.send(
+                h11.Response(
+                    status_code=reply.status,
+                    headers=headers,
+                    reason=_phrase(reply.status).encode("ascii"),
+                )
+            )
             data = (data or b"") + (self._h11.send(h11.Data(data=reply.body)) or b"")
             data += self._h11.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:  # pragma: no cover - a bug here
@@ -566,8 +648,11 @@ class HttpConnection:
     def _after_cycle(self) -> None:
         """After our answer (or the end of a refused request): keep alive or close."""
         ours, theirs = self._h11.our_state, self._h11.their_state
-        if ours is h11.MUST_CLOSE or ours is h11.CLOSED or theirs in (h11.MUST_CLOSE,
-                                                                        h11.CLOSED, h11.ERROR):
+        if (
+            ours is h11.MUST_CLOSE
+            or ours is h11.CLOSED
+            or theirs in (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+        ):
             self._close(True)
         elif ours is h11.DONE and theirs is h11.DONE:
             self._h11.start_next_cycle()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Callable
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -30,25 +30,40 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from dsc_core import Limits
 
-from .http_common import (MAX_REJECTING, READ_SIZE, LINGER_BYTES, LINGER_SECONDS, Call, Close,
-                          HttpConnection, Receive, Send, ServiceLike,
-                          identity_from_certificate)
+from .http_common import (
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    MAX_REJECTING,
+    READ_SIZE,
+    Call,
+    Close,
+    HttpConnection,
+    Receive,
+    Send,
+    ServiceLike,
+    identity_from_certificate,
+)
 
-__all__ = ["serve", "DEFAULT_GRACE"]
+__all__ = ["DEFAULT_GRACE", "serve"]
 
 log = logging.getLogger("dsc.http")
 
 #: Seconds in-flight requests get to finish once serving is cancelled.
 DEFAULT_GRACE = 10.0
 
-_STREAM_ERRORS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                  ssl.SSLError, OSError)
+_STREAM_ERRORS = (
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    ssl.SSLError,
+    OSError,
+)
 
 
 class _Connection:
     """Book-keeping for one connection, so that shutdown can reach it."""
 
-    __slots__ = ("scope", "protocol", "receive_scope")
+    __slots__ = ("protocol", "receive_scope", "scope")
 
     def __init__(self, scope: anyio.CancelScope) -> None:
         self.scope = scope
@@ -66,8 +81,9 @@ class _Connection:
 
 
 class _Server:
-    def __init__(self, service: ServiceLike, limits: Limits,
-                 ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, service: ServiceLike, limits: Limits, ssl_context: ssl.SSLContext | None
+    ) -> None:
         self.service = service
         self.limits = limits
         self.ssl_context = ssl_context
@@ -99,23 +115,27 @@ class _Server:
                     self.connections.discard(connection)
                 await anyio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, connection: _Connection,
-                                stream: anyio.abc.ByteStream, over: bool) -> None:
+    async def _serve_connection(
+        self, connection: _Connection, stream: anyio.abc.ByteStream, over: bool
+    ) -> None:
         peer = _peer_name(stream)
         identity: str | None = None
         if self.ssl_context is not None:
             try:
                 with anyio.fail_after(self.limits.head_timeout):
-                    stream = await TLSStream.wrap(stream, server_side=True,
-                                                  ssl_context=self.ssl_context,
-                                                  standard_compatible=False)
+                    stream = await TLSStream.wrap(
+                        stream,
+                        server_side=True,
+                        ssl_context=self.ssl_context,
+                        standard_compatible=False,
+                    )
             except (TimeoutError, *_STREAM_ERRORS) as exc:
                 log.info("%s: TLS handshake failed: %r", peer, exc)
                 return
-            identity = identity_from_certificate(
-                stream.extra(TLSAttribute.peer_certificate, None))
-        protocol = HttpConnection(self.service, self.limits, identity=identity, peer=peer,
-                                  over_capacity=over)
+            identity = identity_from_certificate(stream.extra(TLSAttribute.peer_certificate, None))
+        protocol = HttpConnection(
+            self.service, self.limits, identity=identity, peer=peer, over_capacity=over
+        )
         connection.protocol = protocol
         if self.draining:
             protocol.drain()
@@ -152,8 +172,13 @@ class _Server:
                     except Exception:
                         log.exception("%s: aborting the exchange failed", peer)
 
-    async def _receive(self, connection: _Connection, protocol: HttpConnection,
-                       stream: anyio.abc.ByteStream, action: Receive) -> None:
+    async def _receive(
+        self,
+        connection: _Connection,
+        protocol: HttpConnection,
+        stream: anyio.abc.ByteStream,
+        action: Receive,
+    ) -> None:
         data = b""
         with anyio.move_on_after(action.timeout) as scope:
             connection.receive_scope = scope if protocol.idle else None
@@ -176,8 +201,11 @@ class _Server:
             while self.connections or self.rejecting:
                 await anyio.sleep(0.02)
         if self.connections:
-            log.warning("%d connection(s) still busy after %.1f s: cancelling them",
-                        len(self.connections), grace)
+            log.warning(
+                "%d connection(s) still busy after %.1f s: cancelling them",
+                len(self.connections),
+                grace,
+            )
         for connection in list(self.connections):
             connection.scope.cancel()
 
@@ -207,11 +235,17 @@ def _peer_name(stream: anyio.abc.ByteStream) -> str:
     return str(address)
 
 
-async def serve(service: ServiceLike, *, host: str = "127.0.0.1", port: int = 5362,
-                ssl_context: ssl.SSLContext | None = None, limits: Limits = Limits(),
-                grace: float = DEFAULT_GRACE,
-                task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
-                ready: Callable[[int], object] | None = None) -> None:
+async def serve(
+    service: ServiceLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5362,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: Limits = Limits(),
+    grace: float = DEFAULT_GRACE,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ready: Callable[[int], object] | None = None,
+) -> None:
     """Serve HTTP(S) until cancelled.
 
     ``port`` 0 picks a free port; the bound port is reported through ``task_status`` (so
@@ -222,8 +256,13 @@ async def serve(service: ServiceLike, *, host: str = "127.0.0.1", port: int = 53
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
     server = _Server(service, limits, ssl_context)
-    log.info("listening on %s port %d (%s), up to %d connections", host, bound,
-             "https" if ssl_context is not None else "http", limits.max_connections)
+    log.info(
+        "listening on %s port %d (%s), up to %d connections",
+        host,
+        bound,
+        "https" if ssl_context is not None else "http",
+        limits.max_connections,
+    )
     accept_scope = anyio.CancelScope()
     accept_done = anyio.Event()
 

@@ -51,7 +51,7 @@ try:  # POSIX advisory lock; without it (Windows) two servers on one directory a
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["JobStore", "StoreError", "is_temporary", "SCHEMA_VERSION", "DB_NAME", "SPOOL_NAME"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "SPOOL_NAME", "JobStore", "StoreError", "is_temporary"]
 
 DB_NAME = "jobs.sqlite3"
 SPOOL_NAME = "spool"
@@ -83,10 +83,16 @@ _UPSERT = """
 
 # R4 step 9: conditions a retry may get past.
 _TEMPORARY_ERRNOS = frozenset(
-    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.ENOMEM) if e is not None)
+    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.ENOMEM) if e is not None
+)
 _TEMPORARY_SQLITE = frozenset({5, 6, 7, 13})  # SQLITE_BUSY, _LOCKED, _NOMEM, _FULL
-_TEMPORARY_SQLITE_TEXT = ("database is locked", "database is busy", "database table is locked",
-                          "database or disk is full", "out of memory")
+_TEMPORARY_SQLITE_TEXT = (
+    "database is locked",
+    "database is busy",
+    "database table is locked",
+    "database or disk is full",
+    "out of memory",
+)
 
 
 class StoreError(Exception):
@@ -151,8 +157,13 @@ def _write_all(fd: int, data: bytes) -> int:
 def _check_token(token: str) -> str:
     # Tokens are GUIDs made by the core (R6); still, the token becomes a directory name, so make
     # sure it cannot leave the spool or hide as a dot file.
-    if (not isinstance(token, str) or not token or len(token) > 200 or token.startswith(".")
-            or any(c in token for c in "/\\\0")):
+    if (
+        not isinstance(token, str)
+        or not token
+        or len(token) > 200
+        or token.startswith(".")
+        or any(c in token for c in "/\\\0")
+    ):
         raise StoreError(f"not a usable job token: {token!r}", temporary=False)
     return token
 
@@ -191,7 +202,7 @@ class JobStore:
     # --- opening and closing ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, data_dir: Path, *, busy_timeout: float = 5.0) -> "JobStore":
+    def open(cls, data_dir: Path, *, busy_timeout: float = 5.0) -> JobStore:
         """Open (creating if needed) the store in ``data_dir`` and remove crash debris.
 
         ``busy_timeout`` is how long a write waits for another SQLite writer before it fails as
@@ -206,8 +217,12 @@ class JobStore:
             spool.mkdir(parents=True, exist_ok=True)
             _fsync_dir(data_dir)
             lock_fd = cls._lock(data_dir / LOCK_NAME)
-            conn = sqlite3.connect(data_dir / DB_NAME, timeout=busy_timeout,
-                                   isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                data_dir / DB_NAME,
+                timeout=busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{data_dir / DB_NAME}: cannot use WAL (got {mode})", False)
@@ -249,8 +264,10 @@ class JobStore:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise StoreError(f"job store schema {version} is newer than this server "
-                                 f"({SCHEMA_VERSION})", False)
+                raise StoreError(
+                    f"job store schema {version} is newer than this server ({SCHEMA_VERSION})",
+                    False,
+                )
             if version == 0:
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -298,11 +315,15 @@ class JobStore:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> "JobStore":
+    def __enter__(self) -> JobStore:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def _db(self) -> sqlite3.Connection:
@@ -345,8 +366,17 @@ class JobStore:
         completed = None if job.completed is None else job.completed.isoformat()
         with self._db_lock:
             # One statement in autocommit mode: atomic, and durable when it returns.
-            self._db().execute(_UPSERT, (job.token, job.state.value, int(job.is_active),
-                                         job.created.isoformat(), completed, text))
+            self._db().execute(
+                _UPSERT,
+                (
+                    job.token,
+                    job.state.value,
+                    int(job.is_active),
+                    job.created.isoformat(),
+                    completed,
+                    text,
+                ),
+            )
 
     def _begin(self, token: str, document_id: int) -> None:
         folder = self.spool_dir / _check_token(token)
@@ -362,8 +392,9 @@ class JobStore:
                 pass
             part = folder / f".{document_id}{PART_SUFFIX}"
             # O_TRUNC: a leftover .part of the same id holds nothing acknowledged.
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(
+                part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
             self._open[key] = _OpenDocument(fd, part, folder / str(document_id))
 
     def _take(self, token: str, document_id: int, pop: bool) -> _OpenDocument:
@@ -393,8 +424,10 @@ class JobStore:
             os.close(doc.fd)
             doc.fd = -1
             if on_disk != size or doc.written != size:
-                raise StoreError(f"document {document_id} of {token}: {on_disk} bytes stored, "
-                                 f"{size} expected", temporary=False)
+                raise StoreError(
+                    f"document {document_id} of {token}: {on_disk} bytes stored, {size} expected",
+                    temporary=False,
+                )
             os.replace(doc.part, doc.final)
             renamed = True
             _fsync_dir(doc.final.parent)  # the rename itself is durable only with this
@@ -465,8 +498,9 @@ class JobStore:
             try:
                 job = decode_job(text)
             except (ValueError, TypeError) as exc:
-                raise StoreError(f"job {token}: stored record does not decode: {exc}",
-                                 temporary=False) from exc
+                raise StoreError(
+                    f"job {token}: stored record does not decode: {exc}", temporary=False
+                ) from exc
             if job.token != token:
                 raise StoreError(f"job {token}: stored record has token {job.token}", False)
             jobs.append(job)

@@ -1,10 +1,10 @@
 """The ``dsc`` command: run the server, look at what it would answer, and talk to it.
 
-    dsc serve                        run the scan server (embedded default: SQLite + ./var)
-    dsc handle [FILE]                answer one request with a fresh core, no network
-    dsc scan --server URL FILE...    act as a scanner: create a job, upload, end, wait
-    dsc repo | jobs | history        the management client (MS-BDSRR)
-    dsc job TOKEN | cancel TOKEN
+dsc serve                        run the scan server (embedded default: SQLite + ./var)
+dsc handle [FILE]                answer one request with a fresh core, no network
+dsc scan --server URL FILE...    act as a scanner: create a job, upload, end, wait
+dsc repo | jobs | history        the management client (MS-BDSRR)
+dsc job TOKEN | cancel TOKEN
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
@@ -32,8 +33,17 @@ DEFAULT_SERVER = "http://127.0.0.1:5362/ScanServer"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: File extension -> WS-Scan document format (dsm-and-stack §1.4 Format values).
-FORMATS = {".png": "png", ".pdf": "pdf-a", ".jpg": "jfif", ".jpeg": "jfif", ".tif": "tiff-single-uncompressed",
-           ".tiff": "tiff-single-uncompressed", ".xps": "xps", ".bmp": "dib", ".jp2": "jpeg2k"}
+FORMATS = {
+    ".png": "png",
+    ".pdf": "pdf-a",
+    ".jpg": "jfif",
+    ".jpeg": "jfif",
+    ".tif": "tiff-single-uncompressed",
+    ".tiff": "tiff-single-uncompressed",
+    ".xps": "xps",
+    ".bmp": "dib",
+    ".jp2": "jpeg2k",
+}
 
 
 class CliError(Exception):
@@ -58,7 +68,7 @@ def split_mime_head(data: bytes) -> tuple[str | None, bytes]:
     headers: list[str] = []
     for i, line in enumerate(lines):
         if not line.strip():  # a blank (or whitespace-only) line ends the head
-            body = b"\n".join(lines[i + 1:])
+            body = b"\n".join(lines[i + 1 :])
             break
         text = line.decode("latin-1").rstrip("\r")
         if text[:1] in (" ", "\t") and headers:
@@ -80,16 +90,20 @@ def cmd_handle(args: argparse.Namespace) -> int:
     if content_type is None:
         content_type, data = split_mime_head(data)
     server = ScanServer(ServerConfig(), new_id=lambda: str(uuid.uuid4()))
-    info = RequestInfo(now=datetime.now().astimezone(),
-                       content_type=content_type or "application/soap+xml; charset=utf-8",
-                       identity=args.identity)
+    info = RequestInfo(
+        now=datetime.now().astimezone(),
+        content_type=content_type or "application/soap+xml; charset=utf-8",
+        identity=args.identity,
+    )
     outcome = server.handle(data, info)
     reply = outcome.reply
     body = reply.body
     if args.pretty:
         from lxml import etree
-        body = etree.tostring(etree.fromstring(body), pretty_print=True, xml_declaration=True,
-                              encoding="utf-8")
+
+        body = etree.tostring(
+            etree.fromstring(body), pretty_print=True, xml_declaration=True, encoding="utf-8"
+        )
     out = sys.stdout.buffer
     out.write(f"HTTP/1.1 {reply.status} {_reason(reply.status)}\r\n".encode())
     out.write(f"Content-Type: {reply.content_type}\r\n\r\n".encode())
@@ -117,6 +131,7 @@ def _describe(command: object) -> str:
 
 def _reason(status: int) -> str:
     from http import HTTPStatus
+
     try:
         return HTTPStatus(status).phrase
     except ValueError:
@@ -153,24 +168,38 @@ class Client:
         body = dc.envelope(action, payload, message_id=self.message_id(), to=self.url)
         return self._send(body, dc.SOAP_XML)
 
-    def _send(self, body: bytes | Iterable[bytes], content_type: str,
-              length: int | None = None) -> dc.Response:
-        reply = post(self.url, body, content_type=content_type, length=length,
-                     ssl_context=self.context, timeout=self.timeout)
+    def _send(
+        self, body: bytes | Iterable[bytes], content_type: str, length: int | None = None
+    ) -> dc.Response:
+        reply = post(
+            self.url,
+            body,
+            content_type=content_type,
+            length=length,
+            ssl_context=self.context,
+            timeout=self.timeout,
+        )
         if not reply.content_type.startswith("application/soap+xml"):
-            raise CliError(f"the server answered HTTP {reply.status} "
-                           f"({reply.body[:200].decode('utf-8', 'replace').strip()})")
+            raise CliError(
+                f"the server answered HTTP {reply.status} "
+                f"({reply.body[:200].decode('utf-8', 'replace').strip()})"
+            )
         return dc.parse_response(reply.body, reply.status)
 
-    def send_image(self, token: str, document_id: int, fmt: str, path: Path,
-                   progress: Progress) -> None:
+    def send_image(
+        self, token: str, document_id: int, fmt: str, path: Path, progress: Progress
+    ) -> None:
         content_id = f"{uuid.uuid4()}@dsc-scan"
-        root = dc.envelope(A.DSP_SEND_IMAGE, dc.send_image_request(token, document_id, fmt,
-                                                                    content_id),
-                           message_id=self.message_id(), to=self.url)
+        root = dc.envelope(
+            A.DSP_SEND_IMAGE,
+            dc.send_image_request(token, document_id, fmt, content_id),
+            message_id=self.message_id(),
+            to=self.url,
+        )
         size = path.stat().st_size
-        body = dc.mtom(root, content_id, _file_chunks(path, progress),
-                       boundary=f"dsc-{uuid.uuid4().hex}")
+        body = dc.mtom(
+            root, content_id, _file_chunks(path, progress), boundary=f"dsc-{uuid.uuid4().hex}"
+        )
         self._send(body.chunks(), body.content_type, body.length(size))
 
 
@@ -198,10 +227,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
         instructions.append(SharePointInstructions(False, tuple(args.sharepoint)))
     client = Client(args)
     root_name = args.root_name or files[0].stem
-    response = client.call(A.DSP_CREATE, dc.create_post_scan_job(
-        user_identifier=args.user, psp_identifier=args.process_id,
-        instructions=instructions, document_root_name=root_name,
-        continue_on_error=args.continue_on_error, process_name=args.process_name))
+    response = client.call(
+        A.DSP_CREATE,
+        dc.create_post_scan_job(
+            user_identifier=args.user,
+            psp_identifier=args.process_id,
+            instructions=instructions,
+            document_root_name=root_name,
+            continue_on_error=args.continue_on_error,
+            process_name=args.process_name,
+        ),
+    )
     token = dc.text_of(response.payload, names.DSP, "JobToken")
     _say(args, f"job {token} created")
     for number, path in enumerate(files, start=1):
@@ -215,8 +251,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     _say(args, f"job {token} ended; waiting for processing")
     deadline = time.monotonic() + args.wait
     while True:
-        view = dc.read_job_elements(client.call(A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(
-            names.DSP, token, ["JobStatus", "JobDescription"])).payload, names.DSP)
+        view = dc.read_job_elements(
+            client.call(
+                A.DSP_GET_JOB_ELEMENTS,
+                dc.job_elements_request(names.DSP, token, ["JobStatus", "JobDescription"]),
+            ).payload,
+            names.DSP,
+        )
         if view.ended:
             break
         if time.monotonic() > deadline:
@@ -238,16 +279,20 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
-    response = Client(args).call(A.DSC_GET_REPOSITORY_ELEMENTS, dc.repository_elements_request(
-        ["RepositoryConfiguration", "RepositoryStatus"]))
+    response = Client(args).call(
+        A.DSC_GET_REPOSITORY_ELEMENTS,
+        dc.repository_elements_request(["RepositoryConfiguration", "RepositoryStatus"]),
+    )
     payload = response.payload
     state = ""
     filters: list[str] = []
-    for data in dc.all_of(dc.find_path(payload, names.DSC, "RepositoryElements"), names.DSC,
-                          "ElementData"):
+    for data in dc.all_of(
+        dc.find_path(payload, names.DSC, "RepositoryElements"), names.DSC, "ElementData"
+    ):
         state = state or dc.text_of(data, names.DSC, "RepositoryStatus", "RepositoryState")
-        for f in dc.all_of(dc.find_path(data, names.DSC, "RepositoryConfiguration", "Filters"),
-                           names.DSC, "Filter"):
+        for f in dc.all_of(
+            dc.find_path(data, names.DSC, "RepositoryConfiguration", "Filters"), names.DSC, "Filter"
+        ):
             filters.append(dc.text_of(f, names.DSC, "Dialect"))
     if args.json:
         print(json.dumps({"state": state, "filters": filters}, indent=2))
@@ -268,9 +313,17 @@ def _list(args: argparse.Namespace, action: str, request: str, container: str) -
         return EXIT_OK
     rows = [["TOKEN", "STATE", "REASON", "IMAGES", "USER", "PROCESS", "FILTERS"]]
     for j in jobs:
-        rows.append([j.token, j.state, ",".join(j.reasons), str(j.images_received), j.user_name,
-                     j.psp_display_name,
-                     " ".join(f"{_dialect(f.dialect)}:{f.state}" for f in j.filters)])
+        rows.append(
+            [
+                j.token,
+                j.state,
+                ",".join(j.reasons),
+                str(j.images_received),
+                j.user_name,
+                j.psp_display_name,
+                " ".join(f"{_dialect(f.dialect)}:{f.state}" for f in j.filters),
+            ]
+        )
     print(table(rows))
     return EXIT_OK
 
@@ -284,15 +337,24 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    response = Client(args).call(A.DSC_GET_JOB_ELEMENTS, dc.job_elements_request(
-        names.DSC, args.token, ["JobStatus", "JobDescription", "Documents"]))
+    response = Client(args).call(
+        A.DSC_GET_JOB_ELEMENTS,
+        dc.job_elements_request(
+            names.DSC, args.token, ["JobStatus", "JobDescription", "Documents"]
+        ),
+    )
     view = dc.read_job_elements(response.payload, names.DSC)
     docs = []
-    for data in dc.all_of(dc.find_path(response.payload, names.DSC, "JobElements"), names.DSC,
-                          "ElementData"):
+    for data in dc.all_of(
+        dc.find_path(response.payload, names.DSC, "JobElements"), names.DSC, "ElementData"
+    ):
         for doc in dc.all_of(dc.find_path(data, names.DSC, "Documents"), names.DSC, "Document"):
-            docs.append({"id": dc.text_of(doc, names.DSC, "DocumentDescription", "DocumentId"),
-                         "format": dc.text_of(doc, names.DSC, "DocumentDescription", "Format")})
+            docs.append(
+                {
+                    "id": dc.text_of(doc, names.DSC, "DocumentDescription", "DocumentId"),
+                    "format": dc.text_of(doc, names.DSC, "DocumentDescription", "Format"),
+                }
+            )
     if args.json:
         print(json.dumps({**view.as_dict(), "documents": docs}, indent=2))
     else:
@@ -303,8 +365,9 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    Client(args).call(A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest",
-                                                     args.token))
+    Client(args).call(
+        A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", args.token)
+    )
     if args.json:
         print(json.dumps({"token": args.token, "canceled": True}))
     else:
@@ -317,8 +380,12 @@ def _dialect(uri: str) -> str:
 
 
 def _print_job(view: dc.JobView) -> None:
-    rows = [["Job", view.token], ["State", view.state], ["Reasons", ", ".join(view.reasons)],
-            ["Images", str(view.images_received)]]
+    rows = [
+        ["Job", view.token],
+        ["State", view.state],
+        ["Reasons", ", ".join(view.reasons)],
+        ["Images", str(view.images_received)],
+    ]
     if view.user_name:
         rows += [["User", view.user_name], ["Process", view.psp_display_name]]
     if view.created:
@@ -335,7 +402,9 @@ def table(rows: Sequence[Sequence[str]], *, header: bool = True) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        lines.append(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
+        )
         if header and n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -350,27 +419,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def load() -> Settings:
         return load_settings(
-            args.config, data_dir=args.data, host=args.host, port=args.port,
-            binding=args.binding, cert=args.tls_cert, key=args.tls_key,
-            client_ca=args.client_ca)
+            args.config,
+            data_dir=args.data,
+            host=args.host,
+            port=args.port,
+            binding=args.binding,
+            cert=args.tls_cert,
+            key=args.tls_key,
+            client_ca=args.client_ca,
+        )
 
     try:
         settings = load()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-    return run_server(settings, log_level=args.log_level,
-                      reload=load if args.config else None)
+    return run_server(settings, log_level=args.log_level, reload=load if args.config else None)
 
 
 # --- argument parsing -------------------------------------------------------------------------
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=os.environ.get("DSC_SERVER", DEFAULT_SERVER),
-                   help=f"scan server URL (default: $DSC_SERVER or {DEFAULT_SERVER})")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("DSC_SERVER", DEFAULT_SERVER),
+        help=f"scan server URL (default: $DSC_SERVER or {DEFAULT_SERVER})",
+    )
     p.add_argument("--ca", type=Path, help="CA certificate to trust for an https server")
-    p.add_argument("--cert", type=Path, help="client certificate (PEM) when the server "
-                                             "requires one")
+    p.add_argument(
+        "--cert", type=Path, help="client certificate (PEM) when the server requires one"
+    )
     p.add_argument("--key", type=Path, help="private key of --cert, if not in the same file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -378,65 +456,98 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dsc", description="Open Distributed Scan Server: WS-DSP (scanners) and "
+        prog="dsc",
+        description="Open Distributed Scan Server: WS-DSP (scanners) and "
         "MS-BDSRR (management) on one port.",
-        epilog="Start with `dsc serve`, then `dsc scan FILE` and `dsc jobs`.")
+        epilog="Start with `dsc serve`, then `dsc scan FILE` and `dsc jobs`.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("serve", help="run the scan server",
-                       description="Run the scan server. With no options: 127.0.0.1:5362, plain "
-                       "HTTP (development mode), SQLite job store and spool under ./var, "
-                       "file shares under ./var/shares.")
+    p = sub.add_parser(
+        "serve",
+        help="run the scan server",
+        description="Run the scan server. With no options: 127.0.0.1:5362, plain "
+        "HTTP (development mode), SQLite job store and spool under ./var, "
+        "file shares under ./var/shares.",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 5362)")
-    p.add_argument("--data", type=Path, help="data directory: job store, spool, shares "
-                                             "(default ./var)")
+    p.add_argument(
+        "--data", type=Path, help="data directory: job store, spool, shares (default ./var)"
+    )
     p.add_argument("--config", type=Path, help="TOML configuration file (see README)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables HTTPS")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
-    p.add_argument("--client-ca", type=Path, help="require client certificates signed by this "
-                                                  "CA; the certificate names the user (R10)")
-    p.add_argument("--binding", choices=("async", "blocking"),
-                   help="HTTP binding: async (trio, default) or blocking (threads)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--client-ca",
+        type=Path,
+        help="require client certificates signed by this CA; the certificate names the user (R10)",
+    )
+    p.add_argument(
+        "--binding",
+        choices=("async", "blocking"),
+        help="HTTP binding: async (trio, default) or blocking (threads)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("handle", help="answer one request with a fresh core (no network)",
-                       description="Run one SOAP request (FILE or standard input) through a "
-                       "fresh core and print the HTTP status line, the content type and the "
-                       "reply body. A file that starts with MIME headers (Content-Type: "
-                       "multipart/related ...) is read as such.")
+    p = sub.add_parser(
+        "handle",
+        help="answer one request with a fresh core (no network)",
+        description="Run one SOAP request (FILE or standard input) through a "
+        "fresh core and print the HTTP status line, the content type and the "
+        "reply body. A file that starts with MIME headers (Content-Type: "
+        "multipart/related ...) is read as such.",
+    )
     p.add_argument("file", nargs="?", metavar="FILE", help="request body (default: stdin)")
-    p.add_argument("--content-type", metavar="TYPE",
-                   help="HTTP Content-Type of the request (default: application/soap+xml, or "
-                        "the file's own MIME headers)")
+    p.add_argument(
+        "--content-type",
+        metavar="TYPE",
+        help="HTTP Content-Type of the request (default: application/soap+xml, or "
+        "the file's own MIME headers)",
+    )
     p.add_argument("--identity", help="act as this authenticated TLS identity")
     p.add_argument("--pretty", action="store_true", help="indent the reply XML")
-    p.add_argument("--commands", action="store_true",
-                   help="also list the commands the core emitted (on stderr)")
+    p.add_argument(
+        "--commands",
+        action="store_true",
+        help="also list the commands the core emitted (on stderr)",
+    )
     p.set_defaults(func=cmd_handle)
 
-    p = sub.add_parser("scan", help="act as a scanner: send files as one scan job",
-                       description="Create a PostScan job, upload each FILE with SendImage "
-                       "(MTOM), end the job and wait until it is processed. Exit status 1 if the "
-                       "job did not complete successfully.")
+    p = sub.add_parser(
+        "scan",
+        help="act as a scanner: send files as one scan job",
+        description="Create a PostScan job, upload each FILE with SendImage "
+        "(MTOM), end the job and wait until it is processed. Exit status 1 if the "
+        "job did not complete successfully.",
+    )
     _client_options(p)
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--user", default="S-1-5-21-0-0-0-1000",
-                   help="UserIdentifier (a SID) of the scanning user")
-    p.add_argument("--process-id", default=str(uuid.uuid4()).upper(),
-                   help="PSP_Identifier of the scan process (default: a new GUID)")
+    p.add_argument(
+        "--user", default="S-1-5-21-0-0-0-1000", help="UserIdentifier (a SID) of the scanning user"
+    )
+    p.add_argument(
+        "--process-id",
+        default=str(uuid.uuid4()).upper(),
+        help="PSP_Identifier of the scan process (default: a new GUID)",
+    )
     p.add_argument("--process-name", help="display name of the scan process")
-    p.add_argument("--share", action="append", metavar="UNC",
-                   help=r"file to this share (repeatable; default \\localhost\scans)")
+    p.add_argument(
+        "--share",
+        action="append",
+        metavar="UNC",
+        help=r"file to this share (repeatable; default \\localhost\scans)",
+    )
     p.add_argument("--email", action="append", metavar="ADDRESS", help="e-mail the documents")
     p.add_argument("--email-scan-user", action="store_true", help="e-mail the scanning user")
-    p.add_argument("--sharepoint", action="append", metavar="URL",
-                   help="upload to this SharePoint site URL")
-    p.add_argument("--continue-on-error", action="store_true",
-                   help="run the other filters when one fails")
+    p.add_argument(
+        "--sharepoint", action="append", metavar="URL", help="upload to this SharePoint site URL"
+    )
+    p.add_argument(
+        "--continue-on-error", action="store_true", help="run the other filters when one fails"
+    )
     p.add_argument("--root-name", help="DocumentRootName (default: first file's name)")
     p.add_argument("--format", help="document format (default: from the file extension)")
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the end state")
@@ -444,9 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_scan)
 
-    for name, func, text in (("repo", cmd_repo, "repository state and filters"),
-                             ("jobs", cmd_jobs, "active jobs"),
-                             ("history", cmd_history, "completed jobs, newest first")):
+    for name, func, text in (
+        ("repo", cmd_repo, "repository state and filters"),
+        ("jobs", cmd_jobs, "active jobs"),
+        ("history", cmd_history, "completed jobs, newest first"),
+    ):
         p = sub.add_parser(name, help=text, description=f"Show {text}.")
         _client_options(p)
         p.set_defaults(func=func)
@@ -454,8 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.add_argument("token", metavar="TOKEN")
     p.set_defaults(func=cmd_job)
-    p = sub.add_parser("cancel", help="cancel an active job",
-                       description="Cancel an active job (MS-BDSRR CancelPostScanJob).")
+    p = sub.add_parser(
+        "cancel",
+        help="cancel an active job",
+        description="Cancel an active job (MS-BDSRR CancelPostScanJob).",
+    )
     _client_options(p)
     p.add_argument("token", metavar="TOKEN")
     p.set_defaults(func=cmd_cancel)

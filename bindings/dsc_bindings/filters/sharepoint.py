@@ -15,8 +15,17 @@ from urllib.parse import quote, urlsplit
 
 from dsc_core.model import Document, FilterStateReason, Job, SharePointInstructions
 
-from .common import (FilterFailure, FilterOutcome, SourceError, check_cancel, content_type_for,
-                     document_file_name, never_raises, read_full, BinaryReader)
+from .common import (
+    BinaryReader,
+    FilterFailure,
+    FilterOutcome,
+    SourceError,
+    check_cancel,
+    content_type_for,
+    document_file_name,
+    never_raises,
+    read_full,
+)
 from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
@@ -34,11 +43,14 @@ class _Site:
     path: str  # percent-encoded, without a trailing slash
 
 
-
-
 @never_raises
-def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
-        settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+def run(
+    job: Job,
+    filter_index: int,
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> FilterOutcome:
     instructions = job.filters[filter_index].instructions
     if not isinstance(instructions, SharePointInstructions):
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
@@ -65,8 +77,9 @@ def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
                 _put(site, name, source, document.format, settings, cancelled)
         except FilterFailure as exc:
             # The rest of this site would most likely fail the same way; try the next site.
-            log.warning("job %s: upload to %s failed (%s): %s",
-                        job.token, url, exc.reason.value, exc)
+            log.warning(
+                "job %s: upload to %s failed (%s): %s", job.token, url, exc.reason.value, exc
+            )
             reasons.append(exc.reason)
         except SourceError as exc:
             log.error("job %s: cannot read a stored document: %s", job.token, exc)
@@ -101,13 +114,20 @@ def _status_reason(status: int) -> FilterStateReason | None:
 def _connect(site: _Site, settings: FilterSettings) -> http.client.HTTPConnection:
     if site.https:
         context = settings.sharepoint_ssl_context or ssl.create_default_context()
-        return http.client.HTTPSConnection(site.host, site.port,
-                                           timeout=settings.sharepoint_timeout, context=context)
+        return http.client.HTTPSConnection(
+            site.host, site.port, timeout=settings.sharepoint_timeout, context=context
+        )
     return http.client.HTTPConnection(site.host, site.port, timeout=settings.sharepoint_timeout)
 
 
-def _put(site: _Site, name: str, source: Path, fmt: str, settings: FilterSettings,
-         cancelled: threading.Event) -> None:
+def _put(
+    site: _Site,
+    name: str,
+    source: Path,
+    fmt: str,
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> None:
     try:
         f = open(source, "rb", buffering=0)
     except OSError as exc:
@@ -117,14 +137,16 @@ def _put(site: _Site, name: str, source: Path, fmt: str, settings: FilterSetting
         with f:
             size = os.fstat(f.fileno()).st_size
             try:
-                conn.putrequest("PUT", f"{site.path}/{quote(name, safe='')}",
-                                skip_accept_encoding=True)
+                conn.putrequest(
+                    "PUT", f"{site.path}/{quote(name, safe='')}", skip_accept_encoding=True
+                )
                 conn.putheader("Content-Type", content_type_for(fmt))
                 conn.putheader("Content-Length", str(size))
                 if settings.sharepoint_username is not None:
                     token = f"{settings.sharepoint_username}:{settings.sharepoint_password or ''}"
-                    conn.putheader("Authorization",
-                                   "Basic " + base64.b64encode(token.encode()).decode("ascii"))
+                    conn.putheader(
+                        "Authorization", "Basic " + base64.b64encode(token.encode()).decode("ascii")
+                    )
                 conn.endheaders()
             except (OSError, http.client.HTTPException) as exc:
                 raise FilterFailure(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
@@ -143,16 +165,22 @@ def _put(site: _Site, name: str, source: Path, fmt: str, settings: FilterSetting
                 raise FilterFailure(FilterStateReason.UNKNOWN_ERROR, repr(exc)) from exc
             reason = _status_reason(response.status)
             if reason is not None:
-                raise FilterFailure(reason, f"HTTP {response.status} {response.reason}: "
-                                      f"{detail[:200]!r}")
+                raise FilterFailure(
+                    reason, f"HTTP {response.status} {response.reason}: {detail[:200]!r}"
+                )
     finally:
         # On cancel this drops the connection before Content-Length bytes were sent, so the
         # server sees an incomplete upload and keeps nothing.
         conn.close()
 
 
-def _send_body(conn: http.client.HTTPConnection, f: BinaryReader, size: int, chunk_size: int,
-               cancelled: threading.Event) -> None:
+def _send_body(
+    conn: http.client.HTTPConnection,
+    f: BinaryReader,
+    size: int,
+    chunk_size: int,
+    cancelled: threading.Event,
+) -> None:
     remaining = size
     while remaining > 0:
         check_cancel(cancelled)

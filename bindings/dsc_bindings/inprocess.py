@@ -9,15 +9,36 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Iterable
 
-from dsc_core import (AbortDocument, AppendDocument, BeginDocument, Command, CreateJob, Deliver,
-                      DiscardDocuments, DropJob, FilterFinished, FilterStarted, FilterState,
-                      FilterStateReason, FinishDocument, Job, ProcessingEvent,
-                      ProcessingFinished, ProcessingStarted, Reply, RequestInfo, ScanServer,
-                      ServerConfig, StartProcessing, StopProcessing, UpdateJob)
+from dsc_core import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    Command,
+    CreateJob,
+    Deliver,
+    DiscardDocuments,
+    DropJob,
+    FilterFinished,
+    FilterStarted,
+    FilterState,
+    FilterStateReason,
+    FinishDocument,
+    Job,
+    ProcessingEvent,
+    ProcessingFinished,
+    ProcessingStarted,
+    Reply,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    StartProcessing,
+    StopProcessing,
+    UpdateJob,
+)
 from dsc_core import client as dsc_client
 
 
@@ -65,42 +86,51 @@ class MemoryStore:
                 del self.documents[key]
 
 
-def counting_ids(prefix: int = 0) -> "itertools.count[int]":
+def counting_ids(prefix: int = 0) -> itertools.count[int]:
     return itertools.count(prefix + 1)
 
 
 class InProcessTransport:
     """A scan server with an in-memory store, a manual clock and a hand-played engine."""
 
-    def __init__(self, config: ServerConfig | None = None, *,
-                 start: datetime | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig | None = None, *, start: datetime | None = None
+    ) -> None:
         counter = itertools.count(1)
         self.clock = start or datetime(2026, 11, 21, 9, 0, tzinfo=timezone(timedelta(hours=1)))
-        self.server = ScanServer(config or ServerConfig(),
-                                 new_id=lambda: str(uuid.UUID(int=next(counter))))
+        self.server = ScanServer(
+            config or ServerConfig(), new_id=lambda: str(uuid.UUID(int=next(counter)))
+        )
         self.store = MemoryStore()
-        self.started: list[Job] = []      # StartProcessing commands the engine received
-        self.stopped: list[str] = []      # StopProcessing tokens
+        self.started: list[Job] = []  # StartProcessing commands the engine received
+        self.stopped: list[str] = []  # StopProcessing tokens
         self.deliveries: list[Deliver] = []
         self.commands: list[Command] = []  # every command, in order
         self._message = itertools.count(1)
 
     # --- the HTTP side ----------------------------------------------------------------------
 
-    def post(self, body: bytes | Iterable[bytes], *, content_type: str = dsc_client.SOAP_XML,
-             identity: str | None = None, chunk_size: int | None = None,
-             path: str = "/ScanServer") -> Reply:
+    def post(
+        self,
+        body: bytes | Iterable[bytes],
+        *,
+        content_type: str = dsc_client.SOAP_XML,
+        identity: str | None = None,
+        chunk_size: int | None = None,
+        path: str = "/ScanServer",
+    ) -> Reply:
         """One request through a fresh exchange; commands are carried out like a binding does."""
         chunks: Iterable[bytes]
         if isinstance(body, bytes):
             if chunk_size:
-                chunks = [body[i:i + chunk_size] for i in range(0, len(body), chunk_size)]
+                chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
             else:
                 chunks = [body]
         else:
             chunks = body
-        exchange = self.server.open_exchange(RequestInfo(
-            now=self.clock, content_type=content_type, identity=identity, path=path))
+        exchange = self.server.open_exchange(
+            RequestInfo(now=self.clock, content_type=content_type, identity=identity, path=path)
+        )
         for chunk in chunks:
             try:
                 self._run(exchange.feed(chunk))
@@ -124,8 +154,11 @@ class InProcessTransport:
         return dsc_client.parse_response(reply.body, reply.status)
 
     def envelope(self, action: str, payload: object) -> bytes:
-        return dsc_client.envelope(action, payload,  # type: ignore[arg-type]
-                                   message_id=f"urn:uuid:{uuid.UUID(int=2**64 + next(self._message))}")
+        return dsc_client.envelope(
+            action,
+            payload,  # type: ignore[arg-type]
+            message_id=f"urn:uuid:{uuid.UUID(int=2**64 + next(self._message))}",
+        )
 
     def _run(self, commands: Iterable[Command]) -> None:
         for command in commands:
@@ -144,9 +177,9 @@ class InProcessTransport:
     def engine(self, event: ProcessingEvent) -> None:
         self._run(self.server.processing(event, self.clock))
 
-    def process(self, token: str, outcomes: Iterable[tuple[FilterState,
-                                                             tuple[FilterStateReason, ...]]]
-                = ()) -> None:
+    def process(
+        self, token: str, outcomes: Iterable[tuple[FilterState, tuple[FilterStateReason, ...]]] = ()
+    ) -> None:
         """Play the engine for a whole job: every runnable filter ends as ``outcomes`` says
         (default: all succeed)."""
         job = self.server.jobs.get(token)
@@ -156,8 +189,7 @@ class InProcessTransport:
         for index, status in enumerate(job.filters):
             if status.instructions is None:
                 continue
-            state, reasons = results.pop(0) if results else (FilterState.COMPLETED_SUCCESSFULLY,
-                                                             ())
+            state, reasons = results.pop(0) if results else (FilterState.COMPLETED_SUCCESSFULLY, ())
             self.engine(FilterStarted(token, index))
             self.engine(FilterFinished(token, index, state, reasons))
         self.engine(ProcessingFinished(token))

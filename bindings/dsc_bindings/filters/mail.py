@@ -15,16 +15,24 @@ import secrets
 import smtplib
 import ssl
 import threading
+from collections.abc import Callable, Iterable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Callable, Iterable
 
 from dsc_core.model import Document, EmailInstructions, FilterStateReason, Job
 
-from .common import (FilterFailure, FilterOutcome, SourceError, check_cancel, content_type_for,
-                     document_file_name, never_raises, read_full)
+from .common import (
+    FilterFailure,
+    FilterOutcome,
+    SourceError,
+    check_cancel,
+    content_type_for,
+    document_file_name,
+    never_raises,
+    read_full,
+)
 from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
@@ -39,11 +47,14 @@ _FLUSH_AT = 64 * 1024
 _TEXT_POLICY = SMTP_POLICY.clone(cte_type="7bit")
 
 
-
-
 @never_raises
-def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
-        settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+def run(
+    job: Job,
+    filter_index: int,
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> FilterOutcome:
     instructions = job.filters[filter_index].instructions
     if not isinstance(instructions, EmailInstructions):
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
@@ -70,8 +81,9 @@ def run(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
     return FilterOutcome.success()
 
 
-def _recipients(job: Job, instructions: EmailInstructions,
-                settings: FilterSettings) -> tuple[list[str], bool]:
+def _recipients(
+    job: Job, instructions: EmailInstructions, settings: FilterSettings
+) -> tuple[list[str], bool]:
     """The addresses to send to, and False if one asked for was unusable (a warning)."""
     wanted = list(instructions.addresses)
     complete = True
@@ -93,15 +105,19 @@ def _recipients(job: Job, instructions: EmailInstructions,
     return list(result.values()), complete
 
 
-def _send(job: Job, recipients: list[str], documents: list[tuple[Document, Path]],
-          settings: FilterSettings, cancelled: threading.Event) -> list[str]:
+def _send(
+    job: Job,
+    recipients: list[str],
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> list[str]:
     """Send the message; return the recipients the relay refused (others accepted)."""
     # Reaching a relay that speaks SMTP (and TLS if asked): failures are InvalidSMTPServer.
     # (Host given to the constructor: STARTTLS checks the certificate against it.)
     smtp: smtplib.SMTP | None = None
     try:
-        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port,
-                            timeout=settings.smtp_timeout)
+        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout)
         smtp.ehlo_or_helo_if_needed()
         if settings.smtp_starttls:
             context = settings.smtp_ssl_context or ssl.create_default_context()
@@ -194,40 +210,52 @@ def _header_block(headers: Iterable[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
-def _write_message(writer: _DataWriter, job: Job, recipients: list[str],
-                   documents: list[tuple[Document, Path]], settings: FilterSettings,
-                   cancelled: threading.Event) -> None:
+def _write_message(
+    writer: _DataWriter,
+    job: Job,
+    recipients: list[str],
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> None:
     # "=_" never occurs in base64 or in our text part, so the boundary cannot clash.
     boundary = "=_dsc_" + secrets.token_hex(16)
     domain = settings.mail_from.rpartition("@")[2] or "localhost"
     display = job.psp_display_name or job.psp_identifier
-    writer.lines(_header_block([
-        ("From", settings.mail_from),
-        ("To", ", ".join(recipients)),
-        ("Subject", f"Scanned documents: {display}"),
-        ("Date", formatdate(localtime=True)),
-        # An explicit domain: make_msgid() would otherwise look up the FQDN (slow DNS).
-        ("Message-ID", make_msgid(domain=domain)),
-        ("MIME-Version", "1.0"),
-        ("Content-Type", f'multipart/mixed; boundary="{boundary}"'),
-    ]))
+    writer.lines(
+        _header_block(
+            [
+                ("From", settings.mail_from),
+                ("To", ", ".join(recipients)),
+                ("Subject", f"Scanned documents: {display}"),
+                ("Date", formatdate(localtime=True)),
+                # An explicit domain: make_msgid() would otherwise look up the FQDN (slow DNS).
+                ("Message-ID", make_msgid(domain=domain)),
+                ("MIME-Version", "1.0"),
+                ("Content-Type", f'multipart/mixed; boundary="{boundary}"'),
+            ]
+        )
+    )
     writer.line()
     writer.line(b"This is a multi-part message in MIME format.")
 
-    names = [document_file_name(job.document_root_name, i, doc.format)
-             for i, (doc, _) in enumerate(documents, start=1)]
+    names = [
+        document_file_name(job.document_root_name, i, doc.format)
+        for i, (doc, _) in enumerate(documents, start=1)
+    ]
     # 7bit: we do not ask the relay for 8BITMIME, so non-ASCII text gets quoted-printable.
     text = EmailMessage(policy=_TEXT_POLICY)
     text.set_content(
         "Scanned documents from the scan process:\n"
         f"{_CONTROL.sub(' ', display)}\n\n"
         f"User: {_CONTROL.sub(' ', job.user_name)}\n"
-        f"Documents ({len(names)}):\n" + "".join(f"  {name}\n" for name in names))
+        f"Documents ({len(names)}):\n" + "".join(f"  {name}\n" for name in names)
+    )
     del text["MIME-Version"]
     writer.line(b"--" + boundary.encode())
     writer.lines(text.as_bytes())
 
-    for (document, source), name in zip(documents, names):
+    for (document, source), name in zip(documents, names, strict=False):
         check_cancel(cancelled)
         part = EmailMessage(policy=SMTP_POLICY)
         part["Content-Type"] = content_type_for(document.format)
@@ -240,8 +268,9 @@ def _write_message(writer: _DataWriter, job: Job, recipients: list[str],
     writer.line(b"--" + boundary.encode() + b"--")
 
 
-def _write_base64(writer: _DataWriter, source: Path, chunk_size: int,
-                  cancelled: threading.Event) -> None:
+def _write_base64(
+    writer: _DataWriter, source: Path, chunk_size: int, cancelled: threading.Event
+) -> None:
     # Read whole multiples of 57 bytes so every chunk encodes to complete 76-character lines.
     step = max(1, chunk_size // _LINE_BYTES) * _LINE_BYTES
     try:
@@ -256,7 +285,7 @@ def _write_base64(writer: _DataWriter, source: Path, chunk_size: int,
                 return
             encoded = base64.b64encode(data)
             for start in range(0, len(encoded), 76):
-                writer.line(encoded[start:start + 76])
+                writer.line(encoded[start : start + 76])
             if len(data) < step:
                 return
 

@@ -4,10 +4,11 @@ directory's e-mail addresses and the SharePoint client."""
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 _UNC_FORBIDDEN = frozenset('<>:"|?*')
 
@@ -29,8 +30,10 @@ def parse_unc(text: str) -> tuple[str, ...] | None:
         return ()
     parts = tuple(body.split("\\"))
     for part in parts:
-        if (not part.strip(". ")  # "", ".", "..", "...", " " (Windows reads these as "here"/"up")
-                or any(c in _UNC_FORBIDDEN or ord(c) < 32 or ord(c) == 127 for c in part)):
+        if (
+            not part.strip(". ")  # "", ".", "..", "...", " " (Windows reads these as "here"/"up")
+            or any(c in _UNC_FORBIDDEN or ord(c) < 32 or ord(c) == 127 for c in part)
+        ):
             return None
     return parts
 
@@ -71,9 +74,11 @@ class FilterSettings:
     chunk_size: int = 256 * 1024
 
     _roots: tuple[tuple[tuple[str, ...], Path], ...] = field(
-        init=False, repr=False, compare=False, default=())
+        init=False, repr=False, compare=False, default=()
+    )
     _user_email_folded: Mapping[str, str] = field(
-        init=False, repr=False, compare=False, default_factory=dict)
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         roots = []
@@ -84,17 +89,21 @@ class FilterSettings:
             roots.append((tuple(p.casefold() for p in parts), Path(local)))
         # Longest prefix first, so a more specific root wins over a catch-all.
         roots.sort(key=lambda r: len(r[0]), reverse=True)
-        object.__setattr__(self, "share_roots",
-                           tuple((prefix, Path(local)) for prefix, local in self.share_roots))
+        object.__setattr__(
+            self, "share_roots", tuple((prefix, Path(local)) for prefix, local in self.share_roots)
+        )
         object.__setattr__(self, "_roots", tuple(roots))
         object.__setattr__(self, "user_email", MappingProxyType(dict(self.user_email)))
-        object.__setattr__(self, "_user_email_folded", MappingProxyType(
-            {k.casefold(): v for k, v in self.user_email.items()}))
+        object.__setattr__(
+            self,
+            "_user_email_folded",
+            MappingProxyType({k.casefold(): v for k, v in self.user_email.items()}),
+        )
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
 
     @classmethod
-    def embedded_default(cls, data_dir: str | Path, **overrides: Any) -> "FilterSettings":
+    def embedded_default(cls, data_dir: str | Path, **overrides: Any) -> FilterSettings:
         """The embedded server's mapping: any ``\\\\host\\share\\path`` is written to
         ``DATA/shares/host/share/path`` (host and share lower-cased, see :meth:`map_unc`)."""
         return cls(share_roots=(("\\\\", Path(data_dir) / "shares"),), **overrides)
@@ -106,8 +115,8 @@ class FilterSettings:
             return None
         folded = tuple(p.casefold() for p in parts)
         for prefix, local in self._roots:
-            if folded[:len(prefix)] == prefix:
-                tail = list(parts[len(prefix):])
+            if folded[: len(prefix)] == prefix:
+                tail = list(parts[len(prefix) :])
                 # Host and share names are case-insensitive on Windows; when they become
                 # directory names, lower-case them so \\Srv\Scans and \\srv\scans are one place.
                 for i in range(max(0, 2 - len(prefix))):
@@ -118,7 +127,9 @@ class FilterSettings:
 
     def address_of(self, user_name: str) -> str | None:
         """The e-mail address of a scan user (``name@domain``), or None if unknown."""
-        address = self.user_email.get(user_name) or self._user_email_folded.get(user_name.casefold())
+        address = self.user_email.get(user_name) or self._user_email_folded.get(
+            user_name.casefold()
+        )
         if address:
             return address
         return user_name if "@" in user_name else None

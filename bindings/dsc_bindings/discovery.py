@@ -19,8 +19,9 @@ class UdpDiscovery:
 
     def __init__(self, service: ScanService, host: str, port: int) -> None:
         self.service = service
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                  socket.SOCK_DGRAM)
+        self.sock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
+        )
         self.sock.bind((host, port))
         self.sock.settimeout(0.5)
         self.port: int = int(self.sock.getsockname()[1])
@@ -36,7 +37,7 @@ class UdpDiscovery:
         while not self._stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break

@@ -16,8 +16,15 @@ def human(size: float) -> str:
 
 
 class Progress:
-    def __init__(self, label: str, total: int, *, enabled: bool = True,
-                 stream: TextIO | None = None, width: int = 30) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        width: int = 30,
+    ) -> None:
         self.label = label
         self.total = max(total, 1)
         self.done = 0
@@ -39,8 +46,10 @@ class Progress:
         filled = int(self.width * fraction)
         rate = self.done / max(now - self.started, 1e-6)
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.label[:24]:<24} [{bar}] {fraction:4.0%} "
-                          f"{human(self.done)}/{human(self.total)} {human(rate)}/s ")
+        self.stream.write(
+            f"\r{self.label[:24]:<24} [{bar}] {fraction:4.0%} "
+            f"{human(self.done)}/{human(self.total)} {human(rate)}/s "
+        )
         self.stream.flush()
 
     def close(self) -> None:

@@ -8,15 +8,17 @@ import logging
 import re
 import threading
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
 
 from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class FilterOutcome:
@@ -26,19 +28,19 @@ class FilterOutcome:
     reasons: tuple[FilterStateReason, ...] = ()
 
     @classmethod
-    def success(cls) -> "FilterOutcome":
+    def success(cls) -> FilterOutcome:
         return cls(FilterState.COMPLETED_SUCCESSFULLY)
 
     @classmethod
-    def canceled(cls, *reasons: FilterStateReason) -> "FilterOutcome":
+    def canceled(cls, *reasons: FilterStateReason) -> FilterOutcome:
         return cls(FilterState.CANCELED, tuple(reasons))
 
     @classmethod
-    def errors(cls, *reasons: FilterStateReason) -> "FilterOutcome":
+    def errors(cls, *reasons: FilterStateReason) -> FilterOutcome:
         return cls(FilterState.COMPLETED_WITH_ERRORS, _unique(reasons))
 
     @classmethod
-    def warnings(cls, *reasons: FilterStateReason) -> "FilterOutcome":
+    def warnings(cls, *reasons: FilterStateReason) -> FilterOutcome:
         return cls(FilterState.COMPLETED_WITH_WARNINGS, _unique(reasons))
 
     @property
@@ -54,8 +56,14 @@ def _unique(reasons: tuple[FilterStateReason, ...]) -> tuple[FilterStateReason, 
 class FilterRun(Protocol):
     """The signature every filter implements."""
 
-    def __call__(self, job: Job, filter_index: int, documents: list[tuple[Document, Path]],
-                 settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome: ...
+    def __call__(
+        self,
+        job: Job,
+        filter_index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome: ...
 
 
 class Cancelled(Exception):
@@ -76,8 +84,13 @@ def never_raises(run: Callable[..., FilterOutcome]) -> Callable[..., FilterOutco
     bad document or bug cannot take the engine's worker down (R9 failure mapping)."""
 
     @functools.wraps(run)
-    def guarded(job: Job, filter_index: int, documents: list[tuple[Document, Path]],
-                settings: FilterSettings, cancelled: threading.Event) -> FilterOutcome:
+    def guarded(
+        job: Job,
+        filter_index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome:
         try:
             return run(job, filter_index, documents, settings, cancelled)
         except Cancelled:
@@ -93,7 +106,8 @@ def never_raises(run: Callable[..., FilterOutcome]) -> Callable[..., FilterOutco
 
 _DEVICE_NAMES = frozenset(
     {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
-    | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
+    | {f"COM{i}" for i in range(1, 10)}
+    | {f"LPT{i}" for i in range(1, 10)}
 )
 # Characters Windows refuses in a name (the share may be served to Windows clients by Samba).
 _FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
@@ -104,8 +118,10 @@ MAX_NAME_BYTES = 200
 def sanitize_name(text: str, fallback: str = "Scan", max_bytes: int = MAX_NAME_BYTES) -> str:
     """Make ``text`` safe as one path component on both POSIX and Windows."""
     # C1 controls and other format characters are not printable either.
-    name = "".join("_" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
-                   for c in unicodedata.normalize("NFC", text))
+    name = "".join(
+        "_" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+        for c in unicodedata.normalize("NFC", text)
+    )
     name = _FORBIDDEN.sub("_", name)
     name = re.sub(r"\.{2,}", ".", name)  # no ".." anywhere, not even inside a name
     name = name.lstrip(". ").rstrip(". ")  # no hidden files; Windows drops trailing dots/spaces
@@ -142,7 +158,7 @@ def content_type_for(fmt: str) -> str:
     return _CONTENT_TYPES.get(fmt, "application/octet-stream")
 
 
-def read_full(f: "BinaryReader", size: int) -> bytes:
+def read_full(f: BinaryReader, size: int) -> bytes:
     """Read up to ``size`` bytes, fewer only at end of file (pipes return short reads)."""
     parts: list[bytes] = []
     want = size

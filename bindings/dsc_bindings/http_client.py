@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import http.client
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import urlsplit
 
 
@@ -21,17 +21,24 @@ class HttpReply:
     body: bytes
 
 
-def client_ssl_context(ca: Path | None = None, cert: Path | None = None,
-                       key: Path | None = None) -> ssl.SSLContext:
+def client_ssl_context(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca) if ca else None)
     if cert is not None:
         context.load_cert_chain(str(cert), str(key) if key else None)
     return context
 
 
-def post(url: str, body: bytes | Iterable[bytes], *, content_type: str,
-         length: int | None = None, ssl_context: ssl.SSLContext | None = None,
-         timeout: float = 60.0) -> HttpReply:
+def post(
+    url: str,
+    body: bytes | Iterable[bytes],
+    *,
+    content_type: str,
+    length: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 60.0,
+) -> HttpReply:
     """POST ``body`` (bytes, or chunks with a known ``length``) and read the whole reply."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -39,8 +46,12 @@ def post(url: str, body: bytes | Iterable[bytes], *, content_type: str,
     port = parts.port or (443 if parts.scheme == "https" else 80)
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout,
-                                           context=ssl_context or ssl.create_default_context())
+        conn = http.client.HTTPSConnection(
+            parts.hostname,
+            port,
+            timeout=timeout,
+            context=ssl_context or ssl.create_default_context(),
+        )
     else:
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
     path = parts.path or "/"
@@ -51,28 +62,35 @@ def post(url: str, body: bytes | Iterable[bytes], *, content_type: str,
         else:
             if length is not None:
                 headers["Content-Length"] = str(length)
-            conn.request("POST", path, body=iter(body), headers=headers,
-                         encode_chunked=length is None)
+            conn.request(
+                "POST", path, body=iter(body), headers=headers, encode_chunked=length is None
+            )
         response = conn.getresponse()
         data = response.read()
         return HttpReply(response.status, response.getheader("Content-Type", ""), data)
     except ssl.SSLError as exc:
-        raise ConnectionFailed(f"TLS with {parts.netloc} failed: {exc.reason or exc}; check "
-                               "--ca (the server's CA) and --cert/--key (your certificate)") \
-            from exc
+        raise ConnectionFailed(
+            f"TLS with {parts.netloc} failed: {exc.reason or exc}; check "
+            "--ca (the server's CA) and --cert/--key (your certificate)"
+        ) from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
         if parts.scheme != "https":
-            raise ConnectionFailed(f"cannot reach the scan server at {parts.scheme}://"
-                                   f"{parts.netloc}: {exc.strerror or exc}; is `dsc serve` "
-                                   "running there?") from exc
+            raise ConnectionFailed(
+                f"cannot reach the scan server at {parts.scheme}://"
+                f"{parts.netloc}: {exc.strerror or exc}; is `dsc serve` "
+                "running there?"
+            ) from exc
         # A server that requires client certificates may drop a client without one right
         # after the TLS 1.3 handshake, without an alert: say what is most likely wrong.
-        raise ConnectionFailed(f"TLS with {parts.netloc} failed: the server closed the "
-                               f"connection without an answer ({exc.strerror or exc}); if it "
-                               "requires client certificates, give --cert/--key (and --ca)") \
-            from exc
+        raise ConnectionFailed(
+            f"TLS with {parts.netloc} failed: the server closed the "
+            f"connection without an answer ({exc.strerror or exc}); if it "
+            "requires client certificates, give --cert/--key (and --ca)"
+        ) from exc
     except (ConnectionError, TimeoutError, OSError) as exc:
-        raise ConnectionFailed(f"cannot reach the scan server at {parts.scheme}://{parts.netloc}: "
-                               f"{exc.strerror or exc}; is `dsc serve` running there?") from exc
+        raise ConnectionFailed(
+            f"cannot reach the scan server at {parts.scheme}://{parts.netloc}: "
+            f"{exc.strerror or exc}; is `dsc serve` running there?"
+        ) from exc
     finally:
         conn.close()

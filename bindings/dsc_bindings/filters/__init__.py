@@ -10,6 +10,13 @@ from .engine import DEFAULT_RUNNERS, ProcessingEngine
 from .settings import FilterSettings, parse_unc
 
 __all__ = [
-    "DEFAULT_RUNNERS", "FilterOutcome", "FilterRun", "FilterSettings", "ProcessingEngine",
-    "content_type_for", "document_file_name", "parse_unc", "sanitize_name",
+    "DEFAULT_RUNNERS",
+    "FilterOutcome",
+    "FilterRun",
+    "FilterSettings",
+    "ProcessingEngine",
+    "content_type_for",
+    "document_file_name",
+    "parse_unc",
+    "sanitize_name",
 ]

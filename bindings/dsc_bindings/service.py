@@ -39,21 +39,38 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterable, Sequence
 
-from dsc_core import (AppendDocument, Command, Deliver, Document, Exchange, Job,
-                      ProcessingEvent, Reply, RequestInfo, ScanServer, ServerConfig,
-                      StartProcessing, StopProcessing)
+from dsc_core import (
+    AppendDocument,
+    Command,
+    Deliver,
+    Document,
+    Exchange,
+    Job,
+    ProcessingEvent,
+    Reply,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    StartProcessing,
+    StopProcessing,
+)
 
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
 from .store import JobStore, StoreError
 
-__all__ = ["ScanService", "ServiceRequest", "local_now", "DELIVERY_TIMEOUT",
-           "SHUTDOWN_DELIVERY_SECONDS"]
+__all__ = [
+    "DELIVERY_TIMEOUT",
+    "SHUTDOWN_DELIVERY_SECONDS",
+    "ScanService",
+    "ServiceRequest",
+    "local_now",
+]
 
 log = logging.getLogger("dsc.service")
 
@@ -80,7 +97,7 @@ class ServiceRequest:
     block on the disk, so async bindings run them in a worker thread.
     """
 
-    def __init__(self, service: "ScanService", exchange: Exchange) -> None:
+    def __init__(self, service: ScanService, exchange: Exchange) -> None:
         self._service = service
         self._exchange = exchange
         #: The R4 step 9 fault once a store command of this exchange failed.
@@ -123,12 +140,16 @@ class ServiceRequest:
             outcome = self._exchange.end(self._service.clock())
             if outcome.fault is not None:
                 # R12: every limit exceeded (and every other refusal) is logged.
-                log.info("request to %s answered with HTTP %d, %s",
-                         self._exchange.info.path, outcome.reply.status, outcome.fault)
+                log.info(
+                    "request to %s answered with HTTP %d, %s",
+                    self._exchange.info.path,
+                    outcome.reply.status,
+                    outcome.fault,
+                )
             try:
                 service._carry_out(outcome.commands, strict=True)
                 reply = outcome.reply
-            except Exception as exc:  # noqa: BLE001 - any store trouble is R4 step 9
+            except Exception as exc:
                 reply = self._store_failed_locked(exc)
         self._reply = reply
         return reply
@@ -154,7 +175,7 @@ class ServiceRequest:
             while index < len(commands) and not isinstance(commands[index], AppendDocument):
                 self._service._carry_out((commands[index],), strict=True)
                 index += 1
-        except Exception as exc:  # noqa: BLE001 - R4 step 9
+        except Exception as exc:
             self._failed = self._store_failed_locked(exc)
             return None
         return index
@@ -170,7 +191,7 @@ class ServiceRequest:
                     break
                 store.apply(command)
                 index += 1
-        except Exception as exc:  # noqa: BLE001 - R4 step 9
+        except Exception as exc:
             with self._service._lock:
                 self._failed = self._store_failed_locked(exc)
             return None
@@ -180,8 +201,9 @@ class ServiceRequest:
         """R4 step 9: tell the core, carry out its undo commands, answer with its fault."""
         temporary = isinstance(exc, StoreError) and exc.temporary
         if isinstance(exc, StoreError):
-            log.error("job store failed (%s): %s", "temporary" if temporary else "permanent",
-                      exc.message)
+            log.error(
+                "job store failed (%s): %s", "temporary" if temporary else "permanent", exc.message
+            )
         else:
             log.exception("job store raised an unexpected error; answering InternalError")
         outcome = self._exchange.store_failed(temporary=temporary)
@@ -192,11 +214,17 @@ class ServiceRequest:
 class ScanService:
     """The scan server at run time: core, store, engine, ticker and deliveries (see module)."""
 
-    def __init__(self, config: ServerConfig, data_dir: Path, filter_settings: FilterSettings, *,
-                 clock: Callable[[], datetime] = local_now,
-                 new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
-                 delivery_ssl_context: ssl.SSLContext | None = None,
-                 max_processing_jobs: int = 2) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        data_dir: Path,
+        filter_settings: FilterSettings,
+        *,
+        clock: Callable[[], datetime] = local_now,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        delivery_ssl_context: ssl.SSLContext | None = None,
+        max_processing_jobs: int = 2,
+    ) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
         self.filter_settings = filter_settings
@@ -231,9 +259,12 @@ class ScanService:
         log.info("job store at %s", self.data_dir.resolve())
         try:
             jobs = store.load_jobs()
-            self._engine = ProcessingEngine(self.filter_settings, self._documents_of,
-                                            self._engine_report,
-                                            max_jobs=self._max_processing_jobs)
+            self._engine = ProcessingEngine(
+                self.filter_settings,
+                self._documents_of,
+                self._engine_report,
+                max_jobs=self._max_processing_jobs,
+            )
             with self._lock:
                 commands = self.server.restore(jobs, self.clock())
                 self._carry_out(commands, strict=False)
@@ -244,17 +275,26 @@ class ScanService:
             store.close()
             raise
         active = sum(1 for job in jobs if job.is_active)
-        log.info("restored %d job(s): %d active, %d in the history", len(jobs), active,
-                 len(jobs) - active)
+        log.info(
+            "restored %d job(s): %d active, %d in the history",
+            len(jobs),
+            active,
+            len(jobs) - active,
+        )
         if self.config.require_client_certificates:
-            log.info("client certificates required; scan administrators: %s",
-                     ", ".join(sorted(self.config.scan_admins)) or "(none)")
+            log.info(
+                "client certificates required; scan administrators: %s",
+                ", ".join(sorted(self.config.scan_admins)) or "(none)",
+            )
         else:
             # R10: development mode must be visible in the log.
-            log.warning("client certificates are not required: every client is a scan "
-                        "administrator (R10)")
-        for target, name in ((self._tick_loop, "dsc-ticker"),
-                             (self._delivery_loop, "dsc-delivery")):
+            log.warning(
+                "client certificates are not required: every client is a scan administrator (R10)"
+            )
+        for target, name in (
+            (self._tick_loop, "dsc-ticker"),
+            (self._delivery_loop, "dsc-delivery"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -279,8 +319,11 @@ class ScanService:
         self._stop.set()
         self._deliveries.put(None)
         for thread in self._threads:
-            thread.join(max(0.1, self._delivery_deadline + 0.5 - time.monotonic())
-                        if thread.name == "dsc-delivery" else 2.0)
+            thread.join(
+                max(0.1, self._delivery_deadline + 0.5 - time.monotonic())
+                if thread.name == "dsc-delivery"
+                else 2.0
+            )
             if thread.is_alive():
                 log.warning("thread %s did not stop in time", thread.name)
         with self._lock:
@@ -288,27 +331,36 @@ class ScanService:
                 self._store.close()
         log.info("scan service stopped")
 
-    def __enter__(self) -> "ScanService":
+    def __enter__(self) -> ScanService:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.shutdown()
 
     # --- requests -------------------------------------------------------------------------------
 
-    def open_request(self, content_type: str | None, identity: str | None,
-                     path: str) -> ServiceRequest:
+    def open_request(
+        self, content_type: str | None, identity: str | None, path: str
+    ) -> ServiceRequest:
         """Begin one HTTP request.  ``identity`` is the authenticated TLS client identity
         (R10), None without one; ``path`` is informational (R1)."""
         with self._lock:
-            exchange = self.server.open_exchange(RequestInfo(
-                now=self.clock(), content_type=content_type, identity=identity, path=path))
+            exchange = self.server.open_exchange(
+                RequestInfo(
+                    now=self.clock(), content_type=content_type, identity=identity, path=path
+                )
+            )
         return ServiceRequest(self, exchange)
 
-    def reconfigure(self, config: ServerConfig,
-                    filter_settings: FilterSettings | None = None) -> None:
+    def reconfigure(
+        self, config: ServerConfig, filter_settings: FilterSettings | None = None
+    ) -> None:
         """Apply a reloaded configuration (SIGHUP): the core's settings and its
         RepositoryElementsChangeEvent (R7), and the filters' settings for jobs started next."""
         with self._lock:
@@ -321,15 +373,21 @@ class ScanService:
             self._carry_out(commands, strict=False)
         log.info("configuration reloaded")
 
-    def answer_datagram(self, data: bytes,
-                        answer: Callable[[ScanServer, bytes, datetime], bytes | None]
-                        ) -> bytes | None:
+    def answer_datagram(
+        self, data: bytes, answer: Callable[[ScanServer, bytes, datetime], bytes | None]
+    ) -> bytes | None:
         """Run a UDP discovery datagram through the core (dsc_core.discovery), under the lock."""
         with self._lock:
             return answer(self.server, data, self.clock())
 
-    def handle(self, body: bytes, *, content_type: str | None = None,
-               identity: str | None = None, path: str = "/") -> Reply:
+    def handle(
+        self,
+        body: bytes,
+        *,
+        content_type: str | None = None,
+        identity: str | None = None,
+        path: str = "/",
+    ) -> Reply:
         """A whole request in one call (tools and tests)."""
         request = self.open_request(content_type, identity, path)
         request.feed(body)
@@ -350,8 +408,10 @@ class ScanService:
         and the events still tell subscribers what happened)."""
         for command in commands:
             if isinstance(command, Deliver):
-                if self._delivery_deadline is not None and \
-                        time.monotonic() > self._delivery_deadline:
+                if (
+                    self._delivery_deadline is not None
+                    and time.monotonic() > self._delivery_deadline
+                ):
                     log.warning("dropping notification to %s: shutting down", command.address)
                     continue
                 self._deliveries.put(command)
@@ -375,8 +435,10 @@ class ScanService:
 
     def _documents_of(self, job: Job) -> list[tuple[Document, Path]]:
         store = self._require_store()
-        return [(document, store.document_path(job.token, document.document_id))
-                for document in job.documents]
+        return [
+            (document, store.document_path(job.token, document.document_id))
+            for document in job.documents
+        ]
 
     def _engine_report(self, event: ProcessingEvent) -> None:
         with self._lock:
@@ -420,8 +482,9 @@ class ScanService:
                 continue  # SubscriptionEnd: nothing to report
             try:
                 with self._lock:
-                    self._carry_out(self.server.delivery_result(command.subscription_id, ok),
-                                    strict=False)
+                    self._carry_out(
+                        self.server.delivery_result(command.subscription_id, ok), strict=False
+                    )
             except Exception:
                 log.exception("reporting a delivery result failed")
 
@@ -435,20 +498,25 @@ class ScanService:
             connection: http.client.HTTPConnection
             if url.scheme == "https":
                 context = self._delivery_ssl_context or ssl.create_default_context()
-                connection = http.client.HTTPSConnection(url.hostname, url.port,
-                                                         timeout=timeout, context=context)
+                connection = http.client.HTTPSConnection(
+                    url.hostname, url.port, timeout=timeout, context=context
+                )
             else:
-                connection = http.client.HTTPConnection(url.hostname, url.port,
-                                                        timeout=timeout)
+                connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
             target = url.path or "/"
             if url.query:
                 target += "?" + url.query
             try:
-                connection.request("POST", target, body=command.body, headers={
-                    "Content-Type": command.content_type,
-                    "Content-Length": str(len(command.body)),
-                    "User-Agent": "dsc-server",
-                })
+                connection.request(
+                    "POST",
+                    target,
+                    body=command.body,
+                    headers={
+                        "Content-Type": command.content_type,
+                        "Content-Length": str(len(command.body)),
+                        "User-Agent": "dsc-server",
+                    },
+                )
                 response = connection.getresponse()
                 response.read()
                 status = response.status

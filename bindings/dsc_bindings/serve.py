@@ -10,9 +10,9 @@ import logging
 import signal
 import ssl
 import threading
+from collections.abc import Callable
 from types import FrameType
-
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .settings import Settings
 
@@ -24,7 +24,7 @@ log = logging.getLogger("dsc.serve")
 GRACE_SECONDS = 10.0
 
 
-def _log_start(settings: Settings, port: int, service: "ScanService") -> None:
+def _log_start(settings: Settings, port: int, service: ScanService) -> None:
     listen = settings.listen
     server = service.config
     base = f"{listen.scheme}://{listen.host}:{port}"
@@ -37,24 +37,27 @@ def _log_start(settings: Settings, port: int, service: "ScanService") -> None:
     for prefix, local in settings.filters.share_roots:
         log.info("file shares: %s -> %s", prefix, local.resolve())
     if not listen.tls:
-        log.warning("security: plain HTTP, development mode (use --tls-cert/--tls-key in "
-                    "production)")
+        log.warning(
+            "security: plain HTTP, development mode (use --tls-cert/--tls-key in production)"
+        )
     elif listen.client_ca:
-        log.info("security: HTTPS, client certificates required (CA %s); users are the "
-                 "certificate names (R10)", listen.client_ca)
+        log.info(
+            "security: HTTPS, client certificates required (CA %s); users are the "
+            "certificate names (R10)",
+            listen.client_ca,
+        )
     else:
         log.info("security: HTTPS with server certificate %s", listen.cert)
 
 
-def _bound(settings: Settings, service: "ScanService", port: int) -> None:
+def _bound(settings: Settings, service: ScanService, port: int) -> None:
     """With --port 0 the advertised address (metadata, ProbeMatches) needs the real port."""
     if settings.listen.port == 0 and settings.server.base_url.endswith(":0"):
         base = settings.server.base_url[:-2] + f":{port}"
         service.reconfigure(settings.server.replace(base_url=base))
 
 
-def _reload(reload: "Callable[[], Settings] | None", current: Settings,
-            service: "ScanService") -> None:
+def _reload(reload: Callable[[], Settings] | None, current: Settings, service: ScanService) -> None:
     """SIGHUP: read the configuration again and apply what can change without a restart."""
     if reload is None:
         log.warning("SIGHUP: nothing to reload (no --config file)")
@@ -72,15 +75,18 @@ def _reload(reload: "Callable[[], Settings] | None", current: Settings,
     service.reconfigure(server, fresh.filters)
 
 
-def run_server(settings: Settings, *, log_level: str = "INFO",
-               reload: "Callable[[], Settings] | None" = None) -> int:
+def run_server(
+    settings: Settings, *, log_level: str = "INFO", reload: Callable[[], Settings] | None = None
+) -> int:
     from dsc_core import ServerConfig
 
     from .service import ScanService
     from .settings import ConfigError
 
-    logging.basicConfig(level=getattr(logging, log_level),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
     try:
         ssl_context = settings.server_ssl_context()
     except ConfigError as exc:
@@ -105,10 +111,11 @@ def run_server(settings: Settings, *, log_level: str = "INFO",
         service.shutdown()
 
 
-def _start_discovery(settings: Settings, service: "ScanService") -> "UdpDiscovery | None":
+def _start_discovery(settings: Settings, service: ScanService) -> UdpDiscovery | None:
     """UDP port 5362 answers directed Probes (bdsrr 3.2.3, R11); failing to bind it is not
     fatal: scanners that probe over HTTP still work."""
     from .discovery import UdpDiscovery
+
     try:
         discovery = UdpDiscovery(service, settings.listen.host, settings.listen.port)
     except OSError as exc:
@@ -118,17 +125,28 @@ def _start_discovery(settings: Settings, service: "ScanService") -> "UdpDiscover
     return discovery
 
 
-def _run_blocking(settings: Settings, service: "ScanService", ssl_context: ssl.SSLContext | None,
-                  reload: "Callable[[], Settings] | None") -> int:
+def _run_blocking(
+    settings: Settings,
+    service: ScanService,
+    ssl_context: ssl.SSLContext | None,
+    reload: Callable[[], Settings] | None,
+) -> int:
     from .http_blocking import BlockingServer
 
-    server = BlockingServer(service, settings.listen.host, settings.listen.port,
-                            ssl_context, settings.server.limits, grace=GRACE_SECONDS)
+    server = BlockingServer(
+        service,
+        settings.listen.host,
+        settings.listen.port,
+        ssl_context,
+        settings.server.limits,
+        grace=GRACE_SECONDS,
+    )
     try:
         port = server.start()
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", settings.listen.host, settings.listen.port,
-                  exc.strerror)
+        log.error(
+            "cannot listen on %s:%d: %s", settings.listen.host, settings.listen.port, exc.strerror
+        )
         return 1
     _bound(settings, service, port)
     _log_start(settings, port, service)
@@ -142,8 +160,9 @@ def _run_blocking(settings: Settings, service: "ScanService", ssl_context: ssl.S
         log.info("signal %s: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal)
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         while not stop.wait(0.2):
             if hangup.is_set():
@@ -156,8 +175,12 @@ def _run_blocking(settings: Settings, service: "ScanService", ssl_context: ssl.S
     return 0
 
 
-def _run_async(settings: Settings, service: "ScanService", ssl_context: ssl.SSLContext | None,
-               reload: "Callable[[], Settings] | None") -> int:
+def _run_async(
+    settings: Settings,
+    service: ScanService,
+    ssl_context: ssl.SSLContext | None,
+    reload: Callable[[], Settings] | None,
+) -> int:
     import trio
 
     from .http_async import serve
@@ -165,18 +188,28 @@ def _run_async(settings: Settings, service: "ScanService", ssl_context: ssl.SSLC
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             try:
-                port = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: serve(
-                    service, host=settings.listen.host, port=settings.listen.port,
-                    ssl_context=ssl_context, limits=settings.server.limits,
-                    grace=GRACE_SECONDS, task_status=task_status))
+                port = await nursery.start(
+                    lambda task_status=trio.TASK_STATUS_IGNORED: serve(
+                        service,
+                        host=settings.listen.host,
+                        port=settings.listen.port,
+                        ssl_context=ssl_context,
+                        limits=settings.server.limits,
+                        grace=GRACE_SECONDS,
+                        task_status=task_status,
+                    )
+                )
             except OSError as exc:
-                log.error("cannot listen on %s:%d: %s", settings.listen.host,
-                          settings.listen.port, exc.strerror)
+                log.error(
+                    "cannot listen on %s:%d: %s",
+                    settings.listen.host,
+                    settings.listen.port,
+                    exc.strerror,
+                )
                 return 1
             _bound(settings, service, port)
             _log_start(settings, port, service)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                           signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         await trio.to_thread.run_sync(_reload, reload, settings, service)
