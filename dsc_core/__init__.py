@@ -23,7 +23,8 @@ from .commands import (
     UpdateJob,
 )
 from .config import Limits, ServerConfig
-from .exchange_types import Outcome, Reply, RequestInfo, UsageError
+from .errors import UsageError
+from .exchange import Exchange
 from .model import (
     Document,
     FilterState,
@@ -34,7 +35,8 @@ from .model import (
     JobStateReason,
     RepositoryState,
 )
-from .server import Exchange, ScanServer
+from .server import ScanServer
+from .transport import Outcome, Reply, RequestInfo
 
 __all__ = [
     "AbortDocument",

@@ -23,6 +23,21 @@ def label(ns: str | None, local: str) -> str:
     return f"{prefix}:{local}" if prefix else local
 
 
+def request_element(body: Element, ns: str, *locals_: str) -> tuple[Element, Args]:
+    """The Body's single request element, one of ``locals_`` in ``ns`` (R4 step 6), and the
+    reader for its arguments."""
+    args = Args(ns)
+    body_children = list(children(body))
+    if not body_children:
+        raise args.invalid(ns, locals_[0])
+    payload = body_children[0]
+    if split(payload.tag) not in [(ns, local) for local in locals_]:
+        raise args.invalid(*split(payload.tag))
+    if len(body_children) > 1:
+        raise args.invalid(*split(body_children[1].tag))
+    return payload, args
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One ``xs:element`` of a sequence: its local name and occurrence bounds."""
@@ -104,6 +119,13 @@ class Args:
             return parse_int(self.text(el), minimum=minimum)
         except ValueError:
             raise self.invalid(*split(el.tag)) from None
+
+    def requested_names(self, el: Element, ns: str, limit: int) -> list[tuple[str, str]]:
+        """R5: the QNames of a RequestedElements, at most ``limit`` of them."""
+        found = self.sequence(el, ns, (Item("Name", 1, 2**31),), allow_other=False)["Name"]
+        if len(found) > limit:
+            raise self.invalid(ns, "Name")
+        return [self.qname(n) for n in found]
 
     def qname(self, el: Element) -> tuple[str, str]:
         """R3: resolved by namespace; an unbound prefix is an invalid argument."""

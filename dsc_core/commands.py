@@ -159,7 +159,7 @@ class FilterFinished:
 
     @property
     def failed(self) -> bool:
-        return self.state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
+        return self.state.is_failure
 
 
 @dataclass(frozen=True, slots=True)

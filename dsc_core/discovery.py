@@ -8,9 +8,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from . import faults, names, soap
-from .exchange_types import RequestInfo
 from .metadata import probe_matches
 from .server import ScanServer
+from .transport import RequestInfo
 from .xmlread import parse_document
 
 

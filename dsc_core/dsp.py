@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from lxml import etree
 
 from . import faults, names
-from .args import Args, Item
+from .args import Args, Item, request_element
 from .commands import Command, FinishDocument
-from .instructions import read_post_scan_instructions
-from .jobstate import JobInput
-from .jobxml import documents, job_description, job_status
+from .instructions import PostScanInstructions, read_post_scan_instructions
+from .lifecycle import JobInput
 from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
-from .operations import (
-    change,
-    element_data,
-    find_job,
-    identity,
-    request_element,
-    requested_names,
-    result,
-    user_name,
-)
-from .server import Attachment, Call, Handler, OpResult
-from .xmlread import children, split, trimmed
+from .operation import Operation, OpResult, Request, Upload, change, find_job
+from .users import identity, user_name
+from .xmlread import Element, children, split, trimmed
+from .xmlwrite import documents, element_data, job_description, job_status
 
 NS = names.DSP
 A = names.Action
@@ -34,12 +28,23 @@ _NSMAP = {"dsp": NS}
 _FORMAT_EXTENSION = re.compile(r"^\w+[\w:/;_\-\\+.]*$")
 
 
-def _el(local: str) -> etree._Element:
+def _el(local: str) -> Element:
     return etree.Element(f"{{{NS}}}{local}")
 
 
-def create_post_scan_job(call: Call) -> OpResult:
-    payload, args = request_element(call, NS, "CreatePostScanJobRequest")
+# --- CreatePostScanJob ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateArgs:
+    user_identifier: str
+    psp_identifier: str
+    instructions: PostScanInstructions
+    display_name: str
+
+
+def read_create(request: Request) -> CreateArgs:
+    payload, args = request_element(request.envelope.body, NS, "CreatePostScanJobRequest")
     found = args.sequence(
         payload,
         NS,
@@ -55,23 +60,40 @@ def create_post_scan_job(call: Call) -> OpResult:
     if not psp_identifier:
         raise args.invalid(NS, "PSP_Identifier")
     instructions = read_post_scan_instructions(
-        found["PostScanInstructions"][0], args, call.config.filter_dialect_uris()
+        found["PostScanInstructions"][0], args, request.config.filter_dialect_uris()
     )
-    display_name = _process_name(call, payload, psp_identifier)
-    if len(call.server.jobs.active()) >= call.config.limits.max_active_jobs:
+    display_name = _process_name(request, payload, psp_identifier)
+    return CreateArgs(user_identifier, psp_identifier, instructions, display_name)
+
+
+def _process_name(request: Request, payload: Element, psp_identifier: str) -> str:
+    """PSP_DisplayName: our vendor extension ``ext:ProcessName`` (a ##other element), else the
+    configured directory of processes, else the identifier itself."""
+    for child in children(payload):
+        if split(child.tag) == (names.EXT, "ProcessName"):
+            value = trimmed(child.text)
+            if value:
+                return value[:255]
+    return request.config.process_names.get(psp_identifier, psp_identifier)
+
+
+def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
+    state, now = request.state, request.now
+    if len(state.jobs.active()) >= request.config.limits.max_active_jobs:
         raise faults.store_failed(NS, temporary=True)
-    token = call.server.new_id()
+    token = state.new_id()
+    instructions = args.instructions
     job = Job(
         token=token,
         state=JobState.CREATING,
         reasons=(JobStateReason.NONE,),
         filters=instructions.filters,
-        psp_identifier=psp_identifier,
-        psp_display_name=display_name,
-        user_name=user_name(call, user_identifier),
-        owner=identity(call),
-        created=call.now,
-        last_activity=call.now,
+        psp_identifier=args.psp_identifier,
+        psp_display_name=args.display_name,
+        user_name=user_name(request.config, request.info, args.user_identifier),
+        owner=identity(request.config, request.info),
+        created=now,
+        last_activity=now,
         continue_on_error=instructions.continue_on_error,
         document_root_name=instructions.document_root_name,
     )
@@ -80,35 +102,34 @@ def create_post_scan_job(call: Call) -> OpResult:
         job = job.evolve(
             state=JobState.ABORTED,
             reasons=(JobStateReason.NO_VALID_INSTRUCTIONS,),
-            completed=call.now,
+            completed=now,
         )
-    commands = call.server.record(None, job, call.now)
+    commands = state.lifecycle.record(None, job, now)
     response = _el("CreatePostScanJobResponse")
     etree.SubElement(response, f"{{{NS}}}JobToken").text = token
-    return result(
+    return OpResult(
         A.DSP_CREATE + "Response",
         response,
         dict(_NSMAP),
         commands,
-        lambda: call.server.restore_job(None, job, call.now),
+        lambda: state.lifecycle.undo(None, job),
     )
 
 
-def _process_name(call: Call, payload: etree._Element, psp_identifier: str) -> str:
-    """PSP_DisplayName: our vendor extension ``ext:ProcessName`` (a ##other element), else the
-    configured directory of processes, else the identifier itself."""
-    for child in children(payload):
-        if split(child.tag) == (names.EXT, "ProcessName"):
-            value = trimmed(child.text)
-            if value:
-                return value[:255]
-    return call.config.process_names.get(psp_identifier, psp_identifier)
+# --- SendImage (R8: the attachment streams to the store) --------------------------------------
 
 
-def prepare_send_image(call: Call) -> Attachment:
-    """Check a SendImage before its attachment arrives (R4 steps 6-8) and reserve its
-    DocumentId, so that the image streams straight to the store (R8)."""
-    payload, args = request_element(call, NS, "SendImageRequest")
+@dataclass(frozen=True, slots=True)
+class SendImageArgs:
+    token: str
+    document_id: int
+    format: str
+    #: The Content-ID of the attachment (the xop:Include href without ``cid:``).
+    href: str
+
+
+def read_send_image(request: Request) -> SendImageArgs:
+    payload, args = request_element(request.envelope.body, NS, "SendImageRequest")
     found = args.sequence(
         payload,
         NS,
@@ -134,22 +155,10 @@ def prepare_send_image(call: Call) -> Attachment:
     if fmt not in DOCUMENT_FORMATS and not _FORMAT_EXTENSION.match(fmt):
         raise args.invalid(NS, "Format")
     href = _include_href(args, found["ImageData"][0])
-    job = find_job(call, NS, token, own_only=True)
-    table = call.server.jobs
-    if (
-        any(d.document_id == document_id for d in job.documents)
-        or (token, document_id) in table.uploads
-    ):
-        raise args.invalid(NS, "DocumentId")  # R6: a DocumentId already used in the job
-    if job.images_received >= call.config.limits.max_documents_per_job:
-        raise args.invalid(NS, "DocumentId")
-    if job.state is not JobState.CREATING:
-        raise faults.operation_failed(NS)  # R4 step 8: SendImage after EndPostScanJob
-    table.uploads.add((token, document_id))
-    return Attachment(token, document_id, fmt, href)
+    return SendImageArgs(token, document_id, fmt, href)
 
 
-def _include_href(args: Args, image_data: etree._Element) -> str:
+def _include_href(args: Args, image_data: Element) -> str:
     includes = [c for c in children(image_data)]
     if len(includes) != 1 or split(includes[0].tag) != (names.XOP, "Include"):
         raise args.invalid(NS, "ImageData")
@@ -160,25 +169,47 @@ def _include_href(args: Args, image_data: etree._Element) -> str:
     return unquote(href[4:])
 
 
-def send_image(call: Call) -> OpResult:
-    attachment = call.attachment
-    if attachment is None:
+def begin_send_image(request: Request, args: SendImageArgs) -> Upload:
+    """Check a SendImage before its attachment arrives (R4 steps 7-8) and reserve its
+    DocumentId, so that the image streams straight to the store (R8)."""
+    job = find_job(request, NS, args.token, own_only=True)
+    table = request.state.jobs
+    if (
+        any(d.document_id == args.document_id for d in job.documents)
+        or (args.token, args.document_id) in table.uploads
+    ):
+        raise Args(NS).invalid(NS, "DocumentId")  # R6: a DocumentId already used in the job
+    if job.images_received >= request.config.limits.max_documents_per_job:
+        raise Args(NS).invalid(NS, "DocumentId")
+    if job.state is not JobState.CREATING:
+        raise faults.operation_failed(NS)  # R4 step 8: SendImage after EndPostScanJob
+    upload = Upload(args.token, args.document_id, args.format, args.href)
+    table.uploads.add(upload.key)
+    return upload
+
+
+def send_image(request: Request, args: SendImageArgs) -> OpResult:
+    upload = request.upload
+    if upload is None:
         # Not MTOM: check the request as usual, then refuse the missing attachment (R8).
-        attachment = prepare_send_image(call)
-        call.server.jobs.uploads.discard((attachment.token, attachment.document_id))
+        upload = begin_send_image(request, args)
+        request.state.jobs.uploads.discard(upload.key)
         raise Args(NS).invalid(NS, "ImageData")
-    if not attachment.complete:
+    if not upload.complete:
         raise Args(NS).invalid(NS, "ImageData")  # attachment missing or not referenced
-    job = find_job(call, NS, attachment.token, own_only=True)
-    document = Document(attachment.document_id, attachment.format, attachment.size)
+    job = find_job(request, NS, upload.token, own_only=True)
+    document = Document(upload.document_id, upload.format, upload.size)
     _new, commands, undo = change(
-        call, NS, job, JobInput.IMAGE, documents=job.documents + (document,), last_activity=call.now
+        request,
+        NS,
+        job,
+        JobInput.IMAGE,
+        documents=job.documents + (document,),
+        last_activity=request.now,
     )
-    call.server.jobs.uploads.discard((attachment.token, attachment.document_id))
-    finish: list[Command] = [
-        FinishDocument(attachment.token, attachment.document_id, attachment.size)
-    ]
-    return result(
+    request.state.jobs.uploads.discard(upload.key)
+    finish: list[Command] = [FinishDocument(upload.token, upload.document_id, upload.size)]
+    return OpResult(
         A.DSP_SEND_IMAGE + "Response",
         _el("SendImageResponse"),
         dict(_NSMAP),
@@ -187,60 +218,87 @@ def send_image(call: Call) -> OpResult:
     )
 
 
-def _token_request(call: Call, local: str) -> tuple[str, Job]:
-    payload, args = request_element(call, NS, local)
-    found = args.sequence(payload, NS, (Item("JobToken"),), allow_other=True)
-    token = args.token(found["JobToken"][0])
-    return token, find_job(call, NS, token, own_only=True)
+# --- EndPostScanJob, CancelPostScanJob ----------------------------------------------------------
 
 
-def end_post_scan_job(call: Call) -> OpResult:
-    _, job = _token_request(call, "EndPostScanJobRequest")
-    _, commands, undo = change(call, NS, job, JobInput.END)
-    return result(
+def read_job_token(local: str) -> Callable[[Request], str]:
+    """The reader of a request whose only argument is a JobToken (then ##other elements)."""
+
+    def read(request: Request) -> str:
+        payload, args = request_element(request.envelope.body, NS, local)
+        found = args.sequence(payload, NS, (Item("JobToken"),), allow_other=True)
+        return args.token(found["JobToken"][0])
+
+    return read
+
+
+def end_post_scan_job(request: Request, token: str) -> OpResult:
+    job = find_job(request, NS, token, own_only=True)
+    _, commands, undo = change(request, NS, job, JobInput.END)
+    return OpResult(
         A.DSP_END + "Response", _el("EndPostScanJobResponse"), dict(_NSMAP), commands, undo
     )
 
 
-def cancel_post_scan_job(call: Call) -> OpResult:
-    _, job = _token_request(call, "CancelPostScanJobRequest")
-    _, commands, undo = change(call, NS, job, JobInput.CANCEL)
-    return result(
+def cancel_post_scan_job(request: Request, token: str) -> OpResult:
+    job = find_job(request, NS, token, own_only=True)
+    _, commands, undo = change(request, NS, job, JobInput.CANCEL)
+    return OpResult(
         A.DSP_CANCEL + "Response", _el("CancelPostScanJobResponse"), dict(_NSMAP), commands, undo
     )
 
 
-def get_post_scan_job_elements(call: Call) -> OpResult:
-    return job_elements(call, NS, own_only=True)
+# --- GetPostScanJobElements (both protocols) ----------------------------------------------------
 
 
-def job_elements(call: Call, ns: str, *, own_only: bool) -> OpResult:
+@dataclass(frozen=True, slots=True)
+class JobElementsArgs:
+    token: str
+    wanted: list[tuple[str, str]]
+
+
+def read_job_elements(ns: str) -> Callable[[Request], JobElementsArgs]:
+    """The reader of GetPostScanJobElements in namespace ``ns`` (dsp or dsc)."""
+
+    def read(request: Request) -> JobElementsArgs:
+        payload, args = request_element(request.envelope.body, ns, "GetPostScanJobElementsRequest")
+        found = args.sequence(
+            payload, ns, (Item("JobToken"), Item("RequestedElements")), allow_other=False
+        )
+        token = args.token(found["JobToken"][0])
+        limit = request.config.limits.max_requested_names
+        return JobElementsArgs(
+            token, args.requested_names(found["RequestedElements"][0], ns, limit)
+        )
+
+    return read
+
+
+def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsArgs], OpResult]:
     """GetPostScanJobElements of either protocol (bdsrr 3.2.4.3; dsm-and-stack §1.4)."""
     prefix = "dsp" if ns == NS else "dsc"
-    payload, args = request_element(call, ns, "GetPostScanJobElementsRequest")
-    found = args.sequence(
-        payload, ns, (Item("JobToken"), Item("RequestedElements")), allow_other=False
-    )
-    token = args.token(found["JobToken"][0])
-    wanted = requested_names(call, args, found["RequestedElements"][0], ns)
-    job = find_job(call, ns, token, own_only=own_only)
-    nsmap = {prefix: ns}
-    response = etree.Element(f"{{{ns}}}GetPostScanJobElementsResponse")
-    container = etree.SubElement(response, f"{{{ns}}}JobElements")
-    writers = {"JobStatus": job_status, "JobDescription": job_description, "Documents": documents}
-    for qname in wanted:
-        writer = writers.get(qname[1]) if qname[0] == ns else None
-        data = element_data(container, ns, qname, writer is not None, nsmap)
-        if writer is not None:
-            writer(data, ns, job)
     action = (A.DSP_GET_JOB_ELEMENTS if ns == NS else A.DSC_GET_JOB_ELEMENTS) + "Response"
-    return result(action, response, nsmap)
+    writers = {"JobStatus": job_status, "JobDescription": job_description, "Documents": documents}
+
+    def handle(request: Request, args: JobElementsArgs) -> OpResult:
+        job = find_job(request, ns, args.token, own_only=own_only)
+        nsmap = {prefix: ns}
+        response = etree.Element(f"{{{ns}}}GetPostScanJobElementsResponse")
+        container = etree.SubElement(response, f"{{{ns}}}JobElements")
+        for qname in args.wanted:
+            writer = writers.get(qname[1]) if qname[0] == ns else None
+            data = element_data(container, ns, qname, writer is not None, nsmap)
+            if writer is not None:
+                writer(data, ns, job)
+        return OpResult(action, response, nsmap)
+
+    return handle
 
 
-HANDLERS: dict[str, tuple[str, Handler]] = {
-    A.DSP_CREATE: (NS, create_post_scan_job),
-    A.DSP_SEND_IMAGE: (NS, send_image),
-    A.DSP_END: (NS, end_post_scan_job),
-    A.DSP_CANCEL: (NS, cancel_post_scan_job),
-    A.DSP_GET_JOB_ELEMENTS: (NS, get_post_scan_job_elements),
-}
+OPERATIONS: tuple[Operation[Any], ...] = (
+    Operation(A.DSP_CREATE, NS, read_create, create_post_scan_job),
+    Operation(A.DSP_SEND_IMAGE, NS, read_send_image, send_image, begin_upload=begin_send_image),
+    Operation(A.DSP_END, NS, read_job_token("EndPostScanJobRequest"), end_post_scan_job),
+    Operation(A.DSP_CANCEL, NS, read_job_token("CancelPostScanJobRequest"), cancel_post_scan_job),
+    Operation(A.DSP_GET_JOB_ELEMENTS, NS, read_job_elements(NS), job_elements(NS, own_only=True)),
+)

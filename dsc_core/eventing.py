@@ -1,4 +1,5 @@
-"""WS-Eventing 2004/08 as profiled by DPWS 2006/02 (R7): subscriptions and notifications.
+"""WS-Eventing 2004/08 as profiled by DPWS 2006/02 (R7): the subscriptions, and delivering a
+notification to the subscribers that asked for it (``events.py`` says which changes notify).
 
 Push delivery only; the DPWS Action filter dialect (space-separated action URIs, exact match);
 no filter means every event of that hosted service.  Expires is a duration or a dateTime, absent

@@ -7,7 +7,7 @@ store persists as is, and a failed store command is undone by putting the old re
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 
@@ -67,6 +67,12 @@ class FilterState(str, enum.Enum):
     @property
     def is_final(self) -> bool:
         return self not in (FilterState.PENDING, FilterState.PROCESSING)
+
+    @property
+    def is_failure(self) -> bool:
+        """R6: the outcomes that stop a job without ContinueOnError (and make one with it
+        complete with errors)."""
+        return self in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
 
 
 class FilterStateReason(str, enum.Enum):
@@ -213,9 +219,3 @@ class Job:
 
     def evolve(self, **changes: object) -> Job:
         return replace(self, **changes)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True, slots=True)
-class RepositoryStatus:
-    state: RepositoryState
-    reasons: tuple[str, ...] = field(default=("None",))

@@ -27,12 +27,9 @@ except ImportError:  # pragma: no cover - atheris is optional
     )
 
 with atheris.instrument_imports(include=["dsc_core"]):
-    # Instrumented before the harness imports them; the operation tables are imported lazily
-    # by ScanServer, so name them here or their coverage is invisible to the fuzzer.
-    import dsc_core
-    import dsc_core.bdsrr
-    import dsc_core.dsp
-    import dsc_core.metadata  # noqa: F401
+    # Instrumented before the harness imports them: importing the package imports every
+    # module of the core (the operation registry imports each protocol's operations).
+    import dsc_core  # noqa: F401
 
 import fuzz_harness
 

@@ -15,8 +15,7 @@ from typing import Any
 from lxml import etree
 
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import client
-from dsc_core.exchange_types import Reply
+from dsc_core import Reply, client
 from dsc_core.model import (
     EmailInstructions,
     FileShareInstructions,

@@ -551,7 +551,7 @@ def test_crash_during_processing(start_server: StartServer, binding: str) -> Non
         assert client.active() == []
         ended = client.in_history(token)
         assert ended is not None
-        # dsc_core/server.py ScanServer.restore: re-running the filter could deliver twice.
+        # dsc_core/lifecycle.py JobLifecycle.restart: re-running the filter could deliver twice.
         assert ended.state == "Aborted" and ended.reasons == ("PostScanJobProcessingFailed",)
         assert [(f.state, f.reasons) for f in ended.filters] == [
             ("CompletedWithErrors", ("UnknownError",))

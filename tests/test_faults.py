@@ -63,12 +63,12 @@ from dsc_core import (
     FinishDocument,
     Limits,
     ProcessingStarted,
+    Reply,
     RequestInfo,
     ServerConfig,
     UpdateJob,
     client,
 )
-from dsc_core.exchange_types import Reply
 from dsc_core.model import FilterState, JobState
 
 GET_ACTIVE = "<dsc:GetActiveJobsRequest/>"

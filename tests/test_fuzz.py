@@ -34,8 +34,7 @@ from core_support import (
     token_body,
 )
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import RequestInfo, client
-from dsc_core.exchange_types import Reply
+from dsc_core import Reply, RequestInfo, client
 
 LONG = os.environ.get("DSC_LONG_TESTS") == "1"
 

@@ -1,4 +1,4 @@
-"""The R6 job state machine: the invariants stated in jobstate.py's docstring over the whole
+"""The R6 job state machine: the invariants stated in lifecycle.py's docstring over the whole
 table, every (JobState, JobInput) pair (table function, ScanServer.apply, and requests through
 the transport), and random sequences of requests, engine events and clock steps checked against
 an independent model after every step."""
@@ -45,7 +45,7 @@ from dsc_core import (
     ServerConfig,
     UpdateJob,
 )
-from dsc_core.jobstate import REFUSALS, TRANSITIONS, JobInput, Refused, transition
+from dsc_core.lifecycle import REFUSALS, TRANSITIONS, JobInput, Refused, transition
 from dsc_core.model import (
     COMPLETED_STATES,
     EmailInstructions,
@@ -63,7 +63,7 @@ COMPLETED = [S.COMPLETED, S.ABORTED, S.CANCELED]
 REQUEST_INPUTS = [I.IMAGE, I.END, I.CANCEL]
 
 
-# --- the table's invariants (jobstate.py docstring) ----------------------------------------------
+# --- the table's invariants (lifecycle.py docstring) ----------------------------------------------
 
 
 def test_completed_states_are_exactly_completed_aborted_canceled() -> None:
@@ -281,7 +281,7 @@ USABLE = [FS, SP, MAIL]
 @dataclass
 class Model:
     """What R6 says the job must look like, computed from TRANSITIONS and the R6 outcome rule
-    (independently of server.py)."""
+    (independently of JobLifecycle)."""
 
     token: str
     coe: bool

@@ -1,4 +1,5 @@
-"""The values that cross the core's boundary for one HTTP request."""
+"""What a transport (an HTTP binding, the UDP listener, a test) hands the core with a request,
+and what it gets back: :class:`RequestInfo` in, :class:`Reply` and :class:`Outcome` out."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .commands import Command
-
-
-class UsageError(Exception):
-    """The caller misused the core's API (a bug in the binding, never caused by request bytes)."""
+from .errors import UsageError
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,293 @@
+"""The exchange: one HTTP request read, dispatched to its operation, and answered.
+
+Feed the body in chunks of any size, then end it.  The exchange reads a plain SOAP body, or an
+MTOM ``multipart/related`` one (R8) whose root part is read as soon as it is complete: when the
+operation declares ``begin_upload`` (SendImage), its attachment then streams to the store as
+commands while the body is still arriving.  Any fault, at any point, becomes the fault reply of
+R4; a store failure reported by the binding becomes the fault of R4 step 9 and undoes the
+operation's change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from . import faults, names, soap
+from .commands import AbortDocument, AppendDocument, BeginDocument, Command
+from .content_type import parse_content_type
+from .errors import UsageError
+from .mime import MultipartError, MultipartReader, PartData, PartEnd, PartStart
+from .operation import Operation, OpResult, Request, Upload
+from .registry import Registry
+from .state import ServerState
+from .transport import Outcome, Reply, RequestInfo
+from .users import require_scan_admin
+from .xmlread import check_tree, parse_xml
+
+SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
+
+
+class Exchange:
+    """One HTTP request: feed the body in chunks of any size, then end it.
+
+    States: feeding -> ended -> (optionally) store_failed.  Misuse raises :class:`UsageError`.
+    """
+
+    def __init__(self, state: ServerState, operations: Registry, info: RequestInfo) -> None:
+        self.state = state
+        self.operations = operations
+        self.info = info
+        self._limits = state.config.limits
+        self._buffer = bytearray()
+        self._overflow = False
+        self._fault: faults.SoapFault | None = None
+        self._ended = False
+        self._result: OpResult | None = None
+        self._envelope: soap.Envelope | None = None
+        #: Addressing headers of an envelope refused before it was read (RelatesTo, R4).
+        self._salvaged: soap.Addressing | None = None
+        self._reply_id = ""
+        self._multipart: MultipartReader | None = None
+        self._part = 0  # index of the current MIME part (1 = root)
+        #: The operation's arguments, when read early for its upload (a 1-tuple: None is a
+        #: valid argument value).
+        self._early_args: tuple[Any] | None = None
+        self._upload: Upload | None = None
+        self._in_upload = False
+        ctype = parse_content_type(info.content_type or "")
+        if ctype.media_type == "multipart/related":
+            boundary = ctype.param("boundary")
+            if not boundary:
+                self._fault = faults.malformed("The multipart request has no boundary.")
+            else:
+                try:
+                    self._multipart = MultipartReader(
+                        boundary,
+                        max_header_bytes=self._limits.max_part_header_bytes,
+                        max_preamble_bytes=self._limits.max_part_header_bytes,
+                    )
+                except MultipartError as exc:  # a boundary the reader refuses (R4 step 1)
+                    self._fault = faults.malformed(f"The MIME body is malformed: {exc.reason}")
+
+    # --- feeding ------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Command]:
+        if self._ended:
+            raise UsageError("feed() after end()")
+        if not data:
+            return []
+        if self._multipart is None:
+            if self._fault is None:
+                self._keep(data)
+            return []
+        if self._fault is not None and not self._in_upload:
+            return []
+        try:
+            events = self._multipart.feed(data)
+        except MultipartError as exc:
+            # Parts completed before the error count, as they would with smaller chunks.
+            commands = self._on_parts(exc.events)
+            return commands + self._fail(
+                faults.malformed(f"The MIME body is malformed: {exc.reason}")
+            )
+        return self._on_parts(events)
+
+    def _keep(self, data: bytes) -> None:
+        if self._overflow:
+            return
+        if len(self._buffer) + len(data) > self._limits.max_envelope_bytes:
+            # R12: stop buffering at once; the fault is given at end().
+            self._overflow = True
+            self._buffer.clear()
+            return
+        self._buffer += data
+
+    def _on_parts(self, events: list[PartStart | PartData | PartEnd]) -> list[Command]:
+        commands: list[Command] = []
+        for event in events:
+            if isinstance(event, PartStart):
+                self._part += 1
+                up = self._upload
+                if (
+                    self._part > 1
+                    and up is not None
+                    and not up.begun
+                    and event.content_id == up.href
+                ):
+                    up.begun = True
+                    self._in_upload = True
+                    commands.append(BeginDocument(up.token, up.document_id, up.format))
+            elif isinstance(event, PartData):
+                if self._part == 1:
+                    self._keep(event.data)
+                elif self._in_upload and self._upload is not None:
+                    up = self._upload
+                    up.size += len(event.data)
+                    if up.size > self._limits.max_image_bytes:
+                        return commands + self._fail(
+                            faults.malformed(
+                                f"The image exceeds the limit of {self._limits.max_image_bytes} "
+                                "bytes.",
+                                http_status=413,
+                            )
+                        )
+                    commands.append(AppendDocument(up.token, up.document_id, event.data))
+            elif isinstance(event, PartEnd):
+                if self._part == 1:
+                    self._root_part_done()
+                elif self._in_upload and self._upload is not None:
+                    self._upload.complete = True
+                    self._in_upload = False
+        return commands
+
+    def _root_part_done(self) -> None:
+        """The root part is complete: read the envelope now, so that an operation with an upload
+        (SendImage) streams its attachment straight to the store (R8)."""
+        try:
+            self._envelope = envelope = self._read()
+            operation = self.operations.get(envelope.addressing.action or "")
+            if (
+                operation is None
+                or operation.begin_upload is None
+                or self._refused_while_stopped(operation)  # _dispatch refuses it (R4 step 8)
+            ):
+                return
+            request = self._request(envelope, operation)
+            args = operation.read(request)
+            self._early_args = (args,)
+            self._upload = operation.begin_upload(request, args)
+        except faults.SoapFault as fault:
+            self._fault = fault
+
+    def _fail(self, fault: faults.SoapFault) -> list[Command]:
+        """Refuse the request; an upload in progress is dropped (no debris)."""
+        commands: list[Command] = []
+        if self._fault is None:
+            self._fault = fault
+        up = self._upload
+        if up is not None:
+            # Received completely or not, a refused image was never finished: drop it.
+            if up.begun:
+                commands.append(AbortDocument(up.token, up.document_id))
+            self.state.jobs.uploads.discard(up.key)
+            self._upload = None
+        self._in_upload = False
+        return commands
+
+    # --- ending ---------------------------------------------------------------------------------
+
+    def end(self, now: datetime | None = None) -> Outcome:
+        """The body is complete.  ``now`` is when (default: ``RequestInfo.now``, the start): the
+        operation takes effect then, so that an image that took long to arrive is activity at
+        its end, not at its start (R6 timeout)."""
+        if self._ended:
+            raise UsageError("end() called twice")
+        if now is not None:
+            self.info = replace(self.info, now=now)  # RequestInfo refuses a naive time
+        self._ended = True
+        self._reply_id = self.state.message_id()
+        early: list[Command] = []
+        if self._multipart is not None and self._fault is None:
+            try:
+                early += self._on_parts(self._multipart.close())
+            except MultipartError as exc:
+                early += self._fail(faults.malformed(f"The MIME body is malformed: {exc.reason}"))
+            if self._fault is None and self._envelope is None:
+                early += self._fail(faults.malformed("The multipart request has no root part."))
+        if self._fault is not None:
+            return self._fault_outcome(self._fault, early + self._fail(self._fault))
+        try:
+            envelope = self._envelope or self._read()
+            self._envelope = envelope
+            result = self._dispatch(envelope)
+        except faults.SoapFault as fault:
+            return self._fault_outcome(fault, early + self._fail(fault))
+        self._result = result
+        body = soap.reply_envelope(
+            envelope.addressing, result.action, self._reply_id, result.payload, result.nsmap
+        )
+        return Outcome(Reply(200, SOAP_CONTENT_TYPE, body), tuple(early + result.commands))
+
+    def _read(self) -> soap.Envelope:
+        if self._overflow:
+            raise faults.malformed(
+                f"The SOAP envelope exceeds the limit of {self._limits.max_envelope_bytes} bytes."
+            )
+        root = parse_xml(bytes(self._buffer), self._limits)
+        self._buffer.clear()
+        try:
+            check_tree(root, self._limits)
+            return soap.read_envelope(root)
+        except faults.SoapFault:
+            self._salvaged = soap.salvage_addressing(root)
+            raise
+
+    def _dispatch(self, envelope: soap.Envelope) -> OpResult:
+        action = envelope.addressing.action
+        if not action:
+            raise faults.action_required(envelope.addressing.wsa_ns)
+        operation = self.operations.get(action)
+        if operation is None:
+            raise faults.action_not_supported(envelope.addressing.wsa_ns, action)
+        if self._refused_while_stopped(operation):
+            raise faults.operation_failed(operation.service)  # R4 step 8: repository Stopped
+        request = self._request(envelope, operation)
+        if self._early_args is not None:
+            (args,) = self._early_args  # read when the root part arrived, for the upload
+        else:
+            args = operation.read(request)
+        return operation.handle(request, args)
+
+    def _request(self, envelope: soap.Envelope, operation: Operation[Any]) -> Request:
+        """What the operation sees; an MS-BDSRR operation first needs a scan administrator
+        (R4 step 5, R10)."""
+        if operation.admin_only:
+            require_scan_admin(self.state.config, self.info)
+        return Request(self.state, envelope, self.info, self._upload)
+
+    def _refused_while_stopped(self, operation: Operation[Any]) -> bool:
+        return self.state.stopped and operation.repository_service
+
+    def _fault_outcome(self, fault: faults.SoapFault, commands: list[Command]) -> Outcome:
+        addressing = (
+            self._envelope.addressing if self._envelope else self._salvaged or soap.Addressing()
+        )
+        body = soap.fault_envelope(fault, addressing, self._reply_id)
+        subcode = fault.subcode[1] if fault.subcode else "-"
+        return Outcome(
+            Reply(fault.http_status, SOAP_CONTENT_TYPE, body),
+            tuple(commands),
+            f"{fault.code}/{subcode}: {fault.reason}",
+        )
+
+    def store_failed(self, *, temporary: bool) -> Outcome:
+        """A command of this exchange failed: undo its change and answer with the fault of
+        R4 step 9 instead (ServerErrorTemporaryError when a retry may succeed)."""
+        if not self._ended:
+            # A chunk could not be written while feeding: refuse the request now.
+            fault = faults.store_failed(names.DSP, temporary=temporary)
+            self._ended = True
+            self._reply_id = self.state.message_id()
+            return self._fault_outcome(fault, self._fail(fault))
+        commands: list[Command] = []
+        result, self._result = self._result, None
+        if result is not None and result.undo is not None:
+            commands += result.undo()
+        up = self._upload
+        if up is not None and up.begun:
+            commands.append(AbortDocument(up.token, up.document_id))
+            self.state.jobs.uploads.discard(up.key)
+        operation = (
+            self.operations.get(self._envelope.addressing.action or "") if self._envelope else None
+        )
+        ns = operation.service if operation and operation.repository_service else names.DSC
+        return self._fault_outcome(faults.store_failed(ns, temporary=temporary), commands)
+
+    def abort(self) -> list[Command]:
+        """The connection was lost before end(): drop any upload in progress."""
+        if self._ended:
+            return []
+        self._ended = True
+        return self._fail(faults.malformed("The request was not received completely."))

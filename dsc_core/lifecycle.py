@@ -1,0 +1,350 @@
+"""The job lifecycle of R6, in one file (as h11 keeps every state rule in ``_state.py``).
+
+Rule: everything that moves a job from one state to another, and everything such a move causes,
+lives here.  The table ``TRANSITIONS`` says which input moves which state where; the code below
+it says what else a move does, because that does not fit in a table:
+
+- Entering a final state sets the completion time, and the job's unfinished filters end
+  Canceled (R6).
+- Entering Pending hands the job to the processing engine (StartProcessing).  Leaving Started or
+  Processing for Aborted or Canceled stops it (StopProcessing); a job that timed out has its
+  images discarded (DiscardDocuments).
+- Every change is persisted (CreateJob/UpdateJob), may push the oldest completed jobs out of the
+  history (DropJob), and is announced to subscribers (``events.Notifier``).
+- The engine's reports are turned into inputs here: the first failed filter of a job without
+  ContinueOnError ends the job Aborted at once (its StopProcessing tells the engine to run no
+  further filter); when the engine is done, the filters decide how the job completed.
+- The clock times out Creating jobs idle for ``job_timeout_seconds``, except one whose image is
+  still arriving; ``next_timeout`` is exactly the time the next one would be timed out.
+- A restart ends jobs that were running Aborted and hands Pending ones to the engine again.
+
+Invariants of the table (checked by tests/test_lifecycle.py over every pair):
+- A job is created in Creating (reason None), or directly Aborted with
+  NoValidPostScanInstructionsFound when no filter is usable; that is not a transition.
+- Only Creating accepts images and EndPostScanJob.  Only active states accept a cancel.
+- Completed, Aborted and Canceled are final: no input leaves them.
+- Pending-Held and Terminating are never entered by this server (the spec reaches Pending-Held
+  only "by means outside this protocol", and Windows never returns Terminating, note <9>); they are
+  in the table so that a job restored in them can still be canceled.
+- A pair that is not in the table is refused: a request input gets the fault named in
+  ``REFUSALS`` (R4 step 7 or 8); an input from the processing engine is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime
+from typing import Final
+
+from .commands import (
+    Command,
+    CreateJob,
+    DiscardDocuments,
+    DropJob,
+    FilterFinished,
+    FilterStarted,
+    ProcessingEvent,
+    ProcessingFinished,
+    ProcessingStarted,
+    StartProcessing,
+    StopProcessing,
+    UpdateJob,
+)
+from .errors import UsageError
+from .events import Notifier
+from .jobs import JobTable
+from .model import (
+    FilterState,
+    FilterStateReason,
+    FilterStatus,
+    Job,
+    JobState,
+    JobStateReason,
+    RepositoryState,
+)
+
+S = JobState
+R = JobStateReason
+
+
+class JobInput(enum.Enum):
+    # From requests (WS-DSP or MS-BDSRR)
+    IMAGE = "SendImage"
+    END = "EndPostScanJob"
+    CANCEL = "CancelPostScanJob"
+    # From the clock (tick)
+    TIMEOUT = "Timeout"
+    # From the processing engine
+    ENGINE_STARTED = "ProcessingStarted"
+    FILTER_STARTED = "FilterStarted"
+    FILTER_FINISHED = "FilterFinished"
+    COMPLETE_SUCCESSFULLY = "CompleteSuccessfully"
+    COMPLETE_WITH_WARNINGS = "CompleteWithWarnings"
+    COMPLETE_WITH_ERRORS = "CompleteWithErrors"
+    FAIL = "Fail"
+    # From a restart: processing was interrupted by a crash
+    INTERRUPTED = "Interrupted"
+
+    @property
+    def from_request(self) -> bool:
+        return self in (JobInput.IMAGE, JobInput.END, JobInput.CANCEL)
+
+
+I = JobInput
+
+#: None as the reason means "keep the current reasons".
+TRANSITIONS: Final[dict[tuple[JobState, JobInput], tuple[JobState, JobStateReason | None]]] = {
+    (S.CREATING, I.IMAGE): (S.CREATING, None),
+    (S.CREATING, I.END): (S.PENDING, R.NONE),
+    (S.CREATING, I.TIMEOUT): (S.ABORTED, R.TIMED_OUT),
+    (S.PENDING, I.ENGINE_STARTED): (S.STARTED, R.NONE),
+    (S.STARTED, I.FILTER_STARTED): (S.PROCESSING, R.NONE),
+    (S.PROCESSING, I.FILTER_STARTED): (S.PROCESSING, None),
+    (S.PROCESSING, I.FILTER_FINISHED): (S.PROCESSING, None),
+    (S.STARTED, I.COMPLETE_SUCCESSFULLY): (S.COMPLETED, R.COMPLETED_SUCCESSFULLY),
+    (S.STARTED, I.COMPLETE_WITH_WARNINGS): (S.COMPLETED, R.COMPLETED_WITH_WARNINGS),
+    (S.STARTED, I.COMPLETE_WITH_ERRORS): (S.COMPLETED, R.COMPLETED_WITH_ERRORS),
+    (S.STARTED, I.FAIL): (S.ABORTED, R.PROCESSING_FAILED),
+    (S.PROCESSING, I.COMPLETE_SUCCESSFULLY): (S.COMPLETED, R.COMPLETED_SUCCESSFULLY),
+    (S.PROCESSING, I.COMPLETE_WITH_WARNINGS): (S.COMPLETED, R.COMPLETED_WITH_WARNINGS),
+    (S.PROCESSING, I.COMPLETE_WITH_ERRORS): (S.COMPLETED, R.COMPLETED_WITH_ERRORS),
+    (S.PROCESSING, I.FAIL): (S.ABORTED, R.PROCESSING_FAILED),
+    (S.STARTED, I.INTERRUPTED): (S.ABORTED, R.PROCESSING_FAILED),
+    (S.PROCESSING, I.INTERRUPTED): (S.ABORTED, R.PROCESSING_FAILED),
+    # R6: cancel from either protocol on any active job, at once, with the single reason.
+    (S.CREATING, I.CANCEL): (S.CANCELED, R.CANCELED),
+    (S.PENDING, I.CANCEL): (S.CANCELED, R.CANCELED),
+    (S.PENDING_HELD, I.CANCEL): (S.CANCELED, R.CANCELED),
+    (S.STARTED, I.CANCEL): (S.CANCELED, R.CANCELED),
+    (S.PROCESSING, I.CANCEL): (S.CANCELED, R.CANCELED),
+    (S.TERMINATING, I.CANCEL): (S.CANCELED, R.CANCELED),
+}
+
+#: The fault for a request input in a state that does not accept it (R4 steps 7 and 8).
+#: A completed job is no longer "currently processing": cancel answers JobTokenNotFound (R6).
+REFUSALS: Final[dict[JobInput, str]] = {
+    I.IMAGE: "OperationFailed",
+    I.END: "OperationFailed",
+    I.CANCEL: "ClientErrorJobTokenNotFound",
+}
+
+
+class Refused(Exception):
+    """The table has no entry for (state, input).  ``fault`` names the R4 fault for a request
+    input, or is None for a stale engine/clock input that is to be ignored."""
+
+    def __init__(self, state: JobState, job_input: JobInput) -> None:
+        super().__init__(f"{job_input.value} is not accepted in state {state.value}")
+        self.state = state
+        self.input = job_input
+        self.fault = REFUSALS.get(job_input)
+
+
+def transition(state: JobState, job_input: JobInput) -> tuple[JobState, JobStateReason | None]:
+    try:
+        return TRANSITIONS[(state, job_input)]
+    except KeyError:
+        raise Refused(state, job_input) from None
+
+
+# --- What a transition causes ------------------------------------------------------------------
+
+
+class JobLifecycle:
+    """The job table, moved only through :data:`TRANSITIONS`.  Each method returns the commands
+    its changes cause, in the order the binding carries them out."""
+
+    def __init__(self, jobs: JobTable, notifier: Notifier) -> None:
+        self.jobs = jobs
+        self.notifier = notifier
+        #: The server is shutting down: the repository is Stopped (R4 step 8 refuses requests).
+        self.stopped = False
+
+    @property
+    def repository_state(self) -> RepositoryState:
+        if self.stopped:
+            return RepositoryState.STOPPED
+        if self.jobs.processing_count():
+            return RepositoryState.PROCESSING
+        return RepositoryState.IDLE
+
+    def apply(
+        self, job: Job, job_input: JobInput, now: datetime, **changes: object
+    ) -> tuple[Job, list[Command]]:
+        """Move ``job`` through the transition table, update the table, and return the new
+        record with the commands it causes.  Raises :class:`Refused`."""
+        new_state, reason = transition(job.state, job_input)
+        updates: dict[str, object] = dict(changes)
+        updates["state"] = new_state
+        if reason is not None:
+            updates["reasons"] = (reason,)
+        if not new_state.is_active:
+            updates["completed"] = now
+            updates["filters"] = _cancel_unfinished(updates.get("filters", job.filters))  # type: ignore[arg-type]
+        new = job.evolve(**updates)
+        return new, self.record(job, new, now)
+
+    def record(self, old: Job | None, new: Job, now: datetime) -> list[Command]:
+        """Put ``new`` in the table (``old`` None: a new job); the store, engine and event
+        commands this causes."""
+        commands: list[Command] = [CreateJob(new) if old is None else UpdateJob(new)]
+        dropped = self.jobs.put(new)
+        if old is not None and old.state is not new.state:
+            if new.state is JobState.PENDING:
+                commands.append(StartProcessing(new))
+            if (
+                old.state in (JobState.STARTED, JobState.PROCESSING)
+                and not new.is_active
+                and new.state is not JobState.COMPLETED
+            ):
+                commands.append(StopProcessing(new.token))
+            if new.reasons == (JobStateReason.TIMED_OUT,):
+                commands.append(DiscardDocuments(new.token))  # R6: its images are discarded
+        commands.extend(DropJob(token) for token in dropped)
+        commands.extend(self.notifier.job_changed(old, new, now))
+        commands.extend(self.notifier.repository_state(self.repository_state, now))
+        return commands
+
+    def undo(self, old: Job | None, new: Job) -> list[Command]:
+        """Undo a change whose store command failed (R4 step 9): put ``old`` back (or forget
+        ``new``).  Its events were never sent, so none are owed."""
+        if old is None:
+            self.jobs.remove(new.token)
+        else:
+            self.jobs.put(old)
+        self.notifier.assume_repository_state(self.repository_state)
+        return []
+
+    # --- the processing engine ------------------------------------------------------------
+
+    def engine_report(self, event: ProcessingEvent, now: datetime) -> list[Command]:
+        """An input from the processing engine.  Inputs for unknown or finished jobs are stale
+        (the job was canceled meanwhile) and ignored."""
+        job = self.jobs.get(event.token)
+        if job is None or not job.is_active:
+            return []
+        try:
+            if isinstance(event, ProcessingStarted):
+                return self.apply(job, JobInput.ENGINE_STARTED, now)[1]
+            if isinstance(event, FilterStarted):
+                filters = _set_filter(job, event.index, FilterState.PROCESSING, ())
+                return self.apply(job, JobInput.FILTER_STARTED, now, filters=filters)[1]
+            if isinstance(event, FilterFinished):
+                return self._filter_finished(job, event, now)
+            if isinstance(event, ProcessingFinished):
+                return self._finish(job, now)
+        except (Refused, IndexError):
+            return []
+        raise UsageError(f"not a processing event: {event!r}")
+
+    def _filter_finished(self, job: Job, event: FilterFinished, now: datetime) -> list[Command]:
+        filters = _set_filter(job, event.index, event.state, event.reasons)
+        if event.failed and not job.continue_on_error:
+            # R6: the first failure stops the run: the filters not yet run are Canceled, the
+            # job ends Aborted, and its StopProcessing keeps the engine from running another.
+            return self.apply(job, JobInput.FAIL, now, filters=filters)[1]
+        if job.state is JobState.STARTED:
+            job, commands = self.apply(job, JobInput.FILTER_STARTED, now)
+        else:
+            commands = []
+        job, more = self.apply(job, JobInput.FILTER_FINISHED, now, filters=filters)
+        commands += more
+        if all(f.state.is_final for f in job.filters):
+            commands += self._finish(job, now)
+        return commands
+
+    def _finish(self, job: Job, now: datetime) -> list[Command]:
+        # Filters the engine never finished count as failed (UnknownError).
+        filters = tuple(
+            f
+            if f.state.is_final
+            else _replace_filter(
+                f, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+            )
+            for f in job.filters
+        )
+        ran = [f for f, o in zip(filters, job.filters, strict=False) if o.instructions is not None]
+        failed = any(f.state.is_failure for f in ran)
+        if failed and not job.continue_on_error:
+            outcome = JobInput.FAIL
+        elif failed or any(f.state is FilterState.CANCELED for f in filters):
+            outcome = JobInput.COMPLETE_WITH_ERRORS
+        elif any(f.state is FilterState.COMPLETED_WITH_WARNINGS for f in filters):
+            outcome = JobInput.COMPLETE_WITH_WARNINGS
+        else:
+            outcome = JobInput.COMPLETE_SUCCESSFULLY
+        return self.apply(job, outcome, now, filters=filters)[1]
+
+    # --- the clock ------------------------------------------------------------------------------
+
+    def time_out(self, now: datetime, timeout: float) -> list[Command]:
+        """R6: Creating jobs idle for ``timeout`` seconds end Aborted (PostScanJobTimedOut)."""
+        commands: list[Command] = []
+        for job in self.jobs.timed_out(now, timeout):
+            commands += self.apply(job, JobInput.TIMEOUT, now)[1]
+        return commands
+
+    def next_timeout(self, timeout: float) -> datetime | None:
+        """When :meth:`time_out` next times out a job: None while every Creating job is
+        receiving an image (its deadline starts when the image has arrived)."""
+        return self.jobs.next_timeout(timeout)
+
+    # --- start and stop ------------------------------------------------------------------------
+
+    def restart(self, jobs: Iterable[Job], now: datetime) -> list[Command]:
+        """Load the jobs a store kept across a restart.
+
+        Decision (issue 3, crash consistency): a job that was Started or Processing when the
+        server died ends Aborted with PostScanJobProcessingFailed, because re-running filters could
+        deliver documents twice; a Pending job is handed to the engine again; a Creating job keeps
+        its images and waits for more (the R6 timeout still applies).
+        """
+        commands: list[Command] = []
+        for job in jobs:
+            self.jobs.put(job)
+        for job in self.jobs.active():
+            if job.state in (JobState.STARTED, JobState.PROCESSING):
+                filters = tuple(
+                    _replace_filter(
+                        f, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+                    )
+                    if f.state is FilterState.PROCESSING
+                    else f
+                    for f in job.filters
+                )
+                commands += self.apply(job, JobInput.INTERRUPTED, now, filters=filters)[1]
+            elif job.state is JobState.PENDING:
+                commands.append(StartProcessing(job))
+        commands += self.notifier.repository_state(self.repository_state, now)
+        return commands
+
+    def stop(self, now: datetime) -> list[Command]:
+        """The server is stopping: the repository is Stopped from now on."""
+        self.stopped = True
+        return self.notifier.repository_state(self.repository_state, now)
+
+
+def _replace_filter(
+    f: FilterStatus, state: FilterState, reasons: tuple[FilterStateReason, ...]
+) -> FilterStatus:
+    return replace(f, state=state, reasons=reasons)
+
+
+def _set_filter(
+    job: Job, index: int, state: FilterState, reasons: tuple[FilterStateReason, ...]
+) -> tuple[FilterStatus, ...]:
+    if not 0 <= index < len(job.filters):
+        raise IndexError(index)
+    filters = list(job.filters)
+    filters[index] = _replace_filter(filters[index], state, reasons)
+    return tuple(filters)
+
+
+def _cancel_unfinished(filters: tuple[FilterStatus, ...]) -> tuple[FilterStatus, ...]:
+    """R6: when a job ends, Pending filters become Canceled (running ones are told to stop
+    and end Canceled too)."""
+    return tuple(
+        f if f.state.is_final else _replace_filter(f, FilterState.CANCELED, ()) for f in filters
+    )

@@ -1,0 +1,138 @@
+"""What an operation is: its declaration (:class:`Operation`), what it sees (:class:`Request`)
+and what it produces (:class:`OpResult`), plus the steps operations share after reading their
+arguments: finding the job (R4 step 7) and changing it (step 8, undone on a store failure).
+
+An operation declares
+
+- ``action``: the WS-Addressing Action URI it answers;
+- ``service``: the namespace of the hosted service, whose faults it answers with;
+- ``read``: its argument reader (R4 step 6), from the request to a value, or an InvalidArgs fault;
+- ``handle``: its handler, from the request and those arguments to an :class:`OpResult`;
+- ``admin_only``: MS-BDSRR operations need a scan administrator (R4 step 5, R10);
+- ``begin_upload``: for an operation whose request carries an MTOM attachment (SendImage), the
+  step run as soon as the root part is read, before the attachment arrives.  It checks the
+  request and reserves the document, so that the exchange streams the attachment straight to the
+  store as :class:`~dsc_core.commands.AppendDocument` chunks (R8); the handler then finds the
+  received attachment in ``Request.upload``.
+
+The exchange runs them in R4 order: action (step 4), repository stopped (step 8), administrator
+(step 5), ``read``, ``begin_upload``, ``handle``.  ``registry.py`` lists every operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from . import faults, names, soap
+from .commands import Command
+from .config import ServerConfig
+from .lifecycle import JobInput, Refused
+from .model import Job
+from .state import ServerState
+from .transport import RequestInfo
+from .users import identity
+from .xmlread import Element
+
+ArgsT = TypeVar("ArgsT")
+
+
+@dataclass(slots=True)
+class Upload:
+    """An attachment streaming through the exchange into a reserved document (R8)."""
+
+    token: str
+    document_id: int
+    format: str
+    #: The Content-ID the request's xop:Include points to.
+    href: str
+    begun: bool = False
+    complete: bool = False
+    size: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The reservation in ``JobTable.uploads``."""
+        return (self.token, self.document_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request being handled, as its operation sees it."""
+
+    state: ServerState
+    envelope: soap.Envelope
+    info: RequestInfo
+    #: The attachment as received, for an operation with ``begin_upload`` (None: none came).
+    upload: Upload | None = None
+
+    @property
+    def now(self) -> datetime:
+        return self.info.now
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.state.config
+
+
+@dataclass
+class OpResult:
+    """What an operation produced: the response payload and the commands to carry out."""
+
+    action: str
+    payload: Element
+    nsmap: dict[str, str] = field(default_factory=dict)
+    commands: list[Command] = field(default_factory=list)
+    #: Undo the operation's state change if a store command fails (R4 step 9).
+    undo: Callable[[], list[Command]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Operation(Generic[ArgsT]):
+    """One operation's declaration (see the module docstring)."""
+
+    action: str
+    service: str
+    read: Callable[[Request], ArgsT]
+    handle: Callable[[Request, ArgsT], OpResult]
+    admin_only: bool = False
+    begin_upload: Callable[[Request, ArgsT], Upload] | None = None
+
+    @property
+    def repository_service(self) -> bool:
+        """WS-DSP and MS-BDSRR operations: refused while the repository is Stopped (R4 step 8),
+        and answered with their own ServerError faults (step 9)."""
+        return self.service in (names.DSP, names.DSC)
+
+
+def no_arguments(request: Request) -> None:
+    """The reader of an operation that reads its request in its handler (or not at all)."""
+    return None
+
+
+def find_job(request: Request, ns: str, token: str, *, own_only: bool) -> Job:
+    """R4 step 7.  For WS-DSP (``own_only``) a job of another user is treated as not found."""
+    job = request.state.jobs.get(token)
+    if job is None or (own_only and job.owner != identity(request.config, request.info)):
+        raise faults.job_not_found(ns, token)
+    return job
+
+
+def change(
+    request: Request, ns: str, job: Job, job_input: JobInput, **changes: object
+) -> tuple[Job, list[Command], Callable[[], list[Command]]]:
+    """Apply an input from a request; a refusal becomes the fault REFUSALS names.  Returns the
+    new record, the commands and the undo for R4 step 9."""
+    try:
+        new, commands = request.state.lifecycle.apply(job, job_input, request.now, **changes)
+    except Refused as refused:
+        if refused.fault == "ClientErrorJobTokenNotFound":
+            raise faults.job_not_found(ns, job.token) from None
+        raise faults.operation_failed(ns) from None
+
+    def undo() -> list[Command]:
+        return request.state.lifecycle.undo(job, new)
+
+    return new, commands, undo

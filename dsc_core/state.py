@@ -1,0 +1,45 @@
+"""The server's state, as operations see it: configuration, identifiers, the job lifecycle and
+the subscriptions.  :class:`~dsc_core.server.ScanServer` is this state plus the entry points a
+binding calls; operations are typed against this class, so they never import the server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from .commands import Command
+from .config import ServerConfig
+from .eventing import Subscriptions
+from .events import Notifier
+from .jobs import JobTable
+from .lifecycle import JobInput, JobLifecycle
+from .model import Job, RepositoryState
+
+
+class ServerState:
+    """Configuration, job table, subscriptions and repository state of one scan server."""
+
+    def __init__(self, config: ServerConfig | None = None, *, new_id: Callable[[], str]) -> None:
+        self.config = config or ServerConfig()
+        self.new_id = new_id
+        self.jobs = JobTable(self.config.history_size)
+        self.subscriptions = Subscriptions(self.config, new_id)
+        self.notifier = Notifier(self.subscriptions)
+        self.lifecycle = JobLifecycle(self.jobs, self.notifier)
+
+    @property
+    def stopped(self) -> bool:
+        return self.lifecycle.stopped
+
+    @property
+    def repository_state(self) -> RepositoryState:
+        return self.lifecycle.repository_state
+
+    def message_id(self) -> str:
+        return f"urn:uuid:{self.new_id()}"
+
+    def apply(
+        self, job: Job, job_input: JobInput, now: datetime, **changes: object
+    ) -> tuple[Job, list[Command]]:
+        """:meth:`JobLifecycle.apply`: move ``job`` by ``job_input``; raises ``Refused``."""
+        return self.lifecycle.apply(job, job_input, now, **changes)

@@ -1,0 +1,66 @@
+"""The WS-Eventing operations of both hosted services (R7): Subscribe, Renew, GetStatus and
+Unsubscribe.  The rules themselves (filters, expiry, delivery) are in ``eventing.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import faults, names
+from .operation import Operation, OpResult, Request, no_arguments
+from .xmlread import Element, split
+
+A = names.Action
+_NSMAP = {"wse": names.WSE}
+
+
+def _read_payload(local: str) -> Callable[[Request], Element]:
+    """The reader of a request whose body must be ``wse:<local>`` (InvalidMessage otherwise)."""
+
+    def read(request: Request) -> Element:
+        payload = request.envelope.payload
+        if payload is None or split(payload.tag) != (names.WSE, local):
+            raise faults.eventing("InvalidMessage", faults.Detail(f"wse:{local}"))
+        return payload
+
+    return read
+
+
+def _service_hint(request: Request) -> str | None:
+    """Which hosted service a Subscribe is for: by wsa:To or the request path (R7)."""
+    where = f"{request.envelope.addressing.to or ''} {request.info.path}"
+    if request.config.dsp_service_uuid in where:
+        return "dsp"
+    if request.config.dsc_service_uuid in where:
+        return "dsc"
+    return None
+
+
+def subscribe(request: Request, payload: Element) -> OpResult:
+    _, response = request.state.subscriptions.subscribe(
+        request.envelope, payload, _service_hint(request), request.now
+    )
+    return OpResult(A.SUBSCRIBE_RESPONSE, response, dict(_NSMAP))
+
+
+def renew(request: Request, payload: Element) -> OpResult:
+    response = request.state.subscriptions.renew(request.envelope, payload, request.now)
+    return OpResult(A.RENEW_RESPONSE, response, dict(_NSMAP))
+
+
+def get_status(request: Request, _args: None) -> OpResult:
+    response = request.state.subscriptions.get_status(request.envelope, request.now)
+    return OpResult(A.GET_STATUS_RESPONSE, response, dict(_NSMAP))
+
+
+def unsubscribe(request: Request, _args: None) -> OpResult:
+    response = request.state.subscriptions.unsubscribe(request.envelope, request.now)
+    return OpResult(A.UNSUBSCRIBE_RESPONSE, response, dict(_NSMAP))
+
+
+OPERATIONS: tuple[Operation[Any], ...] = (
+    Operation(A.SUBSCRIBE, names.WSE, _read_payload("Subscribe"), subscribe),
+    Operation(A.RENEW, names.WSE, _read_payload("Renew"), renew),
+    Operation(A.GET_STATUS, names.WSE, no_arguments, get_status),
+    Operation(A.UNSUBSCRIBE, names.WSE, no_arguments, unsubscribe),
+)
