@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from conftest import ROOT
+from test_module_graph import core_imports
 
 
 def test_readme_embedding_example_runs(spec: Path) -> None:
@@ -21,3 +22,21 @@ def test_readme_names_the_ci_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
     last = [line for line in ci if line.strip() and not line.startswith(("#", "set ", "cd "))][-1]
     assert last.strip() in readme
+
+
+def test_readme_layout_lists_every_core_module_once() -> None:
+    """The README's dsc_core table names each module of the tree, one line each, no more."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z_]+\.py)` \|", section, re.M)
+    on_disk = sorted(p.name for p in (ROOT / "dsc_core").glob("*.py"))
+    assert sorted(listed) == on_disk
+    assert len(listed) == len(set(listed))
+    # "bottom layer first": each module imports only modules listed before it.
+    position = {
+        ("dsc_core." + name.removesuffix(".py")).removesuffix(".__init__"): i
+        for i, name in enumerate(listed)
+    }
+    for module, imported in core_imports().items():
+        for other in imported:
+            assert position[other] < position[module], f"{module} imports {other}, listed later"
