@@ -538,6 +538,10 @@ class SharePointSite:
     def url(self, path: str = "/sites/scans") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def config(self) -> str:
+        """The ``[sharepoint] sites`` entry (R13) that lets ``dsc serve`` upload here."""
+        return f'{{ url = "{self.url("/")}", allow_http = true }}'
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -210,12 +210,13 @@ def test_multi_page_scan(start_server: StartServer, tmp_path: Path, binding: str
 # --- 3. cancel while the SharePoint filter uploads --------------------------------------------
 
 
-def test_cancel_while_processing(start_server: StartServer) -> None:
+def test_cancel_while_processing(start_server: StartServer, tmp_path: Path) -> None:
     # ~1.3 MB/s: the 16 MB PUT would take ~12 s.  (Loopback buffers hold a few MB: the image
     # must be much larger than that, or the whole of it could be in flight already.)
     site = SharePointSite(read_size=64 * 1024, delay=0.05)
     try:
-        server = start_server("blocking")
+        config = write(tmp_path / "dsc.toml", f"[sharepoint]\nsites = [{site.config()}]\n".encode())
+        server = start_server("blocking", config=config)
         client = Soap(server.url)
         token = client.create([SharePointInstructions(False, (site.url(),))])
         image = Stream(16 * MiB, seed=3)
@@ -322,6 +323,7 @@ def filter_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilterEnv]:
             f'host = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@example.test"\ntimeout = 10\n'
             "[sharepoint]\n"
             f'username = "{SP_USER}"\npassword = "{SP_PASSWORD}"\n'
+            f"sites = [{site.config()}, {denied.config()}]\n"
         ).encode(),
     )
     server = ServerProcess(root / "data", config=config).start()
@@ -525,10 +527,11 @@ def test_crash_during_upload(start_server: StartServer, binding: str) -> None:
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
-def test_crash_during_processing(start_server: StartServer, binding: str) -> None:
+def test_crash_during_processing(start_server: StartServer, binding: str, tmp_path: Path) -> None:
     site = SharePointSite(read_size=64 * 1024, delay=0.05)
     try:
-        server = start_server(binding)
+        config = write(tmp_path / "dsc.toml", f"[sharepoint]\nsites = [{site.config()}]\n".encode())
+        server = start_server(binding, config=config)
         client = Soap(server.url)
         token = client.create([SharePointInstructions(False, (site.url(),))])
         image = Stream(16 * MiB, seed=7)

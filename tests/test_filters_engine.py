@@ -25,7 +25,7 @@ from dsc_core.model import (
     Job,
     SharePointInstructions,
 )
-from test_filters_support import UploadServer, make_documents, make_job, random_bytes
+from test_filters_support import UploadServer, allow, make_documents, make_job, random_bytes
 
 BAD = FileShareInstructions((r"\\h\s\..\..\etc",))  # refused (R9): Canceled, denied
 GOOD = FileShareInstructions((r"\\h\s",))
@@ -59,11 +59,15 @@ def _engine(
     tmp_path: Path,
     recorder: Recorder,
     documents_of: Callable[[Job], list[tuple[Document, Path]]] | None = None,
+    server: UploadServer | None = None,
     **kw: Any,
 ) -> ProcessingEngine:
     docs = make_documents(tmp_path / "spool", ("png", b"image one"), ("pdf-a", b"%PDF two"))
     settings = FilterSettings.embedded_default(
-        tmp_path / "data", sharepoint_timeout=5, chunk_size=64 * 1024
+        tmp_path / "data",
+        sharepoint_timeout=5,
+        chunk_size=64 * 1024,
+        sharepoint_sites=allow(server) if server else (),
     )
     return ProcessingEngine(settings, documents_of or (lambda job: docs), recorder, **kw)
 
@@ -159,8 +163,8 @@ def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
     the later file share filter never starts, and the server keeps no partial upload."""
     recorder = Recorder()
     big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(16 * 1024 * 1024)))
-    engine = _engine(tmp_path, recorder, documents_of=lambda job: big)
     with UploadServer(slow_receive_buffer=True) as server:
+        engine = _engine(tmp_path, recorder, documents_of=lambda job: big, server=server)
         job = make_job(
             SharePointInstructions(False, (server.url("/slow/site"),)), GOOD, continue_on_error=True
         )
@@ -269,8 +273,8 @@ def test_raising_runner_is_contained(tmp_path: Path) -> None:
 def test_close_cancels_running_jobs(tmp_path: Path) -> None:
     recorder = Recorder()
     big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(16 * 1024 * 1024)))
-    engine = _engine(tmp_path, recorder, documents_of=lambda job: big)
     with UploadServer(slow_receive_buffer=True) as server:
+        engine = _engine(tmp_path, recorder, documents_of=lambda job: big, server=server)
         job = make_job(SharePointInstructions(False, (server.url("/slow/site"),)))
         engine.start(job)
         assert server.wait(lambda: server.received.get("/slow/site/Scan_0001.pdf", 0) > 0)

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ssl
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from dsc_bindings.filters import FilterSettings, sharepoint
+from dsc_bindings.filters.sites import SitePrefix
 from dsc_core.model import FilterState, FilterStateReason, SharePointInstructions
-from test_filters_support import UploadServer, make_documents, make_job, random_bytes, refused_port
+from test_filters_support import (
+    UploadServer,
+    make_documents,
+    make_job,
+    random_bytes,
+    refused_port,
+)
 
 
 def _run(
@@ -21,13 +30,20 @@ def _run(
     settings: FilterSettings | None = None,
     cancelled: threading.Event | None = None,
 ) -> Any:
-    return sharepoint.run(
-        job,
-        0,
-        docs,
-        settings or FilterSettings(sharepoint_timeout=5),
-        cancelled or threading.Event(),
-    )
+    settings = settings or FilterSettings(sharepoint_timeout=5)
+    if not settings.sharepoint_sites:
+        # These tests are about uploading: allow the local test servers the job names (R13).
+        settings = dataclasses.replace(settings, sharepoint_sites=_local_prefixes(job))
+    return sharepoint.run(job, 0, docs, settings, cancelled or threading.Event())
+
+
+def _local_prefixes(job: Any) -> tuple[SitePrefix, ...]:
+    prefixes = []
+    for url in job.filters[0].instructions.site_urls:
+        parts = urlsplit(url)
+        if parts.hostname == "127.0.0.1" and parts.port:
+            prefixes.append(SitePrefix(f"{parts.scheme}://127.0.0.1:{parts.port}/", True))
+    return tuple(prefixes)
 
 
 def test_documents_are_put_byte_identical(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from dsc_bindings.filters.sites import SitePrefix
 from dsc_core import names
 from dsc_core.model import (
     Document,
@@ -171,3 +172,46 @@ class UploadServer:
 
 def random_bytes(size: int) -> bytes:
     return os.urandom(size)
+
+
+def allow(*servers: Any) -> tuple[SitePrefix, ...]:
+    """SharePoint site prefixes (R13) that let the filter upload to these local test servers."""
+    return tuple(SitePrefix(server.url("/"), allow_http=True) for server in servers)
+
+
+class Listener:
+    """A socket that accepts and counts connections (and never answers)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.received = b""
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            conn.settimeout(0.5)
+            try:
+                self.received += conn.recv(65536)
+            except OSError:
+                pass
+            conn.close()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()

@@ -65,9 +65,11 @@ host = "mail.contoso.com"
 port = 587
 starttls = true
 from = "scans@contoso.com"
+allowed_domains = ["contoso.com"]
 [sharepoint]
 username = "svc"
 password = "pw"
+sites = ["https://sp.contoso.com/sites/scans", { url = "http://intra/s", allow_http = true }]
 [eventing]
 default_seconds = 60
 max_seconds = 120
@@ -97,6 +99,11 @@ max_seconds = 120
     )
     assert f.address_of("alice@contoso.com") == "alice.smith@contoso.com"
     assert (f.sharepoint_username, f.sharepoint_password) == ("svc", "pw")
+    assert [(p.url, p.allow_http) for p in f.sharepoint_sites] == [
+        ("https://sp.contoso.com/sites/scans", False),
+        ("http://intra/s", True),
+    ]
+    assert f.mail_domains == ("contoso.com",)
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:
@@ -114,6 +121,12 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
         ('[server]\nbinding = "fast"\n', "binding must be 'async' or 'blocking'"),
         ("[server\n", "is not valid TOML"),
         ("[shares]\n'not-unc' = \"/x\"\n", "[shares]"),
+        ('[sharepoint]\nsites = ["http://intra/s"]\n', "allow_http = true"),
+        ('[sharepoint]\nsites = "https://a/b"\n', "[sharepoint] sites must be a list"),
+        ('[sharepoint]\nsites = [{ url = "https://a", allow = 1 }]\n', "a site table has"),
+        ('[sharepoint]\nsites = ["ftp://a/b"]\n', "is not http or https"),
+        ('[smtp]\nallowed_domains = "contoso.com"\n', "allowed_domains must be a list"),
+        ('[smtp]\nallowed_domains = ["a@b"]\n', "is not a domain name"),
     ],
 )
 def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> None:

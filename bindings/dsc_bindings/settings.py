@@ -43,11 +43,15 @@ Example (every section optional)::
     username = "scanner"
     password = "secret"
     from = "scans@contoso.com"
+    allowed_domains = ["contoso.com", ".contoso.net"]   # recipients elsewhere are refused
 
     [sharepoint]
     username = "svc-scan"
     password = "secret"
     ca_file = "/etc/ssl/certs/ca.pem"
+    # R13: the only sites documents and these credentials go to; https unless allowed.
+    sites = ["https://sharepoint.contoso.com/sites/scans",
+             { url = "http://intranet.contoso.com/scans", allow_http = true }]
 
     [eventing]
     default_seconds = 3600
@@ -66,6 +70,7 @@ from typing import Any
 from dsc_core import Limits, ServerConfig
 
 from .filters.settings import FilterSettings
+from .filters.sites import SitePrefix
 
 
 class ConfigError(Exception):
@@ -138,6 +143,44 @@ def _take(table: dict[str, Any], section: str, allowed: set[str]) -> dict[str, A
     return table
 
 
+def _site_prefixes(value: object) -> tuple[SitePrefix, ...]:
+    """``[sharepoint] sites``: URL strings (https), or tables ``{ url = "...", allow_http = true }``."""
+    if not isinstance(value, list):
+        raise ConfigError(
+            "[sharepoint] sites must be a list of site URL prefixes, e.g. "
+            'sites = ["https://sharepoint.contoso.com/sites/scans"]'
+        )
+    prefixes = []
+    for entry in value:
+        try:
+            if isinstance(entry, str):
+                prefixes.append(SitePrefix(entry))
+            elif isinstance(entry, dict) and isinstance(entry.get("url"), str):
+                unknown = set(entry) - {"url", "allow_http"}
+                if unknown or not isinstance(entry.get("allow_http", False), bool):
+                    raise ValueError(
+                        f"{entry!r}: a site table has url (text) and allow_http (true/false)"
+                    )
+                prefixes.append(SitePrefix(entry["url"], bool(entry.get("allow_http", False))))
+            else:
+                raise ValueError(
+                    f"{entry!r} is neither a URL nor a table {{ url = ..., allow_http = true }}"
+                )
+        except ValueError as exc:
+            raise ConfigError(f"[sharepoint] sites: {exc}") from exc
+    return tuple(prefixes)
+
+
+def _mail_domains(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        raise ConfigError(
+            '[smtp] allowed_domains must be a list of domain names, e.g. ["contoso.com"]'
+        )
+    return tuple(value)
+
+
 def load_settings(
     path: Path | None = None,
     *,
@@ -178,10 +221,12 @@ def load_settings(
     smtp = _take(
         raw.get("smtp", {}),
         "smtp",
-        {"host", "port", "starttls", "username", "password", "from", "timeout"},
+        {"host", "port", "starttls", "username", "password", "from", "timeout", "allowed_domains"},
     )
     sharepoint = _take(
-        raw.get("sharepoint", {}), "sharepoint", {"username", "password", "timeout", "ca_file"}
+        raw.get("sharepoint", {}),
+        "sharepoint",
+        {"username", "password", "timeout", "ca_file", "sites"},
     )
     eventing = _take(raw.get("eventing", {}), "eventing", {"default_seconds", "max_seconds"})
 
@@ -254,6 +299,8 @@ def load_settings(
         "sharepoint_password": sharepoint.get("password"),
         "sharepoint_timeout": float(sharepoint.get("timeout", 60.0)),
         "sharepoint_ssl_context": sharepoint_context,
+        "sharepoint_sites": _site_prefixes(sharepoint.get("sites", [])),
+        "mail_domains": _mail_domains(smtp.get("allowed_domains")),
     }
     try:
         filters = (
@@ -262,5 +309,5 @@ def load_settings(
             else FilterSettings.embedded_default(data, **filter_kw)
         )
     except ValueError as exc:
-        raise ConfigError(f"[shares]: {exc}") from exc
+        raise ConfigError(f"[shares]/[smtp]: {exc}") from exc
     return Settings(data, listen, server, filters, path)

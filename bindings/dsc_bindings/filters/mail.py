@@ -60,6 +60,18 @@ def run(
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
 
     recipients, complete = _recipients(job, instructions, settings)
+    # R13: with [smtp] allowed_domains, documents go only to those domains; the others are
+    # refused here and never reach the relay.
+    outside = [a for a in recipients if not settings.mail_allows(a)]
+    if outside:
+        log.warning(
+            "job %s: e-mail recipient(s) outside the configured domains refused: %s",
+            job.token,
+            ", ".join(outside),
+        )
+        recipients = [a for a in recipients if settings.mail_allows(a)]
+        if not recipients:
+            return FilterOutcome.errors(FilterStateReason.UNABLE_TO_SEND_EMAIL)
     if not recipients:
         log.warning("job %s: e-mail filter has no usable recipient", job.token)
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
@@ -72,9 +84,9 @@ def run(
     except SourceError as exc:
         log.error("job %s: cannot read a stored document: %s", job.token, exc)
         return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
-    if rejected:
+    if rejected or outside:
         # Delivered to the others; the job still learns that someone did not get it.
-        log.warning("job %s: recipients refused: %s", job.token, ", ".join(rejected))
+        log.warning("job %s: recipients refused: %s", job.token, ", ".join([*rejected, *outside]))
         return FilterOutcome.errors(FilterStateReason.UNABLE_TO_SEND_EMAIL)
     if not complete:
         return FilterOutcome.warnings(FilterStateReason.INVALID_ARGS)

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .sites import SitePrefix, SiteUrl
+
 _UNC_FORBIDDEN = frozenset('<>:"|?*')
 
 
@@ -69,6 +71,13 @@ class FilterSettings:
     sharepoint_password: str | None = None
     #: For https site URLs; None means ssl.create_default_context().
     sharepoint_ssl_context: ssl.SSLContext | None = None
+    #: R13 (R9 SharePoint): the only site URLs documents and credentials may go to.  Empty:
+    #: every SharePoint URL is refused (SharePointAccessDenied), so the default sends nothing.
+    sharepoint_sites: tuple[SitePrefix, ...] = ()
+
+    #: E-mail recipient domains (``contoso.com``; ``.contoso.com`` also covers sub-domains).
+    #: None: any domain.  A recipient outside them is refused and not sent to.
+    mail_domains: tuple[str, ...] | None = None
 
     #: Bytes per read/write/send: memory stays flat and a cancel is seen between chunks.
     chunk_size: int = 256 * 1024
@@ -101,6 +110,15 @@ class FilterSettings:
         )
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        object.__setattr__(self, "sharepoint_sites", tuple(self.sharepoint_sites))
+        if self.mail_domains is not None:
+            domains = []
+            for domain in self.mail_domains:
+                folded = domain.strip().casefold()
+                if not folded.lstrip(".") or "@" in folded or any(c.isspace() for c in folded):
+                    raise ValueError(f"e-mail domain {domain!r} is not a domain name")
+                domains.append(folded)
+            object.__setattr__(self, "mail_domains", tuple(domains))
 
     @classmethod
     def embedded_default(cls, data_dir: str | Path, **overrides: Any) -> FilterSettings:
@@ -124,6 +142,20 @@ class FilterSettings:
                         tail[i] = tail[i].lower()
                 return local.joinpath(*tail)
         return None
+
+    def sharepoint_allows(self, site: SiteUrl) -> bool:
+        """Whether documents and credentials may go to ``site`` (R13)."""
+        return any(prefix.covers(site) for prefix in self.sharepoint_sites)
+
+    def mail_allows(self, address: str) -> bool:
+        """Whether ``address`` is in a configured recipient domain (always, without a list)."""
+        if self.mail_domains is None:
+            return True
+        domain = address.rpartition("@")[2].casefold()
+        return any(
+            domain == allowed.lstrip(".") or (allowed.startswith(".") and domain.endswith(allowed))
+            for allowed in self.mail_domains
+        )
 
     def address_of(self, user_name: str) -> str | None:
         """The e-mail address of a scan user (``name@domain``), or None if unknown."""

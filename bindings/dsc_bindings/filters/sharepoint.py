@@ -9,9 +9,8 @@ import logging
 import os
 import ssl
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from dsc_core.model import Document, FilterStateReason, Job, SharePointInstructions
 
@@ -27,20 +26,12 @@ from .common import (
     read_full,
 )
 from .settings import FilterSettings
+from .sites import SiteError, SiteUrl, parse_site_url
 
 log = logging.getLogger(__name__)
 
 #: How much of an error response body we read (only to log it), never the whole of it.
 _MAX_RESPONSE_BODY = 64 * 1024
-_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
-
-
-@dataclass(frozen=True, slots=True)
-class _Site:
-    https: bool
-    host: str
-    port: int | None
-    path: str  # percent-encoded, without a trailing slash
 
 
 @never_raises
@@ -63,13 +54,30 @@ def run(
     if not instructions.site_urls:
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
 
+    # R13: check every URL before sending anything.  Unusable URLs are the scanner's mistake
+    # (InvalidArgs, as before); a usable URL outside the configured prefixes is refused and
+    # ends the filter with nothing sent, credentials or documents (as R9 does for a share).
+    sites: list[SiteUrl] = []
     reasons: list[FilterStateReason] = []
     for url in instructions.site_urls:
-        site = _parse_site(url)
-        if site is None:
-            log.warning("job %s: unusable SharePoint site URL %r", job.token, url)
+        try:
+            site = parse_site_url(url)
+        except SiteError as exc:
+            log.warning("job %s: unusable SharePoint site URL %r: %s", job.token, url, exc)
             reasons.append(FilterStateReason.INVALID_ARGS)
             continue
+        if not settings.sharepoint_allows(site):
+            log.warning(
+                "job %s: SharePoint site %s refused: not under a configured [sharepoint] site "
+                "prefix%s; nothing sent",
+                job.token,
+                site,
+                "" if site.https else " that allows http",
+            )
+            return FilterOutcome.canceled(FilterStateReason.SHAREPOINT_ACCESS_DENIED)
+        sites.append(site)
+
+    for site in sites:
         try:
             for number, (document, source) in enumerate(documents, start=1):
                 check_cancel(cancelled)
@@ -78,27 +86,13 @@ def run(
         except FilterFailure as exc:
             # The rest of this site would most likely fail the same way; try the next site.
             log.warning(
-                "job %s: upload to %s failed (%s): %s", job.token, url, exc.reason.value, exc
+                "job %s: upload to %s failed (%s): %s", job.token, site, exc.reason.value, exc
             )
             reasons.append(exc.reason)
         except SourceError as exc:
             log.error("job %s: cannot read a stored document: %s", job.token, exc)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
     return FilterOutcome.errors(*reasons) if reasons else FilterOutcome.success()
-
-
-def _parse_site(url: str) -> _Site | None:
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return None
-    if parts.query or parts.fragment:
-        return None  # "<site>/<file name>" has no place for them
-    path = quote(parts.path, safe=_PATH_SAFE).rstrip("/")
-    return _Site(parts.scheme.lower() == "https", parts.hostname, port, path)
 
 
 def _status_reason(status: int) -> FilterStateReason | None:
@@ -111,17 +105,18 @@ def _status_reason(status: int) -> FilterStateReason | None:
     return FilterStateReason.UNKNOWN_ERROR
 
 
-def _connect(site: _Site, settings: FilterSettings) -> http.client.HTTPConnection:
+def _connect(site: SiteUrl, settings: FilterSettings) -> http.client.HTTPConnection:
     if site.https:
         context = settings.sharepoint_ssl_context or ssl.create_default_context()
         return http.client.HTTPSConnection(
             site.host, site.port, timeout=settings.sharepoint_timeout, context=context
         )
+    # Only reached for a prefix that allows http explicitly (R13).
     return http.client.HTTPConnection(site.host, site.port, timeout=settings.sharepoint_timeout)
 
 
 def _put(
-    site: _Site,
+    site: SiteUrl,
     name: str,
     source: Path,
     fmt: str,

@@ -1,0 +1,139 @@
+"""Attack tests of issue 8 against the real ``dsc serve`` over real sockets.
+
+Each test plays an attacker and, at the same time, a legitimate client, and asserts both the
+answer the attacker gets and that the legitimate client was served as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.controller import Controller
+
+from dsc_core.model import EmailInstructions, SharePointInstructions
+from e2e_support import Relay, ServerProcess, Soap, free_port
+from test_filters_support import Listener, UploadServer
+
+BINDINGS = ["async", "blocking"]
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(data: Path, **kwargs: Any) -> ServerProcess:
+        server = ServerProcess(data, **kwargs)
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        if server.alive:
+            server.stop_cleanly()
+
+
+def concurrently(*calls: Callable[[], Any]) -> list[Any]:
+    """Run the calls in threads at the same time; re-raise the first failure."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int, call: Callable[[], Any]) -> None:
+        try:
+            results[i] = call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def scan(client: Soap, instructions: list[Any], image: bytes, user: str | None = None) -> Any:
+    token = client.create(instructions, **({"user": user} if user else {}))
+    client.send_image(token, 1, image)
+    client.end(token)
+    return client.wait_ended(token, 30)
+
+
+# --- 1. SharePoint credentials and e-mail recipients (R13) -------------------------------------
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_credentials_only_go_to_configured_sites(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    ca = trustme.CA()
+    site_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(site_tls)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    evil = Listener()
+    relay = Relay()
+    smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        with UploadServer(tls=site_tls) as site:
+            config = tmp_path / "dsc.toml"
+            config.write_text(
+                "[sharepoint]\n"
+                'username = "svc-scan"\npassword = "s3cret"\n'
+                f'ca_file = "{ca_file}"\n'
+                f'sites = ["{site.url("/sites/scans")}"]\n'
+                "[smtp]\n"
+                f'host = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
+                'allowed_domains = ["corp.example"]\n'
+            )
+            server = servers(tmp_path / "data", binding=binding, config=config)
+            client = Soap(server.url)
+            legit_image, stolen = os.urandom(40_000), os.urandom(40_000)
+            downgrade = site.url("/sites/scans").replace("https://", "http://")
+            legit, to_evil, to_http, by_mail, legit_mail = concurrently(
+                lambda: scan(
+                    client,
+                    [SharePointInstructions(False, (site.url("/sites/scans/Team"),))],
+                    legit_image,
+                ),
+                lambda: scan(
+                    client, [SharePointInstructions(False, (evil.url("/sites/scans"),))], stolen
+                ),
+                # The configured host and port, but plain http: the password would be readable.
+                lambda: scan(client, [SharePointInstructions(False, (downgrade,))], stolen),
+                lambda: scan(client, [EmailInstructions(False, ("thief@evil.example",))], stolen),
+                lambda: scan(
+                    client, [EmailInstructions(False, ("ann@corp.example",))], legit_image
+                ),
+            )
+            server.stop_cleanly()
+        # The attacker's jobs: refused with the R9 reasons, nothing sent anywhere.
+        for refused in (to_evil, to_http):
+            assert refused.state == "Aborted", refused
+            assert [(f.state, f.reasons) for f in refused.filters] == [
+                ("Canceled", ("SharePointAccessDenied",))
+            ]
+        assert evil.connections == 0 and evil.received == b""
+        assert [(f.state, f.reasons) for f in by_mail.filters] == [
+            ("CompletedWithErrors", ("UnableToSendEmail",))
+        ]
+        assert "SharePoint site http://127.0.0.1" in server.log and "refused" in server.log
+        # The legitimate jobs at the same time: delivered, with the credentials, over https.
+        assert legit.state == "Completed", legit
+        assert site.stored == {"/sites/scans/Team/scan_0001.png": legit_image}
+        auth = site.headers["/sites/scans/Team/scan_0001.png"]["Authorization"]
+        assert auth == "Basic c3ZjLXNjYW46czNjcmV0"  # svc-scan:s3cret
+        assert legit_mail.state == "Completed", legit_mail
+        assert [rcpt for _, rcpt, _ in relay.messages] == [["ann@corp.example"]]
+    finally:
+        evil.close()
+        smtp.stop()
