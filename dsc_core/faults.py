@@ -105,15 +105,6 @@ def action_not_supported(wsa_ns: str, action: str) -> SoapFault:
     )
 
 
-def invalid_header(wsa_ns: str, header: str) -> SoapFault:
-    return SoapFault(
-        SENDER,
-        (wsa_ns, "InvalidMessageInformationHeader"),
-        "A message information header is not valid and the message cannot be processed.",
-        Detail(header),
-    )
-
-
 # --- Steps 5-9: the protocol faults, per hosted-service namespace ----------------------------
 
 _REASONS = {

@@ -96,11 +96,6 @@ def canonical_uri(uri: str) -> str:
     return uri
 
 
-def qn(ns: str, local: str) -> str:
-    """Clark notation ``{ns}local`` as lxml uses it."""
-    return "{%s}%s" % (ns, local)
-
-
 class Action:
     """Action URIs (bdsrr §1 table; dsm-and-stack §1.3; R7)."""
 
@@ -141,7 +136,3 @@ class Action:
     MEX_GET_METADATA: Final = MEX + "/GetMetadata/Request"
     PROBE: Final = WSD + "/Probe"
     PROBE_MATCHES: Final = WSD + "/ProbeMatches"
-
-
-def response_action(request_action: str) -> str:
-    return request_action + "Response"

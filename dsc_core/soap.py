@@ -135,10 +135,6 @@ def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
 # --- Writing ---------------------------------------------------------------------------------
 
 
-def soap_el(local: str) -> Element:
-    return etree.Element(f"{{{names.SOAP}}}{local}")
-
-
 def serialize(root: Element) -> bytes:
     return etree.tostring(root, xml_declaration=True, encoding="utf-8")
 

@@ -86,10 +86,6 @@ class MemoryStore:
                 del self.documents[key]
 
 
-def counting_ids(prefix: int = 0) -> itertools.count[int]:
-    return itertools.count(prefix + 1)
-
-
 class InProcessTransport:
     """A scan server with an in-memory store, a manual clock and a hand-played engine."""
 
