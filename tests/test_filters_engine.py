@@ -1,20 +1,28 @@
-"""The processing engine (R6): event order, ContinueOnError, cancel, queueing."""
+"""The processing engine (R6): event order, ContinueOnError, cancel, queueing.
+
+The engine decides nothing about a job; where the core's answer matters (R6: the first failure
+stops the run), the reports go to a real ``ScanServer`` and its StopProcessing comes back to the
+engine before the report returns, as ``ScanService`` does."""
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
+from dsc_core import ScanServer, StartProcessing
 from dsc_core.commands import (
     FilterFinished,
     FilterStarted,
     ProcessingEvent,
     ProcessingFinished,
     ProcessingStarted,
+    StopProcessing,
 )
 from dsc_core.model import (
     Document,
@@ -23,6 +31,8 @@ from dsc_core.model import (
     FilterStateReason,
     FilterStatus,
     Job,
+    JobState,
+    JobStateReason,
     SharePointInstructions,
 )
 from test_filters_support import UploadServer, allow, make_documents, make_job, random_bytes
@@ -53,6 +63,28 @@ class Recorder:
 
     def of(self, token: str) -> list[ProcessingEvent]:
         return [e for e in self.events if e.token == token]
+
+
+class CoreReport(Recorder):
+    """Records every report and hands it to a real core, carrying out the engine commands it
+    returns (StopProcessing -> engine.stop) before returning, as ScanService does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = ScanServer(new_id=lambda: str(uuid.uuid4()))
+        self.engine: ProcessingEngine | None = None
+
+    def adopt(self, job: Job) -> Job:
+        """Put ``job`` (Pending) in the core's table, as if its EndPostScanJob had arrived."""
+        assert self.server.restore([job], datetime.now(UTC)) == [StartProcessing(job)]
+        return job
+
+    def __call__(self, event: ProcessingEvent) -> None:
+        super().__call__(event)
+        assert self.engine is not None
+        for command in self.server.processing(event, datetime.now(UTC)):
+            if isinstance(command, StopProcessing):
+                self.engine.stop(command.token)
 
 
 def _engine(
@@ -95,9 +127,11 @@ def test_successful_job_reports_in_order(tmp_path: Path) -> None:
 
 
 def test_failure_without_continue_on_error_stops(tmp_path: Path) -> None:
-    recorder = Recorder()
-    engine = _engine(tmp_path, recorder)
-    job = make_job(BAD, GOOD, continue_on_error=False)
+    """R6: the core ends the job at the first failure; its StopProcessing keeps the engine from
+    starting the next filter, which delivers nothing."""
+    recorder = CoreReport()
+    engine = recorder.engine = _engine(tmp_path, recorder)
+    job = recorder.adopt(make_job(BAD, GOOD, continue_on_error=False))
     engine.start(job)
     recorder.wait_finished(job.token)
     engine.close(5)
@@ -109,12 +143,27 @@ def test_failure_without_continue_on_error_stops(tmp_path: Path) -> None:
         ProcessingFinished(t),
     ]
     assert _delivered(tmp_path) == []
+    ended = recorder.server.jobs.get(t)
+    assert ended is not None and ended.state is JobState.ABORTED
+    assert ended.reasons == (JobStateReason.PROCESSING_FAILED,)
+    assert [f.state for f in ended.filters] == [FilterState.CANCELED, FilterState.CANCELED]
+
+
+def test_the_engine_itself_runs_every_filter(tmp_path: Path) -> None:
+    """Without a core to stop it, a failure does not end the run: the rule is not copied here."""
+    recorder = Recorder()
+    engine = _engine(tmp_path, recorder)
+    job = make_job(BAD, GOOD, continue_on_error=False)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert [e.index for e in recorder.events if isinstance(e, FilterFinished)] == [0, 1]
 
 
 def test_failure_with_continue_on_error_goes_on(tmp_path: Path) -> None:
-    recorder = Recorder()
-    engine = _engine(tmp_path, recorder)
-    job = make_job(BAD, GOOD, continue_on_error=True)
+    recorder = CoreReport()
+    engine = recorder.engine = _engine(tmp_path, recorder)
+    job = recorder.adopt(make_job(BAD, GOOD, continue_on_error=True))
     engine.start(job)
     recorder.wait_finished(job.token)
     engine.close(5)
@@ -128,6 +177,8 @@ def test_failure_with_continue_on_error_goes_on(tmp_path: Path) -> None:
         ProcessingFinished(t),
     ]
     assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
+    ended = recorder.server.jobs.get(t)
+    assert ended is not None and ended.reasons == (JobStateReason.COMPLETED_WITH_ERRORS,)
 
 
 def test_settled_filters_are_skipped(tmp_path: Path) -> None:

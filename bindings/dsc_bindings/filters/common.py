@@ -43,11 +43,6 @@ class FilterOutcome:
     def warnings(cls, *reasons: FilterStateReason) -> FilterOutcome:
         return cls(FilterState.COMPLETED_WITH_WARNINGS, _unique(reasons))
 
-    @property
-    def failed(self) -> bool:
-        # Same rule as commands.FilterFinished.failed: these stop a job without ContinueOnError.
-        return self.state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
-
 
 def _unique(reasons: tuple[FilterStateReason, ...]) -> tuple[FilterStateReason, ...]:
     return tuple(dict.fromkeys(reasons))

@@ -49,6 +49,12 @@ class ProcessingEngine:
 
     Each started job gets exactly one ProcessingFinished, also when it was stopped while still
     queued (then it is the only event), so the core can rely on hearing the end of every job.
+
+    The engine decides nothing about the job: it runs the filters in order and reports.  When to
+    stop (a cancel, or R6's first failure without ContinueOnError) is the core's decision, which
+    reaches the engine as :meth:`stop` (the core's StopProcessing).  ``report`` must carry out
+    the commands the core returns, StopProcessing included, before it returns, so that no
+    further filter starts (``ScanService`` does, under its lock).
     """
 
     def __init__(
@@ -158,12 +164,11 @@ class ProcessingEngine:
                 break
             self._emit(FilterStarted(token, index))
             outcome = self._run_filter(job, index, documents, settings, cancelled)
+            # R6 "the first failure stops the run" is the core's rule: reported this failure,
+            # it ends the job and its StopProcessing, carried out by the binding before the
+            # report returns, sets ``cancelled``.
             self._emit(FilterFinished(token, index, outcome.state, outcome.reasons))
             if cancelled.is_set():
-                break
-            # R6: without ContinueOnError the first failure ends the run; the core cancels the
-            # filters not yet run when it sees ProcessingFinished.
-            if outcome.failed and not job.continue_on_error:
                 break
         self._emit(ProcessingFinished(token))
 
