@@ -44,6 +44,7 @@ from dsc_core.commands import (
 )
 from dsc_core.model import Job
 
+from .durable import fsync_dir, write_all
 from .jobcodec import decode_job, encode_job
 
 try:  # POSIX advisory lock; without it (Windows) two servers on one directory are not detected.
@@ -130,30 +131,6 @@ def _as_store_error(what: str, exc: BaseException) -> StoreError:
     return StoreError(f"{what}: {type(exc).__name__}: {exc}", is_temporary(exc))
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/create/delete inside ``path`` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # some file systems cannot fsync a directory at all
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> int:
-    """Write every byte (``os.write`` may write fewer than asked); no copy, no buffer."""
-    view = memoryview(data)
-    total = len(view)
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:  # a regular file only does this when it cannot take more
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[n:]
-    return total
-
-
 def _check_token(token: str) -> str:
     # Tokens are GUIDs made by the core (R6); still, the token becomes a directory name, so make
     # sure it cannot leave the spool or hide as a dot file.
@@ -215,7 +192,7 @@ class JobStore:
         try:
             spool = data_dir / SPOOL_NAME
             spool.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(data_dir)
+            fsync_dir(data_dir)
             lock_fd = cls._lock(data_dir / LOCK_NAME)
             conn = sqlite3.connect(
                 data_dir / DB_NAME,
@@ -296,9 +273,9 @@ class JobStore:
                     item.unlink()
                     removed = True
             if removed:
-                _fsync_dir(entry)
+                fsync_dir(entry)
         if changed:
-            _fsync_dir(self.spool_dir)
+            fsync_dir(self.spool_dir)
 
     def close(self) -> None:
         """Close the database; documents still open are aborted (their ``.part`` deleted)."""
@@ -387,7 +364,7 @@ class JobStore:
                 raise StoreError(f"document {document_id} of {token} is already open", False)
             try:
                 folder.mkdir()
-                _fsync_dir(self.spool_dir)  # the new folder's entry must survive a crash too
+                fsync_dir(self.spool_dir)  # the new folder's entry must survive a crash too
             except FileExistsError:
                 pass
             part = folder / f".{document_id}{PART_SUFFIX}"
@@ -407,7 +384,7 @@ class JobStore:
     def _append(self, token: str, document_id: int, data: bytes) -> None:
         doc = self._take(token, document_id, pop=False)
         try:
-            doc.written += _write_all(doc.fd, data)
+            doc.written += write_all(doc.fd, data)
         except BaseException:
             with self._docs_lock:
                 self._open.pop((token, document_id), None)
@@ -430,7 +407,7 @@ class JobStore:
                 )
             os.replace(doc.part, doc.final)
             renamed = True
-            _fsync_dir(doc.final.parent)  # the rename itself is durable only with this
+            fsync_dir(doc.final.parent)  # the rename itself is durable only with this
         except BaseException:
             self._drop_open(doc)
             if renamed:  # not acknowledged, so not a document: leave nothing behind
@@ -474,7 +451,7 @@ class JobStore:
             return
         # R6: a timed-out job's images are discarded while its row stays in the history; if
         # the deletion were lost in a crash, the open-time cleanup would not redo it.
-        _fsync_dir(self.spool_dir)
+        fsync_dir(self.spool_dir)
 
     def _drop(self, token: str) -> None:
         _check_token(token)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
 
+from ..durable import fsync_dir, write_all
 from .common import (
     FilterOutcome,
     SourceError,
@@ -100,7 +101,7 @@ def _deliver(
             )
             + 1
         )
-    _fsync_dir(directory)  # the new names survive a crash, not only the contents
+    fsync_dir(directory)  # the new names survive a crash, not only the contents
 
 
 def _copy_one(
@@ -130,7 +131,7 @@ def _copy_one(
                     raise SourceError(f"{source}: {exc}") from exc
                 if not n:
                     break
-                _write_all(fd, view[:n])
+                write_all(fd, view[:n])
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -155,25 +156,6 @@ def _create_exclusive(
         except FileExistsError:
             continue
     raise OSError(errno.EEXIST, f"no free file name for {root_name!r} in {directory}")
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems (and Windows) refuse fsync on a directory
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:
