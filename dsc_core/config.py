@@ -44,6 +44,24 @@ class Limits:
     max_documents_per_job: int = 10_000
 
 
+#: MIME framing around the root part and the image of a SendImage: the preamble and two part
+#: header blocks are each bounded by ``max_part_header_bytes`` (mime.py); boundaries, CRLFs and
+#: the closing delimiter fit in this much.
+_MIME_FRAMING_SLACK = 1024
+
+
+def max_request_bytes(limits: Limits) -> int:
+    """The largest HTTP body worth reading (R12, HTTP 413 beyond it): one image plus its
+    envelope, plus the MIME framing around them (a preamble, two part-header blocks,
+    boundaries), so that an image the core would accept is never refused by a binding first."""
+    return (
+        limits.max_image_bytes
+        + limits.max_envelope_bytes
+        + 3 * limits.max_part_header_bytes
+        + _MIME_FRAMING_SLACK
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything the core needs to know about this installation."""

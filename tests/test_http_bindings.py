@@ -34,11 +34,12 @@ from dsc_bindings.filters import document_file_name
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http_async import serve
 from dsc_bindings.http_blocking import BlockingServer
-from dsc_bindings.http_common import Call, Close, HttpConnection, Receive, Send, max_request_bytes
+from dsc_bindings.http_common import Call, Close, HttpConnection, Receive, Send
 from dsc_bindings.service import ScanService
 from dsc_bindings.store import StoreError
 from dsc_core import Limits, Reply, ServerConfig, names
 from dsc_core import client as C
+from dsc_core.config import max_request_bytes
 from dsc_core.model import FileShareInstructions
 
 A = names.Action

@@ -48,6 +48,7 @@ from typing import Any, Literal, Protocol
 import h11
 
 from dsc_core import Limits, Reply
+from dsc_core.config import max_request_bytes
 
 __all__ = [
     "LINGER_BYTES",
@@ -68,7 +69,6 @@ __all__ = [
     "check_request_head",
     "error_reply",
     "identity_from_certificate",
-    "max_request_bytes",
 ]
 
 log = logging.getLogger("dsc.http")
@@ -191,15 +191,6 @@ class Rejection:
     status: int
     message: str
     headers: tuple[tuple[str, str], ...] = ()
-
-
-def max_request_bytes(limits: Limits) -> int:
-    """The largest acceptable body: one image plus its envelope (R12), plus the MIME framing
-    around them (a preamble, two part-header blocks, boundaries), so that an image the core
-    would accept is never refused here first."""
-    return (
-        limits.max_image_bytes + limits.max_envelope_bytes + 3 * limits.max_part_header_bytes + 1024
-    )
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
