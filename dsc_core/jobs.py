@@ -51,8 +51,15 @@ class JobTable:
         """Completed jobs, newest first (R6)."""
         return list(reversed(self._history.values()))
 
-    def uploading(self, token: str) -> bool:
-        return any(t == token for t, _ in self.uploads)
+    def _idle_creating(self) -> list[Job]:
+        """Creating jobs that no image is arriving for: the ones the R6 timeout applies to (an
+        image in progress is activity; its end restarts the clock)."""
+        receiving = {t for t, _ in self.uploads}
+        return [
+            j
+            for j in self._active.values()
+            if j.state is JobState.CREATING and j.token not in receiving
+        ]
 
     def processing_count(self) -> int:
         return sum(
@@ -62,18 +69,10 @@ class JobTable:
     def timed_out(self, now: datetime, timeout: float) -> list[Job]:
         """Creating jobs idle for ``timeout`` seconds, not counting ones receiving an image."""
         limit = timedelta(seconds=timeout)
-        return [
-            j
-            for j in self._active.values()
-            if j.state is JobState.CREATING
-            and now - j.last_activity >= limit
-            and not self.uploading(j.token)
-        ]
+        return [j for j in self._idle_creating() if now - j.last_activity >= limit]
 
     def next_timeout(self, timeout: float) -> datetime | None:
-        times = [
-            j.last_activity + timedelta(seconds=timeout)
-            for j in self._active.values()
-            if j.state is JobState.CREATING
-        ]
-        return min(times) if times else None
+        """The earliest ``now`` at which :meth:`timed_out` returns a job, if nothing changes
+        before; None when it would return none however late (exact: no early wake-ups)."""
+        limit = timedelta(seconds=timeout)
+        return min((j.last_activity + limit for j in self._idle_creating()), default=None)

@@ -67,7 +67,14 @@ class ScanServer(ServerState):
         return self.lifecycle.time_out(now, self.config.job_timeout_seconds)
 
     def next_deadline(self) -> datetime | None:
-        """When :meth:`tick` next has something to do (aioquic's ``get_timer``)."""
+        """When :meth:`tick` next has something to do (aioquic's ``get_timer``), exactly:
+        ``tick`` before it changes nothing, ``tick`` at it times out a job or expires a
+        subscription.  None: nothing is due however long the binding sleeps.
+
+        A job receiving an image has no deadline until its exchange ends (or is refused or
+        aborted), so the answer can change with any call that changes the server: an
+        exchange's ``feed``/``end``/``store_failed``/``abort``, ``processing``, ``tick``,
+        ``reconfigure``.  Ask again after each instead of polling."""
         times = [
             t
             for t in (
