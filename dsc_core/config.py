@@ -1,16 +1,56 @@
 """The one configuration object: every limit, timeout and policy of the server (R12, h2's model).
 
 Bindings read their HTTP limits from here too, so an administrator changes a limit in exactly one
-place and a test can shrink any of them.
+place and a test can shrink any of them.  Both objects are checked when they are made (as h11
+validates its events at construction): a value of the wrong type or out of range is a
+``ValueError`` naming the field, not a fault on every later request.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import names
+
+#: The filter dialects this server can run (bdsrr §3; local names under names.FILTER).
+KNOWN_FILTERS = frozenset({"fileshare", "sharepoint", "email"})
+
+
+def _fail(owner: str, name: str, what: str, value: object) -> ValueError:
+    return ValueError(f"{owner}.{name} must be {what}, got {value!r}")
+
+
+def _int(owner: str, name: str, value: object, *, minimum: int) -> None:
+    # bool is an int to Python, never to an administrator.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int of at least {minimum}"
+        raise _fail(owner, name, what, value)
+
+
+def _seconds(owner: str, name: str, value: object) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _fail(owner, name, "a positive number of seconds", value)
+
+
+def _text(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise _fail(owner, name, "a non-empty str", value)
+
+
+def _str_mapping(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _fail(owner, name, "a mapping of str to str", value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +82,15 @@ class Limits:
     max_active_jobs: int = 1000
     #: Documents in one job (core: InvalidArgs beyond it).
     max_documents_per_job: int = 10_000
+
+    def __post_init__(self) -> None:
+        # Every field is a count or size (a positive int) or a timeout (positive seconds).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                _int("Limits", f.name, value, minimum=1)
+            else:
+                _seconds("Limits", f.name, value)
 
 
 #: MIME framing around the root part and the image of a SendImage: the preamble and two part
@@ -97,6 +146,43 @@ class ServerConfig:
     subscription_default_seconds: float = 3600.0
     subscription_max_seconds: float = 86400.0
     delivery_failures_before_end: int = 3
+
+    def __post_init__(self) -> None:
+        owner = "ServerConfig"
+        if not isinstance(self.limits, Limits):
+            raise _fail(owner, "limits", "a Limits", self.limits)
+        for name in ("device_uuid", "dsp_service_uuid", "dsc_service_uuid"):
+            value = getattr(self, name)
+            try:
+                uuid.UUID(value)
+            except (TypeError, ValueError, AttributeError):
+                raise _fail(owner, name, "a UUID string", value) from None
+        if not isinstance(self.base_url, str) or not self.base_url.startswith(
+            ("http://", "https://")
+        ):
+            raise _fail(owner, "base_url", "an http:// or https:// URL", self.base_url)
+        for name in ("friendly_name", "manufacturer", "model_name", "firmware_version"):
+            _text(owner, name, getattr(self, name))
+        if not isinstance(self.serial_number, str):
+            raise _fail(owner, "serial_number", "a str", self.serial_number)
+        if not isinstance(self.filters, tuple) or not set(self.filters) <= KNOWN_FILTERS:
+            what = "a tuple of " + ", ".join(repr(f) for f in sorted(KNOWN_FILTERS))
+            raise _fail(owner, "filters", what, self.filters)
+        _seconds(owner, "job_timeout_seconds", self.job_timeout_seconds)
+        _int(owner, "history_size", self.history_size, minimum=0)
+        if not isinstance(self.require_client_certificates, bool):
+            raise _fail(
+                owner, "require_client_certificates", "a bool", self.require_client_certificates
+            )
+        if not isinstance(self.scan_admins, frozenset) or not all(
+            isinstance(a, str) for a in self.scan_admins
+        ):
+            raise _fail(owner, "scan_admins", "a frozenset of str", self.scan_admins)
+        for name in ("user_directory", "user_email", "process_names"):
+            _str_mapping(owner, name, getattr(self, name))
+        _seconds(owner, "subscription_default_seconds", self.subscription_default_seconds)
+        _seconds(owner, "subscription_max_seconds", self.subscription_max_seconds)
+        _int(owner, "delivery_failures_before_end", self.delivery_failures_before_end, minimum=1)
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

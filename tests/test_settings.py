@@ -135,6 +135,27 @@ def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> N
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[limits]\nmax_image_bytes = "abc"\n',
+            "[limits]: Limits.max_image_bytes must be a positive int, got 'abc'",
+        ),
+        ("[limits]\nhead_timeout = 0\n", "Limits.head_timeout must be a positive number"),
+        ("[jobs]\ntimeout_seconds = -5\n", "ServerConfig.job_timeout_seconds must be"),
+        ('[jobs]\nhistory_size = "lots"\n', "configuration: invalid literal for int()"),
+        ("[processes]\nPSP-1 = 5\n", "ServerConfig.process_names must be a mapping"),
+        ('[server]\nfriendly_name = ""\n', "ServerConfig.friendly_name must be a non-empty"),
+    ],
+)
+def test_a_bad_value_is_a_config_error_naming_it(tmp_path: Path, text: str, message: str) -> None:
+    """Checked at load, not on the first request: the message names the field and value."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert message in str(info.value)
+
+
 def test_client_ca_needs_tls(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="client certificates"):
         load_settings(client_ca=tmp_path / "ca.pem")

@@ -256,30 +256,33 @@ def load_settings(
         )
     try:
         limits = Limits(**limits_raw)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # ValueError names the field and the bad value
         raise ConfigError(f"[limits]: {exc}") from exc
     public = (
         srv.get("public_url")
         or f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}"
         f":{listen.port}"
     )
-    server = ServerConfig(
-        limits=limits,
-        base_url=str(public).rstrip("/"),
-        job_timeout_seconds=float(jobs.get("timeout_seconds", 600.0)),
-        history_size=int(jobs.get("history_size", 1000)),
-        require_client_certificates=listen.client_ca is not None,
-        scan_admins=frozenset(users.get("scan_admins", ())),
-        user_directory=dict(users.get("directory", {})),
-        user_email=dict(users.get("email", {})),
-        process_names=dict(raw.get("processes", {})),
-        subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
-        subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
-    )
-    if "friendly_name" in srv:
-        # Only when given: ServerConfig is a slots dataclass, so ServerConfig.friendly_name is a
-        # member descriptor, not the default string (it broke WS-Transfer Get with a 500).
-        server = server.replace(friendly_name=str(srv["friendly_name"]))
+    try:
+        server = ServerConfig(
+            limits=limits,
+            base_url=str(public).rstrip("/"),
+            job_timeout_seconds=float(jobs.get("timeout_seconds", 600.0)),
+            history_size=int(jobs.get("history_size", 1000)),
+            require_client_certificates=listen.client_ca is not None,
+            scan_admins=frozenset(users.get("scan_admins", ())),
+            user_directory=dict(users.get("directory", {})),
+            user_email=dict(users.get("email", {})),
+            process_names=dict(raw.get("processes", {})),
+            subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
+            subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
+        )
+        if "friendly_name" in srv:
+            # Only when given: ServerConfig is a slots dataclass, so ServerConfig.friendly_name is
+            # a member descriptor, not the default string (it broke WS-Transfer Get with a 500).
+            server = server.replace(friendly_name=str(srv["friendly_name"]))
+    except (TypeError, ValueError) as exc:  # [server], [jobs], [users], [processes], [eventing]
+        raise ConfigError(f"configuration: {exc}") from exc
     sharepoint_context = None
     if sharepoint.get("ca_file"):
         sharepoint_context = ssl.create_default_context(cafile=str(resolve(sharepoint["ca_file"])))
