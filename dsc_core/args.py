@@ -23,10 +23,13 @@ def label(ns: str | None, local: str) -> str:
     return f"{prefix}:{local}" if prefix else local
 
 
-def request_element(body: Element, ns: str, *locals_: str) -> tuple[Element, Args]:
+def request_element(
+    body: Element, ns: str, *locals_: str, fault_ns: str | None = None
+) -> tuple[Element, Args]:
     """The Body's single request element, one of ``locals_`` in ``ns`` (R4 step 6), and the
-    reader for its arguments."""
-    args = Args(ns)
+    reader for its arguments, whose InvalidArgs faults are the ``fault_ns`` service's (default
+    ``ns``: dsp or dsc; a vendor element in ``names.EXT`` answers with its service's faults)."""
+    args = Args(fault_ns or ns)
     body_children = list(children(body))
     if not body_children:
         raise args.invalid(ns, locals_[0])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 from test_module_graph import core_imports
 
@@ -40,3 +42,24 @@ def test_readme_layout_lists_every_core_module_once() -> None:
     for module, imported in core_imports().items():
         for other in imported:
             assert position[other] < position[module], f"{module} imports {other}, listed later"
+
+
+def test_readme_adding_an_operation_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worked example, as written: its operation, registered the way step 3 does (in a
+    registry for this test only), answers through the in-process transport, and its test
+    passes."""
+    import dsc_core.server
+    from dsc_core.registry import OPERATIONS, Registry
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Adding an operation", 1)[1].split("\n## ", 1)[0]
+    declaration, test = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(declaration, "README.md", "exec"), namespace)
+    monkeypatch.setattr(
+        dsc_core.server, "OPERATIONS", Registry([*OPERATIONS, namespace["OPERATION"]])
+    )
+    exec(compile(test, "README.md", "exec"), namespace)
+    run = namespace["test_get_active_job_count"]
+    assert callable(run)
+    run()
