@@ -23,6 +23,7 @@ from .commands import (
     UpdateJob,
 )
 from .config import Limits, ServerConfig
+from .directory import DirectoryAnswers, Lookups
 from .errors import UsageError
 from .exchange import Exchange
 from .model import (
@@ -45,6 +46,7 @@ __all__ = [
     "Command",
     "CreateJob",
     "Deliver",
+    "DirectoryAnswers",
     "DiscardDocuments",
     "Document",
     "DropJob",
@@ -59,6 +61,7 @@ __all__ = [
     "JobState",
     "JobStateReason",
     "Limits",
+    "Lookups",
     "Outcome",
     "ProcessingEvent",
     "ProcessingFinished",

@@ -142,6 +142,9 @@ class ServerConfig:
     user_email: Mapping[str, str] = field(default_factory=dict)
     #: PSP_Identifier -> PSP_DisplayName (the directory service of bdsrr §3; default: the id).
     process_names: Mapping[str, str] = field(default_factory=dict)
+    #: R14: users, scan administrators and process names also come from a directory the binding
+    #: asks (Exchange.lookups, dsc_core.directory); the tables above remain the fallback.
+    directory: bool = False
     #: R7 eventing.
     subscription_default_seconds: float = 3600.0
     subscription_max_seconds: float = 86400.0

@@ -13,11 +13,12 @@ from lxml import etree
 from . import faults, names
 from .args import Args, Item, request_element
 from .commands import Command, FinishDocument
+from .directory import Lookups
 from .instructions import PostScanInstructions, read_post_scan_instructions
 from .lifecycle import JobInput
 from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
 from .operation import Operation, OpResult, Request, Upload, change, find_job
-from .users import identity, user_name
+from .users import directory_answers, identity, user_name
 from .xmlread import Element, children, split, trimmed
 from .xmlwrite import documents, element_data, job_description, job_status
 
@@ -68,13 +69,37 @@ def read_create(request: Request) -> CreateArgs:
 
 def _process_name(request: Request, payload: Element, psp_identifier: str) -> str:
     """PSP_DisplayName: our vendor extension ``ext:ProcessName`` (a ##other element), else the
-    configured directory of processes, else the identifier itself."""
+    directory's name for the identifier (R14), else the configured table of processes, else the
+    identifier itself."""
     for child in children(payload):
         if split(child.tag) == (names.EXT, "ProcessName"):
             value = trimmed(child.text)
             if value:
                 return value[:255]
+    answers = directory_answers(request.info, NS)
+    if answers is not None and answers.process_names.get(psp_identifier):
+        return answers.process_names[psp_identifier][:255]
     return request.config.process_names.get(psp_identifier, psp_identifier)
+
+
+def create_lookups(request: Request) -> Lookups:
+    """What CreatePostScanJob needs from a directory (R14): the account of its user (the SID,
+    or the certificate identity) and the name of its process.  Read leniently: the reader
+    checks the arguments afterwards, and a malformed one just needs nothing."""
+    sid = psp = ""
+    body = list(children(request.envelope.body))
+    if len(body) == 1:
+        for child in children(body[0]):
+            if split(child.tag) == (NS, "UserIdentifier"):
+                sid = trimmed(child.text)
+            elif split(child.tag) == (NS, "PSP_Identifier"):
+                psp = trimmed(child.text)
+    who = identity(request.config, request.info) or None
+    return Lookups(
+        sids=(sid,) if sid and who is None else (),
+        identity=who,
+        processes=(psp,) if psp else (),
+    )
 
 
 def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
@@ -296,7 +321,7 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (
-    Operation(A.DSP_CREATE, NS, read_create, create_post_scan_job),
+    Operation(A.DSP_CREATE, NS, read_create, create_post_scan_job, lookups=create_lookups),
     Operation(A.DSP_SEND_IMAGE, NS, read_send_image, send_image, begin_upload=begin_send_image),
     Operation(A.DSP_END, NS, read_job_token("EndPostScanJobRequest"), end_post_scan_job),
     Operation(A.DSP_CANCEL, NS, read_job_token("CancelPostScanJobRequest"), cancel_post_scan_job),

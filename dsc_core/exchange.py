@@ -17,13 +17,14 @@ from typing import Any
 from . import faults, names, soap
 from .commands import AbortDocument, AppendDocument, BeginDocument, Command
 from .content_type import parse_content_type
+from .directory import DirectoryAnswers, Lookups
 from .errors import UsageError
 from .mime import MultipartError, MultipartReader, PartData, PartEnd, PartStart
 from .operation import Operation, OpResult, Request, Upload
 from .registry import Registry
 from .state import ServerState
 from .transport import Outcome, Reply, RequestInfo
-from .users import require_scan_admin
+from .users import identity, require_scan_admin
 from .xmlread import check_tree, parse_xml
 
 SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
@@ -178,14 +179,46 @@ class Exchange:
 
     # --- ending ---------------------------------------------------------------------------------
 
-    def end(self, now: datetime | None = None) -> Outcome:
+    def lookups(self) -> Lookups:
+        """What the request needs from the user directory (R14, directory.py): call it after
+        the body is fed and before :meth:`end`, and pass the answers to ``end``.  Empty unless
+        ``ServerConfig.directory``, and for a request that is refused anyway."""
+        if self._ended:
+            raise UsageError("lookups() after end()")
+        if not self.state.config.directory or self._fault is not None:
+            return Lookups()
+        if self._envelope is None:
+            if self._multipart is not None:
+                return Lookups()  # no root part: end() gives the fault
+            try:
+                self._envelope = self._read()
+            except faults.SoapFault as fault:
+                self._fault = fault  # end() answers it, as it would have without this call
+                return Lookups()
+        operation = self.operations.get(self._envelope.addressing.action or "")
+        if operation is None:
+            return Lookups()
+        needs = Lookups()
+        if operation.lookups is not None:
+            needs = operation.lookups(Request(self.state, self._envelope, self.info))
+        who = identity(self.state.config, self.info)
+        if operation.admin_only and who and who not in self.state.config.scan_admins:
+            needs = replace(needs, admin=who)
+        return needs
+
+    def end(
+        self, now: datetime | None = None, *, directory: DirectoryAnswers | None = None
+    ) -> Outcome:
         """The body is complete.  ``now`` is when (default: ``RequestInfo.now``, the start): the
         operation takes effect then, so that an image that took long to arrive is activity at
-        its end, not at its start (R6 timeout)."""
+        its end, not at its start (R6 timeout).  ``directory``: the answers to :meth:`lookups`
+        (R14), which the operation finds in ``RequestInfo.directory``."""
         if self._ended:
             raise UsageError("end() called twice")
         if now is not None:
             self.info = replace(self.info, now=now)  # RequestInfo refuses a naive time
+        if directory is not None:
+            self.info = replace(self.info, directory=directory)
         self._ended = True
         self._reply_id = self.state.message_id()
         early: list[Command] = []

@@ -9,6 +9,8 @@ An operation declares
 - ``read``: its argument reader (R4 step 6), from the request to a value, or an InvalidArgs fault;
 - ``handle``: its handler, from the request and those arguments to an :class:`OpResult`;
 - ``admin_only``: MS-BDSRR operations need a scan administrator (R4 step 5, R10);
+- ``lookups``: what it needs from a user directory before it is answered (R14): the exchange
+  asks it in :meth:`~dsc_core.exchange.Exchange.lookups` and the binding brings the answers;
 - ``begin_upload``: for an operation whose request carries an MTOM attachment (SendImage), the
   step run as soon as the root part is read, before the attachment arrives.  It checks the
   request and reserves the document, so that the exchange streams the attachment straight to the
@@ -29,6 +31,7 @@ from typing import Generic, TypeVar
 from . import faults, names, soap
 from .commands import Command
 from .config import ServerConfig
+from .directory import Lookups
 from .lifecycle import JobInput, Refused
 from .model import Job
 from .state import ServerState
@@ -99,6 +102,8 @@ class Operation(Generic[ArgsT]):
     handle: Callable[[Request, ArgsT], OpResult]
     admin_only: bool = False
     begin_upload: Callable[[Request, ArgsT], Upload] | None = None
+    #: What the request needs from a user directory (R14; see directory.py), or None.
+    lookups: Callable[[Request], Lookups] | None = None
 
     @property
     def repository_service(self) -> bool:

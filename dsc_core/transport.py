@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .commands import Command
+from .directory import DirectoryAnswers
 from .errors import UsageError
 
 
@@ -21,6 +22,9 @@ class RequestInfo:
     identity: str | None = None
     #: The request path; informational only (R1: not used to reject a request).
     path: str = "/"
+    #: The directory's answers to the request's lookups (R14), set by ``Exchange.end``; None
+    #: without a directory (the configured tables apply).
+    directory: DirectoryAnswers | None = None
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:

@@ -3,8 +3,9 @@ who may manage the repository."""
 
 from __future__ import annotations
 
-from . import faults
+from . import faults, names
 from .config import ServerConfig
+from .directory import DirectoryAnswers
 from .transport import RequestInfo
 
 
@@ -15,16 +16,38 @@ def identity(config: ServerConfig, info: RequestInfo) -> str:
     return ""
 
 
+def directory_answers(info: RequestInfo, ns: str) -> DirectoryAnswers | None:
+    """The directory's answers for this request (R14); a directory that could not be asked is
+    the R4 step 9 fault ServerErrorTemporaryError of service ``ns``."""
+    answers = info.directory
+    if answers is not None and answers.unavailable:
+        raise faults.store_failed(ns, temporary=True)
+    return answers
+
+
 def user_name(config: ServerConfig, info: RequestInfo, user_identifier: str) -> str:
-    """JobOriginatingUserName: the certificate identity, else the SID mapped by the user
-    directory (unmapped: the SID itself)."""
+    """JobOriginatingUserName: the certificate identity, else the SID; each mapped to its
+    account by the directory (R14), else the SID by the configured table (unmapped: as is)."""
+    key = user_identifier
     if config.require_client_certificates and info.identity:
-        return info.identity
-    return config.user_directory.get(user_identifier, user_identifier)
+        key = info.identity
+    answers = directory_answers(info, names.DSP)
+    if answers is not None and key in answers.users:
+        return answers.users[key]
+    if key != user_identifier:
+        return key
+    return config.user_directory.get(key, key)
 
 
 def require_scan_admin(config: ServerConfig, info: RequestInfo) -> None:
     """R4 step 5: MS-BDSRR needs a scan administrator when client certificates are required;
-    without them every client is one (said in the log at start)."""
-    if config.require_client_certificates and (info.identity or "") not in config.scan_admins:
+    without them every client is one (said in the log at start).  Administrators are the
+    configured identities and, with a directory, the members of its group (R14)."""
+    if not config.require_client_certificates:
+        return
+    identity_ = info.identity or ""
+    if identity_ in config.scan_admins:
+        return
+    answers = directory_answers(info, names.DSC)
+    if answers is None or identity_ not in answers.admins:
         raise faults.not_scan_admin()

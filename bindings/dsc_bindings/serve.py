@@ -69,6 +69,8 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings, service: S
         return
     if fresh.listen != current.listen or fresh.data_dir != current.data_dir:
         log.warning("SIGHUP: listener, TLS and data directory changes need a restart")
+    if fresh.directory != current.directory:
+        log.warning("SIGHUP: [directory] changes need a restart")
     server = fresh.server
     if current.listen.port == 0:  # keep the address actually bound
         server = server.replace(base_url=service.config.base_url)
@@ -94,7 +96,19 @@ def run_server(
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     config: ServerConfig = settings.server
-    service = ScanService(config, settings.data_dir, settings.filters)
+    directory = None
+    if settings.directory is not None:
+        from .directory import Directory
+
+        directory = Directory(settings.directory)
+        log.info(
+            "directory: %s as %s, base %s, scan administrators: members of %s",
+            settings.directory.url,
+            settings.directory.bind_user,
+            settings.directory.base_dn,
+            settings.directory.admin_group or "(no group)",
+        )
+    service = ScanService(config, settings.data_dir, settings.filters, directory=directory)
     try:
         service.start()
     except Exception as exc:  # the store is locked, unreadable, ...: say what to do
@@ -109,6 +123,8 @@ def run_server(
         if discovery is not None:
             discovery.close()
         service.shutdown()
+        if directory is not None:
+            directory.close()
 
 
 def _start_discovery(settings: Settings, service: ScanService) -> UdpDiscovery | None:

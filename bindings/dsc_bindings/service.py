@@ -31,6 +31,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import logging
 import queue
@@ -43,6 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from dsc_core import (
     AppendDocument,
@@ -63,6 +65,9 @@ from dsc_core import (
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
 from .store import JobStore, StoreError
+
+if TYPE_CHECKING:
+    from .directory import Directory
 
 __all__ = [
     "DELIVERY_TIMEOUT",
@@ -135,9 +140,17 @@ class ServiceRequest:
             self._reply = self._failed
             return self._failed
         service = self._service
+        answers = None
+        if service.directory is not None:
+            # R14: what the request needs from the directory is asked here, in the worker
+            # thread that carries out the request and outside the lock (LDAP may be slow).
+            with service._lock:
+                needs = self._exchange.lookups()
+            if needs:
+                answers = service.directory.answer(needs)
         with service._lock:
             self._done = True
-            outcome = self._exchange.end(self._service.clock())
+            outcome = self._exchange.end(self._service.clock(), directory=answers)
             if outcome.fault is not None:
                 # R12: every limit exceeded (and every other refusal) is logged.
                 log.info(
@@ -224,10 +237,13 @@ class ScanService:
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         delivery_ssl_context: ssl.SSLContext | None = None,
         max_processing_jobs: int = 2,
+        directory: Directory | None = None,
     ) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
-        self.filter_settings = filter_settings
+        #: The user directory (R14), or None: the core's tables are used.
+        self.directory = directory
+        self.filter_settings = self._with_directory(filter_settings)
         self.clock = clock
         self.server = ScanServer(config, new_id=new_id)
         self._delivery_ssl_context = delivery_ssl_context
@@ -367,6 +383,7 @@ class ScanService:
             self.config = config
             commands = self.server.reconfigure(config, self.clock())
             if filter_settings is not None:
+                filter_settings = self._with_directory(filter_settings)
                 self.filter_settings = filter_settings
                 if self._engine is not None:
                     self._engine.set_settings(filter_settings)
@@ -392,6 +409,12 @@ class ScanService:
         request = self.open_request(content_type, identity, path)
         request.feed(body)
         return request.finish()
+
+    def _with_directory(self, settings: FilterSettings) -> FilterSettings:
+        """SendToScanUser's address comes from the directory when there is one (R14)."""
+        if self.directory is None:
+            return settings
+        return dataclasses.replace(settings, directory_mail=self.directory.mail_of)
 
     # --- command routing (lock held) -------------------------------------------------------------
 

@@ -56,6 +56,17 @@ Example (every section optional)::
     [eventing]
     default_seconds = 3600
     max_seconds = 86400
+
+    [directory]                       # Active Directory / Samba AD DC over LDAP (R14)
+    url = "ldaps://dc1.contoso.com"   # ldap:// (+ ca_file: StartTLS) or ldaps://
+    bind_user = "svc-scan@contoso.com"
+    password = "secret"               # or password_file = "/etc/dsc/ldap.secret"
+    base_dn = "DC=contoso,DC=com"
+    ca_file = "/etc/dsc/contoso-ca.pem"
+    admin_group = "Scan Admins"       # name or DN; members, nested included, are admins
+    cache_seconds = 300
+    connect_timeout = 5
+    timeout = 10
 """
 
 from __future__ import annotations
@@ -63,12 +74,14 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsc_core import Limits, ServerConfig
 
+from .directory import DirectorySettings
 from .filters.settings import FilterSettings
 from .filters.sites import SitePrefix
 
@@ -102,6 +115,8 @@ class Settings:
     server: ServerConfig
     filters: FilterSettings
     source: Path | None = None
+    #: ``[directory]`` (R14), None without one.
+    directory: DirectorySettings | None = None
 
     def server_ssl_context(self) -> ssl.SSLContext | None:
         """TLS for the listener; with a client CA, client certificates are required (R10)."""
@@ -130,6 +145,7 @@ _SECTIONS = {
     "smtp",
     "sharepoint",
     "eventing",
+    "directory",
 }
 
 
@@ -229,6 +245,23 @@ def load_settings(
         {"username", "password", "timeout", "ca_file", "sites"},
     )
     eventing = _take(raw.get("eventing", {}), "eventing", {"default_seconds", "max_seconds"})
+    directory_raw = _take(
+        raw.get("directory", {}),
+        "directory",
+        {
+            "url",
+            "bind_user",
+            "password",
+            "password_file",
+            "base_dn",
+            "ca_file",
+            "admin_group",
+            "cache_seconds",
+            "connect_timeout",
+            "timeout",
+            "processes_dn",
+        },
+    )
 
     base = path.parent if path is not None else Path.cwd()
 
@@ -283,6 +316,9 @@ def load_settings(
             server = server.replace(friendly_name=str(srv["friendly_name"]))
     except (TypeError, ValueError) as exc:  # [server], [jobs], [users], [processes], [eventing]
         raise ConfigError(f"configuration: {exc}") from exc
+    directory = _directory_settings(directory_raw, resolve) if directory_raw else None
+    if directory is not None:
+        server = server.replace(directory=True)
     sharepoint_context = None
     if sharepoint.get("ca_file"):
         sharepoint_context = ssl.create_default_context(cafile=str(resolve(sharepoint["ca_file"])))
@@ -313,4 +349,38 @@ def load_settings(
         )
     except ValueError as exc:
         raise ConfigError(f"[shares]/[smtp]: {exc}") from exc
-    return Settings(data, listen, server, filters, path)
+    return Settings(data, listen, server, filters, path, directory)
+
+
+def _directory_settings(
+    raw: dict[str, Any], resolve: Callable[[object], Path | None]
+) -> DirectorySettings:
+    missing = [k for k in ("url", "bind_user", "base_dn") if not raw.get(k)]
+    if "password" not in raw and "password_file" not in raw:
+        missing.append("password (or password_file)")
+    if missing:
+        raise ConfigError(f"[directory] needs {', '.join(missing)}")
+    password = raw.get("password")
+    if password is None:
+        secret = resolve(raw["password_file"])
+        try:
+            password = Path(str(secret)).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"[directory] cannot read password_file {secret}: {exc.strerror}"
+            ) from exc
+    try:
+        return DirectorySettings(
+            url=str(raw["url"]),
+            bind_user=str(raw["bind_user"]),
+            password=str(password),
+            base_dn=str(raw["base_dn"]),
+            ca_file=resolve(raw.get("ca_file")),
+            admin_group=str(raw["admin_group"]) if raw.get("admin_group") else None,
+            cache_seconds=float(raw.get("cache_seconds", 300.0)),
+            connect_timeout=float(raw.get("connect_timeout", 5.0)),
+            timeout=float(raw.get("timeout", 10.0)),
+            processes_dn=str(raw["processes_dn"]) if raw.get("processes_dn") else None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[directory]: {exc}") from exc

@@ -4,7 +4,7 @@ directory's e-mail addresses and the SharePoint client."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -64,6 +64,9 @@ class FilterSettings:
     #: The user directory's addresses: ``name@domain`` -> e-mail address (R9 SendToScanUser).
     #: A user not listed whose name contains '@' is mailed at that name.
     user_email: Mapping[str, str] = field(default_factory=dict)
+    #: The directory's ``mail`` of a user (R14), asked before the table above; None: no
+    #: directory.  Called from the engine's worker threads.
+    directory_mail: Callable[[str], str | None] | None = field(default=None, compare=False)
 
     # SharePoint (HTTP PUT).
     sharepoint_timeout: float = 60.0
@@ -159,6 +162,10 @@ class FilterSettings:
 
     def address_of(self, user_name: str) -> str | None:
         """The e-mail address of a scan user (``name@domain``), or None if unknown."""
+        if self.directory_mail is not None:
+            found = self.directory_mail(user_name)
+            if found:
+                return found
         address = self.user_email.get(user_name) or self._user_email_folded.get(
             user_name.casefold()
         )
