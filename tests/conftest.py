@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from lxml import etree
+
+if TYPE_CHECKING:
+    from samba_support import SambaDC
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +99,19 @@ def every_response_validates(
         return reply
 
     monkeypatch.setattr(InProcessTransport, "post", post)
+
+
+@pytest.fixture(scope="session")
+def samba_dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
+    """One real Samba AD DC for every directory test (provisioned once, ~10 s)."""
+    from samba_support import SambaDC, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no Samba AD DC: {reason}")
+    dc = SambaDC.provision(tmp_path_factory.mktemp("samba"))
+    dc.start()
+    try:
+        yield dc
+    finally:
+        dc.stop()

@@ -3,6 +3,7 @@
 dsc serve                        run the scan server (embedded default: SQLite + ./var)
 dsc handle [FILE]                answer one request with a fresh core, no network
 dsc scan --server URL FILE...    act as a scanner: create a job, upload, end, wait
+dsc process list|show|add|edit|rm  scan processes in the directory ([directory] of --config)
 dsc repo | jobs | history        the management client (MS-BDSRR)
 dsc job TOKEN | cancel TOKEN
 """
@@ -25,12 +26,12 @@ from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
 
+from .cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, table
 from .http_client import ConnectionFailed, client_ssl_context, post
 from .progress import Progress
 
 A = names.Action
 DEFAULT_SERVER = "http://127.0.0.1:5362/ScanServer"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: File extension -> WS-Scan document format (dsm-and-stack §1.4 Format values).
 FORMATS = {
@@ -44,14 +45,6 @@ FORMATS = {
     ".bmp": "dib",
     ".jp2": "jpeg2k",
 }
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed as one line, never a traceback."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- dsc handle -------------------------------------------------------------------------------
@@ -218,6 +211,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for f in files:
         if not f.is_file():
             raise CliError(f"no such file: {f}", EXIT_USAGE)
+    if args.process:
+        return _scan_with_process(args, files)
+    args.server = args.server or os.environ.get("DSC_SERVER") or DEFAULT_SERVER
     instructions: list[Any] = []
     if args.share or not (args.email or args.email_scan_user or args.sharepoint):
         instructions.append(FileShareInstructions(tuple(args.share or [r"\\localhost\scans"])))
@@ -225,19 +221,43 @@ def cmd_scan(args: argparse.Namespace) -> int:
         instructions.append(EmailInstructions(args.email_scan_user, tuple(args.email or ())))
     if args.sharepoint:
         instructions.append(SharePointInstructions(False, tuple(args.sharepoint)))
-    client = Client(args)
-    root_name = args.root_name or files[0].stem
-    response = client.call(
-        A.DSP_CREATE,
-        dc.create_post_scan_job(
-            user_identifier=args.user,
-            psp_identifier=args.process_id,
-            instructions=instructions,
-            document_root_name=root_name,
-            continue_on_error=args.continue_on_error,
-            process_name=args.process_name,
-        ),
+    request = dc.create_post_scan_job(
+        user_identifier=args.user,
+        psp_identifier=args.process_id,
+        instructions=instructions,
+        document_root_name=args.root_name or files[0].stem,
+        continue_on_error=args.continue_on_error,
+        process_name=args.process_name,
     )
+    return _run_scan(args, files, request)
+
+
+def _scan_with_process(args: argparse.Namespace, files: list[Path]) -> int:
+    """``--process NAME``: like a DSM device, read the process from the directory as the user
+    and send its PostScanInstructions as they are, with its document format."""
+    from .process_cli import device_scan
+
+    scan = device_scan(args)
+    args.server = scan.server_url
+    args.format = args.format or scan.process.settings.format
+    request = dc.create_post_scan_job(
+        user_identifier=scan.user_sid, psp_identifier=scan.process.identifier, instructions=()
+    )
+    for child in request:
+        if child.tag == f"{{{names.DSP}}}PostScanInstructions":
+            request.replace(child, scan.instructions)
+    s = scan.process.settings
+    _say(
+        args,
+        f"process {scan.process.name!r}: {s.format}, {s.resolution} dpi, {s.color}, "
+        f"{'duplex' if s.duplex else 'simplex'}",
+    )
+    return _run_scan(args, files, request)
+
+
+def _run_scan(args: argparse.Namespace, files: list[Path], request: Any) -> int:
+    client = Client(args)
+    response = client.call(A.DSP_CREATE, request)
     token = dc.text_of(response.payload, names.DSP, "JobToken")
     _say(args, f"job {token} created")
     for number, path in enumerate(files, start=1):
@@ -398,18 +418,6 @@ def _print_job(view: dc.JobView) -> None:
     print(table(rows, header=False))
 
 
-def table(rows: Sequence[Sequence[str]], *, header: bool = True) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        lines.append(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
-        )
-        if header and n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 # --- dsc serve --------------------------------------------------------------------------------
 
 
@@ -553,7 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the end state")
     p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_scan)
+    g = p.add_argument_group(
+        "as a DSM device (--process NAME)",
+        "Read the scan process NAME from the directory of --config, binding as --as USER, "
+        "and send its instructions and format as that user. Without --server the job goes "
+        "to the process's scan server.",
+    )
+    g.add_argument("--process", metavar="NAME", help="scan with this directory scan process")
+    from .process_cli import directory_options
+
+    directory_options(g, as_help="the scanning user (UPN; default: the configured account)")  # type: ignore[arg-type]
+    p.set_defaults(func=cmd_scan, server=None)
 
     for name, func, text in (
         ("repo", cmd_repo, "repository state and filters"),
@@ -563,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=f"Show {text}.")
         _client_options(p)
         p.set_defaults(func=func)
+    from . import process_cli
+
+    process_cli.add_parser(sub)
     p = sub.add_parser("job", help="one job in detail", description="Show one job in detail.")
     _client_options(p)
     p.add_argument("token", metavar="TOKEN")

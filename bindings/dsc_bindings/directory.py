@@ -20,6 +20,7 @@ gets ServerErrorTemporaryError (R4 step 9) and the log says why.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
 import time
@@ -234,7 +235,8 @@ class Directory:
             self.server(),
             user=user or s.bind_user,
             password=password if user else s.password,
-            receive_timeout=s.timeout,
+            # ldap3 packs it into SO_RCVTIMEO as whole seconds.
+            receive_timeout=max(1, math.ceil(s.timeout)),
             raise_exceptions=True,
             auto_referrals=False,
         )

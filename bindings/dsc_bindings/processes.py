@@ -131,6 +131,8 @@ class ScanProcess:
     #: Groups that may use it (empty: everyone authenticated).
     allow: tuple[str, ...] = ()
     dn: str = ""
+    #: The PSPString as stored (what a device sends), "" for a process not read from LDAP.
+    stored: str = field(default="", compare=False, repr=False)
 
     def instructions(
         self,
@@ -377,6 +379,8 @@ def post_scan_instructions(text: str) -> etree._Element:
 READ = 0x00020094
 #: Full control (GENERIC_ALL as AD expands it).
 FULL = 0x000F01FF
+#: Authenticated Users, Everyone: a READ for these means "not restricted".
+_EVERYONE = {"S-1-5-11", "S-1-1-0"}
 _SE_DACL_PRESENT, _SE_DACL_PROTECTED, _SE_SELF_RELATIVE = 0x0004, 0x1000, 0x8000
 #: Only the DACL is written or read (LDAP_SERVER_SD_FLAGS_OID, DACL_SECURITY_INFORMATION).
 _DACL_ONLY = security_descriptor_control(sdflags=0x04)
@@ -453,22 +457,22 @@ class ProcessStore:
         except ValidationError:
             process = ScanProcess(name, identifier, scan_repository="(unreadable PSPString)")
         allow = self._allowed_groups((raw.get("nTSecurityDescriptor") or [b""])[0])
-        return replace(process, dn=entry["dn"], allow=allow)
+        return replace(process, dn=entry["dn"], allow=allow, stored=text)
 
     def _allowed_groups(self, descriptor: bytes) -> tuple[str, ...]:
         sids = [sid for kind, mask, sid in dacl_aces(descriptor) if kind == 0 and mask == READ]
+        if _EVERYONE & set(sids):
+            return ()  # readable by every user: not restricted
         groups = []
         for sid in sids:
-            found = self.directory.search(
-                self.directory.settings.base_dn,
-                f"(objectSid={escape_bytes(sid_to_bytes(sid))})",
-                ["sAMAccountName"],
+            found = self._lookup(
+                f"(objectSid={escape_bytes(sid_to_bytes(sid))})", ["sAMAccountName"]
             )
-            name = _text(found[0]["raw"], "sAMAccountName") if found else None
+            name = _text(found[0], "sAMAccountName") if found else None
             groups.append(name or sid)
         return tuple(sorted(groups))
 
-    def list(self) -> list[ScanProcess]:
+    def all(self) -> list[ScanProcess]:
         return sorted(
             (self._process(e) for e in self._search("", with_sd=True)),
             key=lambda p: p.name.casefold(),
@@ -497,29 +501,38 @@ class ProcessStore:
         return build_dacl_descriptor(aces)
 
     def _whoami_sid(self) -> str:
-        user = self.directory.settings.bind_user
-        attribute = "userPrincipalName" if "@" in user else "sAMAccountName"
-        value = user if "@" in user or "=" not in user else None
-        search_filter = (
-            f"({attribute}={escape_filter_chars(value)})"
-            if value is not None
-            else f"(distinguishedName={escape_filter_chars(user)})"
-        )
-        found = self.directory.search(self.directory.settings.base_dn, search_filter, ["objectSid"])
-        if not found:
-            raise DirectoryError(f"the bind account {user!r} was not found under base_dn")
-        return sid_to_text(found[0]["raw"]["objectSid"][0])
+        """The SID of the account this connection is bound as (it keeps full control)."""
+        user = str(self.conn.user or "")
+        if "=" in user:
+            clause = f"(distinguishedName={escape_filter_chars(user)})"
+        else:
+            name = user.split("\\")[-1]
+            sam = escape_filter_chars(name.split("@", 1)[0])
+            clause = f"(|(userPrincipalName={escape_filter_chars(name)})(sAMAccountName={sam}))"
+        found = self._lookup(f"(&(objectClass=user){clause})", ["objectSid"])
+        if len(found) != 1:
+            raise DirectoryError(f"the account {user!r} was not found under base_dn")
+        return sid_to_text(found[0]["objectSid"][0])
+
+    def _lookup(self, search_filter: str, attributes: list[str]) -> list[dict[str, Any]]:
+        try:
+            self.conn.search(self.directory.settings.base_dn, search_filter, attributes=attributes)
+        except LDAPException as exc:
+            raise _error(exc) from exc
+        return [
+            r["raw_attributes"]
+            for r in self.conn.response or []
+            if r.get("type") == "searchResEntry"
+        ]
 
     def _group_sid(self, group: str) -> str:
         value = escape_filter_chars(group)
-        found = self.directory.search(
-            self.directory.settings.base_dn,
-            f"(&(objectClass=group)(|(sAMAccountName={value})(cn={value})))",
-            ["objectSid"],
+        found = self._lookup(
+            f"(&(objectClass=group)(|(sAMAccountName={value})(cn={value})))", ["objectSid"]
         )
         if len(found) != 1:
             raise DirectoryError(f"no group named {group!r} in the directory")
-        return sid_to_text(found[0]["raw"]["objectSid"][0])
+        return sid_to_text(found[0]["objectSid"][0])
 
     def add(self, process: ScanProcess) -> ScanProcess:
         text = process.psp_string()
