@@ -4,7 +4,7 @@ the encodings of dsc_bindings.directory, and PSPString building/validation — n
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ from dsc_core import DirectoryAnswers, Lookups, RequestInfo, ScanServer, ServerC
 from dsc_core.model import FileShareInstructions
 
 A = names.Action
-NOW = datetime(2026, 12, 1, 4, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 4, 0, tzinfo=UTC)
 SID = "S-1-5-21-1-2-3-1104"
 PSP_ID = "0878BB2B-CC7D-4E18-8478-3DB1E98C06A2"
 
@@ -157,10 +157,9 @@ def test_without_a_directory_nothing_is_asked() -> None:
 
 def test_malformed_requests_need_nothing_and_get_their_fault() -> None:
     server = ScanServer(ServerConfig(directory=True), new_id=lambda: "t1")
-    needs, status, body = run(server, b"<not xml", DirectoryAnswers())
-    assert not needs and status == 400
-    needs, status, body = run(server, b"", DirectoryAnswers())
-    assert not needs and status == 400
+    for body in (b"<not xml", b""):
+        needs, status, reply = run(server, body, DirectoryAnswers())
+        assert not needs and status == 400 and b"Sender" in reply
 
 
 # --- encodings ---------------------------------------------------------------------------------

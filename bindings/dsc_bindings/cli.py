@@ -243,9 +243,11 @@ def _scan_with_process(args: argparse.Namespace, files: list[Path]) -> int:
     request = dc.create_post_scan_job(
         user_identifier=scan.user_sid, psp_identifier=scan.process.identifier, instructions=()
     )
-    for child in request:
-        if child.tag == f"{{{names.DSP}}}PostScanInstructions":
-            request.replace(child, scan.instructions)
+    # The process's psp:PostScanInstructions content, as it is, becomes the request's
+    # dsp:PostScanInstructions (same content model, the WS-DSP element name).
+    target = request.find(f"{{{names.DSP}}}PostScanInstructions")
+    assert target is not None
+    target[:] = list(scan.instructions)
     s = scan.process.settings
     _say(
         args,
