@@ -82,6 +82,20 @@ class Limits:
     max_active_jobs: int = 1000
     #: Documents in one job (core: InvalidArgs beyond it).
     max_documents_per_job: int = 10_000
+    #: Share of max_connections one client address may hold (binding: beyond it, that
+    #: address's longest-idle keep-alive connection is reclaimed, else 503).
+    max_connection_share: float = 0.5
+    #: Serialized wsa:ReferenceParameters of one Subscribe's NotifyTo/EndTo, in bytes (core:
+    #: wse:InvalidMessage): they are copied into every notification (R7).
+    max_reference_parameter_bytes: int = 4096
+    #: Event delivery (binding, R7): notifications queued per subscription (a full queue ends
+    #: it with DeliveryFailure), seconds to connect / to get the answer, and the caps on the
+    #: answer's head and body (read, then dropped).
+    delivery_queue_size: int = 64
+    delivery_connect_timeout: float = 5.0
+    delivery_answer_timeout: float = 10.0
+    max_delivery_answer_head_bytes: int = 16 * 1024
+    max_delivery_answer_body_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         # Every field is a count or size (a positive int) or a timeout (positive seconds).

@@ -211,6 +211,12 @@ class Subscriptions:
         del self.by_id[identifier]
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
+    def give_up(self, identifier: str) -> list[Deliver]:
+        sub = self.by_id.pop(identifier, None)
+        if sub is None:
+            return []
+        return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
+
     def end_all(self) -> list[Deliver]:
         subs = list(self.by_id.values())
         self.by_id.clear()

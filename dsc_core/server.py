@@ -90,6 +90,11 @@ class ScanServer(ServerState):
     def delivery_result(self, subscription_id: str, ok: bool) -> list[Command]:
         return list(self.subscriptions.delivery_result(subscription_id, ok))
 
+    def end_subscription(self, subscription_id: str) -> list[Command]:
+        """The binding gave up delivering to this subscription (its queue is full, R7): end
+        it with SubscriptionEnd DeliveryFailure, as after repeated failures."""
+        return list(self.subscriptions.give_up(subscription_id))
+
     def restore(self, jobs: Iterable[Job], now: datetime) -> list[Command]:
         """Load the jobs a store kept across a restart (``JobLifecycle.restart``)."""
         return self.lifecycle.restart(jobs, now)

@@ -1,8 +1,11 @@
 """The async HTTP/1.1 binding: h11 over anyio (trio by default; asyncio programs can host it).
 
 Every HTTP rule is in :mod:`.http_common` (shared with the blocking binding); this module only
-moves bytes, runs the service's blocking calls in worker threads (the store writes to disk), and
-applies the R12 timeouts with cancel scopes.
+moves bytes and applies the R12 timeouts with cancel scopes.  While it serves, the event loop
+owns the core (``ScanService.attach_loop``): service calls run inline, with no thread hop, and
+the disk work they hand to the service's writer is awaited without blocking the loop (a
+:class:`~dsc_bindings.writer.Ticket` completed from the writer thread sets an event through the
+loop's thread-safe call-soon).
 
 Usage::
 
@@ -20,12 +23,15 @@ subjectAltName email, else DNS).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import threading
 from collections.abc import Callable
 
 import anyio
 import anyio.abc
+import sniffio
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from dsc_core import Limits
@@ -43,6 +49,7 @@ from .http_common import (
     ServiceLike,
     identity_from_certificate,
 )
+from .writer import Ticket, Wait
 
 __all__ = ["DEFAULT_GRACE", "serve"]
 
@@ -58,6 +65,44 @@ _STREAM_ERRORS = (
     ssl.SSLError,
     OSError,
 )
+
+
+class _LoopHandle:
+    """The running loop as the service's core owner (service.LoopHandle)."""
+
+    def __init__(self) -> None:
+        self._thread = threading.get_ident()
+        self.call_soon: Callable[[Callable[[], object]], None]
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            self.call_soon = trio.lowlevel.current_trio_token().run_sync_soon
+        else:
+            loop = asyncio.get_running_loop()
+
+            def call_soon(function: Callable[[], object]) -> None:
+                loop.call_soon_threadsafe(function)
+
+            self.call_soon = call_soon
+
+    def is_current(self) -> bool:
+        return threading.get_ident() == self._thread
+
+    async def wait(self, ticket: Ticket) -> None:
+        """Until the writer completed ``ticket``, without blocking the loop."""
+        if ticket.done:
+            return
+        event = anyio.Event()
+        call_soon = self.call_soon
+        ticket.add_done_callback(lambda: call_soon(event.set))
+        await event.wait()
+
+    async def follow(self, result: object) -> object:
+        """Follow a service call's Wait chain to its result."""
+        while isinstance(result, Wait):
+            await self.wait(result.ticket)
+            result = result.resume()
+        return result
 
 
 class _Connection:
@@ -87,6 +132,7 @@ class _Server:
         self.service = service
         self.limits = limits
         self.ssl_context = ssl_context
+        self.loop = _LoopHandle()
         self.connections: set[_Connection] = set()
         self.rejecting = 0
         self.draining = False
@@ -152,7 +198,7 @@ class _Server:
                         protocol.send_failed()
                 elif isinstance(action, Call):
                     try:
-                        result = await anyio.to_thread.run_sync(action.function)
+                        result = await self.loop.follow(action.function())
                     except Exception as exc:
                         protocol.call_failed(exc)
                     else:
@@ -168,7 +214,7 @@ class _Server:
                 # upload debris remains (R12).
                 with anyio.CancelScope(shield=True):
                     try:
-                        await anyio.to_thread.run_sync(cleanup)
+                        await self.loop.follow(cleanup())
                     except Exception:
                         log.exception("%s: aborting the exchange failed", peer)
 
@@ -256,6 +302,8 @@ async def serve(
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
     server = _Server(service, limits, ssl_context)
+    attach = getattr(service, "attach_loop", None)
+    detach: Callable[[], None] | None = attach(server.loop) if attach is not None else None
     log.info(
         "listening on %s port %d (%s), up to %d connections",
         host,
@@ -292,5 +340,7 @@ async def serve(
                     await server.drain(grace)
                     log.info("stopped listening on port %d", bound)
     finally:
+        if detach is not None:
+            detach()
         with anyio.CancelScope(shield=True):
             await listener.aclose()

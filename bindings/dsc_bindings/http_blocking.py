@@ -40,6 +40,7 @@ from .http_common import (
     ServiceLike,
     identity_from_certificate,
 )
+from .writer import settle
 
 __all__ = ["DEFAULT_GRACE", "BlockingServer"]
 
@@ -283,7 +284,7 @@ class BlockingServer:
                         protocol.send_failed()
                 elif isinstance(action, Call):
                     try:
-                        result = action.function()
+                        result = settle(action.function())
                     except Exception as exc:
                         protocol.call_failed(exc)
                     else:
@@ -296,7 +297,7 @@ class BlockingServer:
             cleanup = protocol.cleanup()
             if cleanup is not None:
                 try:
-                    cleanup()  # abort the exchange: no upload debris (R12)
+                    settle(cleanup())  # abort the exchange: no upload debris (R12)
                 except Exception:
                     log.exception("aborting the exchange failed")
 

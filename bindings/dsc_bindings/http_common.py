@@ -12,18 +12,19 @@ exchange) and asks its binding, one :data:`Action` at a time, to do the I/O::
             if isinstance(action, Receive):   # read <= READ_SIZE bytes within action.timeout
                 conn.receive_data(data)       # b"" = EOF; or conn.timed_out()
             elif isinstance(action, Send):    # write all of action.data (conn.send_failed())
-            elif isinstance(action, Call):    # run a blocking service call (a worker thread in
-                conn.call_done(result)        # async code); conn.call_failed(exc) if it raised
+            elif isinstance(action, Call):    # run the service call in the core's context and
+                conn.call_done(result)        # follow its Wait chain (module doc of .writer);
+                                              # conn.call_failed(exc) if it raised
             elif isinstance(action, Close):   # linger (drain, so the client reads our last
                 break                         # answer instead of a TCP reset) and close
     finally:
-        cleanup = conn.cleanup()              # a blocking call, or None
-        if cleanup: cleanup()                 # aborts a started exchange: no upload debris
+        cleanup = conn.cleanup()              # a call (run like a Call's function), or None:
+        if cleanup: settle(cleanup())         # aborts a started exchange: no upload debris
 
 The bindings keep only sockets, threads/tasks and their timeouts.  No SOAP or job rule lives
 here either: request bodies go to :class:`~dsc_bindings.service.ScanService` untouched.
 
-Calls are coalesced, because each one costs a worker-thread hop in the async binding: the
+Calls are coalesced, because each one is a round of core work and store I/O: the
 exchange is opened by the first Call a request needs, not at its head; body pieces are held
 while the exchange is not yet open and they total at most ``limits.max_envelope_bytes`` (a
 small SOAP request: open, feed and finish then run as ONE Call at the end of the body); beyond
@@ -40,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal, Protocol
@@ -49,6 +50,8 @@ import h11
 
 from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes
+
+from .writer import Ticket, Wait
 
 __all__ = [
     "LINGER_BYTES",
@@ -93,9 +96,12 @@ LINGER_BYTES = 1024 * 1024
 
 
 class RequestLike(Protocol):
-    def feed(self, data: bytes) -> None: ...
-    def finish(self) -> Reply: ...
-    def abort(self) -> None: ...
+    """A service request (:class:`~dsc_bindings.service.ServiceRequest`): each method returns
+    at once, with its result or a :class:`~dsc_bindings.writer.Wait` for commands in flight."""
+
+    def feed(self, data: bytes) -> Wait | None: ...
+    def finish(self) -> Reply | Wait: ...
+    def abort(self) -> Wait | None: ...
 
 
 class ServiceLike(Protocol):
@@ -127,17 +133,21 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """Run a blocking service call (it writes to disk); report with ``call_done``."""
+    """Run a service call in the core's owner context (the loop; it does no I/O itself) and
+    follow the :class:`Wait` chain it may return, waiting for each ticket without blocking
+    the loop; report the final result with ``call_done`` (``call_failed`` if it raised)."""
 
     function: Callable[[], object]
 
 
 class _Work:
-    """The service work of one Call for the current request (run in a worker thread): open
-    the exchange unless it is open, feed the held body pieces in order, then finish it if the
-    body is complete (returning the Reply)."""
+    """The service work of one Call for the current request: open the exchange unless it is
+    open, feed the held body pieces in order, then finish it if the body is complete (the
+    result is the Reply).  Core calls run in the calling context (the event loop); where the
+    service hands I/O to its writer, the call returns a :class:`Wait` whose chain the binding
+    follows (awaiting each ticket) to the result."""
 
-    __slots__ = ("chunks", "finish", "opener", "request", "what")
+    __slots__ = ("chunks", "finish", "opener", "request", "steps", "what")
 
     def __init__(
         self,
@@ -152,6 +162,7 @@ class _Work:
         self.request = request
         self.chunks = chunks
         self.finish = finish
+        self.steps: Generator[Ticket, None, object] | None = None
         #: For the log: the service calls this Call makes ("open+feed+finish", ...).
         self.what = "+".join(
             step
@@ -159,16 +170,37 @@ class _Work:
             if used
         )
 
-    def __call__(self) -> Reply | None:
+    def __call__(self) -> object:
+        self.steps = self._run()
+        return self._advance()
+
+    def _advance(self) -> object:
+        assert self.steps is not None
+        try:
+            ticket = next(self.steps)
+        except StopIteration as stop:
+            return stop.value
+        return Wait(ticket, self._advance)
+
+    def _run(self) -> Generator[Ticket, None, object]:
         request = self.request
         if request is None:
             assert self.opener is not None
             request = self.request = self.opener()
         chunks, self.chunks = self.chunks, []
         for chunk in chunks:
-            request.feed(chunk)
+            yield from _follow(request.feed(chunk))
         del chunks
-        return request.finish() if self.finish else None
+        if not self.finish:
+            return None
+        return (yield from _follow(request.finish()))
+
+
+def _follow(step: object) -> Generator[Ticket, None, object]:
+    while isinstance(step, Wait):
+        yield step.ticket
+        step = step.resume()
+    return step
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,10 +452,10 @@ class HttpConnection:
         (the binding interrupts an idle Receive and reports ``timed_out``)."""
         self._draining = True
 
-    def cleanup(self) -> Callable[[], None] | None:
-        """Call when the connection is closed, however that happened.  Returns a blocking call
-        that aborts a started exchange (R12: a lost or timed-out upload leaves no debris), or
-        None.  Idempotent."""
+    def cleanup(self) -> Callable[[], object] | None:
+        """Call when the connection is closed, however that happened.  Returns a call that
+        aborts a started exchange (R12: a lost or timed-out upload leaves no debris; run it
+        like a Call's function, following its Wait), or None.  Idempotent."""
         self._phase = "closed"
         request, self._request = self._request, None
         if request is None and self._calling is not None:

@@ -1,58 +1,65 @@
-"""The runtime glue around the one core: job store, processing engine, clock and event delivery.
+"""The runtime around the one core: who may call it, where its commands run, the clock.
 
 Both HTTP bindings (:mod:`.http_async`, :mod:`.http_blocking`) talk to a :class:`ScanService`
-only; they never touch the core.  The service owns:
+only; they never touch the core.  The rules (issue 7):
 
-- the :class:`~dsc_core.ScanServer` and ONE lock around it.  The core is not thread-safe, and
-  job-record writes must reach the store in the order the core produced them (a later
-  UpdateJob must never be overwritten by an earlier one), so every core call *and the execution
-  of the commands it returns* happens under that lock.  The one exception: the AppendDocument
-  commands returned by ``Exchange.feed`` are written outside it, so that uploads of different
-  jobs do not serialize on the disk (R8: image bytes stream straight to the spool).
-- the :class:`~dsc_bindings.store.JobStore` (commands are carried out in order before the reply
-  is sent; a failure becomes the R4 step 9 fault through ``Exchange.store_failed``);
-- the :class:`~dsc_bindings.filters.ProcessingEngine` (StartProcessing / StopProcessing; its
-  reports go back into the core);
-- a ticker thread (``ScanServer.tick`` at ``next_deadline()``, at least once a second: R6 job
-  timeouts, R7 subscription expiry);
-- a delivery thread (R7 notifications: one-way SOAP POSTs, results reported back so that
-  repeated failures end the subscription).
+- **The core has one owner, and no lock is ever held across I/O.**  When the async binding
+  serves, its event loop is the owner (``attach_loop``): requests call the core inline, with no
+  thread hop; the processing engine, the ticker, delivery results, UDP discovery and
+  configuration reloads hand their core calls to the loop (``_core_soon`` / ``_core_call``).
+  Without a loop (the blocking binding, tools, start-up and shutdown) the owner is whoever holds
+  ``_core_lock``, and holds it only for the pure core call, microseconds.
+- **Commands run off the owner, in the order the core gave them** (:mod:`.writer`): job
+  records, fsyncs, SQLite, starting and stopping filters, handing notifications to the delivery
+  hub.  A request waits for its own batch's :class:`~dsc_bindings.writer.Ticket` before its
+  reply is sent (R4 step 9 unchanged: an acknowledged image is durable; a failed command turns
+  the reply into the core's fault).  A request without store commands (most MS-BDSRR reads) is
+  answered at once, whatever the disk is doing.
+- **Filters** run in the :class:`~dsc_bindings.filters.ProcessingEngine`'s threads; their
+  reports go back to the core's owner.
+- **Event delivery** (:mod:`.delivery`): one bounded queue and task per subscription, on the
+  hub's own loop; results go back to the core's owner, which counts failures (R7).
+- A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()``, at least
+  once a second (R6 job timeouts, R7 subscription expiry).
 
 Usage::
 
     service = ScanService(ServerConfig(), Path("data"), FilterSettings.embedded_default("data"))
     service.start()
     request = service.open_request("application/soap+xml", None, "/ScanServer")
-    request.feed(body)            # any number of times, chunks of any size
-    reply = request.finish()      # dsc_core.Reply: send it
+    step = request.feed(body)     # None, or a Wait (commands are being written)
+    step = request.finish()       # a Reply, or a Wait whose chain ends in the Reply
+    reply = settle(step)          # blocking callers; the async binding awaits the ticket
     ...
     service.shutdown()
+
+``ScanService.handle(body)`` does all of it in one blocking call (tools and tests).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import http.client
 import logging
-import queue
 import ssl
 import threading
 import time
-import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from dsc_core import (
-    AppendDocument,
     Command,
     Deliver,
+    DirectoryAnswers,
     Document,
     Exchange,
     Job,
+    Outcome,
     ProcessingEvent,
     Reply,
     RequestInfo,
@@ -62,25 +69,28 @@ from dsc_core import (
     StopProcessing,
 )
 
+from .delivery import DeliveryHub, DeliveryLimits
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
 from .store import JobStore, StoreError
+from .writer import CommandWriter, Routes, Ticket, Wait, settle
 
 if TYPE_CHECKING:
     from .directory import Directory
 
 __all__ = [
-    "DELIVERY_TIMEOUT",
     "SHUTDOWN_DELIVERY_SECONDS",
+    "LoopHandle",
     "ScanService",
     "ServiceRequest",
     "local_now",
+    "settle",
 ]
 
 log = logging.getLogger("dsc.service")
 
-#: Seconds one notification POST may take (connect + send + answer).
-DELIVERY_TIMEOUT = 10.0
+T = TypeVar("T")
+
 #: At shutdown, SubscriptionEnd (SourceShuttingDown, R7) deliveries get at most this long.
 SHUTDOWN_DELIVERY_SECONDS = 2.0
 #: The ticker wakes at least this often, and never more often than the minimum below (the core
@@ -95,11 +105,33 @@ def local_now() -> datetime:
     return datetime.now().astimezone()
 
 
+class LoopHandle(Protocol):
+    """An event loop that owns the core (given by the async binding)."""
+
+    def call_soon(self, function: Callable[[], object]) -> None:
+        """Run ``function`` in the loop's thread soon; callable from any thread, never
+        blocks (trio's ``TrioToken.run_sync_soon``, asyncio's ``call_soon_threadsafe``)."""
+        ...
+
+    def is_current(self) -> bool:
+        """Whether the calling thread is the loop's."""
+        ...
+
+
+def _answers(ticket: Ticket) -> DirectoryAnswers:
+    """The directory's answers an offloaded call left on ``ticket``."""
+    if ticket.error is not None:
+        raise ticket.error  # Directory.answer reports trouble as answers, never raises
+    assert isinstance(ticket.value, DirectoryAnswers)
+    return ticket.value
+
+
 class ServiceRequest:
     """One HTTP request on its way through the core: ``feed`` the body, then ``finish``.
 
-    Used by one connection at a time (not shared between threads).  ``feed`` and ``finish``
-    block on the disk, so async bindings run them in a worker thread.
+    Used by one connection at a time, from the core's owner context (the loop, or a blocking
+    binding's thread: the core calls take the core lock themselves).  Each method returns at
+    once; where commands are being carried out it returns a :class:`Wait` (see ``settle``).
     """
 
     def __init__(self, service: ScanService, exchange: Exchange) -> None:
@@ -109,108 +141,105 @@ class ServiceRequest:
         self._failed: Reply | None = None
         self._reply: Reply | None = None
         self._done = False
+        #: The last batch of this exchange: its next one runs after it.
+        self._last: Ticket | None = None
 
-    def feed(self, data: bytes) -> None:
-        """Pass a piece of the body to the core and write the image bytes it returns.
-
-        After a store failure the rest of the body is discarded: the answer is already decided
-        (the fault of R4 step 9) and ``finish`` returns it.
-        """
+    def feed(self, data: bytes) -> Wait | None:
+        """Pass a piece of the body to the core; its commands (image bytes) are written off
+        the loop.  After a store failure the rest of the body is discarded: the answer is
+        already decided (the fault of R4 step 9) and ``finish`` returns it."""
         if self._done or self._failed is not None or not data:
-            return
-        service = self._service
-        with service._lock:
-            commands = self._exchange.feed(data)
-            position = self._run_locked(commands, 0)
-        # Image chunks leave the lock: another job's upload or status change need not wait for
-        # this disk write.  One exchange's commands still run in the order the core gave them.
-        while position is not None and position < len(commands):
-            position = self._run_appends(commands, position)
-            if position is not None and position < len(commands):
-                with service._lock:
-                    position = self._run_locked(commands, position)
+            return None
+        exchange = self._exchange
+        commands = self._service._core_call(lambda: exchange.feed(data))
+        if not commands:
+            return None
+        ticket = self._submit(commands, strict=True)
+        return self._then(ticket, lambda: self._after_feed(ticket))
 
-    def finish(self) -> Reply:
-        """End the request: the core's reply, after its commands were carried out in order
+    def finish(self) -> Reply | Wait:
+        """End the request: the core's reply once its commands were carried out in order
         (so an acknowledged image is durable), or the R4 step 9 fault if one failed."""
         if self._reply is not None:
             return self._reply
+        if self._done and self._failed is None:
+            raise RuntimeError("finish() after abort()")
+        self._done = True
         if self._failed is not None:
-            self._done = True
+            last = self._last
+            if last is not None and not last.done:  # the undo commands still run
+                return Wait(last, self.finish)
             self._reply = self._failed
             return self._failed
-        service = self._service
-        answers = None
-        if service.directory is not None:
-            # R14: what the request needs from the directory is asked here, in the worker
-            # thread that carries out the request and outside the lock (LDAP may be slow).
-            with service._lock:
-                needs = self._exchange.lookups()
+        exchange = self._exchange
+        directory = self._service.directory
+        if directory is not None:
+            # R14: what the request needs from the directory is asked off the loop (LDAP may
+            # be slow), then the exchange ends with the answers.
+            needs = self._service._core_call(exchange.lookups)
             if needs:
-                answers = service.directory.answer(needs)
-        with service._lock:
-            self._done = True
-            outcome = self._exchange.end(self._service.clock(), directory=answers)
-            if outcome.fault is not None:
-                # R12: every limit exceeded (and every other refusal) is logged.
-                log.info(
-                    "request to %s answered with HTTP %d, %s",
-                    self._exchange.info.path,
-                    outcome.reply.status,
-                    outcome.fault,
-                )
-            try:
-                service._carry_out(outcome.commands, strict=True)
-                reply = outcome.reply
-            except Exception as exc:
-                reply = self._store_failed_locked(exc)
-        self._reply = reply
-        return reply
+                asked = self._service._writer.offload(lambda: directory.answer(needs))
+                return self._then(asked, lambda: self._end_with(_answers(asked)))
+        return self._end_with(None)
 
-    def abort(self) -> None:
+    def _end_with(self, answers: DirectoryAnswers | None) -> Reply | Wait:
+        outcome = self._service._core_call(lambda: self._end(answers))
+        ticket = self._submit(outcome.commands, strict=True)
+        return self._then(ticket, lambda: self._after_finish(ticket, outcome.reply))
+
+    def abort(self) -> Wait | None:
         """The connection was lost before ``finish``: drop any upload in progress, so that no
         ``.part`` debris remains and the device may send the same DocumentId again."""
         if self._done:
-            return
+            return None
         self._done = True
         if self._failed is not None:
-            return  # store_failed already ended the exchange and dropped the upload
-        with self._service._lock:
-            self._service._carry_out(self._exchange.abort(), strict=False)
+            return None  # store_failed already ended the exchange and dropped the upload
+        exchange = self._exchange
+        commands = self._service._core_call(exchange.abort)
+        ticket = self._submit(commands, strict=False)
+        return None if ticket.done else Wait(ticket, lambda: None)
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _run_locked(self, commands: Sequence[Command], start: int) -> int | None:
-        """Run commands from ``start`` up to the next AppendDocument (lock held).  Returns
-        where to continue, or None when a store command failed (the fault is then decided)."""
-        index = start
-        try:
-            while index < len(commands) and not isinstance(commands[index], AppendDocument):
-                self._service._carry_out((commands[index],), strict=True)
-                index += 1
-        except Exception as exc:
-            self._failed = self._store_failed_locked(exc)
-            return None
-        return index
+    def _submit(self, commands: Sequence[Command], *, strict: bool) -> Ticket:
+        ticket = self._service._submit(commands, strict=strict, after=self._last)
+        self._last = ticket
+        return ticket
 
-    def _run_appends(self, commands: Sequence[Command], start: int) -> int | None:
-        """Write consecutive AppendDocument commands from ``start`` (lock NOT held)."""
-        index = start
-        store = self._service._require_store()
-        try:
-            while index < len(commands):
-                command = commands[index]
-                if not isinstance(command, AppendDocument):
-                    break
-                store.apply(command)
-                index += 1
-        except Exception as exc:
-            with self._service._lock:
-                self._failed = self._store_failed_locked(exc)
-            return None
-        return index
+    @staticmethod
+    def _then(ticket: Ticket, resume: Callable[[], T]) -> T | Wait:
+        return resume() if ticket.done else Wait(ticket, resume)
 
-    def _store_failed_locked(self, exc: Exception) -> Reply:
+    def _end(self, answers: DirectoryAnswers | None) -> Outcome:
+        outcome = self._exchange.end(self._service.clock(), directory=answers)
+        if outcome.fault is not None:
+            # R12: every limit exceeded (and every other refusal) is logged.
+            log.info(
+                "request to %s answered with HTTP %d, %s",
+                self._exchange.info.path,
+                outcome.reply.status,
+                outcome.fault,
+            )
+        return outcome
+
+    def _after_feed(self, ticket: Ticket) -> Wait | None:
+        if ticket.error is None:
+            return None
+        undo = self._store_failed(ticket.error)
+        return None if undo.done else Wait(undo, lambda: None)
+
+    def _after_finish(self, ticket: Ticket, reply: Reply) -> Reply | Wait:
+        if ticket.error is None:
+            self._reply = reply
+            return reply
+        undo = self._store_failed(ticket.error)
+        self._reply = self._failed
+        assert self._failed is not None
+        failed = self._failed
+        return failed if undo.done else Wait(undo, lambda: failed)
+
+    def _store_failed(self, exc: BaseException) -> Ticket:
         """R4 step 9: tell the core, carry out its undo commands, answer with its fault."""
         temporary = isinstance(exc, StoreError) and exc.temporary
         if isinstance(exc, StoreError):
@@ -218,14 +247,15 @@ class ServiceRequest:
                 "job store failed (%s): %s", "temporary" if temporary else "permanent", exc.message
             )
         else:
-            log.exception("job store raised an unexpected error; answering InternalError")
-        outcome = self._exchange.store_failed(temporary=temporary)
-        self._service._carry_out(outcome.commands, strict=False)
-        return outcome.reply
+            log.error("job store raised an unexpected error; answering InternalError: %r", exc)
+        exchange = self._exchange
+        outcome = self._service._core_call(lambda: exchange.store_failed(temporary=temporary))
+        self._failed = outcome.reply
+        return self._submit(outcome.commands, strict=False)
 
 
 class ScanService:
-    """The scan server at run time: core, store, engine, ticker and deliveries (see module)."""
+    """The scan server at run time: core, store, writer, engine, ticker, deliveries (module)."""
 
     def __init__(
         self,
@@ -248,12 +278,25 @@ class ScanService:
         self.server = ScanServer(config, new_id=new_id)
         self._delivery_ssl_context = delivery_ssl_context
         self._max_processing_jobs = max_processing_jobs
-        self._lock = threading.Lock()
+        #: The core's owner when no loop is attached; held only for pure core calls.
+        self._core_lock = threading.RLock()
+        #: The event loop that owns the core, if one is attached (attach_loop).
+        self._loop: LoopHandle | None = None
+        #: Core calls handed to the loop, in order; guarded by _inbox_lock with _loop.
+        self._inbox: deque[Callable[[], object]] = deque()
+        self._inbox_lock = threading.Lock()
+        self._wake_pending = False
         self._store: JobStore | None = None
         self._engine: ProcessingEngine | None = None
-        self._deliveries: queue.Queue[Deliver | None] = queue.Queue()
-        #: time.monotonic() after which queued deliveries are dropped (set at shutdown).
-        self._delivery_deadline: float | None = None
+        self._writer = CommandWriter(
+            Routes(self._store_apply, self._start_processing, self._stop_processing, self._deliver)
+        )
+        self._hub = DeliveryHub(
+            DeliveryLimits.from_limits(config.limits, config.delivery_failures_before_end),
+            self._delivery_report,
+            self._delivery_give_up,
+            ssl_context=delivery_ssl_context,
+        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -262,7 +305,8 @@ class ScanService:
     # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the store, restore the jobs it kept, start the engine, ticker and deliveries."""
+        """Open the store, restore the jobs it kept, start the writer, engine, ticker and
+        deliveries."""
         if self._started:
             raise RuntimeError("ScanService.start() called twice")
         self._started = True
@@ -281,13 +325,16 @@ class ScanService:
                 self._engine_report,
                 max_jobs=self._max_processing_jobs,
             )
-            with self._lock:
-                commands = self.server.restore(jobs, self.clock())
-                self._carry_out(commands, strict=False)
+            self._writer.start()
+            self._hub.start()
+            commands = self._core_call(lambda: self.server.restore(jobs, self.clock()))
+            self._writer.submit(commands, strict=False).wait()
         except BaseException:
             log.exception("starting the scan service failed")
             if self._engine is not None:
                 self._engine.close(1.0)
+            self._writer.close()
+            self._hub.close(0)
             store.close()
             raise
         active = sum(1 for job in jobs if job.is_active)
@@ -307,17 +354,14 @@ class ScanService:
             log.warning(
                 "client certificates are not required: every client is a scan administrator (R10)"
             )
-        for target, name in (
-            (self._tick_loop, "dsc-ticker"),
-            (self._delivery_loop, "dsc-delivery"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        thread = threading.Thread(target=self._tick_loop, name="dsc-ticker", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: repository Stopped and SubscriptionEnd SourceShuttingDown (R7; deliveries get at
-        most ~2 s), the engine (its last reports still reach the store), threads, the store.
+        most ~2 s), the engine (its last reports still reach the store), the writer (everything
+        queued is carried out), threads, the store.
 
         Stop the HTTP bindings first: requests arriving afterwards get the core's answer for a
         Stopped repository, or a store fault once the store is closed.
@@ -327,24 +371,18 @@ class ScanService:
             return
         self._closed = True
         began = time.monotonic()
-        self._delivery_deadline = began + min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout))
-        with self._lock:
-            self._carry_out(self.server.shutdown(self.clock()), strict=False)
-        if self._engine is not None:
-            self._engine.close(max(0.0, timeout - (time.monotonic() - began)))
         self._stop.set()
-        self._deliveries.put(None)
         for thread in self._threads:
-            thread.join(
-                max(0.1, self._delivery_deadline + 0.5 - time.monotonic())
-                if thread.name == "dsc-delivery"
-                else 2.0
-            )
+            thread.join(2.0)
             if thread.is_alive():
                 log.warning("thread %s did not stop in time", thread.name)
-        with self._lock:
-            if self._store is not None:
-                self._store.close()
+        self._background(self._core_call(lambda: self.server.shutdown(self.clock())))
+        if self._engine is not None:
+            self._engine.close(max(0.0, timeout - (time.monotonic() - began)))
+        self._writer.close(max(1.0, timeout - (time.monotonic() - began)))
+        self._hub.close(min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout)))
+        if self._store is not None:
+            self._store.close()
         log.info("scan service stopped")
 
     def __enter__(self) -> ScanService:
@@ -359,6 +397,89 @@ class ScanService:
     ) -> None:
         self.shutdown()
 
+    # --- the core's owner -----------------------------------------------------------------------
+
+    def attach_loop(self, loop: LoopHandle) -> Callable[[], None]:
+        """Make ``loop`` the core's owner (the async binding does this while it serves).
+        Returns the function that detaches it again; core calls still queued for the loop
+        then run in the detaching thread, under the core lock."""
+        with self._inbox_lock:
+            if self._loop is not None:
+                raise RuntimeError("another event loop already owns this service's core")
+            self._loop = loop
+
+        def detach() -> None:
+            with self._inbox_lock:
+                if self._loop is not loop:
+                    return
+                self._loop = None
+            with self._core_lock:
+                self._drain_inbox()
+
+        return detach
+
+    def _core_call(self, function: Callable[[], T]) -> T:
+        """Run a pure core call as its owner and return its result (blocks a foreign thread
+        until the loop ran it; never blocks the loop)."""
+        with self._inbox_lock:
+            loop = self._loop
+        if loop is None:
+            with self._core_lock:
+                return function()
+        if loop.is_current():
+            return function()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._core_soon(run)
+        return future.result()
+
+    def _core_soon(self, function: Callable[[], object]) -> None:
+        """Run a core call as its owner, soon, without waiting (calls from one thread keep
+        their order)."""
+        with self._inbox_lock:
+            loop = self._loop
+            if loop is not None and not loop.is_current():
+                self._inbox.append(function)
+                wake = not self._wake_pending
+                self._wake_pending = True
+            else:
+                wake = False
+        if loop is None:
+            with self._core_lock:
+                self._run_owned(function)
+            return
+        if loop.is_current():
+            self._run_owned(function)
+            return
+        if wake:
+            try:
+                loop.call_soon(self._drain_inbox)
+            except Exception:  # the loop ended without detaching: run here
+                with self._core_lock:
+                    self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._inbox_lock:
+                if not self._inbox:
+                    self._wake_pending = False
+                    return
+                function = self._inbox.popleft()
+            self._run_owned(function)
+
+    @staticmethod
+    def _run_owned(function: Callable[[], object]) -> None:
+        try:
+            function()
+        except Exception:  # a bug in one hand-off must not stop the others
+            log.exception("a core call handed to the owner failed")
+
     # --- requests -------------------------------------------------------------------------------
 
     def open_request(
@@ -366,12 +487,10 @@ class ScanService:
     ) -> ServiceRequest:
         """Begin one HTTP request.  ``identity`` is the authenticated TLS client identity
         (R10), None without one; ``path`` is informational (R1)."""
-        with self._lock:
-            exchange = self.server.open_exchange(
-                RequestInfo(
-                    now=self.clock(), content_type=content_type, identity=identity, path=path
-                )
-            )
+        info = RequestInfo(
+            now=self.clock(), content_type=content_type, identity=identity, path=path
+        )
+        exchange = self._core_call(lambda: self.server.open_exchange(info))
         return ServiceRequest(self, exchange)
 
     def reconfigure(
@@ -379,23 +498,28 @@ class ScanService:
     ) -> None:
         """Apply a reloaded configuration (SIGHUP): the core's settings and its
         RepositoryElementsChangeEvent (R7), and the filters' settings for jobs started next."""
-        with self._lock:
+
+        def apply() -> Sequence[Command]:
             self.config = config
-            commands = self.server.reconfigure(config, self.clock())
-            if filter_settings is not None:
-                filter_settings = self._with_directory(filter_settings)
-                self.filter_settings = filter_settings
-                if self._engine is not None:
-                    self._engine.set_settings(filter_settings)
-            self._carry_out(commands, strict=False)
+            return self.server.reconfigure(config, self.clock())
+
+        commands = self._core_call(apply)
+        self._hub.set_limits(
+            DeliveryLimits.from_limits(config.limits, config.delivery_failures_before_end)
+        )
+        if filter_settings is not None:
+            filter_settings = self._with_directory(filter_settings)
+            self.filter_settings = filter_settings
+            if self._engine is not None:
+                self._engine.set_settings(filter_settings)
+        self._background(commands)
         log.info("configuration reloaded")
 
     def answer_datagram(
         self, data: bytes, answer: Callable[[ScanServer, bytes, datetime], bytes | None]
     ) -> bytes | None:
-        """Run a UDP discovery datagram through the core (dsc_core.discovery), under the lock."""
-        with self._lock:
-            return answer(self.server, data, self.clock())
+        """Run a UDP discovery datagram through the core (dsc_core.discovery), as its owner."""
+        return self._core_call(lambda: answer(self.server, data, self.clock()))
 
     def handle(
         self,
@@ -405,10 +529,12 @@ class ScanService:
         identity: str | None = None,
         path: str = "/",
     ) -> Reply:
-        """A whole request in one call (tools and tests)."""
+        """A whole request in one blocking call (tools and tests; not from the loop)."""
         request = self.open_request(content_type, identity, path)
-        request.feed(body)
-        return request.finish()
+        settle(request.feed(body))
+        reply = settle(request.finish())
+        assert isinstance(reply, Reply)
+        return reply
 
     def _with_directory(self, settings: FilterSettings) -> FilterSettings:
         """SendToScanUser's address comes from the directory when there is one (R14)."""
@@ -416,43 +542,46 @@ class ScanService:
             return settings
         return dataclasses.replace(settings, directory_mail=self.directory.mail_of)
 
-    # --- command routing (lock held) -------------------------------------------------------------
+    # --- commands ------------------------------------------------------------------------------
+
+    def _submit(
+        self, commands: Sequence[Command], *, strict: bool, after: Ticket | None = None
+    ) -> Ticket:
+        """Hand a batch to the writer (module doc).  A batch of engine and delivery hand-offs
+        only runs inline when nothing waits before it: those never block."""
+        if not commands and (after is None or after.done):
+            return Ticket.completed()
+        if (after is None or after.done) and self._writer.run_inline(commands):
+            return Ticket.completed()
+        return self._writer.submit(commands, strict=strict, after=after)
+
+    def _background(self, commands: Sequence[Command]) -> None:
+        """Commands not tied to a request (engine reports, ticks, deliveries, reloads): a
+        failure is logged and the rest still run (a later record of the same job supersedes
+        the lost one, and the events still tell subscribers what happened)."""
+        if commands:
+            self._submit(commands, strict=False)
 
     def _require_store(self) -> JobStore:
         if self._store is None:
             raise StoreError("the scan service is not started", temporary=False)
         return self._store
 
-    def _carry_out(self, commands: Iterable[Command], *, strict: bool) -> None:
-        """Route commands in order: store -> JobStore.apply, StartProcessing/StopProcessing ->
-        engine, Deliver -> delivery queue.  ``strict``: a store failure propagates (an exchange
-        turns it into the R4 step 9 fault and stops there); otherwise it is logged and the
-        remaining commands still run (a later record of the same job supersedes the lost one,
-        and the events still tell subscribers what happened)."""
-        for command in commands:
-            if isinstance(command, Deliver):
-                if (
-                    self._delivery_deadline is not None
-                    and time.monotonic() > self._delivery_deadline
-                ):
-                    log.warning("dropping notification to %s: shutting down", command.address)
-                    continue
-                self._deliveries.put(command)
-            elif isinstance(command, StartProcessing):
-                if self._engine is None:
-                    log.error("job %s cannot start: no processing engine", command.job.token)
-                else:
-                    self._engine.start(command.job)
-            elif isinstance(command, StopProcessing):
-                if self._engine is not None:
-                    self._engine.stop(command.token)
-            else:
-                try:
-                    self._require_store().apply(command)
-                except Exception as exc:
-                    if strict:
-                        raise
-                    log.error("job store: %s failed: %s", type(command).__name__, exc)
+    def _store_apply(self, command: Command) -> None:
+        self._require_store().apply(command)  # type: ignore[arg-type]
+
+    def _start_processing(self, command: StartProcessing) -> None:
+        if self._engine is None:
+            log.error("job %s cannot start: no processing engine", command.job.token)
+        else:
+            self._engine.start(command.job)
+
+    def _stop_processing(self, command: StopProcessing) -> None:
+        if self._engine is not None:
+            self._engine.stop(command.token)
+
+    def _deliver(self, command: Deliver) -> None:
+        self._hub.deliver(command)
 
     # --- processing engine ------------------------------------------------------------------------
 
@@ -464,91 +593,30 @@ class ScanService:
         ]
 
     def _engine_report(self, event: ProcessingEvent) -> None:
-        with self._lock:
-            self._carry_out(self.server.processing(event, self.clock()), strict=False)
+        now = self.clock()
+        self._core_soon(lambda: self._background(self.server.processing(event, now)))
+
+    # --- deliveries ---------------------------------------------------------------------------
+
+    def _delivery_report(self, subscription_id: str, ok: bool) -> None:
+        self._core_soon(lambda: self._background(self.server.delivery_result(subscription_id, ok)))
+
+    def _delivery_give_up(self, subscription_id: str) -> None:
+        self._core_soon(lambda: self._background(self.server.end_subscription(subscription_id)))
 
     # --- ticker -------------------------------------------------------------------------------
 
     def _tick_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                with self._lock:
-                    deadline = self.server.next_deadline()
+                deadline = self._core_call(self.server.next_deadline)
                 wait = TICK_MAX_SECONDS
                 if deadline is not None:
                     wait = (deadline - self.clock()).total_seconds()
                 wait = min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, wait))
                 if self._stop.wait(wait):
                     return
-                with self._lock:
-                    self._carry_out(self.server.tick(self.clock()), strict=False)
+                self._core_soon(lambda: self._background(self.server.tick(self.clock())))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
                 self._stop.wait(TICK_MAX_SECONDS)
-
-    # --- deliveries ----------------------------------------------------------------------------
-
-    def _delivery_loop(self) -> None:
-        """One thread, so one subscriber's notifications arrive in the order they were raised."""
-        while True:
-            command = self._deliveries.get()
-            if command is None:
-                return
-            timeout = DELIVERY_TIMEOUT
-            if self._delivery_deadline is not None:
-                timeout = min(timeout, self._delivery_deadline - time.monotonic())
-                if timeout <= 0:
-                    log.warning("dropping notification to %s: shutting down", command.address)
-                    continue
-            ok = self._post(command, timeout)
-            if command.final:
-                continue  # SubscriptionEnd: nothing to report
-            try:
-                with self._lock:
-                    self._carry_out(
-                        self.server.delivery_result(command.subscription_id, ok), strict=False
-                    )
-            except Exception:
-                log.exception("reporting a delivery result failed")
-
-    def _post(self, command: Deliver, timeout: float) -> bool:
-        """One notification: HTTP(S) POST, 2xx = delivered (R7)."""
-        try:
-            url = urllib.parse.urlsplit(command.address)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                log.error("cannot deliver to %r: not an http(s) address", command.address)
-                return False
-            connection: http.client.HTTPConnection
-            if url.scheme == "https":
-                context = self._delivery_ssl_context or ssl.create_default_context()
-                connection = http.client.HTTPSConnection(
-                    url.hostname, url.port, timeout=timeout, context=context
-                )
-            else:
-                connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-            target = url.path or "/"
-            if url.query:
-                target += "?" + url.query
-            try:
-                connection.request(
-                    "POST",
-                    target,
-                    body=command.body,
-                    headers={
-                        "Content-Type": command.content_type,
-                        "Content-Length": str(len(command.body)),
-                        "User-Agent": "dsc-server",
-                    },
-                )
-                response = connection.getresponse()
-                response.read()
-                status = response.status
-            finally:
-                connection.close()
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            log.warning("notification to %s failed: %s", command.address, exc)
-            return False
-        if 200 <= status < 300:
-            return True
-        log.warning("notification to %s answered HTTP %d", command.address, status)
-        return False
