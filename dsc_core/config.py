@@ -101,7 +101,14 @@ class Limits:
         # Every field is a count or size (a positive int) or a timeout (positive seconds).
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", int):
+            if f.name == "max_connection_share":
+                if (
+                    not isinstance(value, int | float)
+                    or isinstance(value, bool)
+                    or not 0 < value <= 1
+                ):
+                    raise _fail("Limits", f.name, "a share greater than 0 and at most 1", value)
+            elif f.type in ("int", int):
                 _int("Limits", f.name, value, minimum=1)
             else:
                 _seconds("Limits", f.name, value)

@@ -13,7 +13,12 @@ from dsc_core import Limits, ServerConfig
 from dsc_core.config import max_request_bytes
 
 INT_LIMITS = [f.name for f in dataclasses.fields(Limits) if f.type in ("int", int)]
-SECONDS_LIMITS = [f.name for f in dataclasses.fields(Limits) if f.name not in INT_LIMITS]
+SHARE_LIMITS = ["max_connection_share"]
+SECONDS_LIMITS = [
+    f.name
+    for f in dataclasses.fields(Limits)
+    if f.name not in INT_LIMITS and f.name not in SHARE_LIMITS
+]
 
 
 def test_the_issue_example() -> None:
@@ -22,11 +27,13 @@ def test_the_issue_example() -> None:
     assert str(raised.value) == "Limits.max_image_bytes must be a positive int, got 'abc'"
 
 
-def test_every_limit_is_either_a_count_or_seconds() -> None:
-    assert len(INT_LIMITS) == 11 and SECONDS_LIMITS == [
+def test_every_limit_is_a_count_seconds_or_a_share() -> None:
+    assert len(INT_LIMITS) == 15 and SECONDS_LIMITS == [
         "head_timeout",
         "body_timeout",
         "idle_timeout",
+        "delivery_connect_timeout",
+        "delivery_answer_timeout",
     ]
     Limits()  # the R12 defaults pass their own checks
 
@@ -37,6 +44,16 @@ def test_count_limits_need_a_positive_int(name: str, bad: Any) -> None:
     with pytest.raises(ValueError, match=rf"^Limits\.{name} must be a positive int, got "):
         Limits(**{name: bad})
     assert getattr(Limits(**{name: 1}), name) == 1
+
+
+@pytest.mark.parametrize("bad", ["0.5", 0, -0.5, 1.01, math.nan, math.inf, True, None])
+def test_connection_share_is_a_fraction(bad: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"^Limits\.max_connection_share must be a share greater than 0"
+    ):
+        Limits(max_connection_share=bad)
+    assert Limits(max_connection_share=1).max_connection_share == 1
+    assert Limits(max_connection_share=0.25).max_connection_share == 0.25
 
 
 @pytest.mark.parametrize("name", SECONDS_LIMITS)
