@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every child Python the tests start (dsc serve, dsc handle, examples, bench, crash children)
+# imports this checkout, not whatever editable install happens to be on the machine, and the
+# coverage of those children is attributed to this checkout's files.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), str(ROOT / "bindings"), os.environ.get("PYTHONPATH")) if p
+)
+
 
 def spec_dir() -> Path | None:
     candidates = [os.environ.get("DSC_SPEC_DIR"), str(ROOT.parent / "shared" / "spec")]
