@@ -3,6 +3,9 @@ the encodings of dsc_bindings.directory, and PSPString building/validation — n
 
 from __future__ import annotations
 
+import logging
+import socket
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +14,8 @@ import pytest
 from lxml import etree
 
 from dsc_bindings.directory import (
+    RETRY_SECONDS,
+    Directory,
     DirectorySettings,
     decode_guid,
     escape_bytes,
@@ -31,6 +36,7 @@ from dsc_bindings.processes import (
 )
 from dsc_core import DirectoryAnswers, Lookups, RequestInfo, ScanServer, ServerConfig, client, names
 from dsc_core.model import FileShareInstructions
+from e2e_support import wait_for
 
 A = names.Action
 NOW = datetime(2026, 12, 1, 4, 0, tzinfo=UTC)
@@ -266,3 +272,86 @@ def test_security_descriptor_round_trips() -> None:
     assert dacl_aces(descriptor) == [(0, 0x000F01FF, "S-1-5-18"), (0, READ, SID)]
     assert dacl_aces(b"") == [] and dacl_aces(descriptor[:19]) == []
     etree.fromstring(process().psp_string().encode())  # well-formed for any XML reader
+
+
+# --- a directory that hangs ------------------------------------------------------------------------
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word (a hung DC, a black-holing firewall)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("scheme", ["ldap", "ldaps"])
+def test_a_silent_directory_times_out_into_the_temporary_fault(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    silent = SilentServer()
+    try:
+        directory = Directory(
+            DirectorySettings(
+                f"{scheme}://127.0.0.1:{silent.port}",
+                "u@x",
+                "p",
+                "DC=x",
+                connect_timeout=1.0,
+                timeout=1.0,
+            )
+        )
+        with caplog.at_level(logging.ERROR, logger="dsc.directory"):
+            answers = directory.answer(Lookups(sids=(SID,), processes=(PSP_ID,)))
+        assert answers.unavailable
+        assert f"directory {scheme}://127.0.0.1:{silent.port} unavailable" in caplog.text
+        assert "answering ServerErrorTemporaryError" in caplog.text
+        # The seam turns that into the R4 step 9 fault.
+        server = ScanServer(ServerConfig(directory=True), new_id=lambda: "t1")
+        _, status, body = run(server, create_body(), answers)
+        assert status == 500 and b"ServerErrorTemporaryError" in body
+        assert directory.mail_of("alice@x") is None  # the e-mail filter: logged, no address
+    finally:
+        silent.close()
+
+
+def test_after_a_failure_the_directory_is_not_asked_again_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    silent = SilentServer()
+    now = [100.0]
+    try:
+        directory = Directory(
+            DirectorySettings(
+                f"ldap://127.0.0.1:{silent.port}", "u@x", "p", "DC=x", connect_timeout=1, timeout=1
+            ),
+            clock=lambda: now[0],
+        )
+        assert directory.answer(Lookups(sids=(SID,))).unavailable
+        attempts = len(silent.held)
+        assert attempts == 1
+        with caplog.at_level(logging.ERROR, logger="dsc.directory"):
+            assert directory.answer(Lookups(processes=(PSP_ID,))).unavailable
+        assert len(silent.held) == attempts  # queued requests fail at once, no new connection
+        assert f"next attempt within {RETRY_SECONDS:.0f} s" in caplog.text
+        now[0] += RETRY_SECONDS + 0.1
+        assert directory.answer(Lookups(sids=(SID,))).unavailable
+        wait_for(lambda: len(silent.held) == attempts + 1, what="a new attempt after the pause")
+    finally:
+        silent.close()

@@ -47,6 +47,7 @@ from dsc_core import DirectoryAnswers, Lookups
 
 __all__ = [
     "IN_CHAIN",
+    "RETRY_SECONDS",
     "Directory",
     "DirectoryError",
     "DirectorySettings",
@@ -60,6 +61,9 @@ __all__ = [
 
 log = logging.getLogger("dsc.directory")
 
+#: After the directory could not be reached, seconds before the next attempt (meanwhile the
+#: requests that need it get the temporary fault at once).
+RETRY_SECONDS = 2.0
 #: LDAP_MATCHING_RULE_IN_CHAIN: membership through nested groups ([MS-ADTS] 3.1.1.3.4.4.3).
 IN_CHAIN = "1.2.840.113556.1.4.1941"
 
@@ -202,6 +206,8 @@ class Directory:
         self._conn: ldap3.Connection | None = None
         self._conn_lock = threading.Lock()
         self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._last_failure = ""
 
     # - connections -
 
@@ -270,7 +276,21 @@ class Directory:
         with self._conn_lock:
             reused = self._conn is not None
             if self._conn is None:
-                self._conn = self.connect()
+                # A directory that just failed is not asked again for RETRY_SECONDS: requests
+                # queued behind a timed-out attempt fail at once instead of each waiting out
+                # its own timeout.
+                if self._clock() < self._retry_at:
+                    raise DirectoryUnavailable(
+                        f"{self.settings.url}: {self._last_failure} (next attempt within "
+                        f"{RETRY_SECONDS:.0f} s)"
+                    )
+                try:
+                    self._conn = self.connect()
+                except DirectoryUnavailable as exc:
+                    self._retry_at = self._clock() + RETRY_SECONDS
+                    self._last_failure = str(exc).removeprefix(f"{self.settings.url}: ")
+                    raise
+                self._retry_at = 0.0
             try:
                 yield self._conn
             except (LDAPException, OSError) as exc:
