@@ -154,6 +154,9 @@ class ServerConfig:
     job_timeout_seconds: float = 600.0
     #: R6: completed jobs kept in the history.
     history_size: int = 1000
+    #: Documents of a job with a failed filter stay in the spool this long after it ended, so
+    #: its filters can be run again; other completed jobs keep none (issue 8, spool hygiene).
+    spool_retention_seconds: float = 7 * 24 * 3600.0
     #: R10: when True, the identity is the TLS client certificate's, and MS-BDSRR needs an admin.
     require_client_certificates: bool = False
     scan_admins: frozenset[str] = frozenset()

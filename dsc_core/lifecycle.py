@@ -7,8 +7,9 @@ it says what else a move does, because that does not fit in a table:
 - Entering a final state sets the completion time, and the job's unfinished filters end
   Canceled (R6).
 - Entering Pending hands the job to the processing engine (StartProcessing).  Leaving Started or
-  Processing for Aborted or Canceled stops it (StopProcessing); a job that timed out has its
-  images discarded (DiscardDocuments).
+  Processing for Aborted or Canceled stops it (StopProcessing).  A job that ends canceled,
+  timed out, or with every filter successful has its documents discarded (DiscardDocuments);
+  one with a failed filter keeps them for ``spool_retention_seconds`` (``keeps_documents``).
 - Every change is persisted (CreateJob/UpdateJob), may push the oldest completed jobs out of the
   history (DropJob), and is announced to subscribers (``events.Notifier``).
 - The engine's reports are turned into inputs here: the first failed filter of a job without
@@ -35,7 +36,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 from .commands import (
@@ -161,6 +162,9 @@ class JobLifecycle:
         self.notifier = notifier
         #: The server is shutting down: the repository is Stopped (R4 step 8 refuses requests).
         self.stopped = False
+        #: Completed jobs whose documents stay in the spool for a re-run (a filter failed),
+        #: with the time they ended: discarded ``retention`` seconds later (issue 8, spool).
+        self.kept: dict[str, datetime] = {}
 
     @property
     def repository_state(self) -> RepositoryState:
@@ -200,8 +204,10 @@ class JobLifecycle:
                 and new.state is not JobState.COMPLETED
             ):
                 commands.append(StopProcessing(new.token))
-            if new.reasons == (JobStateReason.TIMED_OUT,):
-                commands.append(DiscardDocuments(new.token))  # R6: its images are discarded
+            if old.is_active and not new.is_active:
+                commands += self._documents_after_end(new)
+        elif new.is_active:
+            self.kept.pop(new.token, None)
         commands.extend(DropJob(token) for token in dropped)
         commands.extend(self.notifier.job_changed(old, new, now))
         commands.extend(self.notifier.repository_state(self.repository_state, now))
@@ -277,6 +283,36 @@ class JobLifecycle:
             outcome = JobInput.COMPLETE_SUCCESSFULLY
         return self.apply(job, outcome, now, filters=filters)[1]
 
+    # --- the spool -----------------------------------------------------------------------------
+
+    def _documents_after_end(self, job: Job) -> list[Command]:
+        """A job just ended: keep its documents only while they may still be needed.
+
+        A canceled or timed-out job's images are discarded (R6), and so are those of a job
+        whose every filter succeeded: nothing will read them again, and the spool must not grow
+        with the history.  A job with a failed filter keeps them for the retention period, so
+        that the failed filters can be run again.
+        """
+        if keeps_documents(job):
+            self.kept[job.token] = job.completed or job.last_activity
+            return []
+        self.kept.pop(job.token, None)
+        return [DiscardDocuments(job.token)]
+
+    def expire_documents(self, now: datetime, retention: float) -> list[Command]:
+        """Discard the documents of failed jobs that ended ``retention`` seconds ago."""
+        limit = timedelta(seconds=retention)
+        expired = [t for t, ended in self.kept.items() if now - ended >= limit]
+        for token in expired:
+            del self.kept[token]
+        # A job that fell out of the history meanwhile had its documents dropped with it.
+        return [DiscardDocuments(t) for t in expired if self.jobs.get(t) is not None]
+
+    def next_document_expiry(self, retention: float) -> datetime | None:
+        if not self.kept:
+            return None
+        return min(self.kept.values()) + timedelta(seconds=retention)
+
     # --- the clock ------------------------------------------------------------------------------
 
     def time_out(self, now: datetime, timeout: float) -> list[Command]:
@@ -317,6 +353,11 @@ class JobLifecycle:
                 commands += self.apply(job, JobInput.INTERRUPTED, now, filters=filters)[1]
             elif job.state is JobState.PENDING:
                 commands.append(StartProcessing(job))
+        # Completed jobs: the spool rule again, so that a crash between a job's end and the
+        # removal of its documents (or a spool from before this rule) leaves no garbage.
+        # DiscardDocuments of a job without documents on disk does nothing.
+        for job in self.jobs.history():
+            commands += self._documents_after_end(job)
         commands += self.notifier.repository_state(self.repository_state, now)
         return commands
 
@@ -324,6 +365,16 @@ class JobLifecycle:
         """The server is stopping: the repository is Stopped from now on."""
         self.stopped = True
         return self.notifier.repository_state(self.repository_state, now)
+
+
+def keeps_documents(job: Job) -> bool:
+    """Whether a completed job's documents stay in the spool: a filter that had instructions
+    failed, so a re-run may still deliver them.  Canceled and timed-out jobs keep nothing."""
+    if job.is_active:
+        return True
+    if job.state is JobState.CANCELED or job.reasons == (JobStateReason.TIMED_OUT,):
+        return False
+    return any(f.instructions is not None and f.state.is_failure for f in job.filters)
 
 
 def _replace_filter(

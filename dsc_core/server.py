@@ -62,9 +62,12 @@ class ScanServer(ServerState):
     # --- time -----------------------------------------------------------------------------------
 
     def tick(self, now: datetime) -> list[Command]:
-        """Expire subscriptions and time out idle Creating jobs (R6, R7)."""
+        """Expire subscriptions, time out idle Creating jobs (R6, R7) and discard the documents
+        of failed jobs kept past their retention."""
         self.subscriptions.expire(now)
-        return self.lifecycle.time_out(now, self.config.job_timeout_seconds)
+        commands = self.lifecycle.time_out(now, self.config.job_timeout_seconds)
+        commands += self.lifecycle.expire_documents(now, self.config.spool_retention_seconds)
+        return commands
 
     def next_deadline(self) -> datetime | None:
         """When :meth:`tick` next has something to do (aioquic's ``get_timer``), exactly:
@@ -79,6 +82,7 @@ class ScanServer(ServerState):
             t
             for t in (
                 self.lifecycle.next_timeout(self.config.job_timeout_seconds),
+                self.lifecycle.next_document_expiry(self.config.spool_retention_seconds),
                 self.subscriptions.next_expiry(),
             )
             if t is not None

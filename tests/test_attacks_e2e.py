@@ -17,8 +17,8 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 
-from dsc_core.model import EmailInstructions, SharePointInstructions
-from e2e_support import Relay, ServerProcess, Soap, free_port
+from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
+from e2e_support import Relay, ServerProcess, Soap, free_port, wait_for
 from test_filters_support import Listener, UploadServer
 
 BINDINGS = ["async", "blocking"]
@@ -137,3 +137,59 @@ def test_credentials_only_go_to_configured_sites(
     finally:
         evil.close()
         smtp.stop()
+
+
+# --- 6. spool hygiene --------------------------------------------------------------------------
+
+
+def spool_folders(data: Path) -> set[str]:
+    spool = data / "spool"
+    return {p.name for p in spool.iterdir()} if spool.exists() else set()
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_spool_does_not_grow_with_history(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    """A client filling the disk through the history: scans that complete or are canceled leave
+    nothing in the spool; a failed job keeps its documents for the retention, then they go."""
+    config = tmp_path / "dsc.toml"
+    config.write_text("[jobs]\nspool_retention_seconds = 3\n")
+    server = servers(tmp_path / "data", binding=binding, config=config)
+    client = Soap(server.url)
+    share = [FileShareInstructions((r"\\localhost\scans",))]
+
+    def flood() -> list[str]:
+        tokens = []
+        for n in range(12):
+            token = client.create(share, root_name=f"flood{n}")
+            client.send_image(token, 1, os.urandom(100_000))
+            if n % 2:
+                client.dsc_cancel(token)
+            else:
+                client.end(token)
+            tokens.append(token)
+        for token in tokens:
+            client.wait_ended(token, 30)
+        return tokens
+
+    def failing() -> Any:
+        # A share path the server refuses (R9): the job fails and may be re-run later.
+        return scan(client, [FileShareInstructions((r"\\localhost\..\etc",))], b"kept page")
+
+    tokens, failed = concurrently(flood, failing)
+    legit = scan(client, share, b"legit page")
+    assert legit.state == "Completed", legit
+    assert failed.state == "Aborted", failed
+    assert [(f.state, f.reasons) for f in failed.filters] == [
+        ("Canceled", ("FileShareAccessDenied",))
+    ]
+    # 14 jobs in the history; only the failed one still has a spool folder (or none at all once
+    # its 3 s retention has passed on a slow machine).
+    assert len(client.history()) == 14
+    assert spool_folders(server.data) <= {failed.token}
+    assert not set(tokens) & spool_folders(server.data)
+    wait_for(lambda: not spool_folders(server.data), 15, "the failed job's retention to pass")
+    delivered = tmp_path / "data" / "shares" / "localhost" / "scans"
+    assert len([p for p in delivered.rglob("flood*")]) == 6  # the six that were not canceled
+    server.stop_cleanly()

@@ -45,7 +45,14 @@ from dsc_core import (
     ServerConfig,
     UpdateJob,
 )
-from dsc_core.lifecycle import REFUSALS, TRANSITIONS, JobInput, Refused, transition
+from dsc_core.lifecycle import (
+    REFUSALS,
+    TRANSITIONS,
+    JobInput,
+    Refused,
+    keeps_documents,
+    transition,
+)
 from dsc_core.model import (
     COMPLETED_STATES,
     EmailInstructions,
@@ -227,7 +234,11 @@ def test_server_apply_on_every_pair(state: JobState, job_input: JobInput) -> Non
     assert ("StopProcessing" in names) == (
         state in (S.STARTED, S.PROCESSING) and new_state in (S.ABORTED, S.CANCELED)
     )
-    assert ("DiscardDocuments" in names) == (reason is R.TIMED_OUT)
+    # Issue 8 (spool): documents go when the job ends canceled or timed out, or with no failed
+    # filter; here unfinished filters end Canceled, so the other endings keep them (a re-run).
+    discarded = new_state is S.CANCELED or reason is R.TIMED_OUT
+    assert ("DiscardDocuments" in names) == discarded
+    assert keeps_documents(new) == (not discarded)
 
 
 REQUEST_CASES = [(s, r) for s in JobState for r in ("image", "end", "dsp-cancel", "dsc-cancel")]
@@ -529,9 +540,10 @@ def check_all(t: InProcessTransport, models: list[Model], frozen: dict[str, Job]
         assert [(f.state, f.reasons) for f in job.filters] == m.filters
         assert job.completed == m.completed
         assert {d.document_id for d in job.documents} == m.documents
-        # ImagesReceived equals the stored documents (a timed-out job's are discarded, R6).
+        # ImagesReceived equals the stored documents while the job may still need them
+        # (R6 discards a timed-out job's; issue 8 a canceled or fully successful one's).
         stored = {d for (tok, d) in t.store.documents if tok == m.token}
-        assert stored == (set() if m.reasons == (R.TIMED_OUT,) else m.documents)
+        assert stored == (m.documents if keeps_documents(job) else set())
         assert job.images_received == len(m.documents)
         # Completed jobs never change again.
         if not job.is_active:

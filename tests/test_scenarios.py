@@ -150,8 +150,8 @@ def test_multi_page_scan_to_completion(bdsrr_schema: etree.XMLSchema) -> None:
     body = elements(t, DSC, token, "dsc:JobStatus")
     validate(bdsrr_schema, body)
     assert DATETIME.match(text_of(body, "//dsc:JobCompletedTime"))
-    # The documents stay until the job leaves the history.
-    assert len([k for k in t.store.documents if k[0] == token]) == 3
+    # Every filter succeeded: the spool copy is gone (issue 8), the record keeps the list.
+    assert [k for k in t.store.documents if k[0] == token] == []
 
 
 def test_job_description_names(bdsrr_schema: etree.XMLSchema) -> None:
@@ -280,8 +280,11 @@ def test_cancel_from_bdsrr_while_processing(bdsrr_schema: etree.XMLSchema) -> No
     assert [c for c in t.commands if isinstance(c, StopProcessing)] == [StopProcessing(token)]
     assert repository_state(t) == "Idle"
     validate(bdsrr_schema, history_body(t))
-    # Documents already delivered stay; images are not discarded by a cancel.
-    assert t.store.documents == {(token, 1): b"page"}
+    # Documents already delivered stay delivered; the spool copy goes (issue 8), after the
+    # running filter was told to stop.
+    assert t.store.documents == {}
+    names = [type(c).__name__ for c in t.commands]
+    assert names.index("StopProcessing") < names.index("DiscardDocuments")
     # Later engine events are stale and ignored: nothing changes, nothing is emitted.
     record = t.server.jobs.get(token)
     count = len(t.commands)
@@ -527,7 +530,7 @@ def test_history_keeps_the_newest(bdsrr_schema: etree.XMLSchema) -> None:
         DropJob(tokens[1]),
     ]
     assert set(t.store.jobs) == set(tokens[2:])
-    assert {k[0] for k in t.store.documents} == set(tokens[2:])
+    assert t.store.documents == {}  # canceled jobs keep no spool copy (issue 8)
     for dropped in tokens[:2]:
         f = check_protocol_fault(
             t.post(soap(elements_body("dsc", dropped, "dsc:JobStatus"), Act.DSC_ELEMENTS)),
@@ -1118,3 +1121,47 @@ def test_end_time_is_when_the_operation_takes_effect() -> None:
     token = text_of(ok(exchange.end(later).reply), "dsp:JobToken")
     job = t.server.jobs.get(token)
     assert job is not None and job.created == later == job.last_activity
+
+
+# --- issue 8: spool hygiene ------------------------------------------------------------------
+
+
+def test_failed_job_keeps_documents_for_the_retention_only() -> None:
+    t = InProcessTransport(ServerConfig(spool_retention_seconds=3600))
+    good, bad = create_job(t, FS), create_job(t, FS, MAIL, continue_on_error=True)
+    for token in (good, bad):
+        ok(send_image(t, token, 1, b"page"))
+        ok(end_job(t, token))
+    t.process(good)
+    t.process(bad, [(CS, ()), (CWE, (FilterStateReason.UNABLE_TO_SEND_EMAIL,))])
+    assert summaries(t, "JobHistory")[0].state == "Completed"
+    # Every filter of `good` succeeded: its spool copy is gone at once; `bad` may be re-run.
+    assert set(t.store.documents) == {(bad, 1)}
+    assert t.server.next_deadline() == t.clock + timedelta(seconds=3600)
+    t.advance(3599)
+    assert set(t.store.documents) == {(bad, 1)}
+    t.advance(1)
+    assert t.store.documents == {}
+    assert DiscardDocuments(bad) in t.commands
+    assert t.server.next_deadline() is None
+    # The records stay in the history, with their document lists.
+    assert {v.token: v.images_received for v in summaries(t, "JobHistory")} == {good: 1, bad: 1}
+
+
+def test_restart_discards_what_a_crash_left_and_keeps_counting_retention() -> None:
+    t = InProcessTransport(ServerConfig(spool_retention_seconds=3600))
+    good, bad = create_job(t, FS), create_job(t, FS, continue_on_error=False)
+    for token in (good, bad):
+        ok(send_image(t, token, 1, b"page"))
+        ok(end_job(t, token))
+    t.process(good)
+    t.process(bad, [(CWE, (FilterStateReason.FILE_SHARE_ACCESS_DENIED,))])
+    jobs = list(t.server.jobs.history())
+    # A new server over a store that still holds both spool folders (a crash right after the
+    # job records were written, or a spool from before this rule).
+    later = InProcessTransport(ServerConfig(spool_retention_seconds=3600), start=t.clock)
+    later.store.documents.update({(good, 1): b"page", (bad, 1): b"page"})
+    later._run(later.server.restore(reversed(jobs), later.clock))
+    assert set(later.store.documents) == {(bad, 1)}
+    later.advance(3600)
+    assert later.store.documents == {}

@@ -22,6 +22,7 @@ Example (every section optional)::
     [jobs]
     timeout_seconds = 600
     history_size = 1000
+    spool_retention_seconds = 604800  # a failed job's documents, kept for a re-run
 
     [users]
     scan_admins = ["admin@contoso.com"]
@@ -232,7 +233,11 @@ def load_settings(
     limits_raw = _take(
         raw.get("limits", {}), "limits", {f.name for f in dataclasses.fields(Limits)}
     )
-    jobs = _take(raw.get("jobs", {}), "jobs", {"timeout_seconds", "history_size"})
+    jobs = _take(
+        raw.get("jobs", {}),
+        "jobs",
+        {"timeout_seconds", "history_size", "spool_retention_seconds"},
+    )
     users = _take(raw.get("users", {}), "users", {"scan_admins", "directory", "email"})
     smtp = _take(
         raw.get("smtp", {}),
@@ -302,6 +307,7 @@ def load_settings(
             base_url=str(public).rstrip("/"),
             job_timeout_seconds=float(jobs.get("timeout_seconds", 600.0)),
             history_size=int(jobs.get("history_size", 1000)),
+            spool_retention_seconds=float(jobs.get("spool_retention_seconds", 7 * 24 * 3600.0)),
             require_client_certificates=listen.client_ca is not None,
             scan_admins=frozenset(users.get("scan_admins", ())),
             user_directory=dict(users.get("directory", {})),
