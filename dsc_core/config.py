@@ -197,6 +197,7 @@ class ServerConfig:
             raise _fail(owner, "filters", what, self.filters)
         _seconds(owner, "job_timeout_seconds", self.job_timeout_seconds)
         _int(owner, "history_size", self.history_size, minimum=0)
+        _seconds(owner, "spool_retention_seconds", self.spool_retention_seconds)
         if not isinstance(self.require_client_certificates, bool):
             raise _fail(
                 owner, "require_client_certificates", "a bool", self.require_client_certificates
