@@ -214,5 +214,6 @@ def test_custom_store_drives_a_whole_job(tmp_path: Path) -> None:
     assert "ServerErrorTemporaryError" in result.stdout  # the injected disk-full, R4 step 9
     assert "final state: Completed PostScanJobCompletedSuccessfully, images 2" in result.stdout
     (job,) = [p for p in (tmp_path / "jobs").iterdir()]
-    assert sorted(p.name for p in job.iterdir()) == ["1.png", "2.png", "manifest.json"]
+    # Every filter succeeded, so the core discarded the documents (issue 8); the record stays.
+    assert sorted(p.name for p in job.iterdir()) == ["manifest.json"]
     assert (tmp_path / "delivered" / job.name / "2.png").stat().st_size == 100_000
