@@ -756,3 +756,24 @@ def test_startup_log(start_server: StartServer, binding: str) -> None:
     assert "every client is a scan administrator" in log
     server.stop_cleanly()
     assert server.log.rstrip().endswith(STOPPED)
+
+
+def test_filter_failure_stops_the_run_before_the_next_filter(filter_env: FilterEnv) -> None:
+    """R6: without ContinueOnError the first failing filter ends the run; the next filter never
+    starts, so nothing reaches the SharePoint site (the core decides, the engine obeys)."""
+    env = filter_env
+    before = len(env.site.uploads)
+    for _ in range(3):  # the engine must wait for the core's StopProcessing every time
+        code, view = env.scan(
+            "--share",
+            r"\\host\..\x",  # refused: the path escapes the share root
+            "--sharepoint",
+            env.site.url("/sites/team/Shared Documents"),
+            str(env.files / "a.png"),
+        )
+        assert code == 1, view
+        assert view["state"] == "Aborted", view
+        states = [(f["dialect"].rsplit("/", 1)[-1], f["state"]) for f in view["filters"]]
+        assert states[0][0] == "fileshare" and states[0][1] != "CompletedSuccessfully", states
+        assert states[1][0] == "sharepoint" and states[1][1] != "CompletedSuccessfully", states
+    assert len(env.site.uploads) == before, "a filter ran after the first failure"

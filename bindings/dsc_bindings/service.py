@@ -98,6 +98,8 @@ SHUTDOWN_DELIVERY_SECONDS = 2.0
 #: run during an upload, so the deadline stays put until the upload ends).
 TICK_MAX_SECONDS = 1.0
 TICK_MIN_SECONDS = 0.05
+#: An engine thread waits at most this long for its report's commands (the job store is stuck).
+ENGINE_REPORT_WAIT_SECONDS = 60.0
 
 
 def local_now() -> datetime:
@@ -593,8 +595,19 @@ class ScanService:
         ]
 
     def _engine_report(self, event: ProcessingEvent) -> None:
+        """Called in an engine thread.  It returns only once the core has seen the report and
+        the commands it caused were carried out: R6's "the first failure without
+        ContinueOnError ends the run" is decided by the core alone, and its StopProcessing must
+        reach the engine before the engine starts the next filter."""
         now = self.clock()
-        self._core_soon(lambda: self._background(self.server.processing(event, now)))
+        ticket = self._core_call(
+            lambda: self._submit(self.server.processing(event, now), strict=False)
+        )
+        if not ticket.wait(ENGINE_REPORT_WAIT_SECONDS):
+            log.error(
+                "job store did not take a processing report within %.0f s",
+                ENGINE_REPORT_WAIT_SECONDS,
+            )
 
     # --- deliveries ---------------------------------------------------------------------------
 
