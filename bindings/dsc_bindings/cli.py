@@ -6,6 +6,8 @@ dsc scan --server URL FILE...    act as a scanner: create a job, upload, end, wa
 dsc process list|show|add|edit|rm  scan processes in the directory ([directory] of --config)
 dsc repo | jobs | history        the management client (MS-BDSRR)
 dsc job TOKEN | cancel TOKEN
+dsc watch                        follow the server's events live (WS-Eventing)
+dsc devices                      the scanners that created jobs (the server's status endpoint)
 """
 
 from __future__ import annotations
@@ -18,33 +20,34 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from lxml import etree
 
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
 
-from .cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, table
-from .http_client import ConnectionFailed, client_ssl_context, post
+from .cli_output import (
+    Column,
+    local_time,
+    parse_time,
+    print_pairs,
+    print_table,
+    quiet_broken_pipe,
+    short_token,
+)
+from .cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
+from .formats import VALID_FORMATS, format_for
+from .http_client import ConnectionFailed, client_ssl_context, get, post
 from .progress import Progress
 
 A = names.Action
 DEFAULT_SERVER = "http://127.0.0.1:5362/ScanServer"
 
-#: File extension -> WS-Scan document format (dsm-and-stack §1.4 Format values).
-FORMATS = {
-    ".png": "png",
-    ".pdf": "pdf-a",
-    ".jpg": "jfif",
-    ".jpeg": "jfif",
-    ".tif": "tiff-single-uncompressed",
-    ".tiff": "tiff-single-uncompressed",
-    ".xps": "xps",
-    ".bmp": "dib",
-    ".jp2": "jpeg2k",
-}
+UUID_LENGTH = 36
 
 
 # --- dsc handle -------------------------------------------------------------------------------
@@ -157,9 +160,38 @@ class Client:
     def message_id(self) -> str:
         return f"urn:uuid:{uuid.uuid4()}"
 
-    def call(self, action: str, payload: Any) -> dc.Response:
-        body = dc.envelope(action, payload, message_id=self.message_id(), to=self.url)
+    def call(
+        self,
+        action: str,
+        payload: Any,
+        *,
+        to: str | None = None,
+        headers: Sequence[etree._Element] = (),
+    ) -> dc.Response:
+        body = dc.envelope(
+            action, payload, message_id=self.message_id(), to=to or self.url, headers=headers
+        )
         return self._send(body, dc.SOAP_XML)
+
+    def status_json(self, query: str = "") -> Any:
+        """The server's status endpoint (``GET /status.json``, served beside the SOAP services
+        on the same listener): what MS-BDSRR does not carry (devices, destinations)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        url = f"{parts.scheme}://{parts.netloc}/status.json" + (f"?{query}" if query else "")
+        reply = get(url, ssl_context=self.context, timeout=self.timeout)
+        if reply.status == 403:
+            raise CliError(
+                "the server shows its status to scan administrators only (R10); "
+                "give --cert/--key of an administrator"
+            )
+        if reply.status != 200 or not reply.content_type.startswith("application/json"):
+            raise CliError(
+                f"the server has no status endpoint (GET {url} answered HTTP {reply.status}); "
+                "is it a dsc-server of this version?"
+            )
+        return json.loads(reply.body)
 
     def _send(
         self, body: bytes | Iterable[bytes], content_type: str, length: int | None = None
@@ -257,13 +289,30 @@ def _scan_with_process(args: argparse.Namespace, files: list[Path]) -> int:
     return _run_scan(args, files, request)
 
 
+def _formats(args: argparse.Namespace, files: list[Path]) -> list[str]:
+    """The format of each file (``--format`` or its name/content), warning about mismatches."""
+    if args.format is not None and args.format not in VALID_FORMATS:
+        raise CliError(
+            f"--format {args.format!r} is not a WS-Scan document format; "
+            f"valid values: {', '.join(VALID_FORMATS)}",
+            EXIT_USAGE,
+        )
+    formats = []
+    for f in files:
+        fmt, warning = format_for(f, args.format)
+        if warning:
+            print(f"dsc: warning: {warning}", file=sys.stderr)
+        formats.append(fmt)
+    return formats
+
+
 def _run_scan(args: argparse.Namespace, files: list[Path], request: Any) -> int:
+    formats = _formats(args, files)
     client = Client(args)
     response = client.call(A.DSP_CREATE, request)
     token = dc.text_of(response.payload, names.DSP, "JobToken")
     _say(args, f"job {token} created")
-    for number, path in enumerate(files, start=1):
-        fmt = args.format or FORMATS.get(path.suffix.lower(), "pdf-a")
+    for number, (path, fmt) in enumerate(zip(files, formats, strict=True), start=1):
         progress = Progress(path.name, path.stat().st_size, enabled=not args.quiet)
         try:
             client.send_image(token, number, fmt, path, progress)
@@ -288,7 +337,7 @@ def _run_scan(args: argparse.Namespace, files: list[Path], request: Any) -> int:
     if args.json:
         print(json.dumps(view.as_dict(), indent=2))
     else:
-        _print_job(view)
+        _print_job(view, {})
     return EXIT_OK if view.succeeded else EXIT_FAILED
 
 
@@ -324,46 +373,157 @@ def cmd_repo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _list(args: argparse.Namespace, action: str, request: str, container: str) -> int:
-    response = Client(args).call(action, dc.empty_request(request))
-    jobs = dc.read_summaries(response.payload, container)
+def _summaries(client: Client, action: str, request: str, container: str) -> list[dc.JobView]:
+    return dc.read_summaries(client.call(action, dc.empty_request(request)).payload, container)
+
+
+def _with_times(client: Client, job: dc.JobView) -> dc.JobView:
+    """A JobSummary has no times (bdsrr 2.2.4.x); the JobStatus of the same job has them."""
+    try:
+        status = dc.read_job_elements(
+            client.call(
+                A.DSC_GET_JOB_ELEMENTS,
+                dc.job_elements_request(names.DSC, job.token, ["JobStatus"]),
+            ).payload,
+            names.DSC,
+        )
+    except dc.ClientFault:
+        return job  # gone from the history in between: list it without times
+    return dc.JobView(
+        job.token,
+        job.state,
+        job.reasons,
+        job.filters,
+        job.images_received,
+        job.psp_identifier,
+        job.psp_display_name,
+        job.user_name,
+        status.created,
+        status.completed,
+    )
+
+
+def _since(text: str) -> datetime:
+    """--since: an ISO date or time (local unless it has an offset), or an age like 2h, 30m, 7d."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text)
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+        return datetime.now().astimezone() - timedelta(
+            **{unit[match.group(2)]: int(match.group(1))}
+        )
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a date/time (2026-12-01, 2026-12-01T08:00) nor an age "
+            "(30m, 2h, 7d)"
+        ) from None
+    return value if value.tzinfo is not None else value.astimezone()
+
+
+def _job_row(job: dc.JobView, when: str, wide: bool) -> list[str]:
+    return [
+        short_token(job.token, wide),
+        job.state,
+        local_time(when, wide=wide),
+        str(job.images_received),
+        job.user_name,
+        job.psp_display_name,
+        " ".join(f"{_dialect(f.dialect)}:{f.state}" for f in job.filters),
+        ",".join(r for r in job.reasons if r != "None"),
+    ]
+
+
+def _print_jobs(args: argparse.Namespace, jobs: list[dc.JobView], time_header: str) -> None:
     if args.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=2))
-        return EXIT_OK
+        return
     if not jobs:
         print("(no jobs)")
-        return EXIT_OK
-    rows = [["TOKEN", "STATE", "REASON", "IMAGES", "USER", "PROCESS", "FILTERS"]]
-    for j in jobs:
-        rows.append(
-            [
-                j.token,
-                j.state,
-                ",".join(j.reasons),
-                str(j.images_received),
-                j.user_name,
-                j.psp_display_name,
-                " ".join(f"{_dialect(f.dialect)}:{f.state}" for f in j.filters),
-            ]
-        )
-    print(table(rows))
-    return EXIT_OK
+        return
+    columns = [
+        Column("TOKEN", keep=True),
+        Column("STATE", keep=True),
+        Column(time_header, keep=True),
+        Column("IMAGES", keep=True, numeric=True),
+        Column("USER"),
+        Column("PROCESS"),
+        Column("FILTERS"),
+        Column("REASONS", wide_only=True),
+    ]
+    when = "completed" if time_header == "COMPLETED" else "created"
+    rows = [_job_row(j, getattr(j, when) or j.created, args.wide) for j in jobs]
+    print_table(columns, rows, wide=args.wide)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    return _list(args, A.DSC_GET_ACTIVE_JOBS, "GetActiveJobsRequest", "ActiveJobs")
+    client = Client(args)
+    jobs = _summaries(client, A.DSC_GET_ACTIVE_JOBS, "GetActiveJobsRequest", "ActiveJobs")
+    _print_jobs(args, [_with_times(client, j) for j in jobs], "CREATED")
+    return EXIT_OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    return _list(args, A.DSC_GET_JOB_HISTORY, "GetJobHistoryRequest", "JobHistory")
+    client = Client(args)
+    jobs = _summaries(client, A.DSC_GET_JOB_HISTORY, "GetJobHistoryRequest", "JobHistory")
+    states = {s.lower() for s in args.state or ()}
+    picked: list[dc.JobView] = []
+    for job in jobs:  # newest first (R6), so --since can stop at the first older job
+        if states and job.state.lower() not in states:
+            continue
+        if args.user and args.user.lower() not in job.user_name.lower():
+            continue
+        job = _with_times(client, job)
+        if args.since is not None:
+            ended = parse_time(job.completed or job.created)
+            if ended is not None and ended < args.since:
+                break
+        picked.append(job)
+        if args.limit and len(picked) >= args.limit:
+            break
+    _print_jobs(args, picked, "COMPLETED")
+    return EXIT_OK
+
+
+def _resolve_token(client: Client, token: str) -> str:
+    """A TOKEN argument may be the first characters of a token, as listings show it."""
+    if len(token) >= UUID_LENGTH:
+        return token
+    found = {
+        j.token
+        for action, request, container in (
+            (A.DSC_GET_ACTIVE_JOBS, "GetActiveJobsRequest", "ActiveJobs"),
+            (A.DSC_GET_JOB_HISTORY, "GetJobHistoryRequest", "JobHistory"),
+        )
+        for j in _summaries(client, action, request, container)
+        if j.token.lower().startswith(token.lower())
+    }
+    if len(found) == 1:
+        return found.pop()
+    if len(found) > 1:
+        raise CliError(f"{token!r} matches {len(found)} jobs; give more of the token")
+    return token  # let the server say it is not found
+
+
+def _destinations(client: Client, token: str) -> dict[int, dict[str, Any]]:
+    """Where each filter was told to deliver, from the server's status endpoint (MS-BDSRR has
+    no element for it); empty when the server has no such endpoint or refuses it."""
+    try:
+        detail = client.status_json(f"job={token}")
+    except (CliError, ConnectionFailed, ValueError):
+        return {}
+    job = detail.get("job") if isinstance(detail, dict) else None
+    if not isinstance(job, dict):
+        return {}
+    return {i: f for i, f in enumerate(job.get("filters", [])) if isinstance(f, dict)}
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    response = Client(args).call(
+    client = Client(args)
+    token = _resolve_token(client, args.token)
+    response = client.call(
         A.DSC_GET_JOB_ELEMENTS,
-        dc.job_elements_request(
-            names.DSC, args.token, ["JobStatus", "JobDescription", "Documents"]
-        ),
+        dc.job_elements_request(names.DSC, token, ["JobStatus", "JobDescription", "Documents"]),
     )
     view = dc.read_job_elements(response.payload, names.DSC)
     docs = []
@@ -377,47 +537,131 @@ def cmd_job(args: argparse.Namespace) -> int:
                     "format": dc.text_of(doc, names.DSC, "DocumentDescription", "Format"),
                 }
             )
+    destinations = _destinations(client, token)
     if args.json:
-        print(json.dumps({**view.as_dict(), "documents": docs}, indent=2))
+        detail: dict[str, Any] = view.as_dict()
+        filters: list[dict[str, Any]] = detail["filters"]
+        for index, entry in enumerate(filters):
+            entry["destinations"] = destinations.get(index, {}).get("destinations", [])
+        print(json.dumps({**detail, "documents": docs}, indent=2))
     else:
-        _print_job(view)
+        _print_job(view, destinations)
         for d in docs:
             print(f"  document {d['id']}: {d['format']}")
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    Client(args).call(
-        A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", args.token)
-    )
+    client = Client(args)
+    token = _resolve_token(client, args.token)
+    client.call(A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", token))
     if args.json:
-        print(json.dumps({"token": args.token, "canceled": True}))
+        print(json.dumps({"token": token, "canceled": True}))
     else:
-        print(f"job {args.token} canceled")
+        print(f"job {token} canceled")
     return EXIT_OK
 
 
-def _dialect(uri: str) -> str:
-    return uri.rsplit("/", 1)[-1]
-
-
-def _print_job(view: dc.JobView) -> None:
+def cmd_devices(args: argparse.Namespace) -> int:
+    devices = Client(args).status_json().get("devices", [])
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return EXIT_OK
+    if not devices:
+        print("(no devices yet: a device is recorded when it creates a job)")
+        return EXIT_OK
+    columns = [
+        Column("ADDRESS", keep=True),
+        Column("IDENTITY"),
+        Column("LAST CONTACT", keep=True),
+        Column("JOBS", keep=True, numeric=True),
+        Column("OK", keep=True, numeric=True),
+        Column("FAILED", keep=True, numeric=True),
+        Column("FIRST CONTACT", wide_only=True),
+    ]
     rows = [
-        ["Job", view.token],
-        ["State", view.state],
-        ["Reasons", ", ".join(view.reasons)],
-        ["Images", str(view.images_received)],
+        [
+            str(d.get("address", "")),
+            str(d.get("identity") or "-"),
+            local_time(str(d.get("last_contact", "")), wide=args.wide),
+            str(d.get("jobs", 0)),
+            str(d.get("completed", 0)),
+            str(d.get("failed", 0)),
+            local_time(str(d.get("first_contact", "")), wide=args.wide),
+        ]
+        for d in devices
+    ]
+    print_table(columns, rows, wide=args.wide)
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .watch import Sink, Watcher, callback_url, install_stop_signals, parse_listen
+
+    try:
+        listen = parse_listen(args.listen)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    client = Client(args)
+    try:
+        sink = Sink(*listen)
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {args.listen}: {exc.strerror or exc}", EXIT_USAGE
+        ) from exc
+    sink.start()
+    try:
+        callback = callback_url(listen, sink.port, args.callback, client.url)
+        watcher = Watcher(
+            client.call, client.url, sink, callback, sys.stdout, as_json=args.json, wide=args.wide
+        )
+        watcher.subscribe()
+        # On standard error also with --json: the JSON lines stay alone on standard output.
+        print(f"watching {client.url} (events to {callback}); Ctrl-C to stop", file=sys.stderr)
+        restore = install_stop_signals(watcher)
+        try:
+            ended = watcher.run()
+        finally:
+            restore()
+        if ended == "stopped":
+            try:
+                watcher.unsubscribe()
+            except (dc.ClientFault, ConnectionFailed, CliError) as exc:
+                print(f"dsc: could not unsubscribe: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            print("unsubscribed", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        sink.close()
+
+
+def _dialect(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1].split(":")[-1]
+
+
+def _destination_text(filter_detail: dict[str, Any]) -> str:
+    places = [str(p) for p in filter_detail.get("destinations", [])]
+    return f" -> {', '.join(places)}" if places else ""
+
+
+def _print_job(view: dc.JobView, destinations: dict[int, dict[str, Any]]) -> None:
+    rows = [
+        ("Job", view.token),
+        ("State", view.state),
+        ("Reasons", ", ".join(view.reasons)),
+        ("Images", str(view.images_received)),
     ]
     if view.user_name:
-        rows += [["User", view.user_name], ["Process", view.psp_display_name]]
+        rows += [("User", view.user_name), ("Process", view.psp_display_name)]
     if view.created:
-        rows.append(["Created", view.created])
+        rows.append(("Created", local_time(view.created, wide=True)))
     if view.completed:
-        rows.append(["Completed", view.completed])
-    for f in view.filters:
+        rows.append(("Completed", local_time(view.completed, wide=True)))
+    for index, f in enumerate(view.filters):
         reasons = f" ({', '.join(f.reasons)})" if f.reasons else ""
-        rows.append([f"Filter {_dialect(f.dialect)}", f"{f.state}{reasons}"])
-    print(table(rows, header=False))
+        where = _destination_text(destinations.get(index, {}))
+        rows.append((f"Filter {_dialect(f.dialect)}", f"{f.state}{reasons}{where}"))
+    print_pairs(rows)
 
 
 # --- dsc serve --------------------------------------------------------------------------------
@@ -462,6 +706,18 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", type=Path, help="private key of --cert, if not in the same file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument(
+        "--wide", action="store_true", help="print every column and whole tokens, never cut"
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"dsc {version('dsc-server')}"
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "dsc (dsc-server, not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MS-BDSRR (management) on one port.",
         epilog="Start with `dsc serve`, then `dsc scan FILE` and `dsc jobs`.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -559,7 +816,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--continue-on-error", action="store_true", help="run the other filters when one fails"
     )
     p.add_argument("--root-name", help="DocumentRootName (default: first file's name)")
-    p.add_argument("--format", help="document format (default: from the file extension)")
+    p.add_argument(
+        "--format",
+        metavar="FORMAT",
+        help="document format of every FILE (default: from each file's extension, else its "
+        f"content); one of: {', '.join(VALID_FORMATS)}",
+    )
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the end state")
     p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -575,20 +837,55 @@ def build_parser() -> argparse.ArgumentParser:
     directory_options(g, as_help="the scanning user (UPN; default: the configured account)")  # type: ignore[arg-type]
     p.set_defaults(func=cmd_scan, server=None)
 
-    for name, func, text in (
-        ("repo", cmd_repo, "repository state and filters"),
-        ("jobs", cmd_jobs, "active jobs"),
-        ("history", cmd_history, "completed jobs, newest first"),
-    ):
-        p = sub.add_parser(name, help=text, description=f"Show {text}.")
-        _client_options(p)
-        p.set_defaults(func=func)
     from . import process_cli
 
     process_cli.add_parser(sub)
-    p = sub.add_parser("job", help="one job in detail", description="Show one job in detail.")
+    p = sub.add_parser(
+        "repo",
+        help="repository state and filters",
+        description="Show the repository state and the filters it offers.",
+    )
     _client_options(p)
-    p.add_argument("token", metavar="TOKEN")
+    p.set_defaults(func=cmd_repo)
+    p = sub.add_parser(
+        "jobs",
+        help="active jobs",
+        description="Show the active jobs, with their creation time. Tokens are shortened to "
+        "their first 8 characters (every TOKEN argument takes such a prefix); --wide shows "
+        "them whole.",
+    )
+    _client_options(p)
+    p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser(
+        "history",
+        help="completed jobs, newest first",
+        description="Show completed jobs, newest first, with their completion time.",
+    )
+    _client_options(p)
+    p.add_argument(
+        "--since",
+        type=_since,
+        metavar="WHEN",
+        help="only jobs completed since WHEN: a date/time (2026-12-01, 2026-12-01T08:00, "
+        "local time unless an offset is given) or an age (30m, 2h, 7d)",
+    )
+    p.add_argument("--user", help="only jobs of users whose name contains USER")
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=("Completed", "Aborted", "Canceled"),
+        help="only jobs that ended in this state (repeatable)",
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="at most N jobs")
+    p.set_defaults(func=cmd_history)
+    p = sub.add_parser(
+        "job",
+        help="one job in detail",
+        description="Show one job in detail: status, times, documents, and where each "
+        "filter delivered.",
+    )
+    _client_options(p)
+    p.add_argument("token", metavar="TOKEN", help="the job token, or its first characters")
     p.set_defaults(func=cmd_job)
     p = sub.add_parser(
         "cancel",
@@ -596,8 +893,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cancel an active job (MS-BDSRR CancelPostScanJob).",
     )
     _client_options(p)
-    p.add_argument("token", metavar="TOKEN")
+    p.add_argument("token", metavar="TOKEN", help="the job token, or its first characters")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser(
+        "devices",
+        help="scanners that created jobs",
+        description="List the devices that created jobs: client address, certificate "
+        "identity, first and last contact, job counts (recorded by the server, kept across "
+        "restarts).",
+    )
+    _client_options(p)
+    p.set_defaults(func=cmd_devices)
+    p = sub.add_parser(
+        "watch",
+        help="follow the server's events live",
+        description="Subscribe to the MS-BDSRR events (job status, job end state, repository "
+        "status and configuration) through WS-Eventing and print one line per event until "
+        "interrupted (Ctrl-C), then unsubscribe. The server delivers the events to a small "
+        "HTTP listener this command runs (--listen); it must be able to connect to it.",
+    )
+    _client_options(p)
+    p.add_argument(
+        "--listen",
+        default="0.0.0.0:0",
+        metavar="ADDR:PORT",
+        help="where to receive the events (default 0.0.0.0:0: every interface, a free port)",
+    )
+    p.add_argument(
+        "--callback",
+        metavar="URL",
+        help="the address the server should send events to (default: http://THIS-HOST:PORT "
+        "with the address this host uses towards the server and the --listen port)",
+    )
+    p.set_defaults(func=cmd_watch)
     return parser
 
 
@@ -617,6 +945,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A small blocking HTTP(S) client for the ``dsc`` client commands: one POST, body streamed."""
+"""A small blocking HTTP(S) client for the ``dsc`` client commands: one POST (body streamed) or
+one GET (the status endpoints) per connection."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def client_ssl_context(
     return context
 
 
+def get(url: str, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 60.0) -> HttpReply:
+    """GET ``url`` and read the whole reply (the server's status endpoints: small bodies)."""
+    return _request("GET", url, None, "", None, ssl_context, timeout)
+
+
 def post(
     url: str,
     body: bytes | Iterable[bytes],
@@ -40,6 +46,18 @@ def post(
     timeout: float = 60.0,
 ) -> HttpReply:
     """POST ``body`` (bytes, or chunks with a known ``length``) and read the whole reply."""
+    return _request("POST", url, body, content_type, length, ssl_context, timeout)
+
+
+def _request(
+    method: str,
+    url: str,
+    body: bytes | Iterable[bytes] | None,
+    content_type: str,
+    length: int | None,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float,
+) -> HttpReply:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConnectionFailed(f"not an http(s) URL: {url!r} (example: http://127.0.0.1:5362)")
@@ -55,15 +73,21 @@ def post(
     else:
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
     path = parts.path or "/"
-    headers = {"Content-Type": content_type, "User-Agent": "dsc-client"}
+    if parts.query:
+        path += "?" + parts.query
+    headers = {"User-Agent": "dsc-client"}
+    if content_type:
+        headers["Content-Type"] = content_type
     try:
-        if isinstance(body, bytes):
-            conn.request("POST", path, body=body, headers=headers)
+        if body is None:
+            conn.request(method, path, headers=headers)
+        elif isinstance(body, bytes):
+            conn.request(method, path, body=body, headers=headers)
         else:
             if length is not None:
                 headers["Content-Length"] = str(length)
             conn.request(
-                "POST", path, body=iter(body), headers=headers, encode_chunked=length is None
+                method, path, body=iter(body), headers=headers, encode_chunked=length is None
             )
         response = conn.getresponse()
         data = response.read()

@@ -1,10 +1,26 @@
-"""A progress bar for long uploads, on standard error, only when it is a terminal."""
+"""Upload progress bars for ``dsc scan`` (rich), on standard error, only when it is a terminal.
+
+Drawn without rich's refresh thread: :meth:`Progress.advance` redraws at most ten times a
+second from the uploading thread, so nothing runs behind the upload's back.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import Progress as RichProgress
+
+__all__ = ["Progress", "human"]
 
 
 def human(size: float) -> str:
@@ -16,6 +32,8 @@ def human(size: float) -> str:
 
 
 class Progress:
+    """One file's bar: label, bar, percentage, bytes sent of total, rate."""
+
     def __init__(
         self,
         label: str,
@@ -30,30 +48,35 @@ class Progress:
         self.done = 0
         self.stream = stream or sys.stderr
         self.enabled = enabled and self.stream.isatty()
-        self.width = width
-        self.started = time.monotonic()
         self._last = 0.0
+        self._bar: RichProgress | None = None
+        if self.enabled:
+            self._bar = RichProgress(
+                TextColumn("{task.description}", style="bold"),
+                BarColumn(bar_width=width),
+                TaskProgressColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=Console(file=self.stream, force_terminal=True, highlight=False),
+                auto_refresh=False,
+                transient=False,
+            )
+            self._task = self._bar.add_task(label[:24], total=self.total)
+            self._bar.start()
 
     def advance(self, count: int) -> None:
         self.done += count
+        if self._bar is None:
+            return
+        self._bar.update(self._task, completed=min(self.done, self.total))
         now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+        if now - self._last > 0.1 or self.done >= self.total:
             self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        fraction = min(self.done / self.total, 1.0)
-        filled = int(self.width * fraction)
-        rate = self.done / max(now - self.started, 1e-6)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(
-            f"\r{self.label[:24]:<24} [{bar}] {fraction:4.0%} "
-            f"{human(self.done)}/{human(self.total)} {human(rate)}/s "
-        )
-        self.stream.flush()
+            self._bar.refresh()
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.update(self._task, completed=min(self.done, self.total))
+            self._bar.refresh()
+            self._bar.stop()
+            self._bar = None
