@@ -8,13 +8,14 @@ the stuck request's store call still being blocked when the free request's reply
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
-from dsc_core import CreateJob, UpdateJob, names
+from dsc_core import CreateJob, Limits, ServerConfig, UpdateJob, names
 from dsc_core import client as C
 from test_http_bindings import (
     Raw,
@@ -138,3 +139,80 @@ def test_records_reach_the_store_in_core_order(
             assert stored[token] == final
         for c in clients:
             c.close()
+
+
+# --- admission: reclaiming idle keep-alive connections, the per-address share ---------------
+
+
+def _raw_from(port: int, source: str) -> Raw:
+    """A Raw client whose connection comes from ``source`` (any 127.x address is local)."""
+    client = Raw.__new__(Raw)
+    client.sock = socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+    )
+    client.buffer = b""
+    return client
+
+
+def _limits(**changes: object) -> ServerConfig:
+    return ServerConfig(limits=Limits(**changes))  # type: ignore[arg-type]
+
+
+def _idle(client: Raw) -> Raw:
+    """Make ``client`` an idle keep-alive connection (one request answered)."""
+    assert client.post(repository_request()).status == 200
+    return client
+
+
+def test_the_longest_idle_connection_is_reclaimed_at_the_limit(
+    binding: str, tmp_path: Path
+) -> None:
+    with running(binding, tmp_path, _limits(max_connections=3, max_connection_share=1)) as srv:
+        oldest = _idle(Raw(srv.port))
+        middle = _idle(Raw(srv.port))
+        newest = _idle(Raw(srv.port))
+        assert _idle(middle) is middle and _idle(newest) is newest  # oldest idles longest
+        fresh = Raw(srv.port)
+        assert fresh.post(repository_request()).status == 200  # admitted, not 503
+        assert oldest.closed_by_server(5)  # the longest-idle one made room
+        for client in (middle, newest, fresh):
+            assert client.post(repository_request()).status == 200
+            client.close()
+        oldest.close()
+
+
+def test_one_address_holds_at_most_its_share(binding: str, tmp_path: Path) -> None:
+    config = _limits(max_connections=4, max_connection_share=0.5)  # 2 per address
+    with running(binding, tmp_path, config) as srv:
+        first = _idle(_raw_from(srv.port, "127.0.0.1"))
+        second = _idle(_raw_from(srv.port, "127.0.0.1"))
+        other = _idle(_raw_from(srv.port, "127.0.0.2"))
+        # A third from the same address: its own longest-idle connection goes, not another's.
+        third = _raw_from(srv.port, "127.0.0.1")
+        assert third.post(repository_request()).status == 200
+        assert first.closed_by_server(5)
+        assert other.post(repository_request()).status == 200
+        # At its share with nothing idle to reclaim, the address is refused; others are not.
+        body = repository_request()
+        for client in (second, third):
+            client.send(
+                client.head(
+                    headers=[
+                        ("Content-Type", C.SOAP_XML),
+                        ("Content-Length", str(len(body))),
+                        ("Expect", "100-continue"),
+                    ]
+                )
+            )
+            assert client.read_response().status == 100  # busy now
+        refused = _raw_from(srv.port, "127.0.0.1")
+        reply = refused.post(repository_request())
+        assert reply.status == 503
+        refused.close()
+        admitted = _raw_from(srv.port, "127.0.0.3")
+        assert admitted.post(repository_request()).status == 200
+        for client in (second, third):
+            client.send(body)
+            assert client.read_response().status == 200
+        for client in (first, second, third, other, admitted):
+            client.close()

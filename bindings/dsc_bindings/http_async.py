@@ -47,6 +47,7 @@ from .http_common import (
     Receive,
     Send,
     ServiceLike,
+    admit,
     identity_from_certificate,
 )
 from .writer import Ticket, Wait
@@ -106,15 +107,37 @@ class _LoopHandle:
 
 
 class _Connection:
-    """Book-keeping for one connection, so that shutdown can reach it."""
+    """Book-keeping for one connection, so that shutdown and admission can reach it."""
 
-    __slots__ = ("protocol", "receive_scope", "scope")
+    __slots__ = ("host", "protocol", "receive_scope", "reclaimed", "scope")
 
-    def __init__(self, scope: anyio.CancelScope) -> None:
+    def __init__(self, scope: anyio.CancelScope, host: str) -> None:
         self.scope = scope
+        self.host = host
         self.protocol: HttpConnection | None = None
-        #: The cancel scope of a Receive in progress on an idle connection (shutdown cancels it).
+        #: The cancel scope of a Receive in progress on an idle connection (shutdown and
+        #: reclaiming cancel it).
         self.receive_scope: anyio.CancelScope | None = None
+        self.reclaimed = False
+
+    @property
+    def reclaimable_since(self) -> float | None:
+        protocol = self.protocol
+        if (
+            protocol is None
+            or self.receive_scope is None
+            or self.reclaimed
+            or not protocol.idle
+            or protocol.draining
+        ):
+            return None
+        return protocol.idle_since
+
+    def reclaim(self) -> None:
+        """Close this idle keep-alive connection to make room (http_common.admit)."""
+        self.reclaimed = True
+        if self.receive_scope is not None:
+            self.receive_scope.cancel()
 
     def drain(self) -> None:
         if self.protocol is None:
@@ -141,11 +164,17 @@ class _Server:
         # Shielded: cancelling serve() must not cut a request in the middle; drain() decides
         # when this connection ends (at once if idle, after its answer, or after the grace).
         with anyio.CancelScope(shield=True) as scope:
-            over = len(self.connections) >= self.limits.max_connections
+            host = _peer_host(stream)
+            admitted, victim = admit(host, self.connections, self.limits)
+            if victim is not None:
+                assert isinstance(victim, _Connection)
+                victim.reclaim()
+                self.connections.discard(victim)
+            over = not admitted
             if self.draining or (over and self.rejecting >= MAX_REJECTING):
                 await anyio.aclose_forcefully(stream)
                 return
-            connection = _Connection(scope)
+            connection = _Connection(scope, host)
             if over:
                 self.rejecting += 1
             else:
@@ -234,7 +263,10 @@ class _Server:
                 data = b""  # EOF, reset or TLS failure: the peer is gone
         connection.receive_scope = None
         if scope.cancelled_caught:
-            protocol.timed_out()
+            if connection.reclaimed:
+                protocol.reclaimed()
+            else:
+                protocol.timed_out()
         else:
             protocol.receive_data(data)
 
@@ -269,6 +301,14 @@ async def _linger(stream: anyio.abc.ByteStream) -> None:
                 received += len(await stream.receive(READ_SIZE))
         except _STREAM_ERRORS:
             pass
+
+
+def _peer_host(stream: anyio.abc.ByteStream) -> str:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except Exception:
+        return "?"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 def _peer_name(stream: anyio.abc.ByteStream) -> str:

@@ -38,6 +38,7 @@ from .http_common import (
     Receive,
     Send,
     ServiceLike,
+    admit,
     identity_from_certificate,
 )
 from .writer import settle
@@ -56,8 +57,24 @@ class _Connection:
     sock: socket.socket
     peer: str
     over: bool
+    host: str = "?"
     protocol: HttpConnection | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
+    reclaimed: bool = False
+
+    @property
+    def reclaimable_since(self) -> float | None:
+        protocol = self.protocol
+        if protocol is None or self.reclaimed or not protocol.idle or protocol.draining:
+            return None
+        return protocol.idle_since
+
+    def reclaim(self) -> None:
+        """Close this idle keep-alive connection to make room (http_common.admit): its
+        thread's recv() sees EOF and the connection closes."""
+        self.reclaimed = True
+        log.info("%s: idle keep-alive connection reclaimed for a new one: closing", self.peer)
+        _shutdown_socket(self.sock, socket.SHUT_RD)
 
 
 def _shutdown_socket(sock: socket.socket, how: int) -> None:
@@ -189,8 +206,14 @@ class BlockingServer:
 
     def _dispatch(self, sock: socket.socket, address: object) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
         with self._lock:
-            over = len(self._connections) >= self.limits.max_connections
+            admitted, victim = admit(host, self._connections, self.limits)
+            if victim is not None:
+                assert isinstance(victim, _Connection)
+                victim.reclaim()
+                self._connections.discard(victim)
+            over = not admitted
             if over and len(self._rejecting) >= MAX_REJECTING:
                 log.warning(
                     "%s: over the connection limit and %d rejections running: closed",
@@ -199,7 +222,7 @@ class BlockingServer:
                 )
                 sock.close()
                 return
-            connection = _Connection(sock, peer, over)
+            connection = _Connection(sock, peer, over, host)
             (self._rejecting if over else self._connections).add(connection)
         thread = threading.Thread(
             target=self._serve_connection, args=(connection,), name="dsc-http-conn", daemon=True

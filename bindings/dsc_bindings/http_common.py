@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal, Protocol
@@ -61,6 +61,7 @@ __all__ = [
     "REJECT_HEAD_TIMEOUT",
     "SERVER_NAME",
     "Action",
+    "Admitted",
     "Call",
     "Close",
     "HttpConnection",
@@ -69,6 +70,8 @@ __all__ = [
     "RequestLike",
     "Send",
     "ServiceLike",
+    "address_cap",
+    "admit",
     "check_request_head",
     "error_reply",
     "identity_from_certificate",
@@ -211,6 +214,57 @@ class Close:
 
 
 Action = Receive | Send | Call | Close
+
+
+# --- admission (R12 connection limit, issue 7) ---------------------------------------------------
+
+
+class Admitted(Protocol):
+    """What admission needs to know about an open connection."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def reclaimable_since(self) -> float | None:
+        """When it became idle, if it is an idle keep-alive connection now; else None."""
+        ...
+
+
+def address_cap(limits: Limits) -> int:
+    """Connections one client address may hold: its share of the limit (at least one)."""
+    return max(1, int(limits.max_connections * limits.max_connection_share))
+
+
+def admit(
+    host: str, connections: Iterable[Admitted], limits: Limits
+) -> tuple[bool, Admitted | None]:
+    """Decide about a new connection from ``host``: (admitted, connection to reclaim first).
+
+    At this address's share (``address_cap``) its own longest-idle connection is reclaimed, at
+    the overall limit the longest-idle of all; only when there is none to reclaim is the new
+    connection refused (503).  So idle keep-alive connections never lock scanners out, and one
+    address cannot take every slot.
+    """
+    total = 0
+    mine = 0
+    oldest: Admitted | None = None
+    oldest_mine: Admitted | None = None
+    for connection in connections:
+        total += 1
+        since = connection.reclaimable_since
+        own = connection.host == host
+        mine += own
+        if since is None:
+            continue
+        if oldest is None or since < (oldest.reclaimable_since or 0.0):
+            oldest = connection
+        if own and (oldest_mine is None or since < (oldest_mine.reclaimable_since or 0.0)):
+            oldest_mine = connection
+    if mine >= address_cap(limits):
+        return (oldest_mine is not None, oldest_mine)
+    if total >= limits.max_connections:
+        return (oldest is not None, oldest)
+    return (True, None)
 
 
 # --- request-head rules -------------------------------------------------------------------------
@@ -357,6 +411,9 @@ class HttpConnection:
         self._eof = False
         self._eof_fed = False
         self._requests = 0
+        #: When the connection last became idle (clock()): the longest-idle one is reclaimed
+        #: first at the connection limit.
+        self.idle_since = clock()
 
     # --- state a binding may look at ---------------------------------------------------------
 
@@ -420,6 +477,12 @@ class HttpConnection:
                 self._peer,
                 self._head_timeout,
             )
+        self._close(False)
+
+    def reclaimed(self) -> None:
+        """The binding closed this idle keep-alive connection to admit a new one (the
+        connection limit, or this address's share of it: Limits.max_connection_share)."""
+        log.info("%s: idle keep-alive connection reclaimed for a new one: closing", self._peer)
         self._close(False)
 
     def send_failed(self) -> None:
@@ -680,6 +743,7 @@ class HttpConnection:
         elif ours is h11.DONE and theirs is h11.DONE:
             self._h11.start_next_cycle()
             self._phase = "head" if self._h11.trailing_data[0] else "idle"
+            self.idle_since = self._clock()
             self._head_deadline = self._clock() + self._head_timeout
         elif ours is h11.DONE:
             # We answered early (a refused head without a body): read the request's end.
