@@ -105,10 +105,17 @@ class Deliver:
 
     subscription_id: str
     address: str
-    body: bytes
+    #: The message in pieces: the envelope's start, this subscriber's header blocks, and the
+    #: rest with the event body.  The first and last are shared by every subscriber of one
+    #: event (built once per event, not per subscriber); ``body`` joins them when sent.
+    parts: tuple[bytes, ...]
     content_type: str = "application/soap+xml; charset=utf-8"
     #: True for a SubscriptionEnd: the result needs no report.
     final: bool = False
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
 
 
 StoreCommand = (

@@ -173,6 +173,9 @@ class ServerConfig:
     subscription_default_seconds: float = 3600.0
     subscription_max_seconds: float = 86400.0
     delivery_failures_before_end: int = 3
+    #: R13 (R11): wsd:AppSequence InstanceId, a number that grows with each server start (the
+    #: binding keeps a counter in its data directory).
+    discovery_instance_id: int = 1
 
     def __post_init__(self) -> None:
         owner = "ServerConfig"
@@ -211,6 +214,7 @@ class ServerConfig:
         _seconds(owner, "subscription_default_seconds", self.subscription_default_seconds)
         _seconds(owner, "subscription_max_seconds", self.subscription_max_seconds)
         _int(owner, "delivery_failures_before_end", self.delivery_failures_before_end, minimum=1)
+        _int(owner, "discovery_instance_id", self.discovery_instance_id, minimum=1)
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

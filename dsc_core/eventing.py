@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
 
@@ -70,6 +72,7 @@ class Subscriptions:
     ) -> tuple[Subscription, Element]:
         if len(self.by_id) >= self.config.limits.max_subscriptions:
             raise faults.eventing("EventSourceUnableToProcess")
+        limit = self.config.limits.max_reference_parameter_bytes
         end_to: EndpointReference | None = None
         notify_to: EndpointReference | None = None
         expires_el: Element | None = None
@@ -79,14 +82,14 @@ class Subscriptions:
             if ns != names.WSE:
                 continue
             if local == "EndTo":
-                end_to = _read_epr(child)
+                end_to = _read_epr(child, limit)
             elif local == "Delivery":
                 mode = trimmed(child.get("Mode")) or names.PUSH_MODE
                 if names.canonical_uri(mode) != names.PUSH_MODE:
                     raise faults.eventing("DeliveryModeRequestedUnavailable")
                 for item in children(child):
                     if split(item.tag) == (names.WSE, "NotifyTo"):
-                        notify_to = _read_epr(item)
+                        notify_to = _read_epr(item, limit)
             elif local == "Expires":
                 expires_el = child
             elif local == "Filter":
@@ -124,10 +127,10 @@ class Subscriptions:
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(sub.expires - now)
         return response
 
-    def unsubscribe(self, env: soap.Envelope, now: datetime) -> Element:
+    def unsubscribe(self, env: soap.Envelope, now: datetime) -> None:
+        """R13: the 2004/08 UnsubscribeResponse is an empty Body (only the Action says it)."""
         sub = self._find(env, "InvalidMessage", now)
         del self.by_id[sub.identifier]
-        return etree.Element(f"{{{names.WSE}}}UnsubscribeResponse")
 
     def _find(self, env: soap.Envelope, fault: str, now: datetime) -> Subscription:
         ident = env.addressing.identifier
@@ -190,11 +193,20 @@ class Subscriptions:
         return min((s.expires for s in self.by_id.values()), default=None)
 
     def notify(self, action: str, body: Element, now: datetime) -> list[Deliver]:
+        """One Deliver per subscriber of ``action``.  The envelope around ``body`` is
+        serialized once per event (and WS-Addressing version); each subscriber only adds its
+        own header blocks (To, MessageID, reference parameters)."""
         out = []
+        frames: dict[str, tuple[bytes, bytes]] = {}
         for sub in self.by_id.values():
             if action in sub.actions and sub.expires > now:
-                envelope = self._message(sub.notify_to, sub.wsa_ns, action, body)
-                out.append(Deliver(sub.identifier, sub.notify_to.address, envelope))
+                frame = frames.get(sub.wsa_ns)
+                if frame is None:
+                    frame = frames[sub.wsa_ns] = _frame(sub.wsa_ns, body)
+                header = self._header(sub.notify_to, sub.wsa_ns, action)
+                out.append(
+                    Deliver(sub.identifier, sub.notify_to.address, (frame[0], header, frame[1]))
+                )
         return out
 
     def delivery_result(self, identifier: str, ok: bool) -> list[Deliver]:
@@ -238,30 +250,65 @@ class Subscriptions:
             text = etree.SubElement(body, f"{{{names.WSE}}}Reason")
             text.set(f"{{{names.XML}}}lang", "en")
             text.text = reason
-            envelope = self._message(sub.end_to, sub.wsa_ns, names.Action.SUBSCRIPTION_END, body)
-            out.append(Deliver(sub.identifier, sub.end_to.address, envelope, final=True))
+            start, rest = _frame(sub.wsa_ns, body)
+            header = self._header(sub.end_to, sub.wsa_ns, names.Action.SUBSCRIPTION_END)
+            out.append(
+                Deliver(sub.identifier, sub.end_to.address, (start, header, rest), final=True)
+            )
         return out
 
-    def _message(self, to: EndpointReference, wsa_ns: str, action: str, body: Element) -> bytes:
-        """A one-way message: To, Action, fresh MessageID, and the EPR's reference parameters
-        as header blocks (dsm-and-stack §4, §6 "Notifications")."""
-        root, header, body_el = soap.new_envelope(
-            wsa_ns, {"wse": names.WSE, "dsc": names.DSC, "dsp": names.DSP}
+    def _header(self, to: EndpointReference, wsa_ns: str, action: str) -> bytes:
+        """A one-way message's header blocks: To, Action, a fresh MessageID, and the EPR's
+        reference parameters (dsm-and-stack §4, §6 "Notifications").  The ``wsa`` prefix is
+        declared on the envelope (``_frame``); reference parameters carry their own
+        declarations (they were serialized standalone)."""
+        return b"".join(
+            (
+                b"<wsa:To>",
+                _text(to.address),
+                b"</wsa:To><wsa:Action>",
+                _text(action),
+                b"</wsa:Action><wsa:MessageID>urn:uuid:",
+                _text(self.new_id()),
+                b"</wsa:MessageID>",
+                *to.parameters,
+            )
         )
-        etree.SubElement(header, f"{{{wsa_ns}}}To").text = to.address
-        etree.SubElement(header, f"{{{wsa_ns}}}Action").text = action
-        etree.SubElement(header, f"{{{wsa_ns}}}MessageID").text = f"urn:uuid:{self.new_id()}"
-        for param in to.parameters:
-            header.append(etree.fromstring(param))
-        body_el.append(_copy(body))
-        return soap.serialize(root)
 
 
-def _copy(el: Element) -> Element:
-    return etree.fromstring(etree.tostring(el))
+def _text(value: str) -> bytes:
+    return xml_escape(value).encode("utf-8")
 
 
-def _read_epr(el: Element) -> EndpointReference:
+_HEADER_SLOT = b"<soap:Header/>"
+
+
+def _frame(wsa_ns: str, body: Element) -> tuple[bytes, bytes]:
+    """The envelope of a one-way message around ``body``, cut where the header blocks go:
+    (start up to and including ``<soap:Header>``, ``</soap:Header>`` and the rest)."""
+    root, _header, body_el = soap.new_envelope(
+        wsa_ns, {"wse": names.WSE, "dsc": names.DSC, "dsp": names.DSP}
+    )
+    body_el.append(etree.fromstring(etree.tostring(body)))  # a copy: the caller keeps body
+    start, slot, rest = soap.serialize(root).partition(_HEADER_SLOT)
+    assert slot, "the empty header serializes as <soap:Header/>"
+    return start + b"<soap:Header>", b"</soap:Header>" + rest
+
+
+def _standalone(el: Element) -> bytes:
+    """``el`` serialized with only the namespace declarations it uses (a plain tostring would
+    repeat every declaration in scope of the request envelope in each notification)."""
+    copy = deepcopy(el)
+    copy.tail = None
+    etree.cleanup_namespaces(copy)
+    return etree.tostring(copy)
+
+
+def _read_epr(el: Element, limit: int) -> EndpointReference:
+    """An endpoint reference.  Its reference parameters are copied into every message sent to
+    it, so their serialized size is limited (Limits.max_reference_parameter_bytes): beyond it
+    the Subscribe gets wse:EventSourceUnableToProcess (the source declines it for a local
+    reason, dsm-and-stack's fault table)."""
     address = None
     params: list[bytes] = []
     for child in children(el):
@@ -271,9 +318,13 @@ def _read_epr(el: Element) -> EndpointReference:
         if local == "Address":
             address = trimmed(child.text)
         elif local in ("ReferenceParameters", "ReferenceProperties"):
-            params.extend(etree.tostring(p) for p in children(child))
+            params.extend(_standalone(p) for p in children(child))
     if not address:
         raise faults.eventing("InvalidMessage", faults.Detail("wsa:Address"))
+    if sum(len(p) for p in params) > limit:
+        raise faults.eventing(
+            "EventSourceUnableToProcess", faults.Detail("wsa:ReferenceParameters")
+        )
     return EndpointReference(address, tuple(params))
 
 

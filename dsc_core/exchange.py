@@ -239,7 +239,12 @@ class Exchange:
             return self._fault_outcome(fault, early + self._fail(fault))
         self._result = result
         body = soap.reply_envelope(
-            envelope.addressing, result.action, self._reply_id, result.payload, result.nsmap
+            envelope.addressing,
+            result.action,
+            self._reply_id,
+            result.payload,
+            result.nsmap,
+            result.headers,
         )
         return Outcome(Reply(200, SOAP_CONTENT_TYPE, body), tuple(early + result.commands))
 

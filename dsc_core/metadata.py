@@ -85,7 +85,15 @@ def probe(request: Request, _args: None) -> OpResult:
         sub(match, names.WSD, "Types", "wsdp:Device")
         sub(match, names.WSD, "XAddrs", request.config.device_url)
         sub(match, names.WSD, "MetadataVersion", "1")
-    return OpResult(A.PROBE_MATCHES, matches, {"wsd": names.WSD, "wsdp": names.WSDP})
+    # R13 (R11): AppSequence, as WSDAPI validates: InstanceId grows per start, MessageNumber
+    # per discovery message (over HTTP and UDP alike: both answer through here).
+    request.state.discovery_messages += 1
+    sequence = etree.Element(f"{{{names.WSD}}}AppSequence")
+    sequence.set("InstanceId", str(request.config.discovery_instance_id))
+    sequence.set("MessageNumber", str(request.state.discovery_messages))
+    return OpResult(
+        A.PROBE_MATCHES, matches, {"wsd": names.WSD, "wsdp": names.WSDP}, headers=(sequence,)
+    )
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (

@@ -85,11 +85,14 @@ class OpResult:
     """What an operation produced: the response payload and the commands to carry out."""
 
     action: str
-    payload: Element
+    #: The Body's child; None for an empty Body (the 2004/08 UnsubscribeResponse, R13).
+    payload: Element | None
     nsmap: dict[str, str] = field(default_factory=dict)
     commands: list[Command] = field(default_factory=list)
     #: Undo the operation's state change if a store command fails (R4 step 9).
     undo: Callable[[], list[Command]] | None = None
+    #: Header blocks after the addressing headers (wsd:AppSequence of ProbeMatches, R13).
+    headers: tuple[Element, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

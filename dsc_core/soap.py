@@ -169,12 +169,18 @@ def reply_envelope(
     addressing: Addressing,
     action: str,
     message_id: str,
-    payload: Element,
+    payload: Element | None,
     nsmap: dict[str, str] | None = None,
+    headers: tuple[Element, ...] = (),
 ) -> bytes:
+    """A reply: the R4 addressing headers, then ``headers``; ``payload`` None is an empty
+    Body."""
     root, header, body = new_envelope(addressing.wsa_ns, nsmap)
     add_reply_headers(header, addressing, action, message_id)
-    body.append(payload)
+    for block in headers:
+        header.append(block)
+    if payload is not None:
+        body.append(payload)
     return serialize(root)
 
 

@@ -26,6 +26,8 @@ class ServerState:
         self.subscriptions = Subscriptions(self.config, new_id)
         self.notifier = Notifier(self.subscriptions)
         self.lifecycle = JobLifecycle(self.jobs, self.notifier)
+        #: wsd:AppSequence MessageNumber of the last discovery message sent (R13).
+        self.discovery_messages = 0
 
     @property
     def stopped(self) -> bool:

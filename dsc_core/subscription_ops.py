@@ -54,8 +54,8 @@ def get_status(request: Request, _args: None) -> OpResult:
 
 
 def unsubscribe(request: Request, _args: None) -> OpResult:
-    response = request.state.subscriptions.unsubscribe(request.envelope, request.now)
-    return OpResult(A.UNSUBSCRIBE_RESPONSE, response, dict(_NSMAP))
+    request.state.subscriptions.unsubscribe(request.envelope, request.now)
+    return OpResult(A.UNSUBSCRIBE_RESPONSE, None, dict(_NSMAP))
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (

@@ -11,7 +11,7 @@ from lxml import etree
 from dsc_bindings.discovery import UdpDiscovery
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.service import ScanService
-from dsc_core import ScanServer, ServerConfig, names
+from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
 from dsc_core.discovery import answer_datagram
 from helpers import parse, text, xp
@@ -66,3 +66,38 @@ def test_udp_listener_answers_a_real_datagram(tmp_path: Path) -> None:
     finally:
         discovery.close()
         service.shutdown()
+
+
+def _app_sequence(answer: bytes) -> tuple[int, int]:
+    sequence = xp(parse(answer), "/soap:Envelope/soap:Header/wsd:AppSequence")
+    assert len(sequence) == 1
+    return int(sequence[0].get("InstanceId", "")), int(sequence[0].get("MessageNumber", ""))
+
+
+def test_probe_matches_carry_app_sequence() -> None:
+    """R13 (R11): InstanceId grows per start (configured by the binding), MessageNumber per
+    discovery message, over UDP and HTTP alike."""
+    srv = ScanServer(ServerConfig(discovery_instance_id=7), new_id=lambda: "x")
+    first = answer_datagram(srv, probe(), NOW)
+    second = answer_datagram(srv, probe(), NOW)
+    assert first is not None and second is not None
+    assert _app_sequence(first) == (7, 1)
+    assert _app_sequence(second) == (7, 2)
+    # The same operation over HTTP continues the sequence.
+    over_http = srv.handle(probe(), RequestInfo(now=NOW, content_type="application/soap+xml"))
+    assert over_http.reply.status == 200
+    assert _app_sequence(over_http.reply.body) == (7, 3)
+
+
+def test_a_second_start_has_a_larger_instance_id(tmp_path: Path) -> None:
+    ids = []
+    for _ in range(2):
+        service = ScanService(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+        service.start()
+        try:
+            answer = service.answer_datagram(probe(), answer_datagram)
+            assert answer is not None
+            ids.append(_app_sequence(answer)[0])
+        finally:
+            service.shutdown()
+    assert ids[1] > ids[0]

@@ -71,6 +71,11 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings, service: S
         log.warning("SIGHUP: listener, TLS and data directory changes need a restart")
     if fresh.directory != current.directory:
         log.warning("SIGHUP: [directory] changes need a restart")
+    try:
+        fresh = fresh.with_installation_identity()
+    except (OSError, ValueError) as exc:
+        log.error("SIGHUP: configuration not reloaded: %s", exc)
+        return
     server = fresh.server
     if current.listen.port == 0:  # keep the address actually bound
         server = server.replace(base_url=service.config.base_url)
@@ -95,6 +100,11 @@ def run_server(
         log.error("%s", exc)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        settings = settings.with_installation_identity()
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the installation identity: %s", exc)
+        return 1
     config: ServerConfig = settings.server
     directory = None
     if settings.directory is not None:

@@ -72,6 +72,7 @@ from dsc_core import (
 from .delivery import DeliveryHub, DeliveryLimits
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
+from .identity import record_start
 from .store import JobStore, StoreError
 from .writer import CommandWriter, Routes, Ticket, Wait, settle
 
@@ -303,6 +304,7 @@ class ScanService:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._closed = False
+        self._instance_id = config.discovery_instance_id
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -320,6 +322,13 @@ class ScanService:
         self._store = store
         log.info("job store at %s", self.data_dir.resolve())
         try:
+            # R13 (R11): each start gets a larger wsd:AppSequence InstanceId.
+            self._instance_id = record_start(self.data_dir).starts
+        except (OSError, ValueError) as exc:
+            store.close()
+            raise StoreError(f"cannot record this start: {exc}", temporary=False) from exc
+        self.config = self.config.replace(discovery_instance_id=self._instance_id)
+        try:
             jobs = store.load_jobs()
             self._engine = ProcessingEngine(
                 self.filter_settings,
@@ -329,7 +338,13 @@ class ScanService:
             )
             self._writer.start()
             self._hub.start()
-            commands = self._core_call(lambda: self.server.restore(jobs, self.clock()))
+            config = self.config
+            commands = self._core_call(
+                lambda: [
+                    *self.server.reconfigure(config, self.clock()),
+                    *self.server.restore(jobs, self.clock()),
+                ]
+            )
             self._writer.submit(commands, strict=False).wait()
         except BaseException:
             log.exception("starting the scan service failed")
@@ -500,6 +515,9 @@ class ScanService:
     ) -> None:
         """Apply a reloaded configuration (SIGHUP): the core's settings and its
         RepositoryElementsChangeEvent (R7), and the filters' settings for jobs started next."""
+
+        # The start count stays this run's AppSequence InstanceId (R13).
+        config = config.replace(discovery_instance_id=self._instance_id)
 
         def apply() -> Sequence[Command]:
             self.config = config

@@ -10,6 +10,8 @@ Example (every section optional)::
     data = "/var/lib/dsc"
     binding = "async"                 # or "blocking"
     public_url = "https://scan.contoso.com:5362"
+    # device_uuid / dsp_service_uuid / dsc_service_uuid: default generated at the first start
+    # and kept in DATA/identity.json, so every installation is its own device (R13)
 
     [tls]
     cert = "/etc/dsc/server.pem"
@@ -75,7 +77,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,7 @@ from dsc_core import Limits, ServerConfig
 from .directory import DirectorySettings
 from .filters.settings import FilterSettings
 from .filters.sites import SitePrefix
+from .identity import UUID_KEYS, load_installation
 
 
 class ConfigError(Exception):
@@ -118,6 +121,15 @@ class Settings:
     source: Path | None = None
     #: ``[directory]`` (R14), None without one.
     directory: DirectorySettings | None = None
+    #: The installation UUIDs the file set ([server] device_uuid, ...); the others are
+    #: generated at the first start and kept in the data directory (identity.py, R13).
+    identity: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def with_installation_identity(self) -> Settings:
+        """These settings with the data directory's UUIDs where the file set none (creates
+        ``identity.json`` at the first start)."""
+        installation = load_installation(self.data_dir)
+        return dataclasses.replace(self, server=installation.apply(self.server, self.identity))
 
     def server_ssl_context(self) -> ssl.SSLContext | None:
         """TLS for the listener; with a client CA, client certificates are required (R10)."""
@@ -227,7 +239,17 @@ def load_settings(
     srv = _take(
         raw.get("server", {}),
         "server",
-        {"host", "port", "data", "binding", "public_url", "friendly_name"},
+        {
+            "host",
+            "port",
+            "data",
+            "binding",
+            "public_url",
+            "friendly_name",
+            "device_uuid",
+            "dsp_service_uuid",
+            "dsc_service_uuid",
+        },
     )
     tls = _take(raw.get("tls", {}), "tls", {"cert", "key", "client_ca"})
     limits_raw = _take(
@@ -316,6 +338,8 @@ def load_settings(
             subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
             subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
         )
+        identity = {key: str(srv[key]) for key in UUID_KEYS if key in srv}
+        server = server.replace(**identity)  # the rest comes from the data directory
         if "friendly_name" in srv:
             # Only when given: ServerConfig is a slots dataclass, so ServerConfig.friendly_name is
             # a member descriptor, not the default string (it broke WS-Transfer Get with a 500).
@@ -355,7 +379,7 @@ def load_settings(
         )
     except ValueError as exc:
         raise ConfigError(f"[shares]/[smtp]: {exc}") from exc
-    return Settings(data, listen, server, filters, path, directory)
+    return Settings(data, listen, server, filters, path, directory, identity)
 
 
 def _directory_settings(
