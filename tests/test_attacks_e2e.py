@@ -193,3 +193,54 @@ def test_spool_does_not_grow_with_history(
     delivered = tmp_path / "data" / "shares" / "localhost" / "scans"
     assert len([p for p in delivered.rglob("flood*")]) == 6  # the six that were not canceled
     server.stop_cleanly()
+
+
+# --- 7. configuration checked when it is loaded ------------------------------------------------
+
+
+def _bad_invocations(tmp_path: Path) -> list[tuple[list[str], str]]:
+    def config(name: str, text: str) -> str:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        return str(path)
+
+    key = tmp_path / "server.key"
+    key.write_text("not used")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("in the way")
+    return [
+        (["--config", config("port", "[server]\nport = 99999\n")], "[server] port must be"),
+        (["--port", "65536"], "--port must be from 0 to 65535"),
+        (["--config", config("hist", '[jobs]\nhistory_size = "x"\n')], "[jobs] history_size"),
+        (["--config", config("size", "[limits]\nmax_image_bytes = -1\n")], "max_image_bytes"),
+        (["--config", config("tmo", "[jobs]\ntimeout_seconds = 0\n")], "[jobs] timeout_seconds"),
+        (["--config", config("tls", "[smtp]\nstarttls = 1\n")], "[smtp] starttls"),
+        (["--tls-key", str(key)], "without a certificate: give the server certificate"),
+        (["--tls-cert", str(tmp_path / "none.pem")], "none.pem: no such file"),
+        (["--data", str(a_file)], "is a file, not a directory"),
+        # Not creatable for anyone, root included (sysfs refuses new directories).
+        (["--data", "/sys/dsc-data"], "cannot create the data directory /sys/dsc-data"),
+    ]
+
+
+def test_bad_configuration_is_one_line_and_exit_2(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    from e2e_support import dsc
+
+    server = servers(tmp_path / "good")
+    client = Soap(server.url)
+    for args, message in _bad_invocations(tmp_path):
+        # --port 0 so that a case that wrongly starts does not take 5362 (not for port cases).
+        port = [] if "port" in " ".join(args) else ["--port", "0"]
+        run = dsc("serve", *port, "--data", str(tmp_path / "data"), *args, timeout=60)
+        assert run.code == 2, (args, run)
+        assert "Traceback" not in run.err + run.out, (args, run)
+        lines = run.err.strip().splitlines()
+        assert len(lines) == 1, (args, run.err)
+        assert message in lines[0], (args, lines[0])
+        assert "listening" not in run.out + run.err
+        # The server that was configured properly serves a scan meanwhile.
+        done = scan(client, [FileShareInstructions((r"\\localhost\scans",))], b"page")
+        assert done.state == "Completed", done
+    server.stop_cleanly()

@@ -143,10 +143,31 @@ def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> N
             "[limits]: Limits.max_image_bytes must be a positive int, got 'abc'",
         ),
         ("[limits]\nhead_timeout = 0\n", "Limits.head_timeout must be a positive number"),
-        ("[jobs]\ntimeout_seconds = -5\n", "ServerConfig.job_timeout_seconds must be"),
-        ('[jobs]\nhistory_size = "lots"\n', "configuration: invalid literal for int()"),
-        ("[processes]\nPSP-1 = 5\n", "ServerConfig.process_names must be a mapping"),
-        ('[server]\nfriendly_name = ""\n', "ServerConfig.friendly_name must be a non-empty"),
+        ("[jobs]\ntimeout_seconds = -5\n", "[jobs] timeout_seconds must be a positive number"),
+        ('[jobs]\nhistory_size = "lots"\n', "[jobs] history_size must be a whole number >= 0"),
+        ("[processes]\nPSP-1 = 5\n", '[processes] "PSP-1" must be a non-empty string, got 5'),
+        ('[server]\nfriendly_name = ""\n', "[server] friendly_name must be a non-empty string"),
+        # Issue 8 point 7: every key's type and range, checked when the file is loaded.
+        ("[server]\nport = 70000\n", "[server] port must be a whole number from 0 to 65535"),
+        ('[server]\nport = "5362"\n', "[server] port must be a whole number from 0 to 65535"),
+        ("[server]\nport = true\n", "[server] port must be a whole number"),
+        ("[server]\nhost = 5\n", "[server] host must be a non-empty string, got 5"),
+        ('server = "x"\n', "server must be a table ([server] on a line of its own)"),
+        ("[jobs]\nspool_retention_seconds = inf\n", "[jobs] spool_retention_seconds must be"),
+        ("[jobs]\nhistory_size = 2.5\n", "[jobs] history_size must be a whole number"),
+        ("[smtp]\nport = 0\n", "[smtp] port must be a whole number from 1 to 65535, got 0"),
+        ('[smtp]\nstarttls = "false"\n', "[smtp] starttls must be true or false"),
+        ("[smtp]\ntimeout = 0\n", "[smtp] timeout must be a positive number of seconds"),
+        ("[smtp]\npassword = 1234\n", "[smtp] password must be a string (in quotes), got '...'"),
+        ("[sharepoint]\ntimeout = -1\n", "[sharepoint] timeout must be a positive number"),
+        ('[sharepoint]\nca_file = "missing.pem"\n', "[sharepoint] ca_file"),
+        ('[users]\nscan_admins = "admin"\n', "[users] scan_admins must be a list of strings"),
+        ("[users.directory]\nS-1 = 1\n", '[users.directory] "S-1" must be a non-empty string'),
+        ("[shares]\n'\\\\\\\\h\\\\s' = 1\n", "[shares]"),
+        ("[limits]\nmax_connections = 0\n", "[limits]: Limits.max_connections must be"),
+        ("[eventing]\ndefault_seconds = 100\nmax_seconds = 10\n", "more than max_seconds"),
+        ('[tls]\nkey = "server.key"\n', "a TLS key (--tls-key or [tls] key) without a certificate"),
+        ('[tls]\ncert = "nope.pem"\n', "TLS certificate"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_it(tmp_path: Path, text: str, message: str) -> None:
@@ -180,3 +201,33 @@ def test_tls_with_client_certificates_requires_them(tmp_path: Path) -> None:
     assert s.server.base_url.startswith("https://")
     context = s.server_ssl_context()
     assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_command_line_key_without_cert_is_an_error(tmp_path: Path) -> None:
+    """--tls-key alone used to start plain HTTP; whoever gave a key meant TLS."""
+    key = tmp_path / "server.key"
+    key.write_text("key")
+    with pytest.raises(ConfigError, match="--tls-cert"):
+        load_settings(key=key)
+
+
+def test_command_line_port_out_of_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--port must be from 0 to 65535"):
+        load_settings(port=65536)
+
+
+def test_data_dir_checks(tmp_path: Path) -> None:
+    from dsc_bindings.settings import prepare_data_dir
+
+    fresh = tmp_path / "a" / "b"
+    prepare_data_dir(fresh)
+    assert fresh.is_dir() and list(fresh.iterdir()) == []  # the write probe leaves nothing
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="is a file, not a directory: move it away or choose"):
+        prepare_data_dir(blocker)
+    with pytest.raises(ConfigError, match="cannot create the data directory"):
+        prepare_data_dir(blocker / "data")
+    (fresh / "spool").write_text("oops")
+    with pytest.raises(ConfigError, match="spool is a file, not a directory"):
+        prepare_data_dir(fresh)

@@ -669,7 +669,7 @@ def _print_job(view: dc.JobView, destinations: dict[int, dict[str, Any]]) -> Non
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run_server
-    from .settings import ConfigError, Settings, load_settings
+    from .settings import ConfigError, Settings, load_settings, prepare_data_dir
 
     def load() -> Settings:
         return load_settings(
@@ -685,6 +685,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load()
+        # Before anything starts: a data directory or TLS files the server cannot use are one
+        # line and exit status 2 here, not a server that then fails every request.
+        prepare_data_dir(settings.data_dir)
+        settings.server_ssl_context()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
     return run_server(settings, log_level=args.log_level, reload=load if args.config else None)

@@ -88,7 +88,7 @@ def run_server(
     from dsc_core import ServerConfig
 
     from .service import ScanService
-    from .settings import ConfigError
+    from .settings import ConfigError, prepare_data_dir
 
     logging.basicConfig(
         level=getattr(logging, log_level),
@@ -99,7 +99,11 @@ def run_server(
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_data_dir(settings.data_dir)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         settings = settings.with_installation_identity()
     except (OSError, ValueError) as exc:

@@ -75,6 +75,8 @@ Example (every section optional)::
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
@@ -162,14 +164,101 @@ _SECTIONS = {
 }
 
 
-def _take(table: dict[str, Any], section: str, allowed: set[str]) -> dict[str, Any]:
-    unknown = set(table) - allowed
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(sorted(allowed))}"
-        )
-    return table
+class _Table:
+    """One ``[section]`` of the file, read key by key with its type and range checked, so that
+    every mistake is one ConfigError naming the key, what it must be, and the value found
+    (issue 8: checked at load, never a traceback, never a server failing every request)."""
+
+    def __init__(self, raw: dict[str, Any], section: str, allowed: set[str]) -> None:
+        value = raw.get(section, {})
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{section} must be a table ([{section}] on a line of its own), got {_shown(value)}"
+            )
+        unknown = set(value) - allowed
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        self.raw: dict[str, Any] = value
+        self.section = section
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw
+
+    def __bool__(self) -> bool:
+        return bool(self.raw)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def error(self, key: str, what: str, value: object) -> ConfigError:
+        return ConfigError(f"[{self.section}] {key} must be {what}, got {_shown(value)}")
+
+    def text(self, key: str, default: str) -> str:
+        value = self.raw.get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, "a non-empty string", value)
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        return self.text(key, "") if key in self.raw else None
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw.get(key, default)
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            span = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.error(key, f"a whole number {span}", value)
+        return value
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise self.error(key, "a positive number of seconds", value)
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, "true or false (without quotes)", value)
+        return value
+
+    def text_list(self, key: str) -> list[str]:
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(key, 'a list of strings, e.g. ["a", "b"]', value)
+        return value
+
+    def text_table(self, key: str | None = None) -> dict[str, str]:
+        value = self.raw if key is None else self.raw.get(key, {})
+        where = f"[{self.section}]" if key is None else f"[{self.section}.{key}]"
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table of names to strings, got {_shown(value)}")
+        for name, item in value.items():
+            if not isinstance(item, str) or not item:
+                raise ConfigError(
+                    f'{where} "{name}" must be a non-empty string, got {_shown(item)}'
+                )
+        return dict(value)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_PORT_MAX = 65535
 
 
 def _site_prefixes(value: object) -> tuple[SitePrefix, ...]:
@@ -236,8 +325,8 @@ def load_settings(
             f"unknown section(s): {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(sorted(_SECTIONS))}"
         )
-    srv = _take(
-        raw.get("server", {}),
+    srv = _Table(
+        raw,
         "server",
         {
             "host",
@@ -251,29 +340,21 @@ def load_settings(
             "dsc_service_uuid",
         },
     )
-    tls = _take(raw.get("tls", {}), "tls", {"cert", "key", "client_ca"})
-    limits_raw = _take(
-        raw.get("limits", {}), "limits", {f.name for f in dataclasses.fields(Limits)}
-    )
-    jobs = _take(
-        raw.get("jobs", {}),
-        "jobs",
-        {"timeout_seconds", "history_size", "spool_retention_seconds"},
-    )
-    users = _take(raw.get("users", {}), "users", {"scan_admins", "directory", "email"})
-    smtp = _take(
-        raw.get("smtp", {}),
+    tls = _Table(raw, "tls", {"cert", "key", "client_ca"})
+    limits_raw = _Table(raw, "limits", {f.name for f in dataclasses.fields(Limits)})
+    jobs = _Table(raw, "jobs", {"timeout_seconds", "history_size", "spool_retention_seconds"})
+    users = _Table(raw, "users", {"scan_admins", "directory", "email"})
+    smtp = _Table(
+        raw,
         "smtp",
         {"host", "port", "starttls", "username", "password", "from", "timeout", "allowed_domains"},
     )
-    sharepoint = _take(
-        raw.get("sharepoint", {}),
-        "sharepoint",
-        {"username", "password", "timeout", "ca_file", "sites"},
-    )
-    eventing = _take(raw.get("eventing", {}), "eventing", {"default_seconds", "max_seconds"})
-    directory_raw = _take(
-        raw.get("directory", {}),
+    sharepoint = _Table(raw, "sharepoint", {"username", "password", "timeout", "ca_file", "sites"})
+    eventing = _Table(raw, "eventing", {"default_seconds", "max_seconds"})
+    processes = _Table(raw, "processes", set(raw.get("processes", {}) or {}))
+    shares = _Table(raw, "shares", set(raw.get("shares", {}) or {}))
+    directory_raw = _Table(
+        raw,
         "directory",
         {
             "url",
@@ -298,79 +379,110 @@ def load_settings(
         candidate = Path(str(value)).expanduser()
         return candidate if candidate.is_absolute() else base / candidate
 
-    data = data_dir or resolve(srv.get("data")) or Path("var")
+    data = data_dir or resolve(srv.optional_text("data")) or Path("var")
+    if port is not None and not 0 <= port <= _PORT_MAX:
+        raise ConfigError(f"--port must be from 0 to {_PORT_MAX}, got {port}")
     listen = ListenOptions(
-        host=host or srv.get("host", "127.0.0.1"),
-        port=port if port is not None else int(srv.get("port", 5362)),
-        binding=binding or srv.get("binding", "async"),
-        cert=cert or resolve(tls.get("cert")),
-        key=key or resolve(tls.get("key")),
-        client_ca=client_ca or resolve(tls.get("client_ca")),
+        host=host or srv.text("host", "127.0.0.1"),
+        port=port if port is not None else srv.integer("port", 5362, minimum=0, maximum=_PORT_MAX),
+        binding=binding or srv.text("binding", "async"),
+        cert=cert or resolve(tls.optional_text("cert")),
+        key=key or resolve(tls.optional_text("key")),
+        client_ca=client_ca or resolve(tls.optional_text("client_ca")),
     )
     if listen.binding not in ("async", "blocking"):
         raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
+    if listen.key and not listen.cert:
+        # Not plain HTTP: someone who gave a key meant TLS (issue 8).
+        raise ConfigError(
+            "a TLS key (--tls-key or [tls] key) without a certificate: give the server "
+            "certificate with --tls-cert (or [tls] cert) as well"
+        )
     if listen.client_ca and not listen.cert:
         raise ConfigError(
             "client certificates (client_ca) need TLS: give a server "
             "certificate with --tls-cert/--tls-key"
         )
+    for what, file in (
+        ("certificate", listen.cert),
+        ("key", listen.key),
+        ("client CA", listen.client_ca),
+    ):
+        if file is not None and not file.is_file():
+            raise ConfigError(f"TLS {what} {file}: no such file; check the path")
     try:
-        limits = Limits(**limits_raw)
+        limits = Limits(**limits_raw.raw)
     except (TypeError, ValueError) as exc:  # ValueError names the field and the bad value
         raise ConfigError(f"[limits]: {exc}") from exc
-    public = (
-        srv.get("public_url")
-        or f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}"
+    public = srv.optional_text("public_url") or (
+        f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}"
         f":{listen.port}"
     )
+    default_seconds = eventing.seconds("default_seconds", 3600.0)
+    max_seconds = eventing.seconds("max_seconds", 86400.0)
+    if default_seconds > max_seconds:
+        raise ConfigError(
+            f"[eventing] default_seconds ({default_seconds:g}) is more than max_seconds "
+            f"({max_seconds:g}): raise max_seconds or lower default_seconds"
+        )
     try:
         server = ServerConfig(
             limits=limits,
             base_url=str(public).rstrip("/"),
-            job_timeout_seconds=float(jobs.get("timeout_seconds", 600.0)),
-            history_size=int(jobs.get("history_size", 1000)),
-            spool_retention_seconds=float(jobs.get("spool_retention_seconds", 7 * 24 * 3600.0)),
+            job_timeout_seconds=jobs.seconds("timeout_seconds", 600.0),
+            history_size=jobs.integer("history_size", 1000, minimum=0),
+            spool_retention_seconds=jobs.seconds("spool_retention_seconds", 7 * 24 * 3600.0),
             require_client_certificates=listen.client_ca is not None,
-            scan_admins=frozenset(users.get("scan_admins", ())),
-            user_directory=dict(users.get("directory", {})),
-            user_email=dict(users.get("email", {})),
-            process_names=dict(raw.get("processes", {})),
-            subscription_default_seconds=float(eventing.get("default_seconds", 3600.0)),
-            subscription_max_seconds=float(eventing.get("max_seconds", 86400.0)),
+            scan_admins=frozenset(users.text_list("scan_admins")),
+            user_directory=users.text_table("directory"),
+            user_email=users.text_table("email"),
+            process_names=processes.text_table(),
+            subscription_default_seconds=default_seconds,
+            subscription_max_seconds=max_seconds,
         )
-        identity = {key: str(srv[key]) for key in UUID_KEYS if key in srv}
+        identity = {key: srv.text(key, "") for key in UUID_KEYS if key in srv}
         server = server.replace(**identity)  # the rest comes from the data directory
         if "friendly_name" in srv:
             # Only when given: ServerConfig is a slots dataclass, so ServerConfig.friendly_name is
             # a member descriptor, not the default string (it broke WS-Transfer Get with a 500).
-            server = server.replace(friendly_name=str(srv["friendly_name"]))
-    except (TypeError, ValueError) as exc:  # [server], [jobs], [users], [processes], [eventing]
+            server = server.replace(friendly_name=srv.text("friendly_name", ""))
+    except (TypeError, ValueError) as exc:  # what the core's own validation refuses
         raise ConfigError(f"configuration: {exc}") from exc
-    directory = _directory_settings(directory_raw, resolve) if directory_raw else None
+    directory = _directory_settings(directory_raw.raw, resolve) if directory_raw else None
     if directory is not None:
         server = server.replace(directory=True)
     sharepoint_context = None
-    if sharepoint.get("ca_file"):
-        sharepoint_context = ssl.create_default_context(cafile=str(resolve(sharepoint["ca_file"])))
+    ca_file = resolve(sharepoint.optional_text("ca_file"))
+    if ca_file is not None:
+        try:
+            sharepoint_context = ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"[sharepoint] ca_file {ca_file}: {getattr(exc, 'strerror', None) or exc}; "
+                "give a PEM file of the CA that signed the SharePoint server's certificate"
+            ) from exc
     roots = tuple(
-        (unc, resolve(local) or Path(local)) for unc, local in raw.get("shares", {}).items()
+        (unc, resolve(local) or Path(local)) for unc, local in shares.text_table().items()
     )
     filter_kw: dict[str, Any] = {
-        "smtp_host": smtp.get("host", "localhost"),
-        "smtp_port": int(smtp.get("port", 25)),
-        "smtp_starttls": bool(smtp.get("starttls", False)),
-        "smtp_username": smtp.get("username"),
-        "smtp_password": smtp.get("password"),
-        "smtp_timeout": float(smtp.get("timeout", 30.0)),
-        "mail_from": smtp.get("from", "scan-server@localhost"),
-        "user_email": dict(users.get("email", {})),
-        "sharepoint_username": sharepoint.get("username"),
-        "sharepoint_password": sharepoint.get("password"),
-        "sharepoint_timeout": float(sharepoint.get("timeout", 60.0)),
+        "smtp_host": smtp.text("host", "localhost"),
+        "smtp_port": smtp.integer("port", 25, minimum=1, maximum=_PORT_MAX),
+        "smtp_starttls": smtp.boolean("starttls", False),
+        "smtp_username": smtp.optional_text("username"),
+        "smtp_password": smtp.get("password") if "password" in smtp else None,
+        "smtp_timeout": smtp.seconds("timeout", 30.0),
+        "mail_from": smtp.text("from", "scan-server@localhost"),
+        "user_email": users.text_table("email"),
+        "sharepoint_username": sharepoint.optional_text("username"),
+        "sharepoint_password": sharepoint.get("password") if "password" in sharepoint else None,
+        "sharepoint_timeout": sharepoint.seconds("timeout", 60.0),
         "sharepoint_ssl_context": sharepoint_context,
         "sharepoint_sites": _site_prefixes(sharepoint.get("sites", [])),
         "mail_domains": _mail_domains(smtp.get("allowed_domains")),
     }
+    for table in (smtp, sharepoint):
+        if "password" in table and not isinstance(table.get("password"), str):
+            raise table.error("password", "a string (in quotes)", "...")  # never echo it
     try:
         filters = (
             FilterSettings(share_roots=roots, **filter_kw)
@@ -380,6 +492,43 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(f"[shares]/[smtp]: {exc}") from exc
     return Settings(data, listen, server, filters, path, directory, identity)
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory if needed and prove it is a writable directory, before the
+    server starts (issue 8: not a server that starts and then fails every request).  Raises
+    ConfigError naming the path and what to do."""
+    hint = "choose another with --data (or [server] data)"
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(
+            f"data directory {data_dir} is a file, not a directory: move it away or {hint}"
+        )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the data directory {data_dir}: {exc.strerror}; create it, or {hint}"
+        ) from exc
+    for folder in (data_dir, data_dir / "spool"):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a directory: move it away or {hint}")
+        if not folder.exists():
+            continue
+        probe = folder / f".dsc-write-test-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                f"data directory {folder} is not writable ({exc.strerror}): give the user running "
+                f"dsc serve write access to it, or {hint}"
+            ) from exc
+    database = data_dir / "jobs.sqlite3"
+    if database.exists() and (not database.is_file() or not os.access(database, os.W_OK)):
+        raise ConfigError(
+            f"the job store {database} is not a writable file: fix its permissions, or {hint}"
+        )
 
 
 def _directory_settings(
