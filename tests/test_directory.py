@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dsc_bindings.directory import Directory, DirectorySettings
+from dsc_bindings.directory import Directory, DirectoryError, DirectorySettings
 from dsc_bindings.processes import ProcessStore, ScanProcess
 from dsc_core import Lookups
 from e2e_support import dsc
@@ -293,3 +293,30 @@ def test_wrong_password_and_unreachable_directory_are_one_line(
     down = dsc("process", "list", "--config", str(nowhere))
     assert down.code == 1 and down.err.startswith("dsc: directory: ldaps://127.0.0.1:9"), down
     assert "Traceback" not in down.err
+
+
+def test_starttls_on_ldap_and_plain_ldap_refused_for_simple_binds(samba_dc: SambaDC) -> None:
+    # ldap:// with ca_file: StartTLS, certificate checked against the CA.
+    starttls = Directory(settings(samba_dc, url=f"ldap://{samba_dc.address}"))
+    user = starttls.user_by_sid(samba_dc.sid("bob"))
+    assert user is not None and user.account == f"bob@{DOMAIN}"
+    # Plain ldap:// without a CA: the DC wants a protected connection for a password; the
+    # message says what to change.
+    plain = Directory(settings(samba_dc, url=f"ldap://{samba_dc.address}", ca_file=None))
+    with pytest.raises(DirectoryError, match="use ldaps:// or give ca_file"):
+        plain.connect()
+    assert plain.answer(Lookups(sids=(samba_dc.sid("bob"),))).unavailable
+    # A CA that did not sign the DC's certificate is refused, not ignored.
+    other_ca = Directory(settings(samba_dc, ca_file=Path(certifi_like_ca(samba_dc))))
+    with pytest.raises(DirectoryError):
+        other_ca.connect()
+
+
+def certifi_like_ca(dc: SambaDC) -> str:
+    """A CA file of some other CA (trustme's), beside the DC's folder."""
+    import trustme
+
+    path = dc.folder / "other-ca.pem"
+    if not path.exists():
+        trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
