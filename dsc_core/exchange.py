@@ -179,6 +179,20 @@ class Exchange:
 
     # --- ending ---------------------------------------------------------------------------------
 
+    @property
+    def operation(self) -> str:
+        """The name of the requested operation (the last segment of its wsa:Action, e.g.
+        ``CreatePostScanJob``) once the envelope was read, ``unknown`` for an action no
+        operation declares, and "" before or without a readable action: for the binding's log
+        and metrics, whose labels must stay a bounded set."""
+        addressing = self._envelope.addressing if self._envelope else self._salvaged
+        action = addressing.action if addressing is not None else None
+        if not action:
+            return ""
+        if self.operations.get(action) is None:
+            return "unknown"
+        return action.rsplit("/", 1)[-1]
+
     def lookups(self) -> Lookups:
         """What the request needs from the user directory (R14, directory.py): call it after
         the body is fed and before :meth:`end`, and pass the answers to ``end``.  Empty unless

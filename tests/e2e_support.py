@@ -38,6 +38,8 @@ DEFAULT_SID = "S-1-5-21-0-0-0-1000"
 LISTENING = "dsc-server listening on"
 #: The last line of the start-up block (serve._log_start): the whole block is in the log.
 READY = "dsc.serve: security: "
+#: The same line with ``--log-format json``.
+READY_JSON = '"logger": "dsc.serve", "message": "security: '
 STOPPED = "scan service stopped"
 
 
@@ -86,8 +88,11 @@ class ServerProcess:
         tls: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
         log_path: Path | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.data = data
+        #: More `dsc serve` options (e.g. ``--log-format json``).
+        self.extra = list(extra)
         self.binding = binding
         self.config = config
         self.tls = tls
@@ -120,6 +125,7 @@ class ServerProcess:
                 args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
             if self.client_ca is not None:
                 args += ["--client-ca", str(self.client_ca)]
+            args += self.extra
             self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with self.log_path.open("ab") as log_file:
                 self.proc = subprocess.Popen(
@@ -133,7 +139,8 @@ class ServerProcess:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 log = self.log
-                if LISTENING in log and READY in log and self._connectable():
+                ready = READY in log or READY_JSON in log
+                if LISTENING in log and ready and self._connectable():
                     return self
                 if self.proc.poll() is not None:
                     break

@@ -669,7 +669,7 @@ class _RecordingService:
         self.fail_feed = fail_feed
 
     def open_request(
-        self, content_type: str | None, identity: str | None, path: str
+        self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
     ) -> _RecordingRequest:
         self.log.append(("open", (content_type or "").encode()))
         return _RecordingRequest(self)

@@ -691,7 +691,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.server_ssl_context()
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-    return run_server(settings, log_level=args.log_level, reload=load if args.config else None)
+    return run_server(
+        settings,
+        log_level=args.log_level,
+        reload=load if args.config else None,
+        log_format=args.log_format,
+    )
 
 
 # --- argument parsing -------------------------------------------------------------------------
@@ -761,6 +766,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP binding: async (trio, default) or blocking (threads)",
     )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="text lines (default) or one JSON object per line for log collectors",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

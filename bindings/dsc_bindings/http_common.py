@@ -109,8 +109,16 @@ class RequestLike(Protocol):
 
 class ServiceLike(Protocol):
     def open_request(
-        self, content_type: str | None, identity: str | None, path: str
+        self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
     ) -> RequestLike: ...
+
+
+class ObserverLike(Protocol):
+    """What the driver reports, when the service has an observer (.observe.Observer)."""
+
+    def http_refused(self, status: int) -> None: ...
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
 
 
 # --- actions a binding carries out ------------------------------------------------------------
@@ -294,7 +302,8 @@ def request_has_body(request: h11.Request) -> bool:
 
 
 def check_request_head(request: h11.Request, limits: Limits) -> Rejection | None:
-    """405 for anything but POST (every SOAP operation is a POST, R1); 413 when the declared
+    """405 for anything but POST (every SOAP operation is a POST, R1; the read-only GET
+    endpoints of .statuspage are answered before this check); 413 when the declared
     Content-Length exceeds max_image_bytes + max_envelope_bytes (R12), before the body is read
     (and before any 100 Continue)."""
     if request.method != b"POST":
@@ -414,6 +423,15 @@ class HttpConnection:
         #: When the connection last became idle (clock()): the longest-idle one is reclaimed
         #: first at the connection limit.
         self.idle_since = clock()
+        # Optional parts of a service (a test double may have neither): the read-only web
+        # endpoints (.statuspage) and the observer that counts connections and refusals.
+        self._answer_get: Callable[[str, str | None], Reply | None] | None = getattr(
+            service, "answer_get", None
+        )
+        self._observer: ObserverLike | None = getattr(service, "observer", None)
+        self._counted = self._observer is not None
+        if self._observer is not None:
+            self._observer.connection_opened()
 
     # --- state a binding may look at ---------------------------------------------------------
 
@@ -520,6 +538,9 @@ class HttpConnection:
         aborts a started exchange (R12: a lost or timed-out upload leaves no debris; run it
         like a Call's function, following its Wait), or None.  Idempotent."""
         self._phase = "closed"
+        if self._counted and self._observer is not None:
+            self._counted = False
+            self._observer.connection_closed()
         request, self._request = self._request, None
         if request is None and self._calling is not None:
             request = self._calling.request  # a Call whose outcome was never reported
@@ -646,14 +667,23 @@ class HttpConnection:
                 self._peer,
                 self._limits.max_connections,
             )
+            self._refused(503)
             self._respond(
                 error_reply(503, "Too many open connections; retry later."),
                 close=True,
                 extra=(("Retry-After", "1"),),
             )
             return
+        if request.method == b"GET" and self._answer_get is not None:
+            # The status page, its JSON, /metrics and /healthz (.statuspage); any other GET
+            # is refused below like every other method but POST.
+            reply = self._answer_get(target, self._identity)
+            if reply is not None:
+                self._respond(reply, close=request_has_body(request))
+                return
         rejection = check_request_head(request, self._limits)
         if rejection is not None:
+            self._refused(rejection.status)
             log.warning(
                 "%s: %s %s refused with %d: %s",
                 self._peer,
@@ -671,9 +701,9 @@ class HttpConnection:
             return
         content_type = _header(request, b"content-type")
         ctype = content_type.decode("latin-1") if content_type is not None else None
-        identity, service = self._identity, self._service
+        identity, service, peer = self._identity, self._service, self._peer
         # Opened by the first Call this request needs (coalescing: module doc).
-        self._opener = lambda: service.open_request(ctype, identity, target)
+        self._opener = lambda: service.open_request(ctype, identity, target, peer)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
@@ -689,10 +719,15 @@ class HttpConnection:
         else:
             message = f"Malformed HTTP request: {exc}"
         log.warning("%s: %d: %s", self._peer, status, message)
+        self._refused(status)
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._respond(error_reply(status, message), close=True)
         else:
             self._close(False)
+
+    def _refused(self, status: int) -> None:
+        if self._observer is not None:
+            self._observer.http_refused(status)
 
     def _headers(self, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
         return [("Server", SERVER_NAME), *extra]

@@ -82,18 +82,32 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings, service: S
     service.reconfigure(server, fresh.filters)
 
 
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Standard error, one line per record: text for people, or one JSON object per line
+    (``--log-format json``, for log collectors; job events carry their fields)."""
+    from .observe import JsonFormatter
+
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
+
+
 def run_server(
-    settings: Settings, *, log_level: str = "INFO", reload: Callable[[], Settings] | None = None
+    settings: Settings,
+    *,
+    log_level: str = "INFO",
+    reload: Callable[[], Settings] | None = None,
+    log_format: str = "text",
 ) -> int:
     from dsc_core import ServerConfig
 
     from .service import ScanService
     from .settings import ConfigError, prepare_data_dir
 
-    logging.basicConfig(
-        level=getattr(logging, log_level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format)
     try:
         ssl_context = settings.server_ssl_context()
     except ConfigError as exc:

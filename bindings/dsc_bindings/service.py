@@ -73,6 +73,7 @@ from .delivery import DeliveryHub, DeliveryLimits
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
 from .identity import record_start
+from .observe import Observer
 from .store import JobStore, StoreError
 from .writer import CommandWriter, Routes, Ticket, Wait, settle
 
@@ -137,9 +138,11 @@ class ServiceRequest:
     once; where commands are being carried out it returns a :class:`Wait` (see ``settle``).
     """
 
-    def __init__(self, service: ScanService, exchange: Exchange) -> None:
+    def __init__(self, service: ScanService, exchange: Exchange, peer: str | None = None) -> None:
         self._service = service
         self._exchange = exchange
+        #: The client's address (``host:port``) for the log and the device records.
+        self._peer = peer
         #: The R4 step 9 fault once a store command of this exchange failed.
         self._failed: Reply | None = None
         self._reply: Reply | None = None
@@ -215,15 +218,21 @@ class ServiceRequest:
         return resume() if ticket.done else Wait(ticket, resume)
 
     def _end(self, answers: DirectoryAnswers | None) -> Outcome:
-        outcome = self._exchange.end(self._service.clock(), directory=answers)
+        exchange = self._exchange
+        outcome = exchange.end(self._service.clock(), directory=answers)
         if outcome.fault is not None:
-            # R12: every limit exceeded (and every other refusal) is logged.
+            # R12: every limit exceeded (and every other refusal) is logged, with who asked.
             log.info(
-                "request to %s answered with HTTP %d, %s",
-                self._exchange.info.path,
+                "%s: %s to %s answered with HTTP %d, %s",
+                self._peer or "?",
+                exchange.operation or "request",
+                exchange.info.path,
                 outcome.reply.status,
                 outcome.fault,
             )
+        observer = self._service.observer
+        observer.request_commands(outcome.commands, self._peer, exchange.info.identity)
+        observer.request_ended(exchange.operation, outcome.fault)
         return outcome
 
     def _after_feed(self, ticket: Ticket) -> Wait | None:
@@ -305,6 +314,8 @@ class ScanService:
         self._started = False
         self._closed = False
         self._instance_id = config.discovery_instance_id
+        #: Job log, metrics, device records and the status page's live state (.observe).
+        self.observer = Observer(self.data_dir)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -330,6 +341,7 @@ class ScanService:
         self.config = self.config.replace(discovery_instance_id=self._instance_id)
         try:
             jobs = store.load_jobs()
+            self.observer.open(jobs)
             self._engine = ProcessingEngine(
                 self.filter_settings,
                 self._documents_of,
@@ -400,6 +412,7 @@ class ScanService:
         self._hub.close(min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout)))
         if self._store is not None:
             self._store.close()
+        self.observer.close()
         log.info("scan service stopped")
 
     def __enter__(self) -> ScanService:
@@ -500,15 +513,53 @@ class ScanService:
     # --- requests -------------------------------------------------------------------------------
 
     def open_request(
-        self, content_type: str | None, identity: str | None, path: str
+        self,
+        content_type: str | None,
+        identity: str | None,
+        path: str,
+        peer: str | None = None,
     ) -> ServiceRequest:
         """Begin one HTTP request.  ``identity`` is the authenticated TLS client identity
-        (R10), None without one; ``path`` is informational (R1)."""
+        (R10), None without one; ``path`` is informational (R1); ``peer`` is the client's
+        address for the log and the device records."""
         info = RequestInfo(
             now=self.clock(), content_type=content_type, identity=identity, path=path
         )
         exchange = self._core_call(lambda: self.server.open_exchange(info))
-        return ServiceRequest(self, exchange)
+        return ServiceRequest(self, exchange, peer)
+
+    def answer_get(self, target: str, identity: str | None) -> Reply | None:
+        """A GET of the status page, its JSON, ``/metrics`` or ``/healthz``
+        (:mod:`.statuspage`), or None for any other path (the binding answers 405).  Called
+        in the core's owner context; reads memory only."""
+        from .statuspage import PATHS, View, answer, package_version
+
+        if target.split("?", 1)[0] not in PATHS:
+            return None
+
+        def view() -> View:
+            subscriptions = tuple(
+                {
+                    "id": sub.identifier,
+                    "notify_to": sub.notify_to.address,
+                    "expires": sub.expires.isoformat(timespec="seconds"),
+                    "events": sorted(a.rsplit("/", 1)[-1] for a in sub.actions),
+                }
+                for sub in self.server.subscriptions.by_id.values()
+            )
+            return View(
+                repository_state=self.server.repository_state.value,
+                subscriptions=subscriptions,
+                require_client_certificates=self.config.require_client_certificates,
+                scan_admins=frozenset(self.config.scan_admins),
+                data_dir=self.data_dir,
+                store_open=self._store is not None and not self._closed,
+                version=package_version(),
+            )
+
+        current = self._core_call(view)
+        self.observer.metrics.subscriptions.set(len(current.subscriptions))
+        return answer("GET", target, identity, current, self.observer)
 
     def reconfigure(
         self, config: ServerConfig, filter_settings: FilterSettings | None = None
@@ -588,7 +639,12 @@ class ScanService:
         return self._store
 
     def _store_apply(self, command: Command) -> None:
-        self._require_store().apply(command)  # type: ignore[arg-type]
+        try:
+            self._require_store().apply(command)  # type: ignore[arg-type]
+        except StoreError as exc:
+            self.observer.store_failed(exc.message)
+            raise
+        self.observer.applied(command)  # durable now: log it, count it, show it
 
     def _start_processing(self, command: StartProcessing) -> None:
         if self._engine is None:
@@ -630,6 +686,8 @@ class ScanService:
     # --- deliveries ---------------------------------------------------------------------------
 
     def _delivery_report(self, subscription_id: str, ok: bool) -> None:
+        if not ok:
+            self.observer.delivery_failed()
         self._core_soon(lambda: self._background(self.server.delivery_result(subscription_id, ok)))
 
     def _delivery_give_up(self, subscription_id: str) -> None:

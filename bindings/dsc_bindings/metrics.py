@@ -1,0 +1,83 @@
+"""Prometheus metrics of one scan service (``GET /metrics``), through ``prometheus_client``.
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` (not the process-wide default one), so
+two services in one process (tests, an embedding program) never mix their numbers, and the
+output holds only the server's metrics.  Label values are bounded: operations are the
+registry's actions (anything else is ``unknown``), fault subcodes come from the core's fixed
+set, job end states from R6.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: Upload of one image (SendImage: first byte written to the spool until durable), seconds.
+UPLOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Processing of one job (its filters: Pending until its end state), seconds.
+PROCESSING_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "dsc_requests",
+            "SOAP requests answered, by operation and outcome (ok or fault)",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.faults = Counter(
+            "dsc_faults", "SOAP faults answered, by subcode", ["subcode"], registry=r
+        )
+        self.http_refusals = Counter(
+            "dsc_http_refusals",
+            "Requests refused at the HTTP level (405, 413, 431, 503, ...), by status",
+            ["status"],
+            registry=r,
+        )
+        self.jobs_created = Counter("dsc_jobs_created", "PostScan jobs created", registry=r)
+        self.jobs_ended = Counter(
+            "dsc_jobs_ended", "PostScan jobs that reached an end state (R6)", ["state"], registry=r
+        )
+        self.image_bytes = Counter(
+            "dsc_image_bytes_received", "Bytes of acknowledged images (durable)", registry=r
+        )
+        self.images = Counter("dsc_images_received", "Acknowledged images", registry=r)
+        self.upload_seconds = Histogram(
+            "dsc_upload_seconds",
+            "Time to receive one image, first byte to durable",
+            buckets=UPLOAD_BUCKETS,
+            registry=r,
+        )
+        self.processing_seconds = Histogram(
+            "dsc_processing_seconds",
+            "Time to process one job's filters (end of the scan to the job's end state)",
+            buckets=PROCESSING_BUCKETS,
+            registry=r,
+        )
+        self.active_jobs = Gauge("dsc_active_jobs", "Jobs not in an end state", registry=r)
+        self.connections = Gauge("dsc_connections", "Open HTTP connections", registry=r)
+        self.subscriptions = Gauge(
+            "dsc_subscriptions", "Active WS-Eventing subscriptions", registry=r
+        )
+        self.delivery_failures = Counter(
+            "dsc_delivery_failures",
+            "Event notifications that could not be delivered to a subscriber",
+            registry=r,
+        )
+        self.filter_results = Counter(
+            "dsc_filter_results",
+            "PostScan filter runs that ended, by filter and result",
+            ["filter", "state"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        return generate_latest(self.registry)

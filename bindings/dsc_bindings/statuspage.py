@@ -1,0 +1,288 @@
+"""The read-only web endpoints served beside the SOAP services, on the same listener.
+
+=================  ===============================================  ============================
+``GET /``          the status page: one static HTML file, inline    scan administrators (R10)
+                   CSS and JS, no CDN, no build step; it polls
+                   ``/status.json`` every second and redraws
+``GET /status.json``  repository state, active jobs with progress,  scan administrators (R10)
+                   history with times and outcomes, devices,
+                   subscriptions, counters (``?job=TOKEN``: one
+                   job, with where each filter delivered)
+``GET /metrics``   Prometheus text format (prometheus_client)       every client that passed TLS
+``GET /healthz``   200 while the store is writable and the          every client that passed TLS
+                   repository is not Stopped, else 503
+=================  ===============================================  ============================
+
+R10: with client certificates required, the page and its JSON show user names, devices and
+destinations, so only scan administrators see them (403 otherwise).  ``/metrics`` holds counts
+only (no user, token or address) and ``/healthz`` only up/down: every client whose certificate
+the TLS layer accepted may read them, so a monitoring system needs a client certificate but not
+an administrator's.  Without client certificates (development mode) everyone is an
+administrator, as for MS-BDSRR.
+
+:func:`answer` decides; it needs a :class:`View` of the service, taken in the core's owner
+context (cheap: no disk, no network).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from dsc_core import Reply
+
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .observe import Observer
+
+__all__ = ["PAGE", "PATHS", "View", "answer"]
+
+JSON_TYPE = "application/json; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
+TEXT_TYPE = "text/plain; charset=utf-8"
+PATHS = frozenset({"/", "/status.json", "/metrics", "/healthz"})
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the page needs from the core and the service, read by the core's owner."""
+
+    repository_state: str
+    subscriptions: tuple[dict[str, Any], ...]
+    require_client_certificates: bool
+    scan_admins: frozenset[str]
+    data_dir: Path
+    store_open: bool
+    version: str
+
+
+def _reply(status: int, content_type: str, body: bytes) -> Reply:
+    return Reply(status, content_type, body)
+
+
+def _text(status: int, message: str) -> Reply:
+    return _reply(status, TEXT_TYPE, f"{message}\n".encode())
+
+
+def healthy(view: View, observer: Observer) -> tuple[bool, str]:
+    if view.repository_state == "Stopped":
+        return False, "repository Stopped"
+    if not view.store_open:
+        return False, "job store closed"
+    if not os.access(view.data_dir, os.W_OK):
+        return False, f"data directory {view.data_dir} not writable"
+    return True, "ok"
+
+
+@functools.cache
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsc-server")
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "(not installed)"
+
+
+def snapshot(view: View, observer: Observer) -> dict[str, Any]:
+    jobs = observer.jobs()
+    registry = observer.metrics.registry
+
+    def value(name: str, **labels: str) -> int:
+        return int(registry.get_sample_value(name, labels) or 0)
+
+    counters: dict[str, Any] = {
+        "jobs_created": value("dsc_jobs_created_total"),
+        "images_received": value("dsc_images_received_total"),
+        "bytes_received": value("dsc_image_bytes_received_total"),
+        "delivery_failures": value("dsc_delivery_failures_total"),
+        "connections": value("dsc_connections"),
+        "jobs_ended": {
+            state: value("dsc_jobs_ended_total", state=state)
+            for state in ("Completed", "Aborted", "Canceled")
+        },
+    }
+    devices = observer.devices.all() if observer.devices is not None else []
+    return {
+        "server": {
+            "version": view.version,
+            "now": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "started": datetime.fromtimestamp(observer.started)
+            .astimezone()
+            .isoformat(timespec="seconds"),
+            "repository_state": view.repository_state,
+        },
+        "counters": counters,
+        "active": [j for j in jobs if j["active"]],
+        "history": [j for j in jobs if not j["active"]],
+        "devices": [d.as_dict() for d in devices],
+        "subscriptions": list(view.subscriptions),
+    }
+
+
+def answer(
+    method: str, target: str, identity: str | None, view: View, observer: Observer
+) -> Reply | None:
+    """The answer to a GET of one of :data:`PATHS`, or None: not ours (the caller's 405)."""
+    parts = urlsplit(target)
+    path = parts.path
+    if method != "GET" or path not in PATHS:
+        return None
+    if path == "/healthz":
+        ok, why = healthy(view, observer)
+        return _text(200 if ok else 503, why)
+    if path == "/metrics":
+        return _reply(200, METRICS_CONTENT_TYPE, observer.metrics.render())
+    if view.require_client_certificates and (identity is None or identity not in view.scan_admins):
+        return _text(403, "The status page is for scan administrators only (R10).")
+    if path == "/":
+        return _reply(200, HTML_TYPE, PAGE.encode())
+    query = parse_qs(parts.query)
+    if "job" in query:
+        job = observer.job(query["job"][0])
+        if job is None:
+            return _reply(404, JSON_TYPE, b'{"error": "no such job"}\n')
+        return _reply(200, JSON_TYPE, json.dumps({"job": job}).encode())
+    return _reply(200, JSON_TYPE, json.dumps(snapshot(view, observer)).encode())
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>dsc-server status</title>
+<style>
+ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+ h1 { font-size: 1.4em; margin: 0 0 .2em; } h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
+ table { border-collapse: collapse; width: 100%; background: #fff; }
+ th, td { text-align: left; padding: .25em .6em; border-bottom: 1px solid #e4e4e4;
+          white-space: nowrap; }
+ th { background: #f0f0f0; font-weight: 600; } td.num { text-align: right; }
+ .tok { font-family: ui-monospace, monospace; }
+ .Completed { color: #17702f; } .Aborted, .bad { color: #b3261e; } .Canceled { color: #8a6d00; }
+ #status { color: #666; } .empty { color: #888; font-style: italic; }
+ .cards { display: flex; gap: 1em; flex-wrap: wrap; }
+ .card { background: #fff; border: 1px solid #e4e4e4; padding: .5em 1em; min-width: 8em; }
+ .card b { display: block; font-size: 1.3em; }
+</style>
+</head>
+<body>
+<h1>dsc-server</h1>
+<div id="status">loading&hellip;</div>
+<h2>Repository</h2>
+<div class="cards" id="counters"></div>
+<h2>Active jobs</h2>
+<table id="active"><thead><tr><th>Token</th><th>State</th><th>Created</th><th>Images</th>
+<th>Received</th><th>User</th><th>Device</th><th>Process</th><th>Filters</th></tr></thead>
+<tbody></tbody></table>
+<h2>History</h2>
+<table id="history"><thead><tr><th>Token</th><th>Outcome</th><th>Completed</th>
+<th>Duration</th><th>Images</th><th>User</th><th>Device</th><th>Filters and destinations</th>
+</tr></thead><tbody></tbody></table>
+<h2>Devices</h2>
+<table id="devices"><thead><tr><th>Address</th><th>Identity</th><th>First contact</th>
+<th>Last contact</th><th>Jobs</th><th>Completed</th><th>Failed</th><th>Canceled</th></tr>
+</thead><tbody></tbody></table>
+<h2>Subscriptions</h2>
+<table id="subscriptions"><thead><tr><th>Identifier</th><th>Notify to</th><th>Expires</th>
+<th>Events</th></tr></thead><tbody></tbody></table>
+<script>
+"use strict";
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return isNaN(d) ? iso : d.toLocaleString();
+}
+function size(n) {
+  const units = ["B", "KB", "MB", "GB"]; let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+function filters(job, withPlaces) {
+  return job.filters.map(f => f.filter + ": " + f.state +
+    (f.reasons.length ? " (" + f.reasons.join(", ") + ")" : "") +
+    (withPlaces && f.destinations.length ? " \\u2192 " + f.destinations.join(", ") : "")
+  ).join("; ");
+}
+function fill(id, rows, empty) {
+  const body = document.querySelector("#" + id + " tbody");
+  const cols = document.querySelectorAll("#" + id + " thead th").length;
+  body.replaceChildren();
+  if (!rows.length) {
+    const tr = el("tr"); const td = el("td", empty, "empty"); td.colSpan = cols;
+    tr.append(td); body.append(tr); return;
+  }
+  for (const row of rows) {
+    const tr = el("tr");
+    if (row.id) tr.id = row.id;
+    for (const cell of row.cells) tr.append(cell);
+    body.append(tr);
+  }
+}
+function draw(s) {
+  document.getElementById("status").textContent = "dsc-server " + s.server.version +
+    " \\u00b7 repository " + s.server.repository_state + " \\u00b7 updated " +
+    when(s.server.now);
+  const c = s.counters;
+  const cards = [["Repository", s.server.repository_state], ["Active jobs", s.active.length],
+    ["Jobs created", c.jobs_created], ["Completed", c.jobs_ended.Completed || 0],
+    ["Aborted", c.jobs_ended.Aborted || 0], ["Canceled", c.jobs_ended.Canceled || 0],
+    ["Images", c.images_received], ["Received", size(c.bytes_received)],
+    ["Connections", c.connections], ["Subscriptions", s.subscriptions.length],
+    ["Delivery failures", c.delivery_failures]];
+  const box = document.getElementById("counters"); box.replaceChildren();
+  for (const [name, value] of cards) {
+    const card = el("div", null, "card"); card.append(el("b", value), el("span", name));
+    box.append(card);
+  }
+  fill("active", s.active.map(j => ({id: "job-" + j.token, cells: [
+    el("td", j.token, "tok"), el("td", j.state),  el("td", when(j.created)),
+    el("td", j.images + (j.uploading.length ? " (+" + j.uploading.length + " arriving)" : ""),
+       "num"),
+    el("td", size(j.bytes), "num"), el("td", j.user), el("td", j.device),
+    el("td", j.process), el("td", filters(j, false))]})), "no active jobs");
+  fill("history", s.history.map(j => ({id: "job-" + j.token, cells: [
+    el("td", j.token, "tok"),
+    el("td", j.state + (j.reasons.length ? " (" + j.reasons.join(", ") + ")" : ""), j.state),
+    el("td", when(j.completed)), el("td", j.seconds === null ? "" : j.seconds.toFixed(1) + " s",
+    "num"), el("td", j.images, "num"), el("td", j.user), el("td", j.device),
+    el("td", filters(j, true))]})), "no completed jobs");
+  fill("devices", s.devices.map(d => ({cells: [
+    el("td", d.address), el("td", d.identity || "-"), el("td", when(d.first_contact)),
+    el("td", when(d.last_contact)), el("td", d.jobs, "num"), el("td", d.completed, "num"),
+    el("td", d.failed, "num"), el("td", d.canceled, "num")]})), "no devices yet");
+  fill("subscriptions", s.subscriptions.map(x => ({cells: [
+    el("td", x.id, "tok"), el("td", x.notify_to), el("td", when(x.expires)),
+    el("td", x.events.join(", "))]})), "no subscriptions");
+}
+async function poll() {
+  try {
+    const r = await fetch("status.json", {cache: "no-store"});
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    draw(await r.json());
+  } catch (e) {
+    const s = document.getElementById("status");
+    s.textContent = "cannot reach the server (" + e.message + "); retrying";
+    s.className = "bad";
+    setTimeout(poll, 2000); return;
+  }
+  document.getElementById("status").className = "";
+  setTimeout(poll, 1000);
+}
+poll();
+</script>
+</body>
+</html>
+"""
