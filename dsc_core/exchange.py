@@ -216,7 +216,12 @@ class Exchange:
         if operation.lookups is not None:
             needs = operation.lookups(Request(self.state, self._envelope, self.info))
         who = identity(self.state.config, self.info)
-        if operation.admin_only and who and who not in self.state.config.scan_admins:
+        # MS-BDSRR operations need an administrator (R10); so do subscriptions to its events
+        # (R13), and a WS-Eventing request does not say which service it is for until it is
+        # read, so eventing asks too (cached, and a directory that is down faults only where
+        # the answer is used).
+        wants_admin = operation.admin_only or operation.service == names.WSE
+        if wants_admin and who and who not in self.state.config.scan_admins:
             needs = replace(needs, admin=who)
         return needs
 

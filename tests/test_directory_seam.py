@@ -355,3 +355,26 @@ def test_after_a_failure_the_directory_is_not_asked_again_at_once(
         wait_for(lambda: len(silent.held) == attempts + 1, what="a new attempt after the pause")
     finally:
         silent.close()
+
+
+def test_eventing_asks_for_the_administrator_status_too() -> None:
+    """R13: subscriptions to MS-BDSRR events need an administrator, so a Subscribe with a
+    certificate identity asks the directory (the answer is used where the rule is applied)."""
+    config = ServerConfig(directory=True, require_client_certificates=True)
+    server = ScanServer(config, new_id=lambda: str(uuid.uuid4()))
+    subscribe = client.envelope(
+        A.SUBSCRIBE,
+        etree.Element(f"{{{names.WSE}}}Subscribe"),  # its content is read later, if at all
+        message_id=f"urn:uuid:{uuid.uuid4()}",
+    )
+    exchange = server.open_exchange(
+        RequestInfo(now=NOW, content_type="application/soap+xml", identity="carol")
+    )
+    exchange.feed(subscribe)
+    assert exchange.lookups() == Lookups(admin="carol")
+    # Without an identity (no client certificates) nothing is asked.
+    plain = ScanServer(ServerConfig(directory=True), new_id=lambda: "x").open_exchange(
+        RequestInfo(now=NOW, content_type="application/soap+xml")
+    )
+    plain.feed(subscribe)
+    assert not plain.lookups()
