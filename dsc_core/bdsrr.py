@@ -13,7 +13,13 @@ from .args import Item, request_element
 from .dsp import job_elements, read_job_elements
 from .lifecycle import JobInput
 from .operation import Operation, OpResult, Request, change, find_job
-from .xmlwrite import element_data, job_summary, repository_configuration, repository_status, sub
+from .xmlwrite import (
+    element_data,
+    repository_configuration,
+    repository_status,
+    splice_point,
+    sub,
+)
 
 NS = names.DSC
 A = names.Action
@@ -65,10 +71,10 @@ def read_get_active_jobs(request: Request) -> None:
 
 def get_active_jobs(request: Request, _args: None) -> OpResult:
     response = etree.Element(f"{{{NS}}}GetActiveJobsResponse")
-    container = sub(response, NS, "ActiveJobs")
-    for job in request.state.jobs.active():
-        job_summary(container, NS, job)
-    return OpResult(A.DSC_GET_ACTIVE_JOBS + "Response", response, {"dsc": NS})
+    splice_point(sub(response, NS, "ActiveJobs"))
+    cache = request.state.job_xml
+    jobs = tuple(cache.job_summary(NS, "dsc", job) for job in request.state.jobs.active())
+    return OpResult(A.DSC_GET_ACTIVE_JOBS + "Response", response, {"dsc": NS}, splice=jobs)
 
 
 def read_get_job_history(request: Request) -> None:
@@ -81,10 +87,10 @@ def read_get_job_history(request: Request) -> None:
 
 def get_job_history(request: Request, _args: None) -> OpResult:
     response = etree.Element(f"{{{NS}}}GetJobHistoryResponse")
-    container = sub(response, NS, "JobHistory")
-    for job in request.state.jobs.history():
-        job_summary(container, NS, job)
-    return OpResult(A.DSC_GET_JOB_HISTORY + "Response", response, {"dsc": NS})
+    splice_point(sub(response, NS, "JobHistory"))
+    cache = request.state.job_xml
+    jobs = tuple(cache.job_summary(NS, "dsc", job) for job in request.state.jobs.history())
+    return OpResult(A.DSC_GET_JOB_HISTORY + "Response", response, {"dsc": NS}, splice=jobs)
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (

@@ -26,6 +26,7 @@ from .state import ServerState
 from .transport import Outcome, Reply, RequestInfo
 from .users import identity, require_scan_admin
 from .xmlread import check_tree, parse_xml
+from .xmlwrite import SPLICE_MARKER
 
 SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
 
@@ -265,6 +266,8 @@ class Exchange:
             result.nsmap,
             result.headers,
         )
+        if result.splice is not None:
+            body = body.replace(SPLICE_MARKER, b"".join(result.splice), 1)
         return Outcome(Reply(200, SOAP_CONTENT_TYPE, body), tuple(early + result.commands))
 
     def _read(self) -> soap.Envelope:

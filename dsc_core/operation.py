@@ -93,6 +93,9 @@ class OpResult:
     undo: Callable[[], list[Command]] | None = None
     #: Header blocks after the addressing headers (wsd:AppSequence of ProbeMatches, R13).
     headers: tuple[Element, ...] = ()
+    #: Serialized elements that replace the payload's ``xmlwrite.splice_point`` (cached job
+    #: XML, issue 7); None when the payload has no splice point.
+    splice: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from .events import Notifier
 from .jobs import JobTable
 from .lifecycle import JobInput, JobLifecycle
 from .model import Job, RepositoryState
+from .xmlwrite import JobXmlCache
 
 
 class ServerState:
@@ -28,6 +29,9 @@ class ServerState:
         self.lifecycle = JobLifecycle(self.jobs, self.notifier)
         #: wsd:AppSequence MessageNumber of the last discovery message sent (R13).
         self.discovery_messages = 0
+        #: Job summaries serialized once per job version (large MS-BDSRR listings).
+        limits = self.config.limits
+        self.job_xml = JobXmlCache(2 * (limits.max_active_jobs + self.config.history_size) + 16)
 
     @property
     def stopped(self) -> bool:

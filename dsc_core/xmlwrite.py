@@ -94,6 +94,43 @@ def job_summary(parent: Element, ns: str, job: Job) -> Element:
     return el
 
 
+#: Where pre-serialized children go in a reply (``splice_point``); replaced, never sent.
+SPLICE_NS = "urn:dsc-server:splice"
+SPLICE_MARKER = f'<splice:here xmlns:splice="{SPLICE_NS}"/>'.encode()
+
+
+def splice_point(parent: Element) -> None:
+    """Mark where ``OpResult.splice`` (serialized elements) goes inside ``parent``."""
+    etree.SubElement(parent, f"{{{SPLICE_NS}}}here", nsmap={"splice": SPLICE_NS})
+
+
+class JobXmlCache:
+    """A job's summary XML, serialized once per job version (issue 7): a GetActiveJobs or
+    GetJobHistory reply with 1,000 jobs joins 1,000 cached byte strings instead of building
+    13 elements per job per request.  A job record is immutable and replaced on every change
+    (``Job.evolve``), so the cached bytes belong to exactly one record object.
+
+    The fragments use ``prefix`` for ``ns`` without declaring it: the reply envelope declares
+    it (the operation's nsmap)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple[str, str], tuple[Job, bytes]] = {}
+
+    def job_summary(self, ns: str, prefix: str, job: Job) -> bytes:
+        key = (job.token, ns)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is job:
+            return hit[1]
+        wrapper = etree.Element(f"{{{ns}}}wrapper", nsmap={prefix: ns})
+        data = etree.tostring(job_summary(wrapper, ns, job))
+        data = data.replace(f' xmlns:{prefix}="{ns}"'.encode(), b"", 1)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # jobs that left the table: rebuilt on demand
+        self._entries[key] = (job, data)
+        return data
+
+
 def end_state(parent: Element, ns: str, job: Job) -> Element:
     el = sub(parent, ns, "PostScanJobEndState")
     sub(el, ns, "JobToken", job.token)

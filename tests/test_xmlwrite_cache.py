@@ -1,0 +1,56 @@
+"""Job XML serialized once per job version (issue 7 point 2): GetActiveJobs and GetJobHistory
+join cached bytes; the reply is the same XML the element writers give, and a changed job is
+written afresh."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from core_support import Act, cancel_job, create_job, ok, soap, summaries
+from dsc_bindings.inprocess import InProcessTransport
+from dsc_core import names
+from dsc_core.xmlwrite import SPLICE_MARKER, JobXmlCache, job_summary
+
+
+def _listing(t: InProcessTransport) -> bytes:
+    reply = t.post(soap("<dsc:GetActiveJobsRequest/>", Act.DSC_ACTIVE))
+    ok(reply)
+    return reply.body
+
+
+def test_the_same_record_is_serialized_once() -> None:
+    t = InProcessTransport()
+    token = create_job(t)
+    job = t.server.jobs.get(token)
+    assert job is not None
+    cache = t.server.job_xml
+    first = cache.job_summary(names.DSC, "dsc", job)
+    assert cache.job_summary(names.DSC, "dsc", job) is first  # no second build
+    # The bytes are exactly the element writer's, minus the declaration the envelope makes.
+    wrapper = etree.Element(f"{{{names.DSC}}}w", nsmap={"dsc": names.DSC})
+    expected = etree.tostring(job_summary(wrapper, names.DSC, job))
+    assert first == expected.replace(f' xmlns:dsc="{names.DSC}"'.encode(), b"")
+
+
+def test_listings_follow_changes_and_hold_no_marker() -> None:
+    t = InProcessTransport()
+    tokens = [create_job(t) for _ in range(3)]
+    before = _listing(t)
+    assert SPLICE_MARKER not in before
+    assert [v.token for v in summaries(t, "ActiveJobs")] == tokens
+    ok(cancel_job(t, names.DSC, tokens[1]))
+    after = summaries(t, "ActiveJobs")
+    assert [v.token for v in after] == [tokens[0], tokens[2]]
+    history = summaries(t, "JobHistory")
+    assert [v.token for v in history] == [tokens[1]] and history[0].state != "Creating"
+    assert _listing(t) != before
+
+
+def test_the_cache_stays_bounded() -> None:
+    t = InProcessTransport()
+    cache = JobXmlCache(max_entries=2)
+    jobs = [t.server.jobs.get(create_job(t)) for _ in range(3)]
+    for job in jobs:
+        assert job is not None
+        cache.job_summary(names.DSC, "dsc", job)
+    assert len(cache._entries) <= 2
