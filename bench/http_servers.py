@@ -5,6 +5,9 @@
   all.  It is the cost of HTTP/1.1 keep-alive with h11 on trio: the floor under our binding.
 - ``core``: the project's async binding (``dsc_bindings.http_async.serve``) in front of a real
   ``dsc_bindings.service.ScanService`` (SQLite job store in a temporary directory).
+- ``blocking``: the blocking binding (``dsc_bindings.http_blocking``) in front of the same.
+- ``sink``: the floor of an upload: h11 on trio that writes each request body to a file as it
+  arrives, fsyncs it, and answers 200 (what ``curl --data-binary`` is compared against).
 
 Both print ``port N`` on the first stdout line and stop when their stdin is closed, so the
 benchmark needs no signals to end them.  Usage::
@@ -104,17 +107,93 @@ async def run_core(port: int) -> None:
             service.shutdown(timeout=2.0)
 
 
+def run_blocking(port: int) -> None:
+    from dsc_bindings.filters.settings import FilterSettings
+    from dsc_bindings.http_blocking import BlockingServer
+    from dsc_bindings.service import ScanService
+    from dsc_core import ServerConfig
+
+    config = ServerConfig()
+    with tempfile.TemporaryDirectory(prefix="dsc-bench-") as tmp:
+        service = ScanService(config, Path(tmp), FilterSettings.embedded_default(tmp))
+        service.start()
+        server = BlockingServer(service, "127.0.0.1", port, None, config.limits, grace=1.0)
+        try:
+            print(f"port {server.start()}", flush=True)
+            while sys.stdin.buffer.read(4096):
+                pass
+        finally:
+            server.shutdown()
+            service.shutdown(timeout=2.0)
+
+
+# --- the upload floor: write and fsync ----------------------------------------------------------
+
+
+async def _sink_connection(stream: trio.SocketStream, folder: Path) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+    fd = -1
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(256 * 1024))
+            elif isinstance(event, h11.Request):
+                fd = os.open(folder / f"upload-{id(stream)}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                if conn.they_are_waiting_for_100_continue:
+                    await stream.send_all(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+            elif isinstance(event, h11.Data):
+                view = memoryview(event.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            elif isinstance(event, h11.EndOfMessage):
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                out = conn.send(h11.Response(status_code=200, headers=[("Content-Length", "2")]))
+                out += conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+            else:
+                return
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        await stream.aclose()
+
+
+async def run_sink(port: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="dsc-sink-") as tmp:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+        print(f"port {listeners[0].socket.getsockname()[1]}", flush=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_stdin_eof, nursery.cancel_scope)
+            await trio.serve_listeners(
+                functools.partial(_sink_connection, folder=Path(tmp)), listeners
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="HTTP servers for bench/run.py")
-    parser.add_argument("kind", choices=("floor", "core"))
+    parser.add_argument("kind", choices=("floor", "core", "blocking", "sink"))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--body-file", type=Path, help="floor: the fixed reply body")
     args = parser.parse_args(argv)
     if args.kind == "floor":
         body = args.body_file.read_bytes() if args.body_file else b"<ok/>"
         trio.run(run_floor, args.port, body)
-    else:
+    elif args.kind == "core":
         trio.run(run_core, args.port)
+    elif args.kind == "blocking":
+        run_blocking(args.port)
+    else:
+        trio.run(run_sink, args.port)
     return 0
 
 
