@@ -336,6 +336,7 @@ def bench_large(quick: bool) -> None:
     )
     now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     info = RequestInfo(now=now, content_type=SOAP)
+
     def create() -> str:
         return token_of(server.handle(create_request(), info).reply.body)
 

@@ -17,6 +17,7 @@ from .xmlwrite import (
     element_data,
     repository_configuration,
     repository_status,
+    splice_payload,
     splice_point,
     sub,
 )
@@ -33,6 +34,27 @@ def read_repository_elements(request: Request) -> list[tuple[str, str]]:
 
 
 def get_repository_elements(request: Request, wanted: list[tuple[str, str]]) -> OpResult:
+    """The answer depends only on the names asked for, the configuration and the repository
+    state, so it is serialized once per combination (issue 7: the most frequent management
+    request) and spliced into each reply's envelope."""
+    action = A.DSC_GET_REPOSITORY_ELEMENTS + "Response"
+    cache = request.state.repository_answers
+    key = (tuple(wanted), request.state.repository_state)
+    if cache.config is not request.config:
+        cache.reset(request.config)
+    answer = cache.answers.get(key)
+    if answer is None:
+        result = _repository_elements(request, wanted)
+        assert result.payload is not None
+        # Self-contained: the prefixes its QName values use are declared on it (R3).
+        payload = etree.Element(result.payload.tag, nsmap=result.nsmap)
+        payload.extend(list(result.payload))
+        answer = etree.tostring(payload)
+        cache.put(key, answer)
+    return OpResult(action, splice_payload(), {}, splice=(answer,))
+
+
+def _repository_elements(request: Request, wanted: list[tuple[str, str]]) -> OpResult:
     nsmap = {"dsc": NS, "ftr": names.FILTER}
     response = etree.Element(f"{{{NS}}}GetRepositoryElementsResponse")
     container = sub(response, NS, "RepositoryElements")

@@ -14,7 +14,7 @@ from .events import Notifier
 from .jobs import JobTable
 from .lifecycle import JobInput, JobLifecycle
 from .model import Job, RepositoryState
-from .xmlwrite import JobXmlCache
+from .xmlwrite import AnswerCache, JobXmlCache
 
 
 class ServerState:
@@ -32,6 +32,8 @@ class ServerState:
         #: Job summaries serialized once per job version (large MS-BDSRR listings).
         limits = self.config.limits
         self.job_xml = JobXmlCache(2 * (limits.max_active_jobs + self.config.history_size) + 16)
+        #: GetRepositoryElements payloads by (names asked, repository state).
+        self.repository_answers = AnswerCache()
 
     @property
     def stopped(self) -> bool:

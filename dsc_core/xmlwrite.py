@@ -104,6 +104,30 @@ def splice_point(parent: Element) -> None:
     etree.SubElement(parent, f"{{{SPLICE_NS}}}here", nsmap={"splice": SPLICE_NS})
 
 
+def splice_payload() -> Element:
+    """A payload that is only a splice point (the whole Body child comes from the splice)."""
+    return etree.Element(f"{{{SPLICE_NS}}}here", nsmap={"splice": SPLICE_NS})
+
+
+class AnswerCache:
+    """Serialized answers that depend only on a small key and the configuration (the
+    GetRepositoryElements payload); bounded, emptied when the configuration object changes."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self.config: object = None
+        self.answers: dict[object, bytes] = {}
+
+    def reset(self, config: object) -> None:
+        self.config = config
+        self.answers.clear()
+
+    def put(self, key: object, answer: bytes) -> None:
+        if len(self.answers) >= self.max_entries:
+            self.answers.clear()
+        self.answers[key] = answer
+
+
 class JobXmlCache:
     """A job's summary XML, serialized once per job version (issue 7): a GetActiveJobs or
     GetJobHistory reply with 1,000 jobs joins 1,000 cached byte strings instead of building

@@ -54,3 +54,33 @@ def test_the_cache_stays_bounded() -> None:
         assert job is not None
         cache.job_summary(names.DSC, "dsc", job)
     assert len(cache._entries) <= 2
+
+
+def _repository(t: InProcessTransport) -> bytes:
+    body = (
+        "<dsc:GetRepositoryElementsRequest><dsc:RequestedElements>"
+        "<dsc:Name>dsc:RepositoryStatus</dsc:Name><dsc:Name>dsc:RepositoryConfiguration</dsc:Name>"
+        "</dsc:RequestedElements></dsc:GetRepositoryElementsRequest>"
+    )
+    reply = t.post(soap(body, Act.DSC_REPOSITORY))
+    ok(reply)
+    return reply.body
+
+
+def test_repository_answers_are_reused_until_something_changes() -> None:
+    from datetime import UTC, datetime
+
+    t = InProcessTransport()
+    first = _repository(t)
+    assert len(t.server.repository_answers.answers) == 1
+    second = _repository(t)
+    assert len(t.server.repository_answers.answers) == 1  # the same answer, reused
+    payload = first.split(b"<soap:Body>")[1]
+    assert (
+        payload.split(b"</soap:Body>")[0]
+        == second.split(b"<soap:Body>")[1].split(b"</soap:Body>")[0]
+    )
+    assert b"ftr:email" in first
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    t.server.reconfigure(t.server.config.replace(filters=("fileshare",)), now)
+    assert b"ftr:email" not in _repository(t)  # a reload is seen at once
