@@ -17,7 +17,8 @@ it says what else a move does, because that does not fit in a table:
   further filter); when the engine is done, the filters decide how the job completed.
 - The clock times out Creating jobs idle for ``job_timeout_seconds``, except one whose image is
   still arriving; ``next_timeout`` is exactly the time the next one would be timed out.
-- A restart ends jobs that were running Aborted and hands Pending ones to the engine again.
+- A restart hands jobs that were running back to the engine (Pending again, the completed
+  filters kept, R13), and Pending ones too.
 
 Invariants of the table (checked by tests/test_lifecycle.py over every pair):
 - A job is created in Creating (reason None), or directly Aborted with
@@ -85,8 +86,8 @@ class JobInput(enum.Enum):
     COMPLETE_WITH_WARNINGS = "CompleteWithWarnings"
     COMPLETE_WITH_ERRORS = "CompleteWithErrors"
     FAIL = "Fail"
-    # From a restart: processing was interrupted by a crash
-    INTERRUPTED = "Interrupted"
+    # From a restart: processing was interrupted by a crash; the job runs again (R13)
+    RESUMED = "Resumed"
 
     @property
     def from_request(self) -> bool:
@@ -112,8 +113,10 @@ TRANSITIONS: Final[dict[tuple[JobState, JobInput], tuple[JobState, JobStateReaso
     (S.PROCESSING, I.COMPLETE_WITH_WARNINGS): (S.COMPLETED, R.COMPLETED_WITH_WARNINGS),
     (S.PROCESSING, I.COMPLETE_WITH_ERRORS): (S.COMPLETED, R.COMPLETED_WITH_ERRORS),
     (S.PROCESSING, I.FAIL): (S.ABORTED, R.PROCESSING_FAILED),
-    (S.STARTED, I.INTERRUPTED): (S.ABORTED, R.PROCESSING_FAILED),
-    (S.PROCESSING, I.INTERRUPTED): (S.ABORTED, R.PROCESSING_FAILED),
+    # R13: a job the server was running when it died goes back to the engine; the filters that
+    # completed keep their state, so only the interrupted one and those after it run.
+    (S.STARTED, I.RESUMED): (S.PENDING, R.NONE),
+    (S.PROCESSING, I.RESUMED): (S.PENDING, R.NONE),
     # R6: cancel from either protocol on any active job, at once, with the single reason.
     (S.CREATING, I.CANCEL): (S.CANCELED, R.CANCELED),
     (S.PENDING, I.CANCEL): (S.CANCELED, R.CANCELED),
@@ -332,10 +335,13 @@ class JobLifecycle:
     def restart(self, jobs: Iterable[Job], now: datetime) -> list[Command]:
         """Load the jobs a store kept across a restart.
 
-        Decision (issue 3, crash consistency): a job that was Started or Processing when the
-        server died ends Aborted with PostScanJobProcessingFailed, because re-running filters could
-        deliver documents twice; a Pending job is handed to the engine again; a Creating job keeps
-        its images and waits for more (the R6 timeout still applies).
+        R13 (crash during processing): a job that was Started or Processing when the server
+        died goes back to Pending and to the engine.  Filters that completed are not run again;
+        the one that was running is Pending again and runs again from its start, which the
+        filters make idempotent (the file share keeps its file names and replaces a partial
+        file, SharePoint PUTs to the same URL, e-mail is sent at least once with the same
+        Message-ID).  A Pending job is handed to the engine again; a Creating job keeps its
+        images and waits for more (the R6 timeout still applies).
         """
         commands: list[Command] = []
         for job in jobs:
@@ -343,14 +349,12 @@ class JobLifecycle:
         for job in self.jobs.active():
             if job.state in (JobState.STARTED, JobState.PROCESSING):
                 filters = tuple(
-                    _replace_filter(
-                        f, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
-                    )
+                    _replace_filter(f, FilterState.PENDING, ())
                     if f.state is FilterState.PROCESSING
                     else f
                     for f in job.filters
                 )
-                commands += self.apply(job, JobInput.INTERRUPTED, now, filters=filters)[1]
+                commands += self.apply(job, JobInput.RESUMED, now, filters=filters)[1]
             elif job.state is JobState.PENDING:
                 commands.append(StartProcessing(job))
         # Completed jobs: the spool rule again, so that a crash between a job's end and the

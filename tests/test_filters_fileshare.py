@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,14 +214,13 @@ def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
     docs.append((Document(2, "png"), fifo))
     cancelled = threading.Event()
     result: list[FilterOutcome] = []
-    worker = threading.Thread(
-        target=lambda: result.append(
-            run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings, cancelled)
-        )
-    )
+    job = make_job(FileShareInstructions((r"\\h\s",)))
+    worker = threading.Thread(target=lambda: result.append(run(job, docs, settings, cancelled)))
     worker.start()
     folder = tmp_path / "out/alice@corp.example"
-    partial = folder / "Scan_0002.png"
+    # Written under a hidden temporary name until complete (R13: never a partial file that
+    # looks like a document).
+    partial = folder / f".dsc-{job.token}-2.part"
     with open(fifo, "wb", buffering=0) as feed:
         feed.write(b"A" * 40_000)
         deadline = time.monotonic() + 5
@@ -238,3 +238,70 @@ def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
     assert outcome.state is FilterState.CANCELED and outcome.reasons == ()
     assert [p.name for p in folder.iterdir()] == ["Scan_0001.png"]
     assert (folder / "Scan_0001.png").read_bytes() == b"first, complete"
+
+
+# --- R13: run again after a crash, each document reaches the share once ----------------------
+
+
+def _crash_setup(tmp_path: Path) -> tuple[FilterSettings, list[tuple[Document, Path]], Any, Path]:
+    settings = FilterSettings(share_roots=((r"\\h\s", tmp_path / "out"),), chunk_size=4096)
+    docs = make_documents(
+        tmp_path / "spool", ("png", b"one" * 5000), ("png", b"two" * 5000), ("pdf-a", b"3" * 9)
+    )
+    job = make_job(FileShareInstructions((r"\\h\s",)), document_root_name="inv")
+    return settings, docs, job, tmp_path / "out" / "alice@corp.example"
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_second_run_delivers_nothing_again(tmp_path: Path) -> None:
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+    # Another job with the same root name still gets fresh names (R9: never overwrite).
+    other = make_job(FileShareInstructions((r"\\h\s",)), document_root_name="inv")
+    assert run(other, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert len(_names(folder)) == 6 and "inv_0005.pdf" in _names(folder)
+
+
+def test_partial_file_of_the_interrupted_run_is_replaced(tmp_path: Path) -> None:
+    """As a kill -9 leaves it: document 1 delivered and journaled, document 2 half written."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    run(job, docs[:1], settings)
+    (folder / f".dsc-{job.token}-2.part").write_bytes(b"two" * 100)  # torn
+    with open(tmp_path / "spool" / ".fileshare-0.journal", "a") as journal:
+        journal.write('{"dir": "torn')  # a journal line cut short by the crash
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+    assert (folder / "inv_0002.png").read_bytes() == b"two" * 5000
+
+
+def test_linked_but_not_journaled_is_not_delivered_twice(tmp_path: Path) -> None:
+    """Killed between the link that made document 2 visible and its journal line."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    run(job, docs[:1], settings)
+    tmp = folder / f".dsc-{job.token}-2.part"
+    tmp.write_bytes(b"two" * 5000)
+    os.link(tmp, folder / "inv_0002.png")
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+
+
+def test_without_hard_links_names_are_reserved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "inv_0001.png").write_bytes(b"someone else's")
+
+    def no_links(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.png", "inv_0004.pdf"]
+    assert (folder / "inv_0001.png").read_bytes() == b"someone else's"
+    assert (folder / "inv_0002.png").read_bytes() == b"one" * 5000

@@ -258,6 +258,7 @@ def test_message_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
         mail._write_message(
             writer,
             job,
+            0,
             ["bob@corp.example"],
             [(Document(1, "pdf-a"), source)],
             FilterSettings(),
@@ -326,3 +327,22 @@ def test_cancel_mid_data_delivers_nothing(tmp_path: Path, inbox: tuple[Inbox, in
     assert result[0].state is FilterState.CANCELED
     time.sleep(0.1)
     assert handler.messages == []
+
+
+def test_message_id_is_stable_across_runs(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:
+    """R13: after a crash the filter runs again; the second copy carries the same Message-ID,
+    so a mail client or the recipient recognises it as a duplicate."""
+    handler, port = inbox
+    docs = make_documents(tmp_path, ("png", b"x"))
+    job = make_job(EmailInstructions(False, ("bob@corp.example",)))
+    for _ in range(2):
+        assert _run(job, docs, _settings(port)).state is FilterState.COMPLETED_SUCCESSFULLY
+    ids = [
+        email.message_from_bytes(content, policy=email.policy.default)["Message-ID"]
+        for _, _, content in handler.messages
+    ]
+    assert ids == [f"<dsc.{job.token}.0@corp.example>"] * 2
+    other = make_job(EmailInstructions(False, ("bob@corp.example",)))
+    _run(other, docs, _settings(port))
+    last = email.message_from_bytes(handler.messages[-1][2], policy=email.policy.default)
+    assert last["Message-ID"] != ids[0]

@@ -130,7 +130,7 @@ def test_engine_path_is_pending_started_processing() -> None:
     for state in (S.STARTED, S.PROCESSING):
         assert TRANSITIONS[(state, I.COMPLETE_SUCCESSFULLY)][0] is S.COMPLETED
         assert TRANSITIONS[(state, I.FAIL)] == (S.ABORTED, R.PROCESSING_FAILED)
-        assert TRANSITIONS[(state, I.INTERRUPTED)] == (S.ABORTED, R.PROCESSING_FAILED)
+        assert TRANSITIONS[(state, I.RESUMED)] == (S.PENDING, R.NONE)  # R13
     engine = [
         I.ENGINE_STARTED,
         I.FILTER_STARTED,
@@ -139,7 +139,7 @@ def test_engine_path_is_pending_started_processing() -> None:
         I.COMPLETE_WITH_WARNINGS,
         I.COMPLETE_WITH_ERRORS,
         I.FAIL,
-        I.INTERRUPTED,
+        I.RESUMED,
     ]
     assert {s for (s, i) in TRANSITIONS if i in engine} == {S.PENDING, S.STARTED, S.PROCESSING}
 

@@ -1168,3 +1168,46 @@ def test_restart_discards_what_a_crash_left_and_keeps_counting_retention() -> No
     assert set(later.store.documents) == {(bad, 1)}
     later.advance(3600)
     assert later.store.documents == {}
+
+
+# --- R13: a job interrupted by a crash resumes ------------------------------------------------
+
+
+def test_restart_resumes_a_job_that_was_processing() -> None:
+    t = InProcessTransport()
+    token = create_job(t, FS, MAIL, SP, continue_on_error=True)
+    ok(send_image(t, token, 1, b"page"))
+    ok(end_job(t, token))
+    t.engine(ProcessingStarted(token))
+    t.engine(FilterStarted(token, 0))
+    t.engine(FilterFinished(token, 0, CS))
+    t.engine(FilterStarted(token, 1))  # the server dies here
+    started = InProcessTransport(start=t.clock)
+    jobs = [*t.server.jobs.active(), *t.server.jobs.history()]
+    started.store.documents.update(t.store.documents)
+    started._run(started.server.restore(jobs, started.clock))
+    # Pending again, the completed filter kept, the interrupted one Pending: only 1 and 2 run.
+    (job,) = started.started
+    assert job.state is JobState.PENDING
+    assert [f.state for f in job.filters] == [CS, FilterState.PENDING, FilterState.PENDING]
+    assert (token, 1) in started.store.documents  # the documents are still there
+    # The engine runs the filters still Pending (filters/engine.py skips settled ones).
+    started.engine(ProcessingStarted(token))
+    for index in (1, 2):
+        started.engine(FilterStarted(token, index))
+        started.engine(FilterFinished(token, index, CS))
+    started.engine(ProcessingFinished(token))
+    (view,) = summaries(started, "JobHistory")
+    assert (view.state, view.reasons) == ("Completed", ("PostScanJobCompletedSuccessfully",))
+    assert [f.state for f in view.filters] == ["CompletedSuccessfully"] * 3
+
+
+def test_restart_resumes_a_job_that_had_only_started() -> None:
+    t = InProcessTransport()
+    token = create_job(t, FS)
+    ok(end_job(t, token))
+    t.engine(ProcessingStarted(token))
+    later = InProcessTransport(start=t.clock)
+    later._run(later.server.restore(t.server.jobs.active(), later.clock))
+    (job,) = later.started
+    assert job.token == token and job.state is JobState.PENDING

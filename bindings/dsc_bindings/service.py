@@ -59,6 +59,7 @@ from dsc_core import (
     Document,
     Exchange,
     Job,
+    JobState,
     Outcome,
     ProcessingEvent,
     Reply,
@@ -373,6 +374,15 @@ class ScanService:
             active,
             len(jobs) - active,
         )
+        for job in jobs:
+            if job.state in (JobState.STARTED, JobState.PROCESSING):
+                log.info(
+                    "job %s was processing when the server stopped: resumed, filter(s) %s run "
+                    "again (R13)",
+                    job.token,
+                    ", ".join(str(i) for i, f in enumerate(job.filters) if not f.state.is_final)
+                    or "-",
+                )
         if self.config.require_client_certificates:
             log.info(
                 "client certificates required; scan administrators: %s",

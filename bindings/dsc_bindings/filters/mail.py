@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from pathlib import Path
 
 from dsc_core.model import Document, EmailInstructions, FilterStateReason, Job
@@ -77,7 +77,7 @@ def run(
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
     check_cancel(cancelled)
     try:
-        rejected = _send(job, recipients, documents, settings, cancelled)
+        rejected = _send(job, filter_index, recipients, documents, settings, cancelled)
     except FilterFailure as exc:
         log.warning("job %s: e-mail not sent (%s): %s", job.token, exc.reason.value, exc)
         return FilterOutcome.errors(exc.reason)
@@ -119,6 +119,7 @@ def _recipients(
 
 def _send(
     job: Job,
+    filter_index: int,
     recipients: list[str],
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
@@ -162,7 +163,7 @@ def _send(
             if code != 354:
                 raise FilterFailure(unable, f"DATA: {code} {reply!r}")
             writer = _DataWriter(smtp.send)
-            _write_message(writer, job, recipients, documents, settings, cancelled)
+            _write_message(writer, job, filter_index, recipients, documents, settings, cancelled)
             writer.end()
             code, reply = smtp.getreply()
             if code != 250:
@@ -180,6 +181,12 @@ def _send(
         # On cancel or failure mid-DATA, closing without the final "." makes the relay drop
         # the message (RFC 5321 §4.1.1.4): nothing half-written is delivered.
         smtp.close()
+
+
+def message_id(job: Job, filter_index: int, domain: str) -> str:
+    """The same for every run of one job's e-mail filter: sent again after a crash (R13: at least
+    once), the copy is recognisable as a duplicate by its Message-ID (RFC 5322 3.6.4)."""
+    return f"<dsc.{job.token}.{filter_index}@{domain}>"
 
 
 class _DataWriter:
@@ -225,6 +232,7 @@ def _header_block(headers: Iterable[tuple[str, str]]) -> bytes:
 def _write_message(
     writer: _DataWriter,
     job: Job,
+    filter_index: int,
     recipients: list[str],
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
@@ -241,8 +249,7 @@ def _write_message(
                 ("To", ", ".join(recipients)),
                 ("Subject", f"Scanned documents: {display}"),
                 ("Date", formatdate(localtime=True)),
-                # An explicit domain: make_msgid() would otherwise look up the FQDN (slow DNS).
-                ("Message-ID", make_msgid(domain=domain)),
+                ("Message-ID", message_id(job, filter_index, domain)),
                 ("MIME-Version", "1.0"),
                 ("Content-Type", f'multipart/mixed; boundary="{boundary}"'),
             ]
