@@ -4,12 +4,14 @@ Every one of them needs a scan administrator (``admin_only``, R4 step 5)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from lxml import etree
 
 from . import names
 from .args import Item, request_element
+from .commands import Command
 from .dsp import job_elements, read_job_elements
 from .lifecycle import JobInput
 from .operation import Operation, OpResult, Request, change, find_job
@@ -115,6 +117,36 @@ def get_job_history(request: Request, _args: None) -> OpResult:
     return OpResult(A.DSC_GET_JOB_HISTORY + "Response", response, {"dsc": NS}, splice=jobs)
 
 
+def read_purge_job_history(request: Request) -> datetime:
+    """ext:PurgeJobHistoryRequest: ext:Before, an xs:dateTime with a UTC offset (R6)."""
+    payload, args = request_element(
+        request.envelope.body, names.EXT, "PurgeJobHistoryRequest", fault_ns=NS
+    )
+    found = args.sequence(payload, names.EXT, (Item("Before"),), allow_other=False)
+    text = args.text(found["Before"][0], max_length=64)
+    try:
+        before = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise args.invalid(names.EXT, "Before") from None
+    if before.tzinfo is None:
+        raise args.invalid(names.EXT, "Before")
+    return before
+
+
+def purge_job_history(request: Request, before: datetime) -> OpResult:
+    gone, commands, undo = request.state.lifecycle.purge(before)
+
+    def undone() -> list[Command]:
+        undo()
+        return []
+
+    response = etree.Element(f"{{{names.EXT}}}PurgeJobHistoryResponse")
+    sub(response, names.EXT, "Purged", str(len(gone)))
+    return OpResult(
+        A.EXT_PURGE_JOB_HISTORY + "Response", response, {"ext": names.EXT}, commands, undone
+    )
+
+
 OPERATIONS: tuple[Operation[Any], ...] = (
     Operation(
         A.DSC_GET_REPOSITORY_ELEMENTS,
@@ -133,4 +165,7 @@ OPERATIONS: tuple[Operation[Any], ...] = (
     ),
     Operation(A.DSC_GET_ACTIVE_JOBS, NS, read_get_active_jobs, get_active_jobs, admin_only=True),
     Operation(A.DSC_GET_JOB_HISTORY, NS, read_get_job_history, get_job_history, admin_only=True),
+    Operation(
+        A.EXT_PURGE_JOB_HISTORY, NS, read_purge_job_history, purge_job_history, admin_only=True
+    ),
 )

@@ -43,6 +43,20 @@ class JobTable:
         self._active.pop(token, None)
         self._history.pop(token, None)
 
+    def purge(self, before: datetime) -> list[Job]:
+        """Remove the completed jobs that ended before ``before``; returns them."""
+        gone = [j for j in self._history.values() if (j.completed or j.last_activity) < before]
+        for job in gone:
+            del self._history[job.token]
+        return gone
+
+    def restore_history(self, jobs: list[Job]) -> None:
+        """Undo :meth:`purge`: put the jobs back in their place (history order = end order)."""
+        merged = sorted(
+            [*self._history.values(), *jobs], key=lambda j: j.completed or j.last_activity
+        )
+        self._history = {j.token: j for j in merged}
+
     def active(self) -> list[Job]:
         """Active jobs in creation order."""
         return list(self._active.values())

@@ -35,7 +35,7 @@ Invariants of the table (checked by tests/test_lifecycle.py over every pair):
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Final
@@ -310,6 +310,19 @@ class JobLifecycle:
             del self.kept[token]
         # A job that fell out of the history meanwhile had its documents dropped with it.
         return [DiscardDocuments(t) for t in expired if self.jobs.get(t) is not None]
+
+    def purge(self, before: datetime) -> tuple[list[Job], list[Command], Callable[[], None]]:
+        """An administrator trims the history (vendor PurgeJobHistory): completed jobs that
+        ended before ``before`` go, with their documents (DropJob), as when they fall out of
+        the R6 history.  Returns them, the commands, and the undo (R4 step 9)."""
+        gone = self.jobs.purge(before)
+        kept = {j.token: self.kept.pop(j.token) for j in gone if j.token in self.kept}
+
+        def undo() -> None:
+            self.jobs.restore_history(gone)
+            self.kept.update(kept)
+
+        return gone, [DropJob(j.token) for j in gone], undo
 
     def next_document_expiry(self, retention: float) -> datetime | None:
         if not self.kept:

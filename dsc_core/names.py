@@ -118,6 +118,8 @@ class Action:
     DSC_STATUS_SUMMARY_EVENT: Final = DSC + "/RepositoryStatusSummaryEvent"
     DSC_JOB_STATUS_EVENT: Final = DSC + "/PostScanJobStatusEvent"
     DSC_JOB_END_STATE_EVENT: Final = DSC + "/PostScanJobEndStateEvent"
+    # Vendor extension (MS-BDSRR service, scan administrators): trim the history by age.
+    EXT_PURGE_JOB_HISTORY: Final = EXT + "/PurgeJobHistory"
 
     # WS-Eventing 2004/08
     SUBSCRIBE: Final = WSE + "/Subscribe"

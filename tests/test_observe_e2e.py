@@ -11,6 +11,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +322,22 @@ def test_status_page_is_for_scan_administrators(
     assert refused.code == 1 and "scan administrators only" in refused.err, refused
     listed = as_user("admin", "devices", "--json")
     assert listed.code == 0 and listed.json()[0]["identity"] == "alice", listed
+
+
+# --- 5. dsc purge ---------------------------------------------------------------------------------
+
+
+def test_dsc_purge_trims_the_history(start_server: StartServer, pages: tuple[Path, Path]) -> None:
+    server = start_server()
+    tokens = [scan(server, str(pages[0]))["token"] for _ in range(2)]
+    none = dsc("purge", "--server", server.url, "--before", "1d", "--json")
+    assert none.code == 0 and none.json()["purged"] == 0, none
+    tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
+    run = dsc("purge", "--server", server.url, "--before", tomorrow)
+    assert run.code == 0, run
+    assert re.fullmatch(r"2 job\(s\) that ended before .* removed from the history\n", run.out)
+    assert dsc("history", "--server", server.url, "--json").json() == []
+    state = json.loads(get(server, "/status.json")[2])
+    assert state["history"] == [] and not any(t in json.dumps(state) for t in tokens)
+    bad = dsc("purge", "--server", server.url, "--before", "soon")
+    assert bad.code == 2 and "neither a date/time" in bad.err, bad

@@ -8,6 +8,7 @@ dsc repo | jobs | history        the management client (MS-BDSRR)
 dsc job TOKEN | cancel TOKEN
 dsc watch                        follow the server's events live (WS-Eventing)
 dsc devices                      the scanners that created jobs (the server's status endpoint)
+dsc purge --before WHEN          trim the history
 """
 
 from __future__ import annotations
@@ -562,6 +563,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    before: datetime = args.before
+    request = etree.Element(f"{{{names.EXT}}}PurgeJobHistoryRequest", nsmap={"ext": names.EXT})
+    etree.SubElement(request, f"{{{names.EXT}}}Before").text = before.isoformat()
+    response = Client(args).call(A.EXT_PURGE_JOB_HISTORY, request)
+    purged = int(dc.text_of(response.payload, names.EXT, "Purged") or 0)
+    if args.json:
+        print(json.dumps({"purged": purged, "before": before.isoformat()}))
+    else:
+        print(
+            f"{purged} job(s) that ended before {local_time(before.isoformat())} "
+            "removed from the history"
+        )
+    return EXIT_OK
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     devices = Client(args).status_json().get("devices", [])
     if args.json:
@@ -910,6 +927,23 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.add_argument("token", metavar="TOKEN", help="the job token, or its first characters")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser(
+        "purge",
+        help="remove old jobs from the history",
+        description="Remove the completed jobs that ended before WHEN from the history, with "
+        "any documents still kept for them (vendor operation ext:PurgeJobHistory, scan "
+        "administrators only). Active jobs are never touched.",
+    )
+    _client_options(p)
+    p.add_argument(
+        "--before",
+        type=_since,
+        required=True,
+        metavar="WHEN",
+        help="a date/time (2026-11-01, 2026-11-01T08:00, local time unless an offset is "
+        "given) or an age (30d: jobs that ended more than 30 days ago)",
+    )
+    p.set_defaults(func=cmd_purge)
     p = sub.add_parser(
         "devices",
         help="scanners that created jobs",
