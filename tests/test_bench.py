@@ -27,3 +27,33 @@ def test_bench_quick_runs_every_section() -> None:
     assert (
         "throughput ratio binding/floor" in http or "skipped: HTTP bindings not available" in http
     ), http
+
+
+def test_runtime_bench_runs_and_writes_json(tmp_path: object) -> None:
+    """``bench/runtime.py`` (issue 7) runs: the in-process section here (the wrk, curl and
+    scale sections need minutes and external tools; they print a skip when a tool is
+    missing).  No timing is asserted."""
+    import json
+    from pathlib import Path
+
+    out = Path(str(tmp_path)) / "results.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "runtime.py"),
+            "--quick",
+            "--only",
+            "large",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== large replies" in result.stdout
+    measured = json.loads(out.read_text(encoding="utf-8"))["large"]
+    assert set(measured) == {"GetActiveJobs", "GetJobHistory"}
+    assert all(entry["jobs"] == 1000 for entry in measured.values())
