@@ -9,11 +9,11 @@ from typing import Any
 
 from lxml import etree
 
-from . import names
+from . import faults, names
 from .args import Item, request_element
 from .commands import Command
 from .dsp import job_elements, read_job_elements
-from .lifecycle import JobInput
+from .lifecycle import JobInput, Refused
 from .operation import Operation, OpResult, Request, change, find_job
 from .xmlwrite import (
     element_data,
@@ -117,6 +117,36 @@ def get_job_history(request: Request, _args: None) -> OpResult:
     return OpResult(A.DSC_GET_JOB_HISTORY + "Response", response, {"dsc": NS}, splice=jobs)
 
 
+def read_retry(request: Request) -> str:
+    """ext:RetryPostScanJobRequest: ext:JobToken."""
+    payload, args = request_element(
+        request.envelope.body, names.EXT, "RetryPostScanJobRequest", fault_ns=NS
+    )
+    found = args.sequence(payload, names.EXT, (Item("JobToken"),), allow_other=False)
+    return args.token(found["JobToken"][0])
+
+
+def retry_post_scan_job(request: Request, token: str) -> OpResult:
+    """Unknown token: JobTokenNotFound; a job that cannot be retried (active, canceled, all
+    filters succeeded, documents expired): OperationFailed."""
+    job = find_job(request, NS, token, own_only=False)
+    lifecycle = request.state.lifecycle
+    try:
+        new, commands = lifecycle.retry(job, request.now)
+    except Refused:
+        raise faults.operation_failed(NS) from None
+
+    def undo() -> list[Command]:
+        return lifecycle.undo(job, new)
+
+    response = etree.Element(f"{{{names.EXT}}}RetryPostScanJobResponse")
+    rerun = sum(
+        1 for before, after in zip(job.filters, new.filters, strict=True) if before != after
+    )
+    sub(response, names.EXT, "FiltersToRun", str(rerun))
+    return OpResult(A.EXT_RETRY_JOB + "Response", response, {"ext": names.EXT}, commands, undo)
+
+
 def read_purge_job_history(request: Request) -> datetime:
     """ext:PurgeJobHistoryRequest: ext:Before, an xs:dateTime with a UTC offset (R6)."""
     payload, args = request_element(
@@ -168,4 +198,5 @@ OPERATIONS: tuple[Operation[Any], ...] = (
     Operation(
         A.EXT_PURGE_JOB_HISTORY, NS, read_purge_job_history, purge_job_history, admin_only=True
     ),
+    Operation(A.EXT_RETRY_JOB, NS, read_retry, retry_post_scan_job, admin_only=True),
 )

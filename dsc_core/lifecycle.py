@@ -24,7 +24,9 @@ Invariants of the table (checked by tests/test_lifecycle.py over every pair):
 - A job is created in Creating (reason None), or directly Aborted with
   NoValidPostScanInstructionsFound when no filter is usable; that is not a transition.
 - Only Creating accepts images and EndPostScanJob.  Only active states accept a cancel.
-- Completed, Aborted and Canceled are final: no input leaves them.
+- Completed, Aborted and Canceled are final: no input leaves them, except an administrator's
+  retry (vendor RetryPostScanJob) of a Completed or Aborted job whose documents are still kept
+  (a filter failed, ``keeps_documents``): back to Pending, where its failed filters run again.
 - Pending-Held and Terminating are never entered by this server (the spec reaches Pending-Held
   only "by means outside this protocol", and Windows never returns Terminating, note <9>); they are
   in the table so that a job restored in them can still be canceled.
@@ -76,6 +78,7 @@ class JobInput(enum.Enum):
     IMAGE = "SendImage"
     END = "EndPostScanJob"
     CANCEL = "CancelPostScanJob"
+    RETRY = "RetryPostScanJob"
     # From the clock (tick)
     TIMEOUT = "Timeout"
     # From the processing engine
@@ -91,7 +94,7 @@ class JobInput(enum.Enum):
 
     @property
     def from_request(self) -> bool:
-        return self in (JobInput.IMAGE, JobInput.END, JobInput.CANCEL)
+        return self in (JobInput.IMAGE, JobInput.END, JobInput.CANCEL, JobInput.RETRY)
 
 
 I = JobInput
@@ -124,6 +127,9 @@ TRANSITIONS: Final[dict[tuple[JobState, JobInput], tuple[JobState, JobStateReaso
     (S.STARTED, I.CANCEL): (S.CANCELED, R.CANCELED),
     (S.PROCESSING, I.CANCEL): (S.CANCELED, R.CANCELED),
     (S.TERMINATING, I.CANCEL): (S.CANCELED, R.CANCELED),
+    # An administrator's retry of a job that kept its documents (vendor RetryPostScanJob).
+    (S.COMPLETED, I.RETRY): (S.PENDING, R.NONE),
+    (S.ABORTED, I.RETRY): (S.PENDING, R.NONE),
 }
 
 #: The fault for a request input in a state that does not accept it (R4 steps 7 and 8).
@@ -132,6 +138,7 @@ REFUSALS: Final[dict[JobInput, str]] = {
     I.IMAGE: "OperationFailed",
     I.END: "OperationFailed",
     I.CANCEL: "ClientErrorJobTokenNotFound",
+    I.RETRY: "OperationFailed",
 }
 
 
@@ -187,6 +194,8 @@ class JobLifecycle:
         updates["state"] = new_state
         if reason is not None:
             updates["reasons"] = (reason,)
+        if new_state.is_active and not job.is_active:
+            updates["completed"] = None  # a retry: the job is running again
         if not new_state.is_active:
             updates["completed"] = now
             updates["filters"] = _cancel_unfinished(updates.get("filters", job.filters))  # type: ignore[arg-type]
@@ -211,6 +220,8 @@ class JobLifecycle:
                 commands += self._documents_after_end(new)
         elif new.is_active:
             self.kept.pop(new.token, None)
+        if old is not None and not old.is_active and new.is_active:
+            self.kept.pop(new.token, None)  # a retry: its documents are in use again
         commands.extend(DropJob(token) for token in dropped)
         commands.extend(self.notifier.job_changed(old, new, now))
         commands.extend(self.notifier.repository_state(self.repository_state, now))
@@ -223,6 +234,8 @@ class JobLifecycle:
             self.jobs.remove(new.token)
         else:
             self.jobs.put(old)
+            if not old.is_active and new.is_active and keeps_documents(old):
+                self.kept[old.token] = old.completed or old.last_activity  # an undone retry
         self.notifier.assume_repository_state(self.repository_state)
         return []
 
@@ -310,6 +323,21 @@ class JobLifecycle:
             del self.kept[token]
         # A job that fell out of the history meanwhile had its documents dropped with it.
         return [DiscardDocuments(t) for t in expired if self.jobs.get(t) is not None]
+
+    def retry(self, job: Job, now: datetime) -> tuple[Job, list[Command]]:
+        """Run the failed filters of a completed job again (vendor RetryPostScanJob): only while
+        its documents are kept (a filter failed and the retention has not expired), else
+        :class:`Refused`.  Filters that succeeded keep their state, so the engine skips them;
+        failed ones, and those a failure canceled, are Pending again."""
+        if job.is_active or not keeps_documents(job) or job.token not in self.kept:
+            raise Refused(job.state, JobInput.RETRY)
+        filters = tuple(
+            _replace_filter(f, FilterState.PENDING, ())
+            if f.instructions is not None and f.state.is_failure
+            else f
+            for f in job.filters
+        )
+        return self.apply(job, JobInput.RETRY, now, filters=filters)
 
     def purge(self, before: datetime) -> tuple[list[Job], list[Command], Callable[[], None]]:
         """An administrator trims the history (vendor PurgeJobHistory): completed jobs that

@@ -120,6 +120,8 @@ class Action:
     DSC_JOB_END_STATE_EVENT: Final = DSC + "/PostScanJobEndStateEvent"
     # Vendor extension (MS-BDSRR service, scan administrators): trim the history by age.
     EXT_PURGE_JOB_HISTORY: Final = EXT + "/PurgeJobHistory"
+    # Vendor extension (MS-BDSRR service, scan administrators): run a job's failed filters again.
+    EXT_RETRY_JOB: Final = EXT + "/RetryPostScanJob"
 
     # WS-Eventing 2004/08
     SUBSCRIBE: Final = WSE + "/Subscribe"

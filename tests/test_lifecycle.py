@@ -67,7 +67,7 @@ from dsc_core.model import (
 S, I, R = JobState, JobInput, JobStateReason
 ACTIVE = [s for s in JobState if s not in COMPLETED_STATES]
 COMPLETED = [S.COMPLETED, S.ABORTED, S.CANCELED]
-REQUEST_INPUTS = [I.IMAGE, I.END, I.CANCEL]
+REQUEST_INPUTS = [I.IMAGE, I.END, I.CANCEL, I.RETRY]
 
 
 # --- the table's invariants (lifecycle.py docstring) ----------------------------------------------
@@ -79,8 +79,14 @@ def test_completed_states_are_exactly_completed_aborted_canceled() -> None:
 
 
 def test_completed_states_are_final() -> None:
+    """... except an administrator's retry of a Completed or Aborted job (its documents kept:
+    JobLifecycle.retry checks that before the table)."""
     for state, job_input in itertools.product(COMPLETED, JobInput):
-        assert (state, job_input) not in TRANSITIONS
+        if job_input is I.RETRY and state is not S.CANCELED:
+            assert TRANSITIONS[(state, job_input)] == (S.PENDING, R.NONE)
+        else:
+            assert (state, job_input) not in TRANSITIONS
+    assert {s for (s, i) in TRANSITIONS if i is I.RETRY} == {S.COMPLETED, S.ABORTED}
 
 
 def test_only_creating_accepts_images_and_end() -> None:
@@ -149,6 +155,7 @@ def test_refusals_name_a_fault_for_each_request_input_and_only_those() -> None:
     assert REFUSALS[I.IMAGE] == REFUSALS[I.END] == "OperationFailed"
     # A completed job is no longer "currently processing" (bdsrr 3.2.4.2).
     assert REFUSALS[I.CANCEL] == "ClientErrorJobTokenNotFound"
+    assert REFUSALS[I.RETRY] == "OperationFailed"
 
 
 # --- every pair ----------------------------------------------------------------------------------

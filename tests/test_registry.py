@@ -27,6 +27,7 @@ def test_every_request_action_is_declared_once() -> None:
         A.DSC_GET_ACTIVE_JOBS,
         A.DSC_GET_JOB_HISTORY,
         A.EXT_PURGE_JOB_HISTORY,
+        A.EXT_RETRY_JOB,
         A.TRANSFER_GET,
         A.PROBE,
         A.SUBSCRIBE,

@@ -9,6 +9,7 @@ dsc job TOKEN | cancel TOKEN
 dsc watch                        follow the server's events live (WS-Eventing)
 dsc devices                      the scanners that created jobs (the server's status endpoint)
 dsc purge --before WHEN          trim the history
+dsc retry TOKEN                  run a completed job's failed filters again
 """
 
 from __future__ import annotations
@@ -563,6 +564,43 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    client = Client(args)
+    token = _resolve_token(client, args.token)
+    request = etree.Element(f"{{{names.EXT}}}RetryPostScanJobRequest", nsmap={"ext": names.EXT})
+    etree.SubElement(request, f"{{{names.EXT}}}JobToken").text = token
+    try:
+        response = client.call(A.EXT_RETRY_JOB, request)
+    except dc.ClientFault as fault:
+        if (fault.subcode or "").endswith("OperationFailed"):
+            raise CliError(
+                f"job {token} cannot be retried: only a completed job with a failed filter whose "
+                "documents are still kept (see [jobs] spool_retention_seconds) can be"
+            ) from None
+        raise
+    count = dc.text_of(response.payload, names.EXT, "FiltersToRun") or "?"
+    _say(args, f"job {token}: {count} filter(s) run again")
+    deadline = time.monotonic() + args.wait
+    while True:
+        view = dc.read_job_elements(
+            client.call(
+                A.DSC_GET_JOB_ELEMENTS,
+                dc.job_elements_request(names.DSC, token, ["JobStatus", "JobDescription"]),
+            ).payload,
+            names.DSC,
+        )
+        if view.ended:
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"job {token} still {view.state} after {args.wait:.0f} s")
+        time.sleep(0.2)
+    if args.json:
+        print(json.dumps(view.as_dict(), indent=2))
+    else:
+        _print_job(view, _destinations(client, token))
+    return EXIT_OK if view.succeeded else EXIT_FAILED
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     before: datetime = args.before
     request = etree.Element(f"{{{names.EXT}}}PurgeJobHistoryRequest", nsmap={"ext": names.EXT})
@@ -927,6 +965,19 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.add_argument("token", metavar="TOKEN", help="the job token, or its first characters")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser(
+        "retry",
+        help="run the failed filters of a completed job again",
+        description="Run the failed filters of a completed job again (vendor operation "
+        "ext:RetryPostScanJob, scan administrators only), then wait for its end state. Only "
+        "a job with a failed filter whose documents are still kept can be retried ([jobs] "
+        "spool_retention_seconds). Exit status 1 if it still did not complete successfully.",
+    )
+    _client_options(p)
+    p.add_argument("token", metavar="TOKEN", help="the job token, or its first characters")
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the end state")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_retry)
     p = sub.add_parser(
         "purge",
         help="remove old jobs from the history",

@@ -255,6 +255,18 @@ class Observer:
                     "bytes": known.bytes_received,
                 },
             )
+        elif not old.is_active and job.is_active:
+            again = [
+                filter_name(f.dialect)
+                for before, f in zip(old.filters, job.filters, strict=False)
+                if before != f
+            ]
+            log.info(
+                "job %s retried: %s run again",
+                job.token,
+                ", ".join(again) or "no filter",
+                extra={"event": "job.retried", "job": job.token, "filters": again},
+            )
         elif old.state is not job.state and job.is_active:
             log.debug("job %s is %s", job.token, job.state.value)
         for index, (before, after) in enumerate(zip(old.filters, job.filters, strict=False)):
