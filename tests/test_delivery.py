@@ -342,3 +342,59 @@ def test_answers_are_read_with_caps() -> None:
                 hub.deliver(_deliver(f"http://127.0.0.1:{hostile.ports[kind]}/n", kind))
             _wait(lambda: len(reports) == 3)
             assert dict(reports) == {"head": False, "body": True, "huge": True}
+
+
+# --- the core and the hub together, over a real binding ----------------------------------------
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """A NotifyTo that answers every notification with HTTP 500 (a failed delivery, R7)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.server.count += 1  # type: ignore[attr-defined]
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("binding", ["async", "blocking"])
+def test_delivery_failure_ends_the_subscription_and_nothing_more_is_sent(
+    tmp_path: Path, binding: str
+) -> None:
+    """R7/R13: three consecutive failures end the subscription with SubscriptionEnd
+    DeliveryFailure at its EndTo; the notifications raised meanwhile are dropped."""
+    from test_http_bindings import Raw, call, create_job, running, subscriber
+
+    failing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    failing.count = 0  # type: ignore[attr-defined]
+    threading.Thread(target=failing.serve_forever, daemon=True).start()
+    try:
+        with subscriber() as (base, received), running(binding, tmp_path) as srv:
+            request = etree.Element(f"{{{names.WSE}}}Subscribe")
+            end_to = etree.SubElement(request, f"{{{names.WSE}}}EndTo")
+            etree.SubElement(end_to, f"{{{names.WSA}}}Address").text = f"{base}/end"
+            delivery = etree.SubElement(request, f"{{{names.WSE}}}Delivery", Mode=names.PUSH_MODE)
+            notify_to = etree.SubElement(delivery, f"{{{names.WSE}}}NotifyTo")
+            address = f"http://127.0.0.1:{failing.server_address[1]}/events"
+            etree.SubElement(notify_to, f"{{{names.WSA}}}Address").text = address
+            client = Raw(srv.port)
+            assert call(client, A.SUBSCRIBE, request, to=srv.config.dsp_url).action == (
+                A.SUBSCRIBE_RESPONSE
+            )
+            for _ in range(8):  # eight job-status events for this subscriber
+                create_job(client)
+            _wait(lambda: any(path == "/end" for path, _, _ in received))
+            (end,) = [body for path, _, body in received if path == "/end"]
+            assert b"SubscriptionEnd" in end and b"DeliveryFailure" in end
+            for _ in range(4):  # later events: the subscription is gone, nothing is sent
+                create_job(client)
+            time.sleep(0.3)
+            assert failing.count == 3  # type: ignore[attr-defined]
+            client.close()
+    finally:
+        failing.shutdown()
+        failing.server_close()

@@ -63,6 +63,8 @@ def test_udp_listener_answers_a_real_datagram(tmp_path: Path) -> None:
             sock.sendto(probe(), ("127.0.0.1", port))
             data, _ = sock.recvfrom(65535)
         assert xp(parse(data), "//wsd:ProbeMatch")
+        instance, number = _app_sequence(data)  # R13: over UDP too
+        assert instance >= 1 and number == 1
     finally:
         discovery.close()
         service.shutdown()
