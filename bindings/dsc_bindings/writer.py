@@ -21,6 +21,12 @@ Two lanes, because they have different ordering needs:
   submits its next batch only after the previous one completed (or names it as ``after``), so
   an exchange's own commands never overtake each other.
 
+Known limit: between the core producing a batch and the writer carrying it out, other requests
+may already see (and build on) its change; if the batch then fails, the core undoes the change
+(R4 step 9) although a later exchange's record of the same job may already be queued.  Under the
+old single lock this could not happen; it needs a failing store and two requests on one job at
+that moment.
+
 Store commands that fail stop a *strict* batch there (the ticket says which command and why; the
 remaining commands are skipped, as the core expects); in a non-strict batch (engine reports,
 ticks, undo commands) the failure is logged and the rest still runs.
