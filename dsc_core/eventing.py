@@ -57,6 +57,9 @@ class Subscription:
     expires: datetime
     wsa_ns: str = names.WSA
     failures: int = 0
+    #: R13 (R10 on eventing): a non-administrator's subscription gets only the events of jobs
+    #: whose owner is this identity; None (an administrator, or no client certificates): all.
+    owner: str | None = None
 
 
 @dataclass
@@ -68,8 +71,17 @@ class Subscriptions:
     # --- requests ---------------------------------------------------------------------------
 
     def subscribe(
-        self, env: soap.Envelope, payload: Element, service_hint: str | None, now: datetime
+        self,
+        env: soap.Envelope,
+        payload: Element,
+        service_hint: str | None,
+        now: datetime,
+        owner: str | None = None,
     ) -> tuple[Subscription, Element]:
+        """``owner``: the identity of a subscriber who is not a scan administrator (R13): it
+        may subscribe to WS-DSP events only, and receives those of its own jobs only."""
+        if owner is not None and service_hint == "dsc":
+            raise faults.not_scan_admin()  # R13, R4 step 5: MS-BDSRR events need an admin
         if len(self.by_id) >= self.config.limits.max_subscriptions:
             raise faults.eventing("EventSourceUnableToProcess")
         limit = self.config.limits.max_reference_parameter_bytes
@@ -96,10 +108,22 @@ class Subscriptions:
                 filter_el = child
         if notify_to is None:
             raise faults.eventing("InvalidMessage", faults.Detail("wse:NotifyTo"))
+        if owner is not None and service_hint is None and filter_el is None:
+            service_hint = "dsp"  # no service named: the events this subscriber may have
         expires = self._grant(expires_el, now)
         actions = self._filter(filter_el, service_hint)
+        if owner is not None and not actions <= DSP_EVENTS:
+            raise faults.not_scan_admin()
         identifier = f"urn:uuid:{self.new_id()}"
-        sub = Subscription(identifier, notify_to, end_to, actions, expires, env.addressing.wsa_ns)
+        sub = Subscription(
+            identifier,
+            notify_to,
+            end_to,
+            actions,
+            expires,
+            env.addressing.wsa_ns,
+            owner=owner,
+        )
         self.by_id[identifier] = sub
         response = etree.Element(f"{{{names.WSE}}}SubscribeResponse")
         manager = etree.SubElement(response, f"{{{names.WSE}}}SubscriptionManager")
@@ -110,8 +134,10 @@ class Subscriptions:
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
         return sub, response
 
-    def renew(self, env: soap.Envelope, payload: Element, now: datetime) -> Element:
-        sub = self._find(env, "UnableToRenew", now)
+    def renew(
+        self, env: soap.Envelope, payload: Element, now: datetime, owner: str | None = None
+    ) -> Element:
+        sub = self._find(env, "UnableToRenew", now, owner)
         expires_el = next(
             (c for c in children(payload) if split(c.tag) == (names.WSE, "Expires")), None
         )
@@ -121,20 +147,29 @@ class Subscriptions:
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
         return response
 
-    def get_status(self, env: soap.Envelope, now: datetime) -> Element:
-        sub = self._find(env, "InvalidMessage", now)
+    def get_status(self, env: soap.Envelope, now: datetime, owner: str | None = None) -> Element:
+        sub = self._find(env, "InvalidMessage", now, owner)
         response = etree.Element(f"{{{names.WSE}}}GetStatusResponse")
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(sub.expires - now)
         return response
 
-    def unsubscribe(self, env: soap.Envelope, now: datetime) -> None:
+    def unsubscribe(self, env: soap.Envelope, now: datetime, owner: str | None = None) -> None:
         """R13: the 2004/08 UnsubscribeResponse is an empty Body (only the Action says it)."""
-        sub = self._find(env, "InvalidMessage", now)
+        sub = self._find(env, "InvalidMessage", now, owner)
         del self.by_id[sub.identifier]
 
-    def _find(self, env: soap.Envelope, fault: str, now: datetime) -> Subscription:
+    def _find(
+        self, env: soap.Envelope, fault: str, now: datetime, owner: str | None = None
+    ) -> Subscription:
+        """The subscription a manager request names.  A non-administrator (``owner``) manages
+        only its own: an MS-BDSRR subscription needs an administrator (R13), another user's
+        WS-DSP subscription is as unknown to it as a job of another user (R10)."""
         ident = env.addressing.identifier
         sub = self.by_id.get(ident or "")
+        if sub is not None and owner is not None and sub.owner != owner:
+            if not sub.actions <= DSP_EVENTS:
+                raise faults.not_scan_admin()
+            sub = None
         if sub is None or sub.expires <= now:
             raise faults.eventing(fault, faults.Detail("wse:Identifier"))
         return sub
@@ -192,13 +227,18 @@ class Subscriptions:
     def next_expiry(self) -> datetime | None:
         return min((s.expires for s in self.by_id.values()), default=None)
 
-    def notify(self, action: str, body: Element, now: datetime) -> list[Deliver]:
+    def notify(
+        self, action: str, body: Element, now: datetime, job_owner: str | None = None
+    ) -> list[Deliver]:
         """One Deliver per subscriber of ``action``.  The envelope around ``body`` is
         serialized once per event (and WS-Addressing version); each subscriber only adds its
-        own header blocks (To, MessageID, reference parameters)."""
+        own header blocks (To, MessageID, reference parameters).  ``job_owner``: the event is
+        about a job of that identity (R13: restricted subscriptions get only their own)."""
         out = []
         frames: dict[str, tuple[bytes, bytes]] = {}
         for sub in self.by_id.values():
+            if sub.owner is not None and sub.owner != job_owner:
+                continue
             if action in sub.actions and sub.expires > now:
                 frame = frames.get(sub.wsa_ns)
                 if frame is None:

@@ -46,7 +46,7 @@ class Notifier:
         ):
             body = etree.Element(f"{{{ns}}}PostScanJobStatusEvent")
             job_status(body, ns, new)
-            out.extend(self.subscriptions.notify(action, body, now))
+            out.extend(self.subscriptions.notify(action, body, now, new.owner))
         if not new.is_active and (old is None or old.is_active):
             for ns, action in (
                 (names.DSP, A.DSP_JOB_END_STATE_EVENT),
@@ -54,7 +54,7 @@ class Notifier:
             ):
                 body = etree.Element(f"{{{ns}}}PostScanJobEndStateEvent")
                 end_state(body, ns, new)
-                out.extend(self.subscriptions.notify(action, body, now))
+                out.extend(self.subscriptions.notify(action, body, now, new.owner))
         return out
 
     def repository_state(self, state: RepositoryState, now: datetime) -> list[Command]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import faults, names
 from .operation import Operation, OpResult, Request, no_arguments
+from .users import identity, is_scan_admin
 from .xmlread import Element, split
 
 A = names.Action
@@ -36,25 +37,37 @@ def _service_hint(request: Request) -> str | None:
     return None
 
 
+def _restricted_to(request: Request) -> str | None:
+    """R13 (R10 on eventing): None for a scan administrator (everyone without client
+    certificates); else the identity whose own jobs' events it may receive."""
+    if is_scan_admin(request.config, request.info):
+        return None
+    return identity(request.config, request.info)
+
+
 def subscribe(request: Request, payload: Element) -> OpResult:
     _, response = request.state.subscriptions.subscribe(
-        request.envelope, payload, _service_hint(request), request.now
+        request.envelope, payload, _service_hint(request), request.now, _restricted_to(request)
     )
     return OpResult(A.SUBSCRIBE_RESPONSE, response, dict(_NSMAP))
 
 
 def renew(request: Request, payload: Element) -> OpResult:
-    response = request.state.subscriptions.renew(request.envelope, payload, request.now)
+    response = request.state.subscriptions.renew(
+        request.envelope, payload, request.now, _restricted_to(request)
+    )
     return OpResult(A.RENEW_RESPONSE, response, dict(_NSMAP))
 
 
 def get_status(request: Request, _args: None) -> OpResult:
-    response = request.state.subscriptions.get_status(request.envelope, request.now)
+    response = request.state.subscriptions.get_status(
+        request.envelope, request.now, _restricted_to(request)
+    )
     return OpResult(A.GET_STATUS_RESPONSE, response, dict(_NSMAP))
 
 
 def unsubscribe(request: Request, _args: None) -> OpResult:
-    request.state.subscriptions.unsubscribe(request.envelope, request.now)
+    request.state.subscriptions.unsubscribe(request.envelope, request.now, _restricted_to(request))
     return OpResult(A.UNSUBSCRIBE_RESPONSE, None, dict(_NSMAP))
 
 

@@ -39,15 +39,19 @@ def user_name(config: ServerConfig, info: RequestInfo, user_identifier: str) -> 
     return config.user_directory.get(key, key)
 
 
-def require_scan_admin(config: ServerConfig, info: RequestInfo) -> None:
-    """R4 step 5: MS-BDSRR needs a scan administrator when client certificates are required;
-    without them every client is one (said in the log at start).  Administrators are the
+def is_scan_admin(config: ServerConfig, info: RequestInfo) -> bool:
+    """R10: everyone without client certificates (said in the log at start); with them, the
     configured identities and, with a directory, the members of its group (R14)."""
     if not config.require_client_certificates:
-        return
+        return True
     identity_ = info.identity or ""
     if identity_ in config.scan_admins:
-        return
+        return True
     answers = directory_answers(info, names.DSC)
-    if answers is None or identity_ not in answers.admins:
+    return answers is not None and identity_ in answers.admins
+
+
+def require_scan_admin(config: ServerConfig, info: RequestInfo) -> None:
+    """R4 step 5: MS-BDSRR needs a scan administrator when client certificates are required."""
+    if not is_scan_admin(config, info):
         raise faults.not_scan_admin()

@@ -7,8 +7,10 @@ answer the attacker gets and that the legitimate client was served as usual.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,17 @@ from typing import Any
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
+from lxml import etree
 
+from core_support import subscribe_body
+from dsc_core import client as dc
+from dsc_core import names
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
 from e2e_support import Relay, ServerProcess, Soap, free_port, wait_for
 from test_filters_support import Listener, UploadServer
 
 BINDINGS = ["async", "blocking"]
+A = names.Action
 
 
 @pytest.fixture
@@ -65,6 +72,14 @@ def scan(client: Soap, instructions: list[Any], image: bytes, user: str | None =
     client.send_image(token, 1, image)
     client.end(token)
     return client.wait_ended(token, 30)
+
+
+def scan_as_device(client: Soap, instructions: list[Any], image: bytes) -> Any:
+    """Like :func:`scan`, watching the job over WS-DSP only (a non-administrator's view)."""
+    token = client.create(instructions)
+    client.send_image(token, 1, image)
+    client.end(token)
+    return client.wait_state(token, "Completed", 30)
 
 
 # --- 1. SharePoint credentials and e-mail recipients (R13) -------------------------------------
@@ -244,3 +259,142 @@ def test_bad_configuration_is_one_line_and_exit_2(
         done = scan(client, [FileShareInstructions((r"\\localhost\scans",))], b"page")
         assert done.state == "Completed", done
     server.stop_cleanly()
+
+
+# --- 2. R10 on eventing ------------------------------------------------------------------------
+
+
+class EventSink:
+    """An HTTP server that keeps every notification body POSTed to it."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.bodies: list[bytes] = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                sink.bodies.append(self.rfile.read(length))
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def tokens(self) -> set[str]:
+        found = set()
+        for body in self.bodies:
+            root = etree.fromstring(body)
+            found |= {t.strip() for t in root.xpath("//*[local-name()='JobToken']/text()")}
+        return found
+
+    def actions(self) -> set[str]:
+        return {
+            str(a).strip()
+            for body in self.bodies
+            for a in etree.fromstring(body).xpath("//*[local-name()='Action']/text()")
+        }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def service_urls(server: ServerProcess) -> tuple[str, str]:
+    """The WS-DSP and MS-BDSRR addresses from the start-up log."""
+    dsp = re.search(r"WS-DSP \(scanners\): +(\S+)", server.log)
+    dsc = re.search(r"MS-BDSRR \(management\): +(\S+)", server.log)
+    assert dsp and dsc, server.log
+    return dsp.group(1), dsc.group(1)
+
+
+def eventing(client: Soap, to: str, action: str, body: str, identifier: str = "") -> Any:
+    """A WS-Eventing request; returns the parsed response, or the ClientFault it raised."""
+    from core_support import soap
+
+    headers = f"<wse:Identifier>{identifier}</wse:Identifier>" if identifier else ""
+    status, _, reply = client.post(
+        soap(body, action, to=to, headers=headers, message_id=f"urn:uuid:{uuid.uuid4()}")
+    )
+    try:
+        return dc.parse_response(reply, status)
+    except dc.ClientFault as fault:
+        return fault
+
+
+def subscribe_to(client: Soap, to: str, sink: EventSink) -> str:
+    response = eventing(client, to, A.SUBSCRIBE, subscribe_body(sink.url, end_to=None))
+    assert not isinstance(response, Exception), response
+    ids = response.payload.xpath("//*[local-name()='Identifier']/text()")
+    return str(ids[0]).strip()
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_events_follow_r10(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    from test_e2e_serve import Pki
+
+    pki = Pki(tmp_path / "pki")
+    config = tmp_path / "dsc.toml"
+    config.write_text('[users]\nscan_admins = ["admin"]\n')
+    server = servers(
+        tmp_path / "data",
+        binding=binding,
+        config=config,
+        tls=(pki.server_cert, pki.server_key),
+        client_ca=pki.ca_pem,
+    )
+    dsp_url, dsc_url = service_urls(server)
+    alice, bob, admin = (Soap(server.url, pki.context(u)) for u in ("alice", "bob", "admin"))
+    sinks = {name: EventSink() for name in ("alice", "bob", "admin", "alice-any")}
+    try:
+        # MS-BDSRR events need a scan administrator (R13: Subscribe, and the manager ops).
+        refused = eventing(alice, dsc_url, A.SUBSCRIBE, subscribe_body(sinks["alice"].url))
+        assert isinstance(refused, dc.ClientFault), refused
+        assert refused.subcode.endswith("ClientErrorCurrentUserNotScanAdmin"), refused
+        admin_sub = subscribe_to(admin, dsc_url, sinks["admin"])
+        for action, body in (
+            (A.GET_STATUS, "<wse:GetStatus/>"),
+            (A.UNSUBSCRIBE, "<wse:Unsubscribe/>"),
+        ):
+            fault = eventing(alice, dsc_url, action, body, admin_sub)
+            assert isinstance(fault, dc.ClientFault), fault
+            assert fault.subcode.endswith("ClientErrorCurrentUserNotScanAdmin"), fault
+        # WS-DSP subscriptions of non-administrators: their own jobs' events only.
+        alice_sub = subscribe_to(alice, dsp_url, sinks["alice"])
+        subscribe_to(bob, dsp_url, sinks["bob"])
+        # No service named and no filter: what a non-administrator may have (WS-DSP).
+        subscribe_to(alice, server.url, sinks["alice-any"])
+        # Bob cannot see or end Alice's subscription: as unknown as a job of another user.
+        fault = eventing(bob, dsp_url, A.UNSUBSCRIBE, "<wse:Unsubscribe/>", alice_sub)
+        assert isinstance(fault, dc.ClientFault) and "InvalidMessage" in fault.subcode, fault
+
+        share = [FileShareInstructions((r"\\localhost\scans",))]
+        a_job, b_job = concurrently(
+            lambda: scan_as_device(alice, share, b"alice's page"),
+            lambda: scan_as_device(bob, share, b"bob's page"),
+        )
+        assert a_job.state == b_job.state == "Completed"
+        wait_for(lambda: {a_job.token, b_job.token} <= sinks["admin"].tokens(), 10, "admin events")
+        wait_for(lambda: a_job.token in sinks["alice"].tokens(), 10, "alice's events")
+        wait_for(lambda: b_job.token in sinks["bob"].tokens(), 10, "bob's events")
+        wait_for(lambda: a_job.token in sinks["alice-any"].tokens(), 10, "alice's events")
+        assert sinks["alice"].tokens() == sinks["alice-any"].tokens() == {a_job.token}
+        assert sinks["bob"].tokens() == {b_job.token}
+        # And no MS-BDSRR event (repository state, the dsc actions) reached a non-admin.
+        for name in ("alice", "bob", "alice-any"):
+            assert sinks[name].actions() <= {A.DSP_JOB_STATUS_EVENT, A.DSP_JOB_END_STATE_EVENT}
+        assert A.DSC_JOB_END_STATE_EVENT in sinks["admin"].actions()
+        server.stop_cleanly()
+    finally:
+        for sink in sinks.values():
+            sink.close()

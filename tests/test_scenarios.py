@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -1211,3 +1212,31 @@ def test_restart_resumes_a_job_that_had_only_started() -> None:
     later._run(later.server.restore(t.server.jobs.active(), later.clock))
     (job,) = later.started
     assert job.token == token and job.state is JobState.PENDING
+
+
+# --- R13: R10 applies to eventing --------------------------------------------------------------
+
+
+def test_non_administrators_get_only_their_own_job_events() -> None:
+    config = ServerConfig(require_client_certificates=True, scan_admins=frozenset({"admin"}))
+    t = InProcessTransport(config)
+
+    def subscribe_as(who: str, to: str, **kw: Any) -> Any:
+        return t.post(soap(subscribe_body(**kw), Act.SUBSCRIBE, to=to), identity=who)
+
+    # MS-BDSRR events: administrators only, by address or by filter.
+    for to, kw in (
+        (config.dsc_url, {}),
+        (config.device_url, {"actions": [Act.DSC_STATUS_EVENT]}),
+    ):
+        reply = subscribe_as("alice", to, **kw)
+        assert reply.status == 400 and b"ClientErrorCurrentUserNotScanAdmin" in reply.body
+    assert ok(subscribe_as("alice", config.dsp_url, notify_to="http://alice.example/e"))
+    assert ok(subscribe_as("admin", config.dsc_url, notify_to="http://admin.example/e"))
+    mine = create_job(t, FS, identity="alice")
+    theirs = create_job(t, FS, identity="bob")
+    to_alice = [d for d in t.deliveries if d.address == "http://alice.example/e"]
+    to_admin = [d for d in t.deliveries if d.address == "http://admin.example/e"]
+    assert to_alice and all(mine.encode() in d.body for d in to_alice)
+    assert not any(theirs.encode() in d.body for d in to_alice)
+    assert any(theirs.encode() in d.body for d in to_admin)
