@@ -80,6 +80,9 @@ class Limits:
     max_subscriptions: int = 1000
     #: Active jobs at once (core: ServerErrorTemporaryError on create beyond it).
     max_active_jobs: int = 1000
+    #: Creating jobs of one user at once: the certificate identity, else the client address
+    #: (core: ServerErrorTemporaryError beyond it), so one client cannot hold every job slot.
+    max_creating_jobs_per_user: int = 32
     #: Documents in one job (core: InvalidArgs beyond it).
     max_documents_per_job: int = 10_000
     #: Share of max_connections one client address may hold (binding: beyond it, that

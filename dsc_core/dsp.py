@@ -104,7 +104,16 @@ def create_lookups(request: Request) -> Lookups:
 
 def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
     state, now = request.state, request.now
-    if len(state.jobs.active()) >= request.config.limits.max_active_jobs:
+    limits = request.config.limits
+    if len(state.jobs.active()) >= limits.max_active_jobs:
+        raise faults.store_failed(NS, temporary=True)
+    # R13 quota: per user (certificate identity), else per client address, so one scanner
+    # holding Creating jobs cannot lock out the others; a retry after its jobs end succeeds.
+    origin = identity(request.config, request.info) or request.info.client_address or ""
+    if origin and (
+        sum(1 for j in state.jobs.active() if j.state is JobState.CREATING and j.origin == origin)
+        >= limits.max_creating_jobs_per_user
+    ):
         raise faults.store_failed(NS, temporary=True)
     token = state.new_id()
     instructions = args.instructions
@@ -121,6 +130,7 @@ def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
         last_activity=now,
         continue_on_error=instructions.continue_on_error,
         document_root_name=instructions.document_root_name,
+        origin=origin,
     )
     if not instructions.any_usable:
         # R6: no filter left -> Aborted at once; the response still carries the token.

@@ -208,6 +208,9 @@ class Job:
     completed: datetime | None = None
     continue_on_error: bool = False
     document_root_name: str = "Scan"
+    #: Whose quota the job counts against (``Limits.max_creating_jobs_per_user``): the
+    #: certificate identity, else the client's address; "" when neither is known.
+    origin: str = ""
 
     @property
     def images_received(self) -> int:

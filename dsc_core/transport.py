@@ -22,6 +22,9 @@ class RequestInfo:
     identity: str | None = None
     #: The request path; informational only (R1: not used to reject a request).
     path: str = "/"
+    #: The client's network address (host, no port), None when unknown.  Without client
+    #: certificates it stands for the user in per-user limits (R13 quotas).
+    client_address: str | None = None
     #: The directory's answers to the request's lookups (R14), set by ``Exchange.end``; None
     #: without a directory (the configured tables apply).
     directory: DirectoryAnswers | None = None

@@ -398,3 +398,45 @@ def test_events_follow_r10(
     finally:
         for sink in sinks.values():
             sink.close()
+
+
+# --- 3. one client cannot hold every job slot ------------------------------------------------
+
+
+class SoapFrom(Soap):
+    """A client whose connections come from a given loopback address (127.0.0.0/8)."""
+
+    def __init__(self, url: str, source: str) -> None:
+        super().__init__(url)
+        self.source = source
+
+    def connection(self) -> Any:
+        import http.client
+
+        return http.client.HTTPConnection(
+            self.host, self.port, timeout=self.timeout, source_address=(self.source, 0)
+        )
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_creating_jobs_are_limited_per_client(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    config = tmp_path / "dsc.toml"
+    config.write_text("[limits]\nmax_creating_jobs_per_user = 3\n")
+    server = servers(tmp_path / "data", binding=binding, config=config)
+    greedy, other = SoapFrom(server.url, "127.0.0.1"), SoapFrom(server.url, "127.0.0.2")
+    share = [FileShareInstructions((r"\\localhost\scans",))]
+    held = [greedy.create(share) for _ in range(3)]
+    with pytest.raises(dc.ClientFault) as refused:
+        greedy.create(share)
+    assert refused.value.subcode.endswith("ServerErrorTemporaryError"), refused.value
+    # The second scanner, while the first is at its limit, is served as usual.
+    view = scan(other, share, b"second scanner's page")
+    assert view.state == "Completed", view
+    # When one of its jobs ends, the first scanner may create again (the fault said: retry).
+    greedy.end(held[0])
+    greedy.wait_ended(held[0], 30)
+    assert greedy.create(share)
+    assert "ServerErrorTemporaryError" in server.log  # the refusal is logged
+    server.stop_cleanly()

@@ -31,6 +31,7 @@ from core_support import (
     check_protocol_fault,
     check_reply_headers,
     create_job,
+    create_request,
     deliveries_of,
     detail_token,
     elements_body,
@@ -61,6 +62,7 @@ from dsc_core import (
     DropJob,
     FilterFinished,
     FilterStarted,
+    Limits,
     ProcessingFinished,
     ProcessingStarted,
     RequestInfo,
@@ -1240,3 +1242,27 @@ def test_non_administrators_get_only_their_own_job_events() -> None:
     assert to_alice and all(mine.encode() in d.body for d in to_alice)
     assert not any(theirs.encode() in d.body for d in to_alice)
     assert any(theirs.encode() in d.body for d in to_admin)
+
+
+# --- R13: per-user limit on Creating jobs ---------------------------------------------------
+
+
+@pytest.mark.parametrize("certificates", [False, True])
+def test_creating_jobs_per_user(certificates: bool) -> None:
+    config = ServerConfig(
+        limits=Limits(max_creating_jobs_per_user=2), require_client_certificates=certificates
+    )
+    t = InProcessTransport(config)
+    # With certificates the user is the identity (whatever the address); without, the address.
+    first = {"identity": "alice", "client_address": "10.0.0.1"}
+    second = {"identity": "bob", "client_address": "10.0.0.1" if certificates else "10.0.0.2"}
+
+    def create(who: dict[str, str]) -> Any:
+        return t.post(envelope(Act.DSP_CREATE, create_request(FS)), **who)
+
+    tokens = [text_of(ok(create(first)), "dsp:JobToken") for _ in range(2)]
+    refused = create(first)
+    assert refused.status == 500 and b"ServerErrorTemporaryError" in refused.body
+    ok(create(second))  # another user (or scanner) still works
+    ok(end_job(t, tokens[0], identity="alice"))  # no longer Creating: a slot is free again
+    ok(create(first))

@@ -114,6 +114,7 @@ class InProcessTransport:
         identity: str | None = None,
         chunk_size: int | None = None,
         path: str = "/ScanServer",
+        client_address: str | None = None,
     ) -> Reply:
         """One request through a fresh exchange; commands are carried out like a binding does."""
         chunks: Iterable[bytes]
@@ -125,7 +126,13 @@ class InProcessTransport:
         else:
             chunks = body
         exchange = self.server.open_exchange(
-            RequestInfo(now=self.clock, content_type=content_type, identity=identity, path=path)
+            RequestInfo(
+                now=self.clock,
+                content_type=content_type,
+                identity=identity,
+                path=path,
+                client_address=client_address,
+            )
         )
         for chunk in chunks:
             try:

@@ -103,6 +103,7 @@ def encode_job(job: Job) -> str:
         "completed": _time(job.completed),
         "continue_on_error": job.continue_on_error,
         "document_root_name": job.document_root_name,
+        "origin": job.origin,
     }
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -210,4 +211,6 @@ def decode_job(text: str) -> Job:
         completed=_decode_time(record, "completed", optional=True),
         continue_on_error=_get(record, "continue_on_error", bool),
         document_root_name=_get(record, "document_root_name", str),
+        # Records written before issue 8 have no origin: they count against no quota.
+        origin=_get(record, "origin", str) if "origin" in record else "",
     )

@@ -105,6 +105,14 @@ TICK_MIN_SECONDS = 0.05
 ENGINE_REPORT_WAIT_SECONDS = 60.0
 
 
+def _host_of(peer: str | None) -> str | None:
+    """``host:port`` (the bindings' peer names) -> host; None when unknown."""
+    if not peer or peer == "?":
+        return None
+    host = peer.rsplit(":", 1)[0] if ":" in peer else peer
+    return host.strip("[]") or None
+
+
 def local_now() -> datetime:
     """Aware local time (R6: times carry an explicit UTC offset)."""
     return datetime.now().astimezone()
@@ -533,7 +541,11 @@ class ScanService:
         (R10), None without one; ``path`` is informational (R1); ``peer`` is the client's
         address for the log and the device records."""
         info = RequestInfo(
-            now=self.clock(), content_type=content_type, identity=identity, path=path
+            now=self.clock(),
+            content_type=content_type,
+            identity=identity,
+            path=path,
+            client_address=_host_of(peer),
         )
         exchange = self._core_call(lambda: self.server.open_exchange(info))
         return ServiceRequest(self, exchange, peer)
