@@ -454,3 +454,66 @@ def test_creating_jobs_are_limited_per_client(
     assert greedy.create(share)
     assert "ServerErrorTemporaryError" in server.log  # the refusal is logged
     server.stop_cleanly()
+
+
+# --- 4. HTTP framing --------------------------------------------------------------------------
+
+
+def _read_until_closed(sock: Any, limit: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (fails after ``limit``)."""
+    sock.settimeout(limit)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_http_framing_edge_cases(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    import socket
+
+    server = servers(tmp_path / "data", binding=binding)
+    legit = Soap(server.url)
+    body = legit.envelope(A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest"))
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    smuggled = (
+        b"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Type: application/soap+xml\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+    # Both Transfer-Encoding and Content-Length: answered (by Transfer-Encoding alone), then
+    # the connection is closed, so the request behind it is never read (RFC 9112 6.1).
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Type: application/soap+xml\r\n"
+            b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n" + chunked + smuggled
+        )
+        answer = _read_until_closed(sock)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b"\r\nconnection: close" in head.lower()
+    assert b"GetActiveJobsResponse" in rest
+    assert answer.count(b"HTTP/1.1 ") == 1, "the request behind it was answered"
+
+    # A Content-Length of 20 or more digits is 413 like any other over-limit length.
+    for digits in (20, 21, 40):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                b"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Type: application/soap+xml\r\n"
+                + b"Content-Length: "
+                + b"9" * digits
+                + b"\r\n\r\n"
+                + body
+            )
+            answer = _read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 413 "), (digits, answer[:300])
+        assert answer.count(b"HTTP/1.1 ") == 1
+    # A legitimate client on its own connections meanwhile: served as usual.
+    assert legit.active() == []
+    assert "connection is closed (RFC 9112 6.1)" in server.log
+    server.stop_cleanly()

@@ -39,6 +39,7 @@ Identity (R10): see :func:`identity_from_certificate`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -287,6 +288,12 @@ class Rejection:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+#: A Content-Length header line whose value is a number too long for h11 (20+ digits).
+_HUGE_CONTENT_LENGTH = re.compile(
+    rb"\r?\ncontent-length[ \t]*:[ \t]*0*([1-9][0-9]{19,})[ \t]*\r?\n", re.IGNORECASE
+)
+
+
 def _header(request: h11.Request, name: bytes) -> bytes | None:
     for key, value in request.headers:
         if key == name:  # h11 lower-cases header names
@@ -414,6 +421,14 @@ class HttpConnection:
         self._head_timeout = head_timeout
         self._head_deadline = clock() + head_timeout
         self._draining = False
+        #: RFC 9112 §6.1: the current request had both Transfer-Encoding and Content-Length;
+        #: it is answered (framed by Transfer-Encoding alone, as h11 does) and then the
+        #: connection is closed, so no request smuggled behind it is read.
+        self._close_after_answer = False
+        #: The first bytes of the request head being received, as given to h11: h11 refuses a
+        #: Content-Length of more than 20 digits with a bare "bad Content-Length", after which
+        #: only this copy can tell that the answer is 413 like any other over-limit length.
+        self._head_copy = bytearray()
         #: Received bytes not yet given to h11 (see _feed: h11's own header limit only holds
         #: for heads that arrive in pieces, so a head is fed to it in bounded slices).
         self._backlog = bytearray()
@@ -641,6 +656,9 @@ class HttpConnection:
                 room = max(1, self._limits.max_http_header_bytes + 1 - buffered)
                 chunk = bytes(self._backlog[:room])
                 del self._backlog[:room]
+                keep = self._limits.max_http_header_bytes + 1 - len(self._head_copy)
+                if keep > 0:
+                    self._head_copy += chunk[:keep]
             else:
                 chunk = bytes(self._backlog)
                 self._backlog.clear()
@@ -659,6 +677,17 @@ class HttpConnection:
     def _on_request(self, request: h11.Request) -> None:
         self._requests += 1
         self._phase = "body"
+        self._head_copy.clear()
+        if (
+            _header(request, b"transfer-encoding") is not None
+            and _header(request, b"content-length") is not None
+        ):
+            log.warning(
+                "%s: request with both Transfer-Encoding and Content-Length: answered, then "
+                "the connection is closed (RFC 9112 6.1)",
+                self._peer,
+            )
+            self._close_after_answer = True
         self._opener, self._held, self._held_bytes = None, [], 0
         target = request.target.decode("ascii", "replace")
         if self._over_capacity:
@@ -712,9 +741,17 @@ class HttpConnection:
             log.info("%s: connection closed mid-request", self._peer)
             self._close(False)
             return
+        huge = _HUGE_CONTENT_LENGTH.search(bytes(self._head_copy))
         if status == 431:
             message = (
                 f"The request head exceeds the limit of {self._limits.max_http_header_bytes} bytes."
+            )
+        elif huge is not None and self._phase in ("head", "idle"):
+            # R12: an over-limit length is 413, however many digits it has (h11 stops at 20).
+            status = 413
+            message = (
+                f"The declared request body (a {len(huge.group(1))}-digit Content-Length) "
+                f"exceeds the limit of {max_request_bytes(self._limits)} bytes."
             )
         else:
             message = f"Malformed HTTP request: {exc}"
@@ -742,7 +779,7 @@ class HttpConnection:
             ("Content-Type", reply.content_type),
             ("Content-Length", str(len(reply.body))),
         ]
-        if close or self._draining:
+        if close or self._draining or self._close_after_answer:
             headers.append(("Connection", "close"))
         try:
             data = self._h11.send(
@@ -777,6 +814,10 @@ class HttpConnection:
             self._close(True)
         elif ours is h11.DONE and theirs is h11.DONE:
             self._h11.start_next_cycle()
+            # What h11 already holds of the next request starts the next head's copy.
+            self._head_copy = bytearray(
+                self._h11.trailing_data[0][: self._limits.max_http_header_bytes + 1]
+            )
             self._phase = "head" if self._h11.trailing_data[0] else "idle"
             self.idle_since = self._clock()
             self._head_deadline = self._clock() + self._head_timeout
