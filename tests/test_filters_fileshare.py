@@ -305,3 +305,17 @@ def test_without_hard_links_names_are_reserved(
     assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.png", "inv_0004.pdf"]
     assert (folder / "inv_0001.png").read_bytes() == b"someone else's"
     assert (folder / "inv_0002.png").read_bytes() == b"one" * 5000
+
+
+def test_planted_link_under_the_temporary_name_is_not_written_through(tmp_path: Path) -> None:
+    """A share user who plants a hard link to another file under the temporary name: the
+    filter replaces the name, the other file is untouched."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    folder.mkdir(parents=True)
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_bytes(b"precious")
+    os.link(victim, folder / f".dsc-{job.token}-1.part")
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert victim.read_bytes() == b"precious"
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+    assert (folder / "inv_0001.png").read_bytes() == b"one" * 5000

@@ -173,8 +173,8 @@ def _copy_one(
     """Deliver one document to the first free ``<root>_<NNNN>.<ext>`` from ``counter`` on;
     return the counter used.
 
-    The bytes go to a hidden temporary file first (``.dsc-<token>-<id>.part``, truncated if a
-    crash left one), which becomes visible under its final name only when complete, by a hard
+    The bytes go to a hidden temporary file first (``.dsc-<token>-<id>.part``, made afresh if
+    a crash left one), which becomes visible under its final name only when complete, by a hard
     link that fails rather than overwrite (R9).  So a partial file never looks like a document,
     and a re-run after a crash (R13) finds what the interrupted run did: a journal entry (done),
     or a temporary file already linked to its final name (done, the journal entry was lost).
@@ -195,8 +195,11 @@ def _copy_one(
     except OSError as exc:
         raise SourceError(f"{source}: {exc}") from exc
     with src:
-        # O_NOFOLLOW: a symlink planted under the temporary name is refused, not written through.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        # A partial file of an interrupted run is replaced by a new one, never written through:
+        # whatever sits under the temporary name (a hard link or symlink to another file
+        # planted by a user of the share) is unlinked, and O_EXCL|O_NOFOLLOW create afresh.
+        _unlink_quietly(tmp, missing_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(tmp, flags, 0o644)
         try:
             buffer = bytearray(chunk_size)
