@@ -193,7 +193,7 @@ def test_process_round_trip(config: Path) -> None:
     xml = dsc("process", "show", "Invoices", *c, "--xml")
     assert "<psp:PostScanProcess" in xml.out and "ADFDuplex" in xml.out, xml
 
-    listed = dsc("process", "list", *c)
+    listed = dsc("process", "list", *c, "--wide")
     assert listed.code == 0, listed
     row = next(line for line in listed.out.splitlines() if line.startswith("Invoices"))
     assert r"share \\files\invoices" in row and "png 200 dpi Grayscale8 duplex" in row

@@ -19,7 +19,8 @@ from typing import Any
 
 from lxml import etree
 
-from .cli_support import EXIT_OK, EXIT_USAGE, CliError, table
+from .cli_output import Column, print_pairs, print_table
+from .cli_support import EXIT_OK, EXIT_USAGE, CliError
 from .directory import Directory, DirectoryError, DirectorySettings, sid_to_text
 from .processes import (
     COLORS,
@@ -111,18 +112,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not processes:
         print("(no scan processes)")
         return EXIT_OK
-    rows = [["NAME", "DESTINATIONS", "SCAN", "SERVER", "ALLOWED"]]
-    for p in processes:
-        rows.append(
-            [
-                p.name,
-                ", ".join(_destinations(p)) or "(none)",
-                _settings_text(p),
-                p.scan_repository,
-                ", ".join(p.allow) or "everyone",
-            ]
-        )
-    print(table(rows))
+    columns = [
+        Column("NAME", keep=True),
+        Column("DESTINATIONS"),
+        Column("SCAN"),
+        Column("SERVER"),
+        Column("ALLOWED", keep=True),
+        Column("IDENTIFIER", wide_only=True),
+    ]
+    rows = [
+        [
+            p.name,
+            ", ".join(_destinations(p)) or "(none)",
+            _settings_text(p),
+            p.scan_repository,
+            ", ".join(p.allow) or "everyone",
+            p.identifier,
+        ]
+        for p in processes
+    ]
+    print_table(columns, rows, wide=args.wide)
     return EXIT_OK
 
 
@@ -134,18 +143,17 @@ def _get(store: ProcessStore, name: str) -> ScanProcess:
 
 
 def _print(process: ScanProcess) -> None:
-    rows = [
-        ["Name", process.name],
-        ["Identifier", process.identifier],
-        ["Scan server", process.scan_repository],
-        ["Scan", _settings_text(process)],
-        ["Document name", process.document_root_name],
-        ["Continue on error", "yes" if process.continue_on_error else "no"],
-        ["Allowed", ", ".join(process.allow) or "everyone (authenticated users)"],
+    pairs = [
+        ("Name", process.name),
+        ("Identifier", process.identifier),
+        ("Scan server", process.scan_repository),
+        ("Scan", _settings_text(process)),
+        ("Document name", process.document_root_name),
+        ("Continue on error", "yes" if process.continue_on_error else "no"),
+        ("Allowed", ", ".join(process.allow) or "everyone (authenticated users)"),
     ]
-    for d in _destinations(process) or ["(none)"]:
-        rows.append(["Destination", d])
-    print(table(rows, header=False))
+    pairs += [("Destination", d) for d in _destinations(process) or ["(none)"]]
+    print_pairs(pairs)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -377,4 +385,6 @@ def add_parser(sub: Any) -> None:
             a.add_argument("--id", help="PSP identifier (GUID; default: a new one)")
         if name == "show":
             a.add_argument("--xml", action="store_true", help="print the PSPString XML")
+        if name == "list":
+            a.add_argument("--wide", action="store_true", help="print every cell whole")
         a.set_defaults(func=func)
