@@ -344,8 +344,8 @@ def test_after_a_failure_the_directory_is_not_asked_again_at_once(
             clock=lambda: now[0],
         )
         assert directory.answer(Lookups(sids=(SID,))).unavailable
-        attempts = len(silent.held)
-        assert attempts == 1
+        wait_for(lambda: len(silent.held) == 1, what="the first attempt's connection")
+        attempts = 1
         with caplog.at_level(logging.ERROR, logger="dsc.directory"):
             assert directory.answer(Lookups(processes=(PSP_ID,))).unavailable
         assert len(silent.held) == attempts  # queued requests fail at once, no new connection
