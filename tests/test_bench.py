@@ -57,3 +57,17 @@ def test_runtime_bench_runs_and_writes_json(tmp_path: object) -> None:
     measured = json.loads(out.read_text(encoding="utf-8"))["large"]
     assert set(measured) == {"GetActiveJobs", "GetJobHistory"}
     assert all(entry["jobs"] == 1000 for entry in measured.values())
+
+
+def test_observe_bench_quick_runs() -> None:
+    """``bench/observe.py --quick`` (issue 9): the status endpoints against GetJobHistory."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "observe.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("GetJobHistory (floor)", "GET /status.json", "GET /metrics", "GET /healthz"):
+        assert row in result.stdout, result.stdout
