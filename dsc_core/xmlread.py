@@ -8,6 +8,7 @@ larger than the limits (R12).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 
@@ -66,6 +67,22 @@ def parse_xml(data: bytes, limits: Limits) -> Element:
 
 
 def check_tree(root: Element, limits: Limits) -> None:
+    """Refuse processing instructions, entity references, and trees over the element or depth
+    limits (R12), with the fault the full walk (:func:`_walk_tree`) names."""
+    # Fast path for the usual small envelope (profiled: the walk was 25 us of a 12-element
+    # request): a tree of no more nodes than either limit can be neither too deep nor too large,
+    # so one pass in C over its nodes that finds no PI or entity settles it.
+    small = min(limits.max_xml_depth, limits.max_xml_elements)
+    for nodes, node in enumerate(root.iter(), 1):
+        if nodes > small or not isinstance(node.tag, str):
+            break  # large, or a PI or entity: the full walk decides
+    else:
+        if root.getprevious() is None and root.getnext() is None:
+            return
+    _walk_tree(root, limits)
+
+
+def _walk_tree(root: Element, limits: Limits) -> None:
     count = 0
     # Iterative walk with explicit depth so that a deep tree cannot exhaust the Python stack.
     stack: list[tuple[Element, int]] = [(root, 1)]
@@ -95,6 +112,7 @@ def check_tree(root: Element, limits: Limits) -> None:
 # --- Element helpers ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2048)  # a request reads ~20 tags, nearly always the same ones
 def split(tag: object) -> tuple[str | None, str]:
     """(namespace, local) of an element tag, with R2's https spelling folded."""
     if not isinstance(tag, str):

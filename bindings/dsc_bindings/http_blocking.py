@@ -252,6 +252,12 @@ class BlockingServer:
     def _serve_connection(self, connection: _Connection) -> None:
         sock = connection.sock
         try:
+            # A reply goes out as soon as it is written, not after the client's delayed ACK of
+            # the previous one (Nagle; trio's sockets, hence the async binding, do the same).
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a test's socketpair) or already closed: nothing to tune
             identity: str | None = None
             if self.ssl_context is not None:
                 try:

@@ -38,6 +38,7 @@ Identity (R10): see :func:`identity_from_certificate`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -346,6 +347,22 @@ def _phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return ""
+
+
+_SERVER_NAME = SERVER_NAME.encode("ascii")
+
+
+@functools.lru_cache(maxsize=64)
+def _reason(status: int) -> bytes:
+    return _phrase(status).encode("ascii")
+
+
+@functools.lru_cache(maxsize=64)
+def _header_value(value: str) -> bytes:
+    """A header value of the server's own, checked once (a bug, not a client, could break it)."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"header value with a line break: {value!r}")
+    return value.encode("latin-1")
 
 
 # --- identity (R10) -------------------------------------------------------------------------------
@@ -775,18 +792,23 @@ class HttpConnection:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self._close(False)
             return
-        headers = self._headers(extra) + [
-            ("Content-Type", reply.content_type),
-            ("Content-Length", str(len(reply.body))),
+        # Every header name and value here is the server's own (never a client's bytes), so
+        # h11's validation regexes are skipped (profiled: about 4% of a small request's CPU).
+        headers = [
+            (b"Server", _SERVER_NAME),
+            *[(name.encode("ascii"), value.encode("latin-1")) for name, value in extra],
+            (b"Content-Type", _header_value(reply.content_type)),
+            (b"Content-Length", str(len(reply.body)).encode("ascii")),
         ]
         if close or self._draining or self._close_after_answer:
-            headers.append(("Connection", "close"))
+            headers.append((b"Connection", b"close"))
         try:
             data = self._h11.send(
                 h11.Response(
                     status_code=reply.status,
                     headers=headers,
-                    reason=_phrase(reply.status).encode("ascii"),
+                    reason=_reason(reply.status),
+                    _parsed=True,
                 )
             )
             data = (data or b"") + (self._h11.send(h11.Data(data=reply.body)) or b"")
