@@ -30,6 +30,7 @@ def test_readme_layout_lists_every_core_module_once() -> None:
     """The README's dsc_core table names each module of the tree, one line each, no more."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    section = section.split("`bindings/dsc_bindings/` (import name", 1)[0]
     listed = re.findall(r"^\| `([a-z_]+\.py)` \|", section, re.M)
     on_disk = sorted(p.name for p in (ROOT / "dsc_core").glob("*.py"))
     assert sorted(listed) == on_disk
@@ -63,3 +64,14 @@ def test_readme_adding_an_operation_example_runs(monkeypatch: pytest.MonkeyPatch
     run = namespace["test_get_active_job_count"]
     assert callable(run)
     run()
+
+
+def test_readme_layout_lists_every_bindings_module_once() -> None:
+    """The README's dsc_bindings table names each module of bindings/dsc_bindings, no more."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `dsc_bindings/([a-z_/]+\.py)` \|", section, re.M)
+    package = ROOT / "bindings" / "dsc_bindings"
+    on_disk = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py"))
+    assert sorted(listed) == on_disk
+    assert len(listed) == len(set(listed))
