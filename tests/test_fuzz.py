@@ -397,8 +397,9 @@ FAST = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# The long runs: 5,000 examples with DSC_LONG_TESTS=1, a bounded 150 in every other run (CI).
 HEAVY = settings(
-    max_examples=5000,
+    max_examples=5000 if LONG else 150,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -441,11 +442,7 @@ def test_corpus_requests_succeed() -> None:
     assert any(ctype.startswith("multipart/") for _, ctype in CORPUS)
 
 
-slow = pytest.mark.skipif(not LONG, reason="long fuzzing: set DSC_LONG_TESTS=1")
-
-
 @pytest.mark.slow
-@slow
 @HEAVY
 @given(request=requests, sizes=chunk_sizes)
 def test_long_fuzz(request: tuple[bytes, str | None], sizes: list[int]) -> None:
@@ -454,7 +451,6 @@ def test_long_fuzz(request: tuple[bytes, str | None], sizes: list[int]) -> None:
 
 
 @pytest.mark.slow
-@slow
 @HEAVY
 @given(request=st.one_of(mutated(), st.sampled_from(CORPUS)), cut=st.integers(0, 4000))
 def test_long_abort(request: tuple[bytes, str], cut: int) -> None:
