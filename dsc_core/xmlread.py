@@ -155,7 +155,13 @@ def resolve_qname(el: Element, value: str) -> tuple[str, str]:
     if match is None:
         raise ValueError(f"not a QName: {value!r}")
     prefix, local = match.group(1), match.group(2)
-    ns = el.nsmap.get(prefix)
+    tag = el.tag
+    if prefix is not None and prefix == el.prefix and isinstance(tag, str) and tag[:1] == "{":
+        # The usual case (dsc:Name holding "dsc:..."): the element's own prefix is bound to
+        # its own namespace, without building ``nsmap`` (profiled: ~10 us a call).
+        ns: str | None = tag[1 : tag.index("}")]
+    else:
+        ns = el.nsmap.get(prefix)
     if ns is None:
         if prefix is not None:
             raise ValueError(f"unbound prefix {prefix!r}")
