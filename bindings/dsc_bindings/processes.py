@@ -40,7 +40,12 @@ from dsc_core import FilterState, faults, names
 from dsc_core.args import Args
 from dsc_core.client import filter_instructions
 from dsc_core.instructions import read_post_scan_instructions
-from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
+from dsc_core.model import (
+    DOCUMENT_FORMATS,
+    EmailInstructions,
+    FileShareInstructions,
+    SharePointInstructions,
+)
 from dsc_core.xmlread import children, split
 
 from .directory import (
@@ -67,25 +72,8 @@ __all__ = [
 
 PSP, WSCN = names.PSP, names.WSCN
 OBJECT_CLASS = "msImaging-PostScanProcess"
-#: WS-Scan DocumentFormatWKVType (WDPScan.xsd).
-FORMATS = (
-    "dib",
-    "exif",
-    "jbig",
-    "jfif",
-    "jpeg2k",
-    "pdf-a",
-    "png",
-    "tiff-single-uncompressed",
-    "tiff-single-g4",
-    "tiff-single-g3mh",
-    "tiff-single-jpeg-tn2",
-    "tiff-multi-uncompressed",
-    "tiff-multi-g4",
-    "tiff-multi-g3mh",
-    "tiff-multi-jpeg-tn2",
-    "xps",
-)
+#: WS-Scan DocumentFormatWKVType (WDPScan.xsd): the core's one list, in a stable order.
+FORMATS: tuple[str, ...] = tuple(sorted(DOCUMENT_FORMATS))
 #: WS-Scan ColorWKVType.
 COLORS = (
     "BlackAndWhite1",
