@@ -220,5 +220,14 @@ class Job:
     def is_active(self) -> bool:
         return self.state.is_active
 
+    @property
+    def succeeded(self) -> bool:
+        """Completed, successfully or with warnings (R6); errors or an abort are failures.
+        (``client.JobView.succeeded`` says the same of a job read off the wire.)"""
+        return (
+            self.state is JobState.COMPLETED
+            and JobStateReason.COMPLETED_WITH_ERRORS not in self.reasons
+        )
+
     def evolve(self, **changes: object) -> Job:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -322,25 +322,30 @@ def _run_scan(args: argparse.Namespace, files: list[Path], request: Any) -> int:
             progress.close()
     client.call(A.DSP_END, dc.token_request(names.DSP, "EndPostScanJobRequest", token))
     _say(args, f"job {token} ended; waiting for processing")
-    deadline = time.monotonic() + args.wait
-    while True:
-        view = dc.read_job_elements(
-            client.call(
-                A.DSP_GET_JOB_ELEMENTS,
-                dc.job_elements_request(names.DSP, token, ["JobStatus", "JobDescription"]),
-            ).payload,
-            names.DSP,
-        )
-        if view.ended:
-            break
-        if time.monotonic() > deadline:
-            raise CliError(f"job {token} still {view.state} after {args.wait:.0f} s")
-        time.sleep(args.poll)
+    view = _wait_for_end(client, token, names.DSP, wait=args.wait, poll=args.poll)
     if args.json:
         print(json.dumps(view.as_dict(), indent=2))
     else:
         _print_job(view, {})
     return EXIT_OK if view.succeeded else EXIT_FAILED
+
+
+def _wait_for_end(client: Client, token: str, ns: str, *, wait: float, poll: float) -> dc.JobView:
+    """Poll GetPostScanJobElements (WS-DSP or MS-BDSRR, by ``ns``) until the job ended (R6)."""
+    action = A.DSP_GET_JOB_ELEMENTS if ns == names.DSP else A.DSC_GET_JOB_ELEMENTS
+    deadline = time.monotonic() + wait
+    while True:
+        view = dc.read_job_elements(
+            client.call(
+                action, dc.job_elements_request(ns, token, ["JobStatus", "JobDescription"])
+            ).payload,
+            ns,
+        )
+        if view.ended:
+            return view
+        if time.monotonic() > deadline:
+            raise CliError(f"job {token} still {view.state} after {wait:.0f} s")
+        time.sleep(poll)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -580,20 +585,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise
     count = dc.text_of(response.payload, names.EXT, "FiltersToRun") or "?"
     _say(args, f"job {token}: {count} filter(s) run again")
-    deadline = time.monotonic() + args.wait
-    while True:
-        view = dc.read_job_elements(
-            client.call(
-                A.DSC_GET_JOB_ELEMENTS,
-                dc.job_elements_request(names.DSC, token, ["JobStatus", "JobDescription"]),
-            ).payload,
-            names.DSC,
-        )
-        if view.ended:
-            break
-        if time.monotonic() > deadline:
-            raise CliError(f"job {token} still {view.state} after {args.wait:.0f} s")
-        time.sleep(0.2)
+    view = _wait_for_end(client, token, names.DSC, wait=args.wait, poll=0.2)
     if args.json:
         print(json.dumps(view.as_dict(), indent=2))
     else:

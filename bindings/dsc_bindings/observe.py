@@ -357,9 +357,7 @@ class Observer:
         if self.devices is not None:
             if job.state is JobState.CANCELED:
                 outcome = "canceled"
-            elif job.state is JobState.COMPLETED and (
-                JobStateReason.COMPLETED_WITH_ERRORS not in job.reasons
-            ):
+            elif job.succeeded:
                 outcome = "completed"
             else:
                 outcome = "failed"
