@@ -87,6 +87,7 @@ async def run_floor(port: int, body: bytes) -> None:
 async def run_core(port: int) -> None:
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.http_async import serve
+    from dsc_bindings.serve import settle_heap
     from dsc_bindings.service import ScanService
     from dsc_core import ServerConfig
 
@@ -94,6 +95,7 @@ async def run_core(port: int) -> None:
     with tempfile.TemporaryDirectory(prefix="dsc-bench-") as tmp:
         service = ScanService(config, Path(tmp), FilterSettings.embedded_default(tmp))
         service.start()
+        settle_heap()  # as `dsc serve` does
         try:
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(
@@ -110,6 +112,7 @@ async def run_core(port: int) -> None:
 def run_blocking(port: int) -> None:
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.http_blocking import BlockingServer
+    from dsc_bindings.serve import settle_heap
     from dsc_bindings.service import ScanService
     from dsc_core import ServerConfig
 
@@ -117,6 +120,7 @@ def run_blocking(port: int) -> None:
     with tempfile.TemporaryDirectory(prefix="dsc-bench-") as tmp:
         service = ScanService(config, Path(tmp), FilterSettings.embedded_default(tmp))
         service.start()
+        settle_heap()  # as `dsc serve` does
         server = BlockingServer(service, "127.0.0.1", port, None, config.limits, grace=1.0)
         try:
             print(f"port {server.start()}", flush=True)

@@ -787,3 +787,17 @@ def test_filter_failure_stops_the_run_before_the_next_filter(filter_env: FilterE
         assert states[0][0] == "fileshare" and states[0][1] != "CompletedSuccessfully", states
         assert states[1][0] == "sharepoint" and states[1][1] != "CompletedSuccessfully", states
     assert len(env.site.uploads) == before, "a filter ran after the first failure"
+
+
+def test_settle_heap_freezes_what_start_up_built() -> None:
+    import gc
+
+    from dsc_bindings.serve import settle_heap
+
+    survivor = [object() for _ in range(10)]
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= len(survivor)
+        assert gc.is_tracked(survivor)  # frozen, not untracked: still a normal object
+    finally:
+        gc.unfreeze()

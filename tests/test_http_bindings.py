@@ -1143,3 +1143,45 @@ async def test_trio_nursery_start_and_graceful_cancel(tmp_path: Path) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         service.shutdown(5.0)
+
+
+class _SecondWait(Exception):
+    pass
+
+
+async def test_one_wake_up_accepts_every_waiting_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections waiting in the backlog are all accepted before the accept loop waits
+    again (issue 7: accepting one per trip through a busy scheduler kept 64 new scanners
+    waiting up to 0.8 s for their first byte to be read)."""
+    from dsc_bindings import http_async
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    started: list[object] = []
+    waits = 0
+    real_wait = anyio.wait_readable
+
+    async def counting_wait(obj: Any) -> None:
+        nonlocal waits
+        waits += 1
+        if waits == 2:  # the first wake-up is over: everything waiting must be in hand
+            raise _SecondWait
+        await real_wait(obj)
+
+    class Group:
+        def start_soon(self, function: Any, *args: Any) -> None:
+            started.append(args[0])
+
+    monkeypatch.setattr(http_async.anyio, "wait_readable", counting_wait)
+    try:
+        with pytest.raises(_SecondWait):
+            await http_async._accept_loop(listener, None, Group())  # type: ignore[arg-type]
+        assert len(started) == 40
+    finally:
+        for sock in [*started, *clients]:
+            assert isinstance(sock, socket.socket)
+            sock.close()
+        await listener.aclose()

@@ -6,6 +6,7 @@ set the repository Stopped and end subscriptions (SourceShuttingDown).
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import ssl
@@ -82,6 +83,15 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings, service: S
     service.reconfigure(server, fresh.filters)
 
 
+def settle_heap() -> None:
+    """Move what start-up built (modules, the restored jobs, caches) out of the collector's
+    sight: a full collection would otherwise walk all of it, about 13 ms with the loop stopped
+    (measured under wrk, 64 keep-alive connections: one such pause every ~9 s, each delaying
+    every request in flight).  Objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Standard error, one line per record: text for people, or one JSON object per line
     (``--log-format json``, for log collectors; job events carry their fields)."""
@@ -143,6 +153,7 @@ def run_server(
         log.error("cannot start: %s (is another `dsc serve` using %s?)", exc, settings.data_dir)
         return 1
     discovery = _start_discovery(settings, service)
+    settle_heap()
     try:
         if settings.listen.binding == "blocking":
             return _run_blocking(settings, service, ssl_context, reload)
