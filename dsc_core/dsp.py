@@ -20,7 +20,7 @@ from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
 from .operation import Operation, OpResult, Request, Upload, change, find_job
 from .users import directory_answers, identity, user_name
 from .xmlread import Element, children, split, trimmed
-from .xmlwrite import documents, element_data, job_description, job_status
+from .xmlwrite import documents, element_data, job_description, job_status, splice_payload
 
 NS = names.DSP
 A = names.Action
@@ -317,15 +317,25 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
 
     def handle(request: Request, args: JobElementsArgs) -> OpResult:
         job = find_job(request, ns, args.token, own_only=own_only)
-        nsmap = {prefix: ns}
-        response = etree.Element(f"{{{ns}}}GetPostScanJobElementsResponse")
-        container = etree.SubElement(response, f"{{{ns}}}JobElements")
-        for qname in args.wanted:
-            writer = writers.get(qname[1]) if qname[0] == ns else None
-            data = element_data(container, ns, qname, writer is not None, nsmap)
-            if writer is not None:
-                writer(data, ns, job)
-        return OpResult(action, response, nsmap)
+
+        def build() -> bytes:
+            nsmap = {prefix: ns}
+            response = etree.Element(f"{{{ns}}}GetPostScanJobElementsResponse")
+            container = etree.SubElement(response, f"{{{ns}}}JobElements")
+            for qname in args.wanted:
+                writer = writers.get(qname[1]) if qname[0] == ns else None
+                data = element_data(container, ns, qname, writer is not None, nsmap)
+                if writer is not None:
+                    writer(data, ns, job)
+            # Self-contained: the prefixes its QName values use are declared on it (R3).
+            payload = etree.Element(response.tag, nsmap=nsmap)
+            payload.extend(list(response))
+            return etree.tostring(payload)
+
+        # Devices poll this while their job is processed: the answer is built once per job
+        # version and asked-for names, and spliced into each reply's envelope (issue 7).
+        answer = request.state.job_xml.answer((ns, *args.wanted), job, build)
+        return OpResult(action, splice_payload(), {}, splice=(answer,))
 
     return handle
 

@@ -8,7 +8,9 @@ takes the namespace to write in.  SOAP envelopes themselves are written by ``soa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from lxml import etree
 
@@ -129,17 +131,19 @@ class AnswerCache:
 
 
 class JobXmlCache:
-    """A job's summary XML, serialized once per job version (issue 7): a GetActiveJobs or
+    """A job's XML, serialized once per job version (issue 7): a GetActiveJobs or
     GetJobHistory reply with 1,000 jobs joins 1,000 cached byte strings instead of building
-    13 elements per job per request.  A job record is immutable and replaced on every change
-    (``Job.evolve``), so the cached bytes belong to exactly one record object.
+    13 elements per job per request, and a device polling GetPostScanJobElements gets the
+    bytes built at the job's last change.  A job record is immutable and replaced on every
+    change (``Job.evolve``), so cached bytes belong to exactly one record object.
 
-    The fragments use ``prefix`` for ``ns`` without declaring it: the reply envelope declares
-    it (the operation's nsmap)."""
+    Summaries use ``prefix`` for ``ns`` without declaring it (the reply envelope declares it:
+    the operation's nsmap); job-elements answers are whole, self-contained payloads."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: dict[tuple[str, str], tuple[Job, bytes]] = {}
+        self._answers: dict[tuple[object, ...], tuple[Job, bytes]] = {}
 
     def job_summary(self, ns: str, prefix: str, job: Job) -> bytes:
         key = (job.token, ns)
@@ -149,10 +153,24 @@ class JobXmlCache:
         wrapper = etree.Element(f"{{{ns}}}wrapper", nsmap={prefix: ns})
         data = etree.tostring(job_summary(wrapper, ns, job))
         data = data.replace(f' xmlns:{prefix}="{ns}"'.encode(), b"", 1)
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()  # jobs that left the table: rebuilt on demand
-        self._entries[key] = (job, data)
+        self._put(self._entries, key, job, data)
         return data
+
+    def answer(self, key: tuple[object, ...], job: Job, build: Callable[[], bytes]) -> bytes:
+        """The payload ``build()`` gives for ``job`` and ``key`` (what was asked), from the
+        cache while the job has not changed."""
+        key = (job.token, *key)
+        hit = self._answers.get(key)
+        if hit is not None and hit[0] is job:
+            return hit[1]
+        data = build()
+        self._put(self._answers, key, job, data)
+        return data
+
+    def _put(self, table: dict[Any, tuple[Job, bytes]], key: object, job: Job, data: bytes) -> None:
+        if len(table) >= self.max_entries:
+            table.clear()  # jobs that left the table: rebuilt on demand
+        table[key] = (job, data)
 
 
 def end_state(parent: Element, ns: str, job: Job) -> Element:

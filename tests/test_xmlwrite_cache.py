@@ -84,3 +84,27 @@ def test_repository_answers_are_reused_until_something_changes() -> None:
     now = datetime(2026, 12, 1, tzinfo=UTC)
     t.server.reconfigure(t.server.config.replace(filters=("fileshare",)), now)
     assert b"ftr:email" not in _repository(t)  # a reload is seen at once
+
+
+def test_job_elements_are_built_once_per_job_version() -> None:
+    """GetPostScanJobElements (polled by devices) reuses the answer built at the job's last
+    change; a change is seen at once; another set of names is another answer."""
+    from core_support import DSC, elements_body, job_view
+
+    t = InProcessTransport()
+    token = create_job(t)
+    first = job_view(t, token)
+    assert first.state == "Creating"
+    answers = t.server.job_xml._answers
+    assert len(answers) == 1
+    (cached,) = answers.values()
+    job_view(t, token)
+    assert len(answers) == 1 and next(iter(answers.values()))[1] is cached[1]  # reused
+    # Another set of names is another answer (an unknown name echoes Valid="false", R5).
+    reply = t.post(soap(elements_body("dsc", token, "dsc:NoSuchElement"), Act.DSC_ELEMENTS))
+    payload = ok(reply)
+    data = payload.find(f"{{{DSC}}}JobElements/{{{DSC}}}ElementData")
+    assert data is not None and data.get(f"{{{DSC}}}Valid") == "false"
+    assert len(answers) == 2
+    ok(cancel_job(t, names.DSC, token))
+    assert job_view(t, token).state == "Canceled"  # the new record is written afresh
