@@ -1,0 +1,86 @@
+"""The exchange's optional early parse (``prepare``) and what a binding may call without being
+the core's owner (``owner_free``): the answer is the same as without them, byte for byte but
+for the fresh MessageID."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from core_support import (
+    REQUEST_ID,
+    SOAP_CONTENT_TYPE,
+    Act,
+    create_job,
+    envelope,
+    mtom_body,
+    repository_body,
+    soap,
+)
+from dsc_bindings.inprocess import InProcessTransport
+from dsc_core import RequestInfo, UsageError
+from dsc_core import client as dsc_client
+
+_MESSAGE_ID = re.compile(rb"<wsa:MessageID>[^<]*</wsa:MessageID>")
+
+
+def _answer(t: InProcessTransport, body: bytes, *, prepare: bool) -> tuple[int, bytes]:
+    exchange = t.server.open_exchange(RequestInfo(now=t.clock, content_type=SOAP_CONTENT_TYPE))
+    assert exchange.owner_free
+    assert exchange.feed(body[:10]) == [] and exchange.feed(body[10:]) == []
+    if prepare:
+        exchange.prepare()
+        exchange.prepare()  # idempotent
+    outcome = exchange.end()
+    return outcome.reply.status, _MESSAGE_ID.sub(b"", outcome.reply.body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        soap(repository_body("dsc:RepositoryStatus"), Act.DSC_REPOSITORY),
+        b"<not-xml",  # R4 step 1
+        soap("<dsc:GetRepositoryElementsRequest/>", Act.DSC_REPOSITORY),  # InvalidArgs
+        soap(repository_body("dsc:RepositoryStatus"), None),  # no Action: RelatesTo kept
+        b"<!DOCTYPE x []><x/>",
+    ],
+    ids=["ok", "malformed", "invalid-args", "no-action", "dtd"],
+)
+def test_prepare_gives_the_same_answer(body: bytes) -> None:
+    t = InProcessTransport()
+    assert _answer(t, body, prepare=True) == _answer(t, body, prepare=False)
+
+
+def test_a_fault_found_by_prepare_keeps_relates_to() -> None:
+    t = InProcessTransport()
+    status, reply = _answer(t, soap(repository_body("dsc:RepositoryStatus"), None), prepare=True)
+    assert status == 400 and REQUEST_ID.encode() in reply
+
+
+def test_feed_after_prepare_and_prepare_after_end_are_misuse() -> None:
+    t = InProcessTransport()
+    exchange = t.server.open_exchange(RequestInfo(now=t.clock, content_type=SOAP_CONTENT_TYPE))
+    exchange.feed(soap(repository_body("dsc:RepositoryStatus"), Act.DSC_REPOSITORY))
+    exchange.prepare()
+    with pytest.raises(UsageError):
+        exchange.feed(b" ")
+    exchange.end()
+    with pytest.raises(UsageError):
+        exchange.prepare()
+
+
+def test_a_multipart_body_needs_the_owner_and_prepare_leaves_it_alone() -> None:
+    t = InProcessTransport()
+    token = create_job(t)
+    ctype, body = mtom_body(
+        envelope(Act.DSP_SEND_IMAGE, dsc_client.send_image_request(token, 1, "png", "p@x")),
+        "p@x",
+        b"image",
+    )
+    exchange = t.server.open_exchange(RequestInfo(now=t.clock, content_type=ctype))
+    assert not exchange.owner_free
+    t._run(exchange.feed(body))
+    exchange.prepare()  # the root part was read while feeding: nothing to do
+    outcome = exchange.end()
+    assert outcome.reply.status == 200, outcome.reply.body
