@@ -16,10 +16,10 @@ from .dsp import job_elements, read_job_elements
 from .lifecycle import JobInput, Refused
 from .operation import Operation, OpResult, Request, change, find_job
 from .xmlwrite import (
+    SPLICE_ONLY,
     element_data,
     repository_configuration,
     repository_status,
-    splice_payload,
     splice_point,
     sub,
 )
@@ -53,7 +53,7 @@ def get_repository_elements(request: Request, wanted: list[tuple[str, str]]) -> 
         payload.extend(list(result.payload))
         answer = etree.tostring(payload)
         cache.put(key, answer)
-    return OpResult(action, splice_payload(), {}, splice=(answer,))
+    return OpResult(action, SPLICE_ONLY, {}, splice=(answer,))
 
 
 def _repository_elements(request: Request, wanted: list[tuple[str, str]]) -> OpResult:

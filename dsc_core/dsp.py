@@ -20,7 +20,7 @@ from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
 from .operation import Operation, OpResult, Request, Upload, change, find_job
 from .users import directory_answers, identity, user_name
 from .xmlread import Element, children, split, trimmed
-from .xmlwrite import documents, element_data, job_description, job_status, splice_payload
+from .xmlwrite import SPLICE_ONLY, documents, element_data, job_description, job_status
 
 NS = names.DSP
 A = names.Action
@@ -335,7 +335,7 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
         # Devices poll this while their job is processed: the answer is built once per job
         # version and asked-for names, and spliced into each reply's envelope (issue 7).
         answer = request.state.job_xml.answer((ns, *args.wanted), job, build)
-        return OpResult(action, splice_payload(), {}, splice=(answer,))
+        return OpResult(action, SPLICE_ONLY, {}, splice=(answer,))
 
     return handle
 

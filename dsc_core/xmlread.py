@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Iterator
 
 from lxml import etree
@@ -23,6 +24,18 @@ _XML_WS = " \t\r\n"
 
 
 def _parser() -> etree.XMLParser:
+    """This thread's parser (lxml parsers may be reused, but not shared between threads;
+    making one per request was about 1 us of each)."""
+    parser: etree.XMLParser | None = getattr(_parsers, "parser", None)
+    if parser is None:
+        parser = _parsers.parser = _new_parser()
+    return parser
+
+
+_parsers = threading.local()
+
+
+def _new_parser() -> etree.XMLParser:
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
@@ -131,7 +144,7 @@ def children(el: Element) -> Iterator[Element]:
 
 
 def has_children(el: Element) -> bool:
-    return any(True for _ in children(el))
+    return len(el) > 0 and any(True for _ in children(el))
 
 
 def trimmed(text: str | None) -> str:

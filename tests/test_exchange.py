@@ -84,3 +84,12 @@ def test_a_multipart_body_needs_the_owner_and_prepare_leaves_it_alone() -> None:
     exchange.prepare()  # the root part was read while feeding: nothing to do
     outcome = exchange.end()
     assert outcome.reply.status == 200, outcome.reply.body
+
+
+def test_end_keeps_every_request_info_field() -> None:
+    """Exchange.end rebuilds RequestInfo field by field (cheaper than dataclasses.replace): a
+    new field must be added there too."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(RequestInfo)]
+    assert names == ["now", "content_type", "identity", "path", "client_address", "directory"]
