@@ -262,7 +262,9 @@ class _Server:
                         protocol.send_failed()
                 elif isinstance(action, Call):
                     try:
-                        result = await self.loop.follow(action.function())
+                        result = action.function()
+                        if isinstance(result, Wait):
+                            result = await self.loop.follow(result)
                     except Exception as exc:
                         protocol.call_failed(exc)
                     else:

@@ -184,8 +184,25 @@ class _Work:
         )
 
     def __call__(self) -> object:
-        self.steps = self._run()
-        return self._advance()
+        # The usual case runs straight through (no store I/O to wait for); generators take
+        # over only from the first Wait (profiled: they were ~2 us of each small request).
+        request = self.request
+        if request is None:
+            assert self.opener is not None
+            request = self.request = self.opener()
+        chunks, self.chunks = self.chunks, []
+        for index, chunk in enumerate(chunks):
+            fed = request.feed(chunk)
+            if isinstance(fed, Wait):
+                self.steps = self._rest(request, fed, chunks[index + 1 :], finished=False)
+                return self._advance()
+        if not self.finish:
+            return None
+        finished = request.finish()
+        if isinstance(finished, Wait):
+            self.steps = self._rest(request, finished, [], finished=True)
+            return self._advance()
+        return finished
 
     def _advance(self) -> object:
         assert self.steps is not None
@@ -195,12 +212,13 @@ class _Work:
             return stop.value
         return Wait(ticket, self._advance)
 
-    def _run(self) -> Generator[Ticket, None, object]:
-        request = self.request
-        if request is None:
-            assert self.opener is not None
-            request = self.request = self.opener()
-        chunks, self.chunks = self.chunks, []
+    def _rest(
+        self, request: RequestLike, step: Wait, chunks: list[bytes], *, finished: bool
+    ) -> Generator[Ticket, None, object]:
+        """From a Wait on: the step it belongs to, then the remaining ``chunks`` and finish."""
+        result = yield from _follow(step)
+        if finished:
+            return result
         for chunk in chunks:
             yield from _follow(request.feed(chunk))
         del chunks
@@ -314,14 +332,17 @@ def check_request_head(request: h11.Request, limits: Limits) -> Rejection | None
     endpoints of .statuspage are answered before this check); 413 when the declared
     Content-Length exceeds max_image_bytes + max_envelope_bytes (R12), before the body is read
     (and before any 100 Continue)."""
-    if request.method != b"POST":
+    return _check_head(request.method, _header(request, b"content-length"), limits)
+
+
+def _check_head(method: bytes, length: bytes | None, limits: Limits) -> Rejection | None:
+    if method != b"POST":
         return Rejection(
             405,
-            f"Method {request.method.decode('ascii', 'replace')} is not "
+            f"Method {method.decode('ascii', 'replace')} is not "
             "allowed; this server only answers POST.",
             (("Allow", "POST"),),
         )
-    length = _header(request, b"content-length")
     if length is not None:
         try:
             declared = int(length)
@@ -596,6 +617,11 @@ class HttpConnection:
         if self._phase == "head" and self._clock() >= self._head_deadline:
             self.timed_out()
             return
+        if self._phase == "idle" and not self._backlog and not self._eof:
+            # Between requests with nothing received: h11 would only say NEED_DATA (its
+            # buffer is empty, _after_cycle checked), so wait for the next request at once.
+            self._pending.append(Receive(self._limits.idle_timeout, "idle"))
+            return
         self._feed()
         try:
             event = self._h11.next_event()
@@ -695,10 +721,16 @@ class HttpConnection:
         self._requests += 1
         self._phase = "body"
         self._head_copy.clear()
-        if (
-            _header(request, b"transfer-encoding") is not None
-            and _header(request, b"content-length") is not None
-        ):
+        # One pass over the headers for the three this driver reads (h11 lower-cases names).
+        transfer_encoding = content_length = content_type = None
+        for key, value in request.headers:
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                content_length = value
+            elif key == b"transfer-encoding":
+                transfer_encoding = value
+        if transfer_encoding is not None and content_length is not None:
             log.warning(
                 "%s: request with both Transfer-Encoding and Content-Length: answered, then "
                 "the connection is closed (RFC 9112 6.1)",
@@ -727,7 +759,7 @@ class HttpConnection:
             if reply is not None:
                 self._respond(reply, close=request_has_body(request))
                 return
-        rejection = check_request_head(request, self._limits)
+        rejection = _check_head(request.method, content_length, self._limits)
         if rejection is not None:
             self._refused(rejection.status)
             log.warning(
@@ -745,7 +777,6 @@ class HttpConnection:
                 extra=rejection.headers,
             )
             return
-        content_type = _header(request, b"content-type")
         ctype = content_type.decode("latin-1") if content_type is not None else None
         identity, service, peer = self._identity, self._service, self._peer
         # Opened by the first Call this request needs (coalescing: module doc).
@@ -837,12 +868,11 @@ class HttpConnection:
         elif ours is h11.DONE and theirs is h11.DONE:
             self._h11.start_next_cycle()
             # What h11 already holds of the next request starts the next head's copy.
-            self._head_copy = bytearray(
-                self._h11.trailing_data[0][: self._limits.max_http_header_bytes + 1]
-            )
-            self._phase = "head" if self._h11.trailing_data[0] else "idle"
-            self.idle_since = self._clock()
-            self._head_deadline = self._clock() + self._head_timeout
+            held = self._h11.trailing_data[0]
+            self._head_copy = bytearray(held[: self._limits.max_http_header_bytes + 1])
+            self._phase = "head" if held else "idle"
+            self.idle_since = now = self._clock()
+            self._head_deadline = now + self._head_timeout
         elif ours is h11.DONE:
             # We answered early (a refused head without a body): read the request's end.
             self._phase = "body"

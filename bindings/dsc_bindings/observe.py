@@ -27,6 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from dsc_core import Command, CreateJob, DropJob, Job, UpdateJob
 from dsc_core.commands import BeginDocument, FinishDocument
 from dsc_core.model import (
@@ -109,6 +111,8 @@ class Observer:
         self._jobs: dict[str, _Known] = {}
         #: token -> (address, identity) of a CreateJob on its way to the store.
         self._creators: dict[str, tuple[str, str]] = {}
+        #: (operation, outcome) -> its dsc_requests counter (a bounded set: metrics.py).
+        self._request_counters: dict[tuple[str, str], Counter] = {}
         self.started = time.time()
         self.store_failures = 0
         self.last_store_error = ""
@@ -146,7 +150,11 @@ class Observer:
                     self._creators[command.job.token] = (address_of(peer or "?"), identity or "")
 
     def request_ended(self, operation: str, fault: str | None) -> None:
-        self.metrics.requests.labels(operation or "unknown", "fault" if fault else "ok").inc()
+        key = (operation or "unknown", "fault" if fault else "ok")
+        counter = self._request_counters.get(key)
+        if counter is None:  # labels() takes a lock and builds a key: once per label pair
+            counter = self._request_counters[key] = self.metrics.requests.labels(*key)
+        counter.inc()
         if fault:
             # "code/subcode: reason" (dsc_core.exchange): the subcode without its prefix.
             subcode = fault.split(":", 1)[0].split("/", 1)[-1]

@@ -242,6 +242,9 @@ class ServiceRequest:
 
     def _end_with(self, answers: DirectoryAnswers | None) -> Reply | Wait:
         outcome = self._service._core_call(lambda: self._end(answers))
+        if not outcome.commands and (self._last is None or self._last.done):
+            self._reply = outcome.reply  # nothing to write (most reads): answer at once
+            return outcome.reply
         ticket = self._submit(outcome.commands, strict=True)
         return self._then(ticket, lambda: self._after_finish(ticket, outcome.reply))
 
