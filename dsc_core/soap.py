@@ -97,11 +97,18 @@ def _understood(el: Element) -> bool:
     return ns == names.WSE and local == "Identifier"
 
 
+_MUST_UNDERSTAND = f"{{{names.SOAP}}}mustUnderstand"
+_ROLE = f"{{{names.SOAP}}}role"
+
+
 def _check_must_understand(headers: Iterable[Element]) -> None:
     missing: list[tuple[str, str]] = []
     for el in headers:
-        flag = trimmed(el.get(f"{{{names.SOAP}}}mustUnderstand"))
-        role = el.get(f"{{{names.SOAP}}}role")
+        flag = el.get(_MUST_UNDERSTAND)
+        if flag is None:
+            continue  # the usual header: nothing to check
+        flag = trimmed(flag)
+        role = el.get(_ROLE)
         role = trimmed(role) if role is not None else None
         if flag in _TRUE and role in _OUR_ROLES and not _understood(el):
             ns, local = split(el.tag)
@@ -110,18 +117,24 @@ def _check_must_understand(headers: Iterable[Element]) -> None:
         raise faults.must_understand(tuple(missing))
 
 
+_ADDRESSING_LOCALS = frozenset({"Action", "MessageID", "To"})
+
+
 def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
-    wsa_ns = names.WSA
-    if any(split(el.tag)[0] == names.WSA10 for el in headers):
-        wsa_ns = names.WSA10
-    values: dict[str, str] = {}
+    # One pass: the first of each header per WS-Addressing version, then the version (R2: a
+    # request with any WS-Addressing 1.0 header is answered in 1.0).
+    found: dict[tuple[str, str], str] = {}
     identifier = None
     for el in headers:
         ns, local = split(el.tag)
-        if ns == wsa_ns and local in ("Action", "MessageID", "To") and local not in values:
-            values[local] = trimmed(el.text)
+        if (ns == names.WSA or ns == names.WSA10) and local in _ADDRESSING_LOCALS:
+            found.setdefault((ns, local), trimmed(el.text))
+        elif ns == names.WSA10:
+            found.setdefault((ns, ""), "")
         elif ns == names.WSE and local == "Identifier" and identifier is None:
             identifier = trimmed(el.text)
+    wsa_ns = names.WSA10 if any(key[0] == names.WSA10 for key in found) else names.WSA
+    values = {local: value for (ns, local), value in found.items() if ns == wsa_ns and local}
     action = values.get("Action")
     return Addressing(
         wsa_ns=wsa_ns,
