@@ -2,6 +2,8 @@
 
 Same behaviour as :mod:`.http_async` (every HTTP rule lives in :mod:`.http_common`); here the
 R12 timeouts are socket timeouts and at most ``limits.max_connections`` connection threads run.
+Connection threads do HTTP and socket I/O; their service calls run one at a time in one
+:class:`~.service_thread.ServiceThread` (as the async binding's loop runs them).
 Connections beyond that are answered 503 by at most ``MAX_REJECTING`` short-lived threads (and
 closed at once beyond those), so the thread count stays bounded.
 
@@ -43,7 +45,7 @@ from .http_common import (
     admit,
     identity_from_certificate,
 )
-from .writer import settle
+from .service_thread import ServiceThread
 
 __all__ = ["DEFAULT_GRACE", "BlockingServer"]
 
@@ -115,6 +117,8 @@ class BlockingServer:
         self._accept_thread: threading.Thread | None = None
         self._accept_done = threading.Event()
         self._serving = False
+        #: Runs the connections' service calls, one at a time (.service_thread).
+        self._calls = ServiceThread()
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -156,6 +160,7 @@ class BlockingServer:
         self.bind()
         listener = self._listener
         assert listener is not None
+        self._calls.start()
         self._serving = True
         try:
             while not self._stopping.is_set():
@@ -202,6 +207,7 @@ class BlockingServer:
         for connection in left:
             if connection.thread is not None:
                 connection.thread.join(2.0)
+        self._calls.stop()
         log.info("stopped listening on port %d", self.port)
 
     # --- connections -------------------------------------------------------------------------
@@ -316,7 +322,7 @@ class BlockingServer:
                         protocol.send_failed()
                 elif isinstance(action, Call):
                     try:
-                        result = settle(action.function())
+                        result = self._calls.settle(action.function)
                     except Exception as exc:
                         protocol.call_failed(exc)
                     else:
@@ -330,7 +336,7 @@ class BlockingServer:
             cleanup = protocol.cleanup()
             if cleanup is not None:
                 try:
-                    settle(cleanup())  # abort the exchange: no upload debris (R12)
+                    self._calls.settle(cleanup)  # abort the exchange: no debris (R12)
                 except Exception:
                     log.exception("aborting the exchange failed")
 

@@ -1,0 +1,84 @@
+"""The blocking binding's service thread: calls run there, one at a time; a Wait chain is
+waited for in the caller and resumed there; after stop() calls run in their caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dsc_bindings.service_thread import ServiceThread
+from dsc_bindings.writer import Ticket, Wait
+
+
+def test_calls_run_in_the_service_thread_and_errors_reach_the_caller() -> None:
+    calls = ServiceThread(name="svc-test")
+    calls.start()
+    try:
+        assert calls.run(lambda: threading.current_thread().name) == "svc-test"
+
+        def fail() -> None:
+            raise KeyError("boom")
+
+        with pytest.raises(KeyError, match="boom"):
+            calls.run(fail)
+        assert calls.run(lambda: 42) == 42  # still serving after a failure
+    finally:
+        calls.stop()
+
+
+def test_calls_from_many_threads_never_overlap() -> None:
+    calls = ServiceThread()
+    calls.start()
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+
+    def call() -> None:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.001)  # gives other threads every chance to overlap
+        with lock:
+            inside -= 1
+
+    def client() -> None:
+        for _ in range(20):
+            calls.run(call)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        calls.stop()
+    assert most == 1
+
+
+def test_settle_waits_in_the_caller_and_resumes_in_the_service_thread() -> None:
+    calls = ServiceThread(name="svc-test")
+    calls.start()
+    ticket = Ticket()
+    seen: list[str] = []
+
+    def resume() -> str:
+        seen.append(threading.current_thread().name)
+        return "reply"
+
+    try:
+        threading.Timer(0.05, lambda: ticket._complete(None)).start()
+        assert calls.settle(lambda: Wait(ticket, resume)) == "reply"
+        assert seen == ["svc-test"]
+    finally:
+        calls.stop()
+
+
+def test_after_stop_calls_run_in_the_caller() -> None:
+    calls = ServiceThread()
+    calls.start()
+    calls.stop()
+    assert calls.run(lambda: threading.current_thread()) is threading.current_thread()
