@@ -26,11 +26,14 @@ from .xmlwrite import (
 
 NS = names.DSC
 A = names.Action
+#: Content models read on every request of their kind, built once.
+_REQUESTED = (Item("RequestedElements"),)
+_TOKEN = (Item("JobToken"),)
 
 
 def read_repository_elements(request: Request) -> list[tuple[str, str]]:
     payload, args = request_element(request.envelope.body, NS, "GetRepositoryElementsRequest")
-    found = args.sequence(payload, NS, (Item("RequestedElements"),), allow_other=False)
+    found = args.sequence(payload, NS, _REQUESTED, allow_other=False)
     limit = request.config.limits.max_requested_names
     return args.requested_names(found["RequestedElements"][0], NS, limit)
 
@@ -72,7 +75,7 @@ def _repository_elements(request: Request, wanted: list[tuple[str, str]]) -> OpR
 
 def read_cancel(request: Request) -> str:
     payload, args = request_element(request.envelope.body, NS, "CancelPostScanJobRequest")
-    found = args.sequence(payload, NS, (Item("JobToken"),), allow_other=False)
+    found = args.sequence(payload, NS, _TOKEN, allow_other=False)
     return args.token(found["JobToken"][0])
 
 

@@ -286,6 +286,9 @@ def cancel_post_scan_job(request: Request, token: str) -> OpResult:
 # --- GetPostScanJobElements (both protocols) ----------------------------------------------------
 
 
+_JOB_ELEMENTS = (Item("JobToken"), Item("RequestedElements"))
+
+
 @dataclass(frozen=True, slots=True)
 class JobElementsArgs:
     token: str
@@ -297,9 +300,7 @@ def read_job_elements(ns: str) -> Callable[[Request], JobElementsArgs]:
 
     def read(request: Request) -> JobElementsArgs:
         payload, args = request_element(request.envelope.body, ns, "GetPostScanJobElementsRequest")
-        found = args.sequence(
-            payload, ns, (Item("JobToken"), Item("RequestedElements")), allow_other=False
-        )
+        found = args.sequence(payload, ns, _JOB_ELEMENTS, allow_other=False)
         token = args.token(found["JobToken"][0])
         limit = request.config.limits.max_requested_names
         return JobElementsArgs(
