@@ -558,6 +558,21 @@ def test_timeouts_close_the_connection(binding: str, tmp_path: Path) -> None:
         body.close()
 
 
+def test_an_idle_connection_lives_until_its_timeout(binding: str, tmp_path: Path) -> None:
+    """Idle longer than the deadline sweeper's interval (async: a quarter of the shortest
+    timeout), shorter than the keep-alive timeout: the connection still serves."""
+    config = small_limits(idle_timeout=4.0, head_timeout=4.0, body_timeout=4.0)
+    with running(binding, tmp_path, config) as srv:
+        client = Raw(srv.port)
+        try:
+            for _ in range(3):
+                assert client.post(repository_request()).status == 200
+                time.sleep(1.2)
+            assert client.post(repository_request()).status == 200
+        finally:
+            client.close()
+
+
 @pytest.mark.parametrize("how", ["disconnect", "stall"])
 def test_interrupted_upload_leaves_no_debris(binding: str, tmp_path: Path, how: str) -> None:
     config = small_limits(body_timeout=0.5)

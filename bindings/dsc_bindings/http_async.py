@@ -326,7 +326,14 @@ class _Server:
             return
         wait = connection.raw_wait
         assert wait is not None
-        waited = False
+        waited = deadline_set = False
+        if action.phase == "idle":
+            # Right after an answer: let the other connections run first, while our client
+            # sends its next request.  Under load it is then there to read, without
+            # registering with epoll and waiting (measured: 64 connections), and it waits no
+            # longer than it would for readability.
+            await _trio.lowlevel.checkpoint()
+            waited = True
         while True:
             try:
                 data = raw.recv(READ_SIZE)
@@ -345,9 +352,12 @@ class _Server:
                     await _trio.lowlevel.checkpoint()
                 protocol.receive_data(data)
                 return
-            if not waited:
-                waited = True
+            if not deadline_set:
+                deadline_set = waited = True
                 wait.deadline = _trio.current_time() + action.timeout
+            if protocol.draining and protocol.idle:
+                protocol.timed_out()  # the server began to stop while we were not waiting
+                return
             wait.interrupted = False
             connection.receive_scope = wait if protocol.idle else None
             self.waiting.add(wait)

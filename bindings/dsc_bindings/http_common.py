@@ -458,6 +458,7 @@ class HttpConnection:
             head_timeout = min(head_timeout, REJECT_HEAD_TIMEOUT)
         self._head_timeout = head_timeout
         self._head_deadline = clock() + head_timeout
+        self._idle_receive = Receive(limits.idle_timeout, "idle")
         self._draining = False
         #: RFC 9112 §6.1: the current request had both Transfer-Encoding and Content-Length;
         #: it is answered (framed by Transfer-Encoding alone, as h11 does) and then the
@@ -620,7 +621,7 @@ class HttpConnection:
         if self._phase == "idle" and not self._backlog and not self._eof:
             # Between requests with nothing received: h11 would only say NEED_DATA (its
             # buffer is empty, _after_cycle checked), so wait for the next request at once.
-            self._pending.append(Receive(self._limits.idle_timeout, "idle"))
+            self._pending.append(self._idle_receive)
             return
         self._feed()
         try:
@@ -714,7 +715,7 @@ class HttpConnection:
         if self._phase == "body":
             return Receive(self._limits.body_timeout, "body")
         if self._phase == "idle":
-            return Receive(self._limits.idle_timeout, "idle")
+            return self._idle_receive
         return Receive(max(0.001, self._head_deadline - self._clock()), "head")
 
     def _on_request(self, request: h11.Request) -> None:

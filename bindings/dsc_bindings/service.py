@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import ssl
@@ -105,6 +106,7 @@ TICK_MIN_SECONDS = 0.05
 ENGINE_REPORT_WAIT_SECONDS = 60.0
 
 
+@functools.lru_cache(maxsize=4096)  # one peer name per connection, asked once per request
 def _host_of(peer: str | None) -> str | None:
     """``host:port`` (the bindings' peer names) -> host; None when unknown."""
     if not peer or peer == "?":
