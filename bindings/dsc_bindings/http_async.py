@@ -336,7 +336,7 @@ class _Server:
             waited = True
         while True:
             try:
-                data = raw.recv(READ_SIZE)
+                data = raw.recv(action.size)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
@@ -404,7 +404,7 @@ class _Server:
         with anyio.move_on_after(action.timeout) as scope:
             connection.receive_scope = scope if protocol.idle else None
             try:
-                data = await stream.receive(READ_SIZE)
+                data = await stream.receive(action.size)
             except _STREAM_ERRORS:
                 data = b""  # EOF, reset or TLS failure: the peer is gone
         connection.receive_scope = None

@@ -308,7 +308,7 @@ class BlockingServer:
                 action = protocol.next_action()
                 if isinstance(action, Receive):
                     try:
-                        data = io.receive(action.timeout)
+                        data = io.receive(action.timeout, action.size)
                     except TimeoutError:
                         protocol.timed_out()
                         continue
@@ -342,7 +342,7 @@ class BlockingServer:
 
 
 class _SocketIO(Protocol):
-    def receive(self, timeout: float) -> bytes: ...
+    def receive(self, timeout: float, size: int) -> bytes: ...
     def send(self, data: bytes, timeout: float) -> None: ...
     def before_linger(self) -> None: ...
 
@@ -353,9 +353,9 @@ class _TimeoutIO:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
 
-    def receive(self, timeout: float) -> bytes:
+    def receive(self, timeout: float, size: int) -> bytes:
         self._sock.settimeout(timeout)
-        return self._sock.recv(READ_SIZE)
+        return self._sock.recv(size)
 
     def send(self, data: bytes, timeout: float) -> None:
         self._sock.settimeout(timeout)
@@ -382,12 +382,12 @@ class _KernelTimeoutIO:
         self._receive_timeout = -1.0
         self._send_timeout = -1.0
 
-    def receive(self, timeout: float) -> bytes:
+    def receive(self, timeout: float, size: int) -> bytes:
         if timeout != self._receive_timeout:
             self._receive_timeout = timeout
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
         try:
-            return self._sock.recv(READ_SIZE)
+            return self._sock.recv(size)
         except BlockingIOError:  # EAGAIN: SO_RCVTIMEO expired
             raise TimeoutError from None
 

@@ -9,7 +9,7 @@ exchange) and asks its binding, one :data:`Action` at a time, to do the I/O::
     try:
         while True:
             action = conn.next_action()
-            if isinstance(action, Receive):   # read <= READ_SIZE bytes within action.timeout
+            if isinstance(action, Receive):   # read <= action.size bytes within action.timeout
                 conn.receive_data(data)       # b"" = EOF; or conn.timed_out()
             elif isinstance(action, Send):    # write all of action.data (conn.send_failed())
             elif isinstance(action, Call):    # run the service call in the core's context and
@@ -56,6 +56,7 @@ from dsc_core.config import max_request_bytes
 from .writer import Ticket, Wait
 
 __all__ = [
+    "HEAD_READ_SIZE",
     "LINGER_BYTES",
     "LINGER_SECONDS",
     "MAX_REJECTING",
@@ -82,8 +83,13 @@ __all__ = [
 log = logging.getLogger("dsc.http")
 
 SERVER_NAME = "dsc-server"
-#: Bytes per socket read: large enough for upload throughput, small enough to stay flat (R8).
+#: Bytes per socket read of a request body: large enough for upload throughput, small enough
+#: to stay flat (R8).
 READ_SIZE = 256 * 1024
+#: Bytes per socket read between requests and of a request head.  Python allocates the whole
+#: size for every recv() and then shrinks it; 256 KiB comes from mmap() each time: measured,
+#: 13.7 us per recv() of a 1.3 KB request against 2.1 us with 64 KiB.
+HEAD_READ_SIZE = 64 * 1024
 #: Connections over limits.max_connections are answered 503 by at most this many handlers at
 #: once (each reads the request head first, so the client gets a real HTTP answer); beyond that
 #: they are closed at once, so the rejection path itself stays bounded (R12).
@@ -128,12 +134,14 @@ class ObserverLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Receive:
-    """Read up to READ_SIZE bytes; give up after ``timeout`` seconds (then ``timed_out()``)."""
+    """Read up to ``size`` bytes; give up after ``timeout`` seconds (then ``timed_out()``)."""
 
     timeout: float
     #: "head" (R12: 30 s to receive a request head), "body" (60 s without progress) or
     #: "idle" (120 s keep-alive).  Informational: the timeout is already computed.
     phase: str
+    #: At most this many bytes per read (READ_SIZE for a body, HEAD_READ_SIZE otherwise).
+    size: int = HEAD_READ_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -713,7 +721,7 @@ class HttpConnection:
 
     def _receive(self) -> Receive:
         if self._phase == "body":
-            return Receive(self._limits.body_timeout, "body")
+            return Receive(self._limits.body_timeout, "body", READ_SIZE)
         if self._phase == "idle":
             return self._idle_receive
         return Receive(max(0.001, self._head_deadline - self._clock()), "head")
