@@ -15,7 +15,7 @@ from typing import Any
 from lxml import etree
 
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import Reply, client
+from dsc_core import Exchange, Reply, RequestInfo, client
 from dsc_core.model import (
     EmailInstructions,
     FileShareInstructions,
@@ -222,6 +222,19 @@ def mtom_body(
 ) -> tuple[str, bytes]:
     m = client.mtom(envelope, content_id, [data], boundary=boundary)
     return m.content_type, b"".join(m.chunks())
+
+
+def send_image_exchange(
+    t: InProcessTransport, token: str, image: bytes, document_id: int = 1
+) -> tuple[Exchange, bytes]:
+    """An opened SendImage exchange for ``image`` and the whole MTOM body to feed it."""
+    cid = f"p{document_id}@x"
+    ctype, body = mtom_body(
+        envelope(Act.DSP_SEND_IMAGE, client.send_image_request(token, document_id, "png", cid)),
+        cid,
+        image,
+    )
+    return t.server.open_exchange(RequestInfo(now=t.clock, content_type=ctype)), body
 
 
 def send_image(

@@ -39,7 +39,6 @@ from core_support import (
     envelope,
     job_view,
     manager_request,
-    mtom_body,
     ok,
     parse,
     payload_of,
@@ -48,6 +47,7 @@ from core_support import (
     repository_state,
     resolve,
     send_image,
+    send_image_exchange,
     soap,
     subscribe,
     subscribe_body,
@@ -480,12 +480,7 @@ def test_no_timeout_while_an_image_is_arriving() -> None:
     """A slow upload is activity: the job does not time out under it."""
     t = InProcessTransport()
     token = create_job(t)
-    ctype, body = mtom_body(
-        envelope(Act.DSP_SEND_IMAGE, client.send_image_request(token, 1, "png", "p@x")),
-        "p@x",
-        b"slow image " * 100,
-    )
-    exchange = t.server.open_exchange(RequestInfo(now=t.clock, content_type=ctype))
+    exchange, body = send_image_exchange(t, token, b"slow image " * 100)
     t._run(exchange.feed(body[:-200]))
     t.advance(700)
     assert job_view(t, token).state == "Creating"
