@@ -609,10 +609,12 @@ def test_interrupted_upload_leaves_no_debris(binding: str, tmp_path: Path, how: 
         client.close()
 
 
-@pytest.mark.parametrize("failing", ["AppendDocument", "FinishDocument"])
+@pytest.mark.parametrize("failing", ["AppendDocument", "AppendDocument#3", "FinishDocument"])
 def test_store_failure_answers_r4_step_9(
     binding: str, tmp_path: Path, failing: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``AppendDocument#3``: a write in the middle of the image fails while the next piece
+    is already being read (pieces are written while the body arrives)."""
     with running(binding, tmp_path) as srv:
         client = Raw(srv.port)
         token = create_job(client)
@@ -620,15 +622,19 @@ def test_store_failure_answers_r4_step_9(
         assert store is not None
         real_apply = store.apply
         failures = []
+        name, _, nth = failing.partition("#")
+        seen = []
 
         def apply(command: object) -> None:
-            if type(command).__name__ == failing and not failures:
-                failures.append(command)
-                raise StoreError("disk full (injected)", temporary=True)
+            if type(command).__name__ == name and not failures:
+                seen.append(command)
+                if len(seen) >= int(nth or 1):
+                    failures.append(command)
+                    raise StoreError("disk full (injected)", temporary=True)
             real_apply(command)  # type: ignore[arg-type]
 
         monkeypatch.setattr(store, "apply", apply)
-        image = os.urandom(600_000)
+        image = os.urandom(3_000_000 if nth else 600_000)
         mtom = send_image_body(token, 1, "pdf-a", image)
         reply = client.post(mtom.chunks(), mtom.content_type, chunked=True)
         assert failures

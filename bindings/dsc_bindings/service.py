@@ -207,10 +207,24 @@ class ServiceRequest:
             exchange.feed(data)  # only buffered: no owner needed (Exchange.owner_free)
             return None
         commands = self._service._core_call(lambda: exchange.feed(data))
-        if not commands:
-            return None
-        ticket = self._submit(commands, strict=True)
-        return self._then(ticket, lambda: self._after_feed(ticket))
+        # One batch of this exchange in flight at a time, and the caller does not wait for
+        # the batch it just handed over: the next piece of the body is read while this one
+        # is written (measured, 400 MB SendImage: waiting for each 256 KiB write before the
+        # next read held the async binding to a third of a write+fsync sink's throughput).
+        # Batches stay in order: the next is submitted only once this one is done; a failure
+        # is seen by the next feed or by finish.  At most one piece waits while one is
+        # written, so memory stays flat.
+        previous = self._last
+        if previous is not None and not previous.done:
+            return Wait(previous, lambda: self._feed_after(previous, commands))
+        return self._feed_after(previous, commands)
+
+    def _feed_after(self, previous: Ticket | None, commands: Sequence[Command]) -> Wait | None:
+        if previous is not None and previous.error is not None:
+            return self._after_feed(previous)  # R4 step 9: this piece is dropped with the rest
+        if commands:
+            self._submit(commands, strict=True)
+        return None
 
     def finish(self) -> Reply | Wait:
         """End the request: the core's reply once its commands were carried out in order
@@ -219,6 +233,14 @@ class ServiceRequest:
             return self._reply
         if self._done and self._failed is None:
             raise RuntimeError("finish() after abort()")
+        last = self._last
+        if self._failed is None and last is not None:
+            if not last.done:  # the body's last piece is still being written
+                return Wait(last, self.finish)
+            if last.error is not None:
+                undo = self._after_feed(last)
+                if undo is not None:
+                    return Wait(undo.ticket, self.finish)
         self._done = True
         if self._failed is not None:
             last = self._last
