@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,28 @@ def test_after_stop_calls_run_in_the_caller() -> None:
     calls.start()
     calls.stop()
     assert calls.run(lambda: threading.current_thread()) is threading.current_thread()
+
+
+def test_the_blocking_binding_keeps_its_python_threads_on_one_cpu(tmp_path: Any) -> None:
+    """GIL hand-overs across CPUs were the blocking binding's main cost (http_blocking
+    _choose_cpu): its service thread and connection threads share one CPU."""
+    import os
+
+    from dsc_bindings.http_blocking import BlockingServer, _choose_cpu
+
+    allowed = os.sched_getaffinity(0)
+    assert _choose_cpu(None) is None
+    assert _choose_cpu("auto") == (max(allowed) if len(allowed) > 1 else None)
+    assert _choose_cpu(max(allowed) + 1000) is None  # not ours: unpinned, with a warning
+
+    class Service:
+        def open_request(self, *args: object) -> None:
+            raise AssertionError("no request is made")
+
+    server = BlockingServer(Service(), "127.0.0.1", 0, cpu="auto")  # type: ignore[arg-type]
+    server.start()
+    try:
+        seen = server._calls.run(lambda: os.sched_getaffinity(0))
+        assert seen == ({server.cpu} if server.cpu is not None else allowed)
+    finally:
+        server.shutdown(0.5)

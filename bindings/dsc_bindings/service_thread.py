@@ -35,8 +35,12 @@ _Item = tuple[Callable[[], object], list[_Outcome], threading.Lock]
 
 
 class ServiceThread:
-    def __init__(self, name: str = "dsc-service-calls") -> None:
+    def __init__(
+        self, name: str = "dsc-service-calls", initializer: Callable[[], object] | None = None
+    ) -> None:
         self._name = name
+        #: Run first in the thread (the blocking binding pins it to its CPU).
+        self._initializer = initializer
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         #: Guards _running with the queue: no call is queued after the thread has left.
@@ -94,6 +98,8 @@ class ServiceThread:
         return result
 
     def _main(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while True:
             item = self._queue.get()
             if item is None:
