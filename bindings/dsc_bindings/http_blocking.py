@@ -162,11 +162,14 @@ class BlockingServer:
             self._listener = listener
             self.port = int(listener.getsockname()[1])
             log.info(
-                "listening on %s port %d (%s), up to %d connections",
+                "listening on %s port %d (%s), up to %d connections, %s",
                 self.host,
                 self.port,
                 "https" if self.ssl_context is not None else "http",
                 self.limits.max_connections,
+                "connection threads on any CPU"
+                if self.cpu is None
+                else f"connection threads on CPU {self.cpu}",
             )
         return self.port
 
