@@ -152,6 +152,8 @@ def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> N
         ('[server]\nport = "5362"\n', "[server] port must be a whole number from 0 to 65535"),
         ("[server]\nport = true\n", "[server] port must be a whole number"),
         ("[server]\nhost = 5\n", "[server] host must be a non-empty string, got 5"),
+        ('[server]\nblocking_cpu = "one"\n', '[server] blocking_cpu must be "auto", "any"'),
+        ("[server]\nblocking_cpu = -1\n", '[server] blocking_cpu must be "auto", "any"'),
         ('server = "x"\n', "server must be a table ([server] on a line of its own)"),
         ("[jobs]\nspool_retention_seconds = inf\n", "[jobs] spool_retention_seconds must be"),
         ("[jobs]\nhistory_size = 2.5\n", "[jobs] history_size must be a whole number"),
@@ -175,6 +177,13 @@ def test_a_bad_value_is_a_config_error_naming_it(tmp_path: Path, text: str, mess
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "cpu"), [("", "auto"), ('blocking_cpu = "any"\n', None), ("blocking_cpu = 1\n", 1)]
+)
+def test_blocking_cpu(tmp_path: Path, text: str, cpu: object) -> None:
+    assert load_settings(write(tmp_path, "[server]\n" + text)).listen.blocking_cpu == cpu
 
 
 def test_client_ca_needs_tls(tmp_path: Path) -> None:

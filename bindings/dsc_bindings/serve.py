@@ -195,6 +195,7 @@ def _run_blocking(
         ssl_context,
         settings.server.limits,
         grace=GRACE_SECONDS,
+        cpu=settings.listen.blocking_cpu,
     )
     try:
         port = server.start()

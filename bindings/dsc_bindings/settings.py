@@ -9,6 +9,7 @@ Example (every section optional)::
     port = 5362
     data = "/var/lib/dsc"
     binding = "async"                 # or "blocking"
+    blocking_cpu = "auto"             # blocking binding: its threads on one CPU; "any", or 0, 1...
     public_url = "https://scan.contoso.com:5362"
     # device_uuid / dsp_service_uuid / dsc_service_uuid: default generated at the first start
     # and kept in DATA/identity.json, so every installation is its own device (R13)
@@ -82,7 +83,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dsc_core import Limits, ServerConfig
 
@@ -101,6 +102,9 @@ class ListenOptions:
     host: str = "127.0.0.1"
     port: int = 5362
     binding: str = "async"
+    #: The blocking binding's CPU for its connection and service threads: "auto" (one of
+    #: them, when there are several), None (any CPU) or a CPU number (http_blocking).
+    blocking_cpu: int | Literal["auto"] | None = "auto"
     cert: Path | None = None
     key: Path | None = None
     client_ca: Path | None = None
@@ -299,6 +303,18 @@ def _mail_domains(value: object) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _blocking_cpu(srv: _Table) -> int | Literal["auto"] | None:
+    """[server] blocking_cpu: "auto" (default), "any", or a CPU number."""
+    value = srv.get("blocking_cpu", "auto")
+    if value == "auto":
+        return "auto"
+    if value == "any":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise srv.error("blocking_cpu", '"auto", "any" or a CPU number (0, 1, ...)', value)
+
+
 def load_settings(
     path: Path | None = None,
     *,
@@ -333,6 +349,7 @@ def load_settings(
             "port",
             "data",
             "binding",
+            "blocking_cpu",
             "public_url",
             "friendly_name",
             "device_uuid",
@@ -386,6 +403,7 @@ def load_settings(
         host=host or srv.text("host", "127.0.0.1"),
         port=port if port is not None else srv.integer("port", 5362, minimum=0, maximum=_PORT_MAX),
         binding=binding or srv.text("binding", "async"),
+        blocking_cpu=_blocking_cpu(srv),
         cert=cert or resolve(tls.optional_text("cert")),
         key=key or resolve(tls.optional_text("key")),
         client_ca=client_ca or resolve(tls.optional_text("client_ca")),
