@@ -484,7 +484,7 @@ while not os.path.exists(stop):
         errors += 1
         conn.close(); conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     times.append(time.perf_counter() - began)
-    time.sleep(0.02)
+    time.sleep(0.005)
 print(json.dumps({"times": times, "errors": errors}))
 """
 
