@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 from collections.abc import Iterator
 
 from lxml import etree
@@ -23,29 +22,18 @@ Element = etree._Element
 _XML_WS = " \t\r\n"
 
 
-def _parser() -> etree.XMLParser:
-    """This thread's parser (lxml parsers may be reused, but not shared between threads;
-    making one per request was about 1 us of each)."""
-    parser: etree.XMLParser | None = getattr(_parsers, "parser", None)
-    if parser is None:
-        parser = _parsers.parser = _new_parser()
-    return parser
-
-
-_parsers = threading.local()
-
-
-def _new_parser() -> etree.XMLParser:
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_blank_text=False,
-        remove_comments=True,
-        collect_ids=False,
-    )
+#: The one parser, reused (making one per request was about 1 us of each).  lxml keeps a lock
+#: in a parser's context: a thread that parses while another does waits for it.
+_PARSER = etree.XMLParser(
+    resolve_entities=False,
+    no_network=True,
+    load_dtd=False,
+    dtd_validation=False,
+    huge_tree=False,
+    remove_blank_text=False,
+    remove_comments=True,
+    collect_ids=False,
+)
 
 
 def parse_document(data: bytes, limits: Limits) -> Element:
@@ -68,7 +56,7 @@ def parse_xml(data: bytes, limits: Limits) -> Element:
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise faults.malformed("A DTD or entity declaration is not allowed.")
     try:
-        root = etree.fromstring(data, _parser())
+        root = etree.fromstring(data, _PARSER)
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise faults.malformed("The message is not well-formed XML.") from exc
     if root is None:
