@@ -4,6 +4,7 @@ Every one of them needs a scan administrator (``admin_only``, R4 step 5)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,7 @@ from .args import Item, request_element
 from .commands import Command
 from .dsp import job_elements, read_job_elements
 from .lifecycle import JobInput, Refused
+from .model import Job
 from .operation import Operation, OpResult, Request, change, find_job
 from .xmlwrite import (
     SPLICE_ONLY,
@@ -97,11 +99,20 @@ def read_get_active_jobs(request: Request) -> None:
 
 
 def get_active_jobs(request: Request, _args: None) -> OpResult:
-    response = etree.Element(f"{{{NS}}}GetActiveJobsResponse")
-    splice_point(sub(response, NS, "ActiveJobs"))
+    jobs = request.state.jobs.active()
+    return _listing(request, A.DSC_GET_ACTIVE_JOBS, "GetActiveJobsResponse", "ActiveJobs", jobs)
+
+
+def _listing(
+    request: Request, action: str, response_local: str, container: str, jobs: Iterable[Job]
+) -> OpResult:
+    """GetActiveJobs and GetJobHistory: the job summaries, serialized once per job version
+    (JobXmlCache), spliced into the container."""
+    response = etree.Element(f"{{{NS}}}{response_local}")
+    splice_point(sub(response, NS, container))
     cache = request.state.job_xml
-    jobs = tuple(cache.job_summary(NS, "dsc", job) for job in request.state.jobs.active())
-    return OpResult(A.DSC_GET_ACTIVE_JOBS + "Response", response, {"dsc": NS}, splice=jobs)
+    summaries = tuple(cache.job_summary(NS, "dsc", job) for job in jobs)
+    return OpResult(action + "Response", response, {"dsc": NS}, splice=summaries)
 
 
 def read_get_job_history(request: Request) -> None:
@@ -113,11 +124,8 @@ def read_get_job_history(request: Request) -> None:
 
 
 def get_job_history(request: Request, _args: None) -> OpResult:
-    response = etree.Element(f"{{{NS}}}GetJobHistoryResponse")
-    splice_point(sub(response, NS, "JobHistory"))
-    cache = request.state.job_xml
-    jobs = tuple(cache.job_summary(NS, "dsc", job) for job in request.state.jobs.history())
-    return OpResult(A.DSC_GET_JOB_HISTORY + "Response", response, {"dsc": NS}, splice=jobs)
+    jobs = request.state.jobs.history()
+    return _listing(request, A.DSC_GET_JOB_HISTORY, "GetJobHistoryResponse", "JobHistory", jobs)
 
 
 def read_retry(request: Request) -> str:

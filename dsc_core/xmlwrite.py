@@ -148,35 +148,37 @@ class JobXmlCache:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: dict[tuple[str, str], tuple[Job, bytes]] = {}
+        self._entries: dict[tuple[object, ...], tuple[Job, bytes]] = {}
         self._answers: dict[tuple[object, ...], tuple[Job, bytes]] = {}
 
     def job_summary(self, ns: str, prefix: str, job: Job) -> bytes:
-        key = (job.token, ns)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is job:
-            return hit[1]
-        wrapper = etree.Element(f"{{{ns}}}wrapper", nsmap={prefix: ns})
-        data = etree.tostring(job_summary(wrapper, ns, job))
-        data = data.replace(f' xmlns:{prefix}="{ns}"'.encode(), b"", 1)
-        self._put(self._entries, key, job, data)
-        return data
+        def build() -> bytes:
+            wrapper = etree.Element(f"{{{ns}}}wrapper", nsmap={prefix: ns})
+            data = etree.tostring(job_summary(wrapper, ns, job))
+            return data.replace(f' xmlns:{prefix}="{ns}"'.encode(), b"", 1)
+
+        return self._cached(self._entries, (job.token, ns), job, build)
 
     def answer(self, key: tuple[object, ...], job: Job, build: Callable[[], bytes]) -> bytes:
         """The payload ``build()`` gives for ``job`` and ``key`` (what was asked), from the
         cache while the job has not changed."""
-        key = (job.token, *key)
-        hit = self._answers.get(key)
+        return self._cached(self._answers, (job.token, *key), job, build)
+
+    def _cached(
+        self,
+        table: dict[Any, tuple[Job, bytes]],
+        key: tuple[object, ...],
+        job: Job,
+        build: Callable[[], bytes],
+    ) -> bytes:
+        hit = table.get(key)
         if hit is not None and hit[0] is job:
             return hit[1]
         data = build()
-        self._put(self._answers, key, job, data)
-        return data
-
-    def _put(self, table: dict[Any, tuple[Job, bytes]], key: object, job: Job, data: bytes) -> None:
         if len(table) >= self.max_entries:
             table.clear()  # jobs that left the table: rebuilt on demand
         table[key] = (job, data)
+        return data
 
 
 def end_state(parent: Element, ns: str, job: Job) -> Element:

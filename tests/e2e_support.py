@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,24 @@ class ServerProcess:
                 assert unit == "kB"
                 return int(value) * 1024
         raise AssertionError(f"{field_name} not in /proc/{self.pid}/status")
+
+
+@contextmanager
+def started_servers() -> Iterator[Callable[[ServerProcess], ServerProcess]]:
+    """Start servers with the function this yields (it starts one and returns it); at the end
+    every one still running is stopped with SIGTERM and must exit 0 saying it stopped."""
+    started: list[ServerProcess] = []
+
+    def start(server: ServerProcess) -> ServerProcess:
+        started.append(server.start())
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            if server.alive:
+                server.stop_cleanly()
 
 
 # --- the dsc client commands -------------------------------------------------------------------

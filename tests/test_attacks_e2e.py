@@ -24,7 +24,7 @@ from core_support import subscribe_body
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
-from e2e_support import Relay, ServerProcess, Soap, free_port, wait_for
+from e2e_support import Relay, ServerProcess, Soap, free_port, started_servers, wait_for
 from test_filters_support import Listener, UploadServer
 
 BINDINGS = ["async", "blocking"]
@@ -33,17 +33,8 @@ A = names.Action
 
 @pytest.fixture
 def servers() -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def start(data: Path, **kwargs: Any) -> ServerProcess:
-        server = ServerProcess(data, **kwargs)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        if server.alive:
-            server.stop_cleanly()
+    with started_servers() as keep:
+        yield lambda data, **kwargs: keep(ServerProcess(data, **kwargs))
 
 
 def concurrently(*calls: Callable[[], Any]) -> list[Any]:

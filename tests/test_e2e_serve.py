@@ -43,6 +43,7 @@ from e2e_support import (
     dsc,
     file_sha256,
     free_port,
+    started_servers,
     wait_for,
 )
 
@@ -59,21 +60,17 @@ StartServer = Callable[..., ServerProcess]
 def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Start ``dsc serve`` (data in tmp_path/data unless given); at the end every server still
     running is stopped with SIGTERM and must exit 0 saying it stopped."""
-    started: list[ServerProcess] = []
+    with started_servers() as keep:
 
-    def start(
-        binding: str | None = "async", *, data: Path | None = None, **kwargs: object
-    ) -> ServerProcess:
-        server = ServerProcess(data or tmp_path / "data", binding=binding or "async", **kwargs)  # type: ignore[arg-type]
-        if binding is None:
-            server.binding = ""  # no --binding flag at all: the default
-        started.append(server.start())
-        return server
+        def start(
+            binding: str | None = "async", *, data: Path | None = None, **kwargs: object
+        ) -> ServerProcess:
+            server = ServerProcess(data or tmp_path / "data", binding=binding or "async", **kwargs)  # type: ignore[arg-type]
+            if binding is None:
+                server.binding = ""  # no --binding flag at all: the default
+            return keep(server)
 
-    yield start
-    for server in started:
-        if server.alive:
-            server.stop_cleanly()
+        yield start
 
 
 def write(path: Path, data: bytes) -> Path:

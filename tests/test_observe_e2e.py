@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, wait_for
+from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers, wait_for
 from test_e2e_serve import Pki
 
 BINDINGS = ["async", "blocking"]
@@ -34,17 +34,14 @@ StartServer = Callable[..., ServerProcess]
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[StartServer]:
-    started: list[ServerProcess] = []
+    with started_servers() as keep:
 
-    def start(binding: str = "async", *, data: Path | None = None, **kwargs: Any) -> ServerProcess:
-        server = ServerProcess(data or tmp_path / "data", binding=binding, **kwargs)
-        started.append(server.start())
-        return server
+        def start(
+            binding: str = "async", *, data: Path | None = None, **kwargs: Any
+        ) -> ServerProcess:
+            return keep(ServerProcess(data or tmp_path / "data", binding=binding, **kwargs))
 
-    yield start
-    for server in started:
-        if server.alive:
-            server.stop_cleanly()
+        yield start
 
 
 @pytest.fixture

@@ -263,8 +263,9 @@ def test_engine_that_never_finishes_a_filter() -> None:
 # --- cancel ---------------------------------------------------------------------------------------
 
 
-def test_cancel_from_bdsrr_while_processing(bdsrr_schema: etree.XMLSchema) -> None:
-    t = InProcessTransport()
+def _second_filter_running(t: InProcessTransport) -> str:
+    """A scanned job (file share, mail, SharePoint) whose first filter succeeded and whose
+    second is running."""
     token = create_job(t, FS, MAIL, SP, continue_on_error=True)
     ok(send_image(t, token, 1, b"page"))
     ok(end_job(t, token))
@@ -272,6 +273,12 @@ def test_cancel_from_bdsrr_while_processing(bdsrr_schema: etree.XMLSchema) -> No
     t.engine(FilterStarted(token, 0))
     t.engine(FilterFinished(token, 0, CS))
     t.engine(FilterStarted(token, 1))
+    return token
+
+
+def test_cancel_from_bdsrr_while_processing(bdsrr_schema: etree.XMLSchema) -> None:
+    t = InProcessTransport()
+    token = _second_filter_running(t)
     assert repository_state(t) == "Processing"
     reply = cancel_job(t, DSC, token)
     ok(reply)
@@ -1173,13 +1180,7 @@ def test_restart_discards_what_a_crash_left_and_keeps_counting_retention() -> No
 
 def test_restart_resumes_a_job_that_was_processing() -> None:
     t = InProcessTransport()
-    token = create_job(t, FS, MAIL, SP, continue_on_error=True)
-    ok(send_image(t, token, 1, b"page"))
-    ok(end_job(t, token))
-    t.engine(ProcessingStarted(token))
-    t.engine(FilterStarted(token, 0))
-    t.engine(FilterFinished(token, 0, CS))
-    t.engine(FilterStarted(token, 1))  # the server dies here
+    token = _second_filter_running(t)  # and the server dies here
     started = InProcessTransport(start=t.clock)
     jobs = [*t.server.jobs.active(), *t.server.jobs.history()]
     started.store.documents.update(t.store.documents)

@@ -365,8 +365,7 @@ class BlockingServer:
                         protocol.call_done(result)
                 elif isinstance(action, Close):
                     if action.linger:
-                        io.before_linger()
-                        _linger(sock)
+                        _linger(sock)  # sets a Python timeout, which takes over
                     return
         finally:
             cleanup = protocol.cleanup()
@@ -380,7 +379,6 @@ class BlockingServer:
 class _SocketIO(Protocol):
     def receive(self, timeout: float, size: int) -> bytes: ...
     def send(self, data: bytes, timeout: float) -> None: ...
-    def before_linger(self) -> None: ...
 
 
 class _TimeoutIO:
@@ -396,9 +394,6 @@ class _TimeoutIO:
     def send(self, data: bytes, timeout: float) -> None:
         self._sock.settimeout(timeout)
         self._sock.sendall(data)
-
-    def before_linger(self) -> None:
-        pass
 
 
 class _KernelTimeoutIO:
@@ -435,9 +430,6 @@ class _KernelTimeoutIO:
             self._sock.sendall(data)
         except BlockingIOError:  # EAGAIN: SO_SNDTIMEO expired
             raise TimeoutError("send timed out") from None
-
-    def before_linger(self) -> None:
-        pass  # _linger sets a Python timeout, which takes over
 
 
 def _timeval(seconds: float) -> bytes:
