@@ -97,14 +97,30 @@ def test_the_blocking_binding_keeps_its_python_threads_on_one_cpu(tmp_path: Any)
     assert _choose_cpu("auto") == (max(allowed) if len(allowed) > 1 else None)
     assert _choose_cpu(max(allowed) + 1000) is None  # not ours: unpinned, with a warning
 
+    from dsc_core import Reply
+
+    in_connection: list[set[int]] = []
+
     class Service:
         def open_request(self, *args: object) -> None:
-            raise AssertionError("no request is made")
+            raise AssertionError("no POST is made")
+
+        def answer_get(self, target: str, identity: str | None) -> Reply:
+            # Called by the HTTP driver in the connection's own thread.
+            in_connection.append(os.sched_getaffinity(0))
+            return Reply(200, "text/plain", b"ok")
 
     server = BlockingServer(Service(), "127.0.0.1", 0, cpu="auto")  # type: ignore[arg-type]
-    server.start()
+    port = server.start()
+    expected = {server.cpu} if server.cpu is not None else allowed
     try:
-        seen = server._calls.run(lambda: os.sched_getaffinity(0))
-        assert seen == ({server.cpu} if server.cpu is not None else allowed)
+        assert server._calls.run(lambda: os.sched_getaffinity(0)) == expected
+        import http.client
+
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        client.request("GET", "/healthz")
+        assert client.getresponse().read() == b"ok"
+        client.close()
+        assert in_connection == [expected]
     finally:
         server.shutdown(0.5)
