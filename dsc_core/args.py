@@ -61,7 +61,7 @@ class Args:
         self.fault_ns = fault_ns
 
     def invalid(self, ns: str | None, local: str) -> faults.SoapFault:
-        return faults.invalid_args(self.fault_ns, label(ns, local))
+        return faults.invalid_args(self.fault_ns, (ns or "", local), label(ns, local))
 
     def sequence(
         self, parent: Element, ns: str, items: tuple[Item, ...], *, allow_other: bool

@@ -145,7 +145,11 @@ def retry_post_scan_job(request: Request, token: str) -> OpResult:
     try:
         new, commands = lifecycle.retry(job, request.now)
     except Refused:
-        raise faults.operation_failed(NS) from None
+        raise faults.operation_failed(
+            NS,
+            f"the job is {job.state.value}; only an ended job with a failed filter whose "
+            "documents are still kept ([jobs] spool_retention_seconds) can be retried",
+        ) from None
 
     def undo() -> list[Command]:
         return lifecycle.undo(job, new)

@@ -22,5 +22,7 @@ def answer_datagram(server: ScanServer, data: bytes, now: datetime) -> bytes | N
         return None
     if envelope.addressing.action != names.Action.PROBE or not probe_matches(envelope.payload):
         return None  # not a Probe, or no match: WS-Discovery sends no answer
-    outcome = server.handle(data, RequestInfo(now=now, content_type="application/soap+xml"))
+    outcome = server.handle(
+        data, RequestInfo(now=now, content_type="application/soap+xml", datagram=True)
+    )
     return outcome.reply.body if outcome.reply.status == 200 else None

@@ -106,7 +106,9 @@ def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
     state, now = request.state, request.now
     limits = request.config.limits
     if len(state.jobs.active()) >= limits.max_active_jobs:
-        raise faults.store_failed(NS, temporary=True)
+        raise faults.limit_reached(
+            NS, "Every job slot of the server is taken", "max_active_jobs", limits.max_active_jobs
+        )
     # R13 quota: per user (certificate identity), else per client address, so one scanner
     # holding Creating jobs cannot lock out the others; a retry after its jobs end succeeds.
     origin = identity(request.config, request.info) or request.info.client_address or ""
@@ -114,7 +116,12 @@ def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
         sum(1 for j in state.jobs.active() if j.state is JobState.CREATING and j.origin == origin)
         >= limits.max_creating_jobs_per_user
     ):
-        raise faults.store_failed(NS, temporary=True)
+        raise faults.limit_reached(
+            NS,
+            f"The client {origin} already has as many jobs in Creating as it may",
+            "max_creating_jobs_per_user",
+            limits.max_creating_jobs_per_user,
+        )
     token = state.new_id()
     instructions = args.instructions
     job = Job(
@@ -217,7 +224,10 @@ def begin_send_image(request: Request, args: SendImageArgs) -> Upload:
     if job.images_received >= request.config.limits.max_documents_per_job:
         raise Args(NS).invalid(NS, "DocumentId")
     if job.state is not JobState.CREATING:
-        raise faults.operation_failed(NS)  # R4 step 8: SendImage after EndPostScanJob
+        # R4 step 8: SendImage after EndPostScanJob
+        raise faults.operation_failed(
+            NS, f"the job is {job.state.value}; it takes images only while Creating"
+        )
     upload = Upload(args.token, args.document_id, args.format, args.href)
     table.uploads.add(upload.key)
     return upload

@@ -83,7 +83,11 @@ class Subscriptions:
         if owner is not None and service_hint == "dsc":
             raise faults.not_scan_admin()  # R13, R4 step 5: MS-BDSRR events need an admin
         if len(self.by_id) >= self.config.limits.max_subscriptions:
-            raise faults.eventing("EventSourceUnableToProcess")
+            raise faults.eventing(
+                "EventSourceUnableToProcess",
+                f"{len(self.by_id)} subscriptions are active, the limit "
+                "([limits] max_subscriptions)",
+            )
         limit = self.config.limits.max_reference_parameter_bytes
         end_to: EndpointReference | None = None
         notify_to: EndpointReference | None = None
@@ -98,7 +102,10 @@ class Subscriptions:
             elif local == "Delivery":
                 mode = trimmed(child.get("Mode")) or names.PUSH_MODE
                 if names.canonical_uri(mode) != names.PUSH_MODE:
-                    raise faults.eventing("DeliveryModeRequestedUnavailable")
+                    raise faults.eventing(
+                        "DeliveryModeRequestedUnavailable",
+                        f"only push delivery is offered, not {mode}",
+                    )
                 for item in children(child):
                     if split(item.tag) == (names.WSE, "NotifyTo"):
                         notify_to = _read_epr(item, limit)
@@ -107,7 +114,11 @@ class Subscriptions:
             elif local == "Filter":
                 filter_el = child
         if notify_to is None:
-            raise faults.eventing("InvalidMessage", faults.Detail("wse:NotifyTo"))
+            raise faults.eventing(
+                "InvalidMessage",
+                "the Subscribe has no wse:Delivery/wse:NotifyTo",
+                faults.Detail((names.WSE, "NotifyTo")),
+            )
         if owner is not None and service_hint is None and filter_el is None:
             service_hint = "dsp"  # no service named: the events this subscriber may have
         expires = self._grant(expires_el, now)
@@ -171,7 +182,11 @@ class Subscriptions:
                 raise faults.not_scan_admin()
             sub = None
         if sub is None or sub.expires <= now:
-            raise faults.eventing(fault, faults.Detail("wse:Identifier"))
+            raise faults.eventing(
+                fault,
+                "no active subscription has this wse:Identifier (expired, ended or unknown)",
+                faults.Detail((names.WSE, "Identifier"), ident or ""),
+            )
         return sub
 
     def _grant(self, expires_el: Element | None, now: datetime) -> datetime:
@@ -186,28 +201,39 @@ class Subscriptions:
             else:
                 wanted = datetime.fromisoformat(text.replace("Z", "+00:00")) - now
         except (ValueError, TypeError):
-            raise faults.eventing("InvalidExpirationTime") from None
+            raise faults.eventing(
+                "InvalidExpirationTime", "wse:Expires is neither a duration nor a dateTime"
+            ) from None
         except OverflowError:
             # Beyond what timedelta holds: a valid but huge duration gets the cap.
             if text.startswith("-"):
-                raise faults.eventing("InvalidExpirationTime") from None
+                raise faults.eventing("InvalidExpirationTime", "wse:Expires is negative") from None
             wanted = cap
         if wanted <= timedelta(0):
-            raise faults.eventing("InvalidExpirationTime")
+            raise faults.eventing("InvalidExpirationTime", "wse:Expires is not in the future")
         return now + min(wanted, cap)
 
     def _filter(self, filter_el: Element | None, service_hint: str | None) -> frozenset[str]:
         offered = {"dsp": DSP_EVENTS, "dsc": DSC_EVENTS}.get(service_hint or "", ALL_EVENTS)
         if filter_el is None:
             return offered
-        dialect = names.canonical_uri(
-            trimmed(filter_el.get("Dialect")) or names.DEVPROF_ACTION_DIALECT
-        )
+        # WS-Eventing 2004/08 §3.1: a Filter without @Dialect is XPath 1.0, which this source
+        # does not offer (only the DPWS Action dialect, R7).
+        dialect = names.canonical_uri(trimmed(filter_el.get("Dialect")) or names.XPATH10_DIALECT)
         if dialect != names.DEVPROF_ACTION_DIALECT:
-            raise faults.eventing("FilteringRequestedUnavailable")
+            raise faults.eventing(
+                "FilteringRequestedUnavailable",
+                f"the filter dialect {dialect} is not offered; use {names.DEVPROF_ACTION_DIALECT}",
+                # WS-Eventing 2004/08 §3.1 fault table: the Detail lists the supported dialect.
+                faults.Detail((names.WSE, "SupportedDialect"), names.DEVPROF_ACTION_DIALECT),
+            )
         wanted = frozenset(names.canonical_uri(a) for a in (filter_el.text or "").split())
         if not wanted:
-            raise faults.eventing("InvalidMessage", faults.Detail("wse:Filter"))
+            raise faults.eventing(
+                "InvalidMessage",
+                "the wse:Filter names no action",
+                faults.Detail((names.WSE, "Filter")),
+            )
         for action in sorted(wanted):
             if action not in offered:
                 raise faults.filter_action_not_supported(action)
@@ -360,10 +386,17 @@ def _read_epr(el: Element, limit: int) -> EndpointReference:
         elif local in ("ReferenceParameters", "ReferenceProperties"):
             params.extend(_standalone(p) for p in children(child))
     if not address:
-        raise faults.eventing("InvalidMessage", faults.Detail("wsa:Address"))
+        raise faults.eventing(
+            "InvalidMessage",
+            "an endpoint reference has no wsa:Address",
+            faults.Detail((names.WSA, "Address")),
+        )
     if sum(len(p) for p in params) > limit:
         raise faults.eventing(
-            "EventSourceUnableToProcess", faults.Detail("wsa:ReferenceParameters")
+            "EventSourceUnableToProcess",
+            f"the reference parameters exceed {limit} bytes ([limits] "
+            "max_reference_parameter_bytes)",
+            faults.Detail((names.WSA, "ReferenceParameters")),
         )
     return EndpointReference(address, tuple(params))
 

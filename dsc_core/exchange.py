@@ -30,6 +30,8 @@ from .xmlread import Element, check_tree, parse_xml
 from .xmlwrite import SPLICE_MARKER, SPLICE_NS, SPLICE_ONLY, splice_payload
 
 SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
+#: SOAP 1.1 HTTP binding (SOAP 1.1 §6.1.1): the media type of a SOAP/1.1 VersionMismatch.
+SOAP11_CONTENT_TYPE = "text/xml; charset=utf-8"
 
 #: Clients send the same few Content-Type values; the parsed value is immutable (profiled:
 #: parsing was about 4 us of each small request).
@@ -277,6 +279,7 @@ class Exchange:
                 info.path,
                 info.client_address,
                 info.directory if directory is None else directory,
+                info.datagram,
             )
         self._ended = True
         self._reply_id = self.state.message_id()
@@ -336,8 +339,11 @@ class Exchange:
         operation = self.operations.get(action)
         if operation is None:
             raise faults.action_not_supported(envelope.addressing.wsa_ns, action)
+        if not self.info.datagram:  # DPWS R0031 is about HTTP requests
+            soap.check_reply_endpoint(envelope.addressing)
         if self._refused_while_stopped(operation):
-            raise faults.operation_failed(operation.service)  # R4 step 8: repository Stopped
+            # R4 step 8: repository Stopped
+            raise faults.operation_failed(operation.service, "the server is shutting down")
         request = self._request(envelope, operation)
         if self._early_args is not None:
             (args,) = self._early_args  # read when the root part arrived, for the upload
@@ -362,7 +368,11 @@ class Exchange:
         body = soap.fault_envelope(fault, addressing, self._reply_id)
         subcode = fault.subcode[1] if fault.subcode else "-"
         return Outcome(
-            Reply(fault.http_status, SOAP_CONTENT_TYPE, body),
+            Reply(
+                fault.http_status,
+                SOAP11_CONTENT_TYPE if fault.soap11 else SOAP_CONTENT_TYPE,
+                body,
+            ),
             tuple(commands),
             f"{fault.code}/{subcode}: {fault.reason}",
         )

@@ -1,9 +1,15 @@
 """SOAP faults of R4, as data.  Raising :class:`SoapFault` inside an operation is how a rule
 refuses a request; the exchange turns it into the fault envelope and its HTTP status.
 
-Reason texts are the exact strings of the fault tables: bdsrr-messages §6.2 for ``dsc:``
+Reason texts start with the strings of the fault tables: bdsrr-messages §6.2 for ``dsc:``
 (no final period, except ClientErrorJobTokenNotFound), dsm-and-stack §2.2 for ``dsp:`` (with a
-final period), dsm-and-stack §4 for ``wsa:`` and §6 for ``wse:``.
+final period), dsm-and-stack §4 for ``wsa:`` and §6 for ``wse:``; where the server knows what
+exactly was wrong, it follows (README ruling "Fault reason texts": SOAP 1.2 Part 1 §5.4.2 makes
+the Reason a text for people, clients dispatch on the Subcode).  Where the table's text would
+mislead (a limit reached is no "unexpected error"), the reason is the specific text alone.
+
+Details are elements only (SOAP 1.2 Part 1 §5.4.5: the Detail's children are element
+information items): the argument or header by name, the action in ``wsa:ProblemAction``.
 """
 
 from __future__ import annotations
@@ -20,11 +26,18 @@ MUST_UNDERSTAND = "MustUnderstand"
 
 @dataclass(frozen=True, slots=True)
 class Detail:
-    """Fault detail: either a text (a QName or URI, the template's "[Detail]") or one element
-    ``{ns}local`` holding ``text`` (R4 step 7: ``<dsc:JobToken>TOKEN</dsc:JobToken>``)."""
+    """The one element in ``soap:Detail``: ``{ns}local`` holding ``text`` or the element
+    ``child`` (R4 step 7: ``<dsc:JobToken>TOKEN</dsc:JobToken>``).  ``names.WSA`` stands for
+    the request's WS-Addressing namespace (R2: 2004/08 or 1.0), filled in when written."""
 
-    text: str
-    element: tuple[str, str] | None = None
+    element: tuple[str, str]
+    text: str | None = None
+    child: Detail | None = None
+
+
+def with_cause(table_text: str, cause: str) -> str:
+    """The table's reason followed by what exactly was wrong (module docstring)."""
+    return f"{table_text.rstrip('.')}: {cause}"
 
 
 class SoapFault(Exception):
@@ -39,6 +52,7 @@ class SoapFault(Exception):
         *,
         http_status: int | None = None,
         not_understood: tuple[tuple[str, str], ...] = (),
+        soap11: bool = False,
     ) -> None:
         super().__init__(reason)
         self.code = code
@@ -46,6 +60,8 @@ class SoapFault(Exception):
         self.reason = reason
         self.detail = detail
         self.not_understood = not_understood
+        #: Answer as a SOAP/1.1 message (a VersionMismatch for a SOAP/1.1 request).
+        self.soap11 = soap11
         if http_status is None:
             # SOAP 1.2 HTTP binding: Sender faults are 400, every other fault 500 (R4).
             http_status = 400 if code == SENDER else 500
@@ -66,11 +82,14 @@ def malformed(reason: str, *, http_status: int = 400) -> SoapFault:
 # --- Steps 2 and 3 ----------------------------------------------------------------------------
 
 
-def version_mismatch() -> SoapFault:
+def version_mismatch(envelope_ns: str | None = None) -> SoapFault:
+    """``envelope_ns``: the request's envelope namespace; a SOAP/1.1 one gets a SOAP/1.1
+    fault message (SOAP 1.2 Part 1 Appendix A; R2 as amended)."""
     return SoapFault(
         VERSION_MISMATCH,
         None,
         "The SOAP envelope version is not supported; this server speaks SOAP 1.2.",
+        soap11=envelope_ns == names.SOAP11,
     )
 
 
@@ -89,19 +108,50 @@ def must_understand(headers: tuple[tuple[str, str], ...]) -> SoapFault:
 def action_required(wsa_ns: str) -> SoapFault:
     return SoapFault(
         SENDER,
-        (wsa_ns, "MessageInformationHeaderRequired"),
-        "A required message information header, To, MessageID, or Action, is not present.",
-        Detail("wsa:Action"),
+        # The fault's name in each WS-Addressing version (2004/08 §5.2; 1.0 SOAP binding §6.4.4).
+        (
+            wsa_ns,
+            "MessageAddressingHeaderRequired"
+            if wsa_ns == names.WSA10
+            else "MessageInformationHeaderRequired",
+        ),
+        with_cause(
+            "A required message information header, To, MessageID, or Action, is not present.",
+            "the request has no wsa:Action header",
+        ),
+        # WS-Addressing 1.0 SOAP binding §6.4.1 names the header in wsa:ProblemHeaderQName.
+        Detail((names.WSA, "ProblemHeaderQName"), "wsa:Action"),
+    )
+
+
+def invalid_header(wsa_ns: str, header: str, cause: str) -> SoapFault:
+    """wsa:InvalidMessageInformationHeader (WS-Addressing 2004/08 §5.1; DPWS R0031: a [reply
+    endpoint] that is not anonymous; README ruling on duplicated headers)."""
+    return SoapFault(
+        SENDER,
+        # 2004/08 §5.1; WS-Addressing 1.0 SOAP binding §6.4.1 calls it InvalidAddressingHeader.
+        (
+            wsa_ns,
+            "InvalidAddressingHeader"
+            if wsa_ns == names.WSA10
+            else "InvalidMessageInformationHeader",
+        ),
+        with_cause("A message information header is not valid and cannot be processed.", cause),
+        Detail((names.WSA, "ProblemHeaderQName"), header),
     )
 
 
 def action_not_supported(wsa_ns: str, action: str) -> SoapFault:
-    # bdsrr 3.1.4.1.1 reason, exactly (no final period).
+    # bdsrr 3.1.4.1.1 reason (no final period), then the action.
     return SoapFault(
         SENDER,
         (wsa_ns, "ActionNotSupported"),
-        "The [action] cannot be processed at the receiver",
-        Detail(action),
+        with_cause(
+            "The [action] cannot be processed at the receiver",
+            f"this server has no operation {action}",
+        ),
+        # WS-Addressing 1.0 SOAP binding §6.4.2: the action in wsa:ProblemAction/wsa:Action.
+        Detail((names.WSA, "ProblemAction"), child=Detail((names.WSA, "Action"), action)),
     )
 
 
@@ -138,32 +188,72 @@ _CODES = {
 
 
 def protocol(
-    ns: str, subcode: str, detail: Detail | None = None, *, http_status: int | None = None
+    ns: str,
+    subcode: str,
+    detail: Detail | None = None,
+    *,
+    cause: str | None = None,
+    reason: str | None = None,
+    http_status: int | None = None,
 ) -> SoapFault:
-    return SoapFault(
-        _CODES[subcode], (ns, subcode), _REASONS[ns][subcode], detail, http_status=http_status
+    """``cause`` follows the table's text; ``reason`` replaces it (module docstring)."""
+    text = reason or _REASONS[ns][subcode]
+    if cause is not None and reason is None:
+        text = with_cause(text, cause)
+    return SoapFault(_CODES[subcode], (ns, subcode), text, detail, http_status=http_status)
+
+
+def invalid_args(ns: str, argument: tuple[str, str], label: str) -> SoapFault:
+    """R4 step 6: the Detail is the argument's element, empty (its value may be what is
+    wrong, and may be long); ``label`` is its QName as text for the reason."""
+    return protocol(
+        ns,
+        "InvalidArgs",
+        Detail(argument),
+        cause=f"{label} is missing, not allowed there, or not a valid value.",
     )
 
 
-def invalid_args(ns: str, argument: str) -> SoapFault:
-    """R4 step 6: Detail names the argument (a QName such as ``dsc:JobToken``)."""
-    return protocol(ns, "InvalidArgs", Detail(argument))
-
-
 def job_not_found(ns: str, token: str) -> SoapFault:
-    return protocol(ns, "ClientErrorJobTokenNotFound", Detail(token, (ns, "JobToken")))
+    return protocol(ns, "ClientErrorJobTokenNotFound", Detail((ns, "JobToken"), token))
 
 
-def operation_failed(ns: str) -> SoapFault:
-    return protocol(ns, "OperationFailed")
+def operation_failed(ns: str, cause: str) -> SoapFault:
+    """R4 step 8; ``cause`` says which state forbids the operation."""
+    return protocol(ns, "OperationFailed", cause=cause)
 
 
 def not_scan_admin() -> SoapFault:
-    return protocol(names.DSC, "ClientErrorCurrentUserNotScanAdmin")
+    return protocol(
+        names.DSC,
+        "ClientErrorCurrentUserNotScanAdmin",
+        cause="the client's identity is not in [users] scan_admins nor in [directory] admin_group.",
+    )
 
 
 def store_failed(ns: str, *, temporary: bool) -> SoapFault:
-    return protocol(ns, "ServerErrorTemporaryError" if temporary else "ServerErrorInternalError")
+    if temporary:
+        return protocol(
+            ns,
+            "ServerErrorTemporaryError",
+            cause="the job store could not carry out the request now (busy, out of space, or "
+            "the directory did not answer); retry later, and see the server log.",
+        )
+    return protocol(
+        ns,
+        "ServerErrorInternalError",
+        cause="the job store failed to carry out the request; see the server log.",
+    )
+
+
+def limit_reached(ns: str, what: str, setting: str, value: int) -> SoapFault:
+    """A limit of R12/R13 that a retry may pass once jobs move on (R4 step 9: temporary)."""
+    return protocol(
+        ns,
+        "ServerErrorTemporaryError",
+        reason=f"{what} (the limit is {value}, setting [limits] {setting}); "
+        "retry when one of them has ended.",
+    )
 
 
 # --- WS-Eventing (dsm-and-stack §6 table; R7) ------------------------------------------------
@@ -178,15 +268,18 @@ _WSE_FAULTS = {
 }
 
 
-def eventing(subcode: str, detail: Detail | None = None) -> SoapFault:
+def eventing(subcode: str, cause: str, detail: Detail | None = None) -> SoapFault:
     code, reason = _WSE_FAULTS[subcode]
-    return SoapFault(code, (names.WSE, subcode), reason, detail)
+    return SoapFault(code, (names.WSE, subcode), with_cause(reason, cause), detail)
 
 
 def filter_action_not_supported(action: str) -> SoapFault:
     return SoapFault(
         SENDER,
         (names.WSDP, "FilterActionNotSupported"),
-        "An action in the filter is not supported by this event source.",
-        Detail(action),
+        with_cause(
+            "An action in the filter is not supported by this event source.",
+            f"this service sends no event {action}",
+        ),
+        Detail((names.WSA, "Action"), action),
     )

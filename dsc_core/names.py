@@ -38,6 +38,8 @@ FAULT_ACTION: Final = WSA + "/fault"
 FAULT_ACTION10: Final = WSA10 + "/fault"
 
 DEVPROF_ACTION_DIALECT: Final = WSDP + "/Action"
+#: The dialect WS-Eventing 2004/08 §3.1 implies for a wse:Filter without @Dialect.
+XPATH10_DIALECT: Final = "http://www.w3.org/TR/1999/REC-xpath-19991116"
 PUSH_MODE: Final = WSE + "/DeliveryModes/Push"
 
 #: Prefixes used when writing.  Prefix choice is not significant (bdsrr §2.2.1).

@@ -141,7 +141,7 @@ def change(
     except Refused as refused:
         if refused.fault == "ClientErrorJobTokenNotFound":
             raise faults.job_not_found(ns, job.token) from None
-        raise faults.operation_failed(ns) from None
+        raise faults.operation_failed(ns, str(refused)) from None
 
     def undo() -> list[Command]:
         return request.state.lifecycle.undo(job, new)

@@ -30,6 +30,11 @@ class Addressing:
     to: str | None = None
     #: wse:Identifier reference parameter (R7: addresses the subscription manager).
     identifier: str | None = None
+    #: The wsa:Address of wsa:ReplyTo, None without one (DPWS R0031).
+    reply_to: str | None = None
+    #: The first of Action, MessageID, To, ReplyTo, FaultTo given more than once (README
+    #: ruling "Duplicated addressing headers": refused at R4 step 4).
+    duplicated: str | None = None
 
     @property
     def anonymous(self) -> str:
@@ -59,7 +64,7 @@ def read_envelope(root: Element) -> Envelope:
     if local != "Envelope":
         raise faults.malformed("The message is not a SOAP Envelope.")
     if ns != names.SOAP:
-        raise faults.version_mismatch()  # step 2: another (or no) envelope namespace
+        raise faults.version_mismatch(ns)  # step 2: another (or no) envelope namespace
     header: Element | None = None
     body: Element | None = None
     for child in children(root):
@@ -118,6 +123,8 @@ def _check_must_understand(headers: Iterable[Element]) -> None:
 
 
 _ADDRESSING_LOCALS = frozenset({"Action", "MessageID", "To"})
+#: Headers WS-Addressing 2004/08 §3 allows at most once in a request.
+_AT_MOST_ONCE = frozenset({"Action", "MessageID", "To", "ReplyTo", "FaultTo"})
 
 
 def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
@@ -125,12 +132,19 @@ def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
     # request with any WS-Addressing 1.0 header is answered in 1.0).
     found: dict[tuple[str, str], str] = {}
     identifier = None
+    duplicated = None
     for el in headers:
         ns, local = split(el.tag)
-        if (ns == names.WSA or ns == names.WSA10) and local in _ADDRESSING_LOCALS:
-            found.setdefault((ns, local), trimmed(el.text))
-        elif ns == names.WSA10:
-            found.setdefault((ns, ""), "")
+        if ns == names.WSA or ns == names.WSA10:
+            key = (ns, local)
+            if key in found and local in _AT_MOST_ONCE and duplicated is None:
+                duplicated = local
+            if local in _ADDRESSING_LOCALS:
+                found.setdefault(key, trimmed(el.text))
+            elif local == "ReplyTo":
+                found.setdefault(key, _address_of(el))
+            else:  # another header: it still says which version the request speaks (R2)
+                found.setdefault(key, "")
         elif ns == names.WSE and local == "Identifier" and identifier is None:
             identifier = trimmed(el.text)
     wsa_ns = names.WSA10 if any(key[0] == names.WSA10 for key in found) else names.WSA
@@ -142,7 +156,38 @@ def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
         message_id=values.get("MessageID") or None,
         to=values.get("To") or None,
         identifier=identifier,
+        reply_to=values.get("ReplyTo"),
+        duplicated=duplicated,
     )
+
+
+def _address_of(epr: Element) -> str:
+    for child in children(epr):
+        if split(child.tag)[1] == "Address":
+            return trimmed(child.text)
+    return ""
+
+
+def check_reply_endpoint(addressing: Addressing) -> None:
+    """R4 step 4, after the Action: a duplicated header (README ruling), and DPWS R0031: the
+    reply to an HTTP request goes back on its connection, so a [reply endpoint] that is not
+    anonymous is refused rather than ignored."""
+    if addressing.duplicated is not None:
+        raise faults.invalid_header(
+            addressing.wsa_ns,
+            f"wsa:{addressing.duplicated}",
+            f"the request has more than one wsa:{addressing.duplicated} header",
+        )
+    if addressing.reply_to is not None and addressing.reply_to not in (
+        names.ANONYMOUS,
+        names.ANONYMOUS10,
+    ):
+        raise faults.invalid_header(
+            addressing.wsa_ns,
+            "wsa:ReplyTo",
+            f"replies are sent only on the HTTP connection (anonymous), not to "
+            f"{addressing.reply_to[:200]}",
+        )
 
 
 # --- Writing ---------------------------------------------------------------------------------
@@ -198,26 +243,20 @@ def reply_envelope(
 
 
 def fault_envelope(fault: faults.SoapFault, addressing: Addressing, message_id: str) -> bytes:
+    if fault.soap11:
+        return _soap11_version_mismatch(fault, addressing, message_id)
     nsmap: dict[str, str] = {}
     if fault.subcode is not None:
         nsmap[_prefix_for(fault.subcode[0])] = fault.subcode[0]
-    if fault.detail is not None:
-        if fault.detail.element is not None:
-            nsmap[_prefix_for(fault.detail.element[0])] = fault.detail.element[0]
-        prefix, sep, _ = fault.detail.text.partition(":")
-        if sep and prefix in names.PREFIXES and "/" not in prefix:
-            nsmap.setdefault(
-                prefix, names.PREFIXES[prefix] if prefix != "wsa" else addressing.wsa_ns
-            )
+    detail_ns = _detail_namespaces(fault.detail, addressing.wsa_ns)
+    for ns in detail_ns:
+        nsmap.setdefault(_prefix_for(ns), ns)
     for i, (ns, _local) in enumerate(fault.not_understood):
         nsmap.setdefault(f"nu{i}", ns)
     root, header, body = new_envelope(addressing.wsa_ns, nsmap)
     add_reply_headers(header, addressing, addressing.fault_action, message_id)
     if fault.code == faults.VERSION_MISMATCH:
-        # SOAP 1.2 part 1 §5.4.7: the Upgrade header lists the envelope versions we support.
-        upgrade = etree.SubElement(header, f"{{{names.SOAP}}}Upgrade")
-        supported = etree.SubElement(upgrade, f"{{{names.SOAP}}}SupportedEnvelope")
-        supported.set("qname", "soap:Envelope")
+        _upgrade(header, "soap")
     for i, (ns, local) in enumerate(fault.not_understood):
         nu = etree.SubElement(header, f"{{{names.SOAP}}}NotUnderstood")
         nu.set("qname", f"{_find_prefix(root, ns, f'nu{i}')}:{local}")
@@ -233,12 +272,59 @@ def fault_envelope(fault: faults.SoapFault, addressing: Addressing, message_id: 
     text.set(f"{{{names.XML}}}lang", "en")
     text.text = fault.reason
     if fault.detail is not None:
+        # SOAP 1.2 Part 1 §5.4.5: the Detail holds elements only, never text.
         detail = etree.SubElement(fault_el, f"{{{names.SOAP}}}Detail")
-        if fault.detail.element is not None:
-            ns, local = fault.detail.element
-            etree.SubElement(detail, f"{{{ns}}}{local}").text = fault.detail.text
-        else:
-            detail.text = fault.detail.text
+        _detail_element(detail, fault.detail, addressing.wsa_ns)
+    return serialize(root)
+
+
+def _detail_namespaces(detail: faults.Detail | None, wsa_ns: str) -> list[str]:
+    found: list[str] = []
+    while detail is not None:
+        ns = wsa_ns if detail.element[0] == names.WSA else detail.element[0]
+        if ns and ns not in found:
+            found.append(ns)
+        detail = detail.child
+    return found
+
+
+def _detail_element(parent: Element, detail: faults.Detail, wsa_ns: str) -> None:
+    ns, local = detail.element
+    if ns == names.WSA:
+        ns = wsa_ns  # R2: the request's WS-Addressing version
+    el = etree.SubElement(parent, f"{{{ns}}}{local}" if ns else local)
+    if detail.child is not None:
+        _detail_element(el, detail.child, wsa_ns)
+    elif detail.text is not None:
+        el.text = detail.text
+
+
+def _upgrade(header: Element, prefix: str) -> None:
+    """SOAP 1.2 Part 1 §5.4.7: the Upgrade header lists the envelope versions we support."""
+    upgrade = etree.SubElement(header, f"{{{names.SOAP}}}Upgrade")
+    supported = etree.SubElement(upgrade, f"{{{names.SOAP}}}SupportedEnvelope")
+    supported.set("qname", f"{prefix}:Envelope")
+
+
+def _soap11_version_mismatch(
+    fault: faults.SoapFault, addressing: Addressing, message_id: str
+) -> bytes:
+    """SOAP 1.2 Part 1 Appendix A: a SOAP/1.1 sender gets a SOAP/1.1 fault message
+    (``faultcode`` VersionMismatch in the 1.1 namespace, ``faultstring``) that carries the 1.2
+    Upgrade header, so that it can read the answer and learn which version to speak (R2)."""
+    env11 = names.SOAP11
+    root = etree.Element(
+        f"{{{env11}}}Envelope",
+        nsmap={"env": env11, "soap": names.SOAP, "wsa": addressing.wsa_ns},
+    )
+    header = etree.SubElement(root, f"{{{env11}}}Header")
+    _upgrade(header, "soap")
+    add_reply_headers(header, addressing, addressing.fault_action, message_id)
+    body = etree.SubElement(root, f"{{{env11}}}Body")
+    fault_el = etree.SubElement(body, f"{{{env11}}}Fault")
+    # SOAP 1.1 §4.4: faultcode and faultstring are unqualified.
+    etree.SubElement(fault_el, "faultcode").text = "env:VersionMismatch"
+    etree.SubElement(fault_el, "faultstring").text = fault.reason
     return serialize(root)
 
 

@@ -21,7 +21,11 @@ def _read_payload(local: str) -> Callable[[Request], Element]:
     def read(request: Request) -> Element:
         payload = request.envelope.payload
         if payload is None or split(payload.tag) != (names.WSE, local):
-            raise faults.eventing("InvalidMessage", faults.Detail(f"wse:{local}"))
+            raise faults.eventing(
+                "InvalidMessage",
+                f"the Body must hold one wse:{local}",
+                faults.Detail((names.WSE, local)),
+            )
         return payload
 
     return read

@@ -28,6 +28,9 @@ class RequestInfo:
     #: The directory's answers to the request's lookups (R14), set by ``Exchange.end``; None
     #: without a directory (the configured tables apply).
     directory: DirectoryAnswers | None = None
+    #: A UDP datagram (a WS-Discovery Probe, R11), not an HTTP request: DPWS R0031 (reply
+    #: endpoint anonymous) does not apply.
+    datagram: bool = False
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:

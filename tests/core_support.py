@@ -106,6 +106,7 @@ MAIL = EmailInstructions(False, ("user@example.com",))
 
 NSMAP = {
     "s": SOAP,
+    "e11": SOAP11,
     "a": WSA,
     "a10": WSA10,
     "dsc": DSC,
@@ -462,7 +463,9 @@ def check_fault(
     assert f.code == (SOAP, code)
     assert f.subcode == subcode
     if reason is not None:
-        assert f.reason == reason
+        # The table's text, or the table's text and what exactly was wrong (README ruling
+        # "Fault reason texts").
+        assert f.reason == reason or f.reason.startswith(reason.rstrip(".") + ": "), f.reason
     else:
         assert f.reason.strip()
     check_reply_headers(
@@ -489,10 +492,29 @@ def check_protocol_fault(
 
 
 def detail_qname(f: Fault) -> tuple[str, str]:
-    """The Detail of an InvalidArgs or addressing fault: one QName naming the argument."""
+    """The Detail of an InvalidArgs or addressing fault names the argument or header: the
+    argument's element itself, empty, or a ``wsa:ProblemHeaderQName`` holding the header's
+    QName.  Elements only (SOAP 1.2 Part 1 §5.4.5)."""
     assert f.detail is not None
-    assert len(f.detail) == 0
-    return resolve(f.detail, f.detail.text or "")
+    assert not (f.detail.text or "").strip()
+    (el,) = list(f.detail)
+    assert len(el) == 0
+    if etree.QName(el).localname == "ProblemHeaderQName":
+        return resolve(el, el.text or "")
+    assert not (el.text or "").strip()
+    qname = etree.QName(el)
+    return (qname.namespace or "", qname.localname)
+
+
+def detail_action(f: Fault, wsa: str = WSA) -> str:
+    """The Detail of wsa:ActionNotSupported: ``wsa:ProblemAction/wsa:Action``."""
+    assert f.detail is not None
+    assert not (f.detail.text or "").strip()
+    (problem,) = list(f.detail)
+    assert etree.QName(problem).text == f"{{{wsa}}}ProblemAction"
+    (action,) = list(problem)
+    assert etree.QName(action).text == f"{{{wsa}}}Action"
+    return (action.text or "").strip()
 
 
 def detail_token(f: Fault, ns: str) -> str:

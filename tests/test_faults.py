@@ -15,6 +15,9 @@ import pytest
 from lxml import etree
 
 from core_support import (
+    ACTION_DIALECT,
+    ANONYMOUS,
+    ANONYMOUS10,
     DSC,
     DSP,
     FAULT_ACTION10,
@@ -33,6 +36,7 @@ from core_support import (
     check_reply_headers,
     create_job,
     deliveries_of,
+    detail_action,
     detail_qname,
     detail_token,
     elements_body,
@@ -244,7 +248,25 @@ def test_step1_mtom_root_part_over_limit() -> None:
 # --- R4 steps 2 and 3 ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("envelope_ns", [SOAP11, "urn:not-soap"])
+def test_step2_version_mismatch_for_soap11_is_a_soap11_message() -> None:
+    """SOAP 1.2 Part 1 Appendix A (R2 amended): a SOAP/1.1 sender gets a SOAP/1.1 fault
+    (faultcode VersionMismatch in the 1.1 namespace) with the 1.2 Upgrade header."""
+    t = InProcessTransport()
+    reply = t.post(soap(GET_ACTIVE, Act.DSC_ACTIVE, envelope_ns=SOAP11))
+    assert reply.status == 500
+    assert reply.content_type == "text/xml; charset=utf-8"
+    root = etree.fromstring(reply.body)
+    assert etree.QName(root).text == f"{{{SOAP11}}}Envelope"
+    (code,) = root.xpath("/e:Envelope/e:Body/e:Fault/faultcode", namespaces={"e": SOAP11})
+    assert resolve(code, code.text or "") == (SOAP11, "VersionMismatch")
+    (text,) = root.xpath("/e:Envelope/e:Body/e:Fault/faultstring", namespaces={"e": SOAP11})
+    assert "SOAP 1.2" in (text.text or "")
+    (supported,) = xp(root, "/e11:Envelope/e11:Header/s:Upgrade/s:SupportedEnvelope")
+    assert resolve(supported, supported.get("qname", "")) == (SOAP, "Envelope")
+    assert t.commands == []
+
+
+@pytest.mark.parametrize("envelope_ns", ["urn:not-soap"])
 def test_step2_version_mismatch(envelope_ns: str) -> None:
     t = InProcessTransport()
     reply = t.post(soap(GET_ACTIVE, Act.DSC_ACTIVE, envelope_ns=envelope_ns))
@@ -261,7 +283,7 @@ def test_step2_comes_before_must_understand() -> None:
         soap(
             GET_ACTIVE,
             Act.DSC_ACTIVE,
-            envelope_ns=SOAP11,
+            envelope_ns="urn:not-soap",
             headers='<x:Mystery xmlns:x="urn:test:x" s:mustUnderstand="1"/>',
         )
     )
@@ -332,7 +354,12 @@ def test_step4_action_missing(wsa: str) -> None:
         reply,
         status=400,
         code="Sender",
-        subcode=(wsa, "MessageInformationHeaderRequired"),
+        subcode=(
+            wsa,
+            "MessageAddressingHeaderRequired"
+            if wsa == WSA10
+            else "MessageInformationHeaderRequired",
+        ),
         reason="A required message information header, To, MessageID, or Action, is not present.",
         wsa=wsa,
     )
@@ -353,8 +380,7 @@ def test_step4_action_not_supported(wsa: str) -> None:
         reason="The [action] cannot be processed at the receiver",
         wsa=wsa,
     )
-    assert f.detail is not None and len(f.detail) == 0
-    assert f.detail.text == action
+    assert detail_action(f, wsa) == action
 
 
 def test_step4_comes_before_arguments_and_after_must_understand() -> None:
@@ -892,7 +918,7 @@ def test_step9_cancel_fails_and_the_job_keeps_processing() -> None:
     assert repository_state(t) == "Processing"
     t.store.fail_on = UpdateJob
     f = check_protocol_fault(cancel_job(t, DSC, token), DSC, "ServerErrorTemporaryError")
-    assert f.reason == "The service had an unexpected error"
+    assert f.reason.startswith("The service had an unexpected error: the job store")
     job = t.server.jobs.get(token)
     assert job is not None and job.state is JobState.PROCESSING
     assert job.filters[0].state is FilterState.PROCESSING
@@ -1086,7 +1112,9 @@ def test_unknown_filter_action() -> None:
         code="Sender",
         subcode=("http://schemas.xmlsoap.org/ws/2006/02/devprof", "FilterActionNotSupported"),
     )
-    assert f.detail is not None and (f.detail.text or "").strip() == action
+    assert f.detail is not None and not (f.detail.text or "").strip()
+    (named,) = list(f.detail)
+    assert etree.QName(named).text == f"{{{WSA}}}Action" and named.text == action
     assert t.server.subscriptions.by_id == {}
 
 
@@ -1160,8 +1188,9 @@ def test_detail_prefix_is_bound_in_the_fault() -> None:
         soap(token_body("dsp", "CancelPostScanJobRequest", ""), Act.DSP_CANCEL)
     )
     root = etree.fromstring(reply.body)
-    detail = xp(root, "//s:Detail")[0]
-    assert resolve(detail, detail.text or "") == (DSP, "JobToken")
+    (named,) = list(xp(root, "//s:Detail")[0])
+    assert etree.QName(named).text == f"{{{DSP}}}JobToken"
+    assert DSP in root.nsmap.values()  # declared once, at the envelope
 
 
 def test_fault_outcome_carries_a_log_line_for_the_binding() -> None:
@@ -1173,3 +1202,59 @@ def test_fault_outcome_carries_a_log_line_for_the_binding() -> None:
     server = ScanServer(ServerConfig(limits=Limits(max_envelope_bytes=100)), new_id=lambda: "1")
     outcome = server.handle(b"<a>" + b" " * 200 + b"</a>", RequestInfo(now=datetime.now(UTC)))
     assert outcome.fault == "Sender/-: The SOAP envelope exceeds the limit of 100 bytes."
+
+
+# --- issue 16: addressing rules the R4 steps did not check -------------------------------------
+
+
+@pytest.mark.parametrize("wsa", [WSA, WSA10])
+def test_non_anonymous_reply_to_is_refused(wsa: str) -> None:
+    """DPWS R0031: the [reply endpoint] of an HTTP request must be anonymous."""
+    t = InProcessTransport()
+    reply_to = "<a:ReplyTo><a:Address>http://elsewhere.example/replies</a:Address></a:ReplyTo>"
+    reply = t.post(soap(GET_ACTIVE, Act.DSC_ACTIVE, wsa=wsa, headers=reply_to))
+    local = "InvalidAddressingHeader" if wsa == WSA10 else "InvalidMessageInformationHeader"
+    f = check_fault(reply, status=400, code="Sender", subcode=(wsa, local), wsa=wsa)
+    assert detail_qname(f) == (wsa, "ReplyTo")
+    assert "elsewhere.example" in f.reason
+
+
+@pytest.mark.parametrize("wsa", [WSA, WSA10])
+def test_anonymous_reply_to_is_answered(wsa: str) -> None:
+    anonymous = ANONYMOUS10 if wsa == WSA10 else ANONYMOUS
+    reply_to = f"<a:ReplyTo><a:Address> {anonymous} </a:Address></a:ReplyTo>"
+    ok(InProcessTransport().post(soap(GET_ACTIVE, Act.DSC_ACTIVE, wsa=wsa, headers=reply_to)))
+
+
+@pytest.mark.parametrize("header", ["Action", "MessageID"])
+def test_duplicated_addressing_header_is_refused(header: str) -> None:
+    """README ruling "Duplicated addressing headers": neither the first nor the last wins."""
+    extra = {
+        "Action": f"<a:Action>{Act.DSC_CANCEL}</a:Action>",
+        "MessageID": "<a:MessageID>urn:uuid:00000000-0000-0000-0000-00000000beef</a:MessageID>",
+    }[header]
+    reply = InProcessTransport().post(soap(GET_ACTIVE, Act.DSC_ACTIVE, headers=extra))
+    f = check_fault(
+        reply, status=400, code="Sender", subcode=(WSA, "InvalidMessageInformationHeader")
+    )
+    assert detail_qname(f) == (WSA, header)
+
+
+def test_filter_without_dialect_is_xpath_and_not_offered() -> None:
+    """WS-Eventing 2004/08 §3.1: the implied dialect is XPath 1.0, which is not offered."""
+    t = InProcessTransport()
+    body = subscribe_body(actions=[Act.DSC_END_EVENT]).replace(f' Dialect="{ACTION_DIALECT}"', "")
+    reply = t.post(soap(body, Act.SUBSCRIBE, to=t.server.config.dsc_url))
+    f = check_fault(
+        reply,
+        status=400,
+        code="Sender",
+        subcode=(WSE, "FilteringRequestedUnavailable"),
+        reason="The requested filter dialect is not supported.",
+    )
+    assert "REC-xpath-19991116" in f.reason
+    assert f.detail is not None
+    assert [(el.tag, el.text) for el in f.detail] == [
+        (f"{{{WSE}}}SupportedDialect", ACTION_DIALECT)
+    ]
+    assert t.server.subscriptions.by_id == {}

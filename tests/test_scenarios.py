@@ -33,6 +33,7 @@ from core_support import (
     create_job,
     create_request,
     deliveries_of,
+    detail_action,
     detail_token,
     elements_body,
     end_job,
@@ -42,6 +43,7 @@ from core_support import (
     ok,
     parse,
     payload_of,
+    read_fault,
     reply_headers,
     repository_body,
     repository_state,
@@ -706,7 +708,9 @@ def test_unknown_filter_action_is_refused() -> None:
         )
     )
     f = check_fault(reply, status=400, code="Sender", subcode=(WSDP, "FilterActionNotSupported"))
-    assert f.detail is not None and (f.detail.text or "").strip() == DSC + "/CoffeeReadyEvent"
+    assert f.detail is not None and [(el.tag, el.text) for el in f.detail] == [
+        (f"{{{WSA}}}Action", DSC + "/CoffeeReadyEvent")
+    ]
     assert t.server.subscriptions.by_id == {}
 
 
@@ -967,7 +971,7 @@ def test_get_metadata_is_not_supported() -> None:
         soap("<x:GetMetadata xmlns:x='http://schemas.xmlsoap.org/ws/2004/09/mex'/>", action)
     )
     f = check_fault(reply, status=400, code="Sender", subcode=(WSA, "ActionNotSupported"))
-    assert f.detail is not None and f.detail.text == action
+    assert detail_action(f) == action
 
 
 # --- R5: requested element names ----------------------------------------------------------------
@@ -1259,6 +1263,10 @@ def test_creating_jobs_per_user(certificates: bool) -> None:
     tokens = [text_of(ok(create(first)), "dsp:JobToken") for _ in range(2)]
     refused = create(first)
     assert refused.status == 500 and b"ServerErrorTemporaryError" in refused.body
+    # The reason names what was wrong, the limit and its setting (issues 14 and 16).
+    reason = read_fault(refused).reason
+    assert "max_creating_jobs_per_user" in reason and "limit is 2" in reason, reason
+    assert "unexpected" not in reason
     ok(create(second))  # another user (or scanner) still works
     ok(end_job(t, tokens[0], identity="alice"))  # no longer Creating: a slot is free again
     ok(create(first))
