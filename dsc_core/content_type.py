@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["ContentType", "parse_content_type"]
+__all__ = ["ContentType", "parse_content_type", "soap_media_type_refusal"]
 
 # RFC 2045 token characters, for recognising "type/subtype".
 _MEDIA_TYPE_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -113,3 +113,35 @@ def parse_content_type(value: str) -> ContentType:
             _, i = _quoted(s, i + 1)
         # else: a bare word without "=" (e.g. a lone token); ignore it and go on.
     return ContentType(media_type, MappingProxyType(params))
+
+
+#: The media types a SOAP request may have: SOAP 1.2's own (SOAP 1.2 Part 2 section 7.1.4,
+#: dsm-and-stack.md section 3), and MTOM's package (R8), whose ``type`` must be XOP.
+SOAP_MEDIA_TYPE = "application/soap+xml"
+MTOM_MEDIA_TYPE = "multipart/related"
+XOP_MEDIA_TYPE = "application/xop+xml"
+
+
+def soap_media_type_refusal(value: str | None) -> str | None:
+    """Why a request with this Content-Type is not a SOAP request (one short line, for an
+    HTTP 415), or None when it is one.
+
+    Why the server insists (issue 14): a web page on another site can make a browser POST
+    ``text/plain``, ``application/x-www-form-urlencoded`` or ``multipart/form-data`` anywhere
+    without asking first, but never ``application/soap+xml``; scanners and management clients
+    always send the SOAP or MTOM type.  The parse is the tolerant one above (R8).
+    """
+    if value is None or not value.strip():
+        return f"No Content-Type: a SOAP request is {SOAP_MEDIA_TYPE}."
+    ctype = parse_content_type(value)
+    if ctype.media_type == SOAP_MEDIA_TYPE:
+        return None
+    if ctype.media_type == MTOM_MEDIA_TYPE:
+        if (ctype.param("type") or "").strip().lower() == XOP_MEDIA_TYPE:
+            return None
+        return f'A multipart SOAP request (MTOM) must have type="{XOP_MEDIA_TYPE}".'
+    shown = ctype.media_type or "an unreadable Content-Type"
+    return (
+        f"{shown} is not a SOAP request: send {SOAP_MEDIA_TYPE} "
+        f'(or {MTOM_MEDIA_TYPE}; type="{XOP_MEDIA_TYPE}").'
+    )

@@ -30,6 +30,7 @@ from lxml import etree
 
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
+from dsc_core.content_type import soap_media_type_refusal
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
 
 from .cli_output import (
@@ -44,6 +45,7 @@ from .cli_output import (
 from .cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from .formats import VALID_FORMATS, format_for
 from .http_client import ConnectionFailed, client_ssl_context, get, post
+from .http_common import error_reply
 from .progress import Progress
 
 A = names.Action
@@ -87,16 +89,24 @@ def cmd_handle(args: argparse.Namespace) -> int:
     content_type = args.content_type
     if content_type is None:
         content_type, data = split_mime_head(data)
+    content_type = content_type or "application/soap+xml; charset=utf-8"
     server = ScanServer(ServerConfig(), new_id=lambda: str(uuid.uuid4()))
     info = RequestInfo(
         now=datetime.now().astimezone(),
-        content_type=content_type or "application/soap+xml; charset=utf-8",
+        content_type=content_type,
         identity=args.identity,
     )
-    outcome = server.handle(data, info)
-    reply = outcome.reply
+    # The server's HTTP driver refuses a request that is not SOAP before the core sees it
+    # (issue 14); `dsc handle` answers as the server would.
+    unsupported = soap_media_type_refusal(content_type)
+    commands: Sequence[object] = ()
+    if unsupported is not None:
+        reply = error_reply(415, unsupported)
+    else:
+        outcome = server.handle(data, info)
+        reply, commands = outcome.reply, outcome.commands
     body = reply.body
-    if args.pretty:
+    if args.pretty and reply.content_type.startswith("application/soap+xml"):
         from lxml import etree
 
         body = etree.tostring(
@@ -109,7 +119,7 @@ def cmd_handle(args: argparse.Namespace) -> int:
     if not body.endswith(b"\n"):
         out.write(b"\n")
     if args.commands:
-        for command in outcome.commands:
+        for command in commands:
             sys.stderr.write(f"command: {_describe(command)}\n")
     return EXIT_OK if reply.status < 300 else EXIT_FAILED
 

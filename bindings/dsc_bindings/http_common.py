@@ -1,8 +1,8 @@
 """What both HTTP bindings share: every HTTP rule, written once.
 
 :class:`HttpConnection` is a sans-IO driver of one server connection over h11.  It decides
-everything (request-head checks, the R12 limit answers 413/431/400/405/503, ``Expect:
-100-continue``, keep-alive, which timeout applies, when to close, aborting an unfinished
+everything (request-head checks, the R12 limit answers 413/431/400/405/503, the issue-14
+refusals 403 (.cross_site) and 415 (not SOAP), HEAD, ``Expect: 100-continue``, keep-alive, which timeout applies, when to close, aborting an unfinished
 exchange) and asks its binding, one :data:`Action` at a time, to do the I/O::
 
     conn = HttpConnection(service, limits, identity=..., peer=...)
@@ -52,7 +52,9 @@ import h11
 
 from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes
+from dsc_core.content_type import soap_media_type_refusal
 
+from .cross_site import cross_site_refusal
 from .writer import Ticket, Wait
 
 __all__ = [
@@ -119,6 +121,10 @@ class ServiceLike(Protocol):
     def open_request(
         self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
     ) -> RequestLike: ...
+
+
+def _no_origins() -> frozenset[str]:
+    return frozenset()
 
 
 class ObserverLike(Protocol):
@@ -491,6 +497,15 @@ class HttpConnection:
             service, "answer_get", None
         )
         self._observer: ObserverLike | None = getattr(service, "observer", None)
+        #: Headers of every answer of the web endpoints (CSP and friends, .statuspage).
+        self._web_headers: tuple[tuple[str, str], ...] = getattr(service, "web_headers", ())
+        #: The origins whose pages may send requests (.cross_site), asked only for a request
+        #: that carries an Origin.
+        self._own_origins: Callable[[], frozenset[str]] = getattr(
+            service, "own_origins", _no_origins
+        )
+        #: The current request is a HEAD: its answer has the head of the GET answer, no body.
+        self._head_only = False
         self._counted = self._observer is not None
         if self._observer is not None:
             self._observer.connection_opened()
@@ -730,8 +745,9 @@ class HttpConnection:
         self._requests += 1
         self._phase = "body"
         self._head_copy.clear()
-        # One pass over the headers for the three this driver reads (h11 lower-cases names).
-        transfer_encoding = content_length = content_type = None
+        self._head_only = request.method == b"HEAD"
+        # One pass over the headers this driver reads (h11 lower-cases names).
+        transfer_encoding = content_length = content_type = fetch_site = origin = None
         for key, value in request.headers:
             if key == b"content-type":
                 content_type = value
@@ -739,6 +755,10 @@ class HttpConnection:
                 content_length = value
             elif key == b"transfer-encoding":
                 transfer_encoding = value
+            elif key == b"sec-fetch-site":
+                fetch_site = value
+            elif key == b"origin":
+                origin = value
         if transfer_encoding is not None and content_length is not None:
             log.warning(
                 "%s: request with both Transfer-Encoding and Content-Length: answered, then "
@@ -761,35 +781,48 @@ class HttpConnection:
                 extra=(("Retry-After", "1"),),
             )
             return
-        if request.method == b"GET" and self._answer_get is not None:
-            # The status page, its JSON, /metrics and /healthz (.statuspage); any other GET
-            # is refused below like every other method but POST.
+        # Issue 14: what a browser marks as sent by another site is refused, on every path.
+        foreign = cross_site_refusal(fetch_site, origin, self._own_origins)
+        if foreign is not None:
+            self._refuse(request, target, Rejection(403, foreign))
+            return
+        if request.method in (b"GET", b"HEAD") and self._answer_get is not None:
+            # The status page, its JSON, /metrics and /healthz (.statuspage); HEAD gets the
+            # head of the same answer (RFC 9110 9.3.2).  Any other GET is refused below like
+            # every other method but POST.
             reply = self._answer_get(target, self._identity)
             if reply is not None:
-                self._respond(reply, close=request_has_body(request))
+                self._respond(reply, close=request_has_body(request), extra=self._web_headers)
                 return
         rejection = _check_head(request.method, content_length, self._limits)
-        if rejection is not None:
-            self._refused(rejection.status)
-            log.warning(
-                "%s: %s %s refused with %d: %s",
-                self._peer,
-                request.method.decode("ascii", "replace"),
-                target,
-                rejection.status,
-                rejection.message,
-            )
-            # A refused body is not read: close after the answer, unless there is none.
-            self._respond(
-                error_reply(rejection.status, rejection.message),
-                close=request_has_body(request),
-                extra=rejection.headers,
-            )
-            return
         ctype = content_type.decode("latin-1") if content_type is not None else None
+        if rejection is None:
+            unsupported = soap_media_type_refusal(ctype)
+            if unsupported is not None:
+                rejection = Rejection(415, unsupported)
+        if rejection is not None:
+            self._refuse(request, target, rejection)
+            return
         identity, service, peer = self._identity, self._service, self._peer
         # Opened by the first Call this request needs (coalescing: module doc).
         self._opener = lambda: service.open_request(ctype, identity, target, peer)
+
+    def _refuse(self, request: h11.Request, target: str, rejection: Rejection) -> None:
+        self._refused(rejection.status)
+        log.warning(
+            "%s: %s %s refused with %d: %s",
+            self._peer,
+            request.method.decode("ascii", "replace"),
+            target,
+            rejection.status,
+            rejection.message,
+        )
+        # A refused body is not read: close after the answer, unless there is none.
+        self._respond(
+            error_reply(rejection.status, rejection.message),
+            close=request_has_body(request),
+            extra=rejection.headers,
+        )
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
@@ -851,8 +884,9 @@ class HttpConnection:
                     _parsed=True,
                 )
             )
-            data = (data or b"") + (self._h11.send(h11.Data(data=reply.body)) or b"")
-            data += self._h11.send(h11.EndOfMessage()) or b""
+            if not self._head_only:  # h11 frames the answer to a HEAD as bodiless
+                data = (data or b"") + (self._h11.send(h11.Data(data=reply.body)) or b"")
+            data = (data or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
         except h11.LocalProtocolError as exc:  # pragma: no cover - a bug here
             log.error("%s: cannot send the answer: %s", self._peer, exc)
             self._close(False)
@@ -876,6 +910,7 @@ class HttpConnection:
             self._close(True)
         elif ours is h11.DONE and theirs is h11.DONE:
             self._h11.start_next_cycle()
+            self._head_only = False
             # What h11 already holds of the next request starts the next head's copy.
             held = self._h11.trailing_data[0]
             self._head_copy = bytearray(held[: self._limits.max_http_header_bytes + 1])

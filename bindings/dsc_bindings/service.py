@@ -71,6 +71,7 @@ from dsc_core import (
     StopProcessing,
 )
 
+from .cross_site import origin_of
 from .delivery import DeliveryHub, DeliveryLimits
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
@@ -619,6 +620,19 @@ class ScanService:
         )
         # Opening reads only the configuration (ScanServer.open_exchange): no owner needed.
         return ServiceRequest(self, self.server.open_exchange(info), peer)
+
+    @property
+    def web_headers(self) -> tuple[tuple[str, str], ...]:
+        """Headers of every answer of the web endpoints (:data:`.statuspage.SECURITY_HEADERS`)."""
+        from .statuspage import SECURITY_HEADERS
+
+        return SECURITY_HEADERS
+
+    def own_origins(self) -> frozenset[str]:
+        """The origin whose pages may send requests here (:mod:`.cross_site`): that of the
+        URL the server advertises."""
+        own = origin_of(self.config.base_url)
+        return frozenset({own}) if own is not None else frozenset()
 
     def answer_get(self, target: str, identity: str | None) -> Reply | None:
         """A GET of the status page, its JSON, ``/metrics`` or ``/healthz``

@@ -26,9 +26,12 @@ context (cheap: no disk, no network).
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +43,7 @@ from dsc_core import Reply
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .observe import Observer
 
-__all__ = ["PAGE", "PATHS", "View", "answer"]
+__all__ = ["PAGE", "PATHS", "SECURITY_HEADERS", "View", "answer"]
 
 JSON_TYPE = "application/json; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
@@ -286,3 +289,30 @@ poll();
 </body>
 </html>
 """
+
+
+def _inline_hashes(tag: str) -> str:
+    """CSP source expressions for each inline ``<tag>`` element of :data:`PAGE`: the page keeps
+    its script and style inline (one file, no build step) and the policy allows exactly those
+    bytes (CSP Level 3, hash-source), so no injected script could run."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", PAGE, re.DOTALL)
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks
+    )
+
+
+#: Sent with every answer of the web endpoints (issue 14, section 1): no script but the page's
+#: own, data only from this server, never framed (clickjacking), no content sniffing, and no
+#: Referer leaking job tokens to links.
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; "
+        f"script-src {_inline_hashes('script')}; style-src {_inline_hashes('style')}; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
