@@ -141,7 +141,7 @@ class Exchange:
                         return commands + self._fail(
                             faults.malformed(
                                 f"The image exceeds the limit of {self._limits.max_image_bytes} "
-                                "bytes.",
+                                "bytes (setting max_image_bytes).",
                                 http_status=413,
                             )
                         )

@@ -218,7 +218,7 @@ def test_process_round_trip(config: Path) -> None:
 
     twice = dsc("process", "add", "Invoices", *c, "--share", r"\\x\y")
     assert twice.code == 1 and "exists already" in twice.err, twice
-    removed = dsc("process", "rm", "Invoices", *c)
+    removed = dsc("process", "rm", "Invoices", *c, "--yes")
     assert removed.code == 0, removed
     gone = dsc("process", "show", "Invoices", *c)
     assert gone.code == 1 and "no scan process named 'Invoices'" in gone.err, gone
@@ -264,7 +264,7 @@ def test_restricted_process_is_invisible_outside_its_groups(config: Path) -> Non
         code, out, err = as_user("bob", "process", "list", "--json")
         assert code == 0 and "Payroll" in [p["name"] for p in json.loads(out)], (out, err)
     finally:
-        dsc("process", "rm", "Payroll", *c)
+        dsc("process", "rm", "Payroll", *c, "--yes")
 
 
 def test_wrong_password_and_unreachable_directory_are_one_line(

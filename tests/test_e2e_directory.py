@@ -105,7 +105,7 @@ def test_device_scan_files_and_mails_as_the_directory_user(
         assert "Traceback" not in server.log
     finally:
         server.stop_cleanly()
-        dsc("process", "rm", "To my folder", *c)
+        dsc("process", "rm", "To my folder", *c, "--yes")
 
 
 def test_admins_by_nested_group_and_certificate_identity_by_upn(

@@ -327,10 +327,10 @@ def test_status_page_is_for_scan_administrators(
 def test_dsc_purge_trims_the_history(start_server: StartServer, pages: tuple[Path, Path]) -> None:
     server = start_server()
     tokens = [scan(server, str(pages[0]))["token"] for _ in range(2)]
-    none = dsc("purge", "--server", server.url, "--before", "1d", "--json")
+    none = dsc("purge", "--server", server.url, "--before", "1d", "--json", "--yes")
     assert none.code == 0 and none.json()["purged"] == 0, none
     tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
-    run = dsc("purge", "--server", server.url, "--before", tomorrow)
+    run = dsc("purge", "--server", server.url, "--before", tomorrow, "--yes")
     assert run.code == 0, run
     assert re.fullmatch(r"2 job\(s\) that ended before .* removed from the history\n", run.out)
     assert dsc("history", "--server", server.url, "--json").json() == []

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's marker: this entry point answers completion requests)
 """The ``dsc`` command: run the server, look at what it would answer, and talk to it.
 
 dsc serve                        run the scan server (embedded default: SQLite + ./var)
@@ -10,6 +11,7 @@ dsc watch                        follow the server's events live (WS-Eventing)
 dsc devices                      the scanners that created jobs (the server's status endpoint)
 dsc purge --before WHEN          trim the history
 dsc retry TOKEN                  run a completed job's failed filters again
+dsc completion bash|zsh          the shell completion script
 """
 
 from __future__ import annotations
@@ -39,14 +41,17 @@ from .cli_output import (
     parse_time,
     print_pairs,
     print_table,
+    printable,
     quiet_broken_pipe,
     short_token,
 )
 from .cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
+from .confirm import add_yes_option, can_confirm, confirm
 from .formats import VALID_FORMATS, format_for
 from .http_client import ConnectionFailed, client_ssl_context, get, post
 from .http_common import error_reply
 from .progress import Progress
+from .scan_files import scan_inputs
 
 A = names.Action
 DEFAULT_SERVER = "http://127.0.0.1:5362/ScanServer"
@@ -217,10 +222,11 @@ class Client:
             timeout=self.timeout,
         )
         if not reply.content_type.startswith("application/soap+xml"):
-            raise CliError(
-                f"the server answered HTTP {reply.status} "
-                f"({reply.body[:200].decode('utf-8', 'replace').strip()})"
-            )
+            text = printable(reply.body[:300].decode("utf-8", "replace").strip())
+            if not text.startswith(str(reply.status)):
+                text = f"HTTP {reply.status}: {text}"
+            before = " before the upload ended" if reply.early else ""
+            raise CliError(f"the server answered{before}: {text}")
         return dc.parse_response(reply.body, reply.status)
 
     def send_image(
@@ -251,10 +257,7 @@ def _file_chunks(path: Path, progress: Progress, size: int = 256 * 1024) -> Iter
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    files = [Path(f) for f in args.files]
-    for f in files:
-        if not f.is_file():
-            raise CliError(f"no such file: {f}", EXIT_USAGE)
+    files = scan_inputs(args.files)
     if args.process:
         return _scan_with_process(args, files)
     args.server = args.server or os.environ.get("DSC_SERVER") or DEFAULT_SERVER
@@ -324,13 +327,23 @@ def _run_scan(args: argparse.Namespace, files: list[Path], request: Any) -> int:
     response = client.call(A.DSP_CREATE, request)
     token = dc.text_of(response.payload, names.DSP, "JobToken")
     _say(args, f"job {token} created")
-    for number, (path, fmt) in enumerate(zip(files, formats, strict=True), start=1):
-        progress = Progress(path.name, path.stat().st_size, enabled=not args.quiet)
-        try:
-            client.send_image(token, number, fmt, path, progress)
-        finally:
-            progress.close()
-    client.call(A.DSP_END, dc.token_request(names.DSP, "EndPostScanJobRequest", token))
+    try:
+        for number, (path, fmt) in enumerate(zip(files, formats, strict=True), start=1):
+            progress = Progress(path.name, path.stat().st_size, enabled=not args.quiet)
+            try:
+                client.send_image(token, number, fmt, path, progress)
+            except (CliError, dc.ClientFault, ConnectionFailed, ValueError) as exc:
+                raise CliError(f"uploading {path.name} failed: {exc}") from exc
+            finally:
+                progress.close()
+        client.call(A.DSP_END, dc.token_request(names.DSP, "EndPostScanJobRequest", token))
+    # A job left in Creating would hold one of the user's job slots until the server's timeout
+    # ([jobs] timeout_seconds): cancel it, also on Ctrl-C (WS-DSP CancelPostScanJob).
+    except KeyboardInterrupt:
+        print(f"dsc: interrupted; {_cancel_unfinished(client, token)}", file=sys.stderr)
+        raise
+    except (CliError, dc.ClientFault, ConnectionFailed, ValueError) as exc:
+        raise CliError(f"{str(exc).rstrip('.')}; {_cancel_unfinished(client, token)}") from exc
     _say(args, f"job {token} ended; waiting for processing")
     view = _wait_for_end(client, token, names.DSP, wait=args.wait, poll=args.poll)
     if args.json:
@@ -338,6 +351,18 @@ def _run_scan(args: argparse.Namespace, files: list[Path], request: Any) -> int:
     else:
         _print_job(view, {})
     return EXIT_OK if view.succeeded else EXIT_FAILED
+
+
+def _cancel_unfinished(client: Client, token: str) -> str:
+    """Cancel the job this scan created and could not finish; returns what happened."""
+    try:
+        client.call(A.DSP_CANCEL, dc.token_request(names.DSP, "CancelPostScanJobRequest", token))
+    except (CliError, dc.ClientFault, ConnectionFailed, ValueError, KeyboardInterrupt) as exc:
+        return (
+            f"job {token} could not be canceled ({exc or 'interrupted'}); the server ends it "
+            "after its job timeout ([jobs] timeout_seconds)"
+        )
+    return f"job {token} canceled"
 
 
 def _wait_for_end(client: Client, token: str, ns: str, *, wait: float, poll: float) -> dc.JobView:
@@ -605,6 +630,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     before: datetime = args.before
+    can_confirm(args.yes, "dsc purge")
+    confirm(
+        f"Remove every job that ended before {local_time(before.isoformat())} from the history "
+        f"of {args.server}, with the documents still kept for them?",
+        args.yes,
+    )
     request = etree.Element(f"{{{names.EXT}}}PurgeJobHistoryRequest", nsmap={"ext": names.EXT})
     etree.SubElement(request, f"{{{names.EXT}}}Before").text = before.isoformat()
     response = Client(args).call(A.EXT_PURGE_JOB_HISTORY, request)
@@ -863,16 +894,29 @@ def build_parser() -> argparse.ArgumentParser:
         "job did not complete successfully.",
     )
     _client_options(p)
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="a file to send, or a directory: every file in it, sorted by name",
+    )
     p.add_argument(
         "--user", default="S-1-5-21-0-0-0-1000", help="UserIdentifier (a SID) of the scanning user"
     )
     p.add_argument(
         "--process-id",
         default=str(uuid.uuid4()).upper(),
-        help="PSP_Identifier of the scan process (default: a new GUID)",
+        metavar="GUID",
+        help="only a label: the PSP_Identifier sent with the job (default: a new GUID); the "
+        "destinations come from --share/--email/--sharepoint. To use a directory scan "
+        "process, see --process",
     )
-    p.add_argument("--process-name", help="display name of the scan process")
+    p.add_argument(
+        "--process-name",
+        metavar="TEXT",
+        help="only a label: the process name the job shows in `dsc jobs`/`dsc history` "
+        "(PSP_DisplayName); it looks nothing up",
+    )
     p.add_argument(
         "--share",
         action="append",
@@ -896,14 +940,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the end state")
     p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the result: no progress, no notes"
+    )
     g = p.add_argument_group(
         "as a DSM device (--process NAME)",
         "Read the scan process NAME from the directory of --config, binding as --as USER, "
         "and send its instructions and format as that user. Without --server the job goes "
         "to the process's scan server.",
     )
-    g.add_argument("--process", metavar="NAME", help="scan with this directory scan process")
+    g.add_argument(
+        "--process",
+        metavar="NAME",
+        help="look up the scan process NAME in the directory and scan with its destinations "
+        "and format (unlike --process-name, which is only a label)",
+    )
     from .process_cli import directory_options
 
     directory_options(g, as_help="the scanning user (UPN; default: the configured account)")  # type: ignore[arg-type]
@@ -978,14 +1029,15 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.add_argument("token", metavar="TOKEN", help="the job token, or its first characters")
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the end state")
-    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     p.set_defaults(func=cmd_retry)
     p = sub.add_parser(
         "purge",
         help="remove old jobs from the history",
         description="Remove the completed jobs that ended before WHEN from the history, with "
         "any documents still kept for them (vendor operation ext:PurgeJobHistory, scan "
-        "administrators only). Active jobs are never touched.",
+        "administrators only). Active jobs are never touched. Asks first on a terminal; "
+        "scripts give --yes.",
     )
     _client_options(p)
     p.add_argument(
@@ -996,6 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a date/time (2026-11-01, 2026-11-01T08:00, local time unless an offset is "
         "given) or an age (30d: jobs that ended more than 30 days ago)",
     )
+    add_yes_option(p)
     p.set_defaults(func=cmd_purge)
     p = sub.add_parser(
         "devices",
@@ -1028,11 +1081,18 @@ def build_parser() -> argparse.ArgumentParser:
         "with the address this host uses towards the server and the --listen port)",
     )
     p.set_defaults(func=cmd_watch)
+    from . import completion
+
+    completion.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .completion import autocomplete
+
+    parser = build_parser()
+    autocomplete(parser)
+    args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

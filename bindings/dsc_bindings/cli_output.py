@@ -38,6 +38,7 @@ __all__ = [
     "parse_time",
     "print_pairs",
     "print_table",
+    "printable",
     "quiet_broken_pipe",
     "short_token",
 ]
@@ -145,6 +146,15 @@ def print_pairs(pairs: Sequence[tuple[str, str]], *, stream: TextIO | None = Non
     out = stream or sys.stdout
     for name, value in pairs:
         out.write(f"{name.ljust(width)}  {value}".rstrip() + "\n")
+
+
+def printable(text: str) -> str:
+    """``text`` from the wire with every control character escaped (``\\x1b``, ``\\n``...), so
+    that a server or a notification can neither move the cursor, recolour the terminal nor
+    forge a second line of output.  Printable characters, non-ASCII included, stay as they are."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def short_token(token: str, wide: bool = False) -> str:

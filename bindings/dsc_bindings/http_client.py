@@ -1,11 +1,19 @@
 """A small blocking HTTP(S) client for the ``dsc`` client commands: one POST (body streamed) or
-one GET (the status endpoints) per connection."""
+one GET (the status endpoints) per connection.
+
+A server may answer before it has read the whole body (413 when an image exceeds
+``max_image_bytes``, 503, a fault) and then stop reading: the streamed body checks for such an
+early answer between chunks, and a write that fails (broken pipe, reset) is followed by an attempt
+to read the answer, so the user sees the server's reason instead of "broken pipe"
+(RFC 9112 §9.5: a client that sends a body should watch for an early response).
+"""
 
 from __future__ import annotations
 
 import http.client
+import select
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +28,21 @@ class HttpReply:
     status: int
     content_type: str
     body: bytes
+    #: The server answered before it had the whole body (the upload was not finished).
+    early: bool = False
+
+
+class _EarlyAnswer(Exception):
+    """The server has answered while the body was still being sent."""
+
+
+def _watching(conn: http.client.HTTPConnection, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks``, stopping as soon as the server has something to say (an early answer)."""
+    for chunk in chunks:
+        sock = conn.sock
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            raise _EarlyAnswer
+        yield chunk
 
 
 def client_ssl_context(
@@ -79,16 +102,29 @@ def _request(
     if content_type:
         headers["Content-Type"] = content_type
     try:
-        if body is None:
-            conn.request(method, path, headers=headers)
-        elif isinstance(body, bytes):
-            conn.request(method, path, body=body, headers=headers)
-        else:
-            if length is not None:
-                headers["Content-Length"] = str(length)
-            conn.request(
-                method, path, body=iter(body), headers=headers, encode_chunked=length is None
-            )
+        try:
+            if body is None:
+                conn.request(method, path, headers=headers)
+            elif isinstance(body, bytes):
+                conn.request(method, path, body=body, headers=headers)
+            else:
+                if length is not None:
+                    headers["Content-Length"] = str(length)
+                conn.request(
+                    method,
+                    path,
+                    body=_watching(conn, body),
+                    headers=headers,
+                    encode_chunked=length is None,
+                )
+        except (_EarlyAnswer, BrokenPipeError, ConnectionResetError) as exc:
+            # The server stopped reading: its answer, if it sent one, says why.
+            early = _early_reply(conn)
+            if early is not None:
+                return early
+            if isinstance(exc, _EarlyAnswer):
+                raise ConnectionResetError("the server closed the connection") from None
+            raise
         response = conn.getresponse()
         data = response.read()
         return HttpReply(response.status, response.getheader("Content-Type", ""), data)
@@ -118,3 +154,14 @@ def _request(
         ) from exc
     finally:
         conn.close()
+
+
+def _early_reply(conn: http.client.HTTPConnection) -> HttpReply | None:
+    """The answer a server sent before it had read the whole request, or None if there is none
+    to read (the connection was only reset)."""
+    try:
+        response = conn.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    return HttpReply(response.status, response.getheader("Content-Type", ""), data, early=True)

@@ -102,6 +102,7 @@ REJECT_HEAD_TIMEOUT = 5.0
 #: most this long / this many bytes: closing with unread data makes the kernel send a reset,
 #: and the client may then lose the answer (413 before the body, 503, errors).
 LINGER_SECONDS = 1.0
+
 LINGER_BYTES = 1024 * 1024
 
 
@@ -366,9 +367,16 @@ def _check_head(method: bytes, length: bytes | None, limits: Limits) -> Rejectio
             return Rejection(
                 413,
                 f"The request body of {declared} bytes exceeds the limit of "
-                f"{max_request_bytes(limits)} bytes.",
+                f"{max_request_bytes(limits)} bytes{body_limit_setting(limits)}.",
             )
     return None
+
+
+def body_limit_setting(limits: Limits) -> str:
+    """What a 413 adds so that an administrator knows what to raise: the body limit is one
+    image plus its envelope (dsc_core.config.max_request_bytes), the image set by
+    ``[limits] max_image_bytes``."""
+    return f" (one image of at most max_image_bytes = {limits.max_image_bytes}, plus its envelope)"
 
 
 def error_reply(status: int, message: str) -> Reply:
@@ -841,7 +849,8 @@ class HttpConnection:
             status = 413
             message = (
                 f"The declared request body (a {len(huge.group(1))}-digit Content-Length) "
-                f"exceeds the limit of {max_request_bytes(self._limits)} bytes."
+                f"exceeds the limit of {max_request_bytes(self._limits)} bytes"
+                f"{body_limit_setting(self._limits)}."
             )
         else:
             message = f"Malformed HTTP request: {exc}"

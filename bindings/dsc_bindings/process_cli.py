@@ -21,6 +21,7 @@ from lxml import etree
 
 from .cli_output import Column, print_pairs, print_table
 from .cli_support import EXIT_OK, EXIT_USAGE, CliError
+from .confirm import add_yes_option, can_confirm, confirm
 from .directory import Directory, DirectoryError, DirectorySettings, sid_to_text
 from .processes import (
     COLORS,
@@ -233,8 +234,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    can_confirm(args.yes, "dsc process rm")
     with _store(args) as (store, _):
         process = _get(store, args.name)
+        confirm(
+            f"Remove the scan process {process.name!r} ({process.identifier}) from the "
+            "directory? Devices stop offering it.",
+            args.yes,
+        )
         store.remove(process)
     _say(args, f"scan process {process.name!r} removed", process)
     return EXIT_OK
@@ -371,7 +378,7 @@ def add_parser(sub: Any) -> None:
         ("show", cmd_show, "one scan process in detail", True),
         ("add", cmd_add, "publish a new scan process", True),
         ("edit", cmd_edit, "change a scan process", True),
-        ("rm", cmd_rm, "remove a scan process", True),
+        ("rm", cmd_rm, "remove a scan process (asks first; --yes for scripts)", True),
     ]
     for name, func, text, named in specs:
         a = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -387,4 +394,6 @@ def add_parser(sub: Any) -> None:
             a.add_argument("--xml", action="store_true", help="print the PSPString XML")
         if name == "list":
             a.add_argument("--wide", action="store_true", help="print every cell whole")
+        if name == "rm":
+            add_yes_option(a)
         a.set_defaults(func=func)
