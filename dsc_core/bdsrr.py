@@ -10,7 +10,7 @@ from typing import Any
 
 from lxml import etree
 
-from . import faults, names
+from . import faults, names, soap
 from .args import Item, request_element
 from .commands import Command
 from .dsp import job_elements, read_job_elements
@@ -18,6 +18,7 @@ from .lifecycle import JobInput, Refused
 from .model import Job
 from .operation import Operation, OpResult, Request, change, find_job
 from .xmlwrite import (
+    SPLICE_MARKER,
     SPLICE_ONLY,
     element_data,
     repository_configuration,
@@ -107,12 +108,31 @@ def _listing(
     request: Request, action: str, response_local: str, container: str, jobs: Iterable[Job]
 ) -> OpResult:
     """GetActiveJobs and GetJobHistory: the job summaries, serialized once per job version
-    (JobXmlCache), spliced into the container."""
+    (JobXmlCache), spliced into the container, as many as fit in ``Limits.max_reply_bytes``
+    (R15; [MS-BDSRR] 3.2.4.4/3.2.4.5 leave the number of jobs to the server).  ``jobs`` come
+    in the order they are kept: the history newest first, active jobs oldest first (README
+    ruling "Replies within 32,767 octets")."""
     response = etree.Element(f"{{{NS}}}{response_local}")
     splice_point(sub(response, NS, container))
+    nsmap = {"dsc": NS}
+    # The reply without any summary, with a MessageID as long as the one it will get.
+    empty = soap.reply_envelope(
+        request.envelope.addressing, action + "Response", _MESSAGE_ID_SIZED, response, nsmap
+    )
+    budget = request.config.limits.max_reply_bytes - (len(empty) - len(SPLICE_MARKER))
     cache = request.state.job_xml
-    summaries = tuple(cache.job_summary(NS, "dsc", job) for job in jobs)
-    return OpResult(action + "Response", response, {"dsc": NS}, splice=summaries)
+    summaries: list[bytes] = []
+    for job in jobs:
+        summary = cache.job_summary(NS, "dsc", job)
+        budget -= len(summary)
+        if budget < 0:
+            break
+        summaries.append(summary)
+    return OpResult(action + "Response", response, nsmap, splice=tuple(summaries))
+
+
+#: Stands for the reply's MessageID when measuring (``urn:uuid:`` and a GUID, R4).
+_MESSAGE_ID_SIZED = "urn:uuid:00000000-0000-0000-0000-000000000000"
 
 
 def read_get_job_history(request: Request) -> None:

@@ -76,6 +76,10 @@ class Limits:
     idle_timeout: float = 120.0
     #: Open connections (binding: 503 beyond it).
     max_connections: int = 1000
+    #: Replies and notifications, in bytes (R15: DPWS MAX_ENVELOPE_SIZE, R0003/R0026 and
+    #: [MS-DPWSSN] 1.3; WSDAPI closes the connection on a larger one).  GetJobHistory and
+    #: GetActiveJobs list the jobs that fit; raise it only for clients that opt in.
+    max_reply_bytes: int = 32_767
     #: Active subscriptions per hosted service (core: wse:EventSourceUnableToProcess).
     max_subscriptions: int = 1000
     #: Active jobs at once (core: ServerErrorTemporaryError on create beyond it).

@@ -116,8 +116,8 @@ class Subscriptions:
         if notify_to is None:
             raise faults.eventing(
                 "InvalidMessage",
+                # No Detail: an empty wse:NotifyTo would not be a valid one (the reason says).
                 "the Subscribe has no wse:Delivery/wse:NotifyTo",
-                faults.Detail((names.WSE, "NotifyTo")),
             )
         if owner is not None and service_hint is None and filter_el is None:
             service_hint = "dsp"  # no service named: the events this subscriber may have

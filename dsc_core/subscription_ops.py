@@ -23,8 +23,8 @@ def _read_payload(local: str) -> Callable[[Request], Element]:
         if payload is None or split(payload.tag) != (names.WSE, local):
             raise faults.eventing(
                 "InvalidMessage",
+                # No Detail: an empty wse:{local} would not be a valid one (the reason says).
                 f"the Body must hold one wse:{local}",
-                faults.Detail((names.WSE, local)),
             )
         return payload
 

@@ -28,7 +28,7 @@ def test_the_issue_example() -> None:
 
 
 def test_every_limit_is_a_count_seconds_or_a_share() -> None:
-    assert len(INT_LIMITS) == 16 and SECONDS_LIMITS == [
+    assert len(INT_LIMITS) == 17 and SECONDS_LIMITS == [
         "head_timeout",
         "body_timeout",
         "idle_timeout",
