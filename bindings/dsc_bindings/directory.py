@@ -10,7 +10,10 @@ What the server asks it (through the core's seam, :mod:`dsc_core.directory`):
   (``memberOf:1.2.840.113556.1.4.1941:=`` LDAP_MATCHING_RULE_IN_CHAIN; Samba supports it);
 - the display name of a ``msImaging-PSPIdentifier`` (16-byte GUID or GUID text, both read).
 
-Every answer (found or not) is cached for ``cache_seconds``.  Lookups block on the network, so
+Every answer (found or not) is cached for ``cache_seconds``, keyed by the name exactly as
+asked: the directory decides which spellings match (its own case rules), so the cache must not
+fold names itself (``casefold()`` made a CN written with U+212A KELVIN SIGN the cached answer of
+the administrator ``kate``, issue 14).  Lookups block on the network, so
 they run in worker threads only (the service calls :meth:`Directory.answer` from the thread that
 carries out a request, never from the event loop).  Every LDAP call has a connect and a receive
 timeout, so a directory that is down or hangs costs at most those seconds: the request then
@@ -382,7 +385,7 @@ class Directory:
             upn=_text(raw, "userPrincipalName"),
         )
         with self._cache_lock:  # the mail lookup of SendToScanUser finds it later
-            self._cache[("account", user.account.casefold())] = (
+            self._cache[("account", user.account)] = (
                 self._clock() + self.settings.cache_seconds,
                 user,
             )
@@ -404,7 +407,7 @@ class Directory:
         attribute = "userPrincipalName" if "@" in identity else "sAMAccountName"
         result: DirectoryUser | None = self._cached(
             "identity",
-            identity.casefold(),
+            identity,
             lambda: self._user(f"({attribute}={escape_filter_chars(identity)})"),
         )
         return result
@@ -414,7 +417,7 @@ class Directory:
         name = account.split("@", 1)[0]
         result: DirectoryUser | None = self._cached(
             "account",
-            account.casefold(),
+            account,
             lambda: self._user(f"(sAMAccountName={escape_filter_chars(name)})"),
         )
         return result
@@ -438,7 +441,7 @@ class Directory:
                 return None
             return str(entries[0]["dn"])
 
-        result: str | None = self._cached("group", group.casefold(), load)
+        result: str | None = self._cached("group", group, load)
         return result
 
     def is_admin(self, identity: str) -> bool:
@@ -456,7 +459,7 @@ class Directory:
             )
             return len(entries) == 1
 
-        result: bool = self._cached("admin", identity.casefold(), load)
+        result: bool = self._cached("admin", identity, load)
         return result
 
     def process_name(self, psp_identifier: str) -> str | None:

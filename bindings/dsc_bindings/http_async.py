@@ -17,8 +17,8 @@ Usage::
 
 TLS: pass an ``ssl.SSLContext`` (server side).  When it requires client certificates, the
 identity given to the service is taken from the verified peer certificate (R10; mapping in
-:func:`~dsc_bindings.http_common.identity_from_certificate`: subject commonName, else the first
-subjectAltName email, else DNS).
+:mod:`~dsc_bindings.certidentity`: the one subject commonName, else the first subjectAltName
+e-mail, else UPN; a certificate with none of them, or with two commonNames, gets 403).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from dsc_core import Limits
 
+from .certidentity import connection_identity
 from .http_common import (
     LINGER_BYTES,
     LINGER_SECONDS,
@@ -52,7 +53,6 @@ from .http_common import (
     Send,
     ServiceLike,
     admit,
-    identity_from_certificate,
 )
 from .writer import Ticket, Wait
 
@@ -231,6 +231,7 @@ class _Server:
     ) -> None:
         peer = _peer_name(stream)
         identity: str | None = None
+        unusable: str | None = None
         if self.ssl_context is not None:
             try:
                 with anyio.fail_after(self.limits.head_timeout):
@@ -243,9 +244,16 @@ class _Server:
             except (TimeoutError, *_STREAM_ERRORS) as exc:
                 log.info("%s: TLS handshake failed: %r", peer, exc)
                 return
-            identity = identity_from_certificate(stream.extra(TLSAttribute.peer_certificate, None))
+            identity, unusable = connection_identity(
+                stream.extra(TLSAttribute.peer_certificate_binary, None)
+            )
         protocol = HttpConnection(
-            self.service, self.limits, identity=identity, peer=peer, over_capacity=over
+            self.service,
+            self.limits,
+            identity=identity,
+            peer=peer,
+            over_capacity=over,
+            unusable_certificate=unusable,
         )
         connection.protocol = protocol
         if self.draining:

@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 
 from dsc_core import Limits
 
+from .certidentity import connection_identity
 from .http_common import (
     LINGER_BYTES,
     LINGER_SECONDS,
@@ -44,7 +45,6 @@ from .http_common import (
     Send,
     ServiceLike,
     admit,
-    identity_from_certificate,
 )
 from .service_thread import ServiceThread
 
@@ -303,6 +303,7 @@ class BlockingServer:
             except OSError:
                 pass  # not TCP (a test's socketpair) or already closed: nothing to tune
             identity: str | None = None
+            unusable: str | None = None
             if self.ssl_context is not None:
                 try:
                     sock.settimeout(self.limits.head_timeout)
@@ -314,13 +315,14 @@ class BlockingServer:
                 except (OSError, ssl.SSLError, ValueError) as exc:
                     log.info("%s: TLS handshake failed: %r", connection.peer, exc)
                     return
-                identity = identity_from_certificate(tls.getpeercert())
+                identity, unusable = connection_identity(tls.getpeercert(binary_form=True))
             protocol = HttpConnection(
                 self.service,
                 self.limits,
                 identity=identity,
                 peer=connection.peer,
                 over_capacity=connection.over,
+                unusable_certificate=unusable,
             )
             connection.protocol = protocol
             if self._stopping.is_set():

@@ -33,7 +33,8 @@ fed before the next read (the pieces of one read in one Call, together with ``fi
 body ends in it).  The service sees the same ``feed`` pieces in the same order as without
 coalescing; no more than ``max_envelope_bytes`` is ever held while waiting for the network.
 
-Identity (R10): see :func:`identity_from_certificate`.
+Identity (R10): see :mod:`.certidentity`; a connection whose certificate names no user gets
+403 for every request.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import h11
 
@@ -79,7 +80,6 @@ __all__ = [
     "admit",
     "check_request_head",
     "error_reply",
-    "identity_from_certificate",
 ]
 
 log = logging.getLogger("dsc.http")
@@ -408,35 +408,6 @@ def _header_value(value: str) -> bytes:
     return value.encode("latin-1")
 
 
-# --- identity (R10) -------------------------------------------------------------------------------
-
-
-def identity_from_certificate(certificate: Mapping[str, Any] | None) -> str | None:
-    """The R10 identity of a verified TLS client certificate (``ssl.SSLSocket.getpeercert()``
-    form), or None without one.
-
-    Mapping: the subject's commonName (the last one, the most specific, if there are several);
-    without a commonName, the first subjectAltName of type email (rfc822Name), else the first
-    of type DNS.  The identity is compared as is (case-sensitive) with ``scan_admins``.
-    """
-    if not certificate:
-        return None
-    common_names = [
-        value
-        for rdn in certificate.get("subject", ())
-        for key, value in rdn
-        if key == "commonName" and value
-    ]
-    if common_names:
-        return str(common_names[-1])
-    alt_names = list(certificate.get("subjectAltName", ()))
-    for wanted in ("email", "DNS"):
-        for kind, value in alt_names:
-            if kind == wanted and value:
-                return str(value)
-    return None
-
-
 # --- the connection driver ------------------------------------------------------------------------
 
 Phase = Literal["head", "idle", "body", "respond", "closed"]
@@ -453,11 +424,15 @@ class HttpConnection:
         identity: str | None = None,
         peer: str = "?",
         over_capacity: bool = False,
+        unusable_certificate: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._service = service
         self._limits = limits
         self._identity = identity
+        #: Why the verified client certificate names no user (.certidentity): every request
+        #: on this connection is then refused, never served as an anonymous one.
+        self._unusable_certificate = unusable_certificate
         self._peer = peer
         self._over_capacity = over_capacity
         self._clock = clock
@@ -793,6 +768,9 @@ class HttpConnection:
         foreign = cross_site_refusal(fetch_site, origin, self._own_origins)
         if foreign is not None:
             self._refuse(request, target, Rejection(403, foreign))
+            return
+        if self._unusable_certificate is not None:
+            self._refuse(request, target, Rejection(403, f"Refused: {self._unusable_certificate}."))
             return
         if request.method in (b"GET", b"HEAD") and self._answer_get is not None:
             # The status page, its JSON, /metrics and /healthz (.statuspage); HEAD gets the

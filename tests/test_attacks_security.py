@@ -1,0 +1,202 @@
+"""Attack tests of issue 14 §4 (security defects) against the real ``dsc serve`` over real
+sockets; each also shows that a legitimate client is still served."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from dsc_bindings.certidentity import UPN_OID
+from dsc_bindings.directory import Directory
+from dsc_core import client as dc
+from dsc_core import names
+from dsc_core.model import FileShareInstructions
+from e2e_support import ServerProcess, Soap, started_servers
+from samba_support import SambaDC
+from test_directory import settings as directory_settings
+
+BINDINGS = ["async", "blocking"]
+A = names.Action
+LOCAL_SHARE = "\\\\scan\\share"
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., ServerProcess]]:
+    with started_servers() as keep:
+        yield lambda data, **kwargs: keep(ServerProcess(data, **kwargs))
+
+
+# --- 1. identity of a client certificate (R10) --------------------------------------------------
+
+
+class CertificateAuthority:
+    """A trustme CA that also issues the odd client certificates trustme cannot make (two
+    commonNames, a UPN otherName, no name at all)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.ca = trustme.CA()
+        self.ca_pem = folder / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_pem))
+        server = self.ca.issue_cert("127.0.0.1")
+        self.server_cert, self.server_key = folder / "server.pem", folder / "server.key"
+        server.private_key_pem.write_to_path(str(self.server_key))
+        for i, blob in enumerate(server.cert_chain_pems):
+            blob.write_to_path(str(self.server_cert), append=i > 0)
+
+    def client(
+        self, label: str, common_names: tuple[str, ...], alt_names: list[x509.GeneralName]
+    ) -> ssl.SSLContext:
+        """A client context holding a certificate with exactly these names."""
+        ca_cert = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
+        ca_key = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), None)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "clients")]
+            + [x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in common_names]
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
+        )
+        if alt_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        path = self.folder / f"{label}.pem"
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            + cert.public_bytes(serialization.Encoding.PEM)
+        )
+        context = ssl.create_default_context(cafile=str(self.ca_pem))
+        context.load_cert_chain(str(path))
+        return context
+
+
+def upn(name: str) -> x509.OtherName:
+    encoded = name.encode("utf-8")
+    assert len(encoded) < 128
+    return x509.OtherName(UPN_OID, bytes([0x0C, len(encoded)]) + encoded)
+
+
+def get(url: str, context: ssl.SSLContext, path: str) -> tuple[int, bytes]:
+    host, port = url.split("/")[2].rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_certificates_without_one_clear_identity_are_refused(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    pki = CertificateAuthority(tmp_path / "pki")
+    config = tmp_path / "dsc.toml"
+    config.write_text('[users]\nscan_admins = ["kate"]\n', encoding="utf-8")
+    server = servers(
+        tmp_path / "data",
+        binding=binding,
+        config=config,
+        tls=(pki.server_cert, pki.server_key),
+        client_ca=pki.ca_pem,
+    )
+    kate_sid = "S-1-5-21-1-2-3-1105"
+    nameless = pki.client("nameless", (), [x509.DNSName("laptop.clients.example")])
+    two_cns = pki.client("two", ("mallory", "kate"), [])
+    kelvin = pki.client("kelvin", ("\u212aate",), [])  # U+212A KELVIN SIGN, casefolds to "k"
+    by_upn = pki.client("upn", (), [upn("erin@corp.example")])
+    by_mail = pki.client("mail", (), [x509.RFC822Name("frank@corp.example")])
+    kate = pki.client("kate", ("kate",), [])
+
+    # No usable identity, or two commonNames: refused outright, whatever SID the body claims.
+    for context in (nameless, two_cns):
+        client = Soap(server.url, context)
+        status, _ctype, body = client.post(
+            client.envelope(
+                A.DSP_CREATE,
+                dc.create_post_scan_job(
+                    user_identifier=kate_sid,
+                    psp_identifier="8A2E6B52-0C84-4D2E-9C35-6B4D1B4E2F10",
+                    instructions=[FileShareInstructions((LOCAL_SHARE,))],
+                    document_root_name="scan",
+                ),
+            )
+        )
+        assert status == 403, body
+        assert b"client certificate" in body, body
+        assert get(server.url, context, "/status.json")[0] == 403
+    log = server.log
+    assert "names no user" in log and "2 commonNames" in log, log[-3000:]
+
+    # A lookalike of the administrator's name is its own identity, not "kate".
+    with pytest.raises(dc.ClientFault) as fault:
+        Soap(server.url, kelvin).call(
+            A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest")
+        )
+    assert fault.value.subcode == "dsc:ClientErrorCurrentUserNotScanAdmin"
+
+    # A UPN or an e-mail address names the user when there is no commonName.
+    for context, user in ((by_upn, "erin@corp.example"), (by_mail, "frank@corp.example")):
+        client = Soap(server.url, context)
+        token = client.create([FileShareInstructions((LOCAL_SHARE,))], user=kate_sid)
+        client.send_image(token, 1, os.urandom(2000))
+        job = client.dsp_job(token)
+        assert job.user_name == user, job
+
+    # The administrator still manages the repository.
+    admin = Soap(server.url, kate)
+    jobs = admin.call(A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest"))
+    assert jobs.action == A.DSC_GET_ACTIVE_JOBS + "Response"
+    assert get(server.url, kate, "/status.json")[0] == 200
+
+
+def test_directory_cache_does_not_fold_names(samba_dc: SambaDC) -> None:
+    """The cache keys a name exactly as asked: the directory alone decides what matches."""
+    if "kate" not in samba_dc.tool("user", "list").split():
+        samba_dc.tool("user", "create", "kate", "K4te!Passw0rd")
+        samba_dc.tool("group", "addmembers", "scanadmins", "kate")
+    directory = Directory(directory_settings(samba_dc))
+    assert directory.is_admin("kate")
+    lookalike = "\u212aate"  # KELVIN SIGN: "\u212aate".casefold() == "kate"
+    asked: list[str] = []
+    search = directory.search
+
+    def recording(*args: Any, **kw: Any) -> list[dict[str, Any]]:
+        asked.append(str(args[1]))
+        return search(*args, **kw)
+
+    directory.search = recording  # type: ignore[method-assign]
+    answer = directory.is_admin(lookalike)
+    assert any(lookalike in f or "\\e2\\84\\aa" in f for f in asked), asked
+    # The same answer as a directory that never heard of kate.
+    assert answer == Directory(directory_settings(samba_dc)).is_admin(lookalike)
+    assert not answer
