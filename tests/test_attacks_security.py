@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import json
 import os
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap, started_servers
-from samba_support import SambaDC
+from samba_support import DOMAIN, SambaDC
 from test_directory import settings as directory_settings
 
 BINDINGS = ["async", "blocking"]
@@ -32,10 +34,23 @@ A = names.Action
 LOCAL_SHARE = "\\\\scan\\share"
 
 
+class IPv6ServerProcess(ServerProcess):
+    """``dsc serve --host ::1``: ready when ::1 answers."""
+
+    def _connectable(self) -> bool:
+        try:
+            socket.create_connection(("::1", self.port), timeout=1.0).close()
+            return True
+        except OSError:
+            return False
+
+
 @pytest.fixture
 def servers() -> Iterator[Callable[..., ServerProcess]]:
     with started_servers() as keep:
-        yield lambda data, **kwargs: keep(ServerProcess(data, **kwargs))
+        yield lambda data, ipv6=False, **kwargs: keep(
+            (IPv6ServerProcess if ipv6 else ServerProcess)(data, **kwargs)
+        )
 
 
 # --- 1. identity of a client certificate (R10) --------------------------------------------------
@@ -200,3 +215,60 @@ def test_directory_cache_does_not_fold_names(samba_dc: SambaDC) -> None:
     # The same answer as a directory that never heard of kate.
     assert answer == Directory(directory_settings(samba_dc)).is_admin(lookalike)
     assert not answer
+
+
+# --- 6. one rule in one place: the status page's administrators, the client's address ----------
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_status_page_admits_directory_admins_like_bdsrr(
+    servers: Callable[..., ServerProcess], samba_dc: SambaDC, tmp_path: Path, binding: str
+) -> None:
+    pki = CertificateAuthority(tmp_path / "pki")
+    config = tmp_path / "dsc.toml"
+    config.write_text(samba_dc.config(config), encoding="utf-8")
+    server = servers(
+        tmp_path / "data",
+        binding=binding,
+        config=config,
+        tls=(pki.server_cert, pki.server_key),
+        client_ca=pki.ca_pem,
+    )
+    # alice is a nested member of admin_group (scanadmins > itstaff > alice); bob is not.
+    alice = pki.client("alice", (f"alice@{DOMAIN}",), [])
+    bob = pki.client("bob", (f"bob@{DOMAIN}",), [])
+    Soap(server.url, alice).call(A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest"))
+    for path in ("/", "/status.json"):
+        status, body = get(server.url, alice, path)
+        assert status == 200, (path, body[:300], server.log[-2000:])
+        assert get(server.url, bob, path)[0] == 403
+    with pytest.raises(dc.ClientFault):
+        Soap(server.url, bob).call(A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest"))
+    assert get(server.url, bob, "/metrics")[0] == 200  # not for administrators only
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_an_ipv6_client_is_one_device_and_one_quota(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6 (the test needs ::1)")
+    config = tmp_path / "dsc.toml"
+    config.write_text("[limits]\nmax_creating_jobs_per_user = 2\n", encoding="utf-8")
+    server = servers(
+        tmp_path / "data", binding=binding, config=config, extra=["--host", "::1"], ipv6=True
+    )
+    url = f"http://[::1]:{server.port}/ScanServer"
+    client = Soap(url)
+    client.host = "::1"
+    first, second = (client.create([FileShareInstructions((LOCAL_SHARE,))]) for _ in range(2))
+    with pytest.raises(dc.ClientFault) as refused:  # each create is a new connection (port)
+        client.create([FileShareInstructions((LOCAL_SHARE,))])
+    assert refused.value.subcode == "dsp:ServerErrorTemporaryError"
+    conn = http.client.HTTPConnection("::1", server.port, timeout=30)
+    conn.request("GET", "/status.json")
+    snapshot = json.loads(conn.getresponse().read())
+    conn.close()
+    devices = snapshot["devices"]
+    assert [(d["address"], d["jobs"]) for d in devices] == [("::1", 2)], devices
+    assert {first, second} <= {j["token"] for j in snapshot["active"]}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .store import DB_NAME
 
-__all__ = ["Device", "DeviceBook", "address_of"]
+__all__ = ["Device", "DeviceBook"]
 
 log = logging.getLogger("dsc.devices")
 
@@ -62,16 +62,6 @@ class Device:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def address_of(peer: str) -> str:
-    """The IP address of a binding's peer name (``1.2.3.4:5678``, ``[::1]:5678`` or ``?``)."""
-    if peer.startswith("["):
-        return peer[1:].split("]", 1)[0]
-    host, sep, port = peer.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host
-    return peer
 
 
 class DeviceBook:

@@ -54,6 +54,7 @@ from .http_common import (
     ServiceLike,
     admit,
 )
+from .peer import UNKNOWN_PEER, Peer
 from .writer import Ticket, Wait
 
 __all__ = ["DEFAULT_GRACE", "serve"]
@@ -200,7 +201,8 @@ class _Server:
         # Shielded: cancelling serve() must not cut a request in the middle; drain() decides
         # when this connection ends (at once if idle, after its answer, or after the grace).
         with anyio.CancelScope(shield=True) as scope:
-            host = _peer_host(stream)
+            peer = _peer(stream)
+            host = peer.host
             admitted, victim = admit(host, self.connections, self.limits)
             if victim is not None:
                 assert isinstance(victim, _Connection)
@@ -216,7 +218,7 @@ class _Server:
             else:
                 self.connections.add(connection)
             try:
-                await self._serve_connection(connection, stream, over)
+                await self._serve_connection(connection, stream, over, peer)
             except Exception:  # a bug: log it, close this connection, keep serving the others
                 log.exception("connection handler failed")
             finally:
@@ -227,9 +229,8 @@ class _Server:
                 await anyio.aclose_forcefully(stream)
 
     async def _serve_connection(
-        self, connection: _Connection, stream: anyio.abc.ByteStream, over: bool
+        self, connection: _Connection, stream: anyio.abc.ByteStream, over: bool, peer: Peer
     ) -> None:
-        peer = _peer_name(stream)
         identity: str | None = None
         unusable: str | None = None
         if self.ssl_context is not None:
@@ -500,22 +501,11 @@ async def _accept_loop(
             task_group.start_soon(serve_socket, sock)
 
 
-def _peer_host(stream: anyio.abc.ByteStream) -> str:
+def _peer(stream: anyio.abc.ByteStream) -> Peer:
     try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+        return Peer.of(stream.extra(anyio.abc.SocketAttribute.remote_address))
     except Exception:
-        return "?"
-    return str(address[0]) if isinstance(address, tuple) else str(address)
-
-
-def _peer_name(stream: anyio.abc.ByteStream) -> str:
-    try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
-    except Exception:
-        return "?"
-    if isinstance(address, tuple):
-        return f"{address[0]}:{address[1]}"
-    return str(address)
+        return UNKNOWN_PEER
 
 
 async def serve(

@@ -46,6 +46,7 @@ from .http_common import (
     ServiceLike,
     admit,
 )
+from .peer import Peer
 from .service_thread import ServiceThread
 
 __all__ = ["DEFAULT_GRACE", "BlockingServer"]
@@ -60,7 +61,7 @@ _ACCEPT_POLL = 0.2
 @dataclass(eq=False)
 class _Connection:
     sock: socket.socket
-    peer: str
+    peer: Peer
     over: bool
     host: str = "?"
     protocol: HttpConnection | None = None
@@ -240,8 +241,8 @@ class BlockingServer:
     # --- connections -------------------------------------------------------------------------
 
     def _dispatch(self, sock: socket.socket, address: object) -> None:
-        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        peer = Peer.of(address)
+        host = peer.host
         with self._lock:
             admitted, victim = admit(host, self._connections, self.limits)
             if victim is not None:

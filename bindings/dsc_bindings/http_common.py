@@ -56,6 +56,7 @@ from dsc_core.config import max_request_bytes
 from dsc_core.content_type import soap_media_type_refusal
 
 from .cross_site import cross_site_refusal
+from .peer import UNKNOWN_PEER, Peer
 from .writer import Ticket, Wait
 
 __all__ = [
@@ -120,7 +121,7 @@ class RequestLike(Protocol):
 
 class ServiceLike(Protocol):
     def open_request(
-        self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
+        self, content_type: str | None, identity: str | None, path: str, peer: Peer | None = None
     ) -> RequestLike: ...
 
 
@@ -422,7 +423,7 @@ class HttpConnection:
         limits: Limits,
         *,
         identity: str | None = None,
-        peer: str = "?",
+        peer: Peer = UNKNOWN_PEER,
         over_capacity: bool = False,
         unusable_certificate: str | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -476,7 +477,7 @@ class HttpConnection:
         self.idle_since = clock()
         # Optional parts of a service (a test double may have neither): the read-only web
         # endpoints (.statuspage) and the observer that counts connections and refusals.
-        self._answer_get: Callable[[str, str | None], Reply | None] | None = getattr(
+        self._answer_get: Callable[[str, str | None], Reply | RequestLike | None] | None = getattr(
             service, "answer_get", None
         )
         self._observer: ObserverLike | None = getattr(service, "observer", None)
@@ -489,6 +490,8 @@ class HttpConnection:
         )
         #: The current request is a HEAD: its answer has the head of the GET answer, no body.
         self._head_only = False
+        #: The current request is a GET of a web endpoint answered by a Call (.service.StatusRequest).
+        self._web_answer = False
         self._counted = self._observer is not None
         if self._observer is not None:
             self._observer.connection_opened()
@@ -576,7 +579,8 @@ class HttpConnection:
         if work.finish:
             assert isinstance(result, Reply)
             self._request = None
-            self._respond(result)
+            web, self._web_answer = self._web_answer, False
+            self._respond(result, extra=self._web_headers if web else ())
 
     def call_failed(self, exc: BaseException) -> None:
         """A service call raised (a bug: the service answers faults, never raises)."""
@@ -777,8 +781,15 @@ class HttpConnection:
             # head of the same answer (RFC 9110 9.3.2).  Any other GET is refused below like
             # every other method but POST.
             reply = self._answer_get(target, self._identity)
-            if reply is not None:
+            if isinstance(reply, Reply):
                 self._respond(reply, close=request_has_body(request), extra=self._web_headers)
+                return
+            if reply is not None:
+                # The answer needs the directory (.service.StatusRequest): it is carried out
+                # like a SOAP request, by the Call at the end of the (empty) body.
+                get_request = reply
+                self._opener = lambda: get_request
+                self._web_answer = True
                 return
         rejection = _check_head(request.method, content_length, self._limits)
         ctype = content_type.decode("latin-1") if content_type is not None else None

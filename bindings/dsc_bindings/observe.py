@@ -41,7 +41,7 @@ from dsc_core.model import (
     SharePointInstructions,
 )
 
-from .devices import DeviceBook, address_of
+from .devices import DeviceBook
 from .metrics import Metrics
 
 __all__ = ["JsonFormatter", "Observer", "destinations_of", "filter_name"]
@@ -142,12 +142,14 @@ class Observer:
     # --- requests (the core's owner) -----------------------------------------------------------
 
     def request_commands(
-        self, commands: Sequence[Command], peer: str | None, identity: str | None
+        self, commands: Sequence[Command], address: str | None, identity: str | None
     ) -> None:
+        """``address``: the client's, as the core saw it (``RequestInfo.client_address``,
+        from the binding's :class:`~dsc_bindings.peer.Peer`): one device, one address."""
         for command in commands:
             if isinstance(command, CreateJob):
                 with self._lock:
-                    self._creators[command.job.token] = (address_of(peer or "?"), identity or "")
+                    self._creators[command.job.token] = (address or "?", identity or "")
 
     def request_ended(self, operation: str, fault: str | None) -> None:
         key = (operation or "unknown", "fault" if fault else "ok")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import os
 import ssl
@@ -61,6 +60,7 @@ from dsc_core import (
     Exchange,
     Job,
     JobState,
+    Lookups,
     Outcome,
     ProcessingEvent,
     Reply,
@@ -70,6 +70,8 @@ from dsc_core import (
     StartProcessing,
     StopProcessing,
 )
+from dsc_core.faults import SoapFault
+from dsc_core.users import is_scan_admin
 
 from .cross_site import origin_of
 from .delivery import DeliveryHub, DeliveryLimits
@@ -77,6 +79,7 @@ from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
 from .identity import record_start
 from .observe import Observer
+from .peer import Peer
 from .store import JobStore, StoreError
 from .writer import CommandWriter, Routes, Ticket, Wait, settle
 
@@ -105,15 +108,6 @@ TICK_MAX_SECONDS = 1.0
 TICK_MIN_SECONDS = 0.05
 #: An engine thread waits at most this long for its report's commands (the job store is stuck).
 ENGINE_REPORT_WAIT_SECONDS = 60.0
-
-
-@functools.lru_cache(maxsize=4096)  # one peer name per connection, asked once per request
-def _host_of(peer: str | None) -> str | None:
-    """``host:port`` (the bindings' peer names) -> host; None when unknown."""
-    if not peer or peer == "?":
-        return None
-    host = peer.rsplit(":", 1)[0] if ":" in peer else peer
-    return host.strip("[]") or None
 
 
 #: The local zone as a fixed offset, and until when (time.monotonic()) it is trusted: finding
@@ -177,6 +171,35 @@ def _answers(ticket: Ticket) -> DirectoryAnswers:
     return ticket.value
 
 
+class StatusRequest:
+    """A GET of an administrators' page whose check needs the directory (R14): the lookup runs
+    on the writer's pool, then the answer is made in the core's context.  Has no body."""
+
+    def __init__(self, service: ScanService, target: str, identity: str) -> None:
+        self._service = service
+        self._target = target
+        self._identity = identity
+
+    def feed(self, data: bytes) -> Wait | None:
+        return None
+
+    def finish(self) -> Reply | Wait:
+        directory = self._service.directory
+        assert directory is not None
+        asked = self._service._writer.offload(
+            lambda: directory.answer(Lookups(admin=self._identity))
+        )
+        return Wait(asked, lambda: self._reply(_answers(asked)))
+
+    def _reply(self, answers: DirectoryAnswers) -> Reply:
+        reply = self._service.status_reply(self._target, self._identity, answers)
+        assert reply is not None  # an administrators' path is always ours
+        return reply
+
+    def abort(self) -> Wait | None:
+        return None
+
+
 class ServiceRequest:
     """One HTTP request on its way through the core: ``feed`` the body, then ``finish``.
 
@@ -185,7 +208,7 @@ class ServiceRequest:
     once; where commands are being carried out it returns a :class:`Wait` (see ``settle``).
     """
 
-    def __init__(self, service: ScanService, exchange: Exchange, peer: str | None = None) -> None:
+    def __init__(self, service: ScanService, exchange: Exchange, peer: Peer | None = None) -> None:
         self._service = service
         self._exchange = exchange
         #: The client's address (``host:port``) for the log and the device records.
@@ -311,7 +334,9 @@ class ServiceRequest:
                 outcome.fault,
             )
         observer = self._service.observer
-        observer.request_commands(outcome.commands, self._peer, exchange.info.identity)
+        observer.request_commands(
+            outcome.commands, exchange.info.client_address, exchange.info.identity
+        )
         observer.request_ended(exchange.operation, outcome.fault)
         return outcome
 
@@ -606,7 +631,7 @@ class ScanService:
         content_type: str | None,
         identity: str | None,
         path: str,
-        peer: str | None = None,
+        peer: Peer | None = None,
     ) -> ServiceRequest:
         """Begin one HTTP request.  ``identity`` is the authenticated TLS client identity
         (R10), None without one; ``path`` is informational (R1); ``peer`` is the client's
@@ -616,7 +641,7 @@ class ScanService:
             content_type=content_type,
             identity=identity,
             path=path,
-            client_address=_host_of(peer),
+            client_address=peer.host if peer is not None and peer.known else None,
         )
         # Opening reads only the configuration (ScanServer.open_exchange): no owner needed.
         return ServiceRequest(self, self.server.open_exchange(info), peer)
@@ -634,14 +659,29 @@ class ScanService:
         own = origin_of(self.config.base_url)
         return frozenset({own}) if own is not None else frozenset()
 
-    def answer_get(self, target: str, identity: str | None) -> Reply | None:
+    def answer_get(self, target: str, identity: str | None) -> Reply | StatusRequest | None:
         """A GET of the status page, its JSON, ``/metrics`` or ``/healthz``
         (:mod:`.statuspage`), or None for any other path (the binding answers 405).  Called
-        in the core's owner context; reads memory only."""
-        from .statuspage import PATHS, View, answer, package_version
+        in the core's owner context; reads memory only.  Where the administrator check needs
+        the directory (R14: a member of ``admin_group``), a :class:`StatusRequest` that asks
+        it off the loop, like a SOAP request's lookups."""
+        from .statuspage import ADMIN_PATHS, PATHS
 
-        if target.split("?", 1)[0] not in PATHS:
+        path = target.split("?", 1)[0]
+        if path not in PATHS:
             return None
+        if path in ADMIN_PATHS and self.directory is not None:
+            info = RequestInfo(now=self.clock(), identity=identity)
+            if not is_scan_admin(self.config, info) and identity:
+                return StatusRequest(self, target, identity)
+        return self.status_reply(target, identity, None)
+
+    def status_reply(
+        self, target: str, identity: str | None, answers: DirectoryAnswers | None
+    ) -> Reply | None:
+        """The GET's answer; the administrator check is the core's (``is_scan_admin``), with
+        the directory's ``answers`` when it was asked."""
+        from .statuspage import View, answer, package_version
 
         def view() -> View:
             subscriptions = tuple(
@@ -653,11 +693,15 @@ class ScanService:
                 }
                 for sub in self.server.subscriptions.by_id.values()
             )
+            info = RequestInfo(now=self.clock(), identity=identity, directory=answers)
+            try:
+                admin = is_scan_admin(self.config, info)
+            except SoapFault:  # the directory could not be asked: not shown (logged there)
+                admin = False
             return View(
                 repository_state=self.server.repository_state.value,
                 subscriptions=subscriptions,
-                require_client_certificates=self.config.require_client_certificates,
-                scan_admins=frozenset(self.config.scan_admins),
+                admin=admin,
                 data_dir=self.data_dir,
                 store_open=self._store is not None and not self._closed,
                 version=package_version(),

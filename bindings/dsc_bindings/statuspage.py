@@ -49,6 +49,8 @@ JSON_TYPE = "application/json; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
 TEXT_TYPE = "text/plain; charset=utf-8"
 PATHS = frozenset({"/", "/status.json", "/metrics", "/healthz"})
+#: The paths for scan administrators only (R10: they show users, devices and destinations).
+ADMIN_PATHS = frozenset({"/", "/status.json"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +59,9 @@ class View:
 
     repository_state: str
     subscriptions: tuple[dict[str, Any], ...]
-    require_client_certificates: bool
-    scan_admins: frozenset[str]
+    #: Whether the client may see the page: the core's rule (``dsc_core.users.is_scan_admin``,
+    #: R10/R14), decided by the service, with the directory's answer when there is one.
+    admin: bool
     data_dir: Path
     store_open: bool
     version: str
@@ -141,7 +144,7 @@ def answer(
         return _text(200 if ok else 503, why)
     if path == "/metrics":
         return _reply(200, METRICS_CONTENT_TYPE, observer.metrics.render())
-    if view.require_client_certificates and (identity is None or identity not in view.scan_admins):
+    if not view.admin:
         return _text(403, "The status page is for scan administrators only (R10).")
     if path == "/":
         return _reply(200, HTML_TYPE, PAGE.encode())
