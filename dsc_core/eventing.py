@@ -81,7 +81,7 @@ class Subscriptions:
         """``owner``: the identity of a subscriber who is not a scan administrator (R13): it
         may subscribe to WS-DSP events only, and receives those of its own jobs only."""
         if owner is not None and service_hint == "dsc":
-            raise faults.not_scan_admin()  # R13, R4 step 5: MS-BDSRR events need an admin
+            raise faults.not_scan_admin(owner)  # R13, R4 step 5: MS-BDSRR events need an admin
         if len(self.by_id) >= self.config.limits.max_subscriptions:
             raise faults.eventing(
                 "EventSourceUnableToProcess",
@@ -124,7 +124,7 @@ class Subscriptions:
         expires = self._grant(expires_el, now)
         actions = self._filter(filter_el, service_hint)
         if owner is not None and not actions <= DSP_EVENTS:
-            raise faults.not_scan_admin()
+            raise faults.not_scan_admin(owner)
         identifier = f"urn:uuid:{self.new_id()}"
         sub = Subscription(
             identifier,
@@ -179,7 +179,7 @@ class Subscriptions:
         sub = self.by_id.get(ident or "")
         if sub is not None and owner is not None and sub.owner != owner:
             if not sub.actions <= DSP_EVENTS:
-                raise faults.not_scan_admin()
+                raise faults.not_scan_admin(owner)
             sub = None
         if sub is None or sub.expires <= now:
             raise faults.eventing(

@@ -223,11 +223,14 @@ def operation_failed(ns: str, cause: str) -> SoapFault:
     return protocol(ns, "OperationFailed", cause=cause)
 
 
-def not_scan_admin() -> SoapFault:
+def not_scan_admin(identity: str | None) -> SoapFault:
+    """``identity``: the R10 identity the server saw (of the client certificate), named so that
+    a refused administrator sees which name to add, and where (issue 14 §3)."""
+    seen = f"the client's identity {identity!r}" if identity else "a client with no identity"
     return protocol(
         names.DSC,
         "ClientErrorCurrentUserNotScanAdmin",
-        cause="the client's identity is not in [users] scan_admins nor in [directory] admin_group.",
+        cause=f"{seen} is not in [users] scan_admins nor in [directory] admin_group.",
     )
 
 

@@ -54,4 +54,4 @@ def is_scan_admin(config: ServerConfig, info: RequestInfo) -> bool:
 def require_scan_admin(config: ServerConfig, info: RequestInfo) -> None:
     """R4 step 5: MS-BDSRR needs a scan administrator when client certificates are required."""
     if not is_scan_admin(config, info):
-        raise faults.not_scan_admin()
+        raise faults.not_scan_admin(info.identity)

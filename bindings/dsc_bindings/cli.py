@@ -596,12 +596,32 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     client = Client(args)
     token = _resolve_token(client, args.token)
-    client.call(A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", token))
+    try:
+        client.call(A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", token))
+    except dc.ClientFault as fault:
+        # bdsrr 3.2.4.2.1: only an active job can be canceled; the server answers "not found"
+        # for a job in the history too.  Say which it is.
+        ended = _ended_job(client, token, fault)
+        if ended is None:
+            raise
+        reasons = ", ".join(r for r in ended.reasons if r != "None")
+        raise CliError(
+            f"job {token} has already ended ({ended.state}{f': {reasons}' if reasons else ''}); "
+            "only an active job can be canceled"
+        ) from None
     if args.json:
         print(json.dumps({"token": token, "canceled": True}))
     else:
         print(f"job {token} canceled")
     return EXIT_OK
+
+
+def _ended_job(client: Client, token: str, fault: dc.ClientFault) -> dc.JobView | None:
+    """The job in the history, when ``fault`` is the server's "not found" for it."""
+    if not (fault.subcode or "").endswith("ClientErrorJobTokenNotFound"):
+        return None
+    history = _summaries(client, A.DSC_GET_JOB_HISTORY, "GetJobHistoryRequest", "JobHistory")
+    return next((j for j in history if j.token.lower() == token.lower()), None)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import select
+import socket
 import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -129,11 +130,24 @@ def _request(
         data = response.read()
         return HttpReply(response.status, response.getheader("Content-Type", ""), data)
     except ssl.SSLError as exc:
+        if not isinstance(exc, ssl.SSLCertVerificationError) and _speaks_plain_http(
+            parts.hostname, port, timeout
+        ):
+            raise ConnectionFailed(
+                f"the server at {parts.netloc} answers plain HTTP, not HTTPS: use "
+                f"--server {url.replace('https:', 'http:', 1)}"
+            ) from exc
         raise ConnectionFailed(
             f"TLS with {parts.netloc} failed: {exc.reason or exc}; check "
             "--ca (the server's CA) and --cert/--key (your certificate)"
         ) from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
+        if parts.scheme != "https" and _speaks_tls(parts.hostname, port, timeout):
+            raise ConnectionFailed(
+                f"the server at {parts.netloc} speaks HTTPS, not plain HTTP: use "
+                f"--server {url.replace('http:', 'https:', 1)} (with --ca, its CA, and "
+                "--cert/--key if it asks for a client certificate)"
+            ) from exc
         if parts.scheme != "https":
             raise ConnectionFailed(
                 f"cannot reach the scan server at {parts.scheme}://"
@@ -165,3 +179,33 @@ def _early_reply(conn: http.client.HTTPConnection) -> HttpReply | None:
     except (OSError, http.client.HTTPException):
         return None
     return HttpReply(response.status, response.getheader("Content-Type", ""), data, early=True)
+
+
+# A wrong scheme looks like a broken server from the inside (TLS "wrong version number", or a
+# connection closed without an answer): these probes tell the user which scheme the port speaks.
+
+
+def _speaks_plain_http(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a plain HTTP request with an HTTP status line."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (whoever its certificate names: the
+    probe only asks which protocol the port speaks, it sends nothing over the connection)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=min(timeout, 5.0)) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
