@@ -241,10 +241,12 @@ def running(
     *,
     ssl_context: ssl.SSLContext | None = None,
     backend: str = "trio",
+    filters: FilterSettings | None = None,
 ) -> Iterator[Running]:
     config = config or ServerConfig(user_directory={SID: USER})
     data_dir = tmp_path / "data"
-    service = ScanService(config, data_dir, FilterSettings.embedded_default(data_dir))
+    filters = filters or FilterSettings.embedded_default(data_dir)
+    service = ScanService(config, data_dir, filters)
     service.start()
     with ExitStack() as stack:
         stack.callback(service.shutdown, 5.0)

@@ -488,6 +488,8 @@ class HttpConnection:
         self._own_origins: Callable[[], frozenset[str]] = getattr(
             service, "own_origins", _no_origins
         )
+        #: False on the monitoring listener (.monitor): no SOAP, every other request 404.
+        self._serves_soap: bool = getattr(service, "serves_soap", True)
         #: The current request is a HEAD: its answer has the head of the GET answer, no body.
         self._head_only = False
         #: The current request is a GET of a web endpoint answered by a Call (.service.StatusRequest).
@@ -791,6 +793,9 @@ class HttpConnection:
                 self._opener = lambda: get_request
                 self._web_answer = True
                 return
+        if not self._serves_soap:
+            self._refuse(request, target, Rejection(404, "This listener serves no SOAP."))
+            return
         rejection = _check_head(request.method, content_length, self._limits)
         ctype = content_type.decode("latin-1") if content_type is not None else None
         if rejection is None:

@@ -51,6 +51,23 @@ def _log_start(settings: Settings, port: int, service: ScanService) -> None:
         log.info("security: HTTPS with server certificate %s", listen.cert)
 
 
+def _addresses(settings: Settings) -> str:
+    listen = settings.listen
+    where = f"{listen.host}:{listen.port}"
+    if listen.monitor is not None:
+        where += f", monitor_listen {listen.monitor[0]}:{listen.monitor[1]}"
+    return where
+
+
+def _log_monitor(settings: Settings, port: int) -> None:
+    assert settings.listen.monitor is not None
+    log.info(
+        "monitoring: http://%s:%d/healthz and /metrics, no client certificate (monitor_listen)",
+        settings.listen.monitor[0],
+        port,
+    )
+
+
 def _bound(settings: Settings, service: ScanService, port: int) -> None:
     """With --port 0 the advertised address (metadata, ProbeMatches) needs the real port."""
     if settings.listen.port == 0 and settings.server.base_url.endswith(":0"):
@@ -197,12 +214,20 @@ def _run_blocking(
         grace=GRACE_SECONDS,
         cpu=settings.listen.blocking_cpu,
     )
+    monitor: BlockingServer | None = None
     try:
         port = server.start()
+        if settings.listen.monitor is not None:
+            from .monitor import MonitorService
+
+            host, monitor_port = settings.listen.monitor
+            monitor = BlockingServer(
+                MonitorService(service), host, monitor_port, None, settings.server.limits
+            )
+            _log_monitor(settings, monitor.start())
     except OSError as exc:
-        log.error(
-            "cannot listen on %s:%d: %s", settings.listen.host, settings.listen.port, exc.strerror
-        )
+        log.error("cannot listen: %s (%s)", exc.strerror, _addresses(settings))
+        server.shutdown()
         return 1
     _bound(settings, service, port)
     _log_start(settings, port, service)
@@ -227,6 +252,8 @@ def _run_blocking(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if monitor is not None:
+            monitor.shutdown()
         server.shutdown()
     return 0
 
@@ -255,13 +282,24 @@ def _run_async(
                         task_status=task_status,
                     )
                 )
+                if settings.listen.monitor is not None:
+                    from .monitor import MonitorService
+
+                    host, monitor_port = settings.listen.monitor
+                    bound = await nursery.start(
+                        lambda task_status=trio.TASK_STATUS_IGNORED: serve(
+                            MonitorService(service),
+                            host=host,
+                            port=monitor_port,
+                            limits=settings.server.limits,
+                            grace=1.0,
+                            task_status=task_status,
+                        )
+                    )
+                    _log_monitor(settings, bound)
             except OSError as exc:
-                log.error(
-                    "cannot listen on %s:%d: %s",
-                    settings.listen.host,
-                    settings.listen.port,
-                    exc.strerror,
-                )
+                log.error("cannot listen: %s (%s)", exc.strerror, _addresses(settings))
+                nursery.cancel_scope.cancel()
                 return 1
             _bound(settings, service, port)
             _log_start(settings, port, service)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import ssl
@@ -77,6 +78,7 @@ from .cross_site import origin_of
 from .delivery import DeliveryHub, DeliveryLimits
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
+from .health import Health, HealthMonitor, Probe, log_health, smtp_accepts, writable_directory
 from .identity import record_start
 from .observe import Observer
 from .peer import Peer
@@ -421,6 +423,8 @@ class ScanService:
         self._instance_id = config.discovery_instance_id
         #: Job log, metrics, device records and the status page's live state (.observe).
         self.observer = Observer(self.data_dir)
+        #: What a scan needs, checked off the loop (.health): /healthz and the start log.
+        self.health = HealthMonitor(self._health_probes)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -497,6 +501,12 @@ class ScanService:
             log.warning(
                 "client certificates are not required: every client is a scan administrator (R10)"
             )
+        for _, root in self.filter_settings.share_roots:
+            if root.resolve().is_relative_to(self.data_dir.resolve()):
+                # A root inside the data directory (the embedded default) is the server's own
+                # to create; one elsewhere is the administrator's (/healthz says if missing).
+                root.mkdir(parents=True, exist_ok=True)
+        log_health(self.health.check_now())
         thread = threading.Thread(target=self._tick_loop, name="dsc-ticker", daemon=True)
         self._threads.append(thread)
         thread.start()
@@ -646,6 +656,47 @@ class ScanService:
         # Opening reads only the configuration (ScanServer.open_exchange): no owner needed.
         return ServiceRequest(self, self.server.open_exchange(info), peer)
 
+    def _health_probes(self) -> list[Probe]:
+        """The checks of .health, for the current configuration."""
+        store = self._store
+        probes = [
+            Probe(
+                "store",
+                lambda: store.quick_check() if store is not None else "the job store is not open",
+            ),
+            Probe("data", lambda: writable_directory(self.data_dir / "spool")),
+        ]
+        for prefix, root in self.filter_settings.share_roots:
+            probes.append(Probe(f"share {prefix}", functools.partial(writable_directory, root)))
+        directory = self.directory
+        if directory is not None:
+
+            def bind() -> str | None:
+                assert directory is not None
+                try:
+                    directory.connect().unbind()
+                except Exception as exc:  # DirectoryError, ldap3's own: named in the answer
+                    return str(exc)
+                return None
+
+            probes.append(Probe("directory", bind, essential=False))
+        mail = self.filter_settings
+        if mail.smtp_configured:
+            probes.append(
+                Probe(
+                    "smtp",
+                    functools.partial(
+                        smtp_accepts, mail.smtp_host, mail.smtp_port, min(5.0, mail.smtp_timeout)
+                    ),
+                    essential=False,
+                )
+            )
+        return probes
+
+    def current_health(self) -> Health | None:
+        """The last result of the checks (never blocks; a refresh starts when it is old)."""
+        return self.health.current()
+
     @property
     def web_headers(self) -> tuple[tuple[str, str], ...]:
         """Headers of every answer of the web endpoints (:data:`.statuspage.SECURITY_HEADERS`)."""
@@ -704,6 +755,7 @@ class ScanService:
                 admin=admin,
                 data_dir=self.data_dir,
                 store_open=self._store is not None and not self._closed,
+                health=self.health.current(),
                 version=package_version(),
             )
 

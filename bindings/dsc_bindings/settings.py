@@ -108,6 +108,9 @@ class ListenOptions:
     cert: Path | None = None
     key: Path | None = None
     client_ca: Path | None = None
+    #: ``[server] monitor_listen = "HOST:PORT"``: a second, plain-HTTP listener serving only
+    #: /healthz and /metrics, without client certificates (issue 14); None: none (default).
+    monitor: tuple[str, int] | None = None
 
     @property
     def tls(self) -> bool:
@@ -315,6 +318,17 @@ def _blocking_cpu(srv: _Table) -> int | Literal["auto"] | None:
     raise srv.error("blocking_cpu", '"auto", "any" or a CPU number (0, 1, ...)', value)
 
 
+def _monitor_listen(srv: _Table) -> tuple[str, int] | None:
+    value = srv.optional_text("monitor_listen")
+    if value is None:
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= _PORT_MAX:
+        raise srv.error("monitor_listen", 'HOST:PORT, e.g. "127.0.0.1:9362"', value)
+    return host, int(port)
+
+
 def load_settings(
     path: Path | None = None,
     *,
@@ -350,6 +364,7 @@ def load_settings(
             "data",
             "binding",
             "blocking_cpu",
+            "monitor_listen",
             "public_url",
             "friendly_name",
             "device_uuid",
@@ -407,6 +422,7 @@ def load_settings(
         cert=cert or resolve(tls.optional_text("cert")),
         key=key or resolve(tls.optional_text("key")),
         client_ca=client_ca or resolve(tls.optional_text("client_ca")),
+        monitor=_monitor_listen(srv),
     )
     if listen.binding not in ("async", "blocking"):
         raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
@@ -497,6 +513,7 @@ def load_settings(
         "sharepoint_ssl_context": sharepoint_context,
         "sharepoint_sites": _site_prefixes(sharepoint.get("sites", [])),
         "mail_domains": _mail_domains(smtp.get("allowed_domains")),
+        "smtp_configured": bool(smtp),
     }
     for table in (smtp, sharepoint):
         if "password" in table and not isinstance(table.get("password"), str):

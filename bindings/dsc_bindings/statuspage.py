@@ -9,8 +9,8 @@
                    subscriptions, counters (``?job=TOKEN``: one
                    job, with where each filter delivered)
 ``GET /metrics``   Prometheus text format (prometheus_client)       every client that passed TLS
-``GET /healthz``   200 while the store is writable and the          every client that passed TLS
-                   repository is not Stopped, else 503
+``GET /healthz``   ``ok``; or ``degraded`` (200) / ``down`` (503)   every client that passed TLS
+                   and each failing check (.health)
 =================  ===============================================  ============================
 
 R10: with client certificates required, the page and its JSON show user names, devices and
@@ -30,7 +30,6 @@ import base64
 import functools
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from dsc_core import Reply
 
+from .health import Health
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .observe import Observer
 
@@ -65,6 +65,8 @@ class View:
     data_dir: Path
     store_open: bool
     version: str
+    #: The last result of the .health checks (None before the first).
+    health: Health | None = None
 
 
 def _reply(status: int, content_type: str, body: bytes) -> Reply:
@@ -75,14 +77,16 @@ def _text(status: int, message: str) -> Reply:
     return _reply(status, TEXT_TYPE, f"{message}\n".encode())
 
 
-def healthy(view: View, observer: Observer) -> tuple[bool, str]:
+def healthy(view: View) -> tuple[int, str]:
+    """The /healthz answer: what the loop knows at once (repository, store), then the last
+    result of the .health checks (run off the loop)."""
     if view.repository_state == "Stopped":
-        return False, "repository Stopped"
+        return 503, "down\nrepository: Stopped (the server is shutting down)"
     if not view.store_open:
-        return False, "job store closed"
-    if not os.access(view.data_dir, os.W_OK):
-        return False, f"data directory {view.data_dir} not writable"
-    return True, "ok"
+        return 503, "down\nstore: the job store is closed"
+    if view.health is None:
+        return 503, "down\nchecks: not run yet"
+    return view.health.status, view.health.text()
 
 
 @functools.cache
@@ -140,8 +144,8 @@ def answer(
     if method != "GET" or path not in PATHS:
         return None
     if path == "/healthz":
-        ok, why = healthy(view, observer)
-        return _text(200 if ok else 503, why)
+        status, text = healthy(view)
+        return _text(status, text)
     if path == "/metrics":
         return _reply(200, METRICS_CONTENT_TYPE, observer.metrics.render())
     if not view.admin:

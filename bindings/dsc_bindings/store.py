@@ -463,6 +463,25 @@ class JobStore:
 
     # --- queries ------------------------------------------------------------------------------
 
+    def quick_check(self) -> str | None:
+        """``PRAGMA quick_check`` (SQLite: b-tree and page structure, without the indexes'
+        contents) on a connection of its own, so that it runs beside the writer (WAL); None
+        when the database is sound, else what SQLite found.  For /healthz (issue 14)."""
+        if self._conn is None:
+            return "the job store is closed"
+        try:
+            conn = sqlite3.connect(f"file:{self.data_dir / DB_NAME}?mode=ro", uri=True, timeout=5)
+            try:
+                rows = conn.execute("PRAGMA quick_check").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            return f"{self.data_dir / DB_NAME}: {exc}"
+        found = [str(row[0]) for row in rows]
+        if found == ["ok"]:
+            return None
+        return f"{self.data_dir / DB_NAME}: PRAGMA quick_check: {'; '.join(found[:5])}"
+
     def load_jobs(self) -> list[Job]:
         """Every stored job, oldest first (to restore the core at start)."""
         try:

@@ -60,6 +60,8 @@ class FilterSettings:
     mail_from: str = "scan-server@localhost"
     #: For STARTTLS; None means ssl.create_default_context() (certificate verified).
     smtp_ssl_context: ssl.SSLContext | None = None
+    #: An ``[smtp]`` table was given: /healthz checks that the relay accepts a connection.
+    smtp_configured: bool = False
 
     #: The user directory's addresses: ``name@domain`` -> e-mail address (R9 SendToScanUser).
     #: A user not listed whose name contains '@' is mailed at that name.
