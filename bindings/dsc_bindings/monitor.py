@@ -11,6 +11,7 @@ from __future__ import annotations
 from dsc_core import Reply
 
 from .http_common import RequestLike, error_reply
+from .peer import Peer
 from .service import ScanService, StatusRequest
 
 __all__ = ["MONITOR_PATHS", "MonitorService"]
@@ -42,6 +43,6 @@ class MonitorService:
         return self._service.answer_get(target, None)
 
     def open_request(
-        self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
+        self, content_type: str | None, identity: str | None, path: str, peer: Peer | None = None
     ) -> RequestLike:
         raise RuntimeError("the monitoring listener opens no SOAP exchange (serves_soap)")
