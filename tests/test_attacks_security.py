@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import socket
+import sqlite3
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,3 +273,30 @@ def test_an_ipv6_client_is_one_device_and_one_quota(
     devices = snapshot["devices"]
     assert [(d["address"], d["jobs"]) for d in devices] == [("::1", 2)], devices
     assert {first, second} <= {j["token"] for j in snapshot["active"]}
+
+
+# --- 5. store: one corrupt job record ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_a_corrupt_job_record_is_quarantined_and_the_server_starts(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    data = tmp_path / "data"
+    server = servers(data, binding=binding)
+    client = Soap(server.url)
+    kept, broken = (client.create([FileShareInstructions((LOCAL_SHARE,))]) for _ in range(2))
+    client.send_image(broken, 1, os.urandom(3000))
+    server.stop_cleanly()
+    with sqlite3.connect(data / "jobs.sqlite3") as db:
+        db.execute('UPDATE jobs SET job = \'{"v": 1, "token": 7\' WHERE token = ?', (broken,))
+    server.start()
+    client = Soap(server.url)  # a new port
+    assert client.dsp_job(kept).state == "Creating"  # served as usual
+    with pytest.raises(dc.ClientFault):
+        client.dsp_job(broken)
+    error = [line for line in server.log.splitlines() if "does not decode" in line]
+    assert len(error) == 1 and "ERROR" in error[0] and broken in error[0], server.log[-3000:]
+    (record,) = (data / "quarantine").glob("job-*.json")
+    assert json.loads(record.read_text())["token"] == broken
+    assert (data / "quarantine" / record.name.replace(".json", ".spool") / "1").stat().st_size

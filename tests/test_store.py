@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -133,17 +134,26 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     assert info.value.temporary is False
 
 
-def test_corrupt_row_is_reported_not_skipped(tmp_path: Path) -> None:
+def test_corrupt_row_is_quarantined_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = tmp_path / "data"
     with JobStore.open(data) as s:
-        s.apply(CreateJob(make_job("t")))
-        s._db().execute("UPDATE jobs SET job = '{\"v\": 1}'")
-        with pytest.raises(StoreError, match="does not decode") as info:
-            s.load_jobs()
-        assert info.value.temporary is False
-        s._db().execute("UPDATE jobs SET job = ?", (encode_job(make_job("other")),))
-        with pytest.raises(StoreError, match="token"):
-            s.load_jobs()
+        for token in ("a", "t", "u"):
+            s.apply(CreateJob(make_job(token)))
+        s._db().execute("UPDATE jobs SET job = '{\"v\": 1}' WHERE token = 't'")
+        s._db().execute("UPDATE jobs SET job = ? WHERE token = 'u'", (encode_job(make_job("x")),))
+        with caplog.at_level("ERROR", logger="dsc.store"):
+            assert s.load_jobs() == [make_job("a")]
+        # Moved aside, once: the next start does not see them again.
+        assert s.load_jobs() == [make_job("a")]
+    quarantined = sorted((data / "quarantine").glob("job-*.json"))
+    assert len(quarantined) == 2
+    records = [json.loads(p.read_text()) for p in quarantined]
+    assert (records[0]["token"], records[0]["record"]) == ("t", '{"v": 1}')
+    assert "token x" in records[1]["error"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "job t: the stored record does not decode" in errors[0]
 
 
 def test_one_store_per_directory(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ that hit it.
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -52,11 +54,15 @@ try:  # POSIX advisory lock; without it (Windows) two servers on one directory a
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
+log = logging.getLogger("dsc.store")
+
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "SPOOL_NAME", "JobStore", "StoreError", "is_temporary"]
 
 DB_NAME = "jobs.sqlite3"
 SPOOL_NAME = "spool"
 LOCK_NAME = "lock"
+#: Job records that did not decode at start, moved aside (JobStore._quarantine).
+QUARANTINE_NAME = "quarantine"
 PART_SUFFIX = ".part"
 #: ``PRAGMA user_version`` of the schema below; an older file is migrated, a newer one refused.
 SCHEMA_VERSION = 1
@@ -483,24 +489,64 @@ class JobStore:
         return f"{self.data_dir / DB_NAME}: PRAGMA quick_check: {'; '.join(found[:5])}"
 
     def load_jobs(self) -> list[Job]:
-        """Every stored job, oldest first (to restore the core at start)."""
+        """Every stored job, oldest first (to restore the core at start).  A record that does
+        not decode is quarantined (:meth:`_quarantine`), not a server that cannot start."""
         try:
             with self._db_lock:
-                rows = self._db().execute("SELECT token, job FROM jobs ORDER BY seq").fetchall()
+                rows = (
+                    self._db().execute("SELECT seq, token, job FROM jobs ORDER BY seq").fetchall()
+                )
         except (sqlite3.Error, MemoryError) as exc:
             raise _as_store_error("loading jobs", exc) from exc
         jobs = []
-        for token, text in rows:
+        for seq, token, text in rows:
             try:
                 job = decode_job(text)
+                if job.token != token:
+                    raise ValueError(f"the record has token {job.token}")
             except (ValueError, TypeError) as exc:
-                raise StoreError(
-                    f"job {token}: stored record does not decode: {exc}", temporary=False
-                ) from exc
-            if job.token != token:
-                raise StoreError(f"job {token}: stored record has token {job.token}", False)
+                self._quarantine(seq, token, text, str(exc))
+                continue
             jobs.append(job)
         return jobs
+
+    def _quarantine(self, seq: int, token: object, record: object, why: str) -> None:
+        """Move a job record that does not decode out of the way: its row (token, error, the
+        record as stored) to ``quarantine/job-SEQ.json`` and its spool folder next to it, then
+        delete the row, logged at ERROR.  Every other job is served as usual."""
+        folder = self.data_dir / QUARANTINE_NAME
+        folder.mkdir(mode=0o700, exist_ok=True)
+        target = folder / f"job-{seq}.json"
+        text = record if isinstance(record, str) else repr(record)
+        payload = json.dumps({"token": str(token), "error": why, "record": text}, indent=1)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, payload.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(folder)
+        spool = ""
+        try:
+            documents = self.spool_dir / _check_token(str(token))
+            if documents.is_dir():
+                documents.rename(folder / f"job-{seq}.spool")
+                spool = f" and its documents to {folder / f'job-{seq}.spool'}"
+        except StoreError:
+            pass  # a token that cannot be a folder has no documents
+        try:
+            with self._db_lock:
+                self._db().execute("DELETE FROM jobs WHERE seq = ?", (seq,))
+        except sqlite3.Error as exc:
+            raise _as_store_error("quarantining a job record", exc) from exc
+        log.error(
+            "job %s: the stored record does not decode (%s): moved to %s%s; the server "
+            "starts without it",
+            token,
+            why,
+            target,
+            spool,
+        )
 
     def document_path(self, token: str, document_id: int) -> Path:
         """Where the finished document is (for the processing engine); it may not exist."""
