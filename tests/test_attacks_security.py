@@ -300,3 +300,20 @@ def test_a_corrupt_job_record_is_quarantined_and_the_server_starts(
     (record,) = (data / "quarantine").glob("job-*.json")
     assert json.loads(record.read_text())["token"] == broken
     assert (data / "quarantine" / record.name.replace(".json", ".spool") / "1").stat().st_size
+
+
+# --- 2. file share ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_scanned_files_are_not_world_readable(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    server = servers(tmp_path / "data", binding=binding)
+    client = Soap(server.url)
+    token = client.create([FileShareInstructions((r"\\localhost\scans",))])
+    client.send_image(token, 1, os.urandom(3000))
+    client.end(token)
+    assert client.wait_ended(token, 30).state == "Completed"
+    (delivered,) = (tmp_path / "data" / "shares" / "localhost" / "scans").rglob("*.png")
+    assert delivered.stat().st_mode & 0o777 == 0o640, oct(delivered.stat().st_mode)

@@ -200,7 +200,7 @@ def _copy_one(
         # planted by a user of the share) is unlinked, and O_EXCL|O_NOFOLLOW create afresh.
         _unlink_quietly(tmp, missing_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(tmp, flags, 0o644)
+        fd = os.open(tmp, flags, 0o640)  # issue 14 §5: scans are not world-readable
         try:
             buffer = bytearray(chunk_size)
             view = memoryview(buffer)
@@ -259,7 +259,7 @@ def _rename_exclusive(
     for n in range(counter, MAX_COUNTER + 1):
         name = document_file_name(root_name, n, fmt)
         try:
-            os.close(os.open(directory / name, flags, 0o644))
+            os.close(os.open(directory / name, flags, 0o640))
         except FileExistsError:
             continue
         os.replace(tmp, directory / name)
