@@ -120,6 +120,11 @@ def parse_content_type(value: str) -> ContentType:
 SOAP_MEDIA_TYPE = "application/soap+xml"
 MTOM_MEDIA_TYPE = "multipart/related"
 XOP_MEDIA_TYPE = "application/xop+xml"
+#: SOAP 1.1's media type.  Such a request is let through so that the core answers it with the
+#: SOAP/1.1 VersionMismatch fault and its Upgrade header (SOAP 1.2 Part 1 Appendix A, R2), the
+#: one answer that tells a SOAP 1.1 client what to do.  It is no forgery risk: a browser may
+#: send ``text/xml`` to another site only after a CORS preflight, which the server never grants.
+SOAP11_MEDIA_TYPE = "text/xml"
 
 
 def soap_media_type_refusal(value: str | None) -> str | None:
@@ -134,7 +139,7 @@ def soap_media_type_refusal(value: str | None) -> str | None:
     if value is None or not value.strip():
         return f"No Content-Type: a SOAP request is {SOAP_MEDIA_TYPE}."
     ctype = parse_content_type(value)
-    if ctype.media_type == SOAP_MEDIA_TYPE:
+    if ctype.media_type in (SOAP_MEDIA_TYPE, SOAP11_MEDIA_TYPE):
         return None
     if ctype.media_type == MTOM_MEDIA_TYPE:
         if (ctype.param("type") or "").strip().lower() == XOP_MEDIA_TYPE:
