@@ -12,6 +12,7 @@ from lxml import etree
 from . import names
 from .config import Limits
 from .model import EmailInstructions, FileShareInstructions, Instructions
+from .outcomes import JobOutcome, job_outcome
 from .xmlread import Element, children, parse_document, split, trimmed
 
 A = names.Action
@@ -326,14 +327,20 @@ class JobView:
         return self.state in ("Completed", "Aborted", "Canceled")
 
     @property
+    def outcome(self) -> JobOutcome:
+        """The same outcome the server shows for the job (outcomes.py)."""
+        return job_outcome(self.state, self.reasons, (f.state for f in self.filters))
+
+    @property
     def succeeded(self) -> bool:
         """Completed, successfully or with warnings (R6); errors or an abort are failures."""
-        return self.state == "Completed" and "PostScanJobCompletedWithErrors" not in self.reasons
+        return self.outcome is JobOutcome.SUCCEEDED
 
     def as_dict(self) -> dict[str, object]:
         return {
             "token": self.token,
             "state": self.state,
+            "outcome": self.outcome.value,
             "reasons": list(self.reasons),
             "filters": [
                 {"dialect": f.dialect, "state": f.state, "reasons": list(f.reasons)}

@@ -161,6 +161,9 @@ class ServerConfig:
     job_timeout_seconds: float = 600.0
     #: R6: completed jobs kept in the history.
     history_size: int = 1000
+    #: A Creating job whose device sent nothing for this long is shown as stalled (status page,
+    #: ``dsc jobs``) long before job_timeout_seconds aborts it (issue 14: a vanished scanner).
+    stalled_after_seconds: float = 60.0
     #: Documents of a job with a failed filter stay in the spool this long after it ended, so
     #: its filters can be run again; other completed jobs keep none (issue 8, spool hygiene).
     spool_retention_seconds: float = 7 * 24 * 3600.0
@@ -207,6 +210,7 @@ class ServerConfig:
             raise _fail(owner, "filters", what, self.filters)
         _seconds(owner, "job_timeout_seconds", self.job_timeout_seconds)
         _int(owner, "history_size", self.history_size, minimum=0)
+        _seconds(owner, "stalled_after_seconds", self.stalled_after_seconds)
         _seconds(owner, "spool_retention_seconds", self.spool_retention_seconds)
         if not isinstance(self.require_client_certificates, bool):
             raise _fail(

@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from .outcomes import JobOutcome, job_outcome
+
 
 class JobState(str, enum.Enum):
     """dsc:JobStateWKVType (2.2.5.12)."""
@@ -221,13 +223,16 @@ class Job:
         return self.state.is_active
 
     @property
-    def succeeded(self) -> bool:
-        """Completed, successfully or with warnings (R6); errors or an abort are failures.
-        (``client.JobView.succeeded`` says the same of a job read off the wire.)"""
-        return (
-            self.state is JobState.COMPLETED
-            and JobStateReason.COMPLETED_WITH_ERRORS not in self.reasons
+    def outcome(self) -> JobOutcome:
+        """How the job turned out, in the one vocabulary every view uses (outcomes.py)."""
+        return job_outcome(
+            self.state.value, (r.value for r in self.reasons), (f.state.value for f in self.filters)
         )
+
+    @property
+    def succeeded(self) -> bool:
+        """Completed, successfully or with warnings (R6); errors or an abort are failures."""
+        return self.outcome is JobOutcome.SUCCEEDED
 
     def evolve(self, **changes: object) -> Job:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -110,7 +110,7 @@ def test_listings_fit_100_columns_with_times(env: Env) -> None:
     assert run.code == 0, run
     lines = lines_fit(run.out)
     header = lines[0].split()
-    assert header[:4] == ["TOKEN", "STATE", "COMPLETED", "IMAGES"], lines[0]
+    assert header[:4] == ["TOKEN", "OUTCOME", "COMPLETED", "IMAGES"], lines[0]
     rows = lines[2:]
     assert len(rows) == 3
     # Newest first; tokens shortened to 8 characters; a local time to the second.
@@ -159,6 +159,8 @@ def test_history_filters(env: Env) -> None:
     assert tokens("--state", "Aborted") == [third]
     assert tokens("--state", "Aborted", "--state", "Completed") == [third, second, first]
     assert tokens("--state", "Canceled") == []
+    assert tokens("--state", "aborted", "--state", "COMPLETED") == [third, second, first]
+    assert tokens("--failed") == [third]
     assert tokens("--since", "1h") == [third, second, first]
     tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
     assert tokens("--since", tomorrow) == []

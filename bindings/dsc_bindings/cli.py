@@ -50,7 +50,7 @@ from .confirm import add_yes_option, can_confirm, confirm
 from .formats import VALID_FORMATS, format_for
 from .http_client import ConnectionFailed, client_ssl_context, get, post
 from .http_common import error_reply
-from .progress import Progress
+from .progress import Progress, human
 from .scan_files import scan_inputs
 
 A = names.Action
@@ -463,20 +463,17 @@ def _since(text: str) -> datetime:
     return value if value.tzinfo is not None else value.astimezone()
 
 
-def _job_row(job: dc.JobView, when: str, wide: bool) -> list[str]:
-    return [
-        short_token(job.token, wide),
-        job.state,
-        local_time(when, wide=wide),
-        str(job.images_received),
-        job.user_name,
-        job.psp_display_name,
-        " ".join(f"{_dialect(f.dialect)}:{f.state}" for f in job.filters),
-        ",".join(r for r in job.reasons if r != "None"),
-    ]
+def _filters_text(job: dc.JobView) -> str:
+    return " ".join(f"{_dialect(f.dialect)}:{f.state}" for f in job.filters)
 
 
-def _print_jobs(args: argparse.Namespace, jobs: list[dc.JobView], time_header: str) -> None:
+def _reasons_text(job: dc.JobView) -> str:
+    return ",".join(r for r in job.reasons if r != "None")
+
+
+def _print_history(args: argparse.Namespace, jobs: list[dc.JobView]) -> None:
+    """Completed jobs: the OUTCOME (dsc_core.outcomes) is the column that is never cut, so a
+    job whose filter failed cannot pass for a success in a narrow terminal."""
     if args.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=2))
         return
@@ -485,33 +482,141 @@ def _print_jobs(args: argparse.Namespace, jobs: list[dc.JobView], time_header: s
         return
     columns = [
         Column("TOKEN", keep=True),
-        Column("STATE", keep=True),
-        Column(time_header, keep=True),
+        Column("OUTCOME", keep=True),
+        Column("COMPLETED", keep=True),
         Column("IMAGES", keep=True, numeric=True),
         Column("USER"),
         Column("PROCESS"),
         Column("FILTERS"),
+        Column("STATE", wide_only=True),
         Column("REASONS", wide_only=True),
     ]
-    when = "completed" if time_header == "COMPLETED" else "created"
-    rows = [_job_row(j, getattr(j, when) or j.created, args.wide) for j in jobs]
+    rows = [
+        [
+            short_token(j.token, args.wide),
+            j.outcome.value,
+            local_time(j.completed or j.created, wide=args.wide),
+            str(j.images_received),
+            j.user_name,
+            j.psp_display_name,
+            _filters_text(j),
+            j.state,
+            _reasons_text(j),
+        ]
+        for j in jobs
+    ]
     print_table(columns, rows, wide=args.wide)
+
+
+def _seconds_text(value: object) -> str:
+    """12 s, 3 min, 2 h 5 min: how long ago or how long, for a table."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    seconds = int(value)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _progress(client: Client) -> dict[str, dict[str, Any]]:
+    """The active jobs' progress from the server's status endpoint (MS-BDSRR carries no bytes,
+    elapsed time or last byte); empty when the endpoint is not there or refuses."""
+    try:
+        state = client.status_json("limit=1")
+    except (CliError, ConnectionFailed, ValueError):
+        return {}
+    active = state.get("active", []) if isinstance(state, dict) else []
+    return {j["token"]: j for j in active if isinstance(j, dict) and "token" in j}
+
+
+def _in_trouble(job: dc.JobView, progress: dict[str, Any]) -> bool:
+    """``dsc jobs --failed``: stalled, or a filter already failed (ContinueOnError runs on)."""
+    return bool(progress.get("stalled")) or any(
+        f.state in ("CompletedWithErrors", "Canceled") and f.reasons for f in job.filters
+    )
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = Client(args)
     jobs = _summaries(client, A.DSC_GET_ACTIVE_JOBS, "GetActiveJobsRequest", "ActiveJobs")
-    _print_jobs(args, [_with_times(client, j) for j in jobs], "CREATED")
+    progress = _progress(client) if jobs else {}
+    jobs = [_with_times(client, j) for j in jobs]
+    if args.failed:
+        jobs = [j for j in jobs if _in_trouble(j, progress.get(j.token, {}))]
+    if args.json:
+        entries = []
+        for j in jobs:
+            entry = j.as_dict()
+            known = progress.get(j.token, {})
+            for key in ("elapsed_seconds", "bytes", "idle_seconds", "stalled"):
+                entry[key] = known.get(key)
+            entries.append(entry)
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    if not jobs:
+        print("(no jobs)")
+        return EXIT_OK
+    columns = [
+        Column("TOKEN", keep=True),
+        Column("STATE", keep=True),
+        Column("ELAPSED", keep=True, numeric=True),
+        Column("IMAGES", keep=True, numeric=True),
+        Column("RECEIVED", keep=True, numeric=True),
+        Column("LAST BYTE", keep=True, numeric=True),
+        Column("USER"),
+        Column("PROCESS"),
+        Column("FILTERS"),
+        Column("CREATED", wide_only=True),
+        Column("REASONS", wide_only=True),
+    ]
+    rows = []
+    for j in jobs:
+        known = progress.get(j.token, {})
+        received = known.get("bytes")
+        rows.append(
+            [
+                short_token(j.token, args.wide),
+                j.state + (" STALLED" if known.get("stalled") else ""),
+                _seconds_text(known.get("elapsed_seconds")),
+                str(j.images_received),
+                human(received) if isinstance(received, int) else "-",
+                _seconds_text(known.get("idle_seconds")) + (" ago" if known else ""),
+                j.user_name,
+                j.psp_display_name,
+                _filters_text(j),
+                local_time(j.created, wide=args.wide),
+                _reasons_text(j),
+            ]
+        )
+    print_table(columns, rows, wide=args.wide)
     return EXIT_OK
+
+
+#: R6's completed states, as ``dsc history --state`` takes them.
+COMPLETED_STATE_NAMES = ("Completed", "Aborted", "Canceled")
+
+
+def _state_name(text: str) -> str:
+    """--state: an R6 completed state, in any case (``aborted`` is ``Aborted``)."""
+    for state in COMPLETED_STATE_NAMES:
+        if state.lower() == text.strip().lower():
+            return state
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a completed state; use one of {', '.join(COMPLETED_STATE_NAMES)}"
+    )
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     client = Client(args)
     jobs = _summaries(client, A.DSC_GET_JOB_HISTORY, "GetJobHistoryRequest", "JobHistory")
-    states = {s.lower() for s in args.state or ()}
+    states = set(args.state or ())
     picked: list[dc.JobView] = []
     for job in jobs:  # newest first (R6), so --since can stop at the first older job
-        if states and job.state.lower() not in states:
+        if states and job.state not in states:
+            continue
+        if args.failed and not job.outcome.is_failure:
             continue
         if args.user and args.user.lower() not in job.user_name.lower():
             continue
@@ -523,7 +628,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         picked.append(job)
         if args.limit and len(picked) >= args.limit:
             break
-    _print_jobs(args, picked, "COMPLETED")
+    _print_history(args, picked)
     return EXIT_OK
 
 
@@ -993,11 +1098,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "jobs",
         help="active jobs",
-        description="Show the active jobs, with their creation time. Tokens are shortened to "
-        "their first 8 characters (every TOKEN argument takes such a prefix); --wide shows "
-        "them whole.",
+        description="Show the active jobs: time since their creation (ELAPSED), bytes "
+        "received and the time since the device's last byte (LAST BYTE); a Creating job whose "
+        "device sent nothing for [jobs] stalled_after_seconds is shown STALLED. Tokens are "
+        "shortened to their first 8 characters (every TOKEN argument takes such a prefix); "
+        "--wide shows them whole.",
     )
     _client_options(p)
+    p.add_argument(
+        "--failed",
+        action="store_true",
+        help="only jobs in trouble: STALLED, or a filter already failed",
+    )
     p.set_defaults(func=cmd_jobs)
     p = sub.add_parser(
         "history",
@@ -1016,8 +1128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state",
         action="append",
-        choices=("Completed", "Aborted", "Canceled"),
-        help="only jobs that ended in this state (repeatable)",
+        type=_state_name,
+        metavar="STATE",
+        help="only jobs that ended in this state: Completed, Aborted or Canceled, in any case "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--failed",
+        action="store_true",
+        help="only jobs that failed: OUTCOME failed, partial (a filter failed, another "
+        "delivered) or aborted; a Completed job whose filter failed is one of them",
     )
     p.add_argument("--limit", type=int, metavar="N", help="at most N jobs")
     p.set_defaults(func=cmd_history)

@@ -4,7 +4,7 @@ Each :class:`Metrics` has its own ``CollectorRegistry`` (not the process-wide de
 two services in one process (tests, an embedding program) never mix their numbers, and the
 output holds only the server's metrics.  Label values are bounded: operations are the
 registry's actions (anything else is ``unknown``), fault subcodes come from the core's fixed
-set, job end states from R6.
+set, job outcomes from ``dsc_core.outcomes``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ class Metrics:
         )
         self.jobs_created = Counter("dsc_jobs_created", "PostScan jobs created", registry=r)
         self.jobs_ended = Counter(
-            "dsc_jobs_ended", "PostScan jobs that reached an end state (R6)", ["state"], registry=r
+            "dsc_jobs_ended",
+            "PostScan jobs that reached an end state (R6), by outcome (succeeded, partial, "
+            "failed, aborted, canceled)",
+            ["outcome"],
+            registry=r,
         )
         self.image_bytes = Counter(
             "dsc_image_bytes_received", "Bytes of acknowledged images (durable)", registry=r
@@ -68,7 +72,12 @@ class Metrics:
         )
         self.delivery_failures = Counter(
             "dsc_delivery_failures",
-            "Event notifications that could not be delivered to a subscriber",
+            "Filter runs that could not deliver a job's documents (share, e-mail, SharePoint)",
+            registry=r,
+        )
+        self.event_delivery_failures = Counter(
+            "dsc_event_delivery_failures",
+            "Event notifications that could not be delivered to a subscriber (R7)",
             registry=r,
         )
         self.filter_results = Counter(

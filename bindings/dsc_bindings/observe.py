@@ -9,7 +9,11 @@ The :class:`Observer` watches what the service already does, and decides nothing
   durable is reported): job records, images and drops become log lines (logger ``dsc.jobs``,
   one INFO line per job event), metric updates, device records, and the jobs the status page
   shows.  A job's change is found by comparing its new record with the previous one;
-- ``request_ended`` / ``http_refused`` / ``delivery_failed`` / connections: counters.
+- ``request_ended`` / ``http_refused`` / ``event_delivery_failed`` / connections: counters.
+
+How a job turned out is :func:`dsc_core.outcomes.job_outcome`'s word, here as everywhere: a
+failed filter and a job that ended as a failure are WARNING lines, ``dsc_jobs_ended_total`` is
+labelled by outcome, and the page's totals (.tally) survive a restart.
 
 Log lines carry their fields as ``extra`` (``event``, ``job``, ...) so that ``--log-format
 json`` (:class:`JsonFormatter`) gives log collectors structured records.
@@ -17,6 +21,7 @@ json`` (:class:`JsonFormatter`) gives log collectors structured records.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import threading
@@ -30,7 +35,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from dsc_core import Command, CreateJob, DropJob, Job, UpdateJob
-from dsc_core.commands import BeginDocument, FinishDocument
+from dsc_core.commands import AbortDocument, AppendDocument, BeginDocument, FinishDocument
 from dsc_core.model import (
     EmailInstructions,
     FileShareInstructions,
@@ -40,7 +45,9 @@ from dsc_core.model import (
     JobStateReason,
     SharePointInstructions,
 )
+from dsc_core.outcomes import JobOutcome
 
+from . import tally
 from .devices import DeviceBook
 from .metrics import Metrics
 
@@ -85,6 +92,8 @@ def _seconds(start: datetime, end: datetime | None) -> float:
 class _Upload:
     format: str
     started: float
+    #: Bytes written so far (durable or not: what the device has sent).
+    received: int = 0
 
 
 @dataclass
@@ -98,6 +107,9 @@ class _Known:
     #: When the device ended the scan (Creating -> Pending), for the processing time.
     ended: datetime | None = None
     uploading: dict[int, _Upload] = field(default_factory=dict)
+    #: Wall-clock time (time.time()) of the job's last byte or request from its device: the
+    #: page's "since the last byte" and "stalled" (ServerConfig.stalled_after_seconds).
+    last_byte: float = 0.0
 
 
 class Observer:
@@ -106,9 +118,13 @@ class Observer:
     def __init__(self, data_dir: Path | None = None, *, metrics: Metrics | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.devices: DeviceBook | None = None
+        #: The page's totals, durable once :meth:`open` found the store (in memory before).
+        self.tally = tally.Tally()
         self._data_dir = data_dir
         self._lock = threading.Lock()
         self._jobs: dict[str, _Known] = {}
+        #: The completed jobs' history keys (_history_key), sorted: oldest first.
+        self._history: list[tuple[float, str]] = []
         #: token -> (address, identity) of a CreateJob on its way to the store.
         self._creators: dict[str, tuple[str, str]] = {}
         #: (operation, outcome) -> its dsc_requests counter (a bounded set: metrics.py).
@@ -126,18 +142,30 @@ class Observer:
                 self.devices = DeviceBook(self._data_dir)
             except Exception as exc:  # not worth refusing to start for: say so
                 log.error("device records are not kept: %s", exc)
+            try:
+                self.tally = tally.Tally(self._data_dir)
+            except Exception as exc:
+                log.error("the status page's totals are not kept across restarts: %s", exc)
         with self._lock:
             for job in jobs:
-                known = _Known(job, bytes_received=sum(d.size for d in job.documents))
+                known = _Known(
+                    job,
+                    bytes_received=sum(d.size for d in job.documents),
+                    last_byte=job.last_activity.timestamp(),
+                )
                 device = self.devices.device_of(job.token) if self.devices else None
                 if device is not None:
                     known.address, known.identity = device
                 self._jobs[job.token] = known
-            self.metrics.active_jobs.set(sum(1 for k in self._jobs.values() if k.job.is_active))
+                if not job.is_active:
+                    self._history.append(_history_key(job))
+            self._history.sort()
+            self.metrics.active_jobs.set(len(self._jobs) - len(self._history))
 
     def close(self) -> None:
         if self.devices is not None:
             self.devices.close()
+        self.tally.close()
 
     # --- requests (the core's owner) -----------------------------------------------------------
 
@@ -171,8 +199,10 @@ class Observer:
     def connection_closed(self) -> None:
         self.metrics.connections.dec()
 
-    def delivery_failed(self) -> None:
-        self.metrics.delivery_failures.inc()
+    def event_delivery_failed(self) -> None:
+        """A subscriber did not take an event notification (R7): not a scan's delivery."""
+        self.metrics.event_delivery_failures.inc()
+        self.tally.add(tally.EVENT_DELIVERY_FAILURES)
 
     def store_failed(self, message: str) -> None:
         with self._lock:
@@ -186,6 +216,13 @@ class Observer:
         try:
             if isinstance(command, (CreateJob, UpdateJob)):
                 self._job_record(command.job, isinstance(command, CreateJob))
+            elif isinstance(command, AppendDocument):
+                with self._lock:
+                    known = self._jobs.get(command.token)
+                    upload = known.uploading.get(command.document_id) if known else None
+                    if known is not None and upload is not None:
+                        upload.received += len(command.data)
+                        known.last_byte = time.time()
             elif isinstance(command, BeginDocument):
                 with self._lock:
                     known = self._jobs.get(command.token)
@@ -193,14 +230,29 @@ class Observer:
                         known.uploading[command.document_id] = _Upload(
                             command.format, time.monotonic()
                         )
+                        known.last_byte = time.time()
+            elif isinstance(command, AbortDocument):
+                with self._lock:
+                    known = self._jobs.get(command.token)
+                    if known is not None:
+                        known.uploading.pop(command.document_id, None)
             elif isinstance(command, FinishDocument):
                 self._image(command)
             elif isinstance(command, DropJob):
                 with self._lock:
-                    self._jobs.pop(command.token, None)
+                    gone = self._jobs.pop(command.token, None)
+                    if gone is not None and not gone.job.is_active:
+                        self._history_remove(gone.job)
                 log.debug("job %s left the history", command.token)
         except Exception:  # observing must never fail the server's work
             logging.getLogger("dsc.observe").exception("observing %r failed", type(command))
+
+    def _history_remove(self, job: Job) -> None:
+        """Take a completed job out of the sorted history (under the lock)."""
+        key = _history_key(job)
+        at = bisect.bisect_left(self._history, key)
+        if at < len(self._history) and self._history[at] == key:
+            del self._history[at]
 
     def _image(self, command: FinishDocument) -> None:
         with self._lock:
@@ -208,8 +260,11 @@ class Observer:
             upload = known.uploading.pop(command.document_id, None) if known else None
             if known is not None:
                 known.bytes_received += command.size
+                known.last_byte = time.time()
         self.metrics.images.inc()
         self.metrics.image_bytes.inc(command.size)
+        self.tally.add(tally.IMAGES_RECEIVED)
+        self.tally.add(tally.BYTES_RECEIVED, command.size)
         if upload is not None:
             self.metrics.upload_seconds.observe(time.monotonic() - upload.started)
         fmt = upload.format if upload is not None else "?"
@@ -240,13 +295,19 @@ class Observer:
                 if creator is not None:
                     known.address, known.identity = creator
             known.job = job
+            if job.state is JobState.CREATING:  # created, or an image/EndPostScanJob came
+                known.last_byte = max(known.last_byte, job.last_activity.timestamp())
             if (
                 old is not None
                 and old.state is JobState.CREATING
                 and job.state is not (JobState.CREATING)
             ):
                 known.ended = job.last_activity
-            active = sum(1 for k in self._jobs.values() if k.job.is_active)
+            if old is not None and not old.is_active:
+                self._history_remove(old)  # retried, or its record rewritten
+            if not job.is_active:
+                bisect.insort(self._history, _history_key(job))
+            active = len(self._jobs) - len(self._history)
         self.metrics.active_jobs.set(active)
         if old is None:
             if created:
@@ -288,6 +349,7 @@ class Observer:
     def _created(self, known: _Known) -> None:
         job = known.job
         self.metrics.jobs_created.inc()
+        self.tally.add(tally.JOBS_CREATED)
         targets = "; ".join(
             f"{filter_name(f.dialect)} {', '.join(destinations_of(f, job.user_name)) or '-'}"
             for f in job.filters
@@ -326,7 +388,17 @@ class Observer:
         places = destinations_of(status, job.user_name)
         self.metrics.filter_results.labels(name, status.state.value).inc()
         went = "delivered to" if status.state is FilterState.COMPLETED_SUCCESSFULLY else "for"
-        log.info(
+        # A filter that could not deliver (R6 failure) is a scan that did not arrive: WARNING.
+        # A filter Canceled without a reason was stopped (the job canceled, or R6's first
+        # failure ended the run): the job's own end line says why.
+        failed = status.state is FilterState.COMPLETED_WITH_ERRORS or (
+            status.state is FilterState.CANCELED and bool(status.reasons)
+        )
+        if failed:
+            self.metrics.delivery_failures.inc()
+            self.tally.add(tally.DELIVERY_FAILURES)
+        log.log(
+            logging.WARNING if failed else logging.INFO,
             "job %s filter %s %s%s: %s %s",
             job.token,
             name,
@@ -346,58 +418,103 @@ class Observer:
 
     def _finished(self, known: _Known) -> None:
         job = known.job
+        outcome = job.outcome
         duration = _seconds(job.created, job.completed)
-        self.metrics.jobs_ended.labels(job.state.value).inc()
+        self.metrics.jobs_ended.labels(outcome.value).inc()
+        self.tally.add(tally.ended(outcome))
         if known.ended is not None and job.completed is not None:
             self.metrics.processing_seconds.observe(_seconds(known.ended, job.completed))
-        log.info(
-            "job %s %s%s after %.1f s",
-            job.token,
-            job.state.value.lower(),
-            _reasons(job.reasons),
-            duration,
-            extra={
-                "event": "job." + job.state.value.lower(),
-                "job": job.token,
-                "state": job.state.value,
-                "reasons": [r.value for r in job.reasons],
-                "seconds": round(duration, 3),
-            },
-        )
+        extra = {
+            "event": "job." + job.state.value.lower(),
+            "job": job.token,
+            "state": job.state.value,
+            "outcome": outcome.value,
+            "reasons": [r.value for r in job.reasons],
+            "seconds": round(duration, 3),
+        }
+        if outcome.is_failure:
+            # The line an administrator greps for: the outcome first, then every filter that
+            # did not deliver, with where it was to deliver and why.
+            failures = [
+                f"{filter_name(f.dialect)} {f.state.value}{_reasons(f.reasons)} for "
+                f"{', '.join(destinations_of(f, job.user_name)) or '-'}"
+                for f in job.filters
+                if f.state.is_failure and (f.reasons or f.state is not FilterState.CANCELED)
+            ]
+            log.warning(
+                "job %s %s: %s%s after %.1f s%s",
+                job.token,
+                outcome.value,
+                job.state.value,
+                _reasons(job.reasons),
+                duration,
+                "; " + "; ".join(failures) if failures else "",
+                extra=extra,
+            )
+        else:
+            log.info(
+                "job %s %s%s after %.1f s",
+                job.token,
+                job.state.value.lower(),
+                _reasons(job.reasons),
+                duration,
+                extra=extra,
+            )
         if self.devices is not None:
-            if job.state is JobState.CANCELED:
-                outcome = "canceled"
-            elif job.succeeded:
-                outcome = "completed"
+            if outcome is JobOutcome.CANCELED:
+                column = "canceled"
+            elif outcome is JobOutcome.SUCCEEDED:
+                column = "completed"
             else:
-                outcome = "failed"
+                column = "failed"
             try:
-                self.devices.job_ended(job.token, outcome)
+                self.devices.job_ended(job.token, column)
             except Exception as exc:
                 logging.getLogger("dsc.devices").error("device counts not updated: %s", exc)
 
     # --- what the status page shows ----------------------------------------------------------------
 
-    def jobs(self) -> list[dict[str, Any]]:
-        """Every job the server keeps (active and history), newest first, as JSON-ready dicts."""
+    def active(self, now: float, stalled_after: float) -> list[dict[str, Any]]:
+        """The active jobs, newest first, with their progress (``now``: time.time())."""
         with self._lock:
-            known = list(self._jobs.values())
-            uploading = {k.job.token: sorted(k.uploading) for k in known if k.uploading}
-        known.sort(key=lambda k: k.job.created, reverse=True)
-        return [self._job_dict(k, uploading.get(k.job.token, [])) for k in known]
+            rows = [
+                self._job_dict(k, now, stalled_after)
+                for k in self._jobs.values()
+                if k.job.is_active
+            ]
+        rows.sort(key=lambda row: row["created"], reverse=True)
+        return rows
 
-    def job(self, token: str) -> dict[str, Any] | None:
+    def history(self, limit: int, cursor: str = "") -> tuple[list[dict[str, Any]], str, int]:
+        """One page of the history, most recently completed first: at most ``limit`` jobs
+        completed before ``cursor`` (the ``next`` of the page before; "" for the first page),
+        the cursor of the next page ("" when this is the last), and the history's size.
+
+        The history is kept sorted as jobs end (:meth:`_job_record`), so a page costs a
+        binary search and ``limit`` records, however long the history is.
+        """
+        with self._lock:
+            order = self._history
+            end = len(order) if not cursor else bisect.bisect_left(order, _parse_cursor(cursor))
+            start = max(0, end - limit)
+            page = [self._job_dict(self._jobs[token]) for _, token in reversed(order[start:end])]
+            size = len(order)
+        next_cursor = _cursor(order[start]) if start > 0 and page else ""
+        return page, next_cursor, size
+
+    def job(self, token: str, now: float, stalled_after: float) -> dict[str, Any] | None:
         with self._lock:
             known = self._jobs.get(token)
-            uploading = sorted(known.uploading) if known else []
-        return None if known is None else self._job_dict(known, uploading)
+            return None if known is None else self._job_dict(known, now, stalled_after)
 
     @staticmethod
-    def _job_dict(known: _Known, uploading: list[int]) -> dict[str, Any]:
+    def _job_dict(known: _Known, now: float = 0.0, stalled_after: float = 0.0) -> dict[str, Any]:
+        """A job as the page and ``dsc jobs`` show it (called under the lock)."""
         job = known.job
-        return {
+        row: dict[str, Any] = {
             "token": job.token,
             "state": job.state.value,
+            "outcome": job.outcome.value,
             "active": job.is_active,
             "reasons": [r.value for r in job.reasons if r is not JobStateReason.NONE],
             "user": job.user_name,
@@ -408,8 +525,8 @@ class Observer:
             "completed": job.completed.isoformat(timespec="seconds") if job.completed else None,
             "seconds": round(_seconds(job.created, job.completed), 3) if job.completed else None,
             "images": job.images_received,
-            "bytes": known.bytes_received,
-            "uploading": uploading,
+            "bytes": known.bytes_received + sum(u.received for u in known.uploading.values()),
+            "uploading": sorted(known.uploading),
             "filters": [
                 {
                     "filter": filter_name(f.dialect),
@@ -421,6 +538,31 @@ class Observer:
                 for f in job.filters
             ],
         }
+        if job.is_active:
+            idle = max(0.0, now - known.last_byte)
+            row["elapsed_seconds"] = round(max(0.0, now - job.created.timestamp()), 1)
+            row["idle_seconds"] = round(idle, 1)
+            # Only the device can be late while the job is Creating: afterwards the server's
+            # own filters run, and they have their own timeouts.
+            row["stalled"] = job.state is JobState.CREATING and idle >= stalled_after
+        return row
+
+
+def _history_key(job: Job) -> tuple[float, str]:
+    """Where a completed job sorts in the history: by completion time, then token."""
+    return ((job.completed or job.last_activity).timestamp(), job.token)
+
+
+def _cursor(key: tuple[float, str]) -> str:
+    return f"{key[0]!r}_{key[1]}"
+
+
+def _parse_cursor(text: str) -> tuple[float, str]:
+    """A cursor from :meth:`Observer.history`; ValueError when it is not one."""
+    stamp, sep, token = text.partition("_")
+    if not sep or not token:
+        raise ValueError(f"not a history cursor: {text!r}")
+    return float(stamp), token
 
 
 class JsonFormatter(logging.Formatter):

@@ -757,6 +757,7 @@ class ScanService:
                 store_open=self._store is not None and not self._closed,
                 health=self.health.current(),
                 version=package_version(),
+                stalled_after_seconds=self.config.stalled_after_seconds,
             )
 
         current = self._core_call(view)
@@ -889,7 +890,7 @@ class ScanService:
 
     def _delivery_report(self, subscription_id: str, ok: bool) -> None:
         if not ok:
-            self.observer.delivery_failed()
+            self.observer.event_delivery_failed()
         self._core_soon(lambda: self._background(self.server.delivery_result(subscription_id, ok)))
 
     def _delivery_give_up(self, subscription_id: str) -> None:

@@ -26,6 +26,7 @@ Example (every section optional)::
     timeout_seconds = 600
     history_size = 1000
     spool_retention_seconds = 604800  # a failed job's documents, kept for a re-run
+    stalled_after_seconds = 60        # a Creating job this long without a byte is "stalled"
 
     [users]
     scan_admins = ["admin@contoso.com"]
@@ -374,7 +375,11 @@ def load_settings(
     )
     tls = _Table(raw, "tls", {"cert", "key", "client_ca"})
     limits_raw = _Table(raw, "limits", {f.name for f in dataclasses.fields(Limits)})
-    jobs = _Table(raw, "jobs", {"timeout_seconds", "history_size", "spool_retention_seconds"})
+    jobs = _Table(
+        raw,
+        "jobs",
+        {"timeout_seconds", "history_size", "spool_retention_seconds", "stalled_after_seconds"},
+    )
     users = _Table(raw, "users", {"scan_admins", "directory", "email"})
     smtp = _Table(
         raw,
@@ -466,6 +471,7 @@ def load_settings(
             job_timeout_seconds=jobs.seconds("timeout_seconds", 600.0),
             history_size=jobs.integer("history_size", 1000, minimum=0),
             spool_retention_seconds=jobs.seconds("spool_retention_seconds", 7 * 24 * 3600.0),
+            stalled_after_seconds=jobs.seconds("stalled_after_seconds", 60.0),
             require_client_certificates=listen.client_ca is not None,
             scan_admins=frozenset(users.text_list("scan_admins")),
             user_directory=users.text_table("directory"),

@@ -5,7 +5,8 @@
                    CSS and JS, no CDN, no build step; it polls
                    ``/status.json`` every second and redraws
 ``GET /status.json``  repository state, active jobs with progress,  scan administrators (R10)
-                   history with times and outcomes, devices,
+                   one page of the history with times and
+                   outcomes (``?limit=N&cursor=C``), devices,
                    subscriptions, counters (``?job=TOKEN``: one
                    job, with where each filter delivered)
 ``GET /metrics``   Prometheus text format (prometheus_client)       every client that passed TLS
@@ -22,6 +23,11 @@ administrator, as for MS-BDSRR.
 
 :func:`answer` decides; it needs a :class:`View` of the service, taken in the core's owner
 context (cheap: no disk, no network).
+
+``/status.json`` is answered on the event loop, so its cost must not grow with the history: the
+history is paged (``limit``, default :data:`HISTORY_PAGE`, at most :data:`MAX_HISTORY_PAGE`; the
+answer's ``history_next`` is the ``cursor`` of the next page), the counters are the durable
+totals kept in memory (.tally), and only the active jobs are listed whole.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import functools
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +45,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from dsc_core import Reply
+from dsc_core.outcomes import ENDED_OUTCOMES
 
+from . import tally
 from .health import Health
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .observe import Observer
@@ -51,6 +60,9 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 PATHS = frozenset({"/", "/status.json", "/metrics", "/healthz"})
 #: The paths for scan administrators only (R10: they show users, devices and destinations).
 ADMIN_PATHS = frozenset({"/", "/status.json"})
+#: Completed jobs in one /status.json answer, unless ``?limit=`` says otherwise (and the most).
+HISTORY_PAGE = 50
+MAX_HISTORY_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +79,8 @@ class View:
     version: str
     #: The last result of the .health checks (None before the first).
     health: Health | None = None
+    #: ServerConfig.stalled_after_seconds: when an active job is shown as stalled.
+    stalled_after_seconds: float = 60.0
 
 
 def _reply(status: int, content_type: str, body: bytes) -> Reply:
@@ -99,37 +113,51 @@ def package_version() -> str:
         return "(not installed)"
 
 
-def snapshot(view: View, observer: Observer) -> dict[str, Any]:
-    jobs = observer.jobs()
-    registry = observer.metrics.registry
+class BadQuery(ValueError):
+    """A /status.json query that cannot be answered (HTTP 400, with this text)."""
 
-    def value(name: str, **labels: str) -> int:
-        return int(registry.get_sample_value(name, labels) or 0)
 
+def _limit(query: dict[str, list[str]]) -> int:
+    text = query.get("limit", [str(HISTORY_PAGE)])[0]
+    if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY_PAGE:
+        raise BadQuery(f"limit must be a number from 1 to {MAX_HISTORY_PAGE}, not {text!r}")
+    return int(text)
+
+
+def snapshot(
+    view: View, observer: Observer, *, limit: int = HISTORY_PAGE, cursor: str = ""
+) -> dict[str, Any]:
+    now = time.time()
+    try:
+        history, next_cursor, history_size = observer.history(limit, cursor)
+    except ValueError as exc:
+        raise BadQuery(f"cursor is not one this server gave ({exc})") from None
+    totals = observer.tally.values()
     counters: dict[str, Any] = {
-        "jobs_created": value("dsc_jobs_created_total"),
-        "images_received": value("dsc_images_received_total"),
-        "bytes_received": value("dsc_image_bytes_received_total"),
-        "delivery_failures": value("dsc_delivery_failures_total"),
-        "connections": value("dsc_connections"),
-        "jobs_ended": {
-            state: value("dsc_jobs_ended_total", state=state)
-            for state in ("Completed", "Aborted", "Canceled")
-        },
+        "jobs_created": totals[tally.JOBS_CREATED],
+        "images_received": totals[tally.IMAGES_RECEIVED],
+        "bytes_received": totals[tally.BYTES_RECEIVED],
+        "delivery_failures": totals[tally.DELIVERY_FAILURES],
+        "event_delivery_failures": totals[tally.EVENT_DELIVERY_FAILURES],
+        "connections": int(observer.metrics.registry.get_sample_value("dsc_connections") or 0),
+        "jobs_ended": {o.value: totals[tally.ended(o)] for o in ENDED_OUTCOMES},
     }
     devices = observer.devices.all() if observer.devices is not None else []
     return {
         "server": {
             "version": view.version,
-            "now": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "now": datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
             "started": datetime.fromtimestamp(observer.started)
             .astimezone()
             .isoformat(timespec="seconds"),
             "repository_state": view.repository_state,
+            "stalled_after_seconds": view.stalled_after_seconds,
         },
         "counters": counters,
-        "active": [j for j in jobs if j["active"]],
-        "history": [j for j in jobs if not j["active"]],
+        "active": observer.active(now, view.stalled_after_seconds),
+        "history": history,
+        "history_size": history_size,
+        "history_next": next_cursor,
         "devices": [d.as_dict() for d in devices],
         "subscriptions": list(view.subscriptions),
     }
@@ -154,11 +182,15 @@ def answer(
         return _reply(200, HTML_TYPE, PAGE.encode())
     query = parse_qs(parts.query)
     if "job" in query:
-        job = observer.job(query["job"][0])
+        job = observer.job(query["job"][0], time.time(), view.stalled_after_seconds)
         if job is None:
             return _reply(404, JSON_TYPE, b'{"error": "no such job"}\n')
         return _reply(200, JSON_TYPE, json.dumps({"job": job}).encode())
-    return _reply(200, JSON_TYPE, json.dumps(snapshot(view, observer)).encode())
+    try:
+        state = snapshot(view, observer, limit=_limit(query), cursor=query.get("cursor", [""])[0])
+    except BadQuery as exc:
+        return _reply(400, JSON_TYPE, json.dumps({"error": str(exc)}).encode())
+    return _reply(200, JSON_TYPE, json.dumps(state).encode())
 
 
 PAGE = """<!doctype html>
@@ -175,7 +207,12 @@ PAGE = """<!doctype html>
           white-space: nowrap; }
  th { background: #f0f0f0; font-weight: 600; } td.num { text-align: right; }
  .tok { font-family: ui-monospace, monospace; }
- .Completed { color: #17702f; } .Aborted, .bad { color: #b3261e; } .Canceled { color: #8a6d00; }
+ /* Outcomes (dsc_core.outcomes): a failure is never green. */
+ .succeeded { color: #17702f; } .failed, .aborted, .bad { color: #b3261e; font-weight: 600; }
+ .partial { color: #a35200; font-weight: 600; } .canceled { color: #666; }
+ tr.failed td, tr.aborted td { background: #fdecea; } tr.partial td { background: #fff4e0; }
+ tr.stalled td { background: #fdecea; } .stalled { color: #b3261e; font-weight: 600; }
+ .card.bad { border-color: #b3261e; }
  #status { color: #666; } .empty { color: #888; font-style: italic; }
  .cards { display: flex; gap: 1em; flex-wrap: wrap; }
  .card { background: #fff; border: 1px solid #e4e4e4; padding: .5em 1em; min-width: 8em; }
@@ -188,10 +225,11 @@ PAGE = """<!doctype html>
 <h2>Repository</h2>
 <div class="cards" id="counters"></div>
 <h2>Active jobs</h2>
-<table id="active"><thead><tr><th>Token</th><th>State</th><th>Created</th><th>Images</th>
-<th>Received</th><th>User</th><th>Device</th><th>Process</th><th>Filters</th></tr></thead>
+<table id="active"><thead><tr><th>Token</th><th>State</th><th>Created</th><th>Elapsed</th>
+<th>Images</th><th>Received</th><th>Last byte</th><th>User</th><th>Device</th><th>Process</th>
+<th>Filters</th></tr></thead>
 <tbody></tbody></table>
-<h2>History</h2>
+<h2>History <span id="history-size"></span></h2>
 <table id="history"><thead><tr><th>Token</th><th>Outcome</th><th>Completed</th>
 <th>Duration</th><th>Images</th><th>User</th><th>Device</th><th>Filters and destinations</th>
 </tr></thead><tbody></tbody></table>
@@ -220,6 +258,12 @@ function size(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : n) + " " + units[i];
 }
+function ago(seconds) {
+  const s = Math.round(seconds);
+  if (s < 120) return s + " s";
+  if (s < 7200) return Math.floor(s / 60) + " min";
+  return Math.floor(s / 3600) + " h " + Math.floor(s % 3600 / 60) + " min";
+}
 function filters(job, withPlaces) {
   return job.filters.map(f => f.filter + ": " + f.state +
     (f.reasons.length ? " (" + f.reasons.join(", ") + ")" : "") +
@@ -235,7 +279,7 @@ function fill(id, rows, empty) {
     tr.append(td); body.append(tr); return;
   }
   for (const row of rows) {
-    const tr = el("tr");
+    const tr = el("tr", null, row.cls);
     if (row.id) tr.id = row.id;
     for (const cell of row.cells) tr.append(cell);
     body.append(tr);
@@ -246,26 +290,38 @@ function draw(s) {
     " \\u00b7 repository " + s.server.repository_state + " \\u00b7 updated " +
     when(s.server.now);
   const c = s.counters;
+  const e = c.jobs_ended;
+  // [name, value, shown as a failure when not zero]
   const cards = [["Repository", s.server.repository_state], ["Active jobs", s.active.length],
-    ["Jobs created", c.jobs_created], ["Completed", c.jobs_ended.Completed || 0],
-    ["Aborted", c.jobs_ended.Aborted || 0], ["Canceled", c.jobs_ended.Canceled || 0],
-    ["Images", c.images_received], ["Received", size(c.bytes_received)],
-    ["Connections", c.connections], ["Subscriptions", s.subscriptions.length],
-    ["Delivery failures", c.delivery_failures]];
+    ["Stalled", s.active.filter(j => j.stalled).length, true],
+    ["Jobs created", c.jobs_created], ["Succeeded", e.succeeded],
+    ["Partial", e.partial, true], ["Failed", e.failed, true], ["Aborted", e.aborted, true],
+    ["Canceled", e.canceled], ["Images", c.images_received], ["Received", size(c.bytes_received)],
+    ["Delivery failures", c.delivery_failures, true],
+    ["Event delivery failures", c.event_delivery_failures, true],
+    ["Connections", c.connections], ["Subscriptions", s.subscriptions.length]];
   const box = document.getElementById("counters"); box.replaceChildren();
-  for (const [name, value] of cards) {
-    const card = el("div", null, "card"); card.append(el("b", value), el("span", name));
+  for (const [name, value, alarm] of cards) {
+    const card = el("div", null, alarm && value ? "card bad" : "card");
+    card.append(el("b", value, alarm && value ? "bad" : ""), el("span", name));
     box.append(card);
   }
-  fill("active", s.active.map(j => ({id: "job-" + j.token, cells: [
-    el("td", j.token, "tok"), el("td", j.state),  el("td", when(j.created)),
+  fill("active", s.active.map(j => ({id: "job-" + j.token, cls: j.stalled ? "stalled" : "",
+    cells: [
+    el("td", j.token, "tok"),
+    el("td", j.state + (j.stalled ? " \u2014 stalled" : ""), j.stalled ? "stalled" : ""),
+    el("td", when(j.created)), el("td", ago(j.elapsed_seconds), "num"),
     el("td", j.images + (j.uploading.length ? " (+" + j.uploading.length + " arriving)" : ""),
        "num"),
-    el("td", size(j.bytes), "num"), el("td", j.user), el("td", j.device),
+    el("td", size(j.bytes), "num"), el("td", ago(j.idle_seconds) + " ago", "num"),
+    el("td", j.user), el("td", j.device),
     el("td", j.process), el("td", filters(j, false))]})), "no active jobs");
-  fill("history", s.history.map(j => ({id: "job-" + j.token, cells: [
+  document.getElementById("history-size").textContent = s.history_size > s.history.length ?
+    "(latest " + s.history.length + " of " + s.history_size + "; dsc history lists all)" : "";
+  fill("history", s.history.map(j => ({id: "job-" + j.token, cls: j.outcome, cells: [
     el("td", j.token, "tok"),
-    el("td", j.state + (j.reasons.length ? " (" + j.reasons.join(", ") + ")" : ""), j.state),
+    el("td", j.outcome + ": " + j.state +
+       (j.reasons.length ? " (" + j.reasons.join(", ") + ")" : ""), j.outcome),
     el("td", when(j.completed)), el("td", j.seconds === null ? "" : j.seconds.toFixed(1) + " s",
     "num"), el("td", j.images, "num"), el("td", j.user), el("td", j.device),
     el("td", filters(j, true))]})), "no completed jobs");
