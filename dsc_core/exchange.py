@@ -24,6 +24,7 @@ from .mime import MultipartError, MultipartReader, PartData, PartEnd, PartStart
 from .operation import Operation, OpResult, Request, Upload
 from .registry import Registry
 from .state import ServerState
+from .transfer_encoding import PartDecoder, TransferEncodingError, decoder_for
 from .transport import Outcome, Reply, RequestInfo
 from .users import identity, require_scan_admin
 from .xmlread import Element, check_tree, parse_xml
@@ -60,6 +61,9 @@ class Exchange:
         self._reply_id = ""
         self._multipart: MultipartReader | None = None
         self._part = 0  # index of the current MIME part (1 = root)
+        #: The current part's Content-Transfer-Encoding decoder (None: identity), for the root
+        #: part and the image (README ruling "Transfer-encoded MIME parts").
+        self._decoder: PartDecoder | None = None
         #: The operation's arguments, when read early for its upload (a 1-tuple: None is a
         #: valid argument value).
         self._early_args: tuple[Any] | None = None
@@ -118,41 +122,62 @@ class Exchange:
 
     def _on_parts(self, events: list[PartStart | PartData | PartEnd]) -> list[Command]:
         commands: list[Command] = []
-        for event in events:
-            if isinstance(event, PartStart):
-                self._part += 1
-                up = self._upload
-                if (
-                    self._part > 1
-                    and up is not None
-                    and not up.begun
-                    and event.content_id == up.href
-                ):
-                    up.begun = True
-                    self._in_upload = True
-                    commands.append(BeginDocument(up.token, up.document_id, up.format))
-            elif isinstance(event, PartData):
-                if self._part == 1:
-                    self._keep(event.data)
-                elif self._in_upload and self._upload is not None:
+        try:
+            for event in events:
+                if isinstance(event, PartStart):
+                    self._part += 1
+                    self._decoder = None
                     up = self._upload
-                    up.size += len(event.data)
-                    if up.size > self._limits.max_image_bytes:
-                        return commands + self._fail(
-                            faults.malformed(
-                                f"The image exceeds the limit of {self._limits.max_image_bytes} "
-                                "bytes (setting max_image_bytes).",
-                                http_status=413,
-                            )
-                        )
-                    commands.append(AppendDocument(up.token, up.document_id, event.data))
-            elif isinstance(event, PartEnd):
-                if self._part == 1:
-                    self._root_part_done()
-                elif self._in_upload and self._upload is not None:
-                    self._upload.complete = True
-                    self._in_upload = False
+                    if self._part == 1:
+                        self._decoder = _decoder(event)
+                    elif up is not None and not up.begun and event.content_id == up.href:
+                        self._decoder = _decoder(event)
+                        up.begun = True
+                        self._in_upload = True
+                        commands.append(BeginDocument(up.token, up.document_id, up.format))
+                elif isinstance(event, PartData):
+                    if self._part == 1 or self._in_upload:
+                        data = event.data
+                        if self._decoder is not None:
+                            data = self._decoder.feed(data)
+                        commands += self._part_bytes(data)
+                elif isinstance(event, PartEnd):
+                    if self._decoder is not None and (self._part == 1 or self._in_upload):
+                        commands += self._part_bytes(self._decoder.close())
+                        self._decoder = None
+                    if self._part == 1:
+                        self._root_part_done()
+                    elif self._in_upload and self._upload is not None:
+                        self._upload.complete = True
+                        self._in_upload = False
+        except TransferEncodingError as exc:
+            # RFC 2045 section 6 / DPWS R0036: never acknowledge and file something else.
+            part = "root part" if self._part == 1 else "image part"
+            return commands + self._fail(
+                faults.malformed(f"The MIME {part} cannot be decoded: {exc.reason}")
+            )
         return commands
+
+    def _part_bytes(self, data: bytes) -> list[Command]:
+        """Decoded bytes of the root part (kept) or of the image (streamed to the store)."""
+        if not data:
+            return []
+        if self._part == 1:
+            self._keep(data)
+            return []
+        up = self._upload
+        if not self._in_upload or up is None:
+            return []
+        up.size += len(data)
+        if up.size > self._limits.max_image_bytes:
+            return self._fail(
+                faults.malformed(
+                    f"The image exceeds the limit of {self._limits.max_image_bytes} "
+                    "bytes (setting max_image_bytes).",
+                    http_status=413,
+                )
+            )
+        return [AppendDocument(up.token, up.document_id, data)]
 
     def _root_part_done(self) -> None:
         """The root part is complete: read the envelope now, so that an operation with an upload
@@ -406,6 +431,12 @@ class Exchange:
             return []
         self._ended = True
         return self._fail(faults.malformed("The request was not received completely."))
+
+
+def _decoder(start: PartStart) -> PartDecoder | None:
+    """The part's transfer decoder (None: identity); raises TransferEncodingError for an
+    encoding we do not decode, which refuses the request."""
+    return decoder_for(start.headers.get("content-transfer-encoding"))
 
 
 # --- replies whose whole Body child is spliced bytes ----------------------------------------------
