@@ -16,11 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from dsc_core.model import FileShareInstructions
 from dsc_core.outcomes import JobOutcome, job_outcome
-from e2e_support import ServerProcess, SharePointSite, Soap, dsc, started_servers, wait_for
-from test_observe_e2e import LOCAL_SHARE, get, scrape, value
+from e2e_support import (
+    DEFAULT_SID,
+    Relay,
+    ServerProcess,
+    SharePointSite,
+    Soap,
+    dsc,
+    free_port,
+    started_servers,
+    wait_for,
+)
+from test_observe_e2e import LOCAL_SHARE, get, job_lines, scrape, value
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(20_000)
 
@@ -217,3 +228,58 @@ def test_counters_and_history_order_survive_a_restart(env: Env, tmp_path: Path) 
         # /metrics starts again at zero, as Prometheus expects of a new process.
         assert value(scrape(again), "dsc_jobs_ended_total", outcome="partial") == 0
         env.server = again
+
+
+def test_the_log_names_what_each_filter_delivered(tmp_path: Path) -> None:
+    site = SharePointSite(status=201)
+    relay = Relay()
+    smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        config = tmp_path / "dsc.toml"
+        config.write_text(
+            f"[sharepoint]\nsites = [{site.config()}]\n"
+            f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
+        )
+        image = tmp_path / "page.png"
+        image.write_bytes(PNG)
+        with started_servers() as start:
+            server = start(ServerProcess(tmp_path / "data", config=config))
+            token = scan(
+                server,
+                image,
+                *(
+                    "--share",
+                    LOCAL_SHARE,
+                    "--sharepoint",
+                    site.url(),
+                    "--email",
+                    "bob@corp.example",
+                ),
+            )
+            server.stop_cleanly()
+        lines = job_lines(server.log, token)
+        share = tmp_path / "data" / "shares" / "localhost" / "scans" / DEFAULT_SID
+        [message_id] = [
+            line.split("Message-ID: ", 1)[1].strip()
+            for line in relay.messages[0][2].decode().splitlines()
+            if line.startswith("Message-ID: ")
+        ]
+        # One INFO line per thing delivered: "filter N (kind) delivered WHERE".
+        delivered = {
+            m.group(1): m.group(2)
+            for m in (
+                re.fullmatch(rf"job {token} filter \d+ \((\w+)\) delivered (.*)", x) for x in lines
+            )
+            if m
+        }
+        assert delivered == {
+            "fileshare": str(share / "page_0001.png"),
+            "sharepoint": f"{site.url()}/page_0001.png",
+            "email": f"Message-ID {message_id} to bob@corp.example",
+        }, lines
+        assert [u.path for u in site.uploads] == ["/sites/scans/page_0001.png"]
+        assert (share / "page_0001.png").read_bytes() == PNG
+    finally:
+        smtp.stop()
+        site.close()

@@ -105,18 +105,23 @@ def test_job_log_lines_of_a_real_server(
 
     size = len(PNG) + len(PDF)
     lines = job_lines(log, done["token"])
-    assert len(lines) == 6, lines
-    assert lines[:5] == [
+    assert len(lines) == 8, lines
+    # Each file the filter wrote, by its path on the share (issue 14 §3).
+    folder = server.data / "shares" / "localhost" / "scans" / DEFAULT_SID
+    assert lines[:7] == [
         f"job {done['token']} created: user {DEFAULT_SID}, device 127.0.0.1, process Invoices, "
         f"to fileshare {LOCAL_SHARE}",
         f"job {done['token']} image 1 received: {len(PNG)} bytes (png)",
         f"job {done['token']} image 2 received: {len(PDF)} bytes (pdf-a)",
         f"job {done['token']} ended by the device: 2 image(s), {size} bytes",
+        f"job {done['token']} filter 0 (fileshare) delivered {folder / 'page_0001.png'}",
+        f"job {done['token']} filter 0 (fileshare) delivered {folder / 'page_0002.pdf'}",
         f"job {done['token']} filter fileshare CompletedSuccessfully: delivered to {LOCAL_SHARE}",
     ]
+    assert (folder / "page_0002.pdf").read_bytes() == PDF
     assert re.fullmatch(
         rf"job {done['token']} completed \(PostScanJobCompletedSuccessfully\) after \d+\.\d s",
-        lines[5],
+        lines[7],
     )
     failed_lines = job_lines(log, failed["token"])
     assert (

@@ -18,6 +18,21 @@ from dsc_core.model import Document, FilterState, FilterStateReason, Job, extens
 from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
+#: The job log (.observe writes the rest of it): what each filter delivered, where.
+jobs_log = logging.getLogger("dsc.jobs")
+
+
+def log_delivered(job: Job, filter_index: int, kind: str, where: str) -> None:
+    """One INFO line per thing a filter delivered (issue 14 §3: the log names the files):
+    a file's path on the share, a SharePoint document's URL, an e-mail's Message-ID."""
+    jobs_log.info(
+        "job %s filter %d (%s) delivered %s",
+        job.token,
+        filter_index,
+        kind,
+        where,
+        extra={"event": "job.delivered", "job": job.token, "filter": kind, "where": where},
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from .common import (
     SourceError,
     check_cancel,
     document_file_name,
+    log_delivered,
     never_raises,
     sanitize_name,
 )
@@ -100,6 +101,9 @@ def _deliver(
         counter = _copy_one(
             source, directory, job, document, counter + 1, journal, settings.chunk_size, cancelled
         )
+        delivered = journal.get(directory, document.document_id)
+        if delivered is not None:
+            log_delivered(job, filter_index, "fileshare", str(directory / delivered[1]))
     fsync_dir(directory)  # the new names survive a crash, not only the contents
 
 

@@ -30,6 +30,7 @@ from .common import (
     check_cancel,
     content_type_for,
     document_file_name,
+    log_delivered,
     never_raises,
     read_full,
 )
@@ -84,6 +85,14 @@ def run(
     except SourceError as exc:
         log.error("job %s: cannot read a stored document: %s", job.token, exc)
         return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+    accepted = [a for a in recipients if a not in rejected]
+    domain = _domain(settings)
+    log_delivered(
+        job,
+        filter_index,
+        "email",
+        f"Message-ID {message_id(job, filter_index, domain)} to {', '.join(accepted)}",
+    )
     if rejected or outside:
         # Delivered to the others; the job still learns that someone did not get it.
         log.warning("job %s: recipients refused: %s", job.token, ", ".join([*rejected, *outside]))
@@ -183,6 +192,11 @@ def _send(
         smtp.close()
 
 
+def _domain(settings: FilterSettings) -> str:
+    """The Message-ID's domain: the sender's."""
+    return settings.mail_from.rpartition("@")[2] or "localhost"
+
+
 def message_id(job: Job, filter_index: int, domain: str) -> str:
     """The same for every run of one job's e-mail filter: sent again after a crash (R13: at least
     once), the copy is recognisable as a duplicate by its Message-ID (RFC 5322 3.6.4)."""
@@ -240,7 +254,7 @@ def _write_message(
 ) -> None:
     # "=_" never occurs in base64 or in our text part, so the boundary cannot clash.
     boundary = "=_dsc_" + secrets.token_hex(16)
-    domain = settings.mail_from.rpartition("@")[2] or "localhost"
+    domain = _domain(settings)
     display = job.psp_display_name or job.psp_identifier
     writer.lines(
         _header_block(

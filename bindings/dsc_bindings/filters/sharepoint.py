@@ -22,6 +22,7 @@ from .common import (
     check_cancel,
     content_type_for,
     document_file_name,
+    log_delivered,
     never_raises,
     read_full,
 )
@@ -83,6 +84,7 @@ def run(
                 check_cancel(cancelled)
                 name = document_file_name(job.document_root_name, number, document.format)
                 _put(site, name, source, document.format, settings, cancelled)
+                log_delivered(job, filter_index, "sharepoint", f"{site}/{quote(name, safe='')}")
         except FilterFailure as exc:
             # The rest of this site would most likely fail the same way; try the next site.
             log.warning(
