@@ -809,7 +809,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .watch import Sink, Watcher, callback_url, install_stop_signals, parse_listen
+    from .watch import (
+        CHECK_EVERY,
+        Sink,
+        Watcher,
+        callback_url,
+        install_stop_signals,
+        loopback_warning,
+        parse_listen,
+    )
 
     try:
         listen = parse_listen(args.listen)
@@ -826,16 +834,41 @@ def cmd_watch(args: argparse.Namespace) -> int:
     try:
         callback = callback_url(listen, sink.port, args.callback, client.url)
         watcher = Watcher(
-            client.call, client.url, sink, callback, sys.stdout, as_json=args.json, wide=args.wide
+            client.call,
+            client.url,
+            sink,
+            callback,
+            sys.stdout,
+            as_json=args.json,
+            wide=args.wide,
+            check_every=args.check_every or CHECK_EVERY,
+            err=sys.stderr,
         )
+        warning = loopback_warning(listen, args.callback, client.url)
+        if warning:
+            print(f"dsc: warning: {warning}", file=sys.stderr)
         watcher.subscribe()
         # On standard error also with --json: the JSON lines stay alone on standard output.
-        print(f"watching {client.url} (events to {callback}); Ctrl-C to stop", file=sys.stderr)
+        print(
+            f"watching {client.url} (events to {watcher.callback}); Ctrl-C to stop",
+            file=sys.stderr,
+        )
         restore = install_stop_signals(watcher)
         try:
             ended = watcher.run()
         finally:
             restore()
+        if ended in ("lost", "failed"):
+            how = (
+                "ended this watch's subscription without a word here"
+                if ended == "lost"
+                else "gave up delivering events"
+            )
+            raise CliError(
+                f"the server {how}: it could not deliver events to {watcher.callback} (the "
+                "address this watch advertised); make that address reachable from the server, "
+                "or give --listen ADDR:PORT (and --callback URL behind NAT)"
+            )
         if ended == "stopped":
             try:
                 watcher.unsubscribe()
@@ -1205,15 +1238,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Subscribe to the MS-BDSRR events (job status, job end state, repository "
         "status and configuration) through WS-Eventing and print one line per event until "
         "interrupted (Ctrl-C), then unsubscribe. The server delivers the events to a small "
-        "HTTP listener this command runs (--listen); it must be able to connect to it.",
+        "HTTP listener this command runs (--listen); it must be able to connect to it. When "
+        "the server drops the subscription, or jobs change and no event arrives, the watch "
+        "says so (exit status 1).",
     )
     _client_options(p)
     p.add_argument(
         "--listen",
-        default="0.0.0.0:0",
+        default="127.0.0.1:0",
         metavar="ADDR:PORT",
-        help="where to receive the events (default 0.0.0.0:0: every interface, a free port)",
+        help="where to receive the events (default 127.0.0.1:0: this machine only, a free "
+        "port); a server on another host needs an address it can reach, e.g. 0.0.0.0:5380",
     )
+    # How often to ask the server whether the events get through (tests make it short).
+    p.add_argument("--check-every", type=float, help=argparse.SUPPRESS)
     p.add_argument(
         "--callback",
         metavar="URL",

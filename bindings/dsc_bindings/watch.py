@@ -7,6 +7,20 @@ notification, and unsubscribes when interrupted (Ctrl-C, SIGTERM).  The subscrip
 four MS-BDSRR events (bdsrr 3.2.4.6): PostScanJobStatusEvent, PostScanJobEndStateEvent,
 RepositoryStatusSummaryEvent and RepositoryElementsChangeEvent; it is renewed before it expires.
 A SubscriptionEnd from the server (it shuts down, or gave up delivering) ends the watch.
+
+What the watch trusts and checks (issue 14 §3):
+
+- It listens on loopback unless told otherwise (``--listen``): a sink on every interface would
+  take notifications from anyone who can reach it.
+- Its NotifyTo and EndTo carry a random reference parameter (``w:Watch``), which the server
+  copies into every notification as a header (WS-Addressing 2004/08 §2.1, R7); a POST without
+  it, or a SubscriptionEnd for another subscription, is ignored.
+- A server that cannot reach the advertised address says nothing here (its SubscriptionEnd
+  goes to the same address).  So the watch asks the server (wse:GetStatus) every
+  ``check_every`` seconds: a subscription the server no longer knows ended; and when the active
+  jobs changed but no event arrived for a whole interval, the events are not getting through.
+  Either is said with the address this watch advertised.
+- Everything printed from a notification is escaped (no control characters reach the terminal).
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +44,7 @@ from lxml import etree
 from dsc_core import client as dc
 from dsc_core import names
 
-from .cli_output import local_time, short_token
+from .cli_output import local_time, printable, short_token
 
 A = names.Action
 Element = etree._Element
@@ -45,8 +60,22 @@ WATCHED_EVENTS = (
 SUBSCRIPTION_SECONDS = 600
 #: Largest notification body the sink reads (a RepositoryElementsChangeEvent is a few KB).
 MAX_NOTIFICATION_BYTES = 1024 * 1024
+#: How often the watch asks the server whether its subscription still exists (seconds).
+CHECK_EVERY = 15.0
+#: The reference parameter this watch puts in its NotifyTo/EndTo (module docstring).
+WATCH_NS = "urn:dsc-server:watch"
+WATCH_KEY = f"{{{WATCH_NS}}}Watch"
 
-__all__ = ["WATCHED_EVENTS", "Notification", "Sink", "Watcher", "describe", "parse_listen"]
+__all__ = [
+    "CHECK_EVERY",
+    "WATCHED_EVENTS",
+    "Notification",
+    "Sink",
+    "Watcher",
+    "describe",
+    "loopback_warning",
+    "parse_listen",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +199,10 @@ def describe(body: bytes, *, wide: bool = False) -> dict[str, Any]:
     payload = next(iter(body_el), None) if body_el is not None else None
     event = action.rsplit("/", 1)[-1] or _local(payload.tag if payload is not None else "")
     out: dict[str, Any] = {"event": event, "action": action}
+    if header is not None:
+        for child in header:
+            if child.tag == WATCH_KEY:
+                out["watch_key"] = (child.text or "").strip()
     if payload is None:
         return out
     if event in ("PostScanJobStatusEvent", "PostScanJobEndStateEvent"):
@@ -191,11 +224,17 @@ def describe(body: bytes, *, wide: bool = False) -> dict[str, Any]:
     elif event == "SubscriptionEnd":
         out["status"] = (_texts(payload, "Status") or [""])[0].rsplit("/", 1)[-1]
         out["reason"] = (_texts(payload, "Reason") or [""])[0]
+        out["identifier"] = (_texts(payload, "Identifier") or [""])[0]
     return out
 
 
 def line_of(fields: dict[str, Any], received: datetime, *, wide: bool = False) -> str:
-    """One readable line: local time, event, and its essentials."""
+    """One readable line: local time, event, and its essentials; nothing from the wire reaches
+    the terminal unescaped (a state or reason could hold an escape sequence)."""
+    return printable(_line(fields, received, wide=wide))
+
+
+def _line(fields: dict[str, Any], received: datetime, *, wide: bool = False) -> str:
     when = local_time(received.isoformat(), wide=wide)
     event = fields["event"]
     if event in ("PostScanJobStatusEvent", "PostScanJobEndStateEvent"):
@@ -239,7 +278,10 @@ class Watcher:
         *,
         as_json: bool = False,
         wide: bool = False,
+        check_every: float = CHECK_EVERY,
+        err: TextIO | None = None,
     ) -> None:
+        self._err = err or out
         self._call = call
         self._server_url = server_url
         self._sink = sink
@@ -251,17 +293,35 @@ class Watcher:
         self.manager = ""
         self.identifier = ""
         self.expires_at = 0.0
+        #: Echoed by the server in every notification to this watch (module docstring).
+        self.key = uuid.uuid4().hex
+        self.check_every = check_every
+        #: Notifications ignored because they were not for this watch.
+        self.ignored = 0
+        self._received_since_check = False
+        self._jobs: tuple[tuple[str, str, int], ...] | None = None
+        self._changed_silently = False
+        self.warned_silent = False
 
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def callback(self) -> str:
+        """Where the server was told to send the events."""
+        return f"{self._callback}/events"
+
+    def _endpoint(self, parent: Element, local: str, path: str) -> None:
+        epr = etree.SubElement(parent, f"{{{names.WSE}}}{local}")
+        etree.SubElement(epr, f"{{{names.WSA}}}Address").text = f"{self._callback}/{path}"
+        params = etree.SubElement(epr, f"{{{names.WSA}}}ReferenceParameters")
+        etree.SubElement(params, WATCH_KEY, nsmap={"w": WATCH_NS}).text = self.key
+
     def subscribe(self) -> None:
         request = etree.Element(f"{{{names.WSE}}}Subscribe", nsmap={"wse": names.WSE})
-        end_to = etree.SubElement(request, f"{{{names.WSE}}}EndTo")
-        etree.SubElement(end_to, f"{{{names.WSA}}}Address").text = f"{self._callback}/end"
+        self._endpoint(request, "EndTo", "end")
         delivery = etree.SubElement(request, f"{{{names.WSE}}}Delivery", Mode=names.PUSH_MODE)
-        notify_to = etree.SubElement(delivery, f"{{{names.WSE}}}NotifyTo")
-        etree.SubElement(notify_to, f"{{{names.WSA}}}Address").text = f"{self._callback}/events"
+        self._endpoint(delivery, "NotifyTo", "events")
         etree.SubElement(request, f"{{{names.WSE}}}Expires").text = f"PT{SUBSCRIPTION_SECONDS}S"
         filter_el = etree.SubElement(
             request, f"{{{names.WSE}}}Filter", Dialect=names.DEVPROF_ACTION_DIALECT
@@ -309,12 +369,75 @@ class Watcher:
             headers=self._manager_headers(),
         )
 
+    def subscription_exists(self) -> bool:
+        """wse:GetStatus: False when the server no longer knows this subscription (a fault)."""
+        request = etree.Element(f"{{{names.WSE}}}GetStatus", nsmap={"wse": names.WSE})
+        try:
+            self._call(
+                A.GET_STATUS,
+                request,
+                to=self.manager or self._server_url,
+                headers=self._manager_headers(),
+            )
+        except dc.ClientFault:
+            return False
+        return True
+
+    def _jobs_now(self) -> tuple[tuple[str, str, int], ...]:
+        """The active jobs and the newest ended one: a job that began and ended between two
+        checks still changes the latter."""
+        jobs = []
+        for action, request, container in (
+            (A.DSC_GET_ACTIVE_JOBS, "GetActiveJobsRequest", "ActiveJobs"),
+            (A.DSC_GET_JOB_HISTORY, "GetJobHistoryRequest", "JobHistory"),
+        ):
+            payload = self._call(action, dc.empty_request(request), to=self._server_url).payload
+            found = dc.read_summaries(payload, container)
+            jobs += found if container == "ActiveJobs" else found[:1]  # history: newest first
+        return tuple(sorted((j.token, j.state, j.images_received) for j in jobs))
+
+    def check(self) -> str | None:
+        """One look at the server (module docstring): "lost" when the subscription is gone;
+        warns once when jobs changed and no event arrived for a whole interval."""
+        if not self.subscription_exists():
+            return "lost"
+        jobs = self._jobs_now()
+        received, self._received_since_check = self._received_since_check, False
+        if received:
+            self._changed_silently = False
+        elif self._changed_silently and not self.warned_silent:
+            self.warned_silent = True
+            self._err.write(
+                f"dsc: warning: jobs changed on the server but no event arrived here for "
+                f"{self.check_every:g} s: the server may not reach {self.callback} (the "
+                "address this watch advertised); give --listen ADDR:PORT or --callback URL\n"
+            )
+            self._err.flush()
+        if self._jobs is not None and jobs != self._jobs and not received:
+            self._changed_silently = True
+        self._jobs = jobs
+        return None
+
+    def _ours(self, fields: dict[str, Any]) -> bool:
+        if fields.pop("watch_key", None) != self.key:
+            return False
+        if fields["event"] == "SubscriptionEnd":
+            return bool(fields.get("identifier") == self.identifier)
+        return True
+
     def run(self) -> str:
-        """Print notifications until :meth:`stop` or a SubscriptionEnd; returns why it ended
-        ("stopped" or "ended")."""
+        """Print notifications until :meth:`stop`, a SubscriptionEnd, or a subscription the
+        server dropped; returns why it ended: "stopped", "ended" (SourceShuttingDown and the
+        like), "failed" (the server gave up delivering) or "lost" (the subscription is gone)."""
+        self._jobs = self._jobs_now()  # what "jobs changed" is measured against
+        next_check = time.monotonic() + self.check_every
         while not self._stop.is_set():
             if self.expires_at - time.monotonic() < SUBSCRIPTION_SECONDS / 3:
                 self.renew()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.check_every
+                if self.check() == "lost":
+                    return "lost"
             try:
                 note = self._sink.notifications.get(timeout=0.2)
             except queue.Empty:
@@ -322,9 +445,12 @@ class Watcher:
             try:
                 fields = describe(note.body, wide=self._wide)
             except (ValueError, etree.XMLSyntaxError):
-                self._out.write(f"{note.received.isoformat()}  (unreadable notification)\n")
-                self._out.flush()
+                self.ignored += 1  # not SOAP: not from the server
                 continue
+            if not self._ours(fields):
+                self.ignored += 1
+                continue
+            self._received_since_check = True
             if self._json:
                 fields = {"received": note.received.isoformat(timespec="seconds"), **fields}
                 self._out.write(json.dumps(fields) + "\n")
@@ -332,7 +458,7 @@ class Watcher:
                 self._out.write(line_of(fields, note.received, wide=self._wide) + "\n")
             self._out.flush()
             if fields["event"] == "SubscriptionEnd":
-                return "ended"
+                return "failed" if fields["status"] == "DeliveryFailure" else "ended"
         return "stopped"
 
 
@@ -349,6 +475,31 @@ def install_stop_signals(watcher: Watcher) -> Callable[[], None]:
             signal.signal(s, handler)
 
     return restore
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_warning(listen: tuple[str, int], callback: str | None, server: str) -> str | None:
+    """Why the server cannot reach this watch, when that is known before subscribing: a
+    loopback listener for a server on another host."""
+    from urllib.parse import urlsplit
+
+    server_host = urlsplit(server).hostname or ""
+    if callback or not _is_loopback(listen[0]) or _is_loopback(server_host):
+        return None
+    return (
+        f"listening on {listen[0]} (this machine only) for a server on {server_host}: it "
+        "cannot deliver events here; give --listen with an address it can reach"
+    )
 
 
 def callback_url(listen: tuple[str, int], sink_port: int, callback: str | None, server: str) -> str:
