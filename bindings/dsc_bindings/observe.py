@@ -125,6 +125,8 @@ class Observer:
         self._jobs: dict[str, _Known] = {}
         #: The completed jobs' history keys (_history_key), sorted: oldest first.
         self._history: list[tuple[float, str]] = []
+        #: Tokens of the active jobs: the page lists them without a pass over the history.
+        self._active: set[str] = set()
         #: token -> (address, identity) of a CreateJob on its way to the store.
         self._creators: dict[str, tuple[str, str]] = {}
         #: (operation, outcome) -> its dsc_requests counter (a bounded set: metrics.py).
@@ -159,6 +161,8 @@ class Observer:
                 self._jobs[job.token] = known
                 if not job.is_active:
                     self._history.append(_history_key(job))
+                else:
+                    self._active.add(job.token)
             self._history.sort()
             self.metrics.active_jobs.set(len(self._jobs) - len(self._history))
 
@@ -241,6 +245,7 @@ class Observer:
             elif isinstance(command, DropJob):
                 with self._lock:
                     gone = self._jobs.pop(command.token, None)
+                    self._active.discard(command.token)
                     if gone is not None and not gone.job.is_active:
                         self._history_remove(gone.job)
                 log.debug("job %s left the history", command.token)
@@ -307,6 +312,9 @@ class Observer:
                 self._history_remove(old)  # retried, or its record rewritten
             if not job.is_active:
                 bisect.insort(self._history, _history_key(job))
+                self._active.discard(job.token)
+            else:
+                self._active.add(job.token)
             active = len(self._jobs) - len(self._history)
         self.metrics.active_jobs.set(active)
         if old is None:
@@ -477,11 +485,7 @@ class Observer:
     def active(self, now: float, stalled_after: float) -> list[dict[str, Any]]:
         """The active jobs, newest first, with their progress (``now``: time.time())."""
         with self._lock:
-            rows = [
-                self._job_dict(k, now, stalled_after)
-                for k in self._jobs.values()
-                if k.job.is_active
-            ]
+            rows = [self._job_dict(self._jobs[t], now, stalled_after) for t in self._active]
         rows.sort(key=lambda row: row["created"], reverse=True)
         return rows
 
