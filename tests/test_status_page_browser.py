@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from e2e_support import ServerProcess, dsc
+from dsc_core.model import FileShareInstructions
+from e2e_support import ServerProcess, Soap, dsc
 
 CHROMIUM = os.environ.get("DSC_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
@@ -98,3 +99,37 @@ def test_a_scan_appears_on_the_open_page_without_a_reload(
     assert asked and all(url.startswith(base + "/") for url in asked), asked
     assert any(url.endswith("/status.json") for url in asked)
     page.close()
+
+
+def test_failures_are_red_and_a_vanished_scanner_is_stalled(browser: Any, tmp_path: Path) -> None:
+    config = tmp_path / "dsc.toml"
+    config.write_text("[jobs]\nstalled_after_seconds = 1\n")
+    server = ServerProcess(tmp_path / "data", config=config).start()
+    try:
+        image = tmp_path / "page.png"
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(5_000))
+        failed = dsc(
+            "scan", "--server", server.url, "-q", "--json", "--share", r"\\host\..\x", str(image)
+        )
+        token = failed.json()["token"]
+        soap = Soap(server.url)
+        stalled = soap.create([FileShareInstructions((r"\\localhost\scans",))])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        expect = playwright_api.expect
+        row = page.locator(f"#job-{token}")
+        expect(row).to_contain_text("failed: Aborted (PostScanJobProcessingFailed)", timeout=15_000)
+        expect(row).to_have_class("failed")
+        # Red, not green: the outcome cell's colour as the browser computed it.
+        colour = row.locator("td.failed").evaluate("e => getComputedStyle(e).color")
+        assert colour == "rgb(179, 38, 30)", colour
+        active = page.locator(f"#job-{stalled}")
+        expect(active).to_contain_text("Creating \u2014 stalled", timeout=15_000)
+        expect(active).to_have_class("stalled")
+        expect(page.locator("#counters")).to_contain_text("Failed")
+        page.close()
+        soap.dsc_cancel(stalled)
+        server.stop_cleanly()
+    finally:
+        if server.alive:
+            server.kill9()
