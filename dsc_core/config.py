@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 from . import names
 
+#: ServerConfig.fault_http_status values (README ruling "HTTP status of faults").
+FAULT_HTTP_STATUSES = ("soap12", "500")
+
 #: The filter dialects this server can run (bdsrr §3; local names under names.FILTER).
 KNOWN_FILTERS = frozenset({"fileshare", "sharepoint", "email"})
 
@@ -186,6 +189,13 @@ class ServerConfig:
     #: R13 (R11): wsd:AppSequence InstanceId, a number that grows with each server start (the
     #: binding keeps a counter in its data directory).
     discovery_instance_id: int = 1
+    #: WS-Discovery scopes of the device (issue 16): advertised in ProbeMatches and matched
+    #: against a Probe's wsd:Scopes (WS-Discovery 2005/04 section 5; README ruling "Scopes").
+    scopes: tuple[str, ...] = ()
+    #: HTTP status of env:Sender faults: "soap12" gives 400 (SOAP 1.2 Part 2 section 7.5.1.2,
+    #: R4), "500" gives 500 to every fault, for WCF clients that read a fault only from a 500
+    #: (README ruling "HTTP status of faults").
+    fault_http_status: str = "soap12"
 
     def __post_init__(self) -> None:
         owner = "ServerConfig"
@@ -226,6 +236,16 @@ class ServerConfig:
         _seconds(owner, "subscription_max_seconds", self.subscription_max_seconds)
         _int(owner, "delivery_failures_before_end", self.delivery_failures_before_end, minimum=1)
         _int(owner, "discovery_instance_id", self.discovery_instance_id, minimum=1)
+        if not isinstance(self.scopes, tuple) or not all(
+            isinstance(s, str) and s and not any(c.isspace() for c in s) and ":" in s
+            for s in self.scopes
+        ):
+            # wsd:Scopes is a space-separated list of absolute URIs.
+            what = "a tuple of absolute URIs without white space"
+            raise _fail(owner, "scopes", what, self.scopes)
+        if self.fault_http_status not in FAULT_HTTP_STATUSES:
+            what = " or ".join(repr(v) for v in FAULT_HTTP_STATUSES)
+            raise _fail(owner, "fault_http_status", what, self.fault_http_status)
 
     def replace(self, **changes: object) -> ServerConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

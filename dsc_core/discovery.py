@@ -20,8 +20,13 @@ def answer_datagram(server: ScanServer, data: bytes, now: datetime) -> bytes | N
         envelope = soap.read_envelope(parse_document(data, server.config.limits))
     except faults.SoapFault:
         return None
-    if envelope.addressing.action != names.Action.PROBE or not probe_matches(envelope.payload):
-        return None  # not a Probe, or no match: WS-Discovery sends no answer
+    if envelope.addressing.action != names.Action.PROBE:
+        return None
+    try:
+        if not probe_matches(envelope.payload, server.config):
+            return None  # no match: WS-Discovery sends no answer
+    except faults.SoapFault:
+        return None  # a MatchBy we do not implement: no match, and no fault over UDP
     outcome = server.handle(
         data, RequestInfo(now=now, content_type="application/soap+xml", datagram=True)
     )

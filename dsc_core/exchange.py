@@ -394,7 +394,7 @@ class Exchange:
         subcode = fault.subcode[1] if fault.subcode else "-"
         return Outcome(
             Reply(
-                fault.http_status,
+                faults.wire_status(fault, self.state.config.fault_http_status),
                 SOAP11_CONTENT_TYPE if fault.soap11 else SOAP_CONTENT_TYPE,
                 body,
             ),

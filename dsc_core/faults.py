@@ -72,6 +72,16 @@ class SoapFault(Exception):
         return f"SoapFault({self.code}/{sub}: {self.reason!r})"
 
 
+def wire_status(fault: SoapFault, fault_http_status: str) -> int:
+    """The HTTP status the fault is sent with (README ruling "HTTP status of faults"):
+    ``"soap12"`` keeps the SOAP 1.2 HTTP binding's 400 for env:Sender (Part 2 section
+    7.5.1.2); ``"500"`` sends 500 instead, the only non-2xx status from which the .NET WCF
+    HTTP client reads a SOAP fault.  A limit's own status (413) is kept either way."""
+    if fault_http_status == "500" and fault.http_status == 400:
+        return 500
+    return fault.http_status
+
+
 # --- R4 step 1: not well-formed, DTD, PI, limits, no Envelope/Body ---------------------------
 
 
@@ -274,6 +284,19 @@ _WSE_FAULTS = {
 def eventing(subcode: str, cause: str, detail: Detail | None = None) -> SoapFault:
     code, reason = _WSE_FAULTS[subcode]
     return SoapFault(code, (names.WSE, subcode), with_cause(reason, cause), detail)
+
+
+def matching_rule_not_supported(supported: tuple[str, ...]) -> SoapFault:
+    """WS-Discovery 2005/04 (section 5.1, fault table): a Probe's Scopes/@MatchBy that this
+    device does not implement; the Detail lists the rules it does."""
+    return SoapFault(
+        SENDER,
+        (names.WSD, "MatchingRuleNotSupported"),
+        "The matching rule specified is not supported: this device matches scopes by "
+        + ", ".join(supported)
+        + ".",
+        Detail((names.WSD, "SupportedMatchingRules"), " ".join(supported)),
+    )
 
 
 def filter_action_not_supported(action: str) -> SoapFault:

@@ -7,8 +7,10 @@ from typing import Any
 
 from lxml import etree
 
-from . import names
+from . import faults, names
+from .config import ServerConfig
 from .operation import Operation, OpResult, Request, no_arguments
+from .scopes import SUPPORTED_RULES, UnsupportedMatchingRule, scopes_match
 from .xmlread import Element, children, split, trimmed
 from .xmlwrite import sub
 
@@ -61,28 +63,44 @@ _OUR_TYPES = frozenset(
 )
 
 
-def probe_matches(payload: Element | None) -> bool:
-    """Whether a wsd:Probe matches this device: its Types (QNames, compared by namespace, R3)
-    are empty or all ours (wsdp:Device or one of our service types)."""
+def probe_matches(payload: Element | None, config: ServerConfig) -> bool:
+    """Whether a wsd:Probe matches this device (WS-Discovery 2005/04 section 5.1): every Type
+    (a QName, compared by namespace, R3) is ours (wsdp:Device or one of our service types) and
+    every Scope matches one of ``config.scopes`` under the Probe's MatchBy rule.  A rule this
+    device does not implement raises ``wsd:MatchingRuleNotSupported``."""
     if payload is None or split(payload.tag) != (names.WSD, "Probe"):
         return True  # an empty Probe body asks for every device
     for child in children(payload):
-        if split(child.tag) == (names.WSD, "Types"):
+        tag = split(child.tag)
+        if tag == (names.WSD, "Types"):
             for text in trimmed(child.text).split():
                 prefix, _, local = text.rpartition(":")
                 if (child.nsmap.get(prefix or None, "") or "", local) not in _OUR_TYPES:
                     return False
+        elif tag == (names.WSD, "Scopes"):
+            match_by = child.get("MatchBy")
+            try:
+                if not scopes_match(
+                    trimmed(child.text).split(),
+                    config.scopes,
+                    trimmed(match_by) if match_by is not None else None,
+                ):
+                    return False
+            except UnsupportedMatchingRule:
+                raise faults.matching_rule_not_supported(SUPPORTED_RULES) from None
     return True
 
 
 def probe(request: Request, _args: None) -> OpResult:
     """A directed Probe (HTTP POST to the device address): one ProbeMatch when it matches."""
     matches = etree.Element(f"{{{names.WSD}}}ProbeMatches")
-    if probe_matches(request.envelope.payload):
+    if probe_matches(request.envelope.payload, request.config):
         wsa = request.envelope.addressing.wsa_ns
         match = sub(matches, names.WSD, "ProbeMatch")
         sub(sub(match, wsa, "EndpointReference"), wsa, "Address", request.config.device_address)
         sub(match, names.WSD, "Types", "wsdp:Device")
+        if request.config.scopes:  # issue 16: advertised, in the schema's order
+            sub(match, names.WSD, "Scopes", " ".join(request.config.scopes))
         sub(match, names.WSD, "XAddrs", request.config.device_url)
         sub(match, names.WSD, "MetadataVersion", "1")
     # R13 (R11): AppSequence, as WSDAPI validates: InstanceId grows per start, MessageNumber

@@ -6,6 +6,7 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from lxml import etree
 
 from dsc_bindings.discovery import UdpDiscovery
@@ -13,6 +14,7 @@ from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.service import ScanService
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
+from dsc_core import scopes as scopes_mod
 from dsc_core.discovery import answer_datagram
 from helpers import parse, text, xp
 
@@ -103,3 +105,89 @@ def test_a_second_start_has_a_larger_instance_id(tmp_path: Path) -> None:
         finally:
             service.shutdown()
     assert ids[1] > ids[0]
+
+
+# --- Scopes (issue 16; WS-Discovery 2005/04 section 5.1) ---------------------------------------
+
+SCOPES = ("http://contoso.com/Scanners/Floor2", "urn:uuid:0F5B2A1E-1C4D-4E6F-8A9B-0C1D2E3F4A5B")
+
+
+def scoped_probe(scopes: str, match_by: str | None = None, types: str = "") -> bytes:
+    body = etree.Element(f"{{{names.WSD}}}Probe", nsmap={"wsd": names.WSD, "wsdp": names.WSDP})
+    if types:
+        etree.SubElement(body, f"{{{names.WSD}}}Types").text = types
+    element = etree.SubElement(body, f"{{{names.WSD}}}Scopes")
+    element.text = scopes
+    if match_by is not None:
+        element.set("MatchBy", match_by)
+    return dc.envelope(names.Action.PROBE, body, message_id="urn:uuid:1234")
+
+
+@pytest.mark.parametrize(
+    ("match_by", "scopes", "matches"),
+    [
+        (None, "", True),  # no scope asked: every device
+        (None, "http://CONTOSO.com/Scanners", True),  # host ignores case; a segment prefix
+        (None, "HTTP://contoso.com/Scanners/Floor2/", True),
+        (None, "http://contoso.com/Scanners/%46loor2?x=1#f", True),  # decoded; query ignored
+        (None, "http://contoso.com/scanners", False),  # path segments are case-sensitive
+        (None, "http://contoso.com/Scan", False),  # segment-wise, not a string prefix
+        (None, "http://contoso.com/Scanners/../Scanners", False),  # no ".." (5.1)
+        (None, "http://contoso.com/Scanners ldap:///x", False),  # every scope must match
+        (scopes_mod.RFC2396, "http://contoso.com/", True),
+        (
+            "http://docs.oasis-open.org/ws-dd/ns/discovery/2009/01/rfc3986",
+            "http://contoso.com",
+            True,
+        ),
+        (scopes_mod.STRCMP0, "http://contoso.com/Scanners/Floor2", True),
+        (scopes_mod.STRCMP0, "http://contoso.com/Scanners", False),
+        (scopes_mod.UUID, "urn:uuid:0f5b2a1e-1c4d-4e6f-8a9b-0c1d2e3f4a5b", True),
+        (scopes_mod.UUID, "urn:uuid:00000000-1c4d-4e6f-8a9b-0c1d2e3f4a5b", False),
+    ],
+)
+def test_probe_scopes_match_by_the_rules(match_by: str | None, scopes: str, matches: bool) -> None:
+    srv = ScanServer(ServerConfig(scopes=SCOPES), new_id=lambda: "x")
+    answer = answer_datagram(srv, scoped_probe(scopes, match_by, types="wsdp:Device"), NOW)
+    assert (answer is not None) is matches
+    over_http = srv.handle(
+        scoped_probe(scopes, match_by), RequestInfo(now=NOW, content_type="application/soap+xml")
+    )
+    assert over_http.reply.status == 200
+    found = xp(parse(over_http.reply.body), "//wsd:ProbeMatch")
+    assert bool(found) is matches
+    if matches:  # the scopes are advertised
+        assert text(parse(over_http.reply.body), "//wsd:ProbeMatch/wsd:Scopes").split() == list(
+            SCOPES
+        )
+
+
+def test_a_device_without_scopes_matches_only_probes_without_scopes() -> None:
+    srv = server()
+    assert answer_datagram(srv, scoped_probe(""), NOW) is not None
+    assert answer_datagram(srv, scoped_probe("http://contoso.com/"), NOW) is None
+    reply = answer_datagram(srv, probe(), NOW)
+    assert reply is not None and not xp(parse(reply), "//wsd:ProbeMatch/wsd:Scopes")
+
+
+def test_an_unknown_match_by_is_a_fault_over_http_and_silence_over_udp() -> None:
+    srv = ScanServer(ServerConfig(scopes=SCOPES), new_id=lambda: "x")
+    ldap = names.WSD + "/ldap"
+    assert answer_datagram(srv, scoped_probe("ldap:///ou=x", ldap), NOW) is None
+    outcome = srv.handle(
+        scoped_probe("ldap:///ou=x", ldap),
+        RequestInfo(now=NOW, content_type="application/soap+xml"),
+    )
+    assert outcome.reply.status == 400
+    reply = parse(outcome.reply.body)
+    assert text(reply, "//soap:Code/soap:Subcode/soap:Value").endswith(":MatchingRuleNotSupported")
+    assert text(reply, "//soap:Detail/wsd:SupportedMatchingRules").split() == list(
+        scopes_mod.SUPPORTED_RULES
+    )
+
+
+def test_scopes_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="scopes"):
+        ServerConfig(scopes=("has space",))
+    with pytest.raises(ValueError, match="scopes"):
+        ServerConfig(scopes=["http://a/"])  # type: ignore[arg-type]

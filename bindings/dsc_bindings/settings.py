@@ -11,6 +11,8 @@ Example (every section optional)::
     binding = "async"                 # or "blocking"
     blocking_cpu = "auto"             # blocking binding: its threads on one CPU; "any", or 0, 1...
     public_url = "https://scan.contoso.com:5362"
+    scopes = ["http://contoso.com/scanners/floor2"]   # WS-Discovery scopes, in ProbeMatches
+    fault_http_status = "soap12"      # 400 for env:Sender faults; "500" for WCF clients
     # device_uuid / dsp_service_uuid / dsc_service_uuid: default generated at the first start
     # and kept in DATA/identity.json, so every installation is its own device (R13)
 
@@ -87,6 +89,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dsc_core import Limits, ServerConfig
+from dsc_core.config import FAULT_HTTP_STATUSES
 
 from .directory import DirectorySettings
 from .filters.settings import FilterSettings
@@ -307,6 +310,18 @@ def _mail_domains(value: object) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _fault_http_status(srv: _Table) -> str:
+    """[server] fault_http_status: "soap12" (default) or "500" (README ruling)."""
+    value = srv.get("fault_http_status", "soap12")
+    if value not in FAULT_HTTP_STATUSES:
+        raise srv.error(
+            "fault_http_status",
+            '"soap12" (400 for env:Sender faults, the default) or "500" (for WCF clients)',
+            value,
+        )
+    return str(value)
+
+
 def _blocking_cpu(srv: _Table) -> int | Literal["auto"] | None:
     """[server] blocking_cpu: "auto" (default), "any", or a CPU number."""
     value = srv.get("blocking_cpu", "auto")
@@ -368,6 +383,8 @@ def load_settings(
             "monitor_listen",
             "public_url",
             "friendly_name",
+            "scopes",
+            "fault_http_status",
             "device_uuid",
             "dsp_service_uuid",
             "dsc_service_uuid",
@@ -479,6 +496,8 @@ def load_settings(
             process_names=processes.text_table(),
             subscription_default_seconds=default_seconds,
             subscription_max_seconds=max_seconds,
+            scopes=tuple(srv.text_list("scopes")),
+            fault_http_status=_fault_http_status(srv),
         )
         identity = {key: srv.text(key, "") for key in UUID_KEYS if key in srv}
         server = server.replace(**identity)  # the rest comes from the data directory
