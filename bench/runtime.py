@@ -47,7 +47,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bindings")]
 
 from lxml import etree  # noqa: E402
 
-from dsc_core import RequestInfo, ScanServer, ServerConfig, names  # noqa: E402
+from dsc_core import Limits, RequestInfo, ScanServer, ServerConfig, names  # noqa: E402
 from dsc_core import client as dc  # noqa: E402
 from dsc_core.model import FileShareInstructions  # noqa: E402
 
@@ -331,8 +331,11 @@ def bench_large(quick: bool) -> None:
     from datetime import UTC, datetime
 
     ids = iter(range(10**9))
+    # R15 caps replies at 32,767 octets by default; this measures the opt-in large replies
+    # ([limits] max_reply_bytes) that list all 1,000 jobs.
     server = ScanServer(
-        ServerConfig(history_size=1000), new_id=lambda: str(uuid.UUID(int=next(ids)))
+        ServerConfig(history_size=1000, limits=Limits(max_reply_bytes=4 * 1024 * 1024)),
+        new_id=lambda: str(uuid.UUID(int=next(ids))),
     )
     now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     info = RequestInfo(now=now, content_type=SOAP)
