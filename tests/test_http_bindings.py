@@ -30,6 +30,7 @@ import trio
 import trustme
 from lxml import etree
 
+from dsc_bindings.directory import Directory
 from dsc_bindings.filters import document_file_name
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http_async import serve
@@ -242,11 +243,12 @@ def running(
     ssl_context: ssl.SSLContext | None = None,
     backend: str = "trio",
     filters: FilterSettings | None = None,
+    directory: Directory | None = None,
 ) -> Iterator[Running]:
     config = config or ServerConfig(user_directory={SID: USER})
     data_dir = tmp_path / "data"
     filters = filters or FilterSettings.embedded_default(data_dir)
-    service = ScanService(config, data_dir, filters)
+    service = ScanService(config, data_dir, filters, directory=directory)
     service.start()
     with ExitStack() as stack:
         stack.callback(service.shutdown, 5.0)

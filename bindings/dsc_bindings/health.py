@@ -5,9 +5,10 @@ check          passes when                                                     i
 =============  ==============================================================  ==========
 ``store``      the job store is open and ``PRAGMA quick_check`` says ``ok``     down (503)
 ``data``       the data directory (spool) is writable by the server's user     down (503)
-``share``      each share root exists, is a directory, writable (one check     down (503)
-               per root, named by its UNC prefix)
+``share``      each share root exists, is a directory, and a file can be       down (503)
+               created in it (one check per root, named by its UNC prefix)
 ``directory``  ``[directory]``: a bind as the configured account succeeds      degraded
+               (a failure names the directory's URL)
 ``smtp``       ``[smtp]``: the relay accepts a connection (its 220 greeting)   degraded
 =============  ==============================================================  ==========
 
@@ -15,6 +16,7 @@ check          passes when                                                     i
 still reach the shares, but some users or deliveries fail (names not resolved, e-mail not
 sent); ``/healthz`` answers 200 so that an orchestrator does not restart a server that still
 works, and its body says ``degraded`` and names each failing check for monitoring to alert on.
+``/metrics`` carries the same result as gauges (.metrics.HealthGauges).
 
 The checks touch the disk and the network, so they never run on the event loop: a
 :class:`HealthMonitor` runs them in a thread, each under a time limit, and keeps the result;
@@ -27,14 +29,15 @@ from __future__ import annotations
 import logging
 import os
 import smtplib
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-__all__ = ["Check", "Health", "HealthMonitor", "Probe", "run_probes"]
+__all__ = ["STATES", "Check", "Health", "HealthMonitor", "Probe", "run_probes"]
 
 log = logging.getLogger("dsc.health")
 
@@ -44,6 +47,7 @@ CHECK_SECONDS = 5.0
 MAX_AGE_SECONDS = 5.0
 
 State = Literal["ok", "degraded", "down"]
+STATES: tuple[State, ...] = get_args(State)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +95,25 @@ class Probe:
 
 
 def writable_directory(path: Path) -> str | None:
-    if not path.exists():
-        return f"{path} does not exist (create it, owned by the server's user)"
-    if not path.is_dir():
-        return f"{path} is not a directory"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"{path} is not writable by the server's user (uid {os.geteuid()})"
+    """The directory exists and the server's user can create a file in it.
+
+    A file is created, not only ``os.access`` asked: access() answers from the mode bits,
+    which root passes everywhere, while the file system may still refuse (sysfs, a read-only
+    or root-squashed mount, an ACL).  ``TemporaryFile`` opens it with ``O_TMPFILE`` where the
+    file system has it, so share users never see the probe; elsewhere it is unlinked at once.
+    """
+    try:
+        if not path.exists():
+            return f"{path} does not exist (create it, owned by the server's user)"
+        if not path.is_dir():
+            return f"{path} is not a directory"
+        with tempfile.TemporaryFile(dir=path, prefix=".dsc-health-"):
+            pass
+    except OSError as exc:
+        return (
+            f"{path} is not writable by the server's user (uid {os.geteuid()}): "
+            f"{exc.strerror or exc}"
+        )
     return None
 
 

@@ -9,8 +9,14 @@ set, job outcomes from ``dsc_core.outcomes``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .health import STATES, Health
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -87,6 +93,42 @@ class Metrics:
             registry=r,
         )
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        return generate_latest(self.registry)
+    def render(self, health: Health | None = None) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4); with ``health``, also the
+        gauges of :class:`HealthGauges`."""
+        text = generate_latest(self.registry)
+        if health is None:
+            return text
+        # A registry of this scrape's own: the gauges hold this result and nothing else (a
+        # check that is no longer configured leaves no stale series behind).
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(HealthGauges(health))
+        return text + generate_latest(scrape)
+
+
+class HealthGauges(Collector):
+    """The /healthz result (.health) as gauges, so that monitoring can alert on it:
+    ``dsc_health_state{state}`` is 1 for the current state (ok, degraded or down) and 0 for
+    the others; ``dsc_health_check_ok{check}`` is 1 for each check that passed, 0 for each
+    that failed.  Labels are the check names: a fixed set plus one per configured share root."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "dsc_health_state",
+            "The /healthz state: 1 for the current one (ok, degraded or down), else 0",
+            labels=["state"],
+        )
+        for name in STATES:
+            state.add_metric([name], 1.0 if self._health.state == name else 0.0)
+        yield state
+        checks = GaugeMetricFamily(
+            "dsc_health_check_ok",
+            "Each /healthz check: 1 passed, 0 failed (its reason is in /healthz)",
+            labels=["check"],
+        )
+        for check in self._health.checks:
+            checks.add_metric([check.name], 0.0 if check.problem else 1.0)
+        yield checks

@@ -676,7 +676,10 @@ class ScanService:
                 try:
                     directory.connect().unbind()
                 except Exception as exc:  # DirectoryError, ldap3's own: named in the answer
-                    return str(exc)
+                    # Each line names the directory, also where the reason does not
+                    # (refused credentials).
+                    url, problem = directory.settings.url, str(exc)
+                    return problem if problem.startswith(url) else f"{url}: {problem}"
                 return None
 
             probes.append(Probe("directory", bind, essential=False))

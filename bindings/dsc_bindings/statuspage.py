@@ -48,7 +48,7 @@ from dsc_core import Reply
 from dsc_core.outcomes import ENDED_OUTCOMES
 
 from . import tally
-from .health import Health
+from .health import Check, Health
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .observe import Observer
 
@@ -91,16 +91,16 @@ def _text(status: int, message: str) -> Reply:
     return _reply(status, TEXT_TYPE, f"{message}\n".encode())
 
 
-def healthy(view: View) -> tuple[int, str]:
-    """The /healthz answer: what the loop knows at once (repository, store), then the last
-    result of the .health checks (run off the loop)."""
-    if view.repository_state == "Stopped":
-        return 503, "down\nrepository: Stopped (the server is shutting down)"
+def healthy(view: View) -> Health:
+    """What /healthz and /metrics report: what the loop knows at once (the repository, the
+    store open), then the last result of the .health checks (run off the loop)."""
+    stopped = view.repository_state == "Stopped"
+    now = [Check("repository", "Stopped (the server is shutting down)" if stopped else None)]
     if not view.store_open:
-        return 503, "down\nstore: the job store is closed"
-    if view.health is None:
-        return 503, "down\nchecks: not run yet"
-    return view.health.status, view.health.text()
+        now.append(Check("store", "the job store is closed"))
+    last = view.health.checks if view.health is not None else (Check("checks", "not run yet"),)
+    known = {check.name for check in now}
+    return Health((*now, *(check for check in last if check.name not in known)))
 
 
 @functools.cache
@@ -172,10 +172,10 @@ def answer(
     if method != "GET" or path not in PATHS:
         return None
     if path == "/healthz":
-        status, text = healthy(view)
-        return _text(status, text)
+        health = healthy(view)
+        return _text(health.status, health.text())
     if path == "/metrics":
-        return _reply(200, METRICS_CONTENT_TYPE, observer.metrics.render())
+        return _reply(200, METRICS_CONTENT_TYPE, observer.metrics.render(healthy(view)))
     if not view.admin:
         return _text(403, "The status page is for scan administrators only (R10).")
     if path == "/":
