@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from dsc_bindings.certidentity import UPN_OID
 from dsc_bindings.directory import Directory
+from dsc_bindings.filters import sanitize_name
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions
@@ -317,3 +318,71 @@ def test_scanned_files_are_not_world_readable(
     assert client.wait_ended(token, 30).state == "Completed"
     (delivered,) = (tmp_path / "data" / "shares" / "localhost" / "scans").rglob("*.png")
     assert delivered.stat().st_mode & 0o777 == 0o640, oct(delivered.stat().st_mode)
+
+
+def _user_folder(data: Path, client: Soap, token: str) -> Path:
+    """Where the embedded server puts the scans of this job's user (R9 sub-folder)."""
+    return data / "shares" / "localhost" / "scans" / sanitize_name(client.dsp_job(token).user_name)
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_a_user_folder_planted_as_a_symlink_is_not_followed(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    """Another user of the share replaces this user's folder by a link to a folder of theirs
+    (or to /etc): the filter refuses it (FileShareAccessDenied) and writes nothing there."""
+    data = tmp_path / "data"
+    server = servers(data, binding=binding)
+    client = Soap(server.url)
+    token = client.create([FileShareInstructions((r"\\localhost\scans",))])
+    folder = _user_folder(data, client, token)
+    folder.parent.mkdir(parents=True)
+    elsewhere = tmp_path / "attacker"
+    elsewhere.mkdir()
+    folder.symlink_to(elsewhere)
+    client.send_image(token, 1, os.urandom(3000))
+    client.end(token)
+
+    ended = client.wait_ended(token, 30)
+    assert [(f.state, f.reasons) for f in ended.filters] == [
+        ("CompletedWithErrors", ("FileShareAccessDenied",))
+    ], ended
+    assert list(elsewhere.iterdir()) == []
+    assert "never followed out of the share root" in server.log, server.log[-3000:]
+
+    # The link removed, the same user's next scan lands in a folder of its own.
+    folder.unlink()
+    token = client.create([FileShareInstructions((r"\\localhost\scans",))])
+    page = os.urandom(3000)
+    client.send_image(token, 1, page)
+    client.end(token)
+    assert client.wait_ended(token, 30).filters[0].state == "CompletedSuccessfully"
+    assert (folder / "scan_0001.png").read_bytes() == page and not folder.is_symlink()
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_a_hard_link_planted_under_the_temporary_name_does_not_replace_the_document(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    """The temporary name of the next job's page, planted as a hard link to the user's earlier
+    scan: taken for a copy the server had already placed, the new page was never delivered."""
+    data = tmp_path / "data"
+    server = servers(data, binding=binding)
+    client = Soap(server.url)
+    share = [FileShareInstructions((r"\\localhost\scans",))]
+    first, second = os.urandom(3000), os.urandom(3000)
+    token = client.create(share)
+    client.send_image(token, 1, first)
+    client.end(token)
+    assert client.wait_ended(token, 30).filters[0].state == "CompletedSuccessfully"
+    folder = _user_folder(data, client, token)
+
+    token = client.create(share)
+    os.link(folder / "scan_0001.png", folder / f".dsc-{token}-1.part")
+    client.send_image(token, 1, second)
+    client.end(token)
+
+    assert client.wait_ended(token, 30).filters[0].state == "CompletedSuccessfully"
+    assert sorted(p.name for p in folder.iterdir()) == ["scan_0001.png", "scan_0002.png"]
+    assert (folder / "scan_0001.png").read_bytes() == first
+    assert (folder / "scan_0002.png").read_bytes() == second

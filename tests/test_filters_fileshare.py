@@ -18,6 +18,7 @@ from dsc_bindings.filters import (
     fileshare,
     parse_unc,
     sanitize_name,
+    sharefolder,
 )
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
 from test_filters_support import make_documents, make_job, random_bytes
@@ -323,3 +324,212 @@ def test_planted_link_under_the_temporary_name_is_not_written_through(tmp_path: 
     assert victim.read_bytes() == b"precious"
     assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
     assert (folder / "inv_0001.png").read_bytes() == b"one" * 5000
+
+
+# --- issue 14 §4: a share whose users plant links ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "unc, planted",
+    [
+        (r"\\h\s", "alice@corp.example"),  # the user folder
+        (r"\\h\s\sub\deeper", "sub"),  # a sub-folder of the instructions
+    ],
+)
+def test_a_folder_planted_as_a_symlink_is_never_followed(
+    tmp_path: Path, unc: str, planted: str
+) -> None:
+    settings = FilterSettings(share_roots=((r"\\h\s", tmp_path / "share"),))
+    (tmp_path / "share").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "share" / planted).symlink_to(outside)
+    docs = make_documents(tmp_path / "spool", ("png", b"scan"))
+
+    outcome = run(make_job(FileShareInstructions((unc,))), docs, settings)
+
+    assert outcome.state is FilterState.COMPLETED_WITH_ERRORS
+    assert outcome.reasons == (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)
+    assert list(outside.rglob("*")) == []  # nothing written, no folder made out there
+
+
+def test_a_symlinked_host_folder_below_the_embedded_root_is_not_followed(tmp_path: Path) -> None:
+    settings = FilterSettings.embedded_default(tmp_path / "data")
+    (tmp_path / "data/shares").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "data/shares/h").symlink_to(outside)
+    docs = make_documents(tmp_path / "spool", ("png", b"scan"))
+    outcome = run(make_job(FileShareInstructions((r"\\H\s",))), docs, settings)
+    assert outcome.reasons == (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)
+    assert list(outside.rglob("*")) == []
+
+
+def test_the_configured_root_may_be_a_symlink(tmp_path: Path) -> None:
+    """The administrator's own root is taken as configured (e.g. /srv/scans -> /mnt/nas)."""
+    real = tmp_path / "nas"
+    real.mkdir()
+    (tmp_path / "scans").symlink_to(real)
+    settings = FilterSettings(share_roots=((r"\\h\s", tmp_path / "scans"),))
+    docs = make_documents(tmp_path / "spool", ("png", b"scan"))
+    assert run(make_job(FileShareInstructions((r"\\h\s",))), docs, settings).state is (
+        FilterState.COMPLETED_SUCCESSFULLY
+    )
+    assert (real / "alice@corp.example/Scan_0001.png").read_bytes() == b"scan"
+
+
+def test_planted_hard_link_to_a_file_of_the_right_name_is_not_taken_for_the_document(
+    tmp_path: Path,
+) -> None:
+    """The temporary name hard-linked to another job's delivered ``inv_0005.png``: the same
+    inode under a name of the right form, owned by the server, but other bytes.  Taken for
+    document 1, the document would never be delivered."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "inv_0005.png").write_bytes(b"six" * 5000)  # same size, other bytes
+    os.link(folder / "inv_0005.png", folder / f".dsc-{job.token}-1.part")
+
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+
+    assert (folder / "inv_0001.png").read_bytes() == b"one" * 5000
+    assert (folder / "inv_0005.png").read_bytes() == b"six" * 5000
+    assert _names(folder) == [
+        "inv_0001.png",
+        "inv_0002.png",
+        "inv_0003.pdf",
+        "inv_0005.png",
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_planted_hard_link_to_another_users_copy_is_not_taken_for_the_document(
+    tmp_path: Path,
+) -> None:
+    """The same name form and the very bytes, but a file of another user of the share."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    folder.mkdir(parents=True)
+    forged = folder / "inv_0001.png"
+    forged.write_bytes(b"one" * 5000)
+    os.chown(forged, 65534, 65534)
+    os.link(forged, folder / f".dsc-{job.token}-1.part")
+
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.png", "inv_0004.pdf"]
+    assert (folder / "inv_0002.png").read_bytes() == b"one" * 5000
+    assert (folder / "inv_0002.png").stat().st_uid == os.geteuid()
+
+
+def test_planted_fifo_under_a_final_name_does_not_hang_the_resume(tmp_path: Path) -> None:
+    """A damaged journal makes the filter look at the files of the folder: a FIFO of the right
+    name form is skipped, not opened for a read that waits forever."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "inv_0001.png")
+    (tmp_path / "spool" / ".fileshare-0.journal").write_bytes(b"\xff\xfe garbage\n")
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert (folder / "inv_0002.png").read_bytes() == b"one" * 5000
+
+
+# --- placing a final name never replaces one -----------------------------------------------
+
+
+def _no_links(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+
+@pytest.mark.parametrize("how", ["link", "renameat2", "reservation"])
+def test_placing_a_name_never_replaces_an_existing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    if how != "link":
+        monkeypatch.setattr(os, "link", _no_links)
+    if how == "reservation":
+        monkeypatch.setattr(sharefolder, "_libc_renameat2", lambda: None)
+    elif how == "renameat2" and sharefolder._libc_renameat2() is None:
+        pytest.skip("this C library has no renameat2 (glibc 2.28 or later has)")
+    (tmp_path / "taken").write_bytes(b"precious")
+    (tmp_path / "elsewhere").write_bytes(b"other")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / ".part").write_bytes(b"new")
+    with sharefolder.open_share_folder(tmp_path, ()) as folder:
+        assert not sharefolder.place_exclusive(folder, ".part", "taken")
+        assert not sharefolder.place_exclusive(folder, ".part", "link")
+        assert sharefolder.place_exclusive(folder, ".part", "free")
+    assert (tmp_path / "taken").read_bytes() == b"precious"
+    assert (tmp_path / "elsewhere").read_bytes() == b"other"
+    assert (tmp_path / "link").is_symlink()
+    assert (tmp_path / "free").read_bytes() == b"new"
+
+
+def test_open_share_folder_makes_missing_folders_and_refuses_links(tmp_path: Path) -> None:
+    (tmp_path / "root/a").mkdir(parents=True)
+    (tmp_path / "root/a/b").symlink_to(tmp_path)
+    with sharefolder.open_share_folder(tmp_path / "root", ("x", "y")) as folder:
+        assert folder.path == tmp_path / "root/x/y"
+        assert os.path.samestat(os.fstat(folder.fd), os.stat(tmp_path / "root/x/y"))
+    with (
+        pytest.raises(sharefolder.PlantedLink) as planted,
+        sharefolder.open_share_folder(tmp_path / "root", ("a", "b", "c")),
+    ):
+        pass
+    assert planted.value.errno == errno.ELOOP
+    assert str(tmp_path / "root/a/b") in str(planted.value)
+    assert not (tmp_path / "c").exists()
+
+
+# --- a damaged resume journal: no duplicates, no filter failing on every retry ---------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"\xff\xfe\x00not utf-8 at all\n",
+        b"\x00" * 64 + b"\n",  # a block of zeros, as a crash can leave it
+        b'["a list", 1]\n{"job": 1}\n{"job": null, "doc": 1e999}\n',
+        b'{"dir": "torn',
+    ],
+)
+def test_a_damaged_journal_neither_fails_nor_duplicates(
+    tmp_path: Path, damage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Documents 1 and 2 delivered, then their journal lines lost to damage: the re-run
+    recognises them on the share (name, owner, bytes) and delivers only document 3."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    assert run(job, docs[:2], settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    journal = tmp_path / "spool" / ".fileshare-0.journal"
+    journal.write_bytes(damage)
+
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+    assert "damaged line" in caplog.text and "WARNING" in caplog.text
+    # The lines written since are readable: a third run has nothing to do and says so quietly.
+    caplog.clear()
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+    if not damage.endswith(b"\n"):
+        assert "damaged line" in caplog.text  # the torn line itself stays, counted once
+    assert caplog.text.count("damaged line") <= 1
+
+
+def test_a_damaged_journal_still_delivers_identical_pages_once_each(tmp_path: Path) -> None:
+    """Two pages with the same bytes: the first delivered copy stands for one page only."""
+    settings = FilterSettings(share_roots=((r"\\h\s", tmp_path / "out"),))
+    docs = make_documents(tmp_path / "spool", ("png", b"blank"), ("png", b"blank"))
+    job = make_job(FileShareInstructions((r"\\h\s",)))
+    folder = tmp_path / "out/alice@corp.example"
+    assert run(job, docs[:1], settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    (tmp_path / "spool" / ".fileshare-0.journal").write_bytes(b"\xc3\x28\n")
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["Scan_0001.png", "Scan_0002.png"]
+
+
+def test_a_journal_line_after_a_torn_one_is_kept(tmp_path: Path) -> None:
+    """A line appended after a torn last line starts on a line of its own."""
+    settings, docs, job, _folder = _crash_setup(tmp_path)
+    journal = tmp_path / "spool" / ".fileshare-0.journal"
+    (tmp_path / "spool").mkdir(exist_ok=True)
+    journal.write_bytes(b'{"job": "torn')
+    assert run(job, docs[:1], settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    lines = journal.read_bytes().split(b"\n")
+    assert lines[0] == b'{"job": "torn' and job.token.encode() in lines[1]

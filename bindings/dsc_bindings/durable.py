@@ -25,9 +25,15 @@ def fsync_dir(path: Path) -> None:
     """Make a rename/create/delete inside ``path`` durable (the entry lives in the directory)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
+        fsync_dir_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir_fd(fd: int) -> None:
+    """:func:`fsync_dir` for a directory already open as ``fd``."""
+    try:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno != errno.EINVAL:  # some file systems cannot fsync a directory at all
             raise
-    finally:
-        os.close(fd)

@@ -5,17 +5,17 @@ run again, it delivers only what the interrupted run had not, under the same nam
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
 
-from ..durable import fsync_dir, write_all
+from ..durable import fsync_dir_fd, write_all
 from .common import (
     FilterOutcome,
     SourceError,
@@ -26,15 +26,23 @@ from .common import (
     sanitize_name,
 )
 from .settings import FilterSettings
+from .sharefolder import (
+    EXISTING_FILE,
+    NEW_FILE,
+    Folder,
+    open_share_folder,
+    place_exclusive,
+    unlink_if_present,
+)
+from .sharejournal import ResumeJournal
 
 log = logging.getLogger(__name__)
 
 #: Give up looking for a free counter after this many taken names.
 MAX_COUNTER = 99_999
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
-_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
-#: link() is not supported where the file share lives (some network or FAT file systems).
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+#: ELOOP: a folder below the share root is a symbolic link a user planted (PlantedLink).
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP}
 
 
 @never_raises
@@ -51,22 +59,23 @@ def run(
 
     # Map every path before writing anything: a refused path cancels the filter (R9) and a
     # Canceled filter should not have delivered half of its documents.
-    targets: list[Path] = []
+    targets: list[tuple[Path, tuple[str, ...]]] = []
     for unc in instructions.shares:
-        local = settings.map_unc(unc)
-        if local is None:
+        location = settings.share_location(unc)
+        if location is None:
             log.warning("job %s: share %r is outside the configured roots", job.token, unc)
             return FilterOutcome.canceled(FilterStateReason.FILE_SHARE_ACCESS_DENIED)
-        if local not in targets:
-            targets.append(local)
+        if location not in targets:
+            targets.append(location)
 
     # R9: a sub-folder named after the user (name@domain), file names from DocumentRootName.
     user_dir = sanitize_name(job.user_name, fallback="unknown-user")
     reasons: list[FilterStateReason] = []
-    for target in targets:
+    for root, below in targets:
         check_cancel(cancelled)
+        target = root.joinpath(*below)
         try:
-            _deliver(target / user_dir, job, filter_index, documents, settings, cancelled)
+            _deliver(root, (*below, user_dir), job, filter_index, documents, settings, cancelled)
         except SourceError as exc:
             log.error("job %s: cannot read a stored document: %s", job.token, exc)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
@@ -86,92 +95,99 @@ def _reason_for(exc: OSError) -> FilterStateReason:
 
 
 def _deliver(
-    directory: Path,
+    root: Path,
+    components: tuple[str, ...],
     job: Job,
     filter_index: int,
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
     cancelled: threading.Event,
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    journal = _Journal.of(job, documents, filter_index)
-    counter = 0
-    for document, source in documents:
-        check_cancel(cancelled)
-        counter = _copy_one(
-            source, directory, job, document, counter + 1, journal, settings.chunk_size, cancelled
-        )
-        delivered = journal.get(directory, document.document_id)
-        if delivered is not None:
-            log_delivered(job, filter_index, "fileshare", str(directory / delivered[1]))
-    fsync_dir(directory)  # the new names survive a crash, not only the contents
+    journal = ResumeJournal.of(job, documents, filter_index)
+    with open_share_folder(root, components) as folder:
+        counter = 0
+        for document, source in documents:
+            check_cancel(cancelled)
+            delivery = _Delivery(job.document_root_name, document.format, source)
+            counter = _copy_one(
+                delivery, folder, job, document, counter + 1, journal, settings, cancelled
+            )
+            delivered = journal.get(folder.path, document.document_id)
+            if delivered is not None:
+                log_delivered(job, filter_index, "fileshare", str(folder.path / delivered[1]))
+        fsync_dir_fd(folder.fd)  # the new names survive a crash, not only the contents
 
 
-class _Journal:
-    """Which documents this filter already delivered, kept beside the job's documents in the
-    spool (``.fileshare-<filter>.journal``, one JSON line per delivered document).
+@dataclass(frozen=True)
+class _Delivery:
+    """What a delivered copy of one document looks like, so a re-run recognises it (R13)
+    and nothing planted by a user of the share passes for it (issue 14 §4): the R9 name
+    ``<root>_NNNN.<ext>``, a regular file of the server's own user with the expected links,
+    and the stored document's bytes."""
 
-    R13: after a crash the filter runs again; a document in the journal keeps its file and
-    name and is not written again, so nothing reaches the share twice."""
+    root_name: str
+    fmt: str
+    source: Path
 
-    def __init__(self, path: Path | None, token: str) -> None:
-        self.path = path
-        self.token = token
-        self.done: dict[tuple[str, int], tuple[int, str]] = {}
-        if path is None:
-            return
+    def counter_of(self, name: str) -> int | None:
+        match = _COUNTER.search(name)
+        if match is None:
+            return None
+        n = int(match.group(1))
+        return n if document_file_name(self.root_name, n, self.fmt) == name else None
+
+    def is_copy(self, folder: Folder, name: str, links: int, chunk_size: int) -> bool:
+        if self.counter_of(name) is None:
+            return False
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-                if entry["job"] != token:
-                    continue
-                key = (str(entry["dir"]), int(entry["doc"]))
-                self.done[key] = (int(entry["n"]), str(entry["name"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash: that document is simply delivered again
-
-    @classmethod
-    def of(cls, job: Job, documents: list[tuple[Document, Path]], filter_index: int) -> _Journal:
-        if not documents:
-            return cls(None, job.token)
-        return cls(documents[0][1].parent / f".fileshare-{filter_index}.journal", job.token)
-
-    def get(self, directory: Path, document_id: int) -> tuple[int, str] | None:
-        return self.done.get((str(directory), document_id))
-
-    def add(self, directory: Path, document_id: int, counter: int, name: str) -> None:
-        self.done[(str(directory), document_id)] = (counter, name)
-        if self.path is None:
-            return
-        line = json.dumps(
-            {
-                "job": self.token,
-                "dir": str(directory),
-                "doc": document_id,
-                "n": counter,
-                "name": name,
-            }
-        )
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = os.open(name, EXISTING_FILE, dir_fd=folder.fd)
+        except OSError:
+            return False  # a link, gone, unreadable: not ours
         try:
-            write_all(fd, (line + "\n").encode("utf-8"))
-            os.fsync(fd)
+            st = os.fstat(fd)
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_uid != os.geteuid()
+                or st.st_nlink != links
+                or st.st_size != _size_of(self.source)
+            ):
+                return False
+            return _same_bytes(fd, self.source, chunk_size)
         finally:
             os.close(fd)
 
 
+_COUNTER = re.compile(r"_(\d{4,})\.[^.]*$")
+
+
+def _size_of(source: Path) -> int:
+    try:
+        return os.stat(source).st_size
+    except OSError as exc:
+        raise SourceError(f"{source}: {exc}") from exc
+
+
+def _same_bytes(fd: int, source: Path, chunk_size: int) -> bool:
+    try:
+        with open(source, "rb", buffering=0) as src:
+            while True:
+                want = src.read(chunk_size)
+                if want != os.read(fd, len(want) or 1):
+                    return False
+                if not want:
+                    return True
+    except OSError as exc:
+        raise SourceError(f"{source}: {exc}") from exc
+
+
 def _copy_one(
-    source: Path,
-    directory: Path,
+    delivery: _Delivery,
+    folder: Folder,
     job: Job,
     document: Document,
     counter: int,
-    journal: _Journal,
-    chunk_size: int,
+    journal: ResumeJournal,
+    settings: FilterSettings,
     cancelled: threading.Event,
 ) -> int:
     """Deliver one document to the first free ``<root>_<NNNN>.<ext>`` from ``counter`` on;
@@ -183,123 +199,115 @@ def _copy_one(
     and a re-run after a crash (R13) finds what the interrupted run did: a journal entry (done),
     or a temporary file already linked to its final name (done, the journal entry was lost).
     """
-    tmp = directory / f".dsc-{job.token}-{document.document_id}.part"
-    known = journal.get(directory, document.document_id)
+    tmp = f".dsc-{job.token}-{document.document_id}.part"
+    known = journal.get(folder.path, document.document_id)
     if known is not None:
-        _unlink_quietly(tmp, missing_ok=True)
+        _unlink_quietly(folder, tmp, missing_ok=True)
         return known[0]
-    linked = _linked_name(tmp)
-    if linked is not None:
-        n = _counter_of(linked, counter)
-        journal.add(directory, document.document_id, n, linked)
-        _unlink_quietly(tmp)
+    found = _linked_name(folder, tmp, delivery, settings.chunk_size)
+    if found is None and journal.damaged:
+        found = _unjournaled_copy(folder, delivery, counter, journal, settings.chunk_size)
+    if found is not None:
+        n = delivery.counter_of(found)
+        n = counter if n is None else n
+        journal.add(folder.path, document.document_id, n, found)
+        _unlink_quietly(folder, tmp, missing_ok=True)
         return n
     try:
-        src = open(source, "rb", buffering=0)
+        src = open(delivery.source, "rb", buffering=0)
     except OSError as exc:
-        raise SourceError(f"{source}: {exc}") from exc
+        raise SourceError(f"{delivery.source}: {exc}") from exc
     with src:
         # A partial file of an interrupted run is replaced by a new one, never written through:
         # whatever sits under the temporary name (a hard link or symlink to another file
         # planted by a user of the share) is unlinked, and O_EXCL|O_NOFOLLOW create afresh.
-        _unlink_quietly(tmp, missing_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(tmp, flags, 0o640)  # issue 14 §5: scans are not world-readable
+        _unlink_quietly(folder, tmp, missing_ok=True)
+        fd = os.open(tmp, NEW_FILE, 0o640, dir_fd=folder.fd)  # §5: not world-readable
         try:
-            buffer = bytearray(chunk_size)
+            buffer = bytearray(settings.chunk_size)
             view = memoryview(buffer)
             while True:
                 check_cancel(cancelled)
                 try:
                     n = src.readinto(buffer)
                 except OSError as exc:
-                    raise SourceError(f"{source}: {exc}") from exc
+                    raise SourceError(f"{delivery.source}: {exc}") from exc
                 if not n:
                     break
                 write_all(fd, view[:n])
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)  # never leave a truncated document behind
+            _unlink_quietly(folder, tmp)  # never leave a truncated document behind
             raise
         os.close(fd)
     try:
-        counter, name = _link_exclusive(
-            tmp, directory, job.document_root_name, document.format, counter
-        )
+        counter, name = _place(folder, tmp, delivery, counter)
     except BaseException:
-        _unlink_quietly(tmp)
+        _unlink_quietly(folder, tmp, missing_ok=True)
         raise
-    fsync_dir(directory)
-    journal.add(directory, document.document_id, counter, name)
-    _unlink_quietly(tmp)
+    fsync_dir_fd(folder.fd)
+    journal.add(folder.path, document.document_id, counter, name)
+    _unlink_quietly(folder, tmp, missing_ok=True)  # gone already when it was renamed
     return counter
 
 
-def _link_exclusive(
-    tmp: Path, directory: Path, root_name: str, fmt: str, counter: int
-) -> tuple[int, str]:
+def _place(folder: Folder, tmp: str, delivery: _Delivery, counter: int) -> tuple[int, str]:
     for n in range(counter, MAX_COUNTER + 1):
-        name = document_file_name(root_name, n, fmt)
-        try:
-            # link() never replaces an existing name (R9: never overwrite), symlinks included.
-            os.link(tmp, directory / name, follow_symlinks=False)
+        name = document_file_name(delivery.root_name, n, delivery.fmt)
+        if place_exclusive(folder, tmp, name):
             return n, name
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
-                raise
-            return _rename_exclusive(tmp, directory, root_name, fmt, n)
-    raise OSError(errno.EEXIST, f"no free file name for {root_name!r} in {directory}")
+    raise OSError(errno.EEXIST, f"no free file name for {delivery.root_name!r} in {folder.path}")
 
 
-def _rename_exclusive(
-    tmp: Path, directory: Path, root_name: str, fmt: str, counter: int
-) -> tuple[int, str]:
-    """For a file system without hard links: reserve the name (O_EXCL), then rename over the
-    reservation.  A crash in between may leave an empty reserved file, never a partial one."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    for n in range(counter, MAX_COUNTER + 1):
-        name = document_file_name(root_name, n, fmt)
-        try:
-            os.close(os.open(directory / name, flags, 0o640))
-        except FileExistsError:
-            continue
-        os.replace(tmp, directory / name)
-        return n, name
-    raise OSError(errno.EEXIST, f"no free file name for {root_name!r} in {directory}")
+def _linked_name(folder: Folder, tmp: str, delivery: _Delivery, chunk_size: int) -> str | None:
+    """The visible name a complete temporary file was already linked to by an earlier run.
 
-
-def _linked_name(tmp: Path) -> str | None:
-    """The visible name a complete temporary file was already linked to by an earlier run."""
+    Only a copy the server made counts (:class:`_Delivery`): a hard link a user of the share
+    planted under the temporary name, to another file, is no delivery of this document."""
     try:
-        st = os.lstat(tmp)
+        st = os.stat(tmp, dir_fd=folder.fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
-        return None  # unfinished: written again from the start
-    with os.scandir(tmp.parent) as entries:
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2:
+        return None  # unfinished, or not what the filter leaves: written again from the start
+    with os.scandir(folder.fd) as entries:
         for entry in entries:
-            same = entry.name != tmp.name and entry.inode() == st.st_ino
-            if same and entry.is_file(follow_symlinks=False):
+            if (
+                entry.name != tmp
+                and entry.inode() == st.st_ino
+                and delivery.is_copy(folder, entry.name, 2, chunk_size)
+            ):
                 return entry.name
     return None
 
 
-def _counter_of(name: str, default: int) -> int:
-    match = re.search(r"_(\d+)\.[^.]*$", name)
-    return int(match.group(1)) if match else default
+def _unjournaled_copy(
+    folder: Folder, delivery: _Delivery, counter: int, journal: ResumeJournal, chunk_size: int
+) -> str | None:
+    """With a damaged journal: the copy of this document an earlier run placed and lost the
+    line of, if any (a name from ``counter`` on that no other document of the job claims)."""
+    claimed = journal.names_in(folder.path)
+    with os.scandir(folder.fd) as entries:
+        candidates = sorted(
+            (n, entry.name)
+            for entry in entries
+            if entry.name not in claimed
+            and (n := delivery.counter_of(entry.name)) is not None
+            and n >= counter
+        )
+    for _n, name in candidates:
+        if delivery.is_copy(folder, name, 1, chunk_size):
+            return name
+    return None
 
 
-def _unlink_quietly(path: Path, missing_ok: bool = False) -> None:
+def _unlink_quietly(folder: Folder, name: str, missing_ok: bool = False) -> None:
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        if not missing_ok:
-            log.warning("partial file %s was already gone", path)
+        if not unlink_if_present(folder, name) and not missing_ok:
+            log.warning("partial file %s was already gone", folder.path / name)
     except OSError as exc:
-        log.warning("could not remove partial file %s: %s", path, exc)
+        log.warning("could not remove partial file %s: %s", folder.path / name, exc)
 
 
 __all__ = ["run"]

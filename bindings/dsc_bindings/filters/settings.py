@@ -133,6 +133,13 @@ class FilterSettings:
 
     def map_unc(self, unc: str) -> Path | None:
         """The local directory for a UNC path from the instructions, or None if refused (R9)."""
+        mapped = self.share_location(unc)
+        return None if mapped is None else mapped[0].joinpath(*mapped[1])
+
+    def share_location(self, unc: str) -> tuple[Path, tuple[str, ...]] | None:
+        """:meth:`map_unc` in two parts: the configured root (the administrator's, trusted) and
+        the components below it (named by the share's users, so the file share filter opens
+        them one by one without following a symbolic link, issue 14 §4); None if refused."""
         parts = parse_unc(unc)
         if parts is None or len(parts) < 2:  # a UNC path names at least \\host\share
             return None
@@ -145,7 +152,7 @@ class FilterSettings:
                 for i in range(max(0, 2 - len(prefix))):
                     if i < len(tail):
                         tail[i] = tail[i].lower()
-                return local.joinpath(*tail)
+                return local, tuple(tail)
         return None
 
     def sharepoint_allows(self, site: SiteUrl) -> bool:
