@@ -20,9 +20,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsc_bindings.directory import Directory
+from dsc_bindings.directory import Directory, DirectorySettings
 from dsc_bindings.filters.settings import FilterSettings
-from dsc_bindings.health import HealthMonitor, Probe, writable_directory
+from dsc_bindings.health import HealthMonitor, Probe, run_probes, writable_directory
 from dsc_bindings.service import ScanService
 from dsc_bindings.store import JobStore
 from dsc_core import ServerConfig
@@ -341,6 +341,36 @@ def test_directory_up_is_ok_stopped_or_unreachable_is_degraded(
             f"directory: {samba_dc.url}: the directory refused the credentials of "
             f"'Administrator@samdom.example.com'"
         ), body
+
+
+def test_a_check_that_does_not_answer_names_whom_it_waited_for(tmp_path: Path) -> None:
+    """A directory and a relay that accept the connection and then say nothing (a firewall's
+    half-open port, a hung peer): the check's own message never comes, so the time limit's
+    names the URL and the address it waited for."""
+    with socket.socket() as ldap_port, socket.socket() as smtp_port:
+        for silent in (ldap_port, smtp_port):
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()  # the kernel completes the handshake; nobody ever answers
+        ldap = ldap_port.getsockname()[1]
+        smtp = smtp_port.getsockname()[1]
+        url = f"ldaps://127.0.0.1:{ldap}"
+        directory = Directory(
+            DirectorySettings(
+                url=url,
+                bind_user="scan@example.test",
+                password="secret",
+                base_dn="DC=example,DC=test",
+                connect_timeout=30.0,
+                timeout=30.0,
+            )
+        )
+        settings = FilterSettings(smtp_host="127.0.0.1", smtp_port=smtp, smtp_configured=True)
+        service = ScanService(ServerConfig(), tmp_path / "data", settings, directory=directory)
+        health = run_probes(service.health_probes(), timeout=0.5)
+    problems = {check.name: check.problem for check in health.checks}
+    assert problems["directory"] == f"{url}: no answer within 0.5 s"
+    assert problems["smtp"] == f"relay 127.0.0.1:{smtp}: no answer within 0.5 s"
+    assert health.state == "down"  # the store: not opened, this service never started
 
 
 # --- the monitoring listener beside a listener that requires client certificates ------------

@@ -92,6 +92,13 @@ class Probe:
     name: str
     run: Callable[[], str | None]
     essential: bool = True
+    #: What the check asks (a path, a URL, a relay's address): a check that does not answer
+    #: in time says whom it waited for, since its own message never comes.
+    subject: str = ""
+
+    def late(self, timeout: float) -> str:
+        waited = f"no answer within {timeout:g} s"
+        return f"{self.subject}: {waited}" if self.subject else waited
 
 
 def writable_directory(path: Path) -> str | None:
@@ -147,8 +154,10 @@ def run_probes(probes: Sequence[Probe], timeout: float = CHECK_SECONDS) -> Healt
     deadline = time.monotonic() + timeout
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    late = f"no answer within {timeout:g} s"
-    checks = tuple(Check(p.name, results.get(i, late), p.essential) for i, p in enumerate(probes))
+    checks = tuple(
+        Check(p.name, results[i] if i in results else p.late(timeout), p.essential)
+        for i, p in enumerate(probes)
+    )
     return Health(checks)
 
 

@@ -424,7 +424,7 @@ class ScanService:
         #: Job log, metrics, device records and the status page's live state (.observe).
         self.observer = Observer(self.data_dir)
         #: What a scan needs, checked off the loop (.health): /healthz and the start log.
-        self.health = HealthMonitor(self._health_probes)
+        self.health = HealthMonitor(self.health_probes)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -656,18 +656,25 @@ class ScanService:
         # Opening reads only the configuration (ScanServer.open_exchange): no owner needed.
         return ServiceRequest(self, self.server.open_exchange(info), peer)
 
-    def _health_probes(self) -> list[Probe]:
+    def health_probes(self) -> list[Probe]:
         """The checks of .health, for the current configuration."""
         store = self._store
+        spool = self.data_dir / "spool"
         probes = [
             Probe(
                 "store",
                 lambda: store.quick_check() if store is not None else "the job store is not open",
             ),
-            Probe("data", lambda: writable_directory(self.data_dir / "spool")),
+            Probe("data", functools.partial(writable_directory, spool), subject=str(spool)),
         ]
         for prefix, root in self.filter_settings.share_roots:
-            probes.append(Probe(f"share {prefix}", functools.partial(writable_directory, root)))
+            probes.append(
+                Probe(
+                    f"share {prefix}",
+                    functools.partial(writable_directory, root),
+                    subject=str(root),  # a hung network mount
+                )
+            )
         directory = self.directory
         if directory is not None:
 
@@ -682,7 +689,7 @@ class ScanService:
                     return problem if problem.startswith(url) else f"{url}: {problem}"
                 return None
 
-            probes.append(Probe("directory", bind, essential=False))
+            probes.append(Probe("directory", bind, essential=False, subject=directory.settings.url))
         mail = self.filter_settings
         if mail.smtp_configured:
             probes.append(
@@ -692,6 +699,7 @@ class ScanService:
                         smtp_accepts, mail.smtp_host, mail.smtp_port, min(5.0, mail.smtp_timeout)
                     ),
                     essential=False,
+                    subject=f"relay {mail.smtp_host}:{mail.smtp_port}",
                 )
             )
         return probes
