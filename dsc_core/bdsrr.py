@@ -10,15 +10,14 @@ from typing import Any
 
 from lxml import etree
 
-from . import faults, names, soap
+from . import faults, names
 from .args import Item, request_element
 from .commands import Command
 from .dsp import job_elements, read_job_elements
 from .lifecycle import JobInput, Refused
 from .model import Job
-from .operation import Operation, OpResult, Request, change, find_job
+from .operation import Operation, OpResult, Request, change, find_job, reply_budget
 from .xmlwrite import (
-    SPLICE_MARKER,
     SPLICE_ONLY,
     element_data,
     repository_configuration,
@@ -115,11 +114,7 @@ def _listing(
     response = etree.Element(f"{{{NS}}}{response_local}")
     splice_point(sub(response, NS, container))
     nsmap = {"dsc": NS}
-    # The reply without any summary, with a MessageID as long as the one it will get.
-    empty = soap.reply_envelope(
-        request.envelope.addressing, action + "Response", _MESSAGE_ID_SIZED, response, nsmap
-    )
-    budget = request.config.limits.max_reply_bytes - (len(empty) - len(SPLICE_MARKER))
+    budget = reply_budget(request, action + "Response", response, nsmap)
     cache = request.state.job_xml
     summaries: list[bytes] = []
     for job in jobs:
@@ -129,10 +124,6 @@ def _listing(
             break
         summaries.append(summary)
     return OpResult(action + "Response", response, nsmap, splice=tuple(summaries))
-
-
-#: Stands for the reply's MessageID when measuring (``urn:uuid:`` and a GUID, R4).
-_MESSAGE_ID_SIZED = "urn:uuid:00000000-0000-0000-0000-000000000000"
 
 
 def read_get_job_history(request: Request) -> None:

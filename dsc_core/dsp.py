@@ -17,10 +17,17 @@ from .directory import Lookups
 from .instructions import PostScanInstructions, read_post_scan_instructions
 from .lifecycle import JobInput
 from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
-from .operation import Operation, OpResult, Request, Upload, change, find_job
+from .operation import Operation, OpResult, Request, Upload, change, find_job, reply_budget
 from .users import directory_answers, identity, user_name
 from .xmlread import Element, children, split, trimmed
-from .xmlwrite import SPLICE_ONLY, documents, element_data, job_description, job_status
+from .xmlwrite import (
+    SPLICE_ONLY,
+    documents,
+    element_data,
+    job_description,
+    job_status,
+    splice_payload,
+)
 
 NS = names.DSP
 A = names.Action
@@ -328,6 +335,7 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
 
     def handle(request: Request, args: JobElementsArgs) -> OpResult:
         job = find_job(request, ns, args.token, own_only=own_only)
+        budget = reply_budget(request, action, splice_payload(), {})
 
         def build() -> bytes:
             nsmap = {prefix: ns}
@@ -341,14 +349,40 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
             # Self-contained: the prefixes its QName values use are declared on it (R3).
             payload = etree.Element(response.tag, nsmap=nsmap)
             payload.extend(list(response))
-            return etree.tostring(payload)
+            return _fit_documents(payload, ns, budget)
 
         # Devices poll this while their job is processed: the answer is built once per job
-        # version and asked-for names, and spliced into each reply's envelope (issue 7).
-        answer = request.state.job_xml.answer((ns, *args.wanted), job, build)
+        # version and asked-for names (and the room the reply has), and spliced into each
+        # reply's envelope (issue 7).
+        answer = request.state.job_xml.answer((ns, budget, *args.wanted), job, build)
         return OpResult(action, SPLICE_ONLY, {}, splice=(answer,))
 
     return handle
+
+
+def _fit_documents(payload: Element, ns: str, budget: int) -> bytes:
+    """R15 for GetPostScanJobElements (README ruling "Replies within 32,767 octets"): a job's
+    Documents can hold up to ``max_documents_per_job`` entries (about 130 octets each), far
+    more than fit.  The oldest documents are left out of the Documents elements until the
+    answer fits in ``budget``; the most recent stay, in the order received, and
+    JobStatus/ImagesReceived still counts them all.  The other elements are small and bounded,
+    never cut."""
+    lists = list(payload.iter(f"{{{ns}}}Documents"))
+    answer = etree.tostring(payload)
+    while len(answer) > budget and any(len(listing) for listing in lists):
+        excess = len(answer) - budget
+        for listing in lists:
+            if excess <= 0 or not len(listing):
+                continue
+            # Per document, rounded up and with the list's own tags: no less than the oldest
+            # (shortest DocumentIds) take, so this drops no more than needed; the loop then
+            # measures again.
+            each = -(-len(etree.tostring(listing)) // len(listing))
+            drop = min(len(listing), -(-excess // each))
+            del listing[:drop]
+            excess -= drop * each
+        answer = etree.tostring(payload)
+    return answer
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (

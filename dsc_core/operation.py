@@ -38,6 +38,7 @@ from .state import ServerState
 from .transport import RequestInfo
 from .users import identity
 from .xmlread import Element
+from .xmlwrite import SPLICE_MARKER
 
 ArgsT = TypeVar("ArgsT")
 
@@ -147,3 +148,17 @@ def change(
         return request.state.lifecycle.undo(job, new)
 
     return new, commands, undo
+
+
+#: Stands for a reply's MessageID when measuring it (``urn:uuid:`` and a GUID, R4).
+_MESSAGE_ID_SIZED = "urn:uuid:00000000-0000-0000-0000-000000000000"
+
+
+def reply_budget(request: Request, action: str, payload: Element, nsmap: dict[str, str]) -> int:
+    """How many bytes the splice of a reply may take so that the whole reply stays within
+    ``Limits.max_reply_bytes`` (R15): ``payload`` holds the splice point, the rest of the
+    reply (envelope, addressing headers with this request's RelatesTo) is measured."""
+    empty = soap.reply_envelope(
+        request.envelope.addressing, action, _MESSAGE_ID_SIZED, payload, nsmap
+    )
+    return request.config.limits.max_reply_bytes - (len(empty) - len(SPLICE_MARKER))

@@ -323,3 +323,77 @@ def test_full_scenario_is_valid_and_within_max_envelope_size(
             faults_seen.append(what)
 
         assert len(faults_seen) == len(FAULTS)
+
+        # The quota fault (R4 step 9, README ruling "Fault reason texts"): one client holds
+        # at most [limits] max_creating_jobs_per_user (32) jobs in Creating.
+        creating = []
+        while True:
+            status, reply = raw(
+                client,
+                etree.tostring(
+                    dc.create_post_scan_job(
+                        user_identifier="S-1-5-21-7",
+                        psp_identifier="PSP",
+                        instructions=[share],
+                    )
+                ).decode(),
+                A.DSP_CREATE,
+            )
+            if status != 200:
+                break
+            creating.append(dc.text_of(dc.parse_response(reply).payload, names.DSP, "JobToken"))
+            assert len(creating) <= 32, "no quota fault"
+        assert status == 500, reply
+        root = check_message("ServerErrorTemporaryError (quota)", reply)
+        check_fault_detail("ServerErrorTemporaryError (quota)", root)
+        reason = root.findtext(f".//{{{names.SOAP}}}Reason/{{{names.SOAP}}}Text") or ""
+        assert "max_creating_jobs_per_user" in reason, reason
+        for job in creating:
+            client.dsp_cancel(job)
+
+
+def test_job_elements_with_every_document_stay_within_max_envelope_size() -> None:
+    """R15 for GetPostScanJobElements: a job with ``max_documents_per_job`` documents (10,000,
+    about 1.3 MB of Documents) is answered within 32,767 octets with the most recent documents
+    that fit, in the order received; ImagesReceived still counts them all (README ruling)."""
+    from core_support import create_job, send_image
+    from dsc_bindings.inprocess import InProcessTransport
+
+    t = InProcessTransport()
+    token = create_job(t)
+    most = t.server.config.limits.max_documents_per_job
+    for document_id in range(1, most + 1):
+        assert send_image(t, token, document_id, b"I").status == 200
+    refused = send_image(t, token, most + 1, b"I")  # the limit itself: InvalidArgs
+    assert refused.status == 400
+    check_message("SendImage beyond max_documents_per_job", refused.body)
+    every = ["JobStatus", "JobDescription", "Documents"]
+    for ns, action in ((names.DSP, A.DSP_GET_JOB_ELEMENTS), (names.DSC, A.DSC_GET_JOB_ELEMENTS)):
+        for _ in range(2):  # built, then from the cache
+            body = t.post(t.envelope(action, dc.job_elements_request(ns, token, every))).body
+            root = check_message(f"GetPostScanJobElements ({ns})", body)
+            ids = [int(e.text or "") for e in root.iter(f"{{{ns}}}DocumentId")]
+            assert 100 < len(ids) < most
+            assert ids == list(range(most - len(ids) + 1, most + 1))
+            assert root.findtext(f".//{{{ns}}}ImagesReceived") == str(most)
+            assert len(body) > MAX_ENVELOPE_SIZE - 200  # as many as fit, not a few
+
+
+@pytest.mark.parametrize("ns", [names.DSP, names.DSC])
+def test_the_repository_stopped_fault_is_valid(ns: str) -> None:
+    """R4 step 8 while the server shuts down (the only time the repository is Stopped, so it
+    is checked in-process: over the wire it races the listener closing)."""
+    from core_support import create_job
+    from dsc_bindings.inprocess import InProcessTransport
+
+    t = InProcessTransport()
+    token = create_job(t)
+    t._run(t.server.shutdown(t.clock))
+    action = A.DSP_CANCEL if ns == names.DSP else A.DSC_CANCEL
+    reply = t.post(t.envelope(action, dc.token_request(ns, "CancelPostScanJobRequest", token)))
+    assert reply.status == 500
+    root = check_message("OperationFailed (Stopped)", reply.body)
+    check_fault_detail("OperationFailed (Stopped)", root)
+    assert (root.findtext(f".//{{{names.SOAP}}}Subcode/{{{names.SOAP}}}Value") or "").endswith(
+        ":OperationFailed"
+    )
