@@ -14,6 +14,8 @@ from e2e_support import ServerProcess, Soap, dsc
 from test_e2e_serve import Pki
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+#: The image limit of the TLS server: uploads on both sides of it cross many TLS records.
+TLS_LIMIT = 2 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,9 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     root = tmp_path_factory.mktemp("secure")
     pki = Pki(root / "pki")
     config = root / "dsc.toml"
-    config.write_text('[users]\nscan_admins = ["admin"]\n')
+    config.write_text(
+        f'[users]\nscan_admins = ["admin"]\n[limits]\nmax_image_bytes = {TLS_LIMIT}\n'
+    )
     server = ServerProcess(
         root / "data",
         config=config,
@@ -105,3 +109,25 @@ def test_a_non_administrator_is_told_who_the_server_saw(secure: tuple[ServerProc
         "jobs", "--server", server.url, "--ca", str(pki.ca_pem), "--cert", str(pki.users["admin"])
     )
     assert admin.code == 0, admin
+
+
+def test_uploads_over_tls_finish_or_show_the_refusal(
+    secure: tuple[ServerProcess, Pki], tmp_path: Path
+) -> None:
+    """Over TLS 1.3 the socket turns readable after the handshake (session tickets): that is
+    no early answer, and an upload of many records goes through; an oversized one gets the
+    server's 413 read through TLS."""
+    server, pki = secure
+    tls = ("--server", server.url, "--ca", str(pki.ca_pem), "--cert", str(pki.users["alice"]))
+    fits = tmp_path / "fits.png"
+    fits.write_bytes(PNG[:8] + os.urandom(TLS_LIMIT - 4096))
+    run = dsc("scan", *tls, "-q", "--json", str(fits), timeout=60)
+    assert run.code == 0, run
+    assert run.json()["images_received"] == 1
+    big = tmp_path / "big.png"
+    big.write_bytes(PNG[:8] + os.urandom(TLS_LIMIT + 2 * 1024 * 1024))
+    refused = dsc("scan", *tls, str(big), timeout=60)
+    assert refused.code == 1, refused
+    last = refused.err.strip().splitlines()[-1]
+    assert "the server answered before the upload ended: 413" in last, last
+    assert "max_image_bytes" in last and last.endswith(" canceled"), last

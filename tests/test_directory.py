@@ -4,16 +4,22 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from client_support import on_terminal
 from dsc_bindings.directory import Directory, DirectoryError, DirectorySettings
 from dsc_bindings.processes import ProcessStore, ScanProcess
 from dsc_core import Lookups
-from e2e_support import dsc
+from e2e_support import child_env, dsc
 from samba_support import BASE_DN, DOMAIN, USERS, SambaDC
+
+
+def dsc_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dsc_bindings.cli", *args]
 
 
 def settings(dc: SambaDC, **changes: object) -> DirectorySettings:
@@ -218,6 +224,12 @@ def test_process_round_trip(config: Path) -> None:
 
     twice = dsc("process", "add", "Invoices", *c, "--share", r"\\x\y")
     assert twice.code == 1 and "exists already" in twice.err, twice
+    # On a terminal `rm` asks, and "no" keeps the process.
+    code, said = on_terminal(dsc_command("process", "rm", "Invoices", *c), "n", child_env())
+    assert code == 1, said
+    assert "Remove the scan process 'Invoices' (" in said and "[y/N]" in said, said
+    assert "not confirmed; nothing was changed" in said
+    assert dsc("process", "show", "Invoices", *c).code == 0
     removed = dsc("process", "rm", "Invoices", *c, "--yes")
     assert removed.code == 0, removed
     gone = dsc("process", "show", "Invoices", *c)

@@ -11,12 +11,14 @@ to read the answer, so the user sees the server's reason instead of "broken pipe
 from __future__ import annotations
 
 import http.client
+import io
 import select
 import socket
 import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -34,7 +36,12 @@ class HttpReply:
 
 
 class _EarlyAnswer(Exception):
-    """The server has answered while the body was still being sent."""
+    """The server has answered while the body was still being sent; ``first`` holds what was
+    already read of the answer (TLS only: see :func:`_answer_started`)."""
+
+    def __init__(self, first: bytes = b"") -> None:
+        super().__init__("early answer")
+        self.first = first
 
 
 def _watching(conn: http.client.HTTPConnection, chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -42,8 +49,49 @@ def _watching(conn: http.client.HTTPConnection, chunks: Iterable[bytes]) -> Iter
     for chunk in chunks:
         sock = conn.sock
         if sock is not None and select.select([sock], [], [], 0)[0]:
-            raise _EarlyAnswer
+            first = _answer_started(sock)
+            if first is not None:
+                raise _EarlyAnswer(first)
         yield chunk
+
+
+def _answer_started(sock: socket.socket) -> bytes | None:
+    """What a readable socket holds: None when it is no answer.  On TLS, readable may only be
+    the server's session tickets (TLS 1.3 sends them after the handshake, RFC 8446 §4.6.1):
+    a non-blocking read of one byte processes them, and returns application data only if the
+    server really answered (that byte is kept for the answer's parser)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return b""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1)  # b"": the server closed the connection
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return None
+    finally:
+        sock.settimeout(timeout)
+
+
+class _Prefixed(io.RawIOBase):
+    """A socket's stream with bytes already read from it in front (for HTTPResponse)."""
+
+    def __init__(self, first: bytes, sock: socket.socket) -> None:
+        self._first = first
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._first:
+            n = min(len(buffer), len(self._first))
+            buffer[:n] = self._first[:n]
+            self._first = self._first[n:]
+            return n
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self)
 
 
 def client_ssl_context(
@@ -120,7 +168,7 @@ def _request(
                 )
         except (_EarlyAnswer, BrokenPipeError, ConnectionResetError) as exc:
             # The server stopped reading: its answer, if it sent one, says why.
-            early = _early_reply(conn)
+            early = _early_reply(conn, exc.first if isinstance(exc, _EarlyAnswer) else b"")
             if early is not None:
                 return early
             if isinstance(exc, _EarlyAnswer):
@@ -170,11 +218,15 @@ def _request(
         conn.close()
 
 
-def _early_reply(conn: http.client.HTTPConnection) -> HttpReply | None:
-    """The answer a server sent before it had read the whole request, or None if there is none
-    to read (the connection was only reset)."""
+def _early_reply(conn: http.client.HTTPConnection, first: bytes) -> HttpReply | None:
+    """The answer a server sent before it had read the whole request (``first``: its bytes
+    already read), or None if there is none to read (the connection was only reset)."""
     try:
-        response = conn.getresponse()
+        if first and conn.sock is not None:
+            response = http.client.HTTPResponse(_Prefixed(first, conn.sock), method="POST")  # type: ignore[arg-type]
+            response.begin()
+        else:
+            response = conn.getresponse()
         data = response.read()
     except (OSError, http.client.HTTPException):
         return None
