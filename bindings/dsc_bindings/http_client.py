@@ -166,8 +166,15 @@ def _request(
                     headers=headers,
                     encode_chunked=length is None,
                 )
-        except (_EarlyAnswer, BrokenPipeError, ConnectionResetError) as exc:
-            # The server stopped reading: its answer, if it sent one, says why.
+        except (
+            _EarlyAnswer,
+            BrokenPipeError,
+            ConnectionResetError,
+            ssl.SSLEOFError,
+            ssl.SSLZeroReturnError,
+        ) as exc:
+            # The server stopped reading (over TLS, its close shows as an EOF): its answer, if
+            # it sent one, says why.
             early = _early_reply(conn, exc.first if isinstance(exc, _EarlyAnswer) else b"")
             if early is not None:
                 return early
