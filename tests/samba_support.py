@@ -24,6 +24,9 @@ import trustme
 REALM = "SAMDOM.EXAMPLE.COM"
 DOMAIN = "samdom.example.com"
 BASE_DN = "DC=samdom,DC=example,DC=com"
+#: The DC's DNS name: in its LDAPS certificate beside its address (for [directory]
+#: tls_server_name; there is no DNS for it, so it is reached by address).
+DC_NAME = f"dc1.{DOMAIN}"
 ADMIN_PASSWORD = "Adm1n!Passw0rd"
 #: Users: name -> (password, mail).
 USERS = {
@@ -74,7 +77,7 @@ class SambaDC:
         ca = trustme.CA()
         tls = folder / "tls"
         tls.mkdir()
-        cert = ca.issue_cert(address)
+        cert = ca.issue_cert(DC_NAME, address)
         ca.cert_pem.write_to_path(str(tls / "ca.pem"))
         cert.cert_chain_pems[0].write_to_path(str(tls / "cert.pem"))
         cert.private_key_pem.write_to_path(str(tls / "key.pem"))

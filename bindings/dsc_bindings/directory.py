@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import ssl
 import threading
 import time
 import urllib.parse
@@ -47,6 +46,8 @@ from ldap3.core.exceptions import (
 from ldap3.utils.conv import escape_filter_chars
 
 from dsc_core import DirectoryAnswers, Lookups
+
+from .directory_tls import DirectoryTls
 
 __all__ = [
     "IN_CHAIN",
@@ -100,6 +101,9 @@ class DirectorySettings:
     timeout: float = 10.0
     #: Where scan processes live (default ``CN=PSPs,CN=System,<base_dn>``).
     processes_dn: str | None = None
+    #: The name the DC's certificate must carry (and the SNI sent), for a DC reached by
+    #: address; default: the URL's host.
+    tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -109,6 +113,13 @@ class DirectorySettings:
             )
         if not self.base_dn or "=" not in self.base_dn:
             raise ValueError(f"base_dn must be a DN like DC=contoso,DC=com, not {self.base_dn!r}")
+        if self.tls_server_name is not None and (
+            not self.tls_server_name or any(c.isspace() or c in "/:@" for c in self.tls_server_name)
+        ):
+            raise ValueError(
+                f"tls_server_name must be a host name like dc1.contoso.com, not "
+                f"{self.tls_server_name!r}"
+            )
         for name in ("cache_seconds", "connect_timeout", "timeout"):
             if getattr(self, name) < 0 or (name != "cache_seconds" and getattr(self, name) == 0):
                 raise ValueError(f"{name} must be positive")
@@ -220,11 +231,7 @@ class Directory:
         use_ssl = parts.scheme == "ldaps"
         tls = None
         if s.ca_file is not None or use_ssl:
-            tls = ldap3.Tls(
-                validate=ssl.CERT_REQUIRED,
-                ca_certs_file=str(s.ca_file) if s.ca_file else None,
-                version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            tls = DirectoryTls(s.ca_file, s.tls_server_name)
         return ldap3.Server(
             parts.hostname or "",
             port=parts.port or (636 if use_ssl else 389),
@@ -240,8 +247,9 @@ class Directory:
         credentials are refused."""
         s = self.settings
         parts = urllib.parse.urlsplit(s.url)
+        server = self.server()
         conn = ldap3.Connection(
-            self.server(),
+            server,
             user=user or s.bind_user,
             password=password if user else s.password,
             # ldap3 packs it into SO_RCVTIMEO as whole seconds.
@@ -270,7 +278,10 @@ class Directory:
                 conn.unbind()
             except (LDAPException, OSError):
                 pass
-            raise DirectoryUnavailable(f"{s.url}: {_reason(exc)}") from exc
+            # A TLS failure explained in one line (issue 14 §3) rather than ldap3's wrapping.
+            tls = server.tls
+            failure = tls.failure if isinstance(tls, DirectoryTls) else None
+            raise DirectoryUnavailable(f"{s.url}: {failure or _reason(exc)}") from exc
         return conn
 
     @contextmanager

@@ -422,6 +422,7 @@ def load_settings(
             "connect_timeout",
             "timeout",
             "processes_dn",
+            "tls_server_name",
         },
     )
 
@@ -620,6 +621,9 @@ def _directory_settings(
             connect_timeout=float(raw.get("connect_timeout", 5.0)),
             timeout=float(raw.get("timeout", 10.0)),
             processes_dn=str(raw["processes_dn"]) if raw.get("processes_dn") else None,
+            tls_server_name=(
+                str(raw["tls_server_name"]) if raw.get("tls_server_name") is not None else None
+            ),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[directory]: {exc}") from exc
