@@ -95,6 +95,11 @@ class Limits:
     #: Share of max_connections one client address may hold (binding: beyond it, that
     #: address's longest-idle keep-alive connection is reclaimed, else 503).
     max_connection_share: float = 0.5
+    #: Share of max_connections and of max_active_jobs kept for clients that hold none
+    #: (issue 14, lockouts; rule in ``reserved_slots``): an address with a request in
+    #: progress gets no connection from the last slots (binding: 503), a client with a job in
+    #: Creating no job from the last job slots (core: ServerErrorTemporaryError).  0 keeps none.
+    new_client_share: float = 0.1
     #: Serialized wsa:ReferenceParameters of one Subscribe's NotifyTo/EndTo, in bytes (core:
     #: wse:InvalidMessage): they are copied into every notification (R7).
     max_reference_parameter_bytes: int = 4096
@@ -118,10 +123,27 @@ class Limits:
                     or not 0 < value <= 1
                 ):
                     raise _fail("Limits", f.name, "a share greater than 0 and at most 1", value)
+            elif f.name == "new_client_share":
+                if (
+                    not isinstance(value, int | float)
+                    or isinstance(value, bool)
+                    or not 0 <= value < 1
+                ):
+                    raise _fail("Limits", f.name, "a share of at least 0 and less than 1", value)
             elif f.type in ("int", int):
                 _int("Limits", f.name, value, minimum=1)
             else:
                 _seconds("Limits", f.name, value)
+
+
+def reserved_slots(slots: int, limits: Limits) -> int:
+    """How many of ``slots`` (max_connections, or max_active_jobs) are kept for clients that
+    hold none of them (issue 14, lockouts).  The one rule for connections (the bindings'
+    admission) and for jobs (CreatePostScanJob): a client already holding one may take a
+    slot only while more than this many are free, so a few addresses with requests in
+    progress, or many holding Creating jobs, never take the last slots; a newcomer can.  The
+    reserve admits as many new clients as it has slots (100 of the default 1,000)."""
+    return int(slots * limits.new_client_share)
 
 
 #: MIME framing around the root part and the image of a SendImage: the preamble and two part

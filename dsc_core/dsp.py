@@ -13,6 +13,7 @@ from lxml import etree
 from . import faults, names
 from .args import Args, Item, request_element
 from .commands import Command, FinishDocument
+from .config import reserved_slots
 from .directory import Lookups
 from .instructions import PostScanInstructions, read_post_scan_instructions
 from .lifecycle import JobInput
@@ -112,22 +113,37 @@ def create_lookups(request: Request) -> Lookups:
 def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
     state, now = request.state, request.now
     limits = request.config.limits
-    if len(state.jobs.active()) >= limits.max_active_jobs:
+    active = state.jobs.active()
+    if len(active) >= limits.max_active_jobs:
         raise faults.limit_reached(
             NS, "Every job slot of the server is taken", "max_active_jobs", limits.max_active_jobs
         )
     # R13 quota: per user (certificate identity), else per client address, so one scanner
     # holding Creating jobs cannot lock out the others; a retry after its jobs end succeeds.
     origin = identity(request.config, request.info) or request.info.client_address or ""
-    if origin and (
-        sum(1 for j in state.jobs.active() if j.state is JobState.CREATING and j.origin == origin)
-        >= limits.max_creating_jobs_per_user
-    ):
+    held = (
+        sum(1 for j in active if j.state is JobState.CREATING and j.origin == origin)
+        if origin
+        else 0
+    )
+    if held >= limits.max_creating_jobs_per_user:
         raise faults.limit_reached(
             NS,
             f"The client {origin} already has as many jobs in Creating as it may",
             "max_creating_jobs_per_user",
             limits.max_creating_jobs_per_user,
+        )
+    # Issue 14 (lockouts): many clients, each under its quota, can still fill every slot; the
+    # last ones are kept for clients holding no Creating job (config.reserved_slots), so a
+    # scanner that arrives then is served.
+    reserved = reserved_slots(limits.max_active_jobs, limits)
+    if held and len(active) >= limits.max_active_jobs - reserved:
+        raise faults.limit_reached(
+            NS,
+            f"The last {reserved} of the {limits.max_active_jobs} job slots are kept for "
+            f"clients with no job in Creating, and the client {origin} has {held}",
+            "new_client_share",
+            limits.new_client_share,
         )
     token = state.new_id()
     instructions = args.instructions

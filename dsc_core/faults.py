@@ -259,7 +259,7 @@ def store_failed(ns: str, *, temporary: bool) -> SoapFault:
     )
 
 
-def limit_reached(ns: str, what: str, setting: str, value: int) -> SoapFault:
+def limit_reached(ns: str, what: str, setting: str, value: float) -> SoapFault:
     """A limit of R12/R13 that a retry may pass once jobs move on (R4 step 9: temporary)."""
     return protocol(
         ns,

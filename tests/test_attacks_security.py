@@ -4,6 +4,7 @@ sockets; each also shows that a legitimate client is still served."""
 from __future__ import annotations
 
 import datetime
+import functools
 import http.client
 import json
 import os
@@ -27,8 +28,9 @@ from dsc_bindings.filters import sanitize_name
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions
-from e2e_support import ServerProcess, Soap, started_servers
+from e2e_support import ServerProcess, Soap, started_servers, wait_for
 from samba_support import DOMAIN, SambaDC
+from test_attacks_e2e import SoapFrom, concurrently
 from test_directory import settings as directory_settings
 
 BINDINGS = ["async", "blocking"]
@@ -386,3 +388,112 @@ def test_a_hard_link_planted_under_the_temporary_name_does_not_replace_the_docum
     assert sorted(p.name for p in folder.iterdir()) == ["scan_0001.png", "scan_0002.png"]
     assert (folder / "scan_0001.png").read_bytes() == first
     assert (folder / "scan_0002.png").read_bytes() == second
+
+
+# --- 3. lockouts: keep room for new clients -------------------------------------------------------
+
+#: 40 hostile loopback addresses, each holding requests and jobs; the scanner is 127.0.0.1.
+HOSTILE = [f"127.0.0.{n}" for n in range(2, 42)]
+
+
+def _hold_creating_jobs(server: ServerProcess, jobs_each: int) -> list[str]:
+    """Every hostile address creates ``jobs_each`` jobs at once; returns the refusal reasons."""
+    refusals: list[str] = []
+
+    def hostile(address: str) -> None:
+        client = SoapFrom(server.url, address)
+        for _ in range(jobs_each):
+            try:
+                client.create([FileShareInstructions((LOCAL_SHARE,))])
+            except dc.ClientFault as refused:
+                refusals.append(refused.reason)
+
+    concurrently(*(functools.partial(hostile, address) for address in HOSTILE))
+    return refusals
+
+
+def _hold_connections(server: ServerProcess, each: int) -> list[socket.socket]:
+    """Every hostile address opens ``each`` connections with a request in progress (a head
+    that never ends), one address after the other: the worst order for a reserve, since the
+    last addresses arrive when the slots for addresses holding some are all taken."""
+    held = []
+    for address in HOSTILE:
+        for _ in range(each):
+            sock = socket.create_connection(
+                ("127.0.0.1", server.port), timeout=10, source_address=(address, 0)
+            )
+            sock.sendall(b"POST /ScanServer HTTP/1.1\r\nHost: scan\r\nContent-Type: applic")
+            held.append(sock)
+    return held
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    """A value of /metrics (asked from the scanner's address, 127.0.0.1)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def _status_from(server: ServerProcess, address: str) -> tuple[int, bytes]:
+    """One request from ``address`` on a new connection: its status and body (0: closed
+    without an answer, what the server does when its bounded rejection handlers are busy)."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", server.port, timeout=10, source_address=(address, 0)
+    )
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (ConnectionError, http.client.HTTPException):
+        return 0, b""
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_forty_hostile_addresses_leave_room_for_a_scanner(
+    servers: Callable[..., ServerProcess], tmp_path: Path, binding: str
+) -> None:
+    """Issue 14 §4, lockouts: 40 addresses fill every job slot and hold every connection with
+    requests in progress; a scanner from another address still completes its job, because
+    the last Limits.new_client_share of each (default 10 %) is kept for clients holding none."""
+    config = tmp_path / "dsc.toml"
+    # 10 % of 500 connections and of 420 jobs: 50 and 42 kept, more than the 40 attackers.
+    config.write_text(
+        "[limits]\nmax_connections = 500\nmax_active_jobs = 420\nhead_timeout = 300.0\n",
+        encoding="utf-8",
+    )
+    server = servers(tmp_path / "data", binding=binding, config=config)
+    # Jobs: 40 x 11 asked for 420 slots.  Holders stop at 378; each newcomer takes one more.
+    refusals = _hold_creating_jobs(server, 11)
+    assert len(refusals) >= 440 - 420 + 2, len(refusals)
+    assert all("new_client_share" in reason for reason in refusals), refusals[:3]
+    # Connections: 40 x 13 asked for 500 slots: holders stop at 450, the rest are refused.
+    held = _hold_connections(server, 13)
+    try:
+        assert _metric(server, "dsc_connections") >= 450
+        scanner = SoapFrom(server.url, "127.0.0.1")
+        token = scanner.create([FileShareInstructions((LOCAL_SHARE,))])
+        scanner.send_image(token, 1, os.urandom(3000))
+        scanner.end(token)
+        assert scanner.wait_ended(token, 60).state == "Completed"
+        # The attackers still hold what they took: one more connection of theirs is refused,
+        # with a reason that names the setting (or closed while 16 refusals are running).
+        status, body = wait_for(
+            lambda: (answer := _status_from(server, HOSTILE[0]))[0] and answer,
+            30,
+            "an answer to a hostile address",
+        )
+        assert status == 503 and b"new_client_share" in body, (status, body)
+    finally:
+        for sock in held:
+            sock.close()
+    assert "kept for clients with no job in Creating" in server.log
+    assert "kept for clients with no request in progress" in server.log

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from dsc_core import Limits, ServerConfig
-from dsc_core.config import max_request_bytes
+from dsc_core.config import max_request_bytes, reserved_slots
 
 INT_LIMITS = [f.name for f in dataclasses.fields(Limits) if f.type in ("int", int)]
-SHARE_LIMITS = ["max_connection_share"]
+SHARE_LIMITS = ["max_connection_share", "new_client_share"]
 SECONDS_LIMITS = [
     f.name
     for f in dataclasses.fields(Limits)
@@ -54,6 +54,17 @@ def test_connection_share_is_a_fraction(bad: Any) -> None:
         Limits(max_connection_share=bad)
     assert Limits(max_connection_share=1).max_connection_share == 1
     assert Limits(max_connection_share=0.25).max_connection_share == 0.25
+
+
+@pytest.mark.parametrize("bad", ["0.1", -0.1, 1, 1.5, math.nan, math.inf, True, None])
+def test_new_client_share_is_a_fraction_below_one(bad: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"^Limits\.new_client_share must be a share of at least 0 and less than 1"
+    ):
+        Limits(new_client_share=bad)
+    assert Limits(new_client_share=0).new_client_share == 0  # no reserve
+    assert reserved_slots(1000, Limits()) == 100  # the default: 10 %
+    assert reserved_slots(4, Limits()) == 0  # rounded down: a tiny server keeps none
 
 
 @pytest.mark.parametrize("name", SECONDS_LIMITS)

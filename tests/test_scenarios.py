@@ -1270,3 +1270,28 @@ def test_creating_jobs_per_user(certificates: bool) -> None:
     ok(create(second))  # another user (or scanner) still works
     ok(end_job(t, tokens[0], identity="alice"))  # no longer Creating: a slot is free again
     ok(create(first))
+
+
+def test_the_last_job_slots_are_kept_for_new_clients() -> None:
+    """Issue 14 (lockouts): clients each under their quota fill the slots only up to the
+    reserve (Limits.new_client_share); a client holding no Creating job still gets one."""
+    config = ServerConfig(limits=Limits(max_active_jobs=10, new_client_share=0.2))  # 2 kept
+    t = InProcessTransport(config)
+
+    def create(address: str) -> Any:
+        return t.post(envelope(Act.DSP_CREATE, create_request(FS)), client_address=address)
+
+    hostile = [f"10.0.0.{n}" for n in range(1, 5)]
+    answers = [create(address) for _ in range(3) for address in hostile]  # 12 asked
+    assert [a.status for a in answers].count(200) == 8  # 10 slots less the 2 kept
+    refused = answers[-1]
+    assert refused.status == 500 and b"ServerErrorTemporaryError" in refused.body
+    reason = read_fault(refused).reason
+    assert "new_client_share" in reason and "10.0.0.4 has 2" in reason, reason
+    # Two newcomers get the two kept slots; then every slot is taken, for anyone.
+    scanner = text_of(ok(create("10.0.0.100")), "dsp:JobToken")
+    ok(create("10.0.0.101"))
+    full = read_fault(create("10.0.0.102")).reason
+    assert "max_active_jobs" in full, full
+    # The newcomer's job runs to its end as usual.
+    ok(end_job(t, scanner))

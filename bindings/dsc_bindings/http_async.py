@@ -168,6 +168,11 @@ class _Connection:
             return None
         return protocol.idle_since
 
+    @property
+    def busy(self) -> bool:
+        protocol = self.protocol
+        return protocol is None or protocol.busy  # None: in its TLS handshake, or just accepted
+
     def reclaim(self) -> None:
         """Close this idle keep-alive connection to make room (http_common.admit)."""
         self.reclaimed = True
@@ -203,17 +208,18 @@ class _Server:
         with anyio.CancelScope(shield=True) as scope:
             peer = _peer(stream)
             host = peer.host
-            admitted, victim = admit(host, self.connections, self.limits)
+            admission = admit(host, self.connections, self.limits)
+            victim = admission.reclaim
             if victim is not None:
                 assert isinstance(victim, _Connection)
                 victim.reclaim()
                 self.connections.discard(victim)
-            over = not admitted
-            if self.draining or (over and self.rejecting >= MAX_REJECTING):
+            over = None if admission.admitted else admission.refusal
+            if self.draining or (over is not None and self.rejecting >= MAX_REJECTING):
                 await anyio.aclose_forcefully(stream)
                 return
             connection = _Connection(scope, host)
-            if over:
+            if over is not None:
                 self.rejecting += 1
             else:
                 self.connections.add(connection)
@@ -222,14 +228,18 @@ class _Server:
             except Exception:  # a bug: log it, close this connection, keep serving the others
                 log.exception("connection handler failed")
             finally:
-                if over:
+                if over is not None:
                     self.rejecting -= 1
                 else:
                     self.connections.discard(connection)
                 await anyio.aclose_forcefully(stream)
 
     async def _serve_connection(
-        self, connection: _Connection, stream: anyio.abc.ByteStream, over: bool, peer: Peer
+        self,
+        connection: _Connection,
+        stream: anyio.abc.ByteStream,
+        over: str | None,
+        peer: Peer,
     ) -> None:
         identity: str | None = None
         unusable: str | None = None

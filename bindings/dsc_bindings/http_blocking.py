@@ -62,7 +62,8 @@ _ACCEPT_POLL = 0.2
 class _Connection:
     sock: socket.socket
     peer: Peer
-    over: bool
+    #: Why admission refused it (every request gets 503), or None: admitted.
+    over: str | None
     host: str = "?"
     protocol: HttpConnection | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
@@ -74,6 +75,11 @@ class _Connection:
         if protocol is None or self.reclaimed or not protocol.idle or protocol.draining:
             return None
         return protocol.idle_since
+
+    @property
+    def busy(self) -> bool:
+        protocol = self.protocol
+        return protocol is None or protocol.busy  # None: in its TLS handshake, or just accepted
 
     def reclaim(self) -> None:
         """Close this idle keep-alive connection to make room (http_common.admit): its
@@ -244,13 +250,14 @@ class BlockingServer:
         peer = Peer.of(address)
         host = peer.host
         with self._lock:
-            admitted, victim = admit(host, self._connections, self.limits)
+            admission = admit(host, self._connections, self.limits)
+            victim = admission.reclaim
             if victim is not None:
                 assert isinstance(victim, _Connection)
                 victim.reclaim()
                 self._connections.discard(victim)
-            over = not admitted
-            if over and len(self._rejecting) >= MAX_REJECTING:
+            over = None if admission.admitted else admission.refusal
+            if over is not None and len(self._rejecting) >= MAX_REJECTING:
                 log.warning(
                     "%s: over the connection limit and %d rejections running: closed",
                     peer,
@@ -259,7 +266,7 @@ class BlockingServer:
                 sock.close()
                 return
             connection = _Connection(sock, peer, over, host)
-            (self._rejecting if over else self._connections).add(connection)
+            (self._connections if over is None else self._rejecting).add(connection)
         thread = threading.Thread(
             target=self._serve_connection, args=(connection,), name="dsc-http-conn", daemon=True
         )

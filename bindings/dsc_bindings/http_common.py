@@ -52,7 +52,7 @@ from typing import Literal, Protocol
 import h11
 
 from dsc_core import Limits, Reply
-from dsc_core.config import max_request_bytes
+from dsc_core.config import max_request_bytes, reserved_slots
 from dsc_core.content_type import soap_media_type_refusal
 
 from .cross_site import cross_site_refusal
@@ -68,6 +68,7 @@ __all__ = [
     "REJECT_HEAD_TIMEOUT",
     "SERVER_NAME",
     "Action",
+    "Admission",
     "Admitted",
     "Call",
     "Close",
@@ -273,42 +274,82 @@ class Admitted(Protocol):
         """When it became idle, if it is an idle keep-alive connection now; else None."""
         ...
 
+    @property
+    def busy(self) -> bool:
+        """A request is in progress on it (its head, body or answer), or its TLS handshake."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The decision about a new connection (:func:`admit`)."""
+
+    admitted: bool
+    #: An idle keep-alive connection to close first, to make room.
+    reclaim: Admitted | None = None
+    #: Why it was refused (the 503's text and the log's), when not admitted.
+    refusal: str = ""
+
 
 def address_cap(limits: Limits) -> int:
     """Connections one client address may hold: its share of the limit (at least one)."""
     return max(1, int(limits.max_connections * limits.max_connection_share))
 
 
-def admit(
-    host: str, connections: Iterable[Admitted], limits: Limits
-) -> tuple[bool, Admitted | None]:
-    """Decide about a new connection from ``host``: (admitted, connection to reclaim first).
+def admit(host: str, connections: Iterable[Admitted], limits: Limits) -> Admission:
+    """Decide about a new connection from ``host`` (the one rule of both bindings).
 
-    At this address's share (``address_cap``) its own longest-idle connection is reclaimed, at
-    the overall limit the longest-idle of all; only when there is none to reclaim is the new
-    connection refused (503).  So idle keep-alive connections never lock scanners out, and one
-    address cannot take every slot.
+    At this address's share (``address_cap``) its own longest-idle connection is reclaimed.
+    An address with a request in progress may not take the last ``reserved_slots`` of
+    ``max_connections`` (issue 14, lockouts: a few addresses with slow requests held every
+    slot); an address with none may, up to the limit.  At the limit that applies, the
+    longest-idle connection of all is reclaimed; only when there is none to reclaim is the
+    new connection refused (503).  So idle keep-alive connections never lock scanners out,
+    one address cannot take every slot, and busy addresses leave room for new clients.
     """
-    total = 0
-    mine = 0
+    total = mine = busy_mine = 0
     oldest: Admitted | None = None
     oldest_mine: Admitted | None = None
     for connection in connections:
         total += 1
-        since = connection.reclaimable_since
         own = connection.host == host
         mine += own
+        since = connection.reclaimable_since
         if since is None:
+            busy_mine += own and connection.busy
             continue
         if oldest is None or since < (oldest.reclaimable_since or 0.0):
             oldest = connection
         if own and (oldest_mine is None or since < (oldest_mine.reclaimable_since or 0.0)):
             oldest_mine = connection
-    if mine >= address_cap(limits):
-        return (oldest_mine is not None, oldest_mine)
-    if total >= limits.max_connections:
-        return (oldest is not None, oldest)
-    return (True, None)
+    cap = address_cap(limits)
+    if mine >= cap:
+        if oldest_mine is not None:
+            return Admission(True, oldest_mine)
+        return Admission(
+            False,
+            refusal=f"The client {host} holds {mine} connections, its share of the "
+            f"{limits.max_connections} ([limits] max_connection_share = "
+            f"{limits.max_connection_share}); retry later.",
+        )
+    reserved = reserved_slots(limits.max_connections, limits) if busy_mine else 0
+    if total >= limits.max_connections - reserved:
+        if oldest is not None:
+            return Admission(True, oldest)
+        if total < limits.max_connections:
+            return Admission(
+                False,
+                refusal=f"The last {reserved} of the {limits.max_connections} connections are "
+                f"kept for clients with no request in progress, and the client {host} has "
+                f"{busy_mine} ([limits] new_client_share = {limits.new_client_share}); "
+                "retry later.",
+            )
+        return Admission(
+            False,
+            refusal=f"Every one of the {limits.max_connections} connections is in use "
+            "([limits] max_connections); retry later.",
+        )
+    return Admission(True)
 
 
 # --- request-head rules -------------------------------------------------------------------------
@@ -424,7 +465,7 @@ class HttpConnection:
         *,
         identity: str | None = None,
         peer: Peer = UNKNOWN_PEER,
-        over_capacity: bool = False,
+        over_capacity: str | None = None,
         unusable_certificate: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -435,6 +476,8 @@ class HttpConnection:
         #: on this connection is then refused, never served as an anonymous one.
         self._unusable_certificate = unusable_certificate
         self._peer = peer
+        #: Why admission refused this connection (:class:`Admission`): every request on it
+        #: gets 503 with this text.
         self._over_capacity = over_capacity
         self._clock = clock
         self._h11 = h11.Connection(
@@ -452,7 +495,7 @@ class HttpConnection:
         self._calling: _Work | None = None
         self._phase: Phase = "head"
         head_timeout = limits.head_timeout
-        if over_capacity:
+        if over_capacity is not None:
             head_timeout = min(head_timeout, REJECT_HEAD_TIMEOUT)
         self._head_timeout = head_timeout
         self._head_deadline = clock() + head_timeout
@@ -509,6 +552,14 @@ class HttpConnection:
         return self._phase == "idle" or (
             self._phase == "head" and self._requests == 0 and not self._h11.trailing_data[0]
         )
+
+    @property
+    def busy(self) -> bool:
+        """It holds its slot for a request: from its start (a new connection is busy until
+        its first request is answered, whether or not a byte arrived: the binding may not
+        have read it yet) until the answer, and again from the next request's first byte;
+        not between requests.  Admission keeps slots for addresses with none busy (issue 14)."""
+        return self._phase not in ("idle", "closed")
 
     @property
     def draining(self) -> bool:
@@ -757,15 +808,11 @@ class HttpConnection:
             self._close_after_answer = True
         self._opener, self._held, self._held_bytes = None, [], 0
         target = request.target.decode("ascii", "replace")
-        if self._over_capacity:
-            log.warning(
-                "%s: over the limit of %d open connections: 503",
-                self._peer,
-                self._limits.max_connections,
-            )
+        if self._over_capacity is not None:
+            log.warning("%s: refused with 503: %s", self._peer, self._over_capacity)
             self._refused(503)
             self._respond(
-                error_reply(503, "Too many open connections; retry later."),
+                error_reply(503, self._over_capacity),
                 close=True,
                 extra=(("Retry-After", "1"),),
             )
