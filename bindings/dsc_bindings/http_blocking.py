@@ -259,9 +259,10 @@ class BlockingServer:
             over = None if admission.admitted else admission.refusal
             if over is not None and len(self._rejecting) >= MAX_REJECTING:
                 log.warning(
-                    "%s: over the connection limit and %d rejections running: closed",
+                    "%s: closed at once (%d refusals already running): %s",
                     peer,
                     MAX_REJECTING,
+                    over,
                 )
                 sock.close()
                 return

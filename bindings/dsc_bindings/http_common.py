@@ -558,8 +558,10 @@ class HttpConnection:
         """It holds its slot for a request: from its start (a new connection is busy until
         its first request is answered, whether or not a byte arrived: the binding may not
         have read it yet) until the answer, and again from the next request's first byte;
-        not between requests.  Admission keeps slots for addresses with none busy (issue 14)."""
-        return self._phase not in ("idle", "closed")
+        not between requests, nor once its answer is out (an answer given at the head, to a
+        GET, leaves the request's end to read).  Admission keeps slots for addresses with none
+        busy (issue 14)."""
+        return self._phase not in ("idle", "closed") and self._h11.our_state is not h11.DONE
 
     @property
     def draining(self) -> bool:
