@@ -149,13 +149,17 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
         "sharepoint",
     }
 
-    for unknown in (str(uuid.uuid4()), token):  # never existed / already completed
-        cancel = dsc("cancel", unknown, "--server", server.url)
-        assert cancel.code == 1, cancel
-        assert cancel.out == ""
-        line = one_line(cancel.err)
-        assert line.startswith("dsc: dsc:ClientErrorJobTokenNotFound: "), line
-        assert unknown in line
+    unknown = str(uuid.uuid4())  # never existed: the server's own answer
+    cancel = dsc("cancel", unknown, "--server", server.url)
+    assert cancel.code == 1 and cancel.out == "", cancel
+    line = one_line(cancel.err)
+    assert line.startswith("dsc: dsc:ClientErrorJobTokenNotFound: ") and unknown in line, line
+    ended = dsc("cancel", token, "--server", server.url)  # already completed: said so
+    assert ended.code == 1 and ended.out == "", ended
+    assert one_line(ended.err) == (
+        f"dsc: job {token} has already ended (Completed: PostScanJobCompletedSuccessfully); "
+        "only an active job can be canceled"
+    )
 
     nobody = f"http://127.0.0.1:{free_port()}/ScanServer"
     down = dsc("jobs", "--server", nobody)
