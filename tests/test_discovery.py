@@ -11,6 +11,7 @@ from lxml import etree
 
 from dsc_bindings.discovery import UdpDiscovery
 from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.probe_limit import ProbeLimiter
 from dsc_bindings.service import ScanService
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
@@ -191,3 +192,55 @@ def test_scopes_setting_is_checked() -> None:
         ServerConfig(scopes=("has space",))
     with pytest.raises(ValueError, match="scopes"):
         ServerConfig(scopes=["http://a/"])  # type: ignore[arg-type]
+
+
+def test_probe_replies_are_rate_limited_per_source_address(tmp_path: Path) -> None:
+    """Issue 14 §4 (bounded state), over real UDP: a sender beyond its burst gets no more
+    replies, the excess is counted in /metrics, and another address is answered as usual."""
+    service = ScanService(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+    service.start()
+    # No refill during the test (one token in 1,000 s): the burst is all a sender gets.
+    discovery = UdpDiscovery(service, "127.0.0.1", 0, ProbeLimiter(rate=0.001, burst=3))
+    port = discovery.start()
+    try:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as scanner,
+        ):
+            flood.bind(("127.0.0.2", 0))
+            scanner.bind(("127.0.0.3", 0))
+            for _ in range(10):
+                flood.sendto(probe(), ("127.0.0.1", port))
+            # Datagrams are answered in order: once the scanner has its answer, every probe
+            # of the flood has been handled.
+            scanner.settimeout(5)
+            scanner.sendto(probe(), ("127.0.0.1", port))
+            assert xp(parse(scanner.recvfrom(65535)[0]), "//wsd:ProbeMatch")
+            flood.setblocking(False)
+            answers = 0
+            while True:
+                try:
+                    flood.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                answers += 1
+        assert answers == 3
+        metrics = service.observer.metrics.render().decode()
+        assert "dsc_discovery_probes_dropped_total 7.0" in metrics, metrics
+    finally:
+        discovery.close()
+        service.shutdown()
+
+
+def test_the_probe_limiter_tracks_a_bounded_number_of_addresses() -> None:
+    now = [0.0]
+    limiter = ProbeLimiter(rate=1.0, burst=2, max_tracked=2, clock=lambda: now[0])
+    assert limiter.allow("a") and limiter.allow("a") and not limiter.allow("a")
+    assert limiter.allow("b")
+    # The table is full: new addresses share one bucket (burst 2), however many there are.
+    assert limiter.allow("c") and limiter.allow("d") and not limiter.allow("e")
+    assert limiter.tracked == 2
+    now[0] = 1.0  # "a" has one token again, and so has the shared bucket
+    assert limiter.allow("a") and not limiter.allow("a")
+    now[0] = 10.0  # full again: forgotten as soon as room is needed
+    assert limiter.allow("f") and limiter.tracked == 1

@@ -8,6 +8,7 @@ import threading
 
 from dsc_core.discovery import answer_datagram
 
+from .probe_limit import ProbeLimiter
 from .service import ScanService
 
 log = logging.getLogger("dsc.discovery")
@@ -17,8 +18,12 @@ MAX_DATAGRAM = 65_507
 class UdpDiscovery:
     """A thread answering Probe datagrams; everything else is ignored (see dsc_core.discovery)."""
 
-    def __init__(self, service: ScanService, host: str, port: int) -> None:
+    def __init__(
+        self, service: ScanService, host: str, port: int, limiter: ProbeLimiter | None = None
+    ) -> None:
         self.service = service
+        #: Replies per source address are rate-limited (.probe_limit, issue 14).
+        self.limiter = limiter or ProbeLimiter()
         self.sock = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
         )
@@ -41,6 +46,9 @@ class UdpDiscovery:
                 continue
             except OSError:
                 break
+            if not self.limiter.allow(str(peer[0])):
+                self.service.observer.metrics.probes_dropped.inc()
+                continue
             try:
                 answer = self.service.answer_datagram(data, answer_datagram)
                 if answer is not None:

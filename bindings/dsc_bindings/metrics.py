@@ -86,6 +86,11 @@ class Metrics:
             "Event notifications that could not be delivered to a subscriber (R7)",
             registry=r,
         )
+        self.probes_dropped = Counter(
+            "dsc_discovery_probes_dropped",
+            "UDP Probes not answered: over the reply rate of their source address (issue 14)",
+            registry=r,
+        )
         self.filter_results = Counter(
             "dsc_filter_results",
             "PostScan filter runs that ended, by filter and result",
