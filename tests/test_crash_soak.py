@@ -117,6 +117,8 @@ def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str) -> None:
     config = tmp_path / "dsc.toml"
     config.write_text(
         "[jobs]\ntimeout_seconds = 2\n"
+        # The whole history in one GetJobHistory (R15 caps a reply at 32,767 octets).
+        "[limits]\nmax_reply_bytes = 4194304\n"
         f"[sharepoint]\nsites = [{site.config()}]\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
     )
