@@ -914,6 +914,7 @@ def _print_job(view: dc.JobView, destinations: dict[int, dict[str, Any]]) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .exposure import UnsafeExposure, check_exposure
     from .serve import run_server
     from .settings import ConfigError, Settings, load_settings, prepare_data_dir
 
@@ -931,11 +932,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load()
-        # Before anything starts: a data directory or TLS files the server cannot use are one
-        # line and exit status 2 here, not a server that then fails every request.
+        # Before anything starts: a data directory or TLS files the server cannot use, or a
+        # listener exposed unsafely (issue 14), are one line and exit status 2 here, not a
+        # server that then fails every request.
+        check_exposure(settings)
         prepare_data_dir(settings.data_dir)
         settings.server_ssl_context()
-    except ConfigError as exc:
+    except (ConfigError, UnsafeExposure) as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
     return run_server(
         settings,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from .exposure import UnsafeExposure, check_exposure, url_host
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -28,8 +29,10 @@ GRACE_SECONDS = 10.0
 def _log_start(settings: Settings, port: int, service: ScanService) -> None:
     listen = settings.listen
     server = service.config
-    base = f"{listen.scheme}://{listen.host}:{port}"
+    base = f"{listen.scheme}://{url_host(listen.host)}:{port}"
     log.info("dsc-server listening on %s (%s binding)", base, listen.binding)
+    # Issue 14: the page an administrator opens, at the address the server advertises.
+    log.info("  status page:                %s/", server.base_url)
     log.info("  device (metadata, Probe):   %s/ScanServer", base)
     log.info("  WS-DSP (scanners):          %s/ScanServer/%s", base, server.dsp_service_uuid)
     log.info("  MS-BDSRR (management):      %s/ScanServer/%s", base, server.dsc_service_uuid)
@@ -137,9 +140,12 @@ def run_server(
     configure_logging(log_level, log_format)
     try:
         ssl_context = settings.server_ssl_context()
-    except ConfigError as exc:
+        waived = check_exposure(settings)
+    except (ConfigError, UnsafeExposure) as exc:
         log.error("%s", exc)
         return 2
+    if waived:
+        log.warning("%s", waived)
     try:
         prepare_data_dir(settings.data_dir)
     except ConfigError as exc:

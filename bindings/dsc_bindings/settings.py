@@ -10,7 +10,8 @@ Example (every section optional)::
     data = "/var/lib/dsc"
     binding = "async"                 # or "blocking"
     blocking_cpu = "auto"             # blocking binding: its threads on one CPU; "any", or 0, 1...
-    public_url = "https://scan.contoso.com:5362"
+    public_url = "https://scan.contoso.com:5362"   # what scanners and the directory are told
+    allow_insecure = false            # true: listen beyond loopback without TLS/client certificates
     scopes = ["http://contoso.com/scanners/floor2"]   # WS-Discovery scopes, in ProbeMatches
     fault_http_status = "soap12"      # 400 for env:Sender faults; "500" for WCF clients
     # device_uuid / dsp_service_uuid / dsc_service_uuid: default generated at the first start
@@ -92,6 +93,7 @@ from dsc_core import Limits, ServerConfig
 from dsc_core.config import FAULT_HTTP_STATUSES
 
 from .directory import DirectorySettings
+from .exposure import bound_base_url
 from .filters.settings import FilterSettings
 from .filters.sites import SitePrefix
 from .identity import UUID_KEYS, load_installation
@@ -115,6 +117,9 @@ class ListenOptions:
     #: ``[server] monitor_listen = "HOST:PORT"``: a second, plain-HTTP listener serving only
     #: /healthz and /metrics, without client certificates (issue 14); None: none (default).
     monitor: tuple[str, int] | None = None
+    #: ``[server] allow_insecure``: listen beyond loopback without TLS, client certificates or a
+    #: reachable public_url (exposure.py; a WARNING at every start).
+    allow_insecure: bool = False
 
     @property
     def tls(self) -> bool:
@@ -382,6 +387,7 @@ def load_settings(
             "blocking_cpu",
             "monitor_listen",
             "public_url",
+            "allow_insecure",
             "friendly_name",
             "scopes",
             "fault_http_status",
@@ -446,6 +452,7 @@ def load_settings(
         key=key or resolve(tls.optional_text("key")),
         client_ca=client_ca or resolve(tls.optional_text("client_ca")),
         monitor=_monitor_listen(srv),
+        allow_insecure=srv.boolean("allow_insecure", False),
     )
     if listen.binding not in ("async", "blocking"):
         raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
@@ -471,9 +478,8 @@ def load_settings(
         limits = Limits(**limits_raw.raw)
     except (TypeError, ValueError) as exc:  # ValueError names the field and the bad value
         raise ConfigError(f"[limits]: {exc}") from exc
-    public = srv.optional_text("public_url") or (
-        f"{listen.scheme}://{'127.0.0.1' if listen.host in ('0.0.0.0', '::') else listen.host}"
-        f":{listen.port}"
+    public = srv.optional_text("public_url") or bound_base_url(
+        listen.scheme, listen.host, listen.port
     )
     default_seconds = eventing.seconds("default_seconds", 3600.0)
     max_seconds = eventing.seconds("max_seconds", 86400.0)
