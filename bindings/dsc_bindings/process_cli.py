@@ -9,7 +9,6 @@ import getpass
 import json
 import os
 import sys
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from .cli_output import Column, print_pairs, print_table
 from .cli_support import EXIT_OK, EXIT_USAGE, CliError
 from .confirm import add_yes_option, can_confirm, confirm
 from .directory import Directory, DirectoryError, DirectorySettings, sid_to_text
+from .exposure import is_local_only, url_hostname
 from .processes import (
     COLORS,
     FORMATS,
@@ -37,7 +37,7 @@ PASSWORD_ENV = "DSC_PASSWORD"
 
 
 def _settings(args: argparse.Namespace) -> tuple[DirectorySettings, str]:
-    """``[directory]`` of --config, and this server's public name (the default target)."""
+    """``[directory]`` of --config, and this server's advertised base URL (the default target)."""
     from .settings import ConfigError, load_settings
 
     if args.config is None:
@@ -50,8 +50,31 @@ def _settings(args: argparse.Namespace) -> tuple[DirectorySettings, str]:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
     if settings.directory is None:
         raise CliError(f"{args.config} has no [directory] section (see README)", EXIT_USAGE)
-    host = urllib.parse.urlsplit(settings.server.base_url).hostname or "localhost"
-    return settings.directory, host
+    return settings.directory, settings.server.base_url
+
+
+def _scan_server(args: argparse.Namespace, base_url: str) -> str:
+    """The psp:ScanRepository to publish: ``--scan-server``, else the host of this server's
+    advertised base URL (``[server] public_url``).  Devices reach the server by this name
+    (dsm-and-stack.md: "the FQDN of the DSM scan server"), so a loopback or wildcard one is
+    refused (issue 14): published, it sends every device's scans to the device itself."""
+    if args.scan_server is not None:
+        if is_local_only(args.scan_server):
+            raise CliError(
+                f"--scan-server {args.scan_server} is not an address devices can reach: give "
+                "the scan server's DNS name (e.g. scan.example.com)",
+                EXIT_USAGE,
+            )
+        return str(args.scan_server)
+    host = url_hostname(base_url)
+    if is_local_only(host):
+        raise CliError(
+            f"this server's public name is unknown ({args.config} advertises {base_url}, "
+            'which devices cannot reach): set [server] public_url = "https://scan.example.com:5362" '
+            "in it, or give --scan-server NAME",
+            EXIT_USAGE,
+        )
+    return host
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -70,8 +93,10 @@ def _password(args: argparse.Namespace) -> str:
 
 
 @contextmanager
-def _store(args: argparse.Namespace) -> Iterator[tuple[ProcessStore, str]]:
-    settings, host = _settings(args)
+def _store(
+    args: argparse.Namespace, loaded: tuple[DirectorySettings, str] | None = None
+) -> Iterator[tuple[ProcessStore, str]]:
+    settings, base_url = loaded or _settings(args)
     directory = Directory(settings)
     as_user = getattr(args, "as_user", None)
     try:
@@ -79,7 +104,7 @@ def _store(args: argparse.Namespace) -> Iterator[tuple[ProcessStore, str]]:
     except DirectoryError as exc:
         raise CliError(f"directory: {exc}") from exc
     try:
-        yield ProcessStore(directory, conn), host
+        yield ProcessStore(directory, conn), base_url
     except (DirectoryError, ValidationError) as exc:
         raise CliError(str(exc)) from exc
     finally:
@@ -187,7 +212,7 @@ def _apply_options(process: ScanProcess, args: argparse.Namespace) -> ScanProces
     if args.root_name is not None:
         changes["document_root_name"] = args.root_name
     if args.scan_server is not None:
-        changes["scan_repository"] = args.scan_server
+        changes["scan_repository"] = _scan_server(args, "")
     if args.allow is not None:
         changes["allow"] = tuple(args.allow)
     if args.allow_everyone:
@@ -210,7 +235,9 @@ def _apply_options(process: ScanProcess, args: argparse.Namespace) -> ScanProces
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    with _store(args) as (store, host):
+    loaded = _settings(args)
+    host = _scan_server(args, loaded[1])  # before binding: nothing to undo when it is refused
+    with _store(args, loaded) as (store, _):
         try:
             identifier = str(uuid.UUID(args.id)).upper() if args.id else str(uuid.uuid4()).upper()
         except ValueError as exc:
@@ -345,7 +372,8 @@ def _process_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scan-server",
         metavar="NAME",
-        help="the scan server devices send to (default: this server's public name)",
+        help="the scan server devices send to, a DNS name (default: the host of [server] "
+        "public_url; a loopback name is refused)",
     )
     g = p.add_argument_group("who may use it")
     g.add_argument(
