@@ -6,25 +6,94 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
+from dsc_bindings.exposure import check_exposure
 from dsc_bindings.settings import load_settings
-from e2e_support import ROOT, ServerProcess, wait_for
+from e2e_support import ROOT, ServerProcess, dsc, wait_for
 
 DEPLOY = ROOT / "examples" / "deploy"
 CONFIG = DEPLOY / "dsc-server.toml"
+UNIT = DEPLOY / "dsc-server.service"
+PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(4000)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """The example configuration with its paths moved under a temporary folder, and the TLS
+    files it names made by trustme: the server certificate (for scan.example.com and
+    127.0.0.1), the client CA, and client certificates for the administrator and a scanner."""
+
+    root: Path
+    config: Path
+    ca_pem: Path
+    admin_pem: Path
+    scanner_pem: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "var" / "lib" / "dsc-server"
+
+    def context(self, client: Path | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_pem))
+        if client is not None:
+            context.load_cert_chain(str(client))
+        return context
+
+
+def deploy(root: Path, text: str | None = None) -> Deployed:
+    etc = root / "etc" / "dsc-server"
+    etc.mkdir(parents=True)
+    (root / "var" / "lib").mkdir(parents=True)  # what the unit's StateDirectory= sits in
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(etc / "clients-ca.pem"))
+    server = ca.issue_cert("scan.example.com", "127.0.0.1")
+    server.private_key_pem.write_to_path(str(etc / "server.key"))
+    for i, blob in enumerate(server.cert_chain_pems):
+        blob.write_to_path(str(etc / "server.pem"), append=i > 0)
+    pems = []
+    for name in ("admin@example.com", "scanner@example.com"):
+        path = etc / f"{name}.pem"
+        ca.issue_cert(name, common_name=name).private_key_and_cert_chain_pem.write_to_path(
+            str(path)
+        )
+        pems.append(path)
+    config = etc / "dsc-server.toml"
+    source = CONFIG.read_text() if text is None else text
+    config.write_text(
+        source.replace('"/etc/dsc-server/', f'"{etc}/').replace(
+            '"/var/lib/dsc-server', f'"{root}/var/lib/dsc-server'
+        )
+    )
+    return Deployed(root, config, etc / "clients-ca.pem", pems[0], pems[1])
 
 
 def test_example_configuration_loads(tmp_path: Path) -> None:
-    settings = load_settings(CONFIG, data_dir=tmp_path / "data")
-    assert (settings.listen.host, settings.listen.port) == ("0.0.0.0", 5362)
-    assert settings.listen.binding == "async" and not settings.listen.tls
+    site = deploy(tmp_path)
+    settings = load_settings(site.config)
+    listen = settings.listen
+    assert (listen.host, listen.port, listen.binding) == ("0.0.0.0", 5362, "async")
+    # Production: TLS with client certificates, a public address, nothing waived.
+    assert listen.tls and listen.client_ca == site.ca_pem and not listen.allow_insecure
+    assert settings.server.require_client_certificates
+    assert settings.server.base_url == "https://scan.example.com:5362"
+    assert check_exposure(settings) is None  # it starts: no refusal, no warning
+    assert settings.server_ssl_context() is not None
+    assert settings.data_dir == site.data
+    # The share folder is the one the unit creates (StateDirectory=dsc-server/shares).
+    assert settings.filters.share_roots == ((r"\\fileserver\scans", site.data / "shares"),)
     server = settings.server
     assert server.limits.max_image_bytes == 512 * 1024 * 1024
     assert server.job_timeout_seconds == 600 and server.history_size == 1000
@@ -32,22 +101,120 @@ def test_example_configuration_loads(tmp_path: Path) -> None:
     assert set(server.scan_admins) == {"admin@example.com"}
     assert server.user_directory["S-1-5-21-0-0-0-1000"] == "scanner@example.com"
     assert settings.filters.smtp_host == "mail.example.com"
-    # Without the data override, the configured directory is used.
-    assert load_settings(CONFIG).data_dir == Path("/var/lib/dsc-server")
+
+
+def test_example_configuration_refuses_to_start_without_its_edits(tmp_path: Path) -> None:
+    """What the comments say must be set is enforced: without public_url, or without the TLS
+    section, `dsc serve` exits 2 with one line naming what to set."""
+    text = CONFIG.read_text()
+    without_url = "\n".join(line for line in text.splitlines() if not line.startswith("public_url"))
+    tls_start = text.index("[tls]")
+    without_tls = text[:tls_start] + text[text.index("[limits]") :]
+    for folder, source, wanted in (
+        ("no-url", without_url, "set [server] public_url"),
+        ("no-tls", without_tls, "plain HTTP"),
+    ):
+        site = deploy(tmp_path / folder, source)
+        run = dsc("serve", "--config", str(site.config), "--port", "0", timeout=30)
+        assert run.code == 2, run
+        assert run.err.count("\n") == 1 and run.err.startswith("dsc: configuration: "), run.err
+        assert wanted in run.err and "refusing to listen on 0.0.0.0:0" in run.err, run.err
+        assert not site.data.exists()  # refused before anything was created
+
+
+def test_allow_insecure_starts_with_a_warning_at_every_start(tmp_path: Path) -> None:
+    """The operator's explicit override: every interface, plain HTTP, no public_url; the server
+    starts, and says what was waived as a WARNING each time it starts."""
+    config = tmp_path / "dsc.toml"
+    config.write_text('[server]\nhost = "0.0.0.0"\nallow_insecure = true\n')
+    server = ServerProcess(tmp_path / "data", config=config)
+    for _ in range(2):
+        server.start()
+        try:
+            warnings = [line for line in server.log.splitlines() if " WARNING " in line]
+            waived = [line for line in warnings if "allow_insecure = true: listening on" in line]
+            assert len(waived) == 1, server.log
+            assert "plain HTTP" in waived[0] and "set [server] public_url" in waived[0]
+            server.stop_cleanly()
+        finally:
+            if server.alive:
+                server.kill9()
+
+
+def test_process_add_never_publishes_a_loopback_name(tmp_path: Path) -> None:
+    """`dsc process add` writes psp:ScanRepository, the name devices send their scans to: without
+    a public_url it refuses (before binding to the directory), and so for a loopback name."""
+    config = tmp_path / "dsc.toml"
+    directory = (
+        '[directory]\nurl = "ldap://127.0.0.1:9"\nbind_user = "svc@example.com"\n'
+        'password = "x"\nbase_dn = "DC=example,DC=com"\n'
+    )
+    config.write_text('[server]\nhost = "0.0.0.0"\n' + directory)
+    share = ("--share", r"\\files\scans")
+    unknown = dsc("process", "add", "Invoices", "--config", str(config), *share)
+    assert unknown.code == 2 and unknown.err.count("\n") == 1, unknown
+    assert "public name is unknown" in unknown.err and "http://127.0.0.1:5362" in unknown.err
+    assert "set [server] public_url" in unknown.err and "--scan-server" in unknown.err
+    for name in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
+        given = dsc(
+            "process", "add", "Invoices", "--config", str(config), *share, "--scan-server", name
+        )
+        assert given.code == 2 and "not an address devices can reach" in given.err, given
+    # With a public_url it goes on to the directory (here: nothing listens on port 9).
+    config.write_text('[server]\npublic_url = "https://scan.example.com:5362"\n' + directory)
+    reached = dsc("process", "add", "Invoices", "--config", str(config), *share)
+    assert reached.code == 1 and reached.err.startswith("dsc: directory:"), reached
 
 
 def test_dsc_serve_runs_with_the_example_configuration(tmp_path: Path) -> None:
-    # The file says 0.0.0.0:5362; a test listens on loopback and a free port instead (options
-    # override the file), everything else as written.
-    config = tmp_path / "dsc-server.toml"
-    config.write_text(CONFIG.read_text().replace('host = "0.0.0.0"', 'host = "127.0.0.1"'))
-    server = ServerProcess(tmp_path / "data", config=config).start()
+    """The example as written (every interface, TLS, client certificates), paths moved to a
+    temporary folder and a free port: the administrator reaches the status page and a scanner
+    files a scan into the share folder; a client without a certificate gets no connection."""
+    site = deploy(tmp_path)
+    server = ServerProcess(site.data, config=site.config, binding="").start()
     try:
-        assert "dsc-server listening on http://127.0.0.1:" in server.log
-        import urllib.request
+        log = server.log
+        assert f"dsc-server listening on https://0.0.0.0:{server.port}" in log, log
+        # The start banner names the status page at the advertised address (issue 14, 5).
+        assert "status page:                https://scan.example.com:5362/" in log, log
+        assert "security: HTTPS, client certificates required" in log, log
+        assert "allow_insecure" not in log and "WARNING" not in log, log
+        base = f"https://127.0.0.1:{server.port}"
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
-            assert r.status == 200
+        def get(path: str, client: Path | None) -> int:
+            request = urllib.request.Request(base + path)
+            opener = urllib.request.build_opener(
+                urllib.request.HTTPSHandler(context=site.context(client))
+            )
+            try:
+                with opener.open(request, timeout=10) as reply:
+                    return int(reply.status)
+            except urllib.error.HTTPError as refused:
+                return int(refused.code)
+
+        assert get("/", site.admin_pem) == 200  # the status page, for the administrator
+        assert get("/", site.scanner_pem) == 403  # ... and no one else
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            get("/", None)  # no client certificate: no TLS session at all
+
+        image = tmp_path / "page.png"
+        image.write_bytes(PNG)
+        scan = dsc(
+            "scan",
+            str(image),
+            "--server",
+            f"{base}/ScanServer",
+            "--ca",
+            str(site.ca_pem),
+            "--cert",
+            str(site.scanner_pem),
+            "--share",
+            r"\\fileserver\scans",
+            "--quiet",
+        )
+        assert scan.code == 0, (scan, server.log)
+        filed = [p for p in (site.data / "shares").rglob("*") if p.is_file()]
+        assert [p.read_bytes() for p in filed] == [PNG], filed
         server.stop_cleanly()
     finally:
         if server.alive:
@@ -57,7 +224,7 @@ def test_dsc_serve_runs_with_the_example_configuration(tmp_path: Path) -> None:
 def test_systemd_unit() -> None:
     unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string((DEPLOY / "dsc-server.service").read_text())
+    unit.read_string(UNIT.read_text())
     service = unit["Service"]
     assert service["ExecStart"].split()[:4] == [
         "/opt/dsc-server/bin/dsc",
@@ -66,7 +233,32 @@ def test_systemd_unit() -> None:
         "/etc/dsc-server/dsc-server.toml",
     ]
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # README: SIGHUP reloads
-    assert service["KillSignal"] == "SIGTERM" and service["User"] == "dsc"
+    assert service["KillSignal"] == "SIGTERM"
+    # A dedicated user, and its files closed to other users.
+    assert service["User"] == service["Group"] == "dsc-server"
+    assert service["UMask"] == "0027"
+    # The unit creates the data directory and the share folder of the example configuration.
+    settings_text = CONFIG.read_text()
+    assert service["StateDirectory"].split() == ["dsc-server", "dsc-server/shares"]
+    assert 'data = "/var/lib/dsc-server"' in settings_text
+    assert '= "/var/lib/dsc-server/shares"' in settings_text
+    assert service["StateDirectoryMode"] == "0750"
+    assert service["ReadWritePaths"].startswith("-")  # optional: ignored while missing
+    hardening = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictSUIDSGID": "yes",
+        "CapabilityBoundingSet": "",
+    }
+    assert {key: service.get(key) for key in hardening} == hardening
+    # A refused configuration (exit 2) is not restarted in a loop.
+    assert service["RestartPreventExitStatus"] == "2"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     # The options it passes exist.
     help_text = subprocess.run(
@@ -77,13 +269,26 @@ def test_systemd_unit() -> None:
     ).stdout
     for option in ("--config", "--log-format"):
         assert option in help_text
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     verify = shutil.which("systemd-analyze")
-    if verify:
-        done = subprocess.run(
-            [verify, "verify", str(DEPLOY / "dsc-server.service")], capture_output=True, text=True
+    if verify is None:
+        pytest.skip(
+            "systemd-analyze is not installed (Debian package systemd; .ci/run installs it)"
         )
-        # Only the unit's own syntax matters here (the binary is not installed at /opt).
-        assert "Unknown key" not in done.stderr and "Invalid" not in done.stderr, done.stderr
+    # The unit as shipped, with ExecStart pointing at an executable that exists here (verify
+    # checks it): every other line is verified as written.
+    unit = tmp_path / "dsc-server.service"
+    unit.write_text(UNIT.read_text().replace("/opt/dsc-server/bin/dsc", sys.executable))
+    done = subprocess.run([verify, "verify", str(unit)], capture_output=True, text=True)
+    # systemd-analyze exits 0 even for unknown keys or bad values: it only says so on stderr.
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    # ... and it does say so: the check above would catch a broken line.
+    broken = tmp_path / "broken.service"
+    broken.write_text(unit.read_text().replace("UMask=0027", "UMask=0027\nUmask=0027"))
+    caught = subprocess.run([verify, "verify", str(broken)], capture_output=True, text=True)
+    assert "Unknown key" in caught.stderr, caught.stderr
 
 
 def test_dockerfile_installs_without_test_extras() -> None:
