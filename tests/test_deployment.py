@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -22,11 +23,12 @@ import trustme
 
 from dsc_bindings.exposure import check_exposure
 from dsc_bindings.settings import load_settings
-from e2e_support import ROOT, ServerProcess, dsc, wait_for
+from e2e_support import ROOT, ServerProcess, dsc, free_port, wait_for
 
 DEPLOY = ROOT / "examples" / "deploy"
 CONFIG = DEPLOY / "dsc-server.toml"
 UNIT = DEPLOY / "dsc-server.service"
+MONITOR_PORT = 9362  # the example's monitor_listen, which the Dockerfile's HEALTHCHECK asks
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(4000)
 
 
@@ -53,7 +55,10 @@ class Deployed:
         return context
 
 
-def deploy(root: Path, text: str | None = None) -> Deployed:
+def deploy(root: Path, text: str | None = None, *, paths_here: bool = True) -> Deployed:
+    """The files of /etc/dsc-server under ``root``; with ``paths_here`` the configuration's
+    paths point under ``root`` too, else they stay as written (for a container that mounts the
+    folder at /etc/dsc-server)."""
     etc = root / "etc" / "dsc-server"
     etc.mkdir(parents=True)
     (root / "var" / "lib").mkdir(parents=True)  # what the unit's StateDirectory= sits in
@@ -72,11 +77,13 @@ def deploy(root: Path, text: str | None = None) -> Deployed:
         pems.append(path)
     config = etc / "dsc-server.toml"
     source = CONFIG.read_text() if text is None else text
-    config.write_text(
-        source.replace('"/etc/dsc-server/', f'"{etc}/').replace(
-            '"/var/lib/dsc-server', f'"{root}/var/lib/dsc-server'
+    if paths_here:  # ... and the monitor listener on a free port (tests run side by side)
+        source = (
+            source.replace('"/etc/dsc-server/', f'"{etc}/')
+            .replace('"/var/lib/dsc-server', f'"{root}/var/lib/dsc-server')
+            .replace(f'"127.0.0.1:{MONITOR_PORT}"', f'"127.0.0.1:{free_port()}"')
         )
-    )
+    config.write_text(source)
     return Deployed(root, config, etc / "clients-ca.pem", pems[0], pems[1])
 
 
@@ -178,7 +185,9 @@ def test_dsc_serve_runs_with_the_example_configuration(tmp_path: Path) -> None:
         # The start banner names the status page at the advertised address (issue 14, 5).
         assert "status page:                https://scan.example.com:5362/" in log, log
         assert "security: HTTPS, client certificates required" in log, log
-        assert "allow_insecure" not in log and "WARNING" not in log, log
+        # Nothing waived (the SMTP relay of the example does not exist here: the health check
+        # may warn about it, which is not the listener's business).
+        assert "allow_insecure" not in log and "WARNING dsc.serve" not in log, log
         base = f"https://127.0.0.1:{server.port}"
 
         def get(path: str, client: Path | None) -> int:
@@ -191,6 +200,13 @@ def test_dsc_serve_runs_with_the_example_configuration(tmp_path: Path) -> None:
                     return int(reply.status)
             except urllib.error.HTTPError as refused:
                 return int(refused.code)
+
+        # The container's HEALTHCHECK command, against this server's monitor listener.
+        monitor = load_settings(site.config).listen.monitor
+        assert monitor is not None and monitor[1] != MONITOR_PORT
+        check = _healthcheck_command().replace(f":{MONITOR_PORT}/", f":{monitor[1]}/")
+        probe = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=30)
+        assert probe.returncode == 0, probe
 
         assert get("/", site.admin_pem) == 200  # the status page, for the administrator
         assert get("/", site.scanner_pem) == 403  # ... and no one else
@@ -308,6 +324,16 @@ def test_dockerfile_installs_without_test_extras() -> None:
         assert (ROOT / source).exists(), source
 
 
+def _healthcheck_command() -> str:
+    """The Python text of the Dockerfile's HEALTHCHECK."""
+    line = next(
+        line
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if "CMD python3 -c" in line
+    )
+    return str(shlex.split(line.split("CMD ", 1)[1])[2])
+
+
 def _container_tool() -> tuple[str, str]:
     """A container tool whose engine answers, or ("", why not)."""
     reasons = []
@@ -324,7 +350,7 @@ def _container_tool() -> tuple[str, str]:
     return "", "; ".join(reasons)
 
 
-def test_container_image_builds_and_serves() -> None:
+def test_container_image_builds_and_serves(tmp_path: Path) -> None:
     tool, why = _container_tool()
     if not tool:
         pytest.skip(f"cannot build the container image: {why}")
@@ -337,9 +363,12 @@ def test_container_image_builds_and_serves() -> None:
     )
     assert built.returncode == 0, built.stderr[-3000:]
     name = f"dsc-test-{uuid.uuid4().hex[:8]}"
+    # The example configuration as written, with its TLS files, mounted where it says.
+    site = deploy(tmp_path, paths_here=False)
+    mount = f"{site.config.parent}:/etc/dsc-server:ro"
     try:
         subprocess.run(
-            [tool, "run", "-d", "--name", name, "-p", "127.0.0.1::5362", tag],
+            [tool, "run", "-d", "--name", name, "-p", "127.0.0.1::5362", "-v", mount, tag],
             check=True,
             capture_output=True,
             timeout=120,
@@ -351,16 +380,24 @@ def test_container_image_builds_and_serves() -> None:
             .stdout.strip()
             .rsplit(":", 1)[-1]
         )
-        import urllib.request
+        context = site.context(site.admin_pem)
 
         def healthy() -> bool:
+            url = f"https://127.0.0.1:{port}/healthz"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=5, context=context) as r:
                     return r.status == 200
             except OSError:
                 return False
 
-        wait_for(healthy, 60, "the container's /healthz")
+        wait_for(healthy, 60, "the container's /healthz over TLS")
+        # The image's HEALTHCHECK asks the loopback monitor listener inside the container.
+        probe = subprocess.run(
+            [tool, "exec", name, "python3", "-c", _healthcheck_command()],
+            capture_output=True,
+            timeout=60,
+        )
+        assert probe.returncode == 0, probe
     finally:
         subprocess.run([tool, "rm", "-f", name], capture_output=True, timeout=60)
         subprocess.run([tool, "rmi", "-f", tag], capture_output=True, timeout=120)
