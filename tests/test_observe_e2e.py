@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import sqlite3
 import ssl
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers, wait_for
+from test_attacks_e2e import SoapFrom
 from test_e2e_serve import Pki
 
 BINDINGS = ["async", "blocking"]
@@ -291,6 +293,61 @@ def test_devices_are_recorded_and_survive_a_restart(
     lines = table.out.rstrip("\n").split("\n")
     assert lines[0].split()[:3] == ["ADDRESS", "IDENTITY", "LAST"]
     assert lines[2].split()[0] == "127.0.0.1" and all(len(line) <= 100 for line in lines)
+
+
+def listed_devices(server: ServerProcess) -> list[str]:
+    run = dsc("devices", "--server", server.url, "--json")
+    assert run.code == 0, run
+    return [d["address"] for d in run.json()]
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_over_the_device_cap_the_oldest_is_evicted(
+    start_server: StartServer, tmp_path: Path, binding: str
+) -> None:
+    """Issue 14 section 4: N+1 devices (loopback addresses 127.0.0.x) leave N, the one
+    with the oldest last contact gone, in the book and in the file."""
+    config = tmp_path / "dsc.toml"
+    config.write_text("[devices]\nmax_devices = 3\n", encoding="utf-8")
+    data = tmp_path / "data"
+    server = start_server(binding, data=data, config=config)
+    for n in (1, 2, 3):
+        SoapFrom(server.url, f"127.0.0.{n}").create([FileShareInstructions((LOCAL_SHARE,))])
+    assert listed_devices(server) == ["127.0.0.3", "127.0.0.2", "127.0.0.1"]
+    SoapFrom(server.url, "127.0.0.4").create([FileShareInstructions((LOCAL_SHARE,))])
+    assert listed_devices(server) == ["127.0.0.4", "127.0.0.3", "127.0.0.2"]
+    assert "device book: 1 device(s) evicted" in server.log
+    server.stop_cleanly()
+    again = start_server(binding, data=data, config=config)
+    assert listed_devices(again) == ["127.0.0.4", "127.0.0.3", "127.0.0.2"]
+
+
+def test_a_device_past_the_retention_is_gone_after_a_restart(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "dsc.toml"
+    config.write_text("[devices]\nretention_days = 30\n", encoding="utf-8")
+    data = tmp_path / "data"
+    server = start_server(data=data, config=config)
+    for n in (1, 2):
+        SoapFrom(server.url, f"127.0.0.{n}").create([FileShareInstructions((LOCAL_SHARE,))])
+    assert listed_devices(server) == ["127.0.0.2", "127.0.0.1"]
+    server.stop_cleanly()
+    # 127.0.0.1 was last seen 31 days ago (the server was down meanwhile).
+    with sqlite3.connect(data / "jobs.sqlite3") as conn:
+        [(stamp,)] = conn.execute("SELECT last_contact FROM devices WHERE address = '127.0.0.1'")
+        aged = datetime.fromisoformat(stamp) - timedelta(days=31)
+        conn.execute(
+            "UPDATE devices SET first_contact = ?, last_contact = ?, last_contact_at = ? "
+            "WHERE address = '127.0.0.1'",
+            (aged.isoformat(), aged.isoformat(), aged.timestamp()),
+        )
+    again = start_server(data=data, config=config)
+    assert listed_devices(again) == ["127.0.0.2"]
+    assert (
+        "device book: 1 device(s) removed, last contact more than 30 days ago "
+        "([devices] retention_days)"
+    ) in again.log
 
 
 # --- 4. R10 on the web endpoints ------------------------------------------------------------------

@@ -27,6 +27,8 @@ def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert not settings.listen.tls and settings.server_ssl_context() is None
     assert not settings.server.require_client_certificates
     assert settings.server.base_url == "http://127.0.0.1:5362"
+    # The device book is bounded by default (issue 14 section 4).
+    assert (settings.devices.max_devices, settings.devices.retention_days) == (10_000, 365)
     assert (
         settings.filters.map_unc(r"\\Host\Share\a\b")
         == Path("var") / "shares" / "host" / "share" / "a" / "b"
@@ -73,6 +75,9 @@ sites = ["https://sp.contoso.com/sites/scans", { url = "http://intra/s", allow_h
 [eventing]
 default_seconds = 60
 max_seconds = 120
+[devices]
+max_devices = 50
+retention_days = 30
 """,
     )
     s = load_settings(path)
@@ -104,6 +109,7 @@ max_seconds = 120
         ("http://intra/s", True),
     ]
     assert f.mail_domains == ("contoso.com",)
+    assert (s.devices.max_devices, s.devices.retention_days) == (50, 30)
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:
@@ -170,6 +176,11 @@ def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> N
         ("[eventing]\ndefault_seconds = 100\nmax_seconds = 10\n", "more than max_seconds"),
         ('[tls]\nkey = "server.key"\n', "a TLS key (--tls-key or [tls] key) without a certificate"),
         ('[tls]\ncert = "nope.pem"\n', "TLS certificate"),
+        ("[devices]\nmax_devices = 0\n", "[devices] max_devices must be a whole number >= 1"),
+        ('[devices]\nmax_devices = "all"\n', "[devices] max_devices must be a whole number"),
+        ("[devices]\nretention_days = 0\n", "[devices] retention_days must be a whole number"),
+        ("[devices]\nretention_days = 1.5\n", "[devices] retention_days must be a whole number"),
+        ("[devices]\nkeep = 1\n", "unknown key(s) in [devices]: keep"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_it(tmp_path: Path, text: str, message: str) -> None:

@@ -12,6 +12,17 @@ Tables (created if missing)::
     devices      one row per device: first/last contact (ISO 8601 with offset), counters
     device_jobs  token -> device of every job not yet counted as ended, so that a job that
                  ends after a restart still counts for the device that created it
+
+Bounded (issue 14 section 4): every client address that creates a job is a device, so without a
+bound the book grows with every address a network ever used.  :class:`DeviceLimits` caps it
+(``[devices] max_devices``: over the cap, the devices with the oldest last contact go) and keeps
+a device only ``retention_days`` after its last contact.  Both are one indexed DELETE on
+``last_contact_at`` (Unix seconds: the ISO text's offset changes with daylight saving time, so
+the text does not sort by time), run where the book is written (the command writer's record
+lane, on each job it records) and when the book is opened at start.  A device removed while a
+job of it is still active keeps that job's ``device_jobs`` row, and its end then counts for
+nobody: the device had the oldest contact of all, so this needs a cap smaller than the jobs
+in progress.
 """
 
 from __future__ import annotations
@@ -20,12 +31,12 @@ import logging
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from .store import DB_NAME
 
-__all__ = ["Device", "DeviceBook"]
+__all__ = ["Device", "DeviceBook", "DeviceLimits"]
 
 log = logging.getLogger("dsc.devices")
 
@@ -39,6 +50,7 @@ _SCHEMA = (
         completed     INTEGER NOT NULL DEFAULT 0,  -- ended Completed without errors
         failed        INTEGER NOT NULL DEFAULT 0,  -- Aborted, or Completed with errors
         canceled      INTEGER NOT NULL DEFAULT 0,
+        last_contact_at REAL NOT NULL DEFAULT 0,  -- last_contact in Unix seconds (module doc)
         PRIMARY KEY (address, identity)
     )""",
     """CREATE TABLE IF NOT EXISTS device_jobs (
@@ -47,6 +59,38 @@ _SCHEMA = (
         identity TEXT NOT NULL
     )""",
 )
+
+
+#: The index the cap and the retention delete by (module doc).
+_INDEX = "CREATE INDEX IF NOT EXISTS devices_by_last_contact ON devices (last_contact_at)"
+
+#: Over the cap: the ``?`` devices with the oldest last contact, in one statement.
+_EVICT_OLDEST = """DELETE FROM devices WHERE rowid IN (
+    SELECT rowid FROM devices ORDER BY last_contact_at LIMIT ?
+) RETURNING address, identity"""
+
+#: Past the retention: every device whose last contact is before ``?``.
+_EXPIRE = "DELETE FROM devices WHERE last_contact_at < ? RETURNING address, identity"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLimits:
+    """``[devices]``: how many devices the book keeps, and for how long after their last
+    contact.  The defaults hold a large site's scanners for a year; a book at the cap costs a
+    few MB and the status page lists it from memory."""
+
+    max_devices: int = 10_000
+    retention_days: int = 365
+
+    def __post_init__(self) -> None:
+        if self.max_devices < 1:
+            raise ValueError(f"max_devices must be at least 1, got {self.max_devices}")
+        if self.retention_days < 1:
+            raise ValueError(f"retention_days must be at least 1, got {self.retention_days}")
+
+    def cutoff(self, now: datetime) -> float:
+        """The Unix time before which a last contact is past the retention."""
+        return (now - timedelta(days=self.retention_days)).timestamp()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +113,8 @@ class DeviceBook:
     which must not wait for the disk).  Thread-safe; every write is one committed
     transaction, and the copy changes only after it committed."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, limits: DeviceLimits | None = None) -> None:
+        self.limits = limits or DeviceLimits()
         self._conn = sqlite3.connect(
             Path(data_dir) / DB_NAME, timeout=5.0, isolation_level=None, check_same_thread=False
         )
@@ -77,6 +122,8 @@ class DeviceBook:
         self._conn.execute("PRAGMA synchronous=FULL")
         for statement in _SCHEMA:
             self._conn.execute(statement)
+        self._add_last_contact_at()
+        self._conn.execute(_INDEX)
         rows = self._conn.execute(
             "SELECT address, identity, first_contact, last_contact, jobs, completed, failed, "
             "canceled FROM devices"
@@ -87,31 +134,70 @@ class DeviceBook:
             for r in self._conn.execute("SELECT token, address, identity FROM device_jobs")
         }
 
+    def _add_last_contact_at(self) -> None:
+        """A book written before the cap and retention existed has no ``last_contact_at``:
+        add it, computed from each row's ``last_contact`` (once)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        if "last_contact_at" in columns:
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(
+                "ALTER TABLE devices ADD COLUMN last_contact_at REAL NOT NULL DEFAULT 0"
+            )
+            rows = self._conn.execute("SELECT rowid, last_contact FROM devices").fetchall()
+            self._conn.executemany(
+                "UPDATE devices SET last_contact_at = ? WHERE rowid = ?",
+                [(_unix_time(stamp), rowid) for rowid, stamp in rows],
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
+    def apply_limits(self, now: datetime) -> None:
+        """The retention and the cap, now (at start: a book kept while the server was down,
+        or under a larger cap, shrinks before anything shows it)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                expired, evicted = self._bound(now, None)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._forget(expired + evicted)
+        self._log_removed(expired, evicted)
+
     def job_created(self, token: str, address: str, identity: str, when: datetime) -> None:
         stamp = when.isoformat()
+        key = (address, identity)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.execute(
-                    """INSERT INTO devices (address, identity, first_contact, last_contact, jobs)
-                       VALUES (?, ?, ?, ?, 1)
+                    """INSERT INTO devices
+                           (address, identity, first_contact, last_contact, last_contact_at, jobs)
+                       VALUES (?, ?, ?, ?, ?, 1)
                        ON CONFLICT (address, identity) DO UPDATE SET
-                           last_contact = excluded.last_contact, jobs = jobs + 1""",
-                    (address, identity, stamp, stamp),
+                           last_contact = excluded.last_contact,
+                           last_contact_at = excluded.last_contact_at,
+                           jobs = jobs + 1""",
+                    (address, identity, stamp, stamp, when.timestamp()),
                 )
                 self._conn.execute(
                     "INSERT OR REPLACE INTO device_jobs (token, address, identity) VALUES (?, ?, ?)",
                     (token, address, identity),
                 )
+                expired, evicted = self._bound(when, key)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            key = (address, identity)
             old = self._devices.get(key)
             self._devices[key] = (
                 Device(address, identity, stamp, stamp, 1, 0, 0, 0)
@@ -119,6 +205,49 @@ class DeviceBook:
                 else replace(old, last_contact=stamp, jobs=old.jobs + 1)
             )
             self._jobs[token] = key
+            self._forget(expired + evicted)
+        self._log_removed(expired, evicted)
+
+    def _bound(
+        self, now: datetime, added: tuple[str, str] | None
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Within the caller's transaction (and lock): delete the devices past the retention,
+        then the oldest over the cap.  ``added``: a device the transaction just inserted or
+        updated, not yet in the copy in memory.  Returns (expired, evicted)."""
+        expired = [
+            (str(a), str(i)) for a, i in self._conn.execute(_EXPIRE, (self.limits.cutoff(now),))
+        ]
+        kept = set(self._devices).difference(expired)
+        if added is not None:
+            kept.add(added)
+        excess = len(kept) - self.limits.max_devices
+        evicted = (
+            [(str(a), str(i)) for a, i in self._conn.execute(_EVICT_OLDEST, (excess,))]
+            if excess > 0
+            else []
+        )
+        return expired, evicted
+
+    def _forget(self, keys: list[tuple[str, str]]) -> None:
+        """Drop deleted devices from the copy in memory (under the lock, after the commit)."""
+        for key in keys:
+            self._devices.pop(key, None)
+
+    def _log_removed(self, expired: list[tuple[str, str]], evicted: list[tuple[str, str]]) -> None:
+        if expired:
+            log.info(
+                "device book: %d device(s) removed, last contact more than %d days ago "
+                "([devices] retention_days)",
+                len(expired),
+                self.limits.retention_days,
+            )
+        if evicted:
+            log.info(
+                "device book: %d device(s) evicted, the oldest last contact first: more than "
+                "%d devices ([devices] max_devices)",
+                len(evicted),
+                self.limits.max_devices,
+            )
 
     def job_ended(self, token: str, outcome: str) -> None:
         """Count the end of a job (``outcome``: completed, failed or canceled) for its device."""
@@ -149,11 +278,12 @@ class DeviceBook:
         stamp = when.isoformat()
         with self._lock:
             old = self._devices.get((address, identity))
-            if old is None or old.last_contact >= stamp:
+            if old is None or _unix_time(old.last_contact) >= when.timestamp():
                 return
             self._conn.execute(
-                "UPDATE devices SET last_contact = ? WHERE address = ? AND identity = ?",
-                (stamp, address, identity),
+                "UPDATE devices SET last_contact = ?, last_contact_at = ? "
+                "WHERE address = ? AND identity = ?",
+                (stamp, when.timestamp(), address, identity),
             )
             self._devices[(address, identity)] = replace(old, last_contact=stamp)
 
@@ -167,3 +297,8 @@ class DeviceBook:
         with self._lock:
             devices = list(self._devices.values())
         return sorted(devices, key=lambda d: d.last_contact, reverse=True)
+
+
+def _unix_time(stamp: str) -> float:
+    """An ISO 8601 time the book wrote (with its offset) as Unix seconds."""
+    return datetime.fromisoformat(stamp).timestamp()

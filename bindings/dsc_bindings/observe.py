@@ -48,7 +48,7 @@ from dsc_core.model import (
 from dsc_core.outcomes import JobOutcome
 
 from . import tally
-from .devices import DeviceBook
+from .devices import DeviceBook, DeviceLimits
 from .metrics import Metrics
 
 __all__ = ["JsonFormatter", "Observer", "destinations_of", "filter_name"]
@@ -115,9 +115,16 @@ class _Known:
 class Observer:
     """Job log, metrics, devices and live job state of one scan service (module doc)."""
 
-    def __init__(self, data_dir: Path | None = None, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        metrics: Metrics | None = None,
+        device_limits: DeviceLimits | None = None,
+    ) -> None:
         self.metrics = metrics or Metrics()
         self.devices: DeviceBook | None = None
+        self._device_limits = device_limits or DeviceLimits()
         #: The page's totals, durable once :meth:`open` found the store (in memory before).
         self.tally = tally.Tally()
         self._data_dir = data_dir
@@ -137,11 +144,13 @@ class Observer:
 
     # --- life cycle -------------------------------------------------------------------------
 
-    def open(self, jobs: Sequence[Job]) -> None:
-        """The store was opened: the device book beside it, and the jobs it kept."""
+    def open(self, jobs: Sequence[Job], now: datetime | None = None) -> None:
+        """The store was opened: the device book beside it (its retention and cap applied at
+        ``now``, the service's clock), and the jobs it kept."""
         if self._data_dir is not None:
             try:
-                self.devices = DeviceBook(self._data_dir)
+                self.devices = DeviceBook(self._data_dir, self._device_limits)
+                self.devices.apply_limits(now or datetime.now().astimezone())
             except Exception as exc:  # not worth refusing to start for: say so
                 log.error("device records are not kept: %s", exc)
             try:

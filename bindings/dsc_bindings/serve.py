@@ -92,6 +92,8 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings, service: S
         log.warning("SIGHUP: listener, TLS and data directory changes need a restart")
     if fresh.directory != current.directory:
         log.warning("SIGHUP: [directory] changes need a restart")
+    if fresh.devices != current.devices:
+        log.warning("SIGHUP: [devices] changes need a restart")
     try:
         fresh = fresh.with_installation_identity()
     except (OSError, ValueError) as exc:
@@ -169,7 +171,13 @@ def run_server(
             settings.directory.base_dn,
             settings.directory.admin_group or "(no group)",
         )
-    service = ScanService(config, settings.data_dir, settings.filters, directory=directory)
+    service = ScanService(
+        config,
+        settings.data_dir,
+        settings.filters,
+        directory=directory,
+        device_limits=settings.devices,
+    )
     try:
         service.start()
     except Exception as exc:  # the store is locked, unreadable, ...: say what to do

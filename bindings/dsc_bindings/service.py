@@ -76,6 +76,7 @@ from dsc_core.users import is_scan_admin
 
 from .cross_site import origin_of
 from .delivery import DeliveryHub, DeliveryLimits
+from .devices import DeviceLimits
 from .filters.engine import ProcessingEngine
 from .filters.settings import FilterSettings
 from .health import Health, HealthMonitor, Probe, log_health, smtp_accepts, writable_directory
@@ -387,6 +388,7 @@ class ScanService:
         delivery_ssl_context: ssl.SSLContext | None = None,
         max_processing_jobs: int = 2,
         directory: Directory | None = None,
+        device_limits: DeviceLimits | None = None,
     ) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
@@ -422,7 +424,7 @@ class ScanService:
         self._closed = False
         self._instance_id = config.discovery_instance_id
         #: Job log, metrics, device records and the status page's live state (.observe).
-        self.observer = Observer(self.data_dir)
+        self.observer = Observer(self.data_dir, device_limits=device_limits)
         #: What a scan needs, checked off the loop (.health): /healthz and the start log.
         self.health = HealthMonitor(self.health_probes)
 
@@ -450,7 +452,7 @@ class ScanService:
         self.config = self.config.replace(discovery_instance_id=self._instance_id)
         try:
             jobs = store.load_jobs()
-            self.observer.open(jobs)
+            self.observer.open(jobs, self.clock())
             self._engine = ProcessingEngine(
                 self.filter_settings,
                 self._documents_of,

@@ -31,6 +31,10 @@ Example (every section optional)::
     spool_retention_seconds = 604800  # a failed job's documents, kept for a re-run
     stalled_after_seconds = 60        # a Creating job this long without a byte is "stalled"
 
+    [devices]                         # the device book (dsc devices, the status page)
+    max_devices = 10000               # over it, the devices with the oldest last contact go
+    retention_days = 365              # a device not seen for this long is removed
+
     [users]
     scan_admins = ["admin@contoso.com"]
     [users.directory]                 # SID -> name@domain (R10)
@@ -92,6 +96,7 @@ from typing import Any, Literal
 from dsc_core import Limits, ServerConfig
 from dsc_core.config import FAULT_HTTP_STATUSES
 
+from .devices import DeviceLimits
 from .directory import DirectorySettings
 from .exposure import bound_base_url
 from .filters.settings import FilterSettings
@@ -142,6 +147,8 @@ class Settings:
     #: The installation UUIDs the file set ([server] device_uuid, ...); the others are
     #: generated at the first start and kept in the data directory (identity.py, R13).
     identity: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: ``[devices]``: the device book's cap and retention (issue 14 section 4).
+    devices: DeviceLimits = dataclasses.field(default_factory=DeviceLimits)
 
     def with_installation_identity(self) -> Settings:
         """These settings with the data directory's UUIDs where the file set none (creates
@@ -170,6 +177,7 @@ _SECTIONS = {
     "tls",
     "limits",
     "jobs",
+    "devices",
     "users",
     "processes",
     "shares",
@@ -403,6 +411,7 @@ def load_settings(
         "jobs",
         {"timeout_seconds", "history_size", "spool_retention_seconds", "stalled_after_seconds"},
     )
+    devices_raw = _Table(raw, "devices", {"max_devices", "retention_days"})
     users = _Table(raw, "users", {"scan_admins", "directory", "email"})
     smtp = _Table(
         raw,
@@ -558,7 +567,14 @@ def load_settings(
         )
     except ValueError as exc:
         raise ConfigError(f"[shares]/[smtp]: {exc}") from exc
-    return Settings(data, listen, server, filters, path, directory, identity)
+    default_devices = DeviceLimits()
+    devices = DeviceLimits(
+        max_devices=devices_raw.integer("max_devices", default_devices.max_devices, minimum=1),
+        retention_days=devices_raw.integer(
+            "retention_days", default_devices.retention_days, minimum=1, maximum=100 * 365
+        ),
+    )
+    return Settings(data, listen, server, filters, path, directory, identity, devices)
 
 
 def prepare_data_dir(data_dir: Path) -> None:
