@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -162,3 +163,12 @@ def test_both_deletes_use_the_index_on_last_contact(tmp_path: Path) -> None:
 def test_limits_are_checked(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DeviceLimits(**kwargs)
+
+
+def test_as_dict_has_every_field(tmp_path: Path) -> None:
+    """The status page's and ``dsc devices --json``'s record: every field, by its name."""
+    book = DeviceBook(tmp_path)
+    book.job_created("a", "10.0.0.1", "alice", T0)
+    [device] = book.all()
+    assert device.as_dict() == {f.name: getattr(device, f.name) for f in fields(device)}
+    book.close()

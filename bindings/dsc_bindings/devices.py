@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -105,7 +105,18 @@ class Device:
     canceled: int
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        # Not dataclasses.asdict, which deep-copies every field: for a book at the default
+        # cap (10,000 devices) that was 59 ms of /status.json on the event loop; this is 3.5.
+        return {
+            "address": self.address,
+            "identity": self.identity,
+            "first_contact": self.first_contact,
+            "last_contact": self.last_contact,
+            "jobs": self.jobs,
+            "completed": self.completed,
+            "failed": self.failed,
+            "canceled": self.canceled,
+        }
 
 
 class DeviceBook:
