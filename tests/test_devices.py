@@ -14,7 +14,11 @@ import pytest
 
 from dsc_bindings import devices as devices_mod
 from dsc_bindings.devices import DeviceBook, DeviceLimits
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.service import ScanService
 from dsc_bindings.store import DB_NAME
+from dsc_core import ServerConfig
+from e2e_support import wait_for
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=timezone(timedelta(hours=1)))
 
@@ -172,3 +176,27 @@ def test_as_dict_has_every_field(tmp_path: Path) -> None:
     [device] = book.all()
     assert device.as_dict() == {f.name: getattr(device, f.name) for f in fields(device)}
     book.close()
+
+
+def test_the_ticker_applies_the_retention_while_no_job_is_created(tmp_path: Path) -> None:
+    """A running server with no new jobs still removes a device past the retention (hourly,
+    by the service's clock: this clock jumps 40 days)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    seen = DeviceBook(data)
+    seen.job_created("a", "10.0.0.1", "", T0 - timedelta(days=1))
+    seen.close()
+    now = [T0]
+    service = ScanService(
+        ServerConfig(),
+        data,
+        FilterSettings.embedded_default(data),
+        clock=lambda: now[0],
+        device_limits=DeviceLimits(retention_days=30),
+    )
+    with service:
+        book = service.observer.devices
+        assert book is not None and addresses(book) == {"10.0.0.1"}
+        now[0] = T0 + timedelta(days=40)
+        wait_for(lambda: not book.all(), what="the ticker removing the device")
+    assert stored(data) == set()

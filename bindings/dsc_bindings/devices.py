@@ -19,7 +19,8 @@ bound the book grows with every address a network ever used.  :class:`DeviceLimi
 a device only ``retention_days`` after its last contact.  Both are one indexed DELETE on
 ``last_contact_at`` (Unix seconds: the ISO text's offset changes with daylight saving time, so
 the text does not sort by time), run where the book is written (the command writer's record
-lane, on each job it records) and when the book is opened at start.  A device removed while a
+lane, on each job it records), when the book is opened at start, and hourly from the service's
+ticker thread (so a device also goes while no job is created); never on the event loop.  A device removed while a
 job of it is still active keeps that job's ``device_jobs`` row, and its end then counts for
 nobody: the device had the oldest contact of all, so this needs a cap smaller than the jobs
 in progress.

@@ -175,6 +175,15 @@ class Observer:
             self._history.sort()
             self.metrics.active_jobs.set(len(self._jobs) - len(self._history))
 
+    def bound_devices(self, now: datetime) -> None:
+        """The device book's retention and cap at ``now`` (the ticker, hourly: devices.py)."""
+        if self.devices is None:
+            return
+        try:
+            self.devices.apply_limits(now)
+        except Exception as exc:  # the next hour tries again; the book itself is intact
+            logging.getLogger("dsc.devices").error("device book not bounded: %s", exc)
+
     def close(self) -> None:
         if self.devices is not None:
             self.devices.close()

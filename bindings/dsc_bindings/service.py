@@ -48,7 +48,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -111,6 +111,9 @@ TICK_MAX_SECONDS = 1.0
 TICK_MIN_SECONDS = 0.05
 #: An engine thread waits at most this long for its report's commands (the job store is stuck).
 ENGINE_REPORT_WAIT_SECONDS = 60.0
+#: The ticker applies the device book's retention and cap this often (service clock), so that a
+#: device past ``[devices] retention_days`` also goes while no job is created (devices.py).
+DEVICE_BOUNDS_INTERVAL = timedelta(hours=1)
 
 
 #: The local zone as a fixed offset, and until when (time.monotonic()) it is trusted: finding
@@ -912,8 +915,14 @@ class ScanService:
     # --- ticker -------------------------------------------------------------------------------
 
     def _tick_loop(self) -> None:
+        # In this thread, not on the event loop: the device book's DELETE waits for the disk.
+        bound_devices_at = self.clock() + DEVICE_BOUNDS_INTERVAL
         while not self._stop.is_set():
             try:
+                now = self.clock()
+                if now >= bound_devices_at:
+                    bound_devices_at = now + DEVICE_BOUNDS_INTERVAL
+                    self.observer.bound_devices(now)
                 deadline = self._core_call(self.server.next_deadline)
                 wait = TICK_MAX_SECONDS
                 if deadline is not None:
