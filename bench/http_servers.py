@@ -3,9 +3,9 @@
 - ``floor``: a bare h11 server on trio that answers every request with a fixed 200 and a fixed
   body (the same bytes the core would answer, given with ``--body-file``), doing no SOAP work at
   all.  It is the cost of HTTP/1.1 keep-alive with h11 on trio: the floor under our binding.
-- ``core``: the project's async binding (``dsc_bindings.http_async.serve``) in front of a real
-  ``dsc_bindings.service.ScanService`` (SQLite job store in a temporary directory).
-- ``blocking``: the blocking binding (``dsc_bindings.http_blocking``) in front of the same.
+- ``core``: the project's async binding (``dsc_bindings.http.async_server.serve``) in front of a real
+  ``dsc_bindings.runtime.service.ScanService`` (SQLite job store in a temporary directory).
+- ``blocking``: the blocking binding (``dsc_bindings.http.blocking_server``) in front of the same.
 - ``sink``: the floor of an upload: h11 on trio that writes each request body to a file as it
   arrives, fsyncs it, and answers 200 (what ``curl --data-binary`` is compared against).
 
@@ -87,9 +87,9 @@ async def run_floor(port: int, body: bytes) -> None:
 
 async def run_core(port: int) -> None:
     from dsc_bindings.filters.settings import FilterSettings
-    from dsc_bindings.http_async import serve
+    from dsc_bindings.http.async_server import serve
+    from dsc_bindings.runtime.service import ScanService
     from dsc_bindings.serve import settle_heap
-    from dsc_bindings.service import ScanService
     from dsc_core import ServerConfig
 
     config = ServerConfig()
@@ -112,9 +112,9 @@ async def run_core(port: int) -> None:
 
 def run_blocking(port: int) -> None:
     from dsc_bindings.filters.settings import FilterSettings
-    from dsc_bindings.http_blocking import BlockingServer
+    from dsc_bindings.http.blocking_server import BlockingServer
+    from dsc_bindings.runtime.service import ScanService
     from dsc_bindings.serve import settle_heap
-    from dsc_bindings.service import ScanService
     from dsc_core import ServerConfig
 
     config = ServerConfig()

@@ -253,7 +253,7 @@ def send_image_body(token: str, document_id: int, size: int, chunk: bytes) -> cl
 
 def upload_through_core(folder: Path, size: int, chunk: bytes) -> float:
     """Seconds for one SendImage through the core, commands carried out by a real JobStore."""
-    from dsc_bindings.store import JobStore
+    from dsc_bindings.store.sqlite import JobStore
 
     with JobStore.open(folder) as store:
         server = ScanServer(CONFIG, new_id=lambda: str(uuid.uuid4()))
@@ -501,13 +501,14 @@ def http_request(body: bytes) -> bytes:
 def http_bindings_available() -> str | None:
     """None when the async binding and the service can be used, else why not."""
     try:
-        from dsc_bindings import http_async, service
+        from dsc_bindings.http import async_server as http_async
+        from dsc_bindings.runtime import service
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     if not callable(getattr(http_async, "serve", None)):
-        return "dsc_bindings.http_async has no serve()"
+        return "dsc_bindings.http.async_server has no serve()"
     if getattr(service, "ScanService", None) is None:
-        return "dsc_bindings.service has no ScanService"
+        return "dsc_bindings.runtime.service has no ScanService"
     return None
 
 

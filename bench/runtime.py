@@ -119,7 +119,7 @@ class Serve:
             [
                 sys.executable,
                 "-m",
-                "dsc_bindings.cli",
+                "dsc_bindings.console.main",
                 "serve",
                 "--port",
                 str(self.port),

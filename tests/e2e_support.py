@@ -78,7 +78,7 @@ def child_env() -> dict[str, str]:
 
 
 class ServerProcess:
-    """One ``python -m dsc_bindings.cli serve`` child, its log in a file."""
+    """One ``python -m dsc_bindings.console.main serve`` child, its log in a file."""
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class ServerProcess:
             args = [
                 sys.executable,
                 "-m",
-                "dsc_bindings.cli",
+                "dsc_bindings.console.main",
                 "serve",
                 "--port",
                 str(self.port),
@@ -265,7 +265,7 @@ class Run:
 
 def dsc(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> Run:
     done = subprocess.run(
-        [sys.executable, "-m", "dsc_bindings.cli", *args],
+        [sys.executable, "-m", "dsc_bindings.console.main", *args],
         capture_output=True,
         timeout=timeout,
         env=child_env(),

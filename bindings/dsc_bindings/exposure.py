@@ -20,7 +20,7 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from dsc_bindings.settings import Settings
 
 #: Addresses that mean "every interface": they name no host a scanner could reach.
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})

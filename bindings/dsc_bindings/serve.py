@@ -15,12 +15,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from .exposure import UnsafeExposure, check_exposure, url_host
-from .settings import Settings
+from dsc_bindings.exposure import UnsafeExposure, check_exposure, url_host
+from dsc_bindings.settings import Settings
 
 if TYPE_CHECKING:
-    from .discovery import UdpDiscovery
-    from .service import ScanService
+    from dsc_bindings.discovery.udp import UdpDiscovery
+    from dsc_bindings.runtime.service import ScanService
 
 log = logging.getLogger("dsc.serve")
 GRACE_SECONDS = 10.0
@@ -117,7 +117,7 @@ def settle_heap() -> None:
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Standard error, one line per record: text for people, or one JSON object per line
     (``--log-format json``, for log collectors; job events carry their fields)."""
-    from .observe import JsonFormatter
+    from dsc_bindings.observe.observer import JsonFormatter
 
     handler = logging.StreamHandler()
     if log_format == "json":
@@ -134,10 +134,9 @@ def run_server(
     reload: Callable[[], Settings] | None = None,
     log_format: str = "text",
 ) -> int:
+    from dsc_bindings.runtime.service import ScanService
+    from dsc_bindings.settings import ConfigError, prepare_data_dir
     from dsc_core import ServerConfig
-
-    from .service import ScanService
-    from .settings import ConfigError, prepare_data_dir
 
     configure_logging(log_level, log_format)
     try:
@@ -161,7 +160,7 @@ def run_server(
     config: ServerConfig = settings.server
     directory = None
     if settings.directory is not None:
-        from .directory import Directory
+        from dsc_bindings.directory.ldap import Directory
 
         directory = Directory(settings.directory)
         log.info(
@@ -200,7 +199,7 @@ def run_server(
 def _start_discovery(settings: Settings, service: ScanService) -> UdpDiscovery | None:
     """UDP port 5362 answers directed Probes (bdsrr 3.2.3, R11); failing to bind it is not
     fatal: scanners that probe over HTTP still work."""
-    from .discovery import UdpDiscovery
+    from dsc_bindings.discovery.udp import UdpDiscovery
 
     try:
         discovery = UdpDiscovery(service, settings.listen.host, settings.listen.port)
@@ -217,7 +216,7 @@ def _run_blocking(
     ssl_context: ssl.SSLContext | None,
     reload: Callable[[], Settings] | None,
 ) -> int:
-    from .http_blocking import BlockingServer
+    from dsc_bindings.http.blocking_server import BlockingServer
 
     server = BlockingServer(
         service,
@@ -232,7 +231,7 @@ def _run_blocking(
     try:
         port = server.start()
         if settings.listen.monitor is not None:
-            from .monitor import MonitorService
+            from dsc_bindings.http.monitor import MonitorService
 
             host, monitor_port = settings.listen.monitor
             monitor = BlockingServer(
@@ -280,7 +279,7 @@ def _run_async(
 ) -> int:
     import trio
 
-    from .http_async import serve
+    from dsc_bindings.http.async_server import serve
 
     async def main() -> int:
         async with trio.open_nursery() as nursery:
@@ -297,7 +296,7 @@ def _run_async(
                     )
                 )
                 if settings.listen.monitor is not None:
-                    from .monitor import MonitorService
+                    from dsc_bindings.http.monitor import MonitorService
 
                     host, monitor_port = settings.listen.monitor
                     bound = await nursery.start(

@@ -93,15 +93,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dsc_bindings.directory.ldap import DirectorySettings
+from dsc_bindings.exposure import bound_base_url
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.sites import SitePrefix
+from dsc_bindings.observe.devices import DeviceLimits
+from dsc_bindings.runtime.installation import UUID_KEYS, load_installation
 from dsc_core import Limits, ServerConfig
 from dsc_core.config import FAULT_HTTP_STATUSES
-
-from .devices import DeviceLimits
-from .directory import DirectorySettings
-from .exposure import bound_base_url
-from .filters.settings import FilterSettings
-from .filters.sites import SitePrefix
-from .identity import UUID_KEYS, load_installation
 
 
 class ConfigError(Exception):

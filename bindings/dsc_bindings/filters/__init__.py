@@ -5,9 +5,15 @@ Each filter is a synchronous function ``run(job, filter_index, documents, settin
 threads and reports ProcessingStarted / FilterStarted / FilterFinished / ProcessingFinished.
 """
 
-from .common import FilterOutcome, FilterRun, content_type_for, document_file_name, sanitize_name
-from .engine import DEFAULT_RUNNERS, ProcessingEngine
-from .settings import FilterSettings, parse_unc
+from dsc_bindings.filters.common import (
+    FilterOutcome,
+    FilterRun,
+    content_type_for,
+    document_file_name,
+    sanitize_name,
+)
+from dsc_bindings.filters.engine import DEFAULT_RUNNERS, ProcessingEngine
+from dsc_bindings.filters.settings import FilterSettings, parse_unc
 
 __all__ = [
     "DEFAULT_RUNNERS",

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dsc_bindings.filters.settings import FilterSettings
 from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
-
-from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
 #: The job log (.observe writes the rest of it): what each filter delivered, where.

@@ -10,6 +10,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from dsc_bindings.filters import fileshare, mail, sharepoint
+from dsc_bindings.filters.common import FilterOutcome, FilterRun
+from dsc_bindings.filters.settings import FilterSettings
 from dsc_core.commands import (
     FilterFinished,
     FilterStarted,
@@ -26,10 +29,6 @@ from dsc_core.model import (
     Job,
     SharePointInstructions,
 )
-
-from . import fileshare, mail, sharepoint
-from .common import FilterOutcome, FilterRun
-from .settings import FilterSettings
 
 log = logging.getLogger(__name__)
 

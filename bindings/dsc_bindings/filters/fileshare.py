@@ -13,10 +13,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
-
-from ..durable import fsync_dir_fd, write_all
-from .common import (
+from dsc_bindings.durable import fsync_dir_fd, write_all
+from dsc_bindings.filters.common import (
     FilterOutcome,
     SourceError,
     check_cancel,
@@ -25,8 +23,8 @@ from .common import (
     never_raises,
     sanitize_name,
 )
-from .settings import FilterSettings
-from .sharefolder import (
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.sharefolder import (
     EXISTING_FILE,
     NEW_FILE,
     Folder,
@@ -34,7 +32,8 @@ from .sharefolder import (
     place_exclusive,
     unlink_if_present,
 )
-from .sharejournal import ResumeJournal
+from dsc_bindings.filters.sharejournal import ResumeJournal
+from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,7 @@ from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate
 from pathlib import Path
 
-from dsc_core.model import Document, EmailInstructions, FilterStateReason, Job
-
-from .common import (
+from dsc_bindings.filters.common import (
     FilterFailure,
     FilterOutcome,
     SourceError,
@@ -34,7 +32,8 @@ from .common import (
     never_raises,
     read_full,
 )
-from .settings import FilterSettings
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_core.model import Document, EmailInstructions, FilterStateReason, Job
 
 log = logging.getLogger(__name__)
 

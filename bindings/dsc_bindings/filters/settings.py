@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .sites import SitePrefix, SiteUrl
+from dsc_bindings.filters.sites import SitePrefix, SiteUrl
 
 _UNC_FORBIDDEN = frozenset('<>:"|?*')
 

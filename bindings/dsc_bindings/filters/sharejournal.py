@@ -16,9 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+from dsc_bindings.durable import write_all
 from dsc_core.model import Document, Job
-
-from ..durable import write_all
 
 log = logging.getLogger(__name__)
 

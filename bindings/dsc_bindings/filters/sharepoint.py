@@ -12,9 +12,7 @@ import threading
 from pathlib import Path
 from urllib.parse import quote
 
-from dsc_core.model import Document, FilterStateReason, Job, SharePointInstructions
-
-from .common import (
+from dsc_bindings.filters.common import (
     BinaryReader,
     FilterFailure,
     FilterOutcome,
@@ -26,8 +24,9 @@ from .common import (
     never_raises,
     read_full,
 )
-from .settings import FilterSettings
-from .sites import SiteError, SiteUrl, parse_site_url
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.sites import SiteError, SiteUrl, parse_site_url
+from dsc_core.model import Document, FilterStateReason, Job, SharePointInstructions
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Active Directory over LDAP: users, administrators and scan processes (R14)."""

@@ -1,0 +1,1 @@
+"""What administrators see: the job log, metrics, devices, health and the web endpoints."""

@@ -1,0 +1,139 @@
+"""Prometheus metrics of one scan service (``GET /metrics``), through ``prometheus_client``.
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` (not the process-wide default one), so
+two services in one process (tests, an embedding program) never mix their numbers, and the
+output holds only the server's metrics.  Label values are bounded: operations are the
+registry's actions (anything else is ``unknown``), fault subcodes come from the core's fixed
+set, job outcomes from ``dsc_core.outcomes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from dsc_bindings.observe.health import STATES, Health
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: Upload of one image (SendImage: first byte written to the spool until durable), seconds.
+UPLOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Processing of one job (its filters: Pending until its end state), seconds.
+PROCESSING_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "dsc_requests",
+            "SOAP requests answered, by operation and outcome (ok or fault)",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.faults = Counter(
+            "dsc_faults", "SOAP faults answered, by subcode", ["subcode"], registry=r
+        )
+        self.http_refusals = Counter(
+            "dsc_http_refusals",
+            "Requests refused at the HTTP level (405, 413, 431, 503, ...), by status",
+            ["status"],
+            registry=r,
+        )
+        self.jobs_created = Counter("dsc_jobs_created", "PostScan jobs created", registry=r)
+        self.jobs_ended = Counter(
+            "dsc_jobs_ended",
+            "PostScan jobs that reached an end state (R6), by outcome (succeeded, partial, "
+            "failed, aborted, canceled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.image_bytes = Counter(
+            "dsc_image_bytes_received", "Bytes of acknowledged images (durable)", registry=r
+        )
+        self.images = Counter("dsc_images_received", "Acknowledged images", registry=r)
+        self.upload_seconds = Histogram(
+            "dsc_upload_seconds",
+            "Time to receive one image, first byte to durable",
+            buckets=UPLOAD_BUCKETS,
+            registry=r,
+        )
+        self.processing_seconds = Histogram(
+            "dsc_processing_seconds",
+            "Time to process one job's filters (end of the scan to the job's end state)",
+            buckets=PROCESSING_BUCKETS,
+            registry=r,
+        )
+        self.active_jobs = Gauge("dsc_active_jobs", "Jobs not in an end state", registry=r)
+        self.connections = Gauge("dsc_connections", "Open HTTP connections", registry=r)
+        self.subscriptions = Gauge(
+            "dsc_subscriptions", "Active WS-Eventing subscriptions", registry=r
+        )
+        self.delivery_failures = Counter(
+            "dsc_delivery_failures",
+            "Filter runs that could not deliver a job's documents (share, e-mail, SharePoint)",
+            registry=r,
+        )
+        self.event_delivery_failures = Counter(
+            "dsc_event_delivery_failures",
+            "Event notifications that could not be delivered to a subscriber (R7)",
+            registry=r,
+        )
+        self.probes_dropped = Counter(
+            "dsc_discovery_probes_dropped",
+            "UDP Probes not answered: over the reply rate of their source address (issue 14)",
+            registry=r,
+        )
+        self.filter_results = Counter(
+            "dsc_filter_results",
+            "PostScan filter runs that ended, by filter and result",
+            ["filter", "state"],
+            registry=r,
+        )
+
+    def render(self, health: Health | None = None) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4); with ``health``, also the
+        gauges of :class:`HealthGauges`."""
+        text = generate_latest(self.registry)
+        if health is None:
+            return text
+        # A registry of this scrape's own: the gauges hold this result and nothing else (a
+        # check that is no longer configured leaves no stale series behind).
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(HealthGauges(health))
+        return text + generate_latest(scrape)
+
+
+class HealthGauges(Collector):
+    """The /healthz result (.health) as gauges, so that monitoring can alert on it:
+    ``dsc_health_state{state}`` is 1 for the current state (ok, degraded or down) and 0 for
+    the others; ``dsc_health_check_ok{check}`` is 1 for each check that passed, 0 for each
+    that failed.  Labels are the check names: a fixed set plus one per configured share root."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "dsc_health_state",
+            "The /healthz state: 1 for the current one (ok, degraded or down), else 0",
+            labels=["state"],
+        )
+        for name in STATES:
+            state.add_metric([name], 1.0 if self._health.state == name else 0.0)
+        yield state
+        checks = GaugeMetricFamily(
+            "dsc_health_check_ok",
+            "Each /healthz check: 1 passed, 0 failed (its reason is in /healthz)",
+            labels=["check"],
+        )
+        for check in self._health.checks:
+            checks.add_metric([check.name], 0.0 if check.problem else 1.0)
+        yield checks

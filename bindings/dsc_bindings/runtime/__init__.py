@@ -1,0 +1,1 @@
+"""The runtime around the one core: who calls it, where its commands run, event delivery."""

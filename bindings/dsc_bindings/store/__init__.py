@@ -1,0 +1,1 @@
+"""Durable state: the SQLite job store and spool, job records, the page's totals."""
