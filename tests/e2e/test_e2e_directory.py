@@ -33,7 +33,7 @@ def relay() -> Iterator[tuple[Relay, int]]:
 def config_file(folder: Path, dc: SambaDC, smtp_port: int, **directory: str) -> Path:
     path = folder / "dsc.toml"
     path.write_text(
-        '[server]\npublic_url = "http://localhost:5362"\n'
+        '[server]\npublic_url = "http://scan.example.test:5362"\n'
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp_port}\nfrom = "scans@example.test"\n'
         "timeout = 10\n" + dc.config(path, **directory),
         encoding="utf-8",
