@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.observe import devices as devices_mod
 from dsc_bindings.observe.devices import DeviceBook, DeviceLimits
-from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.runtime.service import ScanService
 from dsc_bindings.store.sqlite import DB_NAME
 from dsc_core import ServerConfig
