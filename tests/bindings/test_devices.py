@@ -200,3 +200,28 @@ def test_the_ticker_applies_the_retention_while_no_job_is_created(tmp_path: Path
         now[0] = T0 + timedelta(days=40)
         wait_for(lambda: not book.all(), what="the ticker removing the device")
     assert stored(data) == set()
+
+
+def test_recent_lists_the_most_recent_contacts_first_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """/status.json lists the book's most recent devices without sorting the whole book: the
+    copy in memory is kept in order of last contact (a job, an image), also after a restart
+    (read in last_contact_at order, which sorts across a change of UTC offset)."""
+    book = DeviceBook(tmp_path)
+    for n in range(1, 6):
+        book.job_created(f"t{n}", f"10.0.0.{n}", "", T0 + timedelta(minutes=n))
+    book.contact("10.0.0.2", "", T0 + timedelta(minutes=6))
+    # The same instant written with another offset (the end of daylight saving time).
+    later = (T0 + timedelta(minutes=7)).astimezone(timezone(timedelta(hours=-5)))
+    book.job_created("t6", "10.0.0.4", "", later)
+    book.job_ended("t1", "completed")  # an end is no contact: 10.0.0.1 stays the oldest
+    expected = ["10.0.0.4", "10.0.0.2", "10.0.0.5", "10.0.0.3", "10.0.0.1"]
+    assert [d.address for d in book.all()] == expected
+    recent, size = book.recent(3)
+    assert ([d.address for d in recent], size) == (expected[:3], 5)
+    book.close()
+    again = DeviceBook(tmp_path)
+    assert [d.address for d in again.all()] == expected
+    assert [d.address for d in again.recent(2)[0]] == expected[:2]
+    again.close()

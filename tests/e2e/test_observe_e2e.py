@@ -317,6 +317,12 @@ def test_over_the_device_cap_the_oldest_is_evicted(
     SoapFrom(server.url, "127.0.0.4").create([FileShareInstructions((LOCAL_SHARE,))])
     assert listed_devices(server) == ["127.0.0.4", "127.0.0.3", "127.0.0.2"]
     assert "device book: 1 device(s) evicted" in server.log
+    # /status.json lists the most recent devices, as many as asked, and says how many are kept.
+    state = json.loads(get(server, "/status.json?devices=2")[2])
+    assert [d["address"] for d in state["devices"]] == ["127.0.0.4", "127.0.0.3"]
+    assert state["devices_size"] == 3
+    status, _, body, _ = get(server, "/status.json?devices=0")
+    assert status == 400 and b"devices must be a number from 1 to 500" in body
     server.stop_cleanly()
     again = start_server(binding, data=data, config=config)
     assert listed_devices(again) == ["127.0.0.4", "127.0.0.3", "127.0.0.2"]

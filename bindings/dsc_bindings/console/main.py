@@ -47,6 +47,7 @@ from dsc_bindings.console.progress import Progress, human
 from dsc_bindings.console.scan_files import scan_inputs
 from dsc_bindings.console.support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from dsc_bindings.http.driver import error_reply
+from dsc_bindings.observe.statuspage import MAX_HISTORY_PAGE
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
 from dsc_core.content_type import soap_media_type_refusal
@@ -775,7 +776,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    devices = Client(args).status_json().get("devices", [])
+    # The most recent contacts first, as many as the status endpoint lists at once.
+    devices = Client(args).status_json(f"devices={MAX_HISTORY_PAGE}").get("devices", [])
     if args.json:
         print(json.dumps(devices, indent=2))
         return EXIT_OK

@@ -6,7 +6,8 @@
                    ``/status.json`` every second and redraws
 ``GET /status.json``  repository state, active jobs with progress,  scan administrators (R10)
                    one page of the history with times and
-                   outcomes (``?limit=N&cursor=C``), devices,
+                   outcomes (``?limit=N&cursor=C``), the devices of
+                   most recent contact (``?devices=N``),
                    subscriptions, counters (``?job=TOKEN``: one
                    job, with where each filter delivered)
 ``GET /metrics``   Prometheus text format (prometheus_client)       every client that passed TLS
@@ -27,7 +28,9 @@ context (cheap: no disk, no network).
 ``/status.json`` is answered on the event loop, so its cost must not grow with the history: the
 history is paged (``limit``, default :data:`HISTORY_PAGE`, at most :data:`MAX_HISTORY_PAGE`; the
 answer's ``history_next`` is the ``cursor`` of the next page), the counters are the durable
-totals kept in memory (.tally), and only the active jobs are listed whole.
+totals kept in memory (.tally), the devices are the most recent ``devices`` (default
+:data:`DEVICES_PAGE`) read from the book's recency order, and only the active jobs are listed
+whole.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ ADMIN_PATHS = frozenset({"/", "/status.json"})
 #: Completed jobs in one /status.json answer, unless ``?limit=`` says otherwise (and the most).
 HISTORY_PAGE = 50
 MAX_HISTORY_PAGE = 500
+#: Devices in one /status.json answer, the most recent contact first, unless ``?devices=``
+#: says otherwise (at most :data:`MAX_HISTORY_PAGE`); ``devices_size`` says how many are kept.
+DEVICES_PAGE = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +122,20 @@ class BadQuery(ValueError):
     """A /status.json query that cannot be answered (HTTP 400, with this text)."""
 
 
-def _limit(query: dict[str, list[str]]) -> int:
-    text = query.get("limit", [str(HISTORY_PAGE)])[0]
+def _limit(query: dict[str, list[str]], name: str = "limit", default: int = HISTORY_PAGE) -> int:
+    text = query.get(name, [str(default)])[0]
     if not text.isdigit() or not 1 <= int(text) <= MAX_HISTORY_PAGE:
-        raise BadQuery(f"limit must be a number from 1 to {MAX_HISTORY_PAGE}, not {text!r}")
+        raise BadQuery(f"{name} must be a number from 1 to {MAX_HISTORY_PAGE}, not {text!r}")
     return int(text)
 
 
 def snapshot(
-    view: View, observer: Observer, *, limit: int = HISTORY_PAGE, cursor: str = ""
+    view: View,
+    observer: Observer,
+    *,
+    limit: int = HISTORY_PAGE,
+    cursor: str = "",
+    devices_limit: int = DEVICES_PAGE,
 ) -> dict[str, Any]:
     now = time.time()
     try:
@@ -141,7 +152,9 @@ def snapshot(
         "connections": int(observer.metrics.registry.get_sample_value("dsc_connections") or 0),
         "jobs_ended": {o.value: totals[tally.ended(o)] for o in ENDED_OUTCOMES},
     }
-    devices = observer.devices.all() if observer.devices is not None else []
+    devices, devices_size = (
+        observer.devices.recent(devices_limit) if observer.devices is not None else ([], 0)
+    )
     return {
         "server": {
             "version": view.version,
@@ -158,6 +171,7 @@ def snapshot(
         "history_size": history_size,
         "history_next": next_cursor,
         "devices": [d.as_dict() for d in devices],
+        "devices_size": devices_size,
         "subscriptions": list(view.subscriptions),
     }
 
@@ -186,7 +200,13 @@ def answer(
             return _reply(404, JSON_TYPE, b'{"error": "no such job"}\n')
         return _reply(200, JSON_TYPE, json.dumps({"job": job}).encode())
     try:
-        state = snapshot(view, observer, limit=_limit(query), cursor=query.get("cursor", [""])[0])
+        state = snapshot(
+            view,
+            observer,
+            limit=_limit(query),
+            cursor=query.get("cursor", [""])[0],
+            devices_limit=_limit(query, "devices", DEVICES_PAGE),
+        )
     except BadQuery as exc:
         return _reply(400, JSON_TYPE, json.dumps({"error": str(exc)}).encode())
     return _reply(200, JSON_TYPE, json.dumps(state).encode())
