@@ -109,8 +109,8 @@ def _listing(
     """GetActiveJobs and GetJobHistory: the job summaries, serialized once per job version
     (JobXmlCache), spliced into the container, as many as fit in ``Limits.max_reply_bytes``
     (R15; [MS-BDSRR] 3.2.4.4/3.2.4.5 leave the number of jobs to the server).  ``jobs`` come
-    in the order they are kept: the history newest first, active jobs oldest first (README
-    ruling "Replies within 32,767 octets")."""
+    in the order they are kept: the history newest first, active jobs oldest first (docs/rulings.md,
+    "Replies within 32,767 octets")."""
     response = etree.Element(f"{{{NS}}}{response_local}")
     splice_point(sub(response, NS, container))
     nsmap = {"dsc": NS}

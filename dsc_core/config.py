@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from . import names
 
-#: ServerConfig.fault_http_status values (README ruling "HTTP status of faults").
+#: ServerConfig.fault_http_status values (docs/rulings.md "HTTP status of faults").
 FAULT_HTTP_STATUSES = ("soap12", "500")
 
 #: The filter dialects this server can run (bdsrr §3; local names under names.FILTER).
@@ -212,11 +212,11 @@ class ServerConfig:
     #: binding keeps a counter in its data directory).
     discovery_instance_id: int = 1
     #: WS-Discovery scopes of the device (issue 16): advertised in ProbeMatches and matched
-    #: against a Probe's wsd:Scopes (WS-Discovery 2005/04 section 5; README ruling "Scopes").
+    #: against a Probe's wsd:Scopes (WS-Discovery 2005/04 section 5; docs/rulings.md "Scopes").
     scopes: tuple[str, ...] = ()
     #: HTTP status of env:Sender faults: "soap12" gives 400 (SOAP 1.2 Part 2 section 7.5.1.2,
     #: R4), "500" gives 500 to every fault, for WCF clients that read a fault only from a 500
-    #: (README ruling "HTTP status of faults").
+    #: (docs/rulings.md "HTTP status of faults").
     fault_http_status: str = "soap12"
 
     def __post_init__(self) -> None:

@@ -377,7 +377,7 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
 
 
 def _fit_documents(payload: Element, ns: str, budget: int) -> bytes:
-    """R15 for GetPostScanJobElements (README ruling "Replies within 32,767 octets"): a job's
+    """R15 for GetPostScanJobElements (docs/rulings.md "Replies within 32,767 octets"): a job's
     Documents can hold up to ``max_documents_per_job`` entries (about 130 octets each), far
     more than fit.  The oldest documents are left out of the Documents elements until the
     answer fits in ``budget``; the most recent stay, in the order received, and

@@ -62,7 +62,7 @@ class Exchange:
         self._multipart: MultipartReader | None = None
         self._part = 0  # index of the current MIME part (1 = root)
         #: The current part's Content-Transfer-Encoding decoder (None: identity), for the root
-        #: part and the image (README ruling "Transfer-encoded MIME parts").
+        #: part and the image (docs/rulings.md "Transfer-encoded MIME parts").
         self._decoder: PartDecoder | None = None
         #: The operation's arguments, when read early for its upload (a 1-tuple: None is a
         #: valid argument value).

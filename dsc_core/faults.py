@@ -4,7 +4,7 @@ refuses a request; the exchange turns it into the fault envelope and its HTTP st
 Reason texts start with the strings of the fault tables: bdsrr-messages §6.2 for ``dsc:``
 (no final period, except ClientErrorJobTokenNotFound), dsm-and-stack §2.2 for ``dsp:`` (with a
 final period), dsm-and-stack §4 for ``wsa:`` and §6 for ``wse:``; where the server knows what
-exactly was wrong, it follows (README ruling "Fault reason texts": SOAP 1.2 Part 1 §5.4.2 makes
+exactly was wrong, it follows (docs/rulings.md "Fault reason texts": SOAP 1.2 Part 1 §5.4.2 makes
 the Reason a text for people, clients dispatch on the Subcode).  Where the table's text would
 mislead (a limit reached is no "unexpected error"), the reason is the specific text alone.
 
@@ -73,7 +73,7 @@ class SoapFault(Exception):
 
 
 def wire_status(fault: SoapFault, fault_http_status: str) -> int:
-    """The HTTP status the fault is sent with (README ruling "HTTP status of faults"):
+    """The HTTP status the fault is sent with (docs/rulings.md "HTTP status of faults"):
     ``"soap12"`` keeps the SOAP 1.2 HTTP binding's 400 for env:Sender (Part 2 section
     7.5.1.2); ``"500"`` sends 500 instead, the only non-2xx status from which the .NET WCF
     HTTP client reads a SOAP fault.  A limit's own status (413) is kept either way."""
@@ -136,7 +136,7 @@ def action_required(wsa_ns: str) -> SoapFault:
 
 def invalid_header(wsa_ns: str, header: str, cause: str) -> SoapFault:
     """wsa:InvalidMessageInformationHeader (WS-Addressing 2004/08 §5.1; DPWS R0031: a [reply
-    endpoint] that is not anonymous; README ruling on duplicated headers)."""
+    endpoint] that is not anonymous; docs/rulings.md on duplicated headers)."""
     return SoapFault(
         SENDER,
         # 2004/08 §5.1; WS-Addressing 1.0 SOAP binding §6.4.1 calls it InvalidAddressingHeader.
@@ -174,7 +174,7 @@ _REASONS = {
         "ServerErrorTemporaryError": "The service had an unexpected error",
         "ServerErrorInternalError": "The service had an unexpected error",
         "ClientErrorJobTokenNotFound": "A PostScan job identified by the specified dsc:JobToken argument could not be found.",
-        # Not described by the spec (bdsrr open question 6); our wording, see README rulings.
+        # Not described by the spec (bdsrr open question 6); our wording, see docs/rulings.md.
         "ClientErrorCurrentUserNotScanAdmin": "The current user is not a scan administrator",
     },
     names.DSP: {

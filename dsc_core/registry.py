@@ -2,7 +2,7 @@
 
 Each protocol module declares its operations (``OPERATIONS``: action, argument reader, handler,
 and for SendImage the upload step); this module gathers them and refuses two claims on one
-action.  README "Adding an operation" walks through adding one.
+action.  docs/contributing.md "Adding an operation" walks through adding one.
 """
 
 from __future__ import annotations

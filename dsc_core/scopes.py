@@ -1,7 +1,7 @@
 """WS-Discovery 2005/04 scope matching (section 5.1; issue 16): a Probe matches only when every
 scope it lists matches one of the device's scopes under the Probe's ``MatchBy`` rule.
 
-Rules implemented (README ruling "Scopes"):
+Rules implemented (docs/rulings.md "Scopes"):
 
 * ``.../discovery/rfc2396``, the default when ``MatchBy`` is absent (RFC 3986, which replaced
   RFC 2396, compares the same way; its 2009 URI is accepted as a synonym): scheme and authority

@@ -1,6 +1,6 @@
 """The one object a binding holds: :class:`ScanServer`, the server's state plus its entry points.
 
-Usage (the whole contract; see README "Embedding the core")::
+Usage (the whole contract; see docs/architecture.md, "The core contract")::
 
     server = ScanServer(ServerConfig(), new_id=new_guid)  # the binding supplies ids
     exchange = server.open_exchange(RequestInfo(now=now, content_type=ctype))

@@ -32,8 +32,8 @@ class Addressing:
     identifier: str | None = None
     #: The wsa:Address of wsa:ReplyTo, None without one (DPWS R0031).
     reply_to: str | None = None
-    #: The first of Action, MessageID, To, ReplyTo, FaultTo given more than once (README
-    #: ruling "Duplicated addressing headers": refused at R4 step 4).
+    #: The first of Action, MessageID, To, ReplyTo, FaultTo given more than once (docs/rulings.md,
+    #: "Duplicated addressing headers": refused at R4 step 4).
     duplicated: str | None = None
 
     @property
@@ -169,7 +169,7 @@ def _address_of(epr: Element) -> str:
 
 
 def check_reply_endpoint(addressing: Addressing) -> None:
-    """R4 step 4, after the Action: a duplicated header (README ruling), and DPWS R0031: the
+    """R4 step 4, after the Action: a duplicated header (docs/rulings.md), and DPWS R0031: the
     reply to an HTTP request goes back on its connection, so a [reply endpoint] that is not
     anonymous is refused rather than ignored."""
     if addressing.duplicated is not None:

@@ -9,7 +9,7 @@ the tail of a quoted-printable line that may still turn into a soft line break, 
 escape or trailing white space (bounded by ``_MAX_QP_HOLD``), so memory stays flat in the
 image size (R8).
 
-README ruling "Transfer-encoded MIME parts": 7bit, 8bit and binary are identity encodings
+docs/rulings.md "Transfer-encoded MIME parts": 7bit, 8bit and binary are identity encodings
 (RFC 2045 section 6.2: they only declare what the data holds); base64 and quoted-printable are
 decoded strictly (a character outside the encoding, or data after the base64 padding, is
 refused rather than skipped as RFC 2045 section 6.8 allows: skipping would file an image other

@@ -463,7 +463,7 @@ def check_fault(
     assert f.code == (SOAP, code)
     assert f.subcode == subcode
     if reason is not None:
-        # The table's text, or the table's text and what exactly was wrong (README ruling
+        # The table's text, or the table's text and what exactly was wrong (docs/rulings.md
         # "Fault reason texts").
         assert f.reason == reason or f.reason.startswith(reason.rstrip(".") + ": "), f.reason
     else:

@@ -323,7 +323,7 @@ def _mail_domains(value: object) -> tuple[str, ...] | None:
 
 
 def _fault_http_status(srv: _Table) -> str:
-    """[server] fault_http_status: "soap12" (default) or "500" (README ruling)."""
+    """[server] fault_http_status: "soap12" (default) or "500" (docs/rulings.md)."""
     value = srv.get("fault_http_status", "soap12")
     if value not in FAULT_HTTP_STATUSES:
         raise srv.error(

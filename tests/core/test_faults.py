@@ -1228,7 +1228,7 @@ def test_anonymous_reply_to_is_answered(wsa: str) -> None:
 
 @pytest.mark.parametrize("header", ["Action", "MessageID"])
 def test_duplicated_addressing_header_is_refused(header: str) -> None:
-    """README ruling "Duplicated addressing headers": neither the first nor the last wins."""
+    """docs/rulings.md "Duplicated addressing headers": neither the first nor the last wins."""
     extra = {
         "Action": f"<a:Action>{Act.DSC_CANCEL}</a:Action>",
         "MessageID": "<a:MessageID>urn:uuid:00000000-0000-0000-0000-00000000beef</a:MessageID>",

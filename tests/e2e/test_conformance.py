@@ -331,7 +331,7 @@ def test_full_scenario_is_valid_and_within_max_envelope_size(
 
         assert len(faults_seen) == len(FAULTS)
 
-        # The quota fault (R4 step 9, README ruling "Fault reason texts"): one client holds
+        # The quota fault (R4 step 9, docs/rulings.md "Fault reason texts"): one client holds
         # at most [limits] max_creating_jobs_per_user (32) jobs in Creating.
         creating = []
         while True:
@@ -362,7 +362,7 @@ def test_full_scenario_is_valid_and_within_max_envelope_size(
 def test_job_elements_with_every_document_stay_within_max_envelope_size() -> None:
     """R15 for GetPostScanJobElements: a job with ``max_documents_per_job`` documents (10,000,
     about 1.3 MB of Documents) is answered within 32,767 octets with the most recent documents
-    that fit, in the order received; ImagesReceived still counts them all (README ruling)."""
+    that fit, in the order received; ImagesReceived still counts them all (docs/rulings.md)."""
     from core_support import create_job, send_image
     from dsc_bindings.inprocess import InProcessTransport
 

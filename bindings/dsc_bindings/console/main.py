@@ -1002,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", type=Path, help="data directory: job store, spool, shares (default ./var)"
     )
-    p.add_argument("--config", type=Path, help="TOML configuration file (see README)")
+    p.add_argument("--config", type=Path, help="TOML configuration file (see docs/operating.md)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables HTTPS")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     p.add_argument(

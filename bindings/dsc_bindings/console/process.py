@@ -49,7 +49,9 @@ def _settings(args: argparse.Namespace) -> tuple[DirectorySettings, str]:
     except ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
     if settings.directory is None:
-        raise CliError(f"{args.config} has no [directory] section (see README)", EXIT_USAGE)
+        raise CliError(
+            f"{args.config} has no [directory] section (see docs/directory.md)", EXIT_USAGE
+        )
     return settings.directory, settings.server.base_url
 
 

@@ -85,7 +85,7 @@ class _StaleConnection(DirectoryUnavailable):
 
 @dataclass(frozen=True)
 class DirectorySettings:
-    """``[directory]`` of the configuration file (see README)."""
+    """``[directory]`` of the configuration file (see docs/directory.md)."""
 
     url: str
     bind_user: str
