@@ -43,9 +43,14 @@ class JobTable:
         self._active.pop(token, None)
         self._history.pop(token, None)
 
+    def purgeable(self, before: datetime) -> list[Job]:
+        """The completed jobs that ended before ``before``, oldest first: what :meth:`purge`
+        removes (and what the web console's dry run lists)."""
+        return [j for j in self._history.values() if (j.completed or j.last_activity) < before]
+
     def purge(self, before: datetime) -> list[Job]:
         """Remove the completed jobs that ended before ``before``; returns them."""
-        gone = [j for j in self._history.values() if (j.completed or j.last_activity) < before]
+        gone = self.purgeable(before)
         for job in gone:
             del self._history[job.token]
         return gone

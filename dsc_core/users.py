@@ -44,11 +44,16 @@ def is_scan_admin(config: ServerConfig, info: RequestInfo) -> bool:
     configured identities and, with a directory, the members of its group (R14)."""
     if not config.require_client_certificates:
         return True
-    identity_ = info.identity or ""
-    if identity_ in config.scan_admins:
+    return is_listed_admin(config, info.identity or "", directory_answers(info, names.DSC))
+
+
+def is_listed_admin(config: ServerConfig, identity_: str, answers: DirectoryAnswers | None) -> bool:
+    """Whether ``identity_`` is named a scan administrator: in ``scan_admins``, or a member of
+    the directory's admin group (R14, in ``answers``).  What R10 asks of a certificate's
+    identity, and of a user signing in to the web console with a password."""
+    if identity_ and identity_ in config.scan_admins:
         return True
-    answers = directory_answers(info, names.DSC)
-    return answers is not None and identity_ in answers.admins
+    return answers is not None and bool(identity_) and identity_ in answers.admins
 
 
 def require_scan_admin(config: ServerConfig, info: RequestInfo) -> None:

@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import h11
 
@@ -57,6 +57,9 @@ from dsc_bindings.runtime.writer import Ticket, Wait
 from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes, reserved_slots
 from dsc_core.content_type import soap_media_type_refusal
+
+if TYPE_CHECKING:
+    from dsc_bindings.webconsole.api import ApiHead
 
 __all__ = [
     "HEAD_READ_SIZE",
@@ -530,6 +533,10 @@ class HttpConnection:
         self._own_origins: Callable[[], frozenset[str]] = getattr(
             service, "own_origins", _no_origins
         )
+        #: The web console's API (.webconsole.api), when the service has one.
+        self._open_api: Callable[[ApiHead, str | None, Peer], RequestLike] | None = getattr(
+            service, "open_api", None
+        )
         #: False on the monitoring listener (.monitor): no SOAP, every other request 404.
         self._serves_soap: bool = getattr(service, "serves_soap", True)
         #: The current request is a HEAD: its answer has the head of the GET answer, no body.
@@ -634,7 +641,9 @@ class HttpConnection:
             assert isinstance(result, Reply)
             self._request = None
             web, self._web_answer = self._web_answer, False
-            self._respond(result, extra=self._web_headers if web else ())
+            # An API answer carries headers of its own (Set-Cookie, ETag: .webconsole.api).
+            own: tuple[tuple[str, str], ...] = getattr(result, "headers", ())
+            self._respond(result, extra=(*self._web_headers, *own) if web else ())
 
     def call_failed(self, exc: BaseException) -> None:
         """A service call raised (a bug: the service answers faults, never raises)."""
@@ -789,6 +798,7 @@ class HttpConnection:
         self._head_only = request.method == b"HEAD"
         # One pass over the headers this driver reads (h11 lower-cases names).
         transfer_encoding = content_length = content_type = fetch_site = origin = None
+        cookie = csrf = if_none_match = None
         for key, value in request.headers:
             if key == b"content-type":
                 content_type = value
@@ -800,6 +810,12 @@ class HttpConnection:
                 fetch_site = value
             elif key == b"origin":
                 origin = value
+            elif key == b"cookie":
+                cookie = value
+            elif key == b"x-csrf-token":
+                csrf = value
+            elif key == b"if-none-match":
+                if_none_match = value
         if transfer_encoding is not None and content_length is not None:
             log.warning(
                 "%s: request with both Transfer-Encoding and Content-Length: answered, then "
@@ -825,6 +841,13 @@ class HttpConnection:
             return
         if self._unusable_certificate is not None:
             self._refuse(request, target, Rejection(403, f"Refused: {self._unusable_certificate}."))
+            return
+        if self._open_api is not None and target.startswith("/api/"):
+            # The web console's JSON API (.webconsole.api): its own admission (a session, its
+            # CSRF token, JSON bodies), answered by a Call at the end of the body like SOAP.
+            self._open_web_api(
+                request, target, content_length, content_type, cookie, csrf, if_none_match
+            )
             return
         if request.method in (b"GET", b"HEAD") and self._answer_get is not None:
             # The status page, its JSON, /metrics and /healthz (.statuspage); HEAD gets the
@@ -856,6 +879,41 @@ class HttpConnection:
         identity, service, peer = self._identity, self._service, self._peer
         # Opened by the first Call this request needs (coalescing: module doc).
         self._opener = lambda: service.open_request(ctype, identity, target, peer)
+
+    def _open_web_api(
+        self,
+        request: h11.Request,
+        target: str,
+        content_length: bytes | None,
+        content_type: bytes | None,
+        cookie: bytes | None,
+        csrf: bytes | None,
+        if_none_match: bytes | None,
+    ) -> None:
+        from dsc_bindings.webconsole.api import MAX_BODY_BYTES, ApiHead
+
+        length = content_length.strip() if content_length is not None else b""
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            self._refuse(
+                request, target, Rejection(413, f"The request body exceeds {MAX_BODY_BYTES} bytes.")
+            )
+            return
+
+        def text(value: bytes | None) -> str | None:
+            return None if value is None else value.decode("latin-1")
+
+        head = ApiHead(
+            request.method.decode("ascii", "replace"),
+            target,
+            text(content_type),
+            text(cookie),
+            text(csrf),
+            text(if_none_match),
+        )
+        assert self._open_api is not None
+        api = self._open_api(head, self._identity, self._peer)
+        self._opener = lambda: api
+        self._web_answer = True
 
     def _refuse(self, request: h11.Request, target: str, rejection: Rejection) -> None:
         self._refused(rejection.status)

@@ -71,6 +71,7 @@ from dsc_bindings.runtime.installation import record_start
 from dsc_bindings.runtime.peer import Peer
 from dsc_bindings.runtime.writer import CommandWriter, Routes, Ticket, Wait, settle
 from dsc_bindings.store.sqlite import JobStore, StoreError
+from dsc_bindings.webconsole.session import SessionBook, SignInLimiter
 from dsc_core import (
     Command,
     Deliver,
@@ -94,6 +95,8 @@ from dsc_core.users import is_scan_admin
 
 if TYPE_CHECKING:
     from dsc_bindings.directory.ldap import Directory
+    from dsc_bindings.observe.statuspage import View
+    from dsc_bindings.webconsole.api import ApiHead, ApiRequest
 
 __all__ = [
     "SHUTDOWN_DELIVERY_SECONDS",
@@ -404,6 +407,9 @@ class ScanService:
         #: The user directory (R14), or None: the core's tables are used.
         self.directory = directory
         self.filter_settings = self._with_directory(filter_settings)
+        #: The web console's sign-ins (issue 19, .webconsole.session).
+        self.web_sessions = SessionBook()
+        self.sign_in_limiter = SignInLimiter()
         self.clock = clock
         self.server = ScanServer(config, new_id=new_id)
         self._delivery_ssl_context = delivery_ssl_context
@@ -749,12 +755,38 @@ class ScanService:
                 return StatusRequest(self, target, identity)
         return self.status_reply(target, identity, None)
 
+    def open_api(self, head: ApiHead, identity: str | None, peer: Peer | None) -> ApiRequest:
+        """A request for the web console's JSON API (``/api/``, .webconsole.api)."""
+        from dsc_bindings.webconsole.api import ApiRequest
+
+        return ApiRequest(self, head, identity, peer)
+
+    def offload(self, function: Callable[[], object]) -> Ticket:
+        """Run a blocking call (a directory lookup or bind) off the loop; see .writer."""
+        return self._writer.offload(function)
+
+    def job_record(self, token: str) -> Job | None:
+        """The core's record of one job (its documents), read as the core's owner."""
+        return self._core_call(lambda: self.server.jobs.get(token))
+
+    def purgeable(self, before: datetime) -> list[str]:
+        """The tokens PurgeJobHistory with ``before`` would remove now (the console's dry run)."""
+        return self._core_call(lambda: [j.token for j in self.server.jobs.purgeable(before)])
+
     def status_reply(
         self, target: str, identity: str | None, answers: DirectoryAnswers | None
     ) -> Reply | None:
         """The GET's answer; the administrator check is the core's (``is_scan_admin``), with
         the directory's ``answers`` when it was asked."""
-        from dsc_bindings.observe.statuspage import View, answer, package_version
+        from dsc_bindings.observe.statuspage import answer
+
+        current = self.status_view(identity, answers)
+        self.observer.metrics.subscriptions.set(len(current.subscriptions))
+        return answer("GET", target, identity, current, self.observer)
+
+    def status_view(self, identity: str | None, answers: DirectoryAnswers | None) -> View:
+        """What the web endpoints show of the core and the service (.statuspage.View)."""
+        from dsc_bindings.observe.statuspage import View, package_version
 
         def view() -> View:
             subscriptions = tuple(
@@ -782,9 +814,7 @@ class ScanService:
                 stalled_after_seconds=self.config.stalled_after_seconds,
             )
 
-        current = self._core_call(view)
-        self.observer.metrics.subscriptions.set(len(current.subscriptions))
-        return answer("GET", target, identity, current, self.observer)
+        return self._core_call(view)
 
     def reconfigure(
         self, config: ServerConfig, filter_settings: FilterSettings | None = None
