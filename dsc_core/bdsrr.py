@@ -12,9 +12,9 @@ from lxml import etree
 
 from . import faults, names
 from .args import Item, request_element
-from .commands import Command
+from .commands import Command, JobInput
 from .dsp import job_elements, read_job_elements
-from .lifecycle import JobInput, Refused
+from .lifecycle import Refused
 from .model import Job
 from .operation import Operation, OpResult, Request, change, find_job, reply_budget
 from .xmlwrite import (

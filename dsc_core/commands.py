@@ -7,25 +7,79 @@ small frozen slotted dataclasses, validated at construction where a wrong value 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .model import FilterState, FilterStateReason, Job
+
+# --- What moves a job -------------------------------------------------------------------------
+
+
+class JobInput(enum.Enum):
+    """Everything that moves an existing job (R6): the inputs of ``lifecycle.TRANSITIONS``, and
+    the cause each :class:`UpdateJob` carries, so that a binding reads what happened instead of
+    comparing records (issue 15)."""
+
+    # From requests (WS-DSP or MS-BDSRR)
+    IMAGE = "SendImage"
+    END = "EndPostScanJob"
+    CANCEL = "CancelPostScanJob"
+    RETRY = "RetryPostScanJob"
+    # From the clock (tick)
+    TIMEOUT = "Timeout"
+    # From the processing engine
+    ENGINE_STARTED = "ProcessingStarted"
+    FILTER_STARTED = "FilterStarted"
+    FILTER_FINISHED = "FilterFinished"
+    COMPLETE_SUCCESSFULLY = "CompleteSuccessfully"
+    COMPLETE_WITH_WARNINGS = "CompleteWithWarnings"
+    COMPLETE_WITH_ERRORS = "CompleteWithErrors"
+    FAIL = "Fail"
+    # From a restart: processing was interrupted by a crash; the job runs again (R13)
+    RESUMED = "Resumed"
+
+    @property
+    def from_request(self) -> bool:
+        return self in (JobInput.IMAGE, JobInput.END, JobInput.CANCEL, JobInput.RETRY)
+
+
+class Removal(enum.Enum):
+    """Why a completed job left the history (:class:`DropJob`)."""
+
+    #: R6: the history keeps ``history_size`` jobs; the oldest made room (or the size shrank).
+    HISTORY_FULL = "HistoryFull"
+    #: An administrator's PurgeJobHistory (vendor) removed it.
+    PURGED = "PurgeJobHistory"
+
 
 # --- Job-store commands -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class CreateJob:
-    """Persist a new job record."""
+    """Persist a new job record.  A job created with no usable filter is already Aborted
+    (R6, NoValidPostScanInstructionsFound): then this record also ends it."""
 
     job: Job
 
 
 @dataclass(frozen=True, slots=True)
 class UpdateJob:
-    """Persist the new state of an existing job (status, filters, documents, history)."""
+    """Persist the new state of an existing job (status, filters, documents, history).
+
+    ``cause`` says which input moved it (``lifecycle.TRANSITIONS``); a record that is no longer
+    active was ended by this input (only RETRY leaves a final state, and it leads to Pending).
+    ``filters_ended`` are the positions of the filters that reached a final state with this
+    change: the one the engine reported, and those a job's end canceled (R6) or counted as
+    failed (the engine never finished them)."""
 
     job: Job
+    cause: JobInput
+    filters_ended: tuple[int, ...] = ()
+
+    @property
+    def ends_job(self) -> bool:
+        return not self.job.is_active
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +127,10 @@ class DiscardDocuments:
 
 @dataclass(frozen=True, slots=True)
 class DropJob:
-    """Remove a completed job that fell out of the history (R6 retention)."""
+    """Remove a completed job that left the history, with its documents (``cause``)."""
 
     token: str
+    cause: Removal
 
 
 # --- Processing-engine commands ---------------------------------------------------------------

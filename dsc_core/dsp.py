@@ -12,11 +12,10 @@ from lxml import etree
 
 from . import faults, names
 from .args import Args, Item, request_element
-from .commands import Command, FinishDocument
+from .commands import Command, FinishDocument, JobInput
 from .config import reserved_slots
 from .directory import Lookups
 from .instructions import PostScanInstructions, read_post_scan_instructions
-from .lifecycle import JobInput
 from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
 from .operation import Operation, OpResult, Request, Upload, change, find_job, reply_budget
 from .users import directory_answers, identity, user_name

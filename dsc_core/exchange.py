@@ -400,6 +400,7 @@ class Exchange:
             ),
             tuple(commands),
             f"{fault.code}/{subcode}: {fault.reason}",
+            subcode,
         )
 
     def store_failed(self, *, temporary: bool) -> Outcome:

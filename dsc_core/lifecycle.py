@@ -10,8 +10,10 @@ it says what else a move does, because that does not fit in a table:
   Processing for Aborted or Canceled stops it (StopProcessing).  A job that ends canceled,
   timed out, or with every filter successful has its documents discarded (DiscardDocuments);
   one with a failed filter keeps them for ``spool_retention_seconds`` (``keeps_documents``).
-- Every change is persisted (CreateJob/UpdateJob), may push the oldest completed jobs out of the
-  history (DropJob), and is announced to subscribers (``events.Notifier``).
+- Every change is persisted (CreateJob/UpdateJob, the latter with the input that caused it and
+  the filters it ended, so that a binding never compares records to learn what happened), may
+  push the oldest completed jobs out of the history (DropJob), and is announced to subscribers
+  (``events.Notifier``).
 - The engine's reports are turned into inputs here: the first failed filter of a job without
   ContinueOnError ends the job Aborted at once (its StopProcessing tells the engine to run no
   further filter); when the engine is done, the filters decide how the job completed.
@@ -36,7 +38,6 @@ Invariants of the table (checked by tests/test_lifecycle.py over every pair):
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -49,9 +50,11 @@ from .commands import (
     DropJob,
     FilterFinished,
     FilterStarted,
+    JobInput,
     ProcessingEvent,
     ProcessingFinished,
     ProcessingStarted,
+    Removal,
     StartProcessing,
     StopProcessing,
     UpdateJob,
@@ -71,30 +74,6 @@ from .model import (
 
 S = JobState
 R = JobStateReason
-
-
-class JobInput(enum.Enum):
-    # From requests (WS-DSP or MS-BDSRR)
-    IMAGE = "SendImage"
-    END = "EndPostScanJob"
-    CANCEL = "CancelPostScanJob"
-    RETRY = "RetryPostScanJob"
-    # From the clock (tick)
-    TIMEOUT = "Timeout"
-    # From the processing engine
-    ENGINE_STARTED = "ProcessingStarted"
-    FILTER_STARTED = "FilterStarted"
-    FILTER_FINISHED = "FilterFinished"
-    COMPLETE_SUCCESSFULLY = "CompleteSuccessfully"
-    COMPLETE_WITH_WARNINGS = "CompleteWithWarnings"
-    COMPLETE_WITH_ERRORS = "CompleteWithErrors"
-    FAIL = "Fail"
-    # From a restart: processing was interrupted by a crash; the job runs again (R13)
-    RESUMED = "Resumed"
-
-    @property
-    def from_request(self) -> bool:
-        return self in (JobInput.IMAGE, JobInput.END, JobInput.CANCEL, JobInput.RETRY)
 
 
 I = JobInput
@@ -200,12 +179,19 @@ class JobLifecycle:
             updates["completed"] = now
             updates["filters"] = _cancel_unfinished(updates.get("filters", job.filters))  # type: ignore[arg-type]
         new = job.evolve(**updates)
-        return new, self.record(job, new, now)
+        return new, self.record(job, new, now, job_input)
 
-    def record(self, old: Job | None, new: Job, now: datetime) -> list[Command]:
-        """Put ``new`` in the table (``old`` None: a new job); the store, engine and event
-        commands this causes."""
-        commands: list[Command] = [CreateJob(new) if old is None else UpdateJob(new)]
+    def record(
+        self, old: Job | None, new: Job, now: datetime, cause: JobInput | None = None
+    ) -> list[Command]:
+        """Put ``new`` in the table (``old`` None: a new job, else ``cause`` moved it); the
+        store, engine and event commands this causes."""
+        if old is None:
+            commands: list[Command] = [CreateJob(new)]
+        elif cause is None:
+            raise UsageError(f"the change of job {new.token} needs its cause")
+        else:
+            commands = [UpdateJob(new, cause, _filters_ended(old, new))]
         dropped = self.jobs.put(new)
         if old is not None and old.state is not new.state:
             if new.state is JobState.PENDING:
@@ -222,7 +208,7 @@ class JobLifecycle:
             self.kept.pop(new.token, None)
         if old is not None and not old.is_active and new.is_active:
             self.kept.pop(new.token, None)  # a retry: its documents are in use again
-        commands.extend(DropJob(token) for token in dropped)
+        commands.extend(DropJob(token, Removal.HISTORY_FULL) for token in dropped)
         commands.extend(self.notifier.job_changed(old, new, now))
         commands.extend(self.notifier.repository_state(self.repository_state, now))
         return commands
@@ -350,7 +336,7 @@ class JobLifecycle:
             self.jobs.restore_history(gone)
             self.kept.update(kept)
 
-        return gone, [DropJob(j.token) for j in gone], undo
+        return gone, [DropJob(j.token, Removal.PURGED) for j in gone], undo
 
     def next_document_expiry(self, retention: float) -> datetime | None:
         if not self.kept:
@@ -436,6 +422,15 @@ def _set_filter(
     filters = list(job.filters)
     filters[index] = _replace_filter(filters[index], state, reasons)
     return tuple(filters)
+
+
+def _filters_ended(old: Job, new: Job) -> tuple[int, ...]:
+    """The positions of the filters that reached a final state from ``old`` to ``new``."""
+    return tuple(
+        index
+        for index, (before, after) in enumerate(zip(old.filters, new.filters, strict=False))
+        if after.state.is_final and not before.state.is_final
+    )
 
 
 def _cancel_unfinished(filters: tuple[FilterStatus, ...]) -> tuple[FilterStatus, ...]:

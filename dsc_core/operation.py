@@ -29,10 +29,10 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from . import faults, names, soap
-from .commands import Command
+from .commands import Command, JobInput
 from .config import ServerConfig
 from .directory import Lookups
-from .lifecycle import JobInput, Refused
+from .lifecycle import Refused
 from .model import Job
 from .state import ServerState
 from .transport import RequestInfo

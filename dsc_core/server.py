@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
 
-from .commands import Command, DropJob, ProcessingEvent
+from .commands import Command, DropJob, ProcessingEvent, Removal
 from .config import ServerConfig
 from .exchange import Exchange
 from .model import Job
@@ -113,7 +113,9 @@ class ScanServer(ServerState):
         self.config = config
         self.subscriptions.config = config
         self.jobs.history_size = config.history_size
-        commands: list[Command] = [DropJob(token) for token in self.jobs.trim()]
+        commands: list[Command] = [
+            DropJob(token, Removal.HISTORY_FULL) for token in self.jobs.trim()
+        ]
         commands += self.notifier.elements_changed(config, now)
         return commands
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from .commands import Command
+from .commands import Command, JobInput
 from .config import ServerConfig
 from .eventing import Subscriptions
 from .events import Notifier
 from .jobs import JobTable
-from .lifecycle import JobInput, JobLifecycle
+from .lifecycle import JobLifecycle
 from .model import Job, RepositoryState
 from .xmlwrite import AnswerCache, JobXmlCache
 

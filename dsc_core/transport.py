@@ -55,3 +55,6 @@ class Outcome:
     #: For a fault reply, one readable line (code/subcode: reason) for the binding's log: R12
     #: wants every limit exceeded to be logged, and the core itself never logs.
     fault: str | None = None
+    #: For a fault reply, the local name of its subcode (``"-"`` for a fault without one, R4
+    #: step 1), from the core's fixed set: what a binding counts faults by (a metric label).
+    fault_subcode: str | None = None

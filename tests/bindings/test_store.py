@@ -31,6 +31,8 @@ from dsc_core.commands import (
     DiscardDocuments,
     DropJob,
     FinishDocument,
+    JobInput,
+    Removal,
     UpdateJob,
 )
 from dsc_core.model import (
@@ -111,8 +113,10 @@ def test_create_update_load_oldest_first_and_reopen(tmp_path: Path) -> None:
             reasons=(JobStateReason.COMPLETED_SUCCESSFULLY,),
             documents=(Document(1, "pdf-a", 10),),
         )
-        s.apply(UpdateJob(done))  # an update keeps the job's place
-        s.apply(UpdateJob(make_job("d")))  # UpdateJob of an unknown token inserts (upsert)
+        s.apply(UpdateJob(done, JobInput.COMPLETE_SUCCESSFULLY))  # an update keeps the job's place
+        s.apply(
+            UpdateJob(make_job("d"), JobInput.IMAGE)
+        )  # UpdateJob of an unknown token inserts (upsert)
         assert s.load_jobs() == [done, make_job("a"), make_job("c"), make_job("d")]
         row = (
             s._db()
@@ -166,7 +170,11 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
     s = JobStore.open(tmp_path / "data")
     s.close()
     s.close()  # idempotent
-    for command in (CreateJob(make_job("t")), BeginDocument("t", 1, "png"), DropJob("t")):
+    for command in (
+        CreateJob(make_job("t")),
+        BeginDocument("t", 1, "png"),
+        DropJob("t", Removal.PURGED),
+    ):
         with pytest.raises(StoreError, match=r"closed|not open"):
             s.apply(command)
     with pytest.raises(StoreError, match="closed"):
@@ -244,10 +252,10 @@ def test_discard_and_drop(store: JobStore) -> None:
     assert not (store.spool_dir / "a").exists()
     assert [j.token for j in store.load_jobs()] == ["a", "b"]  # R6: the job stays
     store.apply(DiscardDocuments("a"))  # nothing left: fine
-    store.apply(DropJob("b"))
+    store.apply(DropJob("b", Removal.PURGED))
     assert [j.token for j in store.load_jobs()] == ["a"]
     assert files(store.spool_dir) == []
-    store.apply(DropJob("b"))  # gone already: fine
+    store.apply(DropJob("b", Removal.PURGED))  # gone already: fine
 
 
 def test_open_removes_debris_but_keeps_documents(tmp_path: Path) -> None:
@@ -332,12 +340,12 @@ def test_database_busy_is_temporary(tmp_path: Path) -> None:
         other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         try:
             with pytest.raises(StoreError, match="locked") as info:
-                s.apply(UpdateJob(make_job("t", 1)))
+                s.apply(UpdateJob(make_job("t", 1), JobInput.IMAGE))
             assert info.value.temporary is True
         finally:
             other.execute("ROLLBACK")
             other.close()
-        s.apply(UpdateJob(make_job("t", 2)))  # the retry succeeds
+        s.apply(UpdateJob(make_job("t", 2), JobInput.IMAGE))  # the retry succeeds
         assert s.load_jobs() == [make_job("t", 2)]
 
 
@@ -370,7 +378,7 @@ def test_threads_share_one_store(store: JobStore) -> None:
             for d in range(5):
                 put_document(store, token, d, content(t * 10 + d, 20_000), chunk=3000)
                 job = job.evolve(documents=job.documents + (Document(d, "png", 1),))
-                store.apply(UpdateJob(job))
+                store.apply(UpdateJob(job, JobInput.IMAGE))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -442,7 +450,9 @@ CHILD = textwrap.dedent("""
         say("ready")
     elif scenario == "after-finish":
         put(store, 1)
-        store.apply(UpdateJob(make_job(1, [Document(1, "png", len(content(1)))])))
+        store.apply(
+            UpdateJob(make_job(1, [Document(1, "png", len(content(1)))]), JobInput.IMAGE)
+        )
         store.apply(BeginDocument("crash", 2, "png"))
         store.apply(AppendDocument("crash", 2, content(2)[:5000]))
         say("1")
@@ -450,7 +460,7 @@ CHILD = textwrap.dedent("""
         n = 0
         while True:
             n += 1
-            store.apply(UpdateJob(make_job(n)))
+            store.apply(UpdateJob(make_job(n), JobInput.IMAGE))
             say(n)
     elif scenario == "document-loop":
         docs = []
@@ -459,7 +469,7 @@ CHILD = textwrap.dedent("""
             i += 1
             put(store, i)
             docs.append(Document(i, "png", len(content(i))))
-            store.apply(UpdateJob(make_job(i, docs)))
+            store.apply(UpdateJob(make_job(i, docs), JobInput.IMAGE))
             say(i)
     time.sleep(30)  # killed long before
 """)

@@ -40,6 +40,7 @@ from dsc_bindings.inprocess import InProcessTransport
 from dsc_core import (
     FilterFinished,
     FilterStarted,
+    JobInput,
     ProcessingFinished,
     ProcessingStarted,
     ServerConfig,
@@ -48,7 +49,6 @@ from dsc_core import (
 from dsc_core.lifecycle import (
     REFUSALS,
     TRANSITIONS,
-    JobInput,
     Refused,
     keeps_documents,
     transition,
@@ -221,7 +221,9 @@ def test_server_apply_on_every_pair(state: JobState, job_input: JobInput) -> Non
     assert new.state is new_state
     assert new.reasons == ((reason,) if reason is not None else job.reasons)
     assert t.server.jobs.get(job.token) == new
-    assert commands[0] == UpdateJob(new)
+    # The record says what moved it, and which filters it ended (issue 15): none while the
+    # job stays active, the running and the pending one when it ends (R6: Canceled).
+    assert commands[0] == UpdateJob(new, job_input, () if new_state.is_active else (1, 2))
     if new_state.is_active:
         assert new.completed is None and new.filters == job.filters
         assert t.server.jobs.active() == [new] and t.server.jobs.history() == []

@@ -67,6 +67,7 @@ from dsc_core import (
     Limits,
     ProcessingFinished,
     ProcessingStarted,
+    Removal,
     RequestInfo,
     ServerConfig,
     StopProcessing,
@@ -534,8 +535,8 @@ def test_history_keeps_the_newest(bdsrr_schema: etree.XMLSchema) -> None:
     assert [v.token for v in summaries(t, "JobHistory")] == tokens[:1:-1]  # newest first
     validate(bdsrr_schema, history_body(t))
     assert [c for c in t.commands if isinstance(c, DropJob)] == [
-        DropJob(tokens[0]),
-        DropJob(tokens[1]),
+        DropJob(tokens[0], Removal.HISTORY_FULL),
+        DropJob(tokens[1], Removal.HISTORY_FULL),
     ]
     assert set(t.store.jobs) == set(tokens[2:])
     assert t.store.documents == {}  # canceled jobs keep no spool copy (issue 8)

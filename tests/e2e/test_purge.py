@@ -19,7 +19,7 @@ from core_support import (
     summaries,
 )
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import DropJob, ServerConfig, names
+from dsc_core import DropJob, Removal, ServerConfig, names
 from dsc_core.model import FileShareInstructions
 
 A = names.Action
@@ -54,7 +54,7 @@ def test_purge_removes_jobs_that_ended_before_the_date() -> None:
     active = create_job(t, SHARE)
     assert purged(t, t.clock - timedelta(days=1)) == 0
     assert purged(t, t.clock - timedelta(hours=1)) == 1
-    assert DropJob(old) in t.commands and old not in t.store.jobs
+    assert DropJob(old, Removal.PURGED) in t.commands and old not in t.store.jobs
     assert [j.token for j in summaries(t, "JobHistory")] == [new]
     assert [j.token for j in summaries(t, "ActiveJobs")] == [active]
     assert purged(t, t.clock + timedelta(seconds=1)) == 1

@@ -21,6 +21,7 @@ from core_support import (
 from dsc_bindings.inprocess import InProcessTransport
 from dsc_core import (
     FilterFinished,
+    JobInput,
     ProcessingFinished,
     ProcessingStarted,
     StartProcessing,
@@ -74,7 +75,7 @@ def test_retry_runs_only_the_failed_filters_again() -> None:
         FilterState.COMPLETED_SUCCESSFULLY,
         FilterState.PENDING,
     ]
-    assert StartProcessing(job) in t.commands and UpdateJob(job) in t.commands
+    assert StartProcessing(job) in t.commands and UpdateJob(job, JobInput.RETRY) in t.commands
     t.engine(ProcessingStarted(token))
     t.engine(FilterFinished(token, 1, FilterState.COMPLETED_SUCCESSFULLY))
     t.engine(ProcessingFinished(token))

@@ -8,8 +8,11 @@ The :class:`Observer` watches what the service already does, and decides nothing
 - ``applied`` (the command writer, after a store command was carried out, so only what is
   durable is reported): job records, images and drops become log lines (logger ``dsc.jobs``,
   one INFO line per job event), metric updates, device records, and the jobs the status page
-  shows.  A job's change is found by comparing its new record with the previous one;
-- ``request_ended`` / ``http_refused`` / ``event_delivery_failed`` / connections: counters.
+  shows.  What happened is the core's word: a CreateJob created the job (and ended it, when it
+  was born Aborted), an UpdateJob names its cause (``dsc_core.JobInput``) and the filters it
+  ended, a DropJob why the job left the history; no record is compared with an earlier one;
+- ``request_ended`` (with the fault subcode the core put in the reply's Outcome) /
+  ``http_refused`` / ``event_delivery_failed`` / connections: counters.
 
 How a job turned out is :func:`dsc_core.outcomes.job_outcome`'s word, here as everywhere: a
 failed filter and a job that ended as a failure are WARNING lines, ``dsc_jobs_ended_total`` is
@@ -37,7 +40,7 @@ from prometheus_client import Counter
 from dsc_bindings.observe.devices import DeviceBook, DeviceLimits
 from dsc_bindings.observe.metrics import Metrics
 from dsc_bindings.store import tally
-from dsc_core import Command, CreateJob, DropJob, Job, UpdateJob
+from dsc_core import Command, CreateJob, DropJob, Job, JobInput, Removal, UpdateJob
 from dsc_core.commands import AbortDocument, AppendDocument, BeginDocument, FinishDocument
 from dsc_core.model import (
     EmailInstructions,
@@ -103,7 +106,7 @@ class _Known:
     address: str = ""
     identity: str = ""
     bytes_received: int = 0
-    #: When the device ended the scan (Creating -> Pending), for the processing time.
+    #: When the device ended the scan (EndPostScanJob), for the processing time.
     ended: datetime | None = None
     uploading: dict[int, _Upload] = field(default_factory=dict)
     #: Wall-clock time (time.time()) of the job's last byte or request from its device: the
@@ -138,6 +141,8 @@ class Observer:
         #: (operation, outcome) -> its dsc_requests counter (a bounded set: metrics.py).
         self._request_counters: dict[tuple[str, str], Counter] = {}
         self.started = time.time()
+        #: Open HTTP connections (also the dsc_connections gauge): the page's count.
+        self.connections = 0
         self.store_failures = 0
         self.last_store_error = ""
 
@@ -200,24 +205,27 @@ class Observer:
                 with self._lock:
                     self._creators[command.job.token] = (address or "?", identity or "")
 
-    def request_ended(self, operation: str, fault: str | None) -> None:
-        key = (operation or "unknown", "fault" if fault else "ok")
+    def request_ended(self, operation: str, fault_subcode: str | None) -> None:
+        """``fault_subcode``: the reply's (``Outcome.fault_subcode``), None for a success."""
+        key = (operation or "unknown", "ok" if fault_subcode is None else "fault")
         counter = self._request_counters.get(key)
         if counter is None:  # labels() takes a lock and builds a key: once per label pair
             counter = self._request_counters[key] = self.metrics.requests.labels(*key)
         counter.inc()
-        if fault:
-            # "code/subcode: reason" (dsc_core.exchange): the subcode without its prefix.
-            subcode = fault.split(":", 1)[0].split("/", 1)[-1]
-            self.metrics.faults.labels(subcode.split(":")[-1] or "-").inc()
+        if fault_subcode is not None:
+            self.metrics.faults.labels(fault_subcode).inc()
 
     def http_refused(self, status: int) -> None:
         self.metrics.http_refusals.labels(str(status)).inc()
 
     def connection_opened(self) -> None:
+        with self._lock:
+            self.connections += 1
         self.metrics.connections.inc()
 
     def connection_closed(self) -> None:
+        with self._lock:
+            self.connections -= 1
         self.metrics.connections.dec()
 
     def event_delivery_failed(self) -> None:
@@ -235,8 +243,10 @@ class Observer:
     def applied(self, command: Command) -> None:
         """A store command was carried out (it is durable)."""
         try:
-            if isinstance(command, (CreateJob, UpdateJob)):
-                self._job_record(command.job, isinstance(command, CreateJob))
+            if isinstance(command, UpdateJob):
+                self._updated(command)
+            elif isinstance(command, CreateJob):
+                self._created(command.job)
             elif isinstance(command, AppendDocument):
                 with self._lock:
                     known = self._jobs.get(command.token)
@@ -265,7 +275,10 @@ class Observer:
                     self._active.discard(command.token)
                     if gone is not None and not gone.job.is_active:
                         self._history_remove(gone.job)
-                log.debug("job %s left the history", command.token)
+                if command.cause is Removal.PURGED:
+                    log.debug("job %s purged from the history", command.token)
+                else:
+                    log.debug("job %s left the history (history_size)", command.token)
         except Exception:  # observing must never fail the server's work
             logging.getLogger("dsc.observe").exception("observing %r failed", type(command))
 
@@ -307,38 +320,48 @@ class Observer:
         if known is not None and self.devices is not None and known.address:
             self.devices.contact(known.address, known.identity, datetime.now().astimezone())
 
-    def _job_record(self, job: Job, created: bool) -> None:
+    def _index(self, known: _Known, before: Job | None) -> None:
+        """Put ``known.job`` in the page's indexes (under the lock): ``before`` is the record
+        the observer showed until now (None: new), whose history entry goes."""
+        job = known.job
+        if before is not None and not before.is_active:
+            self._history_remove(before)  # retried: it is active again
+        if job.is_active:
+            self._active.add(job.token)
+        else:
+            bisect.insort(self._history, _history_key(job))
+            self._active.discard(job.token)
+        self.metrics.active_jobs.set(len(self._jobs) - len(self._history))
+
+    def _created(self, job: Job) -> None:
+        with self._lock:
+            before = self._jobs.get(job.token)
+            known = self._jobs[job.token] = _Known(job, last_byte=job.last_activity.timestamp())
+            creator = self._creators.pop(job.token, None)
+            if creator is not None:
+                known.address, known.identity = creator
+            self._index(known, before.job if before is not None else None)
+        self.metrics.jobs_created.inc()
+        self.tally.add(tally.JOBS_CREATED)
+        self._created_line(known)
+        if not job.is_active:  # R6: no usable filter, Aborted at once
+            self._finished(known)
+
+    def _updated(self, command: UpdateJob) -> None:
+        job, cause = command.job, command.cause
         with self._lock:
             known = self._jobs.get(job.token)
-            old = known.job if known is not None else None
-            if known is None:
+            if known is None:  # not seen created (its CreateJob failed to apply): show it
                 known = self._jobs[job.token] = _Known(job)
-                creator = self._creators.pop(job.token, None)
-                if creator is not None:
-                    known.address, known.identity = creator
-            known.job = job
-            if job.state is JobState.CREATING:  # created, or an image/EndPostScanJob came
-                known.last_byte = max(known.last_byte, job.last_activity.timestamp())
-            if (
-                old is not None
-                and old.state is JobState.CREATING
-                and job.state is not (JobState.CREATING)
-            ):
-                known.ended = job.last_activity
-            if old is not None and not old.is_active:
-                self._history_remove(old)  # retried, or its record rewritten
-            if not job.is_active:
-                bisect.insort(self._history, _history_key(job))
-                self._active.discard(job.token)
+                before = None
             else:
-                self._active.add(job.token)
-            active = len(self._jobs) - len(self._history)
-        self.metrics.active_jobs.set(active)
-        if old is None:
-            if created:
-                self._created(known)
-            return
-        if old.state is JobState.CREATING and job.state is JobState.PENDING:
+                before, known.job = known.job, job
+            if cause is JobInput.IMAGE:
+                known.last_byte = max(known.last_byte, job.last_activity.timestamp())
+            elif cause is JobInput.END:
+                known.ended = job.last_activity
+            self._index(known, before)
+        if cause is JobInput.END:
             log.info(
                 "job %s ended by the device: %d image(s), %d bytes",
                 job.token,
@@ -351,30 +374,24 @@ class Observer:
                     "bytes": known.bytes_received,
                 },
             )
-        elif not old.is_active and job.is_active:
-            again = [
-                filter_name(f.dialect)
-                for before, f in zip(old.filters, job.filters, strict=False)
-                if before != f
-            ]
+        elif cause is JobInput.RETRY:
+            # A retry puts exactly the filters to run again back in Pending (lifecycle.retry).
+            again = [filter_name(f.dialect) for f in job.filters if not f.state.is_final]
             log.info(
                 "job %s retried: %s run again",
                 job.token,
                 ", ".join(again) or "no filter",
                 extra={"event": "job.retried", "job": job.token, "filters": again},
             )
-        elif old.state is not job.state and job.is_active:
-            log.debug("job %s is %s", job.token, job.state.value)
-        for index, (before, after) in enumerate(zip(old.filters, job.filters, strict=False)):
-            if after.state.is_final and not before.state.is_final:
-                self._filter_result(job, index, after)
-        if old.is_active and not job.is_active:
+        elif job.is_active and cause is not JobInput.IMAGE:
+            log.debug("job %s is %s (%s)", job.token, job.state.value, cause.value)
+        for index in command.filters_ended:
+            self._filter_result(job, index, job.filters[index])
+        if command.ends_job:
             self._finished(known)
 
-    def _created(self, known: _Known) -> None:
+    def _created_line(self, known: _Known) -> None:
         job = known.job
-        self.metrics.jobs_created.inc()
-        self.tally.add(tally.JOBS_CREATED)
         targets = "; ".join(
             f"{filter_name(f.dialect)} {', '.join(destinations_of(f, job.user_name)) or '-'}"
             for f in job.filters

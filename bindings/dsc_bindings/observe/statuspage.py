@@ -149,7 +149,7 @@ def snapshot(
         "bytes_received": totals[tally.BYTES_RECEIVED],
         "delivery_failures": totals[tally.DELIVERY_FAILURES],
         "event_delivery_failures": totals[tally.EVENT_DELIVERY_FAILURES],
-        "connections": int(observer.metrics.registry.get_sample_value("dsc_connections") or 0),
+        "connections": observer.connections,
         "jobs_ended": {o.value: totals[tally.ended(o)] for o in ENDED_OUTCOMES},
     }
     devices, devices_size = (

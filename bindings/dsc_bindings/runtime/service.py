@@ -352,7 +352,7 @@ class ServiceRequest:
         observer.request_commands(
             outcome.commands, exchange.info.client_address, exchange.info.identity
         )
-        observer.request_ended(exchange.operation, outcome.fault)
+        observer.request_ended(exchange.operation, outcome.fault_subcode)
         return outcome
 
     def _after_feed(self, ticket: Ticket) -> Wait | None:
