@@ -30,6 +30,7 @@ from typing import Any
 
 from dsc_core import client as dc
 from dsc_core import names
+from waiting import wait_for
 
 A = names.Action
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,20 +49,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "", interval: float = 0.05
-) -> Any:
-    """Poll until ``predicate()`` is truthy; return its value, or fail saying what we waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def child_env() -> dict[str, str]:

@@ -18,7 +18,7 @@ from dsc_bindings.observe.devices import DeviceBook, DeviceLimits
 from dsc_bindings.runtime.service import ScanService
 from dsc_bindings.store.sqlite import DB_NAME
 from dsc_core import ServerConfig
-from e2e_support import wait_for
+from waiting import wait_for
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=timezone(timedelta(hours=1)))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from dsc_bindings.filters import (
 )
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
 from test_filters_support import make_documents, make_job, random_bytes
+from waiting import wait_for
 
 
 def run(
@@ -228,10 +228,12 @@ def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
     partial = folder / f".dsc-{job.token}-2.part"
     with open(fifo, "wb", buffering=0) as feed:
         feed.write(b"A" * 40_000)
-        deadline = time.monotonic() + 5
-        while not (partial.exists() and partial.stat().st_size > 0):
-            assert time.monotonic() < deadline, "the copy never started"
-            time.sleep(0.005)
+        wait_for(
+            lambda: partial.exists() and partial.stat().st_size > 0,
+            5,
+            "the copy to start",
+            interval=0.005,
+        )
         cancelled.set()
         try:
             feed.write(b"B" * 1000)  # wakes the reader, which then sees the cancel

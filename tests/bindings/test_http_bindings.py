@@ -42,6 +42,7 @@ from dsc_core import Limits, Reply, ServerConfig, names
 from dsc_core import client as C
 from dsc_core.config import max_request_bytes
 from dsc_core.model import FileShareInstructions
+from waiting import wait_for
 
 A = names.Action
 SID = "S-1-5-21-1001"
@@ -198,15 +199,6 @@ def job_state(client: Raw, token: str) -> str:
         client, A.DSP_GET_JOB_ELEMENTS, C.job_elements_request(names.DSP, token, ["JobStatus"])
     )
     return C.read_job_elements(response.payload, names.DSP).state
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def part_files(data_dir: Path) -> list[Path]:

@@ -36,7 +36,7 @@ from dsc_bindings.directory.scan_processes import (
 )
 from dsc_core import DirectoryAnswers, Lookups, RequestInfo, ScanServer, ServerConfig, client, names
 from dsc_core.model import FileShareInstructions
-from e2e_support import wait_for
+from waiting import wait_for
 
 A = names.Action
 NOW = datetime(2026, 12, 1, 4, 0, tzinfo=UTC)

@@ -24,8 +24,9 @@ from core_support import subscribe_body
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
-from e2e_support import Relay, ServerProcess, Soap, free_port, started_servers, wait_for
+from e2e_support import Relay, ServerProcess, Soap, free_port, started_servers
 from test_filters_support import Listener, UploadServer
+from waiting import wait_for
 
 BINDINGS = ["async", "blocking"]
 A = names.Action

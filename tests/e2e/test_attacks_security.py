@@ -28,10 +28,11 @@ from dsc_bindings.http.certidentity import UPN_OID
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions
-from e2e_support import ServerProcess, Soap, started_servers, wait_for
+from e2e_support import ServerProcess, Soap, started_servers
 from samba_support import DOMAIN, SambaDC
 from test_attacks_e2e import SoapFrom, concurrently
 from test_directory import settings as directory_settings
+from waiting import wait_for
 
 BINDINGS = ["async", "blocking"]
 A = names.Action

@@ -25,7 +25,8 @@ from conftest import spec_dir
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions
-from e2e_support import ServerProcess, Soap, started_servers, wait_for
+from e2e_support import ServerProcess, Soap, started_servers
+from waiting import wait_for
 
 A = names.Action
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"

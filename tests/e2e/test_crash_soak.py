@@ -26,7 +26,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
-from e2e_support import Relay, ServerProcess, SharePointSite, Soap, free_port, wait_for
+from e2e_support import Relay, ServerProcess, SharePointSite, Soap, free_port
+from waiting import wait_for
 
 LONG = os.environ.get("DSC_LONG_TESTS") == "1"
 ROUNDS = 100 if LONG else 20

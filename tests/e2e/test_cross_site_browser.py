@@ -22,8 +22,9 @@ from lxml import etree
 
 from dsc_core import client as C
 from dsc_core import names
-from e2e_support import ServerProcess, dsc, wait_for
+from e2e_support import ServerProcess, dsc
 from test_status_page_browser import browser, playwright_api
+from waiting import wait_for
 
 __all__ = ["browser"]  # the fixture, shared with the status page's browser test
 

@@ -31,6 +31,7 @@ from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
 from dsc_core import Deliver, names
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap
+from waiting import wait_for
 
 A = names.Action
 LOCAL_SHARE = r"\\localhost\scans"
@@ -221,9 +222,7 @@ def test_hostile_subscribers_cannot_hurt_a_healthy_one(tmp_path: Path, binding: 
                     actions = {a for _, a, _p in _events(healthy, token)}
                     return {A.DSP_JOB_END_STATE_EVENT, A.DSC_JOB_END_STATE_EVENT} <= actions
 
-                deadline = time.monotonic() + 30
-                while not complete() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                wait_for(complete, 30, f"every event of scan {round_}", interval=0.05)
                 events = _events(healthy, token)
                 actions = [a for _, a, _p in events]
                 # Every event of the scan arrived (both namespaces) ...
@@ -294,13 +293,6 @@ def hub_with(limits: DeliveryLimits) -> Iterator[tuple[DeliveryHub, list, list]]
         hub.close(1.0)
 
 
-def _wait(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:  # type: ignore[operator]
-        time.sleep(0.01)
-    assert predicate(), "condition not reached"  # type: ignore[operator]
-
-
 def test_three_failures_stop_deliveries_and_drop_the_queue() -> None:
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))
@@ -310,7 +302,7 @@ def test_three_failures_stop_deliveries_and_drop_the_queue() -> None:
     with hub_with(limits) as (hub, reports, given_up):
         for _ in range(10):
             hub.deliver(_deliver(f"http://127.0.0.1:{port}/n"))
-        _wait(lambda: len(reports) >= 3)
+        wait_for(lambda: len(reports) >= 3, what="three reports")
         time.sleep(0.3)  # would be enough for more attempts, if any were made
         assert reports == [("urn:uuid:s1", False)] * 3  # exactly three, then nothing
         assert hub.sent == 3
@@ -327,8 +319,10 @@ def test_a_full_queue_ends_the_subscription() -> None:
             for _ in range(6):  # one in flight (stuck), four queued, one too many
                 hub.deliver(_deliver(blackhole, "urn:uuid:stuck"))
             hub.deliver(_deliver(healthy.url, "urn:uuid:fine"))
-            _wait(lambda: given_up == ["urn:uuid:stuck"])
-            _wait(lambda: ("urn:uuid:fine", True) in reports)  # others are not held up
+            wait_for(lambda: given_up == ["urn:uuid:stuck"], what="the stuck subscriber given up")
+            wait_for(
+                lambda: ("urn:uuid:fine", True) in reports, what="the fine delivery"
+            )  # others are not held up
             assert len(healthy.received) == 1
 
 
@@ -340,7 +334,7 @@ def test_answers_are_read_with_caps() -> None:
         with hub_with(limits) as (hub, reports, _given_up):
             for kind in ("head", "body", "huge"):
                 hub.deliver(_deliver(f"http://127.0.0.1:{hostile.ports[kind]}/n", kind))
-            _wait(lambda: len(reports) == 3)
+            wait_for(lambda: len(reports) == 3, what="three reports")
             assert dict(reports) == {"head": False, "body": True, "huge": True}
 
 
@@ -387,7 +381,9 @@ def test_delivery_failure_ends_the_subscription_and_nothing_more_is_sent(
             )
             for _ in range(8):  # eight job-status events for this subscriber
                 create_job(client)
-            _wait(lambda: any(path == "/end" for path, _, _ in received))
+            wait_for(
+                lambda: any(path == "/end" for path, _, _ in received), what="the /end delivery"
+            )
             (end,) = [body for path, _, body in received if path == "/end"]
             assert b"SubscriptionEnd" in end and b"DeliveryFailure" in end
             for _ in range(4):  # later events: the subscription is gone, nothing is sent

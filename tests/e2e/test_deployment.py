@@ -23,7 +23,8 @@ import trustme
 
 from dsc_bindings.exposure import check_exposure
 from dsc_bindings.settings import load_settings
-from e2e_support import ROOT, ServerProcess, dsc, free_port, wait_for
+from e2e_support import ROOT, ServerProcess, dsc, free_port
+from waiting import wait_for
 
 DEPLOY = ROOT / "examples" / "deploy"
 CONFIG = DEPLOY / "dsc-server.toml"

@@ -15,8 +15,9 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 
-from e2e_support import Relay, ServerProcess, dsc, free_port, wait_for
+from e2e_support import Relay, ServerProcess, dsc, free_port
 from samba_support import DOMAIN, USERS, SambaDC
+from waiting import wait_for
 
 
 @pytest.fixture

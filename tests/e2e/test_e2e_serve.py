@@ -44,8 +44,8 @@ from e2e_support import (
     file_sha256,
     free_port,
     started_servers,
-    wait_for,
 )
+from waiting import wait_for
 
 A = names.Action
 BINDINGS = ["async", "blocking"]

@@ -29,9 +29,9 @@ from e2e_support import (
     dsc,
     free_port,
     started_servers,
-    wait_for,
 )
 from test_observe_e2e import LOCAL_SHARE, get, job_lines, scrape, value
+from waiting import wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(20_000)
 

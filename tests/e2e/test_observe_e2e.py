@@ -21,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers, wait_for
+from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers
 from test_attacks_e2e import SoapFrom
 from test_e2e_serve import Pki
+from waiting import wait_for
 
 BINDINGS = ["async", "blocking"]
 LOCAL_SHARE = r"\\localhost\scans"

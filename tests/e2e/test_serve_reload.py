@@ -11,7 +11,8 @@ from lxml import etree
 
 from dsc_core import client as dc
 from dsc_core import names
-from e2e_support import ServerProcess, Soap, wait_for
+from e2e_support import ServerProcess, Soap
+from waiting import wait_for
 
 
 def friendly_name(soap: Soap) -> str:
