@@ -4,6 +4,8 @@ sockets on 127.0.0.1, with a real ScanService (SQLite store, spool, file-share f
 One suite, parametrized over the binding: the async server runs in an anyio blocking portal
 (trio, and asyncio once) so that the same synchronous raw-socket client drives both.  One test
 runs natively under pytest-trio (``await nursery.start(serve, ...)``, graceful cancellation).
+The socket half: the driver's rules fed bytes without a socket, and ``admit``, are tested in
+test_http_driver.py.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ from dsc_bindings.filters import document_file_name
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http.async_server import serve
 from dsc_bindings.http.blocking_server import BlockingServer
-from dsc_bindings.http.driver import Call, Close, HttpConnection, Receive, Send
 from dsc_bindings.runtime.service import ScanService
 from dsc_bindings.store.sqlite import StoreError
-from dsc_core import Limits, Reply, ServerConfig, names
+from dsc_core import Limits, ServerConfig, names
 from dsc_core import client as C
 from dsc_core.config import max_request_bytes
 from dsc_core.model import FileShareInstructions
@@ -536,9 +537,7 @@ def test_timeouts_close_the_connection(binding: str, tmp_path: Path) -> None:
     with running(binding, tmp_path, config) as srv:
         idle = Raw(srv.port)
         assert idle.post(repository_request()).status == 200
-        started = time.monotonic()
-        assert idle.closed_by_server(5)
-        assert time.monotonic() - started < 4
+        assert idle.closed_by_server(5)  # idle_timeout 0.3 s; 5 s only bounds a failure
         idle.close()
 
         head = Raw(srv.port)
@@ -672,213 +671,7 @@ def test_stop_lets_the_request_in_flight_finish(binding: str, tmp_path: Path) ->
         busy.close()
 
 
-# --- coalesced service calls (http_common: one worker-thread hop per small request) ------------
-#
-# Sans-IO first: HttpConnection driven by hand with a recording service, so that the Calls it
-# asks for (and what is held between reads) are visible; then the same paths over sockets.
-
-
-class _RecordingService:
-    """Logs every service call; ``fail_feed`` makes feed raise (a bug in the service)."""
-
-    def __init__(self, *, fail_feed: bool = False) -> None:
-        self.log: list[tuple[str, bytes]] = []
-        self.fail_feed = fail_feed
-
-    def open_request(
-        self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
-    ) -> _RecordingRequest:
-        self.log.append(("open", (content_type or "").encode()))
-        return _RecordingRequest(self)
-
-    def fed(self) -> bytes:
-        return b"".join(data for what, data in self.log if what == "feed")
-
-    def calls(self) -> list[str]:
-        return [what for what, _ in self.log]
-
-
-class _RecordingRequest:
-    def __init__(self, service: _RecordingService) -> None:
-        self.service = service
-
-    def feed(self, data: bytes) -> None:
-        self.service.log.append(("feed", data))
-        if self.service.fail_feed:
-            raise RuntimeError("feed failed (injected)")
-
-    def finish(self) -> Reply:
-        self.service.log.append(("finish", b""))
-        return Reply(200, C.SOAP_XML, b"<ok/>")
-
-    def abort(self) -> None:
-        self.service.log.append(("abort", b""))
-
-
-def _drive(
-    conn: HttpConnection,
-    service: _RecordingService,
-    reads: list[bytes],
-    *,
-    head_bytes: int,
-    bound: int,
-) -> list[str]:
-    """Run ``conn`` over ``reads`` (one per Receive; the first ``head_bytes`` bytes are the
-    request head), Calls inline, until it wants to read with nothing left to give, or closes.
-    Checks at every Receive that at most ``bound`` received body bytes are held back from the
-    service, and none once the exchange is open.  Returns the actions taken."""
-    trace: list[str] = []
-    received = 0
-    reads = list(reads)
-    start = len(service.log)
-    while True:
-        action = conn.next_action()
-        if isinstance(action, Receive):
-            body_received = max(0, received - head_bytes)
-            held = body_received - sum(
-                len(data) for what, data in service.log[start:] if what == "feed"
-            )
-            assert 0 <= held <= bound, (held, bound)
-            if "open" in service.calls()[start:]:
-                assert held == 0, held
-            if not reads:
-                return trace
-            trace.append("receive")
-            data = reads.pop(0)
-            received += len(data)
-            conn.receive_data(data)
-        elif isinstance(action, Call):
-            before = len(service.log)
-            try:
-                result = action.function()
-            except Exception as exc:
-                trace.append("call:" + "+".join(service.calls()[before:]) + ":raised")
-                conn.call_failed(exc)
-            else:
-                trace.append("call:" + "+".join(service.calls()[before:]))
-                conn.call_done(result)
-        elif isinstance(action, Send):
-            trace.append("send:" + action.data.split(b" ", 2)[1].decode())
-        else:
-            assert isinstance(action, Close)
-            trace.append("close")
-            return trace
-
-
-def _head(length: int, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-    return Raw.head(headers=[("Content-Type", C.SOAP_XML), ("Content-Length", str(length)), *extra])
-
-
-def test_sansio_small_body_is_one_call() -> None:
-    """Open, every feed and finish of a body within max_envelope_bytes: ONE Call, at its end,
-    with the pieces fed as they were received."""
-    limits = Limits()
-    body = repository_request()
-    head = _head(len(body))
-    service = _RecordingService()
-    conn = HttpConnection(service, limits)
-    reads = [head + body[:100], body[100:500], body[500:]]
-    trace = _drive(conn, service, reads, head_bytes=len(head), bound=limits.max_envelope_bytes)
-    assert trace == ["receive", "receive", "receive", "call:open+feed+feed+feed+finish", "send:200"]
-    assert service.fed() == body
-    # Keep-alive: the next request (and an empty body) is one Call as well.
-    trace = _drive(
-        conn, service, [_head(0)], head_bytes=len(_head(0)), bound=limits.max_envelope_bytes
-    )
-    assert trace == ["receive", "call:open+finish", "send:200"]
-    assert conn.cleanup() is None
-
-
-@pytest.mark.parametrize("size", ["at", "over"])
-def test_sansio_coalescing_bound(size: str) -> None:
-    """A body of exactly max_envelope_bytes arriving in pieces is held and handled in one Call;
-    one byte more, and the Call that crosses the bound opens and feeds what was held, after
-    which every read is fed before the next (the last one together with finish)."""
-    limits = Limits(max_envelope_bytes=1000)
-    bound = limits.max_envelope_bytes
-    length = bound + (size == "over")
-    body = bytes(range(256)) * 4 + b"tail"
-    body = body[:length] + b"x" * 300  # 300 more bytes arrive in two reads after the bound
-    head = _head(len(body))
-    service = _RecordingService()
-    conn = HttpConnection(service, limits)
-    reads = [head, body[:400], body[400:length], body[length : length + 150], body[length + 150 :]]
-    trace = _drive(conn, service, reads, head_bytes=len(head), bound=bound)
-    if size == "at":
-        # The first 1000 bytes are held; the 150 after them cross the bound.
-        assert trace == ["receive"] * 4 + [
-            "call:open+feed+feed+feed",
-            "receive",
-            "call:feed+finish",
-            "send:200",
-        ]
-    else:
-        assert trace == ["receive"] * 3 + [
-            "call:open+feed+feed",
-            "receive",
-            "call:feed",
-            "receive",
-            "call:feed+finish",
-            "send:200",
-        ]
-    assert service.fed() == body
-    assert service.calls().count("open") == 1
-
-
-def test_sansio_expect_100_before_the_exchange_opens() -> None:
-    limits = Limits()
-    body = repository_request()
-    service = _RecordingService()
-    conn = HttpConnection(service, limits)
-    head = _head(len(body), [("Expect", "100-continue")])
-    trace = _drive(conn, service, [head], head_bytes=len(head), bound=limits.max_envelope_bytes)
-    assert trace == ["receive", "send:100"] and service.log == []
-    trace = _drive(conn, service, [body], head_bytes=0, bound=limits.max_envelope_bytes)
-    assert trace == ["receive", "call:open+feed+finish", "send:200"]
-    # A refused head gets its refusal instead of 100 Continue, and no exchange.
-    service = _RecordingService()
-    conn = HttpConnection(service, limits)
-    head = _head(max_request_bytes(limits) + 1, [("Expect", "100-continue")])
-    trace = _drive(conn, service, [head], head_bytes=len(head), bound=limits.max_envelope_bytes)
-    assert trace == ["receive", "send:413", "close"] and service.log == []
-
-
-def test_sansio_lost_connection_aborts_only_an_opened_exchange() -> None:
-    limits = Limits(max_envelope_bytes=1000)
-    body = b"x" * 5000
-    head = _head(len(body))
-    # Lost while the first bytes are held: no exchange was ever opened, nothing to abort.
-    service = _RecordingService()
-    conn = HttpConnection(service, limits)
-    _drive(conn, service, [head + body[:800]], head_bytes=len(head), bound=1000)
-    assert conn.cleanup() is None and service.log == []
-    # Lost after the bound was crossed: the opened exchange is aborted (no .part debris).
-    service = _RecordingService()
-    conn = HttpConnection(service, limits)
-    _drive(conn, service, [head + body[:800], body[800:1500]], head_bytes=len(head), bound=1000)
-    cleanup = conn.cleanup()
-    assert cleanup is not None
-    cleanup()
-    assert service.calls() == ["open", "feed", "feed", "abort"]
-    assert conn.cleanup() is None  # idempotent
-
-
-def test_sansio_call_failing_after_it_opened_still_aborts() -> None:
-    """A service bug in the feed of a coalesced Call: 500 and close, and the exchange that
-    Call opened is aborted by cleanup."""
-    limits = Limits()
-    body = repository_request()
-    service = _RecordingService(fail_feed=True)
-    conn = HttpConnection(service, limits)
-    head = _head(len(body))
-    trace = _drive(
-        conn, service, [head + body], head_bytes=len(head), bound=limits.max_envelope_bytes
-    )
-    assert trace == ["receive", "call:open+feed:raised", "send:500", "close"]
-    cleanup = conn.cleanup()
-    assert cleanup is not None
-    cleanup()
-    assert service.calls() == ["open", "feed", "abort"]
+# --- coalesced service calls over sockets (the sans-IO half: test_http_driver.py) ------------
 
 
 def _trickle(client: Raw, data: bytes, pieces: int) -> None:
