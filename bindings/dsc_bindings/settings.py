@@ -95,8 +95,9 @@ from typing import Any, Literal
 
 from dsc_bindings.directory.ldap import DirectorySettings
 from dsc_bindings.exposure import bound_base_url
-from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sites import SitePrefix
+from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_bindings.observe.devices import DeviceLimits
 from dsc_bindings.runtime.installation import UUID_KEYS, load_installation
 from dsc_core import Limits, ServerConfig
@@ -184,6 +185,7 @@ _SECTIONS = {
     "sharepoint",
     "eventing",
     "directory",
+    "smb",
 }
 
 
@@ -421,6 +423,21 @@ def load_settings(
     eventing = _Table(raw, "eventing", {"default_seconds", "max_seconds"})
     processes = _Table(raw, "processes", set(raw.get("processes", {}) or {}))
     shares = _Table(raw, "shares", set(raw.get("shares", {}) or {}))
+    smb_raw = _Table(
+        raw,
+        "smb",
+        {
+            "username",
+            "password",
+            "password_file",
+            "domain",
+            "servers",
+            "require_encryption",
+            "port",
+            "timeout",
+            "health_shares",
+        },
+    )
     directory_raw = _Table(
         raw,
         "directory",
@@ -554,6 +571,7 @@ def load_settings(
         "sharepoint_sites": _site_prefixes(sharepoint.get("sites", [])),
         "mail_domains": _mail_domains(smtp.get("allowed_domains")),
         "smtp_configured": bool(smtp),
+        "smb": _smb_settings(smb_raw.raw, resolve) if smb_raw else None,
     }
     for table in (smtp, sharepoint):
         if "password" in table and not isinstance(table.get("password"), str):
@@ -561,7 +579,9 @@ def load_settings(
     try:
         filters = (
             FilterSettings(share_roots=roots, **filter_kw)
-            if roots
+            # With [smb] and no [shares], UNC paths go to the SMB servers only: the embedded
+            # catch-all folder would take every path before an SMB server could.
+            if roots or smb_raw
             else FilterSettings.embedded_default(data, **filter_kw)
         )
     except ValueError as exc:
@@ -613,6 +633,58 @@ def prepare_data_dir(data_dir: Path) -> None:
         )
 
 
+def _secret(section: str, raw: dict[str, Any], resolve: Callable[[object], Path | None]) -> str:
+    """``password``, else the first line of ``password_file`` (kept out of the configuration
+    file so that one can be readable by more people than the secret)."""
+    password = raw.get("password")
+    if password is None:
+        secret = resolve(raw["password_file"])
+        try:
+            password = Path(str(secret)).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"[{section}] cannot read password_file {secret}: {exc.strerror}"
+            ) from exc
+    if not isinstance(password, str):
+        raise ConfigError(f'[{section}] password must be a string (in quotes): password = "..."')
+    return password
+
+
+def _smb_settings(raw: dict[str, Any], resolve: Callable[[object], Path | None]) -> SmbSettings:
+    """``[smb]`` (issue 21): the account the file share filter writes as over SMB."""
+    missing = [k for k in ("username", "servers") if not raw.get(k)]
+    if "password" not in raw and "password_file" not in raw:
+        missing.append("password (or password_file)")
+    if missing:
+        raise ConfigError(f"[smb] needs {', '.join(missing)}")
+    servers = raw["servers"]
+    if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
+        raise ConfigError(
+            '[smb] servers must be a list of host names, e.g. servers = ["fs01.contoso.com"]'
+        )
+    health = raw.get("health_shares", [])
+    if not isinstance(health, list) or any(
+        not isinstance(h, str) or (p := parse_unc(h)) is None or len(p) != 2 for h in health
+    ):
+        raise ConfigError(
+            "[smb] health_shares must be a list of UNC paths of shares, "
+            "e.g. health_shares = ['//fs01.contoso.com/scans']"
+        )
+    try:
+        return SmbSettings(
+            username=str(raw["username"]),
+            password=_secret("smb", raw, resolve),
+            servers=tuple(servers),
+            domain=str(raw["domain"]) if raw.get("domain") else None,
+            require_encryption=bool(raw.get("require_encryption", True)),
+            port=int(raw.get("port", 445)),
+            timeout=float(raw.get("timeout", 30.0)),
+            health_shares=tuple(health),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[smb]: {exc}") from exc
+
+
 def _directory_settings(
     raw: dict[str, Any], resolve: Callable[[object], Path | None]
 ) -> DirectorySettings:
@@ -621,15 +693,7 @@ def _directory_settings(
         missing.append("password (or password_file)")
     if missing:
         raise ConfigError(f"[directory] needs {', '.join(missing)}")
-    password = raw.get("password")
-    if password is None:
-        secret = resolve(raw["password_file"])
-        try:
-            password = Path(str(secret)).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"[directory] cannot read password_file {secret}: {exc.strerror}"
-            ) from exc
+    password = _secret("directory", raw, resolve)
     try:
         return DirectorySettings(
             url=str(raw["url"]),

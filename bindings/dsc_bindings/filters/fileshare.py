@@ -8,12 +8,11 @@ import errno
 import logging
 import os
 import re
-import stat
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsc_bindings.durable import fsync_dir_fd, write_all
 from dsc_bindings.filters.common import (
     FilterOutcome,
     SourceError,
@@ -21,18 +20,14 @@ from dsc_bindings.filters.common import (
     document_file_name,
     log_delivered,
     never_raises,
+    read_full,
     sanitize_name,
 )
-from dsc_bindings.filters.settings import FilterSettings
-from dsc_bindings.filters.sharefolder import (
-    EXISTING_FILE,
-    NEW_FILE,
-    Folder,
-    open_share_folder,
-    place_exclusive,
-    unlink_if_present,
-)
+from dsc_bindings.filters.settings import FilterSettings, parse_unc
+from dsc_bindings.filters.sharefolder import open_share_folder
+from dsc_bindings.filters.sharefs import ExistingFile, NewFile, ShareFolder
 from dsc_bindings.filters.sharejournal import ResumeJournal
+from dsc_bindings.filters.smbfolder import SmbConnectionLost, open_smb_folder
 from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
 
 log = logging.getLogger(__name__)
@@ -57,35 +52,113 @@ def run(
         return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
 
     # Map every path before writing anything: a refused path cancels the filter (R9) and a
-    # Canceled filter should not have delivered half of its documents.
-    targets: list[tuple[Path, tuple[str, ...]]] = []
+    # Canceled filter should not have delivered half of its documents.  A host that is neither
+    # mapped to a local folder nor one of [smb] servers is refused here, before any connection
+    # (issue 21: the credentials go to those servers only).
+    targets: list[_Target] = []
     for unc in instructions.shares:
-        location = settings.share_location(unc)
-        if location is None:
+        target = _target_of(unc, settings)
+        if target is None:
             log.warning("job %s: share %r is outside the configured roots", job.token, unc)
             return FilterOutcome.canceled(FilterStateReason.FILE_SHARE_ACCESS_DENIED)
-        if location not in targets:
-            targets.append(location)
+        if target not in targets:
+            targets.append(target)
 
     # R9: a sub-folder named after the user (name@domain), file names from DocumentRootName.
     user_dir = sanitize_name(job.user_name, fallback="unknown-user")
     reasons: list[FilterStateReason] = []
-    for root, below in targets:
+    for target in targets:
         check_cancel(cancelled)
-        target = root.joinpath(*below)
         try:
-            _deliver(root, (*below, user_dir), job, filter_index, documents, settings, cancelled)
+            _deliver_with_retry(target, user_dir, job, filter_index, documents, settings, cancelled)
         except SourceError as exc:
             log.error("job %s: cannot read a stored document: %s", job.token, exc)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         except OSError as exc:
             # One share failing does not keep the documents from the others.
-            log.warning("job %s: writing to %s failed: %s", job.token, target, exc)
+            log.warning("job %s: writing to %s failed: %s", job.token, target.name, exc)
             reasons.append(_reason_for(exc))
     return FilterOutcome.errors(*reasons) if reasons else FilterOutcome.success()
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where one UNC path of the instructions lands: a local folder (``[shares]``) or a share
+    on an ``[smb]`` server; ``below`` are the components under the root, named by users."""
+
+    root: Path | None
+    smb_share: tuple[str, str] | None  # (host, share)
+    below: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        if self.smb_share is not None:
+            return "\\\\" + "\\".join((*self.smb_share, *self.below))
+        assert self.root is not None
+        return str(self.root.joinpath(*self.below))
+
+    def open(self, settings: FilterSettings, user_dir: str) -> AbstractContextManager[ShareFolder]:
+        components = (*self.below, user_dir)
+        if self.smb_share is not None:
+            assert settings.smb is not None
+            host, share = self.smb_share
+            return open_smb_folder(settings.smb, host, share, components)
+        assert self.root is not None
+        return open_share_folder(self.root, components)
+
+
+def _target_of(unc: str, settings: FilterSettings) -> _Target | None:
+    location = settings.share_location(unc)
+    if location is not None:
+        return _Target(location[0], None, location[1])
+    parts = parse_unc(unc)
+    if parts is None or len(parts) < 2 or settings.smb is None:
+        return None
+    if not settings.smb.allows(parts[0]):
+        return None
+    return _Target(None, (parts[0].lower(), parts[1]), parts[2:])
+
+
+#: Delivery attempts to one SMB share when the connection breaks: the server restarted or a
+#: connection of the pool went stale.  The journal makes a second attempt deliver only what the
+#: first did not; a second break is reported (UnknownError, R9) and `dsc retry` runs it again.
+SMB_ATTEMPTS = 2
+
+
+def _deliver_with_retry(
+    target: _Target,
+    user_dir: str,
+    job: Job,
+    filter_index: int,
+    documents: list[tuple[Document, Path]],
+    settings: FilterSettings,
+    cancelled: threading.Event,
+) -> None:
+    attempts = SMB_ATTEMPTS if target.smb_share is not None else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            _deliver(
+                target.open(settings, user_dir), job, filter_index, documents, settings, cancelled
+            )
+            return
+        except SmbConnectionLost as exc:
+            assert settings.smb is not None and target.smb_share is not None
+            settings.smb.pool.forget(target.smb_share[0])
+            if attempt == attempts:
+                raise
+            log.warning(
+                "job %s: connection to %s lost (%s); delivering again (attempt %d of %d)",
+                job.token,
+                target.name,
+                exc,
+                attempt + 1,
+                attempts,
+            )
+
+
 def _reason_for(exc: OSError) -> FilterStateReason:
+    if isinstance(exc, SmbConnectionLost):
+        return FilterStateReason.UNKNOWN_ERROR
     if exc.errno in _OUT_OF_SPACE:
         return FilterStateReason.FILE_SHARE_OUT_OF_DISK_SPACE
     if exc.errno in _DENIED:
@@ -94,8 +167,7 @@ def _reason_for(exc: OSError) -> FilterStateReason:
 
 
 def _deliver(
-    root: Path,
-    components: tuple[str, ...],
+    opened: AbstractContextManager[ShareFolder],
     job: Job,
     filter_index: int,
     documents: list[tuple[Document, Path]],
@@ -103,7 +175,7 @@ def _deliver(
     cancelled: threading.Event,
 ) -> None:
     journal = ResumeJournal.of(job, documents, filter_index)
-    with open_share_folder(root, components) as folder:
+    with opened as folder:
         counter = 0
         for document, source in documents:
             check_cancel(cancelled)
@@ -114,7 +186,7 @@ def _deliver(
             delivered = journal.get(folder.path, document.document_id)
             if delivered is not None:
                 log_delivered(job, filter_index, "fileshare", str(folder.path / delivered[1]))
-        fsync_dir_fd(folder.fd)  # the new names survive a crash, not only the contents
+        folder.sync()  # the new names survive a crash, not only the contents
 
 
 @dataclass(frozen=True)
@@ -135,25 +207,25 @@ class _Delivery:
         n = int(match.group(1))
         return n if document_file_name(self.root_name, n, self.fmt) == name else None
 
-    def is_copy(self, folder: Folder, name: str, links: int, chunk_size: int) -> bool:
+    def is_copy(self, folder: ShareFolder, name: str, links: int, chunk_size: int) -> bool:
         if self.counter_of(name) is None:
             return False
-        try:
-            fd = os.open(name, EXISTING_FILE, dir_fd=folder.fd)
-        except OSError:
+        facts = folder.facts(name)
+        if (
+            facts is None
+            or not facts.regular
+            or not facts.ours
+            or facts.links != links
+            or facts.size != _size_of(self.source)
+        ):
+            return False
+        found = folder.open_existing(name)
+        if found is None:
             return False  # a link, gone, unreadable: not ours
         try:
-            st = os.fstat(fd)
-            if (
-                not stat.S_ISREG(st.st_mode)
-                or st.st_uid != os.geteuid()
-                or st.st_nlink != links
-                or st.st_size != _size_of(self.source)
-            ):
-                return False
-            return _same_bytes(fd, self.source, chunk_size)
+            return _same_bytes(found, self.source, chunk_size)
         finally:
-            os.close(fd)
+            found.close()
 
 
 _COUNTER = re.compile(r"_(\d{4,})\.[^.]*$")
@@ -166,12 +238,12 @@ def _size_of(source: Path) -> int:
         raise SourceError(f"{source}: {exc}") from exc
 
 
-def _same_bytes(fd: int, source: Path, chunk_size: int) -> bool:
+def _same_bytes(found: ExistingFile, source: Path, chunk_size: int) -> bool:
     try:
         with open(source, "rb", buffering=0) as src:
             while True:
                 want = src.read(chunk_size)
-                if want != os.read(fd, len(want) or 1):
+                if want != read_full(found, len(want) or 1):
                     return False
                 if not want:
                     return True
@@ -181,7 +253,7 @@ def _same_bytes(fd: int, source: Path, chunk_size: int) -> bool:
 
 def _copy_one(
     delivery: _Delivery,
-    folder: Folder,
+    folder: ShareFolder,
     job: Job,
     document: Document,
     counter: int,
@@ -221,7 +293,7 @@ def _copy_one(
         # whatever sits under the temporary name (a hard link or symlink to another file
         # planted by a user of the share) is unlinked, and O_EXCL|O_NOFOLLOW create afresh.
         _unlink_quietly(folder, tmp, missing_ok=True)
-        fd = os.open(tmp, NEW_FILE, 0o640, dir_fd=folder.fd)  # §5: not world-readable
+        new = folder.create(tmp)
         try:
             buffer = bytearray(settings.chunk_size)
             view = memoryview(buffer)
@@ -233,77 +305,77 @@ def _copy_one(
                     raise SourceError(f"{delivery.source}: {exc}") from exc
                 if not n:
                     break
-                write_all(fd, view[:n])
-            os.fsync(fd)
+                new.write(view[:n])
+            new.sync()
         except BaseException:
-            os.close(fd)
+            _close_quietly(new)
             _unlink_quietly(folder, tmp)  # never leave a truncated document behind
             raise
-        os.close(fd)
+        new.close()
     try:
         counter, name = _place(folder, tmp, delivery, counter)
     except BaseException:
         _unlink_quietly(folder, tmp, missing_ok=True)
         raise
-    fsync_dir_fd(folder.fd)
+    folder.sync()
     journal.add(folder.path, document.document_id, counter, name)
     _unlink_quietly(folder, tmp, missing_ok=True)  # gone already when it was renamed
     return counter
 
 
-def _place(folder: Folder, tmp: str, delivery: _Delivery, counter: int) -> tuple[int, str]:
+def _place(folder: ShareFolder, tmp: str, delivery: _Delivery, counter: int) -> tuple[int, str]:
     for n in range(counter, MAX_COUNTER + 1):
         name = document_file_name(delivery.root_name, n, delivery.fmt)
-        if place_exclusive(folder, tmp, name):
+        if folder.place_exclusive(tmp, name):
             return n, name
     raise OSError(errno.EEXIST, f"no free file name for {delivery.root_name!r} in {folder.path}")
 
 
-def _linked_name(folder: Folder, tmp: str, delivery: _Delivery, chunk_size: int) -> str | None:
+def _linked_name(folder: ShareFolder, tmp: str, delivery: _Delivery, chunk_size: int) -> str | None:
     """The visible name a complete temporary file was already linked to by an earlier run.
 
     Only a copy the server made counts (:class:`_Delivery`): a hard link a user of the share
     planted under the temporary name, to another file, is no delivery of this document."""
-    try:
-        st = os.stat(tmp, dir_fd=folder.fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2:
+    facts = folder.facts(tmp)
+    if facts is None or not facts.regular or facts.links != 2:
         return None  # unfinished, or not what the filter leaves: written again from the start
-    with os.scandir(folder.fd) as entries:
-        for entry in entries:
-            if (
-                entry.name != tmp
-                and entry.inode() == st.st_ino
-                and delivery.is_copy(folder, entry.name, 2, chunk_size)
-            ):
-                return entry.name
+    for name, file_id in folder.entries():
+        if (
+            name != tmp
+            and file_id == facts.file_id
+            and delivery.is_copy(folder, name, 2, chunk_size)
+        ):
+            return name
     return None
 
 
 def _unjournaled_copy(
-    folder: Folder, delivery: _Delivery, counter: int, journal: ResumeJournal, chunk_size: int
+    folder: ShareFolder, delivery: _Delivery, counter: int, journal: ResumeJournal, chunk_size: int
 ) -> str | None:
     """With a damaged journal: the copy of this document an earlier run placed and lost the
     line of, if any (a name from ``counter`` on that no other document of the job claims)."""
     claimed = journal.names_in(folder.path)
-    with os.scandir(folder.fd) as entries:
-        candidates = sorted(
-            (n, entry.name)
-            for entry in entries
-            if entry.name not in claimed
-            and (n := delivery.counter_of(entry.name)) is not None
-            and n >= counter
-        )
+    candidates = sorted(
+        (n, name)
+        for name, _file_id in folder.entries()
+        if name not in claimed and (n := delivery.counter_of(name)) is not None and n >= counter
+    )
     for _n, name in candidates:
         if delivery.is_copy(folder, name, 1, chunk_size):
             return name
     return None
 
 
-def _unlink_quietly(folder: Folder, name: str, missing_ok: bool = False) -> None:
+def _close_quietly(new: NewFile) -> None:
     try:
-        if not unlink_if_present(folder, name) and not missing_ok:
+        new.close()
+    except OSError as exc:  # the connection that broke the write may break the close too
+        log.debug("closing a partial file failed: %s", exc)
+
+
+def _unlink_quietly(folder: ShareFolder, name: str, missing_ok: bool = False) -> None:
+    try:
+        if not folder.unlink_if_present(name) and not missing_ok:
             log.warning("partial file %s was already gone", folder.path / name)
     except OSError as exc:
         log.warning("could not remove partial file %s: %s", folder.path / name, exc)

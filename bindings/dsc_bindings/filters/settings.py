@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dsc_bindings.filters.sites import SitePrefix, SiteUrl
+from dsc_bindings.filters.smbsettings import SmbSettings
 
 _UNC_FORBIDDEN = frozenset('<>:"|?*')
 
@@ -83,6 +84,10 @@ class FilterSettings:
     #: E-mail recipient domains (``contoso.com``; ``.contoso.com`` also covers sub-domains).
     #: None: any domain.  A recipient outside them is refused and not sent to.
     mail_domains: tuple[str, ...] | None = None
+
+    #: ``[smb]``: UNC paths on these servers that no share root maps are written over SMB
+    #: (issue 21); None: every UNC path must be mapped by a share root.
+    smb: SmbSettings | None = None
 
     #: Bytes per read/write/send: memory stays flat and a cancel is seen between chunks.
     chunk_size: int = 256 * 1024

@@ -18,7 +18,11 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import BinaryIO
+
+from dsc_bindings.durable import fsync_dir_fd, write_all
+from dsc_bindings.filters.sharefs import FileFacts
 
 #: A folder below the root: never through a symbolic link.
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -37,7 +41,7 @@ _RENAME_NOREPLACE = 1  # <linux/fs.h>
 class PlantedLink(OSError):
     """A folder below a share root is a symbolic link: refused (FileShareAccessDenied)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: PurePath) -> None:
         super().__init__(
             errno.ELOOP, "is a symbolic link, never followed out of the share root", str(path)
         )
@@ -45,10 +49,62 @@ class PlantedLink(OSError):
 
 @dataclass(frozen=True)
 class Folder:
-    """A folder of the share open as ``fd``; ``path`` names it in logs and in the journal."""
+    """A folder of the share open as ``fd``; ``path`` names it in logs and in the journal.
+    Implements :class:`~dsc_bindings.filters.sharefs.ShareFolder` on the local file system."""
 
     fd: int
     path: Path
+
+    def create(self, name: str) -> _NewFile:
+        # §5 (issue 14): not world-readable.
+        return _NewFile(os.open(name, NEW_FILE, 0o640, dir_fd=self.fd))
+
+    def open_existing(self, name: str) -> BinaryIO | None:
+        try:
+            fd = os.open(name, EXISTING_FILE, dir_fd=self.fd)
+        except OSError:
+            return None  # a link, gone, unreadable: not ours
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def facts(self, name: str) -> FileFacts | None:
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return FileFacts(
+            regular=stat.S_ISREG(st.st_mode),
+            file_id=st.st_ino,
+            links=st.st_nlink,
+            size=st.st_size,
+            ours=st.st_uid == os.geteuid(),
+        )
+
+    def entries(self) -> list[tuple[str, int]]:
+        with os.scandir(self.fd) as found:
+            return [(entry.name, entry.inode()) for entry in found]
+
+    def place_exclusive(self, tmp: str, name: str) -> bool:
+        return place_exclusive(self, tmp, name)
+
+    def unlink_if_present(self, name: str) -> bool:
+        return unlink_if_present(self, name)
+
+    def sync(self) -> None:
+        fsync_dir_fd(self.fd)
+
+
+class _NewFile:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: memoryview) -> None:
+        write_all(self.fd, data)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from dsc_bindings.durable import write_all
 from dsc_core.model import Document, Job
@@ -82,15 +82,15 @@ class ResumeJournal:
                 skipped,
             )
 
-    def get(self, directory: Path, document_id: int) -> tuple[int, str] | None:
+    def get(self, directory: PurePath, document_id: int) -> tuple[int, str] | None:
         return self.done.get((str(directory), document_id))
 
-    def names_in(self, directory: Path) -> set[str]:
+    def names_in(self, directory: PurePath) -> set[str]:
         """The file names already recorded in ``directory`` (each belongs to one document)."""
         key = str(directory)
         return {name for (folder, _doc), (_n, name) in self.done.items() if folder == key}
 
-    def add(self, directory: Path, document_id: int, counter: int, name: str) -> None:
+    def add(self, directory: PurePath, document_id: int, counter: int, name: str) -> None:
         self.done[(str(directory), document_id)] = (counter, name)
         if self.path is None:
             return

@@ -1,0 +1,103 @@
+"""``[smb]``: the account the file share filter writes as over SMB 2/3, the only servers it
+goes to, and the pool of connections to them (issue 21).
+
+A scanner names the UNC path in its PostScan instructions, so without a rule it could make the
+server authenticate, with the service account, to any host.  The rule mirrors the SharePoint
+sites (R13): a UNC host is contacted only when it is one of ``servers`` (compared
+case-insensitively, as Windows names are); any other host is refused before a connection opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from smbprotocol.connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+class SmbPool:
+    """Connections per server (smbprotocol keeps one session per server and account on each,
+    and a tree per share), reused across jobs until one breaks."""
+
+    def __init__(self) -> None:
+        #: smbclient's connection cache, ours alone: ``"host:port"`` -> Connection.
+        self.connections: dict[str, Connection] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, host: str) -> None:
+        """Drop the connections to ``host`` (after one broke): the next use opens afresh."""
+        with self._lock:
+            stale = [k for k in self.connections if k.rpartition(":")[0].lower() == host.lower()]
+            dropped = [self.connections.pop(k) for k in stale]
+        for connection in dropped:
+            try:
+                connection.disconnect(close=False)
+            except Exception as exc:  # already broken: nothing more to do with it
+                log.debug("closing a broken SMB connection: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            dropped = list(self.connections.values())
+            self.connections.clear()
+        for connection in dropped:
+            try:
+                connection.disconnect(close=True)
+            except Exception as exc:
+                log.debug("closing an SMB connection: %s", exc)
+
+
+@dataclass(frozen=True)
+class SmbSettings:
+    username: str
+    password: str = field(repr=False)
+    #: The only hosts the credentials go to (lower case).
+    servers: tuple[str, ...]
+    domain: str | None = None
+    #: SMB 3 encryption of every message (signing is always required).
+    require_encryption: bool = True
+    port: int = 445
+    #: Seconds to open a connection (and to wait for an answer, see smbfolder).
+    timeout: float = 30.0
+    #: ``\\host\share`` paths /healthz checks (optional).
+    health_shares: tuple[str, ...] = ()
+    pool: SmbPool = field(default_factory=SmbPool, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.username:
+            raise ValueError("[smb] username is empty")
+        servers = tuple(s.strip().lower() for s in self.servers)
+        if not servers or any(not s or "\\" in s or "/" in s for s in servers):
+            raise ValueError('[smb] servers must list host names, e.g. ["fs01.contoso.com"]')
+        object.__setattr__(self, "servers", servers)
+        object.__setattr__(self, "health_shares", tuple(self.health_shares))
+
+    def allows(self, host: str) -> bool:
+        return host.strip().lower() in self.servers
+
+    @property
+    def account(self) -> str:
+        return f"{self.domain}\\{self.username}" if self.domain else self.username
+
+    def client_options(self) -> dict[str, Any]:
+        """The keyword arguments of every smbclient call: this account, this pool."""
+        return {
+            "username": self.account,
+            "password": self.password,
+            "port": self.port,
+            "encrypt": self.require_encryption,
+            "require_signing": True,
+            "connection_timeout": self.timeout,
+            "connection_cache": self.pool.connections,
+        }
+
+
+def shutdown_pool(settings: SmbSettings | None) -> None:
+    if settings is not None:
+        settings.pool.close()
+
+
+__all__ = ["SmbPool", "SmbSettings", "shutdown_pool"]
