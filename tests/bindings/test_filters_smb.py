@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dsc_bindings.filters import FilterOutcome, FilterSettings, fileshare
+from dsc_bindings.filters.smbfolder import share_problem
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
 from smb_support import PASSWORD, USER, SmbServer, public_folder, unavailable_reason
@@ -239,3 +240,11 @@ def test_memory_stays_flat_in_file_size(smbd: SmbServer, tmp_path: Path) -> None
     assert peak < 8 * 1024 * 1024, peak
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert grown_kib < 32 * 1024, grown_kib
+
+
+def test_health_probe_of_a_share(smbd: SmbServer) -> None:
+    settings = smb_settings(smbd)
+    assert settings.smb is not None
+    assert share_problem(settings.smb, rf"\\{smbd.address}\scans") is None
+    problem = share_problem(settings.smb, rf"\\{smbd.address}\nosuchshare")
+    assert problem is not None and "nosuchshare" in problem

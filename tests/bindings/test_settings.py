@@ -251,3 +251,46 @@ def test_data_dir_checks(tmp_path: Path) -> None:
     (fresh / "spool").write_text("oops")
     with pytest.raises(ConfigError, match="spool is a file, not a directory"):
         prepare_data_dir(fresh)
+
+
+def test_smb_section(tmp_path: Path) -> None:
+    secret = tmp_path / "smb.secret"
+    secret.write_text("s3cret\n")
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f"""
+[server]
+data = "{tmp_path / "data"}"
+[smb]
+username = "svc-scan"
+password_file = "{secret}"
+domain = "CONTOSO"
+servers = ["FS01.contoso.com"]
+health_shares = ['\\\\fs01.contoso.com\\scans']
+"""
+    )
+    smb = load_settings(conf).filters.smb
+    assert smb is not None
+    assert (smb.account, smb.password, smb.servers) == (
+        "CONTOSO\\svc-scan",
+        "s3cret",
+        ("fs01.contoso.com",),
+    )
+    assert smb.require_encryption and smb.allows("fs01.CONTOSO.com") and not smb.allows("evil")
+    # With [smb] and no [shares] no catch-all folder takes the SMB servers' paths.
+    assert load_settings(conf).filters.map_unc(r"\\fs01.contoso.com\scans") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[smb]\nusername = "u"\nservers = ["h"]\n', "password (or password_file)"),
+        ('[smb]\nusername = "u"\npassword = "p"\nservers = "h"\n', "list of host names"),
+        ('[smb]\nusername = "u"\npassword = "p"\nservers = ["h"]\nfoo = 1\n', "foo"),
+    ],
+)
+def test_smb_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[server]\ndata = "{tmp_path / "data"}"\n' + text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(conf)

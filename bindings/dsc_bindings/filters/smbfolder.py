@@ -247,4 +247,15 @@ def open_smb_folder(
     yield SmbFolder(path, options)
 
 
-__all__ = ["SmbConnectionLost", "SmbFolder", "open_smb_folder"]
+def share_problem(settings: SmbSettings, unc: str) -> str | None:
+    """For /healthz (``[smb] health_shares``): None when the share answers, else why not."""
+    parts = [p for p in unc.replace("/", "\\").split("\\") if p]
+    try:
+        with open_smb_folder(settings, parts[0], parts[1], ()) as folder:
+            folder.entries()  # connects, logs on, opens the share and lists it
+            return None
+    except OSError as exc:
+        return f"{unc}: {exc.strerror or exc}"
+
+
+__all__ = ["SmbConnectionLost", "SmbFolder", "open_smb_folder", "share_problem"]

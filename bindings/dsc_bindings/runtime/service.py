@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.smbfolder import share_problem
 from dsc_bindings.http.cross_site import origin_of
 from dsc_bindings.observe.devices import DeviceLimits
 from dsc_bindings.observe.health import (
@@ -692,6 +693,12 @@ class ScanService:
                     subject=str(root),  # a hung network mount
                 )
             )
+        smb = self.filter_settings.smb
+        if smb is not None:
+            for unc in smb.health_shares:
+                probes.append(
+                    Probe(f"smb {unc}", functools.partial(share_problem, smb, unc), subject=unc)
+                )
         directory = self.directory
         if directory is not None:
 
