@@ -8,7 +8,8 @@ from pathlib import Path
 
 from lxml import etree
 
-from dsc_bindings.console.main import main, split_mime_head
+from dsc_bindings.console.handle import split_mime_head
+from dsc_bindings.console.main import main
 from helpers import hardware_examples, payload, text, xp
 
 

@@ -202,13 +202,13 @@ def test_closed_pipe_inside_a_long_listing() -> None:
     """The reader leaves while a command is still writing: no traceback, status 141."""
     script = (
         "import sys\n"
-        "from dsc_bindings.console import main as cli\n"
+        "from dsc_bindings.console import jobs, main\n"
         "def flood(args):\n"
         "    for i in range(1_000_000):\n"
         "        print('x' * 60)\n"
         "    return 0\n"
-        "cli.cmd_jobs = flood\n"
-        "sys.exit(cli.main(['jobs']))\n"
+        "jobs.cmd_jobs = flood\n"
+        "sys.exit(main.main(['jobs']))\n"
     )
     done = subprocess.run(
         ["bash", "-c", f'{sys.executable} -c "$0" | head -1; exit ${{PIPESTATUS[0]}}', script],
