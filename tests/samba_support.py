@@ -21,6 +21,8 @@ from pathlib import Path
 
 import trustme
 
+from conftest import spec_dir
+
 REALM = "SAMDOM.EXAMPLE.COM"
 DOMAIN = "samdom.example.com"
 BASE_DN = "DC=samdom,DC=example,DC=com"
@@ -201,6 +203,9 @@ class SambaDC:
             "connect_timeout = 3",
             "timeout = 5",
         ]
+        spec = spec_dir()
+        if spec is not None:  # scan processes also checked against PostScan.xsd & co.
+            lines.append(f'schema_dir = "{spec}"')
         lines += [f"{k} = {v}" for k, v in extra.items()]
         return "\n".join(lines) + "\n"
 

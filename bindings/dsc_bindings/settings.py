@@ -76,6 +76,7 @@ Example (every section optional)::
     base_dn = "DC=contoso,DC=com"
     ca_file = "/etc/dsc/contoso-ca.pem"
     admin_group = "Scan Admins"       # name or DN; members, nested included, are admins
+    # schema_dir = "/usr/share/dsc/schemas"  # PostScan.xsd & co.: processes also checked by schema
     cache_seconds = 300
     connect_timeout = 5
     timeout = 10
@@ -94,6 +95,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dsc_bindings.directory.ldap import DirectorySettings
+from dsc_bindings.directory.scan_processes import missing_schema_files
 from dsc_bindings.exposure import bound_base_url
 from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sites import SitePrefix
@@ -454,6 +456,7 @@ def load_settings(
             "timeout",
             "processes_dn",
             "tls_server_name",
+            "schema_dir",
         },
     )
 
@@ -694,6 +697,13 @@ def _directory_settings(
     if missing:
         raise ConfigError(f"[directory] needs {', '.join(missing)}")
     password = _secret("directory", raw, resolve)
+    schema_dir = resolve(raw.get("schema_dir"))
+    if schema_dir is not None and (missing_files := missing_schema_files(schema_dir)):
+        raise ConfigError(
+            f"[directory] schema_dir {schema_dir} lacks {', '.join(missing_files)}: give the "
+            "folder holding the scan process schemas, or leave schema_dir out (the built-in "
+            "check alone)"
+        )
     try:
         return DirectorySettings(
             url=str(raw["url"]),
@@ -709,6 +719,7 @@ def _directory_settings(
             tls_server_name=(
                 str(raw["tls_server_name"]) if raw.get("tls_server_name") is not None else None
             ),
+            schema_dir=schema_dir,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[directory]: {exc}") from exc

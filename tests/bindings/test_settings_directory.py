@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dsc_bindings.directory.scan_processes import SCHEMA_FILES
 from dsc_bindings.settings import ConfigError, load_settings
 
 BASE = """
@@ -60,9 +61,25 @@ def test_directory_section_is_read(tmp_path: Path) -> None:
         (BASE.replace("ldaps://", "http://") + "password = 'x'\n", "url must be ldap://"),
         (BASE + "password = 'x'\ntimeout = 0\n", "timeout must be positive"),
         (BASE + "password_file = 'missing.secret'\n", "cannot read password_file"),
+        (
+            BASE + "password = 'x'\nschema_dir = 'nowhere'\n",
+            "schema_dir " + "{dir}/nowhere lacks PostScan.xsd, WDPScan.xsd, bdsrr-fsf.xsd",
+        ),
     ],
 )
 def test_directory_mistakes_are_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(write(tmp_path, text))
-    assert message in str(raised.value)
+    assert message.format(dir=tmp_path) in str(raised.value)
+
+
+def test_schema_dir_is_read_relative_to_the_file(tmp_path: Path) -> None:
+    """The scan process schemas come from [directory] schema_dir, never looked for (issue 15)."""
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    for name in SCHEMA_FILES:
+        (folder / name).write_text("<xs:schema/>", encoding="utf-8")
+    settings = load_settings(write(tmp_path, BASE + "password = 'x'\nschema_dir = 'schemas'\n"))
+    assert settings.directory is not None and settings.directory.schema_dir == folder
+    without = load_settings(write(tmp_path, BASE + "password = 'x'\n"))
+    assert without.directory is not None and without.directory.schema_dir is None

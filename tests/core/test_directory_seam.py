@@ -224,7 +224,7 @@ def process() -> ScanProcess:
 
 def test_psp_string_round_trips_and_carries_the_instructions() -> None:
     text = process().psp_string()
-    assert validate_psp_string(text, spec=Path("/nonexistent")) in ("structure", "schema")
+    assert validate_psp_string(text) in ("structure", "schema")
     back = parse_psp_string("Scan to share", PSP_ID, text)
     assert back == process()
     instructions = post_scan_instructions(text)
@@ -234,13 +234,13 @@ def test_psp_string_round_trips_and_carries_the_instructions() -> None:
 
 
 def test_psp_string_validated_against_the_schemas(spec: Path) -> None:
-    assert validate_psp_string(process().psp_string(), spec=spec) == "schema"
+    assert validate_psp_string(process().psp_string(), schema_dir=spec) == "schema"
     text = process().psp_string()
     # Caught only by the schema (WS-Scan ColorConfigBaseType), not by the built-in check.
     purple = text.replace(">Grayscale8<", ">Purple<")
-    assert validate_psp_string(purple, spec=Path("/nonexistent")) == "structure"
+    assert validate_psp_string(purple) == "structure"
     with pytest.raises(ValidationError, match="ColorConfigBaseType"):
-        validate_psp_string(purple, spec=spec)
+        validate_psp_string(purple, schema_dir=spec)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +262,7 @@ def test_psp_string_validated_against_the_schemas(spec: Path) -> None:
 def test_structural_check_refuses(change: object, message: str) -> None:
     text = change(process().psp_string())  # type: ignore[operator]
     with pytest.raises(ValidationError, match=message):
-        validate_psp_string(text, spec=Path("/nonexistent"))
+        validate_psp_string(text)
 
 
 def test_security_descriptor_round_trips() -> None:

@@ -103,6 +103,10 @@ class DirectorySettings:
     #: The name the DC's certificate must carry (and the SNI sent), for a DC reached by
     #: address; default: the URL's host.
     tls_server_name: str | None = None
+    #: A folder holding PostScan.xsd, WDPScan.xsd and bdsrr-fsf/emlf/spf.xsd: scan processes
+    #: are then also checked against these schemas before they are written (default: the
+    #: built-in structural check alone; the schemas are not shipped).
+    schema_dir: Path | None = None
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)

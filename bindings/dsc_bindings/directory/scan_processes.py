@@ -7,10 +7,11 @@ the ``psp:PostScanProcess`` XML (PostScan.xsd) with ScanRepository (the scan ser
 (WS-Scan scan settings) and PostScanInstructions (the filters, as a device sends them).
 
 Validation before anything is written: a structural check built in (the core's own reader of
-PostScanInstructions, plus the ScanRepository and ScanTicket rules), and, when the specification
-folder is present (``$DSC_SPEC_DIR`` or ``../shared/spec`` beside the checkout), the schemas
-PostScan.xsd + WDPScan.xsd + bdsrr-fsf/emlf/spf.xsd with lxml.  The schema files are never copied
-into the project, so an installation without them relies on the structural check.
+PostScanInstructions, plus the ScanRepository and ScanTicket rules), and, when ``[directory]
+schema_dir`` names a folder holding them, the schemas PostScan.xsd + WDPScan.xsd +
+bdsrr-fsf/emlf/spf.xsd with lxml.  The schema files are not shipped (they are Microsoft's
+published texts, not ours), and the product never goes looking for them: an installation without
+``schema_dir`` relies on the structural check.
 
 Who may see a process: ``allow`` groups become the object's DACL (protected, no inheritance):
 full control for SYSTEM, Domain Admins, Administrators and the account that wrote it, read for
@@ -21,7 +22,6 @@ Without ``allow`` the schema's default applies (Authenticated Users may read).
 from __future__ import annotations
 
 import copy
-import os
 import struct
 import uuid
 from collections.abc import Sequence
@@ -57,6 +57,7 @@ from dsc_core.model import (
     SharePointInstructions,
 )
 from dsc_core.xmlread import children, split
+from dsc_core.xmlwrite import sub
 
 __all__ = [
     "COLORS",
@@ -65,6 +66,7 @@ __all__ = [
     "ScanProcess",
     "ScanSettings",
     "ValidationError",
+    "missing_schema_files",
     "parse_psp_string",
     "validate_psp_string",
 ]
@@ -136,30 +138,30 @@ class ScanProcess:
     def psp_string(self) -> str:
         """The ``psp:PostScanProcess`` XML of this process."""
         root = etree.Element(f"{{{PSP}}}PostScanProcess", nsmap={"psp": PSP, "wscn": WSCN})
-        _sub(root, PSP, "ScanRepository", self.scan_repository)
-        ticket = _sub(root, PSP, "ScanTicket")
-        job = _sub(ticket, WSCN, "JobDescription")
-        _sub(job, WSCN, "JobName", self.name)
-        _sub(job, WSCN, "JobOriginatingUserName", "")
-        params = _sub(ticket, WSCN, "DocumentParameters")
-        _sub(params, WSCN, "Format", self.settings.format)
-        _sub(params, WSCN, "InputSource", "ADFDuplex" if self.settings.duplex else "ADF")
-        sides = _sub(params, WSCN, "MediaSides")
+        sub(root, PSP, "ScanRepository", self.scan_repository)
+        ticket = sub(root, PSP, "ScanTicket")
+        job = sub(ticket, WSCN, "JobDescription")
+        sub(job, WSCN, "JobName", self.name)
+        sub(job, WSCN, "JobOriginatingUserName", "")
+        params = sub(ticket, WSCN, "DocumentParameters")
+        sub(params, WSCN, "Format", self.settings.format)
+        sub(params, WSCN, "InputSource", "ADFDuplex" if self.settings.duplex else "ADF")
+        sides = sub(params, WSCN, "MediaSides")
         for side in ("MediaFront", "MediaBack") if self.settings.duplex else ("MediaFront",):
-            media = _sub(sides, WSCN, side)
-            _sub(media, WSCN, "ColorProcessing", self.settings.color)
-            resolution = _sub(media, WSCN, "Resolution")
-            _sub(resolution, WSCN, "Width", str(self.settings.resolution))
-            _sub(resolution, WSCN, "Height", str(self.settings.resolution))
-        psi = _sub(root, PSP, "PostScanInstructions")
-        _sub(psi, PSP, "ContinueOnError", "true" if self.continue_on_error else "false")
-        _sub(psi, PSP, "DocumentRootName", self.document_root_name)
-        filters = _sub(psi, PSP, "FiltersToProcess")
+            media = sub(sides, WSCN, side)
+            sub(media, WSCN, "ColorProcessing", self.settings.color)
+            resolution = sub(media, WSCN, "Resolution")
+            sub(resolution, WSCN, "Width", str(self.settings.resolution))
+            sub(resolution, WSCN, "Height", str(self.settings.resolution))
+        psi = sub(root, PSP, "PostScanInstructions")
+        sub(psi, PSP, "ContinueOnError", "true" if self.continue_on_error else "false")
+        sub(psi, PSP, "DocumentRootName", self.document_root_name)
+        filters = sub(psi, PSP, "FiltersToProcess")
         for item in self.instructions():
             dialect, config = filter_instructions(item)
-            f = _sub(filters, PSP, "Filter")
-            _sub(f, PSP, "Dialect", dialect)
-            _sub(f, PSP, "Instructions").append(config)
+            f = sub(filters, PSP, "Filter")
+            sub(f, PSP, "Dialect", dialect)
+            sub(f, PSP, "Instructions").append(config)
         return etree.tostring(root, encoding="unicode")
 
     def as_dict(self) -> dict[str, Any]:
@@ -179,13 +181,6 @@ class ScanProcess:
             "duplex": self.settings.duplex,
             "allow": list(self.allow),
         }
-
-
-def _sub(parent: etree._Element, ns: str, local: str, text: str | None = None) -> etree._Element:
-    el = etree.SubElement(parent, f"{{{ns}}}{local}")
-    if text is not None:
-        el.text = text
-    return el
 
 
 # --- reading and validating a PSPString --------------------------------------------------------
@@ -249,16 +244,14 @@ def _structure(root: etree._Element) -> etree._Element:
     return own[2]
 
 
-def spec_dir() -> Path | None:
-    """The specification folder: ``$DSC_SPEC_DIR``, else ``../shared/spec`` beside the checkout."""
-    candidates = [
-        os.environ.get("DSC_SPEC_DIR"),
-        Path(__file__).resolve().parents[3] / "shared" / "spec",
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "PostScan.xsd").is_file():
-            return Path(candidate)
-    return None
+#: The files ``[directory] schema_dir`` must hold: PostScan.xsd includes WDPScan.xsd, and the
+#: filters' ``xs:any namespace="##other"`` in it is strict, so their schemas are needed too.
+SCHEMA_FILES = ("PostScan.xsd", "WDPScan.xsd", "bdsrr-fsf.xsd", "bdsrr-emlf.xsd", "bdsrr-spf.xsd")
+
+
+def missing_schema_files(folder: Path) -> list[str]:
+    """The files of :data:`SCHEMA_FILES` that ``folder`` lacks (empty: it can validate)."""
+    return [name for name in SCHEMA_FILES if not (folder / name).is_file()]
 
 
 _SCHEMAS: dict[Path, etree.XMLSchema] = {}
@@ -284,15 +277,15 @@ def psp_schema(folder: Path) -> etree.XMLSchema:
     return _SCHEMAS[folder]
 
 
-def validate_psp_string(text: str, *, spec: Path | None = None) -> str:
+def validate_psp_string(text: str, *, schema_dir: Path | None = None) -> str:
     """Check a PSPString before it is written; returns how (``"schema"`` or ``"structure"``).
-    Raises ValidationError saying what is wrong."""
+    ``schema_dir`` is ``[directory] schema_dir`` (checked for :data:`SCHEMA_FILES` when the
+    settings are read).  Raises ValidationError saying what is wrong."""
     root = _parse_xml(text)
     _structure(root)
-    folder = spec if spec is not None else spec_dir()
-    if folder is None or not (folder / "PostScan.xsd").is_file():
-        return "structure"  # no schema files here: the built-in check alone
-    schema = psp_schema(folder)
+    if schema_dir is None:
+        return "structure"  # no schema files configured: the built-in check alone
+    schema = psp_schema(schema_dir)
     if not schema.validate(root):
         lines = str(schema.error_log).strip().splitlines() or ["?"]
         raise ValidationError(
@@ -523,7 +516,7 @@ class ProcessStore:
 
     def add(self, process: ScanProcess) -> ScanProcess:
         text = process.psp_string()
-        validate_psp_string(text)
+        validate_psp_string(text, schema_dir=self.directory.settings.schema_dir)
         if self.get(process.name) is not None:
             raise DirectoryError(f"a scan process named {process.name!r} exists already")
         dn = f"CN={escape_rdn(process.name)},{self.base}"
@@ -542,7 +535,7 @@ class ProcessStore:
 
     def update(self, old: ScanProcess, new: ScanProcess, *, allow_changed: bool) -> ScanProcess:
         text = new.psp_string()
-        validate_psp_string(text)
+        validate_psp_string(text, schema_dir=self.directory.settings.schema_dir)
         changes: dict[str, Any] = {"msImaging-PSPString": [(ldap3.MODIFY_REPLACE, [text])]}
         try:
             self.conn.modify(old.dn, changes)  # type: ignore[no-untyped-call]
