@@ -14,17 +14,11 @@ from .config import Limits
 from .model import EmailInstructions, FileShareInstructions, Instructions
 from .outcomes import JobOutcome, job_outcome
 from .xmlread import Element, children, parse_document, split, trimmed
+from .xmlwrite import sub
 
 A = names.Action
 SOAP_XML = "application/soap+xml; charset=utf-8"
 _CLIENT_LIMITS = Limits(max_envelope_bytes=64 * 1024 * 1024, max_xml_elements=10_000_000)
-
-
-def _sub(parent: Element, ns: str, local: str, text: str | None = None) -> Element:
-    el = etree.SubElement(parent, f"{{{ns}}}{local}")
-    if text is not None:
-        el.text = text
-    return el
 
 
 def envelope(
@@ -41,14 +35,14 @@ def envelope(
             "psp": names.PSP,
         },
     )
-    header = _sub(root, names.SOAP, "Header")
-    _sub(header, names.WSA, "To", to or names.ANONYMOUS)
-    _sub(header, names.WSA, "Action", action)
-    _sub(header, names.WSA, "MessageID", message_id)
-    _sub(_sub(header, names.WSA, "ReplyTo"), names.WSA, "Address", names.ANONYMOUS)
+    header = sub(root, names.SOAP, "Header")
+    sub(header, names.WSA, "To", to or names.ANONYMOUS)
+    sub(header, names.WSA, "Action", action)
+    sub(header, names.WSA, "MessageID", message_id)
+    sub(sub(header, names.WSA, "ReplyTo"), names.WSA, "Address", names.ANONYMOUS)
     for extra in headers:
         header.append(extra)
-    _sub(root, names.SOAP, "Body").append(payload)
+    sub(root, names.SOAP, "Body").append(payload)
     return etree.tostring(root, xml_declaration=True, encoding="utf-8")
 
 
@@ -65,20 +59,20 @@ def create_post_scan_job(
     process_name: str | None = None,
 ) -> Element:
     req = etree.Element(f"{{{names.DSP}}}CreatePostScanJobRequest")
-    _sub(req, names.DSP, "UserIdentifier", user_identifier)
-    _sub(req, names.DSP, "PSP_Identifier", psp_identifier)
-    psi = _sub(req, names.DSP, "PostScanInstructions")
+    sub(req, names.DSP, "UserIdentifier", user_identifier)
+    sub(req, names.DSP, "PSP_Identifier", psp_identifier)
+    psi = sub(req, names.DSP, "PostScanInstructions")
     if continue_on_error is not None:
-        _sub(psi, names.PSP, "ContinueOnError", "true" if continue_on_error else "false")
-    _sub(psi, names.PSP, "DocumentRootName", document_root_name)
-    filters = _sub(psi, names.PSP, "FiltersToProcess")
+        sub(psi, names.PSP, "ContinueOnError", "true" if continue_on_error else "false")
+    sub(psi, names.PSP, "DocumentRootName", document_root_name)
+    filters = sub(psi, names.PSP, "FiltersToProcess")
     for item in instructions:
-        f = _sub(filters, names.PSP, "Filter")
+        f = sub(filters, names.PSP, "Filter")
         dialect, config = filter_instructions(item)
-        _sub(f, names.PSP, "Dialect", dialect)
-        _sub(f, names.PSP, "Instructions").append(config)
+        sub(f, names.PSP, "Dialect", dialect)
+        sub(f, names.PSP, "Instructions").append(config)
     if process_name:
-        _sub(req, names.EXT, "ProcessName", process_name)
+        sub(req, names.EXT, "ProcessName", process_name)
     return req
 
 
@@ -86,42 +80,42 @@ def filter_instructions(item: Instructions) -> tuple[str, Element]:
     """(dialect URI, configuration element) of one filter (R9 schemas)."""
     if isinstance(item, FileShareInstructions):
         config = etree.Element(f"{{{names.FSF}}}FileShareConfig", nsmap={"fsf": names.FSF})
-        shares = _sub(config, names.FSF, "FileShares")
+        shares = sub(config, names.FSF, "FileShares")
         for unc in item.shares:
-            _sub(shares, names.FSF, "ShareUNC", unc)
+            sub(shares, names.FSF, "ShareUNC", unc)
         return names.FSF, config
     if isinstance(item, EmailInstructions):
         config = etree.Element(f"{{{names.EMLF}}}EmailConfig", nsmap={"emlf": names.EMLF})
-        _sub(config, names.EMLF, "SendToScanUser", "true" if item.send_to_scan_user else "false")
+        sub(config, names.EMLF, "SendToScanUser", "true" if item.send_to_scan_user else "false")
         if item.addresses:
-            box = _sub(config, names.EMLF, "SendToAddresses")
+            box = sub(config, names.EMLF, "SendToAddresses")
             box.set(
                 f"{{{names.EMLF}}}CanAddAddresses", "true" if item.can_add_addresses else "false"
             )
             for address in item.addresses:
-                _sub(box, names.EMLF, "EmailAddress", address)
+                sub(box, names.EMLF, "EmailAddress", address)
         return names.EMLF, config
     config = etree.Element(f"{{{names.SPF}}}SharePointConfig", nsmap={"spf": names.SPF})
-    _sub(config, names.SPF, "SaveToMySite", "true" if item.save_to_my_site else "false")
-    sites = _sub(config, names.SPF, "SaveToSharePointSites")
+    sub(config, names.SPF, "SaveToMySite", "true" if item.save_to_my_site else "false")
+    sites = sub(config, names.SPF, "SaveToSharePointSites")
     for url in item.site_urls:
-        _sub(sites, names.SPF, "SaveToSharePointSiteURL", url)
+        sub(sites, names.SPF, "SaveToSharePointSiteURL", url)
     return names.SPF, config
 
 
 def token_request(ns: str, local: str, token: str) -> Element:
     req = etree.Element(f"{{{ns}}}{local}")
-    _sub(req, ns, "JobToken", token)
+    sub(req, ns, "JobToken", token)
     return req
 
 
 def send_image_request(token: str, document_id: int, fmt: str, content_id: str) -> Element:
     req = etree.Element(f"{{{names.DSP}}}SendImageRequest")
-    _sub(req, names.DSP, "JobToken", token)
-    description = _sub(req, names.DSP, "DocumentDescription")
-    _sub(description, names.DSP, "DocumentId", str(document_id))
-    _sub(description, names.DSP, "Format", fmt)
-    image = _sub(req, names.DSP, "ImageData")
+    sub(req, names.DSP, "JobToken", token)
+    description = sub(req, names.DSP, "DocumentDescription")
+    sub(description, names.DSP, "DocumentId", str(document_id))
+    sub(description, names.DSP, "Format", fmt)
+    image = sub(req, names.DSP, "ImageData")
     include = etree.SubElement(image, f"{{{names.XOP}}}Include", nsmap={"xop": names.XOP})
     include.set("href", f"cid:{content_id}")
     return req
@@ -131,10 +125,10 @@ def job_elements_request(ns: str, token: str, requested: Sequence[str]) -> Eleme
     """GetPostScanJobElementsRequest; ``requested`` are local names in ``ns``."""
     prefix = "dsp" if ns == names.DSP else "dsc"
     req = etree.Element(f"{{{ns}}}GetPostScanJobElementsRequest", nsmap={prefix: ns})
-    _sub(req, ns, "JobToken", token)
-    box = _sub(req, ns, "RequestedElements")
+    sub(req, ns, "JobToken", token)
+    box = sub(req, ns, "RequestedElements")
     for local in requested:
-        _sub(box, ns, "Name", f"{prefix}:{local}")
+        sub(box, ns, "Name", f"{prefix}:{local}")
     return req
 
 
@@ -143,9 +137,9 @@ def job_elements_request(ns: str, token: str, requested: Sequence[str]) -> Eleme
 
 def repository_elements_request(requested: Sequence[str]) -> Element:
     req = etree.Element(f"{{{names.DSC}}}GetRepositoryElementsRequest", nsmap={"dsc": names.DSC})
-    box = _sub(req, names.DSC, "RequestedElements")
+    box = sub(req, names.DSC, "RequestedElements")
     for local in requested:
-        _sub(box, names.DSC, "Name", f"dsc:{local}")
+        sub(box, names.DSC, "Name", f"dsc:{local}")
     return req
 
 
@@ -266,7 +260,7 @@ def _fault(fault: Element, status: int) -> ClientFault:
         return el
 
     code = find(fault, "Code", "Value")
-    sub = find(fault, "Code", "Subcode", "Value")
+    subcode = find(fault, "Code", "Subcode", "Value")
     text = find(fault, "Reason", "Text")
     detail = find(fault, "Detail")
     detail_text = ""
@@ -277,7 +271,7 @@ def _fault(fault: Element, status: int) -> ClientFault:
         value = trimmed(el.text) if el is not None else ""
         return value
 
-    return ClientFault(local(code), local(sub) or None, local(text), detail_text, status)
+    return ClientFault(local(code), local(subcode) or None, local(text), detail_text, status)
 
 
 def find_path(el: Element | None, ns: str, *path: str) -> Element | None:

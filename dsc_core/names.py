@@ -142,3 +142,9 @@ class Action:
     MEX_GET_METADATA: Final = MEX + "/GetMetadata/Request"
     PROBE: Final = WSD + "/Probe"
     PROBE_MATCHES: Final = WSD + "/ProbeMatches"
+
+
+def filter_name(dialect: str) -> str:
+    """The short name of a filter dialect, as logs, metrics and tables show it:
+    ``.../filter/fileshare`` (the dialect URI, R9) or ``ftr:fileshare`` (a QName) -> ``fileshare``."""
+    return dialect.rsplit("/", 1)[-1].split(":")[-1]

@@ -12,14 +12,11 @@ from dsc_bindings.console.output import (
     print_pairs,
 )
 from dsc_core import client as dc
-
-
-def dialect(uri: str) -> str:
-    return uri.rsplit("/", 1)[-1].split(":")[-1]
+from dsc_core import names
 
 
 def filters_text(job: dc.JobView) -> str:
-    return " ".join(f"{dialect(f.dialect)}:{f.state}" for f in job.filters)
+    return " ".join(f"{names.filter_name(f.dialect)}:{f.state}" for f in job.filters)
 
 
 def reasons_text(job: dc.JobView) -> str:
@@ -47,7 +44,7 @@ def print_job(view: dc.JobView, destinations: dict[int, dict[str, Any]]) -> None
     for index, f in enumerate(view.filters):
         reasons = f" ({', '.join(f.reasons)})" if f.reasons else ""
         where = _destination_text(destinations.get(index, {}))
-        rows.append((f"Filter {dialect(f.dialect)}", f"{f.state}{reasons}{where}"))
+        rows.append((f"Filter {names.filter_name(f.dialect)}", f"{f.state}{reasons}{where}"))
     print_pairs(rows)
 
 

@@ -254,7 +254,7 @@ def _line(fields: dict[str, Any], received: datetime, *, wide: bool = False) -> 
     if event == "RepositoryStatusSummaryEvent":
         return f"{when}  repository {fields['state']}"
     if event == "RepositoryElementsChangeEvent":
-        offered = ", ".join(f.split(":")[-1].rsplit("/", 1)[-1] for f in fields["filters"])
+        offered = ", ".join(names.filter_name(f) for f in fields["filters"])
         return f"{when}  repository configuration changed; filters: {offered or '(none)'}"
     if event == "SubscriptionEnd":
         return f"{when}  subscription ended by the server: {fields['status']} {fields['reason']}"

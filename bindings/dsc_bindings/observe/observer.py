@@ -51,16 +51,12 @@ from dsc_core.model import (
     JobStateReason,
     SharePointInstructions,
 )
+from dsc_core.names import filter_name
 from dsc_core.outcomes import JobOutcome
 
-__all__ = ["JsonFormatter", "Observer", "destinations_of", "filter_name"]
+__all__ = ["JsonFormatter", "Observer", "destinations_of"]
 
 log = logging.getLogger("dsc.jobs")
-
-
-def filter_name(dialect: str) -> str:
-    """``.../filter/fileshare`` or ``ftr:fileshare`` -> ``fileshare``."""
-    return dialect.rsplit("/", 1)[-1].split(":")[-1]
 
 
 def destinations_of(status: FilterStatus, user_name: str = "") -> list[str]:
