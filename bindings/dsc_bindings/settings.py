@@ -361,18 +361,8 @@ def _monitor_listen(srv: _Table) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def load_settings(
-    path: Path | None = None,
-    *,
-    data_dir: Path | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    binding: str | None = None,
-    cert: Path | None = None,
-    key: Path | None = None,
-    client_ca: Path | None = None,
-) -> Settings:
-    """The file (if any), then command-line overrides, over the embedded defaults."""
+def _read_file(path: Path | None) -> dict[str, Any]:
+    """The configuration file as TOML tables (none: empty), its sections checked."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -387,6 +377,60 @@ def load_settings(
             f"unknown section(s): {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(sorted(_SECTIONS))}"
         )
+    return raw
+
+
+def _checked_listen(listen: ListenOptions) -> ListenOptions:
+    """``listen``, refused when its binding or TLS files cannot work (one line each)."""
+    if listen.binding not in ("async", "blocking"):
+        raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
+    if listen.key and not listen.cert:
+        # Not plain HTTP: someone who gave a key meant TLS (issue 8).
+        raise ConfigError(
+            "a TLS key (--tls-key or [tls] key) without a certificate: give the server "
+            "certificate with --tls-cert (or [tls] cert) as well"
+        )
+    if listen.client_ca and not listen.cert:
+        raise ConfigError(
+            "client certificates (client_ca) need TLS: give a server "
+            "certificate with --tls-cert/--tls-key"
+        )
+    for what, file in (
+        ("certificate", listen.cert),
+        ("key", listen.key),
+        ("client CA", listen.client_ca),
+    ):
+        if file is not None and not file.is_file():
+            raise ConfigError(f"TLS {what} {file}: no such file; check the path")
+    return listen
+
+
+def _sharepoint_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """``[sharepoint] ca_file`` as the TLS context of the SharePoint filter (None: the system's)."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"[sharepoint] ca_file {ca_file}: {getattr(exc, 'strerror', None) or exc}; "
+            "give a PEM file of the CA that signed the SharePoint server's certificate"
+        ) from exc
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    binding: str | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    client_ca: Path | None = None,
+) -> Settings:
+    """The file (if any), then command-line overrides, over the embedded defaults."""
+    raw = _read_file(path)
     srv = _Table(
         raw,
         "server",
@@ -471,37 +515,21 @@ def load_settings(
     data = data_dir or resolve(srv.optional_text("data")) or Path("var")
     if port is not None and not 0 <= port <= _PORT_MAX:
         raise ConfigError(f"--port must be from 0 to {_PORT_MAX}, got {port}")
-    listen = ListenOptions(
-        host=host or srv.text("host", "127.0.0.1"),
-        port=port if port is not None else srv.integer("port", 5362, minimum=0, maximum=_PORT_MAX),
-        binding=binding or srv.text("binding", "async"),
-        blocking_cpu=_blocking_cpu(srv),
-        cert=cert or resolve(tls.optional_text("cert")),
-        key=key or resolve(tls.optional_text("key")),
-        client_ca=client_ca or resolve(tls.optional_text("client_ca")),
-        monitor=_monitor_listen(srv),
-        allow_insecure=srv.boolean("allow_insecure", False),
+    listen = _checked_listen(
+        ListenOptions(
+            host=host or srv.text("host", "127.0.0.1"),
+            port=port
+            if port is not None
+            else srv.integer("port", 5362, minimum=0, maximum=_PORT_MAX),
+            binding=binding or srv.text("binding", "async"),
+            blocking_cpu=_blocking_cpu(srv),
+            cert=cert or resolve(tls.optional_text("cert")),
+            key=key or resolve(tls.optional_text("key")),
+            client_ca=client_ca or resolve(tls.optional_text("client_ca")),
+            monitor=_monitor_listen(srv),
+            allow_insecure=srv.boolean("allow_insecure", False),
+        )
     )
-    if listen.binding not in ("async", "blocking"):
-        raise ConfigError(f"binding must be 'async' or 'blocking', not {listen.binding!r}")
-    if listen.key and not listen.cert:
-        # Not plain HTTP: someone who gave a key meant TLS (issue 8).
-        raise ConfigError(
-            "a TLS key (--tls-key or [tls] key) without a certificate: give the server "
-            "certificate with --tls-cert (or [tls] cert) as well"
-        )
-    if listen.client_ca and not listen.cert:
-        raise ConfigError(
-            "client certificates (client_ca) need TLS: give a server "
-            "certificate with --tls-cert/--tls-key"
-        )
-    for what, file in (
-        ("certificate", listen.cert),
-        ("key", listen.key),
-        ("client CA", listen.client_ca),
-    ):
-        if file is not None and not file.is_file():
-            raise ConfigError(f"TLS {what} {file}: no such file; check the path")
     try:
         limits = Limits(**limits_raw.raw)
     except (TypeError, ValueError) as exc:  # ValueError names the field and the bad value
@@ -545,16 +573,7 @@ def load_settings(
     directory = _directory_settings(directory_raw.raw, resolve) if directory_raw else None
     if directory is not None:
         server = server.replace(directory=True)
-    sharepoint_context = None
-    ca_file = resolve(sharepoint.optional_text("ca_file"))
-    if ca_file is not None:
-        try:
-            sharepoint_context = ssl.create_default_context(cafile=str(ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"[sharepoint] ca_file {ca_file}: {getattr(exc, 'strerror', None) or exc}; "
-                "give a PEM file of the CA that signed the SharePoint server's certificate"
-            ) from exc
+    sharepoint_context = _sharepoint_context(resolve(sharepoint.optional_text("ca_file")))
     roots = tuple(
         (unc, resolve(local) or Path(local)) for unc, local in shares.text_table().items()
     )

@@ -151,39 +151,7 @@ def _request(
     if content_type:
         headers["Content-Type"] = content_type
     try:
-        try:
-            if body is None:
-                conn.request(method, path, headers=headers)
-            elif isinstance(body, bytes):
-                conn.request(method, path, body=body, headers=headers)
-            else:
-                if length is not None:
-                    headers["Content-Length"] = str(length)
-                conn.request(
-                    method,
-                    path,
-                    body=_watching(conn, body),
-                    headers=headers,
-                    encode_chunked=length is None,
-                )
-        except (
-            _EarlyAnswer,
-            BrokenPipeError,
-            ConnectionResetError,
-            ssl.SSLEOFError,
-            ssl.SSLZeroReturnError,
-        ) as exc:
-            # The server stopped reading (over TLS, its close shows as an EOF): its answer, if
-            # it sent one, says why.
-            early = _early_reply(conn, exc.first if isinstance(exc, _EarlyAnswer) else b"")
-            if early is not None:
-                return early
-            if isinstance(exc, _EarlyAnswer):
-                raise ConnectionResetError("the server closed the connection") from None
-            raise
-        response = conn.getresponse()
-        data = response.read()
-        return HttpReply(response.status, response.getheader("Content-Type", ""), data)
+        return _exchange(conn, method, path, body, headers, length)
     except ssl.SSLError as exc:
         if not isinstance(exc, ssl.SSLCertVerificationError) and _speaks_plain_http(
             parts.hostname, port, timeout
@@ -197,25 +165,7 @@ def _request(
             "--ca (the server's CA) and --cert/--key (your certificate)"
         ) from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
-        if parts.scheme != "https" and _speaks_tls(parts.hostname, port, timeout):
-            raise ConnectionFailed(
-                f"the server at {parts.netloc} speaks HTTPS, not plain HTTP: use "
-                f"--server {url.replace('http:', 'https:', 1)} (with --ca, its CA, and "
-                "--cert/--key if it asks for a client certificate)"
-            ) from exc
-        if parts.scheme != "https":
-            raise ConnectionFailed(
-                f"cannot reach the scan server at {parts.scheme}://"
-                f"{parts.netloc}: {exc.strerror or exc}; is `dsc serve` "
-                "running there?"
-            ) from exc
-        # A server that requires client certificates may drop a client without one right
-        # after the TLS 1.3 handshake, without an alert: say what is most likely wrong.
-        raise ConnectionFailed(
-            f"TLS with {parts.netloc} failed: the server closed the "
-            f"connection without an answer ({exc.strerror or exc}); if it "
-            "requires client certificates, give --cert/--key (and --ca)"
-        ) from exc
+        raise _closed_without_answer(url, port, timeout, exc) from exc
     except (ConnectionError, TimeoutError, OSError) as exc:
         raise ConnectionFailed(
             f"cannot reach the scan server at {parts.scheme}://{parts.netloc}: "
@@ -223,6 +173,77 @@ def _request(
         ) from exc
     finally:
         conn.close()
+
+
+def _exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None,
+    headers: dict[str, str],
+    length: int | None,
+) -> HttpReply:
+    """Send the request and read the whole reply, or the reply the server sent early."""
+    try:
+        if body is None:
+            conn.request(method, path, headers=headers)
+        elif isinstance(body, bytes):
+            conn.request(method, path, body=body, headers=headers)
+        else:
+            if length is not None:
+                headers["Content-Length"] = str(length)
+            conn.request(
+                method,
+                path,
+                body=_watching(conn, body),
+                headers=headers,
+                encode_chunked=length is None,
+            )
+    except (
+        _EarlyAnswer,
+        BrokenPipeError,
+        ConnectionResetError,
+        ssl.SSLEOFError,
+        ssl.SSLZeroReturnError,
+    ) as exc:
+        # The server stopped reading (over TLS, its close shows as an EOF): its answer, if
+        # it sent one, says why.
+        early = _early_reply(conn, exc.first if isinstance(exc, _EarlyAnswer) else b"")
+        if early is not None:
+            return early
+        if isinstance(exc, _EarlyAnswer):
+            raise ConnectionResetError("the server closed the connection") from None
+        raise
+    response = conn.getresponse()
+    data = response.read()
+    return HttpReply(response.status, response.getheader("Content-Type", ""), data)
+
+
+def _closed_without_answer(
+    url: str, port: int, timeout: float, exc: ConnectionResetError | BrokenPipeError
+) -> ConnectionFailed:
+    """What a connection the server closed without an answer most likely means."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "https" and _speaks_tls(host, port, timeout):
+        return ConnectionFailed(
+            f"the server at {parts.netloc} speaks HTTPS, not plain HTTP: use "
+            f"--server {url.replace('http:', 'https:', 1)} (with --ca, its CA, and "
+            "--cert/--key if it asks for a client certificate)"
+        )
+    if parts.scheme != "https":
+        return ConnectionFailed(
+            f"cannot reach the scan server at {parts.scheme}://"
+            f"{parts.netloc}: {exc.strerror or exc}; is `dsc serve` "
+            "running there?"
+        )
+    # A server that requires client certificates may drop a client without one right
+    # after the TLS 1.3 handshake, without an alert: say what is most likely wrong.
+    return ConnectionFailed(
+        f"TLS with {parts.netloc} failed: the server closed the "
+        f"connection without an answer ({exc.strerror or exc}); if it "
+        "requires client certificates, give --cert/--key (and --ca)"
+    )
 
 
 def _early_reply(conn: http.client.HTTPConnection, first: bytes) -> HttpReply | None:

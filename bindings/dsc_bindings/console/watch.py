@@ -188,43 +188,52 @@ def describe(body: bytes, *, wide: bool = False) -> dict[str, Any]:
     """The fields of one notification as a dict: ``event`` (the action's last segment) and what
     that event carries.  Raises ValueError for a body that is not a SOAP envelope."""
     root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
-    action = ""
     header = _find(root, "Header")
-    if header is not None:
-        for child in header:
-            if _local(child.tag) == "Action":
-                action = (child.text or "").strip()
+    headers = {_local(child.tag): child for child in header} if header is not None else {}
+    action = (headers["Action"].text or "").strip() if "Action" in headers else ""
     body_el = _find(root, "Body")
     payload = next(iter(body_el), None) if body_el is not None else None
     event = action.rsplit("/", 1)[-1] or _local(payload.tag if payload is not None else "")
     out: dict[str, Any] = {"event": event, "action": action}
-    if header is not None:
-        for child in header:
-            if child.tag == WATCH_KEY:
-                out["watch_key"] = (child.text or "").strip()
-    if payload is None:
-        return out
-    if event in ("PostScanJobStatusEvent", "PostScanJobEndStateEvent"):
-        status = _find(payload, "JobStatus")
-        if status is None:
-            status = _find(payload, "PostScanJobEndState")
-        if status is None:
-            status = payload
-        view = dc.read_job(status, names.DSC)
-        out.update(view.as_dict())
-        for key in ("psp_identifier", "psp_display_name", "user_name"):
-            if not out[key]:
-                del out[key]
-    elif event == "RepositoryStatusSummaryEvent":
-        out["state"] = (_texts(payload, "RepositoryState") or [""])[0]
-        out["reasons"] = _texts(payload, "RepositoryStateReason")
-    elif event == "RepositoryElementsChangeEvent":
-        out["filters"] = _texts(payload, "Dialect")
-    elif event == "SubscriptionEnd":
-        out["status"] = (_texts(payload, "Status") or [""])[0].rsplit("/", 1)[-1]
-        out["reason"] = (_texts(payload, "Reason") or [""])[0]
-        out["identifier"] = (_texts(payload, "Identifier") or [""])[0]
+    key = next((c for c in header if c.tag == WATCH_KEY), None) if header is not None else None
+    if key is not None:
+        out["watch_key"] = (key.text or "").strip()
+    read = _EVENT_FIELDS.get(event)
+    if payload is not None and read is not None:
+        out.update(read(payload))
     return out
+
+
+def _job_fields(payload: Element) -> dict[str, Any]:
+    """PostScanJobStatusEvent / PostScanJobEndStateEvent: the job, without empty labels."""
+    status = _find(payload, "JobStatus")
+    if status is None:
+        status = _find(payload, "PostScanJobEndState")
+    fields = dc.read_job(payload if status is None else status, names.DSC).as_dict()
+    for key in ("psp_identifier", "psp_display_name", "user_name"):
+        if not fields[key]:
+            del fields[key]
+    return fields
+
+
+def _first(payload: Element, local: str) -> str:
+    return (_texts(payload, local) or [""])[0]
+
+
+_EVENT_FIELDS: dict[str, Callable[[Element], dict[str, Any]]] = {
+    "PostScanJobStatusEvent": _job_fields,
+    "PostScanJobEndStateEvent": _job_fields,
+    "RepositoryStatusSummaryEvent": lambda payload: {
+        "state": _first(payload, "RepositoryState"),
+        "reasons": _texts(payload, "RepositoryStateReason"),
+    },
+    "RepositoryElementsChangeEvent": lambda payload: {"filters": _texts(payload, "Dialect")},
+    "SubscriptionEnd": lambda payload: {
+        "status": _first(payload, "Status").rsplit("/", 1)[-1],
+        "reason": _first(payload, "Reason"),
+        "identifier": _first(payload, "Identifier"),
+    },
+}
 
 
 def line_of(fields: dict[str, Any], received: datetime, *, wide: bool = False) -> str:
