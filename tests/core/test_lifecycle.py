@@ -6,6 +6,7 @@ an independent model after every step."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -479,66 +480,87 @@ def test_random_sequences_follow_the_table(
 
 
 def run_step(t: InProcessTransport, m: Model, step: tuple[Any, ...]) -> None:
-    kind, now = step[0], t.clock
-    if kind == "send":
-        doc = int(step[2])
-        reply = send_image(t, m.token, doc, f"image {doc} of {m.token}".encode(), chunk_size=97)
-        if doc in m.documents:
-            check_protocol_fault(reply, DSP, "InvalidArgs")  # R6: DocumentId already used
-        elif m.apply(I.IMAGE, now):
-            ok(reply)
-            m.documents.add(doc)
-            m.last_activity = now
-        else:
-            check_protocol_fault(reply, DSP, REFUSALS[I.IMAGE])
-    elif kind in ("end", "cancel"):
-        job_input = I.END if kind == "end" else I.CANCEL
-        ns = DSP if kind == "end" else str(step[2])
-        reply = end_job(t, m.token) if kind == "end" else cancel_job(t, ns, m.token)
-        if m.apply(job_input, now):
-            ok(reply)
-        else:
-            check_protocol_fault(reply, ns, REFUSALS[job_input])
-    elif kind == "started":
-        t.engine(ProcessingStarted(m.token))
-        if m.state.is_active:
-            m.apply(I.ENGINE_STARTED, now)
-    elif kind == "filter_started":
-        index = int(step[2])
-        t.engine(FilterStarted(m.token, index))
-        if (
-            m.state.is_active
-            and index < len(m.filters)
-            and (m.state, I.FILTER_STARTED) in TRANSITIONS
-        ):
-            m.filters[index] = (FilterState.PROCESSING, ())
-            m.apply(I.FILTER_STARTED, now)
-    elif kind == "filter_finished":
-        index, state = int(step[2]), step[3]
-        assert isinstance(state, FilterState)
-        reasons = (
-            (FilterStateReason.UNKNOWN_ERROR,) if state is FilterState.COMPLETED_WITH_ERRORS else ()
-        )
-        t.engine(FilterFinished(m.token, index, state, reasons))
-        if not m.state.is_active or index >= len(m.filters):
-            return
-        failed = state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
-        if failed and not m.coe:
-            if (m.state, I.FAIL) in TRANSITIONS:
-                m.filters[index] = (state, reasons)
-                m.apply(I.FAIL, now)
-            return
-        if m.state is S.STARTED:
-            assert m.apply(I.FILTER_STARTED, now)
-        if (m.state, I.FILTER_FINISHED) in TRANSITIONS:
+    """One step of a job's life, on the server and on the model (one function per kind)."""
+    STEPS[step[0]](t, m, step, t.clock)
+
+
+def _send(t: InProcessTransport, m: Model, step: tuple[Any, ...], now: datetime) -> None:
+    doc = int(step[2])
+    reply = send_image(t, m.token, doc, f"image {doc} of {m.token}".encode(), chunk_size=97)
+    if doc in m.documents:
+        check_protocol_fault(reply, DSP, "InvalidArgs")  # R6: DocumentId already used
+    elif m.apply(I.IMAGE, now):
+        ok(reply)
+        m.documents.add(doc)
+        m.last_activity = now
+    else:
+        check_protocol_fault(reply, DSP, REFUSALS[I.IMAGE])
+
+
+def _end_or_cancel(t: InProcessTransport, m: Model, step: tuple[Any, ...], now: datetime) -> None:
+    kind = step[0]
+    job_input = I.END if kind == "end" else I.CANCEL
+    ns = DSP if kind == "end" else str(step[2])
+    reply = end_job(t, m.token) if kind == "end" else cancel_job(t, ns, m.token)
+    if m.apply(job_input, now):
+        ok(reply)
+    else:
+        check_protocol_fault(reply, ns, REFUSALS[job_input])
+
+
+def _started(t: InProcessTransport, m: Model, step: tuple[Any, ...], now: datetime) -> None:
+    t.engine(ProcessingStarted(m.token))
+    if m.state.is_active:
+        m.apply(I.ENGINE_STARTED, now)
+
+
+def _filter_started(t: InProcessTransport, m: Model, step: tuple[Any, ...], now: datetime) -> None:
+    index = int(step[2])
+    t.engine(FilterStarted(m.token, index))
+    if m.state.is_active and index < len(m.filters) and (m.state, I.FILTER_STARTED) in TRANSITIONS:
+        m.filters[index] = (FilterState.PROCESSING, ())
+        m.apply(I.FILTER_STARTED, now)
+
+
+def _filter_finished(t: InProcessTransport, m: Model, step: tuple[Any, ...], now: datetime) -> None:
+    index, state = int(step[2]), step[3]
+    assert isinstance(state, FilterState)
+    reasons = (
+        (FilterStateReason.UNKNOWN_ERROR,) if state is FilterState.COMPLETED_WITH_ERRORS else ()
+    )
+    t.engine(FilterFinished(m.token, index, state, reasons))
+    if not m.state.is_active or index >= len(m.filters):
+        return
+    failed = state in (FilterState.COMPLETED_WITH_ERRORS, FilterState.CANCELED)
+    if failed and not m.coe:
+        if (m.state, I.FAIL) in TRANSITIONS:
             m.filters[index] = (state, reasons)
-            m.apply(I.FILTER_FINISHED, now)
-            if all(f[0] not in (FilterState.PENDING, FilterState.PROCESSING) for f in m.filters):
-                m.finish(now)
-    elif kind == "finished":
-        t.engine(ProcessingFinished(m.token))
-        if m.state in (S.STARTED, S.PROCESSING):
+            m.apply(I.FAIL, now)
+        return
+    if m.state is S.STARTED:
+        assert m.apply(I.FILTER_STARTED, now)
+    if (m.state, I.FILTER_FINISHED) in TRANSITIONS:
+        m.filters[index] = (state, reasons)
+        m.apply(I.FILTER_FINISHED, now)
+        if all(f[0] not in (FilterState.PENDING, FilterState.PROCESSING) for f in m.filters):
             m.finish(now)
+
+
+def _finished(t: InProcessTransport, m: Model, step: tuple[Any, ...], now: datetime) -> None:
+    t.engine(ProcessingFinished(m.token))
+    if m.state in (S.STARTED, S.PROCESSING):
+        m.finish(now)
+
+
+STEPS: dict[str, Callable[[InProcessTransport, Model, tuple[Any, ...], datetime], None]] = {
+    "send": _send,
+    "end": _end_or_cancel,
+    "cancel": _end_or_cancel,
+    "started": _started,
+    "filter_started": _filter_started,
+    "filter_finished": _filter_finished,
+    "finished": _finished,
+}
 
 
 def check_all(t: InProcessTransport, models: list[Model], frozen: dict[str, Job]) -> None:
