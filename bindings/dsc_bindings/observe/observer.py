@@ -98,6 +98,9 @@ class _Upload:
 class _Known:
     """What the observer remembers of one job."""
 
+    #: The job's last durable record: what the page and ``dsc jobs`` show (the core's table may
+    #: be a step ahead of the store).  The same object the core made, never compared with the
+    #: next one: each command says what changed.
     job: Job
     address: str = ""
     identity: str = ""
