@@ -112,7 +112,16 @@ def _then(step: object, function: Callable[[Any], Reply | Wait]) -> Reply | Wait
     """``function`` of the result of ``step`` (a value, or a Wait chain ending in one); an
     ApiError raised on the way is its answer."""
     if isinstance(step, Wait):
-        return Wait(step.ticket, lambda: _then(step.resume(), function))
+        waited = step
+
+        def resume() -> Reply | Wait:
+            try:
+                value = waited.resume()
+            except ApiError as exc:
+                return exc.reply()
+            return _then(value, function)
+
+        return Wait(waited.ticket, resume)
     try:
         return function(step)
     except ApiError as exc:
@@ -443,7 +452,11 @@ def _sign_in(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Rep
             raise _not_admin(user)
         return _signed_in(request, user, "password")
 
-    return Wait(asked, decide)
+    return _then(Wait(asked, decide), _same)
+
+
+def _same(reply: Reply) -> Reply:
+    return reply
 
 
 def _sign_out(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
