@@ -227,7 +227,7 @@ def _apply_options(process: ScanProcess, args: argparse.Namespace) -> ScanProces
         duplex=s.duplex if args.duplex is None else args.duplex,
     )
     new = replace(process, **changes)
-    if not (new.shares or new.sharepoint_sites or new.emails or new.email_scan_user):
+    if not new.has_destination:
         raise CliError(
             "a scan process needs a destination: --share, --sharepoint, --email or "
             "--email-scan-user",

@@ -123,6 +123,11 @@ class ScanProcess:
     #: The PSPString as stored (what a device sends), "" for a process not read from LDAP.
     stored: str = field(default="", compare=False, repr=False)
 
+    @property
+    def has_destination(self) -> bool:
+        """A process must send the scans somewhere (a share, a site or a mail)."""
+        return bool(self.shares or self.sharepoint_sites or self.emails or self.email_scan_user)
+
     def instructions(
         self,
     ) -> list[FileShareInstructions | EmailInstructions | SharePointInstructions]:

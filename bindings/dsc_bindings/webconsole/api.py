@@ -41,6 +41,8 @@ from lxml import etree
 
 from dsc_bindings.runtime.peer import Peer
 from dsc_bindings.runtime.writer import Wait
+from dsc_bindings.webconsole.processes import ROUTES as PROCESS_ROUTES
+from dsc_bindings.webconsole.replies import JSON_TYPE, ApiError, ApiReply, json_reply, then
 from dsc_bindings.webconsole.session import COOKIE, Session, cookie_value
 from dsc_core import DirectoryAnswers, Lookups, Reply, RequestInfo, names
 from dsc_core import client as C
@@ -49,12 +51,11 @@ from dsc_core.users import is_listed_admin, is_scan_admin
 if TYPE_CHECKING:
     from dsc_bindings.runtime.service import ScanService
 
-__all__ = ["MAX_BODY_BYTES", "ROUTES", "ApiHead", "ApiReply", "ApiRequest", "openapi_document"]
+__all__ = ["MAX_BODY_BYTES", "ROUTES", "ApiHead", "ApiRequest", "Caller", "openapi_document"]
 
 log = logging.getLogger("dsc.webconsole")
 
 A = names.Action
-JSON_TYPE = "application/json; charset=utf-8"
 #: The largest request body the API reads (a scan process's XML is the biggest thing sent).
 MAX_BODY_BYTES = 1024 * 1024
 #: Jobs in one answer of GET /api/jobs unless ``limit`` says otherwise, and the most.
@@ -82,53 +83,6 @@ class ApiHead:
 
 
 @dataclass(frozen=True, slots=True)
-class ApiReply(Reply):
-    """A Reply with headers of its own (Set-Cookie, ETag, Retry-After, Allow)."""
-
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-class ApiError(Exception):
-    """An answer that is an error: HTTP ``status`` with ``{"error": message}``."""
-
-    def __init__(
-        self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-    def reply(self) -> ApiReply:
-        return _json(self.status, {"error": self.message}, self.headers)
-
-
-def _json(status: int, value: object, headers: tuple[tuple[str, str], ...] = ()) -> ApiReply:
-    body = json.dumps(value, default=str).encode()
-    return ApiReply(status, JSON_TYPE, body, (("Cache-Control", "no-store"), *headers))
-
-
-def _then(step: object, function: Callable[[Any], Reply | Wait]) -> Reply | Wait:
-    """``function`` of the result of ``step`` (a value, or a Wait chain ending in one); an
-    ApiError raised on the way is its answer."""
-    if isinstance(step, Wait):
-        waited = step
-
-        def resume() -> Reply | Wait:
-            try:
-                value = waited.resume()
-            except ApiError as exc:
-                return exc.reply()
-            return _then(value, function)
-
-        return Wait(waited.ticket, resume)
-    try:
-        return function(step)
-    except ApiError as exc:
-        return exc.reply()
-
-
-@dataclass(frozen=True, slots=True)
 class Caller:
     """Who is calling, once admitted: ``user`` is the identity the core is given."""
 
@@ -146,7 +100,7 @@ class ApiRequest:
     def __init__(
         self, service: ScanService, head: ApiHead, identity: str | None, peer: Peer | None
     ) -> None:
-        self._service = service
+        self.service = service
         self.head = head
         self._identity = identity
         self._peer = peer
@@ -181,14 +135,14 @@ class ApiRequest:
         if self._too_big:
             raise ApiError(413, f"The request body exceeds {MAX_BODY_BYTES} bytes.")
         handler, params = _route(self.head.method, self.path)
-        session = self._service.web_sessions.find(cookie_value(self.head.cookie))
+        session = self.service.web_sessions.find(cookie_value(self.head.cookie))
         if self.head.method in STATE_CHANGING and handler is not _sign_in:
             self._check_csrf(session)
         if handler in _PUBLIC:
             return handler(self, Caller(session.user if session else "", session), params)
         if session is not None:
             return handler(self, Caller(session.user, session), params)
-        return _then(
+        return then(
             self._certificate_admin(), lambda user: handler(self, Caller(user, None), params)
         )
 
@@ -208,18 +162,18 @@ class ApiRequest:
     def _certificate_admin(self) -> str | Wait:
         """The caller without a session: a scan administrator's certificate, or anyone in the
         development mode (R10); else 401/403."""
-        config, directory = self._service.config, self._service.directory
+        config, directory = self.service.config, self.service.directory
         identity = self._identity or ""
         if not config.require_client_certificates:
             if directory is None:
                 return ""  # R10: without client certificates everyone is an administrator
             raise ApiError(401, "Sign in with your directory account (POST /api/session).")
-        info = RequestInfo(now=self._service.clock(), identity=identity)
+        info = RequestInfo(now=self.service.clock(), identity=identity)
         if is_scan_admin(config, info):
             return identity
         if directory is None or not identity:
             raise _not_admin(identity)
-        asked = self._service.offload(lambda: directory.answer(Lookups(admin=identity)))
+        asked = self.service.offload(lambda: directory.answer(Lookups(admin=identity)))
 
         def decide() -> str:
             answers = _answers(asked.value, asked.error)
@@ -256,7 +210,7 @@ class ApiRequest:
         """Run one SOAP operation through the core as ``caller`` (its rules, its faults):
         ``done`` answers the parsed response, ``failed`` turns a fault into an ApiError."""
         body = C.envelope(action, payload, message_id=f"urn:uuid:{uuid.uuid4()}")
-        request = self._service.open_request(
+        request = self.service.open_request(
             "application/soap+xml; charset=utf-8", caller.user or self._identity, "/api", self._peer
         )
 
@@ -267,12 +221,12 @@ class ApiRequest:
                 raise failed(fault) from None
             return done(response)
 
-        return _then(request.feed(body), lambda _: _then(request.finish(), parsed))
+        return then(request.feed(body), lambda _: then(request.finish(), parsed))
 
     @property
     def secure(self) -> bool:
         """The server is reached over TLS (what it advertises: exposure.py builds it)."""
-        return self._service.config.base_url.lower().startswith("https:")
+        return self.service.config.base_url.lower().startswith("https:")
 
     @property
     def address(self) -> str:
@@ -344,7 +298,7 @@ def _sign_in_mode(service: ScanService) -> str:
 
 
 def _session_info(request: ApiRequest, session: Session) -> dict[str, Any]:
-    book = request._service.web_sessions
+    book = request.service.web_sessions
     return {
         "signed_in": True,
         "user": session.user,
@@ -357,15 +311,15 @@ def _session_info(request: ApiRequest, session: Session) -> dict[str, Any]:
 
 def _get_session(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     if caller.session is None:
-        return _json(200, {"signed_in": False, "sign_in": _sign_in_mode(request._service)})
-    return _json(200, _session_info(request, caller.session))
+        return json_reply(200, {"signed_in": False, "sign_in": _sign_in_mode(request.service)})
+    return json_reply(200, _session_info(request, caller.session))
 
 
 def _signed_in(request: ApiRequest, user: str, method: str) -> Reply:
-    book = request._service.web_sessions
+    book = request.service.web_sessions
     session = book.open(user, method)
     log.info("web console: %s signed in (%s) from %s", user or "(anyone)", method, request.address)
-    return _json(
+    return json_reply(
         200,
         _session_info(request, session),
         (_cookie(request, session.token, int(book.absolute_seconds)),),
@@ -374,12 +328,12 @@ def _signed_in(request: ApiRequest, user: str, method: str) -> Reply:
 
 def _sign_in(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply | Wait:
     body = request.json_body()
-    service = request._service
+    service = request.service
     user, password = body.get("user"), body.get("password")
     if password is None:
         if service.directory is not None and not request._identity:
             raise ApiError(400, "Give your user name and password.")
-        return _then(
+        return then(
             request._certificate_admin(),
             lambda who: _signed_in(request, who, "certificate" if request._identity else "open"),
         )
@@ -452,7 +406,7 @@ def _sign_in(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Rep
             raise _not_admin(user)
         return _signed_in(request, user, "password")
 
-    return _then(Wait(asked, decide), _same)
+    return then(Wait(asked, decide), _same)
 
 
 def _same(reply: Reply) -> Reply:
@@ -461,9 +415,9 @@ def _same(reply: Reply) -> Reply:
 
 def _sign_out(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     if caller.session is not None:
-        request._service.web_sessions.close(caller.session.token)
+        request.service.web_sessions.close(caller.session.token)
         log.info("web console: %s signed out", caller.session.user or "(anyone)")
-    return _json(200, {"signed_in": False}, (_cookie(request, "", 0),))
+    return json_reply(200, {"signed_in": False}, (_cookie(request, "", 0),))
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -534,12 +488,12 @@ def _list_jobs(request: ApiRequest, caller: Caller, params: dict[str, str]) -> R
     query = request.query
     limit, cursor = _limit(query), query.get("cursor", "")
     match = _matcher(query)
-    observer = request._service.observer
+    observer = request.service.observer
     state = query.get("state", "").lower()
     jobs: list[dict[str, Any]] = []
     if not cursor and state != "ended":
         now = time.time()
-        active = observer.active(now, request._service.config.stalled_after_seconds)
+        active = observer.active(now, request.service.config.stalled_after_seconds)
         active.sort(key=lambda j: j["created"], reverse=True)
         jobs = [j for j in active if match is None or match(j)][:limit]
     history: list[dict[str, Any]] = []
@@ -592,7 +546,7 @@ def _cursor_before(observer: Any, job: dict[str, Any], cursor: str, index: int) 
 
 def _job(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     token = params["token"]
-    service = request._service
+    service = request.service
     found = service.observer.job(token, time.time(), service.config.stalled_after_seconds)
     if found is None:
         raise ApiError(404, f"No job {token} is known to this server (purged, or never made).")
@@ -607,11 +561,11 @@ def _job(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
 def _cancel(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply | Wait:
     token = params["token"]
     payload = C.token_request(names.DSC, "CancelPostScanJobRequest", token)
-    observer = request._service.observer
+    observer = request.service.observer
 
     def done(_: C.Response) -> Reply:
         log.info("web console: %s canceled job %s", caller.user or "(anyone)", token)
-        return _json(200, {"token": token, "canceled": True})
+        return json_reply(200, {"token": token, "canceled": True})
 
     def failed(fault: C.ClientFault) -> ApiError:
         known = observer.job(token, 0.0, 0.0)
@@ -634,7 +588,7 @@ def _retry(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply
     def done(response: C.Response) -> Reply:
         count = C.text_of(response.payload, names.EXT, "FiltersToRun")
         log.info("web console: %s retried job %s", caller.user or "(anyone)", token)
-        return _json(200, {"token": token, "filters_to_run": int(count or 0)})
+        return json_reply(200, {"token": token, "filters_to_run": int(count or 0)})
 
     def failed(fault: C.ClientFault) -> ApiError:
         if (fault.subcode or "").endswith("OperationFailed"):
@@ -654,8 +608,8 @@ def _purge(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply
         raise ApiError(400, 'Give "before": the jobs that ended before this time go.')
     before = _when(body["before"], "before")
     if body.get("dry_run", False) is True:
-        tokens = request._service.purgeable(before)
-        return _json(
+        tokens = request.service.purgeable(before)
+        return json_reply(
             200,
             {
                 "dry_run": True,
@@ -675,7 +629,7 @@ def _purge(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply
             purged,
             before.isoformat(),
         )
-        return _json(200, {"dry_run": False, "before": before.isoformat(), "purged": purged})
+        return json_reply(200, {"dry_run": False, "before": before.isoformat(), "purged": purged})
 
     return request.soap(caller, A.EXT_PURGE_JOB_HISTORY, payload, done, _fault_error)
 
@@ -684,19 +638,19 @@ def _purge(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply
 
 
 def _devices(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
-    book = request._service.observer.devices
+    book = request.service.observer.devices
     return request.cacheable({"devices": [d.as_dict() for d in book.all()] if book else []})
 
 
 def _subscriptions(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
-    view = request._service.status_view(caller.user, None)
+    view = request.service.status_view(caller.user, None)
     return request.cacheable({"subscriptions": list(view.subscriptions)})
 
 
 def _health(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     from dsc_bindings.observe.statuspage import healthy
 
-    health = healthy(request._service.status_view(caller.user, None))
+    health = healthy(request.service.status_view(caller.user, None))
     return request.cacheable(
         {
             "status": health.state,
@@ -741,7 +695,7 @@ def redacted(value: object) -> object:
 
 
 def _settings(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
-    service = request._service
+    service = request.service
     directory = service.directory
     return request.cacheable(
         {
@@ -780,13 +734,9 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/api/subscriptions"): _subscriptions,
     ("GET", "/api/settings"): _settings,
 }
+ROUTES.update(PROCESS_ROUTES)
 #: Routes anyone who reached the server may call: the API's description, and signing in/out.
 _PUBLIC: frozenset[Handler] = frozenset({_openapi, _get_session, _sign_in, _sign_out})
-
-
-def add_routes(routes: dict[tuple[str, str], Handler]) -> None:
-    """More routes (the scan processes, .processes), registered at import."""
-    ROUTES.update(routes)
 
 
 def _route(method: str, path: str) -> tuple[Handler, dict[str, str]]:
