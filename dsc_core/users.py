@@ -44,7 +44,12 @@ def is_scan_admin(config: ServerConfig, info: RequestInfo) -> bool:
     configured identities and, with a directory, the members of its group (R14)."""
     if not config.require_client_certificates:
         return True
-    return is_listed_admin(config, info.identity or "", directory_answers(info, names.DSC))
+    identity_ = info.identity or ""
+    # Without the directory first: a configured administrator needs no directory, even when
+    # it is down (directory_answers raises the temporary fault then).
+    return is_listed_admin(config, identity_, None) or is_listed_admin(
+        config, identity_, directory_answers(info, names.DSC)
+    )
 
 
 def is_listed_admin(config: ServerConfig, identity_: str, answers: DirectoryAnswers | None) -> bool:
