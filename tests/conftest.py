@@ -14,6 +14,7 @@ from lxml import etree
 
 if TYPE_CHECKING:
     from samba_support import SambaDC
+    from smb_support import SmbServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,3 +123,20 @@ def samba_dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
         yield dc
     finally:
         dc.stop()
+
+
+@pytest.fixture(scope="session")
+def smbd() -> Iterator[SmbServer]:
+    """One real Samba file server (SMB 3, encryption required) for every SMB test."""
+    from smb_support import SmbServer, public_folder, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no smbd: {reason}")
+    with public_folder() as folder:
+        server = SmbServer.create(folder / "smbd")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()

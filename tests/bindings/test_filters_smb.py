@@ -10,7 +10,6 @@ import socket
 import subprocess
 import threading
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,8 @@ from dsc_bindings.filters import FilterOutcome, FilterSettings, fileshare
 from dsc_bindings.filters.smbfolder import share_problem
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
-from smb_support import PASSWORD, USER, SmbServer, public_folder, unavailable_reason
+from smb_support import PASSWORD, USER, SmbServer
 from test_filters_support import make_documents, make_job, random_bytes
-
-_WHY = unavailable_reason()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
-
-
-@pytest.fixture(scope="module")
-def smbd() -> Iterator[SmbServer]:
-    with public_folder() as folder:
-        server = SmbServer.create(folder / "smbd")
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def smb_settings(server: SmbServer, **overrides: object) -> FilterSettings:
