@@ -390,7 +390,10 @@ SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     (
         "Content-Security-Policy",
         "default-src 'none'; "
-        f"script-src {_inline_hashes('script')}; style-src {_inline_hashes('style')}; "
+        # 'self': the web console's own files (.webconsole.page); JSON answers are never run
+        # as script (nosniff, a JSON type).
+        f"script-src 'self' {_inline_hashes('script')}; "
+        f"style-src 'self' {_inline_hashes('style')}; "
         "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
         "frame-ancestors 'none'",
     ),

@@ -752,8 +752,11 @@ class ScanService:
         the directory (R14: a member of ``admin_group``), a :class:`StatusRequest` that asks
         it off the loop, like a SOAP request's lookups."""
         from dsc_bindings.observe.statuspage import ADMIN_PATHS, PATHS
+        from dsc_bindings.webconsole import page
 
         path = target.split("?", 1)[0]
+        if path in page.PATHS:
+            return page.page_reply(path)
         if path not in PATHS:
             return None
         if path in ADMIN_PATHS and self.directory is not None:

@@ -1,0 +1,190 @@
+"""The web console in a real headless browser (Debian's chromium through Playwright, never a
+downloaded one) against a real ``dsc serve``, and against a real Samba AD DC for signing in
+(issue 19, section 4): cancel an active job, retry a failed one, purge with a dry run first,
+scanner-controlled text shown as text, a forged cross-site POST refused, screenshots at 1,366
+and 1,920 px with no horizontal scroll (kept under the test's tmp dir), sign-in as a member of
+the admin group and as a non-member, and a scan process created, edited and deleted."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsc_bindings.directory.ldap import Directory
+from dsc_bindings.directory.scan_processes import ProcessStore
+from dsc_core.model import FileShareInstructions
+from e2e_support import ServerProcess, Soap, dsc
+from samba_support import USERS, SambaDC
+from test_directory import settings
+from test_status_page_browser import ARGS, CHROMIUM, playwright_api
+
+expect = playwright_api.expect
+HOSTILE = '<img src=x onerror="window.pwned=1">'
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def no_horizontal_scroll(page: Any) -> bool:
+    return bool(
+        page.evaluate(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+    )
+
+
+def confirm(page: Any) -> None:
+    dialog = page.locator("#confirm")
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Confirm").click()
+
+
+def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data").start()
+    try:
+        image = tmp_path / "page.png"
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(20_000))
+        blocker = tmp_path / "data" / "shares" / "localhost"
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_bytes(b"not a folder")  # the file share filter fails
+        failed = dsc("scan", "--server", server.url, "--quiet", "--json", str(image))
+        assert failed.code == 1, failed
+        failed_token = failed.json()["token"]
+        soap = Soap(server.url)
+        active = soap.create([FileShareInstructions((r"\\localhost\scans",))], user=HOSTILE)
+        asked: list[str] = []
+        context = browser.new_context(viewport={"width": 1366, "height": 768})
+        page = context.new_page()
+        page.on("request", lambda r: asked.append(r.url))
+        base = f"http://127.0.0.1:{server.port}"
+        page.goto(base + "/console")
+        row = page.locator(f"#job-{active}")
+        # Scanner-controlled text is shown as text: no element made of it, no script run.
+        expect(row).to_contain_text(HOSTILE, timeout=15_000)
+        assert row.locator("img").count() == 0
+        assert page.evaluate("window.pwned") is None
+        page.screenshot(path=str(tmp_path / "console-1366.png"), full_page=True)
+        assert no_horizontal_scroll(page)
+        # Cancel, with a confirmation.
+        row.get_by_role("button", name=f"Cancel job {active}").click()
+        confirm(page)
+        expect(page.locator("#done")).to_contain_text(f"job {active} canceled")
+        expect(page.locator("#active-table")).to_contain_text("no active jobs")
+        # Retry the failed job once its share works.
+        blocker.unlink()
+        page.get_by_role("link", name="History", exact=True).click()
+        failed_row = page.locator(f"#job-{failed_token}")
+        expect(failed_row).to_contain_text("failed")
+        page.set_viewport_size({"width": 1920, "height": 1080})
+        page.screenshot(path=str(tmp_path / "console-1920.png"), full_page=True)
+        assert no_horizontal_scroll(page)
+        page.set_viewport_size({"width": 1366, "height": 768})
+        failed_row.get_by_role("button", name=f"Retry job {failed_token}").click()
+        confirm(page)
+        expect(page.locator("#done")).to_contain_text("1 filter(s) run again")
+        expect(page.locator(f"#job-{failed_token}")).to_contain_text("succeeded", timeout=15_000)
+        assert len(list(blocker.rglob("page_0001.png"))) == 1
+        # The job detail view.
+        page.locator(f"#job-{failed_token} a").click()
+        expect(page.locator("#job-filters")).to_contain_text("fileshare")
+        expect(page.locator("#job-documents")).to_contain_text("1")
+        # Purge: the dry run first, then the purge with a confirmation.
+        page.get_by_role("link", name="History", exact=True).click()
+        page.locator("#purge-box summary").click()
+        page.get_by_label("Jobs that ended before").fill("2999-01-01T00:00")
+        page.get_by_role("button", name="Preview (dry run)").click()
+        expect(page.locator("#purge-preview")).to_contain_text("2 job(s) ended before")
+        assert soap.wait_ended(active).state == "Canceled"  # still there after the dry run
+        page.get_by_role("button", name="Purge 2 job(s)").click()
+        confirm(page)
+        expect(page.locator("#done")).to_contain_text("2 job(s) purged")
+        expect(page.locator("#history-table")).to_contain_text("no jobs match")
+        # Every request went to this server (no CDN).
+        assert asked and all(url.startswith(base + "/") for url in asked), asked
+        # A forged cross-site POST (a page elsewhere, with the session cookie) is refused.
+        status = page.evaluate(
+            """async () => {
+              const r = await fetch('/api/history/purge', {method: 'POST',
+                headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({before: '2999-01-01T00:00:00Z'})});
+              return r.status; }"""
+        )
+        assert status == 403  # same origin, but without the session's CSRF token
+        context.close()
+        server.stop_cleanly()
+    finally:
+        if server.alive:
+            server.kill9()
+
+
+def test_sign_in_and_scan_processes_with_the_directory(
+    browser: Any, samba_dc: SambaDC, tmp_path: Path
+) -> None:
+    directory = Directory(settings(samba_dc))
+    config = tmp_path / "dsc.toml"
+    config.write_text(samba_dc.config(config), encoding="utf-8")
+    # A real dsc serve: it advertises its bound address, the origin the browser's POSTs carry.
+    server = ServerProcess(tmp_path / "data", config=config).start()
+    try:
+        signed_in_and_processes(browser, directory, server.port, tmp_path)
+        server.stop_cleanly()
+    finally:
+        if server.alive:
+            server.kill9()
+
+
+def signed_in_and_processes(browser: Any, directory: Directory, port: int, tmp_path: Path) -> None:
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{port}/console")
+    form = page.locator("#sign-in")
+    form.get_by_label("User name").fill("bob")
+    form.get_by_label("Password").fill(USERS["bob"][0])
+    form.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#alert")).to_contain_text("not a scan administrator")
+    expect(page.locator("#nav")).to_be_hidden()
+    form.get_by_label("User name").fill("alice")
+    form.get_by_label("Password").fill(USERS["alice"][0])
+    form.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#user")).to_contain_text("signed in as alice")
+    page.get_by_role("link", name="Scan processes", exact=True).click()
+    name = "Browser receipts"
+    process = page.locator("#process-form")
+    process.get_by_label("Name", exact=True).fill(name)
+    process.get_by_label("Scan server name").fill("scan.samdom.example.com")
+    process.get_by_label("Shared folders, one a line").fill(r"\\files\scans\receipts")
+    process.get_by_label("Groups allowed, one a line (empty: everyone)").fill("sales")
+    process.get_by_role("button", name="Save").click()
+    table = page.locator("#processes-table")
+    expect(table).to_contain_text(name)
+    expect(table).to_contain_text("sales")
+    page.get_by_role("button", name=f"Edit {name}").click()
+    process.get_by_label("Shared folders, one a line").fill(r"\\files\scans\paid")
+    process.get_by_role("button", name="Save").click()
+    expect(table).to_contain_text(r"\\files\scans\paid")
+    conn = directory.connect()
+    try:
+        stored = ProcessStore(directory, conn).get(name)
+    finally:
+        conn.unbind()
+    assert stored is not None and stored.shares == (r"\\files\scans\paid",)
+    assert stored.allow == ("sales",)
+    page.screenshot(path=str(tmp_path / "console-processes-1366.png"), full_page=True)
+    assert no_horizontal_scroll(page)
+    page.get_by_role("button", name=f"Delete {name}").click()
+    confirm(page)
+    expect(table).not_to_contain_text(name)
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.locator("#sign-in-section")).to_be_visible()
+    context.close()
