@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
 from smb_support import PASSWORD, USER, SmbServer
 from test_filters_support import make_documents, make_job, random_bytes
+from waiting import wait_for
 
 
 def smb_settings(server: SmbServer, **overrides: object) -> FilterSettings:
@@ -233,3 +235,77 @@ def test_health_probe_of_a_share(smbd: SmbServer) -> None:
     assert share_problem(settings.smb, rf"\\{smbd.address}\scans") is None
     problem = share_problem(settings.smb, rf"\\{smbd.address}\nosuchshare")
     assert problem is not None and "nosuchshare" in problem
+
+
+def _big_document(tmp_path: Path, size: int) -> list[tuple[Document, Path]]:
+    source = tmp_path / "spool" / "big.bin"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    block = random_bytes(1024 * 1024)
+    with open(source, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+    return [(make_documents(tmp_path / "spool0", ("pdf-a", b"x"))[0][0], source)]
+
+
+def _run_in_thread(
+    job: Job, docs: list[tuple[Document, Path]], settings: FilterSettings
+) -> tuple[threading.Thread, list[FilterOutcome]]:
+    outcomes: list[FilterOutcome] = []
+    thread = threading.Thread(target=lambda: outcomes.append(run(job, docs, settings)))
+    thread.start()
+    return thread, outcomes
+
+
+def test_a_server_that_stops_answering_mid_write_is_a_failure_not_a_hang(
+    smbd: SmbServer, tmp_path: Path
+) -> None:
+    """smbd frozen (SIGSTOP) while a document is written: the connection stays open and silent.
+    Every call has a deadline ([smb] timeout), so the filter ends (UnknownError, R9: `dsc retry`
+    runs it again) with nothing under the final name; thawed, a re-run delivers it once."""
+    assert smbd.proc is not None
+    settings = FilterSettings(
+        smb=SmbSettings(
+            username=USER, password=PASSWORD, servers=(smbd.address,), port=smbd.port, timeout=2
+        ),
+        chunk_size=1024 * 1024,
+    )
+    docs = _big_document(tmp_path, 256 * 1024 * 1024)
+    job = make_job(FileShareInstructions((rf"\\{smbd.address}\scans\frozen",)))
+    folder = smbd.scans / "frozen" / "alice@corp.example"
+    tmp = folder / f".dsc-{job.token}-{docs[0][0].document_id}.part"
+
+    thread, outcomes = _run_in_thread(job, docs, settings)
+    try:
+        wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0, 30, "the write to start", 0.005)
+        os.killpg(smbd.proc.pid, signal.SIGSTOP)
+        thread.join(60)
+        assert not thread.is_alive(), "the filter hangs on a silent server"
+    finally:
+        os.killpg(smbd.proc.pid, signal.SIGCONT)
+        thread.join(60)
+
+    assert outcomes[0].state is FilterState.COMPLETED_WITH_ERRORS, outcomes
+    assert outcomes[0].reasons == (FilterStateReason.UNKNOWN_ERROR,)
+    assert not (folder / "Scan_0001.pdf").exists()
+
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert sorted(p.name for p in folder.iterdir()) == ["Scan_0001.pdf"]
+    assert (folder / "Scan_0001.pdf").stat().st_size == docs[0][1].stat().st_size
+
+
+def test_a_listener_that_never_answers_is_a_failure_not_a_hang(tmp_path: Path) -> None:
+    """A host of ``servers`` that accepts the connection and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    host, port = listener.getsockname()
+    smb = SmbSettings(username=USER, password=PASSWORD, servers=(host,), port=port, timeout=1)
+    docs = make_documents(tmp_path / "spool", ("pdf-a", b"%PDF"))
+    job = make_job(FileShareInstructions((rf"\\{host}\scans",)))
+    try:
+        thread, outcomes = _run_in_thread(job, docs, FilterSettings(smb=smb))
+        thread.join(60)
+        assert not thread.is_alive(), "the filter hangs on a silent server"
+    finally:
+        listener.close()
+    assert outcomes[0].reasons == (FilterStateReason.UNKNOWN_ERROR,), outcomes

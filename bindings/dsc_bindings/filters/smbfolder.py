@@ -10,8 +10,9 @@ interface as the local ones (sharefs.ShareFolder), with the same guarantees:
   that does not replace: a document never overwrites one, and a partial file never shows.
 
 smbprotocol's errors become OSErrors with the errno the filter maps (R9): access denied and a
-refused logon are EACCES, a full disk or quota ENOSPC, a broken connection
-:class:`SmbConnectionLost` (the filter delivers once more on a fresh connection).
+refused logon are EACCES, a full disk or quota ENOSPC, a broken connection or a server silent
+past ``[smb] timeout`` (every call runs under a deadline, smbwatch) :class:`SmbConnectionLost`
+(the filter delivers once more on a fresh connection).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from smbprotocol.open import CreateOptions, FileAttributes
 from dsc_bindings.filters.sharefolder import PlantedLink
 from dsc_bindings.filters.sharefs import FileFacts
 from dsc_bindings.filters.smbsettings import SmbSettings
+from dsc_bindings.filters.smbwatch import SmbConnectionLost
 
 _NO_FOLLOW = CreateOptions.FILE_OPEN_REPARSE_POINT
 _REPARSE = FileAttributes.FILE_ATTRIBUTE_REPARSE_POINT
@@ -58,10 +60,6 @@ _ERRNO = {
 _NO_HARD_LINKS = {NtStatus.STATUS_NOT_SUPPORTED, NtStatus.STATUS_INVALID_DEVICE_REQUEST}
 
 
-class SmbConnectionLost(ConnectionError):
-    """The connection to the SMB server broke (server gone, reset, timed out)."""
-
-
 @contextmanager
 def _translated(where: str) -> Iterator[None]:
     try:
@@ -81,6 +79,22 @@ def _translated(where: str) -> Iterator[None]:
         raise SmbConnectionLost(exc.errno or errno.ECONNRESET, str(exc), where) from exc
 
 
+class _Server:
+    """One server of ``[smb]``: its calls are made with the account's options, each under the
+    answer deadline, their errors translated."""
+
+    def __init__(self, settings: SmbSettings, host: str) -> None:
+        self.host = host
+        self.options = settings.client_options()
+        self._settings = settings
+
+    @contextmanager
+    def call(self, where: str) -> Iterator[None]:
+        watch = self._settings.pool.watch
+        with watch.within(self.host, self._settings.timeout, where), _translated(where):
+            yield
+
+
 def _os_error(code: int, text: str, where: str) -> OSError:
     kinds: dict[int, type[OSError]] = {
         errno.EEXIST: FileExistsError,
@@ -93,25 +107,26 @@ def _os_error(code: int, text: str, where: str) -> OSError:
 class SmbFolder:
     """One folder of a share, as :class:`~dsc_bindings.filters.sharefs.ShareFolder`."""
 
-    def __init__(self, path: PureWindowsPath, options: dict[str, Any]) -> None:
+    def __init__(self, path: PureWindowsPath, server: _Server) -> None:
         self.path = path
-        self._options = options
+        self._server = server
+        self._options = server.options
 
     def _unc(self, name: str) -> str:
         return f"{self.path}\\{name}"
 
     def create(self, name: str) -> SmbNewFile:
         unc = self._unc(name)
-        with _translated(unc):
+        with self._server.call(unc):
             raw = smbclient.open_file(
                 unc, mode="xb", buffering=0, create_options=_NO_FOLLOW, **self._options
             )
-        return SmbNewFile(raw, unc)
+        return SmbNewFile(raw, unc, self._server)
 
     def open_existing(self, name: str) -> SmbExistingFile | None:
         unc = self._unc(name)
         try:
-            with _translated(unc):
+            with self._server.call(unc):
                 raw = smbclient.open_file(
                     unc,
                     mode="rb",
@@ -124,12 +139,12 @@ class SmbFolder:
             raise
         except OSError:
             return None
-        return SmbExistingFile(raw, unc)
+        return SmbExistingFile(raw, unc, self._server)
 
     def facts(self, name: str) -> FileFacts | None:
         unc = self._unc(name)
         try:
-            with _translated(unc):
+            with self._server.call(unc):
                 st = smbclient.lstat(unc, **self._options)
         except FileNotFoundError:
             return None
@@ -142,13 +157,13 @@ class SmbFolder:
         )
 
     def entries(self) -> list[tuple[str, int]]:
-        with _translated(str(self.path)):
+        with self._server.call(str(self.path)):
             return [(e.name, e.inode()) for e in smbclient.scandir(str(self.path), **self._options)]
 
     def place_exclusive(self, tmp: str, name: str) -> bool:
         src, dst = self._unc(tmp), self._unc(name)
         try:
-            with _translated(dst):
+            with self._server.call(dst):
                 try:
                     smbclient.link(src, dst, follow_symlinks=False, **self._options)
                     return True
@@ -164,7 +179,7 @@ class SmbFolder:
     def unlink_if_present(self, name: str) -> bool:
         unc = self._unc(name)
         try:
-            with _translated(unc):
+            with self._server.call(unc):
                 smbclient.remove(unc, **self._options)  # opened FILE_OPEN_REPARSE_POINT
             return True
         except FileNotFoundError:
@@ -175,37 +190,39 @@ class SmbFolder:
 
 
 class SmbNewFile:
-    def __init__(self, raw: Any, where: str) -> None:
+    def __init__(self, raw: Any, where: str, server: _Server) -> None:
         self._raw = raw
         self._where = where
+        self._server = server
 
     def write(self, data: memoryview) -> None:
-        with _translated(self._where):
+        with self._server.call(self._where):
             while data:
                 written = self._raw.write(data)  # at most the server's maximum write size
                 data = data[written:]
 
     def sync(self) -> None:
-        with _translated(self._where):
+        with self._server.call(self._where):
             self._raw.fd.flush()  # SMB2 FLUSH: the server writes the file to stable storage
 
     def close(self) -> None:
-        with _translated(self._where):
+        with self._server.call(self._where):
             self._raw.close()
 
 
 class SmbExistingFile:
-    def __init__(self, raw: Any, where: str) -> None:
+    def __init__(self, raw: Any, where: str, server: _Server) -> None:
         self._raw = raw
         self._where = where
+        self._server = server
 
     def read(self, size: int = -1, /) -> bytes:
-        with _translated(self._where):
+        with self._server.call(self._where):
             data: bytes = self._raw.read(size) or b""
             return data
 
     def close(self) -> None:
-        with _translated(self._where):
+        with self._server.call(self._where):
             self._raw.close()
 
 
@@ -216,12 +233,13 @@ def open_smb_folder(
     """``\\\\host\\share\\components...``, making what is missing; each folder below the share
     is looked at without following a reparse point and refused if it is one (or if it cannot
     be seen once made: Samba hides a link that leads out of the share)."""
-    options = settings.client_options()
+    server = _Server(settings, host)
+    options = server.options
     path = PureWindowsPath(f"\\\\{host}\\{share}\\")
     for name in components:
         path = path / name
         unc = str(path)
-        with _translated(unc):
+        with server.call(unc):
             try:
                 st = smbclient.lstat(unc, **options)
             except SMBOSError as exc:
@@ -244,7 +262,7 @@ def open_smb_folder(
             raise PlantedLink(path)
         if not st.st_file_attributes & _DIRECTORY:
             raise NotADirectoryError(errno.ENOTDIR, "is not a folder", unc)
-    yield SmbFolder(path, options)
+    yield SmbFolder(path, server)
 
 
 def share_problem(settings: SmbSettings, unc: str) -> str | None:

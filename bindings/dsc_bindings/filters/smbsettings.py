@@ -10,11 +10,14 @@ case-insensitively, as Windows names are); any other host is refused before a co
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from smbprotocol.connection import Connection
+
+from dsc_bindings.filters.smbwatch import AnswerWatch
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,31 @@ class SmbPool:
         #: smbclient's connection cache, ours alone: ``"host:port"`` -> Connection.
         self.connections: dict[str, Connection] = {}
         self._lock = threading.Lock()
+        #: A deadline on every answer (smbwatch): a silent server's connections are aborted.
+        self.watch = AnswerWatch(self.abort)
+
+    def _of(self, host: str) -> list[Connection]:
+        with self._lock:
+            return [c for k, c in self.connections.items() if k.rpartition(":")[0] == host.lower()]
+
+    def abort(self, host: str) -> None:
+        """The server ``host`` stopped answering: wake every call waiting on it, then drop its
+        connections.  The socket is shut down directly (not through smbprotocol's close, which
+        waits for the lock a send blocked on a full TCP window holds): that ends a blocked send
+        and the receiving thread's wait alike."""
+        for connection in self._of(host):
+            sock = getattr(connection.transport, "_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:  # already closed: nothing to wake
+                    log.debug("shutting down an SMB socket: %s", exc)
+        self.forget(host)
 
     def forget(self, host: str) -> None:
         """Drop the connections to ``host`` (after one broke): the next use opens afresh."""
         with self._lock:
-            stale = [k for k in self.connections if k.rpartition(":")[0].lower() == host.lower()]
+            stale = [k for k in self.connections if k.rpartition(":")[0] == host.lower()]
             dropped = [self.connections.pop(k) for k in stale]
         for connection in dropped:
             try:
@@ -40,6 +63,7 @@ class SmbPool:
                 log.debug("closing a broken SMB connection: %s", exc)
 
     def close(self) -> None:
+        self.watch.close()
         with self._lock:
             dropped = list(self.connections.values())
             self.connections.clear()
@@ -60,7 +84,7 @@ class SmbSettings:
     #: SMB 3 encryption of every message (signing is always required).
     require_encryption: bool = True
     port: int = 445
-    #: Seconds to open a connection (and to wait for an answer, see smbfolder).
+    #: Seconds to open a connection, and to wait for each answer (smbwatch).
     timeout: float = 30.0
     #: ``\\host\share`` paths /healthz checks (optional).
     health_shares: tuple[str, ...] = ()
