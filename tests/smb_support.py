@@ -5,7 +5,8 @@ on a loopback address of its own and a private port, standalone, SMB 3 only with
 and signing required.  The account is the system user ``nobody`` (it exists everywhere, owns
 nothing, and so shows that the server writes with the share's permissions, not root's), added
 to the private password database with ``smbpasswd -a``.  Shares: ``scans`` (writable by the
-account) and ``denied`` (read only).  Stopped by its process id.
+account), ``denied`` (read only) and ``dfs`` (a DFS root: a link in it made by
+:meth:`SmbServer.refer` sends the client to another server).  Stopped by its process id.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class SmbServer:
         address, port = _free_loopback_port()
         server = cls(folder, address, port)
         account = pwd.getpwnam(USER)
-        for name in ("private", "lock", "state", "cache", "pid", "ncalrpc", "denied"):
+        for name in ("private", "lock", "state", "cache", "pid", "ncalrpc", "denied", "dfs"):
             (folder / name).mkdir()
         server.scans.mkdir()
         os.chown(server.scans, account.pw_uid, account.pw_gid)
@@ -99,6 +100,7 @@ class SmbServer:
             "printcap name = /dev/null",
             "disable spoolss = yes",
             "map to guest = never",
+            "host msdfs = yes",
             "[scans]",
             f"path = {server.scans}",
             "read only = no",
@@ -106,6 +108,10 @@ class SmbServer:
             "[denied]",
             f"path = {folder / 'denied'}",
             "read only = yes",
+            "[dfs]",
+            f"path = {folder / 'dfs'}",
+            "msdfs root = yes",
+            "read only = no",
         ]
         server.conf.write_text("\n".join(lines) + "\n")
         subprocess.run(
@@ -122,6 +128,10 @@ class SmbServer:
         account = pwd.getpwnam(USER)
         for path in paths:
             os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+
+    def refer(self, link: str, host: str, share: str) -> None:
+        """A DFS link ``\\\\<this server>\\dfs\\<link>`` referring to ``\\\\host\\share``."""
+        (self.folder / "dfs" / link).symlink_to(f"msdfs:{host}\\{share}")
 
     def start(self, timeout: float = 30.0) -> None:
         out = (self.folder / "smbd.out").open("ab")

@@ -309,3 +309,43 @@ def test_a_listener_that_never_answers_is_a_failure_not_a_hang(tmp_path: Path) -
     finally:
         listener.close()
     assert outcomes[0].reasons == (FilterStateReason.UNKNOWN_ERROR,), outcomes
+
+
+def _counting_listener(port: int) -> socket.socket:
+    """A listener on another loopback address, on the SMB port of the test's smbd."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.77", port))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    return listener
+
+
+def _accepted(listener: socket.socket) -> int:
+    accepted = 0
+    try:
+        while True:
+            listener.accept()[0].close()
+            accepted += 1
+    except TimeoutError:
+        return accepted
+
+
+def test_a_dfs_referral_to_a_host_outside_servers_is_refused(
+    smbd: SmbServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The share is a DFS root (msdfs) whose link refers to another host: smbclient would follow
+    it with the service account's credentials; the host is not one of ``servers``, so the
+    filter is denied before a connection to it opens (a listener there counts zero)."""
+    listener = _counting_listener(smbd.port)
+    smbd.refer("elsewhere", "127.0.0.77", "scans")
+    docs = make_documents(tmp_path / "spool", ("pdf-a", b"%PDF"))
+    job = make_job(FileShareInstructions((rf"\\{smbd.address}\dfs\elsewhere\x",)))
+    try:
+        outcome = run(job, docs, smb_settings(smbd))
+        accepted = _accepted(listener)
+    finally:
+        listener.close()
+    assert outcome.reasons == (FilterStateReason.FILE_SHARE_ACCESS_DENIED,), outcome
+    assert "refused a DFS referral to 127.0.0.77: not one of [smb] servers" in caplog.text
+    assert accepted == 0

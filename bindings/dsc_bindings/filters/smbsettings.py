@@ -9,6 +9,7 @@ case-insensitively, as Windows names are); any other host is refused before a co
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -22,13 +23,47 @@ from dsc_bindings.filters.smbwatch import AnswerWatch
 log = logging.getLogger(__name__)
 
 
+class ReferralRefused(PermissionError):
+    """A DFS referral named a host outside ``[smb] servers``: nothing is sent to it."""
+
+
+class _ServersOnly(dict[str, Connection]):
+    """smbclient's connection cache, limited to ``servers``.
+
+    A share may be a DFS root whose links refer the client to other hosts, and smbclient follows
+    referrals itself, with the same credentials (root referrals in get_smb_tree, link referrals
+    when an open answers STATUS_PATH_NOT_COVERED), and its ``skip_dfs`` does not stop either.
+    Every connection it opens goes through register_session, which asks this cache for the
+    host's connection first: a host outside ``servers`` is refused there, before a socket opens
+    (issue 21: the credentials go to those servers only)."""
+
+    def __init__(self, servers: tuple[str, ...]) -> None:
+        super().__init__()
+        self.servers = servers
+
+    def _check(self, key: str) -> None:
+        host = key.rpartition(":")[0]
+        if host not in self.servers:
+            raise ReferralRefused(
+                errno.EACCES, f"refused a DFS referral to {host}: not one of [smb] servers", host
+            )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._check(key)
+        return super().get(key, default)
+
+    def __setitem__(self, key: str, value: Connection) -> None:
+        self._check(key)
+        super().__setitem__(key, value)
+
+
 class SmbPool:
     """Connections per server (smbprotocol keeps one session per server and account on each,
-    and a tree per share), reused across jobs until one breaks."""
+    and a tree per share), reused across jobs until one breaks; to ``servers`` only."""
 
-    def __init__(self) -> None:
+    def __init__(self, servers: tuple[str, ...]) -> None:
         #: smbclient's connection cache, ours alone: ``"host:port"`` -> Connection.
-        self.connections: dict[str, Connection] = {}
+        self.connections = _ServersOnly(servers)
         self._lock = threading.Lock()
         #: A deadline on every answer (smbwatch): a silent server's connections are aborted.
         self.watch = AnswerWatch(self.abort)
@@ -88,7 +123,7 @@ class SmbSettings:
     timeout: float = 30.0
     #: ``\\host\share`` paths /healthz checks (optional).
     health_shares: tuple[str, ...] = ()
-    pool: SmbPool = field(default_factory=SmbPool, compare=False, repr=False)
+    pool: SmbPool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.username:
@@ -97,6 +132,7 @@ class SmbSettings:
         if not servers or any(not s or "\\" in s or "/" in s for s in servers):
             raise ValueError('[smb] servers must list host names, e.g. ["fs01.contoso.com"]')
         object.__setattr__(self, "servers", servers)
+        object.__setattr__(self, "pool", SmbPool(servers))
         object.__setattr__(self, "health_shares", tuple(self.health_shares))
 
     def allows(self, host: str) -> bool:
@@ -124,4 +160,4 @@ def shutdown_pool(settings: SmbSettings | None) -> None:
         settings.pool.close()
 
 
-__all__ = ["SmbPool", "SmbSettings", "shutdown_pool"]
+__all__ = ["ReferralRefused", "SmbPool", "SmbSettings", "shutdown_pool"]
