@@ -144,3 +144,28 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+@pytest.mark.slow
+def test_a_400_mb_image_streams_to_the_share_with_flat_rss(
+    serve: ServerProcess, smbd: SmbServer
+) -> None:
+    """400 MB through ``dsc serve`` to the share: received and delivered in chunks, so the
+    server's peak RSS stays far below the image (the bounded 40 MB case runs in
+    tests/bindings/test_filters_smb.py)."""
+    client = Soap(serve.url)
+    token = client.create([FileShareInstructions((rf"\\{smbd.address}\scans\big-e2e",))])
+    image = Stream(400 * MiB, seed=40)
+    client.send_image(token, 1, image, image.size)
+    client.end(token)
+    ended = client.wait_ended(token, 120)
+    peak = serve.status("VmHWM")
+
+    assert ended.state == "Completed", ended
+    delivered = smbd.scans / "big-e2e" / DEFAULT_SID / "scan_0001.png"
+    assert delivered.stat().st_size == image.size
+    assert file_sha256(delivered) == image.sha.hexdigest()
+    assert peak < 100 * MiB, f"peak RSS {peak / MiB:.1f} MiB for a 400 MiB image"
+    print(f"dsc serve peak RSS {peak / MiB:.1f} MiB for a 400 MiB image delivered over SMB")
+    delivered.unlink()
+    shutil.rmtree(serve.data / "spool", ignore_errors=True)

@@ -71,3 +71,18 @@ def test_observe_bench_quick_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("GetJobHistory (floor)", "GET /status.json", "GET /metrics", "GET /healthz"):
         assert row in result.stdout, result.stdout
+
+
+def test_smb_bench_runs() -> None:
+    """``bench/smb.py`` (issue 21), small: the filter and ``smbclient put`` to a real smbd."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "smb.py"), "--size-mb", "8", "--runs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "filter throughput / smbclient put" in result.stdout or result.stdout.startswith(
+        "skipped: "
+    ), result.stdout
