@@ -1,0 +1,68 @@
+"""The one failure of the job store (R4 step 9) and how an engine's error becomes one.
+
+Every backend (SQLite, PostgreSQL, the local and the S3 spool) raises only :class:`StoreError`;
+``temporary`` chooses the fault the core answers with: ``ServerErrorTemporaryError`` when a retry
+may succeed, else ``ServerErrorInternalError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+__all__ = ["StoreError", "as_store_error", "is_temporary"]
+
+# R4 step 9: conditions a retry may get past.
+_TEMPORARY_ERRNOS = frozenset(
+    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.ENOMEM) if e is not None
+)
+_TEMPORARY_SQLITE = frozenset({5, 6, 7, 13})  # SQLITE_BUSY, _LOCKED, _NOMEM, _FULL
+_TEMPORARY_SQLITE_TEXT = (
+    "database is locked",
+    "database is busy",
+    "database table is locked",
+    "database or disk is full",
+    "out of memory",
+)
+
+
+class StoreError(Exception):
+    """A store command could not be carried out.
+
+    ``temporary`` selects the R4 step 9 fault: True -> ``ServerErrorTemporaryError`` (disk full,
+    quota, out of memory, database busy or unreachable), False -> ``ServerErrorInternalError``.
+    """
+
+    def __init__(self, message: str, temporary: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.temporary = temporary
+
+    def __repr__(self) -> str:
+        return f"StoreError({self.message!r}, temporary={self.temporary})"
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Whether a retry of what raised ``exc`` may succeed (R4 step 9): the local conditions
+    (disk, memory, SQLite).  The network engines classify their own errors (.postgresql,
+    .s3spool) and pass the rest here."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _TEMPORARY_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)  # extended code; primary = low byte
+        if code is not None and code & 0xFF in _TEMPORARY_SQLITE:
+            return True
+        text = str(exc).lower()
+        return any(t in text for t in _TEMPORARY_SQLITE_TEXT)
+    return False
+
+
+def as_store_error(what: str, exc: BaseException, temporary: bool | None = None) -> StoreError:
+    """``exc`` as a :class:`StoreError` naming ``what`` failed; ``temporary`` overrides the
+    local classification (:func:`is_temporary`)."""
+    return StoreError(
+        f"{what}: {type(exc).__name__}: {exc}",
+        is_temporary(exc) if temporary is None else temporary,
+    )

@@ -1,0 +1,236 @@
+"""A job store made of job records and a spool (interface.py): carries out the core's store
+commands (dsc_core.commands) in order, restores the jobs at start, finds their documents.
+
+The core emits store commands; the binding carries each one out with :meth:`SplitStore.apply`
+before it sends the reply of the exchange.  If one fails, the core answers with the R4 step 9
+fault instead: ``ServerErrorTemporaryError`` when :attr:`StoreError.temporary`, else
+``ServerErrorInternalError``.  So once ``apply(FinishDocument(...))`` returns, the image is
+durable in the spool and may be acknowledged; a crash at any point before leaves nothing that
+:meth:`SplitStore.assemble` does not clean up.
+
+One server per data folder (``DATA/lock``, flock'ed while open): the open-time cleanup removes
+unfinished documents, which would be another server's uploads in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from dsc_bindings.durable import fsync_dir, write_all
+from dsc_bindings.store.errors import StoreError, as_store_error
+from dsc_bindings.store.interface import JobRecords, Spool, check_token
+from dsc_bindings.store.jobcodec import decode_job
+from dsc_core.commands import (
+    AbortDocument,
+    AppendDocument,
+    BeginDocument,
+    CreateJob,
+    DiscardDocuments,
+    DropJob,
+    FinishDocument,
+    StoreCommand,
+    UpdateJob,
+)
+from dsc_core.model import Job
+
+try:  # POSIX advisory lock; without it (Windows) two servers on one directory are not detected.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("dsc.store")
+
+__all__ = ["LOCK_NAME", "QUARANTINE_NAME", "SplitStore", "lock_data_dir"]
+
+LOCK_NAME = "lock"
+#: Job records that did not decode at start, moved aside (SplitStore._quarantine).
+QUARANTINE_NAME = "quarantine"
+
+
+def lock_data_dir(data_dir: Path) -> int | None:
+    """Take ``DATA/lock`` (one server per data folder); StoreError when another has it."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    path = data_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{data_dir} is in use by another job store", False) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class SplitStore:
+    """Job records plus a spool; thread-safe as its parts are.  Use :meth:`assemble`."""
+
+    def __init__(
+        self, data_dir: Path, records: JobRecords, spool: Spool, lock_fd: int | None
+    ) -> None:
+        self.data_dir = data_dir
+        self.records = records
+        self.spool = spool
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def assemble(
+        cls,
+        data_dir: Path,
+        open_records: Callable[[], JobRecords],
+        open_spool: Callable[[], Spool],
+    ) -> Self:
+        """Lock ``data_dir``, open the records and the spool, remove crash debris from the spool;
+        on failure whatever was opened is closed again.  Raises :class:`StoreError`."""
+        lock_fd: int | None = None
+        records: JobRecords | None = None
+        spool: Spool | None = None
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            lock_fd = lock_data_dir(data_dir)
+            records = open_records()
+            spool = open_spool()
+            store = cls(data_dir, records, spool, lock_fd)
+            spool.remove_debris({token for _, token, _ in records.rows()})
+            return store
+        except BaseException as exc:
+            if spool is not None:
+                spool.close()
+            if records is not None:
+                records.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            if isinstance(exc, (OSError, sqlite3.Error, MemoryError)):
+                raise as_store_error(f"opening the job store in {data_dir}", exc) from exc
+            raise
+
+    def close(self) -> None:
+        """Close both parts; documents still open are aborted."""
+        self.spool.close()
+        self.records.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> SplitStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def apply(self, command: StoreCommand) -> None:
+        """Carry out one store command; raises only :class:`StoreError` (or ``TypeError`` for
+        something that is not a store command).
+
+        A document whose Append or Finish failed is gone: the SendImage was not acknowledged,
+        so the device sends it again; a later AbortDocument for it is a no-op.
+        """
+        try:
+            match command:
+                case CreateJob(job=job) | UpdateJob(job=job):
+                    self.records.put(job)
+                case BeginDocument():
+                    self.spool.begin(command.token, command.document_id)
+                case AppendDocument():
+                    self.spool.append(command.token, command.document_id, command.data)
+                case FinishDocument():
+                    self.spool.finish(command.token, command.document_id, command.size)
+                case AbortDocument():
+                    self.spool.abort(command.token, command.document_id)
+                case DiscardDocuments():
+                    self.spool.discard(command.token)
+                case DropJob():
+                    check_token(command.token)
+                    # Row first, documents second: a crash in between leaves documents without
+                    # a row, which the next start removes; the other order could leave a row whose
+                    # documents are gone.
+                    self.records.drop(command.token)
+                    self.spool.discard(command.token)
+                case _:
+                    raise TypeError(f"not a store command: {command!r}")
+        except (OSError, sqlite3.Error, MemoryError) as exc:
+            raise as_store_error(type(command).__name__, exc) from exc
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def quick_check(self) -> str | None:
+        """None while records and spool are sound, else what is wrong (for /healthz)."""
+        return self.records.check() or self.spool.check()
+
+    def load_jobs(self) -> list[Job]:
+        """Every stored job, oldest first (to restore the core at start).  A record that does
+        not decode is quarantined (:meth:`_quarantine`), not a server that cannot start."""
+        try:
+            rows = self.records.rows()
+        except (sqlite3.Error, MemoryError) as exc:
+            raise as_store_error("loading jobs", exc) from exc
+        jobs = []
+        for seq, token, text in rows:
+            try:
+                job = decode_job(text)
+                if job.token != token:
+                    raise ValueError(f"the record has token {job.token}")
+            except (ValueError, TypeError) as exc:
+                self._quarantine(seq, token, text, str(exc))
+                continue
+            jobs.append(job)
+        return jobs
+
+    def _quarantine(self, seq: int, token: object, record: object, why: str) -> None:
+        """Move a job record that does not decode out of the way: its row (token, error, the
+        record as stored) to ``quarantine/job-SEQ.json`` and its documents next to it, then
+        delete the row, logged at ERROR.  Every other job is served as usual."""
+        folder = self.data_dir / QUARANTINE_NAME
+        folder.mkdir(mode=0o700, exist_ok=True)
+        target = folder / f"job-{seq}.json"
+        text = record if isinstance(record, str) else repr(record)
+        payload = json.dumps({"token": str(token), "error": why, "record": text}, indent=1)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, payload.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(folder)
+        spool = ""
+        try:
+            if self.spool.set_aside(str(token), folder / f"job-{seq}.spool"):
+                spool = f" and its documents to {folder / f'job-{seq}.spool'}"
+        except StoreError:
+            pass  # a token that cannot be a folder has no documents
+        try:
+            self.records.remove(seq)
+        except sqlite3.Error as exc:
+            raise as_store_error("quarantining a job record", exc) from exc
+        log.error(
+            "job %s: the stored record does not decode (%s): moved to %s%s; the server "
+            "starts without it",
+            token,
+            why,
+            target,
+            spool,
+        )
+
+    def document_path(self, token: str, document_id: int) -> Path:
+        """A local file with the finished document (for the processing engine)."""
+        return self.spool.document_path(token, document_id)
+
+    def documents(self, token: str) -> list[Path]:
+        """The finished documents of a job, by DocumentId."""
+        return [self.spool.document_path(token, i) for i in self.spool.documents(token)]
