@@ -13,6 +13,7 @@ import pytest
 from lxml import etree
 
 if TYPE_CHECKING:
+    from engines_support import PgCluster, S3Server
     from samba_support import SambaDC
     from smb_support import SmbServer
 
@@ -140,3 +141,21 @@ def smbd() -> Iterator[SmbServer]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL for the session (~1-2 s); tests take a database each."""
+    from engines_support import pg_cluster
+
+    with pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """One SeaweedFS S3 server for the session (~3 s); tests take a bucket each."""
+    from engines_support import s3_server
+
+    with s3_server() as server:
+        yield server

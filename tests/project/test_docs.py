@@ -76,7 +76,7 @@ def test_layout_lists_every_bindings_module_once_under_its_subpackage() -> None:
     for part in re.split(r"^### ", section, flags=re.M)[1:]:
         heading, body = part.split("\n", 1)
         folder = re.match(r"`([a-z_]+)/`", heading)
-        for path in re.findall(r"^\| `dsc_bindings/([a-z_/]+\.py)` \|", body, re.M):
+        for path in re.findall(r"^\| `dsc_bindings/([a-z0-9_/]+\.py)` \|", body, re.M):
             assert path.startswith(f"{folder.group(1)}/") if folder else "/" not in path, path
             listed.append(path)
     package = ROOT / "bindings" / "dsc_bindings"

