@@ -167,7 +167,7 @@ class S3Server:
             '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
             % (S3_ACCESS_KEY, S3_SECRET_KEY)
         )
-        ports = [free_port() for _ in range(6)]
+        ports = [free_port() for _ in range(7)]
         (self.folder / "data").mkdir()
         self.process = subprocess.Popen(
             [
@@ -185,6 +185,11 @@ class S3Server:
                 "-s3",
                 f"-s3.port={self.port}",
                 f"-s3.config={config}",
+                # Its own gRPC port (the default, port + 10000, may not exist), no Iceberg or
+                # Lance catalog (fixed default ports another server here may hold).
+                f"-s3.port.grpc={ports[6]}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
                 "-volume.max=1000",
                 "-master.volumeSizeLimitMB=16",
             ],

@@ -24,6 +24,8 @@ from dsc_core.commands import (
     DiscardDocuments,
     DropJob,
     FinishDocument,
+    JobInput,
+    Removal,
     UpdateJob,
 )
 from dsc_core.model import Document, JobState, JobStateReason
@@ -103,8 +105,10 @@ def test_create_update_load_oldest_first_and_reopen(backend: Backend) -> None:
             reasons=(JobStateReason.COMPLETED_SUCCESSFULLY,),
             documents=(Document(1, "pdf-a", 10),),
         )
-        s.apply(UpdateJob(done))  # an update keeps the job's place
-        s.apply(UpdateJob(make_job("d")))  # UpdateJob of an unknown token inserts (upsert)
+        s.apply(UpdateJob(done, JobInput.COMPLETE_SUCCESSFULLY))  # an update keeps the job's place
+        s.apply(
+            UpdateJob(make_job("d"), JobInput.IMAGE)
+        )  # UpdateJob of an unknown token inserts (upsert)
         assert s.load_jobs() == [done, make_job("a"), make_job("c"), make_job("d")]
         assert s.quick_check() is None
     with backend.open() as s:
@@ -193,10 +197,10 @@ def test_discard_and_drop(store: SplitStore) -> None:
     assert store.spool.documents("a") == []
     assert [j.token for j in store.load_jobs()] == ["a", "b"]  # R6: the job stays
     store.apply(DiscardDocuments("a"))  # nothing left: fine
-    store.apply(DropJob("b"))
+    store.apply(DropJob("b", Removal.PURGED))
     assert [j.token for j in store.load_jobs()] == ["a"]
     assert store.spool.documents("b") == []
-    store.apply(DropJob("b"))  # gone already: fine
+    store.apply(DropJob("b", Removal.PURGED))  # gone already: fine
 
 
 def test_open_removes_debris_but_keeps_documents(backend: Backend) -> None:
@@ -238,7 +242,7 @@ def test_threads_share_one_store(store: SplitStore) -> None:
             for d in range(3):
                 put_document(store, token, d, content(t * 10 + d, 20_000), chunk=3000)  # type: ignore[arg-type]
                 job = job.evolve(documents=job.documents + (Document(d, "png", 1),))
-                store.apply(UpdateJob(job))
+                store.apply(UpdateJob(job, JobInput.IMAGE))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
