@@ -88,20 +88,25 @@ async def run_floor(port: int, body: bytes) -> None:
 async def run_core(port: int) -> None:
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.http.async_server import serve
-    from dsc_bindings.runtime.service import ScanService
-    from dsc_bindings.serve import settle_heap
+    from dsc_bindings.serve import compose, settle_heap
     from dsc_core import ServerConfig
 
     config = ServerConfig()
     with tempfile.TemporaryDirectory(prefix="dsc-bench-") as tmp:
-        service = ScanService(config, Path(tmp), FilterSettings.embedded_default(tmp))
+        composition = compose(config, Path(tmp), FilterSettings.embedded_default(tmp))
+        service = composition.service
         service.start()
         settle_heap()  # as `dsc serve` does
         try:
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(
                     functools.partial(
-                        serve, service, host="127.0.0.1", port=port, limits=config.limits, grace=1.0
+                        serve,
+                        composition.site,
+                        host="127.0.0.1",
+                        port=port,
+                        limits=config.limits,
+                        grace=1.0,
                     )
                 )
                 print(f"port {bound}", flush=True)
@@ -113,16 +118,16 @@ async def run_core(port: int) -> None:
 def run_blocking(port: int) -> None:
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.http.blocking_server import BlockingServer
-    from dsc_bindings.runtime.service import ScanService
-    from dsc_bindings.serve import settle_heap
+    from dsc_bindings.serve import compose, settle_heap
     from dsc_core import ServerConfig
 
     config = ServerConfig()
     with tempfile.TemporaryDirectory(prefix="dsc-bench-") as tmp:
-        service = ScanService(config, Path(tmp), FilterSettings.embedded_default(tmp))
+        composition = compose(config, Path(tmp), FilterSettings.embedded_default(tmp))
+        service = composition.service
         service.start()
         settle_heap()  # as `dsc serve` does
-        server = BlockingServer(service, "127.0.0.1", port, None, config.limits, grace=1.0)
+        server = BlockingServer(composition.site, "127.0.0.1", port, None, config.limits, grace=1.0)
         try:
             print(f"port {server.start()}", flush=True)
             while sys.stdin.buffer.read(4096):

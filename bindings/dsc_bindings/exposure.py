@@ -3,7 +3,8 @@
 Three rules, each decided here and nowhere else:
 
 - The advertised base URL (metadata, ProbeMatches, the scan processes ``dsc process`` writes to
-  the directory) is ``[server] public_url``, else the bound address (``bound_base_url``).
+  the directory) is ``[server] public_url``, else the bound address (``bound_base_url``, in
+  :mod:`.urls`, below the settings that use it).
 - A server listening beyond loopback must not advertise a loopback (or unspecified) address: a
   scanner told ``127.0.0.1`` sends its scans to itself.
 - A server listening beyond loopback needs TLS and client certificates: without them every
@@ -19,21 +20,27 @@ import ipaddress
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from dsc_bindings.urls import WILDCARDS, bound_base_url, url_host
+
 if TYPE_CHECKING:
     from dsc_bindings.settings import Settings
 
-#: Addresses that mean "every interface": they name no host a scanner could reach.
-WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+__all__ = [
+    "WILDCARDS",
+    "UnsafeExposure",
+    "bound_base_url",
+    "check_exposure",
+    "exposure_problems",
+    "is_local_only",
+    "is_loopback",
+    "url_host",
+    "url_hostname",
+]
 
 
 class UnsafeExposure(ValueError):
     """The server would listen beyond loopback in a way issue 14 forbids; the message is one line
     naming what is wrong and what to set."""
-
-
-def url_host(host: str) -> str:
-    """``host`` as it is written in a URL: an IPv6 address in brackets (RFC 3986 3.2.2)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def is_loopback(host: str) -> bool:
@@ -59,12 +66,6 @@ def is_local_only(host: str) -> bool:
     except ValueError:
         pass
     return is_loopback(name)
-
-
-def bound_base_url(scheme: str, host: str, port: int) -> str:
-    """The base URL without ``public_url``: the bound address.  A wildcard names no one host, so
-    it is the loopback address, which the rules below refuse beyond a development machine."""
-    return f"{scheme}://{url_host('127.0.0.1' if host in WILDCARDS else host)}:{port}"
 
 
 def url_hostname(url: str) -> str:

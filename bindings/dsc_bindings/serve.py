@@ -12,18 +12,74 @@ import signal
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.exposure import UnsafeExposure, check_exposure, url_host
 from dsc_bindings.settings import Settings
 
 if TYPE_CHECKING:
     from dsc_bindings.discovery.udp import UdpDiscovery
+    from dsc_bindings.filters.settings import FilterSettings
+    from dsc_bindings.http.site import Site
+    from dsc_bindings.observe.devices import DeviceLimits
+    from dsc_bindings.observe.health import HealthMonitor
+    from dsc_bindings.observe.observer import Observer
     from dsc_bindings.runtime.service import ScanService
+    from dsc_core import ServerConfig
 
 log = logging.getLogger("dsc.serve")
 GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Composition:
+    """A scan service wired to its observer, its health checks and its web endpoints."""
+
+    service: ScanService
+    observer: Observer
+    health: HealthMonitor
+    #: What the HTTP bindings serve (``dsc_bindings.http.site``).
+    site: Site
+
+
+def compose(
+    config: ServerConfig,
+    data_dir: Path | str,
+    filter_settings: FilterSettings,
+    *,
+    device_limits: DeviceLimits | None = None,
+    **options: Any,
+) -> Composition:
+    """The one place the layers are wired (tests/project/test_module_graph.py): the runtime
+    reports to the observer and checks its health through Protocols it declares
+    (``runtime.observing``); the HTTP driver reads the service, the status page and the
+    observer through the Protocols of ``http.site``.  ``options`` go to ScanService."""
+    from dsc_bindings.http.site import Site
+    from dsc_bindings.observe.health import HealthMonitor
+    from dsc_bindings.observe.observer import Observer
+    from dsc_bindings.observe.probes import health_probes
+    from dsc_bindings.observe.web import StatusPages, own_origins
+    from dsc_bindings.runtime.service import ScanService
+    from dsc_bindings.webconsole.api import WebConsole
+
+    observer = Observer(Path(data_dir), device_limits=device_limits)
+    health = HealthMonitor(lambda: health_probes(service))
+    service = ScanService(
+        config, Path(data_dir), filter_settings, observer=observer, health=health, **options
+    )
+    console = WebConsole(service, observer, StatusPages(service, observer, health))
+    site = Site(
+        requests=service,
+        pages=console,
+        api=console,
+        observer=observer,
+        own_origins=lambda: own_origins(service),
+        owner=service.owner,
+    )
+    return Composition(service, observer, health, site)
 
 
 def _log_start(settings: Settings, port: int, service: ScanService) -> None:
@@ -134,9 +190,7 @@ def run_server(
     reload: Callable[[], Settings] | None = None,
     log_format: str = "text",
 ) -> int:
-    from dsc_bindings.runtime.service import ScanService
     from dsc_bindings.settings import ConfigError, prepare_data_dir
-    from dsc_core import ServerConfig
 
     configure_logging(log_level, log_format)
     try:
@@ -157,7 +211,7 @@ def run_server(
     except (OSError, ValueError) as exc:
         log.error("cannot read the installation identity: %s", exc)
         return 1
-    config: ServerConfig = settings.server
+    config = settings.server
     directory = None
     if settings.directory is not None:
         from dsc_bindings.directory.ldap import Directory
@@ -170,24 +224,25 @@ def run_server(
             settings.directory.base_dn,
             settings.directory.admin_group or "(no group)",
         )
-    service = ScanService(
+    composition = compose(
         config,
         settings.data_dir,
         settings.filters,
         directory=directory,
         device_limits=settings.devices,
     )
+    service = composition.service
     try:
         service.start()
     except Exception as exc:  # the store is locked, unreadable, ...: say what to do
         log.error("cannot start: %s (is another `dsc serve` using %s?)", exc, settings.data_dir)
         return 1
-    discovery = _start_discovery(settings, service)
+    discovery = _start_discovery(settings, composition)
     settle_heap()
     try:
         if settings.listen.binding == "blocking":
-            return _run_blocking(settings, service, ssl_context, reload)
-        return _run_async(settings, service, ssl_context, reload)
+            return _run_blocking(settings, composition, ssl_context, reload)
+        return _run_async(settings, composition, ssl_context, reload)
     finally:
         if discovery is not None:
             discovery.close()
@@ -196,13 +251,18 @@ def run_server(
             directory.close()
 
 
-def _start_discovery(settings: Settings, service: ScanService) -> UdpDiscovery | None:
+def _start_discovery(settings: Settings, composition: Composition) -> UdpDiscovery | None:
     """UDP port 5362 answers directed Probes (bdsrr 3.2.3, R11); failing to bind it is not
     fatal: scanners that probe over HTTP still work."""
     from dsc_bindings.discovery.udp import UdpDiscovery
 
     try:
-        discovery = UdpDiscovery(service, settings.listen.host, settings.listen.port)
+        discovery = UdpDiscovery(
+            composition.service,
+            settings.listen.host,
+            settings.listen.port,
+            dropped=composition.observer.metrics.probes_dropped.inc,
+        )
     except OSError as exc:
         log.warning("no UDP discovery on port %d: %s", settings.listen.port, exc.strerror)
         return None
@@ -212,14 +272,15 @@ def _start_discovery(settings: Settings, service: ScanService) -> UdpDiscovery |
 
 def _run_blocking(
     settings: Settings,
-    service: ScanService,
+    composition: Composition,
     ssl_context: ssl.SSLContext | None,
     reload: Callable[[], Settings] | None,
 ) -> int:
     from dsc_bindings.http.blocking_server import BlockingServer
 
+    service = composition.service
     server = BlockingServer(
-        service,
+        composition.site,
         settings.listen.host,
         settings.listen.port,
         ssl_context,
@@ -231,11 +292,11 @@ def _run_blocking(
     try:
         port = server.start()
         if settings.listen.monitor is not None:
-            from dsc_bindings.http.monitor import MonitorService
+            from dsc_bindings.http.monitor import monitor_site
 
             host, monitor_port = settings.listen.monitor
             monitor = BlockingServer(
-                MonitorService(service), host, monitor_port, None, settings.server.limits
+                monitor_site(composition.site), host, monitor_port, None, settings.server.limits
             )
             _log_monitor(settings, monitor.start())
     except OSError as exc:
@@ -273,7 +334,7 @@ def _run_blocking(
 
 def _run_async(
     settings: Settings,
-    service: ScanService,
+    composition: Composition,
     ssl_context: ssl.SSLContext | None,
     reload: Callable[[], Settings] | None,
 ) -> int:
@@ -281,12 +342,14 @@ def _run_async(
 
     from dsc_bindings.http.async_server import serve
 
+    service = composition.service
+
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             try:
                 port = await nursery.start(
                     lambda task_status=trio.TASK_STATUS_IGNORED: serve(
-                        service,
+                        composition.site,
                         host=settings.listen.host,
                         port=settings.listen.port,
                         ssl_context=ssl_context,
@@ -296,12 +359,12 @@ def _run_async(
                     )
                 )
                 if settings.listen.monitor is not None:
-                    from dsc_bindings.http.monitor import MonitorService
+                    from dsc_bindings.http.monitor import monitor_site
 
                     host, monitor_port = settings.listen.monitor
                     bound = await nursery.start(
                         lambda task_status=trio.TASK_STATUS_IGNORED: serve(
-                            MonitorService(service),
+                            monitor_site(composition.site),
                             host=host,
                             port=monitor_port,
                             limits=settings.server.limits,

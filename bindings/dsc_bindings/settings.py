@@ -91,23 +91,43 @@ import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from dsc_bindings.directory.ldap import DirectorySettings
 from dsc_bindings.directory.scan_processes import missing_schema_files
-from dsc_bindings.exposure import bound_base_url
 from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sites import SitePrefix
 from dsc_bindings.filters.smbsettings import SmbSettings
-from dsc_bindings.observe.devices import DeviceLimits
 from dsc_bindings.runtime.installation import UUID_KEYS, load_installation
+from dsc_bindings.urls import bound_base_url
 from dsc_core import Limits, ServerConfig
 from dsc_core.config import FAULT_HTTP_STATUSES
 
 
 class ConfigError(Exception):
     """The configuration is wrong; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLimits:
+    """``[devices]``: how many devices the book keeps (``dsc_bindings.observe.devices``), and for how long after their last
+    contact.  The defaults hold a large site's scanners for a year; a book at the cap costs a
+    few MB and the status page lists it from memory."""
+
+    max_devices: int = 10_000
+    retention_days: int = 365
+
+    def __post_init__(self) -> None:
+        if self.max_devices < 1:
+            raise ValueError(f"max_devices must be at least 1, got {self.max_devices}")
+        if self.retention_days < 1:
+            raise ValueError(f"retention_days must be at least 1, got {self.retention_days}")
+
+    def cutoff(self, now: datetime) -> float:
+        """The Unix time before which a last contact is past the retention."""
+        return (now - timedelta(days=self.retention_days)).timestamp()
 
 
 @dataclass(frozen=True)

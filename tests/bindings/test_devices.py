@@ -15,7 +15,7 @@ import pytest
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.observe import devices as devices_mod
 from dsc_bindings.observe.devices import DeviceBook, DeviceLimits
-from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.serve import compose
 from dsc_bindings.store.sqlite import DB_NAME
 from dsc_core import ServerConfig
 from waiting import wait_for
@@ -187,13 +187,13 @@ def test_the_ticker_applies_the_retention_while_no_job_is_created(tmp_path: Path
     seen.job_created("a", "10.0.0.1", "", T0 - timedelta(days=1))
     seen.close()
     now = [T0]
-    service = ScanService(
+    service = compose(
         ServerConfig(),
         data,
         FilterSettings.embedded_default(data),
         clock=lambda: now[0],
         device_limits=DeviceLimits(retention_days=30),
-    )
+    ).service
     with service:
         book = service.observer.devices
         assert book is not None and addresses(book) == {"10.0.0.1"}

@@ -12,7 +12,7 @@ from lxml import etree
 from dsc_bindings.discovery.probe_limit import ProbeLimiter
 from dsc_bindings.discovery.udp import UdpDiscovery
 from dsc_bindings.filters.settings import FilterSettings
-from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.serve import compose
 from dsc_core import RequestInfo, ScanServer, ServerConfig, names
 from dsc_core import client as dc
 from dsc_core import scopes as scopes_mod
@@ -56,7 +56,7 @@ def test_other_datagrams_are_not_answered() -> None:
 
 
 def test_udp_listener_answers_a_real_datagram(tmp_path: Path) -> None:
-    service = ScanService(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+    service = compose(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path)).service
     service.start()
     discovery = UdpDiscovery(service, "127.0.0.1", 0)
     port = discovery.start()
@@ -97,7 +97,9 @@ def test_probe_matches_carry_app_sequence() -> None:
 def test_a_second_start_has_a_larger_instance_id(tmp_path: Path) -> None:
     ids = []
     for _ in range(2):
-        service = ScanService(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+        service = compose(
+            ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path)
+        ).service
         service.start()
         try:
             answer = service.answer_datagram(probe(), answer_datagram)
@@ -197,10 +199,17 @@ def test_scopes_setting_is_checked() -> None:
 def test_probe_replies_are_rate_limited_per_source_address(tmp_path: Path) -> None:
     """Issue 14 §4 (bounded state), over real UDP: a sender beyond its burst gets no more
     replies, the excess is counted in /metrics, and another address is answered as usual."""
-    service = ScanService(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+    composition = compose(ServerConfig(), tmp_path, FilterSettings.embedded_default(tmp_path))
+    service = composition.service
     service.start()
     # No refill during the test (one token in 1,000 s): the burst is all a sender gets.
-    discovery = UdpDiscovery(service, "127.0.0.1", 0, ProbeLimiter(rate=0.001, burst=3))
+    discovery = UdpDiscovery(
+        service,
+        "127.0.0.1",
+        0,
+        ProbeLimiter(rate=0.001, burst=3),
+        dropped=composition.observer.metrics.probes_dropped.inc,
+    )
     port = discovery.start()
     try:
         with (

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsc_bindings.directory.ldap import Directory, DirectorySettings
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.observe.health import HealthMonitor, Probe, run_probes, writable_directory
-from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.observe.probes import health_probes
+from dsc_bindings.serve import compose
 from dsc_bindings.store.sqlite import JobStore
 from dsc_core import ServerConfig
 from e2e_support import Relay, ServerProcess, free_port
@@ -149,7 +150,7 @@ def test_checks_run_off_the_loop_with_a_time_limit() -> None:
 
 def test_start_logs_each_failing_check(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = FilterSettings(share_roots=((r"\\files\gone", tmp_path / "gone"),))
-    service = ScanService(ServerConfig(), tmp_path / "data", settings)
+    service = compose(ServerConfig(), tmp_path / "data", settings).service
     with caplog.at_level(logging.INFO, "dsc.health"), service:
         pass
     errors = [r for r in caplog.records if r.name == "dsc.health" and r.levelno == logging.ERROR]
@@ -365,8 +366,8 @@ def test_a_check_that_does_not_answer_names_whom_it_waited_for(tmp_path: Path) -
             )
         )
         settings = FilterSettings(smtp_host="127.0.0.1", smtp_port=smtp, smtp_configured=True)
-        service = ScanService(ServerConfig(), tmp_path / "data", settings, directory=directory)
-        health = run_probes(service.health_probes(), timeout=0.5)
+        service = compose(ServerConfig(), tmp_path / "data", settings, directory=directory).service
+        health = run_probes(health_probes(service), timeout=0.5)
     problems = {check.name: check.problem for check in health.checks}
     assert problems["directory"] == f"{url}: no answer within 0.5 s"
     assert problems["smtp"] == f"relay 127.0.0.1:{smtp}: no answer within 0.5 s"

@@ -38,6 +38,7 @@ from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.http.async_server import serve
 from dsc_bindings.http.blocking_server import BlockingServer
 from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.serve import compose
 from dsc_bindings.store.sqlite import StoreError
 from dsc_core import Limits, ServerConfig, names
 from dsc_core import client as C
@@ -241,12 +242,15 @@ def running(
     config = config or ServerConfig(user_directory={SID: USER})
     data_dir = tmp_path / "data"
     filters = filters or FilterSettings.embedded_default(data_dir)
-    service = ScanService(config, data_dir, filters, directory=directory)
+    composition = compose(config, data_dir, filters, directory=directory)
+    service = composition.service
     service.start()
     with ExitStack() as stack:
         stack.callback(service.shutdown, 5.0)
         if binding == "blocking":
-            server = BlockingServer(service, "127.0.0.1", 0, ssl_context, config.limits, grace=2.0)
+            server = BlockingServer(
+                composition.site, "127.0.0.1", 0, ssl_context, config.limits, grace=2.0
+            )
             port = server.start()
             stop: Callable[[], None] = functools.partial(server.shutdown)
         else:
@@ -254,7 +258,7 @@ def running(
             future, port = portal.start_task(
                 functools.partial(
                     serve,
-                    service,
+                    composition.site,
                     host="127.0.0.1",
                     port=0,
                     ssl_context=ssl_context,
@@ -897,7 +901,8 @@ def test_event_delivery_to_a_subscriber(binding: str, tmp_path: Path) -> None:
 async def test_trio_nursery_start_and_graceful_cancel(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     config = ServerConfig(user_directory={SID: USER})
-    service = ScanService(config, data_dir, FilterSettings.embedded_default(data_dir))
+    composition = compose(config, data_dir, FilterSettings.embedded_default(data_dir))
+    service = composition.service
     service.start()
     try:
         body = repository_request()
@@ -932,7 +937,12 @@ async def test_trio_nursery_start_and_graceful_cancel(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
                 functools.partial(
-                    serve, service, host="127.0.0.1", port=0, limits=config.limits, grace=5.0
+                    serve,
+                    composition.site,
+                    host="127.0.0.1",
+                    port=0,
+                    limits=config.limits,
+                    grace=5.0,
                 )
             )
             idle = Raw(port)  # an idle keep-alive connection: closed at once on cancel

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from dsc_bindings.http.driver import Call, Close, HttpConnection, Receive, Send, address_cap, admit
+from dsc_bindings.http.site import Site
 from dsc_core import Limits, Reply, names
 from dsc_core import client as C
 from dsc_core.config import max_request_bytes, reserved_slots
@@ -131,7 +132,7 @@ def test_sansio_small_body_is_one_call() -> None:
     body = repository_request()
     head = _head(len(body))
     service = _RecordingService()
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     reads = [head + body[:100], body[100:500], body[500:]]
     trace = _drive(conn, service, reads, head_bytes=len(head), bound=limits.max_envelope_bytes)
     assert trace == ["receive", "receive", "receive", "call:open+feed+feed+feed+finish", "send:200"]
@@ -156,7 +157,7 @@ def test_sansio_coalescing_bound(size: str) -> None:
     body = body[:length] + b"x" * 300  # 300 more bytes arrive in two reads after the bound
     head = _head(len(body))
     service = _RecordingService()
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     reads = [head, body[:400], body[400:length], body[length : length + 150], body[length + 150 :]]
     trace = _drive(conn, service, reads, head_bytes=len(head), bound=bound)
     if size == "at":
@@ -184,7 +185,7 @@ def test_sansio_expect_100_before_the_exchange_opens() -> None:
     limits = Limits()
     body = repository_request()
     service = _RecordingService()
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     head = _head(len(body), [("Expect", "100-continue")])
     trace = _drive(conn, service, [head], head_bytes=len(head), bound=limits.max_envelope_bytes)
     assert trace == ["receive", "send:100"] and service.log == []
@@ -192,7 +193,7 @@ def test_sansio_expect_100_before_the_exchange_opens() -> None:
     assert trace == ["receive", "call:open+feed+finish", "send:200"]
     # A refused head gets its refusal instead of 100 Continue, and no exchange.
     service = _RecordingService()
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     head = _head(max_request_bytes(limits) + 1, [("Expect", "100-continue")])
     trace = _drive(conn, service, [head], head_bytes=len(head), bound=limits.max_envelope_bytes)
     assert trace == ["receive", "send:413", "close"] and service.log == []
@@ -204,12 +205,12 @@ def test_sansio_lost_connection_aborts_only_an_opened_exchange() -> None:
     head = _head(len(body))
     # Lost while the first bytes are held: no exchange was ever opened, nothing to abort.
     service = _RecordingService()
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     _drive(conn, service, [head + body[:800]], head_bytes=len(head), bound=1000)
     assert conn.cleanup() is None and service.log == []
     # Lost after the bound was crossed: the opened exchange is aborted (no .part debris).
     service = _RecordingService()
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     _drive(conn, service, [head + body[:800], body[800:1500]], head_bytes=len(head), bound=1000)
     cleanup = conn.cleanup()
     assert cleanup is not None
@@ -224,7 +225,7 @@ def test_sansio_call_failing_after_it_opened_still_aborts() -> None:
     limits = Limits()
     body = repository_request()
     service = _RecordingService(fail_feed=True)
-    conn = HttpConnection(service, limits)
+    conn = HttpConnection(Site(service), limits)
     head = _head(len(body))
     trace = _drive(
         conn, service, [head + body], head_bytes=len(head), bound=limits.max_envelope_bytes

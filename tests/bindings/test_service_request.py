@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from dsc_bindings.filters.settings import FilterSettings
-from dsc_bindings.runtime.service import ScanService, settle
-from dsc_bindings.runtime.writer import Wait
+from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.runtime.ticket import Wait, settle
+from dsc_bindings.serve import compose
 from dsc_bindings.store.sqlite import StoreError
 from dsc_core import ServerConfig, names
 from dsc_core import client as C
@@ -24,7 +25,7 @@ SID = "S-1-5-21-1001"
 @pytest.fixture
 def service(tmp_path: Path):  # type: ignore[no-untyped-def]
     config = ServerConfig(user_directory={SID: "alice@corp.example"})
-    service = ScanService(config, tmp_path / "data", FilterSettings.embedded_default(tmp_path))
+    service = compose(config, tmp_path / "data", FilterSettings.embedded_default(tmp_path)).service
     service.start()
     yield service
     service.shutdown(5.0)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from dsc_bindings.http.service_thread import ServiceThread
-from dsc_bindings.runtime.writer import Ticket, Wait
+from dsc_bindings.http.site import Site
+from dsc_bindings.runtime.ticket import Ticket, Wait
 
 
 def test_calls_run_in_the_service_thread_and_errors_reach_the_caller() -> None:
@@ -101,16 +102,15 @@ def test_the_blocking_binding_keeps_its_python_threads_on_one_cpu(tmp_path: Any)
 
     in_connection: list[set[int]] = []
 
-    class Service:
-        def open_request(self, *args: object) -> None:
-            raise AssertionError("no POST is made")
+    class Pages:
+        headers = ()
 
         def answer_get(self, target: str, identity: str | None) -> Reply:
             # Called by the HTTP driver in the connection's own thread.
             in_connection.append(os.sched_getaffinity(0))
             return Reply(200, "text/plain", b"ok")
 
-    server = BlockingServer(Service(), "127.0.0.1", 0, cpu="auto")  # type: ignore[arg-type]
+    server = BlockingServer(Site(None, Pages()), "127.0.0.1", 0, cpu="auto")
     port = server.start()
     expected = {server.cpu} if server.cpu is not None else allowed
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 from dsc_bindings.discovery.probe_limit import ProbeLimiter
 from dsc_bindings.runtime.service import ScanService
@@ -18,11 +19,20 @@ class UdpDiscovery:
     """A thread answering Probe datagrams; everything else is ignored (see dsc_core.discovery)."""
 
     def __init__(
-        self, service: ScanService, host: str, port: int, limiter: ProbeLimiter | None = None
+        self,
+        service: ScanService,
+        host: str,
+        port: int,
+        limiter: ProbeLimiter | None = None,
+        *,
+        dropped: Callable[[], object] | None = None,
     ) -> None:
         self.service = service
         #: Replies per source address are rate-limited (.probe_limit, issue 14).
         self.limiter = limiter or ProbeLimiter()
+        #: Counts a Probe dropped by the limiter (the composition root wires the metric:
+        #: dsc_discovery_probes_dropped_total).
+        self._dropped = dropped
         self.sock = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
         )
@@ -46,7 +56,8 @@ class UdpDiscovery:
             except OSError:
                 break
             if not self.limiter.allow(str(peer[0])):
-                self.service.observer.metrics.probes_dropped.inc()
+                if self._dropped is not None:
+                    self._dropped()
                 continue
             try:
                 answer = self.service.answer_datagram(data, answer_datagram)

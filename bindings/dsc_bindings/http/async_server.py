@@ -2,15 +2,15 @@
 
 Every HTTP rule is in :mod:`.http_common` (shared with the blocking binding); this module only
 moves bytes and applies the R12 timeouts with cancel scopes.  While it serves, the event loop
-owns the core (``ScanService.attach_loop``): service calls run inline, with no thread hop, and
+owns the core (``Site.owner``, :mod:`dsc_bindings.runtime.owner`): service calls run inline, with no thread hop, and
 the disk work they hand to the service's writer is awaited without blocking the loop (a
-:class:`~dsc_bindings.runtime.writer.Ticket` completed from the writer thread sets an event through the
+:class:`~dsc_bindings.runtime.ticket.Ticket` completed from the writer thread sets an event through the
 loop's thread-safe call-soon).
 
 Usage::
 
     async with anyio.create_task_group() as tg:           # or a trio nursery
-        port = await tg.start(functools.partial(serve, service, host="0.0.0.0", port=5362,
+        port = await tg.start(functools.partial(serve, site, host="0.0.0.0", port=5362,
                                                 limits=config.limits))
         ...
         tg.cancel_scope.cancel()   # stops accepting; in-flight requests get `grace` seconds
@@ -49,11 +49,11 @@ from dsc_bindings.http.driver import (
     HttpConnection,
     Receive,
     Send,
-    ServiceLike,
     admit,
 )
+from dsc_bindings.http.site import Site
 from dsc_bindings.runtime.peer import UNKNOWN_PEER, Peer
-from dsc_bindings.runtime.writer import Ticket, Wait
+from dsc_bindings.runtime.ticket import Ticket, Wait
 from dsc_core import Limits
 
 __all__ = ["DEFAULT_GRACE", "serve"]
@@ -78,7 +78,7 @@ _STREAM_ERRORS = (
 
 
 class _LoopHandle:
-    """The running loop as the service's core owner (service.LoopHandle)."""
+    """The running loop as the core's owner (runtime.owner.LoopHandle)."""
 
     def __init__(self) -> None:
         self._thread = threading.get_ident()
@@ -188,10 +188,8 @@ class _Connection:
 
 
 class _Server:
-    def __init__(
-        self, service: ServiceLike, limits: Limits, ssl_context: ssl.SSLContext | None
-    ) -> None:
-        self.service = service
+    def __init__(self, site: Site, limits: Limits, ssl_context: ssl.SSLContext | None) -> None:
+        self.site = site
         self.limits = limits
         self.ssl_context = ssl_context
         self.loop = _LoopHandle()
@@ -258,7 +256,7 @@ class _Server:
                 stream.extra(TLSAttribute.peer_certificate_binary, None)
             )
         protocol = HttpConnection(
-            self.service,
+            self.site,
             self.limits,
             identity=identity,
             peer=peer,
@@ -518,7 +516,7 @@ def _peer(stream: anyio.abc.ByteStream) -> Peer:
 
 
 async def serve(
-    service: ServiceLike,
+    site: Site,
     *,
     host: str = "127.0.0.1",
     port: int = 5362,
@@ -537,9 +535,9 @@ async def serve(
     """
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-    server = _Server(service, limits, ssl_context)
-    attach = getattr(service, "attach_loop", None)
-    detach: Callable[[], None] | None = attach(server.loop) if attach is not None else None
+    server = _Server(site, limits, ssl_context)
+    owner = site.owner
+    detach: Callable[[], None] | None = owner.attach(server.loop) if owner is not None else None
     log.info(
         "listening on %s port %d (%s), up to %d connections",
         host,

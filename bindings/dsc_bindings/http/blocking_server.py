@@ -9,7 +9,7 @@ closed at once beyond those), so the thread count stays bounded.
 
 Usage::
 
-    server = BlockingServer(service, "0.0.0.0", 5362, None, config.limits)
+    server = BlockingServer(site, "0.0.0.0", 5362, None, config.limits)
     port = server.start()          # binds, serves in a background thread
     ...
     server.shutdown()              # stop accepting; in-flight requests get `grace` seconds
@@ -27,6 +27,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -41,10 +42,10 @@ from dsc_bindings.http.driver import (
     HttpConnection,
     Receive,
     Send,
-    ServiceLike,
     admit,
 )
 from dsc_bindings.http.service_thread import ServiceThread
+from dsc_bindings.http.site import Site
 from dsc_bindings.runtime.peer import Peer
 from dsc_core import Limits
 
@@ -122,7 +123,7 @@ class BlockingServer:
 
     def __init__(
         self,
-        service: ServiceLike,
+        site: Site,
         host: str = "127.0.0.1",
         port: int = 5362,
         ssl_context: ssl.SSLContext | None = None,
@@ -131,7 +132,7 @@ class BlockingServer:
         grace: float = DEFAULT_GRACE,
         cpu: int | Literal["auto"] | None = "auto",
     ) -> None:
-        self.service = service
+        self.site = site
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -147,8 +148,10 @@ class BlockingServer:
         self._serving = False
         #: The CPU the connection threads and the service thread run on (see _choose_cpu).
         self.cpu = _choose_cpu(cpu)
-        #: Runs the connections' service calls, one at a time (.service_thread).
+        #: Runs the connections' service calls, one at a time (.service_thread), and owns
+        #: the core while serving (as the async binding's event loop does).
         self._calls = ServiceThread(initializer=self._pin)
+        self._detach: Callable[[], None] | None = None
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -194,6 +197,8 @@ class BlockingServer:
         listener = self._listener
         assert listener is not None
         self._calls.start()
+        if self.site.owner is not None and self._detach is None:
+            self._detach = self.site.owner.attach(self._calls)
         self._serving = True
         try:
             while not self._stopping.is_set():
@@ -240,7 +245,12 @@ class BlockingServer:
         for connection in left:
             if connection.thread is not None:
                 connection.thread.join(2.0)
+        # Stopped first: it finishes the core calls queued to it; the owner's lock takes over
+        # for what still comes (a connection thread that did not end in time).
         self._calls.stop()
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
         log.info("stopped listening on port %d", self.port)
 
     # --- connections -------------------------------------------------------------------------
@@ -325,7 +335,7 @@ class BlockingServer:
                     return
                 identity, unusable = connection_identity(tls.getpeercert(binary_form=True))
             protocol = HttpConnection(
-                self.service,
+                self.site,
                 self.limits,
                 identity=identity,
                 peer=connection.peer,

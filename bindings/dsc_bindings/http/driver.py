@@ -5,7 +5,7 @@ everything (request-head checks, the R12 limit answers 413/431/400/405/503, the 
 refusals 403 (.cross_site) and 415 (not SOAP), HEAD, ``Expect: 100-continue``, keep-alive, which timeout applies, when to close, aborting an unfinished
 exchange) and asks its binding, one :data:`Action` at a time, to do the I/O::
 
-    conn = HttpConnection(service, limits, identity=..., peer=...)
+    conn = HttpConnection(site, limits, identity=..., peer=...)   # .site.Site
     try:
         while True:
             action = conn.next_action()
@@ -47,19 +47,17 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 import h11
 
 from dsc_bindings.http.cross_site import cross_site_refusal
+from dsc_bindings.http.site import MAX_API_BODY_BYTES, ApiHead, ApiReply, RequestLike, Site
 from dsc_bindings.runtime.peer import UNKNOWN_PEER, Peer
-from dsc_bindings.runtime.writer import Ticket, Wait
+from dsc_bindings.runtime.ticket import Ticket, Wait
 from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes, reserved_slots
 from dsc_core.content_type import soap_media_type_refusal
-
-if TYPE_CHECKING:
-    from dsc_bindings.webconsole.api import ApiHead
 
 __all__ = [
     "HEAD_READ_SIZE",
@@ -79,7 +77,6 @@ __all__ = [
     "Rejection",
     "RequestLike",
     "Send",
-    "ServiceLike",
     "address_cap",
     "admit",
     "check_request_head",
@@ -111,33 +108,6 @@ LINGER_BYTES = 1024 * 1024
 
 
 # --- what a binding serves ---------------------------------------------------------------------
-
-
-class RequestLike(Protocol):
-    """A service request (:class:`~dsc_bindings.runtime.service.ServiceRequest`): each method returns
-    at once, with its result or a :class:`~dsc_bindings.runtime.writer.Wait` for commands in flight."""
-
-    def feed(self, data: bytes) -> Wait | None: ...
-    def finish(self) -> Reply | Wait: ...
-    def abort(self) -> Wait | None: ...
-
-
-class ServiceLike(Protocol):
-    def open_request(
-        self, content_type: str | None, identity: str | None, path: str, peer: Peer | None = None
-    ) -> RequestLike: ...
-
-
-def _no_origins() -> frozenset[str]:
-    return frozenset()
-
-
-class ObserverLike(Protocol):
-    """What the driver reports, when the service has an observer (.observe.Observer)."""
-
-    def http_refused(self, status: int) -> None: ...
-    def connection_opened(self) -> None: ...
-    def connection_closed(self) -> None: ...
 
 
 # --- actions a binding carries out ------------------------------------------------------------
@@ -462,7 +432,7 @@ class HttpConnection:
 
     def __init__(
         self,
-        service: ServiceLike,
+        site: Site,
         limits: Limits,
         *,
         identity: str | None = None,
@@ -471,7 +441,8 @@ class HttpConnection:
         unusable_certificate: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._service = service
+        #: Opens the SOAP exchanges; None on a listener without SOAP.
+        self._soap = site.requests
         self._limits = limits
         self._identity = identity
         #: Why the verified client certificate names no user (.certidentity): every request
@@ -520,28 +491,22 @@ class HttpConnection:
         #: When the connection last became idle (clock()): the longest-idle one is reclaimed
         #: first at the connection limit.
         self.idle_since = clock()
-        # Optional parts of a service (a test double may have neither): the read-only web
-        # endpoints (.statuspage) and the observer that counts connections and refusals.
-        self._answer_get: Callable[[str, str | None], Reply | RequestLike | None] | None = getattr(
-            service, "answer_get", None
+        pages = site.pages
+        #: The read-only web endpoints (.observe.web), if this listener serves them.
+        self._answer_get: Callable[[str, str | None], Reply | RequestLike | None] | None = (
+            pages.answer_get if pages is not None else None
         )
-        self._observer: ObserverLike | None = getattr(service, "observer", None)
-        #: Headers of every answer of the web endpoints (CSP and friends, .statuspage).
-        self._web_headers: tuple[tuple[str, str], ...] = getattr(service, "web_headers", ())
-        #: The origins whose pages may send requests (.cross_site), asked only for a request
-        #: that carries an Origin.
-        self._own_origins: Callable[[], frozenset[str]] = getattr(
-            service, "own_origins", _no_origins
+        #: Headers of every answer of the web endpoints (CSP and friends).
+        self._web_headers: tuple[tuple[str, str], ...] = pages.headers if pages is not None else ()
+        self._observer = site.observer
+        self._own_origins = site.own_origins
+        #: The web console's JSON API (.webconsole.api), if this listener serves it.
+        self._open_api: Callable[[ApiHead, str | None, Peer], RequestLike] | None = (
+            site.api.open_api if site.api is not None else None
         )
-        #: The web console's API (.webconsole.api), when the service has one.
-        self._open_api: Callable[[ApiHead, str | None, Peer], RequestLike] | None = getattr(
-            service, "open_api", None
-        )
-        #: False on the monitoring listener (.monitor): no SOAP, every other request 404.
-        self._serves_soap: bool = getattr(service, "serves_soap", True)
         #: The current request is a HEAD: its answer has the head of the GET answer, no body.
         self._head_only = False
-        #: The current request is a GET of a web endpoint answered by a Call (.service.StatusRequest).
+        #: The current request is a GET of a web endpoint answered by a Call (.observe.web.StatusRequest).
         self._web_answer = False
         self._counted = self._observer is not None
         if self._observer is not None:
@@ -642,7 +607,7 @@ class HttpConnection:
             self._request = None
             web, self._web_answer = self._web_answer, False
             # An API answer carries headers of its own (Set-Cookie, ETag: .webconsole.api).
-            own: tuple[tuple[str, str], ...] = getattr(result, "headers", ())
+            own = result.headers if isinstance(result, ApiReply) else ()
             self._respond(result, extra=(*self._web_headers, *own) if web else ())
 
     def call_failed(self, exc: BaseException) -> None:
@@ -858,13 +823,14 @@ class HttpConnection:
                 self._respond(reply, close=request_has_body(request), extra=self._web_headers)
                 return
             if reply is not None:
-                # The answer needs the directory (.service.StatusRequest): it is carried out
+                # The answer needs the directory (.observe.web.StatusRequest): it is carried out
                 # like a SOAP request, by the Call at the end of the (empty) body.
                 get_request = reply
                 self._opener = lambda: get_request
                 self._web_answer = True
                 return
-        if not self._serves_soap:
+        requests = self._soap
+        if requests is None:
             self._refuse(request, target, Rejection(404, "This listener serves no SOAP."))
             return
         rejection = _check_head(request.method, content_length, self._limits)
@@ -876,9 +842,9 @@ class HttpConnection:
         if rejection is not None:
             self._refuse(request, target, rejection)
             return
-        identity, service, peer = self._identity, self._service, self._peer
+        identity, peer = self._identity, self._peer
         # Opened by the first Call this request needs (coalescing: module doc).
-        self._opener = lambda: service.open_request(ctype, identity, target, peer)
+        self._opener = lambda: requests.open_request(ctype, identity, target, peer)
 
     def _open_web_api(
         self,
@@ -890,12 +856,12 @@ class HttpConnection:
         csrf: bytes | None,
         if_none_match: bytes | None,
     ) -> None:
-        from dsc_bindings.webconsole.api import MAX_BODY_BYTES, ApiHead
-
         length = content_length.strip() if content_length is not None else b""
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        if length.isdigit() and int(length) > MAX_API_BODY_BYTES:
             self._refuse(
-                request, target, Rejection(413, f"The request body exceeds {MAX_BODY_BYTES} bytes.")
+                request,
+                target,
+                Rejection(413, f"The request body exceeds {MAX_API_BODY_BYTES} bytes."),
             )
             return
 

@@ -9,29 +9,41 @@ time spent waiting.  Here connection threads do HTTP and socket I/O only and han
 ``Call`` to this thread (as the async binding's event loop runs them): +9% requests per
 second at 8 connections, and the p99 at 64 went from 113 ms to 15 ms.
 
-A service call never blocks: where it needs I/O it returns a :class:`~.writer.Wait`, which the
-connection thread waits for before handing the resumption back (:meth:`ServiceThread.settle`).
+A service call never blocks: where it needs I/O it returns a
+:class:`~dsc_bindings.runtime.ticket.Wait`, which the connection thread waits for before handing
+the resumption back (:meth:`ServiceThread.settle`).
+
+While the binding serves, this thread is also the core's owner
+(:class:`~dsc_bindings.runtime.owner.CoreOwner`, as the async binding's event loop is): the
+connections' calls run the core inline, with no lock, and the engine, the ticker and the
+deliveries hand their core calls to it (:meth:`ServiceThread.call_soon`).
 
 Usage::
 
     calls = ServiceThread()
     calls.start()
+    detach = owner.attach(calls)              # the core's owner while serving
     reply = calls.settle(action.function)     # from a connection thread
     calls.stop()                              # later calls run in their caller's thread
+    detach()
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
 
-from dsc_bindings.runtime.writer import Wait
+from dsc_bindings.runtime.ticket import Wait
 
 __all__ = ["ServiceThread"]
 
+log = logging.getLogger("dsc.service")
+
 _Outcome = tuple[bool, object]
-_Item = tuple[Callable[[], object], list[_Outcome], threading.Lock]
+#: A call and where its outcome goes; None for a call handed over without waiting (call_soon).
+_Item = tuple[Callable[[], object], tuple[list[_Outcome], threading.Lock] | None]
 
 
 class ServiceThread:
@@ -47,6 +59,7 @@ class ServiceThread:
         self._lock = threading.Lock()
         self._running = False
         self._done = threading.local()
+        self._ident: int | None = None
 
     def start(self) -> None:
         with self._lock:
@@ -76,7 +89,7 @@ class ServiceThread:
         with self._lock:
             queued = self._running
             if queued:
-                self._queue.put((function, outcome, done))
+                self._queue.put((function, (outcome, done)))
         if not queued:
             done.release()
             return function()
@@ -88,6 +101,18 @@ class ServiceThread:
             raise value
         return value
 
+    def call_soon(self, function: Callable[[], object]) -> None:
+        """Queue ``function`` without waiting (the core's owner's hand-off, from any thread);
+        raises RuntimeError once the thread stopped (the owner then runs it itself)."""
+        with self._lock:
+            if not self._running:
+                raise RuntimeError("the service thread has stopped")
+            self._queue.put((function, None))
+
+    def is_current(self) -> bool:
+        """Whether the calling thread is this service thread."""
+        return threading.get_ident() == self._ident
+
     def settle(self, function: Callable[[], object]) -> object:
         """``function()`` and every resumption of the Wait chain it returns, each in the
         service thread; the waiting itself happens in the calling thread."""
@@ -98,13 +123,22 @@ class ServiceThread:
         return result
 
     def _main(self) -> None:
+        self._ident = threading.get_ident()
         if self._initializer is not None:
             self._initializer()
         while True:
             item = self._queue.get()
             if item is None:
+                self._ident = None
                 return
-            function, outcome, done = item
+            function, waiter = item
+            if waiter is None:
+                try:
+                    function()
+                except Exception:  # a bug in one hand-off must not stop the others
+                    log.exception("a call handed to the service thread failed")
+                continue
+            outcome, done = waiter
             try:
                 outcome.append((True, function()))
             except BaseException as exc:  # handed to the caller, who reports it

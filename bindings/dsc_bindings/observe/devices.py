@@ -33,9 +33,10 @@ import logging
 import sqlite3
 import threading
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
+from dsc_bindings.settings import DeviceLimits
 from dsc_bindings.store.sqlite import DB_NAME
 
 __all__ = ["Device", "DeviceBook", "DeviceLimits"]
@@ -73,26 +74,6 @@ _EVICT_OLDEST = """DELETE FROM devices WHERE rowid IN (
 
 #: Past the retention: every device whose last contact is before ``?``.
 _EXPIRE = "DELETE FROM devices WHERE last_contact_at < ? RETURNING address, identity"
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceLimits:
-    """``[devices]``: how many devices the book keeps, and for how long after their last
-    contact.  The defaults hold a large site's scanners for a year; a book at the cap costs a
-    few MB and the status page lists it from memory."""
-
-    max_devices: int = 10_000
-    retention_days: int = 365
-
-    def __post_init__(self) -> None:
-        if self.max_devices < 1:
-            raise ValueError(f"max_devices must be at least 1, got {self.max_devices}")
-        if self.retention_days < 1:
-            raise ValueError(f"retention_days must be at least 1, got {self.retention_days}")
-
-    def cutoff(self, now: datetime) -> float:
-        """The Unix time before which a last contact is past the retention."""
-        return (now - timedelta(days=self.retention_days)).timestamp()
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,6 +188,10 @@ class HealthMonitor:
             self._last, self._taken = health, self._clock()
         return health
 
+    def check_at_start(self) -> None:
+        """Run every check now and log what to fix (the service's start, ``StartCheck``)."""
+        log_health(self.check_now())
+
     def current(self) -> Health | None:
         """The last result, at once (never blocks); a refresh starts when it is old."""
         with self._lock:

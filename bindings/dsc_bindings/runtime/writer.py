@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from dsc_bindings.runtime.ticket import Ticket
 from dsc_core import (
     AbortDocument,
     AppendDocument,
@@ -51,100 +52,13 @@ from dsc_core import (
     StopProcessing,
 )
 
-__all__ = ["DOCUMENT_COMMANDS", "CommandWriter", "Routes", "Ticket", "Wait", "settle"]
+__all__ = ["DOCUMENT_COMMANDS", "CommandWriter", "Routes"]
 
 log = logging.getLogger("dsc.writer")
 
 DOCUMENT_COMMANDS = (BeginDocument, AppendDocument, FinishDocument, AbortDocument)
 #: Document writes running at once (each one is one upload's chunk or fsync).
 DOCUMENT_WORKERS = 8
-
-
-class Ticket:
-    """The completion of one batch.  ``error`` is the exception of the command that failed a
-    strict batch (None when every command ran).  Completed from a writer thread; waited for
-    with :meth:`wait` (blocking) or through :meth:`add_done_callback`."""
-
-    __slots__ = ("_callbacks", "_done", "_event", "_lock", "error", "value")
-
-    def __init__(self) -> None:
-        self._done = False
-        #: Made only when a thread blocks in :meth:`wait` (profiled: an Event per ticket was a
-        #: few microseconds of every request, and most tickets are completed at once).
-        self._event: threading.Event | None = None
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-        self.error: BaseException | None = None
-        #: The result of an :meth:`CommandWriter.offload` call.
-        self.value: object = None
-
-    @classmethod
-    def completed(cls) -> Ticket:
-        ticket = cls()
-        ticket._done = True
-        return ticket
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._done:
-            return True
-        with self._lock:
-            if self._done:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
-
-    def add_done_callback(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` (in the completing thread, or now if done).  It must be quick and
-        thread-safe, e.g. a loop's call-soon that sets an event."""
-        with self._lock:
-            if not self._done:
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def _complete(self, error: BaseException | None) -> None:
-        with self._lock:
-            self.error = error
-            self._done = True
-            if self._event is not None:
-                self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # a dead loop must not break the writer
-                log.exception("ticket callback failed")
-
-
-class Wait:
-    """A service step that handed I/O to the writer: wait for ``ticket`` (off the core's
-    thread), then call ``resume()`` in the core's context (the event loop, or a blocking
-    binding's own thread), which returns the step's result or another Wait."""
-
-    __slots__ = ("resume", "ticket")
-
-    def __init__(self, ticket: Ticket, resume: Callable[[], object]) -> None:
-        self.ticket = ticket
-        self.resume = resume
-
-    def settle(self) -> object:
-        """Blocking: wait for every Wait in the chain; the final result."""
-        result: object = self
-        while isinstance(result, Wait):
-            result.ticket.wait()
-            result = result.resume()
-        return result
-
-
-def settle(step: object) -> object:
-    """Blocking: follow a chain of :class:`Wait` to its result (anything else is the result)."""
-    return step.settle() if isinstance(step, Wait) else step
 
 
 class Routes:

@@ -39,11 +39,21 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from lxml import etree
 
+from dsc_bindings.http.site import MAX_API_BODY_BYTES, ApiHead, RequestLike
+from dsc_bindings.observe.observer import Observer
+from dsc_bindings.observe.web import StatusPages
 from dsc_bindings.runtime.peer import Peer
-from dsc_bindings.runtime.writer import Wait
+from dsc_bindings.runtime.ticket import Wait
+from dsc_bindings.webconsole import page
 from dsc_bindings.webconsole.processes import ROUTES as PROCESS_ROUTES
 from dsc_bindings.webconsole.replies import JSON_TYPE, ApiError, ApiReply, json_reply, then
-from dsc_bindings.webconsole.session import COOKIE, Session, cookie_value
+from dsc_bindings.webconsole.session import (
+    COOKIE,
+    Session,
+    SessionBook,
+    SignInLimiter,
+    cookie_value,
+)
 from dsc_core import DirectoryAnswers, Lookups, Reply, RequestInfo, names
 from dsc_core import client as C
 from dsc_core.users import is_listed_admin, is_scan_admin
@@ -51,13 +61,21 @@ from dsc_core.users import is_listed_admin, is_scan_admin
 if TYPE_CHECKING:
     from dsc_bindings.runtime.service import ScanService
 
-__all__ = ["MAX_BODY_BYTES", "ROUTES", "ApiHead", "ApiRequest", "Caller", "openapi_document"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "ROUTES",
+    "ApiHead",
+    "ApiRequest",
+    "Caller",
+    "WebConsole",
+    "openapi_document",
+]
 
 log = logging.getLogger("dsc.webconsole")
 
 A = names.Action
-#: The largest request body the API reads (a scan process's XML is the biggest thing sent).
-MAX_BODY_BYTES = 1024 * 1024
+#: The largest request body the API reads (the HTTP driver's 413 before the body).
+MAX_BODY_BYTES = MAX_API_BODY_BYTES
 #: Jobs in one answer of GET /api/jobs unless ``limit`` says otherwise, and the most.
 JOBS_PAGE = 50
 MAX_JOBS_PAGE = 500
@@ -71,18 +89,6 @@ STATE_CHANGING = frozenset({"POST", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
-class ApiHead:
-    """What the HTTP driver passes of a request for ``/api/``."""
-
-    method: str
-    target: str
-    content_type: str | None = None
-    cookie: str | None = None
-    csrf: str | None = None
-    if_none_match: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Caller:
     """Who is calling, once admitted: ``user`` is the identity the core is given."""
 
@@ -93,14 +99,44 @@ class Caller:
 Handler = Callable[["ApiRequest", Caller, dict[str, str]], Reply | Wait]
 
 
+class WebConsole:
+    """The web console of one service: its page, its API and its sign-ins (wired by
+    ``dsc_bindings.serve.compose`` as a site's :class:`~dsc_bindings.http.site.WebApi` and,
+    in front of the status pages, its :class:`~dsc_bindings.http.site.WebPages`)."""
+
+    def __init__(self, service: ScanService, observer: Observer, pages: StatusPages) -> None:
+        self.service = service
+        self.observer = observer
+        self.pages = pages
+        #: The web console's sign-ins (issue 19, .session).
+        self.sessions = SessionBook()
+        self.sign_in_limiter = SignInLimiter()
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return self.pages.headers
+
+    def answer_get(self, target: str, identity: str | None) -> Reply | RequestLike | None:
+        """The console's page files (.page), else the status pages' answer."""
+        path = target.split("?", 1)[0]
+        if path in page.PATHS:
+            return page.page_reply(path)
+        return self.pages.answer_get(target, identity)
+
+    def open_api(self, head: ApiHead, identity: str | None, peer: Peer | None) -> ApiRequest:
+        """A request for ``/api/``."""
+        return ApiRequest(self, head, identity, peer)
+
+
 class ApiRequest:
     """One request for ``/api/``: the body is collected, then :meth:`finish` answers it (a
     Reply, or a Wait where the directory or the core's store work must run first)."""
 
     def __init__(
-        self, service: ScanService, head: ApiHead, identity: str | None, peer: Peer | None
+        self, console: WebConsole, head: ApiHead, identity: str | None, peer: Peer | None
     ) -> None:
-        self.service = service
+        self.console = console
+        self.service = console.service
         self.head = head
         self._identity = identity
         self._peer = peer
@@ -135,7 +171,7 @@ class ApiRequest:
         if self._too_big:
             raise ApiError(413, f"The request body exceeds {MAX_BODY_BYTES} bytes.")
         handler, params = _route(self.head.method, self.path)
-        session = self.service.web_sessions.find(cookie_value(self.head.cookie))
+        session = self.console.sessions.find(cookie_value(self.head.cookie))
         if self.head.method in STATE_CHANGING and handler is not _sign_in:
             self._check_csrf(session)
         if handler in _PUBLIC:
@@ -298,7 +334,7 @@ def _sign_in_mode(service: ScanService) -> str:
 
 
 def _session_info(request: ApiRequest, session: Session) -> dict[str, Any]:
-    book = request.service.web_sessions
+    book = request.console.sessions
     return {
         "signed_in": True,
         "user": session.user,
@@ -316,7 +352,7 @@ def _get_session(request: ApiRequest, caller: Caller, params: dict[str, str]) ->
 
 
 def _signed_in(request: ApiRequest, user: str, method: str) -> Reply:
-    book = request.service.web_sessions
+    book = request.console.sessions
     session = book.open(user, method)
     log.info("web console: %s signed in (%s) from %s", user or "(anyone)", method, request.address)
     return json_reply(
@@ -350,7 +386,7 @@ def _sign_in(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Rep
             "A password is never accepted over plain HTTP from another machine: serve with TLS "
             "(--tls-cert/--tls-key), or sign in on the server itself.",
         )
-    limiter = service.sign_in_limiter
+    limiter = request.console.sign_in_limiter
     wait = limiter.wait_seconds(request.address, user)
     if wait > 0:
         log.warning(
@@ -415,7 +451,7 @@ def _same(reply: Reply) -> Reply:
 
 def _sign_out(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     if caller.session is not None:
-        request.service.web_sessions.close(caller.session.token)
+        request.console.sessions.close(caller.session.token)
         log.info("web console: %s signed out", caller.session.user or "(anyone)")
     return json_reply(200, {"signed_in": False}, (_cookie(request, "", 0),))
 
@@ -488,7 +524,7 @@ def _list_jobs(request: ApiRequest, caller: Caller, params: dict[str, str]) -> R
     query = request.query
     limit, cursor = _limit(query), query.get("cursor", "")
     match = _matcher(query)
-    observer = request.service.observer
+    observer = request.console.observer
     state = query.get("state", "").lower()
     jobs: list[dict[str, Any]] = []
     if not cursor and state != "ended":
@@ -547,7 +583,7 @@ def _cursor_before(observer: Any, job: dict[str, Any], cursor: str, index: int) 
 def _job(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     token = params["token"]
     service = request.service
-    found = service.observer.job(token, time.time(), service.config.stalled_after_seconds)
+    found = request.console.observer.job(token, time.time(), service.config.stalled_after_seconds)
     if found is None:
         raise ApiError(404, f"No job {token} is known to this server (purged, or never made).")
     record = service.job_record(token)
@@ -561,7 +597,7 @@ def _job(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
 def _cancel(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply | Wait:
     token = params["token"]
     payload = C.token_request(names.DSC, "CancelPostScanJobRequest", token)
-    observer = request.service.observer
+    observer = request.console.observer
 
     def done(_: C.Response) -> Reply:
         log.info("web console: %s canceled job %s", caller.user or "(anyone)", token)
@@ -638,19 +674,19 @@ def _purge(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply
 
 
 def _devices(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
-    book = request.service.observer.devices
+    book = request.console.observer.devices
     return request.cacheable({"devices": [d.as_dict() for d in book.all()] if book else []})
 
 
 def _subscriptions(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
-    view = request.service.status_view(caller.user, None)
+    view = request.console.pages.status_view(caller.user, None)
     return request.cacheable({"subscriptions": list(view.subscriptions)})
 
 
 def _health(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     from dsc_bindings.observe.statuspage import healthy
 
-    health = healthy(request.service.status_view(caller.user, None))
+    health = healthy(request.console.pages.status_view(caller.user, None))
     return request.cacheable(
         {
             "status": health.state,

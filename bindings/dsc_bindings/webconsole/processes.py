@@ -25,7 +25,7 @@ from dsc_bindings.directory.scan_processes import (
     ValidationError,
 )
 from dsc_bindings.exposure import is_local_only, url_hostname
-from dsc_bindings.runtime.writer import Wait
+from dsc_bindings.runtime.ticket import Wait
 from dsc_bindings.webconsole.replies import ApiError, json_reply, then
 from dsc_core import Reply
 

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from dsc_bindings.runtime.writer import Wait
+from dsc_bindings.http.site import ApiReply
+from dsc_bindings.runtime.ticket import Wait
 from dsc_core import Reply
 
 __all__ = ["JSON_TYPE", "ApiError", "ApiReply", "json_reply", "then"]
 
 JSON_TYPE = "application/json; charset=utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class ApiReply(Reply):
-    """A Reply with headers of its own (Set-Cookie, ETag, Retry-After, Allow)."""
-
-    headers: tuple[tuple[str, str], ...] = ()
 
 
 class ApiError(Exception):
