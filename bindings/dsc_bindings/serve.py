@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.exposure import UnsafeExposure, check_exposure, url_host
 from dsc_bindings.settings import Settings
+from dsc_bindings.store.backends import describe
 
 if TYPE_CHECKING:
     from dsc_bindings.discovery.udp import UdpDiscovery
@@ -93,7 +94,7 @@ def _log_start(settings: Settings, port: int, service: ScanService) -> None:
     log.info("  WS-DSP (scanners):          %s/ScanServer/%s", base, server.dsp_service_uuid)
     log.info("  MS-BDSRR (management):      %s/ScanServer/%s", base, server.dsc_service_uuid)
     log.info("  advertised base URL:        %s", server.base_url)
-    log.info("job store: SQLite + spool in %s", settings.data_dir.resolve())
+    log.info("job store: %s", describe(settings.storage, settings.data_dir.resolve()))
     for prefix, local in settings.filters.share_roots:
         log.info("file shares: %s -> %s", prefix, local.resolve())
     if not listen.tls:
@@ -230,6 +231,7 @@ def run_server(
         settings.filters,
         directory=directory,
         device_limits=settings.devices,
+        storage=settings.storage,
     )
     service = composition.service
     try:

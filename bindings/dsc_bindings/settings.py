@@ -101,6 +101,7 @@ from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sites import SitePrefix
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_bindings.runtime.installation import UUID_KEYS, load_installation
+from dsc_bindings.store.backends import S3SpoolSettings, StorageSettings
 from dsc_bindings.urls import bound_base_url
 from dsc_core import Limits, ServerConfig
 from dsc_core.config import FAULT_HTTP_STATUSES
@@ -171,6 +172,8 @@ class Settings:
     identity: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: ``[devices]``: the device book's cap and retention (issue 14 section 4).
     devices: DeviceLimits = dataclasses.field(default_factory=DeviceLimits)
+    #: ``[store]`` and ``[spool]``: which engines keep the jobs and images (issue 17).
+    storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
 
     def with_installation_identity(self) -> Settings:
         """These settings with the data directory's UUIDs where the file set none (creates
@@ -208,6 +211,8 @@ _SECTIONS = {
     "eventing",
     "directory",
     "smb",
+    "store",
+    "spool",
 }
 
 
@@ -635,7 +640,62 @@ def load_settings(
             "retention_days", default_devices.retention_days, minimum=1, maximum=100 * 365
         ),
     )
-    return Settings(data, listen, server, filters, path, directory, identity, devices)
+    storage = _storage(
+        _Table(raw, "store", {"kind", "dsn", "password_file"}),
+        _Table(
+            raw,
+            "spool",
+            {
+                "kind",
+                "endpoint_url",
+                "bucket",
+                "region",
+                "access_key_id",
+                "secret_access_key_file",
+                "ca_file",
+                "part_size",
+                "max_part_buffers",
+            },
+        ),
+        resolve,
+    )
+    return Settings(data, listen, server, filters, path, directory, identity, devices, storage)
+
+
+def _storage(
+    store: _Table, spool: _Table, resolve: Callable[[object], Path | None]
+) -> StorageSettings:
+    """``[store]`` and ``[spool]`` (names as in issue 17); each kind's own keys are required."""
+    store_kind = store.text("kind", "sqlite")
+    if store_kind not in ("sqlite", "postgresql"):
+        raise store.error("kind", '"sqlite" or "postgresql"', store_kind)
+    dsn = ""
+    if store_kind == "postgresql":
+        dsn = store.text("dsn", "")
+    spool_kind = spool.text("kind", "local")
+    if spool_kind not in ("local", "s3"):
+        raise spool.error("kind", '"local" or "s3"', spool_kind)
+    s3 = None
+    if spool_kind == "s3":
+        secret = resolve(spool.text("secret_access_key_file", ""))
+        assert secret is not None
+        s3 = S3SpoolSettings(
+            endpoint_url=spool.text("endpoint_url", ""),
+            bucket=spool.text("bucket", ""),
+            region=spool.text("region", "us-east-1"),
+            access_key_id=spool.text("access_key_id", ""),
+            secret_access_key_file=secret,
+            ca_file=resolve(spool.optional_text("ca_file")),
+            part_size=spool.integer("part_size", 8 << 20, minimum=5 << 20, maximum=5 << 30),
+            max_part_buffers=spool.integer("max_part_buffers", 16, minimum=1, maximum=4096),
+        )
+    return StorageSettings(
+        store_kind=store_kind,  # type: ignore[arg-type]  # checked above
+        dsn=dsn,
+        password_file=resolve(store.optional_text("password_file")),
+        spool_kind=spool_kind,  # type: ignore[arg-type]  # checked above
+        s3=s3,
+    )
 
 
 def prepare_data_dir(data_dir: Path) -> None:

@@ -62,7 +62,9 @@ from dsc_bindings.runtime.peer import Peer
 from dsc_bindings.runtime.request import RequestRuntime, ServiceRequest
 from dsc_bindings.runtime.ticket import Ticket, settle
 from dsc_bindings.runtime.writer import CommandWriter, Routes
-from dsc_bindings.store.sqlite import JobStore, StoreError
+from dsc_bindings.store.backends import StorageSettings, open_job_store
+from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.interface import JobStore
 from dsc_core import (
     Command,
     Deliver,
@@ -115,6 +117,7 @@ class ScanService:
         directory: Directory | None = None,
         observer: ServiceObserver,
         health: StartCheck | None = None,
+        storage: StorageSettings | None = None,
     ) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
@@ -128,6 +131,8 @@ class ScanService:
         #: Every core call runs through it (.owner).
         self.owner = CoreOwner()
         self._store: JobStore | None = None
+        #: [store] and [spool]: which engines keep the jobs and images (issue 17).
+        self.storage = storage or StorageSettings()
         self._engine: ProcessingEngine | None = None
         self._writer = CommandWriter(
             Routes(self._store_apply, self._start_processing, self._stop_processing, self._deliver)
@@ -160,7 +165,7 @@ class ScanService:
             raise RuntimeError("ScanService.start() called twice")
         self._started = True
         try:
-            store = JobStore.open(self.data_dir)
+            store: JobStore = open_job_store(self.data_dir, self.storage)
         except StoreError as exc:
             log.error("cannot open the job store in %s: %s", self.data_dir, exc)
             raise
