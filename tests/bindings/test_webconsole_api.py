@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ import pytest
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.webconsole.api import ROUTES, openapi_document
 from dsc_bindings.webconsole.session import SessionBook, SignInLimiter, cookie_value
-from test_http_bindings import Raw, create_job, running
+from dsc_core import ServerConfig
+from test_http_bindings import Raw, create_job, pki, running
+
+__all__ = ["Browser", "pki"]  # pki: the TLS fixture, used here
 
 
 @pytest.fixture(params=["async", "blocking"])
@@ -43,11 +47,13 @@ class Browser:
     cookie: str = ""
     csrf: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    #: A TLS client context (with its certificate), else plain HTTP.
+    context: ssl.SSLContext | None = None
 
     def call(
         self, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
     ) -> Answer:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn = self.connection()
         sent = dict(self.extra)
         if self.cookie:
             sent["Cookie"] = self.cookie
@@ -64,6 +70,13 @@ class Browser:
         if cookie:
             self.cookie = cookie.split(";", 1)[0]
         return answer
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.context is not None:
+            return http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=10, context=self.context
+            )
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
 
     def sign_in(self, body: dict[str, str] | None = None) -> Answer:
         answer = self.call("POST", "/api/session", body or {})
@@ -153,6 +166,8 @@ def test_unchanged_answers_are_304_with_the_etag(binding: str, tmp_path: Path) -
         tag = first.headers["etag"]
         same = browser.call("GET", "/api/jobs", headers={"If-None-Match": tag})
         assert same.status == 304 and same.body == b""
+        # RFC 9110 8.6: no Content-Length unless it were the 200's.
+        assert "content-length" not in same.headers and same.headers["etag"] == tag
         create_job(Raw(srv.port))
         changed = browser.call("GET", "/api/jobs", headers={"If-None-Match": tag})
         assert changed.status == 200 and changed.headers["etag"] != tag
@@ -241,3 +256,34 @@ def test_failed_sign_ins_are_limited_per_address_and_account() -> None:
     assert limiter.wait_seconds("10.0.0.2", "bob") == 0
     now[0] = 61
     assert limiter.wait_seconds("10.0.0.1", "alice") == 0
+
+
+def test_client_certificates_over_tls(
+    binding: str, tmp_path: Path, pki: dict[str, ssl.SSLContext]
+) -> None:
+    """With client certificates (R10): an administrator's certificate reads and gets a session
+    (its cookie Secure under TLS); another's is refused; a password is not how one signs in."""
+    config = ServerConfig(
+        require_client_certificates=True,
+        scan_admins=frozenset({"admin"}),
+        base_url="https://127.0.0.1:5362",
+    )
+    with running(binding, tmp_path, config, ssl_context=pki["server"]) as srv:
+        admin = Browser(srv.port, context=pki["admin"])
+        assert admin.call("GET", "/api/session").json == {
+            "signed_in": False,
+            "sign_in": "certificate",
+        }
+        assert admin.call("GET", "/api/jobs").status == 200
+        signed = admin.sign_in()
+        assert signed.status == 200 and signed.json["user"] == "admin"
+        assert signed.json["method"] == "certificate"
+        assert "Secure" in signed.headers["set-cookie"]
+        password = admin.sign_in({"user": "admin", "password": "x"})
+        assert password.status == 400 and "client certificate" in password.json["error"]
+        bob = Browser(srv.port, context=pki["bob"])
+        refused = bob.call("GET", "/api/jobs")
+        assert (
+            refused.status == 403 and "'bob' is not a scan administrator" in refused.json["error"]
+        )
+        assert bob.sign_in().status == 403

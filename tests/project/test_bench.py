@@ -86,3 +86,19 @@ def test_smb_bench_runs() -> None:
     assert "filter throughput / smbclient put" in result.stdout or result.stdout.startswith(
         "skipped: "
     ), result.stdout
+
+
+def test_webconsole_bench_runs() -> None:
+    """``bench/webconsole.py`` (issue 19) runs: the API's pages against the floor and the idle
+    page's requests and bytes per minute (or a skip that says why).  No timing is asserted."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "webconsole.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "GET /api/jobs?limit=50" in result.stdout and "If-None-Match (304)" in result.stdout
+    idle = result.stdout.split("idle page: ", 1)[1]
+    assert "requests/min" in idle or idle.startswith("skipped: "), result.stdout

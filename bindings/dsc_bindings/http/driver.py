@@ -945,9 +945,14 @@ class HttpConnection:
         headers = [
             (b"Server", _SERVER_NAME),
             *[(name.encode("ascii"), value.encode("latin-1")) for name, value in extra],
-            (b"Content-Type", _header_value(reply.content_type)),
-            (b"Content-Length", str(len(reply.body)).encode("ascii")),
         ]
+        if reply.status != 304:
+            # A 304 (the web console's If-None-Match) has no content, and a Content-Length
+            # there would have to be the 200's (RFC 9110 section 8.6): none is sent.
+            headers += [
+                (b"Content-Type", _header_value(reply.content_type)),
+                (b"Content-Length", str(len(reply.body)).encode("ascii")),
+            ]
         if close or self._draining or self._close_after_answer:
             headers.append((b"Connection", b"close"))
         try:

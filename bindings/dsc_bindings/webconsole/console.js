@@ -35,7 +35,7 @@ async function api(method, path, body) {
   } catch (e) {
     throw new Error("cannot reach the server (" + e.message + ")");
   }
-  if (r.status === 304) return cache.get(path);
+  if (r.status === 304) { await r.text(); return cache.get(path); }
   const data = await r.json().catch(() => ({error: "HTTP " + r.status}));
   if (!r.ok) {
     const err = new Error(data.error || ("HTTP " + r.status));
