@@ -13,7 +13,7 @@ canceled over MS-BDSRR.  Then, over keep-alive HTTP, one request after the other
 - the page's poll while nothing changes: ``If-None-Match`` with the ETag, answered 304;
 - the floor: ``GET /healthz``, the cheapest answer on the same loop.
 
-Then the idle page's cost: Debian's chromium opens ``/console`` (development mode: it signs in
+Then the idle page's cost: Debian's chromium opens ``/`` (development mode: it signs in
 at once) and stays on it for ``--idle`` seconds while nothing happens; every request it makes
 and its bytes (request and response heads and bodies, as the browser counts them) are summed
 and given per minute.  Skipped, saying why, without chromium or Playwright.
@@ -71,7 +71,7 @@ def idle_cost(url: str, seconds: float) -> str:
             executable_path=executable, args=["--headless", "--no-sandbox"], headless=True
         )
         page = browser.new_page()
-        page.goto(url + "/console")
+        page.goto(url + "/")
         page.wait_for_selector("#active-table tbody tr")
         page.wait_for_timeout(3000)  # the first polls fill the ETag cache
         seen: list[object] = []

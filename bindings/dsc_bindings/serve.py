@@ -89,7 +89,7 @@ def _log_start(settings: Settings, port: int, service: ScanService) -> None:
     base = f"{listen.scheme}://{url_host(listen.host)}:{port}"
     log.info("dsc-server listening on %s (%s binding)", base, listen.binding)
     # Issue 14: the page an administrator opens, at the address the server advertises.
-    log.info("  status page:                %s/", server.base_url)
+    log.info("  web console:                %s/", server.base_url)
     log.info("  device (metadata, Probe):   %s/ScanServer", base)
     log.info("  WS-DSP (scanners):          %s/ScanServer/%s", base, server.dsp_service_uuid)
     log.info("  MS-BDSRR (management):      %s/ScanServer/%s", base, server.dsc_service_uuid)

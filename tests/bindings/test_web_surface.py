@@ -23,7 +23,7 @@ from test_http_bindings import (
 )
 
 A = names.Action
-GET_PATHS = ["/", "/status.json", "/metrics", "/healthz"]
+GET_PATHS = ["/", "/status", "/status.json", "/metrics", "/healthz", "/console.js", "/console.css"]
 
 
 @pytest.fixture(params=["async", "blocking"])
@@ -169,7 +169,7 @@ def test_web_endpoints_send_security_headers(binding: str, tmp_path: Path) -> No
             policy = reply.headers["content-security-policy"]
             assert "frame-ancestors 'none'" in policy and "default-src 'none'" in policy
             assert "unsafe-inline" not in policy
-            if path == "/":
+            if path == "/status":
                 page = reply.body.decode()
         # The page's one inline script is allowed by its hash, and nothing else is but the
         # web console's own files ('self': .webconsole.page).

@@ -243,7 +243,7 @@ def test_status_page_admits_directory_admins_like_bdsrr(
     alice = pki.client("alice", (f"alice@{DOMAIN}",), [])
     bob = pki.client("bob", (f"bob@{DOMAIN}",), [])
     Soap(server.url, alice).call(A.DSC_GET_ACTIVE_JOBS, dc.empty_request("GetActiveJobsRequest"))
-    for path in ("/", "/status.json"):
+    for path in ("/status", "/status.json", "/api/jobs"):
         status, body = get(server.url, alice, path)
         assert status == 200, (path, body[:300], server.log[-2000:])
         assert get(server.url, bob, path)[0] == 403

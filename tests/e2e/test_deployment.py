@@ -184,7 +184,7 @@ def test_dsc_serve_runs_with_the_example_configuration(tmp_path: Path) -> None:
         log = server.log
         assert f"dsc-server listening on https://0.0.0.0:{server.port}" in log, log
         # The start banner names the status page at the advertised address (issue 14, 5).
-        assert "status page:                https://scan.example.com:5362/" in log, log
+        assert "web console:                https://scan.example.com:5362/" in log, log
         assert "security: HTTPS, client certificates required" in log, log
         # Nothing waived (the SMTP relay of the example does not exist here: the health check
         # may warn about it, which is not the listener's business).
@@ -209,8 +209,10 @@ def test_dsc_serve_runs_with_the_example_configuration(tmp_path: Path) -> None:
         probe = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=30)
         assert probe.returncode == 0, probe
 
-        assert get("/", site.admin_pem) == 200  # the status page, for the administrator
-        assert get("/", site.scanner_pem) == 403  # ... and no one else
+        assert get("/status", site.admin_pem) == 200  # the status page, for the administrator
+        assert get("/status", site.scanner_pem) == 403  # ... and no one else
+        assert get("/api/jobs", site.admin_pem) == 200  # the console's data likewise
+        assert get("/api/jobs", site.scanner_pem) == 403
         with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
             get("/", None)  # no client certificate: no TLS session at all
 

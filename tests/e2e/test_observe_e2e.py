@@ -371,7 +371,7 @@ def test_status_page_is_for_scan_administrators(
     )
     alice = Soap(server.url, pki.context("alice"))
     token = alice.create([FileShareInstructions((LOCAL_SHARE,))])
-    for path in ("/", "/status.json", f"/status.json?job={token}"):
+    for path in ("/status", "/status.json", f"/status.json?job={token}"):
         assert get(server, path, pki.context("admin"))[0] == 200, path
         status, _, body, _ = get(server, path, pki.context("bob"))
         assert status == 403 and b"scan administrators only" in body, path

@@ -67,7 +67,7 @@ def test_a_scan_appears_on_the_open_page_without_a_reload(
     loads: list[str] = []
     page.on("load", lambda _: loads.append("load"))
     base = f"http://127.0.0.1:{server.port}"
-    page.goto(base + "/")
+    page.goto(base + "/status")
     expect = playwright_api.expect
     expect(page.locator("#status")).to_contain_text("repository Idle", timeout=15_000)
     expect(page.locator("#history tbody")).to_contain_text("no completed jobs")
@@ -115,7 +115,7 @@ def test_failures_are_red_and_a_vanished_scanner_is_stalled(browser: Any, tmp_pa
         soap = Soap(server.url)
         stalled = soap.create([FileShareInstructions((r"\\localhost\scans",))])
         page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.goto(f"http://127.0.0.1:{server.port}/status")
         expect = playwright_api.expect
         row = page.locator(f"#job-{token}")
         expect(row).to_contain_text("failed: Aborted (PostScanJobProcessingFailed)", timeout=15_000)

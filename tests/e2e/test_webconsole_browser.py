@@ -68,7 +68,7 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         page = context.new_page()
         page.on("request", lambda r: asked.append(r.url))
         base = f"http://127.0.0.1:{server.port}"
-        page.goto(base + "/console")
+        page.goto(base + "/")
         row = page.locator(f"#job-{active}")
         # Scanner-controlled text is shown as text: no element made of it, no script run.
         expect(row).to_contain_text(HOSTILE, timeout=15_000)
@@ -147,7 +147,7 @@ def test_sign_in_and_scan_processes_with_the_directory(
 def signed_in_and_processes(browser: Any, directory: Directory, port: int, tmp_path: Path) -> None:
     context = browser.new_context(viewport={"width": 1366, "height": 768})
     page = context.new_page()
-    page.goto(f"http://127.0.0.1:{port}/console")
+    page.goto(f"http://127.0.0.1:{port}/")
     form = page.locator("#sign-in")
     form.get_by_label("User name").fill("bob")
     form.get_by_label("Password").fill(USERS["bob"][0])

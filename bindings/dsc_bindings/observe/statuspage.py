@@ -240,7 +240,7 @@ PAGE = """<!doctype html>
 </head>
 <body>
 <h1>dsc-server</h1>
-<p><a href="/console">Open the console</a>: search the history, cancel, retry, purge, scan
+<p><a href="/">Open the console</a>: search the history, cancel, retry, purge, scan
 processes.</p>
 <div id="status">loading&hellip;</div>
 <h2>Repository</h2>

@@ -86,6 +86,8 @@ MAX_SCANNED = 2000
 #: Tokens a purge dry run lists (the count is always whole).
 DRY_RUN_TOKENS = 100
 STATE_CHANGING = frozenset({"POST", "PUT", "DELETE"})
+#: Where the read-only status page (.statuspage's ``/``) is served: ``/`` is the console.
+STATUS_PAGE = "/status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +119,13 @@ class WebConsole:
         return self.pages.headers
 
     def answer_get(self, target: str, identity: str | None) -> Reply | RequestLike | None:
-        """The console's page files (.page), else the status pages' answer."""
-        path = target.split("?", 1)[0]
+        """The console's page files (.page); the read-only status page at ``/status`` (the
+        status pages' ``/``); else the status pages' answer."""
+        path, sep, query = target.partition("?")
         if path in page.PATHS:
             return page.page_reply(path)
+        if path == STATUS_PAGE:
+            return self.pages.answer_get("/" + sep + query, identity)
         return self.pages.answer_get(target, identity)
 
     def open_api(self, head: ApiHead, identity: str | None, peer: Peer | None) -> ApiRequest:

@@ -1,5 +1,6 @@
 """The web console's page (issue 19, section 3): three static files, package data, served as
-they are (no build step, no CDN): ``GET /console`` (HTML), ``/console.js``, ``/console.css``.
+they are (no build step, no CDN): ``GET /`` (HTML), ``/console.js``, ``/console.css``.  The
+read-only status page of issue 9 moved to ``/status``.
 They hold no data (all of it comes from /api/), so anyone who reaches the server may load them;
 the page then signs in.  The CSP allows scripts and styles from this server only ('self'):
 these files, never inline code (.statuspage.SECURITY_HEADERS)."""
@@ -15,7 +16,7 @@ __all__ = ["PATHS", "page_reply"]
 
 #: path -> (package file, content type)
 _FILES = {
-    "/console": ("console.html", "text/html; charset=utf-8"),
+    "/": ("console.html", "text/html; charset=utf-8"),
     "/console.js": ("console.js", "text/javascript; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
 }
