@@ -238,6 +238,7 @@ def running(
     backend: str = "trio",
     filters: FilterSettings | None = None,
     directory: Directory | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[Running]:
     config = config or ServerConfig(user_directory={SID: USER})
     data_dir = tmp_path / "data"
@@ -249,7 +250,7 @@ def running(
         stack.callback(service.shutdown, 5.0)
         if binding == "blocking":
             server = BlockingServer(
-                composition.site, "127.0.0.1", 0, ssl_context, config.limits, grace=2.0
+                composition.site, host, 0, ssl_context, config.limits, grace=2.0
             )
             port = server.start()
             stop: Callable[[], None] = functools.partial(server.shutdown)
@@ -259,7 +260,7 @@ def running(
                 functools.partial(
                     serve,
                     composition.site,
-                    host="127.0.0.1",
+                    host=host,
                     port=0,
                     ssl_context=ssl_context,
                     limits=config.limits,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import ipaddress
 import json
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dsc_bindings.directory.ldap import Directory, DirectorySettings
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.webconsole.api import ROUTES, openapi_document
 from dsc_bindings.webconsole.session import SessionBook, SignInLimiter, cookie_value
@@ -45,6 +48,8 @@ class Browser:
 
     port: int
     cookie: str = ""
+    #: The server's address (a non-loopback one in the plain-HTTP password test).
+    host: str = "127.0.0.1"
     csrf: str = ""
     extra: dict[str, str] = field(default_factory=dict)
     #: A TLS client context (with its certificate), else plain HTTP.
@@ -74,9 +79,9 @@ class Browser:
     def connection(self) -> http.client.HTTPConnection:
         if self.context is not None:
             return http.client.HTTPSConnection(
-                "127.0.0.1", self.port, timeout=10, context=self.context
+                self.host, self.port, timeout=10, context=self.context
             )
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        return http.client.HTTPConnection(self.host, self.port, timeout=10)
 
     def sign_in(self, body: dict[str, str] | None = None) -> Answer:
         answer = self.call("POST", "/api/session", body or {})
@@ -287,3 +292,37 @@ def test_client_certificates_over_tls(
             refused.status == 403 and "'bob' is not a scan administrator" in refused.json["error"]
         )
         assert bob.sign_in().status == 403
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        address = str(probe.getsockname()[0])
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_no_password_over_plain_http_beyond_loopback(tmp_path: Path) -> None:
+    """Issue 19: a password never travels over plain HTTP from another machine; the refusal
+    comes before the directory is asked (this directory does not even exist)."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to serve on")
+    nowhere = Directory(
+        DirectorySettings(
+            url="ldaps://dc.invalid",
+            bind_user="svc@example.com",
+            password="x",
+            base_dn="DC=example,DC=com",
+        )
+    )
+    with running("async", tmp_path, directory=nowhere, host=address) as srv:
+        browser = Browser(srv.port, host=address)
+        refused = browser.sign_in({"user": "alice", "password": "secret"})
+        assert refused.status == 403, refused.body
+        assert "never accepted over plain HTTP" in refused.json["error"]

@@ -76,9 +76,19 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         assert page.evaluate("window.pwned") is None
         page.screenshot(path=str(tmp_path / "console-1366.png"), full_page=True)
         assert no_horizontal_scroll(page)
-        # Cancel, with a confirmation.
-        row.get_by_role("button", name=f"Cancel job {active}").click()
-        confirm(page)
+        # Cancel, with a confirmation, from the keyboard alone (labelled controls, Tab order).
+        label = f"Cancel job {active}"
+        for _ in range(60):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.getAttribute('aria-label')") == label:
+                break
+        else:
+            raise AssertionError(f"no Tab stop reaches the button {label!r}")
+        page.keyboard.press("Enter")
+        expect(page.locator("#confirm")).to_be_visible()
+        assert page.evaluate("document.activeElement.textContent") == "Cancel"  # the safe one
+        page.keyboard.press("Tab")
+        page.keyboard.press("Enter")
         expect(page.locator("#done")).to_contain_text(f"job {active} canceled")
         expect(page.locator("#active-table")).to_contain_text("no active jobs")
         # Retry the failed job once its share works.
