@@ -105,6 +105,15 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         expect(page.locator("#done")).to_contain_text("1 filter(s) run again")
         expect(page.locator(f"#job-{failed_token}")).to_contain_text("succeeded", timeout=15_000)
         assert len(list(blocker.rglob("page_0001.png"))) == 1
+        # The history is searched on the server: a part of one token finds that job only.
+        search = page.locator("#search")
+        search.get_by_label("Search").fill(failed_token[-12:])
+        search.get_by_role("button", name="Search").click()
+        expect(page.locator("#history-table tbody tr")).to_have_count(1)
+        expect(page.locator(f"#job-{failed_token}")).to_be_visible()
+        search.get_by_label("Search").fill("")
+        search.get_by_role("button", name="Search").click()
+        expect(page.locator(f"#job-{active}")).to_be_visible()
         # The job detail view.
         page.locator(f"#job-{failed_token} a").click()
         expect(page.locator("#job-filters")).to_contain_text("fileshare")
@@ -120,6 +129,14 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         confirm(page)
         expect(page.locator("#done")).to_contain_text("2 job(s) purged")
         expect(page.locator("#history-table")).to_contain_text("no jobs match")
+        # Live: a job created while the page is open appears without a reload.
+        page.get_by_role("link", name="Active jobs", exact=True).click()
+        loads: list[str] = []
+        page.on("load", lambda _: loads.append("load"))
+        late = soap.create([FileShareInstructions((r"\\localhost\scans",))])
+        expect(page.locator(f"#job-{late}")).to_be_visible(timeout=10_000)
+        assert loads == []
+        soap.dsc_cancel(late)
         # Every request went to this server (no CDN).
         assert asked and all(url.startswith(base + "/") for url in asked), asked
         # A forged cross-site POST (a page elsewhere, with the session cookie) is refused.
