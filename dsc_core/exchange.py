@@ -69,7 +69,6 @@ class Exchange:
         self._early_args: tuple[Any] | None = None
         self._upload: Upload | None = None
         self._in_upload = False
-        self._prepared = False
         ctype = _content_type(info.content_type or "")
         if ctype.media_type == "multipart/related":
             boundary = ctype.param("boundary")
@@ -90,8 +89,6 @@ class Exchange:
     def feed(self, data: bytes) -> list[Command]:
         if self._ended:
             raise UsageError("feed() after end()")
-        if self._prepared:
-            raise UsageError("feed() after prepare(): the body was complete")
         if not data:
             return []
         if self._multipart is None:
@@ -212,29 +209,6 @@ class Exchange:
             self._upload = None
         self._in_upload = False
         return commands
-
-    @property
-    def owner_free(self) -> bool:
-        """Whether :meth:`feed` and :meth:`prepare` touch only this exchange: true for a plain
-        SOAP body, which is only buffered and parsed.  A binding with several threads may then
-        call them without being the server's owner (without its lock), so that parsing does
-        not hold up the other connections.  A multipart body's feed starts and streams uploads
-        in the shared job table: it needs the owner."""
-        return self._multipart is None
-
-    def prepare(self) -> None:
-        """Parse and check the envelope of a complete plain body now, instead of in
-        :meth:`end` (optional; the answer is the same).  Touches only this exchange (see
-        ``owner_free``); a fault found here is the one ``end`` answers."""
-        if self._ended:
-            raise UsageError("prepare() after end()")
-        self._prepared = True
-        if self._multipart is not None or self._fault is not None or self._envelope is not None:
-            return
-        try:
-            self._envelope = self._read()
-        except faults.SoapFault as fault:
-            self._fault = fault
 
     # --- ending ---------------------------------------------------------------------------------
 

@@ -45,8 +45,7 @@ class ScanServer(ServerState):
 
     def open_exchange(self, info: RequestInfo) -> Exchange:
         """Begin one request.  Reads only the configuration (replaced whole on a reload), so
-        a binding may open exchanges without being the owner; see ``Exchange.owner_free``
-        for what may follow without it."""
+        a binding may open exchanges without being the owner; everything after needs it."""
         return Exchange(self, self.operations, info)
 
     def handle(self, body: bytes, info: RequestInfo) -> Outcome:

@@ -81,9 +81,6 @@ class ServiceRequest:
         if self._done or self._failed is not None or not data:
             return None
         exchange = self._exchange
-        if exchange.owner_free:
-            exchange.feed(data)  # only buffered: no owner needed (Exchange.owner_free)
-            return None
         commands = self._run.owner.call(lambda: exchange.feed(data))
         # One batch of this exchange in flight at a time, and the caller does not wait for
         # the batch it just handed over: the next piece of the body is read while this one
@@ -127,11 +124,6 @@ class ServiceRequest:
             self._reply = self._failed
             return self._failed
         exchange = self._exchange
-        if exchange.owner_free:
-            # Parsed here, not under the core's owner: with the blocking binding's threads,
-            # lxml parsing under the core lock made every other connection queue behind it
-            # (profiled: two thirds of their time was spent waiting for the lock).
-            exchange.prepare()
         directory = self._run.directory
         if directory is not None:
             # R14: what the request needs from the directory is asked off the loop (LDAP may
