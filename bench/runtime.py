@@ -506,165 +506,188 @@ def bench_scale(quick: bool) -> None:
     RESULTS["scale"] = {"runs": runs, "completed": completed, "jobs": total, "p99_ms": p99}
 
 
+class _ScaleClients:
+    """The scale run's clients against one ``dsc serve``: idle keep-alive holders and scanners,
+    counting what happened to them in ``stats``."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stats: dict[str, Any] = {"idle_closed": 0, "refused": 0, "completed": 0, "failed": []}
+        self.repository = envelope(
+            A.DSC_GET_REPOSITORY_ELEMENTS, dc.repository_elements_request(["RepositoryStatus"])
+        )
+
+    async def request(self, stream: Any, body: bytes, ctype: str = SOAP) -> bytes:
+        """POST ``body`` on ``stream`` and read the answer's body (503s counted)."""
+        head = (
+            f"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        await stream.send_all(head + body)
+        data = await self._receive_until(stream, b"", lambda got: b"\r\n\r\n" in got)
+        head_bytes, rest = data.split(b"\r\n\r\n", 1)
+        status = int(head_bytes.split()[1])
+        found = re.search(rb"(?i)content-length:\s*(\d+)", head_bytes)
+        length = int(found.group(1)) if found else 0
+        rest = await self._receive_until(stream, rest, lambda got: len(got) >= length)
+        if status == 503:
+            self.stats["refused"] += 1
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}")
+        return rest
+
+    @staticmethod
+    async def _receive_until(stream: Any, data: bytes, enough: Callable[[bytes], bool]) -> bytes:
+        while not enough(data):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    async def connect(self, source: str) -> Any:
+        import trio
+
+        sock = trio.socket.socket()
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", self.port))
+        return trio.SocketStream(sock)
+
+    async def holder(self, source: str, ready: Any) -> None:
+        """One idle keep-alive connection: a request, then held until the server closes it."""
+        import trio
+
+        try:
+            stream = await self.connect(source)
+            await self.request(stream, self.repository)
+        except (OSError, ConnectionError, RuntimeError, trio.BrokenResourceError):
+            self.stats["idle_closed"] += 1
+            ready.release()
+            return
+        ready.release()
+        try:
+            await stream.receive_some(1)  # held until the server closes it
+        except (OSError, trio.BrokenResourceError):
+            pass
+        self.stats["idle_closed"] += 1
+
+    async def scanner(self, number: int, image: bytes) -> None:
+        """One scanner's job (create, two images, end, poll to its end), retried on a lost
+        connection up to 20 times."""
+        import trio
+
+        last: BaseException | None = None
+        for _attempt in range(20):
+            try:
+                stream = await self.connect("127.0.0.1")
+                state = await self._scan(stream, number, image)
+                if state == "Completed":
+                    self.stats["completed"] += 1
+                else:
+                    self.stats["failed"].append(state)
+                await stream.aclose()
+                return
+            except (OSError, ConnectionError, RuntimeError, trio.BrokenResourceError) as exc:
+                last = exc
+                await trio.sleep(0.2)
+        self.stats["failed"].append(repr(last))
+
+    async def _scan(self, stream: Any, number: int, image: bytes) -> str:
+        """The job's final state (or the last one seen)."""
+        import trio
+
+        token = token_of(await self.request(stream, create_request()))
+        for document_id in (1, 2):
+            cid = f"i{document_id}@s{number}"
+            root = envelope(A.DSP_SEND_IMAGE, dc.send_image_request(token, document_id, "png", cid))
+            mtom = dc.mtom(root, cid, [image], boundary=f"b{number}x{document_id}")
+            await self.request(stream, b"".join(mtom.chunks()), mtom.content_type)
+        end = dc.token_request(names.DSP, "EndPostScanJobRequest", token)
+        await self.request(stream, envelope(A.DSP_END, end))
+        query = envelope(
+            A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(names.DSP, token, ["JobStatus"])
+        )
+        state = "?"
+        for _ in range(1200):
+            payload = dc.parse_response(await self.request(stream, query)).payload
+            state = dc.read_job_elements(payload, names.DSP).state
+            if state in ("Completed", "Aborted", "Canceled"):
+                break
+            await trio.sleep(0.1)
+        return state
+
+
+class _ActiveJobsMonitor:
+    """GetActiveJobs every 5 ms from a separate process (``_MONITOR``), started once the idle
+    connections are held; ``stop`` returns its times and errors."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        import threading
+
+        self._port = port
+        self._body_file = folder / "active.xml"
+        self._body_file.write_bytes(
+            envelope(A.DSC_GET_ACTIVE_JOBS, etree.Element(f"{{{names.DSC}}}GetActiveJobsRequest"))
+        )
+        self._stop_file = folder / "stop"
+        self._process: list[subprocess.Popen[str]] = []
+        self.start = threading.Event()
+        self._starter = threading.Thread(target=self._run, daemon=True)
+        self._starter.start()
+
+    def _run(self) -> None:
+        self.start.wait()
+        command = [sys.executable, "-c", _MONITOR, str(self._port), str(self._stop_file)]
+        self._process.append(
+            subprocess.Popen([*command, str(self._body_file)], stdout=subprocess.PIPE, text=True)
+        )
+
+    def stop(self) -> dict[str, Any]:
+        self._stop_file.touch()
+        self._starter.join(10)
+        out, _ = self._process[0].communicate(timeout=60)
+        measured: dict[str, Any] = json.loads(out)
+        return measured
+
+
 def _scale_once(quick: bool) -> dict[str, Any]:
     import trio
 
     scanners = 50 if quick else 200
     idle = 250 if quick else 1000
     image = os.urandom(1024 * 1024)
-    stats: dict[str, Any] = {"idle_closed": 0, "refused": 0, "completed": 0, "failed": []}
+    timing: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory(prefix="dsc-scale-") as tmp:
         serve = Serve(Path(tmp) / "data")
-
-        async def request(stream: trio.SocketStream, body: bytes, ctype: str = SOAP) -> bytes:
-            head = (
-                f"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            await stream.send_all(head + body)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    raise ConnectionError("closed")
-                data += chunk
-            head_bytes, rest = data.split(b"\r\n\r\n", 1)
-            status = int(head_bytes.split()[1])
-            found = re.search(rb"(?i)content-length:\s*(\d+)", head_bytes)
-            length = int(found.group(1)) if found else 0
-            while len(rest) < length:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    raise ConnectionError("closed")
-                rest += chunk
-            if status == 503:
-                stats["refused"] += 1
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}")
-            return rest
-
-        async def connect(source: str) -> trio.SocketStream:
-            sock = trio.socket.socket()
-            await sock.bind((source, 0))
-            await sock.connect(("127.0.0.1", serve.port))
-            return trio.SocketStream(sock)
-
-        repository = envelope(
-            A.DSC_GET_REPOSITORY_ELEMENTS, dc.repository_elements_request(["RepositoryStatus"])
-        )
-
-        async def holder(source: str, ready: trio.Semaphore) -> None:
-            try:
-                stream = await connect(source)
-                await request(stream, repository)
-            except (OSError, ConnectionError, RuntimeError, trio.BrokenResourceError):
-                stats["idle_closed"] += 1
-                ready.release()
-                return
-            ready.release()
-            try:
-                await stream.receive_some(1)  # held until the server closes it
-            except (OSError, trio.BrokenResourceError):
-                pass
-            stats["idle_closed"] += 1
-
-        async def scanner(number: int) -> None:
-            last: BaseException | None = None
-            for _attempt in range(20):
-                try:
-                    stream = await connect("127.0.0.1")
-                    token = token_of(await request(stream, create_request()))
-                    for document_id in (1, 2):
-                        cid = f"i{document_id}@s{number}"
-                        root = envelope(
-                            A.DSP_SEND_IMAGE,
-                            dc.send_image_request(token, document_id, "png", cid),
-                        )
-                        mtom = dc.mtom(root, cid, [image], boundary=f"b{number}x{document_id}")
-                        await request(stream, b"".join(mtom.chunks()), mtom.content_type)
-                    end = dc.token_request(names.DSP, "EndPostScanJobRequest", token)
-                    await request(stream, envelope(A.DSP_END, end))
-                    query = envelope(
-                        A.DSP_GET_JOB_ELEMENTS,
-                        dc.job_elements_request(names.DSP, token, ["JobStatus"]),
-                    )
-                    state = "?"
-                    for _ in range(1200):
-                        payload = dc.parse_response(await request(stream, query)).payload
-                        state = dc.read_job_elements(payload, names.DSP).state
-                        if state in ("Completed", "Aborted", "Canceled"):
-                            break
-                        await trio.sleep(0.1)
-                    if state == "Completed":
-                        stats["completed"] += 1
-                    else:
-                        stats["failed"].append(state)
-                    await stream.aclose()
-                    return
-                except (OSError, ConnectionError, RuntimeError, trio.BrokenResourceError) as exc:
-                    last = exc
-                    await trio.sleep(0.2)
-            stats["failed"].append(repr(last))
-
-        timing: dict[str, float] = {}
+        clients = _ScaleClients(serve.port)
+        monitor = _ActiveJobsMonitor(Path(tmp), serve.port)
 
         async def main() -> None:
             ready = trio.Semaphore(0)
             began = time.monotonic()
             async with trio.open_nursery() as holders:
                 for i in range(idle):
-                    holders.start_soon(holder, f"127.0.0.{10 + i % 4}", ready)
+                    holders.start_soon(clients.holder, f"127.0.0.{10 + i % 4}", ready)
                 for _ in range(idle):
                     await ready.acquire()
                 timing["held_in_s"] = time.monotonic() - began
-                monitor_start.set()
+                monitor.start.set()
                 began = time.monotonic()
                 async with trio.open_nursery() as nursery:
                     for number in range(scanners):
-                        nursery.start_soon(scanner, number)
+                        nursery.start_soon(clients.scanner, number, image)
                 timing["jobs_in_s"] = time.monotonic() - began
                 holders.cancel_scope.cancel()
 
-        import threading
-
-        monitor_start = threading.Event()
-        body_file = Path(tmp) / "active.xml"
-        body_file.write_bytes(
-            envelope(A.DSC_GET_ACTIVE_JOBS, etree.Element(f"{{{names.DSC}}}GetActiveJobsRequest"))
-        )
-        stop_file = Path(tmp) / "stop"
-        monitor: list[subprocess.Popen[str]] = []
-
-        def start_monitor() -> None:
-            monitor_start.wait()
-            monitor.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        _MONITOR,
-                        str(serve.port),
-                        str(stop_file),
-                        str(body_file),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-            )
-
-        starter = threading.Thread(target=start_monitor, daemon=True)
-        starter.start()
         try:
             trio.run(main)
-            stop_file.touch()
-            starter.join(10)
-            out, _ = monitor[0].communicate(timeout=60)
+            measured = monitor.stop()
             peak = serve.rss()
         finally:
-            monitor_start.set()
+            monitor.start.set()
             serve.stop()
-    measured = json.loads(out)
+    stats = clients.stats
     times = sorted(measured["times"])
     p50 = times[len(times) // 2] * 1000
     p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1000

@@ -187,6 +187,28 @@ class _Connection:
             self.receive_scope.cancel()
 
 
+def _send_at_once(raw: socket.socket, data: bytes) -> bytes | None:
+    """What one non-blocking send on ``raw`` left of ``data`` (b"" when all of it went), or
+    None when the socket failed."""
+    try:
+        sent = raw.send(data)
+    except (BlockingIOError, InterruptedError):
+        return data
+    except OSError:
+        return None
+    return data[sent:]
+
+
+async def _send(
+    protocol: HttpConnection, stream: anyio.abc.ByteStream, data: bytes, timeout: float
+) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            await stream.send(data)
+    except (TimeoutError, *_STREAM_ERRORS):
+        protocol.send_failed()
+
+
 class _Server:
     def __init__(self, site: Site, limits: Limits, ssl_context: ssl.SSLContext | None) -> None:
         self.site = site
@@ -238,6 +260,49 @@ class _Server:
         over: str | None,
         peer: Peer,
     ) -> None:
+        opened = await self._open(connection, stream, over, peer)
+        if opened is None:
+            return
+        protocol, stream, raw = opened
+        try:
+            while True:
+                action = protocol.next_action()
+                if isinstance(action, Receive):
+                    if raw is not None:
+                        await self._receive_raw(connection, protocol, raw, action)
+                    else:
+                        await self._receive(connection, protocol, stream, action)
+                elif isinstance(action, Send):
+                    rest = action.data if raw is None else _send_at_once(raw, action.data)
+                    if rest is None:
+                        protocol.send_failed()
+                    elif rest:
+                        await _send(protocol, stream, rest, action.timeout)
+                elif isinstance(action, Call):
+                    try:
+                        result = action.function()
+                        if isinstance(result, Wait):
+                            result = await self.loop.follow(result)
+                    except Exception as exc:
+                        protocol.call_failed(exc)
+                    else:
+                        protocol.call_done(result)
+                elif isinstance(action, Close):
+                    if action.linger:
+                        await _linger(stream)
+                    return
+        finally:
+            await self._clean_up(protocol, peer)
+
+    async def _open(
+        self,
+        connection: _Connection,
+        stream: anyio.abc.ByteStream,
+        over: str | None,
+        peer: Peer,
+    ) -> tuple[HttpConnection, anyio.abc.ByteStream, socket.socket | None] | None:
+        """The connection's driver, its stream (TLS once the handshake is done) and, on plain
+        TCP under trio, its raw socket; None when the TLS handshake failed."""
         identity: str | None = None
         unusable: str | None = None
         if self.ssl_context is not None:
@@ -251,7 +316,7 @@ class _Server:
                     )
             except (TimeoutError, *_STREAM_ERRORS) as exc:
                 log.info("%s: TLS handshake failed: %r", peer, exc)
-                return
+                return None
             identity, unusable = connection_identity(
                 stream.extra(TLSAttribute.peer_certificate_binary, None)
             )
@@ -275,55 +340,18 @@ class _Server:
             raw = found if isinstance(found, socket.socket) else None
             if raw is not None:
                 connection.raw_wait = _RawWait(raw)
-        try:
-            while True:
-                action = protocol.next_action()
-                if isinstance(action, Receive):
-                    if raw is not None:
-                        await self._receive_raw(connection, protocol, raw, action)
-                    else:
-                        await self._receive(connection, protocol, stream, action)
-                elif isinstance(action, Send):
-                    data = action.data
-                    if raw is not None:
-                        try:
-                            sent = raw.send(data)
-                        except (BlockingIOError, InterruptedError):
-                            sent = 0
-                        except OSError:
-                            protocol.send_failed()
-                            continue
-                        if sent == len(data):
-                            continue
-                        data = data[sent:]
-                    try:
-                        with anyio.fail_after(action.timeout):
-                            await stream.send(data)
-                    except (TimeoutError, *_STREAM_ERRORS):
-                        protocol.send_failed()
-                elif isinstance(action, Call):
-                    try:
-                        result = action.function()
-                        if isinstance(result, Wait):
-                            result = await self.loop.follow(result)
-                    except Exception as exc:
-                        protocol.call_failed(exc)
-                    else:
-                        protocol.call_done(result)
-                elif isinstance(action, Close):
-                    if action.linger:
-                        await _linger(stream)
-                    return
-        finally:
-            cleanup = protocol.cleanup()
-            if cleanup is not None:
-                # Also when cancelled after the grace: the exchange must be aborted so that no
-                # upload debris remains (R12).
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self.loop.follow(cleanup())
-                    except Exception:
-                        log.exception("%s: aborting the exchange failed", peer)
+        return protocol, stream, raw
+
+    async def _clean_up(self, protocol: HttpConnection, peer: Peer) -> None:
+        cleanup = protocol.cleanup()
+        if cleanup is not None:
+            # Also when cancelled after the grace: the exchange must be aborted so that no
+            # upload debris remains (R12).
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.loop.follow(cleanup())
+                except Exception:
+                    log.exception("%s: aborting the exchange failed", peer)
 
     async def _receive_raw(
         self,

@@ -668,30 +668,7 @@ class HttpConnection:
             self._protocol_error(exc)
             return
         if event is h11.NEED_DATA:
-            if self._backlog or (self._eof and not self._eof_fed):
-                return  # more of what was received goes to h11 at the next step
-            if self._held and (
-                self._request is not None or self._held_bytes > self._limits.max_envelope_bytes
-            ):
-                # What was received goes to the service before we wait for more (R8), in one
-                # Call (which opens the exchange first if needed).
-                self._call(finish=False)
-            elif self._eof_fed:  # h11 raises for EOF mid-event; this is EOF between events
-                self._close(False)
-            elif (
-                self._phase == "body"
-                and self._exchange_pending
-                and self._h11.they_are_waiting_for_100_continue
-            ):
-                # Only reached for an accepted head (R12 checks first); the exchange itself
-                # opens with the first Call.
-                self._send(
-                    h11.InformationalResponse(
-                        status_code=100, headers=self._headers(), reason=b"Continue"
-                    )
-                )
-            else:
-                self._pending.append(self._receive())
+            self._need_data()
         elif event is h11.PAUSED:
             self._after_cycle()
         elif isinstance(event, h11.Request):
@@ -713,6 +690,34 @@ class HttpConnection:
             self._close(False)
         else:  # pragma: no cover - h11 has no other server-side events
             self._close(False)
+
+    def _need_data(self) -> None:
+        """h11 has no event without more bytes: give it what is received, hand the held body
+        to the service, say 100 Continue, or wait for the client."""
+        if self._backlog or (self._eof and not self._eof_fed):
+            return  # more of what was received goes to h11 at the next step
+        if self._held and (
+            self._request is not None or self._held_bytes > self._limits.max_envelope_bytes
+        ):
+            # What was received goes to the service before we wait for more (R8), in one
+            # Call (which opens the exchange first if needed).
+            self._call(finish=False)
+        elif self._eof_fed:  # h11 raises for EOF mid-event; this is EOF between events
+            self._close(False)
+        elif (
+            self._phase == "body"
+            and self._exchange_pending
+            and self._h11.they_are_waiting_for_100_continue
+        ):
+            # Only reached for an accepted head (R12 checks first); the exchange itself
+            # opens with the first Call.
+            self._send(
+                h11.InformationalResponse(
+                    status_code=100, headers=self._headers(), reason=b"Continue"
+                )
+            )
+        else:
+            self._pending.append(self._receive())
 
     @property
     def _exchange_pending(self) -> bool:

@@ -367,6 +367,32 @@ def _signed_in(request: ApiRequest, user: str, method: str) -> Reply:
     )
 
 
+def _password_attempt(request: ApiRequest, user: object, password: object) -> tuple[str, str]:
+    """``user`` and ``password`` once they may be tried: both non-empty text, sent over TLS or
+    from the server itself, and not held back by the failed attempts before (429)."""
+    if not isinstance(user, str) or not isinstance(password, str) or not user or not password:
+        raise ApiError(400, "Give a user name and a password (both non-empty text).")
+    if not request.secure and not request.loopback():
+        raise ApiError(
+            403,
+            "A password is never accepted over plain HTTP from another machine: serve with TLS "
+            "(--tls-cert/--tls-key), or sign in on the server itself.",
+        )
+    wait = request.console.sign_in_limiter.wait_seconds(request.address, user)
+    if wait > 0:
+        log.warning(
+            "web console: sign-in as %r from %s refused: too many failed attempts",
+            user,
+            request.address,
+        )
+        raise ApiError(
+            429,
+            f"Too many failed sign-ins; try again in {int(wait) + 1} seconds.",
+            (("Retry-After", str(int(wait) + 1)),),
+        )
+    return user, password
+
+
 def _sign_in(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply | Wait:
     body = request.json_body()
     service = request.service
@@ -383,27 +409,8 @@ def _sign_in(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Rep
         raise ApiError(
             400, "This server has no [directory]: sign in with a client certificate instead."
         )
-    if not isinstance(user, str) or not isinstance(password, str) or not user or not password:
-        raise ApiError(400, "Give a user name and a password (both non-empty text).")
-    if not request.secure and not request.loopback():
-        raise ApiError(
-            403,
-            "A password is never accepted over plain HTTP from another machine: serve with TLS "
-            "(--tls-cert/--tls-key), or sign in on the server itself.",
-        )
+    user, password = _password_attempt(request, user, password)
     limiter = request.console.sign_in_limiter
-    wait = limiter.wait_seconds(request.address, user)
-    if wait > 0:
-        log.warning(
-            "web console: sign-in as %r from %s refused: too many failed attempts",
-            user,
-            request.address,
-        )
-        raise ApiError(
-            429,
-            f"Too many failed sign-ins; try again in {int(wait) + 1} seconds.",
-            (("Retry-After", str(int(wait) + 1)),),
-        )
 
     def check() -> tuple[str | None, DirectoryAnswers | None]:
         from dsc_bindings.directory.ldap import DirectoryError, DirectoryUnavailable

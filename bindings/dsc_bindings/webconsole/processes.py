@@ -85,19 +85,39 @@ def _found(store: ProcessStore, name: str) -> ScanProcess:
 
 def _changed(process: ScanProcess, body: dict[str, Any]) -> ScanProcess:
     """``process`` with what ``body`` names (the fields of ScanProcess.as_dict) replaced."""
+    changes = {**_list_changes(body), **_flag_changes(body), **_name_changes(body)}
+    changes["settings"] = _settings_changed(process.settings, body)
+    new = replace(process, **changes)
+    if not new.has_destination:
+        raise ApiError(
+            400,
+            "A scan process needs a destination: shares, sharepoint_sites, emails or "
+            "email_scan_user.",
+        )
+    return new
+
+
+def _list_changes(body: dict[str, Any]) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for key in _LISTS:
         if key in body:
             value = body[key]
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ApiError(400, f"{key} must be a list of non-empty texts.")
-            changes[key if key != "allow" else "allow"] = tuple(v.strip() for v in value)
+            changes[key] = tuple(v.strip() for v in value)
+    return changes
+
+
+def _flag_changes(body: dict[str, Any]) -> dict[str, Any]:
+    """The process's own flags (duplex, also checked here, is one of its settings')."""
     for key in _FLAGS:
         if key in body and not isinstance(body[key], bool):
             raise ApiError(400, f"{key} must be true or false.")
-    for key in ("email_scan_user", "continue_on_error"):
-        if key in body:
-            changes[key] = body[key]
+    return {key: body[key] for key in ("email_scan_user", "continue_on_error") if key in body}
+
+
+def _name_changes(body: dict[str, Any]) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
     if "document_root_name" in body:
         root = body["document_root_name"]
         if not isinstance(root, str) or not root.strip():
@@ -112,27 +132,22 @@ def _changed(process: ScanProcess, body: dict[str, Any]) -> ScanProcess:
                 "server's DNS name (e.g. scan.example.com).",
             )
         changes["scan_repository"] = host.strip()
-    s = process.settings
+    return changes
+
+
+def _settings_changed(s: ScanSettings, body: dict[str, Any]) -> ScanSettings:
     resolution = body.get("resolution", s.resolution)
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution <= 0:
         raise ApiError(400, "resolution must be a positive whole number (dots per inch).")
     for key in ("format", "color"):
         if key in body and not isinstance(body[key], str):
             raise ApiError(400, f"{key} must be a text.")
-    changes["settings"] = ScanSettings(
+    return ScanSettings(
         format=body.get("format", s.format),
         resolution=resolution,
         color=body.get("color", s.color),
         duplex=body.get("duplex", s.duplex),
     )
-    new = replace(process, **changes)
-    if not new.has_destination:
-        raise ApiError(
-            400,
-            "A scan process needs a destination: shares, sharepoint_sites, emails or "
-            "email_scan_user.",
-        )
-    return new
 
 
 def _list(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply | Wait:
