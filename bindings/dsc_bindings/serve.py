@@ -295,10 +295,15 @@ def _run_blocking(
         port = server.start()
         if settings.listen.monitor is not None:
             from dsc_bindings.http.monitor import monitor_site
+            from dsc_bindings.observe.statuspage import OPEN_PATHS
 
             host, monitor_port = settings.listen.monitor
             monitor = BlockingServer(
-                monitor_site(composition.site), host, monitor_port, None, settings.server.limits
+                monitor_site(composition.site, OPEN_PATHS),
+                host,
+                monitor_port,
+                None,
+                settings.server.limits,
             )
             _log_monitor(settings, monitor.start())
     except OSError as exc:
@@ -362,11 +367,12 @@ def _run_async(
                 )
                 if settings.listen.monitor is not None:
                     from dsc_bindings.http.monitor import monitor_site
+                    from dsc_bindings.observe.statuspage import OPEN_PATHS
 
                     host, monitor_port = settings.listen.monitor
                     bound = await nursery.start(
                         lambda task_status=trio.TASK_STATUS_IGNORED: serve(
-                            monitor_site(composition.site),
+                            monitor_site(composition.site, OPEN_PATHS),
                             host=host,
                             port=monitor_port,
                             limits=settings.server.limits,

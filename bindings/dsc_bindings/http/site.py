@@ -27,6 +27,7 @@ __all__ = [
     "WebApi",
     "WebPages",
     "no_origins",
+    "split_target",
 ]
 
 #: The largest request body the web console's API reads (a scan process's XML is the biggest
@@ -97,6 +98,13 @@ class HttpObserver(Protocol):
     def http_refused(self, status: int) -> None: ...
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request target's path and query (RFC 9112 3.2.1, origin-form: absolute-path
+    ["?" query]): the web endpoints are chosen by the path alone, whatever the query."""
+    path, _, query = target.partition("?")
+    return path, query
 
 
 def no_origins() -> frozenset[str]:

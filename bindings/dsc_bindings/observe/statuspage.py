@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
+from dsc_bindings.http.site import split_target
 from dsc_bindings.observe.health import Check, Health
 from dsc_bindings.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dsc_bindings.observe.observer import Observer
@@ -54,7 +55,7 @@ from dsc_bindings.store import tally
 from dsc_core import Reply
 from dsc_core.outcomes import ENDED_OUTCOMES
 
-__all__ = ["PAGE", "PATHS", "SECURITY_HEADERS", "View", "answer"]
+__all__ = ["OPEN_PATHS", "PAGE", "PATHS", "SECURITY_HEADERS", "View", "answer"]
 
 JSON_TYPE = "application/json; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
@@ -62,6 +63,9 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 PATHS = frozenset({"/", "/status.json", "/metrics", "/healthz"})
 #: The paths for scan administrators only (R10: they show users, devices and destinations).
 ADMIN_PATHS = frozenset({"/", "/status.json"})
+#: The paths that hold no user, token or address (R10 note above): anyone may read them, and
+#: the monitoring listener (``[server] monitor_listen``) serves only these.
+OPEN_PATHS = PATHS - ADMIN_PATHS
 #: Completed jobs in one /status.json answer, unless ``?limit=`` says otherwise (and the most).
 HISTORY_PAGE = 50
 MAX_HISTORY_PAGE = 500
@@ -180,8 +184,7 @@ def answer(
     method: str, target: str, identity: str | None, view: View, observer: Observer
 ) -> Reply | None:
     """The answer to a GET of one of :data:`PATHS`, or None: not ours (the caller's 405)."""
-    parts = urlsplit(target)
-    path = parts.path
+    path, query_text = split_target(target)
     if method != "GET" or path not in PATHS:
         return None
     if path == "/healthz":
@@ -193,7 +196,7 @@ def answer(
         return _text(403, "The status page is for scan administrators only (R10).")
     if path == "/":
         return _reply(200, HTML_TYPE, PAGE.encode())
-    query = parse_qs(parts.query)
+    query = parse_qs(query_text)
     if "job" in query:
         job = observer.job(query["job"][0], time.time(), view.stalled_after_seconds)
         if job is None:

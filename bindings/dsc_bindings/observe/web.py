@@ -11,6 +11,7 @@ request's lookups.
 from __future__ import annotations
 
 from dsc_bindings.http.cross_site import origin_of
+from dsc_bindings.http.site import split_target
 from dsc_bindings.observe.health import HealthMonitor
 from dsc_bindings.observe.observer import Observer
 from dsc_bindings.observe.statuspage import (
@@ -52,7 +53,7 @@ class StatusPages:
     def answer_get(self, target: str, identity: str | None) -> Reply | StatusRequest | None:
         """The answer to a GET of one of :data:`.statuspage.PATHS`, or None for any other
         path (the binding answers 405).  Called in the core's owner context."""
-        path = target.split("?", 1)[0]
+        path, _ = split_target(target)
         if path not in PATHS:
             return None
         service = self._service

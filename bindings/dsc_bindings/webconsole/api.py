@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from lxml import etree
 
-from dsc_bindings.http.site import MAX_API_BODY_BYTES, ApiHead, RequestLike
+from dsc_bindings.http.site import MAX_API_BODY_BYTES, ApiHead, RequestLike, split_target
 from dsc_bindings.observe.observer import Observer
 from dsc_bindings.observe.web import StatusPages
 from dsc_bindings.runtime.peer import Peer
@@ -121,11 +121,11 @@ class WebConsole:
     def answer_get(self, target: str, identity: str | None) -> Reply | RequestLike | None:
         """The console's page files (.page); the read-only status page at ``/status`` (the
         status pages' ``/``); else the status pages' answer."""
-        path, sep, query = target.partition("?")
+        path, query = split_target(target)
         if path in page.PATHS:
             return page.page_reply(path)
         if path == STATUS_PAGE:
-            return self.pages.answer_get("/" + sep + query, identity)
+            return self.pages.answer_get(f"/?{query}" if query else "/", identity)
         return self.pages.answer_get(target, identity)
 
     def open_api(self, head: ApiHead, identity: str | None, peer: Peer | None) -> ApiRequest:
