@@ -39,25 +39,33 @@ Identity (R10): see :mod:`.certidentity`; a connection whose certificate names n
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Literal, Protocol
 
 import h11
 
-from dsc_bindings.http.cross_site import cross_site_refusal
-from dsc_bindings.http.site import MAX_API_BODY_BYTES, ApiHead, ApiReply, RequestLike, Site
+from dsc_bindings.http.request_rules import (
+    SERVER_NAME,
+    Answered,
+    Rejection,
+    RequestHead,
+    RequestRules,
+    body_limit_setting,
+    check_head,
+    error_reply,
+    reason,
+    reply_headers,
+)
+from dsc_bindings.http.site import RequestLike, Site
 from dsc_bindings.runtime.peer import UNKNOWN_PEER, Peer
 from dsc_bindings.runtime.ticket import Ticket, Wait
 from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes, reserved_slots
-from dsc_core.content_type import soap_media_type_refusal
 
 __all__ = [
     "HEAD_READ_SIZE",
@@ -77,6 +85,7 @@ __all__ = [
     "Rejection",
     "RequestLike",
     "Send",
+    "ServiceWork",
     "address_cap",
     "admit",
     "check_request_head",
@@ -85,7 +94,6 @@ __all__ = [
 
 log = logging.getLogger("dsc.http")
 
-SERVER_NAME = "dsc-server"
 #: Bytes per socket read of a request body: large enough for upload throughput, small enough
 #: to stay flat (R8).
 READ_SIZE = 256 * 1024
@@ -142,7 +150,7 @@ class Call:
     function: Callable[[], object]
 
 
-class _Work:
+class ServiceWork:
     """The service work of one Call for the current request: open the exchange unless it is
     open, feed the held body pieces in order, then finish it if the body is complete (the
     result is the Reply).  Core calls run in the calling context (the event loop); where the
@@ -327,15 +335,6 @@ def admit(host: str, connections: Iterable[Admitted], limits: Limits) -> Admissi
 # --- request-head rules -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """An HTTP-level refusal of a request head, answered before any body is read."""
-
-    status: int
-    message: str
-    headers: tuple[tuple[str, str], ...] = ()
-
-
 #: A Content-Length header line whose value is a number too long for h11 (20+ digits).
 _HUGE_CONTENT_LENGTH = re.compile(
     rb"\r?\ncontent-length[ \t]*:[ \t]*0*([1-9][0-9]{19,})[ \t]*\r?\n", re.IGNORECASE
@@ -349,77 +348,12 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
-def request_has_body(request: h11.Request) -> bool:
-    if _header(request, b"transfer-encoding") is not None:
-        return True
-    length = _header(request, b"content-length")
-    return length is not None and length.strip() not in (b"", b"0")
-
-
 def check_request_head(request: h11.Request, limits: Limits) -> Rejection | None:
     """405 for anything but POST (every SOAP operation is a POST, R1; the read-only GET
     endpoints of .statuspage are answered before this check); 413 when the declared
     Content-Length exceeds max_image_bytes + max_envelope_bytes (R12), before the body is read
     (and before any 100 Continue)."""
-    return _check_head(request.method, _header(request, b"content-length"), limits)
-
-
-def _check_head(method: bytes, length: bytes | None, limits: Limits) -> Rejection | None:
-    if method != b"POST":
-        return Rejection(
-            405,
-            f"Method {method.decode('ascii', 'replace')} is not "
-            "allowed; this server only answers POST.",
-            (("Allow", "POST"),),
-        )
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:  # h11 already validated it; stay defensive
-            return Rejection(400, "The Content-Length header is not a number.")
-        if declared > max_request_bytes(limits):
-            return Rejection(
-                413,
-                f"The request body of {declared} bytes exceeds the limit of "
-                f"{max_request_bytes(limits)} bytes{body_limit_setting(limits)}.",
-            )
-    return None
-
-
-def body_limit_setting(limits: Limits) -> str:
-    """What a 413 adds so that an administrator knows what to raise: the body limit is one
-    image plus its envelope (dsc_core.config.max_request_bytes), the image set by
-    ``[limits] max_image_bytes``."""
-    return f" (one image of at most max_image_bytes = {limits.max_image_bytes}, plus its envelope)"
-
-
-def error_reply(status: int, message: str) -> Reply:
-    """The plain-text body of an HTTP-level error (not SOAP: no exchange was opened)."""
-    phrase = _phrase(status)
-    return Reply(status, "text/plain; charset=utf-8", f"{status} {phrase}: {message}\n".encode())
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-_SERVER_NAME = SERVER_NAME.encode("ascii")
-
-
-@functools.lru_cache(maxsize=64)
-def _reason(status: int) -> bytes:
-    return _phrase(status).encode("ascii")
-
-
-@functools.lru_cache(maxsize=64)
-def _header_value(value: str) -> bytes:
-    """A header value of the server's own, checked once (a bug, not a client, could break it)."""
-    if "\r" in value or "\n" in value:
-        raise ValueError(f"header value with a line break: {value!r}")
-    return value.encode("latin-1")
+    return check_head(request.method, _header(request, b"content-length"), limits)
 
 
 # --- the connection driver ------------------------------------------------------------------------
@@ -441,8 +375,8 @@ class HttpConnection:
         unusable_certificate: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        #: Opens the SOAP exchanges; None on a listener without SOAP.
-        self._soap = site.requests
+        #: What each request head gets (shared with the ASGI app).
+        self._rules = RequestRules(site, limits)
         self._limits = limits
         self._identity = identity
         #: Why the verified client certificate names no user (.certidentity): every request
@@ -465,7 +399,7 @@ class HttpConnection:
         self._held: list[bytes] = []
         self._held_bytes = 0
         #: The Call in flight (its result is the Reply when it finishes the request).
-        self._calling: _Work | None = None
+        self._calling: ServiceWork | None = None
         self._phase: Phase = "head"
         head_timeout = limits.head_timeout
         if over_capacity is not None:
@@ -491,19 +425,7 @@ class HttpConnection:
         #: When the connection last became idle (clock()): the longest-idle one is reclaimed
         #: first at the connection limit.
         self.idle_since = clock()
-        pages = site.pages
-        #: The read-only web endpoints (.observe.web), if this listener serves them.
-        self._answer_get: Callable[[str, str | None], Reply | RequestLike | None] | None = (
-            pages.answer_get if pages is not None else None
-        )
-        #: Headers of every answer of the web endpoints (CSP and friends).
-        self._web_headers: tuple[tuple[str, str], ...] = pages.headers if pages is not None else ()
         self._observer = site.observer
-        self._own_origins = site.own_origins
-        #: The web console's JSON API (.webconsole.api), if this listener serves it.
-        self._open_api: Callable[[ApiHead, str | None, Peer], RequestLike] | None = (
-            site.api.open_api if site.api is not None else None
-        )
         #: The current request is a HEAD: its answer has the head of the GET answer, no body.
         self._head_only = False
         #: The current request is a GET of a web endpoint answered by a Call (.observe.web.StatusRequest).
@@ -606,9 +528,7 @@ class HttpConnection:
             assert isinstance(result, Reply)
             self._request = None
             web, self._web_answer = self._web_answer, False
-            # An API answer carries headers of its own (Set-Cookie, ETag: .webconsole.api).
-            own = result.headers if isinstance(result, ApiReply) else ()
-            self._respond(result, extra=(*self._web_headers, *own) if web else ())
+            self._respond(result, extra=self._rules.reply_extra(result, web))
 
     def call_failed(self, exc: BaseException) -> None:
         """A service call raised (a bug: the service answers faults, never raises)."""
@@ -726,7 +646,7 @@ class HttpConnection:
 
     def _call(self, *, finish: bool) -> None:
         """One Call for everything the current request needs now (see module doc)."""
-        work = _Work(self._opener, self._request, self._held, finish)
+        work = ServiceWork(self._opener, self._request, self._held, finish)
         self._opener = None
         self._held, self._held_bytes = [], 0
         self._calling = work
@@ -766,27 +686,10 @@ class HttpConnection:
         self._phase = "body"
         self._head_copy.clear()
         self._head_only = request.method == b"HEAD"
-        # One pass over the headers this driver reads (h11 lower-cases names).
-        transfer_encoding = content_length = content_type = fetch_site = origin = None
-        cookie = csrf = if_none_match = None
-        for key, value in request.headers:
-            if key == b"content-type":
-                content_type = value
-            elif key == b"content-length":
-                content_length = value
-            elif key == b"transfer-encoding":
-                transfer_encoding = value
-            elif key == b"sec-fetch-site":
-                fetch_site = value
-            elif key == b"origin":
-                origin = value
-            elif key == b"cookie":
-                cookie = value
-            elif key == b"x-csrf-token":
-                csrf = value
-            elif key == b"if-none-match":
-                if_none_match = value
-        if transfer_encoding is not None and content_length is not None:
+        head = RequestHead.parse(
+            request.method, request.target.decode("ascii", "replace"), request.headers
+        )
+        if head.transfer_encoding is not None and head.content_length is not None:
             log.warning(
                 "%s: request with both Transfer-Encoding and Content-Length: answered, then "
                 "the connection is closed (RFC 9112 6.1)",
@@ -794,114 +697,23 @@ class HttpConnection:
             )
             self._close_after_answer = True
         self._opener, self._held, self._held_bytes = None, [], 0
-        target = request.target.decode("ascii", "replace")
         if self._over_capacity is not None:
             log.warning("%s: refused with 503: %s", self._peer, self._over_capacity)
-            self._refused(503)
+            self._rules.refused(503)
             self._respond(
                 error_reply(503, self._over_capacity),
                 close=True,
                 extra=(("Retry-After", "1"),),
             )
             return
-        # Issue 14: what a browser marks as sent by another site is refused, on every path.
-        foreign = cross_site_refusal(fetch_site, origin, self._own_origins)
-        if foreign is not None:
-            self._refuse(request, target, Rejection(403, foreign))
+        decision = self._rules.decide(head, self._identity, self._peer, self._unusable_certificate)
+        if isinstance(decision, Answered):
+            # A body is not read after an answer at the head: close after it, unless none.
+            self._respond(decision.reply, close=head.has_body, extra=decision.headers)
             return
-        if self._unusable_certificate is not None:
-            self._refuse(request, target, Rejection(403, f"Refused: {self._unusable_certificate}."))
-            return
-        if self._open_api is not None and target.startswith("/api/"):
-            # The web console's JSON API (.webconsole.api): its own admission (a session, its
-            # CSRF token, JSON bodies), answered by a Call at the end of the body like SOAP.
-            self._open_web_api(
-                request, target, content_length, content_type, cookie, csrf, if_none_match
-            )
-            return
-        if request.method in (b"GET", b"HEAD") and self._answer_get is not None:
-            # The status page, its JSON, /metrics and /healthz (.statuspage); HEAD gets the
-            # head of the same answer (RFC 9110 9.3.2).  Any other GET is refused below like
-            # every other method but POST.
-            reply = self._answer_get(target, self._identity)
-            if isinstance(reply, Reply):
-                self._respond(reply, close=request_has_body(request), extra=self._web_headers)
-                return
-            if reply is not None:
-                # The answer needs the directory (.observe.web.StatusRequest): it is carried out
-                # like a SOAP request, by the Call at the end of the (empty) body.
-                get_request = reply
-                self._opener = lambda: get_request
-                self._web_answer = True
-                return
-        requests = self._soap
-        if requests is None:
-            self._refuse(request, target, Rejection(404, "This listener serves no SOAP."))
-            return
-        rejection = _check_head(request.method, content_length, self._limits)
-        ctype = content_type.decode("latin-1") if content_type is not None else None
-        if rejection is None:
-            unsupported = soap_media_type_refusal(ctype)
-            if unsupported is not None:
-                rejection = Rejection(415, unsupported)
-        if rejection is not None:
-            self._refuse(request, target, rejection)
-            return
-        identity, peer = self._identity, self._peer
         # Opened by the first Call this request needs (coalescing: module doc).
-        self._opener = lambda: requests.open_request(ctype, identity, target, peer)
-
-    def _open_web_api(
-        self,
-        request: h11.Request,
-        target: str,
-        content_length: bytes | None,
-        content_type: bytes | None,
-        cookie: bytes | None,
-        csrf: bytes | None,
-        if_none_match: bytes | None,
-    ) -> None:
-        length = content_length.strip() if content_length is not None else b""
-        if length.isdigit() and int(length) > MAX_API_BODY_BYTES:
-            self._refuse(
-                request,
-                target,
-                Rejection(413, f"The request body exceeds {MAX_API_BODY_BYTES} bytes."),
-            )
-            return
-
-        def text(value: bytes | None) -> str | None:
-            return None if value is None else value.decode("latin-1")
-
-        head = ApiHead(
-            request.method.decode("ascii", "replace"),
-            target,
-            text(content_type),
-            text(cookie),
-            text(csrf),
-            text(if_none_match),
-        )
-        assert self._open_api is not None
-        api = self._open_api(head, self._identity, self._peer)
-        self._opener = lambda: api
-        self._web_answer = True
-
-    def _refuse(self, request: h11.Request, target: str, rejection: Rejection) -> None:
-        self._refused(rejection.status)
-        log.warning(
-            "%s: %s %s refused with %d: %s",
-            self._peer,
-            request.method.decode("ascii", "replace"),
-            target,
-            rejection.status,
-            rejection.message,
-        )
-        # A refused body is not read: close after the answer, unless there is none.
-        self._respond(
-            error_reply(rejection.status, rejection.message),
-            close=request_has_body(request),
-            extra=rejection.headers,
-        )
+        self._opener = decision.opener
+        self._web_answer = decision.web
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
@@ -926,15 +738,11 @@ class HttpConnection:
         else:
             message = f"Malformed HTTP request: {exc}"
         log.warning("%s: %d: %s", self._peer, status, message)
-        self._refused(status)
+        self._rules.refused(status)
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._respond(error_reply(status, message), close=True)
         else:
             self._close(False)
-
-    def _refused(self, status: int) -> None:
-        if self._observer is not None:
-            self._observer.http_refused(status)
 
     def _headers(self, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
         return [("Server", SERVER_NAME), *extra]
@@ -947,17 +755,7 @@ class HttpConnection:
             return
         # Every header name and value here is the server's own (never a client's bytes), so
         # h11's validation regexes are skipped (profiled: about 4% of a small request's CPU).
-        headers = [
-            (b"Server", _SERVER_NAME),
-            *[(name.encode("ascii"), value.encode("latin-1")) for name, value in extra],
-        ]
-        if reply.status != 304:
-            # A 304 (the web console's If-None-Match) has no content, and a Content-Length
-            # there would have to be the 200's (RFC 9110 section 8.6): none is sent.
-            headers += [
-                (b"Content-Type", _header_value(reply.content_type)),
-                (b"Content-Length", str(len(reply.body)).encode("ascii")),
-            ]
+        headers = reply_headers(reply, extra)
         if close or self._draining or self._close_after_answer:
             headers.append((b"Connection", b"close"))
         try:
@@ -965,7 +763,7 @@ class HttpConnection:
                 h11.Response(
                     status_code=reply.status,
                     headers=headers,
-                    reason=_reason(reply.status),
+                    reason=reason(reply.status),
                     _parsed=True,
                 )
             )
