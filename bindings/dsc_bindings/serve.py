@@ -6,12 +6,13 @@ set the repository Stopped and end subscriptions (SourceShuttingDown).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -184,35 +185,37 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
 
 
-def run_server(
-    settings: Settings,
-    *,
-    log_level: str = "INFO",
-    reload: Callable[[], Settings] | None = None,
-    log_format: str = "text",
-) -> int:
+class StartFailure(Exception):
+    """The server cannot start; the message is one line saying what to do, ``status`` the
+    exit status of ``dsc serve`` (2: the configuration, 1: the machine or the store)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@contextlib.contextmanager
+def running_service(
+    settings: Settings, *, discovery: bool = True
+) -> Iterator[tuple[Settings, Composition]]:
+    """Start what runs beside a listener (the store, writer, engine, delivery hub and ticker
+    of the scan service, and UDP discovery when ``discovery``), and stop it all at the end:
+    ``dsc serve``'s listeners and the ASGI app (``dsc_bindings.asgi``) both run inside this.
+    Yields the settings with the installation identity, and the composition.  Raises
+    :class:`StartFailure`."""
     from dsc_bindings.settings import ConfigError, prepare_data_dir
 
-    configure_logging(log_level, log_format)
     try:
-        ssl_context = settings.server_ssl_context()
         waived = check_exposure(settings)
+        prepare_data_dir(settings.data_dir)
     except (ConfigError, UnsafeExposure) as exc:
-        log.error("%s", exc)
-        return 2
+        raise StartFailure(str(exc), 2) from exc
     if waived:
         log.warning("%s", waived)
     try:
-        prepare_data_dir(settings.data_dir)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    try:
         settings = settings.with_installation_identity()
     except (OSError, ValueError) as exc:
-        log.error("cannot read the installation identity: %s", exc)
-        return 1
-    config = settings.server
+        raise StartFailure(f"cannot read the installation identity: {exc}", 1) from exc
     directory = None
     if settings.directory is not None:
         from dsc_bindings.directory.ldap import Directory
@@ -225,32 +228,60 @@ def run_server(
             settings.directory.base_dn,
             settings.directory.admin_group or "(no group)",
         )
-    composition = compose(
-        config,
-        settings.data_dir,
-        settings.filters,
-        directory=directory,
-        device_limits=settings.devices,
-        storage=settings.storage,
-    )
-    service = composition.service
     try:
-        service.start()
-    except Exception as exc:  # the store is locked, unreadable, ...: say what to do
-        log.error("cannot start: %s (is another `dsc serve` using %s?)", exc, settings.data_dir)
-        return 1
-    discovery = _start_discovery(settings, composition)
-    settle_heap()
-    try:
-        if settings.listen.binding == "blocking":
-            return _run_blocking(settings, composition, ssl_context, reload)
-        return _run_async(settings, composition, ssl_context, reload)
+        composition = compose(
+            settings.server,
+            settings.data_dir,
+            settings.filters,
+            directory=directory,
+            device_limits=settings.devices,
+            storage=settings.storage,
+        )
+        service = composition.service
+        try:
+            service.start()
+        except Exception as exc:  # the store is locked, unreadable, ...: say what to do
+            raise StartFailure(
+                f"{exc} (is another `dsc serve` or worker using {settings.data_dir}?)", 1
+            ) from exc
+        try:
+            udp = _start_discovery(settings, composition) if discovery else None
+            settle_heap()
+            try:
+                yield settings, composition
+            finally:
+                if udp is not None:
+                    udp.close()
+        finally:
+            service.shutdown()
     finally:
-        if discovery is not None:
-            discovery.close()
-        service.shutdown()
         if directory is not None:
             directory.close()
+
+
+def run_server(
+    settings: Settings,
+    *,
+    log_level: str = "INFO",
+    reload: Callable[[], Settings] | None = None,
+    log_format: str = "text",
+) -> int:
+    from dsc_bindings.settings import ConfigError
+
+    configure_logging(log_level, log_format)
+    try:
+        ssl_context = settings.server_ssl_context()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        with running_service(settings) as (settings, composition):
+            if settings.listen.binding == "blocking":
+                return _run_blocking(settings, composition, ssl_context, reload)
+            return _run_async(settings, composition, ssl_context, reload)
+    except StartFailure as exc:
+        log.error("cannot start: %s", exc)
+        return exc.status
 
 
 def _start_discovery(settings: Settings, composition: Composition) -> UdpDiscovery | None:

@@ -85,8 +85,10 @@ Example (every section optional)::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
@@ -148,6 +150,12 @@ class ListenOptions:
     #: ``[server] allow_insecure``: listen beyond loopback without TLS, client certificates or a
     #: reachable public_url (exposure.py; a WARNING at every start).
     allow_insecure: bool = False
+    #: ``[server] trusted_proxies``: addresses or networks of reverse proxies whose
+    #: ``client_cert_header`` the ASGI app believes (``dsc_bindings.http.asgi_identity``).
+    trusted_proxies: tuple[str, ...] = ()
+    #: ``[server] client_cert_header``: the header in which those proxies pass the client
+    #: certificate they verified; setting it requires client certificates (R10).
+    client_cert_header: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -386,6 +394,36 @@ def _monitor_listen(srv: _Table) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _trusted_proxies(srv: _Table) -> tuple[str, ...]:
+    """[server] trusted_proxies: addresses or networks ("10.0.0.0/8")."""
+    proxies = tuple(srv.text_list("trusted_proxies"))
+    for text in proxies:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise srv.error(
+                "trusted_proxies",
+                'IP addresses or networks, e.g. ["127.0.0.1", "10.0.0.0/8"]',
+                text,
+            ) from None
+    return proxies
+
+
+def _client_cert_header(srv: _Table) -> str | None:
+    """[server] client_cert_header: a header name; it needs trusted_proxies to mean anything."""
+    name = srv.optional_text("client_cert_header")
+    if name is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9-]+", name):
+        raise srv.error("client_cert_header", 'a header name, e.g. "X-SSL-Client-Cert"', name)
+    if "trusted_proxies" not in srv:
+        raise ConfigError(
+            "[server] client_cert_header needs [server] trusted_proxies: the addresses of the "
+            "reverse proxies that set it (from any other peer it is ignored)"
+        )
+    return name
+
+
 def _read_file(path: Path | None) -> dict[str, Any]:
     """The configuration file as TOML tables (none: empty), its sections checked."""
     raw: dict[str, Any] = {}
@@ -468,6 +506,8 @@ def load_settings(
             "monitor_listen",
             "public_url",
             "allow_insecure",
+            "trusted_proxies",
+            "client_cert_header",
             "friendly_name",
             "scopes",
             "fault_http_status",
@@ -553,6 +593,8 @@ def load_settings(
             client_ca=client_ca or resolve(tls.optional_text("client_ca")),
             monitor=_monitor_listen(srv),
             allow_insecure=srv.boolean("allow_insecure", False),
+            trusted_proxies=_trusted_proxies(srv),
+            client_cert_header=_client_cert_header(srv),
         )
     )
     try:
@@ -577,7 +619,8 @@ def load_settings(
             history_size=jobs.integer("history_size", 1000, minimum=0),
             spool_retention_seconds=jobs.seconds("spool_retention_seconds", 7 * 24 * 3600.0),
             stalled_after_seconds=jobs.seconds("stalled_after_seconds", 60.0),
-            require_client_certificates=listen.client_ca is not None,
+            require_client_certificates=listen.client_ca is not None
+            or listen.client_cert_header is not None,
             scan_admins=frozenset(users.text_list("scan_admins")),
             user_directory=users.text_table("directory"),
             user_email=users.text_table("email"),

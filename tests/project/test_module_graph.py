@@ -21,7 +21,7 @@ BINDINGS = Path(ROOT) / "bindings" / "dsc_bindings"
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer)
     for layer in (
-        {"console"},
+        {"console", "asgi"},
         {"serve"},
         {"webconsole"},
         {"exposure"},

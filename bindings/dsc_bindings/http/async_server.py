@@ -23,18 +23,15 @@ e-mail, else UPN; a certificate with none of them, or with two commonNames, gets
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import socket
 import ssl
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
 import anyio.abc
-import sniffio
 import trio as _trio
 from anyio.streams.tls import TLSAttribute, TLSStream
 
@@ -51,9 +48,10 @@ from dsc_bindings.http.driver import (
     Send,
     admit,
 )
+from dsc_bindings.http.running_loop import RunningLoop
 from dsc_bindings.http.site import Site
 from dsc_bindings.runtime.peer import UNKNOWN_PEER, Peer
-from dsc_bindings.runtime.ticket import Ticket, Wait
+from dsc_bindings.runtime.ticket import Wait
 from dsc_core import Limits
 
 __all__ = ["DEFAULT_GRACE", "serve"]
@@ -75,45 +73,6 @@ _STREAM_ERRORS = (
     ssl.SSLError,
     OSError,
 )
-
-
-class _LoopHandle:
-    """The running loop as the core's owner (runtime.owner.LoopHandle)."""
-
-    def __init__(self) -> None:
-        self._thread = threading.get_ident()
-        self.call_soon: Callable[[Callable[[], object]], None]
-        #: Under trio a stream's socket is a plain non-blocking socket nobody else writes to
-        #: (asyncio's transports buffer, so there the binding always awaits its sends).
-        self.trio = sniffio.current_async_library() == "trio"
-        if self.trio:
-            self.call_soon = _trio.lowlevel.current_trio_token().run_sync_soon
-        else:
-            loop = asyncio.get_running_loop()
-
-            def call_soon(function: Callable[[], object]) -> None:
-                loop.call_soon_threadsafe(function)
-
-            self.call_soon = call_soon
-
-    def is_current(self) -> bool:
-        return threading.get_ident() == self._thread
-
-    async def wait(self, ticket: Ticket) -> None:
-        """Until the writer completed ``ticket``, without blocking the loop."""
-        if ticket.done:
-            return
-        event = anyio.Event()
-        call_soon = self.call_soon
-        ticket.add_done_callback(lambda: call_soon(event.set))
-        await event.wait()
-
-    async def follow(self, result: object) -> object:
-        """Follow a service call's Wait chain to its result."""
-        while isinstance(result, Wait):
-            await self.wait(result.ticket)
-            result = result.resume()
-        return result
 
 
 class _Cancellable(Protocol):
@@ -214,7 +173,7 @@ class _Server:
         self.site = site
         self.limits = limits
         self.ssl_context = ssl_context
-        self.loop = _LoopHandle()
+        self.loop = RunningLoop()
         self.connections: set[_Connection] = set()
         #: Receives waiting on a raw socket, with their deadlines (the sweeper looks).
         self.waiting: set[_RawWait] = set()

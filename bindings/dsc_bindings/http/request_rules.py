@@ -314,14 +314,13 @@ def _header_value(value: str) -> bytes:
 
 
 def reply_headers(
-    reply: Reply, extra: tuple[tuple[str, str], ...] = ()
+    reply: Reply, extra: tuple[tuple[str, str], ...] = (), *, server: bool = True
 ) -> list[tuple[bytes, bytes]]:
-    """The response headers of ``reply``: Server, ``extra``, then its framing.  Every name and
-    value is the server's own (never a client's bytes)."""
-    headers = [
-        (b"Server", _SERVER_NAME),
-        *[(name.encode("ascii"), value.encode("latin-1")) for name, value in extra],
-    ]
+    """The response headers of ``reply``: Server (unless the front end's server names itself),
+    ``extra``, then its framing.  Every name and value is the server's own (never a client's
+    bytes)."""
+    headers = [(b"Server", _SERVER_NAME)] if server else []
+    headers += [(name.encode("ascii"), value.encode("latin-1")) for name, value in extra]
     if reply.status != 304:
         # A 304 (the web console's If-None-Match) has no content, and a Content-Length
         # there would have to be the 200's (RFC 9110 section 8.6): none is sent.
