@@ -43,6 +43,12 @@ READY = "dsc.serve: security: "
 #: The same line with ``--log-format json``.
 READY_JSON = '"logger": "dsc.serve", "message": "security: '
 STOPPED = "scan service stopped"
+#: Bindings that run the ASGI app (dsc_bindings.asgi) under an ASGI server instead of
+#: ``dsc serve``; the ready line each server logs once the lifespan started the service.
+ASGI_SERVERS = {
+    "uvicorn": "Application startup complete",
+    "hypercorn": "Running on http://",
+}
 
 
 def free_port() -> int:
@@ -65,7 +71,8 @@ def child_env() -> dict[str, str]:
 
 
 class ServerProcess:
-    """One ``python -m dsc_bindings.console.main serve`` child, its log in a file."""
+    """One ``python -m dsc_bindings.console.main serve`` child, its log in a file; with
+    ``binding`` "uvicorn" or "hypercorn", that ASGI server running ``dsc_bindings.asgi``."""
 
     def __init__(
         self,
@@ -114,6 +121,9 @@ class ServerProcess:
             if self.client_ca is not None:
                 args += ["--client-ca", str(self.client_ca)]
             args += self.extra
+            env = child_env()
+            if self.binding in ASGI_SERVERS:
+                args, env = self._asgi_command(env)
             self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with self.log_path.open("ab") as log_file:
                 self.proc = subprocess.Popen(
@@ -121,14 +131,17 @@ class ServerProcess:
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env=child_env(),
+                    env=env,
                     cwd=str(self.data.parent),
                 )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 log = self.log
-                ready = READY in log or READY_JSON in log
-                if LISTENING in log and ready and self._connectable():
+                if self.binding in ASGI_SERVERS:
+                    ready = ASGI_SERVERS[self.binding] in log
+                else:
+                    ready = LISTENING in log and (READY in log or READY_JSON in log)
+                if ready and self._connectable():
                     return self
                 if self.proc.poll() is not None:
                     break
@@ -136,9 +149,27 @@ class ServerProcess:
             else:
                 self.kill9()
                 raise AssertionError(f"dsc serve did not listen within {timeout} s:\n{self.log}")
-            if "cannot listen" not in self.log:
+            if "cannot listen" not in self.log and "address already in use" not in self.log:
                 raise AssertionError(f"dsc serve exited with {self.proc.returncode}:\n{self.log}")
         raise AssertionError("no free port for dsc serve after 5 tries")
+
+    def _asgi_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The ASGI server's command line; the app reads the rest from the environment."""
+        env = {**env, "DSC_DATA": str(self.data), "DSC_PORT": str(self.port)}
+        if self.config is not None:
+            env["DSC_CONFIG"] = str(self.config)
+        if self.binding == "uvicorn":
+            args = [sys.executable, "-m", "uvicorn", "--factory", "dsc_bindings.asgi:create_app"]
+            args += ["--host", "127.0.0.1", "--port", str(self.port)]
+            if self.tls is not None:
+                args += ["--ssl-certfile", str(self.tls[0]), "--ssl-keyfile", str(self.tls[1])]
+        else:
+            args = [sys.executable, "-m", "hypercorn", "dsc_bindings.asgi:create_app()"]
+            # --workers 0: serve in this process (else a worker child outlives a SIGKILL).
+            args += ["--bind", f"127.0.0.1:{self.port}", "--workers", "0"]
+            if self.tls is not None:
+                args += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
+        return args + self.extra, env
 
     def _connectable(self) -> bool:
         try:
@@ -185,8 +216,14 @@ class ServerProcess:
     def stop_cleanly(self) -> None:
         code = self.stop()
         log = self.log
-        assert code == 0, f"dsc serve exited with {code}:\n{log}"
-        assert "signal SIGTERM: shutting down" in log, log
+        if self.binding in ASGI_SERVERS:
+            # uvicorn re-raises the signal once it shut down gracefully (exit -15); the
+            # lifespan's end is what says the service stopped cleanly.
+            assert code in (0, -signal.SIGTERM), f"{self.binding} exited with {code}:\n{log}"
+            assert "Application shutdown complete" in log or self.binding == "hypercorn", log
+        else:
+            assert code == 0, f"dsc serve exited with {code}:\n{log}"
+            assert "signal SIGTERM: shutting down" in log, log
         assert STOPPED in log, f"the log does not say the server stopped:\n{log}"
         assert "Traceback" not in log, log
 
