@@ -242,7 +242,9 @@ def running_service(
             service.start()
         except Exception as exc:  # the store is locked, unreadable, ...: say what to do
             raise StartFailure(
-                f"{exc} (is another `dsc serve` or worker using {settings.data_dir}?)", 1
+                f"{exc} (is another `dsc serve` or ASGI worker using {settings.data_dir}? "
+                "One process serves a data folder: run one worker)",
+                1,
             ) from exc
         try:
             udp = _start_discovery(settings, composition) if discovery else None
