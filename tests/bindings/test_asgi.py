@@ -93,7 +93,12 @@ def test_the_header_of_an_untrusted_peer_is_ignored(tmp_path: Path) -> None:
 def test_identity_rules_without_a_server() -> None:
     """The ASGI TLS extension wins; a garbled header is refused, never anonymous."""
     ca = trustme.CA()
-    pem = ca.issue_cert("client.example", common_name="carol").cert_chain_pems[0].bytes().decode("ascii")
+    pem = (
+        ca.issue_cert("client.example", common_name="carol")
+        .cert_chain_pems[0]
+        .bytes()
+        .decode("ascii")
+    )
     identity = ClientIdentity.of(["127.0.0.1"], HEADER)
     tls_scope = {"extensions": {"tls": {"client_cert_chain": [pem]}}, "headers": []}
     assert identity.identify(tls_scope) == ("carol", None)
