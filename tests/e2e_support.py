@@ -257,6 +257,19 @@ class ServerProcess:
 
 
 @contextmanager
+def serving(server: ServerProcess) -> Iterator[ServerProcess]:
+    """``server`` started, for a fixture; afterwards stopped with SIGTERM, which must be clean
+    (``stop_cleanly``), and killed if that failed, so that no server outlives its tests."""
+    server.start()
+    try:
+        yield server
+        server.stop_cleanly()
+    finally:
+        if server.alive:
+            server.kill9()
+
+
+@contextmanager
 def started_servers() -> Iterator[Callable[[ServerProcess], ServerProcess]]:
     """Start servers with the function this yields (it starts one and returns it); at the end
     every one still running is stopped with SIGTERM and must exit 0 saying it stopped."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import ServerProcess, Soap, dsc
+from e2e_support import ServerProcess, Soap, dsc, serving
 from test_e2e_serve import Pki
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
@@ -20,13 +20,8 @@ TLS_LIMIT = 2 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path_factory.mktemp("plain") / "data").start()
-    try:
+    with serving(ServerProcess(tmp_path_factory.mktemp("plain") / "data")) as server:
         yield server
-        server.stop_cleanly()
-    finally:
-        if server.alive:
-            server.kill9()
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +32,15 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     config.write_text(
         f'[users]\nscan_admins = ["admin"]\n[limits]\nmax_image_bytes = {TLS_LIMIT}\n'
     )
-    server = ServerProcess(
-        root / "data",
-        config=config,
-        tls=(pki.server_cert, pki.server_key),
-        client_ca=pki.ca_pem,
-    ).start()
-    try:
+    with serving(
+        ServerProcess(
+            root / "data",
+            config=config,
+            tls=(pki.server_cert, pki.server_key),
+            client_ca=pki.ca_pem,
+        )
+    ) as server:
         yield server, pki
-        server.stop_cleanly()
-    finally:
-        if server.alive:
-            server.kill9()
 
 
 def test_cancelling_an_ended_job_says_it_ended(plain: ServerProcess, tmp_path: Path) -> None:

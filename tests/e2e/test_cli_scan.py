@@ -17,7 +17,7 @@ import pytest
 
 from client_support import stalling_relay
 from dsc_bindings.console.formats import format_for, read_tiff
-from e2e_support import ServerProcess, Soap, child_env, dsc
+from e2e_support import ServerProcess, Soap, child_env, dsc, serving
 
 #: The server's image limit in these tests: small, so that the refusals cost little.
 IMAGE_LIMIT = 4 * 1024 * 1024
@@ -45,13 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("scan")
     config = root / "dsc.toml"
     config.write_text(f"[limits]\nmax_image_bytes = {IMAGE_LIMIT}\n")
-    server = ServerProcess(root / "data", config=config).start()
-    try:
+    with serving(ServerProcess(root / "data", config=config)) as server:
         yield server
-        server.stop_cleanly()
-    finally:
-        if server.alive:
-            server.kill9()
 
 
 def created_token(err: str) -> str:

@@ -16,20 +16,15 @@ from pathlib import Path
 import pytest
 
 from client_support import on_terminal
-from e2e_support import ROOT, ServerProcess, Soap, child_env, dsc
+from e2e_support import ROOT, ServerProcess, Soap, child_env, dsc, serving
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path_factory.mktemp("usability") / "data").start()
-    try:
+    with serving(ServerProcess(tmp_path_factory.mktemp("usability") / "data")) as server:
         yield server
-        server.stop_cleanly()
-    finally:
-        if server.alive:
-            server.kill9()
 
 
 def dsc_args(*args: str) -> list[str]:

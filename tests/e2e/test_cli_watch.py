@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dsc_bindings.console.watch import WATCH_KEY, describe, line_of
-from e2e_support import ServerProcess, child_env, dsc, free_port
+from e2e_support import ServerProcess, child_env, dsc, free_port, serving
 from test_cli_client import Lines
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
@@ -39,13 +39,8 @@ FORGED = b"""<?xml version="1.0"?>
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path_factory.mktemp("watch") / "data").start()
-    try:
+    with serving(ServerProcess(tmp_path_factory.mktemp("watch") / "data")) as server:
         yield server
-        server.stop_cleanly()
-    finally:
-        if server.alive:
-            server.kill9()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dsc_core.model import FileShareInstructions
-from e2e_support import ServerProcess, Soap, dsc
+from e2e_support import ServerProcess, Soap, dsc, serving
 
 CHROMIUM = os.environ.get("DSC_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
@@ -49,13 +49,8 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path / "data").start()
-    try:
+    with serving(ServerProcess(tmp_path / "data")) as server:
         yield server
-        server.stop_cleanly()
-    finally:
-        if server.alive:
-            server.kill9()
 
 
 def test_a_scan_appears_on_the_open_page_without_a_reload(
