@@ -38,6 +38,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def need_smbclient() -> None:
+    """Skip the calling test when Samba's client is missing (it reads the share back)."""
+    import pytest
+
+    if shutil.which("smbclient") is None:
+        pytest.skip("smbclient is not installed (Debian: apt-get install smbclient)")
+
+
 @dataclass
 class SmbServer:
     folder: Path
@@ -128,6 +136,27 @@ class SmbServer:
         account = pwd.getpwnam(USER)
         for path in paths:
             os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+
+    def read_back(self, remote: str, local: Path) -> bytes:
+        """``remote`` (a path in the share ``scans``) read back by Samba's own client, over the
+        same encrypted SMB 3 the filter speaks (see :func:`need_smbclient`)."""
+        subprocess.run(
+            [
+                "smbclient",
+                f"//{self.address}/scans",
+                "-p",
+                str(self.port),
+                "-U",
+                f"{USER}%{PASSWORD}",
+                "--client-protection=encrypt",
+                "-c",
+                f'get "{remote}" "{local}"',
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return local.read_bytes()
 
     def refer(self, link: str, host: str, share: str) -> None:
         """A DFS link ``\\\\<this server>\\dfs\\<link>`` referring to ``\\\\host\\share``."""

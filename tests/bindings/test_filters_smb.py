@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import tracemalloc
 from pathlib import Path
@@ -19,7 +17,7 @@ from dsc_bindings.filters import FilterOutcome, FilterSettings, fileshare
 from dsc_bindings.filters.smbfolder import share_problem
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
-from smb_support import PASSWORD, USER, SmbServer
+from smb_support import PASSWORD, USER, SmbServer, need_smbclient
 from test_filters_support import make_documents, make_job, random_bytes
 from waiting import wait_for
 
@@ -53,29 +51,12 @@ def test_delivers_to_the_share_in_the_user_folder(smbd: SmbServer, tmp_path: Pat
 
 
 def test_read_back_with_smbclient(smbd: SmbServer, tmp_path: Path) -> None:
-    if shutil.which("smbclient") is None:
-        pytest.skip("smbclient is not installed (Debian: apt-get install smbclient)")
+    need_smbclient()
     docs = make_documents(tmp_path / "spool", ("pdf-a", b"%PDF read back"))
     job = make_job(FileShareInstructions((rf"\\{smbd.address}\scans\readback",)))
     assert run(job, docs, smb_settings(smbd)).state is FilterState.COMPLETED_SUCCESSFULLY
-    got = tmp_path / "got.pdf"
-    subprocess.run(
-        [
-            "smbclient",
-            f"//{smbd.address}/scans",
-            "-p",
-            str(smbd.port),
-            "-U",
-            f"{USER}%{PASSWORD}",
-            "--client-protection=encrypt",
-            "-c",
-            f"get readback/alice@corp.example/Scan_0001.pdf {got}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    assert got.read_bytes() == b"%PDF read back"
+    remote = "readback/alice@corp.example/Scan_0001.pdf"
+    assert smbd.read_back(remote, tmp_path / "got.pdf") == b"%PDF read back"
 
 
 def test_an_existing_name_is_never_overwritten(smbd: SmbServer, tmp_path: Path) -> None:

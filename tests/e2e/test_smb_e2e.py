@@ -5,7 +5,6 @@ test reads the share back with Samba's own ``smbclient`` or straight from the sh
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, Stream, file_sha256, started_servers
-from smb_support import PASSWORD, USER, SmbServer
+from smb_support import SmbServer, need_smbclient
 from waiting import wait_for
 
 MiB = 1024 * 1024
@@ -37,30 +36,8 @@ def scan(server: ServerProcess, unc: str, *images: bytes) -> str:
     return token
 
 
-def smbclient_get(smbd: SmbServer, remote: str, local: Path) -> bytes:
-    """``remote`` (a path in the share ``scans``) read back by Samba's own client."""
-    subprocess.run(
-        [
-            "smbclient",
-            f"//{smbd.address}/scans",
-            "-p",
-            str(smbd.port),
-            "-U",
-            f"{USER}%{PASSWORD}",
-            "--client-protection=encrypt",
-            "-c",
-            f'get "{remote}" "{local}"',
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return local.read_bytes()
-
-
 def test_a_scan_lands_on_the_share(serve: ServerProcess, smbd: SmbServer, tmp_path: Path) -> None:
-    if shutil.which("smbclient") is None:
-        pytest.skip("smbclient is not installed (Debian: apt-get install smbclient)")
+    need_smbclient()
     first, second = b"%PDF-1.7 first page" * 1000, b"\x89PNG second" * 5000
     token = scan(serve, rf"\\{smbd.address}\scans\e2e", first, second)
 
@@ -69,8 +46,8 @@ def test_a_scan_lands_on_the_share(serve: ServerProcess, smbd: SmbServer, tmp_pa
     assert ended.state == "Completed", ended
     assert [f.state for f in ended.filters] == ["CompletedSuccessfully"]
     folder = f"e2e/{DEFAULT_SID}"
-    assert smbclient_get(smbd, f"{folder}/Invoice_0001.png", tmp_path / "1") == first
-    assert smbclient_get(smbd, f"{folder}/Invoice_0002.png", tmp_path / "2") == second
+    assert smbd.read_back(f"{folder}/Invoice_0001.png", tmp_path / "1") == first
+    assert smbd.read_back(f"{folder}/Invoice_0002.png", tmp_path / "2") == second
     assert sorted(p.name for p in (smbd.scans / "e2e" / DEFAULT_SID).iterdir()) == [
         "Invoice_0001.png",
         "Invoice_0002.png",
