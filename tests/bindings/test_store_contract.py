@@ -118,14 +118,22 @@ def test_create_update_load_oldest_first_and_reopen(backend: Backend) -> None:
 def test_one_store_per_data_folder(backend: Backend) -> None:
     with backend.open(), pytest.raises(StoreError, match="in use"):
         backend.open()
+    backend.open().close()  # released by close()
 
 
 def test_closed_store_refuses(backend: Backend) -> None:
     s = backend.open()
     s.close()
-    for command in (CreateJob(make_job("t")), BeginDocument("t", 1, "png")):
+    s.close()  # idempotent
+    for command in (
+        CreateJob(make_job("t")),
+        BeginDocument("t", 1, "png"),
+        DropJob("t", Removal.PURGED),
+    ):
         with pytest.raises(StoreError, match=r"closed|not open"):
             s.apply(command)
+    with pytest.raises(StoreError, match="closed"):
+        s.load_jobs()
 
 
 def test_document_lifecycle(store: SplitStore) -> None:
@@ -180,11 +188,13 @@ def test_commands_on_documents_not_open(store: SplitStore) -> None:
         store.apply(BeginDocument("t", 1, "png"))
 
 
-@pytest.mark.parametrize("token", ["", "..", "a/b", ".hidden"])
+@pytest.mark.parametrize("token", ["", ".", "..", "../x", "a/b", "a\\b", ".hidden", "a\0b"])
 def test_unusable_tokens_are_refused(store: SplitStore, token: str) -> None:
     with pytest.raises(StoreError) as info:
         store.apply(BeginDocument(token, 1, "png"))
     assert info.value.temporary is False
+    with pytest.raises(StoreError):
+        store.document_path(token, 1)
 
 
 def test_discard_and_drop(store: SplitStore) -> None:
