@@ -35,7 +35,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from lxml import etree
 
@@ -147,9 +147,8 @@ class ApiRequest:
         self._peer = peer
         self._body = bytearray()
         self._too_big = False
-        parts = urlsplit(head.target)
-        self.path = parts.path
-        self.query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        self.path, query = split_target(head.target)
+        self.query = {k: v[0] for k, v in parse_qs(query).items()}
 
     # --- RequestLike ----------------------------------------------------------------------------
 
