@@ -208,12 +208,15 @@ class FilterStarted:
 @dataclass(frozen=True, slots=True)
 class FilterFinished:
     """Filter ``index`` ended.  ``state`` is CompletedSuccessfully, CompletedWithWarnings,
-    CompletedWithErrors or Canceled; failures carry the R9 reasons."""
+    CompletedWithErrors or Canceled; failures carry the R9 reasons.  ``delivered`` names what
+    this run delivered (file paths, document URLs, Message-IDs), also when it then failed:
+    the core keeps them with the filter (:attr:`~dsc_core.model.FilterStatus.delivered`)."""
 
     token: str
     index: int
     state: FilterState
     reasons: tuple[FilterStateReason, ...] = ()
+    delivered: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.state.is_final:

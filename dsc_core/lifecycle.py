@@ -227,9 +227,12 @@ class JobLifecycle:
 
     # --- the processing engine ------------------------------------------------------------
 
-    def engine_report(self, event: ProcessingEvent, now: datetime) -> list[Command]:
+    def engine_report(
+        self, event: ProcessingEvent, now: datetime, max_delivered_names: int
+    ) -> list[Command]:
         """An input from the processing engine.  Inputs for unknown or finished jobs are stale
-        (the job was canceled meanwhile) and ignored."""
+        (the job was canceled meanwhile) and ignored.  A filter's record keeps at most
+        ``max_delivered_names`` names of what it delivered (the rest are counted)."""
         job = self.jobs.get(event.token)
         if job is None or not job.is_active:
             return []
@@ -240,15 +243,18 @@ class JobLifecycle:
                 filters = _set_filter(job, event.index, FilterState.PROCESSING, ())
                 return self.apply(job, JobInput.FILTER_STARTED, now, filters=filters)[1]
             if isinstance(event, FilterFinished):
-                return self._filter_finished(job, event, now)
+                return self._filter_finished(job, event, now, max_delivered_names)
             if isinstance(event, ProcessingFinished):
                 return self._finish(job, now)
         except (Refused, IndexError):
             return []
         raise UsageError(f"not a processing event: {event!r}")
 
-    def _filter_finished(self, job: Job, event: FilterFinished, now: datetime) -> list[Command]:
+    def _filter_finished(
+        self, job: Job, event: FilterFinished, now: datetime, max_delivered_names: int
+    ) -> list[Command]:
         filters = _set_filter(job, event.index, event.state, event.reasons)
+        filters = _add_delivered(filters, event.index, event.delivered, max_delivered_names)
         if event.failed and not job.continue_on_error:
             # R6: the first failure stops the run: the filters not yet run are Canceled, the
             # job ends Aborted, and its StopProcessing keeps the engine from running another.
@@ -422,6 +428,24 @@ def _set_filter(
     filters = list(job.filters)
     filters[index] = _replace_filter(filters[index], state, reasons)
     return tuple(filters)
+
+
+def _add_delivered(
+    filters: tuple[FilterStatus, ...], index: int, names: tuple[str, ...], keep: int
+) -> tuple[FilterStatus, ...]:
+    """Filter ``index`` with ``names`` added to what it delivered before (a retry appends; a
+    name the re-run delivered again, such as a file share's journaled file, is not repeated),
+    at most ``keep`` of them (``delivered_truncated`` when more were reported)."""
+    old = filters[index]
+    known = set(old.delivered)
+    new = tuple(n for n in dict.fromkeys(names) if n not in known)
+    room = max(0, keep - len(old.delivered))
+    changed = replace(
+        old,
+        delivered=old.delivered + new[:room],
+        delivered_truncated=old.delivered_truncated or len(new) > room,
+    )
+    return (*filters[:index], changed, *filters[index + 1 :])
 
 
 def _filters_ended(old: Job, new: Job) -> tuple[int, ...]:

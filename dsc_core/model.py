@@ -179,6 +179,14 @@ class FilterStatus:
     reasons: tuple[FilterStateReason, ...] = ()
     #: None when the dialect is not offered or the instructions did not parse (state Canceled).
     instructions: Instructions | None = None
+    #: What the filter delivered, as the engine reported it (issue 19 point 1, issue 14 §3):
+    #: a file's path on the share, a SharePoint document's URL, an e-mail's Message-ID and
+    #: recipients.  For administrators only: dsc:FilterStatus has no element for it, so it
+    #: never reaches the MS-BDSRR wire.  A retry appends what the re-run delivered.
+    delivered: tuple[str, ...] = ()
+    #: The engine reported more names than the record keeps (``Limits.max_documents_per_job``
+    #: per filter): ``delivered`` is the first of them, the job log has every one.
+    delivered_truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,8 @@ class ScanServer(ServerState):
 
     def processing(self, event: ProcessingEvent, now: datetime) -> list[Command]:
         """An input from the processing engine (``lifecycle.JobLifecycle.engine_report``)."""
-        return self.lifecycle.engine_report(event, now)
+        # A filter keeps the names of at most max_documents_per_job deliveries (issue 19).
+        return self.lifecycle.engine_report(event, now, self.config.limits.max_documents_per_job)
 
     # --- time -----------------------------------------------------------------------------------
 

@@ -41,12 +41,15 @@ def full_job() -> Job:
                 FilterState.COMPLETED_SUCCESSFULLY,
                 (),
                 FileShareInstructions(("\\\\srv\\scans", "\\\\srv\\ärchiv")),
+                delivered=("\\\\srv\\scans\\alice\\Rechnung_0001.pdf",),
             ),
             FilterStatus(
                 "urn:email",
                 FilterState.COMPLETED_WITH_ERRORS,
                 (FilterStateReason.INVALID_SMTP_SERVER, FilterStateReason.UNABLE_TO_SEND_EMAIL),
                 EmailInstructions(True, ("a@example.com", "b@example.com"), True),
+                delivered=("Message-ID <dsc.1@example.com> to a@example.com",),
+                delivered_truncated=True,
             ),
             FilterStatus(
                 "urn:sp",
@@ -115,7 +118,12 @@ def test_equal_jobs_encode_equal() -> None:
     "mutate",
     [
         lambda r: r.pop("owner"),
-        lambda r: r.update(v=2),
+        lambda r: r.update(v=3),
+        lambda r: r.update(v=0),
+        lambda r: r["filters"][0].pop("delivered"),
+        lambda r: r["filters"][0].update(delivered="\\\\srv\\scans\\a.pdf"),
+        lambda r: r["filters"][0].update(delivered=[7]),
+        lambda r: r["filters"][0].update(delivered_truncated=None),
         lambda r: r.update(state="Sleeping"),
         lambda r: r.update(continue_on_error=1),
         lambda r: r.update(created=12),
@@ -132,6 +140,23 @@ def test_decode_is_strict(mutate: object) -> None:
     mutate(record)  # type: ignore[operator]
     with pytest.raises(ValueError):
         decode_job(json.dumps(record))
+
+
+def test_a_version_1_record_decodes_with_nothing_delivered() -> None:
+    """Records written before issue 19 kept no delivered names: they still decode."""
+    job = full_job()
+    record = json.loads(encode_job(job))
+    record["v"] = 1
+    for f in record["filters"]:
+        del f["delivered"], f["delivered_truncated"]
+    old = decode_job(json.dumps(record))
+    assert old == job.evolve(
+        filters=tuple(
+            dataclasses.replace(f, delivered=(), delivered_truncated=False) for f in job.filters
+        )
+    )
+    # Written again, it is a current record.
+    assert json.loads(encode_job(old))["v"] == 2
 
 
 @pytest.mark.parametrize("text", ["", "[]", "null", "{", '{"v": 1}'])
@@ -169,6 +194,8 @@ filters = st.builds(
     st.sampled_from(FilterState),
     st.lists(st.sampled_from(FilterStateReason), max_size=3).map(tuple),
     instructions,
+    st.lists(texts, max_size=3).map(tuple),
+    st.booleans(),
 )
 jobs = st.builds(
     Job,
@@ -201,3 +228,9 @@ def test_any_job_round_trips(job: Job) -> None:
             getattr(back, name) is None
             or getattr(back, name).utcoffset() == getattr(job, name).utcoffset()
         )
+
+
+def test_codec_covers_every_filter_field() -> None:
+    # Guards model.py changes: a new FilterStatus field must be added to the codec too.
+    record = json.loads(encode_job(full_job()))
+    assert set(record["filters"][0]) == {f.name for f in dataclasses.fields(FilterStatus)}

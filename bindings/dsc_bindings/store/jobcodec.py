@@ -9,7 +9,9 @@ restore the core, so ``decode_job(encode_job(job)) == job`` for every job, field
   an aware time comes back with the same offset as a fixed ``timezone``, a naive one stays naive;
   offsets with a fraction of a second, which no real zone has, are not kept: Python 3.11's
   ``fromisoformat`` misreads them);
-- the parsed filter instructions as a tagged union (``"kind"``) or ``null``.
+- the parsed filter instructions as a tagged union (``"kind"``) or ``null``;
+- since version 2, what each filter delivered (``"delivered"``, ``"delivered_truncated"``);
+  a version 1 record, written before issue 19, decodes with nothing delivered.
 
 Decoding is strict (wrong types, unknown tags, missing fields raise ``ValueError``): a row that
 does not decode is corruption to report, not something to guess around.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -39,7 +42,9 @@ from dsc_core.model import (
 __all__ = ["CODEC_VERSION", "decode_job", "encode_job"]
 
 #: Stored as ``"v"`` in every record; bump it (and keep reading the old one) on a format change.
-CODEC_VERSION = 1
+CODEC_VERSION = 2
+#: Versions :func:`decode_job` reads: 1 has no ``delivered`` in its filters.
+_READABLE = (1, CODEC_VERSION)
 
 T = TypeVar("T")
 
@@ -79,6 +84,8 @@ def _filter(value: FilterStatus) -> dict[str, Any]:
         "state": value.state.value,
         "reasons": [r.value for r in value.reasons],
         "instructions": _instructions(value.instructions),
+        "delivered": list(value.delivered),
+        "delivered_truncated": value.delivered_truncated,
     }
 
 
@@ -170,13 +177,29 @@ def _objects(record: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return items
 
 
+def _decode_filter(record: dict[str, Any], version: int) -> FilterStatus:
+    status = FilterStatus(
+        dialect=_get(record, "dialect", str),
+        state=FilterState(_get(record, "state", str)),
+        reasons=_enums(record, "reasons", FilterStateReason),
+        instructions=_decode_instructions(record),
+    )
+    if version < 2:
+        return status  # written before what a filter delivered was kept (issue 19)
+    return replace(
+        status,
+        delivered=_strings(record, "delivered"),
+        delivered_truncated=_get(record, "delivered_truncated", bool),
+    )
+
+
 def decode_job(text: str) -> Job:
     """The job that :func:`encode_job` wrote.  Raises ``ValueError`` on anything else."""
     record = json.loads(text)
     if not isinstance(record, dict):
         raise ValueError("job record: not a JSON object")
     version = _get(record, "v", int)
-    if version != CODEC_VERSION:
+    if version not in _READABLE:
         raise ValueError(f"job record: unknown codec version {version}")
     created = _decode_time(record, "created")
     last_activity = _decode_time(record, "last_activity")
@@ -185,15 +208,7 @@ def decode_job(text: str) -> Job:
         token=_get(record, "token", str),
         state=JobState(_get(record, "state", str)),
         reasons=_enums(record, "reasons", JobStateReason),
-        filters=tuple(
-            FilterStatus(
-                dialect=_get(f, "dialect", str),
-                state=FilterState(_get(f, "state", str)),
-                reasons=_enums(f, "reasons", FilterStateReason),
-                instructions=_decode_instructions(f),
-            )
-            for f in _objects(record, "filters")
-        ),
+        filters=tuple(_decode_filter(f, version) for f in _objects(record, "filters")),
         psp_identifier=_get(record, "psp_identifier", str),
         psp_display_name=_get(record, "psp_display_name", str),
         user_name=_get(record, "user_name", str),
