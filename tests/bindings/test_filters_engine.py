@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
+from dsc_bindings.filters.common import Deliveries, never_raises
 from dsc_core import ScanServer, StartProcessing
 from dsc_core.commands import (
     FilterFinished,
@@ -109,6 +110,12 @@ def _delivered(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def _written(tmp_path: Path) -> tuple[str, ...]:
+    """The paths the file share filter reports for the two documents of :func:`_engine`."""
+    folder = tmp_path / "data/shares/h/s/alice@corp.example"
+    return (str(folder / "Scan_0001.png"), str(folder / "Scan_0002.pdf"))
+
+
 def test_successful_job_reports_in_order(tmp_path: Path) -> None:
     recorder = Recorder()
     engine = _engine(tmp_path, recorder)
@@ -117,10 +124,12 @@ def test_successful_job_reports_in_order(tmp_path: Path) -> None:
     recorder.wait_finished(job.token)
     engine.close(5)
     t = job.token
+    # The report names the files written (issue 19), for the core to keep with the job.
+    written = _written(tmp_path)
     assert recorder.events == [
         ProcessingStarted(t),
         FilterStarted(t, 0),
-        FilterFinished(t, 0, FilterState.COMPLETED_SUCCESSFULLY),
+        FilterFinished(t, 0, FilterState.COMPLETED_SUCCESSFULLY, (), written),
         ProcessingFinished(t),
     ]
     assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
@@ -173,12 +182,14 @@ def test_failure_with_continue_on_error_goes_on(tmp_path: Path) -> None:
         FilterStarted(t, 0),
         FilterFinished(t, 0, FilterState.CANCELED, (FilterStateReason.FILE_SHARE_ACCESS_DENIED,)),
         FilterStarted(t, 1),
-        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY),
+        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY, (), _written(tmp_path)),
         ProcessingFinished(t),
     ]
     assert _delivered(tmp_path) == ["Scan_0001.png", "Scan_0002.pdf"]
     ended = recorder.server.jobs.get(t)
     assert ended is not None and ended.reasons == (JobStateReason.COMPLETED_WITH_ERRORS,)
+    # The core kept the names with the filter that wrote them, none with the refused one.
+    assert [f.delivered for f in ended.filters] == [(), _written(tmp_path)]
 
 
 def test_settled_filters_are_skipped(tmp_path: Path) -> None:
@@ -204,7 +215,7 @@ def test_settled_filters_are_skipped(tmp_path: Path) -> None:
     assert recorder.events == [
         ProcessingStarted(t),
         FilterStarted(t, 1),
-        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY),
+        FilterFinished(t, 1, FilterState.COMPLETED_SUCCESSFULLY, (), _written(tmp_path)),
         ProcessingFinished(t),
     ]
 
@@ -316,6 +327,42 @@ def test_raising_runner_is_contained(tmp_path: Path) -> None:
     assert (
         FilterFinished(
             job.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+        )
+        in recorder.events
+    )
+
+
+def test_a_filter_that_breaks_after_delivering_reports_what_it_delivered(
+    tmp_path: Path,
+) -> None:
+    """never_raises turns the bug into UnknownError (R9) and keeps the names the run had
+    reported: the file written before the bug is in the job record, not only in the log."""
+    recorder = Recorder()
+
+    @never_raises
+    def half(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+        delivered: Deliveries,
+    ) -> FilterOutcome:
+        delivered.add("fileshare", "/srv/scans/Scan_0001.png")
+        raise ValueError("bug after the first document")
+
+    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: half})
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert (
+        FilterFinished(
+            job.token,
+            0,
+            FilterState.COMPLETED_WITH_ERRORS,
+            (FilterStateReason.UNKNOWN_ERROR,),
+            ("/srv/scans/Scan_0001.png",),
         )
         in recorder.events
     )

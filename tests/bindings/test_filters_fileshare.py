@@ -46,6 +46,8 @@ def test_default_mapping_writes_under_user_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["Scan_0001.pdf", "Scan_0002.tif"]
     assert (folder / "Scan_0001.pdf").read_bytes() == big
     assert (folder / "Scan_0002.tif").read_bytes() == b"II*\0tiny"
+    # The outcome names each file written (issue 19), for the job record.
+    assert outcome.delivered == (str(folder / "Scan_0001.pdf"), str(folder / "Scan_0002.tif"))
 
 
 def test_configured_root_and_several_shares(tmp_path: Path) -> None:
@@ -58,9 +60,14 @@ def test_configured_root_and_several_shares(tmp_path: Path) -> None:
         document_root_name="Invoice",
     )
 
-    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    outcome = run(job, docs, settings)
+    assert outcome.state is FilterState.COMPLETED_SUCCESSFULLY
     assert (tmp_path / "a/alice@corp.example/Invoice_0001.png").read_bytes() == b"\x89PNG1"
     assert (tmp_path / "b/2024/alice@corp.example/Invoice_0001.png").read_bytes() == b"\x89PNG1"
+    assert outcome.delivered == (
+        str(tmp_path / "a/alice@corp.example/Invoice_0001.png"),
+        str(tmp_path / "b/2024/alice@corp.example/Invoice_0001.png"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -281,8 +288,11 @@ def test_partial_file_of_the_interrupted_run_is_replaced(tmp_path: Path) -> None
     (folder / f".dsc-{job.token}-2.part").write_bytes(b"two" * 100)  # torn
     with open(tmp_path / "spool" / ".fileshare-0.journal", "a") as journal:
         journal.write('{"dir": "torn')  # a journal line cut short by the crash
-    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    again = run(job, docs, settings)
+    assert again.state is FilterState.COMPLETED_SUCCESSFULLY
     assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+    # The re-run names every file of the job, the one the first run wrote included.
+    assert again.delivered == tuple(str(folder / n) for n in _names(folder))
     assert (folder / "inv_0002.png").read_bytes() == b"two" * 5000
 
 

@@ -89,6 +89,10 @@ def test_one_message_with_all_documents(tmp_path: Path, inbox: tuple[Inbox, int]
     assert sender == "scanner@corp.example"
     assert rcpts == ["bob@corp.example", "alice.smith@corp.example"]
     message = email.message_from_bytes(raw, policy=email.policy.default)
+    # The outcome names the message and who got it (issue 19), for the job record.
+    assert outcome.delivered == (
+        f"Message-ID {message['Message-ID']} to bob@corp.example, alice.smith@corp.example",
+    )
     assert message["Subject"] == "Scanned documents: ."
     assert message.get_content_type() == "multipart/mixed"
     text, *attachments = list(message.iter_parts())

@@ -67,6 +67,8 @@ def test_documents_are_put_byte_identical(tmp_path: Path) -> None:
         "/sites/Scans/Shared%20Docs/Q1%20report_0001.pdf": pdf,
         "/sites/Scans/Shared%20Docs/Q1%20report_0002.tif": tif,
     }
+    # The outcome names each document's URL (issue 19), for the job record.
+    assert outcome.delivered == tuple(server.url(p) for p in server.stored)
     headers = server.headers["/sites/Scans/Shared%20Docs/Q1%20report_0001.pdf"]
     assert headers["Content-Type"] == "application/pdf"
     assert headers["Content-Length"] == str(len(pdf))

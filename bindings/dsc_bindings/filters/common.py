@@ -3,12 +3,12 @@ names, content types and the "never raise" guard."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
 import threading
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,17 +21,42 @@ log = logging.getLogger(__name__)
 jobs_log = logging.getLogger("dsc.jobs")
 
 
-def log_delivered(job: Job, filter_index: int, kind: str, where: str) -> None:
-    """One INFO line per thing a filter delivered (issue 14 §3: the log names the files):
-    a file's path on the share, a SharePoint document's URL, an e-mail's Message-ID."""
-    jobs_log.info(
-        "job %s filter %d (%s) delivered %s",
-        job.token,
-        filter_index,
-        kind,
-        where,
-        extra={"event": "job.delivered", "job": job.token, "filter": kind, "where": where},
-    )
+class Deliveries:
+    """What one filter run delivered, in order: each thing logged at INFO as it is delivered
+    (issue 14 §3: the log names the files) and reported with the filter's outcome, so the job
+    record keeps it (issue 19: the job detail shows the file names written).  One per run,
+    made by :func:`never_raises`, so what a run delivered before it failed is kept too."""
+
+    def __init__(self, job: Job, filter_index: int) -> None:
+        self._job = job
+        self._filter_index = filter_index
+        self._names: dict[str, None] = {}
+
+    def add(self, kind: str, where: str) -> None:
+        """``where``: a file's path on the share, a SharePoint document's URL, an e-mail's
+        Message-ID and recipients.  A name this run already reported (a file share delivery
+        attempted again after a lost SMB connection finds its journaled files) is not
+        repeated."""
+        if where in self._names:
+            return
+        self._names[where] = None
+        jobs_log.info(
+            "job %s filter %d (%s) delivered %s",
+            self._job.token,
+            self._filter_index,
+            kind,
+            where,
+            extra={
+                "event": "job.delivered",
+                "job": self._job.token,
+                "filter": kind,
+                "where": where,
+            },
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +65,8 @@ class FilterOutcome:
 
     state: FilterState
     reasons: tuple[FilterStateReason, ...] = ()
+    #: What the run delivered (:class:`Deliveries`), whatever the state.
+    delivered: tuple[str, ...] = ()
 
     @classmethod
     def success(cls) -> FilterOutcome:
@@ -63,7 +90,8 @@ def _unique(reasons: tuple[FilterStateReason, ...]) -> tuple[FilterStateReason, 
 
 
 class FilterRun(Protocol):
-    """The signature every filter implements."""
+    """The signature every filter implements (a :func:`never_raises` filter function, which
+    takes a :class:`Deliveries` too)."""
 
     def __call__(
         self,
@@ -88,9 +116,24 @@ def check_cancel(cancelled: threading.Event) -> None:
         raise Cancelled()
 
 
-def never_raises(run: Callable[..., FilterOutcome]) -> Callable[..., FilterOutcome]:
+class DeliveringRun(Protocol):
+    """A filter function before :func:`never_raises`: it records each delivery in ``delivered``."""
+
+    def __call__(
+        self,
+        job: Job,
+        filter_index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+        delivered: Deliveries,
+    ) -> FilterOutcome: ...
+
+
+def never_raises(run: DeliveringRun) -> FilterRun:
     """A filter never raises: anything unexpected is CompletedWithErrors + UnknownError, so one
-    bad document or bug cannot take the engine's worker down (R9 failure mapping)."""
+    bad document or bug cannot take the engine's worker down (R9 failure mapping).  Whatever
+    way the run ends, its outcome carries what it delivered until then."""
 
     @functools.wraps(run)
     def guarded(
@@ -100,13 +143,15 @@ def never_raises(run: Callable[..., FilterOutcome]) -> Callable[..., FilterOutco
         settings: FilterSettings,
         cancelled: threading.Event,
     ) -> FilterOutcome:
+        delivered = Deliveries(job, filter_index)
         try:
-            return run(job, filter_index, documents, settings, cancelled)
+            outcome = run(job, filter_index, documents, settings, cancelled, delivered)
         except Cancelled:
-            return FilterOutcome.canceled()
+            outcome = FilterOutcome.canceled()
         except Exception:
             log.exception("filter %s of job %s failed unexpectedly", filter_index, job.token)
-            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+            outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        return dataclasses.replace(outcome, delivered=delivered.names)
 
     return guarded
 

@@ -166,7 +166,9 @@ class ProcessingEngine:
             # R6 "the first failure stops the run" is the core's rule: reported this failure,
             # it ends the job and its StopProcessing, carried out by the binding before the
             # report returns, sets ``cancelled``.
-            self._emit(FilterFinished(token, index, outcome.state, outcome.reasons))
+            self._emit(
+                FilterFinished(token, index, outcome.state, outcome.reasons, outcome.delivered)
+            )
             if cancelled.is_set():
                 break
         self._emit(ProcessingFinished(token))
@@ -193,7 +195,8 @@ class ProcessingEngine:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         if not outcome.state.is_final:
             log.error("job %s: filter %d returned %s", job.token, index, outcome.state.value)
-            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+            failed = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+            return FilterOutcome(failed.state, failed.reasons, outcome.delivered)
         return outcome
 
     def _emit(self, event: ProcessingEvent) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsc_bindings.filters.common import (
+    Deliveries,
     FilterOutcome,
     SourceError,
     check_cancel,
     document_file_name,
-    log_delivered,
     never_raises,
     read_full,
     sanitize_name,
@@ -46,6 +46,7 @@ def run(
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
     cancelled: threading.Event,
+    delivered: Deliveries,
 ) -> FilterOutcome:
     instructions = job.filters[filter_index].instructions
     if not isinstance(instructions, FileShareInstructions) or not instructions.shares:
@@ -70,7 +71,9 @@ def run(
     for target in targets:
         check_cancel(cancelled)
         try:
-            _deliver_with_retry(target, user_dir, job, filter_index, documents, settings, cancelled)
+            _deliver_with_retry(
+                target, user_dir, job, filter_index, documents, settings, cancelled, delivered
+            )
         except SourceError as exc:
             log.error("job %s: cannot read a stored document: %s", job.token, exc)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
@@ -133,12 +136,19 @@ def _deliver_with_retry(
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
     cancelled: threading.Event,
+    delivered: Deliveries,
 ) -> None:
     attempts = SMB_ATTEMPTS if target.smb_share is not None else 1
     for attempt in range(1, attempts + 1):
         try:
             _deliver(
-                target.open(settings, user_dir), job, filter_index, documents, settings, cancelled
+                target.open(settings, user_dir),
+                job,
+                filter_index,
+                documents,
+                settings,
+                cancelled,
+                delivered,
             )
             return
         except SmbConnectionLost as exc:
@@ -173,6 +183,7 @@ def _deliver(
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
     cancelled: threading.Event,
+    delivered: Deliveries,
 ) -> None:
     journal = ResumeJournal.of(job, documents, filter_index)
     with opened as folder:
@@ -183,9 +194,9 @@ def _deliver(
             counter = _copy_one(
                 delivery, folder, job, document, counter + 1, journal, settings, cancelled
             )
-            delivered = journal.get(folder.path, document.document_id)
-            if delivered is not None:
-                log_delivered(job, filter_index, "fileshare", str(folder.path / delivered[1]))
+            written = journal.get(folder.path, document.document_id)
+            if written is not None:
+                delivered.add("fileshare", str(folder.path / written[1]))
         folder.sync()  # the new names survive a crash, not only the contents
 
 

@@ -22,13 +22,13 @@ from email.utils import formatdate
 from pathlib import Path
 
 from dsc_bindings.filters.common import (
+    Deliveries,
     FilterFailure,
     FilterOutcome,
     SourceError,
     check_cancel,
     content_type_for,
     document_file_name,
-    log_delivered,
     never_raises,
     read_full,
 )
@@ -54,6 +54,7 @@ def run(
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
     cancelled: threading.Event,
+    delivered: Deliveries,
 ) -> FilterOutcome:
     instructions = job.filters[filter_index].instructions
     if not isinstance(instructions, EmailInstructions):
@@ -86,9 +87,7 @@ def run(
         return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
     accepted = [a for a in recipients if a not in rejected]
     domain = _domain(settings)
-    log_delivered(
-        job,
-        filter_index,
+    delivered.add(
         "email",
         f"Message-ID {message_id(job, filter_index, domain)} to {', '.join(accepted)}",
     )

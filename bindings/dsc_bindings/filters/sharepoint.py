@@ -14,13 +14,13 @@ from urllib.parse import quote
 
 from dsc_bindings.filters.common import (
     BinaryReader,
+    Deliveries,
     FilterFailure,
     FilterOutcome,
     SourceError,
     check_cancel,
     content_type_for,
     document_file_name,
-    log_delivered,
     never_raises,
     read_full,
 )
@@ -41,6 +41,7 @@ def run(
     documents: list[tuple[Document, Path]],
     settings: FilterSettings,
     cancelled: threading.Event,
+    delivered: Deliveries,
 ) -> FilterOutcome:
     instructions = job.filters[filter_index].instructions
     if not isinstance(instructions, SharePointInstructions):
@@ -83,7 +84,7 @@ def run(
                 check_cancel(cancelled)
                 name = document_file_name(job.document_root_name, number, document.format)
                 _put(site, name, source, document.format, settings, cancelled)
-                log_delivered(job, filter_index, "sharepoint", f"{site}/{quote(name, safe='')}")
+                delivered.add("sharepoint", f"{site}/{quote(name, safe='')}")
         except FilterFailure as exc:
             # The rest of this site would most likely fail the same way; try the next site.
             log.warning(
