@@ -127,6 +127,7 @@ def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path) -> None:
         assert first.code == 1, first
         token = first.json()["token"]
         assert first.json()["filters"][0]["state"] != "CompletedSuccessfully"
+        [failed_run] = dsc("job", token, "--server", server.url, "--json").json()["filters"]
         blocker.unlink()
         run = dsc("retry", token[:8], "--server", server.url)
         assert run.code == 0, run
@@ -134,6 +135,13 @@ def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path) -> None:
         assert "Filter fileshare  CompletedSuccessfully" in run.out, run.out
         delivered = list(blocker.rglob("page_0001.png"))
         assert len(delivered) == 1 and delivered[0].read_bytes() == page.read_bytes()
+        # The job record names the file the re-run wrote (issue 19); the failed run wrote none.
+        assert failed_run["delivered"] == []
+        [fileshare] = dsc("job", token, "--server", server.url, "--json").json()["filters"]
+        assert fileshare["delivered"] == [str(delivered[0])]
+        assert ["delivered", str(delivered[0])] in [
+            line.split() for line in run.out.splitlines()
+        ], run.out
         again = dsc("retry", token, "--server", server.url)
         assert again.code == 1 and "cannot be retried" in again.err, again
         server.stop_cleanly()

@@ -68,8 +68,9 @@ def resolve_token(client: Client, token: str) -> str:
 
 
 def filter_destinations(client: Client, token: str) -> dict[int, dict[str, Any]]:
-    """Where each filter was told to deliver, from the server's status endpoint (MS-BDSRR has
-    no element for it); empty when the server has no such endpoint or refuses it."""
+    """Where each filter was told to deliver and what it delivered there, from the server's
+    status endpoint (MS-BDSRR has no element for either); empty when the server has no such
+    endpoint or refuses it."""
     try:
         detail = client.status_json(f"job={token}")
     except (CliError, ConnectionFailed, ValueError):

@@ -10,6 +10,7 @@ from typing import Any
 from dsc_bindings.console.output import (
     local_time,
     print_pairs,
+    printable,
 )
 from dsc_core import client as dc
 from dsc_core import names
@@ -28,6 +29,15 @@ def _destination_text(filter_detail: dict[str, Any]) -> str:
     return f" -> {', '.join(places)}" if places else ""
 
 
+def delivered_rows(filter_detail: dict[str, Any]) -> list[tuple[str, str]]:
+    """One row per thing the filter delivered (issue 19): a file's path, a document's URL,
+    a Message-ID and its recipients; a last row when the server kept only the first of them."""
+    rows = [("  delivered", printable(str(n))) for n in filter_detail.get("delivered", [])]
+    if filter_detail.get("delivered_truncated"):
+        rows.append(("  delivered", "(more: the server's job log names every one)"))
+    return rows
+
+
 def print_job(view: dc.JobView, destinations: dict[int, dict[str, Any]]) -> None:
     rows = [
         ("Job", view.token),
@@ -43,8 +53,10 @@ def print_job(view: dc.JobView, destinations: dict[int, dict[str, Any]]) -> None
         rows.append(("Completed", local_time(view.completed, wide=True)))
     for index, f in enumerate(view.filters):
         reasons = f" ({', '.join(f.reasons)})" if f.reasons else ""
-        where = _destination_text(destinations.get(index, {}))
+        detail = destinations.get(index, {})
+        where = _destination_text(detail)
         rows.append((f"Filter {names.filter_name(f.dialect)}", f"{f.state}{reasons}{where}"))
+        rows += delivered_rows(detail)
     print_pairs(rows)
 
 

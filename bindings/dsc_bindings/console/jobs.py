@@ -241,7 +241,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         detail: dict[str, Any] = view.as_dict()
         filters: list[dict[str, Any]] = detail["filters"]
         for index, entry in enumerate(filters):
-            entry["destinations"] = destinations.get(index, {}).get("destinations", [])
+            place = destinations.get(index, {})
+            entry["destinations"] = place.get("destinations", [])
+            entry["delivered"] = place.get("delivered", [])
+            entry["delivered_truncated"] = bool(place.get("delivered_truncated", False))
         print(json.dumps({**detail, "documents": docs}, indent=2))
     else:
         print_job(view, destinations)

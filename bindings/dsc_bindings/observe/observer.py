@@ -571,6 +571,9 @@ class Observer:
                     "state": f.state.value,
                     "reasons": [r.value for r in f.reasons],
                     "destinations": destinations_of(f, job.user_name),
+                    # What it wrote (issue 19): the files, document URLs, Message-IDs.
+                    "delivered": list(f.delivered),
+                    "delivered_truncated": f.delivered_truncated,
                 }
                 for f in job.filters
             ],

@@ -85,6 +85,14 @@ function destinations(job) {
   return job.filters.map(f => f.filter + ": " + f.state +
     (f.destinations.length ? " \u2192 " + f.destinations.join(", ") : "")).join("; ");
 }
+// What a filter delivered (issue 19): the files written, document URLs, Message-IDs.
+function delivered(f) {
+  if (!f.delivered.length) return el("span", "nothing", "muted");
+  const list = el("ul", "", "delivered");
+  for (const name of f.delivered) list.append(el("li", name, "tok"));
+  if (f.delivered_truncated) list.append(el("li", "\u2026 more in the server's job log", "muted"));
+  return list;
+}
 async function act(text, method, path, body, done) {
   if (!(await confirmed(text))) return;
   try {
@@ -138,7 +146,7 @@ async function drawJob(token) {
       ["Device", j.device], ["Process", j.process], ["Images", j.images],
       ["Reasons", j.reasons.join(", ")]]) facts.append(el("dt", k), el("dd", v));
   fill("#job-filters", j.filters.map(f => [f.filter, f.state, f.reasons.join(", "),
-    f.destinations.join(", ")]), "no filters");
+    f.destinations.join(", "), cell(delivered(f))]), "no filters");
   fill("#job-documents", j.documents.map(d => [d.document_id, d.format, d.size]), "no documents");
   const list = $("#job-timeline"); list.replaceChildren();
   for (const t of j.timeline) list.append(el("li", when(t.at) + ": " + t.what));
