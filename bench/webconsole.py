@@ -27,34 +27,12 @@ import argparse
 import http.client
 import json
 import shutil
-import statistics
 import sys
-import tempfile
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bindings"), str(ROOT / "tests")]
+from history import history_server, print_table, timed
 
-from dsc_core import client as dc  # noqa: E402
-from dsc_core import names  # noqa: E402
-from dsc_core.model import FileShareInstructions  # noqa: E402
-from e2e_support import ServerProcess  # noqa: E402
-
-A = names.Action
 CHROMIUM = "/usr/bin/chromium"
-
-
-def timed(call: Callable[[], object], rounds: int) -> list[float]:
-    call()  # warm up
-    out = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        out.append((time.perf_counter() - start) * 1000)
-    return sorted(out)
 
 
 def idle_cost(url: str, seconds: float) -> str:
@@ -109,53 +87,21 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=30.0, help="seconds the idle page is watched")
     args = parser.parse_args()
     jobs, rounds, idle = (60, 5, 4.0) if args.quick else (args.jobs, 40, args.idle)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "dsc.toml"
-        config.write_text(f"[jobs]\nhistory_size = {jobs}\n")
-        server = ServerProcess(Path(tmp) / "data", config=config).start()
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    with history_server(jobs) as server:
+        made = server.fill(jobs)
+        print(f"== web console: {jobs} jobs in the history ({made:.1f} s to make)")
 
-            def post(action: str, payload: object) -> dc.Response:
-                body = dc.envelope(
-                    action, payload, message_id=f"urn:uuid:{uuid.uuid4()}", to=server.url
-                )
-                conn.request("POST", "/ScanServer", body, {"Content-Type": dc.SOAP_XML})
-                response = conn.getresponse()
-                return dc.parse_response(response.read(), response.status)
+        def get(path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+            return server.get(path, headers, ok=(200, 304))[0]
 
-            def get(path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
-                conn.request("GET", path, headers=headers or {})
-                response = conn.getresponse()
-                response.read()
-                assert response.status in (200, 304), (path, response.status)
-                return response
-
-            started = time.perf_counter()
-            for _ in range(jobs):
-                created = post(
-                    A.DSP_CREATE,
-                    dc.create_post_scan_job(
-                        user_identifier="S-1-5-21-0-0-0-1000",
-                        psp_identifier=str(uuid.uuid4()).upper(),
-                        instructions=[FileShareInstructions((r"\\localhost\scans",))],
-                        document_root_name="bench",
-                    ),
-                )
-                token = dc.text_of(created.payload, names.DSP, "JobToken")
-                post(A.DSC_CANCEL, dc.token_request(names.DSC, "CancelPostScanJobRequest", token))
-            print(
-                f"== web console: {jobs} jobs in the history "
-                f"({time.perf_counter() - started:.1f} s to make)"
-            )
-            cursor = ""
-            for _ in range(min(100, jobs // 50 - 1)):
-                conn.request("GET", f"/api/jobs?state=ended&limit=50&cursor={cursor}")
-                cursor = json.loads(conn.getresponse().read())["next"]
-            tag = get("/api/jobs?limit=50").getheader("ETag") or ""
-            floor = timed(lambda: get("/healthz"), rounds)
-            rows = [
-                ("GET /healthz (floor)", floor),
+        cursor = ""
+        for _ in range(min(100, jobs // 50 - 1)):
+            page = server.get(f"/api/jobs?state=ended&limit=50&cursor={cursor}")[1]
+            cursor = json.loads(page)["next"]
+        tag = get("/api/jobs?limit=50").getheader("ETag") or ""
+        print_table(
+            [
+                ("GET /healthz (floor)", timed(lambda: get("/healthz"), rounds)),
                 ("GET /api/jobs?limit=50", timed(lambda: get("/api/jobs?limit=50"), rounds)),
                 (
                     "  ... deep in the history",
@@ -170,19 +116,8 @@ def main() -> int:
                     timed(lambda: get("/api/jobs?limit=50", {"If-None-Match": tag}), rounds),
                 ),
             ]
-            base = statistics.median(floor)
-            print(f"{'request':<34} {'median ms':>10} {'p90 ms':>8} {'ratio':>7}")
-            for name, samples in rows:
-                median = statistics.median(samples)
-                p90 = samples[max(0, int(len(samples) * 0.9) - 1)]
-                print(f"{name:<34} {median:>10.2f} {p90:>8.2f} {median / base:>6.2f}x")
-            conn.close()
-            base_url = f"http://127.0.0.1:{server.port}"
-            print(f"idle page: {idle_cost(base_url, idle)}")
-            server.stop_cleanly()
-        finally:
-            if server.alive:
-                server.kill9()
+        )
+        print(f"idle page: {idle_cost(f'http://127.0.0.1:{server.server.port}', idle)}")
     return 0
 
 
