@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from dsc_core.model import FileShareInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, Soap, Stream, file_sha256, started_servers
+from e2e_support import (
+    DEFAULT_SID,
+    ServerProcess,
+    Soap,
+    Stream,
+    dsc,
+    file_sha256,
+    started_servers,
+)
 from smb_support import SmbServer, need_smbclient
 from waiting import wait_for
 
@@ -36,6 +44,15 @@ def scan(server: ServerProcess, unc: str, *images: bytes) -> str:
     return token
 
 
+def delivered(server: ServerProcess, token: str) -> list[str]:
+    """What the job record says its file share filter wrote (issue 19), by ``dsc job``."""
+    run = dsc("job", token, "--server", server.url, "--json")
+    assert run.code == 0, run
+    [fileshare] = run.json()["filters"]
+    names: list[str] = fileshare["delivered"]
+    return names
+
+
 def test_a_scan_lands_on_the_share(serve: ServerProcess, smbd: SmbServer, tmp_path: Path) -> None:
     need_smbclient()
     first, second = b"%PDF-1.7 first page" * 1000, b"\x89PNG second" * 5000
@@ -52,6 +69,9 @@ def test_a_scan_lands_on_the_share(serve: ServerProcess, smbd: SmbServer, tmp_pa
         "Invoice_0001.png",
         "Invoice_0002.png",
     ]
+    # The job names each file by its UNC path on the share.
+    unc = rf"\\{smbd.address}\scans\e2e\{DEFAULT_SID}"
+    assert delivered(serve, token) == [rf"{unc}\Invoice_0001.png", rf"{unc}\Invoice_0002.png"]
 
 
 def test_an_existing_name_is_not_overwritten(serve: ServerProcess, smbd: SmbServer) -> None:
@@ -114,6 +134,9 @@ def test_kill9_during_delivery_then_restart_delivers_each_document_once(
         assert file_sha256(folder / f"scan_{n:04d}.png") == image.sha.hexdigest()
     digests = {file_sha256(p) for p in folder.iterdir()}
     assert len(digests) == 3
+    # The job record names each file once: the resumed run's report, the first run's lost.
+    unc = rf"\\{smbd.address}\scans\crash\{DEFAULT_SID}"
+    assert delivered(serve, token) == [rf"{unc}\scan_{n:04d}.png" for n in (1, 2, 3)]
 
 
 def _size(path: Path) -> int:

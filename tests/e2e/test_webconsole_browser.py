@@ -104,7 +104,7 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         confirm(page)
         expect(page.locator("#done")).to_contain_text("1 filter(s) run again")
         expect(page.locator(f"#job-{failed_token}")).to_contain_text("succeeded", timeout=15_000)
-        assert len(list(blocker.rglob("page_0001.png"))) == 1
+        [written] = blocker.rglob("page_0001.png")
         # The history is searched on the server: a part of one token finds that job only.
         search = page.locator("#search")
         search.get_by_label("Search").fill(failed_token[-12:])
@@ -117,6 +117,10 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         # The job detail view.
         page.locator(f"#job-{failed_token} a").click()
         expect(page.locator("#job-filters")).to_contain_text("fileshare")
+        # The file the retry's re-run wrote, by its path (issue 19: file names written).
+        expect(page.locator("#job-filters ul.delivered li")).to_have_text([str(written)])
+        page.screenshot(path=str(tmp_path / "job-detail-1366.png"), full_page=True)
+        assert no_horizontal_scroll(page)  # a long path wraps in its cell
         expect(page.locator("#job-documents")).to_contain_text("1")
         # Purge: the dry run first, then the purge with a confirmation.
         page.get_by_role("link", name="History", exact=True).click()
