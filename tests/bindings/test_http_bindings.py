@@ -86,6 +86,12 @@ class Raw:
         lines += [f"{k}: {v}" for k, v in headers]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
+    def expect_continue(self, length: int, content_type: str = C.SOAP_XML) -> None:
+        """Send a POST head declaring ``length`` body bytes with ``Expect: 100-continue``; the
+        body is the caller's to send, after reading the interim (or final) answer."""
+        headers = [("Content-Type", content_type), ("Content-Length", str(length))]
+        self.send(self.head(headers=[*headers, ("Expect", "100-continue")]))
+
     def post(
         self,
         body: bytes | Iterable[bytes],
@@ -395,15 +401,7 @@ def test_expect_100_continue(binding: str, tmp_path: Path) -> None:
     with running(binding, tmp_path) as srv:
         client = Raw(srv.port)
         body = repository_request()
-        client.send(
-            client.head(
-                headers=[
-                    ("Content-Type", C.SOAP_XML),
-                    ("Content-Length", str(len(body))),
-                    ("Expect", "100-continue"),
-                ]
-            )
-        )
+        client.expect_continue(len(body))
         interim = client.read_response()
         assert interim.status == 100
         client.send(body)
@@ -418,15 +416,7 @@ def test_413_for_over_limit_content_length(binding: str, tmp_path: Path) -> None
     with running(binding, tmp_path, config) as srv:
         # With Expect: the answer comes instead of 100 Continue, before any body byte.
         client = Raw(srv.port)
-        client.send(
-            client.head(
-                headers=[
-                    ("Content-Type", C.SOAP_XML),
-                    ("Content-Length", str(limit + 1)),
-                    ("Expect", "100-continue"),
-                ]
-            )
-        )
+        client.expect_continue(limit + 1)
         reply = client.read_response()
         assert reply.status == 413
         assert reply.headers["connection"] == "close"
@@ -508,15 +498,7 @@ def test_503_over_the_connection_limit(binding: str, tmp_path: Path) -> None:
         assert first.post(repository_request()).status == 200
         # Busy, not idle (a request in progress): it cannot be reclaimed (test_runtime).
         body = repository_request()
-        first.send(
-            first.head(
-                headers=[
-                    ("Content-Type", C.SOAP_XML),
-                    ("Content-Length", str(len(body))),
-                    ("Expect", "100-continue"),
-                ]
-            )
-        )
+        first.expect_continue(len(body))
         assert first.read_response().status == 100  # the server has read the head
         second = Raw(srv.port)
         reply = second.post(repository_request())
@@ -652,15 +634,7 @@ def test_stop_lets_the_request_in_flight_finish(binding: str, tmp_path: Path) ->
         assert idle.post(repository_request()).status == 200
         busy = Raw(srv.port)
         body = repository_request()
-        busy.send(
-            busy.head(
-                headers=[
-                    ("Content-Type", C.SOAP_XML),
-                    ("Content-Length", str(len(body))),
-                    ("Expect", "100-continue"),
-                ]
-            )
-        )
+        busy.expect_continue(len(body))
         assert busy.read_response().status == 100  # the exchange is open
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
@@ -914,15 +888,7 @@ async def test_trio_nursery_start_and_graceful_cancel(tmp_path: Path) -> None:
         def slow_client(port: int) -> None:
             client = Raw(port)
             try:
-                client.send(
-                    client.head(
-                        headers=[
-                            ("Content-Type", C.SOAP_XML),
-                            ("Content-Length", str(len(body))),
-                            ("Expect", "100-continue"),
-                        ]
-                    )
-                )
+                client.expect_continue(len(body))
                 outcome["interim"] = client.read_response().status
                 headed.set()
                 go.wait(10)

@@ -195,15 +195,7 @@ def test_one_address_holds_at_most_its_share(binding: str, tmp_path: Path) -> No
         # At its share with nothing idle to reclaim, the address is refused; others are not.
         body = repository_request()
         for client in (second, third):
-            client.send(
-                client.head(
-                    headers=[
-                        ("Content-Type", C.SOAP_XML),
-                        ("Content-Length", str(len(body))),
-                        ("Expect", "100-continue"),
-                    ]
-                )
-            )
+            client.expect_continue(len(body))
             assert client.read_response().status == 100  # busy now
         refused = _raw_from(srv.port, "127.0.0.1")
         reply = refused.post(repository_request())
