@@ -763,7 +763,7 @@ def test_startup_log(start_server: StartServer, binding: str) -> None:
     assert dsp.group(1) != dsc_.group(1)
     # The logged paths are the ones the device metadata advertises.
     assert _metadata_services(Soap(server.url)) == {dsp.group(1), dsc_.group(1)}
-    assert f"job store: SQLite + spool in {server.data.resolve()}" in log
+    assert f"job store: SQLite in {server.data.resolve()} + spool in {server.data.resolve()}" in log
     assert (server.data / "jobs.sqlite3").is_file()
     assert "security: plain HTTP, development mode" in log
     assert "every client is a scan administrator" in log
