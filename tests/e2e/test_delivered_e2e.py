@@ -48,6 +48,9 @@ def test_a_two_page_scan_names_both_files_everywhere(
     status, _, body, _ = get(server, f"/api/jobs/{token}")
     assert status == 200, body
     assert json.loads(body)["job"]["filters"][0]["delivered"] == written
+    # The history is searched by what was delivered: the job that wrote a file.
+    status, _, body, _ = get(server, "/api/jobs?q=page_0002.pdf")
+    assert status == 200 and [j["token"] for j in json.loads(body)["jobs"]] == [token], body
     status, _, body, _ = get(server, f"/status.json?job={token}")
     assert status == 200, body
     assert json.loads(body)["job"]["filters"][0]["delivered"] == written

@@ -516,7 +516,9 @@ def _matcher(query: dict[str, str]) -> Callable[[dict[str, Any]], bool] | None:
             words = [job["token"], job["user"], job["device"], job["process"], job["identity"]]
             words += job["reasons"]
             for f in job["filters"]:
+                # What it delivered too: "which job wrote Invoice_0042.pdf?" (issue 19).
                 words += [f["filter"], f["state"], *f["reasons"], *f["destinations"]]
+                words += f["delivered"]
             if not any(text in (w or "").lower() for w in words):
                 return False
         return True
