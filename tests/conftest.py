@@ -13,7 +13,7 @@ import pytest
 from lxml import etree
 
 if TYPE_CHECKING:
-    from engines_support import PgCluster, S3Server
+    from engines_support import Backend, PgCluster, S3Server
     from samba_support import SambaDC
     from smb_support import SmbServer
 
@@ -159,3 +159,14 @@ def s3() -> Iterator[S3Server]:
 
     with s3_server() as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite-local", "postgresql-s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Where the test's server keeps its state (issue 17 point 2): the embedded default, then
+    PostgreSQL + S3 on the session's engines (started only when a test asks for them)."""
+    from engines_support import Backend, EnginesBackend
+
+    if request.param == "sqlite-local":
+        return Backend()
+    return EnginesBackend(request.getfixturevalue("pg"), request.getfixturevalue("s3"), tmp_path)

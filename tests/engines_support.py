@@ -259,6 +259,8 @@ def secret_file(folder: Path, text: str) -> Path:
 
 
 __all__ = [
+    "Backend",
+    "EnginesBackend",
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
     "PgCluster",
@@ -267,4 +269,108 @@ __all__ = [
     "pg_cluster",
     "s3_server",
     "secret_file",
+    "with_backend",
 ]
+
+
+class Backend:
+    """Where a test server keeps its state: the embedded default (SQLite + the local spool).
+    The e2e scenarios take one of these (conftest ``backend``) and ask it, not the data folder,
+    what the spool holds, so the same scenario runs on both (issue 17 point 2)."""
+
+    name = "sqlite-local"
+
+    def sections(self) -> str:
+        """TOML to add to the server's configuration ("" for the defaults)."""
+        return ""
+
+    def documents(self, data: Path, token: str) -> dict[str, bytes]:
+        """The job's finished documents in the spool, by DocumentId."""
+        folder = data / "spool" / token
+        if not folder.is_dir():
+            return {}
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.isdigit()}
+
+    def has_documents(self, data: Path, token: str) -> bool:
+        return (data / "spool" / token).exists()
+
+    def unfinished(self, data: Path) -> int:
+        """Interrupted uploads left over: ``.part`` files, or open S3 multipart uploads."""
+        return sum(1 for p in data.rglob("*") if p.name.endswith(".part"))
+
+    def unfinished_bytes(self, data: Path) -> int:
+        """Bytes of the largest upload in progress (0: none yet)."""
+        return max((p.stat().st_size for p in data.rglob("*.part")), default=0)
+
+    def start_line(self, data: Path) -> str:
+        """What ``dsc serve`` logs about its job store."""
+        return f"job store: SQLite in {data.resolve()} + spool in {data.resolve()}"
+
+
+class EnginesBackend(Backend):
+    """PostgreSQL + S3 (issue 17): one database and one bucket per test, on the session's
+    engines; parts of 5 MiB (S3's minimum) so that a few MiB make a true multipart upload."""
+
+    name = "postgresql-s3"
+
+    def __init__(self, pg: PgCluster, s3: S3Server, folder: Path) -> None:
+        self.pg, self.s3 = pg, s3
+        self.dsn, self.bucket = pg.new_database(), s3.new_bucket()
+        self.secret = secret_file(folder, S3_SECRET_KEY)
+
+    def sections(self) -> str:
+        return (
+            f'\n[store]\nkind = "postgresql"\ndsn = "{self.dsn}"\n\n'
+            f'[spool]\nkind = "s3"\nendpoint_url = "{self.s3.endpoint_url}"\n'
+            f'bucket = "{self.bucket}"\nregion = "us-east-1"\n'
+            f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{self.secret}"\n'
+            f"part_size = {5 << 20}\n"
+        )
+
+    def _keys(self, token: str) -> list[str]:
+        listed = self.s3.client().list_objects_v2(Bucket=self.bucket, Prefix=f"spool/{token}/")
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+    def documents(self, data: Path, token: str) -> dict[str, bytes]:
+        client = self.s3.client()
+        return {
+            key.rsplit("/", 1)[-1]: client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            for key in self._keys(token)
+        }
+
+    def has_documents(self, data: Path, token: str) -> bool:
+        return bool(self._keys(token))
+
+    def _uploads(self) -> list[dict[str, object]]:
+        answer = self.s3.client().list_multipart_uploads(Bucket=self.bucket)
+        return list(answer.get("Uploads", []))
+
+    def unfinished(self, data: Path) -> int:
+        return super().unfinished(data) + len(self._uploads())
+
+    def unfinished_bytes(self, data: Path) -> int:
+        client, most = self.s3.client(), 0
+        for upload in self._uploads():
+            parts = client.list_parts(
+                Bucket=self.bucket, Key=str(upload["Key"]), UploadId=str(upload["UploadId"])
+            )
+            most = max(most, sum(int(p["Size"]) for p in parts.get("Parts", [])))
+        return most
+
+    def start_line(self, data: Path) -> str:
+        return f" + S3 {self.s3.endpoint_url} bucket {self.bucket}"
+
+
+def with_backend(backend: Backend, config: Path | None, folder: Path) -> Path | None:
+    """``config`` with the backend's sections added, as a new file (the test's own file stays
+    as the test wrote it); ``config`` itself for the embedded default."""
+    extra = backend.sections()
+    if not extra:
+        return config
+    text = config.read_text() if config is not None else ""
+    combined = folder / f"dsc-{backend.name}-{next(_configs)}.toml"
+    combined.write_text(text + "\n" + extra)
+    return combined
+
+
+_configs = itertools.count(1)

@@ -10,15 +10,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
+import pytest
 
 from e2e_support import dsc
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
+from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, secret_file
 from test_e2e_serve import UUID_RE, StartServer, files_under, start_server, user_folder, write
 
 if TYPE_CHECKING:
     from engines_support import PgCluster, S3Server
 
 __all__ = ["start_server"]  # the fixture, used by name below
+
+
+@pytest.fixture
+def backend() -> Backend:
+    """These tests write their own [store] and [spool]: the server adds none."""
+    return Backend()
 
 
 def engines_config(tmp_path: Path, pg: PgCluster, s3: S3Server) -> tuple[Path, str, str]:
