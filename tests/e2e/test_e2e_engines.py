@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,3 +86,29 @@ def test_unknown_store_kind_is_one_clear_line(tmp_path: Path) -> None:
     assert run.code != 0
     assert '[store] kind must be "sqlite" or "postgresql", got' in run.err, run
     assert "Traceback" not in run.err
+
+
+def test_metrics_and_healthz_cover_the_engines(
+    start_server: StartServer, tmp_path: Path, pg: PgCluster, s3: S3Server
+) -> None:
+    """Issue 17 point 7: the pool (in use, idle, waiting) and the S3 errors in /metrics; the
+    database and the bucket reachable in /healthz's store check."""
+    config, _, _ = engines_config(tmp_path, pg, s3)
+    server = start_server(config=config)
+    page = write(tmp_path / "in" / "a.png", os.urandom(20_000))
+    assert dsc("scan", "--server", server.url, "--quiet", str(page)).code == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as answer:
+        assert answer.status == 200 and answer.read().decode().strip() == "ok"
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    figures = dict(re.findall(r"^(dsc_(?:store_pool|s3)_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M))
+    assert set(figures) == {
+        'dsc_store_pool_connections{state="in_use"}',
+        'dsc_store_pool_connections{state="idle"}',
+        "dsc_store_pool_waiting",
+        "dsc_s3_errors_total",
+    }, text
+    assert float(figures['dsc_store_pool_connections{state="idle"}']) >= 1
+    assert float(figures["dsc_store_pool_waiting"]) == 0
+    assert float(figures["dsc_s3_errors_total"]) == 0
+    assert 'dsc_health_check_ok{check="store"} 1.0' in text

@@ -3,7 +3,9 @@
 =============  ==============================================================  ==========
 check          passes when                                                     if not
 =============  ==============================================================  ==========
-``store``      the job store is open and ``PRAGMA quick_check`` says ``ok``     down (503)
+``store``      the job store is open: SQLite's ``PRAGMA quick_check`` says      down (503)
+               ``ok``; PostgreSQL answers (the database is reachable); the S3
+               bucket answers (issue 17; a failure names the engine)
 ``data``       the data directory (spool) is writable by the server's user     down (503)
 ``share``      each share root exists, is a directory, and a file can be       down (503)
                created in it (one check per root, named by its UNC prefix)

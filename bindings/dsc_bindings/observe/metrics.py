@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from dsc_bindings.observe.health import STATES, Health
+from dsc_bindings.store.interface import StorageFigures
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -97,6 +98,8 @@ class Metrics:
             ["filter", "state"],
             registry=r,
         )
+        self.storage = StorageGauges()
+        r.register(self.storage)
 
     def render(self, health: Health | None = None) -> bytes:
         """The Prometheus text exposition format (version 0.0.4); with ``health``, also the
@@ -109,6 +112,43 @@ class Metrics:
         scrape = CollectorRegistry(auto_describe=False)
         scrape.register(HealthGauges(health))
         return text + generate_latest(scrape)
+
+
+class StorageGauges(Collector):
+    """The job store's engines (issue 17 point 7), as last told by :meth:`update` (the status
+    pages tell it before each answer).  Only what the configured engines have:
+    ``dsc_store_pool_connections{state}`` (in_use, idle) and ``dsc_store_pool_waiting`` for
+    PostgreSQL's pool; ``dsc_s3_errors_total`` for the S3 spool.  Whether the database answers
+    is the ``store`` check of ``dsc_health_check_ok``."""
+
+    def __init__(self) -> None:
+        self._figures = StorageFigures(None, None)
+
+    def update(self, figures: StorageFigures) -> None:
+        self._figures = figures  # one reference swap: read whole by collect()
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self._figures
+        if figures.pool is not None:
+            connections = GaugeMetricFamily(
+                "dsc_store_pool_connections",
+                "PostgreSQL connections of the job store's pool, by state (in_use, idle)",
+                labels=["state"],
+            )
+            connections.add_metric(["in_use"], figures.pool.in_use)
+            connections.add_metric(["idle"], figures.pool.idle)
+            yield connections
+            yield GaugeMetricFamily(
+                "dsc_store_pool_waiting",
+                "Requests waiting for a PostgreSQL connection of the job store's pool",
+                value=figures.pool.waiting,
+            )
+        if figures.spool_errors is not None:
+            yield CounterMetricFamily(
+                "dsc_s3_errors",
+                "S3 requests of the spool that failed (no answer, or an error status)",
+                value=figures.spool_errors,
+            )
 
 
 class HealthGauges(Collector):

@@ -15,7 +15,8 @@ __all__ = ["health_probes"]
 def health_probes(service: ScanService) -> list[Probe]:
     """The checks of :mod:`.health` for ``service``, with its current configuration."""
     store = service.store
-    spool = service.data_dir / "spool"
+    # Where the spool writes: its folder, or (S3) the data folder with its copies and parts.
+    spool = store.local_dir if store is not None else service.data_dir / "spool"
     probes = [
         Probe(
             "store",

@@ -69,7 +69,11 @@ class StatusPages:
         """The GET's answer; the administrator check is the core's (``is_scan_admin``), with
         the directory's ``answers`` when it was asked."""
         current = self.status_view(identity, answers)
-        self._observer.metrics.subscriptions.set(len(current.subscriptions))
+        metrics = self._observer.metrics
+        metrics.subscriptions.set(len(current.subscriptions))
+        store = self._service.store
+        if store is not None:
+            metrics.storage.update(store.figures())
         return answer("GET", target, identity, current, self._observer)
 
     def status_view(self, identity: str | None, answers: DirectoryAnswers | None) -> View:

@@ -13,6 +13,7 @@ are durable), restores the jobs at start and hands the processing engine its doc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,10 +21,39 @@ from dsc_bindings.store.errors import StoreError
 from dsc_core.commands import StoreCommand
 from dsc_core.model import Job
 
-__all__ = ["JobRecords", "JobStore", "Spool", "StoredRecord", "check_document_id", "check_token"]
+__all__ = [
+    "JobRecords",
+    "JobStore",
+    "PoolStats",
+    "Spool",
+    "StorageFigures",
+    "StoredRecord",
+    "check_document_id",
+    "check_token",
+]
 
 #: One stored row as read at start: (its place in creation order, token, encoded record).
 StoredRecord = tuple[int, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A connection pool's state (PostgreSQL), for /metrics."""
+
+    in_use: int
+    idle: int
+    #: Requests waiting for a connection: above 0 for long, the pool is too small or the
+    #: database too slow.
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class StorageFigures:
+    """What /metrics says about the engines (issue 17 point 7); None where an engine has no
+    such figure (SQLite has no pool, the local spool counts no request errors)."""
+
+    pool: PoolStats | None
+    spool_errors: int | None
 
 
 class JobRecords(Protocol):
@@ -47,6 +77,9 @@ class JobRecords(Protocol):
     def check(self) -> str | None:
         """None while the records can be read and written, else what is wrong (/healthz)."""
 
+    def pool_stats(self) -> PoolStats | None:
+        """The connection pool's state; None without a pool.  Never blocks."""
+
     def close(self) -> None: ...
 
 
@@ -56,6 +89,9 @@ class Spool(Protocol):
 
     #: Where the documents are, for the log.
     location: str
+    #: The local folder the spool writes to (documents, or copies and staged parts): the
+    #: health check ``data`` makes sure the server can write there.
+    local_dir: Path
 
     def begin(self, token: str, document_id: int) -> None: ...
 
@@ -87,6 +123,10 @@ class Spool(Protocol):
     def check(self) -> str | None:
         """None while documents can be stored, else what is wrong (/healthz)."""
 
+    def error_count(self) -> int | None:
+        """Requests to the spool's server that failed since the start; None for a local
+        spool (its faults are the disk's, seen by the data folder's check)."""
+
     def close(self) -> None: ...
 
 
@@ -95,11 +135,16 @@ class JobStore(Protocol):
 
     data_dir: Path
 
+    @property
+    def local_dir(self) -> Path: ...
+
     def apply(self, command: StoreCommand) -> None: ...
 
     def load_jobs(self) -> list[Job]: ...
 
     def quick_check(self) -> str | None: ...
+
+    def figures(self) -> StorageFigures: ...
 
     def document_path(self, token: str, document_id: int) -> Path: ...
 

@@ -41,6 +41,7 @@ class LocalSpool:
     def __init__(self, spool_dir: Path) -> None:
         self.spool_dir = spool_dir
         self.location = str(spool_dir)
+        self.local_dir = spool_dir
         self._lock = threading.Lock()
         self._open: dict[tuple[str, int], _OpenDocument] = {}
         self._closed = False
@@ -63,6 +64,9 @@ class LocalSpool:
             self._open.clear()
         for doc in docs:
             _drop_open(doc)
+
+    def error_count(self) -> None:
+        return None
 
     def check(self) -> str | None:
         return None  # the data folder's own probe (writable_directory) covers the disk

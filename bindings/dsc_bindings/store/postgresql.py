@@ -27,7 +27,7 @@ import psycopg_pool
 from psycopg import conninfo
 
 from dsc_bindings.store.errors import StoreError, as_store_error
-from dsc_bindings.store.interface import StoredRecord
+from dsc_bindings.store.interface import PoolStats, StoredRecord
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core.model import Job
 
@@ -206,9 +206,9 @@ class PostgresRecords:
             return f"PostgreSQL at {self.location}: {exc.message}"
         return None
 
-    def pool_stats(self) -> tuple[int, int, int]:
-        """(connections in use, connections idle, requests waiting) for /metrics."""
+    def pool_stats(self) -> PoolStats:
+        """The pool's connections in use and idle, and requests waiting for one (/metrics)."""
         stats = self._pool.get_stats()
         size = stats.get("pool_size", 0)
         idle = stats.get("pool_available", 0)
-        return size - idle, idle, stats.get("requests_waiting", 0)
+        return PoolStats(size - idle, idle, stats.get("requests_waiting", 0))

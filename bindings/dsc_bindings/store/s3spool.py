@@ -112,6 +112,7 @@ class S3Spool:
         self.location = f"s3 {settings.endpoint_url} bucket {settings.bucket}"
         self.cache_dir = data_dir / CACHE_NAME
         self.staging_dir = data_dir
+        self.local_dir = data_dir  # the cache and the staged parts
         self._client = client
         self._lock = threading.Lock()
         self._open: dict[tuple[str, int], _Upload] = {}
@@ -165,6 +166,10 @@ class S3Spool:
             self._open.clear()
         for upload in uploads:
             self._drop(upload)
+
+    def error_count(self) -> int:
+        with self._lock:
+            return self.errors
 
     def check(self) -> str | None:
         try:

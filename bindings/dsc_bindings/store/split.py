@@ -25,7 +25,7 @@ from typing import Self
 
 from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
-from dsc_bindings.store.interface import JobRecords, Spool, check_token
+from dsc_bindings.store.interface import JobRecords, Spool, StorageFigures, check_token
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_core.commands import (
     AbortDocument,
@@ -172,6 +172,14 @@ class SplitStore:
     def quick_check(self) -> str | None:
         """None while records and spool are sound, else what is wrong (for /healthz)."""
         return self.records.check() or self.spool.check()
+
+    @property
+    def local_dir(self) -> Path:
+        return self.spool.local_dir
+
+    def figures(self) -> StorageFigures:
+        """The engines' figures for /metrics (cheap, never blocks: read on the event loop)."""
+        return StorageFigures(self.records.pool_stats(), self.spool.error_count())
 
     def load_jobs(self) -> list[Job]:
         """Every stored job, oldest first (to restore the core at start).  A record that does

@@ -138,6 +138,9 @@ class SqliteRecords:
         with self._lock:
             self.db().execute("DELETE FROM jobs WHERE seq = ?", (seq,))
 
+    def pool_stats(self) -> None:
+        return None  # one connection of its own, no pool
+
     def check(self) -> str | None:
         """``PRAGMA quick_check`` (b-tree and page structure, without the indexes' contents)
         on a connection of its own, so that it runs beside the writer (WAL)."""
