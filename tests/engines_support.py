@@ -110,6 +110,17 @@ class PgCluster:
         self.stop(mode)
         self.start()
 
+    def processes(self) -> list[int]:
+        """The postmaster and every process it started (to freeze the whole server)."""
+        postmaster = int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(postmaster)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        return [postmaster, *map(int, children)]
+
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://dsc@127.0.0.1:{self.port}/{dbname}"
 
@@ -168,7 +179,7 @@ class S3Server:
             % (S3_ACCESS_KEY, S3_SECRET_KEY)
         )
         ports = [free_port() for _ in range(7)]
-        (self.folder / "data").mkdir()
+        (self.folder / "data").mkdir(exist_ok=True)  # a restart keeps what was stored
         self.process = subprocess.Popen(
             [
                 self.weed,
@@ -230,14 +241,15 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Kill the server, as a crash would (a clean SIGTERM stop takes SeaweedFS up to 10 s
+        here); its data stays, and :meth:`start` brings it back on the same port."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -259,10 +271,10 @@ def secret_file(folder: Path, text: str) -> Path:
 
 
 __all__ = [
-    "Backend",
-    "EnginesBackend",
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
+    "Backend",
+    "EnginesBackend",
     "PgCluster",
     "S3Server",
     "free_port",

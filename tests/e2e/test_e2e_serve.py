@@ -30,7 +30,6 @@ from lxml import etree
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions, SharePointInstructions
-from engines_support import Backend, with_backend
 from e2e_support import (
     DEFAULT_SID,
     STOPPED,
@@ -45,6 +44,7 @@ from e2e_support import (
     free_port,
     started_servers,
 )
+from engines_support import Backend, with_backend
 from waiting import wait_for
 
 A = names.Action

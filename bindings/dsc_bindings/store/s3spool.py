@@ -93,6 +93,27 @@ def is_temporary_s3(exc: BaseException) -> bool:
 _TEMPORARY_ERRNOS = frozenset({28, 122, 12})  # ENOSPC, EDQUOT, ENOMEM (the part staging file)
 
 
+def _client(settings: S3Settings, *, attempts: int, timeout: float) -> S3Client:
+    client: S3Client = boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        verify=str(settings.ca_file) if settings.ca_file is not None else True,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": attempts, "mode": "standard"},
+            connect_timeout=min(5.0, timeout),
+            read_timeout=timeout,
+            max_pool_connections=32,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+    return client
+
+
 @dataclass(slots=True)
 class _Upload:
     key: str
@@ -114,6 +135,7 @@ class S3Spool:
         self.staging_dir = data_dir
         self.local_dir = data_dir  # the cache and the staged parts
         self._client = client
+        self._check_client = client
         self._lock = threading.Lock()
         self._open: dict[tuple[str, int], _Upload] = {}
         self._buffers = threading.BoundedSemaphore(settings.max_part_buffers)
@@ -128,24 +150,11 @@ class S3Spool:
                 f"[spool] part_size {settings.part_size} is below S3's minimum {MIN_PART_SIZE}",
                 temporary=False,
             )
-        client: S3Client = boto3.client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=settings.secret_access_key,
-            verify=str(settings.ca_file) if settings.ca_file is not None else True,
-            config=Config(
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-                max_pool_connections=32,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+        client = _client(settings, attempts=3, timeout=60)
         spool = cls(settings, client, data_dir)
+        # The health check asks once and briefly: /healthz must say "down" within its own
+        # limit (health.CHECK_SECONDS), not after the retries a document is worth.
+        spool._check_client = _client(settings, attempts=1, timeout=3)
         spool._call("opening the bucket", lambda: client.head_bucket(Bucket=settings.bucket))
         spool.cache_dir.mkdir(parents=True, exist_ok=True)
         return spool
@@ -173,7 +182,7 @@ class S3Spool:
 
     def check(self) -> str | None:
         try:
-            self._call("", lambda: self._client.head_bucket(Bucket=self.settings.bucket))
+            self._call("", lambda: self._check_client.head_bucket(Bucket=self.settings.bucket))
         except StoreError as exc:
             return exc.message.lstrip(": ")
         return None

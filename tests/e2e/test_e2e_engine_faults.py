@@ -1,0 +1,217 @@
+"""Faults of the engines are answered, not suffered (issue 17 point 4), with a real ``dsc serve``
+on a real PostgreSQL and a real SeaweedFS: the request that meets the fault gets
+``ServerErrorTemporaryError`` (R4 step 9) and the core's undo, the server recovers by itself
+when the engine is back, nothing acknowledged is lost; a frozen database blocks neither the
+event loop nor the requests that need no database.
+
+These tests stop, restart and freeze their engines, so they have engines of their own (not the
+session's, which other tests share)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dsc_core import client as dc
+from dsc_core.model import FileShareInstructions
+from e2e_support import Soap, dsc, file_sha256
+from engines_support import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    PgCluster,
+    S3Server,
+    pg_cluster,
+    s3_server,
+    secret_file,
+)
+from test_e2e_serve import LOCAL_SHARE, StartServer, start_server, user_folder, write
+from waiting import wait_for
+
+__all__ = ["start_server"]  # the fixture, used by name below
+
+TEMPORARY = "dsp:ServerErrorTemporaryError"
+
+
+@pytest.fixture
+def backend() -> object:
+    from engines_support import Backend
+
+    return Backend()  # these tests write their own [store] and [spool]
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[PgCluster]:
+    with pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_s3() -> Iterator[S3Server]:
+    with s3_server() as server:
+        yield server
+
+
+def config_for(tmp_path: Path, pg: PgCluster, s3: S3Server) -> Path:
+    secret = secret_file(tmp_path, S3_SECRET_KEY)
+    config = tmp_path / "dsc.toml"
+    config.write_text(
+        f'[store]\nkind = "postgresql"\ndsn = "{pg.new_database()}"\n\n'
+        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\n'
+        f'bucket = "{s3.new_bucket()}"\nregion = "us-east-1"\n'
+        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+    )
+    return config
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def share() -> list[FileShareInstructions]:
+    return [FileShareInstructions((LOCAL_SHARE,))]
+
+
+def test_postgresql_restarted_mid_scan(
+    start_server: StartServer, tmp_path: Path, own_pg: PgCluster, s3: S3Server
+) -> None:
+    server = start_server(config=config_for(tmp_path, own_pg, s3))
+    client = Soap(server.url)
+    token = client.create(share())
+    first, second = os.urandom(100_000), os.urandom(120_000)
+    client.send_image(token, 1, first)  # acknowledged: committed in PostgreSQL
+
+    own_pg.stop("immediate")  # as after a crash: connections cut, no checkpoint
+    try:
+        with pytest.raises(dc.ClientFault) as caught:
+            client.send_image(token, 2, second)
+        assert caught.value.subcode == TEMPORARY, caught.value.line()
+        # /healthz answers from its last check and starts a new one when that is old.
+        text = wait_for(
+            lambda: (h := get(server.port, "/healthz"))[0] == 503 and h[1], 20, "/healthz 503"
+        )
+        assert "store: PostgreSQL at " in text, text
+    finally:
+        own_pg.start()
+
+    # The server reconnects by itself: the scanner's retry of the same document succeeds (the
+    # core undid the failed one, so it is no duplicate).
+    client.send_image(token, 2, second)
+    client.end(token)
+    ended = client.wait_ended(token, 30)
+    assert ended.state == "Completed" and ended.images_received == 2, ended
+    folder = user_folder(server.data)
+    assert (folder / "scan_0001.png").read_bytes() == first
+    assert (folder / "scan_0002.png").read_bytes() == second
+    wait_for(lambda: get(server.port, "/healthz")[0] == 200, 15, "/healthz to be ok again")
+
+    server.kill9()
+    again = start_server(config=server.config, data=server.data)
+    history = dsc("history", "--server", again.url, "--json")
+    assert [(e["token"], e["state"], e["images_received"]) for e in history.json()] == [
+        (token, "Completed", 2)
+    ]
+
+
+def test_frozen_database_blocks_no_request_that_needs_none(
+    start_server: StartServer, tmp_path: Path, own_pg: PgCluster, s3: S3Server
+) -> None:
+    """SIGSTOP on every PostgreSQL process: a SendImage waits for its commit, while requests
+    answered from the core's memory (GetRepositoryElements, GetActiveJobs) and /metrics are
+    answered meanwhile: the database is never waited for on the event loop."""
+    server = start_server(config=config_for(tmp_path, own_pg, s3))
+    client = Soap(server.url)
+    token = client.create(share())
+    client.send_image(token, 1, os.urandom(50_000))
+
+    frozen = own_pg.processes()
+    outcome: list[object] = []
+    waiting = threading.Thread(
+        target=lambda: outcome.append(_attempt(client, token, 2, os.urandom(60_000)))
+    )
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        waiting.start()
+        wait_for(
+            lambda: "dsc_store_pool_connections" in get(server.port, "/metrics")[1],
+            10,
+            "/metrics while the database is frozen",
+        )
+        repo = dsc("repo", "--server", server.url, "--json")
+        assert repo.code == 0, repo
+        assert repo.json()["state"] in ("Idle", "Processing"), repo.json()
+        jobs = dsc("jobs", "--server", server.url, "--json")
+        assert [j["token"] for j in jobs.json()] == [token], jobs
+        # Those answers came while the SendImage still waited for the frozen database.
+        assert waiting.is_alive() and outcome == [], outcome
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    waiting.join(60)
+    assert not waiting.is_alive()
+    # Thawed: the waiting SendImage was committed (or, had the pool given up first, answered
+    # as temporary and then sent again, which is what a scanner does).
+    [result] = outcome
+    if result != "ok":
+        assert result == TEMPORARY, result
+        assert _attempt(client, token, 2, os.urandom(60_000)) == "ok"
+    client.end(token)
+    ended = client.wait_ended(token, 30)
+    assert ended.state == "Completed" and ended.images_received == 2, ended
+
+
+def _attempt(client: Soap, token: str, document_id: int, data: bytes) -> str:
+    try:
+        client.send_image(token, document_id, data)
+    except dc.ClientFault as exc:
+        return exc.subcode or exc.code
+    return "ok"
+
+
+def test_s3_unreachable_then_back(
+    start_server: StartServer, tmp_path: Path, own_pg: PgCluster, own_s3: S3Server
+) -> None:
+    server = start_server(config=config_for(tmp_path, own_pg, own_s3))
+    client = Soap(server.url)
+    token = client.create(share())
+    first, second = os.urandom(80_000), os.urandom(90_000)
+    client.send_image(token, 1, first)
+
+    own_s3.stop()
+    try:
+        assert _attempt(client, token, 2, second) == TEMPORARY
+        # The job is intact: the acknowledged image counted, the failed one undone.
+        view = client.dsp_job(token)
+        assert view.state == "Creating" and view.images_received == 1, view
+        text = wait_for(
+            lambda: (h := get(server.port, "/healthz"))[0] == 503 and h[1], 20, "/healthz 503"
+        )
+        assert f"store: s3 {own_s3.endpoint_url}" in text, text
+        _, metrics = get(server.port, "/metrics")
+        errors = next(
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("dsc_s3_errors_total ")
+        )
+        assert errors >= 1, metrics
+    finally:
+        own_s3.start()
+
+    client.send_image(token, 2, second)  # the same document again, now stored
+    client.end(token)
+    ended = client.wait_ended(token, 30)
+    assert ended.state == "Completed" and ended.images_received == 2, ended
+    folder = user_folder(server.data)
+    assert (folder / "scan_0001.png").read_bytes() == first
+    assert file_sha256(folder / "scan_0002.png") == file_sha256(write(tmp_path / "second", second))
