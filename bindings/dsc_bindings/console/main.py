@@ -2,6 +2,7 @@
 """The ``dsc`` command: run the server, look at what it would answer, and talk to it.
 
 dsc serve                        run the scan server (embedded default: SQLite + ./var)
+dsc db upgrade | migrate         the job store's schema; move to PostgreSQL and S3
 dsc handle [FILE]                answer one request with a fresh core, no network
 dsc scan --server URL FILE...    act as a scanner: create a job, upload, end, wait
 dsc process list|show|add|edit|rm  scan processes in the directory ([directory] of --config)
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from dsc_bindings.console import (
     completion,
+    db,
     devices,
     handle,
     job_actions,
@@ -37,7 +39,18 @@ from dsc_bindings.console.support import EXIT_FAILED, CliError
 from dsc_core import client as dc
 
 #: Each command module adds its own sub-parsers; this order is the order ``dsc --help`` lists.
-COMMANDS = (serve_cmd, handle, scan, process, jobs, job_actions, devices, watch_cmd, completion)
+COMMANDS = (
+    serve_cmd,
+    db,
+    handle,
+    scan,
+    process,
+    jobs,
+    job_actions,
+    devices,
+    watch_cmd,
+    completion,
+)
 
 
 def _version() -> str:

@@ -18,7 +18,14 @@ from dsc_bindings.store.localspool import LocalSpool
 from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import SqliteRecords
 
-__all__ = ["StorageSettings", "describe", "open_job_store"]
+__all__ = [
+    "S3SpoolSettings",
+    "StorageSettings",
+    "describe",
+    "open_job_store",
+    "open_records",
+    "open_spool",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,42 +66,47 @@ def describe(storage: StorageSettings, data_dir: Path) -> str:
     return f"{records} + {spool}"
 
 
+def open_records(storage: StorageSettings, data_dir: Path) -> JobRecords:
+    """The job records ``storage`` names (PostgreSQL: schema created or upgraded)."""
+    if storage.store_kind == "postgresql":
+        from dsc_bindings.store.postgresql import PostgresRecords
+
+        return PostgresRecords.open(storage.dsn, password_file=storage.password_file)
+    return SqliteRecords.open(data_dir)
+
+
+def open_spool(storage: StorageSettings, data_dir: Path) -> Spool:
+    """The spool ``storage`` names (S3: the bucket must answer)."""
+    if storage.spool_kind != "s3":
+        return LocalSpool.open(data_dir)
+    assert storage.s3 is not None
+    from dsc_bindings.store.s3spool import S3Settings, S3Spool
+
+    s3 = storage.s3
+    try:
+        secret = s3.secret_access_key_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise StoreError(
+            f"[spool] secret_access_key_file {s3.secret_access_key_file}: {exc.strerror}",
+            temporary=False,
+        ) from exc
+    return S3Spool.open(
+        S3Settings(
+            endpoint_url=s3.endpoint_url,
+            bucket=s3.bucket,
+            access_key_id=s3.access_key_id,
+            secret_access_key=secret,
+            region=s3.region,
+            ca_file=s3.ca_file,
+            part_size=s3.part_size,
+            max_part_buffers=s3.max_part_buffers,
+        ),
+        data_dir,
+    )
+
+
 def open_job_store(data_dir: Path, storage: StorageSettings) -> SplitStore:
     """Open the job store ``storage`` names (schema created or upgraded, debris removed)."""
-
-    def records() -> JobRecords:
-        if storage.store_kind == "postgresql":
-            from dsc_bindings.store.postgresql import PostgresRecords
-
-            return PostgresRecords.open(storage.dsn, password_file=storage.password_file)
-        return SqliteRecords.open(data_dir)
-
-    def spool() -> Spool:
-        if storage.spool_kind == "s3":
-            assert storage.s3 is not None
-            from dsc_bindings.store.s3spool import S3Settings, S3Spool
-
-            s3 = storage.s3
-            try:
-                secret = s3.secret_access_key_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise StoreError(
-                    f"[spool] secret_access_key_file {s3.secret_access_key_file}: {exc.strerror}",
-                    temporary=False,
-                ) from exc
-            return S3Spool.open(
-                S3Settings(
-                    endpoint_url=s3.endpoint_url,
-                    bucket=s3.bucket,
-                    access_key_id=s3.access_key_id,
-                    secret_access_key=secret,
-                    region=s3.region,
-                    ca_file=s3.ca_file,
-                    part_size=s3.part_size,
-                    max_part_buffers=s3.max_part_buffers,
-                ),
-                data_dir,
-            )
-        return LocalSpool.open(data_dir)
-
-    return SplitStore.assemble(data_dir, records, spool)
+    return SplitStore.assemble(
+        data_dir, lambda: open_records(storage, data_dir), lambda: open_spool(storage, data_dir)
+    )

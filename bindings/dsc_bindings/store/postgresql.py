@@ -33,7 +33,14 @@ from dsc_core.model import Job
 
 log = logging.getLogger("dsc.store")
 
-__all__ = ["SCHEMA_VERSION", "PostgresRecords", "is_temporary_pg", "redacted", "upgrade"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "PostgresRecords",
+    "connection_kwargs",
+    "is_temporary_pg",
+    "redacted",
+    "upgrade",
+]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
 SCHEMA_VERSION = 1
@@ -92,7 +99,7 @@ def redacted(dsn: str) -> str:
     return conninfo.make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
 
 
-def _connection_kwargs(password_file: Path | None) -> dict[str, Any]:
+def connection_kwargs(password_file: Path | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
     if password_file is not None:
         try:
@@ -148,7 +155,7 @@ class PostgresRecords:
         """Connect (within ``pool_timeout``) and create or upgrade the schema."""
         pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
             dsn,
-            kwargs=_connection_kwargs(password_file),
+            kwargs=connection_kwargs(password_file),
             min_size=min_size,
             max_size=max_size,
             timeout=pool_timeout,

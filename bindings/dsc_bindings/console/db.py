@@ -1,0 +1,256 @@
+"""``dsc db``: the job store's schema and moving an installation (issue 17 point 5).
+
+``dsc db upgrade`` creates or upgrades the schema of the job store the configuration names, on
+purpose (the server also does it at start, under an advisory lock).  ``dsc db migrate`` moves
+the embedded store of a data folder (SQLite records, local spool) to PostgreSQL and, with
+``--to-spool s3``, its documents to S3, then verifies the copy (store/migrate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
+
+
+def one_line(message: str) -> str:
+    """libpq's messages span lines (a hint after a tab); an error of dsc is one line."""
+    return " ".join(message.split())
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from dsc_bindings.settings import ConfigError, load_settings
+
+    # The pool logs each failed connection attempt; the command says once what failed.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+
+    try:
+        return load_settings(args.config, data_dir=args.data)
+    except ConfigError as exc:
+        raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from dsc_bindings.store.errors import StoreError
+
+    settings = _settings(args)
+    storage = settings.storage
+    if args.store is not None:
+        storage = dataclasses.replace(storage, store_kind="postgresql", dsn=args.store)
+    try:
+        if storage.store_kind == "postgresql":
+            before, now, where = _upgrade_postgresql(storage.dsn, storage.password_file)
+        else:
+            before, now, where = _upgrade_sqlite(settings.data_dir)
+    except StoreError as exc:
+        raise CliError(f"db upgrade: {one_line(exc.message)}") from exc
+    if before == now:
+        print(f"job store schema {now} at {where}: already current, nothing to do")
+    elif before == 0:
+        print(f"job store schema {now} created at {where}")
+    else:
+        print(f"job store schema upgraded {before} -> {now} at {where}")
+    return EXIT_OK
+
+
+def _upgrade_postgresql(dsn: str, password_file: Path | None) -> tuple[int, int, str]:
+    import psycopg
+
+    from dsc_bindings.store.errors import as_store_error
+    from dsc_bindings.store.postgresql import connection_kwargs, is_temporary_pg, redacted, upgrade
+
+    where = f"PostgreSQL {redacted(dsn)}"
+    try:
+        with psycopg.connect(dsn, **connection_kwargs(password_file)) as conn:
+            before, now = upgrade(conn)
+    except psycopg.Error as exc:
+        raise as_store_error(f"connecting to {where}", exc, is_temporary_pg(exc)) from exc
+    return before, now, where
+
+
+def _upgrade_sqlite(data_dir: Path) -> tuple[int, int, str]:
+    from dsc_bindings.store.sqlite import DB_NAME, SqliteRecords
+
+    path = data_dir / DB_NAME
+    before = 0
+    if path.is_file():
+        with sqlite3.connect(path) as conn:
+            before = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    records = SqliteRecords.open(data_dir)  # creates or migrates
+    try:
+        now = int(records.db().execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        records.close()
+    return before, now, f"SQLite {path.resolve()}"
+
+
+def _destination(args: argparse.Namespace, settings: Any) -> Any:
+    """The destination's StorageSettings: --config's [store]/[spool], the options over them."""
+    from dsc_bindings.store.backends import S3SpoolSettings
+
+    storage = settings.storage
+    if args.to_store is not None:
+        storage = dataclasses.replace(storage, store_kind="postgresql", dsn=args.to_store)
+    if args.to_password_file is not None:
+        storage = dataclasses.replace(storage, password_file=args.to_password_file)
+    if storage.store_kind != "postgresql" or not storage.dsn:
+        raise CliError(
+            "db migrate: name the PostgreSQL destination with --to-store DSN "
+            '(or [store] kind = "postgresql" in --config)',
+            EXIT_USAGE,
+        )
+    flags = {
+        "endpoint_url": args.endpoint_url,
+        "bucket": args.bucket,
+        "region": args.region,
+        "access_key_id": args.access_key_id,
+        "secret_access_key_file": args.secret_access_key_file,
+        "ca_file": args.ca_file,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    spool_kind = args.to_spool or storage.spool_kind
+    if spool_kind == "s3":
+        s3 = storage.s3
+        if s3 is None:
+            missing = [
+                f"--{k.replace('_', '-')}"
+                for k in ("endpoint_url", "bucket", "access_key_id", "secret_access_key_file")
+                if k not in given
+            ]
+            if missing:
+                raise CliError(
+                    f"db migrate: --to-spool s3 needs {', '.join(missing)} "
+                    "(or a [spool] section in --config)",
+                    EXIT_USAGE,
+                )
+            s3 = S3SpoolSettings(**{"region": "us-east-1", **given})
+        else:
+            s3 = dataclasses.replace(s3, **given)
+        storage = dataclasses.replace(storage, spool_kind="s3", s3=s3)
+    else:
+        storage = dataclasses.replace(storage, spool_kind="local", s3=None)
+    return storage
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from dsc_bindings.store.backends import describe, open_records, open_spool
+    from dsc_bindings.store.errors import StoreError
+    from dsc_bindings.store.interface import JobRecords, Spool
+    from dsc_bindings.store.migrate import migrate
+    from dsc_bindings.store.sqlite import DB_NAME, JobStore
+
+    settings = _settings(args)
+    data_dir: Path = settings.data_dir
+    target = _destination(args, settings)
+    if not (data_dir / DB_NAME).is_file():
+        raise CliError(
+            f"db migrate: {data_dir / DB_NAME} does not exist: nothing to migrate "
+            "(name the installation's data folder with --data)",
+            EXIT_USAGE,
+        )
+    print(f"from: SQLite + spool in {data_dir.resolve()}")
+    print(f"to:   {describe(target, data_dir.resolve())}")
+    records: JobRecords | None = None
+    spool: Spool | None = None
+    try:
+        with JobStore.open(data_dir) as source:
+            records = open_records(target, data_dir)
+            if target.spool_kind == "s3":
+                spool = open_spool(target, data_dir)
+            report = migrate(source, records, spool, print if args.verbose else lambda _: None)
+    except StoreError as exc:
+        hint = ""
+        if "in use by another job store" in exc.message:
+            hint = ": stop dsc serve on this data folder first"
+        raise CliError(f"db migrate: {one_line(exc.message)}{hint}") from exc
+    finally:
+        if spool is not None:
+            spool.close()
+        if records is not None:
+            records.close()
+    rows = [
+        ("jobs", report.jobs, report.verified_jobs, "records equal"),
+        ("  active", report.active, report.active, ""),
+        ("  history", report.jobs - report.active, report.jobs - report.active, ""),
+        (
+            "documents",
+            report.documents,
+            report.verified_documents,
+            "SHA-256 equal" if spool is not None else "stay in the data folder's spool",
+        ),
+    ]
+    print(f"{'WHAT':<10} {'COPIED':>8} {'VERIFIED':>8}  CHECK")
+    for what, copied, verified, check in rows:
+        print(f"{what:<10} {copied:>8} {verified:>8}  {check}")
+    print(f"image bytes: {report.image_bytes:,}")
+    print(
+        "devices and the installation identity stay in the data folder (the server reads them "
+        "there with any [store])."
+    )
+    print(
+        "The data folder is unchanged. Next: put the destination's [store] and [spool] in the "
+        "configuration file and restart dsc serve."
+    )
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "db",
+        help="the job store: create/upgrade its schema, migrate to PostgreSQL and S3",
+        description="Manage the job store. The server creates and upgrades its schema at "
+        "start by itself; these commands do it on purpose.",
+    )
+    commands = p.add_subparsers(dest="db_command", metavar="ACTION")
+    commands.required = True
+
+    up = commands.add_parser(
+        "upgrade",
+        help="create or upgrade the job store's schema",
+        description="Create or upgrade the schema of the job store that --config names "
+        "([store]; SQLite in --data by default). Safe to run again: a current schema is "
+        "left alone. A schema newer than this dsc is refused.",
+    )
+    up.add_argument("--config", type=Path, help="TOML configuration file ([store])")
+    up.add_argument("--data", type=Path, help="data folder of the SQLite store (default ./var)")
+    up.add_argument("--store", metavar="DSN", help="a PostgreSQL DSN instead of [store]")
+    up.set_defaults(func=cmd_upgrade)
+
+    mig = commands.add_parser(
+        "migrate",
+        help="move a SQLite installation to PostgreSQL (and its images to S3), verified",
+        description="Copy the jobs (active and history) of the data folder's SQLite store into "
+        "an empty PostgreSQL database and, with --to-spool s3, its spooled images into an S3 "
+        "bucket; then read everything back and compare (records equal, SHA-256 of each "
+        "image). Stop dsc serve first. The data folder is left unchanged. The destination "
+        "comes from --config's [store]/[spool] (the file the server will use), the options "
+        "override it.",
+        epilog="Example: dsc db migrate --data /var/lib/dsc --to-store "
+        "postgresql://dsc@db1/dsc --to-spool s3 --config /etc/dsc/dsc.toml",
+    )
+    mig.add_argument("--config", type=Path, help="TOML file with the destination's sections")
+    mig.add_argument("--data", type=Path, help="the installation's data folder (default ./var)")
+    mig.add_argument("--to-store", metavar="DSN", help="PostgreSQL DSN of the destination")
+    mig.add_argument("--to-password-file", type=Path, help="file with the database password")
+    mig.add_argument(
+        "--to-spool",
+        choices=("local", "s3"),
+        help="s3: images to the bucket; local: they stay in the data folder",
+    )
+    for flag, text in (
+        ("--endpoint-url", "S3 endpoint, e.g. https://s3.example.com:9000"),
+        ("--bucket", "S3 bucket"),
+        ("--region", "S3 region (default us-east-1)"),
+        ("--access-key-id", "S3 access key id"),
+    ):
+        mig.add_argument(flag, help=text)
+    mig.add_argument("--secret-access-key-file", type=Path, help="file with the S3 secret key")
+    mig.add_argument("--ca-file", type=Path, help="CA file for the S3 endpoint's TLS")
+    mig.add_argument("-v", "--verbose", action="store_true", help="one line per job copied")
+    mig.set_defaults(func=cmd_migrate)

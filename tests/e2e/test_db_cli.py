@@ -1,0 +1,137 @@
+"""``dsc db upgrade`` and ``dsc db migrate`` (issue 17 point 5) against a real PostgreSQL and a
+real SeaweedFS: an installation that ran on SQLite and the local spool (a finished job in the
+history, an active job with spooled images, a device) is moved, verified, and served by a real
+``dsc serve`` on the engines."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dsc_core.model import FileShareInstructions
+from e2e_support import Soap, dsc
+from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, PgCluster, S3Server, secret_file
+from test_e2e_serve import LOCAL_SHARE, StartServer, start_server, user_folder, write
+
+__all__ = ["start_server"]  # the fixture, used by name below
+
+
+@pytest.fixture
+def backend() -> Backend:
+    return Backend()  # the installation starts embedded; the test writes the engines' config
+
+
+def test_upgrade_creates_then_leaves_the_schema(pg: PgCluster, tmp_path: Path) -> None:
+    dsn = pg.new_database()
+    first = dsc("db", "upgrade", "--store", dsn)
+    assert first.code == 0, first
+    assert re.fullmatch(r"job store schema 1 created at PostgreSQL .*dbname=t\d+.*\n", first.out)
+    again = dsc("db", "upgrade", "--store", dsn)
+    assert again.code == 0 and "already current, nothing to do" in again.out, again
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+    embedded = dsc("db", "upgrade", "--data", str(tmp_path / "data"))
+    assert embedded.code == 0 and "job store schema 1 created at SQLite" in embedded.out
+
+    unreachable = dsc("db", "upgrade", "--store", "postgresql://dsc@127.0.0.1:1/none")
+    assert unreachable.code == 1 and unreachable.out == "", unreachable
+    assert unreachable.err.startswith("dsc: db upgrade: connecting to PostgreSQL"), unreachable
+    assert unreachable.err.count("\n") == 1 and "Traceback" not in unreachable.err
+
+
+def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
+    start_server: StartServer, tmp_path: Path, pg: PgCluster, s3: S3Server
+) -> None:
+    # An embedded installation: one job in the history, one active with two spooled images
+    # (the second larger than a part: a true multipart upload), one device.
+    server = start_server()
+    page = write(tmp_path / "in" / "done.png", os.urandom(30_000))
+    assert dsc("scan", "--server", server.url, "--quiet", str(page)).code == 0
+    client = Soap(server.url)
+    active = client.create([FileShareInstructions((LOCAL_SHARE,))], root_name="moved")
+    images = [os.urandom(200_000), os.urandom(6 << 20)]
+    for number, image in enumerate(images, start=1):
+        client.send_image(active, number, image)
+    devices_before = dsc("devices", "--server", server.url, "--json").json()
+    assert len(devices_before) == 1
+
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    secret = secret_file(tmp_path, S3_SECRET_KEY)
+    s3_options = [
+        "--endpoint-url",
+        s3.endpoint_url,
+        "--bucket",
+        bucket,
+        "--access-key-id",
+        S3_ACCESS_KEY,
+        "--secret-access-key-file",
+        str(secret),
+    ]
+    migrate = ["db", "migrate", "--data", str(server.data), "--to-store", dsn]
+    running = dsc(*migrate, "--to-spool", "s3", *s3_options)
+    assert running.code == 1, running
+    assert "stop dsc serve on this data folder first" in running.err, running
+    server.stop_cleanly()
+
+    moved = dsc(*migrate, "--to-spool", "s3", *s3_options)
+    assert moved.code == 0, moved
+    table = {
+        line.split()[0]: line.split()[1:3]
+        for line in moved.out.splitlines()
+        if re.match(r"^\s*(jobs|active|history|documents)\s", line)
+    }
+    assert table == {
+        "jobs": ["2", "2"],
+        "active": ["1", "1"],
+        "history": ["1", "1"],
+        "documents": ["2", "2"],
+    }, moved.out
+    assert "SHA-256 equal" in moved.out and f"image bytes: {sum(map(len, images)):,}" in moved.out
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (2,)
+    keys = s3.client().list_objects_v2(Bucket=bucket, Prefix="spool/")["Contents"]
+    assert sorted(k["Key"] for k in keys) == [f"spool/{active}/1", f"spool/{active}/2"]
+
+    again = dsc(*migrate, "--to-spool", "s3", *s3_options)
+    assert again.code == 1 and "already holds 2 job(s)" in again.err, again
+
+    # The server on the engines serves the moved installation: the active job goes on.
+    config = tmp_path / "engines.toml"
+    config.write_text(
+        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n[spool]\nkind = "s3"\n'
+        f'endpoint_url = "{s3.endpoint_url}"\nbucket = "{bucket}"\n'
+        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+    )
+    engines = start_server(config=config, data=server.data)
+    assert " + S3 " in engines.log
+    history = dsc("history", "--server", engines.url, "--json").json()
+    assert [e["state"] for e in history] == ["Completed"]
+    client = Soap(engines.url)
+    view = client.dsp_job(active)
+    assert view.state == "Creating" and view.images_received == 2, view
+    client.end(active)
+    ended = client.wait_ended(active, 30)
+    assert ended.state == "Completed", ended
+    folder = user_folder(engines.data)
+    for number, image in enumerate(images, start=1):
+        assert (folder / f"moved_{number:04d}.png").read_bytes() == image
+    assert (
+        dsc("devices", "--server", engines.url, "--json").json()[0]["address"]
+        == (devices_before[0]["address"])
+    )
+    engines.stop_cleanly()
+
+
+def test_migrate_says_what_is_missing(tmp_path: Path) -> None:
+    nothing = dsc("db", "migrate", "--data", str(tmp_path / "empty"), "--to-store", "x")
+    assert nothing.code == 2 and "does not exist: nothing to migrate" in nothing.err, nothing
+    no_dest = dsc("db", "migrate", "--data", str(tmp_path))
+    assert no_dest.code == 2 and "--to-store DSN" in no_dest.err, no_dest
+    no_s3 = dsc("db", "migrate", "--to-store", "postgresql://x/y", "--to-spool", "s3")
+    assert no_s3.code == 2, no_s3
+    assert "--to-spool s3 needs --endpoint-url, --bucket, --access-key-id" in no_s3.err, no_s3
