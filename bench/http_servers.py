@@ -8,8 +8,12 @@
 - ``blocking``: the blocking binding (``dsc_bindings.http.blocking_server``) in front of the same.
 - ``sink``: the floor of an upload: h11 on trio that writes each request body to a file as it
   arrives, fsyncs it, and answers 200 (what ``curl --data-binary`` is compared against).
+- ``aiohttp``: aiohttp (its C parser, asyncio's loop) reading each body and answering the fixed
+  bytes of ``--body-file``: what a popular framework costs without any SOAP work.
+- ``handwritten``: ``bench/handwritten_aiohttp.py``, the aiohttp + lxml scan server a user might
+  write (issue 20), on the same loop.
 
-Both print ``port N`` on the first stdout line and stop when their stdin is closed, so the
+Each prints ``port N`` on the first stdout line and stop when their stdin is closed, so the
 benchmark needs no signals to end them.  Usage::
 
     python bench/http_servers.py floor --port 0 --body-file reply.xml
@@ -22,6 +26,7 @@ import argparse
 import functools
 import itertools
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -137,6 +142,52 @@ def run_blocking(port: int) -> None:
             service.shutdown(timeout=2.0)
 
 
+# --- aiohttp: fixed bytes, and the hand-written aiohttp + lxml server ---------------------------
+
+
+def run_aiohttp(port: int, app: object) -> None:
+    """Serve ``app`` (an aiohttp Application) as ``web.run_app`` would, on asyncio's own loop,
+    until stdin closes."""
+    import asyncio
+
+    from aiohttp import web
+
+    assert isinstance(app, web.Application)
+
+    async def main() -> None:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.create_server(("127.0.0.1", port), backlog=1024)
+        await web.SockSite(runner, sock).start()
+        print(f"port {sock.getsockname()[1]}", flush=True)
+        try:
+            # stdin read on a thread that sleeps in read(): no signals, no polling.
+            await asyncio.get_running_loop().run_in_executor(None, _drain_stdin)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def _drain_stdin() -> None:
+    while sys.stdin.buffer.read(4096):
+        pass
+
+
+def fixed_bytes_app(body: bytes) -> object:
+    from aiohttp import web
+
+    headers = {"Content-Type": "application/soap+xml; charset=utf-8"}
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/ScanServer", answer)
+    return app
+
+
 # --- the upload floor: write and fsync ----------------------------------------------------------
 
 
@@ -199,9 +250,11 @@ async def run_sink(port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="HTTP servers for bench/run.py")
-    parser.add_argument("kind", choices=("floor", "core", "blocking", "sink"))
+    parser.add_argument(
+        "kind", choices=("floor", "core", "blocking", "sink", "aiohttp", "handwritten")
+    )
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--body-file", type=Path, help="floor: the fixed reply body")
+    parser.add_argument("--body-file", type=Path, help="floor, aiohttp: the fixed reply body")
     args = parser.parse_args(argv)
     if args.kind == "floor":
         body = args.body_file.read_bytes() if args.body_file else b"<ok/>"
@@ -210,6 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_core, args.port)
     elif args.kind == "blocking":
         run_blocking(args.port)
+    elif args.kind == "aiohttp":
+        body = args.body_file.read_bytes() if args.body_file else b"<ok/>"
+        run_aiohttp(args.port, fixed_bytes_app(body))
+    elif args.kind == "handwritten":
+        from handwritten_aiohttp import make_app
+
+        run_aiohttp(args.port, make_app())
     else:
         trio.run(run_sink, args.port)
     return 0

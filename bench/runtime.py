@@ -38,6 +38,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -194,8 +195,19 @@ def token_of(reply: bytes) -> str:
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def wrk(port: int, body_file: Path, connections: int, seconds: float) -> tuple[float, float]:
-    """(requests/s, p99 seconds) of one wrk run posting ``body_file`` over keep-alive."""
+@dataclass(frozen=True)
+class WrkResult:
+    """One wrk run: requests/s, p99 latency in seconds, answers that were not 2xx/3xx."""
+
+    rps: float
+    p99: float
+    non_2xx: int
+
+
+def wrk_run(
+    port: int, body_file: Path, connections: int, seconds: float, threads: int = 1
+) -> WrkResult:
+    """One wrk run posting ``body_file`` over keep-alive (``threads`` client threads)."""
     script = body_file.with_suffix(".lua")
     script.write_text(
         "wrk.method = 'POST'\n"
@@ -207,7 +219,7 @@ def wrk(port: int, body_file: Path, connections: int, seconds: float) -> tuple[f
     out = subprocess.run(
         [
             "wrk",
-            "-t1",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{max(1, round(seconds))}s",
             "--latency",
@@ -222,9 +234,19 @@ def wrk(port: int, body_file: Path, connections: int, seconds: float) -> tuple[f
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if bad:
-        print(f"    warning: {bad.group(1)} non-2xx answers", flush=True)
-    return rps, float(p99.group(1)) * _UNITS[p99.group(2)] if p99 else float("nan")
+    return WrkResult(
+        rps,
+        float(p99.group(1)) * _UNITS[p99.group(2)] if p99 else float("nan"),
+        int(bad.group(1)) if bad else 0,
+    )
+
+
+def wrk(port: int, body_file: Path, connections: int, seconds: float) -> tuple[float, float]:
+    """(requests/s, p99 seconds) of one ``wrk -t1`` run posting ``body_file`` over keep-alive."""
+    result = wrk_run(port, body_file, connections, seconds)
+    if result.non_2xx:
+        print(f"    warning: {result.non_2xx} non-2xx answers", flush=True)
+    return result.rps, result.p99
 
 
 def bench_keepalive(quick: bool) -> None:

@@ -1,0 +1,222 @@
+"""The project against a hand-written server and the floors, side by side (issue 20 point 3).
+
+    python3 bench/asgi.py [--quick] [--seconds 3] [--rounds 3] [--json results.json]
+
+Six servers, each in its own process, measured with ``wrk`` (C; ``-t1`` and ``-t2``, 8 and 64
+connections, keep-alive) in ONE run, interleaved round by round so that a busy neighbour on
+the shared machine hits them all alike:
+
+- ``bare h11``: h11 on trio answering the fixed reply bytes (``bench/http_servers.py floor``),
+  the floor every ratio is taken against;
+- ``aiohttp fixed``: aiohttp (its C parser, asyncio) answering the same fixed bytes;
+- ``aiohttp + lxml``: ``bench/handwritten_aiohttp.py``, a scan server written by hand as a
+  user would (parse the request and build the reply with lxml, jobs in a dict);
+- ``dsc async`` / ``dsc blocking``: ``dsc serve --binding async|blocking`` with its default
+  configuration (SQLite store, writer, engine, delivery hub, ticker);
+- ``dsc ASGI uvicorn``: ``uvicorn --factory dsc_bindings.asgi:create_app --loop uvloop --http
+  httptools --no-access-log`` (``dsc serve`` does not log each request either).
+
+Requests: GetRepositoryElements and GetPostScanJobElements (of a job created on each server).
+Every server's answer is checked to be a 200 with the right SOAP action before it is measured,
+and a run with non-2xx answers is flagged.  Printed: requests/s and p99 per server (median of
+the rounds, min-max), the ratio to the floor, and the targets: the project (its async binding
+or the ASGI app) faster than the hand-written server with a p99 no worse, and the async
+binding at 0.5x the floor with ``-t1`` and ``-t2``.  Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from runtime import A, Child, create_request, dc, envelope, names, post, token_of, wrk_run  # noqa: E402
+
+from e2e_support import ServerProcess, serving  # noqa: E402
+
+OPERATIONS = ("GetRepositoryElements", "GetPostScanJobElements")
+FLOOR = "bare h11 (fixed bytes)"
+AIOHTTP = "aiohttp (fixed bytes)"
+HANDWRITTEN = "aiohttp + lxml (by hand)"
+ASYNC = "dsc serve --binding async"
+BLOCKING = "dsc serve --binding blocking"
+UVICORN = "ASGI app, uvicorn (httptools, uvloop)"
+SERVERS = (FLOOR, AIOHTTP, HANDWRITTEN, ASYNC, BLOCKING, UVICORN)
+#: The ways the project is deployed that the target compares with the hand-written server.
+PROJECT = (ASYNC, UVICORN)
+UVICORN_OPTIONS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
+
+
+class HasPort(Protocol):
+    @property
+    def port(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Run:
+    rps: float
+    p99_ms: float
+    non_2xx: int
+
+
+def spread(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{min(values):.2f}/{statistics.median(values):.2f}/{max(values):.2f}"
+
+
+def request_body(op: str, token: str) -> bytes:
+    if op == "GetRepositoryElements":
+        payload = dc.repository_elements_request(["RepositoryStatus", "RepositoryConfiguration"])
+        return envelope(A.DSC_GET_REPOSITORY_ELEMENTS, payload)
+    return envelope(
+        A.DSP_GET_JOB_ELEMENTS, dc.job_elements_request(names.DSP, token, ["JobStatus"])
+    )
+
+
+def checked_reply(port: int, body: bytes, op: str) -> bytes:
+    """The server's answer to ``body``; it must be the operation's response, not a fault."""
+    reply = post(port, body)
+    action = dc.parse_response(reply).action
+    if not action.endswith(op + "Response"):
+        raise RuntimeError(f"port {port} answered {op} with {action}: {reply[:300]!r}")
+    return reply
+
+
+@contextmanager
+def child(*args: str) -> Iterator[Child]:
+    server = Child(*args)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Every configuration's runs: results[op][f"t{threads}c{conns}"][server] = [Run, ...]."""
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        stateful: dict[str, HasPort] = {
+            HANDWRITTEN: stack.enter_context(child("handwritten")),
+            ASYNC: stack.enter_context(serving(ServerProcess(tmp / "async", binding="async"))),
+            BLOCKING: stack.enter_context(
+                serving(ServerProcess(tmp / "blocking", binding="blocking"))
+            ),
+            UVICORN: stack.enter_context(
+                serving(ServerProcess(tmp / "uvicorn", binding="uvicorn", extra=UVICORN_OPTIONS))
+            ),
+        }
+        for op in OPERATIONS:
+            # A job per op and server, created just before it is read (job_timeout_seconds).
+            bodies: dict[str, Path] = {}
+            for name, server in stateful.items():
+                token = token_of(post(server.port, create_request()))
+                body = request_body(op, token)
+                reply = checked_reply(server.port, body, op)
+                bodies[name] = tmp / f"{op}-{len(bodies)}.xml"
+                bodies[name].write_bytes(body)
+                if name == ASYNC:
+                    fixed = tmp / f"{op}-reply.xml"
+                    fixed.write_bytes(reply)
+            with ExitStack() as fixed_servers:
+                ports = {name: server.port for name, server in stateful.items()}
+                for name, kind in ((FLOOR, "floor"), (AIOHTTP, "aiohttp")):
+                    server = fixed_servers.enter_context(child(kind, "--body-file", str(fixed)))
+                    ports[name] = server.port
+                    bodies[name] = bodies[ASYNC]
+                results[op] = {}
+                for threads in args.threads:
+                    for conns in args.connections:
+                        runs: dict[str, list[Run]] = {name: [] for name in SERVERS}
+                        for _ in range(args.rounds):
+                            for name in SERVERS:
+                                done = wrk_run(
+                                    ports[name], bodies[name], conns, args.seconds, threads
+                                )
+                                runs[name].append(Run(done.rps, done.p99 * 1000, done.non_2xx))
+                        results[op][f"t{threads}c{conns}"] = runs
+                        print_table(op, threads, conns, runs)
+    return results
+
+
+def print_table(op: str, threads: int, conns: int, runs: dict[str, list[Run]]) -> None:
+    floor = runs[FLOOR]
+    print(f"\n{op}, wrk -t{threads} -c{conns} (per round; min/median/max)", flush=True)
+    print("| server | req/s (median) | vs floor | p99 ms (median) | p99 vs floor |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in SERVERS:
+        mine = runs[name]
+        rps = statistics.median(r.rps for r in mine)
+        p99 = statistics.median(r.p99_ms for r in mine)
+        ratio = spread([r.rps / f.rps for r, f in zip(mine, floor, strict=True)])
+        p99_ratio = spread([r.p99_ms / f.p99_ms for r, f in zip(mine, floor, strict=True)])
+        bad = sum(r.non_2xx for r in mine)
+        flag = f" ({bad} non-2xx answers!)" if bad else ""
+        print(f"| {name}{flag} | {rps:,.0f} | {ratio}x | {p99:.2f} | {p99_ratio}x |")
+    sys.stdout.flush()
+
+
+def print_targets(results: dict[str, Any]) -> None:
+    """The two targets of issue 20 point 3, per configuration, each round against its own
+    hand-written and floor run (min/median/max over the rounds)."""
+    print("\n== targets (per round: min/median/max)", flush=True)
+    print(
+        "| request | wrk | best of the project | req/s vs hand-written | p99 vs hand-written |"
+        " async vs floor (>= 0.5x) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for op, configs in results.items():
+        for config, runs in configs.items():
+            hand, floor = runs[HANDWRITTEN], runs[FLOOR]
+            best = max(PROJECT, key=lambda name: statistics.median(r.rps for r in runs[name]))
+            faster = [r.rps / h.rps for r, h in zip(runs[best], hand, strict=True)]
+            p99 = [r.p99_ms / h.p99_ms for r, h in zip(runs[best], hand, strict=True)]
+            floor_ratio = [r.rps / f.rps for r, f in zip(runs[ASYNC], floor, strict=True)]
+            print(
+                f"| {op} | {config} | {best} | {spread(faster)}x | {spread(p99)}x |"
+                f" {spread(floor_ratio)}x |"
+            )
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="wrk against the project, a hand-written aiohttp + lxml server and the floors"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s, -t1 -c8")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="wrk -t values")
+    parser.add_argument("--connections", type=int, nargs="+", default=[8, 64], help="wrk -c values")
+    parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds, args.threads, args.connections = 1.0, 1, [1], [8]
+    if shutil.which("wrk") is None:
+        print("skipped: wrk is not installed (apt-get install -y wrk)")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="dsc-asgi-bench-") as tmp:
+        results = measure(args, Path(tmp))
+    print_targets(results)
+    if args.json:
+        raw = {
+            op: {c: {n: [asdict(r) for r in runs] for n, runs in v.items()} for c, v in d.items()}
+            for op, d in results.items()
+        }
+        args.json.write_text(json.dumps(raw, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
