@@ -2,7 +2,7 @@
 
     python3 bench/asgi.py [--quick] [--seconds 3] [--rounds 3] [--json results.json]
 
-Six servers, each in its own process, measured with ``wrk`` (C; ``-t1`` and ``-t2``, 8 and 64
+Seven servers, each in its own process, measured with ``wrk`` (C; ``-t1`` and ``-t2``, 8 and 64
 connections, keep-alive) in ONE run, interleaved round by round so that a busy neighbour on
 the shared machine hits them all alike:
 
@@ -14,7 +14,9 @@ the shared machine hits them all alike:
 - ``dsc async`` / ``dsc blocking``: ``dsc serve --binding async|blocking`` with its default
   configuration (SQLite store, writer, engine, delivery hub, ticker);
 - ``dsc ASGI uvicorn``: ``uvicorn --factory dsc_bindings.asgi:create_app --loop uvloop --http
-  httptools --no-access-log`` (``dsc serve`` does not log each request either).
+  httptools --no-access-log`` (``dsc serve`` does not log each request either), and the same
+  with ``--http dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol`` (uvicorn's
+  httptools protocol sending each response head with its body: one send, not two).
 
 Requests: GetRepositoryElements and GetPostScanJobElements (of a job created on each server).
 Every server's answer is checked to be a 200 with the right SOAP action before it is measured,
@@ -52,10 +54,19 @@ HANDWRITTEN = "aiohttp + lxml (by hand)"
 ASYNC = "dsc serve --binding async"
 BLOCKING = "dsc serve --binding blocking"
 UVICORN = "ASGI app, uvicorn (httptools, uvloop)"
-SERVERS = (FLOOR, AIOHTTP, HANDWRITTEN, ASYNC, BLOCKING, UVICORN)
+COALESCING = "ASGI app, uvicorn (uvloop, dsc's httptools protocol)"
+SERVERS = (FLOOR, AIOHTTP, HANDWRITTEN, ASYNC, BLOCKING, UVICORN, COALESCING)
 #: The ways the project is deployed that the target compares with the hand-written server.
-PROJECT = (ASYNC, UVICORN)
+PROJECT = (ASYNC, UVICORN, COALESCING)
 UVICORN_OPTIONS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
+#: uvicorn's httptools protocol writing each head with its body (http/uvicorn_protocol.py).
+COALESCING_OPTIONS = (
+    "--loop",
+    "uvloop",
+    "--http",
+    "dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol",
+    "--no-access-log",
+)
 
 
 class HasPort(Protocol):
@@ -115,6 +126,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             ),
             UVICORN: stack.enter_context(
                 serving(ServerProcess(tmp / "uvicorn", binding="uvicorn", extra=UVICORN_OPTIONS))
+            ),
+            COALESCING: stack.enter_context(
+                serving(
+                    ServerProcess(tmp / "coalescing", binding="uvicorn", extra=COALESCING_OPTIONS)
+                )
             ),
         }
         for op in OPERATIONS:
