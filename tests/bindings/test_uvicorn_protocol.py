@@ -76,3 +76,17 @@ def test_100_continue_is_sent_before_the_body(conn: socket.socket) -> None:
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), data
     assert len(body) == content_length(head), data
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_get_or_head_with_only_a_host_header_is_answered(
+    conn: socket.socket, method: str
+) -> None:
+    """A HEAD answer is its head alone (uvicorn writes no body for it): it is sent at once,
+    not held for a body write that never comes; the connection then serves the next request."""
+    for _ in range(2):
+        conn.sendall(f"{method} /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode("ascii"))
+        data = conn.recv(1 << 20)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), data
+        assert body == (b"" if method == "HEAD" else b"ok\n"), data

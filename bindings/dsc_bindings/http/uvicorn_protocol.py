@@ -12,9 +12,11 @@ connections, GetRepositoryElements), those two sends were 46% of the uvicorn wor
 Holding the head until the body's write makes them one send, as aiohttp and the h11 bindings
 do; nothing else about uvicorn changes (``bench/asgi.py`` measures both).
 
-A head is held only until the next write of the same response, which the ASGI app always
-makes (``http.response.body`` follows ``http.response.start``, RFC 9112 framing); a
-``100 Continue`` is never held: the client waits for it before it sends the body.
+A head is held only until the next write of the same response, which uvicorn makes for every
+``http.response.body`` of a response to any method but HEAD (a HEAD answer is its head alone,
+RFC 9110 9.3.2: uvicorn writes no body, so such a head is never held, or the client would wait
+for it forever); a ``100 Continue`` is never held: the client waits for it before it sends the
+body.
 """
 
 from __future__ import annotations
@@ -66,5 +68,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         # The cycle uvicorn just made for this request writes through the wrapper; the
-        # protocol's own answers (400s, 503s of --limit-concurrency) still write directly.
-        self.cycle.transport = _HeadWithBody(self.transport)  # type: ignore[assignment]
+        # protocol's own answers (400s, 503s of --limit-concurrency) still write directly,
+        # and so does the answer to a HEAD request, which has no body write to wait for.
+        if self.cycle.scope["method"] != "HEAD":
+            self.cycle.transport = _HeadWithBody(self.transport)  # type: ignore[assignment]
