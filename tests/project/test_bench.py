@@ -130,3 +130,27 @@ def test_asgi_bench_runs() -> None:
         assert tables.count(f"\n| {server} |") == 2, result.stdout  # both requests
     assert "non-2xx" not in result.stdout, result.stdout
     assert "== targets" in result.stdout and "| GetPostScanJobElements | t1c8 |" in result.stdout
+
+
+def test_storage_bench_runs() -> None:
+    """``bench/storage.py`` (issue 17), tiny: a record commit, a SendImage against curl, the
+    listings and concurrent uploads, on a real PostgreSQL and SeaweedFS."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "storage.py"),
+            *("--image-mb", "6", "--jobs", "10", "--uploads", "1,2"),
+            *("--upload-mb", "6", "--commits", "10", "--runs", "1"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| commit PostgreSQL / SQLite |" in result.stdout or result.stdout.startswith(
+        "skipped: "
+    ), result.stdout
+    assert "2 concurrent 6 MB uploads to S3: peak RSS (MiB)" in result.stdout or (
+        result.stdout.startswith("skipped: ")
+    ), result.stdout
