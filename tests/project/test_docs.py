@@ -135,3 +135,23 @@ def test_rulings_index_covers_every_spec_ruling_and_leads_to_ours() -> None:
     rulings = _anchors(DOCS / "rulings.md") - {"index", "rulings-of-our-own"}
     linked = set(re.findall(r"\]\(#([^)]+)\)", index))
     assert linked == rulings, "every ruling of our own is in the index, and only those"
+
+
+def test_the_engines_example_is_a_configuration_the_server_reads(tmp_path: Path) -> None:
+    """docs/operating.md's [store]/[spool] example (issue 17) loads as written."""
+    from dsc_bindings.settings import load_settings
+
+    section = _section(DOCS / "operating.md", "Job store on PostgreSQL and S3")
+    [block] = re.findall(r"```toml\n(.*?)```", section, re.S)
+    config = tmp_path / "dsc.toml"
+    config.write_text(block)
+    storage = load_settings(config, data_dir=tmp_path / "data").storage
+    assert (storage.store_kind, storage.spool_kind) == ("postgresql", "s3")
+    assert storage.dsn.startswith("postgresql://dsc@db1.contoso.com/dsc")
+    assert storage.password_file == Path("/etc/dsc/db.secret")
+    assert storage.s3 is not None
+    assert (storage.s3.bucket, storage.s3.part_size, storage.s3.max_part_buffers) == (
+        "dsc-spool",
+        8 << 20,
+        16,
+    )
