@@ -5,6 +5,7 @@ rules, a store failure undone) and end to end (a share that failed, then works).
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from lxml import etree
@@ -30,6 +31,7 @@ from dsc_core import (
 )
 from dsc_core.model import FileShareInstructions, FilterState, FilterStateReason, JobState
 from e2e_support import ServerProcess, dsc
+from engines_support import Backend, with_backend
 
 A = names.Action
 SHARE = FileShareInstructions((r"\\host\share",))
@@ -114,8 +116,11 @@ def test_a_store_failure_undoes_the_retry() -> None:
     assert t.post(envelope(A.EXT_RETRY_JOB, retry_request(token))).status == 200
 
 
-def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "data").start()
+def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path, backend: Backend) -> None:
+    """On either store (issue 17): the failed job's documents are kept in the spool and read
+    again by the retry; purged, its record is gone for good (also after kill -9)."""
+    config = with_backend(backend, None, tmp_path)
+    server = ServerProcess(tmp_path / "data", config=config).start()
     try:
         page = tmp_path / "page.png"
         page.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(20_000))
@@ -128,6 +133,7 @@ def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path) -> None:
         token = first.json()["token"]
         assert first.json()["filters"][0]["state"] != "CompletedSuccessfully"
         [failed_run] = dsc("job", token, "--server", server.url, "--json").json()["filters"]
+        assert set(backend.documents(server.data, token)) == {"1"}  # kept for a retry
         blocker.unlink()
         run = dsc("retry", token[:8], "--server", server.url)
         assert run.code == 0, run
@@ -144,8 +150,16 @@ def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path) -> None:
         ], run.out
         again = dsc("retry", token, "--server", server.url)
         assert again.code == 1 and "cannot be retried" in again.err, again
-        server.stop_cleanly()
         assert f"job {token} retried: fileshare run again" in server.log
+
+        tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
+        purge = dsc("purge", "--server", server.url, "--before", tomorrow, "--yes")
+        assert purge.code == 0 and purge.out.startswith("1 job(s)"), purge
+        assert not backend.has_documents(server.data, token)
+        server.kill9()
+        server.start()
+        assert dsc("history", "--server", server.url, "--json").json() == []
+        server.stop_cleanly()
     finally:
         if server.alive:
             server.kill9()
