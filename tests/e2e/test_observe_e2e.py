@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers
+from engines_support import Backend, with_backend
 from test_attacks_e2e import SoapFrom
 from test_e2e_serve import Pki
 from waiting import wait_for
@@ -36,13 +37,26 @@ StartServer = Callable[..., ServerProcess]
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[StartServer]:
+def start_server(tmp_path: Path, backend: Backend) -> Iterator[StartServer]:
+    """``dsc serve`` on the test's ``backend`` (conftest: the embedded store, then PostgreSQL +
+    S3): what the server shows of itself must not depend on where it keeps its state."""
     with started_servers() as keep:
 
         def start(
-            binding: str = "async", *, data: Path | None = None, **kwargs: Any
+            binding: str = "async",
+            *,
+            data: Path | None = None,
+            config: Path | None = None,
+            **kwargs: Any,
         ) -> ServerProcess:
-            return keep(ServerProcess(data or tmp_path / "data", binding=binding, **kwargs))
+            return keep(
+                ServerProcess(
+                    data or tmp_path / "data",
+                    binding=binding,
+                    config=with_backend(backend, config, tmp_path),
+                    **kwargs,
+                )
+            )
 
         yield start
 
