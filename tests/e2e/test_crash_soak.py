@@ -27,6 +27,7 @@ from aiosmtpd.controller import Controller
 
 from dsc_core.model import EmailInstructions, FileShareInstructions, SharePointInstructions
 from e2e_support import Relay, ServerProcess, SharePointSite, Soap, free_port
+from engines_support import Backend
 from waiting import wait_for
 
 LONG = os.environ.get("DSC_LONG_TESTS") == "1"
@@ -106,7 +107,9 @@ class Scanners:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("binding", ["async", "blocking"])
-def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str) -> None:
+def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str, backend: Backend) -> None:
+    """On each backend (conftest ``backend``): the embedded store, then PostgreSQL + S3 (issue
+    17: the same guarantees, the same figures)."""
     seed = int(os.environ.get("DSC_SOAK_SEED", random.randrange(1 << 30)))
     print(f"soak seed {seed} (DSC_SOAK_SEED={seed} replays it), {ROUNDS} rounds")
     rng = random.Random(seed)
@@ -122,6 +125,7 @@ def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str) -> None:
         "[limits]\nmax_reply_bytes = 4194304\n"
         f"[sharepoint]\nsites = [{site.config()}]\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
+        + backend.sections()
     )
     server = ServerProcess(tmp_path / "data", binding=binding, config=config)
     resumed = 0
