@@ -106,7 +106,13 @@ class Scanners:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("binding", ["async", "blocking"])
+@pytest.mark.parametrize(
+    ("binding", "backend"),
+    [("async", "sqlite-local"), ("blocking", "sqlite-local"), ("async", "postgresql-s3")]
+    # The engines sit below the binding: the blocking one on them only in long runs (~37 s).
+    + ([("blocking", "postgresql-s3")] if LONG else []),
+    indirect=["backend"],
+)
 def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str, backend: Backend) -> None:
     """On each backend (conftest ``backend``): the embedded store, then PostgreSQL + S3 (issue
     17: the same guarantees, the same figures)."""
