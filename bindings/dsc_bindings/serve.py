@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dsc_bindings.exposure import UnsafeExposure, check_exposure, url_host
 from dsc_bindings.settings import Settings
 from dsc_bindings.store.backends import describe
+from dsc_bindings.store.errors import StoreError
 
 if TYPE_CHECKING:
     from dsc_bindings.discovery.udp import UdpDiscovery
@@ -154,7 +155,7 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings, service: S
         log.warning("SIGHUP: [devices] changes need a restart")
     try:
         fresh = fresh.with_installation_identity()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         log.error("SIGHUP: configuration not reloaded: %s", exc)
         return
     server = fresh.server
@@ -214,8 +215,10 @@ def running_service(
         log.warning("%s", waived)
     try:
         settings = settings.with_installation_identity()
-    except (OSError, ValueError) as exc:
-        raise StartFailure(f"cannot read the installation identity: {exc}", 1) from exc
+    except (OSError, ValueError, StoreError) as exc:
+        # libpq's messages span lines; a start failure is one line.
+        why = " ".join(str(exc).split())
+        raise StartFailure(f"cannot read the installation identity: {why}", 1) from exc
     directory = None
     if settings.directory is not None:
         from dsc_bindings.directory.ldap import Directory

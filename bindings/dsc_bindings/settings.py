@@ -102,7 +102,7 @@ from dsc_bindings.directory.scan_processes import missing_schema_files
 from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sites import SitePrefix
 from dsc_bindings.filters.smbsettings import SmbSettings
-from dsc_bindings.runtime.installation import UUID_KEYS, load_installation
+from dsc_bindings.runtime.installation import UUID_KEYS, installation_of
 from dsc_bindings.store.backends import S3SpoolSettings, StorageSettings
 from dsc_bindings.urls import bound_base_url
 from dsc_core import Limits, ServerConfig
@@ -184,9 +184,10 @@ class Settings:
     storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
 
     def with_installation_identity(self) -> Settings:
-        """These settings with the data directory's UUIDs where the file set none (creates
-        ``identity.json`` at the first start)."""
-        installation = load_installation(self.data_dir)
+        """These settings with the installation's UUIDs where the file set none (creates
+        ``identity.json``, or the PostgreSQL store's row, at the first start).  Raises
+        OSError/ValueError (the file), StoreError (the database)."""
+        installation = installation_of(self.data_dir, self.storage)
         return dataclasses.replace(self, server=installation.apply(self.server, self.identity))
 
     def server_ssl_context(self) -> ssl.SSLContext | None:

@@ -1,17 +1,32 @@
 """The installation identity in the data directory (R13 on R1/R11): generated at the first
 start, kept across restarts, settable in the configuration; two data directories are two
-devices; each start counts (the AppSequence InstanceId)."""
+devices; each start counts (the AppSequence InstanceId).  With the PostgreSQL store it is kept
+in the database (issue 17): one device for every instance on it, the counter grows across them."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from dsc_bindings.runtime.installation import IDENTITY_FILE, load_installation, record_start
+from dsc_bindings.runtime.installation import (
+    IDENTITY_FILE,
+    Installation,
+    installation_of,
+    load_installation,
+    record_start,
+    record_start_of,
+)
+from dsc_bindings.runtime.pgidentity import PostgresIdentity
 from dsc_bindings.settings import load_settings
+from dsc_bindings.store.backends import StorageSettings
+from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.postgresql import _MIGRATIONS
+from engines_support import PgCluster
 
 
 def test_generated_once_and_kept(tmp_path: Path) -> None:
@@ -50,3 +65,87 @@ def test_a_broken_file_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / IDENTITY_FILE).write_text(json.dumps({"device_uuid": "nope"}), encoding="utf-8")
     with pytest.raises(ValueError, match="identity file"):
         load_installation(tmp_path)
+
+
+# --- the identity in PostgreSQL (issue 17 point 1), against a real server -----------------------
+
+
+def _pg_storage(pg: PgCluster) -> StorageSettings:
+    return StorageSettings(store_kind="postgresql", dsn=pg.new_database())
+
+
+def test_postgresql_keeps_the_uuids_and_counts_every_start(pg: PgCluster, tmp_path: Path) -> None:
+    storage = _pg_storage(pg)
+    first = installation_of(tmp_path / "a", storage)
+    assert first.starts == 0
+    assert not (tmp_path / "a" / IDENTITY_FILE).exists()  # kept in the database, not the folder
+    # Two instances with data folders of their own are one device; each start counts.
+    assert record_start_of(tmp_path / "a", storage).starts == 1
+    restarted = record_start_of(tmp_path / "b", storage)
+    assert restarted.starts == 2
+    assert (restarted.device_uuid, restarted.dsp_service_uuid, restarted.dsc_service_uuid) == (
+        first.device_uuid,
+        first.dsp_service_uuid,
+        first.dsc_service_uuid,
+    )
+    config = tmp_path / "dsc.toml"
+    config.write_text(f'[store]\nkind = "postgresql"\ndsn = "{storage.dsn}"\n', encoding="utf-8")
+    server = load_settings(config, data_dir=tmp_path / "c").with_installation_identity().server
+    assert server.device_uuid == first.device_uuid
+
+
+def test_postgresql_starts_at_once_get_distinct_counts(pg: PgCluster, tmp_path: Path) -> None:
+    storage = _pg_storage(pg)
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(
+            pool.map(lambda n: record_start_of(tmp_path / str(n), storage).starts, range(16))
+        )
+    assert sorted(counts) == list(range(1, 17))
+
+
+def test_postgresql_adopts_the_data_folders_identity(pg: PgCluster, tmp_path: Path) -> None:
+    # A server switched to PostgreSQL stays the device its clients know; its counter grows on.
+    record_start(tmp_path)
+    record_start(tmp_path)
+    local = load_installation(tmp_path)
+    storage = _pg_storage(pg)
+    assert installation_of(tmp_path, storage) == local
+    assert record_start_of(tmp_path, storage).starts == local.starts + 1
+
+
+def test_postgresql_adopt_refuses_another_device(pg: PgCluster, tmp_path: Path) -> None:
+    storage = _pg_storage(pg)
+    identity = PostgresIdentity(storage.dsn)
+    assert identity.stored() is None
+    one = load_installation(tmp_path / "one")
+    assert identity.adopt(one) == one
+    record_start_of(tmp_path / "one", storage)
+    assert identity.adopt(one).starts == 1  # the same device again: the counter never goes back
+    with pytest.raises(StoreError, match="already the installation of device"):
+        identity.adopt(load_installation(tmp_path / "two"))
+    assert identity.stored() == Installation(
+        one.device_uuid, one.dsp_service_uuid, one.dsc_service_uuid, starts=1
+    )
+
+
+def test_postgresql_schema_1_is_upgraded_keeping_its_jobs(pg: PgCluster, tmp_path: Path) -> None:
+    storage = _pg_storage(pg)
+    with psycopg.connect(storage.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO dsc_schema VALUES (1)")
+        for statement in _MIGRATIONS[0]:
+            conn.execute(statement)  # type: ignore[arg-type]  # constant SQL
+        conn.execute(
+            "INSERT INTO jobs (token, state, active, created, job) VALUES ('t', 's', true, 'c', 'j')"
+        )
+    assert record_start_of(tmp_path, storage).starts == 1
+    with psycopg.connect(storage.dsn) as conn:
+        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT token FROM jobs").fetchall() == [("t",)]
+
+
+def test_postgresql_unreachable_is_a_store_error(tmp_path: Path) -> None:
+    storage = StorageSettings(store_kind="postgresql", dsn="postgresql://dsc@127.0.0.1:1/none")
+    with pytest.raises(StoreError, match="reading the installation identity at PostgreSQL") as err:
+        installation_of(tmp_path, storage)
+    assert err.value.temporary

@@ -5,6 +5,7 @@ history, an active job with spooled images, a device) is moved, verified, and se
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from dsc_bindings.runtime.installation import IDENTITY_FILE, UUID_KEYS
 from dsc_core.model import FileShareInstructions
 from e2e_support import Soap, dsc
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, PgCluster, S3Server, secret_file
@@ -29,12 +31,13 @@ def test_upgrade_creates_then_leaves_the_schema(pg: PgCluster, tmp_path: Path) -
     dsn = pg.new_database()
     first = dsc("db", "upgrade", "--store", dsn)
     assert first.code == 0, first
-    assert re.fullmatch(r"job store schema 1 created at PostgreSQL .*dbname=t\d+.*\n", first.out)
+    assert re.fullmatch(r"job store schema 2 created at PostgreSQL .*dbname=t\d+.*\n", first.out)
     again = dsc("db", "upgrade", "--store", dsn)
     assert again.code == 0 and "already current, nothing to do" in again.out, again
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(2,)]
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM installation").fetchone() == (0,)
     embedded = dsc("db", "upgrade", "--data", str(tmp_path / "data"))
     assert embedded.code == 0 and "job store schema 1 created at SQLite" in embedded.out
 
@@ -92,8 +95,21 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
         "documents": ["2", "2"],
     }, moved.out
     assert "SHA-256 equal" in moved.out and f"image bytes: {sum(map(len, images)):,}" in moved.out
+    # The installation identity moved too: the same device, its counter carried over.
+    source_identity = json.loads((server.data / IDENTITY_FILE).read_text(encoding="utf-8"))
+    assert source_identity["starts"] >= 1
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (2,)
+        row = conn.execute(
+            "SELECT device_uuid, dsp_service_uuid, dsc_service_uuid, starts FROM installation"
+        ).fetchall()
+    assert row == [tuple(source_identity[k] for k in (*UUID_KEYS, "starts"))]
+    assert re.search(
+        rf"^identity +1 +1  device {source_identity['device_uuid']}, UUIDs equal, "
+        rf"starts {source_identity['starts']} ",
+        moved.out,
+        re.MULTILINE,
+    ), moved.out
     keys = s3.client().list_objects_v2(Bucket=bucket, Prefix="spool/")["Contents"]
     assert sorted(k["Key"] for k in keys) == [f"spool/{active}/1", f"spool/{active}/2"]
 
@@ -107,8 +123,13 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
         f'endpoint_url = "{s3.endpoint_url}"\nbucket = "{bucket}"\n'
         f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
     )
+    (server.data / IDENTITY_FILE).unlink()  # the server on PostgreSQL reads the database's
     engines = start_server(config=config, data=server.data)
     assert " + S3 " in engines.log
+    assert not (server.data / IDENTITY_FILE).exists()
+    with psycopg.connect(dsn) as conn:
+        started = conn.execute("SELECT device_uuid, starts FROM installation").fetchone()
+    assert started == (source_identity["device_uuid"], source_identity["starts"] + 1)
     history = dsc("history", "--server", engines.url, "--json").json()
     assert [e["state"] for e in history] == ["Completed"]
     client = Soap(engines.url)

@@ -13,9 +13,12 @@ import dataclasses
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
+
+if TYPE_CHECKING:
+    from dsc_bindings.runtime.installation import Installation
 
 
 def one_line(message: str) -> str:
@@ -138,6 +141,32 @@ def _destination(args: argparse.Namespace, settings: Any) -> Any:
     return storage
 
 
+def _copy_identity(data_dir: Path, target: Any) -> tuple[Installation, Installation] | None:
+    """Copy the data folder's identity.json into the destination database and read it back:
+    (the source, the copy), or None when the data folder has none (the database then makes one
+    at the first start).  The start counter never goes back (R11), so the copy's may be larger
+    when the database already was this device."""
+    from dsc_bindings.runtime.installation import IDENTITY_FILE, UUID_KEYS, load_installation
+    from dsc_bindings.runtime.pgidentity import PostgresIdentity
+    from dsc_bindings.store.errors import StoreError
+
+    if not (data_dir / IDENTITY_FILE).exists():
+        return None
+    try:
+        source = load_installation(data_dir)
+    except ValueError as exc:
+        raise CliError(f"db migrate: {exc}") from exc
+    copied = PostgresIdentity(target.dsn, target.password_file).adopt(source)
+    if any(getattr(copied, k) != getattr(source, k) for k in UUID_KEYS) or (
+        copied.starts < source.starts
+    ):
+        raise StoreError(
+            f"verification: the installation identity read back differs ({copied})",
+            temporary=False,
+        )
+    return source, copied
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from dsc_bindings.store.backends import describe, open_records, open_spool
     from dsc_bindings.store.errors import StoreError
@@ -158,8 +187,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(f"to:   {describe(target, data_dir.resolve())}")
     records: JobRecords | None = None
     spool: Spool | None = None
+    identity: tuple[Installation, Installation] | None = None
     try:
         with JobStore.open(data_dir) as source:
+            # The identity first: a database that is already another device takes nothing.
+            identity = _copy_identity(data_dir, target)
             records = open_records(target, data_dir)
             if target.spool_kind == "s3":
                 spool = open_spool(target, data_dir)
@@ -188,11 +220,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(f"{'WHAT':<10} {'COPIED':>8} {'VERIFIED':>8}  CHECK")
     for what, copied, verified, check in rows:
         print(f"{what:<10} {copied:>8} {verified:>8}  {check}")
+    if identity is None:
+        print("identity          -        -  none in the data folder: created at the first start")
+    else:
+        source_id, copied = identity
+        print(
+            f"{'identity':<10} {1:>8} {1:>8}  device {copied.device_uuid}, UUIDs equal, "
+            f"starts {copied.starts} (was {source_id.starts})"
+        )
     print(f"image bytes: {report.image_bytes:,}")
-    print(
-        "devices and the installation identity stay in the data folder (the server reads them "
-        "there with any [store])."
-    )
+    print("devices stay in the data folder (the server reads them there with any [store]).")
     print(
         "The data folder is unchanged. Next: put the destination's [store] and [spool] in the "
         "configuration file and restart dsc serve."
@@ -225,9 +262,10 @@ def add_parser(sub: Any) -> None:
     mig = commands.add_parser(
         "migrate",
         help="move a SQLite installation to PostgreSQL (and its images to S3), verified",
-        description="Copy the jobs (active and history) of the data folder's SQLite store into "
-        "an empty PostgreSQL database and, with --to-spool s3, its spooled images into an S3 "
-        "bucket; then read everything back and compare (records equal, SHA-256 of each "
+        description="Copy the jobs (active and history) of the data folder's SQLite store and "
+        "its installation identity (identity.json: device UUIDs, start counter) into an empty "
+        "PostgreSQL database and, with --to-spool s3, its spooled images into an S3 bucket; "
+        "then read everything back and compare (records and identity equal, SHA-256 of each "
         "image). Stop dsc serve first. The data folder is left unchanged. The destination "
         "comes from --config's [store]/[spool] (the file the server will use), the options "
         "override it.",

@@ -7,6 +7,9 @@ the count is the WS-Discovery ``wsd:AppSequence`` InstanceId, which must grow wi
 
 The file is replaced atomically (write, fsync, rename, fsync of the folder), so a crash leaves
 the old or the new one, never a torn one.
+
+With ``[store] kind = "postgresql"`` the identity lives in the database instead (.pgidentity,
+issue 17 point 1): :func:`installation_of` and :func:`record_start_of` choose by the storage.
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsc_bindings.store.backends import StorageSettings
 from dsc_core import ServerConfig
 
-__all__ = ["IDENTITY_FILE", "UUID_KEYS", "Installation", "load_installation", "record_start"]
+__all__ = [
+    "IDENTITY_FILE",
+    "UUID_KEYS",
+    "Installation",
+    "installation_of",
+    "load_installation",
+    "record_start",
+    "record_start_of",
+]
 
 IDENTITY_FILE = "identity.json"
 UUID_KEYS = ("device_uuid", "dsp_service_uuid", "dsc_service_uuid")
@@ -46,7 +58,7 @@ def load_installation(data_dir: Path) -> Installation:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        installation = Installation(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
+        installation = _fresh()
         _write(path, installation)
         return installation
     except (OSError, ValueError) as exc:
@@ -57,6 +69,39 @@ def load_installation(data_dir: Path) -> Installation:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a dsc-server identity file ({exc})") from exc
     return Installation(values[0], values[1], values[2], starts=starts)
+
+
+def _fresh() -> Installation:
+    return Installation(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
+
+
+def data_folder_seed(data_dir: Path) -> Installation:
+    """What a database without an identity adopts: the data folder's (so a server moved onto
+    PostgreSQL stays the device its clients know, its counter still growing), else fresh UUIDs
+    (no file is written)."""
+    if (Path(data_dir) / IDENTITY_FILE).exists():
+        return load_installation(data_dir)
+    return _fresh()
+
+
+def installation_of(data_dir: Path, storage: StorageSettings) -> Installation:
+    """The identity where ``storage`` keeps it: the database, or the data folder."""
+    if storage.store_kind == "postgresql":
+        from dsc_bindings.runtime.pgidentity import PostgresIdentity
+
+        identity = PostgresIdentity(storage.dsn, storage.password_file)
+        return identity.load(lambda: data_folder_seed(data_dir))
+    return load_installation(data_dir)
+
+
+def record_start_of(data_dir: Path, storage: StorageSettings) -> Installation:
+    """Count one more start where ``storage`` keeps the identity; the new count."""
+    if storage.store_kind == "postgresql":
+        from dsc_bindings.runtime.pgidentity import PostgresIdentity
+
+        identity = PostgresIdentity(storage.dsn, storage.password_file)
+        return identity.record_start(lambda: data_folder_seed(data_dir))
+    return record_start(data_dir)
 
 
 def record_start(data_dir: Path) -> Installation:

@@ -55,7 +55,7 @@ from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
-from dsc_bindings.runtime.installation import record_start
+from dsc_bindings.runtime.installation import record_start_of
 from dsc_bindings.runtime.observing import ServiceObserver, StartCheck
 from dsc_bindings.runtime.owner import CoreOwner
 from dsc_bindings.runtime.peer import Peer
@@ -173,7 +173,10 @@ class ScanService:
         log.info("job store at %s", self.data_dir.resolve())
         try:
             # R13 (R11): each start gets a larger wsd:AppSequence InstanceId.
-            self._instance_id = record_start(self.data_dir).starts
+            self._instance_id = record_start_of(self.data_dir, self.storage).starts
+        except StoreError:
+            store.close()
+            raise
         except (OSError, ValueError) as exc:
             store.close()
             raise StoreError(f"cannot record this start: {exc}", temporary=False) from exc

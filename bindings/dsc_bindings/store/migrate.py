@@ -9,9 +9,9 @@ parts (memory stays flat), hashing as it goes.  Then the destination is read bac
 records, byte for byte as encoded, and every document with the same SHA-256.
 
 The source is left as it was: until the server is configured for the destination, the data
-folder still serves (a migration can be run again into an empty destination).  The device book
-and the installation identity stay in the data folder, where the server reads them whatever its
-[store] (observe/devices.py, identity.json): they need no copy.
+folder still serves (a migration can be run again into an empty destination).  The installation
+identity is copied by ``dsc db migrate`` too (runtime/pgidentity.py, above this layer); the device
+book stays in the data folder, where the server reads it whatever its [store] (observe/devices.py).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -57,6 +57,17 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             job       text NOT NULL                -- the whole record, jobcodec.encode_job
         )""",
         "CREATE INDEX jobs_by_activity ON jobs (active, seq)",
+    ),
+    (
+        # The installation identity (R13 on R1/R11; runtime/pgidentity.py): one row, so every
+        # instance on this database is the same device and the start counter grows across them.
+        """CREATE TABLE installation (
+            id               integer PRIMARY KEY CHECK (id = 1),
+            device_uuid      text NOT NULL,
+            dsp_service_uuid text NOT NULL,
+            dsc_service_uuid text NOT NULL,
+            starts           bigint NOT NULL CHECK (starts >= 0)  -- wsd:AppSequence InstanceId
+        )""",
     ),
 )
 
