@@ -223,10 +223,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if identity is None:
         print("identity          -        -  none in the data folder: created at the first start")
     else:
-        source_id, copied = identity
+        source_id, stored_id = identity
         print(
-            f"{'identity':<10} {1:>8} {1:>8}  device {copied.device_uuid}, UUIDs equal, "
-            f"starts {copied.starts} (was {source_id.starts})"
+            f"{'identity':<10} {1:>8} {1:>8}  device {stored_id.device_uuid}, UUIDs equal, "
+            f"starts {stored_id.starts} (was {source_id.starts})"
         )
     print(f"image bytes: {report.image_bytes:,}")
     print("devices stay in the data folder (the server reads them there with any [store]).")
