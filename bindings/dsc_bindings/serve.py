@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.exposure import UnsafeExposure, check_exposure, url_host
+from dsc_bindings.http.driver import DEFAULT_GRACE
 from dsc_bindings.settings import Settings
 from dsc_bindings.store.backends import describe
 from dsc_bindings.store.errors import StoreError
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from dsc_core import ServerConfig
 
 log = logging.getLogger("dsc.serve")
-GRACE_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +323,7 @@ def _run_blocking(
         settings.listen.port,
         ssl_context,
         settings.server.limits,
-        grace=GRACE_SECONDS,
+        grace=DEFAULT_GRACE,
         cpu=settings.listen.blocking_cpu,
     )
     monitor: BlockingServer | None = None
@@ -397,7 +397,7 @@ def _run_async(
                         port=settings.listen.port,
                         ssl_context=ssl_context,
                         limits=settings.server.limits,
-                        grace=GRACE_SECONDS,
+                        grace=DEFAULT_GRACE,
                         task_status=task_status,
                     )
                 )

@@ -37,6 +37,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from dsc_bindings.http.certidentity import connection_identity
 from dsc_bindings.http.driver import (
+    DEFAULT_GRACE,
     LINGER_BYTES,
     LINGER_SECONDS,
     MAX_REJECTING,
@@ -58,8 +59,6 @@ __all__ = ["DEFAULT_GRACE", "serve"]
 
 log = logging.getLogger("dsc.http")
 
-#: Seconds in-flight requests get to finish once serving is cancelled.
-DEFAULT_GRACE = 10.0
 #: How often, at most, the sweeper wakes receives whose deadline passed (trio fast path).
 SWEEP_SECONDS = 0.25
 #: Connections accepted per wake-up of the accept loop (see _accept_loop).

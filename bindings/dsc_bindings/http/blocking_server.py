@@ -33,6 +33,7 @@ from typing import Literal, Protocol
 
 from dsc_bindings.http.certidentity import connection_identity
 from dsc_bindings.http.driver import (
+    DEFAULT_GRACE,
     LINGER_BYTES,
     LINGER_SECONDS,
     MAX_REJECTING,
@@ -53,7 +54,6 @@ __all__ = ["DEFAULT_GRACE", "BlockingServer"]
 
 log = logging.getLogger("dsc.http")
 
-DEFAULT_GRACE = 10.0
 #: How often the accept loop looks at the stop flag.
 _ACCEPT_POLL = 0.2
 

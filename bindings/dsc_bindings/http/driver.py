@@ -68,6 +68,7 @@ from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes, reserved_slots
 
 __all__ = [
+    "DEFAULT_GRACE",
     "HEAD_READ_SIZE",
     "LINGER_BYTES",
     "LINGER_SECONDS",
@@ -110,6 +111,8 @@ REJECT_HEAD_TIMEOUT = 5.0
 #: After a final answer we half-close and read (and drop) what the client still sends, for at
 #: most this long / this many bytes: closing with unread data makes the kernel send a reset,
 #: and the client may then lose the answer (413 before the body, 503, errors).
+#: Seconds in-flight requests get to finish once serving stops (both bindings, `dsc serve`).
+DEFAULT_GRACE = 10.0
 LINGER_SECONDS = 1.0
 
 LINGER_BYTES = 1024 * 1024
