@@ -64,32 +64,37 @@ class ScanServer(ServerState):
 
     # --- time -----------------------------------------------------------------------------------
 
-    def tick(self, now: datetime) -> list[Command]:
+    def tick(self, now: datetime, *, sweeps: bool = True) -> list[Command]:
         """Expire subscriptions, time out idle Creating jobs (R6, R7) and discard the documents
-        of failed jobs kept past their retention."""
+        of failed jobs kept past their retention.
+
+        ``sweeps`` False: only the subscriptions (this server's own); the job sweeps (R6
+        timeouts, retention) act on job rows every instance of a cluster shares, so one
+        instance runs them, the leader (issue 18 point 4; the binding says which)."""
         self.subscriptions.expire(now)
+        if not sweeps:
+            return []
         commands = self.lifecycle.time_out(now, self.config.job_timeout_seconds)
         commands += self.lifecycle.expire_documents(now, self.config.spool_retention_seconds)
         return commands
 
-    def next_deadline(self) -> datetime | None:
+    def next_deadline(self, *, sweeps: bool = True) -> datetime | None:
         """When :meth:`tick` next has something to do (aioquic's ``get_timer``), exactly:
         ``tick`` before it changes nothing, ``tick`` at it times out a job or expires a
-        subscription.  None: nothing is due however long the binding sleeps.
+        subscription.  None: nothing is due however long the binding sleeps.  ``sweeps`` as
+        for :meth:`tick`.
 
         A job receiving an image has no deadline until its exchange ends (or is refused or
         aborted), so the answer can change with any call that changes the server: an
         exchange's ``feed``/``end``/``store_failed``/``abort``, ``processing``, ``tick``,
         ``reconfigure``.  Ask again after each instead of polling."""
-        times = [
-            t
-            for t in (
+        due = [self.subscriptions.next_expiry()]
+        if sweeps:
+            due += [
                 self.lifecycle.next_timeout(self.config.job_timeout_seconds),
                 self.lifecycle.next_document_expiry(self.config.spool_retention_seconds),
-                self.subscriptions.next_expiry(),
-            )
-            if t is not None
-        ]
+            ]
+        times = [t for t in due if t is not None]
         return min(times) if times else None
 
     # --- deliveries, start and stop ----------------------------------------------------------
@@ -119,8 +124,15 @@ class ScanServer(ServerState):
         commands += self.notifier.elements_changed(config, now)
         return commands
 
-    def shutdown(self, now: datetime) -> list[Command]:
-        """The server is stopping: repository Stopped, SubscriptionEnd SourceShuttingDown."""
+    def shutdown(self, now: datetime, *, last: bool = True) -> list[Command]:
+        """The server is stopping: repository Stopped, SubscriptionEnd SourceShuttingDown.
+
+        ``last`` False: other instances of the cluster go on serving the repository, so it is
+        not Stopped for anyone and no subscription ends (issue 18 point 4; R7's
+        SourceShuttingDown is for the source going away): this one leaves quietly."""
+        if not last:
+            self.lifecycle.stopped = True
+            return []
         commands = self.lifecycle.stop(now)
         commands += self.notifier.shutting_down()
         return commands

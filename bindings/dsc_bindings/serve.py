@@ -197,7 +197,7 @@ class StartFailure(Exception):
 
 @contextlib.contextmanager
 def running_service(
-    settings: Settings, *, discovery: bool = True
+    settings: Settings, *, discovery: bool = True, instance_suffix: str = ""
 ) -> Iterator[tuple[Settings, Composition]]:
     """Start what runs beside a listener (the store, writer, engine, delivery hub and ticker
     of the scan service, and UDP discovery when ``discovery``), and stop it all at the end:
@@ -239,6 +239,8 @@ def running_service(
             directory=directory,
             device_limits=settings.devices,
             storage=settings.storage,
+            cluster=settings.cluster,
+            instance_suffix=instance_suffix,
         )
         service = composition.service
         try:

@@ -104,6 +104,7 @@ from dsc_bindings.filters.sites import SitePrefix
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_bindings.runtime.installation import UUID_KEYS, installation_of
 from dsc_bindings.store.backends import S3SpoolSettings, StorageSettings
+from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.urls import bound_base_url
 from dsc_core import Limits, ServerConfig
 from dsc_core.config import FAULT_HTTP_STATUSES
@@ -182,6 +183,8 @@ class Settings:
     devices: DeviceLimits = dataclasses.field(default_factory=DeviceLimits)
     #: ``[store]`` and ``[spool]``: which engines keep the jobs and images (issue 17).
     storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
+    #: ``[cluster]``: this instance among those on one PostgreSQL store (issue 18).
+    cluster: ClusterSettings = dataclasses.field(default_factory=ClusterSettings)
 
     def with_installation_identity(self) -> Settings:
         """These settings with the installation's UUIDs where the file set none (creates
@@ -222,6 +225,7 @@ _SECTIONS = {
     "smb",
     "store",
     "spool",
+    "cluster",
 }
 
 
@@ -703,7 +707,40 @@ def load_settings(
         ),
         resolve,
     )
-    return Settings(data, listen, server, filters, path, directory, identity, devices, storage)
+    return Settings(
+        data,
+        listen,
+        server,
+        filters,
+        path,
+        directory,
+        identity,
+        devices,
+        storage,
+        _cluster(
+            _Table(
+                raw,
+                "cluster",
+                {"instance_name", "heartbeat_seconds", "lease_seconds", "prune_after_seconds"},
+            )
+        ),
+    )
+
+
+def _cluster(table: _Table) -> ClusterSettings:
+    """``[cluster]`` (issue 18): a lease shorter than two heartbeats would mark a healthy
+    instance down between two beats."""
+    default = ClusterSettings()
+    heartbeat = table.seconds("heartbeat_seconds", default.heartbeat_seconds)
+    lease = table.seconds("lease_seconds", default.lease_seconds)
+    if lease < 2 * heartbeat:
+        raise table.error("lease_seconds", "at least twice heartbeat_seconds", lease)
+    return ClusterSettings(
+        instance_name=table.optional_text("instance_name"),
+        heartbeat_seconds=heartbeat,
+        lease_seconds=lease,
+        prune_after_seconds=table.seconds("prune_after_seconds", default.prune_after_seconds),
+    )
 
 
 def _storage(

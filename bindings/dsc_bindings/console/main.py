@@ -3,6 +3,7 @@
 
 dsc serve                        run the scan server (embedded default: SQLite + ./var)
 dsc db upgrade | migrate         the job store's schema; move to PostgreSQL and S3
+dsc cluster status               the instances sharing a PostgreSQL store, and the leader
 dsc handle [FILE]                answer one request with a fresh core, no network
 dsc scan --server URL FILE...    act as a scanner: create a job, upload, end, wait
 dsc process list|show|add|edit|rm  scan processes in the directory ([directory] of --config)
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dsc_bindings.console import (
+    cluster,
     completion,
     db,
     devices,
@@ -42,6 +44,7 @@ from dsc_core import client as dc
 COMMANDS = (
     serve_cmd,
     db,
+    cluster,
     handle,
     scan,
     process,

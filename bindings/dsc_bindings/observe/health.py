@@ -7,6 +7,9 @@ check          passes when                                                     i
                ``ok``; PostgreSQL answers (the database is reachable); the S3
                bucket answers (issue 17; a failure names the engine)
 ``data``       the data directory (spool) is writable by the server's user     down (503)
+``cluster``    PostgreSQL store: this instance's heartbeat (runtime/cluster.py)  down (503)
+               succeeded within ``[cluster] lease_seconds`` (else the others
+               consider it down, and the load balancer must drop it too)
 ``share``      each share root exists, is a directory, and a file can be       down (503)
                created in it (one check per root, named by its UNC prefix)
 ``directory``  ``[directory]``: a bind as the configured account succeeds      degraded

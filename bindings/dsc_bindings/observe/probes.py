@@ -24,6 +24,10 @@ def health_probes(service: ScanService) -> list[Probe]:
         ),
         Probe("data", functools.partial(writable_directory, spool), subject=str(spool)),
     ]
+    cluster = service.cluster
+    if cluster is not None:
+        # No I/O: the heartbeat thread's last result (runtime/cluster.py).
+        probes.append(Probe("cluster", cluster.problem))
     for prefix, root in service.filter_settings.share_roots:
         probes.append(
             Probe(

@@ -18,7 +18,8 @@ Both HTTP bindings talk to a :class:`ScanService` (through the composition root'
 - **Event delivery** (:mod:`.delivery`): one bounded queue and task per subscription, on the
   hub's own loop; results go back to the core's owner, which counts failures (R7).
 - A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()``, at least
-  once a second (R6 job timeouts, R7 subscription expiry).
+  once a second (R6 job timeouts, R7 subscription expiry); on a PostgreSQL store only the
+  cluster's leader (:mod:`.cluster`) runs the job sweeps.
 - What happened is reported to a :class:`~.observing.ServiceObserver`; the status page, the
   health checks and the web endpoints sit above this module (``dsc_bindings.observe``) and are
   wired by ``dsc_bindings.serve``.
@@ -41,6 +42,7 @@ Usage (``dsc_bindings.serve.build_service`` adds the observer and the health che
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import ssl
 import threading
@@ -64,6 +66,7 @@ from dsc_bindings.runtime.ticket import Ticket, settle
 from dsc_bindings.runtime.writer import CommandWriter, Routes
 from dsc_bindings.store.backends import StorageSettings, open_job_store
 from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import JobStore
 from dsc_core import (
     Command,
@@ -82,6 +85,7 @@ from dsc_core import (
 
 if TYPE_CHECKING:
     from dsc_bindings.directory.ldap import Directory
+    from dsc_bindings.runtime.cluster import ClusterMember
 
 __all__ = ["SHUTDOWN_DELIVERY_SECONDS", "ScanService", "settle"]
 
@@ -118,6 +122,8 @@ class ScanService:
         observer: ServiceObserver,
         health: StartCheck | None = None,
         storage: StorageSettings | None = None,
+        cluster: ClusterSettings | None = None,
+        instance_suffix: str = "",
     ) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
@@ -133,6 +139,11 @@ class ScanService:
         self._store: JobStore | None = None
         #: [store] and [spool]: which engines keep the jobs and images (issue 17).
         self.storage = storage or StorageSettings()
+        #: ``[cluster]``: this instance among those on one PostgreSQL store (issue 18).
+        self._cluster_settings = cluster or ClusterSettings()
+        self._instance_suffix = instance_suffix
+        #: This instance's row, heartbeat and leadership; None with the SQLite store.
+        self.cluster: ClusterMember | None = None
         self._engine: ProcessingEngine | None = None
         self._writer = CommandWriter(
             Routes(self._store_apply, self._start_processing, self._stop_processing, self._deliver)
@@ -182,6 +193,11 @@ class ScanService:
             raise StoreError(f"cannot record this start: {exc}", temporary=False) from exc
         self.config = self.config.replace(discovery_instance_id=self._instance_id)
         try:
+            self.cluster = self._join_cluster()
+        except StoreError:
+            store.close()
+            raise
+        try:
             jobs = store.load_jobs()
             self.observer.open(jobs, self.clock())
             self._engine = ProcessingEngine(
@@ -202,6 +218,8 @@ class ScanService:
             self._writer.submit(commands, strict=False).wait()
         except BaseException:
             log.exception("starting the scan service failed")
+            if self.cluster is not None:
+                self.cluster.stop()
             if self._engine is not None:
                 self._engine.close(1.0)
             self._writer.close()
@@ -263,15 +281,61 @@ class ScanService:
             thread.join(2.0)
             if thread.is_alive():
                 log.warning("thread %s did not stop in time", thread.name)
-        self._background(self.owner.call(lambda: self.server.shutdown(self.clock())))
+        last = self._last_instance()
+        self._background(self.owner.call(lambda: self.server.shutdown(self.clock(), last=last)))
         if self._engine is not None:
             self._engine.close(max(0.0, timeout - (time.monotonic() - began)))
         self._writer.close(max(1.0, timeout - (time.monotonic() - began)))
         self._hub.close(min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout)))
+        if self.cluster is not None:
+            self.cluster.stop()
         if self._store is not None:
             self._store.close()
         self.observer.close()
         log.info("scan service stopped")
+
+    def _join_cluster(self) -> ClusterMember | None:
+        """On a PostgreSQL store this server is one instance of a cluster (.cluster)."""
+        if self.storage.store_kind != "postgresql":
+            return None
+        from dsc_bindings.runtime.cluster import ClusterMember
+
+        cluster = ClusterMember(
+            self.storage.dsn,
+            self._cluster_settings,
+            address=lambda: self.config.base_url,
+            password_file=self.storage.password_file,
+            suffix=self._instance_suffix,
+        )
+        cluster.start()
+        return cluster
+
+    def _last_instance(self) -> bool:
+        """Whether this is the last instance serving the repository: only then is it Stopped
+        and every subscription ended (R7 SourceShuttingDown; issue 18 point 4)."""
+        if self.cluster is None:
+            return True
+        others = self.cluster.others_alive()
+        if others is None:
+            log.warning(
+                "cluster: cannot tell whether other instances are up: ending this instance's "
+                "subscriptions (SourceShuttingDown) so that their subscribers subscribe again"
+            )
+            return True
+        if others:
+            log.info(
+                "cluster: other instances are up: leaving quietly (no SubscriptionEnd, the "
+                "repository is not Stopped)"
+            )
+            return False
+        log.info("cluster: the last instance stops: the repository is Stopped (R7)")
+        return True
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this instance runs the job sweeps (R6 timeouts, retention): the cluster's
+        leader, or the only server (SQLite store)."""
+        return self.cluster is None or self.cluster.is_leader
 
     def __enter__(self) -> ScanService:
         self.start()
@@ -461,6 +525,9 @@ class ScanService:
 
     # --- ticker -------------------------------------------------------------------------------
 
+    def _tick(self, sweeps: bool) -> None:
+        self._background(self.server.tick(self.clock(), sweeps=sweeps))
+
     def _tick_loop(self) -> None:
         # In this thread, not on the event loop: the device book's DELETE waits for the disk.
         bound_devices_at = self.clock() + DEVICE_BOUNDS_INTERVAL
@@ -470,14 +537,19 @@ class ScanService:
                 if now >= bound_devices_at:
                     bound_devices_at = now + DEVICE_BOUNDS_INTERVAL
                     self.observer.bound_devices(now)
-                deadline = self.owner.call(self.server.next_deadline)
+                # The job sweeps are the leader's (issue 18 point 4); asked at each wake-up, so
+                # a new leader starts sweeping within a second of taking the lead.
+                sweeps = self.is_leader
+                deadline = self.owner.call(
+                    functools.partial(self.server.next_deadline, sweeps=sweeps)
+                )
                 wait = TICK_MAX_SECONDS
                 if deadline is not None:
                     wait = (deadline - self.clock()).total_seconds()
                 wait = min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, wait))
                 if self._stop.wait(wait):
                     return
-                self.owner.soon(lambda: self._background(self.server.tick(self.clock())))
+                self.owner.soon(functools.partial(self._tick, self.is_leader))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
                 self._stop.wait(TICK_MAX_SECONDS)

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -67,6 +67,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             dsp_service_uuid text NOT NULL,
             dsc_service_uuid text NOT NULL,
             starts           bigint NOT NULL CHECK (starts >= 0)  -- wsd:AppSequence InstanceId
+        )""",
+    ),
+    (
+        # The instances of the cluster (issue 18 point 4; store/instances.py, runtime/cluster.py):
+        # one row per incarnation, its heartbeat in database time.
+        """CREATE TABLE instances (
+            id            uuid PRIMARY KEY,            -- one per start, never reused
+            name          text NOT NULL,               -- [cluster] instance_name
+            address       text NOT NULL,               -- the advertised base URL
+            host          text NOT NULL,
+            pid           integer NOT NULL,
+            started       timestamptz NOT NULL DEFAULT now(),
+            heartbeat     timestamptz NOT NULL DEFAULT now(),
+            lease_seconds double precision NOT NULL, -- down after this long without a heartbeat
+            stopped       timestamptz,                 -- a clean stop
+            lock_backend  integer                      -- pg_backend_pid() of its lock connection
         )""",
     ),
 )

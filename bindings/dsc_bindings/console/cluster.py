@@ -1,0 +1,125 @@
+"""``dsc cluster status``: the instances serving one PostgreSQL store (issue 18 point 6).
+
+Reads the ``instances`` table of the store ``--config`` names (store/instances.py): each
+incarnation's name, advertised address, start, heartbeat age and state (up, down: no heartbeat
+within its lease, stopped: a clean stop), and which one is the leader (it holds the leader's
+advisory lock now, as PostgreSQL's ``pg_locks`` says).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
+
+#: With the SQLite store there is no cluster to show (one line, exit status 1).
+SQLITE_REFUSAL = (
+    "one instance: the store is SQLite in {data}; cluster status needs [store] kind = postgresql"
+)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from dsc_bindings.console.db import one_line
+    from dsc_bindings.console.output import Column, print_table
+    from dsc_bindings.settings import ConfigError, load_settings
+    from dsc_bindings.store.instances import list_instances
+    from dsc_bindings.store.postgresql import connection_kwargs, redacted
+
+    logging.getLogger("psycopg").setLevel(logging.CRITICAL)
+    try:
+        settings = load_settings(args.config, data_dir=args.data)
+    except ConfigError as exc:
+        raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
+    storage = settings.storage
+    if storage.store_kind != "postgresql":
+        raise CliError(SQLITE_REFUSAL.format(data=settings.data_dir))
+    try:
+        with psycopg.connect(storage.dsn, **connection_kwargs(storage.password_file)) as conn:
+            exists = conn.execute("SELECT to_regclass('instances') IS NOT NULL").fetchone()
+            rows = list_instances(conn) if exists and exists[0] else []
+    except psycopg.Error as exc:
+        raise CliError(
+            f"cluster status: PostgreSQL at {redacted(storage.dsn)}: {one_line(str(exc))}"
+        ) from exc
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], indent=1))
+        return EXIT_OK
+    if not rows:
+        print(f"no instance has started on PostgreSQL {redacted(storage.dsn)} yet")
+        return EXIT_OK
+    columns = [
+        Column("Name"),
+        Column("Address"),
+        Column("Started", keep=True),
+        Column("Heartbeat", keep=True, numeric=True),
+        Column("State", keep=True),
+        Column("Leader", keep=True),
+        Column("Leases", keep=True, numeric=True),
+        Column("Outbox lag", keep=True, numeric=True),
+        Column("Pid", numeric=True, wide_only=True),
+        Column("Instance", wide_only=True),
+    ]
+    table = [
+        [
+            row.name,
+            row.address,
+            row.started.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            _age(row.heartbeat_age) + " ago",
+            row.state,
+            "leader" if row.leader else "",
+            "-",
+            "-",
+            str(row.pid),
+            row.id,
+        ]
+        for row in rows
+    ]
+    print_table(columns, table, wide=args.wide)
+    up = sum(1 for row in rows if row.state == "up")
+    leaders = [row.name for row in rows if row.leader]
+    print(f"\n{up} of {len(rows)} instance(s) up; leader: {', '.join(leaders) or 'none'}")
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "cluster",
+        help="the instances serving one PostgreSQL store (several instances, dsc serve --workers)",
+        description="The instances of dsc serve (and their --workers) sharing the PostgreSQL "
+        "store that --config names.",
+    )
+    commands = p.add_subparsers(dest="cluster_command", metavar="ACTION")
+    commands.required = True
+    status = commands.add_parser(
+        "status",
+        help="a table of the instances: up, down or stopped, and the leader",
+        description="One line per instance (a restarted server is a new line): its name "
+        "([cluster] instance_name, else host:port), advertised address, start, the age of its "
+        "last heartbeat, its state (up; down: no heartbeat within [cluster] lease_seconds; "
+        "stopped: a clean stop) and the leader (it runs the job timeouts and retention "
+        "sweeps). The Leases and Outbox lag columns show '-' until filter leases and the "
+        "event outbox exist (issue 18 points 2 and 3). Rows of instances dead for [cluster] "
+        "prune_after_seconds are removed by the leader. Needs [store] kind = postgresql.",
+        epilog="Example: dsc cluster status --config /etc/dsc/dsc.toml",
+    )
+    status.add_argument("--config", type=Path, help="TOML configuration file ([store])")
+    status.add_argument("--data", type=Path, help="data folder (default ./var)")
+    status.add_argument("--json", action="store_true", help="a JSON list, one object per instance")
+    status.add_argument(
+        "--wide", action="store_true", help="all columns (pid, instance id), nothing cut"
+    )
+    status.set_defaults(func=cmd_status)

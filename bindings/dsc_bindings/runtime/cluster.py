@@ -1,0 +1,253 @@
+"""This server as one instance of a cluster on a PostgreSQL store (issue 18 points 4 and 6).
+
+A :class:`ClusterMember` keeps one connection of its own (not the store's pool) and, in its own
+thread (never the event loop):
+
+- writes this incarnation's row in ``instances`` at start (a new UUID each start) and renews
+  its heartbeat every ``[cluster] heartbeat_seconds`` with the database's clock;
+- tries ``pg_try_advisory_lock`` at each heartbeat: the holder is the **leader**, and keeps
+  the lock while its connection lives, so a dead leader's lock is released by PostgreSQL
+  and the next heartbeat of another instance takes it (failover within a heartbeat of the
+  connection's end);
+- as leader, prunes the rows of incarnations dead for ``prune_after_seconds``;
+- keeps a snapshot of every instance (status page, /metrics: read there without I/O).
+
+A heartbeat that fails drops leadership at once (the lock may be gone with the connection;
+two leaders are worse than none for a few seconds), logs it, and reconnects at the next beat.
+After ``lease_seconds`` without a heartbeat the instance says so in /healthz (503: the other
+instances consider it down, so the load balancer must drop it too).
+
+What the leader alone does is decided by the runtime (runtime/service.py ``_tick_loop``): R6
+job timeouts and the spool retention sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+
+from dsc_bindings.store.errors import StoreError, as_store_error
+from dsc_bindings.store.instances import (
+    HEARTBEAT,
+    INSERT,
+    LEADER_LOCK,
+    OTHERS_ALIVE,
+    PRUNE,
+    STOPPED,
+    TRY_LEADER,
+    ClusterSettings,
+    InstanceRow,
+    list_instances,
+)
+from dsc_bindings.store.postgresql import connection_kwargs, is_temporary_pg, redacted
+
+__all__ = ["ClusterMember"]
+
+log = logging.getLogger("dsc.cluster")
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class ClusterMember:
+    """This incarnation's row, heartbeat and leadership (module doc).  Thread-safe."""
+
+    def __init__(
+        self,
+        dsn: str,
+        settings: ClusterSettings,
+        *,
+        address: Callable[[], str],
+        password_file: Path | None = None,
+        suffix: str = "",
+    ) -> None:
+        self.settings = settings
+        #: This incarnation: new at each start, never reused (cluster-design.md lesson 2).
+        self.id = str(uuid.uuid4())
+        self._suffix = suffix
+        self._dsn = dsn
+        self._password_file = password_file
+        self._address = address
+        self._conn: psycopg.Connection[Any] | None = None
+        #: The connection is used by the heartbeat thread and by shutdown's last questions.
+        self._lock = threading.Lock()
+        self._leader = False
+        self._last_beat = time.monotonic()
+        self._failing: str | None = None
+        self._instances: tuple[InstanceRow, ...] = ()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dsc-cluster", daemon=True)
+
+    @property
+    def name(self) -> str:
+        """``[cluster] instance_name``, else host name and the advertised port (a worker of
+        ``dsc serve --workers`` adds its number)."""
+        if self.settings.instance_name:
+            return self.settings.instance_name + self._suffix
+        port = urlsplit(self._address()).port
+        return f"{socket.gethostname()}:{port}{self._suffix}"
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Write this incarnation's row and try for the lead; then beat in a thread.
+        StoreError when the database cannot be reached now (the server does not start)."""
+        with self._lock:
+            try:
+                self._connect()
+                self._beat()
+            except psycopg.Error as exc:
+                self._close_connection()
+                raise as_store_error(
+                    f"joining the cluster at {redacted(self._dsn)}", exc, is_temporary_pg(exc)
+                ) from exc
+        log.info(
+            "cluster: instance %s (%s) joined, %d instance(s) up, %s",
+            self.name,
+            self.id,
+            sum(1 for i in self._instances if i.state == "up"),
+            "leader" if self._leader else "not the leader",
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Mark this incarnation stopped and close the connection (the lock goes with it)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute(STOPPED, (self.id,))
+                except psycopg.Error as exc:
+                    log.warning(
+                        "cluster: could not mark %s stopped: %s", self.name, one_line(str(exc))
+                    )
+            self._close_connection()
+            if self._leader:
+                log.info("cluster: %s leaves the lead", self.name)
+            self._leader = False
+
+    # --- what the runtime asks ------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this instance holds the leader's lock as of its last heartbeat."""
+        return self._leader
+
+    @property
+    def instances(self) -> tuple[InstanceRow, ...]:
+        """Every instance as of the last heartbeat (no I/O)."""
+        return self._instances
+
+    def problem(self) -> str | None:
+        """None while the heartbeat works; else why the others consider this instance down
+        (/healthz answers 503 after ``lease_seconds`` without a heartbeat)."""
+        silent = time.monotonic() - self._last_beat
+        if silent < self.settings.lease_seconds:
+            return None
+        return (
+            f"no heartbeat for {silent:.0f} s (lease {self.settings.lease_seconds:g} s): the "
+            f"other instances consider {self.name} down: "
+            f"{self._failing or 'the database does not answer'}"
+        )
+
+    def others_alive(self) -> bool | None:
+        """Whether another instance is up (its heartbeat within its lease, not stopped); None
+        when the database cannot say."""
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._connect()
+                assert self._conn is not None
+                row = self._conn.execute(OTHERS_ALIVE, (self.id,)).fetchone()
+            except psycopg.Error as exc:
+                log.warning("cluster: cannot see the other instances: %s", one_line(str(exc)))
+                self._close_connection()
+                return None
+        return row is not None and int(row[0]) > 0
+
+    # --- the heartbeat thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            with self._lock:
+                try:
+                    if self._conn is None:
+                        self._connect()
+                    self._beat()
+                except (psycopg.Error, StoreError) as exc:
+                    self._failed(exc)
+
+    def _connect(self) -> None:
+        kwargs = connection_kwargs(self._password_file)
+        kwargs["application_name"] = f"dsc cluster {self.name}"[:63]
+        self._conn = psycopg.connect(self._dsn, **kwargs)
+        row = self._conn.execute("SELECT 1 FROM instances WHERE id = %s", (self.id,)).fetchone()
+        if row is None:
+            self._conn.execute(
+                INSERT,
+                (
+                    self.id,
+                    self.name,
+                    self._address(),
+                    socket.gethostname(),
+                    os.getpid(),
+                    self.settings.lease_seconds,
+                ),
+            )
+        else:  # a new connection: the leader's lock is tied to it (pg_locks)
+            self._conn.execute(
+                "UPDATE instances SET lock_backend = pg_backend_pid() WHERE id = %s", (self.id,)
+            )
+
+    def _beat(self) -> None:
+        assert self._conn is not None
+        self._conn.execute(HEARTBEAT, (self.name, self._address(), self.id))
+        self._last_beat = time.monotonic()
+        if self._failing is not None:
+            log.info("cluster: heartbeat of %s restored", self.name)
+            self._failing = None
+        if not self._leader:
+            row = self._conn.execute(TRY_LEADER, (LEADER_LOCK,)).fetchone()
+            if row is not None and row[0]:
+                self._leader = True
+                log.info("cluster: %s (%s) is now the leader", self.name, self.id)
+        if self._leader:
+            self._conn.execute(PRUNE, (self.settings.prune_after_seconds,))
+        self._instances = tuple(list_instances(self._conn))
+
+    def _failed(self, exc: BaseException) -> None:
+        why = one_line(str(exc)) or type(exc).__name__
+        if self._failing is None:
+            log.error(
+                "cluster: heartbeat of %s failed: %s (retrying every %g s)",
+                self.name,
+                why,
+                self.settings.heartbeat_seconds,
+            )
+        self._failing = why
+        if self._leader:
+            # The lock may have gone with the connection: another instance may lead by now.
+            log.warning("cluster: %s is no longer the leader (heartbeat failed)", self.name)
+            self._leader = False
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None

@@ -1,0 +1,146 @@
+"""The ``instances`` table of the PostgreSQL store (issue 18 point 4, 6): one row per incarnation
+of a server on this database, and the advisory lock whose holder is the cluster's leader.
+
+A row is written by its own instance only (runtime/cluster.py): created at start with a new
+UUID (never reused: a restarted server is a new incarnation, cluster-design.md lesson 2),
+renewed by each heartbeat with the database's clock (``now()``: the hosts' clocks never
+decide), marked ``stopped`` at a clean stop.  An instance is *down* once its heartbeat is older
+than its own ``lease_seconds``; the leader prunes rows dead for ``prune_after_seconds``.
+
+The leader is whoever holds ``pg_try_advisory_lock(LEADER_LOCK)`` on a connection of its own:
+PostgreSQL releases it with that connection, so a dead leader's lock goes by itself.  Who holds
+it is read from ``pg_locks`` (the row's ``lock_backend`` is its lock connection's backend pid),
+so ``dsc cluster status`` shows the truth, not what an instance last wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported only where it is chosen
+    import psycopg
+
+__all__ = [
+    "LEADER_LOCK",
+    "ClusterSettings",
+    "InstanceRow",
+    "list_instances",
+]
+
+#: The advisory lock of the leader (any number that no other lock of dsc uses: "dscl").
+LEADER_LOCK = 0x6473636C
+
+InstanceState = Literal["up", "down", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """``[cluster]``: how this instance shows itself to the others (PostgreSQL store only)."""
+
+    #: The name in ``dsc cluster status``; None: host name and port.
+    instance_name: str | None = None
+    heartbeat_seconds: float = 5.0
+    #: An instance without a heartbeat this long is down (and /healthz answers 503).
+    lease_seconds: float = 30.0
+    #: Rows of instances stopped or down this long are deleted by the leader.
+    prune_after_seconds: float = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    """One incarnation as ``dsc cluster status``, the status page and /metrics show it."""
+
+    id: str
+    name: str
+    address: str
+    host: str
+    pid: int
+    started: datetime
+    #: Seconds since the last heartbeat, by the database's clock.
+    heartbeat_age: float
+    stopped: datetime | None
+    state: InstanceState
+    leader: bool
+
+    def as_json(self) -> dict[str, object]:
+        data = dataclasses.asdict(self)
+        data["started"] = self.started.isoformat()
+        data["stopped"] = None if self.stopped is None else self.stopped.isoformat()
+        data["heartbeat_age"] = round(self.heartbeat_age, 1)
+        # Filled in by the filter leases and the outbox (issue 18 points 2, 3): not yet.
+        data["leases_held"] = None
+        data["outbox_lag"] = None
+        return data
+
+
+INSERT = """
+    INSERT INTO instances (id, name, address, host, pid, lease_seconds, lock_backend)
+    VALUES (%s, %s, %s, %s, %s, %s, pg_backend_pid())
+"""
+
+HEARTBEAT = "UPDATE instances SET heartbeat = now(), name = %s, address = %s WHERE id = %s"
+
+STOPPED = "UPDATE instances SET stopped = now() WHERE id = %s"
+
+# Only the leader prunes, so two instances never race on it (it would be harmless anyway).
+PRUNE = """
+    DELETE FROM instances
+    WHERE COALESCE(stopped, heartbeat) < now() - make_interval(secs => %s)
+"""
+
+TRY_LEADER = "SELECT pg_try_advisory_lock(%s)"
+
+#: The instances alive besides ``id`` (heartbeat within their lease, not stopped).
+OTHERS_ALIVE = """
+    SELECT count(*) FROM instances
+    WHERE id <> %s AND stopped IS NULL
+      AND heartbeat >= now() - make_interval(secs => lease_seconds)
+"""
+
+_LIST = """
+    SELECT i.id::text, i.name, i.address, i.host, i.pid, i.started,
+           EXTRACT(EPOCH FROM now() - i.heartbeat)::float8, i.stopped, i.lease_seconds,
+           EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted AND l.pid = i.lock_backend
+                 AND l.classid = 0 AND l.objid = %s AND l.objsubid = 1
+                 AND l.database = (SELECT oid FROM pg_database
+                                   WHERE datname = current_database())
+           )
+    FROM instances i
+    ORDER BY i.started, i.name
+"""
+
+
+def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
+    """Every instance row, oldest first.  A stopped row is never the leader (its lock
+    connection's backend pid may have been reused by another connection)."""
+    rows = []
+    for ident, name, address, host, pid, started, age, stopped, lease, locked in conn.execute(
+        _LIST, (LEADER_LOCK,)
+    ).fetchall():
+        state: InstanceState
+        if stopped is not None:
+            state = "stopped"
+        elif float(age) > float(lease):
+            state = "down"
+        else:
+            state = "up"
+        rows.append(
+            InstanceRow(
+                id=str(ident),
+                name=str(name),
+                address=str(address),
+                host=str(host),
+                pid=int(pid),
+                started=started,
+                heartbeat_age=max(0.0, float(age)),
+                stopped=stopped,
+                state=state,
+                leader=bool(locked) and stopped is None,
+            )
+        )
+    return rows
