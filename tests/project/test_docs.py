@@ -155,3 +155,16 @@ def test_the_engines_example_is_a_configuration_the_server_reads(tmp_path: Path)
         8 << 20,
         16,
     )
+
+
+def test_the_cluster_example_is_a_configuration_the_server_reads(tmp_path: Path) -> None:
+    """docs/operating.md's [cluster] example (issue 18) loads as written."""
+    from dsc_bindings.settings import load_settings
+    from dsc_bindings.store.instances import ClusterSettings
+
+    section = _section(DOCS / "operating.md", "Several instances")
+    [block] = re.findall(r"```toml\n(.*?)```", section, re.S)
+    config = tmp_path / "dsc.toml"
+    config.write_text(block)
+    cluster = load_settings(config, data_dir=tmp_path / "data").cluster
+    assert cluster == ClusterSettings("dsc-a", 5.0, 30.0, 86400.0)
