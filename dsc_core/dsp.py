@@ -26,7 +26,6 @@ from .xmlwrite import (
     element_data,
     job_description,
     job_status,
-    splice_payload,
 )
 
 NS = names.DSP
@@ -350,7 +349,7 @@ def job_elements(ns: str, *, own_only: bool) -> Callable[[Request, JobElementsAr
 
     def handle(request: Request, args: JobElementsArgs) -> OpResult:
         job = find_job(request, ns, args.token, own_only=own_only)
-        budget = reply_budget(request, action, splice_payload(), {})
+        budget = reply_budget(request, action, SPLICE_ONLY, {})
 
         def build() -> bytes:
             nsmap = {prefix: ns}

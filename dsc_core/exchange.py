@@ -463,19 +463,15 @@ def _spliced_reply(addressing: soap.Addressing, result: OpResult, reply_id: str)
     if relates is not None:
         head, middle, before_body, tail = parts
         return b"".join(
-            (head, _text(reply_id), middle, _text(relates), before_body, *result.splice, tail)
+            (
+                head,
+                soap.text_bytes(reply_id),
+                middle,
+                soap.text_bytes(relates),
+                before_body,
+                *result.splice,
+                tail,
+            )
         )
     head, before_body, tail = parts
-    return b"".join((head, _text(reply_id), before_body, *result.splice, tail))
-
-
-def _text(value: str) -> bytes:
-    """``value`` as lxml serializes element text (UTF-8; &, <, > and CR escaped)."""
-    if "&" in value or "<" in value or ">" in value or "\r" in value:
-        value = (
-            value.replace("&", "&amp;")
-            .replace("<", "&lt;")
-            .replace(">", "&gt;")
-            .replace("\r", "&#13;")
-        )
-    return value.encode("utf-8")
+    return b"".join((head, soap.text_bytes(reply_id), before_body, *result.splice, tail))

@@ -193,6 +193,19 @@ def check_reply_endpoint(addressing: Addressing) -> None:
 # --- Writing ---------------------------------------------------------------------------------
 
 
+def text_bytes(value: str) -> bytes:
+    """``value`` as :func:`serialize` writes it as element text (UTF-8; &, <, > and CR
+    escaped): the bytes a reply's template or size stands in for."""
+    if "&" in value or "<" in value or ">" in value or "\r" in value:
+        value = (
+            value.replace("&", "&amp;")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
+            .replace("\r", "&#13;")
+        )
+    return value.encode("utf-8")
+
+
 def serialize(root: Element) -> bytes:
     return etree.tostring(root, xml_declaration=True, encoding="utf-8")
 
