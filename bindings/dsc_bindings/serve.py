@@ -68,7 +68,9 @@ def compose(
     from dsc_bindings.runtime.service import ScanService
     from dsc_bindings.webconsole.api import WebConsole
 
-    observer = Observer(Path(data_dir), device_limits=device_limits)
+    # The device book and the totals live where the job records do (issue 17): the storage
+    # settings pick SQLite in the data folder or the PostgreSQL database.
+    observer = Observer(Path(data_dir), device_limits=device_limits, storage=options.get("storage"))
     health = HealthMonitor(lambda: health_probes(service))
     service = ScanService(
         config, Path(data_dir), filter_settings, observer=observer, health=health, **options

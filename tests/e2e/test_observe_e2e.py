@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers
-from engines_support import Backend, with_backend
+from engines_support import Backend, EnginesBackend, with_backend
 from test_attacks_e2e import SoapFrom
 from test_e2e_serve import Pki
 from waiting import wait_for
@@ -343,8 +343,35 @@ def test_over_the_device_cap_the_oldest_is_evicted(
     assert listed_devices(again) == ["127.0.0.4", "127.0.0.3", "127.0.0.2"]
 
 
+def age_device(backend: Backend, data: Path, address: str, days: int) -> None:
+    """Move a device's first and last contact ``days`` back, where the backend keeps the book
+    (the data folder's SQLite file, or the PostgreSQL database: issue 17)."""
+    select = f"SELECT last_contact FROM devices WHERE address = '{address}'"
+    update = (
+        "UPDATE devices SET first_contact = {0}, last_contact = {0}, last_contact_at = {0} "
+        f"WHERE address = '{address}'"
+    )
+    if isinstance(backend, EnginesBackend):
+        import psycopg
+
+        with psycopg.connect(backend.dsn, autocommit=True) as pg:
+            [(stamp,)] = pg.execute(select).fetchall()  # type: ignore[arg-type]
+            aged = datetime.fromisoformat(stamp) - timedelta(days=days)
+            pg.execute(
+                update.replace("{0}", "%s"),  # type: ignore[arg-type]
+                (aged.isoformat(), aged.isoformat(), aged.timestamp()),
+            )
+        return
+    with sqlite3.connect(data / "jobs.sqlite3") as conn:
+        [(stamp,)] = conn.execute(select)
+        aged = datetime.fromisoformat(stamp) - timedelta(days=days)
+        conn.execute(
+            update.replace("{0}", "?"), (aged.isoformat(), aged.isoformat(), aged.timestamp())
+        )
+
+
 def test_a_device_past_the_retention_is_gone_after_a_restart(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, tmp_path: Path, backend: Backend
 ) -> None:
     config = tmp_path / "dsc.toml"
     config.write_text("[devices]\nretention_days = 30\n", encoding="utf-8")
@@ -355,14 +382,7 @@ def test_a_device_past_the_retention_is_gone_after_a_restart(
     assert listed_devices(server) == ["127.0.0.2", "127.0.0.1"]
     server.stop_cleanly()
     # 127.0.0.1 was last seen 31 days ago (the server was down meanwhile).
-    with sqlite3.connect(data / "jobs.sqlite3") as conn:
-        [(stamp,)] = conn.execute("SELECT last_contact FROM devices WHERE address = '127.0.0.1'")
-        aged = datetime.fromisoformat(stamp) - timedelta(days=31)
-        conn.execute(
-            "UPDATE devices SET first_contact = ?, last_contact = ?, last_contact_at = ? "
-            "WHERE address = '127.0.0.1'",
-            (aged.isoformat(), aged.isoformat(), aged.timestamp()),
-        )
+    age_device(backend, data, "127.0.0.1", 31)
     again = start_server(data=data, config=config)
     assert listed_devices(again) == ["127.0.0.2"]
     assert (

@@ -1,5 +1,8 @@
 """The devices that created jobs: client address, certificate identity, first and last contact,
-job counts.  Durable: a table in the job store's SQLite file, kept across restarts.
+job counts.  Durable, kept across restarts: :class:`DeviceBook` is what the server asks of it,
+:class:`SqliteDeviceBook` keeps it in the job store's SQLite file (here), and
+``.pgdevices.PostgresDeviceBook`` in the PostgreSQL database when ``[store] kind =
+"postgresql"`` (issue 17), shared by every instance on it.  :func:`open_device_book` picks.
 
 A device is one (address, identity) pair: the client's IP address (without the port, which
 changes with every connection) and the R10 identity of its TLS client certificate ("" without
@@ -32,14 +35,30 @@ import itertools
 import logging
 import sqlite3
 import threading
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 from dsc_bindings.settings import DeviceLimits
+from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.sqlite import DB_NAME
 
-__all__ = ["Device", "DeviceBook", "DeviceLimits"]
+__all__ = [
+    "COLUMNS",
+    "OUTCOME_COLUMNS",
+    "Device",
+    "DeviceBook",
+    "DeviceCopy",
+    "DeviceLimits",
+    "DeviceRows",
+    "SqliteDeviceBook",
+    "device",
+    "log_removed",
+    "open_device_book",
+    "sqlite_rows",
+]
 
 log = logging.getLogger("dsc.devices")
 
@@ -75,6 +94,12 @@ _EVICT_OLDEST = """DELETE FROM devices WHERE rowid IN (
 #: Past the retention: every device whose last contact is before ``?``.
 _EXPIRE = "DELETE FROM devices WHERE last_contact_at < ? RETURNING address, identity"
 
+#: A device's columns in :class:`Device`'s order (both engines).
+COLUMNS = "address, identity, first_contact, last_contact, jobs, completed, failed, canceled"
+
+#: The end of a job, counted once (outcome -> its column): the names are ours, never input.
+OUTCOME_COLUMNS = {"completed": "completed", "failed": "failed", "canceled": "canceled"}
+
 
 @dataclass(frozen=True, slots=True)
 class Device:
@@ -102,10 +127,173 @@ class Device:
         }
 
 
-class DeviceBook:
-    """The devices table, with a copy in memory (read by the status page on the event loop,
-    which must not wait for the disk).  Thread-safe; every write is one committed
-    transaction, and the copy changes only after it committed."""
+class DeviceBook(Protocol):
+    """What the server asks of the device book, whichever engine keeps it.  Writes come from
+    the command writer's record lane (never the event loop) and may raise; the caller logs
+    the failure and the request goes on (a device record is never worth failing a scan for).
+    Reads (:meth:`all`, :meth:`recent`) never wait for a disk or a database: the status page
+    calls them on the event loop."""
+
+    limits: DeviceLimits
+
+    def job_created(self, token: str, address: str, identity: str, when: datetime) -> None: ...
+
+    def job_ended(self, token: str, outcome: str) -> None:
+        """Count the end of a job (``outcome``: completed, failed or canceled) for its device."""
+
+    def contact(self, address: str, identity: str, when: datetime) -> None:
+        """A later request from a known device (an image, the end of a job)."""
+
+    def device_of(self, token: str) -> tuple[str, str] | None:
+        """The device that created a job not yet ended."""
+
+    def all(self) -> list[Device]:
+        """Every device, most recent contact first."""
+
+    def recent(self, limit: int) -> tuple[list[Device], int]:
+        """The ``limit`` devices of most recent contact, most recent first, and how many the
+        book holds."""
+
+    def apply_limits(self, now: datetime) -> None:
+        """The retention and the cap, now."""
+
+    def close(self) -> None: ...
+
+
+def open_device_book(data_dir: Path, storage: StorageSettings, limits: DeviceLimits) -> DeviceBook:
+    """The device book where ``storage`` keeps the server's state (the composition's choice)."""
+    if storage.store_kind == "postgresql":
+        from dsc_bindings.observe.pgdevices import PostgresDeviceBook
+
+        return PostgresDeviceBook.open(storage.dsn, limits, password_file=storage.password_file)
+    return SqliteDeviceBook(data_dir, limits)
+
+
+class DeviceCopy:
+    """The book in memory, least recent contact first: a contact moves its device to the end,
+    so the status page reads the most recent N without sorting the whole book (see
+    :meth:`recent`).  Thread-safe."""
+
+    def __init__(self, devices: Iterable[Device] = ()) -> None:
+        self._lock = threading.Lock()
+        self._devices = {(d.address, d.identity): d for d in devices}
+
+    def replace_all(self, devices: Iterable[Device]) -> None:
+        """``devices``: least recent contact first."""
+        fresh = {(d.address, d.identity): d for d in devices}
+        with self._lock:
+            self._devices = fresh
+
+    def contacted(self, device: Device) -> None:
+        """``device`` as it now is, with the most recent contact: it goes to the end."""
+        key = (device.address, device.identity)
+        with self._lock:
+            self._devices.pop(key, None)
+            self._devices[key] = device
+
+    def counted(self, device: Device) -> None:
+        """``device`` with a new count, its place unchanged (an end is no contact)."""
+        key = (device.address, device.identity)
+        with self._lock:
+            if key in self._devices:
+                self._devices[key] = device
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._lock:
+            for key in keys:
+                self._devices.pop(key, None)
+
+    def get(self, key: tuple[str, str]) -> Device | None:
+        with self._lock:
+            return self._devices.get(key)
+
+    def keys(self) -> set[tuple[str, str]]:
+        with self._lock:
+            return set(self._devices)
+
+    def all(self) -> list[Device]:
+        with self._lock:
+            return list(reversed(self._devices.values()))
+
+    def recent(self, limit: int) -> tuple[list[Device], int]:
+        """Issue 14: a book at the cap of 10,000 cost 15 ms listed whole; this does not grow
+        with the book."""
+        with self._lock:
+            return list(itertools.islice(reversed(self._devices.values()), limit)), len(
+                self._devices
+            )
+
+
+def device(row: tuple[Any, ...] | sqlite3.Row) -> Device:
+    """A row of :data:`COLUMNS` as a :class:`Device`."""
+    a, i, first, last, jobs, completed, failed, canceled = row
+    return Device(
+        str(a), str(i), str(first), str(last), int(jobs), int(completed), int(failed), int(canceled)
+    )
+
+
+def log_removed(
+    limits: DeviceLimits, expired: list[tuple[str, str]], evicted: list[tuple[str, str]]
+) -> None:
+    if expired:
+        log.info(
+            "device book: %d device(s) removed, last contact more than %d days ago "
+            "([devices] retention_days)",
+            len(expired),
+            limits.retention_days,
+        )
+    if evicted:
+        log.info(
+            "device book: %d device(s) evicted, the oldest last contact first: more than "
+            "%d devices ([devices] max_devices)",
+            len(evicted),
+            limits.max_devices,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRows:
+    """A whole book as rows (``dsc db migrate``): devices with their ``last_contact_at``, least
+    recent contact first, and the device of each job not yet counted as ended."""
+
+    devices: list[tuple[Device, float]]
+    jobs: list[tuple[str, str, str]]
+
+
+def sqlite_rows(data_dir: Path) -> DeviceRows:
+    """The book in the data folder's SQLite file, read only (empty when it has none)."""
+    path = Path(data_dir) / DB_NAME
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "devices" not in tables:
+            return DeviceRows([], [])
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+        at = "last_contact_at" if "last_contact_at" in columns else "0"
+        found = conn.execute(f"SELECT {COLUMNS}, {at} FROM devices ORDER BY {at}, rowid").fetchall()
+        rows = [(device(r[:8]), float(r[8])) for r in found]
+        if at == "0":  # a book from before the bounds: its times from the text (module doc)
+            rows = sorted(((d, _unix_time(d.last_contact)) for d, _ in rows), key=lambda r: r[1])
+        jobs = (
+            [
+                (str(t), str(a), str(i))
+                for t, a, i in conn.execute(
+                    "SELECT token, address, identity FROM device_jobs ORDER BY token"
+                )
+            ]
+            if "device_jobs" in tables
+            else []
+        )
+        return DeviceRows(rows, jobs)
+    finally:
+        conn.close()
+
+
+class SqliteDeviceBook:
+    """The devices table in the data folder's SQLite file, with a copy in memory (read by the
+    status page on the event loop, which must not wait for the disk): one server per data
+    folder (the job store's lock), so the copy is the book.  Thread-safe; every write is one
+    committed transaction, and the copy changes only after it committed."""
 
     def __init__(self, data_dir: Path, limits: DeviceLimits | None = None) -> None:
         self.limits = limits or DeviceLimits()
@@ -119,12 +307,9 @@ class DeviceBook:
         self._add_last_contact_at()
         self._conn.execute(_INDEX)
         rows = self._conn.execute(
-            "SELECT address, identity, first_contact, last_contact, jobs, completed, failed, "
-            "canceled FROM devices ORDER BY last_contact_at"
+            f"SELECT {COLUMNS} FROM devices ORDER BY last_contact_at"
         ).fetchall()
-        #: Least recent contact first: a contact moves its device to the end, so the status
-        #: page reads the most recent N without sorting the whole book (see :meth:`recent`).
-        self._devices = {(r[0], r[1]): Device(*r) for r in rows}
+        self._copy = DeviceCopy(device(r) for r in rows)
         self._jobs = {
             str(r[0]): (str(r[1]), str(r[2]))
             for r in self._conn.execute("SELECT token, address, identity FROM device_jobs")
@@ -166,8 +351,8 @@ class DeviceBook:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            self._forget(expired + evicted)
-        self._log_removed(expired, evicted)
+            self._copy.forget(expired + evicted)
+        log_removed(self.limits, expired, evicted)
 
     def job_created(self, token: str, address: str, identity: str, when: datetime) -> None:
         stamp = when.isoformat()
@@ -175,16 +360,17 @@ class DeviceBook:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute(
-                    """INSERT INTO devices
+                row = self._conn.execute(
+                    f"""INSERT INTO devices
                            (address, identity, first_contact, last_contact, last_contact_at, jobs)
                        VALUES (?, ?, ?, ?, ?, 1)
                        ON CONFLICT (address, identity) DO UPDATE SET
                            last_contact = excluded.last_contact,
                            last_contact_at = excluded.last_contact_at,
-                           jobs = jobs + 1""",
+                           jobs = jobs + 1
+                       RETURNING {COLUMNS}""",
                     (address, identity, stamp, stamp, when.timestamp()),
-                )
+                ).fetchone()
                 self._conn.execute(
                     "INSERT OR REPLACE INTO device_jobs (token, address, identity) VALUES (?, ?, ?)",
                     (token, address, identity),
@@ -194,15 +380,10 @@ class DeviceBook:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            old = self._devices.pop(key, None)  # re-inserted last: the most recent contact
-            self._devices[key] = (
-                Device(address, identity, stamp, stamp, 1, 0, 0, 0)
-                if old is None
-                else replace(old, last_contact=stamp, jobs=old.jobs + 1)
-            )
+            self._copy.contacted(device(row))
             self._jobs[token] = key
-            self._forget(expired + evicted)
-        self._log_removed(expired, evicted)
+            self._copy.forget(expired + evicted)
+        log_removed(self.limits, expired, evicted)
 
     def _bound(
         self, now: datetime, added: tuple[str, str] | None
@@ -213,7 +394,7 @@ class DeviceBook:
         expired = [
             (str(a), str(i)) for a, i in self._conn.execute(_EXPIRE, (self.limits.cutoff(now),))
         ]
-        kept = set(self._devices).difference(expired)
+        kept = self._copy.keys().difference(expired)
         if added is not None:
             kept.add(added)
         excess = len(kept) - self.limits.max_devices
@@ -224,65 +405,44 @@ class DeviceBook:
         )
         return expired, evicted
 
-    def _forget(self, keys: list[tuple[str, str]]) -> None:
-        """Drop deleted devices from the copy in memory (under the lock, after the commit)."""
-        for key in keys:
-            self._devices.pop(key, None)
-
-    def _log_removed(self, expired: list[tuple[str, str]], evicted: list[tuple[str, str]]) -> None:
-        if expired:
-            log.info(
-                "device book: %d device(s) removed, last contact more than %d days ago "
-                "([devices] retention_days)",
-                len(expired),
-                self.limits.retention_days,
-            )
-        if evicted:
-            log.info(
-                "device book: %d device(s) evicted, the oldest last contact first: more than "
-                "%d devices ([devices] max_devices)",
-                len(evicted),
-                self.limits.max_devices,
-            )
-
     def job_ended(self, token: str, outcome: str) -> None:
         """Count the end of a job (``outcome``: completed, failed or canceled) for its device."""
-        column = {"completed": "completed", "failed": "failed", "canceled": "canceled"}[outcome]
+        column = OUTCOME_COLUMNS[outcome]
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                row = self._jobs.get(token)
-                if row is not None:
-                    self._conn.execute(
+                key = self._jobs.get(token)
+                row = None
+                if key is not None:
+                    row = self._conn.execute(
                         f"UPDATE devices SET {column} = {column} + 1 "
-                        "WHERE address = ? AND identity = ?",
-                        row,
-                    )
+                        f"WHERE address = ? AND identity = ? RETURNING {COLUMNS}",
+                        key,
+                    ).fetchone()
                     self._conn.execute("DELETE FROM device_jobs WHERE token = ?", (token,))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            if row is not None:
+            if key is not None:
                 del self._jobs[token]
-                old = self._devices.get(row)
-                if old is not None:
-                    self._devices[row] = replace(old, **{column: getattr(old, column) + 1})
+            if row is not None:
+                self._copy.counted(device(row))
 
     def contact(self, address: str, identity: str, when: datetime) -> None:
         """A later request from a known device (an image, the end of a job)."""
         stamp = when.isoformat()
         with self._lock:
-            old = self._devices.get((address, identity))
+            old = self._copy.get((address, identity))
             if old is None or _unix_time(old.last_contact) >= when.timestamp():
                 return
-            self._conn.execute(
+            row = self._conn.execute(
                 "UPDATE devices SET last_contact = ?, last_contact_at = ? "
-                "WHERE address = ? AND identity = ?",
+                f"WHERE address = ? AND identity = ? RETURNING {COLUMNS}",
                 (stamp, when.timestamp(), address, identity),
-            )
-            del self._devices[(address, identity)]  # re-inserted last: the most recent contact
-            self._devices[(address, identity)] = replace(old, last_contact=stamp)
+            ).fetchone()
+            if row is not None:
+                self._copy.contacted(device(row))
 
     def device_of(self, token: str) -> tuple[str, str] | None:
         """The device that created a job not yet ended."""
@@ -291,17 +451,12 @@ class DeviceBook:
 
     def all(self) -> list[Device]:
         """Every device, most recent contact first (from memory: no disk read)."""
-        with self._lock:
-            return list(reversed(self._devices.values()))
+        return self._copy.all()
 
     def recent(self, limit: int) -> tuple[list[Device], int]:
         """The ``limit`` devices of most recent contact, most recent first, and how many the
-        book holds: what /status.json lists on the event loop, at a cost that does not grow
-        with the book (issue 14: a book at the cap of 10,000 cost 15 ms listed whole)."""
-        with self._lock:
-            return list(itertools.islice(reversed(self._devices.values()), limit)), len(
-                self._devices
-            )
+        book holds: what /status.json lists on the event loop."""
+        return self._copy.recent(limit)
 
 
 def _unix_time(stamp: str) -> float:

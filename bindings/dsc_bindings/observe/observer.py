@@ -37,9 +37,10 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from dsc_bindings.observe.devices import DeviceBook, DeviceLimits
+from dsc_bindings.observe.devices import DeviceBook, DeviceLimits, open_device_book
 from dsc_bindings.observe.metrics import Metrics
 from dsc_bindings.store import tally
+from dsc_bindings.store.backends import StorageSettings
 from dsc_core import Command, CreateJob, DropJob, Job, JobInput, Removal, UpdateJob
 from dsc_core.commands import AbortDocument, AppendDocument, BeginDocument, FinishDocument
 from dsc_core.model import (
@@ -122,10 +123,13 @@ class Observer:
         *,
         metrics: Metrics | None = None,
         device_limits: DeviceLimits | None = None,
+        storage: StorageSettings | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.devices: DeviceBook | None = None
         self._device_limits = device_limits or DeviceLimits()
+        #: Where the device book and the totals are kept: beside the job records (issue 17).
+        self._storage = storage or StorageSettings()
         #: The page's totals, durable once :meth:`open` found the store (in memory before).
         self.tally = tally.Tally()
         self._data_dir = data_dir
@@ -152,12 +156,12 @@ class Observer:
         ``now``, the service's clock), and the jobs it kept."""
         if self._data_dir is not None:
             try:
-                self.devices = DeviceBook(self._data_dir, self._device_limits)
+                self.devices = open_device_book(self._data_dir, self._storage, self._device_limits)
                 self.devices.apply_limits(now or datetime.now().astimezone())
             except Exception as exc:  # not worth refusing to start for: say so
                 log.error("device records are not kept: %s", exc)
             try:
-                self.tally = tally.Tally(self._data_dir)
+                self.tally = tally.open_tally(self._data_dir, self._storage)
             except Exception as exc:
                 log.error("the status page's totals are not kept across restarts: %s", exc)
         with self._lock:
@@ -167,7 +171,9 @@ class Observer:
                     bytes_received=sum(d.size for d in job.documents),
                     last_byte=job.last_activity.timestamp(),
                 )
-                device = self.devices.device_of(job.token) if self.devices else None
+                # Only an active job's device is still in the book (its end deletes it): one
+                # look-up per active job, not per job of the history (a query each on PostgreSQL).
+                device = self._device_of(job.token) if self.devices and job.is_active else None
                 if device is not None:
                     known.address, known.identity = device
                 self._jobs[job.token] = known
@@ -177,6 +183,14 @@ class Observer:
                     self._active.add(job.token)
             self._history.sort()
             self.metrics.active_jobs.set(len(self._jobs) - len(self._history))
+
+    def _device_of(self, token: str) -> tuple[str, str] | None:
+        assert self.devices is not None
+        try:
+            return self.devices.device_of(token)
+        except Exception as exc:  # the job is shown without its device
+            logging.getLogger("dsc.devices").error("device of job %s not read: %s", token, exc)
+            return None
 
     def bound_devices(self, now: datetime) -> None:
         """The device book's retention and cap at ``now`` (the ticker, hourly: devices.py)."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -33,8 +34,11 @@ from dsc_core.model import Job
 
 log = logging.getLogger("dsc.store")
 
+T = TypeVar("T")
+
 __all__ = [
     "SCHEMA_VERSION",
+    "PgDatabase",
     "PostgresRecords",
     "connection_kwargs",
     "is_temporary_pg",
@@ -43,7 +47,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -83,6 +87,33 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             lease_seconds double precision NOT NULL, -- down after this long without a heartbeat
             stopped       timestamptz,                 -- a clean stop
             lock_backend  integer                      -- pg_backend_pid() of its lock connection
+        )""",
+    ),
+    (
+        # The device book (observe/pgdevices.py; the same columns as observe/devices.py's
+        # SQLite tables) and the status page's totals (store/pgtally.py), shared by every
+        # instance on this database: counters are incremented in SQL, never written back.
+        """CREATE TABLE devices (
+            address         text NOT NULL,
+            identity        text NOT NULL,              -- '' without a client certificate
+            first_contact   text NOT NULL,              -- ISO 8601 with offset
+            last_contact    text NOT NULL,
+            last_contact_at double precision NOT NULL,  -- last_contact in Unix seconds
+            jobs            bigint NOT NULL DEFAULT 0,
+            completed       bigint NOT NULL DEFAULT 0,
+            failed          bigint NOT NULL DEFAULT 0,
+            canceled        bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (address, identity)
+        )""",
+        "CREATE INDEX devices_by_last_contact ON devices (last_contact_at)",
+        """CREATE TABLE device_jobs (
+            token    text PRIMARY KEY,
+            address  text NOT NULL,
+            identity text NOT NULL
+        )""",
+        """CREATE TABLE counters (
+            name  text PRIMARY KEY,
+            value bigint NOT NULL
         )""",
     ),
 )
@@ -161,8 +192,10 @@ def upgrade(conn: psycopg.Connection[Any]) -> tuple[int, int]:
     return before, SCHEMA_VERSION
 
 
-class PostgresRecords:
-    """The job table in PostgreSQL through a small connection pool.  Thread-safe."""
+class PgDatabase:
+    """A small connection pool on one database, and the ONE place where PostgreSQL's faults
+    become :class:`StoreError` (temporary or not, :func:`is_temporary_pg`).  The job records,
+    the device book and the tally each hold one.  Thread-safe."""
 
     def __init__(self, dsn: str, pool: psycopg_pool.ConnectionPool[Any]) -> None:
         self.location = redacted(dsn)
@@ -178,7 +211,8 @@ class PostgresRecords:
         min_size: int = 1,
         max_size: int = 4,
         pool_timeout: float = 5.0,
-    ) -> PostgresRecords:
+        name: str = "dsc-store",
+    ) -> PgDatabase:
         """Connect (within ``pool_timeout``) and create or upgrade the schema."""
         pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
             dsn,
@@ -187,7 +221,7 @@ class PostgresRecords:
             max_size=max_size,
             timeout=pool_timeout,
             check=psycopg_pool.ConnectionPool.check_connection,
-            name="dsc-store",
+            name=name,
             open=False,
         )
         try:
@@ -205,19 +239,90 @@ class PostgresRecords:
             log.info("PostgreSQL job store schema %d -> %d at %s", before, now, redacted(dsn))
         return cls(dsn, pool)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
         self._closed.set()
         self._pool.close()
 
-    def _run(self, what: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    def run(self, what: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """One autocommit statement (one round trip: no BEGIN/COMMIT around it); its rows
+        ([] when it returns none)."""
+        return self._work(what, lambda conn, cur: _execute(cur, sql, params))
+
+    def transaction(self, what: str, work: Callable[[psycopg.Cursor[Any]], T]) -> T:
+        """``work`` in one transaction (committed when it returns, rolled back when it
+        raises); a fault of the engine is a StoreError saying ``what`` failed."""
+
+        def transact(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> T:
+            with conn.transaction():
+                return work(cur)
+
+        return self._work(what, transact)
+
+    def _work(
+        self, what: str, work: Callable[[psycopg.Connection[Any], psycopg.Cursor[Any]], T]
+    ) -> T:
         if self._closed.is_set():
-            raise StoreError("the job store is closed", temporary=False)
+            raise StoreError(f"{what}: the database connection is closed", temporary=False)
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute(sql, params)  # our own constant SQL
-                return cur.fetchall() if cur.description is not None else []
+                return work(conn, cur)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise as_store_error(what, exc, is_temporary_pg(exc)) from exc
+
+    def stats(self) -> PoolStats:
+        """The pool's connections in use and idle, and requests waiting for one (/metrics)."""
+        stats = self._pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        return PoolStats(size - idle, idle, stats.get("requests_waiting", 0))
+
+
+def _execute(
+    cur: psycopg.Cursor[Any], sql: str, params: tuple[object, ...]
+) -> list[tuple[Any, ...]]:
+    cur.execute(sql, params)  # our own constant SQL
+    return cur.fetchall() if cur.description is not None else []
+
+
+class PostgresRecords:
+    """The job table in PostgreSQL through a small connection pool.  Thread-safe."""
+
+    def __init__(self, db: PgDatabase) -> None:
+        self.location = db.location
+        self._db = db
+
+    @classmethod
+    def open(
+        cls,
+        dsn: str,
+        *,
+        password_file: Path | None = None,
+        min_size: int = 1,
+        max_size: int = 4,
+        pool_timeout: float = 5.0,
+    ) -> PostgresRecords:
+        """Connect (within ``pool_timeout``) and create or upgrade the schema."""
+        return cls(
+            PgDatabase.open(
+                dsn,
+                password_file=password_file,
+                min_size=min_size,
+                max_size=max_size,
+                pool_timeout=pool_timeout,
+            )
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, what: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        if self._db.closed:
+            raise StoreError("the job store is closed", temporary=False)
+        return self._db.run(what, sql, params)
 
     def put(self, job: Job) -> None:
         self._run(f"recording job {job.token}", _UPSERT, record_columns(job))
@@ -242,7 +347,4 @@ class PostgresRecords:
 
     def pool_stats(self) -> PoolStats:
         """The pool's connections in use and idle, and requests waiting for one (/metrics)."""
-        stats = self._pool.get_stats()
-        size = stats.get("pool_size", 0)
-        idle = stats.get("pool_available", 0)
-        return PoolStats(size - idle, idle, stats.get("requests_waiting", 0))
+        return self._db.stats()

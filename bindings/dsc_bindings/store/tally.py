@@ -10,6 +10,9 @@ the job store's SQLite file, beside the device book (.devices), through their ow
 Every :meth:`Tally.add` is one autocommit statement; ``synchronous=NORMAL`` (WAL) because a
 counter that misses its last increment after a power cut is not worth a second fsync per image.
 The page reads the copy in memory (:meth:`Tally.values`): no disk read on the event loop.
+
+With ``[store] kind = "postgresql"`` the counters are the database's (.pgtally, issue 17),
+shared by every instance on it; :func:`open_tally` picks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.sqlite import DB_NAME
 from dsc_core.outcomes import ENDED_OUTCOMES, JobOutcome
 
@@ -31,6 +35,8 @@ __all__ = [
     "NAMES",
     "Tally",
     "ended",
+    "open_tally",
+    "sqlite_counters",
 ]
 
 log = logging.getLogger("dsc.observe")
@@ -62,6 +68,27 @@ NAMES = (
     EVENT_DELIVERY_FAILURES,
     *(ended(o) for o in ENDED_OUTCOMES),
 )
+
+
+def open_tally(data_dir: Path, storage: StorageSettings) -> Tally:
+    """The counters where ``storage`` keeps the server's state (the composition's choice)."""
+    if storage.store_kind == "postgresql":
+        from dsc_bindings.store.pgtally import PostgresTally
+
+        return PostgresTally.open(storage.dsn, password_file=storage.password_file)
+    return Tally(data_dir)
+
+
+def sqlite_counters(data_dir: Path) -> dict[str, int]:
+    """The counters in the data folder's SQLite file, read only ({} when it has none)."""
+    conn = sqlite3.connect(f"file:{Path(data_dir) / DB_NAME}?mode=ro", uri=True)
+    try:
+        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "counters" not in tables:
+            return {}
+        return {str(n): int(v) for n, v in conn.execute("SELECT name, value FROM counters")}
+    finally:
+        conn.close()
 
 
 class Tally:
