@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from dsc_bindings.runtime.installation import IDENTITY_FILE, UUID_KEYS
+from dsc_bindings.store.postgresql import SCHEMA_VERSION
 from dsc_core.model import FileShareInstructions
 from e2e_support import Soap, dsc
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, PgCluster, S3Server, secret_file
 from test_e2e_serve import LOCAL_SHARE, StartServer, start_server, user_folder, write
+from waiting import wait_for
 
 __all__ = ["start_server"]  # the fixture, used by name below
 
@@ -31,11 +34,13 @@ def test_upgrade_creates_then_leaves_the_schema(pg: PgCluster, tmp_path: Path) -
     dsn = pg.new_database()
     first = dsc("db", "upgrade", "--store", dsn)
     assert first.code == 0, first
-    assert re.fullmatch(r"job store schema 2 created at PostgreSQL .*dbname=t\d+.*\n", first.out)
+    assert re.fullmatch(
+        rf"job store schema {SCHEMA_VERSION} created at PostgreSQL .*dbname=t\d+.*\n", first.out
+    )
     again = dsc("db", "upgrade", "--store", dsn)
     assert again.code == 0 and "already current, nothing to do" in again.out, again
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(SCHEMA_VERSION,)]
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM installation").fetchone() == (0,)
     embedded = dsc("db", "upgrade", "--data", str(tmp_path / "data"))
@@ -80,19 +85,27 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     assert running.code == 1, running
     assert "stop dsc serve on this data folder first" in running.err, running
     server.stop_cleanly()
+    with sqlite3.connect(server.data / "jobs.sqlite3") as conn:
+        source_totals = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    assert source_totals["jobs_created"] == 2 and source_totals["images_received"] == 3
 
     moved = dsc(*migrate, "--to-spool", "s3", *s3_options)
     assert moved.code == 0, moved
     table = {
         line.split()[0]: line.split()[1:3]
         for line in moved.out.splitlines()
-        if re.match(r"^\s*(jobs|active|history|documents)\s", line)
+        if re.match(r"^\s*(jobs|active|history|documents|devices|ongoing|totals)\s", line)
     }
     assert table == {
         "jobs": ["2", "2"],
         "active": ["1", "1"],
         "history": ["1", "1"],
         "documents": ["2", "2"],
+        # The device book and the page's totals moved too (issue 17): the device, the active
+        # job it created (so its end counts for it), every counter the server kept.
+        "devices": ["1", "1"],
+        "ongoing": ["1", "1"],
+        "totals": [str(len(source_totals))] * 2,
     }, moved.out
     assert "SHA-256 equal" in moved.out and f"image bytes: {sum(map(len, images)):,}" in moved.out
     # The installation identity moved too: the same device, its counter carried over.
@@ -100,6 +113,10 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     assert source_identity["starts"] >= 1
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (2,)
+        assert dict(conn.execute("SELECT name, value FROM counters").fetchall()) == source_totals
+        assert conn.execute("SELECT address, jobs, completed FROM devices").fetchall() == [
+            (devices_before[0]["address"], 2, 1)
+        ]
         row = conn.execute(
             "SELECT device_uuid, dsp_service_uuid, dsc_service_uuid, starts FROM installation"
         ).fetchall()
@@ -141,9 +158,12 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     folder = user_folder(engines.data)
     for number, image in enumerate(images, start=1):
         assert (folder / f"moved_{number:04d}.png").read_bytes() == image
-    assert (
-        dsc("devices", "--server", engines.url, "--json").json()[0]["address"]
-        == (devices_before[0]["address"])
+    # The job created before the move counts for its device when it ends after it.
+    [device] = dsc("devices", "--server", engines.url, "--json").json()
+    assert (device["address"], device["jobs"]) == (devices_before[0]["address"], 2)
+    wait_for(
+        lambda: dsc("devices", "--server", engines.url, "--json").json()[0]["completed"] == 2,
+        what="the moved job's end counted for its device",
     )
     engines.stop_cleanly()
 

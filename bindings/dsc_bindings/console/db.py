@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
 
 if TYPE_CHECKING:
+    from dsc_bindings.observe.devices import DeviceRows
     from dsc_bindings.runtime.installation import Installation
 
 
@@ -167,6 +168,48 @@ def _copy_identity(data_dir: Path, target: Any) -> tuple[Installation, Installat
     return source, copied
 
 
+def _copy_devices(data_dir: Path, target: Any) -> tuple[DeviceRows, dict[str, int]]:
+    """Copy the data folder's device book and the status page's totals into the destination
+    database (observe/pgdevices.py, store/pgtally.py) and read them back: what was copied.
+    StoreError when the read-back differs or the destination already holds some."""
+    from dsc_bindings.observe.devices import DeviceLimits, sqlite_rows
+    from dsc_bindings.observe.pgdevices import PostgresDeviceBook
+    from dsc_bindings.store.errors import StoreError
+    from dsc_bindings.store.pgtally import PostgresTally
+    from dsc_bindings.store.tally import sqlite_counters
+
+    book, counters = sqlite_rows(data_dir), sqlite_counters(data_dir)
+    devices = PostgresDeviceBook.open(
+        target.dsn, DeviceLimits(), password_file=target.password_file
+    )
+    try:
+        copied = devices.copy_in(book)
+    finally:
+        devices.close()
+
+    def by_key(rows: DeviceRows) -> list[Any]:
+        return sorted(rows.devices, key=lambda r: (r[0].address, r[0].identity))
+
+    if by_key(copied) != by_key(book):
+        raise StoreError(
+            f"verification: the device book read back differs ({len(copied.devices)} device(s), "
+            f"{len(book.devices)} copied)",
+            temporary=False,
+        )
+    if sorted(copied.jobs) != sorted(book.jobs):
+        raise StoreError(
+            "verification: the devices of the jobs in progress read back differ", temporary=False
+        )
+    tally = PostgresTally.open(target.dsn, password_file=target.password_file)
+    try:
+        stored = tally.copy_in(counters)
+    finally:
+        tally.close()
+    if {k: v for k, v in stored.items() if v} != {k: v for k, v in counters.items() if v}:
+        raise StoreError("verification: the totals read back differ", temporary=False)
+    return book, counters
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from dsc_bindings.store.backends import describe, open_records, open_spool
     from dsc_bindings.store.errors import StoreError
@@ -196,6 +239,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if target.spool_kind == "s3":
                 spool = open_spool(target, data_dir)
             report = migrate(source, records, spool, print if args.verbose else lambda _: None)
+            book, counters = _copy_devices(data_dir, target)
     except StoreError as exc:
         hint = ""
         if "in use by another job store" in exc.message:
@@ -228,8 +272,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             f"{'identity':<10} {1:>8} {1:>8}  device {stored_id.device_uuid}, UUIDs equal, "
             f"starts {stored_id.starts} (was {source_id.starts})"
         )
+    devices, tracked = len(book.devices), len(book.jobs)
+    print(f"{'devices':<10} {devices:>8} {devices:>8}  rows equal")
+    print(
+        f"{'  ongoing':<10} {tracked:>8} {tracked:>8}  jobs in progress, the device of each equal"
+    )
+    print(f"{'totals':<10} {len(counters):>8} {len(counters):>8}  counters equal")
     print(f"image bytes: {report.image_bytes:,}")
-    print("devices stay in the data folder (the server reads them there with any [store]).")
     print(
         "The data folder is unchanged. Next: put the destination's [store] and [spool] in the "
         "configuration file and restart dsc serve."
@@ -264,8 +313,9 @@ def add_parser(sub: Any) -> None:
         help="move a SQLite installation to PostgreSQL (and its images to S3), verified",
         description="Copy the jobs (active and history) of the data folder's SQLite store and "
         "its installation identity (identity.json: device UUIDs, start counter) into an empty "
-        "PostgreSQL database and, with --to-spool s3, its spooled images into an S3 bucket; "
-        "then read everything back and compare (records and identity equal, SHA-256 of each "
+        "PostgreSQL database, with the device book and the status page's totals, and, with "
+        "--to-spool s3, its spooled images into an S3 bucket; then read everything back and "
+        "compare (records, identity, devices and totals equal, SHA-256 of each "
         "image). Stop dsc serve first. The data folder is left unchanged. The destination "
         "comes from --config's [store]/[spool] (the file the server will use), the options "
         "override it.",
