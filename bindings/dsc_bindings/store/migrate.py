@@ -10,8 +10,9 @@ records, byte for byte as encoded, and every document with the same SHA-256.
 
 The source is left as it was: until the server is configured for the destination, the data
 folder still serves (a migration can be run again into an empty destination).  The installation
-identity is copied by ``dsc db migrate`` too (runtime/pgidentity.py, above this layer); the device
-book stays in the data folder, where the server reads it whatever its [store] (observe/devices.py).
+identity, the device book and the status page's totals are copied by ``dsc db migrate`` too
+(console/db.py: runtime/pgidentity.py, observe/pgdevices.py and .pgtally, above this layer for the
+first two).
 """
 
 from __future__ import annotations
