@@ -25,7 +25,7 @@ from dsc_bindings.runtime.pgidentity import PostgresIdentity
 from dsc_bindings.settings import load_settings
 from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import StoreError
-from dsc_bindings.store.postgresql import _MIGRATIONS
+from dsc_bindings.store.postgresql import _MIGRATIONS, SCHEMA_VERSION
 from engines_support import PgCluster
 
 
@@ -140,7 +140,7 @@ def test_postgresql_schema_1_is_upgraded_keeping_its_jobs(pg: PgCluster, tmp_pat
         )
     assert record_start_of(tmp_path, storage).starts == 1
     with psycopg.connect(storage.dsn) as conn:
-        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(SCHEMA_VERSION,)]
         assert conn.execute("SELECT token FROM jobs").fetchall() == [("t",)]
 
 
