@@ -7,6 +7,7 @@ set the repository Stopped and end subscriptions (SourceShuttingDown).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -35,6 +36,27 @@ if TYPE_CHECKING:
     from dsc_core import ServerConfig
 
 log = logging.getLogger("dsc.serve")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """This process as worker ``index`` of ``dsc serve --workers`` (console/workers.py)."""
+
+    index: int
+
+    @property
+    def suffix(self) -> str:
+        """Added to the instance name (``dsc cluster status``)."""
+        return f"/w{self.index}"
+
+    def data_dir(self, data_dir: Path) -> Path:
+        """Its own local folder (job store lock, spool copies, device book)."""
+        return data_dir / "workers" / str(self.index)
+
+    @property
+    def discovery(self) -> bool:
+        """UDP discovery is answered by one worker only (worker 0)."""
+        return self.index == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,23 +296,44 @@ def run_server(
     log_level: str = "INFO",
     reload: Callable[[], Settings] | None = None,
     log_format: str = "text",
+    worker: WorkerRole | None = None,
 ) -> int:
     from dsc_bindings.settings import ConfigError
 
     configure_logging(log_level, log_format)
+    if worker is not None:
+        settings = _as_worker(settings, worker)
+        if reload is not None:
+            fresh_settings = reload
+            reload = lambda: _as_worker(fresh_settings(), worker)  # noqa: E731
     try:
         ssl_context = settings.server_ssl_context()
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     try:
-        with running_service(settings) as (settings, composition):
+        with running_service(
+            settings,
+            discovery=worker is None or worker.discovery,
+            instance_suffix=worker.suffix if worker is not None else "",
+        ) as (settings, composition):
+            reuse_port = worker is not None
             if settings.listen.binding == "blocking":
-                return _run_blocking(settings, composition, ssl_context, reload)
-            return _run_async(settings, composition, ssl_context, reload)
+                return _run_blocking(settings, composition, ssl_context, reload, reuse_port)
+            return _run_async(settings, composition, ssl_context, reload, reuse_port)
     except StartFailure as exc:
         log.error("cannot start: %s", exc)
         return exc.status
+
+
+def _as_worker(settings: Settings, worker: WorkerRole) -> Settings:
+    """A worker's settings: its own data folder (the filters' folders, resolved against the
+    data folder, stay shared); connection threads not pinned ("auto" would put every worker
+    on the same CPU)."""
+    listen = settings.listen
+    if listen.blocking_cpu == "auto":
+        listen = dataclasses.replace(listen, blocking_cpu=None)
+    return dataclasses.replace(settings, data_dir=worker.data_dir(settings.data_dir), listen=listen)
 
 
 def _start_discovery(settings: Settings, composition: Composition) -> UdpDiscovery | None:
@@ -317,6 +360,7 @@ def _run_blocking(
     composition: Composition,
     ssl_context: ssl.SSLContext | None,
     reload: Callable[[], Settings] | None,
+    reuse_port: bool = False,
 ) -> int:
     from dsc_bindings.http.blocking_server import BlockingServer
 
@@ -329,6 +373,7 @@ def _run_blocking(
         settings.server.limits,
         grace=DEFAULT_GRACE,
         cpu=settings.listen.blocking_cpu,
+        reuse_port=reuse_port,
     )
     monitor: BlockingServer | None = None
     try:
@@ -344,6 +389,7 @@ def _run_blocking(
                 monitor_port,
                 None,
                 settings.server.limits,
+                reuse_port=reuse_port,
             )
             _log_monitor(settings, monitor.start())
     except OSError as exc:
@@ -384,6 +430,7 @@ def _run_async(
     composition: Composition,
     ssl_context: ssl.SSLContext | None,
     reload: Callable[[], Settings] | None,
+    reuse_port: bool = False,
 ) -> int:
     import trio
 
@@ -403,6 +450,7 @@ def _run_async(
                         limits=settings.server.limits,
                         grace=DEFAULT_GRACE,
                         task_status=task_status,
+                        reuse_port=reuse_port,
                     )
                 )
                 if settings.listen.monitor is not None:
@@ -418,6 +466,7 @@ def _run_async(
                             limits=settings.server.limits,
                             grace=1.0,
                             task_status=task_status,
+                            reuse_port=reuse_port,
                         )
                     )
                     _log_monitor(settings, bound)

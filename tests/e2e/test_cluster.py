@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from dsc_core import client as dc
+from dsc_core import names
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap, dsc
 from test_delivery import Healthy, subscribe
@@ -192,3 +195,49 @@ def test_cluster_status_table_and_the_sqlite_refusal(
         f"{tmp_path / 'plain'}; cluster status needs [store] kind = postgresql"
     ), sqlite
     assert len(sqlite.err.strip().splitlines()) == 1, sqlite
+
+
+def _listeners(port: int) -> set[int]:
+    """The pids listening on ``port`` (ss -ltnp)."""
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def test_workers_share_one_port_as_two_instances(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    config = cluster_config(tmp_path, pg.new_database())
+    data = tmp_path / "data"
+    data.mkdir()
+    server = ServerProcess(data, config=config, extra=["--workers", "2"])
+    instances.append(server)
+    server.start()
+
+    def up() -> list[dict[str, Any]] | None:
+        rows = [r for r in status(config) if r["state"] == "up"]
+        return rows if len(rows) == 2 else None
+
+    rows = wait_for(up, timeout=20, what="two workers up in the instances table")
+    pids = {row["pid"] for row in rows}
+    assert server.pid not in pids and len(pids) == 2, rows
+    assert sorted(row["name"].rsplit("/", 1)[1] for row in rows) == ["w0", "w1"], rows
+    # Both worker processes listen on the one port (SO_REUSEPORT), and both answer.
+    wait_for(lambda: _listeners(server.port) == pids, what="both workers listening")
+    assert (data / "workers" / "0" / "lock").exists() and (data / "workers" / "1" / "lock").exists()
+    for _ in range(20):  # a fresh connection each: the kernel spreads them
+        request = dc.repository_elements_request(["RepositoryConfiguration"])
+        answer = Soap(server.url).call(names.Action.DSC_GET_REPOSITORY_ELEMENTS, request)
+        assert answer.action.endswith("GetRepositoryElementsResponse"), answer
+    server.stop_cleanly()
+    assert {row["state"] for row in status(config)} == {"stopped"}
+
+
+def test_workers_are_refused_on_sqlite(tmp_path: Path) -> None:
+    run = dsc("serve", "--data", str(tmp_path / "data"), "--port", "5399", "--workers", "2")
+    assert run.code == 2, run
+    assert run.err.strip().splitlines() == [
+        "dsc: --workers 2: the SQLite store is one process's (one server per data folder); "
+        'use [store] kind = "postgresql" to run several workers'
+    ], run

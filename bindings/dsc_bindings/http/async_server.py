@@ -511,15 +511,19 @@ async def serve(
     grace: float = DEFAULT_GRACE,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ready: Callable[[int], object] | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve HTTP(S) until cancelled.
+    """Serve HTTP(S) until cancelled.  ``reuse_port``: SO_REUSEPORT, several processes
+    (``dsc serve --workers``) on one port, the kernel spreading the connections.
 
     ``port`` 0 picks a free port; the bound port is reported through ``task_status`` (so
     ``await tg.start(serve, ...)`` returns it) and to ``ready`` if given.  Cancelling stops
     accepting at once, closes idle keep-alive connections, and lets requests in progress finish
     for up to ``grace`` seconds (then they are cancelled and their exchanges aborted).
     """
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    listener = await anyio.create_tcp_listener(
+        local_host=host, local_port=port, reuse_port=reuse_port
+    )
     bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
     server = _Server(site, limits, ssl_context)
     owner = site.owner

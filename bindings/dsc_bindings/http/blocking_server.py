@@ -131,8 +131,12 @@ class BlockingServer:
         *,
         grace: float = DEFAULT_GRACE,
         cpu: int | Literal["auto"] | None = "auto",
+        reuse_port: bool = False,
     ) -> None:
         self.site = site
+        #: SO_REUSEPORT: several processes (``dsc serve --workers``) listen on one port and
+        #: the kernel spreads the connections among them.
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -162,6 +166,8 @@ class BlockingServer:
             listener = socket.socket(family, socket.SOCK_STREAM)
             try:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 listener.bind((self.host, self.port))
                 listener.listen(min(socket.SOMAXCONN, 1024))
                 listener.settimeout(_ACCEPT_POLL)
