@@ -23,6 +23,7 @@ from dsc_core import names
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap, dsc
 from test_delivery import Healthy, subscribe
+from test_observe_e2e import get
 from waiting import wait_for
 
 if TYPE_CHECKING:
@@ -241,3 +242,36 @@ def test_workers_are_refused_on_sqlite(tmp_path: Path) -> None:
         "dsc: --workers 2: the SQLite store is one process's (one server per data folder); "
         'use [store] kind = "postgresql" to run several workers'
     ], run
+
+
+def test_two_instances_count_into_one_device_and_one_tally(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Issue 17: with the PostgreSQL store the device book and the page's totals are the
+    database's, counted in SQL by each instance: a scan on each of two instances from the same
+    device is one device with 2 jobs completed, and 2 jobs created, on both instances' pages
+    (another instance's counts show once the copy is reloaded: store/refresh.py)."""
+    config = cluster_config(tmp_path, pg.new_database())
+    first = start(instances, tmp_path, config)
+    second = start(instances, tmp_path, config)
+    page = tmp_path / "page.png"
+    page.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20_000))
+    for server in (first, second):
+        run = dsc("scan", "--server", server.url, "--quiet", "--json", str(page))
+        assert run.code == 0 and run.json()["state"] == "Completed", run
+
+    def seen(server: ServerProcess) -> tuple[object, ...]:
+        listed = dsc("devices", "--server", server.url, "--json").json()
+        totals = json.loads(get(server, "/status.json")[2])["counters"]
+        return (
+            [(d["address"], d["jobs"], d["completed"]) for d in listed],
+            totals["jobs_created"],
+            totals["jobs_ended"]["succeeded"],
+        )
+
+    for server in (first, second):
+
+        def both(server: ServerProcess = server) -> bool:
+            return seen(server) == ([("127.0.0.1", 2, 2)], 2, 2)
+
+        wait_for(both, what=f"instance {server.port} showing both instances' counts")
