@@ -181,3 +181,56 @@ def test_a_second_worker_on_one_sqlite_folder_refuses_to_start(tmp_path: Path) -
         timeout=30,
     )
     assert check.stdout.strip() == "ok", check
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_stalled_body_is_answered_408(tmp_path: Path, backend: str) -> None:
+    """R12's body timeout in the app (asyncio.timeout on asyncio, a cancel scope on trio): a
+    body that stops arriving is answered 408, and its exchange is aborted (a new request on
+    the same app is still answered)."""
+    import anyio
+
+    config = tmp_path / "dsc.toml"
+    config.write_text("[limits]\nbody_timeout = 0.2\n")
+    app = create_app(config, data_dir=tmp_path / "data", port=5362)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/ScanServer",
+        "raw_path": b"/ScanServer",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/soap+xml; charset=utf-8"),
+            (b"content-length", b"1000"),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def main() -> list[int]:
+        statuses: list[int] = []
+        stalled = anyio.Event()
+
+        async def send(message: dict[str, object]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(int(str(message["status"])))
+
+        async def stall_after_one_piece() -> dict[str, object]:
+            if not stalled.is_set():
+                stalled.set()
+                return {"type": "http.request", "body": b"<s:Envelope", "more_body": True}
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        async def nothing() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async with app.running():
+            await app(scope, stall_after_one_piece, send)  # type: ignore[arg-type]
+            get = {**scope, "method": "GET", "path": "/healthz", "raw_path": b"/healthz"}
+            await app(get, nothing, send)  # type: ignore[arg-type]
+        return statuses
+
+    assert anyio.run(main, backend=backend) == [408, 200]

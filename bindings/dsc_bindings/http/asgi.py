@@ -16,6 +16,7 @@ aborted.  Identity: :mod:`.asgi_identity`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -166,9 +167,7 @@ class AsgiApp:
         held_bytes = 0
         try:
             while True:
-                message: Message | None = None
-                with anyio.move_on_after(limits.body_timeout):
-                    message = await receive()
+                message = await _receive_within(receive, limits.body_timeout, loop.trio)
                 if message is None:
                     log.warning(
                         "%s: no body progress for %.1f s: answered 408 (exchange aborted)",
@@ -211,6 +210,21 @@ class AsgiApp:
                         await loop.follow(request.abort())
                     except Exception:
                         log.exception("%s: aborting the exchange failed", peer)
+
+
+async def _receive_within(receive: Receive, timeout: float, trio: bool) -> Message | None:
+    """The next message, or None when none came within ``timeout`` seconds (R12's body
+    timeout).  On asyncio with ``asyncio.timeout`` (one timer): anyio's cancel scope, entered
+    around every receive, was ~5% of the app's CPU per small request (issue 20)."""
+    if trio:
+        with anyio.move_on_after(timeout):
+            return await receive()
+        return None
+    try:
+        async with asyncio.timeout(timeout):
+            return await receive()
+    except TimeoutError:
+        return None
 
 
 def _target(scope: Scope) -> str:
