@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
 from dsc_core import client as dc
@@ -275,3 +276,111 @@ def test_two_instances_count_into_one_device_and_one_tally(
             return seen(server) == ([("127.0.0.1", 2, 2)], 2, 2)
 
         wait_for(both, what=f"instance {server.port} showing both instances' counts")
+
+
+def read(server: ServerProcess, path: str) -> tuple[int, str]:
+    """A GET's status and body text (test_observe_e2e.get)."""
+    status, _, body, _ = get(server, path)
+    return status, body.decode()
+
+
+def metric_values(text: str) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, value in re.findall(r"^(dsc_cluster_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)
+    }
+
+
+def test_metrics_status_json_and_the_console_api_show_the_instances(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Issue 18 point 6: /metrics, /status.json and GET /api/cluster on each of two instances,
+    read from the heartbeat's memory."""
+    config = cluster_config(tmp_path, pg.new_database())
+    first = start(instances, tmp_path, config)
+    second = start(instances, tmp_path, config)
+
+    def two_up(server: ServerProcess) -> dict[str, float] | None:
+        code, text = read(server, "/metrics")
+        assert code == 200, text
+        values = metric_values(text)
+        return values if values.read('dsc_cluster_instances{state="up"}') == 2 else None
+
+    leader = wait_for(lambda: two_up(first), what="the first instance to see two up")
+    other = wait_for(lambda: two_up(second), what="the second instance to see two up")
+    for values in (leader, other):
+        assert set(values) == {
+            'dsc_cluster_instances{state="up"}',
+            'dsc_cluster_instances{state="down"}',
+            'dsc_cluster_instances{state="stopped"}',
+            "dsc_cluster_leader",
+            "dsc_cluster_heartbeat_age_seconds",
+        }, values
+        assert values['dsc_cluster_instances{state="down"}'] == 0
+        assert 0 <= values["dsc_cluster_heartbeat_age_seconds"] < 1.5  # within the lease
+    assert (leader["dsc_cluster_leader"], other["dsc_cluster_leader"]) == (1, 0)
+
+    code, text = read(second, "/status.json")
+    assert code == 200, text
+    cluster = json.loads(text)["cluster"]
+    assert cluster["instance"].endswith(f":{second.port}") and not cluster["leader"], cluster
+    assert cluster["problem"] is None and cluster["heartbeat_age"] < 1.5, cluster
+    rows = {row["pid"]: row for row in cluster["instances"]}
+    assert set(rows) == {first.pid, second.pid}, rows
+    assert rows[first.pid]["leader"] and not rows[second.pid]["leader"], rows
+    assert rows[first.pid]["address"] == first.url.removesuffix("/ScanServer"), rows
+    assert {row["state"] for row in rows.values()} == {"up"}, rows
+    assert all(row["started"] and row["heartbeat_age"] < 1.5 for row in rows.values()), rows
+
+    code, text = read(first, "/api/cluster")
+    assert code == 200, text
+    api = json.loads(text)
+    assert api["leader"] and api["instance"].endswith(f":{first.port}"), api
+    assert [row["name"] for row in api["instances"]] == [r["name"] for r in cluster["instances"]]
+
+    # The stopped instance is counted as such by the one that stays.
+    second.stop_cleanly()
+    wait_for(
+        lambda: (
+            metric_values(read(first, "/metrics")[1]).read('dsc_cluster_instances{state="stopped"}')
+            == 1
+        ),
+        what="the stopped instance counted",
+    )
+
+
+def test_healthz_answers_503_when_the_heartbeat_fails_past_the_lease(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """The heartbeat blocked (the instances table locked by another session, as a database
+    that no longer answers this connection would): past the lease /healthz answers 503 with the
+    cluster check saying why, while the store's own check still passes; once the lock goes the
+    heartbeat resumes and /healthz answers 200 again."""
+    dsn = pg.new_database()
+    server = start(instances, tmp_path, cluster_config(tmp_path, dsn))
+    wait_for(lambda: read(server, "/healthz")[0] == 200, what="/healthz 200 at start")
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
+
+        def down() -> str | None:
+            code, text = read(server, "/healthz")
+            return text if code == 503 else None
+
+        text = wait_for(
+            down,
+            timeout=20,
+            what="/healthz 503 once the heartbeat is older than the lease",
+        )
+        assert "cluster" in text and "(lease 1.5 s): the other instances consider" in text, text
+        assert "store" not in text, text  # the database itself still answers the pool
+        values = metric_values(read(server, "/metrics")[1])
+        assert values["dsc_cluster_heartbeat_age_seconds"] >= 1.5, values
+        problem = json.loads(read(server, "/status.json")[1])["cluster"]["problem"]
+        assert problem and "no heartbeat for" in problem, problem
+        blocker.rollback()
+    wait_for(
+        lambda: read(server, "/healthz")[0] == 200,
+        timeout=20,
+        what="/healthz 200 again once the heartbeat goes through",
+    )
+    server.stop_cleanly()

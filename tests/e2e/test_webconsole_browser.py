@@ -7,10 +7,11 @@ the admin group and as a non-member, and a scan process created, edited and dele
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,8 +20,12 @@ from dsc_bindings.directory.scan_processes import ProcessStore
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap, dsc
 from samba_support import USERS, SambaDC
+from test_cluster import cluster_config, read
 from test_directory import settings
 from test_status_page_browser import ARGS, CHROMIUM, playwright_api
+
+if TYPE_CHECKING:
+    from engines_support import PgCluster
 
 expect = playwright_api.expect
 HOSTILE = '<img src=x onerror="window.pwned=1">'
@@ -143,6 +148,12 @@ def test_cancel_retry_purge_from_the_page(browser: Any, tmp_path: Path) -> None:
         soap.dsc_cancel(late)
         # Every request went to this server (no CDN).
         assert asked and all(url.startswith(base + "/") for url in asked), asked
+        # SQLite: one instance, no Cluster section, nothing of it in the JSON or /metrics.
+        expect(page.locator("#nav-cluster")).to_be_hidden()
+        assert "dsc_cluster_" not in read(server, "/metrics")[1]
+        assert "cluster" not in json.loads(read(server, "/status.json")[1])
+        code, text = read(server, "/api/cluster")
+        assert code == 404 and 'need [store] kind = \\"postgresql\\"' in text, text
         # A forged cross-site POST (a page elsewhere, with the session cookie) is refused.
         status = page.evaluate(
             """async () => {
@@ -219,3 +230,36 @@ def signed_in_and_processes(browser: Any, directory: Directory, port: int, tmp_p
     page.get_by_role("button", name="Sign out").click()
     expect(page.locator("#sign-in-section")).to_be_visible()
     context.close()
+
+
+def test_the_cluster_section_on_a_postgresql_store(
+    browser: Any, tmp_path: Path, pg: PgCluster
+) -> None:
+    """Issue 18 point 6: the Cluster section lists the instances on the PostgreSQL store (two
+    here), this one the leader, each up, with its address."""
+    config = cluster_config(tmp_path, pg.new_database())
+    servers = [ServerProcess(tmp_path / name, config=config) for name in ("a", "b")]
+    try:
+        for server in servers:
+            (tmp_path / server.data.name).mkdir()
+            server.start()
+        context = browser.new_context(viewport={"width": 1366, "height": 768})
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{servers[0].port}/")
+        page.get_by_role("link", name="Cluster", exact=True).click()
+        rows = page.locator("#cluster-table tbody tr")
+        expect(rows).to_have_count(2, timeout=15_000)
+        for server in servers:
+            row = rows.filter(has_text=f"127.0.0.1:{server.port}")
+            expect(row).to_contain_text("up")
+        expect(rows.filter(has_text=f":{servers[0].port}")).to_contain_text("leader")
+        expect(rows.filter(has_text=f":{servers[1].port}")).not_to_contain_text("leader")
+        expect(page.locator("#cluster-self")).to_contain_text("(the leader)")
+        assert no_horizontal_scroll(page)
+        context.close()
+        for server in servers:
+            server.stop_cleanly()
+    finally:
+        for server in servers:
+            if server.alive:
+                server.kill9()

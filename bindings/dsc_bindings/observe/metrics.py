@@ -10,6 +10,7 @@ set, job outcomes from ``dsc_core.outcomes``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,7 +18,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from dsc_bindings.observe.health import STATES, Health
+from dsc_bindings.store.instances import INSTANCE_STATES
 from dsc_bindings.store.interface import StorageFigures
+
+if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported only where it is chosen
+    from dsc_bindings.runtime.cluster import ClusterMember
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -100,6 +105,8 @@ class Metrics:
         )
         self.storage = StorageGauges()
         r.register(self.storage)
+        self.cluster = ClusterGauges()
+        r.register(self.cluster)
 
     def render(self, health: Health | None = None) -> bytes:
         """The Prometheus text exposition format (version 0.0.4); with ``health``, also the
@@ -149,6 +156,46 @@ class StorageGauges(Collector):
                 "S3 requests of the spool that failed (no answer, or an error status)",
                 value=figures.spool_errors,
             )
+
+
+class ClusterGauges(Collector):
+    """This instance among those on the PostgreSQL store (issue 18 point 6), read from its
+    :class:`~dsc_bindings.runtime.cluster.ClusterMember`'s memory (the heartbeat thread's last
+    result: no I/O on a scrape).  Nothing with the SQLite store (:meth:`update` with None)."""
+
+    def __init__(self) -> None:
+        self._member: ClusterMember | None = None
+
+    def update(self, member: ClusterMember | None) -> None:
+        self._member = member
+
+    def collect(self) -> Iterator[Metric]:
+        member = self._member
+        if member is None:
+            return
+        counts = dict.fromkeys(INSTANCE_STATES, 0)
+        for row in member.instances:
+            counts[row.state] += 1
+        instances = GaugeMetricFamily(
+            "dsc_cluster_instances",
+            "Instances in the instances table as of the last heartbeat, by state (up; down: no "
+            "heartbeat within its lease; stopped: a clean stop)",
+            labels=["state"],
+        )
+        for state, count in counts.items():
+            instances.add_metric([state], count)
+        yield instances
+        yield GaugeMetricFamily(
+            "dsc_cluster_leader",
+            "1 while this instance holds the leader's lock (it runs the job sweeps), else 0",
+            value=1.0 if member.is_leader else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "dsc_cluster_heartbeat_age_seconds",
+            "Seconds since this instance's last successful heartbeat (/healthz fails past "
+            "[cluster] lease_seconds)",
+            value=member.heartbeat_age,
+        )
 
 
 class HealthGauges(Collector):

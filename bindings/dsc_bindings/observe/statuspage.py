@@ -90,6 +90,8 @@ class View:
     health: Health | None = None
     #: ServerConfig.stalled_after_seconds: when an active job is shown as stalled.
     stalled_after_seconds: float = 60.0
+    #: The PostgreSQL store's instances (``ClusterMember.as_json``); None with SQLite.
+    cluster: dict[str, Any] | None = None
 
 
 def _reply(status: int, content_type: str, body: bytes) -> Reply:
@@ -159,7 +161,7 @@ def snapshot(
     devices, devices_size = (
         observer.devices.recent(devices_limit) if observer.devices is not None else ([], 0)
     )
-    return {
+    state: dict[str, Any] = {
         "server": {
             "version": view.version,
             "now": datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
@@ -178,6 +180,9 @@ def snapshot(
         "devices_size": devices_size,
         "subscriptions": list(view.subscriptions),
     }
+    if view.cluster is not None:  # nothing of it with the SQLite store
+        state["cluster"] = view.cluster
+    return state
 
 
 def answer(

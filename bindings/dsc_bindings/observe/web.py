@@ -74,6 +74,7 @@ class StatusPages:
         store = self._service.store
         if store is not None:
             metrics.storage.update(store.figures())
+        metrics.cluster.update(self._service.cluster)
         return answer("GET", target, identity, current, self._observer)
 
     def status_view(self, identity: str | None, answers: DirectoryAnswers | None) -> View:
@@ -105,6 +106,7 @@ class StatusPages:
                 health=self._health.current(),
                 version=package_version(),
                 stalled_after_seconds=service.config.stalled_after_seconds,
+                cluster=service.cluster.as_json() if service.cluster is not None else None,
             )
 
         return service.owner.call(view)

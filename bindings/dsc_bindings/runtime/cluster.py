@@ -23,6 +23,7 @@ job timeouts and the spool retention sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -85,7 +86,9 @@ class ClusterMember:
         self._leader = False
         self._last_beat = time.monotonic()
         self._failing: str | None = None
-        self._instances: tuple[InstanceRow, ...] = ()
+        #: Every instance as last read, and when (monotonic: their ages grow from there); one
+        #: reference swapped by the heartbeat thread, read whole by the web endpoints.
+        self._seen: tuple[tuple[InstanceRow, ...], float] = ((), time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsc-cluster", daemon=True)
 
@@ -116,7 +119,7 @@ class ClusterMember:
             "cluster: instance %s (%s) joined, %d instance(s) up, %s",
             self.name,
             self.id,
-            sum(1 for i in self._instances if i.state == "up"),
+            sum(1 for i in self.instances if i.state == "up"),
             "leader" if self._leader else "not the leader",
         )
         self._thread.start()
@@ -149,7 +152,31 @@ class ClusterMember:
     @property
     def instances(self) -> tuple[InstanceRow, ...]:
         """Every instance as of the last heartbeat (no I/O)."""
-        return self._instances
+        return self._seen[0]
+
+    @property
+    def heartbeat_age(self) -> float:
+        """Seconds since this instance's last successful heartbeat (no I/O)."""
+        return max(0.0, time.monotonic() - self._last_beat)
+
+    def snapshot(self) -> tuple[InstanceRow, ...]:
+        """Every instance as of the last heartbeat, their heartbeat ages grown by the time
+        since it (no I/O: the status page, the console and /metrics read this)."""
+        rows, at = self._seen
+        since = max(0.0, time.monotonic() - at)
+        return tuple(dataclasses.replace(r, heartbeat_age=r.heartbeat_age + since) for r in rows)
+
+    def as_json(self) -> dict[str, object]:
+        """This instance and every other, for /status.json and ``GET /api/cluster``."""
+        return {
+            "instance": self.name,
+            "id": self.id,
+            "leader": self.is_leader,
+            "heartbeat_age": round(self.heartbeat_age, 1),
+            "lease_seconds": self.settings.lease_seconds,
+            "problem": self.problem(),
+            "instances": [row.as_json() for row in self.snapshot()],
+        }
 
     def problem(self) -> str | None:
         """None while the heartbeat works; else why the others consider this instance down
@@ -226,7 +253,7 @@ class ClusterMember:
                 log.info("cluster: %s (%s) is now the leader", self.name, self.id)
         if self._leader:
             self._conn.execute(PRUNE, (self.settings.prune_after_seconds,))
-        self._instances = tuple(list_instances(self._conn))
+        self._seen = (tuple(list_instances(self._conn)), time.monotonic())
 
     def _failed(self, exc: BaseException) -> None:
         why = one_line(str(exc)) or type(exc).__name__

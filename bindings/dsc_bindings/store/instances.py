@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported only where it i
     import psycopg
 
 __all__ = [
+    "INSTANCE_STATES",
     "LEADER_LOCK",
     "ClusterSettings",
     "InstanceRow",
@@ -34,6 +35,8 @@ __all__ = [
 LEADER_LOCK = 0x6473636C
 
 InstanceState = Literal["up", "down", "stopped"]
+#: Every state, in the order of /metrics and the console.
+INSTANCE_STATES: tuple[InstanceState, ...] = ("up", "down", "stopped")
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,6 +346,8 @@ def _session_info(request: ApiRequest, session: Session) -> dict[str, Any]:
         "csrf": session.csrf,
         "idle_seconds": book.idle_seconds,
         "absolute_seconds": book.absolute_seconds,
+        # The Cluster section is shown on a PostgreSQL store only (issue 18 point 6).
+        "cluster": request.service.cluster is not None,
     }
 
 
@@ -696,6 +698,17 @@ def _subscriptions(request: ApiRequest, caller: Caller, params: dict[str, str]) 
     return request.cacheable({"subscriptions": list(view.subscriptions)})
 
 
+def _cluster(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
+    cluster = request.service.cluster
+    if cluster is None:
+        raise ApiError(
+            404,
+            f"One instance: the store is SQLite in {request.service.data_dir}; instances "
+            'need [store] kind = "postgresql".',
+        )
+    return request.cacheable(cluster.as_json())
+
+
 def _health(request: ApiRequest, caller: Caller, params: dict[str, str]) -> Reply:
     from dsc_bindings.observe.statuspage import healthy
 
@@ -781,6 +794,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/api/history/purge"): _purge,
     ("GET", "/api/devices"): _devices,
     ("GET", "/api/subscriptions"): _subscriptions,
+    ("GET", "/api/cluster"): _cluster,
     ("GET", "/api/settings"): _settings,
 }
 ROUTES.update(PROCESS_ROUTES)

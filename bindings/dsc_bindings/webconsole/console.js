@@ -188,6 +188,19 @@ function editProcess(p) {
   $("#process-form-title").textContent = "Edit " + p.name;
   f.shares.focus();
 }
+// down (no heartbeat within its lease) is a failure; stopped (a clean stop) is not.
+const clusterStates = {up: "succeeded", down: "failed", stopped: "canceled"};
+// The instances on the PostgreSQL store (issue 18 point 6); the section exists on it only.
+async function drawCluster() {
+  const data = await api("GET", "/api/cluster");
+  $("#cluster-self").textContent = "This instance: " + data.instance +
+    (data.leader ? " (the leader)" : "") + ", last heartbeat " + data.heartbeat_age + " s ago" +
+    (data.problem ? " \u2014 " + data.problem : "");
+  $("#cluster-self").className = data.problem ? "failed" : "";
+  fill("#cluster-table", data.instances.map(i => [i.name, i.address, when(i.started),
+    i.heartbeat_age + " s ago", el("td", i.state, clusterStates[i.state]),
+    i.leader ? "leader" : ""]), "no instances");
+}
 async function drawServer() {
   const health = await api("GET", "/api/health");
   const list = $("#health"); list.replaceChildren();
@@ -197,7 +210,8 @@ async function drawServer() {
   $("#settings").textContent = JSON.stringify(await api("GET", "/api/settings"), null, 1);
 }
 const drawers = {active: drawActive, history: drawHistory, devices: drawDevices,
-  processes: drawProcesses, subscriptions: drawSubscriptions, server: drawServer};
+  processes: drawProcesses, subscriptions: drawSubscriptions, cluster: drawCluster,
+  server: drawServer};
 
 function current() {
   const hash = decodeURIComponent(location.hash.slice(1)) || "active";
@@ -224,6 +238,7 @@ function signedIn(s) {
   csrf = s.csrf;
   $("#user").textContent = s.user ? "signed in as " + s.user : "development mode";
   $("#sign-out").hidden = false; $("#nav").hidden = false;
+  $("#nav-cluster").hidden = !s.cluster;
   $("#sign-in-section").hidden = true;
   refresh();
 }
