@@ -304,7 +304,7 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
         code, text = read(server, "/metrics")
         assert code == 200, text
         values = metric_values(text)
-        return values if values.read('dsc_cluster_instances{state="up"}') == 2 else None
+        return values if values.get('dsc_cluster_instances{state="up"}') == 2 else None
 
     leader = wait_for(lambda: two_up(first), what="the first instance to see two up")
     other = wait_for(lambda: two_up(second), what="the second instance to see two up")
@@ -342,7 +342,7 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
     second.stop_cleanly()
     wait_for(
         lambda: (
-            metric_values(read(first, "/metrics")[1]).read('dsc_cluster_instances{state="stopped"}')
+            metric_values(read(first, "/metrics")[1]).get('dsc_cluster_instances{state="stopped"}')
             == 1
         ),
         what="the stopped instance counted",
