@@ -23,7 +23,13 @@ import anyio
 
 from dsc_bindings.http.asgi import AsgiApp, Served
 from dsc_bindings.http.asgi_identity import ClientIdentity
-from dsc_bindings.serve import StartFailure, configure_logging, running_service
+from dsc_bindings.serve import (
+    StartFailure,
+    as_worker,
+    configure_logging,
+    running_service,
+    worker_slot,
+)
 from dsc_bindings.settings import Settings, load_settings
 
 __all__ = [
@@ -89,7 +95,21 @@ async def _serving(settings: Settings, *, discovery: bool) -> AsyncIterator[Serv
     stack = contextlib.ExitStack()
 
     def start() -> Served:
-        started, composition = stack.enter_context(running_service(settings, discovery=discovery))
+        suffix = ""
+        current = settings
+        discover = discovery
+        if settings.storage.store_kind == "postgresql":
+            # Each worker of the ASGI server (uvicorn --workers N, gunicorn) is an instance of
+            # the cluster with a local folder of its own: the first free DATA/workers/<n>
+            # (issue 20 point 4); on SQLite the data folder's lock lets one worker in.
+            worker = stack.enter_context(worker_slot(settings.data_dir))
+            current = as_worker(settings, worker)
+            suffix = worker.suffix
+            discover = discovery and worker.discovery
+            log.info("ASGI worker %d: data folder %s", worker.index, current.data_dir)
+        started, composition = stack.enter_context(
+            running_service(current, discovery=discover, instance_suffix=suffix)
+        )
         log.info("dsc-server ASGI app started: advertised base URL %s", started.server.base_url)
         return Served(composition.site, started.server.limits)
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import ssl
 import threading
@@ -57,6 +58,56 @@ class WorkerRole:
     def discovery(self) -> bool:
         """UDP discovery is answered by one worker only (worker 0)."""
         return self.index == 0
+
+
+#: The file of ``DATA/workers/<n>`` whose flock says worker ``n`` is taken (:func:`worker_slot`).
+SLOT_NAME = "slot"
+#: Worker folders tried for a free one (far more than any machine's cores).
+MAX_WORKER_SLOTS = 256
+
+
+@contextlib.contextmanager
+def worker_slot(data_dir: Path, index: int | None = None) -> Iterator[WorkerRole]:
+    """Hold worker slot ``index`` of ``data_dir`` (``DATA/workers/<index>/slot``, flock'ed)
+    for the ``with``; ``index`` None: the first free one, so an ASGI server's restarted worker
+    takes a slot its dead predecessor freed (the kernel drops a dead process's flock).  The one
+    place where workers get their number: ``dsc serve --workers`` (given by the parent) and
+    ASGI workers (``dsc_bindings.asgi``) on one data folder never share one.  StartFailure when
+    the slot is taken or none is free."""
+    from dsc_bindings.settings import ConfigError, prepare_data_dir
+    from dsc_bindings.store.split import flock_file
+
+    candidates = range(MAX_WORKER_SLOTS) if index is None else (index,)
+    for candidate in candidates:
+        worker = WorkerRole(candidate)
+        folder = worker.data_dir(data_dir)
+        try:
+            prepare_data_dir(folder)
+        except ConfigError as exc:
+            raise StartFailure(str(exc), 2) from exc
+        try:
+            fd = flock_file(folder / SLOT_NAME)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise StartFailure(f"cannot lock {folder / SLOT_NAME}: {exc.strerror}", 1) from exc
+        try:
+            yield worker
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return
+    if index is not None:
+        raise StartFailure(
+            f"worker {index} of {data_dir} is already running (another `dsc serve --workers` "
+            "on this data folder?): stop it, or give this one another --data",
+            1,
+        )
+    raise StartFailure(
+        f"all {MAX_WORKER_SLOTS} worker folders of {data_dir / 'workers'} are taken: "
+        "run fewer workers on this data folder",
+        1,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +323,8 @@ def running_service(
         except Exception as exc:  # the store is locked, unreadable, ...: say what to do
             raise StartFailure(
                 f"{exc} (is another `dsc serve` or ASGI worker using {settings.data_dir}? "
-                "One process serves a data folder: run one worker)",
+                "One process serves a data folder with the SQLite store: run one worker, or "
+                'use [store] kind = "postgresql", where each worker takes a folder of its own)',
                 1,
             ) from exc
         try:
@@ -301,22 +353,27 @@ def run_server(
     from dsc_bindings.settings import ConfigError
 
     configure_logging(log_level, log_format)
+    slot: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if worker is not None:
-        settings = _as_worker(settings, worker)
+        slot = worker_slot(settings.data_dir, worker.index)
+        settings = as_worker(settings, worker)
         if reload is not None:
             fresh_settings = reload
-            reload = lambda: _as_worker(fresh_settings(), worker)  # noqa: E731
+            reload = lambda: as_worker(fresh_settings(), worker)  # noqa: E731
     try:
         ssl_context = settings.server_ssl_context()
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     try:
-        with running_service(
-            settings,
-            discovery=worker is None or worker.discovery,
-            instance_suffix=worker.suffix if worker is not None else "",
-        ) as (settings, composition):
+        with (
+            slot,
+            running_service(
+                settings,
+                discovery=worker is None or worker.discovery,
+                instance_suffix=worker.suffix if worker is not None else "",
+            ) as (settings, composition),
+        ):
             reuse_port = worker is not None
             if settings.listen.binding == "blocking":
                 return _run_blocking(settings, composition, ssl_context, reload, reuse_port)
@@ -326,7 +383,7 @@ def run_server(
         return exc.status
 
 
-def _as_worker(settings: Settings, worker: WorkerRole) -> Settings:
+def as_worker(settings: Settings, worker: WorkerRole) -> Settings:
     """A worker's settings: its own data folder (the filters' folders, resolved against the
     data folder, stay shared); connection threads not pinned ("auto" would put every worker
     on the same CPU)."""

@@ -165,7 +165,8 @@ def test_a_second_worker_on_one_sqlite_folder_refuses_to_start(tmp_path: Path) -
     reasons = [line for line in log.splitlines() if line.startswith("ERROR:    cannot start")]
     assert len(reasons) == 1, log
     assert "is in use by another job store" in reasons[0], log
-    assert "One process serves a data folder: run one worker" in reasons[0], log
+    assert "One process serves a data folder with the SQLite store: run one worker" in reasons[0]
+    assert 'use [store] kind = "postgresql"' in reasons[0], log
     assert "failed to start, stopping the parent process" in log, log
     # Nothing was corrupted: the store the first worker opened is intact and opens again.
     check = subprocess.run(

@@ -9,7 +9,9 @@ Short settings keep each test to seconds: a heartbeat every 0.2 s, a lease of 1.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -384,3 +386,45 @@ def test_healthz_answers_503_when_the_heartbeat_fails_past_the_lease(
         what="/healthz 200 again once the heartbeat goes through",
     )
     server.stop_cleanly()
+
+
+def test_uvicorn_workers_are_instances_with_a_folder_each(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Issue 20 point 4: under ``uvicorn --workers 2`` on the PostgreSQL store each worker
+    takes the first free DATA/workers/<n> and is an instance; a worker killed and restarted by
+    uvicorn takes the slot its predecessor freed."""
+    config = cluster_config(tmp_path, pg.new_database())
+    data = tmp_path / "data"
+    data.mkdir()
+    server = ServerProcess(data, binding="uvicorn", config=config, extra=["--workers", "2"])
+    instances.append(server)
+    server.start()
+
+    def up() -> dict[str, dict[str, Any]] | None:
+        rows = {r["name"].rsplit("/", 1)[1]: r for r in status(config) if r["state"] == "up"}
+        return rows if len(rows) == 2 else None
+
+    rows = wait_for(up, timeout=30, what="two uvicorn workers up in the instances table")
+    assert sorted(rows) == ["w0", "w1"], rows
+    assert server.pid not in {row["pid"] for row in rows.values()}, rows
+    assert (data / "workers" / "0" / "lock").exists() and (data / "workers" / "1" / "lock").exists()
+    for _ in range(10):  # a fresh connection each: either worker answers
+        request = dc.repository_elements_request(["RepositoryConfiguration"])
+        answer = Soap(server.url).call(names.Action.DSC_GET_REPOSITORY_ELEMENTS, request)
+        assert answer.action.endswith("GetRepositoryElementsResponse"), answer
+
+    killed = rows["w1"]
+    os.kill(killed["pid"], signal.SIGKILL)
+
+    def replaced() -> dict[str, Any] | None:
+        again = up()
+        if again is None or again["w1"]["pid"] == killed["pid"]:
+            return None
+        return again["w1"]
+
+    successor = wait_for(replaced, timeout=30, what="uvicorn's new worker taking slot 1")
+    assert successor["id"] != killed["id"], successor  # a new incarnation in the same slot
+    assert not (data / "workers" / "2").exists()
+    server.stop_cleanly()
+    assert {row["state"] for row in status(config) if row["state"] != "down"} == {"stopped"}

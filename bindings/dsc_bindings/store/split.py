@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("dsc.store")
 
-__all__ = ["LOCK_NAME", "QUARANTINE_NAME", "SplitStore", "lock_data_dir"]
+__all__ = ["LOCK_NAME", "QUARANTINE_NAME", "SplitStore", "flock_file", "lock_data_dir"]
 
 LOCK_NAME = "lock"
 #: Job records that did not decode at start, moved aside (SplitStore._quarantine).
@@ -56,15 +56,21 @@ QUARANTINE_NAME = "quarantine"
 
 def lock_data_dir(data_dir: Path) -> int | None:
     """Take ``DATA/lock`` (one server per data folder); StoreError when another has it."""
+    try:
+        return flock_file(data_dir / LOCK_NAME)
+    except BlockingIOError:
+        raise StoreError(f"{data_dir} is in use by another job store", False) from None
+
+
+def flock_file(path: Path) -> int | None:
+    """Open ``path`` (created) and take its exclusive flock without waiting; the descriptor,
+    which holds the lock until it is closed or the process ends (a killed process frees it),
+    or None where there is no flock.  BlockingIOError when another process holds it."""
     if fcntl is None:  # pragma: no cover
         return None
-    path = data_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"{data_dir} is in use by another job store", False) from None
     except BaseException:
         os.close(fd)
         raise
