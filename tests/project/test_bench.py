@@ -158,3 +158,23 @@ def test_storage_bench_runs() -> None:
     assert "2 concurrent 6 MB uploads to S3: peak RSS (MiB)" in result.stdout or (
         result.stdout.startswith("skipped: ")
     ), result.stdout
+
+
+def test_workers_bench_runs() -> None:
+    """``bench/workers.py --quick`` (issue 18 point 5): ``dsc serve --workers 1`` and ``2`` on
+    a throwaway PostgreSQL both answer and are measured (or a skip that says why).  No timing
+    is asserted."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "workers.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if result.stdout.startswith("skipped: "):
+        return
+    assert "GetRepositoryElements, wrk -t1 -c8" in result.stdout, result.stdout
+    for workers in (1, 2):
+        assert f"\n| --workers {workers} | " in result.stdout, result.stdout
+    assert "non-2xx" not in result.stdout, result.stdout
