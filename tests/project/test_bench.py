@@ -136,6 +136,25 @@ def test_asgi_bench_runs() -> None:
     assert "== targets" in result.stdout and "| GetPostScanJobElements | t1c8 |" in result.stdout
 
 
+@pytest.mark.parametrize("binding", ["async", "asgi"])
+def test_per_request_counts_run(binding: str) -> None:
+    """``bench/per_request.py`` (issue 20): both requests through the h11 driver and through
+    the ASGI app in process, each answered (the script checks the reply), calls and CPU per
+    request printed.  No timing is asserted."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "per_request.py"), "--binding", binding]
+        + ["--requests", "50"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for operation in ("GetRepositoryElements", "GetPostScanJobElements"):
+        line = next((row for row in result.stdout.splitlines() if f" {operation} " in row), "")
+        assert "Python calls/request" in line and "us/request" in line, result.stdout
+
+
 def test_storage_bench_runs() -> None:
     """``bench/storage.py`` (issue 17), tiny: a record commit, a SendImage against curl, the
     listings and concurrent uploads, on a real PostgreSQL and SeaweedFS."""
