@@ -11,9 +11,9 @@ import dataclasses
 import gc
 import logging
 import os
+import queue
 import signal
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,6 +412,35 @@ def _start_discovery(settings: Settings, composition: Composition) -> UdpDiscove
     return discovery
 
 
+class SignalInbox:
+    """The signals the blocking binding's main thread waits for (SIGINT, SIGTERM, SIGHUP).
+
+    ``handler`` only queues the signal: a Python signal handler runs in the main thread between
+    any two steps of what it was doing, so it may take no lock that thread could hold
+    (Python's ``signal`` docs).  ``threading.Event.set()`` takes the Condition that
+    ``Event.wait(timeout)`` holds on its way out of each timed wait: a SIGTERM arriving then
+    hung ``dsc serve`` for good (tests/bindings/test_serve_signals.py).  ``SimpleQueue.put``
+    is reentrant (its documentation: safe where a call may interrupt another); logging and
+    the rest happen in :meth:`next`, outside the handler."""
+
+    def __init__(self, poll: float = 0.2) -> None:
+        self._received: queue.SimpleQueue[int] = queue.SimpleQueue()
+        #: The wait wakes this often: a signal the kernel delivered to another thread runs its
+        #: handler only when the main thread next runs Python code.
+        self._poll = poll
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        self._received.put(signum)
+
+    def next(self) -> int:
+        """The next signal received (waits for it)."""
+        while True:
+            try:
+                return self._received.get(timeout=self._poll)
+            except queue.Empty:
+                continue
+
+
 def _run_blocking(
     settings: Settings,
     composition: Composition,
@@ -455,24 +484,14 @@ def _run_blocking(
         return 1
     _bound(settings, service, port)
     _log_start(settings, port, service)
-    stop = threading.Event()
-    hangup = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            hangup.set()
-            return
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
+    signals = SignalInbox()
     previous = {
-        s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        s: signal.signal(s, signals.handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     try:
-        while not stop.wait(0.2):
-            if hangup.is_set():
-                hangup.clear()
-                _reload(reload, settings, service)
+        while (signum := signals.next()) == signal.SIGHUP:
+            _reload(reload, settings, service)
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
