@@ -161,12 +161,13 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
-@pytest.fixture(params=["sqlite-local", "postgresql-s3"])
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Where the test's server keeps its state (issue 17 point 2): the embedded default, then
-    PostgreSQL + S3 on the session's engines (started only when a test asks for them)."""
+    """Where the test's server keeps its state: the embedded default, unless the test is
+    parametrized over ``engines_support.BACKENDS`` (then also PostgreSQL + S3 on the session's
+    engines, started only when a test asks for them)."""
     from engines_support import Backend, EnginesBackend
 
-    if request.param == "sqlite-local":
+    if getattr(request, "param", "sqlite-local") == "sqlite-local":
         return Backend()
     return EnginesBackend(request.getfixturevalue("pg"), request.getfixturevalue("s3"), tmp_path)

@@ -28,6 +28,13 @@ from pathlib import Path
 
 import pytest
 
+#: Both places a server keeps its state (issue 17 point 2).  An e2e test runs on both with
+#: ``@pytest.mark.parametrize("backend", BACKENDS, indirect=True)`` (conftest ``backend``) where
+#: it exercises the store: create/send/end, restart and resume, crash, retry, purge, devices.
+#: The rest runs on the embedded default only: the engines sit below what those tests are about,
+#: and their own contract is tests/bindings/test_store_contract.py.
+BACKENDS = ["sqlite-local", "postgresql-s3"]
+
 S3_ACCESS_KEY = "dsc"
 S3_SECRET_KEY = "dsc-test-secret"
 
@@ -276,6 +283,7 @@ def secret_file(folder: Path, text: str) -> Path:
 
 
 __all__ = [
+    "BACKENDS",
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
     "Backend",

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from e2e_support import DEFAULT_SID, dsc
+from engines_support import BACKENDS
 from test_observe_e2e import LOCAL_SHARE, StartServer, get, pages, scan, start_server
 
 __all__ = ["pages", "start_server"]  # the fixtures this module borrows
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)  # the job record keeps them
 @pytest.mark.parametrize("binding", ["async", "blocking"])
 def test_a_two_page_scan_names_both_files_everywhere(
     start_server: StartServer, pages: tuple[Path, Path], tmp_path: Path, binding: str

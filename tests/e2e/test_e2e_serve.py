@@ -53,14 +53,16 @@ BINDINGS = ["async", "blocking"]
 ALL_BINDINGS = [*BINDINGS, "uvicorn", "hypercorn"]
 
 
-def on_backends(bindings: list[str]) -> pytest.MarkDecorator:
-    """Each of ``bindings`` on the embedded store, and the two ``dsc serve`` bindings (its
-    thread and its event loop) on PostgreSQL + S3 (issue 17): the engines sit below the
-    binding, so the ASGI servers on them would only repeat those runs."""
+def on_backends(bindings: list[str], engines: list[str] = BINDINGS) -> pytest.MarkDecorator:
+    """Each of ``bindings`` on the embedded store, and those of ``engines`` (by default the two
+    ``dsc serve`` bindings: its thread and its event loop) on PostgreSQL + S3 (issue 17): the
+    engines sit below the binding, so the ASGI servers on them would only repeat those runs.
+    For the scenarios that exercise the store (engines_support.BACKENDS); the others run on
+    the embedded store only."""
     return pytest.mark.parametrize(
         ("binding", "backend"),
         [(b, "sqlite-local") for b in bindings]
-        + [(b, "postgresql-s3") for b in BINDINGS if b in bindings],
+        + [(b, "postgresql-s3") for b in engines if b in bindings],
         indirect=["backend"],
     )
 
@@ -666,7 +668,7 @@ class Pki:
         return context
 
 
-@on_backends(BINDINGS)
+@pytest.mark.parametrize("binding", BINDINGS)
 def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, binding: str) -> None:
     pki = Pki(tmp_path / "pki")
     config = write(tmp_path / "dsc.toml", b'[users]\nscan_admins = ["admin"]\n')
@@ -782,7 +784,7 @@ def _metadata_services(client: Soap) -> set[str]:
     }
 
 
-@on_backends(BINDINGS)
+@on_backends(BINDINGS, engines=["async"])
 def test_startup_log(start_server: StartServer, binding: str, backend: Backend) -> None:
     server = start_server(binding)
     log = server.log

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers
-from engines_support import Backend, EnginesBackend, with_backend
+from engines_support import BACKENDS, Backend, EnginesBackend, with_backend
 from test_attacks_e2e import SoapFrom
 from test_e2e_serve import Pki
 from waiting import wait_for
@@ -38,8 +38,9 @@ StartServer = Callable[..., ServerProcess]
 
 @pytest.fixture
 def start_server(tmp_path: Path, backend: Backend) -> Iterator[StartServer]:
-    """``dsc serve`` on the test's ``backend`` (conftest: the embedded store, then PostgreSQL +
-    S3): what the server shows of itself must not depend on where it keeps its state."""
+    """``dsc serve`` on the test's ``backend`` (conftest): the embedded store, and PostgreSQL +
+    S3 too for what the server shows of what it stored (history, devices, purge): that must not
+    depend on where it keeps its state."""
     with started_servers() as keep:
 
         def start(
@@ -242,6 +243,7 @@ def test_metrics_before_and_after_a_scan(
     assert value(scrape(server), "dsc_http_refusals_total", status="405") == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_status_json_and_dsc_job_destinations(
     start_server: StartServer, pages: tuple[Path, Path]
 ) -> None:
@@ -270,6 +272,7 @@ def test_status_json_and_dsc_job_destinations(
 # --- 3. devices -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_devices_are_recorded_and_survive_a_restart(
     start_server: StartServer, pages: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -370,6 +373,7 @@ def age_device(backend: Backend, data: Path, address: str, days: int) -> None:
         )
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_a_device_past_the_retention_is_gone_after_a_restart(
     start_server: StartServer, tmp_path: Path, backend: Backend
 ) -> None:
@@ -430,6 +434,7 @@ def test_status_page_is_for_scan_administrators(
 # --- 5. dsc purge ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_dsc_purge_trims_the_history(start_server: StartServer, pages: tuple[Path, Path]) -> None:
     server = start_server()
     tokens = [scan(server, str(pages[0]))["token"] for _ in range(2)]

@@ -8,6 +8,7 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from lxml import etree
 
 from core_support import (
@@ -31,7 +32,7 @@ from dsc_core import (
 )
 from dsc_core.model import FileShareInstructions, FilterState, FilterStateReason, JobState
 from e2e_support import ServerProcess, dsc
-from engines_support import Backend, with_backend
+from engines_support import BACKENDS, Backend, with_backend
 
 A = names.Action
 SHARE = FileShareInstructions((r"\\host\share",))
@@ -116,6 +117,7 @@ def test_a_store_failure_undoes_the_retry() -> None:
     assert t.post(envelope(A.EXT_RETRY_JOB, retry_request(token))).status == 200
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_dsc_retry_delivers_after_the_share_is_fixed(tmp_path: Path, backend: Backend) -> None:
     """On either store (issue 17): the failed job's documents are kept in the spool and read
     again by the retry; purged, its record is gone for good (also after kill -9)."""
