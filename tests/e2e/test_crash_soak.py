@@ -31,7 +31,7 @@ from engines_support import Backend
 from waiting import wait_for
 
 LONG = os.environ.get("DSC_LONG_TESTS") == "1"
-ROUNDS = 100 if LONG else 12
+ROUNDS = 100 if LONG else 6
 
 
 @dataclass
