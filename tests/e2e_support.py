@@ -315,6 +315,25 @@ def dsc(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> Run:
     )
 
 
+def dsc_here(*args: str) -> Run:
+    """``dsc ARGS`` run by the console's ``main`` in this process, its output captured: for the
+    client commands where the test is about what they say and do, not about the process
+    (each ``dsc()`` child costs a Python start-up, ~0.3-1 s).  Exit statuses and output are
+    those of the command (argparse's own exits included)."""
+    import contextlib
+    import io
+
+    from dsc_bindings.console.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Run(code, out.getvalue(), err.getvalue())
+
+
 # --- a SOAP client over real sockets ---------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import DEFAULT_SID, dsc
+from e2e_support import DEFAULT_SID, dsc_here
 from engines_support import BACKENDS
 from test_observe_e2e import LOCAL_SHARE, StartServer, get, pages, scan, start_server
 
@@ -32,13 +32,13 @@ def test_a_two_page_scan_names_both_files_everywhere(
     assert (folder / "page_0001.png").read_bytes() == png.read_bytes()
     assert (folder / "page_0002.pdf").read_bytes() == pdf.read_bytes()
 
-    detail = dsc("job", token[:8], "--server", server.url, "--json")
+    detail = dsc_here("job", token[:8], "--server", server.url, "--json")
     assert detail.code == 0, detail
     [fileshare] = detail.json()["filters"]
     assert fileshare["destinations"] == [LOCAL_SHARE]
     assert fileshare["delivered"] == written and fileshare["delivered_truncated"] is False
 
-    human = dsc("job", token, "--server", server.url)
+    human = dsc_here("job", token, "--server", server.url)
     assert human.code == 0, human
     lines = human.out.splitlines()
     at = lines.index(next(line for line in lines if line.startswith("Filter fileshare")))

@@ -14,7 +14,7 @@ from client_support import on_terminal
 from dsc_bindings.directory.ldap import Directory, DirectoryError, DirectorySettings
 from dsc_bindings.directory.scan_processes import ProcessStore, ScanProcess
 from dsc_core import Lookups
-from e2e_support import child_env, dsc
+from e2e_support import child_env, dsc_here
 from samba_support import BASE_DN, DOMAIN, USERS, SambaDC
 
 
@@ -159,7 +159,7 @@ def test_display_name_by_either_identifier_encoding(
 
 def test_process_round_trip(config: Path) -> None:
     c = ("--config", str(config))
-    added = dsc(
+    added = dsc_here(
         "process",
         "add",
         "Invoices",
@@ -181,7 +181,7 @@ def test_process_round_trip(config: Path) -> None:
     )
     assert added.code == 0, added
     assert "scan process 'Invoices' added" in added.out
-    shown = dsc("process", "show", "Invoices", *c, "--json")
+    shown = dsc_here("process", "show", "Invoices", *c, "--json")
     assert shown.code == 0, shown
     process = shown.json()
     assert process["shares"] == [r"\\files\invoices"]
@@ -196,16 +196,16 @@ def test_process_round_trip(config: Path) -> None:
     assert process["scan_repository"] == "scan.samdom.example.com"  # this server's public name
     assert process["allow"] == []
     uuid.UUID(process["identifier"])
-    xml = dsc("process", "show", "Invoices", *c, "--xml")
+    xml = dsc_here("process", "show", "Invoices", *c, "--xml")
     assert "<psp:PostScanProcess" in xml.out and "ADFDuplex" in xml.out, xml
 
-    listed = dsc("process", "list", *c, "--wide")
+    listed = dsc_here("process", "list", *c, "--wide")
     assert listed.code == 0, listed
     row = next(line for line in listed.out.splitlines() if line.startswith("Invoices"))
     assert r"share \\files\invoices" in row and "png 200 dpi Grayscale8 duplex" in row
     assert "everyone" in row
 
-    edited = dsc(
+    edited = dsc_here(
         "process",
         "edit",
         "Invoices",
@@ -216,52 +216,56 @@ def test_process_round_trip(config: Path) -> None:
         "--continue-on-error",
     )
     assert edited.code == 0, edited
-    process2 = dsc("process", "show", "Invoices", *c, "--json").json()
+    process2 = dsc_here("process", "show", "Invoices", *c, "--json").json()
     assert process2["shares"] == [] and process2["emails"] == []  # destinations replaced
     assert process2["sharepoint_sites"] == ["https://sp.example.com/sites/ap"]
     assert process2["duplex"] is False and process2["continue_on_error"] is True
     assert process2["format"] == "png" and process2["identifier"] == process["identifier"]
 
-    twice = dsc("process", "add", "Invoices", *c, "--share", r"\\x\y")
+    twice = dsc_here("process", "add", "Invoices", *c, "--share", r"\\x\y")
     assert twice.code == 1 and "exists already" in twice.err, twice
     # On a terminal `rm` asks, and "no" keeps the process.
     code, said = on_terminal(dsc_command("process", "rm", "Invoices", *c), "n", child_env())
     assert code == 1, said
     assert "Remove the scan process 'Invoices' (" in said and "[y/N]" in said, said
     assert "not confirmed; nothing was changed" in said
-    assert dsc("process", "show", "Invoices", *c).code == 0
-    removed = dsc("process", "rm", "Invoices", *c, "--yes")
+    assert dsc_here("process", "show", "Invoices", *c).code == 0
+    removed = dsc_here("process", "rm", "Invoices", *c, "--yes")
     assert removed.code == 0, removed
-    gone = dsc("process", "show", "Invoices", *c)
+    gone = dsc_here("process", "show", "Invoices", *c)
     assert gone.code == 1 and "no scan process named 'Invoices'" in gone.err, gone
-    assert "Invoices" not in dsc("process", "list", *c).out
+    assert "Invoices" not in dsc_here("process", "list", *c).out
 
 
 def test_process_arguments_are_checked(config: Path) -> None:
     c = ("--config", str(config))
-    nothing = dsc("process", "add", "Empty", *c)
+    nothing = dsc_here("process", "add", "Empty", *c)
     assert nothing.code == 2 and "needs a destination" in nothing.err, nothing
-    bad_share = dsc("process", "add", "Bad", *c, "--share", "not a unc " + "x" * 300)
+    bad_share = dsc_here("process", "add", "Bad", *c, "--share", "not a unc " + "x" * 300)
     assert bad_share.code == 1 and "do not match its schema" in bad_share.err, bad_share
-    no_group = dsc("process", "add", "Nogroup", *c, "--share", r"\\h\s", "--allow", "nosuchgroup")
+    no_group = dsc_here(
+        "process", "add", "Nogroup", *c, "--share", r"\\h\s", "--allow", "nosuchgroup"
+    )
     assert no_group.code == 1 and "no group named 'nosuchgroup'" in no_group.err, no_group
-    assert "Nogroup" not in dsc("process", "list", *c).out
-    no_config = dsc("process", "list")
+    assert "Nogroup" not in dsc_here("process", "list", *c).out
+    no_config = dsc_here("process", "list")
     assert no_config.code == 2 and "--config" in no_config.err
 
 
 def test_restricted_process_is_invisible_outside_its_groups(config: Path) -> None:
     c = ("--config", str(config))
-    added = dsc("process", "add", "Payroll", *c, "--share", r"\\hr\payroll", "--allow", "itstaff")
+    added = dsc_here(
+        "process", "add", "Payroll", *c, "--share", r"\\hr\payroll", "--allow", "itstaff"
+    )
     assert added.code == 0, added
     try:
-        shown = dsc("process", "show", "Payroll", *c, "--json").json()
+        shown = dsc_here("process", "show", "Payroll", *c, "--json").json()
         assert shown["allow"] == ["itstaff"]
 
         def as_user(name: str, *args: str) -> tuple[int, str, str]:
             pw = Path(config.parent / f"{name}.pw")
             pw.write_text(USERS[name][0])
-            run = dsc(*args, *c, "--as", f"{name}@{DOMAIN}", "--password-file", str(pw))
+            run = dsc_here(*args, *c, "--as", f"{name}@{DOMAIN}", "--password-file", str(pw))
             return run.code, run.out, run.err
 
         code, out, err = as_user("alice", "process", "list")  # alice is in itstaff
@@ -272,11 +276,11 @@ def test_restricted_process_is_invisible_outside_its_groups(config: Path) -> Non
         assert code == 1 and "no scan process named 'Payroll'" in err
 
         # Open it to everyone again, then bob sees it.
-        assert dsc("process", "edit", "Payroll", *c, "--allow-everyone").code == 0
+        assert dsc_here("process", "edit", "Payroll", *c, "--allow-everyone").code == 0
         code, out, err = as_user("bob", "process", "list", "--json")
         assert code == 0 and "Payroll" in [p["name"] for p in json.loads(out)], (out, err)
     finally:
-        dsc("process", "rm", "Payroll", *c, "--yes")
+        dsc_here("process", "rm", "Payroll", *c, "--yes")
 
 
 def test_wrong_password_and_unreachable_directory_are_one_line(
@@ -284,7 +288,7 @@ def test_wrong_password_and_unreachable_directory_are_one_line(
 ) -> None:
     pw = tmp_path / "pw"
     pw.write_text("wrong")
-    refused = dsc(
+    refused = dsc_here(
         "process",
         "list",
         "--config",
@@ -302,7 +306,7 @@ def test_wrong_password_and_unreachable_directory_are_one_line(
     text = config.read_text()
     url_line = next(line for line in text.splitlines() if line.startswith("url"))
     nowhere.write_text(text.replace(url_line, 'url = "ldaps://127.0.0.1:9"'))
-    down = dsc("process", "list", "--config", str(nowhere))
+    down = dsc_here("process", "list", "--config", str(nowhere))
     assert down.code == 1 and down.err.startswith("dsc: directory: ldaps://127.0.0.1:9"), down
     assert "Traceback" not in down.err
 

@@ -39,7 +39,7 @@ from e2e_support import (
     SharePointSite,
     Soap,
     Stream,
-    dsc,
+    dsc_here,
     file_sha256,
     free_port,
     started_servers,
@@ -131,7 +131,7 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
     a = write(tmp_path / "in" / "a.png", os.urandom(300_000))
     b = write(tmp_path / "in" / "b.pdf", os.urandom(70_000))
 
-    scan = dsc("scan", "--server", server.url, str(a), str(b))
+    scan = dsc_here("scan", "--server", server.url, str(a), str(b))
     assert scan.code == 0, scan
     created = re.search(rf"job ({UUID_RE}) created", scan.err)
     assert created, scan.err
@@ -144,10 +144,10 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
     assert (folder / "a_0001.png").read_bytes() == a.read_bytes()
     assert (folder / "a_0002.pdf").read_bytes() == b.read_bytes()
 
-    jobs = dsc("jobs", "--server", server.url, "--json")
+    jobs = dsc_here("jobs", "--server", server.url, "--json")
     assert jobs.code == 0, jobs
     assert jobs.json() == []
-    history = dsc("history", "--server", server.url, "--json")
+    history = dsc_here("history", "--server", server.url, "--json")
     assert history.code == 0, history
     [entry] = history.json()
     assert entry["token"] == token
@@ -159,15 +159,15 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
         ("fileshare", "CompletedSuccessfully")
     ]
 
-    job = dsc("job", token, "--server", server.url, "--json")
+    job = dsc_here("job", token, "--server", server.url, "--json")
     assert job.code == 0, job
     detail = job.json()
     assert detail["token"] == token and detail["state"] == "Completed"
     assert detail["documents"] == [{"id": "1", "format": "png"}, {"id": "2", "format": "pdf-a"}]
-    human = dsc("job", token, "--server", server.url)
+    human = dsc_here("job", token, "--server", server.url)
     assert human.code == 0 and "document 2: pdf-a" in human.out, human
 
-    repo = dsc("repo", "--server", server.url, "--json")
+    repo = dsc_here("repo", "--server", server.url, "--json")
     assert repo.code == 0, repo
     assert repo.json()["state"] == "Idle"
     # dsc:Filter/dsc:Dialect is an xs:QName (ftr:fileshare, ...).
@@ -178,11 +178,11 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
     }
 
     unknown = str(uuid.uuid4())  # never existed: the server's own answer
-    cancel = dsc("cancel", unknown, "--server", server.url)
+    cancel = dsc_here("cancel", unknown, "--server", server.url)
     assert cancel.code == 1 and cancel.out == "", cancel
     line = one_line(cancel.err)
     assert line.startswith("dsc: dsc:ClientErrorJobTokenNotFound: ") and unknown in line, line
-    ended = dsc("cancel", token, "--server", server.url)  # already completed: said so
+    ended = dsc_here("cancel", token, "--server", server.url)  # already completed: said so
     assert ended.code == 1 and ended.out == "", ended
     assert one_line(ended.err) == (
         f"dsc: job {token} has already ended (Completed: PostScanJobCompletedSuccessfully); "
@@ -190,7 +190,7 @@ def test_cli_first_scan(start_server: StartServer, tmp_path: Path) -> None:
     )
 
     nobody = f"http://127.0.0.1:{free_port()}/ScanServer"
-    down = dsc("jobs", "--server", nobody)
+    down = dsc_here("jobs", "--server", nobody)
     assert down.code != 0
     line = one_line(down.err)
     assert line.startswith("dsc: cannot reach the scan server") and "dsc serve" in line, line
@@ -210,7 +210,7 @@ def test_multi_page_scan(
     pages = [
         write(tmp_path / "in" / f"page{n}.png", os.urandom(600_000 + n * 1234)) for n in (1, 2, 3)
     ]
-    scan = dsc(
+    scan = dsc_here(
         "scan",
         "--server",
         server.url,
@@ -262,7 +262,7 @@ def test_cancel_while_processing(start_server: StartServer, tmp_path: Path) -> N
         assert client.dsp_job(token).state == "Processing"
         upload = site.uploads[0]
 
-        cancel = dsc("cancel", token, "--server", server.url)
+        cancel = dsc_here("cancel", token, "--server", server.url)
         assert cancel.code == 0, cancel
         assert cancel.out.strip() == f"job {token} canceled"
         # R6: Canceled at once, with the single reason PostScanJobCanceled.
@@ -336,7 +336,7 @@ class FilterEnv:
         self.files = files
 
     def scan(self, *args: str) -> tuple[int, dict[str, Any]]:
-        run = dsc("scan", "--server", self.server.url, "--quiet", "--json", *args)
+        run = dsc_here("scan", "--server", self.server.url, "--quiet", "--json", *args)
         assert "Traceback" not in run.err, run
         return run.code, run.json()
 
@@ -463,7 +463,7 @@ def test_filter_email_relay_unreachable(start_server: StartServer, tmp_path: Pat
     )
     server = start_server("blocking", config=config)
     a = write(tmp_path / "in" / "a.png", os.urandom(10_000))
-    run = dsc(
+    run = dsc_here(
         "scan",
         "--server",
         server.url,
@@ -679,7 +679,9 @@ def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, bind
     assert url.startswith("https://")
 
     def as_user(user: str, *args: str) -> Run:
-        return dsc(*args, "--server", url, "--ca", str(pki.ca_pem), "--cert", str(pki.users[user]))
+        return dsc_here(
+            *args, "--server", url, "--ca", str(pki.ca_pem), "--cert", str(pki.users[user])
+        )
 
     jobs = as_user("admin", "jobs", "--json")
     assert jobs.code == 0, jobs
@@ -743,7 +745,7 @@ def test_tls_client_certificates(start_server: StartServer, tmp_path: Path, bind
         except (ssl.SSLError, ConnectionError) as exc:
             answer = repr(exc).encode()
         assert not answer.startswith(b"HTTP/"), answer
-    down = dsc("jobs", "--server", url, "--ca", str(pki.ca_pem))
+    down = dsc_here("jobs", "--server", url, "--ca", str(pki.ca_pem))
     assert down.code == 1, down
     assert one_line(down.err).startswith("dsc: TLS with 127.0.0.1"), down.err
     wait_for(

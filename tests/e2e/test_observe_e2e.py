@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc, started_servers
+from e2e_support import DEFAULT_SID, ServerProcess, Soap, dsc_here, started_servers
 from engines_support import BACKENDS, Backend, EnginesBackend, with_backend
 from test_attacks_e2e import SoapFrom
 from test_e2e_serve import Pki
@@ -89,7 +89,7 @@ def get(
 
 
 def scan(server: ServerProcess, *args: str) -> dict[str, Any]:
-    run = dsc("scan", "--server", server.url, "--quiet", "--json", *args)
+    run = dsc_here("scan", "--server", server.url, "--quiet", "--json", *args)
     assert "Traceback" not in run.err, run
     result: dict[str, Any] = run.json()
     return result
@@ -262,10 +262,10 @@ def test_status_json_and_dsc_job_destinations(
     assert state["counters"]["jobs_ended"]["succeeded"] == 1
     assert get(server, "/status.json?job=nope")[0] == 404
 
-    human = dsc("job", done["token"], "--server", server.url)
+    human = dsc_here("job", done["token"], "--server", server.url)
     assert human.code == 0, human
     assert f"Filter fileshare  CompletedSuccessfully -> {LOCAL_SHARE}" in human.out, human.out
-    detail = dsc("job", done["token"][:8], "--server", server.url, "--json").json()
+    detail = dsc_here("job", done["token"][:8], "--server", server.url, "--json").json()
     assert detail["filters"][0]["destinations"] == [LOCAL_SHARE]
 
 
@@ -278,10 +278,10 @@ def test_devices_are_recorded_and_survive_a_restart(
 ) -> None:
     data = tmp_path / "data"
     server = start_server(data=data)
-    assert dsc("devices", "--server", server.url).out.startswith("(no devices yet")
+    assert dsc_here("devices", "--server", server.url).out.startswith("(no devices yet")
     scan(server, str(pages[0]))
     scan(server, "--share", r"\\host\..\x", str(pages[0]))
-    first = dsc("devices", "--server", server.url, "--json")
+    first = dsc_here("devices", "--server", server.url, "--json")
     assert first.code == 0, first
     [device] = first.json()
     assert device["address"] == "127.0.0.1" and device["identity"] == ""
@@ -295,7 +295,7 @@ def test_devices_are_recorded_and_survive_a_restart(
     server.stop_cleanly()
 
     again = start_server(data=data)
-    kept = dsc("devices", "--server", again.url, "--json").json()
+    kept = dsc_here("devices", "--server", again.url, "--json").json()
     assert kept == [device]
     # A job created before a restart and ended after it counts for its device.
     soap = Soap(again.url)
@@ -304,17 +304,17 @@ def test_devices_are_recorded_and_survive_a_restart(
     third = start_server(data=data)
     Soap(third.url).dsc_cancel(token)
     wait_for(
-        lambda: dsc("devices", "--server", third.url, "--json").json()[0]["canceled"] == 1,
+        lambda: dsc_here("devices", "--server", third.url, "--json").json()[0]["canceled"] == 1,
         what="the canceled job counted",
     )
-    table = dsc("devices", "--server", third.url)
+    table = dsc_here("devices", "--server", third.url)
     lines = table.out.rstrip("\n").split("\n")
     assert lines[0].split()[:3] == ["ADDRESS", "IDENTITY", "LAST"]
     assert lines[2].split()[0] == "127.0.0.1" and all(len(line) <= 100 for line in lines)
 
 
 def listed_devices(server: ServerProcess) -> list[str]:
-    run = dsc("devices", "--server", server.url, "--json")
+    run = dsc_here("devices", "--server", server.url, "--json")
     assert run.code == 0, run
     return [d["address"] for d in run.json()]
 
@@ -421,7 +421,7 @@ def test_status_page_is_for_scan_administrators(
     assert get(server, "/healthz", pki.context("bob"))[0] == 200
 
     def as_user(user: str, *args: str) -> Any:
-        return dsc(
+        return dsc_here(
             *args, "--server", server.url, "--ca", str(pki.ca_pem), "--cert", str(pki.users[user])
         )
 
@@ -438,14 +438,14 @@ def test_status_page_is_for_scan_administrators(
 def test_dsc_purge_trims_the_history(start_server: StartServer, pages: tuple[Path, Path]) -> None:
     server = start_server()
     tokens = [scan(server, str(pages[0]))["token"] for _ in range(2)]
-    none = dsc("purge", "--server", server.url, "--before", "1d", "--json", "--yes")
+    none = dsc_here("purge", "--server", server.url, "--before", "1d", "--json", "--yes")
     assert none.code == 0 and none.json()["purged"] == 0, none
     tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
-    run = dsc("purge", "--server", server.url, "--before", tomorrow, "--yes")
+    run = dsc_here("purge", "--server", server.url, "--before", tomorrow, "--yes")
     assert run.code == 0, run
     assert re.fullmatch(r"2 job\(s\) that ended before .* removed from the history\n", run.out)
-    assert dsc("history", "--server", server.url, "--json").json() == []
+    assert dsc_here("history", "--server", server.url, "--json").json() == []
     state = json.loads(get(server, "/status.json")[2])
     assert state["history"] == [] and not any(t in json.dumps(state) for t in tokens)
-    bad = dsc("purge", "--server", server.url, "--before", "soon")
+    bad = dsc_here("purge", "--server", server.url, "--before", "soon")
     assert bad.code == 2 and "neither a date/time" in bad.err, bad
