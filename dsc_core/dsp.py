@@ -237,9 +237,8 @@ def begin_send_image(request: Request, args: SendImageArgs) -> Upload:
     DocumentId, so that the image streams straight to the store (R8)."""
     job = find_job(request, NS, args.token, own_only=True)
     table = request.state.jobs
-    if (
-        any(d.document_id == args.document_id for d in job.documents)
-        or (args.token, args.document_id) in table.uploads
+    if any(d.document_id == args.document_id for d in job.documents) or table.uploading(
+        (args.token, args.document_id)
     ):
         raise Args(NS).invalid(NS, "DocumentId")  # R6: a DocumentId already used in the job
     if job.images_received >= request.config.limits.max_documents_per_job:

@@ -1,4 +1,9 @@
-"""The job table shared by both protocols (R1): active jobs, the history, uploads in flight."""
+"""The job table shared by both protocols (R1): active jobs, the history, uploads in flight.
+
+With several instances on one shared store (issue 18) the table is a cache of the job rows: the
+binding hands it the rows other instances changed (:meth:`JobTable.absorb`) and the uploads they
+have in flight (``uploads_elsewhere``) before each request and tick; the core still decides only
+from this table."""
 
 from __future__ import annotations
 
@@ -15,6 +20,15 @@ class JobTable:
         self._history: dict[str, Job] = {}
         #: (token, document_id) of SendImage uploads in progress: reserved ids (R6 duplicates).
         self.uploads: set[tuple[str, int]] = set()
+        #: The same for uploads in flight on other instances of a shared store (issue 18), as
+        #: the binding last read them: an R6 duplicate there is a duplicate here, and a job
+        #: receiving an image there is not idle here.
+        self.uploads_elsewhere: frozenset[tuple[str, int]] = frozenset()
+
+    def uploading(self, key: tuple[str, int]) -> bool:
+        """Whether the DocumentId ``key`` = (token, document_id) is being received, on this
+        instance or another (R6: a second SendImage of it is a duplicate)."""
+        return key in self.uploads or key in self.uploads_elsewhere
 
     def get(self, token: str) -> Job | None:
         return self._active.get(token) or self._history.get(token)
@@ -28,6 +42,22 @@ class JobTable:
         self._active.pop(job.token, None)
         self._history.pop(job.token, None)
         self._history[job.token] = job
+        return self.trim()
+
+    def absorb(self, job: Job) -> list[str]:
+        """Take a job's record as another instance wrote it (issue 18): like :meth:`put`, but a
+        completed job takes its place in the history by the time it ended (R6 history order),
+        not at the newest end, since records arrive in the order they were read, not ended.
+        Returns the tokens that fell out of the history."""
+        if job.is_active:
+            return self.put(job)
+        self._active.pop(job.token, None)
+        self._history.pop(job.token, None)
+        ended = _ended(job)
+        newest = next(reversed(self._history.values()), None)
+        self._history[job.token] = job
+        if newest is not None and _ended(newest) > ended:
+            self._history = dict(sorted(self._history.items(), key=lambda item: _ended(item[1])))
         return self.trim()
 
     def trim(self) -> list[str]:
@@ -46,7 +76,7 @@ class JobTable:
     def purgeable(self, before: datetime) -> list[Job]:
         """The completed jobs that ended before ``before``, oldest first: what :meth:`purge`
         removes (and what the web console's dry run lists)."""
-        return [j for j in self._history.values() if (j.completed or j.last_activity) < before]
+        return [j for j in self._history.values() if _ended(j) < before]
 
     def purge(self, before: datetime) -> list[Job]:
         """Remove the completed jobs that ended before ``before``; returns them."""
@@ -57,9 +87,7 @@ class JobTable:
 
     def restore_history(self, jobs: list[Job]) -> None:
         """Undo :meth:`purge`: put the jobs back in their place (history order = end order)."""
-        merged = sorted(
-            [*self._history.values(), *jobs], key=lambda j: j.completed or j.last_activity
-        )
+        merged = sorted([*self._history.values(), *jobs], key=_ended)
         self._history = {j.token: j for j in merged}
 
     def active(self) -> list[Job]:
@@ -73,7 +101,7 @@ class JobTable:
     def _idle_creating(self) -> list[Job]:
         """Creating jobs that no image is arriving for: the ones the R6 timeout applies to (an
         image in progress is activity; its end restarts the clock)."""
-        receiving = {t for t, _ in self.uploads}
+        receiving = {t for t, _ in self.uploads} | {t for t, _ in self.uploads_elsewhere}
         return [
             j
             for j in self._active.values()
@@ -95,3 +123,8 @@ class JobTable:
         before; None when it would return none however late (exact: no early wake-ups)."""
         limit = timedelta(seconds=timeout)
         return min((j.last_activity + limit for j in self._idle_creating()), default=None)
+
+
+def _ended(job: Job) -> datetime:
+    """When a completed job ended: the order of the history (R6)."""
+    return job.completed or job.last_activity

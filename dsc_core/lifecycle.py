@@ -121,6 +121,10 @@ REFUSALS: Final[dict[JobInput, str]] = {
 }
 
 
+#: The states in which a job is the engine's (queued or running): a cancel elsewhere stops it.
+_ENGINE_STATES: Final = (JobState.PENDING, JobState.STARTED, JobState.PROCESSING)
+
+
 class Refused(Exception):
     """The table has no entry for (state, input).  ``fault`` names the R4 fault for a request
     input, or is None for a stale engine/clock input that is to be ignored."""
@@ -224,6 +228,45 @@ class JobLifecycle:
                 self.kept[old.token] = old.completed or old.last_activity  # an undone retry
         self.notifier.assume_repository_state(self.repository_state)
         return []
+
+    # --- other instances (issue 18) -------------------------------------------------------
+
+    def absorb(
+        self,
+        jobs: Iterable[Job],
+        dropped: Iterable[str],
+        uploads_elsewhere: Iterable[tuple[str, int]],
+    ) -> list[Command]:
+        """Take what other instances of a shared store changed: their new job records, the
+        tokens whose rows they deleted (history trimmed, purged) and the uploads they have in
+        flight.  The instance that made a change announced it; so this emits no events, and it
+        drops no row (the trimming instance did).  Its only commands: StopProcessing for a job
+        that was handed to this instance's engine and that another instance ended (a cancel).
+        """
+        commands: list[Command] = []
+        for new in jobs:
+            old = self.jobs.get(new.token)
+            self.jobs.absorb(new)
+            if (
+                old is not None
+                and old.state in _ENGINE_STATES
+                and not new.is_active
+                and new.state is not JobState.COMPLETED
+            ):
+                commands.append(StopProcessing(new.token))
+            if new.is_active:
+                self.kept.pop(new.token, None)
+            elif keeps_documents(new):
+                self.kept[new.token] = new.completed or new.last_activity
+            else:
+                self.kept.pop(new.token, None)
+        for token in dropped:
+            self.jobs.remove(token)
+            self.kept.pop(token, None)
+        self.jobs.uploads_elsewhere = frozenset(uploads_elsewhere)
+        # Announced by whoever changed it; the next change here compares with this state.
+        self.notifier.assume_repository_state(self.repository_state)
+        return commands
 
     # --- the processing engine ------------------------------------------------------------
 

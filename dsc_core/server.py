@@ -55,6 +55,19 @@ class ScanServer(ServerState):
         outcome = exchange.end()
         return replace(outcome, commands=tuple(early) + outcome.commands)
 
+    # --- other instances of a shared store (issue 18) ------------------------------------
+
+    def absorb(
+        self,
+        jobs: Iterable[Job],
+        dropped: Iterable[str] = (),
+        uploads_elsewhere: Iterable[tuple[str, int]] = (),
+    ) -> list[Command]:
+        """Records other instances wrote, rows they deleted, uploads they are receiving
+        (``JobLifecycle.absorb``): the table is a cache of the shared rows; the binding calls
+        this before an exchange's first call and before each tick.  No events."""
+        return self.lifecycle.absorb(jobs, dropped, uploads_elsewhere)
+
     # --- the processing engine ------------------------------------------------------------
 
     def processing(self, event: ProcessingEvent, now: datetime) -> list[Command]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from dsc_bindings.store import split
 from dsc_bindings.store.errors import StoreError
 from dsc_bindings.store.interface import JobRecords, Spool
 from dsc_bindings.store.localspool import LocalSpool
@@ -213,8 +214,11 @@ def test_discard_and_drop(store: SplitStore) -> None:
     store.apply(DropJob("b", Removal.PURGED))  # gone already: fine
 
 
-def test_open_removes_debris_but_keeps_documents(backend: Backend) -> None:
+def test_open_removes_debris_but_keeps_documents(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with backend.open() as s:
+        shared = s.shared
         s.apply(CreateJob(make_job("kept")))
         put_document(s, "kept", 1, content(1))  # type: ignore[arg-type]
         s.apply(BeginDocument("kept", 2, "png"))  # a crash mid-upload: never finished
@@ -222,6 +226,13 @@ def test_open_removes_debris_but_keeps_documents(backend: Backend) -> None:
         put_document(s, "orphan", 1, b"x")  # documents of a job whose row never committed
         s.records.close()  # the "crash": nothing else is cleaned up
         s.spool = _Forgetful(s.spool)
+    if shared:
+        # Issue 18: with shared records the orphan may be a job another instance has just
+        # created; only debris older than SHARED_DEBRIS_SECONDS goes.
+        with backend.open() as s:
+            assert s.spool.documents("orphan") == [1]
+            s.spool = _Forgetful(s.spool)
+        monkeypatch.setattr(split, "SHARED_DEBRIS_SECONDS", 0)
     with backend.open() as s:
         assert s.spool.documents("kept") == [1]
         assert s.spool.documents("orphan") == []

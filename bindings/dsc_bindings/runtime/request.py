@@ -44,6 +44,10 @@ class RequestRuntime:
     directory: Directory | None
     clock: Callable[[], datetime]
     observer: ServiceObserver
+    #: A shared store (issue 18, runtime/catchup.py): start reading what other instances
+    #: changed, off the owner (a ticket); then, as the owner, hand it to the core.  None with
+    #: SQLite: nothing to catch up with.
+    catch_up: tuple[Callable[[], Ticket], Callable[[Ticket], None]] | None = None
 
 
 def directory_answers(ticket: Ticket) -> DirectoryAnswers:
@@ -73,6 +77,8 @@ class ServiceRequest:
         self._done = False
         #: The last batch of this exchange: its next one runs after it.
         self._last: Ticket | None = None
+        #: The core's table was refreshed from the shared rows for this request (issue 18).
+        self._caught_up = run.catch_up is None
 
     def feed(self, data: bytes) -> Wait | None:
         """Pass a piece of the body to the core; its commands (image bytes) are written off
@@ -80,6 +86,8 @@ class ServiceRequest:
         already decided (the fault of R4 step 9) and ``finish`` returns it."""
         if self._done or self._failed is not None or not data:
             return None
+        if not self._caught_up:
+            return self._catch_up(lambda: self.feed(data))
         exchange = self._exchange
         commands = self._run.owner.call(lambda: exchange.feed(data))
         # One batch of this exchange in flight at a time, and the caller does not wait for
@@ -108,6 +116,8 @@ class ServiceRequest:
             return self._reply
         if self._done and self._failed is None:
             raise RuntimeError("finish() after abort()")
+        if not self._caught_up and self._failed is None:
+            return self._catch_up(self.finish)
         last = self._last
         if self._failed is None and last is not None:
             if not last.done:  # the body's last piece is still being written
@@ -156,6 +166,24 @@ class ServiceRequest:
         return None if ticket.done else Wait(ticket, lambda: None)
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _catch_up(self, resume: Callable[[], T]) -> T | Wait:
+        """Before the exchange's first core call: the other instances' changes into the core's
+        table (runtime/catchup.py), then ``resume``.  If the store cannot be read the request
+        is refused as a store failure (R4 step 9), before the core decided anything."""
+        self._caught_up = True
+        assert self._run.catch_up is not None
+        begin, absorb = self._run.catch_up
+        ticket = begin()
+
+        def caught() -> T | Wait:
+            if ticket.error is not None:
+                self._store_failed(ticket.error)
+            else:
+                absorb(ticket)
+            return resume()
+
+        return self._then(ticket, caught)
 
     def _submit(self, commands: Sequence[Command], *, strict: bool) -> Ticket:
         ticket = self._run.submit(commands, strict, self._last)

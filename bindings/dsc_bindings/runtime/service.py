@@ -20,6 +20,9 @@ Both HTTP bindings talk to a :class:`ScanService` (through the composition root'
 - A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()``, at least
   once a second (R6 job timeouts, R7 subscription expiry); on a PostgreSQL store only the
   cluster's leader (:mod:`.cluster`) runs the job sweeps.
+- **A shared store** (PostgreSQL, issue 18): before an exchange's first core call and before
+  each tick, the other instances' changes are read off the owner and handed to the core, and
+  record writes are compare-and-set (:mod:`.catchup`).
 - What happened is reported to a :class:`~.observing.ServiceObserver`; the status page, the
   health checks and the web endpoints sit above this module (``dsc_bindings.observe``) and are
   wired by ``dsc_bindings.serve``.
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING
 
 from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.runtime.catchup import Caught, JobCatchUp
 from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
 from dsc_bindings.runtime.installation import record_start_of
@@ -63,11 +67,12 @@ from dsc_bindings.runtime.owner import CoreOwner
 from dsc_bindings.runtime.peer import Peer
 from dsc_bindings.runtime.request import RequestRuntime, ServiceRequest
 from dsc_bindings.runtime.ticket import Ticket, settle
-from dsc_bindings.runtime.writer import CommandWriter, Routes
+from dsc_bindings.runtime.writer import CommandWriter, Routes, Writable
 from dsc_bindings.store.backends import StorageSettings, open_job_store
-from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
-from dsc_bindings.store.interface import JobStore
+from dsc_bindings.store.interface import JobStore, VersionedWrite
+from dsc_bindings.store.split import SplitStore
 from dsc_core import (
     Command,
     Deliver,
@@ -163,8 +168,16 @@ class ScanService:
         self.observer = observer
         #: What a scan needs, checked once at start (``.observe.health``), if given.
         self.health = health
+        #: Set at start when the store is shared (issue 18): the catch-up with other instances.
+        self._catch_up: JobCatchUp | None = None
         self._requests = RequestRuntime(
-            self.owner, self.submit, self._writer.offload, directory, clock, observer
+            self.owner,
+            self.submit,
+            self._writer.offload,
+            directory,
+            clock,
+            observer,
+            (self._begin_catch_up, self._end_catch_up),
         )
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -198,7 +211,10 @@ class ScanService:
             store.close()
             raise
         try:
+            caught = self._follow_others(store)
             jobs = store.load_jobs()
+            if caught is not None and self._catch_up is not None:
+                self._catch_up.seed(caught)
             self.observer.open(jobs, self.clock())
             self._engine = ProcessingEngine(
                 self.filter_settings,
@@ -215,7 +231,7 @@ class ScanService:
                     *self.server.restore(jobs, self.clock()),
                 ]
             )
-            self._writer.submit(commands, strict=False).wait()
+            self._writer.submit(self._stamped(commands), strict=False).wait()
         except BaseException:
             log.exception("starting the scan service failed")
             if self.cluster is not None:
@@ -262,6 +278,16 @@ class ScanService:
         thread = threading.Thread(target=self._tick_loop, name="dsc-ticker", daemon=True)
         self._threads.append(thread)
         thread.start()
+
+    def _follow_others(self, store: JobStore) -> Caught | None:
+        """A shared store (issue 18): the catch-up with other instances, and its first read,
+        made before the rows are loaded (catchup.JobCatchUp.seed).  None: not shared, and
+        requests skip the catch-up."""
+        if isinstance(store, SplitStore) and store.shared:
+            self._catch_up = JobCatchUp(store.job_changes)
+            return self._catch_up.read()
+        self._requests = dataclasses.replace(self._requests, catch_up=None)
+        return None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: repository Stopped and SubscriptionEnd SourceShuttingDown (R7; deliveries get at
@@ -434,7 +460,33 @@ class ScanService:
             return Ticket.completed()
         if (after is None or after.done) and self._writer.run_inline(commands):
             return Ticket.completed()
-        return self._writer.submit(commands, strict=strict, after=after)
+        return self._writer.submit(self._stamped(commands), strict=strict, after=after)
+
+    def _stamped(self, commands: Sequence[Command]) -> Sequence[Writable]:
+        """As the core's owner, right after the call that made them: with a shared store, each
+        record command carries the row version it replaces (.catchup)."""
+        if self._catch_up is None:
+            return commands
+        return self._catch_up.stamp(commands)
+
+    # --- other instances of a shared store (issue 18, .catchup) ------------------------------
+
+    def _begin_catch_up(self) -> Ticket:
+        """Read what other instances changed, off the owner; the ticket's value is a Caught."""
+        catch_up = self._catch_up
+        if catch_up is None:
+            return Ticket.completed()
+        return self._writer.offload(catch_up.read)
+
+    def _end_catch_up(self, ticket: Ticket) -> None:
+        """Hand a read to the core, as its owner (a request's, before its first core call)."""
+        if isinstance(ticket.value, Caught):
+            caught = ticket.value
+            self.owner.call(lambda: self._absorb(caught))
+
+    def _absorb(self, caught: Caught) -> None:
+        assert self._catch_up is not None
+        self._background(self._catch_up.absorb(self.server, caught))
 
     def _background(self, commands: Sequence[Command]) -> None:
         """Commands not tied to a request (engine reports, ticks, deliveries, reloads): a
@@ -470,13 +522,36 @@ class ScanService:
             raise StoreError("the scan service is not started", temporary=False)
         return self._store
 
-    def _store_apply(self, command: Command) -> None:
+    def _store_apply(self, command: Writable) -> None:
+        if isinstance(command, VersionedWrite):
+            self._versioned_apply(command)
+            return
         try:
             self._require_store().apply(command)  # type: ignore[arg-type]
         except StoreError as exc:
             self.observer.store_failed(exc.message)
             raise
         self.observer.applied(command)  # durable now: log it, count it, show it
+
+    def _versioned_apply(self, write: VersionedWrite) -> None:
+        assert self._catch_up is not None
+        error: BaseException | None = None
+        try:
+            self._catch_up.check(write)
+            self._require_store().apply(write)
+        except JobChanged as exc:
+            error = exc  # a lost race, not a store fault (the writer logs it)
+            raise
+        except StoreError as exc:
+            error = exc
+            self.observer.store_failed(exc.message)
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._catch_up.settled(write, error)
+        self.observer.applied(write.command)
 
     def _start_processing(self, command: StartProcessing) -> None:
         if self._engine is None:
@@ -525,7 +600,21 @@ class ScanService:
 
     # --- ticker -------------------------------------------------------------------------------
 
-    def _tick(self, sweeps: bool) -> None:
+    def _read_for_tick(self) -> Caught | None:
+        """A shared store: what other instances changed, before a tick (in the ticker thread).
+        None without a shared store, or when it cannot be read: the tick then runs on what the
+        table has (timeouts are compare-and-set writes, so a stale one is refused)."""
+        if self._catch_up is None:
+            return None
+        try:
+            return self._catch_up.read()
+        except StoreError as exc:
+            log.warning("cannot read what other instances changed before a tick: %s", exc)
+            return None
+
+    def _tick(self, caught: Caught | None, sweeps: bool) -> None:
+        if caught is not None:
+            self._absorb(caught)
         self._background(self.server.tick(self.clock(), sweeps=sweeps))
 
     def _tick_loop(self) -> None:
@@ -549,7 +638,8 @@ class ScanService:
                 wait = min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, wait))
                 if self._stop.wait(wait):
                     return
-                self.owner.soon(functools.partial(self._tick, self.is_leader))
+                caught = self._read_for_tick()
+                self.owner.soon(functools.partial(self._tick, caught, self.is_leader))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
                 self._stop.wait(TICK_MAX_SECONDS)

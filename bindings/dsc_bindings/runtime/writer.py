@@ -41,6 +41,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from dsc_bindings.runtime.ticket import Ticket
+from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.store.interface import VersionedWrite
 from dsc_core import (
     AbortDocument,
     AppendDocument,
@@ -52,9 +54,13 @@ from dsc_core import (
     StopProcessing,
 )
 
-__all__ = ["DOCUMENT_COMMANDS", "CommandWriter", "Routes"]
+__all__ = ["DOCUMENT_COMMANDS", "CommandWriter", "Routes", "Writable"]
 
 log = logging.getLogger("dsc.writer")
+
+#: What the writer carries out: the core's commands, and record commands with the row version
+#: they replace (a shared store, runtime/catchup.py).
+Writable = Command | VersionedWrite
 
 DOCUMENT_COMMANDS = (BeginDocument, AppendDocument, FinishDocument, AbortDocument)
 #: Document writes running at once (each one is one upload's chunk or fsync).
@@ -67,7 +73,7 @@ class Routes:
 
     def __init__(
         self,
-        store: Callable[[Command], None],
+        store: Callable[[Writable], None],
         start_processing: Callable[[StartProcessing], None],
         stop_processing: Callable[[StopProcessing], None],
         deliver: Callable[[Deliver], None],
@@ -77,7 +83,7 @@ class Routes:
         self.stop_processing = stop_processing
         self.deliver = deliver
 
-    def run(self, command: Command) -> None:
+    def run(self, command: Writable) -> None:
         if isinstance(command, Deliver):
             self.deliver(command)
         elif isinstance(command, StartProcessing):
@@ -91,7 +97,9 @@ class Routes:
 class _Batch:
     __slots__ = ("commands", "documents", "strict", "ticket")
 
-    def __init__(self, commands: Sequence[Command], strict: bool, documents: Ticket | None) -> None:
+    def __init__(
+        self, commands: Sequence[Writable], strict: bool, documents: Ticket | None
+    ) -> None:
         self.commands = commands
         self.strict = strict
         #: The document part of this batch, running on the pool (None: there is none).
@@ -127,7 +135,7 @@ class CommandWriter:
         return self._backlog == 0
 
     def submit(
-        self, commands: Sequence[Command], *, strict: bool, after: Ticket | None = None
+        self, commands: Sequence[Writable], *, strict: bool, after: Ticket | None = None
     ) -> Ticket:
         """Queue ``commands`` (in order); the ticket completes when all ran (or one failed a
         strict batch).  ``after``: an earlier ticket of the same exchange that must complete
@@ -189,7 +197,7 @@ class CommandWriter:
             run()
         return ticket
 
-    def run_inline(self, commands: Sequence[Command]) -> bool:
+    def run_inline(self, commands: Sequence[Writable]) -> bool:
         """Run a batch that has no store commands (engine and delivery hand-offs only) in the
         calling thread, if nothing waits in the record lane (so order is kept).  Returns False
         when it must be submitted instead."""
@@ -220,7 +228,7 @@ class CommandWriter:
     # --- the lanes ------------------------------------------------------------------------------
 
     def _documents(
-        self, commands: Sequence[Command], strict: bool, after: Ticket | None, ticket: Ticket
+        self, commands: Sequence[Writable], strict: bool, after: Ticket | None, ticket: Ticket
     ) -> None:
         if after is not None:
             after.wait()
@@ -246,12 +254,18 @@ class CommandWriter:
             error = self._apply(batch.commands, batch.strict) or error
         batch.ticket._complete(error if batch.strict else None)
 
-    def _apply(self, commands: Sequence[Command], strict: bool) -> BaseException | None:
+    def _apply(self, commands: Sequence[Writable], strict: bool) -> BaseException | None:
         for command in commands:
             try:
                 self._routes.run(command)
             except Exception as exc:
                 if strict:
                     return exc
-                log.error("job store: %s failed: %s", type(command).__name__, exc)
+                what = command.command if isinstance(command, VersionedWrite) else command
+                if isinstance(exc, JobChanged):
+                    # Every instance ticks: the R6 timeout of one job is decided by all, the
+                    # first write stands and the others' are refused (issue 18).
+                    log.info("%s not recorded: %s", type(what).__name__, exc.message)
+                else:
+                    log.error("job store: %s failed: %s", type(what).__name__, exc)
         return None

@@ -42,6 +42,16 @@ class StoreError(Exception):
         return f"StoreError({self.message!r}, temporary={self.temporary})"
 
 
+class JobChanged(StoreError):
+    """A compare-and-set write of a job record lost: another instance changed the job first
+    (issue 18).  Temporary: the retry decides from the winner's record.  Not a store fault
+    (the store works), so it is logged as what it is, not counted as a failure."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(f"job {token} was changed by another instance meanwhile; retry", True)
+        self.token = token
+
+
 def is_temporary(exc: BaseException) -> bool:
     """Whether a retry of what raised ``exc`` may succeed (R4 step 9): the local conditions
     (disk, memory, SQLite).  The network engines classify their own errors (.postgresql,

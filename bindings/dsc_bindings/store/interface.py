@@ -14,20 +14,24 @@ are durable), restores the jobs at start and hands the processing engine its doc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dsc_bindings.store.errors import StoreError
-from dsc_core.commands import StoreCommand
+from dsc_core.commands import CreateJob, DropJob, StoreCommand, UpdateJob
 from dsc_core.model import Job
 
 __all__ = [
+    "JobChanges",
     "JobRecords",
     "JobStore",
     "PoolStats",
+    "SharedJobRecords",
     "Spool",
     "StorageFigures",
     "StoredRecord",
+    "VersionedWrite",
     "check_document_id",
     "check_token",
 ]
@@ -56,11 +60,41 @@ class StorageFigures:
     spool_errors: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class VersionedWrite:
+    """A job record command checked against the row's version (issue 18, shared records):
+    ``expected`` is the version the record replaces (None: a new row, or a drop).  The runtime
+    stamps each record command of a shared store with it (runtime/catchup.py)."""
+
+    command: CreateJob | UpdateJob | DropJob
+    expected: int | None
+    #: The runtime's conflict count for the token when stamped: a write stamped before a
+    #: conflict of its job is refused without asking the database (catchup.JobCatchUp).
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobChanges:
+    """What other writers changed since a cursor (:meth:`SharedJobRecords.changes`)."""
+
+    #: Where the next read starts (opaque; the store's own).
+    cursor: int
+    #: (token, version, encoded record) of rows changed since the cursor (or asked for).
+    rows: tuple[tuple[str, int, str], ...]
+    #: Tokens whose rows were deleted since the cursor (tombstones).
+    dropped: tuple[str, ...]
+    #: (token, document_id) of uploads in flight on other instances.
+    uploads_elsewhere: tuple[tuple[str, int], ...]
+
+
 class JobRecords(Protocol):
     """The job table.  Every method raises only :class:`StoreError`."""
 
     #: Where the records are, for the log (a path, or a DSN without its password).
     location: str
+    #: Whether other servers may write these records too (PostgreSQL): then the runtime
+    #: catches up with their changes and writes compare-and-set (issue 18).
+    shared: bool
 
     def put(self, job: Job) -> None:
         """Insert or replace the job's record; durable (committed) when it returns."""
@@ -81,6 +115,29 @@ class JobRecords(Protocol):
         """The connection pool's state; None without a pool.  Never blocks."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedJobRecords(JobRecords, Protocol):
+    """Job records several instances write (issue 18): versioned rows, a change feed, and
+    the uploads each instance has in flight."""
+
+    #: This process's name in the ``uploads`` rows (one per run).
+    instance: str
+
+    def write(self, write: VersionedWrite) -> None:
+        """Carry out a versioned record command: a row whose version is not ``expected`` any
+        more raises a temporary StoreError (another instance changed the job)."""
+
+    def changes(self, cursor: int, tokens: frozenset[str]) -> JobChanges:
+        """Rows changed and deleted since ``cursor`` (0: every row), plus the rows of
+        ``tokens`` whatever their age, and the other instances' uploads in flight."""
+
+    def upload_began(self, token: str, document_id: int) -> None:
+        """Record an image being received here; a temporary StoreError when another live
+        instance receives the same DocumentId."""
+
+    def upload_ended(self, token: str, document_id: int) -> None: ...
 
 
 class Spool(Protocol):
@@ -116,9 +173,10 @@ class Spool(Protocol):
         """Move the job's documents into the local folder ``target`` (quarantine) and out of
         the spool; False when it had none."""
 
-    def remove_debris(self, tokens: set[str]) -> None:
+    def remove_debris(self, tokens: set[str], older_than: datetime | None = None) -> None:
         """Delete what a crash left: unfinished documents and documents of jobs not in
-        ``tokens``."""
+        ``tokens``; with ``older_than``, only what was last written before it (a shared
+        spool: younger ones may be another instance's upload or new job, issue 18)."""
 
     def check(self) -> str | None:
         """None while documents can be stored, else what is wrong (/healthz)."""
@@ -138,7 +196,7 @@ class JobStore(Protocol):
     @property
     def local_dir(self) -> Path: ...
 
-    def apply(self, command: StoreCommand) -> None: ...
+    def apply(self, command: StoreCommand | VersionedWrite) -> None: ...
 
     def load_jobs(self) -> list[Job]: ...
 

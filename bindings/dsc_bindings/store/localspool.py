@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from dsc_bindings.durable import fsync_dir, write_all
@@ -191,21 +192,28 @@ class LocalSpool:
         documents.rename(target)
         return True
 
-    def remove_debris(self, tokens: set[str]) -> None:
+    def remove_debris(self, tokens: set[str], older_than: datetime | None = None) -> None:
         """``.part`` files (never acknowledged, R4 step 9) and folders of tokens without a job
         row (a DropJob interrupted after its row was deleted, or documents begun for a job whose
-        CreateJob never committed)."""
+        CreateJob never committed); with ``older_than`` (shared records, issue 18) only those
+        last modified before it."""
+        limit = None if older_than is None else older_than.timestamp()
+
+        def old(path: Path) -> bool:
+            return limit is None or path.stat().st_mtime < limit
+
         changed = False
         for entry in self.spool_dir.iterdir():
             if entry.is_symlink() or not entry.is_dir():
                 continue  # not ours: we only ever create directories here
             if entry.name not in tokens:
-                shutil.rmtree(entry)
-                changed = True
+                if old(entry):
+                    shutil.rmtree(entry)
+                    changed = True
                 continue
             removed = False
             for item in entry.iterdir():
-                if item.name.startswith(".") and item.name.endswith(PART_SUFFIX):
+                if item.name.startswith(".") and item.name.endswith(PART_SUFFIX) and old(item):
                     item.unlink()
                     removed = True
             if removed:

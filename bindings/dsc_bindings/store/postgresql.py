@@ -8,6 +8,26 @@ The schema is versioned (``dsc_schema``) and created or upgraded at start under 
 so two servers starting at once do not race (also ``dsc db upgrade``).  A newer schema than this
 server knows is refused.
 
+Several instances share these records (issue 18, docs/architecture.md "Several instances").
+Each row has a ``version`` (bumped by every write) and ``xid``, the id of the transaction that
+wrote it last (``pg_current_xact_id()``, xid8).  Writes from the runtime are compare-and-set
+(:meth:`PostgresRecords.write`): ``UPDATE ... WHERE token = %s AND version = %s``; no row means
+another instance changed the job first, a temporary StoreError (R4 step 9:
+ServerErrorTemporaryError and the core's undo).  A new job is an INSERT (the token is unique).
+
+The change feed (:meth:`PostgresRecords.changes`) must not miss a late commit: a sequence
+cursor would skip a row whose transaction took a lower number but committed after the reader
+had read past it.  So each read takes, in the same statement (one snapshot), the snapshot's
+``xmin`` (``pg_snapshot_xmin(pg_current_snapshot())``: every transaction below it had ended
+when the snapshot was taken), and the next read returns every row whose ``xid >= `` that xmin.
+Any transaction the earlier snapshot did not see (still running, or not yet begun) has an xid
+at or above its xmin, so its rows are read next time, however late it commits; rows seen twice
+are told apart by their version.  A deleted row leaves a tombstone (``job_tombstones``, with
+its xid) that the feed reports the same way; tombstones are pruned after
+:data:`TOMBSTONE_SECONDS`.  Uploads in flight are rows of ``uploads`` (one per image, never per
+chunk), named by the instance receiving them; a row older than :data:`UPLOAD_ROW_SECONDS` is
+a dead instance's and blocks nothing.
+
 Faults of the engine are answered, not suffered (issue 17 point 4): a lost connection, a server
 restarting or shutting down, a full disk, too many connections, a serialization failure, or no
 pooled connection within ``pool_timeout`` are temporary (``ServerErrorTemporaryError``); the pool
@@ -19,6 +39,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +49,10 @@ import psycopg
 import psycopg_pool
 from psycopg import conninfo
 
-from dsc_bindings.store.errors import StoreError, as_store_error
-from dsc_bindings.store.interface import PoolStats, StoredRecord
+from dsc_bindings.store.errors import JobChanged, StoreError, as_store_error
+from dsc_bindings.store.interface import JobChanges, PoolStats, StoredRecord, VersionedWrite
 from dsc_bindings.store.sqlite import record_columns
+from dsc_core.commands import CreateJob, DropJob, UpdateJob
 from dsc_core.model import Job
 
 log = logging.getLogger("dsc.store")
@@ -38,6 +61,8 @@ T = TypeVar("T")
 
 __all__ = [
     "SCHEMA_VERSION",
+    "TOMBSTONE_SECONDS",
+    "UPLOAD_ROW_SECONDS",
     "PgDatabase",
     "PostgresRecords",
     "connection_kwargs",
@@ -47,7 +72,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -116,14 +141,99 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             value bigint NOT NULL
         )""",
     ),
+    (
+        # Several instances on one store (issue 18): versioned rows and a change feed by the
+        # writing transaction's id (module doc), tombstones of deleted rows, uploads in flight.
+        """ALTER TABLE jobs
+            ADD COLUMN version bigint NOT NULL DEFAULT 1,
+            ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id()""",
+        "CREATE INDEX jobs_by_xid ON jobs (xid)",
+        """CREATE TABLE job_tombstones (
+            token   text PRIMARY KEY,
+            xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            dropped timestamptz NOT NULL DEFAULT now()
+        )""",
+        "CREATE INDEX job_tombstones_by_xid ON job_tombstones (xid)",
+        """CREATE TABLE uploads (
+            token       text NOT NULL,
+            document_id bigint NOT NULL,
+            instance    text NOT NULL,                  -- PostgresRecords.instance
+            started     timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (token, document_id)
+        )""",
+    ),
 )
 
+#: A tombstone is kept this long: every running instance reads the feed at least once a
+#: second (the ticker), and one that starts reads every row.
+TOMBSTONE_SECONDS = 3600
+#: An ``uploads`` row this old is a dead instance's (an upload that long is one no scanner
+#: waits for): it no longer reserves its DocumentId nor keeps its job from the R6 timeout.
+UPLOAD_ROW_SECONDS = 600
+#: Old tombstones and upload rows are deleted at most this often (by any instance).
+_PRUNE_SECONDS = 60.0
+
+#: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
+#: that running instances see it.
+#: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
+#: that running instances see it.
 _UPSERT = """
     INSERT INTO jobs (token, state, active, created, completed, job)
     VALUES (%s, %s, %s, %s, %s, %s)
     ON CONFLICT (token) DO UPDATE SET
         state = excluded.state, active = excluded.active, created = excluded.created,
-        completed = excluded.completed, job = excluded.job
+        completed = excluded.completed, job = excluded.job,
+        version = jobs.version + 1, xid = pg_current_xact_id()
+"""
+_INSERT = """
+    INSERT INTO jobs (token, state, active, created, completed, job)
+    VALUES (%s, %s, %s, %s, %s, %s)
+    ON CONFLICT (token) DO NOTHING
+    RETURNING version
+"""
+#: The row's new version and the end of the uploads it now records commit together: an
+#: instance never sees an image neither in flight nor in the job (its R6 timeout would fire).
+_UPDATE = """
+    WITH received AS (
+        DELETE FROM uploads WHERE token = %(token)s AND document_id = ANY(%(documents)s)
+    )
+    UPDATE jobs SET state = %(state)s, active = %(active)s, created = %(created)s,
+        completed = %(completed)s, job = %(job)s,
+        version = version + 1, xid = pg_current_xact_id()
+    WHERE token = %(token)s AND version = %(expected)s
+    RETURNING version
+"""
+_DROP = """
+    WITH gone AS (DELETE FROM jobs WHERE token = %s RETURNING token),
+         done AS (DELETE FROM uploads WHERE token = %s)
+    INSERT INTO job_tombstones (token) SELECT token FROM gone
+    ON CONFLICT (token) DO UPDATE SET xid = pg_current_xact_id(), dropped = now()
+"""
+#: One statement, so one snapshot: its xmin is the next cursor (module doc).  Kinds: 0 the
+#: cursor, 1 a row, 2 a tombstone, 3 another instance's upload.
+_CHANGES = """
+    SELECT 0, NULL::text, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, NULL::text
+    UNION ALL
+    SELECT 1, token, version, job FROM jobs
+        WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
+    UNION ALL
+    SELECT 2, token, NULL, NULL FROM job_tombstones
+        WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
+    UNION ALL
+    SELECT 3, token, document_id, NULL FROM uploads
+        WHERE instance <> %(me)s AND started > now() - make_interval(secs => %(age)s)
+"""
+#: Take a DocumentId for this instance, unless another live instance holds it.
+_UPLOAD_BEGIN = """
+    INSERT INTO uploads (token, document_id, instance) VALUES (%(token)s, %(id)s, %(me)s)
+    ON CONFLICT (token, document_id) DO UPDATE SET instance = excluded.instance, started = now()
+        WHERE uploads.instance = excluded.instance
+           OR uploads.started <= now() - make_interval(secs => %(age)s)
+    RETURNING 1
+"""
+_PRUNE = """
+    WITH t AS (DELETE FROM job_tombstones WHERE dropped < now() - make_interval(secs => %s))
+    DELETE FROM uploads WHERE started < now() - make_interval(secs => %s)
 """
 
 #: Any number: the advisory lock that serializes schema upgrades of servers starting together.
@@ -247,7 +357,9 @@ class PgDatabase:
         self._closed.set()
         self._pool.close()
 
-    def run(self, what: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    def run(
+        self, what: str, sql: str, params: tuple[object, ...] | dict[str, object] = ()
+    ) -> list[tuple[Any, ...]]:
         """One autocommit statement (one round trip: no BEGIN/COMMIT around it); its rows
         ([] when it returns none)."""
         return self._work(what, lambda conn, cur: _execute(cur, sql, params))
@@ -282,7 +394,7 @@ class PgDatabase:
 
 
 def _execute(
-    cur: psycopg.Cursor[Any], sql: str, params: tuple[object, ...]
+    cur: psycopg.Cursor[Any], sql: str, params: tuple[object, ...] | dict[str, object]
 ) -> list[tuple[Any, ...]]:
     cur.execute(sql, params)  # our own constant SQL
     return cur.fetchall() if cur.description is not None else []
@@ -293,7 +405,12 @@ class PostgresRecords:
 
     def __init__(self, db: PgDatabase) -> None:
         self.location = db.location
+        self.shared = True
+        #: This run's name in ``uploads`` rows: a new one per start, so rows a killed run left
+        #: are told apart (they age out, UPLOAD_ROW_SECONDS).
+        self.instance = uuid.uuid4().hex
         self._db = db
+        self._pruned = time.monotonic()
 
     @classmethod
     def open(
@@ -319,7 +436,9 @@ class PostgresRecords:
     def close(self) -> None:
         self._db.close()
 
-    def _run(self, what: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    def _run(
+        self, what: str, sql: str, params: tuple[object, ...] | dict[str, object] = ()
+    ) -> list[tuple[Any, ...]]:
         if self._db.closed:
             raise StoreError("the job store is closed", temporary=False)
         return self._db.run(what, sql, params)
@@ -328,7 +447,93 @@ class PostgresRecords:
         self._run(f"recording job {job.token}", _UPSERT, record_columns(job))
 
     def drop(self, token: str) -> None:
-        self._run(f"dropping job {token}", "DELETE FROM jobs WHERE token = %s", (token,))
+        self._run(f"dropping job {token}", _DROP, (token, token))
+
+    def write(self, write: VersionedWrite) -> None:
+        """A record command, compare-and-set on the row's version (module doc)."""
+        command = write.command
+        if isinstance(command, DropJob):
+            self.drop(command.token)
+            return
+        job = command.job
+        token, state, active, created, completed, text = record_columns(job)
+        if isinstance(command, CreateJob) or write.expected is None:
+            found = self._run(
+                f"recording job {token}", _INSERT, (token, state, active, created, completed, text)
+            )
+        else:
+            assert isinstance(command, UpdateJob)
+            found = self._run(
+                f"recording job {token}",
+                _UPDATE,
+                {
+                    "state": state,
+                    "active": active,
+                    "created": created,
+                    "completed": completed,
+                    "job": text,
+                    "token": token,
+                    "expected": write.expected,
+                    "documents": [d.document_id for d in job.documents],
+                },
+            )
+        if not found:
+            raise JobChanged(token)
+
+    def changes(self, cursor: int, tokens: frozenset[str]) -> JobChanges:
+        """Rows and tombstones since ``cursor`` (module doc), the rows of ``tokens``, and the
+        other instances' uploads; one statement (one small query per request)."""
+        self._prune()
+        found = self._run(
+            "reading the jobs other instances changed",
+            _CHANGES,
+            {
+                "since": cursor,
+                "tokens": sorted(tokens),
+                "me": self.instance,
+                "age": UPLOAD_ROW_SECONDS,
+            },
+        )
+        next_cursor = cursor
+        rows: list[tuple[str, int, str]] = []
+        dropped: list[str] = []
+        uploads: list[tuple[str, int]] = []
+        for kind, token, number, text in found:
+            if kind == 0:
+                next_cursor = int(number)
+            elif kind == 1:
+                rows.append((str(token), int(number), str(text)))
+            elif kind == 2:
+                dropped.append(str(token))
+            else:
+                uploads.append((str(token), int(number)))
+        return JobChanges(next_cursor, tuple(rows), tuple(dropped), tuple(uploads))
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._pruned < _PRUNE_SECONDS:
+            return
+        self._pruned = now
+        self._run("pruning tombstones", _PRUNE, (TOMBSTONE_SECONDS, UPLOAD_ROW_SECONDS))
+
+    def upload_began(self, token: str, document_id: int) -> None:
+        found = self._run(
+            f"reserving document {document_id} of job {token}",
+            _UPLOAD_BEGIN,
+            {"token": token, "id": document_id, "me": self.instance, "age": UPLOAD_ROW_SECONDS},
+        )
+        if not found:
+            raise StoreError(
+                f"another instance is receiving document {document_id} of job {token}",
+                temporary=True,
+            )
+
+    def upload_ended(self, token: str, document_id: int) -> None:
+        self._run(
+            f"ending the upload of document {document_id} of job {token}",
+            "DELETE FROM uploads WHERE token = %s AND document_id = %s AND instance = %s",
+            (token, document_id, self.instance),
+        )
 
     def rows(self) -> list[StoredRecord]:
         found = self._run("loading jobs", "SELECT seq, token, job FROM jobs ORDER BY seq")

@@ -33,6 +33,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
@@ -329,15 +330,21 @@ class S3Spool:
         (self.cache_dir / token / str(document_id)).unlink(missing_ok=True)
 
     def _keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+        return [key for key, _ in self._objects(prefix)]
+
+    def _objects(self, prefix: str) -> list[tuple[str, datetime]]:
+        """(key, last modified) of the objects under ``prefix``."""
+        found: list[tuple[str, datetime]] = []
         paginator = self._client.get_paginator("list_objects_v2")
 
         def walk() -> None:
             for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=prefix):
-                keys.extend(item["Key"] for item in page.get("Contents", []))
+                found.extend(
+                    (item["Key"], item["LastModified"]) for item in page.get("Contents", [])
+                )
 
         self._call(f"listing {prefix}", walk)
-        return keys
+        return found
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
@@ -400,20 +407,29 @@ class S3Spool:
         self.discard(token)
         return True
 
-    def remove_debris(self, tokens: set[str]) -> None:
+    def remove_debris(self, tokens: set[str], older_than: datetime | None = None) -> None:
         """Unfinished multipart uploads (never acknowledged) and objects of tokens without a
-        job row.  One server per spool today: the cluster issue sweeps by age instead."""
+        job row; with ``older_than`` (shared records, issue 18) only those begun or written
+        before it, as another instance may be receiving or have just created younger ones."""
         paginator = self._client.get_paginator("list_multipart_uploads")
+
+        def old(when: datetime) -> bool:
+            return older_than is None or when < older_than
 
         def abort_all() -> None:
             for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=PREFIX):
                 for item in page.get("Uploads", []):
-                    self._client.abort_multipart_upload(
-                        Bucket=self.settings.bucket, Key=item["Key"], UploadId=item["UploadId"]
-                    )
+                    if old(item["Initiated"]):
+                        self._client.abort_multipart_upload(
+                            Bucket=self.settings.bucket, Key=item["Key"], UploadId=item["UploadId"]
+                        )
 
         self._call("removing unfinished uploads", abort_all)
-        orphans = [k for k in self._keys(PREFIX) if k[len(PREFIX) :].split("/", 1)[0] not in tokens]
+        orphans = [
+            key
+            for key, modified in self._objects(PREFIX)
+            if key[len(PREFIX) :].split("/", 1)[0] not in tokens and old(modified)
+        ]
         self._delete(orphans)
         if self.cache_dir.is_dir():
             for entry in self.cache_dir.iterdir():

@@ -9,7 +9,10 @@ durable in the spool and may be acknowledged; a crash at any point before leaves
 :meth:`SplitStore.assemble` does not clean up.
 
 One server per data folder (``DATA/lock``, flock'ed while open): the open-time cleanup removes
-unfinished documents, which would be another server's uploads in progress.
+unfinished documents, which would be another server's uploads in progress.  With shared records
+(PostgreSQL, issue 18) other instances may write the same spool: the cleanup then removes only
+what is older than :data:`SHARED_DEBRIS_SECONDS` (an upload, or a job created after this
+instance read the rows, is younger), and each image being received is an ``uploads`` row.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
-from dsc_bindings.store.interface import JobRecords, Spool, StorageFigures, check_token
+from dsc_bindings.store.interface import (
+    JobChanges,
+    JobRecords,
+    SharedJobRecords,
+    Spool,
+    StorageFigures,
+    VersionedWrite,
+    check_token,
+)
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_core.commands import (
     AbortDocument,
@@ -47,11 +59,21 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("dsc.store")
 
-__all__ = ["LOCK_NAME", "QUARANTINE_NAME", "SplitStore", "flock_file", "lock_data_dir"]
+__all__ = [
+    "LOCK_NAME",
+    "QUARANTINE_NAME",
+    "SHARED_DEBRIS_SECONDS",
+    "SplitStore",
+    "flock_file",
+    "lock_data_dir",
+]
 
 LOCK_NAME = "lock"
 #: Job records that did not decode at start, moved aside (SplitStore._quarantine).
 QUARANTINE_NAME = "quarantine"
+#: With shared records, spool debris is what is older than this (a day: no upload or Creating
+#: job lasts that long, the R6 timeout ends the latter).
+SHARED_DEBRIS_SECONDS = 24 * 3600
 
 
 def lock_data_dir(data_dir: Path) -> int | None:
@@ -106,7 +128,12 @@ class SplitStore:
             records = open_records()
             spool = open_spool()
             store = cls(data_dir, records, spool, lock_fd)
-            spool.remove_debris({token for _, token, _ in records.rows()})
+            tokens = {token for _, token, _ in records.rows()}
+            if records.shared:
+                older = datetime.now(UTC) - timedelta(seconds=SHARED_DEBRIS_SECONDS)
+                spool.remove_debris(tokens, older_than=older)
+            else:
+                spool.remove_debris(tokens)
             return store
         except BaseException as exc:
             if spool is not None:
@@ -140,7 +167,22 @@ class SplitStore:
 
     # --- commands -----------------------------------------------------------------------------
 
-    def apply(self, command: StoreCommand) -> None:
+    @property
+    def shared(self) -> bool:
+        """Whether other instances write these records too (issue 18)."""
+        return self.records.shared
+
+    def job_changes(self, cursor: int, tokens: frozenset[str]) -> JobChanges:
+        """What other instances changed since ``cursor`` (SharedJobRecords.changes)."""
+        return self._shared().changes(cursor, tokens)
+
+    def _shared(self) -> SharedJobRecords:
+        records = self.records
+        if not isinstance(records, SharedJobRecords):
+            raise StoreError("these job records are not shared", temporary=False)
+        return records
+
+    def apply(self, command: StoreCommand | VersionedWrite) -> None:
         """Carry out one store command; raises only :class:`StoreError` (or ``TypeError`` for
         something that is not a store command).
 
@@ -148,17 +190,29 @@ class SplitStore:
         so the device sends it again; a later AbortDocument for it is a no-op.
         """
         try:
+            shared = self.records.shared
             match command:
+                case VersionedWrite():
+                    if isinstance(command.command, DropJob):
+                        check_token(command.command.token)
+                    self._shared().write(command)
+                    if isinstance(command.command, DropJob):
+                        self.spool.discard(command.command.token)
                 case CreateJob(job=job) | UpdateJob(job=job):
                     self.records.put(job)
                 case BeginDocument():
+                    if shared:  # R6 duplicates and idle timeouts on every instance
+                        self._shared().upload_began(command.token, command.document_id)
                     self.spool.begin(command.token, command.document_id)
                 case AppendDocument():
                     self.spool.append(command.token, command.document_id, command.data)
                 case FinishDocument():
+                    # Its uploads row goes with the job's record (PostgresRecords.write).
                     self.spool.finish(command.token, command.document_id, command.size)
                 case AbortDocument():
                     self.spool.abort(command.token, command.document_id)
+                    if shared:
+                        self._shared().upload_ended(command.token, command.document_id)
                 case DiscardDocuments():
                     self.spool.discard(command.token)
                 case DropJob():

@@ -81,6 +81,8 @@ class SqliteRecords:
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self.location = str(path)
+        #: One server per data folder (DATA/lock): nobody else writes these records.
+        self.shared = False
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
 

@@ -1,0 +1,178 @@
+"""Catching up with the other instances of a shared store (issue 18, docs/architecture.md
+"Several instances").
+
+With ``[store] kind = "postgresql"`` several ``dsc serve`` instances share the job rows.  The core
+still decides only from its own table; that table is a cache of the rows, refreshed before each
+exchange's first core call and before each tick:
+
+1. :meth:`JobCatchUp.read`, off the core's owner (a pool thread, the ticker): one query for the
+   rows changed since the last read (the store's cursor, postgresql.py says why it misses no late
+   commit), the tokens deleted since, and the uploads in flight on the other instances;
+2. :meth:`JobCatchUp.absorb`, as the owner: the records newer than the one the table holds go to
+   ``ScanServer.absorb`` (no events: the instance that made a change announced it).
+
+Writes are compare-and-set: :meth:`JobCatchUp.stamp` (as the owner, right after the core call
+that made them) gives each record command the row version it replaces, the version the table's
+record has; the store refuses it when the row moved on meanwhile (a temporary StoreError: R4
+step 9 answers ServerErrorTemporaryError and the core undoes its change).  After any failed
+write of a job (:meth:`JobCatchUp.settled`) its version is forgotten and its row read again by
+the next catch-up, whatever the cursor, so the next request decides from the winner's record;
+the writes of that job stamped before the failure are refused without asking the database
+(:meth:`JobCatchUp.check`: each was decided from the record that lost).  A row read while this
+instance still has writes of that job queued is not absorbed (it would be older than what the
+table holds, or about to be refused): it is read again once they are done.
+
+With SQLite nothing here runs: the service has no :class:`JobCatchUp`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.store.interface import JobChanges, VersionedWrite
+from dsc_bindings.store.jobcodec import decode_job
+from dsc_core import Command, CreateJob, DropJob, Job, ScanServer, UpdateJob
+
+__all__ = ["Caught", "JobCatchUp"]
+
+log = logging.getLogger("dsc.store")
+
+
+@dataclass(frozen=True, slots=True)
+class Caught:
+    """One read of the feed, decoded, for :meth:`JobCatchUp.absorb`."""
+
+    cursor: int
+    #: (record, row version) of the rows read.
+    jobs: tuple[tuple[Job, int], ...]
+    dropped: tuple[str, ...]
+    uploads_elsewhere: tuple[tuple[str, int], ...]
+
+
+class JobCatchUp:
+    """The cursor, and the row version of each job the core's table holds (module doc).
+    Thread-safe: read in pool threads, stamped and absorbed as the owner, settled by the
+    writer."""
+
+    def __init__(self, changes: Callable[[int, frozenset[str]], JobChanges]) -> None:
+        self._changes = changes
+        self._lock = threading.Lock()
+        self._cursor = 0
+        #: token -> the row version of the record the core's table has (or will have once
+        #: this instance's queued writes are done).
+        self._known: dict[str, int] = {}
+        #: token -> writes stamped and not yet settled.
+        self._pending: Counter[str] = Counter()
+        #: token -> failed writes so far: a write stamped before a failure is refused.
+        self._epochs: dict[str, int] = {}
+        #: Tokens to read again whatever the cursor (a failed write, or skipped while pending).
+        self._stale: set[str] = set()
+
+    # --- reading (off the owner) --------------------------------------------------------------
+
+    def read(self) -> Caught:
+        """Ask the store what changed since the last absorbed read; raises StoreError."""
+        with self._lock:
+            cursor, stale = self._cursor, frozenset(self._stale)
+        changes = self._changes(cursor, stale)
+        jobs: list[tuple[Job, int]] = []
+        for token, version, text in changes.rows:
+            try:
+                job = decode_job(text)
+            except (ValueError, TypeError) as exc:
+                # Another instance's record this one cannot read (a newer server?): it is
+                # left out here, not a failed request; the start quarantines it.
+                log.warning("job %s: the stored record does not decode (%s): skipped", token, exc)
+                continue
+            jobs.append((job, version))
+        return Caught(changes.cursor, tuple(jobs), changes.dropped, changes.uploads_elsewhere)
+
+    def seed(self, caught: Caught) -> None:
+        """At start: the core was restored from the rows; this read (made before) gives their
+        versions and the cursor.  A row changed in between is newer than its known version, so
+        the next read brings it again."""
+        with self._lock:
+            self._cursor = caught.cursor
+            self._known = {job.token: version for job, version in caught.jobs}
+
+    # --- as the core's owner ------------------------------------------------------------------
+
+    def absorb(self, server: ScanServer, caught: Caught) -> list[Command]:
+        """Hand the records newer than the table's to the core (``ScanServer.absorb``)."""
+        with self._lock:
+            self._cursor = max(self._cursor, caught.cursor)
+            fresh: list[Job] = []
+            for job, version in caught.jobs:
+                token = job.token
+                if self._pending[token]:
+                    self._stale.add(token)
+                    continue
+                self._stale.discard(token)
+                if version <= self._known.get(token, 0):
+                    continue  # this instance wrote it, or read it before
+                self._known[token] = version
+                fresh.append(job)
+            for token in caught.dropped:
+                self._known.pop(token, None)
+                self._stale.discard(token)
+        return server.absorb(fresh, caught.dropped, caught.uploads_elsewhere)
+
+    def stamp(self, commands: Sequence[Command]) -> list[Command | VersionedWrite]:
+        """The commands with each record command wrapped in the version it replaces."""
+        stamped: list[Command | VersionedWrite] = []
+        with self._lock:
+            for command in commands:
+                if isinstance(command, (CreateJob, UpdateJob)):
+                    token = command.job.token
+                elif isinstance(command, DropJob):
+                    token = command.token
+                else:
+                    stamped.append(command)
+                    continue
+                expected: int | None = None
+                if isinstance(command, CreateJob):
+                    self._known[token] = 1
+                elif isinstance(command, UpdateJob):
+                    # Unknown (a write of this job just failed): the store refuses it.
+                    expected = self._known.get(token)
+                    if expected is not None:
+                        self._known[token] = expected + 1
+                else:
+                    self._known.pop(token, None)
+                self._pending[token] += 1
+                stamped.append(VersionedWrite(command, expected, self._epochs.get(token, 0)))
+        return stamped
+
+    # --- as the writer ------------------------------------------------------------------------
+
+    def check(self, write: VersionedWrite) -> None:
+        """Refuse a write decided before a failed write of the same job (module doc)."""
+        token = _token(write)
+        with self._lock:
+            current = self._epochs.get(token, 0)
+        if write.epoch != current:
+            raise JobChanged(token)
+
+    def settled(self, write: VersionedWrite, error: BaseException | None) -> None:
+        """A stamped write ran (``error`` None) or failed: then forget the job's version and
+        read its row again at the next catch-up."""
+        token = _token(write)
+        with self._lock:
+            self._pending[token] -= 1
+            if self._pending[token] <= 0:
+                del self._pending[token]
+            if error is not None and not isinstance(write.command, DropJob):
+                if write.epoch == self._epochs.get(token, 0):  # not one refused by check()
+                    self._epochs[token] = write.epoch + 1
+                self._known.pop(token, None)
+                self._stale.add(token)
+
+
+def _token(write: VersionedWrite) -> str:
+    command = write.command
+    return command.token if isinstance(command, DropJob) else command.job.token
