@@ -211,10 +211,7 @@ class ScanService:
             store.close()
             raise
         try:
-            caught = self._follow_others(store)
-            jobs = store.load_jobs()
-            if caught is not None and self._catch_up is not None:
-                self._catch_up.seed(caught)
+            jobs = self._load_jobs(store)
             self.observer.open(jobs, self.clock())
             self._engine = ProcessingEngine(
                 self.filter_settings,
@@ -279,15 +276,18 @@ class ScanService:
         self._threads.append(thread)
         thread.start()
 
-    def _follow_others(self, store: JobStore) -> Caught | None:
-        """A shared store (issue 18): the catch-up with other instances, and its first read,
-        made before the rows are loaded (catchup.JobCatchUp.seed).  None: not shared, and
-        requests skip the catch-up."""
-        if isinstance(store, SplitStore) and store.shared:
-            self._catch_up = JobCatchUp(store.job_changes)
-            return self._catch_up.read()
-        self._requests = dataclasses.replace(self._requests, catch_up=None)
-        return None
+    def _load_jobs(self, store: JobStore) -> list[Job]:
+        """The stored jobs.  A shared store (issue 18): also the catch-up with the other
+        instances, seeded by a read made before the rows are loaded (JobCatchUp.seed);
+        otherwise requests skip the catch-up."""
+        if not (isinstance(store, SplitStore) and store.shared):
+            self._requests = dataclasses.replace(self._requests, catch_up=None)
+            return store.load_jobs()
+        catch_up = self._catch_up = JobCatchUp(store.job_changes)
+        caught = catch_up.read()
+        jobs = store.load_jobs()
+        catch_up.seed(caught)
+        return jobs
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: repository Stopped and SubscriptionEnd SourceShuttingDown (R7; deliveries get at
