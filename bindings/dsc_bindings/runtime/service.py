@@ -334,6 +334,9 @@ class ScanService:
             suffix=self._instance_suffix,
         )
         cluster.start()
+        store = self._store
+        if isinstance(store, SplitStore) and store.shared:
+            store.join(cluster.id)  # its uploads rows count while its heartbeat does
         return cluster
 
     def _last_instance(self) -> bool:

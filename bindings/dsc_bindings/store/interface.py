@@ -122,8 +122,13 @@ class SharedJobRecords(JobRecords, Protocol):
     """Job records several instances write (issue 18): versioned rows, a change feed, and
     the uploads each instance has in flight."""
 
-    #: This process's name in the ``uploads`` rows (one per run).
+    #: This run's name in the ``uploads`` rows: the cluster's instance id once it joined.
     instance: str
+
+    def release_uploads(self, home: str) -> list[tuple[str, int]]:
+        """At start, holding the data folder's lock: delete the uploads rows an earlier run
+        from ``home`` (host and data folder) left, which is dead; returns their (token,
+        document_id), whose unfinished documents are debris."""
 
     def write(self, write: VersionedWrite) -> None:
         """Carry out a versioned record command: a row whose version is not ``expected`` any
@@ -133,9 +138,9 @@ class SharedJobRecords(JobRecords, Protocol):
         """Rows changed and deleted since ``cursor`` (0: every row), plus the rows of
         ``tokens`` whatever their age, and the other instances' uploads in flight."""
 
-    def upload_began(self, token: str, document_id: int) -> None:
-        """Record an image being received here; a temporary StoreError when another live
-        instance receives the same DocumentId."""
+    def upload_began(self, token: str, document_id: int, home: str) -> None:
+        """Record an image being received here (from ``home``); a temporary StoreError when
+        another live instance receives the same DocumentId."""
 
     def upload_ended(self, token: str, document_id: int) -> None: ...
 
@@ -172,6 +177,10 @@ class Spool(Protocol):
     def set_aside(self, token: str, target: Path) -> bool:
         """Move the job's documents into the local folder ``target`` (quarantine) and out of
         the spool; False when it had none."""
+
+    def remove_unfinished(self, token: str, document_id: int) -> None:
+        """Drop what an earlier run of this server left of an unfinished document (it was
+        receiving it when it died; issue 18: the uploads rows say which)."""
 
     def remove_debris(self, tokens: set[str], older_than: datetime | None = None) -> None:
         """Delete what a crash left: unfinished documents and documents of jobs not in

@@ -192,6 +192,12 @@ class LocalSpool:
         documents.rename(target)
         return True
 
+    def remove_unfinished(self, token: str, document_id: int) -> None:
+        part = (
+            self.spool_dir / check_token(token) / f".{check_document_id(document_id)}{PART_SUFFIX}"
+        )
+        part.unlink(missing_ok=True)
+
     def remove_debris(self, tokens: set[str], older_than: datetime | None = None) -> None:
         """``.part`` files (never acknowledged, R4 step 9) and folders of tokens without a job
         row (a DropJob interrupted after its row was deleted, or documents begun for a job whose

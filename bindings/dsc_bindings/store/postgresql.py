@@ -25,8 +25,11 @@ at or above its xmin, so its rows are read next time, however late it commits; r
 are told apart by their version.  A deleted row leaves a tombstone (``job_tombstones``, with
 its xid) that the feed reports the same way; tombstones are pruned after
 :data:`TOMBSTONE_SECONDS`.  Uploads in flight are rows of ``uploads`` (one per image, never per
-chunk), named by the instance receiving them; a row older than :data:`UPLOAD_ROW_SECONDS` is
-a dead instance's and blocks nothing.
+chunk), named by the instance receiving them (its id in ``instances``) and its home (host and
+data folder).  A row blocks nothing once its instance is known down (``instances``: stopped,
+or no heartbeat within its lease), once it is older than :data:`UPLOAD_ROW_SECONDS` (an
+instance without an ``instances`` row), or at once when a new run starts from the same home
+(the data folder's lock says the earlier run is dead; its unfinished documents are debris).
 
 Faults of the engine are answered, not suffered (issue 17 point 4): a lost connection, a server
 restarting or shutting down, a full disk, too many connections, a serialization failure, or no
@@ -158,6 +161,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             token       text NOT NULL,
             document_id bigint NOT NULL,
             instance    text NOT NULL,                  -- PostgresRecords.instance
+            home        text NOT NULL,                  -- host and data folder (at start)
             started     timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (token, document_id)
         )""",
@@ -222,13 +226,21 @@ _CHANGES = """
     UNION ALL
     SELECT 3, token, document_id, NULL FROM uploads
         WHERE instance <> %(me)s AND started > now() - make_interval(secs => %(age)s)
+          AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance
+                          AND (i.stopped IS NOT NULL
+                               OR i.heartbeat < now() - make_interval(secs => i.lease_seconds)))
 """
 #: Take a DocumentId for this instance, unless another live instance holds it.
 _UPLOAD_BEGIN = """
-    INSERT INTO uploads (token, document_id, instance) VALUES (%(token)s, %(id)s, %(me)s)
-    ON CONFLICT (token, document_id) DO UPDATE SET instance = excluded.instance, started = now()
+    INSERT INTO uploads (token, document_id, instance, home)
+    VALUES (%(token)s, %(id)s, %(me)s, %(home)s)
+    ON CONFLICT (token, document_id) DO UPDATE
+        SET instance = excluded.instance, home = excluded.home, started = now()
         WHERE uploads.instance = excluded.instance
            OR uploads.started <= now() - make_interval(secs => %(age)s)
+           OR EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance
+                      AND (i.stopped IS NOT NULL
+                           OR i.heartbeat < now() - make_interval(secs => i.lease_seconds)))
     RETURNING 1
 """
 _PRUNE = """
@@ -516,11 +528,25 @@ class PostgresRecords:
         self._pruned = now
         self._run("pruning tombstones", _PRUNE, (TOMBSTONE_SECONDS, UPLOAD_ROW_SECONDS))
 
-    def upload_began(self, token: str, document_id: int) -> None:
+    def release_uploads(self, home: str) -> list[tuple[str, int]]:
+        found = self._run(
+            "releasing the uploads of an earlier run",
+            "DELETE FROM uploads WHERE home = %s RETURNING token, document_id",
+            (home,),
+        )
+        return [(str(token), int(document_id)) for token, document_id in found]
+
+    def upload_began(self, token: str, document_id: int, home: str) -> None:
         found = self._run(
             f"reserving document {document_id} of job {token}",
             _UPLOAD_BEGIN,
-            {"token": token, "id": document_id, "me": self.instance, "age": UPLOAD_ROW_SECONDS},
+            {
+                "token": token,
+                "id": document_id,
+                "me": self.instance,
+                "home": home,
+                "age": UPLOAD_ROW_SECONDS,
+            },
         )
         if not found:
             raise StoreError(

@@ -407,6 +407,19 @@ class S3Spool:
         self.discard(token)
         return True
 
+    def remove_unfinished(self, token: str, document_id: int) -> None:
+        key = self.key(token, document_id)
+
+        def abort() -> None:
+            listed = self._client.list_multipart_uploads(Bucket=self.settings.bucket, Prefix=key)
+            for item in listed.get("Uploads", []):
+                if item["Key"] == key:
+                    self._client.abort_multipart_upload(
+                        Bucket=self.settings.bucket, Key=key, UploadId=item["UploadId"]
+                    )
+
+        self._call(f"removing the unfinished upload of {key}", abort)
+
     def remove_debris(self, tokens: set[str], older_than: datetime | None = None) -> None:
         """Unfinished multipart uploads (never acknowledged) and objects of tokens without a
         job row; with ``older_than`` (shared records, issue 18) only those begun or written

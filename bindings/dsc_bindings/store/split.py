@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -109,6 +110,9 @@ class SplitStore:
         self.records = records
         self.spool = spool
         self._lock_fd = lock_fd
+        #: Where this server runs from (its ``uploads`` rows, issue 18): one server per data
+        #: folder and host, so a run that finds rows of its home knows their writer is dead.
+        self.home = f"{socket.gethostname()}:{data_dir.resolve()}"
 
     @classmethod
     def assemble(
@@ -128,6 +132,10 @@ class SplitStore:
             records = open_records()
             spool = open_spool()
             store = cls(data_dir, records, spool, lock_fd)
+            if isinstance(records, SharedJobRecords):
+                # We hold the data folder's lock: the run that wrote these rows is dead.
+                for token, document_id in records.release_uploads(store.home):
+                    spool.remove_unfinished(token, document_id)
             tokens = {token for _, token, _ in records.rows()}
             if records.shared:
                 older = datetime.now(UTC) - timedelta(seconds=SHARED_DEBRIS_SECONDS)
@@ -176,6 +184,11 @@ class SplitStore:
         """What other instances changed since ``cursor`` (SharedJobRecords.changes)."""
         return self._shared().changes(cursor, tokens)
 
+    def join(self, instance: str) -> None:
+        """Name this run's uploads rows by its id in the cluster's ``instances`` table, so that
+        the others stop counting them once it is down (issue 18)."""
+        self._shared().instance = instance
+
     def _shared(self) -> SharedJobRecords:
         records = self.records
         if not isinstance(records, SharedJobRecords):
@@ -202,7 +215,7 @@ class SplitStore:
                     self.records.put(job)
                 case BeginDocument():
                     if shared:  # R6 duplicates and idle timeouts on every instance
-                        self._shared().upload_began(command.token, command.document_id)
+                        self._shared().upload_began(command.token, command.document_id, self.home)
                     self.spool.begin(command.token, command.document_id)
                 case AppendDocument():
                     self.spool.append(command.token, command.document_id, command.data)
