@@ -1,0 +1,124 @@
+"""ScanServer.absorb (issue 18 point 1): the records, deletions and uploads of other instances of a
+shared store go into the job table, which stays a cache the core decides from: history order by
+end time, trimming, quotas, R6 duplicates and idle timeouts count them; no events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from core_support import (
+    DSP,
+    Act,
+    check_protocol_fault,
+    create_job,
+    create_request,
+    envelope,
+    send_image,
+)
+from dsc_bindings.inprocess import InProcessTransport
+from dsc_core import Deliver, Reply, ScanServer, ServerConfig, StopProcessing
+from dsc_core.config import Limits
+from dsc_core.model import (
+    FileShareInstructions,
+    FilterStatus,
+    Job,
+    JobState,
+    JobStateReason,
+)
+
+T0 = datetime.fromisoformat("2026-11-21T09:00:00+01:00")
+
+
+def job(token: str, state: JobState = JobState.CREATING, ended: int | None = None) -> Job:
+    completed = None if ended is None else T0 + timedelta(seconds=ended)
+    return Job(
+        token=token,
+        state=state,
+        reasons=(JobStateReason.NONE,),
+        filters=(FilterStatus("urn:fs", instructions=FileShareInstructions(("\\\\s\\x",))),),
+        psp_identifier="psp",
+        psp_display_name="PSP",
+        user_name="alice",
+        owner="",
+        created=T0,
+        last_activity=T0,
+        completed=completed,
+        origin="10.0.0.7",
+    )
+
+
+def server(**config: object) -> ScanServer:
+    return ScanServer(ServerConfig(**config), new_id=lambda: str(uuid.uuid4()))  # type: ignore[arg-type]
+
+
+def test_completed_jobs_take_their_place_in_the_history_by_end_time() -> None:
+    s = server(history_size=2)
+    for token, ended in (("late", 30), ("early", 10), ("middle", 20)):
+        assert s.absorb([job(token, JobState.COMPLETED, ended)]) == []
+    # R6: newest first; the oldest fell out although it arrived second.
+    assert [j.token for j in s.jobs.history()] == ["late", "middle"]
+    assert s.jobs.get("early") is None
+
+
+def test_a_record_replaces_the_one_in_the_table_and_dropped_rows_go() -> None:
+    s = server()
+    s.absorb([job("a"), job("b")])
+    assert [j.token for j in s.jobs.active()] == ["a", "b"]
+    s.absorb([job("a", JobState.CANCELED, 5)], dropped=["b"])
+    assert s.jobs.active() == []
+    assert [j.token for j in s.jobs.history()] == ["a"]
+    assert s.jobs.get("b") is None
+
+
+def test_a_cancel_elsewhere_stops_this_engine_and_emits_no_event() -> None:
+    t = InProcessTransport()
+    token = create_job(t, FileShareInstructions(("\\\\s\\x",)))
+    send_image(t, token)
+    running = t.server.jobs.get(token)
+    assert running is not None
+    started = running.evolve(state=JobState.PROCESSING)
+    assert t.server.absorb([started]) == []  # another instance's engine report: nothing here
+    canceled = started.evolve(
+        state=JobState.CANCELED, reasons=(JobStateReason.CANCELED,), completed=T0
+    )
+    commands = t.server.absorb([canceled])
+    assert commands == [StopProcessing(token)]
+    assert not any(isinstance(c, Deliver) for c in commands)
+    # A completed job elsewhere is no reason to stop anything.
+    assert t.server.absorb([job("x", JobState.PROCESSING)]) == []
+    done = job("x", JobState.COMPLETED, 3).evolve(reasons=(JobStateReason.COMPLETED_SUCCESSFULLY,))
+    assert t.server.absorb([done]) == []
+
+
+def test_quotas_count_jobs_created_elsewhere() -> None:
+    """max_active_jobs counts the cluster's jobs (the e2e test does the per-user quota)."""
+    t = InProcessTransport(ServerConfig(limits=Limits(max_active_jobs=2)))
+    create_job(t, FileShareInstructions(("\\\\s\\x",)))
+    t.server.absorb([job("elsewhere")])
+    reply = _create_reply(t)
+    assert reply.status == 500 and b"ServerErrorTemporaryError" in reply.body
+    assert b"[limits] max_active_jobs" in reply.body
+    t.server.absorb([job("elsewhere", JobState.CANCELED, 1)])
+    assert _create_reply(t).status == 200
+
+
+def test_an_upload_elsewhere_is_a_duplicate_here_and_keeps_the_job_from_timing_out() -> None:
+    t = InProcessTransport(ServerConfig(job_timeout_seconds=60))
+    token = create_job(t, FileShareInstructions(("\\\\s\\x",)))
+    t.server.absorb([], uploads_elsewhere=[(token, 1)])
+    assert t.server.jobs.uploading((token, 1))
+    duplicate = send_image(t, token, 1)
+    check_protocol_fault(duplicate, DSP, "InvalidArgs")
+    assert b"DocumentId" in duplicate.body
+    # R6: not idle while an image arrives anywhere: no deadline, no timeout however late.
+    assert t.server.next_deadline() is None
+    later = t.clock + timedelta(seconds=600)
+    assert t.server.tick(later) == []
+    assert t.server.jobs.get(token).state is JobState.CREATING  # type: ignore[union-attr]
+    t.server.absorb([], uploads_elsewhere=[])  # the upload ended there
+    assert send_image(t, token, 1).status == 200
+
+
+def _create_reply(t: InProcessTransport) -> Reply:
+    return t.post(envelope(Act.DSP_CREATE, create_request(FileShareInstructions(("\\\\s\\x",)))))
