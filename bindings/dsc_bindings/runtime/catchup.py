@@ -22,25 +22,42 @@ the writes of that job stamped before the failure are refused without asking the
 instance still has writes of that job queued is not absorbed (it would be older than what the
 table holds, or about to be refused): it is read again once they are done.
 
+A request waits for its catch-up at most :data:`CATCH_UP_WAIT_SECONDS` (:class:`RequestReads`):
+a database that does not answer (frozen, unreachable) must not hold up the requests answered
+from memory (GetRepositoryElements, listings; issue 17).  Such a request then decides from what
+the table holds, which is safe: every record write is compare-and-set, and the ``uploads`` row
+of an image is refused while another instance holds it; a read that answers later is still
+absorbed.  One reader thread reads for every request waiting (a read starts only after the
+requests it serves arrived), so at most one read waits for the database at a time.
+
 With SQLite nothing here runs: the service has no :class:`JobCatchUp`.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.runtime.ticket import Ticket
+from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import JobChanges, VersionedWrite
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_core import Command, CreateJob, DropJob, Job, ScanServer, UpdateJob
 
-__all__ = ["Caught", "JobCatchUp"]
+__all__ = ["CATCH_UP_WAIT_SECONDS", "Caught", "JobCatchUp", "RequestReads"]
 
 log = logging.getLogger("dsc.store")
+
+#: A request waits this long at most for the other instances' changes (module doc).
+CATCH_UP_WAIT_SECONDS = 2.0
+#: A failing catch-up is logged at most this often.
+_LOG_EVERY_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,3 +193,110 @@ class JobCatchUp:
 def _token(write: VersionedWrite) -> str:
     command = write.command
     return command.token if isinstance(command, DropJob) else command.job.token
+
+
+class RequestReads:
+    """The catch-up reads of requests and ticks (module doc): one reader thread; each read
+    starts after every request waiting for it arrived, so one read serves all the requests
+    that came while the previous one ran (under load, far fewer queries than requests), and
+    at most one read waits for the database at a time.  A request waits at most ``wait``
+    seconds; ``absorb_late`` takes a read that finished after some of its requests stopped
+    waiting (it runs in the reader thread: hand it to the owner)."""
+
+    def __init__(
+        self,
+        catch_up: JobCatchUp,
+        absorb_late: Callable[[Caught], None],
+        *,
+        wait: float = CATCH_UP_WAIT_SECONDS,
+    ) -> None:
+        self._catch_up = catch_up
+        self._absorb_late = absorb_late
+        self._wait = wait
+        self._logged = float("-inf")
+        self._settle_lock = threading.Lock()
+        #: Requests waiting for the next read.
+        self._waiting: list[Ticket] = []
+        #: (when, n, ticket) of the requests still waiting: settled empty at ``when``.
+        self._deadlines: list[tuple[float, int, Ticket]] = []
+        self._numbers = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._read_loop, name="dsc-catch-up", daemon=True),
+            threading.Thread(target=self._time_out, name="dsc-catch-up-timer", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def begin(self) -> Ticket:
+        """Ask for a read that starts from now; the ticket completes with it (``value``: the
+        Caught) or after the wait without a value (the request answers from the table)."""
+        gate = Ticket()
+        with self._wake:
+            if self._closed:
+                return Ticket.completed()
+            self._waiting.append(gate)
+            heapq.heappush(
+                self._deadlines, (time.monotonic() + self._wait, next(self._numbers), gate)
+            )
+            self._wake.notify_all()  # the reader, and the timer when it had nothing to do
+        return gate
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
+    def _settle(self, gate: Ticket, value: Caught | None) -> bool:
+        with self._settle_lock:
+            if gate.done:
+                return False  # settled already: by the read, or by the deadline
+            gate.value = value
+            gate._complete(None)
+            return True
+
+    def _read_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                batch, self._waiting = self._waiting, []
+            caught: Caught | None = None
+            try:
+                caught = self._catch_up.read()
+            except StoreError as exc:
+                self._log(exc)
+            except Exception:  # a bug must not stop the catch-up for the rest of the run
+                log.exception("catch-up read failed")
+            late = False
+            for gate in batch:
+                if not self._settle(gate, caught):
+                    late = True
+            if late and caught is not None:
+                self._absorb_late(caught)
+
+    def _log(self, exc: StoreError) -> None:
+        now = time.monotonic()
+        if now - self._logged >= _LOG_EVERY_SECONDS:
+            self._logged = now
+            log.warning(
+                "cannot read what other instances changed (%s): requests are answered from "
+                "what this instance knows; their writes are still checked",
+                exc.message,
+            )
+
+    def _time_out(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and (
+                    not self._deadlines or self._deadlines[0][0] > time.monotonic()
+                ):
+                    timeout = self._deadlines[0][0] - time.monotonic() if self._deadlines else None
+                    self._wake.wait(timeout)
+                if self._closed:
+                    return
+                _, _, gate = heapq.heappop(self._deadlines)
+            self._settle(gate, None)

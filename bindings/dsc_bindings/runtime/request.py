@@ -169,18 +169,15 @@ class ServiceRequest:
 
     def _catch_up(self, resume: Callable[[], T]) -> T | Wait:
         """Before the exchange's first core call: the other instances' changes into the core's
-        table (runtime/catchup.py), then ``resume``.  If the store cannot be read the request
-        is refused as a store failure (R4 step 9), before the core decided anything."""
+        table (runtime/catchup.py), then ``resume``.  A read that failed or took too long
+        leaves the table as it is (its writes are still compare-and-set)."""
         self._caught_up = True
         assert self._run.catch_up is not None
         begin, absorb = self._run.catch_up
         ticket = begin()
 
         def caught() -> T | Wait:
-            if ticket.error is not None:
-                self._store_failed(ticket.error)
-            else:
-                absorb(ticket)
+            absorb(ticket)
             return resume()
 
         return self._then(ticket, caught)

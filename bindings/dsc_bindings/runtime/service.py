@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 
 from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
-from dsc_bindings.runtime.catchup import Caught, JobCatchUp
+from dsc_bindings.runtime.catchup import Caught, JobCatchUp, RequestReads
 from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
 from dsc_bindings.runtime.installation import record_start_of
@@ -170,6 +170,7 @@ class ScanService:
         self.health = health
         #: Set at start when the store is shared (issue 18): the catch-up with other instances.
         self._catch_up: JobCatchUp | None = None
+        self._reads: RequestReads | None = None
         self._requests = RequestRuntime(
             self.owner,
             self.submit,
@@ -284,6 +285,9 @@ class ScanService:
             self._requests = dataclasses.replace(self._requests, catch_up=None)
             return store.load_jobs()
         catch_up = self._catch_up = JobCatchUp(store.job_changes)
+        self._reads = RequestReads(
+            catch_up, lambda caught: self.owner.soon(functools.partial(self._absorb, caught))
+        )
         caught = catch_up.read()
         jobs = store.load_jobs()
         catch_up.seed(caught)
@@ -312,6 +316,8 @@ class ScanService:
         if self._engine is not None:
             self._engine.close(max(0.0, timeout - (time.monotonic() - began)))
         self._writer.close(max(1.0, timeout - (time.monotonic() - began)))
+        if self._reads is not None:
+            self._reads.close()
         self._hub.close(min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout)))
         if self.cluster is not None:
             self.cluster.stop()
@@ -475,11 +481,11 @@ class ScanService:
     # --- other instances of a shared store (issue 18, .catchup) ------------------------------
 
     def _begin_catch_up(self) -> Ticket:
-        """Read what other instances changed, off the owner; the ticket's value is a Caught."""
-        catch_up = self._catch_up
-        if catch_up is None:
+        """Read what other instances changed, off the owner, waited for at most
+        ``catchup.CATCH_UP_WAIT_SECONDS``; the ticket's value is a Caught, if read in time."""
+        if self._reads is None:
             return Ticket.completed()
-        return self._writer.offload(catch_up.read)
+        return self._reads.begin()
 
     def _end_catch_up(self, ticket: Ticket) -> None:
         """Hand a read to the core, as its owner (a request's, before its first core call)."""
@@ -604,16 +610,15 @@ class ScanService:
     # --- ticker -------------------------------------------------------------------------------
 
     def _read_for_tick(self) -> Caught | None:
-        """A shared store: what other instances changed, before a tick (in the ticker thread).
-        None without a shared store, or when it cannot be read: the tick then runs on what the
-        table has (timeouts are compare-and-set writes, so a stale one is refused)."""
-        if self._catch_up is None:
+        """A shared store: what other instances changed, before a tick (in the ticker thread),
+        waited for as a request's (.catchup).  None without a shared store, or when it is not
+        read in time: the tick then runs on what the table has (its writes are
+        compare-and-set, so a stale timeout is refused)."""
+        if self._reads is None:
             return None
-        try:
-            return self._catch_up.read()
-        except StoreError as exc:
-            log.warning("cannot read what other instances changed before a tick: %s", exc)
-            return None
+        gate = self._reads.begin()
+        gate.wait()
+        return gate.value if isinstance(gate.value, Caught) else None
 
     def _tick(self, caught: Caught | None, sweeps: bool) -> None:
         if caught is not None:

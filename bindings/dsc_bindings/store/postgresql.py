@@ -415,8 +415,17 @@ def _execute(
 class PostgresRecords:
     """The job table in PostgreSQL through a small connection pool.  Thread-safe."""
 
-    def __init__(self, db: PgDatabase) -> None:
+    def __init__(
+        self, db: PgDatabase, dsn: str | None = None, password_file: Path | None = None
+    ) -> None:
         self.location = db.location
+        #: The change feed's own connection (``changes``), made on first use: the catch-up
+        #: reads one at a time, and keeps out of the pool's way while the database is away
+        #: (a pool hammered by reads backs its reconnects off further).
+        self._feed_dsn = dsn
+        self._feed_password = password_file
+        self._feed: psycopg.Connection[Any] | None = None
+        self._feed_lock = threading.Lock()
         self.shared = True
         #: This run's name in ``uploads`` rows: a new one per start, so rows a killed run left
         #: are told apart (they age out, UPLOAD_ROW_SECONDS).
@@ -442,11 +451,17 @@ class PostgresRecords:
                 min_size=min_size,
                 max_size=max_size,
                 pool_timeout=pool_timeout,
-            )
+            ),
+            dsn,
+            password_file,
         )
 
     def close(self) -> None:
         self._db.close()
+        with self._feed_lock:
+            if self._feed is not None:
+                self._feed.close()
+                self._feed = None
 
     def _run(
         self, what: str, sql: str, params: tuple[object, ...] | dict[str, object] = ()
@@ -496,16 +511,17 @@ class PostgresRecords:
         """Rows and tombstones since ``cursor`` (module doc), the rows of ``tokens``, and the
         other instances' uploads; one statement (one small query per request)."""
         self._prune()
-        found = self._run(
-            "reading the jobs other instances changed",
-            _CHANGES,
-            {
-                "since": cursor,
-                "tokens": sorted(tokens),
-                "me": self.instance,
-                "age": UPLOAD_ROW_SECONDS,
-            },
-        )
+        params = {
+            "since": cursor,
+            "tokens": sorted(tokens),
+            "me": self.instance,
+            "age": UPLOAD_ROW_SECONDS,
+        }
+        what = "reading the jobs other instances changed"
+        if self._feed_dsn is None:
+            found = self._run(what, _CHANGES, params)
+        else:
+            found = self._read_feed(what, params)
         next_cursor = cursor
         rows: list[tuple[str, int, str]] = []
         dropped: list[str] = []
@@ -520,6 +536,23 @@ class PostgresRecords:
             else:
                 uploads.append((str(token), int(number)))
         return JobChanges(next_cursor, tuple(rows), tuple(dropped), tuple(uploads))
+
+    def _read_feed(self, what: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
+        assert self._feed_dsn is not None
+        with self._feed_lock:
+            if self._db.closed:
+                raise StoreError("the job store is closed", temporary=False)
+            try:
+                if self._feed is None or self._feed.closed:
+                    self._feed = psycopg.connect(
+                        self._feed_dsn, **connection_kwargs(self._feed_password)
+                    )
+                return self._feed.execute(_CHANGES, params).fetchall()  # our own constant SQL
+            except psycopg.Error as exc:
+                if self._feed is not None:
+                    self._feed.close()
+                    self._feed = None
+                raise as_store_error(what, exc, is_temporary_pg(exc)) from exc
 
     def _prune(self) -> None:
         now = time.monotonic()
