@@ -155,6 +155,25 @@ def test_per_request_counts_run(binding: str) -> None:
         assert "Python calls/request" in line and "us/request" in line, result.stdout
 
 
+@pytest.mark.parametrize("server", ["handwritten", "uvicorn-floor", "coalescing"])
+def test_servers_in_process_counts_run(server: str) -> None:
+    """``bench/servers_in_process.py`` (issue 20): the hand-written aiohttp server, uvicorn
+    over a trivial app and uvicorn over the project's app, each fed both requests on one
+    connection in process and answered 200 (the script checks), calls and CPU printed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "servers_in_process.py"), "--server", server]
+        + ["--requests", "50"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for operation in ("GetRepositoryElements", "GetPostScanJobElements"):
+        line = next((row for row in result.stdout.splitlines() if f" {operation} " in row), "")
+        assert "Python calls/request" in line and "us/request" in line, result.stdout
+
+
 def test_storage_bench_runs() -> None:
     """``bench/storage.py`` (issue 17), tiny: a record commit, a SendImage against curl, the
     listings and concurrent uploads, on a real PostgreSQL and SeaweedFS."""
