@@ -235,3 +235,62 @@ def test_a_stalled_body_is_answered_408(tmp_path: Path, backend: str) -> None:
         return statuses
 
     assert anyio.run(main, backend=backend) == [408, 200]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_body_whose_pieces_wait_is_answered(tmp_path: Path, backend: str) -> None:
+    """A body at once (no timer: ``receive`` is stepped by hand) and a body whose pieces each
+    come after the app waited for them (the rest of ``receive`` runs under the body timeout)
+    get the same answer: the operation's response."""
+    import anyio
+
+    from dsc_core import client as dc
+    from dsc_core import names
+
+    body = dc.envelope(
+        names.Action.DSC_GET_REPOSITORY_ELEMENTS,
+        dc.repository_elements_request(["RepositoryStatus"]),
+        message_id="urn:uuid:6f1e1c9e-1d55-4c5e-9a52-8d1b1a1f6a01",
+    )
+    app = create_app(data_dir=tmp_path / "data", port=5362)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/ScanServer",
+        "raw_path": b"/ScanServer",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/soap+xml; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def answer(pieces: list[bytes], wait: bool) -> tuple[int, bytes]:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, object]:
+            if wait:
+                await anyio.sleep(0.01)  # the app waits for this piece
+            piece = pieces.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        return int(str(sent[0]["status"])), bytes(sent[1]["body"])  # type: ignore[arg-type]
+
+    async def main() -> list[tuple[int, bytes]]:
+        async with app.running():
+            return [
+                await answer([body], wait=False),
+                await answer([body[:100], body[100:300], body[300:]], wait=True),
+            ]
+
+    for status, reply in anyio.run(main, backend=backend):
+        assert status == 200, reply
+        assert dc.parse_response(reply).action.endswith("GetRepositoryElementsResponse"), reply
