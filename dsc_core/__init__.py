@@ -12,6 +12,7 @@ from .commands import (
     Deliver,
     DiscardDocuments,
     DropJob,
+    EndSubscription,
     FilterFinished,
     FilterStarted,
     FinishDocument,
@@ -22,6 +23,7 @@ from .commands import (
     Removal,
     StartProcessing,
     StopProcessing,
+    StoreSubscription,
     UpdateJob,
 )
 from .config import Limits, ServerConfig
@@ -52,6 +54,7 @@ __all__ = [
     "DiscardDocuments",
     "Document",
     "DropJob",
+    "EndSubscription",
     "Exchange",
     "FilterFinished",
     "FilterStarted",
@@ -77,6 +80,7 @@ __all__ = [
     "ServerConfig",
     "StartProcessing",
     "StopProcessing",
+    "StoreSubscription",
     "UpdateJob",
     "UsageError",
 ]

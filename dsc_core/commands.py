@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from .model import FilterState, FilterStateReason, Job
+from .subscription import Subscription
 
 # --- What moves a job -------------------------------------------------------------------------
 
@@ -173,6 +174,28 @@ class Deliver:
         return b"".join(self.parts)
 
 
+# --- Subscription commands (issue 18) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSubscription:
+    """A subscription was created or renewed (R7).  A store shared by several instances keeps
+    it, so that any instance answers Renew/GetStatus/Unsubscribe and delivers to it, and it
+    outlives any instance (issue 18); a store of one server has nothing to do."""
+
+    subscription: Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class EndSubscription:
+    """A subscription ended (Unsubscribe, repeated delivery failures, the last instance
+    stopping): a shared store forgets it and the notifications still waiting for it."""
+
+    identifier: str
+
+
+SubscriptionCommand = StoreSubscription | EndSubscription
+
 StoreCommand = (
     CreateJob
     | UpdateJob
@@ -184,7 +207,7 @@ StoreCommand = (
     | DropJob
 )
 EngineCommand = StartProcessing | StopProcessing
-Command = StoreCommand | EngineCommand | Deliver
+Command = StoreCommand | EngineCommand | Deliver | SubscriptionCommand
 
 
 # --- Inputs from the processing engine --------------------------------------------------------

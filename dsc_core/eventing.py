@@ -20,8 +20,9 @@ from xml.sax.saxutils import escape as xml_escape
 from lxml import etree
 
 from . import faults, names, soap
-from .commands import Deliver
+from .commands import Command, Deliver, EndSubscription
 from .config import ServerConfig
+from .subscription import EndpointReference, Subscription
 from .xmlread import Element, children, split, trimmed
 
 A = names.Action
@@ -39,27 +40,6 @@ ALL_EVENTS = DSP_EVENTS | DSC_EVENTS
 
 SHUTTING_DOWN = names.WSE + "/SourceShuttingDown"
 DELIVERY_FAILURE = names.WSE + "/DeliveryFailure"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointReference:
-    address: str
-    #: Reference parameters, serialized, copied as SOAP headers into messages sent to it.
-    parameters: tuple[bytes, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    identifier: str
-    notify_to: EndpointReference
-    end_to: EndpointReference | None
-    actions: frozenset[str]
-    expires: datetime
-    wsa_ns: str = names.WSA
-    failures: int = 0
-    #: R13 (R10 on eventing): a non-administrator's subscription gets only the events of jobs
-    #: whose owner is this identity; None (an administrator, or no client certificates): all.
-    owner: str | None = None
 
 
 @dataclass
@@ -147,16 +127,17 @@ class Subscriptions:
 
     def renew(
         self, env: soap.Envelope, payload: Element, now: datetime, owner: str | None = None
-    ) -> Element:
+    ) -> tuple[Subscription, Subscription, Element]:
+        """(the subscription before, after, the response)."""
         sub = self._find(env, "UnableToRenew", now, owner)
         expires_el = next(
             (c for c in children(payload) if split(c.tag) == (names.WSE, "Expires")), None
         )
         expires = self._grant(expires_el, now)
-        self.by_id[sub.identifier] = replace(sub, expires=expires)
+        renewed = self.by_id[sub.identifier] = replace(sub, expires=expires)
         response = etree.Element(f"{{{names.WSE}}}RenewResponse")
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
-        return response
+        return sub, renewed, response
 
     def get_status(self, env: soap.Envelope, now: datetime, owner: str | None = None) -> Element:
         sub = self._find(env, "InvalidMessage", now, owner)
@@ -164,10 +145,34 @@ class Subscriptions:
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(sub.expires - now)
         return response
 
-    def unsubscribe(self, env: soap.Envelope, now: datetime, owner: str | None = None) -> None:
-        """R13: the 2004/08 UnsubscribeResponse is an empty Body (only the Action says it)."""
+    def unsubscribe(
+        self, env: soap.Envelope, now: datetime, owner: str | None = None
+    ) -> Subscription:
+        """R13: the 2004/08 UnsubscribeResponse is an empty Body (only the Action says it).
+        Returns the subscription ended."""
         sub = self._find(env, "InvalidMessage", now, owner)
         del self.by_id[sub.identifier]
+        return sub
+
+    def put_back(self, sub: Subscription) -> None:
+        """Undo a Renew or Unsubscribe whose store command failed (R4 step 9)."""
+        self.by_id[sub.identifier] = sub
+
+    def forget(self, identifier: str) -> None:
+        """Undo a Subscribe whose store command failed (R4 step 9)."""
+        self.by_id.pop(identifier, None)
+
+    def absorb(self, stored: Iterable[Subscription], ended: Iterable[str]) -> None:
+        """Subscriptions another instance of a shared store created, renewed or ended (issue
+        18): the table is a cache of the stored ones, so quotas count the cluster's and any
+        instance manages any of them.  The failure count is each delivery owner's own."""
+        for sub in stored:
+            known = self.by_id.get(sub.identifier)
+            self.by_id[sub.identifier] = replace(
+                sub, failures=known.failures if known is not None else 0
+            )
+        for identifier in ended:
+            self.by_id.pop(identifier, None)
 
     def _find(
         self, env: soap.Envelope, fault: str, now: datetime, owner: str | None = None
@@ -275,7 +280,7 @@ class Subscriptions:
                 )
         return out
 
-    def delivery_result(self, identifier: str, ok: bool) -> list[Deliver]:
+    def delivery_result(self, identifier: str, ok: bool) -> list[Command]:
         sub = self.by_id.get(identifier)
         if sub is None:
             return []
@@ -289,20 +294,22 @@ class Subscriptions:
         del self.by_id[identifier]
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
-    def give_up(self, identifier: str) -> list[Deliver]:
+    def give_up(self, identifier: str) -> list[Command]:
         sub = self.by_id.pop(identifier, None)
         if sub is None:
             return []
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
-    def end_all(self) -> list[Deliver]:
+    def end_all(self) -> list[Command]:
         subs = list(self.by_id.values())
         self.by_id.clear()
         return self._end(subs, SHUTTING_DOWN, "The scan server is shutting down.")
 
-    def _end(self, subs: Iterable[Subscription], status: str, reason: str) -> list[Deliver]:
-        out = []
+    def _end(self, subs: Iterable[Subscription], status: str, reason: str) -> list[Command]:
+        """EndSubscription (a shared store forgets it), then SubscriptionEnd to its EndTo."""
+        out: list[Command] = []
         for sub in subs:
+            out.append(EndSubscription(sub.identifier))
             if sub.end_to is None:
                 continue
             body = etree.Element(f"{{{names.WSE}}}SubscriptionEnd")

@@ -31,6 +31,7 @@ from .exchange import Exchange
 from .model import Job
 from .registry import OPERATIONS
 from .state import ServerState
+from .subscription import Subscription
 from .transport import Outcome, RequestInfo
 
 
@@ -67,6 +68,11 @@ class ScanServer(ServerState):
         (``JobLifecycle.absorb``): the table is a cache of the shared rows; the binding calls
         this before an exchange's first call and before each tick.  No events."""
         return self.lifecycle.absorb(jobs, dropped, uploads_elsewhere)
+
+    def absorb_subscriptions(self, stored: Iterable[Subscription], ended: Iterable[str]) -> None:
+        """Subscriptions other instances created, renewed or ended (``Subscriptions.absorb``);
+        with the jobs, before an exchange's first call and before each tick.  No commands."""
+        self.subscriptions.absorb(stored, ended)
 
     # --- the processing engine ------------------------------------------------------------
 

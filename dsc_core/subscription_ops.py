@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import faults, names
+from .commands import Command, EndSubscription, StoreSubscription
 from .operation import Operation, OpResult, Request, no_arguments
 from .users import identity, is_scan_admin
 from .xmlread import Element, split
@@ -50,17 +51,33 @@ def _restricted_to(request: Request) -> str | None:
 
 
 def subscribe(request: Request, payload: Element) -> OpResult:
-    _, response = request.state.subscriptions.subscribe(
+    subscriptions = request.state.subscriptions
+    sub, response = subscriptions.subscribe(
         request.envelope, payload, _service_hint(request), request.now, _restricted_to(request)
     )
-    return OpResult(A.SUBSCRIBE_RESPONSE, response, dict(_NSMAP))
+
+    def undo() -> list[Command]:
+        subscriptions.forget(sub.identifier)
+        return []
+
+    return OpResult(
+        A.SUBSCRIBE_RESPONSE, response, dict(_NSMAP), [StoreSubscription(sub)], undo=undo
+    )
 
 
 def renew(request: Request, payload: Element) -> OpResult:
-    response = request.state.subscriptions.renew(
+    subscriptions = request.state.subscriptions
+    before, renewed, response = subscriptions.renew(
         request.envelope, payload, request.now, _restricted_to(request)
     )
-    return OpResult(A.RENEW_RESPONSE, response, dict(_NSMAP))
+
+    def undo() -> list[Command]:
+        subscriptions.put_back(before)
+        return []
+
+    return OpResult(
+        A.RENEW_RESPONSE, response, dict(_NSMAP), [StoreSubscription(renewed)], undo=undo
+    )
 
 
 def get_status(request: Request, _args: None) -> OpResult:
@@ -71,8 +88,20 @@ def get_status(request: Request, _args: None) -> OpResult:
 
 
 def unsubscribe(request: Request, _args: None) -> OpResult:
-    request.state.subscriptions.unsubscribe(request.envelope, request.now, _restricted_to(request))
-    return OpResult(A.UNSUBSCRIBE_RESPONSE, None, dict(_NSMAP))
+    subscriptions = request.state.subscriptions
+    ended = subscriptions.unsubscribe(request.envelope, request.now, _restricted_to(request))
+
+    def undo() -> list[Command]:
+        subscriptions.put_back(ended)
+        return []
+
+    return OpResult(
+        A.UNSUBSCRIBE_RESPONSE,
+        None,
+        dict(_NSMAP),
+        [EndSubscription(ended.identifier)],
+        undo=undo,
+    )
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (

@@ -60,8 +60,10 @@ from core_support import (
 )
 from dsc_bindings.inprocess import InProcessTransport
 from dsc_core import (
+    Deliver,
     DiscardDocuments,
     DropJob,
+    EndSubscription,
     FilterFinished,
     FilterStarted,
     Limits,
@@ -818,7 +820,9 @@ def test_delivery_failures_end_the_subscription() -> None:
     assert t.server.delivery_result(ident, False) == []
     assert t.server.delivery_result(ident, False) == []
     assert ident in t.server.subscriptions.by_id
-    (end,) = t.server.delivery_result(ident, False)
+    ended, end = t.server.delivery_result(ident, False)
+    assert ended == EndSubscription(ident)  # a shared store forgets it (issue 18)
+    assert isinstance(end, Deliver)
     assert end.final and end.address == "http://sink.example/ended"
     assert end.subscription_id == ident
     root = etree.fromstring(end.body)

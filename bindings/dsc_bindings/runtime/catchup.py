@@ -42,13 +42,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dsc_bindings.runtime.ticket import Ticket
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import JobChanges, VersionedWrite
 from dsc_bindings.store.jobcodec import decode_job
-from dsc_core import Command, CreateJob, DropJob, Job, ScanServer, UpdateJob
+from dsc_bindings.store.subcodec import decode_subscription
+from dsc_core import Command, CreateJob, Deliver, DropJob, Job, ScanServer, UpdateJob
+from dsc_core.subscription import Subscription
 
 __all__ = ["CATCH_UP_WAIT_SECONDS", "Caught", "JobCatchUp", "RequestReads"]
 
@@ -69,6 +71,9 @@ class Caught:
     jobs: tuple[tuple[Job, int], ...]
     dropped: tuple[str, ...]
     uploads_elsewhere: tuple[tuple[str, int], ...]
+    #: Subscriptions created or renewed, and ended, since the last read (issue 18 point 3).
+    subscriptions: tuple[Subscription, ...] = ()
+    subscriptions_ended: tuple[str, ...] = ()
 
 
 class JobCatchUp:
@@ -107,7 +112,22 @@ class JobCatchUp:
                 log.warning("job %s: the stored record does not decode (%s): skipped", token, exc)
                 continue
             jobs.append((job, version))
-        return Caught(changes.cursor, tuple(jobs), changes.dropped, changes.uploads_elsewhere)
+        subscriptions: list[Subscription] = []
+        for identifier, _version, text in changes.subscriptions:
+            try:
+                subscriptions.append(decode_subscription(text))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning(
+                    "subscription %s: the stored record does not decode (%s)", identifier, exc
+                )
+        return Caught(
+            changes.cursor,
+            tuple(jobs),
+            changes.dropped,
+            changes.uploads_elsewhere,
+            tuple(subscriptions),
+            changes.subscriptions_ended,
+        )
 
     def seed(self, caught: Caught) -> None:
         """At start: the core was restored from the rows; this read (made before) gives their
@@ -137,13 +157,29 @@ class JobCatchUp:
             for token in caught.dropped:
                 self._known.pop(token, None)
                 self._stale.discard(token)
+        server.absorb_subscriptions(caught.subscriptions, caught.subscriptions_ended)
         return server.absorb(fresh, caught.dropped, caught.uploads_elsewhere)
 
     def stamp(self, commands: Sequence[Command]) -> list[Command | VersionedWrite]:
-        """The commands with each record command wrapped in the version it replaces."""
+        """The commands with each record command wrapped in the version it replaces, and the
+        notifications that follow a job's record write carried by it (one transaction: its
+        outbox rows, issue 18 point 3).  A SubscriptionEnd stays apart: the delivery hub
+        sends it directly (the subscription is gone from the store)."""
         stamped: list[Command | VersionedWrite] = []
+        #: Where the batch's last job record write is (its events join it).
+        carrier: int | None = None
         with self._lock:
             for command in commands:
+                if isinstance(command, Deliver):
+                    write = stamped[carrier] if carrier is not None else None
+                    if not command.final and isinstance(write, VersionedWrite):
+                        assert carrier is not None
+                        stamped[carrier] = replace(write, events=(*write.events, command))
+                    else:
+                        stamped.append(command)
+                    continue
+                if isinstance(command, (CreateJob, UpdateJob)):
+                    carrier = len(stamped)
                 if isinstance(command, (CreateJob, UpdateJob)):
                     token = command.job.token
                 elif isinstance(command, DropJob):

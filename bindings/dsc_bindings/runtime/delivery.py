@@ -20,7 +20,10 @@ only moves bytes, under these rules:
   a give-up they are sent on their own.
 
 Results go back through ``report(subscription_id, ok)`` and ``give_up(subscription_id)``, called
-in the hub's thread: the service hands them to the core's owner without blocking.
+in the hub's thread: the service hands them to the core's owner without blocking.  A notification
+may carry ``done``, a blocking call run (in a worker thread) once it was answered and before
+the subscription's next one is sent: the outbox deletes its row there (runtime/outbox.py), so a
+new delivery owner resends at most the one in flight.
 
 The hub runs trio in one thread, for both HTTP bindings: a thousand idle subscriptions cost a
 thousand parked tasks, not threads.
@@ -77,14 +80,18 @@ class DeliveryLimits:
         )
 
 
+#: A notification and what to run once it was answered (module doc).
+_Item = tuple[Deliver, Callable[[], None] | None]
+
+
 class _Subscription:
     __slots__ = ("dead", "failures", "identifier", "receive", "send")
 
     def __init__(self, identifier: str, size: int) -> None:
         self.identifier = identifier
-        self.send: trio.MemorySendChannel[Deliver]
-        self.receive: trio.MemoryReceiveChannel[Deliver]
-        self.send, self.receive = trio.open_memory_channel[Deliver](size)
+        self.send: trio.MemorySendChannel[_Item]
+        self.receive: trio.MemoryReceiveChannel[_Item]
+        self.send, self.receive = trio.open_memory_channel[_Item](size)
         self.failures = 0
         self.dead = False
 
@@ -130,14 +137,14 @@ class DeliveryHub:
         """A configuration reload: applies to deliveries from now on."""
         self.limits = limits
 
-    def deliver(self, command: Deliver) -> None:
-        """Queue one notification (thread-safe, never blocks)."""
+    def deliver(self, command: Deliver, done: Callable[[], None] | None = None) -> None:
+        """Queue one notification (thread-safe, never blocks); ``done``: module doc."""
         token = self._token
         if token is None or self._closed:
             log.warning("dropping notification to %s: delivery stopped", command.address)
             return
         try:
-            token.run_sync_soon(self._accept, command)
+            token.run_sync_soon(self._accept, command, done)
         except trio.RunFinishedError:
             log.warning("dropping notification to %s: delivery stopped", command.address)
 
@@ -188,7 +195,7 @@ class DeliveryHub:
         if self._stop is not None:
             self._stop.set()
 
-    def _accept(self, command: Deliver) -> None:
+    def _accept(self, command: Deliver, done: Callable[[], None] | None = None) -> None:
         """In the loop: put ``command`` in its subscription's queue (module doc)."""
         nursery = self._nursery
         assert nursery is not None
@@ -198,7 +205,7 @@ class DeliveryHub:
         if command.final:
             if sub is not None and not sub.dead:
                 try:
-                    sub.send.send_nowait(command)
+                    sub.send.send_nowait((command, None))
                     return
                 except trio.WouldBlock:
                     self._kill(sub, "its queue is full")
@@ -211,7 +218,7 @@ class DeliveryHub:
             sub = self._subs[identifier] = _Subscription(identifier, self.limits.queue_size)
             nursery.start_soon(self._run, sub)
         try:
-            sub.send.send_nowait(command)
+            sub.send.send_nowait((command, done))
         except trio.WouldBlock:
             self._pending -= 1
             log.warning(
@@ -249,18 +256,21 @@ class DeliveryHub:
     async def _run(self, sub: _Subscription) -> None:
         """One subscription's deliveries, in order."""
         while not sub.dead:
-            command: Deliver | None = None
+            item: _Item | None = None
             with trio.move_on_after(IDLE_TASK_SECONDS):
                 try:
-                    command = await sub.receive.receive()
+                    item = await sub.receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
-            if command is None:  # idle: forget it (no await since the receive timed out)
+            if item is None:  # idle: forget it (no await since the receive timed out)
                 if self._subs.get(sub.identifier) is sub:
                     del self._subs[sub.identifier]
                 sub.send.close()
                 return
+            command, done = item
             ok = await self._post(command)
+            if done is not None:
+                await self._done(done)
             if command.final:
                 if self._subs.get(sub.identifier) is sub:
                     del self._subs[sub.identifier]
@@ -273,6 +283,12 @@ class DeliveryHub:
             if sub.failures >= self.limits.failures_before_end:
                 self._kill(sub, f"{sub.failures} consecutive failures")
                 return
+
+    async def _done(self, done: Callable[[], None]) -> None:
+        try:
+            await trio.to_thread.run_sync(done)
+        except Exception:  # logged by the caller's own code; never stops this subscription
+            log.exception("recording a notification as answered failed")
 
     async def _send_once(self, command: Deliver) -> None:
         await self._post(command)

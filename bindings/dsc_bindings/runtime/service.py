@@ -63,6 +63,7 @@ from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
 from dsc_bindings.runtime.installation import record_start_of
 from dsc_bindings.runtime.observing import ServiceObserver, StartCheck
+from dsc_bindings.runtime.outbox import OutboxPump
 from dsc_bindings.runtime.owner import CoreOwner
 from dsc_bindings.runtime.peer import Peer
 from dsc_bindings.runtime.request import RequestRuntime, ServiceRequest
@@ -108,6 +109,16 @@ ENGINE_REPORT_WAIT_SECONDS = 60.0
 #: The ticker applies the device book's retention and cap this often (service clock), so that a
 #: device past ``[devices] retention_days`` also goes while no job is created (devices.py).
 DEVICE_BOUNDS_INTERVAL = timedelta(hours=1)
+
+
+#: A shared store's outbox is read at least this often, besides its doorbell (issue 18).
+OUTBOX_POLL_SECONDS = 2.0
+
+
+def _to_outbox(command: Command) -> bool:
+    """Whether a shared store sends ``command`` through its outbox (every notification but a
+    SubscriptionEnd)."""
+    return isinstance(command, Deliver) and not command.final
 
 
 class ScanService:
@@ -171,6 +182,10 @@ class ScanService:
         #: Set at start when the store is shared (issue 18): the catch-up with other instances.
         self._catch_up: JobCatchUp | None = None
         self._reads: RequestReads | None = None
+        #: The first read of the shared rows (its subscriptions go to the core at start).
+        self._seed: Caught | None = None
+        #: A shared store: this instance's part of sending the outbox (.outbox).
+        self._outbox: OutboxPump | None = None
         self._requests = RequestRuntime(
             self.owner,
             self.submit,
@@ -230,15 +245,10 @@ class ScanService:
                 ]
             )
             self._writer.submit(self._stamped(commands), strict=False).wait()
+            self._start_events(store)
         except BaseException:
             log.exception("starting the scan service failed")
-            if self.cluster is not None:
-                self.cluster.stop()
-            if self._engine is not None:
-                self._engine.close(1.0)
-            self._writer.close()
-            self._hub.close(0)
-            store.close()
+            self._abandon_start(store)
             raise
         active = sum(1 for job in jobs if job.is_active)
         log.info(
@@ -277,6 +287,18 @@ class ScanService:
         self._threads.append(thread)
         thread.start()
 
+    def _abandon_start(self, store: JobStore) -> None:
+        """Stop what a failed start had started."""
+        if self._outbox is not None:
+            self._outbox.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self._engine is not None:
+            self._engine.close(1.0)
+        self._writer.close()
+        self._hub.close(0)
+        store.close()
+
     def _load_jobs(self, store: JobStore) -> list[Job]:
         """The stored jobs.  A shared store (issue 18): also the catch-up with the other
         instances, seeded by a read made before the rows are loaded (JobCatchUp.seed);
@@ -288,10 +310,29 @@ class ScanService:
         self._reads = RequestReads(
             catch_up, lambda caught: self.owner.soon(functools.partial(self._absorb, caught))
         )
-        caught = catch_up.read()
+        caught = self._seed = catch_up.read()
         jobs = store.load_jobs()
         catch_up.seed(caught)
         return jobs
+
+    def _start_events(self, store: JobStore) -> None:
+        """A shared store (issue 18 point 3): the stored subscriptions go to the core (the
+        start's read; its jobs are in the table already), and this instance sends the outbox
+        rows of the subscriptions it holds the delivery lease of (.outbox)."""
+        seed = self._seed
+        if seed is not None:
+            self.owner.call(lambda: self._absorb(seed))
+        if self.cluster is None or not (isinstance(store, SplitStore) and store.shared):
+            return
+        settings = self._cluster_settings
+        self._outbox = OutboxPump(
+            store.outbox(),
+            self._hub,
+            self.cluster.id,
+            poll_seconds=min(settings.heartbeat_seconds, OUTBOX_POLL_SECONDS),
+            lease_seconds=settings.lease_seconds,
+        )
+        self._outbox.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: repository Stopped and SubscriptionEnd SourceShuttingDown (R7; deliveries get at
@@ -318,7 +359,11 @@ class ScanService:
         self._writer.close(max(1.0, timeout - (time.monotonic() - began)))
         if self._reads is not None:
             self._reads.close()
+        if self._outbox is not None:
+            self._outbox.stop()  # hands nothing more; the hub finishes what it holds
         self._hub.close(min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout)))
+        if self._outbox is not None:
+            self._outbox.release()
         if self.cluster is not None:
             self.cluster.stop()
         if self._store is not None:
@@ -467,7 +512,11 @@ class ScanService:
         only runs inline when nothing waits before it: those never block."""
         if not commands and (after is None or after.done):
             return Ticket.completed()
-        if (after is None or after.done) and self._writer.run_inline(commands):
+        if (
+            (after is None or after.done)
+            and (self._outbox is None or not any(_to_outbox(c) for c in commands))
+            and self._writer.run_inline(commands)
+        ):
             return Ticket.completed()
         return self._writer.submit(self._stamped(commands), strict=strict, after=after)
 
@@ -573,7 +622,13 @@ class ScanService:
             self._engine.stop(command.token)
 
     def _deliver(self, command: Deliver) -> None:
-        self._hub.deliver(command)
+        """A notification: to the hub, or, with a shared store, an outbox row (one that no
+        job record write carried, .catchup) that some instance's hub sends (.outbox).  A
+        SubscriptionEnd goes to this hub directly: its subscription is gone from the store."""
+        if self._outbox is not None and _to_outbox(command):
+            self._store_apply(command)
+        else:
+            self._hub.deliver(command)
 
     # --- processing engine ------------------------------------------------------------------------
 

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from dsc_bindings.store.errors import StoreError
-from dsc_core.commands import CreateJob, DropJob, StoreCommand, UpdateJob
+from dsc_core.commands import (
+    CreateJob,
+    Deliver,
+    DropJob,
+    StoreCommand,
+    SubscriptionCommand,
+    UpdateJob,
+)
 from dsc_core.model import Job
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "PoolStats",
     "SharedJobRecords",
     "Spool",
+    "Storable",
     "StorageFigures",
     "StoredRecord",
     "VersionedWrite",
@@ -71,6 +79,9 @@ class VersionedWrite:
     #: The runtime's conflict count for the token when stamped: a write stamped before a
     #: conflict of its job is refused without asking the database (catchup.JobCatchUp).
     epoch: int
+    #: The notifications this change causes (outbox rows, issue 18 point 3): written in the
+    #: same transaction as the row, so an event exists exactly when its change committed.
+    events: tuple[Deliver, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +96,11 @@ class JobChanges:
     dropped: tuple[str, ...]
     #: (token, document_id) of uploads in flight on other instances.
     uploads_elsewhere: tuple[tuple[str, int], ...]
+    #: (identifier, version, encoded record) of subscriptions created or renewed since the
+    #: cursor (issue 18 point 3: the same feed as the jobs).
+    subscriptions: tuple[tuple[str, int, str], ...] = ()
+    #: Identifiers of subscriptions ended since the cursor.
+    subscriptions_ended: tuple[str, ...] = ()
 
 
 class JobRecords(Protocol):
@@ -117,6 +133,11 @@ class JobRecords(Protocol):
     def close(self) -> None: ...
 
 
+#: What a job store carries out: the core's store commands, its subscription commands (kept
+#: by a shared store only) and, on a shared store, notifications (outbox rows).
+Storable = StoreCommand | SubscriptionCommand | Deliver
+
+
 @runtime_checkable
 class SharedJobRecords(JobRecords, Protocol):
     """Job records several instances write (issue 18): versioned rows, a change feed, and
@@ -143,6 +164,15 @@ class SharedJobRecords(JobRecords, Protocol):
         another live instance receives the same DocumentId."""
 
     def upload_ended(self, token: str, document_id: int) -> None: ...
+
+    def store_subscription(self, identifier: str, expires: datetime, record: str) -> None:
+        """Create or replace a subscription's row (its version bumped: the feed reports it)."""
+
+    def end_subscription(self, identifier: str) -> None:
+        """Mark a subscription ended (the feed reports it) and drop its outbox rows."""
+
+    def enqueue(self, events: tuple[Deliver, ...]) -> None:
+        """Outbox rows for notifications not caused by a job record write (ring the bell)."""
 
 
 class Spool(Protocol):
@@ -205,7 +235,7 @@ class JobStore(Protocol):
     @property
     def local_dir(self) -> Path: ...
 
-    def apply(self, command: StoreCommand | VersionedWrite) -> None: ...
+    def apply(self, command: Storable | VersionedWrite) -> None: ...
 
     def load_jobs(self) -> list[Job]: ...
 

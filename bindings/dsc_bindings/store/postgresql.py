@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,8 +55,9 @@ from psycopg import conninfo
 
 from dsc_bindings.store.errors import JobChanged, StoreError, as_store_error
 from dsc_bindings.store.interface import JobChanges, PoolStats, StoredRecord, VersionedWrite
+from dsc_bindings.store.pgoutbox import OutboxRows
 from dsc_bindings.store.sqlite import record_columns
-from dsc_core.commands import CreateJob, DropJob, UpdateJob
+from dsc_core.commands import CreateJob, Deliver, DropJob, UpdateJob
 from dsc_core.model import Job
 
 log = logging.getLogger("dsc.store")
@@ -75,7 +77,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -166,6 +168,32 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (token, document_id)
         )""",
     ),
+    (
+        # Events across instances (issue 18 point 3; store/pgoutbox.py): the subscriptions, read
+        # by every instance through the job feed, and the notifications waiting to be sent,
+        # each subscription's sent by one instance at a time (its delivery lease).
+        """CREATE TABLE subscriptions (
+            id             text PRIMARY KEY,          -- the wse:Identifier
+            version        bigint NOT NULL DEFAULT 1,
+            xid            xid8 NOT NULL DEFAULT pg_current_xact_id(),  -- the job feed's
+            record         text NOT NULL,             -- store/subcodec.py
+            expires        timestamptz NOT NULL,
+            ended          boolean NOT NULL DEFAULT false,
+            changed        timestamptz NOT NULL DEFAULT now(),
+            delivery_owner text,                      -- the instance sending its outbox rows
+            delivery_until timestamptz                -- its lease, in database time
+        )""",
+        "CREATE INDEX subscriptions_by_xid ON subscriptions (xid)",
+        """CREATE TABLE outbox (
+            id              bigserial PRIMARY KEY,     -- the order of sending
+            subscription_id text NOT NULL,
+            address         text NOT NULL,
+            content_type    text NOT NULL,
+            message         bytea NOT NULL,            -- the whole SOAP message (its MessageID)
+            created         timestamptz NOT NULL DEFAULT now()
+        )""",
+        "CREATE INDEX outbox_by_subscription ON outbox (subscription_id, id)",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -214,7 +242,7 @@ _DROP = """
     ON CONFLICT (token) DO UPDATE SET xid = pg_current_xact_id(), dropped = now()
 """
 #: One statement, so one snapshot: its xmin is the next cursor (module doc).  Kinds: 0 the
-#: cursor, 1 a row, 2 a tombstone, 3 another instance's upload.
+#: cursor, 1 a row, 2 a tombstone, 3 another instance's upload, 4 a subscription, 5 one ended.
 _CHANGES = """
     SELECT 0, NULL::text, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, NULL::text
     UNION ALL
@@ -223,6 +251,9 @@ _CHANGES = """
     UNION ALL
     SELECT 2, token, NULL, NULL FROM job_tombstones
         WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
+    UNION ALL
+    SELECT CASE WHEN ended THEN 5 ELSE 4 END, id, version, CASE WHEN ended THEN NULL ELSE record END
+        FROM subscriptions WHERE xid >= %(since)s::text::xid8
     UNION ALL
     SELECT 3, token, document_id, NULL FROM uploads
         WHERE instance <> %(me)s AND started > now() - make_interval(secs => %(age)s)
@@ -244,9 +275,34 @@ _UPLOAD_BEGIN = """
     RETURNING 1
 """
 _PRUNE = """
-    WITH t AS (DELETE FROM job_tombstones WHERE dropped < now() - make_interval(secs => %s))
-    DELETE FROM uploads WHERE started < now() - make_interval(secs => %s)
+    WITH t AS (DELETE FROM job_tombstones WHERE dropped < now() - make_interval(secs => %(tomb)s)),
+         s AS (DELETE FROM subscriptions WHERE (ended OR expires < now())
+                   AND changed < now() - make_interval(secs => %(tomb)s)),
+         o AS (DELETE FROM outbox WHERE NOT EXISTS (
+                   SELECT 1 FROM subscriptions s WHERE s.id = outbox.subscription_id
+                   AND NOT s.ended AND s.expires > now()))
+    DELETE FROM uploads WHERE started < now() - make_interval(secs => %(uploads)s)
 """
+_STORE_SUBSCRIPTION = """
+    INSERT INTO subscriptions (id, record, expires) VALUES (%(id)s, %(record)s, %(expires)s)
+    ON CONFLICT (id) DO UPDATE SET record = excluded.record, expires = excluded.expires,
+        version = subscriptions.version + 1, xid = pg_current_xact_id(), changed = now()
+    WHERE NOT subscriptions.ended
+"""
+#: Ended, not deleted: the feed tells every instance (the row goes with the tombstones).
+_END_SUBSCRIPTION = """
+    WITH gone AS (DELETE FROM outbox WHERE subscription_id = %(id)s)
+    UPDATE subscriptions SET ended = true, version = version + 1, xid = pg_current_xact_id(),
+        changed = now(), delivery_owner = NULL, delivery_until = NULL
+    WHERE id = %(id)s AND NOT ended
+"""
+_ENQUEUE = """
+    INSERT INTO outbox (subscription_id, address, content_type, message)
+    VALUES (%s, %s, %s, %s)
+"""
+#: The doorbell (issue 18: NOTIFY is a hint, never the message; payloads stop at 8000 bytes):
+#: in the transaction of the outbox rows, so it rings when they are visible.
+_DOORBELL = "SELECT pg_notify('dsc_outbox', '')"
 
 #: Any number: the advisory lock that serializes schema upgrades of servers starting together.
 _UPGRADE_LOCK = 0x647363  # "dsc"
@@ -412,6 +468,15 @@ def _execute(
     return cur.fetchall() if cur.description is not None else []
 
 
+def _insert_events(cur: psycopg.Cursor[Any], events: tuple[Deliver, ...]) -> None:
+    """Outbox rows (one per subscriber and event; the message whole, its MessageID fixed), then
+    the doorbell, in the caller's transaction."""
+    cur.executemany(
+        _ENQUEUE, [(e.subscription_id, e.address, e.content_type, e.body) for e in events]
+    )
+    cur.execute(_DOORBELL)
+
+
 class PostgresRecords:
     """The job table in PostgreSQL through a small connection pool.  Thread-safe."""
 
@@ -456,6 +521,11 @@ class PostgresRecords:
             password_file,
         )
 
+    def outbox(self) -> OutboxRows:
+        """The delivery side of the outbox (pgoutbox.py), on this pool."""
+        assert self._feed_dsn is not None, "opened with a DSN"
+        return OutboxRows(self._db, self._feed_dsn, self._feed_password)
+
     def close(self) -> None:
         self._db.close()
         with self._feed_lock:
@@ -485,27 +555,62 @@ class PostgresRecords:
         job = command.job
         token, state, active, created, completed, text = record_columns(job)
         if isinstance(command, CreateJob) or write.expected is None:
-            found = self._run(
-                f"recording job {token}", _INSERT, (token, state, active, created, completed, text)
+            sql: str = _INSERT
+            params: tuple[object, ...] | dict[str, object] = (
+                token,
+                state,
+                active,
+                created,
+                completed,
+                text,
             )
         else:
             assert isinstance(command, UpdateJob)
-            found = self._run(
-                f"recording job {token}",
-                _UPDATE,
-                {
-                    "state": state,
-                    "active": active,
-                    "created": created,
-                    "completed": completed,
-                    "job": text,
-                    "token": token,
-                    "expected": write.expected,
-                    "documents": [d.document_id for d in job.documents],
-                },
-            )
-        if not found:
+            sql = _UPDATE
+            params = {
+                "state": state,
+                "active": active,
+                "created": created,
+                "completed": completed,
+                "job": text,
+                "token": token,
+                "expected": write.expected,
+                "documents": [d.document_id for d in job.documents],
+            }
+        what = f"recording job {token}"
+        if not write.events:
+            if not self._run(what, sql, params):
+                raise JobChanged(token)
+            return
+        # The row and the notifications it causes commit together (issue 18 point 3): an
+        # event exists exactly when its change did, and the events of one job are numbered
+        # in the order its writes commit (they serialize on the row).
+        if self._db.closed:
+            raise StoreError("the job store is closed", temporary=False)
+
+        def transact(cur: psycopg.Cursor[Any]) -> bool:
+            cur.execute(sql, params)  # our own constant SQL
+            if cur.fetchone() is None:
+                return False
+            _insert_events(cur, write.events)
+            return True
+
+        if not self._db.transaction(what, transact):
             raise JobChanged(token)
+
+    def store_subscription(self, identifier: str, expires: datetime, record: str) -> None:
+        self._run(
+            f"recording subscription {identifier}",
+            _STORE_SUBSCRIPTION,
+            {"id": identifier, "record": record, "expires": expires},
+        )
+
+    def end_subscription(self, identifier: str) -> None:
+        self._run(f"ending subscription {identifier}", _END_SUBSCRIPTION, {"id": identifier})
+
+    def enqueue(self, events: tuple[Deliver, ...]) -> None:
+        if events:
+            self._db.transaction("recording notifications", lambda cur: _insert_events(cur, events))
 
     def changes(self, cursor: int, tokens: frozenset[str]) -> JobChanges:
         """Rows and tombstones since ``cursor`` (module doc), the rows of ``tokens``, and the
@@ -526,6 +631,8 @@ class PostgresRecords:
         rows: list[tuple[str, int, str]] = []
         dropped: list[str] = []
         uploads: list[tuple[str, int]] = []
+        subscriptions: list[tuple[str, int, str]] = []
+        ended: list[str] = []
         for kind, token, number, text in found:
             if kind == 0:
                 next_cursor = int(number)
@@ -533,9 +640,20 @@ class PostgresRecords:
                 rows.append((str(token), int(number), str(text)))
             elif kind == 2:
                 dropped.append(str(token))
-            else:
+            elif kind == 3:
                 uploads.append((str(token), int(number)))
-        return JobChanges(next_cursor, tuple(rows), tuple(dropped), tuple(uploads))
+            elif kind == 4:
+                subscriptions.append((str(token), int(number), str(text)))
+            else:
+                ended.append(str(token))
+        return JobChanges(
+            next_cursor,
+            tuple(rows),
+            tuple(dropped),
+            tuple(uploads),
+            tuple(subscriptions),
+            tuple(ended),
+        )
 
     def _read_feed(self, what: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
         assert self._feed_dsn is not None
@@ -559,7 +677,9 @@ class PostgresRecords:
         if now - self._pruned < _PRUNE_SECONDS:
             return
         self._pruned = now
-        self._run("pruning tombstones", _PRUNE, (TOMBSTONE_SECONDS, UPLOAD_ROW_SECONDS))
+        self._run(
+            "pruning tombstones", _PRUNE, {"tomb": TOMBSTONE_SECONDS, "uploads": UPLOAD_ROW_SECONDS}
+        )
 
     def release_uploads(self, home: str) -> list[tuple[str, int]]:
         found = self._run(

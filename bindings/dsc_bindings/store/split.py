@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self, cast
 
 from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
@@ -35,23 +35,30 @@ from dsc_bindings.store.interface import (
     JobRecords,
     SharedJobRecords,
     Spool,
+    Storable,
     StorageFigures,
     VersionedWrite,
     check_token,
 )
 from dsc_bindings.store.jobcodec import decode_job
+from dsc_bindings.store.subcodec import encode_subscription
 from dsc_core.commands import (
     AbortDocument,
     AppendDocument,
     BeginDocument,
     CreateJob,
+    Deliver,
     DiscardDocuments,
     DropJob,
+    EndSubscription,
     FinishDocument,
-    StoreCommand,
+    StoreSubscription,
     UpdateJob,
 )
 from dsc_core.model import Job
+
+if TYPE_CHECKING:
+    from dsc_bindings.store.pgoutbox import OutboxRows
 
 try:  # POSIX advisory lock; without it (Windows) two servers on one directory are not detected.
     import fcntl
@@ -184,6 +191,13 @@ class SplitStore:
         """What other instances changed since ``cursor`` (SharedJobRecords.changes)."""
         return self._shared().changes(cursor, tokens)
 
+    def outbox(self) -> OutboxRows:
+        """The delivery side of the outbox (issue 18 point 3): PostgreSQL only."""
+        outbox = getattr(self.records, "outbox", None)
+        if outbox is None:
+            raise StoreError("these job records have no outbox", temporary=False)
+        return cast("OutboxRows", outbox())
+
     def join(self, instance: str) -> None:
         """Name this run's uploads rows by its id in the cluster's ``instances`` table, so that
         the others stop counting them once it is down (issue 18)."""
@@ -195,7 +209,7 @@ class SplitStore:
             raise StoreError("these job records are not shared", temporary=False)
         return records
 
-    def apply(self, command: StoreCommand | VersionedWrite) -> None:
+    def apply(self, command: Storable | VersionedWrite) -> None:
         """Carry out one store command; raises only :class:`StoreError` (or ``TypeError`` for
         something that is not a store command).
 
@@ -235,10 +249,28 @@ class SplitStore:
                     # documents are gone.
                     self.records.drop(command.token)
                     self.spool.discard(command.token)
+                case StoreSubscription() | EndSubscription() | Deliver():
+                    self._apply_events(command, shared)
                 case _:
                     raise TypeError(f"not a store command: {command!r}")
         except (OSError, sqlite3.Error, MemoryError) as exc:
             raise as_store_error(type(command).__name__, exc) from exc
+
+    def _apply_events(
+        self, command: StoreSubscription | EndSubscription | Deliver, shared: bool
+    ) -> None:
+        """Subscriptions and the outbox of a shared store (runtime/outbox.py sends them); one
+        server keeps its subscriptions in memory (R7) and hands notifications to its hub."""
+        if not shared:
+            return
+        records = self._shared()
+        if isinstance(command, StoreSubscription):
+            sub = command.subscription
+            records.store_subscription(sub.identifier, sub.expires, encode_subscription(sub))
+        elif isinstance(command, EndSubscription):
+            records.end_subscription(command.identifier)
+        else:
+            records.enqueue((command,))
 
     # --- queries ------------------------------------------------------------------------------
 
