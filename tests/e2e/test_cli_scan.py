@@ -85,6 +85,10 @@ def test_a_refused_upload_shows_the_servers_reason_and_cancels_the_job(
     assert ended.state == "Canceled" and ended.images_received == 0, ended
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_an_upload_cancels_the_job(server: ServerProcess, tmp_path: Path) -> None:
     big = png(tmp_path / "big.png", 3 * 1024 * 1024)
     with stalling_relay(server.port) as relay:
@@ -101,6 +105,10 @@ def test_ctrl_c_during_an_upload_cancels_the_job(server: ServerProcess, tmp_path
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=child_env(),
+            # As from a terminal: a suite run as a background job (`.ci/run &`) has SIGINT
+            # ignored, its children inherit that, and Python then never raises
+            # KeyboardInterrupt: Ctrl-C would be a no-op and the test would hang.
+            preexec_fn=_default_sigint,
         )
         try:
             # The relay holds the upload after its first megabyte: the client is mid-upload.
