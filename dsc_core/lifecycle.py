@@ -408,7 +408,7 @@ class JobLifecycle:
 
     # --- start and stop ------------------------------------------------------------------------
 
-    def restart(self, jobs: Iterable[Job], now: datetime) -> list[Command]:
+    def restart(self, jobs: Iterable[Job], now: datetime, *, resume: bool = True) -> list[Command]:
         """Load the jobs a store kept across a restart.
 
         R13 (crash during processing): a job that was Started or Processing when the server
@@ -418,21 +418,17 @@ class JobLifecycle:
         file, SharePoint PUTs to the same URL, e-mail is sent at least once with the same
         Message-ID).  A Pending job is handed to the engine again; a Creating job keeps its
         images and waits for more (the R6 timeout still applies).
+
+        ``resume`` False (a shared store, issue 18): the jobs are loaded and none is resumed;
+        each is resumed by :meth:`resume` once its lease has expired (another instance may be
+        running it).
         """
         commands: list[Command] = []
         for job in jobs:
             self.jobs.put(job)
-        for job in self.jobs.active():
-            if job.state in (JobState.STARTED, JobState.PROCESSING):
-                filters = tuple(
-                    _replace_filter(f, FilterState.PENDING, ())
-                    if f.state is FilterState.PROCESSING
-                    else f
-                    for f in job.filters
-                )
-                commands += self.apply(job, JobInput.RESUMED, now, filters=filters)[1]
-            elif job.state is JobState.PENDING:
-                commands.append(StartProcessing(job))
+        if resume:
+            for job in self.jobs.active():
+                commands += self.resume(job.token, now)
         # Completed jobs: the spool rule again, so that a crash between a job's end and the
         # removal of its documents (or a spool from before this rule) leaves no garbage.
         # DiscardDocuments of a job without documents on disk does nothing.
@@ -440,6 +436,26 @@ class JobLifecycle:
             commands += self._documents_after_end(job)
         commands += self.notifier.repository_state(self.repository_state, now)
         return commands
+
+    def resume(self, token: str, now: datetime) -> list[Command]:
+        """R13 for one job whose engine is gone (a restart, or an expired lease, issue 18): a
+        Started or Processing job goes back to Pending, its finished filters stay done and the
+        interrupted one is Pending again; a Pending job is handed to the engine again.  Any
+        other job (ended meanwhile, or still Creating) is left alone."""
+        job = self.jobs.get(token)
+        if job is None or not job.is_active:
+            return []
+        if job.state in (JobState.STARTED, JobState.PROCESSING):
+            filters = tuple(
+                _replace_filter(f, FilterState.PENDING, ())
+                if f.state is FilterState.PROCESSING
+                else f
+                for f in job.filters
+            )
+            return self.apply(job, JobInput.RESUMED, now, filters=filters)[1]
+        if job.state is JobState.PENDING:
+            return [StartProcessing(job)]
+        return []
 
     def stop(self, now: datetime) -> list[Command]:
         """The server is stopping: the repository is Stopped from now on."""

@@ -126,9 +126,15 @@ class ScanServer(ServerState):
         it with SubscriptionEnd DeliveryFailure, as after repeated failures."""
         return list(self.subscriptions.give_up(subscription_id))
 
-    def restore(self, jobs: Iterable[Job], now: datetime) -> list[Command]:
-        """Load the jobs a store kept across a restart (``JobLifecycle.restart``)."""
-        return self.lifecycle.restart(jobs, now)
+    def restore(self, jobs: Iterable[Job], now: datetime, *, resume: bool = True) -> list[Command]:
+        """Load the jobs a store kept across a restart (``JobLifecycle.restart``); ``resume``
+        False: resume none of them (a shared store resumes a job once its lease expired)."""
+        return self.lifecycle.restart(jobs, now, resume=resume)
+
+    def resume(self, token: str, now: datetime) -> list[Command]:
+        """R13 for one job whose engine is gone (``JobLifecycle.resume``): the binding calls
+        this for a job whose lease it took over from a dead instance (issue 18)."""
+        return self.lifecycle.resume(token, now)
 
     def reconfigure(self, config: ServerConfig, now: datetime) -> list[Command]:
         """Apply a reloaded configuration.  Limits, users, timeouts and eventing take effect for

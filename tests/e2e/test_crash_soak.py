@@ -143,7 +143,7 @@ def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str, backend: B
             time.sleep(rng.uniform(0.1, 0.8))
             server.kill9()
             server.start()
-            resumed += server.log.count("was processing when the server stopped: resumed")
+            resumed += server.log.count("stopped: resumed, filter(s)")
             scanners.url = server.url
         scanners.join()
         client = Soap(server.url)

@@ -96,6 +96,12 @@ class ProcessingEngine:
                 self._workers.add(worker)
                 worker.start()
 
+    def free_slots(self) -> int:
+        """How many more jobs would start at once (none queued, fewer running than
+        ``max_jobs``): the lease sweep takes at most this many (runtime/leasing.py)."""
+        with self._lock:
+            return 0 if self._closed else max(0, self._max_jobs - len(self._cancel))
+
     def set_settings(self, settings: FilterSettings) -> None:
         """A configuration reload: jobs started from now on use ``settings``; running ones keep
         the settings they started with."""

@@ -91,6 +91,9 @@ class ClusterMember:
         self._seen: tuple[tuple[InstanceRow, ...], float] = ((), time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsc-cluster", daemon=True)
+        #: Called in the heartbeat thread after each beat (True: it worked), outside the
+        #: connection's lock: the job leases are renewed and rescued there (runtime/leasing.py).
+        self.after_beat: Callable[[bool], None] | None = None
 
     @property
     def name(self) -> str:
@@ -209,13 +212,21 @@ class ClusterMember:
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
+            ok = True
             with self._lock:
                 try:
                     if self._conn is None:
                         self._connect()
                     self._beat()
                 except (psycopg.Error, StoreError) as exc:
+                    ok = False
                     self._failed(exc)
+            hook = self.after_beat
+            if hook is not None:
+                try:
+                    hook(ok)
+                except Exception:  # a bug there must not stop the heartbeat
+                    log.exception("cluster: the after-heartbeat work failed")
 
     def _connect(self) -> None:
         kwargs = connection_kwargs(self._password_file)

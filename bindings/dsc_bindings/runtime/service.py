@@ -62,6 +62,7 @@ from dsc_bindings.runtime.catchup import Caught, JobCatchUp, RequestReads
 from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
 from dsc_bindings.runtime.installation import record_start_of
+from dsc_bindings.runtime.leasing import LeaseKeeper
 from dsc_bindings.runtime.observing import ServiceObserver, StartCheck
 from dsc_bindings.runtime.outbox import OutboxPump
 from dsc_bindings.runtime.owner import CoreOwner
@@ -73,6 +74,7 @@ from dsc_bindings.store.backends import StorageSettings, open_job_store
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import JobStore, VersionedWrite
+from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.split import SplitStore
 from dsc_core import (
     Command,
@@ -81,6 +83,7 @@ from dsc_core import (
     Job,
     JobState,
     ProcessingEvent,
+    ProcessingFinished,
     Reply,
     RequestInfo,
     ScanServer,
@@ -186,6 +189,8 @@ class ScanService:
         self._seed: Caught | None = None
         #: A shared store: this instance's part of sending the outbox (.outbox).
         self._outbox: OutboxPump | None = None
+        #: A shared store with a cluster (issue 18 point 2): the job leases (.leasing).
+        self._leases: LeaseKeeper | None = None
         self._requests = RequestRuntime(
             self.owner,
             self.submit,
@@ -235,13 +240,17 @@ class ScanService:
                 self._engine_report,
                 max_jobs=self._max_processing_jobs,
             )
+            self._leases = self._lease_keeper(store)
             self._writer.start()
             self._hub.start()
             config = self.config
+            # With leases, a job is resumed once its lease has expired, by whichever instance
+            # takes it (.leasing): never here at start, another instance may be running it.
+            resume = self._leases is None
             commands = self.owner.call(
                 lambda: [
                     *self.server.reconfigure(config, self.clock()),
-                    *self.server.restore(jobs, self.clock()),
+                    *self.server.restore(jobs, self.clock(), resume=resume),
                 ]
             )
             self._writer.submit(self._stamped(commands), strict=False).wait()
@@ -257,15 +266,7 @@ class ScanService:
             active,
             len(jobs) - active,
         )
-        for job in jobs:
-            if job.state in (JobState.STARTED, JobState.PROCESSING):
-                log.info(
-                    "job %s was processing when the server stopped: resumed, filter(s) %s run "
-                    "again (R13)",
-                    job.token,
-                    ", ".join(str(i) for i, f in enumerate(job.filters) if not f.state.is_final)
-                    or "-",
-                )
+        self._log_resumed(jobs)
         if self.config.require_client_certificates:
             log.info(
                 "client certificates required; scan administrators: %s",
@@ -286,6 +287,28 @@ class ScanService:
         thread = threading.Thread(target=self._tick_loop, name="dsc-ticker", daemon=True)
         self._threads.append(thread)
         thread.start()
+        self._sweep_leases()
+
+    def _log_resumed(self, jobs: list[Job]) -> None:
+        """R13 at start; with leases nothing is resumed at start (.leasing logs its rescues)."""
+        for job in jobs if self._leases is None else ():
+            if job.state in (JobState.STARTED, JobState.PROCESSING):
+                log.info(
+                    "job %s was processing when the server stopped: resumed, filter(s) %s run "
+                    "again (R13)",
+                    job.token,
+                    _unfinished(job),
+                )
+
+    def _sweep_leases(self) -> None:
+        """The first sweep now (this folder's earlier run left jobs to resume), then one after
+        each heartbeat, in the heartbeat thread (.leasing)."""
+        if self._leases is not None and self.cluster is not None:
+            keeper = self._leases
+            threading.Thread(
+                target=keeper.beat, args=(True,), name="dsc-first-sweep", daemon=True
+            ).start()
+            self.cluster.after_beat = keeper.beat
 
     def _abandon_start(self, store: JobStore) -> None:
         """Stop what a failed start had started."""
@@ -333,6 +356,72 @@ class ScanService:
             lease_seconds=settings.lease_seconds,
         )
         self._outbox.start()
+
+    def _lease_keeper(self, store: JobStore) -> LeaseKeeper | None:
+        """A shared store in a cluster: the job leases (.leasing); None otherwise."""
+        if self.cluster is None or not isinstance(store, SplitStore) or not store.shared:
+            return None
+        from dsc_bindings.store.postgresql import PostgresRecords
+
+        records = store.records
+        if not isinstance(records, PostgresRecords):
+            return None
+        cluster = self.cluster
+        records.pending_grace = self._cluster_settings.lease_seconds
+        records.home = store.home
+        keeper = LeaseKeeper(
+            JobLeases(
+                records.database, cluster.id, store.home, self._cluster_settings.lease_seconds
+            ),
+            heartbeat_seconds=self._cluster_settings.heartbeat_seconds,
+            stop=self._stop_filters,
+            resume=self._resume_rescued,
+            free_slots=lambda: 0 if self._engine is None else self._engine.free_slots(),
+            name_of=self._instance_name,
+        )
+        keeper.start()
+        return keeper
+
+    def _instance_name(self, instance_id: str) -> str:
+        for row in self.cluster.instances if self.cluster is not None else ():
+            if row.id == instance_id:
+                return f"{row.name} ({instance_id})"
+        return instance_id
+
+    def _stop_filters(self, token: str) -> None:
+        if self._engine is not None:
+            self._engine.stop(token)
+
+    def _resume_rescued(self, rescued: list[Rescued]) -> None:
+        """In the heartbeat thread: jobs this instance just took over (.leasing).  Their rows
+        are read first (the core's table may hold an older record), then R13 per job; a job
+        that needs no engine after all (it ended meanwhile) is released at once."""
+        caught = self._read_for_tick()
+        now = self.clock()
+
+        def resume() -> Sequence[Command]:
+            if caught is not None:
+                self._absorb(caught)
+            commands: list[Command] = []
+            for job in rescued:
+                record = self.server.jobs.get(job.token)
+                if record is not None and record.state in (JobState.STARTED, JobState.PROCESSING):
+                    log.info(
+                        "job %s was processing when its instance stopped: resumed, filter(s) "
+                        "%s run again (R13)",
+                        job.token,
+                        _unfinished(record),
+                    )
+                commands += self.server.resume(job.token, now)
+            return commands
+
+        commands = self.owner.call(resume)
+        starting = {c.job.token for c in commands if isinstance(c, StartProcessing)}
+        assert self._leases is not None
+        for job in rescued:
+            if job.token not in starting:
+                self._leases.finished(job.token)
+        self._background(commands)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: repository Stopped and SubscriptionEnd SourceShuttingDown (R7; deliveries get at
@@ -525,7 +614,8 @@ class ScanService:
         record command carries the row version it replaces (.catchup)."""
         if self._catch_up is None:
             return commands
-        return self._catch_up.stamp(commands)
+        stamped = self._catch_up.stamp(commands)
+        return stamped if self._leases is None else self._leases.fence(stamped)
 
     # --- other instances of a shared store (issue 18, .catchup) ------------------------------
 
@@ -596,9 +686,13 @@ class ScanService:
         error: BaseException | None = None
         try:
             self._catch_up.check(write)
+            if self._leases is not None:
+                self._leases.check(write)
             self._require_store().apply(write)
         except JobChanged as exc:
             error = exc  # a lost race, not a store fault (the writer logs it)
+            if self._leases is not None:
+                self._leases.refused(write)
             raise
         except StoreError as exc:
             error = exc
@@ -614,7 +708,7 @@ class ScanService:
     def _start_processing(self, command: StartProcessing) -> None:
         if self._engine is None:
             log.error("job %s cannot start: no processing engine", command.job.token)
-        else:
+        elif self._leases is None or self._leases.claim(command.job.token):
             self._engine.start(command.job)
 
     def _stop_processing(self, command: StopProcessing) -> None:
@@ -644,13 +738,31 @@ class ScanService:
         the commands it caused were carried out: R6's "the first failure without
         ContinueOnError ends the run" is decided by the core alone, and its StopProcessing must
         reach the engine before the engine starts the next filter."""
+        keeper = self._leases
+        if keeper is not None and not keeper.holds(event.token):
+            # The lease was lost (.leasing): another instance runs the job now; this run's
+            # reports change nothing, here or in the store.
+            log.debug("job %s: %s dropped: the lease is not held", event.token, event)
+            return
         now = self.clock()
-        ticket = self.owner.call(lambda: self.submit(self.server.processing(event, now), False))
+
+        def report() -> Ticket:
+            commands = self.server.processing(event, now)
+            if keeper is None:
+                return self.submit(commands, False)
+            # Fenced even if the lease goes while they wait in the writer's queue.
+            return self._writer.submit(
+                keeper.fence(self._stamped(commands), event.token), strict=False
+            )
+
+        ticket = self.owner.call(report)
         if not ticket.wait(ENGINE_REPORT_WAIT_SECONDS):
             log.error(
                 "job store did not take a processing report within %.0f s",
                 ENGINE_REPORT_WAIT_SECONDS,
             )
+        elif keeper is not None and isinstance(event, ProcessingFinished):
+            keeper.finished(event.token)
 
     # --- deliveries ---------------------------------------------------------------------------
 
@@ -706,3 +818,8 @@ class ScanService:
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
                 self._stop.wait(TICK_MAX_SECONDS)
+
+
+def _unfinished(job: Job) -> str:
+    """The filters R13 runs again, for the log."""
+    return ", ".join(str(i) for i, f in enumerate(job.filters) if not f.state.is_final) or "-"

@@ -82,6 +82,9 @@ class VersionedWrite:
     #: The notifications this change causes (outbox rows, issue 18 point 3): written in the
     #: same transaction as the row, so an event exists exactly when its change committed.
     events: tuple[Deliver, ...] = ()
+    #: (owner, lease epoch) of a write caused by the engine holding the job's lease: the row
+    #: is written only while that lease is the job's (fencing, store/leases.py).
+    lease: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -194,6 +194,27 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX outbox_by_subscription ON outbox (subscription_id, id)",
     ),
+    (
+        # Filters run once, wherever (issue 18 point 2; store/leases.py): the lease of the
+        # instance running a job's filters, checked by every write of its engine (fencing),
+        # and the filters' idempotency records (filters/sharejournal.py, PgDeliveries).
+        # Lease columns are not versioned: renewing a lease is not a change of the job.
+        """ALTER TABLE jobs
+            ADD COLUMN lease_owner text,            -- instances.id of the holder
+            ADD COLUMN lease_home text,             -- its host and data folder
+            ADD COLUMN lease_epoch bigint NOT NULL DEFAULT 0,  -- +1 by every claim
+            ADD COLUMN lease_until timestamptz      -- database time""",
+        "CREATE INDEX jobs_by_lease ON jobs (lease_until) WHERE active",
+        """CREATE TABLE filter_deliveries (
+            token        text NOT NULL,
+            filter_index integer NOT NULL,
+            folder       text NOT NULL,              -- where it went (a share folder)
+            document_id  bigint NOT NULL,
+            counter      integer NOT NULL,
+            name         text NOT NULL,
+            PRIMARY KEY (token, filter_index, folder, document_id)
+        )""",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -231,13 +252,27 @@ _UPDATE = """
     )
     UPDATE jobs SET state = %(state)s, active = %(active)s, created = %(created)s,
         completed = %(completed)s, job = %(job)s,
-        version = version + 1, xid = pg_current_xact_id()
+        version = version + 1, xid = pg_current_xact_id(),
+        -- A job this write makes Pending is this instance's for a moment (it claims it next,
+        -- store/leases.py), so that no other instance's sweep takes it meanwhile.
+        lease_owner = CASE WHEN %(state)s = 'Pending'
+                            AND (lease_until IS NULL OR lease_until < now())
+                           THEN %(me)s ELSE lease_owner END,
+        lease_until = CASE WHEN %(state)s = 'Pending'
+                            AND (lease_until IS NULL OR lease_until < now())
+                           THEN now() + make_interval(secs => %(grace)s) ELSE lease_until END,
+        lease_home = CASE WHEN %(state)s = 'Pending'
+                           AND (lease_until IS NULL OR lease_until < now())
+                          THEN %(home)s ELSE lease_home END
     WHERE token = %(token)s AND version = %(expected)s
+      AND (%(lease_owner)s::text IS NULL
+           OR (lease_owner = %(lease_owner)s AND lease_epoch = %(lease_epoch)s))
     RETURNING version
 """
 _DROP = """
-    WITH gone AS (DELETE FROM jobs WHERE token = %s RETURNING token),
-         done AS (DELETE FROM uploads WHERE token = %s)
+    WITH gone AS (DELETE FROM jobs WHERE token = %(token)s RETURNING token),
+         done AS (DELETE FROM uploads WHERE token = %(token)s),
+         kept AS (DELETE FROM filter_deliveries WHERE token = %(token)s)
     INSERT INTO job_tombstones (token) SELECT token FROM gone
     ON CONFLICT (token) DO UPDATE SET xid = pg_current_xact_id(), dropped = now()
 """
@@ -495,6 +530,11 @@ class PostgresRecords:
         #: This run's name in ``uploads`` rows: a new one per start, so rows a killed run left
         #: are told apart (they age out, UPLOAD_ROW_SECONDS).
         self.instance = uuid.uuid4().hex
+        #: How long a job this instance makes Pending waits for its claim before any
+        #: instance's sweep may take it ([cluster] lease_seconds, set by the runtime).
+        self.pending_grace = 30.0
+        #: This run's host and data folder (store/leases.py ``lease_home``), set by the runtime.
+        self.home: str | None = None
         self._db = db
         self._pruned = time.monotonic()
 
@@ -544,7 +584,7 @@ class PostgresRecords:
         self._run(f"recording job {job.token}", _UPSERT, record_columns(job))
 
     def drop(self, token: str) -> None:
-        self._run(f"dropping job {token}", _DROP, (token, token))
+        self._run(f"dropping job {token}", _DROP, {"token": token})
 
     def write(self, write: VersionedWrite) -> None:
         """A record command, compare-and-set on the row's version (module doc)."""
@@ -576,6 +616,12 @@ class PostgresRecords:
                 "token": token,
                 "expected": write.expected,
                 "documents": [d.document_id for d in job.documents],
+                # A write of the engine holding the job's lease: fenced (store/leases.py).
+                "lease_owner": None if write.lease is None else write.lease[0],
+                "lease_epoch": None if write.lease is None else write.lease[1],
+                "me": self.instance,
+                "grace": self.pending_grace,
+                "home": self.home,
             }
         what = f"recording job {token}"
         if not write.events:
@@ -720,6 +766,11 @@ class PostgresRecords:
 
     def remove(self, seq: int) -> None:
         self._run("quarantining a job record", "DELETE FROM jobs WHERE seq = %s", (seq,))
+
+    @property
+    def database(self) -> PgDatabase:
+        """The pool these records use (the leases and delivery records use it too)."""
+        return self._db
 
     def check(self) -> str | None:
         """None while PostgreSQL answers, else why not (/healthz: database reachable)."""

@@ -1,0 +1,242 @@
+"""Filters run once, wherever (issue 18 point 2): the job leases of this instance, with a
+PostgreSQL store (store/leases.py has the SQL, docs/architecture.md "Several instances" the
+whole story).
+
+- **Claim.** The instance whose core moves a job to Pending claims it when it carries out the
+  core's StartProcessing (:meth:`LeaseKeeper.claim`, in the writer thread); a job another
+  instance holds is not started here.  Jobs nobody claimed (the claiming instance died, or the
+  database did not answer) and jobs whose lease expired are taken by the sweep below.
+- **Fencing.** Every record write of a job this instance holds carries its lease
+  (:meth:`LeaseKeeper.fence`); the store writes it only while the lease is still this one.  A
+  refused write (:meth:`LeaseKeeper.refused`) means the lease was lost: the job's filters stop
+  at once, and the engine's further reports of it are dropped (:meth:`LeaseKeeper.holds`).
+- **Heartbeat** (:meth:`LeaseKeeper.beat`, in the cluster's heartbeat thread, never the event
+  loop): one statement renews every lease held and tells which jobs ended on another instance
+  (a CancelPostScanJob answered there: StopProcessing within a heartbeat) and which were taken
+  over; an instance that cannot renew stops its filters before its leases end.  Then the sweep:
+  up to as many jobs as the engine has free places, among those whose lease expired (or that
+  nobody claimed), are claimed, ``FOR UPDATE SKIP LOCKED`` so each by one instance only, and
+  resumed with R13 (``ScanServer.resume``).  Every instance sweeps: a rescue does not wait for
+  a new leader, and idle instances take work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from dsc_bindings.store.errors import JobChanged, StoreError
+from dsc_bindings.store.interface import VersionedWrite
+from dsc_bindings.store.leases import JobLeases, Rescued
+from dsc_core import Command, DropJob
+
+__all__ = ["LeaseKeeper"]
+
+log = logging.getLogger("dsc.cluster")
+
+#: The epoch of a fence no lease has: the store refuses such a write without being asked.
+NO_LEASE = -1
+
+
+class LeaseKeeper:
+    """The leases this instance holds (token -> epoch) and what happens to them (module doc).
+    Thread-safe: used by the writer, the engine's threads and the heartbeat thread."""
+
+    def __init__(
+        self,
+        leases: JobLeases,
+        *,
+        heartbeat_seconds: float,
+        stop: Callable[[str], None],
+        resume: Callable[[list[Rescued]], None],
+        free_slots: Callable[[], int],
+        name_of: Callable[[str], str],
+    ) -> None:
+        self._leases = leases
+        self._heartbeat = heartbeat_seconds
+        self._stop = stop
+        self._resume = resume
+        self._free_slots = free_slots
+        self._name_of = name_of
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+        #: When the last successful renewal began (monotonic).
+        self._renewed = time.monotonic()
+        self._failing = False
+
+    @property
+    def owner(self) -> str:
+        return self._leases.owner
+
+    def held(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._held)
+
+    def holds(self, token: str) -> bool:
+        with self._lock:
+            return token in self._held
+
+    # --- claim and release (writer, engine threads) ---------------------------------------------
+
+    def start(self) -> None:
+        """At start: the leases of an earlier run from this data folder end now (it is dead:
+        this run holds the folder's lock), so the sweep takes their jobs at once."""
+        for token in self._leases.release_home():
+            log.info("job %s: the lease of this folder's earlier run is released", token)
+
+    def claim(self, token: str) -> bool:
+        """StartProcessing: whether this instance may run ``token`` (it holds the lease now)."""
+        with self._lock:
+            if token in self._held:  # taken by the sweep, which resumed it
+                return True
+        try:
+            epoch = self._leases.claim(token)
+        except StoreError as exc:
+            log.error(
+                "job %s: cannot claim it (%s): not started here; an instance takes it once "
+                "the database answers",
+                token,
+                exc.message,
+            )
+            return False
+        if epoch is None:
+            log.info("job %s is held by another instance: its filters run there", token)
+            return False
+        with self._lock:
+            self._held[token] = epoch
+        log.info("job %s claimed (lease epoch %d)", token, epoch)
+        return True
+
+    def finished(self, token: str) -> None:
+        """The engine finished ``token`` and its last report is written: the lease ends."""
+        with self._lock:
+            epoch = self._held.pop(token, None)
+        if epoch is None:
+            return
+        try:
+            self._leases.release(token, epoch)
+        except StoreError as exc:  # it expires by itself; the job is not active any more
+            log.warning("job %s: its lease could not be released (%s)", token, exc.message)
+
+    # --- fencing (as the core's owner; the writer) -----------------------------------------------
+
+    def fence(
+        self, writes: Sequence[Command | VersionedWrite], engine_token: str | None = None
+    ) -> list[Command | VersionedWrite]:
+        """Each record write of a job this instance holds carries its lease; one caused by an
+        engine report (``engine_token``) carries it whether held or not: a job no longer
+        held is written by nobody here (:data:`NO_LEASE`)."""
+        fenced: list[Command | VersionedWrite] = []
+        with self._lock:
+            for write in writes:
+                if isinstance(write, VersionedWrite) and not isinstance(write.command, DropJob):
+                    token = write.command.job.token
+                    epoch = self._held.get(token)
+                    if epoch is None and token == engine_token:
+                        epoch = NO_LEASE
+                    if epoch is not None:
+                        write = dataclasses.replace(write, lease=(self.owner, epoch))
+                fenced.append(write)
+        return fenced
+
+    def check(self, write: VersionedWrite) -> None:
+        """Refuse, without asking the database, a fenced write of a lease not held."""
+        if write.lease is not None and write.lease[1] == NO_LEASE:
+            assert not isinstance(write.command, DropJob)
+            raise JobChanged(write.command.job.token)
+
+    def refused(self, write: VersionedWrite) -> None:
+        """A fenced write was refused: the lease was lost, or the job changed on another
+        instance (canceled): its filters stop at once and nothing more of it is written."""
+        if write.lease is None or isinstance(write.command, DropJob):
+            return
+        token = write.command.job.token
+        with self._lock:
+            if self._held.get(token) != write.lease[1]:
+                return  # already dropped
+            del self._held[token]
+        log.error(
+            "job %s: a write of its filters was refused (lease epoch %d lost, or the job "
+            "changed on another instance): its filters stop here and write nothing more",
+            token,
+            write.lease[1],
+        )
+        self._stop(token)
+
+    # --- the heartbeat ---------------------------------------------------------------------------
+
+    def beat(self, ok: bool) -> None:
+        """Renew, learn cancellations and losses, then sweep (module doc).  ``ok``: whether the
+        instance's own heartbeat worked (the renewal is tried anyway)."""
+        began = time.monotonic()
+        held = self.held()
+        try:
+            renewal = self._leases.renew(held)
+        except StoreError as exc:
+            self._cannot_renew(exc.message)
+            return
+        self._renewed = began
+        if self._failing:
+            log.info("job leases renewed again")
+            self._failing = False
+        for token in renewal.ended:
+            if self._drop(token, held[token]):
+                log.info("job %s ended on another instance (canceled): its filters stop", token)
+                self._stop(token)
+        for token in renewal.lost:
+            if self._drop(token, held[token]):
+                log.error(
+                    "job %s: the lease was lost (another instance took it over): its filters "
+                    "stop here",
+                    token,
+                )
+                self._stop(token)
+        try:
+            rescued = self._leases.rescue(self._free_slots())
+        except StoreError as exc:
+            log.warning("cannot look for jobs to rescue: %s", exc.message)
+            return
+        if not rescued:
+            return
+        with self._lock:
+            for job in rescued:
+                self._held[job.token] = job.epoch
+        for job in rescued:
+            if job.previous is None:
+                log.info("job %s taken up (nobody had claimed it)", job.token)
+            else:
+                log.warning(
+                    "job %s rescued from instance %s (its lease expired)",
+                    job.token,
+                    self._name_of(job.previous),
+                )
+        self._resume(rescued)
+
+    def _drop(self, token: str, epoch: int) -> bool:
+        with self._lock:
+            if self._held.get(token) != epoch:
+                return False
+            del self._held[token]
+            return True
+
+    def _cannot_renew(self, why: str) -> None:
+        silent = time.monotonic() - self._renewed
+        if not self._failing:
+            log.error("cannot renew the job leases: %s", why)
+            self._failing = True
+        # The next beat would come after the leases ended: another instance may take the
+        # jobs then, so their filters stop now (lesson 2: no two runs of one job).
+        if silent + self._heartbeat >= self._leases.lease_seconds:
+            with self._lock:
+                tokens, self._held = list(self._held), {}
+            for token in tokens:
+                log.error(
+                    "job %s: its lease could not be renewed for %.0f s: its filters stop "
+                    "before the lease ends",
+                    token,
+                    silent,
+                )
+                self._stop(token)

@@ -1,0 +1,165 @@
+"""Job leases on the PostgreSQL store (issue 18 point 2, cluster-design.md lesson 2 and 3.3):
+a job's filters run on exactly one instance, the holder of its lease.
+
+A lease is three columns of the job's row: ``lease_owner`` (the holder's incarnation id,
+``instances.id``: new at each start, so a restarted server never passes for its dead
+predecessor), ``lease_epoch`` (+1 by every claim) and ``lease_until`` (database time: the hosts'
+clocks never decide).  ``lease_home`` is the holder's host and data folder, so that a new run
+from the same folder (it holds the folder's lock: the earlier run is dead) releases the leases
+of the earlier one at once instead of waiting for them to expire.
+
+- **Claim** (:meth:`JobLeases.claim`): one conditional UPDATE, so two instances never both
+  hold a job: it succeeds only while nobody holds a live lease on the active job.
+- **Fencing**: every write of the job caused by the holder's engine carries ``lease_owner``
+  and ``lease_epoch`` (``VersionedWrite.lease``; postgresql.py's compare-and-set UPDATE checks
+  them), and so does every delivery record (filter_deliveries); a refused write means the
+  lease was lost.
+- **Renew** (:meth:`JobLeases.renew`): one UPDATE for every job this instance runs, at each
+  heartbeat; it also tells which of them ended elsewhere (a CancelPostScanJob answered by
+  another instance) and which are no longer this instance's (rescued).
+- **Rescue** (:meth:`JobLeases.rescue`): active jobs in Pending, Started or Processing whose
+  lease expired (or that nobody ever claimed) are claimed by the sweeping instance, ``FOR
+  UPDATE SKIP LOCKED``, so that each is taken by one instance only.  The runtime then applies
+  R13 to each (``ScanServer.resume``).
+
+Lease columns are not part of the record: writing them bumps neither ``version`` nor ``xid``,
+so renewals are not changes the other instances read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsc_bindings.store.postgresql import PgDatabase
+
+__all__ = ["JobLeases", "Renewal", "Rescued"]
+
+#: The states in which a job belongs to an engine (R6: Pending until the engine starts it).
+_ENGINE_STATES = "('Pending', 'Started', 'Processing')"
+
+_CLAIM = f"""
+    UPDATE jobs SET lease_owner = %(me)s, lease_home = %(home)s, lease_epoch = lease_epoch + 1,
+        lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE token = %(token)s AND active AND state IN {_ENGINE_STATES}
+      AND (lease_until IS NULL OR lease_until < now() OR lease_owner = %(me)s)
+    RETURNING lease_epoch
+"""
+
+#: The jobs this instance holds (by token and epoch) get ``lease`` more seconds; the answer
+#: says, for each of them still held, whether it is still active (not canceled elsewhere).
+_RENEW = """
+    UPDATE jobs j SET lease_until = now() + make_interval(secs => %(lease)s)
+    FROM unnest(%(tokens)s::text[], %(epochs)s::bigint[]) AS held(token, epoch)
+    WHERE j.token = held.token AND j.lease_owner = %(me)s AND j.lease_epoch = held.epoch
+    RETURNING j.token, j.active
+"""
+
+_RESCUE = f"""
+    WITH expired AS (
+        SELECT token, lease_owner FROM jobs
+        WHERE active AND state IN {_ENGINE_STATES}
+          AND (lease_until IS NULL OR lease_until < now())
+        ORDER BY seq
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE jobs j SET lease_owner = %(me)s, lease_home = %(home)s,
+        lease_epoch = j.lease_epoch + 1,
+        lease_until = now() + make_interval(secs => %(lease)s)
+    FROM expired
+    WHERE j.token = expired.token
+    RETURNING j.token, expired.lease_owner, j.lease_epoch
+"""
+
+_RELEASE = """
+    UPDATE jobs SET lease_until = NULL
+    WHERE token = %(token)s AND lease_owner = %(me)s AND lease_epoch = %(epoch)s
+"""
+
+#: A new run from the same folder: the earlier run is dead, its leases expire now.
+_RELEASE_HOME = """
+    UPDATE jobs SET lease_until = NULL
+    WHERE lease_home = %(home)s AND lease_owner <> %(me)s AND lease_until IS NOT NULL
+    RETURNING token
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What one renewal learned about the jobs this instance runs."""
+
+    #: Still held and active.
+    held: frozenset[str]
+    #: Still held, but the job ended on another instance (a cancel): stop its filters.
+    ended: frozenset[str]
+    #: No longer this instance's (rescued after this lease expired): stop its filters.
+    lost: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    """A job taken over by :meth:`JobLeases.rescue`."""
+
+    token: str
+    #: The instance whose lease expired (None: nobody had claimed it).
+    previous: str | None
+    epoch: int
+
+
+class JobLeases:
+    """Claims, renewals, rescues and releases of one instance (module doc).  Thread-safe (the
+    pool is); raises StoreError like every statement of the store."""
+
+    def __init__(self, db: PgDatabase, owner: str, home: str, lease_seconds: float) -> None:
+        self._db = db
+        #: This incarnation (``instances.id``).
+        self.owner = owner
+        self.home = home
+        self.lease_seconds = lease_seconds
+
+    def _params(self, **more: object) -> dict[str, object]:
+        return {"me": self.owner, "home": self.home, "lease": self.lease_seconds, **more}
+
+    def claim(self, token: str) -> int | None:
+        """The lease of ``token`` for this instance: its epoch, or None when another instance
+        holds a live lease (or the job is not waiting for an engine any more)."""
+        found = self._db.run(f"claiming job {token}", _CLAIM, self._params(token=token))
+        return int(found[0][0]) if found else None
+
+    def renew(self, held: dict[str, int]) -> Renewal:
+        """Extend the leases of ``held`` (token -> epoch), in one statement."""
+        if not held:
+            return Renewal(frozenset(), frozenset(), frozenset())
+        tokens = sorted(held)
+        found = self._db.run(
+            "renewing the job leases",
+            _RENEW,
+            self._params(tokens=tokens, epochs=[held[t] for t in tokens]),
+        )
+        active = {str(token): bool(is_active) for token, is_active in found}
+        return Renewal(
+            frozenset(t for t, a in active.items() if a),
+            frozenset(t for t, a in active.items() if not a),
+            frozenset(held) - frozenset(active),
+        )
+
+    def rescue(self, limit: int) -> list[Rescued]:
+        """Claim up to ``limit`` jobs whose lease expired (or was never taken)."""
+        if limit <= 0:
+            return []
+        found = self._db.run("rescuing jobs", _RESCUE, self._params(limit=limit))
+        return [
+            Rescued(str(token), None if previous is None else str(previous), int(epoch))
+            for token, previous, epoch in found
+        ]
+
+    def release(self, token: str, epoch: int) -> None:
+        """The engine finished ``token``: its lease ends now (a retry may be claimed at once)."""
+        self._db.run(f"releasing job {token}", _RELEASE, self._params(token=token, epoch=epoch))
+
+    def release_home(self) -> list[str]:
+        """At start: the leases of an earlier run from this folder end now (module doc)."""
+        found = self._db.run(
+            "releasing the leases of an earlier run", _RELEASE_HOME, self._params()
+        )
+        return [str(token) for (token,) in found]

@@ -1,0 +1,260 @@
+"""Job leases on a real PostgreSQL (issue 18 point 2, store/leases.py): one claimer wins, a
+fenced write of a lost lease is refused, a renewal brings cancellations and losses, an expired
+lease is rescued by one instance only, a live one by none; and the runtime's keeper
+(runtime/leasing.py) stops the filters of what it lost."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+
+from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
+from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.store.interface import VersionedWrite
+from dsc_bindings.store.leases import JobLeases, Rescued
+from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_core.commands import CreateJob, JobInput, UpdateJob
+from dsc_core.model import JobState
+from test_store import make_job
+from waiting import wait_for
+
+if TYPE_CHECKING:
+    from engines_support import PgCluster
+
+LEASE = 30.0
+
+
+@pytest.fixture
+def dsn(pg: PgCluster) -> str:
+    return pg.new_database()
+
+
+@pytest.fixture
+def records(dsn: str) -> Iterator[PostgresRecords]:
+    r = PostgresRecords.open(dsn)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def leases_of(records: PostgresRecords, name: str, lease: float = LEASE) -> JobLeases:
+    return JobLeases(records.database, f"instance-{name}", f"host:/data/{name}", lease)
+
+
+def pending(records: PostgresRecords, token: str, state: JobState = JobState.PENDING) -> int:
+    """A job waiting for an engine (written as the core writes it); its row version."""
+    records.write(VersionedWrite(CreateJob(make_job(token, state=state)), None, 0))
+    return 1
+
+
+def expire(dsn: str, token: str) -> None:
+    """The lease ends now (as if its holder had stopped renewing it long ago)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE jobs SET lease_until = now() - interval '1 s' WHERE token = %s", (token,)
+        )
+
+
+def end(records: PostgresRecords, token: str, version: int, state: JobState) -> None:
+    job = make_job(token, state=state)
+    records.write(VersionedWrite(UpdateJob(job, JobInput.CANCEL, ()), version, 0))
+
+
+def test_one_claim_wins(records: PostgresRecords) -> None:
+    pending(records, "j")
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    assert a.claim("j") == 1
+    assert b.claim("j") is None  # held by a live lease
+    assert a.claim("j") == 2  # its holder may claim again (a new epoch)
+
+
+def test_concurrent_claims_never_both_win(records: PostgresRecords) -> None:
+    tokens = [f"j{i}" for i in range(20)]
+    for token in tokens:
+        pending(records, token)
+    claimers = [leases_of(records, str(n)) for n in range(4)]
+    won: dict[str, list[str]] = {t: [] for t in tokens}
+    start = threading.Barrier(len(claimers))
+
+    def claim_all(leases: JobLeases) -> None:
+        start.wait()
+        for token in tokens:
+            if leases.claim(token) is not None:
+                won[token].append(leases.owner)
+
+    threads = [threading.Thread(target=claim_all, args=(c,)) for c in claimers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(owners) == 1 for owners in won.values()), won
+
+
+def test_no_claim_of_a_job_not_waiting_for_an_engine(records: PostgresRecords) -> None:
+    pending(records, "c", JobState.CREATING)
+    pending(records, "done", JobState.COMPLETED)
+    a = leases_of(records, "a")
+    assert a.claim("c") is None
+    assert a.claim("done") is None
+
+
+def test_a_fenced_write_of_a_lost_lease_is_refused(dsn: str, records: PostgresRecords) -> None:
+    version = pending(records, "j")
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    epoch = a.claim("j")
+    assert epoch is not None
+    started = make_job("j", state=JobState.STARTED)
+    records.write(
+        VersionedWrite(
+            UpdateJob(started, JobInput.ENGINE_STARTED, ()), version, 0, (a.owner, epoch)
+        )
+    )
+    version += 1
+    expire(dsn, "j")
+    [rescued] = b.rescue(5)
+    assert rescued == Rescued("j", a.owner, epoch + 1)
+    late = make_job("j", state=JobState.PROCESSING)
+    with pytest.raises(JobChanged):  # same row version, but the lease is b's now
+        records.write(
+            VersionedWrite(
+                UpdateJob(late, JobInput.FILTER_STARTED, ()), version, 0, (a.owner, epoch)
+            )
+        )
+    records.write(
+        VersionedWrite(
+            UpdateJob(late, JobInput.FILTER_STARTED, ()), version, 0, (b.owner, rescued.epoch)
+        )
+    )
+
+
+def test_renewal_brings_cancellation_and_loss(dsn: str, records: PostgresRecords) -> None:
+    for token in ("run", "canceled", "taken"):
+        pending(records, token)
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    held = {t: a.claim(t) for t in ("run", "canceled", "taken")}
+    assert None not in held.values()
+    end(records, "canceled", 1, JobState.CANCELED)  # CancelPostScanJob on another instance
+    expire(dsn, "taken")
+    assert [r.token for r in b.rescue(5)] == ["taken"]
+    renewal = a.renew({t: e for t, e in held.items() if e is not None})
+    assert renewal.held == {"run"}
+    assert renewal.ended == {"canceled"}
+    assert renewal.lost == {"taken"}
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT lease_until > now() + interval '20 s' FROM jobs WHERE token = 'run'"
+        ).fetchone()
+    assert row == (True,)
+
+
+def test_rescue_takes_expired_and_unclaimed_jobs_once(dsn: str, records: PostgresRecords) -> None:
+    for token in ("live", "expired", "unclaimed"):
+        pending(records, token)
+    pending(records, "creating", JobState.CREATING)
+    a, b, c = (leases_of(records, n) for n in "abc")
+    assert a.claim("live") is not None and a.claim("expired") is not None
+    expire(dsn, "expired")
+    rescued = b.rescue(10)
+    assert sorted((r.token, r.previous) for r in rescued) == [
+        ("expired", a.owner),
+        ("unclaimed", None),
+    ]
+    assert c.rescue(10) == []  # taken, and the live lease is nobody else's
+    expire(dsn, "live")
+    assert [r.token for r in c.rescue(0)] == []  # no free engine place: nothing taken
+    assert [r.token for r in c.rescue(1)] == ["live"]
+
+
+def test_a_new_run_from_the_same_folder_releases_the_old_runs_leases(
+    records: PostgresRecords,
+) -> None:
+    pending(records, "j")
+    old = leases_of(records, "a")
+    assert old.claim("j") is not None
+    new = JobLeases(records.database, "instance-a2", old.home, LEASE)
+    other = leases_of(records, "b")
+    assert other.rescue(5) == []
+    assert new.release_home() == ["j"]
+    assert [r.token for r in new.rescue(5)] == ["j"]
+
+
+def test_the_write_that_makes_a_job_pending_holds_it_for_its_claim(
+    records: PostgresRecords,
+) -> None:
+    """Between the write that makes a job Pending and the writer's claim, no sweep takes it."""
+    records.write(VersionedWrite(CreateJob(make_job("j")), None, 0))
+    records.instance = "instance-a"
+    records.write(
+        VersionedWrite(UpdateJob(make_job("j", state=JobState.PENDING), JobInput.END, ()), 1, 0)
+    )
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    assert b.rescue(5) == [] and b.claim("j") is None
+    assert a.claim("j") == 1
+
+
+def test_a_finished_job_releases_its_lease(records: PostgresRecords) -> None:
+    pending(records, "j")
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    epoch = a.claim("j")
+    assert epoch is not None
+    a.release("j", epoch)
+    assert b.claim("j") == epoch + 1  # a retry may run anywhere at once
+
+
+def test_the_keeper_stops_what_it_lost_and_writes_nothing_more(
+    dsn: str, records: PostgresRecords
+) -> None:
+    pending(records, "j")
+    stopped: list[str] = []
+    keeper = LeaseKeeper(
+        leases_of(records, "a"),
+        heartbeat_seconds=1.0,
+        stop=stopped.append,
+        resume=lambda rescued: None,
+        free_slots=lambda: 0,
+        name_of=str,
+    )
+    assert keeper.claim("j")
+    expire(dsn, "j")
+    assert [r.token for r in leases_of(records, "b").rescue(1)] == ["j"]
+    keeper.beat(True)
+    assert stopped == ["j"] and not keeper.holds("j")
+    # The engine's further reports carry no lease: refused without asking the database.
+    write = VersionedWrite(UpdateJob(make_job("j"), JobInput.FILTER_STARTED, ()), 1, 0)
+    [fenced] = keeper.fence([write], engine_token="j")
+    assert isinstance(fenced, VersionedWrite) and fenced.lease == (keeper.owner, NO_LEASE)
+    with pytest.raises(JobChanged):
+        keeper.check(fenced)
+
+
+def test_the_keeper_stops_its_filters_before_a_lease_it_cannot_renew_ends(
+    records: PostgresRecords,
+) -> None:
+    pending(records, "j")
+    stopped: list[str] = []
+    leases = leases_of(records, "a", lease=2.0)
+    keeper = LeaseKeeper(
+        leases,
+        heartbeat_seconds=1.0,
+        stop=stopped.append,
+        resume=lambda rescued: None,
+        free_slots=lambda: 0,
+        name_of=str,
+    )
+    assert keeper.claim("j")
+    records.database.close()  # the database is out of reach from now on
+    keeper.beat(False)
+    assert stopped == [] and keeper.holds("j")  # one missed renewal: the lease still runs
+
+    def beaten() -> bool:
+        keeper.beat(False)
+        return bool(stopped)
+
+    # Once the next beat would come after the lease ended, the filters stop.
+    wait_for(beaten, 10, "the filters to stop", interval=0.1)
+    assert stopped == ["j"] and not keeper.holds("j")
