@@ -111,7 +111,7 @@ def test_a_fenced_write_of_a_lost_lease_is_refused(dsn: str, records: PostgresRe
     started = make_job("j", state=JobState.STARTED)
     records.write(
         VersionedWrite(
-            UpdateJob(started, JobInput.ENGINE_STARTED, ()), version, 0, (a.owner, epoch)
+            UpdateJob(started, JobInput.ENGINE_STARTED, ()), version, 0, lease=(a.owner, epoch)
         )
     )
     version += 1
@@ -122,12 +122,12 @@ def test_a_fenced_write_of_a_lost_lease_is_refused(dsn: str, records: PostgresRe
     with pytest.raises(JobChanged):  # same row version, but the lease is b's now
         records.write(
             VersionedWrite(
-                UpdateJob(late, JobInput.FILTER_STARTED, ()), version, 0, (a.owner, epoch)
+                UpdateJob(late, JobInput.FILTER_STARTED, ()), version, 0, lease=(a.owner, epoch)
             )
         )
     records.write(
         VersionedWrite(
-            UpdateJob(late, JobInput.FILTER_STARTED, ()), version, 0, (b.owner, rescued.epoch)
+            UpdateJob(late, JobInput.FILTER_STARTED, ()), version, 0, lease=(b.owner, rescued.epoch)
         )
     )
 
