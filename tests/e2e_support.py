@@ -84,8 +84,12 @@ class ServerProcess:
         client_ca: Path | None = None,
         log_path: Path | None = None,
         extra: Sequence[str] = (),
+        port: int = 0,
     ) -> None:
         self.data = data
+        #: A port kept across restarts (a load balancer's configuration names it); 0: a free
+        #: port at each start.
+        self.fixed_port = port
         #: More `dsc serve` options (e.g. ``--log-format json``).
         self.extra = list(extra)
         self.binding = binding
@@ -101,7 +105,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         for _ in range(5):  # a free port may be taken by someone else in between: retry
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
             args = [
                 sys.executable,
                 "-m",
@@ -151,6 +155,8 @@ class ServerProcess:
                 raise AssertionError(f"dsc serve did not listen within {timeout} s:\n{self.log}")
             if "cannot listen" not in self.log and "address already in use" not in self.log:
                 raise AssertionError(f"dsc serve exited with {self.proc.returncode}:\n{self.log}")
+            if self.fixed_port:
+                time.sleep(0.5)  # the same port again: let whoever holds it let go
         raise AssertionError("no free port for dsc serve after 5 tries")
 
     def _asgi_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:

@@ -1,0 +1,302 @@
+"""Three real ``dsc serve`` instances behind a real HAProxy (issue 18 point 7), on one PostgreSQL
+and one SeaweedFS (tests/engines_support.py).
+
+The HAProxy configuration is the one docs/operating.md shows ("Three instances behind HAProxy"),
+read from the doc with this machine's addresses, ports and shorter check intervals put in, so
+the doc and the tests cannot drift apart.  Each instance keeps its port across restarts (the
+configuration names it) and has a ``monitor_listen`` of its own for the health check.
+
+:class:`RetryingSoap` is the test scanner: it sends a request that met a connection reset (or a
+503) once more, as a real scanner does, and nothing else.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dsc_core import client as dc
+from e2e_support import ROOT, ServerProcess, Soap, free_port
+from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, PgCluster, S3Server, secret_file
+from waiting import wait_for
+
+HAPROXY = "/usr/sbin/haproxy"
+NAMES = ("dsc-a", "dsc-b", "dsc-c")
+#: The heartbeat of the test instances, and their lease (the least allowed: two heartbeats):
+#: short, so that a killed instance's uploads stop counting within seconds.
+HEARTBEAT_SECONDS = 0.5
+LEASE_SECONDS = 1.0
+
+
+def haproxy_block() -> str:
+    """The ``haproxy`` block of docs/operating.md."""
+    text = (ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```haproxy\n(.*?)```", text, re.S)
+    return str(block)
+
+
+def haproxy_config(block: str, port: int, socket_path: Path, servers: list[tuple[int, int]]) -> str:
+    """The doc's configuration for this machine: ``servers`` are (port, monitor port) per
+    instance.  Every piece replaced must be in the doc (else the doc changed: look again)."""
+    replaced = {
+        "stats socket /run/haproxy/dsc.sock": f"stats socket {socket_path}",
+        "bind :5362": f"bind 127.0.0.1:{port}",
+        # Seconds, not minutes: checks every 100 ms, down after 2 failures, up after 1 success.
+        "default-server inter 1s fall 2 rise 2": "default-server inter 100ms fall 2 rise 1",
+    }
+    for old, new in replaced.items():
+        assert block.count(old) == 1, f"docs/operating.md's HAProxy block lost {old!r}"
+        block = block.replace(old, new)
+    lines = re.findall(r"^    server (dsc-[abc]) 10\.0\.0\.1\d:5362 check port 9362$", block, re.M)
+    assert lines == list(NAMES), f"the doc's server lines changed: {lines}"
+    for name, (serve_port, monitor_port) in zip(NAMES, servers, strict=True):
+        block = re.sub(
+            rf"^    server {name} .*$",
+            f"    server {name} 127.0.0.1:{serve_port} check port {monitor_port}",
+            block,
+            flags=re.M,
+        )
+    return block
+
+
+class Instance(ServerProcess):
+    """One instance: its name, its port kept across restarts, its monitor port."""
+
+    def __init__(self, folder: Path, name: str, binding: str, base_config: str) -> None:
+        self.name = name
+        self.monitor_port = free_port()
+        config = folder / f"{name}.toml"
+        config.write_text(
+            base_config
+            + f'\n[server]\nmonitor_listen = "127.0.0.1:{self.monitor_port}"\n\n'
+            + f'[cluster]\ninstance_name = "{name}"\nheartbeat_seconds = {HEARTBEAT_SECONDS}\n'
+            + f"lease_seconds = {LEASE_SECONDS}\n"
+        )
+        super().__init__(folder / name, binding=binding, config=config, port=free_port())
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+class HAProxyCluster:
+    """HAProxy on :attr:`url` in front of :attr:`instances`; PostgreSQL at :attr:`dsn`."""
+
+    def __init__(self, folder: Path, pg: PgCluster, s3: S3Server, extra_config: str = "") -> None:
+        if not os.access(HAPROXY, os.X_OK):
+            pytest.skip(f"no HAProxy at {HAPROXY}; .ci/run installs Debian's haproxy")
+        self.folder = folder
+        self.pg = pg
+        self.dsn, self.bucket = pg.new_database(), s3.new_bucket()
+        secret = secret_file(folder, S3_SECRET_KEY)
+        base = (
+            extra_config
+            + f'\n[store]\nkind = "postgresql"\ndsn = "{self.dsn}"\n\n'
+            + f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{self.bucket}"\n'
+            + f'region = "us-east-1"\naccess_key_id = "{S3_ACCESS_KEY}"\n'
+            + f'secret_access_key_file = "{secret}"\npart_size = {5 << 20}\n'
+        )
+        # Both bindings serve in one cluster, as in tests/e2e/test_cluster_jobs.py.
+        self.instances = [
+            Instance(folder, name, binding, base)
+            for name, binding in zip(NAMES, ("async", "blocking", "async"), strict=True)
+        ]
+        self.port = free_port()
+        self.socket_path = folder / "haproxy.sock"
+        self.config_path = folder / "haproxy.cfg"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/ScanServer"
+
+    def start(self) -> None:
+        for instance in self.instances:
+            instance.start()
+        self.config_path.write_text(
+            haproxy_config(
+                haproxy_block(),
+                self.port,
+                self.socket_path,
+                [(i.port, i.monitor_port) for i in self.instances],
+            )
+        )
+        self.process = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(self.config_path)],
+            stdout=open(self.folder / "haproxy.log", "wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.wait_up(*NAMES)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        for instance in self.instances:
+            if instance.alive:
+                instance.kill9()
+
+    # - HAProxy's view (its runtime API on the stats socket) -
+
+    def command(self, line: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(str(self.socket_path))
+            conn.sendall(line.encode() + b"\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        return answer.decode()
+
+    def states(self) -> dict[str, str]:
+        """Server name -> HAProxy's status of it (UP, DOWN, MAINT, DRAIN, ...)."""
+        found: dict[str, str] = {}
+        if self.process is not None and self.process.poll() is not None:
+            log = (self.folder / "haproxy.log").read_text()
+            raise AssertionError(f"haproxy exited with {self.process.returncode}:\n{log}")
+        if not self.socket_path.exists():  # HAProxy is starting
+            return found
+        for line in self.command("show stat").splitlines():
+            fields = line.split(",")
+            if len(fields) > 17 and fields[0] == "dsc_instances" and fields[1] in NAMES:
+                found[fields[1]] = fields[17]
+        return found
+
+    def connections(self, name: str) -> int:
+        """Sessions HAProxy has open to ``name`` right now."""
+        for line in self.command("show stat").splitlines():
+            fields = line.split(",")
+            if len(fields) > 4 and fields[0] == "dsc_instances" and fields[1] == name:
+                return int(fields[4])
+        raise AssertionError(f"no server {name} in HAProxy's stats")
+
+    def wait_up(self, *names: str, timeout: float = 20) -> None:
+        wait_for(
+            lambda: all(self.states().get(n, "").startswith("UP") for n in names),
+            timeout,
+            f"HAProxy to see {', '.join(names)} up",
+        )
+
+    def wait_down(self, name: str, timeout: float = 20) -> None:
+        wait_for(
+            lambda: self.states().get(name, "").startswith("DOWN"),
+            timeout,
+            f"HAProxy to see {name} down",
+        )
+
+    # - the store's view -
+
+    def uploads(self, token: str, document_id: int) -> int:
+        """The ``uploads`` rows of one image (an upload in flight), for ``HeldUpload``."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM uploads WHERE token = %s AND document_id = %s",
+                (token, document_id),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def upload_owner(self, token: str, document_id: int) -> str:
+        """The name of the instance receiving one image."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT i.name FROM uploads u JOIN instances i ON i.id::text = u.instance "
+                "WHERE u.token = %s AND u.document_id = %s",
+                (token, document_id),
+            ).fetchone()
+        assert row is not None, f"no uploads row of document {document_id} of job {token}"
+        return str(row[0])
+
+    def lapsed(self, name: str) -> bool:
+        """Whether every incarnation of ``name`` is stopped or past its lease (the others no
+        longer count its uploads)."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM instances WHERE name = %s AND stopped IS NULL "
+                "AND heartbeat >= now() - make_interval(secs => lease_seconds)",
+                (name,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0]) == 0
+
+    # - what an operator does -
+
+    def kill9(self, index: int) -> None:
+        self.instances[index].kill9()
+
+    def restart(self, index: int) -> None:
+        """Start a stopped (or killed) instance again on its port and data folder; back in
+        HAProxy once its health check passes."""
+        instance = self.instances[index]
+        if instance.alive:
+            instance.kill9()
+        instance.start()
+        self.wait_up(instance.name)
+
+    def rolling_restart(self, index: int) -> None:
+        """docs/operating.md's rolling restart of one instance: drain it in HAProxy, wait for
+        its connections to end, SIGTERM (clean stop), start, ready, wait up."""
+        instance = self.instances[index]
+        assert self.command(f"set server dsc_instances/{instance.name} state drain").strip() == ""
+        wait_for(lambda: self.connections(instance.name) == 0, 30, f"{instance.name} drained")
+        instance.stop_cleanly()
+        instance.start()
+        assert self.command(f"set server dsc_instances/{instance.name} state ready").strip() == ""
+        self.wait_up(instance.name)
+
+
+@contextmanager
+def haproxy_cluster(
+    folder: Path, pg: PgCluster, s3: S3Server, extra_config: str = ""
+) -> Iterator[HAProxyCluster]:
+    cluster = HAProxyCluster(folder, pg, s3, extra_config)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+# --- the scanner -------------------------------------------------------------------------------
+
+#: What a scanner sees of a dead instance: a connection reset, refused, or closed unanswered.
+CONNECTION_LOST = (ConnectionError, http.client.HTTPException, TimeoutError)
+
+
+class RetryingSoap(Soap):
+    """:class:`Soap` that sends a request once more after a connection reset (or refused, or
+    closed without an answer) or an HTTP 503, as a scanner does; a second failure is raised.
+    Retries are counted in :attr:`retries`."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        super().__init__(url, timeout=timeout)
+        self.retries = 0
+
+    def post(
+        self,
+        body: bytes | Iterable[bytes],
+        content_type: str = dc.SOAP_XML,
+        length: int | None = None,
+    ) -> tuple[int, str, bytes]:
+        whole = body if isinstance(body, bytes) else b"".join(body)
+        try:
+            answer = super().post(whole, content_type, length)
+        except CONNECTION_LOST:
+            answer = None
+        if answer is not None and answer[0] != 503:
+            return answer
+        self.retries += 1
+        return super().post(whole, content_type, length)
