@@ -4,7 +4,9 @@ design.md: no drifting README)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -163,8 +165,70 @@ def test_the_cluster_example_is_a_configuration_the_server_reads(tmp_path: Path)
     from dsc_bindings.store.instances import ClusterSettings
 
     section = _section(DOCS / "operating.md", "Several instances")
-    [block] = re.findall(r"```toml\n(.*?)```", section, re.S)
+    block, behind_a_balancer = re.findall(r"```toml\n(.*?)```", section, re.S)
     config = tmp_path / "dsc.toml"
     config.write_text(block)
     cluster = load_settings(config, data_dir=tmp_path / "data").cluster
     assert cluster == ClusterSettings("dsc-a", 5.0, 30.0, 86400.0)
+    # The instance's part of "Three instances behind HAProxy".
+    config.write_text(behind_a_balancer)
+    settings = load_settings(config, data_dir=tmp_path / "data")
+    assert settings.listen.monitor == ("0.0.0.0", 9362)
+    assert settings.cluster.instance_name == "dsc-a"
+
+
+def test_the_haproxy_example_is_valid() -> None:
+    """``haproxy -c`` on docs/operating.md's HAProxy block as written (the failover tests run
+    it with their own addresses: tests/cluster_support.py)."""
+    from cluster_support import HAPROXY, haproxy_block
+
+    if not os.access(HAPROXY, os.X_OK):
+        pytest.skip(f"no HAProxy at {HAPROXY}; .ci/run installs Debian's haproxy")
+    # The stats socket's folder (/run/haproxy) exists only where the package made it.
+    block = haproxy_block().replace("/run/haproxy/dsc.sock", "/tmp/dsc-docs-check.sock")
+    done = subprocess.run(
+        [HAPROXY, "-c", "-f", "/dev/stdin"], input=block, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+def test_the_nginx_example_is_valid(tmp_path: Path) -> None:
+    """``nginx -t`` on docs/operating.md's nginx.conf: the stream (TLS passthrough) block and
+    the http block (TLS at nginx, for the ASGI app) together, certificates made by trustme."""
+    import trustme
+
+    if not os.access(NGINX, os.X_OK) or not Path(STREAM_MODULE).exists():
+        pytest.skip(
+            f"no {NGINX} with {STREAM_MODULE}; .ci/run installs Debian's nginx and "
+            "libnginx-mod-stream"
+        )
+    section = _section(DOCS / "operating.md", "Several instances")
+    stream, http = re.findall(r"```nginx\n(.*?)```", section, re.S)
+    ca = trustme.CA()
+    server = ca.issue_cert("dsc.example")
+    paths = {
+        "/etc/dsc/server.pem": tmp_path / "server.pem",
+        "/etc/dsc/server.key": tmp_path / "server.key",
+        "/etc/dsc/scanners-ca.pem": tmp_path / "ca.pem",
+    }
+    server.cert_chain_pems[0].write_to_path(str(paths["/etc/dsc/server.pem"]))
+    server.private_key_pem.write_to_path(str(paths["/etc/dsc/server.key"]))
+    ca.cert_pem.write_to_path(str(paths["/etc/dsc/scanners-ca.pem"]))
+    config = stream + http
+    for old, new in paths.items():
+        assert old in config, old
+        config = config.replace(old, str(new))
+    # Where nginx -t writes its pid and logs: the test's folder, not /var.
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n" + config)
+    done = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test is successful" in done.stderr, done.stderr
+
+
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
