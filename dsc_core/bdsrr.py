@@ -210,6 +210,7 @@ OPERATIONS: tuple[Operation[Any], ...] = (
         read_repository_elements,
         get_repository_elements,
         admin_only=True,
+        listing=True,
     ),
     Operation(A.DSC_CANCEL, NS, read_cancel, cancel_post_scan_job, admin_only=True),
     Operation(
@@ -219,8 +220,22 @@ OPERATIONS: tuple[Operation[Any], ...] = (
         job_elements(NS, own_only=False),
         admin_only=True,
     ),
-    Operation(A.DSC_GET_ACTIVE_JOBS, NS, read_get_active_jobs, get_active_jobs, admin_only=True),
-    Operation(A.DSC_GET_JOB_HISTORY, NS, read_get_job_history, get_job_history, admin_only=True),
+    Operation(
+        A.DSC_GET_ACTIVE_JOBS,
+        NS,
+        read_get_active_jobs,
+        get_active_jobs,
+        admin_only=True,
+        listing=True,
+    ),
+    Operation(
+        A.DSC_GET_JOB_HISTORY,
+        NS,
+        read_get_job_history,
+        get_job_history,
+        admin_only=True,
+        listing=True,
+    ),
     Operation(
         A.EXT_PURGE_JOB_HISTORY, NS, read_purge_job_history, purge_job_history, admin_only=True
     ),

@@ -226,6 +226,33 @@ class Exchange:
             return "unknown"
         return action.rsplit("/", 1)[-1]
 
+    @property
+    def streamed(self) -> bool:
+        """An MTOM body (R8): the exchange may emit document commands while it is fed, so a
+        binding that refreshes its job table does so before the first ``feed``."""
+        return self._multipart is not None
+
+    def current_jobs_needed(self) -> bool:
+        """Whether the answer depends on current job rows (``Operation.listing`` is not set):
+        a binding whose job table caches rows shared with other servers refreshes it first.
+        Call after the body is fed and before :meth:`end`.  True for a streamed body and for
+        an action no operation declares (the safe side); False for a request refused anyway
+        (its fault is kept for ``end``, as in :meth:`lookups`)."""
+        if self._ended:
+            raise UsageError("current_jobs_needed() after end()")
+        if self._multipart is not None:
+            return True
+        if self._fault is not None:
+            return False
+        if self._envelope is None:
+            try:
+                self._envelope = self._read()
+            except faults.SoapFault as fault:
+                self._fault = fault  # end() answers it, as it would have without this call
+                return False
+        operation = self.operations.get(self._envelope.addressing.action or "")
+        return operation is None or not operation.listing
+
     def lookups(self) -> Lookups:
         """What the request needs from the user directory (R14, directory.py): call it after
         the body is fed and before :meth:`end`, and pass the answers to ``end``.  Empty unless

@@ -115,6 +115,7 @@ def probe(request: Request, _args: None) -> OpResult:
 
 
 OPERATIONS: tuple[Operation[Any], ...] = (
-    Operation(A.TRANSFER_GET, names.WXF, no_arguments, transfer_get),
-    Operation(A.PROBE, names.WSD, no_arguments, probe),
+    # Neither reads a job: "listing" lets a shared store's binding answer them without a read.
+    Operation(A.TRANSFER_GET, names.WXF, no_arguments, transfer_get, listing=True),
+    Operation(A.PROBE, names.WSD, no_arguments, probe, listing=True),
 )

@@ -15,7 +15,13 @@ An operation declares
   step run as soon as the root part is read, before the attachment arrives.  It checks the
   request and reserves the document, so that the exchange streams the attachment straight to the
   store as :class:`~dsc_core.commands.AppendDocument` chunks (R8); the handler then finds the
-  received attachment in ``Request.upload``.
+  received attachment in ``Request.upload``;
+- ``listing``: the operation answers from the job table as a whole (a listing, a count), not
+  from one job: a binding whose table is a cache of rows several servers share (issue 18) may
+  answer it from that cache without first asking what changed elsewhere, so it may lag those
+  changes (docs/architecture.md "Several instances").  Every other operation is answered from
+  a table brought up to date first (a job-addressed request reads its own writes wherever
+  they were made).
 
 The exchange runs them in R4 order: action (step 4), repository stopped (step 8), administrator
 (step 5), ``read``, ``begin_upload``, ``handle``.  ``registry.py`` lists every operation.
@@ -111,6 +117,8 @@ class Operation(Generic[ArgsT]):
     begin_upload: Callable[[Request, ArgsT], Upload] | None = None
     #: What the request needs from a user directory (R14; see directory.py), or None.
     lookups: Callable[[Request], Lookups] | None = None
+    #: Answered from the table as a whole, so it tolerates a lagging cache (module doc).
+    listing: bool = False
 
     @property
     def repository_service(self) -> bool:

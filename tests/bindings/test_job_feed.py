@@ -5,6 +5,7 @@ and the runtime's catch-up (runtime/catchup.py) over it."""
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ import pytest
 
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.store.errors import JobChanged, StoreError
-from dsc_bindings.store.interface import VersionedWrite
+from dsc_bindings.store.interface import Rang, VersionedWrite
 from dsc_bindings.store.jobcodec import encode_job
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.sqlite import record_columns
@@ -154,3 +155,110 @@ def test_catch_up_absorbs_what_others_wrote_and_refuses_writes_from_a_lost_race(
     assert isinstance(again, VersionedWrite) and again.expected == 2
     catch_up.check(again)
     b.write(again)
+
+
+class Listening:
+    """A catch-up with its doorbell on ``records``: each ring is also queued, so the test
+    knows when one was heard (and waits for it, never for a time)."""
+
+    def __init__(self, records: PostgresRecords, *, fresh_seconds: float = 3600.0) -> None:
+        self.catch_up = JobCatchUp(
+            records.changes, lambda: records.instance, fresh_seconds=fresh_seconds
+        )
+        self.rings: queue.Queue[Rang | None] = queue.Queue()
+        self.states: queue.Queue[bool] = queue.Queue()
+        self.doorbell = records.listen(self._ring, self._heard)
+        assert self.states.get(timeout=30) is True  # listening before the seed read
+        self.core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+        self.catch_up.seed(self.catch_up.read())
+
+    def _ring(self, rang: Rang | None) -> None:
+        self.catch_up.ring(rang)
+        self.rings.put(rang)
+
+    def _heard(self, listening: bool) -> None:
+        self.catch_up.heard(listening)
+        self.states.put(listening)
+
+    def ring_for(self, token: str) -> Rang | None:
+        while True:
+            rang = self.rings.get(timeout=30)
+            if rang is not None and rang.token == token:
+                return rang
+
+    def catch_up_now(self) -> None:
+        self.catch_up.absorb(self.core, self.catch_up.read())
+
+
+def test_the_doorbell_skips_the_read_until_another_instance_writes(
+    two: tuple[PostgresRecords, ...],
+) -> None:
+    a, b = two
+    here = Listening(b)
+    try:
+        assert here.catch_up.fresh()  # nothing changed since the seed read
+        # This instance's own write rings too, but is no news: it holds what it wrote.
+        [stamped] = here.catch_up.stamp([CreateJob(make_job("mine"))])
+        assert isinstance(stamped, VersionedWrite)
+        b.write(stamped)
+        here.catch_up.settled(stamped, None)
+        assert here.ring_for("mine") == Rang("mine", version=1)
+        assert here.catch_up.fresh()
+        # Another instance's write is news until a read that began after its ring.
+        create(a, "theirs")
+        assert here.ring_for("theirs") == Rang("theirs", version=1)
+        assert not here.catch_up.fresh()
+        here.catch_up_now()
+        assert here.catch_up.fresh()
+        assert here.core.jobs.get("theirs") == make_job("theirs")
+        # So are their uploads and their drops; this instance's uploads are not.
+        b.upload_began("mine", 1, "host-b:/data")
+        assert here.ring_for("mine") == Rang("mine", upload_instance=b.instance)
+        assert here.catch_up.fresh()
+        a.upload_began("theirs", 1, "host-a:/data")
+        assert here.ring_for("theirs") == Rang("theirs", upload_instance=a.instance)
+        assert not here.catch_up.fresh()
+        here.catch_up_now()
+        a.write(VersionedWrite(DropJob("theirs", Removal.PURGED), None, 0))
+        assert here.ring_for("theirs") == Rang("theirs", dropped=True)
+        assert not here.catch_up.fresh()
+        here.catch_up_now()
+        assert here.catch_up.fresh() and here.core.jobs.get("theirs") is None
+    finally:
+        here.doorbell.close()
+
+
+def test_without_a_recent_read_nothing_is_skipped(two: tuple[PostgresRecords, ...]) -> None:
+    """The bound on staleness (FRESH_SECONDS; 0 here): a quiet doorbell alone is not enough."""
+    _, b = two
+    here = Listening(b, fresh_seconds=0.0)
+    try:
+        here.catch_up_now()
+        assert not here.catch_up.fresh()
+    finally:
+        here.doorbell.close()
+
+
+def test_a_lost_listener_skips_nothing_and_its_return_forces_a_full_read(
+    dsn: str, two: tuple[PostgresRecords, ...]
+) -> None:
+    """The listener's connection is killed (as a PostgreSQL restart would): while it is away
+    every request reads; once it listens again, the next read brings what was missed."""
+    a, b = two
+    here = Listening(b)
+    try:
+        assert here.catch_up.fresh()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+            )
+        assert here.states.get(timeout=30) is False
+        assert not here.catch_up.fresh()
+        create(a, "missed")  # committed while the listener is away (or just back)
+        assert here.states.get(timeout=30) is True
+        assert not here.catch_up.fresh()  # the reconnect counts as a ring
+        here.catch_up_now()
+        assert here.catch_up.fresh() and here.core.jobs.get("missed") == make_job("missed")
+    finally:
+        here.doorbell.close()

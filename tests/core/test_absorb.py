@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from core_support import (
     DSP,
@@ -17,7 +18,16 @@ from core_support import (
     send_image,
 )
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import Deliver, Reply, ScanServer, ServerConfig, StopProcessing
+from dsc_core import (
+    Deliver,
+    Reply,
+    RequestInfo,
+    ScanServer,
+    ServerConfig,
+    StopProcessing,
+    client,
+    names,
+)
 from dsc_core.config import Limits
 from dsc_core.model import (
     FileShareInstructions,
@@ -122,3 +132,29 @@ def test_an_upload_elsewhere_is_a_duplicate_here_and_keeps_the_job_from_timing_o
 
 def _create_reply(t: InProcessTransport) -> Reply:
     return t.post(envelope(Act.DSP_CREATE, create_request(FileShareInstructions(("\\\\s\\x",)))))
+
+
+def test_which_requests_need_current_job_rows() -> None:
+    """Exchange.current_jobs_needed (Operation.listing): a binding that caches shared rows may
+    answer listings from its cache; a job-addressed request, an unknown action and a streamed
+    body need the rows first; a request refused anyway needs nothing (and keeps its fault)."""
+    server = ScanServer(ServerConfig(), new_id=lambda: str(uuid.uuid4()))
+
+    def needed(body: bytes, content_type: str = "application/soap+xml") -> bool:
+        exchange = server.open_exchange(RequestInfo(now=T0, content_type=content_type))
+        exchange.feed(body)
+        answer = exchange.current_jobs_needed()
+        exchange.end(T0)
+        return answer
+
+    def plain(action: str, payload: Any) -> bytes:
+        return client.envelope(action, payload, message_id=f"urn:uuid:{uuid.uuid4()}")
+
+    a = names.Action
+    assert not needed(plain(a.DSC_GET_ACTIVE_JOBS, client.empty_request("GetActiveJobsRequest")))
+    assert not needed(plain(a.TRANSFER_GET, client.empty_request("Get")))
+    cancel = client.token_request(names.DSP, "CancelPostScanJobRequest", "t")
+    assert needed(plain(a.DSP_CANCEL, cancel))
+    assert needed(plain("urn:unknown", cancel))
+    assert not needed(b"<not-xml")
+    assert needed(b"--b--", 'multipart/related; boundary="b"; type="application/xop+xml"')

@@ -284,3 +284,19 @@ def test_concurrent_scans_on_all_instances(cluster: Cluster) -> None:
     for token in tokens:
         ended = cluster.clients[1].wait_ended(token)
         assert ended.state == "Completed" and ended.images_received == 2, ended
+
+
+def test_a_job_made_on_one_instance_is_found_at_once_on_another(cluster: Cluster) -> None:
+    """Read-your-writes across instances (cluster-design 3.5, runtime/catchup.py): the
+    doorbell spares listings their read, never a job-addressed request.  200 times back to
+    back, alternating the two instances: CreatePostScanJob on one, SendImage on the other
+    within a millisecond of the reply, CancelPostScanJob on the first again.  Not one
+    ClientErrorJobTokenNotFound (the job not yet seen) nor ServerErrorTemporaryError (a
+    decision from an outdated record, refused by the compare-and-set)."""
+    one, two = cluster.clients[0], cluster.clients[2]
+    image = os.urandom(1_000)
+    for n in range(200):
+        maker, sender = (two, one) if n % 2 == 0 else (one, two)
+        token = maker.create(SHARE, root_name=f"ryw{n}")
+        sender.send_image(token, 1, image)
+        maker.dsp_cancel(token)

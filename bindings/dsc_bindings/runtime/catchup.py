@@ -30,6 +30,34 @@ of an image is refused while another instance holds it; a read that answers late
 absorbed.  One reader thread reads for every request waiting (a read starts only after the
 requests it serves arrived), so at most one read waits for the database at a time.
 
+The doorbell (store/pgdoorbell.py) spares most of those reads: every committed change of a job
+row, a tombstone or an uploads row rings ``dsc_jobs`` with ``token:version``.  A request whose
+operation is a listing (``Operation.listing``: GetActiveJobs, GetJobHistory,
+GetRepositoryElements, metadata) skips the read when :meth:`JobCatchUp.fresh`: the listener is
+connected, no ring that may be news came since the last read began, the last read began less
+than :data:`FRESH_SECONDS` ago, and no job waits to be read again.  Why each condition makes
+the skip safe:
+
+- a notification is sent only after its transaction committed, so a ring received before a
+  read began is a change that read sees (its snapshot is later); one received during the read
+  counts for the next;
+- a lost connection loses notifications, so while the listener is down nothing is skipped, and
+  its (re)connect counts as a ring: the read after it is a full catch-up of the feed (the
+  cursor never moves without a read, so nothing committed meanwhile is missed);
+- :data:`FRESH_SECONDS` bounds the staleness of what cannot ring (an instance whose heartbeat
+  lapsed, so its uploads stop counting) and of a connection that died silently (no reset);
+- this instance's own writes ring too, but are no news: a ring whose version is not above the
+  version the table has (:meth:`stamp` records it before the write is sent) is ignored, and so
+  is a drop of a job the table does not hold and an uploads change of this instance;
+- a job whose write failed is read again by the next read whatever the cursor: while one
+  waits, nothing is skipped.
+
+Every other request (a job-addressed one, a write, anything streamed such as SendImage) reads
+first, as before: it reads its own writes whichever instance made them (cluster-design 3.5),
+so a scanner's SendImage on A right after its CreatePostScanJob on B finds the job even when
+A's doorbell is still on the wire.  Listings may lag the other instances by the doorbell's
+latency (docs/architecture.md "Several instances").
+
 With SQLite nothing here runs: the service has no :class:`JobCatchUp`.
 """
 
@@ -46,18 +74,20 @@ from dataclasses import dataclass, replace
 
 from dsc_bindings.runtime.ticket import Ticket
 from dsc_bindings.store.errors import JobChanged, StoreError
-from dsc_bindings.store.interface import JobChanges, VersionedWrite
+from dsc_bindings.store.interface import JobChanges, Rang, VersionedWrite
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.subcodec import decode_subscription
 from dsc_core import Command, CreateJob, Deliver, DropJob, Job, ScanServer, UpdateJob
 from dsc_core.subscription import Subscription
 
-__all__ = ["CATCH_UP_WAIT_SECONDS", "Caught", "JobCatchUp", "RequestReads"]
+__all__ = ["CATCH_UP_WAIT_SECONDS", "FRESH_SECONDS", "Caught", "JobCatchUp", "RequestReads"]
 
 log = logging.getLogger("dsc.store")
 
 #: A request waits this long at most for the other instances' changes (module doc).
 CATCH_UP_WAIT_SECONDS = 2.0
+#: A request skips the read only if the last one began less than this long ago (module doc).
+FRESH_SECONDS = 1.0
 #: A failing catch-up is logged at most this often.
 _LOG_EVERY_SECONDS = 10.0
 
@@ -74,6 +104,9 @@ class Caught:
     #: Subscriptions created or renewed, and ended, since the last read (issue 18 point 3).
     subscriptions: tuple[Subscription, ...] = ()
     subscriptions_ended: tuple[str, ...] = ()
+    #: The doorbell's ring count when the read began, and when it began (time.monotonic).
+    rung: int = 0
+    began: float = float("-inf")
 
 
 class JobCatchUp:
@@ -81,8 +114,17 @@ class JobCatchUp:
     Thread-safe: read in pool threads, stamped and absorbed as the owner, settled by the
     writer."""
 
-    def __init__(self, changes: Callable[[int, frozenset[str]], JobChanges]) -> None:
+    def __init__(
+        self,
+        changes: Callable[[int, frozenset[str]], JobChanges],
+        instance: Callable[[], str] = str,
+        *,
+        fresh_seconds: float = FRESH_SECONDS,
+    ) -> None:
+        self._fresh_seconds = fresh_seconds
         self._changes = changes
+        #: This instance's name in uploads rows (its own uploads ring too).
+        self._instance = instance
         self._lock = threading.Lock()
         self._cursor = 0
         #: token -> the row version of the record the core's table has (or will have once
@@ -94,6 +136,12 @@ class JobCatchUp:
         self._epochs: dict[str, int] = {}
         #: Tokens to read again whatever the cursor (a failed write, or skipped while pending).
         self._stale: set[str] = set()
+        #: The doorbell (module doc): listening, rings that may be news (and reconnects), the
+        #: ring count when the last absorbed read began, and when it began.
+        self._listening = False
+        self._rung = 0
+        self._read_rung = -1
+        self._read_began = float("-inf")
 
     # --- reading (off the owner) --------------------------------------------------------------
 
@@ -101,6 +149,7 @@ class JobCatchUp:
         """Ask the store what changed since the last absorbed read; raises StoreError."""
         with self._lock:
             cursor, stale = self._cursor, frozenset(self._stale)
+            rung, began = self._rung, time.monotonic()
         changes = self._changes(cursor, stale)
         jobs: list[tuple[Job, int]] = []
         for token, version, text in changes.rows:
@@ -127,6 +176,8 @@ class JobCatchUp:
             changes.uploads_elsewhere,
             tuple(subscriptions),
             changes.subscriptions_ended,
+            rung,
+            began,
         )
 
     def seed(self, caught: Caught) -> None:
@@ -136,6 +187,40 @@ class JobCatchUp:
         with self._lock:
             self._cursor = caught.cursor
             self._known = {job.token: version for job, version in caught.jobs}
+            self._read_rung, self._read_began = caught.rung, caught.began
+
+    # --- the doorbell (in its listener's thread) ------------------------------------------------
+
+    def ring(self, rang: Rang | None) -> None:
+        """A change committed somewhere: news unless this instance made it (module doc);
+        None (a payload this server does not know) is news."""
+        with self._lock:
+            if rang is None:
+                news = True
+            elif rang.version is not None:
+                news = rang.version > self._known.get(rang.token, 0)
+            elif rang.dropped:
+                news = rang.token in self._known
+            else:
+                news = rang.upload_instance != self._instance()
+            if news:
+                self._rung += 1
+
+    def heard(self, listening: bool) -> None:
+        """The listener (re)connected, or lost its connection (module doc)."""
+        with self._lock:
+            self._listening = listening
+            self._rung += 1  # whatever was missed meanwhile: the next read is a full catch-up
+
+    def fresh(self) -> bool:
+        """Whether a listing may skip the read (module doc)."""
+        with self._lock:
+            return (
+                self._listening
+                and not self._stale
+                and self._rung == self._read_rung
+                and time.monotonic() - self._read_began < self._fresh_seconds
+            )
 
     # --- as the core's owner ------------------------------------------------------------------
 
@@ -143,6 +228,8 @@ class JobCatchUp:
         """Hand the records newer than the table's to the core (``ScanServer.absorb``)."""
         with self._lock:
             self._cursor = max(self._cursor, caught.cursor)
+            if caught.began > self._read_began:
+                self._read_rung, self._read_began = caught.rung, caught.began
             fresh: list[Job] = []
             for job, version in caught.jobs:
                 token = job.token

@@ -45,9 +45,10 @@ class RequestRuntime:
     clock: Callable[[], datetime]
     observer: ServiceObserver
     #: A shared store (issue 18, runtime/catchup.py): start reading what other instances
-    #: changed, off the owner (a ticket); then, as the owner, hand it to the core.  None with
-    #: SQLite: nothing to catch up with.
-    catch_up: tuple[Callable[[], Ticket], Callable[[Ticket], None]] | None = None
+    #: changed, off the owner (a ticket; the argument: whether the request needs current
+    #: rows, False lets a listing skip the read while the doorbell is quiet); then, as the
+    #: owner, hand it to the core.  None with SQLite: nothing to catch up with.
+    catch_up: tuple[Callable[[bool], Ticket], Callable[[Ticket], None]] | None = None
 
 
 def directory_answers(ticket: Ticket) -> DirectoryAnswers:
@@ -86,9 +87,11 @@ class ServiceRequest:
         already decided (the fault of R4 step 9) and ``finish`` returns it."""
         if self._done or self._failed is not None or not data:
             return None
-        if not self._caught_up:
-            return self._catch_up(lambda: self.feed(data))
         exchange = self._exchange
+        if not self._caught_up and exchange.streamed:
+            # A streamed body (SendImage) emits document commands while it is fed: the rows
+            # first (its cost is nothing beside the image's).
+            return self._catch_up(lambda: self.feed(data), needed=True)
         commands = self._run.owner.call(lambda: exchange.feed(data))
         # One batch of this exchange in flight at a time, and the caller does not wait for
         # the batch it just handed over: the next piece of the body is read while this one
@@ -117,7 +120,10 @@ class ServiceRequest:
         if self._done and self._failed is None:
             raise RuntimeError("finish() after abort()")
         if not self._caught_up and self._failed is None:
-            return self._catch_up(self.finish)
+            # A plain body was only buffered so far: whether the answer needs current rows
+            # is known now (a listing may skip the read, runtime/catchup.py).
+            needed = self._run.owner.call(self._exchange.current_jobs_needed)
+            return self._catch_up(self.finish, needed=needed)
         last = self._last
         if self._failed is None and last is not None:
             if not last.done:  # the body's last piece is still being written
@@ -167,14 +173,15 @@ class ServiceRequest:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _catch_up(self, resume: Callable[[], T]) -> T | Wait:
-        """Before the exchange's first core call: the other instances' changes into the core's
-        table (runtime/catchup.py), then ``resume``.  A read that failed or took too long
-        leaves the table as it is (its writes are still compare-and-set)."""
+    def _catch_up(self, resume: Callable[[], T], *, needed: bool) -> T | Wait:
+        """Before the exchange's first core call that may read jobs: the other instances'
+        changes into the core's table (runtime/catchup.py), then ``resume``.  A read that
+        failed or took too long leaves the table as it is (its writes are still
+        compare-and-set)."""
         self._caught_up = True
         assert self._run.catch_up is not None
         begin, absorb = self._run.catch_up
-        ticket = begin()
+        ticket = begin(needed)
 
         def caught() -> T | Wait:
             absorb(ticket)

@@ -73,7 +73,7 @@ from dsc_bindings.runtime.writer import CommandWriter, Routes, Writable
 from dsc_bindings.store.backends import StorageSettings, open_job_store
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
-from dsc_bindings.store.interface import JobStore, VersionedWrite
+from dsc_bindings.store.interface import Closable, JobStore, VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.split import SplitStore
 from dsc_core import (
@@ -191,6 +191,7 @@ class ScanService:
         self._outbox: OutboxPump | None = None
         #: A shared store with a cluster (issue 18 point 2): the job leases (.leasing).
         self._leases: LeaseKeeper | None = None
+        self._doorbell: Closable | None = None
         self._requests = RequestRuntime(
             self.owner,
             self.submit,
@@ -329,10 +330,19 @@ class ScanService:
         if not (isinstance(store, SplitStore) and store.shared):
             self._requests = dataclasses.replace(self._requests, catch_up=None)
             return store.load_jobs()
-        catch_up = self._catch_up = JobCatchUp(store.job_changes)
+        records = store.records
+        catch_up = self._catch_up = JobCatchUp(
+            store.job_changes, lambda: getattr(records, "instance", "")
+        )
         self._reads = RequestReads(
             catch_up, lambda caught: self.owner.soon(functools.partial(self._absorb, caught))
         )
+        # Listening before the seed read: every change after it rings, every one before is in
+        # the read (.catchup).
+        try:
+            self._doorbell = store.listen(catch_up.ring, catch_up.heard)
+        except StoreError as exc:
+            log.warning("no job doorbell (%s): every request reads the job feed", exc.message)
         caught = self._seed = catch_up.read()
         jobs = store.load_jobs()
         catch_up.seed(caught)
@@ -450,6 +460,8 @@ class ScanService:
             self._reads.close()
         if self._outbox is not None:
             self._outbox.stop()  # hands nothing more; the hub finishes what it holds
+        if self._doorbell is not None:
+            self._doorbell.close()
         self._hub.close(min(SHUTDOWN_DELIVERY_SECONDS, max(0.0, timeout)))
         if self._outbox is not None:
             self._outbox.release()
@@ -619,10 +631,14 @@ class ScanService:
 
     # --- other instances of a shared store (issue 18, .catchup) ------------------------------
 
-    def _begin_catch_up(self) -> Ticket:
+    def _begin_catch_up(self, needed: bool) -> Ticket:
         """Read what other instances changed, off the owner, waited for at most
-        ``catchup.CATCH_UP_WAIT_SECONDS``; the ticket's value is a Caught, if read in time."""
-        if self._reads is None:
+        ``catchup.CATCH_UP_WAIT_SECONDS``; the ticket's value is a Caught, if read in time.
+        A request that does not need current rows (a listing) skips the read while the
+        doorbell says nothing changed (JobCatchUp.fresh)."""
+        if self._reads is None or self._catch_up is None:
+            return Ticket.completed()
+        if not needed and self._catch_up.fresh():
             return Ticket.completed()
         return self._reads.begin()
 

@@ -13,6 +13,7 @@ are durable), restores the jobs at start and hands the processing engine its doc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -106,6 +107,23 @@ class JobChanges:
     subscriptions_ended: tuple[str, ...] = ()
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rang:
+    """One ring of the job feed's doorbell (store/pgdoorbell.py): which job changed, and how."""
+
+    token: str
+    #: The row's new version (a job row written).
+    version: int | None = None
+    #: The row was deleted (a tombstone written).
+    dropped: bool = False
+    #: The instance whose uploads row of the job changed ("" for neither).
+    upload_instance: str = ""
+
+
 class JobRecords(Protocol):
     """The job table.  Every method raises only :class:`StoreError`."""
 
@@ -176,6 +194,12 @@ class SharedJobRecords(JobRecords, Protocol):
 
     def enqueue(self, events: tuple[Deliver, ...]) -> None:
         """Outbox rows for notifications not caused by a job record write (ring the bell)."""
+
+    def listen(
+        self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]
+    ) -> Closable:
+        """Start the feed's doorbell (store/pgdoorbell.py): ``ring`` per change committed by
+        anyone, ``heard`` the listener's state; close it before the records."""
 
 
 class Spool(Protocol):

@@ -54,7 +54,14 @@ import psycopg_pool
 from psycopg import conninfo
 
 from dsc_bindings.store.errors import JobChanged, StoreError, as_store_error
-from dsc_bindings.store.interface import JobChanges, PoolStats, StoredRecord, VersionedWrite
+from dsc_bindings.store.interface import (
+    JobChanges,
+    PoolStats,
+    Rang,
+    StoredRecord,
+    VersionedWrite,
+)
+from dsc_bindings.store.pgdoorbell import PgDoorbell
 from dsc_bindings.store.pgoutbox import OutboxRows
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core.commands import CreateJob, Deliver, DropJob, UpdateJob
@@ -77,7 +84,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -214,6 +221,34 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             name         text NOT NULL,
             PRIMARY KEY (token, filter_index, folder, document_id)
         )""",
+    ),
+    (
+        # The job feed's doorbell (issue 18, store/pgdoorbell.py): every change of a job row, a
+        # tombstone or an uploads row sends NOTIFY dsc_jobs from the statement that made it, so
+        # from its transaction (delivered at its commit, never if it rolls back).  A trigger,
+        # not the runtime's statements: every writer rings, tools (dsc db migrate) included.
+        # The payload is tiny (NOTIFY refuses 8,000 bytes): "<token>:<version>",
+        # "<token>:dropped", "<token>:upload.<instance>".  A job row rings only when its version
+        # changes (a lease renewal is no change of the job, schema 7).
+        """CREATE FUNCTION dsc_jobs_doorbell() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_TABLE_NAME = 'jobs' THEN
+                PERFORM pg_notify('dsc_jobs', NEW.token || ':' || NEW.version);
+            ELSIF TG_TABLE_NAME = 'job_tombstones' THEN
+                PERFORM pg_notify('dsc_jobs', NEW.token || ':dropped');
+            ELSIF TG_OP = 'DELETE' THEN
+                PERFORM pg_notify('dsc_jobs', OLD.token || ':upload.' || OLD.instance);
+            ELSE
+                PERFORM pg_notify('dsc_jobs', NEW.token || ':upload.' || NEW.instance);
+            END IF;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER jobs_doorbell AFTER INSERT OR UPDATE OF version ON jobs
+            FOR EACH ROW EXECUTE FUNCTION dsc_jobs_doorbell()""",
+        """CREATE TRIGGER job_tombstones_doorbell AFTER INSERT OR UPDATE ON job_tombstones
+            FOR EACH ROW EXECUTE FUNCTION dsc_jobs_doorbell()""",
+        """CREATE TRIGGER uploads_doorbell AFTER INSERT OR UPDATE OR DELETE ON uploads
+            FOR EACH ROW EXECUTE FUNCTION dsc_jobs_doorbell()""",
     ),
 )
 
@@ -717,6 +752,17 @@ class PostgresRecords:
                     self._feed.close()
                     self._feed = None
                 raise as_store_error(what, exc, is_temporary_pg(exc)) from exc
+
+    def listen(
+        self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]
+    ) -> PgDoorbell:
+        """Start the feed's doorbell on a connection of its own (store/pgdoorbell.py); without
+        a DSN (records opened on a bare pool) it never hears anything: ``heard(False)``."""
+        if self._feed_dsn is None:
+            heard(False)
+            raise StoreError("the job doorbell needs the database's DSN", temporary=False)
+        password_file = self._feed_password
+        return PgDoorbell(self._feed_dsn, lambda: connection_kwargs(password_file), ring, heard)
 
     def _prune(self) -> None:
         now = time.monotonic()

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Self, cast
 from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
 from dsc_bindings.store.interface import (
+    Closable,
     JobChanges,
     JobRecords,
+    Rang,
     SharedJobRecords,
     Spool,
     Storable,
@@ -197,6 +199,12 @@ class SplitStore:
         if outbox is None:
             raise StoreError("these job records have no outbox", temporary=False)
         return cast("OutboxRows", outbox())
+
+    def listen(
+        self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]
+    ) -> Closable:
+        """The feed's doorbell (SharedJobRecords.listen)."""
+        return self._shared().listen(ring, heard)
 
     def join(self, instance: str) -> None:
         """Name this run's uploads rows by its id in the cluster's ``instances`` table, so that
