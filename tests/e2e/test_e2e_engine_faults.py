@@ -240,3 +240,37 @@ def test_s3_full_answers_500_and_the_upload_is_undone(
         assert "InternalError" in server.log
         client.dsp_cancel(token)
         server.stop_cleanly()
+
+
+def test_the_job_doorbell_listens_again_after_a_postgresql_restart(
+    start_server: StartServer, tmp_path: Path, own_pg: PgCluster, s3: S3Server
+) -> None:
+    """Two instances; PostgreSQL restarts, cutting every listener (runtime/catchup.py,
+    store/pgdoorbell.py): the instance says so, listens again by itself, and a job created on
+    the other instance right after the restart (perhaps before it listened again: then no
+    notification ever reaches it) is in its listings and takes its images."""
+    config = config_for(tmp_path, own_pg, s3)
+    here = start_server(config=config)
+    there = start_server(config=config, data=tmp_path / "there")
+    own_pg.stop("immediate")
+    try:
+        wait_for(lambda: "the job doorbell is not heard" in here.log, 20, "the lost listener")
+    finally:
+        own_pg.start()
+    token = wait_for(lambda: _created_or_none(Soap(there.url)), 30, "a job made after restart")
+    wait_for(lambda: "listening to the job doorbell again" in here.log, 30, "the listener back")
+    client = Soap(here.url)
+    wait_for(lambda: token in [j.token for j in client.active()], 10, "the job in the listing")
+    client.send_image(token, 1, os.urandom(10_000))
+    client.dsp_cancel(token)
+
+
+def _created_or_none(client: Soap) -> str | None:
+    """A new job, or None while the instance still answers ServerErrorTemporaryError (its
+    pool reconnecting after the restart)."""
+    try:
+        return client.create(share())
+    except dc.ClientFault as fault:
+        if fault.subcode != TEMPORARY:
+            raise
+        return None
