@@ -2,7 +2,7 @@
 connection of its own, in a thread of its own.
 
 Every change of a job row, a tombstone or an ``uploads`` row sends ``NOTIFY dsc_jobs`` from
-the transaction that made it (a trigger, postgresql.py schema 6), so a notification arrives
+the transaction that made it (a trigger, postgresql.py schema 8), so a notification arrives
 only after its change committed, and never for a change rolled back.  The doorbell is only a
 hint that the feed (``PostgresRecords.changes``) has something: the payload names the job,
 never its record (NOTIFY refuses payloads of 8,000 bytes).
@@ -31,7 +31,7 @@ __all__ = ["CHANNEL", "RECONNECT_MAX_SECONDS", "PgDoorbell", "parse_ring"]
 
 log = logging.getLogger("dsc.store")
 
-#: The channel every job change is announced on (postgresql.py, schema 6).
+#: The channel every job change is announced on (postgresql.py, schema 8).
 CHANNEL = "dsc_jobs"
 #: The listener waits at most this long between reconnection attempts.
 RECONNECT_MAX_SECONDS = 2.0
