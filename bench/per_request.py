@@ -10,7 +10,9 @@ process, without sockets or a scheduler, by
 - ``async``: the h11 driver of the async binding (``http.driver.HttpConnection``) in front of
   the service and core that ``dsc serve`` composes (its Calls run inline, as on the loop);
 - ``asgi``: the ASGI app (``dsc_bindings.asgi.create_app``) on uvloop, the body in one
-  ``http.request`` message, as uvicorn gives a small request.
+  ``http.request`` message, as uvicorn gives a small request;
+- ``core``: the core alone (``dsc_core``, as tests/core drives it): an exchange opened, fed
+  the body and ended, as the bindings call it (no store: a read has no command to carry out).
 
 Printed per request: Python function calls (cProfile; repeatable to the call) and thread CPU
 time (min/median of 5 runs; noisy on a shared machine).  ``--callgrind OP`` runs only OP's
@@ -180,6 +182,30 @@ async def asgi_app(data: Path, stack: Any) -> Binding:
     return Binding(create, sync)
 
 
+async def core_alone() -> Binding:
+    """One request through the core's exchange: open, feed, end (what the service calls)."""
+    from datetime import UTC, datetime
+
+    from dsc_bindings.runtime.clock import new_uuid
+    from dsc_core import RequestInfo, ScanServer, ServerConfig
+
+    server = ScanServer(ServerConfig(), new_id=new_uuid)
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    content_type = CONTENT_TYPE.decode()
+
+    def sync(body: bytes) -> bytes:
+        info = RequestInfo(now, content_type, None, "/ScanServer", "127.0.0.1")
+        exchange = server.open_exchange(info)
+        exchange.feed(body)
+        outcome = exchange.end(now)
+        return outcome.reply.body
+
+    async def create(body: bytes) -> bytes:
+        return sync(body)
+
+    return Binding(create, sync)
+
+
 async def measure(args: argparse.Namespace) -> None:
     import contextlib
 
@@ -188,6 +214,8 @@ async def measure(args: argparse.Namespace) -> None:
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsc-count-")))
         if args.binding == "asgi":
             binding = await asgi_app(data, stack)
+        elif args.binding == "core":
+            binding = await core_alone()
         else:
             binding = await async_binding(data)
         token = token_of(await binding.create(create_request()))
@@ -222,7 +250,7 @@ async def measure(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--binding", choices=("async", "asgi"), default="async")
+    parser.add_argument("--binding", choices=("async", "asgi", "core"), default="async")
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement")
     parser.add_argument(
         "--callgrind",

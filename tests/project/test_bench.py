@@ -136,7 +136,7 @@ def test_asgi_bench_runs() -> None:
     assert "== targets" in result.stdout and "| GetPostScanJobElements | t1c8 |" in result.stdout
 
 
-@pytest.mark.parametrize("binding", ["async", "asgi"])
+@pytest.mark.parametrize("binding", ["async", "asgi", "core"])
 def test_per_request_counts_run(binding: str) -> None:
     """``bench/per_request.py`` (issue 20): both requests through the h11 driver and through
     the ASGI app in process, each answered (the script checks the reply), calls and CPU per
