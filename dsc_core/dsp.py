@@ -15,6 +15,7 @@ from .args import Args, Item, request_element
 from .commands import Command, FinishDocument, JobInput
 from .config import reserved_slots
 from .directory import Lookups
+from .fast_init import fast_init
 from .instructions import PostScanInstructions, read_post_scan_instructions
 from .model import DOCUMENT_FORMATS, Document, Job, JobState, JobStateReason
 from .operation import Operation, OpResult, Request, Upload, change, find_job, reply_budget
@@ -319,6 +320,7 @@ def cancel_post_scan_job(request: Request, token: str) -> OpResult:
 _JOB_ELEMENTS = (Item("JobToken"), Item("RequestedElements"))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class JobElementsArgs:
     token: str

@@ -38,6 +38,7 @@ from . import faults, names, soap
 from .commands import Command, JobInput
 from .config import ServerConfig
 from .directory import Lookups
+from .fast_init import fast_init
 from .lifecycle import Refused
 from .model import Job
 from .state import ServerState
@@ -68,6 +69,7 @@ class Upload:
         return (self.token, self.document_id)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Request:
     """One request being handled, as its operation sees it."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from . import faults, names
+from .fast_init import fast_init
 from .xmlread import Element, children, split, trimmed
 
 _TRUE = ("true", "1")
@@ -20,6 +21,7 @@ _UNDERSTOOD_WSA = frozenset(
 )
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Addressing:
     """The message information headers of a request."""
@@ -45,6 +47,7 @@ class Addressing:
         return names.FAULT_ACTION10 if self.wsa_ns == names.WSA10 else names.FAULT_ACTION
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Envelope:
     root: Element

@@ -9,8 +9,10 @@ from datetime import datetime
 from .commands import Command
 from .directory import DirectoryAnswers
 from .errors import UsageError
+from .fast_init import fast_init
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     """What the transport knows about a request before its body arrives."""
@@ -37,6 +39,7 @@ class RequestInfo:
             raise UsageError("RequestInfo.now must be timezone-aware (R6: explicit UTC offset)")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Reply:
     """The HTTP answer: status, content type and body."""
@@ -46,6 +49,7 @@ class Reply:
     body: bytes
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A reply plus the commands to carry out, in order, before sending it."""

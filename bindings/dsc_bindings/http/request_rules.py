@@ -23,6 +23,7 @@ from dsc_bindings.runtime.peer import Peer
 from dsc_core import Limits, Reply
 from dsc_core.config import max_request_bytes
 from dsc_core.content_type import soap_media_type_refusal
+from dsc_core.fast_init import fast_init
 
 __all__ = [
     "SERVER_NAME",
@@ -52,6 +53,7 @@ class Rejection:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RequestHead:
     """The parts of a request head the rules read (raw header values, None when absent)."""
@@ -122,6 +124,7 @@ class Answered:
     refused: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Opened:
     """Carry the request out: ``opener`` opens the service request (body fed to it, its

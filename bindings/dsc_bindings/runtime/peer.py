@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsc_core.fast_init import fast_init
+
 __all__ = ["UNKNOWN_PEER", "Peer"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A client address: ``host`` is the IP address as the socket gave it (IPv6 without
