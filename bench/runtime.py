@@ -208,7 +208,9 @@ def wrk_run(
     port: int, body_file: Path, connections: int, seconds: float, threads: int = 1
 ) -> WrkResult:
     """One wrk run posting ``body_file`` over keep-alive (``threads`` client threads)."""
-    script = body_file.with_suffix(".lua")
+    # A script of its own: runs at once on one body (bench/asgi.py --quick) must not read
+    # each other's half-written file (wrk then sends a GET).
+    script = body_file.with_suffix(f".{uuid.uuid4().hex[:8]}.lua")
     script.write_text(
         "wrk.method = 'POST'\n"
         f"local f = io.open('{body_file}', 'rb')\n"
@@ -231,6 +233,7 @@ def wrk_run(
         text=True,
         timeout=seconds + 60,
     ).stdout
+    script.unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

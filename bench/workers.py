@@ -31,8 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from asgi import checked_reply, request_body, spread  # noqa: E402
-from runtime import wrk_run  # noqa: E402
+from asgi import checked_reply, request_body, spread, wrk_round  # noqa: E402
 
 from e2e_support import LISTENING, ServerProcess  # noqa: E402
 from engines_support import PgCluster, postgres_bin  # noqa: E402
@@ -90,8 +89,8 @@ def measure(args: argparse.Namespace, tmp: Path, pg: PgCluster) -> dict[str, Any
             for conns in args.connections:
                 runs: dict[int, list[Run]] = {n: [] for n in WORKERS}
                 for _ in range(args.rounds):
-                    for n, server in servers.items():
-                        done = wrk_run(server.port, bodies[n], conns, args.seconds, threads)
+                    targets = {n: (server.port, bodies[n]) for n, server in servers.items()}
+                    for n, done in wrk_round(args, targets, conns, threads).items():
                         runs[n].append(Run(done.rps, done.p99 * 1000, done.non_2xx))
                 results[f"t{threads}c{conns}"] = runs
                 print_table(threads, conns, runs)
@@ -118,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="wrk against dsc serve --workers 1 and --workers 2 on PostgreSQL"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s, -t1 -c8")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 round of 1 s, -t1 -c8, both servers at once (no measurement)",
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="wrk -t values")

@@ -181,8 +181,8 @@ def test_storage_bench_runs() -> None:
         [
             sys.executable,
             str(ROOT / "bench" / "storage.py"),
-            *("--image-mb", "6", "--jobs", "10", "--uploads", "1,2"),
-            *("--upload-mb", "6", "--commits", "10", "--runs", "1"),
+            *("--image-mb", "1", "--jobs", "4", "--uploads", "2"),
+            *("--upload-mb", "1", "--commits", "3", "--runs", "1"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -193,7 +193,7 @@ def test_storage_bench_runs() -> None:
     assert "| commit PostgreSQL / SQLite |" in result.stdout or result.stdout.startswith(
         "skipped: "
     ), result.stdout
-    assert "2 concurrent 6 MB uploads to S3: peak RSS (MiB)" in result.stdout or (
+    assert "2 concurrent 1 MB uploads to S3: peak RSS (MiB)" in result.stdout or (
         result.stdout.startswith("skipped: ")
     ), result.stdout
 
