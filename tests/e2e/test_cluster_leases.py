@@ -74,13 +74,16 @@ class Pair:
         return sum(1 for upload in self.site.uploads if upload.complete)
 
 
-@pytest.fixture
-def pair(tmp_path: Path, pg: PgCluster, s3: S3Server) -> Iterator[Pair]:
-    site = SharePointSite(read_size=64 * 1024, delay=0.02)
-    share = tmp_path / "share"
+@pytest.fixture(scope="module")
+def started_pair(
+    tmp_path_factory: pytest.TempPathFactory, pg: PgCluster, s3: S3Server
+) -> Iterator[Pair]:
+    folder = tmp_path_factory.mktemp("leases")
+    site = SharePointSite(read_size=64 * 1024, delay=0.01)
+    share = folder / "share"
     share.mkdir()
-    secret = secret_file(tmp_path, S3_SECRET_KEY)
-    config = tmp_path / "dsc.toml"
+    secret = secret_file(folder, S3_SECRET_KEY)
+    config = folder / "dsc.toml"
     config.write_text(
         "[cluster]\nheartbeat_seconds = 0.3\nlease_seconds = 2\n\n"
         f"[shares]\n'\\\\localhost\\scans' = \"{share}\"\n\n"
@@ -92,14 +95,23 @@ def pair(tmp_path: Path, pg: PgCluster, s3: S3Server) -> Iterator[Pair]:
     )
     try:
         with started_servers() as keep:
-            a = keep(ServerProcess(tmp_path / "a", config=config))
-            b = keep(ServerProcess(tmp_path / "b", config=config))
+            a = keep(ServerProcess(folder / "a", config=config))
+            b = keep(ServerProcess(folder / "b", config=config))
             yield Pair(a, b, share, site)
-            for server in (a, b):
-                if server.proc is not None and server.alive:
-                    os.kill(server.pid, signal.SIGCONT)  # a frozen one must hear SIGTERM
     finally:
         site.close()
+
+
+@pytest.fixture
+def pair(started_pair: Pair) -> Iterator[Pair]:
+    """Both instances up and the site's uploads forgotten, before and after each test."""
+    started_pair.site.uploads.clear()
+    yield started_pair
+    for server in (started_pair.a, started_pair.b):
+        if server.alive:
+            os.kill(server.pid, signal.SIGCONT)  # a frozen one must hear SIGTERM
+        else:
+            server.start()
 
 
 def test_a_killed_instance_s_job_is_rescued_and_delivered_once(pair: Pair) -> None:
