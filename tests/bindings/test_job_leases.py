@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
+from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
 from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
+from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
 from dsc_core.model import JobState
@@ -258,3 +261,34 @@ def test_the_keeper_stops_its_filters_before_a_lease_it_cannot_renew_ends(
     # Once the next beat would come after the lease ended, the filters stop.
     wait_for(beaten, 10, "the filters to stop", interval=0.1)
     assert stopped == ["j"] and not keeper.holds("j")
+
+
+def test_delivery_records_are_read_by_a_rescuer_and_fenced(
+    dsn: str, records: PostgresRecords
+) -> None:
+    """The file share's journal in filter_deliveries: what a run recorded is what a rescuer
+    on another host reads; a run whose lease was lost records and places nothing more."""
+    pending(records, "j")
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    epoch = a.claim("j")
+    assert epoch is not None
+    first = PgDeliveryJournal(records.database, "j", 0, (a.owner, epoch))
+    first.check()
+    first.add(PurePath("/share/alice"), 1, 1, "scan_0001.png")
+    expire(dsn, "j")
+    [rescued] = b.rescue(1)
+    with pytest.raises(DeliveryRefused):
+        first.check()
+    with pytest.raises(DeliveryRefused):
+        first.add(PurePath("/share/alice"), 2, 2, "scan_0002.png")
+    rescuer = PgDeliveryJournal(records.database, "j", 0, (b.owner, rescued.epoch))
+    assert rescuer.get(PurePath("/share/alice"), 1) == (1, "scan_0001.png")
+    assert rescuer.get(PurePath("/share/alice"), 2) is None  # the refused one left no record
+    assert rescuer.names_in(PurePath("/share/alice")) == {"scan_0001.png"}
+    assert (
+        PgDeliveryJournal(records.database, "j", 1, None).get(PurePath("/share/alice"), 1) is None
+    )
+    with pytest.raises(DeliveryRefused):  # no lease held: nothing is delivered
+        PgDeliveryJournal(records.database, "j", 0, None).check()
+    records.drop("j")  # the records go with the job
+    assert PgDeliveryJournal(records.database, "j", 0, None).done == {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def never_raises(run: DeliveringRun) -> FilterRun:
         delivered = Deliveries(job, filter_index)
         try:
             outcome = run(job, filter_index, documents, settings, cancelled, delivered)
-        except Cancelled:
+        except (Cancelled, DeliveryRefused):
             outcome = FilterOutcome.canceled()
         except Exception:
             log.exception("filter %s of job %s failed unexpectedly", filter_index, job.token)

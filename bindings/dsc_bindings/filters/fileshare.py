@@ -26,7 +26,7 @@ from dsc_bindings.filters.common import (
 from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sharefolder import open_share_folder
 from dsc_bindings.filters.sharefs import ExistingFile, NewFile, ShareFolder
-from dsc_bindings.filters.sharejournal import ResumeJournal
+from dsc_bindings.filters.sharejournal import DeliveryJournal, ResumeJournal
 from dsc_bindings.filters.smbfolder import SmbConnectionLost, open_smb_folder
 from dsc_core.model import Document, FileShareInstructions, FilterStateReason, Job
 
@@ -185,7 +185,8 @@ def _deliver(
     cancelled: threading.Event,
     delivered: Deliveries,
 ) -> None:
-    journal = ResumeJournal.of(job, documents, filter_index)
+    journal_of = settings.journal_of or ResumeJournal.of
+    journal = journal_of(job, documents, filter_index)
     with opened as folder:
         counter = 0
         for document, source in documents:
@@ -268,7 +269,7 @@ def _copy_one(
     job: Job,
     document: Document,
     counter: int,
-    journal: ResumeJournal,
+    journal: DeliveryJournal,
     settings: FilterSettings,
     cancelled: threading.Event,
 ) -> int:
@@ -323,6 +324,9 @@ def _copy_one(
             _unlink_quietly(folder, tmp)  # never leave a truncated document behind
             raise
         new.close()
+    # A run whose lease went to another instance gives nothing a final name (issue 18 point 2);
+    # its temporary file is left for the rescuer, which writes its own afresh.
+    journal.check()
     try:
         counter, name = _place(folder, tmp, delivery, counter)
     except BaseException:
@@ -361,7 +365,11 @@ def _linked_name(folder: ShareFolder, tmp: str, delivery: _Delivery, chunk_size:
 
 
 def _unjournaled_copy(
-    folder: ShareFolder, delivery: _Delivery, counter: int, journal: ResumeJournal, chunk_size: int
+    folder: ShareFolder,
+    delivery: _Delivery,
+    counter: int,
+    journal: DeliveryJournal,
+    chunk_size: int,
 ) -> str | None:
     """With a damaged journal: the copy of this document an earlier run placed and lost the
     line of, if any (a name from ``counter`` on that no other document of the job claims)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from dsc_bindings.filters.sharejournal import JournalOf
 from dsc_bindings.filters.sites import SitePrefix, SiteUrl
 from dsc_bindings.filters.smbsettings import SmbSettings
 
@@ -70,6 +71,9 @@ class FilterSettings:
     #: The directory's ``mail`` of a user (R14), asked before the table above; None: no
     #: directory.  Called from the engine's worker threads.
     directory_mail: Callable[[str], str | None] | None = field(default=None, compare=False)
+    #: Where the file share filter records its deliveries (sharejournal.JournalOf); None: the
+    #: journal file beside the job's documents.  A shared store sets its own (issue 18).
+    journal_of: JournalOf | None = field(default=None, compare=False)
 
     # SharePoint (HTTP PUT).
     sharepoint_timeout: float = 60.0

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path, PurePath
+from typing import Protocol
 
 from dsc_bindings.durable import write_all
 from dsc_core.model import Document, Job
@@ -23,6 +25,42 @@ log = logging.getLogger(__name__)
 
 #: What one damaged line can raise while it is decoded (bad UTF-8 is a ValueError too).
 _DAMAGE = (ValueError, KeyError, TypeError, ArithmeticError, RecursionError)
+
+
+class DeliveryJournal(Protocol):
+    """What the file share filter records of its deliveries (R13: a re-run delivers nothing
+    twice).  Two kinds: :class:`ResumeJournal`, a file beside the job's documents (one
+    server), and with a shared store the ``filter_deliveries`` rows (store/pgdeliveries.py),
+    which a rescuer on another host reads too (issue 18 point 2)."""
+
+    #: Some records could not be read: delivered documents are recognised on the share.
+    damaged: bool
+
+    def get(self, directory: PurePath, document_id: int) -> tuple[int, str] | None:
+        """(counter, file name) of a document already delivered to ``directory``."""
+        ...
+
+    def names_in(self, directory: PurePath) -> set[str]:
+        """The file names already recorded in ``directory``."""
+        ...
+
+    def check(self) -> None:
+        """Raise :class:`DeliveryRefused` when this run may no longer deliver (its lease was
+        lost): called before a file takes its final name."""
+        ...
+
+    def add(self, directory: PurePath, document_id: int, counter: int, name: str) -> None:
+        """Record a delivery (durably, before the next document); DeliveryRefused as check."""
+        ...
+
+
+class DeliveryRefused(Exception):
+    """This run of the filter no longer holds the job (its lease went to another instance):
+    it must deliver nothing more (issue 18 point 2, fencing)."""
+
+
+#: Which journal a run of the file share filter keeps: (job, its documents, filter index).
+JournalOf = Callable[[Job, list[tuple[Document, Path]], int], DeliveryJournal]
 
 
 class ResumeJournal:
@@ -85,6 +123,9 @@ class ResumeJournal:
     def get(self, directory: PurePath, document_id: int) -> tuple[int, str] | None:
         return self.done.get((str(directory), document_id))
 
+    def check(self) -> None:
+        """One server: nobody else runs this job's filters."""
+
     def names_in(self, directory: PurePath) -> set[str]:
         """The file names already recorded in ``directory`` (each belongs to one document)."""
         key = str(directory)
@@ -113,4 +154,4 @@ class ResumeJournal:
         self._needs_newline = False
 
 
-__all__ = ["ResumeJournal"]
+__all__ = ["DeliveryJournal", "DeliveryRefused", "JournalOf", "ResumeJournal"]

@@ -75,6 +75,12 @@ class LeaseKeeper:
         with self._lock:
             return dict(self._held)
 
+    def lease_of(self, token: str) -> tuple[str, int] | None:
+        """(owner, epoch) of the lease held on ``token``: what its delivery records carry."""
+        with self._lock:
+            epoch = self._held.get(token)
+        return None if epoch is None else (self.owner, epoch)
+
     def holds(self, token: str) -> bool:
         with self._lock:
             return token in self._held

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 
 from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.filters.sharejournal import JournalOf
 from dsc_bindings.runtime.catchup import Caught, JobCatchUp, RequestReads
 from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
@@ -75,6 +76,7 @@ from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import Closable, JobStore, VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
+from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.split import SplitStore
 from dsc_core import (
     Command,
@@ -148,6 +150,8 @@ class ScanService:
         self.data_dir = Path(data_dir)
         #: The user directory (R14), or None: the core's tables are used.
         self.directory = directory
+        #: A shared store: the file share's delivery records are rows (set at start).
+        self._journal_of: JournalOf | None = None
         self.filter_settings = self._with_directory(filter_settings)
         self.clock = clock
         self.server = ScanServer(config, new_id=new_id)
@@ -390,6 +394,15 @@ class ScanService:
             name_of=self._instance_name,
         )
         keeper.start()
+        database = records.database
+
+        def journal_of(job: Job, documents: object, filter_index: int) -> PgDeliveryJournal:
+            return PgDeliveryJournal(database, job.token, filter_index, keeper.lease_of(job.token))
+
+        self._journal_of = journal_of
+        self.filter_settings = self._with_directory(self.filter_settings)
+        if self._engine is not None:
+            self._engine.set_settings(self.filter_settings)
         return keeper
 
     def _instance_name(self, instance_id: str) -> str:
@@ -599,7 +612,10 @@ class ScanService:
         return reply
 
     def _with_directory(self, settings: FilterSettings) -> FilterSettings:
-        """SendToScanUser's address comes from the directory when there is one (R14)."""
+        """SendToScanUser's address comes from the directory when there is one (R14); with
+        leases the file share records its deliveries in the database (issue 18 point 2)."""
+        if self._journal_of is not None:
+            settings = dataclasses.replace(settings, journal_of=self._journal_of)
         if self.directory is None:
             return settings
         return dataclasses.replace(settings, directory_mail=self.directory.mail_of)

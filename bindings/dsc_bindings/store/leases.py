@@ -29,8 +29,10 @@ so renewals are not changes the other instances read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dsc_bindings.store.postgresql import PgDatabase
+if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported where it is chosen
+    from dsc_bindings.store.postgresql import PgDatabase
 
 __all__ = ["JobLeases", "Renewal", "Rescued"]
 
