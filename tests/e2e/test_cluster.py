@@ -8,6 +8,7 @@ Short settings keep each test to seconds: a heartbeat every 0.2 s, a lease of 1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from aiosmtpd.controller import Controller
 
 from dsc_core import client as dc
 from dsc_core import names
-from dsc_core.model import FileShareInstructions
-from e2e_support import ServerProcess, Soap, dsc
+from dsc_core.model import EmailInstructions, FileShareInstructions
+from e2e_support import Relay, ServerProcess, Soap, dsc, free_port
 from test_delivery import Healthy, subscribe
 from test_observe_e2e import get
 from waiting import wait_for
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from engines_support import PgCluster
 
 LOCAL_SHARE = r"\\localhost\scans"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
 
 
 def cluster_config(tmp_path: Path, dsn: str, extra: str = "") -> Path:
@@ -83,7 +86,8 @@ def test_heartbeats_a_killed_instance_goes_down_and_the_leader_fails_over(
     assert rows[first.pid]["state"] == rows[second.pid]["state"] == "up", rows
     assert rows[first.pid]["leader"] and not rows[second.pid]["leader"], rows
     assert rows[first.pid]["address"] == first.url.removesuffix("/ScanServer"), rows
-    assert rows[first.pid]["leases_held"] is None and rows[first.pid]["outbox_lag"] is None
+    assert rows[first.pid]["leases_held"] == 0, rows
+    assert rows[first.pid]["outbox_lag"] == {"rows": 0, "oldest_seconds": None}, rows
     # The heartbeat goes on: its age stays within the lease while the rows are read again.
     ages = [by_pid(config)[second.pid]["heartbeat_age"] for _ in range(5)]
     assert all(age < 1.5 for age in ages), ages
@@ -188,10 +192,11 @@ def test_cluster_status_table_and_the_sqlite_refusal(
         "lag",
     ], run.out
     assert line.split()[:2] == ["dsc-a", server.url.removesuffix("/ScanServer")], run.out
-    assert line.split()[-6:] == ["s", "ago", "up", "leader", "-", "-"], run.out
+    assert line.split()[-6:] == ["s", "ago", "up", "leader", "0", "0"], run.out
     assert "1 of 1 instance(s) up; leader: dsc-a" in run.out, run.out
+    assert "outbox: 0 notification(s) waiting, every subscription" in run.out, run.out
     help_text = " ".join(dsc("cluster", "status", "--help").out.split())
-    assert "The Leases and Outbox lag columns show '-' until" in help_text, help_text
+    assert "the job leases it holds (jobs whose filters it runs now)" in help_text, help_text
 
     sqlite = dsc("cluster", "status", "--data", str(tmp_path / "plain"))
     assert sqlite.code == 1, sqlite
@@ -309,6 +314,8 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
         values = metric_values(text)
         return values if values.get('dsc_cluster_instances{state="up"}') == 2 else None
 
+    names = {row["name"] for row in status(config)}
+    assert len(names) == 2, names
     leader = wait_for(lambda: two_up(first), what="the first instance to see two up")
     other = wait_for(lambda: two_up(second), what="the second instance to see two up")
     for values in (leader, other):
@@ -318,7 +325,7 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
             'dsc_cluster_instances{state="stopped"}',
             "dsc_cluster_leader",
             "dsc_cluster_heartbeat_age_seconds",
-        }, values
+        } | {f'dsc_cluster_leases_held{{name="{name}"}}' for name in names}, values
         assert values['dsc_cluster_instances{state="down"}'] == 0
         assert 0 <= values["dsc_cluster_heartbeat_age_seconds"] < 1.5  # within the lease
     assert (leader["dsc_cluster_leader"], other["dsc_cluster_leader"]) == (1, 0)
@@ -350,6 +357,150 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
         ),
         what="the stopped instance counted",
     )
+
+
+class HeldRelay(Relay):
+    """An SMTP relay that keeps each message's DATA unanswered until :attr:`release` is set:
+    the mail filter of a job waits there, so its instance holds the job's lease."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.arrived.set()
+        while not self.release.is_set():
+            await asyncio.sleep(0.05)
+        answer: str = await super().handle_DATA(server, session, envelope)
+        return answer
+
+
+class HeldSubscriber(Healthy):
+    """An event sink that answers no notification until :attr:`release` is set: the rows of
+    its subscription wait in the outbox, as for a subscriber that is down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        handler = self.RequestHandlerClass
+        outer = self
+
+        class Held(handler):  # type: ignore[misc, valid-type]
+            def do_POST(self) -> None:
+                outer.release.wait(60)
+                super().do_POST()
+
+        self.RequestHandlerClass = Held
+
+
+def test_leases_held_and_outbox_lag_in_status_metrics_and_status_json(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Issue 18 point 6: a job whose mail filter waits on the SMTP relay is a lease held by the
+    instance running it; the notifications of a subscriber that does not answer wait in the
+    outbox, counted against its delivery owner and cluster-wide, with the oldest one's age:
+    in ``dsc cluster status`` (read from the database), /metrics and /status.json (read from
+    the heartbeat's memory).  Once both are let go, every figure is back to 0."""
+    relay = HeldRelay()
+    smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    sink = HeldSubscriber()
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        config = cluster_config(
+            tmp_path,
+            pg.new_database(),
+            f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
+            "[limits]\ndelivery_answer_timeout = 60\n",
+        )
+        first = start(instances, tmp_path, config)
+        second = start(instances, tmp_path, config)
+        subscribe(Soap(first.url), f"http://127.0.0.1:{sink.server_address[1]}/events")
+        client = Soap(second.url)
+        token = client.create([EmailInstructions(False, ("bob@corp.example",))])
+        client.send_image(token, 1, PNG)
+        client.end(token)
+        assert relay.arrived.wait(20), "the mail filter never reached the relay"
+
+        def held() -> list[dict[str, Any]] | None:
+            rows = status(config)
+            leases = sorted(row["leases_held"] for row in rows)
+            waiting = [row for row in rows if row["outbox_lag"]["rows"]]
+            return rows if leases == [0, 1] and waiting else None
+
+        rows = wait_for(held, timeout=20, what="a lease held and outbox rows waiting")
+        [runner] = [row for row in rows if row["leases_held"] == 1]
+        [owner] = [row for row in rows if row["outbox_lag"]["rows"]]
+        assert owner["outbox_lag"]["oldest_seconds"] >= 0, owner
+        table = dsc("cluster", "status", "--config", str(config))
+        assert table.code == 0, table
+        # The two last columns: Leases, then Outbox lag ("0" or "11 (oldest 4 s)").
+        cells = {}
+        for line in table.out.splitlines()[2:4]:
+            found = re.fullmatch(r"(\S+) .* (\d+) +(\d+(?: \(oldest \d+ (?:s|min)\))?)", line)
+            assert found, table.out
+            cells[found[1]] = (found[2], found[3])
+        assert cells[runner["name"]][0] == "1", table.out
+        assert re.fullmatch(r"\d+ \(oldest \d+ (s|min)\)", cells[owner["name"]][1]), table.out
+        assert re.search(
+            r"^outbox: \d+ \(oldest \d+ (s|min)\) notification\(s\) waiting", table.out, re.M
+        ), table.out
+
+        def figures(server: ServerProcess) -> tuple[dict[str, float], dict[str, Any]] | None:
+            code, text = read(server, "/metrics")
+            assert code == 200, text
+            values = {
+                name: float(value)
+                for name, value in re.findall(
+                    r"^(dsc_(?:cluster_leases_held|outbox_\w+)(?:\{[^}]*\})?) (\S+)$", text, re.M
+                )
+            }
+            cluster = json.loads(read(server, "/status.json")[1])["cluster"]
+            if values.get(f'dsc_cluster_leases_held{{name="{runner["name"]}"}}') != 1:
+                return None
+            if not values.get("dsc_outbox_rows") or not cluster["outbox"]["rows"]:
+                return None
+            return values, cluster
+
+        for server in (first, second):
+            values, cluster = wait_for(
+                lambda server=server: figures(server), what=f"{server.port}'s figures"
+            )
+            assert values[f'dsc_outbox_owner_rows{{name="{owner["name"]}"}}'] >= 1, values
+            assert values["dsc_outbox_oldest_seconds"] >= 0, values
+            assert cluster["outbox"]["oldest_seconds"] is not None, cluster
+            shown = {row["name"]: row for row in cluster["instances"]}
+            assert shown[runner["name"]]["leases_held"] == 1, shown
+            assert shown[owner["name"]]["outbox_lag"]["rows"] >= 1, shown
+
+        relay.release.set()
+        sink.release.set()
+        client.wait_ended(token)
+
+        def drained() -> bool:
+            rows = status(config)
+            return all(r["leases_held"] == 0 and r["outbox_lag"]["rows"] == 0 for r in rows)
+
+        wait_for(drained, what="the lease let go and the outbox emptied")
+        wait_for(
+            lambda: (
+                figures(first) is None
+                and metric_line(read(first, "/metrics")[1], "dsc_outbox_rows") == 0
+            ),
+            what="the figures of /metrics back to 0",
+        )
+    finally:
+        relay.release.set()
+        sink.release.set()
+        smtp.stop()
+        sink.shutdown()
+        sink.server_close()
+
+
+def metric_line(text: str, name: str) -> float | None:
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return None if found is None else float(found.group(1))
 
 
 def test_healthz_answers_503_when_the_heartbeat_fails_past_the_lease(

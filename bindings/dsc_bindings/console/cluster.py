@@ -3,7 +3,9 @@
 Reads the ``instances`` table of the store ``--config`` names (store/instances.py): each
 incarnation's name, advertised address, start, heartbeat age and state (up, down: no heartbeat
 within its lease, stopped: a clean stop), and which one is the leader (it holds the leader's
-advisory lock now, as PostgreSQL's ``pg_locks`` says).
+advisory lock now, as PostgreSQL's ``pg_locks`` says), the job leases each holds (jobs whose
+filters it runs) and its outbox lag (notifications waiting for the subscribers it delivers to,
+and the age of the oldest), then the whole outbox's lag.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dsc_bindings.console.db import one_line
     from dsc_bindings.console.output import Column, print_table
     from dsc_bindings.settings import ConfigError, load_settings
-    from dsc_bindings.store.instances import list_instances
+    from dsc_bindings.store.instances import OutboxLag, list_instances, outbox_lag
     from dsc_bindings.store.postgresql import connection_kwargs, redacted
 
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)
@@ -51,6 +53,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with psycopg.connect(storage.dsn, **connection_kwargs(storage.password_file)) as conn:
             exists = conn.execute("SELECT to_regclass('instances') IS NOT NULL").fetchone()
             rows = list_instances(conn) if exists and exists[0] else []
+            lag = outbox_lag(conn) if rows else OutboxLag()
     except psycopg.Error as exc:
         raise CliError(
             f"cluster status: PostgreSQL at {redacted(storage.dsn)}: {one_line(str(exc))}"
@@ -81,8 +84,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             _age(row.heartbeat_age) + " ago",
             row.state,
             "leader" if row.leader else "",
-            "-",
-            "-",
+            str(row.leases_held),
+            _lag(row.outbox_lag),
             str(row.pid),
             row.id,
         ]
@@ -92,7 +95,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     up = sum(1 for row in rows if row.state == "up")
     leaders = [row.name for row in rows if row.leader]
     print(f"\n{up} of {len(rows)} instance(s) up; leader: {', '.join(leaders) or 'none'}")
+    print(f"outbox: {_lag(lag)} notification(s) waiting, every subscription")
     return EXIT_OK
+
+
+def _lag(lag: OutboxLag) -> str:
+    """``0``, or the rows waiting and the age of the oldest: ``3 (oldest 12 s)``."""
+    if lag.oldest_seconds is None:
+        return str(lag.rows)
+    return f"{lag.rows} (oldest {_age(lag.oldest_seconds)})"
 
 
 def add_parser(sub: Any) -> None:
@@ -111,8 +122,10 @@ def add_parser(sub: Any) -> None:
         "([cluster] instance_name, else host:port), advertised address, start, the age of its "
         "last heartbeat, its state (up; down: no heartbeat within [cluster] lease_seconds; "
         "stopped: a clean stop) and the leader (it runs the job timeouts and retention "
-        "sweeps). The Leases and Outbox lag columns show '-' until filter leases and the "
-        "event outbox exist (issue 18 points 2 and 3). Rows of instances dead for [cluster] "
+        "sweeps), the job leases it holds (jobs whose filters it runs now) and its outbox lag "
+        "(event notifications waiting for the subscriptions it delivers: how many, and the "
+        "oldest's age; a subscriber that does not answer keeps its rows waiting), then the "
+        "lag of the whole outbox. Rows of instances dead for [cluster] "
         "prune_after_seconds are removed by the leader. Needs [store] kind = postgresql.",
         epilog="Example: dsc cluster status --config /etc/dsc/dsc.toml",
     )

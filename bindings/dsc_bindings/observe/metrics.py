@@ -196,6 +196,57 @@ class ClusterGauges(Collector):
             "[cluster] lease_seconds)",
             value=member.heartbeat_age,
         )
+        yield from _cluster_work(member)
+
+
+def _cluster_work(member: ClusterMember) -> Iterator[Metric]:
+    """The job leases each instance holds and the outbox lag, cluster-wide and per delivery
+    owner (issue 18 point 6).  Labelled by instance name (a restarted instance keeps its name
+    and is a new incarnation: their figures are summed, the oldest row is the older)."""
+    leases: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    oldest: dict[str, float] = {}
+    for row in member.snapshot():
+        leases[row.name] = leases.get(row.name, 0) + row.leases_held
+        rows[row.name] = rows.get(row.name, 0) + row.outbox_lag.rows
+        age = row.outbox_lag.oldest_seconds or 0.0
+        oldest[row.name] = max(oldest.get(row.name, 0.0), age)
+    held = GaugeMetricFamily(
+        "dsc_cluster_leases_held",
+        "Jobs whose filters each instance runs now (its job leases not yet run out)",
+        labels=["name"],
+    )
+    for name, count in leases.items():
+        held.add_metric([name], count)
+    yield held
+    lag = member.outbox()
+    yield GaugeMetricFamily(
+        "dsc_outbox_rows",
+        "Event notifications waiting in the outbox, every subscription (a subscriber that "
+        "does not answer keeps its rows there)",
+        value=lag.rows,
+    )
+    yield GaugeMetricFamily(
+        "dsc_outbox_oldest_seconds",
+        "Age of the oldest notification waiting in the outbox (0: none waits)",
+        value=lag.oldest_seconds or 0.0,
+    )
+    owned = GaugeMetricFamily(
+        "dsc_outbox_owner_rows",
+        "Notifications waiting in the outbox per delivery owner (the instance sending them)",
+        labels=["name"],
+    )
+    for name, count in rows.items():
+        owned.add_metric([name], count)
+    yield owned
+    owned_oldest = GaugeMetricFamily(
+        "dsc_outbox_owner_oldest_seconds",
+        "Age of the oldest notification waiting per delivery owner (0: none waits)",
+        labels=["name"],
+    )
+    for name, age in oldest.items():
+        owned_oldest.add_metric([name], age)
+    yield owned_oldest
 
 
 class HealthGauges(Collector):

@@ -10,7 +10,9 @@ thread (never the event loop):
   and the next heartbeat of another instance takes it (failover within a heartbeat of the
   connection's end);
 - as leader, prunes the rows of incarnations dead for ``prune_after_seconds``;
-- keeps a snapshot of every instance (status page, /metrics: read there without I/O).
+- keeps a snapshot of every instance, with the job leases it holds and the outbox rows of the
+  subscriptions it delivers, and of the whole outbox (status page, /metrics: read there
+  without I/O).
 
 A heartbeat that fails drops leadership at once (the lock may be gone with the connection;
 two leaders are worse than none for a few seconds), logs it, and reconnects at the next beat.
@@ -48,7 +50,9 @@ from dsc_bindings.store.instances import (
     TRY_LEADER,
     ClusterSettings,
     InstanceRow,
+    OutboxLag,
     list_instances,
+    outbox_lag,
 )
 from dsc_bindings.store.postgresql import connection_kwargs, is_temporary_pg, redacted
 
@@ -88,7 +92,11 @@ class ClusterMember:
         self._failing: str | None = None
         #: Every instance as last read, and when (monotonic: their ages grow from there); one
         #: reference swapped by the heartbeat thread, read whole by the web endpoints.
-        self._seen: tuple[tuple[InstanceRow, ...], float] = ((), time.monotonic())
+        self._seen: tuple[tuple[InstanceRow, ...], OutboxLag, float] = (
+            (),
+            OutboxLag(),
+            time.monotonic(),
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsc-cluster", daemon=True)
         #: Called in the heartbeat thread after each beat (True: it worked), outside the
@@ -165,9 +173,19 @@ class ClusterMember:
     def snapshot(self) -> tuple[InstanceRow, ...]:
         """Every instance as of the last heartbeat, their heartbeat ages grown by the time
         since it (no I/O: the status page, the console and /metrics read this)."""
-        rows, at = self._seen
+        rows, _, at = self._seen
         since = max(0.0, time.monotonic() - at)
-        return tuple(dataclasses.replace(r, heartbeat_age=r.heartbeat_age + since) for r in rows)
+        return tuple(
+            dataclasses.replace(
+                r, heartbeat_age=r.heartbeat_age + since, outbox_lag=r.outbox_lag.aged(since)
+            )
+            for r in rows
+        )
+
+    def outbox(self) -> OutboxLag:
+        """The whole outbox as of the last heartbeat, its oldest row aged since (no I/O)."""
+        _, lag, at = self._seen
+        return lag.aged(max(0.0, time.monotonic() - at))
 
     def as_json(self) -> dict[str, object]:
         """This instance and every other, for /status.json and ``GET /api/cluster``."""
@@ -178,6 +196,7 @@ class ClusterMember:
             "heartbeat_age": round(self.heartbeat_age, 1),
             "lease_seconds": self.settings.lease_seconds,
             "problem": self.problem(),
+            "outbox": self.outbox().as_json(),
             "instances": [row.as_json() for row in self.snapshot()],
         }
 
@@ -264,7 +283,11 @@ class ClusterMember:
                 log.info("cluster: %s (%s) is now the leader", self.name, self.id)
         if self._leader:
             self._conn.execute(PRUNE, (self.settings.prune_after_seconds,))
-        self._seen = (tuple(list_instances(self._conn)), time.monotonic())
+        self._seen = (
+            tuple(list_instances(self._conn)),
+            outbox_lag(self._conn),
+            time.monotonic(),
+        )
 
     def _failed(self, exc: BaseException) -> None:
         why = one_line(str(exc)) or type(exc).__name__

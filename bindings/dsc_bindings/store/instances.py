@@ -28,7 +28,9 @@ __all__ = [
     "LEADER_LOCK",
     "ClusterSettings",
     "InstanceRow",
+    "OutboxLag",
     "list_instances",
+    "outbox_lag",
 ]
 
 #: The advisory lock of the leader (any number that no other lock of dsc uses: "dscl").
@@ -53,6 +55,27 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxLag:
+    """Notifications written and not yet answered by their subscriber (issue 18 point 6): how
+    many rows wait in ``outbox``, and the age of the oldest (None: none waits), in database
+    time.  A row leaves the outbox once its subscriber answered (store/pgoutbox.py), so a
+    subscriber that is down keeps its rows here, and the age grows."""
+
+    rows: int = 0
+    oldest_seconds: float | None = None
+
+    def aged(self, seconds: float) -> OutboxLag:
+        """The same rows ``seconds`` later (a snapshot read again without I/O)."""
+        if self.oldest_seconds is None:
+            return self
+        return OutboxLag(self.rows, self.oldest_seconds + seconds)
+
+    def as_json(self) -> dict[str, object]:
+        oldest = self.oldest_seconds
+        return {"rows": self.rows, "oldest_seconds": None if oldest is None else round(oldest, 1)}
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRow:
     """One incarnation as ``dsc cluster status``, the status page and /metrics show it."""
 
@@ -67,15 +90,17 @@ class InstanceRow:
     stopped: datetime | None
     state: InstanceState
     leader: bool
+    #: Jobs whose filters it runs now: its job leases not yet run out (store/leases.py).
+    leases_held: int = 0
+    #: The outbox rows of the subscriptions it is the delivery owner of (store/pgoutbox.py).
+    outbox_lag: OutboxLag = OutboxLag()
 
     def as_json(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
         data["started"] = self.started.isoformat()
         data["stopped"] = None if self.stopped is None else self.stopped.isoformat()
         data["heartbeat_age"] = round(self.heartbeat_age, 1)
-        # Filled in by the filter leases and the outbox (issue 18 points 2, 3): not yet.
-        data["leases_held"] = None
-        data["outbox_lag"] = None
+        data["outbox_lag"] = self.outbox_lag.as_json()
         return data
 
 
@@ -112,19 +137,42 @@ _LIST = """
                  AND l.classid = 0 AND l.objid = %s AND l.objsubid = 1
                  AND l.database = (SELECT oid FROM pg_database
                                    WHERE datname = current_database())
-           )
+           ),
+           (SELECT count(*) FROM jobs j
+            WHERE j.lease_owner = i.id::text AND j.lease_until > now()),
+           o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8
     FROM instances i
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS rows, min(b.created) AS oldest
+        FROM outbox b JOIN subscriptions s ON s.id = b.subscription_id
+        WHERE s.delivery_owner = i.id::text
+    ) o ON true
     ORDER BY i.started, i.name
 """
+
+#: Every outbox row, owned or not yet (a subscription's rows wait for an owner to claim them).
+_OUTBOX = "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created))::float8 FROM outbox"
 
 
 def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
     """Every instance row, oldest first.  A stopped row is never the leader (its lock
     connection's backend pid may have been reused by another connection)."""
     rows = []
-    for ident, name, address, host, pid, started, age, stopped, lease, locked in conn.execute(
-        _LIST, (LEADER_LOCK,)
-    ).fetchall():
+    for (
+        ident,
+        name,
+        address,
+        host,
+        pid,
+        started,
+        age,
+        stopped,
+        lease,
+        locked,
+        leases,
+        waiting,
+        oldest,
+    ) in conn.execute(_LIST, (LEADER_LOCK,)).fetchall():
         state: InstanceState
         if stopped is not None:
             state = "stopped"
@@ -144,6 +192,21 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
                 stopped=stopped,
                 state=state,
                 leader=bool(locked) and stopped is None,
+                leases_held=int(leases),
+                outbox_lag=_lag(waiting, oldest),
             )
         )
     return rows
+
+
+def outbox_lag(conn: psycopg.Connection[Any]) -> OutboxLag:
+    """The whole outbox: rows waiting on every instance, and for an owner yet."""
+    row = conn.execute(_OUTBOX).fetchone()
+    return OutboxLag() if row is None else _lag(row[0], row[1])
+
+
+def _lag(rows: int | None, oldest: float | None) -> OutboxLag:
+    count = int(rows or 0)
+    if not count or oldest is None:
+        return OutboxLag(count, None)
+    return OutboxLag(count, max(0.0, float(oldest)))

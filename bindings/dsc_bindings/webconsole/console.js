@@ -199,7 +199,14 @@ async function drawCluster() {
   $("#cluster-self").className = data.problem ? "failed" : "";
   fill("#cluster-table", data.instances.map(i => [i.name, i.address, when(i.started),
     i.heartbeat_age + " s ago", el("td", i.state, clusterStates[i.state]),
-    i.leader ? "leader" : ""]), "no instances");
+    i.leader ? "leader" : "", String(i.leases_held), outboxLag(i.outbox_lag)]), "no instances");
+  $("#cluster-outbox").textContent = "Outbox: " + outboxLag(data.outbox) +
+    " notification(s) waiting, every subscription";
+}
+// Rows waiting in the outbox and the age of the oldest (issue 18 point 6).
+function outboxLag(lag) {
+  return lag.oldest_seconds === null ? String(lag.rows)
+    : lag.rows + " (oldest " + lag.oldest_seconds + " s)";
 }
 async function drawServer() {
   const health = await api("GET", "/api/health");
