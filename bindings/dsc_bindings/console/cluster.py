@@ -14,9 +14,12 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
+
+if TYPE_CHECKING:  # the store's modules are imported by the command that needs them
+    from dsc_bindings.store.instances import OutboxLag
 
 #: With the SQLite store there is no cluster to show (one line, exit status 1).
 SQLITE_REFUSAL = (
