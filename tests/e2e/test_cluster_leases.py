@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dsc_core.model import FileShareInstructions, SharePointInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, SharePointSite, Soap, Stream, started_servers
+from e2e_support import (
+    DEFAULT_SID,
+    ServerProcess,
+    SharePointSite,
+    Soap,
+    Stream,
+    dsc,
+    started_servers,
+)
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
 from test_e2e_serve import LOCAL_SHARE, files_under
 from waiting import wait_for
@@ -180,3 +188,13 @@ def test_a_restarted_instance_leaves_the_jobs_a_live_instance_holds(pair: Pair) 
     assert "rescued" not in pair.b.log and "taken up" not in pair.b.log
     assert len(pair.site.uploads) == 1 and pair.complete_uploads() == 1
     assert pair.copies("held") == ["held_0001.png"]
+
+
+def test_cluster_status_counts_the_leases_each_instance_holds(pair: Pair) -> None:
+    """dsc cluster status (issue 18 point 6): the instance running the job holds its lease."""
+    token = pair.start_job("counted")
+    run = dsc("cluster", "status", "--config", str(pair.a.config), "--json")
+    assert run.code == 0, run
+    held = {row["pid"]: row["leases_held"] for row in run.json() if row["state"] == "up"}
+    assert held[pair.a.pid] == 1 and held[pair.b.pid] == 0, held
+    Soap(pair.a.url).wait_ended(token, 30)
