@@ -238,9 +238,8 @@ def begin_send_image(request: Request, args: SendImageArgs) -> Upload:
     DocumentId, so that the image streams straight to the store (R8)."""
     job = find_job(request, NS, args.token, own_only=True)
     table = request.state.jobs
-    if any(d.document_id == args.document_id for d in job.documents) or table.uploading(
-        (args.token, args.document_id)
-    ):
+    key = (args.token, args.document_id)
+    if any(d.document_id == args.document_id for d in job.documents) or key in table.uploads:
         raise Args(NS).invalid(NS, "DocumentId")  # R6: a DocumentId already used in the job
     if job.images_received >= request.config.limits.max_documents_per_job:
         raise Args(NS).invalid(NS, "DocumentId")
@@ -249,6 +248,12 @@ def begin_send_image(request: Request, args: SendImageArgs) -> Upload:
         raise faults.operation_failed(
             NS, f"the job is {job.state.value}; it takes images only while Creating"
         )
+    if key in table.uploads_elsewhere:
+        # Received by another instance (issue 18): maybe a dead one whose lease has not lapsed
+        # yet, and this is the scanner's retry.  Temporary (R4 step 9, last), not InvalidArgs,
+        # which a scanner takes as final (docs/rulings.md, "A duplicate in flight on another
+        # instance").
+        raise faults.upload_elsewhere(NS, args.document_id)
     upload = Upload(args.token, args.document_id, args.format, args.href)
     table.uploads.add(upload.key)
     return upload

@@ -259,6 +259,18 @@ def store_failed(ns: str, *, temporary: bool) -> SoapFault:
     )
 
 
+def upload_elsewhere(ns: str, document_id: int) -> SoapFault:
+    """A SendImage of a DocumentId another instance is receiving (docs/rulings.md, "A duplicate
+    in flight on another instance"): temporary, since that upload may die with its instance."""
+    return protocol(
+        ns,
+        "ServerErrorTemporaryError",
+        cause=f"another instance is receiving document {document_id} of this job; retry "
+        "later: once it ends (or its instance's lease lapses) the image is taken or refused "
+        "as a duplicate.",
+    )
+
+
 def limit_reached(ns: str, what: str, setting: str, value: float) -> SoapFault:
     """A limit of R12/R13 that a retry may pass once jobs move on (R4 step 9: temporary)."""
     return protocol(

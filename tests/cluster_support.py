@@ -228,18 +228,6 @@ class HAProxyCluster:
         assert row is not None, f"no uploads row of document {document_id} of job {token}"
         return str(row[0])
 
-    def lapsed(self, name: str) -> bool:
-        """Whether every incarnation of ``name`` is stopped or past its lease (the others no
-        longer count its uploads)."""
-        with psycopg.connect(self.dsn) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM instances WHERE name = %s AND stopped IS NULL "
-                "AND heartbeat >= now() - make_interval(secs => lease_seconds)",
-                (name,),
-            ).fetchone()
-        assert row is not None
-        return int(row[0]) == 0
-
     # - what an operator does -
 
     def kill9(self, index: int) -> None:

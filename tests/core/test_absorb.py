@@ -113,21 +113,26 @@ def test_quotas_count_jobs_created_elsewhere() -> None:
     assert _create_reply(t).status == 200
 
 
-def test_an_upload_elsewhere_is_a_duplicate_here_and_keeps_the_job_from_timing_out() -> None:
+def test_an_upload_elsewhere_is_retried_later_and_keeps_the_job_from_timing_out() -> None:
+    """docs/rulings.md, "A duplicate in flight on another instance": the same DocumentId in
+    flight on another instance is ServerErrorTemporaryError (that upload may die with its
+    instance: the scanner's retry is taken once it no longer counts), not InvalidArgs."""
     t = InProcessTransport(ServerConfig(job_timeout_seconds=60))
     token = create_job(t, FileShareInstructions(("\\\\s\\x",)))
     t.server.absorb([], uploads_elsewhere=[(token, 1)])
     assert t.server.jobs.uploading((token, 1))
-    duplicate = send_image(t, token, 1)
-    check_protocol_fault(duplicate, DSP, "InvalidArgs")
-    assert b"DocumentId" in duplicate.body
+    elsewhere = send_image(t, token, 1)
+    check_protocol_fault(elsewhere, DSP, "ServerErrorTemporaryError")
+    assert b"another instance is receiving document 1" in elsewhere.body
     # R6: not idle while an image arrives anywhere: no deadline, no timeout however late.
     assert t.server.next_deadline() is None
     later = t.clock + timedelta(seconds=600)
     assert t.server.tick(later) == []
     assert t.server.jobs.get(token).state is JobState.CREATING  # type: ignore[union-attr]
-    t.server.absorb([], uploads_elsewhere=[])  # the upload ended there
+    t.server.absorb([], uploads_elsewhere=[])  # the upload ended there (or its instance died)
     assert send_image(t, token, 1).status == 200
+    # Received here, the same DocumentId again is a duplicate: final (R6).
+    check_protocol_fault(send_image(t, token, 1), DSP, "InvalidArgs")
 
 
 def _create_reply(t: InProcessTransport) -> Reply:

@@ -231,16 +231,20 @@ def test_idle_timeout_spares_an_upload_on_another_instance(cluster: Cluster) -> 
     assert ended.state == "Completed" and ended.images_received == 1, ended
 
 
-def test_duplicate_image_on_another_instance_is_refused(cluster: Cluster) -> None:
-    """R6: a DocumentId being received on one instance is a duplicate on the others."""
+def test_duplicate_image_on_another_instance_is_retried_later(cluster: Cluster) -> None:
+    """A DocumentId being received on one instance is ServerErrorTemporaryError on the others
+    (docs/rulings.md, "A duplicate in flight on another instance"); once received, the same
+    DocumentId is a duplicate (R6: InvalidArgs) on every instance."""
     one, two, _ = cluster.clients
     token = one.create(SHARE, root_name="dup")
     upload = HeldUpload(cluster, one, token, 1)
-    duplicate = fault_of(lambda: two.send_image(token, 1, os.urandom(1_000)))
-    assert str(duplicate.subcode).endswith(":InvalidArgs"), duplicate
-    assert "DocumentId" in str(duplicate), duplicate
+    elsewhere = fault_of(lambda: two.send_image(token, 1, os.urandom(1_000)))
+    assert str(elsewhere.subcode).endswith(":ServerErrorTemporaryError"), elsewhere
+    assert "another instance is receiving document 1" in elsewhere.reason, elsewhere
     upload.release()
     assert two.dsp_documents(token) == [(1, "png")]
+    duplicate = fault_of(lambda: two.send_image(token, 1, os.urandom(1_000)))
+    assert str(duplicate.subcode).endswith(":InvalidArgs"), duplicate
     two.dsp_cancel(token)
 
 
