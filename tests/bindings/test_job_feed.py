@@ -6,7 +6,7 @@ and the runtime's catch-up (runtime/catchup.py) over it."""
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -22,6 +22,7 @@ from dsc_core import ScanServer, ServerConfig
 from dsc_core.commands import CreateJob, DropJob, JobInput, Removal, UpdateJob
 from dsc_core.model import Document, JobState
 from test_store import make_job
+from waiting import wait_for
 
 if TYPE_CHECKING:
     from engines_support import PgCluster
@@ -122,6 +123,59 @@ def test_uploads_in_flight_are_seen_by_the_others_only(two: tuple[PostgresRecord
     a.upload_began("j", 2, "host-a:/data")
     assert b.release_uploads("host-a:/data") == [("j", 2)]
     b.upload_began("j", 2, "host-b:/data")
+
+
+def test_an_upload_end_that_failed_is_done_by_the_next_read(pg: PgCluster, dsn: str) -> None:
+    """An upload that ends while the database is away (an AbortDocument of a SendImage cut by a
+    PostgreSQL restart) leaves its row, which the other instances would count as in flight for
+    UPLOAD_ROW_SECONDS: the job never idle (no R6 timeout), the scanner's retry refused.  The
+    next read of the feed deletes it; a new upload of the same image keeps its row."""
+    a = PostgresRecords.open(dsn, pool_timeout=1.0)
+    b = PostgresRecords.open(dsn)
+    name = dsn.rsplit("/", 1)[-1].split("?")[0]
+    try:
+        create(a, "j")
+        for document_id in (1, 2):
+            a.upload_began("j", document_id, "host-a:/data")
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            try:
+                for document_id in (1, 2):
+                    with pytest.raises(StoreError) as away:
+                        a.upload_ended("j", document_id)
+                    assert away.value.temporary
+            finally:
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        seen = wait_for(lambda: _uploads_seen(b), 20, "b to read the feed again")
+        assert seen == (("j", 1), ("j", 2))  # a has not read since: both still count
+        # The scanner's retry, here: a new upload (once a's pool has reconnected).
+        wait_for(lambda: _done(lambda: a.upload_began("j", 2, "host-a:/data")), 20, "a's retry")
+        wait_for(lambda: _uploads_seen(a) is not None, 20, "a to read the feed again")
+        assert _uploads_seen(b) == (("j", 2),)
+    finally:
+        a.close()
+        b.close()
+
+
+def _done(call: Callable[[], None]) -> bool:
+    try:
+        call()
+    except StoreError:
+        return False
+    return True
+
+
+def _uploads_seen(records: PostgresRecords) -> tuple[tuple[str, int], ...] | None:
+    """The uploads of other instances one read of the feed finds; None while it fails (the
+    pool reconnects after a failure)."""
+    try:
+        return tuple(sorted(records.changes(0, frozenset()).uploads_elsewhere))
+    except StoreError:
+        return None
 
 
 def test_catch_up_absorbs_what_others_wrote_and_refuses_writes_from_a_lost_race(

@@ -572,6 +572,13 @@ class PostgresRecords:
         self.home: str | None = None
         self._db = db
         self._pruned = time.monotonic()
+        #: Uploads rows this run could not delete (an upload ended while the database was
+        #: away): the others would count them as in flight for UPLOAD_ROW_SECONDS (the job
+        #: never idle, so never timed out; the scanner's retry refused), so each read of the
+        #: feed deletes them again first (:meth:`_end_owed_uploads`).  The lock is held
+        #: through those deletes, so a new upload of the same image is never deleted by one.
+        self._ends_owed: set[tuple[str, int]] = set()
+        self._owed_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -697,6 +704,7 @@ class PostgresRecords:
         """Rows and tombstones since ``cursor`` (module doc), the rows of ``tokens``, and the
         other instances' uploads; one statement (one small query per request)."""
         self._prune()
+        self._end_owed_uploads()
         params = {
             "since": cursor,
             "tokens": sorted(tokens),
@@ -782,6 +790,8 @@ class PostgresRecords:
         return [(str(token), int(document_id)) for token, document_id in found]
 
     def upload_began(self, token: str, document_id: int, home: str) -> None:
+        with self._owed_lock:
+            self._ends_owed.discard((token, document_id))  # the new upload takes the row
         found = self._run(
             f"reserving document {document_id} of job {token}",
             _UPLOAD_BEGIN,
@@ -800,11 +810,33 @@ class PostgresRecords:
             )
 
     def upload_ended(self, token: str, document_id: int) -> None:
+        try:
+            self._end_upload(token, document_id)
+        except StoreError:
+            with self._owed_lock:
+                self._ends_owed.add((token, document_id))
+            raise
+
+    def _end_upload(self, token: str, document_id: int) -> None:
         self._run(
             f"ending the upload of document {document_id} of job {token}",
             "DELETE FROM uploads WHERE token = %s AND document_id = %s AND instance = %s",
             (token, document_id, self.instance),
         )
+
+    def _end_owed_uploads(self) -> None:
+        """Delete the uploads rows whose end failed (``_ends_owed``); while the database is
+        still away, the next read tries again."""
+        if not self._ends_owed:
+            return
+        with self._owed_lock:
+            for token, document_id in sorted(self._ends_owed):
+                try:
+                    self._end_upload(token, document_id)
+                except StoreError:
+                    return
+                self._ends_owed.discard((token, document_id))
+                log.info("the upload of document %d of job %s ended late", document_id, token)
 
     def rows(self) -> list[StoredRecord]:
         found = self._run("loading jobs", "SELECT seq, token, job FROM jobs ORDER BY seq")
