@@ -69,6 +69,8 @@ class Exchange:
         self._early_args: tuple[Any] | None = None
         self._upload: Upload | None = None
         self._in_upload = False
+        #: False once the binding said it could not read the shared job rows (rows_unread).
+        self._rows_current = True
         ctype = _content_type(info.content_type or "")
         if ctype.media_type == "multipart/related":
             boundary = ctype.param("boundary")
@@ -253,6 +255,15 @@ class Exchange:
         operation = self.operations.get(self._envelope.addressing.action or "")
         return operation is None or not operation.listing
 
+    def rows_unread(self) -> None:
+        """The binding could not read the job rows other servers share with this one (issue
+        18: the database away, or slower than the wait) before this request: a job the table
+        does not hold may exist there, so such a job is answered ServerErrorTemporaryError (R4
+        step 9: the store could not carry out the request now), not ClientErrorJobTokenNotFound,
+        which a scanner takes as final.  Call before the first ``feed`` of a streamed body,
+        else before :meth:`end`."""
+        self._rows_current = False
+
     def lookups(self) -> Lookups:
         """What the request needs from the user directory (R14, directory.py): call it after
         the body is fed and before :meth:`end`, and pass the answers to ``end``.  Empty unless
@@ -382,7 +393,7 @@ class Exchange:
         (R4 step 5, R10)."""
         if operation.admin_only:
             require_scan_admin(self.state.config, self.info)
-        return Request(self.state, envelope, self.info, self._upload)
+        return Request(self.state, envelope, self.info, self._upload, self._rows_current)
 
     def _refused_while_stopped(self, operation: Operation[Any]) -> bool:
         return self.state.stopped and operation.repository_service

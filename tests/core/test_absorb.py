@@ -163,3 +163,27 @@ def test_which_requests_need_current_job_rows() -> None:
     assert needed(plain("urn:unknown", cancel))
     assert not needed(b"<not-xml")
     assert needed(b"--b--", 'multipart/related; boundary="b"; type="application/xop+xml"')
+
+
+def test_a_job_unknown_while_the_shared_rows_are_unread_is_a_temporary_fault() -> None:
+    """Exchange.rows_unread (issue 18): the binding could not read the shared rows (the
+    database away): a token this instance does not know may be another instance's job, so it
+    is ServerErrorTemporaryError (the scanner retries), not the final JobTokenNotFound; a job
+    it knows is answered as always."""
+    t = InProcessTransport(ServerConfig())
+    known = create_job(t, FileShareInstructions(("\\\\s\\x",)))
+
+    def cancel(token: str, *, unread: bool) -> Reply:
+        body = envelope(
+            Act.DSP_CANCEL, client.token_request(names.DSP, "CancelPostScanJobRequest", token)
+        )
+        exchange = t.server.open_exchange(RequestInfo(now=T0, content_type=client.SOAP_XML))
+        exchange.feed(body)
+        if unread:
+            exchange.rows_unread()
+        return exchange.end(T0).reply
+
+    unknown = str(uuid.uuid4())
+    check_protocol_fault(cancel(unknown, unread=True), DSP, "ServerErrorTemporaryError")
+    check_protocol_fault(cancel(unknown, unread=False), DSP, "ClientErrorJobTokenNotFound")
+    assert cancel(known, unread=True).status == 200

@@ -15,6 +15,7 @@ import signal
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def test_frozen_database_blocks_no_request_that_needs_none(
 ) -> None:
     """SIGSTOP on every PostgreSQL process: a SendImage waits for its commit, while requests
     answered from the core's memory (GetRepositoryElements, GetActiveJobs) and /metrics are
-    answered meanwhile: the database is never waited for on the event loop."""
+    answered meanwhile: the database is never waited for on the event loop; a job-addressed
+    request for a job it does not know is answered temporary (Exchange.rows_unread)."""
     server = start_server(config=config_for(tmp_path, own_pg, s3))
     client = Soap(server.url)
     token = client.create(share())
@@ -154,6 +156,11 @@ def test_frozen_database_blocks_no_request_that_needs_none(
         assert repo.json()["state"] in ("Idle", "Processing"), repo.json()
         jobs = dsc("jobs", "--server", server.url, "--json")
         assert [j["token"] for j in jobs.json()] == [token], jobs
+        # A job-addressed request cannot read the shared rows: a token this instance does not
+        # know may be another instance's job, so it is temporary, not JobTokenNotFound.
+        with pytest.raises(dc.ClientFault) as unread:
+            client.dsp_cancel(str(uuid.uuid4()))
+        assert unread.value.subcode == TEMPORARY, unread.value.line()
         # Those answers came while the SendImage still waited for the frozen database.
         assert waiting.is_alive() and outcome == [], outcome
     finally:

@@ -47,8 +47,9 @@ class RequestRuntime:
     #: A shared store (issue 18, runtime/catchup.py): start reading what other instances
     #: changed, off the owner (a ticket; the argument: whether the request needs current
     #: rows, False lets a listing skip the read while the doorbell is quiet); then, as the
-    #: owner, hand it to the core.  None with SQLite: nothing to catch up with.
-    catch_up: tuple[Callable[[bool], Ticket], Callable[[Ticket], None]] | None = None
+    #: owner, hand it to the core (True if it was read).  None with SQLite: nothing to catch
+    #: up with.
+    catch_up: tuple[Callable[[bool], Ticket], Callable[[Ticket], bool]] | None = None
 
 
 def directory_answers(ticket: Ticket) -> DirectoryAnswers:
@@ -177,14 +178,16 @@ class ServiceRequest:
         """Before the exchange's first core call that may read jobs: the other instances'
         changes into the core's table (runtime/catchup.py), then ``resume``.  A read that
         failed or took too long leaves the table as it is (its writes are still
-        compare-and-set)."""
+        compare-and-set), and the core is told (Exchange.rows_unread: a job it does not know
+        is then a temporary fault, not ClientErrorJobTokenNotFound)."""
         self._caught_up = True
         assert self._run.catch_up is not None
         begin, absorb = self._run.catch_up
         ticket = begin(needed)
 
         def caught() -> T | Wait:
-            absorb(ticket)
+            if not absorb(ticket) and needed:
+                self._run.owner.call(self._exchange.rows_unread)
             return resume()
 
         return self._then(ticket, caught)

@@ -658,11 +658,14 @@ class ScanService:
             return Ticket.completed()
         return self._reads.begin()
 
-    def _end_catch_up(self, ticket: Ticket) -> None:
-        """Hand a read to the core, as its owner (a request's, before its first core call)."""
+    def _end_catch_up(self, ticket: Ticket) -> bool:
+        """Hand a read to the core, as its owner (a request's, before its first core call);
+        False when there was none (failed, too slow, or skipped)."""
         if isinstance(ticket.value, Caught):
             caught = ticket.value
             self.owner.call(lambda: self._absorb(caught))
+            return True
+        return False
 
     def _absorb(self, caught: Caught) -> None:
         assert self._catch_up is not None
