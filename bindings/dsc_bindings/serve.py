@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.http.site import Site
     from dsc_bindings.observe.devices import DeviceLimits
-    from dsc_bindings.observe.health import HealthMonitor
+    from dsc_bindings.observe.health import MAX_AGE_SECONDS, HealthMonitor
     from dsc_bindings.observe.observer import Observer
     from dsc_bindings.runtime.service import ScanService
     from dsc_core import ServerConfig
@@ -127,6 +127,7 @@ def compose(
     filter_settings: FilterSettings,
     *,
     device_limits: DeviceLimits | None = None,
+    health_max_age: float | None = None,
     **options: Any,
 ) -> Composition:
     """The one place the layers are wired (tests/project/test_module_graph.py): the runtime
@@ -144,7 +145,10 @@ def compose(
     # The device book and the totals live where the job records do (issue 17): the storage
     # settings pick SQLite in the data folder or the PostgreSQL database.
     observer = Observer(Path(data_dir), device_limits=device_limits, storage=options.get("storage"))
-    health = HealthMonitor(lambda: health_probes(service))
+    health = HealthMonitor(
+        lambda: health_probes(service),
+        max_age=MAX_AGE_SECONDS if health_max_age is None else health_max_age,
+    )
     service = ScanService(
         config, Path(data_dir), filter_settings, observer=observer, health=health, **options
     )
@@ -313,6 +317,7 @@ def running_service(
             settings.filters,
             directory=directory,
             device_limits=settings.devices,
+            health_max_age=settings.health_max_age_seconds,
             storage=settings.storage,
             cluster=settings.cluster,
             instance_suffix=instance_suffix,

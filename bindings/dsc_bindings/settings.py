@@ -103,7 +103,11 @@ from dsc_bindings.filters.settings import FilterSettings, parse_unc
 from dsc_bindings.filters.sites import SitePrefix
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_bindings.runtime.installation import UUID_KEYS, installation_of
-from dsc_bindings.store.backends import S3SpoolSettings, StorageSettings
+from dsc_bindings.store.backends import (
+    POOL_TIMEOUT_SECONDS,
+    S3SpoolSettings,
+    StorageSettings,
+)
 from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.urls import bound_base_url
 from dsc_core import Limits, ServerConfig
@@ -185,6 +189,9 @@ class Settings:
     storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
     #: ``[cluster]``: this instance among those on one PostgreSQL store (issue 18).
     cluster: ClusterSettings = dataclasses.field(default_factory=ClusterSettings)
+    #: ``[server] health_max_age_seconds``: how old the last /healthz checks may be before a
+    #: request starts new ones; None: observe.health.MAX_AGE_SECONDS.
+    health_max_age_seconds: float | None = None
 
     def with_installation_identity(self) -> Settings:
         """These settings with the installation's UUIDs where the file set none (creates
@@ -509,6 +516,7 @@ def load_settings(
             "binding",
             "blocking_cpu",
             "monitor_listen",
+            "health_max_age_seconds",
             "public_url",
             "allow_insecure",
             "trusted_proxies",
@@ -689,7 +697,7 @@ def load_settings(
         ),
     )
     storage = _storage(
-        _Table(raw, "store", {"kind", "dsn", "password_file"}),
+        _Table(raw, "store", {"kind", "dsn", "password_file", "pool_timeout_seconds"}),
         _Table(
             raw,
             "spool",
@@ -723,6 +731,9 @@ def load_settings(
                 "cluster",
                 {"instance_name", "heartbeat_seconds", "lease_seconds", "prune_after_seconds"},
             )
+        ),
+        health_max_age_seconds=(
+            srv.seconds("health_max_age_seconds", 1.0) if "health_max_age_seconds" in srv else None
         ),
     )
 
@@ -774,6 +785,7 @@ def _storage(
         store_kind=store_kind,  # type: ignore[arg-type]  # checked above
         dsn=dsn,
         password_file=resolve(store.optional_text("password_file")),
+        pool_timeout_seconds=store.seconds("pool_timeout_seconds", POOL_TIMEOUT_SECONDS),
         spool_kind=spool_kind,  # type: ignore[arg-type]  # checked above
         s3=s3,
     )

@@ -181,6 +181,8 @@ def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> N
         ("[devices]\nretention_days = 0\n", "[devices] retention_days must be a whole number"),
         ("[devices]\nretention_days = 1.5\n", "[devices] retention_days must be a whole number"),
         ("[devices]\nkeep = 1\n", "unknown key(s) in [devices]: keep"),
+        ("[server]\nhealth_max_age_seconds = 0\n", "[server] health_max_age_seconds must be"),
+        ("[store]\npool_timeout_seconds = -1\n", "[store] pool_timeout_seconds must be"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_it(tmp_path: Path, text: str, message: str) -> None:
@@ -188,6 +190,15 @@ def test_a_bad_value_is_a_config_error_naming_it(tmp_path: Path, text: str, mess
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text))
     assert message in str(info.value)
+
+
+def test_health_age_and_pool_timeout(tmp_path: Path) -> None:
+    """Unset: None (observe.health's default) and 5 s; set: as written."""
+    plain = load_settings(write(tmp_path, ""))
+    assert (plain.health_max_age_seconds, plain.storage.pool_timeout_seconds) == (None, 5.0)
+    text = "[server]\nhealth_max_age_seconds = 0.5\n[store]\npool_timeout_seconds = 2\n"
+    short = load_settings(write(tmp_path, text))
+    assert (short.health_max_age_seconds, short.storage.pool_timeout_seconds) == (0.5, 2.0)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import pytest
 
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
-from e2e_support import Soap, dsc, file_sha256
+from e2e_support import Soap, dsc_here, file_sha256
 from engines_support import (
     S3_ACCESS_KEY,
     S3_SECRET_KEY,
@@ -39,6 +39,8 @@ from waiting import wait_for
 __all__ = ["start_server"]  # the fixture, used by name below
 
 TEMPORARY = "dsp:ServerErrorTemporaryError"
+#: [store] pool_timeout_seconds where a request is meant to meet the fault: answered in 1 s.
+SHORT = 1.0
 
 
 @pytest.fixture
@@ -60,11 +62,18 @@ def own_s3() -> Iterator[S3Server]:
         yield server
 
 
-def config_for(tmp_path: Path, pg: PgCluster, s3: S3Server) -> Path:
+def config_for(
+    tmp_path: Path, pg: PgCluster, s3: S3Server, *, pool_timeout_seconds: float = 5.0
+) -> Path:
+    """The engines' settings; /healthz checks again once its result is half a second old, and
+    a request (and the /healthz store check) waits ``pool_timeout_seconds`` for a connection:
+    the tests that wait for a fault to show, and for its end, set it short (:data:`SHORT`)."""
     secret = secret_file(tmp_path, S3_SECRET_KEY)
     config = tmp_path / "dsc.toml"
     config.write_text(
-        f'[store]\nkind = "postgresql"\ndsn = "{pg.new_database()}"\n\n'
+        "[server]\nhealth_max_age_seconds = 0.5\n\n"
+        f'[store]\nkind = "postgresql"\ndsn = "{pg.new_database()}"\n'
+        f"pool_timeout_seconds = {pool_timeout_seconds}\n\n"
         f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\n'
         f'bucket = "{s3.new_bucket()}"\nregion = "us-east-1"\n'
         f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
@@ -87,7 +96,7 @@ def share() -> list[FileShareInstructions]:
 def test_postgresql_restarted_mid_scan(
     start_server: StartServer, tmp_path: Path, own_pg: PgCluster, s3: S3Server
 ) -> None:
-    server = start_server(config=config_for(tmp_path, own_pg, s3))
+    server = start_server(config=config_for(tmp_path, own_pg, s3, pool_timeout_seconds=SHORT))
     client = Soap(server.url)
     token = client.create(share())
     first, second = os.urandom(100_000), os.urandom(120_000)
@@ -106,8 +115,10 @@ def test_postgresql_restarted_mid_scan(
     finally:
         own_pg.start()
 
-    # The server reconnects by itself: the scanner's retry of the same document succeeds (the
-    # core undid the failed one, so it is no duplicate).
+    # The server reconnects by itself (/healthz sees it: its store check gets a connection);
+    # then the scanner's retry of the same document succeeds (the core undid the failed one,
+    # so it is no duplicate).
+    wait_for(lambda: get(server.port, "/healthz")[0] == 200, 15, "/healthz to be ok again")
     client.send_image(token, 2, second)
     client.end(token)
     ended = client.wait_ended(token, 30)
@@ -115,11 +126,10 @@ def test_postgresql_restarted_mid_scan(
     folder = user_folder(server.data)
     assert (folder / "scan_0001.png").read_bytes() == first
     assert (folder / "scan_0002.png").read_bytes() == second
-    wait_for(lambda: get(server.port, "/healthz")[0] == 200, 15, "/healthz to be ok again")
 
     server.kill9()
     again = start_server(config=server.config, data=server.data)
-    history = dsc("history", "--server", again.url, "--json")
+    history = dsc_here("history", "--server", again.url, "--json")
     assert [(e["token"], e["state"], e["images_received"]) for e in history.json()] == [
         (token, "Completed", 2)
     ]
@@ -132,6 +142,7 @@ def test_frozen_database_blocks_no_request_that_needs_none(
     answered from the core's memory (GetRepositoryElements, GetActiveJobs) and /metrics are
     answered meanwhile: the database is never waited for on the event loop; a job-addressed
     request for a job it does not know is answered temporary (Exchange.rows_unread)."""
+    # The default pool timeout: the SendImage must still be waiting when the others answer.
     server = start_server(config=config_for(tmp_path, own_pg, s3))
     client = Soap(server.url)
     token = client.create(share())
@@ -151,10 +162,10 @@ def test_frozen_database_blocks_no_request_that_needs_none(
             10,
             "/metrics while the database is frozen",
         )
-        repo = dsc("repo", "--server", server.url, "--json")
+        repo = dsc_here("repo", "--server", server.url, "--json")
         assert repo.code == 0, repo
         assert repo.json()["state"] in ("Idle", "Processing"), repo.json()
-        jobs = dsc("jobs", "--server", server.url, "--json")
+        jobs = dsc_here("jobs", "--server", server.url, "--json")
         assert [j["token"] for j in jobs.json()] == [token], jobs
         # A job-addressed request cannot read the shared rows: a token this instance does not
         # know may be another instance's job, so it is temporary, not JobTokenNotFound.
@@ -190,7 +201,7 @@ def _attempt(client: Soap, token: str, document_id: int, data: bytes) -> str:
 def test_s3_unreachable_then_back(
     start_server: StartServer, tmp_path: Path, own_pg: PgCluster, own_s3: S3Server
 ) -> None:
-    server = start_server(config=config_for(tmp_path, own_pg, own_s3))
+    server = start_server(config=config_for(tmp_path, own_pg, own_s3, pool_timeout_seconds=SHORT))
     client = Soap(server.url)
     token = client.create(share())
     first, second = os.urandom(80_000), os.urandom(90_000)
@@ -232,7 +243,7 @@ def test_s3_full_answers_500_and_the_upload_is_undone(
     500 InternalError (its "disk full").  The SendImage gets ServerErrorTemporaryError, the
     multipart upload is aborted, the job keeps what was acknowledged."""
     with s3_server(volume_max=1) as full:
-        server = start_server(config=config_for(tmp_path, own_pg, full))
+        server = start_server(config=config_for(tmp_path, own_pg, full, pool_timeout_seconds=SHORT))
         client = Soap(server.url)
         token = client.create(share())
         first = os.urandom(100_000)

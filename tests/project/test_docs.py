@@ -151,6 +151,7 @@ def test_the_engines_example_is_a_configuration_the_server_reads(tmp_path: Path)
     assert (storage.store_kind, storage.spool_kind) == ("postgresql", "s3")
     assert storage.dsn.startswith("postgresql://dsc@db1.contoso.com/dsc")
     assert storage.password_file == Path("/etc/dsc/db.secret")
+    assert storage.pool_timeout_seconds == 5.0
     assert storage.s3 is not None
     assert (storage.s3.bucket, storage.s3.part_size, storage.s3.max_part_buffers) == (
         "dsc-spool",

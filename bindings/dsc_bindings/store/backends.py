@@ -19,6 +19,7 @@ from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import SqliteRecords
 
 __all__ = [
+    "POOL_TIMEOUT_SECONDS",
     "S3SpoolSettings",
     "StorageSettings",
     "describe",
@@ -26,6 +27,10 @@ __all__ = [
     "open_records",
     "open_spool",
 ]
+
+
+#: ``[store] pool_timeout_seconds`` unless set.
+POOL_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,10 @@ class StorageSettings:
     store_kind: Literal["sqlite", "postgresql"] = "sqlite"
     dsn: str = ""
     password_file: Path | None = None
+    #: ``[store] pool_timeout_seconds``: how long a request waits for a pooled PostgreSQL
+    #: connection before it is answered ServerErrorTemporaryError (and the /healthz check with
+    #: it; a check gets health.CHECK_SECONDS at most).
+    pool_timeout_seconds: float = POOL_TIMEOUT_SECONDS
     spool_kind: Literal["local", "s3"] = "local"
     s3: S3SpoolSettings | None = None
 
@@ -71,7 +80,11 @@ def open_records(storage: StorageSettings, data_dir: Path) -> JobRecords:
     if storage.store_kind == "postgresql":
         from dsc_bindings.store.postgresql import PostgresRecords
 
-        return PostgresRecords.open(storage.dsn, password_file=storage.password_file)
+        return PostgresRecords.open(
+            storage.dsn,
+            password_file=storage.password_file,
+            pool_timeout=storage.pool_timeout_seconds,
+        )
     return SqliteRecords.open(data_dir)
 
 
