@@ -198,3 +198,16 @@ def test_cluster_status_counts_the_leases_each_instance_holds(pair: Pair) -> Non
     held = {row["pid"]: row["leases_held"] for row in run.json() if row["state"] == "up"}
     assert held[pair.a.pid] == 1 and held[pair.b.pid] == 0, held
     Soap(pair.a.url).wait_ended(token, 30)
+
+
+def test_a_cleanly_stopped_instance_hands_its_job_over(pair: Pair) -> None:
+    """A clean stop (a rolling restart) does not end the job it runs: the other instance
+    resumes it at its next sweep, without waiting for the lease, and delivers it once."""
+    token = pair.start_job("handed")
+    pair.a.stop_cleanly()
+    assert f"job {token} handed back" in pair.a.log
+    ended = Soap(pair.b.url).wait_ended(token, 30)
+    assert ended.state == "Completed", ended
+    assert [f.state for f in ended.filters] == ["CompletedSuccessfully"] * 2, ended
+    assert pair.copies("handed") == ["handed_0001.png"]
+    assert pair.complete_uploads() == 1

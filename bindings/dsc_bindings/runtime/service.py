@@ -466,6 +466,10 @@ class ScanService:
                 log.warning("thread %s did not stop in time", thread.name)
         last = self._last_instance()
         self._background(self.owner.call(lambda: self.server.shutdown(self.clock(), last=last)))
+        if self._leases is not None:
+            # Its running jobs are not ended by the stop: handed back, the next sweep of any
+            # instance resumes them (R13); the stopped filters' reports are dropped.
+            self._leases.hand_back()
         if self._engine is not None:
             self._engine.close(max(0.0, timeout - (time.monotonic() - began)))
         self._writer.close(max(1.0, timeout - (time.monotonic() - began)))
