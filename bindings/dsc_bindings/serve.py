@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.http.site import Site
     from dsc_bindings.observe.devices import DeviceLimits
-    from dsc_bindings.observe.health import MAX_AGE_SECONDS, HealthMonitor
+    from dsc_bindings.observe.health import HealthMonitor
     from dsc_bindings.observe.observer import Observer
     from dsc_bindings.runtime.service import ScanService
     from dsc_core import ServerConfig
@@ -135,7 +135,7 @@ def compose(
     (``runtime.observing``); the HTTP driver reads the service, the status page and the
     observer through the Protocols of ``http.site``.  ``options`` go to ScanService."""
     from dsc_bindings.http.site import Site
-    from dsc_bindings.observe.health import HealthMonitor
+    from dsc_bindings.observe.health import MAX_AGE_SECONDS, HealthMonitor
     from dsc_bindings.observe.observer import Observer
     from dsc_bindings.observe.probes import health_probes
     from dsc_bindings.observe.web import StatusPages, own_origins
