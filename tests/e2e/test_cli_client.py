@@ -23,7 +23,7 @@ import pytest
 
 from dsc_bindings.console.formats import VALID_FORMATS, format_for, sniff
 from dsc_bindings.console.output import fit_widths
-from e2e_support import Run, ServerProcess, child_env, dsc
+from e2e_support import Run, ServerProcess, child_env, dsc_here
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(4000)
 PDF = b"%PDF-1.7\n" + os.urandom(3000)
@@ -42,13 +42,17 @@ class Env:
 
 
 def dsc_columns(columns: int, *args: str) -> Run:
-    done = subprocess.run(
-        [sys.executable, "-m", "dsc_bindings.console.main", *args],
-        capture_output=True,
-        timeout=60,
-        env={**child_env(), "COLUMNS": str(columns)},
-    )
-    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+    """``dsc ARGS`` in this process (the tests are about what it prints, not the process) as
+    on a terminal ``columns`` wide: the console sizes its tables from $COLUMNS."""
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(columns)
+    try:
+        return dsc_here(*args)
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             # A share path the server refuses: the job is aborted.
             ["--share", r"\\host\..\x", str(files / "page.png")],
         ):
-            run = dsc("scan", "--server", server.url, "--quiet", "--json", *args)
+            run = dsc_here("scan", "--server", server.url, "--quiet", "--json", *args)
             assert "Traceback" not in run.err, run
             tokens.append(run.json()["token"])
         yield Env(server, files, tokens)
@@ -180,9 +184,9 @@ def test_token_prefix_and_filter_destinations(env: Env) -> None:
 
 
 def test_version_and_help() -> None:
-    run = dsc("--version")
+    run = dsc_here("--version")
     assert run.code == 0 and re.fullmatch(r"dsc \S+\n", run.out), run
-    helped = dsc("history", "--help")
+    helped = dsc_here("history", "--help")
     for option in ("--since", "--user", "--state", "--limit", "--wide", "--json"):
         assert option in helped.out
 
@@ -224,15 +228,15 @@ def test_closed_pipe_inside_a_long_listing() -> None:
 def test_scan_warns_on_format_mismatch(env: Env, tmp_path: Path) -> None:
     disguised = tmp_path / "photo.png"
     disguised.write_bytes(PDF)
-    run = dsc("scan", "--server", env.server.url, "--quiet", str(disguised))
+    run = dsc_here("scan", "--server", env.server.url, "--quiet", str(disguised))
     assert run.code == 0, run
     assert (
         "dsc: warning: photo.png: sent as png, but its content looks like PDF "
         "(use --format pdf-a)" in run.err
     ), run.err
-    clean = dsc("scan", "--server", env.server.url, "--quiet", str(env.files / "page.png"))
+    clean = dsc_here("scan", "--server", env.server.url, "--quiet", str(env.files / "page.png"))
     assert "warning" not in clean.err, clean.err
-    bad = dsc("scan", "--server", env.server.url, "--format", "gif", str(disguised))
+    bad = dsc_here("scan", "--server", env.server.url, "--format", "gif", str(disguised))
     assert bad.code == 2, bad
     assert "valid values: " + ", ".join(VALID_FORMATS) in bad.err
     assert "Traceback" not in bad.err
@@ -287,7 +291,7 @@ def test_watch_prints_each_event_of_a_scan_then_unsubscribes(env: Env) -> None:
         out, err = Lines(watch.stdout), Lines(watch.stderr)
         started = err.next()
         assert started.startswith(f"watching {env.server.url} (events to http://127.0.0.1:")
-        run = dsc(
+        run = dsc_here(
             "scan", "--server", env.server.url, "--quiet", "--json", str(env.files / "page.png")
         )
         token = run.json()["token"]
@@ -340,7 +344,7 @@ def test_watch_human_lines(env: Env) -> None:
         assert watch.stderr is not None and watch.stdout is not None
         out, err = Lines(watch.stdout), Lines(watch.stderr)
         assert err.next().startswith("watching")
-        token = dsc(
+        token = dsc_here(
             "scan", "--server", env.server.url, "--quiet", "--json", str(env.files / "page.png")
         ).json()["token"]
         lines = []
@@ -364,9 +368,9 @@ def test_watch_human_lines(env: Env) -> None:
 
 
 def test_watch_usage_errors() -> None:
-    run = dsc("watch", "--listen", "nonsense")
+    run = dsc_here("watch", "--listen", "nonsense")
     assert run.code == 2 and "ADDR:PORT" in run.err, run
     unknown = f"http://127.0.0.1:9/ScanServer-{uuid.uuid4().hex[:4]}"
-    down = dsc("watch", "--server", unknown, "--listen", "127.0.0.1:0")
+    down = dsc_here("watch", "--server", unknown, "--listen", "127.0.0.1:0")
     assert down.code == 1 and "cannot reach the scan server" in down.err, down
     assert "Traceback" not in down.err
