@@ -17,7 +17,7 @@ import pytest
 from dsc_bindings.runtime.installation import IDENTITY_FILE, UUID_KEYS
 from dsc_bindings.store.postgresql import SCHEMA_VERSION
 from dsc_core.model import FileShareInstructions
-from e2e_support import Soap, dsc
+from e2e_support import Soap, dsc_here
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, PgCluster, S3Server, secret_file
 from test_e2e_serve import LOCAL_SHARE, StartServer, start_server, user_folder, write
 from waiting import wait_for
@@ -32,21 +32,21 @@ def backend() -> Backend:
 
 def test_upgrade_creates_then_leaves_the_schema(pg: PgCluster, tmp_path: Path) -> None:
     dsn = pg.new_database()
-    first = dsc("db", "upgrade", "--store", dsn)
+    first = dsc_here("db", "upgrade", "--store", dsn)
     assert first.code == 0, first
     assert re.fullmatch(
         rf"job store schema {SCHEMA_VERSION} created at PostgreSQL .*dbname=t\d+.*\n", first.out
     )
-    again = dsc("db", "upgrade", "--store", dsn)
+    again = dsc_here("db", "upgrade", "--store", dsn)
     assert again.code == 0 and "already current, nothing to do" in again.out, again
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(SCHEMA_VERSION,)]
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM installation").fetchone() == (0,)
-    embedded = dsc("db", "upgrade", "--data", str(tmp_path / "data"))
+    embedded = dsc_here("db", "upgrade", "--data", str(tmp_path / "data"))
     assert embedded.code == 0 and "job store schema 1 created at SQLite" in embedded.out
 
-    unreachable = dsc("db", "upgrade", "--store", "postgresql://dsc@127.0.0.1:1/none")
+    unreachable = dsc_here("db", "upgrade", "--store", "postgresql://dsc@127.0.0.1:1/none")
     assert unreachable.code == 1 and unreachable.out == "", unreachable
     assert unreachable.err.startswith("dsc: db upgrade: connecting to PostgreSQL"), unreachable
     assert unreachable.err.count("\n") == 1 and "Traceback" not in unreachable.err
@@ -59,13 +59,13 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     # (the second larger than a part: a true multipart upload), one device.
     server = start_server()
     page = write(tmp_path / "in" / "done.png", os.urandom(30_000))
-    assert dsc("scan", "--server", server.url, "--quiet", str(page)).code == 0
+    assert dsc_here("scan", "--server", server.url, "--quiet", str(page)).code == 0
     client = Soap(server.url)
     active = client.create([FileShareInstructions((LOCAL_SHARE,))], root_name="moved")
     images = [os.urandom(200_000), os.urandom(6 << 20)]
     for number, image in enumerate(images, start=1):
         client.send_image(active, number, image)
-    devices_before = dsc("devices", "--server", server.url, "--json").json()
+    devices_before = dsc_here("devices", "--server", server.url, "--json").json()
     assert len(devices_before) == 1
 
     dsn, bucket = pg.new_database(), s3.new_bucket()
@@ -81,7 +81,7 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
         str(secret),
     ]
     migrate = ["db", "migrate", "--data", str(server.data), "--to-store", dsn]
-    running = dsc(*migrate, "--to-spool", "s3", *s3_options)
+    running = dsc_here(*migrate, "--to-spool", "s3", *s3_options)
     assert running.code == 1, running
     assert "stop dsc serve on this data folder first" in running.err, running
     server.stop_cleanly()
@@ -89,7 +89,7 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
         source_totals = dict(conn.execute("SELECT name, value FROM counters").fetchall())
     assert source_totals["jobs_created"] == 2 and source_totals["images_received"] == 3
 
-    moved = dsc(*migrate, "--to-spool", "s3", *s3_options)
+    moved = dsc_here(*migrate, "--to-spool", "s3", *s3_options)
     assert moved.code == 0, moved
     table = {
         line.split()[0]: line.split()[1:3]
@@ -130,7 +130,7 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     keys = s3.client().list_objects_v2(Bucket=bucket, Prefix="spool/")["Contents"]
     assert sorted(k["Key"] for k in keys) == [f"spool/{active}/1", f"spool/{active}/2"]
 
-    again = dsc(*migrate, "--to-spool", "s3", *s3_options)
+    again = dsc_here(*migrate, "--to-spool", "s3", *s3_options)
     assert again.code == 1 and "already holds 2 job(s)" in again.err, again
 
     # The server on the engines serves the moved installation: the active job goes on.
@@ -147,7 +147,7 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     with psycopg.connect(dsn) as conn:
         started = conn.execute("SELECT device_uuid, starts FROM installation").fetchone()
     assert started == (source_identity["device_uuid"], source_identity["starts"] + 1)
-    history = dsc("history", "--server", engines.url, "--json").json()
+    history = dsc_here("history", "--server", engines.url, "--json").json()
     assert [e["state"] for e in history] == ["Completed"]
     client = Soap(engines.url)
     view = client.dsp_job(active)
@@ -159,20 +159,20 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
     for number, image in enumerate(images, start=1):
         assert (folder / f"moved_{number:04d}.png").read_bytes() == image
     # The job created before the move counts for its device when it ends after it.
-    [device] = dsc("devices", "--server", engines.url, "--json").json()
+    [device] = dsc_here("devices", "--server", engines.url, "--json").json()
     assert (device["address"], device["jobs"]) == (devices_before[0]["address"], 2)
     wait_for(
-        lambda: dsc("devices", "--server", engines.url, "--json").json()[0]["completed"] == 2,
+        lambda: dsc_here("devices", "--server", engines.url, "--json").json()[0]["completed"] == 2,
         what="the moved job's end counted for its device",
     )
     engines.stop_cleanly()
 
 
 def test_migrate_says_what_is_missing(tmp_path: Path) -> None:
-    nothing = dsc("db", "migrate", "--data", str(tmp_path / "empty"), "--to-store", "x")
+    nothing = dsc_here("db", "migrate", "--data", str(tmp_path / "empty"), "--to-store", "x")
     assert nothing.code == 2 and "does not exist: nothing to migrate" in nothing.err, nothing
-    no_dest = dsc("db", "migrate", "--data", str(tmp_path))
+    no_dest = dsc_here("db", "migrate", "--data", str(tmp_path))
     assert no_dest.code == 2 and "--to-store DSN" in no_dest.err, no_dest
-    no_s3 = dsc("db", "migrate", "--to-store", "postgresql://x/y", "--to-spool", "s3")
+    no_s3 = dsc_here("db", "migrate", "--to-store", "postgresql://x/y", "--to-spool", "s3")
     assert no_s3.code == 2, no_s3
     assert "--to-spool s3 needs --endpoint-url, --bucket, --access-key-id" in no_s3.err, no_s3
