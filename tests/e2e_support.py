@@ -7,6 +7,7 @@ Nothing here is a mock: every request crosses a TCP socket to a separate server 
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import hashlib
@@ -667,3 +668,20 @@ class Relay:
         return [
             (part.get_filename() or "", part.get_content()) for part in message.iter_attachments()
         ]
+
+
+class HeldRelay(Relay):
+    """An SMTP relay that keeps each message's DATA unanswered until :attr:`release` is set:
+    the mail filter of a job waits there, so its instance holds the job's lease."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.arrived.set()
+        while not self.release.is_set():
+            await asyncio.sleep(0.05)
+        answer: str = await super().handle_DATA(server, session, envelope)
+        return answer

@@ -8,7 +8,6 @@ Short settings keep each test to seconds: a heartbeat every 0.2 s, a lease of 1.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from aiosmtpd.controller import Controller
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions, FileShareInstructions
-from e2e_support import Relay, ServerProcess, Soap, dsc, free_port
+from e2e_support import HeldRelay, ServerProcess, Soap, dsc, free_port
 from test_delivery import Healthy, subscribe
 from test_observe_e2e import get
 from waiting import wait_for
@@ -357,23 +356,6 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
         ),
         what="the stopped instance counted",
     )
-
-
-class HeldRelay(Relay):
-    """An SMTP relay that keeps each message's DATA unanswered until :attr:`release` is set:
-    the mail filter of a job waits there, so its instance holds the job's lease."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.arrived.set()
-        while not self.release.is_set():
-            await asyncio.sleep(0.05)
-        answer: str = await super().handle_DATA(server, session, envelope)
-        return answer
 
 
 class HeldSubscriber(Healthy):
