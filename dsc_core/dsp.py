@@ -109,6 +109,18 @@ def create_lookups(request: Request) -> Lookups:
     )
 
 
+def creating_quota_reached(origin: str, limit: int) -> faults.SoapFault:
+    """The R13 quota's fault (docs/rulings.md, "Fault reason texts"): ``origin`` holds
+    ``limit`` jobs in Creating.  Also the answer when the store refuses a creation that
+    another instance's, at the same moment, brought over the quota (issue 18 point 1)."""
+    return faults.limit_reached(
+        NS,
+        f"The client {origin} already has as many jobs in Creating as it may",
+        "max_creating_jobs_per_user",
+        limit,
+    )
+
+
 def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
     state, now = request.state, request.now
     limits = request.config.limits
@@ -126,12 +138,7 @@ def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
         else 0
     )
     if held >= limits.max_creating_jobs_per_user:
-        raise faults.limit_reached(
-            NS,
-            f"The client {origin} already has as many jobs in Creating as it may",
-            "max_creating_jobs_per_user",
-            limits.max_creating_jobs_per_user,
-        )
+        raise creating_quota_reached(origin, limits.max_creating_jobs_per_user)
     # Issue 14 (lockouts): many clients, each under its quota, can still fill every slot; the
     # last ones are kept for clients holding no Creating job (config.reserved_slots), so a
     # scanner that arrives then is served.

@@ -415,9 +415,11 @@ class Exchange:
             subcode,
         )
 
-    def store_failed(self, *, temporary: bool) -> Outcome:
+    def store_failed(self, *, temporary: bool, fault: faults.SoapFault | None = None) -> Outcome:
         """A command of this exchange failed: undo its change and answer with the fault of
-        R4 step 9 instead (ServerErrorTemporaryError when a retry may succeed)."""
+        R4 step 9 instead (ServerErrorTemporaryError when a retry may succeed), or with
+        ``fault`` when the store refused the change for a rule of the core's own (a quota
+        counted across instances: dsp.creating_quota_reached)."""
         if not self._ended:
             # A chunk could not be written while feeding: refuse the request now.
             fault = faults.store_failed(names.DSP, temporary=temporary)
@@ -436,7 +438,9 @@ class Exchange:
             self.operations.get(self._envelope.addressing.action or "") if self._envelope else None
         )
         ns = operation.service if operation and operation.repository_service else names.DSC
-        return self._fault_outcome(faults.store_failed(ns, temporary=temporary), commands)
+        if fault is None:
+            fault = faults.store_failed(ns, temporary=temporary)
+        return self._fault_outcome(fault, commands)
 
     def abort(self) -> list[Command]:
         """The connection was lost before end(): drop any upload in progress."""

@@ -138,10 +138,18 @@ def test_postgresql_schema_1_is_upgraded_keeping_its_jobs(pg: PgCluster, tmp_pat
         conn.execute(
             "INSERT INTO jobs (token, state, active, created, job) VALUES ('t', 's', true, 'c', 'j')"
         )
+        # Schema 9 copies an active record's origin (the quota's key) into its column.
+        conn.execute(
+            "INSERT INTO jobs (token, state, active, created, job) "
+            """VALUES ('u', 'Creating', true, 'c', '{"origin": "10.0.0.7"}')"""
+        )
     assert record_start_of(tmp_path, storage).starts == 1
     with psycopg.connect(storage.dsn) as conn:
         assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(SCHEMA_VERSION,)]
-        assert conn.execute("SELECT token FROM jobs").fetchall() == [("t",)]
+        assert conn.execute("SELECT token, origin FROM jobs ORDER BY token").fetchall() == [
+            ("t", None),
+            ("u", "10.0.0.7"),
+        ]
 
 
 def test_postgresql_unreachable_is_a_store_error(tmp_path: Path) -> None:

@@ -266,6 +266,60 @@ def test_quota_counts_jobs_created_on_other_instances(cluster: Cluster) -> None:
             two.dsp_cancel(token)
 
 
+def create_at_once(cluster: Cluster, count: int) -> tuple[list[str], list[dc.ClientFault]]:
+    """``count`` CreatePostScanJob of one client, spread over the instances, sent together:
+    the tokens given and the faults answered."""
+    barrier = threading.Barrier(count)
+    tokens: list[str] = []
+    refusals: list[dc.ClientFault] = []
+    errors: list[BaseException] = []
+
+    def creator(n: int) -> None:
+        client = cluster.clients[n % len(cluster.clients)]
+        barrier.wait(30)
+        try:
+            tokens.append(client.create(SHARE, root_name=f"quota{n}"))
+        except dc.ClientFault as fault:
+            refusals.append(fault)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=creator, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [], errors
+    assert len(tokens) + len(refusals) == count
+    return tokens, refusals
+
+
+def test_concurrent_creations_on_every_instance_never_pass_the_quota(cluster: Cluster) -> None:
+    """max_creating_jobs_per_user holds for CreatePostScanJob of one client sent to every
+    instance at the same moment (issue 18 point 1): each creating write counts the client's
+    Creating jobs in SQL under a lock per client, so the last ones are refused with the quota's
+    own fault, however the instances' reads of each other's jobs fall."""
+    for _round in range(4):
+        tokens, refusals = create_at_once(cluster, 4 * len(cluster.clients))
+        try:
+            # Every refusal is the quota's: the quota is filled, never passed.
+            assert len(tokens) == PER_USER, (tokens, refusals)
+            for fault in refusals:
+                assert str(fault.subcode).endswith(":ServerErrorTemporaryError"), fault
+                assert fault.reason.endswith(
+                    f"(the limit is {PER_USER}, setting [limits] max_creating_jobs_per_user); "
+                    "retry when one of them has ended."
+                ), fault
+            with psycopg.connect(cluster.dsn) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM jobs WHERE active AND state = 'Creating'"
+                ).fetchone()
+            assert row is not None and row[0] == PER_USER, row
+        finally:
+            for token in tokens:
+                cluster.clients[0].dsp_cancel(token)
+
+
 def test_concurrent_scans_on_all_instances(cluster: Cluster) -> None:
     """Scanners whose requests go round the instances, at once: every job completes once."""
     tokens: list[str] = []

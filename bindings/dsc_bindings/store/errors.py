@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 
-__all__ = ["StoreError", "as_store_error", "is_temporary"]
+__all__ = ["CreatingQuotaReached", "JobChanged", "StoreError", "as_store_error", "is_temporary"]
 
 # R4 step 9: conditions a retry may get past.
 _TEMPORARY_ERRNOS = frozenset(
@@ -50,6 +50,21 @@ class JobChanged(StoreError):
     def __init__(self, token: str) -> None:
         super().__init__(f"job {token} was changed by another instance meanwhile; retry", True)
         self.token = token
+
+
+class CreatingQuotaReached(StoreError):
+    """A new job refused by the store: its origin already holds ``limit`` jobs in Creating,
+    counting those other instances created at the same moment (issue 18 point 1, the R13
+    quota ``max_creating_jobs_per_user``).  Temporary, as the core's own quota fault; the
+    runtime answers with that fault (dsc_core.dsp.creating_quota_reached), not the store's.
+    Not a store fault either: a refusal, logged as one."""
+
+    def __init__(self, origin: str, limit: int) -> None:
+        super().__init__(
+            f"{origin} already holds {limit} jobs in Creating (counted across instances)", True
+        )
+        self.origin = origin
+        self.limit = limit
 
 
 def is_temporary(exc: BaseException) -> bool:

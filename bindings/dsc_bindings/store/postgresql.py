@@ -53,7 +53,12 @@ import psycopg
 import psycopg_pool
 from psycopg import conninfo
 
-from dsc_bindings.store.errors import JobChanged, StoreError, as_store_error
+from dsc_bindings.store.errors import (
+    CreatingQuotaReached,
+    JobChanged,
+    StoreError,
+    as_store_error,
+)
 from dsc_bindings.store.interface import (
     JobChanges,
     PoolStats,
@@ -84,7 +89,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -250,6 +255,26 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER uploads_doorbell AFTER INSERT OR UPDATE OR DELETE ON uploads
             FOR EACH ROW EXECUTE FUNCTION dsc_jobs_doorbell()""",
     ),
+    (
+        # Quotas strict across instances (issue 18 point 1): the job's origin (R13 quota: the
+        # user, else the client address) as a column, so the creating write counts the
+        # origin's Creating jobs in SQL under a lock per origin (write(), _CREATING_HELD).
+        # Rows of earlier versions get theirs from the record (only active ones can count; a
+        # record that is no JSON, written by hand, counts against no quota, as in jobcodec).
+        "ALTER TABLE jobs ADD COLUMN origin text",
+        """DO $$
+        DECLARE r record;
+        BEGIN
+            FOR r IN SELECT token, job FROM jobs WHERE active LOOP
+                BEGIN
+                    UPDATE jobs SET origin = r.job::jsonb ->> 'origin' WHERE token = r.token;
+                EXCEPTION WHEN invalid_text_representation THEN
+                    NULL;
+                END;
+            END LOOP;
+        END $$""",
+        "CREATE INDEX jobs_creating_by_origin ON jobs (origin) WHERE active AND state = 'Creating'",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -266,18 +291,28 @@ _PRUNE_SECONDS = 60.0
 #: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
 #: that running instances see it.
 _UPSERT = """
-    INSERT INTO jobs (token, state, active, created, completed, job)
-    VALUES (%s, %s, %s, %s, %s, %s)
+    INSERT INTO jobs (token, state, active, created, completed, job, origin)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (token) DO UPDATE SET
         state = excluded.state, active = excluded.active, created = excluded.created,
-        completed = excluded.completed, job = excluded.job,
+        completed = excluded.completed, job = excluded.job, origin = excluded.origin,
         version = jobs.version + 1, xid = pg_current_xact_id()
 """
 _INSERT = """
-    INSERT INTO jobs (token, state, active, created, completed, job)
-    VALUES (%s, %s, %s, %s, %s, %s)
+    INSERT INTO jobs (token, state, active, created, completed, job, origin)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (token) DO NOTHING
     RETURNING version
+"""
+#: The class of the advisory locks taken per origin by a creating write (two int4 keys: apart
+#: from the leader's one-bigint lock, store/instances.py), "dscq".
+CREATING_LOCK_CLASS = 0x64736371
+#: Held until the transaction ends: two instances creating jobs for one origin at the same
+#: moment take turns, so the second counts the first's row (issue 18 point 1).
+_CREATING_LOCK = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+#: The origin's jobs in Creating (R13 quota, ``max_creating_jobs_per_user``), every instance's.
+_CREATING_HELD = """
+    SELECT count(*) FROM jobs WHERE active AND state = 'Creating' AND origin = %s
 """
 #: The row's new version and the end of the uploads it now records commit together: an
 #: instance never sees an image neither in flight nor in the job (its R6 timeout would fire).
@@ -570,6 +605,10 @@ class PostgresRecords:
         self.pending_grace = 30.0
         #: This run's host and data folder (store/leases.py ``lease_home``), set by the runtime.
         self.home: str | None = None
+        #: ``[limits] max_creating_jobs_per_user`` as configured now (a reload changes it),
+        #: checked again by each creating write (issue 18 point 1; set by the runtime); None:
+        #: not checked here.
+        self.creating_limit: Callable[[], int] | None = None
         self._db = db
         self._pruned = time.monotonic()
         #: Uploads rows this run could not delete (an upload ended while the database was
@@ -623,7 +662,7 @@ class PostgresRecords:
         return self._db.run(what, sql, params)
 
     def put(self, job: Job) -> None:
-        self._run(f"recording job {job.token}", _UPSERT, record_columns(job))
+        self._run(f"recording job {job.token}", _UPSERT, (*record_columns(job), job.origin))
 
     def drop(self, token: str) -> None:
         self._run(f"dropping job {token}", _DROP, {"token": token})
@@ -636,6 +675,9 @@ class PostgresRecords:
             return
         job = command.job
         token, state, active, created, completed, text = record_columns(job)
+        if isinstance(command, CreateJob) and job.origin and self.creating_limit is not None:
+            self._create_within_quota(write, job, (token, state, active, created, completed, text))
+            return
         if isinstance(command, CreateJob) or write.expected is None:
             sql: str = _INSERT
             params: tuple[object, ...] | dict[str, object] = (
@@ -645,6 +687,7 @@ class PostgresRecords:
                 created,
                 completed,
                 text,
+                job.origin,
             )
         else:
             assert isinstance(command, UpdateJob)
@@ -685,6 +728,39 @@ class PostgresRecords:
 
         if not self._db.transaction(what, transact):
             raise JobChanged(token)
+
+    def _create_within_quota(
+        self, write: VersionedWrite, job: Job, columns: tuple[object, ...]
+    ) -> None:
+        """A new job, inserted only while its origin holds fewer Creating jobs than
+        ``max_creating_jobs_per_user``, counted in SQL under the origin's lock (issue 18
+        point 1): the core counted its table, which another instance's creation at the same
+        moment is not yet in.  Refused: :class:`CreatingQuotaReached`, so the core undoes the
+        creation and answers with the quota's own fault."""
+        assert self.creating_limit is not None
+        limit = self.creating_limit()
+        if self._db.closed:
+            raise StoreError("the job store is closed", temporary=False)
+
+        def transact(cur: psycopg.Cursor[Any]) -> int | None:
+            cur.execute(_CREATING_LOCK, (CREATING_LOCK_CLASS, job.origin))
+            cur.execute(_CREATING_HELD, (job.origin,))
+            row = cur.fetchone()
+            held = 0 if row is None else int(row[0])
+            if held >= limit:
+                return held
+            cur.execute(_INSERT, (*columns, job.origin))  # our own constant SQL
+            if cur.fetchone() is None:
+                return None
+            if write.events:
+                _insert_events(cur, write.events)
+            return -1
+
+        outcome = self._db.transaction(f"recording job {job.token}", transact)
+        if outcome is None:
+            raise JobChanged(job.token)
+        if outcome >= 0:
+            raise CreatingQuotaReached(job.origin, limit)
 
     def store_subscription(self, identifier: str, expires: datetime, record: str) -> None:
         self._run(
