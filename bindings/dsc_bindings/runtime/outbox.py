@@ -32,6 +32,8 @@ log = logging.getLogger("dsc.delivery")
 
 #: A failing database is logged at most this often.
 _LOG_EVERY_SECONDS = 10.0
+#: The doorbell is waited for in slices this long, so that a stop is seen at once.
+STOP_CHECK_SECONDS = 0.1
 
 
 class OutboxPump:
@@ -84,13 +86,23 @@ class OutboxPump:
         while not self._stop.is_set():
             try:
                 self._pump()
-                self._rows.wait(self._poll)
+                self._wait_for_rows()
             except StoreError as exc:
                 self._log(exc)
                 self._stop.wait(self._poll)
             except Exception:  # a bug must not stop the deliveries for the rest of the run
                 log.exception("sending the outbox failed")
                 self._stop.wait(self._poll)
+
+    def _wait_for_rows(self) -> None:
+        """Until the doorbell rings or the poll interval passes, in slices of
+        :data:`STOP_CHECK_SECONDS`: a stop must not wait out the poll (every stop of a
+        PostgreSQL-backed server waited up to 2 s here)."""
+        deadline = time.monotonic() + self._poll
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._rows.wait(min(left, STOP_CHECK_SECONDS)):
+                return
 
     def _pump(self) -> None:
         for row in self._rows.claim(self._me, self._lease):

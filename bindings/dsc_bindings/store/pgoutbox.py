@@ -94,9 +94,10 @@ class OutboxRows:
     def release(self, me: str) -> None:
         self._db.run("releasing delivery leases", _RELEASE, (me,))
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
         """Until the doorbell rings or ``timeout`` passes; at once after (re)connecting (what
-        rang meanwhile was lost: the caller reads the table again)."""
+        rang meanwhile was lost: the caller reads the table again).  True when it rang or
+        reconnected, False when the time passed."""
         from dsc_bindings.store.postgresql import connection_kwargs, is_temporary_pg
 
         with self._lock:
@@ -106,9 +107,10 @@ class OutboxRows:
                         self._dsn, **connection_kwargs(self._password_file)
                     )
                     self._listener.execute("LISTEN dsc_outbox")
-                    return
+                    return True
                 for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                    pass
+                    return True
+                return False
             except psycopg.Error as exc:
                 if self._listener is not None:
                     self._listener.close()
