@@ -7,7 +7,6 @@ their own (a clock that jumps, ids that count).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from datetime import datetime, tzinfo
 
@@ -33,21 +32,34 @@ def local_now() -> datetime:
 
 
 def new_uuid() -> str:
-    """A random (version 4) UUID string, like ``str(uuid.uuid4())``, with the random bytes
-    drawn from the OS a page at a time (profiled: one ``os.urandom`` call and a ``UUID``
-    object per id were about 3 us of each request)."""
-    global _random_pool, _random_used
-    with _random_lock:  # ids are drawn by the core's owner and by tools' threads
-        if _random_used + 16 > len(_random_pool):
-            _random_pool, _random_used = os.urandom(4096), 0
-        raw = bytearray(_random_pool[_random_used : _random_used + 16])
-        _random_used += 16
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4 (RFC 9562 section 5.4)
-    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random (version 4) UUID string, like ``str(uuid.uuid4())``.  Drawn from a list made
+    256 at a time from one ``os.urandom`` call (profiled: one ``os.urandom`` call and a
+    ``UUID`` object per id were about 3 us of each request; formatting each id under a lock,
+    12k instructions, callgrind).  ``list.pop`` is atomic: threads need no lock, and two
+    that find the list empty at once both refill it, each with fresh random ids."""
+    while True:
+        try:
+            return _ids.pop()
+        except IndexError:
+            _ids.extend(_fresh_ids())
 
 
-_random_pool = b""
-_random_used = 0
-_random_lock = threading.Lock()
+#: The version nibble's place is "4"; the variant nibble keeps its two random low bits under
+#: the RFC variant's "10" (RFC 9562 section 4.1): hex digit -> hex digit.
+_VARIANT = {f"{d:x}": f"{(d & 0x3) | 0x8:x}" for d in range(16)}
+_BATCH = 256
+
+
+def _fresh_ids() -> list[str]:
+    h = os.urandom(16 * _BATCH).hex()
+    variant = _VARIANT
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+        f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+        for i in range(0, 32 * _BATCH, 32)
+    ]
+
+
+_ids: list[str] = []
+# A forked worker (dsc serve --workers, uvicorn --workers) must not hand out its parent's ids.
+os.register_at_fork(after_in_child=_ids.clear)
