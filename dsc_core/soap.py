@@ -132,35 +132,41 @@ _AT_MOST_ONCE = frozenset({"Action", "MessageID", "To", "ReplyTo", "FaultTo"})
 
 def _read_addressing(headers: tuple[Element, ...]) -> Addressing:
     # One pass: the first of each header per WS-Addressing version, then the version (R2: a
-    # request with any WS-Addressing 1.0 header is answered in 1.0).
+    # request with any WS-Addressing 1.0 header is answered in 1.0).  Written for the hot path
+    # (issue 20, callgrind: ~48k instructions for 4 headers before): the version seen in the
+    # loop, the values looked up directly, Addressing built positionally (a keyword call to
+    # a class builds a dict).
     found: dict[tuple[str, str], str] = {}
     identifier = None
     duplicated = None
+    wsa10 = False
     for el in headers:
         ns, local = split(el.tag)
         if ns == names.WSA or ns == names.WSA10:
+            if ns == names.WSA10:
+                wsa10 = True
             key = (ns, local)
-            if key in found and local in _AT_MOST_ONCE and duplicated is None:
-                duplicated = local
-            if local in _ADDRESSING_LOCALS:
-                found.setdefault(key, trimmed(el.text))
+            if key in found:
+                if local in _AT_MOST_ONCE and duplicated is None:
+                    duplicated = local
+            elif local in _ADDRESSING_LOCALS:
+                found[key] = trimmed(el.text)
             elif local == "ReplyTo":
-                found.setdefault(key, _address_of(el))
+                found[key] = _address_of(el)
             else:  # another header: it still says which version the request speaks (R2)
-                found.setdefault(key, "")
+                found[key] = ""
         elif ns == names.WSE and local == "Identifier" and identifier is None:
             identifier = trimmed(el.text)
-    wsa_ns = names.WSA10 if any(key[0] == names.WSA10 for key in found) else names.WSA
-    values = {local: value for (ns, local), value in found.items() if ns == wsa_ns and local}
-    action = values.get("Action")
+    wsa_ns = names.WSA10 if wsa10 else names.WSA
+    action = found.get((wsa_ns, "Action"))
     return Addressing(
-        wsa_ns=wsa_ns,
-        action=names.canonical_uri(action) if action else None,
-        message_id=values.get("MessageID") or None,
-        to=values.get("To") or None,
-        identifier=identifier,
-        reply_to=values.get("ReplyTo"),
-        duplicated=duplicated,
+        wsa_ns,
+        names.canonical_uri(action) if action else None,
+        found.get((wsa_ns, "MessageID")) or None,
+        found.get((wsa_ns, "To")) or None,
+        identifier,
+        found.get((wsa_ns, "ReplyTo")),
+        duplicated,
     )
 
 
