@@ -5,14 +5,16 @@ lease is rescued by one instance only, a live one by none; and the runtime's kee
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
+from dsc_bindings.filters import FilterSettings, fileshare
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
 from dsc_bindings.store.errors import JobChanged
@@ -21,7 +23,9 @@ from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
-from dsc_core.model import JobState
+from dsc_core.model import FileShareInstructions, FilterState, JobState
+from test_filters_support import make_documents
+from test_filters_support import make_job as make_filter_job
 from test_store import make_job
 from waiting import wait_for
 
@@ -292,3 +296,43 @@ def test_delivery_records_are_read_by_a_rescuer_and_fenced(
         PgDeliveryJournal(records.database, "j", 0, None).check()
     records.drop("j")  # the records go with the job
     assert PgDeliveryJournal(records.database, "j", 0, None).done == {}
+
+
+def test_a_rescuer_and_the_stalled_run_never_share_a_temporary_file(
+    dsn: str, records: PostgresRecords, tmp_path: Path
+) -> None:
+    """A stalled instance whose lease was rescued may still be writing when the rescuer
+    delivers the same documents to the same share: each run names its temporary files by its
+    lease epoch (one shared name let the stalled run unlink the rescuer's file, which then
+    failed the job).  The rescuer takes what the stalled run placed, unlinks its unfinished
+    file (so it can place nothing), and delivers the rest once."""
+    pending(records, "j")
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    first = a.claim("j")
+    assert first is not None
+    expire(dsn, "j")
+    [rescued] = b.rescue(1)
+    assert rescued.epoch > first
+    settings = FilterSettings(
+        share_roots=((r"\\h\s", tmp_path / "out"),),
+        journal_of=lambda job, documents, index: PgDeliveryJournal(
+            records.database, "j", index, (b.owner, rescued.epoch)
+        ),
+    )
+    docs = make_documents(tmp_path / "spool", ("png", b"one" * 5000), ("png", b"two" * 5000))
+    job = make_filter_job(FileShareInstructions((r"\\h\s",)), document_root_name="inv")
+    folder = tmp_path / "out" / "alice@corp.example"
+    folder.mkdir(parents=True)
+    stalled = [fileshare._temporary(job.token, d, first)[0] for d in (1, 2)]
+    mine = [fileshare._temporary(job.token, d, rescued.epoch)[0] for d in (1, 2)]
+    assert not set(stalled) & set(mine)
+    # The stalled run placed document 1 (not recorded: its lease was gone) and is writing 2.
+    (folder / stalled[0]).write_bytes(b"one" * 5000)
+    os.link(folder / stalled[0], folder / "inv_0001.png")
+    (folder / stalled[1]).write_bytes(b"tw")
+    outcome = fileshare.run(job, 0, docs, settings, threading.Event())
+    assert outcome.state is FilterState.COMPLETED_SUCCESSFULLY, outcome
+    assert sorted(p.name for p in folder.iterdir()) == ["inv_0001.png", "inv_0002.png"]
+    assert (folder / "inv_0002.png").read_bytes() == b"two" * 5000
+    journal = PgDeliveryJournal(records.database, "j", 0, None)
+    assert sorted(journal.names_in(folder)) == ["inv_0001.png", "inv_0002.png"]

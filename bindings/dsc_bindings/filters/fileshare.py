@@ -281,20 +281,28 @@ def _copy_one(
     link that fails rather than overwrite (R9).  So a partial file never looks like a document,
     and a re-run after a crash (R13) finds what the interrupted run did: a journal entry (done),
     or a temporary file already linked to its final name (done, the journal entry was lost).
+
+    With a shared store each run of the job's filters names its temporary file by its lease
+    epoch (``.dsc-<token>-<id>-<epoch>.part``, :func:`_temporary`): a rescuer and the stalled
+    instance it took the job from may write at once, and a shared name let one unlink or place
+    the other's file (seen: the rescuer's document gone, its filter failed).  The rescuer looks
+    at the earlier runs' names and unlinks them, so a stalled run can place nothing after.
     """
-    tmp = f".dsc-{job.token}-{document.document_id}.part"
+    tmp, *earlier = _temporary(job.token, document.document_id, journal.run)
     known = journal.get(folder.path, document.document_id)
     if known is not None:
-        _unlink_quietly(folder, tmp, missing_ok=True)
+        _unlink_all(folder, (tmp, *earlier))
         return known[0]
-    found = _linked_name(folder, tmp, delivery, settings.chunk_size)
+    found = None
+    for name in (tmp, *earlier):
+        found = found or _linked_name(folder, name, delivery, settings.chunk_size)
     if found is None and journal.damaged:
         found = _unjournaled_copy(folder, delivery, counter, journal, settings.chunk_size)
     if found is not None:
         n = delivery.counter_of(found)
         n = counter if n is None else n
         journal.add(folder.path, document.document_id, n, found)
-        _unlink_quietly(folder, tmp, missing_ok=True)
+        _unlink_all(folder, (tmp, *earlier))
         return n
     try:
         src = open(delivery.source, "rb", buffering=0)
@@ -304,7 +312,7 @@ def _copy_one(
         # A partial file of an interrupted run is replaced by a new one, never written through:
         # whatever sits under the temporary name (a hard link or symlink to another file
         # planted by a user of the share) is unlinked, and O_EXCL|O_NOFOLLOW create afresh.
-        _unlink_quietly(folder, tmp, missing_ok=True)
+        _unlink_all(folder, (tmp, *earlier))
         new = folder.create(tmp)
         try:
             buffer = bytearray(settings.chunk_size)
@@ -336,6 +344,17 @@ def _copy_one(
     journal.add(folder.path, document.document_id, counter, name)
     _unlink_quietly(folder, tmp, missing_ok=True)  # gone already when it was renamed
     return counter
+
+
+def _temporary(token: str, document_id: int, run: int) -> list[str]:
+    """The temporary file names of one document: this run's first, then those of the earlier
+    runs of the job's filters (DeliveryJournal.run; run 0, one server, has no suffix)."""
+    return [f".dsc-{token}-{document_id}{f'-{n}' if n else ''}.part" for n in range(run, -1, -1)]
+
+
+def _unlink_all(folder: ShareFolder, names: tuple[str, ...]) -> None:
+    for name in names:
+        _unlink_quietly(folder, name, missing_ok=True)
 
 
 def _place(folder: ShareFolder, tmp: str, delivery: _Delivery, counter: int) -> tuple[int, str]:

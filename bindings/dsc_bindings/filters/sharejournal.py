@@ -35,6 +35,10 @@ class DeliveryJournal(Protocol):
 
     #: Some records could not be read: delivered documents are recognised on the share.
     damaged: bool
+    #: Which run of the job's filters this is: the lease epoch with a shared store (each claim
+    #: a new one), 0 on one server.  It names the run's temporary files (fileshare), so two
+    #: runs of one job at once (a stalled instance whose lease was rescued) never share one.
+    run: int
 
     def get(self, directory: PurePath, document_id: int) -> tuple[int, str] | None:
         """(counter, file name) of a document already delivered to ``directory``."""
@@ -64,6 +68,9 @@ JournalOf = Callable[[Job, list[tuple[Document, Path]], int], DeliveryJournal]
 
 
 class ResumeJournal:
+    #: One server runs a job's filters once at a time (DeliveryJournal.run).
+    run = 0
+
     def __init__(self, path: Path | None, token: str) -> None:
         self.path = path
         self.token = token

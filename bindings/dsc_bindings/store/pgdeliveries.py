@@ -54,6 +54,8 @@ class PgDeliveryJournal:
         self._token = token
         self._index = filter_index
         self._lease = lease
+        #: DeliveryJournal.run: the epoch of the lease this run holds.
+        self.run = 0 if lease is None else lease[1]
         self.done: dict[tuple[str, int], tuple[int, str]] = {}
         for folder, document_id, counter, name in db.run(
             f"reading the deliveries of job {token}", _LOAD, {"token": token, "index": filter_index}
