@@ -228,6 +228,16 @@ class HAProxyCluster:
         assert row is not None, f"no uploads row of document {document_id} of job {token}"
         return str(row[0])
 
+    def lease_holder(self) -> str | None:
+        """The name of an instance running a job's filters now (a live job lease), if any."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT i.name FROM jobs j JOIN instances i ON i.id::text = j.lease_owner "
+                "WHERE j.active AND j.state IN ('Started', 'Processing') "
+                "AND j.lease_until > now() LIMIT 1"
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     # - what an operator does -
 
     def kill9(self, index: int) -> None:
