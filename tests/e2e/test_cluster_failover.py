@@ -72,9 +72,10 @@ def cluster(
     folder = tmp_path_factory.mktemp("haproxy-cluster")
     (folder / "share").mkdir()
     config = (
-        f"[jobs]\ntimeout_seconds = {TIMEOUT_SECONDS}\n"
-        # The whole history in one GetJobHistory (R15 caps a reply at 32,767 octets by default).
-        "[limits]\nmax_reply_bytes = 4194304\n"
+        # Every job of a long soak (DSC_LONG_TESTS=1: some 2,000) in the history, and the whole
+        # history in one GetJobHistory (R15 caps a reply at 32,767 octets by default).
+        f"[jobs]\ntimeout_seconds = {TIMEOUT_SECONDS}\nhistory_size = 10000\n"
+        "[limits]\nmax_reply_bytes = 16777216\n"
         # One share for every instance, as a file server is: a job rescued by another instance
         # finds what the first one delivered there.
         f"[shares]\n'{LOCAL_SHARE}' = \"{folder / 'share'}\"\n"
