@@ -234,3 +234,35 @@ def test_the_page_counts_connections_without_reading_metrics_back(
     view = View("Idle", (), True, tmp_path, True, "test")
     assert snapshot(view, w.observer)["counters"]["connections"] == 2 == w.observer.connections
     assert w.sample("dsc_connections") == 2
+
+
+def test_a_device_book_whose_database_is_away_is_one_error_line(
+    w: Watched, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device write that fails (PostgreSQL restarting) is one ERROR line naming it, never a
+    traceback, and the image is still logged: a failover test found the image's contact
+    update logged with a traceback while the others were one line."""
+    from dsc_bindings.store.errors import StoreError
+
+    class DatabaseAway:
+        def close(self) -> None:
+            pass
+
+        def __getattr__(self, name: str) -> object:
+            def fail(*args: object) -> None:
+                raise StoreError(f"{name}: PoolTimeout", temporary=True)
+
+            return fail
+
+    w.observer.devices = DatabaseAway()  # type: ignore[assignment]
+    caplog.set_level(logging.INFO)
+    token = create_job(w.t, FS)
+    ok(send_image(w.t, token, 1, b"12345"))
+    w.feed()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "device not recorded: job_created: PoolTimeout",
+        "device contact not recorded: contact: PoolTimeout",
+    ]
+    assert all(r.exc_info is None for r in errors)
+    assert any("image 1 received" in line for line in logged(caplog))

@@ -331,7 +331,10 @@ class Observer:
             },
         )
         if known is not None and self.devices is not None and known.address:
-            self.devices.contact(known.address, known.identity, datetime.now().astimezone())
+            try:
+                self.devices.contact(known.address, known.identity, datetime.now().astimezone())
+            except Exception as exc:  # the database is away: one line, as for the other counts
+                logging.getLogger("dsc.devices").error("device contact not recorded: %s", exc)
 
     def _index(self, known: _Known, before: Job | None) -> None:
         """Put ``known.job`` in the page's indexes (under the lock): ``before`` is the record
