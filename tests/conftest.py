@@ -13,6 +13,7 @@ import pytest
 from lxml import etree
 
 if TYPE_CHECKING:
+    from dsc_bindings.store.postgresql import PostgresRecords
     from engines_support import Backend, PgCluster, S3Server
     from samba_support import SambaDC
     from smb_support import SmbServer
@@ -150,6 +151,25 @@ def pg() -> Iterator[PgCluster]:
 
     with pg_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def dsn(pg: PgCluster) -> str:
+    """A fresh database on the session's PostgreSQL."""
+    return pg.new_database()
+
+
+@pytest.fixture
+def two(dsn: str) -> Iterator[tuple[PostgresRecords, PostgresRecords]]:
+    """Two instances' job records on one database."""
+    from dsc_bindings.store.postgresql import PostgresRecords
+
+    a, b = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ and the runtime's catch-up (runtime/catchup.py) over it."""
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -26,22 +26,6 @@ from waiting import wait_for
 
 if TYPE_CHECKING:
     from engines_support import PgCluster
-
-
-@pytest.fixture
-def dsn(pg: PgCluster) -> str:
-    return pg.new_database()
-
-
-@pytest.fixture
-def two(dsn: str) -> Iterator[tuple[PostgresRecords, PostgresRecords]]:
-    """Two instances' records on one database."""
-    a, b = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def create(records: PostgresRecords, token: str) -> None:

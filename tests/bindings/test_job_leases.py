@@ -30,14 +30,9 @@ from test_store import make_job
 from waiting import wait_for
 
 if TYPE_CHECKING:
-    from engines_support import PgCluster
+    pass
 
 LEASE = 30.0
-
-
-@pytest.fixture
-def dsn(pg: PgCluster) -> str:
-    return pg.new_database()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ lease is taken over from the rows left, and the doorbell rings."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -23,24 +22,9 @@ from dsc_core.subscription import EndpointReference, Subscription
 from test_store import make_job
 
 if TYPE_CHECKING:
-    from engines_support import PgCluster
+    pass
 
 SUB = "urn:uuid:5b0d3f6e-0000-4000-8000-000000000001"
-
-
-@pytest.fixture
-def dsn(pg: PgCluster) -> str:
-    return pg.new_database()
-
-
-@pytest.fixture
-def two(dsn: str) -> Iterator[tuple[PostgresRecords, PostgresRecords]]:
-    a, b = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def subscription(expires: datetime | None = None) -> Subscription:
