@@ -9,7 +9,7 @@ set, job outcomes from ``dsc_core.outcomes``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -211,14 +211,11 @@ def _cluster_work(member: ClusterMember) -> Iterator[Metric]:
         rows[row.name] = rows.get(row.name, 0) + row.outbox_lag.rows
         age = row.outbox_lag.oldest_seconds or 0.0
         oldest[row.name] = max(oldest.get(row.name, 0.0), age)
-    held = GaugeMetricFamily(
+    yield _per_instance(
         "dsc_cluster_leases_held",
         "Jobs whose filters each instance runs now (its job leases not yet run out)",
-        labels=["name"],
+        leases,
     )
-    for name, count in leases.items():
-        held.add_metric([name], count)
-    yield held
     lag = member.outbox()
     yield GaugeMetricFamily(
         "dsc_outbox_rows",
@@ -231,22 +228,24 @@ def _cluster_work(member: ClusterMember) -> Iterator[Metric]:
         "Age of the oldest notification waiting in the outbox (0: none waits)",
         value=lag.oldest_seconds or 0.0,
     )
-    owned = GaugeMetricFamily(
+    yield _per_instance(
         "dsc_outbox_owner_rows",
         "Notifications waiting in the outbox per delivery owner (the instance sending them)",
-        labels=["name"],
+        rows,
     )
-    for name, count in rows.items():
-        owned.add_metric([name], count)
-    yield owned
-    owned_oldest = GaugeMetricFamily(
+    yield _per_instance(
         "dsc_outbox_owner_oldest_seconds",
         "Age of the oldest notification waiting per delivery owner (0: none waits)",
-        labels=["name"],
+        oldest,
     )
-    for name, age in oldest.items():
-        owned_oldest.add_metric([name], age)
-    yield owned_oldest
+
+
+def _per_instance(name: str, documentation: str, values: Mapping[str, float]) -> Metric:
+    """A gauge with one sample per instance name."""
+    gauge = GaugeMetricFamily(name, documentation, labels=["name"])
+    for instance, value in values.items():
+        gauge.add_metric([instance], value)
+    return gauge
 
 
 class HealthGauges(Collector):
