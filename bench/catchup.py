@@ -34,7 +34,7 @@ from runtime import dc, names, wrk_run  # noqa: E402
 
 from dsc_core.model import FileShareInstructions  # noqa: E402
 from e2e_support import ServerProcess, Soap  # noqa: E402
-from engines_support import PgCluster, postgres_bin  # noqa: E402
+from engines_support import PgCluster, pg_cluster, postgres_bin  # noqa: E402
 
 OPS = ("GetActiveJobs", "GetRepositoryElements")
 STORES = ("sqlite", "postgresql")
@@ -117,14 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if postgres_bin() is None:
         print("skipped: needs Debian's postgresql (/usr/lib/postgresql/*/bin/initdb)")
         return 0
-    pg = PgCluster()
-    try:
-        pg.init()
-        pg.start()
-        with tempfile.TemporaryDirectory(prefix="dsc-bench-catchup-") as name:
-            results = measure(args, Path(name), pg)
-    finally:
-        pg.close()
+    with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-bench-catchup-") as name:
+        results = measure(args, Path(name), pg)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0

@@ -34,7 +34,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from asgi import checked_reply, request_body, spread, wrk_round  # noqa: E402
 
 from e2e_support import LISTENING, ServerProcess  # noqa: E402
-from engines_support import PgCluster, postgres_bin  # noqa: E402
+from engines_support import PgCluster, pg_cluster, postgres_bin  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
 OP = "GetRepositoryElements"
@@ -136,14 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if postgres_bin() is None:
         print("skipped: needs Debian's postgresql (/usr/lib/postgresql/*/bin/initdb)")
         return 0
-    pg = PgCluster()
-    try:
-        pg.init()
-        pg.start()
-        with tempfile.TemporaryDirectory(prefix="dsc-workers-bench-") as tmp:
-            results = measure(args, Path(tmp), pg)
-    finally:
-        pg.close()
+    with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-workers-bench-") as tmp:
+        results = measure(args, Path(tmp), pg)
     if args.json:
         raw = {
             c: {n: [asdict(r) for r in runs] for n, runs in d.items()} for c, d in results.items()
