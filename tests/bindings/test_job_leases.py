@@ -293,6 +293,34 @@ def test_delivery_records_are_read_by_a_rescuer_and_fenced(
     assert PgDeliveryJournal(records.database, "j", 0, None).done == {}
 
 
+def test_a_delivery_record_waits_out_a_postgresql_restart() -> None:
+    """A run that records a delivery while PostgreSQL restarts is answered once it is back,
+    instead of failing the filter (which aborts the job for good): seen in the failover test,
+    a PostgreSQL restart during a run of scans aborted a job whose files were on the share.
+    Its own PostgreSQL: this one is stopped."""
+    from engines_support import pg_cluster
+
+    with pg_cluster() as own:
+        records = PostgresRecords.open(own.new_database(), pool_timeout=1.0)
+        try:
+            pending(records, "j")
+            keeper = leases_of(records, "a")
+            epoch = keeper.claim("j")
+            assert epoch is not None
+            journal = PgDeliveryJournal(records.database, "j", 0, (keeper.owner, epoch))
+            own.stop("immediate")
+            back = threading.Timer(1.5, own.start)
+            back.start()
+            try:
+                journal.add(PurePath("/share/alice"), 1, 1, "scan_0001.png")
+            finally:
+                back.join()
+            again = PgDeliveryJournal(records.database, "j", 0, (keeper.owner, epoch))
+            assert again.get(PurePath("/share/alice"), 1) == (1, "scan_0001.png")
+        finally:
+            records.close()
+
+
 def test_a_rescuer_and_the_stalled_run_never_share_a_temporary_file(
     dsn: str, records: PostgresRecords, tmp_path: Path
 ) -> None:

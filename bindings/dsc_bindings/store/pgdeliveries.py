@@ -7,19 +7,48 @@ Each record is written only while the run holds the job's lease (the same owner 
 the job row has; store/leases.py): a run whose lease was lost gets
 :class:`~dsc_bindings.filters.sharejournal.DeliveryRefused` and places nothing more
 (:meth:`PgDeliveryJournal.check` before a file takes its final name).  The rows go with the
-job's row (postgresql.py's drop)."""
+job's row (postgresql.py's drop).
+
+A database that does not answer for a moment (PostgreSQL restarting, the pool reconnecting)
+must not fail a filter that delivered correctly: a failed filter ends the job Aborted, for
+good.  Each statement is tried again on a temporary StoreError for up to
+:data:`RETRY_SECONDS`; fencing keeps this safe (a run whose lease ran out meanwhile is refused
+by the retried statement).  Seen in the failover test: a PostgreSQL restart during a run of
+scans aborted a job whose files were all on the share."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dsc_bindings.filters.sharejournal import DeliveryRefused
+from dsc_bindings.store.errors import StoreError
 
 if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported where it is chosen
     from dsc_bindings.store.postgresql import PgDatabase
 
-__all__ = ["PgDeliveryJournal"]
+__all__ = ["RETRY_SECONDS", "PgDeliveryJournal"]
+
+#: How long a statement is tried again while the database does not answer (module doc).
+RETRY_SECONDS = 30.0
+_RETRY_EVERY_SECONDS = 0.25
+
+T = TypeVar("T")
+
+
+def _retrying(call: Callable[[], T]) -> T:
+    """``call()``, tried again on a temporary StoreError for up to RETRY_SECONDS."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    while True:
+        try:
+            return call()
+        except StoreError as exc:
+            if not exc.temporary or time.monotonic() >= deadline:
+                raise
+        time.sleep(_RETRY_EVERY_SECONDS)
+
 
 _LOAD = """
     SELECT folder, document_id, counter, name FROM filter_deliveries
@@ -57,10 +86,13 @@ class PgDeliveryJournal:
         #: DeliveryJournal.run: the epoch of the lease this run holds.
         self.run = 0 if lease is None else lease[1]
         self.done: dict[tuple[str, int], tuple[int, str]] = {}
-        for folder, document_id, counter, name in db.run(
+        for folder, document_id, counter, name in self._run(
             f"reading the deliveries of job {token}", _LOAD, {"token": token, "index": filter_index}
         ):
             self.done[(str(folder), int(document_id))] = (int(counter), str(name))
+
+    def _run(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return _retrying(lambda: self._db.run(what, sql, params))
 
     def get(self, directory: PurePath, document_id: int) -> tuple[int, str] | None:
         return self.done.get((str(directory), document_id))
@@ -76,7 +108,7 @@ class PgDeliveryJournal:
         return {"token": self._token, "owner": owner, "epoch": epoch}
 
     def check(self) -> None:
-        if not self._db.run(f"checking the lease of job {self._token}", _HELD, self._fence()):
+        if not self._run(f"checking the lease of job {self._token}", _HELD, self._fence()):
             raise DeliveryRefused(f"job {self._token}: the lease was lost")
 
     def add(self, directory: PurePath, document_id: int, counter: int, name: str) -> None:
@@ -88,6 +120,6 @@ class PgDeliveryJournal:
             "counter": counter,
             "name": name,
         }
-        if not self._db.run(f"recording a delivery of job {self._token}", _ADD, params):
+        if not self._run(f"recording a delivery of job {self._token}", _ADD, params):
             raise DeliveryRefused(f"job {self._token}: the lease was lost")
         self.done[(str(directory), document_id)] = (counter, name)
