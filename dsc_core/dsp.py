@@ -13,7 +13,7 @@ from lxml import etree
 from . import faults, names
 from .args import Args, Item, request_element
 from .commands import Command, FinishDocument, JobInput
-from .config import reserved_slots
+from .config import Limits, reserved_slots
 from .directory import Lookups
 from .fast_init import fast_init
 from .instructions import PostScanInstructions, read_post_scan_instructions
@@ -111,8 +111,7 @@ def create_lookups(request: Request) -> Lookups:
 
 def creating_quota_reached(origin: str, limit: int) -> faults.SoapFault:
     """The R13 quota's fault (docs/rulings.md, "Fault reason texts"): ``origin`` holds
-    ``limit`` jobs in Creating.  Also the answer when the store refuses a creation that
-    another instance's, at the same moment, brought over the quota (issue 18 point 1)."""
+    ``limit`` jobs in Creating."""
     return faults.limit_reached(
         NS,
         f"The client {origin} already has as many jobs in Creating as it may",
@@ -121,36 +120,49 @@ def creating_quota_reached(origin: str, limit: int) -> faults.SoapFault:
     )
 
 
-def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
-    state, now = request.state, request.now
-    limits = request.config.limits
-    active = state.jobs.active()
-    if len(active) >= limits.max_active_jobs:
-        raise faults.limit_reached(
+def creation_refused(
+    limits: Limits, active: int, origin: str, held: int
+) -> faults.SoapFault | None:
+    """The one place of the rules that refuse a new job, from the counts: ``active`` jobs,
+    ``held`` of them in Creating for ``origin``; the fault to answer, or None.  The core
+    decides from its table; a shared store decides again from the same counts taken in SQL
+    under a lock, so that creations at the same moment on several instances cannot pass a
+    limit by one job per instance (issue 18 point 1; store/postgresql.py)."""
+    if active >= limits.max_active_jobs:
+        return faults.limit_reached(
             NS, "Every job slot of the server is taken", "max_active_jobs", limits.max_active_jobs
         )
     # R13 quota: per user (certificate identity), else per client address, so one scanner
     # holding Creating jobs cannot lock out the others; a retry after its jobs end succeeds.
-    origin = identity(request.config, request.info) or request.info.client_address or ""
-    held = (
-        sum(1 for j in active if j.state is JobState.CREATING and j.origin == origin)
-        if origin
-        else 0
-    )
     if held >= limits.max_creating_jobs_per_user:
-        raise creating_quota_reached(origin, limits.max_creating_jobs_per_user)
+        return creating_quota_reached(origin, limits.max_creating_jobs_per_user)
     # Issue 14 (lockouts): many clients, each under its quota, can still fill every slot; the
     # last ones are kept for clients holding no Creating job (config.reserved_slots), so a
     # scanner that arrives then is served.
     reserved = reserved_slots(limits.max_active_jobs, limits)
-    if held and len(active) >= limits.max_active_jobs - reserved:
-        raise faults.limit_reached(
+    if held and active >= limits.max_active_jobs - reserved:
+        return faults.limit_reached(
             NS,
             f"The last {reserved} of the {limits.max_active_jobs} job slots are kept for "
             f"clients with no job in Creating, and the client {origin} has {held}",
             "new_client_share",
             limits.new_client_share,
         )
+    return None
+
+
+def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
+    state, now = request.state, request.now
+    active = state.jobs.active()
+    origin = identity(request.config, request.info) or request.info.client_address or ""
+    held = (
+        sum(1 for j in active if j.state is JobState.CREATING and j.origin == origin)
+        if origin
+        else 0
+    )
+    refused = creation_refused(request.config.limits, len(active), origin, held)
+    if refused is not None:
+        raise refused
     token = state.new_id()
     instructions = args.instructions
     job = Job(

@@ -419,7 +419,7 @@ class Exchange:
         """A command of this exchange failed: undo its change and answer with the fault of
         R4 step 9 instead (ServerErrorTemporaryError when a retry may succeed), or with
         ``fault`` when the store refused the change for a rule of the core's own (a quota
-        counted across instances: dsp.creating_quota_reached)."""
+        counted across instances: dsp.creation_refused)."""
         if not self._ended:
             # A chunk could not be written while feeding: refuse the request now.
             fault = faults.store_failed(names.DSP, temporary=temporary)

@@ -348,11 +348,18 @@ class Soap:
     """Both protocols against one server URL; a fresh connection per request."""
 
     def __init__(
-        self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0
+        self,
+        url: str,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+        source: str | None = None,
     ) -> None:
         self.url = url
         self.ssl_context = ssl_context
         self.timeout = timeout
+        #: The address requests come from (another loopback address is another client to
+        #: the server's per-client rules); None: the system's choice.
+        self.source = None if source is None else (source, 0)
         parts = url.split("/", 3)
         self.host, port = parts[2].rsplit(":", 1)
         self.port = int(port)
@@ -361,9 +368,15 @@ class Soap:
     def connection(self) -> http.client.HTTPConnection:
         if self.ssl_context is not None:
             return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=self.ssl_context
+                self.host,
+                self.port,
+                timeout=self.timeout,
+                context=self.ssl_context,
+                source_address=self.source,
             )
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return http.client.HTTPConnection(
+            self.host, self.port, timeout=self.timeout, source_address=self.source
+        )
 
     def post(
         self,

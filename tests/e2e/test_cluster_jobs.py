@@ -2,8 +2,9 @@
 point 1): each instance has its own data folder and the same [store] and [spool]; a scanner
 whose requests land on different instances gets the answers one server would give.
 
-The instances share one configuration: a short R6 timeout (the idle-timeout test) and a quota of
-three Creating jobs per client (the quota test), so every test ends the jobs it creates."""
+The instances share one configuration: a short R6 timeout (the idle-timeout test), a quota of
+three Creating jobs per client (the quota test) and ten job slots, two kept for new clients
+(the job slot tests), so every test ends the jobs it creates."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 TIMEOUT_SECONDS = 3
 #: [limits] max_creating_jobs_per_user of the instances (the quota test fills it).
 PER_USER = 3
+#: [limits] max_active_jobs and new_client_share of the instances: two of the ten job slots
+#: are kept for clients with no job in Creating (dsc_core.config.reserved_slots).
+SLOTS, KEPT = 10, 2
 
 
 class Cluster:
@@ -70,7 +74,8 @@ def cluster(
     config = folder / "dsc.toml"
     config.write_text(
         f"[jobs]\ntimeout_seconds = {TIMEOUT_SECONDS}\n\n"
-        f"[limits]\nmax_creating_jobs_per_user = {PER_USER}\n\n"
+        f"[limits]\nmax_creating_jobs_per_user = {PER_USER}\nmax_active_jobs = {SLOTS}\n"
+        f"new_client_share = {KEPT / SLOTS}\n\n"
         # Beats (and the outbox's poll, at most one beat) short: each instance stops within
         # one, not the default's 2 s; the leases keep their default length.
         "[cluster]\nheartbeat_seconds = 0.5\n\n"
@@ -318,6 +323,114 @@ def test_concurrent_creations_on_every_instance_never_pass_the_quota(cluster: Cl
         finally:
             for token in tokens:
                 cluster.clients[0].dsp_cancel(token)
+
+
+def active_jobs(cluster: Cluster) -> int:
+    with psycopg.connect(cluster.dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM jobs WHERE active").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def create_from_many_clients(
+    cluster: Cluster, sources: list[str]
+) -> tuple[dict[str, list[str]], dict[str, dc.ClientFault]]:
+    """One CreatePostScanJob from each address of ``sources`` (other loopback addresses: other
+    clients to the per-client rules), spread over the instances, sent together: the tokens
+    given, and the faults answered, by source."""
+    barrier = threading.Barrier(len(sources))
+    tokens: dict[str, list[str]] = {}
+    refusals: dict[str, dc.ClientFault] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def creator(n: int, source: str) -> None:
+        server = cluster.servers[n % len(cluster.servers)]
+        client = Soap(server.url, source=source)
+        barrier.wait(30)
+        try:
+            token = client.create(SHARE, root_name=f"slot{n}")
+        except dc.ClientFault as fault:
+            with lock:
+                refusals[source] = fault
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+        else:
+            with lock:
+                tokens.setdefault(source, []).append(token)
+
+    threads = [
+        threading.Thread(target=creator, args=(n, source)) for n, source in enumerate(sources)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [], errors
+    assert sum(map(len, tokens.values())) + len(refusals) == len(sources)
+    return tokens, refusals
+
+
+def refused_for(fault: dc.ClientFault, setting: str) -> bool:
+    return str(fault.subcode).endswith(":ServerErrorTemporaryError") and (
+        f"setting [limits] {setting})" in fault.reason
+    )
+
+
+def cancel_all(cluster: Cluster, tokens: dict[str, list[str]]) -> None:
+    for held in tokens.values():
+        for token in held:
+            cluster.clients[0].dsp_cancel(token)
+
+
+def test_concurrent_creations_never_pass_max_active_jobs(cluster: Cluster) -> None:
+    """max_active_jobs holds for creations of many clients sent to every instance at the same
+    moment (issue 18 point 1): each creating write counts every instance's active jobs in SQL
+    under the creations' lock, so exactly the slots are given, the rest refused with the
+    limit's own fault, however the instances' reads of each other's jobs fall."""
+    wait_for(lambda: active_jobs(cluster) == 0, 30, "the other tests' jobs to end")
+    sources = [f"127.0.0.{10 + n}" for n in range(2 * SLOTS)]
+    for _round in range(4):
+        tokens, refusals = create_from_many_clients(cluster, sources)
+        try:
+            assert sum(map(len, tokens.values())) == SLOTS, (tokens, refusals)
+            assert all(refused_for(f, "max_active_jobs") for f in refusals.values()), refusals
+            assert active_jobs(cluster) == SLOTS
+        finally:
+            cancel_all(cluster, tokens)
+
+
+def test_concurrent_creations_never_take_the_slots_kept_for_new_clients(
+    cluster: Cluster,
+) -> None:
+    """The slots kept for clients with no job in Creating (new_client_share, issue 14) hold
+    across instances too: with every slot but the kept ones taken, clients that hold a job in
+    Creating and new clients create at once on every instance; only new clients get the kept
+    slots, and no more than there are."""
+    wait_for(lambda: active_jobs(cluster) == 0, 30, "the other tests' jobs to end")
+    holders = [f"127.0.1.{10 + n}" for n in range(SLOTS - KEPT)]
+    newcomers = [f"127.0.2.{10 + n}" for n in range(2 * KEPT)]
+    for round_ in range(3):
+        first, _ = create_from_many_clients(cluster, holders)
+        try:
+            assert sorted(first) == sorted(holders), first
+            more, refusals = create_from_many_clients(cluster, holders + newcomers)
+            try:
+                assert set(more) <= set(newcomers), (round_, more)
+                assert sum(map(len, more.values())) == KEPT, (round_, more, refusals)
+                # A holder is refused for the kept slots (it has a job in Creating), or for
+                # the slots once newcomers took the kept ones; a newcomer only for the slots.
+                for source, fault in refusals.items():
+                    settings = ("max_active_jobs",) + (
+                        ("new_client_share",) if source in holders else ()
+                    )
+                    assert any(refused_for(fault, s) for s in settings), (source, fault)
+                assert active_jobs(cluster) == SLOTS
+            finally:
+                cancel_all(cluster, more)
+        finally:
+            cancel_all(cluster, first)
 
 
 def test_concurrent_scans_on_all_instances(cluster: Cluster) -> None:

@@ -17,10 +17,9 @@ from dsc_bindings.runtime.observing import ServiceObserver
 from dsc_bindings.runtime.owner import CoreOwner
 from dsc_bindings.runtime.peer import Peer
 from dsc_bindings.runtime.ticket import Ticket, Wait
-from dsc_bindings.store.errors import CreatingQuotaReached
+from dsc_bindings.store.errors import CreationRefused
 from dsc_bindings.store.sqlite import StoreError
 from dsc_core import Command, DirectoryAnswers, Exchange, Outcome, Reply
-from dsc_core.dsp import creating_quota_reached
 
 if TYPE_CHECKING:
     from dsc_bindings.directory.ldap import Directory
@@ -243,11 +242,11 @@ class ServiceRequest:
         """R4 step 9: tell the core, carry out its undo commands, answer with its fault."""
         temporary = isinstance(exc, StoreError) and exc.temporary
         fault = None
-        if isinstance(exc, CreatingQuotaReached):
-            # A refusal by the quota, counted across instances (issue 18 point 1): the answer
-            # is the quota's own fault, as when the core counted it.
+        if isinstance(exc, CreationRefused):
+            # A limit counted across instances (issue 18 point 1): the answer is the limit's
+            # own fault, as when the core counted it.
             log.info("job not created: %s", exc.message)
-            fault = creating_quota_reached(exc.origin, exc.limit)
+            fault = exc.fault
         elif isinstance(exc, StoreError):
             log.error(
                 "job store failed (%s): %s", "temporary" if temporary else "permanent", exc.message

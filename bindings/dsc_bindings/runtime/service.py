@@ -72,7 +72,7 @@ from dsc_bindings.runtime.request import RequestRuntime, ServiceRequest
 from dsc_bindings.runtime.ticket import Ticket, settle
 from dsc_bindings.runtime.writer import CommandWriter, Routes, Writable
 from dsc_bindings.store.backends import StorageSettings, open_job_store
-from dsc_bindings.store.errors import CreatingQuotaReached, JobChanged, StoreError
+from dsc_bindings.store.errors import CreationRefused, JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import Closable, JobStore, VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
@@ -383,7 +383,7 @@ class ScanService:
         cluster = self.cluster
         records.pending_grace = self._cluster_settings.lease_seconds
         records.home = store.home
-        records.creating_limit = lambda: self.config.limits.max_creating_jobs_per_user
+        records.limits = lambda: self.config.limits
         keeper = LeaseKeeper(
             JobLeases(
                 records.database, cluster.id, store.home, self._cluster_settings.lease_seconds
@@ -730,7 +730,7 @@ class ScanService:
             if self._leases is not None:
                 self._leases.check(write)
             self._require_store().apply(write)
-        except (JobChanged, CreatingQuotaReached) as exc:
+        except (JobChanged, CreationRefused) as exc:
             error = exc  # a lost race or a refusal, not a store fault (logged where answered)
             if self._leases is not None and isinstance(exc, JobChanged):
                 self._leases.refused(write)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+from typing import TYPE_CHECKING
 
-__all__ = ["CreatingQuotaReached", "JobChanged", "StoreError", "as_store_error", "is_temporary"]
+if TYPE_CHECKING:
+    from dsc_core.faults import SoapFault
+
+__all__ = ["CreationRefused", "JobChanged", "StoreError", "as_store_error", "is_temporary"]
 
 # R4 step 9: conditions a retry may get past.
 _TEMPORARY_ERRNOS = frozenset(
@@ -52,19 +56,17 @@ class JobChanged(StoreError):
         self.token = token
 
 
-class CreatingQuotaReached(StoreError):
-    """A new job refused by the store: its origin already holds ``limit`` jobs in Creating,
-    counting those other instances created at the same moment (issue 18 point 1, the R13
-    quota ``max_creating_jobs_per_user``).  Temporary, as the core's own quota fault; the
-    runtime answers with that fault (dsc_core.dsp.creating_quota_reached), not the store's.
+class CreationRefused(StoreError):
+    """A new job refused by the store for a limit of the core's, counted in SQL across
+    instances (issue 18 point 1: ``max_active_jobs``, the R13 quota
+    ``max_creating_jobs_per_user``, the slots kept for new clients; the rules are
+    ``dsc_core.dsp.creation_refused``).  Temporary, as the core's own fault; the runtime
+    answers with ``fault``, the one the core gives when it counts itself, not a store fault.
     Not a store fault either: a refusal, logged as one."""
 
-    def __init__(self, origin: str, limit: int) -> None:
-        super().__init__(
-            f"{origin} already holds {limit} jobs in Creating (counted across instances)", True
-        )
-        self.origin = origin
-        self.limit = limit
+    def __init__(self, fault: SoapFault) -> None:
+        super().__init__(f"{fault.reason} (counted across instances)", True)
+        self.fault = fault
 
 
 def is_temporary(exc: BaseException) -> bool:

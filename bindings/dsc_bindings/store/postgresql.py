@@ -54,7 +54,7 @@ import psycopg_pool
 from psycopg import conninfo
 
 from dsc_bindings.store.errors import (
-    CreatingQuotaReached,
+    CreationRefused,
     JobChanged,
     StoreError,
     as_store_error,
@@ -70,6 +70,9 @@ from dsc_bindings.store.pgdoorbell import PgDoorbell
 from dsc_bindings.store.pgoutbox import OutboxRows
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core.commands import CreateJob, Deliver, DropJob, UpdateJob
+from dsc_core.config import Limits
+from dsc_core.dsp import creation_refused
+from dsc_core.faults import SoapFault
 from dsc_core.model import Job
 
 log = logging.getLogger("dsc.store")
@@ -304,15 +307,19 @@ _INSERT = """
     ON CONFLICT (token) DO NOTHING
     RETURNING version
 """
-#: The class of the advisory locks taken per origin by a creating write (two int4 keys: apart
-#: from the leader's one-bigint lock, store/instances.py), "dscq".
+#: The class of the advisory lock a creating write takes (two int4 keys: apart from the
+#: leader's one-bigint lock, store/instances.py), "dscq".
 CREATING_LOCK_CLASS = 0x64736371
-#: Held until the transaction ends: two instances creating jobs for one origin at the same
-#: moment take turns, so the second counts the first's row (issue 18 point 1).
-_CREATING_LOCK = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
-#: The origin's jobs in Creating (R13 quota, ``max_creating_jobs_per_user``), every instance's.
-_CREATING_HELD = """
-    SELECT count(*) FROM jobs WHERE active AND state = 'Creating' AND origin = %s
+#: Held until the transaction ends: two instances creating jobs at the same moment take
+#: turns, so the second counts the first's row (issue 18 point 1).  One lock for every
+#: creation, not one per origin: ``max_active_jobs`` and the slots kept for new clients count
+#: every origin's jobs.  A creation holds it for one count and one INSERT.
+_CREATING_LOCK = "SELECT pg_advisory_xact_lock(%s, 0)"
+#: What ``dsc_core.dsp.creation_refused`` decides from, every instance's: the active jobs,
+#: and the origin's jobs in Creating (the R13 quota, ``max_creating_jobs_per_user``).
+_CREATING_COUNTS = """
+    SELECT count(*), count(*) FILTER (WHERE state = 'Creating' AND origin = %(origin)s)
+    FROM jobs WHERE active
 """
 #: The row's new version and the end of the uploads it now records commit together: an
 #: instance never sees an image neither in flight nor in the job (its R6 timeout would fire).
@@ -605,10 +612,10 @@ class PostgresRecords:
         self.pending_grace = 30.0
         #: This run's host and data folder (store/leases.py ``lease_home``), set by the runtime.
         self.home: str | None = None
-        #: ``[limits] max_creating_jobs_per_user`` as configured now (a reload changes it),
+        #: ``[limits]`` as configured now (a reload changes them): the limits on new jobs are
         #: checked again by each creating write (issue 18 point 1; set by the runtime); None:
         #: not checked here.
-        self.creating_limit: Callable[[], int] | None = None
+        self.limits: Callable[[], Limits] | None = None
         self._db = db
         self._pruned = time.monotonic()
         #: Uploads rows this run could not delete (an upload ended while the database was
@@ -675,8 +682,8 @@ class PostgresRecords:
             return
         job = command.job
         token, state, active, created, completed, text = record_columns(job)
-        if isinstance(command, CreateJob) and job.origin and self.creating_limit is not None:
-            self._create_within_quota(write, job, (token, state, active, created, completed, text))
+        if isinstance(command, CreateJob) and self.limits is not None:
+            self._create_within_limits(write, job, (token, state, active, created, completed, text))
             return
         if isinstance(command, CreateJob) or write.expected is None:
             sql: str = _INSERT
@@ -729,38 +736,41 @@ class PostgresRecords:
         if not self._db.transaction(what, transact):
             raise JobChanged(token)
 
-    def _create_within_quota(
+    def _create_within_limits(
         self, write: VersionedWrite, job: Job, columns: tuple[object, ...]
     ) -> None:
-        """A new job, inserted only while its origin holds fewer Creating jobs than
-        ``max_creating_jobs_per_user``, counted in SQL under the origin's lock (issue 18
-        point 1): the core counted its table, which another instance's creation at the same
-        moment is not yet in.  Refused: :class:`CreatingQuotaReached`, so the core undoes the
-        creation and answers with the quota's own fault."""
-        assert self.creating_limit is not None
-        limit = self.creating_limit()
+        """A new job, inserted only if the core's rules on new jobs
+        (``dsc_core.dsp.creation_refused``: ``max_active_jobs``, the per-client quota, the
+        slots kept for new clients) allow it on every instance's jobs, counted in SQL under
+        the creations' lock (issue 18 point 1): the core counted its table, which another
+        instance's creation at the same moment is not yet in.  Refused:
+        :class:`CreationRefused`, so the core undoes the creation and answers with the
+        limit's own fault."""
+        assert self.limits is not None
+        limits = self.limits()
         if self._db.closed:
             raise StoreError("the job store is closed", temporary=False)
 
-        def transact(cur: psycopg.Cursor[Any]) -> int | None:
-            cur.execute(_CREATING_LOCK, (CREATING_LOCK_CLASS, job.origin))
-            cur.execute(_CREATING_HELD, (job.origin,))
+        def transact(cur: psycopg.Cursor[Any]) -> SoapFault | bool:
+            cur.execute(_CREATING_LOCK, (CREATING_LOCK_CLASS,))
+            cur.execute(_CREATING_COUNTS, {"origin": job.origin})
             row = cur.fetchone()
-            held = 0 if row is None else int(row[0])
-            if held >= limit:
-                return held
+            active, held = (0, 0) if row is None else (int(row[0]), int(row[1]))
+            refused = creation_refused(limits, active, job.origin, held if job.origin else 0)
+            if refused is not None:
+                return refused
             cur.execute(_INSERT, (*columns, job.origin))  # our own constant SQL
             if cur.fetchone() is None:
-                return None
+                return False
             if write.events:
                 _insert_events(cur, write.events)
-            return -1
+            return True
 
         outcome = self._db.transaction(f"recording job {job.token}", transact)
-        if outcome is None:
+        if outcome is False:
             raise JobChanged(job.token)
-        if outcome >= 0:
-            raise CreatingQuotaReached(job.origin, limit)
+        if isinstance(outcome, SoapFault):
+            raise CreationRefused(outcome)
 
     def store_subscription(self, identifier: str, expires: datetime, record: str) -> None:
         self._run(
