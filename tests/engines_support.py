@@ -20,10 +20,11 @@ import itertools
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,24 @@ class Backend:
         """What ``dsc serve`` logs about its job store."""
         return f"job store: SQLite in {data.resolve()} + spool in {data.resolve()}"
 
+    def job_rows(self, data: Path, tokens: Iterable[str]) -> list[str]:
+        """The store's rows of ``tokens``, one line each: what a test that waited in vain for
+        jobs to end says about them (which state, who holds them, what is in flight)."""
+        wanted = list(tokens)
+        path = data / "jobs.sqlite3"
+        if not path.exists():
+            return [f"{token}: no job store at {path}" for token in wanted]
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            found = {
+                str(token): f"{token}: state {state}, active {active}, created {created}"
+                for token, state, active, created in conn.execute(
+                    "SELECT token, state, active, created FROM jobs WHERE token IN "
+                    f"({','.join('?' * len(wanted))})",
+                    wanted,
+                )
+            }
+        return [found.get(token, f"{token}: no row") for token in wanted]
+
 
 class EnginesBackend(Backend):
     """PostgreSQL + S3 (issue 17): one database and one bucket per test, on the session's
@@ -387,6 +406,50 @@ class EnginesBackend(Backend):
 
     def start_line(self, data: Path) -> str:
         return f" + S3 {self.s3.endpoint_url} bucket {self.bucket}"
+
+    def job_rows(self, data: Path, tokens: Iterable[str]) -> list[str]:
+        """Each job's row with its lease (owner incarnation: alive, down or stopped; epoch;
+        seconds left, database time) and its uploads rows (store/leases.py, postgresql.py)."""
+        import psycopg
+
+        wanted = list(tokens)
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(_JOB_ROWS, (wanted,)).fetchall()
+            uploads: dict[str, list[str]] = {}
+            for token, document, instance, age in conn.execute(_UPLOAD_ROWS, (wanted,)):
+                uploads.setdefault(str(token), []).append(
+                    f"{document} by {instance} {age:.0f} s ago"
+                )
+        found = {
+            str(token): (
+                f"{token}: state {state}, active {active}, version {version}, lease owner "
+                f"{owner or '-'} ({holder}), home {home or '-'}, epoch {epoch}, lease "
+                + ("none" if left is None else f"{left:+.1f} s")
+                + f", uploads [{'; '.join(uploads.get(str(token), []))}]"
+            )
+            for token, state, active, version, owner, holder, home, epoch, left in rows
+        }
+        return [found.get(token, f"{token}: no row") for token in wanted]
+
+
+#: ``holder``: the lease owner's incarnation as the store sees it (up, down: its heartbeat older
+#: than its lease, stopped, or gone: no ``instances`` row).
+_JOB_ROWS = """
+    SELECT j.token, j.state, j.active, j.version, j.lease_owner,
+           CASE WHEN j.lease_owner IS NULL THEN 'nobody'
+                WHEN i.id IS NULL THEN 'no instances row'
+                WHEN i.stopped IS NOT NULL THEN 'stopped'
+                WHEN i.heartbeat < now() - make_interval(secs => i.lease_seconds) THEN 'down'
+                ELSE 'up' END
+               || COALESCE(', pid ' || i.pid, ''),
+           j.lease_home, j.lease_epoch, EXTRACT(EPOCH FROM j.lease_until - now())::float8
+    FROM jobs j LEFT JOIN instances i ON i.id::text = j.lease_owner
+    WHERE j.token = ANY(%s)
+"""
+_UPLOAD_ROWS = """
+    SELECT token, document_id, instance, EXTRACT(EPOCH FROM now() - started)::float8
+    FROM uploads WHERE token = ANY(%s) ORDER BY token, document_id
+"""
 
 
 def with_backend(backend: Backend, config: Path | None, folder: Path) -> Path | None:

@@ -32,6 +32,8 @@ from waiting import wait_for
 
 LONG = os.environ.get("DSC_LONG_TESTS") == "1"
 ROUNDS = 100 if LONG else 6
+#: The server log's last lines about each job that never ended (a failure's explanation).
+STORY_LINES = 6
 
 
 @dataclass
@@ -105,6 +107,24 @@ class Scanners:
                 continue  # died mid-job: the job stays Creating and times out
 
 
+def every_job_ends(client: Soap, backend: Backend, server: ServerProcess) -> None:
+    """Wait for every job to end; if some never do, fail saying which, with their rows in the
+    store (state, lease, uploads) and the server log's last lines about each (every run)."""
+    try:
+        wait_for(lambda: client.active() == [], 90, "every job to end")
+    except AssertionError as exc:
+        stuck = [view for view in client.active()]
+        rows = backend.job_rows(server.data, [view.token for view in stuck])
+        lines = server.log_path.read_text(errors="replace").splitlines()
+        story = []
+        for view, row in zip(stuck, rows, strict=True):
+            told = [line for line in lines if view.token in line][-STORY_LINES:]
+            story.append(f"{row}\n  seen as {view.state}\n  " + "\n  ".join(told))
+        raise AssertionError(
+            f"{exc}: {len(stuck)} job(s) never ended:\n" + "\n".join(story)
+        ) from None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("binding", "backend"),
@@ -147,7 +167,7 @@ def test_kill9_during_a_stream_of_scans(tmp_path: Path, binding: str, backend: B
             scanners.url = server.url
         scanners.join()
         client = Soap(server.url)
-        wait_for(lambda: client.active() == [], 90, "every job to end")
+        every_job_ends(client, backend, server)
         history = {view.token: view for view in client.history()}
         server.stop_cleanly()
     finally:
