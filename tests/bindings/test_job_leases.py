@@ -172,17 +172,26 @@ def test_rescue_takes_expired_and_unclaimed_jobs_once(dsn: str, records: Postgre
     assert [r.token for r in c.rescue(1)] == ["live"]
 
 
-def test_a_new_run_from_the_same_folder_releases_the_old_runs_leases(
+def test_a_new_run_from_the_same_folder_takes_back_every_job_of_the_old_run(
     records: PostgresRecords,
 ) -> None:
-    pending(records, "j")
-    old = leases_of(records, "a")
-    assert old.claim("j") is not None
+    """R13 as on SQLite: all of the dead run's jobs, queued or running, at once (however many
+    the engine can start), each with a new epoch; nobody else's, nothing twice."""
+    for token in ("queued1", "queued2", "queued3", "running", "elsewhere", "creating"):
+        pending(records, token, JobState.CREATING if token == "creating" else JobState.PENDING)
+    old, other = leases_of(records, "a"), leases_of(records, "b")
+    epochs = {t: old.claim(t) for t in ("queued1", "queued2", "queued3", "running")}
+    assert other.claim("elsewhere") is not None
     new = JobLeases(records.database, "instance-a2", old.home, LEASE)
-    other = leases_of(records, "b")
-    assert other.rescue(5) == []
-    assert new.release_home() == ["j"]
-    assert [r.token for r in new.rescue(5)] == ["j"]
+    assert other.rescue(5) == []  # the old run's leases are live: nobody else may take them
+    taken = new.take_home()
+    assert [(r.token, r.previous) for r in taken] == [
+        (t, old.owner) for t in ("queued1", "queued2", "queued3", "running")
+    ]
+    assert all(r.epoch == (epochs[r.token] or 0) + 1 for r in taken)
+    assert new.take_home() == [] and other.rescue(5) == []  # held by the new run now
+    # The dead run's epoch is fenced off: its renewal loses them all.
+    assert old.renew({t: e or 0 for t, e in epochs.items()}).lost == frozenset(epochs)
 
 
 def test_the_write_that_makes_a_job_pending_holds_it_for_its_claim(

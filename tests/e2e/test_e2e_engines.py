@@ -1,6 +1,7 @@
 """A real ``dsc serve --config`` whose [store] is PostgreSQL and whose [spool] is S3 (issue 17):
 a scan through the CLI is delivered, its record is a PostgreSQL row, its images S3 objects
-(one larger than a part, so a true multipart upload), and kill -9 loses nothing acknowledged."""
+(one larger than a part, so a true multipart upload), kill -9 loses nothing acknowledged, and
+the restarted server takes back every job of the killed one at once (R13, as on SQLite)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,21 @@ from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
+from aiosmtpd.controller import Controller
 
-from e2e_support import dsc
+from dsc_core.model import EmailInstructions, FileShareInstructions
+from e2e_support import HeldRelay, Soap, dsc, free_port
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, secret_file
-from test_e2e_serve import UUID_RE, StartServer, files_under, start_server, user_folder, write
+from test_e2e_serve import (
+    LOCAL_SHARE,
+    UUID_RE,
+    StartServer,
+    files_under,
+    start_server,
+    user_folder,
+    write,
+)
+from waiting import wait_for
 
 if TYPE_CHECKING:
     from engines_support import PgCluster, S3Server
@@ -112,3 +124,82 @@ def test_metrics_and_healthz_cover_the_engines(
     assert float(figures["dsc_store_pool_waiting"]) == 0
     assert float(figures["dsc_s3_errors_total"]) == 0
     assert 'dsc_health_check_ok{check="store"} 1.0' in text
+
+
+#: The lease rows of jobs: token -> (owner, epoch, whether the lease runs now).
+_LEASES = """
+    SELECT token, lease_owner, lease_epoch, COALESCE(lease_until > now(), false) FROM jobs
+"""
+
+
+def test_a_restarted_server_takes_back_all_its_jobs_at_once(
+    start_server: StartServer, tmp_path: Path, pg: PgCluster, s3: S3Server
+) -> None:
+    """kill -9 of the only instance while its engine runs two jobs (its two places; the mail
+    relay holds their messages) and queues three more: the restarted run holds all five at
+    once, each with a new epoch, while its engine is still full, instead of a few per
+    heartbeat as places free up or after the lease (600 s here); then each is delivered once.
+    Counted by the jobs' rows, not by time."""
+    config, dsn, _ = engines_config(tmp_path, pg, s3)
+    relay = HeldRelay()
+    smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        with config.open("a") as f:
+            f.write(
+                "\n[cluster]\nheartbeat_seconds = 0.3\nlease_seconds = 600\n"
+                f'\n[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
+            )
+        server = start_server(config=config)
+        client = Soap(server.url)
+        tokens = []
+        for n in range(5):
+            token = client.create(
+                [
+                    FileShareInstructions((LOCAL_SHARE,)),
+                    EmailInstructions(False, ("a@corp.example",)),
+                ],
+                root_name=f"job{n}",
+            )
+            client.send_image(token, 1, os.urandom(20_000))
+            client.end(token)
+            tokens.append(token)
+
+        def states() -> list[str]:
+            return sorted(view.state for view in client.active())
+
+        wait_for(lambda: states() == ["Pending"] * 3 + ["Processing"] * 2, 30, "2 jobs running")
+        with psycopg.connect(dsn) as conn:
+            before = {str(t): (o, int(e), live) for t, o, e, live in conn.execute(_LEASES)}
+        assert {before[t][0] for t in tokens} == {before[tokens[0]][0]}, before
+        assert all(live for _, _, live in before.values()), before
+
+        server.kill9()
+        server.start()
+        client = Soap(server.url)  # a new port
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT id::text FROM instances WHERE pid = %s AND stopped IS NULL", (server.pid,)
+            ).fetchone()
+        assert row is not None
+        again = row[0]
+
+        def taken_back() -> bool:
+            with psycopg.connect(dsn) as conn:
+                now = {str(t): (o, int(e), live) for t, o, e, live in conn.execute(_LEASES)}
+            return all(now[t] == (again, before[t][1] + 1, True) for t in tokens)
+
+        # The relay still holds every message: the engine's two places stay taken.
+        wait_for(taken_back, 30, "the restarted run to hold all five jobs, each a new epoch")
+        assert sum(f"job {t} taken back" in server.log for t in tokens) == 5, server.log
+
+        relay.release.set()
+        for token in tokens:
+            ended = client.wait_ended(token, 30)
+            assert ended.state == "Completed", ended
+            assert [f.state for f in ended.filters] == ["CompletedSuccessfully"] * 2, ended
+        # The file share ran once per job (R13: a finished filter is not run again).
+        assert files_under(user_folder(server.data)) == {f"job{n}_0001.png" for n in range(5)}
+    finally:
+        relay.release.set()
+        smtp.stop()

@@ -4,7 +4,9 @@ whole story).
 
 - **Claim.** The instance whose core moves a job to Pending claims it when it carries out the
   core's StartProcessing (:meth:`LeaseKeeper.claim`, in the writer thread); a job another
-  instance holds is not started here.  Jobs nobody claimed (the claiming instance died, or the
+  instance holds is not started here.  At start, the jobs this data folder's earlier run held
+  (it is dead: this run holds the folder's lock) are taken back at once, all of them, and the
+  first beat resumes them (R13, as on SQLite; :meth:`LeaseKeeper.start`).  Jobs nobody claimed (the claiming instance died, or the
   database did not answer) and jobs whose lease expired are taken by the sweep below.
 - **Fencing.** Every record write of a job this instance holds carries its lease
   (:meth:`LeaseKeeper.fence`); the store writes it only while the lease is still this one.  A
@@ -66,6 +68,8 @@ class LeaseKeeper:
         #: When the last successful renewal began (monotonic).
         self._renewed = time.monotonic()
         self._failing = False
+        #: Taken back at start (:meth:`start`), resumed by the first beat.
+        self._taken: list[Rescued] = []
 
     @property
     def owner(self) -> str:
@@ -88,10 +92,22 @@ class LeaseKeeper:
     # --- claim and release (writer, engine threads) ---------------------------------------------
 
     def start(self) -> None:
-        """At start: the leases of an earlier run from this data folder end now (it is dead:
-        this run holds the folder's lock), so the sweep takes their jobs at once."""
-        for token in self._leases.release_home():
-            log.info("job %s: the lease of this folder's earlier run is released", token)
+        """At start: every job an earlier run from this data folder held is this run's now,
+        with a new epoch (it is dead: this run holds the folder's lock); the first beat
+        resumes them all (R13), as a SQLite server does at start, instead of leaving them to
+        expire and be rescued a few per heartbeat."""
+        taken = self._leases.take_home()
+        with self._lock:
+            for job in taken:
+                self._held[job.token] = job.epoch
+            self._taken = taken
+        for job in taken:
+            log.info(
+                "job %s taken back from this folder's earlier run %s (lease epoch %d)",
+                job.token,
+                job.previous,
+                job.epoch,
+            )
 
     def claim(self, token: str) -> bool:
         """StartProcessing: whether this instance may run ``token`` (it holds the lease now)."""
@@ -191,6 +207,10 @@ class LeaseKeeper:
     def beat(self, ok: bool) -> None:
         """Renew, learn cancellations and losses, then sweep (module doc).  ``ok``: whether the
         instance's own heartbeat worked (the renewal is tried anyway)."""
+        with self._lock:
+            taken, self._taken = self._taken, []
+        if taken:
+            self._resume(taken)
         began = time.monotonic()
         held = self.held()
         try:

@@ -5,8 +5,9 @@ A lease is three columns of the job's row: ``lease_owner`` (the holder's incarna
 ``instances.id``: new at each start, so a restarted server never passes for its dead
 predecessor), ``lease_epoch`` (+1 by every claim) and ``lease_until`` (database time: the hosts'
 clocks never decide).  ``lease_home`` is the holder's host and data folder, so that a new run
-from the same folder (it holds the folder's lock: the earlier run is dead) releases the leases
-of the earlier one at once instead of waiting for them to expire.
+from the same folder (it holds the folder's lock: the earlier run is dead) takes back the jobs
+of the earlier one at once (:meth:`JobLeases.take_home`, R13 as on SQLite) instead of waiting
+for their leases to expire and the sweep to rescue them a few per heartbeat.
 
 - **Claim** (:meth:`JobLeases.claim`): one conditional UPDATE, so two instances never both
   hold a job: it succeeds only while nobody holds a live lease on the active job.
@@ -29,7 +30,7 @@ so renewals are not changes the other instances read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported where it is chosen
     from dsc_bindings.store.postgresql import PgDatabase
@@ -78,11 +79,23 @@ _RELEASE = """
     WHERE token = %(token)s AND lease_owner = %(me)s AND lease_epoch = %(epoch)s
 """
 
-#: A new run from the same folder: the earlier run is dead, its leases expire now.
-_RELEASE_HOME = """
-    UPDATE jobs SET lease_until = NULL
-    WHERE lease_home = %(home)s AND lease_owner <> %(me)s AND lease_until IS NOT NULL
-    RETURNING token
+#: A new run from the same folder takes back, with a new epoch, every job the folder's earlier
+#: run held: that run is dead (this one holds the folder's lock), so nothing else runs them.
+#: ``FOR UPDATE`` without SKIP LOCKED: a job another instance's sweep is taking at this very
+#: moment is waited for, then seen with its new ``lease_home`` and left to it.
+_TAKE_HOME = f"""
+    WITH earlier AS (
+        SELECT token, lease_owner FROM jobs
+        WHERE lease_home = %(home)s AND lease_owner IS DISTINCT FROM %(me)s
+          AND active AND state IN {_ENGINE_STATES}
+        ORDER BY seq
+        FOR UPDATE
+    )
+    UPDATE jobs j SET lease_owner = %(me)s, lease_epoch = j.lease_epoch + 1,
+        lease_until = now() + make_interval(secs => %(lease)s)
+    FROM earlier
+    WHERE j.token = earlier.token
+    RETURNING j.token, earlier.lease_owner, j.lease_epoch
 """
 
 
@@ -150,18 +163,22 @@ class JobLeases:
         if limit <= 0:
             return []
         found = self._db.run("rescuing jobs", _RESCUE, self._params(limit=limit))
-        return [
-            Rescued(str(token), None if previous is None else str(previous), int(epoch))
-            for token, previous, epoch in found
-        ]
+        return _rescued(found)
 
     def release(self, token: str, epoch: int) -> None:
         """The engine finished ``token``: its lease ends now (a retry may be claimed at once)."""
         self._db.run(f"releasing job {token}", _RELEASE, self._params(token=token, epoch=epoch))
 
-    def release_home(self) -> list[str]:
-        """At start: the leases of an earlier run from this folder end now (module doc)."""
-        found = self._db.run(
-            "releasing the leases of an earlier run", _RELEASE_HOME, self._params()
-        )
-        return [str(token) for (token,) in found]
+    def take_home(self) -> list[Rescued]:
+        """At start: every job the earlier run from this folder held, claimed for this run
+        with a new epoch (module doc), whatever the engine's free places: R13 resumes them
+        all at once, as on SQLite.  Oldest first."""
+        found = self._db.run("taking back the jobs of an earlier run", _TAKE_HOME, self._params())
+        return _rescued(found)
+
+
+def _rescued(found: list[tuple[Any, ...]]) -> list[Rescued]:
+    return [
+        Rescued(str(token), None if previous is None else str(previous), int(epoch))
+        for token, previous, epoch in found
+    ]
