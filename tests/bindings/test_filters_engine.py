@@ -16,6 +16,7 @@ from typing import Any
 
 from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
 from dsc_bindings.filters.common import Deliveries, never_raises
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_core import ScanServer, StartProcessing
 from dsc_core.commands import (
     FilterFinished,
@@ -45,6 +46,8 @@ GOOD = FileShareInstructions((r"\\h\s",))
 class Recorder:
     def __init__(self, fail_on: type | None = None) -> None:
         self.events: list[ProcessingEvent] = []
+        #: The jobs the engine handed back interrupted, in order.
+        self.interrupted: list[str] = []
         self.changed = threading.Condition()
         self.fail_on = fail_on
 
@@ -54,6 +57,12 @@ class Recorder:
             self.changed.notify_all()
         if self.fail_on is not None and isinstance(event, self.fail_on):
             raise RuntimeError("the core is unhappy")
+
+    def interrupt(self, token: str) -> None:
+        """The engine's ``interrupted`` hand-back."""
+        with self.changed:
+            self.interrupted.append(token)
+            self.changed.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
         with self.changed:
@@ -102,6 +111,7 @@ def _engine(
         chunk_size=64 * 1024,
         sharepoint_sites=allow(server) if server else (),
     )
+    kw.setdefault("interrupted", recorder.interrupt)
     return ProcessingEngine(settings, documents_of or (lambda job: docs), recorder, **kw)
 
 
@@ -380,3 +390,60 @@ def test_close_cancels_running_jobs(tmp_path: Path) -> None:
         assert ProcessingFinished(job.token) in recorder.events
         engine.start(make_job(GOOD))  # ignored after close
     assert len(recorder.events) == 4
+
+
+def test_an_interrupted_filter_fails_nothing_and_hands_the_job_back(tmp_path: Path) -> None:
+    """The store did not answer inside the filter (Interrupted, filters/interruption.py):
+    nothing more of the run is reported (no FilterFinished, no ProcessingFinished: the job
+    does not fail), the job leaves the engine and is handed back, and a resume of it starts
+    at once (R13)."""
+    recorder = Recorder()
+    runs: list[int] = []
+
+    @never_raises
+    def once_interrupted(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+        delivered: Deliveries,
+    ) -> FilterOutcome:
+        runs.append(index)
+        if len(runs) == 1:
+            delivered.add("fileshare", "/srv/scans/Scan_0001.png")
+            raise Interrupted("recording a delivery: the database does not answer")
+        return FilterOutcome.success()
+
+    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: once_interrupted})
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait(lambda: recorder.interrupted == [job.token])
+    assert recorder.of(job.token) == [ProcessingStarted(job.token), FilterStarted(job.token, 0)]
+    engine.start(job)  # the resume: the interrupted run is out of the engine
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert recorder.of(job.token)[2:] == [
+        ProcessingStarted(job.token),
+        FilterStarted(job.token, 0),
+        FilterFinished(job.token, 0, FilterState.COMPLETED_SUCCESSFULLY),
+        ProcessingFinished(job.token),
+    ]
+    assert recorder.interrupted == [job.token]
+
+
+def test_documents_the_spool_cannot_give_now_interrupt_the_run(tmp_path: Path) -> None:
+    """Reading the documents met a spool that does not answer (S3 unreachable): no filter
+    runs or fails, the job is handed back."""
+    recorder = Recorder()
+
+    def documents_of(job: Job) -> list[tuple[Document, Path]]:
+        raise Interrupted("reading spool/j/1: the S3 endpoint does not answer")
+
+    engine = _engine(tmp_path, recorder, documents_of=documents_of)
+    job = make_job(GOOD, GOOD)
+    engine.start(job)
+    recorder.wait(lambda: recorder.interrupted == [job.token])
+    engine.close(5)
+    assert recorder.of(job.token) == [ProcessingStarted(job.token)]
+    assert _delivered(tmp_path) == []

@@ -15,9 +15,10 @@ import psycopg
 import pytest
 
 from dsc_bindings.filters import FilterSettings, fileshare
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
-from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
@@ -302,11 +303,12 @@ def test_delivery_records_are_read_by_a_rescuer_and_fenced(
     assert PgDeliveryJournal(records.database, "j", 0, None).done == {}
 
 
-def test_a_delivery_record_waits_out_a_postgresql_restart() -> None:
-    """A run that records a delivery while PostgreSQL restarts is answered once it is back,
-    instead of failing the filter (which aborts the job for good): seen in the failover test,
-    a PostgreSQL restart during a run of scans aborted a job whose files were on the share.
-    Its own PostgreSQL: this one is stopped."""
+def test_a_delivery_record_while_postgresql_is_down_interrupts_the_run(tmp_path: Path) -> None:
+    """A run that records a delivery while PostgreSQL is down is interrupted (Interrupted, not
+    a failed filter, which would abort the job for good: seen in the failover test), at once
+    and however long the outage (no retry window to outlast); the run after it, on a new
+    lease, recognises the file the interrupted one placed and delivers the rest once.  Its own
+    PostgreSQL: this one is stopped."""
     from engines_support import pg_cluster
 
     with pg_cluster() as own:
@@ -314,20 +316,91 @@ def test_a_delivery_record_waits_out_a_postgresql_restart() -> None:
         try:
             pending(records, "j")
             keeper = leases_of(records, "a")
-            epoch = keeper.claim("j")
-            assert epoch is not None
-            journal = PgDeliveryJournal(records.database, "j", 0, (keeper.owner, epoch))
-            own.stop("immediate")
-            back = threading.Timer(1.5, own.start)
-            back.start()
-            try:
-                journal.add(PurePath("/share/alice"), 1, 1, "scan_0001.png")
-            finally:
-                back.join()
-            again = PgDeliveryJournal(records.database, "j", 0, (keeper.owner, epoch))
-            assert again.get(PurePath("/share/alice"), 1) == (1, "scan_0001.png")
+            first = keeper.claim("j")
+            assert first is not None
+
+            class DownAfterTheCheck(PgDeliveryJournal):
+                """PostgreSQL stops between document 1's check and its record."""
+
+                def check(self) -> None:
+                    super().check()
+                    if not self.done:
+                        own.stop("immediate")
+
+            journal = DownAfterTheCheck(records.database, "j", 0, (keeper.owner, first))
+
+            docs = make_documents(tmp_path / "spool", ("png", b"one" * 5000), ("png", b"two"))
+            job = make_filter_job(FileShareInstructions((r"\\h\s",)), document_root_name="inv")
+            settings = FilterSettings(
+                share_roots=((r"\\h\s", tmp_path / "out"),),
+                journal_of=lambda job, documents, index: journal,
+            )
+            with pytest.raises(Interrupted):
+                fileshare.run(job, 0, docs, settings, threading.Event())
+            folder = tmp_path / "out" / "alice@corp.example"
+            # Document 1 placed (its temporary name linked to it), its record not written.
+            assert sorted(p.name for p in folder.iterdir()) == [
+                fileshare._temporary(job.token, 1, first)[0],
+                "inv_0001.png",
+            ]
+            own.start()
+            claims: list[int | None] = []
+
+            def claimed() -> bool:
+                try:
+                    claims.append(keeper.claim("j"))
+                except StoreError:  # the pool is reconnecting
+                    return False
+                return True
+
+            wait_for(claimed, 30, "the database back")
+            second = claims[-1]
+            assert second is not None and second > first
+            settings = FilterSettings(
+                share_roots=((r"\\h\s", tmp_path / "out"),),
+                journal_of=lambda job, documents, index: PgDeliveryJournal(
+                    records.database, "j", index, (keeper.owner, second)
+                ),
+            )
+            outcome = fileshare.run(job, 0, docs, settings, threading.Event())
+            assert outcome.state is FilterState.COMPLETED_SUCCESSFULLY, outcome
+            assert sorted(p.name for p in folder.iterdir()) == ["inv_0001.png", "inv_0002.png"]
+            assert (folder / "inv_0001.png").read_bytes() == b"one" * 5000
+            again = PgDeliveryJournal(records.database, "j", 0, None)
+            assert sorted(again.names_in(folder)) == ["inv_0001.png", "inv_0002.png"]
         finally:
             records.close()
+
+
+def test_a_stalled_run_going_on_after_the_rescuer_leaves_no_temporary_file(
+    dsn: str, records: PostgresRecords, tmp_path: Path
+) -> None:
+    """SIGSTOP past the lease, then SIGCONT: the stalled run (its records read before the
+    rescue) writes a document the rescuer already delivered; it is refused before the file
+    takes a name, and takes its temporary file away (left, nobody would: the job has ended)."""
+    pending(records, "j")
+    a, b = leases_of(records, "a"), leases_of(records, "b")
+    first = a.claim("j")
+    assert first is not None
+    stalled = PgDeliveryJournal(records.database, "j", 0, (a.owner, first))  # read, then frozen
+    expire(dsn, "j")
+    [rescued] = b.rescue(1)
+    docs = make_documents(tmp_path / "spool", ("png", b"one" * 5000), ("png", b"two" * 5000))
+    job = make_filter_job(FileShareInstructions((r"\\h\s",)), document_root_name="inv")
+
+    def settings(journal: PgDeliveryJournal) -> FilterSettings:
+        return FilterSettings(
+            share_roots=((r"\\h\s", tmp_path / "out"),),
+            journal_of=lambda job, documents, index: journal,
+        )
+
+    rescuer = PgDeliveryJournal(records.database, "j", 0, (b.owner, rescued.epoch))
+    done = fileshare.run(job, 0, docs, settings(rescuer), threading.Event())
+    assert done.state is FilterState.COMPLETED_SUCCESSFULLY, done
+    late = fileshare.run(job, 0, docs, settings(stalled), threading.Event())
+    assert late.state is FilterState.CANCELED, late
+    folder = tmp_path / "out" / "alice@corp.example"
+    assert sorted(p.name for p in folder.iterdir()) == ["inv_0001.png", "inv_0002.png"]
 
 
 def test_a_rescuer_and_the_stalled_run_never_share_a_temporary_file(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
@@ -134,7 +135,9 @@ class DeliveringRun(Protocol):
 def never_raises(run: DeliveringRun) -> FilterRun:
     """A filter never raises: anything unexpected is CompletedWithErrors + UnknownError, so one
     bad document or bug cannot take the engine's worker down (R9 failure mapping).  Whatever
-    way the run ends, its outcome carries what it delivered until then."""
+    way the run ends, its outcome carries what it delivered until then.  Except one way:
+    :class:`Interrupted` (the store does not answer) is no outcome of the filter and goes on
+    to the engine, which resumes the job later (R13)."""
 
     @functools.wraps(run)
     def guarded(
@@ -147,8 +150,15 @@ def never_raises(run: DeliveringRun) -> FilterRun:
         delivered = Deliveries(job, filter_index)
         try:
             outcome = run(job, filter_index, documents, settings, cancelled, delivered)
-        except (Cancelled, DeliveryRefused):
+        except Cancelled:
             outcome = FilterOutcome.canceled()
+        except DeliveryRefused as exc:
+            log.warning(
+                "filter %s of job %s delivers nothing more: %s", filter_index, job.token, exc
+            )
+            outcome = FilterOutcome.canceled()
+        except Interrupted:
+            raise
         except Exception:
             log.exception("filter %s of job %s failed unexpectedly", filter_index, job.token)
             outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dsc_bindings.filters import fileshare, mail, sharepoint
 from dsc_bindings.filters.common import FilterOutcome, FilterRun
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_core.commands import (
     FilterFinished,
@@ -41,6 +42,9 @@ DEFAULT_RUNNERS: Mapping[type, FilterRun] = {
 
 DocumentsOf = Callable[[Job], list[tuple[Document, Path]]]
 Report = Callable[[ProcessingEvent], None]
+#: Told the token of a job whose run was interrupted (filters/interruption.py), once the job
+#: has left the engine: the caller has it resumed (R13) when the store answers again.
+Resume = Callable[[str], None]
 
 
 class ProcessingEngine:
@@ -54,6 +58,12 @@ class ProcessingEngine:
     reaches the engine as :meth:`stop` (the core's StopProcessing).  ``report`` must carry out
     the commands the core returns, StopProcessing included, before it returns, so that no
     further filter starts (``ScanService`` does, under its lock).
+
+    One run ends without its ProcessingFinished: an interrupted one (the store did not answer,
+    filters/interruption.py).  Nothing is wrong with the job, so nothing more of the run is
+    reported (no filter failed, the job does not end); the job stays where the last report
+    left it, as after a crash, and ``interrupted`` is told once the job has left the engine,
+    so that a resume can start it here again (R13).
     """
 
     def __init__(
@@ -62,6 +72,7 @@ class ProcessingEngine:
         documents_of: DocumentsOf,
         report: Report,
         *,
+        interrupted: Resume,
         max_jobs: int = 2,
         runners: Mapping[type, FilterRun] | None = None,
     ) -> None:
@@ -70,6 +81,7 @@ class ProcessingEngine:
         self._settings = settings
         self._documents_of = documents_of
         self._report = report
+        self._interrupted = interrupted
         self._max_jobs = max_jobs
         self._runners = dict(DEFAULT_RUNNERS if runners is None else runners)
         self._lock = threading.Lock()
@@ -140,15 +152,30 @@ class ProcessingEngine:
                     return
                 job = self._queue.popleft()
                 cancelled = self._cancel[job.token]
+            interrupted = False
             try:
                 self._run(job, cancelled)
+            except Interrupted as exc:
+                interrupted = True
+                log.warning(
+                    "job %s: its filters were interrupted (%s): nothing is wrong with the job; "
+                    "it resumes once the store answers (R13)",
+                    job.token,
+                    exc,
+                )
             except Exception:  # a bug here must not kill the worker or leave jobs queued
                 log.exception("job %s: processing failed", job.token)
             finally:
                 with self._lock:
                     self._cancel.pop(job.token, None)
+            if interrupted:  # out of the engine now: a resume may start it again at once
+                try:
+                    self._interrupted(job.token)
+                except Exception:
+                    log.exception("job %s: handing the interrupted job back failed", job.token)
 
     def _run(self, job: Job, cancelled: threading.Event) -> None:
+        """Run the job's filters; Interrupted passes through (class doc)."""
         token = job.token
         if cancelled.is_set():  # stopped while queued: nothing ran
             self._emit(ProcessingFinished(token))
@@ -158,6 +185,8 @@ class ProcessingEngine:
         documents: list[tuple[Document, Path]] | None
         try:
             documents = list(self._documents_of(job))
+        except Interrupted:
+            raise
         except Exception:
             log.exception("job %s: cannot list its documents", token)
             documents = None
@@ -196,6 +225,8 @@ class ProcessingEngine:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         try:
             outcome = runner(job, index, documents, settings, cancelled)
+        except Interrupted:
+            raise
         except Exception:  # runners never raise; a third-party one might
             log.exception("job %s: filter %d raised", job.token, index)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)

@@ -332,9 +332,16 @@ def _copy_one(
             _unlink_quietly(folder, tmp)  # never leave a truncated document behind
             raise
         new.close()
-    # A run whose lease went to another instance gives nothing a final name (issue 18 point 2);
-    # its temporary file is left for the rescuer, which writes its own afresh.
-    journal.check()
+    # A run whose lease went to another instance gives nothing a final name (issue 18 point 2),
+    # and takes its temporary file away: the rescuer writes its own, and one already past this
+    # document (a stalled run going on after the job ended) would leave it on the share.  The
+    # name is this run's own (its epoch), so no other run's file goes.  The same for a check
+    # the store could not answer (Interrupted): the resumed run writes the file afresh.
+    try:
+        journal.check()
+    except BaseException:
+        _unlink_quietly(folder, tmp, missing_ok=True)
+        raise
     try:
         counter, name = _place(folder, tmp, delivery, counter)
     except BaseException:

@@ -143,6 +143,24 @@ class LeaseKeeper:
         except StoreError as exc:  # it expires by itself; the job is not active any more
             log.warning("job %s: its lease could not be released (%s)", token, exc.message)
 
+    def interrupted(self, token: str) -> None:
+        """The engine's run of ``token`` was interrupted (the store did not answer,
+        filters/interruption.py): the lease is no longer renewed, so it runs out within
+        ``lease_seconds`` and the sweep of an instance with a free place (this one too) then
+        resumes the job (R13) if the database answers; the resumed run's file share finds what
+        this one delivered (store/pgdeliveries.py).  Not released: while the database answers
+        and the spool does not, a released job would be taken again at every heartbeat; the
+        lease spaces the attempts."""
+        with self._lock:
+            epoch = self._held.pop(token, None)
+        if epoch is not None:
+            log.warning(
+                "job %s: its lease (epoch %d) is left to run out: an instance resumes the job "
+                "once the store answers (R13)",
+                token,
+                epoch,
+            )
+
     def hand_back(self) -> None:
         """A clean stop: every lease held ends now, unfinished (another instance, or this
         folder's next run, resumes the jobs at its next sweep), and what the stopping engine

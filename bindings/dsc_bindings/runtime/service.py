@@ -75,6 +75,7 @@ from dsc_bindings.store.backends import StorageSettings, open_job_store
 from dsc_bindings.store.errors import CreationRefused, JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import Closable, JobStore, VersionedWrite
+from dsc_bindings.store.interruption import interrupting
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.split import SplitStore
@@ -118,6 +119,10 @@ DEVICE_BOUNDS_INTERVAL = timedelta(hours=1)
 
 #: A shared store's outbox is read at least this often, besides its doorbell (issue 18).
 OUTBOX_POLL_SECONDS = 2.0
+#: One server (no job leases): a job whose filters were interrupted (the store did not answer,
+#: filters/interruption.py) is resumed this long after, and again after each interruption.
+#: With leases the lease running out spaces the attempts instead (.leasing).
+RESUME_INTERRUPTED_SECONDS = 5.0
 
 
 def _to_outbox(command: Command) -> bool:
@@ -179,6 +184,9 @@ class ScanService:
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: One server: the pending resumes of interrupted jobs (token -> timer).
+        self._resumes: dict[str, threading.Timer] = {}
+        self._resumes_lock = threading.Lock()
         self._started = False
         self._closed = False
         self._instance_id = config.discovery_instance_id
@@ -243,6 +251,7 @@ class ScanService:
                 self.filter_settings,
                 self._documents_of,
                 self._engine_report,
+                interrupted=self._filters_interrupted,
                 max_jobs=self._max_processing_jobs,
             )
             self._leases = self._lease_keeper(store)
@@ -461,6 +470,10 @@ class ScanService:
         self._closed = True
         began = time.monotonic()
         self._stop.set()
+        with self._resumes_lock:
+            resumes, self._resumes = list(self._resumes.values()), {}
+        for timer in resumes:
+            timer.cancel()
         for thread in self._threads:
             thread.join(2.0)
             if thread.is_alive():
@@ -768,11 +781,48 @@ class ScanService:
     # --- processing engine ------------------------------------------------------------------------
 
     def _documents_of(self, job: Job) -> list[tuple[Document, Path]]:
+        """The job's documents as local files (an S3 spool downloads them): a spool that does
+        not answer for a moment interrupts the run (store/interruption.py)."""
         store = self._require_store()
-        return [
-            (document, store.document_path(job.token, document.document_id))
-            for document in job.documents
-        ]
+        with interrupting():
+            return [
+                (document, store.document_path(job.token, document.document_id))
+                for document in job.documents
+            ]
+
+    def _filters_interrupted(self, token: str) -> None:
+        """In an engine thread, the job out of the engine: its run was interrupted (the store
+        did not answer, filters/interruption.py).  It resumes (R13) once the store answers:
+        with leases, whichever instance's sweep takes it when its lease has run out
+        (LeaseKeeper.interrupted); on one server, here, after RESUME_INTERRUPTED_SECONDS (an
+        interrupted resume comes back here and waits again)."""
+        if self._leases is not None:
+            self._leases.interrupted(token)
+            return
+        with self._resumes_lock:
+            if self._stop.is_set() or token in self._resumes:
+                return
+            timer = threading.Timer(
+                RESUME_INTERRUPTED_SECONDS, functools.partial(self._resume_interrupted, token)
+            )
+            timer.name = "dsc-resume"
+            timer.daemon = True
+            self._resumes[token] = timer
+        log.info(
+            "job %s: resumed in %.0f s (R13), and again until the store answers",
+            token,
+            RESUME_INTERRUPTED_SECONDS,
+        )
+        timer.start()
+
+    def _resume_interrupted(self, token: str) -> None:
+        """A resume timer: R13 for the interrupted job, as the core's owner (ScanServer.resume:
+        a job that ended meanwhile, a cancel, is left alone)."""
+        with self._resumes_lock:
+            self._resumes.pop(token, None)
+        if self._stop.is_set():
+            return  # the next start resumes it (ScanServer.restore, R13)
+        self.owner.soon(lambda: self._background(self.server.resume(token, self.clock())))
 
     def _engine_report(self, event: ProcessingEvent) -> None:
         """Called in an engine thread.  It returns only once the core has seen the report and
@@ -783,7 +833,14 @@ class ScanService:
         if keeper is not None and not keeper.holds(event.token):
             # The lease was lost (.leasing): another instance runs the job now; this run's
             # reports change nothing, here or in the store.
-            log.debug("job %s: %s dropped: the lease is not held", event.token, event)
+            if isinstance(event, ProcessingFinished):
+                log.info(
+                    "job %s: the run of its filters here has ended; it no longer held the job "
+                    "(its lease lost or handed back), so what it reported was dropped",
+                    event.token,
+                )
+            else:
+                log.debug("job %s: %s dropped: the lease is not held", event.token, event)
             return
         now = self.clock()
 

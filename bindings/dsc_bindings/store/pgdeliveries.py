@@ -11,44 +11,25 @@ job's row (postgresql.py's drop).
 
 A database that does not answer for a moment (PostgreSQL restarting, the pool reconnecting)
 must not fail a filter that delivered correctly: a failed filter ends the job Aborted, for
-good.  Each statement is tried again on a temporary StoreError for up to
-:data:`RETRY_SECONDS`; fencing keeps this safe (a run whose lease ran out meanwhile is refused
-by the retried statement).  Seen in the failover test: a PostgreSQL restart during a run of
-scans aborted a job whose files were all on the share."""
+good (seen in the failover test: a PostgreSQL restart during a run of scans aborted a job
+whose files were all on the share).  A temporary StoreError of any statement here interrupts
+the run (.interruption): the job resumes once the database answers, its lease lapsed and
+taken again by a sweep (runtime/leasing.py), and the resumed run finds in these rows, and by
+the temporary names linked on the share, what this one delivered.  There is no time limit to
+wait out: an outage of any length costs no job."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.filters.sharejournal import DeliveryRefused
-from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.interruption import interrupting
 
 if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported where it is chosen
     from dsc_bindings.store.postgresql import PgDatabase
 
-__all__ = ["RETRY_SECONDS", "PgDeliveryJournal"]
-
-#: How long a statement is tried again while the database does not answer (module doc).
-RETRY_SECONDS = 30.0
-_RETRY_EVERY_SECONDS = 0.25
-
-T = TypeVar("T")
-
-
-def _retrying(call: Callable[[], T]) -> T:
-    """``call()``, tried again on a temporary StoreError for up to RETRY_SECONDS."""
-    deadline = time.monotonic() + RETRY_SECONDS
-    while True:
-        try:
-            return call()
-        except StoreError as exc:
-            if not exc.temporary or time.monotonic() >= deadline:
-                raise
-        time.sleep(_RETRY_EVERY_SECONDS)
-
+__all__ = ["PgDeliveryJournal"]
 
 _LOAD = """
     SELECT folder, document_id, counter, name FROM filter_deliveries
@@ -71,8 +52,9 @@ _ADD = f"""
 class PgDeliveryJournal:
     """The deliveries of one run of one file share filter of one job (module doc).
     ``lease``: the (owner, epoch) the run holds, None when it holds none (it delivers
-    nothing).  Raises StoreError when the database does not answer (the filter fails and runs
-    again: nothing was recorded as delivered that was not)."""
+    nothing).  Raises Interrupted when the database does not answer for a moment (module doc),
+    StoreError when it refuses for good (the filter fails; nothing was recorded as delivered
+    that was not)."""
 
     damaged = False
 
@@ -92,7 +74,8 @@ class PgDeliveryJournal:
             self.done[(str(folder), int(document_id))] = (int(counter), str(name))
 
     def _run(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return _retrying(lambda: self._db.run(what, sql, params))
+        with interrupting():
+            return self._db.run(what, sql, params)
 
     def get(self, directory: PurePath, document_id: int) -> tuple[int, str] | None:
         return self.done.get((str(directory), document_id))

@@ -1,0 +1,264 @@
+"""The file share filter across failover (issue 18 points 2 and 7): two real ``dsc serve``
+instances on a PostgreSQL and a SeaweedFS of this module's own (two tests stop them), one
+share folder both write to, jobs of three documents.
+
+Caught in the middle, deterministically: the test holds, in an open transaction, the delivery
+record of document 2 (an uncommitted ``filter_deliveries`` row with its key), so the running
+instance has recorded document 1, placed document 2 under its final name (its temporary name
+still linked to it) and waits in its INSERT of document 2's record, with document 3 unwritten,
+until the test lets go.  Then an instance is killed or frozen, or PostgreSQL stopped; or S3 is
+away when the run reads the documents.  Every time the job Completes with each document placed
+once under its R9 name, with its bytes, and no temporary file left on the share.
+
+A heartbeat every 0.3 s and a lease of 2 s keep each test to seconds."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+
+from dsc_core.model import FileShareInstructions
+from e2e_support import DEFAULT_SID, ServerProcess, Soap, Stream, started_servers
+from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, pg_cluster, s3_server, secret_file
+from test_e2e_serve import LOCAL_SHARE
+from waiting import wait_for
+
+if TYPE_CHECKING:
+    from engines_support import PgCluster, S3Server
+
+MiB = 1 << 20
+#: Three documents of different contents (a duplicate or a swap shows in the bytes).
+DOCUMENTS = {1: (2 * MiB, 11), 2: (3 * MiB, 12), 3: (1 * MiB, 13)}
+
+
+def content(document_id: int) -> bytes:
+    size, seed = DOCUMENTS[document_id]
+    return b"".join(Stream(size, seed=seed))
+
+
+class Pair:
+    """Two instances (a, b) of one store, the share folder they both write to, and the
+    store's engines (which a test may stop)."""
+
+    def __init__(
+        self, a: ServerProcess, b: ServerProcess, share: Path, dsn: str, pg: PgCluster, s3: S3Server
+    ) -> None:
+        self.a, self.b = a, b
+        self.share = share
+        self.dsn = dsn
+        self.pg = pg
+        self.s3 = s3
+
+    @property
+    def folder(self) -> Path:
+        """Where the jobs' files go: the user's sub-folder (R9)."""
+        return self.share / DEFAULT_SID
+
+    def create(self, root_name: str) -> tuple[Soap, str]:
+        client = Soap(self.a.url)
+        return client, client.create([FileShareInstructions((LOCAL_SHARE,))], root_name=root_name)
+
+    @staticmethod
+    def send(client: Soap, token: str) -> None:
+        for document_id in DOCUMENTS:
+            client.send_image(token, document_id, content(document_id))
+        client.end(token)
+
+    def hold_record(self, token: str, document_id: int) -> psycopg.Connection[Any]:
+        """An open transaction holding the key of the delivery record of ``document_id``: an
+        instance recording it waits (PostgreSQL's unique index) until it ends."""
+        conn = psycopg.connect(self.dsn)
+        conn.execute(
+            "INSERT INTO filter_deliveries (token, filter_index, folder, document_id, counter, "
+            "name) VALUES (%s, 0, %s, %s, 0, 'held by the test')",
+            (token, str(self.folder), document_id),
+        )
+        return conn
+
+    def waiting_records(self) -> int:
+        """Instances' statements waiting for the held record (their connections live or not)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%%INSERT INTO filter_deliveries%%'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def caught_mid_way(self, root_name: str, token: str, epoch_of: ServerProcess) -> None:
+        """Document 1 placed and recorded, document 2 placed (its record waits), 3 unwritten."""
+        wait_for(lambda: self.waiting_records() == 1, 30, "the record of document 2 to wait")
+        names = sorted(os.listdir(self.folder))
+        placed = [n for n in names if n.startswith(root_name)]
+        temporary = [n for n in names if n.startswith(f".dsc-{token}-2-")]
+        assert placed == [f"{root_name}_0001.png", f"{root_name}_0002.png"], names
+        assert len(temporary) == 1 and os.stat(self.folder / temporary[0]).st_nlink == 2, names
+        assert f"job {token} claimed" in epoch_of.log
+
+    def delivered(self, root_name: str) -> dict[str, bytes]:
+        """Every file of the share folder named after ``root_name``, and every temporary one."""
+        return {
+            name: (self.folder / name).read_bytes()
+            for name in os.listdir(self.folder)
+            if name.startswith(root_name) or name.startswith(".dsc-")
+        }
+
+    def assert_delivered_once(self, root_name: str) -> None:
+        found = self.delivered(root_name)
+        assert sorted(found) == [f"{root_name}_000{d}.png" for d in DOCUMENTS], sorted(found)
+        for document_id in DOCUMENTS:
+            assert found[f"{root_name}_000{document_id}.png"] == content(document_id)
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[PgCluster]:
+    """A PostgreSQL of this module's own: one test stops it."""
+    with pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def own_s3() -> Iterator[S3Server]:
+    """A SeaweedFS of this module's own: one test stops it."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def started_pair(
+    tmp_path_factory: pytest.TempPathFactory, own_pg: PgCluster, own_s3: S3Server
+) -> Iterator[Pair]:
+    folder = tmp_path_factory.mktemp("fileshare-failover")
+    share = folder / "share"
+    share.mkdir()
+    secret = secret_file(folder, S3_SECRET_KEY)
+    dsn = own_pg.new_database()
+    config = folder / "dsc.toml"
+    config.write_text(
+        "[cluster]\nheartbeat_seconds = 0.3\nlease_seconds = 2\n\n"
+        f"[shares]\n'{LOCAL_SHARE}' = \"{share}\"\n\n"
+        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
+        f'[spool]\nkind = "s3"\nendpoint_url = "{own_s3.endpoint_url}"\n'
+        f'bucket = "{own_s3.new_bucket()}"\nregion = "us-east-1"\n'
+        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+    )
+    with started_servers() as keep:
+        a = keep(ServerProcess(folder / "a", config=config))
+        b = keep(ServerProcess(folder / "b", config=config))
+        yield Pair(a, b, share, dsn, own_pg, own_s3)
+
+
+@pytest.fixture
+def pair(started_pair: Pair) -> Iterator[Pair]:
+    """Both instances up, before and after each test."""
+    yield started_pair
+    for server in (started_pair.a, started_pair.b):
+        if server.alive:
+            os.kill(server.pid, signal.SIGCONT)  # a frozen one must hear SIGTERM
+        else:
+            server.start()
+
+
+def test_kill9_mid_file_share_the_rescuer_places_each_file_once(pair: Pair) -> None:
+    client, token = pair.create("killed")
+    held = pair.hold_record(token, 2)
+    try:
+        pair.send(client, token)
+        pair.caught_mid_way("killed", token, pair.a)
+        pair.a.kill9()
+        wait_for(lambda: f"job {token} rescued from instance" in pair.b.log, 30, "b's rescue")
+        # b recorded document 1's file and, by its linked temporary name, document 2's.
+        wait_for(lambda: pair.waiting_records() == 2, 30, "b to record document 2")
+    finally:
+        held.rollback()
+        held.close()
+    ended = Soap(pair.b.url).wait_ended(token, 30)
+    assert ended.state == "Completed", ended
+    assert [f.state for f in ended.filters] == ["CompletedSuccessfully"], ended
+    pair.assert_delivered_once("killed")
+
+
+def test_a_frozen_instance_s_late_file_share_writes_are_refused(pair: Pair) -> None:
+    """SIGSTOP past the lease mid-file-share, b rescues and completes the job, SIGCONT: the
+    frozen run goes on with a record held since before the rescue, and places nothing."""
+    client, token = pair.create("frozen")
+    held = pair.hold_record(token, 2)
+    try:
+        pair.send(client, token)
+        pair.caught_mid_way("frozen", token, pair.a)
+        os.kill(pair.a.pid, signal.SIGSTOP)
+        wait_for(lambda: f"job {token} rescued from instance" in pair.b.log, 30, "b's rescue")
+        wait_for(lambda: pair.waiting_records() == 2, 30, "b to record document 2")
+    finally:
+        held.rollback()
+        held.close()
+    ended = Soap(pair.b.url).wait_ended(token, 30)
+    assert ended.state == "Completed", ended
+    os.kill(pair.a.pid, signal.SIGCONT)
+    wait_for(
+        lambda: f"job {token}: the run of its filters here has ended" in pair.a.log,
+        30,
+        "the frozen instance's run to end",
+    )
+    pair.assert_delivered_once("frozen")
+    for server in (pair.a, pair.b):
+        view = Soap(server.url).in_history(token)
+        assert view is not None and view.state == "Completed", view
+        assert view.completed == ended.completed, (view, ended)
+
+
+def test_postgresql_stopped_mid_file_share_interrupts_the_job_it_completes_later(
+    pair: Pair,
+) -> None:
+    """PostgreSQL stops in the middle of the file share (document 2's record waiting): the
+    run is interrupted while the database is down (no retry window to outlast, after which the
+    job would end Aborted), and once it is back an instance resumes the job (R13) and places
+    what was missing."""
+    client, token = pair.create("outage")
+    held = pair.hold_record(token, 2)
+    pair.send(client, token)
+    pair.caught_mid_way("outage", token, pair.a)
+    try:
+        pair.pg.stop("fast")  # ends every session, the test's held record too
+        wait_for(
+            lambda: f"job {token}: its filters were interrupted" in pair.a.log,
+            30,
+            "the run to be interrupted while the database is down",
+        )
+    finally:
+        pair.pg.start()
+    held.close()
+    ended = Soap(pair.b.url).wait_ended(token, 60)
+    assert ended.state == "Completed", ended
+    assert [f.state for f in ended.filters] == ["CompletedSuccessfully"], ended
+    pair.assert_delivered_once("outage")
+    assert "PostScanJobProcessingFailed" not in pair.a.log + pair.b.log
+
+
+def test_s3_away_while_the_run_reads_the_images_the_job_resumes(pair: Pair) -> None:
+    """The images are stored; S3 stops before EndPostScanJob, so the run cannot read them:
+    interrupted, not Aborted; resumed once S3 is back."""
+    client, token = pair.create("nos3")
+    for document_id in DOCUMENTS:
+        client.send_image(token, document_id, content(document_id))
+    pair.s3.stop()
+    try:
+        client.end(token)
+        wait_for(
+            lambda: f"job {token}: its filters were interrupted" in pair.a.log + pair.b.log,
+            30,
+            "the run to be interrupted while S3 is away",
+        )
+        view = client.dsp_job(token)
+        assert view.state not in ("Aborted", "Completed"), view
+    finally:
+        pair.s3.start()
+    ended = Soap(pair.b.url).wait_ended(token, 60)
+    assert ended.state == "Completed", ended
+    pair.assert_delivered_once("nos3")
