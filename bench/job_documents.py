@@ -1,0 +1,147 @@
+"""The record write of each SendImage as a job grows (the last review: each SendImage wrote the
+whole job record again, so a job of n documents paid O(n^2)).
+
+    python3 bench/job_documents.py [--documents 200] [--runs 3]
+
+One job gets ``--documents`` images' record writes (``UpdateJob``, cause SendImage, carried out
+by the store as the runtime does: a compare-and-set ``VersionedWrite`` on PostgreSQL), on SQLite
+and on a throwaway PostgreSQL (tests/engines_support.py).  Per write it takes the time and the
+bytes written: on SQLite the statements with their values (the trace callback), on PostgreSQL
+the WAL the write made (``pg_current_wal_insert_lsn`` before and after).  Printed: the median of
+the last ten writes against writes 11-20 of the same run, as ratios (min / median / max over
+``--runs``): a write proportional to its document stays near 1.  Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [
+    str(ROOT),
+    str(ROOT / "bindings"),
+    str(ROOT / "tests"),
+    str(ROOT / "tests/bindings"),
+]
+
+from dsc_bindings.store.interface import VersionedWrite  # noqa: E402
+from dsc_bindings.store.localspool import LocalSpool  # noqa: E402
+from dsc_bindings.store.postgresql import PostgresRecords  # noqa: E402
+from dsc_bindings.store.split import SplitStore  # noqa: E402
+from dsc_bindings.store.sqlite import JobStore  # noqa: E402
+from dsc_core.commands import CreateJob, JobInput, UpdateJob  # noqa: E402
+from dsc_core.model import Document, FileShareInstructions, JobState  # noqa: E402
+from engines_support import PgCluster, postgres_bin  # noqa: E402
+from test_filters_support import make_job  # noqa: E402
+
+WINDOW = 10
+
+
+def grow(
+    store: SplitStore, documents: int, wal: Callable[[], int] | None
+) -> list[tuple[float, int]]:
+    """(seconds, bytes) of each of ``documents`` SendImage record writes of one job; bytes are
+    the WAL's (``wal``) or, without it, SQLite's statements."""
+    job = make_job(FileShareInstructions((r"\\localhost\scans",)), state=JobState.CREATING)
+    shared = store.records.shared
+    written: list[int] = []
+    if wal is None:
+        assert isinstance(store, JobStore)
+        store.records.db().set_trace_callback(lambda sql: written.append(len(sql.encode())))
+    store.apply(VersionedWrite(CreateJob(job), None, 0) if shared else CreateJob(job))
+    found: list[tuple[float, int]] = []
+    for number in range(1, documents + 1):
+        job = replace(job, documents=(*job.documents, Document(number, "jfif", 100_000 + number)))
+        update = UpdateJob(job, JobInput.IMAGE)
+        command = VersionedWrite(update, number, 0) if shared else update
+        written.clear()
+        before = wal() if wal is not None else 0
+        start = time.perf_counter()
+        store.apply(command)
+        seconds = time.perf_counter() - start
+        size = wal() - before if wal is not None else sum(written)
+        found.append((seconds, size))
+    return found
+
+
+def on_postgresql(pg: PgCluster, data: Path, args: argparse.Namespace) -> list[tuple[float, int]]:
+    import psycopg
+
+    dsn = pg.new_database()
+    with (
+        psycopg.connect(dsn, autocommit=True) as probe,
+        SplitStore.assemble(
+            data, lambda: PostgresRecords.open(dsn), lambda: LocalSpool.open(data)
+        ) as store,
+    ):
+
+        def wal() -> int:
+            row = probe.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
+            assert row is not None
+            return int(row[0])
+
+        return grow(store, args.documents, wal)
+
+
+def ratios(found: list[tuple[float, int]]) -> tuple[float, float, float, float]:
+    """(time ratio, bytes ratio, first bytes, last bytes): the medians of the last WINDOW writes
+    over those of the WINDOW after the first WINDOW (the first writes of a fresh file or
+    connection warm up)."""
+    first, last = found[WINDOW : 2 * WINDOW], found[-WINDOW:]
+    t0, t1 = (statistics.median(s for s, _ in part) for part in (first, last))
+    b0, b1 = (statistics.median(b for _, b in part) for part in (first, last))
+    return t1 / t0, b1 / b0, b0, b1
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if postgres_bin() is None:
+        print("skipped: no PostgreSQL server here (.ci/run installs Debian's postgresql)")
+        return 0
+    folder = Path(tempfile.mkdtemp(prefix="dsc-bench-docs-"))
+    pg = PgCluster()
+    pg.init()
+    pg.start()
+    results: dict[str, list[tuple[float, float, float, float]]] = {"sqlite": [], "postgresql": []}
+    try:
+        for run in range(args.runs):
+            data = folder / f"sqlite-{run}"
+            with JobStore.open(data) as store:
+                results["sqlite"].append(ratios(grow(store, args.documents, None)))
+            results["postgresql"].append(ratios(on_postgresql(pg, folder / f"pg-{run}", args)))
+    finally:
+        pg.close()
+    print(
+        f"SendImage record write: writes {args.documents - WINDOW + 1}-{args.documents} against "
+        f"{WINDOW + 1}-{2 * WINDOW} of one job, {args.runs} run(s), min / median / max"
+    )
+    print("| engine | time ratio | bytes ratio | bytes per write (first -> last) |")
+    print("|---|---|---|---|")
+    for engine, rows in results.items():
+        first = statistics.median(r[2] for r in rows)
+        last = statistics.median(r[3] for r in rows)
+        what = "statement bytes" if engine == "sqlite" else "WAL bytes"
+        print(
+            f"| {engine} | {spread([r[0] for r in rows])} | {spread([r[1] for r in rows])} | "
+            f"{first:.0f} -> {last:.0f} {what} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
