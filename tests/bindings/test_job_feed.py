@@ -15,7 +15,7 @@ import pytest
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import Rang, VersionedWrite
-from dsc_bindings.store.jobcodec import encode_job
+from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core import ScanServer, ServerConfig
@@ -69,8 +69,8 @@ def test_versions_are_compare_and_set(two: tuple[PostgresRecords, ...]) -> None:
     with pytest.raises(JobChanged) as lost:  # b decided from version 1 too
         b.write(VersionedWrite(UpdateJob(make_job("j", 2), JobInput.IMAGE, ()), 1, 0))
     assert lost.value.temporary
-    [(token, version, text)] = b.changes(0, frozenset()).rows
-    assert (token, version, text) == ("j", 2, encode_job(updated))  # the winner's record
+    [(token, version, text, documents)] = b.changes(0, frozenset()).rows
+    assert (token, version, decode_job(text, documents)) == ("j", 2, updated)  # the winner's
 
 
 def test_deleted_rows_leave_tombstones(two: tuple[PostgresRecords, ...]) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from dsc_bindings.runtime.installation import IDENTITY_FILE, UUID_KEYS
 from dsc_bindings.store.postgresql import SCHEMA_VERSION
+from dsc_bindings.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from dsc_core.model import FileShareInstructions
 from e2e_support import Soap, dsc_here
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, PgCluster, S3Server, secret_file
@@ -44,7 +45,9 @@ def test_upgrade_creates_then_leaves_the_schema(pg: PgCluster, tmp_path: Path) -
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM installation").fetchone() == (0,)
     embedded = dsc_here("db", "upgrade", "--data", str(tmp_path / "data"))
-    assert embedded.code == 0 and "job store schema 1 created at SQLite" in embedded.out
+    assert (
+        embedded.code == 0 and f"job store schema {SQLITE_SCHEMA} created at SQLite" in embedded.out
+    )
 
     unreachable = dsc_here("db", "upgrade", "--store", "postgresql://dsc@127.0.0.1:1/none")
     assert unreachable.code == 1 and unreachable.out == "", unreachable

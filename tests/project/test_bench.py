@@ -157,6 +157,24 @@ def test_storage_bench_runs() -> None:
     assert "2 concurrent 1 MB uploads to S3: peak RSS (MiB)" in result.stdout, result.stdout
 
 
+def test_job_documents_bench_runs() -> None:
+    """``bench/job_documents.py``, tiny: a job's SendImage record writes on SQLite and a real
+    PostgreSQL, as ratios.  No timing is asserted."""
+    result = run_bench(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "job_documents.py"),
+            "--documents",
+            "30",
+            "--runs",
+            "1",
+        ],
+        timeout=120,
+    )
+    for engine in ("sqlite", "postgresql"):
+        assert f"\n| {engine} | " in result.stdout, result.stdout
+
+
 def test_workers_bench_runs() -> None:
     """``bench/workers.py --quick`` (issue 18 point 5): ``dsc serve --workers 1`` and ``2`` on
     a throwaway PostgreSQL both answer and are measured (or a skip that says why).  No timing

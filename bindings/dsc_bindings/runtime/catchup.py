@@ -152,9 +152,9 @@ class JobCatchUp:
             rung, began = self._rung, time.monotonic()
         changes = self._changes(cursor, stale)
         jobs: list[tuple[Job, int]] = []
-        for token, version, text in changes.rows:
+        for token, version, text, documents in changes.rows:
             try:
-                job = decode_job(text)
+                job = decode_job(text, documents)
             except (ValueError, TypeError) as exc:
                 # Another instance's record this one cannot read (a newer server?): it is
                 # left out here, not a failed request; the start quarantines it.

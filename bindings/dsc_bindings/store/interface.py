@@ -13,7 +13,7 @@ are durable), restores the jobs at start and hands the processing engine its doc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,14 +39,19 @@ __all__ = [
     "Spool",
     "Storable",
     "StorageFigures",
+    "StoredDocuments",
     "StoredRecord",
     "VersionedWrite",
     "check_document_id",
     "check_token",
 ]
 
-#: One stored row as read at start: (its place in creation order, token, encoded record).
-StoredRecord = tuple[int, str, str]
+#: A job's documents as stored beside its record, in the job's order: (document_id, format,
+#: size) each, as read (jobcodec.decode_job checks them).
+StoredDocuments = Sequence[Sequence[object]]
+#: One stored row as read at start: (its place in creation order, token, encoded record, its
+#: documents).
+StoredRecord = tuple[int, str, str, StoredDocuments]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +99,9 @@ class JobChanges:
 
     #: Where the next read starts (opaque; the store's own).
     cursor: int
-    #: (token, version, encoded record) of rows changed since the cursor (or asked for).
-    rows: tuple[tuple[str, int, str], ...]
+    #: (token, version, encoded record, documents) of rows changed since the cursor (or
+    #: asked for).
+    rows: tuple[tuple[str, int, str, StoredDocuments], ...]
     #: Tokens whose rows were deleted since the cursor (tombstones).
     dropped: tuple[str, ...]
     #: (token, document_id) of uploads in flight on other instances.

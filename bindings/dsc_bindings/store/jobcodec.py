@@ -11,7 +11,12 @@ restore the core, so ``decode_job(encode_job(job)) == job`` for every job, field
   ``fromisoformat`` misreads them);
 - the parsed filter instructions as a tagged union (``"kind"``) or ``null``;
 - since version 2, what each filter delivered (``"delivered"``, ``"delivered_truncated"``);
-  a version 1 record, written before issue 19, decodes with nothing delivered.
+  a version 1 record, written before issue 19, decodes with nothing delivered;
+- since version 3, no documents: the stores keep a job's documents as rows of their own beside
+  the record (store/jobdocuments.py), so that each SendImage writes its document, not the whole
+  list again (the last review: a job of n images cost O(n^2) in record writes).
+  :func:`decode_job` takes those rows; a record of versions 1 and 2 still carries its documents
+  and is whole as it is (its next write stores it as version 3 and rows).
 
 Decoding is strict (wrong types, unknown tags, missing fields raise ``ValueError``): a row that
 does not decode is corruption to report, not something to guess around.
@@ -20,7 +25,7 @@ does not decode is corruption to report, not something to guess around.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -39,12 +44,16 @@ from dsc_core.model import (
     SharePointInstructions,
 )
 
-__all__ = ["CODEC_VERSION", "decode_job", "encode_job"]
+__all__ = ["CODEC_VERSION", "DocumentRow", "decode_job", "document_row", "encode_job"]
 
 #: Stored as ``"v"`` in every record; bump it (and keep reading the old one) on a format change.
-CODEC_VERSION = 2
-#: Versions :func:`decode_job` reads: 1 has no ``delivered`` in its filters.
-_READABLE = (1, CODEC_VERSION)
+CODEC_VERSION = 3
+#: Versions :func:`decode_job` reads: 1 has no ``delivered`` in its filters; 1 and 2 carry
+#: their documents.
+_READABLE = (1, 2, CODEC_VERSION)
+
+#: One document as a store keeps it beside the record: (document_id, format, size).
+DocumentRow = tuple[int, str, int]
 
 T = TypeVar("T")
 
@@ -89,8 +98,13 @@ def _filter(value: FilterStatus) -> dict[str, Any]:
     }
 
 
+def document_row(document: Document) -> DocumentRow:
+    return (document.document_id, document.format, document.size)
+
+
 def encode_job(job: Job) -> str:
-    """The job as one compact JSON text (keys sorted, so equal jobs give equal texts)."""
+    """The job without its documents (:func:`document_row` each) as one compact JSON text (keys
+    sorted, so equal jobs give equal texts)."""
     record: dict[str, Any] = {
         "v": CODEC_VERSION,
         "token": job.token,
@@ -103,10 +117,6 @@ def encode_job(job: Job) -> str:
         "owner": job.owner,
         "created": _time(job.created),
         "last_activity": _time(job.last_activity),
-        "documents": [
-            {"document_id": d.document_id, "format": d.format, "size": d.size}
-            for d in job.documents
-        ],
         "completed": _time(job.completed),
         "continue_on_error": job.continue_on_error,
         "document_root_name": job.document_root_name,
@@ -193,8 +203,37 @@ def _decode_filter(record: dict[str, Any], version: int) -> FilterStatus:
     )
 
 
-def decode_job(text: str) -> Job:
-    """The job that :func:`encode_job` wrote.  Raises ``ValueError`` on anything else."""
+_DOCUMENT_FIELDS = ("document_id", "format", "size")
+
+
+def _document(fields: dict[str, Any]) -> Document:
+    return Document(
+        document_id=_get(fields, "document_id", int),
+        format=_get(fields, "format", str),
+        size=_get(fields, "size", int),
+    )
+
+
+def _decode_documents(
+    record: dict[str, Any], version: int, rows: Sequence[Sequence[object]]
+) -> tuple[Document, ...]:
+    if version < 3:
+        # Written whole, before the rows: any rows beside it are older than it (an instance
+        # of an earlier version wrote the record last), so the record is the truth.
+        return tuple(_document(d) for d in _objects(record, "documents"))
+    if "documents" in record:
+        raise ValueError("job record: version 3 keeps its documents beside it")
+    found = []
+    for row in rows:
+        if len(row) != len(_DOCUMENT_FIELDS):
+            raise ValueError(f"job record: a document row is not (id, format, size): {row!r}")
+        found.append(_document(dict(zip(_DOCUMENT_FIELDS, row, strict=True))))
+    return tuple(found)
+
+
+def decode_job(text: str, documents: Sequence[Sequence[object]] = ()) -> Job:
+    """The job that :func:`encode_job` wrote, with its ``documents`` (the rows of
+    :func:`document_row`, in the job's order).  Raises ``ValueError`` on anything else."""
     record = json.loads(text)
     if not isinstance(record, dict):
         raise ValueError("job record: not a JSON object")
@@ -215,14 +254,7 @@ def decode_job(text: str) -> Job:
         owner=_get(record, "owner", str),
         created=created,
         last_activity=last_activity,
-        documents=tuple(
-            Document(
-                document_id=_get(d, "document_id", int),
-                format=_get(d, "format", str),
-                size=_get(d, "size", int),
-            )
-            for d in _objects(record, "documents")
-        ),
+        documents=_decode_documents(record, version, documents),
         completed=_decode_time(record, "completed", optional=True),
         continue_on_error=_get(record, "continue_on_error", bool),
         document_root_name=_get(record, "document_root_name", str),

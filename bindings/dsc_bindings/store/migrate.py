@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsc_bindings.store.errors import StoreError
-from dsc_bindings.store.interface import JobRecords, Spool
-from dsc_bindings.store.jobcodec import encode_job
+from dsc_bindings.store.interface import JobRecords, Spool, StoredDocuments
+from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.split import SplitStore
+from dsc_core.model import Job
 
 __all__ = ["CHUNK", "MigrationReport", "migrate"]
 
@@ -69,6 +70,13 @@ def _copy_document(source: Path, spool: Spool, token: str, document_id: int) -> 
     return size, digest.hexdigest()
 
 
+def _decoded(text: str, documents: StoredDocuments) -> Job | None:
+    try:
+        return decode_job(text, documents)
+    except (ValueError, TypeError):
+        return None  # differs from every job
+
+
 def migrate(
     source: SplitStore,
     records: JobRecords,
@@ -86,12 +94,12 @@ def migrate(
             temporary=False,
         )
     jobs = source.load_jobs()
-    expected: dict[str, str] = {}
+    expected: dict[str, Job] = {}
     hashes: dict[tuple[str, int], str] = {}
     image_bytes = 0
     for number, job in enumerate(jobs, start=1):
         records.put(job)
-        expected[job.token] = encode_job(job)
+        expected[job.token] = job
         if spool is not None:
             for document_id in source.spool.documents(job.token):
                 path = source.spool.document_path(job.token, document_id)
@@ -105,15 +113,19 @@ def migrate(
                 image_bytes += path.stat().st_size
         progress(f"copied job {number}/{len(jobs)}: {job.token}")
 
-    # Read back.  Records: the same tokens in the same order, each record as encoded.
+    # Read back.  Records: the same tokens in the same order, each the job copied.
     stored = records.rows()
-    if [token for _, token, _ in stored] != list(expected):
+    if [row[1] for row in stored] != list(expected):
         raise StoreError(
             f"verification: {records.location} holds {len(stored)} job(s) in another order or "
             f"set than the {len(expected)} copied",
             temporary=False,
         )
-    different = [token for _, token, text in stored if text != expected[token]]
+    different = [
+        token
+        for _, token, text, documents in stored
+        if _decoded(text, documents) != expected[token]
+    ]
     if different:
         raise StoreError(
             f"verification: {len(different)} job record(s) differ, first {different[0]}",

@@ -1,7 +1,9 @@
 """Job records in PostgreSQL (``[store] kind = "postgresql"``, issue 17), psycopg 3 + psycopg_pool.
 
-The table keeps what SQLite keeps (sqlite.record_columns), one row per job.  Each put is one
-autocommit upsert: when it returns, PostgreSQL has committed it (with the server's
+The tables keep what SQLite keeps (sqlite.record_columns), one row per job and one per
+document of a job (``job_documents``, store/jobdocuments.py: a SendImage writes its own row, not
+the job's whole list).  Each write is one autocommit statement (the record and its document rows
+in data-modifying CTEs): when it returns, PostgreSQL has committed both (with the server's
 ``synchronous_commit``), so R4's "reply after the record is durable" holds as on SQLite.
 
 The schema is versioned (``dsc_schema``) and created or upgraded at start under an advisory lock,
@@ -63,9 +65,11 @@ from dsc_bindings.store.interface import (
     JobChanges,
     PoolStats,
     Rang,
+    StoredDocuments,
     StoredRecord,
     VersionedWrite,
 )
+from dsc_bindings.store.jobdocuments import DocumentsWrite, WrittenDocuments
 from dsc_bindings.store.pgdoorbell import PgDoorbell
 from dsc_bindings.store.pgoutbox import OutboxRows
 from dsc_bindings.store.sqlite import record_columns
@@ -92,7 +96,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -278,6 +282,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END $$""",
         "CREATE INDEX jobs_creating_by_origin ON jobs (origin) WHERE active AND state = 'Creating'",
     ),
+    (
+        # A job's documents beside its record (store/jobdocuments.py, jobcodec version 3): a
+        # SendImage writes its own row, not the whole list again.  Rows written before keep
+        # their documents in the record until their next write.
+        """CREATE TABLE job_documents (
+            token       text NOT NULL,
+            ordinal     integer NOT NULL,          -- its place in the job's documents
+            document_id bigint NOT NULL,
+            format      text NOT NULL,
+            size        bigint NOT NULL,
+            PRIMARY KEY (token, ordinal)
+        )""",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -289,23 +306,46 @@ UPLOAD_ROW_SECONDS = 600
 #: Old tombstones and upload rows are deleted at most this often (by any instance).
 _PRUNE_SECONDS = 60.0
 
-#: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
-#: that running instances see it.
-#: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
-#: that running instances see it.
-_UPSERT = """
-    INSERT INTO jobs (token, state, active, created, completed, job, origin)
-    VALUES (%s, %s, %s, %s, %s, %s, %s)
-    ON CONFLICT (token) DO UPDATE SET
-        state = excluded.state, active = excluded.active, created = excluded.created,
-        completed = excluded.completed, job = excluded.job, origin = excluded.origin,
-        version = jobs.version + 1, xid = pg_current_xact_id()
+#: The document rows of a job record write (jobdocuments.DocumentsWrite), for the statements
+#: below whose CTE ``up`` writes the job's row: written only when ``up`` wrote (the
+#: compare-and-set held).  Rows from ``count`` on go (after a shorter list), the given ones
+#: are upserted by ordinal: disjoint rows, so one statement may do both.
+_DOCUMENTS = """
+    gone AS (
+        DELETE FROM job_documents WHERE token = %(token)s AND ordinal >= %(count)s
+            AND EXISTS (SELECT 1 FROM up)),
+    docs AS (
+        INSERT INTO job_documents (token, ordinal, document_id, format, size)
+        SELECT %(token)s, d.ordinal, d.document_id, d.format, d.size
+            FROM up, unnest(%(ordinals)s::integer[], %(ids)s::bigint[], %(formats)s::text[],
+                            %(sizes)s::bigint[]) AS d(ordinal, document_id, format, size)
+        ON CONFLICT (token, ordinal) DO UPDATE SET document_id = excluded.document_id,
+            format = excluded.format, size = excluded.size)
 """
-_INSERT = """
-    INSERT INTO jobs (token, state, active, created, completed, job, origin)
-    VALUES (%s, %s, %s, %s, %s, %s, %s)
-    ON CONFLICT (token) DO NOTHING
-    RETURNING version
+#: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
+#: that running instances see it.
+_UPSERT = f"""
+    WITH up AS (
+        INSERT INTO jobs (token, state, active, created, completed, job, origin)
+        VALUES (%(token)s, %(state)s, %(active)s, %(created)s, %(completed)s, %(job)s,
+                %(origin)s)
+        ON CONFLICT (token) DO UPDATE SET
+            state = excluded.state, active = excluded.active, created = excluded.created,
+            completed = excluded.completed, job = excluded.job, origin = excluded.origin,
+            version = jobs.version + 1, xid = pg_current_xact_id()
+        RETURNING version),
+    {_DOCUMENTS}
+    SELECT version FROM up
+"""
+_INSERT = f"""
+    WITH up AS (
+        INSERT INTO jobs (token, state, active, created, completed, job, origin)
+        VALUES (%(token)s, %(state)s, %(active)s, %(created)s, %(completed)s, %(job)s,
+                %(origin)s)
+        ON CONFLICT (token) DO NOTHING
+        RETURNING version),
+    {_DOCUMENTS}
+    SELECT version FROM up
 """
 #: The class of the advisory lock a creating write takes (two int4 keys: apart from the
 #: leader's one-bigint lock, store/instances.py), "dscq".
@@ -323,11 +363,13 @@ _CREATING_COUNTS = """
 """
 #: The row's new version and the end of the uploads it now records commit together: an
 #: instance never sees an image neither in flight nor in the job (its R6 timeout would fire).
-_UPDATE = """
+#: The uploads ended are those of the documents the write carries (the others were recorded by
+#: earlier writes, which ended theirs).
+_UPDATE = f"""
     WITH received AS (
-        DELETE FROM uploads WHERE token = %(token)s AND document_id = ANY(%(documents)s)
-    )
-    UPDATE jobs SET state = %(state)s, active = %(active)s, created = %(created)s,
+        DELETE FROM uploads WHERE token = %(token)s AND document_id = ANY(%(ids)s)
+    ),
+    up AS (UPDATE jobs SET state = %(state)s, active = %(active)s, created = %(created)s,
         completed = %(completed)s, job = %(job)s,
         version = version + 1, xid = pg_current_xact_id(),
         -- A job this write makes Pending is this instance's for a moment (it claims it next,
@@ -344,30 +386,41 @@ _UPDATE = """
     WHERE token = %(token)s AND version = %(expected)s
       AND (%(lease_owner)s::text IS NULL
            OR (lease_owner = %(lease_owner)s AND lease_epoch = %(lease_epoch)s))
-    RETURNING version
+    RETURNING version),
+    {_DOCUMENTS}
+    SELECT version FROM up
 """
 _DROP = """
     WITH gone AS (DELETE FROM jobs WHERE token = %(token)s RETURNING token),
          done AS (DELETE FROM uploads WHERE token = %(token)s),
+         docs AS (DELETE FROM job_documents WHERE token = %(token)s),
          kept AS (DELETE FROM filter_deliveries WHERE token = %(token)s)
     INSERT INTO job_tombstones (token) SELECT token FROM gone
     ON CONFLICT (token) DO UPDATE SET xid = pg_current_xact_id(), dropped = now()
 """
+#: A job row's documents as a JSON array of [document_id, format, size] (NULL: none), in the
+#: job's order (jobcodec.decode_job's rows).
+_DOCUMENTS_OF_JOB = """
+    (SELECT json_agg(json_build_array(d.document_id, d.format, d.size) ORDER BY d.ordinal)
+        FROM job_documents d WHERE d.token = jobs.token)
+"""
 #: One statement, so one snapshot: its xmin is the next cursor (module doc).  Kinds: 0 the
 #: cursor, 1 a row, 2 a tombstone, 3 another instance's upload, 4 a subscription, 5 one ended.
-_CHANGES = """
-    SELECT 0, NULL::text, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, NULL::text
+_CHANGES = f"""
+    SELECT 0, NULL::text, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, NULL::text,
+        NULL::json
     UNION ALL
-    SELECT 1, token, version, job FROM jobs
+    SELECT 1, token, version, job, {_DOCUMENTS_OF_JOB} FROM jobs
         WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
     UNION ALL
-    SELECT 2, token, NULL, NULL FROM job_tombstones
+    SELECT 2, token, NULL, NULL, NULL FROM job_tombstones
         WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
     UNION ALL
-    SELECT CASE WHEN ended THEN 5 ELSE 4 END, id, version, CASE WHEN ended THEN NULL ELSE record END
+    SELECT CASE WHEN ended THEN 5 ELSE 4 END, id, version, CASE WHEN ended THEN NULL ELSE record END,
+        NULL
         FROM subscriptions WHERE xid >= %(since)s::text::xid8
     UNION ALL
-    SELECT 3, token, document_id, NULL FROM uploads
+    SELECT 3, token, document_id, NULL, NULL FROM uploads
         WHERE instance <> %(me)s AND started > now() - make_interval(secs => %(age)s)
           AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance
                           AND (i.stopped IS NOT NULL
@@ -580,6 +633,21 @@ def _execute(
     return cur.fetchall() if cur.description is not None else []
 
 
+def _record_params(job: Job, documents: DocumentsWrite) -> dict[str, object]:
+    """The parameters of a job record write and its document rows (_INSERT, _UPDATE, _UPSERT)."""
+    token, state, active, created, completed, text = record_columns(job)
+    return {
+        "token": token,
+        "state": state,
+        "active": active,
+        "created": created,
+        "completed": completed,
+        "job": text,
+        "origin": job.origin,
+        **documents.columns(),
+    }
+
+
 def _insert_events(cur: psycopg.Cursor[Any], events: tuple[Deliver, ...]) -> None:
     """Outbox rows (one per subscriber and event; the message whole, its MessageID fixed), then
     the doorbell, in the caller's transaction."""
@@ -625,6 +693,7 @@ class PostgresRecords:
         #: through those deletes, so a new upload of the same image is never deleted by one.
         self._ends_owed: set[tuple[str, int]] = set()
         self._owed_lock = threading.Lock()
+        self._documents = WrittenDocuments()
 
     @classmethod
     def open(
@@ -669,10 +738,14 @@ class PostgresRecords:
         return self._db.run(what, sql, params)
 
     def put(self, job: Job) -> None:
-        self._run(f"recording job {job.token}", _UPSERT, (*record_columns(job), job.origin))
+        # Tools only (dsc db migrate): every document row, and the next write starts over.
+        self._documents.forget(job.token)
+        params = _record_params(job, self._documents.plan(job, whole=True))
+        self._run(f"recording job {job.token}", _UPSERT, params)
 
     def drop(self, token: str) -> None:
         self._run(f"dropping job {token}", _DROP, {"token": token})
+        self._documents.forget(token)
 
     def write(self, write: VersionedWrite) -> None:
         """A record command, compare-and-set on the row's version (module doc)."""
@@ -681,33 +754,32 @@ class PostgresRecords:
             self.drop(command.token)
             return
         job = command.job
-        token, state, active, created, completed, text = record_columns(job)
-        if isinstance(command, CreateJob) and self.limits is not None:
-            self._create_within_limits(write, job, (token, state, active, created, completed, text))
-            return
-        if isinstance(command, CreateJob) or write.expected is None:
+        token = job.token
+        inserting = isinstance(command, CreateJob) or write.expected is None
+        documents = self._documents.plan(job, None if inserting else write.expected)
+        params = _record_params(job, documents)
+        try:
+            version = self._write_row(write, job, params, inserting)
+        except BaseException:
+            self._documents.forget(token)  # refused, or an outcome not known
+            raise
+        self._documents.committed(job, version)
+
+    def _write_row(
+        self, write: VersionedWrite, job: Job, params: dict[str, object], inserting: bool
+    ) -> int:
+        """The row (and its document rows and events) of a CreateJob or UpdateJob; its new
+        version.  JobChanged when the compare-and-set failed."""
+        token = job.token
+        if isinstance(write.command, CreateJob) and self.limits is not None:
+            return self._create_within_limits(write, job, params)
+        if inserting:
             sql: str = _INSERT
-            params: tuple[object, ...] | dict[str, object] = (
-                token,
-                state,
-                active,
-                created,
-                completed,
-                text,
-                job.origin,
-            )
         else:
-            assert isinstance(command, UpdateJob)
+            assert isinstance(write.command, UpdateJob)
             sql = _UPDATE
-            params = {
-                "state": state,
-                "active": active,
-                "created": created,
-                "completed": completed,
-                "job": text,
-                "token": token,
+            params |= {
                 "expected": write.expected,
-                "documents": [d.document_id for d in job.documents],
                 # A write of the engine holding the job's lease: fenced (store/leases.py).
                 "lease_owner": None if write.lease is None else write.lease[0],
                 "lease_epoch": None if write.lease is None else write.lease[1],
@@ -717,28 +789,32 @@ class PostgresRecords:
             }
         what = f"recording job {token}"
         if not write.events:
-            if not self._run(what, sql, params):
+            found = self._run(what, sql, params)
+            if not found:
                 raise JobChanged(token)
-            return
+            return int(found[0][0])
         # The row and the notifications it causes commit together (issue 18 point 3): an
         # event exists exactly when its change did, and the events of one job are numbered
         # in the order its writes commit (they serialize on the row).
         if self._db.closed:
             raise StoreError("the job store is closed", temporary=False)
 
-        def transact(cur: psycopg.Cursor[Any]) -> bool:
+        def transact(cur: psycopg.Cursor[Any]) -> int | None:
             cur.execute(sql, params)  # our own constant SQL
-            if cur.fetchone() is None:
-                return False
+            row = cur.fetchone()
+            if row is None:
+                return None
             _insert_events(cur, write.events)
-            return True
+            return int(row[0])
 
-        if not self._db.transaction(what, transact):
+        version = self._db.transaction(what, transact)
+        if version is None:
             raise JobChanged(token)
+        return version
 
     def _create_within_limits(
-        self, write: VersionedWrite, job: Job, columns: tuple[object, ...]
-    ) -> None:
+        self, write: VersionedWrite, job: Job, params: dict[str, object]
+    ) -> int:
         """A new job, inserted only if the core's rules on new jobs
         (``dsc_core.dsp.creation_refused``: ``max_active_jobs``, the per-client quota, the
         slots kept for new clients) allow it on every instance's jobs, counted in SQL under
@@ -751,7 +827,8 @@ class PostgresRecords:
         if self._db.closed:
             raise StoreError("the job store is closed", temporary=False)
 
-        def transact(cur: psycopg.Cursor[Any]) -> SoapFault | bool:
+        def transact(cur: psycopg.Cursor[Any]) -> SoapFault | int | None:
+            """The refusal, or the new row's version (None: the token was taken)."""
             cur.execute(_CREATING_LOCK, (CREATING_LOCK_CLASS,))
             cur.execute(_CREATING_COUNTS, {"origin": job.origin})
             row = cur.fetchone()
@@ -759,18 +836,20 @@ class PostgresRecords:
             refused = creation_refused(limits, active, job.origin, held if job.origin else 0)
             if refused is not None:
                 return refused
-            cur.execute(_INSERT, (*columns, job.origin))  # our own constant SQL
-            if cur.fetchone() is None:
-                return False
+            cur.execute(_INSERT, params)  # our own constant SQL
+            inserted = cur.fetchone()
+            if inserted is None:
+                return None
             if write.events:
                 _insert_events(cur, write.events)
-            return True
+            return int(inserted[0])
 
         outcome = self._db.transaction(f"recording job {job.token}", transact)
-        if outcome is False:
+        if outcome is None:
             raise JobChanged(job.token)
         if isinstance(outcome, SoapFault):
             raise CreationRefused(outcome)
+        return outcome
 
     def store_subscription(self, identifier: str, expires: datetime, record: str) -> None:
         self._run(
@@ -803,16 +882,16 @@ class PostgresRecords:
         else:
             found = self._read_feed(what, params)
         next_cursor = cursor
-        rows: list[tuple[str, int, str]] = []
+        rows: list[tuple[str, int, str, StoredDocuments]] = []
         dropped: list[str] = []
         uploads: list[tuple[str, int]] = []
         subscriptions: list[tuple[str, int, str]] = []
         ended: list[str] = []
-        for kind, token, number, text in found:
+        for kind, token, number, text, documents in found:
             if kind == 0:
                 next_cursor = int(number)
             elif kind == 1:
-                rows.append((str(token), int(number), str(text)))
+                rows.append((str(token), int(number), str(text), documents or ()))
             elif kind == 2:
                 dropped.append(str(token))
             elif kind == 3:
@@ -925,11 +1004,21 @@ class PostgresRecords:
                 log.info("the upload of document %d of job %s ended late", document_id, token)
 
     def rows(self) -> list[StoredRecord]:
-        found = self._run("loading jobs", "SELECT seq, token, job FROM jobs ORDER BY seq")
-        return [(int(seq), str(token), str(text)) for seq, token, text in found]
+        found = self._run(
+            "loading jobs", f"SELECT seq, token, job, {_DOCUMENTS_OF_JOB} FROM jobs ORDER BY seq"
+        )
+        return [
+            (int(seq), str(token), str(text), documents or ())
+            for seq, token, text, documents in found
+        ]
 
     def remove(self, seq: int) -> None:
-        self._run("quarantining a job record", "DELETE FROM jobs WHERE seq = %s", (seq,))
+        self._run(
+            "quarantining a job record",
+            """WITH gone AS (DELETE FROM jobs WHERE seq = %s RETURNING token)
+               DELETE FROM job_documents WHERE token IN (SELECT token FROM gone)""",
+            (seq,),
+        )
 
     @property
     def database(self) -> PgDatabase:

@@ -39,6 +39,7 @@ from dsc_bindings.store.interface import (
     Spool,
     Storable,
     StorageFigures,
+    StoredDocuments,
     VersionedWrite,
     check_token,
 )
@@ -145,7 +146,7 @@ class SplitStore:
                 # We hold the data folder's lock: the run that wrote these rows is dead.
                 for token, document_id in records.release_uploads(store.home):
                     spool.remove_unfinished(token, document_id)
-            tokens = {token for _, token, _ in records.rows()}
+            tokens = {row[1] for row in records.rows()}
             if records.shared:
                 older = datetime.now(UTC) - timedelta(seconds=SHARED_DEBRIS_SECONDS)
                 spool.remove_debris(tokens, older_than=older)
@@ -302,26 +303,38 @@ class SplitStore:
         except (sqlite3.Error, MemoryError) as exc:
             raise as_store_error("loading jobs", exc) from exc
         jobs = []
-        for seq, token, text in rows:
+        for seq, token, text, documents in rows:
             try:
-                job = decode_job(text)
+                job = decode_job(text, documents)
                 if job.token != token:
                     raise ValueError(f"the record has token {job.token}")
             except (ValueError, TypeError) as exc:
-                self._quarantine(seq, token, text, str(exc))
+                self._quarantine(seq, token, text, documents, str(exc))
                 continue
             jobs.append(job)
         return jobs
 
-    def _quarantine(self, seq: int, token: object, record: object, why: str) -> None:
+    def _quarantine(
+        self, seq: int, token: object, record: object, documents: StoredDocuments, why: str
+    ) -> None:
         """Move a job record that does not decode out of the way: its row (token, error, the
-        record as stored) to ``quarantine/job-SEQ.json`` and its documents next to it, then
-        delete the row, logged at ERROR.  Every other job is served as usual."""
+        record and its document rows as stored) to ``quarantine/job-SEQ.json`` and its
+        documents next to it, then delete the row, logged at ERROR.  Every other job is served
+        as usual."""
         folder = self.data_dir / QUARANTINE_NAME
         folder.mkdir(mode=0o700, exist_ok=True)
         target = folder / f"job-{seq}.json"
         text = record if isinstance(record, str) else repr(record)
-        payload = json.dumps({"token": str(token), "error": why, "record": text}, indent=1)
+        payload = json.dumps(
+            {
+                "token": str(token),
+                "error": why,
+                "record": text,
+                "documents": [list(row) for row in documents],
+            },
+            indent=1,
+            default=repr,  # what a hand-written row holds, as it is
+        )
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             write_all(fd, payload.encode("utf-8"))

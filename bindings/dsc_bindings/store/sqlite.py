@@ -3,7 +3,8 @@ spool beside them.
 
 Layout of ``data_dir``::
 
-    jobs.sqlite3            one row per job (WAL, synchronous=FULL: a returned commit is on disk)
+    jobs.sqlite3            one row per job and one per document of a job (WAL,
+                            synchronous=FULL: a returned commit is on disk)
     lock                    flock'ed while open: one server per data directory (split.py)
     spool/...               the documents (localspool.py)
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from dsc_bindings.store.errors import StoreError, as_store_error, is_temporary
 from dsc_bindings.store.interface import StoredRecord
-from dsc_bindings.store.jobcodec import encode_job
+from dsc_bindings.store.jobcodec import DocumentRow, encode_job
+from dsc_bindings.store.jobdocuments import WrittenDocuments
 from dsc_bindings.store.localspool import PART_SUFFIX, SPOOL_NAME, LocalSpool
 from dsc_bindings.store.split import LOCK_NAME, QUARANTINE_NAME, SplitStore
 from dsc_core.model import Job
@@ -37,21 +39,36 @@ __all__ = [
 ]
 
 DB_NAME = "jobs.sqlite3"
-#: ``PRAGMA user_version`` of the schema below; an older file is migrated, a newer one refused.
-SCHEMA_VERSION = 1
-
-_SCHEMA = (
-    """CREATE TABLE jobs (
-        token     TEXT PRIMARY KEY NOT NULL,
-        seq       INTEGER NOT NULL UNIQUE,      -- creation order: load_jobs() is oldest first
-        state     TEXT NOT NULL,                -- JobState value, for queries by hand
-        active    INTEGER NOT NULL CHECK (active IN (0, 1)),
-        created   TEXT NOT NULL,                -- ISO 8601 with UTC offset (R6)
-        completed TEXT,
-        job       TEXT NOT NULL                 -- the whole record, jobcodec.encode_job
-    )""",
-    "CREATE INDEX jobs_by_activity ON jobs (active, seq)",
+#: Each entry brings the schema before it up by one (as PostgreSQL's, store/postgresql.py);
+#: append only.  ``PRAGMA user_version`` is the number applied.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE jobs (
+            token     TEXT PRIMARY KEY NOT NULL,
+            seq       INTEGER NOT NULL UNIQUE,      -- creation order: load_jobs() is oldest first
+            state     TEXT NOT NULL,                -- JobState value, for queries by hand
+            active    INTEGER NOT NULL CHECK (active IN (0, 1)),
+            created   TEXT NOT NULL,                -- ISO 8601 with UTC offset (R6)
+            completed TEXT,
+            job       TEXT NOT NULL                 -- the record, jobcodec.encode_job
+        )""",
+        "CREATE INDEX jobs_by_activity ON jobs (active, seq)",
+    ),
+    (
+        # A job's documents beside its record, so that a SendImage writes its own row only
+        # (store/jobdocuments.py); records written before keep theirs inside until rewritten.
+        """CREATE TABLE job_documents (
+            token       TEXT NOT NULL,
+            ordinal     INTEGER NOT NULL,           -- its place in the job's documents
+            document_id INTEGER NOT NULL,
+            format      TEXT NOT NULL,
+            size        INTEGER NOT NULL,
+            PRIMARY KEY (token, ordinal)
+        ) WITHOUT ROWID""",
+    ),
 )
+#: ``PRAGMA user_version`` of the schema above; an older file is migrated, a newer one refused.
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 _UPSERT = """
     INSERT INTO jobs (token, seq, state, active, created, completed, job)
@@ -59,6 +76,10 @@ _UPSERT = """
     ON CONFLICT (token) DO UPDATE SET
         state = excluded.state, active = excluded.active, created = excluded.created,
         completed = excluded.completed, job = excluded.job
+"""
+_PUT_DOCUMENT = """
+    INSERT OR REPLACE INTO job_documents (token, ordinal, document_id, format, size)
+    VALUES (?, ?, ?, ?, ?)
 """
 
 
@@ -85,6 +106,7 @@ class SqliteRecords:
         self.shared = False
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
+        self._documents = WrittenDocuments()
 
     @classmethod
     def open(cls, data_dir: Path, *, busy_timeout: float = 5.0) -> SqliteRecords:
@@ -123,22 +145,63 @@ class SqliteRecords:
 
     def put(self, job: Job) -> None:
         token, state, active, created, completed, text = record_columns(job)
+        documents = self._documents.plan(job)
         with self._lock:
-            # One statement in autocommit mode: atomic, and durable when it returns.
-            self.db().execute(_UPSERT, (token, state, int(active), created, completed, text))
+            db = self.db()
+            # One transaction: the record and its new document rows are durable together
+            # when COMMIT returns (synchronous=FULL), or neither is.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(_UPSERT, (token, state, int(active), created, completed, text))
+                if documents.whole:
+                    db.execute(
+                        "DELETE FROM job_documents WHERE token = ? AND ordinal >= ?",
+                        (token, documents.count),
+                    )
+                db.executemany(_PUT_DOCUMENT, [(token, *row) for row in documents.rows])
+                db.execute("COMMIT")
+            except BaseException:
+                self._documents.forget(token)
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        self._documents.committed(job)
 
     def drop(self, token: str) -> None:
         with self._lock:
-            self.db().execute("DELETE FROM jobs WHERE token = ?", (token,))
+            self._delete("token = ?", (token,))
+        self._documents.forget(token)
+
+    def _delete(self, where: str, params: tuple[object, ...]) -> None:
+        """Delete the jobs matching ``where`` and their document rows, in one transaction."""
+        db = self.db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                f"DELETE FROM job_documents WHERE token IN (SELECT token FROM jobs WHERE {where})",
+                params,
+            )
+            db.execute(f"DELETE FROM jobs WHERE {where}", params)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def rows(self) -> list[StoredRecord]:
         with self._lock:
-            rows = self.db().execute("SELECT seq, token, job FROM jobs ORDER BY seq").fetchall()
-        return [(int(seq), str(token), text) for seq, token, text in rows]
+            db = self.db()
+            rows = db.execute("SELECT seq, token, job FROM jobs ORDER BY seq").fetchall()
+            found: dict[str, list[DocumentRow]] = {}
+            for token, document_id, format_, size in db.execute(
+                "SELECT token, document_id, format, size FROM job_documents ORDER BY token, ordinal"
+            ):
+                found.setdefault(token, []).append((document_id, format_, size))
+        return [(int(seq), str(token), text, found.get(token, ())) for seq, token, text in rows]
 
     def remove(self, seq: int) -> None:
         with self._lock:
-            self.db().execute("DELETE FROM jobs WHERE seq = ?", (seq,))
+            self._delete("seq = ?", (seq,))
 
     def pool_stats(self) -> None:
         return None  # one connection of its own, no pool
@@ -171,9 +234,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 f"job store schema {version} is newer than this server ({SCHEMA_VERSION})",
                 False,
             )
-        if version == 0:
-            for statement in _SCHEMA:
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
                 conn.execute(statement)
+        if version != SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -1,0 +1,102 @@
+"""Which of a job's document rows a record write carries (both SQL stores).
+
+A job's documents are rows of their own beside its record (``job_documents``: token, ordinal,
+document_id, format, size; jobcodec version 3), because each SendImage adds one document and
+writing the whole list again made a job of n images cost O(n^2) (the last review).  A write
+carries the rows from the first document the table may not hold yet: the store remembers, per
+job, the documents its last committed write left there (:class:`WrittenDocuments`), and a job
+whose documents still begin with those adds only the rest.  Anything else (a job not written
+since this start, a failed write whose outcome is unknown, a shorter list after an undo, or on
+shared PostgreSQL records a row version this store did not write: another instance wrote the
+job in between) writes every row again and deletes those past the end: slower, never wrong.
+
+Documents of a job only grow, one SendImage at a time (R6); the core's undo of a failed write
+(R4 step 9) gives back the list before it, which is the case above that rewrites.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from dsc_bindings.store.jobcodec import document_row
+from dsc_core.model import Document, Job
+
+__all__ = ["DocumentsWrite", "WrittenDocuments"]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentsWrite:
+    """The document rows of one record write: the job has ``count`` documents; the rows from
+    ordinal ``start`` on are written (upserted by ordinal); with ``start`` 0 the rows from
+    ``count`` on are deleted too (a whole rewrite)."""
+
+    token: str
+    count: int
+    start: int
+    #: (ordinal, document_id, format, size) of each row written.
+    rows: tuple[tuple[int, int, str, int], ...]
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0
+
+    @property
+    def document_ids(self) -> list[int]:
+        return [row[1] for row in self.rows]
+
+    def columns(self) -> dict[str, object]:
+        """The rows as the array parameters of PostgreSQL's ``unnest`` (one per column)."""
+        return {
+            "count": self.count,
+            "ordinals": [row[0] for row in self.rows],
+            "ids": [row[1] for row in self.rows],
+            "formats": [row[2] for row in self.rows],
+            "sizes": [row[3] for row in self.rows],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    #: The row version the write left (shared records), None for SQLite's.
+    version: int | None
+    documents: tuple[Document, ...]
+
+
+class WrittenDocuments:
+    """Per job, the documents this store's last committed write left in the table.
+    Thread-safe (the writer thread writes, a tool may too)."""
+
+    def __init__(self) -> None:
+        self._written: dict[str, _Written] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, job: Job, version: int | None = None, *, whole: bool = False) -> DocumentsWrite:
+        """The rows a write of ``job`` carries; ``version``: the row version it replaces (a
+        compare-and-set write; None on SQLite), ``whole``: every row, whatever is known."""
+        documents = job.documents
+        with self._lock:
+            known = None if whole else self._written.get(job.token)
+        start = 0
+        if (
+            known is not None
+            and known.version == version
+            and len(documents) >= len(known.documents)
+            # Tuples of frozen documents: mostly the same objects, compared by identity first.
+            and documents[: len(known.documents)] == known.documents
+        ):
+            start = len(known.documents)
+        rows = tuple(
+            (ordinal, *document_row(d)) for ordinal, d in enumerate(documents[start:], start)
+        )
+        return DocumentsWrite(job.token, len(documents), start, rows)
+
+    def committed(self, job: Job, version: int | None = None) -> None:
+        """The write of ``job`` committed, leaving the row at ``version`` (shared records)."""
+        with self._lock:
+            self._written[job.token] = _Written(version, job.documents)
+
+    def forget(self, token: str) -> None:
+        """The job is gone, or a write's outcome is unknown: its next write is whole."""
+        with self._lock:
+            self._written.pop(token, None)
