@@ -1,6 +1,7 @@
 """The file share filter across failover (issue 18 points 2 and 7): two real ``dsc serve``
 instances on a PostgreSQL and a SeaweedFS of this module's own (two tests stop them), one
-share folder both write to, jobs of three documents.
+share folder both write to (a ``[shares]`` folder, and for the kill and freeze tests also a
+share of a real Samba server: the SMB filter keeps the same records), jobs of three documents.
 
 Caught in the middle, deterministically: the test holds, in an open transaction, the delivery
 record of document 2 (an uncommitted ``filter_deliveries`` row with its key), so the running
@@ -17,7 +18,8 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -31,6 +33,7 @@ from waiting import wait_for
 
 if TYPE_CHECKING:
     from engines_support import PgCluster, S3Server
+    from smb_support import SmbServer
 
 MiB = 1 << 20
 #: Three documents of different contents (a duplicate or a swap shows in the bytes).
@@ -42,15 +45,32 @@ def content(document_id: int) -> bytes:
     return b"".join(Stream(size, seed=seed))
 
 
+@dataclass(frozen=True)
+class Target:
+    """A UNC path of the instructions, the share folder it reaches as the filter names it in
+    its records, and the same folder seen by the test (the Samba share's is local too)."""
+
+    unc: str
+    recorded: str
+    folder: Path
+
+
 class Pair:
-    """Two instances (a, b) of one store, the share folder they both write to, and the
+    """Two instances (a, b) of one store, the share folders they both write to, and the
     store's engines (which a test may stop)."""
 
     def __init__(
-        self, a: ServerProcess, b: ServerProcess, share: Path, dsn: str, pg: PgCluster, s3: S3Server
+        self,
+        a: ServerProcess,
+        b: ServerProcess,
+        targets: dict[str, Target | str],
+        dsn: str,
+        pg: PgCluster,
+        s3: S3Server,
     ) -> None:
         self.a, self.b = a, b
-        self.share = share
+        self.targets = targets
+        self.target = Target(LOCAL_SHARE, "", Path())  # each test's, set by the fixture
         self.dsn = dsn
         self.pg = pg
         self.s3 = s3
@@ -58,11 +78,12 @@ class Pair:
     @property
     def folder(self) -> Path:
         """Where the jobs' files go: the user's sub-folder (R9)."""
-        return self.share / DEFAULT_SID
+        return self.target.folder
 
     def create(self, root_name: str) -> tuple[Soap, str]:
         client = Soap(self.a.url)
-        return client, client.create([FileShareInstructions((LOCAL_SHARE,))], root_name=root_name)
+        instructions = FileShareInstructions((self.target.unc,))
+        return client, client.create([instructions], root_name=root_name)
 
     @staticmethod
     def send(client: Soap, token: str) -> None:
@@ -77,7 +98,7 @@ class Pair:
         conn.execute(
             "INSERT INTO filter_deliveries (token, filter_index, folder, document_id, counter, "
             "name) VALUES (%s, 0, %s, %s, 0, 'held by the test')",
-            (token, str(self.folder), document_id),
+            (token, self.target.recorded, document_id),
         )
         return conn
 
@@ -130,20 +151,50 @@ def own_s3() -> Iterator[S3Server]:
         yield server
 
 
+def samba(request: pytest.FixtureRequest) -> SmbServer | str:
+    """The session's Samba server, or why it cannot run here (its tests skip, saying so)."""
+    try:
+        server: SmbServer = request.getfixturevalue("smbd")
+    except pytest.skip.Exception as exc:
+        return str(exc)
+    return server
+
+
 @pytest.fixture(scope="module")
 def started_pair(
-    tmp_path_factory: pytest.TempPathFactory, own_pg: PgCluster, own_s3: S3Server
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    own_pg: PgCluster,
+    own_s3: S3Server,
 ) -> Iterator[Pair]:
     folder = tmp_path_factory.mktemp("fileshare-failover")
     share = folder / "share"
     share.mkdir()
+    targets: dict[str, Target | str] = {
+        "local": Target(LOCAL_SHARE, str(share / DEFAULT_SID), share / DEFAULT_SID),
+    }
+    smbd = samba(request)
+    smb_config = ""
+    if isinstance(smbd, str):
+        targets["smb"] = smbd
+    else:
+        smb_config = smbd.config() + "\n"
+        below = ("failover", DEFAULT_SID)
+        # As the filter names the folder (filters/smbfolder.py): the share's root, then below.
+        root = PureWindowsPath(f"\\\\{smbd.address}\\scans\\")
+        targets["smb"] = Target(
+            rf"\\{smbd.address}\scans\failover",
+            str(root.joinpath(*below)),
+            smbd.scans.joinpath(*below),
+        )
     secret = secret_file(folder, S3_SECRET_KEY)
     dsn = own_pg.new_database()
     config = folder / "dsc.toml"
     config.write_text(
         "[cluster]\nheartbeat_seconds = 0.3\nlease_seconds = 2\n\n"
         f"[shares]\n'{LOCAL_SHARE}' = \"{share}\"\n\n"
-        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
+        + smb_config
+        + f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
         f'[spool]\nkind = "s3"\nendpoint_url = "{own_s3.endpoint_url}"\n'
         f'bucket = "{own_s3.new_bucket()}"\nregion = "us-east-1"\n'
         f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
@@ -151,12 +202,16 @@ def started_pair(
     with started_servers() as keep:
         a = keep(ServerProcess(folder / "a", config=config))
         b = keep(ServerProcess(folder / "b", config=config))
-        yield Pair(a, b, share, dsn, own_pg, own_s3)
+        yield Pair(a, b, targets, dsn, own_pg, own_s3)
 
 
-@pytest.fixture
-def pair(started_pair: Pair) -> Iterator[Pair]:
-    """Both instances up, before and after each test."""
+@pytest.fixture(params=["local"])
+def pair(started_pair: Pair, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """Both instances up, before and after each test; the share its jobs go to."""
+    target = started_pair.targets[request.param]
+    if isinstance(target, str):
+        pytest.skip(f"no Samba server for the SMB share: {target}")
+    started_pair.target = target
     yield started_pair
     for server in (started_pair.a, started_pair.b):
         if server.alive:
@@ -165,6 +220,7 @@ def pair(started_pair: Pair) -> Iterator[Pair]:
             server.start()
 
 
+@pytest.mark.parametrize("pair", ["local", "smb"], indirect=True)
 def test_kill9_mid_file_share_the_rescuer_places_each_file_once(pair: Pair) -> None:
     client, token = pair.create("killed")
     held = pair.hold_record(token, 2)
@@ -184,6 +240,7 @@ def test_kill9_mid_file_share_the_rescuer_places_each_file_once(pair: Pair) -> N
     pair.assert_delivered_once("killed")
 
 
+@pytest.mark.parametrize("pair", ["local", "smb"], indirect=True)
 def test_a_frozen_instance_s_late_file_share_writes_are_refused(pair: Pair) -> None:
     """SIGSTOP past the lease mid-file-share, b rescues and completes the job, SIGCONT: the
     frozen run goes on with a record held since before the rescue, and places nothing."""
@@ -262,3 +319,45 @@ def test_s3_away_while_the_run_reads_the_images_the_job_resumes(pair: Pair) -> N
     ended = Soap(pair.b.url).wait_ended(token, 60)
     assert ended.state == "Completed", ended
     pair.assert_delivered_once("nos3")
+
+
+def test_one_server_resumes_a_job_whose_images_s3_could_not_give(
+    tmp_path: Path, own_s3: S3Server
+) -> None:
+    """One server (SQLite records, S3 images; no leases): the run that cannot read the images
+    is interrupted and the server resumes the job itself, every RESUME_INTERRUPTED_SECONDS
+    until S3 answers."""
+    share = tmp_path / "share"
+    config = tmp_path / "dsc.toml"
+    config.write_text(
+        f"[shares]\n'{LOCAL_SHARE}' = \"{share}\"\n\n"
+        f'[spool]\nkind = "s3"\nendpoint_url = "{own_s3.endpoint_url}"\n'
+        f'bucket = "{own_s3.new_bucket()}"\nregion = "us-east-1"\n'
+        f'access_key_id = "{S3_ACCESS_KEY}"\n'
+        f'secret_access_key_file = "{secret_file(tmp_path, S3_SECRET_KEY)}"\n'
+    )
+    with started_servers() as keep:
+        server = keep(ServerProcess(tmp_path / "data", config=config))
+        client = Soap(server.url)
+        token = client.create([FileShareInstructions((LOCAL_SHARE,))], root_name="alone")
+        for document_id in DOCUMENTS:
+            client.send_image(token, document_id, content(document_id))
+        own_s3.stop()
+        try:
+            client.end(token)
+            wait_for(
+                lambda: f"job {token}: resumed in 5 s (R13)" in server.log,
+                30,
+                "the run to be interrupted while S3 is away",
+            )
+            view = client.dsp_job(token)
+            assert view.state not in ("Aborted", "Completed"), view
+        finally:
+            own_s3.start()
+        ended = client.wait_ended(token, 60)
+        assert ended.state == "Completed", ended
+        assert "PostScanJobProcessingFailed" not in server.log
+    folder = share / DEFAULT_SID
+    assert sorted(os.listdir(folder)) == [f"alone_000{d}.png" for d in DOCUMENTS]
+    for document_id in DOCUMENTS:
+        assert (folder / f"alone_000{document_id}.png").read_bytes() == content(document_id)
