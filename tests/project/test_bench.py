@@ -93,7 +93,7 @@ def test_webconsole_bench_runs() -> None:
 
 
 def test_asgi_bench_runs() -> None:
-    """``bench/asgi.py --quick`` (issue 20): all seven servers answer and are measured, the
+    """``bench/asgi.py --quick`` (issue 20): all eight servers answer and are measured, the
     targets table is printed (or a skip that says why).  No timing is asserted."""
     result = run_bench([sys.executable, str(ROOT / "bench" / "asgi.py"), "--quick"], timeout=180)
     tables = result.stdout.split("== targets", 1)[0]
@@ -105,10 +105,30 @@ def test_asgi_bench_runs() -> None:
         "dsc serve --binding blocking",
         "ASGI app, uvicorn (httptools, uvloop)",
         "ASGI app, uvicorn (uvloop, dsc's httptools protocol)",
+        "ASGI app, uvicorn (asyncio loop, dsc's httptools protocol)",
     ):
         assert tables.count(f"\n| {server} |") == 2, result.stdout  # both requests
     assert "non-2xx" not in result.stdout, result.stdout
     assert "== targets" in result.stdout and "| GetPostScanJobElements | t1c8 |" in result.stdout
+
+
+def test_fairness_bench_runs() -> None:
+    """``bench/fairness.py --quick`` (issue 20 point 3 (a)): every server answers, its answers
+    are counted in its own process (each row has its counts, not an empty run) and the table
+    prints.  No timing, and no order, is asserted: the order is what it measures."""
+    result = run_bench(
+        [sys.executable, str(ROOT / "bench" / "fairness.py"), "--quick"], timeout=180
+    )
+    assert "round-robin is 7 between" in result.stdout, result.stdout
+    for server in (
+        "hand-written, asyncio",
+        "hand-written, uvloop",
+        "ASGI app, uvloop",
+        "ASGI app, asyncio",
+    ):
+        row = re.search(rf"\n\| {re.escape(server)} \| (\d+) / (\d+) / (\d+) \|", result.stdout)
+        assert row is not None, result.stdout
+        assert int(row.group(1)) >= 1, result.stdout  # answers on the other connections
 
 
 @pytest.mark.parametrize("binding", ["async", "asgi", "core"])
