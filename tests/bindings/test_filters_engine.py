@@ -14,9 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
 from dsc_bindings.filters.common import Deliveries, never_raises
 from dsc_bindings.filters.interruption import Interrupted
+from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.interruption import interrupting
 from dsc_core import ScanServer, StartProcessing
 from dsc_core.commands import (
     FilterFinished,
@@ -447,3 +451,32 @@ def test_documents_the_spool_cannot_give_now_interrupt_the_run(tmp_path: Path) -
     engine.close(5)
     assert recorder.of(job.token) == [ProcessingStarted(job.token)]
     assert _delivered(tmp_path) == []
+
+
+@pytest.mark.parametrize("temporary", [True, False])
+def test_only_a_temporary_store_error_interrupts_the_run(tmp_path: Path, temporary: bool) -> None:
+    """The one rule (store/interruption.py): a store that may answer on a retry (R4 step 9)
+    interrupts the run; a lasting fault (a document gone from the spool) fails the filters as
+    before (UnknownError), since resuming would meet it again."""
+    recorder = Recorder()
+
+    def documents_of(job: Job) -> list[tuple[Document, Path]]:
+        with interrupting():
+            raise StoreError("reading spool/j/1: the store says no", temporary)
+
+    engine = _engine(tmp_path, recorder, documents_of=documents_of)
+    job = make_job(GOOD)
+    engine.start(job)
+    if temporary:
+        recorder.wait(lambda: recorder.interrupted == [job.token])
+        assert recorder.of(job.token) == [ProcessingStarted(job.token)]
+    else:
+        recorder.wait_finished(job.token)
+        assert (
+            FilterFinished(
+                job.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+            )
+            in recorder.events
+        )
+        assert recorder.interrupted == []
+    engine.close(5)

@@ -263,6 +263,14 @@ def test_a_frozen_instance_s_late_file_share_writes_are_refused(pair: Pair) -> N
         30,
         "the frozen instance's run to end",
     )
+    # Refused by the heartbeat (the renewal finds the lease gone), by the file share's check
+    # before a file takes its name, or by the fenced record write of its report.
+    refusals = (
+        f"job {token}: the lease was lost",
+        f"of job {token} delivers nothing more",
+        f"job {token}: a write of its filters was refused",
+    )
+    assert any(refusal in pair.a.log for refusal in refusals), pair.a.log[-3000:]
     pair.assert_delivered_once("frozen")
     for server in (pair.a, pair.b):
         view = Soap(server.url).in_history(token)

@@ -1,7 +1,8 @@
 """PostScan filters (R9) and the processing engine that runs them (R6).
 
 Each filter is a synchronous function ``run(job, filter_index, documents, settings, cancelled)
--> FilterOutcome`` that never raises, its outcome naming what it delivered (issue 19);
+-> FilterOutcome`` that never raises, its outcome naming what it delivered (issue 19), except
+:class:`~.interruption.Interrupted` (the store does not answer: no outcome, the job resumes);
 :class:`ProcessingEngine` runs a job's filters in worker
 threads and reports ProcessingStarted / FilterStarted / FilterFinished / ProcessingFinished.
 """
