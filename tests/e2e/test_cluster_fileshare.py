@@ -80,8 +80,9 @@ class Pair:
         """Where the jobs' files go: the user's sub-folder (R9)."""
         return self.target.folder
 
-    def create(self, root_name: str) -> tuple[Soap, str]:
-        client = Soap(self.a.url)
+    def create(self, root_name: str, on: ServerProcess | None = None) -> tuple[Soap, str]:
+        """A job created on ``on`` (a unless told): its filters run there."""
+        client = Soap((on or self.a).url)
         instructions = FileShareInstructions((self.target.unc,))
         return client, client.create([instructions], root_name=root_name)
 
@@ -207,37 +208,20 @@ def started_pair(
 
 @pytest.fixture(params=["local"])
 def pair(started_pair: Pair, request: pytest.FixtureRequest) -> Iterator[Pair]:
-    """Both instances up, before and after each test; the share its jobs go to."""
+    """Both instances up for each test (one killed by the test before is started again here,
+    not after it: the kill tests come last, so the module restarts one instance, not two);
+    the share its jobs go to."""
     target = started_pair.targets[request.param]
     if isinstance(target, str):
         pytest.skip(f"no Samba server for the SMB share: {target}")
     started_pair.target = target
+    for server in (started_pair.a, started_pair.b):
+        if not server.alive:
+            server.start()
     yield started_pair
     for server in (started_pair.a, started_pair.b):
         if server.alive:
             os.kill(server.pid, signal.SIGCONT)  # a frozen one must hear SIGTERM
-        else:
-            server.start()
-
-
-@pytest.mark.parametrize("pair", ["local", "smb"], indirect=True)
-def test_kill9_mid_file_share_the_rescuer_places_each_file_once(pair: Pair) -> None:
-    client, token = pair.create("killed")
-    held = pair.hold_record(token, 2)
-    try:
-        pair.send(client, token)
-        pair.caught_mid_way("killed", token, pair.a)
-        pair.a.kill9()
-        wait_for(lambda: f"job {token} rescued from instance" in pair.b.log, 30, "b's rescue")
-        # b recorded document 1's file and, by its linked temporary name, document 2's.
-        wait_for(lambda: pair.waiting_records() == 2, 30, "b to record document 2")
-    finally:
-        held.rollback()
-        held.close()
-    ended = Soap(pair.b.url).wait_ended(token, 30)
-    assert ended.state == "Completed", ended
-    assert [f.state for f in ended.filters] == ["CompletedSuccessfully"], ended
-    pair.assert_delivered_once("killed")
 
 
 @pytest.mark.parametrize("pair", ["local", "smb"], indirect=True)
@@ -369,3 +353,25 @@ def test_one_server_resumes_a_job_whose_images_s3_could_not_give(
     assert sorted(os.listdir(folder)) == [f"alone_000{d}.png" for d in DOCUMENTS]
     for document_id in DOCUMENTS:
         assert (folder / f"alone_000{document_id}.png").read_bytes() == content(document_id)
+
+
+# Last in the module: each kills an instance (a, then b), the next test's set-up restarts it.
+@pytest.mark.parametrize(("pair", "victim"), [("local", "a"), ("smb", "b")], indirect=["pair"])
+def test_kill9_mid_file_share_the_rescuer_places_each_file_once(pair: Pair, victim: str) -> None:
+    runner, rescuer = (pair.a, pair.b) if victim == "a" else (pair.b, pair.a)
+    client, token = pair.create("killed", on=runner)
+    held = pair.hold_record(token, 2)
+    try:
+        pair.send(client, token)
+        pair.caught_mid_way("killed", token, runner)
+        runner.kill9()
+        wait_for(lambda: f"job {token} rescued from instance" in rescuer.log, 30, "the rescue")
+        # The rescuer recorded document 1's file and, by its linked temporary name, document 2's.
+        wait_for(lambda: pair.waiting_records() == 2, 30, "the rescuer to record document 2")
+    finally:
+        held.rollback()
+        held.close()
+    ended = Soap(rescuer.url).wait_ended(token, 30)
+    assert ended.state == "Completed", ended
+    assert [f.state for f in ended.filters] == ["CompletedSuccessfully"], ended
+    pair.assert_delivered_once("killed")
