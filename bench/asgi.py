@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from runtime import (  # noqa: E402
     token_of,
     wrk_run,
 )
+from wrk_options import missing, wrk_options  # noqa: E402
 
 from e2e_support import ServerProcess, serving  # noqa: E402
 
@@ -263,24 +263,14 @@ def print_targets(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="wrk against the project, a hand-written aiohttp + lxml server and the floors"
+    args = wrk_options(
+        "wrk against the project, a hand-written aiohttp + lxml server and the floors",
+        argv,
+        threads=[1, 2],
+        connections=[8, 64],
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 1 round of 1 s, -t1 -c8, every server at once (no measurement)",
-    )
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="wrk -t values")
-    parser.add_argument("--connections", type=int, nargs="+", default=[8, 64], help="wrk -c values")
-    parser.add_argument("--json", type=Path, help="write every run's numbers here")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds, args.threads, args.connections = 1.0, 1, [1], [8]
-    if shutil.which("wrk") is None:
-        print("skipped: wrk is not installed (apt-get install -y wrk)")
+    if skipped := missing():
+        print(skipped)
         return 0
     with tempfile.TemporaryDirectory(prefix="dsc-asgi-bench-") as tmp:
         results = measure(args, Path(tmp))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,10 +30,11 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from asgi import checked_reply, envelope, request_body, spread  # noqa: E402
 from runtime import dc, names, wrk_run  # noqa: E402
+from wrk_options import missing, wrk_options  # noqa: E402
 
 from dsc_core.model import FileShareInstructions  # noqa: E402
 from e2e_support import ServerProcess, Soap  # noqa: E402
-from engines_support import PgCluster, pg_cluster, postgres_bin  # noqa: E402
+from engines_support import PgCluster, pg_cluster  # noqa: E402
 
 OPS = ("GetActiveJobs", "GetRepositoryElements")
 STORES = ("sqlite", "postgresql")
@@ -102,20 +102,9 @@ def measure(args: argparse.Namespace, tmp: Path, pg: PgCluster) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s, -c1")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
-    parser.add_argument("--connections", type=int, nargs="+", default=[1, 8], help="wrk -c")
-    parser.add_argument("--json", type=Path, help="write every run's numbers here")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds, args.connections = 1.0, 1, [1]
-    if shutil.which("wrk") is None:
-        print("skipped: wrk is not installed (apt-get install -y wrk)")
-        return 0
-    if postgres_bin() is None:
-        print("skipped: needs Debian's postgresql (/usr/lib/postgresql/*/bin/initdb)")
+    args = wrk_options(__doc__.split("\n\n")[0], argv, connections=[1, 8])
+    if skipped := missing(postgresql=True):
+        print(skipped)
         return 0
     with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-bench-catchup-") as name:
         results = measure(args, Path(name), pg)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,9 +31,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from asgi import checked_reply, request_body, spread, wrk_round  # noqa: E402
+from wrk_options import missing, wrk_options  # noqa: E402
 
 from e2e_support import LISTENING, ServerProcess  # noqa: E402
-from engines_support import PgCluster, pg_cluster, postgres_bin  # noqa: E402
+from engines_support import PgCluster, pg_cluster  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
 OP = "GetRepositoryElements"
@@ -114,27 +114,14 @@ def print_table(threads: int, conns: int, runs: dict[int, list[Run]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="wrk against dsc serve --workers 1 and --workers 2 on PostgreSQL"
+    args = wrk_options(
+        "wrk against dsc serve --workers 1 and --workers 2 on PostgreSQL",
+        argv,
+        threads=[1, 2],
+        connections=[8, 64],
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 1 round of 1 s, -t1 -c8, both servers at once (no measurement)",
-    )
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="wrk -t values")
-    parser.add_argument("--connections", type=int, nargs="+", default=[8, 64], help="wrk -c values")
-    parser.add_argument("--json", type=Path, help="write every run's numbers here")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds, args.threads, args.connections = 1.0, 1, [1], [8]
-    if shutil.which("wrk") is None:
-        print("skipped: wrk is not installed (apt-get install -y wrk)")
-        return 0
-    if postgres_bin() is None:
-        print("skipped: needs Debian's postgresql (/usr/lib/postgresql/*/bin/initdb)")
+    if skipped := missing(postgresql=True):
+        print(skipped)
         return 0
     with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-workers-bench-") as tmp:
         results = measure(args, Path(tmp), pg)
