@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsc_bindings.console.output import Column, print_table
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             spool.close()
         if records is not None:
             records.close()
-    rows = [
+    rows: list[tuple[str, int | str, int | str, str]] = [
         ("jobs", report.jobs, report.verified_jobs, "records equal"),
         ("  active", report.active, report.active, ""),
         ("  history", report.jobs - report.active, report.jobs - report.active, ""),
@@ -261,29 +262,46 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "SHA-256 equal" if spool is not None else "stay in the data folder's spool",
         ),
     ]
-    print(f"{'WHAT':<10} {'COPIED':>8} {'VERIFIED':>8}  CHECK")
-    for what, copied, verified, check in rows:
-        print(f"{what:<10} {copied:>8} {verified:>8}  {check}")
     if identity is None:
-        print("identity          -        -  none in the data folder: created at the first start")
+        rows.append(("identity", "-", "-", "none in the data folder: created at the first start"))
     else:
         source_id, stored_id = identity
-        print(
-            f"{'identity':<10} {1:>8} {1:>8}  device {stored_id.device_uuid}, UUIDs equal, "
-            f"starts {stored_id.starts} (was {source_id.starts})"
+        rows.append(
+            (
+                "identity",
+                1,
+                1,
+                f"device {stored_id.device_uuid}, UUIDs equal, "
+                f"starts {stored_id.starts} (was {source_id.starts})",
+            )
         )
     devices, tracked = len(book.devices), len(book.jobs)
-    print(f"{'devices':<10} {devices:>8} {devices:>8}  rows equal")
-    print(
-        f"{'  ongoing':<10} {tracked:>8} {tracked:>8}  jobs in progress, the device of each equal"
+    rows += [
+        ("devices", devices, devices, "rows equal"),
+        ("  ongoing", tracked, tracked, "jobs in progress, the device of each equal"),
+        ("totals", len(counters), len(counters), "counters equal"),
+    ]
+    # Whole (wide): the device UUID is what an administrator compares.
+    print_table(
+        _REPORT_COLUMNS,
+        [[what, str(copied), str(verified), check] for what, copied, verified, check in rows],
+        wide=True,
     )
-    print(f"{'totals':<10} {len(counters):>8} {len(counters):>8}  counters equal")
     print(f"image bytes: {report.image_bytes:,}")
     print(
         "The data folder is unchanged. Next: put the destination's [store] and [spool] in the "
         "configuration file and restart dsc serve."
     )
     return EXIT_OK
+
+
+#: ``dsc db migrate``'s report: what was copied and read back.
+_REPORT_COLUMNS = (
+    Column("WHAT"),
+    Column("COPIED", numeric=True),
+    Column("VERIFIED", numeric=True),
+    Column("CHECK"),
+)
 
 
 def add_parser(sub: Any) -> None:
