@@ -23,7 +23,16 @@ from test_http_bindings import (
 )
 
 A = names.Action
-GET_PATHS = ["/", "/status", "/status.json", "/metrics", "/healthz", "/console.js", "/console.css"]
+GET_PATHS = [
+    "/",
+    "/status",
+    "/status.json",
+    "/metrics",
+    "/healthz",
+    "/console.js",
+    "/console.css",
+    "/dom.js",
+]
 
 
 @pytest.fixture(params=["async", "blocking"])

@@ -2,7 +2,8 @@
 
 =================  ===============================================  ============================
 ``GET /``          the status page: one static HTML file, inline    scan administrators (R10)
-                   CSS and JS, no CDN, no build step; it polls
+                   CSS and JS (drawing with the web console's
+                   ``/dom.js``), no CDN, no build step; it polls
                    ``/status.json`` every second and redraws
 ``GET /status.json``  repository state, active jobs with progress,  scan administrators (R10)
                    one page of the history with times and
@@ -240,7 +241,7 @@ PAGE = """<!doctype html>
  tr.failed td, tr.aborted td { background: #fdecea; } tr.partial td { background: #fff4e0; }
  tr.stalled td { background: #fdecea; } .stalled { color: #b3261e; font-weight: 600; }
  .card.bad { border-color: #b3261e; }
- #status { color: #666; } .empty { color: #888; font-style: italic; }
+ #status { color: #666; } .muted { color: #888; font-style: italic; }
  .cards { display: flex; gap: 1em; flex-wrap: wrap; }
  .card { background: #fff; border: 1px solid #e4e4e4; padding: .5em 1em; min-width: 8em; }
  .card b { display: block; font-size: 1.3em; }
@@ -269,19 +270,10 @@ processes.</p>
 <h2>Subscriptions</h2>
 <table id="subscriptions"><thead><tr><th>Identifier</th><th>Notify to</th><th>Expires</th>
 <th>Events</th></tr></thead><tbody></tbody></table>
+<script src="/dom.js"></script>
 <script>
 "use strict";
-function el(tag, text, cls) {
-  const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  if (cls) e.className = cls;
-  return e;
-}
-function when(iso) {
-  if (!iso) return "";
-  const d = new Date(iso);
-  return isNaN(d) ? iso : d.toLocaleString();
-}
+// el, when and fill: the web console's dom.js (webconsole/dom.js), loaded above.
 function size(n) {
   const units = ["B", "KB", "MB", "GB"]; let i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
@@ -298,21 +290,6 @@ function filters(job, withPlaces) {
     (f.reasons.length ? " (" + f.reasons.join(", ") + ")" : "") +
     (withPlaces && f.destinations.length ? " \\u2192 " + f.destinations.join(", ") : "")
   ).join("; ");
-}
-function fill(id, rows, empty) {
-  const body = document.querySelector("#" + id + " tbody");
-  const cols = document.querySelectorAll("#" + id + " thead th").length;
-  body.replaceChildren();
-  if (!rows.length) {
-    const tr = el("tr"); const td = el("td", empty, "empty"); td.colSpan = cols;
-    tr.append(td); body.append(tr); return;
-  }
-  for (const row of rows) {
-    const tr = el("tr", null, row.cls);
-    if (row.id) tr.id = row.id;
-    for (const cell of row.cells) tr.append(cell);
-    body.append(tr);
-  }
 }
 function draw(s) {
   document.getElementById("status").textContent = "dsc-server " + s.server.version +
@@ -335,8 +312,7 @@ function draw(s) {
     card.append(el("b", value, alarm && value ? "bad" : ""), el("span", name));
     box.append(card);
   }
-  fill("active", s.active.map(j => ({id: "job-" + j.token, cls: j.stalled ? "stalled" : "",
-    cells: [
+  fill("#active", s.active.map(j => Object.assign([
     el("td", j.token, "tok"),
     el("td", j.state + (j.stalled ? " \u2014 stalled" : ""), j.stalled ? "stalled" : ""),
     el("td", when(j.created)), el("td", ago(j.elapsed_seconds), "num"),
@@ -344,23 +320,24 @@ function draw(s) {
        "num"),
     el("td", size(j.bytes), "num"), el("td", ago(j.idle_seconds) + " ago", "num"),
     el("td", j.user), el("td", j.device),
-    el("td", j.process), el("td", filters(j, false))]})), "no active jobs");
+    el("td", j.process), el("td", filters(j, false))],
+    {id: "job-" + j.token, cls: j.stalled ? "stalled" : ""})), "no active jobs");
   document.getElementById("history-size").textContent = s.history_size > s.history.length ?
     "(latest " + s.history.length + " of " + s.history_size + "; dsc history lists all)" : "";
-  fill("history", s.history.map(j => ({id: "job-" + j.token, cls: j.outcome, cells: [
+  fill("#history", s.history.map(j => Object.assign([
     el("td", j.token, "tok"),
     el("td", j.outcome + ": " + j.state +
        (j.reasons.length ? " (" + j.reasons.join(", ") + ")" : ""), j.outcome),
     el("td", when(j.completed)), el("td", j.seconds === null ? "" : j.seconds.toFixed(1) + " s",
     "num"), el("td", j.images, "num"), el("td", j.user), el("td", j.device),
-    el("td", filters(j, true))]})), "no completed jobs");
-  fill("devices", s.devices.map(d => ({cells: [
+    el("td", filters(j, true))], {id: "job-" + j.token, cls: j.outcome})), "no completed jobs");
+  fill("#devices", s.devices.map(d => [
     el("td", d.address), el("td", d.identity || "-"), el("td", when(d.first_contact)),
     el("td", when(d.last_contact)), el("td", d.jobs, "num"), el("td", d.completed, "num"),
-    el("td", d.failed, "num"), el("td", d.canceled, "num")]})), "no devices yet");
-  fill("subscriptions", s.subscriptions.map(x => ({cells: [
+    el("td", d.failed, "num"), el("td", d.canceled, "num")]), "no devices yet");
+  fill("#subscriptions", s.subscriptions.map(x => [
     el("td", x.id, "tok"), el("td", x.notify_to), el("td", when(x.expires)),
-    el("td", x.events.join(", "))]})), "no subscriptions");
+    el("td", x.events.join(", "))]), "no subscriptions");
 }
 async function poll() {
   try {

@@ -1,6 +1,7 @@
 "use strict";
 // The web console (issue 19): every datum comes from /api/ (openapi.json), every text is put in
 // with textContent (scanner-controlled text stays text), every change sends the CSRF token.
+// el, when and fill are dom.js's (shared with the /status page), loaded first.
 const $ = (sel) => document.querySelector(sel);
 let csrf = "";
 const etags = new Map();
@@ -8,17 +9,6 @@ const cache = new Map();
 let historyCursors = [""];  // the cursor of each page shown so far; the last is the current
 let historyNext = "";
 
-function el(tag, text, cls) {
-  const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  if (cls) e.className = cls;
-  return e;
-}
-function when(iso) {
-  if (!iso) return "";
-  const d = new Date(iso);
-  return isNaN(d) ? iso : d.toLocaleString();
-}
 function problem(text) {
   const box = $("#alert");
   box.textContent = text; box.hidden = !text;
@@ -46,21 +36,6 @@ async function api(method, path, body) {
     etags.set(path, r.headers.get("ETag")); cache.set(path, data);
   }
   return data;
-}
-function fill(table, rows, empty) {
-  const body = $(table + " tbody");
-  const cols = $(table).querySelectorAll("thead th").length;
-  body.replaceChildren();
-  if (!rows.length) {
-    const tr = el("tr"); const td = el("td", empty, "muted"); td.colSpan = cols;
-    tr.append(td); body.append(tr); return;
-  }
-  for (const cells of rows) {
-    const tr = el("tr");
-    if (cells.id) tr.id = cells.id;
-    for (const c of cells) tr.append(c instanceof Node ? c : el("td", c));
-    body.append(tr);
-  }
 }
 function confirmed(text) {
   const dialog = $("#confirm");

@@ -1,6 +1,7 @@
 """The web console's page (issue 19, section 3): three static files, package data, served as
-they are (no build step, no CDN): ``GET /`` (HTML), ``/console.js``, ``/console.css``.  The
-read-only status page of issue 9 moved to ``/status``.
+they are (no build step, no CDN): ``GET /`` (HTML), ``/console.js``, ``/console.css``, and
+``/dom.js`` (the drawing helpers the read-only status page of issue 9, now at ``/status``, loads
+too).
 They hold no data (all of it comes from /api/), so anyone who reaches the server may load them;
 the page then signs in.  The CSP allows scripts and styles from this server only ('self'):
 these files, never inline code (.statuspage.SECURITY_HEADERS)."""
@@ -18,6 +19,8 @@ __all__ = ["PATHS", "page_reply"]
 _FILES = {
     "/": ("console.html", "text/html; charset=utf-8"),
     "/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    # What console.js and the /status page both draw with.
+    "/dom.js": ("dom.js", "text/javascript; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
 }
 PATHS = frozenset(_FILES)
