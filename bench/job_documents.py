@@ -39,7 +39,7 @@ from dsc_bindings.store.split import SplitStore  # noqa: E402
 from dsc_bindings.store.sqlite import JobStore  # noqa: E402
 from dsc_core.commands import CreateJob, JobInput, UpdateJob  # noqa: E402
 from dsc_core.model import Document, FileShareInstructions, JobState  # noqa: E402
-from engines_support import PgCluster, postgres_bin  # noqa: E402
+from engines_support import PgCluster, pg_cluster, postgres_bin, wal_position  # noqa: E402
 from test_filters_support import make_job  # noqa: E402
 
 WINDOW = 10
@@ -73,21 +73,13 @@ def grow(
 
 
 def on_postgresql(pg: PgCluster, data: Path, args: argparse.Namespace) -> list[tuple[float, int]]:
-    import psycopg
-
     dsn = pg.new_database()
     with (
-        psycopg.connect(dsn, autocommit=True) as probe,
+        wal_position(dsn) as wal,
         SplitStore.assemble(
             data, lambda: PostgresRecords.open(dsn), lambda: LocalSpool.open(data)
         ) as store,
     ):
-
-        def wal() -> int:
-            row = probe.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
-            assert row is not None
-            return int(row[0])
-
         return grow(store, args.documents, wal)
 
 
@@ -113,19 +105,13 @@ def main() -> int:
     if postgres_bin() is None:
         print("skipped: no PostgreSQL server here (.ci/run installs Debian's postgresql)")
         return 0
-    folder = Path(tempfile.mkdtemp(prefix="dsc-bench-docs-"))
-    pg = PgCluster()
-    pg.init()
-    pg.start()
     results: dict[str, list[tuple[float, float, float, float]]] = {"sqlite": [], "postgresql": []}
-    try:
+    with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-bench-docs-") as name:
+        folder = Path(name)
         for run in range(args.runs):
-            data = folder / f"sqlite-{run}"
-            with JobStore.open(data) as store:
+            with JobStore.open(folder / f"sqlite-{run}") as store:
                 results["sqlite"].append(ratios(grow(store, args.documents, None)))
             results["postgresql"].append(ratios(on_postgresql(pg, folder / f"pg-{run}", args)))
-    finally:
-        pg.close()
     print(
         f"SendImage record write: writes {args.documents - WINDOW + 1}-{args.documents} against "
         f"{WINDOW + 1}-{2 * WINDOW} of one job, {args.runs} run(s), min / median / max"

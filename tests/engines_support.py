@@ -24,7 +24,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -145,6 +145,23 @@ class PgCluster:
         with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
             self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def wal_position(dsn: str) -> Iterator[Callable[[], int]]:
+    """A reader of the cluster's WAL insert position in bytes, on a connection of its own: the
+    WAL a write made is the difference around it (with ``full_page_writes`` off, as here
+    unless durable, its rows and index entries only)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+
+        def position() -> int:
+            row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
+            assert row is not None
+            return int(row[0])
+
+        yield position
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from dsc_bindings.store.interface import VersionedWrite
@@ -24,6 +23,7 @@ from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
 from dsc_core.model import Document, Job
+from engines_support import wal_position
 from test_store import make_job
 
 DOCUMENTS = 200
@@ -73,17 +73,11 @@ def test_a_sendimage_on_postgresql_writes_the_same_wal_at_the_200th_document(
     WAL is its rows and index entries)."""
     data = tmp_path / "data"
     with (
-        psycopg.connect(dsn, autocommit=True) as probe,
+        wal_position(dsn) as lsn,
         SplitStore.assemble(
             data, lambda: PostgresRecords.open(dsn), lambda: LocalSpool.open(data)
         ) as store,
     ):
-
-        def lsn() -> int:
-            row = probe.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
-            assert row is not None
-            return int(row[0])
-
         mark = [0]
 
         def begin() -> None:
