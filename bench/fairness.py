@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -49,6 +48,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
+
+from wrk_options import missing, wrk_options  # noqa: E402
 
 #: Server name -> (what it runs, its event loop).
 SERVERS = {
@@ -328,30 +329,30 @@ def print_tables(op: str, results: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="the order in which servers answer their keep-alive connections under wrk"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 s, -c8")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
-    parser.add_argument("--connections", type=int, nargs="+", default=[64, 8])
+def _own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--op",
         choices=("GetRepositoryElements", "GetPostScanJobElements"),
         default="GetPostScanJobElements",
     )
-    parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    # The servers' side of a run (this file started again as each server's process).
     parser.add_argument("--serve", choices=tuple(SERVERS), help=argparse.SUPPRESS)
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = wrk_options(
+        "the order in which servers answer their keep-alive connections under wrk",
+        argv,
+        connections=[64, 8],
+        quick_connections=8,
+        more=_own_options,
+    )
     if args.serve:
         return serve(args)
-    if args.quick:
-        args.seconds, args.rounds, args.connections = 1.0, 1, [8]
-    if shutil.which("wrk") is None:
-        print("skipped: wrk is not installed (apt-get install -y wrk)")
+    if skipped := missing():
+        print(skipped)
         return 0
     with tempfile.TemporaryDirectory(prefix="dsc-fairness-") as tmp:
         results = measure(args, Path(tmp))

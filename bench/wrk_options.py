@@ -1,4 +1,4 @@
-"""What the wrk benches (bench/asgi.py, workers.py, catchup.py) share before they measure: their
+"""What the wrk benches (bench/asgi.py, workers.py, catchup.py, fairness.py) share before they measure: their
 options, what ``--quick`` makes of them, and why one cannot run here.
 
 A bench that cannot run prints ``skipped: WHY`` and exits 0; the smoke tests
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["missing", "wrk_options"]
@@ -21,16 +21,20 @@ def wrk_options(
     *,
     connections: list[int],
     threads: list[int] | None = None,
+    quick_connections: int | None = None,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
-    """``--quick --seconds --rounds --connections [--threads] --json`` parsed; ``threads``
-    None: the bench runs wrk with one thread and has no ``--threads``.  ``--quick`` is one
-    round of 1 s with the first of each list: a smoke run, not a measurement."""
+    """``--quick --seconds --rounds --connections [--threads] --json`` parsed, with the
+    bench's own options (``more`` adds them); ``threads`` None: the bench runs wrk with one
+    thread and has no ``--threads``.  ``--quick`` is one round of 1 s with the first of each
+    list (or ``quick_connections``): a smoke run, not a measurement."""
+    quick_c = connections[0] if quick_connections is None else quick_connections
     quick = f"-t{threads[0]} " if threads else ""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke run: 1 round of 1 s, {quick}-c{connections[0]} (no measurement)",
+        help=f"smoke run: 1 round of 1 s, {quick}-c{quick_c} (no measurement)",
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting")
@@ -40,9 +44,11 @@ def wrk_options(
         "--connections", type=int, nargs="+", default=connections, help="wrk -c values"
     )
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    if more is not None:
+        more(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.rounds, args.connections = 1.0, 1, connections[:1]
+        args.seconds, args.rounds, args.connections = 1.0, 1, [quick_c]
         if threads is not None:
             args.threads = threads[:1]
     return args
