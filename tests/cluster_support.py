@@ -109,6 +109,17 @@ class Instance(ServerProcess):
         os.kill(self.pid, signal.SIGCONT)
 
 
+def upload_rows(dsn: str, token: str, document_id: int) -> int:
+    """The ``uploads`` rows of one image: the store's record of an upload in flight."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM uploads WHERE token = %s AND document_id = %s",
+            (token, document_id),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 class HAProxyCluster:
     """HAProxy on :attr:`url` in front of :attr:`instances`; PostgreSQL at :attr:`dsn`."""
 
@@ -227,13 +238,7 @@ class HAProxyCluster:
 
     def uploads(self, token: str, document_id: int) -> int:
         """The ``uploads`` rows of one image (an upload in flight), for ``HeldUpload``."""
-        with psycopg.connect(self.dsn) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM uploads WHERE token = %s AND document_id = %s",
-                (token, document_id),
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
+        return upload_rows(self.dsn, token, document_id)
 
     def upload_owner(self, token: str, document_id: int) -> str:
         """The name of the instance receiving one image."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from cluster_support import upload_rows
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, started_servers
@@ -43,14 +44,7 @@ class Cluster:
         self.clients = [Soap(s.url) for s in servers]
 
     def uploads(self, token: str, document_id: int) -> int:
-        """The ``uploads`` rows of one image (the store's record of an upload in flight)."""
-        with psycopg.connect(self.dsn) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM uploads WHERE token = %s AND document_id = %s",
-                (token, document_id),
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
+        return upload_rows(self.dsn, token, document_id)
 
     def delivered(self) -> dict[str, list[str]]:
         """File name -> the instances' data folders it was delivered to (the file share of
