@@ -102,6 +102,40 @@ class Lines:
             raise AssertionError(f"no output within {timeout} s") from None
 
 
+class Watch:
+    """``dsc watch --server SERVER ARGS`` running, its output read line by line (:class:`Lines`),
+    once it said where its events go (``callback``)."""
+
+    def __init__(self, server: ServerProcess, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dsc_bindings.console.main",
+                "watch",
+                "--server",
+                server.url,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**child_env(), "COLUMNS": "100"},
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.out, self.err = Lines(self.proc.stdout), Lines(self.proc.stderr)
+        started = self.err.next()
+        found = re.fullmatch(
+            r"watching \S+ \(events to (http://\S+)/events\); Ctrl-C to stop", started
+        )
+        assert found, started
+        self.callback = found.group(1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 def lines_fit(text: str, width: int = 100) -> list[str]:
     lines = text.rstrip("\n").split("\n")
     for line in lines:
@@ -270,34 +304,16 @@ def test_fit_widths_keeps_what_must_stay_whole() -> None:
 
 
 def test_watch_prints_each_event_of_a_scan_then_unsubscribes(env: Env) -> None:
-    watch = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dsc_bindings.console.main",
-            "watch",
-            "--server",
-            env.server.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-    )
+    watch = Watch(env.server, "--listen", "127.0.0.1:0", "--json")
     try:
-        assert watch.stderr is not None and watch.stdout is not None
-        out, err = Lines(watch.stdout), Lines(watch.stderr)
-        started = err.next()
-        assert started.startswith(f"watching {env.server.url} (events to http://127.0.0.1:")
+        assert watch.callback.startswith("http://127.0.0.1:"), watch.callback
         run = dsc_here(
             "scan", "--server", env.server.url, "--quiet", "--json", str(env.files / "page.png")
         )
         token = run.json()["token"]
         events = []
         while True:
-            line = out.next()
+            line = watch.out.next()
             assert line, "dsc watch ended early"
             event = json.loads(line)
             events.append(event)
@@ -314,42 +330,23 @@ def test_watch_prints_each_event_of_a_scan_then_unsubscribes(env: Env) -> None:
         ]
         for event in events:
             datetime.fromisoformat(event["received"])
-        watch.send_signal(signal.SIGINT)
-        assert watch.wait(20) == 0
-        assert err.next() == "unsubscribed"
-        assert err.next() == ""
+        watch.proc.send_signal(signal.SIGINT)
+        assert watch.proc.wait(20) == 0
+        assert watch.err.next() == "unsubscribed"
+        assert watch.err.next() == ""
     finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(5)
+        watch.close()
 
 
 def test_watch_human_lines(env: Env) -> None:
-    watch = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dsc_bindings.console.main",
-            "watch",
-            "--server",
-            env.server.url,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**child_env(), "COLUMNS": "100"},
-    )
+    watch = Watch(env.server, "--listen", "127.0.0.1:0")
     try:
-        assert watch.stderr is not None and watch.stdout is not None
-        out, err = Lines(watch.stdout), Lines(watch.stderr)
-        assert err.next().startswith("watching")
         token = dsc_here(
             "scan", "--server", env.server.url, "--quiet", "--json", str(env.files / "page.png")
         ).json()["token"]
         lines = []
         while not lines or "job ended" not in lines[-1]:
-            lines.append(out.next())
+            lines.append(watch.out.next())
             assert lines[-1], "dsc watch ended early"
         assert re.fullmatch(
             rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d  job {token[:8]}  Creating  images 0  "
@@ -359,12 +356,10 @@ def test_watch_human_lines(env: Env) -> None:
         assert lines[-1].endswith(
             "Completed (PostScanJobCompletedSuccessfully)  images 1  fileshare:CompletedSuccessfully"
         ), lines
-        watch.send_signal(signal.SIGTERM)
-        assert watch.wait(20) == 0
+        watch.proc.send_signal(signal.SIGTERM)
+        assert watch.proc.wait(20) == 0
     finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(5)
+        watch.close()
 
 
 def test_watch_usage_errors() -> None:

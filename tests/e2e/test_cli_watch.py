@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import http.client
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from dsc_bindings.console.watch import WATCH_KEY, describe, line_of
-from e2e_support import ServerProcess, child_env, dsc, free_port, serving
-from test_cli_client import Lines
+from e2e_support import ServerProcess, dsc, free_port, serving
+from test_cli_client import Watch
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
 FORGED = b"""<?xml version="1.0"?>
@@ -48,37 +45,6 @@ def page(tmp_path: Path) -> Path:
     path = tmp_path / "page.png"
     path.write_bytes(PNG)
     return path
-
-
-class Watch:
-    def __init__(self, server: ServerProcess, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dsc_bindings.console.main",
-                "watch",
-                "--server",
-                server.url,
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**child_env(), "COLUMNS": "100"},
-        )
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.out, self.err = Lines(self.proc.stdout), Lines(self.proc.stderr)
-        started = self.err.next()
-        found = re.fullmatch(
-            r"watching \S+ \(events to (http://\S+)/events\); Ctrl-C to stop", started
-        )
-        assert found, started
-        self.callback = found.group(1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def listening_addresses(port: int) -> set[str]:
