@@ -5,6 +5,7 @@ Feed it request bytes, get reply bytes and ordered commands.  No sockets, files,
 
 from .commands import (
     AbortDocument,
+    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     Command,
@@ -20,6 +21,7 @@ from .commands import (
     ProcessingEvent,
     ProcessingFinished,
     ProcessingStarted,
+    RecordDeliveryFailures,
     Removal,
     StartProcessing,
     StopProcessing,
@@ -45,6 +47,7 @@ from .transport import Outcome, Reply, RequestInfo
 
 __all__ = [
     "AbortDocument",
+    "AnnounceRepositoryState",
     "AppendDocument",
     "BeginDocument",
     "Command",
@@ -72,6 +75,7 @@ __all__ = [
     "ProcessingEvent",
     "ProcessingFinished",
     "ProcessingStarted",
+    "RecordDeliveryFailures",
     "Removal",
     "Reply",
     "RepositoryState",

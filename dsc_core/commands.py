@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .model import FilterState, FilterStateReason, Job
+from .model import FilterState, FilterStateReason, Job, RepositoryState
 from .subscription import Subscription
 
 # --- What moves a job -------------------------------------------------------------------------
@@ -194,7 +194,35 @@ class EndSubscription:
     identifier: str
 
 
-SubscriptionCommand = StoreSubscription | EndSubscription
+@dataclass(frozen=True, slots=True)
+class RecordDeliveryFailures:
+    """A subscription's count of deliveries failed in a row changed (R7: it ends at
+    ``delivery_failures_before_end``).  A shared store keeps the count with the subscription,
+    so that the instance delivering to it next counts on from there (issue 18 point 3); one
+    server keeps it in memory."""
+
+    identifier: str
+    failures: int
+
+
+SubscriptionCommand = StoreSubscription | EndSubscription | RecordDeliveryFailures
+
+
+# --- The repository state (issue 18 point 4) --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceRepositoryState:
+    """The repository state subscribers last heard was ``previous``; it is ``state`` now (R7: a
+    RepositoryStatusSummaryEvent per change).  The Deliver commands right after this one carry
+    that event (none without subscribers).  A store shared by several instances records the
+    state announced, compare-and-set on ``previous`` and on the leader's term, in the
+    transaction of those events, so that one leader announces each change once (issue 18
+    point 4); one server has nothing to do."""
+
+    state: RepositoryState
+    previous: RepositoryState
+
 
 StoreCommand = (
     CreateJob
@@ -207,7 +235,7 @@ StoreCommand = (
     | DropJob
 )
 EngineCommand = StartProcessing | StopProcessing
-Command = StoreCommand | EngineCommand | Deliver | SubscriptionCommand
+Command = StoreCommand | EngineCommand | Deliver | SubscriptionCommand | AnnounceRepositoryState
 
 
 # --- Inputs from the processing engine --------------------------------------------------------

@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape as xml_escape
 from lxml import etree
 
 from . import faults, names, soap
-from .commands import Command, Deliver, EndSubscription
+from .commands import Command, Deliver, EndSubscription, RecordDeliveryFailures
 from .config import ServerConfig
 from .subscription import EndpointReference, Subscription
 from .xmlread import Element, children, split, trimmed
@@ -62,11 +62,12 @@ class Subscriptions:
         may subscribe to WS-DSP events only, and receives those of its own jobs only."""
         if owner is not None and service_hint == "dsc":
             raise faults.not_scan_admin(owner)  # R13, R4 step 5: MS-BDSRR events need an admin
-        if len(self.by_id) >= self.config.limits.max_subscriptions:
+        # Expired ones still held (until the leader's tick ends them, issue 18) do not count.
+        active = sum(1 for s in self.by_id.values() if s.expires > now)
+        if active >= self.config.limits.max_subscriptions:
             raise faults.eventing(
                 "EventSourceUnableToProcess",
-                f"{len(self.by_id)} subscriptions are active, the limit "
-                "([limits] max_subscriptions)",
+                f"{active} subscriptions are active, the limit ([limits] max_subscriptions)",
             )
         limit = self.config.limits.max_reference_parameter_bytes
         end_to: EndpointReference | None = None
@@ -165,12 +166,10 @@ class Subscriptions:
     def absorb(self, stored: Iterable[Subscription], ended: Iterable[str]) -> None:
         """Subscriptions another instance of a shared store created, renewed or ended (issue
         18): the table is a cache of the stored ones, so quotas count the cluster's and any
-        instance manages any of them.  The failure count is each delivery owner's own."""
+        instance manages any of them.  The failure count comes with them (RecordDeliveryFailures),
+        so the R7 rule that ends a failing subscription counts across delivery owners."""
         for sub in stored:
-            known = self.by_id.get(sub.identifier)
-            self.by_id[sub.identifier] = replace(
-                sub, failures=known.failures if known is not None else 0
-            )
+            self.by_id[sub.identifier] = sub
         for identifier in ended:
             self.by_id.pop(identifier, None)
 
@@ -251,9 +250,14 @@ class Subscriptions:
 
     # --- time and delivery ------------------------------------------------------------------
 
-    def expire(self, now: datetime) -> None:
-        for ident in [i for i, s in self.by_id.items() if s.expires <= now]:
+    def expire(self, now: datetime) -> list[Command]:
+        """Drop the expired subscriptions, without SubscriptionEnd (WS-Eventing 2004/08 sends
+        it for an unexpected end; the subscriber knew this one); EndSubscription each, so a shared store ends its row once
+        and the other instances learn it from the feed (issue 18 point 4)."""
+        expired = [i for i, s in self.by_id.items() if s.expires <= now]
+        for ident in expired:
             del self.by_id[ident]
+        return [EndSubscription(ident) for ident in expired]
 
     def next_expiry(self) -> datetime | None:
         return min((s.expires for s in self.by_id.values()), default=None)
@@ -285,12 +289,14 @@ class Subscriptions:
         if sub is None:
             return []
         if ok:
+            if sub.failures == 0:
+                return []  # the usual case: nothing to record
             self.by_id[identifier] = replace(sub, failures=0)
-            return []
+            return [RecordDeliveryFailures(identifier, 0)]
         sub = replace(sub, failures=sub.failures + 1)
         if sub.failures < self.config.delivery_failures_before_end:
             self.by_id[identifier] = sub
-            return []
+            return [RecordDeliveryFailures(identifier, sub.failures)]
         del self.by_id[identifier]
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 

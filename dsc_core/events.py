@@ -14,7 +14,7 @@ from datetime import datetime
 from lxml import etree
 
 from . import names
-from .commands import Command
+from .commands import AnnounceRepositoryState, Command
 from .config import ServerConfig
 from .eventing import Subscriptions
 from .model import Job, RepositoryState
@@ -35,6 +35,10 @@ class Notifier:
         self.subscriptions = subscriptions
         #: The repository state subscribers last heard (R7: one summary event per change).
         self._announced_state = RepositoryState.IDLE
+        #: Whether this server announces the repository state: always when it is the only
+        #: one; of several instances on a shared store only the leader (issue 18 point 4,
+        #: :meth:`lead`, :meth:`follow`).
+        self.announcing = True
 
     def job_changed(self, old: Job | None, new: Job, now: datetime) -> list[Command]:
         if old is not None and _status_view(old) == _status_view(new):
@@ -58,17 +62,37 @@ class Notifier:
         return out
 
     def repository_state(self, state: RepositoryState, now: datetime) -> list[Command]:
-        """A RepositoryStatusSummaryEvent when ``state`` is not what subscribers last heard."""
-        if state is self._announced_state:
+        """A RepositoryStatusSummaryEvent when ``state`` is not what subscribers last heard,
+        after an AnnounceRepositoryState saying so (a shared store records it); nothing while
+        another instance announces (:meth:`follow`)."""
+        if not self.announcing or state is self._announced_state:
             return []
-        self._announced_state = state
+        previous, self._announced_state = self._announced_state, state
         body = etree.Element(f"{{{names.DSC}}}RepositoryStatusSummaryEvent")
         repository_status(body, "StatusSummary", state)
-        return list(self.subscriptions.notify(A.DSC_STATUS_SUMMARY_EVENT, body, now))
+        return [
+            AnnounceRepositoryState(state, previous),
+            *self.subscriptions.notify(A.DSC_STATUS_SUMMARY_EVENT, body, now),
+        ]
 
     def assume_repository_state(self, state: RepositoryState) -> None:
         """An undone change (R4 step 9) was never announced: nothing is sent for it."""
         self._announced_state = state
+
+    def lead(
+        self, announced: RepositoryState, state: RepositoryState, now: datetime
+    ) -> list[Command]:
+        """This instance announces the repository state from now on (issue 18 point 4: the
+        cluster's leader); ``announced`` is the state subscribers last heard, from whichever
+        instance announced it: a change since is announced now (none is skipped), and none
+        is repeated."""
+        self.announcing = True
+        self._announced_state = announced
+        return self.repository_state(state, now)
+
+    def follow(self) -> None:
+        """Another instance announces the repository state (issue 18 point 4)."""
+        self.announcing = False
 
     def elements_changed(self, config: ServerConfig, now: datetime) -> list[Command]:
         """RepositoryElementsChangeEvent with the repository configuration (bdsrr 3.2.4.6)."""

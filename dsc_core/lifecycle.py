@@ -239,10 +239,12 @@ class JobLifecycle:
     ) -> list[Command]:
         """Take what other instances of a shared store changed: their new job records, the
         tokens whose rows they deleted (history trimmed, purged) and the uploads they have in
-        flight.  The instance that made a change announced it; so this emits no events, and it
-        drops no row (the trimming instance did).  Its only commands: StopProcessing for a job
-        that was handed to this instance's engine and that another instance ended (a cancel).
-        """
+        flight.  The instance that made a change announced its job events; so this emits no
+        events, and it drops no row (the trimming instance did).  Its only commands:
+        StopProcessing for a job that was handed to this instance's engine and that another
+        instance ended (a cancel).  The repository state the rows make is announced by the
+        leader (issue 18 point 4) at its next tick or change (``Notifier.repository_state``
+        compares with what subscribers last heard)."""
         commands: list[Command] = []
         for new in jobs:
             old = self.jobs.get(new.token)
@@ -264,8 +266,6 @@ class JobLifecycle:
             self.jobs.remove(token)
             self.kept.pop(token, None)
         self.jobs.uploads_elsewhere = frozenset(uploads_elsewhere)
-        # Announced by whoever changed it; the next change here compares with this state.
-        self.notifier.assume_repository_state(self.repository_state)
         return commands
 
     # --- the processing engine ------------------------------------------------------------

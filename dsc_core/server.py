@@ -28,7 +28,7 @@ from datetime import datetime
 from .commands import Command, DropJob, ProcessingEvent, Removal
 from .config import ServerConfig
 from .exchange import Exchange
-from .model import Job
+from .model import Job, RepositoryState
 from .registry import OPERATIONS
 from .state import ServerState
 from .subscription import Subscription
@@ -74,6 +74,20 @@ class ScanServer(ServerState):
         with the jobs, before an exchange's first call and before each tick.  No commands."""
         self.subscriptions.absorb(stored, ended)
 
+    def lead(self, announced: RepositoryState, now: datetime) -> list[Command]:
+        """This instance became the cluster's leader (issue 18 point 4): it announces the
+        repository state from now on, derived from every instance's rows it holds.
+        ``announced``: the state subscribers last heard (the binding keeps it in the shared
+        store); a change since is announced now, so a change of leader neither repeats nor
+        skips one.  Call it after a catch-up (``absorb``), so the table is current."""
+        return self.notifier.lead(announced, self.repository_state, now)
+
+    def follow(self) -> None:
+        """Another instance leads (issue 18 point 4): this one announces no repository state
+        (its own changes included; the leader reads them from the rows).  Until ``lead`` or
+        ``follow`` is called, a server announces (it is the only one)."""
+        self.notifier.follow()
+
     # --- the processing engine ------------------------------------------------------------
 
     def processing(self, event: ProcessingEvent, now: datetime) -> list[Command]:
@@ -84,17 +98,21 @@ class ScanServer(ServerState):
     # --- time -----------------------------------------------------------------------------------
 
     def tick(self, now: datetime, *, sweeps: bool = True) -> list[Command]:
-        """Expire subscriptions, time out idle Creating jobs (R6, R7) and discard the documents
-        of failed jobs kept past their retention.
+        """Expire subscriptions, time out idle Creating jobs (R6, R7), discard the documents
+        of failed jobs kept past their retention, and announce a repository state that
+        another instance's change made (``absorb``: issue 18 point 4).
 
-        ``sweeps`` False: only the subscriptions (this server's own); the job sweeps (R6
-        timeouts, retention) act on job rows every instance of a cluster shares, so one
-        instance runs them, the leader (issue 18 point 4; the binding says which)."""
-        self.subscriptions.expire(now)
+        ``sweeps`` False: none of it.  These act on rows every instance of a cluster shares
+        (jobs, subscriptions), so one instance runs them, the leader (issue 18 point 4; the
+        binding says which); the others learn the outcome from the rows.  A follower still
+        sends nothing to an expired subscription nor answers for it (``Subscriptions``
+        checks the expiry on each use)."""
         if not sweeps:
             return []
-        commands = self.lifecycle.time_out(now, self.config.job_timeout_seconds)
+        commands = self.subscriptions.expire(now)
+        commands += self.lifecycle.time_out(now, self.config.job_timeout_seconds)
         commands += self.lifecycle.expire_documents(now, self.config.spool_retention_seconds)
+        commands += self.notifier.repository_state(self.repository_state, now)
         return commands
 
     def next_deadline(self, *, sweeps: bool = True) -> datetime | None:
@@ -107,12 +125,13 @@ class ScanServer(ServerState):
         aborted), so the answer can change with any call that changes the server: an
         exchange's ``feed``/``end``/``store_failed``/``abort``, ``processing``, ``tick``,
         ``reconfigure``.  Ask again after each instead of polling."""
-        due = [self.subscriptions.next_expiry()]
-        if sweeps:
-            due += [
-                self.lifecycle.next_timeout(self.config.job_timeout_seconds),
-                self.lifecycle.next_document_expiry(self.config.spool_retention_seconds),
-            ]
+        if not sweeps:
+            return None
+        due = [
+            self.subscriptions.next_expiry(),
+            self.lifecycle.next_timeout(self.config.job_timeout_seconds),
+            self.lifecycle.next_document_expiry(self.config.spool_retention_seconds),
+        ]
         times = [t for t in due if t is not None]
         return min(times) if times else None
 

@@ -69,6 +69,7 @@ from dsc_core import (
     Limits,
     ProcessingFinished,
     ProcessingStarted,
+    RecordDeliveryFailures,
     Removal,
     RequestInfo,
     ServerConfig,
@@ -813,12 +814,15 @@ def test_delivery_failures_end_the_subscription() -> None:
         end_to="http://sink.example/ended",
     )
     create_job(t)
-    # Two failures, then a success: the count starts again.
-    assert t.server.delivery_result(ident, False) == []
-    assert t.server.delivery_result(ident, False) == []
+    # Two failures, then a success: the count starts again.  Each change of the count is
+    # recorded (a shared store keeps it for the next delivery owner, issue 18); a success
+    # after a success records nothing.
+    assert t.server.delivery_result(ident, False) == [RecordDeliveryFailures(ident, 1)]
+    assert t.server.delivery_result(ident, False) == [RecordDeliveryFailures(ident, 2)]
+    assert t.server.delivery_result(ident, True) == [RecordDeliveryFailures(ident, 0)]
     assert t.server.delivery_result(ident, True) == []
-    assert t.server.delivery_result(ident, False) == []
-    assert t.server.delivery_result(ident, False) == []
+    assert t.server.delivery_result(ident, False) == [RecordDeliveryFailures(ident, 1)]
+    assert t.server.delivery_result(ident, False) == [RecordDeliveryFailures(ident, 2)]
     assert ident in t.server.subscriptions.by_id
     ended, end = t.server.delivery_result(ident, False)
     assert ended == EndSubscription(ident)  # a shared store forgets it (issue 18)

@@ -74,10 +74,25 @@ from dataclasses import dataclass, replace
 
 from dsc_bindings.runtime.ticket import Ticket
 from dsc_bindings.store.errors import JobChanged, StoreError
-from dsc_bindings.store.interface import JobChanges, Rang, VersionedWrite
+from dsc_bindings.store.interface import (
+    Announcement,
+    EventsWrite,
+    JobChanges,
+    Rang,
+    VersionedWrite,
+)
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.subcodec import decode_subscription
-from dsc_core import Command, CreateJob, Deliver, DropJob, Job, ScanServer, UpdateJob
+from dsc_core import (
+    AnnounceRepositoryState,
+    Command,
+    CreateJob,
+    Deliver,
+    DropJob,
+    Job,
+    ScanServer,
+    UpdateJob,
+)
 from dsc_core.subscription import Subscription
 
 __all__ = ["CATCH_UP_WAIT_SECONDS", "FRESH_SECONDS", "Caught", "JobCatchUp", "RequestReads"]
@@ -247,30 +262,46 @@ class JobCatchUp:
         server.absorb_subscriptions(caught.subscriptions, caught.subscriptions_ended)
         return server.absorb(fresh, caught.dropped, caught.uploads_elsewhere)
 
-    def stamp(self, commands: Sequence[Command]) -> list[Command | VersionedWrite]:
+    def stamp(
+        self, commands: Sequence[Command], leader: tuple[str, int] | None = None
+    ) -> list[Command | VersionedWrite | EventsWrite]:
         """The commands with each record command wrapped in the version it replaces, and the
-        notifications that follow a job's record write carried by it (one transaction: its
-        outbox rows, issue 18 point 3).  A SubscriptionEnd stays apart: the delivery hub
+        notifications carried by a write, so that they commit with it (outbox rows, issue 18
+        point 3): those that follow a job's record write by that write (the batch's last
+        CreateJob/UpdateJob; else its first DropJob), the others by one EventsWrite.  An
+        AnnounceRepositoryState and the events after it become that write's Announcement
+        under ``leader`` (this instance's id and term, issue 18 point 4); with no ``leader``
+        (it does not lead) they are dropped.  A SubscriptionEnd stays apart: the delivery hub
         sends it directly (the subscription is gone from the store)."""
-        stamped: list[Command | VersionedWrite] = []
-        #: Where the batch's last job record write is (its events join it).
+        stamped: list[Command | VersionedWrite | EventsWrite] = []
+        #: Where the write carrying the batch's notifications is.
         carrier: int | None = None
+        #: The notifications now come after an AnnounceRepositoryState: its events.
+        announcing = False
         with self._lock:
             for command in commands:
-                if isinstance(command, Deliver):
-                    write = stamped[carrier] if carrier is not None else None
-                    if not command.final and isinstance(write, VersionedWrite):
-                        assert carrier is not None
-                        stamped[carrier] = replace(write, events=(*write.events, command))
-                    else:
-                        stamped.append(command)
+                if isinstance(command, AnnounceRepositoryState):
+                    announcing = True
+                    if leader is not None:
+                        announcement = Announcement(
+                            command.state.value, command.previous.value, *leader
+                        )
+                        carrier = _carry(stamped, carrier, announcement=announcement)
                     continue
-                if isinstance(command, (CreateJob, UpdateJob)):
-                    carrier = len(stamped)
+                if isinstance(command, Deliver) and not command.final:
+                    if not announcing:
+                        carrier = _carry(stamped, carrier, event=command)
+                    elif leader is not None:
+                        carrier = _carry(stamped, carrier, announced=command)
+                    continue
+                announcing = False
                 if isinstance(command, (CreateJob, UpdateJob)):
                     token = command.job.token
+                    carrier = len(stamped)
                 elif isinstance(command, DropJob):
                     token = command.token
+                    if carrier is None:
+                        carrier = len(stamped)
                 else:
                     stamped.append(command)
                     continue
@@ -311,6 +342,35 @@ class JobCatchUp:
                     self._epochs[token] = write.epoch + 1
                 self._known.pop(token, None)
                 self._stale.add(token)
+
+
+def _carry(
+    stamped: list[Command | VersionedWrite | EventsWrite],
+    carrier: int | None,
+    *,
+    event: Deliver | None = None,
+    announcement: Announcement | None = None,
+    announced: Deliver | None = None,
+) -> int:
+    """Add a notification (``event``), an announcement, or an event of the announcement
+    (``announced``) to the write at ``carrier``, or to a new EventsWrite when there is none
+    (or it carries an announcement already); where the carrier is now."""
+    write = stamped[carrier] if carrier is not None else None
+    if not isinstance(write, (VersionedWrite, EventsWrite)) or (
+        announcement is not None and write.announcement is not None
+    ):
+        carrier, write = len(stamped), EventsWrite()
+        stamped.append(write)
+    assert carrier is not None
+    if event is not None:
+        write = replace(write, events=(*write.events, event))
+    elif announcement is not None:
+        write = replace(write, announcement=announcement)
+    elif announced is not None and write.announcement is not None:
+        events = (*write.announcement.events, announced)
+        write = replace(write, announcement=replace(write.announcement, events=events))
+    stamped[carrier] = write
+    return carrier
 
 
 def _token(write: VersionedWrite) -> str:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from dsc_bindings.store.errors import JobChanged, StoreError
-from dsc_bindings.store.interface import VersionedWrite
+from dsc_bindings.store.interface import EventsWrite, VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_core import Command, DropJob
 
@@ -178,12 +178,14 @@ class LeaseKeeper:
     # --- fencing (as the core's owner; the writer) -----------------------------------------------
 
     def fence(
-        self, writes: Sequence[Command | VersionedWrite], engine_token: str | None = None
-    ) -> list[Command | VersionedWrite]:
+        self,
+        writes: Sequence[Command | VersionedWrite | EventsWrite],
+        engine_token: str | None = None,
+    ) -> list[Command | VersionedWrite | EventsWrite]:
         """Each record write of a job this instance holds carries its lease; one caused by an
         engine report (``engine_token``) carries it whether held or not: a job no longer
         held is written by nobody here (:data:`NO_LEASE`)."""
-        fenced: list[Command | VersionedWrite] = []
+        fenced: list[Command | VersionedWrite | EventsWrite] = []
         with self._lock:
             for write in writes:
                 if isinstance(write, VersionedWrite) and not isinstance(write.command, DropJob):

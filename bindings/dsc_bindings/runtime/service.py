@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.filters.sharejournal import JournalOf
+from dsc_bindings.runtime.announcing import LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import Caught, JobCatchUp, RequestReads
 from dsc_bindings.runtime.clock import local_now, new_uuid
 from dsc_bindings.runtime.delivery import DeliveryHub, DeliveryLimits
@@ -74,7 +75,13 @@ from dsc_bindings.runtime.writer import CommandWriter, Routes, Writable
 from dsc_bindings.store.backends import StorageSettings, open_job_store
 from dsc_bindings.store.errors import CreationRefused, JobChanged, StoreError
 from dsc_bindings.store.instances import ClusterSettings
-from dsc_bindings.store.interface import Closable, JobStore, VersionedWrite
+from dsc_bindings.store.interface import (
+    Closable,
+    EventsWrite,
+    JobStore,
+    SharedJobRecords,
+    VersionedWrite,
+)
 from dsc_bindings.store.interruption import interrupting
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
@@ -83,6 +90,7 @@ from dsc_core import (
     Command,
     Deliver,
     Document,
+    EndSubscription,
     Job,
     JobState,
     ProcessingEvent,
@@ -203,6 +211,9 @@ class ScanService:
         self._outbox: OutboxPump | None = None
         #: A shared store with a cluster (issue 18 point 2): the job leases (.leasing).
         self._leases: LeaseKeeper | None = None
+        #: A shared store in a cluster: the term under which this instance announces the
+        #: repository state, if it leads (issue 18 point 4, .announcing).
+        self._term: LeaderTerm | None = None
         self._doorbell: Closable | None = None
         self._requests = RequestRuntime(
             self.owner,
@@ -261,6 +272,9 @@ class ScanService:
             # With leases, a job is resumed once its lease has expired, by whichever instance
             # takes it (.leasing): never here at start, another instance may be running it.
             resume = self._leases is None
+            self._term = self._leader_term(store)
+            if self._term is not None:
+                self.owner.call(self.server.follow)  # until it takes a term (.announcing)
             commands = self.owner.call(
                 lambda: [
                     *self.server.reconfigure(config, self.clock()),
@@ -269,6 +283,7 @@ class ScanService:
             )
             self._writer.submit(self._stamped(commands), strict=False).wait()
             self._start_events(store)
+            self._change_term()  # the leader announces from its first moment
         except BaseException:
             log.exception("starting the scan service failed")
             self._abandon_start(store)
@@ -380,6 +395,43 @@ class ScanService:
         )
         self._outbox.start()
 
+    def _leader_term(self, store: JobStore) -> LeaderTerm | None:
+        """A shared store in a cluster: the leader's term (.announcing); None otherwise."""
+        if self.cluster is None or not isinstance(store, SplitStore) or not store.shared:
+            return None
+        records = store.records
+        if not isinstance(records, SharedJobRecords):
+            return None
+        term = LeaderTerm(self.cluster.id, records.take_lead)
+        records.announcement_refused = term.refused
+        return term
+
+    def _change_term(self) -> None:
+        """Take a term when this instance became the leader, or follow when it no longer is
+        (.announcing); the core leads from the rows as they are now (read first)."""
+        if self._term is None:
+            return
+        self._change_term_as(leader=self.is_leader)
+
+    def _change_term_as(self, *, leader: bool) -> None:
+        assert self._term is not None
+        change = self._term.change(leader)
+        if change is not None:
+            caught = self._read_for_tick()
+            self.owner.call(functools.partial(self._lead_or_follow, caught, change))
+
+    def _lead_or_follow(self, caught: Caught | None, change: NewTerm | str | None) -> None:
+        """As the owner: the other instances' changes, then ``lead`` or ``follow``."""
+        if caught is not None:
+            self._absorb(caught)
+        if change is None or self._term is None:
+            return
+        self._term.apply(change)
+        if isinstance(change, NewTerm):
+            self._background(self.server.lead(change.announced, self.clock()))
+        else:
+            self.server.follow()
+
     def _lease_keeper(self, store: JobStore) -> LeaseKeeper | None:
         """A shared store in a cluster: the job leases (.leasing); None otherwise."""
         if self.cluster is None or not isinstance(store, SplitStore) or not store.shared:
@@ -479,6 +531,9 @@ class ScanService:
             if thread.is_alive():
                 log.warning("thread %s did not stop in time", thread.name)
         last = self._last_instance()
+        if last and self._term is not None and self._term.current is None:
+            # The last instance announces Stopped (R7), leader or not (nobody else is).
+            self._change_term_as(leader=True)
         self._background(self.owner.call(lambda: self.server.shutdown(self.clock(), last=last)))
         if self._leases is not None:
             # Its running jobs are not ended by the stop: handed back, the next sweep of any
@@ -661,7 +716,8 @@ class ScanService:
         record command carries the row version it replaces (.catchup)."""
         if self._catch_up is None:
             return commands
-        stamped = self._catch_up.stamp(commands)
+        term = None if self._term is None else self._term.current
+        stamped = self._catch_up.stamp(commands, term)
         return stamped if self._leases is None else self._leases.fence(stamped)
 
     # --- other instances of a shared store (issue 18, .catchup) ------------------------------
@@ -733,7 +789,8 @@ class ScanService:
         except StoreError as exc:
             self.observer.store_failed(exc.message)
             raise
-        self.observer.applied(command)  # durable now: log it, count it, show it
+        if not isinstance(command, EventsWrite):
+            self.observer.applied(command)  # durable now: log it, count it, show it
 
     def _versioned_apply(self, write: VersionedWrite) -> None:
         assert self._catch_up is not None
@@ -885,10 +942,13 @@ class ScanService:
         gate.wait()
         return gate.value if isinstance(gate.value, Caught) else None
 
-    def _tick(self, caught: Caught | None, sweeps: bool) -> None:
-        if caught is not None:
-            self._absorb(caught)
-        self._background(self.server.tick(self.clock(), sweeps=sweeps))
+    def _tick(self, caught: Caught | None, sweeps: bool, change: NewTerm | str | None) -> None:
+        self._lead_or_follow(caught, change)
+        commands = self.server.tick(self.clock(), sweeps=sweeps)
+        for command in commands:
+            if isinstance(command, EndSubscription):  # a tick ends only expired ones
+                log.info("subscription %s expired: ended", command.identifier)
+        self._background(commands)
 
     def _tick_loop(self) -> None:
         # In this thread, not on the event loop: the device book's DELETE waits for the disk.
@@ -911,8 +971,11 @@ class ScanService:
                 wait = min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, wait))
                 if self._stop.wait(wait):
                     return
+                sweeps = self.is_leader
+                # Off the owner: taking a term is a statement (.announcing).
+                change = None if self._term is None else self._term.change(sweeps)
                 caught = self._read_for_tick()
-                self.owner.soon(functools.partial(self._tick, caught, self.is_leader))
+                self.owner.soon(functools.partial(self._tick, caught, sweeps, change))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
                 self._stop.wait(TICK_MAX_SECONDS)

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dsc_bindings.runtime.ticket import Ticket
 from dsc_bindings.store.errors import JobChanged
-from dsc_bindings.store.interface import VersionedWrite
+from dsc_bindings.store.interface import EventsWrite, VersionedWrite
 from dsc_core import (
     AbortDocument,
     AppendDocument,
@@ -59,8 +59,8 @@ __all__ = ["DOCUMENT_COMMANDS", "CommandWriter", "Routes", "Writable"]
 log = logging.getLogger("dsc.writer")
 
 #: What the writer carries out: the core's commands, and record commands with the row version
-#: they replace (a shared store, runtime/catchup.py).
-Writable = Command | VersionedWrite
+#: they replace and notifications in one transaction (a shared store, runtime/catchup.py).
+Writable = Command | VersionedWrite | EventsWrite
 
 DOCUMENT_COMMANDS = (BeginDocument, AppendDocument, FinishDocument, AbortDocument)
 #: Document writes running at once (each one is one upload's chunk or fsync).

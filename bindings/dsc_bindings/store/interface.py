@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from dsc_bindings.store.errors import StoreError
 from dsc_core.commands import (
+    AnnounceRepositoryState,
     CreateJob,
     Deliver,
     DropJob,
@@ -31,6 +32,8 @@ from dsc_core.commands import (
 from dsc_core.model import Job
 
 __all__ = [
+    "Announcement",
+    "EventsWrite",
     "JobChanges",
     "JobRecords",
     "JobStore",
@@ -75,6 +78,22 @@ class StorageFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class Announcement:
+    """A repository state announced by the cluster's leader (issue 18 point 4): written only
+    while the shared row of the state announced last says ``previous`` and names this leader's
+    term (``leader``, ``term``: :meth:`SharedJobRecords.take_lead`), together with its events,
+    in one transaction; otherwise neither is written (a deposed leader, or an announcement the
+    row never got), and the store says so (``SharedJobRecords.announcement_refused``)."""
+
+    state: str
+    previous: str
+    leader: str
+    term: int
+    #: The RepositoryStatusSummaryEvent, one outbox row per subscriber (none without any).
+    events: tuple[Deliver, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VersionedWrite:
     """A job record command checked against the row's version (issue 18, shared records):
     ``expected`` is the version the record replaces (None: a new row, or a drop).  The runtime
@@ -91,6 +110,19 @@ class VersionedWrite:
     #: (owner, lease epoch) of a write caused by the engine holding the job's lease: the row
     #: is written only while that lease is the job's (fencing, store/leases.py).
     lease: tuple[str, int] | None = None
+    #: The repository state this change moved, announced in the same transaction (issue 18
+    #: point 4); refused alone, it leaves the row's write standing.
+    announcement: Announcement | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventsWrite:
+    """Notifications no job record write of their batch carried (a reload's event, a state
+    the leader derived from other instances' rows), with the announcement they make if any:
+    one transaction (issue 18 point 4, runtime/catchup.py ``stamp``)."""
+
+    events: tuple[Deliver, ...] = ()
+    announcement: Announcement | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +194,7 @@ class JobRecords(Protocol):
 
 #: What a job store carries out: the core's store commands, its subscription commands (kept
 #: by a shared store only) and, on a shared store, notifications (outbox rows).
-Storable = StoreCommand | SubscriptionCommand | Deliver
+Storable = StoreCommand | SubscriptionCommand | Deliver | AnnounceRepositoryState | EventsWrite
 
 
 @runtime_checkable
@@ -172,6 +204,9 @@ class SharedJobRecords(JobRecords, Protocol):
 
     #: This run's name in the ``uploads`` rows: the cluster's instance id once it joined.
     instance: str
+    #: Called (in the writer's thread) when an announcement was not written: its row says
+    #: another state or term (set by the runtime, which then takes the lead again).
+    announcement_refused: Callable[[], None] | None
 
     def release_uploads(self, home: str) -> list[tuple[str, int]]:
         """At start, holding the data folder's lock: delete the uploads rows an earlier run
@@ -200,6 +235,17 @@ class SharedJobRecords(JobRecords, Protocol):
 
     def enqueue(self, events: tuple[Deliver, ...]) -> None:
         """Outbox rows for notifications not caused by a job record write (ring the bell)."""
+
+    def write_events(self, write: EventsWrite) -> None:
+        """Outbox rows and the announcement they make, in one transaction (:class:`Announcement`
+        says when it is refused)."""
+
+    def record_failures(self, identifier: str, failures: int) -> None:
+        """A subscription's count of failed deliveries (the feed reports it)."""
+
+    def take_lead(self, leader: str) -> tuple[str, int]:
+        """This instance leads now (it holds the leader's lock): a new term in the row of the
+        state announced last; (that state, the term) (issue 18 point 4)."""
 
     def listen(
         self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]

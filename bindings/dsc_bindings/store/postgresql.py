@@ -62,6 +62,8 @@ from dsc_bindings.store.errors import (
     as_store_error,
 )
 from dsc_bindings.store.interface import (
+    Announcement,
+    EventsWrite,
     JobChanges,
     PoolStats,
     Rang,
@@ -96,7 +98,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -295,6 +297,21 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (token, ordinal)
         )""",
     ),
+    (
+        # The leader's duties (issue 18 point 4): the repository state announced last, and the
+        # term of the leader announcing it (a new one at each takeover): an announcement is
+        # written only while the row names its term and says what it replaces, so each change
+        # is announced once, whoever leads (PostgresRecords.take_lead, _ANNOUNCE).  And each
+        # subscription's deliveries failed in a row, so a new delivery owner counts on (R7).
+        """CREATE TABLE repository_announced (
+            id      integer PRIMARY KEY CHECK (id = 1),
+            state   text NOT NULL,                 -- RepositoryState, as subscribers heard it
+            leader  text NOT NULL,                 -- instances.id of the leader of the term
+            term    bigint NOT NULL,               -- +1 at each takeover
+            changed timestamptz NOT NULL DEFAULT now()
+        )""",
+        "ALTER TABLE subscriptions ADD COLUMN failures integer NOT NULL DEFAULT 0",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -416,8 +433,10 @@ _CHANGES = f"""
     SELECT 2, token, NULL, NULL, NULL FROM job_tombstones
         WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
     UNION ALL
-    SELECT CASE WHEN ended THEN 5 ELSE 4 END, id, version, CASE WHEN ended THEN NULL ELSE record END,
-        NULL
+    SELECT CASE WHEN ended THEN 5 ELSE 4 END, id, version,
+           CASE WHEN ended THEN NULL
+                ELSE (record::jsonb || jsonb_build_object('failures', failures))::text END,
+           NULL
         FROM subscriptions WHERE xid >= %(since)s::text::xid8
     UNION ALL
     SELECT 3, token, document_id, NULL, NULL FROM uploads
@@ -460,6 +479,26 @@ _END_SUBSCRIPTION = """
     UPDATE subscriptions SET ended = true, version = version + 1, xid = pg_current_xact_id(),
         changed = now(), delivery_owner = NULL, delivery_until = NULL
     WHERE id = %(id)s AND NOT ended
+"""
+#: The count is news to every instance (the next delivery owner reads it from the feed).
+_RECORD_FAILURES = """
+    UPDATE subscriptions SET failures = %(failures)s, version = version + 1,
+        xid = pg_current_xact_id(), changed = now()
+    WHERE id = %(id)s AND NOT ended AND failures <> %(failures)s
+"""
+#: A new term for the leader that took the lock (subscribers last heard Idle when nobody
+#: announced anything yet: the core starts from it too); the state announced last.
+_TAKE_LEAD = """
+    INSERT INTO repository_announced (id, state, leader, term) VALUES (1, 'Idle', %(me)s, 1)
+    ON CONFLICT (id) DO UPDATE SET leader = excluded.leader,
+        term = repository_announced.term + 1, changed = now()
+    RETURNING state, term
+"""
+#: Compare-and-set on the term and on the state it replaces (module doc of the migration).
+_ANNOUNCE = """
+    UPDATE repository_announced SET state = %(state)s, changed = now()
+    WHERE id = 1 AND leader = %(me)s AND term = %(term)s AND state = %(previous)s
+    RETURNING 1
 """
 _ENQUEUE = """
     INSERT INTO outbox (subscription_id, address, content_type, message)
@@ -651,10 +690,32 @@ def _record_params(job: Job, documents: DocumentsWrite) -> dict[str, object]:
 def _insert_events(cur: psycopg.Cursor[Any], events: tuple[Deliver, ...]) -> None:
     """Outbox rows (one per subscriber and event; the message whole, its MessageID fixed), then
     the doorbell, in the caller's transaction."""
+    if not events:
+        return
     cur.executemany(
         _ENQUEUE, [(e.subscription_id, e.address, e.content_type, e.body) for e in events]
     )
     cur.execute(_DOORBELL)
+
+
+def _announce(cur: psycopg.Cursor[Any], announcement: Announcement | None) -> bool:
+    """The announcement and its events, in the caller's transaction; False when the row of
+    the state announced last refused it (another term, or another state: nothing written)."""
+    if announcement is None:
+        return True
+    cur.execute(
+        _ANNOUNCE,
+        {
+            "state": announcement.state,
+            "previous": announcement.previous,
+            "me": announcement.leader,
+            "term": announcement.term,
+        },
+    )
+    if cur.fetchone() is None:
+        return False
+    _insert_events(cur, announcement.events)
+    return True
 
 
 class PostgresRecords:
@@ -684,6 +745,8 @@ class PostgresRecords:
         #: checked again by each creating write (issue 18 point 1; set by the runtime); None:
         #: not checked here.
         self.limits: Callable[[], Limits] | None = None
+        #: Told when an announcement was not written (SharedJobRecords; set by the runtime).
+        self.announcement_refused: Callable[[], None] | None = None
         self._db = db
         self._pruned = time.monotonic()
         #: Uploads rows this run could not delete (an upload ended while the database was
@@ -751,7 +814,18 @@ class PostgresRecords:
         """A record command, compare-and-set on the row's version (module doc)."""
         command = write.command
         if isinstance(command, DropJob):
-            self.drop(command.token)
+            if not write.events and write.announcement is None:
+                self.drop(command.token)
+                return
+
+            def drop(cur: psycopg.Cursor[Any]) -> int:
+                cur.execute(_DROP, {"token": command.token})
+                return 0
+
+            self._with_events(
+                f"dropping job {command.token}", drop, write.events, write.announcement
+            )
+            self._documents.forget(command.token)
             return
         job = command.job
         token = job.token
@@ -788,29 +862,76 @@ class PostgresRecords:
                 "home": self.home,
             }
         what = f"recording job {token}"
-        if not write.events:
+        if not write.events and write.announcement is None:
             found = self._run(what, sql, params)
             if not found:
                 raise JobChanged(token)
             return int(found[0][0])
-        # The row and the notifications it causes commit together (issue 18 point 3): an
-        # event exists exactly when its change did, and the events of one job are numbered
-        # in the order its writes commit (they serialize on the row).
-        if self._db.closed:
-            raise StoreError("the job store is closed", temporary=False)
 
-        def transact(cur: psycopg.Cursor[Any]) -> int | None:
+        def change(cur: psycopg.Cursor[Any]) -> int | None:
             cur.execute(sql, params)  # our own constant SQL
             row = cur.fetchone()
-            if row is None:
-                return None
-            _insert_events(cur, write.events)
-            return int(row[0])
+            return None if row is None else int(row[0])
 
-        version = self._db.transaction(what, transact)
+        version = self._with_events(what, change, write.events, write.announcement)
         if version is None:
             raise JobChanged(token)
         return version
+
+    def _with_events(
+        self,
+        what: str,
+        change: Callable[[psycopg.Cursor[Any]], int | None],
+        events: tuple[Deliver, ...],
+        announcement: Announcement | None,
+    ) -> int | None:
+        """``change`` and the notifications it causes, committed together (issue 18 points 3
+        and 4): an event exists exactly when its change did, and the events of one job are
+        numbered in the order its writes commit (they serialize on the row).  What ``change``
+        returns; None when it wrote nothing (nothing else is then written).  An announcement
+        the row of the state announced last refuses is left out alone: the change stands,
+        and the runtime hears of it (``announcement_refused``), as when the transaction
+        fails."""
+        if self._db.closed:
+            raise StoreError("the job store is closed", temporary=False)
+        announced = [announcement is None]
+
+        def transact(cur: psycopg.Cursor[Any]) -> int | None:
+            result = change(cur)
+            if result is None:
+                return None
+            _insert_events(cur, events)
+            announced[0] = _announce(cur, announcement)
+            return result
+
+        try:
+            return self._db.transaction(what, transact)
+        except StoreError:
+            announced[0] = announcement is None
+            raise
+        finally:
+            if not announced[0] and self.announcement_refused is not None:
+                self.announcement_refused()
+
+    def write_events(self, write: EventsWrite) -> None:
+        """Notifications no job record write carried, with their announcement (one
+        transaction)."""
+        if write.events or write.announcement is not None:
+            self._with_events(
+                "recording notifications", lambda cur: 0, write.events, write.announcement
+            )
+
+    def record_failures(self, identifier: str, failures: int) -> None:
+        self._run(
+            f"recording the delivery failures of subscription {identifier}",
+            _RECORD_FAILURES,
+            {"id": identifier, "failures": failures},
+        )
+
+    def take_lead(self, leader: str) -> tuple[str, int]:
+        found = self._run("taking the lead", _TAKE_LEAD, {"me": leader})
+        state, term = found[0]
+        return str(state), int(term)
 
     def _create_within_limits(
         self, write: VersionedWrite, job: Job, params: dict[str, object]
@@ -838,18 +959,25 @@ class PostgresRecords:
                 return refused
             cur.execute(_INSERT, params)  # our own constant SQL
             inserted = cur.fetchone()
-            if inserted is None:
-                return None
-            if write.events:
-                _insert_events(cur, write.events)
-            return int(inserted[0])
+            return None if inserted is None else int(inserted[0])
 
-        outcome = self._db.transaction(f"recording job {job.token}", transact)
-        if outcome is None:
+        refused: list[SoapFault] = []
+
+        def create(cur: psycopg.Cursor[Any]) -> int | None:
+            outcome = transact(cur)
+            if isinstance(outcome, SoapFault):
+                refused.append(outcome)
+                return None
+            return outcome
+
+        version = self._with_events(
+            f"recording job {job.token}", create, write.events, write.announcement
+        )
+        if refused:
+            raise CreationRefused(refused[0])
+        if version is None:
             raise JobChanged(job.token)
-        if isinstance(outcome, SoapFault):
-            raise CreationRefused(outcome)
-        return outcome
+        return version
 
     def store_subscription(self, identifier: str, expires: datetime, record: str) -> None:
         self._run(

@@ -32,6 +32,7 @@ from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
 from dsc_bindings.store.interface import (
     Closable,
+    EventsWrite,
     JobChanges,
     JobRecords,
     Rang,
@@ -47,6 +48,7 @@ from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.subcodec import encode_subscription
 from dsc_core.commands import (
     AbortDocument,
+    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     CreateJob,
@@ -55,6 +57,7 @@ from dsc_core.commands import (
     DropJob,
     EndSubscription,
     FinishDocument,
+    RecordDeliveryFailures,
     StoreSubscription,
     UpdateJob,
 )
@@ -258,7 +261,14 @@ class SplitStore:
                     # documents are gone.
                     self.records.drop(command.token)
                     self.spool.discard(command.token)
-                case StoreSubscription() | EndSubscription() | Deliver():
+                case (
+                    StoreSubscription()
+                    | EndSubscription()
+                    | RecordDeliveryFailures()
+                    | Deliver()
+                    | EventsWrite()
+                    | AnnounceRepositoryState()
+                ):
                     self._apply_events(command, shared)
                 case _:
                     raise TypeError(f"not a store command: {command!r}")
@@ -266,11 +276,21 @@ class SplitStore:
             raise as_store_error(type(command).__name__, exc) from exc
 
     def _apply_events(
-        self, command: StoreSubscription | EndSubscription | Deliver, shared: bool
+        self,
+        command: StoreSubscription
+        | EndSubscription
+        | RecordDeliveryFailures
+        | Deliver
+        | EventsWrite
+        | AnnounceRepositoryState,
+        shared: bool,
     ) -> None:
         """Subscriptions and the outbox of a shared store (runtime/outbox.py sends them); one
-        server keeps its subscriptions in memory (R7) and hands notifications to its hub."""
-        if not shared:
+        server keeps its subscriptions and failure counts in memory (R7), hands notifications
+        to its hub and announces the repository state itself.  On a shared store an
+        AnnounceRepositoryState became an Announcement of a write (runtime/catchup.py), or
+        was dropped while this instance does not lead (issue 18 point 4)."""
+        if not shared or isinstance(command, AnnounceRepositoryState):
             return
         records = self._shared()
         if isinstance(command, StoreSubscription):
@@ -278,6 +298,10 @@ class SplitStore:
             records.store_subscription(sub.identifier, sub.expires, encode_subscription(sub))
         elif isinstance(command, EndSubscription):
             records.end_subscription(command.identifier)
+        elif isinstance(command, RecordDeliveryFailures):
+            records.record_failures(command.identifier, command.failures)
+        elif isinstance(command, EventsWrite):
+            records.write_events(command)
         else:
             records.enqueue((command,))
 

@@ -24,7 +24,8 @@ def _read_epr(data: dict[str, Any]) -> EndpointReference:
 
 
 def encode_subscription(sub: Subscription) -> str:
-    """The record without its failure count (each delivery owner counts its own)."""
+    """The record without its failure count (a column of its own, written by the delivery
+    owner: RecordDeliveryFailures)."""
     return json.dumps(
         {
             "identifier": sub.identifier,
@@ -51,5 +52,7 @@ def decode_subscription(text: str) -> Subscription:
         frozenset(str(a) for a in data["actions"]),
         datetime.fromisoformat(str(data["expires"])),
         str(data["wsa_ns"]),
+        # The count of failed deliveries is a column of its own, merged in by the feed.
+        failures=int(data.get("failures", 0)),
         owner=None if owner is None else str(owner),
     )

@@ -1,0 +1,93 @@
+"""The leader's term for announcing the repository state (issue 18 point 4, docs/architecture.md
+"Several instances").
+
+Of several instances on one PostgreSQL store only the leader (the holder of the advisory lock,
+runtime/cluster.py) announces the repository state, derived from every instance's rows: its core
+leads (``ScanServer.lead``), the others' follow (``ScanServer.follow``).  Which state subscribers
+last heard is a row (``repository_announced``) naming the leader's *term*, a number bumped at
+each takeover.  Each announcement is written compare-and-set on that row, in the transaction of
+its events (store/postgresql.py ``_announce``): only while the row names this term and says the
+state it replaces.  So:
+
+- a leader that lost the lock (its heartbeat failed) and still has announcements queued is
+  refused once another instance took a term: no repeat;
+- a new leader starts from the row: the core announces the difference between the state the
+  rows make and the one heard last, so what the old leader decided but never wrote is not
+  skipped;
+- an announcement that was not written (its transaction failed, or the row said another
+  state) makes the leader take a new term at its next tick, which announces the difference
+  again from the row.
+
+:class:`LeaderTerm` keeps this instance's term for the runtime (runtime/service.py): the ticker
+asks :meth:`LeaderTerm.change` at each wake-up, off the core's owner (it may take a term in
+SQL), and hands the answer to the owner with the tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dsc_bindings.store.errors import StoreError
+from dsc_core import RepositoryState
+
+__all__ = ["FOLLOW", "LeaderTerm", "NewTerm"]
+
+log = logging.getLogger("dsc.cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class NewTerm:
+    """This instance leads from now on: the state subscribers last heard, and its term."""
+
+    announced: RepositoryState
+    term: int
+
+
+#: This instance no longer leads: its core follows.
+FOLLOW = "follow"
+
+
+class LeaderTerm:
+    """This instance's term, if it leads (module doc).  ``current`` is read and set by the
+    core's owner; ``refused`` is called by the writer."""
+
+    def __init__(self, me: str, take_lead: Callable[[str], tuple[str, int]]) -> None:
+        self._me = me
+        self._take_lead = take_lead
+        #: (this instance's id, its term) while its core leads; None while it follows.
+        self.current: tuple[str, int] | None = None
+        self._refused = threading.Event()
+
+    def refused(self) -> None:
+        """An announcement was not written (module doc): take a new term at the next tick."""
+        self._refused.set()
+
+    def change(self, leader: bool) -> NewTerm | str | None:
+        """Off the owner, at a tick: a :class:`NewTerm` when this instance must take one (it
+        became the leader, or an announcement of its term was refused), :data:`FOLLOW` when
+        it no longer leads, None when nothing changes (or the database cannot say now: the
+        next tick asks again)."""
+        if not leader:
+            return FOLLOW if self.current is not None else None
+        if self.current is not None and not self._refused.is_set():
+            return None
+        self._refused.clear()
+        try:
+            state, term = self._take_lead(self._me)
+        except StoreError as exc:
+            self._refused.set()  # asked again at the next tick
+            log.warning("cluster: cannot take the lead for announcements: %s", exc.message)
+            return None
+        try:
+            announced = RepositoryState(state)
+        except ValueError:
+            announced = RepositoryState.IDLE  # a state this server does not know: say it again
+        log.info("cluster: announcing the repository state (term %d)", term)
+        return NewTerm(announced, term)
+
+    def apply(self, change: NewTerm | str) -> None:
+        """As the owner, with the core's ``lead``/``follow``: the term stamped from now on."""
+        self.current = (self._me, change.term) if isinstance(change, NewTerm) else None

@@ -1,0 +1,309 @@
+"""The leader's duties (issue 18 point 4): real ``dsc serve`` instances on one PostgreSQL store, a
+real subscriber HTTP server, a real SMTP relay holding each job's mail filter (so a job stays
+Processing until the test lets it go).
+
+Only the leader announces the repository state, derived from every instance's rows, each change
+once and in order, and a new leader after a kill -9 neither repeats nor skips one; only the
+leader ends an expired subscription; the count of a subscription's failed deliveries is stored,
+so a new delivery owner ends it at the third failure overall (R7), not at its own third.
+
+Short settings (test_cluster.cluster_config): a heartbeat every 0.2 s, leases of 1.5 s.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+from aiosmtpd.controller import Controller
+from lxml import etree
+
+from dsc_core import client as dc
+from dsc_core import names
+from dsc_core.model import EmailInstructions
+from e2e_support import HeldRelay, ServerProcess, Soap, free_port
+from test_cluster import PNG, cluster_config, instances, start
+from test_cluster_events import Subscriber, delivery_owner, manage
+from test_delivery import Healthy
+from waiting import wait_for
+
+if TYPE_CHECKING:
+    from engines_support import PgCluster
+
+__all__ = ["instances"]  # the fixture, used by name
+
+A = names.Action
+MAIL = [EmailInstructions(False, ("bob@corp.example",))]
+
+
+@pytest.fixture
+def relay() -> Iterator[HeldRelay]:
+    held = HeldRelay()
+    smtp = Controller(held, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    held.port = smtp.port  # type: ignore[attr-defined]
+    yield held
+    held.release.set()
+    smtp.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[Subscriber]:
+    subscriber = Subscriber()
+    threading.Thread(target=subscriber.serve_forever, daemon=True).start()
+    yield subscriber
+    subscriber.shutdown()
+    subscriber.server_close()
+
+
+def config_with_relay(tmp_path: Path, pg: PgCluster, relay: HeldRelay) -> Path:
+    port = relay.port  # type: ignore[attr-defined]
+    return cluster_config(
+        tmp_path,
+        pg.new_database(),
+        f'[smtp]\nhost = "127.0.0.1"\nport = {port}\nfrom = "scans@corp.example"\n',
+    )
+
+
+def subscribe(
+    client: Soap,
+    notify_to: str,
+    *,
+    actions: str = A.DSC_STATUS_SUMMARY_EVENT,
+    expires: str = "PT1H",
+    end_to: str | None = None,
+) -> str:
+    """A subscription to ``actions`` (DPWS Action filter); its wse:Identifier."""
+    request = etree.Element(f"{{{names.WSE}}}Subscribe")
+    if end_to is not None:
+        end = etree.SubElement(request, f"{{{names.WSE}}}EndTo")
+        etree.SubElement(end, f"{{{names.WSA}}}Address").text = end_to
+    delivery = etree.SubElement(request, f"{{{names.WSE}}}Delivery", Mode=names.PUSH_MODE)
+    target = etree.SubElement(delivery, f"{{{names.WSE}}}NotifyTo")
+    etree.SubElement(target, f"{{{names.WSA}}}Address").text = notify_to
+    etree.SubElement(request, f"{{{names.WSE}}}Expires").text = expires
+    etree.SubElement(
+        request, f"{{{names.WSE}}}Filter", Dialect=names.DEVPROF_ACTION_DIALECT
+    ).text = actions
+    response = client.call(A.SUBSCRIBE, request)
+    assert response.payload is not None
+    identifier = response.payload.findtext(f".//{{{names.WSE}}}Identifier")
+    assert identifier
+    return identifier
+
+
+def announced(sink: Subscriber) -> tuple[list[str], int]:
+    """The repository states announced, in the order received, each message once (a failover
+    of the delivery owner may send the one in flight again, with its MessageID); and how many
+    messages arrived in all."""
+    with sink.lock:
+        bodies = [body for _, body in sink.received]
+    seen: set[str] = set()
+    states = []
+    for body in bodies:
+        root = etree.fromstring(body)
+        message_id = root.findtext(f".//{{{names.WSA}}}MessageID") or ""
+        assert root.findtext(f".//{{{names.WSA}}}Action") == A.DSC_STATUS_SUMMARY_EVENT
+        if message_id in seen:
+            continue
+        seen.add(message_id)
+        state = root.findtext(f".//{{{names.DSC}}}RepositoryState")
+        assert state is not None, body
+        states.append(state)
+    return states, len(bodies)
+
+
+def hold_a_job(server: ServerProcess, relay: HeldRelay) -> str:
+    """A job made Pending on ``server``, whose mail filter now waits at the relay
+    (Processing until ``relay.release``)."""
+    relay.arrived.clear()
+    relay.release.clear()
+    client = Soap(server.url)
+    token = client.create(MAIL)
+    client.send_image(token, 1, PNG)
+    client.end(token)
+    assert relay.arrived.wait(20), "the mail filter never reached the relay"
+    return token
+
+
+def heard(sink: Subscriber, count: int) -> list[str]:
+    return wait_for(
+        lambda: (states := announced(sink)[0]) and len(states) >= count and states,
+        timeout=20,
+        what=f"{count} repository state event(s)",
+    )
+
+
+def test_each_repository_state_change_made_anywhere_is_announced_once_in_order(
+    tmp_path: Path,
+    pg: PgCluster,
+    instances: list[ServerProcess],
+    relay: HeldRelay,
+    sink: Subscriber,
+) -> None:
+    config = config_with_relay(tmp_path, pg, relay)
+    a, b, c = (start(instances, tmp_path, config) for _ in range(3))
+    subscribe(Soap(b.url), sink.url)
+    # Each instance in turn moves the repository: its job Processing on it, then ended.  The
+    # leader (a, the first started) announces what the rows make, the others nothing.
+    for round_, server in enumerate((b, c, a)):
+        token = hold_a_job(server, relay)
+        assert heard(sink, 2 * round_ + 1)[-1] == "Processing"
+        relay.release.set()
+        assert Soap(server.url).wait_ended(token).state == "Completed"
+        assert heard(sink, 2 * round_ + 2)[-1] == "Idle"
+    states, messages = announced(sink)
+    assert states == ["Processing", "Idle"] * 3
+    assert messages == 6  # no repeat, no failover here: each message once
+    assert "announcing the repository state" in a.log
+    assert "announcing the repository state" not in b.log + c.log
+
+
+def test_a_new_leader_after_a_kill9_neither_repeats_nor_skips_an_announcement(
+    tmp_path: Path,
+    pg: PgCluster,
+    instances: list[ServerProcess],
+    relay: HeldRelay,
+    sink: Subscriber,
+) -> None:
+    config = config_with_relay(tmp_path, pg, relay)
+    leader, b, c = (start(instances, tmp_path, config) for _ in range(3))
+    subscribe(Soap(b.url), sink.url)
+    token = hold_a_job(c, relay)
+    assert heard(sink, 1) == ["Processing"]
+    # The leader dies with the repository Processing announced; the job ends while nobody
+    # leads (the next heartbeat of b or c takes the lock): the new leader announces Idle from
+    # the row of what was heard last, and Processing is not said again.
+    leader.kill9()
+    relay.release.set()
+    assert Soap(c.url).wait_ended(token).state == "Completed"
+    assert heard(sink, 2) == ["Processing", "Idle"]
+    new = wait_for(
+        lambda: next((s for s in (b, c) if "announcing the repository state" in s.log), None),
+        timeout=15,
+        what="a new leader announcing",
+    )
+    # The new leader announces changes of any instance from here on.
+    other = c if new is b else b
+    token = hold_a_job(other, relay)
+    assert heard(sink, 3)[-1] == "Processing"
+    relay.release.set()
+    assert Soap(other.url).wait_ended(token).state == "Completed"
+    assert heard(sink, 4) == ["Processing", "Idle", "Processing", "Idle"]
+    states, messages = announced(sink)
+    assert states == ["Processing", "Idle", "Processing", "Idle"]
+    # At most the message in flight at the kill again (the delivery owner may have died).
+    assert messages <= 5, messages
+
+
+def test_only_the_leader_ends_an_expired_subscription_once(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess], sink: Subscriber
+) -> None:
+    dsn = pg.new_database()
+    config = cluster_config(tmp_path, dsn)
+    leader, other = (start(instances, tmp_path, config) for _ in range(2))
+    identifier = subscribe(Soap(other.url), sink.url, expires="PT2S")
+
+    def row() -> tuple[bool, int]:
+        with psycopg.connect(dsn) as conn:
+            found = conn.execute(
+                "SELECT ended, version FROM subscriptions WHERE id = %s", (identifier,)
+            ).fetchone()
+        assert found is not None
+        return bool(found[0]), int(found[1])
+
+    wait_for(lambda: row()[0], timeout=15, what="the subscription's row ended")
+    assert row() == (True, 2)  # created, then ended once
+    line = f"subscription {identifier} expired"
+    wait_for(lambda: line in leader.log, timeout=5, what="the leader's log line")
+    assert leader.log.count(line) == 1, leader.log
+    assert line not in other.log, other.log
+    for server in (leader, other):
+        with pytest.raises(dc.ClientFault):
+            manage(Soap(server.url), A.GET_STATUS, identifier, "GetStatus")
+
+
+class Failing(http.server.ThreadingHTTPServer):
+    """A subscriber that answers every notification HTTP 500 (a failed delivery, R7)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with outer.lock:
+                    outer.count += 1
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/events"
+
+
+def test_the_failure_count_survives_a_change_of_delivery_owner(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    dsn = pg.new_database()
+    config = cluster_config(tmp_path, dsn)
+    servers = [start(instances, tmp_path, config) for _ in range(2)]
+    failing, ends = Failing(), Healthy()
+    for server in (failing, ends):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        identifier = subscribe(
+            Soap(servers[0].url),
+            failing.url,
+            actions=A.DSP_JOB_STATUS_EVENT,
+            end_to=ends.url,
+        )
+
+        def failures() -> int:
+            with psycopg.connect(dsn) as conn:
+                found = conn.execute(
+                    "SELECT failures FROM subscriptions WHERE id = %s", (identifier,)
+                ).fetchone()
+            assert found is not None
+            return int(found[0])
+
+        # Two jobs created: two status events, both failed by the first delivery owner.
+        for _ in range(2):
+            Soap(servers[1].url).create(MAIL)
+        wait_for(lambda: failures() == 2, timeout=20, what="two failures stored")
+        owner_pid = delivery_owner(dsn, identifier)
+        [owner] = [s for s in servers if s.pid == owner_pid]
+        [survivor] = [s for s in servers if s is not owner]
+        owner.kill9()
+        # The next event is sent by the survivor once the lease lapses: its failure is the
+        # third (R7: the subscription ends, SubscriptionEnd DeliveryFailure to its EndTo).
+        Soap(survivor.url).create(MAIL)
+
+        def ended() -> bytes | None:
+            with ends.lock:
+                return next((b for _, b in ends.received if b"SubscriptionEnd" in b), None)
+
+        end = wait_for(ended, timeout=20, what="SubscriptionEnd after the third failure")
+        assert b"DeliveryFailure" in end
+        assert failing.count == 3
+        with pytest.raises(dc.ClientFault):
+            manage(Soap(survivor.url), A.GET_STATUS, identifier, "GetStatus")
+    finally:
+        for server in (failing, ends):
+            server.shutdown()
+            server.server_close()
