@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from dsc_bindings.store.errors import JobChanged
-from dsc_bindings.store.interface import VersionedWrite
+from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
 from dsc_core.commands import CreateJob, Deliver, JobInput, UpdateJob
@@ -119,3 +119,89 @@ def test_the_doorbell_rings_when_rows_are_written(two: tuple[PostgresRecords, ..
         rang.wait(0.2)
     listener.join()
     outbox.close()
+
+
+# --- the leader's announcements and the failure count (issue 18 point 4) -------------------
+
+
+def announcement(a: str, term: int, previous: str, state: str, n: int) -> Announcement:
+    return Announcement(state, previous, a, term, (event(n),))
+
+
+def test_an_announcement_is_written_once_per_change_under_the_current_term_only(
+    two: tuple[PostgresRecords, ...],
+) -> None:
+    a, b = two
+    store(a, subscription())
+    refused: list[str] = []
+    a.announcement_refused = lambda: refused.append("a")
+    b.announcement_refused = lambda: refused.append("b")
+    assert a.take_lead("A") == ("Idle", 1)  # nothing announced yet: subscribers heard Idle
+    job = make_job("t1")
+    a.write(
+        VersionedWrite(
+            CreateJob(job), None, 0, announcement=announcement("A", 1, "Idle", "Processing", 1)
+        )
+    )
+    # B takes the lead (A lost its lock): A's queued announcement of its old term is refused,
+    # its job write stands; B starts from what was heard last.
+    assert b.take_lead("B") == ("Processing", 2)
+    a.write(
+        VersionedWrite(
+            UpdateJob(job, JobInput.END),
+            1,
+            0,
+            announcement=announcement("A", 1, "Processing", "Idle", 2),
+        )
+    )
+    assert refused == ["a"]
+    assert b.changes(0, frozenset()).rows[0][1] == 2  # the job row was written
+    # B's own, with no job write: one transaction of its own; one that says another state than
+    # the row is refused (nothing heard twice), and B is told.
+    b.write_events(EventsWrite(announcement=announcement("B", 2, "Idle", "Processing", 3)))
+    assert refused == ["a", "b"]
+    b.write_events(EventsWrite(announcement=announcement("B", 2, "Processing", "Idle", 4)))
+    assert [r.message for r in a.outbox().claim("A", 30)] == [b"<m>1</m>", b"<m>4</m>"]
+    assert b.take_lead("B") == ("Idle", 3)
+
+
+def test_an_announcement_whose_job_write_loses_is_not_written_and_says_so(
+    two: tuple[PostgresRecords, ...],
+) -> None:
+    a, _ = two
+    store(a, subscription())
+    refused: list[bool] = []
+    a.announcement_refused = lambda: refused.append(True)
+    a.take_lead("A")
+    job = make_job("t1")
+    a.write(VersionedWrite(CreateJob(job), None, 0))
+    with pytest.raises(JobChanged):  # an outdated version: no row, no event, no announcement
+        a.write(
+            VersionedWrite(
+                UpdateJob(job, JobInput.END),
+                7,
+                0,
+                announcement=announcement("A", 1, "Idle", "Processing", 1),
+            )
+        )
+    assert refused == [True]
+    assert a.outbox().claim("A", 30) == []
+    assert a.take_lead("A") == ("Idle", 2)
+
+
+def test_the_failure_count_travels_with_the_subscription(
+    two: tuple[PostgresRecords, ...],
+) -> None:
+    a, b = two
+    cursor = b.changes(0, frozenset()).cursor
+    store(a, subscription())
+    cursor = b.changes(cursor, frozenset()).cursor
+    a.record_failures(SUB, 2)
+    seen = b.changes(cursor, frozenset())
+    ((_, _, text),) = seen.subscriptions
+    assert decode_subscription(text).failures == 2
+    # A Renew elsewhere keeps the count (its record has none); the same count again is no news.
+    store(b, subscription(datetime.now(UTC) + timedelta(hours=2)))
+    a.record_failures(SUB, 2)
+    ((_, _, text),) = a.changes(seen.cursor, frozenset()).subscriptions
+    assert decode_subscription(text).failures == 2
