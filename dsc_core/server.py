@@ -176,6 +176,9 @@ class ScanServer(ServerState):
         SourceShuttingDown is for the source going away): this one leaves quietly."""
         if not last:
             self.lifecycle.stopped = True
+            # Stopped only here: its last changes (the engine's reports) announce nothing; the
+            # next leader announces the state of the instances that stay.
+            self.notifier.follow()
             return []
         commands = self.lifecycle.stop(now)
         commands += self.notifier.shutting_down()

@@ -126,3 +126,17 @@ def test_a_stored_failure_count_is_counted_on_by_the_next_delivery_owner() -> No
     t.server.absorb_subscriptions([replace(sub2, failures=2)], [])
     t.server.absorb_subscriptions([replace(sub2, failures=0)], [])
     assert t.server.delivery_result(ident2, False) == [RecordDeliveryFailures(ident2, 1)]
+
+
+def test_an_instance_leaving_quietly_announces_nothing_more() -> None:
+    t = InProcessTransport()
+    subscribe(t, t.server.config.dsc_url)
+    token = create_job(t, SHARE)
+    send_image(t, token)
+    end_job(t, token)
+    assert t.server.shutdown(t.clock, last=False) == []
+    # The engine's last report after the stop: the job changes, "Stopped" is not announced
+    # (the other instances go on serving the repository).
+    commands = t.server.processing(ProcessingStarted(token), t.clock)
+    assert not any(isinstance(c, AnnounceRepositoryState) for c in commands)
+    assert summaries(commands) == []
