@@ -12,11 +12,12 @@ Short settings (test_cluster.cluster_config): a heartbeat every 0.2 s, leases of
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -26,7 +27,7 @@ from lxml import etree
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions
-from e2e_support import HeldRelay, ServerProcess, Soap, free_port
+from e2e_support import Relay, ServerProcess, Soap, free_port
 from test_cluster import PNG, cluster_config, instances, start
 from test_cluster_events import Subscriber, delivery_owner, manage
 from test_delivery import Healthy
@@ -41,14 +42,40 @@ A = names.Action
 MAIL = [EmailInstructions(False, ("bob@corp.example",))]
 
 
+class Turnstile(Relay):
+    """An SMTP relay that holds each message's DATA until the test lets one through
+    (:meth:`let_one_through`): a job's mail filter waits there, so the job stays Processing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = 0
+        self.waiting = 0
+        self._lock = threading.Lock()
+        self._passes = threading.Semaphore(0)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self._lock:
+            self.waiting += 1
+        while not self._passes.acquire(blocking=False):
+            await asyncio.sleep(0.05)
+        with self._lock:
+            self.waiting -= 1
+        answer: str = await super().handle_DATA(server, session, envelope)
+        return answer
+
+    def let_one_through(self) -> None:
+        self._passes.release()
+
+
 @pytest.fixture
-def relay() -> Iterator[HeldRelay]:
-    held = HeldRelay()
+def relay() -> Iterator[Turnstile]:
+    held = Turnstile()
     smtp = Controller(held, hostname="127.0.0.1", port=free_port())
     smtp.start()
-    held.port = smtp.port  # type: ignore[attr-defined]
+    held.port = smtp.port
     yield held
-    held.release.set()
+    for _ in range(held.waiting):
+        held.let_one_through()
     smtp.stop()
 
 
@@ -61,12 +88,11 @@ def sink() -> Iterator[Subscriber]:
     subscriber.server_close()
 
 
-def config_with_relay(tmp_path: Path, pg: PgCluster, relay: HeldRelay) -> Path:
-    port = relay.port  # type: ignore[attr-defined]
+def config_with_relay(tmp_path: Path, dsn: str, relay: Turnstile) -> Path:
     return cluster_config(
         tmp_path,
-        pg.new_database(),
-        f'[smtp]\nhost = "127.0.0.1"\nport = {port}\nfrom = "scans@corp.example"\n',
+        dsn,
+        f'[smtp]\nhost = "127.0.0.1"\nport = {relay.port}\nfrom = "scans@corp.example"\n',
     )
 
 
@@ -118,17 +144,23 @@ def announced(sink: Subscriber) -> tuple[list[str], int]:
     return states, len(bodies)
 
 
-def hold_a_job(server: ServerProcess, relay: HeldRelay) -> str:
+def hold_a_job(server: ServerProcess, relay: Turnstile) -> str:
     """A job made Pending on ``server``, whose mail filter now waits at the relay
-    (Processing until ``relay.release``)."""
-    relay.arrived.clear()
-    relay.release.clear()
+    (Processing until ``relay.let_one_through``)."""
+    before = relay.waiting
     client = Soap(server.url)
     token = client.create(MAIL)
     client.send_image(token, 1, PNG)
     client.end(token)
-    assert relay.arrived.wait(20), "the mail filter never reached the relay"
+    wait_for(lambda: relay.waiting > before, timeout=20, what="the mail filter at the relay")
     return token
+
+
+def ended_jobs(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM jobs WHERE NOT active").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def heard(sink: Subscriber, count: int) -> list[str]:
@@ -143,20 +175,31 @@ def test_each_repository_state_change_made_anywhere_is_announced_once_in_order(
     tmp_path: Path,
     pg: PgCluster,
     instances: list[ServerProcess],
-    relay: HeldRelay,
+    relay: Turnstile,
     sink: Subscriber,
 ) -> None:
-    config = config_with_relay(tmp_path, pg, relay)
+    dsn = pg.new_database()
+    config = config_with_relay(tmp_path, dsn, relay)
     a, b, c = (start(instances, tmp_path, config) for _ in range(3))
     subscribe(Soap(b.url), sink.url)
-    # Each instance in turn moves the repository: its job Processing on it, then ended.  The
-    # leader (a, the first started) announces what the rows make, the others nothing.
-    for round_, server in enumerate((b, c, a)):
+    # A follower's job, then the leader's (a, the first started): the leader announces what
+    # the rows make, the others nothing.
+    for round_, server in enumerate((b, a)):
         token = hold_a_job(server, relay)
         assert heard(sink, 2 * round_ + 1)[-1] == "Processing"
-        relay.release.set()
+        relay.let_one_through()
         assert Soap(server.url).wait_ended(token).state == "Completed"
         assert heard(sink, 2 * round_ + 2)[-1] == "Idle"
+    # Two followers' jobs at once: the repository is Processing until both ended, whichever
+    # ends first (neither instance's view of its own job alone).
+    tokens = [hold_a_job(b, relay), hold_a_job(c, relay)]
+    assert heard(sink, 5)[-1] == "Processing"
+    relay.let_one_through()
+    wait_for(lambda: ended_jobs(dsn) == 3, timeout=20, what="one of the two jobs ended")
+    relay.let_one_through()
+    for server, token in zip((b, c), tokens, strict=True):
+        assert Soap(server.url).wait_ended(token).state == "Completed"
+    assert heard(sink, 6)[-1] == "Idle"
     states, messages = announced(sink)
     assert states == ["Processing", "Idle"] * 3
     assert messages == 6  # no repeat, no failover here: each message once
@@ -168,10 +211,10 @@ def test_a_new_leader_after_a_kill9_neither_repeats_nor_skips_an_announcement(
     tmp_path: Path,
     pg: PgCluster,
     instances: list[ServerProcess],
-    relay: HeldRelay,
+    relay: Turnstile,
     sink: Subscriber,
 ) -> None:
-    config = config_with_relay(tmp_path, pg, relay)
+    config = config_with_relay(tmp_path, pg.new_database(), relay)
     leader, b, c = (start(instances, tmp_path, config) for _ in range(3))
     subscribe(Soap(b.url), sink.url)
     token = hold_a_job(c, relay)
@@ -180,7 +223,7 @@ def test_a_new_leader_after_a_kill9_neither_repeats_nor_skips_an_announcement(
     # leads (the next heartbeat of b or c takes the lock): the new leader announces Idle from
     # the row of what was heard last, and Processing is not said again.
     leader.kill9()
-    relay.release.set()
+    relay.let_one_through()
     assert Soap(c.url).wait_ended(token).state == "Completed"
     assert heard(sink, 2) == ["Processing", "Idle"]
     new = wait_for(
@@ -192,7 +235,7 @@ def test_a_new_leader_after_a_kill9_neither_repeats_nor_skips_an_announcement(
     other = c if new is b else b
     token = hold_a_job(other, relay)
     assert heard(sink, 3)[-1] == "Processing"
-    relay.release.set()
+    relay.let_one_through()
     assert Soap(other.url).wait_ended(token).state == "Completed"
     assert heard(sink, 4) == ["Processing", "Idle", "Processing", "Idle"]
     states, messages = announced(sink)

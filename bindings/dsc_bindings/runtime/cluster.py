@@ -20,7 +20,8 @@ After ``lease_seconds`` without a heartbeat the instance says so in /healthz (50
 instances consider it down, so the load balancer must drop it too).
 
 What the leader alone does is decided by the runtime (runtime/service.py ``_tick_loop``): R6
-job timeouts and the spool retention sweep.
+job timeouts, the spool retention sweep, ending expired subscriptions, and announcing the
+repository state (runtime/announcing.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ Both HTTP bindings talk to a :class:`ScanService` (through the composition root'
   hub's own loop; results go back to the core's owner, which counts failures (R7).
 - A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()``, at least
   once a second (R6 job timeouts, R7 subscription expiry); on a PostgreSQL store only the
-  cluster's leader (:mod:`.cluster`) runs the job sweeps.
+  cluster's leader (:mod:`.cluster`) runs these sweeps and announces the repository state
+  (:mod:`.announcing`).
 - **A shared store** (PostgreSQL, issue 18): before an exchange's first core call and before
   each tick, the other instances' changes are read off the owner and handed to the core, and
   record writes are compare-and-set (:mod:`.catchup`).
