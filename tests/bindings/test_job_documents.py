@@ -17,12 +17,13 @@ import pytest
 
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.jobcodec import decode_job
+from dsc_bindings.store.jobdocuments import WrittenDocuments
 from dsc_bindings.store.localspool import LocalSpool
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
-from dsc_core.model import Document, Job
+from dsc_core.model import Document, Job, JobState
 from engines_support import wal_position
 from test_store import make_job
 
@@ -171,3 +172,20 @@ def test_a_record_written_before_the_rows_loads_and_is_rewritten(tmp_path: Path)
         rows = store.records.db().execute("SELECT count(*) FROM job_documents").fetchone()
         assert rows == (3,)
         assert '"documents"' not in store.records.db().execute("SELECT job FROM jobs").fetchone()[0]
+
+
+def test_only_active_jobs_are_remembered() -> None:
+    """What a store remembers stays bounded by the active jobs: an ended job's next write (a
+    retry) is whole, and so is a job forgotten (dropped, or a write whose outcome is unknown)."""
+    written = WrittenDocuments()
+    job = image(image(make_job("r"), 1), 2)
+    written.committed(job)
+    assert written.plan(image(job, 3)).start == 2
+    ended = replace(job, state=JobState.COMPLETED)
+    written.committed(ended)
+    assert written.plan(image(ended, 3)).start == 0
+    written.committed(job, 7)
+    assert written.plan(image(job, 3), 7).start == 2
+    assert written.plan(image(job, 3), 8).start == 0  # another instance wrote version 8
+    written.forget("r")
+    assert written.plan(image(job, 3), 7).start == 0

@@ -64,7 +64,7 @@ class _Written:
 
 
 class WrittenDocuments:
-    """Per job, the documents this store's last committed write left in the table.
+    """Per active job, the documents this store's last committed write left in the table.
     Thread-safe (the writer thread writes, a tool may too)."""
 
     def __init__(self) -> None:
@@ -92,9 +92,15 @@ class WrittenDocuments:
         return DocumentsWrite(job.token, len(documents), start, rows)
 
     def committed(self, job: Job, version: int | None = None) -> None:
-        """The write of ``job`` committed, leaving the row at ``version`` (shared records)."""
+        """The write of ``job`` committed, leaving the row at ``version`` (shared records).  An
+        ended job is not remembered: it gets no more images, and what is remembered stays
+        bounded by the active jobs (on shared records another instance may end and drop a job
+        this one wrote; a later write of an ended job, a retry, is whole)."""
         with self._lock:
-            self._written[job.token] = _Written(version, job.documents)
+            if job.is_active:
+                self._written[job.token] = _Written(version, job.documents)
+            else:
+                self._written.pop(job.token, None)
 
     def forget(self, token: str) -> None:
         """The job is gone, or a write's outcome is unknown: its next write is whole."""

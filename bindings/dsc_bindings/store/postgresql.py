@@ -1022,6 +1022,7 @@ class PostgresRecords:
                 rows.append((str(token), int(number), str(text), documents or ()))
             elif kind == 2:
                 dropped.append(str(token))
+                self._documents.forget(str(token))  # another instance dropped it
             elif kind == 3:
                 uploads.append((str(token), int(number)))
             elif kind == 4:
