@@ -14,13 +14,29 @@ import pytest
 
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.store.errors import JobChanged, StoreError
-from dsc_bindings.store.interface import Rang, VersionedWrite
+from dsc_bindings.store.interface import (
+    Announcement,
+    EventsWrite,
+    JobChanges,
+    Rang,
+    VersionedWrite,
+)
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core import ScanServer, ServerConfig
-from dsc_core.commands import CreateJob, DropJob, JobInput, Removal, UpdateJob
-from dsc_core.model import Document, JobState
+from dsc_core.commands import (
+    AnnounceRepositoryState,
+    CreateJob,
+    Deliver,
+    DiscardDocuments,
+    DropJob,
+    JobInput,
+    Removal,
+    StartProcessing,
+    UpdateJob,
+)
+from dsc_core.model import Document, JobState, RepositoryState
 from test_store import make_job
 from waiting import wait_for
 
@@ -300,3 +316,37 @@ def test_a_lost_listener_skips_nothing_and_its_return_forces_a_full_read(
         assert here.catch_up.fresh() and here.core.jobs.get("missed") == make_job("missed")
     finally:
         here.doorbell.close()
+
+
+def _deliver(n: int) -> Deliver:
+    return Deliver("urn:uuid:s", "http://sink.example/n", (str(n).encode(),))
+
+
+def test_stamp_puts_every_notification_of_a_batch_in_the_transaction_of_a_write() -> None:
+    """Issue 18 points 3 and 4 (no database: the stamping rules alone).  Notifications ride
+    on the batch's job write; without one on its drop; without either in one EventsWrite;
+    the repository state's announcement carries the events after it, under the leader's
+    term, and is left out with them when this instance does not lead."""
+    catch_up = JobCatchUp(lambda cursor, tokens: JobChanges(cursor, (), (), ()))
+    announce = AnnounceRepositoryState(RepositoryState.PROCESSING, RepositoryState.IDLE)
+    job = make_job("j")
+    [write, start] = catch_up.stamp(
+        [CreateJob(job), StartProcessing(job), _deliver(1), announce, _deliver(2)], ("A", 3)
+    )
+    assert isinstance(write, VersionedWrite) and start == StartProcessing(job)
+    assert write.events == (_deliver(1),)
+    assert write.announcement == Announcement("Processing", "Idle", "A", 3, (_deliver(2),))
+    # A reload trimming the history: the event commits with the drop.
+    [drop] = catch_up.stamp([DropJob("old", Removal.HISTORY_FULL), _deliver(3)])
+    assert isinstance(drop, VersionedWrite) and drop.events == (_deliver(3),)
+    # A state the leader derived from other instances' rows: one transaction of its own.
+    [alone] = catch_up.stamp([announce, _deliver(4), _deliver(5)], ("A", 3))
+    assert alone == EventsWrite(
+        announcement=Announcement("Processing", "Idle", "A", 3, (_deliver(4), _deliver(5)))
+    )
+    # Not the leader: neither the announcement nor its events; a job's own events stay.
+    stamped = catch_up.stamp([announce, _deliver(6), DiscardDocuments("j"), _deliver(7)])
+    assert stamped == [DiscardDocuments("j"), EventsWrite((_deliver(7),))]
+    # A SubscriptionEnd goes to the hub directly (its subscription is gone from the store).
+    end = Deliver("urn:uuid:s", "http://sink.example/e", (b"end",), final=True)
+    assert catch_up.stamp([end]) == [end]
