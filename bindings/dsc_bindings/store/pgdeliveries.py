@@ -7,7 +7,11 @@ Each record is written only while the run holds the job's lease (the same owner 
 the job row has; store/leases.py): a run whose lease was lost gets
 :class:`~dsc_bindings.filters.sharejournal.DeliveryRefused` and places nothing more
 (:meth:`PgDeliveryJournal.check` before a file takes its final name).  The rows go with the
-job's row (postgresql.py's drop).
+job's row (postgresql.py's drop).  One record can land after a rescue: an INSERT that waits for
+another transaction holding the same key checked the lease before it waited (READ COMMITTED).
+It then records the file its run placed before the rescue, which the rescuer recognised by the
+linked temporary name and records the same (seen in tests/e2e/test_cluster_fileshare.py's
+frozen-instance test); no file is placed after a lost lease.
 
 A database that does not answer for a moment (PostgreSQL restarting, the pool reconnecting)
 must not fail a filter that delivered correctly: a failed filter ends the job Aborted, for
