@@ -244,6 +244,32 @@ def test_the_keeper_stops_what_it_lost_and_writes_nothing_more(
         keeper.check(fenced)
 
 
+def test_the_keeper_of_a_new_run_resumes_its_folder_s_jobs_once_at_its_first_beat(
+    records: PostgresRecords,
+) -> None:
+    """LeaseKeeper.start takes them back (held, renewed, fenced with the new epoch) whatever
+    the engine's free places; the first beat hands them to R13, and no later beat again."""
+    for token in ("j1", "j2", "j3"):
+        pending(records, token)
+    old = leases_of(records, "a")
+    assert all(old.claim(t) == 1 for t in ("j1", "j2", "j3"))
+    resumed: list[list[Rescued]] = []
+    keeper = LeaseKeeper(
+        JobLeases(records.database, "instance-a2", old.home, LEASE),
+        heartbeat_seconds=1.0,
+        stop=lambda token: None,
+        resume=resumed.append,
+        free_slots=lambda: 0,  # the engine is full: the sweep alone would take nothing
+        name_of=str,
+    )
+    keeper.start()
+    assert keeper.held() == {"j1": 2, "j2": 2, "j3": 2}
+    keeper.beat(True)
+    keeper.beat(True)
+    assert resumed == [[Rescued(t, old.owner, 2) for t in ("j1", "j2", "j3")]]
+    assert keeper.held() == {"j1": 2, "j2": 2, "j3": 2}  # renewed, not lost
+
+
 def test_the_keeper_stops_its_filters_before_a_lease_it_cannot_renew_ends(
     records: PostgresRecords,
 ) -> None:
