@@ -2,7 +2,7 @@
 
     python3 bench/asgi.py [--quick] [--seconds 3] [--rounds 3] [--json results.json]
 
-Eight servers, each in its own process, measured with ``wrk`` (C; ``-t1`` and ``-t2``, 8 and 64
+Seven servers, each in its own process, measured with ``wrk`` (C; ``-t1`` and ``-t2``, 8 and 64
 connections, keep-alive) in ONE run, interleaved round by round so that a busy neighbour on
 the shared machine hits them all alike:
 
@@ -16,10 +16,9 @@ the shared machine hits them all alike:
 - ``dsc ASGI uvicorn``: ``uvicorn --factory dsc_bindings.asgi:create_app --loop uvloop --http
   httptools --no-access-log`` (``dsc serve`` does not log each request either), and the same
   with ``--http dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol`` (uvicorn's
-  httptools protocol sending each response head with its body: one send, not two), on uvloop
-  and on asyncio's own loop (``--loop asyncio``, the deployment docs/operating.md recommends:
-  on uvloop about 1% of the requests wait a second round behind every other connection's,
-  which doubles the p99; ``bench/fairness.py`` counts it, docs/performance.md).
+  httptools protocol sending what a turn of the loop wrote to a connection as one write after
+  the loop's next poll: one send per answer, and the connections answered in turn; the
+  deployment docs/operating.md recommends, "recommended" in the targets table).
 
 Requests: GetRepositoryElements and GetPostScanJobElements (of a job created on each server).
 Every server's answer is checked to be a 200 with the right SOAP action before it is measured,
@@ -73,12 +72,14 @@ ASYNC = "dsc serve --binding async"
 BLOCKING = "dsc serve --binding blocking"
 UVICORN = "ASGI app, uvicorn (httptools, uvloop)"
 COALESCING = "ASGI app, uvicorn (uvloop, dsc's httptools protocol)"
-RECOMMENDED = "ASGI app, uvicorn (asyncio loop, dsc's httptools protocol)"
-SERVERS = (FLOOR, AIOHTTP, HANDWRITTEN, ASYNC, BLOCKING, UVICORN, COALESCING, RECOMMENDED)
+SERVERS = (FLOOR, AIOHTTP, HANDWRITTEN, ASYNC, BLOCKING, UVICORN, COALESCING)
 #: The ways the project is deployed that the target compares with the hand-written server.
-PROJECT = (ASYNC, UVICORN, COALESCING, RECOMMENDED)
+PROJECT = (ASYNC, UVICORN, COALESCING)
+#: The deployment docs/operating.md recommends (uvicorn, uvloop, dsc's httptools protocol).
+RECOMMENDED = COALESCING
 UVICORN_OPTIONS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
-#: uvicorn's httptools protocol writing each head with its body (http/uvicorn_protocol.py).
+#: uvicorn's httptools protocol, one send per answer after the loop's next poll
+#: (http/uvicorn_protocol.py).
 COALESCING_OPTIONS = (
     "--loop",
     "uvloop",
@@ -86,8 +87,6 @@ COALESCING_OPTIONS = (
     "dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol",
     "--no-access-log",
 )
-#: The same protocol on asyncio's own loop: the deployment docs/operating.md recommends.
-RECOMMENDED_OPTIONS = ("--loop", "asyncio", *COALESCING_OPTIONS[2:])
 
 
 K = TypeVar("K")
@@ -154,11 +153,6 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             COALESCING: stack.enter_context(
                 serving(
                     ServerProcess(tmp / "coalescing", binding="uvicorn", extra=COALESCING_OPTIONS)
-                )
-            ),
-            RECOMMENDED: stack.enter_context(
-                serving(
-                    ServerProcess(tmp / "recommended", binding="uvicorn", extra=RECOMMENDED_OPTIONS)
                 )
             ),
         }
@@ -241,7 +235,7 @@ def versus_handwritten(runs: dict[str, list[Run]], name: str) -> tuple[str, str]
 def print_targets(results: dict[str, Any]) -> None:
     """The two targets of issue 20 point 3, per configuration, each round against its own
     hand-written and floor run (min/median/max over the rounds): the project's fastest form
-    and the recommended deployment (uvicorn, asyncio loop, dsc's httptools protocol)."""
+    and the recommended deployment (uvicorn, uvloop, dsc's httptools protocol)."""
     print("\n== targets (per round: min/median/max)", flush=True)
     print(
         "| request | wrk | best of the project | req/s vs hand-written | p99 vs hand-written |"

@@ -7,8 +7,9 @@ the answer to the last (a closed loop).  A server that answers in arrival order 
 other connection exactly once between two answers on one connection: N-1 "answers between".
 A request that waits a second round (2N-1 between) waits twice as long as the others; when 1%
 of them do, the p99 latency is twice the mean whatever the server's speed.  This was the tail
-of the ASGI app under uvicorn on uvloop: faster than the hand-written server, p99 1.2-1.8x
-worse (docs/performance.md).
+of the ASGI app under uvicorn on uvloop (faster than the hand-written server, p99 1.2-1.8x
+worse) until dsc's httptools protocol sent the answers after the loop's next poll
+(``dsc_bindings.http.uvicorn_protocol``; docs/performance.md, "Tails").
 
 Each server's protocol writes through a transport that notes every answer (its connection and
 the serving thread's CPU time), so the order is counted in the server itself: a busy machine
@@ -17,7 +18,7 @@ thread's connections wait while the CPU runs the other, which no server can chan
 servers, each in its own process, measured round by round in turn:
 
 - ``hand-written, asyncio``: ``bench/handwritten_aiohttp.py`` as ``bench/asgi.py`` runs it;
-- ``hand-written, uvloop``: the same on uvloop;
+- ``hand-written, uvloop``: the same on uvloop (which lets ~1% of the requests wait a round);
 - ``ASGI app, uvloop`` and ``ASGI app, asyncio``: ``dsc_bindings.asgi.create_app`` under
   uvicorn with dsc's httptools protocol (``--loop uvloop`` or ``--loop asyncio``).
 

@@ -1,22 +1,33 @@
-"""uvicorn's httptools protocol, writing each response head together with its body (issue 20).
+"""uvicorn's httptools protocol, sending what one turn of the loop wrote to a connection as one
+write after the loop's next poll for I/O (issue 20).
 
 ::
 
-    uvicorn --factory dsc_bindings.asgi:create_app --loop uvloop \\
+    uvicorn --factory dsc_bindings.asgi:create_app \\
         --http dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol
 
-Stock uvicorn writes a response's head (at ``http.response.start``) and its body (at
-``http.response.body``) with one ``transport.write`` each, and uvloop sends each at once: two
-``send()`` calls, two TCP segments, per answer.  Profiled under ``wrk`` (py-spy, 8
-connections, GetRepositoryElements), those two sends were 46% of the uvicorn worker's samples.
-Holding the head until the body's write makes them one send, as aiohttp and the h11 bindings
-do; nothing else about uvicorn changes (``bench/asgi.py`` measures both).
+Two things stock uvicorn does that this protocol changes, nothing else:
 
-A head is held only until the next write of the same response, which uvicorn makes for every
-``http.response.body`` of a response to any method but HEAD (a HEAD answer is its head alone,
-RFC 9110 9.3.2: uvicorn writes no body, so such a head is never held, or the client would wait
-for it forever); a ``100 Continue`` is never held: the client waits for it before it sends the
-body.
+- **One send per answer.**  uvicorn writes a response's head (at ``http.response.start``) and
+  its body (at ``http.response.body``) with one ``transport.write`` each, and uvloop sends each
+  at once: two ``send()`` calls, two TCP segments, per answer.  Profiled under ``wrk`` (py-spy,
+  8 connections, GetRepositoryElements), those two sends were 46% of the uvicorn worker's
+  samples.  Here what a connection is written in one turn of the loop is joined into one write.
+- **The connections answered in turn.**  On uvloop the loop runs the ready tasks (each writes
+  its answer at once) and then polls for I/O: the poll finds the next requests of the clients
+  answered early in that run but not yet those answered last, which then wait for the whole
+  next run: about 1% of the requests waited two rounds under ``wrk`` with 8 or 64
+  connections, which doubles the p99 latency (``bench/fairness.py``; the hand-written aiohttp
+  server on uvloop does the same, docs/performance.md "Tails").  Sending the answers from a
+  callback scheduled when they are written, which runs after that poll, makes the next poll
+  find every client's next request alike, as asyncio's own loop does (it polls before it runs
+  the tasks); the cost is one callback per answer.
+
+A connection holds at most :data:`HOLD_BYTES`: beyond that what it holds is sent at once, so a
+large answer is never kept back and the transport's flow control (pause/resume writing)
+applies to it as before.  Everything held is sent, in order, before the transport is closed
+or half-closed; a ``100 Continue`` or a HEAD answer goes out after the poll like any other
+write (microseconds later), never waiting for a body write.
 """
 
 from __future__ import annotations
@@ -26,49 +37,70 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["CoalescingHttpToolsProtocol"]
+__all__ = ["HOLD_BYTES", "CoalescingHttpToolsProtocol"]
 
-_STATUS_LINE = b"HTTP/1.1 "
-_CONTINUE = b"HTTP/1.1 100 "
+#: What a connection may hold before it is sent at once: the transports' default high-water
+#: mark (asyncio's and uvloop's 64 KiB), so flow control sees any answer larger than that.
+HOLD_BYTES = 64 * 1024
 
 
-class _HeadWithBody:
-    """The transport one request/response cycle writes to: its response head is held and
-    written together with the next write (the body's first piece)."""
+class _HeldWrites:
+    """A connection's transport as uvicorn's protocol and its cycles see it: writes are held
+    and sent together by a callback scheduled with the first of them (module doc)."""
 
-    __slots__ = ("_held", "_transport")
+    __slots__ = ("_held", "_held_bytes", "_loop", "_transport")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._held: bytes | None = None
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > HOLD_BYTES:
+            self.send_held()
+        elif len(self._held) == 1:
+            self._loop.call_soon(self.send_held)
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def send_held(self) -> None:
+        """Send what is held as one write (nothing when it was sent already)."""
         held = self._held
-        if held is not None:
-            self._held = None
-            self._transport.write(held + data)
-        elif data.startswith(_STATUS_LINE) and not data.startswith(_CONTINUE):
-            self._held = data
-        else:
-            self._transport.write(data)
+        if not held:
+            return
+        self._held, self._held_bytes = [], 0
+        if not self._transport.is_closing():  # the client left: nothing to send it to
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._held_bytes
+
+    def write_eof(self) -> None:
+        self.send_held()
+        self._transport.write_eof()
 
     def close(self) -> None:
-        if self._held is not None:  # never left behind, even if no body write came
-            self._transport.write(self._held)
-            self._held = None
+        self.send_held()
         self._transport.close()
+
+    def abort(self) -> None:
+        self._held, self._held_bytes = [], 0
+        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol, each response head sent with its body (module doc)."""
+    """uvicorn's ``httptools`` protocol writing through :class:`_HeldWrites` (module doc)."""
 
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        # The cycle uvicorn just made for this request writes through the wrapper; the
-        # protocol's own answers (400s, 503s of --limit-concurrency) still write directly,
-        # and so does the answer to a HEAD request, which has no body write to wait for.
-        if self.cycle.scope["method"] != "HEAD":
-            self.cycle.transport = _HeadWithBody(self.transport)  # type: ignore[assignment]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        held = _HeldWrites(transport, self.loop)
+        super().connection_made(held)  # type: ignore[arg-type]
