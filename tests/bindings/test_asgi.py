@@ -110,6 +110,28 @@ def test_identity_rules_without_a_server() -> None:
     assert certificate_der(pem.replace("\n", " ").encode()) == certificate_der(pem.encode())
 
 
+def test_what_the_start_built_is_frozen_once_the_app_runs(tmp_path: Path) -> None:
+    """The lifespan's start (modules, the store, the restored jobs) ends with ``settle_heap``
+    as ``dsc serve``'s does: a full collection would otherwise walk all of it with the loop
+    stopped (docs/performance.md, "Tails").  The start runs on a worker thread; the freeze is
+    the process's."""
+    import asyncio
+    import gc
+
+    app = create_app(data_dir=tmp_path / "data", port=5362)
+
+    async def frozen_while_running() -> int:
+        async with app.running():
+            return gc.get_freeze_count()
+
+    gc.unfreeze()
+    try:
+        frozen = asyncio.run(frozen_while_running())
+    finally:
+        gc.unfreeze()
+    assert frozen > 1000, frozen  # the service's start-up, not a handful of objects
+
+
 def test_mounted_inside_starlette(tmp_path: Path) -> None:
     dsc = create_app(data_dir=tmp_path / "data")
 
