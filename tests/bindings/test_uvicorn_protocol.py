@@ -214,7 +214,9 @@ def test_what_is_held_is_sent_before_a_close_or_half_close(loop: str) -> None:
 def test_nothing_is_sent_to_a_connection_the_client_left(loop: str) -> None:
     async def test(transport: RecordingTransport, held: _HeldWrites) -> None:
         held.write(b"answer")
+        assert not held.is_closing()
         transport.closed = True  # the client went away before the loop turned
+        assert held.is_closing()  # what uvicorn asks before it answers
         await asyncio.sleep(0)
         assert transport.sent == []
         held.write(b"another")

@@ -79,6 +79,10 @@ class _HeldWrites:
         if not self._transport.is_closing():  # the client left: nothing to send it to
             self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
+    def is_closing(self) -> bool:
+        # Asked by uvicorn at each answer: a method of its own, not __getattr__'s slow path.
+        return self._transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + self._held_bytes
 
