@@ -321,6 +321,7 @@ def running_service(
             storage=settings.storage,
             cluster=settings.cluster,
             instance_suffix=instance_suffix,
+            max_processing_jobs=settings.processing_slots,
         )
         service = composition.service
         try:

@@ -30,6 +30,7 @@ Example (every section optional)::
     history_size = 1000
     spool_retention_seconds = 604800  # a failed job's documents, kept for a re-run
     stalled_after_seconds = 60        # a Creating job this long without a byte is "stalled"
+    processing_slots = 2              # jobs whose filters run at once on this instance
 
     [devices]                         # the device book (dsc devices, the status page)
     max_devices = 10000               # over it, the devices with the oldest last contact go
@@ -192,6 +193,9 @@ class Settings:
     #: ``[server] health_max_age_seconds``: how old the last /healthz checks may be before a
     #: request starts new ones; None: observe.health.MAX_AGE_SECONDS.
     health_max_age_seconds: float | None = None
+    #: ``[jobs] processing_slots``: jobs whose filters this instance runs at once; with a
+    #: shared store, further Pending jobs wait for any instance's free place (issue 18).
+    processing_slots: int = 2
 
     def with_installation_identity(self) -> Settings:
         """These settings with the installation's UUIDs where the file set none (creates
@@ -534,7 +538,13 @@ def load_settings(
     jobs = _Table(
         raw,
         "jobs",
-        {"timeout_seconds", "history_size", "spool_retention_seconds", "stalled_after_seconds"},
+        {
+            "timeout_seconds",
+            "history_size",
+            "spool_retention_seconds",
+            "stalled_after_seconds",
+            "processing_slots",
+        },
     )
     devices_raw = _Table(raw, "devices", {"max_devices", "retention_days"})
     users = _Table(raw, "users", {"scan_admins", "directory", "email"})
@@ -735,6 +745,7 @@ def load_settings(
         health_max_age_seconds=(
             srv.seconds("health_max_age_seconds", 1.0) if "health_max_age_seconds" in srv else None
         ),
+        processing_slots=jobs.integer("processing_slots", 2, minimum=1),
     )
 
 

@@ -1,7 +1,8 @@
 """Job leases on a real PostgreSQL (issue 18 point 2, store/leases.py): one claimer wins, a
 fenced write of a lost lease is refused, a renewal brings cancellations and losses, an expired
-lease is rescued by one instance only, a live one by none; and the runtime's keeper
-(runtime/leasing.py) stops the filters of what it lost."""
+lease is rescued by one instance only, a live one by none, a job passed on by a busy instance is
+taken by one with a free place; and the runtime's keeper (runtime/leasing.py) stops the filters
+of what it lost and leases only what its engine runs."""
 
 from __future__ import annotations
 
@@ -209,6 +210,100 @@ def test_the_write_that_makes_a_job_pending_holds_it_for_its_claim(
     assert a.claim("j") == 1
 
 
+def make_pending(records: PostgresRecords, token: str, maker: str) -> None:
+    """A job made Pending by instance ``maker``'s write (EndPostScanJob), as the core writes
+    it: the write holds it for that instance's claim."""
+    records.write(VersionedWrite(CreateJob(make_job(token)), None, 0))
+    records.instance = f"instance-{maker}"
+    records.write(
+        VersionedWrite(UpdateJob(make_job(token, state=JobState.PENDING), JobInput.END, ()), 1, 0)
+    )
+
+
+def test_concurrent_sweeps_share_waiting_jobs_oldest_first_never_one_twice(
+    records: PostgresRecords,
+) -> None:
+    """The claim of waiting jobs (store/leases.py ``_RESCUE``, ``FOR UPDATE SKIP LOCKED``):
+    four instances sweeping at once, two places each, over thirty jobs nobody holds: no job
+    is taken twice, and each sweep takes the oldest jobs still free."""
+    tokens = [f"w{i:02}" for i in range(30)]
+    for token in tokens:
+        pending(records, token)
+    claimers = [leases_of(records, str(n)) for n in range(4)]
+    taken: dict[str, list[list[str]]] = {c.owner: [] for c in claimers}
+    start = threading.Barrier(len(claimers))
+
+    def sweep(leases: JobLeases) -> None:
+        start.wait()
+        while True:
+            found = [r.token for r in leases.rescue(2)]
+            if not found:
+                return
+            taken[leases.owner].append(found)
+
+    threads = [threading.Thread(target=sweep, args=(c,)) for c in claimers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [token for sweeps in taken.values() for found in sweeps for token in found]
+    assert sorted(every) == tokens  # each once
+    for sweeps in taken.values():
+        # One instance's sweeps take ever younger jobs, each sweep oldest first.
+        mine = [token for found in sweeps for token in found]
+        assert mine == sorted(mine), sweeps
+
+
+def test_a_busy_instance_passes_its_pending_job_on_to_one_with_a_free_place(
+    dsn: str, records: PostgresRecords
+) -> None:
+    """A job made Pending on a busy instance is passed on: any instance's sweep takes it at
+    once (not after the lease of its claim), as one let go, not rescued; the channel rings."""
+    make_pending(records, "j", "a")
+    a, b, c = (leases_of(records, n) for n in "abc")
+    assert b.rescue(5) == []  # held for a's claim
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN dsc_jobs")
+        assert a.pass_on("j")
+        rang = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert rang == ["j:claimable"]
+    assert not a.pass_on("j")  # nothing held any more
+    [taken] = b.rescue(5)
+    assert taken == Rescued("j", a.owner, 1, free=True)
+    assert c.rescue(5) == [] and a.claim("j") is None  # b's now
+
+
+def test_the_keeper_leases_only_what_its_engine_runs(records: PostgresRecords) -> None:
+    """The runtime's keeper with one engine place: the first job is claimed, the second
+    passed on (an idle instance takes it), and once the first finished, the keeper's sweep
+    takes the oldest job waiting."""
+    for token in ("first", "second", "third"):
+        make_pending(records, token, "a")
+    running: set[str] = set()
+    resumed: list[list[str]] = []
+    keeper = LeaseKeeper(
+        leases_of(records, "a"),
+        heartbeat_seconds=1.0,
+        stop=lambda token: None,
+        resume=lambda rescued: resumed.append([r.token for r in rescued]),
+        free_slots=lambda: 1 - len(running),
+        slots=1,
+        name_of=str,
+    )
+    assert keeper.claim("first")
+    running.add("first")
+    assert not keeper.claim("second") and not keeper.claim("third")
+    assert keeper.held() == {"first": 1}
+    keeper.take_up()
+    assert resumed == []  # no free place
+    assert [r.token for r in leases_of(records, "b").rescue(1)] == ["second"]
+    end(records, "first", 2, JobState.COMPLETED)  # the engine's last report
+    running.discard("first")
+    keeper.finished("first")
+    keeper.take_up()
+    assert resumed == [["third"]] and set(keeper.held()) == {"third"}
+
+
 def test_a_finished_job_releases_its_lease(records: PostgresRecords) -> None:
     pending(records, "j")
     a, b = leases_of(records, "a"), leases_of(records, "b")
@@ -228,7 +323,8 @@ def test_the_keeper_stops_what_it_lost_and_writes_nothing_more(
         heartbeat_seconds=1.0,
         stop=stopped.append,
         resume=lambda rescued: None,
-        free_slots=lambda: 0,
+        free_slots=lambda: 1,
+        slots=1,
         name_of=str,
     )
     assert keeper.claim("j")
@@ -281,7 +377,8 @@ def test_the_keeper_stops_its_filters_before_a_lease_it_cannot_renew_ends(
         heartbeat_seconds=1.0,
         stop=stopped.append,
         resume=lambda rescued: None,
-        free_slots=lambda: 0,
+        free_slots=lambda: 1,
+        slots=1,
         name_of=str,
     )
     assert keeper.claim("j")

@@ -216,6 +216,8 @@ class JobCatchUp:
                 news = rang.version > self._known.get(rang.token, 0)
             elif rang.dropped:
                 news = rang.token in self._known
+            elif rang.claimable:
+                news = False  # a lease let go: no change of the record (runtime/leasing.py)
             else:
                 news = rang.upload_instance != self._instance()
             if news:

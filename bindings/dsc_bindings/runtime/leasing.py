@@ -3,11 +3,20 @@ PostgreSQL store (store/leases.py has the SQL, docs/architecture.md "Several ins
 whole story).
 
 - **Claim.** The instance whose core moves a job to Pending claims it when it carries out the
-  core's StartProcessing (:meth:`LeaseKeeper.claim`, in the writer thread); a job another
-  instance holds is not started here.  At start, the jobs this data folder's earlier run held
-  (it is dead: this run holds the folder's lock) are taken back at once, all of them, and the
-  first beat resumes them (R13, as on SQLite; :meth:`LeaseKeeper.start`).  Jobs nobody claimed (the claiming instance died, or the
-  database did not answer) and jobs whose lease expired are taken by the sweep below.
+  core's StartProcessing (:meth:`LeaseKeeper.claim`, in the writer thread) if its engine has
+  a free place: no needless hop to another instance.  Without one it passes the job on
+  (``JobLeases.pass_on``): it leases only what it runs, so a busy instance never hoards a
+  queue that idle ones could run, nor leaves one behind when it dies.  A job another instance
+  holds is not started here.  At start, the jobs this data folder's earlier run held
+  (it is dead: this run holds the folder's lock; not those it had passed on) are taken
+  back at once and the first beat resumes them (R13, as on SQLite;
+  :meth:`LeaseKeeper.start`).  Jobs nobody holds (passed on, handed back, the claiming instance
+  died, or the database did not answer) and jobs whose lease expired are taken by the sweep.
+- **Take up** (:meth:`LeaseKeeper.take_up`, in a thread of its own): a job let go rings the
+  job feed's doorbell (``<token>:claimable``, store/leases.py); each instance with a free
+  engine place then sweeps at once, and so does this one when its engine finishes a job, so a
+  queue drains as fast as the cluster's engines run it, oldest job first.  The heartbeat's
+  sweep below is the fallback (a lost ring, an expired lease).
 - **Fencing.** Every record write of a job this instance holds carries its lease
   (:meth:`LeaseKeeper.fence`); the store writes it only while the lease is still this one.  A
   refused write (:meth:`LeaseKeeper.refused`) means the lease was lost: the job's filters stop
@@ -55,6 +64,7 @@ class LeaseKeeper:
         stop: Callable[[str], None],
         resume: Callable[[list[Rescued]], None],
         free_slots: Callable[[], int],
+        slots: int,
         name_of: Callable[[str], str],
     ) -> None:
         self._leases = leases
@@ -62,9 +72,18 @@ class LeaseKeeper:
         self._stop = stop
         self._resume = resume
         self._free_slots = free_slots
+        #: The engine's places: at most this many leases held at once (module doc).
+        self._slots = slots
         self._name_of = name_of
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
+        #: Held from counting the free places to recording the leases taken, so that the
+        #: writer's claims and the sweeps never take the same free place twice.
+        self._claiming = threading.Lock()
+        #: Set by a ring or a finished job: the take-up thread sweeps (:meth:`wake`).
+        self._wanted = threading.Event()
+        self._closed = threading.Event()
+        self._taker: threading.Thread | None = None
         #: When the last successful renewal began (monotonic).
         self._renewed = time.monotonic()
         self._failing = False
@@ -110,34 +129,69 @@ class LeaseKeeper:
             )
 
     def claim(self, token: str) -> bool:
-        """StartProcessing: whether this instance may run ``token`` (it holds the lease now)."""
+        """StartProcessing: whether this instance may run ``token`` (it holds the lease now).
+        Without a free engine place the job is passed on (module doc)."""
         with self._lock:
             if token in self._held:  # taken by the sweep, which resumed it
                 return True
-        try:
-            epoch = self._leases.claim(token)
-        except StoreError as exc:
-            log.error(
-                "job %s: cannot claim it (%s): not started here; an instance takes it once "
-                "the database answers",
-                token,
-                exc.message,
-            )
-            return False
-        if epoch is None:
-            log.info("job %s is held by another instance: its filters run there", token)
-            return False
-        with self._lock:
-            self._held[token] = epoch
+        with self._claiming:
+            if self._closed.is_set() or self.free() <= 0:  # stopping, or busy
+                self._pass_on(token)
+                return False
+            try:
+                epoch = self._leases.claim(token)
+            except StoreError as exc:
+                log.error(
+                    "job %s: cannot claim it (%s): not started here; an instance takes it "
+                    "once the database answers",
+                    token,
+                    exc.message,
+                )
+                return False
+            if epoch is None:
+                log.info("job %s is held by another instance: its filters run there", token)
+                return False
+            with self._lock:
+                self._held[token] = epoch
         log.info("job %s claimed (lease epoch %d)", token, epoch)
         return True
 
-    def finished(self, token: str) -> None:
-        """The engine finished ``token`` and its last report is written: the lease ends."""
+    def free(self) -> int:
+        """How many more jobs this instance would run at once: the engine's free places, less
+        the leases taken and not yet handed to it."""
+        with self._lock:
+            held = len(self._held)
+        return min(self._free_slots(), self._slots - held)
+
+    def _pass_on(self, token: str) -> None:
+        try:
+            self._leases.pass_on(token)
+        except StoreError as exc:  # its lease for the claim expires by itself
+            log.warning(
+                "job %s: no free engine place here, and it could not be passed on (%s): "
+                "any instance takes it once the lease for its claim ends",
+                token,
+                exc.message,
+            )
+            return
+        log.info(
+            "job %s waits for a free engine place: the first instance with one runs it "
+            "(all %d busy here)",
+            token,
+            self._slots,
+        )
+
+    def finished(self, token: str, *, ran: bool = True) -> None:
+        """The engine finished ``token`` and its last report is written: the lease ends, and
+        the place it frees takes the oldest job waiting (:meth:`wake`).  ``ran`` False: a job
+        taken up that needs no engine after all (it ended meanwhile) is let go; no place was
+        used, so no sweep is woken here (were it still waiting, the release rings for it)."""
         with self._lock:
             epoch = self._held.pop(token, None)
         if epoch is None:
             return
+        if ran:
+            self.wake()
         try:
             self._leases.release(token, epoch)
         except StoreError as exc:  # it expires by itself; the job is not active any more
@@ -161,11 +215,39 @@ class LeaseKeeper:
                 epoch,
             )
 
+    # --- taking up jobs let go (the take-up thread) ----------------------------------------------
+
+    def start_taking_up(self) -> None:
+        """Start the thread that sweeps when woken (module doc, "Take up")."""
+        if self._taker is None:
+            self._taker = threading.Thread(
+                target=self._take_up_loop, name="dsc-take-up", daemon=True
+            )
+            self._taker.start()
+
+    def wake(self) -> None:
+        """A job was let go somewhere (a ``claimable`` ring), or a place freed here: sweep
+        now, in the take-up thread, if a place is free."""
+        self._wanted.set()
+
+    def _take_up_loop(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._closed.is_set():
+                return
+            self._wanted.clear()
+            try:
+                self.take_up()
+            except Exception:  # a bug there must not stop the taking up
+                log.exception("taking up waiting jobs failed")
+
     def hand_back(self) -> None:
         """A clean stop: every lease held ends now, unfinished (another instance, or this
         folder's next run, resumes the jobs at its next sweep), and what the stopping engine
         reports of them is dropped."""
-        with self._lock:
+        self._closed.set()
+        self._wanted.set()  # the take-up thread ends
+        with self._claiming, self._lock:
             held, self._held = self._held, {}
         for token, epoch in held.items():
             try:
@@ -254,19 +336,34 @@ class LeaseKeeper:
                     token,
                 )
                 self._stop(token)
-        try:
-            rescued = self._leases.rescue(self._free_slots())
-        except StoreError as exc:
-            log.warning("cannot look for jobs to rescue: %s", exc.message)
+        self.take_up()
+
+    def take_up(self) -> None:
+        """The sweep: up to as many jobs as the engine has free places, among those nobody
+        holds or whose lease expired, oldest first, are claimed and resumed (module doc)."""
+        if self._closed.is_set():
             return
-        if not rescued:
-            return
-        with self._lock:
-            for job in rescued:
-                self._held[job.token] = job.epoch
+        with self._claiming:
+            try:
+                rescued = self._leases.rescue(self.free())
+            except StoreError as exc:
+                log.warning("cannot look for jobs to rescue: %s", exc.message)
+                return
+            if not rescued:
+                return
+            with self._lock:
+                for job in rescued:
+                    self._held[job.token] = job.epoch
         for job in rescued:
             if job.previous is None:
                 log.info("job %s taken up (nobody had claimed it)", job.token)
+            elif job.free:
+                log.info(
+                    "job %s taken up from instance %s (it had let it go: no free engine "
+                    "place, or a clean stop)",
+                    job.token,
+                    self._name_of(job.previous),
+                )
             else:
                 log.warning(
                     "job %s rescued from instance %s (its lease expired)",

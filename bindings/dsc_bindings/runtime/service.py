@@ -80,6 +80,7 @@ from dsc_bindings.store.interface import (
     Closable,
     EventsWrite,
     JobStore,
+    Rang,
     SharedJobRecords,
     VersionedWrite,
 )
@@ -339,6 +340,7 @@ class ScanService:
                 target=keeper.beat, args=(True,), name="dsc-first-sweep", daemon=True
             ).start()
             self.cluster.after_beat = keeper.beat
+            keeper.start_taking_up()
 
     def _abandon_start(self, store: JobStore) -> None:
         """Stop what a failed start had started."""
@@ -369,13 +371,31 @@ class ScanService:
         # Listening before the seed read: every change after it rings, every one before is in
         # the read (.catchup).
         try:
-            self._doorbell = store.listen(catch_up.ring, catch_up.heard)
+            self._doorbell = store.listen(self._rang, self._heard)
         except StoreError as exc:
             log.warning("no job doorbell (%s): every request reads the job feed", exc.message)
         caught = self._seed = catch_up.read()
         jobs = store.load_jobs()
         catch_up.seed(caught)
         return jobs
+
+    def _rang(self, rang: Rang | None) -> None:
+        """The job feed's doorbell, in its listener's thread: news for the catch-up; a job let
+        go wakes this instance's take-up (.leasing), which claims it if a place is free."""
+        assert self._catch_up is not None
+        self._catch_up.ring(rang)
+        keeper = self._leases
+        if keeper is not None and rang is not None and rang.claimable:
+            keeper.wake()
+
+    def _heard(self, listening: bool) -> None:
+        """The listener (re)connected or lost its connection: rings may have been missed, so
+        the catch-up reads in full and the take-up sweeps once (.leasing)."""
+        assert self._catch_up is not None
+        self._catch_up.heard(listening)
+        keeper = self._leases
+        if keeper is not None and listening:
+            keeper.wake()
 
     def _start_events(self, store: JobStore) -> None:
         """A shared store (issue 18 point 3): the stored subscriptions go to the core (the
@@ -454,6 +474,7 @@ class ScanService:
             stop=self._stop_filters,
             resume=self._resume_rescued,
             free_slots=lambda: 0 if self._engine is None else self._engine.free_slots(),
+            slots=self._max_processing_jobs,
             name_of=self._instance_name,
         )
         keeper.start()
@@ -506,7 +527,7 @@ class ScanService:
         assert self._leases is not None
         for job in rescued:
             if job.token not in starting:
-                self._leases.finished(job.token)
+                self._leases.finished(job.token, ran=False)
         self._background(commands)
 
     def shutdown(self, timeout: float = 10.0) -> None:

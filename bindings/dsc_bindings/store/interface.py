@@ -160,6 +160,9 @@ class Rang:
     dropped: bool = False
     #: The instance whose uploads row of the job changed ("" for neither).
     upload_instance: str = ""
+    #: The job waits for an engine and nobody holds it (postgresql.py schema 10): an instance
+    #: with a free engine place may claim it (runtime/leasing.py).  No change of the record.
+    claimable: bool = False
 
 
 class JobRecords(Protocol):

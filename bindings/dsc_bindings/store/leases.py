@@ -11,6 +11,12 @@ for their leases to expire and the sweep to rescue them a few per heartbeat.
 
 - **Claim** (:meth:`JobLeases.claim`): one conditional UPDATE, so two instances never both
   hold a job: it succeeds only while nobody holds a live lease on the active job.
+- **Pass on** (:meth:`JobLeases.pass_on`): an instance with no free engine place lets go of
+  the job its write just made Pending (the lease that write took for its claim), so the job
+  waits for the first instance with a free place, not for this one's queue.  A job of an
+  engine state left with no lease rings ``NOTIFY dsc_jobs`` with ``<token>:claimable``
+  (a trigger, postgresql.py schema 12): the idle instances take it at once
+  (runtime/leasing.py).
 - **Fencing**: every write of the job caused by the holder's engine carries ``lease_owner``
   and ``lease_epoch`` (``VersionedWrite.lease``; postgresql.py's compare-and-set UPDATE checks
   them), and so does every delivery record (filter_deliveries); a refused write means the
@@ -19,9 +25,9 @@ for their leases to expire and the sweep to rescue them a few per heartbeat.
   heartbeat; it also tells which of them ended elsewhere (a CancelPostScanJob answered by
   another instance) and which are no longer this instance's (rescued).
 - **Rescue** (:meth:`JobLeases.rescue`): active jobs in Pending, Started or Processing whose
-  lease expired (or that nobody ever claimed) are claimed by the sweeping instance, ``FOR
-  UPDATE SKIP LOCKED``, so that each is taken by one instance only.  The runtime then applies
-  R13 to each (``ScanServer.resume``).
+  lease expired (or that nobody holds: passed on, handed back, never claimed) are claimed by
+  the sweeping instance, oldest first, ``FOR UPDATE SKIP LOCKED``, so that each is taken by
+  one instance only.  The runtime then applies R13 to each (``ScanServer.resume``).
 
 Lease columns are not part of the record: writing them bumps neither ``version`` nor ``xid``,
 so renewals are not changes the other instances read.
@@ -59,7 +65,7 @@ _RENEW = """
 
 _RESCUE = f"""
     WITH expired AS (
-        SELECT token, lease_owner FROM jobs
+        SELECT token, lease_owner, lease_until IS NULL AS free FROM jobs
         WHERE active AND state IN {_ENGINE_STATES}
           AND (lease_until IS NULL OR lease_until < now())
         ORDER BY seq
@@ -71,7 +77,17 @@ _RESCUE = f"""
         lease_until = now() + make_interval(secs => %(lease)s)
     FROM expired
     WHERE j.token = expired.token
-    RETURNING j.token, expired.lease_owner, j.lease_epoch
+    RETURNING j.token, expired.lease_owner, j.lease_epoch, expired.free
+"""
+
+#: No free engine place here: the lease the write that made the job Pending took for this
+#: instance's claim ends now, unclaimed (the epoch stays: nobody ran it), so the trigger of
+#: schema 12 rings ``<token>:claimable`` and the first instance with a free place takes it.
+_PASS_ON = f"""
+    UPDATE jobs SET lease_until = NULL
+    WHERE token = %(token)s AND active AND state IN {_ENGINE_STATES}
+      AND lease_owner = %(me)s AND lease_until IS NOT NULL
+    RETURNING token
 """
 
 _RELEASE = """
@@ -81,13 +97,15 @@ _RELEASE = """
 
 #: A new run from the same folder takes back, with a new epoch, every job the folder's earlier
 #: run held: that run is dead (this one holds the folder's lock), so nothing else runs them.
+#: Not the jobs it had let go (``lease_until`` NULL: passed on for want of an engine place,
+#: handed back): those wait for any instance's free place, this run's sweep included.
 #: ``FOR UPDATE`` without SKIP LOCKED: a job another instance's sweep is taking at this very
 #: moment is waited for, then seen with its new ``lease_home`` and left to it.
 _TAKE_HOME = f"""
     WITH earlier AS (
         SELECT token, lease_owner FROM jobs
         WHERE lease_home = %(home)s AND lease_owner IS DISTINCT FROM %(me)s
-          AND active AND state IN {_ENGINE_STATES}
+          AND lease_until IS NOT NULL AND active AND state IN {_ENGINE_STATES}
         ORDER BY seq
         FOR UPDATE
     )
@@ -119,6 +137,9 @@ class Rescued:
     #: The instance whose lease expired (None: nobody had claimed it).
     previous: str | None
     epoch: int
+    #: Nobody held it (passed on for want of an engine place, handed back by a clean stop):
+    #: ``previous`` let it go, its lease did not expire.
+    free: bool = False
 
 
 class JobLeases:
@@ -165,6 +186,12 @@ class JobLeases:
         found = self._db.run("rescuing jobs", _RESCUE, self._params(limit=limit))
         return _rescued(found)
 
+    def pass_on(self, token: str) -> bool:
+        """This instance will not run ``token`` now (no free engine place): its lease ends
+        unclaimed, for any instance to take (module doc).  Whether it held one."""
+        found = self._db.run(f"passing job {token} on", _PASS_ON, self._params(token=token))
+        return bool(found)
+
     def release(self, token: str, epoch: int) -> None:
         """The engine finished ``token``: its lease ends now (a retry may be claimed at once)."""
         self._db.run(f"releasing job {token}", _RELEASE, self._params(token=token, epoch=epoch))
@@ -178,7 +205,13 @@ class JobLeases:
 
 
 def _rescued(found: list[tuple[Any, ...]]) -> list[Rescued]:
+    """Rows of token, previous owner, epoch and (``_RESCUE``) whether nobody held it."""
     return [
-        Rescued(str(token), None if previous is None else str(previous), int(epoch))
-        for token, previous, epoch in found
+        Rescued(
+            str(token),
+            None if previous is None else str(previous),
+            int(epoch),
+            bool(free[0]) if free else False,
+        )
+        for token, previous, epoch, *free in found
     ]

@@ -51,6 +51,8 @@ def parse_ring(payload: str) -> Rang | None:
         return Rang(token, dropped=True)
     if what.startswith("upload."):
         return Rang(token, upload_instance=what.removeprefix("upload."))
+    if what == "claimable":
+        return Rang(token, claimable=True)
     return None
 
 

@@ -98,7 +98,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -311,6 +311,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             changed timestamptz NOT NULL DEFAULT now()
         )""",
         "ALTER TABLE subscriptions ADD COLUMN failures integer NOT NULL DEFAULT 0",
+    ),
+    (
+        # Pending work spread over the instances (issue 18, store/leases.py): a job waiting for
+        # an engine that nobody holds (passed on by a busy instance, handed back by a clean
+        # stop) rings "<token>:claimable" on the
+        # job feed's channel, from the statement that let it go: the instances with a free
+        # engine place claim it at once (runtime/leasing.py), not at their next heartbeat.
+        """CREATE FUNCTION dsc_jobs_claimable() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('dsc_jobs', NEW.token || ':claimable');
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER jobs_claimable AFTER INSERT OR UPDATE OF lease_until, state ON jobs
+            FOR EACH ROW WHEN (NEW.active AND NEW.lease_until IS NULL
+                               AND NEW.state IN ('Pending', 'Started', 'Processing'))
+            EXECUTE FUNCTION dsc_jobs_claimable()""",
     ),
 )
 
