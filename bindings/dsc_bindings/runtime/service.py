@@ -500,11 +500,15 @@ class ScanService:
             self._engine.stop(token)
 
     def _resume_rescued(self, rescued: list[Rescued]) -> None:
-        """In the heartbeat thread: jobs this instance just took over (.leasing).  Their rows
-        are read first (the core's table may hold an older record), then R13 per job; a job
-        that needs no engine after all (it ended meanwhile) is released at once."""
+        """In the heartbeat or the take-up thread: jobs this instance just took over
+        (.leasing).  Their rows are read first (the core's table may hold an older record),
+        then R13 per job; a job that needs no engine after all (it ended meanwhile) is
+        released at once.  One whose record is not in the table (the read failed) keeps its
+        lease until it runs out: released, it would ring and be taken again at once, by every
+        instance in turn, for as long as the reads fail."""
         caught = self._read_for_tick()
         now = self.clock()
+        unread: set[str] = set()
 
         def resume() -> Sequence[Command]:
             if caught is not None:
@@ -512,6 +516,8 @@ class ScanService:
             commands: list[Command] = []
             for job in rescued:
                 record = self.server.jobs.get(job.token)
+                if record is None:
+                    unread.add(job.token)
                 if record is not None and record.state in (JobState.STARTED, JobState.PROCESSING):
                     log.info(
                         "job %s was processing when its instance stopped: resumed, filter(s) "
@@ -526,7 +532,9 @@ class ScanService:
         starting = {c.job.token for c in commands if isinstance(c, StartProcessing)}
         assert self._leases is not None
         for job in rescued:
-            if job.token not in starting:
+            if job.token in unread:
+                self._leases.interrupted(job.token)
+            elif job.token not in starting:
                 self._leases.finished(job.token, ran=False)
         self._background(commands)
 

@@ -5,7 +5,9 @@ Every change of a job row, a tombstone or an ``uploads`` row sends ``NOTIFY dsc_
 the transaction that made it (a trigger, postgresql.py schema 8), so a notification arrives
 only after its change committed, and never for a change rolled back.  The doorbell is only a
 hint that the feed (``PostgresRecords.changes``) has something: the payload names the job,
-never its record (NOTIFY refuses payloads of 8,000 bytes).
+never its record (NOTIFY refuses payloads of 8,000 bytes).  ``<token>:claimable`` (schema 12)
+is no change of the record: a job waiting for an engine that nobody holds, which an instance
+with a free engine place claims (runtime/leasing.py).
 
 A notification is lost while nobody listens (the connection dropped, PostgreSQL restarting),
 so the listener reports its state: ``heard(False)`` when the connection is lost (the runtime
