@@ -357,6 +357,7 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
     print(f"soak seed {seed} (DSC_SOAK_SEED={seed} replays it), {SOAK_ROUNDS} rounds")
     rng = random.Random(seed)
     rescued_before = _rescues(cluster)
+    taken_before = _rescues(cluster, "taken up from instance")
     uploads_before = len(site.uploads)
     to = [FileShareInstructions((LOCAL_SHARE,)), SharePointInstructions(False, (site.url(),))]
     scanners = Scanners(cluster.url, parallel=3, prefix="soak", instructions=to)
@@ -385,15 +386,18 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
         f"{len(scans)} jobs ({ended} ended by their scanner), {SOAK_ROUNDS} kills "
         f"({mid_filter} of the instance running a job's filters), "
         f"{_rescues(cluster) - rescued_before} job(s) rescued by another instance, "
+        f"{_rescues(cluster, 'taken up from instance') - taken_before} taken up from another "
+        "one that let them go (no free place, or a clean stop), "
         f"{scanners.retries} request(s) sent again; 0 acknowledged images lost, "
         "0 delivered twice, 0 stuck"
     )
 
 
-def _rescues(cluster: HAProxyCluster) -> int:
-    """How many jobs the instances' logs say they rescued from another (store/leases.py)."""
+def _rescues(cluster: HAProxyCluster, said: str = "rescued from instance") -> int:
+    """How many jobs the instances' logs say they rescued from another (runtime/leasing.py),
+    or took up after another let them go (``said`` "taken up from instance")."""
     return sum(
-        i.log_path.read_text(errors="replace").count("rescued from instance")
+        i.log_path.read_text(errors="replace").count(said)
         for i in cluster.instances
         if i.log_path.exists()
     )
