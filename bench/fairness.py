@@ -1,8 +1,9 @@
 """Count, don't time: in what order a server answers its connections (issue 20 point 3 (a)).
 
     python3 bench/fairness.py [--quick] [--seconds 3] [--rounds 3] [--connections 64 8]
+        [--threads 1 2]
 
-``wrk -t1`` holds N keep-alive connections, each sending its next request as soon as it has
+``wrk`` holds N keep-alive connections, each sending its next request as soon as it has
 the answer to the last (a closed loop).  A server that answers in arrival order answers every
 other connection exactly once between two answers on one connection: N-1 "answers between".
 A request that waits a second round (2N-1 between) waits twice as long as the others; when 1%
@@ -13,12 +14,14 @@ worse) until dsc's httptools protocol sent the answers after the loop's next pol
 
 Each server's protocol writes through a transport that notes every answer (its connection and
 the serving thread's CPU time), so the order is counted in the server itself: a busy machine
-stretches wall times and hardly changes the order (wrk runs one thread here: with two, each
-thread's connections wait while the CPU runs the other, which no server can change).  The
-servers, each in its own process, measured round by round in turn:
+stretches wall times and hardly changes the order.  wrk runs one thread unless ``--threads``
+says otherwise: with two on a 2-CPU machine each thread's connections also wait while the CPU
+runs the other, so the order is partly wrk's.  The servers, each in its own process, measured
+round by round in turn:
 
 - ``hand-written, asyncio``: ``bench/handwritten_aiohttp.py`` as ``bench/asgi.py`` runs it;
 - ``hand-written, uvloop``: the same on uvloop (which lets ~1% of the requests wait a round);
+- ``ASGI app, uvloop, uvicorn's own protocol``: the app as stock uvicorn serves it;
 - ``ASGI app, uvloop`` and ``ASGI app, asyncio``: ``dsc_bindings.asgi.create_app`` under
   uvicorn with dsc's httptools protocol (``--loop uvloop`` or ``--loop asyncio``).
 
@@ -56,6 +59,7 @@ from wrk_options import missing, wrk_options  # noqa: E402
 SERVERS = {
     "hand-written, asyncio": ("handwritten", "asyncio"),
     "hand-written, uvloop": ("handwritten", "uvloop"),
+    "ASGI app, uvloop, uvicorn's own protocol": ("asgi-stock", "uvloop"),
     "ASGI app, uvloop": ("asgi", "uvloop"),
     "ASGI app, asyncio": ("asgi", "asyncio"),
 }
@@ -136,13 +140,17 @@ def serve_handwritten(loop: str, log: AnswerLog) -> None:
         runner.run(main())
 
 
-def serve_asgi(loop: str, log: AnswerLog, data: Path) -> None:
+def serve_asgi(loop: str, log: AnswerLog, data: Path, *, stock: bool = False) -> None:
+    """The ASGI app under uvicorn with dsc's httptools protocol (``stock``: uvicorn's own)."""
     import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from dsc_bindings.asgi import create_app
     from dsc_bindings.http.uvicorn_protocol import CoalescingHttpToolsProtocol
 
-    class NotingProtocol(CoalescingHttpToolsProtocol):
+    protocol = HttpToolsProtocol if stock else CoalescingHttpToolsProtocol
+
+    class NotingProtocol(protocol):  # type: ignore[valid-type,misc]
         def connection_made(self, transport: Any) -> None:
             super().connection_made(log.transport(transport))
 
@@ -178,7 +186,7 @@ def serve(args: argparse.Namespace) -> int:
     if kind == "handwritten":
         serve_handwritten(loop, log)
     else:
-        serve_asgi(loop, log, args.data)
+        serve_asgi(loop, log, args.data, stock=kind == "asgi-stock")
     args.record.write_text(json.dumps(log.answers), encoding="utf-8")
     return 0
 
@@ -272,6 +280,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from runtime import create_request, post, token_of, wrk_run
 
     runs: list[tuple[str, str, int, int, int, float, float]] = []
+    settings = [(t, c) for t in args.threads for c in args.connections]
     with children(tmp) as servers:
         bodies = {}
         for name, server in servers.items():
@@ -280,13 +289,14 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             checked_reply(server.port, body, args.op)
             bodies[name] = tmp / f"body-{len(bodies)}.xml"
             bodies[name].write_bytes(body)
-        for conns in args.connections:
+        for threads, conns in settings:
             for _ in range(args.rounds):
                 for name, server in servers.items():
                     start = time.monotonic_ns()
-                    done = wrk_run(server.port, bodies[name], conns, args.seconds, 1)
+                    done = wrk_run(server.port, bodies[name], conns, args.seconds, threads)
+                    config = f"t{threads} -c{conns}"
                     runs.append(
-                        (name, f"c{conns}", start, time.monotonic_ns(), conns, done.rps, done.p99)
+                        (name, config, start, time.monotonic_ns(), conns, done.rps, done.p99)
                     )
         answers = {name: server.stop() for name, server in servers.items()}
     results: dict[str, Any] = {}
@@ -313,9 +323,7 @@ def median_of(rounds: list[dict[str, Any]], key: str, i: int) -> float:
 def print_tables(op: str, results: dict[str, Any]) -> None:
     for config, by_server in results.items():
         conns = next(iter(by_server.values()))[0]["connections"]
-        print(
-            f"\n{op}, wrk -t1 -{config} (median of the rounds; round-robin is {conns - 1} between)"
-        )
+        print(f"\n{op}, wrk -{config} (median of the rounds; round-robin is {conns - 1} between)")
         print(
             "| server | answers between, p50 / p99 / p99.9 | CPU between, ms p50 / p99 / p99.9"
             " | req/s | p99 ms |"
@@ -347,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the order in which servers answer their keep-alive connections under wrk",
         argv,
         connections=[64, 8],
+        threads=[1],
         quick_connections=8,
         more=_own_options,
     )

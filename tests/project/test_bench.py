@@ -122,6 +122,7 @@ def test_fairness_bench_runs() -> None:
     for server in (
         "hand-written, asyncio",
         "hand-written, uvloop",
+        "ASGI app, uvloop, uvicorn's own protocol",
         "ASGI app, uvloop",
         "ASGI app, asyncio",
     ):
