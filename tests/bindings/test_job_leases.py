@@ -356,6 +356,7 @@ def test_the_keeper_of_a_new_run_resumes_its_folder_s_jobs_once_at_its_first_bea
         stop=lambda token: None,
         resume=resumed.append,
         free_slots=lambda: 0,  # the engine is full: the sweep alone would take nothing
+        slots=3,
         name_of=str,
     )
     keeper.start()
