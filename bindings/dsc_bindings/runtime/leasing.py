@@ -54,7 +54,8 @@ NO_LEASE = -1
 
 class LeaseKeeper:
     """The leases this instance holds (token -> epoch) and what happens to them (module doc).
-    Thread-safe: used by the writer, the engine's threads and the heartbeat thread."""
+    Thread-safe: used by the writer, the engine's threads, the heartbeat thread and its own
+    take-up thread."""
 
     def __init__(
         self,
@@ -242,9 +243,9 @@ class LeaseKeeper:
                 log.exception("taking up waiting jobs failed")
 
     def hand_back(self) -> None:
-        """A clean stop: every lease held ends now, unfinished (another instance, or this
-        folder's next run, resumes the jobs at its next sweep), and what the stopping engine
-        reports of them is dropped."""
+        """A clean stop: every lease held ends now, unfinished (each release rings: an
+        instance with a free place resumes the job at once, else at its next sweep), and what
+        the stopping engine reports of them is dropped; nothing more is claimed here."""
         self._closed.set()
         self._wanted.set()  # the take-up thread ends
         with self._claiming, self._lock:
