@@ -358,6 +358,7 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
     rng = random.Random(seed)
     rescued_before = _rescues(cluster)
     taken_before = _rescues(cluster, "taken up from instance")
+    waited_before = _rescues(cluster, "taken up again here")
     uploads_before = len(site.uploads)
     to = [FileShareInstructions((LOCAL_SHARE,)), SharePointInstructions(False, (site.url(),))]
     scanners = Scanners(cluster.url, parallel=3, prefix="soak", instructions=to)
@@ -388,6 +389,8 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
         f"{_rescues(cluster) - rescued_before} job(s) rescued by another instance, "
         f"{_rescues(cluster, 'taken up from instance') - taken_before} taken up from another "
         "one that let them go (no free place, or a clean stop), "
+        f"{_rescues(cluster, 'taken up again here') - waited_before} run where they waited "
+        "for a free place, "
         f"{scanners.retries} request(s) sent again; 0 acknowledged images lost, "
         "0 delivered twice, 0 stuck"
     )

@@ -358,6 +358,10 @@ class LeaseKeeper:
         for job in rescued:
             if job.previous is None:
                 log.info("job %s taken up (nobody had claimed it)", job.token)
+            elif job.free and job.previous == self.owner:
+                log.info(
+                    "job %s taken up again here (it waited for a free engine place)", job.token
+                )
             elif job.free:
                 log.info(
                     "job %s taken up from instance %s (it had let it go: no free engine "
