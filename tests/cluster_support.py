@@ -261,6 +261,16 @@ class HAProxyCluster:
             ).fetchone()
         return None if row is None else str(row[0])
 
+    def leases_held(self, name: str) -> int:
+        """The active jobs instance ``name`` holds a live lease on (runs, or is about to)."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM jobs j JOIN instances i ON i.id::text = j.lease_owner "
+                "WHERE j.active AND j.lease_until > now() AND i.name = %s AND i.stopped IS NULL",
+                (name,),
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
     # - what an operator does -
 
     def kill9(self, index: int) -> None:

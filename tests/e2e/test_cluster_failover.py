@@ -363,6 +363,7 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
     to = [FileShareInstructions((LOCAL_SHARE,)), SharePointInstructions(False, (site.url(),))]
     scanners = Scanners(cluster.url, parallel=3, prefix="soak", instructions=to)
     mid_filter = 0
+    held_at_kill: list[int] = []
     for round_number in range(SOAK_ROUNDS):
         time.sleep(rng.uniform(0.3, 1.5))  # a random moment of the scanners' work
         if round_number % 2:
@@ -371,6 +372,9 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
             mid_filter += 1
         else:
             index = rng.randrange(len(cluster.instances))
+        # What the victim leaves behind: only the jobs its engine runs are leased to it
+        # (runtime/leasing.py); the others wait for any instance's free place.
+        held_at_kill.append(cluster.leases_held(NAMES[index]))
         cluster.kill9(index)
         cluster.restart(index)
     scans = scanners.stop()
@@ -385,7 +389,8 @@ def test_crash_soak_across_instances(cluster: HAProxyCluster, site: SharePointSi
     ended = sum(1 for s in scans if s.ended)
     print(
         f"{len(scans)} jobs ({ended} ended by their scanner), {SOAK_ROUNDS} kills "
-        f"({mid_filter} of the instance running a job's filters), "
+        f"({mid_filter} of the instance running a job's filters; the killed one held "
+        f"{max(held_at_kill)} job lease(s) at most), "
         f"{_rescues(cluster) - rescued_before} job(s) rescued by another instance, "
         f"{_rescues(cluster, 'taken up from instance') - taken_before} taken up from another "
         "one that let them go (no free place, or a clean stop), "
