@@ -4,6 +4,7 @@ middle of an upload (blocked in send) when the test interrupts it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -61,6 +62,11 @@ class StallingRelay:
     def close(self) -> None:
         self._release.set()
         for s in self._sockets:
+            # shutdown first: close() alone does not end a connection that another thread is
+            # blocked in recv() on, and the server would then wait out its stop grace (10 s)
+            # for that half-sent request when the test's server stops.
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             s.close()
 
 

@@ -4,6 +4,7 @@ real Samba AD DC and a real TLS listener on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -106,6 +107,10 @@ class TlsListener:
                 conn.close()
 
     def close(self) -> None:
+        # shutdown wakes the accept() blocked in the thread (close() alone does not, and the
+        # join would wait out its 5 s).
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
 
