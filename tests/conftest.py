@@ -27,6 +27,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), str(ROOT / "bindings"), os.environ.get("PYTHONPATH")) if p
 )
 
+# The console sizes its tables from $COLUMNS (console/output.py); the tests expect a pipe's width
+# unless they set it.  GNU readline, once initialised in the pytest process, exports COLUMNS and
+# LINES of its terminal into the C environment, which processes started from it inherit: pytest-
+# xdist's workers then saw COLUMNS=80 and cut the `dsc cluster status` headers.
+for _terminal_size in ("COLUMNS", "LINES"):
+    os.environ.pop(_terminal_size, None)
+
 
 def spec_dir() -> Path | None:
     candidates = [os.environ.get("DSC_SPEC_DIR"), str(ROOT.parent / "shared" / "spec")]
