@@ -285,17 +285,18 @@ def _copy_one(
     With a shared store each run of the job's filters names its temporary file by its lease
     epoch (``.dsc-<token>-<id>-<epoch>.part``, :func:`_temporary`): a rescuer and the stalled
     instance it took the job from may write at once, and a shared name let one unlink or place
-    the other's file (seen: the rescuer's document gone, its filter failed).  The rescuer looks
-    at the earlier runs' names and unlinks them, so a stalled run can place nothing after.
+    the other's file (seen: the rescuer's document gone, its filter failed).  The rescuer takes
+    the earlier runs' files before it looks at them (:func:`_taken_over`), so a stalled run can
+    place nothing after the look, and what it placed before is found.
     """
     tmp, *earlier = _temporary(job.token, document.document_id, journal.run)
     known = journal.get(folder.path, document.document_id)
     if known is not None:
         _unlink_all(folder, (tmp, *earlier))
         return known[0]
-    found = None
-    for name in (tmp, *earlier):
-        found = found or _linked_name(folder, name, delivery, settings.chunk_size)
+    found = _linked_name(folder, tmp, delivery, settings.chunk_size)
+    for name in earlier:
+        found = found or _taken_over(folder, name, tmp, delivery, settings.chunk_size)
     if found is None and journal.damaged:
         found = _unjournaled_copy(folder, delivery, counter, journal, settings.chunk_size)
     if found is not None:
@@ -370,6 +371,29 @@ def _place(folder: ShareFolder, tmp: str, delivery: _Delivery, counter: int) -> 
         if folder.place_exclusive(tmp, name):
             return n, name
     raise OSError(errno.EEXIST, f"no free file name for {delivery.root_name!r} in {folder.path}")
+
+
+def _taken_over(
+    folder: ShareFolder, earlier: str, mine: str, delivery: _Delivery, chunk_size: int
+) -> str | None:
+    """The visible name an earlier run (a stalled instance, maybe running again) gave its
+    temporary file ``earlier``, taken from it first: linked to this run's name ``mine``, then
+    unlinked.  A run places its file only through its temporary name, so once that name is
+    gone the file's links are final: two (``mine`` and a visible name) when the earlier run
+    placed it, before the unlink, one when it did not, and then it never will (its link fails).
+    Looked at first and unlinked after, a file the stalled run placed in between went unseen
+    and the rescuer placed a second copy (a duplicate; tests/bindings/test_fileshare_takeover.py).
+    Where the share has no hard links ``place_exclusive`` renames: as atomic, and the count
+    is one."""
+    _unlink_quietly(folder, mine, missing_ok=True)
+    try:
+        if not folder.place_exclusive(earlier, mine):
+            return None  # just unlinked, there again: not ours to judge; written afresh
+    except FileNotFoundError:
+        return None  # no such file: nothing to take
+    # Not quietly: while ``earlier`` stays, the stalled run may still place it.
+    folder.unlink_if_present(earlier)
+    return _linked_name(folder, mine, delivery, chunk_size)
 
 
 def _linked_name(folder: ShareFolder, tmp: str, delivery: _Delivery, chunk_size: int) -> str | None:
