@@ -52,6 +52,7 @@ head_timeout = 5.0
 [jobs]
 timeout_seconds = 30
 history_size = 7
+processing_slots = 3
 [users]
 scan_admins = ["admin@contoso.com"]
 [users.directory]
@@ -89,6 +90,7 @@ retention_days = 30
     assert cfg.limits.max_image_bytes == 1024 and cfg.limits.head_timeout == 5.0
     assert cfg.limits.max_envelope_bytes == 64 * 1024  # untouched limits keep R12 defaults
     assert (cfg.job_timeout_seconds, cfg.history_size) == (30.0, 7)
+    assert s.processing_slots == 3
     assert cfg.scan_admins == frozenset({"admin@contoso.com"})
     assert cfg.user_directory["S-1-5-21-1"] == "alice@contoso.com"
     assert cfg.process_names["P-1"] == "Scan to share"
@@ -163,6 +165,7 @@ def test_errors_say_what_to_change(tmp_path: Path, text: str, message: str) -> N
         ('server = "x"\n', "server must be a table ([server] on a line of its own)"),
         ("[jobs]\nspool_retention_seconds = inf\n", "[jobs] spool_retention_seconds must be"),
         ("[jobs]\nhistory_size = 2.5\n", "[jobs] history_size must be a whole number"),
+        ("[jobs]\nprocessing_slots = 0\n", "[jobs] processing_slots must be a whole number >= 1"),
         ("[smtp]\nport = 0\n", "[smtp] port must be a whole number from 1 to 65535, got 0"),
         ('[smtp]\nstarttls = "false"\n', "[smtp] starttls must be true or false"),
         ("[smtp]\ntimeout = 0\n", "[smtp] timeout must be a positive number of seconds"),
@@ -196,6 +199,7 @@ def test_health_age_and_pool_timeout(tmp_path: Path) -> None:
     """Unset: None (observe.health's default) and 5 s; set: as written."""
     plain = load_settings(write(tmp_path, ""))
     assert (plain.health_max_age_seconds, plain.storage.pool_timeout_seconds) == (None, 5.0)
+    assert plain.processing_slots == 2
     text = "[server]\nhealth_max_age_seconds = 0.5\n[store]\npool_timeout_seconds = 2\n"
     short = load_settings(write(tmp_path, text))
     assert (short.health_max_age_seconds, short.storage.pool_timeout_seconds) == (0.5, 2.0)

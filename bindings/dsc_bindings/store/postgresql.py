@@ -406,7 +406,8 @@ _UPDATE = f"""
         completed = %(completed)s, job = %(job)s,
         version = version + 1, xid = pg_current_xact_id(),
         -- A job this write makes Pending is this instance's for a moment (it claims it next,
-        -- store/leases.py), so that no other instance's sweep takes it meanwhile.
+        -- or passes it on without a free engine place, store/leases.py), so that no other
+        -- instance's sweep takes it meanwhile.
         lease_owner = CASE WHEN %(state)s = 'Pending'
                             AND (lease_until IS NULL OR lease_until < now())
                            THEN %(me)s ELSE lease_owner END,
