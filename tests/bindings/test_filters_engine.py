@@ -277,6 +277,28 @@ def test_jobs_beyond_the_limit_wait_their_turn(tmp_path: Path) -> None:
     assert len(_delivered(tmp_path)) == 6
 
 
+def test_the_engine_tells_when_a_place_is_free(tmp_path: Path) -> None:
+    """``freed`` is told once per job, after its last report and once the job has left the
+    engine, so that the place it counts as free takes the next job waiting for any instance
+    (runtime/leasing.py); the job's own report came first."""
+    recorder = Recorder()
+    seen: list[tuple[int, int]] = []
+    engine: ProcessingEngine | None = None
+
+    def freed() -> None:
+        assert engine is not None
+        seen.append((engine.free_slots(), len(recorder.events)))
+
+    engine = _engine(tmp_path, recorder, max_jobs=1, freed=freed)
+    jobs = [make_job(GOOD) for _ in range(2)]
+    for job in jobs:
+        engine.start(job)
+    recorder.wait_finished(*(j.token for j in jobs))
+    engine.close(5)
+    # After the first job the second was still queued (no place yet); after it, one free.
+    assert seen == [(0, 4), (1, 8)], seen
+
+
 def test_stop_while_queued_reports_only_the_end(tmp_path: Path) -> None:
     recorder = Recorder()
     gate = threading.Event()

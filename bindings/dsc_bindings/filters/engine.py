@@ -75,6 +75,7 @@ class ProcessingEngine:
         interrupted: Resume,
         max_jobs: int = 2,
         runners: Mapping[type, FilterRun] | None = None,
+        freed: Callable[[], None] | None = None,
     ) -> None:
         if max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
@@ -82,6 +83,10 @@ class ProcessingEngine:
         self._documents_of = documents_of
         self._report = report
         self._interrupted = interrupted
+        #: Told each time a job has left the engine (its place is free, :meth:`free_slots`
+        #: counts it): with a shared store the instance then takes the next job waiting
+        #: for any engine (runtime/leasing.py).
+        self._freed = freed
         self._max_jobs = max_jobs
         self._runners = dict(DEFAULT_RUNNERS if runners is None else runners)
         self._lock = threading.Lock()
@@ -173,6 +178,11 @@ class ProcessingEngine:
                     self._interrupted(job.token)
                 except Exception:
                     log.exception("job %s: handing the interrupted job back failed", job.token)
+            if self._freed is not None:
+                try:
+                    self._freed()
+                except Exception:
+                    log.exception("job %s: telling that its place is free failed", job.token)
 
     def _run(self, job: Job, cancelled: threading.Event) -> None:
         """Run the job's filters; Interrupted passes through (class doc)."""

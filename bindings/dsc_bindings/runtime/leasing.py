@@ -14,7 +14,7 @@ whole story).
   died, or the database did not answer) and jobs whose lease expired are taken by the sweep.
 - **Take up** (:meth:`LeaseKeeper.take_up`, in a thread of its own): a job let go rings the
   job feed's doorbell (``<token>:claimable``, store/leases.py); each instance with a free
-  engine place then sweeps at once, and so does this one when its engine finishes a job, so a
+  engine place then sweeps at once, and so does this one when a job leaves its engine, so a
   queue drains as fast as the cluster's engines run it, oldest job first.  The heartbeat's
   sweep below is the fallback (a lost ring, an expired lease).
 - **Fencing.** Every record write of a job this instance holds carries its lease
@@ -182,17 +182,14 @@ class LeaseKeeper:
             self._slots,
         )
 
-    def finished(self, token: str, *, ran: bool = True) -> None:
-        """The engine finished ``token`` and its last report is written: the lease ends, and
-        the place it frees takes the oldest job waiting (:meth:`wake`).  ``ran`` False: a job
-        taken up that needs no engine after all (it ended meanwhile) is let go; no place was
-        used, so no sweep is woken here (were it still waiting, the release rings for it)."""
+    def finished(self, token: str) -> None:
+        """The engine finished ``token`` and its last report is written: the lease ends (the
+        engine tells when the place is free: :meth:`wake`); or a job taken up needs no engine
+        after all (it ended meanwhile): let go."""
         with self._lock:
             epoch = self._held.pop(token, None)
         if epoch is None:
             return
-        if ran:
-            self.wake()
         try:
             self._leases.release(token, epoch)
         except StoreError as exc:  # it expires by itself; the job is not active any more

@@ -266,6 +266,7 @@ class ScanService:
                 self._engine_report,
                 interrupted=self._filters_interrupted,
                 max_jobs=self._max_processing_jobs,
+                freed=self._engine_freed,
             )
             self._leases = self._lease_keeper(store)
             self._writer.start()
@@ -535,7 +536,7 @@ class ScanService:
             if job.token in unread:
                 self._leases.interrupted(job.token)
             elif job.token not in starting:
-                self._leases.finished(job.token, ran=False)
+                self._leases.finished(job.token)
         self._background(commands)
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -876,6 +877,12 @@ class ScanService:
                 (document, store.document_path(job.token, document.document_id))
                 for document in job.documents
             ]
+
+    def _engine_freed(self) -> None:
+        """In an engine thread, a job out of the engine: its place takes the oldest job
+        waiting for any instance's engine (.leasing), not at the next heartbeat."""
+        if self._leases is not None:
+            self._leases.wake()
 
     def _filters_interrupted(self, token: str) -> None:
         """In an engine thread, the job out of the engine: its run was interrupted (the store
