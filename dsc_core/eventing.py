@@ -11,7 +11,7 @@ SubscriptionEnd; repeated delivery failures end a subscription with DeliveryFail
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -163,12 +163,25 @@ class Subscriptions:
         """Undo a Subscribe whose store command failed (R4 step 9)."""
         self.by_id.pop(identifier, None)
 
-    def absorb(self, stored: Iterable[Subscription], ended: Iterable[str]) -> None:
+    def absorb(
+        self,
+        stored: Iterable[Subscription],
+        ended: Iterable[str],
+        counting: Collection[str] = frozenset(),
+    ) -> None:
         """Subscriptions another instance of a shared store created, renewed or ended (issue
         18): the table is a cache of the stored ones, so quotas count the cluster's and any
         instance manages any of them.  The failure count comes with them (RecordDeliveryFailures),
-        so the R7 rule that ends a failing subscription counts across delivery owners."""
+        so the R7 rule that ends a failing subscription counts across delivery owners.
+
+        ``counting``: subscriptions whose count this instance changed and the store may not
+        have given back yet (read before it was written): their count here is newer than the
+        one read, and is kept.  Taken from a Renew's row read meanwhile, a failure counted but
+        not yet written was lost (issue 18, runtime/catchup.py)."""
         for sub in stored:
+            held = self.by_id.get(sub.identifier)
+            if held is not None and sub.identifier in counting:
+                sub = replace(sub, failures=held.failures)
             self.by_id[sub.identifier] = sub
         for identifier in ended:
             self.by_id.pop(identifier, None)

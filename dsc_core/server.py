@@ -21,7 +21,7 @@ No I/O happens here: time comes in as ``now``, identifiers from ``new_id``.  Req
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from datetime import datetime
 
@@ -69,10 +69,16 @@ class ScanServer(ServerState):
         this before an exchange's first call and before each tick.  No events."""
         return self.lifecycle.absorb(jobs, dropped, uploads_elsewhere)
 
-    def absorb_subscriptions(self, stored: Iterable[Subscription], ended: Iterable[str]) -> None:
-        """Subscriptions other instances created, renewed or ended (``Subscriptions.absorb``);
-        with the jobs, before an exchange's first call and before each tick.  No commands."""
-        self.subscriptions.absorb(stored, ended)
+    def absorb_subscriptions(
+        self,
+        stored: Iterable[Subscription],
+        ended: Iterable[str],
+        counting: Collection[str] = frozenset(),
+    ) -> None:
+        """Subscriptions other instances created, renewed or ended (``Subscriptions.absorb``,
+        which says what ``counting`` keeps); with the jobs, before an exchange's first call and
+        before each tick.  No commands."""
+        self.subscriptions.absorb(stored, ended, counting)
 
     def lead(self, announced: RepositoryState, now: datetime) -> list[Command]:
         """This instance became the cluster's leader (issue 18 point 4): it announces the

@@ -13,11 +13,20 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
-from dsc_core.commands import CreateJob, Deliver, JobInput, UpdateJob
+from dsc_core import ScanServer, ServerConfig
+from dsc_core.commands import (
+    CreateJob,
+    Deliver,
+    EndSubscription,
+    JobInput,
+    RecordDeliveryFailures,
+    UpdateJob,
+)
 from dsc_core.subscription import EndpointReference, Subscription
 from test_store import make_job
 
@@ -205,3 +214,71 @@ def test_the_failure_count_travels_with_the_subscription(
     a.record_failures(SUB, 2)
     ((_, _, text),) = a.changes(seen.cursor, frozenset()).subscriptions
     assert decode_subscription(text).failures == 2
+
+
+def test_a_failure_counted_while_a_renew_is_read_is_not_lost(
+    two: tuple[PostgresRecords, ...],
+) -> None:
+    """The delivery owner (A) counts a failure in its core and writes it after; a Renew written
+    on B meanwhile is read by A's catch-up with the count from before.  Taken, it lost the
+    failure (the next one was counted from the older number, and R7's end came late).  Each
+    interleaving forced in turn: the Renew read while the write waits in A's queue; a read
+    begun before the write and absorbed after it; a write committed before a read began but
+    done (``counted``) after, whose row the next read brings again whatever the cursor.  Then
+    three failures in a row end the subscription, as on one server."""
+    a, b = two
+    core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+    catch_up = JobCatchUp(a.changes)
+    catch_up.seed(catch_up.read())
+    store(b, subscription())
+    catch_up.absorb(core, catch_up.read())
+
+    def delivered(ok: bool) -> RecordDeliveryFailures:
+        [command] = catch_up.stamp(core.delivery_result(SUB, ok))
+        assert isinstance(command, RecordDeliveryFailures)
+        return command
+
+    def write(command: RecordDeliveryFailures) -> None:
+        a.record_failures(command.identifier, command.failures)
+
+    def renewed(hours: int) -> None:
+        store(b, subscription(datetime.now(UTC) + timedelta(hours=hours)))
+
+    def count() -> int:
+        return core.subscriptions.by_id[SUB].failures
+
+    # 1. The first failure waits in A's writer queue while B's Renew is read and absorbed.
+    first = delivered(False)
+    renewed(2)
+    catch_up.absorb(core, catch_up.read())
+    write(first)
+    catch_up.counted(first)
+    assert count() == 1
+    # 2. The second is written after a read of B's next Renew began, before it is absorbed.
+    second = delivered(False)
+    assert second == RecordDeliveryFailures(SUB, 2)
+    renewed(3)
+    caught = catch_up.read()
+    write(second)
+    catch_up.counted(second)
+    catch_up.absorb(core, caught)
+    assert count() == 2
+    # 3. A delivery succeeds: its 0 is committed, a read begins (it may or may not see it:
+    # here it does), then the write is done.  The row is read again by the next read, with
+    # no change since (only the recount brings it), and then no more.
+    reset = delivered(True)
+    write(reset)
+    caught = catch_up.read()
+    catch_up.counted(reset)
+    catch_up.absorb(core, caught)
+    again = catch_up.read()
+    assert [sub.failures for sub in again.subscriptions] == [0]
+    catch_up.absorb(core, again)
+    assert count() == 0 and catch_up.read().subscriptions == ()
+    # Three failures in a row end the subscription (R7).
+    for n in (1, 2):
+        failure = delivered(False)
+        write(failure)
+        catch_up.counted(failure)
+        assert count() == n
+    assert EndSubscription(SUB) in catch_up.stamp(core.delivery_result(SUB, False))

@@ -128,6 +128,19 @@ def test_a_stored_failure_count_is_counted_on_by_the_next_delivery_owner() -> No
     assert t.server.delivery_result(ident2, False) == [RecordDeliveryFailures(ident2, 1)]
 
 
+def test_a_count_still_being_written_is_kept_over_an_older_stored_one() -> None:
+    """A Renew's row read while this instance's count waits to be written carries the count
+    from before: its record is taken (the new expiry), the count here is kept (``counting``)."""
+    t = InProcessTransport()
+    ident, _ = subscribe(t, t.server.config.dsc_url)
+    sub = t.server.subscriptions.by_id[ident]
+    assert t.server.delivery_result(ident, False) == [RecordDeliveryFailures(ident, 1)]
+    renewed = replace(sub, expires=sub.expires + timedelta(hours=1), failures=0)
+    t.server.absorb_subscriptions([renewed], [], counting={ident})
+    assert t.server.subscriptions.by_id[ident] == replace(renewed, failures=1)
+    assert t.server.delivery_result(ident, False) == [RecordDeliveryFailures(ident, 2)]
+
+
 def test_an_instance_leaving_quietly_announces_nothing_more() -> None:
     t = InProcessTransport()
     subscribe(t, t.server.config.dsc_url)

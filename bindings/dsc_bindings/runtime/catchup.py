@@ -22,6 +22,16 @@ the writes of that job stamped before the failure are refused without asking the
 instance still has writes of that job queued is not absorbed (it would be older than what the
 table holds, or about to be refused): it is read again once they are done.
 
+A subscription's failure count (R7, ``RecordDeliveryFailures``) is counted by its delivery
+owner's core and written after, like any command; a row of that subscription read meanwhile
+(another instance's Renew writes its row; so does this instance's previous count) carries the
+count from before, and taking it lost a failure: the next one was counted from the older number
+and the subscription ended a failure late.  So :meth:`JobCatchUp.absorb` keeps the core's count
+(``ScanServer.absorb_subscriptions``' ``counting``) of a subscription whose count has a write
+stamped and not yet done, or done after the read began (:meth:`JobCatchUp.counted`: its
+snapshot may be older than the write), and reads that row again at the next read whatever the
+cursor, which gives the stored count, the core's own or a newer owner's.
+
 A request waits for its catch-up at most :data:`CATCH_UP_WAIT_SECONDS` (:class:`RequestReads`):
 a database that does not answer (frozen, unreachable) must not hold up the requests answered
 from memory (GetRepositoryElements, listings; issue 17).  Such a request then decides from what
@@ -90,6 +100,7 @@ from dsc_core import (
     Deliver,
     DropJob,
     Job,
+    RecordDeliveryFailures,
     ScanServer,
     UpdateJob,
 )
@@ -122,6 +133,10 @@ class Caught:
     #: The doorbell's ring count when the read began, and when it began (time.monotonic).
     rung: int = 0
     began: float = float("-inf")
+    #: Which read this is (JobCatchUp numbers them as they begin); -1: older than every one.
+    number: int = -1
+    #: The subscriptions it read again whatever the cursor (their counts, module doc).
+    recounted: frozenset[str] = frozenset()
 
 
 class JobCatchUp:
@@ -157,6 +172,13 @@ class JobCatchUp:
         self._rung = 0
         self._read_rung = -1
         self._read_began = float("-inf")
+        #: Failure counts (module doc): reads begun so far; subscription -> its count writes
+        #: stamped and not yet done; -> the reads begun when its last one was done; those
+        #: to read again whatever the cursor.
+        self._reads = 0
+        self._counting: Counter[str] = Counter()
+        self._counted: dict[str, int] = {}
+        self._recount: set[str] = set()
 
     # --- reading (off the owner) --------------------------------------------------------------
 
@@ -165,7 +187,10 @@ class JobCatchUp:
         with self._lock:
             cursor, stale = self._cursor, frozenset(self._stale)
             rung, began = self._rung, time.monotonic()
-        changes = self._changes(cursor, stale)
+            number, recount = self._reads, frozenset(self._recount)
+            self._reads += 1
+        # Job tokens and subscription identifiers in one set: the store reads the rows of both.
+        changes = self._changes(cursor, stale | recount)
         jobs: list[tuple[Job, int]] = []
         for token, version, text, documents in changes.rows:
             try:
@@ -193,6 +218,8 @@ class JobCatchUp:
             changes.subscriptions_ended,
             rung,
             began,
+            number,
+            recount,
         )
 
     def seed(self, caught: Caught) -> None:
@@ -261,8 +288,27 @@ class JobCatchUp:
             for token in caught.dropped:
                 self._known.pop(token, None)
                 self._stale.discard(token)
-        server.absorb_subscriptions(caught.subscriptions, caught.subscriptions_ended)
+            counting = self._still_counting(caught)
+        server.absorb_subscriptions(caught.subscriptions, caught.subscriptions_ended, counting)
         return server.absorb(fresh, caught.dropped, caught.uploads_elsewhere)
+
+    def _still_counting(self, caught: Caught) -> frozenset[str]:
+        """The subscriptions of ``caught`` whose count the core keeps (module doc), marked to
+        be read again; the lock held."""
+        counting: set[str] = set()
+        for sub in caught.subscriptions:
+            identifier = sub.identifier
+            if self._counting[identifier] or self._counted.get(identifier, -1) > caught.number:
+                counting.add(identifier)
+                self._recount.add(identifier)
+            else:
+                self._counted.pop(identifier, None)
+        for identifier in caught.subscriptions_ended:
+            self._counted.pop(identifier, None)
+            counting.discard(identifier)
+        # Asked for and now read (or gone: ended and pruned), unless kept again.
+        self._recount -= (caught.recounted | frozenset(caught.subscriptions_ended)) - counting
+        return frozenset(counting)
 
     def stamp(
         self, commands: Sequence[Command], leader: tuple[str, int] | None = None
@@ -305,6 +351,8 @@ class JobCatchUp:
                     if carrier is None:
                         carrier = len(stamped)
                 else:
+                    if isinstance(command, RecordDeliveryFailures):
+                        self._counting[command.identifier] += 1
                     stamped.append(command)
                     continue
                 expected: int | None = None
@@ -322,6 +370,16 @@ class JobCatchUp:
         return stamped
 
     # --- as the writer ------------------------------------------------------------------------
+
+    def counted(self, command: RecordDeliveryFailures) -> None:
+        """A stamped failure count was written, or failed (then the store's count is the one
+        to take, and the next read of the row brings it)."""
+        identifier = command.identifier
+        with self._lock:
+            self._counting[identifier] -= 1
+            if self._counting[identifier] <= 0:
+                del self._counting[identifier]
+            self._counted[identifier] = self._reads
 
     def check(self, write: VersionedWrite) -> None:
         """Refuse a write decided before a failed write of the same job (module doc)."""

@@ -97,6 +97,7 @@ from dsc_core import (
     JobState,
     ProcessingEvent,
     ProcessingFinished,
+    RecordDeliveryFailures,
     Reply,
     RequestInfo,
     ScanServer,
@@ -820,6 +821,9 @@ class ScanService:
         except StoreError as exc:
             self.observer.store_failed(exc.message)
             raise
+        finally:
+            if self._catch_up is not None and isinstance(command, RecordDeliveryFailures):
+                self._catch_up.counted(command)  # stamped (.catchup's failure counts)
         if not isinstance(command, EventsWrite):
             self.observer.applied(command)  # durable now: log it, count it, show it
 

@@ -222,7 +222,8 @@ class SharedJobRecords(JobRecords, Protocol):
 
     def changes(self, cursor: int, tokens: frozenset[str]) -> JobChanges:
         """Rows changed and deleted since ``cursor`` (0: every row), plus the rows of
-        ``tokens`` whatever their age, and the other instances' uploads in flight."""
+        ``tokens`` (jobs', and subscriptions' by identifier) whatever their age, and the other
+        instances' uploads in flight."""
 
     def upload_began(self, token: str, document_id: int, home: str) -> None:
         """Record an image being received here (from ``home``); a temporary StoreError when

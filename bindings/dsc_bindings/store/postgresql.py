@@ -454,7 +454,7 @@ _CHANGES = f"""
            CASE WHEN ended THEN NULL
                 ELSE (record::jsonb || jsonb_build_object('failures', failures))::text END,
            NULL
-        FROM subscriptions WHERE xid >= %(since)s::text::xid8
+        FROM subscriptions WHERE xid >= %(since)s::text::xid8 OR id = ANY(%(tokens)s)
     UNION ALL
     SELECT 3, token, document_id, NULL, NULL FROM uploads
         WHERE instance <> %(me)s AND started > now() - make_interval(secs => %(age)s)
@@ -1011,8 +1011,9 @@ class PostgresRecords:
             self._db.transaction("recording notifications", lambda cur: _insert_events(cur, events))
 
     def changes(self, cursor: int, tokens: frozenset[str]) -> JobChanges:
-        """Rows and tombstones since ``cursor`` (module doc), the rows of ``tokens``, and the
-        other instances' uploads; one statement (one small query per request)."""
+        """Rows and tombstones since ``cursor`` (module doc), the rows of ``tokens`` (job
+        tokens and subscription identifiers), and the other instances' uploads; one statement
+        (one small query per request)."""
         self._prune()
         self._end_owed_uploads()
         params = {
