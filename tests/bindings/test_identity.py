@@ -6,6 +6,7 @@ in the database (issue 17): one device for every instance on it, the counter gro
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,33 @@ def test_generated_once_and_kept(tmp_path: Path) -> None:
     assert record_start(tmp_path).starts == 1
     assert record_start(tmp_path).starts == 2
     assert load_installation(tmp_path).device_uuid == first.device_uuid
+
+
+def test_two_processes_creating_the_identity_at_once_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers started on one folder (`uvicorn --workers 2`) may both find no identity
+    and write one; the second is then refused by the folder lock, with that reason.  Here the
+    other process's whole write happens between this one's fsync and its rename."""
+    from dsc_bindings.runtime import installation
+
+    real_replace, other_wrote = os.replace, []
+
+    def replace(source: str | Path, target: str | Path) -> None:
+        if not other_wrote:
+            other_wrote.append(True)
+            monkeypatch.setattr(installation.os, "getpid", lambda: 999_999)
+            try:
+                load_installation(tmp_path)  # the other process: no file yet, it writes one
+            finally:
+                monkeypatch.undo()
+                monkeypatch.setattr(installation.os, "replace", replace)
+        real_replace(source, target)
+
+    monkeypatch.setattr(installation.os, "replace", replace)
+    mine = load_installation(tmp_path)  # before: FileNotFoundError (its .part renamed away)
+    assert other_wrote and load_installation(tmp_path) == mine
+    assert [p.name for p in tmp_path.iterdir()] == [IDENTITY_FILE]
 
 
 def test_two_data_directories_are_two_devices(tmp_path: Path) -> None:

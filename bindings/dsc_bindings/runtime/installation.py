@@ -118,7 +118,10 @@ def _write(path: Path, installation: Installation) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data: dict[str, object] = {key: getattr(installation, key) for key in UUID_KEYS}
     data["starts"] = installation.starts
-    part = path.with_name(f".{path.name}.part")
+    # A temporary name of this process's own: two processes starting on one folder at once
+    # (`uvicorn --workers 2`, before the folder lock refuses the second) each write a whole file;
+    # with one shared name the first rename took the other's file away (ENOENT at its rename).
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
     with open(part, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
