@@ -198,3 +198,21 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if getattr(request, "param", "sqlite-local") == "sqlite-local":
         return Backend()
     return EnginesBackend(request.getfixturevalue("pg"), request.getfixturevalue("s3"), tmp_path)
+
+
+#: The order in which pytest-xdist's workers (``-n 2 --dist loadfile``) take the layers' modules:
+#: the end-to-end modules first (each starts real servers and waits on them, some for a minute),
+#: the many short ones last, so that the two workers end together instead of one waiting for the
+#: other's crash soak.  A plain run keeps the collection order.
+_WORKER_ORDER = ("e2e", "project", "bindings", "core")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+
+    def layer(item: pytest.Item) -> int:
+        folder = item.path.parent.name
+        return _WORKER_ORDER.index(folder) if folder in _WORKER_ORDER else len(_WORKER_ORDER)
+
+    items.sort(key=layer)  # stable: each module's tests keep their order
