@@ -37,11 +37,11 @@ LOCAL_SHARE = r"\\localhost\scans"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
 
 
-def cluster_config(tmp_path: Path, dsn: str, extra: str = "") -> Path:
+def cluster_config(tmp_path: Path, dsn: str, extra: str = "", lease: float = 1.5) -> Path:
     config = tmp_path / "dsc.toml"
     config.write_text(
         f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
-        "[cluster]\nheartbeat_seconds = 0.2\nlease_seconds = 1.5\n\n" + extra
+        f"[cluster]\nheartbeat_seconds = 0.2\nlease_seconds = {lease}\n\n" + extra
     )
     return config
 
@@ -139,7 +139,10 @@ def test_only_the_leader_times_a_job_out(
 def test_stopping_one_instance_ends_no_subscription_stopping_the_last_does(
     tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
 ) -> None:
-    config = cluster_config(tmp_path, pg.new_database())
+    """R7 across instances, after one was killed and restarted from its data folder: the new
+    run marks the killed incarnation down at once (a lease of 60 s would show it up for a
+    minute), so stopping the last live instance counts no ghost and ends every subscription."""
+    config = cluster_config(tmp_path, pg.new_database(), lease=60)
     first = start(instances, tmp_path, config)
     second = start(instances, tmp_path, config)
     subscriber = Healthy()
@@ -151,6 +154,20 @@ def test_stopping_one_instance_ends_no_subscription_stopping_the_last_does(
         def ends() -> int:
             with subscriber.lock:
                 return sum(b"SubscriptionEnd" in body for _, body in subscriber.received)
+
+        killed = second.pid
+        second.kill9()
+        second.start()  # the same data folder
+        rows = by_pid(config)
+        assert rows[killed]["state"] == "down" and not rows[killed]["leader"], rows
+        assert rows[killed]["replaced_by"] == rows[second.pid]["id"], rows
+        assert rows[second.pid]["state"] == rows[first.pid]["state"] == "up", rows
+        assert rows[first.pid]["replaced_by"] is None, rows
+        assert f"({rows[killed]['id']}), the earlier run from this data folder, is down" in (
+            second.log
+        ), second.log
+        table = dsc("cluster", "status", "--config", str(config))
+        assert table.code == 0 and "2 of 3 instance(s) up" in table.out, table
 
         first.stop_cleanly()
         assert "other instances are up: leaving quietly" in first.log, first.log

@@ -5,6 +5,9 @@ thread (never the event loop):
 
 - writes this incarnation's row in ``instances`` at start (a new UUID each start) and renews
   its heartbeat every ``[cluster] heartbeat_seconds`` with the database's clock;
+- at start, marks every earlier incarnation of its home (host and data folder) down, replaced
+  by this one: this run holds the folder's lock, so they are dead (store/instances.py), and
+  ``dsc cluster status`` and a clean stop's count of the others (R7) see no ghost of them;
 - tries ``pg_try_advisory_lock`` at each heartbeat: the holder is the **leader**, and keeps
   the lock while its connection lives, so a dead leader's lock is released by PostgreSQL
   and the next heartbeat of another instance takes it (failover within a heartbeat of the
@@ -47,6 +50,7 @@ from dsc_bindings.store.instances import (
     LEADER_LOCK,
     OTHERS_ALIVE,
     PRUNE,
+    REPLACE_EARLIER,
     STOPPED,
     TRY_LEADER,
     ClusterSettings,
@@ -77,8 +81,11 @@ class ClusterMember:
         address: Callable[[], str],
         password_file: Path | None = None,
         suffix: str = "",
+        home: str | None = None,
     ) -> None:
         self.settings = settings
+        #: Host and data folder (SplitStore.home), held locked by this run; None: unknown.
+        self.home = home
         #: This incarnation: new at each start, never reused (cluster-design.md lesson 2).
         self.id = str(uuid.uuid4())
         self._suffix = suffix
@@ -263,11 +270,29 @@ class ClusterMember:
                     socket.gethostname(),
                     os.getpid(),
                     self.settings.lease_seconds,
+                    self.home,
                 ),
             )
+            self._replace_earlier()
         else:  # a new connection: the leader's lock is tied to it (pg_locks)
             self._conn.execute(
                 "UPDATE instances SET lock_backend = pg_backend_pid() WHERE id = %s", (self.id,)
+            )
+
+    def _replace_earlier(self) -> None:
+        """Every earlier incarnation of this home is down now, not after its lease (module
+        doc): the take-back of its jobs (runtime/leasing.py ``LeaseKeeper.start``) follows."""
+        if self.home is None:
+            return
+        assert self._conn is not None
+        for ident, name in self._conn.execute(
+            REPLACE_EARLIER, {"me": self.id, "home": self.home}
+        ).fetchall():
+            log.info(
+                "cluster: %s (%s), the earlier run from this data folder, is down: this run "
+                "holds the folder's lock",
+                name,
+                ident,
             )
 
     def _beat(self) -> None:

@@ -115,7 +115,8 @@ class LeaseKeeper:
         """At start: every job an earlier run from this data folder held is this run's now,
         with a new epoch (it is dead: this run holds the folder's lock); the first beat
         resumes them all (R13), as a SQLite server does at start, instead of leaving them to
-        expire and be rescued a few per heartbeat."""
+        expire and be rescued a few per heartbeat.  The earlier run's ``instances`` row was
+        marked down just before, as this run joined the cluster (runtime/cluster.py)."""
         taken = self._leases.take_home()
         with self._lock:
             for job in taken:

@@ -596,15 +596,16 @@ class ScanService:
             return None
         from dsc_bindings.runtime.cluster import ClusterMember
 
+        store = self._store
         cluster = ClusterMember(
             self.storage.dsn,
             self._cluster_settings,
             address=lambda: self.config.base_url,
             password_file=self.storage.password_file,
             suffix=self._instance_suffix,
+            home=store.home if isinstance(store, SplitStore) else None,
         )
         cluster.start()
-        store = self._store
         if isinstance(store, SplitStore) and store.shared:
             store.join(cluster.id)  # its uploads rows count while its heartbeat does
         return cluster

@@ -5,7 +5,13 @@ A row is written by its own instance only (runtime/cluster.py): created at start
 UUID (never reused: a restarted server is a new incarnation, cluster-design.md lesson 2),
 renewed by each heartbeat with the database's clock (``now()``: the hosts' clocks never
 decide), marked ``stopped`` at a clean stop.  An instance is *down* once its heartbeat is older
-than its own ``lease_seconds``; the leader prunes rows dead for ``prune_after_seconds``.
+than its own ``lease_seconds``, or at once when a new run starts from its home (host and data
+folder, a worker's own folder): the new run holds the folder's lock, so the earlier one is dead,
+and it marks every earlier incarnation of its home ``replaced_by`` itself (:data:`REPLACE_EARLIER`,
+beside the take-back of their jobs, store/leases.py) — the one row another instance writes.
+Without that, a killed instance would show up for ``lease_seconds`` after its restart, and a
+clean stop of the last live instance would count it and send no SubscriptionEnd (R7).  The
+leader prunes rows dead for ``prune_after_seconds``.
 
 The leader is whoever holds ``pg_try_advisory_lock(LEADER_LOCK)`` on a connection of its own:
 PostgreSQL releases it with that connection, so a dead leader's lock goes by itself.  Who holds
@@ -24,8 +30,10 @@ if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported only where it i
     import psycopg
 
 __all__ = [
+    "GONE",
     "INSTANCE_STATES",
     "LEADER_LOCK",
+    "REPLACE_EARLIER",
     "ClusterSettings",
     "InstanceRow",
     "OutboxLag",
@@ -94,6 +102,8 @@ class InstanceRow:
     leases_held: int = 0
     #: The outbox rows of the subscriptions it is the delivery owner of (store/pgoutbox.py).
     outbox_lag: OutboxLag = OutboxLag()
+    #: The incarnation started since from its home, which marked it down (module doc).
+    replaced_by: str | None = None
 
     def as_json(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
@@ -105,9 +115,23 @@ class InstanceRow:
 
 
 INSERT = """
-    INSERT INTO instances (id, name, address, host, pid, lease_seconds, lock_backend)
-    VALUES (%s, %s, %s, %s, %s, %s, pg_backend_pid())
+    INSERT INTO instances (id, name, address, host, pid, lease_seconds, home, lock_backend)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, pg_backend_pid())
 """
+
+#: Every earlier incarnation of this home still counted alive is down (module doc): the id and
+#: name of each.  One stopped cleanly stays ``stopped``.
+REPLACE_EARLIER = """
+    UPDATE instances SET replaced_by = %(me)s
+    WHERE home = %(home)s AND id <> %(me)s AND stopped IS NULL AND replaced_by IS NULL
+    RETURNING id::text, name
+"""
+
+#: The one rule of an instance known gone, on a row aliased ``i`` (stopped, replaced by a new
+#: run from its home, or no heartbeat within its lease); its uploads rows block nothing
+#: (store/postgresql.py) and it is not counted alive.
+GONE = """(i.stopped IS NOT NULL OR i.replaced_by IS NOT NULL
+           OR i.heartbeat < now() - make_interval(secs => i.lease_seconds))"""
 
 HEARTBEAT = "UPDATE instances SET heartbeat = now(), name = %s, address = %s WHERE id = %s"
 
@@ -121,12 +145,8 @@ PRUNE = """
 
 TRY_LEADER = "SELECT pg_try_advisory_lock(%s)"
 
-#: The instances alive besides ``id`` (heartbeat within their lease, not stopped).
-OTHERS_ALIVE = """
-    SELECT count(*) FROM instances
-    WHERE id <> %s AND stopped IS NULL
-      AND heartbeat >= now() - make_interval(secs => lease_seconds)
-"""
+#: The instances alive besides ``id`` (not gone: :data:`GONE`).
+OTHERS_ALIVE = f"SELECT count(*) FROM instances i WHERE i.id <> %s AND NOT {GONE}"
 
 _LIST = """
     SELECT i.id::text, i.name, i.address, i.host, i.pid, i.started,
@@ -140,7 +160,7 @@ _LIST = """
            ),
            (SELECT count(*) FROM jobs j
             WHERE j.lease_owner = i.id::text AND j.lease_until > now()),
-           o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8
+           o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8, i.replaced_by::text
     FROM instances i
     LEFT JOIN LATERAL (
         SELECT count(*) AS rows, min(b.created) AS oldest
@@ -155,8 +175,8 @@ _OUTBOX = "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created))::float8 FRO
 
 
 def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
-    """Every instance row, oldest first.  A stopped row is never the leader (its lock
-    connection's backend pid may have been reused by another connection)."""
+    """Every instance row, oldest first.  A stopped or replaced row is never the leader (its
+    lock connection's backend pid may have been reused by another connection)."""
     rows = []
     for (
         ident,
@@ -172,11 +192,12 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
         leases,
         waiting,
         oldest,
+        replaced_by,
     ) in conn.execute(_LIST, (LEADER_LOCK,)).fetchall():
         state: InstanceState
         if stopped is not None:
             state = "stopped"
-        elif float(age) > float(lease):
+        elif replaced_by is not None or float(age) > float(lease):
             state = "down"
         else:
             state = "up"
@@ -191,9 +212,10 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
                 heartbeat_age=max(0.0, float(age)),
                 stopped=stopped,
                 state=state,
-                leader=bool(locked) and stopped is None,
+                leader=bool(locked) and stopped is None and replaced_by is None,
                 leases_held=int(leases),
                 outbox_lag=_lag(waiting, oldest),
+                replaced_by=None if replaced_by is None else str(replaced_by),
             )
         )
     return rows

@@ -28,8 +28,8 @@ are told apart by their version.  A deleted row leaves a tombstone (``job_tombst
 its xid) that the feed reports the same way; tombstones are pruned after
 :data:`TOMBSTONE_SECONDS`.  Uploads in flight are rows of ``uploads`` (one per image, never per
 chunk), named by the instance receiving them (its id in ``instances``) and its home (host and
-data folder).  A row blocks nothing once its instance is known down (``instances``: stopped,
-or no heartbeat within its lease), once it is older than :data:`UPLOAD_ROW_SECONDS` (an
+data folder).  A row blocks nothing once its instance is known gone (``instances``: stopped,
+replaced by a new run from its home, or no heartbeat within its lease: instances.py ``GONE``), once it is older than :data:`UPLOAD_ROW_SECONDS` (an
 instance without an ``instances`` row), or at once when a new run starts from the same home
 (the data folder's lock says the earlier run is dead; its unfinished documents are debris).
 
@@ -61,6 +61,7 @@ from dsc_bindings.store.errors import (
     StoreError,
     as_store_error,
 )
+from dsc_bindings.store.instances import GONE
 from dsc_bindings.store.interface import (
     Announcement,
     EventsWrite,
@@ -98,7 +99,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -328,6 +329,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
                                AND NEW.state IN ('Pending', 'Started', 'Processing'))
             EXECUTE FUNCTION dsc_jobs_claimable()""",
     ),
+    (
+        # A restarted instance leaves no ghost (issue 18; store/instances.py, runtime/cluster.py):
+        # each incarnation's home (host and data folder, a worker's own folder: SplitStore.home,
+        # as jobs.lease_home), so that a new run from the same home marks the earlier ones down
+        # at once (it holds the folder's lock: they are dead), naming itself in replaced_by,
+        # instead of their showing up for lease_seconds.  Rows of earlier versions have none.
+        """ALTER TABLE instances
+            ADD COLUMN home text,
+            ADD COLUMN replaced_by uuid""",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -459,20 +470,17 @@ _CHANGES = f"""
     SELECT 3, token, document_id, NULL, NULL FROM uploads
         WHERE instance <> %(me)s AND started > now() - make_interval(secs => %(age)s)
           AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance
-                          AND (i.stopped IS NOT NULL
-                               OR i.heartbeat < now() - make_interval(secs => i.lease_seconds)))
+                          AND {GONE})
 """
 #: Take a DocumentId for this instance, unless another live instance holds it.
-_UPLOAD_BEGIN = """
+_UPLOAD_BEGIN = f"""
     INSERT INTO uploads (token, document_id, instance, home)
     VALUES (%(token)s, %(id)s, %(me)s, %(home)s)
     ON CONFLICT (token, document_id) DO UPDATE
         SET instance = excluded.instance, home = excluded.home, started = now()
         WHERE uploads.instance = excluded.instance
            OR uploads.started <= now() - make_interval(secs => %(age)s)
-           OR EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance
-                      AND (i.stopped IS NOT NULL
-                           OR i.heartbeat < now() - make_interval(secs => i.lease_seconds)))
+           OR EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance AND {GONE})
     RETURNING 1
 """
 _PRUNE = """
