@@ -6,6 +6,7 @@ of what it lost and leases only what its engine runs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -338,6 +339,44 @@ def test_the_keeper_stops_what_it_lost_and_writes_nothing_more(
     assert isinstance(fenced, VersionedWrite) and fenced.lease == (keeper.owner, NO_LEASE)
     with pytest.raises(JobChanged):
         keeper.check(fenced)
+
+
+def test_a_job_ended_here_as_the_leases_renew_is_not_logged_as_ended_elsewhere(
+    records: PostgresRecords, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine's last report ended "done" here, and the heartbeat's renewal came before the
+    engine let go of it (LeaseKeeper.finished): the renewal finds it inactive, as it finds
+    "canceled", which another instance ended.  Only the second ended elsewhere: its filters
+    stop; the first's lease just ends."""
+    pending(records, "done")
+    pending(records, "canceled")
+    stopped: list[str] = []
+    keeper = LeaseKeeper(
+        leases_of(records, "a"),
+        heartbeat_seconds=1.0,
+        stop=stopped.append,
+        resume=lambda rescued: None,
+        free_slots=lambda: 2,
+        slots=2,
+        name_of=str,
+    )
+    assert keeper.claim("done") and keeper.claim("canceled")
+    # The engine's last report, fenced with the lease and written as the writer does it.
+    completed = make_job("done", state=JobState.COMPLETED)
+    report = VersionedWrite(UpdateJob(completed, JobInput.COMPLETE_SUCCESSFULLY, ()), 1, 0)
+    [fenced] = keeper.fence([report], engine_token="done")
+    assert isinstance(fenced, VersionedWrite) and fenced.lease == (keeper.owner, 1)
+    records.write(fenced)
+    keeper.written(fenced)
+    end(records, "canceled", 1, JobState.CANCELED)  # CancelPostScanJob on another instance
+    with caplog.at_level(logging.INFO, logger="dsc.cluster"):
+        keeper.beat(True)
+    said = [r.getMessage() for r in caplog.records if r.name == "dsc.cluster"]
+    assert "job done ended here: its lease ends with it" in said, said
+    assert "job canceled ended on another instance (canceled): its filters stop" in said, said
+    assert not any(m.startswith("job done ended on another instance") for m in said), said
+    assert stopped == ["canceled"] and keeper.held() == {}
+    keeper.finished("done")  # the engine lets go afterwards: nothing is left to release
 
 
 def test_the_keeper_of_a_new_run_resumes_its_folder_s_jobs_once_at_its_first_beat(

@@ -23,8 +23,8 @@ whole story).
   at once, and the engine's further reports of it are dropped (:meth:`LeaseKeeper.holds`).
 - **Heartbeat** (:meth:`LeaseKeeper.beat`, in the cluster's heartbeat thread, never the event
   loop): one statement renews every lease held and tells which jobs ended on another instance
-  (a CancelPostScanJob answered there: StopProcessing within a heartbeat) and which were taken
-  over; an instance that cannot renew stops its filters before its leases end.  Then the sweep:
+  (a CancelPostScanJob answered there: StopProcessing within a heartbeat; not one whose end
+  this instance wrote, :meth:`LeaseKeeper.written`) and which were taken over; an instance that cannot renew stops its filters before its leases end.  Then the sweep:
   up to as many jobs as the engine has free places, among those whose lease expired (or that
   nobody claimed), are claimed, ``FOR UPDATE SKIP LOCKED`` so each by one instance only, and
   resumed with R13 (``ScanServer.resume``).  Every instance sweeps: a rescue does not wait for
@@ -78,6 +78,10 @@ class LeaseKeeper:
         self._name_of = name_of
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
+        #: Held jobs whose end this instance wrote (token -> lease epoch, :meth:`written`):
+        #: a renewal that finds one inactive before the engine let go of it is no cancel
+        #: from elsewhere.
+        self._ended_here: dict[str, int] = {}
         #: Held from counting the free places to recording the leases taken, so that the
         #: writer's claims and the sweeps never take the same free place twice.
         self._claiming = threading.Lock()
@@ -189,6 +193,7 @@ class LeaseKeeper:
         after all (it ended meanwhile): let go."""
         with self._lock:
             epoch = self._held.pop(token, None)
+            self._ended_here.pop(token, None)
         if epoch is None:
             return
         try:
@@ -206,6 +211,7 @@ class LeaseKeeper:
         lease spaces the attempts."""
         with self._lock:
             epoch = self._held.pop(token, None)
+            self._ended_here.pop(token, None)
         if epoch is not None:
             log.warning(
                 "job %s: its lease (epoch %d) is left to run out: an instance resumes the job "
@@ -248,6 +254,7 @@ class LeaseKeeper:
         self._wanted.set()  # the take-up thread ends
         with self._claiming, self._lock:
             held, self._held = self._held, {}
+            self._ended_here.clear()
         for token, epoch in held.items():
             try:
                 self._leases.release(token, epoch)
@@ -279,6 +286,19 @@ class LeaseKeeper:
                 fenced.append(write)
         return fenced
 
+    def written(self, write: VersionedWrite) -> None:
+        """A record write is in the store: one that ended a job under the lease held here (the
+        engine's last report, or a cancel or timeout answered here) is remembered until the
+        lease goes, so that the beat does not take the job's end for one made elsewhere."""
+        if write.lease is None or isinstance(write.command, DropJob):
+            return
+        job = write.command.job
+        if job.is_active:
+            return
+        with self._lock:
+            if self._held.get(job.token) == write.lease[1]:
+                self._ended_here[job.token] = write.lease[1]
+
     def check(self, write: VersionedWrite) -> None:
         """Refuse, without asking the database, a fenced write of a lease not held."""
         if write.lease is not None and write.lease[1] == NO_LEASE:
@@ -295,6 +315,7 @@ class LeaseKeeper:
             if self._held.get(token) != write.lease[1]:
                 return  # already dropped
             del self._held[token]
+            self._ended_here.pop(token, None)
         log.error(
             "job %s: a write of its filters was refused (lease epoch %d lost, or the job "
             "changed on another instance): its filters stop here and write nothing more",
@@ -324,7 +345,14 @@ class LeaseKeeper:
             log.info("job leases renewed again")
             self._failing = False
         for token in renewal.ended:
-            if self._drop(token, held[token]):
+            ended_here = self._ended_here_with(token, held[token])
+            if not self._drop(token, held[token]):
+                continue
+            if ended_here:
+                # Its end was written here, and the engine is letting go of it (the renewal
+                # came between the write and LeaseKeeper.finished): the lease just ends.
+                log.info("job %s ended here: its lease ends with it", token)
+            else:
                 log.info("job %s ended on another instance (canceled): its filters stop", token)
                 self._stop(token)
         for token in renewal.lost:
@@ -380,7 +408,12 @@ class LeaseKeeper:
             if self._held.get(token) != epoch:
                 return False
             del self._held[token]
+            self._ended_here.pop(token, None)
             return True
+
+    def _ended_here_with(self, token: str, epoch: int) -> bool:
+        with self._lock:
+            return self._ended_here.get(token) == epoch
 
     def _cannot_renew(self, why: str) -> None:
         silent = time.monotonic() - self._renewed
@@ -392,6 +425,7 @@ class LeaseKeeper:
         if silent + self._heartbeat >= self._leases.lease_seconds:
             with self._lock:
                 tokens, self._held = list(self._held), {}
+                self._ended_here.clear()
             for token in tokens:
                 log.error(
                     "job %s: its lease could not be renewed for %.0f s: its filters stop "

@@ -850,6 +850,8 @@ class ScanService:
             raise
         finally:
             self._catch_up.settled(write, error)
+        if self._leases is not None:
+            self._leases.written(write)
         self.observer.applied(write.command)
 
     def _start_processing(self, command: StartProcessing) -> None:
