@@ -44,6 +44,7 @@ from lxml import etree
 
 from dsc_core import (
     AbortDocument,
+    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     Command,
@@ -248,6 +249,8 @@ class Binding:
                 self.pending.append(command.job)
             elif isinstance(command, (StopProcessing, Deliver)):
                 pass  # no engine to stop mid-filter, no subscribers in this example
+            elif isinstance(command, AnnounceRepositoryState):
+                pass  # only a store shared by several instances records what was announced
             else:
                 self.store.apply(command)
 
