@@ -127,7 +127,11 @@ def creation_refused(
     ``held`` of them in Creating for ``origin``; the fault to answer, or None.  The core
     decides from its table; a shared store decides again from the same counts taken in SQL
     under a lock, so that creations at the same moment on several instances cannot pass a
-    limit by one job per instance (issue 18 point 1; store/postgresql.py)."""
+    limit by one job per instance (issue 18 point 1; store/postgresql.py).  A request with no
+    ``origin`` (no identity, no address) holds nothing against the quota, whatever ``held``
+    says."""
+    if not origin:
+        held = 0
     if active >= limits.max_active_jobs:
         return faults.limit_reached(
             NS, "Every job slot of the server is taken", "max_active_jobs", limits.max_active_jobs
@@ -155,11 +159,7 @@ def create_post_scan_job(request: Request, args: CreateArgs) -> OpResult:
     state, now = request.state, request.now
     active = state.jobs.active()
     origin = identity(request.config, request.info) or request.info.client_address or ""
-    held = (
-        sum(1 for j in active if j.state is JobState.CREATING and j.origin == origin)
-        if origin
-        else 0
-    )
+    held = sum(1 for j in active if j.state is JobState.CREATING and j.origin == origin)
     refused = creation_refused(request.config.limits, len(active), origin, held)
     if refused is not None:
         raise refused

@@ -265,8 +265,9 @@ class Subscriptions:
 
     def expire(self, now: datetime) -> list[Command]:
         """Drop the expired subscriptions, without SubscriptionEnd (WS-Eventing 2004/08 sends
-        it for an unexpected end; the subscriber knew this one); EndSubscription each, so a shared store ends its row once
-        and the other instances learn it from the feed (issue 18 point 4)."""
+        it for an unexpected end; the subscriber knew this one); EndSubscription each, so a
+        shared store ends its row once and the other instances learn it from the feed (issue
+        18 point 4)."""
         expired = [i for i, s in self.by_id.items() if s.expires <= now]
         for ident in expired:
             del self.by_id[ident]

@@ -979,7 +979,7 @@ class PostgresRecords:
             cur.execute(_CREATING_COUNTS, {"origin": job.origin})
             row = cur.fetchone()
             active, held = (0, 0) if row is None else (int(row[0]), int(row[1]))
-            refused = creation_refused(limits, active, job.origin, held if job.origin else 0)
+            refused = creation_refused(limits, active, job.origin, held)
             if refused is not None:
                 return refused
             cur.execute(_INSERT, params)  # our own constant SQL
