@@ -63,7 +63,7 @@ class Subscriptions:
         if owner is not None and service_hint == "dsc":
             raise faults.not_scan_admin(owner)  # R13, R4 step 5: MS-BDSRR events need an admin
         # Expired ones still held (until the leader's tick ends them, issue 18) do not count.
-        active = sum(1 for s in self.by_id.values() if s.expires > now)
+        active = sum(1 for s in self.by_id.values() if s.active(now))
         if active >= self.config.limits.max_subscriptions:
             raise faults.eventing(
                 "EventSourceUnableToProcess",
@@ -198,7 +198,7 @@ class Subscriptions:
             if not sub.actions <= DSP_EVENTS:
                 raise faults.not_scan_admin(owner)
             sub = None
-        if sub is None or sub.expires <= now:
+        if sub is None or not sub.active(now):
             raise faults.eventing(
                 fault,
                 "no active subscription has this wse:Identifier (expired, ended or unknown)",
@@ -268,7 +268,7 @@ class Subscriptions:
         it for an unexpected end; the subscriber knew this one); EndSubscription each, so a
         shared store ends its row once and the other instances learn it from the feed (issue
         18 point 4)."""
-        expired = [i for i, s in self.by_id.items() if s.expires <= now]
+        expired = [i for i, s in self.by_id.items() if not s.active(now)]
         for ident in expired:
             del self.by_id[ident]
         return [EndSubscription(ident) for ident in expired]
@@ -288,7 +288,7 @@ class Subscriptions:
         for sub in self.by_id.values():
             if sub.owner is not None and sub.owner != job_owner:
                 continue
-            if action in sub.actions and sub.expires > now:
+            if action in sub.actions and sub.active(now):
                 frame = frames.get(sub.wsa_ns)
                 if frame is None:
                     frame = frames[sub.wsa_ns] = _frame(sub.wsa_ns, body)

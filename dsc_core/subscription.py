@@ -29,3 +29,9 @@ class Subscription:
     #: R13 (R10 on eventing): a non-administrator's subscription gets only the events of jobs
     #: whose owner is this identity; None (an administrator, or no client certificates): all.
     owner: str | None = None
+
+    def active(self, now: datetime) -> bool:
+        """Not expired at ``now`` (R7).  The one test of the expiry: an expired subscription
+        may still be held until the leader's tick ends it (issue 18 point 4), and gets no
+        event, answers no request and counts against no quota meanwhile."""
+        return self.expires > now
