@@ -38,7 +38,7 @@ class Notifier:
         #: Whether this server announces the repository state: always when it is the only
         #: one; of several instances on a shared store only the leader (issue 18 point 4,
         #: :meth:`lead`, :meth:`follow`).
-        self.announcing = True
+        self._announcing = True
 
     def job_changed(self, old: Job | None, new: Job, now: datetime) -> list[Command]:
         if old is not None and _status_view(old) == _status_view(new):
@@ -65,7 +65,7 @@ class Notifier:
         """A RepositoryStatusSummaryEvent when ``state`` is not what subscribers last heard,
         after an AnnounceRepositoryState saying so (a shared store records it); nothing while
         another instance announces (:meth:`follow`)."""
-        if not self.announcing or state is self._announced_state:
+        if not self._announcing or state is self._announced_state:
             return []
         previous, self._announced_state = self._announced_state, state
         body = etree.Element(f"{{{names.DSC}}}RepositoryStatusSummaryEvent")
@@ -86,13 +86,13 @@ class Notifier:
         cluster's leader); ``announced`` is the state subscribers last heard, from whichever
         instance announced it: a change since is announced now (none is skipped), and none
         is repeated."""
-        self.announcing = True
+        self._announcing = True
         self._announced_state = announced
         return self.repository_state(state, now)
 
     def follow(self) -> None:
         """Another instance announces the repository state (issue 18 point 4)."""
-        self.announcing = False
+        self._announcing = False
 
     def elements_changed(self, config: ServerConfig, now: datetime) -> list[Command]:
         """RepositoryElementsChangeEvent with the repository configuration (bdsrr 3.2.4.6)."""
