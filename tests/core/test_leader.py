@@ -153,3 +153,25 @@ def test_an_instance_leaving_quietly_announces_nothing_more() -> None:
     commands = t.server.processing(ProcessingStarted(token), t.clock)
     assert not any(isinstance(c, AnnounceRepositoryState) for c in commands)
     assert summaries(commands) == []
+
+
+def test_the_repository_stays_processing_until_every_instance_s_job_has_ended() -> None:
+    """Two jobs Processing on other instances, one ends: the rows still make Processing, so
+    the leader's tick says nothing; the other ends: Idle, once (the end-to-end test in
+    tests/e2e/test_cluster_leader.py cannot tell an early Idle from the right one: both give
+    the same sequence of states once the second job has ended)."""
+    t = InProcessTransport()
+    subscribe(t, t.server.config.dsc_url)
+    tokens = [processing_elsewhere(t)]
+    assert t.server.tick(t.clock)[0] == AnnounceRepositoryState(
+        RepositoryState.PROCESSING, RepositoryState.IDLE
+    )
+    tokens.append(processing_elsewhere(t))
+    for token, said in zip(tokens, ([], [RepositoryState.IDLE]), strict=True):
+        record = t.server.jobs.get(token)
+        assert record is not None
+        t.server.absorb([record.evolve(state=JobState.COMPLETED)])
+        commands = t.server.tick(t.clock)
+        assert [c.state for c in commands if isinstance(c, AnnounceRepositoryState)] == said
+        assert len(summaries(commands)) == len(said)
+    assert t.server.tick(t.clock) == []
