@@ -148,9 +148,10 @@ TRY_LEADER = "SELECT pg_try_advisory_lock(%s)"
 #: The instances alive besides ``id`` (not gone: :data:`GONE`).
 OTHERS_ALIVE = f"SELECT count(*) FROM instances i WHERE i.id <> %s AND NOT {GONE}"
 
-_LIST = """
+#: ``state`` follows :data:`GONE`, read here rather than ruled again in Python.
+_LIST = f"""
     SELECT i.id::text, i.name, i.address, i.host, i.pid, i.started,
-           EXTRACT(EPOCH FROM now() - i.heartbeat)::float8, i.stopped, i.lease_seconds,
+           EXTRACT(EPOCH FROM now() - i.heartbeat)::float8, i.stopped, {GONE},
            EXISTS (
                SELECT 1 FROM pg_locks l
                WHERE l.locktype = 'advisory' AND l.granted AND l.pid = i.lock_backend
@@ -187,7 +188,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
         started,
         age,
         stopped,
-        lease,
+        gone,
         locked,
         leases,
         waiting,
@@ -197,7 +198,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
         state: InstanceState
         if stopped is not None:
             state = "stopped"
-        elif replaced_by is not None or float(age) > float(lease):
+        elif gone:
             state = "down"
         else:
             state = "up"
