@@ -41,10 +41,6 @@ class DocumentsWrite:
     def whole(self) -> bool:
         return self.start == 0
 
-    @property
-    def document_ids(self) -> list[int]:
-        return [row[1] for row in self.rows]
-
     def columns(self) -> dict[str, object]:
         """The rows as the array parameters of PostgreSQL's ``unnest`` (one per column)."""
         return {
