@@ -24,7 +24,8 @@ whole story).
 - **Heartbeat** (:meth:`LeaseKeeper.beat`, in the cluster's heartbeat thread, never the event
   loop): one statement renews every lease held and tells which jobs ended on another instance
   (a CancelPostScanJob answered there: StopProcessing within a heartbeat; not one whose end
-  this instance wrote, :meth:`LeaseKeeper.written`) and which were taken over; an instance that cannot renew stops its filters before its leases end.  Then the sweep:
+  this instance wrote, :meth:`LeaseKeeper.written`) and which were taken over; an instance
+  that cannot renew stops its filters before its leases end.  Then the sweep:
   up to as many jobs as the engine has free places, among those whose lease expired (or that
   nobody claimed), are claimed, ``FOR UPDATE SKIP LOCKED`` so each by one instance only, and
   resumed with R13 (``ScanServer.resume``).  Every instance sweeps: a rescue does not wait for
@@ -192,8 +193,7 @@ class LeaseKeeper:
         engine tells when the place is free: :meth:`wake`); or a job taken up needs no engine
         after all (it ended meanwhile): let go."""
         with self._lock:
-            epoch = self._held.pop(token, None)
-            self._ended_here.pop(token, None)
+            epoch = self._let_go(token)
         if epoch is None:
             return
         try:
@@ -210,8 +210,7 @@ class LeaseKeeper:
         and the spool does not, a released job would be taken again at every heartbeat; the
         lease spaces the attempts."""
         with self._lock:
-            epoch = self._held.pop(token, None)
-            self._ended_here.pop(token, None)
+            epoch = self._let_go(token)
         if epoch is not None:
             log.warning(
                 "job %s: its lease (epoch %d) is left to run out: an instance resumes the job "
@@ -253,8 +252,7 @@ class LeaseKeeper:
         self._closed.set()
         self._wanted.set()  # the take-up thread ends
         with self._claiming, self._lock:
-            held, self._held = self._held, {}
-            self._ended_here.clear()
+            held = self._let_go_all()
         for token, epoch in held.items():
             try:
                 self._leases.release(token, epoch)
@@ -311,11 +309,8 @@ class LeaseKeeper:
         if write.lease is None or isinstance(write.command, DropJob):
             return
         token = write.command.job.token
-        with self._lock:
-            if self._held.get(token) != write.lease[1]:
-                return  # already dropped
-            del self._held[token]
-            self._ended_here.pop(token, None)
+        if not self._drop(token, write.lease[1]):
+            return  # already dropped
         log.error(
             "job %s: a write of its filters was refused (lease epoch %d lost, or the job "
             "changed on another instance): its filters stop here and write nothing more",
@@ -407,9 +402,19 @@ class LeaseKeeper:
         with self._lock:
             if self._held.get(token) != epoch:
                 return False
-            del self._held[token]
-            self._ended_here.pop(token, None)
+            self._let_go(token)
             return True
+
+    def _let_go(self, token: str) -> int | None:
+        """Under ``_lock``: ``token`` is no longer held here; the epoch it was held with."""
+        self._ended_here.pop(token, None)
+        return self._held.pop(token, None)
+
+    def _let_go_all(self) -> dict[str, int]:
+        """Under ``_lock``: nothing is held here any more; what was (token -> epoch)."""
+        held, self._held = self._held, {}
+        self._ended_here.clear()
+        return held
 
     def _ended_here_with(self, token: str, epoch: int) -> bool:
         with self._lock:
@@ -424,8 +429,7 @@ class LeaseKeeper:
         # jobs then, so their filters stop now (lesson 2: no two runs of one job).
         if silent + self._heartbeat >= self._leases.lease_seconds:
             with self._lock:
-                tokens, self._held = list(self._held), {}
-                self._ended_here.clear()
+                tokens = list(self._let_go_all())
             for token in tokens:
                 log.error(
                     "job %s: its lease could not be renewed for %.0f s: its filters stop "
