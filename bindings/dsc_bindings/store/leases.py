@@ -113,7 +113,7 @@ _TAKE_HOME = f"""
         lease_until = now() + make_interval(secs => %(lease)s)
     FROM earlier
     WHERE j.token = earlier.token
-    RETURNING j.token, earlier.lease_owner, j.lease_epoch
+    RETURNING j.token, earlier.lease_owner, j.lease_epoch, false
 """
 
 
@@ -205,13 +205,8 @@ class JobLeases:
 
 
 def _rescued(found: list[tuple[Any, ...]]) -> list[Rescued]:
-    """Rows of token, previous owner, epoch and (``_RESCUE``) whether nobody held it."""
+    """Rows of token, previous owner, epoch and whether nobody held it."""
     return [
-        Rescued(
-            str(token),
-            None if previous is None else str(previous),
-            int(epoch),
-            bool(free[0]) if free else False,
-        )
-        for token, previous, epoch, *free in found
+        Rescued(str(token), None if previous is None else str(previous), int(epoch), bool(free))
+        for token, previous, epoch, free in found
     ]
