@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
@@ -68,6 +68,27 @@ def expire(dsn: str, token: str) -> None:
 def end(records: PostgresRecords, token: str, version: int, state: JobState) -> None:
     job = make_job(token, state=state)
     records.write(VersionedWrite(UpdateJob(job, JobInput.CANCEL, ()), version, 0))
+
+
+def keeper_of(
+    leases: JobLeases,
+    *,
+    stop: Callable[[str], None] = lambda token: None,
+    resume: Callable[[list[Rescued]], None] = lambda rescued: None,
+    free_slots: Callable[[], int],
+    slots: int = 1,
+) -> LeaseKeeper:
+    """A LeaseKeeper of ``leases`` with the tests' heartbeat (a second), tokens named as
+    themselves, and nothing to stop or resume unless given."""
+    return LeaseKeeper(
+        leases,
+        heartbeat_seconds=1.0,
+        stop=stop,
+        resume=resume,
+        free_slots=free_slots,
+        slots=slots,
+        name_of=str,
+    )
 
 
 def test_one_claim_wins(records: PostgresRecords) -> None:
@@ -282,14 +303,10 @@ def test_the_keeper_leases_only_what_its_engine_runs(records: PostgresRecords) -
         make_pending(records, token, "a")
     running: set[str] = set()
     resumed: list[list[str]] = []
-    keeper = LeaseKeeper(
+    keeper = keeper_of(
         leases_of(records, "a"),
-        heartbeat_seconds=1.0,
-        stop=lambda token: None,
         resume=lambda rescued: resumed.append([r.token for r in rescued]),
         free_slots=lambda: 1 - len(running),
-        slots=1,
-        name_of=str,
     )
     assert keeper.claim("first")
     running.add("first")
@@ -319,15 +336,7 @@ def test_the_keeper_stops_what_it_lost_and_writes_nothing_more(
 ) -> None:
     pending(records, "j")
     stopped: list[str] = []
-    keeper = LeaseKeeper(
-        leases_of(records, "a"),
-        heartbeat_seconds=1.0,
-        stop=stopped.append,
-        resume=lambda rescued: None,
-        free_slots=lambda: 1,
-        slots=1,
-        name_of=str,
-    )
+    keeper = keeper_of(leases_of(records, "a"), stop=stopped.append, free_slots=lambda: 1)
     assert keeper.claim("j")
     expire(dsn, "j")
     assert [r.token for r in leases_of(records, "b").rescue(1)] == ["j"]
@@ -351,15 +360,7 @@ def test_a_job_ended_here_as_the_leases_renew_is_not_logged_as_ended_elsewhere(
     pending(records, "done")
     pending(records, "canceled")
     stopped: list[str] = []
-    keeper = LeaseKeeper(
-        leases_of(records, "a"),
-        heartbeat_seconds=1.0,
-        stop=stopped.append,
-        resume=lambda rescued: None,
-        free_slots=lambda: 2,
-        slots=2,
-        name_of=str,
-    )
+    keeper = keeper_of(leases_of(records, "a"), stop=stopped.append, free_slots=lambda: 2, slots=2)
     assert keeper.claim("done") and keeper.claim("canceled")
     # The engine's last report, fenced with the lease and written as the writer does it.
     completed = make_job("done", state=JobState.COMPLETED)
@@ -389,14 +390,11 @@ def test_the_keeper_of_a_new_run_resumes_its_folder_s_jobs_once_at_its_first_bea
     old = leases_of(records, "a")
     assert all(old.claim(t) == 1 for t in ("j1", "j2", "j3"))
     resumed: list[list[Rescued]] = []
-    keeper = LeaseKeeper(
+    keeper = keeper_of(
         JobLeases(records.database, "instance-a2", old.home, LEASE),
-        heartbeat_seconds=1.0,
-        stop=lambda token: None,
         resume=resumed.append,
         free_slots=lambda: 0,  # the engine is full: the sweep alone would take nothing
         slots=3,
-        name_of=str,
     )
     keeper.start()
     assert keeper.held() == {"j1": 2, "j2": 2, "j3": 2}
@@ -412,15 +410,7 @@ def test_the_keeper_stops_its_filters_before_a_lease_it_cannot_renew_ends(
     pending(records, "j")
     stopped: list[str] = []
     leases = leases_of(records, "a", lease=2.0)
-    keeper = LeaseKeeper(
-        leases,
-        heartbeat_seconds=1.0,
-        stop=stopped.append,
-        resume=lambda rescued: None,
-        free_slots=lambda: 1,
-        slots=1,
-        name_of=str,
-    )
+    keeper = keeper_of(leases, stop=stopped.append, free_slots=lambda: 1)
     assert keeper.claim("j")
     records.database.close()  # the database is out of reach from now on
     keeper.beat(False)
