@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,13 +73,21 @@ def _local(el: etree._Element) -> str:
     return etree.QName(el).localname if isinstance(el.tag, str) else ""
 
 
+@contextmanager
+def serving(subscriber: Subscriber) -> Iterator[Subscriber]:
+    """``subscriber`` answering on a thread of its own until the block ends."""
+    threading.Thread(target=subscriber.serve_forever, daemon=True).start()
+    try:
+        yield subscriber
+    finally:
+        subscriber.shutdown()
+        subscriber.server_close()
+
+
 @pytest.fixture
 def subscriber() -> Iterator[Subscriber]:
-    sink = Subscriber()
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    yield sink
-    sink.shutdown()
-    sink.server_close()
+    with serving(Subscriber()) as sink:
+        yield sink
 
 
 def subscribe(client: Soap, address: str) -> str:
@@ -176,16 +185,11 @@ def test_renew_get_status_and_unsubscribe_on_other_instances(
     with pytest.raises(dc.ClientFault):
         manage(a, A.RENEW, identifier, "Renew")
     # Nothing more for it: a second subscriber hears a later job, the first nothing at all.
-    later = Subscriber()
-    threading.Thread(target=later.serve_forever, daemon=True).start()
-    try:
+    with serving(Subscriber()) as later:
         subscribe(c, later.url)
         token = b.create(SHARE)
         wait_for(lambda: job_events(later, token), 20, "the second subscriber's event")
         assert subscriber.messages() == []
-    finally:
-        later.shutdown()
-        later.server_close()
 
 
 def test_killing_the_delivery_owner_another_sends_the_rest_at_most_one_twice(
@@ -194,9 +198,7 @@ def test_killing_the_delivery_owner_another_sends_the_rest_at_most_one_twice(
     dsn = pg.new_database()
     config = cluster_config(tmp_path, dsn)
     servers = [start(instances, tmp_path, config) for _ in range(3)]
-    slow = Subscriber(delay=0.2)
-    threading.Thread(target=slow.serve_forever, daemon=True).start()
-    try:
+    with serving(Subscriber(delay=0.2)) as slow:
         identifier = subscribe(Soap(servers[0].url), slow.url)
         first = Soap(servers[0].url).create(SHARE)
         wait_for(lambda: job_events(slow, first), 20, "the first event")
@@ -212,9 +214,6 @@ def test_killing_the_delivery_owner_another_sends_the_rest_at_most_one_twice(
         assert sum(n - 1 for n in ids.values()) <= 1, ids  # the one in flight, same MessageID
         assert delivery_owner(dsn, identifier) not in (None, owner_pid)
         wait_for(lambda: outbox_rows(dsn) == 0, 10, "the outbox emptied")
-    finally:
-        slow.shutdown()
-        slow.server_close()
 
 
 def test_the_subscription_survives_restarting_every_instance(

@@ -13,7 +13,6 @@ Short settings (test_cluster.cluster_config): a heartbeat every 0.2 s, leases of
 from __future__ import annotations
 
 import asyncio
-import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +28,8 @@ from dsc_core import names
 from dsc_core.model import EmailInstructions
 from e2e_support import Relay, ServerProcess, Soap, free_port
 from test_cluster import PNG, cluster_config, instances, start
-from test_cluster_events import Subscriber, delivery_owner, manage
-from test_delivery import Healthy
+from test_cluster_events import Subscriber, delivery_owner, manage, serving
+from test_delivery import Failing, Healthy
 from waiting import wait_for
 
 if TYPE_CHECKING:
@@ -81,11 +80,8 @@ def relay() -> Iterator[Turnstile]:
 
 @pytest.fixture
 def sink() -> Iterator[Subscriber]:
-    subscriber = Subscriber()
-    threading.Thread(target=subscriber.serve_forever, daemon=True).start()
-    yield subscriber
-    subscriber.shutdown()
-    subscriber.server_close()
+    with serving(Subscriber()) as subscriber:
+        yield subscriber
 
 
 def config_with_relay(tmp_path: Path, dsn: str, relay: Turnstile) -> Path:
@@ -269,35 +265,6 @@ def test_only_the_leader_ends_an_expired_subscription_once(
     for server in (leader, other):
         with pytest.raises(dc.ClientFault):
             manage(Soap(server.url), A.GET_STATUS, identifier, "GetStatus")
-
-
-class Failing(http.server.ThreadingHTTPServer):
-    """A subscriber that answers every notification HTTP 500 (a failed delivery, R7)."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with outer.lock:
-                    outer.count += 1
-                self.send_response(500)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/events"
 
 
 def test_the_failure_count_survives_a_change_of_delivery_owner(

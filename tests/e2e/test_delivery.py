@@ -45,6 +45,8 @@ ENDLESS_BODY = 50
 
 class Healthy(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    #: The answer to every notification (202: delivered).
+    status = 202
 
     def __init__(self) -> None:
         self.received: list[tuple[float, bytes]] = []
@@ -56,7 +58,7 @@ class Healthy(http.server.ThreadingHTTPServer):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with outer.lock:
                     outer.received.append((time.monotonic(), body))
-                self.send_response(202)
+                self.send_response(outer.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -68,6 +70,17 @@ class Healthy(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/events"
+
+
+class Failing(Healthy):
+    """A subscriber that answers every notification HTTP 500 (a failed delivery, R7)."""
+
+    status = 500
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.received)
 
 
 class Hostile:
@@ -341,20 +354,6 @@ def test_answers_are_read_with_caps() -> None:
 # --- the core and the hub together, over a real binding ----------------------------------------
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
-    """A NotifyTo that answers every notification with HTTP 500 (a failed delivery, R7)."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.server.count += 1  # type: ignore[attr-defined]
-        self.send_response(500)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.mark.parametrize("binding", ["async", "blocking"])
 def test_delivery_failure_ends_the_subscription_and_nothing_more_is_sent(
     tmp_path: Path, binding: str
@@ -363,8 +362,7 @@ def test_delivery_failure_ends_the_subscription_and_nothing_more_is_sent(
     DeliveryFailure at its EndTo; the notifications raised meanwhile are dropped."""
     from test_http_bindings import Raw, call, create_job, running, subscriber
 
-    failing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    failing.count = 0  # type: ignore[attr-defined]
+    failing = Failing()
     threading.Thread(target=failing.serve_forever, daemon=True).start()
     try:
         with subscriber() as (base, received), running(binding, tmp_path) as srv:
@@ -373,7 +371,7 @@ def test_delivery_failure_ends_the_subscription_and_nothing_more_is_sent(
             etree.SubElement(end_to, f"{{{names.WSA}}}Address").text = f"{base}/end"
             delivery = etree.SubElement(request, f"{{{names.WSE}}}Delivery", Mode=names.PUSH_MODE)
             notify_to = etree.SubElement(delivery, f"{{{names.WSE}}}NotifyTo")
-            address = f"http://127.0.0.1:{failing.server_address[1]}/events"
+            address = failing.url
             etree.SubElement(notify_to, f"{{{names.WSA}}}Address").text = address
             client = Raw(srv.port)
             assert call(client, A.SUBSCRIBE, request, to=srv.config.dsp_url).action == (
@@ -389,7 +387,7 @@ def test_delivery_failure_ends_the_subscription_and_nothing_more_is_sent(
             for _ in range(4):  # later events: the subscription is gone, nothing is sent
                 create_job(client)
             time.sleep(0.3)
-            assert failing.count == 3  # type: ignore[attr-defined]
+            assert failing.count == 3
             client.close()
     finally:
         failing.shutdown()
