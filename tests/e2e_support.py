@@ -294,6 +294,16 @@ def started_servers() -> Iterator[Callable[[ServerProcess], ServerProcess]]:
                 server.stop_cleanly()
 
 
+def on_threads(target: Callable[..., object], calls: Iterable[tuple[object, ...]]) -> None:
+    """``target(*args)`` for each ``args`` of ``calls`` at once, each on a thread of its own
+    (the scanners of a test at the same time); returns when all ended (60 s each at most)."""
+    threads = [threading.Thread(target=target, args=args) for args in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
 # --- the dsc client commands -------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import pytest
 from cluster_support import upload_rows
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, Soap, started_servers
+from e2e_support import DEFAULT_SID, ServerProcess, Soap, on_threads, started_servers
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
 from test_e2e_serve import LOCAL_SHARE, files_under, user_folder
 from waiting import wait_for
@@ -283,11 +283,7 @@ def create_at_once(cluster: Cluster, count: int) -> tuple[list[str], list[dc.Cli
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=creator, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    on_threads(creator, ((n,) for n in range(count)))
     assert errors == [], errors
     assert len(tokens) + len(refusals) == count
     return tokens, refusals
@@ -354,13 +350,7 @@ def create_from_many_clients(
             with lock:
                 tokens.setdefault(source, []).append(token)
 
-    threads = [
-        threading.Thread(target=creator, args=(n, source)) for n, source in enumerate(sources)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    on_threads(creator, enumerate(sources))
     assert errors == [], errors
     assert sum(map(len, tokens.values())) + len(refusals) == len(sources)
     return tokens, refusals
@@ -443,11 +433,7 @@ def test_concurrent_scans_on_all_instances(cluster: Cluster) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=scanner, args=(n,)) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    on_threads(scanner, ((n,) for n in range(3)))
     assert errors == [], errors
     for token in tokens:
         ended = cluster.clients[1].wait_ended(token)

@@ -21,7 +21,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from dsc_core.model import EmailInstructions
-from e2e_support import HeldRelay, ServerProcess, Soap, free_port, started_servers
+from e2e_support import HeldRelay, ServerProcess, Soap, free_port, on_threads, started_servers
 from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
 from waiting import wait_for
 
@@ -125,11 +125,7 @@ def end_jobs_on(server: ServerProcess, count: int) -> list[str]:
             with lock:
                 tokens.append(token)
 
-    threads = [threading.Thread(target=scan, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    on_threads(scan, ((n,) for n in range(count)))
     assert errors == [], errors
     return tokens
 
