@@ -109,17 +109,6 @@ def create_lookups(request: Request) -> Lookups:
     )
 
 
-def creating_quota_reached(origin: str, limit: int) -> faults.SoapFault:
-    """The R13 quota's fault (docs/rulings.md, "Fault reason texts"): ``origin`` holds
-    ``limit`` jobs in Creating."""
-    return faults.limit_reached(
-        NS,
-        f"The client {origin} already has as many jobs in Creating as it may",
-        "max_creating_jobs_per_user",
-        limit,
-    )
-
-
 def creation_refused(
     limits: Limits, active: int, origin: str, held: int
 ) -> faults.SoapFault | None:
@@ -138,8 +127,14 @@ def creation_refused(
         )
     # R13 quota: per user (certificate identity), else per client address, so one scanner
     # holding Creating jobs cannot lock out the others; a retry after its jobs end succeeds.
+    # Reason text: docs/rulings.md, "Fault reason texts".
     if held >= limits.max_creating_jobs_per_user:
-        return creating_quota_reached(origin, limits.max_creating_jobs_per_user)
+        return faults.limit_reached(
+            NS,
+            f"The client {origin} already has as many jobs in Creating as it may",
+            "max_creating_jobs_per_user",
+            limits.max_creating_jobs_per_user,
+        )
     # Issue 14 (lockouts): many clients, each under its quota, can still fill every slot; the
     # last ones are kept for clients holding no Creating job (config.reserved_slots), so a
     # scanner that arrives then is served.
