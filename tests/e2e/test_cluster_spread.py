@@ -5,7 +5,7 @@ unanswered) until the test lets it go, so where each job runs is fixed while it 
 
 a leases only the job its engine runs and passes the others on; b, woken by the job feed's
 doorbell (``<token>:claimable``), takes as many as it has places; the rest wait with no lease,
-for whichever instance frees a place first.  The heartbeat is 30 s (the lease 90 s), longer
+for whichever instance frees a place first.  The heartbeat is 300 s (the lease 900 s), far longer
 than any wait here: what moves the jobs is the doorbell and the freed places, not a sweep."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def pair(tmp_path: Path, pg: PgCluster, s3: S3Server) -> Iterator[Pair]:
     dsn = pg.new_database()
     secret = secret_file(tmp_path, S3_SECRET_KEY)
     common = (
-        "[cluster]\nheartbeat_seconds = 30\nlease_seconds = 90\n\n"
+        "[cluster]\nheartbeat_seconds = 300\nlease_seconds = 900\n\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
         "timeout = 60\n\n"
         f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
