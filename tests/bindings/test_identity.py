@@ -47,8 +47,9 @@ def test_two_processes_creating_the_identity_at_once_both_succeed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two workers started on one folder (`uvicorn --workers 2`) may both find no identity
-    and write one; the second is then refused by the folder lock, with that reason.  Here the
-    other process's whole write happens between this one's fsync and its rename."""
+    and write one; neither may fail on the other's temporary file (the refusal of a second
+    worker on SQLite is tested in test_asgi.py and e2e/test_cluster.py).  Here the other
+    process's whole write happens between this one's fsync and its rename."""
     from dsc_bindings.runtime import installation
 
     real_replace, other_wrote = os.replace, []

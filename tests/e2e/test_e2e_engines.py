@@ -140,7 +140,8 @@ def test_a_restarted_server_takes_back_its_running_jobs_at_once(
     three wait unleased, for any instance's free place: runtime/leasing.py).  The restarted run
     takes back the two at once, each with a new epoch, while its engine is still full, instead
     of after the lease (600 s here); the three still wait for a place, held by nobody; then
-    each job is delivered once.  Counted by the jobs' rows, not by time."""
+    each job's file is placed once (mail may be sent again after a kill, as plain SMTP
+    delivery may repeat, so it is not counted).  Counted by the jobs' rows, not by time."""
     config, dsn, _ = engines_config(tmp_path, pg, s3)
     relay = HeldRelay()
     smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
