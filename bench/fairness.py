@@ -53,6 +53,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
 
+from http_servers import drain_stdin, run_aiohttp  # noqa: E402
 from wrk_options import missing, wrk_options  # noqa: E402
 
 #: Server name -> (what it runs, its event loop).
@@ -115,7 +116,7 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def serve_handwritten(loop: str, log: AnswerLog) -> None:
-    from aiohttp import web, web_protocol
+    from aiohttp import web_protocol
     from handwritten_aiohttp import make_app
 
     made = web_protocol.RequestHandler.connection_made
@@ -124,20 +125,7 @@ def serve_handwritten(loop: str, log: AnswerLog) -> None:
         made(self, log.transport(transport))
 
     web_protocol.RequestHandler.connection_made = connection_made  # type: ignore[method-assign]
-
-    async def main() -> None:
-        runner = web.AppRunner(make_app())
-        await runner.setup()
-        sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        await web.SockSite(runner, sock).start()
-        print(f"port {sock.getsockname()[1]}", flush=True)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, _drain_stdin)
-        finally:
-            await runner.cleanup()
-
-    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
-        runner.run(main())
+    run_aiohttp(0, make_app(), loop_factory(loop))
 
 
 def serve_asgi(loop: str, log: AnswerLog, data: Path, *, stock: bool = False) -> None:
@@ -169,15 +157,10 @@ def serve_asgi(loop: str, log: AnswerLog, data: Path, *, stock: bool = False) ->
             threading.Thread(target=self._stop_at_eof, daemon=True).start()
 
         def _stop_at_eof(self) -> None:
-            _drain_stdin()
+            drain_stdin()
             self.should_exit = True
 
     Server(config).run(sockets=[sock])
-
-
-def _drain_stdin() -> None:
-    while sys.stdin.buffer.read(4096):
-        pass
 
 
 def serve(args: argparse.Namespace) -> int:

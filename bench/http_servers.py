@@ -23,13 +23,14 @@ benchmark needs no signals to end them.  Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import itertools
 import os
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h11
@@ -145,11 +146,11 @@ def run_blocking(port: int) -> None:
 # --- aiohttp: fixed bytes, and the hand-written aiohttp + lxml server ---------------------------
 
 
-def run_aiohttp(port: int, app: object) -> None:
-    """Serve ``app`` (an aiohttp Application) as ``web.run_app`` would, on asyncio's own loop,
-    until stdin closes."""
-    import asyncio
-
+def run_aiohttp(
+    port: int, app: object, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> None:
+    """Serve ``app`` (an aiohttp Application) as ``web.run_app`` would, on asyncio's own loop
+    (or ``loop_factory``'s), until stdin closes."""
     from aiohttp import web
 
     assert isinstance(app, web.Application)
@@ -162,14 +163,15 @@ def run_aiohttp(port: int, app: object) -> None:
         print(f"port {sock.getsockname()[1]}", flush=True)
         try:
             # stdin read on a thread that sleeps in read(): no signals, no polling.
-            await asyncio.get_running_loop().run_in_executor(None, _drain_stdin)
+            await asyncio.get_running_loop().run_in_executor(None, drain_stdin)
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
 
 
-def _drain_stdin() -> None:
+def drain_stdin() -> None:
     while sys.stdin.buffer.read(4096):
         pass
 
