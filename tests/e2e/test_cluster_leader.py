@@ -27,7 +27,7 @@ from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions
 from e2e_support import Relay, ServerProcess, Soap, free_port
-from test_cluster import PNG, cluster_config, instances, start
+from test_cluster import PNG, by_pid, cluster_config, instances, start
 from test_cluster_events import Subscriber, delivery_owner, manage, serving
 from test_delivery import Failing, Healthy
 from waiting import wait_for
@@ -246,6 +246,9 @@ def test_only_the_leader_ends_an_expired_subscription_once(
     dsn = pg.new_database()
     config = cluster_config(tmp_path, dsn)
     leader, other = (start(instances, tmp_path, config) for _ in range(2))
+    # The first started takes the lock; said here, so that a change of that fails as itself
+    # rather than as a missing log line below.
+    assert by_pid(config)[leader.pid]["leader"], by_pid(config)
     identifier = subscribe(Soap(other.url), sink.url, expires="PT2S")
 
     def row() -> tuple[bool, int]:
