@@ -6,6 +6,7 @@ of what it lost and leases only what its engine runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -70,6 +71,17 @@ def end(records: PostgresRecords, token: str, version: int, state: JobState) -> 
     records.write(VersionedWrite(UpdateJob(job, JobInput.CANCEL, ()), version, 0))
 
 
+@dataclasses.dataclass(frozen=True)
+class Places:
+    """An engine's places as the keeper asks for them (runtime/leasing.py ``EnginePlaces``)."""
+
+    free: Callable[[], int]
+    slots: int
+
+    def free_slots(self) -> int:
+        return self.free()
+
+
 def keeper_of(
     leases: JobLeases,
     *,
@@ -79,14 +91,14 @@ def keeper_of(
     slots: int = 1,
 ) -> LeaseKeeper:
     """A LeaseKeeper of ``leases`` with the tests' heartbeat (a second), tokens named as
-    themselves, and nothing to stop or resume unless given."""
+    themselves, an engine of ``slots`` places of which ``free_slots()`` are free, and nothing
+    to stop or resume unless given."""
     return LeaseKeeper(
         leases,
         heartbeat_seconds=1.0,
         stop=stop,
         resume=resume,
-        free_slots=free_slots,
-        slots=slots,
+        engine=Places(free_slots, slots),
         name_of=str,
     )
 

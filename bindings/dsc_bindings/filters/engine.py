@@ -113,6 +113,11 @@ class ProcessingEngine:
                 self._workers.add(worker)
                 worker.start()
 
+    @property
+    def slots(self) -> int:
+        """Its places: ``max_jobs`` (runtime/leasing.py holds at most this many leases)."""
+        return self._max_jobs
+
     def free_slots(self) -> int:
         """How many more jobs would start at once (none queued, fewer running than
         ``max_jobs``): the lease sweep takes at most this many (runtime/leasing.py)."""

@@ -39,18 +39,33 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import EventsWrite, VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_core import Command, DropJob
 
-__all__ = ["LeaseKeeper"]
+__all__ = ["EnginePlaces", "LeaseKeeper"]
 
 log = logging.getLogger("dsc.cluster")
 
 #: The epoch of a fence no lease has: the store refuses such a write without being asked.
 NO_LEASE = -1
+
+
+class EnginePlaces(Protocol):
+    """What the keeper asks of this instance's engine (filters/engine.py ``ProcessingEngine``):
+    one object, so that its size and its free places cannot disagree."""
+
+    @property
+    def slots(self) -> int:
+        """The engine's places: at most this many leases held at once (module doc)."""
+        ...
+
+    def free_slots(self) -> int:
+        """How many more jobs would start at once."""
+        ...
 
 
 class LeaseKeeper:
@@ -65,17 +80,14 @@ class LeaseKeeper:
         heartbeat_seconds: float,
         stop: Callable[[str], None],
         resume: Callable[[list[Rescued]], None],
-        free_slots: Callable[[], int],
-        slots: int,
+        engine: EnginePlaces,
         name_of: Callable[[str], str],
     ) -> None:
         self._leases = leases
         self._heartbeat = heartbeat_seconds
         self._stop = stop
         self._resume = resume
-        self._free_slots = free_slots
-        #: The engine's places: at most this many leases held at once (module doc).
-        self._slots = slots
+        self._engine = engine
         self._name_of = name_of
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
@@ -168,7 +180,7 @@ class LeaseKeeper:
         the leases taken and not yet handed to it."""
         with self._lock:
             held = len(self._held)
-        return min(self._free_slots(), self._slots - held)
+        return min(self._engine.free_slots(), self._engine.slots - held)
 
     def _pass_on(self, token: str) -> None:
         try:
@@ -185,7 +197,7 @@ class LeaseKeeper:
             "job %s waits for a free engine place: the first instance with one runs it "
             "(all %d busy here)",
             token,
-            self._slots,
+            self._engine.slots,
         )
 
     def finished(self, token: str) -> None:

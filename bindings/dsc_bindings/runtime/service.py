@@ -261,7 +261,7 @@ class ScanService:
         try:
             jobs = self._load_jobs(store)
             self.observer.open(jobs, self.clock())
-            self._engine = ProcessingEngine(
+            self._engine = engine = ProcessingEngine(
                 self.filter_settings,
                 self._documents_of,
                 self._engine_report,
@@ -269,7 +269,7 @@ class ScanService:
                 max_jobs=self._max_processing_jobs,
                 freed=self._engine_freed,
             )
-            self._leases = self._lease_keeper(store)
+            self._leases = self._lease_keeper(store, engine)
             self._writer.start()
             self._hub.start()
             config = self.config
@@ -455,7 +455,7 @@ class ScanService:
         else:
             self.server.follow()
 
-    def _lease_keeper(self, store: JobStore) -> LeaseKeeper | None:
+    def _lease_keeper(self, store: JobStore, engine: ProcessingEngine) -> LeaseKeeper | None:
         """A shared store in a cluster: the job leases (.leasing); None otherwise."""
         if self.cluster is None or not isinstance(store, SplitStore) or not store.shared:
             return None
@@ -475,8 +475,7 @@ class ScanService:
             heartbeat_seconds=self._cluster_settings.heartbeat_seconds,
             stop=self._stop_filters,
             resume=self._resume_rescued,
-            free_slots=lambda: 0 if self._engine is None else self._engine.free_slots(),
-            slots=self._max_processing_jobs,
+            engine=engine,
             name_of=self._instance_name,
         )
         keeper.start()
@@ -487,8 +486,7 @@ class ScanService:
 
         self._journal_of = journal_of
         self.filter_settings = self._with_directory(self.filter_settings)
-        if self._engine is not None:
-            self._engine.set_settings(self.filter_settings)
+        engine.set_settings(self.filter_settings)
         return keeper
 
     def _instance_name(self, instance_id: str) -> str:
