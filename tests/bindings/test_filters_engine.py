@@ -6,6 +6,7 @@ engine before the report returns, as ``ScanService`` does."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -41,7 +42,14 @@ from dsc_core.model import (
     JobStateReason,
     SharePointInstructions,
 )
-from test_filters_support import UploadServer, allow, make_documents, make_job, random_bytes
+from test_filters_support import (
+    UploadServer,
+    allow,
+    make_documents,
+    make_job,
+    random_bytes,
+    second_away,
+)
 
 BAD = FileShareInstructions((r"\\h\s\..\..\etc",))  # refused (R9): Canceled, denied
 GOOD = FileShareInstructions((r"\\h\s",))
@@ -456,6 +464,109 @@ def test_an_interrupted_filter_fails_nothing_and_hands_the_job_back(tmp_path: Pa
         ProcessingFinished(job.token),
     ]
     assert recorder.interrupted == [job.token]
+
+
+@pytest.mark.parametrize("kind", ["fileshare", "sharepoint"])
+def test_an_interruption_deep_in_a_filter_leaves_no_outcome_and_the_worker_goes_on(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store stops answering inside a real filter, its first document delivered
+    (test_filters_support.second_away): nothing more of that run is reported, the job is
+    handed back, nothing is logged as a failure, and the engine's one worker (max_jobs 1)
+    runs the next job (a worker that died would keep its place and the job would wait)."""
+    recorder = Recorder()
+    caplog.set_level(logging.WARNING)
+    with UploadServer() as server:
+        instructions = GOOD
+        if kind == "sharepoint":
+            instructions = SharePointInstructions(False, (server.url("/site"),))
+        docs = make_documents(tmp_path / "spool", ("png", b"image one"), ("pdf-a", b"%PDF two"))
+        away, following = make_job(instructions), make_job(instructions)
+        engine = _engine(
+            tmp_path,
+            recorder,
+            documents_of=lambda job: second_away(docs) if job is away else docs,
+            server=server,
+            max_jobs=1,
+        )
+        engine.start(away)
+        engine.start(following)
+        recorder.wait_finished(following.token)
+        engine.close(5)
+    assert recorder.interrupted == [away.token]
+    assert recorder.of(away.token) == [ProcessingStarted(away.token), FilterStarted(away.token, 0)]
+    [finished] = [e for e in recorder.of(following.token) if isinstance(e, FilterFinished)]
+    assert finished.state is FilterState.COMPLETED_SUCCESSFULLY
+    assert [r.levelname for r in caplog.records if r.levelno > logging.WARNING] == []
+    assert any("were interrupted" in r.getMessage() for r in caplog.records)
+
+
+def test_a_filters_own_catch_all_does_not_swallow_an_interruption(tmp_path: Path) -> None:
+    """A filter written the way R9's failure mapping invites, as a third party might: its
+    work in ``try``, any ``except Exception`` an UnknownError.  Its store call meets a store
+    that does not answer (store/interruption.py): Interrupted, a BaseException, passes its
+    catch-all and the engine's, so the job is handed back, not failed (as an Exception it
+    became CompletedWithErrors, which aborts the job for good)."""
+    recorder = Recorder()
+    runs: list[str] = []
+
+    def third_party(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome:
+        runs.append(job.token)
+        try:
+            if len(runs) == 1:
+                with interrupting():
+                    raise StoreError("recording a delivery: the database does not answer", True)
+        except Exception:
+            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        return FilterOutcome.success()
+
+    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: third_party}, max_jobs=1)
+    job, following = make_job(GOOD), make_job(GOOD)
+    engine.start(job)
+    engine.start(following)
+    recorder.wait_finished(following.token)
+    engine.close(5)
+    assert recorder.interrupted == [job.token]
+    assert recorder.of(job.token) == [ProcessingStarted(job.token), FilterStarted(job.token, 0)]
+    assert FilterFinished(following.token, 0, FilterState.COMPLETED_SUCCESSFULLY) in recorder.events
+
+
+def test_a_system_exit_in_a_filter_is_no_interruption(tmp_path: Path) -> None:
+    """The engine catches Interrupted by name, not every BaseException: a SystemExit raised
+    in a filter leaves the worker's thread as itself (what Python makes of it there), and the
+    job is not handed back as interrupted (it would be resumed as if the store had not
+    answered)."""
+    recorder = Recorder()
+    left: list[type[BaseException] | None] = []
+
+    def exits(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome:
+        raise SystemExit(3)
+
+    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: exits})
+    job = make_job(GOOD)
+    previous = threading.excepthook
+    threading.excepthook = lambda args: left.append(args.exc_type)
+    try:
+        engine.start(job)
+        recorder.wait(lambda: FilterStarted(job.token, 0) in recorder.events)
+        engine.close(5)  # joins the worker: its thread has ended
+    finally:
+        threading.excepthook = previous
+    assert left == [SystemExit]
+    assert recorder.interrupted == []
+    assert recorder.of(job.token) == [ProcessingStarted(job.token), FilterStarted(job.token, 0)]
 
 
 def test_documents_the_spool_cannot_give_now_interrupt_the_run(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import threading
@@ -19,8 +20,12 @@ from dsc_bindings.filters import (
     sanitize_name,
     sharefolder,
 )
+from dsc_bindings.filters.interruption import Interrupted
+from dsc_bindings.filters.sharejournal import ResumeJournal
+from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.interruption import interrupting
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
-from test_filters_support import make_documents, make_job, random_bytes
+from test_filters_support import make_documents, make_job, random_bytes, second_away
 from waiting import wait_for
 
 
@@ -294,6 +299,42 @@ def test_partial_file_of_the_interrupted_run_is_replaced(tmp_path: Path) -> None
     # The re-run names every file of the job, the one the first run wrote included.
     assert again.delivered == tuple(str(folder / n) for n in _names(folder))
     assert (folder / "inv_0002.png").read_bytes() == b"two" * 5000
+
+
+def test_a_document_the_store_cannot_give_interrupts_the_run_midway(tmp_path: Path) -> None:
+    """The store stops answering as the filter reads document 2, inside the share folder
+    with document 1 delivered: the run ends in Interrupted, no outcome (the guard's
+    ``except Exception`` does not take it, filters/interruption.py), and leaves no partial
+    file; the resumed run (R13) delivers the rest, document 1 once."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+    with pytest.raises(Interrupted):
+        run(job, second_away(docs), settings)
+    assert _names(folder) == ["inv_0001.png"]
+    again = run(job, docs, settings)
+    assert again.state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
+
+
+def test_a_journal_the_store_cannot_answer_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """The file share's own store call (its lease check before a file takes its final name,
+    store/pgdeliveries.py) meets a store that does not answer at document 2: Interrupted goes
+    through the filter's cleanup (``except BaseException: ...; raise``), which takes the
+    temporary file away; nothing of document 2 is visible, and the resumed run writes it."""
+    settings, docs, job, folder = _crash_setup(tmp_path)
+
+    class StoreAwayAtTheSecond(ResumeJournal):
+        def check(self) -> None:
+            if self.done:
+                with interrupting():
+                    raise StoreError("checking the lease: the database does not answer", True)
+
+    journal = StoreAwayAtTheSecond.of(job, docs, 0)
+    away = dataclasses.replace(settings, journal_of=lambda job, documents, index: journal)
+    with pytest.raises(Interrupted):
+        run(job, docs, away)
+    assert _names(folder) == ["inv_0001.png"]
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert _names(folder) == ["inv_0001.png", "inv_0002.png", "inv_0003.pdf"]
 
 
 def test_linked_but_not_journaled_is_not_delivered_twice(tmp_path: Path) -> None:

@@ -18,8 +18,15 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from dsc_bindings.filters import FilterSettings, mail
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_core.model import EmailInstructions, FilterState, FilterStateReason
-from test_filters_support import make_documents, make_job, random_bytes, refused_port
+from test_filters_support import (
+    make_documents,
+    make_job,
+    random_bytes,
+    refused_port,
+    second_away,
+)
 
 
 class Inbox:
@@ -331,6 +338,30 @@ def test_cancel_mid_data_delivers_nothing(tmp_path: Path, inbox: tuple[Inbox, in
     assert result[0].state is FilterState.CANCELED
     time.sleep(0.1)
     assert handler.messages == []
+
+
+def test_a_document_the_store_cannot_give_mid_data_sends_nothing(
+    tmp_path: Path, inbox: tuple[Inbox, int]
+) -> None:
+    """The store stops answering as the filter reads the second attachment, DATA begun and
+    the first attachment sent: the run ends in Interrupted, no outcome (filters/
+    interruption.py), and the connection is dropped without the final ".", so the relay keeps
+    nothing (a message without its end is never taken).  The resumed run (R13) sends the
+    one message."""
+    handler, port = inbox
+    docs = make_documents(tmp_path, ("png", random_bytes(100_000)), ("pdf-a", b"%PDF two"))
+    job = make_job(EmailInstructions(False, ("bob@corp.example",)))
+    settings = _settings(port, chunk_size=16 * 1024)
+    with pytest.raises(Interrupted):
+        _run(job, second_away(docs), settings)
+    assert _run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    [(_sender, recipients, content)] = handler.messages
+    assert recipients == ["bob@corp.example"]
+    attachments = email.message_from_bytes(content, policy=email.policy.default)
+    assert [part.get_filename() for part in attachments.iter_attachments()] == [
+        "Scan_0001.png",
+        "Scan_0002.pdf",
+    ]
 
 
 def test_message_id_is_stable_across_runs(tmp_path: Path, inbox: tuple[Inbox, int]) -> None:

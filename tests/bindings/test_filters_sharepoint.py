@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from dsc_bindings.filters import FilterSettings, sharepoint
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.sites import SitePrefix
 from dsc_core.model import FilterState, FilterStateReason, SharePointInstructions
 from test_filters_support import (
@@ -21,6 +22,7 @@ from test_filters_support import (
     make_job,
     random_bytes,
     refused_port,
+    second_away,
 )
 
 
@@ -141,6 +143,27 @@ def test_https_upload(tmp_path: Path) -> None:
     assert (
         server.headers["/secure/Scan_0001.xps"]["Content-Type"] == "application/vnd.ms-xpsdocument"
     )
+
+
+def test_a_document_the_store_cannot_give_interrupts_the_uploads(tmp_path: Path) -> None:
+    """The store stops answering as the filter reads document 2, document 1 uploaded: the run
+    ends in Interrupted, no outcome (filters/interruption.py), before any request for
+    document 2 (no partial upload).  The resumed run (R13) PUTs both, document 1 to the same
+    URL."""
+    docs = make_documents(tmp_path, ("pdf-a", b"%PDF one"), ("png", b"two"), ("png", b"three"))
+    with UploadServer() as server:
+        job = make_job(SharePointInstructions(False, (server.url("/sites/Scans"),)))
+        with pytest.raises(Interrupted):
+            _run(job, second_away(docs))
+        assert sorted(server.stored) == ["/sites/Scans/Scan_0001.pdf"]
+        assert server.headers.keys() == server.stored.keys()
+        assert _run(job, docs).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert sorted(server.stored) == [
+        "/sites/Scans/Scan_0001.pdf",
+        "/sites/Scans/Scan_0002.png",
+        "/sites/Scans/Scan_0003.png",
+    ]
+    assert server.incomplete == []
 
 
 def test_cancel_mid_upload_leaves_nothing_on_the_server(tmp_path: Path) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from dsc_bindings.filters import FilterOutcome, FilterSettings, fileshare
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.smbfolder import share_problem
 from dsc_bindings.filters.smbsettings import SmbSettings
 from dsc_core.model import Document, FileShareInstructions, FilterState, FilterStateReason, Job
 from smb_support import PASSWORD, USER, SmbServer, need_smbclient
-from test_filters_support import make_documents, make_job, random_bytes
+from test_filters_support import make_documents, make_job, random_bytes, second_away
 from waiting import wait_for
 
 
@@ -157,6 +158,26 @@ def test_a_rerun_delivers_nothing_twice(smbd: SmbServer, tmp_path: Path) -> None
     assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
 
     assert sorted(p.name for p in folder.iterdir()) == ["Scan_0001.pdf", "Scan_0002.pdf"]
+
+
+def test_a_document_the_store_cannot_give_interrupts_the_run_on_the_share(
+    smbd: SmbServer, tmp_path: Path
+) -> None:
+    """The store stops answering as the filter reads document 2, with the share's folder open
+    over SMB and document 1 on it: the run ends in Interrupted, no outcome (filters/
+    interruption.py; the SMB call wrappers catch only SMB and OS errors), nothing partial on
+    the share, and the connection stays usable: the resumed run (R13) over the same pool
+    delivers the rest, document 1 once."""
+    docs = make_documents(tmp_path / "spool", ("pdf-a", b"%PDF one"), ("png", b"two"))
+    job = make_job(FileShareInstructions((rf"\\{smbd.address}\scans\away",)))
+    settings = smb_settings(smbd)
+    folder = smbd.scans / "away" / "alice@corp.example"
+    with pytest.raises(Interrupted):
+        run(job, second_away(docs), settings)
+    assert sorted(p.name for p in folder.iterdir()) == ["Scan_0001.pdf"]
+    assert run(job, docs, settings).state is FilterState.COMPLETED_SUCCESSFULLY
+    assert sorted(p.name for p in folder.iterdir()) == ["Scan_0001.pdf", "Scan_0002.png"]
+    assert settings.smb is not None and len(settings.smb.pool.connections) == 1
 
 
 def test_the_pool_reuses_one_connection_across_jobs(smbd: SmbServer, tmp_path: Path) -> None:

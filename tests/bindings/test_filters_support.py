@@ -11,10 +11,12 @@ import time
 import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any
 
 from dsc_bindings.filters.sites import SitePrefix
+from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.interruption import interrupting
 from dsc_core import names
 from dsc_core.model import (
     Document,
@@ -68,6 +70,25 @@ def make_documents(directory: Path, *contents: tuple[str, bytes]) -> list[tuple[
         path.write_bytes(data)
         result.append((Document(number, fmt, len(data)), path))
     return result
+
+
+class DocumentAway(PosixPath):
+    """A stored document the store cannot give now: reading it meets a temporary StoreError,
+    which the one rule (store/interruption.py) makes Interrupted.  Each filter meets it where it
+    opens the document, deep inside its run: its share folder open, its SMTP DATA begun, its
+    earlier documents delivered."""
+
+    def __fspath__(self) -> str:
+        with interrupting():
+            raise StoreError(f"reading {self.name}: the spool does not answer", temporary=True)
+        raise AssertionError("interrupting() let a temporary StoreError pass")
+
+
+def second_away(documents: list[tuple[Document, Path]]) -> list[tuple[Document, Path]]:
+    """``documents`` with the second one away (:class:`DocumentAway`): the run delivers the
+    first, then the store stops answering (the others come after it, untouched)."""
+    first, (document, path), *rest = documents
+    return [first, (document, DocumentAway(path)), *rest]
 
 
 def refused_port() -> int:

@@ -165,6 +165,8 @@ class ProcessingEngine:
             interrupted = False
             try:
                 self._run(job, cancelled)
+            # By name: the one handler of Interrupted (a BaseException, interruption.py).
+            # Other BaseExceptions (SystemExit) are no interruption and end the thread.
             except Interrupted as exc:
                 interrupted = True
                 log.warning(
@@ -190,7 +192,7 @@ class ProcessingEngine:
                     log.exception("job %s: telling that its place is free failed", job.token)
 
     def _run(self, job: Job, cancelled: threading.Event) -> None:
-        """Run the job's filters; Interrupted passes through (class doc)."""
+        """Run the job's filters; Interrupted passes through to :meth:`_work` (class doc)."""
         token = job.token
         if cancelled.is_set():  # stopped while queued: nothing ran
             self._emit(ProcessingFinished(token))
@@ -200,9 +202,7 @@ class ProcessingEngine:
         documents: list[tuple[Document, Path]] | None
         try:
             documents = list(self._documents_of(job))
-        except Interrupted:
-            raise
-        except Exception:
+        except Exception:  # Interrupted, a BaseException, goes on to _work (interruption.py)
             log.exception("job %s: cannot list its documents", token)
             documents = None
         for index, status in enumerate(job.filters):
@@ -240,9 +240,7 @@ class ProcessingEngine:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         try:
             outcome = runner(job, index, documents, settings, cancelled)
-        except Interrupted:
-            raise
-        except Exception:  # runners never raise; a third-party one might
+        except Exception:  # runners never raise; a third-party one might (not Interrupted)
             log.exception("job %s: filter %d raised", job.token, index)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         if not outcome.state.is_final:

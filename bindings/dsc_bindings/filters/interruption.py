@@ -12,7 +12,17 @@ from __future__ import annotations
 __all__ = ["Interrupted"]
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """The run cannot go on now, through no fault of the job (module doc): raised through a
-    filter (``common.never_raises`` lets it pass) to the engine, which reports nothing more of
-    the run and hands the job back to be resumed."""
+    filter to the engine, which reports nothing more of the run and hands the job back to be
+    resumed (``engine.ProcessingEngine._work``, the one place that catches it).
+
+    A BaseException, not an Exception, for the reason asyncio's ``CancelledError`` (Python 3.8
+    on) and trio's ``Cancelled`` are: it is no error of the code it passes through but an order
+    to stop, and the catch-alls on its way, ``except Exception`` in ``common.never_raises``, in
+    the engine and in any filter a third party writes, exist to turn a bug into a failed
+    filter, which this must never become (a failed filter ends the job Aborted for good,
+    PostScanJobProcessingFailed).  As an Exception every such catch-all had to re-raise it
+    first, and one that forgot failed the job.  What a filter may do with it: clean up in
+    ``finally`` or in ``except BaseException: ...; raise``; never catch BaseException without
+    raising again (docs/architecture.md, "Filters")."""
