@@ -34,7 +34,7 @@ from wrk_options import missing, wrk_options  # noqa: E402
 
 from dsc_core.model import FileShareInstructions  # noqa: E402
 from e2e_support import ServerProcess, Soap  # noqa: E402
-from engines_support import PgCluster, pg_cluster  # noqa: E402
+from engines_support import PgCluster, pg_cluster, store_section  # noqa: E402
 
 OPS = ("GetActiveJobs", "GetRepositoryElements")
 STORES = ("sqlite", "postgresql")
@@ -53,7 +53,7 @@ def store_server(folder: Path, store: str, dsn: str) -> Iterator[ServerProcess]:
     folder.mkdir()
     config = folder / "dsc.toml"
     # The jobs stay Creating for the whole run (no R6 timeout).
-    stored = f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n' if store != "sqlite" else ""
+    stored = store_section(dsn) if store != "sqlite" else ""
     config.write_text(f"[jobs]\ntimeout_seconds = 3600\n\n{stored}")
     (folder / "data").mkdir()
     server = ServerProcess(folder / "data", config=config, binding="async")

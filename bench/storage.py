@@ -54,12 +54,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 from dsc_core.model import FileShareInstructions  # noqa: E402
 from e2e_support import ServerProcess, Soap, Stream  # noqa: E402
 from engines_support import (  # noqa: E402
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
     PgCluster,
     S3Server,
     postgres_bin,
-    secret_file,
+    shared_engine_config,
     weed_binary,
 )
 
@@ -90,13 +88,9 @@ def engines() -> Iterator[tuple[PgCluster, S3Server]]:
 
 
 def engines_config(folder: Path, pg: PgCluster, s3: S3Server, extra: str = "") -> Path:
-    secret = secret_file(folder, S3_SECRET_KEY)
     config = folder / f"engines-{uuid.uuid4().hex[:6]}.toml"
     config.write_text(
-        f'{extra}\n[store]\nkind = "postgresql"\ndsn = "{pg.new_database()}"\n\n'
-        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\n'
-        f'bucket = "{s3.new_bucket()}"\naccess_key_id = "{S3_ACCESS_KEY}"\n'
-        f'secret_access_key_file = "{secret}"\n'
+        f"{extra}\n" + shared_engine_config(pg.new_database(), s3, s3.new_bucket(), folder)
     )
     return config
 

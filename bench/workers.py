@@ -34,7 +34,7 @@ from asgi import checked_reply, request_body, spread, wrk_round  # noqa: E402
 from wrk_options import missing, wrk_options  # noqa: E402
 
 from e2e_support import LISTENING, ServerProcess  # noqa: E402
-from engines_support import PgCluster, pg_cluster  # noqa: E402
+from engines_support import PgCluster, pg_cluster, store_section  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
 OP = "GetRepositoryElements"
@@ -53,7 +53,7 @@ def workers_server(folder: Path, dsn: str, count: int) -> Iterator[ServerProcess
     """``dsc serve --workers count`` on the PostgreSQL store, every worker listening."""
     folder.mkdir()
     config = folder / "dsc.toml"
-    config.write_text(f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n')
+    config.write_text(store_section(dsn))
     server = ServerProcess(folder / "data", config=config, extra=["--workers", str(count)])
     (folder / "data").mkdir()
     server.start(timeout=60)

@@ -28,12 +28,11 @@ import pytest
 from dsc_core import client as dc
 from e2e_support import ROOT, ServerProcess, Soap, free_port
 from engines_support import (
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
+    SMALLEST_PART,
     PgCluster,
     S3Server,
     postgres_bin,
-    secret_file,
+    shared_engine_config,
     weed_binary,
 )
 from waiting import wait_for
@@ -136,13 +135,10 @@ class HAProxyCluster:
         self.folder = folder
         self.pg = pg
         self.dsn, self.bucket = pg.new_database(), s3.new_bucket()
-        secret = secret_file(folder, S3_SECRET_KEY)
         base = (
             extra_config
-            + f'\n[store]\nkind = "postgresql"\ndsn = "{self.dsn}"\n\n'
-            + f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{self.bucket}"\n'
-            + f'region = "us-east-1"\naccess_key_id = "{S3_ACCESS_KEY}"\n'
-            + f'secret_access_key_file = "{secret}"\npart_size = {5 << 20}\n'
+            + "\n"
+            + shared_engine_config(self.dsn, s3, self.bucket, folder, part_size=SMALLEST_PART)
         )
         # Both bindings serve in one cluster, as in tests/e2e/test_cluster_jobs.py.
         self.instances = [

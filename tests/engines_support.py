@@ -300,10 +300,52 @@ def secret_file(folder: Path, text: str) -> Path:
     return path
 
 
+#: S3's smallest part (the server's default is 8 MiB): a few MiB make a true multipart upload.
+SMALLEST_PART = 5 << 20
+
+
+def store_section(dsn: str, *, pool_timeout_seconds: float | None = None) -> str:
+    """The ``[store]`` section of a server on the PostgreSQL database ``dsn``."""
+    pool = (
+        "" if pool_timeout_seconds is None else f"pool_timeout_seconds = {pool_timeout_seconds}\n"
+    )
+    return f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n{pool}\n'
+
+
+def spool_section(s3: S3Server, bucket: str, folder: Path, *, part_size: int | None = None) -> str:
+    """The ``[spool]`` section of a server spooling to ``bucket`` of ``s3``; its secret key
+    file is written in ``folder``; ``part_size``: the server's default unless given."""
+    secret = secret_file(folder, S3_SECRET_KEY)
+    part = "" if part_size is None else f"part_size = {part_size}\n"
+    return (
+        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{bucket}"\n'
+        f'region = "us-east-1"\naccess_key_id = "{S3_ACCESS_KEY}"\n'
+        f'secret_access_key_file = "{secret}"\n{part}'
+    )
+
+
+def shared_engine_config(
+    dsn: str,
+    s3: S3Server,
+    bucket: str,
+    folder: Path,
+    *,
+    part_size: int | None = None,
+    pool_timeout_seconds: float | None = None,
+) -> str:
+    """The ``[store]`` and ``[spool]`` sections of a server on PostgreSQL (``dsn``) and S3
+    (``bucket``), as every instance of one cluster has them (the secret key file is written
+    in ``folder``).  The rest of a test's configuration goes before or after it."""
+    return store_section(dsn, pool_timeout_seconds=pool_timeout_seconds) + spool_section(
+        s3, bucket, folder, part_size=part_size
+    )
+
+
 __all__ = [
     "BACKENDS",
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
+    "SMALLEST_PART",
     "Backend",
     "EnginesBackend",
     "PgCluster",
@@ -312,6 +354,9 @@ __all__ = [
     "pg_cluster",
     "s3_server",
     "secret_file",
+    "shared_engine_config",
+    "spool_section",
+    "store_section",
     "with_backend",
 ]
 
@@ -377,19 +422,15 @@ class EnginesBackend(Backend):
     def __init__(self, pg: PgCluster, s3: S3Server, folder: Path) -> None:
         self.pg, self.s3 = pg, s3
         self.dsn, self.bucket = pg.new_database(), s3.new_bucket()
-        self.secret = secret_file(folder, S3_SECRET_KEY)
+        self.sections_text = "\n" + shared_engine_config(
+            self.dsn, s3, self.bucket, folder, part_size=SMALLEST_PART
+        )
         # Made once: a boto3 client takes ~0.5 s to make here, and some scenarios look at the
         # spool within an R6 timeout of 2 s.
         self.client = s3.client()
 
     def sections(self) -> str:
-        return (
-            f'\n[store]\nkind = "postgresql"\ndsn = "{self.dsn}"\n\n'
-            f'[spool]\nkind = "s3"\nendpoint_url = "{self.s3.endpoint_url}"\n'
-            f'bucket = "{self.bucket}"\nregion = "us-east-1"\n'
-            f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{self.secret}"\n'
-            f"part_size = {5 << 20}\n"
-        )
+        return self.sections_text
 
     def _keys(self, token: str) -> list[str]:
         listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"spool/{token}/")

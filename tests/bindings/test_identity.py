@@ -27,7 +27,7 @@ from dsc_bindings.settings import load_settings
 from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import StoreError
 from dsc_bindings.store.postgresql import _MIGRATIONS, SCHEMA_VERSION
-from engines_support import PgCluster
+from engines_support import PgCluster, store_section
 
 
 def test_generated_once_and_kept(tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_postgresql_keeps_the_uuids_and_counts_every_start(pg: PgCluster, tmp_pa
         first.dsc_service_uuid,
     )
     config = tmp_path / "dsc.toml"
-    config.write_text(f'[store]\nkind = "postgresql"\ndsn = "{storage.dsn}"\n', encoding="utf-8")
+    config.write_text(store_section(storage.dsn), encoding="utf-8")
     server = load_settings(config, data_dir=tmp_path / "c").with_installation_identity().server
     assert server.device_uuid == first.device_uuid
 

@@ -26,6 +26,7 @@ from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions, FileShareInstructions
 from e2e_support import HeldRelay, ServerProcess, Soap, dsc, free_port
+from engines_support import store_section
 from test_delivery import Healthy, subscribe
 from test_observe_e2e import get
 from waiting import wait_for
@@ -40,8 +41,9 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
 def cluster_config(tmp_path: Path, dsn: str, extra: str = "", lease: float = 1.5) -> Path:
     config = tmp_path / "dsc.toml"
     config.write_text(
-        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
-        f"[cluster]\nheartbeat_seconds = 0.2\nlease_seconds = {lease}\n\n" + extra
+        store_section(dsn)
+        + f"[cluster]\nheartbeat_seconds = 0.2\nlease_seconds = {lease}\n\n"
+        + extra
     )
     return config
 

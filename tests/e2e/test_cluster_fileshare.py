@@ -27,7 +27,7 @@ import pytest
 
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, Stream, started_servers
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, pg_cluster, s3_server, secret_file
+from engines_support import pg_cluster, s3_server, shared_engine_config, spool_section
 from test_e2e_serve import LOCAL_SHARE
 from waiting import wait_for
 
@@ -188,17 +188,13 @@ def started_pair(
             str(root.joinpath(*below)),
             smbd.scans.joinpath(*below),
         )
-    secret = secret_file(folder, S3_SECRET_KEY)
     dsn = own_pg.new_database()
     config = folder / "dsc.toml"
     config.write_text(
         "[cluster]\nheartbeat_seconds = 0.3\nlease_seconds = 2\n\n"
         f"[shares]\n'{LOCAL_SHARE}' = \"{share}\"\n\n"
         + smb_config
-        + f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
-        f'[spool]\nkind = "s3"\nendpoint_url = "{own_s3.endpoint_url}"\n'
-        f'bucket = "{own_s3.new_bucket()}"\nregion = "us-east-1"\n'
-        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+        + shared_engine_config(dsn, own_s3, own_s3.new_bucket(), folder)
     )
     with started_servers() as keep:
         a = keep(ServerProcess(folder / "a", config=config))
@@ -323,10 +319,7 @@ def test_one_server_resumes_a_job_whose_images_s3_could_not_give(
     config = tmp_path / "dsc.toml"
     config.write_text(
         f"[shares]\n'{LOCAL_SHARE}' = \"{share}\"\n\n"
-        f'[spool]\nkind = "s3"\nendpoint_url = "{own_s3.endpoint_url}"\n'
-        f'bucket = "{own_s3.new_bucket()}"\nregion = "us-east-1"\n'
-        f'access_key_id = "{S3_ACCESS_KEY}"\n'
-        f'secret_access_key_file = "{secret_file(tmp_path, S3_SECRET_KEY)}"\n'
+        + spool_section(own_s3, own_s3.new_bucket(), tmp_path)
     )
     with started_servers() as keep:
         server = keep(ServerProcess(tmp_path / "data", config=config))

@@ -21,7 +21,7 @@ from cluster_support import upload_rows
 from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import DEFAULT_SID, ServerProcess, Soap, on_threads, started_servers
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
+from engines_support import SMALLEST_PART, shared_engine_config
 from test_e2e_serve import LOCAL_SHARE, files_under, user_folder
 from waiting import wait_for
 
@@ -64,7 +64,6 @@ def cluster(
 ) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
     dsn, bucket = pg.new_database(), s3.new_bucket()
-    secret = secret_file(folder, S3_SECRET_KEY)
     config = folder / "dsc.toml"
     config.write_text(
         f"[jobs]\ntimeout_seconds = {TIMEOUT_SECONDS}\n\n"
@@ -73,10 +72,7 @@ def cluster(
         # Beats (and the outbox's poll, at most one beat) short: each instance stops within
         # one, not the default's 2 s; the leases keep their default length.
         "[cluster]\nheartbeat_seconds = 0.5\n\n"
-        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
-        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{bucket}"\n'
-        f'region = "us-east-1"\naccess_key_id = "{S3_ACCESS_KEY}"\n'
-        f'secret_access_key_file = "{secret}"\npart_size = {5 << 20}\n'
+        + shared_engine_config(dsn, s3, bucket, folder, part_size=SMALLEST_PART)
     )
     with started_servers() as keep:
         servers = [

@@ -28,7 +28,7 @@ from e2e_support import (
     dsc,
     started_servers,
 )
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
+from engines_support import shared_engine_config
 from test_e2e_serve import LOCAL_SHARE, files_under
 from waiting import wait_for
 
@@ -90,16 +90,12 @@ def started_pair(
     site = SharePointSite(read_size=64 * 1024, delay=0.01)
     share = folder / "share"
     share.mkdir()
-    secret = secret_file(folder, S3_SECRET_KEY)
     config = folder / "dsc.toml"
     config.write_text(
         "[cluster]\nheartbeat_seconds = 0.3\nlease_seconds = 2\n\n"
         f"[shares]\n'\\\\localhost\\scans' = \"{share}\"\n\n"
         f"[sharepoint]\nsites = [{site.config()}]\n\n"
-        f'[store]\nkind = "postgresql"\ndsn = "{pg.new_database()}"\n\n'
-        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\n'
-        f'bucket = "{s3.new_bucket()}"\nregion = "us-east-1"\n'
-        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+        + shared_engine_config(pg.new_database(), s3, s3.new_bucket(), folder)
     )
     try:
         with started_servers() as keep:

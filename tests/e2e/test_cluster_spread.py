@@ -22,7 +22,7 @@ from aiosmtpd.controller import Controller
 
 from dsc_core.model import EmailInstructions
 from e2e_support import HeldRelay, ServerProcess, Soap, free_port, on_threads, started_servers
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, secret_file
+from engines_support import shared_engine_config
 from waiting import wait_for
 
 if TYPE_CHECKING:
@@ -81,15 +81,10 @@ def pair(tmp_path: Path, pg: PgCluster, s3: S3Server) -> Iterator[Pair]:
     smtp = Controller(relay, hostname="127.0.0.1", port=free_port())
     smtp.start()
     dsn = pg.new_database()
-    secret = secret_file(tmp_path, S3_SECRET_KEY)
     common = (
         "[cluster]\nheartbeat_seconds = 300\nlease_seconds = 900\n\n"
         f'[smtp]\nhost = "127.0.0.1"\nport = {smtp.port}\nfrom = "scans@corp.example"\n'
-        "timeout = 60\n\n"
-        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
-        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\n'
-        f'bucket = "{s3.new_bucket()}"\nregion = "us-east-1"\n'
-        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+        "timeout = 60\n\n" + shared_engine_config(dsn, s3, s3.new_bucket(), tmp_path)
     )
     configs = {}
     for name, slots in (("a", 1), ("b", 2)):

@@ -19,7 +19,15 @@ from dsc_bindings.store.postgresql import SCHEMA_VERSION
 from dsc_bindings.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from dsc_core.model import FileShareInstructions
 from e2e_support import Soap, dsc_here
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, PgCluster, S3Server, secret_file
+from engines_support import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    Backend,
+    PgCluster,
+    S3Server,
+    secret_file,
+    shared_engine_config,
+)
 from test_e2e_serve import LOCAL_SHARE, StartServer, start_server, user_folder, write
 from waiting import wait_for
 
@@ -138,11 +146,7 @@ def test_migrate_a_sqlite_installation_to_postgresql_and_s3(
 
     # The server on the engines serves the moved installation: the active job goes on.
     config = tmp_path / "engines.toml"
-    config.write_text(
-        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n[spool]\nkind = "s3"\n'
-        f'endpoint_url = "{s3.endpoint_url}"\nbucket = "{bucket}"\n'
-        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
-    )
+    config.write_text(shared_engine_config(dsn, s3, bucket, tmp_path))
     (server.data / IDENTITY_FILE).unlink()  # the server on PostgreSQL reads the database's
     engines = start_server(config=config, data=server.data)
     assert " + S3 " in engines.log

@@ -27,13 +27,11 @@ from dsc_core import client as dc
 from dsc_core.model import FileShareInstructions
 from e2e_support import Soap, dsc_here, file_sha256
 from engines_support import (
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
     PgCluster,
     S3Server,
     pg_cluster,
     s3_server,
-    secret_file,
+    shared_engine_config,
 )
 from test_e2e_serve import LOCAL_SHARE, StartServer, start_server, user_folder, write
 from waiting import wait_for
@@ -70,15 +68,16 @@ def config_for(
     """The engines' settings; /healthz checks again once its result is half a second old, and
     a request (and the /healthz store check) waits ``pool_timeout_seconds`` for a connection:
     the tests that wait for a fault to show, and for its end, set it short (:data:`SHORT`)."""
-    secret = secret_file(tmp_path, S3_SECRET_KEY)
     config = tmp_path / "dsc.toml"
     config.write_text(
         "[server]\nhealth_max_age_seconds = 0.5\n\n"
-        f'[store]\nkind = "postgresql"\ndsn = "{pg.new_database()}"\n'
-        f"pool_timeout_seconds = {pool_timeout_seconds}\n\n"
-        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\n'
-        f'bucket = "{s3.new_bucket()}"\nregion = "us-east-1"\n'
-        f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key_file = "{secret}"\n'
+        + shared_engine_config(
+            pg.new_database(),
+            s3,
+            s3.new_bucket(),
+            tmp_path,
+            pool_timeout_seconds=pool_timeout_seconds,
+        )
     )
     return config
 

@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 
 from dsc_core.model import EmailInstructions, FileShareInstructions
 from e2e_support import HeldRelay, Soap, dsc, free_port
-from engines_support import S3_ACCESS_KEY, S3_SECRET_KEY, Backend, secret_file
+from engines_support import SMALLEST_PART, Backend, shared_engine_config
 from test_e2e_serve import (
     LOCAL_SHARE,
     UUID_RE,
@@ -43,14 +43,8 @@ def backend() -> Backend:
 
 def engines_config(tmp_path: Path, pg: PgCluster, s3: S3Server) -> tuple[Path, str, str]:
     dsn, bucket = pg.new_database(), s3.new_bucket()
-    secret = secret_file(tmp_path, S3_SECRET_KEY)
     config = tmp_path / "dsc.toml"
-    config.write_text(
-        f'[store]\nkind = "postgresql"\ndsn = "{dsn}"\n\n'
-        f'[spool]\nkind = "s3"\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{bucket}"\n'
-        f'region = "us-east-1"\naccess_key_id = "{S3_ACCESS_KEY}"\n'
-        f'secret_access_key_file = "{secret}"\npart_size = {5 << 20}\n'
-    )
+    config.write_text(shared_engine_config(dsn, s3, bucket, tmp_path, part_size=SMALLEST_PART))
     return config, dsn, bucket
 
 
