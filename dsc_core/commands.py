@@ -214,14 +214,16 @@ SubscriptionCommand = StoreSubscription | EndSubscription | RecordDeliveryFailur
 @dataclass(frozen=True, slots=True)
 class AnnounceRepositoryState:
     """The repository state subscribers last heard was ``previous``; it is ``state`` now (R7: a
-    RepositoryStatusSummaryEvent per change).  The Deliver commands right after this one carry
-    that event (none without subscribers).  A store shared by several instances records the
-    state announced, compare-and-set on ``previous`` and on the leader's term, in the
-    transaction of those events, so that one leader announces each change once (issue 18
-    point 4); one server has nothing to do."""
+    RepositoryStatusSummaryEvent per change), sent as ``events`` (one Deliver per subscriber,
+    none without any).  One server hands the events to its subscribers like any Deliver.  A
+    store shared by several instances records the state announced, compare-and-set on
+    ``previous`` and on the leader's term, in the transaction of its events, so that one
+    leader announces each change once (issue 18 point 4): the events travel inside the
+    announcement, so a binding cannot write one without the other."""
 
     state: RepositoryState
     previous: RepositoryState
+    events: tuple[Deliver, ...] = ()
 
 
 StoreCommand = (

@@ -35,10 +35,11 @@ class Notifier:
         self.subscriptions = subscriptions
         #: The repository state subscribers last heard (R7: one summary event per change).
         self._announced_state = RepositoryState.IDLE
-        #: Whether this server announces the repository state: always when it is the only
-        #: one; of several instances on a shared store only the leader (issue 18 point 4,
-        #: :meth:`lead`, :meth:`follow`).
-        self._announcing = True
+        #: Whether this server leads: it announces the repository state and runs the sweeps
+        #: (``ScanServer.tick``).  Always when it is the only one; of several instances on a
+        #: shared store only the leader (issue 18 point 4, :meth:`lead`, :meth:`follow`).  The
+        #: core's one leadership flag: ``ScanServer.leads`` reads it.
+        self.leads = True
 
     def job_changed(self, old: Job | None, new: Job, now: datetime) -> list[Command]:
         if old is not None and _status_view(old) == _status_view(new):
@@ -62,18 +63,16 @@ class Notifier:
         return out
 
     def repository_state(self, state: RepositoryState, now: datetime) -> list[Command]:
-        """A RepositoryStatusSummaryEvent when ``state`` is not what subscribers last heard,
-        after an AnnounceRepositoryState saying so (a shared store records it); nothing while
-        another instance announces (:meth:`follow`)."""
-        if not self._announcing or state is self._announced_state:
+        """An AnnounceRepositoryState carrying a RepositoryStatusSummaryEvent when ``state`` is
+        not what subscribers last heard (a shared store records it); nothing while another
+        instance leads (:meth:`follow`)."""
+        if not self.leads or state is self._announced_state:
             return []
         previous, self._announced_state = self._announced_state, state
         body = etree.Element(f"{{{names.DSC}}}RepositoryStatusSummaryEvent")
         repository_status(body, "StatusSummary", state)
-        return [
-            AnnounceRepositoryState(state, previous),
-            *self.subscriptions.notify(A.DSC_STATUS_SUMMARY_EVENT, body, now),
-        ]
+        events = self.subscriptions.notify(A.DSC_STATUS_SUMMARY_EVENT, body, now)
+        return [AnnounceRepositoryState(state, previous, tuple(events))]
 
     def assume_repository_state(self, state: RepositoryState) -> None:
         """An undone change (R4 step 9) was never announced: nothing is sent for it."""
@@ -86,13 +85,13 @@ class Notifier:
         cluster's leader); ``announced`` is the state subscribers last heard, from whichever
         instance announced it: a change since is announced now (none is skipped), and none
         is repeated."""
-        self._announcing = True
+        self.leads = True
         self._announced_state = announced
         return self.repository_state(state, now)
 
     def follow(self) -> None:
-        """Another instance announces the repository state (issue 18 point 4)."""
-        self._announcing = False
+        """Another instance leads (issue 18 point 4): it announces the repository state."""
+        self.leads = False
 
     def elements_changed(self, config: ServerConfig, now: datetime) -> list[Command]:
         """RepositoryElementsChangeEvent with the repository configuration (bdsrr 3.2.4.6)."""

@@ -80,18 +80,26 @@ class ScanServer(ServerState):
         before each tick.  No commands."""
         self.subscriptions.absorb(stored, ended, counting)
 
+    @property
+    def leads(self) -> bool:
+        """Whether this server leads (issue 18 point 4): it announces the repository state and
+        runs the sweeps of :meth:`tick`.  Set by :meth:`lead`, cleared by :meth:`follow`; a
+        server neither was told about leads (it is the only one)."""
+        return self.notifier.leads
+
     def lead(self, announced: RepositoryState, now: datetime) -> list[Command]:
-        """This instance became the cluster's leader (issue 18 point 4): it announces the
-        repository state from now on, derived from every instance's rows it holds.
-        ``announced``: the state subscribers last heard (the binding keeps it in the shared
-        store); a change since is announced now, so a change of leader neither repeats nor
-        skips one.  Call it after a catch-up (``absorb``), so the table is current."""
+        """This instance became the cluster's leader (issue 18 point 4): from now on it
+        announces the repository state, derived from every instance's rows it holds, and its
+        :meth:`tick` runs the sweeps.  ``announced``: the state subscribers last heard (the
+        binding keeps it in the shared store); a change since is announced now, so a change
+        of leader neither repeats nor skips one.  Call it after a catch-up (``absorb``), so
+        the table is current."""
         return self.notifier.lead(announced, self.repository_state, now)
 
     def follow(self) -> None:
-        """Another instance leads (issue 18 point 4): this one announces no repository state
-        (its own changes included; the leader reads them from the rows).  Until ``lead`` or
-        ``follow`` is called, a server announces (it is the only one)."""
+        """Another instance leads (issue 18 point 4), or none may yet (the binding has no
+        term, runtime/announcing.py): this one announces no repository state (its own changes
+        included; the leader reads them from the rows) and :meth:`tick` runs no sweep."""
         self.notifier.follow()
 
     # --- the processing engine ------------------------------------------------------------
@@ -103,17 +111,18 @@ class ScanServer(ServerState):
 
     # --- time -----------------------------------------------------------------------------------
 
-    def tick(self, now: datetime, *, sweeps: bool = True) -> list[Command]:
+    def tick(self, now: datetime) -> list[Command]:
         """Expire subscriptions, time out idle Creating jobs (R6, R7), discard the documents
         of failed jobs kept past their retention, and announce a repository state that
         another instance's change made (``absorb``: issue 18 point 4).
 
-        ``sweeps`` False: none of it.  These act on rows every instance of a cluster shares
-        (jobs, subscriptions), so one instance runs them, the leader (issue 18 point 4; the
-        binding says which); the others learn the outcome from the rows.  A follower still
-        sends nothing to an expired subscription nor answers for it (``Subscriptions``
-        checks the expiry on each use)."""
-        if not sweeps:
+        Only while this server :attr:`leads`; a follower's tick does none of it.  These act on
+        rows every instance of a cluster shares (jobs, subscriptions), so one instance runs
+        them, the leader (issue 18 point 4; the binding says which with :meth:`lead` and
+        :meth:`follow`); the others learn the outcome from the rows.  A follower still sends
+        nothing to an expired subscription nor answers for it (``Subscriptions`` checks the
+        expiry on each use)."""
+        if not self.leads:
             return []
         commands = self.subscriptions.expire(now)
         commands += self.lifecycle.time_out(now, self.config.job_timeout_seconds)
@@ -121,17 +130,17 @@ class ScanServer(ServerState):
         commands += self.notifier.repository_state(self.repository_state, now)
         return commands
 
-    def next_deadline(self, *, sweeps: bool = True) -> datetime | None:
+    def next_deadline(self) -> datetime | None:
         """When :meth:`tick` next has something to do (aioquic's ``get_timer``), exactly:
         ``tick`` before it changes nothing, ``tick`` at it times out a job or expires a
-        subscription.  None: nothing is due however long the binding sleeps.  ``sweeps`` as
-        for :meth:`tick`.
+        subscription.  None: nothing is due however long the binding sleeps (always, while
+        this server follows: its tick does nothing).
 
         A job receiving an image has no deadline until its exchange ends (or is refused or
         aborted), so the answer can change with any call that changes the server: an
         exchange's ``feed``/``end``/``store_failed``/``abort``, ``processing``, ``tick``,
-        ``reconfigure``.  Ask again after each instead of polling."""
-        if not sweeps:
+        ``reconfigure``, ``lead``.  Ask again after each instead of polling."""
+        if not self.leads:
             return None
         due = [
             self.subscriptions.next_expiry(),

@@ -35,6 +35,7 @@ import h11
 
 from dsc_core import (
     AbortDocument,
+    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     Command,
@@ -136,6 +137,9 @@ class App:
                 # the subscription after its configured number of failures (R7).
                 if not command.final:
                     self.carry_out(self.server.delivery_result(command.subscription_id, False))
+            elif isinstance(command, AnnounceRepositoryState):
+                # One server records nothing; the state's event goes out like any other.
+                self.carry_out(command.events)
             else:
                 self.store.apply(command)
         self.deadline_moved.set()

@@ -250,7 +250,9 @@ class Binding:
             elif isinstance(command, (StopProcessing, Deliver)):
                 pass  # no engine to stop mid-filter, no subscribers in this example
             elif isinstance(command, AnnounceRepositoryState):
-                pass  # only a store shared by several instances records what was announced
+                # Only a store shared by several instances records what was announced; one
+                # server sends its events (``command.events``) like any Deliver: none here.
+                pass
             else:
                 self.store.apply(command)
 

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 from dsc_core import (
     AbortDocument,
+    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     Command,
@@ -172,6 +173,8 @@ class InProcessTransport:
                 self.stopped.append(command.token)
             elif isinstance(command, Deliver):
                 self.deliveries.append(command)
+            elif isinstance(command, AnnounceRepositoryState):
+                self.deliveries.extend(command.events)  # one server: nothing to record
             else:
                 self.store.apply(command)
 

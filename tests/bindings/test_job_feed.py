@@ -325,13 +325,16 @@ def _deliver(n: int) -> Deliver:
 def test_stamp_puts_every_notification_of_a_batch_in_the_transaction_of_a_write() -> None:
     """Issue 18 points 3 and 4 (no database: the stamping rules alone).  Notifications ride
     on the batch's job write; without one on its drop; without either in one EventsWrite;
-    the repository state's announcement carries the events after it, under the leader's
-    term, and is left out with them when this instance does not lead."""
+    the repository state's announcement brings its own events, under the leader's term, and
+    is left out with them when this instance does not lead."""
     catch_up = JobCatchUp(lambda cursor, tokens: JobChanges(cursor, (), (), ()))
-    announce = AnnounceRepositoryState(RepositoryState.PROCESSING, RepositoryState.IDLE)
+
+    def announce(*events: Deliver) -> AnnounceRepositoryState:
+        return AnnounceRepositoryState(RepositoryState.PROCESSING, RepositoryState.IDLE, events)
+
     job = make_job("j")
     [write, start] = catch_up.stamp(
-        [CreateJob(job), StartProcessing(job), _deliver(1), announce, _deliver(2)], ("A", 3)
+        [CreateJob(job), StartProcessing(job), _deliver(1), announce(_deliver(2))], ("A", 3)
     )
     assert isinstance(write, VersionedWrite) and start == StartProcessing(job)
     assert write.events == (_deliver(1),)
@@ -339,13 +342,19 @@ def test_stamp_puts_every_notification_of_a_batch_in_the_transaction_of_a_write(
     # A reload trimming the history: the event commits with the drop.
     [drop] = catch_up.stamp([DropJob("old", Removal.HISTORY_FULL), _deliver(3)])
     assert isinstance(drop, VersionedWrite) and drop.events == (_deliver(3),)
-    # A state the leader derived from other instances' rows: one transaction of its own.
-    [alone] = catch_up.stamp([announce, _deliver(4), _deliver(5)], ("A", 3))
+    # A state the leader derived from other instances' rows: one transaction of its own; a
+    # notification after it rides along, outside the announcement.
+    [alone] = catch_up.stamp([announce(_deliver(4), _deliver(5)), _deliver(8)], ("A", 3))
     assert alone == EventsWrite(
-        announcement=Announcement("Processing", "Idle", "A", 3, (_deliver(4), _deliver(5)))
+        (_deliver(8),), Announcement("Processing", "Idle", "A", 3, (_deliver(4), _deliver(5)))
     )
+    # Two announcements in one batch: one write each (a write records one).
+    first, second = catch_up.stamp([announce(_deliver(9)), announce()], ("A", 3))
+    assert isinstance(first, EventsWrite) and isinstance(second, EventsWrite)
+    assert first.announcement is not None and first.announcement.events == (_deliver(9),)
+    assert second.announcement is not None and second.announcement.events == ()
     # Not the leader: neither the announcement nor its events; a job's own events stay.
-    stamped = catch_up.stamp([announce, _deliver(6), DiscardDocuments("j"), _deliver(7)])
+    stamped = catch_up.stamp([announce(_deliver(6)), DiscardDocuments("j"), _deliver(7)])
     assert stamped == [DiscardDocuments("j"), EventsWrite((_deliver(7),))]
     # A SubscriptionEnd goes to the hub directly (its subscription is gone from the store).
     end = Deliver("urn:uuid:s", "http://sink.example/e", (b"end",), final=True)

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from dsc_bindings.runtime.announcing import FOLLOW, LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
-from dsc_core import ScanServer, ServerConfig
+from dsc_core import RepositoryState, ScanServer, ServerConfig
 from dsc_core.commands import (
     CreateJob,
     Deliver,
@@ -282,3 +283,29 @@ def test_a_failure_counted_while_a_renew_is_read_is_not_lost(
         catch_up.counted(failure)
         assert count() == n
     assert EndSubscription(SUB) in catch_up.stamp(core.delivery_result(SUB, False))
+
+
+def test_a_leader_that_cannot_take_a_term_follows_until_it_takes_one(
+    two: tuple[PostgresRecords, ...], dsn: str
+) -> None:
+    """runtime/announcing.py: the database fails the statement that takes a term (its table
+    is renamed away here).  A leader whose announcement was refused then follows (FOLLOW: its
+    core neither sweeps nor announces) instead of going on under the refused term; while it
+    follows and still cannot take one, nothing changes; once the statement works again the
+    next tick takes a new term, from the state the row says."""
+    a, _ = two
+    term = LeaderTerm("A", a.take_lead)
+    change = term.change(True)
+    assert change == NewTerm(RepositoryState.IDLE, 1)
+    term.apply(change)
+    assert term.change(True) is None  # leading: nothing to take
+    term.refused()  # an announcement of term 1 was not written
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE repository_announced RENAME TO repository_announced_away")
+    assert term.change(True) == FOLLOW
+    term.apply(FOLLOW)
+    assert term.current is None
+    assert term.change(True) is None  # still failing: it goes on following
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE repository_announced_away RENAME TO repository_announced")
+    assert term.change(True) == NewTerm(RepositoryState.IDLE, 2)

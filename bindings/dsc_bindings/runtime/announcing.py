@@ -16,7 +16,17 @@ state it replaces.  So:
   skipped;
 - an announcement that was not written (its transaction failed, or the row said another
   state) makes the leader take a new term at its next tick, which announces the difference
-  again from the row.
+  again from the row;
+- an instance that holds the lock but cannot take a term (the database failed the statement)
+  follows until a later tick takes one: its core neither sweeps nor announces meanwhile
+  (``ScanServer.follow``).  Of the two consistent choices this is the safe one.  Leading
+  without a term, its announcements would be dropped unwritten (no term to stamp) or, under
+  the old term, refused by the compare-and-set, while its core counts them as heard: the
+  change would reach subscribers only at the next takeover, if ever.  Its sweeps would be
+  tolerated (job writes are compare-and-set on the row version, ending an expired
+  subscription twice is ending it once), but they write to the database that just failed;
+  following, they are only late: the tick that takes the term runs every deadline passed, and
+  ``lead`` announces the difference from the row.  The failure is logged at each attempt.
 
 :class:`LeaderTerm` keeps this instance's term for the runtime (runtime/service.py): the ticker
 asks :meth:`LeaderTerm.change` at each wake-up, off the core's owner (it may take a term in
@@ -68,8 +78,8 @@ class LeaderTerm:
     def change(self, leader: bool) -> NewTerm | str | None:
         """Off the owner, at a tick: a :class:`NewTerm` when this instance must take one (it
         became the leader, or an announcement of its term was refused), :data:`FOLLOW` when
-        it no longer leads, None when nothing changes (or the database cannot say now: the
-        next tick asks again)."""
+        it no longer leads or no term could be taken (module doc: it follows until one is;
+        the next tick asks again), None when nothing changes."""
         if not leader:
             return FOLLOW if self.current is not None else None
         if self.current is not None and not self._refused.is_set():
@@ -78,9 +88,10 @@ class LeaderTerm:
         try:
             state, term = self._take_lead(self._me)
         except StoreError as exc:
-            self._refused.set()  # asked again at the next tick
             log.warning("cluster: cannot take the lead for announcements: %s", exc.message)
-            return None
+            # Without a term: follow (module doc), and take one at the next tick (``current``
+            # None while it follows).
+            return FOLLOW if self.current is not None else None
         try:
             announced = RepositoryState(state)
         except ValueError:

@@ -315,59 +315,62 @@ class JobCatchUp:
     ) -> list[Command | VersionedWrite | EventsWrite]:
         """The commands with each record command wrapped in the version it replaces, and the
         notifications carried by a write, so that they commit with it (outbox rows, issue 18
-        point 3): those that follow a job's record write by that write (the batch's last
-        CreateJob/UpdateJob; else its first DropJob), the others by one EventsWrite.  An
-        AnnounceRepositoryState and the events after it become that write's Announcement
-        under ``leader`` (this instance's id and term, issue 18 point 4); with no ``leader``
-        (it does not lead) they are dropped.  A SubscriptionEnd stays apart: the delivery hub
-        sends it directly (the subscription is gone from the store)."""
+        point 3): by the batch's last CreateJob/UpdateJob before them (else its first
+        DropJob), the others by one EventsWrite.  An AnnounceRepositoryState becomes such a
+        write's Announcement, its events with it, under ``leader`` (this instance's id and
+        term, issue 18 point 4); with no ``leader`` it is dropped, events and all (a core
+        that follows makes none; one made before its term was lost must not be written).  A
+        SubscriptionEnd stays apart: the delivery hub sends it directly (the subscription is
+        gone from the store)."""
         stamped: list[Command | VersionedWrite | EventsWrite] = []
-        #: Where the write carrying the batch's notifications is.
-        carrier: int | None = None
-        #: The notifications now come after an AnnounceRepositoryState: its events.
-        announcing = False
+        carrier: int | None = None  # where the write carrying the batch's notifications is
         with self._lock:
             for command in commands:
-                if isinstance(command, AnnounceRepositoryState):
-                    announcing = True
-                    if leader is not None:
-                        announcement = Announcement(
-                            command.state.value, command.previous.value, *leader
-                        )
-                        carrier = _carry(stamped, carrier, announcement=announcement)
-                    continue
-                if isinstance(command, Deliver) and not command.final:
-                    if not announcing:
-                        carrier = _carry(stamped, carrier, event=command)
-                    elif leader is not None:
-                        carrier = _carry(stamped, carrier, announced=command)
-                    continue
-                announcing = False
-                if isinstance(command, (CreateJob, UpdateJob)):
-                    token = command.job.token
-                    carrier = len(stamped)
-                elif isinstance(command, DropJob):
-                    token = command.token
-                    if carrier is None:
-                        carrier = len(stamped)
-                else:
-                    if isinstance(command, RecordDeliveryFailures):
-                        self._counting[command.identifier] += 1
-                    stamped.append(command)
-                    continue
-                expected: int | None = None
-                if isinstance(command, CreateJob):
-                    self._known[token] = 1
-                elif isinstance(command, UpdateJob):
-                    # Unknown (a write of this job just failed): the store refuses it.
-                    expected = self._known.get(token)
-                    if expected is not None:
-                        self._known[token] = expected + 1
-                else:
-                    self._known.pop(token, None)
-                self._pending[token] += 1
-                stamped.append(VersionedWrite(command, expected, self._epochs.get(token, 0)))
+                carrier = self._stamp_one(command, stamped, carrier, leader)
         return stamped
+
+    def _stamp_one(
+        self,
+        command: Command,
+        stamped: list[Command | VersionedWrite | EventsWrite],
+        carrier: int | None,
+        leader: tuple[str, int] | None,
+    ) -> int | None:
+        """Add one command of :meth:`stamp` to ``stamped``; where the write carrying the
+        batch's notifications is now.  The lock held."""
+        if isinstance(command, AnnounceRepositoryState):
+            if leader is None:
+                return carrier
+            return _carry(stamped, carrier, _announcement(command, leader))
+        if isinstance(command, Deliver) and not command.final:
+            return _carry(stamped, carrier, command)
+        if isinstance(command, (CreateJob, UpdateJob, DropJob)):
+            stamped.append(self._versioned(command))
+            # A job's write carries what follows it; a drop only when nothing carries yet.
+            keeps = carrier is not None and isinstance(command, DropJob)
+            return carrier if keeps else len(stamped) - 1
+        if isinstance(command, RecordDeliveryFailures):
+            self._counting[command.identifier] += 1
+        stamped.append(command)
+        return carrier
+
+    def _versioned(self, command: CreateJob | UpdateJob | DropJob) -> VersionedWrite:
+        """A record command with the version it replaces; the lock held."""
+        expected: int | None = None
+        if isinstance(command, CreateJob):
+            token = command.job.token
+            self._known[token] = 1
+        elif isinstance(command, UpdateJob):
+            token = command.job.token
+            # Unknown (a write of this job just failed): the store refuses it.
+            expected = self._known.get(token)
+            if expected is not None:
+                self._known[token] = expected + 1
+        else:
+            token = command.token
+            self._known.pop(token, None)
+        self._pending[token] += 1
+        return VersionedWrite(command, expected, self._epochs.get(token, 0))
 
     # --- as the writer ------------------------------------------------------------------------
 
@@ -404,32 +407,32 @@ class JobCatchUp:
                 self._stale.add(token)
 
 
+def _announcement(command: AnnounceRepositoryState, leader: tuple[str, int]) -> Announcement:
+    """The store's record of an announcement under ``leader``'s term, with its events."""
+    state, previous = command.state.value, command.previous.value
+    return Announcement(state, previous, *leader, events=command.events)
+
+
 def _carry(
     stamped: list[Command | VersionedWrite | EventsWrite],
     carrier: int | None,
-    *,
-    event: Deliver | None = None,
-    announcement: Announcement | None = None,
-    announced: Deliver | None = None,
+    what: Deliver | Announcement,
 ) -> int:
-    """Add a notification (``event``), an announcement, or an event of the announcement
-    (``announced``) to the write at ``carrier``, or to a new EventsWrite when there is none
-    (or it carries an announcement already); where the carrier is now."""
+    """Add a notification or an announcement to the write at ``carrier``, or to a new
+    EventsWrite when there is none (or it carries an announcement already); where the carrier
+    is now."""
     write = stamped[carrier] if carrier is not None else None
-    if not isinstance(write, (VersionedWrite, EventsWrite)) or (
-        announcement is not None and write.announcement is not None
+    if (
+        carrier is None
+        or not isinstance(write, (VersionedWrite, EventsWrite))
+        or (isinstance(what, Announcement) and write.announcement is not None)
     ):
         carrier, write = len(stamped), EventsWrite()
         stamped.append(write)
-    assert carrier is not None
-    if event is not None:
-        write = replace(write, events=(*write.events, event))
-    elif announcement is not None:
-        write = replace(write, announcement=announcement)
-    elif announced is not None and write.announcement is not None:
-        events = (*write.announcement.events, announced)
-        write = replace(write, announcement=replace(write.announcement, events=events))
-    stamped[carrier] = write
+    if isinstance(what, Deliver):
+        stamped[carrier] = replace(write, events=(*write.events, what))
+    else:
+        stamped[carrier] = replace(write, announcement=what)
     return carrier
 
 

@@ -631,8 +631,10 @@ class ScanService:
 
     @property
     def is_leader(self) -> bool:
-        """Whether this instance runs the job sweeps (R6 timeouts, retention): the cluster's
-        leader, or the only server (SQLite store)."""
+        """Whether this instance should lead (sweep and announce, issue 18 point 4): the holder
+        of the cluster's lock, or the only server (SQLite store).  With a cluster its core
+        leads once it took a term (.announcing, ``ScanServer.leads``); one server's core leads
+        from the start (it is never told to follow)."""
         return self.cluster is None or self.cluster.is_leader
 
     def __enter__(self) -> ScanService:
@@ -984,9 +986,9 @@ class ScanService:
         gate.wait()
         return gate.value if isinstance(gate.value, Caught) else None
 
-    def _tick(self, caught: Caught | None, sweeps: bool, change: NewTerm | str | None) -> None:
+    def _tick(self, caught: Caught | None, change: NewTerm | str | None) -> None:
         self._lead_or_follow(caught, change)
-        commands = self.server.tick(self.clock(), sweeps=sweeps)
+        commands = self.server.tick(self.clock())  # sweeps only if the core leads
         for command in commands:
             if isinstance(command, EndSubscription):  # a tick ends only expired ones
                 log.info("subscription %s expired: ended", command.identifier)
@@ -1001,23 +1003,19 @@ class ScanService:
                 if now >= bound_devices_at:
                     bound_devices_at = now + DEVICE_BOUNDS_INTERVAL
                     self.observer.bound_devices(now)
-                # The job sweeps are the leader's (issue 18 point 4); asked at each wake-up, so
-                # a new leader starts sweeping within a second of taking the lead.
-                sweeps = self.is_leader
-                deadline = self.owner.call(
-                    functools.partial(self.server.next_deadline, sweeps=sweeps)
-                )
+                # None while the core follows (issue 18 point 4): a new leader's term is taken
+                # at the next wake-up, so it starts sweeping within a second of the lock.
+                deadline = self.owner.call(self.server.next_deadline)
                 wait = TICK_MAX_SECONDS
                 if deadline is not None:
                     wait = (deadline - self.clock()).total_seconds()
                 wait = min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, wait))
                 if self._stop.wait(wait):
                     return
-                sweeps = self.is_leader
                 # Off the owner: taking a term is a statement (.announcing).
-                change = None if self._term is None else self._term.change(sweeps)
+                change = None if self._term is None else self._term.change(self.is_leader)
                 caught = self._read_for_tick()
-                self.owner.soon(functools.partial(self._tick, caught, sweeps, change))
+                self.owner.soon(functools.partial(self._tick, caught, change))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
                 self._stop.wait(TICK_MAX_SECONDS)

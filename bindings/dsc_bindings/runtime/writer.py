@@ -45,6 +45,7 @@ from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.interface import EventsWrite, VersionedWrite
 from dsc_core import (
     AbortDocument,
+    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     Command,
@@ -86,6 +87,12 @@ class Routes:
     def run(self, command: Writable) -> None:
         if isinstance(command, Deliver):
             self.deliver(command)
+        elif isinstance(command, AnnounceRepositoryState):
+            # One server records no announcement: its events go to the hub like any other.  A
+            # shared store's reach the writer inside an Announcement (runtime/catchup.py); the
+            # record lane runs both (never ``run_inline``: the service stamps it first).
+            for event in command.events:
+                self.deliver(event)
         elif isinstance(command, StartProcessing):
             self.start_processing(command)
         elif isinstance(command, StopProcessing):

@@ -21,7 +21,6 @@ from typing import Protocol, runtime_checkable
 
 from dsc_bindings.store.errors import StoreError
 from dsc_core.commands import (
-    AnnounceRepositoryState,
     CreateJob,
     Deliver,
     DropJob,
@@ -197,7 +196,7 @@ class JobRecords(Protocol):
 
 #: What a job store carries out: the core's store commands, its subscription commands (kept
 #: by a shared store only) and, on a shared store, notifications (outbox rows).
-Storable = StoreCommand | SubscriptionCommand | Deliver | AnnounceRepositoryState | EventsWrite
+Storable = StoreCommand | SubscriptionCommand | Deliver | EventsWrite
 
 
 @runtime_checkable

@@ -48,7 +48,6 @@ from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.subcodec import encode_subscription
 from dsc_core.commands import (
     AbortDocument,
-    AnnounceRepositoryState,
     AppendDocument,
     BeginDocument,
     CreateJob,
@@ -267,7 +266,6 @@ class SplitStore:
                     | RecordDeliveryFailures()
                     | Deliver()
                     | EventsWrite()
-                    | AnnounceRepositoryState()
                 ):
                     self._apply_events(command, shared)
                 case _:
@@ -281,16 +279,15 @@ class SplitStore:
         | EndSubscription
         | RecordDeliveryFailures
         | Deliver
-        | EventsWrite
-        | AnnounceRepositoryState,
+        | EventsWrite,
         shared: bool,
     ) -> None:
         """Subscriptions and the outbox of a shared store (runtime/outbox.py sends them); one
-        server keeps its subscriptions and failure counts in memory (R7), hands notifications
-        to its hub and announces the repository state itself.  On a shared store an
-        AnnounceRepositoryState became an Announcement of a write (runtime/catchup.py), or
-        was dropped while this instance does not lead (issue 18 point 4)."""
-        if not shared or isinstance(command, AnnounceRepositoryState):
+        server keeps its subscriptions and failure counts in memory (R7) and hands
+        notifications to its hub (an AnnounceRepositoryState's events too: it never reaches
+        a store, runtime/writer.py).  On a shared store an AnnounceRepositoryState became an
+        Announcement of a write (runtime/catchup.py; issue 18 point 4)."""
+        if not shared:
             return
         records = self._shared()
         if isinstance(command, StoreSubscription):
