@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import h11
 import pytest
 
 from dsc_bindings.http.driver import Call, Close, HttpConnection, Receive, Send, address_cap, admit
+from dsc_bindings.http.request_rules import reason, reply_headers
 from dsc_bindings.http.site import Site
 from dsc_core import Limits, Reply, names
 from dsc_core import client as C
@@ -235,6 +237,81 @@ def test_sansio_call_failing_after_it_opened_still_aborts() -> None:
     assert cleanup is not None
     cleanup()
     assert service.calls() == ["open", "feed", "abort"]
+
+
+# --- the usual answer, written without h11 ------------------------------------------------------
+
+
+class _Answering:
+    """A service whose every request is answered with the next of ``replies``."""
+
+    def __init__(self, replies: list[Reply]) -> None:
+        self.replies = replies
+
+    def open_request(
+        self, content_type: str | None, identity: str | None, path: str, peer: str | None = None
+    ) -> _Answering:
+        return self
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> Reply:
+        return self.replies.pop(0)
+
+    def abort(self) -> None:
+        raise AssertionError("nothing to abort: every request was answered")
+
+
+def _as_h11_writes(request: bytes, reply: Reply) -> bytes:
+    """The answer to ``request`` as h11 itself writes it (its events, its header checks)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(request)
+    while type(conn.next_event()) is not h11.EndOfMessage:
+        pass
+    headers = [(bytes(k), bytes(v)) for k, v in reply_headers(reply)]
+    data = conn.send(
+        h11.Response(status_code=reply.status, headers=headers, reason=reason(reply.status))
+    )
+    data += conn.send(h11.Data(data=reply.body)) + conn.send(h11.EndOfMessage())
+    assert conn.our_state is h11.DONE and conn.their_state is h11.DONE  # kept alive
+    return data
+
+
+def test_kept_alive_answers_are_the_bytes_h11_writes_and_pipelined_requests_follow() -> None:
+    """Issue 20: an answer that keeps the connection open is written by the driver itself
+    (h11 would only have framed it by its Content-Length); the bytes are h11's own, for
+    any status and length, and the requests pipelined behind it (in the same read, and one
+    whose head is split across reads) are answered in order on the fresh h11 connection,
+    which still closes on EOF."""
+    replies = [
+        Reply(200, C.SOAP_XML, repository_request()),
+        Reply(500, C.SOAP_XML, b"<fault/>" * 50),
+        Reply(400, "text/plain; charset=utf-8", b""),
+        Reply(299, C.SOAP_XML, b"x"),  # no reason phrase: h11 writes "299 " too
+    ]
+    bodies = [b"a" * 10, b"", b"c" * 70000, b"d"]
+    requests = [_head(len(body)) + body for body in bodies]
+    expected = [_as_h11_writes(r, reply) for r, reply in zip(requests, replies, strict=True)]
+    conn = HttpConnection(Site(_Answering(list(replies))), Limits())
+    stream = b"".join(requests)
+    split = len(requests[0]) + len(requests[1]) + 20  # inside the third request's head
+    reads = [stream[:split], stream[split:], b""]
+    sent: list[bytes] = []
+    while True:
+        action = conn.next_action()
+        if isinstance(action, Receive):
+            conn.receive_data(reads.pop(0))
+        elif isinstance(action, Call):
+            conn.call_done(action.function())
+        elif isinstance(action, Send):
+            sent.append(action.data)
+        else:
+            assert isinstance(action, Close)
+            break
+    assert sent == expected
+    assert reads == []  # every read was taken: the close came from the EOF
+    assert conn.cleanup() is None
 
 
 # --- admit(): who gets a connection ------------------------------------------------------------
