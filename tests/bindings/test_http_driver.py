@@ -314,6 +314,63 @@ def test_kept_alive_answers_are_the_bytes_h11_writes_and_pipelined_requests_foll
     assert conn.cleanup() is None
 
 
+def _statuses(conn: HttpConnection, reads: list[bytes]) -> list[int]:
+    """The statuses ``conn`` answers over ``reads`` (one per Receive), until it closes or
+    wants to read with nothing left to give."""
+    statuses: list[int] = []
+    while True:
+        action = conn.next_action()
+        if isinstance(action, Receive):
+            if not reads:
+                return statuses
+            conn.receive_data(reads.pop(0))
+        elif isinstance(action, Call):
+            conn.call_done(action.function())
+        elif isinstance(action, Send):
+            statuses.append(int(action.data.split(b" ", 2)[1]))
+        else:
+            assert isinstance(action, Close)
+            return statuses
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first request", "after a kept-alive one"])
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("over the limit in one read", 431),
+        ("limit+1 bytes, unfinished", 431),
+        ("trickled over the limit", 431),
+        ("a 25-digit Content-Length", 413),
+        ("at the limit", 200),
+    ],
+)
+def test_every_request_head_meets_the_header_limit(first: bool, case: str, status: int) -> None:
+    """R12: the next request on a kept-alive connection (whose first read goes straight to
+    h11 when it fits the head limit, issue 20) is held to max_http_header_bytes and to the
+    413 of an over-long Content-Length exactly as a connection's first request."""
+    limits = Limits(max_http_header_bytes=4096)
+    limit = limits.max_http_header_bytes
+    body = repository_request()
+    head = {
+        "over the limit in one read": _head(0, [("X-Filler", "a" * 8000)]),
+        "limit+1 bytes, unfinished": _head(0, [("X-Filler", "a" * 8000)])[: limit + 1],
+        "trickled over the limit": _head(0, [("X-Filler", "a" * 8000)]),
+        "a 25-digit Content-Length": _head(0).replace(b"Length: 0", b"Length: " + b"9" * 25),
+        "at the limit": b"",
+    }[case]
+    if case == "at the limit":
+        head = _head(len(body), [("X-Filler", "")])
+        head = _head(len(body), [("X-Filler", "b" * (limit - len(head)))])
+        assert len(head) == limit
+        head += body
+    reads = (
+        [head[i : i + 1000] for i in range(0, len(head), 1000)] if "trickled" in case else [head]
+    )
+    answered = [] if first else [_head(len(body)) + body]
+    conn = HttpConnection(Site(_Answering([Reply(200, C.SOAP_XML, b"<ok/>")] * 2)), limits)
+    assert _statuses(conn, answered + reads) == [200] * len(answered) + [status]
+
+
 # --- admit(): who gets a connection ------------------------------------------------------------
 
 #: 10 connections; one address may hold 5 of them; the last 2 are kept for addresses with no

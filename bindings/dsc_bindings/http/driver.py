@@ -511,6 +511,13 @@ class HttpConnection:
             # The next request begins: R12 head timeout from its first byte.
             self._phase = "head"
             self._head_deadline = self._clock() + self._head_timeout
+            if len(data) <= self._limits.max_http_header_bytes + 1:
+                # Idle, so h11's buffer, the backlog and the head's copy are empty: _feed
+                # would give h11 all of it in one slice (as many bytes as its head limit
+                # admits, and one more), and copy it as the head's first bytes.
+                self._head_copy += data
+                self._h11.receive_data(data)
+                return
         if not self._backlog and self._h11.their_state is not h11.IDLE:
             self._h11.receive_data(data)  # body bytes: straight through, no copy
         else:
@@ -618,26 +625,28 @@ class HttpConnection:
         except h11.RemoteProtocolError as exc:
             self._protocol_error(exc)
             return
+        # By exact type, as h11 itself tells its events apart: its events derive from an ABC,
+        # and an isinstance() that fails goes through ABCMeta (3 per request, issue 20).
         if event is h11.NEED_DATA:
             self._need_data()
         elif event is h11.PAUSED:
             self._after_cycle()
-        elif isinstance(event, h11.Request):
+        elif type(event) is h11.Request:
             self._on_request(event)
-        elif isinstance(event, h11.Data):
+        elif type(event) is h11.Data:
             if self._exchange_pending:
                 data = bytes(event.data)
                 if data:
                     self._held.append(data)  # given to the service at the latest before the
                     self._held_bytes += len(data)  # next read, unless small (module doc)
             # else: the body of a refused request we chose to read to keep the connection
-        elif isinstance(event, h11.EndOfMessage):
+        elif type(event) is h11.EndOfMessage:
             if self._exchange_pending:
                 self._phase = "respond"
                 self._call(finish=True)
             else:
                 self._after_cycle()
-        elif isinstance(event, h11.ConnectionClosed):
+        elif type(event) is h11.ConnectionClosed:
             self._close(False)
         else:  # pragma: no cover - h11 has no other server-side events
             self._close(False)
