@@ -1,5 +1,6 @@
 """The record write of each SendImage as a job grows (the last review: each SendImage wrote the
-whole job record again, so a job of n documents paid O(n^2)).
+whole job record again, so a job of n documents paid O(n^2)), and another instance's catch-up
+read of it (the next review: the catch-up read the job's whole document list).
 
     python3 bench/job_documents.py [--documents 200] [--runs 3]
 
@@ -9,12 +10,21 @@ and on a throwaway PostgreSQL (tests/engines_support.py).  Per write it takes th
 bytes written: on SQLite the statements with their values (the trace callback), on PostgreSQL
 the WAL the write made (``pg_current_wal_insert_lsn`` before and after).  Printed: the median of
 the last ten writes against writes 11-20 of the same run, as ratios (min / median / max over
-``--runs``): a write proportional to its document stays near 1.  Nothing here asserts a time.
+``--runs``): a write proportional to its document stays near 1.
+
+The catch-up (PostgreSQL only: SQLite has one server per data folder, and no change feed): a
+second instance reads the change feed after each write, as the runtime does
+(``PostgresRecords.changes`` from its last cursor), once reading each changed job's document
+list whole (as before: ``INCREMENTAL_DOCUMENTS`` out of reach) and once only the rows written
+since the version it knows (store/jobdocuments.py).  Printed: the document rows and the bytes
+of the documents column (as compact JSON) that read at the 20th document and at the last.
+Nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +42,7 @@ sys.path[:0] = [
     str(ROOT / "tests/bindings"),
 ]
 
+from dsc_bindings.store import postgresql  # noqa: E402
 from dsc_bindings.store.interface import VersionedWrite  # noqa: E402
 from dsc_bindings.store.localspool import LocalSpool  # noqa: E402
 from dsc_bindings.store.postgresql import PostgresRecords  # noqa: E402
@@ -83,6 +94,46 @@ def on_postgresql(pg: PgCluster, data: Path, args: argparse.Namespace) -> list[t
         return grow(store, args.documents, wal)
 
 
+def catch_up(pg: PgCluster, documents: int, whole: bool) -> list[tuple[int, int]]:
+    """(document rows, bytes) each catch-up of a second instance read after each of
+    ``documents`` SendImage writes of one job by the first; ``whole``: as before, every
+    document of a changed job."""
+    dsn = pg.new_database()
+    writer, reader = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
+    sizes: list[int] = []
+    read = reader._read_feed
+
+    def measured(what: str, params: dict[str, object]) -> list[tuple[object, ...]]:
+        found = read(what, params)
+        sizes.append(
+            sum(len(json.dumps(row[4], separators=(",", ":"))) for row in found if row[0] == 1)
+        )
+        return found
+
+    reader._read_feed = measured  # type: ignore[method-assign]
+    incremental = postgresql.INCREMENTAL_DOCUMENTS
+    if whole:
+        postgresql.INCREMENTAL_DOCUMENTS = sys.maxsize
+    try:
+        job = make_job(FileShareInstructions((r"\\localhost\scans",)), state=JobState.CREATING)
+        writer.write(VersionedWrite(CreateJob(job), None, 0))
+        cursor = reader.changes(0, frozenset()).cursor
+        found: list[tuple[int, int]] = []
+        for number in range(1, documents + 1):
+            job = replace(
+                job, documents=(*job.documents, Document(number, "jfif", 100_000 + number))
+            )
+            writer.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), number, 0))
+            fed, sizes[:] = reader.documents_fed, []
+            cursor = reader.changes(cursor, frozenset()).cursor
+            found.append((reader.documents_fed - fed, sum(sizes)))
+        return found
+    finally:
+        postgresql.INCREMENTAL_DOCUMENTS = incremental
+        writer.close()
+        reader.close()
+
+
 def ratios(found: list[tuple[float, int]]) -> tuple[float, float, float, float]:
     """(time ratio, bytes ratio, first bytes, last bytes): the medians of the last WINDOW writes
     over those of the WINDOW after the first WINDOW (the first writes of a fresh file or
@@ -106,12 +157,15 @@ def main() -> int:
         print("skipped: no PostgreSQL server here (.ci/run installs Debian's postgresql)")
         return 0
     results: dict[str, list[tuple[float, float, float, float]]] = {"sqlite": [], "postgresql": []}
+    caught: dict[bool, list[tuple[int, int]]] = {}
     with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-bench-docs-") as name:
         folder = Path(name)
         for run in range(args.runs):
             with JobStore.open(folder / f"sqlite-{run}") as store:
                 results["sqlite"].append(ratios(grow(store, args.documents, None)))
             results["postgresql"].append(ratios(on_postgresql(pg, folder / f"pg-{run}", args)))
+        for whole in (True, False):
+            caught[whole] = catch_up(pg, args.documents, whole)
     print(
         f"SendImage record write: writes {args.documents - WINDOW + 1}-{args.documents} against "
         f"{WINDOW + 1}-{2 * WINDOW} of one job, {args.runs} run(s), min / median / max"
@@ -126,6 +180,17 @@ def main() -> int:
             f"| {engine} | {spread([r[0] for r in rows])} | {spread([r[1] for r in rows])} | "
             f"{first:.0f} -> {last:.0f} {what} |"
         )
+    early = 2 * WINDOW
+    print(
+        f"\nAnother instance's catch-up after each SendImage (PostgreSQL; SQLite has no change "
+        f"feed): what it read at document {early} -> document {args.documents}"
+    )
+    print("| catch-up | document rows | bytes of the documents column |")
+    print("|---|---|---|")
+    for whole, found in caught.items():
+        (rows0, bytes0), (rows1, bytes1) = found[early - 1], found[-1]
+        what = "whole list (before)" if whole else "rows since the version known"
+        print(f"| {what} | {rows0} -> {rows1} | {bytes0} -> {bytes1} |")
     return 0
 
 

@@ -2,7 +2,9 @@
 SendImage wrote the whole job record again, O(n^2) for a job of n images), on SQLite and a real
 PostgreSQL: what a SendImage writes does not grow with the documents already in the job (bytes,
 not time), a list that is not an extension of the stored one is written whole, another
-instance's write in between is caught, and a record written before the rows still loads."""
+instance's write in between is caught, and a record written before the rows still loads.  On
+PostgreSQL another instance's catch-up reads only the rows written since the version it knows
+(an append: one row), a rewrite whole, and what it read spares its next write the rest."""
 
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from dsc_bindings.store.errors import StoreError
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.jobcodec import decode_job
-from dsc_bindings.store.jobdocuments import WrittenDocuments
+from dsc_bindings.store.jobdocuments import KnownDocuments
 from dsc_bindings.store.localspool import LocalSpool
-from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_bindings.store.postgresql import INCREMENTAL_DOCUMENTS, PostgresRecords
 from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
@@ -177,7 +181,7 @@ def test_a_record_written_before_the_rows_loads_and_is_rewritten(tmp_path: Path)
 def test_only_active_jobs_are_remembered() -> None:
     """What a store remembers stays bounded by the active jobs: an ended job's next write (a
     retry) is whole, and so is a job forgotten (dropped, or a write whose outcome is unknown)."""
-    written = WrittenDocuments()
+    written = KnownDocuments()
     job = image(image(make_job("r"), 1), 2)
     written.committed(job)
     assert written.plan(image(job, 3)).start == 2
@@ -189,3 +193,140 @@ def test_only_active_jobs_are_remembered() -> None:
     assert written.plan(image(job, 3), 8).start == 0  # another instance wrote version 8
     written.forget("r")
     assert written.plan(image(job, 3), 7).start == 0
+
+
+#: Above postgresql.INCREMENTAL_DOCUMENTS: the catch-up reads such a job's new rows only.
+MANY = INCREMENTAL_DOCUMENTS + 24
+
+
+def grown(records: PostgresRecords, count: int) -> Job:
+    """A job of ``count`` documents, written by ``records`` as SendImage writes it (its row
+    version ends at ``count + 1``)."""
+    job = make_job("shared")
+    records.write(VersionedWrite(CreateJob(job), None, 0))
+    for number in range(1, count + 1):
+        job = image(job, number)
+        records.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), number, 0))
+    return job
+
+
+def caught_up(records: PostgresRecords) -> tuple[Job, int, int]:
+    """The one job as ``records``' change feed gives it, its row version, and how many
+    document rows that read."""
+    before = records.documents_fed
+    [(_, version, text, documents)] = records.changes(0, frozenset()).rows
+    return decode_job(text, documents), version, records.documents_fed - before
+
+
+def test_a_catch_up_reads_only_the_documents_another_instance_appended(
+    two: tuple[PostgresRecords, PostgresRecords],
+) -> None:
+    """Instance a appends documents to a job instance b has read: b's next catch-up reads the
+    new document rows only, and has the whole list (store/jobdocuments.py)."""
+    a, b = two
+    job = grown(a, MANY)
+    assert caught_up(b) == (job, MANY + 1, MANY)  # known to b from now on
+    job = image(job, MANY + 1)
+    a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), MANY + 1, 0))
+    assert caught_up(b) == (job, MANY + 2, 1)
+    for number in (MANY + 2, MANY + 3):
+        job = image(job, number)
+        a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), number, 0))
+    assert caught_up(b) == (job, MANY + 4, 2)
+    assert caught_up(b) == (job, MANY + 4, 0)  # nothing new
+    # A job with few documents is read whole (asking for less would cost about as much).
+    few = replace(job, token="few", documents=job.documents[:3])
+    a.write(VersionedWrite(CreateJob(few), None, 0))
+    fed = b.changes(0, frozenset()).rows
+    assert {token: len(documents) for token, _, _, documents in fed} == {
+        "shared": MANY + 3,
+        "few": 3,
+    }
+
+
+def test_a_rewrite_by_another_instance_is_read_whole(
+    two: tuple[PostgresRecords, PostgresRecords],
+) -> None:
+    """A list another instance replaced (a document in a place b holds) or shortened (the
+    core's undo) is written whole, and b's catch-up reads it whole, not as b knew it."""
+    a, b = two
+    job = grown(a, MANY)
+    assert caught_up(b) == (job, MANY + 1, MANY)
+    documents = list(job.documents)
+    documents[5] = Document(99, "pdf-a", 7)
+    replaced = replace(job, documents=tuple(documents))
+    a.write(VersionedWrite(UpdateJob(replaced, JobInput.IMAGE), MANY + 1, 0))
+    assert caught_up(b) == (replaced, MANY + 2, MANY)
+    undone = replace(replaced, documents=replaced.documents[: MANY - 4])
+    a.write(VersionedWrite(UpdateJob(undone, JobInput.IMAGE), MANY + 2, 0))
+    assert caught_up(b) == (undone, MANY + 3, MANY - 4)
+
+
+def test_a_document_row_written_without_its_version_is_read(
+    dsn: str, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """A server of an earlier version writes the rows without their version (schema 14): a
+    row it adds has none, and the trigger forgets the version of a row it updates, so b reads
+    both (here a row in the middle, which no server writes alone, to show that any row is)."""
+    a, b = two
+    job = grown(a, MANY)
+    assert caught_up(b) == (job, MANY + 1, MANY)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE job_documents SET size = 1 WHERE token = 'shared' AND ordinal = 2; "
+            "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
+            f"VALUES ('shared', {MANY}, 77, 'pdf-a', 5); "
+            "UPDATE jobs SET version = version + 1, xid = pg_current_xact_id()"
+        )
+    documents = list(job.documents)
+    documents[2] = replace(documents[2], size=1)
+    documents.append(Document(77, "pdf-a", 5))
+    assert caught_up(b) == (replace(job, documents=tuple(documents)), MANY + 2, 2)
+
+
+def test_a_write_after_reading_another_instances_version_carries_only_its_new_row(
+    dsn: str, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """What b read of a's write is what the table holds at that version: b's next write of
+    the job adds its one row, as after its own write, where an instance that never read the
+    job rewrites them all (the WAL each write made)."""
+    a, b = two
+    job = grown(a, MANY)
+    caught_up(b)
+    c = PostgresRecords.open(dsn)
+    try:
+        with wal_position(dsn) as lsn:
+            walled = []
+            for number, records in ((MANY + 1, b), (MANY + 2, c)):
+                job = image(job, number)
+                before = lsn()
+                records.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), number, 0))
+                walled.append(lsn() - before)
+    finally:
+        c.close()
+    after_read, whole = walled
+    assert after_read * 3 < whole, walled
+    assert caught_up(a)[0] == job
+
+
+def test_a_row_neither_read_nor_known_fails_the_read_and_the_next_reads_whole(
+    dsn: str, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """A row b did not know and the feed does not read (its version says b knew it: no server
+    writes that) fails b's read, temporarily: the catch-up's cursor stays, and the next read
+    of the job is whole."""
+    a, b = two
+    job = grown(a, MANY)
+    caught_up(b)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO job_documents (token, ordinal, document_id, format, size, version) "
+            f"VALUES ('shared', {MANY}, 77, 'pdf-a', 5, 1); "
+            "UPDATE jobs SET version = version + 1, xid = pg_current_xact_id()"
+        )
+    with pytest.raises(StoreError) as failed:
+        b.changes(0, frozenset())
+    assert failed.value.temporary
+    assert "the document rows of job shared at version 42 are not what" in failed.value.message
+    whole = replace(job, documents=(*job.documents, Document(77, "pdf-a", 5)))
+    assert caught_up(b) == (whole, MANY + 2, MANY + 1)

@@ -179,7 +179,8 @@ def test_storage_bench_runs() -> None:
 
 def test_job_documents_bench_runs() -> None:
     """``bench/job_documents.py``, tiny: a job's SendImage record writes on SQLite and a real
-    PostgreSQL, as ratios.  No timing is asserted."""
+    PostgreSQL, as ratios, and another instance's catch-up reads of them.  No timing is
+    asserted."""
     result = run_bench(
         [
             sys.executable,
@@ -193,6 +194,9 @@ def test_job_documents_bench_runs() -> None:
     )
     for engine in ("sqlite", "postgresql"):
         assert f"\n| {engine} | " in result.stdout, result.stdout
+    # The catch-up's document rows, exact counts: documents 20 and 30 (store/jobdocuments.py).
+    assert "\n| whole list (before) | 20 -> 30 | " in result.stdout, result.stdout
+    assert "\n| rows since the version known | 1 -> 1 | " in result.stdout, result.stdout
 
 
 def test_workers_bench_runs() -> None:

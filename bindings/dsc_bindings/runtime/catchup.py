@@ -7,7 +7,8 @@ exchange's first core call and before each tick:
 
 1. :meth:`JobCatchUp.read`, off the core's owner (a pool thread, the ticker): one query for the
    rows changed since the last read (the store's cursor, postgresql.py says why it misses no late
-   commit), the tokens deleted since, and the uploads in flight on the other instances;
+   commit), the tokens deleted since, and the uploads in flight on the other instances; of a
+   job the store knows, only the document rows written since (store/jobdocuments.py);
 2. :meth:`JobCatchUp.absorb`, as the owner: the records newer than the one the table holds go to
    ``ScanServer.absorb`` (no events: the instance that made a change announced it).
 

@@ -44,7 +44,14 @@ from dsc_core.model import (
     SharePointInstructions,
 )
 
-__all__ = ["CODEC_VERSION", "DocumentRow", "decode_job", "document_row", "encode_job"]
+__all__ = [
+    "CODEC_VERSION",
+    "DocumentRow",
+    "decode_document_rows",
+    "decode_job",
+    "document_row",
+    "encode_job",
+]
 
 #: Stored as ``"v"`` in every record; bump it (and keep reading the old one) on a format change.
 CODEC_VERSION = 3
@@ -223,6 +230,11 @@ def _decode_documents(
         return tuple(_document(d) for d in _objects(record, "documents"))
     if "documents" in record:
         raise ValueError("job record: version 3 keeps its documents beside it")
+    return decode_document_rows(rows)
+
+
+def decode_document_rows(rows: Sequence[Sequence[object]]) -> tuple[Document, ...]:
+    """The documents of :func:`document_row` rows, in order.  Raises ``ValueError``."""
     found = []
     for row in rows:
         if len(row) != len(_DOCUMENT_FIELDS):

@@ -1,17 +1,27 @@
-"""Which of a job's document rows a record write carries (both SQL stores).
+"""Which of a job's document rows a record write carries, and which ones a catch-up reads (both
+SQL stores; reads on shared PostgreSQL only).
 
 A job's documents are rows of their own beside its record (``job_documents``: token, ordinal,
 document_id, format, size; jobcodec version 3), because each SendImage adds one document and
 writing the whole list again made a job of n images cost O(n^2) (the last review).  A write
 carries the rows from the first document the table may not hold yet: the store remembers, per
-job, the documents its last committed write left there (:class:`WrittenDocuments`), and a job
-whose documents still begin with those adds only the rest.  Anything else (a job not written
-since this start, a failed write whose outcome is unknown, a shorter list after an undo, or on
-shared PostgreSQL records a row version this store did not write: another instance wrote the
-job in between) writes every row again and deletes those past the end: slower, never wrong.
+job, the document rows the table held at a row version (:class:`KnownDocuments`): those its
+last committed write left there or, on shared PostgreSQL, those it last read from the change
+feed (another instance's write), and a job whose documents still begin with those adds only
+the rest.  Anything else (a job neither written nor read since this start, a failed write
+whose outcome is unknown, a shorter list after an undo, or on shared PostgreSQL a row version
+this store did not write nor read: another instance wrote the job in between) writes every
+row again and deletes those past the end: slower, never wrong.
 
 Documents of a job only grow, one SendImage at a time (R6); the core's undo of a failed write
 (R4 step 9) gives back the list before it, which is the case above that rewrites.
+
+The change feed mirrors this (postgresql.py ``PostgresRecords.changes``, issue 18): each row of
+``job_documents`` carries the job's row version that wrote it last, so a catch-up that knows
+the job's rows at version v reads only the rows written after v.  Every write writes a
+suffix of the rows (from its ``start``) and deletes those past its end, so the rows written
+after v are a suffix too and the rest are still the rows known at v: an append reads one row,
+a whole rewrite (an undo, another list) reads them all.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from dataclasses import dataclass
 from dsc_bindings.store.jobcodec import document_row
 from dsc_core.model import Document, Job
 
-__all__ = ["DocumentsWrite", "WrittenDocuments"]
+__all__ = ["DocumentsWrite", "Known", "KnownDocuments"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +63,21 @@ class DocumentsWrite:
 
 
 @dataclass(frozen=True, slots=True)
-class _Written:
-    #: The row version the write left (shared records), None for SQLite's.
+class Known:
+    """The document rows the table held for a job at a row version."""
+
+    #: The row version (shared records), None for SQLite's.
     version: int | None
     documents: tuple[Document, ...]
 
 
-class WrittenDocuments:
-    """Per active job, the documents this store's last committed write left in the table.
-    Thread-safe (the writer thread writes, a tool may too)."""
+class KnownDocuments:
+    """Per active job, the document rows the table held at the latest row version this store
+    wrote or read (module doc).  Thread-safe (the writer thread writes, the catch-up reads, a
+    tool may too)."""
 
     def __init__(self) -> None:
-        self._written: dict[str, _Written] = {}
+        self._written: dict[str, Known] = {}
         self._lock = threading.Lock()
 
     def plan(self, job: Job, version: int | None = None, *, whole: bool = False) -> DocumentsWrite:
@@ -92,11 +105,36 @@ class WrittenDocuments:
         ended job is not remembered: it gets no more images, and what is remembered stays
         bounded by the active jobs (on shared records another instance may end and drop a job
         this one wrote; a later write of an ended job, a retry, is whole)."""
+        self.read(job.token, version, job.is_active, job.documents)
+
+    def read(
+        self, token: str, version: int | None, active: bool, documents: tuple[Document, ...]
+    ) -> None:
+        """The table held ``documents`` for the job at row ``version``: remembered unless a
+        later version is (a read and a write of this store may finish in either order), or
+        the job ended (:meth:`committed`)."""
         with self._lock:
-            if job.is_active:
-                self._written[job.token] = _Written(version, job.documents)
-            else:
-                self._written.pop(job.token, None)
+            if not active:
+                self._written.pop(token, None)
+                return
+            known = self._written.get(token)
+            if (
+                known is None
+                or version is None
+                or known.version is None
+                or version >= known.version
+            ):
+                self._written[token] = Known(version, documents)
+
+    def known(self, minimum: int) -> dict[str, Known]:
+        """The jobs known at a row version with at least ``minimum`` documents: those a
+        catch-up reads only the rows written since (module doc)."""
+        with self._lock:
+            return {
+                token: known
+                for token, known in self._written.items()
+                if known.version is not None and len(known.documents) >= minimum
+            }
 
     def forget(self, token: str) -> None:
         """The job is gone, or a write's outcome is unknown: its next write is whole."""

@@ -24,7 +24,9 @@ had read past it.  So each read takes, in the same statement (one snapshot), the
 when the snapshot was taken), and the next read returns every row whose ``xid >= `` that xmin.
 Any transaction the earlier snapshot did not see (still running, or not yet begun) has an xid
 at or above its xmin, so its rows are read next time, however late it commits; rows seen twice
-are told apart by their version.  A deleted row leaves a tombstone (``job_tombstones``, with
+are told apart by their version.  Of a job this store knows at a row version (it wrote or
+read it), the feed reads only the document rows written after it (store/jobdocuments.py,
+:meth:`PostgresRecords.changes`).  A deleted row leaves a tombstone (``job_tombstones``, with
 its xid) that the feed reports the same way; tombstones are pruned after
 :data:`TOMBSTONE_SECONDS`.  Uploads in flight are rows of ``uploads`` (one per image, never per
 chunk), named by the instance receiving them (its id in ``instances``) and its home (host and
@@ -46,10 +48,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 import psycopg_pool
@@ -72,7 +74,8 @@ from dsc_bindings.store.interface import (
     StoredRecord,
     VersionedWrite,
 )
-from dsc_bindings.store.jobdocuments import DocumentsWrite, WrittenDocuments
+from dsc_bindings.store.jobcodec import decode_document_rows, document_row
+from dsc_bindings.store.jobdocuments import DocumentsWrite, Known, KnownDocuments
 from dsc_bindings.store.pgdoorbell import PgDoorbell
 from dsc_bindings.store.pgoutbox import OutboxRows
 from dsc_bindings.store.sqlite import record_columns
@@ -99,7 +102,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -339,11 +342,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ADD COLUMN home text,
             ADD COLUMN replaced_by uuid""",
     ),
+    (
+        # A catch-up reads only the document rows written since the version it knows
+        # (store/jobdocuments.py): each row carries the job's row version that wrote it last.
+        # NULL: not known (rows from before, or written by a server of an earlier version,
+        # which does not set it: the trigger makes such an update NULL too), so read.
+        "ALTER TABLE job_documents ADD COLUMN version bigint",
+        """CREATE FUNCTION dsc_job_documents_version() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.version IS NOT DISTINCT FROM OLD.version THEN
+                NEW.version := NULL;
+            END IF;
+            RETURN NEW;
+        END $$""",
+        """CREATE TRIGGER job_documents_version BEFORE UPDATE ON job_documents
+            FOR EACH ROW EXECUTE FUNCTION dsc_job_documents_version()""",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
 #: second (the ticker), and one that starts reads every row.
 TOMBSTONE_SECONDS = 3600
+#: A job known with at least this many documents is read by the catch-up from the rows written
+#: since (jobdocuments.py); a shorter list is read whole: it is about as small as what each
+#: read sends to ask for less (the token and version of every such job known).
+INCREMENTAL_DOCUMENTS = 16
 #: An ``uploads`` row this old is a dead instance's (an upload that long is one no scanner
 #: waits for): it no longer reserves its DocumentId nor keeps its job from the R6 timeout.
 UPLOAD_ROW_SECONDS = 600
@@ -352,19 +375,21 @@ _PRUNE_SECONDS = 60.0
 
 #: The document rows of a job record write (jobdocuments.DocumentsWrite), for the statements
 #: below whose CTE ``up`` writes the job's row: written only when ``up`` wrote (the
-#: compare-and-set held).  Rows from ``count`` on go (after a shorter list), the given ones
-#: are upserted by ordinal: disjoint rows, so one statement may do both.
+#: compare-and-set held), each with the row's new version (the catch-up reads the rows
+#: written after the version it knows, jobdocuments.py).  Rows from ``count`` on go (after a
+#: shorter list), the given ones are upserted by ordinal: disjoint rows, so one statement may
+#: do both.
 _DOCUMENTS = """
     gone AS (
         DELETE FROM job_documents WHERE token = %(token)s AND ordinal >= %(count)s
             AND EXISTS (SELECT 1 FROM up)),
     docs AS (
-        INSERT INTO job_documents (token, ordinal, document_id, format, size)
-        SELECT %(token)s, d.ordinal, d.document_id, d.format, d.size
+        INSERT INTO job_documents (token, ordinal, document_id, format, size, version)
+        SELECT %(token)s, d.ordinal, d.document_id, d.format, d.size, up.version
             FROM up, unnest(%(ordinals)s::integer[], %(ids)s::bigint[], %(formats)s::text[],
                             %(sizes)s::bigint[]) AS d(ordinal, document_id, format, size)
         ON CONFLICT (token, ordinal) DO UPDATE SET document_id = excluded.document_id,
-            format = excluded.format, size = excluded.size)
+            format = excluded.format, size = excluded.size, version = excluded.version)
 """
 #: An unconditional write (``dsc db migrate``, tools): still bumps the version and the xid, so
 #: that running instances see it.
@@ -449,14 +474,30 @@ _DOCUMENTS_OF_JOB = """
     (SELECT json_agg(json_build_array(d.document_id, d.format, d.size) ORDER BY d.ordinal)
         FROM job_documents d WHERE d.token = jobs.token)
 """
+#: A row's document rows for the feed (jobdocuments.py): those written after the version
+#: ``known.version`` this instance knows (all of them without one), each with its ordinal,
+#: the job's count of rows, and whether the job is active (then its rows are remembered:
+#: KnownDocuments).
+_FED_DOCUMENTS = """
+    json_build_object(
+        'active', jobs.active,
+        'count', (SELECT max(d.ordinal) + 1 FROM job_documents d WHERE d.token = jobs.token),
+        'rows', (SELECT json_agg(json_build_array(d.ordinal, d.document_id, d.format, d.size)
+                                 ORDER BY d.ordinal)
+                 FROM job_documents d WHERE d.token = jobs.token
+                     AND (known.version IS NULL OR d.version IS NULL
+                          OR d.version > known.version)))
+"""
 #: One statement, so one snapshot: its xmin is the next cursor (module doc).  Kinds: 0 the
 #: cursor, 1 a row, 2 a tombstone, 3 another instance's upload, 4 a subscription, 5 one ended.
 _CHANGES = f"""
     SELECT 0, NULL::text, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, NULL::text,
         NULL::json
     UNION ALL
-    SELECT 1, token, version, job, {_DOCUMENTS_OF_JOB} FROM jobs
-        WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
+    SELECT 1, jobs.token, jobs.version, jobs.job, {_FED_DOCUMENTS}
+        FROM jobs LEFT JOIN unnest(%(known_tokens)s::text[], %(known_versions)s::bigint[])
+            AS known(token, version) ON known.token = jobs.token
+        WHERE jobs.xid >= %(since)s::text::xid8 OR jobs.token = ANY(%(tokens)s)
     UNION ALL
     SELECT 2, token, NULL, NULL, NULL FROM job_tombstones
         WHERE xid >= %(since)s::text::xid8 OR token = ANY(%(tokens)s)
@@ -781,7 +822,10 @@ class PostgresRecords:
         #: through those deletes, so a new upload of the same image is never deleted by one.
         self._ends_owed: set[tuple[str, int]] = set()
         self._owed_lock = threading.Lock()
-        self._documents = WrittenDocuments()
+        self._documents = KnownDocuments()
+        #: Document rows the change feed has read (:meth:`changes`; a measure for
+        #: bench/job_documents.py and the tests: an append reads one).
+        self.documents_fed = 0
 
     @classmethod
     def open(
@@ -1024,11 +1068,14 @@ class PostgresRecords:
         (one small query per request)."""
         self._prune()
         self._end_owed_uploads()
+        known = self._documents.known(INCREMENTAL_DOCUMENTS)
         params = {
             "since": cursor,
             "tokens": sorted(tokens),
             "me": self.instance,
             "age": UPLOAD_ROW_SECONDS,
+            "known_tokens": list(known),
+            "known_versions": [k.version for k in known.values()],
         }
         what = "reading the jobs other instances changed"
         if self._feed_dsn is None:
@@ -1045,7 +1092,8 @@ class PostgresRecords:
             if kind == 0:
                 next_cursor = int(number)
             elif kind == 1:
-                rows.append((str(token), int(number), str(text), documents or ()))
+                fed = self._fed_documents(str(token), int(number), documents, known.get(token))
+                rows.append((str(token), int(number), str(text), fed))
             elif kind == 2:
                 dropped.append(str(token))
                 self._documents.forget(str(token))  # another instance dropped it
@@ -1063,6 +1111,39 @@ class PostgresRecords:
             tuple(subscriptions),
             tuple(ended),
         )
+
+    def _fed_documents(
+        self, token: str, version: int, fed: dict[str, Any], known: Known | None
+    ) -> StoredDocuments:
+        """The job's whole list of document rows at ``version``: those the feed read, in their
+        places among the rows known at ``known.version`` (the others are unchanged since:
+        jobdocuments.py)."""
+        count = int(fed["count"] or 0)
+        read = fed["rows"] or ()
+        before = known.documents if known is not None else ()
+        rows: list[Sequence[object] | None] = [*map(document_row, before[:count])]
+        rows += [None] * (count - len(rows))
+        for ordinal, *row in read:
+            if 0 <= ordinal < count:
+                rows[ordinal] = row
+        if None in rows:
+            # A row neither read nor known: not a write this server knows (each writes its
+            # rows with its version).  Read the job whole next time.
+            self._documents.forget(token)
+            raise StoreError(
+                f"the document rows of job {token} at version {version} are not what this "
+                "instance knew: read again whole",
+                temporary=True,
+            )
+        self.documents_fed += len(read)
+        whole = cast(list[Sequence[object]], rows)
+        try:
+            documents = decode_document_rows(whole)
+        except ValueError:  # the catch-up says so, and skips the record
+            self._documents.forget(token)
+        else:
+            self._documents.read(token, version, bool(fed["active"]), documents)
+        return whole
 
     def _read_feed(self, what: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
         assert self._feed_dsn is not None

@@ -20,7 +20,7 @@ from pathlib import Path
 from dsc_bindings.store.errors import StoreError, as_store_error, is_temporary
 from dsc_bindings.store.interface import StoredRecord
 from dsc_bindings.store.jobcodec import DocumentRow, encode_job
-from dsc_bindings.store.jobdocuments import WrittenDocuments
+from dsc_bindings.store.jobdocuments import KnownDocuments
 from dsc_bindings.store.localspool import PART_SUFFIX, SPOOL_NAME, LocalSpool
 from dsc_bindings.store.split import LOCK_NAME, QUARANTINE_NAME, SplitStore
 from dsc_core.model import Job
@@ -106,7 +106,7 @@ class SqliteRecords:
         self.shared = False
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
-        self._documents = WrittenDocuments()
+        self._documents = KnownDocuments()
 
     @classmethod
     def open(cls, data_dir: Path, *, busy_timeout: float = 5.0) -> SqliteRecords:
