@@ -18,10 +18,12 @@ Documents of a job only grow, one SendImage at a time (R6); the core's undo of a
 
 The change feed mirrors this (postgresql.py ``PostgresRecords.changes``, issue 18): each row of
 ``job_documents`` carries the job's row version that wrote it last, so a catch-up that knows
-the job's rows at version v reads only the rows written after v.  Every write writes a
-suffix of the rows (from its ``start``) and deletes those past its end, so the rows written
-after v are a suffix too and the rest are still the rows known at v: an append reads one row,
-a whole rewrite (an undo, another list) reads them all.
+the job's rows at version v reads only the rows written after v, each with its ordinal, and
+the job's count of rows.  Every other row is the one it knew at v: a write after v gives each
+row it writes its version, and deletes the rows past its end.  So an append reads one row, a
+whole rewrite (an undo, another list) reads them all.  A row without a version (written before
+schema 14, or by a server of an earlier version, whose updates a trigger makes forget theirs)
+is always read.
 """
 
 from __future__ import annotations
