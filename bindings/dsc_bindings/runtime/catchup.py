@@ -319,8 +319,8 @@ class JobCatchUp:
         point 3): by the batch's last CreateJob/UpdateJob before them (else its first
         DropJob), the others by one EventsWrite.  An AnnounceRepositoryState becomes such a
         write's Announcement, its events with it, under ``leader`` (this instance's id and
-        term, issue 18 point 4); with no ``leader`` it is dropped, events and all (a core
-        that follows makes none; one made before its term was lost must not be written).  A
+        term, issue 18 point 4); with no ``leader`` it is dropped, events and all (no term, so
+        nothing may be announced: its core follows and makes none, runtime/announcing.py).  A
         SubscriptionEnd stays apart: the delivery hub sends it directly (the subscription is
         gone from the store)."""
         stamped: list[Command | VersionedWrite | EventsWrite] = []
