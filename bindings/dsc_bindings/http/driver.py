@@ -619,37 +619,47 @@ class HttpConnection:
             # buffer is empty, _after_cycle checked), so wait for the next request at once.
             self._pending.append(self._idle_receive)
             return
-        self._feed()
-        try:
-            event = self._h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        # By exact type, as h11 itself tells its events apart: its events derive from an ABC,
-        # and an isinstance() that fails goes through ABCMeta (3 per request, issue 20).
-        if event is h11.NEED_DATA:
-            self._need_data()
-        elif event is h11.PAUSED:
-            self._after_cycle()
-        elif type(event) is h11.Request:
-            self._on_request(event)
-        elif type(event) is h11.Data:
-            if self._exchange_pending:
-                data = bytes(event.data)
-                if data:
-                    self._held.append(data)  # given to the service at the latest before the
-                    self._held_bytes += len(data)  # next read, unless small (module doc)
-            # else: the body of a refused request we chose to read to keep the connection
-        elif type(event) is h11.EndOfMessage:
-            if self._exchange_pending:
-                self._phase = "respond"
-                self._call(finish=True)
-            else:
+        self._take_events()
+
+    def _take_events(self) -> None:
+        """Feed h11 and act on its events until one asks for an action (the request's body
+        is taken in the same step as its head: each step's checks above are about a head)."""
+        while True:
+            self._feed()
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            # By exact type, as h11 itself tells its events apart: its events derive from an
+            # ABC, and an isinstance() that fails goes through ABCMeta (3 per request, issue 20).
+            if event is h11.NEED_DATA:
+                self._need_data()
+            elif event is h11.PAUSED:
                 self._after_cycle()
-        elif type(event) is h11.ConnectionClosed:
-            self._close(False)
-        else:  # pragma: no cover - h11 has no other server-side events
-            self._close(False)
+            elif type(event) is h11.Request:
+                self._on_request(event)
+                if not self._pending:
+                    continue  # accepted: its body next (phase "body")
+            elif type(event) is h11.Data:
+                if self._exchange_pending:
+                    data = bytes(event.data)
+                    if data:
+                        self._held.append(data)  # given to the service at the latest before
+                        self._held_bytes += len(data)  # the next read, unless small (module doc)
+                # else: the body of a refused request we chose to read to keep the connection
+                continue
+            elif type(event) is h11.EndOfMessage:
+                if self._exchange_pending:
+                    self._phase = "respond"
+                    self._call(finish=True)
+                else:
+                    self._after_cycle()
+            elif type(event) is h11.ConnectionClosed:
+                self._close(False)
+            else:  # pragma: no cover - h11 has no other server-side events
+                self._close(False)
+            return
 
     def _need_data(self) -> None:
         """h11 has no event without more bytes: give it what is received, hand the held body
@@ -793,9 +803,6 @@ class HttpConnection:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self._close(False)
             return
-        # Every header name and value here is the server's own (never a client's bytes), so
-        # h11's validation regexes are skipped (profiled: about 4% of a small request's CPU).
-        headers = reply_headers(reply, extra)
         close = close or self._draining or self._close_after_answer
         if (
             not close
@@ -809,12 +816,15 @@ class HttpConnection:
             # was ~15 us of a small request (issue 20), a fresh h11 connection is <1 us.
             # Everything else (closing, 204/304, an answer before the request's end)
             # still goes through h11 below.
-            data = response_head(reply.status, headers)
+            data = response_head(reply.status, reply_headers(reply, extra))
             if not self._head_only:  # the answer to a HEAD is the GET answer's head alone
                 data += reply.body
             self._pending.append(Send(data, self._limits.body_timeout))
             self._next_cycle(fresh=True)
             return
+        # Every header name and value here is the server's own (never a client's bytes), so
+        # h11's validation regexes are skipped (profiled: about 4% of a small request's CPU).
+        headers = reply_headers(reply, extra)
         if close:
             headers.append((b"Connection", b"close"))
         try:
