@@ -289,8 +289,10 @@ def test_kept_alive_answers_are_the_bytes_h11_writes_and_pipelined_requests_foll
         Reply(500, C.SOAP_XML, b"<fault/>" * 50),
         Reply(400, "text/plain; charset=utf-8", b""),
         Reply(299, C.SOAP_XML, b"x"),  # no reason phrase: h11 writes "299 " too
+        Reply(200, C.SOAP_XML, b"<ok/>"),  # the first one's status and type, its own length
+        Reply(500, C.SOAP_XML, b"<fault/>" * 50),  # the second one's shape again
     ]
-    bodies = [b"a" * 10, b"", b"c" * 70000, b"d"]
+    bodies = [b"a" * 10, b"", b"c" * 70000, b"d", b"e", b"f"]
     requests = [_head(len(body)) + body for body in bodies]
     expected = [_as_h11_writes(r, reply) for r, reply in zip(requests, replies, strict=True)]
     conn = HttpConnection(Site(_Answering(list(replies))), Limits())

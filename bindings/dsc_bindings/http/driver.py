@@ -39,6 +39,7 @@ Identity (R10): see :mod:`.certidentity`; a connection whose certificate names n
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -58,6 +59,7 @@ from dsc_bindings.http.request_rules import (
     body_limit_setting,
     check_head,
     error_reply,
+    header_fields,
     reason,
     reply_headers,
 )
@@ -358,6 +360,13 @@ def response_head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     lines += [b"%s: %s\r\n" % header for header in headers]
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_answer_head(status: int, content_type: str, length: int) -> bytes:
+    """:func:`response_head` of an answer without headers of its own (extra ones carry
+    cookies and ETags: never kept here), kept for the next answer of the same shape."""
+    return response_head(status, header_fields(status, content_type, length))
 
 
 # --- request-head rules -------------------------------------------------------------------------
@@ -816,7 +825,10 @@ class HttpConnection:
             # was ~15 us of a small request (issue 20), a fresh h11 connection is <1 us.
             # Everything else (closing, 204/304, an answer before the request's end)
             # still goes through h11 below.
-            data = response_head(reply.status, reply_headers(reply, extra))
+            if extra:
+                data = response_head(reply.status, reply_headers(reply, extra))
+            else:  # SOAP's answers: a few shapes, over and over
+                data = _plain_answer_head(reply.status, reply.content_type, len(reply.body))
             if not self._head_only:  # the answer to a HEAD is the GET answer's head alone
                 data += reply.body
             self._pending.append(Send(data, self._limits.body_timeout))

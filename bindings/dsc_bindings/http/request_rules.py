@@ -35,6 +35,7 @@ __all__ = [
     "body_limit_setting",
     "check_head",
     "error_reply",
+    "header_fields",
     "reply_headers",
 ]
 
@@ -322,13 +323,25 @@ def reply_headers(
     """The response headers of ``reply``: Server (unless the front end's server names itself),
     ``extra``, then its framing.  Every name and value is the server's own (never a client's
     bytes)."""
+    return header_fields(reply.status, reply.content_type, len(reply.body), extra, server=server)
+
+
+def header_fields(
+    status: int,
+    content_type: str,
+    length: int,
+    extra: tuple[tuple[str, str], ...] = (),
+    *,
+    server: bool = True,
+) -> list[tuple[bytes, bytes]]:
+    """:func:`reply_headers` of a reply of this status, content type and body length."""
     headers = [(b"Server", _SERVER_NAME)] if server else []
     headers += [(name.encode("ascii"), value.encode("latin-1")) for name, value in extra]
-    if reply.status != 304:
+    if status != 304:
         # A 304 (the web console's If-None-Match) has no content, and a Content-Length
         # there would have to be the 200's (RFC 9110 section 8.6): none is sent.
         headers += [
-            (b"Content-Type", _header_value(reply.content_type)),
-            (b"Content-Length", str(len(reply.body)).encode("ascii")),
+            (b"Content-Type", _header_value(content_type)),
+            (b"Content-Length", str(length).encode("ascii")),
         ]
     return headers
