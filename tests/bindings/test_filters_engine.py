@@ -537,36 +537,114 @@ def test_a_filters_own_catch_all_does_not_swallow_an_interruption(tmp_path: Path
     assert FilterFinished(following.token, 0, FilterState.COMPLETED_SUCCESSFULLY) in recorder.events
 
 
-def test_a_system_exit_in_a_filter_is_no_interruption(tmp_path: Path) -> None:
-    """The engine catches Interrupted by name, not every BaseException: a SystemExit raised
-    in a filter leaves the worker's thread as itself (what Python makes of it there), and the
-    job is not handed back as interrupted (it would be resumed as if the store had not
-    answered)."""
-    recorder = Recorder()
-    left: list[type[BaseException] | None] = []
+#: BaseExceptions other than Interrupted a filter may raise: each is a failed filter, not an
+#: interruption nor the end of the worker (a SystemExit in a worker thread ends only that thread,
+#: so it never did what its raiser meant; KeyboardInterrupt raised by hand, as a real one only
+#: reaches the main thread).
+OTHER_BASE_EXCEPTIONS = [SystemExit(3), GeneratorExit(), KeyboardInterrupt()]
 
-    def exits(
+
+@pytest.mark.parametrize("raised", OTHER_BASE_EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_another_base_exception_in_a_filter_fails_it_and_the_worker_goes_on(
+    tmp_path: Path, raised: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine takes Interrupted by name; any other BaseException a filter raises (a third
+    party's runner, not guarded by never_raises) is a failed filter (R9: UnknownError), logged
+    at ERROR with its traceback: the job gets its FilterFinished and ProcessingFinished, it is
+    not handed back as interrupted, the engine's one worker (max_jobs 1) runs the next job, no
+    thread dies, and the place is free again (a dead worker stayed counted and the job never
+    left the engine)."""
+    recorder = Recorder()
+    died: list[type[BaseException] | None] = []
+    freed = threading.Semaphore(0)
+
+    def raises_once(
         job: Job,
         index: int,
         documents: list[tuple[Document, Path]],
         settings: FilterSettings,
         cancelled: threading.Event,
     ) -> FilterOutcome:
-        raise SystemExit(3)
+        if job.token == failing.token:
+            raise raised
+        return FilterOutcome.success()
 
-    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: exits})
-    job = make_job(GOOD)
+    engine = _engine(
+        tmp_path,
+        recorder,
+        runners={FileShareInstructions: raises_once},
+        max_jobs=1,
+        freed=freed.release,
+    )
+    failing, following = make_job(GOOD), make_job(GOOD)
     previous = threading.excepthook
-    threading.excepthook = lambda args: left.append(args.exc_type)
+    threading.excepthook = lambda args: died.append(args.exc_type)
     try:
-        engine.start(job)
-        recorder.wait(lambda: FilterStarted(job.token, 0) in recorder.events)
-        engine.close(5)  # joins the worker: its thread has ended
+        engine.start(failing)
+        engine.start(following)
+        recorder.wait_finished(failing.token, following.token)
+        assert freed.acquire(timeout=10) and freed.acquire(timeout=10)
+        assert engine.free_slots() == 1
+        engine.close(5)
     finally:
         threading.excepthook = previous
-    assert left == [SystemExit]
+    assert died == []
     assert recorder.interrupted == []
-    assert recorder.of(job.token) == [ProcessingStarted(job.token), FilterStarted(job.token, 0)]
+    assert recorder.of(failing.token) == [
+        ProcessingStarted(failing.token),
+        FilterStarted(failing.token, 0),
+        FilterFinished(
+            failing.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+        ),
+        ProcessingFinished(failing.token),
+    ]
+    assert FilterFinished(following.token, 0, FilterState.COMPLETED_SUCCESSFULLY) in (
+        recorder.events
+    )
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.levelno == logging.ERROR and failing.token in logged.getMessage()
+    assert logged.exc_info is not None and logged.exc_info[1] is raised
+
+
+@pytest.mark.parametrize("raised", OTHER_BASE_EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_another_base_exception_in_a_guarded_filter_keeps_what_it_delivered(
+    tmp_path: Path, raised: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """never_raises (R9 failure mapping) turns any BaseException but Interrupted into
+    UnknownError, as it does an Exception, and keeps the names the run had delivered: past it,
+    the engine's catch-all would fail the filter without them."""
+    recorder = Recorder()
+
+    @never_raises
+    def half(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+        delivered: Deliveries,
+    ) -> FilterOutcome:
+        delivered.add("fileshare", "/srv/scans/Scan_0001.png")
+        raise raised
+
+    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: half})
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert recorder.interrupted == []
+    assert (
+        FilterFinished(
+            job.token,
+            0,
+            FilterState.COMPLETED_WITH_ERRORS,
+            (FilterStateReason.UNKNOWN_ERROR,),
+            ("/srv/scans/Scan_0001.png",),
+        )
+        in recorder.events
+    )
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.exc_info is not None and logged.exc_info[1] is raised
 
 
 def test_documents_the_spool_cannot_give_now_interrupt_the_run(tmp_path: Path) -> None:

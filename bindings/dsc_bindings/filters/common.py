@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
@@ -134,10 +135,11 @@ class DeliveringRun(Protocol):
 def never_raises(run: DeliveringRun) -> FilterRun:
     """A filter never raises: anything unexpected is CompletedWithErrors + UnknownError, so one
     bad document or bug cannot take the engine's worker down (R9 failure mapping).  Whatever
-    way the run ends, its outcome carries what it delivered until then.  Except one way:
+    way the run ends, its outcome carries what it delivered until then; a BaseException too
+    (SystemExit, GeneratorExit, a KeyboardInterrupt raised by hand: in the engine's worker
+    thread none of them can do what its raiser meant).  Except one way:
     :class:`~.interruption.Interrupted` (the store does not answer) is no outcome of the
-    filter; a BaseException, it passes this guard's ``except Exception`` to the engine, which
-    resumes the job later (R13)."""
+    filter and goes on to the engine, which resumes the job later (R13)."""
 
     @functools.wraps(run)
     def guarded(
@@ -157,7 +159,9 @@ def never_raises(run: DeliveringRun) -> FilterRun:
                 "filter %s of job %s delivers nothing more: %s", filter_index, job.token, exc
             )
             outcome = FilterOutcome.canceled()
-        except Exception:
+        except Interrupted:
+            raise  # no failure: the engine hands the job back (interruption.py)
+        except BaseException:
             log.exception("filter %s of job %s failed unexpectedly", filter_index, job.token)
             outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         return dataclasses.replace(outcome, delivered=delivered.names)

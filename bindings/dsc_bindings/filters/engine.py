@@ -166,7 +166,6 @@ class ProcessingEngine:
             try:
                 self._run(job, cancelled)
             # By name: the one handler of Interrupted (a BaseException, interruption.py).
-            # Other BaseExceptions (SystemExit) are no interruption and end the thread.
             except Interrupted as exc:
                 interrupted = True
                 log.warning(
@@ -175,7 +174,10 @@ class ProcessingEngine:
                     job.token,
                     exc,
                 )
-            except Exception:  # a bug here must not kill the worker or leave jobs queued
+            # A bug here must not kill the worker: a dead one stays counted in ``_workers``
+            # and its place is never freed.  BaseException: any other, SystemExit included,
+            # is no interruption, and in this thread it could only end the thread.
+            except BaseException:
                 log.exception("job %s: processing failed", job.token)
             finally:
                 with self._lock:
@@ -240,7 +242,9 @@ class ProcessingEngine:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         try:
             outcome = runner(job, index, documents, settings, cancelled)
-        except Exception:  # runners never raise; a third-party one might (not Interrupted)
+        except Interrupted:
+            raise  # no failure of the filter: _work hands the job back (interruption.py)
+        except BaseException:  # runners never raise; a third-party one might (any kind)
             log.exception("job %s: filter %d raised", job.token, index)
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         if not outcome.state.is_final:

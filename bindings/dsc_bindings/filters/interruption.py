@@ -19,10 +19,13 @@ class Interrupted(BaseException):
 
     A BaseException, not an Exception, for the reason asyncio's ``CancelledError`` (Python 3.8
     on) and trio's ``Cancelled`` are: it is no error of the code it passes through but an order
-    to stop, and the catch-alls on its way, ``except Exception`` in ``common.never_raises``, in
-    the engine and in any filter a third party writes, exist to turn a bug into a failed
+    to stop, and the catch-alls on its way (in ``common.never_raises``, in the engine, the
+    ``except Exception`` in any filter a third party writes) exist to turn a bug into a failed
     filter, which this must never become (a failed filter ends the job Aborted for good,
     PostScanJobProcessingFailed).  As an Exception every such catch-all had to re-raise it
-    first, and one that forgot failed the job.  What a filter may do with it: clean up in
+    first, and one that forgot failed the job.  The project's own two (``never_raises`` and
+    the engine's ``_run_filter``) do take every other BaseException, after ``except
+    Interrupted: raise``: a SystemExit in a filter is a failed filter, not a dead worker
+    (docs/architecture.md).  What a filter may do with it: clean up in
     ``finally`` or in ``except BaseException: ...; raise``; never catch BaseException without
     raising again (docs/architecture.md, "Filters")."""
