@@ -302,6 +302,7 @@ def test_a_write_after_reading_another_instances_version_carries_only_its_new_ro
                 before = lsn()
                 records.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), number, 0))
                 walled.append(lsn() - before)
+                assert stored(dsn) == job.documents  # the one row b added, in its place
     finally:
         c.close()
     after_read, whole = walled
@@ -330,3 +331,14 @@ def test_a_row_neither_read_nor_known_fails_the_read_and_the_next_reads_whole(
     assert "the document rows of job shared at version 42 are not what" in failed.value.message
     whole = replace(job, documents=(*job.documents, Document(77, "pdf-a", 5)))
     assert caught_up(b) == (whole, MANY + 2, MANY + 1)
+    assert caught_up(b) == (whole, MANY + 2, 0)  # known again: not whole for ever
+
+
+def stored(dsn: str, token: str = "shared") -> tuple[Document, ...]:
+    """The job's documents as the table holds them, read by hand (no store's memory)."""
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute(
+            "SELECT document_id, format, size FROM job_documents WHERE token = %s ORDER BY ordinal",
+            (token,),
+        ).fetchall()
+    return tuple(Document(int(i), str(f), int(s)) for i, f, s in found)
