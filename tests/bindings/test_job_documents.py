@@ -20,12 +20,12 @@ import pytest
 
 from dsc_bindings.store.errors import StoreError
 from dsc_bindings.store.interface import VersionedWrite
-from dsc_bindings.store.jobcodec import decode_job
+from dsc_bindings.store.jobcodec import decode_job, document_row
 from dsc_bindings.store.jobdocuments import KnownDocuments
 from dsc_bindings.store.localspool import LocalSpool
-from dsc_bindings.store.postgresql import INCREMENTAL_DOCUMENTS, PostgresRecords
+from dsc_bindings.store.postgresql import _MIGRATIONS, INCREMENTAL_DOCUMENTS, PostgresRecords
 from dsc_bindings.store.split import SplitStore
-from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore
+from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore, record_columns
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
 from dsc_core.model import Document, Job, JobState
 from engines_support import wal_position
@@ -342,3 +342,149 @@ def stored(dsn: str, token: str = "shared") -> tuple[Document, ...]:
             (token,),
         ).fetchall()
     return tuple(Document(int(i), str(f), int(s)) for i, f, s in found)
+
+
+def test_two_instances_writing_in_turn_each_read_only_the_others_row(
+    dsn: str, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """Instances a and b take turns adding a document, each from the version its catch-up
+    read of the other's write (as the runtime stamps it): each write adds one row, each read
+    one row, and the table, and each instance's read, hold the whole list every time."""
+    a, b = two
+    job = grown(a, MANY)
+    version = MANY + 1
+    assert caught_up(b) == (job, version, MANY)
+    assert caught_up(a) == (job, version, 0)  # its own write: known
+    writer, reader = b, a
+    for number in range(MANY + 1, MANY + 7):
+        job = image(job, number)
+        writer.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), version, 0))
+        version += 1
+        assert stored(dsn) == job.documents
+        assert caught_up(reader) == (job, version, 1)
+        assert caught_up(writer) == (job, version, 0)
+        writer, reader = reader, writer
+    with psycopg.connect(dsn) as conn:
+        # Each row carries the version of the write that added it: no write rewrote them.
+        versions = conn.execute(
+            "SELECT version FROM job_documents WHERE token = 'shared' AND ordinal >= %s "
+            "ORDER BY ordinal",
+            (MANY,),
+        ).fetchall()
+    assert [v for (v,) in versions] == list(range(MANY + 2, version + 1))
+
+
+@pytest.mark.parametrize("count", [INCREMENTAL_DOCUMENTS - 1, INCREMENTAL_DOCUMENTS])
+def test_a_job_is_read_by_its_new_rows_from_incremental_documents_on(
+    count: int, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """The threshold (postgresql.INCREMENTAL_DOCUMENTS): a job b knows with one document
+    fewer is read whole, with as many its new row only, and the list is whole either way."""
+    a, b = two
+    job = grown(a, count)
+    assert caught_up(b) == (job, count + 1, count)
+    job = image(job, count + 1)
+    a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), count + 1, 0))
+    fed = count + 1 if count < INCREMENTAL_DOCUMENTS else 1
+    assert caught_up(b) == (job, count + 2, fed)
+    job = image(job, count + 2)
+    a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), count + 2, 0))
+    assert caught_up(b) == (job, count + 3, 1)  # known with at least as many now
+
+
+def test_a_refused_write_after_a_read_leaves_the_rows_and_the_next_write_right(
+    dsn: str, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """b read a's version and would append to it, but a wrote first: b's write is refused
+    and writes no row; b's next read and its write from a's newer version are right, and a
+    reads b's one row."""
+    a, b = two
+    job = grown(a, MANY)
+    caught_up(b)
+    won = image(job, MANY + 1)
+    a.write(VersionedWrite(UpdateJob(won, JobInput.IMAGE), MANY + 1, 0))
+    lost = replace(job, documents=(*job.documents, Document(500, "pdf-a", 9)))
+    with pytest.raises(StoreError):
+        b.write(VersionedWrite(UpdateJob(lost, JobInput.IMAGE), MANY + 1, 0))
+    assert stored(dsn) == won.documents
+    assert caught_up(b) == (won, MANY + 2, MANY + 1)  # forgotten: read whole once
+    job = image(won, MANY + 2)
+    b.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), MANY + 2, 0))
+    assert stored(dsn) == job.documents
+    assert caught_up(a) == (job, MANY + 3, 1)
+
+
+def test_a_restarted_instance_reads_whole_then_only_new_rows(
+    dsn: str, two: tuple[PostgresRecords, PostgresRecords]
+) -> None:
+    """An instance started again knows no rows: its first read is whole, the next ones read
+    what was written since."""
+    a, b = two
+    job = grown(a, MANY)
+    caught_up(b)
+    b.close()
+    again = PostgresRecords.open(dsn)
+    try:
+        assert caught_up(again) == (job, MANY + 1, MANY)
+        job = image(job, MANY + 1)
+        a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), MANY + 1, 0))
+        assert caught_up(again) == (job, MANY + 2, 1)
+    finally:
+        again.close()
+
+
+def test_jobs_in_flight_at_the_upgrade_to_schema_14_are_read_whole_and_kept_right(
+    dsn: str,
+) -> None:
+    """A database of schema 13 with a job in flight (its rows without a version): after the
+    upgrade every instance reads it whole and right; a write from what one read adds its one
+    row, and the rows from before, still without a version, are read every time, as is a row
+    a server of schema 13 still running adds (no version either)."""
+    job = make_job("shared")
+    for number in range(1, MANY + 1):
+        job = image(job, number)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:13]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (13)")
+        token, state, active, created, completed, text = record_columns(job)
+        conn.execute(
+            "INSERT INTO jobs (token, state, active, created, completed, job, origin) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (token, state, active, created, completed, text, job.origin),
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(token, n, *document_row(d)) for n, d in enumerate(job.documents)],
+            )
+    a, b = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
+    try:
+        assert caught_up(a) == (job, 1, MANY)
+        assert caught_up(b) == (job, 1, MANY)
+        job = image(job, MANY + 1)
+        a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), 1, 0))
+        assert stored(dsn) == job.documents
+        assert caught_up(b) == (job, 2, MANY + 1)  # the rows from before: no version
+        with psycopg.connect(dsn) as conn:
+            versions = conn.execute(
+                "SELECT count(*) FILTER (WHERE version IS NULL), max(version) "
+                "FROM job_documents WHERE token = 'shared'"
+            ).fetchone()
+            assert versions == (MANY, 2)  # a's write added its one row only
+            # A server of schema 13, still running, appends as it did: no version.
+            conn.execute(
+                "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
+                f"VALUES ('shared', {MANY + 1}, 77, 'pdf-a', 5)"
+            )
+            conn.execute("UPDATE jobs SET version = version + 1, xid = pg_current_xact_id()")
+        job = replace(job, documents=(*job.documents, Document(77, "pdf-a", 5)))
+        # The rows without a version, and none of those known at version 2.
+        assert caught_up(b) == (job, 3, MANY + 1)
+        assert caught_up(a) == (job, 3, MANY + 1)
+    finally:
+        a.close()
+        b.close()
