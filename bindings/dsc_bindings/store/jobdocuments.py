@@ -79,7 +79,7 @@ class KnownDocuments:
     tool may too)."""
 
     def __init__(self) -> None:
-        self._written: dict[str, Known] = {}
+        self._known: dict[str, Known] = {}
         self._lock = threading.Lock()
 
     def plan(self, job: Job, version: int | None = None, *, whole: bool = False) -> DocumentsWrite:
@@ -87,7 +87,7 @@ class KnownDocuments:
         compare-and-set write; None on SQLite), ``whole``: every row, whatever is known."""
         documents = job.documents
         with self._lock:
-            known = None if whole else self._written.get(job.token)
+            known = None if whole else self._known.get(job.token)
         start = 0
         if (
             known is not None
@@ -117,16 +117,16 @@ class KnownDocuments:
         the job ended (:meth:`committed`)."""
         with self._lock:
             if not active:
-                self._written.pop(token, None)
+                self._known.pop(token, None)
                 return
-            known = self._written.get(token)
+            known = self._known.get(token)
             if (
                 known is None
                 or version is None
                 or known.version is None
                 or version >= known.version
             ):
-                self._written[token] = Known(version, documents)
+                self._known[token] = Known(version, documents)
 
     def known(self, minimum: int) -> dict[str, Known]:
         """The jobs known at a row version with at least ``minimum`` documents: those a
@@ -134,11 +134,11 @@ class KnownDocuments:
         with self._lock:
             return {
                 token: known
-                for token, known in self._written.items()
+                for token, known in self._known.items()
                 if known.version is not None and len(known.documents) >= minimum
             }
 
     def forget(self, token: str) -> None:
         """The job is gone, or a write's outcome is unknown: its next write is whole."""
         with self._lock:
-            self._written.pop(token, None)
+            self._known.pop(token, None)
