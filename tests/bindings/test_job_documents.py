@@ -485,6 +485,21 @@ def test_jobs_in_flight_at_the_upgrade_to_schema_14_are_read_whole_and_kept_righ
         # The rows without a version, and none of those known at version 2.
         assert caught_up(b) == (job, 3, MANY + 1)
         assert caught_up(a) == (job, 3, MANY + 1)
+        # It replaces the row a wrote (version 2) with its upsert, which sets no version: the
+        # trigger forgets it, or the instances knowing version 2 would keep the old document.
+        with psycopg.connect(dsn) as conn:
+            conn.execute(
+                "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
+                f"VALUES ('shared', {MANY}, 88, 'pdf-a', 6) "
+                "ON CONFLICT (token, ordinal) DO UPDATE SET document_id = excluded.document_id, "
+                "format = excluded.format, size = excluded.size"
+            )
+            conn.execute("UPDATE jobs SET version = version + 1, xid = pg_current_xact_id()")
+        documents = list(job.documents)
+        documents[MANY] = Document(88, "pdf-a", 6)
+        job = replace(job, documents=tuple(documents))
+        assert caught_up(b) == (job, 4, MANY + 2)
+        assert caught_up(a) == (job, 4, MANY + 2)
     finally:
         a.close()
         b.close()
