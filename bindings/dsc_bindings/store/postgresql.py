@@ -903,8 +903,13 @@ class PostgresRecords:
         params = _record_params(job, documents)
         try:
             version = self._write_row(write, job, params, inserting)
+        except JobChanged:
+            # Refused: nothing was written (the document rows go only with the row,
+            # _DOCUMENTS), so what is known of the version before still holds, and the
+            # catch-up reads only the winner's rows from it (jobdocuments.py).
+            raise
         except BaseException:
-            self._documents.forget(token)  # refused, or an outcome not known
+            self._documents.forget(token)  # an outcome not known
             raise
         self._documents.committed(job, version)
 
