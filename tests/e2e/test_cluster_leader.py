@@ -320,3 +320,27 @@ def test_the_failure_count_survives_a_change_of_delivery_owner(
         for server in (failing, ends):
             server.shutdown()
             server.server_close()
+
+
+def test_the_last_instance_stopping_announces_stopped_then_ends_the_subscriptions(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess], sink: Subscriber
+) -> None:
+    """R7 on a shared store: the last instance to stop announces the repository Stopped
+    (runtime/service.py ``shutdown`` takes a term for it, leader or not), then ends its
+    subscriptions (SubscriptionEnd SourceShuttingDown).  The Stopped event goes through the
+    outbox and ending a subscription deletes its rows: written in one batch with the ends,
+    it was recorded (``repository_announced`` said Stopped) and never sent."""
+    config = cluster_config(tmp_path, pg.new_database())
+    only = start(instances, tmp_path, config)
+    subscribe(Soap(only.url), sink.url, end_to=sink.url)
+    only.stop_cleanly()
+    assert "the last instance stops" in only.log, only.log
+    messages = sink.messages()
+    assert [action for _, action, _, _ in messages] == [
+        A.DSC_STATUS_SUMMARY_EVENT,
+        A.SUBSCRIPTION_END,
+    ], only.log
+    with sink.lock:
+        bodies = [body for _, body in sink.received]
+    assert b"<dsc:RepositoryState>Stopped</dsc:RepositoryState>" in bodies[0]
+    assert b"SourceShuttingDown" in bodies[1]

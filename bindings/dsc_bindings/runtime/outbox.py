@@ -70,6 +70,16 @@ class OutboxPump:
         if self._thread.is_alive():
             log.warning("the outbox thread did not stop in time")
 
+    def hand_now(self) -> None:
+        """Hand the rows this instance may send to the hub now, in the calling thread (the
+        last instance's stop: its Stopped announcement before the subscriptions end,
+        ``ScanService.shutdown``).  A row the pump's thread handed already is not handed
+        again."""
+        try:
+            self._pump()
+        except StoreError as exc:
+            self._log(exc)
+
     def release(self) -> None:
         """Give up this instance's delivery leases (a clean stop)."""
         try:

@@ -89,6 +89,7 @@ from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.split import SplitStore
 from dsc_core import (
+    AnnounceRepositoryState,
     Command,
     Deliver,
     Document,
@@ -564,7 +565,10 @@ class ScanService:
         if last and self._term is not None and self._term.current is None:
             # The last instance announces Stopped (R7), leader or not (nobody else is).
             self._change_term_as(leader=True)
-        self._background(self.owner.call(lambda: self.server.shutdown(self.clock(), last=last)))
+        stopping = self.owner.call(lambda: self.server.shutdown(self.clock(), last=last))
+        if self._outbox is not None:
+            stopping = self._announce_stopped(stopping)
+        self._background(stopping)
         if self._leases is not None:
             # Its running jobs are not ended by the stop: handed back, the next sweep of any
             # instance resumes them (R13); the stopped filters' reports are dropped.
@@ -587,6 +591,19 @@ class ScanService:
             self._store.close()
         self.observer.close()
         log.info("scan service stopped")
+
+    def _announce_stopped(self, stopping: Sequence[Command]) -> list[Command]:
+        """The last instance of a shared store stops (R7): its announcement of Stopped is
+        recorded and its outbox rows handed to the hub now, before the rest of ``stopping``
+        (returned) ends the subscriptions.  Ending one deletes its outbox rows and its
+        SubscriptionEnd goes to the hub directly, so in one batch the Stopped event was
+        recorded, then deleted unsent (and this instance's outbox stops next)."""
+        assert self._outbox is not None
+        announcements = [c for c in stopping if isinstance(c, AnnounceRepositoryState)]
+        if announcements:
+            self.submit(announcements, False).wait(SHUTDOWN_DELIVERY_SECONDS)
+            self._outbox.hand_now()
+        return [c for c in stopping if not isinstance(c, AnnounceRepositoryState)]
 
     def _join_cluster(self) -> ClusterMember | None:
         """On a PostgreSQL store this server is one instance of a cluster (.cluster)."""
