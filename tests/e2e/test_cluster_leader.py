@@ -344,3 +344,29 @@ def test_the_last_instance_stopping_announces_stopped_then_ends_the_subscription
         bodies = [body for _, body in sink.received]
     assert b"<dsc:RepositoryState>Stopped</dsc:RepositoryState>" in bodies[0]
     assert b"SourceShuttingDown" in bodies[1]
+
+
+def test_the_last_instance_announces_stopped_under_a_fresh_term_not_the_one_it_held(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess], sink: Subscriber
+) -> None:
+    """The term the last instance holds may be stale when it stops: another instance took one
+    while this one's lock lapsed unnoticed (a stalled process), then went away; nothing this
+    instance announced since was refused, so it never took a new one.  Its Stopped under the
+    stale term would be refused by the row's compare-and-set, and nobody is left to announce
+    it: the last stop takes a fresh term for it (runtime/service.py ``shutdown``).  The other
+    instance's takeover is the row's term moved on, as its take_lead moves it."""
+    dsn = pg.new_database()
+    only = start(instances, tmp_path, cluster_config(tmp_path, dsn))
+    wait_for(lambda: "announcing the repository state (term 1)" in only.log, what="term 1")
+    subscribe(Soap(only.url), sink.url, end_to=sink.url)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE repository_announced SET term = term + 1, leader = 'gone'")
+    only.stop_cleanly()
+    messages = sink.messages()
+    assert [action for _, action, _, _ in messages] == [
+        A.DSC_STATUS_SUMMARY_EVENT,
+        A.SUBSCRIPTION_END,
+    ], only.log
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT state, term FROM repository_announced").fetchone()
+    assert row == ("Stopped", 3), only.log

@@ -75,6 +75,12 @@ class LeaderTerm:
         """An announcement was not written (module doc): take a new term at the next tick."""
         self._refused.set()
 
+    def retake(self) -> None:
+        """Take a new term at the next :meth:`change` even if one is held, as after a
+        refusal: the last instance's stop, whose held term may be stale (runtime/service.py
+        ``shutdown``)."""
+        self._refused.set()
+
     def change(self, leader: bool) -> NewTerm | str | None:
         """Off the owner, at a tick: a :class:`NewTerm` when this instance must take one (it
         became the leader, or an announcement of its term was refused), :data:`FOLLOW` when

@@ -562,8 +562,12 @@ class ScanService:
             if thread.is_alive():
                 log.warning("thread %s did not stop in time", thread.name)
         last = self._last_instance()
-        if last and self._term is not None and self._term.current is None:
-            # The last instance announces Stopped (R7), leader or not (nobody else is).
+        if last and self._term is not None:
+            # The last instance announces Stopped (R7), leader or not (nobody else is), under
+            # a fresh term: the one it holds may be stale (another instance took one while
+            # this one's lock lapsed unnoticed, then went), and a Stopped refused by the row
+            # is announced by nobody (.announcing).
+            self._term.retake()
             self._change_term_as(leader=True)
         stopping = self.owner.call(lambda: self.server.shutdown(self.clock(), last=last))
         if self._outbox is not None:
