@@ -119,6 +119,30 @@ def upload_rows(dsn: str, token: str, document_id: int) -> int:
     return int(row[0])
 
 
+def stats_command(socket_path: Path, line: str) -> str:
+    """One command on HAProxy's runtime API (its stats socket) and the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(5)
+        conn.connect(str(socket_path))
+        conn.sendall(line.encode() + b"\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def stats_while_starting(socket_path: Path) -> str | None:
+    """``show stat``, or None while HAProxy is starting.  Its stats socket's file appears
+    before the socket accepts: HAProxy 2.6 binds it under a temporary name, renames it into
+    place and only then calls listen() (strace shows the order), so a connection in between
+    is refused.  That is HAProxy starting, not a failure: a wait that took the file for a
+    socket that answers failed under load (bench/cluster.py --quick, the smoke test)."""
+    try:
+        return stats_command(socket_path, "show stat")
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+
+
 class HAProxyCluster:
     """HAProxy on :attr:`url` in front of :attr:`instances`; PostgreSQL at :attr:`dsn`."""
 
@@ -185,24 +209,19 @@ class HAProxyCluster:
     # - HAProxy's view (its runtime API on the stats socket) -
 
     def command(self, line: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(5)
-            conn.connect(str(self.socket_path))
-            conn.sendall(line.encode() + b"\n")
-            answer = b""
-            while chunk := conn.recv(65536):
-                answer += chunk
-        return answer.decode()
+        return stats_command(self.socket_path, line)
 
     def states(self) -> dict[str, str]:
-        """Server name -> HAProxy's status of it (UP, DOWN, MAINT, DRAIN, ...)."""
+        """Server name -> HAProxy's status of it (UP, DOWN, MAINT, DRAIN, ...); nothing while
+        HAProxy is starting."""
         found: dict[str, str] = {}
         if self.process is not None and self.process.poll() is not None:
             log = (self.folder / "haproxy.log").read_text()
             raise AssertionError(f"haproxy exited with {self.process.returncode}:\n{log}")
-        if not self.socket_path.exists():  # HAProxy is starting
+        stats = stats_while_starting(self.socket_path)
+        if stats is None:
             return found
-        for line in self.command("show stat").splitlines():
+        for line in stats.splitlines():
             fields = line.split(",")
             if len(fields) > 17 and fields[0] == "dsc_instances" and fields[1] in self.names:
                 found[fields[1]] = fields[17]
