@@ -87,19 +87,33 @@ def haproxy_config(block: str, port: int, socket_path: Path, servers: list[tuple
 
 
 class Instance(ServerProcess):
-    """One instance: its name, its port kept across restarts, its monitor port."""
+    """One instance: its name, its port and its monitor port.  Both are chosen free at its
+    first start, not when the cluster is made: a port chosen while the instances before it
+    start (seconds each under load) may be bound by another test's server by then.  Kept
+    across restarts after that: HAProxy's configuration names them."""
 
     def __init__(self, folder: Path, name: str, binding: str, base_config: str) -> None:
         self.name = name
+        self.base_config = base_config
+        self.monitor_port = 0
+        super().__init__(folder / name, binding=binding, config=folder / f"{name}.toml")
+
+    def before_each_start(self) -> None:
+        if self.fixed_port:  # a restart: the ports HAProxy's configuration names
+            return
+        assert self.config is not None
         self.monitor_port = free_port()
-        config = folder / f"{name}.toml"
-        config.write_text(
-            base_config
+        self.config.write_text(
+            self.base_config
             + f'\n[server]\nmonitor_listen = "127.0.0.1:{self.monitor_port}"\n\n'
-            + f'[cluster]\ninstance_name = "{name}"\nheartbeat_seconds = {HEARTBEAT_SECONDS}\n'
-            + f"lease_seconds = {LEASE_SECONDS}\n"
+            + f'[cluster]\ninstance_name = "{self.name}"\n'
+            + f"heartbeat_seconds = {HEARTBEAT_SECONDS}\nlease_seconds = {LEASE_SECONDS}\n"
         )
-        super().__init__(folder / name, binding=binding, config=config, port=free_port())
+
+    def start(self, timeout: float = 20.0) -> Instance:
+        super().start(timeout)
+        self.fixed_port = self.port
+        return self
 
     def freeze(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
@@ -170,7 +184,7 @@ class HAProxyCluster:
             for name, binding in zip(NAMES, ("async", "blocking", "async"), strict=True)
         ][:count]
         self.names = NAMES[:count]
-        self.port = free_port()
+        self.port = 0  # chosen at start (see there)
         self.socket_path = folder / "haproxy.sock"
         self.config_path = folder / "haproxy.cfg"
         self.process: subprocess.Popen[bytes] | None = None
@@ -182,6 +196,27 @@ class HAProxyCluster:
     def start(self) -> None:
         for instance in self.instances:
             instance.start()
+        # HAProxy's port is chosen now, not when the cluster was made: chosen before the
+        # instances start (seconds each under load), another test's server may bind it
+        # meanwhile.  Still free to be taken in between: then another one.
+        for _ in range(5):
+            self.port = free_port()
+            process = self._start_haproxy()
+            wait_for(self._started_or_exited, 20, "HAProxy to answer on its stats socket")
+            log = (self.folder / "haproxy.log").read_text()
+            if process.poll() is None:
+                break
+            if "cannot bind socket (Address already in use)" not in log:
+                raise AssertionError(f"haproxy exited with {process.returncode}:\n{log}")
+        else:
+            raise AssertionError(f"no free port for HAProxy after 5 tries:\n{log}")
+        self.wait_up(*self.names)
+
+    def _started_or_exited(self) -> bool:
+        assert self.process is not None
+        return self.process.poll() is not None or bool(stats_while_starting(self.socket_path))
+
+    def _start_haproxy(self) -> subprocess.Popen[bytes]:
         self.config_path.write_text(
             haproxy_config(
                 haproxy_block(),
@@ -190,13 +225,14 @@ class HAProxyCluster:
                 [(i.port, i.monitor_port) for i in self.instances],
             )
         )
-        self.process = subprocess.Popen(
-            [HAPROXY, "-db", "-f", str(self.config_path)],
-            stdout=open(self.folder / "haproxy.log", "wb"),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        self.wait_up(*self.names)
+        with (self.folder / "haproxy.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [HAPROXY, "-db", "-f", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self.process
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:

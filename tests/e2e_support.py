@@ -107,6 +107,7 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         for _ in range(5):  # a free port may be taken by someone else in between: retry
             self.port = self.fixed_port or free_port()
+            self.before_each_start()
             args = [
                 sys.executable,
                 "-m",
@@ -159,6 +160,10 @@ class ServerProcess:
             if self.fixed_port:
                 time.sleep(0.5)  # the same port again: let whoever holds it let go
         raise AssertionError("no free port for dsc serve after 5 tries")
+
+    def before_each_start(self) -> None:
+        """Called at each try of :meth:`start`, its port chosen: a subclass writes here what
+        else names a port (chosen then too, so that a retry may change it)."""
 
     def _asgi_command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         """The ASGI server's command line; the app reads the rest from the environment."""
