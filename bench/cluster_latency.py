@@ -47,6 +47,7 @@ from dsc_core.model import EmailInstructions  # noqa: E402
 from e2e_support import HeldRelay, Soap, free_port  # noqa: E402
 from engines_support import pg_cluster, s3_server  # noqa: E402
 from test_cluster_events import Subscriber, delivery_owner, subscribe  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 POLL = 0.01
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
@@ -94,12 +95,19 @@ def _rescue(
     killed = time.monotonic()
     dead.kill9()
     relay.release.set()  # the dead instance's SMTP session is gone; the rescuer's passes
-    while lease_owner(conn, token) != alive.name:
-        time.sleep(POLL)
+    # The deadlines bound a failing run only (the lease is 1 s): without them it would spin
+    # until the smoke test's timeout and say nothing.
+    wait_for(
+        lambda: lease_owner(conn, token) == alive.name,
+        60,
+        f"{alive.name} to take the lease of {token}",
+        interval=POLL,
+    )
     rescued = time.monotonic() - killed
     survivor = Soap(alive.url)
-    while (ended := survivor.in_history(token)) is None:
-        time.sleep(POLL)
+    ended = wait_for(
+        lambda: survivor.in_history(token), 60, f"{token} ended on {alive.name}", interval=POLL
+    )
     completed = time.monotonic() - killed
     if ended.state != "Completed":
         raise RuntimeError(f"the rescued job {token} ended {ended.state}: {ended.reasons}")
