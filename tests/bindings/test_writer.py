@@ -7,7 +7,9 @@ from __future__ import annotations
 import threading
 
 from dsc_bindings.runtime.writer import CommandWriter, Routes, Writable
-from dsc_core import AnnounceRepositoryState, Deliver, RepositoryState, UpdateJob
+from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.store.interface import VersionedWrite
+from dsc_core import AnnounceRepositoryState, Deliver, DiscardDocuments, RepositoryState, UpdateJob
 from dsc_core.commands import JobInput, StartProcessing, StopProcessing
 from test_store import make_job
 
@@ -66,4 +68,38 @@ def test_an_announcement_s_events_keep_their_place_among_one_server_s_notificati
         assert delivered[-1] == _event("job 4")
     finally:
         release.set()
+        writer.close()
+
+
+def test_a_job_changed_elsewhere_keeps_its_documents() -> None:
+    """An engine report's batch (not strict) whose record write is refused because another
+    instance changed the job (JobChanged: it took the job over when this instance's lease
+    lapsed, or ended it) does not discard the job's documents: the other instance may be
+    running it on them (a rescued job found a document gone and was Aborted, bench/cluster.py
+    under load).  The batch's other commands still run, another job's discard too."""
+    applied: list[Writable] = []
+
+    def store(command: Writable) -> None:
+        if isinstance(command, VersionedWrite) and command.command.job.token == "lost":
+            raise JobChanged("lost")
+        applied.append(command)
+
+    def hand_off(command: StartProcessing | StopProcessing) -> None:
+        applied.append(command)
+
+    writer = CommandWriter(Routes(store, hand_off, hand_off, applied.append))
+    writer.start()
+    try:
+        lost = UpdateJob(make_job("lost"), JobInput.COMPLETE_SUCCESSFULLY)
+        kept = UpdateJob(make_job("kept"), JobInput.COMPLETE_SUCCESSFULLY)
+        batch: list[Writable] = [
+            VersionedWrite(lost, expected=3, epoch=0),
+            DiscardDocuments("lost"),
+            VersionedWrite(kept, expected=5, epoch=0),
+            DiscardDocuments("kept"),
+            _event("after"),
+        ]
+        assert writer.submit(batch, strict=False).wait(10)
+        assert applied == [batch[2], DiscardDocuments("kept"), _event("after")], applied
+    finally:
         writer.close()

@@ -29,7 +29,9 @@ that moment.
 
 Store commands that fail stop a *strict* batch there (the ticket says which command and why; the
 remaining commands are skipped, as the core expects); in a non-strict batch (engine reports,
-ticks, undo commands) the failure is logged and the rest still runs.
+ticks, undo commands) the failure is logged and the rest still runs, but for the
+DiscardDocuments of a job whose record write was refused as changed by another instance
+(JobChanged): that instance may be running the job now, on those documents.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from dsc_core import (
     BeginDocument,
     Command,
     Deliver,
+    DiscardDocuments,
     FinishDocument,
     StartProcessing,
     StopProcessing,
@@ -262,7 +265,18 @@ class CommandWriter:
         batch.ticket._complete(error if batch.strict else None)
 
     def _apply(self, commands: Sequence[Writable], strict: bool) -> BaseException | None:
+        # Jobs whose record write another instance's change refused in this batch.
+        changed: set[str] = set()
         for command in commands:
+            if isinstance(command, DiscardDocuments) and command.token in changed:
+                # The job's end was not recorded here: the instance that changed it (took it
+                # over when this one's lease lapsed, or ended it) keeps or discards its
+                # documents.  Deleted here, its rescued run found a document gone and the
+                # job Aborted (issue 18: filters run once, wherever).
+                log.info(
+                    "job %s: its documents are kept for the instance that changed it", command.token
+                )
+                continue
             try:
                 self._routes.run(command)
             except Exception as exc:
@@ -273,6 +287,7 @@ class CommandWriter:
                     # Every instance ticks: the R6 timeout of one job is decided by all, the
                     # first write stands and the others' are refused (issue 18).
                     log.info("%s not recorded: %s", type(what).__name__, exc.message)
+                    changed.add(exc.token)
                 else:
                     log.error("job store: %s failed: %s", type(what).__name__, exc)
         return None
