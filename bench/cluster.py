@@ -70,10 +70,18 @@ def scale(cluster: HAProxyCluster, scanners: int) -> dict[str, Any]:
     trio.run(main)
     seconds = time.monotonic() - began
     stats = clients.stats
+    # A failed scan says why: the instances' errors (their logs go with the run's folder).
+    errors = [
+        f"{instance.name}: {line}"
+        for instance in cluster.instances
+        for line in instance.log.splitlines()
+        if " ERROR " in line
+    ]
     return {
         "scanners": scanners,
         "completed": stats["completed"],
         "failed": stats["failed"][:10],
+        "errors_logged": errors[:20] if stats["failed"] else [],
         "refused_503": stats["refused"],
         "seconds": seconds,
     }
@@ -167,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         flag = f" ({failed} failed!)" if failed else ""
         total = args.scanners * len(mine)
         print(f"| {count}{flag} | {done}/{total} | {seconds:.1f} | {rate:.1f} | {ratio}x |")
+    for count, mine in runs.items():
+        for run in mine:
+            for failure in run["failed"]:
+                print(f"failed on {count} instance(s): {failure}")
+            for line in run["errors_logged"]:
+                print(f"  logged: {line}")
     print(
         f"\nfailover: kill -9 to the same SendImage accepted elsewhere: {spread(failovers)} s "
         f"(min/median/max of {len(failovers)}; lease_seconds = {LEASE_SECONDS})",
