@@ -62,7 +62,7 @@ class PgCluster:
             )
         self.bin = binaries
         self.durable = durable
-        self.port = free_port()
+        self.port = 0  # chosen at the first start (see there)
         self.folder = Path(tempfile.mkdtemp(prefix="dsc-pg-"))
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
@@ -91,6 +91,28 @@ class PgCluster:
         )
 
     def start(self) -> None:
+        """Start the server.  The first start chooses its port, not ``__init__``: initdb runs
+        in between (over 10 s under load), and a port chosen before it may be bound by another
+        test's server by then; taken meanwhile even so, another one.  Later starts keep it
+        (the DSNs handed out name it)."""
+        if self.port:
+            self._start()
+            return
+        for _ in range(5):
+            self.port = free_port()
+            log = self.folder / "log"
+            seen = log.stat().st_size if log.exists() else 0
+            try:
+                self._start()
+                return
+            except subprocess.CalledProcessError:
+                with log.open("rb") as text:
+                    text.seek(seen)
+                    if b"Address already in use" not in text.read():
+                        raise
+        raise AssertionError("no free port for PostgreSQL after 5 tries")
+
+    def _start(self) -> None:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder}"
         )
