@@ -150,10 +150,12 @@ def stats_while_starting(socket_path: Path) -> str | None:
     before the socket accepts: HAProxy 2.6 binds it under a temporary name, renames it into
     place and only then calls listen() (strace shows the order), so a connection in between
     is refused.  That is HAProxy starting, not a failure: a wait that took the file for a
-    socket that answers failed under load (bench/cluster.py --quick, the smoke test)."""
+    socket that answers failed under load (bench/cluster.py --quick, the smoke test).  A
+    connection reset is one that cannot start (a port taken: it listens on the socket, then
+    exits); the caller sees the exit."""
     try:
         return stats_command(socket_path, "show stat")
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (FileNotFoundError, ConnectionError):
         return None
 
 
