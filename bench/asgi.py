@@ -27,6 +27,12 @@ the rounds, min-max), the ratio to the floor, and the targets: the project (its 
 or the ASGI app) faster than the hand-written server with a p99 no worse, and the async
 binding at 0.5x the floor with ``-t1`` and ``-t2``.  Nothing here asserts a time.
 
+Each server's CPU per request is printed too: the CPU time its process (all its threads) used
+during its wrk run, from ``/proc/<pid>/stat``, over the requests wrk counted.  On a shared
+machine requests/s follow what the neighbours leave; the CPU a request costs hardly does, so
+"the floor's CPU per request over its own" is the steadier form of the 0.5x target (a server
+that is CPU-bound answers in that proportion; issue 20 point 3 (b)).
+
 ``--quick`` (the smoke test) runs the round's wrk against every server at once: it proves that
 each answers and the tables print; its numbers mean nothing.
 """
@@ -35,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -43,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
@@ -92,16 +100,24 @@ COALESCING_OPTIONS = (
 K = TypeVar("K")
 
 
-class HasPort(Protocol):
-    @property
-    def port(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class Run:
     rps: float
     p99_ms: float
     non_2xx: int
+    #: The server process's CPU time per request during the run (NaN with --quick).
+    cpu_us: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) the process ``pid`` has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pid_of(server: Child | ServerProcess) -> int:
+    assert server.proc is not None
+    return server.proc.pid
 
 
 def spread(values: Sequence[float]) -> str:
@@ -141,7 +157,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Every configuration's runs: results[op][f"t{threads}c{conns}"][server] = [Run, ...]."""
     results: dict[str, Any] = {}
     with ExitStack() as stack:
-        stateful: dict[str, HasPort] = {
+        stateful: dict[str, Child | ServerProcess] = {
             HANDWRITTEN: stack.enter_context(child("handwritten")),
             ASYNC: stack.enter_context(serving(ServerProcess(tmp / "async", binding="async"))),
             BLOCKING: stack.enter_context(
@@ -169,59 +185,86 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     fixed = tmp / f"{op}-reply.xml"
                     fixed.write_bytes(reply)
             with ExitStack() as fixed_servers:
-                ports = {name: server.port for name, server in stateful.items()}
+                ports = {name: (server.port, pid_of(server)) for name, server in stateful.items()}
                 for name, kind in ((FLOOR, "floor"), (AIOHTTP, "aiohttp")):
-                    server = fixed_servers.enter_context(child(kind, "--body-file", str(fixed)))
-                    ports[name] = server.port
+                    fixed_server = fixed_servers.enter_context(
+                        child(kind, "--body-file", str(fixed))
+                    )
+                    ports[name] = (fixed_server.port, pid_of(fixed_server))
                     bodies[name] = bodies[ASYNC]
                 results[op] = {}
                 for threads in args.threads:
                     for conns in args.connections:
                         runs: dict[str, list[Run]] = {name: [] for name in SERVERS}
                         for _ in range(args.rounds):
-                            for name, done in wrk_round(
-                                args, {n: (ports[n], bodies[n]) for n in SERVERS}, conns, threads
+                            for name, (done, cpu_us) in wrk_round(
+                                args,
+                                {n: (*ports[n], bodies[n]) for n in SERVERS},
+                                conns,
+                                threads,
                             ).items():
-                                runs[name].append(Run(done.rps, done.p99 * 1000, done.non_2xx))
+                                runs[name].append(
+                                    Run(done.rps, done.p99 * 1000, done.non_2xx, cpu_us)
+                                )
                         results[op][f"t{threads}c{conns}"] = runs
                         print_table(op, threads, conns, runs)
     return results
 
 
 def wrk_round(
-    args: argparse.Namespace, targets: dict[K, tuple[int, Path]], conns: int, threads: int
-) -> dict[K, WrkResult]:
-    """One round: ``wrk`` against each target (port, body file) in turn; with ``--quick`` all
-    at once, since wrk runs for 1 s at least and a smoke run proves that every server answers
-    and the tables print, not what they measure."""
+    args: argparse.Namespace, targets: dict[K, tuple[int, int, Path]], conns: int, threads: int
+) -> dict[K, tuple[WrkResult, float]]:
+    """One round: ``wrk`` against each target (port, pid, body file) in turn, with the
+    server's CPU per request (us); with ``--quick`` all at once (CPU: NaN), since wrk runs
+    for 1 s at least and a smoke run proves that every server answers and the tables print,
+    not what they measure."""
     if not args.quick:
-        return {
-            name: wrk_run(port, body, conns, args.seconds, threads)
-            for name, (port, body) in targets.items()
-        }
+        done: dict[K, tuple[WrkResult, float]] = {}
+        for name, (port, pid, body) in targets.items():
+            before = cpu_seconds(pid)
+            result = wrk_run(port, body, conns, args.seconds, threads)
+            used = cpu_seconds(pid) - before
+            # wrk runs for whole seconds (runtime.wrk_run): that many seconds of requests.
+            requests = result.rps * max(1, round(args.seconds))
+            done[name] = (result, used / requests * 1e6 if requests else math.nan)
+        return done
     with ThreadPoolExecutor(len(targets)) as pool:
         futures = {
             name: pool.submit(wrk_run, port, body, conns, args.seconds, threads)
-            for name, (port, body) in targets.items()
+            for name, (port, _, body) in targets.items()
         }
-        return {name: future.result() for name, future in futures.items()}
+        return {name: (future.result(), math.nan) for name, future in futures.items()}
 
 
 def print_table(op: str, threads: int, conns: int, runs: dict[str, list[Run]]) -> None:
     floor = runs[FLOOR]
     print(f"\n{op}, wrk -t{threads} -c{conns} (per round; min/median/max)", flush=True)
-    print("| server | req/s (median) | vs floor | p99 ms (median) | p99 vs floor |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| server | req/s (median) | vs floor | p99 ms (median) | p99 vs floor |"
+        " CPU us/request (median) | floor's CPU per request / its own |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in SERVERS:
         mine = runs[name]
         rps = statistics.median(r.rps for r in mine)
         p99 = statistics.median(r.p99_ms for r in mine)
         ratio = spread([r.rps / f.rps for r, f in zip(mine, floor, strict=True)])
         p99_ratio = spread([r.p99_ms / f.p99_ms for r, f in zip(mine, floor, strict=True)])
+        cpu = statistics.median(r.cpu_us for r in mine)
+        cpu_ratio = spread(cpu_versus_floor(mine, floor))
         bad = sum(r.non_2xx for r in mine)
         flag = f" ({bad} non-2xx answers!)" if bad else ""
-        print(f"| {name}{flag} | {rps:,.0f} | {ratio}x | {p99:.2f} | {p99_ratio}x |")
+        print(
+            f"| {name}{flag} | {rps:,.0f} | {ratio}x | {p99:.2f} | {p99_ratio}x |"
+            f" {cpu:.1f} | {cpu_ratio}x |"
+        )
     sys.stdout.flush()
+
+
+def cpu_versus_floor(mine: list[Run], floor: list[Run]) -> list[float]:
+    """Round by round, the floor's CPU per request over ``mine``'s (the req/s ratio a
+    CPU-bound server reaches, whatever the neighbours take)."""
+    return [f.cpu_us / r.cpu_us for r, f in zip(mine, floor, strict=True)]
 
 
 def versus_handwritten(runs: dict[str, list[Run]], name: str) -> tuple[str, str]:
@@ -240,8 +283,9 @@ def print_targets(results: dict[str, Any]) -> None:
     print(
         "| request | wrk | best of the project | req/s vs hand-written | p99 vs hand-written |"
         " recommended: req/s / p99 vs hand-written | async vs floor (>= 0.5x) |"
+        " async vs floor, CPU per request |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for op, configs in results.items():
         for config, runs in configs.items():
             floor = runs[FLOOR]
@@ -249,9 +293,10 @@ def print_targets(results: dict[str, Any]) -> None:
             faster, p99 = versus_handwritten(runs, best)
             ours, ours_p99 = versus_handwritten(runs, RECOMMENDED)
             floor_ratio = [r.rps / f.rps for r, f in zip(runs[ASYNC], floor, strict=True)]
+            cpu_ratio = cpu_versus_floor(runs[ASYNC], floor)
             print(
                 f"| {op} | {config} | {best} | {faster}x | {p99}x | {ours}x / {ours_p99}x |"
-                f" {spread(floor_ratio)}x |"
+                f" {spread(floor_ratio)}x | {spread(cpu_ratio)}x |"
             )
     sys.stdout.flush()
 
