@@ -197,7 +197,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     for conns in args.connections:
                         runs: dict[str, list[Run]] = {name: [] for name in SERVERS}
                         for _ in range(args.rounds):
-                            for name, (done, cpu_us) in wrk_round(
+                            for name, (done, cpu_us) in measured_round(
                                 args,
                                 {n: (*ports[n], bodies[n]) for n in SERVERS},
                                 conns,
@@ -212,18 +212,32 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def wrk_round(
-    args: argparse.Namespace, targets: dict[K, tuple[int, int, Path]], conns: int, threads: int
+    args: argparse.Namespace, targets: dict[K, tuple[int, Path]], conns: int, threads: int
+) -> dict[K, WrkResult]:
+    """One round: ``wrk`` against each target (port, body file) in turn; with ``--quick`` all
+    at once, since wrk runs for 1 s at least and a smoke run proves that every server answers
+    and the tables print, not what they measure."""
+    plain = {name: (port, None, body) for name, (port, body) in targets.items()}
+    return {
+        name: result for name, (result, _) in measured_round(args, plain, conns, threads).items()
+    }
+
+
+def measured_round(
+    args: argparse.Namespace,
+    targets: dict[K, tuple[int, int | None, Path]],
+    conns: int,
+    threads: int,
 ) -> dict[K, tuple[WrkResult, float]]:
-    """One round: ``wrk`` against each target (port, pid, body file) in turn, with the
-    server's CPU per request (us); with ``--quick`` all at once (CPU: NaN), since wrk runs
-    for 1 s at least and a smoke run proves that every server answers and the tables print,
-    not what they measure."""
+    """:func:`wrk_round` against targets (port, pid or None, body file), each with its
+    server's CPU per request in us (NaN without a pid, and with ``--quick``, where the runs
+    overlap)."""
     if not args.quick:
         done: dict[K, tuple[WrkResult, float]] = {}
         for name, (port, pid, body) in targets.items():
-            before = cpu_seconds(pid)
+            before = cpu_seconds(pid) if pid is not None else math.nan
             result = wrk_run(port, body, conns, args.seconds, threads)
-            used = cpu_seconds(pid) - before
+            used = cpu_seconds(pid) - before if pid is not None else math.nan
             # wrk runs for whole seconds (runtime.wrk_run): that many seconds of requests.
             requests = result.rps * max(1, round(args.seconds))
             done[name] = (result, used / requests * 1e6 if requests else math.nan)
