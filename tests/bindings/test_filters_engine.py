@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,19 +56,21 @@ GOOD = FileShareInstructions((r"\\h\s",))
 
 
 class Recorder:
-    def __init__(self, fail_on: type | None = None) -> None:
+    def __init__(self, fail_on: type | None = None, failure: BaseException | None = None) -> None:
         self.events: list[ProcessingEvent] = []
         #: The jobs the engine handed back interrupted, in order.
         self.interrupted: list[str] = []
         self.changed = threading.Condition()
         self.fail_on = fail_on
+        #: What a report of a ``fail_on`` event raises (an Exception unless told).
+        self.failure = failure
 
     def __call__(self, event: ProcessingEvent) -> None:
         with self.changed:
             self.events.append(event)
             self.changed.notify_all()
         if self.fail_on is not None and isinstance(event, self.fail_on):
-            raise RuntimeError("the core is unhappy")
+            raise self.failure or RuntimeError("the core is unhappy")
 
     def interrupt(self, token: str) -> None:
         """The engine's ``interrupted`` hand-back."""
@@ -691,3 +693,135 @@ def test_only_a_temporary_store_error_interrupts_the_run(tmp_path: Path, tempora
         )
         assert recorder.interrupted == []
     engine.close(5)
+
+
+@pytest.fixture
+def thread_deaths() -> Iterator[list[type[BaseException] | None]]:
+    """The exception types that ended a thread while the test ran (threading.excepthook)."""
+    died: list[type[BaseException] | None] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_type)
+    try:
+        yield died
+    finally:
+        threading.excepthook = previous
+
+
+def _errors_raised(caplog: pytest.LogCaptureFixture) -> list[BaseException | None]:
+    """What the ERROR records logged with their tracebacks raised, in order."""
+    return [
+        r.exc_info[1] if r.exc_info else None for r in caplog.records if r.levelno >= logging.ERROR
+    ]
+
+
+@pytest.mark.parametrize("raised", OTHER_BASE_EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_another_base_exception_in_a_report_leaves_the_job_to_finish(
+    tmp_path: Path,
+    raised: BaseException,
+    caplog: pytest.LogCaptureFixture,
+    thread_deaths: list[type[BaseException] | None],
+) -> None:
+    """A report that raises any BaseException but Interrupted is logged (ERROR, traceback) and
+    the run goes on, as after an Exception: the job gets its ProcessingFinished and its files
+    (before, it ended the run there, the job never finished and never left the engine)."""
+    recorder = Recorder(fail_on=FilterStarted, failure=raised)
+    engine = _engine(tmp_path, recorder, max_jobs=1)
+    job, following = make_job(GOOD), make_job(GOOD)
+    engine.start(job)
+    engine.start(following)
+    recorder.wait_finished(job.token, following.token)
+    engine.close(5)
+    assert recorder.of(job.token) == [
+        ProcessingStarted(job.token),
+        FilterStarted(job.token, 0),
+        FilterFinished(job.token, 0, FilterState.COMPLETED_SUCCESSFULLY, (), _written(tmp_path)),
+        ProcessingFinished(job.token),
+    ]
+    assert thread_deaths == [] and recorder.interrupted == []
+    assert _errors_raised(caplog) == [raised, raised]  # one report of each job
+
+
+@pytest.mark.parametrize("raised", OTHER_BASE_EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_another_base_exception_reading_the_spool_fails_the_filters(
+    tmp_path: Path,
+    raised: BaseException,
+    caplog: pytest.LogCaptureFixture,
+    thread_deaths: list[type[BaseException] | None],
+) -> None:
+    """The spool read raising any BaseException but Interrupted is the documents missing, as an
+    Exception is: the filters fail (UnknownError) and the job finishes, not handed back."""
+    recorder = Recorder()
+
+    def documents_of(job: Job) -> list[tuple[Document, Path]]:
+        raise raised
+
+    engine = _engine(tmp_path, recorder, documents_of=documents_of)
+    job = make_job(GOOD)
+    engine.start(job)
+    recorder.wait_finished(job.token)
+    engine.close(5)
+    assert recorder.of(job.token) == [
+        ProcessingStarted(job.token),
+        FilterStarted(job.token, 0),
+        FilterFinished(
+            job.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+        ),
+        ProcessingFinished(job.token),
+    ]
+    assert thread_deaths == [] and recorder.interrupted == []
+    assert _errors_raised(caplog) == [raised]
+
+
+@pytest.mark.parametrize(
+    "raised", [*OTHER_BASE_EXCEPTIONS, Interrupted("late")], ids=lambda e: type(e).__name__
+)
+def test_callbacks_that_raise_leave_the_worker_to_run_the_next_job(
+    tmp_path: Path,
+    raised: BaseException,
+    caplog: pytest.LogCaptureFixture,
+    thread_deaths: list[type[BaseException] | None],
+) -> None:
+    """The ``interrupted`` hand-back and the ``freed`` notice raising anything (an Interrupted
+    too: the job is out of the engine, no run is left to stop) are logged and the one worker
+    (max_jobs 1) runs the next job; before, a BaseException there ended the worker, which stayed
+    counted, so the engine's place was never free again."""
+    recorder = Recorder()
+    frees: list[str] = []
+
+    def interrupted(token: str) -> None:
+        recorder.interrupt(token)
+        raise raised
+
+    def freed() -> None:
+        frees.append("freed")
+        raise raised
+
+    def runner(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome:
+        if job.token == first.token:
+            raise Interrupted("the database does not answer")
+        return FilterOutcome.success()
+
+    engine = _engine(
+        tmp_path,
+        recorder,
+        runners={FileShareInstructions: runner},
+        max_jobs=1,
+        interrupted=interrupted,
+        freed=freed,
+    )
+    first, second = make_job(GOOD), make_job(GOOD)
+    engine.start(first)
+    engine.start(second)
+    recorder.wait_finished(second.token)
+    recorder.wait(lambda: len(frees) == 2 and engine.free_slots() == 1)
+    engine.close(5)
+    assert recorder.interrupted == [first.token]
+    assert FilterFinished(second.token, 0, FilterState.COMPLETED_SUCCESSFULLY) in recorder.events
+    assert thread_deaths == []
+    assert _errors_raised(caplog) == [raised, raised, raised]  # hand-back, freed twice

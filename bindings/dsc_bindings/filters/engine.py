@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 
 from dsc_bindings.filters import fileshare, mail, sharepoint
 from dsc_bindings.filters.common import FilterOutcome, FilterRun
@@ -45,6 +46,44 @@ Report = Callable[[ProcessingEvent], None]
 #: Told the token of a job whose run was interrupted (filters/interruption.py), once the job
 #: has left the engine: the caller has it resumed (R13) when the store answers again.
 Resume = Callable[[str], None]
+
+
+class _Contained:
+    """The engine's one rule for what a step of a job may raise (the spool read, a filter, a
+    report, the ``interrupted`` and ``freed`` callbacks): anything but the types in ``passes``
+    is logged at ERROR with its traceback and goes no further, so the step counts as failed
+    and the worker goes on with the job and then the next one.
+
+    Any BaseException, not only Exception: a worker thread is the engine's, and nothing else
+    catches there; a SystemExit, GeneratorExit or KeyboardInterrupt raised in it can mean
+    nothing but the end of that thread, which stays counted in ``_workers`` with its job never
+    finished and its place never freed.  Interrupted passes by default: it is no failure but
+    the order to stop the run, which :meth:`ProcessingEngine._work` alone takes
+    (filters/interruption.py)."""
+
+    def __init__(
+        self,
+        message: str,
+        *args: object,
+        passes: tuple[type[BaseException], ...] = (Interrupted,),
+    ) -> None:
+        self._message = message
+        self._args = args
+        self._passes = passes
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        raised: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if kind is None or raised is None or isinstance(raised, self._passes):
+            return False
+        log.error(self._message, *self._args, exc_info=(kind, raised, traceback))
+        return True
 
 
 class ProcessingEngine:
@@ -164,7 +203,9 @@ class ProcessingEngine:
                 cancelled = self._cancel[job.token]
             interrupted = False
             try:
-                self._run(job, cancelled)
+                # Past the steps' own guards: a bug in the engine's code itself.
+                with _Contained("job %s: processing failed", job.token):
+                    self._run(job, cancelled)
             # By name: the one handler of Interrupted (a BaseException, interruption.py).
             except Interrupted as exc:
                 interrupted = True
@@ -174,24 +215,21 @@ class ProcessingEngine:
                     job.token,
                     exc,
                 )
-            # A bug here must not kill the worker: a dead one stays counted in ``_workers``
-            # and its place is never freed.  BaseException: any other, SystemExit included,
-            # is no interruption, and in this thread it could only end the thread.
-            except BaseException:
-                log.exception("job %s: processing failed", job.token)
             finally:
                 with self._lock:
                     self._cancel.pop(job.token, None)
+            # The callbacks run once the job is out of the engine, so no run is left for an
+            # Interrupted to stop: it is contained as well (passes nothing).
             if interrupted:  # out of the engine now: a resume may start it again at once
-                try:
+                with _Contained(
+                    "job %s: handing the interrupted job back failed", job.token, passes=()
+                ):
                     self._interrupted(job.token)
-                except Exception:
-                    log.exception("job %s: handing the interrupted job back failed", job.token)
             if self._freed is not None:
-                try:
+                with _Contained(
+                    "job %s: telling that its place is free failed", job.token, passes=()
+                ):
                     self._freed()
-                except Exception:
-                    log.exception("job %s: telling that its place is free failed", job.token)
 
     def _run(self, job: Job, cancelled: threading.Event) -> None:
         """Run the job's filters; Interrupted passes through to :meth:`_work` (class doc)."""
@@ -201,12 +239,9 @@ class ProcessingEngine:
             return
         self._emit(ProcessingStarted(token))
         settings = self._settings  # a reload during the run does not change this job's peers
-        documents: list[tuple[Document, Path]] | None
-        try:
+        documents: list[tuple[Document, Path]] | None = None  # None: the filters fail
+        with _Contained("job %s: cannot list its documents", token):
             documents = list(self._documents_of(job))
-        except Exception:  # Interrupted, a BaseException, goes on to _work (interruption.py)
-            log.exception("job %s: cannot list its documents", token)
-            documents = None
         for index, status in enumerate(job.filters):
             # Filters the core already settled (unknown dialect, bad instructions) are skipped.
             if status.state is not FilterState.PENDING or status.instructions is None:
@@ -240,13 +275,10 @@ class ProcessingEngine:
             return FilterOutcome.errors(FilterStateReason.INVALID_ARGS)
         if documents is None:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
-        try:
+        # Runners never raise; a third-party one might (any kind): a failed filter.
+        outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        with _Contained("job %s: filter %d raised", job.token, index):
             outcome = runner(job, index, documents, settings, cancelled)
-        except Interrupted:
-            raise  # no failure of the filter: _work hands the job back (interruption.py)
-        except BaseException:  # runners never raise; a third-party one might (any kind)
-            log.exception("job %s: filter %d raised", job.token, index)
-            return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         if not outcome.state.is_final:
             log.error("job %s: filter %d returned %s", job.token, index, outcome.state.value)
             failed = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
@@ -254,9 +286,7 @@ class ProcessingEngine:
         return outcome
 
     def _emit(self, event: ProcessingEvent) -> None:
-        try:
+        # The report goes to the core (through the binding); if that fails, keep going: the
+        # remaining events still tell it how the job ended.
+        with _Contained("reporting %r failed", event):
             self._report(event)
-        except Exception:
-            # The report goes to the core (through the binding); if that fails, keep going:
-            # the remaining events still tell it how the job ended.
-            log.exception("reporting %r failed", event)
