@@ -24,8 +24,8 @@ class Interrupted(BaseException):
     filter, which this must never become (a failed filter ends the job Aborted for good,
     PostScanJobProcessingFailed).  As an Exception every such catch-all had to re-raise it
     first, and one that forgot failed the job.  The project's own two (``never_raises`` and
-    the engine's ``_run_filter``) do take every other BaseException, after ``except
-    Interrupted: raise``: a SystemExit in a filter is a failed filter, not a dead worker
+    the engine's one guard, ``engine._Contained``) take every other BaseException and let it
+    pass: a SystemExit in a filter is a failed filter, not a dead worker
     (docs/architecture.md).  What a filter may do with it: clean up in
     ``finally`` or in ``except BaseException: ...; raise``; never catch BaseException without
     raising again (docs/architecture.md, "Filters")."""
