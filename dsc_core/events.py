@@ -9,6 +9,7 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from lxml import etree
@@ -31,15 +32,14 @@ def _status_view(job: Job) -> tuple[object, ...]:
 class Notifier:
     """Turns changes into event deliveries for the current subscribers."""
 
-    def __init__(self, subscriptions: Subscriptions) -> None:
+    def __init__(self, subscriptions: Subscriptions, leads: Callable[[], bool]) -> None:
         self.subscriptions = subscriptions
         #: The repository state subscribers last heard (R7: one summary event per change).
         self._announced_state = RepositoryState.IDLE
-        #: Whether this server leads: it announces the repository state and runs the sweeps
-        #: (``ScanServer.tick``).  Always when it is the only one; of several instances on a
-        #: shared store only the leader (issue 18 point 4, :meth:`lead`, :meth:`follow`).  The
-        #: core's one leadership flag: ``ScanServer.leads`` reads it.
-        self.leads = True
+        #: Whether this server leads, so announces the repository state (issue 18 point 4):
+        #: asked of the server, which keeps the core's one leadership flag (``ScanServer.leads``,
+        #: which also gates its sweeps).
+        self._leads = leads
 
     def job_changed(self, old: Job | None, new: Job, now: datetime) -> list[Command]:
         if old is not None and _status_view(old) == _status_view(new):
@@ -65,8 +65,8 @@ class Notifier:
     def repository_state(self, state: RepositoryState, now: datetime) -> list[Command]:
         """An AnnounceRepositoryState carrying a RepositoryStatusSummaryEvent when ``state`` is
         not what subscribers last heard (a shared store records it); nothing while another
-        instance leads (:meth:`follow`)."""
-        if not self.leads or state is self._announced_state:
+        instance leads (``ScanServer.follow``)."""
+        if not self._leads() or state is self._announced_state:
             return []
         previous, self._announced_state = self._announced_state, state
         body = etree.Element(f"{{{names.DSC}}}RepositoryStatusSummaryEvent")
@@ -82,16 +82,11 @@ class Notifier:
         self, announced: RepositoryState, state: RepositoryState, now: datetime
     ) -> list[Command]:
         """This instance announces the repository state from now on (issue 18 point 4: the
-        cluster's leader); ``announced`` is the state subscribers last heard, from whichever
-        instance announced it: a change since is announced now (none is skipped), and none
-        is repeated."""
-        self.leads = True
+        cluster's leader; ``ScanServer.lead`` set its flag first); ``announced`` is the state
+        subscribers last heard, from whichever instance announced it: a change since is
+        announced now (none is skipped), and none is repeated."""
         self._announced_state = announced
         return self.repository_state(state, now)
-
-    def follow(self) -> None:
-        """Another instance leads (issue 18 point 4): it announces the repository state."""
-        self.leads = False
 
     def elements_changed(self, config: ServerConfig, now: datetime) -> list[Command]:
         """RepositoryElementsChangeEvent with the repository configuration (bdsrr 3.2.4.6)."""

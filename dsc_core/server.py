@@ -39,7 +39,11 @@ class ScanServer(ServerState):
     """Configuration, job table, subscriptions and repository state of one scan server."""
 
     def __init__(self, config: ServerConfig | None = None, *, new_id: Callable[[], str]) -> None:
-        super().__init__(config, new_id=new_id)
+        #: The core's one leadership flag (:attr:`leads`): it gates the sweeps of :meth:`tick`
+        #: and :meth:`next_deadline` here, and the notifier asks it before announcing the
+        #: repository state.
+        self._leads = True
+        super().__init__(config, new_id=new_id, leads=lambda: self._leads)
         self.operations = OPERATIONS
 
     # --- requests -----------------------------------------------------------------------------
@@ -85,7 +89,7 @@ class ScanServer(ServerState):
         """Whether this server leads (issue 18 point 4): it announces the repository state and
         runs the sweeps of :meth:`tick`.  Set by :meth:`lead`, cleared by :meth:`follow`; a
         server neither was told about leads (it is the only one)."""
-        return self.notifier.leads
+        return self._leads
 
     def lead(self, announced: RepositoryState, now: datetime) -> list[Command]:
         """This instance became the cluster's leader (issue 18 point 4): from now on it
@@ -94,13 +98,14 @@ class ScanServer(ServerState):
         binding keeps it in the shared store); a change since is announced now, so a change
         of leader neither repeats nor skips one.  Call it after a catch-up (``absorb``), so
         the table is current."""
+        self._leads = True
         return self.notifier.lead(announced, self.repository_state, now)
 
     def follow(self) -> None:
         """Another instance leads (issue 18 point 4), or none may yet (the binding has no
         term, runtime/announcing.py): this one announces no repository state (its own changes
         included; the leader reads them from the rows) and :meth:`tick` runs no sweep."""
-        self.notifier.follow()
+        self._leads = False
 
     # --- the processing engine ------------------------------------------------------------
 
@@ -193,7 +198,7 @@ class ScanServer(ServerState):
             self.lifecycle.stopped = True
             # Stopped only here: its last changes (the engine's reports) announce nothing; the
             # next leader announces the state of the instances that stay.
-            self.notifier.follow()
+            self.follow()
             return []
         commands = self.lifecycle.stop(now)
         commands += self.notifier.shutting_down()

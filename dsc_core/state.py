@@ -20,12 +20,20 @@ from .xmlwrite import AnswerCache, JobXmlCache
 class ServerState:
     """Configuration, job table, subscriptions and repository state of one scan server."""
 
-    def __init__(self, config: ServerConfig | None = None, *, new_id: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        new_id: Callable[[], str],
+        leads: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """``leads``: whether this server leads now (``ScanServer.leads``, issue 18 point 4);
+        a state on its own always does (it is the only one)."""
         self.config = config or ServerConfig()
         self.new_id = new_id
         self.jobs = JobTable(self.config.history_size)
         self.subscriptions = Subscriptions(self.config, new_id)
-        self.notifier = Notifier(self.subscriptions)
+        self.notifier = Notifier(self.subscriptions, leads)
         self.lifecycle = JobLifecycle(self.jobs, self.notifier)
         #: wsd:AppSequence MessageNumber of the last discovery message sent (R13).
         self.discovery_messages = 0
