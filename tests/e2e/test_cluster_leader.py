@@ -13,6 +13,7 @@ Short settings (test_cluster.cluster_config): a heartbeat every 0.2 s, leases of
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,12 @@ import pytest
 from aiosmtpd.controller import Controller
 from lxml import etree
 
+from dsc_bindings.store.instances import LEADER, LOCK_WITHOUT_TERM, NO_TERM
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import EmailInstructions
-from e2e_support import Relay, ServerProcess, Soap, free_port
-from test_cluster import PNG, by_pid, cluster_config, instances, start
+from e2e_support import Relay, ServerProcess, Soap, dsc, free_port
+from test_cluster import PNG, by_pid, cluster_config, instances, metric_values, read, start
 from test_cluster_events import Subscriber, delivery_owner, manage, serving
 from test_delivery import Failing, Healthy
 from waiting import wait_for
@@ -370,3 +372,66 @@ def test_the_last_instance_announces_stopped_under_a_fresh_term_not_the_one_it_h
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT state, term FROM repository_announced").fetchone()
     assert row == ("Stopped", 3), only.log
+
+
+def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Holding the leader's lock is not leading: the holder leads once it took a term
+    (runtime/announcing.py), and follows (neither sweeps nor announces) while the database
+    refuses the statement that takes one (its table renamed away here, as in
+    test_outbox_sql.py).  ``dsc cluster status`` (table and --json), /metrics, /status.json and
+    GET /api/cluster say so then (dsc_cluster_leader 0, dsc_cluster_leader_lock 1), not
+    "leader"; once a term is taken, at the next tick, they all show the leader."""
+    dsn = pg.new_database()
+    config = cluster_config(tmp_path, dsn)
+    first = start(instances, tmp_path, config)  # the schema, and a term, then a clean stop
+    wait_for(lambda: "announcing the repository state (term 1)" in first.log, what="term 1")
+    first.stop_cleanly()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE repository_announced RENAME TO repository_announced_away")
+    holder = start(instances, tmp_path, config)
+    assert "cannot take the lead for announcements" in holder.log, holder.log
+
+    def shown() -> tuple[dict[str, Any], dict[str, float], dict[str, Any], dict[str, Any]]:
+        row = by_pid(config)[holder.pid]
+        metrics = metric_values(read(holder, "/metrics")[1])
+        code, api = read(holder, "/api/cluster")
+        assert code == 200, api
+        code, page = read(holder, "/status.json")
+        assert code == 200, page
+        return row, metrics, json.loads(api), json.loads(page)["cluster"]
+
+    row, metrics, api, page = shown()
+    stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
+    assert (row["leader"], row["leader_lock"], row["leadership"]) == (False, True, stuck), row
+    assert (metrics["dsc_cluster_leader"], metrics["dsc_cluster_leader_lock"]) == (0, 1), metrics
+    for view in (api, page):
+        assert (view["leader"], view["leader_lock"], view["leadership"]) == (
+            False,
+            True,
+            stuck,
+        ), view
+        [own] = [r for r in view["instances"] if r["pid"] == holder.pid]
+        assert (own["leader"], own["leadership"]) == (False, stuck), own
+    table = dsc("cluster", "status", "--config", str(config), "--wide")
+    assert table.code == 0, table
+    [line] = [line for line in table.out.splitlines() if f" {holder.pid} " in line]
+    assert f" ago up {LOCK_WITHOUT_TERM} 0 " in " ".join(line.split()), table.out
+    assert "instance(s) up; leader: none" in table.out, table.out
+    assert f"{row['name']} holds the leader's lock but does not lead:" in table.out, table.out
+
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE repository_announced_away RENAME TO repository_announced")
+    wait_for(
+        lambda: (lambda v: v[0]["leader"] and v[1]["dsc_cluster_leader"] == 1 and v[2]["leader"])(
+            shown()
+        ),
+        what="the holder to take a term and be shown the leader",
+    )
+    row, metrics, api, page = shown()
+    assert (row["leadership"], api["leadership"], page["leadership"]) == (LEADER,) * 3
+    assert (metrics["dsc_cluster_leader"], metrics["dsc_cluster_leader_lock"]) == (1, 1), metrics
+    table = dsc("cluster", "status", "--config", str(config))
+    assert f"leader: {row['name']}" in table.out and "does not lead" not in table.out, table.out
+    holder.stop_cleanly()

@@ -187,8 +187,20 @@ class ClusterGauges(Collector):
         yield instances
         yield GaugeMetricFamily(
             "dsc_cluster_leader",
-            "1 while this instance holds the leader's lock (it runs the job sweeps), else 0",
-            value=1.0 if member.is_leader else 0.0,
+            "1 while this instance leads: it holds the leader's lock and took a term, so it "
+            "runs the job sweeps and announces the repository state; else 0 (also while it "
+            "holds the lock but cannot take a term: dsc_cluster_leader_lock)",
+            value=1.0 if member.leads else 0.0,
+        )
+        # A second gauge, not a third value of the first: 1 means leading wherever it is
+        # summed or alerted on, and a holder that does not lead is its own alert (1 here, 0
+        # above: the WARNING in its log says why).
+        yield GaugeMetricFamily(
+            "dsc_cluster_leader_lock",
+            "1 while this instance holds the leader's lock, leading or not: 1 with "
+            "dsc_cluster_leader 0 means it cannot take a term (see its log), so no instance "
+            "runs the sweeps nor announces the repository state",
+            value=1.0 if member.holds_lock else 0.0,
         )
         yield GaugeMetricFamily(
             "dsc_cluster_heartbeat_age_seconds",

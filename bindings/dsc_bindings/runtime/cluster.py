@@ -11,8 +11,12 @@ thread (never the event loop):
 - tries ``pg_try_advisory_lock`` at each heartbeat: the holder is the **leader**, and keeps
   the lock while its connection lives, so a dead leader's lock is released by PostgreSQL
   and the next heartbeat of another instance takes it (failover within a heartbeat of the
-  connection's end);
-- as leader, prunes the rows of incarnations dead for ``prune_after_seconds``;
+  connection's end).  The holder *leads* (sweeps, announces) once its core took a term
+  (runtime/announcing.py): :attr:`ClusterMember.leads` asks the core (``core_leads``), and
+  the row says it (``leads``, written at each heartbeat and by :meth:`publish_leading`
+  within a tick of a change), so that no view shows a holder that cannot take a term as the
+  leader (store/instances.py);
+- as holder of the lock, prunes the rows of incarnations dead for ``prune_after_seconds``;
 - keeps a snapshot of every instance, with the job leases it holds and the outbox rows of the
   subscriptions it delivers, and of the whole outbox (status page, /metrics: read there
   without I/O).
@@ -48,6 +52,7 @@ from dsc_bindings.store.instances import (
     HEARTBEAT,
     INSERT,
     LEADER_LOCK,
+    LEADING,
     OTHERS_ALIVE,
     PRUNE,
     REPLACE_EARLIER,
@@ -56,6 +61,7 @@ from dsc_bindings.store.instances import (
     ClusterSettings,
     InstanceRow,
     OutboxLag,
+    leadership,
     list_instances,
     outbox_lag,
 )
@@ -95,7 +101,13 @@ class ClusterMember:
         self._conn: psycopg.Connection[Any] | None = None
         #: The connection is used by the heartbeat thread and by shutdown's last questions.
         self._lock = threading.Lock()
+        #: Holds the leader's lock as of the last heartbeat.
         self._leader = False
+        #: Whether this instance's core leads (``ScanServer.leads``), told by the runtime
+        #: (runtime/service.py); None: no core to ask (the lock alone says).
+        self.core_leads: Callable[[], bool] | None = None
+        #: What the row says of :attr:`leads` (None: nothing written yet).
+        self._published: bool | None = None
         self._last_beat = time.monotonic()
         self._failing: str | None = None
         #: Every instance as last read, and when (monotonic: their ages grow from there); one
@@ -139,7 +151,7 @@ class ClusterMember:
             self.name,
             self.id,
             sum(1 for i in self.instances if i.state == "up"),
-            "leader" if self._leader else "not the leader",
+            "holds the leader's lock" if self._leader else "not the leader",
         )
         self._thread.start()
 
@@ -164,9 +176,37 @@ class ClusterMember:
     # --- what the runtime asks ------------------------------------------------------------------
 
     @property
-    def is_leader(self) -> bool:
-        """Whether this instance holds the leader's lock as of its last heartbeat."""
+    def holds_lock(self) -> bool:
+        """Whether this instance holds the leader's lock as of its last heartbeat (it should
+        lead: runtime/service.py takes a term then)."""
         return self._leader
+
+    @property
+    def leads(self) -> bool:
+        """Whether this instance leads: it holds the lock and its core leads (it took a term;
+        module doc).  What /metrics, the status page and the web console show as the leader."""
+        core_leads = self.core_leads
+        return self._leader and (core_leads is None or core_leads())
+
+    def publish_leading(self) -> None:
+        """Write :attr:`leads` in this instance's row if it changed since it was last written
+        (``dsc cluster status`` reads it there): the runtime calls this at each tick, so the row
+        follows a change within a tick, not at the next heartbeat.  A failure is left to the
+        heartbeat, which writes it too and says what is wrong."""
+        leads = self.leads
+        if leads == self._published:
+            return
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                self._conn.execute(LEADING, (leads, self.id))
+            except psycopg.Error as exc:
+                log.warning(
+                    "cluster: cannot write whether %s leads: %s", self.name, one_line(str(exc))
+                )
+                return
+            self._published = leads
 
     @property
     def instances(self) -> tuple[InstanceRow, ...]:
@@ -200,7 +240,9 @@ class ClusterMember:
         return {
             "instance": self.name,
             "id": self.id,
-            "leader": self.is_leader,
+            "leader": self.leads,
+            "leader_lock": self.holds_lock,
+            "leadership": leadership(leads=self.leads, holds_lock=self.holds_lock),
             "heartbeat_age": round(self.heartbeat_age, 1),
             "lease_seconds": self.settings.lease_seconds,
             "problem": self.problem(),
@@ -297,16 +339,21 @@ class ClusterMember:
 
     def _beat(self) -> None:
         assert self._conn is not None
-        self._conn.execute(HEARTBEAT, (self.name, self._address(), self.id))
-        self._last_beat = time.monotonic()
-        if self._failing is not None:
-            log.info("cluster: heartbeat of %s restored", self.name)
-            self._failing = None
         if not self._leader:
             row = self._conn.execute(TRY_LEADER, (LEADER_LOCK,)).fetchone()
             if row is not None and row[0]:
                 self._leader = True
+                # It leads once the runtime took a term, at its next tick (module doc); if it
+                # cannot, a WARNING says so at each tick (runtime/announcing.py).
                 log.info("cluster: %s (%s) is now the leader", self.name, self.id)
+        # After the lock: the row says whether this instance leads as of now.
+        leads = self.leads
+        self._conn.execute(HEARTBEAT, (self.name, self._address(), leads, self.id))
+        self._published = leads
+        self._last_beat = time.monotonic()
+        if self._failing is not None:
+            log.info("cluster: heartbeat of %s restored", self.name)
+            self._failing = None
         if self._leader:
             self._conn.execute(PRUNE, (self.settings.prune_after_seconds,))
         self._seen = (

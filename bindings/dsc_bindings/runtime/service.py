@@ -289,6 +289,8 @@ class ScanService:
             self._writer.submit(self._stamped(commands), strict=False).wait()
             self._start_events(store)
             self._change_term()  # the leader announces from its first moment
+            if self.cluster is not None:
+                self.cluster.publish_leading()
         except BaseException:
             log.exception("starting the scan service failed")
             self._abandon_start(store)
@@ -435,7 +437,7 @@ class ScanService:
         (.announcing); the core leads from the rows as they are now (read first)."""
         if self._term is None:
             return
-        self._change_term_as(leader=self.is_leader)
+        self._change_term_as(leader=self.holds_leader_lock)
 
     def _change_term_as(self, *, leader: bool) -> None:
         assert self._term is not None
@@ -624,6 +626,8 @@ class ScanService:
             suffix=self._instance_suffix,
             home=store.home if isinstance(store, SplitStore) else None,
         )
+        # Holding the lock is not leading (.announcing): what the views show asks the core.
+        cluster.core_leads = lambda: self.server.leads
         cluster.start()
         if isinstance(store, SplitStore) and store.shared:
             store.join(cluster.id)  # its uploads rows count while its heartbeat does
@@ -651,12 +655,18 @@ class ScanService:
         return True
 
     @property
-    def is_leader(self) -> bool:
+    def holds_leader_lock(self) -> bool:
         """Whether this instance should lead (sweep and announce, issue 18 point 4): the holder
-        of the cluster's lock, or the only server (SQLite store).  With a cluster its core
-        leads once it took a term (.announcing, ``ScanServer.leads``); one server's core leads
-        from the start (it is never told to follow)."""
-        return self.cluster is None or self.cluster.is_leader
+        of the cluster's lock, or the only server (SQLite store).  It leads (:attr:`leads`)
+        once its core took a term (.announcing); one server's core leads from the start (it
+        is never told to follow)."""
+        return self.cluster is None or self.cluster.holds_lock
+
+    @property
+    def leads(self) -> bool:
+        """Whether this instance leads now: it holds the lock and its core took a term
+        (``ClusterMember.leads``), or it is the only server."""
+        return self.cluster.leads if self.cluster is not None else self.server.leads
 
     def __enter__(self) -> ScanService:
         self.start()
@@ -1024,6 +1034,8 @@ class ScanService:
                 if now >= bound_devices_at:
                     bound_devices_at = now + DEVICE_BOUNDS_INTERVAL
                     self.observer.bound_devices(now)
+                if self.cluster is not None:  # the last tick may have led or followed
+                    self.cluster.publish_leading()
                 # None while the core follows (issue 18 point 4): a new leader's term is taken
                 # at the next wake-up, so it starts sweeping within a second of the lock.
                 deadline = self.owner.call(self.server.next_deadline)
@@ -1034,7 +1046,7 @@ class ScanService:
                 if self._stop.wait(wait):
                     return
                 # Off the owner: taking a term is a statement (.announcing).
-                change = None if self._term is None else self._term.change(self.is_leader)
+                change = None if self._term is None else self._term.change(self.holds_leader_lock)
                 caught = self._read_for_tick()
                 self.owner.soon(functools.partial(self._tick, caught, change))
             except Exception:  # a bug must not stop job timeouts for the rest of the run

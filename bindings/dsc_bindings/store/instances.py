@@ -17,6 +17,13 @@ The leader is whoever holds ``pg_try_advisory_lock(LEADER_LOCK)`` on a connectio
 PostgreSQL releases it with that connection, so a dead leader's lock goes by itself.  Who holds
 it is read from ``pg_locks`` (the row's ``lock_backend`` is its lock connection's backend pid),
 so ``dsc cluster status`` shows the truth, not what an instance last wrote.
+
+Holding the lock is not yet leading: the holder leads once it took a term for its
+announcements (runtime/announcing.py), and follows while it cannot take one (the database
+refuses the statement).  Only the instance knows which, so it writes it in ``leads``, at each
+heartbeat and within a tick of a change (runtime/cluster.py ``ClusterMember.publish_leading``):
+a row is shown :data:`LEADER` while its instance holds the lock and says it leads, and
+:data:`LOCK_WITHOUT_TERM` while it holds the lock and says it does not.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported only where it i
 __all__ = [
     "GONE",
     "INSTANCE_STATES",
+    "LEADER",
     "LEADER_LOCK",
+    "LOCK_WITHOUT_TERM",
+    "NO_TERM",
     "REPLACE_EARLIER",
     "ClusterSettings",
     "InstanceRow",
@@ -43,6 +53,14 @@ __all__ = [
 
 #: The advisory lock of the leader (any number that no other lock of dsc uses: "dscl").
 LEADER_LOCK = 0x6473636C
+
+#: How the console, the status page and the web console show the instance that leads, and one
+#: that holds the leader's lock without leading (module doc): the one wording of each.
+LEADER = "leader"
+LOCK_WITHOUT_TERM = "lock held, not leading"
+#: Why, after :data:`LOCK_WITHOUT_TERM` where there is room (JSON; the console says it below
+#: its table).
+NO_TERM = "cannot take a term (see its log)"
 
 InstanceState = Literal["up", "down", "stopped"]
 #: Every state, in the order of /metrics and the console.
@@ -97,6 +115,7 @@ class InstanceRow:
     heartbeat_age: float
     stopped: datetime | None
     state: InstanceState
+    #: It leads: holds the leader's lock and took a term (module doc).
     leader: bool
     #: Jobs whose filters it runs now: its job leases not yet run out (store/leases.py).
     leases_held: int = 0
@@ -104,14 +123,29 @@ class InstanceRow:
     outbox_lag: OutboxLag = OutboxLag()
     #: The incarnation started since from its home, which marked it down (module doc).
     replaced_by: str | None = None
+    #: It holds the leader's lock (as ``pg_locks`` says now), leading or not.
+    leader_lock: bool = False
+
+    @property
+    def leadership(self) -> str:
+        """:data:`LEADER`, :data:`LOCK_WITHOUT_TERM` and why, or empty."""
+        return leadership(leads=self.leader, holds_lock=self.leader_lock)
 
     def as_json(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
+        data["leadership"] = self.leadership
         data["started"] = self.started.isoformat()
         data["stopped"] = None if self.stopped is None else self.stopped.isoformat()
         data["heartbeat_age"] = round(self.heartbeat_age, 1)
         data["outbox_lag"] = self.outbox_lag.as_json()
         return data
+
+
+def leadership(*, leads: bool, holds_lock: bool) -> str:
+    """What an instance is shown as (module doc)."""
+    if leads:
+        return LEADER
+    return f"{LOCK_WITHOUT_TERM}: {NO_TERM}" if holds_lock else ""
 
 
 INSERT = """
@@ -133,7 +167,12 @@ REPLACE_EARLIER = """
 GONE = """(i.stopped IS NOT NULL OR i.replaced_by IS NOT NULL
            OR i.heartbeat < now() - make_interval(secs => i.lease_seconds))"""
 
-HEARTBEAT = "UPDATE instances SET heartbeat = now(), name = %s, address = %s WHERE id = %s"
+HEARTBEAT = """
+    UPDATE instances SET heartbeat = now(), name = %s, address = %s, leads = %s WHERE id = %s
+"""
+
+#: Whether the instance leads, written within a tick of a change (module doc).
+LEADING = "UPDATE instances SET leads = %s WHERE id = %s"
 
 STOPPED = "UPDATE instances SET stopped = now() WHERE id = %s"
 
@@ -161,7 +200,8 @@ _LIST = f"""
            ),
            (SELECT count(*) FROM jobs j
             WHERE j.lease_owner = i.id::text AND j.lease_until > now()),
-           o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8, i.replaced_by::text
+           o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8, i.replaced_by::text,
+           i.leads
     FROM instances i
     LEFT JOIN LATERAL (
         SELECT count(*) AS rows, min(b.created) AS oldest
@@ -176,8 +216,10 @@ _OUTBOX = "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created))::float8 FRO
 
 
 def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
-    """Every instance row, oldest first.  A stopped or replaced row is never the leader (its
-    lock connection's backend pid may have been reused by another connection)."""
+    """Every instance row, oldest first.  A stopped or replaced row is never the leader nor
+    holds its lock (its lock connection's backend pid may have been reused by another
+    connection); one that holds the lock leads unless it says it does not (module doc; an
+    earlier version's row says nothing)."""
     rows = []
     for (
         ident,
@@ -194,6 +236,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
         waiting,
         oldest,
         replaced_by,
+        leading,
     ) in conn.execute(_LIST, (LEADER_LOCK,)).fetchall():
         state: InstanceState
         if stopped is not None:
@@ -202,6 +245,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
             state = "down"
         else:
             state = "up"
+        holds_lock = bool(locked) and stopped is None and replaced_by is None
         rows.append(
             InstanceRow(
                 id=str(ident),
@@ -213,10 +257,11 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
                 heartbeat_age=max(0.0, float(age)),
                 stopped=stopped,
                 state=state,
-                leader=bool(locked) and stopped is None and replaced_by is None,
+                leader=holds_lock and leading is not False,
                 leases_held=int(leases),
                 outbox_lag=_lag(waiting, oldest),
                 replaced_by=None if replaced_by is None else str(replaced_by),
+                leader_lock=holds_lock,
             )
         )
     return rows

@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -357,6 +357,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END $$""",
         """CREATE TRIGGER job_documents_version BEFORE UPDATE ON job_documents
             FOR EACH ROW EXECUTE FUNCTION dsc_job_documents_version()""",
+    ),
+    (
+        # Whether the instance's core leads (issue 18 point 4; store/instances.py): the holder
+        # of the leader's lock leads only once it took a term (runtime/announcing.py), so
+        # ``dsc cluster status`` shows a holder that cannot take one as such, not as the
+        # leader.  Written by the instance itself; NULL: a server of an earlier version, which
+        # does not say (its lock alone is shown).
+        "ALTER TABLE instances ADD COLUMN leads boolean",
     ),
 )
 

@@ -169,12 +169,16 @@ const clusterStates = {up: "succeeded", down: "failed", stopped: "canceled"};
 async function drawCluster() {
   const data = await api("GET", "/api/cluster");
   $("#cluster-self").textContent = "This instance: " + data.instance +
-    (data.leader ? " (the leader)" : "") + ", last heartbeat " + data.heartbeat_age + " s ago" +
+    (data.leadership ? " (" + data.leadership + ")" : "") +
+    ", last heartbeat " + data.heartbeat_age + " s ago" +
     (data.problem ? " \u2014 " + data.problem : "");
-  $("#cluster-self").className = data.problem ? "failed" : "";
+  // Holding the leader's lock without leading is a failure: nobody sweeps nor announces.
+  const stuck = data.leader_lock && !data.leader;
+  $("#cluster-self").className = data.problem || stuck ? "failed" : "";
   fill("#cluster-table", data.instances.map(i => [i.name, i.address, when(i.started),
     i.heartbeat_age + " s ago", el("td", i.state, clusterStates[i.state]),
-    i.leader ? "leader" : "", String(i.leases_held), outboxLag(i.outbox_lag)]), "no instances");
+    el("td", i.leadership, i.leader_lock && !i.leader ? "failed" : ""),
+    String(i.leases_held), outboxLag(i.outbox_lag)]), "no instances");
   $("#cluster-outbox").textContent = "Outbox: " + outboxLag(data.outbox) +
     " notification(s) waiting, every subscription";
 }
