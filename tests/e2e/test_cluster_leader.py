@@ -374,15 +374,12 @@ def test_the_last_instance_announces_stopped_under_a_fresh_term_not_the_one_it_h
     assert row == ("Stopped", 3), only.log
 
 
-def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
+def a_holder_without_a_term(
     tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
-) -> None:
-    """Holding the leader's lock is not leading: the holder leads once it took a term
-    (runtime/announcing.py), and follows (neither sweeps nor announces) while the database
-    refuses the statement that takes one (its table renamed away here, as in
-    test_outbox_sql.py).  ``dsc cluster status`` (table and --json), /metrics, /status.json and
-    GET /api/cluster say so then (dsc_cluster_leader 0, dsc_cluster_leader_lock 1), not
-    "leader"; once a term is taken, at the next tick, they all show the leader."""
+) -> tuple[ServerProcess, Path, str]:
+    """An instance that holds the leader's lock and cannot take a term: the database fails the
+    statement (its table renamed away, as in test_outbox_sql.py; rename it back to end it).
+    The holder, its configuration and the database's DSN."""
     dsn = pg.new_database()
     config = cluster_config(tmp_path, dsn)
     first = start(instances, tmp_path, config)  # the schema, and a term, then a clean stop
@@ -392,6 +389,19 @@ def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
         admin.execute("ALTER TABLE repository_announced RENAME TO repository_announced_away")
     holder = start(instances, tmp_path, config)
     assert "cannot take the lead for announcements" in holder.log, holder.log
+    return holder, config, dsn
+
+
+def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
+    tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Holding the leader's lock is not leading: the holder leads once it took a term
+    (runtime/announcing.py), and follows (neither sweeps nor announces) while the database
+    refuses the statement that takes one (its table renamed away here, as in
+    test_outbox_sql.py).  ``dsc cluster status`` (table and --json), /metrics, /status.json and
+    GET /api/cluster say so then (dsc_cluster_leader 0, dsc_cluster_leader_lock 1), not
+    "leader"; once a term is taken, at the next tick, they all show the leader."""
+    holder, config, dsn = a_holder_without_a_term(tmp_path, pg, instances)
 
     def shown() -> tuple[dict[str, Any], dict[str, float], dict[str, Any], dict[str, Any]]:
         row = by_pid(config)[holder.pid]

@@ -17,12 +17,16 @@ import pytest
 
 from dsc_bindings.directory.ldap import Directory
 from dsc_bindings.directory.scan_processes import ProcessStore
+from dsc_bindings.store.instances import LOCK_WITHOUT_TERM, NO_TERM
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap, dsc
 from samba_support import USERS, SambaDC
-from test_cluster import cluster_config, read
+from test_cluster import cluster_config, instances, read
+from test_cluster_leader import a_holder_without_a_term
 from test_directory import settings
 from test_status_page_browser import ARGS, CHROMIUM, playwright_api
+
+__all__ = ["instances"]  # the fixture, used by name
 
 if TYPE_CHECKING:
     from engines_support import PgCluster
@@ -263,3 +267,23 @@ def test_the_cluster_section_on_a_postgresql_store(
         for server in servers:
             if server.alive:
                 server.kill9()
+
+
+def test_the_cluster_section_shows_a_lock_holder_that_cannot_take_a_term_as_failing(
+    browser: Any, tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """Holding the leader's lock without a term is not leading (runtime/announcing.py): the
+    section says so for this instance and its row, in the failure colour, not "the leader"."""
+    holder, _, _ = a_holder_without_a_term(tmp_path, pg, instances)
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{holder.port}/")
+    page.get_by_role("link", name="Cluster", exact=True).click()
+    own = page.locator("#cluster-self")
+    expect(own).to_contain_text(f"({LOCK_WITHOUT_TERM}: {NO_TERM})", timeout=15_000)
+    expect(own).not_to_contain_text("(the leader)")
+    expect(own).to_have_class("failed")
+    cell = page.locator("#cluster-table tbody tr", has_text=f":{holder.port}").locator("td.failed")
+    expect(cell).to_have_text(f"{LOCK_WITHOUT_TERM}: {NO_TERM}")
+    assert no_horizontal_scroll(page)
+    context.close()

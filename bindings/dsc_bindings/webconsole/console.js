@@ -169,7 +169,7 @@ const clusterStates = {up: "succeeded", down: "failed", stopped: "canceled"};
 async function drawCluster() {
   const data = await api("GET", "/api/cluster");
   $("#cluster-self").textContent = "This instance: " + data.instance +
-    (data.leadership ? " (" + data.leadership + ")" : "") +
+    (data.leader ? " (the leader)" : data.leader_lock ? " (" + data.leadership + ")" : "") +
     ", last heartbeat " + data.heartbeat_age + " s ago" +
     (data.problem ? " \u2014 " + data.problem : "");
   // Holding the leader's lock without leading is a failure: nobody sweeps nor announces.
