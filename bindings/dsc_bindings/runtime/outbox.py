@@ -56,6 +56,9 @@ class OutboxPump:
         self._lease = lease_seconds
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        #: Held for a whole pass of :meth:`_pump`: :meth:`hand_now` returns only once a pass
+        #: the thread is in has handed its rows over (see there).
+        self._pumping = threading.Lock()
         #: Rows handed to the hub and not yet answered.
         self._handed: set[int] = set()
         self._logged = float("-inf")
@@ -74,7 +77,9 @@ class OutboxPump:
         """Hand the rows this instance may send to the hub now, in the calling thread (the
         last instance's stop: its Stopped announcement before the subscriptions end,
         ``ScanService.shutdown``).  A row the pump's thread handed already is not handed
-        again."""
+        again; one it claimed and is still handing over is in the hub when this returns (it
+        waits for the thread's pass), so a SubscriptionEnd given to the hub next cannot
+        overtake it (the hub would then send the event to a subscription already ended)."""
         try:
             self._pump()
         except StoreError as exc:
@@ -115,6 +120,10 @@ class OutboxPump:
                 return
 
     def _pump(self) -> None:
+        with self._pumping:
+            self._hand_claimed()
+
+    def _hand_claimed(self) -> None:
         for row in self._rows.claim(self._me, self._lease):
             with self._lock:
                 if row.id in self._handed:
