@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from dsc_bindings.filters.interruption import Interrupted
+from dsc_bindings.filters.interruption import Contained
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_core.model import Document, FilterState, FilterStateReason, Job, extension_for
@@ -150,20 +150,21 @@ def never_raises(run: DeliveringRun) -> FilterRun:
         cancelled: threading.Event,
     ) -> FilterOutcome:
         delivered = Deliveries(job, filter_index)
-        try:
-            outcome = run(job, filter_index, documents, settings, cancelled, delivered)
-        except Cancelled:
-            outcome = FilterOutcome.canceled()
-        except DeliveryRefused as exc:
-            log.warning(
-                "filter %s of job %s delivers nothing more: %s", filter_index, job.token, exc
-            )
-            outcome = FilterOutcome.canceled()
-        except Interrupted:
-            raise  # no failure: the engine hands the job back (interruption.py)
-        except BaseException:
-            log.exception("filter %s of job %s failed unexpectedly", filter_index, job.token)
-            outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        # Unless the run returns: what it raised other than Interrupted (which goes on to the
+        # engine: interruption.py) is logged and failed by the engine's own rule, Contained.
+        outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
+        with Contained(
+            "filter %s of job %s failed unexpectedly", filter_index, job.token, logger=log
+        ):
+            try:
+                outcome = run(job, filter_index, documents, settings, cancelled, delivered)
+            except Cancelled:
+                outcome = FilterOutcome.canceled()
+            except DeliveryRefused as exc:
+                log.warning(
+                    "filter %s of job %s delivers nothing more: %s", filter_index, job.token, exc
+                )
+                outcome = FilterOutcome.canceled()
         return dataclasses.replace(outcome, delivered=delivered.names)
 
     return guarded

@@ -9,11 +9,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 
 from dsc_bindings.filters import fileshare, mail, sharepoint
 from dsc_bindings.filters.common import FilterOutcome, FilterRun
-from dsc_bindings.filters.interruption import Interrupted
+from dsc_bindings.filters.interruption import Contained, Interrupted
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_core.commands import (
     FilterFinished,
@@ -46,44 +45,6 @@ Report = Callable[[ProcessingEvent], None]
 #: Told the token of a job whose run was interrupted (filters/interruption.py), once the job
 #: has left the engine: the caller has it resumed (R13) when the store answers again.
 Resume = Callable[[str], None]
-
-
-class _Contained:
-    """The engine's one rule for what a step of a job may raise (the spool read, a filter, a
-    report, the ``interrupted`` and ``freed`` callbacks): anything but the types in ``passes``
-    is logged at ERROR with its traceback and goes no further, so the step counts as failed
-    and the worker goes on with the job and then the next one.
-
-    Any BaseException, not only Exception: a worker thread is the engine's, and nothing else
-    catches there; a SystemExit, GeneratorExit or KeyboardInterrupt raised in it can mean
-    nothing but the end of that thread, which stays counted in ``_workers`` with its job never
-    finished and its place never freed.  Interrupted passes by default: it is no failure but
-    the order to stop the run, which :meth:`ProcessingEngine._work` alone takes
-    (filters/interruption.py)."""
-
-    def __init__(
-        self,
-        message: str,
-        *args: object,
-        passes: tuple[type[BaseException], ...] = (Interrupted,),
-    ) -> None:
-        self._message = message
-        self._args = args
-        self._passes = passes
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        raised: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        if kind is None or raised is None or isinstance(raised, self._passes):
-            return False
-        log.error(self._message, *self._args, exc_info=(kind, raised, traceback))
-        return True
 
 
 class ProcessingEngine:
@@ -204,7 +165,7 @@ class ProcessingEngine:
             interrupted = False
             try:
                 # Past the steps' own guards: a bug in the engine's code itself.
-                with _Contained("job %s: processing failed", job.token):
+                with Contained("job %s: processing failed", job.token):
                     self._run(job, cancelled)
             # By name: the one handler of Interrupted (a BaseException, interruption.py).
             except Interrupted as exc:
@@ -221,12 +182,12 @@ class ProcessingEngine:
             # The callbacks run once the job is out of the engine, so no run is left for an
             # Interrupted to stop: it is contained as well (passes nothing).
             if interrupted:  # out of the engine now: a resume may start it again at once
-                with _Contained(
+                with Contained(
                     "job %s: handing the interrupted job back failed", job.token, passes=()
                 ):
                     self._interrupted(job.token)
             if self._freed is not None:
-                with _Contained(
+                with Contained(
                     "job %s: telling that its place is free failed", job.token, passes=()
                 ):
                     self._freed()
@@ -240,7 +201,7 @@ class ProcessingEngine:
         self._emit(ProcessingStarted(token))
         settings = self._settings  # a reload during the run does not change this job's peers
         documents: list[tuple[Document, Path]] | None = None  # None: the filters fail
-        with _Contained("job %s: cannot list its documents", token):
+        with Contained("job %s: cannot list its documents", token):
             documents = list(self._documents_of(job))
         for index, status in enumerate(job.filters):
             # Filters the core already settled (unknown dialect, bad instructions) are skipped.
@@ -277,7 +238,7 @@ class ProcessingEngine:
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         # Runners never raise; a third-party one might (any kind): a failed filter.
         outcome = FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
-        with _Contained("job %s: filter %d raised", job.token, index):
+        with Contained("job %s: filter %d raised", job.token, index):
             outcome = runner(job, index, documents, settings, cancelled)
         if not outcome.state.is_final:
             log.error("job %s: filter %d returned %s", job.token, index, outcome.state.value)
@@ -288,5 +249,5 @@ class ProcessingEngine:
     def _emit(self, event: ProcessingEvent) -> None:
         # The report goes to the core (through the binding); if that fails, keep going: the
         # remaining events still tell it how the job ended.
-        with _Contained("reporting %r failed", event):
+        with Contained("reporting %r failed", event):
             self._report(event)

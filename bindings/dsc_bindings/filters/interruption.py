@@ -9,7 +9,13 @@ one runs again idempotently.  Which store errors are interruptions is decided in
 
 from __future__ import annotations
 
-__all__ = ["Interrupted"]
+import logging
+from types import TracebackType
+
+__all__ = ["Contained", "Interrupted"]
+
+#: Where a contained step is logged unless the caller names its own logger.
+log = logging.getLogger("dsc_bindings.filters.engine")
 
 
 class Interrupted(BaseException):
@@ -24,8 +30,48 @@ class Interrupted(BaseException):
     filter, which this must never become (a failed filter ends the job Aborted for good,
     PostScanJobProcessingFailed).  As an Exception every such catch-all had to re-raise it
     first, and one that forgot failed the job.  The project's own two (``never_raises`` and
-    the engine's one guard, ``engine._Contained``) take every other BaseException and let it
+    the engine's one guard, ``Contained`` below) take every other BaseException and let it
     pass: a SystemExit in a filter is a failed filter, not a dead worker
     (docs/architecture.md).  What a filter may do with it: clean up in
     ``finally`` or in ``except BaseException: ...; raise``; never catch BaseException without
     raising again (docs/architecture.md, "Filters")."""
+
+
+class Contained:
+    """The one rule for what a step of a job may raise, in the engine (the spool read, a
+    filter, a report, the ``interrupted`` and ``freed`` callbacks) and in
+    ``common.never_raises``: anything but the types in ``passes``
+    is logged at ERROR with its traceback and goes no further, so the step counts as failed
+    and the worker goes on with the job and then the next one.
+
+    Any BaseException, not only Exception: a worker thread is the engine's, and nothing else
+    catches there; a SystemExit, GeneratorExit or KeyboardInterrupt raised in it can mean
+    nothing but the end of that thread, which stays counted in ``_workers`` with its job never
+    finished and its place never freed.  Interrupted passes by default: it is no failure but
+    the order to stop the run, which ``engine.ProcessingEngine._work`` alone takes."""
+
+    def __init__(
+        self,
+        message: str,
+        *args: object,
+        passes: tuple[type[BaseException], ...] = (Interrupted,),
+        logger: logging.Logger = log,
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._args = args
+        self._passes = passes
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        raised: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if kind is None or raised is None or isinstance(raised, self._passes):
+            return False
+        self._logger.error(self._message, *self._args, exc_info=(kind, raised, traceback))
+        return True
