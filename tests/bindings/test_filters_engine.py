@@ -7,6 +7,8 @@ engine before the report returns, as ``ScanService`` does."""
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from dsc_bindings.filters import FilterOutcome, FilterSettings, ProcessingEngine
+from dsc_bindings.filters import DEFAULT_RUNNERS, FilterOutcome, FilterSettings, ProcessingEngine
 from dsc_bindings.filters.common import Deliveries, never_raises
 from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.store.errors import StoreError
@@ -616,6 +618,73 @@ def test_a_guarded_filter_that_breaks_after_delivering_keeps_what_it_delivered(
     )
     [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert logged.exc_info is not None and logged.exc_info[1] is raised
+
+
+class StoppedWhileRunning(threading.Event):
+    """A ``cancelled`` the filter asks at its first check (fileshare: before each share), where
+    the program is stopped: ``stop`` runs there, on the filter's thread."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        super().__init__()
+        self._stop = stop
+
+    def is_set(self) -> bool:
+        self._stop()
+        return False
+
+
+def _ctrl_c() -> None:
+    """A real Ctrl-C: SIGINT, which Python's handler turns into KeyboardInterrupt on the main
+    thread."""
+    signal.raise_signal(signal.SIGINT)
+
+
+def _hand_raised_ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+def _exit() -> None:
+    sys.exit(3)
+
+
+@pytest.mark.parametrize(
+    ("on_main", "in_worker", "expected"),
+    [(_ctrl_c, _hand_raised_ctrl_c, KeyboardInterrupt), (_exit, _exit, SystemExit)],
+    ids=["KeyboardInterrupt", "SystemExit"],
+)
+def test_a_ctrl_c_or_exit_in_a_filter_on_the_main_thread_stops_the_program_not_the_filter(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    on_main: Callable[[], None],
+    in_worker: Callable[[], None],
+    expected: type[BaseException],
+) -> None:
+    """A filter is a plain function a program may call on its main thread (DEFAULT_RUNNERS;
+    bench/smb.py calls fileshare.run so): a Ctrl-C or sys.exit there is the program's and goes
+    on to it, not a filter CompletedWithErrors after which the program went on
+    (filters/interruption.Contained).  The same filter in another thread, as the engine's
+    workers run it, still contains it: a failed filter, logged at ERROR."""
+    run = DEFAULT_RUNNERS[FileShareInstructions]
+    job = make_job(GOOD)
+    docs = make_documents(tmp_path / "spool", ("png", b"image one"))
+    settings = FilterSettings.embedded_default(tmp_path / "data")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(expected):
+            run(job, 0, docs, settings, StoppedWhileRunning(on_main))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+    outcomes: list[FilterOutcome] = []
+    worker = threading.Thread(
+        target=lambda: outcomes.append(run(job, 0, docs, settings, StoppedWhileRunning(in_worker)))
+    )
+    worker.start()
+    worker.join(10)
+    assert outcomes == [FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)]
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.exc_info is not None and isinstance(logged.exc_info[1], expected)
 
 
 def test_documents_the_spool_cannot_give_now_interrupt_the_run(tmp_path: Path) -> None:

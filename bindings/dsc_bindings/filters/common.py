@@ -137,7 +137,8 @@ def never_raises(run: DeliveringRun) -> FilterRun:
     bad document or bug cannot take the engine's worker down (R9 failure mapping).  Whatever
     way the run ends, its outcome carries what it delivered until then; a BaseException too
     (SystemExit, GeneratorExit, a KeyboardInterrupt raised by hand: in the engine's worker
-    thread none of them can do what its raiser meant).  Except one way:
+    thread none of them can do what its raiser meant; on the main thread a KeyboardInterrupt
+    or SystemExit goes on to the program, ``interruption.Contained``).  Except one way:
     :class:`~.interruption.Interrupted` (the store does not answer) is no outcome of the
     filter and goes on to the engine, which resumes the job later (R13)."""
 

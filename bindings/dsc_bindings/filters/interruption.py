@@ -10,12 +10,17 @@ one runs again idempotently.  Which store errors are interruptions is decided in
 from __future__ import annotations
 
 import logging
+import threading
 from types import TracebackType
 
 __all__ = ["Contained", "Interrupted"]
 
 #: Where a contained step is logged unless the caller names its own logger.
 log = logging.getLogger("dsc_bindings.filters.engine")
+
+#: What a step run on the main thread lets go to the program (:class:`Contained`): a real
+#: Ctrl-C (Python raises it for SIGINT on the main thread only) and ``sys.exit``.
+_PROGRAM_STOPS = (KeyboardInterrupt, SystemExit)
 
 
 class Interrupted(BaseException):
@@ -48,7 +53,15 @@ class Contained:
     catches there; a SystemExit, GeneratorExit or KeyboardInterrupt raised in it can mean
     nothing but the end of that thread, which stays counted in ``_workers`` with its job never
     finished and its place never freed.  Interrupted passes by default: it is no failure but
-    the order to stop the run, which ``engine.ProcessingEngine._work`` alone takes."""
+    the order to stop the run, which ``engine.ProcessingEngine._work`` alone takes.
+
+    On the main thread KeyboardInterrupt and SystemExit pass too, whatever ``passes`` says:
+    there they mean what their raiser meant, the user's Ctrl-C or the program's exit, the
+    program's to take, not a failed step.  The engine never runs a step there (its workers
+    are threads of their own), but a filter is a plain function (``engine.DEFAULT_RUNNERS``,
+    exported by ``dsc_bindings.filters``) that a program may call on its main thread, as
+    bench/smb.py does with ``fileshare.run``: contained, a Ctrl-C there became a filter
+    CompletedWithErrors and the program went on."""
 
     def __init__(
         self,
@@ -73,5 +86,10 @@ class Contained:
     ) -> bool:
         if kind is None or raised is None or isinstance(raised, self._passes):
             return False
+        if (
+            isinstance(raised, _PROGRAM_STOPS)
+            and threading.current_thread() is threading.main_thread()
+        ):
+            return False  # the program's (class doc)
         self._logger.error(self._message, *self._args, exc_info=(kind, raised, traceback))
         return True
