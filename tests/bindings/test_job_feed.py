@@ -338,7 +338,8 @@ def test_stamp_puts_every_notification_of_a_batch_in_the_transaction_of_a_write(
     )
     assert isinstance(write, VersionedWrite) and start == StartProcessing(job)
     assert write.events == (_deliver(1),)
-    assert write.announcement == Announcement("Processing", "Idle", "A", 3, (_deliver(2),))
+    # After the write's one event: stored after it (the order the core emitted them in).
+    assert write.announcement == Announcement("Processing", "Idle", "A", 3, (_deliver(2),), 1)
     # A reload trimming the history: the event commits with the drop.
     [drop] = catch_up.stamp([DropJob("old", Removal.HISTORY_FULL), _deliver(3)])
     assert isinstance(drop, VersionedWrite) and drop.events == (_deliver(3),)

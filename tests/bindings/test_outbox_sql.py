@@ -21,6 +21,8 @@ from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
 from dsc_core import RepositoryState, ScanServer, ServerConfig
 from dsc_core.commands import (
+    AnnounceRepositoryState,
+    Command,
     CreateJob,
     Deliver,
     EndSubscription,
@@ -173,6 +175,38 @@ def test_an_announcement_is_written_once_per_change_under_the_current_term_only(
     b.write_events(EventsWrite(announcement=announcement("B", 2, "Processing", "Idle", 4)))
     assert [r.message for r in a.outbox().claim("A", 30)] == [b"<m>1</m>", b"<m>4</m>"]
     assert b.take_lead("B") == ("Idle", 3)
+
+
+def test_events_after_an_announcement_in_one_write_are_stored_after_its_events(
+    two: tuple[PostgresRecords, ...],
+) -> None:
+    """The core emits a job's event, the repository state's announcement with its event, then
+    another job event, in one batch: the stamped writes carry them to the outbox in that order
+    (subscribers hear them so), on a job's write and on a write of notifications alone; an
+    announcement refused leaves the events around it, still in order."""
+    a, _ = two
+    store(a, subscription())
+    term = a.take_lead("A")[1]
+    catch_up = JobCatchUp(a.changes)
+
+    def announce(previous: RepositoryState, state: RepositoryState, n: int) -> Command:
+        return AnnounceRepositoryState(state, previous, (event(n),))
+
+    idle, processing = RepositoryState.IDLE, RepositoryState.PROCESSING
+    batches: list[list[Command]] = [
+        [CreateJob(make_job("t1")), event(1), announce(idle, processing, 2), event(3)],
+        [announce(processing, idle, 4), event(5)],
+        [event(6), announce(processing, idle, 7), event(8)],  # refused: Idle already
+    ]
+    for batch in batches:
+        for write in catch_up.stamp(batch, ("A", term)):
+            if isinstance(write, VersionedWrite):
+                a.write(write)
+            else:
+                assert isinstance(write, EventsWrite)
+                a.write_events(write)
+    heard = [r.message for r in a.outbox().claim("A", 30)]
+    assert heard == [f"<m>{n}</m>".encode() for n in (1, 2, 3, 4, 5, 6, 8)]
 
 
 def test_an_announcement_whose_job_write_loses_is_not_written_and_says_so(

@@ -433,7 +433,9 @@ def _carry(
     if isinstance(what, Deliver):
         stamped[carrier] = replace(write, events=(*write.events, what))
     else:
-        stamped[carrier] = replace(write, announcement=what)
+        # Where it falls among the write's events: a notification the core emitted after it
+        # is stored after its events (the order the core emitted them in).
+        stamped[carrier] = replace(write, announcement=replace(what, after=len(write.events)))
     return carrier
 
 

@@ -90,6 +90,10 @@ class Announcement:
     term: int
     #: The RepositoryStatusSummaryEvent, one outbox row per subscriber (none without any).
     events: tuple[Deliver, ...] = ()
+    #: How many of the carrying write's events the core emitted before the announcement:
+    #: those are stored before its events, the rest after, so that every subscriber hears
+    #: them in the order the core emitted them (runtime/catchup.py ``stamp``).
+    after: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -978,12 +978,17 @@ class PostgresRecords:
             raise StoreError("the job store is closed", temporary=False)
         announced = [announcement is None]
 
+        # The events the core emitted before the announcement, its own, then the rest: the
+        # outbox rows' ids are the order each subscriber hears them in.
+        at = 0 if announcement is None else announcement.after
+
         def transact(cur: psycopg.Cursor[Any]) -> int | None:
             result = change(cur)
             if result is None:
                 return None
-            _insert_events(cur, events)
+            _insert_events(cur, events[:at])
             announced[0] = _announce(cur, announcement)
+            _insert_events(cur, events[at:])
             return result
 
         try:
