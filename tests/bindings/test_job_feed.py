@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -22,7 +23,9 @@ from dsc_bindings.store.interface import (
     VersionedWrite,
 )
 from dsc_bindings.store.jobcodec import decode_job
+from dsc_bindings.store.localspool import LocalSpool
 from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_bindings.store.split import QUARANTINE_NAME, SplitStore
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core import ScanServer, ServerConfig
 from dsc_core.commands import (
@@ -96,6 +99,34 @@ def test_deleted_rows_leave_tombstones(two: tuple[PostgresRecords, ...]) -> None
     a.write(VersionedWrite(DropJob("gone", Removal.PURGED), None, 0))
     changed = b.changes(cursor, frozenset())
     assert changed.rows == () and changed.dropped == ("gone",)
+
+
+def test_a_quarantined_job_is_forgotten_by_the_other_instances(
+    tmp_path: Path, dsn: str, two: tuple[PostgresRecords, ...]
+) -> None:
+    """A record that does not decode is quarantined by the next start that loads it
+    (SplitStore.load_jobs): its row goes with a tombstone, as a dropped job's, so an instance
+    that holds the job forgets it at its next catch-up; the other jobs stay."""
+    a, b = two
+    here = JobCatchUp(b.changes)
+    core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+    here.seed(here.read())
+    create(a, "bad")
+    create(a, "good")
+    here.absorb(core, here.read())
+    assert core.jobs.get("bad") is not None
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A record this server cannot read (a newer server's, or damaged), written by hand.
+        conn.execute("""UPDATE jobs SET job = '{"v": 99}' WHERE token = 'bad'""")
+    data = tmp_path / "data"
+    with SplitStore.assemble(
+        data, lambda: PostgresRecords.open(dsn), lambda: LocalSpool.open(data)
+    ) as starting:
+        assert [job.token for job in starting.load_jobs()] == ["good"]
+    assert (data / QUARANTINE_NAME).is_dir()
+    here.absorb(core, here.read())
+    assert core.jobs.get("bad") is None
+    assert core.jobs.get("good") == make_job("good")
 
 
 def test_asked_rows_come_whatever_the_cursor(two: tuple[PostgresRecords, ...]) -> None:

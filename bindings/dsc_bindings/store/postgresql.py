@@ -468,14 +468,20 @@ _UPDATE = f"""
     {_DOCUMENTS}
     SELECT version FROM up
 """
-_DROP = """
-    WITH gone AS (DELETE FROM jobs WHERE token = %(token)s RETURNING token),
-         done AS (DELETE FROM uploads WHERE token = %(token)s),
-         docs AS (DELETE FROM job_documents WHERE token = %(token)s),
-         kept AS (DELETE FROM filter_deliveries WHERE token = %(token)s)
+#: A job row deleted with what hangs on it, leaving the tombstone by which the other instances
+#: forget the job (the change feed, module doc); ``{which}`` picks the row.
+_DELETE_JOB = """
+    WITH gone AS (DELETE FROM jobs WHERE {which} RETURNING token),
+         done AS (DELETE FROM uploads WHERE token IN (SELECT token FROM gone)),
+         docs AS (DELETE FROM job_documents WHERE token IN (SELECT token FROM gone)),
+         kept AS (DELETE FROM filter_deliveries WHERE token IN (SELECT token FROM gone))
     INSERT INTO job_tombstones (token) SELECT token FROM gone
     ON CONFLICT (token) DO UPDATE SET xid = pg_current_xact_id(), dropped = now()
 """
+_DROP = _DELETE_JOB.format(which="token = %(token)s")
+#: A record that does not decode, moved aside (SplitStore's quarantine): gone for every
+#: instance, as a dropped job is.
+_QUARANTINE = _DELETE_JOB.format(which="seq = %(seq)s")
 #: A job row's documents as a JSON array of [document_id, format, size] (NULL: none), in the
 #: job's order (jobcodec.decode_job's rows).
 _DOCUMENTS_OF_JOB = """
@@ -1267,12 +1273,11 @@ class PostgresRecords:
         ]
 
     def remove(self, seq: int) -> None:
-        self._run(
-            "quarantining a job record",
-            """WITH gone AS (DELETE FROM jobs WHERE seq = %s RETURNING token)
-               DELETE FROM job_documents WHERE token IN (SELECT token FROM gone)""",
-            (seq,),
+        found = self._run(
+            "quarantining a job record", f"{_QUARANTINE} RETURNING token", {"seq": seq}
         )
+        for (token,) in found:
+            self._documents.forget(str(token))
 
     @property
     def database(self) -> PgDatabase:
