@@ -502,15 +502,19 @@ _FED_DOCUMENTS = """
                      AND (known.version IS NULL OR d.version IS NULL
                           OR d.version > known.version)))
 """
+#: Job rows for the feed (kind 1 of _CHANGES), each with its document rows (_FED_DOCUMENTS).
+_FED_JOBS = f"""
+    SELECT 1, jobs.token, jobs.version, jobs.job, {_FED_DOCUMENTS}
+        FROM jobs LEFT JOIN unnest(%(known_tokens)s::text[], %(known_versions)s::bigint[])
+            AS known(token, version) ON known.token = jobs.token
+"""
 #: One statement, so one snapshot: its xmin is the next cursor (module doc).  Kinds: 0 the
 #: cursor, 1 a row, 2 a tombstone, 3 another instance's upload, 4 a subscription, 5 one ended.
 _CHANGES = f"""
     SELECT 0, NULL::text, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, NULL::text,
         NULL::json
     UNION ALL
-    SELECT 1, jobs.token, jobs.version, jobs.job, {_FED_DOCUMENTS}
-        FROM jobs LEFT JOIN unnest(%(known_tokens)s::text[], %(known_versions)s::bigint[])
-            AS known(token, version) ON known.token = jobs.token
+    {_FED_JOBS}
         WHERE jobs.xid >= %(since)s::text::xid8 OR jobs.token = ANY(%(tokens)s)
     UNION ALL
     SELECT 2, token, NULL, NULL, NULL FROM job_tombstones
@@ -527,6 +531,9 @@ _CHANGES = f"""
           AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id::text = uploads.instance
                           AND {GONE})
 """
+#: The rows of the jobs ``tokens`` with every document row (none known): a job whose feed
+#: read did not fit what this instance knew (:meth:`PostgresRecords.changes`).
+_FED_JOBS_WHOLE = f"{_FED_JOBS} WHERE jobs.token = ANY(%(tokens)s)"
 #: Take a DocumentId for this instance, unless another live instance holds it.
 _UPLOAD_BEGIN = f"""
     INSERT INTO uploads (token, document_id, instance, home)
@@ -1101,23 +1108,24 @@ class PostgresRecords:
             "known_tokens": list(known),
             "known_versions": [k.version for k in known.values()],
         }
-        what = "reading the jobs other instances changed"
-        if self._feed_dsn is None:
-            found = self._run(what, _CHANGES, params)
-        else:
-            found = self._read_feed(what, params)
+        found = self._read("reading the jobs other instances changed", _CHANGES, params)
         next_cursor = cursor
         rows: list[tuple[str, int, str, StoredDocuments]] = []
         dropped: list[str] = []
         uploads: list[tuple[str, int]] = []
         subscriptions: list[tuple[str, int, str]] = []
         ended: list[str] = []
+        #: Jobs whose rows the feed read do not fit what this instance knew: read whole.
+        unfit: list[str] = []
         for kind, token, number, text, documents in found:
             if kind == 0:
                 next_cursor = int(number)
             elif kind == 1:
                 fed = self._fed_documents(str(token), int(number), documents, known.get(token))
-                rows.append((str(token), int(number), str(text), fed))
+                if fed is None:
+                    unfit.append(str(token))
+                else:
+                    rows.append((str(token), int(number), str(text), fed))
             elif kind == 2:
                 dropped.append(str(token))
                 self._documents.forget(str(token))  # another instance dropped it
@@ -1127,6 +1135,8 @@ class PostgresRecords:
                 subscriptions.append((str(token), int(number), str(text)))
             else:
                 ended.append(str(token))
+        if unfit:
+            rows += self._read_whole(unfit)
         return JobChanges(
             next_cursor,
             tuple(rows),
@@ -1136,12 +1146,40 @@ class PostgresRecords:
             tuple(ended),
         )
 
+    def _read_whole(self, tokens: list[str]) -> list[tuple[str, int, str, StoredDocuments]]:
+        """The rows of jobs whose feed read did not fit what this instance knew, with every
+        document row, in a statement of their own (its snapshot may be later than the feed's:
+        a newer version, absorbed as such; a job deleted meanwhile is not here, and its
+        tombstone comes with the next read).  A job that does not fit even so (a document row
+        missing: no server writes that) is left out, WARNING, and read again with its next
+        write; the other jobs are caught up all the same."""
+        found = self._read(
+            "reading jobs whole",
+            _FED_JOBS_WHOLE,
+            {"tokens": tokens, "known_tokens": [], "known_versions": []},
+        )
+        rows: list[tuple[str, int, str, StoredDocuments]] = []
+        for _, token, version, text, documents in found:
+            fed = self._fed_documents(str(token), int(version), documents, None)
+            if fed is None:
+                log.warning(
+                    "job %s: the stored document rows at version %d are not a whole list (a "
+                    "row is missing, which no server writes): this instance keeps the record "
+                    "it has until the job's next write; the other jobs are caught up",
+                    token,
+                    version,
+                )
+            else:
+                rows.append((str(token), int(version), str(text), fed))
+        return rows
+
     def _fed_documents(
         self, token: str, version: int, fed: dict[str, Any], known: Known | None
-    ) -> StoredDocuments:
+    ) -> StoredDocuments | None:
         """The job's whole list of document rows at ``version``: those the feed read, in their
         places among the rows known at ``known.version`` (the others are unchanged since:
-        jobdocuments.py)."""
+        jobdocuments.py).  None when a row is neither read nor known (then the job is
+        forgotten: its next read is whole)."""
         count = int(fed["count"] or 0)
         read = fed["rows"] or ()
         before = known.documents if known is not None else ()
@@ -1151,14 +1189,20 @@ class PostgresRecords:
             if 0 <= ordinal < count:
                 rows[ordinal] = row
         if None in rows:
-            # A row neither read nor known: not a write this server knows (each writes its
-            # rows with its version).  Read the job whole next time.
             self._documents.forget(token)
-            raise StoreError(
-                f"the document rows of job {token} at version {version} are not what this "
-                "instance knew: read again whole",
-                temporary=True,
-            )
+            if known is not None:
+                # Not a write this server knows (each writes its rows with its version, and a
+                # schema-13 server's have none, so they are read): this one job is read whole
+                # (:meth:`_read_whole`), the others are not held up.
+                log.warning(
+                    "job %s: the document rows at version %d are not what this instance knew "
+                    "at version %d (row %d neither read nor known): read again whole",
+                    token,
+                    version,
+                    known.version,
+                    rows.index(None),
+                )
+            return None
         self.documents_fed += len(read)
         whole = cast(list[Sequence[object]], rows)
         try:
@@ -1169,8 +1213,10 @@ class PostgresRecords:
             self._documents.read(token, version, bool(fed["active"]), documents)
         return whole
 
-    def _read_feed(self, what: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
-        assert self._feed_dsn is not None
+    def _read(self, what: str, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
+        """A read of the change feed, on its own connection when there is a DSN (``_feed``)."""
+        if self._feed_dsn is None:
+            return self._run(what, sql, params)
         with self._feed_lock:
             if self._db.closed:
                 raise StoreError("the job store is closed", temporary=False)
@@ -1179,7 +1225,7 @@ class PostgresRecords:
                     self._feed = psycopg.connect(
                         self._feed_dsn, **connection_kwargs(self._feed_password)
                     )
-                return self._feed.execute(_CHANGES, params).fetchall()  # our own constant SQL
+                return self._feed.execute(sql, params).fetchall()  # our own constant SQL
             except psycopg.Error as exc:
                 if self._feed is not None:
                     self._feed.close()
