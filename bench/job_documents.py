@@ -42,6 +42,8 @@ sys.path[:0] = [
     str(ROOT / "tests/bindings"),
 ]
 
+import psycopg  # noqa: E402
+
 from dsc_bindings.store import postgresql  # noqa: E402
 from dsc_bindings.store.interface import VersionedWrite  # noqa: E402
 from dsc_bindings.store.localspool import LocalSpool  # noqa: E402
@@ -94,23 +96,47 @@ def on_postgresql(pg: PgCluster, data: Path, args: argparse.Namespace) -> list[t
         return grow(store, args.documents, wal)
 
 
-def catch_up(pg: PgCluster, documents: int, whole: bool) -> list[tuple[int, int]]:
+def fetched(dsn: str, sql: str, params: dict[str, object]) -> tuple[int, int]:
+    """(rows of ``job_documents`` the database fetched, those of them it filtered out) for
+    ``sql``: EXPLAIN ANALYZE, every scan of the table, times its loops."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    rows = removed = 0
+    nodes = [row[0][0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans", ()))
+        if node.get("Relation Name") == "job_documents":
+            loops = int(node["Actual Loops"])
+            kept, dropped = int(node["Actual Rows"]), int(node.get("Rows Removed by Filter", 0))
+            rows += (kept + dropped) * loops
+            removed += dropped * loops
+    return rows, removed
+
+
+def catch_up(
+    pg: PgCluster, documents: int, whole: bool
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """(document rows, bytes) each catch-up of a second instance read after each of
     ``documents`` SendImage writes of one job by the first; ``whole``: as before, every
-    document of a changed job."""
+    document of a changed job.  And what the database fetched for the last one (:func:`fetched`,
+    the read made again under EXPLAIN ANALYZE)."""
     dsn = pg.new_database()
     writer, reader = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
     sizes: list[int] = []
-    read = reader._read_feed
+    read = reader._read
+    last: list[tuple[str, dict[str, object]]] = []
 
-    def measured(what: str, params: dict[str, object]) -> list[tuple[object, ...]]:
-        found = read(what, params)
+    def measured(what: str, sql: str, params: dict[str, object]) -> list[tuple[object, ...]]:
+        last[:] = [(sql, params)]
+        found = read(what, sql, params)
         sizes.append(
             sum(len(json.dumps(row[4], separators=(",", ":"))) for row in found if row[0] == 1)
         )
         return found
 
-    reader._read_feed = measured  # type: ignore[method-assign]
+    reader._read = measured  # type: ignore[method-assign]
     incremental = postgresql.INCREMENTAL_DOCUMENTS
     if whole:
         postgresql.INCREMENTAL_DOCUMENTS = sys.maxsize
@@ -127,7 +153,7 @@ def catch_up(pg: PgCluster, documents: int, whole: bool) -> list[tuple[int, int]
             fed, sizes[:] = reader.documents_fed, []
             cursor = reader.changes(cursor, frozenset()).cursor
             found.append((reader.documents_fed - fed, sum(sizes)))
-        return found
+        return found, fetched(dsn, *last[0])
     finally:
         postgresql.INCREMENTAL_DOCUMENTS = incremental
         writer.close()
@@ -157,7 +183,7 @@ def main() -> int:
         print("skipped: no PostgreSQL server here (.ci/run installs Debian's postgresql)")
         return 0
     results: dict[str, list[tuple[float, float, float, float]]] = {"sqlite": [], "postgresql": []}
-    caught: dict[bool, list[tuple[int, int]]] = {}
+    caught: dict[bool, tuple[list[tuple[int, int]], tuple[int, int]]] = {}
     with pg_cluster() as pg, tempfile.TemporaryDirectory(prefix="dsc-bench-docs-") as name:
         folder = Path(name)
         for run in range(args.runs):
@@ -185,12 +211,15 @@ def main() -> int:
         f"\nAnother instance's catch-up after each SendImage (PostgreSQL; SQLite has no change "
         f"feed): what it read at document {early} -> document {args.documents}"
     )
-    print("| catch-up | document rows | bytes of the documents column |")
-    print("|---|---|---|")
-    for whole, found in caught.items():
+    print(
+        "| catch-up | document rows | bytes of the documents column | rows the database "
+        f"fetched at document {args.documents} (filtered out) |"
+    )
+    print("|---|---|---|---|")
+    for whole, (found, (rows, removed)) in caught.items():
         (rows0, bytes0), (rows1, bytes1) = found[early - 1], found[-1]
         what = "whole list (before)" if whole else "rows since the version known"
-        print(f"| {what} | {rows0} -> {rows1} | {bytes0} -> {bytes1} |")
+        print(f"| {what} | {rows0} -> {rows1} | {bytes0} -> {bytes1} | {rows} ({removed}) |")
     return 0
 
 

@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -366,6 +366,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # does not say (its lock alone is shown).
         "ALTER TABLE instances ADD COLUMN leads boolean",
     ),
+    (
+        # A catch-up reads a job's document rows written after the version it knows, and
+        # those without one (_FED_DOCUMENTS): without this index the database fetched every
+        # row of the job through the primary key and filtered them (EXPLAIN in
+        # tests/bindings/test_job_documents.py), O(documents) for an append's one row.  The
+        # instances still running write meanwhile: the lock waits for their writes in flight
+        # and holds the next ones until the upgrade commits.  It comes first, on jobs before
+        # job_documents (the order their writes take them in), so that the upgrade never
+        # holds one table while waiting for a write that waits for it (a deadlock).
+        "LOCK TABLE jobs, job_documents IN EXCLUSIVE MODE",
+        "CREATE INDEX job_documents_by_version ON job_documents (token, version)",
+    ),
 )
 
 #: A tombstone is kept this long: every running instance reads the feed at least once a
@@ -489,18 +501,22 @@ _DOCUMENTS_OF_JOB = """
         FROM job_documents d WHERE d.token = jobs.token)
 """
 #: A row's document rows for the feed (jobdocuments.py): those written after the version
-#: ``known.version`` this instance knows (all of them without one), each with its ordinal,
-#: the job's count of rows, and whether the job is active (then its rows are remembered:
-#: KnownDocuments).
+#: ``known.version`` this instance knows (all of them without one: versions start at 1) and
+#: those without a version, each with its ordinal, the job's count of rows, and whether the
+#: job is active (then its rows are remembered: KnownDocuments).  Two index ranges of
+#: ``job_documents_by_version`` (schema 16), not one OR: the planner reads an OR through the
+#: primary key, every row of the job fetched and filtered (bench/job_documents.py, EXPLAIN).
 _FED_DOCUMENTS = """
     json_build_object(
         'active', jobs.active,
         'count', (SELECT max(d.ordinal) + 1 FROM job_documents d WHERE d.token = jobs.token),
         'rows', (SELECT json_agg(json_build_array(d.ordinal, d.document_id, d.format, d.size)
                                  ORDER BY d.ordinal)
-                 FROM job_documents d WHERE d.token = jobs.token
-                     AND (known.version IS NULL OR d.version IS NULL
-                          OR d.version > known.version)))
+                 FROM (SELECT * FROM job_documents WHERE token = jobs.token
+                           AND version > coalesce(known.version, 0)
+                       UNION ALL
+                       SELECT * FROM job_documents WHERE token = jobs.token
+                           AND version IS NULL) d))
 """
 #: Job rows for the feed (kind 1 of _CHANGES), each with its document rows (_FED_DOCUMENTS).
 _FED_JOBS = f"""
