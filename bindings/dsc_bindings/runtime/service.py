@@ -17,10 +17,12 @@ Both HTTP bindings talk to a :class:`ScanService` (through the composition root'
   reports go back to the core's owner.
 - **Event delivery** (:mod:`.delivery`): one bounded queue and task per subscription, on the
   hub's own loop; results go back to the core's owner, which counts failures (R7).
-- A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()``, at least
-  once a second (R6 job timeouts, R7 subscription expiry); on a PostgreSQL store only the
-  cluster's leader (:mod:`.cluster`) runs these sweeps and announces the repository state
-  (:mod:`.announcing`).
+- A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()`` (R6 job
+  timeouts, R7 subscription expiry), sleeping until then (:mod:`.alarm`): each batch of
+  commands handed on, and a reload, nudge it to read the deadline again.  With a shared store
+  it still wakes once a second (other instances' rows are read before a tick); on a PostgreSQL
+  store only the cluster's leader (:mod:`.cluster`) runs these sweeps and announces the
+  repository state (:mod:`.announcing`).
 - **A shared store** (PostgreSQL, issue 18): before an exchange's first core call and before
   each tick, the other instances' changes are read off the owner and handed to the core, and
   record writes are compare-and-set (:mod:`.catchup`).
@@ -60,6 +62,7 @@ from typing import TYPE_CHECKING
 from dsc_bindings.filters.engine import ProcessingEngine
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.filters.sharejournal import JournalOf
+from dsc_bindings.runtime.alarm import Alarm, Wake
 from dsc_bindings.runtime.announcing import LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import Caught, JobCatchUp, RequestReads
 from dsc_bindings.runtime.clock import local_now, new_uuid
@@ -117,10 +120,19 @@ log = logging.getLogger("dsc.service")
 
 #: At shutdown, SubscriptionEnd (SourceShuttingDown, R7) deliveries get at most this long.
 SHUTDOWN_DELIVERY_SECONDS = 2.0
-#: The ticker wakes at least this often, and never more often than the minimum below (the core
-#: may report a deadline in the past while a job is receiving an image: the R6 timeout does not
-#: run during an upload, so the deadline stays put until the upload ends).
+#: With a shared store the ticker wakes at least this often: what is due depends on the rows
+#: other instances write, which it reads before each tick (a job created elsewhere times out
+#: here, on the leader), and the holder of the cluster's lock takes its term at a wake-up.  It
+#: is also how soon after one nudge another is heeded (.alarm: under load, at most one read of
+#: the deadline a second, as when it woke each second).
 TICK_MAX_SECONDS = 1.0
+#: One server wakes at least this often while nothing is due: the service clock is the wall
+#: clock (clock.local_now), and a step of it (NTP, a resumed virtual machine) moves every
+#: deadline; a minute bounds how late one is then honoured.
+TICK_IDLE_SECONDS = 60.0
+#: The ticker never wakes more often than this (the core may report a deadline in the past
+#: while a job is receiving an image elsewhere: the R6 timeout does not run during an upload,
+#: so the deadline stays put until the upload ends).
 TICK_MIN_SECONDS = 0.05
 #: An engine thread waits at most this long for its report's commands (the job store is stuck).
 ENGINE_REPORT_WAIT_SECONDS = 60.0
@@ -195,6 +207,8 @@ class ScanService:
             ssl_context=delivery_ssl_context,
         )
         self._stop = threading.Event()
+        #: The ticker's sleep; nudged by each batch of commands (a new deadline, .alarm).
+        self._alarm = Alarm()
         self._threads: list[threading.Thread] = []
         #: One server: the pending resumes of interrupted jobs (token -> timer).
         self._resumes: dict[str, threading.Timer] = {}
@@ -555,6 +569,7 @@ class ScanService:
         self._closed = True
         began = time.monotonic()
         self._stop.set()
+        self._alarm.stop()
         with self._resumes_lock:
             resumes, self._resumes = list(self._resumes.values()), {}
         for timer in resumes:
@@ -717,6 +732,7 @@ class ScanService:
             return self.server.reconfigure(config, self.clock())
 
         commands = self.owner.call(apply)
+        self._alarm.nudge()  # a shorter job timeout or retention brings deadlines forward
         self._hub.set_limits(
             DeliveryLimits.from_limits(config.limits, config.delivery_failures_before_end)
         )
@@ -767,6 +783,9 @@ class ScanService:
         only runs inline when nothing waits before it: those never block."""
         if not commands and (after is None or after.done):
             return Ticket.completed()
+        # A call that made commands changed the server, so maybe its next deadline (a new job
+        # or subscription, an upload's end: ScanServer.next_deadline's docstring).
+        self._alarm.nudge()
         if (
             (after is None or after.done)
             and (self._outbox is None or not any(_to_outbox(c) for c in commands))
@@ -1028,7 +1047,7 @@ class ScanService:
     def _tick_loop(self) -> None:
         # In this thread, not on the event loop: the device book's DELETE waits for the disk.
         bound_devices_at = self.clock() + DEVICE_BOUNDS_INTERVAL
-        while not self._stop.is_set():
+        while True:
             try:
                 now = self.clock()
                 if now >= bound_devices_at:
@@ -1036,22 +1055,37 @@ class ScanService:
                     self.observer.bound_devices(now)
                 if self.cluster is not None:  # the last tick may have led or followed
                     self.cluster.publish_leading()
+                self._alarm.clear()  # the read below answers the nudges given so far
                 # None while the core follows (issue 18 point 4): a new leader's term is taken
                 # at the next wake-up, so it starts sweeping within a second of the lock.
                 deadline = self.owner.call(self.server.next_deadline)
-                wait = TICK_MAX_SECONDS
-                if deadline is not None:
-                    wait = (deadline - self.clock()).total_seconds()
-                wait = min(TICK_MAX_SECONDS, max(TICK_MIN_SECONDS, wait))
-                if self._stop.wait(wait):
+                wait = self._tick_wait(deadline, self.clock(), bound_devices_at)
+                woke = self._alarm.sleep(wait, heed_after=TICK_MAX_SECONDS)
+                if woke is Wake.STOPPED:
                     return
+                if woke is Wake.NUDGED:
+                    continue  # read the deadline again; tick if it has come
                 # Off the owner: taking a term is a statement (.announcing).
                 change = None if self._term is None else self._term.change(self.holds_leader_lock)
                 caught = self._read_for_tick()
                 self.owner.soon(functools.partial(self._tick, caught, change))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
-                self._stop.wait(TICK_MAX_SECONDS)
+                if self._alarm.sleep(TICK_MAX_SECONDS) is Wake.STOPPED:
+                    return
+
+    def _tick_wait(
+        self, deadline: datetime | None, now: datetime, bound_devices_at: datetime
+    ) -> float:
+        """How long the ticker sleeps: until the core's deadline, the device book's next
+        bounds, or the cap (a shared store's second, else TICK_IDLE_SECONDS), whichever is
+        first; never less than TICK_MIN_SECONDS."""
+        shared = self.cluster is not None or self._reads is not None
+        wait = TICK_MAX_SECONDS if shared else TICK_IDLE_SECONDS
+        if deadline is not None:
+            wait = min(wait, (deadline - now).total_seconds())
+        wait = min(wait, (bound_devices_at - now).total_seconds())
+        return max(TICK_MIN_SECONDS, wait)
 
 
 def _unfinished(job: Job) -> str:

@@ -1,0 +1,132 @@
+"""The runtime's ticker (runtime/service.py, runtime/alarm.py): it sleeps until the core's next
+deadline instead of waking each second, and a deadline that appears while it sleeps (a new
+subscription, a new job) wakes it in time to honour it (R6 job timeout, R7 expiry).
+
+Counts are asserted, never times: the ticker's reads of ``next_deadline`` and its ticks are
+counted while the test waits for the expiry or the timeout itself."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from core_support import soap, subscribe_body
+from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.runtime.alarm import Alarm, Wake
+from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.serve import compose
+from dsc_core import Command, Job, JobState, ServerConfig, names
+from dsc_core import client as C
+from dsc_core.model import EmailInstructions
+from waiting import wait_for
+
+SID = "S-1-5-21-1001"
+
+
+class Counted:
+    """The ticker's calls into the core, counted (they run as the core's owner)."""
+
+    def __init__(self, service: ScanService) -> None:
+        self.reads = 0
+        self.ticks = 0
+        server = service.server
+        next_deadline, tick = server.next_deadline, server.tick
+
+        def counted_next_deadline() -> datetime | None:
+            self.reads += 1
+            return next_deadline()
+
+        def counted_tick(now: datetime) -> list[Command]:
+            self.ticks += 1
+            return tick(now)
+
+        server.next_deadline = counted_next_deadline  # type: ignore[method-assign]
+        server.tick = counted_tick  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def ticking(tmp_path: Path) -> Iterator[Callable[[ServerConfig], tuple[ScanService, Counted]]]:
+    services: list[ScanService] = []
+
+    def start(config: ServerConfig) -> tuple[ScanService, Counted]:
+        data = tmp_path / "data"
+        service = compose(config, data, FilterSettings.embedded_default(data)).service
+        counted = Counted(service)  # before start: the ticker's first read is counted too
+        services.append(service)
+        service.start()
+        wait_for(lambda: counted.reads >= 1, what="the ticker's first read of the deadline")
+        return service, counted
+
+    yield start
+    for service in services:
+        service.shutdown(5.0)
+
+
+def test_an_idle_ticker_sleeps_until_a_new_subscription_expires(
+    ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
+) -> None:
+    service, counted = ticking(ServerConfig(user_directory={SID: "alice@corp.example"}))
+    body = soap(subscribe_body(expires="PT5S"), names.Action.SUBSCRIBE, to=service.config.dsp_url)
+    reply = service.handle(body, content_type=C.SOAP_XML)
+    assert reply.status == 200
+    assert len(service.server.subscriptions.by_id) == 1
+    # The subscription's expiry came while the ticker slept (nothing was due before it): it is
+    # still ended, by a tick (R7).
+    wait_for(lambda: not service.server.subscriptions.by_id, timeout=30, what="the expiry (R7)")
+    assert counted.ticks >= 1
+    # Over those 5 s a ticker waking each second ticked at least 4 times and read the deadline
+    # as often; this one read it at start, after the Subscribe's nudge, and after the tick that
+    # expired it (a tick a hair before the expiry adds one round).
+    assert counted.ticks <= 2, counted.ticks
+    assert counted.reads <= 5, counted.reads
+
+
+def test_a_job_created_while_the_ticker_sleeps_still_times_out(
+    ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
+) -> None:
+    config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=4.0)
+    service, counted = ticking(config)
+    body = C.envelope(
+        names.Action.DSP_CREATE,
+        C.create_post_scan_job(
+            user_identifier=SID,
+            psp_identifier="PSP-1",
+            instructions=[EmailInstructions(False, ("user@contoso.com",))],
+        ),
+        message_id="urn:uuid:1",
+    )
+    reply = service.handle(body, content_type=C.SOAP_XML)
+    token = C.text_of(C.parse_response(reply.body).payload, names.DSP, "JobToken")
+    assert token
+
+    def ended() -> Job | None:
+        job = service.job_record(token)
+        assert job is not None
+        return None if job.is_active else job
+
+    job = wait_for(ended, timeout=30, what="the job's timeout (R6)")
+    assert job.state is JobState.ABORTED
+    assert [r.value for r in job.reasons] == ["PostScanJobTimedOut"]
+    assert 1 <= counted.ticks <= 2, counted.ticks
+
+
+def test_a_nudge_is_heeded_only_after_heed_after() -> None:
+    alarm = Alarm()
+    alarm.nudge()  # given before the sleep: kept, and ends the sleep once heeded
+    assert alarm.sleep(30.0, heed_after=0.2) is Wake.NUDGED
+    alarm.nudge()
+    alarm.clear()  # answered by the caller's read: the next sleep runs its course
+    assert alarm.sleep(0.1) is Wake.DUE
+
+
+def test_a_stop_ends_the_sleep_at_once() -> None:
+    alarm = Alarm()
+    stopper = threading.Timer(0.1, alarm.stop)
+    stopper.start()
+    assert alarm.sleep(60.0, heed_after=60.0) is Wake.STOPPED
+    stopper.join()
+    assert alarm.sleep(60.0) is Wake.STOPPED  # stopped for good
