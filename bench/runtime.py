@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,13 +43,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bindings")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bindings"), str(ROOT / "tests")]
 
 from lxml import etree  # noqa: E402
 
 from dsc_core import Limits, RequestInfo, ScanServer, ServerConfig, names  # noqa: E402
 from dsc_core import client as dc  # noqa: E402
 from dsc_core.model import FileShareInstructions  # noqa: E402
+from e2e_support import ServerProcess  # noqa: E402
 
 A = names.Action
 SOAP = "application/soap+xml; charset=utf-8"
@@ -108,57 +108,26 @@ class Child:
             self.proc.wait()
 
 
-class Serve:
-    """``dsc serve`` with its default configuration in a temporary data directory."""
+class Serve(ServerProcess):
+    """``dsc serve`` with its default configuration in a temporary data directory, started at
+    once and logging warnings only.  Its port is chosen as it starts, and chosen again when
+    someone else took it meanwhile (tests/e2e_support.py's ServerProcess: a port chosen here
+    and bound seconds later by the child could be taken in between)."""
 
     def __init__(self, data: Path, binding: str = "async") -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.log = open(data.parent / f"serve-{self.port}.log", "wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dsc_bindings.console.main",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data",
-                str(data),
-                "--binding",
-                binding,
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=child_env(),
-            cwd=str(data.parent),
+        super().__init__(
+            data,
+            binding=binding,
+            extra=["--log-level", "WARNING"],
+            log_path=data.parent / f"serve-{binding}.log",
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("dsc serve did not start")
+        self.start(timeout=30)
 
     def rss(self, field: str = "VmHWM") -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(field)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def post(port: int, body: bytes, content_type: str = SOAP, timeout: float = 60) -> bytes:

@@ -37,9 +37,8 @@ A = names.Action
 ROOT = Path(__file__).resolve().parent.parent
 #: The default scanning user of ``dsc scan`` (its --user default).
 DEFAULT_SID = "S-1-5-21-0-0-0-1000"
-#: What the server's log says once it is listening, and once it has stopped cleanly.
-LISTENING = "dsc-server listening on"
-#: The last line of the start-up block (serve._log_start): the whole block is in the log.
+#: The last line of the start-up block (serve._log_start, once the server listens): the whole
+#: block is in the log.
 READY = "dsc.serve: security: "
 #: The same line with ``--log-format json``.
 READY_JSON = '"logger": "dsc.serve", "message": "security: '
@@ -146,7 +145,9 @@ class ServerProcess:
                 if self.binding in ASGI_SERVERS:
                     ready = ASGI_SERVERS[self.binding] in log
                 else:
-                    ready = LISTENING in log and (READY in log or READY_JSON in log)
+                    # In plain HTTP that line is a WARNING: also there under --log-level
+                    # WARNING (bench/runtime.py's Serve).
+                    ready = READY in log or READY_JSON in log
                 if ready and self._connectable():
                     return self
                 if self.proc.poll() is not None:

@@ -247,3 +247,40 @@ def test_catchup_bench_runs() -> None:
             result.stdout,
             re.M,
         ), result.stdout
+
+
+def test_runtime_bench_serve_chooses_its_port_again_when_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench/runtime.py``'s ``Serve`` chooses its port as it starts, through the tests' one
+    ServerProcess, and chooses again when someone else holds it (it used to pick a port, let
+    go of it, and start ``dsc serve`` on it: a race with every other process)."""
+    import importlib.util
+    import socket
+
+    import e2e_support
+
+    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "bench" / "runtime.py")
+    assert spec is not None and spec.loader is not None
+    runtime = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_runtime", runtime)  # its dataclasses look it up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts the project's folders first
+    spec.loader.exec_module(runtime)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        held = int(taken.getsockname()[1])
+        chosen: list[int] = []
+        real_free_port = e2e_support.free_port
+
+        def free_port() -> int:  # the first choice is taken by the time the server binds it
+            chosen.append(held if not chosen else real_free_port())
+            return chosen[-1]
+
+        monkeypatch.setattr(e2e_support, "free_port", free_port)
+        serve = runtime.Serve(tmp_path / "data")
+        try:
+            assert chosen[0] == held and serve.port == chosen[-1] != held
+            assert runtime.token_of(runtime.post(serve.port, runtime.create_request()))
+        finally:
+            serve.stop()
