@@ -234,6 +234,7 @@ def test_the_ticker_applies_the_retention_while_no_job_is_created(tmp_path: Path
         book = service.observer.devices
         assert book is not None and addresses(book) == {"10.0.0.1"}
         now[0] = T0 + timedelta(days=40)
+        service.clock_stepped()  # the ticker sleeps until a deadline: wake it to the new time
         wait_for(lambda: not book.all(), what="the ticker removing the device")
     assert stored(data) == set()
 

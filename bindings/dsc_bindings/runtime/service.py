@@ -1074,6 +1074,12 @@ class ScanService:
                 if self._alarm.sleep(TICK_MAX_SECONDS) is Wake.STOPPED:
                     return
 
+    def clock_stepped(self) -> None:
+        """The service clock moved on by more than the time that passed (a test's clock, the
+        date set by hand): the ticker looks at it now, not within TICK_IDLE_SECONDS (it sleeps
+        by the monotonic clock until the deadline it read)."""
+        self._alarm.nudge()
+
     def _tick_wait(
         self, deadline: datetime | None, now: datetime, bound_devices_at: datetime
     ) -> float:
