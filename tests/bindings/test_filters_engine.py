@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from dsc_bindings.filters import DEFAULT_RUNNERS, FilterOutcome, FilterSettings, ProcessingEngine
-from dsc_bindings.filters.common import Deliveries, never_raises
+from dsc_bindings.filters.common import Deliveries, FilterRun, never_raises
 from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.store.errors import StoreError
 from dsc_bindings.store.interruption import interrupting
@@ -129,6 +129,65 @@ def _engine(
     )
     kw.setdefault("interrupted", recorder.interrupt)
     return ProcessingEngine(settings, documents_of or (lambda job: docs), recorder, **kw)
+
+
+def _third_party(act: Callable[[Job], FilterOutcome]) -> dict[type, FilterRun]:
+    """The engine's runners with ``act`` standing in for the file share filter as a third
+    party's runner would (not guarded by never_raises): what it raises reaches the engine.
+    These tests vary only on the job, so ``act`` gets only that."""
+
+    def run(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+    ) -> FilterOutcome:
+        return act(job)
+
+    return {FileShareInstructions: run}
+
+
+def _raising_for(job: Job, raised: BaseException) -> dict[type, FilterRun]:
+    """A third party's file share runner that raises ``raised`` for ``job`` and succeeds for
+    every other job."""
+
+    def act(running: Job) -> FilterOutcome:
+        if running.token == job.token:
+            raise raised
+        return FilterOutcome.success()
+
+    return _third_party(act)
+
+
+def _guarded(act: Callable[[Deliveries], FilterOutcome]) -> dict[type, FilterRun]:
+    """The same, guarded by never_raises as the project's filters are: ``act`` records what it
+    delivers in the run's Deliveries (its outcome keeps them, whatever way it ends)."""
+
+    @never_raises
+    def run(
+        job: Job,
+        index: int,
+        documents: list[tuple[Document, Path]],
+        settings: FilterSettings,
+        cancelled: threading.Event,
+        delivered: Deliveries,
+    ) -> FilterOutcome:
+        return act(delivered)
+
+    return {FileShareInstructions: run}
+
+
+def _failed_run(token: str) -> list[ProcessingEvent]:
+    """The reports of a run whose one filter failed (R9: UnknownError) and that finished."""
+    return [
+        ProcessingStarted(token),
+        FilterStarted(token, 0),
+        FilterFinished(
+            token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
+        ),
+        ProcessingFinished(token),
+    ]
 
 
 def _delivered(tmp_path: Path) -> list[str]:
@@ -363,12 +422,8 @@ def test_missing_documents_fail_the_filters(tmp_path: Path) -> None:
 
 def test_raising_runner_is_contained(tmp_path: Path) -> None:
     recorder = Recorder()
-
-    def broken(*args: Any) -> FilterOutcome:
-        raise ValueError("bug")
-
-    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: broken})
     job = make_job(GOOD)
+    engine = _engine(tmp_path, recorder, runners=_raising_for(job, ValueError("bug")))
     engine.start(job)
     recorder.wait_finished(job.token)
     engine.close(5)
@@ -400,24 +455,16 @@ def test_an_interrupted_filter_fails_nothing_and_hands_the_job_back(tmp_path: Pa
     does not fail), the job leaves the engine and is handed back, and a resume of it starts
     at once (R13)."""
     recorder = Recorder()
-    runs: list[int] = []
+    runs: list[Deliveries] = []
 
-    @never_raises
-    def once_interrupted(
-        job: Job,
-        index: int,
-        documents: list[tuple[Document, Path]],
-        settings: FilterSettings,
-        cancelled: threading.Event,
-        delivered: Deliveries,
-    ) -> FilterOutcome:
-        runs.append(index)
+    def once_interrupted(delivered: Deliveries) -> FilterOutcome:
+        runs.append(delivered)
         if len(runs) == 1:
             delivered.add("fileshare", "/srv/scans/Scan_0001.png")
             raise Interrupted("recording a delivery: the database does not answer")
         return FilterOutcome.success()
 
-    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: once_interrupted})
+    engine = _engine(tmp_path, recorder, runners=_guarded(once_interrupted))
     job = make_job(GOOD)
     engine.start(job)
     recorder.wait(lambda: recorder.interrupted == [job.token])
@@ -478,13 +525,7 @@ def test_a_filters_own_catch_all_does_not_swallow_an_interruption(tmp_path: Path
     recorder = Recorder()
     runs: list[str] = []
 
-    def third_party(
-        job: Job,
-        index: int,
-        documents: list[tuple[Document, Path]],
-        settings: FilterSettings,
-        cancelled: threading.Event,
-    ) -> FilterOutcome:
+    def third_party(job: Job) -> FilterOutcome:
         runs.append(job.token)
         try:
             if len(runs) == 1:
@@ -494,7 +535,7 @@ def test_a_filters_own_catch_all_does_not_swallow_an_interruption(tmp_path: Path
             return FilterOutcome.errors(FilterStateReason.UNKNOWN_ERROR)
         return FilterOutcome.success()
 
-    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: third_party}, max_jobs=1)
+    engine = _engine(tmp_path, recorder, runners=_third_party(third_party), max_jobs=1)
     job, following = make_job(GOOD), make_job(GOOD)
     engine.start(job)
     engine.start(following)
@@ -525,26 +566,14 @@ def test_another_base_exception_in_a_filter_fails_it_and_the_worker_goes_on(
     recorder = Recorder()
     died: list[type[BaseException] | None] = []
     freed = threading.Semaphore(0)
-
-    def raises_once(
-        job: Job,
-        index: int,
-        documents: list[tuple[Document, Path]],
-        settings: FilterSettings,
-        cancelled: threading.Event,
-    ) -> FilterOutcome:
-        if job.token == failing.token:
-            raise raised
-        return FilterOutcome.success()
-
+    failing, following = make_job(GOOD), make_job(GOOD)
     engine = _engine(
         tmp_path,
         recorder,
-        runners={FileShareInstructions: raises_once},
+        runners=_raising_for(failing, raised),
         max_jobs=1,
         freed=freed.release,
     )
-    failing, following = make_job(GOOD), make_job(GOOD)
     previous = threading.excepthook
     threading.excepthook = lambda args: died.append(args.exc_type)
     try:
@@ -558,14 +587,7 @@ def test_another_base_exception_in_a_filter_fails_it_and_the_worker_goes_on(
         threading.excepthook = previous
     assert died == []
     assert recorder.interrupted == []
-    assert recorder.of(failing.token) == [
-        ProcessingStarted(failing.token),
-        FilterStarted(failing.token, 0),
-        FilterFinished(
-            failing.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
-        ),
-        ProcessingFinished(failing.token),
-    ]
+    assert recorder.of(failing.token) == _failed_run(failing.token)
     assert FilterFinished(following.token, 0, FilterState.COMPLETED_SUCCESSFULLY) in (
         recorder.events
     )
@@ -588,19 +610,11 @@ def test_a_guarded_filter_that_breaks_after_delivering_keeps_what_it_delivered(
     never_raises, the engine's catch-all would fail the filter without them)."""
     recorder = Recorder()
 
-    @never_raises
-    def half(
-        job: Job,
-        index: int,
-        documents: list[tuple[Document, Path]],
-        settings: FilterSettings,
-        cancelled: threading.Event,
-        delivered: Deliveries,
-    ) -> FilterOutcome:
+    def half(delivered: Deliveries) -> FilterOutcome:
         delivered.add("fileshare", "/srv/scans/Scan_0001.png")
         raise raised
 
-    engine = _engine(tmp_path, recorder, runners={FileShareInstructions: half})
+    engine = _engine(tmp_path, recorder, runners=_guarded(half))
     job = make_job(GOOD)
     engine.start(job)
     recorder.wait_finished(job.token)
@@ -798,14 +812,7 @@ def test_another_base_exception_reading_the_spool_fails_the_filters(
     engine.start(job)
     recorder.wait_finished(job.token)
     engine.close(5)
-    assert recorder.of(job.token) == [
-        ProcessingStarted(job.token),
-        FilterStarted(job.token, 0),
-        FilterFinished(
-            job.token, 0, FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,)
-        ),
-        ProcessingFinished(job.token),
-    ]
+    assert recorder.of(job.token) == _failed_run(job.token)
     assert thread_deaths == [] and recorder.interrupted == []
     assert _errors_raised(caplog) == [raised]
 
@@ -834,26 +841,15 @@ def test_callbacks_that_raise_leave_the_worker_to_run_the_next_job(
         frees.append("freed")
         raise raised
 
-    def runner(
-        job: Job,
-        index: int,
-        documents: list[tuple[Document, Path]],
-        settings: FilterSettings,
-        cancelled: threading.Event,
-    ) -> FilterOutcome:
-        if job.token == first.token:
-            raise Interrupted("the database does not answer")
-        return FilterOutcome.success()
-
+    first, second = make_job(GOOD), make_job(GOOD)
     engine = _engine(
         tmp_path,
         recorder,
-        runners={FileShareInstructions: runner},
+        runners=_raising_for(first, Interrupted("the database does not answer")),
         max_jobs=1,
         interrupted=interrupted,
         freed=freed,
     )
-    first, second = make_job(GOOD), make_job(GOOD)
     engine.start(first)
     engine.start(second)
     recorder.wait_finished(second.token)
