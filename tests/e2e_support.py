@@ -37,6 +37,8 @@ A = names.Action
 ROOT = Path(__file__).resolve().parent.parent
 #: The default scanning user of ``dsc scan`` (its --user default).
 DEFAULT_SID = "S-1-5-21-0-0-0-1000"
+#: What the server's log says once it is listening (at INFO).
+LISTENING = "dsc-server listening on"
 #: The last line of the start-up block (serve._log_start, once the server listens): the whole
 #: block is in the log.
 READY = "dsc.serve: security: "
