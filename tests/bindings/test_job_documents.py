@@ -12,12 +12,15 @@ import json
 import logging
 import sqlite3
 import statistics
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
 from dsc_bindings.store.errors import StoreError
 from dsc_bindings.store.interface import VersionedWrite
@@ -29,7 +32,10 @@ from dsc_bindings.store.postgresql import (
     _MIGRATIONS,
     INCREMENTAL_DOCUMENTS,
     UPLOAD_ROW_SECONDS,
+    PgDatabase,
     PostgresRecords,
+    connection_kwargs,
+    upgrade,
 )
 from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore, record_columns
@@ -37,6 +43,7 @@ from dsc_core.commands import CreateJob, DropJob, JobInput, Removal, UpdateJob
 from dsc_core.model import Document, Job, JobState
 from engines_support import wal_position
 from test_store import make_job
+from waiting import wait_for
 
 DOCUMENTS = 200
 WINDOW = 10
@@ -529,13 +536,13 @@ def test_a_restarted_instance_reads_whole_then_only_new_rows(
         again.close()
 
 
-def test_jobs_in_flight_at_the_upgrade_to_schema_14_are_read_whole_and_kept_right(
+def test_jobs_in_flight_at_an_upgrade_from_schema_13_are_read_by_their_new_rows_after_it(
     dsn: str,
 ) -> None:
-    """A database of schema 13 with a job in flight (its rows without a version): after the
-    upgrade every instance reads it whole and right; a write from what one read adds its one
-    row, and the rows from before, still without a version, are read every time, as is a row
-    a server of schema 13 still running adds (no version either)."""
+    """A database of schema 13 with a job in flight (its rows without a version): the upgrade
+    gives them the job's row version (schema 17), so after each instance's first read, whole,
+    a write from what one read is read by its one row; a row a server of schema 13 still
+    running adds or replaces has no version and is read every time (only those)."""
     job = make_job("shared")
     for number in range(1, MANY + 1):
         job = image(job, number)
@@ -564,13 +571,13 @@ def test_jobs_in_flight_at_the_upgrade_to_schema_14_are_read_whole_and_kept_righ
         job = image(job, MANY + 1)
         a.write(VersionedWrite(UpdateJob(job, JobInput.IMAGE), 1, 0))
         assert stored(dsn) == job.documents
-        assert caught_up(b) == (job, 2, MANY + 1)  # the rows from before: no version
+        assert caught_up(b) == (job, 2, 1)  # the rows from before have version 1 now
         with psycopg.connect(dsn) as conn:
             versions = conn.execute(
-                "SELECT count(*) FILTER (WHERE version IS NULL), max(version) "
+                "SELECT count(*) FILTER (WHERE version IS NULL), min(version), max(version) "
                 "FROM job_documents WHERE token = 'shared'"
             ).fetchone()
-            assert versions == (MANY, 2)  # a's write added its one row only
+            assert versions == (0, 1, 2)  # a's write added its one row only
             # A server of schema 13, still running, appends as it did: no version.
             conn.execute(
                 "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
@@ -578,9 +585,9 @@ def test_jobs_in_flight_at_the_upgrade_to_schema_14_are_read_whole_and_kept_righ
             )
             conn.execute("UPDATE jobs SET version = version + 1, xid = pg_current_xact_id()")
         job = replace(job, documents=(*job.documents, Document(77, "pdf-a", 5)))
-        # The rows without a version, and none of those known at version 2.
-        assert caught_up(b) == (job, 3, MANY + 1)
-        assert caught_up(a) == (job, 3, MANY + 1)
+        # The row without a version, and none of those known at version 2.
+        assert caught_up(b) == (job, 3, 1)
+        assert caught_up(a) == (job, 3, 1)
         # It replaces the row a wrote (version 2) with its upsert, which sets no version: the
         # trigger forgets it, or the instances knowing version 2 would keep the old document.
         with psycopg.connect(dsn) as conn:
@@ -594,8 +601,80 @@ def test_jobs_in_flight_at_the_upgrade_to_schema_14_are_read_whole_and_kept_righ
         documents = list(job.documents)
         documents[MANY] = Document(88, "pdf-a", 6)
         job = replace(job, documents=tuple(documents))
-        assert caught_up(b) == (job, 4, MANY + 2)
-        assert caught_up(a) == (job, 4, MANY + 2)
+        assert caught_up(b) == (job, 4, 2)
+        assert caught_up(a) == (job, 4, 2)
     finally:
         a.close()
+        b.close()
+
+
+def test_the_upgrade_that_stamps_the_rows_waits_for_a_write_in_flight_of_an_earlier_server(
+    dsn: str,
+) -> None:
+    """Schema 16 -> 17 while a server of schema 13 still runs: its write of the job (a
+    document replaced, no version; the job's row version bumped) is in flight when the upgrade
+    stamps the rows.  The upgrade waits for it, so the rows get the version that write made,
+    and instance b, which knew the job at the version before, reads the new document; stamped
+    with the version b knew (the upgrade's snapshot from before the write), b would keep the
+    old one for ever."""
+    job = make_job("shared")
+    for number in range(1, MANY + 1):
+        job = image(job, number)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:16]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (16)")
+        token, state, active, created, completed, text = record_columns(job)
+        conn.execute(
+            "INSERT INTO jobs (token, state, active, created, completed, job, origin) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (token, state, active, created, completed, text, job.origin),
+        )
+        with conn.cursor() as cur:  # as a server of schema 13 writes them: no version
+            cur.executemany(
+                "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(token, n, *document_row(d)) for n, d in enumerate(job.documents)],
+            )
+    # Instance b runs this server's code on the database of schema 16 (not upgraded by it).
+    pool: ConnectionPool[Any] = ConnectionPool(dsn, kwargs=connection_kwargs(None))
+    b = PostgresRecords(PgDatabase(dsn, pool), dsn)
+    upgrading = psycopg.connect(dsn)
+    try:
+        assert caught_up(b) == (job, 1, MANY)  # knows the job at version 1 from now on
+        with psycopg.connect(dsn) as writer:
+            # The schema-13 server's write, in flight: the job's row first, as it writes.
+            writer.execute(
+                "UPDATE jobs SET version = version + 1, xid = pg_current_xact_id() "
+                "WHERE token = 'shared'"
+            )
+            writer.execute(
+                "UPDATE job_documents SET size = 1 WHERE token = 'shared' AND ordinal = 2"
+            )
+            upgraded: list[tuple[int, int]] = []
+            upgrade_thread = threading.Thread(target=lambda: upgraded.append(upgrade(upgrading)))
+            upgrade_thread.start()
+            with psycopg.connect(dsn, autocommit=True) as watch:
+                wait_for(
+                    lambda: watch.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    ).fetchone(),
+                    what="the upgrade waiting for the write in flight",
+                )
+            writer.commit()
+        upgrade_thread.join()
+        assert upgraded == [(16, 17)]
+        documents = list(job.documents)
+        documents[2] = replace(documents[2], size=1)
+        assert caught_up(b) == (replace(job, documents=tuple(documents)), 2, MANY)
+        with psycopg.connect(dsn) as conn:
+            versions = conn.execute(
+                "SELECT DISTINCT version FROM job_documents WHERE token = 'shared'"
+            ).fetchall()
+        assert versions == [(2,)]
+    finally:
+        upgrading.close()
         b.close()

@@ -23,7 +23,8 @@ the job's count of rows.  Every other row is the one it knew at v: a write after
 row it writes its version, and deletes the rows past its end.  So an append reads one row, a
 whole rewrite (an undo, another list) reads them all.  A row without a version (written before
 schema 14, or by a server of an earlier version, whose updates a trigger makes forget theirs)
-is always read.
+is always read; the upgrade to schema 17 gave those of active jobs their job's version once
+(postgresql.py, docs/architecture.md "Several instances" says why that is safe).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 16
+SCHEMA_VERSION = 17
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -377,6 +377,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # holds one table while waiting for a write that waits for it (a deadlock).
         "LOCK TABLE jobs, job_documents IN EXCLUSIVE MODE",
         "CREATE INDEX job_documents_by_version ON job_documents (token, version)",
+    ),
+    (
+        # The document rows of active jobs without a version (written before schema 14, or
+        # since by a server of an earlier version) were read by every catch-up until the
+        # job's list was written whole: each gets its job's row version, once.  Safe with
+        # such a server still running (docs/architecture.md, "Several instances"): every
+        # write of a job's document rows bumps the job's row version in the same statement,
+        # so while no write is in flight, an instance that knows the job at that version knows
+        # each such row as it is, and one that knows an older version reads it.  The lock (on
+        # jobs first, as their writes take them) waits for the writes in flight, holds the
+        # next ones until the upgrade commits, and the statement after it sees them all (a
+        # new snapshot: READ COMMITTED).  What such a server writes later still has no
+        # version (the trigger of schema 14), and every catch-up reads it.  Ended jobs' rows are left:
+        # no catch-up asks for less of them (jobdocuments.KnownDocuments keeps active ones).
+        "LOCK TABLE jobs, job_documents IN EXCLUSIVE MODE",
+        """UPDATE job_documents d SET version = j.version FROM jobs j
+            WHERE d.token = j.token AND j.active AND d.version IS NULL""",
     ),
 )
 
