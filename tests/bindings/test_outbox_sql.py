@@ -6,16 +6,30 @@ lease is taken over from the rows left, and the doorbell rings."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
+from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.runtime.announcing import FOLLOW, LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import JobCatchUp
+from dsc_bindings.runtime.cluster import ClusterMember
+from dsc_bindings.serve import compose
+from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged
+from dsc_bindings.store.instances import (
+    LEADER,
+    LOCK_WITHOUT_TERM,
+    NO_TERM,
+    ClusterSettings,
+    list_instances,
+)
 from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
@@ -32,6 +46,7 @@ from dsc_core.commands import (
 )
 from dsc_core.subscription import EndpointReference, Subscription
 from test_store import make_job
+from waiting import wait_for
 
 if TYPE_CHECKING:
     pass
@@ -136,45 +151,88 @@ def test_the_doorbell_rings_when_rows_are_written(two: tuple[PostgresRecords, ..
 # --- the leader's announcements and the failure count (issue 18 point 4) -------------------
 
 
+Members = Callable[[], ClusterMember]
+
+
+@pytest.fixture
+def members(two: tuple[PostgresRecords, ...], dsn: str) -> Iterator[Members]:
+    """Instances of a cluster on ``two``'s database (runtime/cluster.py: a row and a lock
+    connection each), started when called: one started while nobody holds the leader's lock
+    takes it.  Their heartbeat waits an hour, so what they hold changes only as the test
+    does it."""
+    started: list[ClusterMember] = []
+
+    def member() -> ClusterMember:
+        joined = ClusterMember(
+            dsn,
+            ClusterSettings(
+                instance_name=f"dsc-{len(started)}", heartbeat_seconds=3600, lease_seconds=7200
+            ),
+            address=lambda: "http://127.0.0.1:1/ScanServer",
+        )
+        joined.start()
+        started.append(joined)
+        return joined
+
+    yield member
+    for joined in started:
+        joined.stop()
+
+
+def lose_the_lock(dsn: str, member: ClusterMember) -> None:
+    """The member's lock connection dies (its backend terminated, as by a network cut or a
+    PostgreSQL restart): PostgreSQL releases its lock.  The member does not notice until its
+    next heartbeat."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(lock_backend, 10000) FROM instances WHERE id = %s",
+            (member.id,),
+        )
+
+
 def announcement(a: str, term: int, previous: str, state: str, n: int) -> Announcement:
     return Announcement(state, previous, a, term, (event(n),))
 
 
 def test_an_announcement_is_written_once_per_change_under_the_current_term_only(
-    two: tuple[PostgresRecords, ...],
+    two: tuple[PostgresRecords, ...], members: Members, dsn: str
 ) -> None:
     a, b = two
     store(a, subscription())
     refused: list[str] = []
     a.announcement_refused = lambda: refused.append("a")
     b.announcement_refused = lambda: refused.append("b")
-    assert a.take_lead("A") == ("Idle", 1)  # nothing announced yet: subscribers heard Idle
+    first = members()
+    A = first.id
+    assert a.take_lead(A) == ("Idle", 1)  # nothing announced yet: subscribers heard Idle
     job = make_job("t1")
     a.write(
         VersionedWrite(
-            CreateJob(job), None, 0, announcement=announcement("A", 1, "Idle", "Processing", 1)
+            CreateJob(job), None, 0, announcement=announcement(A, 1, "Idle", "Processing", 1)
         )
     )
     # B takes the lead (A lost its lock): A's queued announcement of its old term is refused,
     # its job write stands; B starts from what was heard last.
-    assert b.take_lead("B") == ("Processing", 2)
+    lose_the_lock(dsn, first)
+    B = members().id
+    assert b.take_lead(B) == ("Processing", 2)
     a.write(
         VersionedWrite(
             UpdateJob(job, JobInput.END),
             1,
             0,
-            announcement=announcement("A", 1, "Processing", "Idle", 2),
+            announcement=announcement(A, 1, "Processing", "Idle", 2),
         )
     )
     assert refused == ["a"]
     assert b.changes(0, frozenset()).rows[0][1] == 2  # the job row was written
     # B's own, with no job write: one transaction of its own; one that says another state than
     # the row is refused (nothing heard twice), and B is told.
-    b.write_events(EventsWrite(announcement=announcement("B", 2, "Idle", "Processing", 3)))
+    b.write_events(EventsWrite(announcement=announcement(B, 2, "Idle", "Processing", 3)))
     assert refused == ["a", "b"]
-    b.write_events(EventsWrite(announcement=announcement("B", 2, "Processing", "Idle", 4)))
+    b.write_events(EventsWrite(announcement=announcement(B, 2, "Processing", "Idle", 4)))
     assert [r.message for r in a.outbox().claim("A", 30)] == [b"<m>1</m>", b"<m>4</m>"]
-    assert b.take_lead("B") == ("Idle", 3)
+    assert b.take_lead(B) == ("Idle", 3)
 
 
 def test_events_after_an_announcement_in_one_write_are_stored_after_its_events(
@@ -210,13 +268,14 @@ def test_events_after_an_announcement_in_one_write_are_stored_after_its_events(
 
 
 def test_an_announcement_whose_job_write_loses_is_not_written_and_says_so(
-    two: tuple[PostgresRecords, ...],
+    two: tuple[PostgresRecords, ...], members: Members
 ) -> None:
     a, _ = two
     store(a, subscription())
     refused: list[bool] = []
     a.announcement_refused = lambda: refused.append(True)
-    a.take_lead("A")
+    A = members().id
+    assert a.take_lead(A) == ("Idle", 1)
     job = make_job("t1")
     a.write(VersionedWrite(CreateJob(job), None, 0))
     with pytest.raises(JobChanged):  # an outdated version: no row, no event, no announcement
@@ -225,12 +284,12 @@ def test_an_announcement_whose_job_write_loses_is_not_written_and_says_so(
                 UpdateJob(job, JobInput.END),
                 7,
                 0,
-                announcement=announcement("A", 1, "Idle", "Processing", 1),
+                announcement=announcement(A, 1, "Idle", "Processing", 1),
             )
         )
     assert refused == [True]
     assert a.outbox().claim("A", 30) == []
-    assert a.take_lead("A") == ("Idle", 2)
+    assert a.take_lead(A) == ("Idle", 2)
 
 
 def test_the_failure_count_travels_with_the_subscription(
@@ -320,7 +379,7 @@ def test_a_failure_counted_while_a_renew_is_read_is_not_lost(
 
 
 def test_a_leader_that_cannot_take_a_term_follows_until_it_takes_one(
-    two: tuple[PostgresRecords, ...], dsn: str
+    two: tuple[PostgresRecords, ...], dsn: str, members: Members
 ) -> None:
     """runtime/announcing.py: the database fails the statement that takes a term (its table
     is renamed away here).  A leader whose announcement was refused then follows (FOLLOW: its
@@ -328,7 +387,7 @@ def test_a_leader_that_cannot_take_a_term_follows_until_it_takes_one(
     follows and still cannot take one, nothing changes; once the statement works again the
     next tick takes a new term, from the state the row says."""
     a, _ = two
-    term = LeaderTerm("A", a.take_lead)
+    term = LeaderTerm(members().id, a.take_lead)
     change = term.change(True)
     assert change == NewTerm(RepositoryState.IDLE, 1)
     term.apply(change)
@@ -343,3 +402,144 @@ def test_a_leader_that_cannot_take_a_term_follows_until_it_takes_one(
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute("ALTER TABLE repository_announced_away RENAME TO repository_announced")
     assert term.change(True) == NewTerm(RepositoryState.IDLE, 2)
+
+
+def test_a_deposed_leader_that_has_not_noticed_takes_no_term_and_follows(
+    two: tuple[PostgresRecords, ...],
+    dsn: str,
+    members: Members,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A term is taken only while the instance holds the leader's lock, asked in the statement
+    that takes it (store/postgresql.py ``_TAKE_LEAD``).  The leader's lock connection dies and
+    another instance takes the lock and a term; the old leader's heartbeat has not run since,
+    so it still believes it holds the lock, and one of its announcements is refused (the new
+    term): it does not take a newer term over the new leader's (which would refuse the new
+    leader's announcements in turn) but follows, and no longer shows itself holding the lock;
+    the row still names the new leader's term."""
+    a, b = two
+    old = members()
+    term = LeaderTerm(old.id, a.take_lead, name=lambda: old.name, lock_lost=old.lock_lost)
+    change = term.change(old.holds_lock)
+    assert change == NewTerm(RepositoryState.IDLE, 1)
+    term.apply(change)
+    lose_the_lock(dsn, old)
+    new = members()
+    assert new.holds_lock and old.holds_lock  # the old one has not noticed
+    assert b.take_lead(new.id) == ("Idle", 2)
+    term.refused()  # its next announcement, under term 1
+    assert term.change(old.holds_lock) == FOLLOW
+    term.apply(FOLLOW)
+    assert term.current is None and not old.holds_lock and not old.leads
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT leader, term FROM repository_announced").fetchone()
+    assert row == (new.id, 2)
+    [said] = [r for r in caplog.records if "no longer holds the leader's lock" in r.getMessage()]
+    assert said.levelno == logging.WARNING and old.id in said.getMessage()
+    # Nor may an instance that never held it take one, unless it is the last one stopping
+    # (R7: it announces Stopped whoever led, nobody else is up).
+    assert a.take_lead(old.id) is None
+    assert a.take_lead(old.id, True) == ("Idle", 3)
+
+
+def test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock(
+    two: tuple[PostgresRecords, ...],
+    dsn: str,
+    members: Members,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Holding the lock is not leading (runtime/announcing.py): "is now the leader" is logged
+    when the term is taken.  While the database refuses the statement that takes one (its
+    table renamed away), each attempt is one WARNING line saying what it means and what to do,
+    and nothing says the instance leads."""
+    caplog.set_level(logging.DEBUG, logger="dsc.cluster")
+    a, _ = two
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE repository_announced RENAME TO repository_announced_away")
+    holder = members()
+    assert holder.holds_lock
+    term = LeaderTerm(holder.id, a.take_lead, name=lambda: holder.name)
+    assert term.change(True) is None
+    assert term.change(True) is None
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "dsc.cluster" and r.levelno >= logging.INFO]
+
+    assert not [r for r in said() if "is now the leader" in r.getMessage()], said()
+    warnings = [r for r in said() if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, said()
+    line = warnings[0].getMessage()
+    assert "\n" not in line
+    assert line.startswith(
+        f"cluster: {holder.name} ({holder.id}) holds the leader's lock but cannot take the "
+        "lead for announcements: "
+    ), line
+    assert "repository_announced" in line  # the database's own words: what failed
+    assert "it does not lead meanwhile (no repository state announcements" in line, line
+    assert line.endswith("make the database answer this statement"), line
+
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE repository_announced_away RENAME TO repository_announced")
+    caplog.clear()
+    assert term.change(True) == NewTerm(RepositoryState.IDLE, 1)
+    assert [r.getMessage() for r in said()] == [
+        f"cluster: {holder.name} ({holder.id}) is now the leader, announcing the repository "
+        "state (term 1)"
+    ]
+
+
+def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
+    tmp_path: Path, two: tuple[PostgresRecords, ...], dsn: str
+) -> None:
+    """Between taking the leader's lock and taking a term an instance does not lead
+    (runtime/announcing.py), and nothing may show it as the leader: its row (``dsc cluster
+    status``), its own view (/api/cluster, /status.json, /metrics: ``ClusterMember.leads``).
+    A real ScanService starts here while another transaction holds the row its term is taken
+    in (as a term another instance takes at the same moment would), so it holds the lock and
+    waits for its term; its heartbeat is an hour apart, so the row says what its first beat
+    wrote.  Its core led by default until told to follow, and that beat wrote ``leads`` true
+    before the start told it.  Once the term is taken, every view shows the leader."""
+    service = compose(
+        ServerConfig(),
+        tmp_path / "data",
+        FilterSettings.embedded_default(tmp_path),
+        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
+        cluster=ClusterSettings(instance_name="dsc-a", heartbeat_seconds=3600, lease_seconds=7200),
+    ).service
+    taking = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO repository_announced%'"
+    )
+    with psycopg.connect(dsn) as holder:
+        holder.execute(
+            "INSERT INTO repository_announced (id, state, leader, term) "
+            "VALUES (1, 'Idle', 'another', 1)"
+        )
+        starting = threading.Thread(target=service.start)
+        starting.start()
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+
+            def waits_for_its_term() -> bool:
+                row = watcher.execute(taking).fetchone()
+                return row is not None and row[0] == 1
+
+            wait_for(waits_for_its_term, what="the service's take of a term to wait")
+            [row] = list_instances(watcher)
+        cluster = service.cluster
+        assert cluster is not None
+        shown = cluster.as_json()
+        holder.commit()
+    starting.join(30)
+    try:
+        assert (row.leader_lock, row.leader, row.leadership) == (
+            True,
+            False,
+            f"{LOCK_WITHOUT_TERM}: {NO_TERM}",
+        ), row
+        assert (shown["leader_lock"], shown["leader"]) == (True, False), shown
+        with psycopg.connect(dsn) as conn:
+            [row] = list_instances(conn)
+        assert (row.leader, row.leadership) == (True, LEADER), row
+        assert cluster.as_json()["leadership"] == LEADER and service.leads
+    finally:
+        service.shutdown(5.0)

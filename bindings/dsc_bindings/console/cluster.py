@@ -47,9 +47,9 @@ def _age(seconds: float) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import psycopg
 
-    from dsc_bindings.console.db import one_line
     from dsc_bindings.console.output import Column, print_table
     from dsc_bindings.settings import ConfigError, load_settings
+    from dsc_bindings.store.errors import one_line
     from dsc_bindings.store.instances import (
         LEADER,
         LOCK_WITHOUT_TERM,

@@ -17,15 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from dsc_bindings.console.output import Column, print_table
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
+from dsc_bindings.store.errors import one_line
 
 if TYPE_CHECKING:
     from dsc_bindings.observe.devices import DeviceRows
     from dsc_bindings.runtime.installation import Installation
-
-
-def one_line(message: str) -> str:
-    """libpq's messages span lines (a hint after a tab); an error of dsc is one line."""
-    return " ".join(message.split())
 
 
 def _settings(args: argparse.Namespace) -> Any:

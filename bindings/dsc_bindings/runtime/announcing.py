@@ -17,6 +17,13 @@ state it replaces.  So:
 - an announcement that was not written (its transaction failed, or the row said another
   state) makes the leader take a new term at its next tick, which announces the difference
   again from the row;
+- a term is taken only while this instance holds the lock, asked in the statement that takes
+  it (store/postgresql.py ``_TAKE_LEAD``): a leader deposed without noticing yet (its lock
+  connection died, another instance took the lock, its heartbeat has not run since) is
+  refused and follows at once, and drops the lock it no longer holds (``lock_lost``) so that
+  nothing shows it as the leader and its heartbeat tries the lock again; without that check it
+  took a term over the new leader's, whose announcements were refused until it took yet
+  another;
 - an instance that holds the lock but cannot take a term (the database failed the statement)
   follows until a later tick takes one: its core neither sweeps nor announces meanwhile
   (``ScanServer.follow``).  Of the two consistent choices this is the safe one.  Leading
@@ -26,7 +33,11 @@ state it replaces.  So:
   tolerated (job writes are compare-and-set on the row version, ending an expired
   subscription twice is ending it once), but they write to the database that just failed;
   following, they are only late: the tick that takes the term runs every deadline passed, and
-  ``lead`` announces the difference from the row.  The failure is logged at each attempt.
+  ``lead`` announces the difference from the row.  The failure is logged at each attempt, in
+  one WARNING line that says what it means and what to do.
+
+"is now the leader" is logged when a term is taken, not when the lock is (runtime/cluster.py):
+until then the holder does not lead.
 
 :class:`LeaderTerm` keeps this instance's term for the runtime (runtime/service.py): the ticker
 asks :meth:`LeaderTerm.change` at each wake-up, off the core's owner (it may take a term in
@@ -40,7 +51,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dsc_bindings.store.errors import StoreError
+from dsc_bindings.store.errors import StoreError, one_line
 from dsc_core import RepositoryState
 
 __all__ = ["FOLLOW", "LeaderTerm", "NewTerm"]
@@ -64,12 +75,30 @@ class LeaderTerm:
     """This instance's term, if it leads (module doc).  ``current`` is read and set by the
     core's owner; ``refused`` is called by the writer."""
 
-    def __init__(self, me: str, take_lead: Callable[[str], tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        me: str,
+        take_lead: Callable[[str, bool], tuple[str, int] | None],
+        *,
+        name: Callable[[], str] | None = None,
+        lock_lost: Callable[[], None] = lambda: None,
+    ) -> None:
         self._me = me
+        #: How the log names this instance (``ClusterMember.name``; it follows the address).
+        self._name = name
         self._take_lead = take_lead
+        #: Told when a term was refused because this instance no longer holds the lock
+        #: (``ClusterMember.lock_lost``).
+        self._lock_lost = lock_lost
         #: (this instance's id, its term) while its core leads; None while it follows.
         self.current: tuple[str, int] | None = None
         self._refused = threading.Event()
+        #: The next term is the last instance's (:meth:`retake`), taken lock or not.
+        self._last = False
+
+    def _shown_as(self) -> str:
+        """Its name and id for the log, as runtime/cluster.py names it."""
+        return self._me if self._name is None else f"{self._name()} ({self._me})"
 
     def refused(self) -> None:
         """An announcement was not written (module doc): take a new term at the next tick."""
@@ -78,7 +107,9 @@ class LeaderTerm:
     def retake(self) -> None:
         """Take a new term at the next :meth:`change` even if one is held, as after a
         refusal: the last instance's stop, whose held term may be stale (runtime/service.py
-        ``shutdown``)."""
+        ``shutdown``); taken whether this instance holds the lock or not (nobody else is up
+        to lead: store/interface.py ``take_lead``)."""
+        self._last = True
         self._refused.set()
 
     def change(self, leader: bool) -> NewTerm | str | None:
@@ -91,18 +122,54 @@ class LeaderTerm:
         if self.current is not None and not self._refused.is_set():
             return None
         self._refused.clear()
+        # Without a term: follow (module doc), and ask again at the next tick (``current``
+        # None while it follows).
+        follow = FOLLOW if self.current is not None else None
         try:
-            state, term = self._take_lead(self._me)
+            taken = self._take_lead(self._me, self._last)
         except StoreError as exc:
-            log.warning("cluster: cannot take the lead for announcements: %s", exc.message)
-            # Without a term: follow (module doc), and take one at the next tick (``current``
-            # None while it follows).
-            return FOLLOW if self.current is not None else None
+            log.warning(
+                "cluster: %s holds the leader's lock but cannot take the lead for "
+                "announcements: %s; it does not lead meanwhile (no repository state "
+                "announcements, no job timeouts, no end of expired subscriptions) and tries "
+                "again each second: make the database answer this statement",
+                self._shown_as(),
+                one_line(exc.message),
+            )
+            return follow
+        if taken is None:
+            log.warning(
+                "cluster: %s no longer holds the leader's lock (its lock connection is gone; "
+                "another instance may lead now): it takes no term and follows; its heartbeat "
+                "tries the lock again",
+                self._shown_as(),
+            )
+            self._lock_lost()
+            return follow
+        state, term = taken
         try:
             announced = RepositoryState(state)
         except ValueError:
             announced = RepositoryState.IDLE  # a state this server does not know: say it again
-        log.info("cluster: announcing the repository state (term %d)", term)
+        if self._last:
+            log.info(
+                "cluster: %s, the last instance, takes a term for its last announcements, "
+                "announcing the repository state (term %d)",
+                self._shown_as(),
+                term,
+            )
+        elif self.current is None:
+            log.info(
+                "cluster: %s is now the leader, announcing the repository state (term %d)",
+                self._shown_as(),
+                term,
+            )
+        else:
+            log.info(
+                "cluster: %s takes a new term, announcing the repository state (term %d)",
+                self._shown_as(),
+                term,
+            )
         return NewTerm(announced, term)
 
     def apply(self, change: NewTerm | str) -> None:

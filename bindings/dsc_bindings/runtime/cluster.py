@@ -22,7 +22,8 @@ thread (never the event loop):
   without I/O).
 
 A heartbeat that fails drops leadership at once (the lock may be gone with the connection;
-two leaders are worse than none for a few seconds), logs it, and reconnects at the next beat.
+two leaders are worse than none for a few seconds), logs it, and reconnects at the next beat;
+so does a term refused because the lock is gone (:meth:`ClusterMember.lock_lost`).
 After ``lease_seconds`` without a heartbeat the instance says so in /healthz (503: the other
 instances consider it down, so the load balancer must drop it too).
 
@@ -47,7 +48,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from dsc_bindings.store.errors import StoreError, as_store_error
+from dsc_bindings.store.errors import StoreError, as_store_error, one_line
 from dsc_bindings.store.instances import (
     HEARTBEAT,
     INSERT,
@@ -70,10 +71,6 @@ from dsc_bindings.store.postgresql import connection_kwargs, is_temporary_pg, re
 __all__ = ["ClusterMember"]
 
 log = logging.getLogger("dsc.cluster")
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 class ClusterMember:
@@ -187,6 +184,17 @@ class ClusterMember:
         module doc).  What /metrics, the status page and the web console show as the leader."""
         core_leads = self.core_leads
         return self._leader and (core_leads is None or core_leads())
+
+    def lock_lost(self) -> None:
+        """The statement that takes a term found that this instance no longer holds the lock
+        (runtime/announcing.py): it is not shown holding it from now on, and the next
+        heartbeat tries the lock again (if its connection lives and the lock is free it is
+        this instance's again; a connection that died fails the beat, which reconnects).
+        Not under the connection's lock: a heartbeat in progress may hold it for a statement's
+        time; one that took the lock just before this call takes it again at the next beat
+        (the lock is re-entrant on its connection)."""
+        if self._leader:
+            self._leader = False
 
     def publish_leading(self) -> None:
         """Write :attr:`leads` in this instance's row if it changed since it was last written
@@ -343,9 +351,10 @@ class ClusterMember:
             row = self._conn.execute(TRY_LEADER, (LEADER_LOCK,)).fetchone()
             if row is not None and row[0]:
                 self._leader = True
-                # It leads once the runtime took a term, at its next tick (module doc); if it
-                # cannot, a WARNING says so at each tick (runtime/announcing.py).
-                log.info("cluster: %s (%s) is now the leader", self.name, self.id)
+                # It leads once the runtime took a term, at its next tick: "is now the
+                # leader" is logged then, and a WARNING at each tick while it cannot take one
+                # (runtime/announcing.py).
+                log.debug("cluster: %s (%s) took the leader's lock", self.name, self.id)
         # After the lock: the row says whether this instance leads as of now.
         leads = self.leads
         self._conn.execute(HEARTBEAT, (self.name, self._address(), leads, self.id))

@@ -291,9 +291,6 @@ class ScanService:
             # With leases, a job is resumed once its lease has expired, by whichever instance
             # takes it (.leasing): never here at start, another instance may be running it.
             resume = self._leases is None
-            self._term = self._leader_term(store)
-            if self._term is not None:
-                self.owner.call(self.server.follow)  # until it takes a term (.announcing)
             commands = self.owner.call(
                 lambda: [
                     *self.server.reconfigure(config, self.clock()),
@@ -435,14 +432,16 @@ class ScanService:
         )
         self._outbox.start()
 
-    def _leader_term(self, store: JobStore) -> LeaderTerm | None:
+    def _leader_term(self, store: JobStore | None, cluster: ClusterMember) -> LeaderTerm | None:
         """A shared store in a cluster: the leader's term (.announcing); None otherwise."""
-        if self.cluster is None or not isinstance(store, SplitStore) or not store.shared:
+        if not isinstance(store, SplitStore) or not store.shared:
             return None
         records = store.records
         if not isinstance(records, SharedJobRecords):
             return None
-        term = LeaderTerm(self.cluster.id, records.take_lead)
+        term = LeaderTerm(
+            cluster.id, records.take_lead, name=lambda: cluster.name, lock_lost=cluster.lock_lost
+        )
         records.announcement_refused = term.refused
         return term
 
@@ -641,7 +640,12 @@ class ScanService:
             suffix=self._instance_suffix,
             home=store.home if isinstance(store, SplitStore) else None,
         )
-        # Holding the lock is not leading (.announcing): what the views show asks the core.
+        # Holding the lock is not leading (.announcing): what the views show asks the core,
+        # which follows until it takes a term, from before the first heartbeat (which may take
+        # the lock and writes whether it leads): a core leads unless told otherwise.
+        self._term = self._leader_term(store, cluster)
+        if self._term is not None:
+            self.owner.call(self.server.follow)
         cluster.core_leads = lambda: self.server.leads
         cluster.start()
         if isinstance(store, SplitStore) and store.shared:

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dsc_core.faults import SoapFault
 
-__all__ = ["CreationRefused", "JobChanged", "StoreError", "as_store_error", "is_temporary"]
+__all__ = [
+    "CreationRefused",
+    "JobChanged",
+    "StoreError",
+    "as_store_error",
+    "is_temporary",
+    "one_line",
+]
 
 # R4 step 9: conditions a retry may get past.
 _TEMPORARY_ERRNOS = frozenset(
@@ -28,6 +35,11 @@ _TEMPORARY_SQLITE_TEXT = (
     "database or disk is full",
     "out of memory",
 )
+
+
+def one_line(message: str) -> str:
+    """libpq's messages span lines (a hint after a tab); an error of dsc is one line."""
+    return " ".join(message.split())
 
 
 class StoreError(Exception):

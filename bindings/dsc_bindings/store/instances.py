@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the PostgreSQL client is an extra: imported only where it i
 
 __all__ = [
     "GONE",
+    "HOLDS_LEADER_LOCK",
     "INSTANCE_STATES",
     "LEADER",
     "LEADER_LOCK",
@@ -184,6 +185,17 @@ PRUNE = """
 
 TRY_LEADER = "SELECT pg_try_advisory_lock(%s)"
 
+#: The one rule of whether the instance of a row aliased ``i`` holds the leader's lock now, as
+#: ``pg_locks`` says (module doc): the views (:func:`list_instances`) and the taking of a term
+#: (store/postgresql.py ``_TAKE_LEAD``: only the holder takes one) ask it.  A stopped or
+#: replaced row never holds it: its lock connection's backend pid may have been reused by
+#: another connection.
+HOLDS_LEADER_LOCK = f"""(i.stopped IS NULL AND i.replaced_by IS NULL AND EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.pid = i.lock_backend
+      AND l.classid = 0 AND l.objid = {LEADER_LOCK} AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())))"""
+
 #: The instances alive besides ``id`` (not gone: :data:`GONE`).
 OTHERS_ALIVE = f"SELECT count(*) FROM instances i WHERE i.id <> %s AND NOT {GONE}"
 
@@ -191,13 +203,7 @@ OTHERS_ALIVE = f"SELECT count(*) FROM instances i WHERE i.id <> %s AND NOT {GONE
 _LIST = f"""
     SELECT i.id::text, i.name, i.address, i.host, i.pid, i.started,
            EXTRACT(EPOCH FROM now() - i.heartbeat)::float8, i.stopped, {GONE},
-           EXISTS (
-               SELECT 1 FROM pg_locks l
-               WHERE l.locktype = 'advisory' AND l.granted AND l.pid = i.lock_backend
-                 AND l.classid = 0 AND l.objid = %s AND l.objsubid = 1
-                 AND l.database = (SELECT oid FROM pg_database
-                                   WHERE datname = current_database())
-           ),
+           {HOLDS_LEADER_LOCK},
            (SELECT count(*) FROM jobs j
             WHERE j.lease_owner = i.id::text AND j.lease_until > now()),
            o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8, i.replaced_by::text,
@@ -216,10 +222,8 @@ _OUTBOX = "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created))::float8 FRO
 
 
 def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
-    """Every instance row, oldest first.  A stopped or replaced row is never the leader nor
-    holds its lock (its lock connection's backend pid may have been reused by another
-    connection); one that holds the lock leads unless it says it does not (module doc; an
-    earlier version's row says nothing)."""
+    """Every instance row, oldest first.  One that holds the lock (:data:`HOLDS_LEADER_LOCK`)
+    leads unless it says it does not (module doc; an earlier version's row says nothing)."""
     rows = []
     for (
         ident,
@@ -237,7 +241,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
         oldest,
         replaced_by,
         leading,
-    ) in conn.execute(_LIST, (LEADER_LOCK,)).fetchall():
+    ) in conn.execute(_LIST).fetchall():
         state: InstanceState
         if stopped is not None:
             state = "stopped"
@@ -245,7 +249,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
             state = "down"
         else:
             state = "up"
-        holds_lock = bool(locked) and stopped is None and replaced_by is None
+        holds_lock = bool(locked)
         rows.append(
             InstanceRow(
                 id=str(ident),

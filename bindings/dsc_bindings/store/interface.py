@@ -250,9 +250,12 @@ class SharedJobRecords(JobRecords, Protocol):
     def record_failures(self, identifier: str, failures: int) -> None:
         """A subscription's count of failed deliveries (the feed reports it)."""
 
-    def take_lead(self, leader: str) -> tuple[str, int]:
-        """This instance leads now (it holds the leader's lock): a new term in the row of the
-        state announced last; (that state, the term) (issue 18 point 4)."""
+    def take_lead(self, leader: str, last: bool = False) -> tuple[str, int] | None:
+        """This instance leads now: a new term in the row of the state announced last; (that
+        state, the term) (issue 18 point 4).  None when the instance ``leader`` does not hold
+        the leader's lock as the statement runs (another instance may lead: no term), unless
+        ``last``: the last instance stopping, which announces Stopped whether it holds the
+        lock or not (R7: nobody else is up)."""
 
     def listen(
         self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]

@@ -63,7 +63,7 @@ from dsc_bindings.store.errors import (
     StoreError,
     as_store_error,
 )
-from dsc_bindings.store.instances import GONE
+from dsc_bindings.store.instances import GONE, HOLDS_LEADER_LOCK
 from dsc_bindings.store.interface import (
     Announcement,
     EventsWrite,
@@ -607,9 +607,16 @@ _RECORD_FAILURES = """
     WHERE id = %(id)s AND NOT ended AND failures <> %(failures)s
 """
 #: A new term for the leader that took the lock (subscribers last heard Idle when nobody
-#: announced anything yet: the core starts from it too); the state announced last.
-_TAKE_LEAD = """
-    INSERT INTO repository_announced (id, state, leader, term) VALUES (1, 'Idle', %(me)s, 1)
+#: announced anything yet: the core starts from it too); the state announced last.  Only
+#: while its instance holds the lock, asked in this statement (not before it: the lock may
+#: go between the two), so a deposed leader whose heartbeat has not noticed yet takes no term
+#: over the new one's; no row then.  ``last``: the last instance stopping takes one whether it
+#: holds the lock or not (nobody else is up to lead: runtime/service.py ``shutdown``).
+_TAKE_LEAD = f"""
+    INSERT INTO repository_announced (id, state, leader, term)
+    SELECT 1, 'Idle', %(me)s, 1
+    WHERE %(last)s OR EXISTS (SELECT 1 FROM instances i
+                              WHERE i.id::text = %(me)s AND {HOLDS_LEADER_LOCK})
     ON CONFLICT (id) DO UPDATE SET leader = excluded.leader,
         term = repository_announced.term + 1, changed = now()
     RETURNING state, term
@@ -1061,8 +1068,10 @@ class PostgresRecords:
             {"id": identifier, "failures": failures},
         )
 
-    def take_lead(self, leader: str) -> tuple[str, int]:
-        found = self._run("taking the lead", _TAKE_LEAD, {"me": leader})
+    def take_lead(self, leader: str, last: bool = False) -> tuple[str, int] | None:
+        found = self._run("taking the lead", _TAKE_LEAD, {"me": leader, "last": last})
+        if not found:
+            return None
         state, term = found[0]
         return str(state), int(term)
 
