@@ -236,7 +236,7 @@ def test_an_announcement_is_written_once_per_change_under_the_current_term_only(
 
 
 def test_events_after_an_announcement_in_one_write_are_stored_after_its_events(
-    two: tuple[PostgresRecords, ...],
+    two: tuple[PostgresRecords, ...], members: Members
 ) -> None:
     """The core emits a job's event, the repository state's announcement with its event, then
     another job event, in one batch: the stamped writes carry them to the outbox in that order
@@ -244,7 +244,10 @@ def test_events_after_an_announcement_in_one_write_are_stored_after_its_events(
     announcement refused leaves the events around it, still in order."""
     a, _ = two
     store(a, subscription())
-    term = a.take_lead("A")[1]
+    leader = members().id
+    taken = a.take_lead(leader)
+    assert taken is not None
+    term = taken[1]
     catch_up = JobCatchUp(a.changes)
 
     def announce(previous: RepositoryState, state: RepositoryState, n: int) -> Command:
@@ -257,7 +260,7 @@ def test_events_after_an_announcement_in_one_write_are_stored_after_its_events(
         [event(6), announce(processing, idle, 7), event(8)],  # refused: Idle already
     ]
     for batch in batches:
-        for write in catch_up.stamp(batch, ("A", term)):
+        for write in catch_up.stamp(batch, (leader, term)):
             if isinstance(write, VersionedWrite):
                 a.write(write)
             else:
