@@ -193,8 +193,7 @@ class ClusterMember:
         Not under the connection's lock: a heartbeat in progress may hold it for a statement's
         time; one that took the lock just before this call takes it again at the next beat
         (the lock is re-entrant on its connection)."""
-        if self._leader:
-            self._leader = False
+        self._leader = False
 
     def publish_leading(self) -> None:
         """Write :attr:`leads` in this instance's row if it changed since it was last written
