@@ -389,8 +389,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # jobs first, as their writes take them) waits for the writes in flight, holds the
         # next ones until the upgrade commits, and the statement after it sees them all (a
         # new snapshot: READ COMMITTED).  What such a server writes later still has no
-        # version (the trigger of schema 14), and every catch-up reads it.  Ended jobs' rows are left:
-        # no catch-up asks for less of them (jobdocuments.KnownDocuments keeps active ones).
+        # version (the trigger of schema 14), and every catch-up reads it.  Ended jobs' rows
+        # are left: no catch-up asks for less of them (KnownDocuments keeps active ones).
         "LOCK TABLE jobs, job_documents IN EXCLUSIVE MODE",
         """UPDATE job_documents d SET version = j.version FROM jobs j
             WHERE d.token = j.token AND j.active AND d.version IS NULL""",
