@@ -12,6 +12,12 @@ was answered, before that subscription's next message is sent: an owner that die
 rows not yet sent plus at most the one in flight, which its successor sends again with the same
 MessageID (at most one duplicate per failover).  A clean stop releases the leases, so the
 others take over at once instead of after the lease.
+
+A row answered and deleted while a claim was running may still be in that claim's answer (its
+snapshot began before the delete committed): it is remembered as deleted until a claim that
+began after the delete has run, so the owner never hands it to its hub a second time (a
+repeat, with the same MessageID, sent after the messages that followed it;
+tests/bindings/test_outbox_pump.py).
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ class OutboxPump:
         self._pumping = threading.Lock()
         #: Rows handed to the hub and not yet answered.
         self._handed: set[int] = set()
+        #: Claims begun so far, and row id -> how many had begun when the row was deleted: a
+        #: claim numbered below that may still return it (module doc).
+        self._claims = 0
+        self._deleted: dict[int, int] = {}
         self._logged = float("-inf")
         self._thread = threading.Thread(target=self._run, name="dsc-outbox", daemon=True)
 
@@ -124,24 +134,33 @@ class OutboxPump:
             self._hand_claimed()
 
     def _hand_claimed(self) -> None:
-        for row in self._rows.claim(self._me, self._lease):
-            with self._lock:
-                if row.id in self._handed:
-                    continue  # in the hub's queue already
-                self._handed.add(row.id)
+        with self._lock:
+            number = self._claims
+            self._claims += 1
+        rows = self._rows.claim(self._me, self._lease)
+        with self._lock:
+            fresh = [r for r in rows if r.id not in self._handed and r.id not in self._deleted]
+            self._handed.update(r.id for r in fresh)
+            # This claim began after these deletes committed: no later one returns them.
+            self._deleted = {i: n for i, n in self._deleted.items() if n > number}
+        for row in fresh:
             command = Deliver(row.subscription_id, row.address, (row.message,), row.content_type)
             self._hub.deliver(command, functools.partial(self._answered, row.id))
 
     def _answered(self, row_id: int) -> None:
         """In a hub worker thread, before the subscription's next message is sent."""
+        deleted = False
         try:
             self._rows.answered(row_id)
+            deleted = True
         except StoreError as exc:
             # Left in the table: sent again (same MessageID) when this instance reads it next.
             log.warning("notification %d answered but not deleted: %s", row_id, exc.message)
         finally:
             with self._lock:
                 self._handed.discard(row_id)
+                if deleted:  # a claim running now may still return it (module doc)
+                    self._deleted[row_id] = self._claims
 
     def _log(self, exc: StoreError) -> None:
         now = time.monotonic()
