@@ -130,3 +130,44 @@ def test_a_stop_ends_the_sleep_at_once() -> None:
     assert alarm.sleep(60.0, heed_after=60.0) is Wake.STOPPED
     stopper.join()
     assert alarm.sleep(60.0) is Wake.STOPPED  # stopped for good
+
+
+class CountedCondition(threading.Condition):
+    """A condition counting how often a waiter woke (each wake-up of the ticker's thread takes
+    the GIL from the event loop's thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.Lock())
+        self.waits = 0
+        self.wakes = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        woke = super().wait(timeout)
+        self.wakes += 1
+        return woke
+
+
+def test_nudges_before_heed_after_do_not_wake_the_sleeper_and_one_after_it_does() -> None:
+    alarm = Alarm()
+    condition = CountedCondition()
+    alarm._condition = condition  # the sleeper's wake-ups, counted
+    slept: list[Wake] = []
+    sleeper = threading.Thread(target=lambda: slept.append(alarm.sleep(30.0, heed_after=0.5)))
+    sleeper.start()
+    wait_for(lambda: condition.waits == 1, what="the sleep to begin")
+    for _ in range(50):  # a busy server's requests, before the heed time
+        alarm.nudge()
+    sleeper.join(timeout=10)
+    # It woke once, at the heed time by itself, and found the nudges.
+    assert slept == [Wake.NUDGED]
+    assert condition.wakes == 1, condition.wakes
+
+    condition.waits = condition.wakes = 0
+    sleeper = threading.Thread(target=lambda: slept.append(alarm.sleep(30.0, heed_after=0.0)))
+    sleeper.start()
+    wait_for(lambda: condition.waits == 1, what="the second sleep to begin")
+    alarm.nudge()  # past the heed time: this one wakes it at once
+    sleeper.join(timeout=10)
+    assert slept == [Wake.NUDGED, Wake.NUDGED]
+    assert condition.wakes == 1, condition.wakes

@@ -9,7 +9,10 @@ An idle server's ticker therefore does not wake each second (it used to: docs/pe
 
 A nudge is heeded no sooner than ``heed_after`` seconds after the sleep began (nudges given
 meanwhile are kept, then end the sleep at once): under load every request nudges, and the ticker
-reads the deadline (a hop into the core's owner) at most that often, not once per request.
+reads the deadline (a hop into the core's owner) at most that often, not once per request.  A
+nudge given before then does not wake the sleeper either (it wakes at that time by itself and
+finds the nudge): on a busy server a wake-up of another thread takes the GIL from the event loop,
+and may leave its thread waiting for a CPU to get it back, a delay of every request in flight.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Alarm:
         self._condition = threading.Condition(threading.Lock())
         self._nudged = False
         self._stopped = False
+        #: When the sleep in progress heeds a nudge (monotonic); None while nobody sleeps.
+        self._heed_at: float | None = None
 
     def nudge(self) -> None:
         """Something may have brought the next deadline forward.  Cheap when a nudge is
@@ -46,7 +51,8 @@ class Alarm:
             return
         with self._condition:
             self._nudged = True
-            self._condition.notify_all()
+            if self._heed_at is not None and time.monotonic() >= self._heed_at:
+                self._condition.notify_all()
 
     def clear(self) -> None:
         """Forget the nudges given so far: the caller is about to read the deadline, which
@@ -66,12 +72,18 @@ class Alarm:
         due = began + seconds
         heed = began + min(heed_after, seconds)
         with self._condition:
-            while not self._stopped:
-                now = time.monotonic()
-                if now >= due:
-                    return Wake.DUE
-                if now >= heed and self._nudged:
-                    self._nudged = False
-                    return Wake.NUDGED
-                self._condition.wait((heed if now < heed else due) - now)
-            return Wake.STOPPED
+            self._heed_at = heed
+            try:
+                while not self._stopped:
+                    now = time.monotonic()
+                    if now >= due:
+                        return Wake.DUE
+                    if now >= heed and self._nudged:
+                        self._nudged = False
+                        return Wake.NUDGED
+                    # Before ``heed`` the wait ends at ``heed`` by itself (nudge() does not
+                    # notify then), and finds any nudge given meanwhile.
+                    self._condition.wait((heed if now < heed else due) - now)
+                return Wake.STOPPED
+            finally:
+                self._heed_at = None
