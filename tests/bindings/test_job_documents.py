@@ -29,6 +29,7 @@ from dsc_bindings.store.jobdocuments import KnownDocuments
 from dsc_bindings.store.localspool import LocalSpool
 from dsc_bindings.store.postgresql import (
     _CHANGES,
+    _JOB_DOCUMENTS_SCHEMA,
     _MIGRATIONS,
     INCREMENTAL_DOCUMENTS,
     UPLOAD_ROW_SECONDS,
@@ -678,3 +679,79 @@ def test_the_upgrade_that_stamps_the_rows_waits_for_a_write_in_flight_of_an_earl
     finally:
         upgrading.close()
         b.close()
+
+
+def test_an_upgrade_from_schema_13_waits_for_a_write_in_flight_of_a_server_of_schema_13(
+    dsn: str,
+) -> None:
+    """Schema 13 -> 17 while a server of schema 13 still runs: its write holds the job's row
+    (jobs first, as it writes) when the upgrade starts.  The upgrade waits for it before
+    taking anything, so the write goes on to its document row and both commit; had the upgrade
+    altered job_documents (schema 14) before waiting for jobs (schema 16), each waited for the
+    other and PostgreSQL ended one of them (a deadlock: the upgrade, so the server did not
+    start, or the running server's write)."""
+    assert "CREATE TABLE job_documents" in _MIGRATIONS[_JOB_DOCUMENTS_SCHEMA - 1][0]
+    job = make_job("shared")
+    for number in range(1, MANY + 1):
+        job = image(job, number)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:13]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (13)")
+        token, state, active, created, completed, text = record_columns(job)
+        conn.execute(
+            "INSERT INTO jobs (token, state, active, created, completed, job, origin) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (token, state, active, created, completed, text, job.origin),
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(token, n, *document_row(d)) for n, d in enumerate(job.documents)],
+            )
+    upgrading = psycopg.connect(dsn)
+    upgraded: list[tuple[int, int]] = []
+    failed: list[BaseException] = []
+
+    def upgrade_now() -> None:
+        try:
+            upgraded.append(upgrade(upgrading))
+        except BaseException as exc:  # the thread's failure is the test's: kept
+            failed.append(exc)
+
+    try:
+        with psycopg.connect(dsn) as writer:
+            writer.execute(
+                "UPDATE jobs SET version = version + 1, xid = pg_current_xact_id() "
+                "WHERE token = 'shared'"
+            )
+            upgrade_thread = threading.Thread(target=upgrade_now)
+            upgrade_thread.start()
+            with psycopg.connect(dsn, autocommit=True) as watch:
+                wait_for(
+                    lambda: watch.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    ).fetchone(),
+                    what="the upgrade waiting for the write in flight",
+                )
+            writer.execute(
+                "UPDATE job_documents SET size = 1 WHERE token = 'shared' AND ordinal = 2"
+            )
+            writer.commit()
+        upgrade_thread.join()
+        assert failed == []
+        assert upgraded == [(13, 17)]
+        documents = list(job.documents)
+        documents[2] = replace(documents[2], size=1)
+        assert stored(dsn) == tuple(documents)
+        with psycopg.connect(dsn) as conn:
+            versions = conn.execute(
+                "SELECT DISTINCT version FROM job_documents WHERE token = 'shared'"
+            ).fetchall()
+        assert versions == [(2,)]  # stamped after the write, with the version it made
+    finally:
+        upgrading.close()

@@ -637,6 +637,16 @@ _DOORBELL = "SELECT pg_notify('dsc_outbox', '')"
 
 #: Any number: the advisory lock that serializes schema upgrades of servers starting together.
 _UPGRADE_LOCK = 0x647363  # "dsc"
+#: The schema from which job_documents exists (its migration: the 10th).
+_JOB_DOCUMENTS_SCHEMA = 10
+#: What an upgrade takes before any migration, on a schema where both exist: the tables the
+#: running instances write, in the order their writes take them (a job's row, then its
+#: document rows: ``_DOCUMENTS``).  A migration that altered job_documents (schema 14) before
+#: one that locks jobs (schema 16) held the one while it waited for a write in flight holding
+#: the other and waiting for it: PostgreSQL ended one of the two (a deadlock; the upgrade,
+#: and the server did not start).  Locked first, the upgrade waits for the writes in flight,
+#: holding nothing they wait for, and holds the next ones until it commits.
+_WRITTEN_TABLES_FIRST = "LOCK TABLE jobs, job_documents IN EXCLUSIVE MODE"
 
 # SQLSTATE classes a retry may get past: 08 connection, 40 transaction rollback (serialization,
 # deadlock), 53 insufficient resources (disk full, out of memory, too many connections),
@@ -691,6 +701,8 @@ def upgrade(conn: psycopg.Connection[Any]) -> tuple[int, int]:
                 f"job store schema {before} is newer than this server ({SCHEMA_VERSION})",
                 temporary=False,
             )
+        if _JOB_DOCUMENTS_SCHEMA <= before < SCHEMA_VERSION:
+            conn.execute(_WRITTEN_TABLES_FIRST)
         for statements in _MIGRATIONS[before:]:
             for statement in statements:
                 conn.execute(statement)  # our own constant SQL
