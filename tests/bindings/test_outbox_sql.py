@@ -440,9 +440,55 @@ def test_a_deposed_leader_that_has_not_noticed_takes_no_term_and_follows(
     [said] = [r for r in caplog.records if "no longer holds the leader's lock" in r.getMessage()]
     assert said.levelno == logging.WARNING and old.id in said.getMessage()
     # Nor may an instance that never held it take one, unless it is the last one stopping
-    # (R7: it announces Stopped whoever led, nobody else is up).
+    # (R7: it announces Stopped whoever led, nobody else is up), and only once the instance
+    # that holds the lock is gone (test_the_last_instance_stopping_takes_no_term_over_...).
     assert a.take_lead(old.id) is None
+    assert a.take_lead(old.id, True) is None
+    new.stop()
     assert a.take_lead(old.id, True) == ("Idle", 3)
+
+
+def test_the_last_instance_stopping_takes_no_term_over_an_instance_up_that_holds_the_lock(
+    two: tuple[PostgresRecords, ...],
+    dsn: str,
+    members: Members,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last instance stopping takes a term whether it holds the lock or not (R7: it
+    announces Stopped, nobody else is up to lead), but not over an instance that is up and
+    holds it: one that started while the stopping one counted the others (none then) took the
+    lock and a term, and leads.  A term taken over it made both lead at once: the stopping one
+    announced Stopped for a repository that another instance serves, and the new leader's
+    announcements were refused until it took yet another term.  Once that instance is gone
+    too, the stopping one takes its last term, lock or not."""
+    caplog.set_level(logging.INFO, logger="dsc.cluster")
+    a, b = two
+    refused: list[str] = []
+    b.announcement_refused = lambda: refused.append("b")
+    store(a, subscription())
+    stopping = members()
+    lose_the_lock(dsn, stopping)  # the lock is free: the next instance takes it
+    started = members()
+    assert started.holds_lock
+    assert b.take_lead(started.id) == ("Idle", 1)
+    term = LeaderTerm(
+        stopping.id, a.take_lead, name=lambda: stopping.name, lock_lost=stopping.lock_lost
+    )
+    term.retake()  # as runtime/service.py's shutdown does for the last instance
+    assert term.change(True) is None  # no term: its core goes on following, no Stopped
+    assert term.current is None
+    b.write_events(EventsWrite(announcement=announcement(started.id, 1, "Idle", "Processing", 1)))
+    assert refused == []  # the leader's term stands
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT leader, term, state FROM repository_announced").fetchone()
+    assert row == (started.id, 1, "Processing")
+    [said] = [r for r in caplog.records if "the last instance" in r.getMessage()]
+    assert said.levelno == logging.INFO and stopping.id in said.getMessage()
+    assert f"{started.name} ({started.id})" not in said.getMessage()  # it cannot know which
+    assert "announces no Stopped" in said.getMessage(), said.getMessage()
+    started.stop()
+    term.retake()
+    assert term.change(True) == NewTerm(RepositoryState.PROCESSING, 2)
 
 
 def test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock(

@@ -23,7 +23,9 @@ state it replaces.  So:
   refused and follows at once, and drops the lock it no longer holds (``lock_lost``) so that
   nothing shows it as the leader and its heartbeat tries the lock again; without that check it
   took a term over the new leader's, whose announcements were refused until it took yet
-  another;
+  another.  The last instance stopping takes its term for Stopped (R7) lock or not, but not
+  over an instance up that holds the lock (one started since it counted the others): that
+  one leads, and the stopping one follows, announcing no Stopped;
 - an instance that holds the lock but cannot take a term (the database failed the statement)
   follows until a later tick takes one: its core neither sweeps nor announces meanwhile
   (``ScanServer.follow``).  Of the two consistent choices this is the safe one.  Leading
@@ -135,6 +137,13 @@ class LeaderTerm:
                 "again each second: make the database answer this statement",
                 self._shown_as(),
                 one_line(exc.message),
+            )
+            return follow
+        if taken is None and self._last:
+            log.info(
+                "cluster: %s stops as the last instance, but an instance started since holds "
+                "the leader's lock and leads: this one announces no Stopped",
+                self._shown_as(),
             )
             return follow
         if taken is None:

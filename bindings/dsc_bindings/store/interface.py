@@ -255,7 +255,8 @@ class SharedJobRecords(JobRecords, Protocol):
         state, the term) (issue 18 point 4).  None when the instance ``leader`` does not hold
         the leader's lock as the statement runs (another instance may lead: no term), unless
         ``last``: the last instance stopping, which announces Stopped whether it holds the
-        lock or not (R7: nobody else is up)."""
+        lock or not (R7: nobody else is up), but takes none over an instance up that holds it
+        (one started since it counted the others: that one leads)."""
 
     def listen(
         self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]

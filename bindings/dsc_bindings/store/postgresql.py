@@ -611,12 +611,16 @@ _RECORD_FAILURES = """
 #: while its instance holds the lock, asked in this statement (not before it: the lock may
 #: go between the two), so a deposed leader whose heartbeat has not noticed yet takes no term
 #: over the new one's; no row then.  ``last``: the last instance stopping takes one whether it
-#: holds the lock or not (nobody else is up to lead: runtime/service.py ``shutdown``).
+#: holds the lock or not (nobody else is up to lead: runtime/service.py ``shutdown``), unless
+#: an instance up (not :data:`GONE`, the rule by which it counted none) holds it: one started
+#: since that count, which leads (asked here too: it may take the lock between the two).
 _TAKE_LEAD = f"""
     INSERT INTO repository_announced (id, state, leader, term)
     SELECT 1, 'Idle', %(me)s, 1
-    WHERE %(last)s OR EXISTS (SELECT 1 FROM instances i
-                              WHERE i.id::text = %(me)s AND {HOLDS_LEADER_LOCK})
+    WHERE EXISTS (SELECT 1 FROM instances i WHERE i.id::text = %(me)s AND {HOLDS_LEADER_LOCK})
+       OR %(last)s AND NOT EXISTS (SELECT 1 FROM instances i
+                                   WHERE i.id::text <> %(me)s AND NOT {GONE}
+                                     AND {HOLDS_LEADER_LOCK})
     ON CONFLICT (id) DO UPDATE SET leader = excluded.leader,
         term = repository_announced.term + 1, changed = now()
     RETURNING state, term
