@@ -25,6 +25,7 @@ from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.instances import (
     LEADER,
+    LEADER_LOCK,
     LOCK_WITHOUT_TERM,
     NO_TERM,
     ClusterSettings,
@@ -489,6 +490,58 @@ def test_the_last_instance_stopping_takes_no_term_over_an_instance_up_that_holds
     started.stop()
     term.retake()
     assert term.change(True) == NewTerm(RepositoryState.PROCESSING, 2)
+
+
+def test_a_member_that_dropped_the_lock_takes_it_and_a_term_again_at_its_next_heartbeat(
+    two: tuple[PostgresRecords, ...], dsn: str
+) -> None:
+    """After ``ClusterMember.lock_lost`` nobody may sit as a follower while the lock is free:
+    the next heartbeat tries it again.  Dropped while its connection still held the lock (the
+    take-term statement raced a heartbeat that had just taken it back), the lock is taken
+    again on the same connection (nobody else could take it meanwhile); lost with its
+    connection, the heartbeat fails, reconnects and takes it on the new one.  Each time a term
+    follows at the next tick."""
+    a, _ = two
+    member = ClusterMember(
+        dsn,
+        ClusterSettings(instance_name="dsc-beating", heartbeat_seconds=0.2, lease_seconds=60),
+        address=lambda: "http://127.0.0.1:1/ScanServer",
+    )
+    member.start()
+    try:
+        term = LeaderTerm(member.id, a.take_lead, lock_lost=member.lock_lost)
+
+        def next_term() -> NewTerm | str | None:
+            term.refused()  # as an announcement refused makes it ask again
+            change = term.change(member.holds_lock)
+            if change is not None:
+                term.apply(change)
+            return change
+
+        def holders() -> list[int]:
+            """The backends that hold the leader's lock (pg_locks)."""
+            with psycopg.connect(dsn) as conn:
+                found = conn.execute(
+                    "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.objid = %s",
+                    (LEADER_LOCK,),
+                ).fetchall()
+            return [int(pid) for (pid,) in found]
+
+        assert next_term() == NewTerm(RepositoryState.IDLE, 1)
+        [holder] = holders()
+        member.lock_lost()
+        wait_for(lambda: member.holds_lock, what="the lock taken again at the next heartbeat")
+        assert holders() == [holder]
+        assert next_term() == NewTerm(RepositoryState.IDLE, 2)
+        lose_the_lock(dsn, member)
+        wait_for(
+            lambda: member.holds_lock and holders() not in ([], [holder]),
+            what="the lock taken on a new connection",
+        )
+        assert next_term() == NewTerm(RepositoryState.IDLE, 3)
+    finally:
+        member.stop()
 
 
 def test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock(
