@@ -755,3 +755,49 @@ def test_an_upgrade_from_schema_13_waits_for_a_write_in_flight_of_a_server_of_sc
         assert versions == [(2,)]  # stamped after the write, with the version it made
     finally:
         upgrading.close()
+
+
+def test_an_upgrade_held_up_by_a_transaction_left_open_gives_up_and_names_it(dsn: str) -> None:
+    """Schema 16 -> 17 while a session (an operator's psql here) holds a write on jobs in a
+    transaction it left open: the upgrade's lock waits for it, and every write of the
+    instances still running waits behind the upgrade.  It waits a bounded time, then gives up
+    with an error naming that session and saying what to do, so that neither the new server's
+    start nor the running instances hang for as long as the session stays open; without it,
+    both waited for ever.  Once the session is gone the upgrade runs."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:16]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (16)")
+    failed: list[BaseException] = []
+    upgraded: list[tuple[int, int]] = []
+    with psycopg.connect(dsn, application_name="psql of an operator") as session:
+        session.execute("UPDATE jobs SET version = version + 1")  # no commit: left open
+        [(pid,)] = session.execute("SELECT pg_backend_pid()").fetchall()
+        upgrading = psycopg.connect(dsn)
+
+        def upgrade_now() -> None:
+            try:
+                upgraded.append(upgrade(upgrading, lock_wait=0.5))
+            except BaseException as exc:  # the thread's outcome is the test's: kept
+                failed.append(exc)
+
+        upgrade_thread = threading.Thread(target=upgrade_now)
+        upgrade_thread.start()
+        upgrade_thread.join(60.0)
+        waited_for_ever = upgrade_thread.is_alive()
+        session.rollback()  # lets a waiting upgrade go, so that the test ends either way
+        upgrade_thread.join()
+        upgrading.close()
+    assert not waited_for_ever, upgraded
+    [error] = failed
+    assert isinstance(error, StoreError)
+    message = error.message
+    assert "\n" not in message
+    assert message.startswith("upgrading the job store schema 16 -> 17: "), message
+    assert f"pid {pid} (psql of an operator, idle in transaction" in message, message
+    assert "end that transaction (SELECT pg_terminate_backend(" in message, message
+    assert message.endswith("then try again"), message
+    with psycopg.connect(dsn) as conn:
+        assert upgrade(conn) == (16, 17)

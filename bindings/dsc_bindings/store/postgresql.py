@@ -692,29 +692,83 @@ def connection_kwargs(password_file: Path | None) -> dict[str, Any]:
     return kwargs
 
 
-def upgrade(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+#: How long an upgrade waits for a lock on a table it changes (once it holds _UPGRADE_LOCK: a
+#: server starting beside one upgrading waits for that whole).  The running instances' writes
+#: of that table wait behind the upgrade's request meanwhile, so a session that holds the table
+#: in a transaction left open (an operator's psql) held up the whole cluster, and the start,
+#: for as long as it stayed open; after this the upgrade gives up and names it.
+UPGRADE_LOCK_WAIT_SECONDS = 10.0
+
+#: The sessions that held a table lock of this database since before the upgrade began to
+#: wait (``%(waited)s`` seconds ago), oldest transaction first: those it may have waited for.
+_HELD_UP_BY = """
+    SELECT a.pid, coalesce(nullif(a.application_name, ''), a.usename::text, 'no name'),
+           coalesce(a.state, 'unknown'), EXTRACT(EPOCH FROM now() - a.xact_start)::float8
+    FROM pg_stat_activity a
+    WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+      AND a.xact_start < now() - make_interval(secs => %(waited)s)
+      AND EXISTS (SELECT 1 FROM pg_locks l
+                  WHERE l.pid = a.pid AND l.granted AND l.locktype = 'relation')
+    ORDER BY a.xact_start
+"""
+
+
+def upgrade(
+    conn: psycopg.Connection[Any], *, lock_wait: float = UPGRADE_LOCK_WAIT_SECONDS
+) -> tuple[int, int]:
     """Create or upgrade the schema; returns (version before, version now).  StoreError for a
-    schema newer than this server."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
-        conn.execute("CREATE TABLE IF NOT EXISTS dsc_schema (version integer NOT NULL)")
-        row = conn.execute("SELECT version FROM dsc_schema").fetchone()
-        before = 0 if row is None else int(row[0])
-        if before > SCHEMA_VERSION:
-            raise StoreError(
-                f"job store schema {before} is newer than this server ({SCHEMA_VERSION})",
-                temporary=False,
+    schema newer than this server, and when a lock it needs is held for longer than
+    ``lock_wait`` seconds (:data:`UPGRADE_LOCK_WAIT_SECONDS`)."""
+    before: int | None = None
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (f"{round(lock_wait * 1000)}ms",)
             )
-        if _JOB_DOCUMENTS_SCHEMA <= before < SCHEMA_VERSION:
-            conn.execute(_WRITTEN_TABLES_FIRST)
-        for statements in _MIGRATIONS[before:]:
-            for statement in statements:
-                conn.execute(statement)  # our own constant SQL
-        if row is None:
-            conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
-        elif before != SCHEMA_VERSION:
-            conn.execute("UPDATE dsc_schema SET version = %s", (SCHEMA_VERSION,))
+            conn.execute("CREATE TABLE IF NOT EXISTS dsc_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT version FROM dsc_schema").fetchone()
+            before = 0 if row is None else int(row[0])
+            if before > SCHEMA_VERSION:
+                raise StoreError(
+                    f"job store schema {before} is newer than this server ({SCHEMA_VERSION})",
+                    temporary=False,
+                )
+            if _JOB_DOCUMENTS_SCHEMA <= before < SCHEMA_VERSION:
+                conn.execute(_WRITTEN_TABLES_FIRST)
+            for statements in _MIGRATIONS[before:]:
+                for statement in statements:
+                    conn.execute(statement)  # our own constant SQL
+            if row is None:
+                conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif before != SCHEMA_VERSION:
+                conn.execute("UPDATE dsc_schema SET version = %s", (SCHEMA_VERSION,))
+    except psycopg.errors.LockNotAvailable as exc:
+        which = f"{before} -> {SCHEMA_VERSION}" if before is not None else f"to {SCHEMA_VERSION}"
+        raise StoreError(
+            f"upgrading the job store schema {which}: {_held_up_by(conn, lock_wait)}",
+            temporary=False,
+        ) from exc
+    assert before is not None  # read in the transaction, which committed
     return before, SCHEMA_VERSION
+
+
+def _held_up_by(conn: psycopg.Connection[Any], waited: float) -> str:
+    """What held an upgrade up (its transaction rolled back), and what to do, in one line."""
+    rows = conn.execute(_HELD_UP_BY, {"waited": waited}).fetchall()
+    if not rows:
+        return (
+            f"a lock on a table it changes was held by another session for more than "
+            f"{waited:g} s (none holds one now); try again"
+        )
+    held = ", ".join(
+        f"pid {pid} ({name}, {state} for {seconds:.0f} s)" for pid, name, state, seconds in rows
+    )
+    return (
+        f"waited {waited:g} s for a lock on a table it changes, held by {held}; the running "
+        "instances' writes wait behind the upgrade, so it gave up: end that transaction "
+        f"(SELECT pg_terminate_backend({rows[0][0]})) or let it finish, then try again"
+    )
 
 
 class PgDatabase:
