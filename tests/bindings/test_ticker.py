@@ -18,6 +18,7 @@ from core_support import soap, subscribe_body
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.runtime.alarm import Alarm, Wake
 from dsc_bindings.runtime.service import ScanService
+from dsc_bindings.runtime.ticket import settle
 from dsc_bindings.serve import compose
 from dsc_core import Command, Job, JobState, ServerConfig, names
 from dsc_core import client as C
@@ -33,15 +34,19 @@ class Counted:
     def __init__(self, service: ScanService) -> None:
         self.reads = 0
         self.ticks = 0
+        #: "read" and "tick", in the order the owner ran them.
+        self.calls: list[str] = []
         server = service.server
         next_deadline, tick = server.next_deadline, server.tick
 
         def counted_next_deadline() -> datetime | None:
             self.reads += 1
+            self.calls.append("read")
             return next_deadline()
 
         def counted_tick(now: datetime) -> list[Command]:
             self.ticks += 1
+            self.calls.append("tick")
             return tick(now)
 
         server.next_deadline = counted_next_deadline  # type: ignore[method-assign]
@@ -90,6 +95,14 @@ def test_a_job_created_while_the_ticker_sleeps_still_times_out(
 ) -> None:
     config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=4.0)
     service, counted = ticking(config)
+    token = _create_job(service)
+    job = wait_for(lambda: _ended(service, token), timeout=30, what="the job's timeout (R6)")
+    assert job.state is JobState.ABORTED
+    assert [r.value for r in job.reasons] == ["PostScanJobTimedOut"]
+    assert 1 <= counted.ticks <= 2, counted.ticks
+
+
+def _create_job(service: ScanService) -> str:
     body = C.envelope(
         names.Action.DSP_CREATE,
         C.create_post_scan_job(
@@ -102,16 +115,56 @@ def test_a_job_created_while_the_ticker_sleeps_still_times_out(
     reply = service.handle(body, content_type=C.SOAP_XML)
     token = C.text_of(C.parse_response(reply.body).payload, names.DSP, "JobToken")
     assert token
+    return token
 
-    def ended() -> Job | None:
-        job = service.job_record(token)
-        assert job is not None
-        return None if job.is_active else job
 
-    job = wait_for(ended, timeout=30, what="the job's timeout (R6)")
-    assert job.state is JobState.ABORTED
+def _ended(service: ScanService, token: str) -> Job | None:
+    job = service.job_record(token)
+    assert job is not None
+    return None if job.is_active else job
+
+
+@pytest.mark.parametrize("end", ["cut off", "refused"])
+def test_a_job_whose_send_image_ends_before_its_image_began_still_times_out(
+    ticking: Callable[[ServerConfig], tuple[ScanService, Counted]], end: str
+) -> None:
+    """A SendImage reserves its DocumentId once its SOAP part is read, and while it is
+    reserved the job has no R6 deadline (an image is arriving: ScanServer.next_deadline).
+    Cut off or refused before the image part began, the reservation goes without a command
+    (nothing was written), and the deadline is back: the ticker, asleep since it read none,
+    reads it again."""
+    config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=2.0)
+    service, counted = ticking(config)
+    token = _create_job(service)
+    root = C.envelope(
+        names.Action.DSP_SEND_IMAGE,
+        C.send_image_request(token, 1, "png", "i@x"),
+        message_id="urn:uuid:2",
+    )
+    mtom = C.mtom(root, "i@x", [b"image"], boundary="b-test")
+    body = b"".join(mtom.chunks())
+    image_part = body.index(b"--b-test", body.index(b"--b-test") + 1) + len(b"--b-test\r\n")
+    request = service.open_request(mtom.content_type, None, "/ScanServer")
+    assert request.feed(body[:image_part]) is None  # the SOAP part, not the image's headers
+    assert service.owner.call(lambda: (token, 1) in service.server.jobs.uploads)
+    # The ticker reads the deadline while the job is receiving (at the Create's nudge heeded,
+    # or at the job's first deadline): none, so it sleeps TICK_IDLE_SECONDS.
+    calls = len(counted.calls)
+    wait_for(
+        lambda: "read" in counted.calls[calls:],
+        timeout=30,
+        what="the ticker's read of the deadline while the job is receiving",
+    )
+    assert service.job_record(token).is_active  # type: ignore[union-attr]
+    if end == "cut off":
+        assert settle(request.abort()) is None
+    else:  # an image part that is not the one the SOAP part names (R8)
+        assert request.feed(b"Content-ID: <other@x>\r\n\r\nimage\r\n--b-test--\r\n") is None
+        reply = settle(request.finish())
+        assert reply.status == 400 and b"InvalidArgs" in reply.body, reply.body  # type: ignore[union-attr]
+    assert not service.owner.call(lambda: set(service.server.jobs.uploads))
+    job = wait_for(lambda: _ended(service, token), timeout=30, what="the job's timeout (R6)")
     assert [r.value for r in job.reasons] == ["PostScanJobTimedOut"]
-    assert 1 <= counted.ticks <= 2, counted.ticks
 
 
 def test_a_nudge_is_heeded_only_after_heed_after() -> None:

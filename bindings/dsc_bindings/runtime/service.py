@@ -240,6 +240,7 @@ class ScanService:
             directory,
             clock,
             observer,
+            self._alarm.nudge,
             (self._begin_catch_up, self._end_catch_up),
         )
 
@@ -788,7 +789,8 @@ class ScanService:
         if not commands and (after is None or after.done):
             return Ticket.completed()
         # A call that made commands changed the server, so maybe its next deadline (a new job
-        # or subscription, an upload's end: ScanServer.next_deadline's docstring).
+        # or subscription, an upload's end: ScanServer.next_deadline's docstring).  The one
+        # change without a command, a SendImage's reservation let go, nudges in .request.
         self._alarm.nudge()
         if (
             (after is None or after.done)
