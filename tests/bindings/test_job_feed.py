@@ -14,6 +14,8 @@ import psycopg
 import pytest
 
 from dsc_bindings.runtime.catchup import JobCatchUp
+from dsc_bindings.settings import load_settings
+from dsc_bindings.store.backends import open_job_store
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import (
     Announcement,
@@ -23,28 +25,31 @@ from dsc_bindings.store.interface import (
     VersionedWrite,
 )
 from dsc_bindings.store.jobcodec import decode_job
-from dsc_bindings.store.localspool import LocalSpool
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.split import QUARANTINE_NAME, SplitStore
 from dsc_bindings.store.sqlite import record_columns
 from dsc_core import ScanServer, ServerConfig
 from dsc_core.commands import (
     AnnounceRepositoryState,
+    AppendDocument,
+    BeginDocument,
     CreateJob,
     Deliver,
     DiscardDocuments,
     DropJob,
+    FinishDocument,
     JobInput,
     Removal,
     StartProcessing,
     UpdateJob,
 )
 from dsc_core.model import Document, JobState, RepositoryState
+from engines_support import shared_engine_config
 from test_store import make_job
 from waiting import wait_for
 
 if TYPE_CHECKING:
-    from engines_support import PgCluster
+    from engines_support import PgCluster, S3Server
 
 
 def create(records: PostgresRecords, token: str) -> None:
@@ -101,32 +106,108 @@ def test_deleted_rows_leave_tombstones(two: tuple[PostgresRecords, ...]) -> None
     assert changed.rows == () and changed.dropped == ("gone",)
 
 
-def test_a_quarantined_job_is_forgotten_by_the_other_instances(
-    tmp_path: Path, dsn: str, two: tuple[PostgresRecords, ...]
+def _shared_store(folder: Path, dsn: str, s3: S3Server, bucket: str) -> SplitStore:
+    """An instance's job store on PostgreSQL + S3, as ``dsc serve`` opens it from its
+    configuration (its own data folder; the records and the documents shared)."""
+    folder.mkdir()
+    config = folder / "dsc.toml"
+    config.write_text(shared_engine_config(dsn, s3, bucket, folder), encoding="utf-8")
+    settings = load_settings(config, data_dir=folder / "data")
+    return open_job_store(settings.data_dir, settings.storage)
+
+
+def _receive(store: SplitStore, token: str, image: bytes) -> None:
+    """The job ``token`` with one document, written as a shared store's instance writes it."""
+    store.apply(VersionedWrite(CreateJob(make_job(token)), None, 0))
+    store.apply(BeginDocument(token, 1, "png"))
+    store.apply(AppendDocument(token, 1, image))
+    store.apply(FinishDocument(token, 1, len(image)))
+    received = make_job(token, 1).evolve(documents=(Document(1, "png", len(image)),))
+    store.apply(VersionedWrite(UpdateJob(received, JobInput.IMAGE, ()), 1, 0))
+
+
+#: A record of a later codec than this server's (a newer server wrote it during a rolling
+#: upgrade): jobcodec refuses its version.
+_NEWER_RECORD = '{"v": 99, "token": "new"}'
+
+
+def test_an_undecodable_record_at_a_start_is_left_for_the_other_instances(
+    tmp_path: Path, pg: PgCluster, s3: S3Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A record that does not decode is quarantined by the next start that loads it
-    (SplitStore.load_jobs): its row goes with a tombstone, as a dropped job's, so an instance
-    that holds the job forgets it at its next catch-up; the other jobs stay."""
+    """On a shared store, a record this instance cannot decode (a newer server's) is not
+    quarantined at its start: the row, its documents in S3 and the other instances' copy of the
+    job stay; this instance does not serve it and says once what it means and what to do
+    (store/undecodable.py).  Quarantined, it was deleted for every instance (its tombstone)
+    and its documents moved into the starting instance's own folder."""
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    try:
+        _receive(serving, "new", b"image of new")
+        _receive(serving, "old", b"image of old")
+        elsewhere = JobCatchUp(serving.job_changes)
+        core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+        elsewhere.absorb(core, elsewhere.read())
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET job = %s WHERE token = 'new'", (_NEWER_RECORD,))
+        upgrading = _shared_store(tmp_path / "b", dsn, s3, bucket)
+        try:
+            # As dsc serve starts (runtime/service.py _load_jobs): the seed read, then the load.
+            here = JobCatchUp(upgrading.job_changes, undecodable=upgrading.undecodable)
+            with caplog.at_level("WARNING", logger="dsc.store"):
+                seed = here.read()
+                loaded = upgrading.load_jobs()
+                again = here.read()  # the next round reads the same record: no new line
+            assert [job.token for job in loaded] == ["old"]
+            assert [job.token for job, _ in seed.jobs] == ["old"]
+            assert again.jobs == seed.jobs
+            assert not (upgrading.data_dir / QUARANTINE_NAME).exists()
+            assert upgrading.documents("new") != []
+        finally:
+            upgrading.close()
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, warnings
+        assert (
+            "job new: the stored record does not decode (job record: unknown codec "
+            in (warnings[0])
+        )
+        assert "newer server? upgrade this instance" in warnings[0]
+        assert "`dsc db quarantine new`" in warnings[0]
+        # The row, its document and the other instance's job are as they were.
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT job FROM jobs WHERE token = 'new'").fetchone()
+        assert row == (_NEWER_RECORD,)
+        assert serving.documents("new")[0].read_bytes() == b"image of new"
+        elsewhere.absorb(core, elsewhere.read())
+        kept = core.jobs.get("new")
+        assert kept is not None and kept.documents == (Document(1, "png", 12),)
+        assert serving.load_jobs()[0].token == "old"  # the serving instance's own restart
+    finally:
+        serving.close()
+
+
+def test_an_undecodable_record_is_logged_again_at_its_next_version(
+    dsn: str, two: tuple[PostgresRecords, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once per record: reads that begin before the last one is absorbed (RequestReads, each
+    from the same cursor) read the same record again and say nothing more of it; a newer
+    record of the job that does not decode either is logged again."""
     a, b = two
     here = JobCatchUp(b.changes)
-    core = ScanServer(ServerConfig(), new_id=lambda: "unused")
-    here.seed(here.read())
-    create(a, "bad")
-    create(a, "good")
-    here.absorb(core, here.read())
-    assert core.jobs.get("bad") is not None
+    create(a, "new")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # A record this server cannot read (a newer server's, or damaged), written by hand.
-        conn.execute("""UPDATE jobs SET job = '{"v": 99}' WHERE token = 'bad'""")
-    data = tmp_path / "data"
-    with SplitStore.assemble(
-        data, lambda: PostgresRecords.open(dsn), lambda: LocalSpool.open(data)
-    ) as starting:
-        assert [job.token for job in starting.load_jobs()] == ["good"]
-    assert (data / QUARANTINE_NAME).is_dir()
-    here.absorb(core, here.read())
-    assert core.jobs.get("bad") is None
-    assert core.jobs.get("good") == make_job("good")
+        conn.execute("UPDATE jobs SET job = %s WHERE token = 'new'", (_NEWER_RECORD,))
+        with caplog.at_level("WARNING", logger="dsc.store"):
+            for _ in range(3):
+                assert here.read().jobs == ()
+            conn.execute(
+                "UPDATE jobs SET job = %s, version = version + 1, xid = pg_current_xact_id() "
+                "WHERE token = 'new'",
+                ('{"v": 99, "token": "new", "more": 1}',),
+            )
+            assert here.read().jobs == ()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert all(w.startswith("job new: the stored record does not decode") for w in warnings)
 
 
 def test_asked_rows_come_whatever_the_cursor(two: tuple[PostgresRecords, ...]) -> None:

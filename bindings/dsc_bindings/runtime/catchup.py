@@ -92,8 +92,8 @@ from dsc_bindings.store.interface import (
     Rang,
     VersionedWrite,
 )
-from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.subcodec import decode_subscription
+from dsc_bindings.store.undecodable import UndecodableRecords
 from dsc_core import (
     AnnounceRepositoryState,
     Command,
@@ -151,8 +151,12 @@ class JobCatchUp:
         instance: Callable[[], str] = str,
         *,
         fresh_seconds: float = FRESH_SECONDS,
+        undecodable: UndecodableRecords | None = None,
     ) -> None:
         self._fresh_seconds = fresh_seconds
+        #: Rows this instance cannot decode, left out and logged once (store/undecodable.py):
+        #: the store's, so that the start's load and the reads share what was logged.
+        self._undecodable = undecodable if undecodable is not None else UndecodableRecords()
         self._changes = changes
         #: This instance's name in uploads rows (its own uploads ring too).
         self._instance = instance
@@ -194,14 +198,11 @@ class JobCatchUp:
         changes = self._changes(cursor, stale | recount)
         jobs: list[tuple[Job, int]] = []
         for token, version, text, documents in changes.rows:
-            try:
-                job = decode_job(text, documents)
-            except (ValueError, TypeError) as exc:
-                # Another instance's record this one cannot read (a newer server?): it is
-                # left out here, not a failed request; the start quarantines it.
-                log.warning("job %s: the stored record does not decode (%s): skipped", token, exc)
-                continue
-            jobs.append((job, version))
+            # Another instance's record this one cannot read (a newer server's?): left out,
+            # not a failed request, and left where it is (store/undecodable.py).
+            job = self._undecodable.decode(token, text, documents)
+            if job is not None:
+                jobs.append((job, version))
         subscriptions: list[Subscription] = []
         for identifier, _version, text in changes.subscriptions:
             try:

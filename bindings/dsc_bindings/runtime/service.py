@@ -380,7 +380,9 @@ class ScanService:
             return store.load_jobs()
         records = store.records
         catch_up = self._catch_up = JobCatchUp(
-            store.job_changes, lambda: getattr(records, "instance", "")
+            store.job_changes,
+            lambda: getattr(records, "instance", ""),
+            undecodable=store.undecodable,
         )
         self._reads = RequestReads(
             catch_up, lambda caught: self.owner.soon(functools.partial(self._absorb, caught))

@@ -44,8 +44,8 @@ from dsc_bindings.store.interface import (
     VersionedWrite,
     check_token,
 )
-from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.subcodec import encode_subscription
+from dsc_bindings.store.undecodable import UndecodableRecords, decode_stored
 from dsc_core.commands import (
     AbortDocument,
     AppendDocument,
@@ -125,6 +125,9 @@ class SplitStore:
         #: Where this server runs from (its ``uploads`` rows, issue 18): one server per data
         #: folder and host, so a run that finds rows of its home knows their writer is dead.
         self.home = f"{socket.gethostname()}:{data_dir.resolve()}"
+        #: The rows of a shared store this instance leaves out (store/undecodable.py); the
+        #: catch-up shares it, so that each is logged once.
+        self.undecodable = UndecodableRecords()
 
     @classmethod
     def assemble(
@@ -318,21 +321,24 @@ class SplitStore:
 
     def load_jobs(self) -> list[Job]:
         """Every stored job, oldest first (to restore the core at start).  A record that does
-        not decode is quarantined (:meth:`_quarantine`), not a server that cannot start."""
+        not decode does not stop the server (store/undecodable.py): with the embedded default
+        it is quarantined (:meth:`_quarantine`); on a shared store it is left where it is, for
+        the other instances (a newer server's?), and this instance does not serve it."""
         try:
             rows = self.records.rows()
         except (sqlite3.Error, MemoryError) as exc:
             raise as_store_error("loading jobs", exc) from exc
         jobs = []
         for seq, token, text, documents in rows:
-            try:
-                job = decode_job(text, documents)
-                if job.token != token:
-                    raise ValueError(f"the record has token {job.token}")
-            except (ValueError, TypeError) as exc:
-                self._quarantine(seq, token, text, documents, str(exc))
+            if self.shared:
+                job = self.undecodable.decode(token, text, documents)
+                if job is not None:
+                    jobs.append(job)
                 continue
-            jobs.append(job)
+            try:
+                jobs.append(decode_stored(token, text, documents))
+            except ValueError as exc:
+                self._quarantine(seq, token, text, documents, str(exc))
         return jobs
 
     def _quarantine(
