@@ -5,6 +5,7 @@ and the runtime's catch-up (runtime/catchup.py) over it."""
 
 from __future__ import annotations
 
+import json
 import queue
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from dsc_bindings.console.main import main
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.settings import load_settings
 from dsc_bindings.store.backends import open_job_store
@@ -106,13 +108,19 @@ def test_deleted_rows_leave_tombstones(two: tuple[PostgresRecords, ...]) -> None
     assert changed.rows == () and changed.dropped == ("gone",)
 
 
-def _shared_store(folder: Path, dsn: str, s3: S3Server, bucket: str) -> SplitStore:
-    """An instance's job store on PostgreSQL + S3, as ``dsc serve`` opens it from its
-    configuration (its own data folder; the records and the documents shared)."""
+def _shared_config(folder: Path, dsn: str, s3: S3Server, bucket: str) -> Path:
+    """An instance's configuration file on PostgreSQL + S3 (the records and documents
+    shared), in ``folder``."""
     folder.mkdir()
     config = folder / "dsc.toml"
     config.write_text(shared_engine_config(dsn, s3, bucket, folder), encoding="utf-8")
-    settings = load_settings(config, data_dir=folder / "data")
+    return config
+
+
+def _shared_store(folder: Path, dsn: str, s3: S3Server, bucket: str) -> SplitStore:
+    """An instance's job store on PostgreSQL + S3, as ``dsc serve`` opens it from its
+    configuration (its own data folder)."""
+    settings = load_settings(_shared_config(folder, dsn, s3, bucket), data_dir=folder / "data")
     return open_job_store(settings.data_dir, settings.storage)
 
 
@@ -208,6 +216,86 @@ def test_an_undecodable_record_is_logged_again_at_its_next_version(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2, warnings
     assert all(w.startswith("job new: the stored record does not decode") for w in warnings)
+
+
+def test_a_corrupt_shared_record_is_quarantined_on_purpose_and_every_instance_forgets_it(
+    tmp_path: Path,
+    pg: PgCluster,
+    s3: S3Server,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``dsc db quarantine TOKEN`` does for a shared store what the embedded store's start
+    does: the record to DATA/quarantine, its documents from S3 next to it, the row deleted
+    with a tombstone, so that an instance holding the job forgets it at its next catch-up; the
+    other jobs stay.  A record that decodes, or a newer server's, or one written while the
+    operator was asked, is refused untouched."""
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    config = _shared_config(tmp_path / "admin", dsn, s3, bucket)
+    data = tmp_path / "admin" / "data"
+
+    def dsc_db_quarantine(token: str, *more: str) -> tuple[int, str]:
+        code = main(
+            ["db", "quarantine", "--config", str(config), "--data", str(data), *more, token]
+        )
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    try:
+        _receive(serving, "bad", b"image of bad")
+        _receive(serving, "good", b"image of good")
+        elsewhere = JobCatchUp(serving.job_changes)
+        core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+        elsewhere.absorb(core, elsewhere.read())
+        assert dsc_db_quarantine("good", "--yes") == (
+            1,
+            "dsc: db quarantine: the record of job good decodes: it is not corrupt, and this "
+            "command moves aside only a record no server can read (to end a job, `dsc cancel "
+            "good`; to remove an ended one, `dsc purge`)\n",
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE jobs SET job = %s WHERE token = 'bad'",
+                (_NEWER_RECORD.replace("new", "bad"),),
+            )
+            code, said = dsc_db_quarantine("bad", "--yes")
+            assert code == 1 and "written by a newer server (job codec version 99)" in said
+            assert "nothing was changed" in said
+            # Damaged: the current codec's version, a field missing.
+            conn.execute("""UPDATE jobs SET job = '{"v": 3, "token": "bad"}' WHERE token = 'bad'""")
+            code, said = dsc_db_quarantine("bad")  # no terminal to ask on, no --yes
+            assert code == 2 and "give --yes" in said
+            assert not (data / QUARANTINE_NAME).exists()
+
+            def rewritten(question: str, yes: bool) -> None:
+                """The operator takes a while to answer; a server writes the job meanwhile."""
+                conn.execute("UPDATE jobs SET job = job || ' ' WHERE token = 'bad'")
+
+            with monkeypatch.context() as answering:
+                answering.setattr("dsc_bindings.console.db.confirm", rewritten)
+                code, said = dsc_db_quarantine("bad", "--yes")
+            assert code == 1 and "changed meanwhile" in said and "nothing was changed" in said
+            assert not (data / QUARANTINE_NAME).exists()
+            conn.execute("""UPDATE jobs SET job = '{"v": 3, "token": "bad"}' WHERE token = 'bad'""")
+            code, said = dsc_db_quarantine("bad", "--yes")
+            assert code == 0, said
+            assert "job bad: moved to " in said and "every instance forgets the job" in said
+            assert conn.execute("SELECT token FROM jobs").fetchall() == [("good",)]
+        (record,) = (data / QUARANTINE_NAME).glob("job-*.json")
+        kept = json.loads(record.read_text())
+        assert (kept["token"], kept["record"]) == ("bad", '{"v": 3, "token": "bad"}')
+        assert kept["documents"] == [[1, "png", 12]]
+        spooled = record.with_suffix(".spool") / "1"
+        assert spooled.read_bytes() == b"image of bad"
+        assert serving.documents("bad") == []  # out of S3
+        assert serving.documents("good") != []
+        elsewhere.absorb(core, elsewhere.read())
+        assert core.jobs.get("bad") is None
+        assert core.jobs.get("good") is not None
+        assert dsc_db_quarantine("bad", "--yes")[0] == 1  # gone: "no job bad in ..."
+    finally:
+        serving.close()
 
 
 def test_asked_rows_come_whatever_the_cursor(two: tuple[PostgresRecords, ...]) -> None:

@@ -4,6 +4,8 @@
 purpose (the server also does it at start, under an advisory lock).  ``dsc db migrate`` moves
 the embedded store of a data folder (SQLite records, local spool) to PostgreSQL and, with
 ``--to-spool s3``, its documents to S3, then verifies the copy (store/migrate.py).
+``dsc db quarantine TOKEN`` moves a job record no server can decode out of the way, on purpose:
+a shared store's instances leave such a record where it is (store/undecodable.py).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsc_bindings.console.confirm import add_yes_option, can_confirm, confirm
 from dsc_bindings.console.output import Column, print_table
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
 from dsc_bindings.store.errors import one_line
@@ -291,6 +295,80 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from dsc_bindings.store.backends import describe, open_records, open_spool
+    from dsc_bindings.store.errors import StoreError
+    from dsc_bindings.store.interface import JobRecords, Spool
+    from dsc_bindings.store.split import lock_data_dir
+    from dsc_bindings.store.undecodable import decode_stored, newer_codec, quarantine
+
+    settings = _settings(args)
+    # The servers' own [store] and [spool]: the documents are where they keep them.
+    storage = settings.storage
+    data_dir: Path = settings.data_dir
+    token: str = args.token
+    can_confirm(args.yes, "db quarantine")
+    records: JobRecords | None = None
+    spool: Spool | None = None
+    lock_fd: int | None = None
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if storage.store_kind != "postgresql":  # the embedded store: its server is stopped
+            lock_fd = lock_data_dir(data_dir)
+        records = open_records(storage, data_dir)
+        spool = open_spool(storage, data_dir)
+        where = describe(storage, data_dir.resolve())
+        row = next((r for r in records.rows() if r[1] == token), None)
+        if row is None:
+            raise CliError(f"db quarantine: no job {token} in {where}")
+        seq, _, text, documents = row
+        try:
+            decode_stored(token, text, documents)
+        except ValueError as exc:
+            why = str(exc)
+        else:
+            raise CliError(
+                f"db quarantine: the record of job {token} decodes: it is not corrupt, and "
+                "this command moves aside only a record no server can read (to end a job, "
+                f"`dsc cancel {token}`; to remove an ended one, `dsc purge`)"
+            )
+        newer = newer_codec(text)
+        if newer is not None:
+            raise CliError(
+                f"db quarantine: the record of job {token} was written by a newer server "
+                f"(job codec version {newer}): it is not corrupt, this dsc is too old to read "
+                "it. Upgrade this dsc and the instances that cannot serve the job; nothing was "
+                "changed"
+            )
+        print(f"job {token} in {where}: the record does not decode ({why})")
+        confirm(
+            f"Move job {token}'s record and documents to {data_dir.resolve()}/quarantine and "
+            "delete the job for every instance?",
+            args.yes,
+        )
+        # The answer may have taken minutes: a record written meanwhile is some server's.
+        if next((r for r in records.rows() if r[1] == token), None) != row:
+            raise CliError(
+                f"db quarantine: the record of job {token} changed meanwhile (a server wrote "
+                "it: it may not be corrupt after all); nothing was changed, look again"
+            )
+        moved = quarantine(data_dir, records, spool, (seq, token, text, documents), why)
+    except StoreError as exc:
+        hint = ""
+        if "in use by another job store" in exc.message:
+            hint = ": stop dsc serve on this data folder first (it quarantines at start)"
+        raise CliError(f"db quarantine: {one_line(exc.message)}{hint}") from exc
+    finally:
+        if spool is not None:
+            spool.close()
+        if records is not None:
+            records.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
+    print(f"job {token}: moved to {moved}; every instance forgets the job")
+    return EXIT_OK
+
+
 #: ``dsc db migrate``'s report: what was copied and read back.
 _REPORT_COLUMNS = (
     Column("WHAT"),
@@ -303,7 +381,8 @@ _REPORT_COLUMNS = (
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "db",
-        help="the job store: create/upgrade its schema, migrate to PostgreSQL and S3",
+        help="the job store: create/upgrade its schema, migrate to PostgreSQL and S3, "
+        "quarantine a corrupt record",
         description="Manage the job store. The server creates and upgrades its schema at "
         "start by itself; these commands do it on purpose.",
     )
@@ -356,3 +435,28 @@ def add_parser(sub: Any) -> None:
     mig.add_argument("--ca-file", type=Path, help="CA file for the S3 endpoint's TLS")
     mig.add_argument("-v", "--verbose", action="store_true", help="one line per job copied")
     mig.set_defaults(func=cmd_migrate)
+
+    qua = commands.add_parser(
+        "quarantine",
+        help="move aside a job record no server can decode (a shared store keeps it)",
+        description="Move the stored record of job TOKEN, which does not decode, out of the "
+        "job store: the record (with the decoding error and its document rows) to "
+        "DATA/quarantine/job-SEQ.json, its documents (from the spool or S3) next to it, then "
+        "the row is deleted and every instance forgets the job. The embedded store (SQLite) "
+        "does this by itself at start; a shared store (PostgreSQL) never does, since the "
+        "record may be a newer server's that other instances serve: its instances leave it "
+        "where it is and log a WARNING naming the job. Run this only for a record that is "
+        "truly corrupt. A record that decodes, or that a newer server wrote (a later job "
+        "codec version), is refused and nothing is changed.",
+        epilog="Example: dsc db quarantine --config /etc/dsc/dsc.toml --data /var/lib/dsc "
+        "3f6c1a0e-...",
+    )
+    qua.add_argument("token", metavar="TOKEN", help="the job's token, as the WARNING names it")
+    qua.add_argument(
+        "--config", type=Path, help="the servers' TOML configuration file ([store], [spool])"
+    )
+    qua.add_argument(
+        "--data", type=Path, help="data folder; the quarantine folder goes in it (default ./var)"
+    )
+    add_yes_option(qua)
+    qua.set_defaults(func=cmd_quarantine)

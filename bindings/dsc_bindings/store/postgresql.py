@@ -508,8 +508,9 @@ _DELETE_JOB = """
     ON CONFLICT (token) DO UPDATE SET xid = pg_current_xact_id(), dropped = now()
 """
 _DROP = _DELETE_JOB.format(which="token = %(token)s")
-#: A record that does not decode, moved aside (SplitStore's quarantine): gone for every
-#: instance, as a dropped job is.
+#: A record that does not decode, moved aside on purpose (``dsc db quarantine``,
+#: store/undecodable.py; a start never does it on a shared store): gone for every instance, as
+#: a dropped job is.
 _QUARANTINE = _DELETE_JOB.format(which="seq = %(seq)s")
 #: A job row's documents as a JSON array of [document_id, format, size] (NULL: none), in the
 #: job's order (jobcodec.decode_job's rows).

@@ -17,7 +17,6 @@ instance read the rows, is younger), and each image being received is an ``uploa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -28,7 +27,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, cast
 
-from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
 from dsc_bindings.store.interface import (
     Closable,
@@ -45,7 +43,12 @@ from dsc_bindings.store.interface import (
     check_token,
 )
 from dsc_bindings.store.subcodec import encode_subscription
-from dsc_bindings.store.undecodable import UndecodableRecords, decode_stored
+from dsc_bindings.store.undecodable import (
+    QUARANTINE_NAME,
+    UndecodableRecords,
+    decode_stored,
+    quarantine,
+)
 from dsc_core.commands import (
     AbortDocument,
     AppendDocument,
@@ -82,8 +85,6 @@ __all__ = [
 ]
 
 LOCK_NAME = "lock"
-#: Job records that did not decode at start, moved aside (SplitStore._quarantine).
-QUARANTINE_NAME = "quarantine"
 #: With shared records, spool debris is what is older than this (a day: no upload or Creating
 #: job lasts that long, the R6 timeout ends the latter).
 SHARED_DEBRIS_SECONDS = 24 * 3600
@@ -344,48 +345,17 @@ class SplitStore:
     def _quarantine(
         self, seq: int, token: object, record: object, documents: StoredDocuments, why: str
     ) -> None:
-        """Move a job record that does not decode out of the way: its row (token, error, the
-        record and its document rows as stored) to ``quarantine/job-SEQ.json`` and its
-        documents next to it, then delete the row, logged at ERROR.  Every other job is served
-        as usual."""
-        folder = self.data_dir / QUARANTINE_NAME
-        folder.mkdir(mode=0o700, exist_ok=True)
-        target = folder / f"job-{seq}.json"
-        text = record if isinstance(record, str) else repr(record)
-        payload = json.dumps(
-            {
-                "token": str(token),
-                "error": why,
-                "record": text,
-                "documents": [list(row) for row in documents],
-            },
-            indent=1,
-            default=repr,  # what a hand-written row holds, as it is
+        """Move a record that does not decode out of the way (store/undecodable.py
+        :func:`quarantine`), logged at ERROR.  Every other job is served as usual."""
+        where = quarantine(
+            self.data_dir, self.records, self.spool, (seq, token, record, documents), why
         )
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            write_all(fd, payload.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(folder)
-        spool = ""
-        try:
-            if self.spool.set_aside(str(token), folder / f"job-{seq}.spool"):
-                spool = f" and its documents to {folder / f'job-{seq}.spool'}"
-        except StoreError:
-            pass  # a token that cannot be a folder has no documents
-        try:
-            self.records.remove(seq)
-        except sqlite3.Error as exc:
-            raise as_store_error("quarantining a job record", exc) from exc
         log.error(
-            "job %s: the stored record does not decode (%s): moved to %s%s; the server "
+            "job %s: the stored record does not decode (%s): moved to %s; the server "
             "starts without it",
             token,
             why,
-            target,
-            spool,
+            where,
         )
 
     def document_path(self, token: str, document_id: int) -> Path:

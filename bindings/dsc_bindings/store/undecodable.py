@@ -18,16 +18,32 @@ What happens to a row that is not, depends on who owns the data:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sqlite3
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
-from dsc_bindings.store.jobcodec import decode_job
+from dsc_bindings.durable import fsync_dir, write_all
+from dsc_bindings.store.errors import StoreError, as_store_error
+from dsc_bindings.store.interface import JobRecords, Spool
+from dsc_bindings.store.jobcodec import CODEC_VERSION, decode_job
 from dsc_core.model import Job
 
-__all__ = ["UndecodableRecords", "decode_stored"]
+__all__ = [
+    "QUARANTINE_NAME",
+    "UndecodableRecords",
+    "decode_stored",
+    "newer_codec",
+    "quarantine",
+]
 
 log = logging.getLogger("dsc.store")
+
+#: Job records moved aside (:func:`quarantine`), in the data folder.
+QUARANTINE_NAME = "quarantine"
 
 
 def decode_stored(token: str, text: str, documents: Sequence[Sequence[object]]) -> Job:
@@ -75,3 +91,63 @@ class UndecodableRecords:
             why,
             token,
         )
+
+
+def newer_codec(text: object) -> int | None:
+    """The codec version of a record a newer server wrote (above this server's
+    ``CODEC_VERSION``), else None: such a record is not corrupt, this server is too old."""
+    try:
+        record = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    version = record.get("v") if isinstance(record, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > CODEC_VERSION:
+        return version
+    return None
+
+
+def quarantine(
+    data_dir: Path,
+    records: JobRecords,
+    spool: Spool,
+    row: tuple[int, object, object, Sequence[Sequence[object]]],
+    why: str,
+) -> str:
+    """Move a stored row ``(seq, token, record, documents)`` out of the way: the row (token,
+    ``why``, the record and its document rows as stored) to ``DATA/quarantine/job-SEQ.json``,
+    its documents next to it (``job-SEQ.spool``; from S3 too), then delete the row (on
+    PostgreSQL with a tombstone: every instance forgets the job).  Where they went, for the log.
+    Raises StoreError."""
+    seq, token, record, documents = row
+    folder = data_dir / QUARANTINE_NAME
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = folder / f"job-{seq}.json"
+    text = record if isinstance(record, str) else repr(record)
+    payload = json.dumps(
+        {
+            "token": str(token),
+            "error": why,
+            "record": text,
+            "documents": [list(r) for r in documents],
+        },
+        indent=1,
+        default=repr,  # what a hand-written row holds, as it is
+    )
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, payload.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(folder)
+    where = str(target)
+    try:
+        if spool.set_aside(str(token), folder / f"job-{seq}.spool"):
+            where += f" and its documents to {folder / f'job-{seq}.spool'}"
+    except StoreError:
+        pass  # a token that cannot be a folder has no documents
+    try:
+        records.remove(seq)
+    except sqlite3.Error as exc:
+        raise as_store_error("quarantining a job record", exc) from exc
+    return where
