@@ -482,6 +482,51 @@ def test_the_doorbell_skips_the_read_until_another_instance_writes(
         here.doorbell.close()
 
 
+def test_a_job_asked_for_again_that_does_not_decode_is_not_read_at_every_round(
+    dsn: str, two: tuple[PostgresRecords, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write of a job fails here because a newer server rewrote it (a record this instance
+    cannot decode): the next read asks for its row whatever the cursor, leaves it out, and stops
+    asking; the listings skip their read again, and the row, once written anew, comes with the
+    cursor.  Asked for at every round, no listing skipped a read for the rest of the run."""
+    a, b = two
+    here = Listening(b)
+    try:
+        create(a, "j")
+        here.ring_for("j")
+        here.catch_up_now()
+        assert here.core.jobs.get("j") == make_job("j")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE jobs SET job = %s, version = 2, xid = pg_current_xact_id() "
+                "WHERE token = 'j'",
+                (_NEWER_RECORD.replace("new", "j"),),
+            )
+        here.ring_for("j")
+        [lost] = here.catch_up.stamp([UpdateJob(make_job("j", 1), JobInput.IMAGE, ())])
+        assert isinstance(lost, VersionedWrite)
+        with pytest.raises(JobChanged) as refused:
+            b.write(lost)
+        here.catch_up.settled(lost, refused.value)
+        assert not here.catch_up.fresh()
+        with caplog.at_level("WARNING", logger="dsc.store"):
+            here.catch_up_now()
+            assert here.catch_up.fresh()
+            here.catch_up_now()
+        assert here.core.jobs.get("j") == make_job("j")  # the table keeps what it had
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and warnings[0].startswith("job j: the stored record")
+        # A newer server's next write of the job, one this instance reads, comes as news.
+        updated = make_job("j", 3, state=JobState.PENDING)
+        a.write(VersionedWrite(UpdateJob(updated, JobInput.END, ()), 2, 0))
+        here.ring_for("j")
+        assert not here.catch_up.fresh()
+        here.catch_up_now()
+        assert here.core.jobs.get("j") == updated
+    finally:
+        here.doorbell.close()
+
+
 def test_without_a_recent_read_nothing_is_skipped(two: tuple[PostgresRecords, ...]) -> None:
     """The bound on staleness (FRESH_SECONDS; 0 here): a quiet doorbell alone is not enough."""
     _, b = two

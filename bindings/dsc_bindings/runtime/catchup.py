@@ -138,6 +138,8 @@ class Caught:
     number: int = -1
     #: The subscriptions it read again whatever the cursor (their counts, module doc).
     recounted: frozenset[str] = frozenset()
+    #: Jobs whose rows it read and left out: they do not decode (store/undecodable.py).
+    left_out: tuple[str, ...] = ()
 
 
 class JobCatchUp:
@@ -197,11 +199,14 @@ class JobCatchUp:
         # Job tokens and subscription identifiers in one set: the store reads the rows of both.
         changes = self._changes(cursor, stale | recount)
         jobs: list[tuple[Job, int]] = []
+        left_out: list[str] = []
         for token, version, text, documents in changes.rows:
             # Another instance's record this one cannot read (a newer server's?): left out,
             # not a failed request, and left where it is (store/undecodable.py).
             job = self._undecodable.decode(token, text, documents)
-            if job is not None:
+            if job is None:
+                left_out.append(token)
+            else:
                 jobs.append((job, version))
         subscriptions: list[Subscription] = []
         for identifier, _version, text in changes.subscriptions:
@@ -222,6 +227,7 @@ class JobCatchUp:
             began,
             number,
             recount,
+            tuple(left_out),
         )
 
     def seed(self, caught: Caught) -> None:
@@ -287,6 +293,13 @@ class JobCatchUp:
                     continue  # this instance wrote it, or read it before
                 self._known[token] = version
                 fresh.append(job)
+            for token in caught.left_out:
+                # Asked for again (a write of it failed here) and still not readable: reading
+                # it at every round would tell nothing new (and no listing would skip a read);
+                # its next write comes with the cursor.  Meanwhile the table keeps what it had
+                # (if anything), whose writes the store refuses: the row moved on.
+                if not self._pending[token]:
+                    self._stale.discard(token)
             for token in caught.dropped:
                 self._known.pop(token, None)
                 self._stale.discard(token)
