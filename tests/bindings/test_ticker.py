@@ -224,3 +224,13 @@ def test_nudges_before_heed_after_do_not_wake_the_sleeper_and_one_after_it_does(
     sleeper.join(timeout=10)
     assert slept == [Wake.NUDGED, Wake.NUDGED]
     assert condition.wakes == 1, condition.wakes
+
+
+def test_the_service_s_stop_ends_the_ticker_s_idle_sleep(
+    ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
+) -> None:
+    service, _ = ticking(ServerConfig(user_directory={SID: "alice@corp.example"}))
+    ticker = next(t for t in service._threads if t.name == "dsc-ticker")
+    assert ticker.is_alive()  # asleep for TICK_IDLE_SECONDS: nothing is due
+    service.shutdown(5.0)  # joins the ticker for at most 2 s, then goes on without it
+    assert not ticker.is_alive()
