@@ -226,6 +226,50 @@ def test_nudges_before_heed_after_do_not_wake_the_sleeper_and_one_after_it_does(
     assert condition.wakes == 1, condition.wakes
 
 
+def test_a_failed_round_is_followed_by_a_pause_that_nudges_do_not_cut_short(
+    ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
+) -> None:
+    """A round of the ticker that fails (a bug, a store that does not answer) is logged, then
+    the ticker pauses TICK_MAX_SECONDS before the next: under load every request nudges, and a
+    pause a nudge ends would repeat the failure, and its logged traceback, at each request."""
+    service, _ = ticking(ServerConfig(user_directory={SID: "alice@corp.example"}))
+    failures = 0
+
+    def failing() -> datetime | None:
+        nonlocal failures
+        failures += 1
+        raise RuntimeError("next_deadline failed (injected)")
+
+    service.server.next_deadline = failing  # type: ignore[method-assign]
+    alarm = service._alarm
+    sleep = alarm.sleep
+    # Each sleep's end, and whether a round had failed when it began.
+    sleeps: list[tuple[bool, Wake]] = []
+
+    def recorded(seconds: float, heed_after: float = 0.0) -> Wake:
+        failed = failures > 0
+        woke = sleep(seconds, heed_after)
+        sleeps.append((failed, woke))
+        return woke
+
+    alarm.sleep = recorded  # type: ignore[method-assign]
+    busy = threading.Event()
+
+    def requests() -> None:  # a busy server: a nudge every few milliseconds
+        while not busy.wait(0.005):
+            alarm.nudge()
+
+    nudger = threading.Thread(target=requests)
+    nudger.start()
+    try:
+        wait_for(lambda: sum(f for f, _ in sleeps) >= 2, timeout=30, what="two failed rounds")
+    finally:
+        busy.set()
+        nudger.join()
+    pauses = [woke for failed, woke in sleeps if failed]
+    assert pauses[:2] == [Wake.DUE, Wake.DUE], pauses
+
+
 def test_the_service_s_stop_ends_the_ticker_s_idle_sleep(
     ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
 ) -> None:

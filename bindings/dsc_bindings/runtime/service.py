@@ -1079,7 +1079,9 @@ class ScanService:
                 self.owner.soon(functools.partial(self._tick, caught, change))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
-                if self._alarm.sleep(TICK_MAX_SECONDS) is Wake.STOPPED:
+                # Nudges do not end this pause: under load each request nudges, and the
+                # failure (and its traceback) would repeat at each one.
+                if self._alarm.sleep(TICK_MAX_SECONDS, heed_after=TICK_MAX_SECONDS) is Wake.STOPPED:
                     return
 
     def clock_stepped(self) -> None:
