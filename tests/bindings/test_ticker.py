@@ -102,6 +102,22 @@ def test_a_job_created_while_the_ticker_sleeps_still_times_out(
     assert 1 <= counted.ticks <= 2, counted.ticks
 
 
+def test_a_reload_that_shortens_the_job_timeout_wakes_the_ticker(
+    ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
+) -> None:
+    """A reload makes no command when nobody subscribed and the history keeps its jobs: the
+    ticker, asleep until a timeout ten minutes away, hears of the shorter one only from
+    ScanService.reconfigure's own nudge."""
+    config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=600.0)
+    service, counted = ticking(config)
+    token = _create_job(service)
+    reads = counted.reads
+    wait_for(lambda: counted.reads > reads, what="the ticker's read of the job's deadline")
+    service.reconfigure(config.replace(job_timeout_seconds=1.0))
+    job = wait_for(lambda: _ended(service, token), timeout=30, what="the job's timeout (R6)")
+    assert [r.value for r in job.reasons] == ["PostScanJobTimedOut"]
+
+
 def _create_job(service: ScanService) -> str:
     body = C.envelope(
         names.Action.DSP_CREATE,
