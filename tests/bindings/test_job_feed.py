@@ -193,6 +193,41 @@ def test_an_undecodable_record_at_a_start_is_left_for_the_other_instances(
         serving.close()
 
 
+def test_a_server_starting_on_an_undecodable_shared_record_says_so_once(
+    tmp_path: Path, pg: PgCluster, s3: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole start (create_app's service: the seed read of the catch-up, then the load)
+    leaves the record for the others and logs it once: the two share what was logged
+    (SplitStore.undecodable)."""
+    import asyncio
+
+    from dsc_bindings.asgi import create_app
+
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    try:
+        _receive(serving, "new", b"image of new")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET job = %s WHERE token = 'new'", (_NEWER_RECORD,))
+        config = _shared_config(tmp_path / "b", dsn, s3, bucket)
+        app = create_app(config, data_dir=tmp_path / "b" / "data", port=5362)
+
+        async def start_and_stop() -> None:
+            async with app.running():
+                pass
+
+        with caplog.at_level("WARNING", logger="dsc.store"):
+            asyncio.run(start_and_stop())
+        said = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("job new: the stored record"), said
+        assert not (tmp_path / "b" / "data" / QUARANTINE_NAME).exists()
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT job FROM jobs").fetchall() == [(_NEWER_RECORD,)]
+        assert serving.documents("new")[0].read_bytes() == b"image of new"
+    finally:
+        serving.close()
+
+
 def test_an_undecodable_record_is_logged_again_at_its_next_version(
     dsn: str, two: tuple[PostgresRecords, ...], caplog: pytest.LogCaptureFixture
 ) -> None:
