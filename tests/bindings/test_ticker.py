@@ -140,7 +140,7 @@ def _ended(service: ScanService, token: str) -> Job | None:
     return None if job.is_active else job
 
 
-@pytest.mark.parametrize("end", ["cut off", "refused"])
+@pytest.mark.parametrize("end", ["cut off", "refused", "undecodable"])
 def test_a_job_whose_send_image_ends_before_its_image_began_still_times_out(
     ticking: Callable[[ServerConfig], tuple[ScanService, Counted]], end: str
 ) -> None:
@@ -148,7 +148,8 @@ def test_a_job_whose_send_image_ends_before_its_image_began_still_times_out(
     reserved the job has no R6 deadline (an image is arriving: ScanServer.next_deadline).
     Cut off or refused before the image part began, the reservation goes without a command
     (nothing was written), and the deadline is back: the ticker, asleep since it read none,
-    reads it again."""
+    reads it again.  An image part the server cannot decode lets it go while the rest of the
+    body may still be arriving: the job times out meanwhile."""
     config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=2.0)
     service, counted = ticking(config)
     token = _create_job(service)
@@ -174,13 +175,20 @@ def test_a_job_whose_send_image_ends_before_its_image_began_still_times_out(
     assert service.job_record(token).is_active  # type: ignore[union-attr]
     if end == "cut off":
         assert settle(request.abort()) is None
-    else:  # an image part that is not the one the SOAP part names (R8)
+    elif end == "refused":  # an image part that is not the one the SOAP part names (R8)
         assert request.feed(b"Content-ID: <other@x>\r\n\r\nimage\r\n--b-test--\r\n") is None
         reply = settle(request.finish())
         assert reply.status == 400 and b"InvalidArgs" in reply.body, reply.body  # type: ignore[union-attr]
+    elif end == "undecodable":  # RFC 2045 section 6: refused, the rest of the body discarded
+        undecodable = b"Content-Transfer-Encoding: x-unknown\r\nContent-ID: <i@x>\r\n\r\n"
+        assert request.feed(undecodable) is None
     assert not service.owner.call(lambda: set(service.server.jobs.uploads))
     job = wait_for(lambda: _ended(service, token), timeout=30, what="the job's timeout (R6)")
     assert [r.value for r in job.reasons] == ["PostScanJobTimedOut"]
+    if end == "undecodable":
+        assert request.feed(b"image\r\n--b-test--\r\n") is None
+        reply = settle(request.finish())
+        assert reply.status == 400 and b"cannot be decoded" in reply.body, reply.body  # type: ignore[union-attr]
 
 
 def test_a_nudge_is_heeded_only_after_heed_after() -> None:

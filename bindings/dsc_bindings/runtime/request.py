@@ -98,6 +98,8 @@ class ServiceRequest:
             # first (its cost is nothing beside the image's).
             return self._catch_up(lambda: self.feed(data), needed=True)
         commands = self._run.owner.call(lambda: exchange.feed(data))
+        if not commands:
+            self._upload_let_go()
         # One batch of this exchange in flight at a time, and the caller does not wait for
         # the batch it just handed over: the next piece of the body is read while this one
         # is written (measured, 400 MB SendImage: waiting for each 256 KiB write before the
@@ -204,11 +206,12 @@ class ServiceRequest:
         return ticket
 
     def _upload_let_go(self) -> None:
-        """The exchange ended.  A SendImage's DocumentId reservation ended with it: while
-        reserved, its job had no R6 deadline (an image is arriving, ScanServer.next_deadline),
-        and one cut off or refused before its image part began is let go without a command
-        (nothing was written), so ScanService.submit's nudge never comes: the deadline is back
-        and the ticker, asleep since it read none, must read it again."""
+        """The exchange ended, or a piece of its body made no command (an image part it
+        cannot decode is refused there).  A SendImage's DocumentId reservation may have gone
+        with it: while reserved, its job had no R6 deadline (an image is arriving,
+        ScanServer.next_deadline), and one let go before its image part began goes without a
+        command (nothing was written), so ScanService.submit's nudge never comes: the deadline
+        is back and the ticker, asleep since it read none, must read it again."""
         if self._exchange.streamed:
             self._run.nudge()
 
