@@ -150,7 +150,9 @@ def test_a_job_whose_send_image_ends_before_its_image_began_still_times_out(
     (nothing was written), and the deadline is back: the ticker, asleep since it read none,
     reads it again.  An image part the server cannot decode lets it go while the rest of the
     body may still be arriving: the job times out meanwhile."""
-    config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=2.0)
+    # Long enough for the job to be Creating when its SendImage begins, however slow the
+    # machine; shortened below, while the job is receiving.
+    config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=600.0)
     service, counted = ticking(config)
     token = _create_job(service)
     root = C.envelope(
@@ -164,9 +166,10 @@ def test_a_job_whose_send_image_ends_before_its_image_began_still_times_out(
     request = service.open_request(mtom.content_type, None, "/ScanServer")
     assert request.feed(body[:image_part]) is None  # the SOAP part, not the image's headers
     assert service.owner.call(lambda: (token, 1) in service.server.jobs.uploads)
-    # The ticker reads the deadline while the job is receiving (at the Create's nudge heeded,
-    # or at the job's first deadline): none, so it sleeps TICK_IDLE_SECONDS.
+    # The job is overdue once it stops receiving.  The reload's nudge makes the ticker read the
+    # deadline while the job is receiving: none, so it sleeps TICK_IDLE_SECONDS.
     calls = len(counted.calls)
+    service.reconfigure(config.replace(job_timeout_seconds=0.5))
     wait_for(
         lambda: "read" in counted.calls[calls:],
         timeout=30,
