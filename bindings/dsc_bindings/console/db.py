@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dsc_bindings.console.confirm import add_yes_option, can_confirm, confirm
 from dsc_bindings.console.output import Column, print_table
 from dsc_bindings.console.support import EXIT_OK, EXIT_USAGE, CliError
-from dsc_bindings.store.errors import one_line
+from dsc_bindings.store.errors import StoreError, one_line
 
 if TYPE_CHECKING:
     from dsc_bindings.observe.devices import DeviceRows
@@ -242,10 +242,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             report = migrate(source, records, spool, print if args.verbose else lambda _: None)
             book, counters = _copy_devices(data_dir, target)
     except StoreError as exc:
-        hint = ""
-        if "in use by another job store" in exc.message:
-            hint = ": stop dsc serve on this data folder first"
-        raise CliError(f"db migrate: {one_line(exc.message)}{hint}") from exc
+        raise _store_failed("db migrate", exc) from exc
     finally:
         if spool is not None:
             spool.close()
@@ -354,10 +351,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             )
         moved = quarantine(data_dir, records, spool, (seq, token, text, documents), why)
     except StoreError as exc:
-        hint = ""
-        if "in use by another job store" in exc.message:
-            hint = ": stop dsc serve on this data folder first (it quarantines at start)"
-        raise CliError(f"db quarantine: {one_line(exc.message)}{hint}") from exc
+        raise _store_failed("db quarantine", exc, " (it quarantines at start)") from exc
     finally:
         if spool is not None:
             spool.close()
@@ -460,3 +454,12 @@ def add_parser(sub: Any) -> None:
     )
     add_yes_option(qua)
     qua.set_defaults(func=cmd_quarantine)
+
+
+def _store_failed(command: str, exc: StoreError, why_stop: str = "") -> CliError:
+    """The one line a ``dsc db`` command fails with when the store refused; a data folder that
+    a running server holds says what to do."""
+    hint = ""
+    if "in use by another job store" in exc.message:
+        hint = f": stop dsc serve on this data folder first{why_stop}"
+    return CliError(f"{command}: {one_line(exc.message)}{hint}")
