@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,20 @@ class Pair:
         self.dsn = dsn
         self.pg = pg
         self.s3 = s3
+
+    @contextmanager
+    def telling(self, lines: int = 60) -> Iterator[None]:
+        """A failure inside shows the end of both instances' logs: what the servers said
+        is what tells why a cluster test failed."""
+        try:
+            yield
+        except AssertionError as exc:
+            tails = "".join(
+                f"\n--- the last {lines} lines of instance {name}'s log ---\n"
+                + "\n".join(server.log.splitlines()[-lines:])
+                for name, server in (("a", self.a), ("b", self.b))
+            )
+            raise AssertionError(f"{exc}{tails}") from exc
 
     @property
     def folder(self) -> Path:
@@ -224,38 +239,42 @@ def pair(started_pair: Pair, request: pytest.FixtureRequest) -> Iterator[Pair]:
 def test_a_frozen_instance_s_late_file_share_writes_are_refused(pair: Pair) -> None:
     """SIGSTOP past the lease mid-file-share, b rescues and completes the job, SIGCONT: the
     frozen run goes on with a record held since before the rescue, and places nothing."""
-    client, token = pair.create("frozen")
-    held = pair.hold_record(token, 2)
-    try:
-        pair.send(client, token)
-        pair.caught_mid_way("frozen", token, pair.a)
-        os.kill(pair.a.pid, signal.SIGSTOP)
-        wait_for(lambda: f"job {token} rescued from instance" in pair.b.log, 30, "b's rescue")
-        wait_for(lambda: pair.waiting_records() == 2, 30, "b to record document 2")
-    finally:
-        held.rollback()
-        held.close()
-    ended = Soap(pair.b.url).wait_ended(token, 30)
-    assert ended.state == "Completed", ended
-    os.kill(pair.a.pid, signal.SIGCONT)
-    wait_for(
-        lambda: f"job {token}: the run of its filters here has ended" in pair.a.log,
-        30,
-        "the frozen instance's run to end",
-    )
-    # Refused by the heartbeat (the renewal finds the lease gone), by the file share's check
-    # before a file takes its name, or by the fenced record write of its report.
-    refusals = (
-        f"job {token}: the lease was lost",
-        f"of job {token} delivers nothing more",
-        f"job {token}: a write of its filters was refused",
-    )
-    assert any(refusal in pair.a.log for refusal in refusals), pair.a.log[-3000:]
-    pair.assert_delivered_once("frozen")
-    for server in (pair.a, pair.b):
-        view = Soap(server.url).in_history(token)
-        assert view is not None and view.state == "Completed", view
-        assert view.completed == ended.completed, (view, ended)
+    with pair.telling():
+        client, token = pair.create("frozen")
+        held = pair.hold_record(token, 2)
+        try:
+            pair.send(client, token)
+            pair.caught_mid_way("frozen", token, pair.a)
+            os.kill(pair.a.pid, signal.SIGSTOP)
+            wait_for(lambda: f"job {token} rescued from instance" in pair.b.log, 30, "b's rescue")
+            wait_for(lambda: pair.waiting_records() == 2, 30, "b to record document 2")
+        finally:
+            held.rollback()
+            held.close()
+        ended = Soap(pair.b.url).wait_ended(token, 30)
+        assert ended.state == "Completed", ended
+        os.kill(pair.a.pid, signal.SIGCONT)
+        # Said however a learns that the job is no longer its own: the heartbeat's renewal
+        # before the engine's last report, or that report made nothing (the catch-up read
+        # brought b's end first) or was refused (runtime/service.py ``_run_dropped``).
+        wait_for(
+            lambda: f"job {token}: the run of its filters here has ended" in pair.a.log,
+            30,
+            "the frozen instance's run to end",
+        )
+        # Refused by the heartbeat (the renewal finds the lease gone), by the file share's check
+        # before a file takes its name, or by the fenced record write of its report.
+        refusals = (
+            f"job {token}: the lease was lost",
+            f"of job {token} delivers nothing more",
+            f"job {token}: a write of its filters was refused",
+        )
+        assert any(refusal in pair.a.log for refusal in refusals), pair.a.log[-3000:]
+        pair.assert_delivered_once("frozen")
+        for server in (pair.a, pair.b):
+            view = Soap(server.url).in_history(token)
+            assert view is not None and view.state == "Completed", view
+            assert view.completed == ended.completed, (view, ended)
 
 
 def test_postgresql_stopped_mid_file_share_interrupts_the_job_it_completes_later(
