@@ -392,6 +392,36 @@ def test_a_job_ended_here_as_the_leases_renew_is_not_logged_as_ended_elsewhere(
     keeper.finished("done")  # the engine lets go afterwards: nothing is left to release
 
 
+def test_a_run_whose_job_ended_elsewhere_says_it_ended_though_it_still_held_the_lease(
+    records: PostgresRecords, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frozen instance goes on (SIGCONT) after another one rescued and completed its job:
+    the catch-up read brought the job's end before the heartbeat found the lease lost, so the
+    engine's last report comes while the lease is still held and the core makes nothing of
+    it (tests/e2e/test_cluster_fileshare.py's frozen instance, under load).  The run's end is
+    still said, as when the lease was lost before the report, and the lease let go."""
+    from dsc_bindings.serve import compose
+    from dsc_core import ServerConfig
+    from dsc_core.commands import ProcessingFinished
+
+    pending(records, "j")
+    keeper = keeper_of(leases_of(records, "a"), free_slots=lambda: 1)
+    assert keeper.claim("j")
+    data = tmp_path / "data"
+    service = compose(ServerConfig(), data, FilterSettings.embedded_default(data)).service
+    service._leases = keeper  # this instance's keeper, as ScanService.start makes it
+    completed = make_job("j", 2, state=JobState.COMPLETED)
+    assert service.owner.call(lambda: service.server.absorb([completed])) == []  # the catch-up
+    with caplog.at_level(logging.INFO, logger="dsc.service"):
+        service._engine_report(ProcessingFinished("j"))
+    said = [r.getMessage() for r in caplog.records if r.name == "dsc.service"]
+    assert said == [
+        "job j: the run of its filters here has ended; the job had ended on another instance, "
+        "so what it reported was dropped"
+    ], said
+    assert keeper.held() == {}
+
+
 def test_the_keeper_of_a_new_run_resumes_its_folder_s_jobs_once_at_its_first_beat(
     records: PostgresRecords,
 ) -> None:

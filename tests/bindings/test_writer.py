@@ -76,7 +76,8 @@ def test_a_job_changed_elsewhere_keeps_its_documents() -> None:
     instance changed the job (JobChanged: it took the job over when this instance's lease
     lapsed, or ended it) does not discard the job's documents: the other instance may be
     running it on them (a rescued job found a document gone and was Aborted, bench/cluster.py
-    under load).  The batch's other commands still run, another job's discard too."""
+    under load).  The batch's other commands still run, another job's discard too; the
+    ticket names the job whose write was refused."""
     applied: list[Writable] = []
 
     def store(command: Writable) -> None:
@@ -99,7 +100,11 @@ def test_a_job_changed_elsewhere_keeps_its_documents() -> None:
             DiscardDocuments("kept"),
             _event("after"),
         ]
-        assert writer.submit(batch, strict=False).wait(10)
+        ticket = writer.submit(batch, strict=False)
+        assert ticket.wait(10)
         assert applied == [batch[2], DiscardDocuments("kept"), _event("after")], applied
+        # The engine's report learns from its ticket that the job's write was not recorded
+        # (runtime/service.py says the run ended without it).
+        assert ticket.refused == frozenset({"lost"})
     finally:
         writer.close()

@@ -993,33 +993,52 @@ class ScanService:
             # The lease was lost (.leasing): another instance runs the job now; this run's
             # reports change nothing, here or in the store.
             if isinstance(event, ProcessingFinished):
-                log.info(
-                    "job %s: the run of its filters here has ended; it no longer held the job "
-                    "(its lease lost or handed back), so what it reported was dropped",
-                    event.token,
+                self._run_dropped(
+                    event.token, "it no longer held the job (its lease lost or handed back)"
                 )
             else:
                 log.debug("job %s: %s dropped: the lease is not held", event.token, event)
             return
         now = self.clock()
 
-        def report() -> Ticket:
+        def report() -> tuple[Ticket, bool]:
             commands = self.server.processing(event, now)
             if keeper is None:
-                return self.submit(commands, False)
+                return self.submit(commands, False), bool(commands)
             # Fenced even if the lease goes while they wait in the writer's queue.
-            return self._writer.submit(
-                keeper.fence(self._stamped(commands), event.token), strict=False
-            )
+            fenced = keeper.fence(self._stamped(commands), event.token)
+            return self._writer.submit(fenced, strict=False), bool(commands)
 
-        ticket = self.owner.call(report)
+        ticket, recorded = self.owner.call(report)
         if not ticket.wait(ENGINE_REPORT_WAIT_SECONDS):
             log.error(
                 "job store did not take a processing report within %.0f s",
                 ENGINE_REPORT_WAIT_SECONDS,
             )
-        elif keeper is not None and isinstance(event, ProcessingFinished):
-            keeper.finished(event.token)
+            return
+        if keeper is None or not isinstance(event, ProcessingFinished):
+            return
+        keeper.finished(event.token)
+        # The lease was held when the report began, but the job had ended on another
+        # instance (it rescued the job while this one was frozen): the core knew it from the
+        # catch-up read and made nothing of the report, or the store refused the fenced write
+        # of its end.  Said as for a lease lost before the report: the run is over either way.
+        if not recorded:
+            self._run_dropped(event.token, "the job had ended on another instance")
+        elif event.token in ticket.refused:
+            self._run_dropped(
+                event.token, "the write of its end was refused (another instance has it)"
+            )
+
+    @staticmethod
+    def _run_dropped(token: str, why: str) -> None:
+        """The one line that says a run of a job's filters here ended without its end being
+        recorded here (another instance has the job)."""
+        log.info(
+            "job %s: the run of its filters here has ended; %s, so what it reported was dropped",
+            token,
+            why,
+        )
 
     # --- deliveries ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ class Ticket:
     strict batch (None when every command ran).  Completed from a writer thread; waited for
     with :meth:`wait` (blocking) or through :meth:`add_done_callback`."""
 
-    __slots__ = ("_callbacks", "_done", "_event", "_lock", "error", "value")
+    __slots__ = ("_callbacks", "_done", "_event", "_lock", "error", "refused", "value")
 
     def __init__(self) -> None:
         self._done = False
@@ -35,6 +35,10 @@ class Ticket:
         self.error: BaseException | None = None
         #: The result of an :meth:`CommandWriter.offload` call.
         self.value: object = None
+        #: Of a non-strict batch: the jobs whose record write was refused as changed by another
+        #: instance (JobChanged; the writer goes on with the rest).  An engine report tells by
+        #: it that the run's end was not recorded here (runtime/service.py).
+        self.refused: frozenset[str] = frozenset()
 
     @classmethod
     def completed(cls) -> Ticket:

@@ -261,12 +261,18 @@ class CommandWriter:
             batch.documents.wait()
             error = batch.documents.error
         if error is None or not batch.strict:
-            error = self._apply(batch.commands, batch.strict) or error
+            changed: set[str] = set()
+            error = self._apply(batch.commands, batch.strict, changed) or error
+            batch.ticket.refused = frozenset(changed)
         batch.ticket._complete(error if batch.strict else None)
 
-    def _apply(self, commands: Sequence[Writable], strict: bool) -> BaseException | None:
-        # Jobs whose record write another instance's change refused in this batch.
-        changed: set[str] = set()
+    def _apply(
+        self, commands: Sequence[Writable], strict: bool, changed: set[str] | None = None
+    ) -> BaseException | None:
+        """Run ``commands``; ``changed`` gets the jobs whose record write another instance's
+        change refused in this batch (non-strict: the rest still runs)."""
+        if changed is None:
+            changed = set()
         for command in commands:
             if isinstance(command, DiscardDocuments) and command.token in changed:
                 # The job's end was not recorded here: the instance that changed it (took it
