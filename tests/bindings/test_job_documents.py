@@ -537,18 +537,18 @@ def test_a_restarted_instance_reads_whole_then_only_new_rows(
         again.close()
 
 
-def schema_13_database_with_a_job_in_flight(dsn: str) -> Job:
-    """An empty database brought to schema 13 (what a server of schema 13 made), holding one
-    active job of MANY documents whose rows have no version: the job."""
+def database_with_a_job_in_flight(dsn: str, schema: int = 13) -> Job:
+    """An empty database brought to ``schema``, holding one active job of MANY documents whose
+    rows have no version (as a server of schema 13 writes them): the job."""
     job = make_job("shared")
     for number in range(1, MANY + 1):
         job = image(job, number)
     with psycopg.connect(dsn) as conn:
         conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
-        for statements in _MIGRATIONS[:13]:
+        for statements in _MIGRATIONS[:schema]:
             for statement in statements:
                 conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO dsc_schema (version) VALUES (13)")
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
         token, state, active, created, completed, text = record_columns(job)
         conn.execute(
             "INSERT INTO jobs (token, state, active, created, completed, job, origin) "
@@ -571,7 +571,7 @@ def test_jobs_in_flight_at_an_upgrade_from_schema_13_are_read_by_their_new_rows_
     gives them the job's row version (schema 17), so after each instance's first read, whole,
     a write from what one read is read by its one row; a row a server of schema 13 still
     running adds or replaces has no version and is read every time (only those)."""
-    job = schema_13_database_with_a_job_in_flight(dsn)
+    job = database_with_a_job_in_flight(dsn)
     a, b = PostgresRecords.open(dsn), PostgresRecords.open(dsn)
     try:
         assert caught_up(a) == (job, 1, MANY)
@@ -625,27 +625,7 @@ def test_the_upgrade_that_stamps_the_rows_waits_for_a_write_in_flight_of_an_earl
     and instance b, which knew the job at the version before, reads the new document; stamped
     with the version b knew (the upgrade's snapshot from before the write), b would keep the
     old one for ever."""
-    job = make_job("shared")
-    for number in range(1, MANY + 1):
-        job = image(job, number)
-    with psycopg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
-        for statements in _MIGRATIONS[:16]:
-            for statement in statements:
-                conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO dsc_schema (version) VALUES (16)")
-        token, state, active, created, completed, text = record_columns(job)
-        conn.execute(
-            "INSERT INTO jobs (token, state, active, created, completed, job, origin) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (token, state, active, created, completed, text, job.origin),
-        )
-        with conn.cursor() as cur:  # as a server of schema 13 writes them: no version
-            cur.executemany(
-                "INSERT INTO job_documents (token, ordinal, document_id, format, size) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                [(token, n, *document_row(d)) for n, d in enumerate(job.documents)],
-            )
+    job = database_with_a_job_in_flight(dsn, schema=16)
     # Instance b runs this server's code on the database of schema 16 (not upgraded by it).
     pool: ConnectionPool[Any] = ConnectionPool(dsn, kwargs=connection_kwargs(None))
     b = PostgresRecords(PgDatabase(dsn, pool), dsn)
@@ -698,7 +678,7 @@ def test_an_upgrade_from_schema_13_waits_for_a_write_in_flight_of_a_server_of_sc
     other and PostgreSQL ended one of them (a deadlock: the upgrade, so the server did not
     start, or the running server's write)."""
     assert "CREATE TABLE job_documents" in _MIGRATIONS[_JOB_DOCUMENTS_SCHEMA - 1][0]
-    job = schema_13_database_with_a_job_in_flight(dsn)
+    job = database_with_a_job_in_flight(dsn)
     upgrading = psycopg.connect(dsn)
     upgraded: list[tuple[int, int]] = []
     failed: list[BaseException] = []
