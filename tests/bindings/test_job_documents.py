@@ -564,6 +564,19 @@ def database_with_a_job_in_flight(dsn: str, schema: int = 13) -> Job:
     return job
 
 
+def wait_for_the_upgrade_to_wait(dsn: str) -> None:
+    """Until a session of the test's database waits for a lock: the upgrade, behind the write
+    the test holds open."""
+    with psycopg.connect(dsn, autocommit=True) as watch:
+        wait_for(
+            lambda: watch.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            ).fetchone(),
+            what="the upgrade waiting for the write in flight",
+        )
+
+
 def test_jobs_in_flight_at_an_upgrade_from_schema_13_are_read_by_their_new_rows_after_it(
     dsn: str,
 ) -> None:
@@ -644,14 +657,7 @@ def test_the_upgrade_that_stamps_the_rows_waits_for_a_write_in_flight_of_an_earl
             upgraded: list[tuple[int, int]] = []
             upgrade_thread = threading.Thread(target=lambda: upgraded.append(upgrade(upgrading)))
             upgrade_thread.start()
-            with psycopg.connect(dsn, autocommit=True) as watch:
-                wait_for(
-                    lambda: watch.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND datname = current_database()"
-                    ).fetchone(),
-                    what="the upgrade waiting for the write in flight",
-                )
+            wait_for_the_upgrade_to_wait(dsn)
             writer.commit()
         upgrade_thread.join()
         assert upgraded == [(16, 17)]
@@ -697,14 +703,7 @@ def test_an_upgrade_from_schema_13_waits_for_a_write_in_flight_of_a_server_of_sc
             )
             upgrade_thread = threading.Thread(target=upgrade_now)
             upgrade_thread.start()
-            with psycopg.connect(dsn, autocommit=True) as watch:
-                wait_for(
-                    lambda: watch.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND datname = current_database()"
-                    ).fetchone(),
-                    what="the upgrade waiting for the write in flight",
-                )
+            wait_for_the_upgrade_to_wait(dsn)
             writer.execute(
                 "UPDATE job_documents SET size = 1 WHERE token = 'shared' AND ordinal = 2"
             )
