@@ -134,6 +134,17 @@ def _receive(store: SplitStore, token: str, image: bytes) -> None:
     store.apply(VersionedWrite(UpdateJob(received, JobInput.IMAGE, ()), 1, 0))
 
 
+def _known_elsewhere(store: SplitStore, *tokens: str) -> tuple[JobCatchUp, ScanServer]:
+    """The jobs ``tokens`` received (:func:`_receive`) and read by another instance's
+    catch-up into its core: that instance's catch-up and core."""
+    for token in tokens:
+        _receive(store, token, f"image of {token}".encode())
+    elsewhere = JobCatchUp(store.job_changes)
+    core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+    elsewhere.absorb(core, elsewhere.read())
+    return elsewhere, core
+
+
 #: A record of a later codec than this server's (a newer server wrote it during a rolling
 #: upgrade): jobcodec refuses its version.
 _NEWER_RECORD = '{"v": 99, "token": "new"}'
@@ -150,11 +161,7 @@ def test_an_undecodable_record_at_a_start_is_left_for_the_other_instances(
     dsn, bucket = pg.new_database(), s3.new_bucket()
     serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
     try:
-        _receive(serving, "new", b"image of new")
-        _receive(serving, "old", b"image of old")
-        elsewhere = JobCatchUp(serving.job_changes)
-        core = ScanServer(ServerConfig(), new_id=lambda: "unused")
-        elsewhere.absorb(core, elsewhere.read())
+        elsewhere, core = _known_elsewhere(serving, "new", "old")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("UPDATE jobs SET job = %s WHERE token = 'new'", (_NEWER_RECORD,))
         upgrading = _shared_store(tmp_path / "b", dsn, s3, bucket)
@@ -278,11 +285,7 @@ def test_a_corrupt_shared_record_is_quarantined_on_purpose_and_every_instance_fo
         return code, out + err
 
     try:
-        _receive(serving, "bad", b"image of bad")
-        _receive(serving, "good", b"image of good")
-        elsewhere = JobCatchUp(serving.job_changes)
-        core = ScanServer(ServerConfig(), new_id=lambda: "unused")
-        elsewhere.absorb(core, elsewhere.read())
+        elsewhere, core = _known_elsewhere(serving, "bad", "good")
         assert dsc_db_quarantine("good", "--yes") == (
             1,
             "dsc: db quarantine: the record of job good decodes: it is not corrupt, and this "
