@@ -234,7 +234,9 @@ def test_the_ticker_applies_the_retention_while_no_job_is_created(tmp_path: Path
         book = service.observer.devices
         assert book is not None and addresses(book) == {"10.0.0.1"}
         now[0] = T0 + timedelta(days=40)
-        service.clock_stepped()  # the ticker sleeps until a deadline: wake it to the new time
+        # The ticker sleeps by the monotonic clock until the deadline it read: a reload (SIGHUP)
+        # nudges it, as any change of the server does, and it reads the service clock again.
+        service.reconfigure(service.config)
         wait_for(lambda: not book.all(), what="the ticker removing the device")
     assert stored(data) == set()
 
