@@ -17,6 +17,7 @@ import pytest
 from core_support import soap, subscribe_body
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.runtime.alarm import Alarm, Wake
+from dsc_bindings.runtime import service as service_module
 from dsc_bindings.runtime.service import ScanService
 from dsc_bindings.runtime.ticket import settle
 from dsc_bindings.serve import compose
@@ -255,11 +256,15 @@ def test_nudges_before_heed_after_do_not_wake_the_sleeper_and_one_after_it_does(
 
 def test_a_failed_round_is_followed_by_a_pause_that_nudges_do_not_cut_short(
     ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A round of the ticker that fails (a bug, a store that does not answer) is logged, then
-    the ticker pauses TICK_MAX_SECONDS before the next: under load every request nudges, and a
+    the ticker pauses TICK_FAILED_PAUSE_SECONDS before the next: under load every request nudges, and a
     pause a nudge ends would repeat the failure, and its logged traceback, at each request."""
     service, _ = ticking(ServerConfig(user_directory={SID: "alice@corp.example"}))
+    # The pause is its own constant, not the shared store's longest sleep nor the time a
+    # nudge waits to be heeded: set apart here, it alone decides the pause.
+    monkeypatch.setattr(service_module, "TICK_FAILED_PAUSE_SECONDS", 0.3)
     failures = 0
 
     def failing() -> datetime | None:
@@ -272,9 +277,13 @@ def test_a_failed_round_is_followed_by_a_pause_that_nudges_do_not_cut_short(
     sleep = alarm.sleep
     # Each sleep's end, and whether a round had failed when it began.
     sleeps: list[tuple[bool, Wake]] = []
+    #: What each sleep after a failure was asked: (seconds, heed_after).
+    asked: list[tuple[float, float]] = []
 
     def recorded(seconds: float, heed_after: float = 0.0) -> Wake:
         failed = failures > 0
+        if failed:
+            asked.append((seconds, heed_after))
         woke = sleep(seconds, heed_after)
         sleeps.append((failed, woke))
         return woke
@@ -295,6 +304,7 @@ def test_a_failed_round_is_followed_by_a_pause_that_nudges_do_not_cut_short(
         nudger.join()
     pauses = [woke for failed, woke in sleeps if failed]
     assert pauses[:2] == [Wake.DUE, Wake.DUE], pauses
+    assert asked[:2] == [(0.3, 0.3), (0.3, 0.3)], asked
 
 
 def test_the_service_s_stop_ends_the_ticker_s_idle_sleep(

@@ -122,10 +122,19 @@ log = logging.getLogger("dsc.service")
 SHUTDOWN_DELIVERY_SECONDS = 2.0
 #: With a shared store the ticker wakes at least this often: what is due depends on the rows
 #: other instances write, which it reads before each tick (a job created elsewhere times out
-#: here, on the leader), and the holder of the cluster's lock takes its term at a wake-up.  It
-#: is also how soon after one nudge another is heeded (.alarm: under load, at most one read of
-#: the deadline a second, as when it woke each second).
-TICK_MAX_SECONDS = 1.0
+#: here, on the leader), and the holder of the cluster's lock takes its term at a wake-up
+#: (a second: a new leader sweeps within a second of the lock, docs/architecture.md).
+TICK_SHARED_SECONDS = 1.0
+#: A nudge is heeded no sooner than this after the ticker's sleep began (.alarm): under load
+#: every request nudges, and the ticker reads the deadline (a hop into the core's owner) at
+#: most once a second, as often as it did when it woke each second.  A second late is nothing
+#: to a deadline that is seconds away at least (R6 job timeouts, R7 expiries).
+NUDGE_HEED_SECONDS = 1.0
+#: After a failed round (a bug, a store that does not answer) the ticker pauses this long, and
+#: nudges do not end the pause: under load each request nudges, and the failure, with its
+#: logged traceback, would repeat at each one.  A second keeps that to one line a second
+#: while a passing fault still costs the sweeps no more than a second.
+TICK_FAILED_PAUSE_SECONDS = 1.0
 #: One server wakes at least this often while nothing is due: the service clock is the wall
 #: clock (clock.local_now), and a step of it (NTP, a resumed virtual machine) moves every
 #: deadline; a minute bounds how late one is then honoured.
@@ -1087,7 +1096,7 @@ class ScanService:
                 # at the next wake-up, so it starts sweeping within a second of the lock.
                 deadline = self.owner.call(self.server.next_deadline)
                 wait = self._tick_wait(deadline, self.clock(), bound_devices_at)
-                woke = self._alarm.sleep(wait, heed_after=TICK_MAX_SECONDS)
+                woke = self._alarm.sleep(wait, heed_after=NUDGE_HEED_SECONDS)
                 if woke is Wake.STOPPED:
                     return
                 if woke is Wake.NUDGED:
@@ -1098,25 +1107,19 @@ class ScanService:
                 self.owner.soon(functools.partial(self._tick, caught, change))
             except Exception:  # a bug must not stop job timeouts for the rest of the run
                 log.exception("tick failed")
-                # Nudges do not end this pause: under load each request nudges, and the
-                # failure (and its traceback) would repeat at each one.
-                if self._alarm.sleep(TICK_MAX_SECONDS, heed_after=TICK_MAX_SECONDS) is Wake.STOPPED:
+                # A nudge ends no pause of this length (heed_after = the pause itself).
+                pause = TICK_FAILED_PAUSE_SECONDS
+                if self._alarm.sleep(pause, heed_after=pause) is Wake.STOPPED:
                     return
-
-    def clock_stepped(self) -> None:
-        """The service clock moved on by more than the time that passed (a test's clock, the
-        date set by hand): the ticker looks at it now, not within TICK_IDLE_SECONDS (it sleeps
-        by the monotonic clock until the deadline it read)."""
-        self._alarm.nudge()
 
     def _tick_wait(
         self, deadline: datetime | None, now: datetime, bound_devices_at: datetime
     ) -> float:
         """How long the ticker sleeps: until the core's deadline, the device book's next
-        bounds, or the cap (a shared store's second, else TICK_IDLE_SECONDS), whichever is
-        first; never less than TICK_MIN_SECONDS."""
+        bounds, or the cap (TICK_SHARED_SECONDS with a shared store, else TICK_IDLE_SECONDS),
+        whichever is first; never less than TICK_MIN_SECONDS."""
         shared = self.cluster is not None or self._reads is not None
-        wait = TICK_MAX_SECONDS if shared else TICK_IDLE_SECONDS
+        wait = TICK_SHARED_SECONDS if shared else TICK_IDLE_SECONDS
         if deadline is not None:
             wait = min(wait, (deadline - now).total_seconds())
         wait = min(wait, (bound_devices_at - now).total_seconds())
