@@ -16,8 +16,8 @@ import pytest
 
 from core_support import soap, subscribe_body
 from dsc_bindings.filters.settings import FilterSettings
-from dsc_bindings.runtime.alarm import Alarm, Wake
 from dsc_bindings.runtime import service as service_module
+from dsc_bindings.runtime.alarm import Alarm, Wake
 from dsc_bindings.runtime.service import ScanService
 from dsc_bindings.runtime.ticket import settle
 from dsc_bindings.serve import compose
