@@ -16,6 +16,7 @@ import textwrap
 import time
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import pytest
 
 from dsc_bindings.store import sqlite as store_mod
 from dsc_bindings.store.jobcodec import encode_job
-from dsc_bindings.store.sqlite import JobStore, StoreError, is_temporary
+from dsc_bindings.store.localspool import LocalSpool
+from dsc_bindings.store.split import SplitStore, open_parts
+from dsc_bindings.store.sqlite import JobStore, SqliteRecords, StoreError, is_temporary
 from dsc_core.commands import (
     AbortDocument,
     AppendDocument,
@@ -202,6 +205,33 @@ def test_open_removes_debris_but_keeps_documents(tmp_path: Path) -> None:
     with JobStore.open(data) as s:
         assert files(spool) == ["kept/1"]
         assert s.document_path("kept", 1).read_bytes() == content(1)
+
+
+def test_a_failed_open_closes_what_it_opened_and_frees_the_data_folder(tmp_path: Path) -> None:
+    """SplitStore.assemble and ``dsc db quarantine`` open their parts with open_parts: a step
+    that fails after the records are open closes them and releases DATA/lock."""
+    data = tmp_path / "data"
+    opened: list[SqliteRecords] = []
+
+    def records() -> SqliteRecords:
+        opened.append(SqliteRecords.open(data))
+        return opened[-1]
+
+    def no_spool() -> LocalSpool:
+        raise StoreError("the spool cannot be opened", temporary=False)
+
+    with pytest.raises(StoreError, match="the spool cannot be opened"):
+        SplitStore.assemble(data, records, no_spool)
+    with pytest.raises(StoreError, match="closed"):
+        opened[-1].rows()
+    with JobStore.open(data) as held:  # the lock was released
+        # Unlocked (a shared store's quarantine): opens beside the running server.
+        with ExitStack() as stack:
+            parts = open_parts(stack, data, records, lambda: LocalSpool.open(data), lock=False)
+            assert (parts.lock_fd, parts.records.rows()) == (None, [])
+        with pytest.raises(StoreError, match="closed"):
+            parts.records.rows()
+        assert held.records.rows() == []
 
 
 # --- errors: R4 step 9 ------------------------------------------------------------------------

@@ -11,9 +11,9 @@ a shared store's instances leave such a record where it is (store/undecodable.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
-import os
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -295,8 +295,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from dsc_bindings.store.backends import describe, open_records, open_spool
     from dsc_bindings.store.errors import StoreError
-    from dsc_bindings.store.interface import JobRecords, Spool
-    from dsc_bindings.store.split import lock_data_dir
+    from dsc_bindings.store.split import open_parts
     from dsc_bindings.store.undecodable import decode_stored, newer_codec, quarantine
 
     settings = _settings(args)
@@ -305,60 +304,56 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     data_dir: Path = settings.data_dir
     token: str = args.token
     can_confirm(args.yes, "db quarantine")
-    records: JobRecords | None = None
-    spool: Spool | None = None
-    lock_fd: int | None = None
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if storage.store_kind != "postgresql":  # the embedded store: its server is stopped
-            lock_fd = lock_data_dir(data_dir)
-        records = open_records(storage, data_dir)
-        spool = open_spool(storage, data_dir)
-        where = describe(storage, data_dir.resolve())
-        row = next((r for r in records.rows() if r[1] == token), None)
-        if row is None:
-            raise CliError(f"db quarantine: no job {token} in {where}")
-        seq, _, text, documents = row
-        try:
-            decode_stored(token, text, documents)
-        except ValueError as exc:
-            why = str(exc)
-        else:
-            raise CliError(
-                f"db quarantine: the record of job {token} decodes: it is not corrupt, and "
-                "this command moves aside only a record no server can read (to end a job, "
-                f"`dsc cancel {token}`; to remove an ended one, `dsc purge`)"
+        with contextlib.ExitStack() as opened:
+            # Not SplitStore.assemble: its spool cleanup must not run on a spool other servers
+            # use.  Only the embedded store's data folder is locked: its server is stopped.
+            parts = open_parts(
+                opened,
+                data_dir,
+                lambda: open_records(storage, data_dir),
+                lambda: open_spool(storage, data_dir),
+                lock=storage.store_kind != "postgresql",
             )
-        newer = newer_codec(text)
-        if newer is not None:
-            raise CliError(
-                f"db quarantine: the record of job {token} was written by a newer server "
-                f"(job codec version {newer}): it is not corrupt, this dsc is too old to read "
-                "it. Upgrade this dsc and the instances that cannot serve the job; nothing was "
-                "changed"
+            records, spool = parts.records, parts.spool
+            where = describe(storage, data_dir.resolve())
+            row = next((r for r in records.rows() if r[1] == token), None)
+            if row is None:
+                raise CliError(f"db quarantine: no job {token} in {where}")
+            seq, _, text, documents = row
+            try:
+                decode_stored(token, text, documents)
+            except ValueError as exc:
+                why = str(exc)
+            else:
+                raise CliError(
+                    f"db quarantine: the record of job {token} decodes: it is not corrupt, and "
+                    "this command moves aside only a record no server can read (to end a job, "
+                    f"`dsc cancel {token}`; to remove an ended one, `dsc purge`)"
+                )
+            newer = newer_codec(text)
+            if newer is not None:
+                raise CliError(
+                    f"db quarantine: the record of job {token} was written by a newer server "
+                    f"(job codec version {newer}): it is not corrupt, this dsc is too old to read "
+                    "it. Upgrade this dsc and the instances that cannot serve the job; nothing was "
+                    "changed"
+                )
+            print(f"job {token} in {where}: the record does not decode ({why})")
+            confirm(
+                f"Move job {token}'s record and documents to {data_dir.resolve()}/quarantine and "
+                "delete the job for every instance?",
+                args.yes,
             )
-        print(f"job {token} in {where}: the record does not decode ({why})")
-        confirm(
-            f"Move job {token}'s record and documents to {data_dir.resolve()}/quarantine and "
-            "delete the job for every instance?",
-            args.yes,
-        )
-        # The answer may have taken minutes: a record written meanwhile is some server's.
-        if next((r for r in records.rows() if r[1] == token), None) != row:
-            raise CliError(
-                f"db quarantine: the record of job {token} changed meanwhile (a server wrote "
-                "it: it may not be corrupt after all); nothing was changed, look again"
-            )
-        moved = quarantine(data_dir, records, spool, (seq, token, text, documents), why)
+            # The answer may have taken minutes: a record written meanwhile is some server's.
+            if next((r for r in records.rows() if r[1] == token), None) != row:
+                raise CliError(
+                    f"db quarantine: the record of job {token} changed meanwhile (a server wrote "
+                    "it: it may not be corrupt after all); nothing was changed, look again"
+                )
+            moved = quarantine(data_dir, records, spool, (seq, token, text, documents), why)
     except StoreError as exc:
         raise _store_failed("db quarantine", exc, " (it quarantines at start)") from exc
-    finally:
-        if spool is not None:
-            spool.close()
-        if records is not None:
-            records.close()
-        if lock_fd is not None:
-            os.close(lock_fd)
     print(f"job {token}: moved to {moved}; every instance forgets the job")
     return EXIT_OK
 

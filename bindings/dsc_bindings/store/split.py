@@ -22,6 +22,8 @@ import os
 import socket
 import sqlite3
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -79,9 +81,11 @@ __all__ = [
     "LOCK_NAME",
     "QUARANTINE_NAME",
     "SHARED_DEBRIS_SECONDS",
+    "OpenedParts",
     "SplitStore",
     "flock_file",
     "lock_data_dir",
+    "open_parts",
 ]
 
 LOCK_NAME = "lock"
@@ -113,6 +117,42 @@ def flock_file(path: Path) -> int | None:
     return fd
 
 
+@dataclass(frozen=True)
+class OpenedParts:
+    """What :func:`open_parts` opened: the records, the spool and the data folder's lock."""
+
+    records: JobRecords
+    spool: Spool
+    #: ``DATA/lock``'s descriptor; None when not taken (or where there is no flock).
+    lock_fd: int | None
+
+
+def open_parts(
+    opened: ExitStack,
+    data_dir: Path,
+    open_records: Callable[[], JobRecords],
+    open_spool: Callable[[], Spool],
+    *,
+    lock: bool,
+) -> OpenedParts:
+    """Make ``data_dir``; take its lock when ``lock`` (one server per data folder); open the
+    records, then the spool.  Each part is closed by ``opened`` as soon as it is open (the
+    spool, the records, the lock: the reverse order), so whatever fails, here or in the
+    caller's later steps, leaves nothing open once the stack unwinds; ``opened.pop_all()``
+    hands them on to whoever closes them instead (:meth:`SplitStore.assemble`).  The one
+    place for both the server's start and ``dsc db quarantine``, which locks only the embedded
+    store and must not clean a spool other servers use (console/db.py)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = lock_data_dir(data_dir) if lock else None
+    if lock_fd is not None:
+        opened.callback(os.close, lock_fd)  # releases the flock
+    records = open_records()
+    opened.callback(records.close)
+    spool = open_spool()
+    opened.callback(spool.close)
+    return OpenedParts(records, spool, lock_fd)
+
+
 class SplitStore:
     """Job records plus a spool; thread-safe as its parts are.  Use :meth:`assemble`."""
 
@@ -139,36 +179,25 @@ class SplitStore:
     ) -> Self:
         """Lock ``data_dir``, open the records and the spool, remove crash debris from the spool;
         on failure whatever was opened is closed again.  Raises :class:`StoreError`."""
-        lock_fd: int | None = None
-        records: JobRecords | None = None
-        spool: Spool | None = None
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            lock_fd = lock_data_dir(data_dir)
-            records = open_records()
-            spool = open_spool()
-            store = cls(data_dir, records, spool, lock_fd)
-            if isinstance(records, SharedJobRecords):
-                # We hold the data folder's lock: the run that wrote these rows is dead.
-                for token, document_id in records.release_uploads(store.home):
-                    spool.remove_unfinished(token, document_id)
-            tokens = {row[1] for row in records.rows()}
-            if records.shared:
-                older = datetime.now(UTC) - timedelta(seconds=SHARED_DEBRIS_SECONDS)
-                spool.remove_debris(tokens, older_than=older)
-            else:
-                spool.remove_debris(tokens)
-            return store
-        except BaseException as exc:
-            if spool is not None:
-                spool.close()
-            if records is not None:
-                records.close()
-            if lock_fd is not None:
-                os.close(lock_fd)
-            if isinstance(exc, (OSError, sqlite3.Error, MemoryError)):
-                raise as_store_error(f"opening the job store in {data_dir}", exc) from exc
-            raise
+            with ExitStack() as opened:
+                parts = open_parts(opened, data_dir, open_records, open_spool, lock=True)
+                records, spool = parts.records, parts.spool
+                store = cls(data_dir, records, spool, parts.lock_fd)
+                if isinstance(records, SharedJobRecords):
+                    # We hold the data folder's lock: the run that wrote these rows is dead.
+                    for token, document_id in records.release_uploads(store.home):
+                        spool.remove_unfinished(token, document_id)
+                tokens = {row[1] for row in records.rows()}
+                if records.shared:
+                    older = datetime.now(UTC) - timedelta(seconds=SHARED_DEBRIS_SECONDS)
+                    spool.remove_debris(tokens, older_than=older)
+                else:
+                    spool.remove_debris(tokens)
+                opened.pop_all()  # the store closes them from now on
+                return store
+        except (OSError, sqlite3.Error, MemoryError) as exc:
+            raise as_store_error(f"opening the job store in {data_dir}", exc) from exc
 
     def close(self) -> None:
         """Close both parts; documents still open are aborted."""
