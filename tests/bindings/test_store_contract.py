@@ -116,6 +116,36 @@ def test_create_update_load_oldest_first_and_reopen(backend: Backend) -> None:
         assert s.load_jobs() == [done, make_job("a"), make_job("c"), make_job("d")]
 
 
+#: The records' own reads: the spool plays no part, so each engine once.
+RECORDS_ONLY = [("sqlite", "local"), ("postgresql", "local")]
+
+
+@pytest.mark.parametrize("backend", RECORDS_ONLY, ids=["sqlite", "postgresql"], indirect=True)
+def test_row_reads_the_one_record_of_a_token(backend: Backend) -> None:
+    backend.data_dir.mkdir()
+    records = backend.open_records()
+    try:
+        scanned = make_job("scanned", 2, documents=(Document(0, "png", 3), Document(1, "pdf-a", 4)))
+        for job in (make_job("first"), scanned, make_job("dropped")):
+            records.put(job)
+        records.drop("dropped")
+        every = {row[1]: row for row in records.rows()}
+        assert records.row("scanned") == every["scanned"]
+        assert records.row("first") == every["first"]
+        seq, token, _, documents = every["scanned"]
+        assert (token, [list(d) for d in documents]) == (
+            "scanned",
+            [[0, "png", 3], [1, "pdf-a", 4]],
+        )
+        assert seq > every["first"][0]  # the record's own place in creation order
+        assert records.row("dropped") is None
+        assert records.row("never-created") is None
+    finally:
+        records.close()
+    with pytest.raises(StoreError, match="closed"):
+        records.row("first")
+
+
 def test_one_store_per_data_folder(backend: Backend) -> None:
     with backend.open(), pytest.raises(StoreError, match="in use"):
         backend.open()

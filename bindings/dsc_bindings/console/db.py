@@ -317,7 +317,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             )
             records, spool = parts.records, parts.spool
             where = describe(storage, data_dir.resolve())
-            row = next((r for r in records.rows() if r[1] == token), None)
+            row = records.row(token)
             if row is None:
                 raise CliError(f"db quarantine: no job {token} in {where}")
             seq, _, text, documents = row
@@ -346,7 +346,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 args.yes,
             )
             # The answer may have taken minutes: a record written meanwhile is some server's.
-            if next((r for r in records.rows() if r[1] == token), None) != row:
+            if records.row(token) != row:
                 raise CliError(
                     f"db quarantine: the record of job {token} changed meanwhile (a server wrote "
                     "it: it may not be corrupt after all); nothing was changed, look again"

@@ -186,6 +186,10 @@ class JobRecords(Protocol):
     def rows(self) -> list[StoredRecord]:
         """Every record, oldest first."""
 
+    def row(self, token: str) -> StoredRecord | None:
+        """The record of job ``token`` as :meth:`rows` gives it, read by its key; None when
+        there is none."""
+
     def remove(self, seq: int) -> None:
         """Delete the row at ``seq`` (a record that does not decode, moved aside)."""
 

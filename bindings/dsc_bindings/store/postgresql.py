@@ -1431,6 +1431,16 @@ class PostgresRecords:
             for seq, token, text, documents in found
         ]
 
+    def row(self, token: str) -> StoredRecord | None:
+        found = self._run(
+            f"loading job {token}",
+            f"SELECT seq, token, job, {_DOCUMENTS_OF_JOB} FROM jobs WHERE token = %s",
+            (token,),
+        )
+        for seq, stored, text, documents in found:
+            return (int(seq), str(stored), str(text), documents or ())
+        return None
+
     def remove(self, seq: int) -> None:
         found = self._run(
             "quarantining a job record", f"{_QUARANTINE} RETURNING token", {"seq": seq}

@@ -199,6 +199,25 @@ class SqliteRecords:
                 found.setdefault(token, []).append((document_id, format_, size))
         return [(int(seq), str(token), text, found.get(token, ())) for seq, token, text in rows]
 
+    def row(self, token: str) -> StoredRecord | None:
+        with self._lock:
+            db = self.db()
+            found = db.execute(
+                "SELECT seq, token, job FROM jobs WHERE token = ?", (token,)
+            ).fetchone()
+            if found is None:
+                return None
+            documents: list[DocumentRow] = [
+                (document_id, format_, size)
+                for document_id, format_, size in db.execute(
+                    "SELECT document_id, format, size FROM job_documents WHERE token = ? "
+                    "ORDER BY ordinal",
+                    (token,),
+                )
+            ]
+        seq, stored, text = found
+        return (int(seq), str(stored), text, documents or ())
+
     def remove(self, seq: int) -> None:
         with self._lock:
             self._delete("seq = ?", (seq,))
