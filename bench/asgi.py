@@ -17,8 +17,10 @@ the shared machine hits them all alike:
   httptools --no-access-log`` (``dsc serve`` does not log each request either), and the same
   with ``--http dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol`` (uvicorn's
   httptools protocol sending what a turn of the loop wrote to a connection as one write after
-  the loop's next poll: one send per answer, and the connections answered in turn; the
-  deployment docs/operating.md recommends, "recommended" in the targets table).
+  the loop's next poll: one send per answer, and the connections answered in turn), on
+  ``--loop dsc_bindings.http.uvicorn_loop:new_event_loop`` (uvloop taking in every pending
+  connection at each poll, not one per turn): the deployment docs/operating.md recommends,
+  "recommended" in the targets table.
 
 Requests: GetRepositoryElements and GetPostScanJobElements (of a job created on each server).
 Every server's answer is checked to be a 200 with the right SOAP action before it is measured,
@@ -70,7 +72,7 @@ from runtime import (  # noqa: E402
 )
 from wrk_options import missing, wrk_options  # noqa: E402
 
-from e2e_support import ServerProcess, serving  # noqa: E402
+from e2e_support import UVICORN_RECOMMENDED, ServerProcess, serving  # noqa: E402
 
 OPERATIONS = ("GetRepositoryElements", "GetPostScanJobElements")
 FLOOR = "bare h11 (fixed bytes)"
@@ -79,22 +81,17 @@ HANDWRITTEN = "aiohttp + lxml (by hand)"
 ASYNC = "dsc serve --binding async"
 BLOCKING = "dsc serve --binding blocking"
 UVICORN = "ASGI app, uvicorn (httptools, uvloop)"
-COALESCING = "ASGI app, uvicorn (uvloop, dsc's httptools protocol)"
+COALESCING = "ASGI app, uvicorn (dsc's uvloop and httptools protocol)"
 SERVERS = (FLOOR, AIOHTTP, HANDWRITTEN, ASYNC, BLOCKING, UVICORN, COALESCING)
 #: The ways the project is deployed that the target compares with the hand-written server.
 PROJECT = (ASYNC, UVICORN, COALESCING)
-#: The deployment docs/operating.md recommends (uvicorn, uvloop, dsc's httptools protocol).
+#: The deployment docs/operating.md recommends (uvicorn, dsc's uvloop and httptools protocol).
 RECOMMENDED = COALESCING
 UVICORN_OPTIONS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
 #: uvicorn's httptools protocol, one send per answer after the loop's next poll
-#: (http/uvicorn_protocol.py).
-COALESCING_OPTIONS = (
-    "--loop",
-    "uvloop",
-    "--http",
-    "dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol",
-    "--no-access-log",
-)
+#: (http/uvicorn_protocol.py), on uvloop taking in every pending connection at each poll
+#: (http/uvicorn_loop.py).
+COALESCING_OPTIONS = (*UVICORN_RECOMMENDED, "--no-access-log")
 
 
 K = TypeVar("K")
@@ -292,7 +289,7 @@ def versus_handwritten(runs: dict[str, list[Run]], name: str) -> tuple[str, str]
 def print_targets(results: dict[str, Any]) -> None:
     """The two targets of issue 20 point 3, per configuration, each round against its own
     hand-written and floor run (min/median/max over the rounds): the project's fastest form
-    and the recommended deployment (uvicorn, uvloop, dsc's httptools protocol)."""
+    and the recommended deployment (uvicorn, dsc's uvloop and httptools protocol)."""
     print("\n== targets (per round: min/median/max)", flush=True)
     print(
         "| request | wrk | best of the project | req/s vs hand-written | p99 vs hand-written |"

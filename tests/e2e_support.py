@@ -51,6 +51,16 @@ ASGI_SERVERS = {
     "uvicorn": "Application startup complete",
     "hypercorn": "Running on http://",
 }
+#: uvicorn runs the deployment docs/operating.md recommends: dsc's loop (uvloop taking in every
+#: pending connection at each poll) and httptools protocol (one send per answer).  Stock
+#: uvicorn is tested in-process (tests/bindings/test_asgi.py) and measured in bench/asgi.py; a
+#: test's own ``extra`` ``--loop``/``--http`` come later on the command line and win.
+UVICORN_RECOMMENDED = (
+    "--loop",
+    "dsc_bindings.http.uvicorn_loop:new_event_loop",
+    "--http",
+    "dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol",
+)
 
 
 def free_port() -> int:
@@ -74,7 +84,8 @@ def child_env() -> dict[str, str]:
 
 class ServerProcess:
     """One ``python -m dsc_bindings.console.main serve`` child, its log in a file; with
-    ``binding`` "uvicorn" or "hypercorn", that ASGI server running ``dsc_bindings.asgi``."""
+    ``binding`` "uvicorn" (with :data:`UVICORN_RECOMMENDED`) or "hypercorn", that ASGI server
+    running ``dsc_bindings.asgi``."""
 
     def __init__(
         self,
@@ -175,7 +186,7 @@ class ServerProcess:
             env["DSC_CONFIG"] = str(self.config)
         if self.binding == "uvicorn":
             args = [sys.executable, "-m", "uvicorn", "--factory", "dsc_bindings.asgi:create_app"]
-            args += ["--host", "127.0.0.1", "--port", str(self.port)]
+            args += ["--host", "127.0.0.1", "--port", str(self.port), *UVICORN_RECOMMENDED]
             if self.tls is not None:
                 args += ["--ssl-certfile", str(self.tls[0]), "--ssl-keyfile", str(self.tls[1])]
         else:

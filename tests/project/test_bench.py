@@ -104,7 +104,7 @@ def test_asgi_bench_runs() -> None:
         "dsc serve --binding async",
         "dsc serve --binding blocking",
         "ASGI app, uvicorn (httptools, uvloop)",
-        "ASGI app, uvicorn (uvloop, dsc's httptools protocol)",
+        "ASGI app, uvicorn (dsc's uvloop and httptools protocol)",
     ):
         assert tables.count(f"\n| {server} |") == 2, result.stdout  # both requests
     assert "non-2xx" not in result.stdout, result.stdout

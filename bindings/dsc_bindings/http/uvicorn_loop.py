@@ -1,0 +1,281 @@
+"""uvloop, its TCP servers taking in every pending connection at each poll (issue 20).
+
+::
+
+    uvicorn --factory dsc_bindings.asgi:create_app \\
+        --loop dsc_bindings.http.uvicorn_loop:new_event_loop \\
+        --http dsc_bindings.http.uvicorn_protocol:CoalescingHttpToolsProtocol
+
+(``--loop module:factory`` needs uvicorn 0.36 or later.)
+
+**Why.**  uvloop's TCP server accepts one connection each time the loop polls for I/O: under
+``strace``, each ``epoll_wait`` that reports the listening socket is followed by exactly one
+``accept4``, never by the ``EAGAIN`` that would show a drained queue.  On a busy server a turn
+of the loop answers a whole batch of requests (about 4 ms with 64 connections), so a burst of N
+connections opened together (a load test starting, scanners reconnecting after a restart, a
+proxy filling its pool) is taken in over N turns: under ``wrk -t2 -c64`` the second wrk
+thread's 32 connections were taken in over 90 ms, the last one's first answer took 56 ms against
+9 ms from the hand-written aiohttp server on asyncio's loop, and the p99 of GetPostScanJobElements
+was 1.05x the hand-written server's (p99.9 48 ms against 9 ms).  With this loop: 0.86x, every one
+of 8 rounds under 1.0x (p99.9 8 ms), requests/s unchanged (docs/performance.md, "Taken in one at
+a time").  asyncio's own loop accepts up to ``backlog`` connections per poll; this does the same.
+
+**How.**  :meth:`AcceptingLoop.create_server` binds and listens itself (as asyncio's
+``create_server`` does: every address of the host, ``SO_REUSEADDR``, ``IPV6_V6ONLY``), and when
+a listening socket is readable accepts until the queue is empty (at most ``backlog`` at once).
+Each connection is handed to uvloop as an accepted socket (``connect_accepted_socket``: uvloop's
+own TCP transport, with ``TCP_NODELAY``, and TLS when ``ssl`` is given), so from there on
+everything is uvloop's.  Unix sockets, and a socket passed in that is not TCP (``uvicorn --fd``),
+are served by uvloop's own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import socket
+import ssl as ssl_module
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import uvloop
+
+__all__ = ["ACCEPT_RETRY_SECONDS", "AcceptingLoop", "new_event_loop"]
+
+log = logging.getLogger("dsc.http")
+
+#: How long accepting pauses when the process is out of file descriptors or memory (asyncio's
+#: ``ACCEPT_RETRY_DELAY``): Linux keeps reporting the listening socket readable meanwhile, so
+#: trying again at once would spin.
+ACCEPT_RETRY_SECONDS = 1.0
+
+#: accept() errors that mean "out of a resource for now", not "this connection is bad".
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+def new_event_loop() -> AcceptingLoop:
+    """The loop factory for ``uvicorn --loop dsc_bindings.http.uvicorn_loop:new_event_loop``."""
+    return AcceptingLoop()
+
+
+class AcceptingLoop(uvloop.Loop):
+    """uvloop whose TCP servers accept every pending connection at each poll (module doc)."""
+
+    # asyncio's stubs promise its own Server class; uvloop's servers, and this one, are
+    # AbstractServers (what uvicorn uses of them: sockets, close, wait_closed).
+    async def create_server(  # type: ignore[override]
+        self,
+        protocol_factory: ProtocolFactory,
+        host: str | Iterable[str] | None = None,
+        port: int | None = None,
+        *,
+        family: int = socket.AF_UNSPEC,
+        flags: int = socket.AI_PASSIVE,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: ssl_module.SSLContext | bool | None = None,
+        reuse_address: bool | None = None,
+        reuse_port: bool | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        start_serving: bool = True,
+    ) -> asyncio.AbstractServer:
+        if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return await super().create_server(
+                protocol_factory,
+                sock=sock,
+                backlog=backlog,
+                ssl=ssl,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+                start_serving=start_serving,
+            )
+        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+            raise TypeError("ssl argument must be an SSLContext or None")  # as asyncio's
+        if sock is not None:
+            sockets = [sock]
+        else:
+            sockets = await self._bound_sockets(
+                host, port, family, flags, reuse_address=reuse_address, reuse_port=reuse_port
+            )
+        tls: dict[str, Any] = {}
+        if ssl is not None:
+            tls = {
+                "ssl": ssl,
+                "ssl_handshake_timeout": ssl_handshake_timeout,
+                "ssl_shutdown_timeout": ssl_shutdown_timeout,
+            }
+        server = AcceptingServer(self, sockets, protocol_factory, backlog, tls)
+        if start_serving:
+            await server.start_serving()
+        return server
+
+    async def _bound_sockets(
+        self,
+        host: str | Iterable[str] | None,
+        port: int | None,
+        family: int,
+        flags: int,
+        *,
+        reuse_address: bool | None,
+        reuse_port: bool | None,
+    ) -> list[socket.socket]:
+        """A socket bound to each address of ``host`` (every address when None or ""), as
+        asyncio's ``create_server`` binds them."""
+        hosts: list[str | None]
+        if host is None or host == "":
+            hosts = [None]
+        elif isinstance(host, str):
+            hosts = [host]
+        else:
+            hosts = list(host)
+        resolved = [
+            await self.getaddrinfo(h, port, family=family, type=socket.SOCK_STREAM, flags=flags)
+            for h in hosts
+        ]
+        sockets: list[socket.socket] = []
+        try:
+            for af, kind, proto, _, address in dict.fromkeys(itertools.chain(*resolved)):
+                listener = socket.socket(af, kind, proto)
+                sockets.append(listener)
+                if reuse_address is not False:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if af == socket.AF_INET6:
+                    # One socket per address family, as asyncio binds them (else "::" would
+                    # take the IPv4 port its own socket is about to bind).
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    listener.bind(address)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"error while attempting to bind on address {address!r}: "
+                        f"{(exc.strerror or str(exc)).lower()}",
+                    ) from None
+        except BaseException:
+            for listener in sockets:
+                listener.close()
+            raise
+        if not sockets:
+            raise OSError(f"no address to listen on for host {host!r}")
+        return sockets
+
+
+class AcceptingServer(asyncio.AbstractServer):
+    """The listening sockets of one :meth:`AcceptingLoop.create_server` call."""
+
+    def __init__(
+        self,
+        loop: AcceptingLoop,
+        sockets: list[socket.socket],
+        protocol_factory: ProtocolFactory,
+        backlog: int,
+        tls: dict[str, Any],
+    ) -> None:
+        self._loop = loop
+        self._sockets = sockets
+        self._protocol_factory = protocol_factory
+        self._backlog = backlog
+        self._tls = tls
+        self._serving = False
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        #: The hand-overs to uvloop in progress (the loop keeps only weak references to tasks).
+        self._handing_over: set[asyncio.Task[Any]] = set()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed else tuple(self._sockets)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if self._serving or self._closed:
+            return
+        self._serving = True
+        for listener in self._sockets:
+            listener.listen(self._backlog)
+            listener.setblocking(False)
+            self._listen(listener)
+
+    async def serve_forever(self) -> None:
+        await self.start_serving()
+        await self.wait_closed()
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; connections already accepted go
+        on (as asyncio's ``Server.close``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._serving = False
+        for listener in self._sockets:
+            self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    def _listen(self, listener: socket.socket) -> None:
+        self._loop.add_reader(listener.fileno(), self._accept_pending, listener)
+
+    def _accept_pending(self, listener: socket.socket) -> None:
+        """Take in every connection waiting on ``listener`` (at most ``backlog`` at once)."""
+        for _ in range(self._backlog):
+            try:
+                connection, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # the queue is empty
+            except ConnectionAbortedError:
+                continue  # this peer gave up before it was taken in; others may wait
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the loop logs it and goes on
+                self._loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource: accepting again in "
+                        f"{ACCEPT_RETRY_SECONDS:g} s",
+                        "exception": exc,
+                        "socket": listener,
+                    }
+                )
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(ACCEPT_RETRY_SECONDS, self._listen_again, listener)
+                return
+            connection.setblocking(False)
+            task = self._loop.create_task(
+                self._loop.connect_accepted_socket(self._protocol_factory, connection, **self._tls)
+            )
+            self._handing_over.add(task)
+            task.add_done_callback(self._handed_over)
+
+    def _listen_again(self, listener: socket.socket) -> None:
+        if self._serving:
+            self._listen(listener)
+
+    def _handed_over(self, task: asyncio.Task[Any]) -> None:
+        self._handing_over.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, OSError):
+            # A TLS handshake that failed, a peer gone before its transport existed: uvloop's
+            # own server reports these through the protocol (asyncio logs them in debug only).
+            log.debug("connection not taken in: %r", exc)
+            return
+        self._loop.call_exception_handler(
+            {"message": "taking in an accepted connection failed", "exception": exc}
+        )

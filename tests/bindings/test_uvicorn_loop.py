@@ -1,0 +1,273 @@
+"""``dsc_bindings.http.uvicorn_loop`` (issue 20): uvloop whose TCP servers take in every pending
+connection at each poll.  Real sockets on loopback, real TLS (trustme); the loop counted in
+turns (``asyncio.sleep(0)``), never in time.  The ASGI app under uvicorn with this loop is in
+tests/bindings/test_uvicorn_protocol.py and the e2e scenarios (e2e_support.ServerProcess runs
+uvicorn with the recommended loop and protocol)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trustme
+
+from dsc_bindings.http import uvicorn_loop
+from dsc_bindings.http.uvicorn_loop import AcceptingLoop, new_event_loop
+
+
+class Echo(asyncio.Protocol):
+    """Answers each read with its bytes; records the connections it was given."""
+
+    made: list[Any]
+
+    def __init__(self, made: list[Any]) -> None:
+        self.made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
+        self.transport: Any = transport
+        self.made.append(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+@pytest.fixture
+def loop() -> Iterator[AcceptingLoop]:
+    loop = new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+def turns(loop: asyncio.AbstractEventLoop, count: int) -> None:
+    """Run the loop for ``count`` turns (each ``sleep(0)`` is one poll and one run of the
+    ready callbacks)."""
+
+    async def spin() -> None:
+        for _ in range(count):
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(spin())
+
+
+def sockets_of(server: asyncio.AbstractServer) -> tuple[socket.socket, ...]:
+    """``server.sockets`` (asyncio's and uvloop's servers have it; AbstractServer does not)."""
+    return tuple(getattr(server, "sockets"))  # noqa: B009
+
+
+def port_of(server: asyncio.AbstractServer) -> int:
+    sockets = sockets_of(server)
+    assert sockets
+    return int(sockets[0].getsockname()[1])
+
+
+def test_a_burst_of_connections_is_taken_in_at_one_poll(loop: AcceptingLoop) -> None:
+    """The reason for the module: 32 connections waiting together are all taken in within a
+    few turns (uvloop's own server takes one per turn, so 32 turns)."""
+    made: list[Any] = []
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), "127.0.0.1", 0, backlog=128)
+    )
+    port = port_of(server)
+    # A blocking connect returns once the kernel completed the handshake: all 32 wait in the
+    # accept queue before the loop polls again.
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+    try:
+        turns(loop, 4)
+        assert len(made) == 32
+        for client in clients:
+            client.sendall(b"ping")
+        turns(loop, 4)
+        for client in clients:
+            client.settimeout(5)
+            assert client.recv(16) == b"ping"
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+
+
+def test_connections_are_uvloops_own_tcp_transports_without_nagle(loop: AcceptingLoop) -> None:
+    made: list[Any] = []
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), "127.0.0.1", 0))
+    with socket.create_connection(("127.0.0.1", port_of(server))) as client:
+        turns(loop, 3)
+        (transport,) = made
+        assert type(transport).__module__ == "uvloop.loop"
+        assert type(transport).__name__ == "TCPTransport"
+        accepted = transport.get_extra_info("socket")
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert transport.get_extra_info("peername") == client.getsockname()
+    server.close()
+
+
+def test_a_socket_passed_in_is_served_as_uvicorn_workers_pass_it(loop: AcceptingLoop) -> None:
+    """``uvicorn --workers N`` binds the socket and passes it (``sock=``)."""
+    made: list[Any] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
+    assert sockets_of(server) == (listener,)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"hello")
+        turns(loop, 4)
+        client.settimeout(5)
+        assert client.recv(16) == b"hello"
+    server.close()
+
+
+def test_a_unix_socket_passed_in_is_uvloops_own_server(loop: AcceptingLoop, tmp_path: Any) -> None:
+    made: list[Any] = []
+    path = str(tmp_path / "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
+    assert not isinstance(server, uvicorn_loop.AcceptingServer)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(path)
+        client.sendall(b"unix")
+        turns(loop, 4)
+        client.settimeout(5)
+        assert client.recv(16) == b"unix"
+    server.close()
+
+
+def test_close_stops_accepting_and_keeps_the_connections_taken_in(loop: AcceptingLoop) -> None:
+    made: list[Any] = []
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), "127.0.0.1", 0))
+    port = port_of(server)
+    with socket.create_connection(("127.0.0.1", port)) as kept:
+        turns(loop, 3)
+        server.close()
+        loop.run_until_complete(asyncio.wait_for(server.wait_closed(), 5))
+        assert not server.is_serving()
+        assert sockets_of(server) == ()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        kept.sendall(b"still")
+        turns(loop, 3)
+        kept.settimeout(5)
+        assert kept.recv(16) == b"still"
+
+
+def test_a_port_in_use_is_refused_as_asyncio_words_it_and_leaves_no_socket(
+    loop: AcceptingLoop,
+) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(OSError) as refused:
+            loop.run_until_complete(loop.create_server(asyncio.Protocol, "127.0.0.1", port))
+        assert refused.value.errno == errno.EADDRINUSE
+        assert "error while attempting to bind on address ('127.0.0.1'" in str(refused.value)
+    finally:
+        taken.close()
+
+
+def test_start_serving_false_listens_only_when_asked(loop: AcceptingLoop) -> None:
+    made: list[Any] = []
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), "127.0.0.1", 0, start_serving=False)
+    )
+    port = port_of(server)
+    assert not server.is_serving()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    loop.run_until_complete(server.start_serving())
+    with socket.create_connection(("127.0.0.1", port)):
+        turns(loop, 3)
+        assert len(made) == 1
+    server.close()
+
+
+def test_out_of_file_descriptors_pauses_accepting_then_takes_the_connection_in(
+    loop: AcceptingLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() failing with EMFILE: reported once, accepting pauses (Linux keeps reporting
+    the socket readable, so trying at once would spin), then the waiting connection is taken
+    in."""
+    monkeypatch.setattr(uvicorn_loop, "ACCEPT_RETRY_SECONDS", 0.05)
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    made: list[Any] = []
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    class Exhausted(socket.socket):
+        def accept(self) -> tuple[socket.socket, Any]:
+            if failures:
+                raise failures.pop()
+            return super().accept()
+
+    listener = Exhausted(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
+    with socket.create_connection(("127.0.0.1", listener.getsockname()[1])):
+        turns(loop, 5)
+        assert made == []
+        assert [c["exception"].errno for c in reported] == [errno.EMFILE]
+        assert "out of system resource" in reported[0]["message"]
+        loop.run_until_complete(asyncio.sleep(0.2))
+        turns(loop, 3)
+        assert len(made) == 1
+    assert len(reported) == 1
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context) from one trustme CA."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+def test_tls_connections_are_served_and_a_failed_handshake_harms_no_other(
+    loop: AcceptingLoop,
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server_context, client_context = tls
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    made: list[Any] = []
+    server = loop.run_until_complete(
+        loop.create_server(
+            lambda: Echo(made), "127.0.0.1", 0, ssl=server_context, ssl_handshake_timeout=5
+        )
+    )
+    port = port_of(server)
+
+    async def exchange(payload: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
+        )
+        writer.write(payload)
+        answer = await reader.readexactly(len(payload))
+        writer.close()
+        return answer
+
+    async def not_tls() -> bytes:
+        # A peer speaking plain HTTP to the TLS port: the handshake fails, the server closes.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    assert loop.run_until_complete(asyncio.wait_for(exchange(b"secret"), 10)) == b"secret"
+    assert not loop.run_until_complete(asyncio.wait_for(not_tls(), 10)).startswith(b"GET")
+    assert loop.run_until_complete(asyncio.wait_for(exchange(b"again"), 10)) == b"again"
+    assert len(made) == 2  # the failed handshake never reached the protocol
+    assert not [c for c in reported if "taking in" in c.get("message", "")]
+    server.close()
