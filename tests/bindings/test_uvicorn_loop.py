@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import http.client
 import socket
 import ssl
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,11 @@ import trustme
 
 from dsc_bindings.http import uvicorn_loop
 from dsc_bindings.http.uvicorn_loop import AcceptingLoop, new_event_loop
+from dsc_core import client as dc
+from dsc_core import names
+from e2e_support import ServerProcess, serving
+
+SOAP = "application/soap+xml; charset=utf-8"
 
 
 class Echo(asyncio.Protocol):
@@ -271,3 +279,49 @@ def test_tls_connections_are_served_and_a_failed_handshake_harms_no_other(
     assert len(made) == 2  # the failed handshake never reached the protocol
     assert not [c for c in reported if "taking in" in c.get("message", "")]
     server.close()
+
+
+def test_the_app_under_uvicorn_on_this_loop_answers_a_burst_of_tls_connections(
+    tmp_path: Path,
+) -> None:
+    """The recommended deployment end to end (e2e_support.ServerProcess runs uvicorn with this
+    loop): 32 TLS connections opened together, each asking GetRepositoryElements, are all
+    answered; a peer speaking plain HTTP to the TLS port harms none of them."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    body = dc.envelope(
+        names.Action.DSC_GET_REPOSITORY_ELEMENTS,
+        dc.repository_elements_request(["RepositoryStatus"]),
+        message_id=f"urn:uuid:{uuid.uuid4()}",
+    )
+    with serving(
+        ServerProcess(tmp_path / "data", binding="uvicorn", tls=(cert_path, key_path))
+    ) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as plain:
+            plain.sendall(b"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            plain.settimeout(10)
+            assert not plain.recv(100).startswith(b"HTTP/1.1 200")
+        connections = [
+            http.client.HTTPSConnection(
+                "127.0.0.1", server.port, timeout=30, context=client_context
+            )
+            for _ in range(32)
+        ]
+        try:
+            for connection in connections:
+                connection.connect()
+            for connection in connections:
+                connection.request("POST", "/ScanServer", body, {"Content-Type": SOAP})
+            for connection in connections:
+                answer = connection.getresponse()
+                reply = answer.read()
+                assert answer.status == 200, reply[:300]
+                assert dc.parse_response(reply).action.endswith("GetRepositoryElementsResponse")
+        finally:
+            for connection in connections:
+                connection.close()
