@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +311,33 @@ def started_servers() -> Iterator[Callable[[ServerProcess], ServerProcess]]:
         for server in started:
             if server.alive:
                 server.stop_cleanly()
+
+
+@contextmanager
+def telling(
+    servers: Mapping[str, ServerProcess] | Sequence[ServerProcess], lines: int = 60
+) -> Iterator[None]:
+    """A failure inside shows the end of each server's log: what the servers said is what
+    tells why a test of several instances failed.  ``servers`` by name, or a list (named a, b,
+    c... in its order) read when the failure happens, so a test's servers started inside the
+    block are told too.  Any exception, not only an assertion: a client's socket timeout is
+    as much a failure whose cause is in a server's log.  The tails are a note on the
+    exception (PEP 678, shown by pytest), which keeps its type for ``pytest.raises``."""
+    try:
+        yield
+    except Exception as exc:
+        named = servers.items() if isinstance(servers, Mapping) else _lettered(servers)
+        for name, server in named:
+            exc.add_note(
+                f"--- the last {lines} lines of instance {name}'s log "
+                f"({server.log_path.name}, port {server.port}) ---\n"
+                + "\n".join(server.log.splitlines()[-lines:])
+            )
+        raise
+
+
+def _lettered(servers: Sequence[ServerProcess]) -> list[tuple[str, ServerProcess]]:
+    return [(chr(ord("a") + index), server) for index, server in enumerate(servers)]
 
 
 def on_threads(target: Callable[..., object], calls: Iterable[tuple[object, ...]]) -> None:

@@ -20,7 +20,7 @@ from lxml import etree
 from dsc_core import client as dc
 from dsc_core import names
 from dsc_core.model import FileShareInstructions
-from e2e_support import ServerProcess, Soap
+from e2e_support import ServerProcess, Soap, telling
 from test_cluster import cluster_config, instances, start
 from test_delivery import Healthy
 from waiting import wait_for
@@ -157,101 +157,105 @@ def arrived(messages: list[tuple[str, str, str, str]], tokens: list[str]) -> str
 def test_events_of_jobs_changed_anywhere_arrive_once_in_job_order(
     tmp_path: Path, pg: PgCluster, instances: list[ServerProcess], subscriber: Subscriber
 ) -> None:
-    dsn = pg.new_database()
-    config = cluster_config(tmp_path, dsn)
-    a, b, c = (Soap(start(instances, tmp_path, config).url) for _ in range(3))
-    subscribe(a, subscriber.url)
-    tokens = []
-    for creator, canceler in ((b, c), (c, b), (b, c)):
-        token = creator.create(SHARE)
-        canceler.dsp_cancel(token)
-        tokens.append(token)
+    with telling(instances):
+        dsn = pg.new_database()
+        config = cluster_config(tmp_path, dsn)
+        a, b, c = (Soap(start(instances, tmp_path, config).url) for _ in range(3))
+        subscribe(a, subscriber.url)
+        tokens = []
+        for creator, canceler in ((b, c), (c, b), (b, c)):
+            token = creator.create(SHARE)
+            canceler.dsp_cancel(token)
+            tokens.append(token)
 
-    # Each job: its status when created, when canceled, and its end state, in both protocols.
-    # Only the jobs' events are counted (a repository state the leader announces is not one of
-    # them), and at least as many as expected are waited for, then exactly: an extra message
-    # (a repeat) fails here with the whole list, one line each, not as a timeout of an exact
-    # wait.  Under load one came 19 for 18: a row the delivery owner handed to its hub twice,
-    # the repeat after the messages that followed it (runtime/outbox.py, test_outbox_pump.py).
-    def of_jobs() -> list[tuple[str, str, str, str]]:
-        return [m for m in subscriber.messages() if m[1] != A.DSC_STATUS_SUMMARY_EVENT]
+        # Each job: its status when created, when canceled, and its end state, in both protocols.
+        # Only the jobs' events are counted (a repository state the leader announces is not one of
+        # them), and at least as many as expected are waited for, then exactly: an extra message
+        # (a repeat) fails here with the whole list, one line each, not as a timeout of an exact
+        # wait.  Under load one came 19 for 18: a row the delivery owner handed to its hub twice,
+        # the repeat after the messages that followed it (runtime/outbox.py, test_outbox_pump.py).
+        def of_jobs() -> list[tuple[str, str, str, str]]:
+            return [m for m in subscriber.messages() if m[1] != A.DSC_STATUS_SUMMARY_EVENT]
 
-    wait_for(lambda: len(of_jobs()) >= 6 * len(tokens), 20, "every event")
-    assert len(of_jobs()) == 6 * len(tokens), arrived(of_jobs(), tokens)
-    ids = Counter(m for m, _, _, _ in subscriber.messages())
-    assert all(n == 1 for n in ids.values()), arrived(subscriber.messages(), tokens)
-    for token in tokens:
-        events = job_events(subscriber, token)
-        assert [action for action, _ in events] == [
-            A.DSP_JOB_STATUS_EVENT,
-            A.DSP_JOB_STATUS_EVENT,
-            A.DSP_JOB_END_STATE_EVENT,
-        ], events
-        assert [state for _, state in events[:2]] == ["Creating", "Canceled"], events
-    wait_for(lambda: outbox_rows(dsn) == 0, 10, "the outbox emptied")
+        wait_for(lambda: len(of_jobs()) >= 6 * len(tokens), 20, "every event")
+        assert len(of_jobs()) == 6 * len(tokens), arrived(of_jobs(), tokens)
+        ids = Counter(m for m, _, _, _ in subscriber.messages())
+        assert all(n == 1 for n in ids.values()), arrived(subscriber.messages(), tokens)
+        for token in tokens:
+            events = job_events(subscriber, token)
+            assert [action for action, _ in events] == [
+                A.DSP_JOB_STATUS_EVENT,
+                A.DSP_JOB_STATUS_EVENT,
+                A.DSP_JOB_END_STATE_EVENT,
+            ], events
+            assert [state for _, state in events[:2]] == ["Creating", "Canceled"], events
+        wait_for(lambda: outbox_rows(dsn) == 0, 10, "the outbox emptied")
 
 
 def test_renew_get_status_and_unsubscribe_on_other_instances(
     tmp_path: Path, pg: PgCluster, instances: list[ServerProcess], subscriber: Subscriber
 ) -> None:
-    config = cluster_config(tmp_path, pg.new_database())
-    a, b, c = (Soap(start(instances, tmp_path, config).url) for _ in range(3))
-    identifier = subscribe(a, subscriber.url)
-    assert manage(b, A.GET_STATUS, identifier, "GetStatus").action == A.GET_STATUS_RESPONSE
-    renewed = manage(c, A.RENEW, identifier, "Renew")
-    assert renewed.payload is not None
-    assert renewed.payload.findtext(f"{{{names.WSE}}}Expires") == "PT7200S"
-    assert manage(b, A.UNSUBSCRIBE, identifier, "Unsubscribe").action == A.UNSUBSCRIBE_RESPONSE
-    with pytest.raises(dc.ClientFault):
-        manage(c, A.GET_STATUS, identifier, "GetStatus")
-    with pytest.raises(dc.ClientFault):
-        manage(a, A.RENEW, identifier, "Renew")
-    # Nothing more for it: a second subscriber hears a later job, the first nothing at all.
-    with serving(Subscriber()) as later:
-        subscribe(c, later.url)
-        token = b.create(SHARE)
-        wait_for(lambda: job_events(later, token), 20, "the second subscriber's event")
-        assert subscriber.messages() == []
+    with telling(instances):
+        config = cluster_config(tmp_path, pg.new_database())
+        a, b, c = (Soap(start(instances, tmp_path, config).url) for _ in range(3))
+        identifier = subscribe(a, subscriber.url)
+        assert manage(b, A.GET_STATUS, identifier, "GetStatus").action == A.GET_STATUS_RESPONSE
+        renewed = manage(c, A.RENEW, identifier, "Renew")
+        assert renewed.payload is not None
+        assert renewed.payload.findtext(f"{{{names.WSE}}}Expires") == "PT7200S"
+        assert manage(b, A.UNSUBSCRIBE, identifier, "Unsubscribe").action == A.UNSUBSCRIBE_RESPONSE
+        with pytest.raises(dc.ClientFault):
+            manage(c, A.GET_STATUS, identifier, "GetStatus")
+        with pytest.raises(dc.ClientFault):
+            manage(a, A.RENEW, identifier, "Renew")
+        # Nothing more for it: a second subscriber hears a later job, the first nothing at all.
+        with serving(Subscriber()) as later:
+            subscribe(c, later.url)
+            token = b.create(SHARE)
+            wait_for(lambda: job_events(later, token), 20, "the second subscriber's event")
+            assert subscriber.messages() == []
 
 
 def test_killing_the_delivery_owner_another_sends_the_rest_at_most_one_twice(
     tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
 ) -> None:
-    dsn = pg.new_database()
-    config = cluster_config(tmp_path, dsn)
-    servers = [start(instances, tmp_path, config) for _ in range(3)]
-    with serving(Subscriber(delay=0.2)) as slow:
-        identifier = subscribe(Soap(servers[0].url), slow.url)
-        first = Soap(servers[0].url).create(SHARE)
-        wait_for(lambda: job_events(slow, first), 20, "the first event")
-        owner_pid = delivery_owner(dsn, identifier)
-        owner = next(s for s in servers if s.pid == owner_pid)
-        other = Soap(next(s for s in servers if s is not owner).url)
-        tokens = [other.create(SHARE) for _ in range(8)]  # 16 messages, sent 0.2 s apart
-        wait_for(lambda: len(slow.messages()) >= 4, 20, "some of them delivered")
-        owner.kill9()
-        expected = 2 + 2 * len(tokens)
-        wait_for(lambda: len({m for m, _, _, _ in slow.messages()}) == expected, 30, "the rest")
-        ids = Counter(m for m, _, _, _ in slow.messages())
-        assert sum(n - 1 for n in ids.values()) <= 1, ids  # the one in flight, same MessageID
-        assert delivery_owner(dsn, identifier) not in (None, owner_pid)
-        wait_for(lambda: outbox_rows(dsn) == 0, 10, "the outbox emptied")
+    with telling(instances):
+        dsn = pg.new_database()
+        config = cluster_config(tmp_path, dsn)
+        servers = [start(instances, tmp_path, config) for _ in range(3)]
+        with serving(Subscriber(delay=0.2)) as slow:
+            identifier = subscribe(Soap(servers[0].url), slow.url)
+            first = Soap(servers[0].url).create(SHARE)
+            wait_for(lambda: job_events(slow, first), 20, "the first event")
+            owner_pid = delivery_owner(dsn, identifier)
+            owner = next(s for s in servers if s.pid == owner_pid)
+            other = Soap(next(s for s in servers if s is not owner).url)
+            tokens = [other.create(SHARE) for _ in range(8)]  # 16 messages, sent 0.2 s apart
+            wait_for(lambda: len(slow.messages()) >= 4, 20, "some of them delivered")
+            owner.kill9()
+            expected = 2 + 2 * len(tokens)
+            wait_for(lambda: len({m for m, _, _, _ in slow.messages()}) == expected, 30, "the rest")
+            ids = Counter(m for m, _, _, _ in slow.messages())
+            assert sum(n - 1 for n in ids.values()) <= 1, ids  # the one in flight, same MessageID
+            assert delivery_owner(dsn, identifier) not in (None, owner_pid)
+            wait_for(lambda: outbox_rows(dsn) == 0, 10, "the outbox emptied")
 
 
 def test_the_subscription_survives_restarting_every_instance(
     tmp_path: Path, pg: PgCluster, instances: list[ServerProcess], subscriber: Subscriber
 ) -> None:
-    config = cluster_config(tmp_path, pg.new_database())
-    servers = [start(instances, tmp_path, config) for _ in range(2)]
-    identifier = subscribe(Soap(servers[0].url), subscriber.url)
-    for server in servers:  # a rolling restart: one at a time, the other serves
-        server.stop_cleanly()
-        server.start()
-    for server in servers:
-        client = Soap(server.url)
-        assert manage(client, A.GET_STATUS, identifier, "GetStatus").action == (
-            A.GET_STATUS_RESPONSE
-        )
-        token = client.create(SHARE)
-        wait_for(lambda token=token: job_events(subscriber, token), 20, "an event after it")
-    assert not any("SubscriptionEnd" in a for _, a, _, _ in subscriber.messages())
+    with telling(instances):
+        config = cluster_config(tmp_path, pg.new_database())
+        servers = [start(instances, tmp_path, config) for _ in range(2)]
+        identifier = subscribe(Soap(servers[0].url), subscriber.url)
+        for server in servers:  # a rolling restart: one at a time, the other serves
+            server.stop_cleanly()
+            server.start()
+        for server in servers:
+            client = Soap(server.url)
+            assert manage(client, A.GET_STATUS, identifier, "GetStatus").action == (
+                A.GET_STATUS_RESPONSE
+            )
+            token = client.create(SHARE)
+            wait_for(lambda token=token: job_events(subscriber, token), 20, "an event after it")
+        assert not any("SubscriptionEnd" in a for _, a, _, _ in subscriber.messages())

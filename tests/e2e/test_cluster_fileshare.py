@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from dsc_core.model import FileShareInstructions
-from e2e_support import DEFAULT_SID, ServerProcess, Soap, Stream, started_servers
+from e2e_support import DEFAULT_SID, ServerProcess, Soap, Stream, started_servers, telling
 from engines_support import pg_cluster, s3_server, shared_engine_config, spool_section
 from test_e2e_serve import LOCAL_SHARE
 from waiting import wait_for
@@ -76,19 +76,9 @@ class Pair:
         self.pg = pg
         self.s3 = s3
 
-    @contextmanager
-    def telling(self, lines: int = 60) -> Iterator[None]:
-        """A failure inside shows the end of both instances' logs: what the servers said
-        is what tells why a cluster test failed."""
-        try:
-            yield
-        except AssertionError as exc:
-            tails = "".join(
-                f"\n--- the last {lines} lines of instance {name}'s log ---\n"
-                + "\n".join(server.log.splitlines()[-lines:])
-                for name, server in (("a", self.a), ("b", self.b))
-            )
-            raise AssertionError(f"{exc}{tails}") from exc
+    def telling(self, lines: int = 60) -> AbstractContextManager[None]:
+        """A failure inside shows the end of both instances' logs (e2e_support.telling)."""
+        return telling({"a": self.a, "b": self.b}, lines)
 
     @property
     def folder(self) -> Path:
