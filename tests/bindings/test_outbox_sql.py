@@ -28,6 +28,7 @@ from dsc_bindings.store.instances import (
     LEADER_LOCK,
     LOCK_WITHOUT_TERM,
     NO_TERM,
+    TAKING_THE_LEAD,
     ClusterSettings,
     list_instances,
 )
@@ -553,7 +554,8 @@ def test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock(
     """Holding the lock is not leading (runtime/announcing.py): "is now the leader" is logged
     when the term is taken.  While the database refuses the statement that takes one (its
     table renamed away), each attempt is one WARNING line saying what it means and what to do,
-    and nothing says the instance leads."""
+    nothing says the instance leads, and its row says it fails (not that it is taking the
+    lead, as one that has not tried yet: test_an_instance_is_shown_as_the_leader_only_...)."""
     caplog.set_level(logging.DEBUG, logger="dsc.cluster")
     a, _ = two
     with psycopg.connect(dsn, autocommit=True) as admin:
@@ -561,8 +563,23 @@ def test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock(
     holder = members()
     assert holder.holds_lock
     term = LeaderTerm(holder.id, a.take_lead, name=lambda: holder.name)
+    holder.core_leads = lambda: term.current is not None
+    holder.term_failing = lambda: term.failing
+
+    def shown() -> tuple[str, object]:
+        """What ``dsc cluster status`` and /api/cluster show of the holder."""
+        holder.publish_leading()  # as the ticker does after each attempt
+        with psycopg.connect(dsn) as conn:
+            [row] = [r for r in list_instances(conn) if r.id == holder.id]
+        return row.leadership, holder.as_json()["leadership"]
+
+    assert not term.failing
+    assert shown() == (TAKING_THE_LEAD, TAKING_THE_LEAD)  # nothing tried yet
     assert term.change(True) is None
     assert term.change(True) is None
+    assert term.failing
+    stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
+    assert shown() == (stuck, stuck)
 
     def said() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.name == "dsc.cluster" and r.levelno >= logging.INFO]
@@ -583,15 +600,22 @@ def test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock(
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute("ALTER TABLE repository_announced_away RENAME TO repository_announced")
     caplog.clear()
-    assert term.change(True) == NewTerm(RepositoryState.IDLE, 1)
+    change = term.change(True)
+    assert change == NewTerm(RepositoryState.IDLE, 1)
     assert [r.getMessage() for r in said()] == [
         f"cluster: {holder.name} ({holder.id}) is now the leader, announcing the repository "
         "state (term 1)"
     ]
+    term.apply(change)
+    assert not term.failing
+    assert shown() == (LEADER, LEADER)
 
 
 def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
-    tmp_path: Path, two: tuple[PostgresRecords, ...], dsn: str
+    tmp_path: Path,
+    two: tuple[PostgresRecords, ...],
+    dsn: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Between taking the leader's lock and taking a term an instance does not lead
     (runtime/announcing.py), and nothing may show it as the leader: its row (``dsc cluster
@@ -600,7 +624,11 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
     in (as a term another instance takes at the same moment would), so it holds the lock and
     waits for its term; its heartbeat is an hour apart, so the row says what its first beat
     wrote.  Its core led by default until told to follow, and that beat wrote ``leads`` true
-    before the start told it.  Once the term is taken, every view shows the leader."""
+    before the start told it.  Nothing failed meanwhile: it is shown taking the lead, not as
+    a holder that cannot take a term, and logs nothing of the kind (the failure's wording:
+    test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock).  Once the term
+    is taken, every view shows the leader."""
+    caplog.set_level(logging.DEBUG, logger="dsc")
     service = compose(
         ServerConfig(),
         tmp_path / "data",
@@ -633,12 +661,20 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
         holder.commit()
     starting.join(30)
     try:
-        assert (row.leader_lock, row.leader, row.leadership) == (
+        assert (row.leader_lock, row.leader, row.leadership, row.leadership_label) == (
             True,
             False,
-            f"{LOCK_WITHOUT_TERM}: {NO_TERM}",
+            TAKING_THE_LEAD,
+            TAKING_THE_LEAD,
         ), row
-        assert (shown["leader_lock"], shown["leader"]) == (True, False), shown
+        assert (
+            shown["leader_lock"],
+            shown["leader"],
+            shown["leadership"],
+            shown["term_failing"],
+        ) == (True, False, TAKING_THE_LEAD, False), shown
+        said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dsc.cluster"]
+        assert not [m for level, m in said if level >= logging.WARNING or "cannot" in m], said
         with psycopg.connect(dsn) as conn:
             [row] = list_instances(conn)
         assert (row.leader, row.leadership) == (True, LEADER), row

@@ -343,12 +343,14 @@ def test_metrics_status_json_and_the_console_api_show_the_instances(
             'dsc_cluster_instances{state="stopped"}',
             "dsc_cluster_leader",
             "dsc_cluster_leader_lock",
+            "dsc_cluster_term_failing",
             "dsc_cluster_heartbeat_age_seconds",
         } | {f'dsc_cluster_leases_held{{name="{name}"}}' for name in names}, values
         assert values['dsc_cluster_instances{state="down"}'] == 0
         assert 0 <= values["dsc_cluster_heartbeat_age_seconds"] < 1.5  # within the lease
     assert (leader["dsc_cluster_leader"], other["dsc_cluster_leader"]) == (1, 0)
     assert (leader["dsc_cluster_leader_lock"], other["dsc_cluster_leader_lock"]) == (1, 0)
+    assert (leader["dsc_cluster_term_failing"], other["dsc_cluster_term_failing"]) == (0, 0)
 
     code, text = read(second, "/status.json")
     assert code == 200, text

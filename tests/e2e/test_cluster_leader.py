@@ -416,6 +416,7 @@ def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
     stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
     assert (row["leader"], row["leader_lock"], row["leadership"]) == (False, True, stuck), row
     assert (metrics["dsc_cluster_leader"], metrics["dsc_cluster_leader_lock"]) == (0, 1), metrics
+    assert metrics["dsc_cluster_term_failing"] == 1, metrics  # the one to alert on
     for view in (api, page):
         assert (view["leader"], view["leader_lock"], view["leadership"]) == (
             False,
@@ -442,6 +443,7 @@ def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
     row, metrics, api, page = shown()
     assert (row["leadership"], api["leadership"], page["leadership"]) == (LEADER,) * 3
     assert (metrics["dsc_cluster_leader"], metrics["dsc_cluster_leader_lock"]) == (1, 1), metrics
+    assert metrics["dsc_cluster_term_failing"] == 0, metrics
     table = dsc("cluster", "status", "--config", str(config))
     assert f"leader: {row['name']}" in table.out and "does not lead" not in table.out, table.out
     holder.stop_cleanly()

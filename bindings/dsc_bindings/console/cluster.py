@@ -4,7 +4,8 @@ Reads the ``instances`` table of the store ``--config`` names (store/instances.p
 incarnation's name, advertised address, start, heartbeat age and state (up, down: no heartbeat
 within its lease, stopped: a clean stop), and which one is the leader (it holds the leader's
 advisory lock now, as PostgreSQL's ``pg_locks`` says, and took a term: one that holds the lock
-and cannot take a term is shown ``lock held, not leading``, store/instances.py), the job leases each holds (jobs whose
+and cannot take a term is shown ``lock held, not leading``, one that took it a moment ago
+``taking the lead``, store/instances.py), the job leases each holds (jobs whose
 filters it runs) and its outbox lag (notifications waiting for the subscribers it delivers to,
 and the age of the oldest), then the whole outbox's lag.
 """
@@ -51,8 +52,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dsc_bindings.settings import ConfigError, load_settings
     from dsc_bindings.store.errors import one_line
     from dsc_bindings.store.instances import (
-        LEADER,
-        LOCK_WITHOUT_TERM,
         OutboxLag,
         list_instances,
         outbox_lag,
@@ -101,7 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             row.started.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             _age(row.heartbeat_age) + " ago",
             row.state,
-            LEADER if row.leader else LOCK_WITHOUT_TERM if row.leader_lock else "",
+            row.leadership_label,
             str(row.leases_held),
             _lag(row.outbox_lag),
             str(row.pid),
@@ -114,7 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     leaders = [row.name for row in rows if row.leader]
     print(f"\n{up} of {len(rows)} instance(s) up; leader: {', '.join(leaders) or 'none'}")
     for row in rows:
-        if row.leader_lock and not row.leader:
+        if row.leader_lock and not row.leader and row.term_failing:
             print(f"{row.name} holds the leader's lock but does not lead: {_NO_TERM}")
     print(f"outbox: {_lag(lag)} notification(s) waiting, every subscription")
     return EXIT_OK
@@ -143,8 +142,9 @@ def add_parser(sub: Any) -> None:
         "([cluster] instance_name, else host:port), advertised address, start, the age of its "
         "last heartbeat, its state (up; down: no heartbeat within [cluster] lease_seconds; "
         "stopped: a clean stop) and the leader (it runs the job timeouts and retention "
-        "sweeps; one holding the leader's lock that cannot take a term shows "
-        "'lock held, not leading', see its log), the job leases it holds (jobs whose filters it runs now) and its outbox lag "
+        "sweeps; one that just took the leader's lock shows 'taking the lead' until its "
+        "next tick takes a term, one that cannot take a term 'lock held, not leading', see "
+        "its log), the job leases it holds (jobs whose filters it runs now) and its outbox lag "
         "(event notifications waiting for the subscriptions it delivers: how many, and the "
         "oldest's age; a subscriber that does not answer keeps its rows waiting), then the "
         "lag of the whole outbox. Rows of instances dead for [cluster] "

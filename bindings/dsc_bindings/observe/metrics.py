@@ -189,18 +189,26 @@ class ClusterGauges(Collector):
             "dsc_cluster_leader",
             "1 while this instance leads: it holds the leader's lock and took a term, so it "
             "runs the job sweeps and announces the repository state; else 0 (also while it "
-            "holds the lock but cannot take a term: dsc_cluster_leader_lock)",
+            "holds the lock without a term: dsc_cluster_leader_lock)",
             value=1.0 if member.leads else 0.0,
         )
         # A second gauge, not a third value of the first: 1 means leading wherever it is
-        # summed or alerted on, and a holder that does not lead is its own alert (1 here, 0
-        # above: the WARNING in its log says why).
+        # summed or alerted on.  A holder that does not lead is either taking the lead (the
+        # lock was just taken: its term comes at its next tick) or failing, which the third
+        # gauge alone says (the WARNING in its log says why): the one to alert on.
         yield GaugeMetricFamily(
             "dsc_cluster_leader_lock",
             "1 while this instance holds the leader's lock, leading or not: 1 with "
-            "dsc_cluster_leader 0 means it cannot take a term (see its log), so no instance "
-            "runs the sweeps nor announces the repository state",
+            "dsc_cluster_leader 0 is the moment between taking the lock and a term (a "
+            "second), or a failure to take one (dsc_cluster_term_failing 1)",
             value=1.0 if member.holds_lock else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "dsc_cluster_term_failing",
+            "1 while this instance's last attempt to take a term failed (see the WARNING in "
+            "its log): holding the leader's lock it does not lead, so no instance runs the "
+            "sweeps nor announces the repository state",
+            value=1.0 if member.term_failing() else 0.0,
         )
         yield GaugeMetricFamily(
             "dsc_cluster_heartbeat_age_seconds",

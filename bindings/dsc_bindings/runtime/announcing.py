@@ -36,7 +36,10 @@ state it replaces.  So:
   subscription twice is ending it once), but they write to the database that just failed;
   following, they are only late: the tick that takes the term runs every deadline passed, and
   ``lead`` announces the difference from the row.  The failure is logged at each attempt, in
-  one WARNING line that says what it means and what to do.
+  one WARNING line that says what it means and what to do, and the views show it
+  (:attr:`LeaderTerm.failing`, store/instances.py ``term_failing``).  Before its first attempt
+  (the lock was just taken: at start, or from a leader gone, its term comes at the next tick)
+  nothing failed: the holder is shown taking the lead, and nothing is logged.
 
 "is now the leader" is logged when a term is taken, not when the lock is (runtime/cluster.py):
 until then the holder does not lead.
@@ -97,6 +100,10 @@ class LeaderTerm:
         self._refused = threading.Event()
         #: The next term is the last instance's (:meth:`retake`), taken lock or not.
         self._last = False
+        #: The last attempt to take a term failed (the database refused the statement): the
+        #: views show the holder as failing, not taking the lead (module doc).  Written by
+        #: the ticker, read by the heartbeat and the web endpoints: one bool, swapped whole.
+        self.failing = False
 
     def _shown_as(self) -> str:
         """Its name and id for the log, as runtime/cluster.py names it."""
@@ -120,6 +127,7 @@ class LeaderTerm:
         it no longer leads or no term could be taken (module doc: it follows until one is;
         the next tick asks again), None when nothing changes."""
         if not leader:
+            self.failing = False
             return FOLLOW if self.current is not None else None
         if self.current is not None and not self._refused.is_set():
             return None
@@ -130,6 +138,7 @@ class LeaderTerm:
         try:
             taken = self._take_lead(self._me, self._last)
         except StoreError as exc:
+            self.failing = True
             log.warning(
                 "cluster: %s holds the leader's lock but cannot take the lead for "
                 "announcements: %s; it does not lead meanwhile (no repository state "
@@ -139,6 +148,7 @@ class LeaderTerm:
                 one_line(exc.message),
             )
             return follow
+        self.failing = False
         if taken is None and self._last:
             log.info(
                 "cluster: %s stops as the last instance, but an instance started since holds "

@@ -15,7 +15,8 @@ thread (never the event loop):
   (runtime/announcing.py): :attr:`ClusterMember.leads` asks the core (``core_leads``), and
   the row says it (``leads``, written at each heartbeat and by :meth:`publish_leading`
   within a tick of a change), so that no view shows a holder that cannot take a term as the
-  leader (store/instances.py);
+  leader; nor one that has just taken the lock as failing: the row says whether its last try
+  for a term failed (``term_failing``, store/instances.py);
 - as holder of the lock, prunes the rows of incarnations dead for ``prune_after_seconds``;
 - keeps a snapshot of every instance, with the job leases it holds and the outbox rows of the
   subscriptions it delivers, and of the whole outbox (status page, /metrics: read there
@@ -103,8 +104,11 @@ class ClusterMember:
         #: Whether this instance's core leads (``ScanServer.leads``), told by the runtime
         #: (runtime/service.py); None: no core to ask (the lock alone says).
         self.core_leads: Callable[[], bool] | None = None
-        #: What the row says of :attr:`leads` (None: nothing written yet).
-        self._published: bool | None = None
+        #: Whether this instance's last try for a term failed (``LeaderTerm.failing``), told
+        #: by the runtime; what the views show of a holder that does not lead (module doc).
+        self.term_failing: Callable[[], bool] = lambda: False
+        #: What the row says of :attr:`leads` and :attr:`term_failing` (None: nothing yet).
+        self._published: tuple[bool, bool] | None = None
         self._last_beat = time.monotonic()
         self._failing: str | None = None
         #: Every instance as last read, and when (monotonic: their ages grow from there); one
@@ -196,24 +200,25 @@ class ClusterMember:
         self._leader = False
 
     def publish_leading(self) -> None:
-        """Write :attr:`leads` in this instance's row if it changed since it was last written
-        (``dsc cluster status`` reads it there): the runtime calls this at each tick, so the row
-        follows a change within a tick, not at the next heartbeat.  A failure is left to the
-        heartbeat, which writes it too and says what is wrong."""
-        leads = self.leads
-        if leads == self._published:
+        """Write :attr:`leads` and :attr:`term_failing` in this instance's row if they changed
+        since they were last written (``dsc cluster status`` reads them there): the runtime
+        calls this at each tick, so the row follows a change within a tick, not at the next
+        heartbeat.  A failure is left to the heartbeat, which writes them too and says what is
+        wrong."""
+        leading = (self.leads, self.term_failing())
+        if leading == self._published:
             return
         with self._lock:
             if self._conn is None:
                 return
             try:
-                self._conn.execute(LEADING, (leads, self.id))
+                self._conn.execute(LEADING, (*leading, self.id))
             except psycopg.Error as exc:
                 log.warning(
                     "cluster: cannot write whether %s leads: %s", self.name, one_line(str(exc))
                 )
                 return
-            self._published = leads
+            self._published = leading
 
     @property
     def instances(self) -> tuple[InstanceRow, ...]:
@@ -249,7 +254,10 @@ class ClusterMember:
             "id": self.id,
             "leader": self.leads,
             "leader_lock": self.holds_lock,
-            "leadership": leadership(leads=self.leads, holds_lock=self.holds_lock),
+            "leadership": leadership(
+                leads=self.leads, holds_lock=self.holds_lock, term_failing=self.term_failing()
+            ),
+            "term_failing": self.term_failing(),
             "heartbeat_age": round(self.heartbeat_age, 1),
             "lease_seconds": self.settings.lease_seconds,
             "problem": self.problem(),
@@ -352,12 +360,12 @@ class ClusterMember:
                 self._leader = True
                 # It leads once the runtime took a term, at its next tick: "is now the
                 # leader" is logged then, and a WARNING at each tick while it cannot take one
-                # (runtime/announcing.py).
+                # (runtime/announcing.py); meanwhile it is shown taking the lead.
                 log.debug("cluster: %s (%s) took the leader's lock", self.name, self.id)
         # After the lock: the row says whether this instance leads as of now.
-        leads = self.leads
-        self._conn.execute(HEARTBEAT, (self.name, self._address(), leads, self.id))
-        self._published = leads
+        leading = (self.leads, self.term_failing())
+        self._conn.execute(HEARTBEAT, (self.name, self._address(), *leading, self.id))
+        self._published = leading
         self._last_beat = time.monotonic()
         if self._failing is not None:
             log.info("cluster: heartbeat of %s restored", self.name)

@@ -655,9 +655,10 @@ class ScanService:
         # Holding the lock is not leading (.announcing): what the views show asks the core,
         # which follows until it takes a term, from before the first heartbeat (which may take
         # the lock and writes whether it leads): a core leads unless told otherwise.
-        self._term = self._leader_term(store, cluster)
-        if self._term is not None:
+        self._term = term = self._leader_term(store, cluster)
+        if term is not None:
             self.owner.call(self.server.follow)
+            cluster.term_failing = lambda: term.failing
         cluster.core_leads = lambda: self.server.leads
         cluster.start()
         if isinstance(store, SplitStore) and store.shared:

@@ -22,8 +22,11 @@ Holding the lock is not yet leading: the holder leads once it took a term for it
 announcements (runtime/announcing.py), and follows while it cannot take one (the database
 refuses the statement).  Only the instance knows which, so it writes it in ``leads``, at each
 heartbeat and within a tick of a change (runtime/cluster.py ``ClusterMember.publish_leading``):
-a row is shown :data:`LEADER` while its instance holds the lock and says it leads, and
-:data:`LOCK_WITHOUT_TERM` while it holds the lock and says it does not.
+a row is shown :data:`LEADER` while its instance holds the lock and says it leads.  A holder
+that does not lead has either just taken the lock (at start, or from a leader gone; its term
+comes at its next tick, within a second: nothing failed) or failed to take a term; it writes
+which in ``term_failing``, and is shown :data:`TAKING_THE_LEAD` or :data:`LOCK_WITHOUT_TERM`
+and why, so that a normal start or takeover never looks like a failure.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "LOCK_WITHOUT_TERM",
     "NO_TERM",
     "REPLACE_EARLIER",
+    "TAKING_THE_LEAD",
     "ClusterSettings",
     "InstanceRow",
     "OutboxLag",
@@ -62,6 +66,9 @@ LOCK_WITHOUT_TERM = "lock held, not leading"
 #: Why, after :data:`LOCK_WITHOUT_TERM` where there is room (JSON; the console says it below
 #: its table).
 NO_TERM = "cannot take a term (see its log)"
+#: A holder of the lock that has not tried to take its term yet, or whose last try worked
+#: (module doc): the normal moment between the lock and the lead, no failure.
+TAKING_THE_LEAD = "taking the lead"
 
 InstanceState = Literal["up", "down", "stopped"]
 #: Every state, in the order of /metrics and the console.
@@ -126,11 +133,23 @@ class InstanceRow:
     replaced_by: str | None = None
     #: It holds the leader's lock (as ``pg_locks`` says now), leading or not.
     leader_lock: bool = False
+    #: Its last attempt to take a term failed (module doc): it says so in its log.
+    term_failing: bool = False
 
     @property
     def leadership(self) -> str:
-        """:data:`LEADER`, :data:`LOCK_WITHOUT_TERM` and why, or empty."""
-        return leadership(leads=self.leader, holds_lock=self.leader_lock)
+        """:data:`LEADER`, :data:`TAKING_THE_LEAD`, :data:`LOCK_WITHOUT_TERM` and why, or
+        empty."""
+        return leadership(
+            leads=self.leader, holds_lock=self.leader_lock, term_failing=self.term_failing
+        )
+
+    @property
+    def leadership_label(self) -> str:
+        """:attr:`leadership` without the reason (a table's column)."""
+        return leadership_label(
+            leads=self.leader, holds_lock=self.leader_lock, term_failing=self.term_failing
+        )
 
     def as_json(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
@@ -142,11 +161,19 @@ class InstanceRow:
         return data
 
 
-def leadership(*, leads: bool, holds_lock: bool) -> str:
-    """What an instance is shown as (module doc)."""
+def leadership_label(*, leads: bool, holds_lock: bool, term_failing: bool) -> str:
+    """What an instance is shown as, in a word or three (module doc)."""
     if leads:
         return LEADER
-    return f"{LOCK_WITHOUT_TERM}: {NO_TERM}" if holds_lock else ""
+    if not holds_lock:
+        return ""
+    return LOCK_WITHOUT_TERM if term_failing else TAKING_THE_LEAD
+
+
+def leadership(*, leads: bool, holds_lock: bool, term_failing: bool) -> str:
+    """What an instance is shown as, with why where it failed (module doc)."""
+    label = leadership_label(leads=leads, holds_lock=holds_lock, term_failing=term_failing)
+    return f"{label}: {NO_TERM}" if label == LOCK_WITHOUT_TERM else label
 
 
 INSERT = """
@@ -169,11 +196,14 @@ GONE = """(i.stopped IS NOT NULL OR i.replaced_by IS NOT NULL
            OR i.heartbeat < now() - make_interval(secs => i.lease_seconds))"""
 
 HEARTBEAT = """
-    UPDATE instances SET heartbeat = now(), name = %s, address = %s, leads = %s WHERE id = %s
+    UPDATE instances SET heartbeat = now(), name = %s, address = %s, leads = %s,
+        term_failing = %s
+    WHERE id = %s
 """
 
-#: Whether the instance leads, written within a tick of a change (module doc).
-LEADING = "UPDATE instances SET leads = %s WHERE id = %s"
+#: Whether the instance leads, and whether its last try for a term failed, written within a
+#: tick of a change (module doc).
+LEADING = "UPDATE instances SET leads = %s, term_failing = %s WHERE id = %s"
 
 STOPPED = "UPDATE instances SET stopped = now() WHERE id = %s"
 
@@ -207,7 +237,7 @@ _LIST = f"""
            (SELECT count(*) FROM jobs j
             WHERE j.lease_owner = i.id::text AND j.lease_until > now()),
            o.rows, EXTRACT(EPOCH FROM now() - o.oldest)::float8, i.replaced_by::text,
-           i.leads
+           i.leads, i.term_failing
     FROM instances i
     LEFT JOIN LATERAL (
         SELECT count(*) AS rows, min(b.created) AS oldest
@@ -241,6 +271,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
         oldest,
         replaced_by,
         leading,
+        term_failing,
     ) in conn.execute(_LIST).fetchall():
         state: InstanceState
         if stopped is not None:
@@ -266,6 +297,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
                 outbox_lag=_lag(waiting, oldest),
                 replaced_by=None if replaced_by is None else str(replaced_by),
                 leader_lock=holds_lock,
+                term_failing=bool(term_failing),
             )
         )
     return rows

@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 17
+SCHEMA_VERSION = 18
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -394,6 +394,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "LOCK TABLE jobs, job_documents IN EXCLUSIVE MODE",
         """UPDATE job_documents d SET version = j.version FROM jobs j
             WHERE d.token = j.token AND j.active AND d.version IS NULL""",
+    ),
+    (
+        # Whether the instance's last attempt to take a term failed (runtime/announcing.py;
+        # store/instances.py): a holder of the leader's lock that does not lead is either
+        # taking the lead (it took the lock, its term comes at its next tick: nothing failed)
+        # or cannot take a term (the database refused the statement).  Only the instance
+        # knows which; ``dsc cluster status`` shows the failure only for the second.  An
+        # earlier version's row says false: its holder is shown taking the lead.
+        "ALTER TABLE instances ADD COLUMN term_failing boolean NOT NULL DEFAULT false",
     ),
 )
 

@@ -172,12 +172,13 @@ async function drawCluster() {
     (data.leader ? " (the leader)" : data.leader_lock ? " (" + data.leadership + ")" : "") +
     ", last heartbeat " + data.heartbeat_age + " s ago" +
     (data.problem ? " \u2014 " + data.problem : "");
-  // Holding the leader's lock without leading is a failure: nobody sweeps nor announces.
-  const stuck = data.leader_lock && !data.leader;
+  // Holding the leader's lock without a term is a failure once an attempt to take one failed
+  // (nobody sweeps nor announces); before it, the instance is taking the lead.
+  const stuck = data.leader_lock && !data.leader && data.term_failing;
   $("#cluster-self").className = data.problem || stuck ? "failed" : "";
   fill("#cluster-table", data.instances.map(i => [i.name, i.address, when(i.started),
     i.heartbeat_age + " s ago", el("td", i.state, clusterStates[i.state]),
-    el("td", i.leadership, i.leader_lock && !i.leader ? "failed" : ""),
+    el("td", i.leadership, i.leader_lock && !i.leader && i.term_failing ? "failed" : ""),
     String(i.leases_held), outboxLag(i.outbox_lag)]), "no instances");
   $("#cluster-outbox").textContent = "Outbox: " + outboxLag(data.outbox) +
     " notification(s) waiting, every subscription";
