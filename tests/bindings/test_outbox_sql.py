@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from dsc_bindings.console.main import main
 from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.runtime.announcing import FOLLOW, LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import JobCatchUp
@@ -47,6 +48,7 @@ from dsc_core.commands import (
     UpdateJob,
 )
 from dsc_core.subscription import EndpointReference, Subscription
+from engines_support import store_section
 from test_store import make_job
 from waiting import wait_for
 
@@ -616,6 +618,7 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
     two: tuple[PostgresRecords, ...],
     dsn: str,
     caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Between taking the leader's lock and taking a term an instance does not lead
     (runtime/announcing.py), and nothing may show it as the leader: its row (``dsc cluster
@@ -655,6 +658,10 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
 
             wait_for(waits_for_its_term, what="the service's take of a term to wait")
             [row] = list_instances(watcher)
+            config = tmp_path / "dsc.toml"
+            config.write_text(store_section(dsn))
+            assert main(["cluster", "status", "--config", str(config)]) == 0
+            table = capsys.readouterr().out
         cluster = service.cluster
         assert cluster is not None
         shown = cluster.as_json()
@@ -673,6 +680,8 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
             shown["leadership"],
             shown["term_failing"],
         ) == (True, False, TAKING_THE_LEAD, False), shown
+        assert f" up {TAKING_THE_LEAD} 0 " in " ".join(table.split()), table
+        assert "leader: none" in table and "does not lead" not in table, table
         said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dsc.cluster"]
         assert not [m for level, m in said if level >= logging.WARNING or "cannot" in m], said
         with psycopg.connect(dsn) as conn:
