@@ -154,14 +154,7 @@ class ServerProcess:
                 )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                log = self.log
-                if self.binding in ASGI_SERVERS:
-                    ready = ASGI_SERVERS[self.binding] in log
-                else:
-                    # In plain HTTP that line is a WARNING: also there under --log-level
-                    # WARNING (bench/runtime.py's Serve).
-                    ready = READY in log or READY_JSON in log
-                if ready and self._connectable():
+                if self._ready():
                     return self
                 if self.proc.poll() is not None:
                     break
@@ -196,6 +189,55 @@ class ServerProcess:
             if self.tls is not None:
                 args += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
         return args + self.extra, env
+
+    def _ready(self) -> bool:
+        """Whether the server started: its ready line logged and its port taking connections
+        (tests read the start-up block of the log); under a log level that hides that block,
+        its answer to a request."""
+        log = self.log
+        if self.binding in ASGI_SERVERS:
+            return ASGI_SERVERS[self.binding] in log and self._connectable()
+        if self.log_level in ("DEBUG", "INFO"):
+            return (READY in log or READY_JSON in log) and self._connectable()
+        # The start-up block is INFO (serve._log_start), a TLS server's security line too: under
+        # WARNING or ERROR the log may never say the server listens, but the server answers.
+        return self._answers()
+
+    @property
+    def log_level(self) -> str:
+        """The ``--log-level`` of ``self.extra``; ``dsc serve``'s default (INFO) without one."""
+        for index, arg in enumerate(self.extra):
+            if arg.startswith("--log-level="):
+                return arg.split("=", 1)[1]
+            if arg == "--log-level" and index + 1 < len(self.extra):
+                return self.extra[index + 1]
+        return "INFO"
+
+    def _answers(self) -> bool:
+        """A request to the server gets a response, any status: it accepted, read and answered
+        (``/healthz``: what a load balancer asks; holds nothing of any user)."""
+        conn: http.client.HTTPConnection
+        if self.tls is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.0)
+        else:
+            # Whether it answers, not whom to trust: the tests' own clients verify it.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=1.0, context=context)
+        try:
+            conn.connect()
+            if self.client_ca is not None:
+                # It requires a client certificate, which this request has not: its TLS
+                # handshake (1.3, complete before the server checks the certificate) answered.
+                return True
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            return True
+        except OSError:
+            return False
+        finally:
+            conn.close()
 
     def _connectable(self) -> bool:
         try:
