@@ -325,3 +325,39 @@ def test_the_app_under_uvicorn_on_this_loop_answers_a_burst_of_tls_connections(
         finally:
             for connection in connections:
                 connection.close()
+
+
+# A socket closed by the garbage collector warns (ResourceWarning): here that fails the test.
+@pytest.mark.filterwarnings("error::ResourceWarning")
+def test_a_connection_the_protocol_factory_fails_for_is_closed_and_serving_goes_on(
+    loop: AcceptingLoop,
+) -> None:
+    """The protocol factory raising (uvloop's ``connect_accepted_socket`` calls it before the
+    socket is its transport's): the failure is reported, the accepted socket is closed at once
+    (the peer sees the end, not a connection left open until the garbage collector finds the
+    socket), and the next connection is served."""
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    made: list[Any] = []
+    failures = [RuntimeError("no protocol for this one")]
+
+    def factory() -> Echo:
+        if failures:
+            raise failures.pop()
+        return Echo(made)
+
+    server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
+    port = port_of(server)
+    with socket.create_connection(("127.0.0.1", port)) as refused:
+        turns(loop, 4)
+        assert [str(c["exception"]) for c in reported] == ["no protocol for this one"]
+        refused.settimeout(5)
+        assert refused.recv(16) == b""  # closed by the server, not left hanging
+    with socket.create_connection(("127.0.0.1", port)) as served:
+        served.sendall(b"next")
+        turns(loop, 4)
+        served.settimeout(5)
+        assert served.recv(16) == b"next"
+    turns(loop, 4)  # the served connection sees its end and closes
+    assert len(made) == 1
+    server.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import itertools
 import logging
 import socket
@@ -258,19 +259,25 @@ class AcceptingServer(asyncio.AbstractServer):
                 self._loop.connect_accepted_socket(self._protocol_factory, connection, **self._tls)
             )
             self._handing_over.add(task)
-            task.add_done_callback(self._handed_over)
+            task.add_done_callback(functools.partial(self._handed_over, connection))
 
     def _listen_again(self, listener: socket.socket) -> None:
         if self._serving:
             self._listen(listener)
 
-    def _handed_over(self, task: asyncio.Task[Any]) -> None:
+    def _handed_over(self, connection: socket.socket, task: asyncio.Task[Any]) -> None:
         self._handing_over.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            return
+        # Not handed over: the protocol factory raised (uvloop calls it before the socket is
+        # its transport's), or the hand-over was cancelled (``asyncio.run`` ending) before it
+        # began.  Close the socket now, not when the garbage collector finds it (the peer would
+        # wait until then; a ResourceWarning).  Once uvloop's transport holds the socket it
+        # counts a reference on it, so this close leaves the transport's descriptor alone.
+        connection.close()
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is None:
-            return
         if isinstance(exc, OSError):
             # A TLS handshake that failed, a peer gone before its transport existed: uvloop's
             # own server reports these through the protocol (asyncio logs them in debug only).
