@@ -361,3 +361,160 @@ def test_a_connection_the_protocol_factory_fails_for_is_closed_and_serving_goes_
     turns(loop, 4)  # the served connection sees its end and closes
     assert len(made) == 1
     server.close()
+
+
+def test_an_accept_error_is_reported_and_accepting_goes_on(loop: AcceptingLoop) -> None:
+    """accept() failing for a reason other than a lack of resources (Linux passes on a network
+    error of the pending connection, EPROTO among them): the loop reports it and goes on
+    accepting, the waiting connection is taken in at a later poll."""
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    made: list[Any] = []
+    failures = [OSError(errno.EPROTO, "Protocol error")]
+
+    class Failing(socket.socket):
+        def accept(self) -> tuple[socket.socket, Any]:
+            if failures:
+                raise failures.pop()
+            return super().accept()
+
+    listener = Failing(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
+    with socket.create_connection(("127.0.0.1", listener.getsockname()[1])) as client:
+        turns(loop, 6)
+        assert [c["exception"].errno for c in reported] == [errno.EPROTO]
+        assert len(made) == 1
+        client.sendall(b"after")
+        turns(loop, 3)
+        client.settimeout(5)
+        assert client.recv(16) == b"after"
+    server.close()
+
+
+def test_a_tls_peer_that_never_shakes_hands_is_closed_at_the_handshake_timeout(
+    loop: AcceptingLoop, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """uvicorn's TLS listener with a peer that connects and says nothing: closed when
+    ``ssl_handshake_timeout`` runs out, never given to the protocol, not reported as a fault;
+    a TLS client meanwhile is served."""
+    server_context, client_context = tls
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    made: list[Any] = []
+    server = loop.run_until_complete(
+        loop.create_server(
+            lambda: Echo(made), "127.0.0.1", 0, ssl=server_context, ssl_handshake_timeout=0.2
+        )
+    )
+    port = port_of(server)
+
+    async def silent_then_served() -> tuple[bytes, bytes]:
+        silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
+        )
+        writer.write(b"served")
+        answer = await reader.readexactly(6)
+        writer.close()
+        ended = await silent_reader.read()  # b"" once the server closed it
+        silent_writer.close()
+        return answer, ended
+
+    answer, ended = loop.run_until_complete(asyncio.wait_for(silent_then_served(), 10))
+    assert (answer, ended) == (b"served", b"")
+    turns(loop, 4)
+    assert len(made) == 1
+    assert reported == []
+    server.close()
+
+
+def test_every_host_of_a_list_is_served_each_family_on_its_own_socket(
+    loop: AcceptingLoop,
+) -> None:
+    """``host`` a list (asyncio's and uvloop's ``create_server`` take one), IPv4 and IPv6
+    loopback on one port: a socket each, the IPv6 one IPv6-only (as asyncio binds them), and
+    both answer."""
+    made: list[Any] = []
+    with socket.socket(socket.AF_INET6) as probe:  # a port free on both families
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), ["127.0.0.1", "::1"], port)
+    )
+    families = sorted(s.family for s in sockets_of(server))
+    assert families == sorted([socket.AF_INET, socket.AF_INET6])
+    (v6,) = [s for s in sockets_of(server) if s.family == socket.AF_INET6]
+    assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as client:
+            client.settimeout(5)
+            client.connect((address, port))
+            client.sendall(address.encode())
+            turns(loop, 4)
+            assert client.recv(16) == address.encode()
+    assert len(made) == 2
+    server.close()
+
+
+def test_reuse_port_lets_two_servers_listen_on_one_port(loop: AcceptingLoop) -> None:
+    made: list[Any] = []
+    first = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), "127.0.0.1", 0, reuse_port=True)
+    )
+    port = port_of(first)
+    second = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), "127.0.0.1", port, reuse_port=True)
+    )
+    assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in sockets_of(second))
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"either")
+        turns(loop, 4)
+        client.settimeout(5)
+        assert client.recv(16) == b"either"
+    first.close()
+    second.close()
+
+
+def test_sigterm_under_uvicorn_with_keep_alive_connections_open_shuts_down_cleanly(
+    tmp_path: Path,
+) -> None:
+    """uvicorn's graceful shutdown on this loop (``server.close()``, each connection asked to
+    shut down, ``wait_closed()``): with idle keep-alive connections and connections that never
+    sent a request open, SIGTERM ends the process cleanly (``stop_cleanly`` fails the test if
+    it does not within its wait) and the server closes every one of them."""
+    body = dc.envelope(
+        names.Action.DSC_GET_REPOSITORY_ELEMENTS,
+        dc.repository_elements_request(["RepositoryStatus"]),
+        message_id=f"urn:uuid:{uuid.uuid4()}",
+    )
+    process = ServerProcess(tmp_path / "data", binding="uvicorn")
+    with serving(process) as server:
+        kept_alive = [
+            http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(8)
+        ]
+        for connection in kept_alive:
+            connection.request("POST", "/ScanServer", body, {"Content-Type": SOAP})
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.status == 200
+            assert answer.getheader("Connection", "keep-alive").lower() != "close"
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+        try:
+            # Each connection taken in before SIGTERM (the server answers on it).
+            for connection in kept_alive:
+                connection.request("POST", "/ScanServer", body, {"Content-Type": SOAP})
+                connection.getresponse().read()
+            server.stop_cleanly()
+            for connection in kept_alive:
+                assert connection.sock is not None
+                connection.sock.settimeout(10)
+                assert connection.sock.recv(16) == b""
+            for client in silent:
+                client.settimeout(10)
+                assert client.recv(16) == b""
+        finally:
+            for connection in kept_alive:
+                connection.close()
+            for client in silent:
+                client.close()
