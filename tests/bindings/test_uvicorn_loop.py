@@ -518,3 +518,17 @@ def test_sigterm_under_uvicorn_with_keep_alive_connections_open_shuts_down_clean
                 connection.close()
             for client in silent:
                 client.close()
+
+
+@pytest.mark.filterwarnings("error::ResourceWarning")
+def test_closing_the_loop_closes_its_servers_listening_sockets() -> None:
+    """uvloop's own servers' sockets are closed with the loop (uvicorn's loop ends without
+    ``server.close()`` when its main loop raises): so are these, else the kernel would go on
+    completing handshakes no one will ever answer."""
+    loop = new_event_loop()
+    server = loop.run_until_complete(loop.create_server(asyncio.Protocol, "127.0.0.1", 0))
+    port = port_of(server)
+    loop.close()
+    assert not server.is_serving()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)

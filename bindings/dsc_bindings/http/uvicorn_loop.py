@@ -66,6 +66,21 @@ def new_event_loop() -> AcceptingLoop:
 class AcceptingLoop(uvloop.Loop):
     """uvloop whose TCP servers accept every pending connection at each poll (module doc)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: The servers not closed yet: closed with the loop, as uvloop closes its own.
+        self.open_servers: set[AcceptingServer] = set()
+
+    def close(self) -> None:
+        # uvloop closes its own servers' listening sockets with the loop; without this, the
+        # kernel would go on completing handshakes for a port no one will ever answer (and the
+        # sockets would be left to the garbage collector).  A running loop refuses to close,
+        # and stays as it was.
+        if not self.is_running() and not self.is_closed():
+            for server in list(self.open_servers):
+                server.close()
+        super().close()
+
     # asyncio's stubs promise its own Server class; uvloop's servers, and this one, are
     # AbstractServers (what uvicorn uses of them: sockets, close, wait_closed).
     async def create_server(  # type: ignore[override]
@@ -111,6 +126,7 @@ class AcceptingLoop(uvloop.Loop):
                 "ssl_shutdown_timeout": ssl_shutdown_timeout,
             }
         server = AcceptingServer(self, sockets, protocol_factory, backlog, tls)
+        self.open_servers.add(server)
         if start_serving:
             await server.start_serving()
         return server
@@ -220,6 +236,7 @@ class AcceptingServer(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        self._loop.open_servers.discard(self)
         for listener in self._sockets:
             self._loop.remove_reader(listener.fileno())
             listener.close()
