@@ -520,6 +520,27 @@ def test_sigterm_under_uvicorn_with_keep_alive_connections_open_shuts_down_clean
                 client.close()
 
 
+def test_serve_forever_cancelled_closes_the_server(loop: AcceptingLoop) -> None:
+    """As asyncio's and uvloop's servers: ``serve_forever()`` cancelled (``asyncio.run`` given
+    Ctrl-C, a supervisor's task group ending) closes the server, so the port stops taking
+    connections in and the listening socket is closed, not left to the garbage collector."""
+    made: list[Any] = []
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), "127.0.0.1", 0, start_serving=False)
+    )
+    port = port_of(server)
+    forever = loop.create_task(server.serve_forever())
+    turns(loop, 2)
+    assert server.is_serving()
+    forever.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        loop.run_until_complete(forever)
+    assert not server.is_serving()
+    assert sockets_of(server) == ()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
 @pytest.mark.filterwarnings("error::ResourceWarning")
 def test_closing_the_loop_closes_its_servers_listening_sockets() -> None:
     """uvloop's own servers' sockets are closed with the loop (uvicorn's loop ends without

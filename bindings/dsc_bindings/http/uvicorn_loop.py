@@ -227,7 +227,11 @@ class AcceptingServer(asyncio.AbstractServer):
 
     async def serve_forever(self) -> None:
         await self.start_serving()
-        await self.wait_closed()
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            self.close()  # as asyncio's and uvloop's: cancelled, the server closes
+            raise
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; connections already accepted go
