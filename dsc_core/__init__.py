@@ -29,6 +29,7 @@ from .commands import (
     UpdateJob,
 )
 from .config import Limits, ServerConfig
+from .deadlines import DeadlineChanges
 from .directory import DirectoryAnswers, Lookups
 from .errors import UsageError
 from .exchange import Exchange
@@ -52,6 +53,7 @@ __all__ = [
     "BeginDocument",
     "Command",
     "CreateJob",
+    "DeadlineChanges",
     "Deliver",
     "DirectoryAnswers",
     "DiscardDocuments",

@@ -269,7 +269,7 @@ def begin_send_image(request: Request, args: SendImageArgs) -> Upload:
         # instance").
         raise faults.upload_elsewhere(NS, args.document_id)
     upload = Upload(args.token, args.document_id, args.format, args.href)
-    table.uploads.add(upload.key)
+    table.reserve(upload.key)
     return upload
 
 
@@ -278,7 +278,7 @@ def send_image(request: Request, args: SendImageArgs) -> OpResult:
     if upload is None:
         # Not MTOM: check the request as usual, then refuse the missing attachment (R8).
         upload = begin_send_image(request, args)
-        request.state.jobs.uploads.discard(upload.key)
+        request.state.jobs.let_go(upload.key)
         raise Args(NS).invalid(NS, "ImageData")
     if not upload.complete:
         raise Args(NS).invalid(NS, "ImageData")  # attachment missing or not referenced
@@ -292,7 +292,7 @@ def send_image(request: Request, args: SendImageArgs) -> OpResult:
         documents=job.documents + (document,),
         last_activity=request.now,
     )
-    request.state.jobs.uploads.discard(upload.key)
+    request.state.jobs.let_go(upload.key)
     finish: list[Command] = [FinishDocument(upload.token, upload.document_id, upload.size)]
     return OpResult(
         A.DSP_SEND_IMAGE + "Response",

@@ -22,6 +22,7 @@ from lxml import etree
 from . import faults, names, soap
 from .commands import Command, Deliver, EndSubscription, RecordDeliveryFailures
 from .config import ServerConfig
+from .deadlines import DeadlineChanges
 from .subscription import EndpointReference, Subscription
 from .xmlread import Element, children, split, trimmed
 
@@ -46,7 +47,11 @@ DELIVERY_FAILURE = names.WSE + "/DeliveryFailure"
 class Subscriptions:
     config: ServerConfig
     new_id: Callable[[], str]
+    #: Read anywhere; a subscription added, renewed or ended also bumps :attr:`changes`.
     by_id: dict[str, Subscription] = field(default_factory=dict)
+    #: Bumped by each change of an expiry (:meth:`next_expiry`, ScanServer.next_deadline);
+    #: a delivery failure counted changes none.
+    changes: DeadlineChanges = field(default_factory=DeadlineChanges)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -117,6 +122,7 @@ class Subscriptions:
             owner=owner,
         )
         self.by_id[identifier] = sub
+        self.changes.moved()
         response = etree.Element(f"{{{names.WSE}}}SubscribeResponse")
         manager = etree.SubElement(response, f"{{{names.WSE}}}SubscriptionManager")
         wsa = env.addressing.wsa_ns
@@ -136,6 +142,7 @@ class Subscriptions:
         )
         expires = self._grant(expires_el, now)
         renewed = self.by_id[sub.identifier] = replace(sub, expires=expires)
+        self.changes.moved()
         response = etree.Element(f"{{{names.WSE}}}RenewResponse")
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
         return sub, renewed, response
@@ -153,15 +160,18 @@ class Subscriptions:
         Returns the subscription ended."""
         sub = self._find(env, "InvalidMessage", now, owner)
         del self.by_id[sub.identifier]
+        self.changes.moved()
         return sub
 
     def put_back(self, sub: Subscription) -> None:
         """Undo a Renew or Unsubscribe whose store command failed (R4 step 9)."""
         self.by_id[sub.identifier] = sub
+        self.changes.moved()
 
     def forget(self, identifier: str) -> None:
         """Undo a Subscribe whose store command failed (R4 step 9)."""
-        self.by_id.pop(identifier, None)
+        if self.by_id.pop(identifier, None) is not None:
+            self.changes.moved()
 
     def absorb(
         self,
@@ -183,8 +193,11 @@ class Subscriptions:
             if held is not None and sub.identifier in counting:
                 sub = replace(sub, failures=held.failures)
             self.by_id[sub.identifier] = sub
+            if held is None or held.expires != sub.expires:
+                self.changes.moved()
         for identifier in ended:
-            self.by_id.pop(identifier, None)
+            if self.by_id.pop(identifier, None) is not None:
+                self.changes.moved()
 
     def _find(
         self, env: soap.Envelope, fault: str, now: datetime, owner: str | None = None
@@ -271,6 +284,7 @@ class Subscriptions:
         expired = [i for i, s in self.by_id.items() if not s.active(now)]
         for ident in expired:
             del self.by_id[ident]
+            self.changes.moved()
         return [EndSubscription(ident) for ident in expired]
 
     def next_expiry(self) -> datetime | None:
@@ -312,17 +326,20 @@ class Subscriptions:
             self.by_id[identifier] = sub
             return [RecordDeliveryFailures(identifier, sub.failures)]
         del self.by_id[identifier]
+        self.changes.moved()
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
     def give_up(self, identifier: str) -> list[Command]:
         sub = self.by_id.pop(identifier, None)
         if sub is None:
             return []
+        self.changes.moved()
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
     def end_all(self) -> list[Command]:
         subs = list(self.by_id.values())
         self.by_id.clear()
+        self.changes.moved()
         return self._end(subs, SHUTTING_DOWN, "The scan server is shutting down.")
 
     def _end(self, subs: Iterable[Subscription], status: str, reason: str) -> list[Command]:

@@ -207,7 +207,7 @@ class Exchange:
             # Received completely or not, a refused image was never finished: drop it.
             if up.begun:
                 commands.append(AbortDocument(up.token, up.document_id))
-            self.state.jobs.uploads.discard(up.key)
+            self.state.jobs.let_go(up.key)
             self._upload = None
         self._in_upload = False
         return commands
@@ -433,7 +433,7 @@ class Exchange:
         up = self._upload
         if up is not None and up.begun:
             commands.append(AbortDocument(up.token, up.document_id))
-            self.state.jobs.uploads.discard(up.key)
+            self.state.jobs.let_go(up.key)
         operation = (
             self.operations.get(self._envelope.addressing.action or "") if self._envelope else None
         )

@@ -9,21 +9,46 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from .deadlines import DeadlineChanges
 from .model import Job, JobState
 
 
 class JobTable:
-    def __init__(self, history_size: int) -> None:
+    def __init__(self, history_size: int, changes: DeadlineChanges | None = None) -> None:
         self.history_size = history_size
+        #: Bumped by each change of the active jobs and the uploads: what the R6 timeout's
+        #: deadline reads (:meth:`next_timeout`, ScanServer.next_deadline).
+        self.changes = changes or DeadlineChanges()
         self._active: dict[str, Job] = {}
         #: Completed jobs, oldest first; read newest first (R6).
         self._history: dict[str, Job] = {}
         #: (token, document_id) of SendImage uploads in progress: reserved ids (R6 duplicates).
+        #: Read here; changed only by :meth:`reserve` and :meth:`let_go`.
         self.uploads: set[tuple[str, int]] = set()
         #: The same for uploads in flight on other instances of a shared store (issue 18), as
         #: the binding last read them: an R6 duplicate there is a duplicate here, and a job
-        #: receiving an image there is not idle here.
+        #: receiving an image there is not idle here.  Set by :meth:`absorb_uploads`.
         self.uploads_elsewhere: frozenset[tuple[str, int]] = frozenset()
+
+    def reserve(self, key: tuple[str, int]) -> None:
+        """A SendImage's DocumentId ``key`` is being received: its job is not idle meanwhile
+        (no R6 deadline), and a second SendImage of it is a duplicate."""
+        self.uploads.add(key)
+        self.changes.moved()
+
+    def let_go(self, key: tuple[str, int]) -> None:
+        """The upload of ``key`` ended (received, refused, cut off): its job's R6 deadline
+        is back.  Often without a command (nothing of it was written), so this count is how
+        the binding learns of it."""
+        if key in self.uploads:
+            self.uploads.remove(key)
+            self.changes.moved()
+
+    def absorb_uploads(self, uploads: frozenset[tuple[str, int]]) -> None:
+        """The uploads in flight on other instances, as the binding read them (issue 18)."""
+        if uploads != self.uploads_elsewhere:
+            self.uploads_elsewhere = uploads
+            self.changes.moved()
 
     def uploading(self, key: tuple[str, int]) -> bool:
         """Whether the DocumentId ``key`` = (token, document_id) is being received, on this
@@ -35,6 +60,7 @@ class JobTable:
 
     def put(self, job: Job) -> list[str]:
         """Store the new record of a job; returns tokens that fell out of the history."""
+        self.changes.moved()  # an active job's record, or one leaving the active jobs
         if job.is_active:
             self._history.pop(job.token, None)
             self._active[job.token] = job
@@ -51,7 +77,8 @@ class JobTable:
         Returns the tokens that fell out of the history."""
         if job.is_active:
             return self.put(job)
-        self._active.pop(job.token, None)
+        if self._active.pop(job.token, None) is not None:
+            self.changes.moved()
         self._history.pop(job.token, None)
         ended = _ended(job)
         newest = next(reversed(self._history.values()), None)
@@ -70,7 +97,8 @@ class JobTable:
         return dropped
 
     def remove(self, token: str) -> None:
-        self._active.pop(token, None)
+        if self._active.pop(token, None) is not None:
+            self.changes.moved()
         self._history.pop(token, None)
 
     def purgeable(self, before: datetime) -> list[Job]:

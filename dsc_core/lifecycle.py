@@ -157,6 +157,7 @@ class JobLifecycle:
         self.stopped = False
         #: Completed jobs whose documents stay in the spool for a re-run (a filter failed),
         #: with the time they ended: discarded ``retention`` seconds later (issue 8, spool).
+        #: Read here; changed only by :meth:`_keep` and :meth:`_release` (a deadline each).
         self.kept: dict[str, datetime] = {}
 
     @property
@@ -209,9 +210,9 @@ class JobLifecycle:
             if old.is_active and not new.is_active:
                 commands += self._documents_after_end(new)
         elif new.is_active:
-            self.kept.pop(new.token, None)
+            self._release(new.token)
         if old is not None and not old.is_active and new.is_active:
-            self.kept.pop(new.token, None)  # a retry: its documents are in use again
+            self._release(new.token)  # a retry: its documents are in use again
         commands.extend(DropJob(token, Removal.HISTORY_FULL) for token in dropped)
         commands.extend(self.notifier.job_changed(old, new, now))
         commands.extend(self.notifier.repository_state(self.repository_state, now))
@@ -225,7 +226,7 @@ class JobLifecycle:
         else:
             self.jobs.put(old)
             if not old.is_active and new.is_active and keeps_documents(old):
-                self.kept[old.token] = old.completed or old.last_activity  # an undone retry
+                self._keep(old)  # an undone retry
         self.notifier.assume_repository_state(self.repository_state)
         return []
 
@@ -256,16 +257,14 @@ class JobLifecycle:
                 and new.state is not JobState.COMPLETED
             ):
                 commands.append(StopProcessing(new.token))
-            if new.is_active:
-                self.kept.pop(new.token, None)
-            elif keeps_documents(new):
-                self.kept[new.token] = new.completed or new.last_activity
+            if not new.is_active and keeps_documents(new):
+                self._keep(new)
             else:
-                self.kept.pop(new.token, None)
+                self._release(new.token)
         for token in dropped:
             self.jobs.remove(token)
-            self.kept.pop(token, None)
-        self.jobs.uploads_elsewhere = frozenset(uploads_elsewhere)
+            self._release(token)
+        self.jobs.absorb_uploads(frozenset(uploads_elsewhere))
         return commands
 
     # --- the processing engine ------------------------------------------------------------
@@ -345,9 +344,9 @@ class JobLifecycle:
         that the failed filters can be run again.
         """
         if keeps_documents(job):
-            self.kept[job.token] = job.completed or job.last_activity
+            self._keep(job)
             return []
-        self.kept.pop(job.token, None)
+        self._release(job.token)
         return [DiscardDocuments(job.token)]
 
     def expire_documents(self, now: datetime, retention: float) -> list[Command]:
@@ -355,7 +354,7 @@ class JobLifecycle:
         limit = timedelta(seconds=retention)
         expired = [t for t, ended in self.kept.items() if now - ended >= limit]
         for token in expired:
-            del self.kept[token]
+            self._release(token)
         # A job that fell out of the history meanwhile had its documents dropped with it.
         return [DiscardDocuments(t) for t in expired if self.jobs.get(t) is not None]
 
@@ -379,13 +378,28 @@ class JobLifecycle:
         ended before ``before`` go, with their documents (DropJob), as when they fall out of
         the R6 history.  Returns them, the commands, and the undo (R4 step 9)."""
         gone = self.jobs.purge(before)
-        kept = {j.token: self.kept.pop(j.token) for j in gone if j.token in self.kept}
+        kept = [j for j in gone if j.token in self.kept]
+        for job in kept:
+            self._release(job.token)
 
         def undo() -> None:
             self.jobs.restore_history(gone)
-            self.kept.update(kept)
+            for job in kept:
+                self._keep(job)
 
         return gone, [DropJob(j.token, Removal.PURGED) for j in gone], undo
+
+    def _keep(self, job: Job) -> None:
+        """Keep a completed job's documents, from when it ended: a deadline
+        (:meth:`next_document_expiry`)."""
+        self.kept[job.token] = job.completed or job.last_activity
+        self.jobs.changes.moved()
+
+    def _release(self, token: str) -> None:
+        """The documents of ``token`` are no longer kept for a re-run (in use again, or
+        discarded): its deadline goes."""
+        if self.kept.pop(token, None) is not None:
+            self.jobs.changes.moved()
 
     def next_document_expiry(self, retention: float) -> datetime | None:
         if not self.kept:

@@ -98,14 +98,18 @@ class ScanServer(ServerState):
         binding keeps it in the shared store); a change since is announced now, so a change
         of leader neither repeats nor skips one.  Call it after a catch-up (``absorb``), so
         the table is current."""
-        self._leads = True
+        if not self._leads:
+            self._leads = True
+            self.deadline_changes.moved()  # a follower's deadline was None
         return self.notifier.lead(announced, self.repository_state, now)
 
     def follow(self) -> None:
         """Another instance leads (issue 18 point 4), or none may yet (the binding has no
         term, runtime/announcing.py): this one announces no repository state (its own changes
         included; the leader reads them from the rows) and :meth:`tick` runs no sweep."""
-        self._leads = False
+        if self._leads:
+            self._leads = False
+            self.deadline_changes.moved()
 
     # --- the processing engine ------------------------------------------------------------
 
@@ -144,7 +148,9 @@ class ScanServer(ServerState):
         A job receiving an image has no deadline until its exchange ends (or is refused or
         aborted), so the answer can change with any call that changes the server: an
         exchange's ``feed``/``end``/``store_failed``/``abort``, ``processing``, ``tick``,
-        ``reconfigure``, ``lead``.  Ask again after each instead of polling."""
+        ``reconfigure``, ``lead``, ``absorb``, some without a command.  Each such change bumps
+        :attr:`deadline_changes` (dsc_core/deadlines.py): ask again when it moved instead of
+        polling, whichever call moved it."""
         if not self.leads:
             return None
         due = [
@@ -181,6 +187,7 @@ class ScanServer(ServerState):
         RepositoryElementsChangeEvent with the repository configuration (R7, bdsrr 3.2.4.6)."""
         self.config = config
         self.subscriptions.config = config
+        self.deadline_changes.moved()  # a shorter job timeout or retention brings them forward
         self.jobs.history_size = config.history_size
         commands: list[Command] = [
             DropJob(token, Removal.HISTORY_FULL) for token in self.jobs.trim()

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from .commands import Command, JobInput
 from .config import ServerConfig
+from .deadlines import DeadlineChanges
 from .eventing import Subscriptions
 from .events import Notifier
 from .jobs import JobTable
@@ -31,8 +32,10 @@ class ServerState:
         a state on its own always does (it is the only one)."""
         self.config = config or ServerConfig()
         self.new_id = new_id
-        self.jobs = JobTable(self.config.history_size)
-        self.subscriptions = Subscriptions(self.config, new_id)
+        #: Bumped by each change that may move ``ScanServer.next_deadline`` (.deadlines).
+        self.deadline_changes = DeadlineChanges()
+        self.jobs = JobTable(self.config.history_size, self.deadline_changes)
+        self.subscriptions = Subscriptions(self.config, new_id, changes=self.deadline_changes)
         self.notifier = Notifier(self.subscriptions, leads)
         self.lifecycle = JobLifecycle(self.jobs, self.notifier)
         #: wsd:AppSequence MessageNumber of the last discovery message sent (R13).
