@@ -107,8 +107,8 @@ def test_a_reload_that_shortens_the_job_timeout_wakes_the_ticker(
     ticking: Callable[[ServerConfig], tuple[ScanService, Counted]],
 ) -> None:
     """A reload makes no command when nobody subscribed and the history keeps its jobs: the
-    ticker, asleep until a timeout ten minutes away, hears of the shorter one only from
-    ScanService.reconfigure's own nudge."""
+    ticker, asleep until a timeout ten minutes away, hears of the shorter one only from the
+    owner's nudge (ScanServer.reconfigure moves the core's deadline count)."""
     config = ServerConfig(user_directory={SID: "alice@corp.example"}, job_timeout_seconds=600.0)
     service, counted = ticking(config)
     token = _create_job(service)

@@ -3,8 +3,9 @@ new may have brought that deadline forward, or until the service stops.
 
 The core says exactly when its ``tick`` next has work (``ScanServer.next_deadline``: None when
 nothing is due however long the binding sleeps), and that the answer can change with any call
-that changes the server.  So the ticker sleeps until the deadline it read, and whoever hands the
-commands of such a call on :meth:`Alarm.nudge` s it: the ticker then reads the deadline again.
+that changes the server.  So the ticker sleeps until the deadline it read, and the core's owner
+:meth:`Alarm.nudge` s it after each call that moved the core's count of such changes
+(``ScanServer.deadline_changes``, runtime/owner.py): the ticker then reads the deadline again.
 An idle server's ticker therefore does not wake each second (it used to: docs/performance.md).
 
 A nudge is heeded no sooner than ``heed_after`` seconds after the sleep began (nudges given

@@ -9,6 +9,12 @@ lock; a call from any other thread (the processing engine, the ticker, delivery 
 discovery, a reload) is queued to the loop.  Without a loop (tools, start-up and shutdown)
 the owner is whoever holds the lock, for the pure core call only (microseconds): no lock is
 ever held across I/O.
+
+Being the one place every core call passes, the owner also tells the ticker (runtime/alarm.py)
+when the core's next deadline may have moved: after each call it compares the core's count of
+such changes (``ScanServer.deadline_changes``, dsc_core/deadlines.py) with the one it last saw,
+and nudges when it moved, whatever the call was.  No caller has to remember it (a SendImage's
+reservation let go without a command once went unheeded: the job timed out a minute late).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol, TypeVar
+
+from dsc_core import DeadlineChanges
 
 __all__ = ["CoreOwner", "LoopHandle"]
 
@@ -43,7 +51,17 @@ class LoopHandle(Protocol):
 class CoreOwner:
     """Runs core calls as their owner (module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        deadline_changes: DeadlineChanges | None = None,
+        nudge: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``deadline_changes``: the core's count (module doc); ``nudge``: called, as the
+        owner, after a call that moved it (the ticker's ``Alarm.nudge``)."""
+        #: Read after each call: one attribute read and a compare (every request's path).
+        self._changes = deadline_changes or DeadlineChanges()
+        self._seen = self._changes.count
+        self._nudge = nudge
         #: The owner when no loop is attached; held only for pure core calls.
         self._lock = threading.RLock()
         #: The loop that owns the core, if one is attached.
@@ -79,9 +97,17 @@ class CoreOwner:
             loop = self._loop
         if loop is None:
             with self._lock:
-                return function()
+                try:
+                    return function()
+                finally:
+                    if self._changes.count != self._seen:
+                        self._deadline_moved()
         if loop.is_current():
-            return function()
+            try:
+                return function()
+            finally:
+                if self._changes.count != self._seen:
+                    self._deadline_moved()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -107,10 +133,10 @@ class CoreOwner:
                 wake = False
         if loop is None:
             with self._lock:
-                _run_owned(function)
+                self._run_owned(function)
             return
         if loop.is_current():
-            _run_owned(function)
+            self._run_owned(function)
             return
         if wake:
             try:
@@ -126,11 +152,19 @@ class CoreOwner:
                     self._wake_pending = False
                     return
                 function = self._inbox.popleft()
-            _run_owned(function)
+            self._run_owned(function)
 
+    def _run_owned(self, function: Callable[[], object]) -> None:
+        try:
+            function()
+        except Exception:
+            log.exception("a core call handed to the owner failed")
+        if self._changes.count != self._seen:
+            self._deadline_moved()
 
-def _run_owned(function: Callable[[], object]) -> None:
-    try:
-        function()
-    except Exception:
-        log.exception("a core call handed to the owner failed")
+    def _deadline_moved(self) -> None:
+        # Seen first, nudged after: a change counted in ``_seen`` is always followed by a
+        # nudge, even should two threads get here at once (the ticker reads the deadline after
+        # the nudge, so it sees the change).
+        self._seen = self._changes.count
+        self._nudge()

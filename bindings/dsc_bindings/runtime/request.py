@@ -45,9 +45,6 @@ class RequestRuntime:
     directory: Directory | None
     clock: Callable[[], datetime]
     observer: ServiceObserver
-    #: Wake the ticker to read the core's next deadline again (``ScanService``'s alarm): for
-    #: a change of the server that made no command (:meth:`ServiceRequest._upload_let_go`).
-    nudge: Callable[[], None]
     #: A shared store (issue 18, runtime/catchup.py): start reading what other instances
     #: changed, off the owner (a ticket; the argument: whether the request needs current
     #: rows, False lets a listing skip the read while the doorbell is quiet); then, as the
@@ -98,8 +95,6 @@ class ServiceRequest:
             # first (its cost is nothing beside the image's).
             return self._catch_up(lambda: self.feed(data), needed=True)
         commands = self._run.owner.call(lambda: exchange.feed(data))
-        if not commands:
-            self._upload_let_go()
         # One batch of this exchange in flight at a time, and the caller does not wait for
         # the batch it just handed over: the next piece of the body is read while this one
         # is written (measured, 400 MB SendImage: waiting for each 256 KiB write before the
@@ -159,7 +154,6 @@ class ServiceRequest:
 
     def _end_with(self, answers: DirectoryAnswers | None) -> Reply | Wait:
         outcome = self._run.owner.call(lambda: self._end(answers))
-        self._upload_let_go()
         if not outcome.commands and (self._last is None or self._last.done):
             self._reply = outcome.reply  # nothing to write (most reads): answer at once
             return outcome.reply
@@ -176,7 +170,6 @@ class ServiceRequest:
             return None  # store_failed already ended the exchange and dropped the upload
         exchange = self._exchange
         commands = self._run.owner.call(exchange.abort)
-        self._upload_let_go()
         ticket = self._submit(commands, strict=False)
         return None if ticket.done else Wait(ticket, lambda: None)
 
@@ -204,16 +197,6 @@ class ServiceRequest:
         ticket = self._run.submit(commands, strict, self._last)
         self._last = ticket
         return ticket
-
-    def _upload_let_go(self) -> None:
-        """The exchange ended, or a piece of its body made no command (an image part it
-        cannot decode is refused there).  A SendImage's DocumentId reservation may have gone
-        with it: while reserved, its job had no R6 deadline (an image is arriving,
-        ScanServer.next_deadline), and one let go before its image part began goes without a
-        command (nothing was written), so ScanService.submit's nudge never comes: the deadline
-        is back and the ticker, asleep since it read none, must read it again."""
-        if self._exchange.streamed:
-            self._run.nudge()
 
     @staticmethod
     def _then(ticket: Ticket, resume: Callable[[], T]) -> T | Wait:
@@ -274,6 +257,5 @@ class ServiceRequest:
         outcome = self._run.owner.call(
             lambda: exchange.store_failed(temporary=temporary, fault=fault)
         )
-        self._upload_let_go()
         self._failed = outcome.reply
         return self._submit(outcome.commands, strict=False)

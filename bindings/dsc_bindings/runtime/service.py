@@ -18,8 +18,8 @@ Both HTTP bindings talk to a :class:`ScanService` (through the composition root'
 - **Event delivery** (:mod:`.delivery`): one bounded queue and task per subscription, on the
   hub's own loop; results go back to the core's owner, which counts failures (R7).
 - A ticker thread asks the owner to run ``ScanServer.tick`` at ``next_deadline()`` (R6 job
-  timeouts, R7 subscription expiry), sleeping until then (:mod:`.alarm`): each batch of
-  commands handed on, and a reload, nudge it to read the deadline again.  With a shared store
+  timeouts, R7 subscription expiry), sleeping until then (:mod:`.alarm`): the core's owner
+  nudges it to read the deadline again after each call that may have moved it (:mod:`.owner`).  With a shared store
   it still wakes once a second (other instances' rows are read before a tick); on a PostgreSQL
   store only the cluster's leader (:mod:`.cluster`) runs these sweeps and announces the
   repository state (:mod:`.announcing`).
@@ -195,8 +195,11 @@ class ScanService:
         self.server = ScanServer(config, new_id=new_id)
         self._delivery_ssl_context = delivery_ssl_context
         self._max_processing_jobs = max_processing_jobs
+        #: The ticker's sleep; the owner nudges it after each call that may have moved the
+        #: core's next deadline (.alarm, .owner).
+        self._alarm = Alarm()
         #: Every core call runs through it (.owner).
-        self.owner = CoreOwner()
+        self.owner = CoreOwner(self.server.deadline_changes, self._alarm.nudge)
         self._store: JobStore | None = None
         #: [store] and [spool]: which engines keep the jobs and images (issue 17).
         self.storage = storage or StorageSettings()
@@ -216,8 +219,6 @@ class ScanService:
             ssl_context=delivery_ssl_context,
         )
         self._stop = threading.Event()
-        #: The ticker's sleep; nudged by each batch of commands (a new deadline, .alarm).
-        self._alarm = Alarm()
         self._threads: list[threading.Thread] = []
         #: One server: the pending resumes of interrupted jobs (token -> timer).
         self._resumes: dict[str, threading.Timer] = {}
@@ -249,7 +250,6 @@ class ScanService:
             directory,
             clock,
             observer,
-            self._alarm.nudge,
             (self._begin_catch_up, self._end_catch_up),
         )
 
@@ -748,8 +748,8 @@ class ScanService:
             self.config = config
             return self.server.reconfigure(config, self.clock())
 
+        # A shorter job timeout or retention brings deadlines forward: the owner nudges.
         commands = self.owner.call(apply)
-        self._alarm.nudge()  # a shorter job timeout or retention brings deadlines forward
         self._hub.set_limits(
             DeliveryLimits.from_limits(config.limits, config.delivery_failures_before_end)
         )
@@ -800,10 +800,6 @@ class ScanService:
         only runs inline when nothing waits before it: those never block."""
         if not commands and (after is None or after.done):
             return Ticket.completed()
-        # A call that made commands changed the server, so maybe its next deadline (a new job
-        # or subscription, an upload's end: ScanServer.next_deadline's docstring).  The one
-        # change without a command, a SendImage's reservation let go, nudges in .request.
-        self._alarm.nudge()
         if (
             (after is None or after.done)
             and (self._outbox is None or not any(_to_outbox(c) for c in commands))
