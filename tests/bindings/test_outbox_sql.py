@@ -25,6 +25,7 @@ from dsc_bindings.serve import compose
 from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.instances import (
+    INSERT,
     LEADER,
     LEADER_LOCK,
     LOCK_WITHOUT_TERM,
@@ -34,7 +35,7 @@ from dsc_bindings.store.instances import (
     list_instances,
 )
 from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
-from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_bindings.store.postgresql import _MIGRATIONS, SCHEMA_VERSION, PostgresRecords, upgrade
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
 from dsc_core import RepositoryState, ScanServer, ServerConfig
 from dsc_core.commands import (
@@ -690,3 +691,60 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
         assert cluster.as_json()["leadership"] == LEADER and service.leads
     finally:
         service.shutdown(5.0)
+
+
+#: The heartbeat of a server of schema 15 to 17 (runtime/cluster.py then): it says whether it
+#: leads, and nothing of a failure to take a term.
+HEARTBEAT_OF_SCHEMA_17 = (
+    "UPDATE instances SET heartbeat = now(), name = %s, address = %s, leads = %s WHERE id = %s"
+)
+
+
+@pytest.mark.parametrize("schema", [17, 18])
+def test_a_holder_of_an_earlier_version_without_a_term_is_shown_as_it_showed_itself(
+    dsn: str, schema: int, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A rolling upgrade: a server of schema 17 still runs, holds the leader's lock and writes
+    ``leads`` false (it cannot take a term, or is about to: it does not say which), while a
+    server of this version upgrades the database and reads the rows.  The earlier server's row
+    says nothing of ``term_failing`` (store/instances.py): it must not be read as "nothing
+    failed", which would show a holder stuck for good as ``taking the lead``, with no line
+    under ``dsc cluster status``'s table, where that server's own views show the failure; it
+    is shown as they show it.  From schema 18 too (its column said false for such a row)."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:schema]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
+    with psycopg.connect(dsn, autocommit=True) as earlier:
+        ident = "00000000-0000-0000-0000-000000000017"
+        earlier.execute(
+            INSERT,
+            (ident, "dsc-17", "http://127.0.0.1:1/ScanServer", "host", 17, 60, "host:/data"),
+        )
+        assert earlier.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
+        earlier.execute(
+            HEARTBEAT_OF_SCHEMA_17, ("dsc-17", "http://127.0.0.1:1/ScanServer", False, ident)
+        )
+        with psycopg.connect(dsn) as upgrading:
+            assert upgrade(upgrading) == (schema, SCHEMA_VERSION)
+        # It goes on beating as it did, on the upgraded schema.
+        earlier.execute(
+            HEARTBEAT_OF_SCHEMA_17, ("dsc-17", "http://127.0.0.1:1/ScanServer", False, ident)
+        )
+        with psycopg.connect(dsn) as conn:
+            [row] = list_instances(conn)
+        stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
+        assert (row.leader_lock, row.leader, row.leadership, row.leadership_label) == (
+            True,
+            False,
+            stuck,
+            LOCK_WITHOUT_TERM,
+        ), row
+        config = tmp_path / "dsc.toml"
+        config.write_text(store_section(dsn))
+        assert main(["cluster", "status", "--config", str(config)]) == 0
+        table = capsys.readouterr().out
+        assert f" up {LOCK_WITHOUT_TERM} 0 " in " ".join(table.split()), table
+        assert "dsc-17 holds the leader's lock but does not lead: " in table, table

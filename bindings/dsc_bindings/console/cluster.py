@@ -52,6 +52,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dsc_bindings.settings import ConfigError, load_settings
     from dsc_bindings.store.errors import one_line
     from dsc_bindings.store.instances import (
+        LOCK_WITHOUT_TERM,
         OutboxLag,
         list_instances,
         outbox_lag,
@@ -113,7 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     leaders = [row.name for row in rows if row.leader]
     print(f"\n{up} of {len(rows)} instance(s) up; leader: {', '.join(leaders) or 'none'}")
     for row in rows:
-        if row.leader_lock and not row.leader and row.term_failing:
+        if row.leadership_label == LOCK_WITHOUT_TERM:
             print(f"{row.name} holds the leader's lock but does not lead: {_NO_TERM}")
     print(f"outbox: {_lag(lag)} notification(s) waiting, every subscription")
     return EXIT_OK

@@ -26,7 +26,10 @@ a row is shown :data:`LEADER` while its instance holds the lock and says it lead
 that does not lead has either just taken the lock (at start, or from a leader gone; its term
 comes at its next tick, within a second: nothing failed) or failed to take a term; it writes
 which in ``term_failing``, and is shown :data:`TAKING_THE_LEAD` or :data:`LOCK_WITHOUT_TERM`
-and why, so that a normal start or takeover never looks like a failure.
+and why, so that a normal start or takeover never looks like a failure.  A server of an
+earlier version (schema 17 or before) does not write ``term_failing`` (NULL): its holder
+without a term is shown :data:`LOCK_WITHOUT_TERM`, as that version shows itself, so that a
+failure of it is never hidden during a rolling upgrade.
 """
 
 from __future__ import annotations
@@ -133,8 +136,9 @@ class InstanceRow:
     replaced_by: str | None = None
     #: It holds the leader's lock (as ``pg_locks`` says now), leading or not.
     leader_lock: bool = False
-    #: Its last attempt to take a term failed (module doc): it says so in its log.
-    term_failing: bool = False
+    #: Its last attempt to take a term failed (module doc): it says so in its log.  None: an
+    #: instance of an earlier version, which does not say.
+    term_failing: bool | None = False
 
     @property
     def leadership(self) -> str:
@@ -161,16 +165,17 @@ class InstanceRow:
         return data
 
 
-def leadership_label(*, leads: bool, holds_lock: bool, term_failing: bool) -> str:
-    """What an instance is shown as, in a word or three (module doc)."""
+def leadership_label(*, leads: bool, holds_lock: bool, term_failing: bool | None) -> str:
+    """What an instance is shown as, in a word or three (module doc: None, an earlier
+    version's holder that does not say, is shown as that version shows it)."""
     if leads:
         return LEADER
     if not holds_lock:
         return ""
-    return LOCK_WITHOUT_TERM if term_failing else TAKING_THE_LEAD
+    return TAKING_THE_LEAD if term_failing is False else LOCK_WITHOUT_TERM
 
 
-def leadership(*, leads: bool, holds_lock: bool, term_failing: bool) -> str:
+def leadership(*, leads: bool, holds_lock: bool, term_failing: bool | None) -> str:
     """What an instance is shown as, with why where it failed (module doc)."""
     label = leadership_label(leads=leads, holds_lock=holds_lock, term_failing=term_failing)
     return f"{label}: {NO_TERM}" if label == LOCK_WITHOUT_TERM else label
@@ -297,7 +302,7 @@ def list_instances(conn: psycopg.Connection[Any]) -> list[InstanceRow]:
                 outbox_lag=_lag(waiting, oldest),
                 replaced_by=None if replaced_by is None else str(replaced_by),
                 leader_lock=holds_lock,
-                term_failing=bool(term_failing),
+                term_failing=None if term_failing is None else bool(term_failing),
             )
         )
     return rows

@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 #: Version of the schema below; each entry of _MIGRATIONS brings the one before it up by one.
-SCHEMA_VERSION = 18
+SCHEMA_VERSION = 19
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -403,6 +403,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # knows which; ``dsc cluster status`` shows the failure only for the second.  An
         # earlier version's row says false: its holder is shown taking the lead.
         "ALTER TABLE instances ADD COLUMN term_failing boolean NOT NULL DEFAULT false",
+    ),
+    (
+        # An earlier version's row does not say whether its holder failed to take a term
+        # (schema 18 made it say false, so a holder of schema 17 stuck without a term was
+        # shown taking the lead for good during a rolling upgrade): NULL says "not said", and
+        # such a holder is shown as its own version shows it (store/instances.py
+        # ``leadership_label``).  Every false so far may be such a row; an instance of this
+        # version writes its own again at its next heartbeat.
+        """ALTER TABLE instances
+            ALTER COLUMN term_failing DROP NOT NULL,
+            ALTER COLUMN term_failing DROP DEFAULT""",
+        "UPDATE instances SET term_failing = NULL WHERE NOT term_failing",
     ),
 )
 

@@ -178,7 +178,9 @@ async function drawCluster() {
   $("#cluster-self").className = data.problem || stuck ? "failed" : "";
   fill("#cluster-table", data.instances.map(i => [i.name, i.address, when(i.started),
     i.heartbeat_age + " s ago", el("td", i.state, clusterStates[i.state]),
-    el("td", i.leadership, i.leader_lock && !i.leader && i.term_failing ? "failed" : ""),
+    // term_failing null: an instance of an earlier version, which does not say (shown failing,
+    // as it shows itself: store/instances.py leadership_label).
+    el("td", i.leadership, i.leader_lock && !i.leader && i.term_failing !== false ? "failed" : ""),
     String(i.leases_held), outboxLag(i.outbox_lag)]), "no instances");
   $("#cluster-outbox").textContent = "Outbox: " + outboxLag(data.outbox) +
     " notification(s) waiting, every subscription";
