@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 from lxml import etree
 
 from core_support import (
+    DSC,
     Act,
+    cancel_job,
     create_job,
     elements_body,
     end_job,
@@ -25,10 +28,20 @@ from core_support import (
     send_image_exchange,
     soap,
     subscribe,
+    subscribe_body,
     summaries,
 )
 from dsc_bindings.inprocess import InProcessTransport
-from dsc_core import FilterState, FilterStateReason, RepositoryState, names
+from dsc_core import (
+    Exchange,
+    FilterState,
+    FilterStateReason,
+    RepositoryState,
+    RequestInfo,
+    ServerConfig,
+    names,
+)
+from dsc_core import client as dsc_client
 
 FAILED = (FilterState.COMPLETED_WITH_ERRORS, (FilterStateReason.UNKNOWN_ERROR,))
 
@@ -171,6 +184,151 @@ def test_every_change_of_the_deadline_moved_the_count() -> None:
     step(lambda: server.absorb([job_of(t, tokens[0])], dropped=[tokens[1]]))
     step(lambda: t.advance(120))  # the kept documents expire
     assert len({deadline for _, deadline in seen}) > 3  # the deadline did change, often
+
+
+def test_a_renew_or_unsubscribe_undone_by_a_failed_store_moves_it_in_the_undo() -> None:
+    """R4 step 9: the store command of an Unsubscribe (or a Renew) fails and the subscription
+    is put back with its old expiry, in a call of its own (``store_failed``) that makes no
+    command of that kind: the expiry comes back, sooner than what the failed call left."""
+    t = InProcessTransport()
+    ident, _ = subscribe(t, t.server.config.dsc_url, expires="PT10M")
+    expiry = t.server.next_deadline()
+    assert expiry is not None
+    unsubscribe = manager_exchange(t, Act.UNSUBSCRIBE, ident, "<wse:Unsubscribe/>")
+    assert unsubscribe.end().reply.status == 200
+    assert t.server.next_deadline() is None
+    with moves(t):
+        unsubscribe.store_failed(temporary=True)
+    assert t.server.next_deadline() == expiry
+    renew = manager_exchange(
+        t, Act.RENEW, ident, "<wse:Renew><wse:Expires>PT1H</wse:Expires></wse:Renew>"
+    )
+    assert renew.end().reply.status == 200
+    assert t.server.next_deadline() == t.clock + timedelta(hours=1)
+    with moves(t):
+        renew.store_failed(temporary=True)
+    assert t.server.next_deadline() == expiry
+
+
+def test_a_subscribe_undone_by_a_failed_store_moves_it_in_the_undo() -> None:
+    t = InProcessTransport()
+    subscribe_ = t.server.open_exchange(
+        RequestInfo(now=t.clock, content_type=dsc_client.SOAP_XML, path="/ScanServer")
+    )
+    subscribe_.feed(
+        soap(subscribe_body(expires="PT10M"), Act.SUBSCRIBE, to=t.server.config.dsc_url)
+    )
+    assert subscribe_.end().reply.status == 200
+    assert t.server.next_deadline() == t.clock + timedelta(minutes=10)
+    with moves(t):
+        subscribe_.store_failed(temporary=True)
+    assert t.server.next_deadline() is None and not t.server.subscriptions.by_id
+
+
+def test_a_purge_undone_by_a_failed_store_keeps_the_documents_again_and_moves_it() -> None:
+    """The purged job's kept documents (a filter failed) are kept again by the undo, which
+    puts the job back in the history without counting: the retention's deadline comes back
+    through ``JobLifecycle._keep`` alone."""
+    t = InProcessTransport()
+    token = create_job(t)
+    ok(send_image(t, token))
+    ok(end_job(t, token))
+    t.process(token, [FAILED])
+    kept = t.server.next_deadline()
+    assert kept is not None and token in t.server.lifecycle.kept
+    t.clock += timedelta(minutes=1)
+    request = etree.Element(f"{{{names.EXT}}}PurgeJobHistoryRequest")
+    etree.SubElement(request, f"{{{names.EXT}}}Before").text = t.clock.isoformat()
+    purge = t.server.open_exchange(
+        RequestInfo(now=t.clock, content_type=dsc_client.SOAP_XML, path="/ScanServer")
+    )
+    purge.feed(envelope(names.Action.EXT_PURGE_JOB_HISTORY, request))
+    assert purge.end().reply.status == 200
+    assert t.server.next_deadline() is None
+    with moves(t):
+        purge.store_failed(temporary=True)
+    assert t.server.next_deadline() == kept and t.server.jobs.get(token) is not None
+
+
+def test_another_instance_s_job_records_absorbed_move_it() -> None:
+    """Records another instance wrote (issue 18): a Creating job (an R6 deadline), the same
+    job ended there (it leaves the active jobs), a job whose row was deleted there, and a job
+    that ended there keeping its documents (its retention's deadline, the only change here:
+    the job was never active in this table)."""
+    t, elsewhere = InProcessTransport(), InProcessTransport()
+    first = create_job(elsewhere)
+    with moves(t):
+        t.server.absorb([job_of(elsewhere, first)])
+    assert t.server.next_deadline() is not None
+    ok(cancel_job(elsewhere, DSC, first))
+    with moves(t):
+        t.server.absorb([job_of(elsewhere, first)])
+    assert t.server.next_deadline() is None
+    second = create_job(elsewhere)
+    t.server.absorb([job_of(elsewhere, second)])
+    assert t.server.next_deadline() is not None
+    with moves(t):
+        t.server.absorb([], dropped=[second])
+    assert t.server.next_deadline() is None
+    third = create_job(elsewhere)
+    ok(send_image(elsewhere, third))
+    ok(end_job(elsewhere, third))
+    elsewhere.process(third, [FAILED])
+    ended = job_of(elsewhere, third)
+    assert ended.completed is not None
+    with moves(t):
+        t.server.absorb([ended])
+    retention = timedelta(seconds=t.server.config.spool_retention_seconds)
+    assert t.server.next_deadline() == ended.completed + retention
+
+
+def test_another_instance_s_subscriptions_absorbed_move_it() -> None:
+    """Made, renewed (an earlier expiry) and ended on another instance (issue 18); the same
+    rows read again leave it."""
+    t, elsewhere = InProcessTransport(), InProcessTransport()
+    ident, _ = subscribe(elsewhere, elsewhere.server.config.dsc_url, expires="PT10M")
+    sub = elsewhere.server.subscriptions.by_id[ident]
+    with moves(t):
+        t.server.absorb_subscriptions([sub], [])
+    assert t.server.next_deadline() == sub.expires
+    with leaves(t):
+        t.server.absorb_subscriptions([sub], [])
+    sooner = replace(sub, expires=sub.expires - timedelta(minutes=5))
+    with moves(t):
+        t.server.absorb_subscriptions([sooner], [])
+    assert t.server.next_deadline() == sooner.expires
+    with moves(t):
+        t.server.absorb_subscriptions([], [ident])
+    assert t.server.next_deadline() is None
+
+
+def test_subscriptions_ended_by_their_deliveries_or_a_shutdown_move_it() -> None:
+    config = ServerConfig(delivery_failures_before_end=2)
+    t = InProcessTransport(config)
+    failing, _ = subscribe(t, config.dsc_url, expires="PT5M")
+    given_up, _ = subscribe(t, config.dsc_url, expires="PT10M")
+    last, _ = subscribe(t, config.dsc_url, expires="PT15M")
+    with leaves(t):
+        t.server.delivery_result(failing, ok=False)  # counted, not ended
+    with moves(t):
+        t.server.delivery_result(failing, ok=False)
+    assert t.server.next_deadline() == t.clock + timedelta(minutes=10)
+    with moves(t):
+        t.server.end_subscription(given_up)
+    assert t.server.next_deadline() == t.clock + timedelta(minutes=15)
+    with moves(t):
+        t.server.shutdown(t.clock)
+    assert t.server.next_deadline() is None and last not in t.server.subscriptions.by_id
+
+
+def manager_exchange(t: InProcessTransport, action: str, identifier: str, body: str) -> Exchange:
+    """A subscription manager request fed and not ended: its ``end`` and ``store_failed`` are
+    separate calls, as the binding makes them (the owner compares the count after each)."""
+    exchange = t.server.open_exchange(
+        RequestInfo(now=t.clock, content_type=dsc_client.SOAP_XML, path="/ScanServer")
+    )
+    exchange.feed(soap(body, action, headers=f"<wse:Identifier>{identifier}</wse:Identifier>"))
+    return exchange
 
 
 def retry(token: str) -> etree._Element:
