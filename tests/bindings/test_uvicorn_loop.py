@@ -11,6 +11,7 @@ import errno
 import http.client
 import socket
 import ssl
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -553,3 +554,63 @@ def test_closing_the_loop_closes_its_servers_listening_sockets() -> None:
     assert not server.is_serving()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_connection_taken_in_is_made_before_anything_woken_after_its_poll_runs(
+    loop: AcceptingLoop,
+) -> None:
+    """The order uvicorn's graceful shutdown relies on: uvloop's own server has a connection's
+    ``connection_made`` queued at the poll that accepted it, ahead of any task that poll or a
+    later timer wakes.  uvicorn's shutdown (``server.close()``, then each connection it knows
+    asked to shut down) runs in such a task: a connection made after it is never asked, so the
+    shutdown waits for the peer to hang up.  Here the shutdown is woken by a socket that
+    became readable just after the connection arrived, so one poll reports both."""
+    made: list[Any] = []
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), "127.0.0.1", 0))
+    trigger, wake = socket.socketpair()
+    trigger.setblocking(False)
+
+    async def shut_down_when_woken() -> int:
+        woken = loop.create_future()
+        loop.add_reader(trigger.fileno(), lambda: woken.done() or woken.set_result(None))
+        await woken
+        loop.remove_reader(trigger.fileno())
+        server.close()
+        return len(made)  # the connections the shutdown would ask to close
+
+    with socket.create_connection(("127.0.0.1", port_of(server))), trigger, wake:
+        wake.send(b"x")
+        assert loop.run_until_complete(shut_down_when_woken()) == 1
+        turns(loop, 3)
+
+
+def test_sigterm_under_uvicorn_while_peers_connect_shuts_down_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while new connections keep arriving (a proxy filling its pool, scanners
+    reconnecting): every connection taken in before the server closed is known to uvicorn's
+    shutdown and closed by it, so the process ends (``stop_cleanly`` fails the test if it does
+    not within its wait).  Before the fix the shutdown waited for peers to hang up."""
+    process = ServerProcess(tmp_path / "data", binding="uvicorn")
+    opened: list[socket.socket] = []
+    stop = threading.Event()
+
+    def connect_again_and_again() -> None:
+        while not stop.is_set() and len(opened) < 400:  # well under the open-file limit
+            peer = socket.socket()
+            peer.setblocking(False)
+            opened.append(peer)
+            if peer.connect_ex(("127.0.0.1", process.port)) == errno.ECONNREFUSED:
+                return  # the server closed its port
+            stop.wait(0.0005)
+
+    with serving(process) as server:
+        opener = threading.Thread(target=connect_again_and_again)
+        opener.start()
+        try:
+            while len(opened) < 200 and opener.is_alive():
+                stop.wait(0.01)
+            server.stop_cleanly()
+        finally:
+            stop.set()
+            opener.join()
+            for peer in opened:
+                peer.close()

@@ -25,7 +25,9 @@ a time").  asyncio's own loop accepts up to ``backlog`` connections per poll; th
 a listening socket is readable accepts until the queue is empty (at most ``backlog`` at once).
 Each connection is handed to uvloop as an accepted socket (``connect_accepted_socket``: uvloop's
 own TCP transport, with ``TCP_NODELAY``, and TLS when ``ssl`` is given), so from there on
-everything is uvloop's.  Unix sockets, and a socket passed in that is not TCP (``uvicorn --fd``),
+everything is uvloop's.  The hand-over begins in the poll that accepted the connection, not in a
+task a turn later, so that ``connection_made`` is queued where uvloop's own server queues it
+(:meth:`AcceptingLoop.hand_over`: uvicorn's graceful shutdown relies on that order).  Unix sockets, and a socket passed in that is not TCP (``uvicorn --fd``),
 are served by uvloop's own server.
 """
 
@@ -38,7 +40,7 @@ import itertools
 import logging
 import socket
 import ssl as ssl_module
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import uvloop
@@ -70,16 +72,70 @@ class AcceptingLoop(uvloop.Loop):
         super().__init__()
         #: The servers not closed yet: closed with the loop, as uvloop closes its own.
         self.open_servers: set[AcceptingServer] = set()
+        #: The hand-overs waiting for their connection to be made (TLS: for the handshake),
+        #: each with its accepted socket.
+        self._handing_over: dict[Coroutine[Any, Any, Any], socket.socket] = {}
 
     def close(self) -> None:
         # uvloop closes its own servers' listening sockets with the loop; without this, the
         # kernel would go on completing handshakes for a port no one will ever answer (and the
-        # sockets would be left to the garbage collector).  A running loop refuses to close,
-        # and stays as it was.
+        # sockets would be left to the garbage collector).  A hand-over still waiting (a TLS
+        # handshake) is closed as asyncio.run cancels a task: uvloop closes its transport.
+        # A running loop refuses to close, and stays as it was.
         if not self.is_running() and not self.is_closed():
             for server in list(self.open_servers):
                 server.close()
+            for handing_over, connection in list(self._handing_over.items()):
+                del self._handing_over[handing_over]
+                handing_over.close()
+                connection.close()
         super().close()
+
+    def hand_over(
+        self, handing_over: Coroutine[Any, Any, Any], connection: socket.socket, _: object = None
+    ) -> None:
+        """Run ``handing_over`` (``connect_accepted_socket`` of the accepted ``connection``)
+        as a task would, but its first step now, in the poll that accepted the connection:
+        its transport is made and ``connection_made`` queued ahead of any task this poll or a
+        later timer wakes, as uvloop's own server queues it.  uvicorn's graceful shutdown
+        (close the server, then ask each connection it knows to shut down, in a task woken by
+        a timer) relies on that order: a task started a turn later made connections the
+        shutdown never knew of, and it waited for their peers to hang up.  The coroutine
+        awaits only its waiter (the connection made; TLS: the handshake done); it resumes
+        when the waiter is done."""
+        try:
+            waiter = handing_over.send(None)
+        except StopIteration:
+            self._handing_over.pop(handing_over, None)
+            return
+        except BaseException as exc:
+            self._handing_over.pop(handing_over, None)
+            self._not_handed_over(connection, exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit
+            return
+        self._handing_over[handing_over] = connection
+        resume = functools.partial(self.hand_over, handing_over, connection)
+        if asyncio.isfuture(waiter):
+            waiter.add_done_callback(resume)
+        else:
+            self.call_soon(resume)  # a bare yield, as a task takes it
+
+    def _not_handed_over(self, connection: socket.socket, exc: BaseException) -> None:
+        # The protocol factory raised (uvloop calls it before the socket is its transport's),
+        # a TLS handshake failed, the peer left.  Close the socket now, not when the garbage
+        # collector finds it (the peer would wait until then; a ResourceWarning).  Once
+        # uvloop's transport holds the socket it counts a reference on it, so this close
+        # leaves the transport's descriptor alone.
+        connection.close()
+        if isinstance(exc, OSError):
+            # A TLS handshake that failed, a peer gone before its transport existed: uvloop's
+            # own server reports these through the protocol (asyncio logs them in debug only).
+            log.debug("connection not taken in: %r", exc)
+            return
+        self.call_exception_handler(
+            {"message": "taking in an accepted connection failed", "exception": exc}
+        )
 
     # asyncio's stubs promise its own Server class; uvloop's servers, and this one, are
     # AbstractServers (what uvicorn uses of them: sockets, close, wait_closed).
@@ -203,8 +259,6 @@ class AcceptingServer(asyncio.AbstractServer):
         self._serving = False
         self._closed = False
         self._closed_event = asyncio.Event()
-        #: The hand-overs to uvloop in progress (the loop keeps only weak references to tasks).
-        self._handing_over: set[asyncio.Task[Any]] = set()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -276,34 +330,11 @@ class AcceptingServer(asyncio.AbstractServer):
                 self._loop.call_later(ACCEPT_RETRY_SECONDS, self._listen_again, listener)
                 return
             connection.setblocking(False)
-            task = self._loop.create_task(
-                self._loop.connect_accepted_socket(self._protocol_factory, connection, **self._tls)
+            self._loop.hand_over(
+                self._loop.connect_accepted_socket(self._protocol_factory, connection, **self._tls),
+                connection,
             )
-            self._handing_over.add(task)
-            task.add_done_callback(functools.partial(self._handed_over, connection))
 
     def _listen_again(self, listener: socket.socket) -> None:
         if self._serving:
             self._listen(listener)
-
-    def _handed_over(self, connection: socket.socket, task: asyncio.Task[Any]) -> None:
-        self._handing_over.discard(task)
-        if not task.cancelled() and task.exception() is None:
-            return
-        # Not handed over: the protocol factory raised (uvloop calls it before the socket is
-        # its transport's), or the hand-over was cancelled (``asyncio.run`` ending) before it
-        # began.  Close the socket now, not when the garbage collector finds it (the peer would
-        # wait until then; a ResourceWarning).  Once uvloop's transport holds the socket it
-        # counts a reference on it, so this close leaves the transport's descriptor alone.
-        connection.close()
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if isinstance(exc, OSError):
-            # A TLS handshake that failed, a peer gone before its transport existed: uvloop's
-            # own server reports these through the protocol (asyncio logs them in debug only).
-            log.debug("connection not taken in: %r", exc)
-            return
-        self._loop.call_exception_handler(
-            {"message": "taking in an accepted connection failed", "exception": exc}
-        )
