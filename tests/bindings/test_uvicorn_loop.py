@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import http.client
 import socket
 import ssl
@@ -614,3 +615,28 @@ def test_sigterm_under_uvicorn_while_peers_connect_shuts_down_cleanly(tmp_path: 
             opener.join()
             for peer in opened:
                 peer.close()
+
+
+def test_closing_the_loop_ends_a_tls_handshake_still_in_progress(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A hand-over still waiting when the loop closes (a TLS peer that has not finished its
+    handshake when ``asyncio.run`` ends uvicorn's loop) is closed with the loop, as a task is
+    cancelled: the peer's connection ends, and nothing is left for the garbage collector to
+    finish on a closed loop (which would fail: "Event loop is closed")."""
+    server_context, _ = tls
+    loop = new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=server_context)
+    )
+    with socket.create_connection(("127.0.0.1", port_of(server))) as peer:
+        turns(loop, 4)  # taken in, the handshake waits for the peer's hello
+        server.close()
+        loop.close()
+        gc.collect()
+        peer.settimeout(5)
+        try:
+            ended = peer.recv(16)
+        except ConnectionResetError:
+            ended = b""
+        assert ended == b""

@@ -72,23 +72,16 @@ class AcceptingLoop(uvloop.Loop):
         super().__init__()
         #: The servers not closed yet: closed with the loop, as uvloop closes its own.
         self.open_servers: set[AcceptingServer] = set()
-        #: The hand-overs waiting for their connection to be made (TLS: for the handshake),
-        #: each with its accepted socket.
-        self._handing_over: dict[Coroutine[Any, Any, Any], socket.socket] = {}
 
     def close(self) -> None:
         # uvloop closes its own servers' listening sockets with the loop; without this, the
         # kernel would go on completing handshakes for a port no one will ever answer (and the
-        # sockets would be left to the garbage collector).  A hand-over still waiting (a TLS
-        # handshake) is closed as asyncio.run cancels a task: uvloop closes its transport.
-        # A running loop refuses to close, and stays as it was.
+        # sockets would be left to the garbage collector).  A running loop refuses to close,
+        # and stays as it was.  (A hand-over still waiting, a TLS handshake, ends with the
+        # loop: uvloop closes its transport.)
         if not self.is_running() and not self.is_closed():
             for server in list(self.open_servers):
                 server.close()
-            for handing_over, connection in list(self._handing_over.items()):
-                del self._handing_over[handing_over]
-                handing_over.close()
-                connection.close()
         super().close()
 
     def hand_over(
@@ -106,15 +99,13 @@ class AcceptingLoop(uvloop.Loop):
         try:
             waiter = handing_over.send(None)
         except StopIteration:
-            self._handing_over.pop(handing_over, None)
             return
         except BaseException as exc:
-            self._handing_over.pop(handing_over, None)
             self._not_handed_over(connection, exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit
             return
-        self._handing_over[handing_over] = connection
+        # The waiter (held by the transport) holds the callback that holds the coroutine.
         resume = functools.partial(self.hand_over, handing_over, connection)
         if asyncio.isfuture(waiter):
             waiter.add_done_callback(resume)
