@@ -304,6 +304,9 @@ def test_the_app_under_uvicorn_on_this_loop_answers_a_burst_of_tls_connections(
     with serving(
         ServerProcess(tmp_path / "data", binding="uvicorn", tls=(cert_path, key_path))
     ) as server:
+        assert server.proc is not None
+        command = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"dsc_bindings.http.uvicorn_loop:new_event_loop" in command  # this loop runs
         with socket.create_connection(("127.0.0.1", server.port)) as plain:
             plain.sendall(b"POST /ScanServer HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
             plain.settimeout(10)
