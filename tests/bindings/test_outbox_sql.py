@@ -620,6 +620,7 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
     dsn: str,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Between taking the leader's lock and taking a term an instance does not lead
     (runtime/announcing.py), and nothing may show it as the leader: its row (``dsc cluster
@@ -633,6 +634,9 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
     test_is_now_the_leader_is_logged_once_a_term_is_taken_not_with_the_lock).  Once the term
     is taken, every view shows the leader."""
     caplog.set_level(logging.DEBUG, logger="dsc")
+    # Its take waits for the row for as long as the test holds it (not failing after a few
+    # seconds: test_a_take_of_a_term_held_up_by_another_transaction_fails_...).
+    monkeypatch.setattr("dsc_bindings.store.postgresql.TAKE_LEAD_LOCK_WAIT_SECONDS", 600.0)
     service = compose(
         ServerConfig(),
         tmp_path / "data",
@@ -748,3 +752,47 @@ def test_a_holder_of_an_earlier_version_without_a_term_is_shown_as_it_showed_its
         table = capsys.readouterr().out
         assert f" up {LOCK_WITHOUT_TERM} 0 " in " ".join(table.split()), table
         assert "dsc-17 holds the leader's lock but does not lead: " in table, table
+
+
+def test_a_take_of_a_term_held_up_by_another_transaction_fails_and_is_shown_failing(
+    two: tuple[PostgresRecords, ...],
+    dsn: str,
+    members: Members,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Taking a term writes the row of the term (store/postgresql.py ``_TAKE_LEAD``); another
+    transaction holding that row (one left open, or a leader's stuck in flight) made the take
+    wait for as long as it stayed open: the ticker hung in it, and the holder, whose last
+    attempt never ended, was shown ``taking the lead`` for good, no WARNING, no
+    ``dsc_cluster_term_failing``, while nobody led.  The take gives up after
+    ``take_lead_lock_wait`` seconds: a failure like any other (runtime/announcing.py), logged
+    and shown, and the next tick tries again."""
+    caplog.set_level(logging.DEBUG, logger="dsc.cluster")
+    a, _ = two
+    a.take_lead_lock_wait = 0.2
+    holder = members()
+    assert holder.holds_lock
+    term = LeaderTerm(holder.id, a.take_lead, name=lambda: holder.name)
+    holder.core_leads = lambda: term.current is not None
+    holder.term_failing = lambda: term.failing
+    answered: list[NewTerm | str | None] = []
+    with psycopg.connect(dsn) as blocking:
+        blocking.execute(
+            "INSERT INTO repository_announced (id, state, leader, term) "
+            "VALUES (1, 'Idle', 'another', 1)"
+        )
+        taking = threading.Thread(target=lambda: answered.append(term.change(True)), daemon=True)
+        taking.start()
+        taking.join(60)  # a bound on a hang, not a time asserted: it answers at once
+        assert answered == [None], "the take of a term waits for the transaction for good"
+        assert term.failing
+        holder.publish_leading()
+        with psycopg.connect(dsn) as conn:
+            [row] = [r for r in list_instances(conn) if r.id == holder.id]
+        stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
+        assert (row.leadership, holder.as_json()["leadership"]) == (stuck, stuck), row
+        [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert "cannot take the lead for announcements" in warning.getMessage(), warning
+        assert "lock timeout" in warning.getMessage(), warning.getMessage()
+    assert term.change(True) == NewTerm(RepositoryState.IDLE, 2)
+    assert not term.failing

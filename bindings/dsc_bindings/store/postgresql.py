@@ -720,6 +720,13 @@ def connection_kwargs(password_file: Path | None) -> dict[str, Any]:
 #: in a transaction left open (an operator's psql) held up the whole cluster, and the start,
 #: for as long as it stayed open; after this the upgrade gives up and names it.
 UPGRADE_LOCK_WAIT_SECONDS = 10.0
+#: How long taking a term (:meth:`PostgresRecords.take_lead`) waits for the row of the term
+#: while another transaction holds it: another instance's take or a leader's announcement
+#: hold it for a statement's time; one left open (an operator's psql, a leader's transaction
+#: stuck in flight) held the ticker up, and the holder, shown taking the lead, for as long as
+#: it stayed open.  After this the take fails like any other (runtime/announcing.py: logged,
+#: shown, tried again at the next tick).
+TAKE_LEAD_LOCK_WAIT_SECONDS = 5.0
 
 #: The sessions that held a table lock of this database since before the upgrade began to
 #: wait (``%(waited)s`` seconds ago), oldest transaction first: those it may have waited for.
@@ -966,6 +973,8 @@ class PostgresRecords:
         self.limits: Callable[[], Limits] | None = None
         #: Told when an announcement was not written (SharedJobRecords; set by the runtime).
         self.announcement_refused: Callable[[], None] | None = None
+        #: Seconds :meth:`take_lead` waits for the row of the term (TAKE_LEAD_LOCK_WAIT_SECONDS).
+        self.take_lead_lock_wait = TAKE_LEAD_LOCK_WAIT_SECONDS
         self._db = db
         self._pruned = time.monotonic()
         #: Uploads rows this run could not delete (an upload ended while the database was
@@ -1161,7 +1170,17 @@ class PostgresRecords:
         )
 
     def take_lead(self, leader: str, last: bool = False) -> tuple[str, int] | None:
-        found = self._run("taking the lead", _TAKE_LEAD, {"me": leader, "last": last})
+        if self._db.closed:
+            raise StoreError("the job store is closed", temporary=False)
+        wait = f"{round(self.take_lead_lock_wait * 1000)}ms"
+
+        def take(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            # A row held by a transaction left open fails the take, not hangs it
+            # (TAKE_LEAD_LOCK_WAIT_SECONDS).
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (wait,))
+            return _execute(cur, _TAKE_LEAD, {"me": leader, "last": last})
+
+        found = self._db.transaction("taking the lead", take)
         if not found:
             return None
         state, term = found[0]
