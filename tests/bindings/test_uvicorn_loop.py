@@ -409,7 +409,7 @@ def test_a_tls_peer_that_never_shakes_hands_is_closed_at_the_handshake_timeout(
     made: list[Any] = []
     server = loop.run_until_complete(
         loop.create_server(
-            lambda: Echo(made), "127.0.0.1", 0, ssl=server_context, ssl_handshake_timeout=0.2
+            lambda: Echo(made), "127.0.0.1", 0, ssl=server_context, ssl_handshake_timeout=1
         )
     )
     port = port_of(server)
