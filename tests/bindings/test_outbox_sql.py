@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -704,6 +705,39 @@ HEARTBEAT_OF_SCHEMA_17 = (
 )
 
 
+def database_of_schema(dsn: str, schema: int) -> None:
+    """The empty database brought to ``schema``, as a server of that version left it."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:schema]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
+
+
+def test_cluster_status_on_a_schema_older_than_it_says_what_to_do(
+    dsn: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A rolling upgrade begins with the new ``dsc`` installed while the servers of the
+    earlier version still run on their schema: ``dsc cluster status`` reads columns that
+    schema lacks.  It answered the database's words (``column i.term_failing does not
+    exist``); it says which schema the database has, which it needs, and what to do."""
+    database_of_schema(dsn, 17)
+    with psycopg.connect(dsn, autocommit=True) as earlier:
+        earlier.execute(
+            INSERT,
+            (str(uuid.uuid4()), "dsc-17", "http://127.0.0.1:1/ScanServer", "host", 17, 60, "h"),
+        )
+    config = tmp_path / "dsc.toml"
+    config.write_text(store_section(dsn))
+    assert main(["cluster", "status", "--config", str(config)]) != 0
+    said = capsys.readouterr()
+    assert said.out == "", said.out
+    assert f"schema 17, older than this dsc ({SCHEMA_VERSION})" in said.err, said.err
+    assert f"dsc db upgrade --config {config}" in said.err, said.err
+    assert "does not exist" not in said.err, said.err
+
+
 @pytest.mark.parametrize("schema", [17, 18])
 def test_a_holder_of_an_earlier_version_without_a_term_is_shown_as_it_showed_itself(
     dsn: str, schema: int, capsys: pytest.CaptureFixture[str], tmp_path: Path
@@ -715,12 +749,7 @@ def test_a_holder_of_an_earlier_version_without_a_term_is_shown_as_it_showed_its
     failed", which would show a holder stuck for good as ``taking the lead``, with no line
     under ``dsc cluster status``'s table, where that server's own views show the failure; it
     is shown as they show it.  From schema 18 too (its column said false for such a row)."""
-    with psycopg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
-        for statements in _MIGRATIONS[:schema]:
-            for statement in statements:
-                conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
+    database_of_schema(dsn, schema)
     with psycopg.connect(dsn, autocommit=True) as earlier:
         ident = "00000000-0000-0000-0000-000000000017"
         earlier.execute(

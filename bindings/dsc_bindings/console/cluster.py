@@ -57,7 +57,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         list_instances,
         outbox_lag,
     )
-    from dsc_bindings.store.postgresql import connection_kwargs, redacted
+    from dsc_bindings.store.postgresql import SCHEMA_VERSION, connection_kwargs, redacted
 
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)
     try:
@@ -70,6 +70,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with psycopg.connect(storage.dsn, **connection_kwargs(storage.password_file)) as conn:
             exists = conn.execute("SELECT to_regclass('instances') IS NOT NULL").fetchone()
+            schema = None
+            if exists and exists[0]:
+                version = conn.execute("SELECT max(version) FROM dsc_schema").fetchone()
+                schema = None if version is None or version[0] is None else int(version[0])
+            # The columns it reads are this version's: an earlier schema (the servers of an
+            # earlier version still running on it, a rolling upgrade) lacks some.
+            if schema is not None and schema < SCHEMA_VERSION:
+                upgrade = "dsc db upgrade" + (f" --config {args.config}" if args.config else "")
+                raise CliError(
+                    f"cluster status: the job store at {redacted(storage.dsn)} has schema "
+                    f"{schema}, older than this dsc ({SCHEMA_VERSION}): the servers on it are of "
+                    f"an earlier version; run their dsc cluster status, or upgrade the schema "
+                    f"({upgrade}; a server of this version does it at start, and the running "
+                    "ones go on)"
+                )
             rows = list_instances(conn) if exists and exists[0] else []
             lag = outbox_lag(conn) if rows else OutboxLag()
     except psycopg.Error as exc:
