@@ -7,6 +7,7 @@ from this table."""
 
 from __future__ import annotations
 
+from collections.abc import Set
 from datetime import datetime, timedelta
 
 from .deadlines import DeadlineChanges
@@ -23,37 +24,50 @@ class JobTable:
         #: Completed jobs, oldest first; read newest first (R6).
         self._history: dict[str, Job] = {}
         #: (token, document_id) of SendImage uploads in progress: reserved ids (R6 duplicates).
-        #: Read here; changed only by :meth:`reserve` and :meth:`let_go`.
-        self.uploads: set[tuple[str, int]] = set()
+        #: Changed only by :meth:`reserve` and :meth:`let_go` (they count); read :attr:`uploads`.
+        self._uploads: set[tuple[str, int]] = set()
         #: The same for uploads in flight on other instances of a shared store (issue 18), as
         #: the binding last read them: an R6 duplicate there is a duplicate here, and a job
-        #: receiving an image there is not idle here.  Set by :meth:`absorb_uploads`.
-        self.uploads_elsewhere: frozenset[tuple[str, int]] = frozenset()
+        #: receiving an image there is not idle here.  Set only by :meth:`absorb_uploads`
+        #: (it counts); read :attr:`uploads_elsewhere`.
+        self._uploads_elsewhere: frozenset[tuple[str, int]] = frozenset()
+
+    @property
+    def uploads(self) -> Set[tuple[str, int]]:
+        """The uploads in progress here, read-only: a change that bypassed :meth:`reserve` or
+        :meth:`let_go` would move a job's R6 deadline uncounted (dsc_core/deadlines.py), and
+        mypy refuses one made through this view."""
+        return self._uploads
+
+    @property
+    def uploads_elsewhere(self) -> frozenset[tuple[str, int]]:
+        """The uploads in flight on other instances (issue 18), read-only like :attr:`uploads`."""
+        return self._uploads_elsewhere
 
     def reserve(self, key: tuple[str, int]) -> None:
         """A SendImage's DocumentId ``key`` is being received: its job is not idle meanwhile
         (no R6 deadline), and a second SendImage of it is a duplicate."""
-        self.uploads.add(key)
+        self._uploads.add(key)
         self.changes.moved()
 
     def let_go(self, key: tuple[str, int]) -> None:
         """The upload of ``key`` ended (received, refused, cut off): its job's R6 deadline
         is back.  Often without a command (nothing of it was written), so this count is how
         the binding learns of it."""
-        if key in self.uploads:
-            self.uploads.remove(key)
+        if key in self._uploads:
+            self._uploads.remove(key)
             self.changes.moved()
 
     def absorb_uploads(self, uploads: frozenset[tuple[str, int]]) -> None:
         """The uploads in flight on other instances, as the binding read them (issue 18)."""
-        if uploads != self.uploads_elsewhere:
-            self.uploads_elsewhere = uploads
+        if uploads != self._uploads_elsewhere:
+            self._uploads_elsewhere = uploads
             self.changes.moved()
 
     def uploading(self, key: tuple[str, int]) -> bool:
         """Whether the DocumentId ``key`` = (token, document_id) is being received, on this
         instance or another (R6: a second SendImage of it is a duplicate)."""
-        return key in self.uploads or key in self.uploads_elsewhere
+        return key in self._uploads or key in self._uploads_elsewhere
 
     def get(self, token: str) -> Job | None:
         return self._active.get(token) or self._history.get(token)
@@ -129,7 +143,7 @@ class JobTable:
     def _idle_creating(self) -> list[Job]:
         """Creating jobs that no image is arriving for: the ones the R6 timeout applies to (an
         image in progress is activity; its end restarts the clock)."""
-        receiving = {t for t, _ in self.uploads} | {t for t, _ in self.uploads_elsewhere}
+        receiving = {t for t, _ in self._uploads} | {t for t, _ in self._uploads_elsewhere}
         return [
             j
             for j in self._active.values()
