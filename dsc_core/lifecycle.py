@@ -38,7 +38,7 @@ Invariants of the table (checked by tests/test_lifecycle.py over every pair):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Final
@@ -157,8 +157,16 @@ class JobLifecycle:
         self.stopped = False
         #: Completed jobs whose documents stay in the spool for a re-run (a filter failed),
         #: with the time they ended: discarded ``retention`` seconds later (issue 8, spool).
-        #: Read here; changed only by :meth:`_keep` and :meth:`_release` (a deadline each).
-        self.kept: dict[str, datetime] = {}
+        #: Changed only by :meth:`_keep` and :meth:`_release` (they count); read :attr:`kept`.
+        self._kept: dict[str, datetime] = {}
+
+    @property
+    def kept(self) -> Mapping[str, datetime]:
+        """The completed jobs whose documents are kept, read-only: each is a deadline
+        (:meth:`next_document_expiry`), and a change that bypassed :meth:`_keep` or
+        :meth:`_release` would move it uncounted (dsc_core/deadlines.py); mypy refuses one
+        made through this view."""
+        return self._kept
 
     @property
     def repository_state(self) -> RepositoryState:
@@ -392,13 +400,13 @@ class JobLifecycle:
     def _keep(self, job: Job) -> None:
         """Keep a completed job's documents, from when it ended: a deadline
         (:meth:`next_document_expiry`)."""
-        self.kept[job.token] = job.completed or job.last_activity
+        self._kept[job.token] = job.completed or job.last_activity
         self.jobs.changes.moved()
 
     def _release(self, token: str) -> None:
         """The documents of ``token`` are no longer kept for a re-run (in use again, or
         discarded): its deadline goes."""
-        if self.kept.pop(token, None) is not None:
+        if self._kept.pop(token, None) is not None:
             self.jobs.changes.moved()
 
     def next_document_expiry(self, retention: float) -> datetime | None:
