@@ -11,7 +11,7 @@ SubscriptionEnd; repeated delivery failures end a subscription with DeliveryFail
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -47,11 +47,18 @@ DELIVERY_FAILURE = names.WSE + "/DeliveryFailure"
 class Subscriptions:
     config: ServerConfig
     new_id: Callable[[], str]
-    #: Read anywhere; a subscription added, renewed or ended also bumps :attr:`changes`.
-    by_id: dict[str, Subscription] = field(default_factory=dict)
+    #: Changed only here: a subscription added, renewed or ended also bumps :attr:`changes`.
+    #: Read :attr:`by_id`.
+    _by_id: dict[str, Subscription] = field(default_factory=dict, init=False)
     #: Bumped by each change of an expiry (:meth:`next_expiry`, ScanServer.next_deadline);
     #: a delivery failure counted changes none.
     changes: DeadlineChanges = field(default_factory=DeadlineChanges)
+
+    @property
+    def by_id(self) -> Mapping[str, Subscription]:
+        """The subscriptions held, read-only: a change made elsewhere would move an expiry
+        uncounted (dsc_core/deadlines.py); mypy refuses one made through this view."""
+        return self._by_id
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -68,7 +75,7 @@ class Subscriptions:
         if owner is not None and service_hint == "dsc":
             raise faults.not_scan_admin(owner)  # R13, R4 step 5: MS-BDSRR events need an admin
         # Expired ones still held (until the leader's tick ends them, issue 18) do not count.
-        active = sum(1 for s in self.by_id.values() if s.active(now))
+        active = sum(1 for s in self._by_id.values() if s.active(now))
         if active >= self.config.limits.max_subscriptions:
             raise faults.eventing(
                 "EventSourceUnableToProcess",
@@ -121,7 +128,7 @@ class Subscriptions:
             env.addressing.wsa_ns,
             owner=owner,
         )
-        self.by_id[identifier] = sub
+        self._by_id[identifier] = sub
         self.changes.moved()
         response = etree.Element(f"{{{names.WSE}}}SubscribeResponse")
         manager = etree.SubElement(response, f"{{{names.WSE}}}SubscriptionManager")
@@ -141,7 +148,7 @@ class Subscriptions:
             (c for c in children(payload) if split(c.tag) == (names.WSE, "Expires")), None
         )
         expires = self._grant(expires_el, now)
-        renewed = self.by_id[sub.identifier] = replace(sub, expires=expires)
+        renewed = self._by_id[sub.identifier] = replace(sub, expires=expires)
         self.changes.moved()
         response = etree.Element(f"{{{names.WSE}}}RenewResponse")
         etree.SubElement(response, f"{{{names.WSE}}}Expires").text = duration(expires - now)
@@ -159,18 +166,18 @@ class Subscriptions:
         """R13: the 2004/08 UnsubscribeResponse is an empty Body (only the Action says it).
         Returns the subscription ended."""
         sub = self._find(env, "InvalidMessage", now, owner)
-        del self.by_id[sub.identifier]
+        del self._by_id[sub.identifier]
         self.changes.moved()
         return sub
 
     def put_back(self, sub: Subscription) -> None:
         """Undo a Renew or Unsubscribe whose store command failed (R4 step 9)."""
-        self.by_id[sub.identifier] = sub
+        self._by_id[sub.identifier] = sub
         self.changes.moved()
 
     def forget(self, identifier: str) -> None:
         """Undo a Subscribe whose store command failed (R4 step 9)."""
-        if self.by_id.pop(identifier, None) is not None:
+        if self._by_id.pop(identifier, None) is not None:
             self.changes.moved()
 
     def absorb(
@@ -189,14 +196,14 @@ class Subscriptions:
         one read, and is kept.  Taken from a Renew's row read meanwhile, a failure counted but
         not yet written was lost (issue 18, runtime/catchup.py)."""
         for sub in stored:
-            held = self.by_id.get(sub.identifier)
+            held = self._by_id.get(sub.identifier)
             if held is not None and sub.identifier in counting:
                 sub = replace(sub, failures=held.failures)
-            self.by_id[sub.identifier] = sub
+            self._by_id[sub.identifier] = sub
             if held is None or held.expires != sub.expires:
                 self.changes.moved()
         for identifier in ended:
-            if self.by_id.pop(identifier, None) is not None:
+            if self._by_id.pop(identifier, None) is not None:
                 self.changes.moved()
 
     def _find(
@@ -206,7 +213,7 @@ class Subscriptions:
         only its own: an MS-BDSRR subscription needs an administrator (R13), another user's
         WS-DSP subscription is as unknown to it as a job of another user (R10)."""
         ident = env.addressing.identifier
-        sub = self.by_id.get(ident or "")
+        sub = self._by_id.get(ident or "")
         if sub is not None and owner is not None and sub.owner != owner:
             if not sub.actions <= DSP_EVENTS:
                 raise faults.not_scan_admin(owner)
@@ -281,14 +288,14 @@ class Subscriptions:
         it for an unexpected end; the subscriber knew this one); EndSubscription each, so a
         shared store ends its row once and the other instances learn it from the feed (issue
         18 point 4)."""
-        expired = [i for i, s in self.by_id.items() if not s.active(now)]
+        expired = [i for i, s in self._by_id.items() if not s.active(now)]
         for ident in expired:
-            del self.by_id[ident]
+            del self._by_id[ident]
             self.changes.moved()
         return [EndSubscription(ident) for ident in expired]
 
     def next_expiry(self) -> datetime | None:
-        return min((s.expires for s in self.by_id.values()), default=None)
+        return min((s.expires for s in self._by_id.values()), default=None)
 
     def notify(
         self, action: str, body: Element, now: datetime, job_owner: str | None = None
@@ -299,7 +306,7 @@ class Subscriptions:
         about a job of that identity (R13: restricted subscriptions get only their own)."""
         out = []
         frames: dict[str, tuple[bytes, bytes]] = {}
-        for sub in self.by_id.values():
+        for sub in self._by_id.values():
             if sub.owner is not None and sub.owner != job_owner:
                 continue
             if action in sub.actions and sub.active(now):
@@ -313,32 +320,32 @@ class Subscriptions:
         return out
 
     def delivery_result(self, identifier: str, ok: bool) -> list[Command]:
-        sub = self.by_id.get(identifier)
+        sub = self._by_id.get(identifier)
         if sub is None:
             return []
         if ok:
             if sub.failures == 0:
                 return []  # the usual case: nothing to record
-            self.by_id[identifier] = replace(sub, failures=0)
+            self._by_id[identifier] = replace(sub, failures=0)
             return [RecordDeliveryFailures(identifier, 0)]
         sub = replace(sub, failures=sub.failures + 1)
         if sub.failures < self.config.delivery_failures_before_end:
-            self.by_id[identifier] = sub
+            self._by_id[identifier] = sub
             return [RecordDeliveryFailures(identifier, sub.failures)]
-        del self.by_id[identifier]
+        del self._by_id[identifier]
         self.changes.moved()
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
     def give_up(self, identifier: str) -> list[Command]:
-        sub = self.by_id.pop(identifier, None)
+        sub = self._by_id.pop(identifier, None)
         if sub is None:
             return []
         self.changes.moved()
         return self._end([sub], DELIVERY_FAILURE, "Event deliveries failed repeatedly.")
 
     def end_all(self) -> list[Command]:
-        subs = list(self.by_id.values())
-        self.by_id.clear()
+        subs = list(self._by_id.values())
+        self._by_id.clear()
         self.changes.moved()
         return self._end(subs, SHUTTING_DOWN, "The scan server is shutting down.")
 
