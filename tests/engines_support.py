@@ -186,6 +186,22 @@ def wal_position(dsn: str) -> Iterator[Callable[[], int]]:
         yield position
 
 
+def database_of_schema(dsn: str, schema: int) -> None:
+    """The empty database at ``dsn`` brought to PostgreSQL ``schema``, as a server of that
+    version left it (its migrations and its ``dsc_schema`` row): for tests of an upgrade, or of
+    a server sharing the database with an earlier one."""
+    import psycopg
+
+    from dsc_bindings.store.postgresql import _MIGRATIONS
+
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
+        for statements in _MIGRATIONS[:schema]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
+
+
 @contextlib.contextmanager
 def pg_cluster(*, durable: bool = False) -> Iterator[PgCluster]:
     cluster = PgCluster(durable=durable)

@@ -43,7 +43,7 @@ from dsc_bindings.store.split import SplitStore
 from dsc_bindings.store.sqlite import DB_NAME, SCHEMA_VERSION, JobStore, record_columns
 from dsc_core.commands import CreateJob, DropJob, JobInput, Removal, UpdateJob
 from dsc_core.model import Document, Job, JobState
-from engines_support import wal_position
+from engines_support import database_of_schema, wal_position
 from test_store import make_job
 from waiting import wait_for
 
@@ -544,12 +544,8 @@ def database_with_a_job_in_flight(dsn: str, schema: int = 13) -> Job:
     job = make_job("shared")
     for number in range(1, MANY + 1):
         job = image(job, number)
+    database_of_schema(dsn, schema)
     with psycopg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
-        for statements in _MIGRATIONS[:schema]:
-            for statement in statements:
-                conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
         token, state, active, created, completed, text = record_columns(job)
         conn.execute(
             "INSERT INTO jobs (token, state, active, created, completed, job, origin) "
@@ -731,12 +727,7 @@ def test_an_upgrade_held_up_by_a_transaction_left_open_gives_up_and_names_it(dsn
     with an error naming that session and saying what to do, so that neither the new server's
     start nor the running instances hang for as long as the session stays open; without it,
     both waited for ever.  Once the session is gone the upgrade runs."""
-    with psycopg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
-        for statements in _MIGRATIONS[:16]:
-            for statement in statements:
-                conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO dsc_schema (version) VALUES (16)")
+    database_of_schema(dsn, 16)
     failed: list[BaseException] = []
     upgraded: list[tuple[int, int]] = []
     with psycopg.connect(dsn, application_name="psql of an operator") as session:

@@ -36,7 +36,7 @@ from dsc_bindings.store.instances import (
     list_instances,
 )
 from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
-from dsc_bindings.store.postgresql import _MIGRATIONS, SCHEMA_VERSION, PostgresRecords, upgrade
+from dsc_bindings.store.postgresql import SCHEMA_VERSION, PostgresRecords, upgrade
 from dsc_bindings.store.subcodec import decode_subscription, encode_subscription
 from dsc_core import RepositoryState, ScanServer, ServerConfig
 from dsc_core.commands import (
@@ -50,7 +50,7 @@ from dsc_core.commands import (
     UpdateJob,
 )
 from dsc_core.subscription import EndpointReference, Subscription
-from engines_support import store_section
+from engines_support import database_of_schema, store_section
 from test_store import make_job
 from waiting import wait_for
 
@@ -703,16 +703,6 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
 HEARTBEAT_OF_SCHEMA_17 = (
     "UPDATE instances SET heartbeat = now(), name = %s, address = %s, leads = %s WHERE id = %s"
 )
-
-
-def database_of_schema(dsn: str, schema: int) -> None:
-    """The empty database brought to ``schema``, as a server of that version left it."""
-    with psycopg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE dsc_schema (version integer NOT NULL)")
-        for statements in _MIGRATIONS[:schema]:
-            for statement in statements:
-                conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute("INSERT INTO dsc_schema (version) VALUES (%s)", (schema,))
 
 
 def test_cluster_status_on_a_schema_older_than_it_says_what_to_do(
