@@ -198,6 +198,22 @@ def test_start_serving_false_listens_only_when_asked(loop: AcceptingLoop) -> Non
     server.close()
 
 
+def listener_failing_once(error: OSError) -> socket.socket:
+    """A TCP socket bound on loopback whose first accept() raises ``error`` (the kernel's
+    errors are hard to provoke on purpose); the next ones accept."""
+    failures = [error]
+
+    class FailingOnce(socket.socket):
+        def accept(self) -> tuple[socket.socket, Any]:
+            if failures:
+                raise failures.pop()
+            return super().accept()
+
+    listener = FailingOnce(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    return listener
+
+
 def test_out_of_file_descriptors_pauses_accepting_then_takes_the_connection_in(
     loop: AcceptingLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,16 +224,7 @@ def test_out_of_file_descriptors_pauses_accepting_then_takes_the_connection_in(
     reported: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: reported.append(context))
     made: list[Any] = []
-    failures = [OSError(errno.EMFILE, "Too many open files")]
-
-    class Exhausted(socket.socket):
-        def accept(self) -> tuple[socket.socket, Any]:
-            if failures:
-                raise failures.pop()
-            return super().accept()
-
-    listener = Exhausted(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
+    listener = listener_failing_once(OSError(errno.EMFILE, "Too many open files"))
     server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
     with socket.create_connection(("127.0.0.1", listener.getsockname()[1])):
         turns(loop, 5)
@@ -375,16 +382,7 @@ def test_an_accept_error_is_reported_and_accepting_goes_on(loop: AcceptingLoop) 
     reported: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: reported.append(context))
     made: list[Any] = []
-    failures = [OSError(errno.EPROTO, "Protocol error")]
-
-    class Failing(socket.socket):
-        def accept(self) -> tuple[socket.socket, Any]:
-            if failures:
-                raise failures.pop()
-            return super().accept()
-
-    listener = Failing(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
+    listener = listener_failing_once(OSError(errno.EPROTO, "Protocol error"))
     server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
     with socket.create_connection(("127.0.0.1", listener.getsockname()[1])) as client:
         turns(loop, 6)
