@@ -33,6 +33,7 @@ import contextlib
 import cProfile
 import importlib.util
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -226,6 +227,7 @@ def count(args: argparse.Namespace) -> None:
         protocol.connection_lost(None)
         loop.run_until_complete(stack.aclose())
         loop.close()
+        shutil.rmtree(data, ignore_errors=True)  # the server's data folder (jobs, spool)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
