@@ -29,6 +29,13 @@ the rounds, min-max), the ratio to the floor, and the targets: the project (its 
 or the ASGI app) faster than the hand-written server with a p99 no worse, and the async
 binding at 0.5x the floor with ``-t1`` and ``-t2``.  Nothing here asserts a time.
 
+The p99 is also printed with every round's requests pooled (wrk's latency histograms added
+up): each round's p99 falls in one of two modes the machine picks (where the scheduler puts
+wrk's thread and the server's), and the median of three or five rounds can land on one
+server's slow mode and the other's fast one (docs/performance.md, "Why one round's p99
+swings"); pooled, a slow round weighs by its requests.  ``--json`` writes it per setting as
+``pooled_p99_ms``.
+
 Each server's CPU per request is printed too: the CPU time its process (all its threads) used
 during its wrk run, from ``/proc/<pid>/stat``, over the requests wrk counted.  On a shared
 machine requests/s follow what the neighbours leave; the CPU a request costs hardly does, so
@@ -48,10 +55,10 @@ import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +73,7 @@ from runtime import (  # noqa: E402
     dc,
     envelope,
     names,
+    pooled_percentile,
     post,
     token_of,
     wrk_run,
@@ -104,6 +112,15 @@ class Run:
     non_2xx: int
     #: The server process's CPU time per request during the run (NaN with --quick).
     cpu_us: float
+    #: wrk's latency histogram of the run (microseconds -> requests), for the pooled p99.
+    latencies: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+
+def pooled_p99_ms(runs: Sequence[Run]) -> float:
+    """The p99 of every round's requests together (runtime.pooled_percentile): a round the
+    machine made slow weighs by its requests, where the median of the rounds' p99s can land
+    on it (docs/performance.md, "Why one round's p99 swings")."""
+    return pooled_percentile([r.latencies for r in runs], 99) * 1000
 
 
 def cpu_seconds(pid: int) -> float:
@@ -201,7 +218,13 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                 threads,
                             ).items():
                                 runs[name].append(
-                                    Run(done.rps, done.p99 * 1000, done.non_2xx, cpu_us)
+                                    Run(
+                                        done.rps,
+                                        done.p99 * 1000,
+                                        done.non_2xx,
+                                        cpu_us,
+                                        done.latencies,
+                                    )
                                 )
                         results[op][f"t{threads}c{conns}"] = runs
                         print_table(op, threads, conns, runs)
@@ -252,9 +275,9 @@ def print_table(op: str, threads: int, conns: int, runs: dict[str, list[Run]]) -
     print(f"\n{op}, wrk -t{threads} -c{conns} (per round; min/median/max)", flush=True)
     print(
         "| server | req/s (median) | vs floor | p99 ms (median) | p99 vs floor |"
-        " CPU us/request (median) | floor's CPU per request / its own |"
+        " p99 ms, rounds pooled | CPU us/request (median) | floor's CPU per request / its own |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in SERVERS:
         mine = runs[name]
         rps = statistics.median(r.rps for r in mine)
@@ -267,7 +290,7 @@ def print_table(op: str, threads: int, conns: int, runs: dict[str, list[Run]]) -
         flag = f" ({bad} non-2xx answers!)" if bad else ""
         print(
             f"| {name}{flag} | {rps:,.0f} | {ratio}x | {p99:.2f} | {p99_ratio}x |"
-            f" {cpu:.1f} | {cpu_ratio}x |"
+            f" {pooled_p99_ms(mine):.2f} | {cpu:.1f} | {cpu_ratio}x |"
         )
     sys.stdout.flush()
 
@@ -293,10 +316,10 @@ def print_targets(results: dict[str, Any]) -> None:
     print("\n== targets (per round: min/median/max)", flush=True)
     print(
         "| request | wrk | best of the project | req/s vs hand-written | p99 vs hand-written |"
-        " recommended: req/s / p99 vs hand-written | async vs floor (>= 0.5x) |"
-        " async vs floor, CPU per request |"
+        " recommended: req/s / p99 vs hand-written | recommended: p99 vs hand-written, rounds"
+        " pooled | async vs floor (>= 0.5x) | async vs floor, CPU per request |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for op, configs in results.items():
         for config, runs in configs.items():
             floor = runs[FLOOR]
@@ -305,11 +328,18 @@ def print_targets(results: dict[str, Any]) -> None:
             ours, ours_p99 = versus_handwritten(runs, RECOMMENDED)
             floor_ratio = [r.rps / f.rps for r, f in zip(runs[ASYNC], floor, strict=True)]
             cpu_ratio = cpu_versus_floor(runs[ASYNC], floor)
+            pooled = pooled_p99_ms(runs[RECOMMENDED]) / pooled_p99_ms(runs[HANDWRITTEN])
             print(
                 f"| {op} | {config} | {best} | {faster}x | {p99}x | {ours}x / {ours_p99}x |"
-                f" {spread(floor_ratio)}x | {spread(cpu_ratio)}x |"
+                f" {pooled:.2f}x | {spread(floor_ratio)}x | {spread(cpu_ratio)}x |"
             )
     sys.stdout.flush()
+
+
+def _run_json(run: Run) -> dict[str, Any]:
+    fields = asdict(run)
+    del fields["latencies"]
+    return fields
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,8 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = measure(args, Path(tmp))
     print_targets(results)
     if args.json:
+        # Per run its numbers (not wrk's histogram); per setting the pooled p99 of each server.
         raw = {
-            op: {c: {n: [asdict(r) for r in runs] for n, runs in v.items()} for c, v in d.items()}
+            op: {
+                c: {
+                    **{n: [_run_json(r) for r in runs] for n, runs in v.items()},
+                    "pooled_p99_ms": {n: pooled_p99_ms(runs) for n, runs in v.items()},
+                }
+                for c, v in d.items()
+            }
             for op, d in results.items()
         }
         args.json.write_text(json.dumps(raw, indent=1), encoding="utf-8")

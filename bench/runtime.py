@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -36,8 +37,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +168,31 @@ _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 @dataclass(frozen=True)
 class WrkResult:
-    """One wrk run: requests/s, p99 latency in seconds, answers that were not 2xx/3xx."""
+    """One wrk run: requests/s, p99 latency in seconds, answers that were not 2xx/3xx, and
+    wrk's latency histogram (microseconds -> requests), so that rounds can be pooled."""
 
     rps: float
     p99: float
     non_2xx: int
+    latencies: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+
+def pooled_percentile(histograms: Iterable[Mapping[int, int]], percent: float) -> float:
+    """The ``percent`` percentile, in seconds, of the requests of every histogram together
+    (wrk's rounds pooled: one slow round weighs by its requests, not as one round in three)."""
+    pooled: Counter[int] = Counter()
+    for histogram in histograms:
+        pooled.update(histogram)
+    total = sum(pooled.values())
+    if not total:
+        return float("nan")
+    rank = math.ceil(total * percent / 100)
+    seen = 0
+    for latency_us in sorted(pooled):
+        seen += pooled[latency_us]
+        if seen >= rank:
+            return latency_us * 1e-6
+    raise AssertionError("unreachable: the ranks add up to the total")
 
 
 def wrk_run(
@@ -180,11 +202,22 @@ def wrk_run(
     # A script of its own: runs at once on one body (bench/asgi.py --quick) must not read
     # each other's half-written file (wrk then sends a GET).
     script = body_file.with_suffix(f".{uuid.uuid4().hex[:8]}.lua")
+    histogram = script.with_suffix(".latencies")
+    # done(): wrk's latency histogram, one "microseconds count" line per value seen (its
+    # SCRIPTING: latency(i) is the i-th value and its count, #latency how many there are).
     script.write_text(
         "wrk.method = 'POST'\n"
         f"local f = io.open('{body_file}', 'rb')\n"
         "wrk.body = f:read('*a')\nf:close()\n"
-        f"wrk.headers['Content-Type'] = '{SOAP}'\n",
+        f"wrk.headers['Content-Type'] = '{SOAP}'\n"
+        "function done(summary, latency, requests)\n"
+        f"  local out = io.open('{histogram}', 'w')\n"
+        "  for i = 1, #latency do\n"
+        "    local value, count = latency(i)\n"
+        "    out:write(string.format('%d %d\\n', value, count))\n"
+        "  end\n"
+        "  out:close()\n"
+        "end\n",
         encoding="utf-8",
     )
     out = subprocess.run(
@@ -203,6 +236,12 @@ def wrk_run(
         timeout=seconds + 60,
     ).stdout
     script.unlink()
+    latencies: dict[int, int] = {}
+    if histogram.exists():
+        for line in histogram.read_text(encoding="ascii").splitlines():
+            value, count = line.split()
+            latencies[int(value)] = latencies.get(int(value), 0) + int(count)
+        histogram.unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -210,6 +249,7 @@ def wrk_run(
         rps,
         float(p99.group(1)) * _UNITS[p99.group(2)] if p99 else float("nan"),
         int(bad.group(1)) if bad else 0,
+        latencies,
     )
 
 
