@@ -67,6 +67,13 @@ def turns(loop: asyncio.AbstractEventLoop, count: int) -> None:
     loop.run_until_complete(spin())
 
 
+def reported_by(loop: asyncio.AbstractEventLoop) -> list[dict[str, Any]]:
+    """What the loop reports to its exception handler from now on (each context, in order)."""
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    return reported
+
+
 def sockets_of(server: asyncio.AbstractServer) -> tuple[socket.socket, ...]:
     """``server.sockets`` (asyncio's and uvloop's servers have it; AbstractServer does not)."""
     return tuple(getattr(server, "sockets"))  # noqa: B009
@@ -221,8 +228,7 @@ def test_out_of_file_descriptors_pauses_accepting_then_takes_the_connection_in(
     the socket readable, so trying at once would spin), then the waiting connection is taken
     in."""
     monkeypatch.setattr(uvicorn_loop, "ACCEPT_RETRY_SECONDS", 0.05)
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: reported.append(context))
+    reported = reported_by(loop)
     made: list[Any] = []
     listener = listener_failing_once(OSError(errno.EMFILE, "Too many open files"))
     server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
@@ -255,8 +261,7 @@ def test_tls_connections_are_served_and_a_failed_handshake_harms_no_other(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server_context, client_context = tls
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: reported.append(context))
+    reported = reported_by(loop)
     made: list[Any] = []
     server = loop.run_until_complete(
         loop.create_server(
@@ -348,8 +353,7 @@ def test_a_connection_the_protocol_factory_fails_for_is_closed_and_serving_goes_
     socket is its transport's): the failure is reported, the accepted socket is closed at once
     (the peer sees the end, not a connection left open until the garbage collector finds the
     socket), and the next connection is served."""
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: reported.append(context))
+    reported = reported_by(loop)
     made: list[Any] = []
     failures = [RuntimeError("no protocol for this one")]
 
@@ -379,8 +383,7 @@ def test_an_accept_error_is_reported_and_accepting_goes_on(loop: AcceptingLoop) 
     """accept() failing for a reason other than a lack of resources (Linux passes on a network
     error of the pending connection, EPROTO among them): the loop reports it and goes on
     accepting, the waiting connection is taken in at a later poll."""
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: reported.append(context))
+    reported = reported_by(loop)
     made: list[Any] = []
     listener = listener_failing_once(OSError(errno.EPROTO, "Protocol error"))
     server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=listener))
@@ -402,8 +405,7 @@ def test_a_tls_peer_that_never_shakes_hands_is_closed_at_the_handshake_timeout(
     ``ssl_handshake_timeout`` runs out, never given to the protocol, not reported as a fault;
     a TLS client meanwhile is served."""
     server_context, client_context = tls
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: reported.append(context))
+    reported = reported_by(loop)
     made: list[Any] = []
     server = loop.run_until_complete(
         loop.create_server(
