@@ -23,7 +23,6 @@ e-mail, else UPN; a certificate with none of them, or with two commonNames, gets
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import ssl
@@ -35,6 +34,7 @@ import anyio.abc
 import trio as _trio
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from dsc_bindings.http.accept_errors import OUT_OF_RESOURCES
 from dsc_bindings.http.certidentity import connection_identity
 from dsc_bindings.http.driver import (
     DEFAULT_GRACE,
@@ -63,7 +63,6 @@ log = logging.getLogger("dsc.http")
 SWEEP_SECONDS = 0.25
 #: Connections accepted per wake-up of the accept loop (see _accept_loop).
 ACCEPT_BATCH = 128
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 _STREAM_ERRORS = (
     anyio.EndOfStream,
@@ -484,7 +483,7 @@ async def _accept_loop(
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                if exc.errno in OUT_OF_RESOURCES:
                     # Out of descriptors or memory: the connections wait in the kernel's
                     # backlog until some close (what trio.serve_listeners does too).
                     log.error("cannot accept connections (%s): retrying in 0.1 s", exc)

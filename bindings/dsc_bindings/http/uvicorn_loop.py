@@ -34,7 +34,6 @@ are served by uvloop's own server.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import itertools
 import logging
@@ -45,6 +44,8 @@ from typing import Any
 
 import uvloop
 
+from dsc_bindings.http.accept_errors import OUT_OF_RESOURCES
+
 __all__ = ["ACCEPT_RETRY_SECONDS", "AcceptingLoop", "new_event_loop"]
 
 log = logging.getLogger("dsc.http")
@@ -54,8 +55,6 @@ log = logging.getLogger("dsc.http")
 #: trying again at once would spin.
 ACCEPT_RETRY_SECONDS = 1.0
 
-#: accept() errors that mean "out of a resource for now", not "this connection is bad".
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -248,12 +247,12 @@ class AcceptingServer(asyncio.AbstractServer):
         self._backlog = backlog
         self._tls = tls
         self._serving = False
-        self._closed = False
-        self._closed_event = asyncio.Event()
+        #: Set once closed (what wait_closed waits for).
+        self._closed = asyncio.Event()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
-        return () if self._closed else tuple(self._sockets)
+        return () if self._closed.is_set() else tuple(self._sockets)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -262,7 +261,7 @@ class AcceptingServer(asyncio.AbstractServer):
         return self._serving
 
     async def start_serving(self) -> None:
-        if self._serving or self._closed:
+        if self._serving or self._closed.is_set():
             return
         self._serving = True
         for listener in self._sockets:
@@ -281,18 +280,17 @@ class AcceptingServer(asyncio.AbstractServer):
     def close(self) -> None:
         """Stop accepting and close the listening sockets; connections already accepted go
         on (as asyncio's ``Server.close``)."""
-        if self._closed:
+        if self._closed.is_set():
             return
-        self._closed = True
         self._serving = False
         self._loop.open_servers.discard(self)
         for listener in self._sockets:
             self._loop.remove_reader(listener.fileno())
             listener.close()
-        self._closed_event.set()
+        self._closed.set()
 
     async def wait_closed(self) -> None:
-        await self._closed_event.wait()
+        await self._closed.wait()
 
     def _listen(self, listener: socket.socket) -> None:
         self._loop.add_reader(listener.fileno(), self._accept_pending, listener)
@@ -307,7 +305,7 @@ class AcceptingServer(asyncio.AbstractServer):
             except ConnectionAbortedError:
                 continue  # this peer gave up before it was taken in; others may wait
             except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
+                if exc.errno not in OUT_OF_RESOURCES:
                     raise  # the loop logs it and goes on
                 self._loop.call_exception_handler(
                     {
