@@ -17,8 +17,8 @@ from .model import Job, JobState
 class JobTable:
     def __init__(self, history_size: int, changes: DeadlineChanges | None = None) -> None:
         self.history_size = history_size
-        #: Bumped by each change of the active jobs and the uploads: what the R6 timeout's
-        #: deadline reads (:meth:`next_timeout`, ScanServer.next_deadline).
+        #: Bumped by each change of what the R6 timeout's deadline reads (:meth:`next_timeout`,
+        #: ScanServer.next_deadline): the active jobs' :func:`_idle_since` and the uploads.
         self.changes = changes or DeadlineChanges()
         self._active: dict[str, Job] = {}
         #: Completed jobs, oldest first; read newest first (R6).
@@ -74,7 +74,7 @@ class JobTable:
 
     def put(self, job: Job) -> list[str]:
         """Store the new record of a job; returns tokens that fell out of the history."""
-        self.changes.moved()  # an active job's record, or one leaving the active jobs
+        self._count(self._active.get(job.token), job)
         if job.is_active:
             self._history.pop(job.token, None)
             self._active[job.token] = job
@@ -91,8 +91,7 @@ class JobTable:
         Returns the tokens that fell out of the history."""
         if job.is_active:
             return self.put(job)
-        if self._active.pop(job.token, None) is not None:
-            self.changes.moved()
+        self._count(self._active.pop(job.token, None), job)
         self._history.pop(job.token, None)
         ended = _ended(job)
         newest = next(reversed(self._history.values()), None)
@@ -111,9 +110,16 @@ class JobTable:
         return dropped
 
     def remove(self, token: str) -> None:
-        if self._active.pop(token, None) is not None:
-            self.changes.moved()
+        self._count(self._active.pop(token, None), None)
         self._history.pop(token, None)
+
+    def _count(self, old: Job | None, new: Job | None) -> None:
+        """An active job's record ``old`` is replaced by ``new`` (None: none, before or after):
+        count it only when what the R6 timeout reads of it changed (:func:`_idle_since`).  A
+        Processing job's filter progress, its start or its end moves no deadline of this
+        table (a job that ends keeping its documents counts in ``JobLifecycle``)."""
+        if _idle_since(old) != _idle_since(new):
+            self.changes.moved()
 
     def purgeable(self, before: datetime) -> list[Job]:
         """The completed jobs that ended before ``before``, oldest first: what :meth:`purge`
@@ -165,6 +171,12 @@ class JobTable:
         before; None when it would return none however late (exact: no early wake-ups)."""
         limit = timedelta(seconds=timeout)
         return min((j.last_activity + limit for j in self._idle_creating()), default=None)
+
+
+def _idle_since(job: Job | None) -> datetime | None:
+    """What :meth:`JobTable.next_timeout` reads of a job's record (R6): a Creating job's last
+    activity; nothing of a job in any other state (every other field leaves the deadline)."""
+    return job.last_activity if job is not None and job.state is JobState.CREATING else None
 
 
 def _ended(job: Job) -> datetime:

@@ -399,9 +399,12 @@ class JobLifecycle:
 
     def _keep(self, job: Job) -> None:
         """Keep a completed job's documents, from when it ended: a deadline
-        (:meth:`next_document_expiry`)."""
-        self._kept[job.token] = job.completed or job.last_activity
-        self.jobs.changes.moved()
+        (:meth:`next_document_expiry`), counted when it changed (the same record absorbed
+        again keeps the same time: no change)."""
+        ended = job.completed or job.last_activity
+        if self._kept.get(job.token) != ended:
+            self._kept[job.token] = ended
+            self.jobs.changes.moved()
 
     def _release(self, token: str) -> None:
         """The documents of ``token`` are no longer kept for a re-run (in use again, or

@@ -15,6 +15,8 @@ from lxml import etree
 
 from core_support import (
     DSC,
+    FS,
+    MAIL,
     Act,
     cancel_job,
     create_job,
@@ -36,6 +38,7 @@ from dsc_core import (
     Exchange,
     FilterState,
     FilterStateReason,
+    JobState,
     RepositoryState,
     RequestInfo,
     ServerConfig,
@@ -103,6 +106,54 @@ def test_a_job_s_end_moves_it() -> None:
     ok(send_image(t, token))
     with moves(t):
         ok(end_job(t, token))
+
+
+def test_a_processing_job_s_progress_leaves_it() -> None:
+    """The engine's reports (started, each filter started and finished, the end of a job whose
+    filters all succeeded) change no deadline: the R6 timeout reads only Creating jobs, and a
+    job whose documents are not kept has no retention deadline."""
+    t = InProcessTransport()
+    token = create_job(t, FS, MAIL)
+    ok(send_image(t, token))
+    ok(end_job(t, token))
+    t.clock += timedelta(seconds=5)  # each report is a new record with the same deadline
+    with leaves(t):
+        t.process(token)
+    assert job_of(t, token).state is JobState.COMPLETED
+    assert [f.state for f in job_of(t, token).filters] == [FilterState.COMPLETED_SUCCESSFULLY] * 2
+
+
+def test_each_change_of_what_the_r6_timeout_reads_of_a_record_moves_it_only() -> None:
+    """``JobTable`` counts a new record when the Creating job's last activity (the R6
+    timeout's one input of it) changed, or the job began or stopped being Creating; a record
+    that changed anything else, or a job that was not Creating leaving the table, leaves it."""
+    t = InProcessTransport()
+    table = t.server.jobs
+    token = create_job(t)
+    creating = job_of(t, token)
+    later = creating.last_activity + timedelta(seconds=1)
+    with leaves(t):
+        table.put(creating)  # the same record
+        table.put(replace(creating, document_root_name="Other"))
+    with moves(t):
+        table.put(replace(creating, last_activity=later))
+    pending = replace(creating, state=JobState.PENDING, last_activity=later)
+    with moves(t):
+        table.put(pending)
+    processing = replace(pending, state=JobState.PROCESSING)
+    with leaves(t):
+        table.put(processing)
+        table.put(replace(processing, last_activity=later + timedelta(seconds=1)))
+        table.remove(token)  # a Processing job's row deleted
+        table.put(processing)
+        table.absorb(replace(processing, state=JobState.ABORTED, completed=later))  # its end
+    with moves(t):
+        table.put(creating)  # an undone end: Creating again
+    with moves(t):
+        table.remove(token)  # a Creating job's row deleted
+    table.put(creating)
+    with moves(t):
+        table.absorb(replace(creating, state=JobState.ABORTED, completed=later))  # canceled
 
 
 def test_subscribe_renew_and_unsubscribe_each_move_it() -> None:
@@ -280,6 +331,8 @@ def test_another_instance_s_job_records_absorbed_move_it() -> None:
         t.server.absorb([ended])
     retention = timedelta(seconds=t.server.config.spool_retention_seconds)
     assert t.server.next_deadline() == ended.completed + retention
+    with leaves(t):
+        t.server.absorb([ended])  # read again: the same time kept
 
 
 def test_another_instance_s_subscriptions_absorbed_move_it() -> None:
