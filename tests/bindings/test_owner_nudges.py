@@ -135,3 +135,41 @@ def test_with_a_loop_its_own_calls_nudge_inline(
 
     loop.run(in_the_loop)
     assert seen == [1, 2]
+
+
+class Interrupted(BaseException):
+    """Not an Exception (as KeyboardInterrupt and SystemExit are not): the owner lets it
+    through, and must still nudge for the change made before it."""
+
+
+def test_a_hand_off_interrupted_by_a_base_exception_after_a_change_still_nudges(
+    owned: tuple[CoreOwner, DeadlineChanges, Nudges], loop: ThreadLoop
+) -> None:
+    """``soon`` without a loop, and in the owning loop's own thread (both run the call inline):
+    the nudge comes with the call, not with whatever call happens to come next."""
+    owner, changes, nudges = owned
+
+    def change_then_interrupt() -> None:
+        changes.moved()
+        raise Interrupted
+
+    def in_the_loop() -> None:
+        with pytest.raises(Interrupted):
+            owner.soon(change_then_interrupt)
+
+    loop.run(in_the_loop)
+    assert nudges.threads == ["test-loop"]
+
+
+def test_without_a_loop_a_hand_off_interrupted_after_a_change_still_nudges(
+    owned: tuple[CoreOwner, DeadlineChanges, Nudges],
+) -> None:
+    owner, changes, nudges = owned
+
+    def change_then_interrupt() -> None:
+        changes.moved()
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        owner.soon(change_then_interrupt)
+    assert len(nudges.threads) == 1

@@ -159,8 +159,9 @@ class CoreOwner:
             function()
         except Exception:
             log.exception("a core call handed to the owner failed")
-        if self._changes.count != self._seen:
-            self._deadline_moved()
+        finally:  # as in call: a BaseException (KeyboardInterrupt) after a change nudges too
+            if self._changes.count != self._seen:
+                self._deadline_moved()
 
     def _deadline_moved(self) -> None:
         # Seen first, nudged after: a change counted in ``_seen`` is always followed by a
