@@ -7,11 +7,15 @@ uvicorn with the recommended loop and protocol)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import errno
 import gc
 import http.client
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -25,7 +29,8 @@ from dsc_bindings.http import uvicorn_loop
 from dsc_bindings.http.uvicorn_loop import AcceptingLoop, new_event_loop
 from dsc_core import client as dc
 from dsc_core import names
-from e2e_support import ServerProcess, serving
+from e2e_support import ServerProcess, child_env, free_port, serving
+from waiting import wait_for
 
 SOAP = "application/soap+xml; charset=utf-8"
 
@@ -643,3 +648,141 @@ def test_closing_the_loop_ends_a_tls_handshake_still_in_progress(
         except ConnectionResetError:
             ended = b""
         assert ended == b""
+
+
+def test_a_shared_socket_is_taken_from_a_batch_at_a_time_leaving_the_rest_to_other_workers(
+    loop: AcceptingLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket passed in (``uvicorn --workers N``: one listening socket, a loop per worker)
+    is shared: a wake-up takes at most SHARED_ACCEPT_BATCH connections, then this worker stops
+    listening for a pause and the rest wait in the queue for another worker (here the test,
+    accepting from the socket as a second worker would)."""
+    monkeypatch.setattr(uvicorn_loop, "SHARED_ACCEPT_PAUSE_SECONDS", 3600.0)  # never ends here
+    made: list[Any] = []
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), sock=listener, backlog=128)
+    )
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(32)]
+    taken_by_the_other: list[socket.socket] = []
+    try:
+        turns(loop, 4)
+        assert len(made) == uvicorn_loop.SHARED_ACCEPT_BATCH == 8
+        listener.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                taken_by_the_other.append(listener.accept()[0])
+        assert len(taken_by_the_other) == 32 - 8
+    finally:
+        for connection in [*clients, *taken_by_the_other]:
+            connection.close()
+        server.close()
+        turns(loop, 4)
+
+
+def test_a_lone_worker_on_a_shared_socket_takes_in_the_whole_burst_batch_by_batch(
+    loop: AcceptingLoop,
+) -> None:
+    """No other worker takes a share: after each pause the next batch is taken in, until the
+    whole burst is served."""
+    made: list[Any] = []
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), sock=listener, backlog=128)
+    )
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(32)]
+
+    async def all_taken_in() -> None:
+        while len(made) < 32:
+            await asyncio.sleep(uvicorn_loop.SHARED_ACCEPT_PAUSE_SECONDS)
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(all_taken_in(), 10))
+        for client in clients:
+            client.sendall(b"all")
+        turns(loop, 4)
+        for client in clients:
+            client.settimeout(5)
+            assert client.recv(16) == b"all"
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+        turns(loop, 4)
+
+
+#: An ASGI app that answers with the id of the worker process that serves the connection.
+WORKER_PID_APP = """
+import os
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    pid = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(pid)).encode())]})
+    await send({"type": "http.response.body", "body": pid})
+"""
+
+
+def worker_of(connection: socket.socket) -> bytes:
+    """Ask once on ``connection`` (blocking) which worker serves it."""
+    connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.split(b"\r\n\r\n", 1)[1]:
+        received = connection.recv(4096)
+        assert received, answer
+        answer += received
+    head, pid = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return pid
+
+
+def test_uvicorn_workers_on_this_loop_each_take_a_share_of_a_burst(tmp_path: Path) -> None:
+    """A real ``uvicorn --workers 2`` on this loop (one listening socket shared by both): of
+    bursts of 64 connections opened together, each worker takes in a share (before, the worker
+    that woke first took every connection of most bursts, and served all their requests while
+    the other idled).  An app that names its worker isolates the accept policy."""
+    (tmp_path / "worker_pid_app.py").write_text(WORKER_PID_APP)
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "worker_pid_app:app", "--app-dir", str(tmp_path)]
+    command += ["--port", str(port), "--workers", "2", "--log-level", "warning"]
+    command += ["--loop", "dsc_bindings.http.uvicorn_loop:new_event_loop"]
+    with subprocess.Popen(command, env=child_env()) as uvicorn:
+        try:
+
+            def both_workers_answer() -> bool:
+                seen: set[bytes] = set()
+                for _ in range(20):
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=10) as one:
+                            seen.add(worker_of(one))
+                    except ConnectionRefusedError:
+                        return False
+                return len(seen) == 2
+
+            wait_for(both_workers_answer, 60, "both uvicorn workers serving")
+            shares: list[collections.Counter[bytes]] = []
+            for _ in range(3):
+                burst = [socket.socket() for _ in range(64)]
+                try:
+                    for connection in burst:
+                        connection.setblocking(False)
+                        connection.connect_ex(("127.0.0.1", port))
+                    for connection in burst:
+                        connection.setblocking(True)
+                        connection.settimeout(10)
+                    shares.append(collections.Counter(worker_of(c) for c in burst))
+                finally:
+                    for connection in burst:
+                        connection.close()
+            taken_in = sum(shares, collections.Counter())
+            assert len(taken_in) == 2, shares
+            assert min(taken_in.values()) >= 3 * 64 // 8, shares  # a fair share is 3 * 32
+        finally:
+            uvicorn.terminate()
+            uvicorn.wait(30)

@@ -46,7 +46,13 @@ import uvloop
 
 from dsc_bindings.http.accept_errors import OUT_OF_RESOURCES
 
-__all__ = ["ACCEPT_RETRY_SECONDS", "AcceptingLoop", "new_event_loop"]
+__all__ = [
+    "ACCEPT_RETRY_SECONDS",
+    "SHARED_ACCEPT_BATCH",
+    "SHARED_ACCEPT_PAUSE_SECONDS",
+    "AcceptingLoop",
+    "new_event_loop",
+]
 
 log = logging.getLogger("dsc.http")
 
@@ -54,6 +60,22 @@ log = logging.getLogger("dsc.http")
 #: ``ACCEPT_RETRY_DELAY``): Linux keeps reporting the listening socket readable meanwhile, so
 #: trying again at once would spin.
 ACCEPT_RETRY_SECONDS = 1.0
+
+#: A listening socket passed in (``sock=``: ``uvicorn --workers N``, gunicorn) is shared with
+#: other workers, each polling it on its own loop.  The worker that wakes first would take the
+#: whole burst (2 workers, 64 connections opened together: all 64 to one worker in 5 of 8
+#: bursts, so one worker of two served every one of their keep-alive requests), so on a
+#: shared socket a worker takes at most this many per wake-up and then stops listening for
+#: :data:`SHARED_ACCEPT_PAUSE_SECONDS`, leaving the rest to the others.  Measured so: 32/32 in
+#: 5 of 6 bursts, 24/40 in 1 (docs/performance.md, "One listening socket, several workers").
+SHARED_ACCEPT_BATCH = 8
+
+#: The pause after a full batch on a shared socket: the window in which another worker, woken
+#: with this one, takes its batch.  Counted in loop turns it would be none (an idle loop turns
+#: in microseconds, so a worker waiting for a core got nothing: all 64 to one worker in 4 of 6
+#: bursts); one millisecond lets it in, and costs a lone worker on a shared socket 1 ms per 8
+#: connections of a burst.
+SHARED_ACCEPT_PAUSE_SECONDS = 0.001
 
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
@@ -171,7 +193,10 @@ class AcceptingLoop(uvloop.Loop):
                 "ssl_handshake_timeout": ssl_handshake_timeout,
                 "ssl_shutdown_timeout": ssl_shutdown_timeout,
             }
-        server = AcceptingServer(self, sockets, protocol_factory, backlog, tls)
+        # A socket passed in is shared with other workers (SHARED_ACCEPT_BATCH); one bound here
+        # is this process's own.
+        batch = backlog if sock is None else min(backlog, SHARED_ACCEPT_BATCH)
+        server = AcceptingServer(self, sockets, protocol_factory, backlog, tls, batch)
         self.open_servers.add(server)
         if start_serving:
             await server.start_serving()
@@ -240,12 +265,15 @@ class AcceptingServer(asyncio.AbstractServer):
         protocol_factory: ProtocolFactory,
         backlog: int,
         tls: dict[str, Any],
+        batch: int,
     ) -> None:
         self._loop = loop
         self._sockets = sockets
         self._protocol_factory = protocol_factory
         self._backlog = backlog
         self._tls = tls
+        #: At most this many accepted per wake-up (SHARED_ACCEPT_BATCH on a shared socket).
+        self._batch = batch
         self._serving = False
         #: Set once closed (what wait_closed waits for).
         self._closed = asyncio.Event()
@@ -296,8 +324,9 @@ class AcceptingServer(asyncio.AbstractServer):
         self._loop.add_reader(listener.fileno(), self._accept_pending, listener)
 
     def _accept_pending(self, listener: socket.socket) -> None:
-        """Take in every connection waiting on ``listener`` (at most ``backlog`` at once)."""
-        for _ in range(self._backlog):
+        """Take in every connection waiting on ``listener`` (at most ``backlog`` at once; on a
+        shared socket, at most :data:`SHARED_ACCEPT_BATCH`, then a pause)."""
+        for _ in range(self._batch):
             try:
                 connection, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -323,6 +352,11 @@ class AcceptingServer(asyncio.AbstractServer):
                 self._loop.connect_accepted_socket(self._protocol_factory, connection, **self._tls),
                 connection,
             )
+        if self._batch < self._backlog:
+            # A full batch from a shared socket: more may wait, left to the other workers for
+            # the pause (SHARED_ACCEPT_PAUSE_SECONDS), then this one takes its next batch.
+            self._loop.remove_reader(listener.fileno())
+            self._loop.call_later(SHARED_ACCEPT_PAUSE_SECONDS, self._listen_again, listener)
 
     def _listen_again(self, listener: socket.socket) -> None:
         if self._serving:
