@@ -6,6 +6,7 @@ lease is taken over from the rows left, and the doorbell rings."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import uuid
@@ -19,6 +20,7 @@ import pytest
 
 from dsc_bindings.console.main import main
 from dsc_bindings.filters.settings import FilterSettings
+from dsc_bindings.observe.metrics import ClusterGauges
 from dsc_bindings.runtime.announcing import FOLLOW, LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.runtime.cluster import ClusterMember
@@ -33,6 +35,7 @@ from dsc_bindings.store.instances import (
     NO_TERM,
     TAKING_THE_LEAD,
     ClusterSettings,
+    Leadership,
     list_instances,
 )
 from dsc_bindings.store.interface import Announcement, EventsWrite, VersionedWrite
@@ -815,3 +818,124 @@ def test_a_take_of_a_term_held_up_by_another_transaction_fails_and_is_shown_fail
         assert "lock timeout" in warning.getMessage(), warning.getMessage()
     assert term.change(True) == NewTerm(RepositoryState.IDLE, 2)
     assert not term.failing
+
+
+def test_the_view_of_this_instance_is_of_one_moment(members: Members) -> None:
+    """``ClusterMember.as_json`` (/api/cluster, /status.json) read whether the core leads and
+    whether the last try for a term failed once per field, while the ticker changes them: one
+    answer could mix two moments ("lock held, not leading: cannot take a term" beside
+    ``term_failing`` false).  Here each read answers the other way, as a ticker between two
+    reads would: every field of one answer is of one reading."""
+    holder = members()
+    assert holder.holds_lock
+    reads = itertools.count()
+    holder.core_leads = lambda: False
+    holder.term_failing = lambda: next(reads) % 2 == 0
+    for _ in range(4):
+        shown = holder.as_json()
+        standing = Leadership(
+            leads=bool(shown["leader"]),
+            holds_lock=bool(shown["leader_lock"]),
+            term_failing=bool(shown["term_failing"]),
+        )
+        assert (shown["leadership"], shown["fails_to_lead"]) == (
+            standing.shown,
+            standing.fails_to_lead,
+        ), shown
+
+
+def cluster_gauges(member: ClusterMember) -> dict[str, float]:
+    """The leadership gauges of /metrics for ``member``."""
+    gauges = ClusterGauges()
+    gauges.update(member)
+    names = ("dsc_cluster_leader", "dsc_cluster_leader_lock", "dsc_cluster_term_failing")
+    return {m.name: m.samples[0].value for m in gauges.collect() if m.name in names}
+
+
+def test_the_term_failing_gauge_follows_the_rule_not_the_flag(members: Members) -> None:
+    """``dsc_cluster_term_failing`` read the term's flag (``LeaderTerm.failing``), which stays
+    set until the ticker's next attempt: a holder whose attempt failed, then whose heartbeat
+    failed (the lock is lost: it does not hold it from then on), stayed 1 there for a tick
+    while ``dsc cluster status``, /api/cluster and the console showed it holding nothing.  The
+    gauge, the label and the JSON follow one rule (store/instances.py ``Leadership``)."""
+    holder = members()
+    assert holder.holds_lock
+    holder.core_leads = lambda: False
+    holder.term_failing = lambda: True  # its last attempt failed; the ticker has not run since
+    stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
+    assert cluster_gauges(holder) == {
+        "dsc_cluster_leader": 0,
+        "dsc_cluster_leader_lock": 1,
+        "dsc_cluster_term_failing": 1,
+    }
+    assert (holder.as_json()["leadership"], holder.as_json()["fails_to_lead"]) == (stuck, True)
+    holder.lock_lost()  # as a failed heartbeat drops it: the flag stays until the next tick
+    assert cluster_gauges(holder) == {
+        "dsc_cluster_leader": 0,
+        "dsc_cluster_leader_lock": 0,
+        "dsc_cluster_term_failing": 0,
+    }
+    assert (holder.as_json()["leadership"], holder.as_json()["fails_to_lead"]) == ("", False)
+
+
+def test_an_instance_that_takes_the_lock_from_a_stopped_leader_is_shown_taking_the_lead(
+    two: tuple[PostgresRecords, ...],
+    dsn: str,
+    members: Members,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """The takeover, not the start: an instance up as a follower takes the leader's lock at a
+    heartbeat after the leader stopped; its term comes at its next tick.  Until then nothing
+    failed: every view shows it ``taking the lead`` (its row in ``dsc cluster status``, with no
+    "does not lead" line, /api/cluster, /metrics: dsc_cluster_term_failing 0), and once its
+    term is taken, the leader."""
+    a, b = two
+    leader = members()
+    assert leader.holds_lock
+    first = LeaderTerm(leader.id, a.take_lead)
+    taken = first.change(True)
+    assert taken == NewTerm(RepositoryState.IDLE, 1)
+    first.apply(taken)
+    follower = ClusterMember(
+        dsn,
+        ClusterSettings(instance_name="dsc-b", heartbeat_seconds=0.1, lease_seconds=7200),
+        address=lambda: "http://127.0.0.1:2/ScanServer",
+    )
+    follower.start()
+    try:
+        term = LeaderTerm(follower.id, b.take_lead, name=lambda: follower.name)
+        follower.core_leads = lambda: term.current is not None
+        follower.term_failing = lambda: term.failing
+        assert not follower.holds_lock
+        leader.stop()
+        wait_for(lambda: follower.holds_lock, what="the follower to take the lock at a beat")
+        follower.publish_leading()  # as the ticker does
+        shown = follower.as_json()
+        assert (shown["leader"], shown["leader_lock"], shown["leadership"]) == (
+            False,
+            True,
+            TAKING_THE_LEAD,
+        ), shown
+        assert shown["fails_to_lead"] is False, shown
+        assert cluster_gauges(follower)["dsc_cluster_term_failing"] == 0
+        with psycopg.connect(dsn) as conn:
+            [row] = [r for r in list_instances(conn) if r.id == follower.id]
+        assert (row.leader_lock, row.leader, row.leadership) == (True, False, TAKING_THE_LEAD)
+        config = tmp_path / "dsc.toml"
+        config.write_text(store_section(dsn))
+        assert main(["cluster", "status", "--config", str(config)]) == 0
+        table = capsys.readouterr().out
+        assert f" up {TAKING_THE_LEAD} 0 " in " ".join(table.split()), table
+        assert "does not lead" not in table, table
+
+        change = term.change(True)  # its next tick
+        assert change == NewTerm(RepositoryState.IDLE, 2)
+        term.apply(change)
+        follower.publish_leading()
+        assert follower.as_json()["leadership"] == LEADER
+        with psycopg.connect(dsn) as conn:
+            [row] = [r for r in list_instances(conn) if r.id == follower.id]
+        assert (row.leader, row.leadership) == (True, LEADER), row
+    finally:
+        follower.stop()

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
 from dsc_bindings.directory.ldap import Directory
 from dsc_bindings.directory.scan_processes import ProcessStore
-from dsc_bindings.store.instances import LOCK_WITHOUT_TERM, NO_TERM
+from dsc_bindings.store.instances import (
+    HEARTBEAT,
+    INSERT,
+    LEADER_LOCK,
+    LOCK_WITHOUT_TERM,
+    NO_TERM,
+    TAKING_THE_LEAD,
+)
+from dsc_bindings.store.postgresql import SCHEMA_VERSION
 from dsc_core.model import FileShareInstructions
 from e2e_support import ServerProcess, Soap, dsc
+from engines_support import database_of_schema
 from samba_support import USERS, SambaDC
-from test_cluster import cluster_config, instances, read
+from test_cluster import cluster_config, instances, read, start
 from test_cluster_leader import a_holder_without_a_term
 from test_directory import settings
 from test_status_page_browser import ARGS, CHROMIUM, playwright_api
@@ -287,3 +299,50 @@ def test_the_cluster_section_shows_a_lock_holder_that_cannot_take_a_term_as_fail
     expect(cell).to_have_text(f"{LOCK_WITHOUT_TERM}: {NO_TERM}")
     assert no_horizontal_scroll(page)
     context.close()
+
+
+def test_the_cluster_section_shows_a_holder_taking_the_lead_as_no_failure(
+    browser: Any, tmp_path: Path, pg: PgCluster, instances: list[ServerProcess]
+) -> None:
+    """A holder of the leader's lock whose term is not taken yet and nothing failed is shown
+    ``taking the lead`` in the plain colour; one whose attempt failed, and one of an earlier
+    version that does not say (``term_failing`` null), in the failure colour with why.  The
+    page shows the server's ``fails_to_lead`` (store/instances.py ``Leadership``), ruling
+    nothing again.  The test plays the holder on a connection of its own (its row, the lock,
+    a heartbeat as runtime/cluster.py writes it), so the state stays open for as long as it
+    looks; the real ``dsc serve`` beside it shows it."""
+    dsn = pg.new_database()
+    database_of_schema(dsn, SCHEMA_VERSION)
+    played = str(uuid.uuid4())
+    address = "http://127.0.0.1:1/ScanServer"
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute(INSERT, (played, "dsc-taking", address, "host", 1, 3600, "host:/played"))
+        assert holder.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone() == (
+            True,
+        )
+        # Its lock, not yet its term, and nothing failed: runtime/cluster.py's first beat.
+        holder.execute(HEARTBEAT, ("dsc-taking", address, False, False, played))
+        server = start(instances, tmp_path, cluster_config(tmp_path, dsn))
+        context = browser.new_context(viewport={"width": 1366, "height": 768})
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.get_by_role("link", name="Cluster", exact=True).click()
+        row = page.locator("#cluster-table tbody tr", has_text="dsc-taking")
+        cell = row.locator("td").nth(5)  # Leader
+        expect(cell).to_have_text(TAKING_THE_LEAD, timeout=15_000)
+        expect(cell).not_to_have_class(re.compile("failed"))
+        own = page.locator("#cluster-self")
+        expect(own).not_to_contain_text("(the leader)")
+        expect(own).not_to_have_class(re.compile("failed"))
+        assert no_horizontal_scroll(page)
+        stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
+        # Its attempt failed; then a server of an earlier version, which does not say.
+        for failing in (True, None):
+            holder.execute(
+                "UPDATE instances SET term_failing = %s WHERE id = %s", (failing, played)
+            )
+            page.reload()
+            expect(cell).to_have_text(stuck, timeout=15_000)
+            expect(cell).to_have_class("failed")
+        context.close()
+    server.stop_cleanly()

@@ -51,12 +51,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dsc_bindings.console.output import Column, print_table
     from dsc_bindings.settings import ConfigError, load_settings
     from dsc_bindings.store.errors import one_line
-    from dsc_bindings.store.instances import (
-        LOCK_WITHOUT_TERM,
-        OutboxLag,
-        list_instances,
-        outbox_lag,
-    )
+    from dsc_bindings.store.instances import OutboxLag, list_instances, outbox_lag
     from dsc_bindings.store.postgresql import SCHEMA_VERSION, connection_kwargs, redacted
 
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)
@@ -129,7 +124,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     leaders = [row.name for row in rows if row.leader]
     print(f"\n{up} of {len(rows)} instance(s) up; leader: {', '.join(leaders) or 'none'}")
     for row in rows:
-        if row.leadership_label == LOCK_WITHOUT_TERM:
+        if row.fails_to_lead:
             print(f"{row.name} holds the leader's lock but does not lead: {_NO_TERM}")
     print(f"outbox: {_lag(lag)} notification(s) waiting, every subscription")
     return EXIT_OK

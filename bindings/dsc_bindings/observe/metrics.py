@@ -185,12 +185,16 @@ class ClusterGauges(Collector):
         for state, count in counts.items():
             instances.add_metric([state], count)
         yield instances
+        # One moment, one rule (store/instances.py Leadership): the three gauges agree with
+        # each other and with leadership in /api/cluster (a failed attempt's flag alone stayed
+        # 1 for a tick after the lock was lost).
+        standing = member.standing()
         yield GaugeMetricFamily(
             "dsc_cluster_leader",
             "1 while this instance leads: it holds the leader's lock and took a term, so it "
             "runs the job sweeps and announces the repository state; else 0 (also while it "
             "holds the lock without a term: dsc_cluster_leader_lock)",
-            value=1.0 if member.leads else 0.0,
+            value=1.0 if standing.leads else 0.0,
         )
         # A second gauge, not a third value of the first: 1 means leading wherever it is
         # summed or alerted on.  A holder that does not lead is either taking the lead (the
@@ -201,14 +205,14 @@ class ClusterGauges(Collector):
             "1 while this instance holds the leader's lock, leading or not: 1 with "
             "dsc_cluster_leader 0 is the moment between taking the lock and a term (a "
             "second), or a failure to take one (dsc_cluster_term_failing 1)",
-            value=1.0 if member.holds_lock else 0.0,
+            value=1.0 if standing.holds_lock else 0.0,
         )
         yield GaugeMetricFamily(
             "dsc_cluster_term_failing",
-            "1 while this instance's last attempt to take a term failed (see the WARNING in "
-            "its log): holding the leader's lock it does not lead, so no instance runs the "
+            "1 while this instance holds the leader's lock and does not lead because its last "
+            "attempt to take a term failed (see the WARNING in its log): no instance runs the "
             "sweeps nor announces the repository state",
-            value=1.0 if member.term_failing() else 0.0,
+            value=1.0 if standing.fails_to_lead else 0.0,
         )
         yield GaugeMetricFamily(
             "dsc_cluster_heartbeat_age_seconds",

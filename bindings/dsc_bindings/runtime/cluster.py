@@ -62,8 +62,8 @@ from dsc_bindings.store.instances import (
     TRY_LEADER,
     ClusterSettings,
     InstanceRow,
+    Leadership,
     OutboxLag,
-    leadership,
     list_instances,
     outbox_lag,
 )
@@ -108,7 +108,7 @@ class ClusterMember:
         #: by the runtime; what the views show of a holder that does not lead (module doc).
         self.term_failing: Callable[[], bool] = lambda: False
         #: What the row says of :attr:`leads` and :attr:`term_failing` (None: nothing yet).
-        self._published: tuple[bool, bool] | None = None
+        self._published: tuple[bool, bool | None] | None = None
         self._last_beat = time.monotonic()
         self._failing: str | None = None
         #: Every instance as last read, and when (monotonic: their ages grow from there); one
@@ -189,6 +189,15 @@ class ClusterMember:
         core_leads = self.core_leads
         return self._leader and (core_leads is None or core_leads())
 
+    def standing(self) -> Leadership:
+        """How this instance stands as to the lead now: the lock, the core and the term's flag
+        each read once (the heartbeat thread and the ticker change them meanwhile), so that
+        everything one view shows is of one moment (store/instances.py ``Leadership``)."""
+        holds_lock = self._leader
+        core_leads = self.core_leads
+        leads = holds_lock and (core_leads is None or core_leads())
+        return Leadership(leads=leads, holds_lock=holds_lock, term_failing=self.term_failing())
+
     def lock_lost(self) -> None:
         """The statement that takes a term found that this instance no longer holds the lock
         (runtime/announcing.py): it is not shown holding it from now on, and the next
@@ -205,7 +214,8 @@ class ClusterMember:
         calls this at each tick, so the row follows a change within a tick, not at the next
         heartbeat.  A failure is left to the heartbeat, which writes them too and says what is
         wrong."""
-        leading = (self.leads, self.term_failing())
+        standing = self.standing()
+        leading = (standing.leads, standing.term_failing)
         if leading == self._published:
             return
         with self._lock:
@@ -248,16 +258,18 @@ class ClusterMember:
         return lag.aged(max(0.0, time.monotonic() - at))
 
     def as_json(self) -> dict[str, object]:
-        """This instance and every other, for /status.json and ``GET /api/cluster``."""
+        """This instance and every other, for /status.json and ``GET /api/cluster``: its
+        leadership from one :meth:`standing` (one moment), ``fails_to_lead`` its one rule
+        (the web console shows it, ruling nothing again)."""
+        standing = self.standing()
         return {
             "instance": self.name,
             "id": self.id,
-            "leader": self.leads,
-            "leader_lock": self.holds_lock,
-            "leadership": leadership(
-                leads=self.leads, holds_lock=self.holds_lock, term_failing=self.term_failing()
-            ),
-            "term_failing": self.term_failing(),
+            "leader": standing.leads,
+            "leader_lock": standing.holds_lock,
+            "leadership": standing.shown,
+            "term_failing": standing.term_failing,
+            "fails_to_lead": standing.fails_to_lead,
             "heartbeat_age": round(self.heartbeat_age, 1),
             "lease_seconds": self.settings.lease_seconds,
             "problem": self.problem(),
@@ -363,7 +375,8 @@ class ClusterMember:
                 # (runtime/announcing.py); meanwhile it is shown taking the lead.
                 log.debug("cluster: %s (%s) took the leader's lock", self.name, self.id)
         # After the lock: the row says whether this instance leads as of now.
-        leading = (self.leads, self.term_failing())
+        standing = self.standing()
+        leading = (standing.leads, standing.term_failing)
         self._conn.execute(HEARTBEAT, (self.name, self._address(), *leading, self.id))
         self._published = leading
         self._last_beat = time.monotonic()

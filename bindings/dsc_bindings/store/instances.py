@@ -54,6 +54,7 @@ __all__ = [
     "TAKING_THE_LEAD",
     "ClusterSettings",
     "InstanceRow",
+    "Leadership",
     "OutboxLag",
     "list_instances",
     "outbox_lag",
@@ -113,6 +114,46 @@ class OutboxLag:
 
 
 @dataclass(frozen=True, slots=True)
+class Leadership:
+    """How an instance stands as to the lead at one moment, and the one rule of how that
+    reads (module doc): every view (``dsc cluster status``, /api/cluster, /status.json, the
+    web console, /metrics) derives what it shows from one of these, read once, so that no
+    answer mixes two moments (say "leader" beside "term failing") and no view rules again."""
+
+    #: It leads: holds the lock and took a term.
+    leads: bool
+    #: It holds the leader's lock, leading or not.
+    holds_lock: bool
+    #: Its last attempt to take a term failed; None: an instance of an earlier version, which
+    #: does not say.
+    term_failing: bool | None
+
+    @property
+    def fails_to_lead(self) -> bool:
+        """It holds the lock and does not lead because taking a term failed, or may have (an
+        earlier version's holder, which does not say, is read as it shows itself: a rolling
+        upgrade hides no failure).  Nobody sweeps nor announces meanwhile: the failure colour,
+        ``dsc_cluster_term_failing`` and the line under ``dsc cluster status``'s table.  Not
+        while it holds no lock: a flag left from a term refused before the lock was lost says
+        nothing of leading."""
+        return self.holds_lock and not self.leads and self.term_failing is not False
+
+    @property
+    def label(self) -> str:
+        """What it is shown as, in a word or three (a table's column)."""
+        if self.leads:
+            return LEADER
+        if not self.holds_lock:
+            return ""
+        return LOCK_WITHOUT_TERM if self.fails_to_lead else TAKING_THE_LEAD
+
+    @property
+    def shown(self) -> str:
+        """:attr:`label`, with why where it failed."""
+        return f"{LOCK_WITHOUT_TERM}: {NO_TERM}" if self.fails_to_lead else self.label
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRow:
     """One incarnation as ``dsc cluster status``, the status page and /metrics show it."""
 
@@ -141,44 +182,39 @@ class InstanceRow:
     term_failing: bool | None = False
 
     @property
-    def leadership(self) -> str:
-        """:data:`LEADER`, :data:`TAKING_THE_LEAD`, :data:`LOCK_WITHOUT_TERM` and why, or
-        empty."""
-        return leadership(
+    def standing(self) -> Leadership:
+        """How its leadership reads, from this row alone (one moment: module doc)."""
+        return Leadership(
             leads=self.leader, holds_lock=self.leader_lock, term_failing=self.term_failing
         )
 
     @property
+    def leadership(self) -> str:
+        """:attr:`Leadership.shown`: :data:`LEADER`, :data:`TAKING_THE_LEAD`,
+        :data:`LOCK_WITHOUT_TERM` and why, or empty."""
+        return self.standing.shown
+
+    @property
     def leadership_label(self) -> str:
-        """:attr:`leadership` without the reason (a table's column)."""
-        return leadership_label(
-            leads=self.leader, holds_lock=self.leader_lock, term_failing=self.term_failing
-        )
+        """:attr:`Leadership.label`: :attr:`leadership` without the reason (a table's
+        column)."""
+        return self.standing.label
+
+    @property
+    def fails_to_lead(self) -> bool:
+        """:attr:`Leadership.fails_to_lead`."""
+        return self.standing.fails_to_lead
 
     def as_json(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
-        data["leadership"] = self.leadership
+        standing = self.standing
+        data["leadership"] = standing.shown
+        data["fails_to_lead"] = standing.fails_to_lead
         data["started"] = self.started.isoformat()
         data["stopped"] = None if self.stopped is None else self.stopped.isoformat()
         data["heartbeat_age"] = round(self.heartbeat_age, 1)
         data["outbox_lag"] = self.outbox_lag.as_json()
         return data
-
-
-def leadership_label(*, leads: bool, holds_lock: bool, term_failing: bool | None) -> str:
-    """What an instance is shown as, in a word or three (module doc: None, an earlier
-    version's holder that does not say, is shown as that version shows it)."""
-    if leads:
-        return LEADER
-    if not holds_lock:
-        return ""
-    return TAKING_THE_LEAD if term_failing is False else LOCK_WITHOUT_TERM
-
-
-def leadership(*, leads: bool, holds_lock: bool, term_failing: bool | None) -> str:
-    """What an instance is shown as, with why where it failed (module doc)."""
-    label = leadership_label(leads=leads, holds_lock=holds_lock, term_failing=term_failing)
-    return f"{label}: {NO_TERM}" if label == LOCK_WITHOUT_TERM else label
 
 
 INSERT = """

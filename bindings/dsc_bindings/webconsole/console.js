@@ -165,22 +165,20 @@ function editProcess(p) {
 }
 // down (no heartbeat within its lease) is a failure; stopped (a clean stop) is not.
 const clusterStates = {up: "succeeded", down: "failed", stopped: "canceled"};
-// Holding the leader's lock without a term is a failure once an attempt to take one failed
-// (nobody sweeps nor announces); before it, the instance is taking the lead.  term_failing
-// null: an instance of an earlier version, which does not say, shown failing as it shows
-// itself.  The one rule of store/instances.py leadership_label, for this instance and each row.
-const failsToLead = i => i.leader_lock && !i.leader && i.term_failing !== false;
 // The instances on the PostgreSQL store (issue 18 point 6); the section exists on it only.
+// fails_to_lead is the server's one rule (store/instances.py Leadership: holding the lock
+// without a term once an attempt failed, or an earlier version's holder that does not say),
+// shown in the failure colour; wording and colour of one answer, never ruled again here.
 async function drawCluster() {
   const data = await api("GET", "/api/cluster");
   $("#cluster-self").textContent = "This instance: " + data.instance +
     (data.leader ? " (the leader)" : data.leader_lock ? " (" + data.leadership + ")" : "") +
     ", last heartbeat " + data.heartbeat_age + " s ago" +
     (data.problem ? " \u2014 " + data.problem : "");
-  $("#cluster-self").className = data.problem || failsToLead(data) ? "failed" : "";
+  $("#cluster-self").className = data.problem || data.fails_to_lead ? "failed" : "";
   fill("#cluster-table", data.instances.map(i => [i.name, i.address, when(i.started),
     i.heartbeat_age + " s ago", el("td", i.state, clusterStates[i.state]),
-    el("td", i.leadership, failsToLead(i) ? "failed" : ""),
+    el("td", i.leadership, i.fails_to_lead ? "failed" : ""),
     String(i.leases_held), outboxLag(i.outbox_lag)]), "no instances");
   $("#cluster-outbox").textContent = "Outbox: " + outboxLag(data.outbox) +
     " notification(s) waiting, every subscription";
