@@ -20,12 +20,14 @@ import pytest
 from dsc_bindings.filters import FilterSettings, fileshare
 from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.sharejournal import DeliveryRefused
+from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
 from dsc_bindings.store.errors import JobChanged, StoreError
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_bindings.store.undecodable import UndecodableRecords
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
 from dsc_core.model import FileShareInstructions, FilterState, JobState
 from test_filters_support import make_documents
@@ -636,3 +638,55 @@ def test_a_rescuer_and_the_stalled_run_never_share_a_temporary_file(
     assert (folder / "inv_0002.png").read_bytes() == b"two" * 5000
     journal = PgDeliveryJournal(records.database, "j", 0, None)
     assert sorted(journal.names_in(folder)) == ["inv_0001.png", "inv_0002.png"]
+
+
+def test_an_older_instance_never_takes_up_a_job_it_cannot_decode(
+    dsn: str, records: PostgresRecords
+) -> None:
+    """A rolling upgrade (store/undecodable.py): a job waiting for an engine whose record a
+    newer server wrote.  The older instance's sweep took it up although it could not run it,
+    kept its lease until it ran out, and the newer instance waited a lease period for it,
+    again and again.  Now the older instance passes it over (and takes the next one it can
+    run), and the newer instance takes it at once; a record nobody decodes stays unclaimed
+    (an operator's: `dsc db quarantine`)."""
+    for token in ("newer", "older"):
+        pending(records, token)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE jobs SET job = %s, version = version + 1, xid = pg_current_xact_id() "
+            "WHERE token = 'newer'",
+            ('{"v": 99, "token": "newer"}',),
+        )
+    # The older instance read the rows as its start and catch-up read them.
+    cannot_decode = UndecodableRecords()
+    JobCatchUp(records.changes, undecodable=cannot_decode).read()
+    assert cannot_decode.tokens() == {"newer"}
+    taken: dict[str, list[str]] = {"old": [], "new": []}
+
+    def keeper(name: str, undecodable: Callable[[], frozenset[str]]) -> LeaseKeeper:
+        return LeaseKeeper(
+            leases_of(records, name),
+            heartbeat_seconds=1.0,
+            stop=lambda token: None,
+            resume=lambda rescued: taken[name].extend(r.token for r in rescued),
+            engine=Places(lambda: 1, 1),
+            name_of=str,
+            undecodable=undecodable,
+        )
+
+    old = keeper("old", cannot_decode.tokens)
+    old.take_up()
+    assert taken["old"] == ["older"]  # oldest first, but not the one it cannot run
+    keeper("new", frozenset).take_up()
+    assert taken["new"] == ["newer"]
+    # Nobody took the job: an instance that cannot decode it passes it over even when free.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET lease_until = NULL WHERE token = 'newer'")
+    end(records, "older", 1, JobState.COMPLETED)  # the engine's last report
+    old.finished("older")
+    old.take_up()
+    assert taken["old"] == ["older"] and old.held() == {}
+    # Its tombstone (quarantined, purged elsewhere) ends what this instance knew of it.
+    records.drop("newer")
+    JobCatchUp(records.changes, undecodable=cannot_decode).read()
+    assert cannot_decode.tokens() == frozenset()

@@ -208,6 +208,8 @@ class JobCatchUp:
                 left_out.append(token)
             else:
                 jobs.append((job, version))
+        for token in changes.dropped:
+            self._undecodable.forget(token)
         subscriptions: list[Subscription] = []
         for identifier, _version, text in changes.subscriptions:
             try:

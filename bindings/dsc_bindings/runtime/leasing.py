@@ -29,7 +29,9 @@ whole story).
   up to as many jobs as the engine has free places, among those whose lease expired (or that
   nobody claimed), are claimed, ``FOR UPDATE SKIP LOCKED`` so each by one instance only, and
   resumed with R13 (``ScanServer.resume``).  Every instance sweeps: a rescue does not wait for
-  a new leader, and idle instances take work.
+  a new leader, and idle instances take work.  A sweep passes over the jobs whose records this
+  instance cannot decode (a newer server's during a rolling upgrade, store/undecodable.py):
+  the instances that can run them take them at once.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from dsc_bindings.store.errors import JobChanged, StoreError
@@ -82,8 +84,12 @@ class LeaseKeeper:
         resume: Callable[[list[Rescued]], None],
         engine: EnginePlaces,
         name_of: Callable[[str], str],
+        undecodable: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._leases = leases
+        #: The jobs whose records this instance cannot decode: never taken up here
+        #: (store/leases.py, "Rescue"; store/undecodable.py).
+        self._undecodable = undecodable
         self._heartbeat = heartbeat_seconds
         self._stop = stop
         self._resume = resume
@@ -121,6 +127,10 @@ class LeaseKeeper:
         with self._lock:
             epoch = self._held.get(token)
         return None if epoch is None else (self.owner, epoch)
+
+    def undecodable(self) -> frozenset[str]:
+        """The jobs whose records this instance cannot decode (never taken up here)."""
+        return frozenset(self._undecodable())
 
     def holds(self, token: str) -> bool:
         with self._lock:
@@ -379,7 +389,7 @@ class LeaseKeeper:
             return
         with self._claiming:
             try:
-                rescued = self._leases.rescue(self.free())
+                rescued = self._leases.rescue(self.free(), self._undecodable())
             except StoreError as exc:
                 log.warning("cannot look for jobs to rescue: %s", exc.message)
                 return

@@ -505,6 +505,7 @@ class ScanService:
             resume=self._resume_rescued,
             engine=engine,
             name_of=self._instance_name,
+            undecodable=store.undecodable.tokens,
         )
         keeper.start()
         database = records.database
@@ -533,7 +534,10 @@ class ScanService:
         then R13 per job; a job that needs no engine after all (it ended meanwhile) is
         released at once.  One whose record is not in the table (the read failed) keeps its
         lease until it runs out: released, it would ring and be taken again at once, by every
-        instance in turn, for as long as the reads fail."""
+        instance in turn, for as long as the reads fail.  One whose record the read found
+        undecodable here (taken before this instance had read it; a newer server's) is released
+        at once: from now on this instance's sweeps pass it over (store/undecodable.py), and an
+        instance that can decode it takes it at the release's ring."""
         caught = self._read_for_tick()
         now = self.clock()
         unread: set[str] = set()
@@ -559,8 +563,9 @@ class ScanService:
         commands = self.owner.call(resume)
         starting = {c.job.token for c in commands if isinstance(c, StartProcessing)}
         assert self._leases is not None
+        undecodable = self._leases.undecodable()
         for job in rescued:
-            if job.token in unread:
+            if job.token in unread and job.token not in undecodable:
                 self._leases.interrupted(job.token)
             elif job.token not in starting:
                 self._leases.finished(job.token)

@@ -27,7 +27,12 @@ for their leases to expire and the sweep to rescue them a few per heartbeat.
 - **Rescue** (:meth:`JobLeases.rescue`): active jobs in Pending, Started or Processing whose
   lease expired (or that nobody holds: passed on, handed back, never claimed) are claimed by
   the sweeping instance, oldest first, ``FOR UPDATE SKIP LOCKED``, so that each is taken by
-  one instance only.  The runtime then applies R13 to each (``ScanServer.resume``).
+  one instance only.  The runtime then applies R13 to each (``ScanServer.resume``).  Never a
+  job whose record the sweeping instance cannot decode (a newer server's, during a rolling
+  upgrade: store/undecodable.py): it could not run it, and took it only to keep its lease
+  until it ran out, a lease period's delay each time.  Left to the instances that can; a
+  record none can decode (corrupt) waits, unclaimed, for an operator (``dsc db quarantine``,
+  and the WARNING of each instance that read it).
 
 Lease columns are not part of the record: writing them bumps neither ``version`` nor ``xid``,
 so renewals are not changes the other instances read.
@@ -35,6 +40,7 @@ so renewals are not changes the other instances read.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +74,7 @@ _RESCUE = f"""
         SELECT token, lease_owner, lease_until IS NULL AS free FROM jobs
         WHERE active AND state IN {_ENGINE_STATES}
           AND (lease_until IS NULL OR lease_until < now())
+          AND NOT token = ANY(%(undecodable)s::text[])
         ORDER BY seq
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -179,11 +186,16 @@ class JobLeases:
             frozenset(held) - frozenset(active),
         )
 
-    def rescue(self, limit: int) -> list[Rescued]:
-        """Claim up to ``limit`` jobs whose lease expired (or was never taken)."""
+    def rescue(self, limit: int, undecodable: Collection[str] = ()) -> list[Rescued]:
+        """Claim up to ``limit`` jobs whose lease expired (or was never taken), none of
+        ``undecodable``: the jobs whose records this instance cannot decode (module doc)."""
         if limit <= 0:
             return []
-        found = self._db.run("rescuing jobs", _RESCUE, self._params(limit=limit))
+        found = self._db.run(
+            "rescuing jobs",
+            _RESCUE,
+            self._params(limit=limit, undecodable=sorted(undecodable)),
+        )
         return _rescued(found)
 
     def pass_on(self, token: str) -> bool:

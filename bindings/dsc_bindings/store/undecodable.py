@@ -62,23 +62,40 @@ class UndecodableRecords:
     """The rows of a shared store this instance leaves out (module doc), each logged at WARNING
     once per record: the start and every catch-up read of the same record (its token and text:
     each write of the row is a new record) say nothing more; a newer record of that job that
-    does not decode either is logged again.  Thread-safe (catch-up reads run in pool threads)."""
+    does not decode either is logged again.  :meth:`tokens` are the jobs whose last record read
+    does not decode: this instance never takes up their leases (store/leases.py, ``rescue``),
+    so that an instance that can decode them runs them without waiting for a lease to run out
+    on one that cannot.  Thread-safe (catch-up reads run in pool threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._logged: dict[str, str] = {}
+        self._left_out: set[str] = set()
 
     def decode(self, token: str, text: str, documents: Sequence[Sequence[object]]) -> Job | None:
         """The job of the row, or None (logged once) when it does not decode."""
         try:
-            return decode_stored(token, text, documents)
+            job = decode_stored(token, text, documents)
         except ValueError as exc:
             self.leave_out(token, text, str(exc))
             return None
+        self.forget(token)
+        return job
+
+    def forget(self, token: str) -> None:
+        """The row of ``token`` decodes now, or is gone (its tombstone was read)."""
+        with self._lock:
+            self._left_out.discard(token)
+
+    def tokens(self) -> frozenset[str]:
+        """The jobs whose last record read does not decode here."""
+        with self._lock:
+            return frozenset(self._left_out)
 
     def leave_out(self, token: str, text: str, why: str) -> None:
         """Log that this instance leaves the row out, unless it said so for this record."""
         with self._lock:
+            self._left_out.add(token)
             if self._logged.get(token) == text:
                 return
             self._logged[token] = text
