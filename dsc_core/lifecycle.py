@@ -251,7 +251,10 @@ class JobLifecycle:
         flight.  The instance that made a change announced its job events; so this emits no
         events, and it drops no row (the trimming instance did).  Its only commands:
         StopProcessing for a job that was handed to this instance's engine and that another
-        instance ended (a cancel).  The repository state the rows make is announced by the
+        instance ended (a cancel), or whose row is gone for this instance (``dropped`` also
+        holds the rows the binding can no longer read: a newer server's, during a rolling
+        upgrade; the job is forgotten here as if deleted, and its run stops: an instance that
+        can read it takes it over).  The repository state the rows make is announced by the
         leader (issue 18 point 4) at its next tick or change (``Notifier.repository_state``
         compares with what subscribers last heard)."""
         commands: list[Command] = []
@@ -270,6 +273,9 @@ class JobLifecycle:
             else:
                 self._release(new.token)
         for token in dropped:
+            gone = self.jobs.get(token)
+            if gone is not None and gone.state in _ENGINE_STATES:
+                commands.append(StopProcessing(token))
             self.jobs.remove(token)
             self._release(token)
         self.jobs.absorb_uploads(frozenset(uploads_elsewhere))

@@ -43,6 +43,7 @@ from dsc_core.commands import (
     JobInput,
     Removal,
     StartProcessing,
+    StopProcessing,
     UpdateJob,
 )
 from dsc_core.model import Document, JobState, RepositoryState
@@ -258,6 +259,55 @@ def test_an_undecodable_record_is_logged_again_at_its_next_version(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2, warnings
     assert all(w.startswith("job new: the stored record does not decode") for w in warnings)
+
+
+def test_a_job_rewritten_by_a_newer_server_is_forgotten_not_answered_stale(
+    dsn: str, two: tuple[PostgresRecords, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling upgrade: this instance knew the jobs, then a newer server wrote their rows in
+    a format this one cannot decode.  It kept its old copies and answered from them (listings,
+    GetJob, its leader's history trimming and sweeps; its writes refused as temporary errors).
+    Now it forgets them, as it never knew a job it cannot read: not taken up, said once.  A job
+    its engine was running stops there (an instance that can read it takes it up: the lease is
+    let go when the run ends); no event is sent for either (the writer announced its change)."""
+    a, b = two
+    here = JobCatchUp(b.changes)
+    core = ScanServer(ServerConfig(), new_id=lambda: "unused")
+    create(a, "waiting")
+    a.write(VersionedWrite(CreateJob(make_job("running", state=JobState.PROCESSING)), None, 0))
+    create(a, "kept")
+    assert here.absorb(core, here.read()) == []
+    assert {j.token for j in core.jobs.active()} == {"waiting", "running", "kept"}
+    with psycopg.connect(dsn, autocommit=True) as conn, caplog.at_level("WARNING", "dsc.store"):
+        for token in ("waiting", "running"):
+            conn.execute(
+                "UPDATE jobs SET job = %s, version = version + 1, xid = pg_current_xact_id() "
+                "WHERE token = %s",
+                (f'{{"v": 99, "token": "{token}"}}', token),
+            )
+        commands = here.absorb(core, here.read())
+        assert here.absorb(core, here.read()) == []  # read again: nothing more, nothing said
+    assert commands == [StopProcessing("running")]
+    assert not any(isinstance(c, Deliver) for c in commands)
+    assert [j.token for j in core.jobs.active()] == ["kept"]
+    assert core.jobs.get("waiting") is None and core.jobs.get("running") is None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(m.split(":")[0] for m in said) == ["job running", "job waiting"], said
+    # The other way to learn it: a write decided from the old copy is refused (the row moved
+    # on), and the read after it forgets the copy all the same.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE jobs SET job = %s, version = version + 1, xid = pg_current_xact_id() "
+            "WHERE token = 'kept'",
+            ('{"v": 99, "token": "kept"}',),
+        )
+    [write] = here.stamp([UpdateJob(make_job("kept", 1), JobInput.IMAGE, ())])
+    assert isinstance(write, VersionedWrite)
+    with pytest.raises(JobChanged):
+        b.write(write)
+    here.settled(write, JobChanged("kept"))
+    assert here.absorb(core, here.read()) == []
+    assert core.jobs.active() == []
 
 
 def test_a_corrupt_shared_record_is_quarantined_on_purpose_and_every_instance_forgets_it(
@@ -551,7 +601,9 @@ def test_a_job_asked_for_again_that_does_not_decode_is_not_read_at_every_round(
             here.catch_up_now()
             assert here.catch_up.fresh()
             here.catch_up_now()
-        assert here.core.jobs.get("j") == make_job("j")  # the table keeps what it had
+        # The table forgot its copy, as if it never knew a job it cannot read: nothing is
+        # answered from a stale record (runtime/catchup.py, absorb).
+        assert here.core.jobs.get("j") is None
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1 and warnings[0].startswith("job j: the stored record")
         # A newer server's next write of the job, one this instance reads, comes as news.

@@ -101,6 +101,16 @@ def test_a_cancel_elsewhere_stops_this_engine_and_emits_no_event() -> None:
     assert t.server.absorb([done]) == []
 
 
+def test_a_job_gone_while_this_engine_runs_it_stops_here_and_emits_no_event() -> None:
+    """A row deleted elsewhere (``dsc db quarantine``), or one the binding can no longer read
+    (a newer server's, a rolling upgrade): the run here stops; nothing else does."""
+    s = server()
+    s.absorb([job("run", JobState.PROCESSING), job("queued", JobState.PENDING), job("new")])
+    commands = s.absorb([], dropped=["run", "queued", "new", "unknown"])
+    assert commands == [StopProcessing("run"), StopProcessing("queued")]
+    assert s.jobs.active() == []
+
+
 def test_quotas_count_jobs_created_elsewhere() -> None:
     """max_active_jobs counts the cluster's jobs (the e2e test does the per-user quota)."""
     t = InProcessTransport(ServerConfig(limits=Limits(max_active_jobs=2)))

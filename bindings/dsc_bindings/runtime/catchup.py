@@ -33,6 +33,12 @@ stamped and not yet done, or done after the read began (:meth:`JobCatchUp.counte
 snapshot may be older than the write), and reads that row again at the next read whatever the
 cursor, which gives the stored count, the core's own or a newer owner's.
 
+A row this instance cannot decode (a newer server's, during a rolling upgrade:
+store/undecodable.py) is left out, said once; a job the table held whose row turns into one is
+forgotten as if deleted (``ScanServer.absorb``'s ``dropped``: its run here stops), so that
+nothing is answered from the stale copy, and its writes, its history trimming and its sweeps
+never act on it.
+
 A request waits for its catch-up at most :data:`CATCH_UP_WAIT_SECONDS` (:class:`RequestReads`):
 a database that does not answer (frozen, unreachable) must not hold up the requests answered
 from memory (GetRepositoryElements, listings; issue 17).  Such a request then decides from what
@@ -295,19 +301,26 @@ class JobCatchUp:
                     continue  # this instance wrote it, or read it before
                 self._known[token] = version
                 fresh.append(job)
+            forgotten: list[str] = []
             for token in caught.left_out:
-                # Asked for again (a write of it failed here) and still not readable: reading
-                # it at every round would tell nothing new (and no listing would skip a read);
-                # its next write comes with the cursor.  Meanwhile the table keeps what it had
-                # (if anything), whose writes the store refuses: the row moved on.
-                if not self._pending[token]:
-                    self._stale.discard(token)
+                if self._pending[token]:
+                    # Its writes queued here are refused (the row moved on); read again after.
+                    self._stale.add(token)
+                    continue
+                # Not readable here any more (a newer server rewrote it): the table forgets its
+                # copy, as it never knew a job it cannot read, so nothing is answered from a
+                # stale record (store/undecodable.py).  Reading it again at every round would
+                # tell nothing new (and no listing would skip a read); its next write comes
+                # with the cursor.
+                self._stale.discard(token)
+                self._known.pop(token, None)  # gone already if a write of it was refused
+                forgotten.append(token)
             for token in caught.dropped:
                 self._known.pop(token, None)
                 self._stale.discard(token)
             counting = self._still_counting(caught)
         server.absorb_subscriptions(caught.subscriptions, caught.subscriptions_ended, counting)
-        return server.absorb(fresh, caught.dropped, caught.uploads_elsewhere)
+        return server.absorb(fresh, (*caught.dropped, *forgotten), caught.uploads_elsewhere)
 
     def _still_counting(self, caught: Caught) -> frozenset[str]:
         """The subscriptions of ``caught`` whose count the core keeps (module doc), marked to
