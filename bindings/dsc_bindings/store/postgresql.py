@@ -45,6 +45,8 @@ by itself once PostgreSQL is back.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -720,6 +722,11 @@ def connection_kwargs(password_file: Path | None) -> dict[str, Any]:
 #: in a transaction left open (an operator's psql) held up the whole cluster, and the start,
 #: for as long as it stayed open; after this the upgrade gives up and names it.
 UPGRADE_LOCK_WAIT_SECONDS = 10.0
+#: How long a start waits for ANOTHER server's schema upgrade (the upgrade lock) before it
+#: gives up: generous, since a legitimate migration of a big table takes minutes; meanwhile it
+#: says what it waits for every :data:`UPGRADE_REPORT_SECONDS` (:func:`_wait_for_upgrade_lock`).
+UPGRADE_WAIT_SECONDS = 1800.0
+UPGRADE_REPORT_SECONDS = 5.0
 #: How long taking a term (:meth:`PostgresRecords.take_lead`) waits for the row of the term
 #: while another transaction holds it: another instance's take or a leader's announcement
 #: hold it for a statement's time; one left open (an operator's psql, a leader's transaction
@@ -743,15 +750,21 @@ _HELD_UP_BY = """
 
 
 def upgrade(
-    conn: psycopg.Connection[Any], *, lock_wait: float = UPGRADE_LOCK_WAIT_SECONDS
+    conn: psycopg.Connection[Any],
+    *,
+    lock_wait: float = UPGRADE_LOCK_WAIT_SECONDS,
+    upgrade_wait: float = UPGRADE_WAIT_SECONDS,
+    report_every: float = UPGRADE_REPORT_SECONDS,
 ) -> tuple[int, int]:
     """Create or upgrade the schema; returns (version before, version now).  StoreError for a
-    schema newer than this server, and when a lock it needs is held for longer than
-    ``lock_wait`` seconds (:data:`UPGRADE_LOCK_WAIT_SECONDS`)."""
+    schema newer than this server, when a lock it needs is held for longer than ``lock_wait``
+    seconds (:data:`UPGRADE_LOCK_WAIT_SECONDS`), and when another server's upgrade holds the
+    upgrade lock for longer than ``upgrade_wait`` (:data:`UPGRADE_WAIT_SECONDS`; said every
+    ``report_every`` seconds meanwhile: :func:`_wait_for_upgrade_lock`)."""
     before: int | None = None
     try:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+            _wait_for_upgrade_lock(conn, upgrade_wait, report_every)
             conn.execute(
                 "SELECT set_config('lock_timeout', %s, true)", (f"{round(lock_wait * 1000)}ms",)
             )
@@ -762,6 +775,16 @@ def upgrade(
                 raise StoreError(
                     f"job store schema {before} is newer than this server ({SCHEMA_VERSION})",
                     temporary=False,
+                )
+            if before < SCHEMA_VERSION:
+                # What a server waiting for this upgrade names (pg_stat_activity): until the
+                # transaction ends.
+                conn.execute(
+                    "SELECT set_config('application_name', %s, true)",
+                    (
+                        f"dsc schema upgrade {before} -> {SCHEMA_VERSION} "
+                        f"(host {socket.gethostname()}, pid {os.getpid()})"[:63],
+                    ),
                 )
             if _JOB_DOCUMENTS_SCHEMA <= before < SCHEMA_VERSION:
                 conn.execute(_WRITTEN_TABLES_FIRST)
@@ -780,6 +803,74 @@ def upgrade(
         ) from exc
     assert before is not None  # read in the transaction, which committed
     return before, SCHEMA_VERSION
+
+
+def _wait_for_upgrade_lock(
+    conn: psycopg.Connection[Any], upgrade_wait: float, report_every: float
+) -> None:
+    """Take the upgrade lock (in ``conn``'s transaction) as soon as another server's upgrade
+    lets it go.  A long migration of that server is legitimate: its wait is not
+    ``lock_wait``'s, but while it lasts a WARNING says every ``report_every`` seconds which
+    session holds the lock and for how long (an operator sees what the start waits for), and
+    after ``upgrade_wait`` this start gives up saying so.  The wait is in slices of
+    ``report_every`` (``lock_timeout``, each in a savepoint that a timeout rolls back, the
+    lock not taken), so the lock is taken the moment it is free, never polled for."""
+    slice_ms = f"{max(1, round(report_every * 1000))}ms"
+    began = time.monotonic()
+    while True:
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (slice_ms,))
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+            return  # held until the outer transaction ends
+        except psycopg.errors.LockNotAvailable:
+            pass
+        waited = time.monotonic() - began
+        holder, pid = _upgrade_lock_holder(conn)
+        if waited >= upgrade_wait:
+            raise StoreError(
+                f"upgrading the job store schema: waited {waited:.0f} s for another server's "
+                f"schema upgrade to end ({holder}), and gave up: if that upgrade still runs, "
+                "start this server once it is done; if it is stuck, end that session "
+                f"(SELECT pg_terminate_backend({pid or 'PID'})) and start this server again",
+                temporary=False,
+            )
+        log.warning(
+            "waiting %.0f s so far for another server's schema upgrade of the job store "
+            "(%s): this server starts once it is done (it gives up after %.0f s)",
+            waited,
+            holder,
+            upgrade_wait,
+        )
+
+
+#: The session holding the upgrade lock (a bigint advisory lock: its high and low halves are
+#: pg_locks' classid and objid, objsubid 1), with its name and how long it has held it.
+_UPGRADE_LOCK_HOLDER = """
+    SELECT a.pid, coalesce(nullif(a.application_name, ''), a.usename::text, 'no name'),
+           coalesce(host(a.client_addr), 'local'), coalesce(a.state, 'unknown'),
+           EXTRACT(EPOCH FROM now() - coalesce(a.xact_start, a.backend_start))::float8
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid::bigint = %(high)s AND l.objid::bigint = %(low)s
+"""
+
+
+def _upgrade_lock_holder(conn: psycopg.Connection[Any]) -> tuple[str, int | None]:
+    """Who holds the upgrade lock, for the log ("held by pid N (name, from ADDRESS, state,
+    its transaction open for S s)"), and its pid (None: nobody holds it now)."""
+    rows = conn.execute(
+        _UPGRADE_LOCK_HOLDER, {"high": _UPGRADE_LOCK >> 32, "low": _UPGRADE_LOCK & 0xFFFFFFFF}
+    ).fetchall()
+    if not rows:
+        return "its holder has just let it go", None
+    described = ", ".join(
+        f"held by pid {pid} ({name}, from {address}, {state}, its transaction open for "
+        f"{seconds:.0f} s)"
+        for pid, name, address, state, seconds in rows
+    )
+    return described, int(rows[0][0])
 
 
 def _held_up_by(conn: psycopg.Connection[Any], waited: float) -> str:
