@@ -110,7 +110,7 @@ class Instance(ServerProcess):
             + f"heartbeat_seconds = {HEARTBEAT_SECONDS}\nlease_seconds = {LEASE_SECONDS}\n"
         )
 
-    def start(self, timeout: float = 20.0) -> Instance:
+    def start(self, timeout: float = 60.0) -> Instance:
         super().start(timeout)
         self.fixed_port = self.port
         return self
@@ -273,14 +273,14 @@ class HAProxyCluster:
                 return int(fields[4])
         raise AssertionError(f"no server {name} in HAProxy's stats")
 
-    def wait_up(self, *names: str, timeout: float = 20) -> None:
+    def wait_up(self, *names: str, timeout: float = 60) -> None:
         wait_for(
             lambda: all(self.states().get(n, "").startswith("UP") for n in names),
             timeout,
             f"HAProxy to see {', '.join(names)} up",
         )
 
-    def wait_down(self, name: str, timeout: float = 20) -> None:
+    def wait_down(self, name: str, timeout: float = 60) -> None:
         wait_for(
             lambda: self.states().get(name, "").startswith("DOWN"),
             timeout,

@@ -116,7 +116,7 @@ class ServerProcess:
 
     # - life cycle -
 
-    def start(self, timeout: float = 20.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0) -> ServerProcess:
         for _ in range(5):  # a free port may be taken by someone else in between: retry
             self.port = self.fixed_port or free_port()
             self.before_each_start()
@@ -601,12 +601,12 @@ class Soap:
     def in_history(self, token: str) -> dc.JobView | None:
         return next((j for j in self.history() if j.token == token), None)
 
-    def wait_ended(self, token: str, timeout: float = 20.0) -> dc.JobView:
+    def wait_ended(self, token: str, timeout: float = 60.0) -> dc.JobView:
         view = wait_for(lambda: self.in_history(token), timeout, f"job {token} in the history")
         assert isinstance(view, dc.JobView)
         return view
 
-    def wait_state(self, token: str, state: str, timeout: float = 20.0) -> dc.JobView:
+    def wait_state(self, token: str, state: str, timeout: float = 60.0) -> dc.JobView:
         def check() -> dc.JobView | None:
             view = self.dsp_job(token)
             return view if view.state == state else None

@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 
 def wait_for(
-    predicate: Callable[[], T], timeout: float = 10.0, what: str = "", interval: float = 0.02
+    predicate: Callable[[], T], timeout: float = 30.0, what: str = "", interval: float = 0.02
 ) -> T:
     """Poll until ``predicate()`` is truthy and return its value; after ``timeout`` seconds,
     fail naming ``what`` (else the predicate).  The timeout only bounds a failing test."""

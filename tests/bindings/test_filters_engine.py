@@ -10,7 +10,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -80,7 +79,7 @@ class Recorder:
             self.interrupted.append(token)
             self.changed.notify_all()
 
-    def wait(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
         with self.changed:
             assert self.changed.wait_for(predicate, timeout), self.events
 
@@ -309,7 +308,8 @@ def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
     """A slow SharePoint server keeps the first filter busy; stop() ends it at the next chunk,
     the later file share filter never starts, and the server keeps no partial upload."""
     recorder = Recorder()
-    big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(16 * 1024 * 1024)))
+    size = 16 * 1024 * 1024
+    big = make_documents(tmp_path / "big", ("pdf-a", random_bytes(size)))
     with UploadServer(slow_receive_buffer=True) as server:
         engine = _engine(tmp_path, recorder, documents_of=lambda job: big, server=server)
         job = make_job(
@@ -318,11 +318,13 @@ def test_cancel_mid_run_stops_the_job(tmp_path: Path) -> None:
         engine.start(job)
         path = "/slow/site/Scan_0001.pdf"
         assert server.wait(lambda: server.received.get(path, 0) >= 256 * 1024)
-        stopped_at = time.monotonic()
         engine.stop(job.token)
         recorder.wait_finished(job.token)
-        assert time.monotonic() - stopped_at < 2  # prompt: seen at the next chunk
+        # Prompt: seen at a next chunk, the upload ends short of its 16 MiB (the slow server
+        # takes ~5 s for all of it), measured in bytes, not seconds: a loaded machine may
+        # take a while to get there.
         assert server.wait(lambda: path in server.incomplete)
+        assert path not in server.stored and server.received[path] < size
     engine.close(5)
     t = job.token
     assert recorder.events == [

@@ -242,7 +242,7 @@ def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
         feed.write(b"A" * 40_000)
         wait_for(
             lambda: partial.exists() and partial.stat().st_size > 0,
-            5,
+            30,
             "the copy to start",
             interval=0.005,
         )
@@ -251,7 +251,7 @@ def test_cancel_mid_copy_removes_the_partial_file(tmp_path: Path) -> None:
             feed.write(b"B" * 1000)  # wakes the reader, which then sees the cancel
         except BrokenPipeError:
             pass
-        worker.join(5)
+        worker.join(30)
     assert not worker.is_alive()
     [outcome] = result
     assert outcome.state is FilterState.CANCELED and outcome.reasons == ()

@@ -333,7 +333,7 @@ def test_cancel_mid_data_delivers_nothing(tmp_path: Path, inbox: tuple[Inbox, in
             feed.write(random_bytes(40_000))
         except BrokenPipeError:
             pass
-        worker.join(5)
+        worker.join(30)
     assert not worker.is_alive()
     assert result[0].state is FilterState.CANCELED
     time.sleep(0.1)

@@ -181,7 +181,7 @@ def test_cancel_mid_upload_leaves_nothing_on_the_server(tmp_path: Path) -> None:
         path = "/slow/site/Scan_0001.pdf"
         assert server.wait(lambda: server.received.get(path, 0) >= 256 * 1024)
         cancelled.set()
-        worker.join(5)
+        worker.join(30)
         assert not worker.is_alive()
         assert server.wait(lambda: path in server.incomplete)
     [outcome] = result

@@ -176,7 +176,7 @@ class UploadServer:
     def url(self, path: str) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
-    def wait(self, predicate: Any, timeout: float = 10.0) -> bool:
+    def wait(self, predicate: Any, timeout: float = 30.0) -> bool:
         with self.changed:
             return bool(self.changed.wait_for(predicate, timeout))
 

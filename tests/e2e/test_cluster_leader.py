@@ -264,7 +264,7 @@ def test_only_the_leader_ends_an_expired_subscription_once(
     wait_for(lambda: row()[0], timeout=15, what="the subscription's row ended")
     assert row() == (True, 2)  # created, then ended once
     line = f"subscription {identifier} expired"
-    wait_for(lambda: line in leader.log, timeout=5, what="the leader's log line")
+    wait_for(lambda: line in leader.log, timeout=30, what="the leader's log line")
     assert leader.log.count(line) == 1, leader.log
     assert line not in other.log, other.log
     for server in (leader, other):

@@ -282,7 +282,7 @@ def test_cancel_while_processing(start_server: StartServer, tmp_path: Path) -> N
         # Content-Length bytes).  From now on the site reads at full speed: a filter that
         # ignored the cancel would complete the upload in a moment.
         site.delay = 0
-        assert upload.ended.wait(5), "the upload did not stop after the cancel"
+        assert upload.ended.wait(30), "the upload did not stop after the cancel"
         assert not upload.complete
         assert upload.received < upload.length == 16 * MiB
         time.sleep(0.5)
@@ -304,18 +304,22 @@ def test_job_timeout(start_server: StartServer, tmp_path: Path, backend: Backend
     server = start_server("async", config=config)
     client = Soap(server.url)
     token = client.create([FileShareInstructions((LOCAL_SHARE,))])
+    # Measured from before the image, the job's last activity: a loaded machine only makes
+    # the wait look longer, never shorter than the 2 s configured.
+    began = time.monotonic()
     client.send_image(token, 1, os.urandom(50_000))
-    sent = time.monotonic()
     assert set(backend.documents(server.data, token)) == {"1"}
     assert [j.token for j in client.active()] == [token]
 
-    ended = client.wait_ended(token, timeout=10)
-    waited = time.monotonic() - sent
+    # The configured 2 s, not the default 600: the 60 s only bound a failure (a wait's upper
+    # limit asserted a speed, which a loaded 2-core machine need not have).
+    ended = client.wait_ended(token, timeout=60)
+    waited = time.monotonic() - began
     assert ended.state == "Aborted" and ended.reasons == ("PostScanJobTimedOut",), ended
-    assert 1.5 <= waited <= 6, f"timed out after {waited:.1f} s, configured 2 s"
+    assert waited >= 1.5, f"timed out after {waited:.1f} s, configured 2 s"
     wait_for(
         lambda: not backend.has_documents(server.data, token),
-        2,
+        30,
         "the timed-out job's documents to go",
     )
     assert client.active() == []
@@ -593,7 +597,7 @@ def test_crash_during_processing(
         server.kill9()
         site.delay = 0  # drain what the kernel still buffers for the dead server
         upload = site.uploads[0]
-        assert upload.ended.wait(5) and not upload.complete  # the peer saw the upload die
+        assert upload.ended.wait(30) and not upload.complete  # the peer saw the upload die
 
         server.start()
         client = Soap(server.url)
