@@ -939,3 +939,72 @@ def test_an_instance_that_takes_the_lock_from_a_stopped_leader_is_shown_taking_t
         assert (row.leader, row.leadership) == (True, LEADER), row
     finally:
         follower.stop()
+
+
+def test_a_row_of_the_term_held_by_another_transaction_does_not_hold_the_ticker(
+    tmp_path: Path, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another transaction holds the row of the term (one left open, another instance's take
+    in flight) while a real ScanService holds the leader's lock and has no term.  Its take
+    waited for the row up to TAKE_LEAD_LOCK_WAIT_SECONDS (5 s), in the ticker: measured, a
+    refused leader then ticked once in 6 s where it ticks each second, shown leading the
+    while, its row and views not written.  Now the take locks the row without waiting
+    (store/postgresql.py ``_TERM_ROW_NOWAIT``): each tick's attempt fails at once, counted
+    as a failure to take a term (the WARNING, shown failing), and the tick after the row is
+    free takes the term.  The test counts the ticker's attempts while a watcher looks for a
+    take of this database waiting on a lock: before, the first attempt waited (seen)."""
+    caplog.set_level(logging.WARNING, logger="dsc.cluster")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        upgrade(admin)
+        admin.execute(
+            "INSERT INTO repository_announced (id, state, leader, term) "
+            "VALUES (1, 'Idle', 'another', 1)"
+        )
+    service = compose(
+        ServerConfig(),
+        tmp_path / "data",
+        FilterSettings.embedded_default(tmp_path),
+        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
+        cluster=ClusterSettings(instance_name="dsc-a", heartbeat_seconds=3600, lease_seconds=7200),
+    ).service
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query LIKE '%repository_announced%'"
+    )
+    seen_waiting: list[int] = []
+    held = threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            while not held.wait(0.01):
+                row = watcher.execute(waiting).fetchone()
+                if row is not None and row[0]:
+                    seen_waiting.append(int(row[0]))
+
+    def attempts() -> int:
+        return sum("cannot take the lead" in r.getMessage() for r in caplog.records)
+
+    watching = threading.Thread(target=watch, daemon=True)
+    with psycopg.connect(dsn) as holder:
+        holder.execute("UPDATE repository_announced SET changed = now() WHERE id = 1")
+        watching.start()
+        try:
+            service.start()  # takes the lock; its first attempt fails, the ticker tries again
+            cluster = service.cluster
+            assert cluster is not None and cluster.holds_lock
+            wait_for(lambda: attempts() >= 3, timeout=60, what="three attempts of the ticker")
+            assert not service.leads
+            assert cluster.as_json()["fails_to_lead"] is True
+            [first, *_] = [r for r in caplog.records if "cannot take the lead" in r.getMessage()]
+            assert "could not obtain lock on row" in first.getMessage(), first.getMessage()
+        finally:
+            held.set()
+            watching.join(30)
+        assert seen_waiting == [], "a take of a term waited for the row in the ticker"
+        holder.rollback()
+    try:
+        wait_for(lambda: service.leads, what="the term, at the tick after the row is free")
+        cluster.publish_leading()
+        assert cluster.as_json()["leadership"] == LEADER
+    finally:
+        service.shutdown(5.0)

@@ -26,8 +26,9 @@ state it replaces.  So:
   another.  The last instance stopping takes its term for Stopped (R7) lock or not, but not
   over an instance up that holds the lock (one started since it counted the others): that
   one leads, and the stopping one follows, announcing no Stopped;
-- an instance that holds the lock but cannot take a term (the database failed the statement)
-  follows until a later tick takes one: its core neither sweeps nor announces meanwhile
+- an instance that holds the lock but cannot take a term (the database failed the statement,
+  or another transaction holds the row of the term: the take does not wait for it in the
+  ticker, store/postgresql.py ``_TERM_ROW_NOWAIT``) follows until a later tick takes one: its core neither sweeps nor announces meanwhile
   (``ScanServer.follow``).  Of the two consistent choices this is the safe one.  Leading
   without a term, its announcements would be dropped unwritten (no term to stamp) or, under
   the old term, refused by the compare-and-set, while its core counts them as heard: the

@@ -727,13 +727,23 @@ UPGRADE_LOCK_WAIT_SECONDS = 10.0
 #: says what it waits for every :data:`UPGRADE_REPORT_SECONDS` (:func:`_wait_for_upgrade_lock`).
 UPGRADE_WAIT_SECONDS = 1800.0
 UPGRADE_REPORT_SECONDS = 5.0
-#: How long taking a term (:meth:`PostgresRecords.take_lead`) waits for the row of the term
-#: while another transaction holds it: another instance's take or a leader's announcement
-#: hold it for a statement's time; one left open (an operator's psql, a leader's transaction
-#: stuck in flight) held the ticker up, and the holder, shown taking the lead, for as long as
-#: it stayed open.  After this the take fails like any other (runtime/announcing.py: logged,
-#: shown, tried again at the next tick).
+#: How long taking a term (:meth:`PostgresRecords.take_lead`) waits for the first row of the
+#: term while another transaction inserts it (a fresh database: the row is locked NOWAIT once
+#: it exists, _TERM_ROW_NOWAIT).  One left open (an operator's psql) held the ticker up, and
+#: the holder, shown taking the lead, for as long as it stayed open.  After this the take
+#: fails like any other (runtime/announcing.py: logged, shown, tried again at the next tick).
 TAKE_LEAD_LOCK_WAIT_SECONDS = 5.0
+#: The row of the term, locked without waiting before a term is taken: held by another
+#: transaction (another instance's take, a leader's announcement, one left open), the take
+#: fails at once (lock_not_available) and the next tick tries again.  Waiting for it, up to
+#: TAKE_LEAD_LOCK_WAIT_SECONDS, held the ticker (runtime/service.py ``_tick_loop``): a leader
+#: whose announcement was refused went on being shown leading, sweeping nothing, its row and
+#: views not written, for 5 s at each attempt while another transaction held the row
+#: (tests/bindings/test_outbox_sql.py counts what the ticker does meanwhile).  Not for the last
+#: instance's term at its stop (runtime/service.py ``shutdown``, not the ticker): its writer's
+#: announcement in flight may hold the row a moment, and a take that failed then would leave
+#: the repository's Stopped unannounced; it waits as long as a first row's insert.
+_TERM_ROW_NOWAIT = "SELECT 1 FROM repository_announced WHERE id = 1 FOR UPDATE NOWAIT"
 
 #: The sessions that held a table lock of this database since before the upgrade began to
 #: wait (``%(waited)s`` seconds ago), oldest transaction first: those it may have waited for.
@@ -1266,9 +1276,12 @@ class PostgresRecords:
         wait = f"{round(self.take_lead_lock_wait * 1000)}ms"
 
         def take(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
-            # A row held by a transaction left open fails the take, not hangs it
+            # A row held by another transaction fails the take at once, not holds the ticker
+            # (_TERM_ROW_NOWAIT); a first row being inserted, after a bounded wait
             # (TAKE_LEAD_LOCK_WAIT_SECONDS).
             cur.execute("SELECT set_config('lock_timeout', %s, true)", (wait,))
+            if not last:  # the last instance's stop waits: its Stopped is at stake, no tick
+                cur.execute(_TERM_ROW_NOWAIT)
             return _execute(cur, _TAKE_LEAD, {"me": leader, "last": last})
 
         found = self._db.transaction("taking the lead", take)
