@@ -10,13 +10,18 @@ import os
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from dsc_bindings.runtime.installation import IDENTITY_FILE, UUID_KEYS
-from dsc_bindings.store.postgresql import SCHEMA_VERSION
+from dsc_bindings.store import backends
+from dsc_bindings.store.interface import JobRecords
+from dsc_bindings.store.postgresql import SCHEMA_VERSION, PostgresRecords
+from dsc_bindings.store.split import lock_data_dir
 from dsc_bindings.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
+from dsc_bindings.store.sqlite import JobStore
 from dsc_core.model import FileShareInstructions
 from e2e_support import Soap, dsc_here
 from engines_support import (
@@ -183,3 +188,42 @@ def test_migrate_says_what_is_missing(tmp_path: Path) -> None:
     no_s3 = dsc_here("db", "migrate", "--to-store", "postgresql://x/y", "--to-spool", "s3")
     assert no_s3.code == 2, no_s3
     assert "--to-spool s3 needs --endpoint-url, --bucket, --access-key-id" in no_s3.err, no_s3
+
+
+def test_migrate_whose_destination_spool_does_not_open_closes_the_records_and_the_lock(
+    tmp_path: Path, pg: PgCluster, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's records open (the schema is made), then its spool does not (a bucket
+    that is not there): the records' connections are closed, and the data folder's lock is
+    free for a server (store/split.open_parts closes what it opened)."""
+    data = tmp_path / "data"
+    JobStore.open(data).close()  # an embedded installation, no job yet
+    dsn = pg.new_database()
+    # Held here, so that only a close, not the garbage collector, can end its connections.
+    opened: list[PostgresRecords] = []
+    really_open = backends.open_records
+
+    def open_records(*args: Any) -> JobRecords:
+        records = really_open(*args)
+        assert isinstance(records, PostgresRecords)
+        opened.append(records)
+        return records
+
+    monkeypatch.setattr("dsc_bindings.store.backends.open_records", open_records)
+    failed = dsc_here(
+        "db", "migrate", "--data", str(data), "--to-store", dsn, "--to-spool", "s3",
+        "--endpoint-url", s3.endpoint_url, "--bucket", "dsc-no-such-bucket",
+        "--access-key-id", S3_ACCESS_KEY,
+        "--secret-access-key-file", str(secret_file(tmp_path, S3_SECRET_KEY)),
+    )  # fmt: skip
+    assert failed.code == 1 and failed.out.count("\n") == 2, failed  # from:, to:
+    assert failed.err.startswith("dsc: db migrate: ") and "dsc-no-such-bucket" in failed.err
+    (records,) = opened
+    assert records.database.closed
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT version FROM dsc_schema").fetchall() == [(SCHEMA_VERSION,)]
+        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        assert conn.execute(others + "AND pid <> pg_backend_pid()").fetchone() == (0,)
+    lock = lock_data_dir(data)  # StoreError "in use" while the source is still open
+    assert lock is not None
+    os.close(lock)

@@ -214,8 +214,8 @@ def _copy_devices(data_dir: Path, target: Any) -> tuple[DeviceRows, dict[str, in
 def cmd_migrate(args: argparse.Namespace) -> int:
     from dsc_bindings.store.backends import describe, open_records, open_spool
     from dsc_bindings.store.errors import StoreError
-    from dsc_bindings.store.interface import JobRecords, Spool
     from dsc_bindings.store.migrate import migrate
+    from dsc_bindings.store.split import open_parts
     from dsc_bindings.store.sqlite import DB_NAME, JobStore
 
     settings = _settings(args)
@@ -229,25 +229,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         )
     print(f"from: SQLite + spool in {data_dir.resolve()}")
     print(f"to:   {describe(target, data_dir.resolve())}")
-    records: JobRecords | None = None
-    spool: Spool | None = None
+    # Documents are copied only to a spool elsewhere (S3): a local destination spool is the
+    # data folder's own, where they are already.
+    copies_documents = target.spool_kind == "s3"
     identity: tuple[Installation, Installation] | None = None
     try:
-        with JobStore.open(data_dir) as source:
+        with contextlib.ExitStack() as opened:
+            # The source as a server opens it, the data folder's lock taken (store/migrate.py).
+            source = opened.enter_context(JobStore.open(data_dir))
             # The identity first: a database that is already another device takes nothing.
             identity = _copy_identity(data_dir, target)
-            records = open_records(target, data_dir)
-            if target.spool_kind == "s3":
-                spool = open_spool(target, data_dir)
-            report = migrate(source, records, spool, print if args.verbose else lambda _: None)
+            # The destination as the server will open it once configured; the lock is held
+            # above.  Whatever fails, what was opened is closed as the stack unwinds.
+            destination = open_parts(
+                opened,
+                data_dir,
+                lambda: open_records(target, data_dir),
+                lambda: open_spool(target, data_dir),
+                lock=False,
+            )
+            report = migrate(
+                source,
+                destination.records,
+                destination.spool if copies_documents else None,
+                print if args.verbose else lambda _: None,
+            )
             book, counters = _copy_devices(data_dir, target)
     except StoreError as exc:
         raise _store_failed("db migrate", exc) from exc
-    finally:
-        if spool is not None:
-            spool.close()
-        if records is not None:
-            records.close()
     rows: list[tuple[str, int | str, int | str, str]] = [
         ("jobs", report.jobs, report.verified_jobs, "records equal"),
         ("  active", report.active, report.active, ""),
@@ -256,7 +265,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "documents",
             report.documents,
             report.verified_documents,
-            "SHA-256 equal" if spool is not None else "stay in the data folder's spool",
+            "SHA-256 equal" if copies_documents else "stay in the data folder's spool",
         ),
     ]
     if identity is None:

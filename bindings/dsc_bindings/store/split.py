@@ -140,8 +140,9 @@ def open_parts(
     spool, the records, the lock: the reverse order), so whatever fails, here or in the
     caller's later steps, leaves nothing open once the stack unwinds; ``opened.pop_all()``
     hands them on to whoever closes them instead (:meth:`SplitStore.assemble`).  The one
-    place for both the server's start and ``dsc db quarantine``, which locks only the embedded
-    store and must not clean a spool other servers use (console/db.py)."""
+    place for the server's start, ``dsc db quarantine``, which locks only the embedded store
+    and must not clean a spool other servers use, and ``dsc db migrate``'s destination, whose
+    data folder the source holds locked (console/db.py)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = lock_data_dir(data_dir) if lock else None
     if lock_fd is not None:
