@@ -386,6 +386,66 @@ def test_a_corrupt_shared_record_is_quarantined_on_purpose_and_every_instance_fo
         serving.close()
 
 
+def test_quarantine_deletes_only_the_version_it_read(
+    tmp_path: Path,
+    pg: PgCluster,
+    s3: S3Server,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another instance writes the job after ``dsc db quarantine`` last read it (the read
+    hooked): the delete is compare-and-set on the version read, so it deletes nothing, moves
+    nothing aside, and says to run again (exit 1); run again, it quarantines the new record."""
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    config = _shared_config(tmp_path / "admin", dsn, s3, bucket)
+    data = tmp_path / "admin" / "data"
+    try:
+        _receive(serving, "bad", b"image of bad")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("""UPDATE jobs SET job = '{"v": 3, "token": "bad"}' WHERE token = 'bad'""")
+            read = PostgresRecords.versioned_row
+            reads: list[int] = []
+
+            def then_written(records: PostgresRecords, token: str) -> object:
+                """The second read (the last before the delete), then another instance's write
+                of the row, as the store writes: its version bumped, in a transaction of its
+                own."""
+                found = read(records, token)
+                reads.append(1)
+                if len(reads) == 2:
+                    conn.execute(
+                        "UPDATE jobs SET job = job || ' ', version = version + 1, "
+                        "xid = pg_current_xact_id() WHERE token = 'bad'"
+                    )
+                return found
+
+            monkeypatch.setattr(PostgresRecords, "versioned_row", then_written)
+            code = main(["db", "quarantine", "--config", str(config), "--data", str(data),
+                         "--yes", "bad"])  # fmt: skip
+            said = "".join(capsys.readouterr())
+            assert code == 1 and len(reads) == 2, said
+            assert said.endswith(
+                "dsc: db quarantine: the record of job bad changed since it was read (another "
+                "instance wrote it); nothing was changed, run the command again\n"
+            ), said
+            assert not any((data / QUARANTINE_NAME).glob("*"))
+            assert serving.spool.documents("bad") == [1]  # still in S3
+            assert conn.execute("SELECT job FROM jobs").fetchall() == [
+                ('{"v": 3, "token": "bad"} ',)
+            ]
+            code = main(["db", "quarantine", "--config", str(config), "--data", str(data),
+                         "--yes", "bad"])  # fmt: skip
+            said = "".join(capsys.readouterr())
+            assert code == 0 and "job bad: moved to " in said, said
+            assert conn.execute("SELECT token FROM jobs").fetchall() == []
+        (record,) = (data / QUARANTINE_NAME).glob("job-*.json")
+        assert json.loads(record.read_text())["record"] == '{"v": 3, "token": "bad"} '
+        assert serving.spool.documents("bad") == []
+    finally:
+        serving.close()
+
+
 def test_asked_rows_come_whatever_the_cursor(two: tuple[PostgresRecords, ...]) -> None:
     a, b = two
     create(a, "old")

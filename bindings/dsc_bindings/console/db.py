@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dsc_bindings.console.confirm import add_yes_option, can_confirm, confirm
 from dsc_bindings.console.output import Column, print_table
@@ -26,6 +26,8 @@ from dsc_bindings.store.errors import StoreError, one_line
 if TYPE_CHECKING:
     from dsc_bindings.observe.devices import DeviceRows
     from dsc_bindings.runtime.installation import Installation
+    from dsc_bindings.store.interface import StoredRecord
+    from dsc_bindings.store.postgresql import PostgresRecords
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -305,7 +307,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     from dsc_bindings.store.backends import describe, open_records, open_spool
     from dsc_bindings.store.errors import StoreError
     from dsc_bindings.store.split import open_parts
-    from dsc_bindings.store.undecodable import decode_stored, newer_codec, quarantine
+    from dsc_bindings.store.undecodable import decode_stored, newer_codec, quarantine, set_aside
 
     settings = _settings(args)
     # The servers' own [store] and [spool]: the documents are where they keep them.
@@ -325,10 +327,23 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 lock=storage.store_kind != "postgresql",
             )
             records, spool = parts.records, parts.spool
+            # A shared store's row is read with its version: the delete is conditional on it.
+            # (store/backends.open_records: PostgreSQL's records are PostgresRecords; psycopg
+            # is not imported for an embedded store.)
+            postgresql = storage.store_kind == "postgresql"
+            shared = cast("PostgresRecords", records) if postgresql else None
+
+            def read() -> tuple[StoredRecord, int | None] | None:
+                if shared is not None:
+                    return shared.versioned_row(token)
+                row = records.row(token)
+                return None if row is None else (row, None)
+
             where = describe(storage, data_dir.resolve())
-            row = records.row(token)
-            if row is None:
+            found = read()
+            if found is None:
                 raise CliError(f"db quarantine: no job {token} in {where}")
+            row, version = found
             seq, _, text, documents = row
             try:
                 decode_stored(token, text, documents)
@@ -355,12 +370,24 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 args.yes,
             )
             # The answer may have taken minutes: a record written meanwhile is some server's.
-            if records.row(token) != row:
+            if read() != found:
                 raise CliError(
                     f"db quarantine: the record of job {token} changed meanwhile (a server wrote "
                     "it: it may not be corrupt after all); nothing was changed, look again"
                 )
-            moved = quarantine(data_dir, records, spool, (seq, token, text, documents), why)
+            if shared is None or version is None:  # the data folder's lock keeps servers out
+                moved = quarantine(data_dir, records, spool, row, why)
+            else:
+                # Another instance may write the row until the delete: compare-and-set.
+                unchanged = shared.remove_unchanged(
+                    seq, version, lambda: set_aside(data_dir, spool, row, why)
+                )
+                if unchanged is None:
+                    raise CliError(
+                        f"db quarantine: the record of job {token} changed since it was read "
+                        "(another instance wrote it); nothing was changed, run the command again"
+                    )
+                moved = unchanged
     except StoreError as exc:
         raise _store_failed("db quarantine", exc, " (it quarantines at start)") from exc
     print(f"job {token}: moved to {moved}; every instance forgets the job")

@@ -1576,13 +1576,19 @@ class PostgresRecords:
         ]
 
     def row(self, token: str) -> StoredRecord | None:
+        found = self.versioned_row(token)
+        return None if found is None else found[0]
+
+    def versioned_row(self, token: str) -> tuple[StoredRecord, int] | None:
+        """:meth:`row` with the row's version, read together: what :meth:`remove_unchanged`
+        compares."""
         found = self._run(
             f"loading job {token}",
-            f"SELECT seq, token, job, {_DOCUMENTS_OF_JOB} FROM jobs WHERE token = %s",
+            f"SELECT seq, token, job, {_DOCUMENTS_OF_JOB}, version FROM jobs WHERE token = %s",
             (token,),
         )
-        for seq, stored, text, documents in found:
-            return (int(seq), str(stored), str(text), documents or ())
+        for seq, stored, text, documents, version in found:
+            return (int(seq), str(stored), str(text), documents or ()), int(version)
         return None
 
     def remove(self, seq: int) -> None:
@@ -1591,6 +1597,30 @@ class PostgresRecords:
         )
         for (token,) in found:
             self._documents.forget(str(token))
+
+    def remove_unchanged(self, seq: int, version: int, first: Callable[[], T]) -> T | None:
+        """:meth:`remove`, compare-and-set as the store's writes are: only while the row at
+        ``seq`` is still at ``version``.  ``first`` (moving the record and its documents aside,
+        store/undecodable.py) runs before the delete with the row locked (``FOR UPDATE``), so
+        that no instance's write lands between the comparison and the delete; such a write
+        waits, then finds the row gone.  Returns what ``first`` returned; None when the row
+        changed or went since it was read: then nothing ran and nothing was deleted."""
+
+        def work(cur: psycopg.Cursor[Any]) -> tuple[T, str] | None:
+            cur.execute("SELECT version, token FROM jobs WHERE seq = %s FOR UPDATE", (seq,))
+            found = cur.fetchone()
+            if found is None or int(found[0]) != version:
+                return None
+            done = first()
+            cur.execute(_QUARANTINE, {"seq": seq})
+            return done, str(found[1])
+
+        outcome = self._db.transaction("quarantining a job record", work)
+        if outcome is None:
+            return None
+        done, token = outcome
+        self._documents.forget(token)
+        return done
 
     @property
     def database(self) -> PgDatabase:

@@ -38,6 +38,7 @@ __all__ = [
     "decode_stored",
     "newer_codec",
     "quarantine",
+    "set_aside",
 ]
 
 log = logging.getLogger("dsc.store")
@@ -130,11 +131,28 @@ def quarantine(
     row: tuple[int, object, object, Sequence[Sequence[object]]],
     why: str,
 ) -> str:
-    """Move a stored row ``(seq, token, record, documents)`` out of the way: the row (token,
-    ``why``, the record and its document rows as stored) to ``DATA/quarantine/job-SEQ.json``,
-    its documents next to it (``job-SEQ.spool``; from S3 too), then delete the row (on
-    PostgreSQL with a tombstone: every instance forgets the job).  Where they went, for the log.
-    Raises StoreError."""
+    """Move a stored row ``(seq, token, record, documents)`` out of the way
+    (:func:`set_aside`), then delete the row (on PostgreSQL with a tombstone: every instance
+    forgets the job).  Where they went, for the log.  Raises StoreError.  Unconditional: for
+    a store no other server writes meanwhile (the data folder's lock); ``dsc db quarantine``
+    on a shared store deletes compare-and-set instead (``PostgresRecords.remove_unchanged``)."""
+    where = set_aside(data_dir, spool, row, why)
+    try:
+        records.remove(row[0])
+    except sqlite3.Error as exc:
+        raise as_store_error("quarantining a job record", exc) from exc
+    return where
+
+
+def set_aside(
+    data_dir: Path,
+    spool: Spool,
+    row: tuple[int, object, object, Sequence[Sequence[object]]],
+    why: str,
+) -> str:
+    """Copy a stored row out of the way before it is deleted: the row (token, ``why``, the
+    record and its document rows as stored) to ``DATA/quarantine/job-SEQ.json``, its documents
+    next to it (``job-SEQ.spool``; moved, from S3 too).  Where they went, for the log."""
     seq, token, record, documents = row
     folder = data_dir / QUARANTINE_NAME
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,8 +181,4 @@ def quarantine(
             where += f" and its documents to {folder / f'job-{seq}.spool'}"
     except StoreError:
         pass  # a token that cannot be a folder has no documents
-    try:
-        records.remove(seq)
-    except sqlite3.Error as exc:
-        raise as_store_error("quarantining a job record", exc) from exc
     return where
