@@ -22,12 +22,17 @@ from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
+from dsc_bindings.serve import compose
+from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged, StoreError
+from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
 from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_bindings.store.sqlite import record_columns
 from dsc_bindings.store.undecodable import UndecodableRecords
+from dsc_core import ServerConfig
 from dsc_core.commands import CreateJob, JobInput, UpdateJob
 from dsc_core.model import FileShareInstructions, FilterState, JobState
 from test_filters_support import make_documents
@@ -690,3 +695,48 @@ def test_an_older_instance_never_takes_up_a_job_it_cannot_decode(
     records.drop("newer")
     JobCatchUp(records.changes, undecodable=cannot_decode).read()
     assert cannot_decode.tokens() == frozenset()
+
+
+def test_a_job_taken_up_before_its_undecodable_record_was_read_is_let_go_at_once(
+    tmp_path: Path, dsn: str
+) -> None:
+    """A real ScanService in a cluster: a newer server's job appears and this instance's sweep
+    takes it up before any catch-up read its record.  The read that comes with the take-up
+    finds it undecodable: the lease is let go at once (it rings: an instance that can decode
+    the job takes it), not kept until it runs out (a lease period's delay, two hours here),
+    and this instance's sweeps pass the job over from then on."""
+    service = compose(
+        ServerConfig(),
+        tmp_path / "data",
+        FilterSettings.embedded_default(tmp_path),
+        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
+        cluster=ClusterSettings(instance_name="old", heartbeat_seconds=3600, lease_seconds=7200),
+    ).service
+    service.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # As a newer server writes it: never a record this instance reads.
+            token, state, active, created, completed, _ = record_columns(
+                make_job("newer", state=JobState.PENDING)
+            )
+            conn.execute(
+                "INSERT INTO jobs (token, state, active, created, completed, job) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (token, state, active, created, completed, '{"v": 99, "token": "newer"}'),
+            )
+
+            def lease() -> tuple[int, bool]:
+                row = conn.execute(
+                    "SELECT lease_epoch, lease_until IS NULL FROM jobs WHERE token = 'newer'"
+                ).fetchone()
+                assert row is not None
+                return int(row[0]), bool(row[1])
+
+            keeper = service._leases
+            assert keeper is not None
+            keeper.take_up()
+            wait_for(lambda: lease() == (1, True), what="the lease taken once, then let go")
+            keeper.take_up()
+            assert lease() == (1, True) and keeper.held() == {}
+    finally:
+        service.shutdown(5.0)
