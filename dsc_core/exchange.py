@@ -71,6 +71,8 @@ class Exchange:
         self._in_upload = False
         #: False once the binding said it could not read the shared job rows (rows_unread).
         self._rows_current = True
+        #: Jobs whose shared rows the binding cannot read (rows_unreadable).
+        self._unreadable: frozenset[str] = frozenset()
         ctype = _content_type(info.content_type or "")
         if ctype.media_type == "multipart/related":
             boundary = ctype.param("boundary")
@@ -264,6 +266,14 @@ class Exchange:
         else before :meth:`end`."""
         self._rows_current = False
 
+    def rows_unreadable(self, tokens: frozenset[str]) -> None:
+        """The shared rows of the jobs ``tokens`` exist but the binding cannot read them (a
+        newer server's records during a rolling upgrade, issue 18): such a job is answered
+        ServerErrorTemporaryError, as for :meth:`rows_unread` (the scanner asks again, and an
+        instance that reads it answers), not ClientErrorJobTokenNotFound.  Call it when
+        :meth:`rows_unread` would be called."""
+        self._unreadable = tokens
+
     def lookups(self) -> Lookups:
         """What the request needs from the user directory (R14, directory.py): call it after
         the body is fed and before :meth:`end`, and pass the answers to ``end``.  Empty unless
@@ -393,7 +403,9 @@ class Exchange:
         (R4 step 5, R10)."""
         if operation.admin_only:
             require_scan_admin(self.state.config, self.info)
-        return Request(self.state, envelope, self.info, self._upload, self._rows_current)
+        return Request(
+            self.state, envelope, self.info, self._upload, self._rows_current, self._unreadable
+        )
 
     def _refused_while_stopped(self, operation: Operation[Any]) -> bool:
         return self.state.stopped and operation.repository_service

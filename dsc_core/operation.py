@@ -81,6 +81,8 @@ class Request:
     upload: Upload | None = None
     #: False when the binding could not read the shared job rows first (Exchange.rows_unread).
     rows_current: bool = True
+    #: Jobs whose shared rows the binding cannot read (Exchange.rows_unreadable).
+    unreadable: frozenset[str] = frozenset()
 
     @property
     def now(self) -> datetime:
@@ -139,9 +141,10 @@ def no_arguments(request: Request) -> None:
 def find_job(request: Request, ns: str, token: str, *, own_only: bool) -> Job:
     """R4 step 7.  For WS-DSP (``own_only``) a job of another user is treated as not found."""
     job = request.state.jobs.get(token)
-    if job is None and not request.rows_current:
-        # Maybe made on another instance and not read yet (Exchange.rows_unread): unknown
-        # here is no proof it does not exist, and JobTokenNotFound is final for a scanner.
+    if job is None and (not request.rows_current or token in request.unreadable):
+        # Maybe made on another instance and not read yet (Exchange.rows_unread), or a row
+        # this binding cannot read (Exchange.rows_unreadable): unknown here is no proof it
+        # does not exist, and JobTokenNotFound is final for a scanner.
         raise faults.store_failed(ns, temporary=True)
     if job is None or (own_only and job.owner != identity(request.config, request.info)):
         raise faults.job_not_found(ns, token)

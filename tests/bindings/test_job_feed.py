@@ -310,6 +310,49 @@ def test_a_job_rewritten_by_a_newer_server_is_forgotten_not_answered_stale(
     assert core.jobs.active() == []
 
 
+def test_a_request_for_a_job_this_instance_cannot_read_is_answered_temporary(
+    tmp_path: Path, dsn: str
+) -> None:
+    """A real ScanService on PostgreSQL, during a rolling upgrade: a CancelPostScanJob for a job
+    whose record a newer server wrote.  Answered ClientErrorJobTokenNotFound, which a scanner
+    takes as final, it dropped a job that exists; ServerErrorTemporaryError makes it ask again,
+    and an instance that reads the job answers (Exchange.rows_unreadable).  A token that is
+    nowhere is still not found."""
+    from dsc_bindings.filters.settings import FilterSettings
+    from dsc_bindings.serve import compose
+    from dsc_bindings.store.backends import StorageSettings
+    from dsc_core import client, names
+
+    service = compose(
+        ServerConfig(),
+        tmp_path / "data",
+        FilterSettings.embedded_default(tmp_path),
+        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
+    ).service
+    service.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            token, state, active, created, completed, _ = record_columns(make_job("newer"))
+            conn.execute(
+                "INSERT INTO jobs (token, state, active, created, completed, job) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (token, state, active, created, completed, '{"v": 99, "token": "newer"}'),
+            )
+
+        def cancel(token: str) -> bytes:
+            body = client.envelope(
+                names.Action.DSP_CANCEL,
+                client.token_request(names.DSP, "CancelPostScanJobRequest", token),
+                message_id=f"urn:uuid:{token}",
+            )
+            return service.handle(body, content_type=client.SOAP_XML).body
+
+        assert b"ServerErrorTemporaryError" in cancel("newer")
+        assert b"ClientErrorJobTokenNotFound" in cancel("nowhere")
+    finally:
+        service.shutdown(5.0)
+
+
 def test_a_corrupt_shared_record_is_quarantined_on_purpose_and_every_instance_forgets_it(
     tmp_path: Path,
     pg: PgCluster,

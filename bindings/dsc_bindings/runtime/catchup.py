@@ -238,6 +238,11 @@ class JobCatchUp:
             tuple(left_out),
         )
 
+    def unreadable(self) -> frozenset[str]:
+        """The jobs whose last record read does not decode here (store/undecodable.py): a
+        request for one is answered as temporary (Exchange.rows_unreadable)."""
+        return self._undecodable.tokens()
+
     def seed(self, caught: Caught) -> None:
         """At start: the core was restored from the rows; this read (made before) gives their
         versions and the cursor.  A row changed in between is newer than its known version, so

@@ -48,9 +48,12 @@ class RequestRuntime:
     #: A shared store (issue 18, runtime/catchup.py): start reading what other instances
     #: changed, off the owner (a ticket; the argument: whether the request needs current
     #: rows, False lets a listing skip the read while the doorbell is quiet); then, as the
-    #: owner, hand it to the core (True if it was read).  None with SQLite: nothing to catch
-    #: up with.
-    catch_up: tuple[Callable[[bool], Ticket], Callable[[Ticket], bool]] | None = None
+    #: owner, hand it to the core: the jobs whose rows this instance cannot read (a newer
+    #: server's, store/undecodable.py), or None when nothing was read.  None with SQLite:
+    #: nothing to catch up with.
+    catch_up: tuple[Callable[[bool], Ticket], Callable[[Ticket], frozenset[str] | None]] | None = (
+        None
+    )
 
 
 def directory_answers(ticket: Ticket) -> DirectoryAnswers:
@@ -180,15 +183,20 @@ class ServiceRequest:
         changes into the core's table (runtime/catchup.py), then ``resume``.  A read that
         failed or took too long leaves the table as it is (its writes are still
         compare-and-set), and the core is told (Exchange.rows_unread: a job it does not know
-        is then a temporary fault, not ClientErrorJobTokenNotFound)."""
+        is then a temporary fault, not ClientErrorJobTokenNotFound); so are the jobs whose rows
+        this instance cannot read (Exchange.rows_unreadable: a newer server's, during a
+        rolling upgrade; an instance that reads them answers the scanner's next try)."""
         self._caught_up = True
         assert self._run.catch_up is not None
         begin, absorb = self._run.catch_up
         ticket = begin(needed)
 
         def caught() -> T | Wait:
-            if not absorb(ticket) and needed:
+            unreadable = absorb(ticket)
+            if unreadable is None and needed:
                 self._run.owner.call(self._exchange.rows_unread)
+            elif unreadable:
+                self._run.owner.call(lambda: self._exchange.rows_unreadable(unreadable))
             return resume()
 
         return self._then(ticket, caught)

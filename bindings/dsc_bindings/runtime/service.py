@@ -835,14 +835,16 @@ class ScanService:
             return Ticket.completed()
         return self._reads.begin()
 
-    def _end_catch_up(self, ticket: Ticket) -> bool:
-        """Hand a read to the core, as its owner (a request's, before its first core call);
-        False when there was none (failed, too slow, or skipped)."""
+    def _end_catch_up(self, ticket: Ticket) -> frozenset[str] | None:
+        """Hand a read to the core, as its owner (a request's, before its first core call):
+        the jobs whose rows this instance cannot read (store/undecodable.py), or None when
+        there was no read (failed, too slow, or skipped)."""
         if isinstance(ticket.value, Caught):
             caught = ticket.value
             self.owner.call(lambda: self._absorb(caught))
-            return True
-        return False
+            assert self._catch_up is not None
+            return self._catch_up.unreadable()
+        return None
 
     def _absorb(self, caught: Caught) -> None:
         assert self._catch_up is not None
