@@ -38,7 +38,13 @@ state it replaces.  So:
   following, they are only late: the tick that takes the term runs every deadline passed, and
   ``lead`` announces the difference from the row.  The failure is logged at each attempt, in
   one WARNING line that says what it means and what to do, and the views show it
-  (:attr:`LeaderTerm.failing`, store/instances.py ``term_failing``).  Before its first attempt
+  (:attr:`LeaderTerm.failing`, store/instances.py ``term_failing``).  A row of the term
+  held by another transaction is no failure until it stays held :data:`TERM_ROW_BUSY_SECONDS`
+  (store/errors.py ``TermRowBusy``): for a moment it is ordinary contention (another
+  instance's take, a leader's announcement in flight, this leader's own writer while its
+  ticker takes a new term after a refusal), which a WARNING and the failure colour would
+  page an operator for; meanwhile the holder follows, is shown taking the lead, and tries
+  again at each tick.  Before its first attempt
   (the lock was just taken: at start, or from a leader gone, its term comes at the next tick)
   nothing failed: the holder is shown taking the lead, and nothing is logged.
 
@@ -54,13 +60,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dsc_bindings.store.errors import StoreError, one_line
+from dsc_bindings.store.errors import StoreError, TermRowBusy, one_line
 from dsc_core import RepositoryState
 
-__all__ = ["FOLLOW", "LeaderTerm", "NewTerm"]
+__all__ = ["FOLLOW", "TERM_ROW_BUSY_SECONDS", "LeaderTerm", "NewTerm"]
 
 log = logging.getLogger("dsc.cluster")
 
@@ -76,6 +83,11 @@ class NewTerm:
 #: This instance no longer leads: its core follows.
 FOLLOW = "follow"
 
+#: How long the row of the term may stay held by another transaction before a holder that
+#: cannot take a term for it is failing (module doc): a leader's announcement or another
+#: instance's take holds it for a statement's time, one left open (an operator's psql) for good.
+TERM_ROW_BUSY_SECONDS = 3.0
+
 
 class LeaderTerm:
     """This instance's term, if it leads (module doc).  ``current`` is read and set by the
@@ -88,6 +100,7 @@ class LeaderTerm:
         *,
         name: Callable[[], str] | None = None,
         lock_lost: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._me = me
         #: How the log names this instance (``ClusterMember.name``; it follows the address).
@@ -96,6 +109,11 @@ class LeaderTerm:
         #: Told when a term was refused because this instance no longer holds the lock
         #: (``ClusterMember.lock_lost``).
         self._lock_lost = lock_lost
+        #: Monotonic seconds: how long the row of the term has been busy (TERM_ROW_BUSY_SECONDS).
+        self._clock = clock
+        #: When a take first found the row of the term busy, of the attempts that found it
+        #: so since (None: the last attempt did not).
+        self._busy_since: float | None = None
         #: (this instance's id, its term) while its core leads; None while it follows.
         self.current: tuple[str, int] | None = None
         self._refused = threading.Event()
@@ -122,6 +140,27 @@ class LeaderTerm:
         self._last = True
         self._refused.set()
 
+    def _busy_for_a_moment(self) -> bool:
+        """A take found the row of the term busy: whether that is contention still (the row
+        held for less than TERM_ROW_BUSY_SECONDS since the first attempt that found it so), not
+        a failure.  The last instance's stop has no next tick: busy is a failure at once."""
+        now = self._clock()
+        if self._busy_since is None:
+            self._busy_since = now
+        return not self._last and now - self._busy_since < TERM_ROW_BUSY_SECONDS
+
+    def _warn_failing(self, exc: StoreError) -> None:
+        """The attempt failed (module doc): logged, and shown failing until one succeeds."""
+        self.failing = True
+        log.warning(
+            "cluster: %s holds the leader's lock but cannot take the lead for "
+            "announcements: %s; it does not lead meanwhile (no repository state "
+            "announcements, no job timeouts, no end of expired subscriptions) and tries "
+            "again each second: make the database answer this statement",
+            self._shown_as(),
+            one_line(exc.message),
+        )
+
     def change(self, leader: bool) -> NewTerm | str | None:
         """Off the owner, at a tick: a :class:`NewTerm` when this instance must take one (it
         became the leader, or an announcement of its term was refused), :data:`FOLLOW` when
@@ -129,6 +168,7 @@ class LeaderTerm:
         the next tick asks again), None when nothing changes."""
         if not leader:
             self.failing = False
+            self._busy_since = None
             return FOLLOW if self.current is not None else None
         if self.current is not None and not self._refused.is_set():
             return None
@@ -138,17 +178,22 @@ class LeaderTerm:
         follow = FOLLOW if self.current is not None else None
         try:
             taken = self._take_lead(self._me, self._last)
-        except StoreError as exc:
-            self.failing = True
-            log.warning(
-                "cluster: %s holds the leader's lock but cannot take the lead for "
-                "announcements: %s; it does not lead meanwhile (no repository state "
-                "announcements, no job timeouts, no end of expired subscriptions) and tries "
-                "again each second: make the database answer this statement",
-                self._shown_as(),
-                one_line(exc.message),
-            )
+        except TermRowBusy as exc:
+            if self._busy_for_a_moment():
+                log.debug(
+                    "cluster: %s waits for the row of the term, held by another transaction "
+                    "(%s): it tries again at the next tick",
+                    self._shown_as(),
+                    one_line(exc.message),
+                )
+                return follow  # ``failing`` as it was: this attempt neither failed nor took
+            self._warn_failing(exc)
             return follow
+        except StoreError as exc:
+            self._busy_since = None
+            self._warn_failing(exc)
+            return follow
+        self._busy_since = None
         self.failing = False
         if taken is None and self._last:
             log.info(

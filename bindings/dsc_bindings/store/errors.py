@@ -18,6 +18,7 @@ __all__ = [
     "CreationRefused",
     "JobChanged",
     "StoreError",
+    "TermRowBusy",
     "as_store_error",
     "is_temporary",
     "one_line",
@@ -66,6 +67,16 @@ class JobChanged(StoreError):
     def __init__(self, token: str) -> None:
         super().__init__(f"job {token} was changed by another instance meanwhile; retry", True)
         self.token = token
+
+
+class TermRowBusy(StoreError):
+    """Taking a term found the row of the term held by another transaction (store/postgresql.py
+    ``_TERM_ROW_NOWAIT``): ordinary contention for a moment (another instance's take, a
+    leader's announcement in flight), a failure only if it stays held (runtime/announcing.py
+    ``TERM_ROW_BUSY_SECONDS``: one left open).  Temporary: the next tick tries again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, True)
 
 
 class CreationRefused(StoreError):

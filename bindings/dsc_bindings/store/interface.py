@@ -261,8 +261,9 @@ class SharedJobRecords(JobRecords, Protocol):
         ``last``: the last instance stopping, which announces Stopped whether it holds the
         lock or not (R7: nobody else is up), but takes none over an instance up that holds it
         (one started since it counted the others: that one leads).  StoreError when the
-        database fails it, also when the row is held by another transaction for longer than a
-        few seconds (it does not wait for good)."""
+        database fails it; TermRowBusy (a StoreError) when another transaction holds the row
+        of the term (an engine that does not wait for it), or the row is held for longer than
+        a few seconds (it does not wait for good)."""
 
     def listen(
         self, ring: Callable[[Rang | None], None], heard: Callable[[bool], None]

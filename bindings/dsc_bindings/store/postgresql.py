@@ -63,6 +63,7 @@ from dsc_bindings.store.errors import (
     CreationRefused,
     JobChanged,
     StoreError,
+    TermRowBusy,
     as_store_error,
 )
 from dsc_bindings.store.instances import GONE, HOLDS_LEADER_LOCK
@@ -735,7 +736,8 @@ UPGRADE_REPORT_SECONDS = 5.0
 TAKE_LEAD_LOCK_WAIT_SECONDS = 5.0
 #: The row of the term, locked without waiting before a term is taken: held by another
 #: transaction (another instance's take, a leader's announcement, one left open), the take
-#: fails at once (lock_not_available) and the next tick tries again.  Waiting for it, up to
+#: fails at once (:class:`TermRowBusy`: no failure until the row stays held, runtime/
+#: announcing.py ``TERM_ROW_BUSY_SECONDS``) and the next tick tries again.  Waiting for it, up to
 #: TAKE_LEAD_LOCK_WAIT_SECONDS, held the ticker (runtime/service.py ``_tick_loop``): a leader
 #: whose announcement was refused went on being shown leading, sweeping nothing, its row and
 #: views not written, for 5 s at each attempt while another transaction held the row
@@ -1281,7 +1283,11 @@ class PostgresRecords:
             # (TAKE_LEAD_LOCK_WAIT_SECONDS).
             cur.execute("SELECT set_config('lock_timeout', %s, true)", (wait,))
             if not last:  # the last instance's stop waits: its Stopped is at stake, no tick
-                cur.execute(_TERM_ROW_NOWAIT)
+                try:
+                    cur.execute(_TERM_ROW_NOWAIT)
+                except psycopg.errors.LockNotAvailable as exc:
+                    # Contention, not yet a failure: the caller tells them apart (TermRowBusy).
+                    raise TermRowBusy(f"taking the lead: {type(exc).__name__}: {exc}") from exc
             return _execute(cur, _TAKE_LEAD, {"me": leader, "last": last})
 
         found = self._db.transaction("taking the lead", take)
