@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import psycopg
 import pytest
@@ -30,6 +31,7 @@ from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.split import QUARANTINE_NAME, SplitStore
 from dsc_bindings.store.sqlite import record_columns
+from dsc_bindings.store.undecodable import set_aside
 from dsc_core import ScanServer, ServerConfig
 from dsc_core.commands import (
     AnnounceRepositoryState,
@@ -485,6 +487,74 @@ def test_quarantine_deletes_only_the_version_it_read(
         (record,) = (data / QUARANTINE_NAME).glob("job-*.json")
         assert json.loads(record.read_text())["record"] == '{"v": 3, "token": "bad"} '
         assert serving.spool.documents("bad") == []
+    finally:
+        serving.close()
+
+
+#: A stored record of the current codec with a field missing: corrupt, what quarantine moves.
+_CORRUPT_RECORD = '{"v": 3, "token": "bad"}'
+
+
+def _corrupt(dsn: str, token: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET job = %s WHERE token = %s", (_CORRUPT_RECORD, token))
+
+
+def test_quarantine_holds_the_row_so_a_write_meanwhile_waits_and_finds_it_gone(
+    tmp_path: Path, pg: PgCluster, s3: S3Server
+) -> None:
+    """The real race the version compare alone does not close: another instance writes the row
+    (compare-and-set on the version, as the store writes) after ``remove_unchanged`` compared
+    it and while its record and documents are being set aside.  The row is locked (``FOR
+    UPDATE``): that write waits for the quarantine's commit, then finds the row gone and changes
+    nothing; without the lock it would commit first and its record would be deleted unseen."""
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    data = tmp_path / "admin"
+    records = cast("PostgresRecords", serving.records)
+    written: list[int] = []
+    try:
+        _receive(serving, "bad", b"image of bad")
+        _corrupt(dsn, "bad")
+        found = records.versioned_row("bad")
+        assert found is not None
+        row, version = found
+
+        def another_instance_writes() -> None:
+            with psycopg.connect(dsn, autocommit=True, application_name="dsc-writer") as conn:
+                cur = conn.execute(
+                    "UPDATE jobs SET job = job || ' ', version = version + 1, "
+                    "xid = pg_current_xact_id() WHERE token = 'bad' AND version = %s",
+                    (version,),
+                )
+                written.append(cur.rowcount)
+
+        writer = threading.Thread(target=another_instance_writes)
+
+        def set_aside_while_written() -> str:
+            writer.start()
+            with psycopg.connect(dsn, autocommit=True) as watch:
+                wait_for(
+                    lambda: watch.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'dsc-writer' "
+                        "AND wait_event_type = 'Lock'"
+                    ).fetchone(),
+                    what="the other instance's write waiting for the row",
+                )
+            return set_aside(data, serving.spool, row, "corrupt")
+
+        moved = records.remove_unchanged(row[0], version, set_aside_while_written)
+        writer.join(timeout=30)
+        assert not writer.is_alive()
+        assert moved is not None and moved.endswith(f"job-{row[0]}.spool")
+        assert written == [0]  # it waited, then found the row gone: nothing written
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT token FROM jobs").fetchall() == []
+        (record,) = (data / QUARANTINE_NAME).glob("job-*.json")
+        assert json.loads(record.read_text())["record"] == _CORRUPT_RECORD
+        assert (data / QUARANTINE_NAME / f"job-{row[0]}.spool" / "1").read_bytes() == (
+            b"image of bad"
+        )
     finally:
         serving.close()
 
