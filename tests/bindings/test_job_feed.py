@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import boto3
 import psycopg
 import pytest
+from botocore.config import Config
 
 from dsc_bindings.console.main import main
 from dsc_bindings.runtime.catchup import JobCatchUp
@@ -29,6 +31,7 @@ from dsc_bindings.store.interface import (
 )
 from dsc_bindings.store.jobcodec import decode_job
 from dsc_bindings.store.postgresql import PostgresRecords
+from dsc_bindings.store.s3spool import S3Spool
 from dsc_bindings.store.split import QUARANTINE_NAME, SplitStore
 from dsc_bindings.store.sqlite import record_columns
 from dsc_bindings.store.undecodable import set_aside
@@ -556,6 +559,58 @@ def test_quarantine_holds_the_row_so_a_write_meanwhile_waits_and_finds_it_gone(
             b"image of bad"
         )
     finally:
+        serving.close()
+
+
+def test_a_spool_that_fails_while_documents_are_set_aside_deletes_nothing(
+    tmp_path: Path, pg: PgCluster, s3: S3Server
+) -> None:
+    """S3 refuses the listing of the job's documents (here: a wrong secret key, a real refusal
+    of the real server) while ``dsc db quarantine`` sets them aside: the command fails and the
+    row stays, with its documents in S3.  ``set_aside`` took any StoreError for "a token that
+    cannot be a folder" and went on: the row was deleted, the documents were left in S3 under a
+    token without a row, which every instance's debris sweep deletes (lost)."""
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    data = tmp_path / "admin"
+    data.mkdir()
+    records = cast("PostgresRecords", serving.records)
+    settings = cast("S3Spool", serving.spool).settings
+    refused = S3Spool(
+        settings,
+        boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key="not-the-secret",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        ),
+        data,
+    )
+    try:
+        _receive(serving, "bad", b"image of bad")
+        _corrupt(dsn, "bad")
+        found = records.versioned_row("bad")
+        assert found is not None
+        row, version = found
+        with pytest.raises(StoreError, match="listing"):
+            records.remove_unchanged(
+                row[0], version, lambda: set_aside(data, refused, row, "corrupt")
+            )
+        assert records.versioned_row("bad") == found  # the row stays, as it was
+        assert serving.spool.documents("bad") == [1]  # and its documents
+        # Once S3 answers, it is quarantined whole.
+        moved = records.remove_unchanged(
+            row[0], version, lambda: set_aside(data, serving.spool, row, "corrupt")
+        )
+        assert moved is not None and moved.endswith(f"job-{row[0]}.spool")
+        assert records.versioned_row("bad") is None
+        assert (data / QUARANTINE_NAME / f"job-{row[0]}.spool" / "1").read_bytes() == (
+            b"image of bad"
+        )
+    finally:
+        refused.close()
         serving.close()
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dsc_bindings.durable import fsync_dir, write_all
 from dsc_bindings.store.errors import StoreError, as_store_error
-from dsc_bindings.store.interface import JobRecords, Spool
+from dsc_bindings.store.interface import JobRecords, Spool, check_token
 from dsc_bindings.store.jobcodec import CODEC_VERSION, decode_job
 from dsc_core.model import Job
 
@@ -177,8 +177,11 @@ def set_aside(
     fsync_dir(folder)
     where = str(target)
     try:
-        if spool.set_aside(str(token), folder / f"job-{seq}.spool"):
-            where += f" and its documents to {folder / f'job-{seq}.spool'}"
+        check_token(str(token))
     except StoreError:
-        pass  # a token that cannot be a folder has no documents
+        return where  # a token that cannot be a folder has no documents
+    # Any other failure (S3 refusing or unreachable) is raised, so that the row is not deleted:
+    # documents left in the spool under a token without a row are debris the servers delete.
+    if spool.set_aside(str(token), folder / f"job-{seq}.spool"):
+        where += f" and its documents to {folder / f'job-{seq}.spool'}"
     return where
