@@ -415,6 +415,7 @@ def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
     row, metrics, api, page = shown()
     stuck = f"{LOCK_WITHOUT_TERM}: {NO_TERM}"
     assert (row["leader"], row["leader_lock"], row["leadership"]) == (False, True, stuck), row
+    assert row["fails_to_lead"] is True, row  # the rule the console's failure colour shows
     assert (metrics["dsc_cluster_leader"], metrics["dsc_cluster_leader_lock"]) == (0, 1), metrics
     assert metrics["dsc_cluster_term_failing"] == 1, metrics  # the one to alert on
     for view in (api, page):
@@ -423,8 +424,9 @@ def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
             True,
             stuck,
         ), view
+        assert view["fails_to_lead"] is True, view
         [own] = [r for r in view["instances"] if r["pid"] == holder.pid]
-        assert (own["leader"], own["leadership"]) == (False, stuck), own
+        assert (own["leader"], own["leadership"], own["fails_to_lead"]) == (False, stuck, True)
     table = dsc("cluster", "status", "--config", str(config), "--wide")
     assert table.code == 0, table
     [line] = [line for line in table.out.splitlines() if f" {holder.pid} " in line]
@@ -442,6 +444,7 @@ def test_a_lock_holder_that_cannot_take_a_term_is_shown_so_not_as_the_leader(
     )
     row, metrics, api, page = shown()
     assert (row["leadership"], api["leadership"], page["leadership"]) == (LEADER,) * 3
+    assert (row["fails_to_lead"], api["fails_to_lead"], page["fails_to_lead"]) == (False,) * 3
     assert (metrics["dsc_cluster_leader"], metrics["dsc_cluster_leader_lock"]) == (1, 1), metrics
     assert metrics["dsc_cluster_term_failing"] == 0, metrics
     table = dsc("cluster", "status", "--config", str(config))
