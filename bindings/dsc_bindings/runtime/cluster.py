@@ -186,8 +186,7 @@ class ClusterMember:
     def leads(self) -> bool:
         """Whether this instance leads: it holds the lock and its core leads (it took a term;
         module doc).  What /metrics, the status page and the web console show as the leader."""
-        core_leads = self.core_leads
-        return self._leader and (core_leads is None or core_leads())
+        return self.standing().leads
 
     def standing(self) -> Leadership:
         """How this instance stands as to the lead now: the lock, the core and the term's flag
