@@ -34,7 +34,7 @@ from dsc_bindings.store.postgresql import PostgresRecords
 from dsc_bindings.store.s3spool import S3Spool
 from dsc_bindings.store.split import QUARANTINE_NAME, SplitStore
 from dsc_bindings.store.sqlite import record_columns
-from dsc_bindings.store.undecodable import set_aside
+from dsc_bindings.store.undecodable import discard_set_aside, set_aside
 from dsc_core import ScanServer, ServerConfig
 from dsc_core.commands import (
     AnnounceRepositoryState,
@@ -611,6 +611,54 @@ def test_a_spool_that_fails_while_documents_are_set_aside_deletes_nothing(
         )
     finally:
         refused.close()
+        serving.close()
+
+
+def test_a_quarantine_cut_off_before_its_commit_leaves_the_documents_in_the_spool(
+    tmp_path: Path, pg: PgCluster, s3: S3Server
+) -> None:
+    """The quarantine's connection dies after the record and documents were copied aside and
+    before the delete commits (a crash, a network cut: here its backend terminated for real):
+    the row stays, and so do its documents in S3, the shared spool, as they were; run again,
+    the quarantine completes.  The documents left S3 inside the transaction: a row without
+    its documents was left behind, for every instance."""
+    dsn, bucket = pg.new_database(), s3.new_bucket()
+    serving = _shared_store(tmp_path / "a", dsn, s3, bucket)
+    data = tmp_path / "admin"
+    records = cast("PostgresRecords", serving.records)
+    try:
+        _receive(serving, "bad", b"image of bad")
+        _corrupt(dsn, "bad")
+        found = records.versioned_row("bad")
+        assert found is not None
+        row, version = found
+
+        def set_aside_then_cut_off() -> str:
+            where = set_aside(data, serving.spool, row, "corrupt")
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                (killed,) = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE 'SELECT version, token FROM jobs WHERE seq%%' "
+                    "AND pid <> pg_backend_pid()"
+                ).fetchall()
+                assert killed == (True,)
+            return where
+
+        with pytest.raises(StoreError):
+            records.remove_unchanged(row[0], version, set_aside_then_cut_off)
+        assert records.versioned_row("bad") == found  # the row stays, as it was
+        assert serving.spool.documents("bad") == [1]  # with its documents
+        moved = records.remove_unchanged(
+            row[0], version, lambda: set_aside(data, serving.spool, row, "corrupt")
+        )
+        assert moved is not None
+        assert records.versioned_row("bad") is None
+        discard_set_aside(serving.spool, "bad")  # the delete committed: they leave S3
+        assert serving.spool.documents("bad") == []
+        assert (data / QUARANTINE_NAME / f"job-{row[0]}.spool" / "1").read_bytes() == (
+            b"image of bad"
+        )
+    finally:
         serving.close()
 
 

@@ -307,7 +307,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     from dsc_bindings.store.backends import describe, open_records, open_spool
     from dsc_bindings.store.errors import StoreError
     from dsc_bindings.store.split import open_parts
-    from dsc_bindings.store.undecodable import decode_stored, newer_codec, quarantine, set_aside
+    from dsc_bindings.store.undecodable import (
+        decode_stored,
+        discard_set_aside,
+        newer_codec,
+        quarantine,
+        set_aside,
+    )
 
     settings = _settings(args)
     # The servers' own [store] and [spool]: the documents are where they keep them.
@@ -388,6 +394,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                         "(another instance wrote it); nothing was changed, run the command again"
                     )
                 moved = unchanged
+                discard_set_aside(spool, token)
     except StoreError as exc:
         raise _store_failed("db quarantine", exc, " (it quarantines at start)") from exc
     print(f"job {token}: moved to {moved}; every instance forgets the job")

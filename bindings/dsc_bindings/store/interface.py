@@ -302,8 +302,10 @@ class Spool(Protocol):
         """The DocumentIds of the job's finished documents, ascending."""
 
     def set_aside(self, token: str, target: Path) -> bool:
-        """Move the job's documents into the local folder ``target`` (quarantine) and out of
-        the spool; False when it had none."""
+        """Put the job's documents into the local folder ``target`` (quarantine); False when
+        it had none.  A local spool moves them (one rename); S3 copies them, and they leave
+        the bucket with :meth:`discard` once the job's row is deleted (store/undecodable.py),
+        so that a quarantine cut off before its delete committed leaves them in place."""
 
     def remove_unfinished(self, token: str, document_id: int) -> None:
         """Drop what an earlier run of this server left of an unfinished document (it was

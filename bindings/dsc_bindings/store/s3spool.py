@@ -398,13 +398,15 @@ class S3Spool:
         return target
 
     def set_aside(self, token: str, target: Path) -> bool:
+        """Copy the job's documents to ``target``; they stay in the bucket until
+        :meth:`discard`, which the quarantine calls once the row's delete committed (a
+        quarantine cut off before leaves the row with its documents)."""
         ids = self.documents(token)
         if not ids:
             return False
         target.mkdir(parents=True, exist_ok=True)
         for document_id in ids:
             shutil.copyfile(self.document_path(token, document_id), target / str(document_id))
-        self.discard(token)
         return True
 
     def remove_unfinished(self, token: str, document_id: int) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "QUARANTINE_NAME",
     "UndecodableRecords",
     "decode_stored",
+    "discard_set_aside",
     "newer_codec",
     "quarantine",
     "set_aside",
@@ -141,7 +142,29 @@ def quarantine(
         records.remove(row[0])
     except sqlite3.Error as exc:
         raise as_store_error("quarantining a job record", exc) from exc
+    discard_set_aside(spool, row[1])
     return where
+
+
+def discard_set_aside(spool: Spool, token: object) -> None:
+    """After the row's delete committed: what :func:`set_aside` copied leaves the spool (S3's
+    objects; a local spool's folder was moved already).  Before it, a quarantine cut off would
+    have left the row without its documents.  A failure here loses nothing (the copies are in
+    the quarantine folder) and leaves objects of a token without a row: the servers' debris
+    sweep deletes them, so it is logged, not raised."""
+    try:
+        usable = check_token(str(token))
+    except StoreError:
+        return  # a token that cannot be a folder has no documents
+    try:
+        spool.discard(usable)
+    except StoreError as exc:
+        log.warning(
+            "job %s: its documents were set aside but not removed from the spool (%s); "
+            "the servers' debris sweep removes them",
+            token,
+            exc,
+        )
 
 
 def set_aside(
@@ -152,7 +175,8 @@ def set_aside(
 ) -> str:
     """Copy a stored row out of the way before it is deleted: the row (token, ``why``, the
     record and its document rows as stored) to ``DATA/quarantine/job-SEQ.json``, its documents
-    next to it (``job-SEQ.spool``; moved, from S3 too).  Where they went, for the log."""
+    next to it (``job-SEQ.spool``; from S3 copied: :func:`discard_set_aside` removes them once
+    the row is gone).  Where they went, for the log."""
     seq, token, record, documents = row
     folder = data_dir / QUARANTINE_NAME
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
