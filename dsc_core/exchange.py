@@ -71,8 +71,10 @@ class Exchange:
         self._in_upload = False
         #: False once the binding said it could not read the shared job rows (rows_unread).
         self._rows_current = True
-        #: Jobs whose shared rows the binding cannot read (rows_unreadable).
+        #: Jobs whose shared rows the binding cannot read (rows_unreadable): a newer server's,
+        #: and those no server reads.
         self._unreadable: frozenset[str] = frozenset()
+        self._corrupt: frozenset[str] = frozenset()
         ctype = _content_type(info.content_type or "")
         if ctype.media_type == "multipart/related":
             boundary = ctype.param("boundary")
@@ -266,13 +268,18 @@ class Exchange:
         else before :meth:`end`."""
         self._rows_current = False
 
-    def rows_unreadable(self, tokens: frozenset[str]) -> None:
+    def rows_unreadable(
+        self, tokens: frozenset[str], corrupt: frozenset[str] = frozenset()
+    ) -> None:
         """The shared rows of the jobs ``tokens`` exist but the binding cannot read them (a
         newer server's records during a rolling upgrade, issue 18): such a job is answered
         ServerErrorTemporaryError, as for :meth:`rows_unread` (the scanner asks again, and an
-        instance that reads it answers), not ClientErrorJobTokenNotFound.  Call it when
-        :meth:`rows_unread` would be called."""
+        instance that reads it answers), not ClientErrorJobTokenNotFound.  The rows of
+        ``corrupt`` no server reads: a retry cannot succeed until an operator moves them
+        aside, so R4 step 9 answers ServerErrorInternalError (temporary, a scanner would ask
+        forever).  Call it when :meth:`rows_unread` would be called."""
         self._unreadable = tokens
+        self._corrupt = corrupt
 
     def lookups(self) -> Lookups:
         """What the request needs from the user directory (R14, directory.py): call it after
@@ -404,7 +411,13 @@ class Exchange:
         if operation.admin_only:
             require_scan_admin(self.state.config, self.info)
         return Request(
-            self.state, envelope, self.info, self._upload, self._rows_current, self._unreadable
+            self.state,
+            envelope,
+            self.info,
+            self._upload,
+            self._rows_current,
+            self._unreadable,
+            self._corrupt,
         )
 
     def _refused_while_stopped(self, operation: Operation[Any]) -> bool:

@@ -81,8 +81,10 @@ class Request:
     upload: Upload | None = None
     #: False when the binding could not read the shared job rows first (Exchange.rows_unread).
     rows_current: bool = True
-    #: Jobs whose shared rows the binding cannot read (Exchange.rows_unreadable).
+    #: Jobs whose shared rows the binding cannot read (Exchange.rows_unreadable): a newer
+    #: server's, and those no server reads.
     unreadable: frozenset[str] = frozenset()
+    corrupt: frozenset[str] = frozenset()
 
     @property
     def now(self) -> datetime:
@@ -146,6 +148,10 @@ def find_job(request: Request, ns: str, token: str, *, own_only: bool) -> Job:
         # this binding cannot read (Exchange.rows_unreadable): unknown here is no proof it
         # does not exist, and JobTokenNotFound is final for a scanner.
         raise faults.store_failed(ns, temporary=True)
+    if job is None and token in request.corrupt:
+        # A row no server reads: a retry cannot succeed until an operator moves it aside (R4
+        # step 9), and a temporary fault would have a scanner ask for it forever.
+        raise faults.store_failed(ns, temporary=False)
     if job is None or (own_only and job.owner != identity(request.config, request.info)):
         raise faults.job_not_found(ns, token)
     return job

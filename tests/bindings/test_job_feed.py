@@ -322,7 +322,9 @@ def test_a_request_for_a_job_this_instance_cannot_read_is_answered_temporary(
     whose record a newer server wrote.  Answered ClientErrorJobTokenNotFound, which a scanner
     takes as final, it dropped a job that exists; ServerErrorTemporaryError makes it ask again,
     and an instance that reads the job answers (Exchange.rows_unreadable).  A token that is
-    nowhere is still not found."""
+    nowhere is still not found.  A record no server reads (corrupt: not a newer codec's,
+    store/undecodable.newer_codec) is ServerErrorInternalError (R4 step 9: a retry cannot
+    succeed until an operator moves it aside): answered temporary, a scanner asked forever."""
     from dsc_bindings.filters.settings import FilterSettings
     from dsc_bindings.serve import compose
     from dsc_bindings.store.backends import StorageSettings
@@ -343,6 +345,12 @@ def test_a_request_for_a_job_this_instance_cannot_read_is_answered_temporary(
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (token, state, active, created, completed, '{"v": 99, "token": "newer"}'),
             )
+            token, state, active, created, completed, _ = record_columns(make_job("corrupt"))
+            conn.execute(
+                "INSERT INTO jobs (token, state, active, created, completed, job) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (token, state, active, created, completed, '{"v": 3, "token": "corrupt"}'),
+            )
 
         def cancel(token: str) -> bytes:
             body = client.envelope(
@@ -353,6 +361,7 @@ def test_a_request_for_a_job_this_instance_cannot_read_is_answered_temporary(
             return service.handle(body, content_type=client.SOAP_XML).body
 
         assert b"ServerErrorTemporaryError" in cancel("newer")
+        assert b"ServerErrorInternalError" in cancel("corrupt")
         assert b"ClientErrorJobTokenNotFound" in cancel("nowhere")
     finally:
         service.shutdown(5.0)

@@ -203,20 +203,22 @@ def test_a_job_whose_row_cannot_be_read_is_a_temporary_fault() -> None:
     """Exchange.rows_unreadable (issue 18, a rolling upgrade): the binding read the shared rows
     but cannot decode those of some jobs (a newer server's): a request for one of them is
     ServerErrorTemporaryError, not the final JobTokenNotFound; any other token is answered as
-    always."""
+    always.  A row no server reads (corrupt) is ServerErrorInternalError (R4 step 9: a retry
+    cannot succeed until an operator moves it aside), so that a scanner does not ask forever."""
     t = InProcessTransport(ServerConfig())
     known = create_job(t, FileShareInstructions(("\\\\s\\x",)))
-    newer, nowhere = str(uuid.uuid4()), str(uuid.uuid4())
+    newer, corrupt, nowhere = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
 
     def cancel(token: str) -> Reply:
         body = envelope(
             Act.DSP_CANCEL, client.token_request(names.DSP, "CancelPostScanJobRequest", token)
         )
         exchange = t.server.open_exchange(RequestInfo(now=T0, content_type=client.SOAP_XML))
-        exchange.rows_unreadable(frozenset({newer}))
+        exchange.rows_unreadable(frozenset({newer}), frozenset({corrupt}))
         exchange.feed(body)
         return exchange.end(T0).reply
 
     check_protocol_fault(cancel(newer), DSP, "ServerErrorTemporaryError")
+    check_protocol_fault(cancel(corrupt), DSP, "ServerErrorInternalError")
     check_protocol_fault(cancel(nowhere), DSP, "ClientErrorJobTokenNotFound")
     assert cancel(known).status == 200

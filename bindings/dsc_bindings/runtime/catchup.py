@@ -238,10 +238,12 @@ class JobCatchUp:
             tuple(left_out),
         )
 
-    def unreadable(self) -> frozenset[str]:
-        """The jobs whose last record read does not decode here (store/undecodable.py): a
-        request for one is answered as temporary (Exchange.rows_unreadable)."""
-        return self._undecodable.tokens()
+    def unreadable(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The jobs whose last record read does not decode here (store/undecodable.py), and
+        those of them no server reads (corrupt): a request for one is answered as temporary,
+        or for a corrupt one as an internal error (Exchange.rows_unreadable)."""
+        corrupt = self._undecodable.corrupt()
+        return self._undecodable.tokens() - corrupt, corrupt
 
     def seed(self, caught: Caught) -> None:
         """At start: the core was restored from the rows; this read (made before) gives their

@@ -48,12 +48,16 @@ class RequestRuntime:
     #: A shared store (issue 18, runtime/catchup.py): start reading what other instances
     #: changed, off the owner (a ticket; the argument: whether the request needs current
     #: rows, False lets a listing skip the read while the doorbell is quiet); then, as the
-    #: owner, hand it to the core: the jobs whose rows this instance cannot read (a newer
-    #: server's, store/undecodable.py), or None when nothing was read.  None with SQLite:
-    #: nothing to catch up with.
-    catch_up: tuple[Callable[[bool], Ticket], Callable[[Ticket], frozenset[str] | None]] | None = (
-        None
-    )
+    #: owner, hand it to the core: the jobs whose rows this instance cannot read, a newer
+    #: server's and corrupt ones (store/undecodable.py), or None when nothing was read.  None
+    #: with SQLite: nothing to catch up with.
+    catch_up: (
+        tuple[
+            Callable[[bool], Ticket],
+            Callable[[Ticket], tuple[frozenset[str], frozenset[str]] | None],
+        ]
+        | None
+    ) = None
 
 
 def directory_answers(ticket: Ticket) -> DirectoryAnswers:
@@ -195,8 +199,9 @@ class ServiceRequest:
             unreadable = absorb(ticket)
             if unreadable is None and needed:
                 self._run.owner.call(self._exchange.rows_unread)
-            elif unreadable:
-                self._run.owner.call(lambda: self._exchange.rows_unreadable(unreadable))
+            elif unreadable is not None and any(unreadable):
+                newer, corrupt = unreadable
+                self._run.owner.call(lambda: self._exchange.rows_unreadable(newer, corrupt))
             return resume()
 
         return self._then(ticket, caught)

@@ -835,10 +835,11 @@ class ScanService:
             return Ticket.completed()
         return self._reads.begin()
 
-    def _end_catch_up(self, ticket: Ticket) -> frozenset[str] | None:
+    def _end_catch_up(self, ticket: Ticket) -> tuple[frozenset[str], frozenset[str]] | None:
         """Hand a read to the core, as its owner (a request's, before its first core call):
-        the jobs whose rows this instance cannot read (store/undecodable.py), or None when
-        there was no read (failed, too slow, or skipped)."""
+        the jobs whose rows this instance cannot read, a newer server's and corrupt ones
+        (JobCatchUp.unreadable), or None when there was no read (failed, too slow, or
+        skipped)."""
         if isinstance(ticket.value, Caught):
             caught = ticket.value
             self.owner.call(lambda: self._absorb(caught))

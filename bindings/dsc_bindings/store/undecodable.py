@@ -72,7 +72,8 @@ class UndecodableRecords:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._logged: dict[str, str] = {}
-        self._left_out: set[str] = set()
+        #: token -> whether its last record read is a newer server's (:func:`newer_codec`).
+        self._left_out: dict[str, bool] = {}
 
     def decode(self, token: str, text: str, documents: Sequence[Sequence[object]]) -> Job | None:
         """The job of the row, or None (logged once) when it does not decode."""
@@ -87,17 +88,25 @@ class UndecodableRecords:
     def forget(self, token: str) -> None:
         """The row of ``token`` decodes now, or is gone (its tombstone was read)."""
         with self._lock:
-            self._left_out.discard(token)
+            self._left_out.pop(token, None)
 
     def tokens(self) -> frozenset[str]:
         """The jobs whose last record read does not decode here."""
         with self._lock:
             return frozenset(self._left_out)
 
+    def corrupt(self) -> frozenset[str]:
+        """Those of :meth:`tokens` whose record is no newer server's (:func:`newer_codec`): no
+        instance reads it, and a retry cannot succeed until ``dsc db quarantine`` moves it
+        aside (a request for one is ServerErrorInternalError, Exchange.rows_unreadable)."""
+        with self._lock:
+            return frozenset(token for token, newer in self._left_out.items() if not newer)
+
     def leave_out(self, token: str, text: str, why: str) -> None:
         """Log that this instance leaves the row out, unless it said so for this record."""
+        newer = newer_codec(text) is not None
         with self._lock:
-            self._left_out.add(token)
+            self._left_out[token] = newer
             if self._logged.get(token) == text:
                 return
             self._logged[token] = text
