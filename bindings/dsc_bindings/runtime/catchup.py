@@ -144,8 +144,9 @@ class Caught:
     number: int = -1
     #: The subscriptions it read again whatever the cursor (their counts, module doc).
     recounted: frozenset[str] = frozenset()
-    #: Jobs whose rows it read and left out: they do not decode (store/undecodable.py).
-    left_out: tuple[str, ...] = ()
+    #: (token, row version) of the rows it read and left out: they do not decode
+    #: (store/undecodable.py).
+    left_out: tuple[tuple[str, int], ...] = ()
 
 
 class JobCatchUp:
@@ -205,13 +206,13 @@ class JobCatchUp:
         # Job tokens and subscription identifiers in one set: the store reads the rows of both.
         changes = self._changes(cursor, stale | recount)
         jobs: list[tuple[Job, int]] = []
-        left_out: list[str] = []
+        left_out: list[tuple[str, int]] = []
         for token, version, text, documents in changes.rows:
             # Another instance's record this one cannot read (a newer server's?): left out,
             # not a failed request, and left where it is (store/undecodable.py).
             job = self._undecodable.decode(token, text, documents)
             if job is None:
-                left_out.append(token)
+                left_out.append((token, version))
             else:
                 jobs.append((job, version))
         for token in changes.dropped:
@@ -309,18 +310,22 @@ class JobCatchUp:
                 self._known[token] = version
                 fresh.append(job)
             forgotten: list[str] = []
-            for token in caught.left_out:
+            for token, version in caught.left_out:
                 if self._pending[token]:
                     # Its writes queued here are refused (the row moved on); read again after.
                     self._stale.add(token)
                     continue
+                if version < self._known.get(token, 0):
+                    continue  # an older read's, absorbed late: a newer record is in the table
                 # Not readable here any more (a newer server rewrote it): the table forgets its
                 # copy, as it never knew a job it cannot read, so nothing is answered from a
                 # stale record (store/undecodable.py).  Reading it again at every round would
                 # tell nothing new (and no listing would skip a read); its next write comes
-                # with the cursor.
+                # with the cursor.  Its version stays known though the table forgets the job:
+                # an older read absorbed after this one, that still had a record of it that
+                # decodes, would bring the job back, stale (that record's version is lower).
                 self._stale.discard(token)
-                self._known.pop(token, None)  # gone already if a write of it was refused
+                self._known[token] = version
                 forgotten.append(token)
             for token in caught.dropped:
                 self._known.pop(token, None)
