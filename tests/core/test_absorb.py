@@ -103,12 +103,25 @@ def test_a_cancel_elsewhere_stops_this_engine_and_emits_no_event() -> None:
 
 def test_a_job_gone_while_this_engine_runs_it_stops_here_and_emits_no_event() -> None:
     """A row deleted elsewhere (``dsc db quarantine``), or one the binding can no longer read
-    (a newer server's, a rolling upgrade): the run here stops; nothing else does."""
+    (a newer server's, a rolling upgrade): the run here stops; nothing else does.  The ordinary
+    deletions of a cluster stop nothing: history trimmed (a job ended before), nor a job read
+    ended and deleted in one catch-up (its end and its tombstone both since the last read)."""
     s = server()
-    s.absorb([job("run", JobState.PROCESSING), job("queued", JobState.PENDING), job("new")])
-    commands = s.absorb([], dropped=["run", "queued", "new", "unknown"])
+    completed = (JobStateReason.COMPLETED_SUCCESSFULLY,)
+    s.absorb(
+        [
+            job("run", JobState.PROCESSING),
+            job("queued", JobState.PENDING),
+            job("new"),
+            job("trimmed", JobState.COMPLETED, 3).evolve(reasons=completed),
+            job("ended", JobState.PROCESSING),
+        ]
+    )
+    assert s.absorb([], dropped=["trimmed"]) == []
+    ended = job("ended", JobState.COMPLETED, 5).evolve(reasons=completed)
+    commands = s.absorb([ended], dropped=["run", "queued", "new", "unknown", "ended"])
     assert commands == [StopProcessing("run"), StopProcessing("queued")]
-    assert s.jobs.active() == []
+    assert s.jobs.active() == [] and s.jobs.history() == []
 
 
 def test_quotas_count_jobs_created_elsewhere() -> None:
