@@ -1086,6 +1086,10 @@ def test_a_row_of_the_term_busy_for_a_moment_is_no_failure_until_it_stays_busy(
         [warning] = warnings()
         assert "cannot take the lead for announcements" in warning, warning
         assert "could not obtain lock on row" in warning, warning
+        # What to do about a row held for good: end the transaction that holds it (not "make
+        # the database answer this statement", which it does).
+        assert "end the transaction that holds it" in warning, warning
+        assert "pg_stat_activity" in warning, warning
         assert cluster_gauges(holder)["dsc_cluster_term_failing"] == 1
         left_open.rollback()
     assert term.change(True) == NewTerm(RepositoryState.IDLE, 3)

@@ -87,6 +87,13 @@ FOLLOW = "follow"
 #: cannot take a term for it is failing (module doc): a leader's announcement or another
 #: instance's take holds it for a statement's time, one left open (an operator's psql) for good.
 TERM_ROW_BUSY_SECONDS = 3.0
+#: What to do about a row of the term held past TERM_ROW_BUSY_SECONDS: the database answers,
+#: a transaction left open (an operator's psql, a client stuck) holds the row.
+_TERM_ROW_HELD = (
+    f"another transaction has held the row of the term (table repository_announced) for over "
+    f"{TERM_ROW_BUSY_SECONDS:g} s: end the transaction that holds it (pg_stat_activity, "
+    f"pg_locks; an idle in transaction session)"
+)
 
 
 class LeaderTerm:
@@ -150,15 +157,19 @@ class LeaderTerm:
         return not self._last and now - self._busy_since < TERM_ROW_BUSY_SECONDS
 
     def _warn_failing(self, exc: StoreError) -> None:
-        """The attempt failed (module doc): logged, and shown failing until one succeeds."""
+        """The attempt failed (module doc): logged with what to do, and shown failing until
+        one succeeds."""
         self.failing = True
         log.warning(
             "cluster: %s holds the leader's lock but cannot take the lead for "
             "announcements: %s; it does not lead meanwhile (no repository state "
             "announcements, no job timeouts, no end of expired subscriptions) and tries "
-            "again each second: make the database answer this statement",
+            "again each second: %s",
             self._shown_as(),
             one_line(exc.message),
+            _TERM_ROW_HELD
+            if isinstance(exc, TermRowBusy)
+            else "make the database answer this statement",
         )
 
     def change(self, leader: bool) -> NewTerm | str | None:
