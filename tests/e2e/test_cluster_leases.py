@@ -39,6 +39,8 @@ MiB = 1 << 20
 #: The image: big enough that an upload is still running while an instance is stopped (the
 #: loopback buffers hold a few MB), small enough that an upload takes a few seconds.
 IMAGE_BYTES = 16 * MiB
+#: The site's pause after each 64 KiB it reads: the upload of IMAGE_BYTES takes ~2.6 s.
+SITE_DELAY = 0.01
 
 
 class Pair:
@@ -87,7 +89,7 @@ def started_pair(
     tmp_path_factory: pytest.TempPathFactory, pg: PgCluster, s3: S3Server
 ) -> Iterator[Pair]:
     folder = tmp_path_factory.mktemp("leases")
-    site = SharePointSite(read_size=64 * 1024, delay=0.01)
+    site = SharePointSite(read_size=64 * 1024, delay=SITE_DELAY)
     share = folder / "share"
     share.mkdir()
     config = folder / "dsc.toml"
@@ -189,7 +191,14 @@ def test_a_restarted_instance_leaves_the_jobs_a_live_instance_holds(pair: Pair) 
 def test_cluster_status_counts_the_leases_each_instance_holds(pair: Pair) -> None:
     """dsc cluster status (issue 18 point 6): the instance running the job holds its lease."""
     token = pair.start_job("counted")
-    run = dsc("cluster", "status", "--config", str(pair.a.config), "--json")
+    # The job must still run while the command starts and reads: the site reads slower meanwhile
+    # (at its usual pace the rest of the upload took ~2.5 s, and a loaded run's `dsc` took
+    # longer to start: the job had ended, both counts 0).
+    pair.site.delay = 0.5
+    try:
+        run = dsc("cluster", "status", "--config", str(pair.a.config), "--json")
+    finally:
+        pair.site.delay = SITE_DELAY
     assert run.code == 0, run
     held = {row["pid"]: row["leases_held"] for row in run.json() if row["state"] == "up"}
     assert held[pair.a.pid] == 1 and held[pair.b.pid] == 0, held
