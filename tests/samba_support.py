@@ -9,7 +9,6 @@ fixture stops it by its process id.  Users and groups are created with ``samba-t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -156,6 +155,8 @@ class SambaDC:
     def _answers(self) -> bool:
         import ldap3
 
+        from dsc_bindings.directory.closing import let_go
+
         conn = ldap3.Connection(
             ldap3.Server(self.address, port=389, connect_timeout=1, get_info=ldap3.NONE),
             receive_timeout=2,
@@ -167,10 +168,9 @@ class SambaDC:
         except Exception:
             return False
         finally:
-            # Whether it answered or not: a try that failed half-way (the DC still starting)
-            # left its socket open, dozens of them per start, into whatever test ran next.
-            with contextlib.suppress(Exception):
-                conn.unbind()
+            # Whether it answered or not: a try that failed (the DC still starting) left its
+            # socket open, dozens of them per start, into whatever test ran next.
+            let_go(conn)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; waits until the LDAP ports are free."""

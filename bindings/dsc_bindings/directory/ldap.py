@@ -45,6 +45,7 @@ from ldap3.core.exceptions import (
 )
 from ldap3.utils.conv import escape_filter_chars
 
+from dsc_bindings.directory.closing import let_go
 from dsc_bindings.directory.tls import DirectoryTls
 from dsc_core import DirectoryAnswers, Lookups
 
@@ -266,21 +267,18 @@ class Directory:
                 conn.start_tls()
             conn.bind()
         except LDAPInvalidCredentialsResult as exc:
-            conn.unbind()
+            let_go(conn)
             raise DirectoryError(
                 f"the directory refused the credentials of {user or s.bind_user!r}"
             ) from exc
         except LDAPStrongerAuthRequiredResult as exc:
-            conn.unbind()
+            let_go(conn)
             raise DirectoryError(
                 "the directory wants a protected connection for simple binds: use ldaps:// "
                 "or give ca_file for StartTLS"
             ) from exc
         except (LDAPException, OSError) as exc:
-            try:
-                conn.unbind()
-            except (LDAPException, OSError):
-                pass
+            let_go(conn)
             # A TLS failure explained in one line (issue 14 §3) rather than ldap3's wrapping.
             tls = server.tls
             failure = tls.failure if isinstance(tls, DirectoryTls) else None
@@ -312,10 +310,7 @@ class Directory:
                 yield self._conn
             except (LDAPException, OSError) as exc:
                 conn, self._conn = self._conn, None
-                try:
-                    conn.unbind()
-                except (LDAPException, OSError):
-                    pass
+                let_go(conn)
                 if isinstance(exc, LDAPOperationResult) and not isinstance(
                     exc,
                     LDAPUnavailableResult | LDAPBusyResult,
@@ -354,10 +349,7 @@ class Directory:
         with self._conn_lock:
             conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.unbind()
-            except (LDAPException, OSError):
-                pass
+            let_go(conn)
 
     # - cache -
 

@@ -18,6 +18,8 @@ from typing import Any
 import ldap3
 from ldap3.core.exceptions import LDAPException
 
+from dsc_bindings.directory.closing import let_go
+
 #: X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH (openssl/x509_vfy.h).
 _NAME_MISMATCH = {62, 64}
 
@@ -110,10 +112,7 @@ def certificate_names(host: str, port: int, use_ssl: bool, ca_file: Path | None)
     except (LDAPException, OSError):
         pass
     finally:
-        try:
-            conn.unbind()
-        except (LDAPException, OSError):
-            pass
+        let_go(conn)
     return reader.names
 
 
