@@ -315,15 +315,16 @@ def test_a_job_rewritten_by_a_newer_server_is_forgotten_not_answered_stale(
     assert core.jobs.active() == []
 
 
+@pytest.mark.parametrize("gone", ["rewritten by a newer server", "deleted"])
 def test_an_older_read_absorbed_late_does_not_bring_back_a_forgotten_job(
-    dsn: str, two: tuple[PostgresRecords, ...]
+    dsn: str, two: tuple[PostgresRecords, ...], gone: str
 ) -> None:
     """Reads are absorbed by whichever request or tick waited for them, so an older read can
     be absorbed after a newer one (the version of each record decides, module doc).  The newer
-    read forgot a job a newer server rewrote in a record this instance cannot decode; the older
-    one, absorbed after, held its last readable record, whose version was above the one the
-    table had forgotten: the job came back into the table, answered from a stale record, until
-    its row changed again."""
+    read forgot a job: a newer server rewrote it in a record this instance cannot decode, or
+    another instance deleted it (its tombstone); the older one, absorbed after, held its last
+    readable record, whose version was above the one the table had forgotten: the job came
+    back into the table, answered from a stale record (a deleted one for ever)."""
     a, b = two
     here = JobCatchUp(b.changes)
     core = ScanServer(ServerConfig(), new_id=lambda: "unused")
@@ -337,13 +338,16 @@ def test_an_older_read_absorbed_late_does_not_bring_back_a_forgotten_job(
         )
         older = here.read()
         assert [job.token for job, _ in older.jobs] == ["job"]
-        conn.execute(
-            "UPDATE jobs SET job = %s, version = version + 1, xid = pg_current_xact_id() "
-            "WHERE token = 'job'",
-            ('{"v": 99, "token": "job"}',),
-        )
+        if gone == "deleted":
+            a.drop("job")
+        else:
+            conn.execute(
+                "UPDATE jobs SET job = %s, version = version + 1, xid = pg_current_xact_id() "
+                "WHERE token = 'job'",
+                ('{"v": 99, "token": "job"}',),
+            )
         newer = here.read()
-    assert newer.left_out and not newer.jobs
+    assert (newer.left_out or newer.dropped) and not newer.jobs
     here.absorb(core, newer)
     assert core.jobs.get("job") is None
     here.absorb(core, older)

@@ -144,9 +144,8 @@ class Caught:
     number: int = -1
     #: The subscriptions it read again whatever the cursor (their counts, module doc).
     recounted: frozenset[str] = frozenset()
-    #: (token, row version) of the rows it read and left out: they do not decode
-    #: (store/undecodable.py).
-    left_out: tuple[tuple[str, int], ...] = ()
+    #: Jobs whose rows it read and left out: they do not decode (store/undecodable.py).
+    left_out: tuple[str, ...] = ()
 
 
 class JobCatchUp:
@@ -190,6 +189,8 @@ class JobCatchUp:
         #: stamped and not yet done; -> the reads begun when its last one was done; those
         #: to read again whatever the cursor.
         self._reads = 0
+        #: The number of the newest read absorbed so far (a later one absorbed is late).
+        self._absorbed = -1
         self._counting: Counter[str] = Counter()
         self._counted: dict[str, int] = {}
         self._recount: set[str] = set()
@@ -206,13 +207,13 @@ class JobCatchUp:
         # Job tokens and subscription identifiers in one set: the store reads the rows of both.
         changes = self._changes(cursor, stale | recount)
         jobs: list[tuple[Job, int]] = []
-        left_out: list[tuple[str, int]] = []
+        left_out: list[str] = []
         for token, version, text, documents in changes.rows:
             # Another instance's record this one cannot read (a newer server's?): left out,
             # not a failed request, and left where it is (store/undecodable.py).
             job = self._undecodable.decode(token, text, documents)
             if job is None:
-                left_out.append((token, version))
+                left_out.append(token)
             else:
                 jobs.append((job, version))
         for token in changes.dropped:
@@ -298,11 +299,21 @@ class JobCatchUp:
             self._cursor = max(self._cursor, caught.cursor)
             if caught.began > self._read_began:
                 self._read_rung, self._read_began = caught.rung, caught.began
+            # Reads are absorbed by whichever request or tick waited for them, so one may come
+            # after a newer read (their queries ran one after the other, RequestReads): that
+            # one saw what became of every job the table does not know (its row, tombstone, or
+            # undecodable record), so a late read brings none of them (it brought a job
+            # deleted or forgotten meanwhile back, stale, a deleted one for ever) and forgets
+            # none (the table's record is newer).  Records of known jobs still count by version.
+            late = caught.number < self._absorbed
+            self._absorbed = max(self._absorbed, caught.number)
             fresh: list[Job] = []
             for job, version in caught.jobs:
                 token = job.token
                 if self._pending[token]:
                     self._stale.add(token)
+                    continue
+                if late and token not in self._known:
                     continue
                 self._stale.discard(token)
                 if version <= self._known.get(token, 0):
@@ -310,22 +321,18 @@ class JobCatchUp:
                 self._known[token] = version
                 fresh.append(job)
             forgotten: list[str] = []
-            for token, version in caught.left_out:
+            for token in () if late else caught.left_out:
                 if self._pending[token]:
                     # Its writes queued here are refused (the row moved on); read again after.
                     self._stale.add(token)
                     continue
-                if version < self._known.get(token, 0):
-                    continue  # an older read's, absorbed late: a newer record is in the table
                 # Not readable here any more (a newer server rewrote it): the table forgets its
                 # copy, as it never knew a job it cannot read, so nothing is answered from a
                 # stale record (store/undecodable.py).  Reading it again at every round would
                 # tell nothing new (and no listing would skip a read); its next write comes
-                # with the cursor.  Its version stays known though the table forgets the job:
-                # an older read absorbed after this one, that still had a record of it that
-                # decodes, would bring the job back, stale (that record's version is lower).
+                # with the cursor.
                 self._stale.discard(token)
-                self._known[token] = version
+                self._known.pop(token, None)  # gone already if a write of it was refused
                 forgotten.append(token)
             for token in caught.dropped:
                 self._known.pop(token, None)
