@@ -5,6 +5,8 @@ generous bound it gives up saying what to do.  Without it the wait was silent an
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -85,3 +87,44 @@ def test_a_start_gives_up_after_its_bound_naming_the_upgrade_it_waited_for(
         "if that upgrade still runs, start this server once it is done; if it is stuck, end "
         f"that session (SELECT pg_terminate_backend({pid})) and start this server again"
     ), message
+
+
+def test_an_upgrading_session_names_itself_to_those_waiting_for_it(dsn: str) -> None:
+    """The name the wait's WARNING shows is the upgrading server's own (``application_name``,
+    set in its transaction): a real upgrade() from the schema before, held up by a lock on
+    ``jobs`` so that it can be seen mid-upgrade.  The other tests name the holder themselves,
+    so they passed without it."""
+    from engines_support import database_of_schema
+
+    database_of_schema(dsn, SCHEMA_VERSION - 1)
+    outcome: list[tuple[int, int] | BaseException] = []
+
+    def start() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            try:
+                outcome.append(upgrade(conn, lock_wait=60.0))
+            except BaseException as exc:  # the thread's outcome is the test's: kept
+                outcome.append(exc)
+
+    with psycopg.connect(dsn) as blocker, psycopg.connect(dsn, autocommit=True) as watcher:
+        blocker.execute("LOCK TABLE jobs IN ROW SHARE MODE")  # the upgrade's lock waits
+        upgrading = threading.Thread(target=start)
+        upgrading.start()
+        try:
+            names = wait_for(
+                lambda: [
+                    name
+                    for (name,) in watcher.execute(
+                        "SELECT application_name FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    ).fetchall()
+                ],
+                what="the upgrade waiting for the lock on jobs",
+            )
+        finally:
+            blocker.rollback()
+            upgrading.join()
+    assert outcome == [(SCHEMA_VERSION - 1, SCHEMA_VERSION)]
+    [name] = names
+    said = f"dsc schema upgrade {SCHEMA_VERSION - 1} -> {SCHEMA_VERSION} "
+    assert name == f"{said}(host {socket.gethostname()}, pid {os.getpid()})"[:63], name
