@@ -255,6 +255,26 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def stacks(self) -> str:
+        """Every thread's stack, written to the log on SIGUSR1 (``dsc serve``'s, serve.py);
+        '' when the server is not running, is not ``dsc serve`` (an ASGI server) or wrote
+        none within 10 s (frozen)."""
+        if not self.alive or self.binding in ASGI_SERVERS:
+            return ""
+        before = len(self.log)
+        os.kill(self.pid, signal.SIGUSR1)
+        sizes = [-1]
+
+        def written() -> bool:  # begun, and no longer growing
+            sizes.append(len(self.log))
+            return "most recent call first" in self.log[before:] and sizes[-1] == sizes[-2]
+
+        try:
+            wait_for(written, 10, "the stacks", interval=0.1)
+        except AssertionError:
+            return ""
+        return self.log[before:]
+
     @property
     def log(self) -> str:
         """The log of the current (or last) run of this process."""
@@ -364,7 +384,9 @@ def telling(
     c... in its order) read when the failure happens, so a test's servers started inside the
     block are told too.  Any exception, not only an assertion: a client's socket timeout is
     as much a failure whose cause is in a server's log.  The tails are a note on the
-    exception (PEP 678, shown by pytest), which keeps its type for ``pytest.raises``."""
+    exception (PEP 678, shown by pytest), which keeps its type for ``pytest.raises``.  A
+    server still running also tells every thread's stack (SIGUSR1, serve.py): where one that
+    did not answer was waiting."""
     try:
         yield
     except Exception as exc:
@@ -375,6 +397,8 @@ def telling(
                 f"({server.log_path.name}, port {server.port}) ---\n"
                 + "\n".join(server.log.splitlines()[-lines:])
             )
+            if stacks := server.stacks():
+                exc.add_note(f"--- instance {name}'s threads ---\n{stacks}")
         raise
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import gc
 import logging
 import os
@@ -359,6 +360,11 @@ def run_server(
     from dsc_bindings.settings import ConfigError
 
     configure_logging(log_level, log_format)
+    # SIGUSR1: every thread's stack to stderr, at once and without stopping anything
+    # (docs/operating.md): where a server that does not answer is waiting.  Not without a
+    # file behind stderr (run inside another program that captures it).
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     slot: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if worker is not None:
         slot = worker_slot(settings.data_dir, worker.index)
