@@ -786,3 +786,47 @@ def test_uvicorn_workers_on_this_loop_each_take_a_share_of_a_burst(tmp_path: Pat
         finally:
             uvicorn.terminate()
             uvicorn.wait(30)
+
+
+def test_host_and_port_beside_a_socket_are_refused_as_asyncio_refuses_them(
+    loop: AcceptingLoop,
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, pytest.raises(ValueError, match="host/port and sock can not be specified"):
+        loop.run_until_complete(loop.create_server(asyncio.Protocol, "127.0.0.1", 0, sock=listener))
+    with pytest.raises(ValueError, match="Neither host/port nor sock were specified"):
+        loop.run_until_complete(loop.create_server(asyncio.Protocol))
+    datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with datagrams, pytest.raises(ValueError, match="A Stream Socket was expected"):
+        loop.run_until_complete(loop.create_server(asyncio.Protocol, sock=datagrams))
+    assert loop.open_servers == set()
+
+
+def test_tls_timeouts_without_tls_are_refused_as_asyncio_refuses_them(
+    loop: AcceptingLoop,
+) -> None:
+    for timeout in ("ssl_handshake_timeout", "ssl_shutdown_timeout"):
+        with pytest.raises(ValueError, match=f"{timeout} is only meaningful with ssl"):
+            loop.run_until_complete(
+                loop.create_server(asyncio.Protocol, "127.0.0.1", 0, **{timeout: 5.0})
+            )
+    assert loop.open_servers == set()
+
+
+def test_serve_forever_on_a_closed_server_raises_as_asyncio_does(loop: AcceptingLoop) -> None:
+    server = loop.run_until_complete(loop.create_server(asyncio.Protocol, "127.0.0.1", 0))
+    server.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        loop.run_until_complete(asyncio.wait_for(server.serve_forever(), 10))
+
+
+def test_serve_forever_twice_at_once_raises_as_asyncio_does(loop: AcceptingLoop) -> None:
+    server = loop.run_until_complete(loop.create_server(asyncio.Protocol, "127.0.0.1", 0))
+    forever = loop.create_task(server.serve_forever())
+    turns(loop, 2)
+    with pytest.raises(RuntimeError, match="already being awaited on serve_forever"):
+        loop.run_until_complete(asyncio.wait_for(server.serve_forever(), 10))
+    assert server.is_serving()
+    forever.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        loop.run_until_complete(forever)

@@ -168,6 +168,7 @@ class AcceptingLoop(uvloop.Loop):
         ssl_shutdown_timeout: float | None = None,
         start_serving: bool = True,
     ) -> asyncio.AbstractServer:
+        _check_arguments(host, port, sock, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
             return await super().create_server(
                 protocol_factory,
@@ -178,8 +179,6 @@ class AcceptingLoop(uvloop.Loop):
                 ssl_shutdown_timeout=ssl_shutdown_timeout,
                 start_serving=start_serving,
             )
-        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
-            raise TypeError("ssl argument must be an SSLContext or None")  # as asyncio's
         if sock is not None:
             sockets = [sock]
         else:
@@ -255,6 +254,33 @@ class AcceptingLoop(uvloop.Loop):
         return sockets
 
 
+def _check_arguments(
+    host: str | Iterable[str] | None,
+    port: int | None,
+    sock: socket.socket | None,
+    ssl: ssl_module.SSLContext | bool | None,
+    ssl_handshake_timeout: float | None,
+    ssl_shutdown_timeout: float | None,
+) -> None:
+    """Refuse what asyncio's ``create_server`` refuses, in its words: arguments that contradict
+    each other would otherwise be ignored without a word (a handshake timeout on a server
+    without TLS, a host and port beside the socket that is served)."""
+    if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+        raise TypeError("ssl argument must be an SSLContext or None")
+    if ssl_handshake_timeout is not None and ssl is None:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    if ssl_shutdown_timeout is not None and ssl is None:
+        raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+    if host is not None or port is not None:
+        if sock is not None:
+            raise ValueError("host/port and sock can not be specified at the same time")
+        return
+    if sock is None:
+        raise ValueError("Neither host/port nor sock were specified")
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+
+
 class AcceptingServer(asyncio.AbstractServer):
     """The listening sockets of one :meth:`AcceptingLoop.create_server` call."""
 
@@ -275,6 +301,7 @@ class AcceptingServer(asyncio.AbstractServer):
         #: At most this many accepted per wake-up (SHARED_ACCEPT_BATCH on a shared socket).
         self._batch = batch
         self._serving = False
+        self._serving_forever = False
         #: Set once closed (what wait_closed waits for).
         self._closed = asyncio.Event()
 
@@ -298,12 +325,20 @@ class AcceptingServer(asyncio.AbstractServer):
             self._listen(listener)
 
     async def serve_forever(self) -> None:
+        # As asyncio's: a closed server cannot serve again, and one serve_forever() at a time.
+        if self._serving_forever:
+            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
+        if self._closed.is_set():
+            raise RuntimeError(f"server {self!r} is closed")
+        self._serving_forever = True
         await self.start_serving()
         try:
             await self.wait_closed()
         except asyncio.CancelledError:
             self.close()  # as asyncio's and uvloop's: cancelled, the server closes
             raise
+        finally:
+            self._serving_forever = False
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; connections already accepted go
