@@ -830,3 +830,25 @@ def test_serve_forever_twice_at_once_raises_as_asyncio_does(loop: AcceptingLoop)
     forever.cancel()
     with pytest.raises(asyncio.CancelledError):
         loop.run_until_complete(forever)
+
+
+def test_wait_closed_returns_once_closed_while_connections_go_on(loop: AcceptingLoop) -> None:
+    """uvloop's ``wait_closed`` (and asyncio's up to 3.11): it waits for ``close()``, not for
+    the connections taken in, which uvicorn's shutdown waits for itself (and stops waiting
+    for on a forced exit; AcceptingServer.wait_closed)."""
+    made: list[Any] = []
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), "127.0.0.1", 0))
+    with socket.create_connection(("127.0.0.1", port_of(server))) as kept:
+        turns(loop, 3)
+        assert len(made) == 1
+        waiting = loop.create_task(server.wait_closed())
+        turns(loop, 3)
+        assert not waiting.done()  # not closed yet
+        server.close()
+        turns(loop, 2)
+        assert waiting.done() and waiting.exception() is None
+        assert not made[0].is_closing()  # the connection taken in is still open, and served
+        kept.sendall(b"on")
+        turns(loop, 3)
+        kept.settimeout(5)
+        assert kept.recv(16) == b"on"

@@ -27,7 +27,9 @@ Each connection is handed to uvloop as an accepted socket (``connect_accepted_so
 own TCP transport, with ``TCP_NODELAY``, and TLS when ``ssl`` is given), so from there on
 everything is uvloop's.  The hand-over begins in the poll that accepted the connection, not in a
 task a turn later, so that ``connection_made`` is queued where uvloop's own server queues it
-(:meth:`AcceptingLoop.hand_over`: uvicorn's graceful shutdown relies on that order).  Unix sockets, and a socket passed in that is not TCP (``uvicorn --fd``),
+(:meth:`AcceptingLoop.hand_over`: uvicorn's graceful shutdown relies on that order).
+``wait_closed()`` returns once the listening sockets are closed, not when the connections are
+(uvloop's behaviour, which uvicorn's shutdown is written for: :meth:`AcceptingServer.wait_closed`).  Unix sockets, and a socket passed in that is not TCP (``uvicorn --fd``),
 are served by uvloop's own server.
 """
 
@@ -353,6 +355,13 @@ class AcceptingServer(asyncio.AbstractServer):
         self._closed.set()
 
     async def wait_closed(self) -> None:
+        """Return once the server is closed (its listening sockets), whatever connections it
+        took in are still open: uvloop's behaviour (0.23) and asyncio's up to 3.11; asyncio
+        3.12 also waits for every connection to close.  uvicorn's shutdown is why: it closes
+        the servers, asks each connection it knows to shut down, waits for them itself (until
+        ``--timeout-graceful-shutdown``, or not at all on a second Ctrl-C, ``force_exit``) and
+        only then awaits ``wait_closed()``.  Waiting for the connections here would make a
+        forced exit, or one past the graceful timeout, wait for peers to hang up."""
         await self._closed.wait()
 
     def _listen(self, listener: socket.socket) -> None:
