@@ -875,3 +875,55 @@ def test_wait_closed_returns_once_closed_while_connections_go_on(loop: Accepting
         turns(loop, 3)
         kept.settimeout(5)
         assert kept.recv(16) == b"on"
+
+
+#: An ASGI app that answers how many of dsc's accepting servers its loop runs (0: uvloop's own).
+ACCEPTING_SERVERS_APP = """
+import asyncio
+
+async def app(scope, receive, send):
+    body = str(len(getattr(asyncio.get_running_loop(), "open_servers", ()))).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def test_a_tcp_socket_passed_by_uvicorn_fd_gets_the_accepting_server(tmp_path: Path) -> None:
+    """``uvicorn --fd N`` (a socket a supervisor bound) labels the descriptor AF_UNIX whatever
+    it is: a TCP one is recognised and served by this loop's accepting server, not uvloop's."""
+    (tmp_path / "accepting_servers_app.py").write_text(ACCEPTING_SERVERS_APP)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    command = [sys.executable, "-m", "uvicorn", "accepting_servers_app:app"]
+    command += ["--app-dir", str(tmp_path), "--fd", str(listener.fileno()), "--lifespan", "off"]
+    command += ["--loop", "dsc_bindings.http.uvicorn_loop:new_event_loop"]
+    with (
+        listener,
+        subprocess.Popen(command, env=child_env(), pass_fds=[listener.fileno()]) as uvicorn,
+    ):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+                assert worker_of(client) == b"1"  # (the answer's body: one accepting server)
+        finally:
+            uvicorn.terminate()
+            uvicorn.wait(30)
+
+
+def test_a_tcp_socket_labelled_unix_is_served_by_the_accepting_server(loop: AcceptingLoop) -> None:
+    """As ``uvicorn --fd`` passes it (``socket.fromfd(fd, AF_UNIX, SOCK_STREAM)``)."""
+    made: list[Any] = []
+    bound = socket.create_server(("127.0.0.1", 0))
+    with bound:
+        labelled = socket.fromfd(bound.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+    server = loop.run_until_complete(loop.create_server(lambda: Echo(made), sock=labelled))
+    assert isinstance(server, uvicorn_loop.AcceptingServer)
+    (served,) = sockets_of(server)
+    assert served.family == socket.AF_INET
+    with socket.create_connection(served.getsockname()) as client:
+        client.sendall(b"tcp")
+        turns(loop, 4)
+        client.settimeout(5)
+        assert client.recv(16) == b"tcp"
+    assert len(made) == 1
+    server.close()

@@ -29,8 +29,8 @@ everything is uvloop's.  The hand-over begins in the poll that accepted the conn
 task a turn later, so that ``connection_made`` is queued where uvloop's own server queues it
 (:meth:`AcceptingLoop.hand_over`: uvicorn's graceful shutdown relies on that order).
 ``wait_closed()`` returns once the listening sockets are closed, not when the connections are
-(uvloop's behaviour, which uvicorn's shutdown is written for: :meth:`AcceptingServer.wait_closed`).  Unix sockets, and a socket passed in that is not TCP (``uvicorn --fd``),
-are served by uvloop's own server.
+(uvloop's behaviour, which uvicorn's shutdown is written for: :meth:`AcceptingServer.wait_closed`).  Unix sockets, and a socket passed in that is not TCP, are served by uvloop's own server; a TCP
+socket passed by ``uvicorn --fd`` (which labels it AF_UNIX) is recognised and served here.
 """
 
 from __future__ import annotations
@@ -171,6 +171,8 @@ class AcceptingLoop(uvloop.Loop):
         start_serving: bool = True,
     ) -> asyncio.AbstractServer:
         _check_arguments(host, port, sock, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if sock is not None and sock.family == socket.AF_UNIX:
+            sock = _in_its_own_family(sock)
         if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
             return await super().create_server(
                 protocol_factory,
@@ -254,6 +256,21 @@ class AcceptingLoop(uvloop.Loop):
         if not sockets:
             raise OSError(f"no address to listen on for host {host!r}")
         return sockets
+
+
+def _in_its_own_family(sock: socket.socket) -> socket.socket:
+    """``sock`` as the kernel knows it.  ``uvicorn --fd N`` wraps the descriptor as AF_UNIX
+    whatever it is (``socket.fromfd(fd, AF_UNIX, SOCK_STREAM)``), so a TCP socket passed by a
+    supervisor (systemd's socket activation, circus) would get uvloop's own server, taking in
+    one connection per turn.  One ``getsockopt(SO_DOMAIN)`` tells; a TCP socket is then
+    re-wrapped in its own family (the wrapper passed in gives up its descriptor: uvicorn uses
+    ``server.sockets`` from then on, as asyncio's server owns the socket it is given)."""
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) not in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        return sock
+    return socket.socket(fileno=sock.detach())  # family, type and protocol from the kernel
 
 
 def _check_arguments(
