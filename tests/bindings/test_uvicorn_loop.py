@@ -703,6 +703,35 @@ def test_a_shared_socket_is_taken_from_a_batch_at_a_time_leaving_the_rest_to_oth
         turns(loop, 4)
 
 
+def test_a_shared_socket_with_a_backlog_no_larger_than_a_batch_still_pauses_after_it(
+    loop: AcceptingLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``uvicorn --workers N --backlog 4``: a wake-up takes the whole backlog, and the worker
+    still stops listening for the pause; the connections left wait for another worker."""
+    monkeypatch.setattr(uvicorn_loop, "SHARED_ACCEPT_PAUSE_SECONDS", 3600.0)  # never ends here
+    made: list[Any] = []
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), sock=listener, backlog=4)
+    )
+    # Linux queues backlog + 1 completed connections; each connect() here completes.
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
+    taken_by_the_other: list[socket.socket] = []
+    try:
+        turns(loop, 6)
+        assert len(made) == 4
+        listener.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                taken_by_the_other.append(listener.accept()[0])
+        assert len(taken_by_the_other) == 1
+    finally:
+        for connection in [*clients, *taken_by_the_other]:
+            connection.close()
+        server.close()
+        turns(loop, 4)
+
+
 def test_a_lone_worker_on_a_shared_socket_takes_in_the_whole_burst_batch_by_batch(
     loop: AcceptingLoop,
 ) -> None:

@@ -198,8 +198,9 @@ class AcceptingLoop(uvloop.Loop):
             }
         # A socket passed in is shared with other workers (SHARED_ACCEPT_BATCH); one bound here
         # is this process's own.
-        batch = backlog if sock is None else min(backlog, SHARED_ACCEPT_BATCH)
-        server = AcceptingServer(self, sockets, protocol_factory, backlog, tls, batch)
+        server = AcceptingServer(
+            self, sockets, protocol_factory, backlog, tls, shared=sock is not None
+        )
         self.open_servers.add(server)
         if start_serving:
             await server.start_serving()
@@ -310,15 +311,19 @@ class AcceptingServer(asyncio.AbstractServer):
         protocol_factory: ProtocolFactory,
         backlog: int,
         tls: dict[str, Any],
-        batch: int,
+        *,
+        shared: bool,
     ) -> None:
         self._loop = loop
         self._sockets = sockets
         self._protocol_factory = protocol_factory
         self._backlog = backlog
         self._tls = tls
+        #: The sockets are shared with other workers: a full batch is followed by a pause,
+        #: whatever the backlog (one no larger than a batch is no reason to keep listening).
+        self._shared = shared
         #: At most this many accepted per wake-up (SHARED_ACCEPT_BATCH on a shared socket).
-        self._batch = batch
+        self._batch = min(backlog, SHARED_ACCEPT_BATCH) if shared else backlog
         self._serving = False
         self._serving_forever = False
         #: Set once closed (what wait_closed waits for).
@@ -413,7 +418,7 @@ class AcceptingServer(asyncio.AbstractServer):
                 self._loop.connect_accepted_socket(self._protocol_factory, connection, **self._tls),
                 connection,
             )
-        if self._batch < self._backlog:
+        if self._shared:
             # A full batch from a shared socket: more may wait, left to the other workers for
             # the pause (SHARED_ACCEPT_PAUSE_SECONDS), then this one takes its next batch.
             self._loop.remove_reader(listener.fileno())
