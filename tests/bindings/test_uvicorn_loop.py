@@ -732,6 +732,80 @@ def test_a_shared_socket_with_a_backlog_no_larger_than_a_batch_still_pauses_afte
         turns(loop, 4)
 
 
+def test_closing_a_shared_socket_server_during_its_pause_ends_it_there(
+    loop: AcceptingLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while the worker pauses (SIGTERM under ``uvicorn --workers N``): the end of the
+    pause listens to nothing and reports nothing; the connections taken in go on, and those
+    left in the queue are for the other workers."""
+    monkeypatch.setattr(uvicorn_loop, "SHARED_ACCEPT_PAUSE_SECONDS", 0.01)
+    reported = reported_by(loop)
+    made: list[Any] = []
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    address = listener.getsockname()
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), sock=listener, backlog=128)
+    )
+    clients = [socket.create_connection(address) for _ in range(12)]
+    try:
+        turns(loop, 4)
+        assert len(made) == 8
+        server.close()
+        assert listener.fileno() == -1
+        loop.run_until_complete(asyncio.sleep(0.1))  # the pause ends meanwhile
+        turns(loop, 3)
+        assert len(made) == 8
+        assert reported == []
+        assert not server.is_serving()
+        for client in clients[:8]:
+            client.sendall(b"kept")
+        turns(loop, 4)
+        for client in clients[:8]:
+            client.settimeout(5)
+            assert client.recv(16) == b"kept"
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_out_of_file_descriptors_within_a_batch_pauses_for_the_retry_not_the_batch_pause(
+    loop: AcceptingLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE in the middle of a batch from a shared socket: accepting waits the out-of-resources
+    pause (ACCEPT_RETRY_SECONDS), not the shorter pause after a batch, and is reported once."""
+    monkeypatch.setattr(uvicorn_loop, "ACCEPT_RETRY_SECONDS", 3600.0)  # never ends here
+    monkeypatch.setattr(uvicorn_loop, "SHARED_ACCEPT_PAUSE_SECONDS", 0.001)
+    reported = reported_by(loop)
+    accepted = 0
+
+    class FailingFifth(socket.socket):
+        def accept(self) -> tuple[socket.socket, Any]:
+            nonlocal accepted
+            if accepted == 4:
+                raise OSError(errno.EMFILE, "Too many open files")
+            accepted += 1
+            return super().accept()
+
+    made: list[Any] = []
+    listener = FailingFifth(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Echo(made), sock=listener, backlog=128)
+    )
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(12)]
+    try:
+        loop.run_until_complete(asyncio.sleep(0.1))  # many batch pauses' worth
+        turns(loop, 3)
+        assert len(made) == 4
+        assert [c["exception"].errno for c in reported] == [errno.EMFILE]
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+        turns(loop, 4)
+
+
 def test_a_lone_worker_on_a_shared_socket_takes_in_the_whole_burst_batch_by_batch(
     loop: AcceptingLoop,
 ) -> None:
