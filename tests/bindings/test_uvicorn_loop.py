@@ -1037,3 +1037,18 @@ def test_a_tcp_socket_labelled_unix_is_served_by_the_accepting_server(loop: Acce
         assert client.recv(16) == b"tcp"
     assert len(made) == 1
     server.close()
+
+
+def test_a_datagram_socket_labelled_unix_is_refused_as_asyncio_refuses_it(
+    loop: AcceptingLoop,
+) -> None:
+    """``uvicorn --fd`` given a UDP socket by mistake: refused in asyncio's words, as the kernel
+    knows the socket (not a bare EOPNOTSUPP from listen()), and its descriptor is closed."""
+    bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with bound:
+        bound.bind(("127.0.0.1", 0))
+        labelled = socket.fromfd(bound.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+    with labelled, pytest.raises(ValueError, match="A Stream Socket was expected") as refused:
+        loop.run_until_complete(loop.create_server(asyncio.Protocol, sock=labelled))
+    assert f"type={socket.SOCK_DGRAM:d}," in str(refused.value)  # the kernel's, not the label
+    assert loop.open_servers == set()

@@ -271,7 +271,14 @@ def _in_its_own_family(sock: socket.socket) -> socket.socket:
         socket.AF_INET6,
     ):
         return sock
-    return socket.socket(fileno=sock.detach())  # family, type and protocol from the kernel
+    own = socket.socket(fileno=sock.detach())  # family, type and protocol from the kernel
+    try:
+        # The type checked before was the label's too (fromfd's SOCK_STREAM).
+        _check_stream(own)
+    except ValueError:
+        own.close()  # the descriptor the wrapper passed in gave up
+        raise
+    return own
 
 
 def _check_arguments(
@@ -297,6 +304,10 @@ def _check_arguments(
         return
     if sock is None:
         raise ValueError("Neither host/port nor sock were specified")
+    _check_stream(sock)
+
+
+def _check_stream(sock: socket.socket) -> None:
     if sock.type != socket.SOCK_STREAM:
         raise ValueError(f"A Stream Socket was expected, got {sock!r}")
 
