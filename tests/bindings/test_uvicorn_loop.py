@@ -1030,6 +1030,10 @@ def test_a_tcp_socket_labelled_unix_is_served_by_the_accepting_server(loop: Acce
     assert isinstance(server, uvicorn_loop.AcceptingServer)
     (served,) = sockets_of(server)
     assert served.family == socket.AF_INET
+    # The wrapper passed in gave up its descriptor: closing it (uvicorn's shutdown closes the
+    # sockets it passed) cannot close the one served, nor a descriptor reused meanwhile.
+    assert labelled.fileno() == -1
+    labelled.close()
     with socket.create_connection(served.getsockname()) as client:
         client.sendall(b"tcp")
         turns(loop, 4)
@@ -1037,6 +1041,7 @@ def test_a_tcp_socket_labelled_unix_is_served_by_the_accepting_server(loop: Acce
         assert client.recv(16) == b"tcp"
     assert len(made) == 1
     server.close()
+    assert served.fileno() == -1
 
 
 def test_a_datagram_socket_labelled_unix_is_refused_as_asyncio_refuses_it(
