@@ -12,6 +12,7 @@ import contextlib
 import errno
 import gc
 import http.client
+import signal
 import socket
 import ssl
 import subprocess
@@ -873,6 +874,70 @@ def worker_of(connection: socket.socket) -> bytes:
     head, pid = answer.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200"), head
     return pid
+
+
+#: A uvicorn worker as ``uvicorn --workers N`` runs one (``Server.run(sockets=...)``) on the
+#: listening socket whose descriptor is its argument, its pause after a batch never ending.
+PAUSED_WORKER = f"""
+import socket, sys
+import uvicorn
+from dsc_bindings.http import uvicorn_loop
+{WORKER_PID_APP}
+uvicorn_loop.SHARED_ACCEPT_PAUSE_SECONDS = 3600.0
+config = uvicorn.Config(app, lifespan="off", log_level="info",
+                        loop="dsc_bindings.http.uvicorn_loop:new_event_loop")
+uvicorn.Server(config).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])
+"""
+
+
+def test_sigterm_to_a_uvicorn_worker_during_its_pause_ends_it_and_leaves_the_rest_queued(
+    tmp_path: Path,
+) -> None:
+    """A worker of ``uvicorn --workers N`` told to stop (SIGTERM) while it pauses after a
+    batch: its shutdown does not wait for the pause, closes the connections it took in, and
+    the connections it left in the shared queue are still there for another worker (here
+    the test)."""
+    (tmp_path / "paused_worker.py").write_text(PAUSED_WORKER)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    # All queued before the worker starts: its first wake-up finds a full batch and more.
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(12)]
+    taken_by_the_other: list[socket.socket] = []
+    command = [sys.executable, str(tmp_path / "paused_worker.py"), str(listener.fileno())]
+    try:
+        with subprocess.Popen(
+            command,
+            env=child_env(),
+            pass_fds=[listener.fileno()],
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as worker:
+            try:
+                for client in clients[:8]:
+                    client.settimeout(30)
+                    assert worker_of(client) == str(worker.pid).encode()
+            finally:
+                worker.terminate()
+                _, log = worker.communicate(timeout=30)
+        # uvicorn re-raises the signal once it shut down gracefully (exit -15); its last line
+        # says the shutdown ran to its end.
+        assert worker.returncode in (0, -signal.SIGTERM), log
+        assert "Finished server process" in log, log
+        assert "Traceback" not in log, log
+        for client in clients[:8]:
+            assert client.recv(16) == b""  # closed by the worker's shutdown
+        listener.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                taken_by_the_other.append(listener.accept()[0])
+        assert len(taken_by_the_other) == 4
+        for client, taken in zip(clients[8:], taken_by_the_other, strict=True):
+            client.sendall(b"still here")
+            taken.settimeout(30)
+            assert taken.recv(16) == b"still here"
+    finally:
+        for connection in [*clients, *taken_by_the_other]:
+            connection.close()
+        listener.close()
 
 
 def test_uvicorn_workers_on_this_loop_each_take_a_share_of_a_burst(tmp_path: Path) -> None:
