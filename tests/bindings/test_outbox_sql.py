@@ -24,6 +24,7 @@ from dsc_bindings.observe.metrics import ClusterGauges
 from dsc_bindings.runtime.announcing import FOLLOW, TERM_ROW_BUSY_SECONDS, LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.runtime.cluster import ClusterMember
+from dsc_bindings.runtime.service import ScanService
 from dsc_bindings.serve import compose
 from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged
@@ -197,6 +198,18 @@ def lose_the_lock(dsn: str, member: ClusterMember) -> None:
             "SELECT pg_terminate_backend(lock_backend, 10000) FROM instances WHERE id = %s",
             (member.id,),
         )
+
+
+def lone_instance(tmp_path: Path, dsn: str) -> ScanService:
+    """A composed instance "dsc-a" on ``dsn`` whose heartbeat and leases never come round in a
+    test: only its ticker acts (the term's take is what these tests watch)."""
+    return compose(
+        ServerConfig(),
+        tmp_path / "data",
+        FilterSettings.embedded_default(tmp_path),
+        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
+        cluster=ClusterSettings(instance_name="dsc-a", heartbeat_seconds=3600, lease_seconds=7200),
+    ).service
 
 
 def announcement(a: str, term: int, previous: str, state: str, n: int) -> Announcement:
@@ -641,13 +654,7 @@ def test_an_instance_is_shown_as_the_leader_only_once_it_took_a_term(
     # Its take waits for the row for as long as the test holds it (not failing after a few
     # seconds: test_a_take_of_a_term_held_up_by_another_transaction_fails_...).
     monkeypatch.setattr("dsc_bindings.store.postgresql.TAKE_LEAD_LOCK_WAIT_SECONDS", 600.0)
-    service = compose(
-        ServerConfig(),
-        tmp_path / "data",
-        FilterSettings.embedded_default(tmp_path),
-        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
-        cluster=ClusterSettings(instance_name="dsc-a", heartbeat_seconds=3600, lease_seconds=7200),
-    ).service
+    service = lone_instance(tmp_path, dsn)
     taking = (
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO repository_announced%'"
@@ -962,13 +969,7 @@ def test_a_row_of_the_term_held_by_another_transaction_does_not_hold_the_ticker(
             "INSERT INTO repository_announced (id, state, leader, term) "
             "VALUES (1, 'Idle', 'another', 1)"
         )
-    service = compose(
-        ServerConfig(),
-        tmp_path / "data",
-        FilterSettings.embedded_default(tmp_path),
-        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
-        cluster=ClusterSettings(instance_name="dsc-a", heartbeat_seconds=3600, lease_seconds=7200),
-    ).service
+    service = lone_instance(tmp_path, dsn)
     waiting = (
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND wait_event_type = 'Lock' AND query LIKE '%repository_announced%'"
