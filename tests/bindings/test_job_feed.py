@@ -27,6 +27,7 @@ from dsc_bindings.store.interface import (
     EventsWrite,
     JobChanges,
     Rang,
+    StoredRecord,
     VersionedWrite,
 )
 from dsc_bindings.store.jobcodec import decode_job
@@ -551,6 +552,16 @@ def _corrupt(dsn: str, token: str) -> None:
         conn.execute("UPDATE jobs SET job = %s WHERE token = %s", (_CORRUPT_RECORD, token))
 
 
+def _a_corrupt_job(serving: SplitStore, dsn: str, token: str) -> tuple[StoredRecord, int]:
+    """The job ``token`` received by ``serving``, its record then corrupted: its row and the
+    version a quarantine reads (``PostgresRecords.versioned_row``)."""
+    _receive(serving, token, b"image of " + token.encode())
+    _corrupt(dsn, token)
+    found = cast("PostgresRecords", serving.records).versioned_row(token)
+    assert found is not None
+    return found
+
+
 def test_quarantine_holds_the_row_so_a_write_meanwhile_waits_and_finds_it_gone(
     tmp_path: Path, pg: PgCluster, s3: S3Server
 ) -> None:
@@ -565,11 +576,7 @@ def test_quarantine_holds_the_row_so_a_write_meanwhile_waits_and_finds_it_gone(
     records = cast("PostgresRecords", serving.records)
     written: list[int] = []
     try:
-        _receive(serving, "bad", b"image of bad")
-        _corrupt(dsn, "bad")
-        found = records.versioned_row("bad")
-        assert found is not None
-        row, version = found
+        row, version = _a_corrupt_job(serving, dsn, "bad")
 
         def another_instance_writes() -> None:
             with psycopg.connect(dsn, autocommit=True, application_name="dsc-writer") as conn:
@@ -637,16 +644,12 @@ def test_a_spool_that_fails_while_documents_are_set_aside_deletes_nothing(
         data,
     )
     try:
-        _receive(serving, "bad", b"image of bad")
-        _corrupt(dsn, "bad")
-        found = records.versioned_row("bad")
-        assert found is not None
-        row, version = found
+        row, version = _a_corrupt_job(serving, dsn, "bad")
         with pytest.raises(StoreError, match="listing"):
             records.remove_unchanged(
                 row[0], version, lambda: set_aside(data, refused, row, "corrupt")
             )
-        assert records.versioned_row("bad") == found  # the row stays, as it was
+        assert records.versioned_row("bad") == (row, version)  # the row stays, as it was
         assert serving.spool.documents("bad") == [1]  # and its documents
         # Once S3 answers, it is quarantined whole.
         moved = records.remove_unchanged(
@@ -675,11 +678,7 @@ def test_a_quarantine_cut_off_before_its_commit_leaves_the_documents_in_the_spoo
     data = tmp_path / "admin"
     records = cast("PostgresRecords", serving.records)
     try:
-        _receive(serving, "bad", b"image of bad")
-        _corrupt(dsn, "bad")
-        found = records.versioned_row("bad")
-        assert found is not None
-        row, version = found
+        row, version = _a_corrupt_job(serving, dsn, "bad")
 
         def set_aside_then_cut_off() -> str:
             where = set_aside(data, serving.spool, row, "corrupt")
@@ -694,7 +693,7 @@ def test_a_quarantine_cut_off_before_its_commit_leaves_the_documents_in_the_spoo
 
         with pytest.raises(StoreError):
             records.remove_unchanged(row[0], version, set_aside_then_cut_off)
-        assert records.versioned_row("bad") == found  # the row stays, as it was
+        assert records.versioned_row("bad") == (row, version)  # the row stays, as it was
         assert serving.spool.documents("bad") == [1]  # with its documents
         moved = records.remove_unchanged(
             row[0], version, lambda: set_aside(data, serving.spool, row, "corrupt")
