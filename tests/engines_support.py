@@ -267,6 +267,8 @@ class S3Server:
         self._names = itertools.count(1)
         self.buckets: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
+        #: The ports of the running try (weed's unix sockets are named after them).
+        self._ports: set[int] = set()
 
     @property
     def endpoint_url(self) -> str:
@@ -295,9 +297,13 @@ class S3Server:
             % (S3_ACCESS_KEY, S3_SECRET_KEY)
         )
         ports = [free_port() for _ in range(7)]
+        self._ports = {*ports, self.port}
         log = self.folder / "log"  # every try's and start's, one after another
         seen = log.stat().st_size if log.exists() else 0
         (self.folder / "data").mkdir(exist_ok=True)  # a restart keeps what was stored
+        # weed writes its glog files to the temporary folder: its own, so that they go with it
+        # (its unix sockets are not, close()).
+        (self.folder / "tmp").mkdir(exist_ok=True)
         # The child has its own copy of the log; this process keeps none open.
         with log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -327,6 +333,7 @@ class S3Server:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, "TMPDIR": str(self.folder / "tmp")},
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -367,6 +374,13 @@ class S3Server:
         """Kill the server, as a crash would (a clean SIGTERM stop takes SeaweedFS up to 10 s
         here); its data stays, and :meth:`start` brings it back on the same port."""
         if self.process is not None and self.process.poll() is None:
+            # weed makes a unix socket in /tmp beside each of its ports (whatever TMPDIR says)
+            # and a kill leaves them: about a thousand per suite.  Removed while it still
+            # holds the ports, when no other server can have a socket of the same name.
+            for port in self._ports:
+                for left in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(left)
             os.killpg(self.process.pid, 9)
             self.process.wait()
 
