@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -36,6 +37,9 @@ from engines_support import (
     weed_binary,
 )
 from waiting import wait_for
+
+if TYPE_CHECKING:
+    from dsc_bindings.runtime.service import ScanService
 
 HAPROXY = "/usr/sbin/haproxy"
 NAMES = ("dsc-a", "dsc-b", "dsc-c")
@@ -120,6 +124,24 @@ class Instance(ServerProcess):
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+
+
+def lone_instance(tmp_path: Path, dsn: str, name: str = "dsc-a") -> ScanService:
+    """A composed (not started) instance ``name`` on the PostgreSQL store at ``dsn`` whose
+    heartbeat and leases never come round in a test: only its ticker and sweeps act."""
+    from dsc_bindings.filters.settings import FilterSettings
+    from dsc_bindings.serve import compose
+    from dsc_bindings.store.backends import StorageSettings
+    from dsc_bindings.store.instances import ClusterSettings
+    from dsc_core import ServerConfig
+
+    return compose(
+        ServerConfig(),
+        tmp_path / "data",
+        FilterSettings.embedded_default(tmp_path),
+        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
+        cluster=ClusterSettings(instance_name=name, heartbeat_seconds=3600, lease_seconds=7200),
+    ).service
 
 
 def upload_rows(dsn: str, token: str, document_id: int) -> int:

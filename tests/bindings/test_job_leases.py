@@ -17,15 +17,14 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from cluster_support import lone_instance
 from dsc_bindings.filters import FilterSettings, fileshare
 from dsc_bindings.filters.interruption import Interrupted
 from dsc_bindings.filters.sharejournal import DeliveryRefused
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.runtime.leasing import NO_LEASE, LeaseKeeper
 from dsc_bindings.serve import compose
-from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged, StoreError
-from dsc_bindings.store.instances import ClusterSettings
 from dsc_bindings.store.interface import VersionedWrite
 from dsc_bindings.store.leases import JobLeases, Rescued
 from dsc_bindings.store.pgdeliveries import PgDeliveryJournal
@@ -407,8 +406,6 @@ def test_a_run_whose_job_ended_elsewhere_says_it_ended_though_it_still_held_the_
     engine's last report comes while the lease is still held and the core makes nothing of
     it (tests/e2e/test_cluster_fileshare.py's frozen instance, under load).  The run's end is
     still said, as when the lease was lost before the report, and the lease let go."""
-    from dsc_bindings.serve import compose
-    from dsc_core import ServerConfig
     from dsc_core.commands import ProcessingFinished
 
     pending(records, "j")
@@ -705,13 +702,7 @@ def test_a_job_taken_up_before_its_undecodable_record_was_read_is_let_go_at_once
     finds it undecodable: the lease is let go at once (it rings: an instance that can decode
     the job takes it), not kept until it runs out (a lease period's delay, two hours here),
     and this instance's sweeps pass the job over from then on."""
-    service = compose(
-        ServerConfig(),
-        tmp_path / "data",
-        FilterSettings.embedded_default(tmp_path),
-        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
-        cluster=ClusterSettings(instance_name="old", heartbeat_seconds=3600, lease_seconds=7200),
-    ).service
+    service = lone_instance(tmp_path, dsn, "old")
     service.start()
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -18,15 +18,12 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
+from cluster_support import lone_instance
 from dsc_bindings.console.main import main
-from dsc_bindings.filters.settings import FilterSettings
 from dsc_bindings.observe.metrics import ClusterGauges
 from dsc_bindings.runtime.announcing import FOLLOW, TERM_ROW_BUSY_SECONDS, LeaderTerm, NewTerm
 from dsc_bindings.runtime.catchup import JobCatchUp
 from dsc_bindings.runtime.cluster import ClusterMember
-from dsc_bindings.runtime.service import ScanService
-from dsc_bindings.serve import compose
-from dsc_bindings.store.backends import StorageSettings
 from dsc_bindings.store.errors import JobChanged
 from dsc_bindings.store.instances import (
     INSERT,
@@ -198,18 +195,6 @@ def lose_the_lock(dsn: str, member: ClusterMember) -> None:
             "SELECT pg_terminate_backend(lock_backend, 10000) FROM instances WHERE id = %s",
             (member.id,),
         )
-
-
-def lone_instance(tmp_path: Path, dsn: str) -> ScanService:
-    """A composed instance "dsc-a" on ``dsn`` whose heartbeat and leases never come round in a
-    test: only its ticker acts (the term's take is what these tests watch)."""
-    return compose(
-        ServerConfig(),
-        tmp_path / "data",
-        FilterSettings.embedded_default(tmp_path),
-        storage=StorageSettings(store_kind="postgresql", dsn=dsn),
-        cluster=ClusterSettings(instance_name="dsc-a", heartbeat_seconds=3600, lease_seconds=7200),
-    ).service
 
 
 def announcement(a: str, term: int, previous: str, state: str, n: int) -> Announcement:
